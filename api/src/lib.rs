@@ -1,0 +1,64 @@
+//! `conveyor-api`: authenticates, validates, writes the job row, enqueues, and serves reads
+//! (jobs, SSE event streams, health, metrics, OpenAPI). It never runs heavy work.
+
+pub mod auth;
+mod extract;
+pub mod keys;
+mod openapi;
+mod routes;
+mod state;
+
+pub use state::AppState;
+
+use axum::{extract::DefaultBodyLimit, Router};
+use shared::Settings;
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.settings.body_limit;
+    routes::router()
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// A running API server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Connects to PostgreSQL and Redis, migrates, and serves on `settings.listen`.
+    pub async fn start(settings: Settings) -> anyhow::Result<Self> {
+        let state = AppState::connect(settings).await?;
+        let listener = TcpListener::bind(state.settings.listen).await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let app = router(state.clone());
+        let signal = stop.clone();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { signal.cancelled().await })
+                .await
+        });
+        tracing::info!(%addr, "listening");
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops accepting connections; open SSE streams are dropped.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}

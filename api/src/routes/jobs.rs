@@ -1,0 +1,341 @@
+//! Submit, read, list, cancel and retry jobs.
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use shared::{
+    events::{Event, EventType},
+    model::{self, QueueMessage, SubmitJob},
+    store::{self, NewJob},
+    FieldError, Job, JobStatus, Problem,
+};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{auth::Tenant, extract::JsonBody, state::Counters, AppState};
+
+pub const MAX_BATCH: usize = 1000;
+
+/// Validates one submission; errors are named under `prefix` (empty for a single job).
+fn validate(state: &AppState, job: SubmitJob, prefix: &str) -> Result<NewJob, Vec<FieldError>> {
+    let field = |name: &str| format!("{prefix}{name}");
+    let mut errors = Vec::new();
+    let payload = if job.payload.is_null() {
+        json!({})
+    } else {
+        job.payload
+    };
+    if let Err(kind_errors) = state.registry.validate(&job.kind, &payload) {
+        errors.extend(
+            kind_errors
+                .into_iter()
+                .map(|e| FieldError::new(field(&e.field), e.message)),
+        );
+    }
+    let max_attempts = job.max_attempts.unwrap_or(model::DEFAULT_MAX_ATTEMPTS);
+    if !(1..=model::MAX_ATTEMPTS_LIMIT).contains(&max_attempts) {
+        errors.push(FieldError::new(
+            field("max_attempts"),
+            format!("must be between 1 and {}", model::MAX_ATTEMPTS_LIMIT),
+        ));
+    }
+    if let Some(key) = &job.idempotency_key {
+        if key.is_empty() || key.len() > model::IDEMPOTENCY_KEY_MAX {
+            errors.push(FieldError::new(
+                field("idempotency_key"),
+                format!("must be 1-{} characters", model::IDEMPOTENCY_KEY_MAX),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(NewJob {
+        id: Uuid::now_v7(),
+        kind: job.kind,
+        payload,
+        idempotency_key: job.idempotency_key,
+        priority: job.priority.unwrap_or(0),
+        max_attempts,
+        run_at: job.run_at,
+    })
+}
+
+/// Writes the rows, then pushes and announces the new ones. A failed push loses nothing: the
+/// rows are durable and the rescuer pushes queued rows missing from Redis.
+async fn accept(
+    state: &AppState,
+    tenant: Tenant,
+    jobs: Vec<NewJob>,
+) -> Result<Vec<store::Inserted>, Problem> {
+    let inserted = store::insert_jobs(&state.pool, tenant.0, &jobs).await?;
+    let created: Vec<&Job> = inserted
+        .iter()
+        .filter(|i| i.created)
+        .map(|i| &i.job)
+        .collect();
+    Counters::add(&state.counters.submitted, created.len() as u64);
+    let mut by_kind: std::collections::BTreeMap<&str, Vec<QueueMessage>> = Default::default();
+    for job in created.iter().filter(|j| j.status() == JobStatus::Queued) {
+        by_kind.entry(&job.kind).or_default().push(QueueMessage {
+            job_id: job.id,
+            generation: job.attempt,
+        });
+    }
+    for (kind, messages) in by_kind {
+        if let Err(e) = state.queues.push(kind, &messages).await {
+            Counters::add(&state.counters.push_failures, messages.len() as u64);
+            tracing::warn!(queue = kind, error = %e, "push failed; the rescuer will enqueue");
+        }
+    }
+    let events: Vec<_> = created
+        .iter()
+        .map(|j| {
+            (
+                tenant.0,
+                Event::new(j.id, &j.kind, EventType::Queued, j.status(), 0.0),
+            )
+        })
+        .collect();
+    if let Err(e) = state.events.append(&events).await {
+        tracing::warn!(error = %e, "queued events not appended");
+    }
+    Ok(inserted)
+}
+
+#[utoipa::path(post, path = "/v1/jobs", request_body = SubmitJob, tag = "jobs",
+    responses((status = 202, body = Job, description = "accepted"),
+              (status = 200, body = Job, description = "an existing job with the same idempotency key"),
+              (status = 413, body = Problem), (status = 422, body = Problem)))]
+pub async fn submit(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    JsonBody(body): JsonBody<SubmitJob>,
+) -> Result<Response, Problem> {
+    let job = validate(&state, body, "").map_err(Problem::validation)?;
+    let inserted = accept(&state, tenant, vec![job]).await?;
+    let row = inserted
+        .into_iter()
+        .next()
+        .ok_or_else(|| Problem::internal("insert returned no row"))?;
+    let status = if row.created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    let location = format!("/v1/jobs/{}", row.job.id);
+    Ok((status, [(header::LOCATION, location)], Json(row.job)).into_response())
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBatch {
+    /// 1 to 1,000 jobs, accepted or refused together.
+    pub jobs: Vec<SubmitJob>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+#[utoipa::path(post, path = "/v1/jobs/batch", request_body = SubmitBatch, tag = "jobs",
+    responses((status = 202, body = JobList), (status = 413, body = Problem), (status = 422, body = Problem)))]
+pub async fn submit_batch(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    JsonBody(body): JsonBody<SubmitBatch>,
+) -> Result<Response, Problem> {
+    if body.jobs.is_empty() || body.jobs.len() > MAX_BATCH {
+        return Err(Problem::validation(vec![FieldError::new(
+            "jobs",
+            format!("must hold 1 to {MAX_BATCH} jobs, not {}", body.jobs.len()),
+        )]));
+    }
+    let mut errors = Vec::new();
+    let mut jobs = Vec::with_capacity(body.jobs.len());
+    let mut keys = std::collections::HashSet::new();
+    for (i, job) in body.jobs.into_iter().enumerate() {
+        if let Some(key) = &job.idempotency_key {
+            if !keys.insert(key.clone()) {
+                errors.push(FieldError::new(
+                    format!("jobs[{i}].idempotency_key"),
+                    "repeats a key used earlier in this batch",
+                ));
+            }
+        }
+        match validate(&state, job, &format!("jobs[{i}].")) {
+            Ok(job) => jobs.push(job),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let inserted = accept(&state, tenant, jobs).await?;
+    let jobs = inserted.into_iter().map(|i| i.job).collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(JobList {
+            jobs,
+            next_cursor: None,
+        }),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Job), (status = 404, body = Problem)))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, Problem> {
+    let id = parse_id(&id)?;
+    store::get_job(&state.pool, tenant.0, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("job"))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Page size, 1-500 (default 50).
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    status: Option<String>,
+    kind: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListParams),
+    responses((status = 200, body = JobList), (status = 422, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobList>, Problem> {
+    let Query(params) =
+        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
+    let mut errors = Vec::new();
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        errors.push(FieldError::new("limit", "must be between 1 and 500"));
+    }
+    let status = match params.status.as_deref() {
+        None => None,
+        Some(s) => match JobStatus::parse(s) {
+            Some(status) => Some(status),
+            None => {
+                errors.push(FieldError::new("status", format!("unknown status {s:?}")));
+                None
+            }
+        },
+    };
+    let cursor = match params.cursor.as_deref() {
+        None => None,
+        Some(c) => match Uuid::parse_str(c) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                errors.push(FieldError::new(
+                    "cursor",
+                    "not a cursor returned by this endpoint",
+                ));
+                None
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let jobs = store::list_jobs(
+        &state.pool,
+        tenant.0,
+        status,
+        params.kind.as_deref(),
+        cursor,
+        limit,
+    )
+    .await?;
+    let next_cursor = (jobs.len() as i64 == limit)
+        .then(|| jobs.last().map(|j| j.id))
+        .flatten();
+    Ok(Json(JobList { jobs, next_cursor }))
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Job, description = "cancelled, or asked to stop if running"),
+              (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, Problem> {
+    let id = parse_id(&id)?;
+    match store::request_cancel(&state.pool, tenant.0, id).await? {
+        Some(job) => {
+            if job.status() == JobStatus::Cancelled {
+                let event = Event::new(
+                    job.id,
+                    &job.kind,
+                    EventType::Cancelled,
+                    JobStatus::Cancelled,
+                    job.progress,
+                );
+                if let Err(e) = state.events.append(&[(tenant.0, event)]).await {
+                    tracing::warn!(error = %e, "cancel event not appended");
+                }
+            }
+            Ok(Json(job))
+        }
+        None => Err(match store::get_job(&state.pool, tenant.0, id).await? {
+            Some(job) => Problem::conflict(format!("the job is already {}", job.status())),
+            None => Problem::not_found("job"),
+        }),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 202, body = Job), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn retry(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    let Some(job) = store::retry(&state.pool, tenant.0, id).await? else {
+        return Err(match store::get_job(&state.pool, tenant.0, id).await? {
+            Some(job) => Problem::conflict(format!(
+                "only failed or cancelled jobs can be retried; this one is {}",
+                job.status()
+            )),
+            None => Problem::not_found("job"),
+        });
+    };
+    let message = QueueMessage {
+        job_id: job.id,
+        generation: job.attempt,
+    };
+    if let Err(e) = state.queues.push(&job.kind, &[message]).await {
+        tracing::warn!(error = %e, "retry push failed; the rescuer will enqueue");
+    }
+    let event = Event::new(job.id, &job.kind, EventType::Queued, JobStatus::Queued, 0.0)
+        .message(Some("retried".into()));
+    if let Err(e) = state.events.append(&[(tenant.0, event)]).await {
+        tracing::warn!(error = %e, "retry event not appended");
+    }
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+pub(crate) fn parse_id(id: &str) -> Result<Uuid, Problem> {
+    // A malformed id cannot name any job: answer as for an unknown one.
+    Uuid::parse_str(id).map_err(|_| Problem::not_found("job"))
+}

@@ -1,0 +1,156 @@
+//! Health, readiness and Prometheus metrics.
+
+use axum::{extract::State, http::header, response::IntoResponse, Json};
+use serde_json::{json, Value};
+use shared::Problem;
+use std::{fmt::Write, sync::atomic::Ordering};
+
+use crate::AppState;
+
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, description = "the process is alive")))]
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, description = "PostgreSQL and Redis answer"), (status = 503, body = Problem)))]
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, Problem> {
+    sqlx::query("SELECT 1")
+        .execute(&state.pool)
+        .await
+        .map_err(|e| Problem::unavailable(format!("PostgreSQL: {e}")))?;
+    let mut redis = state.redis.clone();
+    redis::cmd("PING")
+        .query_async::<String>(&mut redis)
+        .await
+        .map_err(|e| Problem::unavailable(format!("Redis: {e}")))?;
+    Ok(Json(
+        json!({"status": "ready", "postgres": "ok", "redis": "ok"}),
+    ))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain", description = "Prometheus text format")))]
+pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
+    let mut out = String::new();
+    let c = &state.counters;
+    gauge(
+        &mut out,
+        "conveyor_jobs_submitted_total",
+        "counter",
+        "jobs accepted by this API process",
+        &[("", c.submitted.load(Ordering::Relaxed) as f64)],
+    );
+    gauge(
+        &mut out,
+        "conveyor_queue_push_failures_total",
+        "counter",
+        "pushes to Redis that failed (the rescuer enqueues those jobs)",
+        &[("", c.push_failures.load(Ordering::Relaxed) as f64)],
+    );
+    gauge(
+        &mut out,
+        "conveyor_sse_streams",
+        "gauge",
+        "open SSE streams",
+        &[("", c.sse_open.load(Ordering::Relaxed) as f64)],
+    );
+
+    // Live jobs come from the partial index; finishes and durations cover the last hour.
+    let live: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT kind, status, count(*) FROM jobs WHERE status IN ('scheduled','queued','running','retrying') GROUP BY 1, 2",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let rows: Vec<_> = live
+        .iter()
+        .map(|(k, s, n)| (format!("kind=\"{k}\",status=\"{s}\""), *n as f64))
+        .collect();
+    labelled(
+        &mut out,
+        "conveyor_jobs_live",
+        "gauge",
+        "jobs not yet finished, by kind and status",
+        &rows,
+    );
+
+    let finished: Vec<(String, String, i64, f64)> = sqlx::query_as(
+        "SELECT kind, status, count(*), coalesce(sum(extract(epoch FROM finished_at - started_at)), 0)::float8
+         FROM jobs WHERE finished_at > now() - interval '1 hour' GROUP BY 1, 2",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let rows: Vec<_> = finished
+        .iter()
+        .map(|(k, s, n, _)| (format!("kind=\"{k}\",status=\"{s}\""), *n as f64))
+        .collect();
+    labelled(
+        &mut out,
+        "conveyor_jobs_finished_last_hour",
+        "gauge",
+        "jobs finished in the last hour, by kind and status",
+        &rows,
+    );
+    let rows: Vec<_> = finished
+        .iter()
+        .map(|(k, s, _, secs)| (format!("kind=\"{k}\",status=\"{s}\""), *secs))
+        .collect();
+    labelled(
+        &mut out,
+        "conveyor_job_run_seconds_last_hour",
+        "gauge",
+        "summed run time of jobs finished in the last hour",
+        &rows,
+    );
+
+    let mut depths = Vec::new();
+    for kind in state.registry.kinds() {
+        let depth = state
+            .queues
+            .depth(kind)
+            .await
+            .map_err(|e| Problem::unavailable(format!("Redis: {e}")))?;
+        depths.push((format!("queue=\"{kind}\""), depth as f64));
+    }
+    labelled(
+        &mut out,
+        "conveyor_queue_depth",
+        "gauge",
+        "entries waiting in each Redis queue",
+        &depths,
+    );
+
+    let alive: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM workers WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1)",
+    )
+    .bind(state.settings.rescue_after.as_secs_f64())
+    .fetch_one(&state.pool)
+    .await?;
+    gauge(
+        &mut out,
+        "conveyor_workers_alive",
+        "gauge",
+        "worker processes with a live heartbeat",
+        &[("", alive as f64)],
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
+
+fn gauge(out: &mut String, name: &str, kind: &str, help: &str, values: &[(&str, f64)]) {
+    let rows: Vec<_> = values.iter().map(|(l, v)| (l.to_string(), *v)).collect();
+    labelled(out, name, kind, help, &rows);
+}
+
+fn labelled(out: &mut String, name: &str, kind: &str, help: &str, rows: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in rows {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+pub async fn not_found() -> Problem {
+    Problem::not_found("route")
+}

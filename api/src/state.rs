@@ -1,0 +1,58 @@
+use redis::aio::ConnectionManager;
+use shared::{events::EventLog, queue::Queues, Settings};
+use sqlx::PgPool;
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    pub redis: ConnectionManager,
+    /// For SSE: a blocking XREAD needs a connection of its own.
+    pub redis_client: redis::Client,
+    pub events: EventLog,
+    pub queues: Queues,
+    pub registry: jobs::Registry,
+    pub counters: Arc<Counters>,
+}
+
+/// Process-local counters for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    pub submitted: AtomicU64,
+    pub push_failures: AtomicU64,
+    pub sse_open: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl AppState {
+    pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
+        let pool = shared::db::connect(&settings.database_url, 16).await?;
+        shared::db::migrate(&pool).await?;
+        let redis_client = redis::Client::open(settings.redis_url.as_str())?;
+        let redis = redis_client.get_connection_manager().await?;
+        Ok(Self {
+            events: EventLog::new(
+                redis.clone(),
+                &settings.redis_prefix,
+                settings.tenant_stream_maxlen,
+                settings.events_ttl,
+            ),
+            queues: Queues::new(redis.clone(), &settings.redis_prefix, settings.heartbeat),
+            settings: Arc::new(settings),
+            pool,
+            redis,
+            redis_client,
+            registry: jobs::Registry::default(),
+            counters: Arc::default(),
+        })
+    }
+}

@@ -1,0 +1,302 @@
+//! A test deployment: its own database and Redis prefix, the API in-process, workers in-process
+//! or as real processes.
+
+use reqwest::{Client, StatusCode};
+use serde_json::Value;
+use shared::Settings;
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+use uuid::Uuid;
+
+pub struct TestApp {
+    pub settings: Settings,
+    pub server: Option<conveyor_api::Server>,
+    pub workers: Vec<worker::WorkerHandle>,
+    pub base: String,
+    pub key: String,
+    pub client: Client,
+    db_name: String,
+    admin_url: String,
+}
+
+pub fn admin_url() -> String {
+    std::env::var("CONVEYOR_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        shared::telemetry::init("warn");
+        let admin_url = admin_url();
+        let db_name = format!("conveyor_test_{}", Uuid::new_v4().simple());
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+            .await
+            .expect("connect to the admin database");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let base_url = admin_url.rsplit_once('/').expect("url has a path").0;
+        let mut settings = Settings::for_test(
+            format!("{base_url}/{db_name}"),
+            format!("test:{}", Uuid::new_v4().simple()),
+        );
+        configure(&mut settings);
+        let mut app = Self {
+            settings: settings.clone(),
+            server: None,
+            workers: Vec::new(),
+            base: String::new(),
+            key: String::new(),
+            client: Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            db_name,
+            admin_url,
+        };
+        app.start_api().await;
+        app.key = app.key_for("acme").await;
+        app
+    }
+
+    pub async fn start_api(&mut self) {
+        let server = conveyor_api::Server::start(self.settings.clone())
+            .await
+            .expect("api starts");
+        self.base = format!("http://{}", server.addr);
+        self.server = Some(server);
+    }
+
+    pub fn pool(&self) -> &sqlx::PgPool {
+        &self.server.as_ref().expect("api running").state.pool
+    }
+
+    pub async fn key_for(&self, tenant: &str) -> String {
+        conveyor_api::keys::create_key(self.pool(), tenant)
+            .await
+            .unwrap()
+            .1
+    }
+
+    /// An in-process worker serving `canary` with `concurrency`.
+    pub async fn start_worker(&mut self, concurrency: usize) -> String {
+        let registry = jobs::Registry::default();
+        let spec = worker::QueueSpec(vec![("canary".into(), concurrency)]);
+        let name = worker::unique_name();
+        let handle = worker::start(self.settings.clone(), spec, registry, name.clone())
+            .await
+            .expect("worker starts");
+        self.workers.push(handle);
+        name
+    }
+
+    /// A `conveyor-worker` process against this test's database and prefix.
+    pub fn spawn_worker_process(&self, queues: &str) -> Child {
+        Command::new(binary("conveyor-worker"))
+            .env("CONVEYOR_DATABASE_URL", &self.settings.database_url)
+            .env("CONVEYOR_REDIS_URL", &self.settings.redis_url)
+            .env("CONVEYOR_REDIS_PREFIX", &self.settings.redis_prefix)
+            .env("CONVEYOR_HEARTBEAT_SECS", "1")
+            .env("CONVEYOR_RESCUE_AFTER_SECS", "3")
+            .env("CONVEYOR_SHUTDOWN_GRACE_SECS", "20")
+            .env("CONVEYOR_QUEUES", queues)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("conveyor-worker starts (built by scripts/test)")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Submits a canary job; returns its id.
+    pub async fn submit_canary(&self, payload: Value) -> Uuid {
+        let (status, job) = self
+            .post(
+                "/v1/jobs",
+                &serde_json::json!({"kind": "canary", "payload": payload}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        job["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub async fn job(&self, id: Uuid) -> Value {
+        let (status, job) = self.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "{job}");
+        job
+    }
+
+    /// Polls until the job's status is one of `statuses`.
+    pub async fn wait_status(&self, id: Uuid, statuses: &[&str], within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let job = self.job(id).await;
+            if statuses.contains(&job["status"].as_str().unwrap_or("")) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} not in {statuses:?} within {within:?}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn sse(&self, path: &str, last_event_id: Option<&str>) -> SseReader {
+        let mut request = self.client.get(self.url(path)).bearer_auth(&self.key);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        SseReader {
+            response,
+            buffer: String::new(),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // Synchronous clean-up: a panicking test still leaves nothing behind.
+        let _ = Command::new("psql")
+            .arg(&self.admin_url)
+            .arg("-qc")
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Ok(mut conn) =
+            redis::Client::open(self.settings.redis_url.as_str()).and_then(|c| c.get_connection())
+        {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:*", self.settings.redis_prefix))
+                .query(&mut conn)
+                .unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+            }
+        }
+    }
+}
+
+/// A binary of the workspace, next to the test executable's directory.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace --bins`",
+        path.display()
+    );
+    path
+}
+
+#[derive(Debug, Clone)]
+pub struct SseMessage {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+}
+
+pub struct SseReader {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseReader {
+    pub fn from_response(response: reqwest::Response) -> Self {
+        Self {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event, `None` when the stream ends or nothing comes within `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<SseMessage> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut message = SseMessage {
+                    id: None,
+                    event: "message".into(),
+                    data: Value::Null,
+                };
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        message.id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        message.event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // keep-alive comment
+                }
+                message.data = serde_json::from_str(&data).expect("event data is JSON");
+                return Some(message);
+            }
+            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Events until the stream closes (after a terminal event) or `within` passes.
+    pub async fn collect(&mut self, within: Duration) -> Vec<SseMessage> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .next(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            out.push(m);
+        }
+        out
+    }
+}

@@ -1,0 +1,167 @@
+//! Submit → queued → running → progress → succeeded; cancel; retries with backoff.
+
+use crate::harness::TestApp;
+use serde_json::json;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn a_job_runs_to_success_and_poll_and_sse_agree() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(2).await;
+    let id = app.submit_canary(json!({"steps": 5, "step_ms": 30})).await;
+    let events = app
+        .sse(&format!("/v1/jobs/{id}/events"), None)
+        .await
+        .collect(WAIT)
+        .await;
+    let types: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(types.first(), Some(&"queued"), "{types:?}");
+    assert_eq!(types.get(1), Some(&"started"), "{types:?}");
+    assert_eq!(types.last(), Some(&"succeeded"), "{types:?}");
+    let progress: Vec<f64> = events
+        .iter()
+        .filter(|e| e.event == "progress")
+        .map(|e| e.data["progress"].as_f64().unwrap())
+        .collect();
+    assert!(!progress.is_empty(), "{types:?}");
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    assert_eq!(*progress.last().unwrap(), 1.0);
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_deref().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] != w[1]));
+
+    let job = app.job(id).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["progress"], 1.0);
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["result"]["steps"], 5);
+    assert_eq!(events.last().unwrap().data["status"], job["status"]);
+    assert_eq!(events.last().unwrap().data["data"], job["result"]);
+    assert!(job["finished_at"].is_string() && job["started_at"].is_string());
+}
+
+#[tokio::test]
+async fn a_queued_job_is_cancelled_at_once_and_never_runs() {
+    let mut app = TestApp::spawn().await;
+    let id = app.submit_canary(json!({"steps": 1})).await;
+    let (status, job) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["status"], "cancelled");
+    app.start_worker(1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let job = app.job(id).await;
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(job["attempt"], 0, "a cancelled job must not run");
+    let events = app
+        .sse(&format!("/v1/jobs/{id}/events"), None)
+        .await
+        .collect(WAIT)
+        .await;
+    let types: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(types, ["queued", "cancelled"]);
+    // Cancelling again is a conflict, not a silent success.
+    let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 409);
+}
+
+#[tokio::test]
+async fn a_running_job_stops_at_its_next_checkpoint() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(1).await;
+    let id = app
+        .submit_canary(json!({"steps": 200, "step_ms": 50}))
+        .await;
+    app.wait_status(id, &["running"], WAIT).await;
+    let (status, job) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["cancel_requested"], true);
+    let job = app
+        .wait_status(
+            id,
+            &["cancelled", "succeeded", "failed"],
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(job["progress"].as_f64().unwrap() < 1.0);
+}
+
+#[tokio::test]
+async fn failed_attempts_back_off_and_retry_until_success() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(1).await;
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "canary", "payload": {"fail_first": 2}, "max_attempts": 3}),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let id = job["id"].as_str().unwrap().parse().unwrap();
+    let events = app
+        .sse(&format!("/v1/jobs/{id}/events"), None)
+        .await
+        .collect(WAIT)
+        .await;
+    let types: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "queued",
+            "started",
+            "retrying",
+            "queued",
+            "started",
+            "retrying",
+            "queued",
+            "started",
+            "succeeded"
+        ]
+    );
+    // Backoff: the second retry waits about twice the first (base 200 ms, ±25 % jitter).
+    let at = |i: usize| {
+        chrono::DateTime::parse_from_rfc3339(events[i].data["at"].as_str().unwrap()).unwrap()
+    };
+    let first_wait = (at(4) - at(2)).num_milliseconds();
+    let second_wait = (at(7) - at(5)).num_milliseconds();
+    assert!(first_wait >= 150, "first backoff {first_wait} ms");
+    assert!(second_wait >= 300, "second backoff {second_wait} ms");
+    let job = app.job(id).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["attempt"], 3);
+    assert_eq!(job["attempt_errors"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn out_of_attempts_fails_and_a_manual_retry_runs_again() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(1).await;
+    let (_, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "canary", "payload": {"fail_first": 2}, "max_attempts": 2}),
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().parse().unwrap();
+    let job = app.wait_status(id, &["failed", "succeeded"], WAIT).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempt"], 2);
+    assert!(
+        job["error"].as_str().unwrap().contains("attempt 2"),
+        "{job}"
+    );
+
+    let (status, retried) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
+    assert_eq!(status, 202, "{retried}");
+    assert_eq!(retried["status"], "queued");
+    let job = app.wait_status(id, &["failed", "succeeded"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 3);
+
+    let (status, problem) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
+    assert_eq!(
+        status, 409,
+        "only failed or cancelled jobs retry: {problem}"
+    );
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the API and workers against the real PostgreSQL and Redis on 127.0.0.1,
+//! each test with its own database and Redis key prefix. One binary, since each links the world.
+
+mod harness;
+
+mod faults;
+mod lifecycle;
+mod requests;
+mod sse;

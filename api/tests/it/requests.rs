@@ -1,0 +1,303 @@
+//! Authentication, validation, idempotency, batches, listing, and the ops endpoints.
+
+use crate::harness::TestApp;
+use serde_json::{json, Value};
+
+fn assert_problem(status: reqwest::StatusCode, expected: u16, body: &Value) {
+    assert_eq!(status.as_u16(), expected, "{body}");
+    assert_eq!(body["status"], expected, "{body}");
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+}
+
+fn field_errors(body: &Value) -> Vec<String> {
+    body["errors"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["field"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_key_are_refused() {
+    let app = TestApp::spawn().await;
+    let response = app.client.get(app.url("/v1/jobs")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let response = app
+        .client
+        .get(app.url("/v1/jobs"))
+        .bearer_auth("cvk_nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+}
+
+#[tokio::test]
+async fn bad_submissions_get_a_problem_naming_the_field() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app.post("/v1/jobs", &json!({"kind": "nope"})).await;
+    assert_problem(status, 422, &body);
+    assert_eq!(field_errors(&body), ["kind"]);
+
+    let (status, body) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "canary", "payload": {"steps": "ten"}}),
+        )
+        .await;
+    assert_problem(status, 422, &body);
+    assert_eq!(field_errors(&body), ["payload.steps"]);
+
+    let (status, body) = app
+        .post("/v1/jobs", &json!({"kind": "canary", "max_attempts": 0}))
+        .await;
+    assert_problem(status, 422, &body);
+    assert_eq!(field_errors(&body), ["max_attempts"]);
+
+    let (status, body) = app.post("/v1/jobs", &json!({"kind": 5})).await;
+    assert_problem(status, 422, &body);
+    assert_eq!(field_errors(&body), ["kind"]);
+
+    let (status, body) = app.post("/v1/jobs", &json!({"payload": {}})).await;
+    assert_problem(status, 422, &body);
+    assert!(body["detail"].as_str().unwrap().contains("kind"), "{body}");
+
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(&app.key)
+        .header("content-type", "application/json")
+        .body("{\"kind\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    let huge = "x".repeat(app.settings.body_limit + 1);
+    let (status, body) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "canary", "payload": {"pad": huge}}),
+        )
+        .await;
+    assert_problem(status, 413, &body);
+
+    // Nothing was written by any of these.
+    let (_, list) = app.get("/v1/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_first_job() {
+    let app = TestApp::spawn().await;
+    let body = json!({"kind": "canary", "payload": {"steps": 1}, "idempotency_key": "order-42"});
+    let (status, first) = app.post("/v1/jobs", &body).await;
+    assert_eq!(status, 202);
+    let (status, second) = app.post("/v1/jobs", &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(first["id"], second["id"]);
+    // Keys are per tenant.
+    let other = app.key_for("globex").await;
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(other)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let third: Value = response.json().await.unwrap();
+    assert_ne!(third["id"], first["id"]);
+}
+
+#[tokio::test]
+async fn another_tenants_job_is_not_found() {
+    let app = TestApp::spawn().await;
+    let id = app.submit_canary(json!({})).await;
+    let other = app.key_for("globex").await;
+    for path in [format!("/v1/jobs/{id}"), format!("/v1/jobs/{id}/events")] {
+        let response = app
+            .client
+            .get(app.url(&path))
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(app.job(id).await["status"], "queued");
+    let (status, _) = app.get("/v1/jobs/not-a-uuid").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_batch_is_accepted_or_refused_whole() {
+    let app = TestApp::spawn().await;
+    let jobs: Vec<Value> = (0..3)
+        .map(|i| json!({"kind": "canary", "payload": {"steps": i}}))
+        .collect();
+    let (status, body) = app.post("/v1/jobs/batch", &json!({"jobs": jobs})).await;
+    assert_eq!(status, 202, "{body}");
+    let returned: Vec<u64> = body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["payload"]["steps"].as_u64().unwrap())
+        .collect();
+    assert_eq!(returned, [0, 1, 2], "results come in input order");
+
+    let bad = json!({"jobs": [{"kind": "canary"}, {"kind": "canary", "payload": {"steps": -1}}]});
+    let (status, body) = app.post("/v1/jobs/batch", &bad).await;
+    assert_problem(status, 422, &body);
+    assert_eq!(field_errors(&body), ["jobs[1].payload.steps"]);
+
+    let too_many: Vec<Value> = (0..1001).map(|_| json!({"kind": "canary"})).collect();
+    let (status, body) = app.post("/v1/jobs/batch", &json!({"jobs": too_many})).await;
+    assert!(status == 422 || status == 413, "{status} {body}");
+
+    let (_, list) = app.get("/v1/jobs?limit=100").await;
+    assert_eq!(
+        list["jobs"].as_array().unwrap().len(),
+        3,
+        "refused batches write nothing"
+    );
+}
+
+#[tokio::test]
+async fn lists_page_with_a_cursor_and_filter() {
+    let mut app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(app.submit_canary(json!({})).await.to_string());
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/jobs?limit=2&cursor={c}"),
+            None => "/v1/jobs?limit=2".to_owned(),
+        };
+        let (status, page) = app.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        seen.extend(
+            page["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|j| j["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "newest first, each once");
+
+    app.start_worker(2).await;
+    for id in &ids[..2] {
+        app.wait_status(
+            id.parse().unwrap(),
+            &["succeeded"],
+            std::time::Duration::from_secs(30),
+        )
+        .await;
+    }
+    let (_, queued) = app
+        .get("/v1/jobs?status=succeeded&kind=canary&limit=500")
+        .await;
+    assert!(!queued["jobs"].as_array().unwrap().is_empty());
+    assert!(queued["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|j| j["status"] == "succeeded"));
+    let (status, body) = app.get("/v1/jobs?status=bogus").await;
+    assert_problem(status, 422, &body);
+    assert_eq!(field_errors(&body), ["status"]);
+}
+
+#[tokio::test]
+async fn ops_endpoints_answer() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(1).await;
+    let health: Value = app
+        .client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    app.submit_canary(json!({})).await;
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "conveyor_jobs_submitted_total 1",
+        "conveyor_queue_depth{queue=\"canary\"}",
+        "conveyor_workers_alive 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    let spec: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/batch",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/retry",
+        "/v1/jobs/{id}/events",
+        "/v1/events",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    assert!(spec["components"]["schemas"]["Job"].is_object());
+}

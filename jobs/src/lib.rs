@@ -1,0 +1,90 @@
+//! The job kinds. Each module has the same shape: a payload type with its validation, the
+//! handler, and tests. The API validates with [`Registry::validate`]; the worker runs with
+//! [`Handler::run`].
+
+use serde_json::Value;
+use shared::{FieldError, JobContext};
+use std::{collections::BTreeMap, sync::Arc};
+
+pub mod canary;
+
+/// Why an attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Worth another attempt (a timeout, a lost connection, a flaky dependency).
+    #[error("{0}")]
+    Retryable(String),
+    /// Will fail the same way every time: the job fails at once.
+    #[error("{0}")]
+    Permanent(String),
+    #[error(transparent)]
+    Cancelled(#[from] shared::Cancelled),
+}
+
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// The queue and the `kind` clients submit.
+    fn kind(&self) -> &'static str;
+
+    /// Checks a payload before the job is accepted; each error names its field under `payload`.
+    fn validate(&self, payload: &Value) -> Result<(), Vec<FieldError>>;
+
+    /// Runs one attempt. It must be idempotent: delivery is at least once.
+    async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError>;
+}
+
+/// The job kinds this build knows, by name.
+#[derive(Clone)]
+pub struct Registry {
+    handlers: BTreeMap<&'static str, Arc<dyn Handler>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new(vec![Arc::new(canary::Canary)])
+    }
+}
+
+impl Registry {
+    pub fn new(handlers: Vec<Arc<dyn Handler>>) -> Self {
+        Self {
+            handlers: handlers.into_iter().map(|h| (h.kind(), h)).collect(),
+        }
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {
+        self.handlers.get(kind)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.handlers.keys().copied()
+    }
+
+    pub fn validate(&self, kind: &str, payload: &Value) -> Result<(), Vec<FieldError>> {
+        match self.get(kind) {
+            Some(handler) => handler.validate(payload),
+            None => Err(vec![FieldError::new(
+                "kind",
+                format!(
+                    "unknown job kind {kind:?}; expected one of: {}",
+                    self.kinds().collect::<Vec<_>>().join(", ")
+                ),
+            )]),
+        }
+    }
+}
+
+/// Parses a payload into its type, turning serde's complaint into a field error.
+pub fn parse_payload<T: serde::de::DeserializeOwned>(
+    payload: &Value,
+) -> Result<T, Vec<FieldError>> {
+    serde_path_to_error::deserialize(payload).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "payload".to_owned()
+        } else {
+            format!("payload.{path}")
+        };
+        vec![FieldError::new(field, e.inner().to_string())]
+    })
+}

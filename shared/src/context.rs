@@ -1,0 +1,221 @@
+//! What a handler sees of its job: identity, progress, logs, and the cancellation token.
+
+use serde_json::Value;
+use sqlx::PgPool;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    events::{Event, EventLog, EventType},
+    model::JobStatus,
+    store,
+};
+
+/// At most one progress write per job per interval; the first and the last always go through.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Returned by [`JobContext::checkpoint`] once the job was asked to stop.
+#[derive(Debug, thiserror::Error)]
+#[error("the job was cancelled")]
+pub struct Cancelled;
+
+#[derive(Clone)]
+pub struct JobContext {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    job_id: Uuid,
+    tenant_id: Uuid,
+    kind: String,
+    attempt: i32,
+    token: CancellationToken,
+    pool: PgPool,
+    events: EventLog,
+    progress: Mutex<ProgressState>,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    last_write: Option<Instant>,
+    /// A report held back by coalescing, written by the next report or by `flush`.
+    pending: Option<(f32, Option<String>)>,
+    /// Whether a timer is already armed to write `pending`.
+    timer_armed: bool,
+    current: f32,
+}
+
+impl JobContext {
+    pub fn new(
+        job_id: Uuid,
+        tenant_id: Uuid,
+        kind: &str,
+        attempt: i32,
+        token: CancellationToken,
+        pool: PgPool,
+        events: EventLog,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                job_id,
+                tenant_id,
+                kind: kind.to_owned(),
+                attempt,
+                token,
+                pool,
+                events,
+                progress: Mutex::new(ProgressState::default()),
+            }),
+        }
+    }
+
+    pub fn job_id(&self) -> Uuid {
+        self.inner.job_id
+    }
+
+    pub fn tenant_id(&self) -> Uuid {
+        self.inner.tenant_id
+    }
+
+    /// 1 for the first attempt.
+    pub fn attempt(&self) -> i32 {
+        self.inner.attempt
+    }
+
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.inner.token
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.token.is_cancelled()
+    }
+
+    /// Err once the job was asked to stop: call between units of work and undo partial work.
+    pub fn checkpoint(&self) -> Result<(), Cancelled> {
+        if self.is_cancelled() {
+            Err(Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The last fraction reported.
+    pub fn current_progress(&self) -> f32 {
+        self.inner.progress.lock().expect("progress lock").current
+    }
+
+    /// Reports progress in `[0, 1]`. Writes are coalesced to about ten a second.
+    pub async fn progress(&self, fraction: f32, message: impl Into<Option<String>>) {
+        let fraction = fraction.clamp(0.0, 1.0);
+        let message = message.into();
+        // Decide under the lock, write after it: the guard must not live across an await.
+        let (write_now, arm_timer) = {
+            let mut state = self.inner.progress.lock().expect("progress lock");
+            state.current = fraction;
+            let due = state
+                .last_write
+                .is_none_or(|at| at.elapsed() >= PROGRESS_INTERVAL);
+            if due {
+                state.last_write = Some(Instant::now());
+                state.pending = None;
+                (Some(message), false)
+            } else {
+                state.pending = Some((fraction, message));
+                let arm = !state.timer_armed;
+                state.timer_armed = true;
+                (None, arm)
+            }
+        };
+        if let Some(message) = write_now {
+            self.write_progress(fraction, message).await;
+            return;
+        }
+        if arm_timer {
+            let ctx = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(PROGRESS_INTERVAL).await;
+                ctx.inner
+                    .progress
+                    .lock()
+                    .expect("progress lock")
+                    .timer_armed = false;
+                ctx.flush().await;
+            });
+        }
+    }
+
+    /// Writes a held-back progress report now (the runner calls it before the final event).
+    pub async fn flush(&self) {
+        let pending = {
+            let mut state = self.inner.progress.lock().expect("progress lock");
+            let pending = state.pending.take();
+            if pending.is_some() {
+                state.last_write = Some(Instant::now());
+            }
+            pending
+        };
+        if let Some((fraction, message)) = pending {
+            self.write_progress(fraction, message).await;
+        }
+    }
+
+    /// A line for the job's timeline.
+    pub async fn log(&self, text: impl Into<String>) {
+        let event = self
+            .event(EventType::Log, self.current_progress())
+            .message(Some(text.into()));
+        self.append(event).await;
+    }
+
+    /// A structured event carrying `data` (e.g. a training epoch's loss).
+    pub async fn report(&self, message: impl Into<String>, data: Value) {
+        let event = self
+            .event(EventType::Log, self.current_progress())
+            .message(Some(message.into()))
+            .data(Some(data));
+        self.append(event).await;
+    }
+
+    async fn write_progress(&self, fraction: f32, message: Option<String>) {
+        let inner = &self.inner;
+        if let Err(e) = store::record_progress(
+            &inner.pool,
+            inner.job_id,
+            inner.attempt,
+            fraction,
+            message.as_deref(),
+        )
+        .await
+        {
+            tracing::warn!(job = %inner.job_id, error = %e, "progress not recorded");
+        }
+        let event = self.event(EventType::Progress, fraction).message(message);
+        self.append(event).await;
+    }
+
+    fn event(&self, event_type: EventType, progress: f32) -> Event {
+        Event::new(
+            self.inner.job_id,
+            &self.inner.kind,
+            event_type,
+            JobStatus::Running,
+            progress,
+        )
+    }
+
+    async fn append(&self, event: Event) {
+        // Progress is advisory: a Redis hiccup must not fail the job.
+        if let Err(e) = self
+            .inner
+            .events
+            .append(&[(self.inner.tenant_id, event)])
+            .await
+        {
+            tracing::warn!(job = %self.inner.job_id, error = %e, "event not appended");
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The event model and its Redis Streams: one stream per job, one per tenant.
+
+use chrono::{DateTime, Utc};
+use redis::{aio::ConnectionManager, streams::StreamRangeReply};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::time::Duration;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::model::JobStatus;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    Queued,
+    Started,
+    Progress,
+    Log,
+    Retrying,
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// Sent alone, from the job row, when the job's stream has expired.
+    Snapshot,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Started => "started",
+            Self::Progress => "progress",
+            Self::Log => "log",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Snapshot => "snapshot",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// The event that announces a job entering `status`.
+    pub fn entering(status: JobStatus) -> Self {
+        match status {
+            JobStatus::Scheduled | JobStatus::Queued => Self::Queued,
+            JobStatus::Running => Self::Started,
+            JobStatus::Retrying => Self::Retrying,
+            JobStatus::Succeeded => Self::Succeeded,
+            JobStatus::Failed => Self::Failed,
+            JobStatus::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub job_id: Uuid,
+    pub kind: String,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    pub status: JobStatus,
+    pub progress: f32,
+    pub message: Option<String>,
+    pub data: Option<Value>,
+    pub at: DateTime<Utc>,
+}
+
+impl Event {
+    pub fn new(
+        job_id: Uuid,
+        kind: &str,
+        event_type: EventType,
+        status: JobStatus,
+        progress: f32,
+    ) -> Self {
+        Self {
+            job_id,
+            kind: kind.to_owned(),
+            event_type,
+            status,
+            progress,
+            message: None,
+            data: None,
+            at: Utc::now(),
+        }
+    }
+
+    pub fn message(mut self, message: Option<String>) -> Self {
+        self.message = message;
+        self
+    }
+
+    pub fn data(mut self, data: Option<Value>) -> Self {
+        self.data = data;
+        self
+    }
+}
+
+/// One event as read back from a stream: its entry id (the SSE `id:`) and the event.
+#[derive(Clone, Debug)]
+pub struct StreamEntry {
+    pub id: String,
+    pub event: Event,
+}
+
+/// Appends events to the streams; cheap to clone.
+#[derive(Clone)]
+pub struct EventLog {
+    conn: ConnectionManager,
+    keys: StreamKeys,
+    tenant_maxlen: usize,
+    ttl: Duration,
+}
+
+/// Names of the streams under one Redis prefix.
+#[derive(Clone, Debug)]
+pub struct StreamKeys {
+    prefix: String,
+}
+
+impl StreamKeys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn job(&self, tenant: Uuid, job: Uuid) -> String {
+        format!("{}:{tenant}:job:{job}", self.prefix)
+    }
+
+    pub fn tenant(&self, tenant: Uuid) -> String {
+        format!("{}:{tenant}:events", self.prefix)
+    }
+}
+
+impl EventLog {
+    pub fn new(conn: ConnectionManager, prefix: &str, tenant_maxlen: usize, ttl: Duration) -> Self {
+        Self {
+            conn,
+            keys: StreamKeys::new(prefix),
+            tenant_maxlen,
+            ttl,
+        }
+    }
+
+    pub fn keys(&self) -> &StreamKeys {
+        &self.keys
+    }
+
+    /// Appends every event to its job's stream and its tenant's stream in one round trip.
+    /// A terminal event starts the job stream's expiry.
+    pub async fn append(&self, events: &[(Uuid, Event)]) -> redis::RedisResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (tenant, event) in events {
+            let json = serde_json::to_string(event).expect("events serialize");
+            let job_key = self.keys.job(*tenant, event.job_id);
+            pipe.cmd("XADD")
+                .arg(&job_key)
+                .arg("*")
+                .arg("e")
+                .arg(&json)
+                .ignore();
+            pipe.cmd("XADD")
+                .arg(self.keys.tenant(*tenant))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.tenant_maxlen)
+                .arg("*")
+                .arg("e")
+                .arg(&json)
+                .ignore();
+            if event.event_type.is_terminal() {
+                pipe.expire(&job_key, self.ttl.as_secs() as i64).ignore();
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await
+    }
+}
+
+/// Entries of `key` strictly after `cursor` (`"0"` for all), at most `count`.
+pub async fn read_after<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    key: &str,
+    cursor: &str,
+    count: usize,
+) -> redis::RedisResult<Vec<StreamEntry>> {
+    let start = if cursor == "0" || cursor.is_empty() {
+        "-".to_owned()
+    } else {
+        format!("({cursor}")
+    };
+    let reply: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg(start)
+        .arg("+")
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await?;
+    Ok(reply.ids.into_iter().filter_map(decode).collect())
+}
+
+/// Blocks up to `block` for entries of `key` after `cursor`.
+pub async fn wait_after<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    key: &str,
+    cursor: &str,
+    block: Duration,
+    count: usize,
+) -> redis::RedisResult<Vec<StreamEntry>> {
+    let cursor = if cursor.is_empty() { "0" } else { cursor };
+    let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(key)
+        .arg(cursor)
+        .query_async(conn)
+        .await?;
+    Ok(reply
+        .into_iter()
+        .flat_map(|r| r.keys)
+        .flat_map(|k| k.ids)
+        .filter_map(decode)
+        .collect())
+}
+
+fn decode(entry: redis::streams::StreamId) -> Option<StreamEntry> {
+    let raw: String = entry.get("e")?;
+    let event = serde_json::from_str(&raw).ok()?;
+    Some(StreamEntry {
+        id: entry.id,
+        event,
+    })
+}
+
+/// Whether a stream cursor looks like a Redis entry id (`ms-seq`).
+pub fn valid_cursor(cursor: &str) -> bool {
+    let mut parts = cursor.splitn(2, '-');
+    let ms = parts.next().unwrap_or("");
+    let seq = parts.next().unwrap_or("0");
+    !ms.is_empty()
+        && ms.bytes().all(|b| b.is_ascii_digit())
+        && !seq.is_empty()
+        && seq.bytes().all(|b| b.is_ascii_digit())
+}

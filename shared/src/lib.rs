@@ -1,0 +1,17 @@
+//! Contracts shared by `conveyor-api` and `conveyor-worker`: settings, telemetry, the job model,
+//! the event model, errors, and access to PostgreSQL and Redis.
+
+pub mod context;
+pub mod db;
+pub mod events;
+pub mod model;
+pub mod problem;
+pub mod queue;
+pub mod settings;
+pub mod store;
+pub mod telemetry;
+
+pub use context::{Cancelled, JobContext};
+pub use model::{Job, JobStatus};
+pub use problem::{FieldError, Problem};
+pub use settings::Settings;

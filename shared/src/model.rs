@@ -1,0 +1,141 @@
+//! The job model: states, the job row, and what a client submits.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Waiting for its `run_at`.
+    Scheduled,
+    Queued,
+    Running,
+    /// Failed an attempt; waiting for its backoff before the next one.
+    Retrying,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 7] = [
+        Self::Scheduled,
+        Self::Queued,
+        Self::Running,
+        Self::Retrying,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|status| status.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A job as stored in PostgreSQL (the source of truth) and returned by the API.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Job {
+    pub id: Uuid,
+    #[serde(skip)]
+    pub tenant_id: Uuid,
+    pub kind: String,
+    #[sqlx(try_from = "String")]
+    #[schema(value_type = JobStatus)]
+    pub status: StatusColumn,
+    pub payload: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    /// One entry per failed attempt: `{attempt, error, at}`.
+    pub attempt_errors: Value,
+    pub idempotency_key: Option<String>,
+    pub priority: i16,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub progress: f32,
+    pub message: Option<String>,
+    pub run_at: DateTime<Utc>,
+    pub cancel_requested: bool,
+    pub worker: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// `status` as read from its text column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StatusColumn(pub JobStatus);
+
+impl TryFrom<String> for StatusColumn {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        JobStatus::parse(&s)
+            .map(StatusColumn)
+            .ok_or_else(|| format!("unknown job status {s:?}"))
+    }
+}
+
+impl Job {
+    pub fn status(&self) -> JobStatus {
+        self.status.0
+    }
+}
+
+/// `POST /v1/jobs` body.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    /// One of the job kinds this deployment knows (`canary`, …).
+    pub kind: String,
+    /// Kind-specific parameters, validated before the job is accepted.
+    #[serde(default)]
+    pub payload: Value,
+    /// The same key from the same tenant returns the job it first created.
+    pub idempotency_key: Option<String>,
+    /// Recorded and listed; the Redis queue has no priorities, so it does not reorder jobs.
+    pub priority: Option<i16>,
+    /// Attempts before the job is `failed` (1–25, default 3).
+    pub max_attempts: Option<i32>,
+    /// Run no earlier than this instant (the job is `scheduled` until then).
+    pub run_at: Option<DateTime<Utc>>,
+}
+
+pub const MAX_ATTEMPTS_LIMIT: i32 = 25;
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+pub const IDEMPOTENCY_KEY_MAX: usize = 200;
+
+/// The message on a Redis queue: which job, and which generation of it. A generation is the
+/// job's attempt count when it was pushed, so a stale duplicate (a re-enqueued orphan) never
+/// claims a job twice.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QueueMessage {
+    pub job_id: Uuid,
+    pub generation: i32,
+}

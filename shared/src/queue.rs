@@ -1,0 +1,143 @@
+//! The Redis queues, one per job kind, through apalis' Redis backend.
+//!
+//! A queue entry carries only a [`QueueMessage`]; the job row in PostgreSQL is the source of
+//! truth. The apalis task id is derived from the job id and its generation, so pushing the same
+//! message twice while it is still in Redis is a no-op and the rescuer can ask whether a job's
+//! message is there.
+
+use apalis::prelude::{TaskBuilder, TaskId, TaskSink};
+use apalis_redis::{Config, ConnectionManager, RedisStorage};
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::model::QueueMessage;
+
+#[derive(Clone)]
+pub struct Queues {
+    conn: ConnectionManager,
+    prefix: String,
+    heartbeat: Duration,
+    missed_heartbeats: usize,
+}
+
+impl Queues {
+    pub fn new(conn: ConnectionManager, prefix: &str, heartbeat: Duration) -> Self {
+        Self {
+            conn,
+            prefix: prefix.to_owned(),
+            heartbeat,
+            missed_heartbeats: 3,
+        }
+    }
+
+    /// apalis' settings for `kind`'s queue: its key namespace and the heartbeat that lets
+    /// apalis hand a dead worker's prefetched tasks to others.
+    pub fn config(&self, kind: &str) -> Config {
+        Config::default()
+            .queue(self.queue_name(kind))
+            .heartbeat_interval(self.heartbeat)
+            .missed_heartbeats(self.missed_heartbeats)
+            .batch_size(16)
+    }
+
+    pub fn queue_name(&self, kind: &str) -> String {
+        format!("{}:queue:{kind}", self.prefix)
+    }
+
+    pub fn storage(&self, kind: &str) -> RedisStorage<QueueMessage> {
+        RedisStorage::new(self.conn.clone()).with_config(self.config(kind))
+    }
+
+    /// Pushes messages onto `kind`'s queue in one round trip.
+    pub async fn push(&self, kind: &str, messages: &[QueueMessage]) -> anyhow::Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        // Owned tasks: a stream borrowing `messages` makes the future's Send bound unprovable.
+        let tasks: Vec<_> = messages
+            .iter()
+            .map(|m| {
+                TaskBuilder::new(m.clone())
+                    .task_id(TaskId::from_string(task_id(m.job_id, m.generation)))
+                    .build()
+            })
+            .collect();
+        let mut storage = self.storage(kind);
+        storage
+            .push_all(&mut futures::stream::iter(tasks))
+            .await
+            .map_err(|e| anyhow::anyhow!("push to queue {kind}: {e}"))
+    }
+
+    /// Which of these messages are still held by `kind`'s queue (waiting or in flight).
+    pub async fn present(
+        &self,
+        kind: &str,
+        messages: &[QueueMessage],
+    ) -> anyhow::Result<Vec<bool>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let hash = self.config(kind).job_data_hash();
+        let mut pipe = redis::pipe();
+        for m in messages {
+            pipe.cmd("HEXISTS")
+                .arg(&hash)
+                .arg(task_id(m.job_id, m.generation));
+        }
+        let mut conn = self.conn.clone();
+        Ok(pipe.query_async(&mut conn).await?)
+    }
+
+    /// Waiting entries of `kind`'s queue (for `/metrics` and the queues panel).
+    pub async fn depth(&self, kind: &str) -> anyhow::Result<u64> {
+        let config = self.config(kind);
+        let mut conn = self.conn.clone();
+        let (active, scheduled): (u64, u64) = redis::pipe()
+            .cmd("LLEN")
+            .arg(config.active_jobs_list())
+            .cmd("ZCARD")
+            .arg(config.scheduled_jobs_set())
+            .query_async(&mut conn)
+            .await?;
+        Ok(active + scheduled)
+    }
+
+    /// Drops what apalis keeps of finished tasks: PostgreSQL holds the history, so Redis only
+    /// needs live entries (BullMQ #225: completed jobs kept forever fill Redis).
+    pub async fn forget_done(&self, kind: &str, max: usize) -> anyhow::Result<usize> {
+        let config = self.config(kind);
+        let mut conn = self.conn.clone();
+        let mut forgotten = 0;
+        for set in [config.done_jobs_set(), config.dead_jobs_set()] {
+            let ids: Vec<String> = redis::cmd("SPOP")
+                .arg(&set)
+                .arg(max)
+                .query_async(&mut conn)
+                .await?;
+            if ids.is_empty() {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            pipe.cmd("HDEL")
+                .arg(config.job_data_hash())
+                .arg(&ids)
+                .ignore();
+            for id in &ids {
+                pipe.cmd("DEL")
+                    .arg(format!("{}:{id}", config.job_meta_hash()))
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+            forgotten += ids.len();
+        }
+        Ok(forgotten)
+    }
+}
+
+/// The apalis task id of a job's generation: a ULID (what apalis' Redis backend uses) made of
+/// the job's UUIDv7 with its low 16 bits replaced by the generation.
+pub fn task_id(job_id: Uuid, generation: i32) -> String {
+    let bits = (job_id.as_u128() & !0xFFFF) | (generation as u128 & 0xFFFF);
+    ulid::Ulid(bits).to_string()
+}

@@ -1,0 +1,88 @@
+//! Configuration from `CONVEYOR_*` environment variables (12-factor).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// Everything the binaries read from the environment. Tests build it directly.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `CONVEYOR_DATABASE_URL`: the control-plane PostgreSQL.
+    pub database_url: String,
+    /// `CONVEYOR_REDIS_URL`.
+    pub redis_url: String,
+    /// `CONVEYOR_REDIS_PREFIX`: every Redis key starts with it, so deployments and tests can
+    /// share one Redis.
+    pub redis_prefix: String,
+    /// `CONVEYOR_LISTEN`: the API's address.
+    pub listen: SocketAddr,
+    /// `CONVEYOR_DATA_DIR`: the local object store (datasets, artifacts).
+    pub data_dir: PathBuf,
+    /// `CONVEYOR_BODY_LIMIT`: largest JSON request body in bytes.
+    pub body_limit: usize,
+    /// `CONVEYOR_HEARTBEAT_SECS`: how often a worker proves it is alive.
+    pub heartbeat: Duration,
+    /// `CONVEYOR_RESCUE_AFTER_SECS`: a running job whose worker has not heart-beaten for this
+    /// long is re-queued.
+    pub rescue_after: Duration,
+    /// `CONVEYOR_EVENTS_TTL_SECS`: how long a finished job's event stream is kept in Redis.
+    pub events_ttl: Duration,
+    /// `CONVEYOR_TENANT_STREAM_MAXLEN`: approximate cap of each tenant's event stream.
+    pub tenant_stream_maxlen: usize,
+    /// `CONVEYOR_SHUTDOWN_GRACE_SECS`: how long SIGTERM waits for running jobs.
+    pub shutdown_grace: Duration,
+    /// `CONVEYOR_RETRY_BASE_MS`: the first retry's backoff; it doubles each attempt.
+    pub retry_base: Duration,
+}
+
+impl Settings {
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Self {
+            database_url: var(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/conveyor",
+            ),
+            redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
+            redis_prefix: var("REDIS_PREFIX", "conveyor"),
+            listen: parse("LISTEN", "127.0.0.1:8080")?,
+            data_dir: var("DATA_DIR", ".data/objects").into(),
+            body_limit: parse("BODY_LIMIT", "1048576")?,
+            heartbeat: Duration::from_secs(parse("HEARTBEAT_SECS", "2")?),
+            rescue_after: Duration::from_secs(parse("RESCUE_AFTER_SECS", "10")?),
+            events_ttl: Duration::from_secs(parse("EVENTS_TTL_SECS", "86400")?),
+            tenant_stream_maxlen: parse("TENANT_STREAM_MAXLEN", "100000")?,
+            shutdown_grace: Duration::from_secs(parse("SHUTDOWN_GRACE_SECS", "30")?),
+            retry_base: Duration::from_millis(parse("RETRY_BASE_MS", "1000")?),
+        })
+    }
+
+    /// Defaults for one test: its own database and Redis prefix, fast heartbeats.
+    pub fn for_test(database_url: String, redis_prefix: String) -> Self {
+        Self {
+            database_url,
+            redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
+            redis_prefix,
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            data_dir: std::env::temp_dir().join("conveyor-test-objects"),
+            body_limit: 64 * 1024,
+            heartbeat: Duration::from_millis(500),
+            rescue_after: Duration::from_secs(3),
+            events_ttl: Duration::from_secs(3600),
+            tenant_stream_maxlen: 10_000,
+            shutdown_grace: Duration::from_secs(10),
+            retry_base: Duration::from_millis(200),
+        }
+    }
+}
+
+fn var(name: &str, default: &str) -> String {
+    std::env::var(format!("CONVEYOR_{name}")).unwrap_or_else(|_| default.to_owned())
+}
+
+fn parse<T>(name: &str, default: &str) -> anyhow::Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let raw = var(name, default);
+    raw.parse()
+        .map_err(|e| anyhow::anyhow!("CONVEYOR_{name}={raw:?} is invalid: {e}"))
+}

@@ -1,0 +1,391 @@
+//! SQL on the control plane: every state change of a job is one guarded UPDATE, so concurrent
+//! writers (API, workers, the rescuer) never move a job backwards.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::model::{Job, JobStatus, QueueMessage};
+
+/// A validated job about to be written.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub kind: String,
+    pub payload: Value,
+    pub idempotency_key: Option<String>,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub run_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+pub struct Inserted {
+    #[sqlx(flatten)]
+    pub job: Job,
+    /// False when an idempotency key matched an existing job.
+    pub created: bool,
+}
+
+/// Writes a batch of jobs in one statement. A job whose idempotency key already exists is not
+/// written; the existing job is returned instead. Results come in input order.
+pub async fn insert_jobs(
+    pool: &PgPool,
+    tenant: Uuid,
+    jobs: &[NewJob],
+) -> sqlx::Result<Vec<Inserted>> {
+    let now = Utc::now();
+    let status: Vec<&str> = jobs
+        .iter()
+        .map(|j| match j.run_at {
+            Some(at) if at > now => JobStatus::Scheduled.as_str(),
+            _ => JobStatus::Queued.as_str(),
+        })
+        .collect();
+    let mut rows: Vec<Inserted> = sqlx::query_as(
+        "WITH input AS (
+             SELECT * FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::int2[],
+                                  $7::int4[], $8::timestamptz[], $9::text[])
+                 AS t(id, kind, payload, idempotency_key, priority, max_attempts, run_at, status)
+         ), ins AS (
+             INSERT INTO jobs (id, tenant_id, kind, status, payload, idempotency_key, priority,
+                               max_attempts, run_at)
+             SELECT id, $1, kind, status, payload, idempotency_key, priority, max_attempts, run_at
+             FROM input
+             ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING *
+         )
+         SELECT ins.*, true AS created FROM ins
+         UNION ALL
+         SELECT j.*, false AS created FROM jobs j JOIN input i
+             ON j.tenant_id = $1 AND j.idempotency_key = i.idempotency_key",
+    )
+    .bind(tenant)
+    .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.kind.clone()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.payload.clone()).collect::<Vec<_>>())
+    .bind(
+        jobs.iter()
+            .map(|j| j.idempotency_key.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(jobs.iter().map(|j| j.priority).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.max_attempts).collect::<Vec<_>>())
+    .bind(
+        jobs.iter()
+            .map(|j| j.run_at.unwrap_or(now))
+            .collect::<Vec<_>>(),
+    )
+    .bind(status)
+    .fetch_all(pool)
+    .await?;
+    // Back to input order: by id for new rows, by idempotency key for existing ones.
+    let position = |row: &Inserted| {
+        jobs.iter()
+            .position(|j| {
+                if row.created {
+                    j.id == row.job.id
+                } else {
+                    j.idempotency_key.is_some() && j.idempotency_key == row.job.idempotency_key
+                }
+            })
+            .unwrap_or(usize::MAX)
+    };
+    if jobs.len() <= 1 {
+        return Ok(rows);
+    }
+    let mut keyed: Vec<(usize, Inserted)> = rows.drain(..).map(|r| (position(&r), r)).collect();
+    keyed.sort_by_key(|(p, _)| *p);
+    Ok(keyed.into_iter().map(|(_, r)| r).collect())
+}
+
+pub async fn get_job(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as("SELECT * FROM jobs WHERE id = $1 AND tenant_id = $2")
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(pool)
+        .await
+}
+
+/// A tenant's jobs, newest first, after the `cursor` job id.
+pub async fn list_jobs(
+    pool: &PgPool,
+    tenant: Uuid,
+    status: Option<JobStatus>,
+    kind: Option<&str>,
+    cursor: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<Job>> {
+    let mut q = QueryBuilder::<Postgres>::new("SELECT * FROM jobs WHERE tenant_id = ");
+    q.push_bind(tenant);
+    if let Some(status) = status {
+        q.push(" AND status = ").push_bind(status.as_str());
+    }
+    if let Some(kind) = kind {
+        q.push(" AND kind = ").push_bind(kind.to_owned());
+    }
+    if let Some(cursor) = cursor {
+        q.push(" AND id < ").push_bind(cursor);
+    }
+    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+    q.build_query_as().fetch_all(pool).await
+}
+
+/// Takes a queued job for one attempt. `None` when the message is stale: the job is not
+/// queued, already claimed for this generation, or cancelled.
+pub async fn claim(
+    pool: &PgPool,
+    message: &QueueMessage,
+    worker: &str,
+) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = $3, progress = 0,
+                message = NULL, started_at = now(), updated_at = now()
+         WHERE id = $1 AND status = 'queued' AND attempt = $2 AND NOT cancel_requested
+         RETURNING *",
+    )
+    .bind(message.job_id)
+    .bind(message.generation)
+    .bind(worker)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Progress of a running attempt; ignored once the attempt is over.
+pub async fn record_progress(
+    pool: &PgPool,
+    id: Uuid,
+    attempt: i32,
+    progress: f32,
+    message: Option<&str>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET progress = $3, message = COALESCE($4, message), updated_at = now()
+         WHERE id = $1 AND attempt = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(progress)
+    .bind(message)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Succeeded(Value),
+    Cancelled,
+    /// Failed, to be tried again at `retry_at`.
+    Retrying {
+        error: String,
+        retry_at: DateTime<Utc>,
+    },
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn status(&self) -> JobStatus {
+        match self {
+            Self::Succeeded(_) => JobStatus::Succeeded,
+            Self::Cancelled => JobStatus::Cancelled,
+            Self::Retrying { .. } => JobStatus::Retrying,
+            Self::Failed(_) => JobStatus::Failed,
+        }
+    }
+}
+
+/// Records the end of attempt `attempt`; `None` if the attempt no longer owns the job (the
+/// rescuer gave it to another worker).
+pub async fn finish(
+    pool: &PgPool,
+    id: Uuid,
+    attempt: i32,
+    outcome: &Outcome,
+) -> sqlx::Result<Option<Job>> {
+    let (result, error, retry_at) = match outcome {
+        Outcome::Succeeded(result) => (Some(result.clone()), None, None),
+        Outcome::Cancelled => (None, None, None),
+        Outcome::Retrying { error, retry_at } => (None, Some(error.clone()), Some(*retry_at)),
+        Outcome::Failed(error) => (None, Some(error.clone()), None),
+    };
+    let terminal = outcome.status().is_terminal();
+    sqlx::query_as(
+        "UPDATE jobs SET
+             status = $3,
+             result = $4,
+             error = $5,
+             attempt_errors = CASE WHEN $5::text IS NULL THEN attempt_errors
+                 ELSE attempt_errors || jsonb_build_object('attempt', attempt, 'error', $5::text, 'at', now()) END,
+             progress = CASE WHEN $3 = 'succeeded' THEN 1 ELSE progress END,
+             run_at = COALESCE($6, run_at),
+             worker = NULL,
+             finished_at = CASE WHEN $7 THEN now() END,
+             updated_at = now()
+         WHERE id = $1 AND attempt = $2 AND status = 'running'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(outcome.status().as_str())
+    .bind(result)
+    .bind(error)
+    .bind(retry_at)
+    .bind(terminal)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Hands a running attempt back to the queue (the worker is shutting down): the attempt does
+/// not use up the budget. Returns the job, whose `attempt` is the generation to push.
+pub async fn requeue(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, worker = NULL,
+             progress = 0, updated_at = now()
+         WHERE id = $1 AND attempt = $2 AND status = 'running'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(attempt)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Cancel: a job not yet running ends at once; a running one is asked to stop.
+/// Returns the job after the change, or `None` if it does not exist.
+pub async fn request_cancel(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        "UPDATE jobs SET
+             status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
+             cancel_requested = (status = 'running'),
+             finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END,
+             updated_at = now()
+         WHERE id = $1 AND tenant_id = $2 AND status IN ('scheduled', 'queued', 'retrying', 'running')
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Puts a failed or cancelled job back in the queue with a fresh attempt budget.
+pub async fn retry(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        "UPDATE jobs SET status = 'queued', max_attempts = attempt + max_attempts,
+             cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
+             finished_at = NULL, run_at = now(), updated_at = now()
+         WHERE id = $1 AND tenant_id = $2 AND status IN ('failed', 'cancelled')
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Ids of this worker's running jobs that were asked to stop.
+pub async fn cancel_requests(pool: &PgPool, worker: &str) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE worker = $1 AND status = 'running' AND cancel_requested",
+    )
+    .bind(worker)
+    .fetch_all(pool)
+    .await
+}
+
+/// A job the maintenance loop moved, and what it must now push or announce.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Moved {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub kind: String,
+    pub attempt: i32,
+    pub status: String,
+    pub error: Option<String>,
+}
+
+/// Scheduled and retrying jobs whose time has come become queued.
+pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Moved>> {
+    sqlx::query_as(
+        "UPDATE jobs SET status = 'queued', updated_at = now()
+         WHERE id IN (SELECT id FROM jobs WHERE status IN ('scheduled', 'retrying') AND run_at <= now()
+                      ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING id, tenant_id, kind, attempt, status, error",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Running jobs whose worker stopped heart-beating: re-queued, or failed when out of attempts.
+pub async fn rescue_orphans(
+    pool: &PgPool,
+    horizon: std::time::Duration,
+) -> sqlx::Result<Vec<Moved>> {
+    sqlx::query_as(
+        "UPDATE jobs SET
+             status = CASE WHEN attempt >= max_attempts OR cancel_requested
+                           THEN (CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END) ELSE 'queued' END,
+             error = CASE WHEN attempt >= max_attempts AND NOT cancel_requested
+                          THEN 'worker ' || coalesce(worker, '?') || ' was lost during the last attempt' ELSE error END,
+             finished_at = CASE WHEN attempt >= max_attempts OR cancel_requested THEN now() END,
+             worker = NULL,
+             updated_at = now()
+         WHERE status = 'running' AND NOT EXISTS (
+             SELECT 1 FROM workers w WHERE w.name = jobs.worker AND w.stopped_at IS NULL
+                 AND w.heartbeat_at > now() - make_interval(secs => $1))
+         RETURNING id, tenant_id, kind, attempt, status, error",
+    )
+    .bind(horizon.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+/// Queued jobs untouched for `age`: candidates whose queue entry may have been lost.
+pub async fn stale_queued(
+    pool: &PgPool,
+    age: std::time::Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<Moved>> {
+    sqlx::query_as(
+        "SELECT id, tenant_id, kind, attempt, status, error FROM jobs
+         WHERE status = 'queued' AND updated_at < now() - make_interval(secs => $1)
+         ORDER BY updated_at LIMIT $2",
+    )
+    .bind(age.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Marks jobs as looked at, so the next scan moves on to others.
+pub async fn touch(pool: &PgPool, ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query("UPDATE jobs SET updated_at = now() WHERE id = ANY($1) AND status = 'queued'")
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn heartbeat(pool: &PgPool, worker: &str, queues: &Value) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO workers (name, queues) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), queues = $2, stopped_at = NULL",
+    )
+    .bind(worker)
+    .bind(queues)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn worker_stopped(pool: &PgPool, worker: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE workers SET stopped_at = now() WHERE name = $1")
+        .bind(worker)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! Structured logs through `tracing`; `RUST_LOG` filters, `CONVEYOR_LOG_FORMAT=json` for machines.
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+pub fn init(default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = if std::env::var("CONVEYOR_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    // A second init (tests start several components in one process) keeps the first.
+    let _ = result;
+}

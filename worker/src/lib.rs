@@ -1,0 +1,130 @@
+//! `conveyor-worker`: runs the handlers of the queues it is told to serve.
+//!
+//! Per process: one apalis worker per queue (its concurrency from `--queues`), a heartbeat that
+//! keeps the process' lease and picks up cancel requests, and the maintenance loop (rescuer and
+//! scheduler), which runs in one process of the deployment at a time.
+
+mod maintenance;
+mod runtime;
+
+use anyhow::Context as _;
+use std::{sync::Arc, time::Duration};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use runtime::Runtime;
+use shared::Settings;
+
+/// Which queues to serve, and how many jobs of each at once: `import=4,patch=1`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueSpec(pub Vec<(String, usize)>);
+
+impl QueueSpec {
+    pub fn parse(spec: &str, registry: &jobs::Registry) -> anyhow::Result<Self> {
+        let mut queues = Vec::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (kind, concurrency) = match part.split_once('=') {
+                Some((kind, n)) => (
+                    kind.trim(),
+                    n.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .with_context(|| format!("bad concurrency in {part:?}"))?,
+                ),
+                None => (part, 1),
+            };
+            anyhow::ensure!(
+                registry.get(kind).is_some(),
+                "unknown queue {kind:?}; known: {}",
+                registry.kinds().collect::<Vec<_>>().join(", ")
+            );
+            queues.push((kind.to_owned(), concurrency));
+        }
+        anyhow::ensure!(!queues.is_empty(), "no queues to serve");
+        Ok(Self(queues))
+    }
+
+    /// Every known queue, `concurrency` jobs each.
+    pub fn all(registry: &jobs::Registry, concurrency: usize) -> Self {
+        Self(
+            registry
+                .kinds()
+                .map(|k| (k.to_owned(), concurrency))
+                .collect(),
+        )
+    }
+}
+
+/// A unique name per process: apalis' orphan recovery breaks when names are reused.
+pub fn unique_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".to_owned());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// A running worker; [`WorkerHandle::shutdown`] drains it.
+pub struct WorkerHandle {
+    runtime: Arc<Runtime>,
+    stop_taking: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl WorkerHandle {
+    pub fn name(&self) -> &str {
+        self.runtime.name()
+    }
+
+    /// Graceful stop: take no new jobs, let running ones finish within the grace period, then
+    /// hand the rest back to the queue.
+    pub async fn shutdown(mut self) {
+        tracing::info!(worker = self.runtime.name(), "draining");
+        self.stop_taking.cancel();
+        let grace = self.runtime.settings().shutdown_grace;
+        if !self.runtime.wait_idle(grace).await {
+            tracing::warn!("grace period over; handing running jobs back to the queue");
+            self.runtime.interrupt_all();
+            self.runtime.wait_idle(Duration::from_secs(10)).await;
+        }
+        self.runtime.stopped().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.abort_all();
+        tracing::info!(worker = self.runtime.name(), "stopped");
+    }
+}
+
+/// Starts a worker serving `queues`.
+pub async fn start(
+    settings: Settings,
+    queues: QueueSpec,
+    registry: jobs::Registry,
+    name: String,
+) -> anyhow::Result<WorkerHandle> {
+    let runtime = Arc::new(Runtime::connect(settings, registry, name, &queues).await?);
+    let stop_taking = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    runtime.heartbeat_once().await?;
+    tasks.spawn(runtime.clone().heartbeat_loop(stop_taking.clone()));
+    tasks.spawn(maintenance::run(runtime.clone(), stop_taking.clone()));
+    for (kind, concurrency) in queues.0 {
+        tasks.spawn(
+            runtime
+                .clone()
+                .serve_queue(kind, concurrency, stop_taking.clone()),
+        );
+    }
+    tracing::info!(worker = runtime.name(), "started");
+    Ok(WorkerHandle {
+        runtime,
+        stop_taking,
+        tasks,
+    })
+}

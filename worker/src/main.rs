@@ -1,0 +1,36 @@
+use clap::Parser;
+
+/// Runs Conveyor jobs from the Redis queues.
+#[derive(Parser)]
+#[command(name = "conveyor-worker", version)]
+struct Args {
+    /// Queues to serve with their concurrency, e.g. `import=4,patch=1` (default: every queue, 2 each).
+    #[arg(long, env = "CONVEYOR_QUEUES")]
+    queues: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    shared::telemetry::init("info,sqlx=warn,apalis=warn");
+    let args = Args::parse();
+    let settings = shared::Settings::from_env()?;
+    let registry = jobs::Registry::default();
+    let queues = match args.queues.as_deref() {
+        Some(spec) => conveyor_worker::QueueSpec::parse(spec, &registry)?,
+        None => conveyor_worker::QueueSpec::all(&registry, 2),
+    };
+    let worker =
+        conveyor_worker::start(settings, queues, registry, conveyor_worker::unique_name()).await?;
+    shutdown_signal().await;
+    worker.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

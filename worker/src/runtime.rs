@@ -1,0 +1,390 @@
+//! Runs jobs: claim the row, run the handler, record the outcome, announce every change.
+
+use apalis::prelude::{BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
+use chrono::Utc;
+use futures::FutureExt;
+use serde_json::{json, Value};
+use shared::{
+    events::{Event, EventLog, EventType},
+    model::QueueMessage,
+    queue::Queues,
+    store::{self, Outcome},
+    Job, JobContext, JobStatus, Settings,
+};
+use sqlx::PgPool;
+use std::{
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::QueueSpec;
+use jobs::{JobError, Registry};
+
+pub struct Runtime {
+    settings: Settings,
+    name: String,
+    pool: PgPool,
+    events: EventLog,
+    queues: Queues,
+    registry: Registry,
+    queue_spec: Value,
+    running: Mutex<HashMap<Uuid, RunningJob>>,
+    idle: tokio::sync::Notify,
+}
+
+#[derive(Clone)]
+struct RunningJob {
+    token: CancellationToken,
+    /// Set when the worker itself stops the job (shutdown), as opposed to a user's cancel.
+    interrupted: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    pub async fn connect(
+        settings: Settings,
+        registry: Registry,
+        name: String,
+        queues: &QueueSpec,
+    ) -> anyhow::Result<Self> {
+        let concurrency: usize = queues.0.iter().map(|(_, n)| n).sum();
+        let pool = shared::db::connect(&settings.database_url, concurrency as u32 + 4).await?;
+        shared::db::migrate(&pool).await?;
+        let redis = redis::Client::open(settings.redis_url.as_str())?
+            .get_connection_manager()
+            .await?;
+        let events = EventLog::new(
+            redis.clone(),
+            &settings.redis_prefix,
+            settings.tenant_stream_maxlen,
+            settings.events_ttl,
+        );
+        let queue_spec = json!(queues.0.iter().cloned().collect::<HashMap<_, _>>());
+        Ok(Self {
+            queues: Queues::new(redis, &settings.redis_prefix, settings.heartbeat),
+            settings,
+            name,
+            pool,
+            events,
+            registry,
+            queue_spec,
+            running: Mutex::new(HashMap::new()),
+            idle: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(crate) fn queues(&self) -> &Queues {
+        &self.queues
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Serves one queue until `stop`; a backend error (Redis restarting) restarts the apalis
+    /// worker instead of leaving it stuck.
+    pub(crate) async fn serve_queue(
+        self: Arc<Self>,
+        kind: String,
+        concurrency: usize,
+        stop: CancellationToken,
+    ) {
+        while !stop.is_cancelled() {
+            let worker = WorkerBuilder::new(format!("{}/{kind}", self.name))
+                .backend(self.queues.storage(&kind))
+                .concurrency(concurrency)
+                .data(self.clone())
+                .build(handle_message);
+            let signal = stop.clone();
+            let result = worker
+                .run_until(async move {
+                    signal.cancelled().await;
+                    Ok::<(), std::io::Error>(())
+                })
+                .await;
+            if let Err(e) = result {
+                if stop.is_cancelled() {
+                    break;
+                }
+                tracing::warn!(queue = %kind, error = %e, "queue worker stopped; restarting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    /// Proves this process is alive, and stops jobs whose cancel was requested.
+    pub(crate) async fn heartbeat_once(&self) -> anyhow::Result<()> {
+        store::heartbeat(&self.pool, &self.name, &self.queue_spec).await?;
+        for id in store::cancel_requests(&self.pool, &self.name).await? {
+            if let Some(job) = self.running.lock().expect("running lock").get(&id) {
+                job.token.cancel();
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.heartbeat);
+        // Keep heart-beating while draining: running jobs still hold their lease.
+        let _ = stop;
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.heartbeat_once().await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    }
+
+    /// Waits until no job runs, at most `timeout`; true if idle.
+    pub(crate) async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.idle.notified();
+            if self.running.lock().expect("running lock").is_empty() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.running.lock().expect("running lock").is_empty();
+            }
+        }
+    }
+
+    /// Stops every running job so it goes back to the queue.
+    pub(crate) fn interrupt_all(&self) {
+        for job in self.running.lock().expect("running lock").values() {
+            job.interrupted.store(true, Ordering::SeqCst);
+            job.token.cancel();
+        }
+    }
+
+    pub(crate) async fn stopped(&self) {
+        if let Err(e) = store::worker_stopped(&self.pool, &self.name).await {
+            tracing::warn!(error = %e, "could not mark the worker stopped");
+        }
+    }
+
+    /// Announces state changes of jobs that did not go through a handler (rescue, promotion).
+    pub(crate) async fn announce(&self, moved: &[store::Moved]) {
+        let events: Vec<_> = moved
+            .iter()
+            .filter_map(|m| {
+                let status = JobStatus::parse(&m.status)?;
+                let event = Event::new(m.id, &m.kind, EventType::entering(status), status, 0.0)
+                    .message(m.error.clone());
+                Some((m.tenant_id, event))
+            })
+            .collect();
+        if let Err(e) = self.events.append(&events).await {
+            tracing::warn!(error = %e, "events not appended");
+        }
+    }
+
+    async fn execute(&self, message: QueueMessage) -> Result<(), BoxDynError> {
+        // A stale or duplicate message claims nothing and is simply acknowledged.
+        let Some(job) = store::claim(&self.pool, &message, &self.name).await? else {
+            return Ok(());
+        };
+        let running = RunningJob {
+            token: CancellationToken::new(),
+            interrupted: Arc::new(AtomicBool::new(false)),
+        };
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(job.id, running.clone());
+        let outcome = self.run_attempt(&job, &running).await;
+        self.record(&job, outcome).await;
+        let mut map = self.running.lock().expect("running lock");
+        map.remove(&job.id);
+        if map.is_empty() {
+            self.idle.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn run_attempt(&self, job: &Job, running: &RunningJob) -> Attempt {
+        let started = Event::new(
+            job.id,
+            &job.kind,
+            EventType::Started,
+            JobStatus::Running,
+            0.0,
+        )
+        .data(Some(json!({ "attempt": job.attempt, "worker": self.name })));
+        if let Err(e) = self.events.append(&[(job.tenant_id, started)]).await {
+            tracing::warn!(job = %job.id, error = %e, "event not appended");
+        }
+        let Some(handler) = self.registry.get(&job.kind).cloned() else {
+            return Attempt::Done(Outcome::Failed(format!(
+                "this worker has no handler for {:?}",
+                job.kind
+            )));
+        };
+        let ctx = JobContext::new(
+            job.id,
+            job.tenant_id,
+            &job.kind,
+            job.attempt,
+            running.token.clone(),
+            self.pool.clone(),
+            self.events.clone(),
+        );
+        let result = AssertUnwindSafe(handler.run(&ctx, job.payload.clone()))
+            .catch_unwind()
+            .await;
+        ctx.flush().await;
+        let stopped = running.token.is_cancelled();
+        if stopped && running.interrupted.load(Ordering::SeqCst) && !matches!(result, Ok(Ok(_))) {
+            return Attempt::HandBack;
+        }
+        let outcome = match result {
+            Ok(Ok(value)) => Outcome::Succeeded(value),
+            Ok(Err(JobError::Cancelled(_))) => Outcome::Cancelled,
+            Ok(Err(_)) if stopped => Outcome::Cancelled,
+            Ok(Err(JobError::Permanent(error))) => Outcome::Failed(error),
+            Ok(Err(JobError::Retryable(error))) => self.retry_or_fail(job, error),
+            Err(panic) => {
+                self.retry_or_fail(job, format!("handler panicked: {}", panic_text(&panic)))
+            }
+        };
+        Attempt::Done(outcome)
+    }
+
+    fn retry_or_fail(&self, job: &Job, error: String) -> Outcome {
+        if job.attempt < job.max_attempts {
+            let delay = backoff(self.settings.retry_base, job.attempt);
+            Outcome::Retrying {
+                error,
+                retry_at: Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+            }
+        } else {
+            Outcome::Failed(error)
+        }
+    }
+
+    /// Writes the outcome, retrying while PostgreSQL is unreachable: the row must not stay
+    /// `running` behind a live worker's lease.
+    async fn record(&self, job: &Job, attempt: Attempt) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let written = match &attempt {
+                Attempt::Done(outcome) => {
+                    store::finish(&self.pool, job.id, job.attempt, outcome).await
+                }
+                Attempt::HandBack => store::requeue(&self.pool, job.id, job.attempt).await,
+            };
+            match written {
+                Ok(Some(row)) => return self.announce_outcome(&row, &attempt).await,
+                // Another owner took over (rescued after a lost lease): nothing of ours to write.
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "outcome not recorded yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn announce_outcome(&self, row: &Job, attempt: &Attempt) {
+        let status = row.status();
+        let mut event = Event::new(
+            row.id,
+            &row.kind,
+            EventType::entering(status),
+            status,
+            row.progress,
+        );
+        match attempt {
+            Attempt::Done(Outcome::Succeeded(result)) => event = event.data(Some(result.clone())),
+            Attempt::Done(Outcome::Retrying { error, retry_at }) => {
+                event = event.message(Some(error.clone())).data(Some(
+                    json!({ "attempt": row.attempt, "retry_at": retry_at }),
+                ))
+            }
+            Attempt::Done(Outcome::Failed(error)) => event = event.message(Some(error.clone())),
+            Attempt::Done(Outcome::Cancelled) => {}
+            Attempt::HandBack => {
+                event = event.message(Some("worker shutting down; back in the queue".into()))
+            }
+        }
+        if let Err(e) = self.events.append(&[(row.tenant_id, event)]).await {
+            tracing::warn!(job = %row.id, error = %e, "event not appended");
+        }
+        if status == JobStatus::Queued {
+            let message = QueueMessage {
+                job_id: row.id,
+                generation: row.attempt,
+            };
+            // If this push is lost, the rescuer finds the queued row and pushes it.
+            if let Err(e) = self.queues.push(&row.kind, &[message]).await {
+                tracing::warn!(job = %row.id, error = %e, "re-queue push failed");
+            }
+        }
+    }
+}
+
+enum Attempt {
+    Done(Outcome),
+    /// Interrupted by shutdown: back to the queue.
+    HandBack,
+}
+
+async fn handle_message(
+    message: QueueMessage,
+    runtime: Data<Arc<Runtime>>,
+) -> Result<(), BoxDynError> {
+    runtime.execute(message).await
+}
+
+/// Exponential backoff with ±25 % jitter, capped at an hour.
+pub fn backoff(base: Duration, attempt: i32) -> Duration {
+    let exp = base.saturating_mul(1u32 << (attempt - 1).clamp(0, 20));
+    let capped = exp.min(Duration::from_secs(3600));
+    capped.mul_f64(0.75 + rand::random::<f64>() * 0.5)
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        let base = Duration::from_millis(1000);
+        for attempt in 1..6 {
+            let expected = 1000.0 * 2f64.powi(attempt - 1);
+            let got = backoff(base, attempt).as_millis() as f64;
+            assert!(
+                got >= expected * 0.75 && got <= expected * 1.25,
+                "{attempt}: {got}"
+            );
+        }
+        assert!(backoff(base, 40) <= Duration::from_secs(4500));
+    }
+}
