@@ -1,6 +1,7 @@
 //! Contracts shared by `conveyor-api` and `conveyor-worker`: settings, telemetry, the job model,
 //! the event model, errors, and access to PostgreSQL and Redis.
 
+pub mod batch;
 pub mod context;
 pub mod db;
 pub mod events;

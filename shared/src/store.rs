@@ -132,24 +132,35 @@ pub async fn list_jobs(
     q.build_query_as().fetch_all(pool).await
 }
 
-/// Takes a queued job for one attempt. `None` when the message is stale: the job is not
-/// queued, already claimed for this generation, or cancelled.
-pub async fn claim(
+/// Takes queued jobs for one attempt each, in one statement. Per message: the job, or `None`
+/// when the message is stale (the job is not queued at that generation, is cancelled, or an
+/// earlier message of this batch took it).
+pub async fn claim_many(
     pool: &PgPool,
-    message: &QueueMessage,
+    messages: &[QueueMessage],
     worker: &str,
-) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
+) -> sqlx::Result<Vec<Option<Job>>> {
+    let rows: Vec<Job> = sqlx::query_as(
         "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = $3, progress = 0,
                 message = NULL, started_at = now(), updated_at = now()
-         WHERE id = $1 AND status = 'queued' AND attempt = $2 AND NOT cancel_requested
-         RETURNING *",
+         FROM unnest($1::uuid[], $2::int4[]) AS m(id, generation)
+         WHERE jobs.id = m.id AND jobs.status = 'queued' AND jobs.attempt = m.generation
+           AND NOT jobs.cancel_requested
+         RETURNING jobs.*",
     )
-    .bind(message.job_id)
-    .bind(message.generation)
+    .bind(messages.iter().map(|m| m.job_id).collect::<Vec<_>>())
+    .bind(messages.iter().map(|m| m.generation).collect::<Vec<_>>())
     .bind(worker)
-    .fetch_optional(pool)
-    .await
+    .fetch_all(pool)
+    .await?;
+    Ok(match_rows(messages.iter().map(|m| m.job_id), rows))
+}
+
+/// Gives each requested id its row, once: a duplicate request gets `None`.
+fn match_rows(ids: impl Iterator<Item = Uuid>, rows: Vec<Job>) -> Vec<Option<Job>> {
+    let mut rows: std::collections::HashMap<Uuid, Job> =
+        rows.into_iter().map(|j| (j.id, j)).collect();
+    ids.map(|id| rows.remove(&id)).collect()
 }
 
 /// Progress of a running attempt; ignored once the attempt is over.
@@ -197,45 +208,62 @@ impl Outcome {
     }
 }
 
-/// Records the end of attempt `attempt`; `None` if the attempt no longer owns the job (the
-/// rescuer gave it to another worker).
-pub async fn finish(
-    pool: &PgPool,
-    id: Uuid,
-    attempt: i32,
-    outcome: &Outcome,
-) -> sqlx::Result<Option<Job>> {
-    let (result, error, retry_at) = match outcome {
-        Outcome::Succeeded(result) => (Some(result.clone()), None, None),
-        Outcome::Cancelled => (None, None, None),
-        Outcome::Retrying { error, retry_at } => (None, Some(error.clone()), Some(*retry_at)),
-        Outcome::Failed(error) => (None, Some(error.clone()), None),
-    };
-    let terminal = outcome.status().is_terminal();
-    sqlx::query_as(
+/// The end of one attempt, to be recorded.
+#[derive(Clone, Debug)]
+pub struct Finish {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub outcome: Outcome,
+}
+
+/// Records the ends of attempts in one statement. Per item: the row after the change, or
+/// `None` if the attempt no longer owns the job (the rescuer gave it to another worker).
+pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Option<Job>>> {
+    let mut status = Vec::with_capacity(items.len());
+    let mut result = Vec::with_capacity(items.len());
+    let mut error = Vec::with_capacity(items.len());
+    let mut retry_at = Vec::with_capacity(items.len());
+    let mut terminal = Vec::with_capacity(items.len());
+    for item in items {
+        let (r, e, at) = match &item.outcome {
+            Outcome::Succeeded(value) => (Some(value.clone()), None, None),
+            Outcome::Cancelled => (None, None, None),
+            Outcome::Retrying { error, retry_at } => (None, Some(error.clone()), Some(*retry_at)),
+            Outcome::Failed(error) => (None, Some(error.clone()), None),
+        };
+        status.push(item.outcome.status().as_str());
+        terminal.push(item.outcome.status().is_terminal());
+        result.push(r);
+        error.push(e);
+        retry_at.push(at);
+    }
+    let rows: Vec<Job> = sqlx::query_as(
         "UPDATE jobs SET
-             status = $3,
-             result = $4,
-             error = $5,
-             attempt_errors = CASE WHEN $5::text IS NULL THEN attempt_errors
-                 ELSE attempt_errors || jsonb_build_object('attempt', attempt, 'error', $5::text, 'at', now()) END,
-             progress = CASE WHEN $3 = 'succeeded' THEN 1 ELSE progress END,
-             run_at = COALESCE($6, run_at),
+             status = f.status,
+             result = f.result,
+             error = f.error,
+             attempt_errors = CASE WHEN f.error IS NULL THEN jobs.attempt_errors
+                 ELSE jobs.attempt_errors || jsonb_build_object('attempt', jobs.attempt, 'error', f.error, 'at', now()) END,
+             progress = CASE WHEN f.status = 'succeeded' THEN 1 ELSE jobs.progress END,
+             run_at = COALESCE(f.retry_at, jobs.run_at),
              worker = NULL,
-             finished_at = CASE WHEN $7 THEN now() END,
+             finished_at = CASE WHEN f.terminal THEN now() END,
              updated_at = now()
-         WHERE id = $1 AND attempt = $2 AND status = 'running'
-         RETURNING *",
+         FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[], $6::timestamptz[], $7::bool[])
+             AS f(id, attempt, status, result, error, retry_at, terminal)
+         WHERE jobs.id = f.id AND jobs.attempt = f.attempt AND jobs.status = 'running'
+         RETURNING jobs.*",
     )
-    .bind(id)
-    .bind(attempt)
-    .bind(outcome.status().as_str())
+    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|i| i.attempt).collect::<Vec<_>>())
+    .bind(status)
     .bind(result)
     .bind(error)
     .bind(retry_at)
     .bind(terminal)
-    .fetch_optional(pool)
-    .await
+    .fetch_all(pool)
+    .await?;
+    Ok(match_rows(items.iter().map(|i| i.id), rows))
 }
 
 /// Hands a running attempt back to the queue (the worker is shutting down): the attempt does

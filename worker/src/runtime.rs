@@ -5,6 +5,7 @@ use chrono::Utc;
 use futures::FutureExt;
 use serde_json::{json, Value};
 use shared::{
+    batch::Batcher,
     events::{Event, EventLog, EventType},
     model::QueueMessage,
     queue::Queues,
@@ -37,7 +38,14 @@ pub struct Runtime {
     queue_spec: Value,
     running: Mutex<HashMap<Uuid, RunningJob>>,
     idle: tokio::sync::Notify,
+    // Claims, outcomes and events of concurrent jobs share round trips.
+    claims: Batcher<QueueMessage, Option<Job>>,
+    finishes: Batcher<store::Finish, Option<Job>>,
+    announcements: Batcher<(Uuid, Event), ()>,
 }
+
+/// Most items one batched round trip carries.
+const BATCH: usize = 256;
 
 #[derive(Clone)]
 struct RunningJob {
@@ -54,7 +62,9 @@ impl Runtime {
         queues: &QueueSpec,
     ) -> anyhow::Result<Self> {
         let concurrency: usize = queues.0.iter().map(|(_, n)| n).sum();
-        let pool = shared::db::connect(&settings.database_url, concurrency as u32 + 4).await?;
+        // Control-plane writes are short: a small pool serves many concurrent jobs.
+        let pool_size = (concurrency as u32 + 4).min(24);
+        let pool = shared::db::connect(&settings.database_url, pool_size).await?;
         shared::db::migrate(&pool).await?;
         let redis = redis::Client::open(settings.redis_url.as_str())?
             .get_connection_manager()
@@ -66,7 +76,43 @@ impl Runtime {
             settings.events_ttl,
         );
         let queue_spec = json!(queues.0.iter().cloned().collect::<HashMap<_, _>>());
+        let claims = {
+            let (pool, name) = (pool.clone(), name.clone());
+            Batcher::spawn(BATCH, move |messages: Vec<QueueMessage>| {
+                let (pool, name) = (pool.clone(), name.clone());
+                async move {
+                    store::claim_many(&pool, &messages, &name)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            })
+        };
+        let finishes = {
+            let pool = pool.clone();
+            Batcher::spawn(BATCH, move |items: Vec<store::Finish>| {
+                let pool = pool.clone();
+                async move {
+                    store::finish_many(&pool, &items)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            })
+        };
+        let announcements = {
+            let events = events.clone();
+            Batcher::spawn(BATCH, move |items: Vec<(Uuid, Event)>| {
+                let events = events.clone();
+                async move {
+                    let n = items.len();
+                    events.append(&items).await.map_err(|e| e.to_string())?;
+                    Ok(vec![(); n])
+                }
+            })
+        };
         Ok(Self {
+            claims,
+            finishes,
+            announcements,
             queues: Queues::new(redis, &settings.redis_prefix, settings.heartbeat),
             settings,
             name,
@@ -199,7 +245,7 @@ impl Runtime {
 
     async fn execute(&self, message: QueueMessage) -> Result<(), BoxDynError> {
         // A stale or duplicate message claims nothing and is simply acknowledged.
-        let Some(job) = store::claim(&self.pool, &message, &self.name).await? else {
+        let Some(job) = self.claims.call(message).await? else {
             return Ok(());
         };
         let running = RunningJob {
@@ -229,9 +275,7 @@ impl Runtime {
             0.0,
         )
         .data(Some(json!({ "attempt": job.attempt, "worker": self.name })));
-        if let Err(e) = self.events.append(&[(job.tenant_id, started)]).await {
-            tracing::warn!(job = %job.id, error = %e, "event not appended");
-        }
+        self.publish(job.tenant_id, started).await;
         let Some(handler) = self.registry.get(&job.kind).cloned() else {
             return Attempt::Done(Outcome::Failed(format!(
                 "this worker has no handler for {:?}",
@@ -287,9 +331,16 @@ impl Runtime {
         loop {
             let written = match &attempt {
                 Attempt::Done(outcome) => {
-                    store::finish(&self.pool, job.id, job.attempt, outcome).await
+                    let finish = store::Finish {
+                        id: job.id,
+                        attempt: job.attempt,
+                        outcome: outcome.clone(),
+                    };
+                    self.finishes.call(finish).await
                 }
-                Attempt::HandBack => store::requeue(&self.pool, job.id, job.attempt).await,
+                Attempt::HandBack => store::requeue(&self.pool, job.id, job.attempt)
+                    .await
+                    .map_err(|e| e.to_string()),
             };
             match written {
                 Ok(Some(row)) => return self.announce_outcome(&row, &attempt).await,
@@ -326,9 +377,7 @@ impl Runtime {
                 event = event.message(Some("worker shutting down; back in the queue".into()))
             }
         }
-        if let Err(e) = self.events.append(&[(row.tenant_id, event)]).await {
-            tracing::warn!(job = %row.id, error = %e, "event not appended");
-        }
+        self.publish(row.tenant_id, event).await;
         if status == JobStatus::Queued {
             let message = QueueMessage {
                 job_id: row.id,
@@ -338,6 +387,16 @@ impl Runtime {
             if let Err(e) = self.queues.push(&row.kind, &[message]).await {
                 tracing::warn!(job = %row.id, error = %e, "re-queue push failed");
             }
+        }
+    }
+}
+
+impl Runtime {
+    /// Appends one event; a Redis hiccup must not fail the job (the row is the truth).
+    async fn publish(&self, tenant: Uuid, event: Event) {
+        let job = event.job_id;
+        if let Err(e) = self.announcements.call((tenant, event)).await {
+            tracing::warn!(%job, error = %e, "event not appended");
         }
     }
 }

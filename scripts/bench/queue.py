@@ -1,0 +1,154 @@
+"""Drains N no-op jobs through Conveyor (1 and 2 worker processes) and through Celery on the
+same Redis, and measures single-submit latency at a steady 500 req/s. Prints a table."""
+
+import json, os, statistics, subprocess, sys, tempfile, threading, time, urllib.request, uuid
+
+N = int(sys.argv[1])
+ROOT = os.getcwd()
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+ADMIN = "postgres://postgres@127.0.0.1:5432/postgres"
+DB = "conveyor_bench"
+PORT = 18080
+PREFIX = f"bench:{uuid.uuid4().hex[:8]}"
+
+
+def psql(sql, db=ADMIN):
+    return subprocess.run(["psql", db, "-tAqc", sql], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def env():
+    e = dict(os.environ)
+    e.update(CONVEYOR_DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{DB}",
+             CONVEYOR_REDIS_PREFIX=PREFIX, CONVEYOR_LISTEN=f"127.0.0.1:{PORT}",
+             CONVEYOR_BODY_LIMIT=str(8 << 20), RUST_LOG="warn")
+    return e
+
+
+def request(method, path, key, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", data=data, method=method,
+                                 headers={"Authorization": f"Bearer {key}", "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def conveyor_drain(key, workers, concurrency):
+    dburl = env()["CONVEYOR_DATABASE_URL"]
+    psql("TRUNCATE jobs", dburl)
+    t0 = time.time()
+    for start in range(0, N, 1000):
+        jobs = [{"kind": "canary", "payload": {}} for _ in range(min(1000, N - start))]
+        request("POST", "/v1/jobs/batch", key, {"jobs": jobs})
+    submit_s = time.time() - t0
+    procs = [subprocess.Popen([f"{BIN}/conveyor-worker", "--queues", f"canary={concurrency}"], env=env())
+             for _ in range(workers)]
+    while int(psql("SELECT count(*) FROM jobs WHERE status = 'succeeded'", dburl)) < N:
+        time.sleep(0.2)
+    span = float(psql("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM jobs", dburl))
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait()
+    return N / submit_s, N / span
+
+
+def submit_latency(key, rate=500, seconds=10):
+    latencies, lock = [], threading.Lock()
+    body = {"kind": "canary", "payload": {}}
+    start = time.perf_counter()
+    total = rate * seconds
+
+    def sender(offset, step):
+        for i in range(offset, total, step):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t = time.perf_counter()
+            request("POST", "/v1/jobs", key, body)
+            with lock:
+                latencies.append((time.perf_counter() - t) * 1000)
+
+    threads = [threading.Thread(target=sender, args=(k, 8)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    achieved = total / (time.perf_counter() - start)
+    latencies.sort()
+    return achieved, latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+
+
+CELERY_APP = """
+import time, redis
+from celery import Celery
+app = Celery('bench', broker='redis://127.0.0.1:6379/15')
+app.conf.update(task_ignore_result=True, worker_prefetch_multiplier=16, broker_connection_retry_on_startup=True)
+r = redis.Redis(db=15)
+@app.task
+def noop():
+    now = time.time()
+    r.setnx('first', now)
+    r.set('last', now)
+    r.incr('done')
+"""
+
+
+def celery_drain():
+    d = tempfile.mkdtemp()
+    with open(os.path.join(d, "benchapp.py"), "w") as f:
+        f.write(CELERY_APP)
+    py = os.path.join(ROOT, ".venv/bin/python")
+    subprocess.run(["redis-cli", "-n", "15", "FLUSHDB"], check=True, capture_output=True)
+    enqueue = f"import benchapp\nfor _ in range({N}): benchapp.noop.delay()"
+    subprocess.run([py, "-c", enqueue], cwd=d, check=True)
+    worker = subprocess.Popen([py, "-m", "celery", "-A", "benchapp", "worker", "-c", "2", "--loglevel=WARNING"],
+                              cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+    r = redis.Redis(db=15)
+    while int(r.get("done") or 0) < N:
+        time.sleep(0.2)
+    rate = N / (float(r.get("last")) - float(r.get("first")))
+    worker.terminate()
+    worker.wait()
+    r.flushdb()
+    return rate
+
+
+def main():
+    psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+    psql(f"CREATE DATABASE {DB}")
+    api = subprocess.Popen([f"{BIN}/conveyor-api", "serve"], env=env())
+    try:
+        key = subprocess.run([f"{BIN}/conveyor-api", "keys", "create", "--tenant", "bench"], env=env(),
+                             check=True, capture_output=True, text=True).stdout.strip()
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz")
+                break
+            except Exception:
+                time.sleep(0.1)
+        rows = []
+        celery = celery_drain()
+        for workers in (1, 2):
+            submit, drain = conveyor_drain(key, workers, 64)
+            rows.append((f"conveyor, {workers} worker process(es) x 64", drain, drain / celery, submit))
+        worker = subprocess.Popen([f"{BIN}/conveyor-worker", "--queues", "canary=16"], env=env())
+        achieved, p50, p99 = submit_latency(key)
+        worker.terminate()
+        worker.wait()
+    finally:
+        api.terminate()
+        api.wait()
+        psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+        subprocess.run(f"redis-cli --scan --pattern '{PREFIX}:*' | xargs -r redis-cli del > /dev/null", shell=True)
+    print(f"\nqueue benchmark: {N} no-op jobs, end-to-end steady rate (first start to last finish)\n")
+    print(f"| system | jobs/s | vs Celery | batch submit jobs/s |")
+    print(f"|---|---:|---:|---:|")
+    print(f"| celery 2 prefork processes, same Redis | {celery:,.0f} | 1.00x | |")
+    for name, drain, ratio, submit in rows:
+        print(f"| {name} | {drain:,.0f} | {ratio:.2f}x | {submit:,.0f} |")
+    print(f"\nsingle POST /v1/jobs at {achieved:.0f} req/s: p50 {p50:.2f} ms, p99 {p99:.2f} ms\n")
+
+
+main()
