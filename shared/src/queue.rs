@@ -5,7 +5,6 @@
 //! message twice while it is still in Redis is a no-op and the rescuer can ask whether a job's
 //! message is there.
 
-use apalis::prelude::{TaskBuilder, TaskId, TaskSink};
 use apalis_redis::{Config, ConnectionManager, RedisStorage};
 use std::time::Duration;
 use uuid::Uuid;
@@ -49,24 +48,33 @@ impl Queues {
     }
 
     /// Pushes messages onto `kind`'s queue in one round trip.
+    ///
+    /// Written against apalis' key layout rather than through its `push`: apalis routes every
+    /// push through its scheduled set and moves all due entries with one Lua `unpack`, which
+    /// fails for good once about 8,000 wait (a backlog with no worker running). This pushes
+    /// straight onto the active list, one `RPUSH` per entry.
     pub async fn push(&self, kind: &str, messages: &[QueueMessage]) -> anyhow::Result<()> {
         if messages.is_empty() {
             return Ok(());
         }
-        // Owned tasks: a stream borrowing `messages` makes the future's Send bound unprovable.
-        let tasks: Vec<_> = messages
-            .iter()
-            .map(|m| {
-                TaskBuilder::new(m.clone())
-                    .task_id(TaskId::from_string(task_id(m.job_id, m.generation)))
-                    .build()
-            })
-            .collect();
-        let mut storage = self.storage(kind);
-        storage
-            .push_all(&mut futures::stream::iter(tasks))
+        let config = self.config(kind);
+        let mut invocation = PUSH_SCRIPT.prepare_invoke();
+        invocation
+            .key(config.job_data_hash())
+            .key(config.active_jobs_list())
+            .key(config.signal_list())
+            .key(config.job_meta_hash());
+        for m in messages {
+            invocation
+                .arg(task_id(m.job_id, m.generation))
+                .arg(serde_json::to_vec(m)?);
+        }
+        let mut conn = self.conn.clone();
+        invocation
+            .invoke_async::<u64>(&mut conn)
             .await
-            .map_err(|e| anyhow::anyhow!("push to queue {kind}: {e}"))
+            .map_err(|e| anyhow::anyhow!("push to queue {kind}: {e}"))?;
+        Ok(())
     }
 
     /// Which of these messages are still held by `kind`'s queue (waiting or in flight).
@@ -134,6 +142,29 @@ impl Queues {
         Ok(forgotten)
     }
 }
+
+/// Adds each (task id, data) not already present: data, metadata, then the active list, and
+/// wakes waiting workers. An id still held (waiting or in flight) is left alone.
+static PUSH_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local pushed = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('hsetnx', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('hset', KEYS[4] .. ':' .. ARGV[i], 'attempts', 0, 'max_attempts', 25,
+               'status', 'Pending', 'idempotency_key', '')
+    redis.call('rpush', KEYS[2], ARGV[i])
+    pushed = pushed + 1
+  end
+end
+if pushed > 0 then
+  redis.call('del', KEYS[3])
+  redis.call('lpush', KEYS[3], 1)
+end
+return pushed
+",
+    )
+});
 
 /// The apalis task id of a job's generation: a ULID (what apalis' Redis backend uses) made of
 /// the job's UUIDv7 with its low 16 bits replaced by the generation.

@@ -153,8 +153,12 @@ impl Runtime {
         concurrency: usize,
         stop: CancellationToken,
     ) {
+        // A fresh apalis name per restart: apalis refuses to register a name whose previous
+        // registration still looks alive.
+        let mut generation = 0;
         while !stop.is_cancelled() {
-            let worker = WorkerBuilder::new(format!("{}/{kind}", self.name))
+            generation += 1;
+            let worker = WorkerBuilder::new(format!("{}/{kind}/{generation}", self.name))
                 .backend(self.queues.storage(&kind))
                 .concurrency(concurrency)
                 .data(self.clone())

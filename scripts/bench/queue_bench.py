@@ -1,3 +1,4 @@
+# Named queue_bench, not queue: a queue.py here would shadow the standard library for redis-py.
 """Drains N no-op jobs through Conveyor (1 and 2 worker processes) and through Celery on the
 same Redis, and measures single-submit latency at a steady 500 req/s. Prints a table."""
 
