@@ -17,6 +17,7 @@ pub struct AppState {
     pub queues: Queues,
     pub registry: jobs::Registry,
     pub counters: Arc<Counters>,
+    pub key_cache: Arc<crate::auth::KeyCache>,
 }
 
 /// Process-local counters for `/metrics`.
@@ -53,6 +54,7 @@ impl AppState {
             redis_client,
             registry: jobs::Registry::default(),
             counters: Arc::default(),
+            key_cache: Arc::default(),
         })
     }
 }

@@ -36,15 +36,17 @@ impl Queues {
             .queue(self.queue_name(kind))
             .heartbeat_interval(self.heartbeat)
             .missed_heartbeats(self.missed_heartbeats)
-            .batch_size(16)
     }
 
     pub fn queue_name(&self, kind: &str) -> String {
         format!("{}:queue:{kind}", self.prefix)
     }
 
-    pub fn storage(&self, kind: &str) -> RedisStorage<QueueMessage> {
-        RedisStorage::new(self.conn.clone()).with_config(self.config(kind))
+    /// The apalis backend of `kind`'s queue for a worker that fetches `prefetch` entries at a
+    /// time: about its concurrency, so long jobs do not wait behind a busy worker.
+    pub fn storage(&self, kind: &str, prefetch: usize) -> RedisStorage<QueueMessage> {
+        let config = self.config(kind).batch_size(prefetch.clamp(1, 128));
+        RedisStorage::new(self.conn.clone()).with_config(config)
     }
 
     /// Pushes messages onto `kind`'s queue in one round trip.

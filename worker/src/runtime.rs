@@ -159,7 +159,7 @@ impl Runtime {
         while !stop.is_cancelled() {
             generation += 1;
             let worker = WorkerBuilder::new(format!("{}/{kind}/{generation}", self.name))
-                .backend(self.queues.storage(&kind))
+                .backend(self.queues.storage(&kind, concurrency))
                 .concurrency(concurrency)
                 .data(self.clone())
                 .build(handle_message);

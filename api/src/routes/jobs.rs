@@ -87,12 +87,6 @@ async fn accept(
             generation: job.attempt,
         });
     }
-    for (kind, messages) in by_kind {
-        if let Err(e) = state.queues.push(kind, &messages).await {
-            Counters::add(&state.counters.push_failures, messages.len() as u64);
-            tracing::warn!(queue = kind, error = %e, "push failed; the rescuer will enqueue");
-        }
-    }
     let events: Vec<_> = created
         .iter()
         .map(|j| {
@@ -102,7 +96,15 @@ async fn accept(
             )
         })
         .collect();
-    if let Err(e) = state.events.append(&events).await {
+    // Pushes and events go out together: one Redis round trip of latency, not two.
+    let pushes = futures::future::join_all(by_kind.iter().map(|(kind, messages)| async move {
+        if let Err(e) = state.queues.push(kind, messages).await {
+            Counters::add(&state.counters.push_failures, messages.len() as u64);
+            tracing::warn!(queue = kind, error = %e, "push failed; the rescuer will enqueue");
+        }
+    }));
+    let (_, appended) = tokio::join!(pushes, state.events.append(&events));
+    if let Err(e) = appended {
         tracing::warn!(error = %e, "queued events not appended");
     }
     Ok(inserted)
