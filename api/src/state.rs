@@ -16,6 +16,7 @@ pub struct AppState {
     pub events: EventLog,
     pub queues: Queues,
     pub registry: jobs::Registry,
+    pub services: Arc<jobs::Services>,
     pub counters: Arc<Counters>,
     pub key_cache: Arc<crate::auth::KeyCache>,
 }
@@ -40,6 +41,8 @@ impl AppState {
         shared::db::migrate(&pool).await?;
         let redis_client = redis::Client::open(settings.redis_url.as_str())?;
         let redis = redis_client.get_connection_manager().await?;
+        let settings = Arc::new(settings);
+        let services = jobs::Services::new(settings.clone(), pool.clone())?;
         Ok(Self {
             events: EventLog::new(
                 redis.clone(),
@@ -48,11 +51,12 @@ impl AppState {
                 settings.events_ttl,
             ),
             queues: Queues::new(redis.clone(), &settings.redis_prefix, settings.heartbeat),
-            settings: Arc::new(settings),
+            registry: jobs::Registry::standard(services.clone()),
+            services,
+            settings,
             pool,
             redis,
             redis_client,
-            registry: jobs::Registry::default(),
             counters: Arc::default(),
             key_cache: Arc::default(),
         })

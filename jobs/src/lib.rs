@@ -3,8 +3,12 @@
 //! [`Handler::run`].
 
 use serde_json::Value;
-use shared::{FieldError, JobContext};
+use shared::{
+    connections::Targets, objects::ObjectStore, FieldError, JobContext, Problem, Settings,
+};
+use sqlx::PgPool;
 use std::{collections::BTreeMap, sync::Arc};
+use uuid::Uuid;
 
 pub mod canary;
 
@@ -29,6 +33,12 @@ pub trait Handler: Send + Sync + 'static {
     /// Checks a payload before the job is accepted; each error names its field under `payload`.
     fn validate(&self, payload: &Value) -> Result<(), Vec<FieldError>>;
 
+    /// Checks the payload against the world before the job is accepted: the datasets,
+    /// connections and tables it names. 404 for what the tenant cannot see, 422 otherwise.
+    async fn preflight(&self, _tenant: Uuid, _payload: &Value) -> Result<(), Problem> {
+        Ok(())
+    }
+
     /// Runs one attempt. It must be idempotent: delivery is at least once.
     async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError>;
 }
@@ -39,7 +49,28 @@ pub struct Registry {
     handlers: BTreeMap<&'static str, Arc<dyn Handler>>,
 }
 
+/// What handlers reach beyond their payload: the control plane, the object store and the
+/// target databases. Built once per process.
+pub struct Services {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    pub objects: ObjectStore,
+    pub targets: Targets,
+}
+
+impl Services {
+    pub fn new(settings: Arc<Settings>, pool: PgPool) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            objects: ObjectStore::new(&settings.data_dir),
+            targets: Targets::new(pool.clone(), &settings)?,
+            settings,
+            pool,
+        }))
+    }
+}
+
 impl Default for Registry {
+    /// Only the `canary` kind, which needs no services.
     fn default() -> Self {
         Self::new(vec![Arc::new(canary::Canary)])
     }
@@ -50,6 +81,11 @@ impl Registry {
         Self {
             handlers: handlers.into_iter().map(|h| (h.kind(), h)).collect(),
         }
+    }
+
+    /// Every job kind of this build.
+    pub fn standard(_services: Arc<Services>) -> Self {
+        Self::new(vec![Arc::new(canary::Canary)])
     }
 
     pub fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {
@@ -70,6 +106,21 @@ impl Registry {
                     self.kinds().collect::<Vec<_>>().join(", ")
                 ),
             )]),
+        }
+    }
+}
+
+impl Registry {
+    /// [`Handler::preflight`] of the kind; unknown kinds were refused by `validate`.
+    pub async fn preflight(
+        &self,
+        kind: &str,
+        tenant: Uuid,
+        payload: &Value,
+    ) -> Result<(), Problem> {
+        match self.get(kind) {
+            Some(handler) => handler.preflight(tenant, payload).await,
+            None => Ok(()),
         }
     }
 }

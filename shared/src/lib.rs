@@ -2,10 +2,13 @@
 //! the event model, errors, and access to PostgreSQL and Redis.
 
 pub mod batch;
+pub mod connections;
 pub mod context;
+pub mod datasets;
 pub mod db;
 pub mod events;
 pub mod model;
+pub mod objects;
 pub mod problem;
 pub mod queue;
 pub mod settings;

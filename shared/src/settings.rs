@@ -31,6 +31,14 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// `CONVEYOR_RETRY_BASE_MS`: the first retry's backoff; it doubles each attempt.
     pub retry_base: Duration,
+    /// `CONVEYOR_TARGET_DATABASE_URL`: where imports and patches write when a job names no
+    /// connection. Never the control-plane database.
+    pub target_database_url: String,
+    /// `CONVEYOR_SECRET_KEY`: 64 hex digits (32 bytes) that encrypt connection credentials at
+    /// rest. Without it, connections cannot be registered.
+    pub secret_key: Option<String>,
+    /// `CONVEYOR_DATASET_LIMIT`: largest upload in bytes.
+    pub dataset_limit: u64,
 }
 
 impl Settings {
@@ -51,17 +59,29 @@ impl Settings {
             tenant_stream_maxlen: parse("TENANT_STREAM_MAXLEN", "100000")?,
             shutdown_grace: Duration::from_secs(parse("SHUTDOWN_GRACE_SECS", "30")?),
             retry_base: Duration::from_millis(parse("RETRY_BASE_MS", "1000")?),
+            target_database_url: var(
+                "TARGET_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/conveyor_target",
+            ),
+            secret_key: std::env::var("CONVEYOR_SECRET_KEY").ok(),
+            dataset_limit: parse("DATASET_LIMIT", "10737418240")?,
         })
     }
 
     /// Defaults for one test: its own database and Redis prefix, fast heartbeats.
     pub fn for_test(database_url: String, redis_prefix: String) -> Self {
         Self {
+            target_database_url: format!("{database_url}_target"),
+            data_dir: std::env::temp_dir()
+                .join(format!("conveyor-test-{}", redis_prefix.replace(':', "-"))),
+            secret_key: Some(
+                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into(),
+            ),
+            dataset_limit: 4 << 30,
             database_url,
             redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
             redis_prefix,
             listen: "127.0.0.1:0".parse().expect("literal address"),
-            data_dir: std::env::temp_dir().join("conveyor-test-objects"),
             body_limit: 64 * 1024,
             heartbeat: Duration::from_millis(500),
             rescue_after: Duration::from_secs(3),

@@ -14,7 +14,9 @@ async fn main() -> anyhow::Result<()> {
     shared::telemetry::init("info,sqlx=warn,apalis=warn");
     let args = Args::parse();
     let settings = shared::Settings::from_env()?;
-    let registry = jobs::Registry::default();
+    let pool = shared::db::connect(&settings.database_url, 4).await?;
+    let services = jobs::Services::new(std::sync::Arc::new(settings.clone()), pool)?;
+    let registry = jobs::Registry::standard(services);
     let queues = match args.queues.as_deref() {
         Some(spec) => conveyor_worker::QueueSpec::parse(spec, &registry)?,
         None => conveyor_worker::QueueSpec::all(&registry, 2),

@@ -120,6 +120,10 @@ pub async fn submit(
     JsonBody(body): JsonBody<SubmitJob>,
 ) -> Result<Response, Problem> {
     let job = validate(&state, body, "").map_err(Problem::validation)?;
+    state
+        .registry
+        .preflight(&job.kind, tenant.0, &job.payload)
+        .await?;
     let inserted = accept(&state, tenant, vec![job]).await?;
     let row = inserted
         .into_iter()
@@ -181,6 +185,7 @@ pub async fn submit_batch(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
+    preflight_batch(&state, tenant, &jobs).await?;
     let inserted = accept(&state, tenant, jobs).await?;
     let jobs = inserted.into_iter().map(|i| i.job).collect();
     Ok((
@@ -191,6 +196,38 @@ pub async fn submit_batch(
         }),
     )
         .into_response())
+}
+
+/// Preflights every job of a batch concurrently. A refusal names the job's index; a missing
+/// dataset or connection (404) wins over field errors.
+async fn preflight_batch(state: &AppState, tenant: Tenant, jobs: &[NewJob]) -> Result<(), Problem> {
+    let checks = jobs
+        .iter()
+        .map(|job| state.registry.preflight(&job.kind, tenant.0, &job.payload));
+    let mut refusals: Vec<(usize, Problem)> = futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.err().map(|p| (i, p)))
+        .collect();
+    if let Some(at) = refusals.iter().position(|(_, p)| p.status != 422) {
+        let (i, mut problem) = refusals.swap_remove(at);
+        problem.detail = format!("jobs[{i}]: {}", problem.detail);
+        return Err(problem);
+    }
+    let errors: Vec<FieldError> = refusals
+        .into_iter()
+        .flat_map(|(i, p)| {
+            p.errors
+                .into_iter()
+                .map(move |e| FieldError::new(format!("jobs[{i}].{}", e.field), e.message))
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Problem::validation(errors))
+    }
 }
 
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),

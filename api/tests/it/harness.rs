@@ -39,10 +39,13 @@ impl TestApp {
         let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
             .await
             .expect("connect to the admin database");
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
+        // The control plane and the target database that imports and patches write to.
+        for name in [db_name.clone(), format!("{db_name}_target")] {
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .expect("create test database");
+        }
         let base_url = admin_url.rsplit_once('/').expect("url has a path").0;
         let mut settings = Settings::for_test(
             format!("{base_url}/{db_name}"),
@@ -79,6 +82,18 @@ impl TestApp {
         &self.server.as_ref().expect("api running").state.pool
     }
 
+    /// Every job kind, with this deployment's services.
+    pub fn registry(&self) -> jobs::Registry {
+        let state = &self.server.as_ref().expect("api running").state;
+        jobs::Registry::standard(state.services.clone())
+    }
+
+    /// The target database's URL (imports and patches write there).
+    #[allow(dead_code)] // the import and patch tests land next
+    pub fn target_url(&self) -> &str {
+        &self.settings.target_database_url
+    }
+
     pub async fn key_for(&self, tenant: &str) -> String {
         conveyor_api::keys::create_key(self.pool(), tenant)
             .await
@@ -88,8 +103,13 @@ impl TestApp {
 
     /// An in-process worker serving `canary` with `concurrency`.
     pub async fn start_worker(&mut self, concurrency: usize) -> String {
-        let registry = jobs::Registry::default();
-        let spec = worker::QueueSpec(vec![("canary".into(), concurrency)]);
+        self.start_worker_for(&[("canary", concurrency)]).await
+    }
+
+    /// An in-process worker serving the given queues.
+    pub async fn start_worker_for(&mut self, queues: &[(&str, usize)]) -> String {
+        let registry = self.registry();
+        let spec = worker::QueueSpec(queues.iter().map(|(k, n)| (k.to_string(), *n)).collect());
         let name = worker::unique_name();
         let handle = worker::start(self.settings.clone(), spec, registry, name.clone())
             .await
@@ -104,6 +124,15 @@ impl TestApp {
             .env("CONVEYOR_DATABASE_URL", &self.settings.database_url)
             .env("CONVEYOR_REDIS_URL", &self.settings.redis_url)
             .env("CONVEYOR_REDIS_PREFIX", &self.settings.redis_prefix)
+            .env(
+                "CONVEYOR_TARGET_DATABASE_URL",
+                &self.settings.target_database_url,
+            )
+            .env("CONVEYOR_DATA_DIR", &self.settings.data_dir)
+            .env(
+                "CONVEYOR_SECRET_KEY",
+                self.settings.secret_key.as_deref().unwrap_or_default(),
+            )
             .env("CONVEYOR_HEARTBEAT_SECS", "1")
             .env("CONVEYOR_RESCUE_AFTER_SECS", "3")
             .env("CONVEYOR_SHUTDOWN_GRACE_SECS", "20")
@@ -196,16 +225,16 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         // Synchronous clean-up: a panicking test still leaves nothing behind.
-        let _ = Command::new("psql")
-            .arg(&self.admin_url)
-            .arg("-qc")
-            .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        for name in [self.db_name.clone(), format!("{}_target", self.db_name)] {
+            let _ = Command::new("psql")
+                .arg(&self.admin_url)
+                .arg("-qc")
+                .arg(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.settings.data_dir);
         if let Ok(mut conn) =
             redis::Client::open(self.settings.redis_url.as_str()).and_then(|c| c.get_connection())
         {

@@ -1,0 +1,191 @@
+//! Target databases that imports and patches write to. A tenant registers a connection URL; it
+//! is stored encrypted (AES-256-GCM under `CONVEYOR_SECRET_KEY`) and never returned. Jobs
+//! that name no connection use `CONVEYOR_TARGET_DATABASE_URL`.
+
+use aes_gcm::{aead::Aead, Aes256Gcm, KeyInit};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{postgres::PgConnectOptions, PgPool};
+use std::{collections::HashMap, str::FromStr, sync::Mutex};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+const NONCE_LEN: usize = 12;
+
+/// Encrypts and decrypts connection URLs.
+#[derive(Clone)]
+pub struct Cipher(Aes256Gcm);
+
+impl Cipher {
+    /// From 64 hex digits.
+    pub fn from_hex(key: &str) -> anyhow::Result<Self> {
+        let bytes = hex::decode(key.trim())
+            .map_err(|_| anyhow::anyhow!("CONVEYOR_SECRET_KEY must be 64 hex digits"))?;
+        let cipher = Aes256Gcm::new_from_slice(&bytes)
+            .map_err(|_| anyhow::anyhow!("CONVEYOR_SECRET_KEY must be 32 bytes (64 hex digits)"))?;
+        Ok(Self(cipher))
+    }
+
+    pub fn encrypt(&self, plain: &str) -> Vec<u8> {
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let mut sealed = nonce.to_vec();
+        sealed.extend(
+            self.0
+                .encrypt(&nonce.into(), plain.as_bytes())
+                .expect("AES-GCM encryption cannot fail for in-memory input"),
+        );
+        sealed
+    }
+
+    pub fn decrypt(&self, sealed: &[u8]) -> anyhow::Result<String> {
+        anyhow::ensure!(sealed.len() > NONCE_LEN, "sealed value too short");
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at NONCE_LEN");
+        let plain = self
+            .0
+            .decrypt(&nonce.into(), body)
+            .map_err(|_| anyhow::anyhow!("cannot decrypt: wrong CONVEYOR_SECRET_KEY?"))?;
+        Ok(String::from_utf8(plain)?)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Connection {
+    pub id: Uuid,
+    pub name: String,
+    /// `host:port/database`: the credentials are never shown.
+    pub display: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `host:port/database` of a PostgreSQL URL, or why it is not one.
+pub fn describe(url: &str) -> Result<String, String> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must be a postgres:// URL".into());
+    }
+    let options = PgConnectOptions::from_str(url).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("")
+    ))
+}
+
+pub async fn create(
+    pool: &PgPool,
+    cipher: &Cipher,
+    tenant: Uuid,
+    name: &str,
+    url: &str,
+    display: &str,
+) -> sqlx::Result<Option<Connection>> {
+    sqlx::query_as(
+        "INSERT INTO connections (id, tenant_id, name, url_encrypted, display)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (tenant_id, name) DO NOTHING
+         RETURNING id, name, display, created_at",
+    )
+    .bind(Uuid::now_v7())
+    .bind(tenant)
+    .bind(name)
+    .bind(cipher.encrypt(url))
+    .bind(display)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn list(pool: &PgPool, tenant: Uuid) -> sqlx::Result<Vec<Connection>> {
+    sqlx::query_as(
+        "SELECT id, name, display, created_at FROM connections WHERE tenant_id = $1 ORDER BY name",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
+    let deleted = sqlx::query("DELETE FROM connections WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(deleted.rows_affected() == 1)
+}
+
+/// Resolves target databases to pools, one pool per URL for the life of the process.
+pub struct Targets {
+    control: PgPool,
+    default_url: String,
+    cipher: Option<Cipher>,
+    pools: Mutex<HashMap<String, PgPool>>,
+}
+
+/// Why a target could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("connection {0} not found")]
+    UnknownConnection(Uuid),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl Targets {
+    pub fn new(control: PgPool, settings: &crate::Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            control,
+            default_url: settings.target_database_url.clone(),
+            cipher: settings
+                .secret_key
+                .as_deref()
+                .map(Cipher::from_hex)
+                .transpose()?,
+            pools: Mutex::default(),
+        })
+    }
+
+    pub fn cipher(&self) -> Option<&Cipher> {
+        self.cipher.as_ref()
+    }
+
+    /// The URL of the tenant's connection, or the default target.
+    pub async fn url(&self, tenant: Uuid, connection: Option<Uuid>) -> Result<String, TargetError> {
+        let Some(id) = connection else {
+            return Ok(self.default_url.clone());
+        };
+        let sealed: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT url_encrypted FROM connections WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&self.control)
+        .await
+        .map_err(anyhow::Error::from)?;
+        let sealed = sealed.ok_or(TargetError::UnknownConnection(id))?;
+        let cipher = self
+            .cipher
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("CONVEYOR_SECRET_KEY is not set"))?;
+        Ok(cipher.decrypt(&sealed)?)
+    }
+
+    /// A pool on the tenant's connection (or the default target), created lazily.
+    pub async fn pool(
+        &self,
+        tenant: Uuid,
+        connection: Option<Uuid>,
+    ) -> Result<PgPool, TargetError> {
+        let url = self.url(tenant, connection).await?;
+        if let Some(pool) = self.pools.lock().expect("targets lock").get(&url) {
+            return Ok(pool.clone());
+        }
+        let pool = crate::db::connect_lazy(&url, 8)?;
+        Ok(self
+            .pools
+            .lock()
+            .expect("targets lock")
+            .entry(url)
+            .or_insert(pool)
+            .clone())
+    }
+}

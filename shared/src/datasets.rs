@@ -1,0 +1,154 @@
+//! Datasets: files a tenant uploaded, with the schema and preview read from their head.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum Format {
+    Csv,
+    Tsv,
+    Ndjson,
+    Parquet,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
+#[serde(rename_all = "lowercase")]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Format {
+    /// Format and compression from a file name such as `orders.csv.gz`.
+    pub fn from_file_name(name: &str) -> Option<(Format, Compression)> {
+        let lower = name.to_ascii_lowercase();
+        let (stem, compression) = if let Some(stem) = lower.strip_suffix(".gz") {
+            (stem, Compression::Gzip)
+        } else if let Some(stem) = lower.strip_suffix(".zst") {
+            (stem, Compression::Zstd)
+        } else {
+            (lower.as_str(), Compression::None)
+        };
+        let format = match stem.rsplit_once('.')?.1 {
+            "csv" | "txt" => Format::Csv,
+            "tsv" | "tab" => Format::Tsv,
+            "ndjson" | "jsonl" => Format::Ndjson,
+            "parquet" if compression == Compression::None => Format::Parquet,
+            _ => return None,
+        };
+        Some((format, compression))
+    }
+
+    pub fn parse(name: &str) -> Option<Format> {
+        Some(match name {
+            "csv" => Format::Csv,
+            "tsv" => Format::Tsv,
+            "ndjson" | "jsonl" => Format::Ndjson,
+            "parquet" => Format::Parquet,
+            _ => return None,
+        })
+    }
+}
+
+/// One column as inferred from the file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Column {
+    pub name: String,
+    /// A PostgreSQL type: `bigint`, `double precision`, `boolean`, `date`, `timestamptz`, `text`...
+    #[serde(rename = "type")]
+    pub data_type: String,
+    pub nullable: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Dataset {
+    pub id: Uuid,
+    #[serde(skip)]
+    pub tenant_id: Uuid,
+    pub name: String,
+    pub format: Format,
+    pub compression: Compression,
+    pub size_bytes: i64,
+    pub sha256: String,
+    #[schema(value_type = Vec<Column>)]
+    pub schema: sqlx::types::Json<Vec<Column>>,
+    #[schema(value_type = Vec<Object>)]
+    pub preview: sqlx::types::Json<Vec<serde_json::Value>>,
+    pub created_at: DateTime<Utc>,
+}
+
+pub async fn insert(pool: &PgPool, dataset: &Dataset) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO datasets (id, tenant_id, name, format, compression, size_bytes, sha256,
+                               schema, preview)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(dataset.id)
+    .bind(dataset.tenant_id)
+    .bind(&dataset.name)
+    .bind(dataset.format)
+    .bind(dataset.compression)
+    .bind(dataset.size_bytes)
+    .bind(&dataset.sha256)
+    .bind(&dataset.schema)
+    .bind(&dataset.preview)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The tenant's dataset; another tenant's id reads as missing.
+pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Dataset>> {
+    sqlx::query_as("SELECT * FROM datasets WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Newest first, `limit` after `cursor`.
+pub async fn list(
+    pool: &PgPool,
+    tenant: Uuid,
+    cursor: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<Dataset>> {
+    sqlx::query_as(
+        "SELECT * FROM datasets WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(tenant)
+    .bind(cursor)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Live jobs of the tenant whose payload names the dataset.
+pub async fn jobs_using(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT id FROM jobs
+         WHERE tenant_id = $1 AND status IN ('scheduled', 'queued', 'running', 'retrying')
+           AND strpos(payload::text, $2) > 0",
+    )
+    .bind(tenant)
+    .bind(id.to_string())
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
+    let deleted = sqlx::query("DELETE FROM datasets WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(deleted.rows_affected() == 1)
+}
