@@ -94,6 +94,24 @@ impl TestApp {
         &self.settings.target_database_url
     }
 
+    /// Stores `bytes` as a dataset of the test's first tenant; returns its id.
+    #[allow(dead_code)] // used by the job kinds' tests
+    pub async fn upload_dataset(&self, name: &str, bytes: &[u8]) -> Uuid {
+        let response = self
+            .client
+            .post(self.url("/v1/datasets"))
+            .query(&[("name", name)])
+            .bearer_auth(&self.key)
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, StatusCode::CREATED, "upload of {name}: {body}");
+        body["id"].as_str().unwrap().parse().unwrap()
+    }
+
     pub async fn key_for(&self, tenant: &str) -> String {
         conveyor_api::keys::create_key(self.pool(), tenant)
             .await
