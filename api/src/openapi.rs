@@ -6,16 +6,21 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::routes::{events, jobs, ops};
+use crate::routes::{connections, datasets, events, jobs, ops};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Conveyor", description = "Job queue for heavy data and ML work"),
     paths(jobs::submit, jobs::submit_batch, jobs::get_one, jobs::list, jobs::cancel, jobs::retry,
-          events::job_events, events::tenant_events, ops::healthz, ops::readyz, ops::metrics),
+          jobs::artifact, events::job_events, events::tenant_events,
+          datasets::upload, datasets::list, datasets::get_one, datasets::download, datasets::delete,
+          connections::create, connections::list, connections::delete, ops::healthz, ops::readyz, ops::metrics),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
-                        jobs::SubmitBatch, jobs::JobList, ::jobs::canary::CanaryPayload)),
+                        jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
+                        shared::datasets::Dataset, shared::datasets::Column,
+                        shared::datasets::Format, shared::datasets::Compression,
+                        shared::connections::Connection, connections::NewConnection, ::jobs::canary::CanaryPayload, ::jobs::import::ImportPayload)),
     modifiers(&BearerAuth),
     security(("api_key" = []))
 )]

@@ -1,10 +1,13 @@
 use axum::{
+    extract::DefaultBodyLimit,
     routing::{get, post},
     Router,
 };
 
 use crate::AppState;
 
+pub(crate) mod connections;
+pub(crate) mod datasets;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod ops;
@@ -17,7 +20,28 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/jobs/{id}/events", get(events::job_events))
+        .route("/v1/jobs/{id}/artifacts/{name}", get(jobs::artifact))
         .route("/v1/events", get(events::tenant_events))
+        .route(
+            "/v1/datasets",
+            // Uploads stream to disk under their own limit (CONVEYOR_DATASET_LIMIT).
+            post(datasets::upload)
+                .layer(DefaultBodyLimit::disable())
+                .get(datasets::list),
+        )
+        .route(
+            "/v1/datasets/{id}",
+            get(datasets::get_one).delete(datasets::delete),
+        )
+        .route("/v1/datasets/{id}/download", get(datasets::download))
+        .route(
+            "/v1/connections",
+            post(connections::create).get(connections::list),
+        )
+        .route(
+            "/v1/connections/{id}",
+            axum::routing::delete(connections::delete),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

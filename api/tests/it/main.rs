@@ -4,6 +4,7 @@
 mod harness;
 
 mod faults;
+mod import;
 mod lifecycle;
 mod requests;
 mod sse;
