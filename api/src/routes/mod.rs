@@ -5,9 +5,12 @@ use axum::{
 
 use crate::AppState;
 
+pub(crate) mod dashboard;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod ops;
+pub(crate) mod queues;
+pub(crate) mod session;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -18,6 +21,16 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/v1/events", get(events::tenant_events))
+        .route("/v1/queues", get(queues::queues))
+        .route("/v1/workers", get(queues::workers))
+        .route(
+            "/v1/session",
+            post(session::sign_in)
+                .get(session::current)
+                .delete(session::sign_out),
+        )
+        .route("/", get(dashboard::index))
+        .route("/assets/{name}", get(dashboard::assets))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

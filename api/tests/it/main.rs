@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod dashboard;
 mod faults;
 mod lifecycle;
 mod requests;
