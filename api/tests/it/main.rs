@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod cli;
 mod dashboard;
 mod faults;
 mod lifecycle;
