@@ -276,6 +276,7 @@ async function submitJob(event) {
   event.preventDefault();
   const out = $('submit-result');
   out.className = '';
+  out.textContent = 'submitting…';
   let payload;
   try {
     payload = JSON.parse($('submit-payload').value || '{}');

@@ -18,6 +18,9 @@ pub struct AppState {
     pub registry: jobs::Registry,
     pub counters: Arc<Counters>,
     pub key_cache: Arc<crate::auth::KeyCache>,
+    /// Cancelled when the server stops: open SSE streams end, so their connections close
+    /// instead of outliving the server.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Process-local counters for `/metrics`.
@@ -55,6 +58,7 @@ impl AppState {
             registry: jobs::Registry::default(),
             counters: Arc::default(),
             key_cache: Arc::default(),
+            stopping: Default::default(),
         })
     }
 }

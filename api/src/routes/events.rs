@@ -7,7 +7,7 @@ use axum::{
     http::HeaderMap,
     response::sse::{Event as SseEvent, KeepAlive, Sse},
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use shared::{
     events::{self, Event, EventType, StreamEntry},
@@ -150,6 +150,7 @@ pub async fn job_events(
             }
         }
     };
+    let events = events.take_until(state.stopping.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
@@ -205,5 +206,6 @@ pub async fn tenant_events(
             }
         }
     };
+    let events = events.take_until(state.stopping.clone().cancelled_owned());
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
