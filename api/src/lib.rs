@@ -3,6 +3,7 @@
 
 pub mod auth;
 mod extract;
+mod hub;
 pub mod keys;
 mod openapi;
 mod routes;

@@ -21,6 +21,8 @@ pub struct AppState {
     /// Cancelled when the server stops: open SSE streams end, so their connections close
     /// instead of outliving the server.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// SSE fan-out: one Redis read per stream for all of this process' subscribers.
+    pub hub: Arc<crate::hub::Hub>,
 }
 
 /// Process-local counters for `/metrics`.
@@ -43,7 +45,9 @@ impl AppState {
         shared::db::migrate(&pool).await?;
         let redis_client = redis::Client::open(settings.redis_url.as_str())?;
         let redis = redis_client.get_connection_manager().await?;
+        let stopping = tokio_util::sync::CancellationToken::new();
         Ok(Self {
+            hub: Arc::new(crate::hub::Hub::new(redis_client.clone(), stopping.clone())),
             events: EventLog::new(
                 redis.clone(),
                 &settings.redis_prefix,
@@ -58,7 +62,7 @@ impl AppState {
             registry: jobs::Registry::default(),
             counters: Arc::default(),
             key_cache: Arc::default(),
-            stopping: Default::default(),
+            stopping,
         })
     }
 }

@@ -316,3 +316,59 @@ async fn the_dashboard_is_served_from_the_binary() {
         .unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 }
+
+/// Many dashboards on one tenant share one Redis read, and each still gets every event once,
+/// in order: the same sequence as a reader that replays it from Redis afterwards.
+#[tokio::test]
+async fn many_subscribers_share_one_feed_and_miss_nothing() {
+    let mut app = TestApp::spawn().await;
+    let mut readers = Vec::new();
+    for _ in 0..20 {
+        readers.push(app.sse("/v1/events", None).await);
+    }
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("conveyor_sse_feeds 1\n"), "{metrics}");
+    app.start_worker(4).await;
+    let mut jobs = std::collections::HashSet::new();
+    for _ in 0..10 {
+        jobs.insert(
+            app.submit_canary(json!({"steps": 5, "step_ms": 20}))
+                .await
+                .to_string(),
+        );
+    }
+    let mut sequences = Vec::new();
+    for reader in &mut readers {
+        let mut ids = Vec::new();
+        let mut done = 0;
+        while done < jobs.len() {
+            let event = reader.next(WAIT).await.expect("events keep coming");
+            assert!(jobs.contains(event.data["job_id"].as_str().unwrap()));
+            if event.event == "succeeded" {
+                done += 1;
+            }
+            ids.push(event.id.unwrap());
+        }
+        sequences.push(ids);
+    }
+    assert!(
+        sequences.iter().all(|s| s == &sequences[0]),
+        "readers disagree"
+    );
+    let first = &sequences[0];
+    assert!(first.len() >= 10 * 4, "{}", first.len());
+    let mut replay = app
+        .sse(&format!("/v1/events?after={}", first[0]), None)
+        .await;
+    for expected in &first[1..] {
+        assert_eq!(replay.next(WAIT).await.unwrap().id.as_ref(), Some(expected));
+    }
+}
