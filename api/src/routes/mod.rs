@@ -8,9 +8,12 @@ use crate::AppState;
 
 pub(crate) mod connections;
 pub(crate) mod datasets;
+pub(crate) mod dashboard;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod ops;
+pub(crate) mod queues;
+pub(crate) mod session;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -42,6 +45,16 @@ pub fn router() -> Router<AppState> {
             "/v1/connections/{id}",
             axum::routing::delete(connections::delete),
         )
+        .route("/v1/queues", get(queues::queues))
+        .route("/v1/workers", get(queues::workers))
+        .route(
+            "/v1/session",
+            post(session::sign_in)
+                .get(session::current)
+                .delete(session::sign_out),
+        )
+        .route("/", get(dashboard::index))
+        .route("/assets/{name}", get(dashboard::assets))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

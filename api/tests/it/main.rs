@@ -3,6 +3,9 @@
 
 mod harness;
 
+mod browser;
+mod cli;
+mod dashboard;
 mod faults;
 mod import;
 mod lifecycle;
