@@ -6,16 +6,19 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::routes::{events, jobs, ops};
+use crate::routes::{events, jobs, ops, patches};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Conveyor", description = "Job queue for heavy data and ML work"),
     paths(jobs::submit, jobs::submit_batch, jobs::get_one, jobs::list, jobs::cancel, jobs::retry,
-          events::job_events, events::tenant_events, ops::healthz, ops::readyz, ops::metrics),
+          events::job_events, events::tenant_events, patches::preflight, ops::healthz, ops::readyz, ops::metrics),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
-                        jobs::SubmitBatch, jobs::JobList, ::jobs::canary::CanaryPayload)),
+                        jobs::SubmitBatch, jobs::JobList, ::jobs::canary::CanaryPayload,
+                        ::jobs::patch::PatchPayload, ::jobs::patch::Mode,
+                        ::jobs::patch::RollbackPayload, ::jobs::patch::Assessment,
+                        ::jobs::patch::Risk)),
     modifiers(&BearerAuth),
     security(("api_key" = []))
 )]

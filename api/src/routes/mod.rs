@@ -8,6 +8,7 @@ use crate::AppState;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod ops;
+pub(crate) mod patches;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -18,6 +19,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/v1/events", get(events::tenant_events))
+        .route("/v1/patches/preflight", post(patches::preflight))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -5,5 +5,6 @@ mod harness;
 
 mod faults;
 mod lifecycle;
+mod patch;
 mod requests;
 mod sse;
