@@ -43,7 +43,10 @@ async fn seed(pool: &PgPool, name: &str, rows: i64) {
 async fn copy(pool: &PgPool, name: &str, copy: &str) {
     exec(
         pool,
-        &format!("CREATE TABLE {copy} AS TABLE {name}; ALTER TABLE {copy} ADD PRIMARY KEY (id);"),
+        &format!(
+            "CREATE TABLE {copy} (LIKE {name} INCLUDING ALL);
+             INSERT INTO {copy} (id, grp, val, note) SELECT id, grp, val, note FROM {name};"
+        ),
     )
     .await;
 }

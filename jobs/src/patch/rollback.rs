@@ -254,7 +254,8 @@ impl Restore<'_> {
             "table": self.record.table_name,
             "snapshot": self.record.snapshot_table,
             "rows_restored": self.record.rows_restored,
-            "conflicts": total + skipped,
+            // Every snapshot row ends restored or left as a conflict.
+            "conflicts": self.record.rows_done - self.record.rows_restored,
             "conflict_keys": keys,
             "elapsed_ms": started.elapsed().as_millis() as u64,
             "longest_batch_ms": (longest.as_secs_f64() * 1e4).round() / 10.0,
