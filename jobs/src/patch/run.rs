@@ -402,14 +402,19 @@ pub fn next_batch_size(size: i64, elapsed: Duration, target: Duration) -> i64 {
     (bounded as i64).clamp(MIN_BATCH, MAX_BATCH)
 }
 
-/// `lock_timeout` and `statement_timeout` for the rest of the transaction.
+/// Settings of a batch transaction: its time limits and its plan shape.
 pub(crate) async fn limit_time(
     tx: &mut sqlx::PgTransaction<'_>,
     lock_ms: u64,
     statement_ms: u64,
 ) -> sqlx::Result<()> {
+    // A batch touches a few thousand rows by key: index scans and nested loops, never a
+    // sequential scan of the whole table per batch (what the planner picks without this).
     sqlx::query(
-        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)",
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true),
+                set_config('enable_seqscan', 'off', true),
+                set_config('enable_hashjoin', 'off', true),
+                set_config('enable_mergejoin', 'off', true)",
     )
     .bind(format!("{lock_ms}ms"))
     .bind(format!("{statement_ms}ms"))

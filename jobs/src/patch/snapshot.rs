@@ -210,14 +210,13 @@ pub async fn finish(pool: &PgPool, job: Uuid) -> sqlx::Result<Record> {
     .await
 }
 
-/// One batch of an execute, as one statement: pick the next `$3` keys after `$2` among the
-/// rows the WHERE clause matches, apply the change to exactly those rows, copy their
-/// before-images (read from the statement's snapshot, so before the change) and the md5 of
-/// their after-images into the snapshot table, and advance the checkpoint of job `$1`.
-/// The checkpoint only moves from where this attempt believes it is (`$2`): `marked` is false
-/// when another attempt moved it (a job rescued from a worker that was not dead after all),
-/// and the caller rolls back and reloads. Returns the rows changed, the batch's last key and
-/// `marked`. `first` omits the lower bound.
+/// One batch of an execute, as one statement: pick the next `$3` rows after key `$2` among
+/// the rows the WHERE clause matches (their whole before-image and physical address, read from
+/// the statement's snapshot), apply the change to exactly those rows, copy the before-images
+/// and the md5 of the after-images into the snapshot table, and advance the checkpoint of job
+/// `$1`. The checkpoint only moves from where this attempt believes it is (`$2`): `marked` is
+/// false when another attempt moved it (a job rescued from a worker that was not dead after
+/// all), and the caller rolls back and reloads. `first` omits the lower bound.
 pub fn batch_sql(plan: &Plan, snapshot: &str, first: bool) -> String {
     let t = &plan.table;
     let q = &plan.qualifier;
@@ -230,32 +229,31 @@ pub fn batch_sql(plan: &Plan, snapshot: &str, first: bool) -> String {
         });
     }
     let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
-    let change = match plan.checked.operation {
-        Operation::Update => format!(
-            "UPDATE {target} SET {set} WHERE ({keys}) IN (SELECT {slots} FROM batch)
-             RETURNING {select}, md5({q}::text) AS after_md5",
-            target = plan.target,
-            set = plan.checked.set,
-            keys = t.key_list(q),
-            slots = t.key_slots(),
-            select = t.key_select(q),
+    // The batch's rows are found by their address (a TID scan), not a second key look-up;
+    // under repeatable read a row changed meanwhile fails the batch, which is then retried.
+    let (change, after) = match plan.checked.operation {
+        Operation::Update => (
+            format!(
+                "UPDATE {} SET {} FROM batch conveyor_batch",
+                plan.target, plan.checked.set
+            ),
+            format!("md5({q}::text)"),
         ),
-        Operation::Delete => format!(
-            "DELETE FROM {target} WHERE ({keys}) IN (SELECT {slots} FROM batch)
-             RETURNING {select}, NULL::text AS after_md5",
-            target = plan.target,
-            keys = t.key_list(q),
-            slots = t.key_slots(),
-            select = t.key_select(q),
+        Operation::Delete => (
+            format!("DELETE FROM {} USING batch conveyor_batch", plan.target),
+            "NULL::text".to_owned(),
         ),
     };
     format!(
         "WITH batch AS (
-             SELECT {select} FROM {target}{filter} ORDER BY {keys} LIMIT $3
-         ), changed AS ({change}
+             SELECT {q} AS conveyor_before, {q}.ctid AS conveyor_ctid, {select}
+             FROM {target}{filter} ORDER BY {keys} LIMIT $3
+         ), changed AS (
+             {change} WHERE {q}.ctid = conveyor_batch.conveyor_ctid
+             RETURNING {slots}, conveyor_batch.conveyor_before, {after} AS after_md5
          ), saved AS (
              INSERT INTO {snapshot}
-             SELECT b.*, c.after_md5 FROM {table} b JOIN changed c ON ({b_keys}) = ({c_slots})
+             SELECT (c.conveyor_before).*, c.after_md5 FROM changed c
              RETURNING 1
          ), last AS (
              SELECT {key_text} AS key FROM changed ORDER BY {desc} LIMIT 1
@@ -271,9 +269,7 @@ pub fn batch_sql(plan: &Plan, snapshot: &str, first: bool) -> String {
         select = t.key_select(q),
         target = plan.target,
         keys = t.key_list(q),
-        table = t.qualified,
-        b_keys = t.key_list("b"),
-        c_slots = t.key_slots_of("c"),
+        slots = t.key_slots_of("conveyor_batch"),
         key_text = t.key_text(),
         desc = t.key_desc(),
     )
@@ -305,10 +301,14 @@ mod tests {
         let plan = Plan::new(checked, table).unwrap();
         let next = batch_sql(&plan, "\"conveyor_snapshots\".\"patch_1\"", false);
         assert!(next.contains(
-            "SELECT x.\"id\" AS k1 FROM \"public\".\"t\" AS x WHERE (x.b > 3) AND (x.\"id\") > \
+            "x.\"id\" AS conveyor_k1
+             FROM \"public\".\"t\" AS x WHERE (x.b > 3) AND (x.\"id\") > \
              (($2::text[])[1]::bigint) ORDER BY x.\"id\" LIMIT $3"
         ));
-        assert!(next.contains("UPDATE \"public\".\"t\" AS x SET a = x.a + 1 WHERE (x.\"id\") IN"));
+        assert!(next.contains(
+            "UPDATE \"public\".\"t\" AS x SET a = x.a + 1 FROM batch conveyor_batch WHERE \
+             x.ctid = conveyor_batch.conveyor_ctid"
+        ));
         let first = batch_sql(&plan, "s", true);
         assert!(!first.contains(") > (($2"), "{first}");
         assert_eq!(

@@ -153,10 +153,10 @@ impl Table {
         self.key.iter().map(|c| c.name.clone()).collect()
     }
 
-    /// `c.k1, c.k2`.
+    /// `c.conveyor_k1, c.conveyor_k2`.
     pub fn key_slots_of(&self, qualifier: &str) -> String {
         (1..=self.key.len())
-            .map(|i| format!("{qualifier}.k{i}"))
+            .map(|i| format!("{qualifier}.conveyor_k{i}"))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -170,20 +170,20 @@ impl Table {
             .join(", ")
     }
 
-    /// `k1, k2`: the key under the positional names the batch statements give it.
+    /// `conveyor_k1, conveyor_k2`: the key under the positional names the batch statements give it.
     pub fn key_slots(&self) -> String {
         (1..=self.key.len())
-            .map(|i| format!("k{i}"))
+            .map(|i| format!("conveyor_k{i}"))
             .collect::<Vec<_>>()
             .join(", ")
     }
 
-    /// `q."a" AS k1, q."b" AS k2`.
+    /// `q."a" AS conveyor_k1, q."b" AS conveyor_k2`.
     pub fn key_select(&self, qualifier: &str) -> String {
         self.key
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{qualifier}.{} AS k{}", quote(&c.name), i + 1))
+            .map(|(i, c)| format!("{qualifier}.{} AS conveyor_k{}", quote(&c.name), i + 1))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -198,18 +198,18 @@ impl Table {
             .join(", ")
     }
 
-    /// `ARRAY[k1::text, k2::text]`.
+    /// `ARRAY[conveyor_k1::text, conveyor_k2::text]`.
     pub fn key_text(&self) -> String {
         let parts: Vec<String> = (1..=self.key.len())
-            .map(|i| format!("k{i}::text"))
+            .map(|i| format!("conveyor_k{i}::text"))
             .collect();
         format!("ARRAY[{}]", parts.join(", "))
     }
 
-    /// `k1 DESC, k2 DESC`.
+    /// `conveyor_k1 DESC, conveyor_k2 DESC`.
     pub fn key_desc(&self) -> String {
         (1..=self.key.len())
-            .map(|i| format!("k{i} DESC"))
+            .map(|i| format!("conveyor_k{i} DESC"))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -247,13 +247,16 @@ mod tests {
         let t = table();
         assert_eq!(quote("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(t.key_list("x"), "x.\"tenant\", x.\"id\"");
-        assert_eq!(t.key_select("x"), "x.\"tenant\" AS k1, x.\"id\" AS k2");
+        assert_eq!(
+            t.key_select("x"),
+            "x.\"tenant\" AS conveyor_k1, x.\"id\" AS conveyor_k2"
+        );
         assert_eq!(
             t.key_param(2),
             "($2::text[])[1]::uuid, ($2::text[])[2]::bigint"
         );
-        assert_eq!(t.key_text(), "ARRAY[k1::text, k2::text]");
-        assert_eq!(t.key_slots(), "k1, k2");
-        assert_eq!(t.key_desc(), "k1 DESC, k2 DESC");
+        assert_eq!(t.key_text(), "ARRAY[conveyor_k1::text, conveyor_k2::text]");
+        assert_eq!(t.key_slots(), "conveyor_k1, conveyor_k2");
+        assert_eq!(t.key_desc(), "conveyor_k1 DESC, conveyor_k2 DESC");
     }
 }
