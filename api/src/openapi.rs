@@ -6,7 +6,7 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::routes::{connections, datasets, events, jobs, ops, queues, session};
+use crate::routes::{connections, datasets, events, jobs, ops, patches, queues, session};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,7 +14,8 @@ use crate::routes::{connections, datasets, events, jobs, ops, queues, session};
     paths(jobs::submit, jobs::submit_batch, jobs::get_one, jobs::list, jobs::cancel, jobs::retry,
           jobs::artifact, events::job_events, events::tenant_events,
           datasets::upload, datasets::list, datasets::get_one, datasets::download, datasets::delete,
-          connections::create, connections::list, connections::delete, ops::healthz, ops::readyz, ops::metrics,
+          connections::create, connections::list, connections::delete, patches::preflight,
+          ops::healthz, ops::readyz, ops::metrics,
           queues::queues, queues::workers, session::sign_in, session::current, session::sign_out),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
@@ -23,6 +24,9 @@ use crate::routes::{connections, datasets, events, jobs, ops, queues, session};
                         shared::datasets::Format, shared::datasets::Compression,
                         shared::connections::Connection, connections::NewConnection,
                         ::jobs::canary::CanaryPayload, ::jobs::import::ImportPayload,
+                        ::jobs::patch::PatchPayload, ::jobs::patch::Mode,
+                        ::jobs::patch::RollbackPayload, ::jobs::patch::Assessment,
+                        ::jobs::patch::Risk,
                         queues::QueueList, queues::QueueStats, queues::WorkerList, queues::WorkerInfo,
                         session::SignIn, session::SessionInfo)),
     modifiers(&BearerAuth),

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 pub mod canary;
 pub mod import;
+pub mod patch;
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +90,8 @@ impl Registry {
         Self::new(vec![
             Arc::new(canary::Canary),
             Arc::new(import::Import::new(services.clone())),
+            Arc::new(patch::Patch::new(services.clone())),
+            Arc::new(patch::PatchRollback::new(services)),
         ])
     }
 

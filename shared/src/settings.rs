@@ -39,6 +39,9 @@ pub struct Settings {
     pub secret_key: Option<String>,
     /// `CONVEYOR_DATASET_LIMIT`: largest upload in bytes.
     pub dataset_limit: u64,
+    /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
+    /// `patch_rollback`; expired snapshots are dropped when the next patch starts.
+    pub snapshot_retention: Duration,
 }
 
 impl Settings {
@@ -65,6 +68,9 @@ impl Settings {
             ),
             secret_key: std::env::var("CONVEYOR_SECRET_KEY").ok(),
             dataset_limit: parse("DATASET_LIMIT", "10737418240")?,
+            snapshot_retention: Duration::from_secs(
+                parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
+            ),
         })
     }
 
@@ -78,6 +84,7 @@ impl Settings {
                 "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into(),
             ),
             dataset_limit: 4 << 30,
+            snapshot_retention: Duration::from_secs(168 * 3600),
             database_url,
             redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
             redis_prefix,

@@ -14,6 +14,7 @@ pub(crate) mod jobs;
 pub(crate) mod ops;
 pub(crate) mod queues;
 pub(crate) mod session;
+pub(crate) mod patches;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -55,6 +56,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/", get(dashboard::index))
         .route("/assets/{name}", get(dashboard::assets))
+        .route("/v1/patches/preflight", post(patches::preflight))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -9,5 +9,6 @@ mod dashboard;
 mod faults;
 mod import;
 mod lifecycle;
+mod patch;
 mod requests;
 mod sse;
