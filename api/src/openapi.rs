@@ -15,7 +15,8 @@ use crate::routes::{events, jobs, ops};
           events::job_events, events::tenant_events, ops::healthz, ops::readyz, ops::metrics),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
-                        jobs::SubmitBatch, jobs::JobList, ::jobs::canary::CanaryPayload)),
+                        jobs::SubmitBatch, jobs::JobList, ::jobs::canary::CanaryPayload,
+                        ::jobs::synthesis::SynthesisPayload)),
     modifiers(&BearerAuth),
     security(("api_key" = []))
 )]

@@ -11,6 +11,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use uuid::Uuid;
 
 pub mod canary;
+pub mod synthesis;
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +85,11 @@ impl Registry {
     }
 
     /// Every job kind of this build.
-    pub fn standard(_services: Arc<Services>) -> Self {
-        Self::new(vec![Arc::new(canary::Canary)])
+    pub fn standard(services: Arc<Services>) -> Self {
+        Self::new(vec![
+            Arc::new(canary::Canary),
+            Arc::new(synthesis::SynthesisJob::new(services)),
+        ])
     }
 
     pub fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {
