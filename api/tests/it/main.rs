@@ -7,3 +7,4 @@ mod faults;
 mod lifecycle;
 mod requests;
 mod sse;
+mod synthesis;
