@@ -26,7 +26,7 @@ use crate::routes::{connections, datasets, events, jobs, ops, patches, queues, s
                         ::jobs::canary::CanaryPayload, ::jobs::import::ImportPayload,
                         ::jobs::patch::PatchPayload, ::jobs::patch::Mode,
                         ::jobs::patch::RollbackPayload, ::jobs::patch::Assessment,
-                        ::jobs::patch::Risk,
+                        ::jobs::patch::Risk, ::jobs::synthesis::SynthesisPayload,
                         queues::QueueList, queues::QueueStats, queues::WorkerList, queues::WorkerInfo,
                         session::SignIn, session::SessionInfo)),
     modifiers(&BearerAuth),

@@ -13,6 +13,7 @@ use uuid::Uuid;
 pub mod canary;
 pub mod import;
 pub mod patch;
+pub mod synthesis;
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +92,8 @@ impl Registry {
             Arc::new(canary::Canary),
             Arc::new(import::Import::new(services.clone())),
             Arc::new(patch::Patch::new(services.clone())),
-            Arc::new(patch::PatchRollback::new(services)),
+            Arc::new(patch::PatchRollback::new(services.clone())),
+            Arc::new(synthesis::SynthesisJob::new(services)),
         ])
     }
 

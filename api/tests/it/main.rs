@@ -12,3 +12,4 @@ mod lifecycle;
 mod patch;
 mod requests;
 mod sse;
+mod synthesis;

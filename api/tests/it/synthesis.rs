@@ -1,0 +1,550 @@
+//! The `synthesis` job through the API: upload a table of known structure, synthesize, and
+//! check the report and the synthetic file against that structure.
+
+use crate::harness::TestApp;
+use jobs::synthesis::{
+    stats::standard_normal,
+    table::{self, Table, Values},
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::{json, Value};
+use shared::datasets::{Compression, Format};
+use std::{collections::HashSet, fmt::Write, time::Duration};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// `id` (unique text), `serial` (unique integers), `x` ~ N(50, 10) with 10 % missing,
+/// `y` = x-correlated (ρ = 0.8), `band` (x's tercile), `flag` (independent, 30 % yes),
+/// `visits` (small counts).
+fn mixed_csv(rows: usize, seed: u64) -> String {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut csv = String::from("id,serial,x,y,band,flag,visits\n");
+    for i in 0..rows {
+        let a = standard_normal(&mut rng);
+        let b = 0.8 * a + 0.6 * standard_normal(&mut rng);
+        let x = if rng.random::<f64>() < 0.1 {
+            String::new()
+        } else {
+            format!("{:.3}", 50.0 + 10.0 * a)
+        };
+        let band = if a > 0.43 {
+            "high"
+        } else if a > -0.43 {
+            "mid"
+        } else {
+            "low"
+        };
+        let flag = if rng.random::<f64>() < 0.3 {
+            "yes"
+        } else {
+            "no"
+        };
+        let visits = (rng.random::<f64>() * 4.0) as u32 + u32::from(a > 1.0) * 3;
+        writeln!(
+            csv,
+            "cust-{i:05},{},{x},{:.4},{band},{flag},{visits}",
+            1000 + i * 7,
+            100.0 + 20.0 * b
+        )
+        .unwrap();
+    }
+    csv
+}
+
+async fn submit(app: &TestApp, payload: Value) -> (reqwest::StatusCode, Value) {
+    app.post(
+        "/v1/jobs",
+        &json!({"kind": "synthesis", "payload": payload}),
+    )
+    .await
+}
+
+/// Submits, waits for success, returns the job's result.
+async fn synthesize(app: &TestApp, payload: Value) -> (Uuid, Value) {
+    let (status, job) = submit(app, payload).await;
+    assert_eq!(status, 202, "{job}");
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let job = app
+        .wait_status(id, &["succeeded", "failed", "cancelled"], WAIT)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    (id, job["result"].clone())
+}
+
+async fn app_with_worker() -> TestApp {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("synthesis", 2)]).await;
+    app
+}
+
+fn artifact(app: &TestApp, job: Uuid, name: &str) -> std::path::PathBuf {
+    app.settings
+        .data_dir
+        .join("artifacts")
+        .join(job.to_string())
+        .join(name)
+}
+
+fn read(app: &TestApp, job: Uuid, name: &str) -> Table {
+    let format = if name.ends_with(".csv") {
+        Format::Csv
+    } else {
+        Format::Parquet
+    };
+    table::read(&artifact(app, job, name), format, Compression::None).unwrap()
+}
+
+fn numbers(table: &Table, column: &str) -> Vec<Option<f64>> {
+    match &table.column(column).unwrap().values {
+        Values::Numbers(v) => v.clone(),
+        Values::Labels(_) => panic!("{column} is not numeric"),
+    }
+}
+
+fn labels(table: &Table, column: &str) -> Vec<Option<String>> {
+    match &table.column(column).unwrap().values {
+        Values::Labels(v) => v.clone(),
+        Values::Numbers(v) => v.iter().map(|x| x.map(|x| x.to_string())).collect(),
+    }
+}
+
+fn pair<'a>(report: &'a Value, a: &str, b: &str) -> &'a Value {
+    report["quality"]["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["columns"] == json!([a, b]))
+        .unwrap_or_else(|| panic!("no pair {a}/{b}"))
+}
+
+fn shape(report: &Value, column: &str) -> f64 {
+    report["quality"]["shapes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["column"] == column)
+        .unwrap_or_else(|| panic!("no shape for {column}"))["score"]
+        .as_f64()
+        .unwrap()
+}
+
+fn role(report: &Value, column: &str) -> String {
+    report["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == column)
+        .unwrap()["role"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn synthesis_copula_reproduces_marginals_and_correlations_and_never_copies_identifiers() {
+    let app = app_with_worker().await;
+    let csv = mixed_csv(3000, 1);
+    let dataset = app.upload_dataset("customers.csv", csv.as_bytes()).await;
+    let (job, result) = synthesize(
+        &app,
+        json!({"dataset_id": dataset, "rows": 2500, "seed": 3, "output_format": "csv"}),
+    )
+    .await;
+    let report = &result["report"];
+
+    assert_eq!(report["rows"]["input"], 3000);
+    assert_eq!(report["rows"]["holdout"], 600);
+    assert_eq!(report["rows"]["generated"], 2500);
+    assert_eq!(role(report, "id"), "identifier");
+    assert_eq!(role(report, "serial"), "identifier");
+    assert_eq!(role(report, "x"), "numerical");
+    assert_eq!(role(report, "band"), "categorical");
+    let x_profile = &report["columns"].as_array().unwrap()[2];
+    let missing = x_profile["missing_rate"].as_f64().unwrap();
+    assert!((missing - 0.1).abs() < 0.02, "{missing}");
+
+    let quality = &report["quality"];
+    for column in ["x", "y", "band", "flag", "visits"] {
+        assert!(shape(report, column) > 0.95, "{column}: {quality}");
+    }
+    let xy = pair(report, "x", "y");
+    assert_eq!(xy["metric"], "CorrelationSimilarity");
+    let (real, synthetic) = (
+        xy["real_correlation"].as_f64().unwrap(),
+        xy["synthetic_correlation"].as_f64().unwrap(),
+    );
+    assert!((real - 0.8).abs() < 0.05, "{xy}");
+    assert!((real - synthetic).abs() < 0.05, "{xy}");
+    // The band is a function of x: the copula keeps most of that.
+    let xb = pair(report, "x", "band");
+    assert!(
+        xb["meets_threshold"] == true && xb["score"].as_f64().unwrap() > 0.8,
+        "{xb}"
+    );
+    assert!(
+        quality["column_shapes"].as_f64().unwrap() > 0.95,
+        "{quality}"
+    );
+    assert!(quality["overall"].as_f64().unwrap() > 0.9, "{quality}");
+    assert!(report["privacy"]["exact_match_rate"].as_f64().unwrap() < 0.01);
+    assert!(
+        report["privacy"]["dcr_synthetic_to_train"]["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(report["privacy"]["dcr_holdout_to_train"]["median"].is_number());
+    assert_eq!(report["privacy"]["epsilon_spent"], Value::Null);
+
+    // The artifacts are listed and hold what the report says.
+    let names: Vec<&str> = result["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["synthetic.csv", "report.json"]);
+    let stored: Value =
+        serde_json::from_slice(&std::fs::read(artifact(&app, job, "report.json")).unwrap())
+            .unwrap();
+    assert_eq!(&stored, report);
+    let synthetic = read(&app, job, "synthetic.csv");
+    assert_eq!(synthetic.rows(), 2500);
+    let names: Vec<&str> = synthetic.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["id", "serial", "x", "y", "band", "flag", "visits"]);
+
+    // Identifiers are fresh: none equals an input value, and they stay unique.
+    let input_column = |i: usize| -> HashSet<Option<String>> {
+        csv.lines()
+            .skip(1)
+            .map(|line| Some(line.split(',').nth(i).unwrap().to_owned()))
+            .collect()
+    };
+    for (i, column) in ["id", "serial"].into_iter().enumerate() {
+        let seen = input_column(i);
+        assert_eq!(seen.len(), 3000);
+        let fresh = labels(&synthetic, column);
+        assert!(
+            fresh.iter().all(|v| v.is_some() && !seen.contains(v)),
+            "{column}"
+        );
+        assert_eq!(fresh.iter().collect::<HashSet<_>>().len(), 2500);
+    }
+    // Types and precision survive: visits stay whole, x keeps three decimals.
+    assert!(numbers(&synthetic, "visits")
+        .iter()
+        .flatten()
+        .all(|v| v.fract() == 0.0));
+    let x = numbers(&synthetic, "x");
+    assert!(x
+        .iter()
+        .flatten()
+        .all(|v| ((v * 1000.0).round() - v * 1000.0).abs() < 1e-6));
+    let missing = x.iter().filter(|v| v.is_none()).count() as f64 / 2500.0;
+    assert!((missing - 0.1).abs() < 0.03, "{missing}");
+}
+
+#[tokio::test]
+async fn synthesis_of_categorical_only_and_numeric_only_tables() {
+    let app = app_with_worker().await;
+    let mut rng = StdRng::seed_from_u64(5);
+    // A city decides its country, apart from 5 % noise.
+    let mut categorical = String::from("city,country,tier\n");
+    for _ in 0..1500 {
+        let (city, country) = match rng.random_range(0..4) {
+            0 => ("Oslo", "NO"),
+            1 => ("Bergen", "NO"),
+            2 => ("Rome", "IT"),
+            _ => ("Milan", "IT"),
+        };
+        let country = if rng.random::<f64>() < 0.05 {
+            "FR"
+        } else {
+            country
+        };
+        let tier = ["gold", "silver", "bronze"][rng.random_range(0..3)];
+        writeln!(categorical, "{city},{country},{tier}").unwrap();
+    }
+    let dataset = app
+        .upload_dataset("places.csv", categorical.as_bytes())
+        .await;
+    let (job, result) = synthesize(&app, json!({"dataset_id": dataset, "rows": 1500})).await;
+    let report = &result["report"];
+    for column in ["city", "country", "tier"] {
+        assert_eq!(role(report, column), "categorical");
+        assert!(shape(report, column) > 0.93, "{column}: {report}");
+    }
+    let cc = pair(report, "city", "country");
+    assert_eq!(cc["metric"], "ContingencySimilarity");
+    assert!(cc["score"].as_f64().unwrap() > 0.85, "{cc}");
+    // Parquet by default.
+    let synthetic = read(&app, job, "synthetic.parquet");
+    assert_eq!(synthetic.rows(), 1500);
+
+    // Numbers only, a fifth of them missing in each column.
+    let mut numeric = String::from("a,b,c\n");
+    for _ in 0..1500 {
+        let z = standard_normal(&mut rng);
+        let cell = |v: f64, rng: &mut StdRng| {
+            if rng.random::<f64>() < 0.2 {
+                String::new()
+            } else {
+                format!("{v:.2}")
+            }
+        };
+        let a = cell(z, &mut rng);
+        let b = cell(-2.0 * z + standard_normal(&mut rng) * 0.5, &mut rng);
+        let c = cell(rng.random::<f64>() * 100.0, &mut rng);
+        writeln!(numeric, "{a},{b},{c}").unwrap();
+    }
+    let dataset = app.upload_dataset("numbers.csv", numeric.as_bytes()).await;
+    let (job, result) = synthesize(
+        &app,
+        json!({"dataset_id": dataset, "rows": 2000, "output_format": "csv"}),
+    )
+    .await;
+    let report = &result["report"];
+    for column in ["a", "b", "c"] {
+        assert!(shape(report, column) > 0.93, "{column}: {report}");
+    }
+    let ab = pair(report, "a", "b");
+    assert!(ab["real_correlation"].as_f64().unwrap() < -0.9, "{ab}");
+    assert!(ab["score"].as_f64().unwrap() > 0.97, "{ab}");
+    let synthetic = read(&app, job, "synthetic.csv");
+    for column in ["a", "b", "c"] {
+        let values = numbers(&synthetic, column);
+        let missing = values.iter().filter(|v| v.is_none()).count() as f64 / 2000.0;
+        assert!((missing - 0.2).abs() < 0.04, "{column}: {missing}");
+    }
+}
+
+#[tokio::test]
+async fn synthesis_keeps_dates_and_times_in_range_and_in_step() {
+    let app = app_with_worker().await;
+    let mut rng = StdRng::seed_from_u64(9);
+    // Signup dates over 2020–2023; the last visit follows the signup by 0–60 days.
+    let mut csv = String::from("signup,last_seen,spend\n");
+    for _ in 0..1200 {
+        let day = rng.random_range(0..1400i64);
+        let signup =
+            chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap() + chrono::Duration::days(day);
+        let seen = signup.and_hms_opt(12, 0, 0).unwrap()
+            + chrono::Duration::minutes(rng.random_range(0..60 * 24 * 60));
+        writeln!(
+            csv,
+            "{signup},{},{:.2}",
+            seen.format("%Y-%m-%d %H:%M:%S"),
+            day as f64 * 0.5 + rng.random::<f64>() * 50.0
+        )
+        .unwrap();
+    }
+    let dataset = app.upload_dataset("visits.csv", csv.as_bytes()).await;
+    let (job, result) = synthesize(&app, json!({"dataset_id": dataset, "rows": 1000})).await;
+    let report = &result["report"];
+    assert_eq!(role(report, "signup"), "datetime");
+    assert_eq!(role(report, "last_seen"), "datetime");
+    for column in ["signup", "last_seen", "spend"] {
+        assert!(shape(report, column) > 0.93, "{column}: {report}");
+    }
+    let together = pair(report, "signup", "last_seen");
+    assert!(
+        together["synthetic_correlation"].as_f64().unwrap() > 0.95,
+        "{together}"
+    );
+
+    let synthetic = read(&app, job, "synthetic.parquet");
+    let dtype = |column: &str| synthetic.column(column).unwrap().dtype.to_string();
+    assert_eq!(dtype("signup"), "date");
+    assert!(
+        dtype("last_seen").starts_with("datetime"),
+        "{}",
+        dtype("last_seen")
+    );
+    // Days since 1970: 2020-01-01 is day 18262.
+    let days = numbers(&synthetic, "signup");
+    assert!(days
+        .iter()
+        .flatten()
+        .all(|d| (18262.0..18262.0 + 1400.0).contains(d)));
+}
+
+#[tokio::test]
+async fn synthesis_is_deterministic_under_a_seed() {
+    let app = app_with_worker().await;
+    let dataset = app
+        .upload_dataset("customers.csv", mixed_csv(800, 2).as_bytes())
+        .await;
+    let mut files = Vec::new();
+    for seed in [7, 7, 8] {
+        let (job, result) = synthesize(
+            &app,
+            json!({"dataset_id": dataset, "rows": 500, "seed": seed, "output_format": "csv"}),
+        )
+        .await;
+        let bytes = std::fs::read(artifact(&app, job, "synthetic.csv")).unwrap();
+        files.push((bytes, result["report"]["quality"].clone()));
+    }
+    assert_eq!(files[0], files[1], "same seed, same output");
+    assert_ne!(files[0].0, files[2].0, "another seed, another output");
+}
+
+#[tokio::test]
+async fn synthesis_with_epsilon_spends_it_and_noise_follows_it() {
+    let app = app_with_worker().await;
+    let dataset = app
+        .upload_dataset("customers.csv", mixed_csv(2000, 4).as_bytes())
+        .await;
+    let mut runs = Vec::new();
+    for epsilon in [0.05, 0.5, 50.0] {
+        let (_, result) = synthesize(
+            &app,
+            json!({"dataset_id": dataset, "rows": 1500, "epsilon": epsilon, "seed": 1,
+                   "columns": {"x": {"min": 0, "max": 100}}}),
+        )
+        .await;
+        runs.push((epsilon, result["report"].clone()));
+    }
+    for (epsilon, report) in &runs {
+        let privacy = &report["privacy"];
+        assert_eq!(privacy["epsilon_spent"], *epsilon);
+        let budget = &privacy["budget"];
+        let halves = budget["marginals_epsilon"].as_f64().unwrap()
+            + budget["correlation_epsilon"].as_f64().unwrap();
+        assert!((halves - epsilon).abs() < 1e-12, "{budget}");
+        // Five learned columns, replace-one sensitivity 2 per histogram.
+        let histogram = budget["histogram_noise_scale"].as_f64().unwrap();
+        assert!(
+            (histogram - 2.0 / (epsilon / 2.0 / 5.0)).abs() < 1e-9,
+            "{budget}"
+        );
+        let bounds: Vec<&str> = budget["bounds_from_data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(bounds, ["y", "visits"], "x has bounds, the rest are labels");
+    }
+    let scale = |i: usize| {
+        runs[i].1["privacy"]["budget"]["correlation_noise_scale"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!((scale(0) / scale(1) - 10.0).abs() < 1e-9);
+    assert!((scale(1) / scale(2) - 100.0).abs() < 1e-9);
+    // Little budget, much noise: the loose run keeps the data's shape, the tight one less so.
+    let overall = |i: usize| runs[i].1["quality"]["overall"].as_f64().unwrap();
+    assert!(overall(2) > 0.85, "{}", runs[2].1["quality"]);
+    assert!(
+        overall(0) < overall(2) - 0.05,
+        "{} vs {}",
+        overall(0),
+        overall(2)
+    );
+}
+
+#[tokio::test]
+async fn synthesis_tvae_trains_in_epochs_and_stops_when_cancelled() {
+    let app = app_with_worker().await;
+    let dataset = app
+        .upload_dataset("customers.csv", mixed_csv(400, 6).as_bytes())
+        .await;
+    let (job, result) = synthesize(
+        &app,
+        json!({"dataset_id": dataset, "rows": 300, "synthesizer": "tvae", "epochs": 4,
+               "seed": 2}),
+    )
+    .await;
+    assert_eq!(result["report"]["synthesizer"], "tvae");
+    assert!(
+        result["report"]["quality"]["column_shapes"]
+            .as_f64()
+            .unwrap()
+            > 0.5
+    );
+    let events = app
+        .sse(&format!("/v1/jobs/{job}/events"), None)
+        .await
+        .collect(Duration::from_secs(10))
+        .await;
+    let epochs: Vec<&Value> = events
+        .iter()
+        .filter_map(|e| e.data["data"].get("epoch").map(|_| &e.data["data"]))
+        .collect();
+    assert_eq!(epochs.len(), 4, "{epochs:?}");
+    assert!(epochs
+        .iter()
+        .all(|e| e["loss"].as_f64().unwrap().is_finite()));
+    assert_eq!(epochs[3]["epoch"], 4);
+    let synthetic = read(&app, job, "synthetic.parquet");
+    assert_eq!(synthetic.rows(), 300);
+
+    // A long training run stops between epochs once cancelled.
+    let (status, submitted) = submit(
+        &app,
+        json!({"dataset_id": dataset, "rows": 10, "synthesizer": "tvae", "epochs": 10000}),
+    )
+    .await;
+    assert_eq!(status, 202, "{submitted}");
+    let id: Uuid = submitted["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(id, &["running"], WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 200);
+    let job = app
+        .wait_status(
+            id,
+            &["cancelled", "succeeded", "failed"],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(artifact(&app, id, "synthetic.parquet").metadata().is_err());
+}
+
+#[tokio::test]
+async fn synthesis_refuses_bad_payloads() {
+    let app = TestApp::spawn().await;
+    let dataset = app
+        .upload_dataset("customers.csv", mixed_csv(50, 1).as_bytes())
+        .await;
+    let (status, body) = submit(&app, json!({"dataset_id": Uuid::now_v7(), "rows": 10})).await;
+    assert_eq!(status, 404, "{body}");
+    let cases = [
+        (json!({"rows": 0}), "payload.rows"),
+        (json!({"rows": -3}), "payload.rows"),
+        (json!({"rows": 10_000_000}), "payload.rows"),
+        (json!({"rows": 10, "epsilon": 0}), "payload.epsilon"),
+        (json!({"rows": 10, "epsilon": -1.5}), "payload.epsilon"),
+        (
+            json!({"rows": 10, "epsilon": 1, "synthesizer": "tvae"}),
+            "payload.epsilon",
+        ),
+        (
+            json!({"rows": 10, "holdout_fraction": 1}),
+            "payload.holdout_fraction",
+        ),
+        (
+            json!({"rows": 10, "synthesizer": "ctgan"}),
+            "payload.synthesizer",
+        ),
+        (
+            json!({"rows": 10, "columns": {"nope": {"type": "skip"}}}),
+            "payload.columns.nope",
+        ),
+        (
+            json!({"rows": 10, "columns": {"x": {"min": 9, "max": 1}}}),
+            "payload.columns.x.min",
+        ),
+    ];
+    for (payload, field) in cases {
+        let mut payload = payload;
+        payload["dataset_id"] = json!(dataset);
+        let (status, body) = submit(&app, payload.clone()).await;
+        assert_eq!(status, 422, "{payload}: {body}");
+        assert_eq!(body["errors"][0]["field"], field, "{payload}: {body}");
+    }
+    let (status, body) = submit(&app, json!({"dataset_id": dataset, "rows": 10})).await;
+    assert_eq!(status, 202, "{body}");
+}

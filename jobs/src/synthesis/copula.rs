@@ -1,0 +1,765 @@
+//! The Gaussian copula: each column's marginal (empirical quantiles for numbers, frequencies
+//! for labels and few-valued numbers, the missing rate), and one correlation matrix of the
+//! columns' normal scores. Sampling draws correlated normals through the Cholesky factor and
+//! maps each back through its column's marginal.
+//!
+//! With `epsilon`, the fit is differentially private (replace-one neighbours, row count
+//! public): half the budget buys Laplace-noised histograms (split evenly over the columns),
+//! the other half a Laplace-noised Kendall's tau matrix, turned into correlations by
+//! ρ = sin(πτ/2).
+
+use rand::{rngs::StdRng, Rng};
+use serde::Serialize;
+
+use super::{
+    profile::{quantile, Role},
+    stats::{
+        cholesky, interval_mean, kendall_tau_a, laplace, nearest_correlation, normal_cdf, pearson,
+        standard_normal,
+    },
+    table::{Column, Values},
+};
+
+/// Numbers with at most this many distinct values are sampled as levels, not interpolated.
+const MAX_DISCRETE_LEVELS: usize = 32;
+/// Quantile knots kept for a continuous marginal.
+const KNOTS: usize = 1001;
+/// Bins of a DP histogram over a continuous column's bounds.
+const DP_BINS: usize = 32;
+/// Smallest eigenvalue kept when a correlation matrix is repaired.
+const EIGEN_FLOOR: f64 = 1e-6;
+
+/// What a learned column needs beyond its values.
+#[derive(Clone, Debug)]
+pub struct ColumnSpec {
+    pub role: Role,
+    /// Output is clamped to these; DP histograms span them.
+    pub bounds: (Option<f64>, Option<f64>),
+}
+
+#[derive(Clone, Debug)]
+pub enum Marginal {
+    /// The quantile function at evenly spaced probabilities, linearly interpolated; missing
+    /// values drawn independently at their rate.
+    Continuous {
+        knots: Vec<f64>,
+        missing: f64,
+        decimals: Option<u32>,
+        bounds: (Option<f64>, Option<f64>),
+    },
+    /// Levels (missing among them) with cumulative probabilities.
+    Discrete {
+        levels: Values,
+        cumulative: Vec<f64>,
+    },
+}
+
+impl Marginal {
+    /// The value at `u` in (0, 1); `rng` draws missingness of continuous columns.
+    fn invert(&self, u: f64, rng: &mut StdRng) -> Pick {
+        match self {
+            Marginal::Continuous {
+                knots,
+                missing,
+                decimals,
+                bounds,
+            } => {
+                if rng.random::<f64>() < *missing {
+                    return Pick::Number(None);
+                }
+                let mut value = quantile(knots, u);
+                if let Some(d) = decimals {
+                    let scale = 10f64.powi(*d as i32);
+                    value = (value * scale).round() / scale;
+                }
+                if let Some(lo) = bounds.0 {
+                    value = value.max(lo);
+                }
+                if let Some(hi) = bounds.1 {
+                    value = value.min(hi);
+                }
+                Pick::Number(Some(value))
+            }
+            Marginal::Discrete { cumulative, .. } => {
+                let level = cumulative.partition_point(|&c| c < u);
+                Pick::Level(level.min(cumulative.len() - 1))
+            }
+        }
+    }
+}
+
+enum Pick {
+    Number(Option<f64>),
+    Level(usize),
+}
+
+/// Where the privacy budget went.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivacyBudget {
+    pub epsilon: f64,
+    pub marginals_epsilon: f64,
+    pub per_column_epsilon: f64,
+    pub correlation_epsilon: f64,
+    /// Laplace scale of each histogram count (sensitivity 2 / per-column ε).
+    pub histogram_noise_scale: f64,
+    /// Laplace scale of each Kendall's tau (pairs × 4/n / correlation ε).
+    pub correlation_noise_scale: Option<f64>,
+    pub mechanism: &'static str,
+    /// Columns whose histogram bounds came from the data (give `min`/`max` to keep them private).
+    pub bounds_from_data: Vec<String>,
+    /// Level sets of categorical columns come from the data, as in most DP synthesizers.
+    pub note: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct Copula {
+    pub names: Vec<String>,
+    pub marginals: Vec<Marginal>,
+    /// Correlation of the latent normals, row-major d × d.
+    pub correlation: Vec<f64>,
+    cholesky: Vec<f64>,
+    pub budget: Option<PrivacyBudget>,
+}
+
+impl Copula {
+    /// Fits the copula on `columns` (the learned ones), privately when `epsilon` is given.
+    pub fn fit(
+        columns: &[(&Column, ColumnSpec)],
+        epsilon: Option<f64>,
+        rng: &mut StdRng,
+    ) -> Copula {
+        let d = columns.len();
+        let names = columns.iter().map(|(c, _)| c.name.clone()).collect();
+        let (marginals, correlation, budget) = match epsilon {
+            None => {
+                let fitted = fit_marginals(columns);
+                let scores: Vec<&[Option<f64>]> = fitted.iter().map(|f| &f.1[..]).collect();
+                let correlation = latent_correlation(&scores);
+                (fitted.into_iter().map(|f| f.0).collect(), correlation, None)
+            }
+            Some(epsilon) => {
+                let (marginals, correlation, budget) = fit_private(columns, epsilon, rng);
+                (marginals, correlation, Some(budget))
+            }
+        };
+        let correlation = nearest_correlation(&correlation, d, EIGEN_FLOOR);
+        let cholesky = cholesky(&correlation, d).unwrap_or_else(|| super::stats::identity(d));
+        Copula {
+            names,
+            marginals,
+            correlation,
+            cholesky,
+            budget,
+        }
+    }
+
+    /// `rows` synthetic rows, one column per learned column, in order.
+    pub fn sample(&self, rows: usize, rng: &mut StdRng) -> Vec<Values> {
+        let d = self.marginals.len();
+        let mut picks: Vec<Vec<Pick>> = (0..d).map(|_| Vec::with_capacity(rows)).collect();
+        let mut noise = vec![0.0; d];
+        for _ in 0..rows {
+            for e in noise.iter_mut() {
+                *e = standard_normal(rng);
+            }
+            for (i, marginal) in self.marginals.iter().enumerate() {
+                let z: f64 = (0..=i).map(|k| self.cholesky[i * d + k] * noise[k]).sum();
+                let u = normal_cdf(z).clamp(1e-12, 1.0 - 1e-12);
+                picks[i].push(marginal.invert(u, rng));
+            }
+        }
+        picks
+            .into_iter()
+            .zip(&self.marginals)
+            .map(|(picks, marginal)| match marginal {
+                Marginal::Continuous { .. } => Values::Numbers(
+                    picks
+                        .into_iter()
+                        .map(|p| match p {
+                            Pick::Number(v) => v,
+                            Pick::Level(_) => unreachable!("continuous marginals pick numbers"),
+                        })
+                        .collect(),
+                ),
+                Marginal::Discrete { levels, .. } => {
+                    let rows: Vec<usize> = picks
+                        .into_iter()
+                        .map(|p| match p {
+                            Pick::Level(l) => l,
+                            Pick::Number(_) => unreachable!("discrete marginals pick levels"),
+                        })
+                        .collect();
+                    levels.take(&rows)
+                }
+            })
+            .collect()
+    }
+}
+
+/// Every column's marginal and each row's normal score (`None` where a continuous column is
+/// missing: those rows sit out of its correlations).
+///
+/// Numbers have an order; labels do not, and the copula can only carry a monotone relation.
+/// So a categorical's levels are ordered by the mean score, per level, of the ordered column
+/// they explain best (largest correlation ratio η²): cut, say, then goes from the levels of
+/// cheap diamonds to those of dear ones.
+fn fit_marginals(columns: &[(&Column, ColumnSpec)]) -> Vec<(Marginal, Vec<Option<f64>>)> {
+    let categorical = |(column, spec): &(&Column, ColumnSpec)| {
+        matches!(column.values, Values::Labels(_)) || spec.role == Role::Categorical
+    };
+    let ordered: Vec<Option<(Marginal, Vec<Option<f64>>)>> = columns
+        .iter()
+        .map(|c| (!categorical(c)).then(|| fit_ordered(c.0, &c.1)))
+        .collect();
+    let partners: Vec<&[Option<f64>]> = ordered.iter().flatten().map(|f| &f.1[..]).collect();
+    let mut fitted = Vec::with_capacity(columns.len());
+    for (c, ordered) in columns.iter().zip(ordered.iter()) {
+        fitted.push(match ordered {
+            Some(f) => f.clone(),
+            None => {
+                let (codes, levels) = c.0.values.dictionary();
+                let order = explaining_order(&codes, levels.len(), &partners);
+                discrete(&codes, &levels, &order)
+            }
+        });
+    }
+    fitted
+}
+
+/// A discrete marginal over `levels` taken in `order`, and each row's score.
+fn discrete(codes: &[usize], levels: &Values, order: &[usize]) -> (Marginal, Vec<Option<f64>>) {
+    let mut position = vec![0; order.len()];
+    for (rank, &level) in order.iter().enumerate() {
+        position[level] = rank;
+    }
+    let mut counts = vec![0.0; order.len()];
+    for &code in codes {
+        counts[position[code]] += 1.0;
+    }
+    let cumulative = cumulative(&counts);
+    let level_scores: Vec<f64> = (0..order.len())
+        .map(|k| {
+            let lo = if k == 0 { 0.0 } else { cumulative[k - 1] };
+            interval_mean(lo, cumulative[k])
+        })
+        .collect();
+    let scores = codes
+        .iter()
+        .map(|&c| Some(level_scores[position[c]]))
+        .collect();
+    let marginal = Marginal::Discrete {
+        levels: levels.take(order),
+        cumulative,
+    };
+    (marginal, scores)
+}
+
+/// Level order by mean score in the partner column with the largest η²; frequency order
+/// (the dictionary's) when no partner explains anything.
+fn explaining_order(codes: &[usize], levels: usize, partners: &[&[Option<f64>]]) -> Vec<usize> {
+    let mut best: Option<(f64, Vec<f64>)> = None;
+    for partner in partners {
+        let mut sums = vec![0.0; levels];
+        let mut counts = vec![0.0; levels];
+        let (mut total, mut total_sq, mut n) = (0.0, 0.0, 0.0);
+        for (&code, score) in codes.iter().zip(partner.iter()) {
+            if let Some(s) = score {
+                sums[code] += s;
+                counts[code] += 1.0;
+                total += s;
+                total_sq += s * s;
+                n += 1.0;
+            }
+        }
+        if n < 2.0 {
+            continue;
+        }
+        let mean = total / n;
+        let spread = total_sq - n * mean * mean;
+        let between: f64 = (0..levels)
+            .filter(|&l| counts[l] > 0.0)
+            .map(|l| counts[l] * (sums[l] / counts[l] - mean).powi(2))
+            .sum();
+        let eta = if spread > 0.0 { between / spread } else { 0.0 };
+        if best.as_ref().is_none_or(|b| eta > b.0) {
+            let means = (0..levels)
+                .map(|l| {
+                    if counts[l] > 0.0 {
+                        sums[l] / counts[l]
+                    } else {
+                        f64::INFINITY
+                    }
+                })
+                .collect();
+            best = Some((eta, means));
+        }
+    }
+    let mut order: Vec<usize> = (0..levels).collect();
+    if let Some((eta, means)) = best {
+        if eta > 1e-3 {
+            order.sort_by(|&a, &b| means[a].total_cmp(&means[b]).then(a.cmp(&b)));
+        }
+    }
+    order
+}
+
+/// A numeric column: few-valued ones as levels in numeric order (missing last), others as
+/// interpolated quantiles.
+fn fit_ordered(column: &Column, spec: &ColumnSpec) -> (Marginal, Vec<Option<f64>>) {
+    let Values::Numbers(values) = &column.values else {
+        unreachable!("only numbers are ordered")
+    };
+    if distinct_at_most(values, MAX_DISCRETE_LEVELS) {
+        let (codes, levels) = column.values.dictionary();
+        let Values::Numbers(level_values) = &levels else {
+            unreachable!("numbers make number levels")
+        };
+        let mut order: Vec<usize> = (0..level_values.len()).collect();
+        order.sort_by(|&a, &b| match (level_values[a], level_values[b]) {
+            (Some(x), Some(y)) => x.total_cmp(&y),
+            (x, y) => x.is_none().cmp(&y.is_none()),
+        });
+        return discrete(&codes, &levels, &order);
+    }
+    let mut present: Vec<(f64, usize)> = values
+        .iter()
+        .enumerate()
+        .filter_map(|(row, v)| Some(((*v)?, row)))
+        .collect();
+    present.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let n = present.len();
+    let mut scores = vec![None; values.len()];
+    // Tied values share the normal score of the CDF interval they occupy together.
+    let mut start = 0;
+    while start < n {
+        let mut end = start;
+        while end < n && present[end].0 == present[start].0 {
+            end += 1;
+        }
+        let score = interval_mean(start as f64 / n as f64, end as f64 / n as f64);
+        for &(_, row) in &present[start..end] {
+            scores[row] = Some(score);
+        }
+        start = end;
+    }
+    let sorted: Vec<f64> = present.iter().map(|p| p.0).collect();
+    let knots = if sorted.is_empty() {
+        vec![0.0]
+    } else if sorted.len() <= KNOTS {
+        sorted.clone()
+    } else {
+        (0..KNOTS)
+            .map(|i| quantile(&sorted, i as f64 / (KNOTS - 1) as f64))
+            .collect()
+    };
+    let marginal = Marginal::Continuous {
+        knots,
+        missing: 1.0 - n as f64 / values.len().max(1) as f64,
+        decimals: if column.is_integral() {
+            Some(0)
+        } else {
+            decimals(&sorted)
+        },
+        bounds: spec.bounds,
+    };
+    (marginal, scores)
+}
+
+fn distinct_at_most(values: &[Option<f64>], limit: usize) -> bool {
+    let mut seen: Vec<u64> = Vec::new();
+    for v in values.iter().flatten() {
+        let bits = v.to_bits();
+        if !seen.contains(&bits) {
+            if seen.len() == limit {
+                return false;
+            }
+            seen.push(bits);
+        }
+    }
+    true
+}
+
+/// The fewest decimals (up to 6) that every value is written with, if any.
+fn decimals(values: &[f64]) -> Option<u32> {
+    (0..=6u32).find(|&d| {
+        let scale = 10f64.powi(d as i32);
+        values
+            .iter()
+            .all(|v| ((v * scale).round() / scale - v).abs() <= 1e-9 * v.abs().max(1.0))
+    })
+}
+
+fn cumulative(counts: &[f64]) -> Vec<f64> {
+    let total: f64 = counts.iter().sum();
+    let mut running = 0.0;
+    let mut out: Vec<f64> = counts
+        .iter()
+        .map(|c| {
+            running += if total > 0.0 {
+                c / total
+            } else {
+                1.0 / counts.len() as f64
+            };
+            running
+        })
+        .collect();
+    if let Some(last) = out.last_mut() {
+        *last = 1.0;
+    }
+    out
+}
+
+/// The latent normals' correlation from the columns' scores: Pearson over complete pairs,
+/// divided by each score's standard deviation. A discrete score is the mean of the latent
+/// normal over its level's interval, which shrinks its correlations by exactly that
+/// deviation; undoing it keeps categorical–numeric relations as strong as in the data.
+fn latent_correlation(scores: &[&[Option<f64>]]) -> Vec<f64> {
+    let d = scores.len();
+    let spread: Vec<f64> = scores
+        .iter()
+        .map(|s| {
+            let present: Vec<f64> = s.iter().flatten().copied().collect();
+            let n = present.len().max(1) as f64;
+            let mean = present.iter().sum::<f64>() / n;
+            let var = present.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+            var.sqrt().clamp(0.05, 1.0)
+        })
+        .collect();
+    let mut m = super::stats::identity(d);
+    for i in 0..d {
+        for j in i + 1..d {
+            let r = pearson(scores[i], scores[j]).unwrap_or(0.0) / (spread[i] * spread[j]);
+            m[i * d + j] = r.clamp(-1.0, 1.0);
+            m[j * d + i] = m[i * d + j];
+        }
+    }
+    m
+}
+
+/// Noisy marginals and a noisy Kendall's tau matrix; see the module notes.
+fn fit_private(
+    columns: &[(&Column, ColumnSpec)],
+    epsilon: f64,
+    rng: &mut StdRng,
+) -> (Vec<Marginal>, Vec<f64>, PrivacyBudget) {
+    let d = columns.len().max(1);
+    let n = columns.first().map_or(0, |(c, _)| c.values.len()).max(1);
+    let (marginals_epsilon, correlation_epsilon) = if d >= 2 {
+        (epsilon / 2.0, epsilon / 2.0)
+    } else {
+        (epsilon, 0.0)
+    };
+    let per_column = marginals_epsilon / d as f64;
+    let histogram_scale = 2.0 / per_column;
+    let mut bounds_from_data = Vec::new();
+    let mut marginals = Vec::with_capacity(d);
+    // Each row's rank key per column, for Kendall's tau (missing ranks lowest).
+    let mut rank_keys: Vec<Vec<f64>> = Vec::with_capacity(d);
+    for (column, spec) in columns {
+        let noisy = |counts: &mut [f64], rng: &mut StdRng| {
+            for c in counts.iter_mut() {
+                *c = (*c + laplace(rng, histogram_scale)).max(0.0);
+            }
+        };
+        match (&column.values, spec.role) {
+            (Values::Numbers(values), Role::Numerical | Role::Datetime) => {
+                let present = values.iter().flatten().copied();
+                let data_lo = present.clone().fold(f64::INFINITY, f64::min);
+                let data_hi = present.fold(f64::NEG_INFINITY, f64::max);
+                if spec.bounds.0.is_none() || spec.bounds.1.is_none() {
+                    bounds_from_data.push(column.name.clone());
+                }
+                let lo = spec
+                    .bounds
+                    .0
+                    .unwrap_or(if data_lo.is_finite() { data_lo } else { 0.0 });
+                let hi = spec
+                    .bounds
+                    .1
+                    .unwrap_or(if data_hi.is_finite() { data_hi } else { lo });
+                let hi = hi.max(lo);
+                let integral = column.is_integral();
+                // Whole numbers over a short range get one bin per value.
+                let unit_bins = integral && hi - lo < 64.0;
+                let bins = if unit_bins {
+                    (hi - lo) as usize + 1
+                } else {
+                    DP_BINS
+                };
+                let width = if unit_bins {
+                    1.0
+                } else {
+                    (hi - lo) / bins as f64
+                };
+                // Last slot: missing.
+                let mut counts = vec![0.0; bins + 1];
+                for v in values {
+                    let slot = match v {
+                        None => bins,
+                        Some(_) if width <= 0.0 => 0,
+                        Some(v) if unit_bins => {
+                            ((v.clamp(lo, hi) - lo).round() as usize).min(bins - 1)
+                        }
+                        Some(v) => (((v.clamp(lo, hi) - lo) / width) as usize).min(bins - 1),
+                    };
+                    counts[slot] += 1.0;
+                }
+                noisy(&mut counts, rng);
+                let total: f64 = counts.iter().sum();
+                let missing = if total > 0.0 {
+                    counts[bins] / total
+                } else {
+                    0.0
+                };
+                let bin_counts = &counts[..bins];
+                marginals.push(if unit_bins {
+                    let mut levels: Vec<Option<f64>> =
+                        (0..bins).map(|k| Some(lo + k as f64)).collect();
+                    levels.push(None);
+                    Marginal::Discrete {
+                        levels: Values::Numbers(levels),
+                        cumulative: cumulative(&counts),
+                    }
+                } else {
+                    Marginal::Continuous {
+                        knots: histogram_knots(bin_counts, lo, width),
+                        missing,
+                        decimals: integral.then_some(0),
+                        bounds: (Some(lo), Some(hi)),
+                    }
+                });
+                rank_keys.push(
+                    values
+                        .iter()
+                        .map(|v| v.map_or(f64::NEG_INFINITY, |v| v.clamp(lo, hi)))
+                        .collect(),
+                );
+            }
+            _ => {
+                let (codes, levels) = column.values.dictionary();
+                let mut counts = vec![0.0; levels.len()];
+                for &code in &codes {
+                    counts[code] += 1.0;
+                }
+                noisy(&mut counts, rng);
+                // Order the levels by their noisy counts: the true order is private too.
+                let mut order: Vec<usize> = (0..levels.len()).collect();
+                order.sort_by(|&a, &b| counts[b].total_cmp(&counts[a]).then(a.cmp(&b)));
+                let mut position = vec![0; levels.len()];
+                for (rank, &level) in order.iter().enumerate() {
+                    position[level] = rank;
+                }
+                let counts: Vec<f64> = order.iter().map(|&l| counts[l]).collect();
+                rank_keys.push(codes.iter().map(|&c| position[c] as f64).collect());
+                marginals.push(Marginal::Discrete {
+                    levels: levels.take(&order),
+                    cumulative: cumulative(&counts),
+                });
+            }
+        }
+    }
+    let pairs = d * (d - 1) / 2;
+    let correlation_scale =
+        (pairs > 0).then(|| pairs as f64 * 4.0 / n as f64 / correlation_epsilon);
+    let mut correlation = super::stats::identity(d);
+    for i in 0..d {
+        for j in i + 1..d {
+            let tau = kendall_tau_a(&rank_keys[i], &rank_keys[j])
+                + laplace(rng, correlation_scale.unwrap_or(0.0));
+            let rho = (std::f64::consts::FRAC_PI_2 * tau.clamp(-1.0, 1.0)).sin();
+            correlation[i * d + j] = rho;
+            correlation[j * d + i] = rho;
+        }
+    }
+    let budget = PrivacyBudget {
+        epsilon,
+        marginals_epsilon,
+        per_column_epsilon: per_column,
+        correlation_epsilon,
+        histogram_noise_scale: histogram_scale,
+        correlation_noise_scale: correlation_scale,
+        mechanism: "Laplace; replace-one neighbouring tables, row count public",
+        bounds_from_data,
+        note: "categorical level sets and the row count are taken as public",
+    };
+    (marginals, correlation, budget)
+}
+
+/// Quantile knots of a histogram with uniform mass inside each bin.
+fn histogram_knots(counts: &[f64], lo: f64, width: f64) -> Vec<f64> {
+    let cumulative = cumulative(counts);
+    (0..KNOTS)
+        .map(|i| {
+            let p = i as f64 / (KNOTS - 1) as f64;
+            let bin = cumulative.partition_point(|&c| c < p).min(counts.len() - 1);
+            let before = if bin == 0 { 0.0 } else { cumulative[bin - 1] };
+            let mass = cumulative[bin] - before;
+            let within = if mass > 0.0 { (p - before) / mass } else { 0.5 };
+            lo + width * (bin as f64 + within.clamp(0.0, 1.0))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthesis::table::Table;
+    use polars::prelude::DataType;
+    use rand::SeedableRng;
+
+    /// x ~ N(50, 10); y = x + noise (ρ ≈ 0.8); group depends on x; flag independent; 5 %
+    /// of x missing.
+    fn table(n: usize, seed: u64) -> Table {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        let mut group = Vec::new();
+        let mut flag = Vec::new();
+        for _ in 0..n {
+            let a = standard_normal(&mut rng);
+            let b = 0.8 * a + 0.6 * standard_normal(&mut rng);
+            x.push((rng.random::<f64>() > 0.05).then_some(50.0 + 10.0 * a));
+            y.push(Some(b));
+            group.push(Some(
+                if a > 0.5 {
+                    "high"
+                } else if a > -0.5 {
+                    "mid"
+                } else {
+                    "low"
+                }
+                .into(),
+            ));
+            flag.push(Some((rng.random::<f64>() < 0.3).to_string()));
+        }
+        Table {
+            columns: vec![
+                Column::numbers("x", DataType::Float64, x),
+                Column::numbers("y", DataType::Float64, y),
+                Column::labels("group", group),
+                Column::labels("flag", flag),
+            ],
+        }
+    }
+
+    fn specs(table: &Table) -> Vec<(&Column, ColumnSpec)> {
+        table
+            .columns
+            .iter()
+            .map(|c| {
+                let role = match c.values {
+                    Values::Numbers(_) => Role::Numerical,
+                    Values::Labels(_) => Role::Categorical,
+                };
+                (
+                    c,
+                    ColumnSpec {
+                        role,
+                        bounds: (None, None),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn learns_the_correlation_and_the_marginals() {
+        let data = table(4000, 1);
+        let mut rng = StdRng::seed_from_u64(2);
+        let copula = Copula::fit(&specs(&data), None, &mut rng);
+        assert!(
+            (copula.correlation[1] - 0.8).abs() < 0.05,
+            "{:?}",
+            copula.correlation
+        );
+        // The group is x cut at ±0.5σ: its latent correlation with x is near 1 once the
+        // discreteness is undone.
+        assert!(copula.correlation[2] > 0.9, "{:?}", copula.correlation);
+        assert!(copula.correlation[3].abs() < 0.06);
+
+        let synthetic = copula.sample(4000, &mut rng);
+        let Values::Numbers(x) = &synthetic[0] else {
+            panic!()
+        };
+        let Values::Numbers(y) = &synthetic[1] else {
+            panic!()
+        };
+        let missing = x.iter().filter(|v| v.is_none()).count() as f64 / 4000.0;
+        assert!((missing - 0.05).abs() < 0.015, "{missing}");
+        let r = pearson(x, y).unwrap();
+        assert!((r - 0.8).abs() < 0.05, "{r}");
+        let present: Vec<f64> = x.iter().flatten().copied().collect();
+        let mean = present.iter().sum::<f64>() / present.len() as f64;
+        assert!((mean - 50.0).abs() < 0.7, "{mean}");
+        let Values::Labels(flag) = &synthetic[3] else {
+            panic!()
+        };
+        let share = flag.iter().filter(|f| f.as_deref() == Some("true")).count() as f64 / 4000.0;
+        assert!((share - 0.3).abs() < 0.03, "{share}");
+    }
+
+    #[test]
+    fn sampling_is_deterministic_under_a_seed() {
+        let data = table(500, 3);
+        let fit = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            Copula::fit(&specs(&data), None, &mut rng).sample(200, &mut rng)
+        };
+        assert_eq!(fit(9), fit(9));
+        assert_ne!(fit(9), fit(10));
+    }
+
+    #[test]
+    fn integers_stay_whole_and_floats_keep_their_decimals() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let ints: Vec<Option<f64>> = (0..300).map(|i| Some((i * 7 % 101) as f64)).collect();
+        let cents: Vec<Option<f64>> = (0..300).map(|i| Some(i as f64 * 0.37 + 0.01)).collect();
+        let data = Table {
+            columns: vec![
+                Column::numbers("n", DataType::Int64, ints),
+                Column::numbers("c", DataType::Float64, cents),
+            ],
+        };
+        let copula = Copula::fit(&specs(&data), None, &mut rng);
+        let sample = copula.sample(500, &mut rng);
+        let Values::Numbers(n) = &sample[0] else {
+            panic!()
+        };
+        assert!(n
+            .iter()
+            .flatten()
+            .all(|v| v.fract() == 0.0 && (0.0..=100.0).contains(v)));
+        let Values::Numbers(c) = &sample[1] else {
+            panic!()
+        };
+        assert!(c
+            .iter()
+            .flatten()
+            .all(|v| ((v * 100.0).round() - v * 100.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn private_fit_spends_the_budget_and_noise_grows_as_epsilon_shrinks() {
+        let data = table(3000, 5);
+        let error = |epsilon: f64| {
+            let mut total = 0.0;
+            for seed in 0..8 {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let copula = Copula::fit(&specs(&data), Some(epsilon), &mut rng);
+                total += (copula.correlation[1] - 0.8).abs();
+                let budget = copula.budget.unwrap();
+                assert_eq!(
+                    budget.marginals_epsilon + budget.correlation_epsilon,
+                    epsilon
+                );
+                assert!((budget.histogram_noise_scale - 2.0 / (epsilon / 8.0)).abs() < 1e-9);
+                let scale = budget.correlation_noise_scale.unwrap();
+                assert!((scale - 6.0 * 4.0 / 3000.0 / (epsilon / 2.0)).abs() < 1e-12);
+            }
+            total / 8.0
+        };
+        let (loose, tight) = (error(0.05), error(50.0));
+        assert!(tight < 0.05, "{tight}");
+        assert!(loose > 3.0 * tight, "{loose} vs {tight}");
+    }
+}

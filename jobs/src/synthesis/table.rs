@@ -1,0 +1,368 @@
+//! The table the synthesizers work on, and its round trip through polars: numbers (integers,
+//! floats, dates and times as their physical value) or labels (text, booleans), `None` for
+//! a missing value. Each column keeps its polars type so the output has the input's types.
+
+use polars::{io::mmap::MmapBytesReader, prelude::*};
+use rand::{rngs::StdRng, seq::SliceRandom};
+use std::{collections::HashMap, io::Cursor, path::Path};
+
+use shared::datasets::{Compression, Format};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Values {
+    Numbers(Vec<Option<f64>>),
+    Labels(Vec<Option<String>>),
+}
+
+impl Values {
+    pub fn len(&self) -> usize {
+        match self {
+            Values::Numbers(v) => v.len(),
+            Values::Labels(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn missing(&self) -> usize {
+        match self {
+            Values::Numbers(v) => v.iter().filter(|x| x.is_none()).count(),
+            Values::Labels(v) => v.iter().filter(|x| x.is_none()).count(),
+        }
+    }
+
+    /// Each row's level index, and the levels (missing included) from most to least
+    /// frequent, ties in order of first appearance: the dictionary a categorical learns.
+    pub fn dictionary(&self) -> (Vec<usize>, Values) {
+        let keys: Vec<Option<String>> = match self {
+            Values::Numbers(v) => v.iter().map(|x| x.map(|x| x.to_string())).collect(),
+            Values::Labels(v) => v.clone(),
+        };
+        let mut first: HashMap<&Option<String>, (usize, usize)> = HashMap::new();
+        for (row, key) in keys.iter().enumerate() {
+            first.entry(key).or_insert((row, 0)).1 += 1;
+        }
+        let mut order: Vec<(usize, usize)> = first.values().copied().collect();
+        order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let representatives: Vec<usize> = order.iter().map(|(row, _)| *row).collect();
+        let index: HashMap<&Option<String>, usize> = representatives
+            .iter()
+            .enumerate()
+            .map(|(level, &row)| (&keys[row], level))
+            .collect();
+        let codes = keys.iter().map(|key| index[key]).collect();
+        (codes, self.take(&representatives))
+    }
+
+    pub fn take(&self, rows: &[usize]) -> Values {
+        match self {
+            Values::Numbers(v) => Values::Numbers(rows.iter().map(|&i| v[i]).collect()),
+            Values::Labels(v) => Values::Labels(rows.iter().map(|&i| v[i].clone()).collect()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Column {
+    pub name: String,
+    pub dtype: DataType,
+    pub values: Values,
+}
+
+impl Column {
+    pub fn numbers(name: &str, dtype: DataType, values: Vec<Option<f64>>) -> Self {
+        Self {
+            name: name.to_owned(),
+            dtype,
+            values: Values::Numbers(values),
+        }
+    }
+
+    pub fn labels(name: &str, values: Vec<Option<String>>) -> Self {
+        Self {
+            name: name.to_owned(),
+            dtype: DataType::String,
+            values: Values::Labels(values),
+        }
+    }
+
+    /// Whole numbers only (integers, dates, times): generated values are rounded.
+    pub fn is_integral(&self) -> bool {
+        self.dtype.is_integer() || self.dtype.is_temporal()
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    pub columns: Vec<Column>,
+}
+
+impl Table {
+    pub fn rows(&self) -> usize {
+        self.columns.first().map_or(0, |c| c.values.len())
+    }
+
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    pub fn take(&self, rows: &[usize]) -> Table {
+        Table {
+            columns: self
+                .columns
+                .iter()
+                .map(|c| Column {
+                    values: c.values.take(rows),
+                    ..c.clone()
+                })
+                .collect(),
+        }
+    }
+
+    /// A seeded split into (train, holdout) with `holdout_fraction` of the rows held out
+    /// (at least one row on each side when there are two or more).
+    pub fn split(&self, holdout_fraction: f64, rng: &mut StdRng) -> (Table, Table) {
+        let n = self.rows();
+        let mut rows: Vec<usize> = (0..n).collect();
+        rows.shuffle(rng);
+        let holdout = if n >= 2 {
+            ((n as f64 * holdout_fraction).round() as usize).clamp(1, n - 1)
+        } else {
+            0
+        };
+        let (held, kept) = rows.split_at(holdout);
+        let (mut kept, mut held) = (kept.to_vec(), held.to_vec());
+        kept.sort_unstable();
+        held.sort_unstable();
+        (self.take(&kept), self.take(&held))
+    }
+}
+
+/// Reads a dataset file of the given format into a table.
+pub fn read(path: &Path, format: Format, compression: Compression) -> PolarsResult<Table> {
+    let frame = match (format, compression) {
+        (Format::Parquet, _) => ParquetReader::new(std::fs::File::open(path)?).finish()?,
+        (_, Compression::None) => read_text(std::fs::File::open(path)?, format)?,
+        (_, compression) => {
+            let bytes = decompress(&std::fs::read(path)?, compression)?;
+            read_text(Cursor::new(bytes), format)?
+        }
+    };
+    from_frame(&frame)
+}
+
+fn decompress(bytes: &[u8], compression: Compression) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    match compression {
+        Compression::Gzip => {
+            flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out)?;
+        }
+        Compression::Zstd => out = zstd::decode_all(bytes)?,
+        Compression::None => out = bytes.to_vec(),
+    }
+    Ok(out)
+}
+
+fn read_text<R: MmapBytesReader>(reader: R, format: Format) -> PolarsResult<DataFrame> {
+    match format {
+        Format::Ndjson => JsonReader::new(reader)
+            .with_json_format(JsonFormat::JsonLines)
+            .finish(),
+        _ => {
+            let separator = if format == Format::Tsv { b'\t' } else { b',' };
+            CsvReadOptions::default()
+                .with_has_header(true)
+                .with_infer_schema_length(Some(10_000))
+                .with_parse_options(
+                    CsvParseOptions::default()
+                        .with_separator(separator)
+                        .with_try_parse_dates(true),
+                )
+                .into_reader_with_file_handle(reader)
+                .finish()
+        }
+    }
+}
+
+/// Every column as numbers or labels; types polars has no number for are read as text.
+pub fn from_frame(frame: &DataFrame) -> PolarsResult<Table> {
+    let mut columns = Vec::with_capacity(frame.width());
+    for column in frame.columns() {
+        let series = column.as_materialized_series();
+        let name = series.name().as_str();
+        let dtype = series.dtype().clone();
+        columns.push(if dtype.is_primitive_numeric() || dtype.is_temporal() {
+            let physical = series.to_physical_repr().cast(&DataType::Float64)?;
+            Column::numbers(name, dtype, physical.f64()?.iter().collect())
+        } else if dtype == DataType::Boolean {
+            let values = series.bool()?.iter();
+            Column {
+                dtype,
+                ..Column::labels(name, values.map(|v| v.map(|b| b.to_string())).collect())
+            }
+        } else {
+            let text = series.cast(&DataType::String)?;
+            let values = text.str()?.iter();
+            Column::labels(name, values.map(|v| v.map(str::to_owned)).collect())
+        });
+    }
+    Ok(Table { columns })
+}
+
+/// The table as a polars frame with each column's original type.
+pub fn to_frame(table: &Table) -> PolarsResult<DataFrame> {
+    let mut columns = Vec::with_capacity(table.columns.len());
+    for column in &table.columns {
+        let name = PlSmallStr::from(column.name.as_str());
+        let series = match &column.values {
+            Values::Numbers(values) => {
+                let floats = Series::new(name, values);
+                match &column.dtype {
+                    DataType::Float64 => floats,
+                    dtype if dtype.is_temporal() => {
+                        let physical = dtype.to_physical();
+                        floats.cast(&physical)?.cast(dtype)?
+                    }
+                    dtype => floats.cast(dtype)?,
+                }
+            }
+            Values::Labels(values) => {
+                let text = Series::new(name, values);
+                if column.dtype == DataType::Boolean {
+                    text.str()?
+                        .iter()
+                        .map(|v| v.map(|s| s == "true"))
+                        .collect::<BooleanChunked>()
+                        .into_series()
+                        .with_name(column.name.as_str().into())
+                } else {
+                    text
+                }
+            }
+        };
+        columns.push(series.into_column());
+    }
+    DataFrame::new(table.rows(), columns)
+}
+
+/// Writes the table as CSV or Parquet.
+pub fn write(table: &Table, path: &Path, parquet: bool) -> PolarsResult<()> {
+    let mut frame = to_frame(table)?;
+    let file = std::fs::File::create(path)?;
+    if parquet {
+        ParquetWriter::new(file).finish(&mut frame)?;
+    } else {
+        CsvWriter::new(file)
+            .include_header(true)
+            .finish(&mut frame)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn sample_csv() -> &'static str {
+        "id,age,score,city,member,joined,seen\n\
+         a1,31,0.5,Oslo,true,2020-01-02,2021-03-04 05:06:07\n\
+         a2,,1.25,Rome,false,2021-06-30,2022-01-01 00:00:00\n\
+         a3,45,,,true,,2023-12-31 23:59:59\n"
+    }
+
+    #[test]
+    fn csv_round_trips_through_the_table_with_its_types() {
+        let dir = std::env::temp_dir().join(format!("synth-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.csv");
+        std::fs::write(&input, sample_csv()).unwrap();
+        let table = read(&input, Format::Csv, Compression::None).unwrap();
+        assert_eq!(table.rows(), 3);
+        let age = table.column("age").unwrap();
+        assert!(age.dtype.is_integer());
+        assert_eq!(
+            age.values,
+            Values::Numbers(vec![Some(31.0), None, Some(45.0)])
+        );
+        assert_eq!(table.column("joined").unwrap().dtype, DataType::Date);
+        assert!(matches!(
+            table.column("seen").unwrap().dtype,
+            DataType::Datetime(_, _)
+        ));
+        assert_eq!(table.column("member").unwrap().dtype, DataType::Boolean);
+        assert_eq!(
+            table.column("city").unwrap().values,
+            Values::Labels(vec![Some("Oslo".into()), Some("Rome".into()), None])
+        );
+
+        for parquet in [false, true] {
+            let output = dir.join(if parquet { "out.parquet" } else { "out.csv" });
+            write(&table, &output, parquet).unwrap();
+            let format = if parquet {
+                Format::Parquet
+            } else {
+                Format::Csv
+            };
+            let back = read(&output, format, Compression::None).unwrap();
+            for (a, b) in table.columns.iter().zip(&back.columns) {
+                assert_eq!(a.name, b.name);
+                assert_eq!(a.dtype, b.dtype, "{}", a.name);
+                assert_eq!(a.values, b.values, "{}", a.name);
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dictionary_orders_levels_by_frequency() {
+        let values = Values::Labels(
+            ["b", "a", "a", "c", "b", "a"]
+                .iter()
+                .map(|s| Some(s.to_string()))
+                .chain([None])
+                .collect(),
+        );
+        let (codes, levels) = values.dictionary();
+        assert_eq!(codes, [1, 0, 0, 2, 1, 0, 3]);
+        assert_eq!(
+            levels,
+            Values::Labels(vec![
+                Some("a".into()),
+                Some("b".into()),
+                Some("c".into()),
+                None
+            ])
+        );
+        let (codes, levels) = Values::Numbers(vec![Some(2.0), None, Some(2.0)]).dictionary();
+        assert_eq!(codes, [0, 1, 0]);
+        assert_eq!(levels, Values::Numbers(vec![Some(2.0), None]));
+    }
+
+    #[test]
+    fn split_is_seeded_and_keeps_every_row_once() {
+        let table = Table {
+            columns: vec![Column::numbers(
+                "x",
+                DataType::Float64,
+                (0..100).map(|i| Some(i as f64)).collect(),
+            )],
+        };
+        let (train, holdout) = table.split(0.2, &mut StdRng::seed_from_u64(1));
+        assert_eq!((train.rows(), holdout.rows()), (80, 20));
+        let (again, _) = table.split(0.2, &mut StdRng::seed_from_u64(1));
+        assert_eq!(train.columns[0].values, again.columns[0].values);
+        let Values::Numbers(mut all) = train.columns[0].values.clone() else {
+            unreachable!()
+        };
+        let Values::Numbers(held) = &holdout.columns[0].values else {
+            unreachable!()
+        };
+        all.extend(held);
+        all.sort_by(|a, b| a.unwrap().total_cmp(&b.unwrap()));
+        assert_eq!(all, (0..100).map(|i| Some(i as f64)).collect::<Vec<_>>());
+    }
+}

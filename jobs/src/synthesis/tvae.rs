@@ -1,0 +1,656 @@
+//! TVAE (Xu et al., 2019) with candle on the CPU: a variational autoencoder over the table's
+//! rows, encoded as mode-specific normalised numbers and one-hot labels.
+//!
+//! - A continuous column gets a small Gaussian mixture (EM, up to 5 modes); a value becomes
+//!   its most likely mode (one-hot, with one more slot for missing) and its offset from that
+//!   mode's mean in units of 4σ (tanh output, with a learned noise scale).
+//! - A discrete column (labels, few-valued numbers) is one-hot over its most frequent levels;
+//!   the rest share one slot, decoded by drawing among them by frequency.
+//!
+//! Weights, batches and the latent noise come from one seeded RNG: a seed gives the same model.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{ops::log_softmax, AdamW, Linear, Module, Optimizer, ParamsAdamW};
+use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+
+use super::{
+    copula::ColumnSpec,
+    profile::{quantile, Role},
+    stats::standard_normal,
+    table::{Column, Values},
+    JobError, Monitor,
+};
+
+const MAX_MODES: usize = 5;
+const MAX_LEVELS: usize = 100;
+const MAX_DISCRETE_NUMBERS: usize = 32;
+const HIDDEN: usize = 128;
+const LATENT: usize = 64;
+const BATCH: usize = 500;
+/// Weight of the reconstruction term against the KL term (TVAE's `loss_factor`).
+const LOSS_FACTOR: f64 = 2.0;
+
+/// One column's slice of the encoded row.
+#[derive(Clone, Debug)]
+enum Encoder {
+    Continuous {
+        /// Offset's position in the row; the modes' one-hot follows it.
+        at: usize,
+        means: Vec<f64>,
+        stds: Vec<f64>,
+        /// A slot after the modes for missing values.
+        missing: bool,
+        decimals: Option<u32>,
+        bounds: (Option<f64>, Option<f64>),
+    },
+    Discrete {
+        at: usize,
+        /// The one-hot slots' levels; with `rare`, the last slot stands for all of them.
+        levels: Values,
+        slots: usize,
+        /// Levels beyond the slots, with their counts.
+        rare: Vec<(usize, f64)>,
+    },
+}
+
+impl Encoder {
+    fn width(&self) -> usize {
+        match self {
+            Encoder::Continuous { means, missing, .. } => 1 + means.len() + usize::from(*missing),
+            Encoder::Discrete { slots, .. } => *slots,
+        }
+    }
+
+    /// The softmax groups (start, length) of this column's slice.
+    fn group(&self) -> (usize, usize) {
+        match self {
+            Encoder::Continuous { at, .. } => (at + 1, self.width() - 1),
+            Encoder::Discrete { at, slots, .. } => (*at, *slots),
+        }
+    }
+}
+
+pub struct Tvae {
+    encoders: Vec<Encoder>,
+    width: usize,
+    decoder: Vec<Linear>,
+    /// Learned noise scale of each continuous offset, in row order.
+    sigmas: Vec<f64>,
+}
+
+fn fail(e: candle_core::Error) -> JobError {
+    JobError::Permanent(format!("tvae: {e}"))
+}
+
+/// A `fan_in`-uniform (PyTorch's default) linear layer whose weights are variables.
+fn layer(input: usize, output: usize, rng: &mut StdRng) -> candle_core::Result<(Linear, Vec<Var>)> {
+    let bound = 1.0 / (input as f64).sqrt();
+    let mut uniform = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+            .collect()
+    };
+    let weight = Var::from_tensor(&Tensor::from_vec(
+        uniform(input * output),
+        (output, input),
+        &Device::Cpu,
+    )?)?;
+    let bias = Var::from_tensor(&Tensor::from_vec(uniform(output), output, &Device::Cpu)?)?;
+    let linear = Linear::new(weight.as_tensor().clone(), Some(bias.as_tensor().clone()));
+    Ok((linear, vec![weight, bias]))
+}
+
+fn mlp(layers: &[Linear], x: &Tensor) -> candle_core::Result<Tensor> {
+    let mut x = x.clone();
+    for (i, layer) in layers.iter().enumerate() {
+        x = layer.forward(&x)?;
+        if i + 1 < layers.len() {
+            x = x.relu()?;
+        }
+    }
+    Ok(x)
+}
+
+impl Tvae {
+    /// Trains for `epochs`, reporting each epoch's loss; stops between epochs when asked.
+    pub fn fit(
+        columns: &[(&Column, ColumnSpec)],
+        epochs: usize,
+        seed: u64,
+        monitor: &dyn Monitor,
+    ) -> Result<Tvae, JobError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let rows = columns.first().map_or(0, |(c, _)| c.values.len());
+        let mut encoders = Vec::new();
+        let mut width = 0;
+        for (column, spec) in columns {
+            let encoder = fit_encoder(column, spec, width);
+            width += encoder.width();
+            encoders.push(encoder);
+        }
+        let mut data = vec![0f32; rows * width];
+        for (encoder, (column, _)) in encoders.iter().zip(columns) {
+            encode(encoder, &column.values, &mut data, width);
+        }
+        let scalars: Vec<usize> = encoders
+            .iter()
+            .filter_map(|e| match e {
+                Encoder::Continuous { at, .. } => Some(*at),
+                Encoder::Discrete { .. } => None,
+            })
+            .collect();
+        let groups: Vec<(usize, usize)> = encoders.iter().map(Encoder::group).collect();
+
+        let device = Device::Cpu;
+        let mut vars = Vec::new();
+        let mut stack = |sizes: &[usize], rng: &mut StdRng| -> candle_core::Result<Vec<Linear>> {
+            let mut layers = Vec::new();
+            for pair in sizes.windows(2) {
+                let (linear, v) = layer(pair[0], pair[1], rng)?;
+                layers.push(linear);
+                vars.extend(v);
+            }
+            Ok(layers)
+        };
+        let encoder_net = stack(&[width, HIDDEN, HIDDEN, 2 * LATENT], &mut rng).map_err(fail)?;
+        let decoder = stack(&[LATENT, HIDDEN, HIDDEN, width], &mut rng).map_err(fail)?;
+        let log_sigma = Var::from_tensor(
+            &Tensor::full((0.1f32).ln(), scalars.len().max(1), &device).map_err(fail)?,
+        )
+        .map_err(fail)?;
+        vars.push(log_sigma.clone());
+        let mut optimizer = AdamW::new(
+            vars,
+            ParamsAdamW {
+                lr: 1e-3,
+                weight_decay: 1e-5,
+                ..Default::default()
+            },
+        )
+        .map_err(fail)?;
+
+        let scalar_index = Tensor::from_vec(
+            scalars.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            scalars.len(),
+            &device,
+        )
+        .map_err(fail)?;
+        // Small tables get smaller batches, so that they still take enough steps.
+        let batch_size = BATCH.min(rows.div_ceil(10).max(32)).min(rows).max(1);
+        let mut order: Vec<usize> = (0..rows).collect();
+        for epoch in 1..=epochs {
+            monitor.checkpoint()?;
+            order.shuffle(&mut rng);
+            let mut total = 0.0;
+            let mut batches = 0;
+            for chunk in order.chunks(batch_size) {
+                let mut batch = Vec::with_capacity(chunk.len() * width);
+                for &row in chunk {
+                    batch.extend_from_slice(&data[row * width..(row + 1) * width]);
+                }
+                let noise: Vec<f32> = (0..chunk.len() * LATENT)
+                    .map(|_| standard_normal(&mut rng) as f32)
+                    .collect();
+                let loss = (|| -> candle_core::Result<Tensor> {
+                    let x = Tensor::from_vec(batch, (chunk.len(), width), &device)?;
+                    let eps = Tensor::from_vec(noise, (chunk.len(), LATENT), &device)?;
+                    let h = mlp(&encoder_net, &x)?;
+                    let mu = h.narrow(1, 0, LATENT)?;
+                    let log_var = h.narrow(1, LATENT, LATENT)?;
+                    let z = (&mu + (&eps * (&log_var * 0.5)?.exp()?)?)?;
+                    let out = mlp(&decoder, &z)?;
+                    let mut reconstruction = Tensor::zeros((), DType::F32, &device)?;
+                    if !scalars.is_empty() {
+                        let target = x.index_select(&scalar_index, 1)?;
+                        let predicted = out.index_select(&scalar_index, 1)?.tanh()?;
+                        let sigma = log_sigma.as_tensor().exp()?;
+                        let squared = (target - predicted)?
+                            .sqr()?
+                            .broadcast_div(&(sigma.sqr()? * 2.0)?)?
+                            .sum_all()?;
+                        let log_terms = (log_sigma.as_tensor().sum_all()? * chunk.len() as f64)?;
+                        reconstruction = (reconstruction + squared + log_terms)?;
+                    }
+                    for &(start, len) in &groups {
+                        let logits = out.narrow(1, start, len)?;
+                        let target = x.narrow(1, start, len)?;
+                        let cross_entropy = (log_softmax(&logits, D::Minus1)? * target)?
+                            .sum_all()?
+                            .neg()?;
+                        reconstruction = (reconstruction + cross_entropy)?;
+                    }
+                    let kl = ((log_var.exp()? + mu.sqr()? - &log_var)? - 1.0)?.sum_all()? * 0.5;
+                    ((reconstruction * LOSS_FACTOR)? + kl)? / chunk.len() as f64
+                })()
+                .map_err(fail)?;
+                optimizer.backward_step(&loss).map_err(fail)?;
+                // The noise scale stays in TVAE's range.
+                let clamped = log_sigma
+                    .as_tensor()
+                    .clamp((0.01f32).ln(), 0.0f32)
+                    .map_err(fail)?;
+                log_sigma.set(&clamped).map_err(fail)?;
+                total += loss.to_scalar::<f32>().map_err(fail)? as f64;
+                batches += 1;
+            }
+            monitor.epoch(epoch, epochs, total / batches.max(1) as f64);
+        }
+        let sigmas = log_sigma
+            .as_tensor()
+            .exp()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(fail)?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        Ok(Tvae {
+            encoders,
+            width,
+            decoder,
+            sigmas,
+        })
+    }
+
+    /// `rows` synthetic rows, one column per learned column.
+    pub fn sample(&self, rows: usize, seed: u64) -> Result<Vec<Values>, JobError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut decoded: Vec<Vec<f32>> = Vec::with_capacity(rows);
+        let mut done = 0;
+        while done < rows {
+            let n = (rows - done).min(1000);
+            let z: Vec<f32> = (0..n * LATENT)
+                .map(|_| standard_normal(&mut rng) as f32)
+                .collect();
+            let out = Tensor::from_vec(z, (n, LATENT), &Device::Cpu)
+                .and_then(|z| mlp(&self.decoder, &z))
+                .and_then(|t| t.to_vec2::<f32>())
+                .map_err(fail)?;
+            decoded.extend(out);
+            done += n;
+        }
+        let mut sigma = self.sigmas.iter();
+        Ok(self
+            .encoders
+            .iter()
+            .map(|encoder| {
+                let sigma = match encoder {
+                    Encoder::Continuous { .. } => *sigma.next().unwrap_or(&0.0),
+                    Encoder::Discrete { .. } => 0.0,
+                };
+                decode(encoder, &decoded, sigma, &mut rng)
+            })
+            .collect())
+    }
+
+    /// Width of an encoded row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+}
+
+/// The largest logit's index: a continuous value's mode, as TVAE decodes it.
+fn argmax(logits: &[f32]) -> usize {
+    (0..logits.len())
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+        .unwrap_or(0)
+}
+
+/// An index drawn with the softmax probabilities of `logits`: a label. (TVAE takes the
+/// argmax; a draw keeps the frequencies where the decoder learned little from the code.)
+fn draw(logits: &[f32], rng: &mut StdRng) -> usize {
+    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = logits.iter().map(|&l| f64::from(l - top).exp()).collect();
+    let mut target = rng.random::<f64>() * weights.iter().sum::<f64>();
+    for (i, w) in weights.iter().enumerate() {
+        if target < *w {
+            return i;
+        }
+        target -= w;
+    }
+    logits.len() - 1
+}
+
+fn decode(encoder: &Encoder, rows: &[Vec<f32>], sigma: f64, rng: &mut StdRng) -> Values {
+    match encoder {
+        Encoder::Continuous {
+            at,
+            means,
+            stds,
+            missing,
+            decimals,
+            bounds,
+        } => Values::Numbers(
+            rows.iter()
+                .map(|row| {
+                    let modes = &row[at + 1..at + 1 + means.len() + usize::from(*missing)];
+                    let mode = argmax(modes);
+                    if mode == means.len() {
+                        return None;
+                    }
+                    let offset = (f64::from(row[*at]).tanh() + sigma * standard_normal(rng))
+                        .clamp(-1.0, 1.0);
+                    let mut value = offset * 4.0 * stds[mode] + means[mode];
+                    if let Some(d) = decimals {
+                        let scale = 10f64.powi(*d as i32);
+                        value = (value * scale).round() / scale;
+                    }
+                    if let Some(lo) = bounds.0 {
+                        value = value.max(lo);
+                    }
+                    if let Some(hi) = bounds.1 {
+                        value = value.min(hi);
+                    }
+                    Some(value)
+                })
+                .collect(),
+        ),
+        Encoder::Discrete {
+            at,
+            levels,
+            slots,
+            rare,
+        } => {
+            let rare_total: f64 = rare.iter().map(|r| r.1).sum();
+            let picks: Vec<usize> = rows
+                .iter()
+                .map(|row| {
+                    let slot = draw(&row[*at..at + slots], rng);
+                    if !rare.is_empty() && slot == slots - 1 {
+                        let mut target = rng.random::<f64>() * rare_total;
+                        for (level, count) in rare {
+                            if target < *count {
+                                return *level;
+                            }
+                            target -= count;
+                        }
+                        rare.last().map_or(slot, |r| r.0)
+                    } else {
+                        slot
+                    }
+                })
+                .collect();
+            levels.take(&picks)
+        }
+    }
+}
+
+fn fit_encoder(column: &Column, spec: &ColumnSpec, at: usize) -> Encoder {
+    let discrete = match (&column.values, spec.role) {
+        (Values::Labels(_), _) | (_, Role::Categorical) => true,
+        (Values::Numbers(values), _) => {
+            let mut distinct: Vec<u64> = values.iter().flatten().map(|v| v.to_bits()).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            distinct.len() <= MAX_DISCRETE_NUMBERS
+        }
+    };
+    if discrete {
+        let (codes, levels) = column.values.dictionary();
+        let mut counts = vec![0.0; levels.len()];
+        for &c in &codes {
+            counts[c] += 1.0;
+        }
+        let (slots, rare) = if levels.len() > MAX_LEVELS {
+            let rare = (MAX_LEVELS - 1..levels.len())
+                .map(|l| (l, counts[l]))
+                .collect();
+            (MAX_LEVELS, rare)
+        } else {
+            (levels.len(), Vec::new())
+        };
+        return Encoder::Discrete {
+            at,
+            levels,
+            slots,
+            rare,
+        };
+    }
+    let Values::Numbers(values) = &column.values else {
+        unreachable!("labels are discrete")
+    };
+    let mut present: Vec<f64> = values.iter().flatten().copied().collect();
+    present.sort_by(f64::total_cmp);
+    let (means, stds) = mixture(&present);
+    let decimals = if column.is_integral() {
+        Some(0)
+    } else {
+        (0..=6u32).find(|&d| {
+            let scale = 10f64.powi(d as i32);
+            present
+                .iter()
+                .all(|v| ((v * scale).round() / scale - v).abs() <= 1e-9 * v.abs().max(1.0))
+        })
+    };
+    Encoder::Continuous {
+        at,
+        means,
+        stds,
+        missing: present.len() < values.len(),
+        decimals,
+        bounds: spec.bounds,
+    }
+}
+
+/// A 1-D Gaussian mixture by EM, started at evenly spaced quantiles; modes that end up
+/// nearly empty are dropped.
+fn mixture(sorted: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    if sorted.is_empty() {
+        return (vec![0.0], vec![1.0]);
+    }
+    let spread = (sorted[sorted.len() - 1] - sorted[0]).max(1e-9);
+    let k = MAX_MODES.min(sorted.len());
+    let mut means: Vec<f64> = (0..k)
+        .map(|i| quantile(sorted, (i as f64 + 0.5) / k as f64))
+        .collect();
+    let mut stds = vec![spread / (2.0 * k as f64); k];
+    let mut weights = vec![1.0 / k as f64; k];
+    // Subsample large columns: the mixture only has to be roughly right.
+    let step = (sorted.len() / 20_000).max(1);
+    let points: Vec<f64> = sorted.iter().step_by(step).copied().collect();
+    let floor = spread * 1e-3;
+    let mut responsibilities = vec![0.0; points.len() * k];
+    for _ in 0..50 {
+        for (i, &x) in points.iter().enumerate() {
+            let r = &mut responsibilities[i * k..(i + 1) * k];
+            for m in 0..k {
+                let z = (x - means[m]) / stds[m];
+                r[m] = weights[m] * (-0.5 * z * z).exp() / stds[m];
+            }
+            let total: f64 = r.iter().sum::<f64>().max(1e-300);
+            r.iter_mut().for_each(|v| *v /= total);
+        }
+        for m in 0..k {
+            let mass: f64 = (0..points.len()).map(|i| responsibilities[i * k + m]).sum();
+            if mass < 1e-9 {
+                weights[m] = 0.0;
+                continue;
+            }
+            let mean = (0..points.len())
+                .map(|i| responsibilities[i * k + m] * points[i])
+                .sum::<f64>()
+                / mass;
+            let var = (0..points.len())
+                .map(|i| responsibilities[i * k + m] * (points[i] - mean).powi(2))
+                .sum::<f64>()
+                / mass;
+            means[m] = mean;
+            stds[m] = var.sqrt().max(floor);
+            weights[m] = mass / points.len() as f64;
+        }
+    }
+    let kept: Vec<usize> = (0..k).filter(|&m| weights[m] > 0.005).collect();
+    (
+        kept.iter().map(|&m| means[m]).collect(),
+        kept.iter().map(|&m| stds[m]).collect(),
+    )
+}
+
+/// Writes the column's encoding into each row of `data` (row-major, `width` wide).
+fn encode(encoder: &Encoder, values: &Values, data: &mut [f32], width: usize) {
+    match (encoder, values) {
+        (
+            Encoder::Continuous {
+                at,
+                means,
+                stds,
+                missing,
+                ..
+            },
+            Values::Numbers(values),
+        ) => {
+            for (row, value) in values.iter().enumerate() {
+                let base = row * width + at;
+                match value {
+                    None => {
+                        debug_assert!(*missing);
+                        data[base + 1 + means.len()] = 1.0;
+                    }
+                    Some(x) => {
+                        let mode = (0..means.len())
+                            .max_by(|&a, &b| {
+                                let density = |m: usize| {
+                                    let z = (x - means[m]) / stds[m];
+                                    -0.5 * z * z - stds[m].ln()
+                                };
+                                density(a).total_cmp(&density(b))
+                            })
+                            .unwrap_or(0);
+                        data[base] =
+                            ((x - means[mode]) / (4.0 * stds[mode])).clamp(-0.99, 0.99) as f32;
+                        data[base + 1 + mode] = 1.0;
+                    }
+                }
+            }
+        }
+        (Encoder::Discrete { at, slots, .. }, values) => {
+            let (codes, _) = values.dictionary();
+            for (row, code) in codes.into_iter().enumerate() {
+                data[row * width + at + code.min(slots - 1)] = 1.0;
+            }
+        }
+        (Encoder::Continuous { .. }, Values::Labels(_)) => {
+            unreachable!("labels are encoded as discrete")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthesis::{stats::pearson, Quiet};
+    use polars::prelude::DataType;
+    use std::sync::Mutex;
+
+    fn columns(n: usize) -> Vec<Column> {
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        let mut c = Vec::new();
+        for i in 0..n {
+            // Bimodal x; y follows x; the label follows the mode.
+            let high = i % 3 == 0;
+            let v = if high { 100.0 } else { 10.0 } + standard_normal(&mut rng) * 2.0;
+            x.push(Some(v));
+            y.push((i % 10 != 0).then_some(v * 0.5 + standard_normal(&mut rng)));
+            c.push(Some(if high { "big" } else { "small" }.to_owned()));
+        }
+        vec![
+            Column::numbers("x", DataType::Float64, x),
+            Column::numbers("y", DataType::Float64, y),
+            Column::labels("c", c),
+        ]
+    }
+
+    fn specs(columns: &[Column]) -> Vec<(&Column, ColumnSpec)> {
+        columns
+            .iter()
+            .map(|c| {
+                let role = match c.values {
+                    Values::Numbers(_) => Role::Numerical,
+                    Values::Labels(_) => Role::Categorical,
+                };
+                (
+                    c,
+                    ColumnSpec {
+                        role,
+                        bounds: (None, None),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mixture_finds_both_modes() {
+        let mut data: Vec<f64> = (0..400)
+            .map(|i| if i % 2 == 0 { 0.0 } else { 50.0 } + (i % 7) as f64 * 0.1)
+            .collect();
+        data.sort_by(f64::total_cmp);
+        let (means, _) = mixture(&data);
+        assert!(means.iter().any(|m| m.abs() < 1.0), "{means:?}");
+        assert!(means.iter().any(|m| (m - 50.0).abs() < 1.0), "{means:?}");
+    }
+
+    struct Losses(Mutex<Vec<f64>>);
+
+    impl Monitor for Losses {
+        fn stage(&self, _: f32, _: &str) {}
+        fn epoch(&self, _: usize, _: usize, loss: f64) {
+            self.0.lock().unwrap().push(loss);
+        }
+        fn checkpoint(&self) -> Result<(), shared::Cancelled> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn trains_reports_each_epoch_and_reproduces_the_structure() {
+        let data = columns(600);
+        let losses = Losses(Mutex::new(Vec::new()));
+        let model = Tvae::fit(&specs(&data), 40, 5, &losses).unwrap();
+        let losses = losses.0.into_inner().unwrap();
+        assert_eq!(losses.len(), 40);
+        assert!(losses[39] < losses[0], "{losses:?}");
+
+        let sample = model.sample(600, 6).unwrap();
+        let Values::Numbers(x) = &sample[0] else {
+            panic!()
+        };
+        let Values::Numbers(y) = &sample[1] else {
+            panic!()
+        };
+        let Values::Labels(c) = &sample[2] else {
+            panic!()
+        };
+        let big = c.iter().filter(|v| v.as_deref() == Some("big")).count() as f64 / 600.0;
+        assert!((big - 1.0 / 3.0).abs() < 0.12, "{big}");
+        assert!(x.iter().flatten().all(|v| (-20.0..140.0).contains(v)));
+        let r = pearson(x, y).unwrap();
+        assert!(r > 0.7, "{r}");
+        let missing = y.iter().filter(|v| v.is_none()).count();
+        assert!(missing < 200, "{missing}");
+        // Same seeds, same rows.
+        assert_eq!(
+            model.sample(50, 6).unwrap()[0],
+            model.sample(50, 6).unwrap()[0]
+        );
+    }
+
+    #[test]
+    fn stops_between_epochs_when_cancelled() {
+        struct Stop;
+        impl Monitor for Stop {
+            fn stage(&self, _: f32, _: &str) {}
+            fn epoch(&self, _: usize, _: usize, _: f64) {}
+            fn checkpoint(&self) -> Result<(), shared::Cancelled> {
+                Err(shared::Cancelled)
+            }
+        }
+        let data = columns(50);
+        assert!(matches!(
+            Tvae::fit(&specs(&data), 5, 1, &Stop),
+            Err(JobError::Cancelled(_))
+        ));
+        assert!(Tvae::fit(&specs(&data), 1, 1, &Quiet).is_ok());
+    }
+}

