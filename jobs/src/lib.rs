@@ -11,6 +11,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use uuid::Uuid;
 
 pub mod canary;
+pub mod ingest;
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]
