@@ -6,16 +6,24 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::routes::{events, jobs, ops};
+use crate::routes::{collections, events, jobs, ops};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Conveyor", description = "Job queue for heavy data and ML work"),
     paths(jobs::submit, jobs::submit_batch, jobs::get_one, jobs::list, jobs::cancel, jobs::retry,
-          events::job_events, events::tenant_events, ops::healthz, ops::readyz, ops::metrics),
+          events::job_events, events::tenant_events, ops::healthz, ops::readyz, ops::metrics,
+          collections::create, collections::list, collections::get_one, collections::delete,
+          collections::search),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
-                        jobs::SubmitBatch, jobs::JobList, ::jobs::canary::CanaryPayload)),
+                        jobs::SubmitBatch, jobs::JobList, ::jobs::canary::CanaryPayload,
+                        ::jobs::ingest::IngestPayload, ::jobs::ingest::DocumentSource,
+                        ::jobs::ingest::extract::DocFormat, collections::NewCollection,
+                        collections::ChunkingSettings, collections::CollectionList,
+                        collections::SearchRequest, collections::SearchResults,
+                        ::jobs::ingest::store::Collection, ::jobs::ingest::store::Hit,
+                        ::jobs::ingest::store::SearchMode)),
     modifiers(&BearerAuth),
     security(("api_key" = []))
 )]

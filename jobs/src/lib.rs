@@ -40,6 +40,12 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Called once when a worker starts serving this kind: loads what every job needs (a
+    /// model), so that a worker that cannot run them fails at start-up, not mid-job.
+    async fn prepare(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Runs one attempt. It must be idempotent: delivery is at least once.
     async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError>;
 }
@@ -57,6 +63,8 @@ pub struct Services {
     pub pool: PgPool,
     pub objects: ObjectStore,
     pub targets: Targets,
+    /// The embedding model, loaded on first use.
+    pub embedder: ingest::embed::SharedEmbedder,
 }
 
 impl Services {
@@ -64,6 +72,7 @@ impl Services {
         Ok(Arc::new(Self {
             objects: ObjectStore::new(&settings.data_dir),
             targets: Targets::new(pool.clone(), &settings)?,
+            embedder: ingest::embed::SharedEmbedder::new(&settings.model_dir),
             settings,
             pool,
         }))
@@ -85,8 +94,11 @@ impl Registry {
     }
 
     /// Every job kind of this build.
-    pub fn standard(_services: Arc<Services>) -> Self {
-        Self::new(vec![Arc::new(canary::Canary)])
+    pub fn standard(services: Arc<Services>) -> Self {
+        Self::new(vec![
+            Arc::new(canary::Canary),
+            Arc::new(ingest::Ingest::new(services.clone())),
+        ])
     }
 
     pub fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {

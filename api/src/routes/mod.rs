@@ -5,6 +5,7 @@ use axum::{
 
 use crate::AppState;
 
+pub(crate) mod collections;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod ops;
@@ -18,6 +19,15 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/v1/events", get(events::tenant_events))
+        .route(
+            "/v1/collections",
+            post(collections::create).get(collections::list),
+        )
+        .route(
+            "/v1/collections/{id}",
+            get(collections::get_one).delete(collections::delete),
+        )
+        .route("/v1/collections/{id}/search", post(collections::search))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

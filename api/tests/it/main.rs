@@ -4,6 +4,7 @@
 mod harness;
 
 mod faults;
+mod ingest;
 mod lifecycle;
 mod requests;
 mod sse;
