@@ -6,7 +6,9 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::routes::{connections, datasets, events, jobs, ops, patches, queues, session};
+use crate::routes::{
+    collections, connections, datasets, events, jobs, ops, patches, queues, session,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,6 +17,8 @@ use crate::routes::{connections, datasets, events, jobs, ops, patches, queues, s
           jobs::artifact, events::job_events, events::tenant_events,
           datasets::upload, datasets::list, datasets::get_one, datasets::download, datasets::delete,
           connections::create, connections::list, connections::delete, patches::preflight,
+          collections::create, collections::list, collections::get_one, collections::delete,
+          collections::search,
           ops::healthz, ops::readyz, ops::metrics,
           queues::queues, queues::workers, session::sign_in, session::current, session::sign_out),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
@@ -27,6 +31,12 @@ use crate::routes::{connections, datasets, events, jobs, ops, patches, queues, s
                         ::jobs::patch::PatchPayload, ::jobs::patch::Mode,
                         ::jobs::patch::RollbackPayload, ::jobs::patch::Assessment,
                         ::jobs::patch::Risk, ::jobs::synthesis::SynthesisPayload,
+                        ::jobs::ingest::IngestPayload, ::jobs::ingest::DocumentSource,
+                        ::jobs::ingest::extract::DocFormat, collections::NewCollection,
+                        collections::ChunkingSettings, collections::CollectionList,
+                        collections::SearchRequest, collections::SearchResults,
+                        ::jobs::ingest::store::Collection, ::jobs::ingest::store::Hit,
+                        ::jobs::ingest::store::SearchMode,
                         queues::QueueList, queues::QueueStats, queues::WorkerList, queues::WorkerInfo,
                         session::SignIn, session::SessionInfo)),
     modifiers(&BearerAuth),

@@ -14,6 +14,7 @@ pub mod canary;
 pub mod import;
 pub mod patch;
 pub mod synthesis;
+pub mod ingest;
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,12 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Called once when a worker starts serving this kind: loads what every job needs (a
+    /// model), so that a worker that cannot run them fails at start-up, not mid-job.
+    async fn prepare(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Runs one attempt. It must be idempotent: delivery is at least once.
     async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError>;
 }
@@ -59,6 +66,8 @@ pub struct Services {
     pub pool: PgPool,
     pub objects: ObjectStore,
     pub targets: Targets,
+    /// The embedding model, loaded on first use.
+    pub embedder: ingest::embed::SharedEmbedder,
 }
 
 impl Services {
@@ -66,6 +75,7 @@ impl Services {
         Ok(Arc::new(Self {
             objects: ObjectStore::new(&settings.data_dir),
             targets: Targets::new(pool.clone(), &settings)?,
+            embedder: ingest::embed::SharedEmbedder::new(&settings.model_dir),
             settings,
             pool,
         }))
@@ -93,7 +103,8 @@ impl Registry {
             Arc::new(import::Import::new(services.clone())),
             Arc::new(patch::Patch::new(services.clone())),
             Arc::new(patch::PatchRollback::new(services.clone())),
-            Arc::new(synthesis::SynthesisJob::new(services)),
+            Arc::new(synthesis::SynthesisJob::new(services.clone())),
+            Arc::new(ingest::Ingest::new(services)),
         ])
     }
 

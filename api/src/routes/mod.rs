@@ -9,6 +9,7 @@ use crate::AppState;
 pub(crate) mod connections;
 pub(crate) mod datasets;
 pub(crate) mod dashboard;
+pub(crate) mod collections;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod ops;
@@ -57,6 +58,15 @@ pub fn router() -> Router<AppState> {
         .route("/", get(dashboard::index))
         .route("/assets/{name}", get(dashboard::assets))
         .route("/v1/patches/preflight", post(patches::preflight))
+        .route(
+            "/v1/collections",
+            post(collections::create).get(collections::list),
+        )
+        .route(
+            "/v1/collections/{id}",
+            get(collections::get_one).delete(collections::delete),
+        )
+        .route("/v1/collections/{id}/search", post(collections::search))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -145,6 +145,7 @@ impl TestApp {
                 &self.settings.target_database_url,
             )
             .env("CONVEYOR_DATA_DIR", &self.settings.data_dir)
+            .env("CONVEYOR_MODEL_DIR", &self.settings.model_dir)
             .env(
                 "CONVEYOR_SECRET_KEY",
                 self.settings.secret_key.as_deref().unwrap_or_default(),

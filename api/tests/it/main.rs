@@ -8,6 +8,7 @@ mod cli;
 mod dashboard;
 mod faults;
 mod import;
+mod ingest;
 mod lifecycle;
 mod patch;
 mod requests;
