@@ -8,9 +8,10 @@ import json, os, random, subprocess, sys, time, urllib.request, uuid
 ROWS = int(sys.argv[1])
 ROOT = os.getcwd()
 BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
-ADMIN = "postgres://postgres@127.0.0.1:5432/postgres"
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+ADMIN = f"{PG}/postgres"
 DB, TARGET = "conveyor_bench", "conveyor_bench_target"
-TARGET_URL = f"postgres://postgres@127.0.0.1:5432/{TARGET}"
+TARGET_URL = f"{PG}/{TARGET}"
 PORT = 18081
 COLUMNS = [("id", "bigint"), ("customer", "integer"), ("amount", "double precision"),
            ("discount", "double precision"), ("name", "text"), ("city", "text"),
@@ -39,7 +40,7 @@ def generate(path):
 
 def env():
     e = dict(os.environ)
-    e.update(CONVEYOR_DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{DB}",
+    e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}",
              CONVEYOR_TARGET_DATABASE_URL=TARGET_URL,
              CONVEYOR_REDIS_PREFIX=f"bench:{uuid.uuid4().hex[:8]}",
              CONVEYOR_LISTEN=f"127.0.0.1:{PORT}", CONVEYOR_DATA_DIR=os.path.join(ROOT, ".data/bench-objects"),
