@@ -182,8 +182,11 @@ async fn main() -> anyhow::Result<()> {
         .json()
         .await?;
     let tenant = session["tenant_id"].as_str().expect("tenant id").to_owned();
+    // A loaded machine answers slower than the default 500 ms response timeout.
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
     let mut redis = redis::Client::open(redis_url.as_str())?
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await?;
     let tenant_key = format!("{prefix}:{tenant}:events");
 
