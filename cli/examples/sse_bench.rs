@@ -22,6 +22,9 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// A job followed by a subscriber, and what it saw.
+type Followed = (String, Arc<Mutex<Seen>>);
+
 /// What one subscriber saw.
 #[derive(Default)]
 struct Seen {
@@ -222,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("sse bench: {rate} canary jobs/s for {secs} s ({steps} steps × {step_ms} ms), {job_subs} job subscribers at a time");
     let started = Instant::now();
     let job_slots = Arc::new(tokio::sync::Semaphore::new(job_subs as usize));
-    let job_seen: Arc<Mutex<Vec<(String, Arc<Mutex<Seen>>)>>> = Arc::default();
+    let job_seen: Arc<Mutex<Vec<Followed>>> = Arc::default();
     let job_tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
     let submitted = Arc::new(AtomicU64::new(0));
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
@@ -346,7 +349,7 @@ async fn main() -> anyhow::Result<()> {
         delays.extend_from_slice(&seen.delays_us);
     }
     let mut job_delays = Vec::new();
-    let followed = job_seen.lock().unwrap();
+    let followed: Vec<Followed> = std::mem::take(&mut *job_seen.lock().unwrap());
     let mut job_events = 0u64;
     for (id, seen) in followed.iter() {
         let len: u64 = redis::cmd("XLEN")
