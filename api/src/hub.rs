@@ -171,8 +171,11 @@ impl Hub {
     }
 
     async fn connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        // A blocking read must not hit the default response timeout (500 ms).
-        let config = AsyncConnectionConfig::new().set_response_timeout(Some(BLOCK * 3));
+        // A blocking read must not hit the default response timeout (500 ms), and a loaded
+        // Redis may take longer than the default 1 s to accept a connection.
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(BLOCK * 3))
+            .set_connection_timeout(Some(BLOCK));
         self.client
             .get_multiplexed_async_connection_with_config(&config)
             .await

@@ -22,6 +22,9 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// A job followed by a subscriber, and what it saw.
+type Followed = (String, Arc<Mutex<Seen>>);
+
 /// What one subscriber saw.
 #[derive(Default)]
 struct Seen {
@@ -182,8 +185,11 @@ async fn main() -> anyhow::Result<()> {
         .json()
         .await?;
     let tenant = session["tenant_id"].as_str().expect("tenant id").to_owned();
+    // A loaded machine answers slower than the default 500 ms response timeout.
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
     let mut redis = redis::Client::open(redis_url.as_str())?
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await?;
     let tenant_key = format!("{prefix}:{tenant}:events");
 
@@ -219,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("sse bench: {rate} canary jobs/s for {secs} s ({steps} steps × {step_ms} ms), {job_subs} job subscribers at a time");
     let started = Instant::now();
     let job_slots = Arc::new(tokio::sync::Semaphore::new(job_subs as usize));
-    let job_seen: Arc<Mutex<Vec<(String, Arc<Mutex<Seen>>)>>> = Arc::default();
+    let job_seen: Arc<Mutex<Vec<Followed>>> = Arc::default();
     let job_tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
     let submitted = Arc::new(AtomicU64::new(0));
     let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
@@ -302,14 +308,20 @@ async fn main() -> anyhow::Result<()> {
             last_len = len;
         }
     }
-    // Every subscriber has had time to receive it all.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline
-        && tenant_seen
-            .iter()
-            .any(|s| s.lock().unwrap().events < last_len)
+    // Wait until every subscriber has it all, or none has made progress for 10 s (what is
+    // missing then counts as lost).
+    let received = || -> u64 { tenant_seen.iter().map(|s| s.lock().unwrap().events).sum() };
+    let (mut progress, mut since) = (received(), Instant::now());
+    while tenant_seen
+        .iter()
+        .any(|s| s.lock().unwrap().events < last_len)
+        && since.elapsed() < Duration::from_secs(10)
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = received();
+        if now > progress {
+            (progress, since) = (now, Instant::now());
+        }
     }
     let (_, _, cpu_end) = process_usage(api_pid);
     let wall = started.elapsed().as_secs_f64();
@@ -337,7 +349,7 @@ async fn main() -> anyhow::Result<()> {
         delays.extend_from_slice(&seen.delays_us);
     }
     let mut job_delays = Vec::new();
-    let followed = job_seen.lock().unwrap();
+    let followed: Vec<Followed> = std::mem::take(&mut *job_seen.lock().unwrap());
     let mut job_events = 0u64;
     for (id, seen) in followed.iter() {
         let len: u64 = redis::cmd("XLEN")

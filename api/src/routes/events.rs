@@ -153,7 +153,18 @@ impl Follower {
                 }
             } else {
                 match tokio::time::timeout(QUIET, self.subscription.batches.recv()).await {
-                    Err(_) => return Next::Quiet,
+                    // Quiet. Before saying so, read Redis once: a feed held up by a slow or
+                    // reconnecting Redis must not make a job stream give up on its events.
+                    Err(_) => {
+                        let mut conn = self.state.redis.clone();
+                        let cursor = self.cursor.to_string();
+                        match events::read_after(&mut conn, &self.key, &cursor, BATCH).await {
+                            Ok(entries) if !entries.is_empty() => {
+                                std::sync::Arc::new(Batch::render(&entries))
+                            }
+                            _ => return Next::Quiet,
+                        }
+                    }
                     Ok(Ok(batch)) => batch,
                     // Fell behind the shared buffer: catch up from Redis.
                     Ok(Err(RecvError::Lagged(_))) => {
