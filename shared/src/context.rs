@@ -37,13 +37,18 @@ struct Inner {
     pool: PgPool,
     events: EventLog,
     progress: Mutex<ProgressState>,
+    /// The sequence number of the last report written. Writes hold it, so a report delayed by
+    /// coalescing never lands after a newer one (streams would show progress going back).
+    written: tokio::sync::Mutex<u64>,
 }
 
 #[derive(Default)]
 struct ProgressState {
     last_write: Option<Instant>,
+    /// Reports so far; numbers them.
+    seq: u64,
     /// A report held back by coalescing, written by the next report or by `flush`.
-    pending: Option<(f32, Option<String>)>,
+    pending: Option<(u64, f32, Option<String>)>,
     /// Whether a timer is already armed to write `pending`.
     timer_armed: bool,
     current: f32,
@@ -69,6 +74,7 @@ impl JobContext {
                 pool,
                 events,
                 progress: Mutex::new(ProgressState::default()),
+                written: tokio::sync::Mutex::new(0),
             }),
         }
     }
@@ -116,22 +122,24 @@ impl JobContext {
         let (write_now, arm_timer) = {
             let mut state = self.inner.progress.lock().expect("progress lock");
             state.current = fraction;
+            state.seq += 1;
+            let seq = state.seq;
             let due = state
                 .last_write
                 .is_none_or(|at| at.elapsed() >= PROGRESS_INTERVAL);
             if due {
                 state.last_write = Some(Instant::now());
                 state.pending = None;
-                (Some(message), false)
+                (Some((seq, message)), false)
             } else {
-                state.pending = Some((fraction, message));
+                state.pending = Some((seq, fraction, message));
                 let arm = !state.timer_armed;
                 state.timer_armed = true;
                 (None, arm)
             }
         };
-        if let Some(message) = write_now {
-            self.write_progress(fraction, message).await;
+        if let Some((seq, message)) = write_now {
+            self.write_progress(seq, fraction, message).await;
             return;
         }
         if arm_timer {
@@ -158,8 +166,8 @@ impl JobContext {
             }
             pending
         };
-        if let Some((fraction, message)) = pending {
-            self.write_progress(fraction, message).await;
+        if let Some((seq, fraction, message)) = pending {
+            self.write_progress(seq, fraction, message).await;
         }
     }
 
@@ -180,8 +188,13 @@ impl JobContext {
         self.append(event).await;
     }
 
-    async fn write_progress(&self, fraction: f32, message: Option<String>) {
+    async fn write_progress(&self, seq: u64, fraction: f32, message: Option<String>) {
         let inner = &self.inner;
+        let mut written = inner.written.lock().await;
+        if *written > seq {
+            return; // a newer report already went out
+        }
+        *written = seq;
         if let Err(e) = store::record_progress(
             &inner.pool,
             inner.job_id,
