@@ -7,8 +7,7 @@ whole run; a patch for its longest batch), and checks both tables end up identic
 import json, os, subprocess, sys, time, urllib.request, uuid
 
 ROWS = int(sys.argv[1])
-ROOT = os.getcwd()
-BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+BIN = os.environ["CONVEYOR_BENCH_BIN"]
 ADMIN = "postgres://postgres@127.0.0.1:5432/postgres"
 DB = "conveyor_bench_patch"
 TARGET = f"postgres://postgres@127.0.0.1:5432/{DB}_target"
@@ -53,8 +52,9 @@ def main():
              INSERT INTO items (id, grp, val, note)
                  SELECT i, i % 10, i, 'row ' || i FROM generate_series(1, {ROWS}) i;
              CREATE TABLE plain (LIKE items INCLUDING ALL);
-             INSERT INTO plain SELECT * FROM items;
-             VACUUM ANALYZE items; VACUUM ANALYZE plain;""", TARGET)
+             INSERT INTO plain SELECT * FROM items;""", TARGET)
+    for table in ("items", "plain"):
+        psql(f"VACUUM ANALYZE {table}", TARGET)
     rows = int(psql("SELECT count(*) FROM items WHERE grp IN (2, 5)", TARGET))
 
     psql("CHECKPOINT", TARGET)

@@ -179,6 +179,10 @@ impl Restore<'_> {
 
     async fn run(mut self) -> Result<Value, JobError> {
         let started = Instant::now();
+        // A cancelled or failed patch ended before indexing its snapshot.
+        snapshot::index(self.pool, &self.record)
+            .await
+            .map_err(job_error)?;
         let (total, keys) = self.conflicts().await.map_err(job_error)?;
         let remaining = self.record.rows_done - self.record.rows_restored;
         if total > 0 {

@@ -240,7 +240,7 @@ impl Execution<'_> {
             }
             let rows = done - resumed_from;
             let elapsed = started.elapsed();
-            record = snapshot::finish(pool, job).await.map_err(job_error)?;
+            record = snapshot::finish(pool, &record).await.map_err(job_error)?;
             ctx.report(
                 "patch applied",
                 json!({
@@ -427,16 +427,12 @@ fn is_code(e: &sqlx::Error, code: &str) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
 }
 
-/// Worth retrying the batch: serialization failure, deadlock, lock or statement timeout, or
-/// a duplicate snapshot row (another attempt got there first).
+/// Worth retrying the batch: serialization failure, deadlock, lock or statement timeout, a
+/// lost connection.
 pub(crate) fn transient(e: &sqlx::Error) -> bool {
-    let duplicate_snapshot = matches!(e, sqlx::Error::Database(db)
-        if db.code().as_deref() == Some("23505")
-            && db.table().is_some_and(|t| t.starts_with("patch_")));
-    duplicate_snapshot
-        || ["40001", "40P01", "55P03", "57014"]
-            .iter()
-            .any(|code| is_code(e, code))
+    ["40001", "40P01", "55P03", "57014"]
+        .iter()
+        .any(|code| is_code(e, code))
         || matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
 }
 

@@ -4,8 +4,8 @@
 //! - `conveyor_snapshots.patches`: one row per executed patch job: the table, its key, how far
 //!   the patch got (`last_key`, `rows_done`), how far a rollback got, when the snapshot expires.
 //! - `conveyor_snapshots.patch_<job id>`: the before-image of every changed row (the table's
-//!   columns, primary key on the table's key, so no row is ever snapshotted twice) and the md5
-//!   of its after-image, by which a rollback sees whether the row changed since.
+//!   columns) and the md5 of its after-image, by which a rollback sees whether the row changed
+//!   since; uniquely indexed by the table's key once the patch ends.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -161,17 +161,6 @@ pub async fn create(
     ))
     .execute(&mut *tx)
     .await?;
-    sqlx::query(&format!(
-        "ALTER TABLE {snapshot} ADD PRIMARY KEY ({})",
-        plan.table
-            .key
-            .iter()
-            .map(|c| quote(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
-    .execute(&mut *tx)
-    .await?;
     let record = sqlx::query_as(
         "INSERT INTO conveyor_snapshots.patches
              (job_id, table_name, key_columns, operation, statement, snapshot_table,
@@ -200,12 +189,30 @@ pub fn operation_name(operation: Operation) -> &'static str {
     }
 }
 
-pub async fn finish(pool: &PgPool, job: Uuid) -> sqlx::Result<Record> {
+/// Indexes the snapshot by the table's key, once its rows are in: cheaper than maintaining the
+/// index batch by batch, and a last proof that no row was snapshotted (so changed) twice.
+/// Rollback walks this index.
+pub async fn index(pool: &PgPool, record: &Record) -> sqlx::Result<()> {
+    let name = format!("patch_{}_key", record.job_id.simple());
+    let keys: Vec<String> = record.key_columns.iter().map(|k| quote(k)).collect();
+    sqlx::query(&format!(
+        "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})",
+        quote(&name),
+        record.snapshot_table,
+        keys.join(", ")
+    ))
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+pub async fn finish(pool: &PgPool, record: &Record) -> sqlx::Result<Record> {
+    index(pool, record).await?;
     sqlx::query_as(
         "UPDATE conveyor_snapshots.patches SET finished_at = coalesce(finished_at, now())
          WHERE job_id = $1 RETURNING *",
     )
-    .bind(job)
+    .bind(record.job_id)
     .fetch_one(pool)
     .await
 }
