@@ -415,7 +415,13 @@ async fn handle_message(
     message: QueueMessage,
     runtime: Data<Arc<Runtime>>,
 ) -> Result<(), BoxDynError> {
-    runtime.execute(message).await
+    // The attempt runs in a task of its own: if apalis' worker stops under us (it does, under
+    // heavy load: "worker not registered") and drops this future, the job still finishes and
+    // records its outcome instead of staying `running` under a live lease forever.
+    let runtime: Arc<Runtime> = (*runtime).clone();
+    tokio::spawn(async move { runtime.execute(message).await })
+        .await
+        .map_err(|e| Box::new(e) as BoxDynError)?
 }
 
 /// Exponential backoff with ±25 % jitter, capped at an hour.
