@@ -3,6 +3,8 @@
 
 pub mod auth;
 mod extract;
+mod files;
+mod hub;
 pub mod keys;
 mod openapi;
 mod routes;
@@ -55,8 +57,9 @@ impl Server {
         })
     }
 
-    /// Stops accepting connections; open SSE streams are dropped.
+    /// Stops accepting connections; open SSE streams end and their connections close.
     pub async fn shutdown(self) {
+        self.state.stopping.cancel();
         self.stop.cancel();
         self.task.abort();
         let _ = self.task.await;

@@ -2,23 +2,45 @@
 
 use axum::Json;
 use utoipa::{
-    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+    openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
     Modify, OpenApi,
 };
 
-use crate::routes::{events, jobs, ops};
+use crate::routes::{
+    collections, connections, datasets, events, jobs, ops, patches, queues, session,
+};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Conveyor", description = "Job queue for heavy data and ML work"),
     paths(jobs::submit, jobs::submit_batch, jobs::get_one, jobs::list, jobs::cancel, jobs::retry,
-          events::job_events, events::tenant_events, ops::healthz, ops::readyz, ops::metrics),
+          jobs::artifact, events::job_events, events::tenant_events,
+          datasets::upload, datasets::list, datasets::get_one, datasets::download, datasets::delete,
+          connections::create, connections::list, connections::delete, patches::preflight,
+          collections::create, collections::list, collections::get_one, collections::delete,
+          collections::search,
+          ops::healthz, ops::readyz, ops::metrics,
+          queues::queues, queues::workers, session::sign_in, session::current, session::sign_out),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
-                        jobs::SubmitBatch, jobs::JobList, ::jobs::canary::CanaryPayload,
-                        ::jobs::synthesis::SynthesisPayload)),
+                        jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
+                        shared::datasets::Dataset, shared::datasets::Column,
+                        shared::datasets::Format, shared::datasets::Compression,
+                        shared::connections::Connection, connections::NewConnection,
+                        ::jobs::canary::CanaryPayload, ::jobs::import::ImportPayload,
+                        ::jobs::patch::PatchPayload, ::jobs::patch::Mode,
+                        ::jobs::patch::RollbackPayload, ::jobs::patch::Assessment,
+                        ::jobs::patch::Risk, ::jobs::synthesis::SynthesisPayload,
+                        ::jobs::ingest::IngestPayload, ::jobs::ingest::DocumentSource,
+                        ::jobs::ingest::extract::DocFormat, collections::NewCollection,
+                        collections::ChunkingSettings, collections::CollectionList,
+                        collections::SearchRequest, collections::SearchResults,
+                        ::jobs::ingest::store::Collection, ::jobs::ingest::store::Hit,
+                        ::jobs::ingest::store::SearchMode,
+                        queues::QueueList, queues::QueueStats, queues::WorkerList, queues::WorkerInfo,
+                        session::SignIn, session::SessionInfo)),
     modifiers(&BearerAuth),
-    security(("api_key" = []))
+    security(("api_key" = []), ("session" = []))
 )]
 pub struct ApiDoc;
 
@@ -30,6 +52,14 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "api_key",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        // The dashboard's cookie from `POST /v1/session`; requests that change something also
+        // need the `X-Conveyor-CSRF` header.
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(
+                crate::auth::SESSION_COOKIE,
+            ))),
         );
     }
 }

@@ -19,6 +19,11 @@ pub struct AppState {
     pub services: Arc<jobs::Services>,
     pub counters: Arc<Counters>,
     pub key_cache: Arc<crate::auth::KeyCache>,
+    /// Cancelled when the server stops: open SSE streams end, so their connections close
+    /// instead of outliving the server.
+    pub stopping: tokio_util::sync::CancellationToken,
+    /// SSE fan-out: one Redis read per stream for all of this process' subscribers.
+    pub hub: Arc<crate::hub::Hub>,
 }
 
 /// Process-local counters for `/metrics`.
@@ -43,7 +48,9 @@ impl AppState {
         let redis = redis_client.get_connection_manager().await?;
         let settings = Arc::new(settings);
         let services = jobs::Services::new(settings.clone(), pool.clone())?;
+        let stopping = tokio_util::sync::CancellationToken::new();
         Ok(Self {
+            hub: Arc::new(crate::hub::Hub::new(redis_client.clone(), stopping.clone())),
             events: EventLog::new(
                 redis.clone(),
                 &settings.redis_prefix,
@@ -59,6 +66,7 @@ impl AppState {
             redis_client,
             counters: Arc::default(),
             key_cache: Arc::default(),
+            stopping,
         })
     }
 }

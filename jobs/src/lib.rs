@@ -11,7 +11,10 @@ use std::{collections::BTreeMap, sync::Arc};
 use uuid::Uuid;
 
 pub mod canary;
+pub mod import;
+pub mod patch;
 pub mod synthesis;
+pub mod ingest;
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,12 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Called once when a worker starts serving this kind: loads what every job needs (a
+    /// model), so that a worker that cannot run them fails at start-up, not mid-job.
+    async fn prepare(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Runs one attempt. It must be idempotent: delivery is at least once.
     async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError>;
 }
@@ -57,6 +66,8 @@ pub struct Services {
     pub pool: PgPool,
     pub objects: ObjectStore,
     pub targets: Targets,
+    /// The embedding model, loaded on first use.
+    pub embedder: ingest::embed::SharedEmbedder,
 }
 
 impl Services {
@@ -64,6 +75,7 @@ impl Services {
         Ok(Arc::new(Self {
             objects: ObjectStore::new(&settings.data_dir),
             targets: Targets::new(pool.clone(), &settings)?,
+            embedder: ingest::embed::SharedEmbedder::new(&settings.model_dir),
             settings,
             pool,
         }))
@@ -88,7 +100,11 @@ impl Registry {
     pub fn standard(services: Arc<Services>) -> Self {
         Self::new(vec![
             Arc::new(canary::Canary),
-            Arc::new(synthesis::SynthesisJob::new(services)),
+            Arc::new(import::Import::new(services.clone())),
+            Arc::new(patch::Patch::new(services.clone())),
+            Arc::new(patch::PatchRollback::new(services.clone())),
+            Arc::new(synthesis::SynthesisJob::new(services.clone())),
+            Arc::new(ingest::Ingest::new(services)),
         ])
     }
 

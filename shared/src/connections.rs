@@ -179,7 +179,14 @@ impl Targets {
         if let Some(pool) = self.pools.lock().expect("targets lock").get(&url) {
             return Ok(pool.clone());
         }
-        let pool = crate::db::connect_lazy(&url, 8)?;
+        // UTC sessions: timestamps without a zone are read the same on every server.
+        let options = PgConnectOptions::from_str(&url)
+            .map_err(|e| anyhow::anyhow!("bad connection URL: {e}"))?
+            .options([("TimeZone", "UTC")]);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_lazy_with(options);
         Ok(self
             .pools
             .lock()

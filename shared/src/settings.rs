@@ -1,6 +1,10 @@
 //! Configuration from `CONVEYOR_*` environment variables (12-factor).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 /// Everything the binaries read from the environment. Tests build it directly.
 #[derive(Clone, Debug)]
@@ -39,6 +43,11 @@ pub struct Settings {
     pub secret_key: Option<String>,
     /// `CONVEYOR_DATASET_LIMIT`: largest upload in bytes.
     pub dataset_limit: u64,
+    /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
+    /// `patch_rollback`; expired snapshots are dropped when the next patch starts.
+    pub snapshot_retention: Duration,
+    /// `CONVEYOR_MODEL_DIR`: the embedding model's files (`scripts/model` installs them).
+    pub model_dir: PathBuf,
 }
 
 impl Settings {
@@ -65,6 +74,10 @@ impl Settings {
             ),
             secret_key: std::env::var("CONVEYOR_SECRET_KEY").ok(),
             dataset_limit: parse("DATASET_LIMIT", "10737418240")?,
+            snapshot_retention: Duration::from_secs(
+                parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
+            ),
+            model_dir: var("MODEL_DIR", ".data/models/all-MiniLM-L6-v2").into(),
         })
     }
 
@@ -78,6 +91,13 @@ impl Settings {
                 "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into(),
             ),
             dataset_limit: 4 << 30,
+            snapshot_retention: Duration::from_secs(168 * 3600),
+            // Where `scripts/model` installs it in this checkout, whatever the test's directory.
+            model_dir: std::env::var("CONVEYOR_MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.data/models/all-MiniLM-L6-v2")
+                }),
             database_url,
             redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
             redis_prefix,

@@ -108,6 +108,14 @@ pub async fn start(
     registry: jobs::Registry,
     name: String,
 ) -> anyhow::Result<WorkerHandle> {
+    for (kind, _) in &queues.0 {
+        if let Some(handler) = registry.get(kind) {
+            handler
+                .prepare()
+                .await
+                .with_context(|| format!("cannot serve the {kind} queue"))?;
+        }
+    }
     let runtime = Arc::new(Runtime::connect(settings, registry, name, &queues).await?);
     let stop_taking = CancellationToken::new();
     let mut tasks = JoinSet::new();

@@ -3,25 +3,35 @@
 
 use async_stream::stream;
 use axum::{
+    body::{Body, Bytes},
     extract::{Path, Query, State},
-    http::HeaderMap,
-    response::sse::{Event as SseEvent, KeepAlive, Sse},
+    http::{header, HeaderMap},
+    response::{IntoResponse, Response},
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use shared::{
-    events::{self, Event, EventType, StreamEntry},
+    events::{self, Event, EventType},
     store, FieldError, Job, Problem,
 };
 use std::{convert::Infallible, time::Duration};
+use tokio::sync::broadcast::error::RecvError;
 use utoipa::IntoParams;
 
-use crate::{auth::Tenant, routes::jobs::parse_id, state::Counters, AppState};
+use crate::{
+    auth::Tenant,
+    hub::{last_id, Batch, EntryId, Subscription},
+    routes::jobs::parse_id,
+    state::Counters,
+    AppState,
+};
 
-/// How long one blocking read waits before the stream checks on the job row.
-const BLOCK: Duration = Duration::from_secs(5);
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How long a stream waits for events before it checks on the job row and sends a keep-alive
+/// comment.
+const QUIET: Duration = Duration::from_secs(5);
+/// Entries per replay read.
 const BATCH: usize = 500;
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
 #[derive(Deserialize, IntoParams)]
 pub struct Cursor {
@@ -45,15 +55,8 @@ fn cursor(headers: &HeaderMap, query: &Cursor) -> Result<Option<String>, Problem
     }
 }
 
-fn sse_event(entry: &StreamEntry) -> SseEvent {
-    SseEvent::default()
-        .id(&entry.id)
-        .event(entry.event.event_type.as_str())
-        .data(serde_json::to_string(&entry.event).unwrap_or_default())
-}
-
 /// One event standing for the job row, for readers whose stream has expired.
-fn snapshot(job: &Job) -> SseEvent {
+fn snapshot(job: &Job) -> Bytes {
     let event = Event {
         job_id: job.id,
         kind: job.kind.clone(),
@@ -64,9 +67,114 @@ fn snapshot(job: &Job) -> SseEvent {
         data: job.result.clone(),
         at: job.updated_at,
     };
-    SseEvent::default()
-        .event("snapshot")
-        .data(serde_json::to_string(&event).unwrap_or_default())
+    let data = serde_json::to_string(&event).unwrap_or_default();
+    Bytes::from(format!("event: snapshot\ndata: {data}\n\n"))
+}
+
+fn sse_response(events: impl Stream<Item = Bytes> + Send + 'static, state: &AppState) -> Response {
+    let events = events
+        .take_until(state.stopping.clone().cancelled_owned())
+        .map(Ok::<_, Infallible>);
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // Proxies must pass each event on at once.
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(events),
+    )
+        .into_response()
+}
+
+/// What a follower has next.
+enum Next {
+    /// SSE frames to send; `terminal` when the last one ends a job's stream.
+    Frames { bytes: Bytes, terminal: bool },
+    /// Nothing for a while.
+    Quiet,
+}
+
+/// Follows one stream after a cursor: replays from Redis, then takes the live entries from the
+/// process' shared feed (see [`crate::hub`] for why this misses nothing and repeats nothing).
+struct Follower {
+    state: AppState,
+    key: String,
+    cursor: EntryId,
+    subscription: Subscription,
+    replaying: bool,
+    stop_at_terminal: bool,
+}
+
+impl Follower {
+    /// Joins the feed; without a cursor, starts at the stream's current end.
+    async fn start(
+        state: &AppState,
+        key: String,
+        cursor: Option<&str>,
+        stop_at_terminal: bool,
+    ) -> Result<Self, Problem> {
+        let mut subscription = state.hub.subscribe(&key);
+        tokio::time::timeout(QUIET * 2, subscription.ready())
+            .await
+            .map_err(|_| Problem::unavailable("event store unreachable"))?;
+        let cursor = match cursor {
+            Some(c) => c.to_owned(),
+            None => last_id(&mut state.redis.clone(), &key)
+                .await
+                .map_err(|e| Problem::unavailable(format!("event store unreachable: {e}")))?,
+        };
+        Ok(Self {
+            state: state.clone(),
+            key,
+            cursor: EntryId::parse(&cursor).unwrap_or_default(),
+            subscription,
+            replaying: true,
+            stop_at_terminal,
+        })
+    }
+
+    async fn next(&mut self) -> Next {
+        loop {
+            let batch = if self.replaying {
+                let mut conn = self.state.redis.clone();
+                let cursor = self.cursor.to_string();
+                match events::read_after(&mut conn, &self.key, &cursor, BATCH).await {
+                    Ok(entries) if entries.is_empty() => {
+                        self.replaying = false;
+                        continue;
+                    }
+                    Ok(entries) => std::sync::Arc::new(Batch::render(&entries)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event replay failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        return Next::Quiet;
+                    }
+                }
+            } else {
+                match tokio::time::timeout(QUIET, self.subscription.batches.recv()).await {
+                    Err(_) => return Next::Quiet,
+                    Ok(Ok(batch)) => batch,
+                    // Fell behind the shared buffer: catch up from Redis.
+                    Ok(Err(RecvError::Lagged(_))) => {
+                        self.replaying = true;
+                        continue;
+                    }
+                    // The feed stopped (the server is stopping): join a new one.
+                    Ok(Err(RecvError::Closed)) => {
+                        self.subscription = self.state.hub.subscribe(&self.key);
+                        self.subscription.ready().await;
+                        self.replaying = true;
+                        return Next::Quiet;
+                    }
+                }
+            };
+            if let Some((bytes, last, terminal)) = batch.after(self.cursor, self.stop_at_terminal) {
+                self.cursor = last;
+                return Next::Frames { bytes, terminal };
+            }
+        }
+    }
 }
 
 struct OpenStream(std::sync::Arc<crate::state::Counters>);
@@ -95,62 +203,56 @@ pub async fn job_events(
     Path(id): Path<String>,
     Query(query): Query<Cursor>,
     headers: HeaderMap,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
+) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
     let job = store::get_job(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(|| Problem::not_found("job"))?;
     let after = cursor(&headers, &query)?;
     let key = state.events.keys().job(tenant.0, id);
-    let mut conn = state
-        .redis_client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| Problem::unavailable(format!("event store unreachable: {e}")))?;
     let exists: bool = redis::cmd("EXISTS")
         .arg(&key)
-        .query_async(&mut conn)
+        .query_async(&mut state.redis.clone())
         .await
-        .unwrap_or(false);
+        .map_err(|e| Problem::unavailable(format!("event store unreachable: {e}")))?;
     let guard = OpenStream::new(&state);
+    if !exists && job.status().is_terminal() {
+        let events = stream! {
+            let _guard = guard;
+            yield snapshot(&job);
+        };
+        return Ok(sse_response(events, &state));
+    }
+    let mut follower =
+        Follower::start(&state, key, Some(after.as_deref().unwrap_or("0")), true).await?;
+    let pool = state.pool.clone();
     let events = stream! {
         let _guard = guard;
-        if !exists && job.status().is_terminal() {
-            yield Ok(snapshot(&job));
-            return;
-        }
-        let mut cursor = after.unwrap_or_else(|| "0".to_owned());
         loop {
-            let entries = match events::wait_after(&mut conn, &key, &cursor, BLOCK, BATCH).await {
-                Ok(entries) => entries,
-                Err(e) => {
-                    tracing::warn!(error = %e, "event stream read failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    Vec::new()
-                }
-            };
-            if entries.is_empty() {
-                // Quiet: if the row is final but its terminal event never came (the event store
-                // was down), end with the row's state.
-                if let Ok(Some(job)) = store::get_job(&state.pool, tenant.0, id).await {
-                    let settled = chrono::Utc::now() - job.updated_at > chrono::Duration::from_std(BLOCK).unwrap_or_default();
-                    if job.status().is_terminal() && settled {
-                        yield Ok(snapshot(&job));
+            match follower.next().await {
+                Next::Frames { bytes, terminal } => {
+                    yield bytes;
+                    if terminal {
                         return;
                     }
                 }
-                continue;
-            }
-            for entry in entries {
-                cursor = entry.id.clone();
-                yield Ok(sse_event(&entry));
-                if entry.event.event_type.is_terminal() {
-                    return;
+                Next::Quiet => {
+                    // If the row is final but its terminal event never came (the event store
+                    // was down), end with the row's state.
+                    if let Ok(Some(job)) = store::get_job(&pool, tenant.0, id).await {
+                        let settled = chrono::Utc::now() - job.updated_at
+                            > chrono::Duration::from_std(QUIET).unwrap_or_default();
+                        if job.status().is_terminal() && settled {
+                            yield snapshot(&job);
+                            return;
+                        }
+                    }
+                    yield Bytes::from_static(KEEP_ALIVE);
                 }
             }
         }
     };
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    Ok(sse_response(events, &state))
 }
 
 #[utoipa::path(get, path = "/v1/events", tag = "events", params(Cursor),
@@ -160,50 +262,19 @@ pub async fn tenant_events(
     tenant: Tenant,
     Query(query): Query<Cursor>,
     headers: HeaderMap,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, Problem> {
+) -> Result<Response, Problem> {
     let after = cursor(&headers, &query)?;
     let key = state.events.keys().tenant(tenant.0);
-    let mut conn = state
-        .redis_client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| Problem::unavailable(format!("event store unreachable: {e}")))?;
-    // Without a cursor, start at the stream's current end: read from its last id, so nothing
-    // appended between two reads is missed (XREAD with `$` would skip it).
-    let start = match after {
-        Some(c) => c,
-        None => {
-            let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-                .arg(&key)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            last.into_iter()
-                .next()
-                .map(|(id, _)| id)
-                .unwrap_or_else(|| "0".to_owned())
-        }
-    };
     let guard = OpenStream::new(&state);
+    let mut follower = Follower::start(&state, key, after.as_deref(), false).await?;
     let events = stream! {
         let _guard = guard;
-        let mut cursor = start;
         loop {
-            match events::wait_after(&mut conn, &key, &cursor, BLOCK, BATCH).await {
-                Ok(entries) => for entry in entries {
-                    cursor = entry.id.clone();
-                    yield Ok(sse_event(&entry));
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "tenant stream read failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
+            match follower.next().await {
+                Next::Frames { bytes, .. } => yield bytes,
+                Next::Quiet => yield Bytes::from_static(KEEP_ALIVE),
             }
         }
     };
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    Ok(sse_response(events, &state))
 }

@@ -378,3 +378,24 @@ pub(crate) fn parse_id(id: &str) -> Result<Uuid, Problem> {
     // A malformed id cannot name any job: answer as for an unknown one.
     Uuid::parse_str(id).map_err(|_| Problem::not_found("job"))
 }
+
+#[utoipa::path(get, path = "/v1/jobs/{id}/artifacts/{name}", tag = "jobs",
+    params(("id" = Uuid, Path), ("name" = String, Path)),
+    responses((status = 200, content_type = "application/octet-stream", description = "the file"),
+              (status = 404, body = Problem)))]
+pub async fn artifact(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    let id = parse_id(&id)?;
+    store::get_job(&state.pool, tenant.0, id)
+        .await?
+        .ok_or_else(|| Problem::not_found("job"))?;
+    let path = state
+        .services
+        .objects
+        .artifact_path(id, &name)
+        .ok_or_else(|| Problem::not_found("artifact"))?;
+    crate::files::serve(&path, &name).await
+}

@@ -1,13 +1,21 @@
 use axum::{
+    extract::DefaultBodyLimit,
     routing::{get, post},
     Router,
 };
 
 use crate::AppState;
 
+pub(crate) mod connections;
+pub(crate) mod datasets;
+pub(crate) mod dashboard;
+pub(crate) mod collections;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod ops;
+pub(crate) mod queues;
+pub(crate) mod session;
+pub(crate) mod patches;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -17,7 +25,48 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/jobs/{id}/events", get(events::job_events))
+        .route("/v1/jobs/{id}/artifacts/{name}", get(jobs::artifact))
         .route("/v1/events", get(events::tenant_events))
+        .route(
+            "/v1/datasets",
+            // Uploads stream to disk under their own limit (CONVEYOR_DATASET_LIMIT).
+            post(datasets::upload)
+                .layer(DefaultBodyLimit::disable())
+                .get(datasets::list),
+        )
+        .route(
+            "/v1/datasets/{id}",
+            get(datasets::get_one).delete(datasets::delete),
+        )
+        .route("/v1/datasets/{id}/download", get(datasets::download))
+        .route(
+            "/v1/connections",
+            post(connections::create).get(connections::list),
+        )
+        .route(
+            "/v1/connections/{id}",
+            axum::routing::delete(connections::delete),
+        )
+        .route("/v1/queues", get(queues::queues))
+        .route("/v1/workers", get(queues::workers))
+        .route(
+            "/v1/session",
+            post(session::sign_in)
+                .get(session::current)
+                .delete(session::sign_out),
+        )
+        .route("/", get(dashboard::index))
+        .route("/assets/{name}", get(dashboard::assets))
+        .route("/v1/patches/preflight", post(patches::preflight))
+        .route(
+            "/v1/collections",
+            post(collections::create).get(collections::list),
+        )
+        .route(
+            "/v1/collections/{id}",
+            get(collections::get_one).delete(collections::delete),
+        )
+        .route("/v1/collections/{id}/search", post(collections::search))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

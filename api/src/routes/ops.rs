@@ -54,6 +54,13 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         "open SSE streams",
         &[("", c.sse_open.load(Ordering::Relaxed) as f64)],
     );
+    gauge(
+        &mut out,
+        "conveyor_sse_feeds",
+        "gauge",
+        "Redis streams read for this process' SSE subscribers (one read each, shared)",
+        &[("", state.hub.feeds() as f64)],
+    );
 
     // Live jobs come from the partial index; finishes and durations cover the last hour.
     let live: Vec<(String, String, i64)> = sqlx::query_as(

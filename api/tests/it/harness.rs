@@ -89,13 +89,11 @@ impl TestApp {
     }
 
     /// The target database's URL (imports and patches write there).
-    #[allow(dead_code)] // the import and patch tests land next
     pub fn target_url(&self) -> &str {
         &self.settings.target_database_url
     }
 
     /// Stores `bytes` as a dataset of the test's first tenant; returns its id.
-    #[allow(dead_code)] // used by the job kinds' tests
     pub async fn upload_dataset(&self, name: &str, bytes: &[u8]) -> Uuid {
         let response = self
             .client
@@ -147,6 +145,7 @@ impl TestApp {
                 &self.settings.target_database_url,
             )
             .env("CONVEYOR_DATA_DIR", &self.settings.data_dir)
+            .env("CONVEYOR_MODEL_DIR", &self.settings.model_dir)
             .env(
                 "CONVEYOR_SECRET_KEY",
                 self.settings.secret_key.as_deref().unwrap_or_default(),

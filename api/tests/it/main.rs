@@ -3,8 +3,14 @@
 
 mod harness;
 
+mod browser;
+mod cli;
+mod dashboard;
 mod faults;
+mod import;
+mod ingest;
 mod lifecycle;
+mod patch;
 mod requests;
 mod sse;
 mod synthesis;

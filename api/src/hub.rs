@@ -1,0 +1,300 @@
+//! The per-process SSE fan-out: one blocking XREAD per Redis stream, shared by every
+//! subscriber of that stream in this process, instead of one Redis connection per subscriber.
+//!
+//! Exactness: a subscriber joins the feed's broadcast *before* it replays what is after its
+//! cursor from Redis (XRANGE), then skips broadcast entries at or below the last id it sent.
+//! Every entry is either appended before the replay read (so replayed) or read by the feed
+//! after the subscriber joined (so broadcast): none is missed, none is sent twice. A subscriber
+//! that falls behind the broadcast buffer replays from Redis again.
+
+use axum::body::Bytes;
+use redis::AsyncConnectionConfig;
+use shared::events::{self, StreamEntry};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How long one XREAD blocks before the feed checks whether anyone still listens.
+const BLOCK: Duration = Duration::from_secs(5);
+/// Entries per XREAD.
+const COUNT: usize = 1000;
+/// Batches a slow subscriber may fall behind before it replays from Redis.
+const BUFFER: usize = 1024;
+
+/// A stream entry id (`ms-seq`), ordered as Redis orders them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EntryId(pub u64, pub u64);
+
+impl EntryId {
+    pub fn parse(id: &str) -> Option<Self> {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        Some(Self(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// One SSE frame inside a [`Batch`]'s bytes.
+pub struct Frame {
+    pub id: EntryId,
+    pub end: usize,
+    pub terminal: bool,
+}
+
+/// Entries read together, rendered once as SSE text for every subscriber.
+pub struct Batch {
+    pub frames: Vec<Frame>,
+    pub bytes: Bytes,
+}
+
+impl Batch {
+    pub fn render(entries: &[StreamEntry]) -> Self {
+        let mut text = String::with_capacity(entries.len() * 320);
+        let mut frames = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Some(id) = EntryId::parse(&entry.id) else {
+                continue;
+            };
+            let data = serde_json::to_string(&entry.event).unwrap_or_default();
+            text.push_str("id: ");
+            text.push_str(&entry.id);
+            text.push_str("\nevent: ");
+            text.push_str(entry.event.event_type.as_str());
+            text.push_str("\ndata: ");
+            text.push_str(&data);
+            text.push_str("\n\n");
+            frames.push(Frame {
+                id,
+                end: text.len(),
+                terminal: entry.event.event_type.is_terminal(),
+            });
+        }
+        Self {
+            frames,
+            bytes: Bytes::from(text),
+        }
+    }
+
+    /// The frames after `cursor`, up to and including the first terminal one if
+    /// `stop_at_terminal`: (their bytes, the last id, whether it was terminal). Zero-copy.
+    pub fn after(&self, cursor: EntryId, stop_at_terminal: bool) -> Option<(Bytes, EntryId, bool)> {
+        let first = self.frames.iter().position(|f| f.id > cursor)?;
+        let start = if first == 0 {
+            0
+        } else {
+            self.frames[first - 1].end
+        };
+        let mut last = first;
+        for (i, frame) in self.frames.iter().enumerate().skip(first) {
+            last = i;
+            if stop_at_terminal && frame.terminal {
+                break;
+            }
+        }
+        let frame = &self.frames[last];
+        Some((
+            self.bytes.slice(start..frame.end),
+            frame.id,
+            stop_at_terminal && frame.terminal,
+        ))
+    }
+}
+
+#[derive(Clone)]
+struct Feed {
+    tx: broadcast::Sender<Arc<Batch>>,
+    /// True once the feed knows where the stream ends and reads from there.
+    ready: watch::Receiver<bool>,
+}
+
+pub struct Hub {
+    client: redis::Client,
+    feeds: Mutex<HashMap<String, Feed>>,
+    stopping: CancellationToken,
+}
+
+/// A subscriber's place in a feed.
+pub struct Subscription {
+    pub batches: broadcast::Receiver<Arc<Batch>>,
+    ready: watch::Receiver<bool>,
+}
+
+impl Subscription {
+    /// Waits until the feed reads the stream, so that a replay read after this is complete.
+    pub async fn ready(&mut self) {
+        let _ = self.ready.wait_for(|ready| *ready).await;
+    }
+}
+
+impl Hub {
+    pub fn new(client: redis::Client, stopping: CancellationToken) -> Self {
+        Self {
+            client,
+            feeds: Mutex::default(),
+            stopping,
+        }
+    }
+
+    /// Joins `key`'s feed, starting its reader if it has none.
+    pub fn subscribe(self: &Arc<Self>, key: &str) -> Subscription {
+        let mut feeds = self.feeds.lock().expect("hub lock");
+        if let Some(feed) = feeds.get(key) {
+            return Subscription {
+                batches: feed.tx.subscribe(),
+                ready: feed.ready.clone(),
+            };
+        }
+        let (tx, batches) = broadcast::channel(BUFFER);
+        let (ready_tx, ready) = watch::channel(false);
+        feeds.insert(
+            key.to_owned(),
+            Feed {
+                tx: tx.clone(),
+                ready: ready.clone(),
+            },
+        );
+        tokio::spawn(self.clone().read(key.to_owned(), tx, ready_tx));
+        Subscription { batches, ready }
+    }
+
+    /// Number of streams read now (for `/metrics`).
+    pub fn feeds(&self) -> usize {
+        self.feeds.lock().expect("hub lock").len()
+    }
+
+    async fn connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        // A blocking read must not hit the default response timeout (500 ms).
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(BLOCK * 3));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// The feed's reader: XREAD from the stream's end at start, broadcast every batch, and
+    /// stop once nobody listens.
+    async fn read(
+        self: Arc<Self>,
+        key: String,
+        tx: broadcast::Sender<Arc<Batch>>,
+        ready: watch::Sender<bool>,
+    ) {
+        let mut conn = None;
+        let mut cursor: Option<String> = None;
+        loop {
+            if self.stopping.is_cancelled() {
+                break;
+            }
+            let result = async {
+                if conn.is_none() {
+                    conn = Some(self.connect().await?);
+                }
+                let c = conn.as_mut().expect("connected");
+                match &cursor {
+                    None => {
+                        cursor = Some(last_id(c, &key).await?);
+                        let _ = ready.send(true);
+                        Ok::<(), redis::RedisError>(())
+                    }
+                    Some(after) => {
+                        let entries = tokio::select! {
+                            read = events::wait_after(c, &key, after, BLOCK, COUNT) => read?,
+                            _ = self.stopping.cancelled() => Vec::new(),
+                        };
+                        if let Some(last) = entries.last() {
+                            cursor = Some(last.id.clone());
+                            // No receiver is fine: the next check stops the feed.
+                            let _ = tx.send(Arc::new(Batch::render(&entries)));
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(stream = key, error = %e, "event feed read failed; reconnecting");
+                conn = None;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let mut feeds = self.feeds.lock().expect("hub lock");
+            if tx.receiver_count() == 0 {
+                feeds.remove(&key);
+                return;
+            }
+        }
+        self.feeds.lock().expect("hub lock").remove(&key);
+    }
+}
+
+/// The id of the stream's last entry (`0-0` when it is empty or missing).
+pub async fn last_id<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    key: &str,
+) -> redis::RedisResult<String> {
+    let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg(key)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(last
+        .into_iter()
+        .next()
+        .map(|(id, _)| id)
+        .unwrap_or_else(|| "0-0".to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::{
+        events::{Event, EventType},
+        JobStatus,
+    };
+
+    fn entry(id: &str, event_type: EventType) -> StreamEntry {
+        StreamEntry {
+            id: id.to_owned(),
+            event: Event::new(
+                uuid::Uuid::nil(),
+                "canary",
+                event_type,
+                JobStatus::Running,
+                0.5,
+            ),
+        }
+    }
+
+    #[test]
+    fn a_batch_slices_after_a_cursor_and_stops_at_the_terminal_event() {
+        let batch = Batch::render(&[
+            entry("5-0", EventType::Progress),
+            entry("5-1", EventType::Succeeded),
+            entry("12-0", EventType::Queued),
+        ]);
+        let (all, last, terminal) = batch.after(EntryId(0, 0), false).unwrap();
+        assert_eq!(all, batch.bytes);
+        assert_eq!((last, terminal), (EntryId(12, 0), false));
+        let (rest, last, terminal) = batch.after(EntryId(5, 0), true).unwrap();
+        let text = std::str::from_utf8(&rest).unwrap();
+        assert!(
+            text.starts_with("id: 5-1\nevent: succeeded\ndata: {"),
+            "{text}"
+        );
+        assert!(text.ends_with("\n\n") && !text.contains("12-0"));
+        assert_eq!((last, terminal), (EntryId(5, 1), true));
+        assert!(batch.after(EntryId(12, 0), false).is_none());
+        assert!(EntryId::parse("12-0") > EntryId::parse("5-9"));
+        assert_eq!(EntryId::parse("7"), Some(EntryId(7, 0)));
+        assert_eq!(EntryId::parse("x-1"), None);
+    }
+}

@@ -1,0 +1,279 @@
+//! Collections of embedded documents: create, read, list, delete, and search.
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use jobs::ingest::{
+    embed::MODEL_NAME,
+    store::{self, Collection, Filter, Hit, SearchMode},
+};
+use serde::{Deserialize, Serialize};
+use shared::{FieldError, Problem};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{auth::Tenant, extract::JsonBody, AppState};
+
+/// Largest chunk: the model reads 256 tokens, two of which are its own markers.
+pub const MAX_CHUNK_TOKENS: i32 = 254;
+pub const MAX_QUERY_CHARS: usize = 2000;
+pub const MAX_K: i64 = 100;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewCollection {
+    /// Unique among the tenant's collections.
+    pub name: String,
+    /// The embedding model: `all-MiniLM-L6-v2` (the default and, so far, the only one).
+    pub model: Option<String>,
+    #[serde(default)]
+    pub chunking: ChunkingSettings,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkingSettings {
+    /// Largest chunk in the model's tokens, 16-254 (default 200).
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: i32,
+    /// Tokens consecutive chunks share at most, 0 to max_tokens / 2 (default 32).
+    #[serde(default = "default_overlap")]
+    pub overlap: i32,
+}
+
+fn default_max_tokens() -> i32 {
+    200
+}
+
+fn default_overlap() -> i32 {
+    32
+}
+
+impl Default for ChunkingSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens: default_max_tokens(),
+            overlap: default_overlap(),
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/v1/collections", request_body = NewCollection, tag = "collections",
+    responses((status = 201, body = Collection), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn create(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    JsonBody(body): JsonBody<NewCollection>,
+) -> Result<Response, Problem> {
+    let mut errors = Vec::new();
+    if body.name.trim().is_empty() || body.name.len() > 200 {
+        errors.push(FieldError::new("name", "must be 1-200 characters"));
+    }
+    let model = body.model.unwrap_or_else(|| MODEL_NAME.to_owned());
+    if model != MODEL_NAME {
+        errors.push(FieldError::new(
+            "model",
+            format!("unknown model {model:?}; available: {MODEL_NAME}"),
+        ));
+    }
+    let ChunkingSettings {
+        max_tokens,
+        overlap,
+    } = body.chunking;
+    if !(16..=MAX_CHUNK_TOKENS).contains(&max_tokens) {
+        errors.push(FieldError::new(
+            "chunking.max_tokens",
+            format!("must be between 16 and {MAX_CHUNK_TOKENS}"),
+        ));
+    }
+    if !(0..=max_tokens / 2).contains(&overlap) {
+        errors.push(FieldError::new(
+            "chunking.overlap",
+            "must be between 0 and max_tokens / 2",
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let collection = store::create_collection(
+        &state.pool,
+        tenant.0,
+        &body.name,
+        &model,
+        max_tokens,
+        overlap,
+    )
+    .await?
+    .ok_or_else(|| Problem::conflict(format!("a collection named {:?} exists", body.name)))?;
+    let location = format!("/v1/collections/{}", collection.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(collection),
+    )
+        .into_response())
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CollectionList {
+    pub collections: Vec<Collection>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Page size, 1-500 (default 50).
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<Uuid>,
+}
+
+#[utoipa::path(get, path = "/v1/collections", tag = "collections", params(ListParams),
+    responses((status = 200, body = CollectionList), (status = 422, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<CollectionList>, Problem> {
+    let Query(params) =
+        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::validation(vec![FieldError::new(
+            "limit",
+            "must be between 1 and 500",
+        )]));
+    }
+    let collections = store::list_collections(&state.pool, tenant.0, params.cursor, limit).await?;
+    let next_cursor = (collections.len() as i64 == limit)
+        .then(|| collections.last().map(|c| c.id))
+        .flatten();
+    Ok(Json(CollectionList {
+        collections,
+        next_cursor,
+    }))
+}
+
+fn parse_id(id: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(id).map_err(|_| Problem::not_found("collection"))
+}
+
+#[utoipa::path(get, path = "/v1/collections/{id}", tag = "collections", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Collection), (status = 404, body = Problem)))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Collection>, Problem> {
+    store::get_collection(&state.pool, tenant.0, parse_id(&id)?)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found("collection"))
+}
+
+#[utoipa::path(delete, path = "/v1/collections/{id}", tag = "collections", params(("id" = Uuid, Path)),
+    responses((status = 204, description = "deleted with its documents and chunks"), (status = 404, body = Problem)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    if store::delete_collection(&state.pool, tenant.0, parse_id(&id)?).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Problem::not_found("collection"))
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    pub query: String,
+    /// Results wanted, 1-100 (default 10).
+    #[serde(default = "default_k")]
+    pub k: i64,
+    #[serde(default)]
+    pub mode: SearchMode,
+    /// Metadata conditions, all of which must hold: `{"lang": "en"}` (equality) or
+    /// `{"tag": {"in": ["a", "b"]}}`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub filter: Filter,
+}
+
+fn default_k() -> i64 {
+    10
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SearchResults {
+    pub results: Vec<Hit>,
+}
+
+#[utoipa::path(post, path = "/v1/collections/{id}/search", request_body = SearchRequest,
+    tag = "collections", params(("id" = Uuid, Path)),
+    responses((status = 200, body = SearchResults), (status = 404, body = Problem),
+              (status = 422, body = Problem), (status = 503, body = Problem)))]
+pub async fn search(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<SearchRequest>,
+) -> Result<Json<SearchResults>, Problem> {
+    let mut errors = Vec::new();
+    if body.query.trim().is_empty() || body.query.chars().count() > MAX_QUERY_CHARS {
+        errors.push(FieldError::new(
+            "query",
+            format!("must be 1-{MAX_QUERY_CHARS} characters"),
+        ));
+    }
+    if !(1..=MAX_K).contains(&body.k) {
+        errors.push(FieldError::new(
+            "k",
+            format!("must be between 1 and {MAX_K}"),
+        ));
+    }
+    if let Err(e) = store::check_filter(&body.filter) {
+        errors.push(FieldError::new("filter", e));
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    let collection = store::get_collection(&state.pool, tenant.0, parse_id(&id)?)
+        .await?
+        .ok_or_else(|| Problem::not_found("collection"))?;
+    // The one piece of model work the API does: one short query, on a blocking thread.
+    let vector = if body.mode == SearchMode::Keyword {
+        None
+    } else {
+        let model = state
+            .services
+            .embedder
+            .get()
+            .await
+            .map_err(|e| Problem::unavailable(e.to_string()))?;
+        let query = body.query.clone();
+        let mut vectors = tokio::task::spawn_blocking(move || model.embed(&[&query]))
+            .await
+            .map_err(Problem::internal)??;
+        vectors.pop()
+    };
+    let results = store::search(
+        &state.pool,
+        store::Search {
+            collection: collection.id,
+            query: &body.query,
+            vector,
+            k: body.k,
+            mode: body.mode,
+            filter: &body.filter,
+        },
+    )
+    .await?;
+    Ok(Json(SearchResults { results }))
+}

@@ -1,0 +1,94 @@
+//! Target databases a tenant registers for imports and patches. The URL is encrypted at rest
+//! and never returned.
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    Json,
+};
+use serde::Deserialize;
+use shared::{
+    connections::{self, Connection},
+    FieldError, Problem,
+};
+use sqlx::Connection as _;
+use std::time::Duration;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{auth::Tenant, extract::JsonBody, AppState};
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewConnection {
+    /// Unique per tenant, 1-100 characters.
+    pub name: String,
+    /// `postgres://user:password@host:port/database`; checked by connecting once.
+    pub url: String,
+}
+
+#[utoipa::path(post, path = "/v1/connections", tag = "connections", request_body = NewConnection,
+    responses((status = 201, body = Connection), (status = 409, body = Problem), (status = 422, body = Problem),
+              (status = 503, body = Problem, description = "CONVEYOR_SECRET_KEY is not configured")))]
+pub async fn create(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    JsonBody(body): JsonBody<NewConnection>,
+) -> Result<(StatusCode, Json<Connection>), Problem> {
+    let invalid =
+        |field: &str, message: String| Problem::validation(vec![FieldError::new(field, message)]);
+    if body.name.is_empty() || body.name.len() > 100 {
+        return Err(invalid("name", "must be 1-100 characters".into()));
+    }
+    let display = connections::describe(&body.url).map_err(|e| invalid("url", e))?;
+    let cipher = state.services.targets.cipher().ok_or_else(|| {
+        Problem::unavailable("connections need CONVEYOR_SECRET_KEY to encrypt credentials")
+    })?;
+    let reachable = tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlx::PgConnection::connect(&body.url),
+    )
+    .await;
+    match reachable {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+        }
+        Ok(Err(e)) => return Err(invalid("url", format!("cannot connect: {e}"))),
+        Err(_) => return Err(invalid("url", "cannot connect: timed out after 5 s".into())),
+    }
+    let created = connections::create(
+        &state.pool,
+        cipher,
+        tenant.0,
+        &body.name,
+        &body.url,
+        &display,
+    )
+    .await?
+    .ok_or_else(|| Problem::conflict(format!("a connection named {:?} exists", body.name)))?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+#[utoipa::path(get, path = "/v1/connections", tag = "connections",
+    responses((status = 200, body = Vec<Connection>)))]
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+) -> Result<Json<Vec<Connection>>, Problem> {
+    Ok(Json(connections::list(&state.pool, tenant.0).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/connections/{id}", tag = "connections", params(("id" = Uuid, Path)),
+    responses((status = 204, description = "deleted"), (status = 404, body = Problem)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    let id = Uuid::parse_str(&id).map_err(|_| Problem::not_found("connection"))?;
+    if connections::delete(&state.pool, tenant.0, id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Problem::not_found("connection"))
+    }
+}

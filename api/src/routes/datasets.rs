@@ -1,0 +1,263 @@
+//! Datasets: uploads streamed into the object store (never held in memory), with the schema and
+//! a preview read from the file's head.
+
+use axum::{
+    body::Body,
+    extract::{Path, Query, State},
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shared::{
+    datasets::{self, Compression, Dataset, Format},
+    FieldError, Problem,
+};
+use tokio::io::AsyncWriteExt;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{auth::Tenant, AppState};
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UploadParams {
+    /// The file's name; its extension tells the format (`.csv`, `.tsv`, `.ndjson`, `.jsonl`,
+    /// `.parquet`, optionally `.gz`/`.zst`). The `X-Filename` header works too.
+    name: Option<String>,
+    /// Overrides the extension: `csv`, `tsv`, `ndjson` or `parquet`.
+    format: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/datasets", tag = "datasets", params(UploadParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file, as the raw body"),
+    responses((status = 201, body = Dataset), (status = 413, body = Problem), (status = 422, body = Problem)))]
+pub async fn upload(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    params: Result<Query<UploadParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let Query(params) =
+        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
+    let name = params
+        .name
+        .or_else(|| {
+            headers
+                .get("x-filename")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .ok_or_else(|| invalid("name", "required: pass ?name=file.csv or X-Filename"))?;
+    if name.is_empty() || name.len() > 255 || name.contains(['/', '\\']) {
+        return Err(invalid("name", "must be a file name of 1-255 characters"));
+    }
+    let (format, compression) = match params.format.as_deref() {
+        Some(format) => {
+            let format = Format::parse(format)
+                .ok_or_else(|| invalid("format", "must be csv, tsv, ndjson or parquet"))?;
+            let compression = Format::from_file_name(&name).map_or(Compression::None, |f| f.1);
+            (format, compression)
+        }
+        None => Format::from_file_name(&name).ok_or_else(|| {
+            invalid(
+                "name",
+                "cannot tell the format from the extension; name the file .csv, .tsv, .ndjson, \
+                 .parquet (optionally .gz or .zst) or pass format=",
+            )
+        })?,
+    };
+
+    let objects = &state.services.objects;
+    let scratch = objects.scratch_path().await.map_err(Problem::internal)?;
+    let stored = receive(body, &scratch, state.settings.dataset_limit).await;
+    let (size, sha256) = match stored {
+        Ok(stored) => stored,
+        Err(problem) => {
+            let _ = tokio::fs::remove_file(&scratch).await;
+            return Err(problem);
+        }
+    };
+    let inspected = {
+        let path = scratch.clone();
+        tokio::task::spawn_blocking(move || jobs::import::inspect(&path, format, compression))
+            .await
+            .map_err(Problem::internal)?
+    };
+    let (schema, preview) = match inspected {
+        Ok(inspected) => inspected,
+        Err(reason) => {
+            let _ = tokio::fs::remove_file(&scratch).await;
+            return Err(invalid(
+                "body",
+                &format!("not a readable {format:?} file: {reason}"),
+            ));
+        }
+    };
+    let dataset = Dataset {
+        id: Uuid::now_v7(),
+        tenant_id: tenant.0,
+        name,
+        format,
+        compression,
+        size_bytes: size as i64,
+        sha256,
+        schema: sqlx::types::Json(schema),
+        preview: sqlx::types::Json(preview),
+        created_at: chrono::Utc::now(),
+    };
+    let path = objects.dataset_path(tenant.0, dataset.id);
+    objects
+        .publish(&scratch, &path)
+        .await
+        .map_err(Problem::internal)?;
+    if let Err(e) = datasets::insert(&state.pool, &dataset).await {
+        let _ = tokio::fs::remove_file(&path).await;
+        return Err(e.into());
+    }
+    let location = format!("/v1/datasets/{}", dataset.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(dataset),
+    )
+        .into_response())
+}
+
+/// Streams the body into `path`; returns its size and sha256. Past `limit` bytes: 413.
+async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64, String), Problem> {
+    let file = tokio::fs::File::create(path)
+        .await
+        .map_err(Problem::internal)?;
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "bad-body",
+                format!("upload interrupted: {e}"),
+            )
+        })?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!(
+                    "the file exceeds the dataset limit of {limit} bytes (CONVEYOR_DATASET_LIMIT)"
+                ),
+            ));
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(Problem::internal)?;
+    }
+    if size == 0 {
+        return Err(invalid("body", "the file is empty"));
+    }
+    file.flush().await.map_err(Problem::internal)?;
+    file.get_ref().sync_all().await.map_err(Problem::internal)?;
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+fn invalid(field: &str, message: &str) -> Problem {
+    Problem::validation(vec![FieldError::new(field, message)])
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Page size, 1-500 (default 50).
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<Uuid>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DatasetList {
+    pub datasets: Vec<Dataset>,
+    pub next_cursor: Option<Uuid>,
+}
+
+#[utoipa::path(get, path = "/v1/datasets", tag = "datasets", params(ListParams),
+    responses((status = 200, body = DatasetList), (status = 422, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DatasetList>, Problem> {
+    let Query(params) =
+        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(invalid("limit", "must be between 1 and 500"));
+    }
+    let datasets = datasets::list(&state.pool, tenant.0, params.cursor, limit).await?;
+    let next_cursor = (datasets.len() as i64 == limit)
+        .then(|| datasets.last().map(|d| d.id))
+        .flatten();
+    Ok(Json(DatasetList {
+        datasets,
+        next_cursor,
+    }))
+}
+
+async fn find(state: &AppState, tenant: Tenant, id: &str) -> Result<Dataset, Problem> {
+    let id = Uuid::parse_str(id).map_err(|_| Problem::not_found("dataset"))?;
+    datasets::get(&state.pool, tenant.0, id)
+        .await?
+        .ok_or_else(|| Problem::not_found("dataset"))
+}
+
+#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Dataset), (status = 404, body = Problem)))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Dataset>, Problem> {
+    find(&state, tenant, &id).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/datasets/{id}/download", tag = "datasets", params(("id" = Uuid, Path)),
+    responses((status = 200, content_type = "application/octet-stream", description = "the file as uploaded"),
+              (status = 404, body = Problem)))]
+pub async fn download(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let dataset = find(&state, tenant, &id).await?;
+    let path = state.services.objects.dataset_path(tenant.0, dataset.id);
+    crate::files::serve(&path, &dataset.name).await
+}
+
+#[utoipa::path(delete, path = "/v1/datasets/{id}", tag = "datasets", params(("id" = Uuid, Path)),
+    responses((status = 204, description = "deleted"), (status = 404, body = Problem),
+              (status = 409, body = Problem, description = "a live job uses the dataset")))]
+pub async fn delete(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    let dataset = find(&state, tenant, &id).await?;
+    let users = datasets::jobs_using(&state.pool, tenant.0, dataset.id).await?;
+    if !users.is_empty() {
+        let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
+        return Err(Problem::conflict(format!(
+            "live jobs use this dataset: {}",
+            ids.join(", ")
+        )));
+    }
+    datasets::delete(&state.pool, tenant.0, dataset.id).await?;
+    let path = state.services.objects.dataset_path(tenant.0, dataset.id);
+    if let Err(e) = tokio::fs::remove_file(&path).await {
+        tracing::warn!(path = %path.display(), error = %e, "dataset file not removed");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

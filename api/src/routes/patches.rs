@@ -1,0 +1,23 @@
+//! `POST /v1/patches/preflight`: the checks a `patch` job passes at submit, and its risk,
+//! without submitting it.
+
+use axum::{extract::State, Json};
+use jobs::patch::{Assessment, Patch, PatchPayload};
+use shared::Problem;
+
+use crate::{auth::Tenant, extract::JsonBody, AppState};
+
+#[utoipa::path(post, path = "/v1/patches/preflight", request_body = PatchPayload, tag = "patches",
+    responses((status = 200, body = Assessment, description = "the patch would be accepted"),
+              (status = 404, body = Problem, description = "unknown connection"),
+              (status = 422, body = Problem, description = "refused, with the reason")))]
+pub async fn preflight(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    JsonBody(payload): JsonBody<serde_json::Value>,
+) -> Result<Json<Assessment>, Problem> {
+    Patch::new(state.services.clone())
+        .assess(tenant.0, &payload)
+        .await
+        .map(Json)
+}

@@ -1,0 +1,119 @@
+//! The dashboard's queues panel: each queue's depth and recent outcomes, and the live workers.
+//! Queues and workers are shared by every tenant, so these counts are queue-wide, as in
+//! `/metrics`.
+
+use axum::{extract::State, Json};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use shared::Problem;
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+
+use crate::{auth::Tenant, AppState};
+
+#[derive(Serialize, ToSchema)]
+pub struct QueueStats {
+    /// The job kind (one queue per kind).
+    pub kind: String,
+    /// Entries waiting in Redis.
+    pub depth: u64,
+    pub running: i64,
+    pub succeeded_last_hour: i64,
+    pub failed_last_hour: i64,
+    /// Live workers serving this queue, and their summed concurrency.
+    pub workers: i64,
+    pub concurrency: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct QueueList {
+    pub queues: Vec<QueueStats>,
+}
+
+#[derive(Serialize, ToSchema, sqlx::FromRow)]
+pub struct WorkerInfo {
+    /// Unique per process (host, pid, random suffix).
+    pub name: String,
+    /// Queue kind → concurrency, e.g. `{"canary": 4}`.
+    #[schema(value_type = Object)]
+    pub queues: Value,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    /// Jobs this worker is running now.
+    pub running: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WorkerList {
+    pub workers: Vec<WorkerInfo>,
+}
+
+async fn live_workers(state: &AppState) -> Result<Vec<WorkerInfo>, Problem> {
+    Ok(sqlx::query_as(
+        "SELECT w.name, w.queues, w.started_at, w.heartbeat_at,
+                (SELECT count(*) FROM jobs j WHERE j.status = 'running' AND j.worker = w.name) AS running
+         FROM workers w
+         WHERE w.stopped_at IS NULL AND w.heartbeat_at > now() - make_interval(secs => $1)
+         ORDER BY w.name",
+    )
+    .bind(state.settings.rescue_after.as_secs_f64())
+    .fetch_all(&state.pool)
+    .await?)
+}
+
+#[utoipa::path(get, path = "/v1/queues", tag = "queues",
+    responses((status = 200, body = QueueList, description = "every queue this deployment knows")))]
+pub async fn queues(State(state): State<AppState>, _: Tenant) -> Result<Json<QueueList>, Problem> {
+    let counts: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT kind,
+                count(*) FILTER (WHERE status = 'running'),
+                count(*) FILTER (WHERE status = 'succeeded' AND finished_at > now() - interval '1 hour'),
+                count(*) FILTER (WHERE status = 'failed' AND finished_at > now() - interval '1 hour')
+         FROM jobs
+         WHERE status = 'running' OR finished_at > now() - interval '1 hour'
+         GROUP BY kind",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let counts: BTreeMap<_, _> = counts
+        .into_iter()
+        .map(|(kind, running, ok, failed)| (kind, (running, ok, failed)))
+        .collect();
+    let workers = live_workers(&state).await?;
+    let mut queues = Vec::new();
+    for kind in state.registry.kinds() {
+        let depth = state
+            .queues
+            .depth(kind)
+            .await
+            .map_err(|e| Problem::unavailable(format!("Redis: {e}")))?;
+        let (running, succeeded_last_hour, failed_last_hour) =
+            counts.get(kind).copied().unwrap_or_default();
+        let serving: Vec<i64> = workers
+            .iter()
+            .filter_map(|w| w.queues.get(kind).and_then(Value::as_i64))
+            .collect();
+        queues.push(QueueStats {
+            kind: kind.to_owned(),
+            depth,
+            running,
+            succeeded_last_hour,
+            failed_last_hour,
+            workers: serving.len() as i64,
+            concurrency: serving.iter().sum(),
+        });
+    }
+    Ok(Json(QueueList { queues }))
+}
+
+#[utoipa::path(get, path = "/v1/workers", tag = "queues",
+    responses((status = 200, body = WorkerList, description = "workers with a live heartbeat")))]
+pub async fn workers(
+    State(state): State<AppState>,
+    _: Tenant,
+) -> Result<Json<WorkerList>, Problem> {
+    Ok(Json(WorkerList {
+        workers: live_workers(&state).await?,
+    }))
+}

@@ -1,0 +1,144 @@
+//! Dashboard sign-in: an API key is exchanged for a session cookie, so the browser never keeps
+//! the key and EventSource (which cannot send headers) is authenticated too.
+
+use axum::{
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use shared::Problem;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    auth::{self, hash_key, Tenant, SESSION_COOKIE},
+    extract::JsonBody,
+    AppState,
+};
+
+/// How long a session lasts; signing in again starts a new one.
+pub const SESSION_TTL: chrono::TimeDelta = chrono::TimeDelta::hours(12);
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    pub api_key: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SessionInfo {
+    pub tenant_id: Uuid,
+    /// The tenant's name.
+    pub tenant: String,
+    /// When the session ends (absent when the request used an API key).
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+fn cookie(token: &str, max_age_secs: i64) -> String {
+    format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_secs}")
+}
+
+#[utoipa::path(post, path = "/v1/session", request_body = SignIn, tag = "session", security(()),
+    params(("X-Conveyor-CSRF" = String, Header, description = "any value; required")),
+    responses((status = 201, body = SessionInfo, description = "signed in; the `conveyor_session` cookie is set"),
+              (status = 401, body = Problem), (status = 403, body = Problem)))]
+pub async fn sign_in(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<SignIn>,
+) -> Result<Response, Problem> {
+    // Without it a cross-site form could sign a victim's browser into the attacker's tenant.
+    auth::require_csrf_header(&headers)?;
+    let key: Option<(Uuid, Uuid, String)> = sqlx::query_as(
+        "SELECT k.id, k.tenant_id, t.name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+         WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+    )
+    .bind(hash_key(body.api_key.trim()))
+    .fetch_optional(&state.pool)
+    .await?;
+    let (key_id, tenant_id, tenant) =
+        key.ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let token = hex::encode(secret);
+    let expires_at = Utc::now() + SESSION_TTL;
+    // Ended sessions are swept on the way (the index on expires_at keeps it cheap).
+    sqlx::query("DELETE FROM sessions WHERE expires_at < now()")
+        .execute(&state.pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO sessions (token_hash, tenant_id, api_key_id, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(hash_key(&token))
+    .bind(tenant_id)
+    .bind(key_id)
+    .bind(expires_at)
+    .execute(&state.pool)
+    .await?;
+    let info = SessionInfo {
+        tenant_id,
+        tenant,
+        expires_at: Some(expires_at),
+    };
+    Ok((
+        StatusCode::CREATED,
+        [(
+            header::SET_COOKIE,
+            cookie(&token, SESSION_TTL.num_seconds()),
+        )],
+        Json(info),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/session", tag = "session",
+    responses((status = 200, body = SessionInfo, description = "who is signed in"), (status = 401, body = Problem)))]
+pub async fn current(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    headers: HeaderMap,
+) -> Result<Json<SessionInfo>, Problem> {
+    let name: String = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
+        .bind(tenant.0)
+        .fetch_one(&state.pool)
+        .await?;
+    let expires_at = match auth::session_cookie(&headers) {
+        Some(token) if !headers.contains_key(header::AUTHORIZATION) => {
+            sqlx::query_scalar("SELECT expires_at FROM sessions WHERE token_hash = $1")
+                .bind(hash_key(token))
+                .fetch_optional(&state.pool)
+                .await?
+        }
+        _ => None,
+    };
+    Ok(Json(SessionInfo {
+        tenant_id: tenant.0,
+        tenant: name,
+        expires_at,
+    }))
+}
+
+#[utoipa::path(delete, path = "/v1/session", tag = "session", security(()),
+    params(("X-Conveyor-CSRF" = String, Header, description = "any value; required")),
+    responses((status = 204, description = "signed out; the cookie is cleared"), (status = 403, body = Problem)))]
+pub async fn sign_out(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    auth::require_csrf_header(&headers)?;
+    if let Some(token) = auth::session_cookie(&headers) {
+        sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+            .bind(hash_key(token))
+            .execute(&state.pool)
+            .await?;
+    }
+    Ok((
+        StatusCode::NO_CONTENT,
+        [(header::SET_COOKIE, cookie("", 0))],
+    )
+        .into_response())
+}

@@ -1,0 +1,245 @@
+//! The `conveyor` command-line client, run as the real binary against an in-process API and
+//! worker: exit codes by outcome, `--json` shapes, human output, errors.
+
+use crate::harness::{binary, TestApp};
+use serde_json::Value;
+use std::{process::Stdio, time::Duration};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// `conveyor` with the app's URL and key. Async: the API runs on this test's runtime.
+fn conveyor(app: &TestApp, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary("conveyor"));
+    command
+        .args(args)
+        .env("CONVEYOR_URL", &app.base)
+        .env("CONVEYOR_API_KEY", &app.key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+async fn run(app: &TestApp, args: &[&str]) -> Run {
+    let output = tokio::time::timeout(WAIT, conveyor(app, args).output())
+        .await
+        .expect("conveyor finishes")
+        .expect("conveyor runs (built by `cargo build --workspace --bins`)");
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn submit_wait_exits_by_outcome_and_prints_the_final_job() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(2).await;
+
+    let ok = run(
+        &app,
+        &[
+            "submit",
+            "canary",
+            "--payload",
+            r#"{"steps": 8, "step_ms": 40}"#,
+            "--wait",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    let job = ok.json();
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["kind"], "canary");
+    assert_eq!(job["progress"], 1.0);
+    assert_eq!(job["result"]["steps"], 8);
+    assert!(job["id"].as_str().unwrap().parse::<uuid::Uuid>().is_ok());
+    // The bar, driven by the job's event stream, went to 100 % on stderr.
+    assert!(ok.stderr.contains("100% succeeded"), "{}", ok.stderr);
+    assert_eq!(
+        app.job(job["id"].as_str().unwrap().parse().unwrap()).await["status"],
+        "succeeded"
+    );
+
+    let failed = run(
+        &app,
+        &[
+            "submit",
+            "canary",
+            "--payload",
+            r#"{"fail_first": 1}"#,
+            "--max-attempts",
+            "1",
+            "--wait",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(failed.code, 1, "{}", failed.stderr);
+    let job = failed.json();
+    assert_eq!(job["status"], "failed");
+    assert!(
+        job["error"].as_str().unwrap().contains("canary fails"),
+        "{job}"
+    );
+    assert_eq!(job["attempt_errors"].as_array().unwrap().len(), 1);
+
+    // Human output, with the payload read from a file.
+    let file = std::env::temp_dir().join(format!("payload-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&file, r#"{"steps": 2}"#).unwrap();
+    let human = run(
+        &app,
+        &[
+            "submit",
+            "canary",
+            "--payload",
+            file.to_str().unwrap(),
+            "--wait",
+        ],
+    )
+    .await;
+    std::fs::remove_file(&file).ok();
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    assert!(
+        human.stdout.contains("status    succeeded"),
+        "{}",
+        human.stdout
+    );
+    assert!(human.stdout.contains(r#"result    {"#), "{}", human.stdout);
+}
+
+#[tokio::test]
+async fn status_jobs_watch_and_cancel() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(1).await;
+
+    let submitted = run(
+        &app,
+        &[
+            "submit",
+            "canary",
+            "--payload",
+            r#"{"steps": 200, "step_ms": 100}"#,
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(submitted.code, 0, "{}", submitted.stderr);
+    let id = submitted.json()["id"].as_str().unwrap().to_owned();
+    app.wait_status(id.parse().unwrap(), &["running"], WAIT)
+        .await;
+
+    let status = run(&app, &["status", &id, "--json"]).await;
+    assert_eq!(status.code, 0);
+    assert_eq!(status.json()["id"], id.as_str());
+    assert_eq!(status.json()["status"], "running");
+
+    let listed = run(
+        &app,
+        &["jobs", "--kind", "canary", "--status", "running", "--json"],
+    )
+    .await;
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    let jobs = listed.json()["jobs"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["id"], id.as_str());
+    let none = run(&app, &["jobs", "--status", "failed", "--json"]).await;
+    assert_eq!(none.json()["jobs"], serde_json::json!([]));
+    let table = run(&app, &["jobs"]).await;
+    assert!(table.stdout.starts_with("ID "), "{}", table.stdout);
+    assert!(table.stdout.contains(&id) && table.stdout.contains("running"));
+
+    // `watch --json` prints one event per line until the job ends; cancel ends it.
+    let watcher = conveyor(&app, &["watch", &id, "--json"]).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let cancel = run(&app, &["cancel", &id]).await;
+    assert_eq!(cancel.code, 0, "{}", cancel.stderr);
+    assert!(cancel.stdout.contains("cancel requested") || cancel.stdout.contains("cancelled"));
+    let watched = tokio::time::timeout(WAIT, watcher.wait_with_output())
+        .await
+        .expect("watch ends with the job")
+        .unwrap();
+    assert_eq!(watched.status.code(), Some(1), "a cancelled job exits 1");
+    let lines: Vec<Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert!(lines.len() >= 3, "{lines:?}");
+    assert_eq!(lines[0]["event"], "queued");
+    assert_eq!(lines.last().unwrap()["event"], "cancelled");
+    for line in &lines {
+        assert!(
+            line["id"].is_string() && line["data"]["job_id"] == id.as_str(),
+            "{line}"
+        );
+    }
+
+    // Errors exit 2 with the API's explanation.
+    let unknown = run(&app, &["status", &uuid::Uuid::now_v7().to_string()]).await;
+    assert_eq!(unknown.code, 2);
+    assert!(unknown.stderr.contains("404"), "{}", unknown.stderr);
+    let invalid = run(
+        &app,
+        &["submit", "canary", "--payload", r#"{"steps": "ten"}"#],
+    )
+    .await;
+    assert_eq!(invalid.code, 2);
+    assert!(
+        invalid.stderr.contains("payload.steps"),
+        "{}",
+        invalid.stderr
+    );
+    let no_key = conveyor(&app, &["jobs"])
+        .env_remove("CONVEYOR_API_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(no_key.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_key.stderr).contains("CONVEYOR_API_KEY"));
+}
+
+/// `POST /v1/datasets` is built separately; until this API has it, the client must say so
+/// plainly. Where it exists, the streamed upload must be accepted.
+#[tokio::test]
+async fn upload_streams_a_file_or_reports_a_missing_route() {
+    let app = TestApp::spawn().await;
+    let file = std::env::temp_dir().join(format!("upload-{}.csv", uuid::Uuid::new_v4()));
+    let mut csv = String::from("id,name\n");
+    for i in 0..20_000 {
+        csv.push_str(&format!("{i},row {i}\n"));
+    }
+    std::fs::write(&file, &csv).unwrap();
+    let uploaded = run(&app, &["upload", file.to_str().unwrap(), "--json"]).await;
+    std::fs::remove_file(&file).ok();
+    let route = app
+        .client
+        .post(app.url("/v1/datasets"))
+        .send()
+        .await
+        .unwrap();
+    let route_missing = route.status() == 404
+        && route.json::<Value>().await.unwrap()["detail"] == "route not found";
+    if route_missing {
+        assert_eq!(uploaded.code, 2);
+        assert!(uploaded.stderr.contains("404"), "{}", uploaded.stderr);
+    } else {
+        assert_eq!(uploaded.code, 0, "{}", uploaded.stderr);
+        assert!(uploaded.json()["id"].is_string(), "{}", uploaded.stdout);
+    }
+}

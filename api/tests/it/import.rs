@@ -1,0 +1,841 @@
+//! Datasets and the `import` job against the real target database: round trips checked
+//! against `psql \copy` of the same file, bad rows, modes, cancel and kill -9.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::{
+    io::Write,
+    process::Command,
+    time::{Duration, Instant},
+};
+use uuid::Uuid;
+
+use crate::harness::TestApp;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Tricky values: quotes, commas, embedded newlines, tabs, backslashes, unicode, zones,
+/// decimals beyond f64, NULLs (empty fields).
+const TRICKY_CSV: &str = "id,amount,ratio,name,happened,day,flag
+1,12.50,0.25,plain,2024-01-02 03:04:05+00,2024-01-02,true
+2,-0.001,1e-3,\"with \"\"quotes\"\", and, commas\",2024-06-30T23:59:59.123456+02:00,1999-12-31,false
+3,,,,,,
+4,123456789012345678.123456789,-2.5,\"multi
+line ✓ ünïcødé 🚀\",2024-03-10 12:00:00-05,2000-02-29,t
+5,0,0,\"tab\there back\\slash\",2024-03-10T12:00:00Z,2024-12-31,f
+";
+
+const TRICKY_COLUMNS: &str = "id bigint, amount numeric, ratio double precision, name text, \
+                              happened timestamptz, day date, flag boolean";
+
+fn psql(url: &str, command: &str) -> String {
+    let output = Command::new("psql")
+        .arg(url)
+        .args(["-v", "ON_ERROR_STOP=1", "-qtAc", command])
+        .output()
+        .expect("psql runs");
+    assert!(
+        output.status.success(),
+        "psql {command}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// md5 of every row's text, in id order: equal checksums mean equal tables.
+fn checksum(url: &str, table: &str) -> String {
+    psql(
+        url,
+        &format!(
+            "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY id), '')) FROM {table} t"
+        ),
+    )
+}
+
+/// The table `psql \copy` makes of the same file: the reference.
+fn copy_with_psql(url: &str, table: &str, columns: &str, file: &std::path::Path, options: &str) {
+    psql(url, &format!("CREATE TABLE {table} ({columns})"));
+    psql(
+        url,
+        &format!("\\copy {table} FROM '{}' WITH ({options})", file.display()),
+    );
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("conveyor-import-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn typed_columns(spec: &str) -> Value {
+    let columns: Vec<Value> = spec
+        .split(',')
+        .map(|c| {
+            let (name, ty) = c.trim().split_once(' ').unwrap();
+            json!({"source": name, "type": ty})
+        })
+        .collect();
+    Value::Array(columns)
+}
+
+async fn submit_import(app: &TestApp, payload: Value) -> Uuid {
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": payload, "max_attempts": 3}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    job["id"].as_str().unwrap().parse().unwrap()
+}
+
+async fn import_ok(app: &TestApp, payload: Value) -> Value {
+    let id = submit_import(app, payload).await;
+    let job = app
+        .wait_status(id, &["succeeded", "failed", "cancelled"], WAIT)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    job["result"].clone()
+}
+
+async fn import_failed(app: &TestApp, payload: Value) -> Value {
+    let id = submit_import(app, payload).await;
+    let job = app
+        .wait_status(id, &["succeeded", "failed", "cancelled"], WAIT)
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    job
+}
+
+// Multi-threaded: uploads of tens of MB and COPY share the runtime with the in-process worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_round_trip_equals_psql_copy_row_for_row() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let file = temp_file("tricky.csv", TRICKY_CSV.as_bytes());
+    copy_with_psql(
+        app.target_url(),
+        "expected",
+        TRICKY_COLUMNS,
+        &file,
+        "FORMAT csv, HEADER true",
+    );
+
+    let dataset = app
+        .upload_dataset("tricky.csv", TRICKY_CSV.as_bytes())
+        .await;
+    let result = import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "imported"}, "columns": typed_columns(TRICKY_COLUMNS)}),
+    )
+    .await;
+    assert_eq!(result["rows_imported"], 5, "{result}");
+    assert_eq!(result["rows_rejected"], 0);
+    assert_eq!(
+        checksum(app.target_url(), "imported"),
+        checksum(app.target_url(), "expected")
+    );
+    assert_eq!(
+        psql(app.target_url(), "SELECT name FROM imported WHERE id = 4"),
+        "multi\nline ✓ ünïcødé 🚀"
+    );
+    assert_eq!(
+        psql(
+            app.target_url(),
+            "SELECT count(*) FROM imported WHERE amount IS NULL AND name IS NULL"
+        ),
+        "1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_tsv_ndjson_and_parquet_round_trip() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 2)]).await;
+    let file = temp_file("tricky.csv", TRICKY_CSV.as_bytes());
+    copy_with_psql(
+        app.target_url(),
+        "expected",
+        TRICKY_COLUMNS,
+        &file,
+        "FORMAT csv, HEADER true",
+    );
+    let expected = checksum(app.target_url(), "expected");
+
+    // gzip and zstd CSV.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(TRICKY_CSV.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let zst = zstd::encode_all(TRICKY_CSV.as_bytes(), 3).unwrap();
+    for (name, bytes, table) in [
+        ("t.csv.gz", gz, "from_gzip"),
+        ("t.csv.zst", zst, "from_zstd"),
+    ] {
+        let dataset = app.upload_dataset(name, &bytes).await;
+        import_ok(&app, json!({"dataset_id": dataset, "target": {"table": table}, "columns": typed_columns(TRICKY_COLUMNS)})).await;
+        assert_eq!(checksum(app.target_url(), table), expected, "{name}");
+    }
+
+    // TSV: the same rows in PostgreSQL's own text output, tab-separated.
+    let tsv = psql(app.target_url(), "COPY (SELECT * FROM expected ORDER BY id) TO STDOUT WITH (FORMAT csv, HEADER true, DELIMITER E'\\t')");
+    let dataset = app
+        .upload_dataset("t.tsv", format!("{tsv}\n").as_bytes())
+        .await;
+    import_ok(&app, json!({"dataset_id": dataset, "target": {"table": "from_tsv"}, "columns": typed_columns(TRICKY_COLUMNS)})).await;
+    assert_eq!(checksum(app.target_url(), "from_tsv"), expected);
+
+    // NDJSON: JSON objects with nulls.
+    let ndjson = psql(
+        app.target_url(),
+        "SELECT string_agg(row_to_json(e)::text, E'\\n' ORDER BY id) FROM expected e",
+    );
+    let dataset = app
+        .upload_dataset("t.ndjson", format!("{ndjson}\n").as_bytes())
+        .await;
+    import_ok(&app, json!({"dataset_id": dataset, "target": {"table": "from_ndjson"}, "columns": typed_columns(TRICKY_COLUMNS)})).await;
+    assert_eq!(checksum(app.target_url(), "from_ndjson"), expected);
+
+    // Parquet written by polars; numeric travels as text (Parquet has no arbitrary decimals here).
+    use polars::prelude::*;
+    let mut frame = df!(
+        "id" => [1i64, 2, 3],
+        "ratio" => [Some(0.5f64), None, Some(-1.25)],
+        "name" => [Some("a \"quoted\"\nline"), Some("ünï"), None],
+        "flag" => [Some(true), Some(false), None],
+    )
+    .unwrap();
+    let mut parquet = Vec::new();
+    ParquetWriter::new(&mut parquet).finish(&mut frame).unwrap();
+    let dataset = app.upload_dataset("t.parquet", &parquet).await;
+    let result = import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "from_parquet"}}),
+    )
+    .await;
+    assert_eq!(result["rows_imported"], 3, "{result}");
+    assert_eq!(
+        psql(app.target_url(), "SELECT string_agg(format('%s|%s|%s|%s', id, ratio, name, flag), ';' ORDER BY id) FROM from_parquet"),
+        "1|0.5|a \"quoted\"\nline|t;2||ünï|f;3|-1.25||"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_tables_take_types_from_the_whole_file() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    // The head says bigint and date; rows far past the head need double precision and text.
+    let mut csv = String::from("id,amount,day\n");
+    for i in 0..5000 {
+        csv.push_str(&format!("{i},{i},2024-01-01\n"));
+    }
+    csv.push_str("5000,2.5,sometime\n");
+    let dataset = app.upload_dataset("late.csv", csv.as_bytes()).await;
+    let (_, info) = app.get(&format!("/v1/datasets/{dataset}")).await;
+    assert_eq!(info["schema"][1]["type"], "bigint", "{info}");
+    let result = import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "late"}}),
+    )
+    .await;
+    assert_eq!(result["rows_imported"], 5001);
+    assert_eq!(
+        psql(app.target_url(), "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'late'::regclass AND attnum > 0 ORDER BY attnum"),
+        "bigint\ndouble precision\ntext"
+    );
+    assert_eq!(
+        psql(app.target_url(), "SELECT sum(amount) FROM late"),
+        "12497502.5"
+    );
+}
+
+const MALFORMED_CSV: &[u8] = b"id,amount,name\n1,10,ok\n2,12x,bad number\n3,30\n4,40,ok again\n5,50,bad \xff utf8\n6,60,\"last\"\n";
+
+async fn target_with_rows(app: &TestApp) -> String {
+    psql(
+        app.target_url(),
+        "CREATE TABLE target (id bigint PRIMARY KEY, amount integer, name text)",
+    );
+    psql(
+        app.target_url(),
+        "INSERT INTO target VALUES (100, 1, 'before')",
+    );
+    checksum(app.target_url(), "target")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_csv_under_abort_leaves_the_target_untouched() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let before = target_with_rows(&app).await;
+    let dataset = app.upload_dataset("bad.csv", MALFORMED_CSV).await;
+    let job = import_failed(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "target"}, "mode": "append"}),
+    )
+    .await;
+    assert_eq!(job["attempt"], 1, "a bad file is not retried: {job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("line 3") && error.contains("\"amount\"") && error.contains("12x"),
+        "{error}"
+    );
+    assert_eq!(checksum(app.target_url(), "target"), before);
+    assert_eq!(psql(app.target_url(), "SELECT count(*) FROM pg_tables WHERE schemaname = 'conveyor' AND tablename LIKE 'import\\_%'"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_csv_under_skip_imports_the_rest_and_reports_each_rejected_row() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    target_with_rows(&app).await;
+    let dataset = app.upload_dataset("bad.csv", MALFORMED_CSV).await;
+    let id = submit_import(&app, json!({"dataset_id": dataset, "target": {"table": "target"}, "mode": "append", "on_error": "skip"})).await;
+    let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let result = &job["result"];
+    assert_eq!(
+        (
+            result["rows_read"].as_u64(),
+            result["rows_imported"].as_u64(),
+            result["rows_rejected"].as_u64()
+        ),
+        (Some(6), Some(3), Some(3)),
+        "{result}"
+    );
+    assert_eq!(
+        psql(
+            app.target_url(),
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM target"
+        ),
+        "1,4,6,100"
+    );
+
+    let url = result["artifacts"][0]["url"].as_str().unwrap();
+    let rejected = app
+        .client
+        .get(app.url(url))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rejected.status(), StatusCode::OK);
+    let text = rejected.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "line,column,reason,record");
+    assert_eq!(
+        lines[1], r#"3,amount,"invalid integer ""12x""","2,12x,""bad number""""#,
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("4,,\"expected 3 fields, found 2\",\"3,30\""),
+        "{text}"
+    );
+    assert!(
+        lines[3].starts_with("6,name,invalid UTF-8 at byte 4,"),
+        "{text}"
+    );
+    assert_eq!(lines.len(), 4, "{text}");
+
+    // Too many rejected rows for max_errors: nothing imported.
+    let before = checksum(app.target_url(), "target");
+    let job = import_failed(&app, json!({"dataset_id": dataset, "target": {"table": "target"}, "mode": "append", "on_error": "skip", "max_errors": 2})).await;
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than 2 rows rejected"),
+        "{job}"
+    );
+    assert_eq!(checksum(app.target_url(), "target"), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upsert_inserts_and_updates_by_key_and_replace_swaps_the_table() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    psql(
+        app.target_url(),
+        "CREATE TABLE people (id bigint PRIMARY KEY, name text, age integer)",
+    );
+    psql(
+        app.target_url(),
+        "INSERT INTO people VALUES (1, 'ann', 30), (2, 'bob', 40)",
+    );
+    let csv = b"id,name,age\n2,bobby,41\n3,cid,50\n3,cid-last,51\n";
+    let dataset = app.upload_dataset("people.csv", csv).await;
+    let result = import_ok(&app, json!({"dataset_id": dataset, "target": {"table": "people"}, "mode": "upsert", "key_columns": ["id"]})).await;
+    assert_eq!(result["rows_applied"], 2, "{result}");
+    assert_eq!(
+        psql(
+            app.target_url(),
+            "SELECT string_agg(format('%s:%s:%s', id, name, age), ' ' ORDER BY id) FROM people"
+        ),
+        "1:ann:30 2:bobby:41 3:cid-last:51"
+    );
+
+    let csv = b"id,name,age\n9,zed,99\n";
+    let dataset = app.upload_dataset("replacement.csv", csv).await;
+    import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "people"}, "mode": "replace"}),
+    )
+    .await;
+    assert_eq!(
+        psql(
+            app.target_url(),
+            "SELECT string_agg(format('%s:%s:%s', id, name, age), ' ') FROM people"
+        ),
+        "9:zed:99"
+    );
+    // The swapped-in table keeps the original's key.
+    assert_eq!(
+        psql(
+            app.target_url(),
+            "SELECT count(*) FROM pg_index WHERE indrelid = 'people'::regclass AND indisprimary"
+        ),
+        "1"
+    );
+}
+
+/// A CSV big enough that an import takes a few seconds.
+fn big_csv(rows: usize) -> Vec<u8> {
+    let mut csv = String::with_capacity(rows * 60);
+    csv.push_str("id,amount,name,at\n");
+    for i in 0..rows {
+        csv.push_str(&format!(
+            "{i},{}.{:02},name number {i},2024-01-01 00:00:{:02}+00\n",
+            i % 1000,
+            i % 100,
+            i % 60
+        ));
+    }
+    csv.into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_import_leaves_the_target_untouched() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    psql(
+        app.target_url(),
+        "CREATE TABLE big (id bigint, amount numeric, name text, at timestamptz)",
+    );
+    let dataset = app.upload_dataset("big.csv", &big_csv(2_000_000)).await;
+    let id = submit_import(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "big"}, "mode": "append"}),
+    )
+    .await;
+    wait_for_progress(&app, id).await;
+    let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let job = app
+        .wait_status(id, &["succeeded", "failed", "cancelled"], WAIT)
+        .await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert_eq!(psql(app.target_url(), "SELECT count(*) FROM big"), "0");
+    assert_eq!(psql(app.target_url(), "SELECT count(*) FROM pg_tables WHERE schemaname = 'conveyor' AND tablename LIKE 'import\\_%'"), "0");
+}
+
+async fn wait_for_progress(app: &TestApp, id: Uuid) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let job = app.job(id).await;
+        if job["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no progress: {job}");
+        assert_eq!(
+            job["status"].as_str().map(|s| s == "succeeded"),
+            Some(false),
+            "finished before it could be interrupted: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_import_leaves_the_target_untouched_and_the_retry_imports_once() {
+    let app = TestApp::spawn().await;
+    psql(
+        app.target_url(),
+        "CREATE TABLE big (id bigint, amount numeric, name text, at timestamptz)",
+    );
+    let rows = 2_000_000;
+    let dataset = app.upload_dataset("big.csv", &big_csv(rows)).await;
+    let mut victim = app.spawn_worker_process("import=1");
+    let id = submit_import(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "big"}, "mode": "append"}),
+    )
+    .await;
+    wait_for_progress(&app, id).await;
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    assert_eq!(
+        psql(app.target_url(), "SELECT count(*) FROM big"),
+        "0",
+        "a killed import changed the target"
+    );
+
+    let mut rescuer = app.spawn_worker_process("import=1");
+    let job = app
+        .wait_status(id, &["succeeded", "failed", "cancelled"], WAIT)
+        .await;
+    let _ = rescuer.kill();
+    let _ = rescuer.wait();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    assert_eq!(
+        psql(
+            app.target_url(),
+            "SELECT count(*), count(DISTINCT id) FROM big"
+        ),
+        format!("{rows}|{rows}")
+    );
+    assert_eq!(psql(app.target_url(), "SELECT count(*) FROM pg_tables WHERE schemaname = 'conveyor' AND tablename LIKE 'import\\_%'"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_requests_are_checked_before_anything_is_queued() {
+    let app = TestApp::spawn().await;
+    let dataset = app.upload_dataset("people.csv", b"id,name\n1,ann\n").await;
+    psql(
+        app.target_url(),
+        "CREATE TABLE existing (id bigint, name text)",
+    );
+    let cases = [
+        (
+            json!({"dataset_id": Uuid::new_v4(), "target": {"table": "t"}}),
+            404,
+            "",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "bad-name; drop"}}),
+            422,
+            "payload.target.table",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "t"}, "mode": "upsert"}),
+            422,
+            "payload.key_columns",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "existing"}, "mode": "upsert", "key_columns": ["nope"]}),
+            422,
+            "payload.key_columns[0]",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "t"}, "key_columns": ["id"]}),
+            422,
+            "payload.key_columns",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "t"}, "max_errors": 5}),
+            422,
+            "payload.max_errors",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "t"}, "columns": [{"source": "missing"}]}),
+            422,
+            "payload.columns[0].source",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "t"}, "columns": [{"source": "id", "type": "money!"}]}),
+            422,
+            "payload.columns[0].type",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "existing"}}),
+            422,
+            "payload.target.table",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "absent"}, "mode": "append"}),
+            422,
+            "payload.target.table",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "t", "connection_id": Uuid::new_v4()}}),
+            404,
+            "",
+        ),
+        (
+            json!({"dataset_id": dataset, "target": {"table": "t"}, "csv": {"delimiter": ";;"}}),
+            422,
+            "payload.csv.delimiter",
+        ),
+        (
+            json!({"dataset_id": "not-a-uuid", "target": {"table": "t"}}),
+            422,
+            "payload.dataset_id",
+        ),
+    ];
+    for (payload, status, field) in cases {
+        let (got, problem) = app
+            .post("/v1/jobs", &json!({"kind": "import", "payload": payload}))
+            .await;
+        assert_eq!(got.as_u16(), status, "{payload}: {problem}");
+        if !field.is_empty() {
+            assert_eq!(problem["errors"][0]["field"], field, "{payload}: {problem}");
+        }
+    }
+    // Another tenant's dataset is unknown to this one.
+    let other = app.key_for("umbrella").await;
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(other)
+        .json(&json!({"kind": "import", "payload": {"dataset_id": dataset, "target": {"table": "t"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let (_, jobs) = app.get("/v1/jobs").await;
+    assert_eq!(
+        jobs["jobs"].as_array().unwrap().len(),
+        0,
+        "nothing was queued: {jobs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datasets_stream_in_and_out_with_their_schema() {
+    let app = TestApp::spawn_with(|s| s.dataset_limit = 1 << 20).await;
+    let id = app
+        .upload_dataset("tricky.csv", TRICKY_CSV.as_bytes())
+        .await;
+    let (status, dataset) = app.get(&format!("/v1/datasets/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(dataset["format"], "csv");
+    assert_eq!(dataset["size_bytes"], TRICKY_CSV.len());
+    use sha2::Digest;
+    assert_eq!(
+        dataset["sha256"],
+        hex::encode(sha2::Sha256::digest(TRICKY_CSV.as_bytes()))
+    );
+    let names: Vec<&str> = dataset["schema"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["id", "amount", "ratio", "name", "happened", "day", "flag"]
+    );
+    assert_eq!(dataset["schema"][0]["type"], "bigint");
+    assert_eq!(dataset["preview"][0]["name"], "plain", "{dataset}");
+
+    let download = app
+        .client
+        .get(app.url(&format!("/v1/datasets/{id}/download")))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    assert_eq!(
+        download.bytes().await.unwrap().as_ref(),
+        TRICKY_CSV.as_bytes()
+    );
+    let (_, list) = app.get("/v1/datasets").await;
+    assert_eq!(list["datasets"][0]["id"], id.to_string());
+
+    // Too large, unknown format, empty: refused, nothing stored.
+    let big = vec![b'a'; (1 << 20) + 1];
+    for (name, body, status) in [
+        ("big.csv", big, 413),
+        ("notes.docx", b"x".to_vec(), 422),
+        ("empty.csv", Vec::new(), 422),
+    ] {
+        let response = app
+            .client
+            .post(app.url("/v1/datasets"))
+            .query(&[("name", name)])
+            .bearer_auth(&app.key)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{name}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    let (_, list) = app.get("/v1/datasets").await;
+    assert_eq!(list["datasets"].as_array().unwrap().len(), 1);
+
+    // In use by a live job: 409; then deleted.
+    let job = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": {"dataset_id": id, "target": {"table": "t"}}}),
+        )
+        .await
+        .1;
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/datasets/{id}")))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    app.post(
+        &format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap()),
+        &json!({}),
+    )
+    .await;
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/datasets/{id}")))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.get(&format!("/v1/datasets/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_keep_their_credentials_secret_and_imports_use_them() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let url = app.target_url().to_owned();
+    let (status, connection) = app
+        .post("/v1/connections", &json!({"name": "warehouse", "url": url}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{connection}");
+    assert!(
+        !connection.to_string().contains("postgres://"),
+        "{connection}"
+    );
+    let (status, _) = app
+        .post("/v1/connections", &json!({"name": "warehouse", "url": url}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, problem) = app
+        .post(
+            "/v1/connections",
+            &json!({"name": "x", "url": "mysql://nope"}),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["errors"][0]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("url"))
+    );
+    let (status, _) = app
+        .post(
+            "/v1/connections",
+            &json!({"name": "x", "url": "postgres://postgres@127.0.0.1:1/none"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let stored = psql(
+        &app.settings.database_url,
+        "SELECT encode(url_encrypted, 'escape') FROM connections",
+    );
+    assert!(!stored.contains("127.0.0.1"), "stored in clear: {stored}");
+
+    let dataset = app.upload_dataset("people.csv", b"id,name\n1,ann\n").await;
+    let id = connection["id"].as_str().unwrap();
+    import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "via_connection", "connection_id": id}}),
+    )
+    .await;
+    assert_eq!(psql(&url, "SELECT name FROM via_connection"), "ann");
+    let (_, list) = app.get("/v1/connections").await;
+    assert_eq!(list[0]["name"], "warehouse");
+}
+
+/// Peak resident memory of a process, in MB.
+fn peak_rss_mb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_file_imports_in_bounded_memory() {
+    // 2 GB by default, as the issue asks; CONVEYOR_TEST_BIG_IMPORT_MB makes it smaller or larger.
+    let megabytes: u64 = std::env::var("CONVEYOR_TEST_BIG_IMPORT_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let app = TestApp::spawn_with(|s| s.dataset_limit = 8 << 30).await;
+    // A streamed body: the test never holds the file either.
+    let row = |i: u64| {
+        format!(
+            // Fixed width, so the row count for a size is exact.
+            "{i:010},{:03},\"name {i:010}, quoted\",2024-01-01 00:00:{:02}+00,{:03}.5\n",
+            i % 977,
+            i % 60,
+            i % 1000
+        )
+    };
+    let row_bytes = row(0).len() as u64;
+    let rows = (megabytes * 1_000_000).div_ceil(row_bytes);
+    let chunks = futures::stream::iter((0..rows).step_by(10_000).map(move |start| {
+        let mut chunk = if start == 0 {
+            String::from("id,amount,name,at,price\n")
+        } else {
+            String::new()
+        };
+        for i in start..(start + 10_000).min(rows) {
+            chunk.push_str(&row(i));
+        }
+        Ok::<_, std::io::Error>(chunk)
+    }));
+    let response = app
+        .client
+        .post(app.url("/v1/datasets"))
+        .query(&[("name", "big.csv")])
+        .bearer_auth(&app.key)
+        .timeout(Duration::from_secs(1800))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    let dataset: Value = response.json().await.unwrap();
+    assert!(
+        dataset["size_bytes"].as_u64().unwrap() >= megabytes * 1_000_000,
+        "{dataset}"
+    );
+
+    let mut worker = app.spawn_worker_process("import=1");
+    let columns = "id bigint, amount integer, name text, at timestamptz, price numeric";
+    let id = submit_import(&app, json!({"dataset_id": dataset["id"], "target": {"table": "big"}, "columns": typed_columns(columns)})).await;
+    let job = app
+        .wait_status(
+            id,
+            &["succeeded", "failed", "cancelled"],
+            Duration::from_secs(1800),
+        )
+        .await;
+    let peak = peak_rss_mb(worker.id());
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"]["rows_imported"].as_u64(), Some(rows));
+    assert!(
+        peak < 500,
+        "worker peak RSS {peak} MB for a {megabytes} MB file"
+    );
+    eprintln!(
+        "{megabytes} MB, {rows} rows: worker peak RSS {peak} MB, {} rows/s (debug build)",
+        job["result"]["rows_per_sec"]
+    );
+}

@@ -1,0 +1,390 @@
+//! SSE fan-out benchmark (run by `scripts/bench/sse`): many subscribers on a tenant's
+//! `GET /v1/events` and on single jobs' streams while canary jobs run at a steady rate.
+//! Measures the delay from each event's append (its Redis entry id is the append time in ms)
+//! to its arrival at every subscriber, events lost or repeated, and the API's RSS and CPU.
+//!
+//! sse_bench URL API_KEY REDIS_URL REDIS_PREFIX API_PID [tenant_subs job_subs jobs_per_s secs steps step_ms]
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// What one subscriber saw.
+#[derive(Default)]
+struct Seen {
+    events: u64,
+    /// Out of order or repeated ids.
+    disorder: u64,
+    /// Append → arrival, microseconds, for events appended after the subscriber connected.
+    delays_us: Vec<u32>,
+    terminal: bool,
+}
+
+/// Reads SSE frames, recording each `id:` line's delay. Stops at a terminal event if asked.
+async fn subscribe(
+    client: reqwest::Client,
+    url: String,
+    key: String,
+    stop_at_terminal: bool,
+    connected: Arc<AtomicU64>,
+    seen: Arc<Mutex<Seen>>,
+    done: tokio_util_like::Flag,
+) {
+    let response = match client.get(&url).bearer_auth(&key).send().await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => panic!("{url}: {}", r.status()),
+        Err(e) => panic!("{url}: {e}"),
+    };
+    let connected_ms = now_us() / 1000;
+    connected.fetch_add(1, Ordering::Relaxed);
+    let mut body = response.bytes_stream();
+    let mut pending = Vec::<u8>::new();
+    let mut last = (0u64, 0u64);
+    loop {
+        let chunk = tokio::select! {
+            c = body.next() => c,
+            _ = done.wait() => None,
+        };
+        let Some(Ok(chunk)) = chunk else { break };
+        let arrived = now_us();
+        pending.extend_from_slice(&chunk);
+        let mut local = seen.lock().unwrap();
+        // Complete lines only; keep the tail for the next chunk.
+        let cut = match pending.iter().rposition(|&b| b == b'\n') {
+            Some(i) => i + 1,
+            None => continue,
+        };
+        for line in pending[..cut].split(|&b| b == b'\n') {
+            if let Some(id) = line.strip_prefix(b"id: ") {
+                let id = std::str::from_utf8(id).unwrap_or("0-0");
+                let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+                let id = (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0));
+                if id <= last {
+                    local.disorder += 1;
+                }
+                last = id;
+                local.events += 1;
+                if id.0 >= connected_ms {
+                    local
+                        .delays_us
+                        .push(arrived.saturating_sub(id.0 * 1000) as u32);
+                }
+            } else if stop_at_terminal
+                && (line == b"event: succeeded"
+                    || line == b"event: failed"
+                    || line == b"event: cancelled")
+            {
+                local.terminal = true;
+            }
+        }
+        pending.drain(..cut);
+        if local.terminal {
+            break;
+        }
+    }
+}
+
+/// A one-shot flag many tasks can wait on.
+mod tokio_util_like {
+    use std::sync::Arc;
+    use tokio::sync::watch;
+
+    #[derive(Clone)]
+    pub struct Flag(Arc<watch::Sender<bool>>, watch::Receiver<bool>);
+
+    impl Flag {
+        pub fn new() -> Self {
+            let (tx, rx) = watch::channel(false);
+            Self(Arc::new(tx), rx)
+        }
+        pub fn set(&self) {
+            let _ = self.0.send(true);
+        }
+        pub async fn wait(&self) {
+            let mut rx = self.1.clone();
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }
+}
+
+/// (RSS in bytes, peak RSS in bytes, CPU seconds) of a process.
+fn process_usage(pid: u32) -> (u64, u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the ')'.
+    (kb("VmRSS:"), kb("VmHWM:"), (ticks(11) + ticks(12)) / 100.0)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    anyhow::ensure!(args.len() >= 5, "usage: sse_bench URL API_KEY REDIS_URL REDIS_PREFIX API_PID [tenant_subs job_subs jobs_per_s secs steps step_ms]");
+    let (base, key, redis_url, prefix) = (&args[0], &args[1], &args[2], &args[3]);
+    let api_pid: u32 = args[4].parse()?;
+    let num = |i: usize, default: u64| args.get(i).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (tenant_subs, job_subs, rate, secs, steps, step_ms) = (
+        num(5, 2000),
+        num(6, 200),
+        num(7, 100),
+        num(8, 30),
+        num(9, 5),
+        num(10, 100),
+    );
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let session: Value = client
+        .get(format!("{base}/v1/session"))
+        .bearer_auth(key)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let tenant = session["tenant_id"].as_str().expect("tenant id").to_owned();
+    let mut redis = redis::Client::open(redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let tenant_key = format!("{prefix}:{tenant}:events");
+
+    eprintln!("sse bench: connecting {tenant_subs} tenant subscribers");
+    let connected = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util_like::Flag::new();
+    let mut tenant_seen = Vec::new();
+    let mut tasks = Vec::new();
+    for chunk in 0..tenant_subs.div_ceil(200) {
+        for _ in 0..200.min(tenant_subs - chunk * 200) {
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            tenant_seen.push(seen.clone());
+            tasks.push(tokio::spawn(subscribe(
+                client.clone(),
+                format!("{base}/v1/events"),
+                key.clone(),
+                false,
+                connected.clone(),
+                seen,
+                stop.clone(),
+            )));
+        }
+        while connected.load(Ordering::Relaxed) < ((chunk + 1) * 200).min(tenant_subs) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    while connected.load(Ordering::Relaxed) < tenant_subs {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, _, cpu_start) = process_usage(api_pid);
+    let (rss_connected, _, _) = process_usage(api_pid);
+
+    eprintln!("sse bench: {rate} canary jobs/s for {secs} s ({steps} steps × {step_ms} ms), {job_subs} job subscribers at a time");
+    let started = Instant::now();
+    let job_slots = Arc::new(tokio::sync::Semaphore::new(job_subs as usize));
+    let job_seen: Arc<Mutex<Vec<(String, Arc<Mutex<Seen>>)>>> = Arc::default();
+    let job_tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+    let submitted = Arc::new(AtomicU64::new(0));
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut submits = Vec::new();
+    let peak_rss = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let peak_rss = peak_rss.clone();
+        tokio::spawn(async move {
+            loop {
+                let (rss, _, _) = process_usage(api_pid);
+                peak_rss.fetch_max(rss, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    while started.elapsed() < Duration::from_secs(secs) {
+        ticker.tick().await;
+        let (client, base, key) = (client.clone(), base.clone(), key.clone());
+        let (slots, job_seen, job_tasks, connected, stop, submitted) = (
+            job_slots.clone(),
+            job_seen.clone(),
+            job_tasks.clone(),
+            connected.clone(),
+            stop.clone(),
+            submitted.clone(),
+        );
+        submits.push(tokio::spawn(async move {
+            let body = json!({"kind": "canary", "payload": {"steps": steps, "step_ms": step_ms}});
+            let job: Value = client
+                .post(format!("{base}/v1/jobs"))
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+                .await
+                .expect("submit")
+                .json()
+                .await
+                .expect("job");
+            submitted.fetch_add(1, Ordering::Relaxed);
+            let id = job["id"].as_str().expect("id").to_owned();
+            // Follow the job if a subscriber slot is free.
+            if let Ok(permit) = slots.try_acquire_owned() {
+                let seen = Arc::new(Mutex::new(Seen::default()));
+                job_seen.lock().unwrap().push((id.clone(), seen.clone()));
+                let task = tokio::spawn(async move {
+                    subscribe(
+                        client,
+                        format!("{base}/v1/jobs/{id}/events"),
+                        key,
+                        true,
+                        connected,
+                        seen,
+                        stop,
+                    )
+                    .await;
+                    drop(permit);
+                });
+                job_tasks.lock().unwrap().push(task);
+            }
+        }));
+    }
+    for s in submits {
+        s.await?;
+    }
+    let load_secs = started.elapsed().as_secs_f64();
+    // Let the last jobs finish: the tenant stream stops growing.
+    let mut last_len = 0u64;
+    let mut stable = 0;
+    while stable < 8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let len: u64 = redis::cmd("XLEN")
+            .arg(&tenant_key)
+            .query_async(&mut redis)
+            .await?;
+        if len == last_len {
+            stable += 1;
+        } else {
+            stable = 0;
+            last_len = len;
+        }
+    }
+    // Every subscriber has had time to receive it all.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline
+        && tenant_seen
+            .iter()
+            .any(|s| s.lock().unwrap().events < last_len)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, _, cpu_end) = process_usage(api_pid);
+    let wall = started.elapsed().as_secs_f64();
+    stop.set();
+    sampler.abort();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let job_tasks: Vec<_> = std::mem::take(&mut *job_tasks.lock().unwrap());
+    for t in job_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+
+    // Losses: each tenant subscriber must have every entry of the tenant stream; each job
+    // subscriber every entry of its job's stream.
+    let mut lost = 0u64;
+    let mut disorder = 0u64;
+    let mut delays = Vec::new();
+    let mut tenant_events = 0u64;
+    for seen in &tenant_seen {
+        let seen = seen.lock().unwrap();
+        lost += last_len.saturating_sub(seen.events);
+        disorder += seen.disorder;
+        tenant_events += seen.events;
+        delays.extend_from_slice(&seen.delays_us);
+    }
+    let mut job_delays = Vec::new();
+    let followed = job_seen.lock().unwrap();
+    let mut job_events = 0u64;
+    for (id, seen) in followed.iter() {
+        let len: u64 = redis::cmd("XLEN")
+            .arg(format!("{prefix}:{tenant}:job:{id}"))
+            .query_async(&mut redis)
+            .await?;
+        let seen = seen.lock().unwrap();
+        lost += len.saturating_sub(seen.events);
+        disorder += seen.disorder;
+        job_events += seen.events;
+        job_delays.extend_from_slice(&seen.delays_us);
+    }
+    delays.sort_unstable();
+    job_delays.sort_unstable();
+    let mut all: Vec<u32> = delays.iter().chain(job_delays.iter()).copied().collect();
+    all.sort_unstable();
+    let (rss_end, _, _) = process_usage(api_pid);
+    let peak = peak_rss.load(Ordering::Relaxed).max(rss_end);
+    let mb = |b: u64| b as f64 / 1_048_576.0;
+    let submitted = submitted.load(Ordering::Relaxed);
+
+    println!();
+    println!("| subscribers | jobs/s | events appended | deliveries | delay p50 | p99 | max | lost | repeated/out of order | api RSS (connected → peak) | api CPU |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {tenant_subs} tenant + {} jobs ({} at a time) | {:.0} | {last_len} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {lost} | {disorder} | {:.0} → {:.0} MB | {:.0} % of a core |",
+        followed.len(),
+        job_subs,
+        submitted as f64 / load_secs,
+        tenant_events + job_events,
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+        percentile(&all, 1.0),
+        mb(rss_connected),
+        mb(peak),
+        (cpu_end - cpu_start) / wall * 100.0,
+    );
+    println!();
+    println!(
+        "tenant streams: p50 {:.1} ms, p99 {:.1} ms over {} deliveries; job streams: p50 {:.1} ms, p99 {:.1} ms over {} deliveries",
+        percentile(&delays, 0.5),
+        percentile(&delays, 0.99),
+        delays.len(),
+        percentile(&job_delays, 0.5),
+        percentile(&job_delays, 0.99),
+        job_delays.len()
+    );
+    anyhow::ensure!(lost == 0 && disorder == 0, "events were lost or repeated");
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! `conveyor`: the command-line client of a Conveyor API. Human output by default, `--json`
+//! for scripts. Exit codes: 0 done (a waited-for job succeeded), 1 a waited-for job failed or
+//! was cancelled, 2 an error (bad request, unreachable API, unknown job).
+
+mod sse;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use std::{
+    io::{IsTerminal, Write},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "conveyor",
+    version,
+    about = "Submit, watch and manage Conveyor jobs"
+)]
+struct Cli {
+    /// The API's base URL.
+    #[arg(
+        long,
+        env = "CONVEYOR_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// An API key (`conveyor-api keys create --tenant NAME`).
+    #[arg(long, env = "CONVEYOR_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// Print JSON (one document, or one event per line for `watch`) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a job; with --wait, follow it to its end (exit 0 succeeded, 1 failed/cancelled).
+    Submit {
+        /// The job kind, e.g. `canary`.
+        kind: String,
+        /// The payload: inline JSON, a file holding it, or `-` for standard input.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Follow the job's progress until it ends.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// The same key returns the job it first created instead of a new one.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Show a job.
+    Status { id: String },
+    /// Follow a job's events until it ends (exit 0 succeeded, 1 failed/cancelled).
+    Watch { id: String },
+    /// Cancel a job (a running one stops at its next checkpoint).
+    Cancel { id: String },
+    /// Retry a failed or cancelled job.
+    Retry { id: String },
+    /// List jobs, newest first.
+    Jobs {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Upload a dataset file (CSV, TSV, NDJSON, Parquet), streamed.
+    Upload {
+        file: PathBuf,
+        /// The name to record (defaults to the file's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+/// The API, reached with one key.
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("conveyor: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let key = cli
+        .api_key
+        .context("no API key: set CONVEYOR_API_KEY or pass --api-key")?;
+    let client = Client {
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()?,
+        base: cli.url.trim_end_matches('/').to_owned(),
+        key,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Submit {
+            kind,
+            payload,
+            wait,
+            max_attempts,
+            idempotency_key,
+        } => {
+            let payload = read_payload(&payload)?;
+            let mut body = json!({"kind": kind, "payload": payload});
+            if let Some(n) = max_attempts {
+                body["max_attempts"] = json!(n);
+            }
+            if let Some(k) = idempotency_key {
+                body["idempotency_key"] = json!(k);
+            }
+            let job = client.send(client.post("/v1/jobs").json(&body)).await?;
+            let id = job["id"].as_str().context("the API returned no job id")?;
+            if !wait {
+                client.print_job_summary(&job, "submitted");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !client.json {
+                eprintln!("submitted {} job {id}", job["kind"].as_str().unwrap_or(""));
+            }
+            client.wait(id, false).await
+        }
+        Command::Status { id } => {
+            let job = client.send(client.get(&format!("/v1/jobs/{id}"))).await?;
+            if client.json {
+                print_json(&job);
+            } else {
+                print_job_details(&job);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { id } => client.wait(&id, true).await,
+        Command::Cancel { id } => {
+            let job = client
+                .send(client.post(&format!("/v1/jobs/{id}/cancel")))
+                .await?;
+            let what = if job["status"] == "cancelled" {
+                "cancelled"
+            } else {
+                "cancel requested"
+            };
+            client.print_job_summary(&job, what);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry { id } => {
+            let job = client
+                .send(client.post(&format!("/v1/jobs/{id}/retry")))
+                .await?;
+            client.print_job_summary(&job, "retried");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Jobs {
+            status,
+            kind,
+            limit,
+        } => {
+            let mut query = vec![("limit", limit.to_string())];
+            query.extend(status.map(|s| ("status", s)));
+            query.extend(kind.map(|k| ("kind", k)));
+            let list = client.send(client.get("/v1/jobs").query(&query)).await?;
+            if client.json {
+                print_json(&list);
+            } else {
+                print_job_table(list["jobs"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Upload { file, name } => {
+            let dataset = client.upload(&file, name).await?;
+            if client.json {
+                print_json(&dataset);
+            } else {
+                println!(
+                    "uploaded {} as dataset {}",
+                    file.display(),
+                    dataset["id"].as_str().unwrap_or("?")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Inline JSON, `-` for standard input, or a file.
+fn read_payload(arg: &str) -> anyhow::Result<Value> {
+    let text = if arg == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the payload from stdin")?
+    } else if let Ok(value) = serde_json::from_str::<Value>(arg) {
+        return Ok(value);
+    } else if Path::new(arg).is_file() {
+        std::fs::read_to_string(arg).with_context(|| format!("reading {arg}"))?
+    } else {
+        anyhow::bail!("--payload is neither JSON nor a readable file: {arg}");
+    };
+    serde_json::from_str(&text).context("the payload is not valid JSON")
+}
+
+/// A problem document's detail and field errors, as one line.
+async fn problem_text(response: reqwest::Response) -> String {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let mut text = format!(
+        "{} {}",
+        status.as_u16(),
+        body["detail"]
+            .as_str()
+            .or(status.canonical_reason())
+            .unwrap_or("")
+    );
+    if let Some(errors) = body["errors"].as_array() {
+        for e in errors {
+            let field = e["field"].as_str().unwrap_or("");
+            let message = e["message"].as_str().unwrap_or("");
+            if !text.contains(message) {
+                text.push_str(&format!("\n  {field}: {message}"));
+            }
+        }
+    }
+    text
+}
+
+impl Client {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.url(path)).bearer_auth(&self.key)
+    }
+
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(self.url(path)).bearer_auth(&self.key)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the API at {}", self.base))?;
+        if !response.status().is_success() {
+            anyhow::bail!("{}", problem_text(response).await);
+        }
+        Ok(response.json().await?)
+    }
+
+    /// Follows the job's stream to its end, then prints the final row. With `events`, each
+    /// event is printed too (`--json`: one JSON object per line).
+    async fn wait(&self, id: &str, events: bool) -> anyhow::Result<ExitCode> {
+        // Read the row first: an unknown id fails here with the API's 404.
+        self.send(self.get(&format!("/v1/jobs/{id}"))).await?;
+        let mut bar = Bar::new(!self.json || !events);
+        let url = self.url(&format!("/v1/jobs/{id}/events"));
+        sse::follow(&self.http, &url, &self.key, |message| {
+            let data = &message.data;
+            if events && self.json {
+                let line = json!({"id": message.id, "event": message.event, "data": data});
+                println!("{line}");
+                let _ = std::io::stdout().flush();
+            } else if events && message.event != "progress" {
+                bar.clear();
+                let detail = data["message"].as_str().unwrap_or("");
+                eprintln!("{:<10} {detail}", message.event);
+            }
+            bar.show(
+                data["progress"].as_f64().unwrap_or(0.0),
+                data["status"].as_str().unwrap_or(""),
+                data["message"].as_str().unwrap_or(""),
+            );
+        })
+        .await?;
+        bar.finish();
+        let job = self.send(self.get(&format!("/v1/jobs/{id}"))).await?;
+        if self.json {
+            if !events {
+                print_json(&job);
+            }
+        } else {
+            print_job_details(&job);
+        }
+        Ok(if job["status"] == "succeeded" {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    }
+
+    /// Streams the file as the request body: it is never held in memory whole.
+    async fn upload(&self, file: &Path, name: Option<String>) -> anyhow::Result<Value> {
+        let name = name
+            .or_else(|| file.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .context("the file has no name; pass --name")?;
+        let handle = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("opening {}", file.display()))?;
+        let size = handle.metadata().await?.len();
+        let chunks = futures::stream::try_unfold(handle, |mut handle| async move {
+            use tokio::io::AsyncReadExt;
+            let mut chunk = vec![0u8; 256 * 1024];
+            let n = handle.read(&mut chunk).await?;
+            chunk.truncate(n);
+            Ok::<_, std::io::Error>((n > 0).then_some((chunk, handle)))
+        });
+        let request = self
+            .post("/v1/datasets")
+            .header(reqwest::header::CONTENT_TYPE, content_type(file))
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .header("X-Filename", name)
+            .body(reqwest::Body::wrap_stream(chunks));
+        self.send(request).await
+    }
+
+    fn print_job_summary(&self, job: &Value, what: &str) {
+        if self.json {
+            print_json(job);
+        } else {
+            println!(
+                "{what}: {} job {} ({})",
+                job["kind"].as_str().unwrap_or(""),
+                job["id"].as_str().unwrap_or(""),
+                job["status"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+/// Guessed from the extension; the API checks the content itself.
+fn content_type(file: &Path) -> &'static str {
+    let extension = file
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match extension.as_str() {
+        "csv" => "text/csv",
+        "tsv" | "tab" => "text/tab-separated-values",
+        "ndjson" | "jsonl" => "application/x-ndjson",
+        "json" => "application/json",
+        "parquet" => "application/vnd.apache.parquet",
+        _ => "application/octet-stream",
+    }
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn print_job_details(job: &Value) {
+    let text = |key: &str| job[key].as_str().unwrap_or("").to_owned();
+    println!("job       {}", text("id"));
+    println!("kind      {}", text("kind"));
+    println!("status    {}", text("status"));
+    println!(
+        "progress  {:.0}%  {}",
+        job["progress"].as_f64().unwrap_or(0.0) * 100.0,
+        text("message")
+    );
+    println!(
+        "attempt   {} of {}",
+        job["attempt"].as_i64().unwrap_or(0),
+        job["max_attempts"].as_i64().unwrap_or(0)
+    );
+    for key in ["created_at", "started_at", "finished_at"] {
+        if job[key].is_string() {
+            println!("{:<9} {}", key.trim_end_matches("_at"), text(key));
+        }
+    }
+    if !job["result"].is_null() {
+        println!("result    {}", job["result"]);
+    }
+    if job["error"].is_string() {
+        println!("error     {}", text("error"));
+    }
+    for e in job["attempt_errors"].as_array().into_iter().flatten() {
+        println!(
+            "  attempt {}: {}",
+            e["attempt"],
+            e["error"].as_str().unwrap_or("")
+        );
+    }
+}
+
+fn print_job_table(jobs: &[Value]) {
+    if jobs.is_empty() {
+        println!("no jobs");
+        return;
+    }
+    println!(
+        "{:<36}  {:<10}  {:<9}  {:>5}  MESSAGE",
+        "ID", "KIND", "STATUS", "DONE"
+    );
+    for job in jobs {
+        println!(
+            "{:<36}  {:<10}  {:<9}  {:>4.0}%  {}",
+            job["id"].as_str().unwrap_or(""),
+            job["kind"].as_str().unwrap_or(""),
+            job["status"].as_str().unwrap_or(""),
+            job["progress"].as_f64().unwrap_or(0.0) * 100.0,
+            job["error"]
+                .as_str()
+                .or(job["message"].as_str())
+                .unwrap_or("")
+        );
+    }
+}
+
+/// A progress bar on stderr: redrawn in place on a terminal; otherwise one line per 10 % step
+/// or status change, so logs stay readable.
+struct Bar {
+    enabled: bool,
+    terminal: bool,
+    last: Option<(u32, String)>,
+}
+
+impl Bar {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            terminal: std::io::stderr().is_terminal(),
+            last: None,
+        }
+    }
+
+    fn show(&mut self, progress: f64, status: &str, message: &str) {
+        if !self.enabled || status.is_empty() {
+            return;
+        }
+        let percent = (progress.clamp(0.0, 1.0) * 100.0).round() as u32;
+        let mut err = std::io::stderr();
+        if self.terminal {
+            let filled = (percent / 4) as usize;
+            let line: String = format!(
+                "\r[{}{}] {percent:>3}% {status:<9} {message}",
+                "#".repeat(filled),
+                "-".repeat(25 - filled)
+            );
+            let _ = write!(err, "{line:<100.100}");
+            let _ = err.flush();
+        } else {
+            let step = (percent / 10, status.to_owned());
+            if self.last.as_ref() != Some(&step) {
+                let _ = writeln!(err, "{percent:>3}% {status} {message}");
+            }
+            self.last = Some(step);
+        }
+    }
+
+    fn clear(&self) {
+        if self.enabled && self.terminal {
+            let _ = write!(std::io::stderr(), "\r{:100}\r", "");
+        }
+    }
+
+    fn finish(&self) {
+        if self.enabled && self.terminal {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Schema and preview of an uploaded file, read by polars from the file's head only, so an
+//! upload of any size is inspected in bounded time and memory.
+
+use polars::prelude::*;
+use serde_json::Value;
+use shared::datasets::{Column, Compression, Format};
+use std::{
+    io::{Cursor, Read},
+    path::Path,
+};
+
+use super::source::open_decompressed;
+
+/// Bytes of (decompressed) text read to infer a schema.
+const HEAD_BYTES: usize = 1 << 20;
+const PREVIEW_ROWS: usize = 20;
+
+pub fn inspect(
+    path: &Path,
+    format: Format,
+    compression: Compression,
+) -> Result<(Vec<Column>, Vec<Value>), String> {
+    let frame = match format {
+        Format::Parquet => {
+            let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+            ParquetReader::new(file)
+                .with_slice(Some((0, 1000)))
+                .finish()
+                .map_err(|e| e.to_string())?
+        }
+        Format::Csv | Format::Tsv => {
+            let head = read_head(path, compression)?;
+            let separator = if format == Format::Tsv { b'\t' } else { b',' };
+            CsvReadOptions::default()
+                .with_has_header(true)
+                .with_infer_schema_length(Some(1000))
+                .with_n_rows(Some(1000))
+                .with_ignore_errors(true)
+                .map_parse_options(|o| {
+                    o.with_separator(separator)
+                        .with_try_parse_dates(true)
+                        .with_truncate_ragged_lines(true)
+                        .with_encoding(CsvEncoding::LossyUtf8)
+                })
+                .into_reader_with_file_handle(Cursor::new(head))
+                .finish()
+                .map_err(|e| e.to_string())?
+        }
+        Format::Ndjson => {
+            let head = read_head(path, compression)?;
+            JsonReader::new(Cursor::new(head))
+                .with_json_format(JsonFormat::JsonLines)
+                .with_ignore_errors(true)
+                .finish()
+                .map_err(|e| e.to_string())?
+        }
+    };
+    if frame.width() == 0 {
+        return Err("no columns found".into());
+    }
+    let columns = frame
+        .columns()
+        .iter()
+        .map(|c| Column {
+            name: c.name().to_string(),
+            data_type: pg_type(c.dtype()).to_owned(),
+            nullable: c.null_count() > 0,
+        })
+        .collect();
+    Ok((columns, preview(&frame.head(Some(PREVIEW_ROWS)))))
+}
+
+/// The first [`HEAD_BYTES`] of decompressed text, cut after the last complete line.
+fn read_head(path: &Path, compression: Compression) -> Result<Vec<u8>, String> {
+    let reader = open_decompressed(path, compression).map_err(|e| e.to_string())?;
+    let mut head = Vec::with_capacity(HEAD_BYTES);
+    reader
+        .take(HEAD_BYTES as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| format!("cannot read the file: {e}"))?;
+    if head.len() == HEAD_BYTES {
+        if let Some(end) = head.iter().rposition(|&b| b == b'\n') {
+            head.truncate(end + 1);
+        }
+    }
+    Ok(head)
+}
+
+/// The PostgreSQL type an import creates for a polars type.
+pub fn pg_type(dtype: &DataType) -> &'static str {
+    match dtype {
+        DataType::Boolean => "boolean",
+        DataType::Int8 | DataType::Int16 | DataType::UInt8 => "smallint",
+        DataType::Int32 | DataType::UInt16 => "integer",
+        DataType::Int64 | DataType::UInt32 => "bigint",
+        DataType::UInt64 => "numeric",
+        DataType::Float32 => "real",
+        DataType::Float64 => "double precision",
+        DataType::Date => "date",
+        DataType::Datetime(_, None) => "timestamp",
+        DataType::Datetime(_, Some(_)) => "timestamptz",
+        _ => "text",
+    }
+}
+
+fn preview(frame: &DataFrame) -> Vec<Value> {
+    (0..frame.height())
+        .map(|row| {
+            let object = frame
+                .columns()
+                .iter()
+                .map(|c| {
+                    let value = c.get(row).map(json).unwrap_or(Value::Null);
+                    (c.name().to_string(), value)
+                })
+                .collect();
+            Value::Object(object)
+        })
+        .collect()
+}
+
+fn json(value: AnyValue) -> Value {
+    match value {
+        AnyValue::Null => Value::Null,
+        AnyValue::Boolean(b) => Value::Bool(b),
+        AnyValue::Int8(v) => v.into(),
+        AnyValue::Int16(v) => v.into(),
+        AnyValue::Int32(v) => v.into(),
+        AnyValue::Int64(v) => v.into(),
+        AnyValue::UInt8(v) => v.into(),
+        AnyValue::UInt16(v) => v.into(),
+        AnyValue::UInt32(v) => v.into(),
+        AnyValue::UInt64(v) => v.into(),
+        AnyValue::Float32(v) => {
+            serde_json::Number::from_f64(v as f64).map_or(Value::Null, Value::Number)
+        }
+        AnyValue::Float64(v) => serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+        other => Value::String(other.str_value().into_owned()),
+    }
+}

@@ -1,0 +1,748 @@
+//! The import itself: a blocking reader thread checks and encodes rows into COPY text chunks;
+//! the async side streams them into a staging table, then applies the staging table to the
+//! target in one transaction that also records the import as done (so a retry after a crash
+//! never applies it twice).
+
+use serde_json::{json, Value};
+use shared::{connections::TargetError, datasets, JobContext};
+use sqlx::{postgres::PgPoolCopyExt, PgPool};
+use std::{borrow::Cow, path::PathBuf, sync::atomic::Ordering, time::Instant};
+use tokio::sync::mpsc;
+
+use super::{
+    quote_ident,
+    source::{self, CsvSettings, Opened, Row, RowError},
+    types::{push_copy_text, PgType},
+    EncodingErrors, ImportPayload, Mode, OnError, DEFAULT_MAX_ERRORS,
+};
+use crate::{JobError, Services};
+
+/// A COPY message this size or larger goes out.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Chunks in flight between the reader thread and COPY: bounds memory.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+pub async fn table_exists(pool: &PgPool, schema: &str, table: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL")
+        .bind(schema)
+        .bind(table)
+        .fetch_one(pool)
+        .await
+}
+
+/// The table's columns and their types, in order.
+async fn table_columns(
+    pool: &PgPool,
+    schema: &str,
+    table: &str,
+) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+         FROM pg_attribute a
+         WHERE a.attrelid = to_regclass(format('%I.%I', $1::text, $2::text))
+           AND a.attnum > 0 AND NOT a.attisdropped
+         ORDER BY a.attnum",
+    )
+    .bind(schema)
+    .bind(table)
+    .fetch_all(pool)
+    .await
+}
+
+/// A database error that another attempt may not hit again (connection lost, deadlock, a
+/// server shutting down) is retryable; a data or schema error is not.
+fn db_error(e: sqlx::Error) -> JobError {
+    let retryable = match &e {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "40001" || code == "40P01"
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    };
+    if retryable {
+        JobError::Retryable(format!("target database: {e}"))
+    } else {
+        JobError::Permanent(format!("target database: {e}"))
+    }
+}
+
+/// One column of the import: where it comes from in the file, and its type in the table.
+#[derive(Clone, Debug)]
+struct Planned {
+    source: usize,
+    name: String,
+    ty: PgType,
+    /// The importer created the column and may widen it when a value does not fit.
+    widen: bool,
+}
+
+enum Chunk {
+    Rows { data: Vec<u8>, rows: u64 },
+    Widen { column: usize, to: PgType },
+}
+
+#[derive(Default)]
+struct Summary {
+    rows_read: u64,
+    rows_rejected: u64,
+}
+
+/// How the reader thread treats values.
+struct ReadRules {
+    nulls: Vec<Vec<u8>>,
+    encoding: EncodingErrors,
+    on_error: OnError,
+    max_errors: u64,
+    /// Typed formats (Parquet, where values come typed): no client-side checks.
+    trusted: bool,
+    width: usize,
+    csv: bool,
+}
+
+pub async fn run(
+    services: &Services,
+    ctx: &JobContext,
+    payload: &ImportPayload,
+) -> Result<Value, JobError> {
+    let started = Instant::now();
+    let tenant = ctx.tenant_id();
+    let dataset = datasets::get(&services.pool, tenant, payload.dataset_id)
+        .await
+        .map_err(|e| JobError::Retryable(e.to_string()))?
+        .ok_or_else(|| {
+            JobError::Permanent(format!("dataset {} no longer exists", payload.dataset_id))
+        })?;
+    let target = services
+        .targets
+        .pool(tenant, payload.target.connection_id)
+        .await
+        .map_err(|e| match e {
+            TargetError::UnknownConnection(id) => {
+                JobError::Permanent(format!("connection {id} no longer exists"))
+            }
+            TargetError::Other(e) => JobError::Retryable(e.to_string()),
+        })?;
+    prepare(&target).await.map_err(db_error)?;
+    if let Some(result) = already_done(&target, ctx).await.map_err(db_error)? {
+        return Ok(result);
+    }
+    let staging = format!(
+        "conveyor.{}",
+        quote_ident(&format!("import_{}", ctx.job_id().simple()))
+    );
+    // A previous attempt may have died mid-copy.
+    sqlx::query(&format!("DROP TABLE IF EXISTS {staging}"))
+        .execute(&target)
+        .await
+        .map_err(db_error)?;
+    let outcome = import(services, ctx, payload, &dataset, &target, &staging, started).await;
+    if outcome.is_err() {
+        if let Err(e) = sqlx::query(&format!("DROP TABLE IF EXISTS {staging}"))
+            .execute(&target)
+            .await
+        {
+            tracing::warn!(job = %ctx.job_id(), error = %e, "staging table not dropped; the next attempt drops it");
+        }
+    }
+    outcome
+}
+
+/// The `conveyor` schema in the target: staging tables and the record of finished imports.
+async fn prepare(target: &PgPool) -> sqlx::Result<()> {
+    let mut tx = target.begin().await?;
+    // Concurrent first imports would race on CREATE ... IF NOT EXISTS.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('conveyor.prepare'))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS conveyor")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS conveyor.imports (
+             job_id uuid PRIMARY KEY, result jsonb NOT NULL, finished_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+async fn already_done(target: &PgPool, ctx: &JobContext) -> sqlx::Result<Option<Value>> {
+    sqlx::query_scalar("SELECT result FROM conveyor.imports WHERE job_id = $1")
+        .bind(ctx.job_id())
+        .fetch_optional(target)
+        .await
+}
+
+async fn import(
+    services: &Services,
+    ctx: &JobContext,
+    payload: &ImportPayload,
+    dataset: &datasets::Dataset,
+    target: &PgPool,
+    staging: &str,
+    started: Instant,
+) -> Result<Value, JobError> {
+    let schema = payload.schema();
+    let table = &payload.target.table;
+    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+    let existing = table_columns(target, schema, table)
+        .await
+        .map_err(db_error)?;
+    let exists = !existing.is_empty();
+    match payload.mode {
+        Mode::Create if exists => {
+            return Err(JobError::Permanent(format!(
+                "{schema}.{table} exists; use mode append, replace or upsert"
+            )))
+        }
+        Mode::Append | Mode::Upsert if !exists => {
+            return Err(JobError::Permanent(format!(
+                "{schema}.{table} does not exist; use mode create"
+            )))
+        }
+        _ => {}
+    }
+
+    let path = services.objects.dataset_path(dataset.tenant_id, dataset.id);
+    let csv_settings = CsvSettings {
+        delimiter: payload.csv.delimiter.as_bytes()[0],
+        quote: payload.csv.quote.as_bytes()[0],
+        header: payload.csv.header,
+    };
+    let known: Vec<String> = dataset.schema.iter().map(|c| c.name.clone()).collect();
+    let (format, compression) = (dataset.format, dataset.compression);
+    let opened = tokio::task::spawn_blocking(move || {
+        source::open(&path, format, compression, &csv_settings, &known)
+    })
+    .await
+    .map_err(|e| JobError::Retryable(e.to_string()))?
+    .map_err(JobError::Permanent)?;
+
+    let plan = plan_columns(payload, dataset, &opened.header, &existing)?;
+    let column_list = plan
+        .iter()
+        .map(|p| quote_ident(&p.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let create_staging = if exists {
+        let like = if payload.mode == Mode::Replace {
+            "INCLUDING ALL"
+        } else {
+            "INCLUDING DEFAULTS"
+        };
+        format!("CREATE TABLE {staging} (LIKE {qualified} {like})")
+    } else {
+        let columns = plan
+            .iter()
+            .map(|p| format!("{} {}", quote_ident(&p.name), p.ty.sql()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("CREATE TABLE {staging} ({columns})")
+    };
+    sqlx::query(&create_staging)
+        .execute(target)
+        .await
+        .map_err(db_error)?;
+
+    // The reader thread: parse, check, encode; rejected rows to a scratch CSV.
+    let rejected_path = services
+        .objects
+        .scratch_path()
+        .await
+        .map_err(|e| JobError::Retryable(e.to_string()))?;
+    let rules = ReadRules {
+        nulls: payload
+            .csv
+            .null
+            .iter()
+            .map(|n| n.as_bytes().to_vec())
+            .collect(),
+        encoding: payload.csv.encoding_errors,
+        on_error: payload.on_error,
+        max_errors: payload.max_errors.unwrap_or(DEFAULT_MAX_ERRORS),
+        trusted: dataset.format == shared::datasets::Format::Parquet,
+        width: opened.header.len(),
+        csv: matches!(
+            dataset.format,
+            shared::datasets::Format::Csv | shared::datasets::Format::Tsv
+        ),
+    };
+    let bytes_read = opened.bytes_read.clone();
+    let (tx, mut rx) = mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
+    let reader_plan = plan.clone();
+    let reader_rejected = rejected_path.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        read_rows(opened, reader_plan, rules, tx, reader_rejected)
+    });
+
+    // The COPY side.
+    let copy_sql = format!("COPY {staging} ({column_list}) FROM STDIN");
+    let total_bytes = dataset.size_bytes.max(1) as f32;
+    let mut imported = 0u64;
+    let mut copy = Some(target.copy_in_raw(&copy_sql).await.map_err(db_error)?);
+    let mut cancelled = false;
+    while let Some(chunk) = rx.recv().await {
+        if ctx.is_cancelled() {
+            cancelled = true;
+            break;
+        }
+        match chunk {
+            Chunk::Rows { data, rows } => {
+                let sink = copy.as_mut().expect("a COPY is open between chunks");
+                sink.send(data).await.map_err(db_error)?;
+                imported += rows;
+                let fraction = bytes_read.load(Ordering::Relaxed) as f32 / total_bytes;
+                ctx.progress(fraction.min(0.99), format!("{imported} rows"))
+                    .await;
+            }
+            Chunk::Widen { column, to } => {
+                copy.take()
+                    .expect("a COPY is open")
+                    .finish()
+                    .await
+                    .map_err(db_error)?;
+                let name = quote_ident(&plan[column].name);
+                ctx.log(format!(
+                    "column {} widened to {} by a later value",
+                    plan[column].name,
+                    to.sql()
+                ))
+                .await;
+                sqlx::query(&format!(
+                    "ALTER TABLE {staging} ALTER COLUMN {name} TYPE {} USING {name}::{}",
+                    to.sql(),
+                    to.sql()
+                ))
+                .execute(target)
+                .await
+                .map_err(db_error)?;
+                copy = Some(target.copy_in_raw(&copy_sql).await.map_err(db_error)?);
+            }
+        }
+    }
+    if cancelled {
+        drop(rx);
+        if let Some(copy) = copy {
+            let _ = copy.abort("import cancelled").await;
+        }
+        let _ = reader.await;
+        let _ = tokio::fs::remove_file(&rejected_path).await;
+        return Err(JobError::Cancelled(shared::Cancelled));
+    }
+    let read = reader
+        .await
+        .map_err(|e| JobError::Retryable(e.to_string()))?;
+    let summary = match read {
+        Ok(summary) => summary,
+        Err(reason) => {
+            if let Some(copy) = copy {
+                let _ = copy.abort(&reason).await;
+            }
+            let _ = tokio::fs::remove_file(&rejected_path).await;
+            return Err(JobError::Permanent(reason));
+        }
+    };
+    copy.take()
+        .expect("a COPY is open")
+        .finish()
+        .await
+        .map_err(db_error)?;
+    ctx.checkpoint()?;
+
+    let mut artifacts = Vec::new();
+    if summary.rows_rejected > 0 {
+        let size = tokio::fs::metadata(&rejected_path)
+            .await
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let destination = services
+            .objects
+            .artifact_dir(ctx.job_id())
+            .join("rejected.csv");
+        services
+            .objects
+            .publish(&rejected_path, &destination)
+            .await
+            .map_err(|e| JobError::Retryable(e.to_string()))?;
+        artifacts.push(json!({
+            "name": "rejected.csv",
+            "size": size,
+            "url": format!("/v1/jobs/{}/artifacts/rejected.csv", ctx.job_id()),
+        }));
+    } else {
+        let _ = tokio::fs::remove_file(&rejected_path).await;
+    }
+
+    let columns: Vec<Value> = plan
+        .iter()
+        .map(|p| json!({"name": p.name, "type": p.ty.sql()}))
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    let mut result = json!({
+        "table": format!("{schema}.{table}"),
+        "mode": payload.mode,
+        "rows_read": summary.rows_read,
+        "rows_imported": imported,
+        "rows_rejected": summary.rows_rejected,
+        "bytes": dataset.size_bytes,
+        "columns": columns,
+        "artifacts": artifacts,
+    });
+    let applied = apply(
+        ctx,
+        payload,
+        target,
+        staging,
+        &qualified,
+        exists,
+        &plan,
+        &mut result,
+        started,
+    )
+    .await?;
+    result["rows_applied"] = applied.into();
+    result["duration_ms"] = ((seconds * 1000.0) as u64).into();
+    result["rows_per_sec"] = ((imported as f64 / seconds.max(1e-3)) as u64).into();
+    Ok(result)
+}
+
+/// Which file column feeds each table column, and with which type.
+fn plan_columns(
+    payload: &ImportPayload,
+    dataset: &datasets::Dataset,
+    header: &[String],
+    existing: &[(String, String)],
+) -> Result<Vec<Planned>, JobError> {
+    let specs: Vec<(String, String, Option<String>)> = match &payload.columns {
+        Some(specs) => specs
+            .iter()
+            .map(|c| {
+                (
+                    c.source.clone(),
+                    c.name.clone().unwrap_or_else(|| c.source.clone()),
+                    c.data_type.clone(),
+                )
+            })
+            .collect(),
+        None => header
+            .iter()
+            .map(|h| (h.clone(), h.clone(), None))
+            .collect(),
+    };
+    let mut plan = Vec::with_capacity(specs.len());
+    for (source, name, declared) in specs {
+        let index = header
+            .iter()
+            .position(|h| *h == source)
+            .ok_or_else(|| JobError::Permanent(format!("the file has no column {source:?}")))?;
+        let planned = if existing.is_empty() {
+            // A new table: the declared type, else the type inferred from the file's head.
+            let inferred = dataset
+                .schema
+                .iter()
+                .find(|c| c.name == source)
+                .map(|c| c.data_type.as_str());
+            match declared {
+                Some(t) => Planned {
+                    source: index,
+                    name,
+                    ty: PgType::from_sql(&t),
+                    widen: false,
+                },
+                None => Planned {
+                    source: index,
+                    name,
+                    ty: PgType::from_sql(inferred.unwrap_or("text")),
+                    widen: true,
+                },
+            }
+        } else {
+            let (_, sql_type) = existing
+                .iter()
+                .find(|(column, _)| *column == name)
+                .ok_or_else(|| JobError::Permanent(format!("the table has no column {name:?}")))?;
+            Planned {
+                source: index,
+                name,
+                ty: PgType::from_sql(sql_type),
+                widen: false,
+            }
+        };
+        plan.push(planned);
+    }
+    Ok(plan)
+}
+
+/// Applies the staging table to the target in one transaction with the record of the import.
+#[allow(clippy::too_many_arguments)]
+async fn apply(
+    ctx: &JobContext,
+    payload: &ImportPayload,
+    target: &PgPool,
+    staging: &str,
+    qualified: &str,
+    exists: bool,
+    plan: &[Planned],
+    result: &mut Value,
+    started: Instant,
+) -> Result<u64, JobError> {
+    let columns = plan
+        .iter()
+        .map(|p| quote_ident(&p.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let staged_name = quote_ident(&format!("import_{}", ctx.job_id().simple()));
+    let schema = quote_ident(payload.schema());
+    let table = quote_ident(&payload.target.table);
+    let mut tx = target.begin().await.map_err(db_error)?;
+    let mut statements: Vec<String> = Vec::new();
+    match payload.mode {
+        Mode::Create | Mode::Replace => {
+            if exists {
+                statements.push(format!("DROP TABLE {qualified}"));
+            }
+            statements.push(format!("ALTER TABLE {staging} SET SCHEMA {schema}"));
+            statements.push(format!(
+                "ALTER TABLE {schema}.{staged_name} RENAME TO {table}"
+            ));
+        }
+        Mode::Append => {
+            statements.push(format!(
+                "INSERT INTO {qualified} ({columns}) SELECT {columns} FROM {staging}"
+            ));
+            statements.push(format!("DROP TABLE {staging}"));
+        }
+        Mode::Upsert => {
+            let keys = payload
+                .key_columns
+                .iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let updates: Vec<String> = plan
+                .iter()
+                .filter(|p| !payload.key_columns.contains(&p.name))
+                .map(|p| format!("{0} = EXCLUDED.{0}", quote_ident(&p.name)))
+                .collect();
+            let action = if updates.is_empty() {
+                "DO NOTHING".to_owned()
+            } else {
+                format!("DO UPDATE SET {}", updates.join(", "))
+            };
+            // A key repeated in the file: its last row wins (ctid follows COPY's order).
+            statements.push(format!(
+                "INSERT INTO {qualified} ({columns})
+                 SELECT DISTINCT ON ({keys}) {columns} FROM {staging} ORDER BY {keys}, ctid DESC
+                 ON CONFLICT ({keys}) {action}"
+            ));
+            statements.push(format!("DROP TABLE {staging}"));
+        }
+    }
+    let mut applied = result["rows_imported"].as_u64().unwrap_or(0);
+    for statement in statements {
+        let done = sqlx::query(&statement)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        if statement.starts_with("INSERT") {
+            applied = done.rows_affected();
+        }
+    }
+    result["rows_applied"] = applied.into();
+    result["duration_ms"] = (started.elapsed().as_millis() as u64).into();
+    sqlx::query("INSERT INTO conveyor.imports (job_id, result) VALUES ($1, $2)")
+        .bind(ctx.job_id())
+        .bind(&*result)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+    // The last chance to stop: after the commit the import is done.
+    ctx.checkpoint()?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(applied)
+}
+
+/// The reader thread. Returns why the import must stop (`on_error=abort`, too many rejected
+/// rows, an unreadable file), or what it read.
+fn read_rows(
+    mut opened: Opened,
+    mut plan: Vec<Planned>,
+    rules: ReadRules,
+    tx: mpsc::Sender<Chunk>,
+    rejected_path: PathBuf,
+) -> Result<Summary, String> {
+    let mut summary = Summary::default();
+    let mut rejected: Option<csv::Writer<std::fs::File>> = None;
+    let mut reject = |summary: &mut Summary, error: RowError, column: &str| -> Result<(), String> {
+        let place = if column.is_empty() {
+            format!("line {}", error.line)
+        } else {
+            format!("line {}, column {column:?}", error.line)
+        };
+        if rules.on_error == OnError::Abort {
+            return Err(format!("{place}: {}", error.reason));
+        }
+        summary.rows_rejected += 1;
+        if summary.rows_rejected > rules.max_errors {
+            return Err(format!(
+                "more than {} rows rejected (max_errors); the last: {place}: {}",
+                rules.max_errors, error.reason
+            ));
+        }
+        if rejected.is_none() {
+            let file = std::fs::File::create(&rejected_path).map_err(|e| e.to_string())?;
+            let mut writer = csv::Writer::from_writer(file);
+            writer
+                .write_record(["line", "column", "reason", "record"])
+                .map_err(|e| e.to_string())?;
+            rejected = Some(writer);
+        }
+        let writer = rejected.as_mut().expect("created above");
+        writer
+            .write_record([
+                error.line.to_string().as_bytes(),
+                column.as_bytes(),
+                error.reason.as_bytes(),
+                &error.raw,
+            ])
+            .map_err(|e| e.to_string())
+    };
+
+    let mut chunk = Vec::with_capacity(CHUNK_BYTES + (64 << 10));
+    let mut chunk_rows = 0u64;
+    let mut line_buffer = Vec::with_capacity(4096);
+    let mut row = Row::default();
+    let send = |chunk: Chunk| {
+        tx.blocking_send(chunk)
+            .map_err(|_| "the import stopped".to_owned())
+    };
+    loop {
+        match opened.source.next(&mut row) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(Ok(error)) => {
+                summary.rows_read += 1;
+                reject(&mut summary, error, "")?;
+                continue;
+            }
+            Err(Err(reason)) => return Err(reason),
+        }
+        summary.rows_read += 1;
+        if rules.csv && row.fields.len() != rules.width {
+            // A blank line is no row at all.
+            if row.fields.len() == 1 && row.fields[0].is_empty() {
+                summary.rows_read -= 1;
+                continue;
+            }
+            let error = RowError {
+                line: row.line,
+                reason: format!(
+                    "expected {} fields, found {}",
+                    rules.width,
+                    row.fields.len()
+                ),
+                raw: raw_record(&row),
+            };
+            reject(&mut summary, error, "")?;
+            continue;
+        }
+        line_buffer.clear();
+        let mut bad: Option<(String, String)> = None;
+        for (i, column) in plan.iter_mut().enumerate() {
+            if i > 0 {
+                line_buffer.push(b'\t');
+            }
+            let raw = &row.fields[column.source];
+            if row.is_null(column.source) || (rules.csv && rules.nulls.iter().any(|n| n == raw)) {
+                line_buffer.extend_from_slice(b"\\N");
+                continue;
+            }
+            let text: Cow<str> = match std::str::from_utf8(raw) {
+                Ok(text) => Cow::Borrowed(text),
+                Err(e) if rules.encoding == EncodingErrors::Strict => {
+                    bad = Some((
+                        column.name.clone(),
+                        format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+                    ));
+                    break;
+                }
+                Err(_) => String::from_utf8_lossy(raw),
+            };
+            if rules.trusted {
+                push_copy_text(&mut line_buffer, &text);
+                continue;
+            }
+            match column.ty.check(&text) {
+                Ok(value) => push_copy_text(&mut line_buffer, &value),
+                Err(_) if column.widen => {
+                    let wider = column.ty.join(&PgType::infer(&text));
+                    if !chunk.is_empty() {
+                        send(Chunk::Rows {
+                            data: std::mem::take(&mut chunk),
+                            rows: chunk_rows,
+                        })?;
+                        chunk_rows = 0;
+                    }
+                    send(Chunk::Widen {
+                        column: i,
+                        to: wider.clone(),
+                    })?;
+                    column.ty = wider;
+                    let value = column
+                        .ty
+                        .check(&text)
+                        .unwrap_or(Cow::Borrowed(&text))
+                        .into_owned();
+                    push_copy_text(&mut line_buffer, &value);
+                }
+                Err(reason) => {
+                    bad = Some((column.name.clone(), reason));
+                    break;
+                }
+            }
+        }
+        if let Some((column, reason)) = bad {
+            let error = RowError {
+                line: row.line,
+                reason,
+                raw: raw_record(&row),
+            };
+            reject(&mut summary, error, &column)?;
+            continue;
+        }
+        line_buffer.push(b'\n');
+        chunk.extend_from_slice(&line_buffer);
+        chunk_rows += 1;
+        if chunk.len() >= CHUNK_BYTES {
+            send(Chunk::Rows {
+                data: std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + (64 << 10))),
+                rows: chunk_rows,
+            })?;
+            chunk_rows = 0;
+        }
+    }
+    if !chunk.is_empty() {
+        send(Chunk::Rows {
+            data: chunk,
+            rows: chunk_rows,
+        })?;
+    }
+    if let Some(mut writer) = rejected {
+        writer.flush().map_err(|e| e.to_string())?;
+    }
+    Ok(summary)
+}
+
+/// The row as the file had it (fields joined by commas, CSV-quoted), for `rejected.csv`.
+fn raw_record(row: &Row) -> Vec<u8> {
+    let mut writer = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b' '))
+        .from_writer(Vec::new());
+    let _ = writer.write_byte_record(&row.fields);
+    let mut bytes = writer.into_inner().unwrap_or_default();
+    bytes.pop();
+    bytes
+}

@@ -1,0 +1,306 @@
+//! Reading a dataset row by row, in bounded memory, whatever its format: CSV/TSV (plain, gzip or
+//! zstd) through the csv crate, NDJSON line by line, Parquet slice by slice through polars.
+
+use csv::ByteRecord;
+use polars::prelude::*;
+use shared::datasets::{Compression, Format};
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Read},
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+/// Rows read from Parquet at a time.
+const PARQUET_SLICE: usize = 64 * 1024;
+
+/// Opens a file, undoing its compression.
+pub fn open_decompressed(
+    path: &Path,
+    compression: Compression,
+) -> std::io::Result<Box<dyn Read + Send>> {
+    open_counted(path, compression, Arc::default())
+}
+
+fn open_counted(
+    path: &Path,
+    compression: Compression,
+    counter: Arc<AtomicU64>,
+) -> std::io::Result<Box<dyn Read + Send>> {
+    let file = Counted {
+        inner: File::open(path)?,
+        counter,
+    };
+    Ok(match compression {
+        Compression::None => Box::new(file),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
+            1 << 16,
+            file,
+        ))),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(file)?),
+    })
+}
+
+/// Counts the bytes read from the file on disk (compressed), for progress.
+struct Counted<R> {
+    inner: R,
+    counter: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.counter.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// CSV parsing options (the payload's `csv`).
+#[derive(Clone, Debug)]
+pub struct CsvSettings {
+    pub delimiter: u8,
+    pub quote: u8,
+    pub header: bool,
+}
+
+/// One row: its fields as bytes, which of them are NULL when the format says so (JSON null,
+/// Parquet null; CSV decides by its null strings later), and the line it started on.
+#[derive(Default)]
+pub struct Row {
+    pub fields: ByteRecord,
+    pub nulls: Vec<bool>,
+    pub line: u64,
+}
+
+impl Row {
+    pub fn is_null(&self, i: usize) -> bool {
+        self.nulls.get(i).copied().unwrap_or(false)
+    }
+}
+
+pub enum Source {
+    Csv(csv::Reader<Box<dyn Read + Send>>),
+    Ndjson {
+        lines: BufReader<Box<dyn Read + Send>>,
+        columns: Vec<String>,
+        buffer: Vec<u8>,
+        line: u64,
+    },
+    Parquet {
+        path: std::path::PathBuf,
+        total: usize,
+        offset: usize,
+        frame: Option<DataFrame>,
+        next_in_frame: usize,
+    },
+}
+
+pub struct Opened {
+    pub source: Source,
+    /// Column names, from the header (or `column_1`...).
+    pub header: Vec<String>,
+    /// Bytes of the file read so far.
+    pub bytes_read: Arc<AtomicU64>,
+}
+
+/// Opens a dataset file. `known_columns` (from the dataset's schema) names NDJSON columns.
+pub fn open(
+    path: &Path,
+    format: Format,
+    compression: Compression,
+    csv_settings: &CsvSettings,
+    known_columns: &[String],
+) -> Result<Opened, String> {
+    let bytes_read = Arc::new(AtomicU64::new(0));
+    let io = |e: std::io::Error| format!("cannot read the dataset: {e}");
+    match format {
+        Format::Csv | Format::Tsv => {
+            let reader = open_counted(path, compression, bytes_read.clone()).map_err(io)?;
+            let delimiter = if format == Format::Tsv && csv_settings.delimiter == b',' {
+                b'\t'
+            } else {
+                csv_settings.delimiter
+            };
+            // Flexible: a ragged row is the row's error, reported with its line, not the file's.
+            let csv_reader = |reader| {
+                csv::ReaderBuilder::new()
+                    .delimiter(delimiter)
+                    .quote(csv_settings.quote)
+                    .has_headers(false)
+                    .flexible(true)
+                    .buffer_capacity(1 << 20)
+                    .from_reader(reader)
+            };
+            let mut csv = csv_reader(reader);
+            let mut first = ByteRecord::new();
+            let has_first = csv
+                .read_byte_record(&mut first)
+                .map_err(|e| e.to_string())?;
+            let header = if csv_settings.header {
+                if !has_first {
+                    return Err("the file is empty: no header line".into());
+                }
+                first
+                    .iter()
+                    .map(|f| String::from_utf8_lossy(f).trim().to_owned())
+                    .collect()
+            } else {
+                // Without a header the first record is data: read the file again from the top.
+                let count = first.len();
+                let reader = open_counted(path, compression, bytes_read.clone()).map_err(io)?;
+                csv = csv_reader(reader);
+                bytes_read.store(0, Ordering::Relaxed);
+                (1..=count).map(|i| format!("column_{i}")).collect()
+            };
+            Ok(Opened {
+                source: Source::Csv(csv),
+                header,
+                bytes_read,
+            })
+        }
+        Format::Ndjson => {
+            let reader = open_counted(path, compression, bytes_read.clone()).map_err(io)?;
+            Ok(Opened {
+                header: known_columns.to_vec(),
+                source: Source::Ndjson {
+                    lines: BufReader::with_capacity(1 << 20, reader),
+                    columns: known_columns.to_vec(),
+                    buffer: Vec::new(),
+                    line: 0,
+                },
+                bytes_read,
+            })
+        }
+        Format::Parquet => {
+            let file = File::open(path).map_err(io)?;
+            let mut reader = ParquetReader::new(file);
+            let total = reader.num_rows().map_err(|e| e.to_string())?;
+            let header = reader
+                .schema()
+                .map_err(|e| e.to_string())?
+                .iter_names()
+                .map(|n| n.to_string())
+                .collect();
+            Ok(Opened {
+                source: Source::Parquet {
+                    path: path.to_owned(),
+                    total,
+                    offset: 0,
+                    frame: None,
+                    next_in_frame: 0,
+                },
+                header,
+                bytes_read,
+            })
+        }
+    }
+}
+
+/// What went wrong with one row as a whole (its fields are checked later).
+pub struct RowError {
+    pub line: u64,
+    pub reason: String,
+    pub raw: Vec<u8>,
+}
+
+impl Source {
+    /// Reads the next row into `row`; Ok(false) at the end. A row that cannot be read at all
+    /// (bad JSON) is returned as `Err(Ok(RowError))`; a failure to read the file as `Err(Err)`.
+    pub fn next(&mut self, row: &mut Row) -> Result<bool, Result<RowError, String>> {
+        row.nulls.clear();
+        match self {
+            Source::Csv(csv) => {
+                let more = csv
+                    .read_byte_record(&mut row.fields)
+                    .map_err(|e| Err(e.to_string()))?;
+                row.line = row.fields.position().map_or(0, |p| p.line());
+                Ok(more)
+            }
+            Source::Ndjson {
+                lines,
+                columns,
+                buffer,
+                line,
+            } => loop {
+                buffer.clear();
+                let n = lines
+                    .read_until(b'\n', buffer)
+                    .map_err(|e| Err(format!("cannot read the dataset: {e}")))?;
+                if n == 0 {
+                    return Ok(false);
+                }
+                *line += 1;
+                row.line = *line;
+                if buffer.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                // Raw values keep numbers exactly as written (no detour through f64).
+                let object: std::collections::HashMap<String, &serde_json::value::RawValue> =
+                    serde_json::from_slice(buffer).map_err(|e| {
+                        Ok(RowError {
+                            line: *line,
+                            reason: format!("not a JSON object: {e}"),
+                            raw: buffer.clone(),
+                        })
+                    })?;
+                row.fields.clear();
+                for name in columns.iter() {
+                    let text = object.get(name).map(|raw| raw.get()).unwrap_or("null");
+                    if text == "null" {
+                        row.fields.push_field(b"");
+                        row.nulls.push(true);
+                    } else if text.starts_with('"') {
+                        let unescaped: String = serde_json::from_str(text).unwrap_or_default();
+                        row.fields.push_field(unescaped.as_bytes());
+                        row.nulls.push(false);
+                    } else {
+                        row.fields.push_field(text.as_bytes());
+                        row.nulls.push(false);
+                    }
+                }
+                return Ok(true);
+            },
+            Source::Parquet {
+                path,
+                total,
+                offset,
+                frame,
+                next_in_frame,
+            } => {
+                let exhausted = frame.as_ref().is_none_or(|f| *next_in_frame >= f.height());
+                if exhausted {
+                    if *offset >= *total {
+                        return Ok(false);
+                    }
+                    let file = File::open(&*path).map_err(|e| Err(e.to_string()))?;
+                    let slice = ParquetReader::new(file)
+                        .with_slice(Some((*offset, PARQUET_SLICE)))
+                        .finish()
+                        .map_err(|e| Err(e.to_string()))?;
+                    *offset += slice.height().max(1);
+                    *frame = Some(slice);
+                    *next_in_frame = 0;
+                }
+                let current = frame.as_ref().expect("frame loaded above");
+                let index = *next_in_frame;
+                *next_in_frame += 1;
+                row.line = (*offset - current.height() + index + 1) as u64;
+                row.fields.clear();
+                for column in current.columns() {
+                    let value = column.get(index).map_err(|e| Err(e.to_string()))?;
+                    if value.is_null() {
+                        row.fields.push_field(b"");
+                        row.nulls.push(true);
+                    } else {
+                        row.fields.push_field(value.str_value().as_bytes());
+                        row.nulls.push(false);
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+}

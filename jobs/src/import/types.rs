@@ -1,0 +1,302 @@
+//! PostgreSQL column types as the importer sees them: checking a text value against a type,
+//! inferring the narrowest type of a value, and widening a created column when a later value
+//! does not fit what the file's head suggested.
+
+use std::borrow::Cow;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PgType {
+    Boolean,
+    SmallInt,
+    Integer,
+    BigInt,
+    Real,
+    Double,
+    Numeric,
+    Date,
+    Timestamp,
+    Timestamptz,
+    Uuid,
+    Json,
+    Text,
+    /// A type the importer does not check itself (PostgreSQL's COPY does): `varchar(10)`...
+    Other(String),
+}
+
+/// The types a client may name in `columns[].type`.
+pub const NAMED: &[&str] = &[
+    "boolean",
+    "smallint",
+    "integer",
+    "bigint",
+    "real",
+    "double precision",
+    "numeric",
+    "date",
+    "timestamp",
+    "timestamptz",
+    "uuid",
+    "jsonb",
+    "text",
+];
+
+impl PgType {
+    /// From a name as `format_type()` prints it, or a client's short name.
+    pub fn from_sql(name: &str) -> PgType {
+        let lower = name.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "boolean" | "bool" => PgType::Boolean,
+            "smallint" | "int2" => PgType::SmallInt,
+            "integer" | "int" | "int4" => PgType::Integer,
+            "bigint" | "int8" => PgType::BigInt,
+            "real" | "float4" => PgType::Real,
+            "double precision" | "float8" => PgType::Double,
+            "numeric" | "decimal" => PgType::Numeric,
+            "date" => PgType::Date,
+            "timestamp" | "timestamp without time zone" => PgType::Timestamp,
+            "timestamptz" | "timestamp with time zone" => PgType::Timestamptz,
+            "uuid" => PgType::Uuid,
+            "json" | "jsonb" => PgType::Json,
+            "text" => PgType::Text,
+            _ => PgType::Other(lower),
+        }
+    }
+
+    /// The name used in `CREATE TABLE`.
+    pub fn sql(&self) -> &str {
+        match self {
+            PgType::Boolean => "boolean",
+            PgType::SmallInt => "smallint",
+            PgType::Integer => "integer",
+            PgType::BigInt => "bigint",
+            PgType::Real => "real",
+            PgType::Double => "double precision",
+            PgType::Numeric => "numeric",
+            PgType::Date => "date",
+            PgType::Timestamp => "timestamp",
+            PgType::Timestamptz => "timestamptz",
+            PgType::Uuid => "uuid",
+            PgType::Json => "jsonb",
+            PgType::Text => "text",
+            PgType::Other(name) => name,
+        }
+    }
+
+    /// The value as COPY should receive it, or why it is not of this type.
+    pub fn check<'a>(&self, value: &'a str) -> Result<Cow<'a, str>, String> {
+        let trimmed = value.trim();
+        let ok = match self {
+            PgType::Text | PgType::Other(_) => return Ok(Cow::Borrowed(value)),
+            PgType::Boolean => {
+                return boolean(trimmed)
+                    .map(|b| Cow::Borrowed(if b { "t" } else { "f" }))
+                    .ok_or_else(|| self.invalid(value))
+            }
+            PgType::SmallInt => trimmed.parse::<i16>().is_ok(),
+            PgType::Integer => trimmed.parse::<i32>().is_ok(),
+            PgType::BigInt => trimmed.parse::<i64>().is_ok(),
+            PgType::Real | PgType::Double => trimmed.parse::<f64>().is_ok(),
+            PgType::Numeric => numeric(trimmed),
+            PgType::Date => date(trimmed),
+            PgType::Timestamp => timestamp(trimmed),
+            PgType::Timestamptz => timestamptz(trimmed) || timestamp(trimmed),
+            PgType::Uuid => uuid::Uuid::parse_str(trimmed).is_ok(),
+            PgType::Json => serde_json::from_str::<serde::de::IgnoredAny>(value).is_ok(),
+        };
+        if ok {
+            Ok(Cow::Borrowed(trimmed))
+        } else {
+            Err(self.invalid(value))
+        }
+    }
+
+    fn invalid(&self, value: &str) -> String {
+        let shown: String = value.chars().take(40).collect();
+        format!("invalid {} {shown:?}", self.sql())
+    }
+
+    /// The narrowest type that holds `value` (never `SmallInt`/`Integer`/`Real`: created
+    /// columns start wide enough for the rest of the file).
+    pub fn infer(value: &str) -> PgType {
+        let v = value.trim();
+        if matches!(v.to_ascii_lowercase().as_str(), "true" | "false") {
+            PgType::Boolean
+        } else if v.parse::<i64>().is_ok() {
+            PgType::BigInt
+        } else if v.parse::<f64>().is_ok() && !v.is_empty() {
+            PgType::Double
+        } else if date(v) {
+            PgType::Date
+        } else if timestamp(v) {
+            PgType::Timestamp
+        } else if timestamptz(v) {
+            PgType::Timestamptz
+        } else {
+            PgType::Text
+        }
+    }
+
+    /// The narrowest type holding values of both types.
+    pub fn join(&self, other: &PgType) -> PgType {
+        use PgType::*;
+        let rank = |t: &PgType| match t {
+            SmallInt => Some(0),
+            Integer => Some(1),
+            BigInt => Some(2),
+            Real | Double => Some(3),
+            Numeric => Some(4),
+            _ => None,
+        };
+        let time = |t: &PgType| match t {
+            Date => Some(0),
+            Timestamp => Some(1),
+            Timestamptz => Some(2),
+            _ => None,
+        };
+        if self == other {
+            return self.clone();
+        }
+        if let (Some(a), Some(b)) = (rank(self), rank(other)) {
+            return match a.max(b) {
+                0 => SmallInt,
+                1 => Integer,
+                2 => BigInt,
+                3 if *self == Numeric || *other == Numeric => Numeric,
+                3 => Double,
+                _ => Numeric,
+            };
+        }
+        if let (Some(a), Some(b)) = (time(self), time(other)) {
+            return [Date, Timestamp, Timestamptz][a.max(b)].clone();
+        }
+        Text
+    }
+}
+
+fn boolean(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
+        "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+fn numeric(v: &str) -> bool {
+    let digits = v.strip_prefix(['+', '-']).unwrap_or(v);
+    if digits.eq_ignore_ascii_case("nan") {
+        return true;
+    }
+    let (mantissa, exponent) = match digits.find(['e', 'E']) {
+        Some(at) => (&digits[..at], Some(&digits[at + 1..])),
+        None => (digits, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let mantissa_ok = !(int.is_empty() && frac.is_empty()) && all_digits(int) && all_digits(frac);
+    let exponent_ok = exponent.is_none_or(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && all_digits(e)
+    });
+    mantissa_ok && exponent_ok
+}
+
+fn date(v: &str) -> bool {
+    v.len() == 10 && chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").is_ok()
+}
+
+const NAIVE_FORMATS: &[&str] = &[
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%dT%H:%M",
+];
+
+fn timestamp(v: &str) -> bool {
+    NAIVE_FORMATS
+        .iter()
+        .any(|f| chrono::NaiveDateTime::parse_from_str(v, f).is_ok())
+}
+
+fn timestamptz(v: &str) -> bool {
+    if chrono::DateTime::parse_from_rfc3339(v).is_ok() {
+        return true;
+    }
+    // PostgreSQL's own output (`2024-01-02 03:04:05.123+00`) and its variants.
+    ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"]
+        .iter()
+        .any(|f| chrono::DateTime::parse_from_str(v, f).is_ok())
+        || v.strip_suffix(['Z', 'z']).is_some_and(timestamp)
+}
+
+/// Appends `value` to a COPY text-format buffer, escaped.
+pub fn push_copy_text(out: &mut Vec<u8>, value: &str) {
+    let bytes = value.as_bytes();
+    if !bytes
+        .iter()
+        .any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t'))
+    {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    for &b in bytes {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => out.push(b),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_values_against_types() {
+        assert_eq!(PgType::BigInt.check(" 42 ").unwrap(), "42");
+        assert!(PgType::Integer.check("3000000000").is_err());
+        assert!(PgType::BigInt.check("4.5").is_err());
+        assert_eq!(PgType::Boolean.check("Yes").unwrap(), "t");
+        assert!(PgType::Numeric.check("-12.50e3").is_ok());
+        assert!(PgType::Numeric.check("12.5.1").is_err());
+        assert!(PgType::Numeric.check(".").is_err());
+        assert!(PgType::Date.check("2024-02-30").is_err());
+        assert!(PgType::Timestamptz
+            .check("2024-01-02 03:04:05.25+02")
+            .is_ok());
+        assert!(PgType::Timestamptz.check("2024-01-02T03:04:05Z").is_ok());
+        assert!(PgType::Timestamp.check("2024-01-02 03:04:05").is_ok());
+        assert!(PgType::Uuid.check("nope").is_err());
+        assert!(PgType::Json.check("{\"a\": [1]}").is_ok());
+        assert_eq!(
+            PgType::BigInt.check("12x").unwrap_err(),
+            "invalid bigint \"12x\""
+        );
+    }
+
+    #[test]
+    fn infers_and_widens() {
+        assert_eq!(PgType::infer("12"), PgType::BigInt);
+        assert_eq!(PgType::infer("1.5"), PgType::Double);
+        assert_eq!(PgType::infer("2024-01-02"), PgType::Date);
+        assert_eq!(PgType::infer("2024-01-02 10:00:00"), PgType::Timestamp);
+        assert_eq!(
+            PgType::infer("2024-01-02T10:00:00+01:00"),
+            PgType::Timestamptz
+        );
+        assert_eq!(PgType::infer("hello"), PgType::Text);
+        assert_eq!(PgType::BigInt.join(&PgType::Double), PgType::Double);
+        assert_eq!(PgType::Date.join(&PgType::Timestamp), PgType::Timestamp);
+        assert_eq!(PgType::BigInt.join(&PgType::Date), PgType::Text);
+        assert_eq!(PgType::Numeric.join(&PgType::Double), PgType::Numeric);
+    }
+
+    #[test]
+    fn escapes_copy_text() {
+        let mut out = Vec::new();
+        push_copy_text(&mut out, "a\tb\\c\nd");
+        assert_eq!(out, b"a\\tb\\\\c\\nd");
+    }
+}

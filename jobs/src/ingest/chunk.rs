@@ -1,0 +1,244 @@
+//! Splits a document into chunks of at most `max_tokens` tokens of the model's own tokenizer,
+//! consecutive chunks sharing at most `overlap` tokens. Cuts fall on the strongest boundary
+//! near the limit: a paragraph, else a sentence, else a word, and only inside a word when a
+//! single word is longer than half a chunk.
+
+use std::ops::Range;
+use tokenizers::Tokenizer;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunking {
+    pub max_tokens: usize,
+    pub overlap: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub text: String,
+    /// Which of the document's tokens the chunk holds.
+    pub tokens: Range<usize>,
+}
+
+/// How good a place the point before token `i` is to cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Boundary {
+    InsideWord,
+    Word,
+    Sentence,
+    Paragraph,
+}
+
+/// `tokenizer` must not truncate; special tokens are not counted (the model adds its two).
+pub fn split(tokenizer: &Tokenizer, text: &str, chunking: Chunking) -> anyhow::Result<Vec<Chunk>> {
+    let Chunking {
+        max_tokens,
+        overlap,
+    } = chunking;
+    anyhow::ensure!(max_tokens > 0, "max_tokens must be positive");
+    anyhow::ensure!(
+        overlap <= max_tokens / 2,
+        "overlap must be at most max_tokens / 2"
+    );
+    let encoding = tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    let offsets = encoding.get_offsets();
+    let tokens = encoding.get_tokens();
+    let n = offsets.len();
+    let boundary = |i: usize| -> Boundary {
+        let gap = text.get(offsets[i - 1].1..offsets[i].0).unwrap_or("");
+        if gap.matches('\n').count() >= 2 {
+            Boundary::Paragraph
+        } else if gap.contains('\n') || ends_sentence(tokens, i, gap) {
+            Boundary::Sentence
+        } else if tokens[i].starts_with("##") {
+            Boundary::InsideWord
+        } else {
+            Boundary::Word
+        }
+    };
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let limit = (start + max_tokens).min(n);
+        // The strongest boundary in the second half of the window; the latest of equals.
+        let end = if limit == n {
+            n
+        } else {
+            (start + max_tokens / 2 + 1..=limit)
+                .max_by_key(|&p| (boundary(p), p))
+                .filter(|&p| boundary(p) > Boundary::InsideWord)
+                .unwrap_or(limit)
+        };
+        chunks.push(Chunk {
+            text: text[offsets[start].0..offsets[end - 1].1].to_owned(),
+            tokens: start..end,
+        });
+        if end == n {
+            break;
+        }
+        // The next chunk starts at the strongest boundary within `overlap` tokens before the
+        // cut, the earliest of equals; at the cut itself when there is no overlap.
+        let earliest = end.saturating_sub(overlap).max(start + 1);
+        start = (earliest..end)
+            .max_by_key(|&p| (boundary(p), std::cmp::Reverse(p)))
+            .filter(|&p| boundary(p) > Boundary::InsideWord)
+            .unwrap_or(earliest);
+    }
+    Ok(chunks)
+}
+
+/// Whether token `i` follows the end of a sentence: `.`, `!` or `?` (maybe then a quote or a
+/// bracket) and a space, or CJK sentence punctuation.
+fn ends_sentence(tokens: &[String], i: usize, gap: &str) -> bool {
+    let is_stop = |t: &str| matches!(t, "." | "!" | "?");
+    let is_closer = |t: &str| matches!(t, "\"" | "'" | ")" | "]" | "”" | "’");
+    let western =
+        is_stop(&tokens[i - 1]) || (i >= 2 && is_closer(&tokens[i - 1]) && is_stop(&tokens[i - 2]));
+    (western && !gap.is_empty()) || matches!(tokens[i - 1].as_str(), "。" | "！" | "？")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::embed::tests::installed_model;
+
+    fn count(tokenizer: &Tokenizer, text: &str) -> usize {
+        tokenizer.encode(text, false).unwrap().len()
+    }
+
+    /// Sentences of 3 to 11 words (at most 17 tokens), grouped into paragraphs, the same every run.
+    fn prose() -> String {
+        let words = [
+            "the",
+            "queue",
+            "worker",
+            "embeds",
+            "every",
+            "chunk",
+            "before",
+            "storing",
+            "vectors",
+            "alongside",
+            "metadata",
+            "and",
+            "retries",
+            "failed",
+            "attempts",
+            "with",
+            "backoff",
+        ];
+        let mut text = String::new();
+        for paragraph in 0..6 {
+            for sentence in 0..5 {
+                let length = 3 + (paragraph * 7 + sentence * 3) % 9;
+                let body: Vec<&str> = (0..length)
+                    .map(|w| words[(paragraph + sentence * 5 + w * 3) % words.len()])
+                    .collect();
+                text.push_str(&format!(
+                    "Sentence {paragraph}-{sentence}: {}. ",
+                    body.join(" ")
+                ));
+            }
+            text.push_str("\n\n");
+        }
+        text
+    }
+
+    #[test]
+    fn chunks_respect_the_limit_and_the_overlap_and_cut_at_sentences() {
+        let tokenizer = installed_model().counter().clone();
+        let text = prose();
+        let total = count(&tokenizer, &text);
+        for (max_tokens, overlap) in [(40, 8), (64, 0), (25, 12), (254, 32), (12, 3)] {
+            let chunks = split(
+                &tokenizer,
+                &text,
+                Chunking {
+                    max_tokens,
+                    overlap,
+                },
+            )
+            .unwrap();
+            assert_eq!(chunks.first().unwrap().tokens.start, 0);
+            assert_eq!(chunks.last().unwrap().tokens.end, total);
+            for chunk in &chunks {
+                assert!(chunk.tokens.len() <= max_tokens, "{chunk:?}");
+                // The chunk's own text tokenizes to exactly the tokens it claims.
+                assert_eq!(
+                    count(&tokenizer, &chunk.text),
+                    chunk.tokens.len(),
+                    "{chunk:?}"
+                );
+            }
+            for pair in chunks.windows(2) {
+                let (previous, next) = (&pair[0].tokens, &pair[1].tokens);
+                assert!(next.start > previous.start);
+                let shared = previous.end.saturating_sub(next.start);
+                assert!(
+                    shared <= overlap,
+                    "{shared} tokens shared, overlap {overlap}"
+                );
+                if overlap > 0 {
+                    assert!(shared > 0, "no overlap between {previous:?} and {next:?}");
+                } else {
+                    assert_eq!(next.start, previous.end);
+                }
+                if max_tokens / 2 >= 17 {
+                    // Every sentence is shorter than half a chunk: cuts fall after a full stop.
+                    assert!(pair[0].text.ends_with('.'), "{:?}", pair[0].text);
+                }
+            }
+            assert!(
+                chunks.len() > total / max_tokens,
+                "{max_tokens}: {}",
+                chunks.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_paragraph_break_wins_over_a_later_sentence_end() {
+        let tokenizer = installed_model().counter().clone();
+        let text = "One two three four five six seven eight nine ten eleven twelve.\n\n\
+                    Alpha beta gamma. Delta epsilon. Zeta eta theta iota kappa lambda mu nu xi.";
+        let chunking = Chunking {
+            max_tokens: 20,
+            overlap: 0,
+        };
+        let chunks = split(&tokenizer, text, chunking).unwrap();
+        assert!(chunks[0].text.ends_with("twelve."), "{chunks:?}");
+        assert!(chunks[1].text.starts_with("Alpha"), "{chunks:?}");
+    }
+
+    #[test]
+    fn an_endless_word_is_cut_inside_and_still_fits() {
+        let tokenizer = installed_model().counter().clone();
+        // WordPiece reads words of up to 100 characters (longer ones are one unknown token).
+        let text = "supercalifragilistic".repeat(4) + " done";
+        assert!(count(&tokenizer, &text) > 15);
+        let chunking = Chunking {
+            max_tokens: 10,
+            overlap: 2,
+        };
+        let chunks = split(&tokenizer, &text, chunking).unwrap();
+        assert!(chunks.len() > 2, "{chunks:?}");
+        assert!(chunks.iter().all(|c| c.tokens.len() <= 10), "{chunks:?}");
+        assert!(chunks.last().unwrap().text.ends_with("done"));
+    }
+
+    #[test]
+    fn empty_text_has_no_chunks_and_bad_settings_are_refused() {
+        let tokenizer = installed_model().counter().clone();
+        let chunking = Chunking {
+            max_tokens: 10,
+            overlap: 2,
+        };
+        assert!(split(&tokenizer, "  \n ", chunking).unwrap().is_empty());
+        let too_much = Chunking {
+            max_tokens: 10,
+            overlap: 6,
+        };
+        assert!(split(&tokenizer, "text", too_much).is_err());
+    }
+}

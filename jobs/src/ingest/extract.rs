@@ -1,0 +1,356 @@
+//! Text out of documents: plain text and Markdown as they are, HTML without its tags, and
+//! records (JSON, NDJSON, CSV, TSV) with one document per record.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DocFormat {
+    Text,
+    Markdown,
+    Html,
+    /// An array of objects (or one object), one document each.
+    Json,
+    /// One object per line, one document each.
+    Ndjson,
+    /// A header row, then one document per row.
+    Csv,
+    Tsv,
+}
+
+impl DocFormat {
+    /// From a file name's extension.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let lower = name.to_ascii_lowercase();
+        let stem = lower
+            .strip_suffix(".gz")
+            .or_else(|| lower.strip_suffix(".zst"))
+            .unwrap_or(&lower);
+        Some(match stem.rsplit_once('.')?.1 {
+            "txt" | "text" => Self::Text,
+            "md" | "markdown" => Self::Markdown,
+            "html" | "htm" => Self::Html,
+            "json" => Self::Json,
+            "ndjson" | "jsonl" => Self::Ndjson,
+            "csv" => Self::Csv,
+            "tsv" | "tab" => Self::Tsv,
+            _ => return None,
+        })
+    }
+
+    pub fn is_records(self) -> bool {
+        matches!(self, Self::Json | Self::Ndjson | Self::Csv | Self::Tsv)
+    }
+}
+
+/// One document found in a source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Extracted {
+    /// `None`: the source's own id (a single-document source).
+    pub id: Option<String>,
+    pub text: String,
+    /// The record's other scalar fields.
+    pub fields: Map<String, Value>,
+}
+
+/// Where records keep their text and id.
+pub struct RecordFields<'a> {
+    pub text: &'a str,
+    pub id: Option<&'a str>,
+}
+
+/// The documents in `bytes`. Records get the id in `fields.id`, else their 1-based number.
+pub fn extract(
+    bytes: &[u8],
+    format: DocFormat,
+    fields: &RecordFields<'_>,
+) -> Result<Vec<Extracted>, String> {
+    let utf8 = || std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"));
+    let single = |text: String| {
+        vec![Extracted {
+            id: None,
+            text,
+            fields: Map::new(),
+        }]
+    };
+    Ok(match format {
+        DocFormat::Text | DocFormat::Markdown => single(utf8()?.to_owned()),
+        DocFormat::Html => single(html_to_text(utf8()?)),
+        DocFormat::Json => {
+            let value: Value =
+                serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
+            let records = match value {
+                Value::Array(records) => records,
+                record @ Value::Object(_) => vec![record],
+                _ => return Err("JSON must be an object or an array of objects".into()),
+            };
+            records
+                .into_iter()
+                .enumerate()
+                .map(|(i, record)| from_record(record, i + 1, fields))
+                .collect::<Result<_, _>>()?
+        }
+        DocFormat::Ndjson => utf8()?
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(i, line)| {
+                let record = serde_json::from_str(line)
+                    .map_err(|e| format!("line {}: invalid JSON: {e}", i + 1))?;
+                from_record(record, i + 1, fields)
+            })
+            .collect::<Result<_, _>>()?,
+        DocFormat::Csv | DocFormat::Tsv => {
+            let delimiter = if format == DocFormat::Tsv {
+                b'\t'
+            } else {
+                b','
+            };
+            let mut reader = csv::ReaderBuilder::new()
+                .delimiter(delimiter)
+                .from_reader(bytes);
+            let headers = reader.headers().map_err(|e| e.to_string())?.clone();
+            let mut out = Vec::new();
+            for (i, row) in reader.records().enumerate() {
+                let row = row.map_err(|e| format!("row {}: {e}", i + 1))?;
+                let record = headers
+                    .iter()
+                    .zip(row.iter())
+                    .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
+                    .collect();
+                out.push(from_record(Value::Object(record), i + 1, fields)?);
+            }
+            out
+        }
+    })
+}
+
+fn from_record(
+    record: Value,
+    number: usize,
+    names: &RecordFields<'_>,
+) -> Result<Extracted, String> {
+    let Value::Object(mut record) = record else {
+        return Err(format!("record {number} is not an object"));
+    };
+    let text = match record.remove(names.text) {
+        Some(Value::String(text)) => text,
+        Some(Value::Null) | None => {
+            return Err(format!("record {number} has no {:?} field", names.text))
+        }
+        Some(other) => other.to_string(),
+    };
+    let id = match names.id {
+        Some(field) => match record.remove(field) {
+            Some(Value::String(id)) => id,
+            Some(Value::Null) | None => {
+                return Err(format!("record {number} has no {field:?} field"))
+            }
+            Some(other) => other.to_string(),
+        },
+        None => number.to_string(),
+    };
+    record.retain(|_, v| !(v.is_object() || v.is_array() || v.is_null()));
+    Ok(Extracted {
+        id: Some(id),
+        text,
+        fields: record,
+    })
+}
+
+/// The text of an HTML document: tags dropped (block elements become line breaks), scripts,
+/// styles and comments skipped, character references decoded.
+pub fn html_to_text(html: &str) -> String {
+    const BLOCKS: &[&str] = &[
+        "p",
+        "div",
+        "br",
+        "li",
+        "ul",
+        "ol",
+        "tr",
+        "table",
+        "section",
+        "article",
+        "header",
+        "footer",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "blockquote",
+        "hr",
+        "title",
+    ];
+    let mut out = String::with_capacity(html.len() / 2);
+    let mut rest = html;
+    // Line breaks in the source are spaces; only block elements break lines.
+    let push_text = |out: &mut String, text: &str| {
+        out.push_str(&decode_entities(text).replace(['\n', '\r'], " "))
+    };
+    while let Some(open) = rest.find('<') {
+        push_text(&mut out, &rest[..open]);
+        rest = &rest[open..];
+        if let Some(after) = rest.strip_prefix("<!--") {
+            rest = after.find("-->").map_or("", |end| &after[end + 3..]);
+            continue;
+        }
+        let Some(close) = rest.find('>') else {
+            rest = "";
+            break;
+        };
+        let tag = rest[1..close].trim_start_matches('/').trim();
+        let name = tag
+            .split(|c: char| c.is_whitespace() || c == '/')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        rest = &rest[close + 1..];
+        if matches!(name.as_str(), "script" | "style") && !rest.is_empty() {
+            let closing = format!("</{name}");
+            rest = find_ignore_case(rest, &closing)
+                .and_then(|at| rest[at..].find('>').map(|end| &rest[at + end + 1..]))
+                .unwrap_or("");
+        } else if BLOCKS.contains(&name.as_str()) {
+            out.push('\n');
+        } else if matches!(name.as_str(), "td" | "th" | "img" | "input" | "option") {
+            out.push(' ');
+        }
+    }
+    push_text(&mut out, rest);
+    // Runs of blank space left by the markup collapse; paragraph breaks stay.
+    let lines: Vec<String> = out
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let mut text = String::new();
+    let mut blank = false;
+    for line in lines {
+        if line.is_empty() {
+            blank = !text.is_empty();
+        } else {
+            if !text.is_empty() {
+                text.push_str(if blank { "\n\n" } else { "\n" });
+            }
+            text.push_str(&line);
+            blank = false;
+        }
+    }
+    text
+}
+
+fn find_ignore_case(haystack: &str, needle: &str) -> Option<usize> {
+    haystack
+        .to_ascii_lowercase()
+        .find(&needle.to_ascii_lowercase())
+}
+
+fn decode_entities(text: &str) -> String {
+    if !text.contains('&') {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('&') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let decoded = rest.find(';').filter(|&end| end <= 10).and_then(|end| {
+            let name = &rest[1..end];
+            let c = match name {
+                "amp" => Some('&'),
+                "lt" => Some('<'),
+                "gt" => Some('>'),
+                "quot" => Some('"'),
+                "apos" | "#39" => Some('\''),
+                "nbsp" => Some(' '),
+                _ => name.strip_prefix('#').and_then(|n| {
+                    let code = match n.strip_prefix(['x', 'X']) {
+                        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                        None => n.parse().ok(),
+                    };
+                    code.and_then(char::from_u32)
+                }),
+            };
+            c.map(|c| (c, end))
+        });
+        match decoded {
+            Some((c, end)) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const TEXT: RecordFields<'static> = RecordFields {
+        text: "text",
+        id: None,
+    };
+
+    #[test]
+    fn html_keeps_the_words_and_drops_the_markup() {
+        let html = "<html><head><title>Guide</title><style>p { color: red }</style>\
+            <script>var x = '<p>';</script></head><body><!-- note -->\
+            <h1>Reset&nbsp;a password</h1><p>Open <b>Settings</b> &amp; choose\n   <i>Security</i>.</p>\
+            <p>Caf&eacute; &#233; &#x41;</p></body></html>";
+        let text = html_to_text(html);
+        assert_eq!(
+            text,
+            "Guide\n\nReset a password\n\nOpen Settings & choose Security.\n\nCaf&eacute; é A"
+        );
+    }
+
+    #[test]
+    fn records_become_documents_with_their_fields() {
+        let ndjson = b"{\"id\": \"a\", \"text\": \"first\", \"lang\": \"en\", \"n\": 1}\n\n\
+                       {\"id\": \"b\", \"text\": \"second\", \"tags\": [1]}\n";
+        let fields = RecordFields {
+            text: "text",
+            id: Some("id"),
+        };
+        let docs = extract(ndjson, DocFormat::Ndjson, &fields).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(docs[0].id.as_deref(), Some("a"));
+        assert_eq!(docs[0].text, "first");
+        assert_eq!(
+            Value::Object(docs[0].fields.clone()),
+            json!({"lang": "en", "n": 1})
+        );
+        assert!(docs[1].fields.is_empty());
+
+        let csv = b"title,body\nOne,\"hello, world\"\nTwo,bye\n";
+        let fields = RecordFields {
+            text: "body",
+            id: None,
+        };
+        let docs = extract(csv, DocFormat::Csv, &fields).unwrap();
+        assert_eq!(docs[0].text, "hello, world");
+        assert_eq!(docs[1].id.as_deref(), Some("2"));
+        assert_eq!(docs[1].fields["title"], "Two");
+
+        let error = extract(b"[{\"body\": 1}]", DocFormat::Json, &TEXT).unwrap_err();
+        assert!(error.contains("no \"text\" field"), "{error}");
+        assert!(extract(b"\xff\xfe", DocFormat::Text, &TEXT).is_err());
+        assert_eq!(
+            DocFormat::from_name("notes.MD.gz"),
+            Some(DocFormat::Markdown)
+        );
+        assert_eq!(DocFormat::from_name("data.parquet"), None);
+    }
+}

@@ -1,0 +1,404 @@
+//! `ingest`: documents → chunks → embeddings → pgvector, searchable by vector, keyword or both.
+//!
+//! Each document is indexed whole or not at all: its chunks are replaced in one transaction,
+//! and a document whose content hash is unchanged is skipped. So a retry after a crash, or a
+//! second ingest of the same files, indexes each document exactly once.
+
+pub mod chunk;
+pub mod embed;
+pub mod extract;
+pub mod store;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use shared::{datasets::Compression, FieldError, JobContext, Problem};
+use std::{collections::HashMap, io::Read, sync::Arc, time::Instant};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use self::{
+    chunk::Chunking,
+    extract::{DocFormat, RecordFields},
+};
+use crate::{parse_payload, Handler, JobError, Services};
+
+pub const MAX_SOURCES: usize = 10_000;
+pub const MAX_ID_LEN: usize = 256;
+/// Chunks embedded and stored together, in one transaction (a larger document goes alone).
+const GROUP_CHUNKS: usize = 256;
+
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngestPayload {
+    pub collection_id: Uuid,
+    /// 1 to 10,000 sources: inline texts or uploaded datasets.
+    pub documents: Vec<DocumentSource>,
+}
+
+/// Inline `text` with its `id`, or a `dataset_id`.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentSource {
+    /// The document's id in the collection. Required with `text`; for a dataset, the id of its
+    /// one document (default: the dataset id), or the prefix of its records' ids.
+    pub id: Option<String>,
+    pub text: Option<String>,
+    pub dataset_id: Option<Uuid>,
+    /// Default: `text` inline, else from the dataset's file name.
+    pub format: Option<DocFormat>,
+    /// Records: the field (column) that holds the text. Default `text`.
+    pub text_field: Option<String>,
+    /// Records: the field that holds each record's id. Default: the record's number.
+    pub id_field: Option<String>,
+    /// Stored with every chunk of the document, for search filters. A record's other scalar
+    /// fields are added to it.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+}
+
+impl IngestPayload {
+    fn check(&self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        if self.documents.is_empty() || self.documents.len() > MAX_SOURCES {
+            errors.push(FieldError::new(
+                "payload.documents",
+                format!("must hold 1 to {MAX_SOURCES} documents"),
+            ));
+        }
+        for (i, source) in self.documents.iter().enumerate() {
+            let field = |name: &str| format!("payload.documents[{i}].{name}");
+            match (&source.text, source.dataset_id) {
+                (Some(_), None) => {
+                    if source.id.is_none() {
+                        errors.push(FieldError::new(field("id"), "required with text"));
+                    }
+                    if source.format.is_some_and(DocFormat::is_records) {
+                        errors.push(FieldError::new(
+                            field("format"),
+                            "inline text is text, markdown or html",
+                        ));
+                    }
+                }
+                (None, Some(_)) => {}
+                _ => errors.push(FieldError::new(
+                    format!("payload.documents[{i}]"),
+                    "give either text or dataset_id",
+                )),
+            }
+            if let Some(id) = &source.id {
+                if id.is_empty() || id.len() > MAX_ID_LEN {
+                    errors.push(FieldError::new(
+                        field("id"),
+                        format!("must be 1-{MAX_ID_LEN} characters"),
+                    ));
+                }
+            }
+            let records = source.format.is_none_or(DocFormat::is_records);
+            for (name, value) in [
+                ("text_field", &source.text_field),
+                ("id_field", &source.id_field),
+            ] {
+                if value.is_some() && (source.text.is_some() || !records) {
+                    errors.push(FieldError::new(
+                        field(name),
+                        "only for records (json, ndjson, csv, tsv)",
+                    ));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// One document to index.
+struct Document {
+    id: String,
+    text: String,
+    metadata: Map<String, Value>,
+}
+
+impl Document {
+    /// Text and metadata: what, if unchanged, makes a re-ingest a no-op.
+    fn content_hash(&self) -> String {
+        let mut hash = Sha256::new();
+        hash.update(self.text.as_bytes());
+        hash.update([0]);
+        hash.update(Value::Object(self.metadata.clone()).to_string().as_bytes());
+        hex::encode(hash.finalize())
+    }
+}
+
+pub struct Ingest {
+    services: Arc<Services>,
+}
+
+impl Ingest {
+    pub fn new(services: Arc<Services>) -> Self {
+        Self { services }
+    }
+
+    /// The documents of one source.
+    async fn read(&self, tenant: Uuid, source: &DocumentSource) -> Result<Vec<Document>, JobError> {
+        if let Some(text) = &source.text {
+            let id = source.id.clone().unwrap_or_default();
+            let text = match source.format {
+                Some(DocFormat::Html) => extract::html_to_text(text),
+                _ => text.clone(),
+            };
+            return Ok(vec![Document {
+                id,
+                text,
+                metadata: source.metadata.clone(),
+            }]);
+        }
+        let dataset_id = source.dataset_id.expect("validated: text or dataset_id");
+        let pool = &self.services.pool;
+        let dataset = shared::datasets::get(pool, tenant, dataset_id)
+            .await
+            .map_err(|e| JobError::Retryable(e.to_string()))?
+            .ok_or_else(|| JobError::Permanent(format!("dataset {dataset_id} no longer exists")))?;
+        let format = source
+            .format
+            .or_else(|| DocFormat::from_name(&dataset.name))
+            .ok_or_else(|| {
+                JobError::Permanent(format!("cannot tell the format of {}", dataset.name))
+            })?;
+        let path = self.services.objects.dataset_path(tenant, dataset_id);
+        let compression = dataset.compression;
+        let bytes = tokio::task::spawn_blocking(move || read_file(&path, compression))
+            .await
+            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(|e| JobError::Permanent(format!("dataset {dataset_id}: {e}")))?;
+        let fields = RecordFields {
+            text: source.text_field.as_deref().unwrap_or("text"),
+            id: source.id_field.as_deref(),
+        };
+        let extracted = extract::extract(&bytes, format, &fields).map_err(|e| {
+            JobError::Permanent(format!("dataset {} ({}): {e}", dataset.name, dataset_id))
+        })?;
+        // Records are `prefix:id`: the source's id, else (numbered records) the dataset's.
+        let prefix = source
+            .id
+            .clone()
+            .or_else(|| source.id_field.is_none().then(|| dataset_id.to_string()));
+        Ok(extracted
+            .into_iter()
+            .map(|doc| {
+                let id = match (doc.id, &prefix) {
+                    (None, _) => source.id.clone().unwrap_or_else(|| dataset_id.to_string()),
+                    (Some(id), Some(prefix)) => format!("{prefix}:{id}"),
+                    (Some(id), None) => id,
+                };
+                let mut metadata = doc.fields;
+                metadata.extend(source.metadata.clone());
+                Document {
+                    id,
+                    text: doc.text,
+                    metadata,
+                }
+            })
+            .collect())
+    }
+}
+
+fn read_file(path: &std::path::Path, compression: Compression) -> std::io::Result<Vec<u8>> {
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    match compression {
+        Compression::None => std::io::BufReader::new(file).read_to_end(&mut bytes)?,
+        Compression::Gzip => flate2::read::MultiGzDecoder::new(file).read_to_end(&mut bytes)?,
+        Compression::Zstd => zstd::Decoder::new(file)?.read_to_end(&mut bytes)?,
+    };
+    Ok(bytes)
+}
+
+fn retryable(e: impl std::fmt::Display) -> JobError {
+    JobError::Retryable(e.to_string())
+}
+
+#[async_trait]
+impl Handler for Ingest {
+    fn kind(&self) -> &'static str {
+        "ingest"
+    }
+
+    fn validate(&self, payload: &Value) -> Result<(), Vec<FieldError>> {
+        parse_payload::<IngestPayload>(payload)?.check()
+    }
+
+    async fn preflight(&self, tenant: Uuid, payload: &Value) -> Result<(), Problem> {
+        let payload: IngestPayload = parse_payload(payload).map_err(Problem::validation)?;
+        let pool = &self.services.pool;
+        store::get_collection(pool, tenant, payload.collection_id)
+            .await?
+            .ok_or_else(|| Problem::not_found(&format!("collection {}", payload.collection_id)))?;
+        let mut errors = Vec::new();
+        for (i, source) in payload.documents.iter().enumerate() {
+            let Some(id) = source.dataset_id else {
+                continue;
+            };
+            let dataset = shared::datasets::get(pool, tenant, id)
+                .await?
+                .ok_or_else(|| Problem::not_found(&format!("dataset {id}")))?;
+            if source.format.is_none() && DocFormat::from_name(&dataset.name).is_none() {
+                errors.push(FieldError::new(
+                    format!("payload.documents[{i}].format"),
+                    format!("cannot tell the format of {:?}: give one", dataset.name),
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Problem::validation(errors))
+        }
+    }
+
+    /// A worker serving `ingest` loads the model at start-up, or does not start.
+    async fn prepare(&self) -> anyhow::Result<()> {
+        self.services.embedder.get().await?;
+        Ok(())
+    }
+
+    async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError> {
+        let payload: IngestPayload = serde_json::from_value(payload)
+            .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
+        let started = Instant::now();
+        let pool = &self.services.pool;
+        let collection = store::get_collection(pool, ctx.tenant_id(), payload.collection_id)
+            .await
+            .map_err(retryable)?
+            .ok_or_else(|| {
+                JobError::Permanent(format!(
+                    "collection {} no longer exists",
+                    payload.collection_id
+                ))
+            })?;
+        let embedder = self
+            .services
+            .embedder
+            .get()
+            .await
+            .map_err(|e| JobError::Permanent(e.to_string()))?;
+
+        // Every document, the last of each id winning; unchanged ones are skipped.
+        let mut documents: Vec<Document> = Vec::new();
+        for source in &payload.documents {
+            documents.extend(self.read(ctx.tenant_id(), source).await?);
+        }
+        let mut last = HashMap::new();
+        for (i, doc) in documents.iter().enumerate() {
+            last.insert(doc.id.clone(), i);
+        }
+        let total_documents = last.len();
+        let mut keep: Vec<bool> = (0..documents.len())
+            .map(|i| last[&documents[i].id] == i)
+            .collect();
+        let mut keep_iter = keep.iter_mut();
+        documents.retain(|_| *keep_iter.next().expect("one flag per document"));
+        let ids: Vec<String> = documents.iter().map(|d| d.id.clone()).collect();
+        let stored: HashMap<String, String> = store::document_hashes(pool, collection.id, &ids)
+            .await
+            .map_err(retryable)?
+            .into_iter()
+            .collect();
+        let documents: Vec<(Document, String)> = documents
+            .into_iter()
+            .map(|doc| {
+                let hash = doc.content_hash();
+                (doc, hash)
+            })
+            .filter(|(doc, hash)| stored.get(&doc.id) != Some(hash))
+            .collect();
+        let unchanged = total_documents - documents.len();
+
+        // Chunk everything first: the total makes progress meaningful.
+        let chunking = Chunking {
+            max_tokens: collection.max_tokens as usize,
+            overlap: collection.overlap as usize,
+        };
+        let splitter = embedder.clone();
+        let documents = tokio::task::spawn_blocking(move || {
+            documents
+                .into_iter()
+                .map(|(doc, hash)| {
+                    let chunks = chunk::split(splitter.counter(), &doc.text, chunking)?;
+                    Ok((
+                        doc,
+                        hash,
+                        chunks.into_iter().map(|c| c.text).collect::<Vec<_>>(),
+                    ))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| JobError::Permanent(e.to_string()))?
+        .map_err(|e| JobError::Permanent(e.to_string()))?;
+        let total_chunks: usize = documents.iter().map(|(_, _, chunks)| chunks.len()).sum();
+        ctx.progress(0.0, format!("0/{total_chunks} chunks embedded"))
+            .await;
+
+        let mut embedded = 0;
+        let mut rest = documents.into_iter().peekable();
+        while rest.peek().is_some() {
+            ctx.checkpoint()?;
+            let mut group = Vec::new();
+            let mut size = 0;
+            while let Some((_, _, chunks)) = rest.peek() {
+                if !group.is_empty() && size + chunks.len() > GROUP_CHUNKS {
+                    break;
+                }
+                size += chunks.len();
+                group.push(rest.next().expect("peeked"));
+            }
+            let model = embedder.clone();
+            let texts: Vec<String> = group.iter().flat_map(|(_, _, c)| c.clone()).collect();
+            let mut vectors = tokio::task::spawn_blocking(move || {
+                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                model.embed(&texts)
+            })
+            .await
+            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .into_iter();
+            let indexed: Vec<store::IndexedDocument> = group
+                .into_iter()
+                .map(|(doc, hash, chunks)| store::IndexedDocument {
+                    vectors: vectors.by_ref().take(chunks.len()).collect(),
+                    id: doc.id,
+                    content_hash: hash,
+                    metadata: doc.metadata,
+                    chunks,
+                })
+                .collect();
+            // A cancel that arrived while embedding stores nothing more.
+            ctx.checkpoint()?;
+            store::replace_documents(pool, collection.id, ctx.job_id(), &indexed)
+                .await
+                .map_err(retryable)?;
+            embedded += size;
+            ctx.progress(
+                embedded as f32 / total_chunks.max(1) as f32,
+                format!("{embedded}/{total_chunks} chunks embedded"),
+            )
+            .await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(json!({
+            "collection_id": collection.id,
+            "documents": total_documents,
+            "indexed": total_documents - unchanged,
+            "unchanged": unchanged,
+            "chunks": total_chunks,
+            "elapsed_ms": (seconds * 1000.0) as u64,
+            "chunks_per_second": (total_chunks as f64 / seconds.max(1e-9)).round(),
+        }))
+    }
+}

@@ -1,0 +1,333 @@
+//! Collections, their documents and chunks in PostgreSQL with pgvector, and the searches.
+
+use chrono::{DateTime, Utc};
+use pgvector::Vector;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sqlx::{PgPool, Postgres, QueryBuilder};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Collection {
+    pub id: Uuid,
+    #[serde(skip)]
+    pub tenant_id: Uuid,
+    pub name: String,
+    /// The embedding model.
+    pub model: String,
+    /// Largest chunk, in the model's tokens.
+    pub max_tokens: i32,
+    /// Tokens consecutive chunks of a document share at most.
+    pub overlap: i32,
+    pub created_at: DateTime<Utc>,
+    /// Documents indexed so far.
+    #[sqlx(default)]
+    pub documents: i64,
+    /// Chunks indexed so far.
+    #[sqlx(default)]
+    pub chunks: i64,
+}
+
+const COLLECTION_COLUMNS: &str = "c.*,
+    (SELECT count(*) FROM documents d WHERE d.collection_id = c.id) AS documents,
+    (SELECT coalesce(sum(d.chunks), 0)::bigint FROM documents d WHERE d.collection_id = c.id)
+        AS chunks";
+
+/// A new collection, or `None` when the tenant already has one of that name.
+pub async fn create_collection(
+    pool: &PgPool,
+    tenant: Uuid,
+    name: &str,
+    model: &str,
+    max_tokens: i32,
+    overlap: i32,
+) -> sqlx::Result<Option<Collection>> {
+    sqlx::query_as(
+        "INSERT INTO collections (id, tenant_id, name, model, max_tokens, overlap)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (tenant_id, name) DO NOTHING
+         RETURNING *, 0::bigint AS documents, 0::bigint AS chunks",
+    )
+    .bind(Uuid::now_v7())
+    .bind(tenant)
+    .bind(name)
+    .bind(model)
+    .bind(max_tokens)
+    .bind(overlap)
+    .fetch_optional(pool)
+    .await
+}
+
+/// The tenant's collection; another tenant's id reads as missing.
+pub async fn get_collection(
+    pool: &PgPool,
+    tenant: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Collection>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLLECTION_COLUMNS} FROM collections c WHERE c.tenant_id = $1 AND c.id = $2"
+    ))
+    .bind(tenant)
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Newest first, `limit` after `cursor`.
+pub async fn list_collections(
+    pool: &PgPool,
+    tenant: Uuid,
+    cursor: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<Collection>> {
+    sqlx::query_as(&format!(
+        "SELECT {COLLECTION_COLUMNS} FROM collections c
+         WHERE c.tenant_id = $1 AND ($2::uuid IS NULL OR c.id < $2)
+         ORDER BY c.id DESC LIMIT $3"
+    ))
+    .bind(tenant)
+    .bind(cursor)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Deletes the collection with its documents and chunks.
+pub async fn delete_collection(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
+    let deleted = sqlx::query("DELETE FROM collections WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(deleted.rows_affected() == 1)
+}
+
+/// The stored content hash of each of `ids` that the collection holds.
+pub async fn document_hashes(
+    pool: &PgPool,
+    collection: Uuid,
+    ids: &[String],
+) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(
+        "SELECT id, content_hash FROM documents WHERE collection_id = $1 AND id = ANY($2)",
+    )
+    .bind(collection)
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// A document ready to store: its chunks and their vectors.
+pub struct IndexedDocument {
+    pub id: String,
+    pub content_hash: String,
+    pub metadata: Map<String, Value>,
+    pub chunks: Vec<String>,
+    pub vectors: Vec<Vec<f32>>,
+}
+
+/// Replaces the documents' chunks in one transaction: a reader sees each document's old
+/// chunks or its new ones, never a mix, and a crash leaves the old ones.
+pub async fn replace_documents(
+    pool: &PgPool,
+    collection: Uuid,
+    job: Uuid,
+    documents: &[IndexedDocument],
+) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<&str> = documents.iter().map(|d| d.id.as_str()).collect();
+    let hashes: Vec<&str> = documents.iter().map(|d| d.content_hash.as_str()).collect();
+    let metadata: Vec<Value> = documents
+        .iter()
+        .map(|d| Value::Object(d.metadata.clone()))
+        .collect();
+    let counts: Vec<i32> = documents.iter().map(|d| d.chunks.len() as i32).collect();
+    // Upserting the document rows first locks them: concurrent ingests of one document queue.
+    sqlx::query(
+        "INSERT INTO documents (collection_id, id, content_hash, metadata, chunks, job_id)
+         SELECT $1, * , $6 FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::int4[])
+         ON CONFLICT (collection_id, id) DO UPDATE
+         SET content_hash = excluded.content_hash, metadata = excluded.metadata,
+             chunks = excluded.chunks, job_id = excluded.job_id, ingested_at = now()",
+    )
+    .bind(collection)
+    .bind(&ids)
+    .bind(&hashes)
+    .bind(&metadata)
+    .bind(&counts)
+    .bind(job)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM chunks WHERE collection_id = $1 AND document_id = ANY($2)")
+        .bind(collection)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+    let mut document_ids = Vec::new();
+    let mut ordinals = Vec::new();
+    let mut texts = Vec::new();
+    let mut chunk_metadata = Vec::new();
+    let mut vectors = Vec::new();
+    for (document, metadata) in documents.iter().zip(&metadata) {
+        for (ordinal, (text, vector)) in document.chunks.iter().zip(&document.vectors).enumerate() {
+            document_ids.push(document.id.as_str());
+            ordinals.push(ordinal as i32);
+            texts.push(text.as_str());
+            chunk_metadata.push(metadata);
+            vectors.push(Vector::from(vector.clone()));
+        }
+    }
+    sqlx::query(
+        "INSERT INTO chunks (collection_id, document_id, ordinal, text, metadata, embedding)
+         SELECT $1, * FROM unnest($2::text[], $3::int4[], $4::text[], $5::jsonb[], $6::vector[])",
+    )
+    .bind(collection)
+    .bind(&document_ids)
+    .bind(&ordinals)
+    .bind(&texts)
+    .bind(&chunk_metadata)
+    .bind(&vectors)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// Nearest chunks by cosine similarity (HNSW index).
+    Vector,
+    /// PostgreSQL full-text search, ranked by `ts_rank_cd`.
+    Keyword,
+    /// Both, fused by reciprocal rank.
+    #[default]
+    Hybrid,
+}
+
+/// Metadata conditions, all of which must hold: `{"key": value}` (equality) or
+/// `{"key": {"in": [v1, v2]}}`.
+pub type Filter = Map<String, Value>;
+
+#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Hit {
+    pub chunk_id: i64,
+    pub document_id: String,
+    pub ordinal: i32,
+    pub text: String,
+    #[schema(value_type = Object)]
+    pub metadata: sqlx::types::Json<Value>,
+    /// Cosine similarity (vector), `ts_rank_cd` (keyword) or the fused reciprocal-rank score.
+    pub score: f64,
+}
+
+/// Reciprocal rank fusion's constant (Cormack et al.): damps the weight of the top ranks.
+const RRF_K: f64 = 60.0;
+
+pub struct Search<'a> {
+    pub collection: Uuid,
+    pub query: &'a str,
+    /// The query's embedding (vector and hybrid modes).
+    pub vector: Option<Vec<f32>>,
+    pub k: i64,
+    pub mode: SearchMode,
+    pub filter: &'a Filter,
+}
+
+pub async fn search(pool: &PgPool, search: Search<'_>) -> sqlx::Result<Vec<Hit>> {
+    let mut tx = pool.begin().await?;
+    // Filtered HNSW scans go on until they have k matches (pgvector 0.8 iterative scans);
+    // a wider candidate list keeps recall up.
+    let candidates = (search.k * 4).max(40);
+    sqlx::query("SELECT set_config('hnsw.ef_search', $1, true), set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+        .bind(candidates.min(1000).to_string())
+        .execute(&mut *tx)
+        .await?;
+    let mut sql = QueryBuilder::<Postgres>::new("WITH ");
+    let vector = search.vector.clone().map(Vector::from);
+    let keyword = |sql: &mut QueryBuilder<Postgres>, limit: i64| {
+        // Any of the query's words (OR), ranked: a question rarely shares all its words.
+        sql.push("keyword AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r, rank FROM (SELECT id, ts_rank_cd(tsv, q) AS rank FROM chunks, (SELECT replace(plainto_tsquery('english', ");
+        sql.push_bind(search.query.to_owned());
+        sql.push(")::text, '&', '|')::tsquery AS q) AS query WHERE tsv @@ q AND ");
+        push_scope(sql, &search);
+        sql.push(" ORDER BY rank DESC LIMIT ");
+        sql.push_bind(limit);
+        sql.push(") AS ranked)");
+    };
+    let nearest = |sql: &mut QueryBuilder<Postgres>, limit: i64, vector: &Vector| {
+        // Materialised, then re-sorted: relaxed iterative scans return nearly sorted rows.
+        sql.push("nearest AS MATERIALIZED (SELECT id, embedding <=> ");
+        sql.push_bind(vector.clone());
+        sql.push(" AS distance FROM chunks WHERE ");
+        push_scope(sql, &search);
+        sql.push(" ORDER BY distance LIMIT ");
+        sql.push_bind(limit);
+        sql.push("), vector AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS r, 1 - distance AS similarity FROM nearest)");
+    };
+    match (search.mode, &vector) {
+        (SearchMode::Keyword, _) => {
+            keyword(&mut sql, search.k);
+            sql.push(" SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.metadata, s.rank::float8 AS score FROM keyword s JOIN chunks c USING (id) ORDER BY s.r");
+        }
+        (SearchMode::Vector, Some(vector)) => {
+            nearest(&mut sql, search.k, vector);
+            sql.push(" SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.metadata, s.similarity AS score FROM vector s JOIN chunks c USING (id) ORDER BY s.r");
+        }
+        (SearchMode::Hybrid, Some(vector)) => {
+            nearest(&mut sql, candidates, vector);
+            sql.push(", ");
+            keyword(&mut sql, candidates);
+            sql.push(" SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.metadata, fused.score FROM (SELECT id, coalesce(1.0 / (");
+            sql.push(RRF_K);
+            sql.push(" + v.r), 0)::float8 + coalesce(1.0 / (");
+            sql.push(RRF_K);
+            sql.push(" + k.r), 0)::float8 AS score FROM vector v FULL JOIN keyword k USING (id)) AS fused JOIN chunks c USING (id) ORDER BY fused.score DESC, c.id LIMIT ");
+            sql.push_bind(search.k);
+        }
+        (_, None) => return Ok(Vec::new()),
+    }
+    let hits = sql.build_query_as().fetch_all(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(hits)
+}
+
+/// `collection_id = ... AND` the metadata filter.
+fn push_scope(sql: &mut QueryBuilder<Postgres>, search: &Search<'_>) {
+    sql.push("collection_id = ");
+    sql.push_bind(search.collection);
+    for (key, condition) in search.filter {
+        match condition.get("in") {
+            Some(Value::Array(values)) => {
+                sql.push(" AND metadata -> ");
+                sql.push_bind(key.clone());
+                sql.push(" IN (SELECT jsonb_array_elements(");
+                sql.push_bind(Value::Array(values.clone()));
+                sql.push("))");
+            }
+            _ => {
+                let mut equal = Map::new();
+                equal.insert(key.clone(), condition.clone());
+                sql.push(" AND metadata @> ");
+                sql.push_bind(Value::Object(equal));
+            }
+        }
+    }
+}
+
+/// Why a filter is malformed, or nothing.
+pub fn check_filter(filter: &Filter) -> Result<(), String> {
+    for (key, condition) in filter {
+        if let Value::Object(operator) = condition {
+            match operator.get("in") {
+                Some(Value::Array(values)) if operator.len() == 1 && !values.is_empty() => {}
+                _ => {
+                    return Err(format!(
+                        "{key}: a condition is a value (equality) or {{\"in\": [values]}}"
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}

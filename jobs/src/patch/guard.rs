@@ -1,0 +1,821 @@
+//! The static guard: what a patch statement may be, decided on its syntax tree (sqlparser,
+//! PostgreSQL dialect) before anything touches a database. Everything is an allow-list: one
+//! `UPDATE` or `DELETE` of one table, expressions built from columns of that table, literals,
+//! pure built-in operators and functions. What passes is rendered back from the tree, so the
+//! statement that runs is exactly the one that was checked (comments and all else are gone).
+
+use sqlparser::{
+    ast::{
+        Assignment, AssignmentTarget, BinaryOperator, Delete, Expr, FromTable, Function,
+        FunctionArg, FunctionArgExpr, FunctionArguments, Ident, InTarget, ObjectName,
+        ObjectNamePart, Statement, TableFactor, TableWithJoins, UnaryOperator, Update, Value,
+    },
+    dialect::PostgreSqlDialect,
+    parser::Parser,
+    tokenizer::{Token, Tokenizer, Whitespace},
+};
+use std::fmt::Write;
+
+/// Longest statement accepted (bytes).
+pub const MAX_SQL_LEN: usize = 64 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Update,
+    Delete,
+}
+
+/// A statement that passed the guard, in pieces the batched execution reassembles.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    pub operation: Operation,
+    /// The table as written (e.g. `public."Orders"`), for the catalog to resolve.
+    pub table: String,
+    /// The alias as written, if any (`UPDATE t AS x`).
+    pub alias: Option<String>,
+    /// `col = expr, ...` (UPDATE only).
+    pub set: String,
+    /// Columns the statement assigns, as PostgreSQL names them (unquoted folded to lower case).
+    pub assigned: Vec<String>,
+    /// The WHERE condition; `None` when the statement has none.
+    pub filter: Option<String>,
+    /// Why the WHERE clause touches every row anyway (`WHERE 1=1`, `... OR true`).
+    pub filter_is_constant: bool,
+    /// Functions whose value changes between calls or transactions (`now()`): each batch
+    /// sees its own.
+    pub unstable: Vec<String>,
+}
+
+/// Pure built-in functions a patch may call (lower-case, unqualified or `pg_catalog.`).
+const PURE_FUNCTIONS: &[&str] = &[
+    "abs",
+    "array_append",
+    "array_cat",
+    "array_length",
+    "array_position",
+    "array_prepend",
+    "array_remove",
+    "array_replace",
+    "array_to_string",
+    "btrim",
+    "cardinality",
+    "cbrt",
+    "ceil",
+    "ceiling",
+    "char_length",
+    "character_length",
+    "chr",
+    "coalesce",
+    "concat",
+    "concat_ws",
+    "date_part",
+    "date_trunc",
+    "decode",
+    "div",
+    "encode",
+    "exp",
+    "floor",
+    "format",
+    "greatest",
+    "initcap",
+    "jsonb_build_array",
+    "jsonb_build_object",
+    "jsonb_set",
+    "jsonb_insert",
+    "jsonb_strip_nulls",
+    "json_build_array",
+    "json_build_object",
+    "least",
+    "left",
+    "length",
+    "ln",
+    "log",
+    "lower",
+    "lpad",
+    "ltrim",
+    "make_date",
+    "make_interval",
+    "make_timestamp",
+    "md5",
+    "mod",
+    "nullif",
+    "octet_length",
+    "overlay",
+    "position",
+    "power",
+    "regexp_replace",
+    "regexp_match",
+    "repeat",
+    "replace",
+    "reverse",
+    "right",
+    "round",
+    "rpad",
+    "rtrim",
+    "sha256",
+    "sign",
+    "split_part",
+    "sqrt",
+    "starts_with",
+    "string_to_array",
+    "strpos",
+    "substr",
+    "substring",
+    "to_char",
+    "to_date",
+    "to_json",
+    "to_jsonb",
+    "to_number",
+    "to_timestamp",
+    "translate",
+    "trim",
+    "trunc",
+    "upper",
+    "width_bucket",
+];
+
+/// Side-effect free, but their value depends on the transaction: allowed, and reported.
+const UNSTABLE_FUNCTIONS: &[&str] = &[
+    "now",
+    "current_timestamp",
+    "current_date",
+    "current_time",
+    "localtimestamp",
+    "localtime",
+    "transaction_timestamp",
+    "statement_timestamp",
+];
+
+/// Checks `sql` and takes it apart. The error is the reason, for `payload.sql`.
+pub fn check(sql: &str) -> Result<Checked, String> {
+    if sql.trim().is_empty() {
+        return Err("is empty: give one UPDATE or DELETE statement".into());
+    }
+    if sql.len() > MAX_SQL_LEN {
+        return Err(format!("is longer than {MAX_SQL_LEN} bytes"));
+    }
+    let dialect = PostgreSqlDialect {};
+    // Comments are refused outright: they can hide a second statement or the end of a WHERE
+    // clause (`WHERE 1=1 -- AND id = 7`) from the person reviewing the patch.
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize()
+        .map_err(|e| format!("is not valid SQL: {e}"))?;
+    if tokens.iter().any(|t| {
+        matches!(
+            t,
+            Token::Whitespace(Whitespace::SingleLineComment { .. })
+                | Token::Whitespace(Whitespace::MultiLineComment(_))
+        )
+    }) {
+        return Err(
+            "contains a comment; comments are refused because they can hide a second \
+                    statement or part of the WHERE clause"
+                .into(),
+        );
+    }
+    let statements =
+        Parser::parse_sql(&dialect, sql).map_err(|e| format!("is not valid SQL: {e}"))?;
+    let statement = match statements.as_slice() {
+        [one] => one,
+        [] => return Err("holds no statement: give one UPDATE or DELETE".into()),
+        many => {
+            return Err(format!(
+                "holds {} statements; exactly one UPDATE or DELETE is allowed",
+                many.len()
+            ))
+        }
+    };
+    match statement {
+        Statement::Update(update) => check_update(update),
+        Statement::Delete(delete) => check_delete(delete),
+        other => Err(format!(
+            "is {}; only one UPDATE or DELETE is allowed (no DDL, COPY, SELECT or other \
+             statements)",
+            describe(other)
+        )),
+    }
+}
+
+/// The statement's first words, e.g. `DROP TABLE`, for a refusal.
+fn describe(statement: &Statement) -> String {
+    let text = statement.to_string();
+    let words: Vec<&str> = text.split_whitespace().take(2).collect();
+    let first = words.first().copied().unwrap_or("");
+    match (first, words.get(1)) {
+        ("CREATE" | "DROP" | "ALTER" | "TRUNCATE" | "GRANT" | "REVOKE", Some(second)) => {
+            format!("DDL ({first} {second})")
+        }
+        _ => format!("a {first} statement"),
+    }
+}
+
+fn check_update(update: &Update) -> Result<Checked, String> {
+    let Update {
+        table,
+        assignments,
+        from,
+        selection,
+        returning,
+        output,
+        or,
+        order_by,
+        limit,
+        ..
+    } = update;
+    if from.is_some() {
+        return Err(
+            "UPDATE ... FROM reads other tables; a patch changes one table from its \
+                    own columns only"
+                .into(),
+        );
+    }
+    if returning.is_some() || output.is_some() {
+        return Err("RETURNING is not supported: the job reports the rows it changed".into());
+    }
+    if or.is_some() || !order_by.is_empty() || limit.is_some() {
+        return Err("OR/ORDER BY/LIMIT are not PostgreSQL UPDATE syntax".into());
+    }
+    let (name, alias) = single_table(table)?;
+    let scope = Scope::new(&name, alias.as_ref());
+    let mut found = Found::default();
+    let mut assigned = Vec::new();
+    let mut set = Vec::new();
+    for Assignment { target, value } in assignments {
+        match target {
+            AssignmentTarget::ColumnName(column) => assigned.push(column_name(column)?),
+            AssignmentTarget::Tuple(columns) => {
+                for column in columns {
+                    assigned.push(column_name(column)?);
+                }
+            }
+        }
+        scope.check(value, &mut found)?;
+        set.push(format!("{target} = {value}"));
+    }
+    if assigned.is_empty() {
+        return Err("assigns no column".into());
+    }
+    finish(
+        Operation::Update,
+        &name,
+        alias,
+        set.join(", "),
+        assigned,
+        selection,
+        &scope,
+        found,
+    )
+}
+
+fn check_delete(delete: &Delete) -> Result<Checked, String> {
+    let Delete {
+        tables,
+        from,
+        using,
+        selection,
+        returning,
+        output,
+        order_by,
+        limit,
+        ..
+    } = delete;
+    if !tables.is_empty() || using.is_some() {
+        return Err(
+            "DELETE ... USING reads other tables; a patch deletes from one table by its own \
+             columns only"
+                .into(),
+        );
+    }
+    if returning.is_some() || output.is_some() {
+        return Err("RETURNING is not supported: the job reports the rows it deleted".into());
+    }
+    if !order_by.is_empty() || limit.is_some() {
+        return Err("ORDER BY/LIMIT are not PostgreSQL DELETE syntax".into());
+    }
+    let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) = from;
+    let [table] = from.as_slice() else {
+        return Err("DELETE must name exactly one table".into());
+    };
+    let (name, alias) = single_table(table)?;
+    let scope = Scope::new(&name, alias.as_ref());
+    finish(
+        Operation::Delete,
+        &name,
+        alias,
+        String::new(),
+        Vec::new(),
+        selection,
+        &scope,
+        Found::default(),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    operation: Operation,
+    name: &ObjectName,
+    alias: Option<Ident>,
+    set: String,
+    assigned: Vec<String>,
+    selection: &Option<Expr>,
+    scope: &Scope,
+    mut found: Found,
+) -> Result<Checked, String> {
+    let mut filter_is_constant = false;
+    if let Some(condition) = selection {
+        let before = found.columns;
+        scope.check(condition, &mut found)?;
+        filter_is_constant = found.columns == before || has_constant_branch(scope, condition);
+    }
+    Ok(Checked {
+        operation,
+        table: name.to_string(),
+        alias: alias.map(|a| a.to_string()),
+        set,
+        assigned,
+        filter: selection.as_ref().map(|c| c.to_string()),
+        filter_is_constant,
+        unstable: found.unstable,
+    })
+}
+
+/// Whether some branch of an OR does not depend on the row (`id = 5 OR 1 = 1`): the
+/// condition then matches every row, or the branch is dead code hiding a mistake.
+fn has_constant_branch(scope: &Scope, condition: &Expr) -> bool {
+    match condition {
+        Expr::Nested(inner) => has_constant_branch(scope, inner),
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Or,
+            right,
+        } => [left, right].iter().any(|side| {
+            let mut found = Found::default();
+            scope.check(side, &mut found).is_ok() && found.columns == 0
+                || has_constant_branch(scope, side)
+        }),
+        _ => false,
+    }
+}
+
+/// The one table of the statement and its alias; joins and table functions are refused.
+fn single_table(table: &TableWithJoins) -> Result<(ObjectName, Option<Ident>), String> {
+    if !table.joins.is_empty() {
+        return Err("joins are not allowed: a patch changes one table".into());
+    }
+    match &table.relation {
+        TableFactor::Table {
+            name, alias, args, ..
+        } if args.is_none() => {
+            if name
+                .0
+                .iter()
+                .any(|part| !matches!(part, ObjectNamePart::Identifier(_)))
+            {
+                return Err(format!("table name {name} is not a plain name"));
+            }
+            if alias.as_ref().is_some_and(|a| !a.columns.is_empty()) {
+                return Err("column aliases on the table are not supported".into());
+            }
+            Ok((name.clone(), alias.as_ref().map(|a| a.name.clone())))
+        }
+        other => Err(format!("{other} is not a plain table")),
+    }
+}
+
+/// An assignment target: one column, unqualified.
+fn column_name(name: &ObjectName) -> Result<String, String> {
+    match name.0.as_slice() {
+        [ObjectNamePart::Identifier(ident)] => Ok(fold(ident)),
+        _ => Err(format!(
+            "assignment target {name} must be a plain column name"
+        )),
+    }
+}
+
+/// PostgreSQL's name for an identifier: unquoted ones fold to lower case.
+pub fn fold(ident: &Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+/// What a walk over expressions found.
+#[derive(Default)]
+struct Found {
+    /// References to the table's columns.
+    columns: usize,
+    unstable: Vec<String>,
+}
+
+/// The names an expression may use to qualify a column: the alias, or else the table's name.
+struct Scope {
+    qualifiers: Vec<Vec<String>>,
+}
+
+impl Scope {
+    fn new(table: &ObjectName, alias: Option<&Ident>) -> Self {
+        let parts: Vec<String> = table
+            .0
+            .iter()
+            .filter_map(|p| p.as_ident().map(fold))
+            .collect();
+        let qualifiers = match alias {
+            Some(alias) => vec![vec![fold(alias)]],
+            // `t.col` and `schema.t.col` both name the table.
+            None => (0..parts.len()).map(|i| parts[i..].to_vec()).collect(),
+        };
+        Self { qualifiers }
+    }
+
+    /// Checks an expression against the allow-list, counting column references.
+    fn check(&self, expr: &Expr, found: &mut Found) -> Result<(), String> {
+        match expr {
+            Expr::Identifier(_) => {
+                found.columns += 1;
+                Ok(())
+            }
+            Expr::CompoundIdentifier(parts) => {
+                let (_, qualifier) = parts.split_last().expect("compound has parts");
+                let qualifier: Vec<String> = qualifier.iter().map(fold).collect();
+                if self.qualifiers.contains(&qualifier) {
+                    found.columns += 1;
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{expr} refers to another table; a patch reads only its own table"
+                    ))
+                }
+            }
+            Expr::Value(value) => match &value.value {
+                Value::Placeholder(p) => Err(format!(
+                    "placeholder {p} has no value: write the literal into the statement"
+                )),
+                _ => Ok(()),
+            },
+            Expr::TypedString(_) => Ok(()),
+            Expr::IsFalse(e)
+            | Expr::IsNotFalse(e)
+            | Expr::IsTrue(e)
+            | Expr::IsNotTrue(e)
+            | Expr::IsNull(e)
+            | Expr::IsNotNull(e)
+            | Expr::IsUnknown(e)
+            | Expr::IsNotUnknown(e)
+            | Expr::Nested(e)
+            | Expr::Collate { expr: e, .. }
+            | Expr::Extract { expr: e, .. }
+            | Expr::Ceil { expr: e, .. }
+            | Expr::Floor { expr: e, .. } => self.check(e, found),
+            Expr::Cast {
+                expr: e, format, ..
+            } if format.is_none() => self.check(e, found),
+            Expr::IsDistinctFrom(a, b)
+            | Expr::IsNotDistinctFrom(a, b)
+            | Expr::AtTimeZone {
+                timestamp: a,
+                time_zone: b,
+            }
+            | Expr::Position { expr: a, r#in: b } => {
+                self.all([a, b].into_iter().map(|e| &**e), found)
+            }
+            Expr::In {
+                expr: e,
+                target: InTarget::List(list),
+                ..
+            } => {
+                self.check(e, found)?;
+                self.all(list.iter(), found)
+            }
+            Expr::Between {
+                expr, low, high, ..
+            } => self.all([expr, low, high].into_iter().map(|e| &**e), found),
+            Expr::BinaryOp { left, op, right } => {
+                allowed_operator(op)?;
+                self.all([left, right].into_iter().map(|e| &**e), found)
+            }
+            Expr::AnyOp {
+                left,
+                compare_op,
+                right,
+                ..
+            }
+            | Expr::AllOp {
+                left,
+                compare_op,
+                right,
+            } => {
+                allowed_operator(compare_op)?;
+                self.all([left, right].into_iter().map(|e| &**e), found)
+            }
+            Expr::Like {
+                expr,
+                pattern,
+                escape_char,
+                ..
+            }
+            | Expr::ILike {
+                expr,
+                pattern,
+                escape_char,
+                ..
+            }
+            | Expr::SimilarTo {
+                expr,
+                pattern,
+                escape_char,
+                ..
+            } => self.all(
+                [expr, pattern]
+                    .into_iter()
+                    .chain(escape_char.iter())
+                    .map(|e| &**e),
+                found,
+            ),
+            Expr::UnaryOp { op, expr } => match op {
+                UnaryOperator::Plus
+                | UnaryOperator::Minus
+                | UnaryOperator::Not
+                | UnaryOperator::BitwiseNot
+                | UnaryOperator::PGAbs
+                | UnaryOperator::PGSquareRoot
+                | UnaryOperator::PGCubeRoot => self.check(expr, found),
+                other => Err(format!("operator {other} is not allowed")),
+            },
+            Expr::Substring {
+                expr,
+                substring_from,
+                substring_for,
+                ..
+            } => self.all(
+                std::iter::once(expr)
+                    .chain(substring_from.iter())
+                    .chain(substring_for.iter())
+                    .map(|e| &**e),
+                found,
+            ),
+            Expr::Trim {
+                expr,
+                trim_what,
+                trim_characters,
+                ..
+            } => {
+                self.all(
+                    std::iter::once(expr).chain(trim_what.iter()).map(|e| &**e),
+                    found,
+                )?;
+                self.all(trim_characters.iter().flatten(), found)
+            }
+            Expr::Overlay {
+                expr,
+                overlay_what,
+                overlay_from,
+                overlay_for,
+            } => self.all(
+                [expr, overlay_what, overlay_from]
+                    .into_iter()
+                    .chain(overlay_for.iter())
+                    .map(|e| &**e),
+                found,
+            ),
+            Expr::Case {
+                operand,
+                conditions,
+                else_result,
+                ..
+            } => {
+                self.all(
+                    operand.iter().chain(else_result.iter()).map(|e| &**e),
+                    found,
+                )?;
+                self.all(
+                    conditions.iter().flat_map(|c| [&c.condition, &c.result]),
+                    found,
+                )
+            }
+            Expr::Tuple(items) => self.all(items.iter(), found),
+            Expr::Array(array) => self.all(array.elem.iter(), found),
+            Expr::Interval(interval) => self.check(&interval.value, found),
+            Expr::Function(function) => self.check_function(function, found),
+            Expr::Subquery(_) | Expr::Exists { .. } | Expr::In { .. } => Err(format!(
+                "subquery in {expr} is not allowed: a patch reads only its own table"
+            )),
+            other => Err(format!("expression {other} is not supported")),
+        }
+    }
+
+    fn all<'e>(
+        &self,
+        exprs: impl IntoIterator<Item = &'e Expr>,
+        found: &mut Found,
+    ) -> Result<(), String> {
+        exprs.into_iter().try_for_each(|e| self.check(e, found))
+    }
+
+    fn check_function(&self, function: &Function, found: &mut Found) -> Result<(), String> {
+        let parts: Vec<String> = function
+            .name
+            .0
+            .iter()
+            .map(|p| p.as_ident().map(fold).unwrap_or_default())
+            .collect();
+        let name = match parts.as_slice() {
+            [name] => name.as_str(),
+            [schema, name] if schema == "pg_catalog" => name.as_str(),
+            _ => "",
+        };
+        let unstable = UNSTABLE_FUNCTIONS.contains(&name);
+        if !(PURE_FUNCTIONS.contains(&name) || unstable) {
+            return Err(format!(
+                "calls {}(), which is not on the allow-list of side-effect-free functions",
+                function.name
+            ));
+        }
+        if function.over.is_some() || !function.within_group.is_empty() {
+            return Err(format!(
+                "{}() as a window or aggregate is not allowed",
+                function.name
+            ));
+        }
+        if !matches!(function.parameters, FunctionArguments::None) {
+            return Err(format!(
+                "{}() with parameters is not allowed",
+                function.name
+            ));
+        }
+        if unstable {
+            found.unstable.push(format!("{name}()"));
+        }
+        if let Some(filter) = &function.filter {
+            self.check(filter, found)?;
+        }
+        match &function.args {
+            FunctionArguments::None => Ok(()),
+            FunctionArguments::Subquery(_) => Err(format!(
+                "{}() over a subquery is not allowed: a patch reads only its own table",
+                function.name
+            )),
+            FunctionArguments::List(list) => {
+                if !list.clauses.is_empty() || list.duplicate_treatment.is_some() {
+                    return Err(format!("{}() with clauses is not allowed", function.name));
+                }
+                list.args.iter().try_for_each(|arg| {
+                    let (FunctionArg::Named { arg, .. }
+                    | FunctionArg::ExprNamed { arg, .. }
+                    | FunctionArg::Unnamed(arg)) = arg;
+                    match arg {
+                        FunctionArgExpr::Expr(e) => self.check(e, found),
+                        _ => Err(format!("{}({arg}) is not allowed", function.name)),
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// Built-in operators with no side effects: arithmetic, comparison, logic, text, JSON.
+fn allowed_operator(op: &BinaryOperator) -> Result<(), String> {
+    use BinaryOperator::*;
+    match op {
+        Plus | Minus | Multiply | Divide | Modulo | StringConcat | Gt | Lt | GtEq | LtEq | Eq
+        | NotEq | And | Or | BitwiseOr | BitwiseAnd | PGBitwiseXor | PGBitwiseShiftLeft
+        | PGBitwiseShiftRight | PGExp | PGOverlap | PGRegexMatch | PGRegexIMatch
+        | PGRegexNotMatch | PGRegexNotIMatch | PGLikeMatch | PGILikeMatch | PGNotLikeMatch
+        | PGNotILikeMatch | PGStartsWith | Arrow | LongArrow | HashArrow | HashLongArrow
+        | HashMinus | AtArrow | ArrowAt | Question | QuestionAnd | QuestionPipe => Ok(()),
+        other => {
+            let mut text = String::new();
+            let _ = write!(text, "{other}");
+            Err(format!(
+                "operator {text} is not on the allow-list of built-in operators"
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(sql: &str) -> String {
+        check(sql).expect_err(sql)
+    }
+
+    #[test]
+    fn a_plain_update_is_taken_apart() {
+        let c = check("update Public.\"Orders\" as o set total = o.total * 2, note = lower(note) where o.id between 1 and 10;").unwrap();
+        assert_eq!(c.operation, Operation::Update);
+        assert_eq!(c.table, "Public.\"Orders\"");
+        assert_eq!(c.alias.as_deref(), Some("o"));
+        assert_eq!(c.assigned, ["total", "note"]);
+        assert_eq!(c.set, "total = o.total * 2, note = lower(note)");
+        assert_eq!(c.filter.as_deref(), Some("o.id BETWEEN 1 AND 10"));
+        assert!(!c.filter_is_constant);
+        assert!(c.unstable.is_empty());
+    }
+
+    #[test]
+    fn a_delete_and_unstable_functions() {
+        let c = check("DELETE FROM events WHERE created_at < now() - interval '30 days'").unwrap();
+        assert_eq!(c.operation, Operation::Delete);
+        assert_eq!(c.table, "events");
+        assert_eq!(c.unstable, ["now()"]);
+        let c = check("UPDATE t SET a = 1").unwrap();
+        assert!(c.filter.is_none());
+    }
+
+    #[test]
+    fn more_than_one_statement_is_refused() {
+        assert!(refused("UPDATE t SET a=1; DROP TABLE t").contains("2 statements"));
+        assert!(
+            refused("UPDATE t SET a=1 WHERE id=1; UPDATE t SET a=2 WHERE id=2")
+                .contains("statements")
+        );
+    }
+
+    #[test]
+    fn comments_are_refused() {
+        for sql in [
+            "UPDATE t SET a=1 WHERE 1=1 -- AND id = 5",
+            "UPDATE t SET a=1 WHERE id = 5 /* ; DROP TABLE t */",
+            "/* harmless? */ DELETE FROM t WHERE id = 5",
+            "UPDATE t SET a=1 WHERE id=1 --\n; DROP TABLE t",
+        ] {
+            assert!(refused(sql).contains("comment"), "{sql}");
+        }
+    }
+
+    #[test]
+    fn other_statements_are_refused() {
+        assert!(refused("DROP TABLE t").contains("DDL (DROP TABLE)"));
+        assert!(refused("TRUNCATE t").contains("DDL"));
+        assert!(refused("ALTER TABLE t ADD COLUMN b int").contains("DDL"));
+        assert!(refused("COPY t FROM '/etc/passwd'").contains("COPY"));
+        assert!(refused("SELECT * FROM t").contains("SELECT"));
+        assert!(refused("INSERT INTO t VALUES (1)").contains("INSERT"));
+        assert!(refused("WITH x AS (SELECT 1) UPDATE t SET a = 1").contains("only one UPDATE"));
+    }
+
+    #[test]
+    fn other_tables_are_refused() {
+        assert!(refused("UPDATE t SET a = u.a FROM u WHERE u.id = t.id").contains("FROM"));
+        assert!(refused("DELETE FROM t USING u WHERE u.id = t.id").contains("USING"));
+        assert!(refused("UPDATE t SET a = (SELECT max(a) FROM u)").contains("subquery"));
+        assert!(refused("DELETE FROM t WHERE id IN (SELECT id FROM u)").contains("subquery"));
+        assert!(refused("DELETE FROM t WHERE EXISTS (SELECT 1 FROM u)").contains("subquery"));
+        assert!(refused("UPDATE t SET a = u.a WHERE id = 1").contains("another table"));
+        assert!(refused("UPDATE t AS x SET a = t.a WHERE x.id = 1").contains("another table"));
+        assert!(refused("DELETE FROM t, u WHERE t.id = 1").contains("exactly one table"));
+        assert!(refused("UPDATE t SET a = 1 WHERE id = 1 RETURNING *").contains("RETURNING"));
+    }
+
+    #[test]
+    fn side_effects_are_refused() {
+        for sql in [
+            "UPDATE t SET a = nextval('s') WHERE id = 1",
+            "UPDATE t SET a = 1 WHERE pg_sleep(10) IS NULL",
+            "DELETE FROM t WHERE id = pg_terminate_backend(42)",
+            "UPDATE t SET a = set_config('role', 'x', false) WHERE id = 1",
+            "UPDATE t SET a = my_schema.lower(a) WHERE id = 1",
+            "UPDATE t SET a = random() WHERE id = 1",
+            "UPDATE t SET a = lo_import('/etc/passwd') WHERE id = 1",
+        ] {
+            assert!(refused(sql).contains("allow-list"), "{sql}");
+        }
+        assert!(refused("UPDATE t SET a = $1 WHERE id = 1").contains("placeholder"));
+        assert!(
+            refused("UPDATE t SET a = a OPERATOR(public.+) 1 WHERE id = 1").contains("operator")
+        );
+    }
+
+    #[test]
+    fn constant_conditions_are_flagged() {
+        for sql in [
+            "UPDATE t SET a = 1 WHERE 1=1",
+            "UPDATE t SET a = 1 WHERE true",
+            "DELETE FROM t WHERE id = 5 OR 1 = 1",
+            "DELETE FROM t WHERE (id = 5 OR (2 > 1))",
+        ] {
+            assert!(check(sql).unwrap().filter_is_constant, "{sql}");
+        }
+        assert!(
+            !check("DELETE FROM t WHERE id = 5 OR a = 2")
+                .unwrap()
+                .filter_is_constant
+        );
+        assert!(
+            !check("DELETE FROM t WHERE id = 5 AND 1 = 1")
+                .unwrap()
+                .filter_is_constant
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(refused("").contains("empty"));
+        assert!(refused("UPDATE t SET").contains("not valid SQL"));
+        assert!(refused("UPDATE t SET a = 'unterminated").contains("not valid SQL"));
+    }
+}

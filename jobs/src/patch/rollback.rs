@@ -1,0 +1,426 @@
+//! `patch_rollback`: restores the before-images a patch job saved, in batches. A row changed
+//! since the patch (its md5 differs from the one the patch left, or it was deleted or
+//! re-inserted) is a conflict: with any conflict the rollback restores nothing unless `force`,
+//! and even then never overwrites the conflicting rows.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use shared::{connections::TargetError, store, FieldError, JobContext, JobStatus, Problem};
+use sqlx::{PgPool, Row};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{
+    job_error,
+    run::{limit_time, next_batch_size, transient},
+    snapshot::{self, Record, AFTER_MD5},
+    table::{self, quote, Table},
+    Mode, PatchPayload,
+};
+use crate::{parse_payload, Handler, JobError, Services};
+
+const TARGET_BATCH: Duration = Duration::from_millis(200);
+const CONFLICT_SAMPLE: i64 = 20;
+
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackPayload {
+    /// The `patch` job (mode `execute`) to undo.
+    pub patch_job_id: Uuid,
+    /// With conflicts (rows changed since the patch), restore the other rows anyway; the
+    /// conflicting rows are left as they are.
+    #[serde(default)]
+    pub force: bool,
+}
+
+pub struct PatchRollback {
+    services: Arc<Services>,
+}
+
+impl PatchRollback {
+    pub fn new(services: Arc<Services>) -> Self {
+        Self { services }
+    }
+
+    /// The patch job's payload and its record in the target database, or why there is
+    /// nothing to roll back. `rolling_back` is the rollback job itself, which may resume.
+    async fn locate(
+        &self,
+        tenant: Uuid,
+        payload: &RollbackPayload,
+        rolling_back: Option<Uuid>,
+    ) -> Result<(PgPool, Record), Problem> {
+        let refuse = |reason: String| {
+            Problem::validation(vec![FieldError::new("payload.patch_job_id", reason)])
+        };
+        let job = store::get_job(&self.services.pool, tenant, payload.patch_job_id)
+            .await?
+            .ok_or_else(|| Problem::not_found("patch job"))?;
+        if job.kind != "patch" {
+            return Err(refuse(format!("is a {} job, not a patch", job.kind)));
+        }
+        let patch: PatchPayload = serde_json::from_value(job.payload.clone())
+            .map_err(|e| Problem::internal(format!("stored patch payload: {e}")))?;
+        if patch.mode != Mode::Execute {
+            return Err(refuse("was a dry run: it changed nothing".into()));
+        }
+        if !job.status().is_terminal() && job.status() != JobStatus::Retrying {
+            return Err(refuse(format!(
+                "is still {}; wait for it to finish or cancel it first",
+                job.status()
+            )));
+        }
+        if job.status() == JobStatus::Retrying {
+            return Err(refuse(
+                "is waiting for another attempt; cancel it first".into(),
+            ));
+        }
+        let pool = self
+            .services
+            .targets
+            .pool(tenant, patch.connection_id)
+            .await
+            .map_err(|e| match e {
+                TargetError::UnknownConnection(_) => Problem::not_found("connection"),
+                TargetError::Other(e) => Problem::internal(e),
+            })?;
+        let registered: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('conveyor_snapshots.patches')::text")
+                .fetch_one(&pool)
+                .await?;
+        let record = match registered {
+            Some(_) => snapshot::load(&pool, job.id).await?,
+            None => None,
+        };
+        let Some(record) = record else {
+            return Err(refuse(
+                "applied no batch, so there is nothing to restore".into(),
+            ));
+        };
+        if record.expired() {
+            return Err(refuse(format!(
+                "its snapshot expired at {}",
+                record.expires_at
+            )));
+        }
+        if record.rolled_back_at.is_some() && record.rollback_job_id != rolling_back {
+            return Err(refuse(format!(
+                "was already rolled back by job {}",
+                record.rollback_job_id.unwrap_or_default()
+            )));
+        }
+        Ok((pool, record))
+    }
+}
+
+#[async_trait]
+impl Handler for PatchRollback {
+    fn kind(&self) -> &'static str {
+        "patch_rollback"
+    }
+
+    fn validate(&self, payload: &Value) -> Result<(), Vec<FieldError>> {
+        parse_payload::<RollbackPayload>(payload).map(drop)
+    }
+
+    async fn preflight(&self, tenant: Uuid, payload: &Value) -> Result<(), Problem> {
+        let payload: RollbackPayload = parse_payload(payload).map_err(Problem::validation)?;
+        self.locate(tenant, &payload, None).await.map(drop)
+    }
+
+    async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError> {
+        let payload: RollbackPayload = serde_json::from_value(payload)
+            .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
+        let (pool, record) = self
+            .locate(ctx.tenant_id(), &payload, Some(ctx.job_id()))
+            .await
+            .map_err(|p| match p.status {
+                500 | 503 => JobError::Retryable(p.detail),
+                _ => JobError::Permanent(p.detail),
+            })?;
+        let table = table::describe(&pool, &record.table_name)
+            .await
+            .map_err(|e| JobError::Permanent(e.to_string()))?;
+        if table.key_names() != record.key_columns {
+            return Err(JobError::Permanent(format!(
+                "the key of {} changed since the patch (was {:?})",
+                record.table_name, record.key_columns
+            )));
+        }
+        Restore {
+            ctx,
+            pool: &pool,
+            table: &table,
+            record,
+            force: payload.force,
+        }
+        .run()
+        .await
+    }
+}
+
+struct Restore<'a> {
+    ctx: &'a JobContext,
+    pool: &'a PgPool,
+    table: &'a Table,
+    record: Record,
+    force: bool,
+}
+
+impl Restore<'_> {
+    fn is_delete(&self) -> bool {
+        self.record.operation == "delete"
+    }
+
+    async fn run(mut self) -> Result<Value, JobError> {
+        let started = Instant::now();
+        let (total, keys) = self.conflicts().await.map_err(job_error)?;
+        let remaining = self.record.rows_done - self.record.rows_restored;
+        if total > 0 {
+            let detail = json!({"conflicts": total, "keys": keys});
+            self.ctx
+                .report("rows changed since the patch", detail)
+                .await;
+            if !self.force {
+                return Err(JobError::Permanent(format!(
+                    "{total} of the patched rows changed since the patch (first keys: {}); \
+                     nothing was restored; submit again with force to restore the other {} \
+                     rows and leave these as they are",
+                    serde_json::to_string(&keys).unwrap_or_default(),
+                    remaining - total,
+                )));
+            }
+        }
+        let (first, next) = (self.batch_sql(true), self.batch_sql(false));
+        let mut size = 1_000;
+        let (mut longest, mut retries, mut skipped) = (Duration::ZERO, 0, 0);
+        let job = self.record.job_id;
+        if self.record.rolled_back_at.is_none() {
+            loop {
+                self.ctx.checkpoint()?;
+                let batch_started = Instant::now();
+                let sql = if self.record.rollback_key.is_none() {
+                    &first
+                } else {
+                    &next
+                };
+                match self.batch(sql, size).await {
+                    Ok(Some((seen, restored, key))) => {
+                        let elapsed = batch_started.elapsed();
+                        longest = longest.max(elapsed);
+                        retries = 0;
+                        skipped += seen - restored;
+                        self.record.rows_restored += restored;
+                        self.record.rollback_key = Some(key);
+                        size = next_batch_size(size, elapsed, TARGET_BATCH);
+                        let done = self.record.rows_restored + skipped;
+                        self.ctx
+                            .progress(
+                                done as f32 / self.record.rows_done.max(1) as f32,
+                                format!("{} rows restored", self.record.rows_restored),
+                            )
+                            .await;
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Err(e) if retries < 10 && transient(&e) => {}
+                    Err(e) => return Err(job_error(e)),
+                }
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(50 << retries.min(6))).await;
+                self.record = snapshot::load(self.pool, job)
+                    .await
+                    .map_err(job_error)?
+                    .ok_or_else(|| JobError::Permanent("the patch's record vanished".into()))?;
+            }
+            self.record = sqlx::query_as(
+                "UPDATE conveyor_snapshots.patches
+                 SET rolled_back_at = now(), rollback_job_id = $2
+                 WHERE job_id = $1 RETURNING *",
+            )
+            .bind(job)
+            .bind(self.ctx.job_id())
+            .fetch_one(self.pool)
+            .await
+            .map_err(job_error)?;
+        }
+        Ok(json!({
+            "patch_job_id": job,
+            "table": self.record.table_name,
+            "snapshot": self.record.snapshot_table,
+            "rows_restored": self.record.rows_restored,
+            // Every snapshot row ends restored or left as a conflict.
+            "conflicts": self.record.rows_done - self.record.rows_restored,
+            "conflict_keys": keys,
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+            "longest_batch_ms": (longest.as_secs_f64() * 1e4).round() / 10.0,
+        }))
+    }
+
+    /// `s."a" > ...` past the rollback's checkpoint, or `true` at the start.
+    fn past_checkpoint(&self, param: usize) -> String {
+        match self.record.rollback_key {
+            Some(_) => format!(
+                "({}) > ({})",
+                self.table.key_list("s"),
+                self.table.key_param(param)
+            ),
+            None => "true".into(),
+        }
+    }
+
+    /// Rows not restored yet that changed since the patch: how many, and the first keys.
+    async fn conflicts(&self) -> sqlx::Result<(i64, Vec<Vec<String>>)> {
+        let t = self.table;
+        let changed = if self.is_delete() {
+            "a IS NOT NULL".to_owned() // deleted by the patch, there again now
+        } else {
+            format!("a IS NULL OR md5(a::text) IS DISTINCT FROM s.{AFTER_MD5}",)
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT count(*) OVER () AS total, {keys} AS key
+             FROM {snapshot} s LEFT JOIN {table} a ON ({a}) = ({s})
+             WHERE {past} AND ({changed})
+             ORDER BY {s} LIMIT {CONFLICT_SAMPLE}",
+            keys = key_array(t, "s"),
+            snapshot = self.record.snapshot_table,
+            table = t.qualified,
+            a = t.key_list("a"),
+            s = t.key_list("s"),
+            past = self.past_checkpoint(1),
+        ))
+        .bind(&self.record.rollback_key)
+        .fetch_all(self.pool)
+        .await?;
+        let total = rows.first().map(|r| r.get("total")).unwrap_or(0);
+        Ok((total, rows.iter().map(|r| r.get("key")).collect()))
+    }
+
+    /// One batch: the next `$3` snapshot rows after `$2` (from the start if `first`), restored where the row is still as
+    /// the patch left it; the checkpoint of patch `$1` moves in the same statement.
+    fn batch_sql(&self, first: bool) -> String {
+        let t = self.table;
+        let writable: Vec<&str> = t
+            .writable()
+            .into_iter()
+            .filter(|c| !c.identity_always && !t.key.iter().any(|k| k.name == c.name))
+            .map(|c| c.name.as_str())
+            .collect();
+        let restore = if self.is_delete() {
+            let columns: Vec<String> = t.writable().iter().map(|c| quote(&c.name)).collect();
+            let values: Vec<String> = t
+                .writable()
+                .iter()
+                .map(|c| format!("b.{}", quote(&c.name)))
+                .collect();
+            format!(
+                "INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE
+                 SELECT {values} FROM batch b
+                 WHERE NOT EXISTS (SELECT 1 FROM {table} x WHERE ({x}) = ({b}))
+                 ON CONFLICT DO NOTHING RETURNING 1",
+                table = t.qualified,
+                columns = columns.join(", "),
+                values = values.join(", "),
+                x = t.key_list("x"),
+                b = t.key_list("b"),
+            )
+        } else {
+            let set: Vec<String> = writable
+                .iter()
+                .map(|c| format!("{0} = b.{0}", quote(c)))
+                .collect();
+            format!(
+                "UPDATE {table} AS a SET {set} FROM batch b
+                 WHERE ({a}) = ({b}) AND md5(a::text) = b.{AFTER_MD5}
+                 RETURNING 1",
+                table = t.qualified,
+                set = set.join(", "),
+                a = t.key_list("a"),
+                b = t.key_list("b"),
+            )
+        };
+        let bound = match first {
+            true => String::new(),
+            false => format!("WHERE ({}) > ({})", t.key_list("s"), t.key_param(2)),
+        };
+        let desc: Vec<String> = t
+            .key
+            .iter()
+            .map(|c| format!("b.{} DESC", quote(&c.name)))
+            .collect();
+        format!(
+            "WITH batch AS (
+                 SELECT s.* FROM {snapshot} s {bound}
+                 ORDER BY {s} LIMIT $3
+             ), restored AS ({restore}
+             ), last AS (
+                 SELECT {key} AS key FROM batch b ORDER BY {desc} LIMIT 1
+             ), mark AS (
+                 UPDATE conveyor_snapshots.patches
+                 SET rollback_key = coalesce((SELECT key FROM last), $2::text[]),
+                     rows_restored = rows_restored + (SELECT count(*) FROM restored),
+                     rollback_job_id = $4
+                 WHERE job_id = $1 AND rollback_key IS NOT DISTINCT FROM $2::text[]
+                 RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM batch) AS seen,
+                    (SELECT count(*) FROM restored) AS restored,
+                    (SELECT key FROM last) AS last_key,
+                    (SELECT count(*) FROM mark) = 1 AS marked",
+            snapshot = self.record.snapshot_table,
+            s = t.key_list("s"),
+            key = key_array(t, "b"),
+            desc = desc.join(", "),
+        )
+    }
+
+    /// Runs one batch; `None` when the snapshot is exhausted. An Err that is transient means
+    /// "reload the checkpoint and go again".
+    async fn batch(&self, sql: &str, size: i64) -> sqlx::Result<Option<(i64, i64, Vec<String>)>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .await?;
+        limit_time(&mut tx, 1_000, 30_000).await?;
+        let row = sqlx::query(sql)
+            .bind(self.record.job_id)
+            .bind(&self.record.rollback_key)
+            .bind(size)
+            .bind(self.ctx.job_id())
+            .fetch_one(&mut *tx)
+            .await?;
+        let seen: i64 = row.get("seen");
+        let restored: i64 = row.get("restored");
+        let key: Option<Vec<String>> = row.get("last_key");
+        if !row.get::<bool, _>("marked") {
+            tx.rollback().await?;
+            // Another attempt moved the checkpoint: reload it (as for a serialization failure).
+            return Err(sqlx::Error::Io(std::io::Error::other("checkpoint moved")));
+        }
+        match key.filter(|_| seen > 0) {
+            Some(key) => {
+                tx.commit().await?;
+                Ok(Some((seen, restored, key)))
+            }
+            None => {
+                tx.rollback().await?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// `ARRAY[q."a"::text, ...]`.
+fn key_array(t: &Table, qualifier: &str) -> String {
+    let parts: Vec<String> = t
+        .key
+        .iter()
+        .map(|c| format!("{qualifier}.{}::text", quote(&c.name)))
+        .collect();
+    format!("ARRAY[{}]", parts.join(", "))
+}

@@ -1,0 +1,491 @@
+//! Running a patch: the dry run, and the batched execute with snapshots and checkpoints.
+
+use serde_json::{json, Map, Value};
+use shared::JobContext;
+use sqlx::{PgPool, Row};
+use std::time::{Duration, Instant};
+
+use super::{
+    assess, explain, guard::Checked, job_error, load_plan, snapshot, Assessment, Mode,
+    PatchPayload, Plan, PlanError,
+};
+use crate::JobError;
+
+/// Rows shown before/after by a dry run.
+pub const SAMPLE_ROWS: i64 = 20;
+/// The first adaptive batch; later ones aim at `target_batch_ms`.
+const FIRST_BATCH: i64 = 1_000;
+const MIN_BATCH: i64 = 10;
+const MAX_BATCH: i64 = 500_000;
+/// Consecutive lock timeouts, serialization failures or conflicts before the attempt fails.
+const MAX_BATCH_RETRIES: u32 = 10;
+
+pub async fn run(
+    ctx: &JobContext,
+    payload: &PatchPayload,
+    checked: Checked,
+    pool: &PgPool,
+    retention: Duration,
+) -> Result<Value, JobError> {
+    let plan = load_plan(pool, checked).await.map_err(|e| match e {
+        PlanError::Refused(reason) => JobError::Permanent(reason),
+        PlanError::Database(e) => job_error(e),
+    })?;
+    let explained = explain(pool, &plan.statement()).await.map_err(job_error)?;
+    let assessment = assess(payload, &plan, &explained);
+    match payload.mode {
+        Mode::DryRun => dry_run(pool, &plan, &assessment, explained.plan).await,
+        Mode::Execute => {
+            Execution {
+                ctx,
+                payload,
+                plan: &plan,
+                pool,
+            }
+            .run(retention, &assessment)
+            .await
+        }
+    }
+}
+
+/// Runs the statement in a transaction that is rolled back: the exact row count, the plan,
+/// and the first rows (by key) before and after.
+async fn dry_run(
+    pool: &PgPool,
+    plan: &Plan,
+    assessment: &Assessment,
+    explain: Value,
+) -> Result<Value, JobError> {
+    let t = &plan.table;
+    let q = &plan.qualifier;
+    let filter = plan
+        .checked
+        .filter
+        .as_ref()
+        .map(|f| format!(" WHERE ({f})"))
+        .unwrap_or_default();
+    let started = Instant::now();
+    let mut tx = pool.begin().await.map_err(job_error)?;
+    let before: Vec<Value> = sqlx::query_scalar(&format!(
+        "SELECT to_jsonb({q}) FROM {}{filter} ORDER BY {} LIMIT {SAMPLE_ROWS}",
+        plan.target,
+        t.key_list(q),
+    ))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(job_error)?;
+    let rows = sqlx::query(&plan.statement())
+        .execute(&mut *tx)
+        .await
+        .map_err(job_error)?
+        .rows_affected();
+    let after: Vec<Value> = sqlx::query_scalar(&format!(
+        "SELECT to_jsonb(a) FROM {table} a
+         JOIN jsonb_populate_recordset(NULL::{table}, $1) k ON ({a}) = ({k})",
+        table = t.qualified,
+        a = t.key_list("a"),
+        k = t.key_list("k"),
+    ))
+    .bind(Value::Array(before.clone()))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(job_error)?;
+    tx.rollback().await.map_err(job_error)?;
+    let key = t.key_names();
+    Ok(json!({
+        "mode": "dry_run",
+        "rows": rows,
+        "estimated_rows": assessment.estimated_rows,
+        "explain": explain,
+        "sample": diff(&key, &before, &after),
+        "preflight": assessment,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    }))
+}
+
+/// Each sampled row's key and the columns that changed (`{column: {before, after}}`);
+/// `deleted` when the row is gone afterwards.
+pub fn diff(key: &[String], before: &[Value], after: &[Value]) -> Vec<Value> {
+    let key_of = |row: &Value| -> Map<String, Value> {
+        key.iter().map(|k| (k.clone(), row[k].clone())).collect()
+    };
+    before
+        .iter()
+        .map(|old| {
+            let id = key_of(old);
+            let new = after.iter().find(|row| key_of(row) == id);
+            let changes: Map<String, Value> = match (old.as_object(), new) {
+                (Some(columns), Some(new)) => columns
+                    .iter()
+                    .filter(|(name, value)| new.get(name.as_str()) != Some(value))
+                    .map(|(name, value)| {
+                        (
+                            name.clone(),
+                            json!({"before": value, "after": new[name.as_str()]}),
+                        )
+                    })
+                    .collect(),
+                _ => Map::new(),
+            };
+            json!({"key": id, "deleted": new.is_none(), "changes": changes})
+        })
+        .collect()
+}
+
+/// What an attempt of a batch did.
+enum Batch {
+    /// No row left to change.
+    Done,
+    Applied {
+        rows: i64,
+        last_key: Vec<String>,
+        elapsed: Duration,
+    },
+    /// Committing it would pass `max_rows`: rolled back.
+    OverLimit { rows: i64 },
+    /// Another attempt moved the checkpoint: rolled back.
+    Moved,
+}
+
+struct Execution<'a> {
+    ctx: &'a JobContext,
+    payload: &'a PatchPayload,
+    plan: &'a Plan,
+    pool: &'a PgPool,
+}
+
+impl Execution<'_> {
+    async fn run(&self, retention: Duration, assessment: &Assessment) -> Result<Value, JobError> {
+        let (ctx, pool, plan) = (self.ctx, self.pool, self.plan);
+        let job = ctx.job_id();
+        snapshot::ensure_schema(pool).await.map_err(job_error)?;
+        for table in snapshot::drop_expired(pool).await.map_err(job_error)? {
+            ctx.log(format!("dropped expired snapshot {table}")).await;
+        }
+        let mut record = self.record(retention).await?;
+        let resumed_from = record.rows_done;
+        if record.finished_at.is_none() {
+            if resumed_from > 0 {
+                ctx.log(format!(
+                    "resuming after {} rows in {} batches",
+                    record.rows_done, record.batches
+                ))
+                .await;
+            }
+            let first = snapshot::batch_sql(plan, &record.snapshot_table, true);
+            let next = snapshot::batch_sql(plan, &record.snapshot_table, false);
+            let target = Duration::from_millis(self.payload.target_batch_ms);
+            let mut size = self
+                .payload
+                .batch_size
+                .map(i64::from)
+                .unwrap_or(FIRST_BATCH);
+            let (mut longest, started) = (Duration::ZERO, Instant::now());
+            let mut retries = 0;
+            let mut last_key = record.last_key.clone();
+            let mut done = record.rows_done;
+            loop {
+                // Cancel stops between batches: what is applied stays, checkpointed; a retry
+                // resumes and `patch_rollback` restores it.
+                ctx.checkpoint()?;
+                let sql = if last_key.is_none() { &first } else { &next };
+                let room = self.payload.max_rows.map(|m| m as i64 - done);
+                match self.batch(sql, &last_key, size, room).await {
+                    Ok(Batch::Done) => break,
+                    Ok(Batch::Applied {
+                        rows,
+                        last_key: key,
+                        elapsed,
+                    }) => {
+                        retries = 0;
+                        done += rows;
+                        last_key = Some(key);
+                        longest = longest.max(elapsed);
+                        if self.payload.batch_size.is_none() {
+                            size = next_batch_size(size, elapsed, target);
+                        }
+                        let expected = record.rows_expected.max(done).max(1);
+                        ctx.progress(
+                            done as f32 / expected as f32,
+                            format!("{done} of {expected} rows"),
+                        )
+                        .await;
+                        self.pause().await;
+                        continue;
+                    }
+                    Ok(Batch::OverLimit { rows }) => {
+                        return Err(JobError::Permanent(format!(
+                            "stopped: the next batch of {rows} rows would take the patch past \
+                             max_rows {} ({done} rows changed so far, kept and restorable \
+                             with patch_rollback)",
+                            self.payload.max_rows.unwrap_or_default()
+                        )))
+                    }
+                    Ok(Batch::Moved) => {}
+                    Err(e) if retries < MAX_BATCH_RETRIES && transient(&e) => {
+                        if is_code(&e, "57014") {
+                            size = (size / 2).max(MIN_BATCH); // the batch ran out of time
+                        }
+                    }
+                    Err(e) => return Err(job_error(e)),
+                }
+                // Contention or another attempt: start again from the recorded checkpoint.
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(50 << retries.min(6))).await;
+                record = snapshot::load(pool, job)
+                    .await
+                    .map_err(job_error)?
+                    .ok_or_else(|| JobError::Permanent("the patch's record vanished".into()))?;
+                (done, last_key) = (record.rows_done, record.last_key.clone());
+            }
+            let rows = done - resumed_from;
+            let elapsed = started.elapsed();
+            record = snapshot::finish(pool, job).await.map_err(job_error)?;
+            ctx.report(
+                "patch applied",
+                json!({
+                    "rows": rows,
+                    "elapsed_ms": elapsed.as_millis() as u64,
+                    "rows_per_sec": rows as f64 / elapsed.as_secs_f64().max(1e-9),
+                    "longest_batch_ms": longest.as_secs_f64() * 1000.0,
+                    "last_batch_size": size,
+                }),
+            )
+            .await;
+            return Ok(self.result(
+                &record,
+                assessment,
+                resumed_from,
+                Some((rows, elapsed, longest, size)),
+            ));
+        }
+        Ok(self.result(&record, assessment, resumed_from, None))
+    }
+
+    /// This job's record: the one an earlier attempt left, or a new one with its snapshot.
+    async fn record(&self, retention: Duration) -> Result<snapshot::Record, JobError> {
+        let job = self.ctx.job_id();
+        if let Some(record) = snapshot::load(self.pool, job).await.map_err(job_error)? {
+            if record.rollback_job_id.is_some() {
+                return Err(JobError::Permanent(
+                    "this patch has been rolled back; submit a new patch job".into(),
+                ));
+            }
+            if record.finished_at.is_none() && record.expired() {
+                return Err(JobError::Permanent(
+                    "the snapshot of this unfinished patch expired; submit a new patch job".into(),
+                ));
+            }
+            if record.table_name != self.plan.table.qualified
+                || record.key_columns != self.plan.table.key_names()
+            {
+                return Err(JobError::Permanent(format!(
+                    "the table changed since the first attempt (was {} keyed by {:?})",
+                    record.table_name, record.key_columns
+                )));
+            }
+            return Ok(record);
+        }
+        // Exact, once: the denominator of progress and the max_rows check before any change.
+        let expected: i64 = sqlx::query_scalar(&self.plan.count())
+            .fetch_one(self.pool)
+            .await
+            .map_err(job_error)?;
+        if let Some(max) = self.payload.max_rows {
+            if expected as u64 > max {
+                return Err(JobError::Permanent(format!(
+                    "the statement matches {expected} rows, more than max_rows {max}; nothing \
+                     was changed"
+                )));
+            }
+        }
+        snapshot::create(self.pool, job, self.plan, expected, retention)
+            .await
+            .map_err(job_error)
+    }
+
+    /// One batch in its own short transaction (repeatable read: the rows it copies are the
+    /// rows it changes, or it fails and is retried).
+    async fn batch(
+        &self,
+        sql: &str,
+        last_key: &Option<Vec<String>>,
+        size: i64,
+        room: Option<i64>,
+    ) -> sqlx::Result<Batch> {
+        let target = self.payload.target_batch_ms;
+        let started = Instant::now();
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            .await?;
+        limit_time(&mut tx, (2 * target).max(1_000), (20 * target).max(10_000)).await?;
+        let row = sqlx::query(sql)
+            .bind(self.ctx.job_id())
+            .bind(last_key)
+            .bind(size)
+            .fetch_one(&mut *tx)
+            .await?;
+        let rows: i64 = row.get("rows");
+        let key: Option<Vec<String>> = row.get("last_key");
+        let marked: bool = row.get("marked");
+        if !marked {
+            tx.rollback().await?;
+            return Ok(Batch::Moved);
+        }
+        let Some(key) = key.filter(|_| rows > 0) else {
+            tx.rollback().await?;
+            return Ok(Batch::Done);
+        };
+        if room.is_some_and(|room| rows > room) {
+            tx.rollback().await?;
+            return Ok(Batch::OverLimit { rows });
+        }
+        tx.commit().await?;
+        Ok(Batch::Applied {
+            rows,
+            last_key: key,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    async fn pause(&self) {
+        if self.payload.pause_ms > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(self.payload.pause_ms)) => {}
+                _ = self.ctx.cancellation().cancelled() => {}
+            }
+        }
+    }
+
+    fn result(
+        &self,
+        record: &snapshot::Record,
+        assessment: &Assessment,
+        resumed_from: i64,
+        this_attempt: Option<(i64, Duration, Duration, i64)>,
+    ) -> Value {
+        let mut result = json!({
+            "mode": "execute",
+            "table": record.table_name,
+            "operation": record.operation,
+            "key": record.key_columns,
+            "rows": record.rows_done,
+            "rows_expected": record.rows_expected,
+            "batches": record.batches,
+            "resumed_from_rows": resumed_from,
+            "snapshots": [record.listing()],
+            "preflight": assessment,
+        });
+        if let Some((rows, elapsed, longest, size)) = this_attempt {
+            let extra = json!({
+                "attempt_rows": rows,
+                "elapsed_ms": elapsed.as_millis() as u64,
+                "rows_per_sec": (rows as f64 / elapsed.as_secs_f64().max(1e-9)).round(),
+                "longest_batch_ms": (longest.as_secs_f64() * 1e4).round() / 10.0,
+                "last_batch_size": size,
+            });
+            if let (Some(r), Some(e)) = (result.as_object_mut(), extra.as_object()) {
+                r.extend(e.clone());
+            }
+        }
+        result
+    }
+}
+
+/// The next adaptive batch size: scaled so a batch takes about `target`, at most doubling or
+/// halving at a time.
+pub fn next_batch_size(size: i64, elapsed: Duration, target: Duration) -> i64 {
+    let took = elapsed.as_secs_f64().max(1e-4);
+    let ideal = size as f64 * target.as_secs_f64() / took;
+    let bounded = ideal.clamp(size as f64 / 2.0, size as f64 * 2.0);
+    (bounded as i64).clamp(MIN_BATCH, MAX_BATCH)
+}
+
+/// Settings of a batch transaction: its time limits and its plan shape.
+pub(crate) async fn limit_time(
+    tx: &mut sqlx::PgTransaction<'_>,
+    lock_ms: u64,
+    statement_ms: u64,
+) -> sqlx::Result<()> {
+    // A batch touches a few thousand rows by key: index scans and nested loops, never a
+    // sequential scan of the whole table per batch (what the planner picks without this).
+    sqlx::query(
+        "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true),
+                set_config('enable_seqscan', 'off', true),
+                set_config('enable_hashjoin', 'off', true),
+                set_config('enable_mergejoin', 'off', true)",
+    )
+    .bind(format!("{lock_ms}ms"))
+    .bind(format!("{statement_ms}ms"))
+    .execute(&mut **tx)
+    .await
+    .map(drop)
+}
+
+fn is_code(e: &sqlx::Error, code: &str) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
+}
+
+/// Worth retrying the batch: serialization failure, deadlock, lock or statement timeout, or
+/// a duplicate snapshot row (another attempt got there first).
+pub(crate) fn transient(e: &sqlx::Error) -> bool {
+    let duplicate_snapshot = matches!(e, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("23505")
+            && db.table().is_some_and(|t| t.starts_with("patch_")));
+    duplicate_snapshot
+        || ["40001", "40P01", "55P03", "57014"]
+            .iter()
+            .any(|code| is_code(e, code))
+        || matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_aim_at_the_target_time() {
+        let target = Duration::from_millis(200);
+        assert_eq!(
+            next_batch_size(1000, Duration::from_millis(100), target),
+            2000
+        );
+        assert_eq!(
+            next_batch_size(1000, Duration::from_millis(10), target),
+            2000
+        );
+        assert_eq!(
+            next_batch_size(1000, Duration::from_millis(250), target),
+            800
+        );
+        assert_eq!(next_batch_size(1000, Duration::from_secs(5), target), 500);
+        assert_eq!(
+            next_batch_size(12, Duration::from_secs(5), target),
+            MIN_BATCH
+        );
+        assert_eq!(
+            next_batch_size(MAX_BATCH, Duration::ZERO, target),
+            MAX_BATCH
+        );
+    }
+
+    #[test]
+    fn diff_names_changed_columns() {
+        let key = vec!["id".to_string()];
+        let before = vec![
+            json!({"id": 1, "a": 1, "b": "x"}),
+            json!({"id": 2, "a": 2, "b": "y"}),
+        ];
+        let after = vec![json!({"id": 1, "a": 10, "b": "x"})];
+        let d = diff(&key, &before, &after);
+        assert_eq!(
+            d[0],
+            json!({"key": {"id": 1}, "deleted": false, "changes": {"a": {"before": 1, "after": 10}}})
+        );
+        assert_eq!(
+            d[1],
+            json!({"key": {"id": 2}, "deleted": true, "changes": {}})
+        );
+    }
+}

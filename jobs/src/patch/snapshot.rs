@@ -1,0 +1,322 @@
+//! Snapshots and checkpoints, kept in the target database itself (schema `conveyor_snapshots`)
+//! so that a batch, its before-images and its checkpoint commit in one transaction.
+//!
+//! - `conveyor_snapshots.patches`: one row per executed patch job: the table, its key, how far
+//!   the patch got (`last_key`, `rows_done`), how far a rollback got, when the snapshot expires.
+//! - `conveyor_snapshots.patch_<job id>`: the before-image of every changed row (the table's
+//!   columns, primary key on the table's key, so no row is ever snapshotted twice) and the md5
+//!   of its after-image, by which a rollback sees whether the row changed since.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use std::time::Duration;
+use uuid::Uuid;
+
+use super::{guard::Operation, table::quote, Plan};
+
+pub const SCHEMA: &str = "conveyor_snapshots";
+/// Serialises the creation of the schema by concurrent jobs ("snapshot" in ASCII).
+const SETUP_LOCK: i64 = 0x736e617073686f74;
+/// Column of a snapshot table holding the md5 of the row as the patch left it.
+pub const AFTER_MD5: &str = "conveyor_after_md5";
+
+/// A patch's row in `conveyor_snapshots.patches`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Record {
+    pub job_id: Uuid,
+    pub table_name: String,
+    pub key_columns: Vec<String>,
+    pub operation: String,
+    pub statement: String,
+    pub snapshot_table: String,
+    pub rows_expected: i64,
+    pub rows_done: i64,
+    pub batches: i32,
+    pub last_key: Option<Vec<String>>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub expires_at: DateTime<Utc>,
+    pub dropped_at: Option<DateTime<Utc>>,
+    pub rollback_job_id: Option<Uuid>,
+    pub rollback_key: Option<Vec<String>>,
+    pub rows_restored: i64,
+    pub rolled_back_at: Option<DateTime<Utc>>,
+}
+
+/// How a snapshot is listed on the job.
+#[derive(Serialize)]
+pub struct Listing {
+    pub table: String,
+    pub rows: i64,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Record {
+    pub fn listing(&self) -> Listing {
+        Listing {
+            table: self.snapshot_table.clone(),
+            rows: self.rows_done,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+        }
+    }
+
+    pub fn expired(&self) -> bool {
+        self.dropped_at.is_some() || self.expires_at <= Utc::now()
+    }
+}
+
+/// `"conveyor_snapshots"."patch_<id>"`.
+pub fn snapshot_table(job: Uuid) -> String {
+    format!(
+        "{}.{}",
+        quote(SCHEMA),
+        quote(&format!("patch_{}", job.simple()))
+    )
+}
+
+/// Creates the schema and the registry if missing (once per database, under a lock).
+pub async fn ensure_schema(pool: &PgPool) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SETUP_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS conveyor_snapshots")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS conveyor_snapshots.patches (
+             job_id uuid PRIMARY KEY,
+             table_name text NOT NULL,
+             key_columns text[] NOT NULL,
+             operation text NOT NULL,
+             statement text NOT NULL,
+             snapshot_table text NOT NULL,
+             rows_expected bigint NOT NULL,
+             rows_done bigint NOT NULL DEFAULT 0,
+             batches int NOT NULL DEFAULT 0,
+             last_key text[],
+             created_at timestamptz NOT NULL DEFAULT now(),
+             finished_at timestamptz,
+             expires_at timestamptz NOT NULL,
+             dropped_at timestamptz,
+             rollback_job_id uuid,
+             rollback_key text[],
+             rows_restored bigint NOT NULL DEFAULT 0,
+             rolled_back_at timestamptz
+         )",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+/// Drops the snapshot tables whose retention has passed; their rows stay, marked dropped.
+pub async fn drop_expired(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+    let expired: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT job_id, snapshot_table FROM conveyor_snapshots.patches
+         WHERE expires_at <= now() AND dropped_at IS NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut dropped = Vec::new();
+    for (job, table) in expired {
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE conveyor_snapshots.patches SET dropped_at = now() WHERE job_id = $1")
+            .bind(job)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        dropped.push(table);
+    }
+    Ok(dropped)
+}
+
+pub async fn load(pool: &PgPool, job: Uuid) -> sqlx::Result<Option<Record>> {
+    sqlx::query_as("SELECT * FROM conveyor_snapshots.patches WHERE job_id = $1")
+        .bind(job)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The snapshot table and the registry row, together.
+pub async fn create(
+    pool: &PgPool,
+    job: Uuid,
+    plan: &Plan,
+    rows_expected: i64,
+    retention: Duration,
+) -> sqlx::Result<Record> {
+    let snapshot = snapshot_table(job);
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "CREATE TABLE {snapshot} (LIKE {}, {AFTER_MD5} text)",
+        plan.table.qualified
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!(
+        "ALTER TABLE {snapshot} ADD PRIMARY KEY ({})",
+        plan.table
+            .key
+            .iter()
+            .map(|c| quote(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let record = sqlx::query_as(
+        "INSERT INTO conveyor_snapshots.patches
+             (job_id, table_name, key_columns, operation, statement, snapshot_table,
+              rows_expected, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+         RETURNING *",
+    )
+    .bind(job)
+    .bind(&plan.table.qualified)
+    .bind(plan.table.key_names())
+    .bind(operation_name(plan.checked.operation))
+    .bind(plan.statement())
+    .bind(&snapshot)
+    .bind(rows_expected)
+    .bind(retention.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(record)
+}
+
+pub fn operation_name(operation: Operation) -> &'static str {
+    match operation {
+        Operation::Update => "update",
+        Operation::Delete => "delete",
+    }
+}
+
+pub async fn finish(pool: &PgPool, job: Uuid) -> sqlx::Result<Record> {
+    sqlx::query_as(
+        "UPDATE conveyor_snapshots.patches SET finished_at = coalesce(finished_at, now())
+         WHERE job_id = $1 RETURNING *",
+    )
+    .bind(job)
+    .fetch_one(pool)
+    .await
+}
+
+/// One batch of an execute, as one statement: pick the next `$3` rows after key `$2` among
+/// the rows the WHERE clause matches (their whole before-image and physical address, read from
+/// the statement's snapshot), apply the change to exactly those rows, copy the before-images
+/// and the md5 of the after-images into the snapshot table, and advance the checkpoint of job
+/// `$1`. The checkpoint only moves from where this attempt believes it is (`$2`): `marked` is
+/// false when another attempt moved it (a job rescued from a worker that was not dead after
+/// all), and the caller rolls back and reloads. `first` omits the lower bound.
+pub fn batch_sql(plan: &Plan, snapshot: &str, first: bool) -> String {
+    let t = &plan.table;
+    let q = &plan.qualifier;
+    let mut filter = plan.checked.filter.clone().map(|f| format!("({f})"));
+    if !first {
+        let bound = format!("({}) > ({})", t.key_list(q), t.key_param(2));
+        filter = Some(match filter {
+            Some(f) => format!("{f} AND {bound}"),
+            None => bound,
+        });
+    }
+    let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
+    // The batch's rows are found by their address (a TID scan), not a second key look-up;
+    // under repeatable read a row changed meanwhile fails the batch, which is then retried.
+    let (change, after) = match plan.checked.operation {
+        Operation::Update => (
+            format!(
+                "UPDATE {} SET {} FROM batch conveyor_batch",
+                plan.target, plan.checked.set
+            ),
+            format!("md5({q}::text)"),
+        ),
+        Operation::Delete => (
+            format!("DELETE FROM {} USING batch conveyor_batch", plan.target),
+            "NULL::text".to_owned(),
+        ),
+    };
+    format!(
+        "WITH batch AS (
+             SELECT {q} AS conveyor_before, {q}.ctid AS conveyor_ctid, {select}
+             FROM {target}{filter} ORDER BY {keys} LIMIT $3
+         ), changed AS (
+             {change} WHERE {q}.ctid = conveyor_batch.conveyor_ctid
+             RETURNING {slots}, conveyor_batch.conveyor_before, {after} AS after_md5
+         ), saved AS (
+             INSERT INTO {snapshot}
+             SELECT (c.conveyor_before).*, c.after_md5 FROM changed c
+             RETURNING 1
+         ), last AS (
+             SELECT {key_text} AS key FROM changed ORDER BY {desc} LIMIT 1
+         ), mark AS (
+             UPDATE conveyor_snapshots.patches
+             SET rows_done = rows_done + (SELECT count(*) FROM saved), batches = batches + 1,
+                 last_key = coalesce((SELECT key FROM last), $2::text[])
+             WHERE job_id = $1 AND last_key IS NOT DISTINCT FROM $2::text[]
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM saved) AS rows, (SELECT key FROM last) AS last_key,
+                (SELECT count(*) FROM mark) = 1 AS marked",
+        select = t.key_select(q),
+        target = plan.target,
+        keys = t.key_list(q),
+        slots = t.key_slots_of("conveyor_batch"),
+        key_text = t.key_text(),
+        desc = t.key_desc(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::patch::{guard, table};
+
+    #[test]
+    fn a_batch_statement_reads_as_intended() {
+        let checked = guard::check("UPDATE t AS x SET a = x.a + 1 WHERE x.b > 3").unwrap();
+        let column = |name: &str| table::Column {
+            name: name.into(),
+            type_name: "bigint".into(),
+            generated: false,
+            identity_always: false,
+        };
+        let table = table::Table {
+            schema: "public".into(),
+            name: "t".into(),
+            qualified: "\"public\".\"t\"".into(),
+            key: vec![column("id")],
+            key_source: "primary key".into(),
+            columns: vec![column("id"), column("a"), column("b")],
+            estimated_rows: 10.0,
+        };
+        let plan = Plan::new(checked, table).unwrap();
+        let next = batch_sql(&plan, "\"conveyor_snapshots\".\"patch_1\"", false);
+        assert!(next.contains(
+            "x.\"id\" AS conveyor_k1
+             FROM \"public\".\"t\" AS x WHERE (x.b > 3) AND (x.\"id\") > \
+             (($2::text[])[1]::bigint) ORDER BY x.\"id\" LIMIT $3"
+        ));
+        assert!(next.contains(
+            "UPDATE \"public\".\"t\" AS x SET a = x.a + 1 FROM batch conveyor_batch WHERE \
+             x.ctid = conveyor_batch.conveyor_ctid"
+        ));
+        let first = batch_sql(&plan, "s", true);
+        assert!(!first.contains(") > (($2"), "{first}");
+        assert_eq!(
+            plan.statement(),
+            "UPDATE \"public\".\"t\" AS x SET a = x.a + 1 WHERE (x.b > 3)"
+        );
+        let checked = guard::check("UPDATE t SET id = id + 1 WHERE a = 1").unwrap();
+        let err = Plan::new(checked, plan.table.clone()).unwrap_err();
+        assert!(err.contains("key column id"), "{err}");
+    }
+}

@@ -1,0 +1,131 @@
+"""Generates a ROWS-row, 10-column CSV (ints, floats, text, timestamps, NULLs), uploads it
+(not timed), then imports it through the platform (submit → succeeded) and with
+`psql -c "\\copy ..."` into an identical table. Prints rows/s, the ratio and the worker's peak
+RSS."""
+
+import json, os, random, subprocess, sys, time, urllib.request, uuid
+
+ROWS = int(sys.argv[1])
+ROOT = os.getcwd()
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+ADMIN = f"{PG}/postgres"
+DB, TARGET = "conveyor_bench", "conveyor_bench_target"
+TARGET_URL = f"{PG}/{TARGET}"
+PORT = 18081
+COLUMNS = [("id", "bigint"), ("customer", "integer"), ("amount", "double precision"),
+           ("discount", "double precision"), ("name", "text"), ("city", "text"),
+           ("created", "timestamptz"), ("updated", "timestamp"), ("quantity", "bigint"),
+           ("note", "text")]
+CITIES = ["Lisbon", "Oslo", "Zürich", "São Paulo", "Kyoto", "Nairobi", "Austin, TX"]
+
+
+def psql(sql, db=ADMIN):
+    return subprocess.run(["psql", db, "-v", "ON_ERROR_STOP=1", "-tAqc", sql], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def generate(path):
+    rnd = random.Random(7)
+    with open(path, "w") as f:
+        f.write(",".join(c for c, _ in COLUMNS) + "\n")
+        for i in range(ROWS):
+            note = "" if i % 7 == 0 else f"\"note {i}, with comma\""
+            discount = "" if i % 5 == 0 else f"{rnd.random():.4f}"
+            f.write(f"{i},{rnd.randrange(100000)},{rnd.random() * 1000:.2f},{discount},"
+                    f"customer {rnd.randrange(10**6)},\"{CITIES[i % len(CITIES)]}\","
+                    f"2024-{1 + i % 12:02d}-{1 + i % 28:02d} {i % 24:02d}:{i % 60:02d}:{i % 60:02d}+00,"
+                    f"2024-{1 + i % 12:02d}-{1 + i % 28:02d} 12:00:00,{i % 1000},{note}\n")
+
+
+def env():
+    e = dict(os.environ)
+    e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}",
+             CONVEYOR_TARGET_DATABASE_URL=TARGET_URL,
+             CONVEYOR_REDIS_PREFIX=f"bench:{uuid.uuid4().hex[:8]}",
+             CONVEYOR_LISTEN=f"127.0.0.1:{PORT}", CONVEYOR_DATA_DIR=os.path.join(ROOT, ".data/bench-objects"),
+             RUST_LOG="warn")
+    return e
+
+
+def request(method, path, key, body=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", data=data, method=method,
+                                 headers={"Authorization": f"Bearer {key}", "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        return json.loads(r.read())
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+
+
+def main():
+    os.makedirs(".data/bench", exist_ok=True)
+    path = os.path.abspath(f".data/bench/import_{ROWS}.csv")
+    if not os.path.exists(path):
+        print(f"generating {ROWS} rows ...", file=sys.stderr)
+        generate(path + ".tmp")
+        os.rename(path + ".tmp", path)
+    size_mb = os.path.getsize(path) / 1e6
+    for db in (DB, TARGET):
+        psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        psql(f"CREATE DATABASE {db}")
+    subprocess.run([f"{BIN}/conveyor-api", "migrate"], env=env(), check=True)
+    key = subprocess.run([f"{BIN}/conveyor-api", "keys", "create", "--tenant", "bench"], env=env(),
+                         check=True, capture_output=True, text=True).stdout.strip()
+    api = subprocess.Popen([f"{BIN}/conveyor-api", "serve"], env=env())
+    worker = subprocess.Popen([f"{BIN}/conveyor-worker", "--queues", "import=1"], env=env())
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        with open(path, "rb") as f:
+            req = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/datasets?name=bench.csv", data=f,
+                                         method="POST", headers={"Authorization": f"Bearer {key}",
+                                                                 "Content-Length": str(os.path.getsize(path))})
+            with urllib.request.urlopen(req, timeout=3600) as r:
+                dataset = json.loads(r.read())["id"]
+        ddl = ", ".join(f"{c} {t}" for c, t in COLUMNS)
+        results = []
+        for round_ in range(2):
+            table = f"psql_copy_{round_}"
+            psql(f"CREATE TABLE {table} ({ddl})", TARGET_URL)
+            t0 = time.perf_counter()
+            subprocess.run(["psql", TARGET_URL, "-qc", f"\\copy {table} FROM '{path}' WITH (FORMAT csv, HEADER true)"], check=True)
+            psql_s = time.perf_counter() - t0
+
+            payload = {"dataset_id": dataset, "target": {"table": f"platform_{round_}"},
+                       "columns": [{"source": c, "type": t} for c, t in COLUMNS]}
+            t0 = time.perf_counter()
+            job = request("POST", "/v1/jobs", key, {"kind": "import", "payload": payload})
+            while True:
+                job = request("GET", f"/v1/jobs/{job['id']}", key)
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.05)
+            platform_s = time.perf_counter() - t0
+            assert job["status"] == "succeeded", job
+            count = psql(f"SELECT count(*) FROM platform_{round_}", TARGET_URL)
+            assert int(count) == ROWS, count
+            results.append((psql_s, platform_s))
+        rss = peak_rss_mb(worker.pid)
+    finally:
+        api.terminate(); worker.terminate(); api.wait(); worker.wait()
+    print(f"\nimport of {ROWS:,} rows x 10 columns ({size_mb:,.0f} MB CSV), upload excluded\n")
+    print("| round | psql \\copy rows/s | platform rows/s | platform / psql |")
+    print("|---:|---:|---:|---:|")
+    for i, (p, c) in enumerate(results):
+        print(f"| {i + 1} | {ROWS / p:,.0f} | {ROWS / c:,.0f} | {p / c:.2f}x |")
+    best_p, best_c = min(r[0] for r in results), min(r[1] for r in results)
+    print(f"| best | {ROWS / best_p:,.0f} | {ROWS / best_c:,.0f} | {best_p / best_c:.2f}x |")
+    print(f"\nworker peak RSS: {rss:.0f} MB")
+
+
+main()
