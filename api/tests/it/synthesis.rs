@@ -206,9 +206,10 @@ async fn synthesis_copula_reproduces_marginals_and_correlations_and_never_copies
         .map(|a| a["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["synthetic.csv", "report.json"]);
-    let stored: Value =
-        serde_json::from_slice(&std::fs::read(artifact(&app, job, "report.json")).unwrap())
-            .unwrap();
+    let (status, stored) = app
+        .get(&format!("/v1/jobs/{job}/artifacts/report.json"))
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(&stored, report);
     let synthetic = read(&app, job, "synthetic.csv");
     assert_eq!(synthetic.rows(), 2500);
