@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! synthesis fit <input.csv> <rows> <gaussian_copula|tvae> <output.csv> [epochs]
-//!     fits on every row, samples, writes the CSV, prints the report as JSON
+//!     fits on every row (or holds out $HOLDOUT of them), seeded by $SEED (default 0),
+//!     samples, writes the CSV, prints the report as JSON
 //! synthesis score <real.csv> <synthetic.csv> <roles.json>
 //!     prints the Quality Report of any synthetic CSV (roles: {"column": "numerical", ...})
 //! ```
@@ -32,13 +33,15 @@ fn main() {
                 synthesizer,
                 epsilon: None,
                 seed: Some(0),
-                // Fit on every row, as the peer does.
-                holdout_fraction: 0.0,
+                // Fit on every row, as the peer does, unless told otherwise.
+                holdout_fraction: std::env::var("HOLDOUT")
+                    .map_or(0.0, |h| h.parse().expect("HOLDOUT")),
                 output_format: Default::default(),
                 columns: BTreeMap::new(),
                 epochs: args.get(5).map(|e| e.parse().expect("epochs")),
             };
-            let synthesis = synthesize(&input, &payload, 0, &Quiet).expect("synthesis");
+            let seed = std::env::var("SEED").map_or(0, |s| s.parse().expect("SEED"));
+            let synthesis = synthesize(&input, &payload, seed, &Quiet).expect("synthesis");
             table::write(&synthesis.table, Path::new(&args[4]), false).expect("written");
             println!("{}", synthesis.report);
         }

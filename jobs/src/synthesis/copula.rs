@@ -207,21 +207,36 @@ fn fit_marginals(columns: &[(&Column, ColumnSpec)]) -> Vec<(Marginal, Vec<Option
     let categorical = |(column, spec): &(&Column, ColumnSpec)| {
         matches!(column.values, Values::Labels(_)) || spec.role == Role::Categorical
     };
-    let ordered: Vec<Option<(Marginal, Vec<Option<f64>>)>> = columns
+    // Categoricals start in frequency order, then each is ordered against every other
+    // column's current scores, so that related categoricals line up with each other too.
+    let mut dictionaries = Vec::new();
+    let mut fitted: Vec<(Marginal, Vec<Option<f64>>)> = columns
         .iter()
-        .map(|c| (!categorical(c)).then(|| fit_ordered(c.0, &c.1)))
-        .collect();
-    let partners: Vec<&[Option<f64>]> = ordered.iter().flatten().map(|f| &f.1[..]).collect();
-    let mut fitted = Vec::with_capacity(columns.len());
-    for (c, ordered) in columns.iter().zip(ordered.iter()) {
-        fitted.push(match ordered {
-            Some(f) => f.clone(),
-            None => {
+        .map(|c| {
+            if categorical(c) {
                 let (codes, levels) = c.0.values.dictionary();
-                let order = explaining_order(&codes, levels.len(), &partners);
-                discrete(&codes, &levels, &order)
+                let order: Vec<usize> = (0..levels.len()).collect();
+                let f = discrete(&codes, &levels, &order);
+                dictionaries.push(Some((codes, levels)));
+                f
+            } else {
+                dictionaries.push(None);
+                fit_ordered(c.0, &c.1)
             }
-        });
+        })
+        .collect();
+    for (i, dictionary) in dictionaries.iter().enumerate() {
+        let Some((codes, levels)) = dictionary else {
+            continue;
+        };
+        let partners: Vec<&[Option<f64>]> = fitted
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, f)| &f.1[..])
+            .collect();
+        let order = explaining_order(codes, levels.len(), &partners);
+        fitted[i] = discrete(codes, levels, &order);
     }
     fitted
 }

@@ -10,7 +10,7 @@
 
 use rand::{rngs::StdRng, seq::index::sample};
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{
     profile::Role,
@@ -134,7 +134,7 @@ pub fn ks_complement(real: &[Option<f64>], synthetic: &[Option<f64>]) -> Option<
 pub fn tv_complement(real: &[Option<u64>], synthetic: &[Option<u64>]) -> Option<f64> {
     let frequencies = |v: &[Option<u64>]| {
         let present: Vec<u64> = v.iter().flatten().copied().collect();
-        let mut f: HashMap<u64, f64> = HashMap::new();
+        let mut f: BTreeMap<u64, f64> = BTreeMap::new();
         for k in &present {
             *f.entry(*k).or_default() += 1.0 / present.len() as f64;
         }
@@ -147,7 +147,8 @@ pub fn tv_complement(real: &[Option<u64>], synthetic: &[Option<u64>]) -> Option<
     Some(1.0 - total_variation(&p, &q))
 }
 
-fn total_variation<K: std::hash::Hash + Eq>(p: &HashMap<K, f64>, q: &HashMap<K, f64>) -> f64 {
+/// Half the L1 distance; ordered maps keep the float sums, and so the report, reproducible.
+fn total_variation<K: Ord>(p: &BTreeMap<K, f64>, q: &BTreeMap<K, f64>) -> f64 {
     let mut sum: f64 = p
         .iter()
         .map(|(k, a)| (a - q.get(k).copied().unwrap_or(0.0)).abs())
@@ -183,8 +184,8 @@ fn discretize(values: &[Option<f64>]) -> Vec<u64> {
         .collect()
 }
 
-fn joint(a: &[u64], b: &[u64]) -> HashMap<(u64, u64), f64> {
-    let mut f: HashMap<(u64, u64), f64> = HashMap::new();
+fn joint(a: &[u64], b: &[u64]) -> BTreeMap<(u64, u64), f64> {
+    let mut f: BTreeMap<(u64, u64), f64> = BTreeMap::new();
     for (x, y) in a.iter().zip(b) {
         *f.entry((*x, *y)).or_default() += 1.0 / a.len() as f64;
     }
@@ -205,9 +206,9 @@ fn contingency_similarity(
 
 /// Cramér's V of a joint distribution (χ² without continuity correction, as scipy's
 /// `association`).
-fn cramers_v(joint: &HashMap<(u64, u64), f64>) -> Option<f64> {
-    let mut rows: HashMap<u64, f64> = HashMap::new();
-    let mut columns: HashMap<u64, f64> = HashMap::new();
+fn cramers_v(joint: &BTreeMap<(u64, u64), f64>) -> Option<f64> {
+    let mut rows: BTreeMap<u64, f64> = BTreeMap::new();
+    let mut columns: BTreeMap<u64, f64> = BTreeMap::new();
     for (&(a, b), &p) in joint {
         *rows.entry(a).or_default() += p;
         *columns.entry(b).or_default() += p;

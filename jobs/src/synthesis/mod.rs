@@ -242,6 +242,14 @@ pub fn synthesize(
             (model.sample(rows, rng.random())?, None)
         }
     };
+    let mut sampled = sampled;
+    if payload.epsilon.is_none() {
+        for ((column, spec), values) in learned.iter().zip(sampled.iter_mut()) {
+            if spec.role != Role::Categorical {
+                span_range(&column.values, values);
+            }
+        }
+    }
     let fit_and_sample = started.elapsed();
 
     // Output columns in input order: learned ones from the model, fresh identifiers, no skips.
@@ -307,6 +315,41 @@ fn column_report(p: &ColumnProfile) -> Value {
     serde_json::to_value(p).unwrap_or(Value::Null)
 }
 
+/// Keeps a synthetic numeric column within the training column's range and makes it span
+/// that range, as SDV's `enforce_min_max_values` does: the smallest and largest synthetic
+/// values become the training minimum and maximum. Range-based comparisons (binning, scaled
+/// distances) then line up. Private fits skip this: the range itself would leak.
+fn span_range(real: &Values, synthetic: &mut Values) {
+    let (Values::Numbers(real), Values::Numbers(synthetic)) = (real, synthetic) else {
+        return;
+    };
+    let present = real.iter().flatten();
+    let lo = present.clone().fold(f64::INFINITY, |a, &b| a.min(b));
+    let hi = present.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+    if lo > hi {
+        return;
+    }
+    let mut lowest: Option<(usize, f64)> = None;
+    let mut highest: Option<(usize, f64)> = None;
+    for (row, value) in synthetic.iter_mut().enumerate() {
+        if let Some(v) = value {
+            *v = v.clamp(lo, hi);
+            if lowest.is_none_or(|(_, l)| *v < l) {
+                lowest = Some((row, *v));
+            }
+            if highest.is_none_or(|(_, h)| *v > h) {
+                highest = Some((row, *v));
+            }
+        }
+    }
+    if let (Some((low_row, _)), Some((high_row, _))) = (lowest, highest) {
+        if low_row != high_row {
+            synthetic[low_row] = Some(lo);
+            synthetic[high_row] = Some(hi);
+        }
+    }
+}
+
 /// Values that identify rows but were never seen: integers count on from the largest one,
 /// text gets `syn-<n>` labels that no input value equals.
 fn fresh_identifiers(original: &Values, rows: usize) -> Values {
@@ -347,35 +390,55 @@ impl SynthesisJob {
     }
 }
 
-/// Reports progress and epochs of a pipeline running on a blocking thread.
+/// What the pipeline, on a blocking thread, has to say; the job's task relays it.
+enum Note {
+    Stage(f32, String),
+    Epoch {
+        epoch: usize,
+        epochs: usize,
+        loss: f64,
+    },
+}
+
+/// The pipeline's side of the relay: sends notes, reads the cancellation flag directly.
 struct JobMonitor {
     ctx: JobContext,
-    runtime: tokio::runtime::Handle,
+    notes: tokio::sync::mpsc::UnboundedSender<Note>,
 }
 
 impl Monitor for JobMonitor {
     fn stage(&self, fraction: f32, message: &str) {
-        self.runtime
-            .block_on(self.ctx.progress(fraction, message.to_owned()));
+        let _ = self.notes.send(Note::Stage(fraction, message.to_owned()));
     }
 
     fn epoch(&self, epoch: usize, epochs: usize, loss: f64) {
-        let message = format!("epoch {epoch}/{epochs}");
-        self.runtime.block_on(async {
-            self.ctx
-                .report(
-                    message.clone(),
-                    json!({"epoch": epoch, "epochs": epochs, "loss": loss}),
-                )
-                .await;
-            // Training is 10 %–80 % of the job.
-            let fraction = 0.1 + 0.7 * epoch as f32 / epochs as f32;
-            self.ctx.progress(fraction, message).await;
+        let _ = self.notes.send(Note::Epoch {
+            epoch,
+            epochs,
+            loss,
         });
     }
 
     fn checkpoint(&self) -> Result<(), Cancelled> {
         self.ctx.checkpoint()
+    }
+}
+
+async fn relay(ctx: &JobContext, note: Note) {
+    match note {
+        Note::Stage(fraction, message) => ctx.progress(fraction, message).await,
+        Note::Epoch {
+            epoch,
+            epochs,
+            loss,
+        } => {
+            let message = format!("epoch {epoch}/{epochs}");
+            let data = json!({"epoch": epoch, "epochs": epochs, "loss": loss});
+            ctx.report(message.clone(), data).await;
+            // Training is 10 %–80 % of the job.
+            let fraction = 0.1 + 0.7 * epoch as f32 / epochs as f32;
+            ctx.progress(fraction, message).await;
+        }
     }
 }
 
@@ -429,9 +492,10 @@ impl Handler for SynthesisJob {
             .map_err(|e| JobError::Retryable(format!("scratch space: {e}")))?;
         ctx.progress(0.0, "reading the dataset".to_owned()).await;
 
+        let (notes, mut inbox) = tokio::sync::mpsc::unbounded_channel();
         let monitor = JobMonitor {
             ctx: ctx.clone(),
-            runtime: tokio::runtime::Handle::current(),
+            notes,
         };
         let parquet = payload.output_format == OutputFormat::Parquet;
         let scratch = output.clone();
@@ -444,6 +508,10 @@ impl Handler for SynthesisJob {
                 .map_err(|e| JobError::Retryable(format!("writing the synthetic table: {e}")))?;
             Ok(synthesis.report)
         });
+        // The channel closes when the pipeline is done and drops its monitor.
+        while let Some(note) = inbox.recv().await {
+            relay(ctx, note).await;
+        }
         let report = match work.await {
             Ok(Ok(report)) => report,
             Ok(Err(e)) => {
@@ -548,6 +616,18 @@ mod tests {
         assert_eq!(
             fields(json!({"columns": {"age": {"type": "wibble"}}})),
             ["payload.columns.age.type"]
+        );
+    }
+
+    #[test]
+    fn synthetic_numbers_span_the_training_range() {
+        let real = Values::Numbers(vec![Some(1.0), None, Some(9.0), Some(5.0)]);
+        let mut synthetic =
+            Values::Numbers(vec![Some(3.0), Some(12.0), None, Some(2.0), Some(4.0)]);
+        span_range(&real, &mut synthetic);
+        assert_eq!(
+            synthetic,
+            Values::Numbers(vec![Some(3.0), Some(9.0), None, Some(1.0), Some(4.0)])
         );
     }
 
