@@ -12,9 +12,9 @@ use uuid::Uuid;
 
 pub mod canary;
 pub mod import;
+pub mod ingest;
 pub mod patch;
 pub mod synthesis;
-pub mod ingest;
 
 /// Why an attempt failed.
 #[derive(Debug, thiserror::Error)]

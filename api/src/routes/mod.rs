@@ -6,16 +6,16 @@ use axum::{
 
 use crate::AppState;
 
-pub(crate) mod connections;
-pub(crate) mod datasets;
-pub(crate) mod dashboard;
 pub(crate) mod collections;
+pub(crate) mod connections;
+pub(crate) mod dashboard;
+pub(crate) mod datasets;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod ops;
+pub(crate) mod patches;
 pub(crate) mod queues;
 pub(crate) mod session;
-pub(crate) mod patches;
 
 pub fn router() -> Router<AppState> {
     Router::new()
