@@ -7,7 +7,9 @@ import json, os, statistics, subprocess, sys, tempfile, threading, time, urllib.
 N = int(sys.argv[1])
 ROOT = os.getcwd()
 BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
-ADMIN = "postgres://postgres@127.0.0.1:5432/postgres"
+# The PostgreSQL scripts/services answered with (it has pgvector, which the migrations need).
+PG = os.environ.get("CONVEYOR_PG_URL", "postgres://postgres@127.0.0.1:5432")
+ADMIN = f"{PG}/postgres"
 DB = "conveyor_bench"
 PORT = 18080
 PREFIX = f"bench:{uuid.uuid4().hex[:8]}"
@@ -19,7 +21,7 @@ def psql(sql, db=ADMIN):
 
 def env():
     e = dict(os.environ)
-    e.update(CONVEYOR_DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{DB}",
+    e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}",
              CONVEYOR_REDIS_PREFIX=PREFIX, CONVEYOR_LISTEN=f"127.0.0.1:{PORT}",
              CONVEYOR_BODY_LIMIT=str(8 << 20), RUST_LOG="warn")
     return e
