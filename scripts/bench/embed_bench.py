@@ -35,8 +35,8 @@ def mixed(n):
 
 workloads = [
     (f"{N:,} mixed-length sentences", mixed(N)),
-    ("2,000 short sentences (4-16 words)", [sentence(rng.randint(4, 16)) for _ in range(2000)]),
-    ("200 chunks of ~220 tokens", [sentence(200) for _ in range(200)]),
+    (f"{2 * N // 5:,} short sentences (4-16 words)", [sentence(rng.randint(4, 16)) for _ in range(2 * N // 5)]),
+    (f"{N // 25:,} chunks of ~220 tokens", [sentence(200) for _ in range(N // 25)]),
 ]
 
 st = SentenceTransformer(MODEL, device="cpu")

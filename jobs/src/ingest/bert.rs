@@ -163,22 +163,6 @@ fn erf(x: f32) -> f32 {
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn erf_matches_its_table_values() {
-        // erf(x) from Abramowitz & Stegun's Table 7.1.
-        for (x, erf) in [
-            (0.0, 0.0),
-            (0.5, 0.520_499_9),
-            (1.0, 0.842_700_8),
-            (2.0, 0.995_322_3),
-        ] {
-            assert!((super::erf(x) - erf).abs() < 3e-7, "erf({x})");
-            assert!((super::erf(-x) + erf).abs() < 3e-7, "erf(-{x})");
-        }
-    }
-}
 // SAFETY: each (sequence, head) task writes only its own rows × columns of the buffer.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
@@ -284,4 +268,21 @@ fn attention(qkv: &Tensor, lengths: &[usize], heads: usize) -> Result<Tensor> {
         },
     );
     Tensor::from_vec(out, (total, hidden), &Device::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn erf_matches_its_table_values() {
+        // erf(x) from Abramowitz & Stegun's Table 7.1.
+        for (x, erf) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_9),
+            (1.0, 0.842_700_8),
+            (2.0, 0.995_322_3),
+        ] {
+            assert!((super::erf(x) - erf).abs() < 3e-7, "erf({x})");
+            assert!((super::erf(-x) + erf).abs() < 3e-7, "erf(-{x})");
+        }
+    }
 }
