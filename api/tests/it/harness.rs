@@ -22,9 +22,16 @@ pub struct TestApp {
     admin_url: String,
 }
 
+/// `CONVEYOR_TEST_ADMIN_URL`, else the PostgreSQL (with pgvector) that `scripts/services`
+/// last answered with in this checkout, else the default port.
 pub fn admin_url() -> String {
-    std::env::var("CONVEYOR_TEST_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("CONVEYOR_TEST_ADMIN_URL").unwrap_or_else(|_| {
+        let recorded = concat!(env!("CARGO_MANIFEST_DIR"), "/../.data/postgres-url");
+        match std::fs::read_to_string(recorded) {
+            Ok(url) => format!("{}/postgres", url.trim()),
+            Err(_) => "postgres://postgres@127.0.0.1:5432/postgres".into(),
+        }
+    })
 }
 
 impl TestApp {

@@ -2,14 +2,16 @@
 //! on the CPU, pooled and normalised exactly as sentence-transformers does it (mean of the
 //! token vectors under the attention mask, then L2 normalisation).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config, DTYPE};
+use candle_transformers::models::bert::{Config, DTYPE};
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
 };
-use tokenizers::{Encoding, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
+
+use super::bert::Bert;
 
 /// The only model this build serves; collections name it.
 pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -18,10 +20,9 @@ pub const DIMENSIONS: usize = 384;
 /// The model's `max_seq_length` (sentence_bert_config.json), special tokens included. The
 /// shipped tokenizer.json truncates at 128 and pads to 128: both are overridden.
 pub const MAX_SEQUENCE: usize = 256;
-/// Token positions per forward pass (texts × padded length): large enough to keep the matrix
-/// products efficient, small enough that the activations stay in cache-friendly sizes.
-const BATCH_TOKENS: usize = 4096;
-const MAX_BATCH_TEXTS: usize = 64;
+/// Tokens per forward pass: enough rows to keep the matrix products efficient, few enough that
+/// the activations stay small.
+const BATCH_TOKENS: usize = 8192;
 
 /// Why the model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -35,12 +36,11 @@ pub struct ModelError {
 }
 
 pub struct Embedder {
-    model: BertModel,
+    model: Bert,
     /// Truncates at [`MAX_SEQUENCE`], as the model needs.
     tokenizer: Tokenizer,
     /// The same without truncation, to count and split whole documents.
     counter: Tokenizer,
-    device: Device,
 }
 
 impl Embedder {
@@ -61,7 +61,7 @@ impl Embedder {
             serde_json::from_str(&config).map_err(|e| fail(format!("config.json: {e}")))?;
         let mut counter = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| fail(format!("tokenizer.json: {e}")))?;
-        // Each batch is padded to its own longest text (see `forward`), never to a fixed 128.
+        // No padding at all: the model packs each batch's texts end to end (see bert.rs).
         counter.with_padding(None);
         counter
             .with_truncation(None)
@@ -73,18 +73,20 @@ impl Embedder {
                 ..Default::default()
             }))
             .map_err(|e| fail(format!("tokenizer.json: {e}")))?;
-        let device = Device::Cpu;
         // SAFETY: the weights file is only read, and scripts/model never rewrites it in place.
         let weights = unsafe {
-            VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DTYPE, &device)
+            VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                DTYPE,
+                &Device::Cpu,
+            )
         }
         .map_err(|e| fail(format!("model.safetensors: {e}")))?;
-        let model = BertModel::load(weights, &config).map_err(|e| fail(format!("weights: {e}")))?;
+        let model = Bert::load(weights, &config).map_err(|e| fail(format!("weights: {e}")))?;
         Ok(Self {
             model,
             tokenizer,
             counter,
-            device,
         })
     }
 
@@ -99,53 +101,29 @@ impl Embedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        // Texts of similar length share a batch, so little of each batch is padding.
-        let mut order: Vec<usize> = (0..encodings.len()).collect();
-        order.sort_by_key(|&i| encodings[i].len());
-        let mut vectors = vec![Vec::new(); encodings.len()];
-        let mut rest = &order[..];
+        let mut vectors = Vec::with_capacity(encodings.len());
+        let mut rest = &encodings[..];
         while !rest.is_empty() {
             let mut size = 1;
-            while size < rest.len()
-                && size < MAX_BATCH_TEXTS
-                && (size + 1) * encodings[rest[size]].len() <= BATCH_TOKENS
-            {
+            let mut tokens = rest[0].len();
+            while size < rest.len() && tokens + rest[size].len() <= BATCH_TOKENS {
+                tokens += rest[size].len();
                 size += 1;
             }
             let (batch, tail) = rest.split_at(size);
-            let batch_encodings: Vec<&Encoding> = batch.iter().map(|&i| &encodings[i]).collect();
-            for (&i, vector) in batch.iter().zip(self.forward(&batch_encodings)?) {
-                vectors[i] = vector;
-            }
+            let ids: Vec<&[u32]> = batch.iter().map(|e| e.get_ids()).collect();
+            vectors.extend(self.model.mean_pooled(&ids)?.into_iter().map(normalized));
             rest = tail;
         }
         Ok(vectors)
     }
+}
 
-    /// One forward pass over texts padded to the longest of them.
-    fn forward(&self, encodings: &[&Encoding]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let rows = encodings.len();
-        let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0);
-        let mut ids = vec![0u32; rows * len];
-        let mut mask = vec![0u32; rows * len];
-        for (row, encoding) in encodings.iter().enumerate() {
-            let at = row * len;
-            ids[at..at + encoding.len()].copy_from_slice(encoding.get_ids());
-            mask[at..at + encoding.len()].copy_from_slice(encoding.get_attention_mask());
-        }
-        let ids = Tensor::from_vec(ids, (rows, len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (rows, len), &self.device)?;
-        let token_types = ids.zeros_like()?;
-        let hidden = self.model.forward(&ids, &token_types, Some(&mask))?;
-        // Mean pooling over real tokens, as sentence-transformers' Pooling(mean) does.
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-        let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
-        let mean = summed.broadcast_div(&counts)?;
-        // torch.nn.functional.normalize: x / max(‖x‖, 1e-12).
-        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-        mean.broadcast_div(&norms)?.to_vec2()
-    }
+/// torch.nn.functional.normalize: x / max(‖x‖, 1e-12).
+fn normalized(mut vector: Vec<f32>) -> Vec<f32> {
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    vector.iter_mut().for_each(|x| *x /= norm);
+    vector
 }
 
 /// The model, loaded on first use and shared by everything in the process after that.

@@ -236,11 +236,12 @@ pub struct Search<'a> {
 
 pub async fn search(pool: &PgPool, search: Search<'_>) -> sqlx::Result<Vec<Hit>> {
     let mut tx = pool.begin().await?;
-    // Filtered HNSW scans go on until they have k matches (pgvector 0.8 iterative scans);
-    // a wider candidate list keeps recall up.
-    let candidates = (search.k * 4).max(40);
+    // Filtered HNSW scans go on until they have k matches (pgvector 0.8 iterative scans).
+    // A candidate list of 100 (pgvector's default is 40) keeps recall@10 at 0.95 or more on
+    // 100k chunks (scripts/bench/search).
+    let candidates = (search.k * 10).clamp(100, 1000);
     sqlx::query("SELECT set_config('hnsw.ef_search', $1, true), set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-        .bind(candidates.min(1000).to_string())
+        .bind(candidates.to_string())
         .execute(&mut *tx)
         .await?;
     let mut sql = QueryBuilder::<Postgres>::new("WITH ");
