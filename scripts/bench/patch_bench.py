@@ -8,9 +8,10 @@ import json, os, subprocess, sys, time, urllib.request, uuid
 
 ROWS = int(sys.argv[1])
 BIN = os.environ["CONVEYOR_BENCH_BIN"]
-ADMIN = "postgres://postgres@127.0.0.1:5432/postgres"
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+ADMIN = f"{PG}/postgres"
 DB = "conveyor_bench_patch"
-TARGET = f"postgres://postgres@127.0.0.1:5432/{DB}_target"
+TARGET = f"{PG}/{DB}_target"
 PORT = 18081
 STATEMENT = "UPDATE {table} SET val = val + 1, note = note || ' patched' WHERE grp IN (2, 5)"
 
@@ -22,7 +23,7 @@ def psql(sql, db=ADMIN):
 
 def env():
     e = dict(os.environ)
-    e.update(CONVEYOR_DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{DB}",
+    e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}",
              CONVEYOR_TARGET_DATABASE_URL=TARGET,
              CONVEYOR_REDIS_PREFIX=f"bench:{uuid.uuid4().hex[:8]}",
              CONVEYOR_LISTEN=f"127.0.0.1:{PORT}", CONVEYOR_QUEUES="patch=1", RUST_LOG="warn")
