@@ -51,6 +51,13 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Runs one attempt. It must be idempotent: delivery is at least once.
     async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError>;
+
+    /// Called now and then by the maintenance leader (one worker process at a time): clears
+    /// what this kind's jobs left behind that no attempt will clear any more (expired
+    /// snapshots, staging tables of jobs that ended while their worker was gone).
+    async fn sweep(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// The job kinds this build knows, by name.
@@ -131,6 +138,15 @@ impl Registry {
 }
 
 impl Registry {
+    /// [`Handler::sweep`] of every kind; a failing sweep is logged and tried again next time.
+    pub async fn sweep(&self) {
+        for (kind, handler) in &self.handlers {
+            if let Err(e) = handler.sweep().await {
+                tracing::warn!(kind, error = %e, "sweep failed");
+            }
+        }
+    }
+
     /// [`Handler::preflight`] of the kind; unknown kinds were refused by `validate`.
     pub async fn preflight(
         &self,

@@ -169,6 +169,24 @@ impl Targets {
         Ok(cipher.decrypt(&sealed)?)
     }
 
+    /// Pools on every target database: the default one and each registered connection, once
+    /// per URL. For maintenance sweeps; a connection that cannot be read is skipped.
+    pub async fn all(&self) -> anyhow::Result<Vec<PgPool>> {
+        let registered: Vec<(Uuid, Uuid)> =
+            sqlx::query_as("SELECT tenant_id, id FROM connections ORDER BY created_at")
+                .fetch_all(&self.control)
+                .await?;
+        let mut urls = vec![self.default_url.clone()];
+        for (tenant, id) in registered {
+            match self.url(tenant, Some(id)).await {
+                Ok(url) if !urls.contains(&url) => urls.push(url),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(connection = %id, error = %e, "connection skipped"),
+            }
+        }
+        urls.into_iter().map(|url| self.pool_for(url)).collect()
+    }
+
     /// A pool on the tenant's connection (or the default target), created lazily.
     pub async fn pool(
         &self,
@@ -176,6 +194,10 @@ impl Targets {
         connection: Option<Uuid>,
     ) -> Result<PgPool, TargetError> {
         let url = self.url(tenant, connection).await?;
+        Ok(self.pool_for(url)?)
+    }
+
+    fn pool_for(&self, url: String) -> anyhow::Result<PgPool> {
         if let Some(pool) = self.pools.lock().expect("targets lock").get(&url) {
             return Ok(pool.clone());
         }

@@ -102,7 +102,27 @@ impl IntoResponse for Problem {
 
 impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
-        Problem::internal(e)
+        if database_unreachable(&e) {
+            // A restart or a failover: nothing was accepted, and the client may try again.
+            Problem::unavailable(format!("PostgreSQL is unreachable, try again: {e}"))
+        } else {
+            Problem::internal(e)
+        }
+    }
+}
+
+/// The database is down or restarting (no connection, or it is shutting down or starting).
+fn database_unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
     }
 }
 

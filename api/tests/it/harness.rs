@@ -40,8 +40,12 @@ impl TestApp {
     }
 
     pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_on(admin_url(), configure).await
+    }
+
+    /// A deployment on the PostgreSQL server behind `admin_url` (a private one, say).
+    pub async fn spawn_on(admin_url: String, configure: impl FnOnce(&mut Settings)) -> Self {
         shared::telemetry::init("warn");
-        let admin_url = admin_url();
         let db_name = format!("conveyor_test_{}", Uuid::new_v4().simple());
         let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
             .await

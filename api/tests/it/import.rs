@@ -439,6 +439,41 @@ async fn cancel_mid_import_leaves_the_target_untouched() {
     assert_eq!(psql(app.target_url(), "SELECT count(*) FROM pg_tables WHERE schemaname = 'conveyor' AND tablename LIKE 'import\\_%'"), "0");
 }
 
+/// A job whose last attempt died with its worker leaves its staging table behind: the
+/// maintenance sweep drops it once the job has ended, and only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_drops_staging_tables_of_ended_imports_only() {
+    let app = TestApp::spawn().await;
+    let dataset = app.upload_dataset("small.csv", b"a\n1\n").await;
+    let payload = json!({"dataset_id": dataset, "target": {"table": "t"}, "mode": "create"});
+    let (ended, waiting) = (
+        submit_import(&app, payload.clone()).await,
+        submit_import(&app, payload).await,
+    );
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{ended}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let unknown = Uuid::new_v4();
+    let staging = |job: Uuid| format!("import_{}", job.simple());
+    psql(app.target_url(), "CREATE SCHEMA IF NOT EXISTS conveyor");
+    for job in [ended, waiting, unknown] {
+        psql(
+            app.target_url(),
+            &format!("CREATE TABLE conveyor.{} (a int)", staging(job)),
+        );
+    }
+    app.registry().sweep().await;
+    let left = psql(
+        app.target_url(),
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables \
+         WHERE schemaname = 'conveyor' AND tablename LIKE 'import\\_%'",
+    );
+    let mut expected = [staging(waiting), staging(unknown)];
+    expected.sort();
+    assert_eq!(left, expected.join(","));
+}
+
 async fn wait_for_progress(app: &TestApp, id: Uuid) {
     let deadline = Instant::now() + WAIT;
     loop {

@@ -165,3 +165,37 @@ async fn out_of_attempts_fails_and_a_manual_retry_runs_again() {
         "only failed or cancelled jobs retry: {problem}"
     );
 }
+
+/// A backlog larger than one Lua call could move when jobs went through apalis' own push path
+/// (it jammed for good past about 8,000 waiting entries): 10,000 jobs queued before any worker
+/// runs all succeed.
+#[tokio::test]
+async fn a_backlog_of_10000_jobs_drains_completely() {
+    let mut app = TestApp::spawn_with(|s| s.body_limit = 1 << 20).await;
+    for _ in 0..10 {
+        let jobs: Vec<_> = (0..1000)
+            .map(|_| json!({"kind": "canary", "payload": {"steps": 0}}))
+            .collect();
+        let (status, body) = app.post("/v1/jobs/batch", &json!({"jobs": jobs})).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    app.start_worker_for(&[("canary", 32)]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let count = |status: &'static str| {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE status = $1")
+            .bind(status)
+            .fetch_one(app.pool())
+    };
+    loop {
+        let succeeded = count("succeeded").await.unwrap();
+        if succeeded == 10_000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{succeeded} of 10,000 succeeded"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(count("failed").await.unwrap(), 0);
+}

@@ -8,6 +8,7 @@ use shared::{connections::TargetError, datasets, JobContext};
 use sqlx::{postgres::PgPoolCopyExt, PgPool};
 use std::{borrow::Cow, path::PathBuf, sync::atomic::Ordering, time::Instant};
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use super::{
     quote_ident,
@@ -148,6 +149,40 @@ pub async fn run(
         }
     }
     outcome
+}
+
+/// Drops the staging tables in `target` of jobs that ended (in the control plane `control`)
+/// without dropping their own: a job whose last attempt died with its worker. Tables of jobs
+/// this control plane does not know are left alone: another deployment may share the target.
+pub async fn sweep_staging(target: &PgPool, control: &PgPool) -> sqlx::Result<Vec<String>> {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'conveyor' AND c.relkind = 'r' AND c.relname ~ '^import_[0-9a-f]{32}$'",
+    )
+    .fetch_all(target)
+    .await?;
+    let jobs: Vec<Uuid> = tables
+        .iter()
+        .filter_map(|t| Uuid::parse_str(&t["import_".len()..]).ok())
+        .collect();
+    let ended: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE id = ANY($1) AND status IN ('succeeded', 'failed', 'cancelled')",
+    )
+    .bind(&jobs)
+    .fetch_all(control)
+    .await?;
+    let mut dropped = Vec::new();
+    for job in ended {
+        let staging = format!(
+            "conveyor.{}",
+            quote_ident(&format!("import_{}", job.simple()))
+        );
+        sqlx::query(&format!("DROP TABLE IF EXISTS {staging}"))
+            .execute(target)
+            .await?;
+        dropped.push(staging);
+    }
+    Ok(dropped)
 }
 
 /// The `conveyor` schema in the target: staging tables and the record of finished imports.

@@ -347,4 +347,19 @@ impl Handler for Import {
             .map_err(|e| JobError::Permanent(format!("bad payload: {e}")))?;
         load::run(&self.services, ctx, &payload).await
     }
+
+    /// Staging tables of imports that ended while their worker was gone.
+    async fn sweep(&self) -> anyhow::Result<()> {
+        for target in self.services.targets.all().await? {
+            match load::sweep_staging(&target, &self.services.pool).await {
+                Ok(dropped) => {
+                    for table in dropped {
+                        tracing::info!(table, "dropped the staging table of an ended import");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "staging sweep skipped a target"),
+            }
+        }
+        Ok(())
+    }
 }

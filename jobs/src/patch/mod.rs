@@ -443,6 +443,21 @@ impl Handler for Patch {
         let retention = self.services.settings.snapshot_retention;
         run::run(ctx, &payload, checked, &pool, retention).await
     }
+
+    /// Snapshots past their retention are dropped even when no patch runs any more.
+    async fn sweep(&self) -> anyhow::Result<()> {
+        for pool in self.services.targets.all().await? {
+            match snapshot::sweep(&pool).await {
+                Ok(dropped) => {
+                    for table in dropped {
+                        tracing::info!(table, "dropped expired patch snapshot");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "snapshot sweep skipped a target"),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A database error as a job error: bad data or SQL fails for good, the rest is retried.

@@ -1,5 +1,5 @@
 //! `patch_rollback`: restores the before-images a patch job saved, in batches. A row changed
-//! since the patch (its md5 differs from the one the patch left, or it was deleted or
+//! since the patch (written by a transaction other than the patch's batch, or deleted or
 //! re-inserted) is a conflict: with any conflict the rollback restores nothing unless `force`,
 //! and even then never overwrites the conflicting rows.
 
@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::{
     job_error,
     run::{limit_time, next_batch_size, transient},
-    snapshot::{self, Record, AFTER_MD5},
+    snapshot::{self, Record, AFTER_XID},
     table::{self, quote, Table},
     Mode, PatchPayload,
 };
@@ -284,7 +284,7 @@ impl Restore<'_> {
         let changed = if self.is_delete() {
             "a IS NOT NULL".to_owned() // deleted by the patch, there again now
         } else {
-            format!("a IS NULL OR md5(a::text) IS DISTINCT FROM s.{AFTER_MD5}",)
+            format!("a IS NULL OR a.xmin <> s.{AFTER_XID}::xid")
         };
         let rows = sqlx::query(&format!(
             "SELECT count(*) OVER () AS total, {keys} AS key
@@ -340,7 +340,7 @@ impl Restore<'_> {
                 .collect();
             format!(
                 "UPDATE {table} AS a SET {set} FROM batch b
-                 WHERE ({a}) = ({b}) AND md5(a::text) = b.{AFTER_MD5}
+                 WHERE ({a}) = ({b}) AND a.xmin = b.{AFTER_XID}::xid
                  RETURNING 1",
                 table = t.qualified,
                 set = set.join(", "),

@@ -140,11 +140,22 @@ enum Batch {
         rows: i64,
         last_key: Vec<String>,
         elapsed: Duration,
+        /// From the change to the commit: how long the batch held its row locks.
+        locked: Duration,
     },
     /// Committing it would pass `max_rows`: rolled back.
     OverLimit { rows: i64 },
     /// Another attempt moved the checkpoint: rolled back.
     Moved,
+}
+
+/// What this attempt of an execute did, for the result.
+struct Attempt {
+    rows: i64,
+    elapsed: Duration,
+    longest: Duration,
+    longest_lock: Duration,
+    last_size: i64,
 }
 
 struct Execution<'a> {
@@ -172,15 +183,19 @@ impl Execution<'_> {
                 ))
                 .await;
             }
-            let first = snapshot::batch_sql(plan, &record.snapshot_table, true);
-            let next = snapshot::batch_sql(plan, &record.snapshot_table, false);
+            let scans = [
+                snapshot::scan_sql(plan, true),
+                snapshot::scan_sql(plan, false),
+            ];
+            let change = snapshot::change_sql(plan, &record.snapshot_table);
             let target = Duration::from_millis(self.payload.target_batch_ms);
             let mut size = self
                 .payload
                 .batch_size
                 .map(i64::from)
                 .unwrap_or(FIRST_BATCH);
-            let (mut longest, started) = (Duration::ZERO, Instant::now());
+            let (mut longest, mut longest_lock) = (Duration::ZERO, Duration::ZERO);
+            let started = Instant::now();
             let mut retries = 0;
             let mut last_key = record.last_key.clone();
             let mut done = record.rows_done;
@@ -188,19 +203,21 @@ impl Execution<'_> {
                 // Cancel stops between batches: what is applied stays, checkpointed; a retry
                 // resumes and `patch_rollback` restores it.
                 ctx.checkpoint()?;
-                let sql = if last_key.is_none() { &first } else { &next };
+                let scan = &scans[usize::from(last_key.is_some())];
                 let room = self.payload.max_rows.map(|m| m as i64 - done);
-                match self.batch(sql, &last_key, size, room).await {
+                match self.batch(scan, &change, &last_key, size, room).await {
                     Ok(Batch::Done) => break,
                     Ok(Batch::Applied {
                         rows,
                         last_key: key,
                         elapsed,
+                        locked,
                     }) => {
                         retries = 0;
                         done += rows;
                         last_key = Some(key);
                         longest = longest.max(elapsed);
+                        longest_lock = longest_lock.max(locked);
                         if self.payload.batch_size.is_none() {
                             size = next_batch_size(size, elapsed, target);
                         }
@@ -248,6 +265,7 @@ impl Execution<'_> {
                     "elapsed_ms": elapsed.as_millis() as u64,
                     "rows_per_sec": rows as f64 / elapsed.as_secs_f64().max(1e-9),
                     "longest_batch_ms": longest.as_secs_f64() * 1000.0,
+                    "longest_lock_ms": longest_lock.as_secs_f64() * 1000.0,
                     "last_batch_size": size,
                 }),
             )
@@ -256,7 +274,13 @@ impl Execution<'_> {
                 &record,
                 assessment,
                 resumed_from,
-                Some((rows, elapsed, longest, size)),
+                Some(Attempt {
+                    rows,
+                    elapsed,
+                    longest,
+                    longest_lock,
+                    last_size: size,
+                }),
             ));
         }
         Ok(self.result(&record, assessment, resumed_from, None))
@@ -304,11 +328,15 @@ impl Execution<'_> {
             .map_err(job_error)
     }
 
-    /// One batch in its own short transaction (repeatable read: the rows it copies are the
-    /// rows it changes, or it fails and is retried).
+    /// One batch in its own short transaction, in two phases: find the rows (no lock taken),
+    /// then change them, copy their before-images and move the checkpoint (row locks held until
+    /// the commit, at most the lock budget: past it the change is cancelled and retried
+    /// smaller). Repeatable read: the rows it copies are the rows it changes, or it fails and
+    /// is retried.
     async fn batch(
         &self,
-        sql: &str,
+        scan: &str,
+        change: &str,
         last_key: &Option<Vec<String>>,
         size: i64,
         room: Option<i64>,
@@ -320,32 +348,45 @@ impl Execution<'_> {
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .await?;
         limit_time(&mut tx, (2 * target).max(1_000), (20 * target).max(10_000)).await?;
-        let row = sqlx::query(sql)
-            .bind(self.ctx.job_id())
+        let row = sqlx::query(scan)
             .bind(last_key)
             .bind(size)
             .fetch_one(&mut *tx)
             .await?;
-        let rows: i64 = row.get("rows");
+        let tids: Vec<String> = row.get("tids");
         let key: Option<Vec<String>> = row.get("last_key");
-        let marked: bool = row.get("marked");
-        if !marked {
-            tx.rollback().await?;
-            return Ok(Batch::Moved);
-        }
-        let Some(key) = key.filter(|_| rows > 0) else {
+        let Some(key) = key.filter(|_| !tids.is_empty()) else {
             tx.rollback().await?;
             return Ok(Batch::Done);
         };
+        let rows = tids.len() as i64;
         if room.is_some_and(|room| rows > room) {
             tx.rollback().await?;
             return Ok(Batch::OverLimit { rows });
+        }
+        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+            .bind(format!("{}ms", lock_budget_ms(target)))
+            .execute(&mut *tx)
+            .await?;
+        let locked = Instant::now();
+        let row = sqlx::query(change)
+            .bind(self.ctx.job_id())
+            .bind(&tids)
+            .bind(last_key)
+            .bind(&key)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (changed, marked): (i64, bool) = (row.get("rows"), row.get("marked"));
+        if !marked || changed != rows {
+            tx.rollback().await?;
+            return Ok(Batch::Moved);
         }
         tx.commit().await?;
         Ok(Batch::Applied {
             rows,
             last_key: key,
             elapsed: started.elapsed(),
+            locked: locked.elapsed(),
         })
     }
 
@@ -363,7 +404,7 @@ impl Execution<'_> {
         record: &snapshot::Record,
         assessment: &Assessment,
         resumed_from: i64,
-        this_attempt: Option<(i64, Duration, Duration, i64)>,
+        this_attempt: Option<Attempt>,
     ) -> Value {
         let mut result = json!({
             "mode": "execute",
@@ -377,13 +418,16 @@ impl Execution<'_> {
             "snapshots": [record.listing()],
             "preflight": assessment,
         });
-        if let Some((rows, elapsed, longest, size)) = this_attempt {
+        if let Some(attempt) = this_attempt {
+            let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
             let extra = json!({
-                "attempt_rows": rows,
-                "elapsed_ms": elapsed.as_millis() as u64,
-                "rows_per_sec": (rows as f64 / elapsed.as_secs_f64().max(1e-9)).round(),
-                "longest_batch_ms": (longest.as_secs_f64() * 1e4).round() / 10.0,
-                "last_batch_size": size,
+                "attempt_rows": attempt.rows,
+                "elapsed_ms": attempt.elapsed.as_millis() as u64,
+                "rows_per_sec": (attempt.rows as f64 / attempt.elapsed.as_secs_f64().max(1e-9))
+                    .round(),
+                "longest_batch_ms": ms(attempt.longest),
+                "longest_lock_ms": ms(attempt.longest_lock),
+                "last_batch_size": attempt.last_size,
             });
             if let (Some(r), Some(e)) = (result.as_object_mut(), extra.as_object()) {
                 r.extend(e.clone());
@@ -400,6 +444,12 @@ pub fn next_batch_size(size: i64, elapsed: Duration, target: Duration) -> i64 {
     let ideal = size as f64 * target.as_secs_f64() / took;
     let bounded = ideal.clamp(size as f64 / 2.0, size as f64 * 2.0);
     (bounded as i64).clamp(MIN_BATCH, MAX_BATCH)
+}
+
+/// How long a batch may hold row locks: past it the change is cancelled and the batch retried
+/// at half the size (450 ms at the default 200 ms target; the commit follows in milliseconds).
+pub fn lock_budget_ms(target_batch_ms: u64) -> u64 {
+    (target_batch_ms * 9 / 4).max(100)
 }
 
 /// Settings of a batch transaction: its time limits and its plan shape.

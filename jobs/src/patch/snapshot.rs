@@ -4,8 +4,10 @@
 //! - `conveyor_snapshots.patches`: one row per executed patch job: the table, its key, how far
 //!   the patch got (`last_key`, `rows_done`), how far a rollback got, when the snapshot expires.
 //! - `conveyor_snapshots.patch_<job id>`: the before-image of every changed row (the table's
-//!   columns) and the md5 of its after-image, by which a rollback sees whether the row changed
-//!   since; uniquely indexed by the table's key once the patch ends.
+//!   columns) and the id of the transaction that wrote its after-image: a rollback sees that a
+//!   row changed since when its `xmin` is another transaction's (cheaper than hashing every
+//!   after-image, and it also catches a write of the same values); uniquely indexed by the
+//!   table's key once the patch ends.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -18,8 +20,9 @@ use super::{guard::Operation, table::quote, Plan};
 pub const SCHEMA: &str = "conveyor_snapshots";
 /// Serialises the creation of the schema by concurrent jobs ("snapshot" in ASCII).
 const SETUP_LOCK: i64 = 0x736e617073686f74;
-/// Column of a snapshot table holding the md5 of the row as the patch left it.
-pub const AFTER_MD5: &str = "conveyor_after_md5";
+/// Column of a snapshot table holding the id of the transaction that wrote the row's
+/// after-image (`xid8`; NULL for a delete).
+pub const AFTER_XID: &str = "conveyor_after_xid";
 
 /// A patch's row in `conveyor_snapshots.patches`.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -138,6 +141,18 @@ pub async fn drop_expired(pool: &PgPool) -> sqlx::Result<Vec<String>> {
     Ok(dropped)
 }
 
+/// [`drop_expired`] in a target database where patches ran.
+pub async fn sweep(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+    let registry: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('conveyor_snapshots.patches')::text")
+            .fetch_one(pool)
+            .await?;
+    match registry {
+        Some(_) => drop_expired(pool).await,
+        None => Ok(Vec::new()),
+    }
+}
+
 pub async fn load(pool: &PgPool, job: Uuid) -> sqlx::Result<Option<Record>> {
     sqlx::query_as("SELECT * FROM conveyor_snapshots.patches WHERE job_id = $1")
         .bind(job)
@@ -156,7 +171,7 @@ pub async fn create(
     let snapshot = snapshot_table(job);
     let mut tx = pool.begin().await?;
     sqlx::query(&format!(
-        "CREATE TABLE {snapshot} (LIKE {}, {AFTER_MD5} text)",
+        "CREATE TABLE {snapshot} (LIKE {}, {AFTER_XID} xid8)",
         plan.table.qualified
     ))
     .execute(&mut *tx)
@@ -217,68 +232,79 @@ pub async fn finish(pool: &PgPool, record: &Record) -> sqlx::Result<Record> {
     .await
 }
 
-/// One batch of an execute, as one statement: pick the next `$3` rows after key `$2` among
-/// the rows the WHERE clause matches (their whole before-image and physical address, read from
-/// the statement's snapshot), apply the change to exactly those rows, copy the before-images
-/// and the md5 of the after-images into the snapshot table, and advance the checkpoint of job
-/// `$1`. The checkpoint only moves from where this attempt believes it is (`$2`): `marked` is
-/// false when another attempt moved it (a job rescued from a worker that was not dead after
-/// all), and the caller rolls back and reloads. `first` omits the lower bound.
-pub fn batch_sql(plan: &Plan, snapshot: &str, first: bool) -> String {
+/// The first phase of a batch, which takes no lock: the addresses of the next `$2` rows after
+/// key `$1` that the WHERE clause matches (from the start if `first`), and the last key among
+/// them. Scanning past rows the filter skips is the slow part of a sparse patch; doing it
+/// before any row is locked keeps the locking phase short.
+pub fn scan_sql(plan: &Plan, first: bool) -> String {
     let t = &plan.table;
     let q = &plan.qualifier;
     let mut filter = plan.checked.filter.clone().map(|f| format!("({f})"));
     if !first {
-        let bound = format!("({}) > ({})", t.key_list(q), t.key_param(2));
+        let bound = format!("({}) > ({})", t.key_list(q), t.key_param(1));
         filter = Some(match filter {
             Some(f) => format!("{f} AND {bound}"),
             None => bound,
         });
     }
     let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
-    // The batch's rows are found by their address (a TID scan), not a second key look-up;
-    // under repeatable read a row changed meanwhile fails the batch, which is then retried.
+    format!(
+        "WITH batch AS (
+             SELECT {q}.ctid AS conveyor_ctid, {select}
+               FROM {target}{filter} ORDER BY {keys} LIMIT $2
+         )
+         SELECT coalesce((SELECT array_agg(conveyor_ctid::text) FROM batch), '{{}}') AS tids,
+                (SELECT {key_text} FROM batch ORDER BY {desc} LIMIT 1) AS last_key",
+        select = t.key_select(q),
+        target = plan.target,
+        keys = t.key_list(q),
+        key_text = t.key_text(),
+        desc = t.key_desc(),
+    )
+}
+
+/// The second phase of a batch, in the same repeatable-read transaction, as one statement:
+/// change exactly the rows at addresses `$2` (the scan's rows: a row changed by someone else
+/// since fails the transaction, which is retried), copy their before-images into the snapshot
+/// table with the id of the transaction that wrote their after-images, and move the checkpoint
+/// of job `$1` from `$3` to `$4`. `marked` is false when another attempt moved the checkpoint
+/// (a job rescued from a worker that was not dead after all): the caller rolls back and
+/// reloads. Row locks are held from this statement to the commit.
+pub fn change_sql(plan: &Plan, snapshot: &str) -> String {
+    let q = &plan.qualifier;
     let (change, after) = match plan.checked.operation {
         Operation::Update => (
             format!(
                 "UPDATE {} SET {} FROM batch conveyor_batch",
                 plan.target, plan.checked.set
             ),
-            format!("md5({q}::text)"),
+            "pg_current_xact_id()",
         ),
         Operation::Delete => (
             format!("DELETE FROM {} USING batch conveyor_batch", plan.target),
-            "NULL::text".to_owned(),
+            "NULL::xid8",
         ),
     };
     format!(
         "WITH batch AS (
-             SELECT {q} AS conveyor_before, {q}.ctid AS conveyor_ctid, {select}
-             FROM {target}{filter} ORDER BY {keys} LIMIT $3
+             SELECT {q} AS conveyor_before, {q}.ctid AS conveyor_ctid
+             FROM {target} WHERE {q}.ctid = ANY($2::text[]::tid[])
          ), changed AS (
              {change} WHERE {q}.ctid = conveyor_batch.conveyor_ctid
-             RETURNING {slots}, conveyor_batch.conveyor_before, {after} AS after_md5
+             RETURNING conveyor_batch.conveyor_before
          ), saved AS (
              INSERT INTO {snapshot}
-             SELECT (c.conveyor_before).*, c.after_md5 FROM changed c
+             SELECT (c.conveyor_before).*, {after} FROM changed c
              RETURNING 1
-         ), last AS (
-             SELECT {key_text} AS key FROM changed ORDER BY {desc} LIMIT 1
          ), mark AS (
              UPDATE conveyor_snapshots.patches
              SET rows_done = rows_done + (SELECT count(*) FROM saved), batches = batches + 1,
-                 last_key = coalesce((SELECT key FROM last), $2::text[])
-             WHERE job_id = $1 AND last_key IS NOT DISTINCT FROM $2::text[]
+                 last_key = $4::text[]
+             WHERE job_id = $1 AND last_key IS NOT DISTINCT FROM $3::text[]
              RETURNING 1
          )
-         SELECT (SELECT count(*) FROM saved) AS rows, (SELECT key FROM last) AS last_key,
-                (SELECT count(*) FROM mark) = 1 AS marked",
-        select = t.key_select(q),
+         SELECT (SELECT count(*) FROM saved) AS rows, (SELECT count(*) FROM mark) = 1 AS marked",
         target = plan.target,
-        keys = t.key_list(q),
-        slots = t.key_slots_of("conveyor_batch"),
-        key_text = t.key_text(),
-        desc = t.key_desc(),
     )
 }
 
@@ -306,18 +332,26 @@ mod tests {
             estimated_rows: 10.0,
         };
         let plan = Plan::new(checked, table).unwrap();
-        let next = batch_sql(&plan, "\"conveyor_snapshots\".\"patch_1\"", false);
-        assert!(next.contains(
-            "x.\"id\" AS conveyor_k1
-             FROM \"public\".\"t\" AS x WHERE (x.b > 3) AND (x.\"id\") > \
-             (($2::text[])[1]::bigint) ORDER BY x.\"id\" LIMIT $3"
-        ));
-        assert!(next.contains(
-            "UPDATE \"public\".\"t\" AS x SET a = x.a + 1 FROM batch conveyor_batch WHERE \
+        let next = scan_sql(&plan, false);
+        assert!(
+            next.contains(
+                "x.\"id\" AS conveyor_k1
+               FROM \"public\".\"t\" AS x WHERE (x.b > 3) AND (x.\"id\") > \
+             (($1::text[])[1]::bigint) ORDER BY x.\"id\" LIMIT $2"
+            ),
+            "{next}"
+        );
+        let first = scan_sql(&plan, true);
+        assert!(!first.contains(") > (($1"), "{first}");
+        let change = change_sql(&plan, "\"conveyor_snapshots\".\"patch_1\"");
+        assert!(
+            change.contains(
+                "UPDATE \"public\".\"t\" AS x SET a = x.a + 1 FROM batch conveyor_batch WHERE \
              x.ctid = conveyor_batch.conveyor_ctid"
-        ));
-        let first = batch_sql(&plan, "s", true);
-        assert!(!first.contains(") > (($2"), "{first}");
+            ),
+            "{change}"
+        );
+        assert!(change.contains("INSERT INTO \"conveyor_snapshots\".\"patch_1\""));
         assert_eq!(
             plan.statement(),
             "UPDATE \"public\".\"t\" AS x SET a = x.a + 1 WHERE (x.b > 3)"
