@@ -20,6 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 /// How long one XREAD blocks before the feed checks whether anyone still listens.
 const BLOCK: Duration = Duration::from_secs(5);
+/// After a batch, how long a feed waits before its next XREAD, so that the events appended
+/// meanwhile go out as one batch: with hundreds of events a second on a stream and thousands of
+/// subscribers, a write per subscriber per event would swamp the API (and its clients); one
+/// per batch costs each event at most this much delay. A quiet stream's first event still
+/// goes out at once.
+const LINGER: Duration = Duration::from_millis(20);
 /// Entries per XREAD.
 const COUNT: usize = 1000;
 /// Batches a slow subscriber may fall behind before it replays from Redis.
@@ -215,6 +221,10 @@ impl Hub {
                             cursor = Some(last.id.clone());
                             // No receiver is fine: the next check stops the feed.
                             let _ = tx.send(Arc::new(Batch::render(&entries)));
+                            tokio::select! {
+                                _ = tokio::time::sleep(LINGER) => {}
+                                _ = self.stopping.cancelled() => {}
+                            }
                         }
                         Ok(())
                     }

@@ -10,7 +10,8 @@ from sentence_transformers import SentenceTransformer
 
 MODEL, N = sys.argv[1], int(sys.argv[2])
 TARGET = os.environ.get("CARGO_TARGET_DIR", "target")
-EMBED = os.path.join(TARGET, "release", "examples", "embed")
+EMBED = os.path.join(os.environ.get("BENCH_BIN") or os.path.join(TARGET, "release", "examples"),
+                     "embed")
 
 # Whole-word entries of the model's own vocabulary: realistic tokens, one per word mostly.
 words = [w for w in open(os.path.join(MODEL, "vocab.txt")).read().split()

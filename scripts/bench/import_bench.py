@@ -7,7 +7,8 @@ import json, os, random, subprocess, sys, time, urllib.request, uuid
 
 ROWS = int(sys.argv[1])
 ROOT = os.getcwd()
-BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+BIN = os.environ.get("BENCH_BIN") or os.path.join(
+    os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 ADMIN = f"{PG}/postgres"
 DB, TARGET = "conveyor_bench", "conveyor_bench_target"

@@ -79,6 +79,23 @@ impl Queues {
         Ok(())
     }
 
+    /// The Pub/Sub channel on which cancel requests are announced, so that the worker running
+    /// the job stops it at once rather than at its next heartbeat (which still looks, for
+    /// announcements missed while it was disconnected).
+    pub fn cancel_channel(&self) -> String {
+        format!("{}:cancel", self.prefix)
+    }
+
+    pub async fn announce_cancel(&self, job: Uuid) -> anyhow::Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(self.cancel_channel())
+            .arg(job.to_string())
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     /// Which of these messages are still held by `kind`'s queue (waiting or in flight).
     pub async fn present(
         &self,

@@ -121,6 +121,7 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     runtime.heartbeat_once().await?;
     tasks.spawn(runtime.clone().heartbeat_loop(stop_taking.clone()));
+    tasks.spawn(runtime.clone().cancel_listener());
     tasks.spawn(maintenance::run(runtime.clone(), stop_taking.clone()));
     for (kind, concurrency) in queues.0 {
         tasks.spawn(

@@ -191,6 +191,33 @@ impl Runtime {
         Ok(())
     }
 
+    /// Stops running jobs as their cancel is announced on Redis Pub/Sub; reconnects after a
+    /// lost connection (the heartbeat covers what was announced meanwhile).
+    pub(crate) async fn cancel_listener(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.listen_for_cancels().await {
+                tracing::debug!(error = %e, "cancel announcements interrupted");
+            }
+            tokio::time::sleep(self.settings.heartbeat).await;
+        }
+    }
+
+    async fn listen_for_cancels(&self) -> anyhow::Result<()> {
+        let client = redis::Client::open(self.settings.redis_url.as_str())?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(self.queues.cancel_channel()).await?;
+        let mut messages = pubsub.on_message();
+        while let Some(message) = futures::StreamExt::next(&mut messages).await {
+            let Ok(id) = message.get_payload::<String>()?.parse::<Uuid>() else {
+                continue;
+            };
+            if let Some(job) = self.running.lock().expect("running lock").get(&id) {
+                job.token.cancel();
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.settings.heartbeat);
         // Keep heart-beating while draining: running jobs still hold their lease.

@@ -332,6 +332,9 @@ pub async fn cancel(
                 if let Err(e) = state.events.append(&[(tenant.0, event)]).await {
                     tracing::warn!(error = %e, "cancel event not appended");
                 }
+            } else if let Err(e) = state.queues.announce_cancel(job.id).await {
+                // Its worker's next heartbeat still sees the request.
+                tracing::warn!(error = %e, "cancel not announced");
             }
             Ok(Json(job))
         }

@@ -87,6 +87,34 @@ async fn a_running_job_stops_at_its_next_checkpoint() {
     assert!(job["progress"].as_f64().unwrap() < 1.0);
 }
 
+/// The cancel is announced over Redis Pub/Sub: the job stops long before the worker's next
+/// heartbeat (20 s here) would have told it.
+#[tokio::test]
+async fn a_cancel_reaches_the_running_job_before_the_next_heartbeat() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.heartbeat = Duration::from_secs(20);
+        s.rescue_after = Duration::from_secs(120);
+    })
+    .await;
+    app.start_worker(1).await;
+    let id = app
+        .submit_canary(json!({"steps": 400, "step_ms": 50}))
+        .await;
+    app.wait_status(id, &["running"], WAIT).await;
+    let asked = std::time::Instant::now();
+    let (status, job) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 200, "{job}");
+    let job = app
+        .wait_status(id, &["cancelled", "succeeded", "failed"], WAIT)
+        .await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "stopped after {:?}",
+        asked.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn failed_attempts_back_off_and_retry_until_success() {
     let mut app = TestApp::spawn().await;
