@@ -1,23 +1,16 @@
-//! Streams a stored file (a dataset or an artifact) to the client.
+//! Streams a stored object (a dataset or an artifact) to the client.
 
 use axum::{
     body::Body,
     http::header,
     response::{IntoResponse, Response},
 };
-use shared::Problem;
-use std::path::Path;
+use shared::{objects::ObjectStream, Problem};
 
-pub async fn serve(path: &Path, file_name: &str) -> Result<Response, Problem> {
-    let file = match tokio::fs::File::open(path).await {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Problem::not_found("file"));
-        }
-        Err(e) => return Err(Problem::internal(e)),
-    };
-    let length = file.metadata().await.map_err(Problem::internal)?.len();
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 16));
+/// The object's bytes as an attachment named `file_name`; 404 when it is not stored.
+pub fn serve(stored: Option<(u64, ObjectStream)>, file_name: &str) -> Result<Response, Problem> {
+    let (length, stream) = stored.ok_or_else(|| Problem::not_found("file"))?;
+    let body = Body::from_stream(stream);
     // The name came from a client or a handler: keep it to safe characters in the header.
     let safe_name: String = file_name
         .chars()

@@ -80,12 +80,40 @@ pub struct Services {
 impl Services {
     pub fn new(settings: Arc<Settings>, pool: PgPool) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
-            objects: ObjectStore::new(&settings.data_dir),
+            objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
             targets: Targets::new(pool.clone(), &settings)?,
             embedder: ingest::embed::SharedEmbedder::new(&settings.model_dir),
             settings,
             pool,
         }))
+    }
+}
+
+impl Services {
+    /// Runs a job kind's `sweep` on every target database and logs what it dropped. A target
+    /// that fails is skipped until the next sweep; one whose database does not exist (a
+    /// default target never used) has nothing to sweep.
+    pub(crate) async fn sweep_targets<F, Fut>(
+        &self,
+        dropped_what: &str,
+        sweep: F,
+    ) -> anyhow::Result<()>
+    where
+        F: Fn(PgPool) -> Fut,
+        Fut: std::future::Future<Output = sqlx::Result<Vec<String>>>,
+    {
+        for pool in self.targets.all().await? {
+            match sweep(pool).await {
+                Ok(dropped) => {
+                    for table in dropped {
+                        tracing::info!(table, "dropped {dropped_what}");
+                    }
+                }
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("3D000") => {}
+                Err(e) => tracing::warn!(error = %e, "sweep of {dropped_what} skipped a target"),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -159,6 +187,29 @@ impl Registry {
             None => Ok(()),
         }
     }
+}
+
+/// The tenant's dataset that `payload.dataset_id` names, for a job that reads rows: 404 when
+/// the tenant has no such dataset, 422 when it is a document (those are for `ingest`).
+pub(crate) async fn table_dataset(
+    pool: &PgPool,
+    tenant: Uuid,
+    id: Uuid,
+) -> Result<shared::datasets::Dataset, Problem> {
+    let dataset = shared::datasets::get(pool, tenant, id)
+        .await?
+        .ok_or_else(|| Problem::not_found("dataset"))?;
+    if !dataset.format.is_table() {
+        return Err(Problem::validation(vec![FieldError::new(
+            "payload.dataset_id",
+            format!(
+                "{} is a document, not a table: upload CSV, TSV, NDJSON or Parquet (documents are \
+                 for ingest jobs)",
+                dataset.name
+            ),
+        )]));
+    }
+    Ok(dataset)
 }
 
 /// Parses a payload into its type, turning serde's complaint into a field error.

@@ -14,6 +14,9 @@ pub enum Format {
     Tsv,
     Ndjson,
     Parquet,
+    /// A document for ingestion (text, Markdown, HTML, JSON, PDF), stored as uploaded with no
+    /// schema: `ingest` reads it, imports and syntheses refuse it.
+    Document,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
@@ -37,10 +40,13 @@ impl Format {
             (lower.as_str(), Compression::None)
         };
         let format = match stem.rsplit_once('.')?.1 {
-            "csv" | "txt" => Format::Csv,
+            "csv" => Format::Csv,
             "tsv" | "tab" => Format::Tsv,
             "ndjson" | "jsonl" => Format::Ndjson,
             "parquet" if compression == Compression::None => Format::Parquet,
+            "txt" | "text" | "md" | "markdown" | "html" | "htm" | "json" | "pdf" => {
+                Format::Document
+            }
             _ => return None,
         };
         Some((format, compression))
@@ -52,8 +58,14 @@ impl Format {
             "tsv" => Format::Tsv,
             "ndjson" | "jsonl" => Format::Ndjson,
             "parquet" => Format::Parquet,
+            "document" => Format::Document,
             _ => return None,
         })
+    }
+
+    /// Rows and columns (what imports and syntheses read), as opposed to a document.
+    pub fn is_table(self) -> bool {
+        self != Format::Document
     }
 }
 

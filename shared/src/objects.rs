@@ -1,68 +1,307 @@
-//! The object store: uploaded datasets and job artifacts, as files under `CONVEYOR_DATA_DIR`.
-//! Workers read datasets by path; a file appears under its final name only once complete.
+//! The object store: uploaded datasets and job artifacts. Objects are files under
+//! `CONVEYOR_DATA_DIR` by default, or objects in an S3-compatible bucket when
+//! `CONVEYOR_OBJECT_STORE_URL` (`s3://bucket/prefix`) is set. The data directory always holds
+//! the scratch files that writes start in and, with a bucket, each worker's cache of the
+//! datasets it read (datasets never change, so a cached copy never goes stale).
+//!
+//! An object appears under its key only once complete: a local file is renamed into place, an
+//! upload is one multipart upload completed at the end.
 
-use std::path::{Path, PathBuf};
+use bytes::Bytes;
+use futures::{stream::BoxStream, StreamExt, TryStreamExt};
+use object_store::{aws::AmazonS3Builder, path::Path as Key, ObjectStoreExt, WriteMultipart};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
-#[derive(Clone, Debug)]
-pub struct ObjectStore {
-    root: PathBuf,
+/// Bytes of an object, streamed.
+pub type ObjectStream = BoxStream<'static, std::io::Result<Bytes>>;
+
+/// Where the objects live, and how to reach the bucket.
+#[derive(Clone, Default)]
+pub struct BucketConfig {
+    /// `s3://bucket` or `s3://bucket/prefix`.
+    pub url: String,
+    /// object_store's S3 settings (`aws_endpoint`, `aws_access_key_id`, `aws_allow_http`, ...);
+    /// from the environment's `AWS_*` variables.
+    pub options: Vec<(String, String)>,
 }
 
+impl fmt::Debug for BucketConfig {
+    /// Names the settings, never their values (they hold credentials).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.options.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("BucketConfig")
+            .field("url", &self.url)
+            .field("options", &names)
+            .finish()
+    }
+}
+
+#[derive(Clone)]
+pub struct ObjectStore {
+    root: PathBuf,
+    bucket: Option<Bucket>,
+}
+
+#[derive(Clone)]
+struct Bucket {
+    store: Arc<dyn object_store::ObjectStore>,
+    prefix: String,
+}
+
+impl fmt::Debug for ObjectStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectStore")
+            .field("root", &self.root)
+            .field("bucket", &self.bucket.as_ref().map(|b| b.store.to_string()))
+            .finish()
+    }
+}
+
+/// Parts of a multipart upload, and how many are in flight at once.
+const PART_SIZE: usize = 8 << 20;
+const PARTS_IN_FLIGHT: usize = 4;
+
 impl ObjectStore {
+    /// Objects as files under `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            bucket: None,
+        }
+    }
+
+    /// Objects in the bucket, when one is configured; `root` keeps scratch files and the cache.
+    pub fn with_bucket(
+        root: impl Into<PathBuf>,
+        bucket: Option<&BucketConfig>,
+    ) -> anyhow::Result<Self> {
+        let mut store = Self::new(root);
+        if let Some(config) = bucket {
+            let mut builder = AmazonS3Builder::new().with_url(&config.url);
+            for (key, value) in &config.options {
+                builder = builder.with_config(key.parse()?, value);
+            }
+            let prefix = config
+                .url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split_once('/'))
+                .map(|(_, prefix)| prefix.trim_matches('/').to_owned())
+                .unwrap_or_default();
+            store.bucket = Some(Bucket {
+                store: Arc::new(builder.build()?),
+                prefix,
+            });
+        }
+        Ok(store)
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    pub fn dataset_path(&self, tenant: Uuid, dataset: Uuid) -> PathBuf {
-        self.root
-            .join("tenants")
-            .join(tenant.to_string())
-            .join("datasets")
-            .join(dataset.to_string())
-    }
-
-    /// Where a job's artifacts live (`rejected.csv`, `report.json`, ...).
-    pub fn artifact_dir(&self, job: Uuid) -> PathBuf {
-        self.root.join("artifacts").join(job.to_string())
-    }
-
-    /// A file name under the store's scratch directory, for a write that is renamed into
-    /// place when complete.
+    /// A file name under the store's scratch directory, for a write that is moved into the
+    /// store when complete.
     pub async fn scratch_path(&self) -> std::io::Result<PathBuf> {
         let dir = self.root.join("tmp");
         tokio::fs::create_dir_all(&dir).await?;
         Ok(dir.join(Uuid::new_v4().to_string()))
     }
 
-    /// Moves a complete scratch file to its final place.
-    pub async fn publish(&self, scratch: &Path, destination: &Path) -> std::io::Result<()> {
-        if let Some(parent) = destination.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        tokio::fs::rename(scratch, destination).await
+    /// Moves a complete scratch file into the store as the dataset's bytes.
+    pub async fn put_dataset(
+        &self,
+        scratch: &Path,
+        tenant: Uuid,
+        dataset: Uuid,
+    ) -> anyhow::Result<()> {
+        self.put_file(scratch, &dataset_key(tenant, dataset)).await
+    }
+
+    /// Moves a complete scratch file into the store as an artifact of `job`, replacing one of
+    /// the same name (a retried attempt leaves one copy); returns its size.
+    pub async fn put_artifact_file(
+        &self,
+        scratch: &Path,
+        job: Uuid,
+        name: &str,
+    ) -> anyhow::Result<u64> {
+        let size = tokio::fs::metadata(scratch).await?.len();
+        self.put_file(scratch, &artifact_key(job, name)).await?;
+        Ok(size)
     }
 
     /// Writes one artifact of `job` atomically; returns its size.
-    pub async fn put_artifact(&self, job: Uuid, name: &str, bytes: &[u8]) -> std::io::Result<u64> {
+    pub async fn put_artifact(&self, job: Uuid, name: &str, bytes: &[u8]) -> anyhow::Result<u64> {
         let scratch = self.scratch_path().await?;
         tokio::fs::write(&scratch, bytes).await?;
-        self.publish(&scratch, &self.artifact_dir(job).join(name))
-            .await?;
-        Ok(bytes.len() as u64)
+        self.put_artifact_file(&scratch, job, name).await
     }
 
-    /// The artifact's path, if `name` is a plain file name and the file exists.
-    pub fn artifact_path(&self, job: Uuid, name: &str) -> Option<PathBuf> {
+    /// A local file with the dataset's bytes, for readers that need one (polars seeks in
+    /// Parquet files): the stored file itself, or the bucket's object, downloaded once into the
+    /// cache.
+    pub async fn dataset_file(&self, tenant: Uuid, dataset: Uuid) -> anyhow::Result<PathBuf> {
+        let key = dataset_key(tenant, dataset);
+        let Some(bucket) = &self.bucket else {
+            return Ok(self.root.join(&key));
+        };
+        let cached = self.root.join("cache").join(&key);
+        if tokio::fs::try_exists(&cached).await? {
+            return Ok(cached);
+        }
+        let scratch = self.scratch_path().await?;
+        let downloaded = async {
+            let mut file = tokio::fs::File::create(&scratch).await?;
+            let mut stream = bucket.store.get(&bucket.key(&key)).await?.into_stream();
+            while let Some(chunk) = stream.try_next().await? {
+                tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
+            }
+            tokio::io::AsyncWriteExt::flush(&mut file).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = downloaded {
+            let _ = tokio::fs::remove_file(&scratch).await;
+            return Err(e);
+        }
+        rename_into(&scratch, &cached).await?;
+        Ok(cached)
+    }
+
+    /// The dataset's bytes and their length; `None` when it is not stored.
+    pub async fn read_dataset(
+        &self,
+        tenant: Uuid,
+        dataset: Uuid,
+    ) -> anyhow::Result<Option<(u64, ObjectStream)>> {
+        self.read(&dataset_key(tenant, dataset)).await
+    }
+
+    /// An artifact's bytes and their length; `None` when `name` is not a plain file name or
+    /// there is no such artifact.
+    pub async fn read_artifact(
+        &self,
+        job: Uuid,
+        name: &str,
+    ) -> anyhow::Result<Option<(u64, ObjectStream)>> {
         let plain = !name.is_empty()
             && !name.starts_with('.')
             && !name.contains(['/', '\\'])
             && name.len() <= 255;
-        let path = self.artifact_dir(job).join(name);
-        (plain && path.is_file()).then_some(path)
+        if !plain {
+            return Ok(None);
+        }
+        self.read(&artifact_key(job, name)).await
+    }
+
+    pub async fn delete_dataset(&self, tenant: Uuid, dataset: Uuid) -> anyhow::Result<()> {
+        let key = dataset_key(tenant, dataset);
+        if let Some(bucket) = &self.bucket {
+            remove_if_present(&self.root.join("cache").join(&key)).await?;
+            return match bucket.store.delete(&bucket.key(&key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        Ok(remove_if_present(&self.root.join(&key)).await?)
+    }
+
+    async fn put_file(&self, scratch: &Path, key: &str) -> anyhow::Result<()> {
+        let Some(bucket) = &self.bucket else {
+            return Ok(rename_into(scratch, &self.root.join(key)).await?);
+        };
+        let uploaded = bucket.upload(scratch, key).await;
+        let _ = tokio::fs::remove_file(scratch).await;
+        uploaded
+    }
+
+    async fn read(&self, key: &str) -> anyhow::Result<Option<(u64, ObjectStream)>> {
+        if let Some(bucket) = &self.bucket {
+            return match bucket.store.get(&bucket.key(key)).await {
+                Ok(object) => {
+                    let size = object.meta.size;
+                    let stream = object.into_stream().map_err(std::io::Error::other).boxed();
+                    Ok(Some((size, stream)))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e.into()),
+            };
+        }
+        let file = match tokio::fs::File::open(self.root.join(key)).await {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let metadata = file.metadata().await?;
+        if !metadata.is_file() {
+            return Ok(None);
+        }
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 16).boxed();
+        Ok(Some((metadata.len(), stream)))
+    }
+}
+
+impl Bucket {
+    fn key(&self, key: &str) -> Key {
+        match self.prefix.is_empty() {
+            true => Key::from(key),
+            false => Key::from(format!("{}/{key}", self.prefix)),
+        }
+    }
+
+    /// Streams the file up as one multipart upload: the object appears only when it completes,
+    /// and memory stays at a few parts whatever the file's size.
+    async fn upload(&self, file: &Path, key: &str) -> anyhow::Result<()> {
+        let upload = self.store.put_multipart(&self.key(key)).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let sent = async {
+            let mut file = tokio::fs::File::open(file).await?;
+            let mut buffer = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buffer).await?;
+                if n == 0 {
+                    break;
+                }
+                writer.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+                writer.write(&buffer[..n]);
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        match sent {
+            Ok(()) => writer.finish().await.map(drop).map_err(Into::into),
+            Err(e) => {
+                let _ = writer.abort().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn dataset_key(tenant: Uuid, dataset: Uuid) -> String {
+    format!("tenants/{tenant}/datasets/{dataset}")
+}
+
+fn artifact_key(job: Uuid, name: &str) -> String {
+    format!("artifacts/{job}/{name}")
+}
+
+async fn rename_into(from: &Path, to: &Path) -> std::io::Result<()> {
+    if let Some(parent) = to.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    tokio::fs::rename(from, to).await
+}
+
+async fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }

@@ -1,5 +1,6 @@
 //! Configuration from `CONVEYOR_*` environment variables (12-factor).
 
+use crate::objects::BucketConfig;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -18,8 +19,13 @@ pub struct Settings {
     pub redis_prefix: String,
     /// `CONVEYOR_LISTEN`: the API's address.
     pub listen: SocketAddr,
-    /// `CONVEYOR_DATA_DIR`: the local object store (datasets, artifacts).
+    /// `CONVEYOR_DATA_DIR`: the local object store (datasets, artifacts); with a bucket, the
+    /// scratch files and the workers' cache of datasets.
     pub data_dir: PathBuf,
+    /// `CONVEYOR_OBJECT_STORE_URL` (`s3://bucket/prefix`): keep datasets and artifacts in an
+    /// S3-compatible bucket instead, reached with the `AWS_*` variables (`AWS_ENDPOINT`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ALLOW_HTTP`, ...).
+    pub object_store: Option<BucketConfig>,
     /// `CONVEYOR_BODY_LIMIT`: largest JSON request body in bytes.
     pub body_limit: usize,
     /// `CONVEYOR_HEARTBEAT_SECS`: how often a worker proves it is alive.
@@ -44,7 +50,7 @@ pub struct Settings {
     /// `CONVEYOR_DATASET_LIMIT`: largest upload in bytes.
     pub dataset_limit: u64,
     /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
-    /// `patch_rollback`; expired snapshots are dropped when the next patch starts.
+    /// `patch_rollback`; the workers' maintenance sweep drops expired snapshots.
     pub snapshot_retention: Duration,
     /// `CONVEYOR_MODEL_DIR`: the embedding model's files (`scripts/model` installs them).
     pub model_dir: PathBuf,
@@ -61,6 +67,15 @@ impl Settings {
             redis_prefix: var("REDIS_PREFIX", "conveyor"),
             listen: parse("LISTEN", "127.0.0.1:8080")?,
             data_dir: var("DATA_DIR", ".data/objects").into(),
+            object_store: std::env::var("CONVEYOR_OBJECT_STORE_URL")
+                .ok()
+                .map(|url| BucketConfig {
+                    url,
+                    options: std::env::vars()
+                        .filter(|(key, _)| key.starts_with("AWS_"))
+                        .map(|(key, value)| (key.to_ascii_lowercase(), value))
+                        .collect(),
+                }),
             body_limit: parse("BODY_LIMIT", "1048576")?,
             heartbeat: Duration::from_secs(parse("HEARTBEAT_SECS", "2")?),
             rescue_after: Duration::from_secs(parse("RESCUE_AFTER_SECS", "10")?),
@@ -87,6 +102,7 @@ impl Settings {
             target_database_url: format!("{database_url}_target"),
             data_dir: std::env::temp_dir()
                 .join(format!("conveyor-test-{}", redis_prefix.replace(':', "-"))),
+            object_store: None,
             secret_key: Some(
                 "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into(),
             ),

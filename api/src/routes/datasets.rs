@@ -57,8 +57,9 @@ pub async fn upload(
     }
     let (format, compression) = match params.format.as_deref() {
         Some(format) => {
-            let format = Format::parse(format)
-                .ok_or_else(|| invalid("format", "must be csv, tsv, ndjson or parquet"))?;
+            let format = Format::parse(format).ok_or_else(|| {
+                invalid("format", "must be csv, tsv, ndjson, parquet or document")
+            })?;
             let compression = Format::from_file_name(&name).map_or(Compression::None, |f| f.1);
             (format, compression)
         }
@@ -66,7 +67,8 @@ pub async fn upload(
             invalid(
                 "name",
                 "cannot tell the format from the extension; name the file .csv, .tsv, .ndjson, \
-                 .parquet (optionally .gz or .zst) or pass format=",
+                 .parquet (tables, optionally .gz or .zst), .txt, .md, .html, .json or .pdf \
+                 (documents to ingest), or pass format=",
             )
         })?,
     };
@@ -109,13 +111,12 @@ pub async fn upload(
         preview: sqlx::types::Json(preview),
         created_at: chrono::Utc::now(),
     };
-    let path = objects.dataset_path(tenant.0, dataset.id);
-    objects
-        .publish(&scratch, &path)
-        .await
-        .map_err(Problem::internal)?;
+    if let Err(e) = objects.put_dataset(&scratch, tenant.0, dataset.id).await {
+        let _ = tokio::fs::remove_file(&scratch).await;
+        return Err(Problem::internal(e));
+    }
     if let Err(e) = datasets::insert(&state.pool, &dataset).await {
-        let _ = tokio::fs::remove_file(&path).await;
+        let _ = objects.delete_dataset(tenant.0, dataset.id).await;
         return Err(e.into());
     }
     let location = format!("/v1/datasets/{}", dataset.id);
@@ -233,8 +234,13 @@ pub async fn download(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let dataset = find(&state, tenant, &id).await?;
-    let path = state.services.objects.dataset_path(tenant.0, dataset.id);
-    crate::files::serve(&path, &dataset.name).await
+    let stored = state
+        .services
+        .objects
+        .read_dataset(tenant.0, dataset.id)
+        .await
+        .map_err(Problem::internal)?;
+    crate::files::serve(stored, &dataset.name)
 }
 
 #[utoipa::path(delete, path = "/v1/datasets/{id}", tag = "datasets", params(("id" = Uuid, Path)),
@@ -255,9 +261,13 @@ pub async fn delete(
         )));
     }
     datasets::delete(&state.pool, tenant.0, dataset.id).await?;
-    let path = state.services.objects.dataset_path(tenant.0, dataset.id);
-    if let Err(e) = tokio::fs::remove_file(&path).await {
-        tracing::warn!(path = %path.display(), error = %e, "dataset file not removed");
+    if let Err(e) = state
+        .services
+        .objects
+        .delete_dataset(tenant.0, dataset.id)
+        .await
+    {
+        tracing::warn!(dataset = %dataset.id, error = %e, "dataset object not removed");
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -395,10 +395,12 @@ pub async fn artifact(
     store::get_job(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(|| Problem::not_found("job"))?;
-    let path = state
+    let stored = state
         .services
         .objects
-        .artifact_path(id, &name)
+        .read_artifact(id, &name)
+        .await
+        .map_err(Problem::internal)?
         .ok_or_else(|| Problem::not_found("artifact"))?;
-    crate::files::serve(&path, &name).await
+    crate::files::serve(Some(stored), &name)
 }

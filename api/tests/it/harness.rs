@@ -190,6 +190,15 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let (status, bytes) = self.get_bytes(path).await;
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The raw body, for downloads.
+    pub async fn get_bytes(&self, path: &str) -> (StatusCode, Vec<u8>) {
         let response = self
             .client
             .get(self.url(path))
@@ -198,7 +207,17 @@ impl TestApp {
             .await
             .unwrap();
         let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
+        (status, response.bytes().await.unwrap().to_vec())
+    }
+
+    pub async fn delete(&self, path: &str) -> StatusCode {
+        self.client
+            .delete(self.url(path))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap()
+            .status()
     }
 
     /// Submits a canary job; returns its id.

@@ -56,9 +56,9 @@ async fn add_dataset(app: &TestApp, name: &str, format: Format, bytes: &[u8]) ->
     let tenant = tenant_of(app, "acme").await;
     let id = Uuid::now_v7();
     let objects = shared::objects::ObjectStore::new(&app.settings.data_dir);
-    let path = objects.dataset_path(tenant, id);
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(&path, bytes).unwrap();
+    let scratch = objects.scratch_path().await.unwrap();
+    std::fs::write(&scratch, bytes).unwrap();
+    objects.put_dataset(&scratch, tenant, id).await.unwrap();
     let dataset = Dataset {
         id,
         tenant_id: tenant,
@@ -242,6 +242,61 @@ async fn ingested_documents_are_found_by_paraphrase_keyword_and_both() {
     )
     .await;
     assert!(none.is_empty());
+}
+
+/// Documents uploaded through the API (Markdown, PDF) are ingested and found; they are not
+/// tables, so an import refuses them.
+#[tokio::test]
+async fn uploaded_markdown_and_pdf_documents_are_searchable() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let pdf = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../jobs/fixtures/ingest/manual.pdf"
+    ));
+    let manual = app.upload_dataset("manual.pdf", pdf).await;
+    let guide = app
+        .upload_dataset(
+            "guide.md",
+            b"# Tyres\n\nInflate the tyres to the pressure printed on the sidewall.\n",
+        )
+        .await;
+    let (_, dataset) = app.get(&format!("/v1/datasets/{manual}")).await;
+    assert_eq!(dataset["format"], "document", "{dataset}");
+    let collection = create_collection(&app, json!({"name": "garage"})).await;
+    let job = ingest(
+        &app,
+        json!({"collection_id": collection, "documents": [
+            {"dataset_id": manual, "id": "manual"}, {"dataset_id": guide, "id": "guide"}]}),
+    )
+    .await;
+    assert_eq!(job["result"]["indexed"], 2, "{job}");
+    let found = search(
+        &app,
+        collection,
+        json!({"query": "pilot jet clogged", "mode": "keyword"}),
+    )
+    .await;
+    assert_eq!(document_ids(&found), ["manual"]);
+    let found = search(
+        &app,
+        collection,
+        json!({"query": "how hard should I pump up my tires", "k": 1, "mode": "vector"}),
+    )
+    .await;
+    assert_eq!(document_ids(&found), ["guide"]);
+
+    let (status, problem) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": {"dataset_id": guide, "target": {"table": "t"}}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(
+        problem["errors"][0]["field"], "payload.dataset_id",
+        "{problem}"
+    );
 }
 
 #[tokio::test]

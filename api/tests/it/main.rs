@@ -10,6 +10,7 @@ mod faults;
 mod import;
 mod ingest;
 mod lifecycle;
+mod objects;
 mod patch;
 mod requests;
 mod sse;

@@ -21,6 +21,7 @@ pub fn inspect(
     compression: Compression,
 ) -> Result<(Vec<Column>, Vec<Value>), String> {
     let frame = match format {
+        Format::Document => return Ok((Vec::new(), Vec::new())),
         Format::Parquet => {
             let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
             ParquetReader::new(file)

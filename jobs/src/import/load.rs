@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::{
     quote_ident,
     source::{self, CsvSettings, Opened, Row, RowError},
+    stream,
     types::{push_copy_text, PgType},
     EncodingErrors, ImportPayload, Mode, OnError, DEFAULT_MAX_ERRORS,
 };
@@ -52,7 +53,7 @@ async fn table_columns(
 
 /// A database error that another attempt may not hit again (connection lost, deadlock, a
 /// server shutting down) is retryable; a data or schema error is not.
-fn db_error(e: sqlx::Error) -> JobError {
+pub(super) fn db_error(e: sqlx::Error) -> JobError {
     let retryable = match &e {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             code.starts_with("08") || code.starts_with("57P") || code == "40001" || code == "40P01"
@@ -241,7 +242,11 @@ async fn import(
         _ => {}
     }
 
-    let path = services.objects.dataset_path(dataset.tenant_id, dataset.id);
+    let path = services
+        .objects
+        .dataset_file(dataset.tenant_id, dataset.id)
+        .await
+        .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
     let csv_settings = CsvSettings {
         delimiter: payload.csv.delimiter.as_bytes()[0],
         quote: payload.csv.quote.as_bytes()[0],
@@ -249,8 +254,9 @@ async fn import(
     };
     let known: Vec<String> = dataset.schema.iter().map(|c| c.name.clone()).collect();
     let (format, compression) = (dataset.format, dataset.compression);
+    let open_path = path.clone();
     let opened = tokio::task::spawn_blocking(move || {
-        source::open(&path, format, compression, &csv_settings, &known)
+        source::open(&open_path, format, compression, &csv_settings, &known)
     })
     .await
     .map_err(|e| JobError::Retryable(e.to_string()))?
@@ -282,6 +288,87 @@ async fn import(
         .await
         .map_err(db_error)?;
 
+    let in_file_order = plan.len() == opened.header.len()
+        && plan
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.source == i && !p.widen);
+    let (imported, summary, artifacts) = if stream::applies(payload, format, in_file_order) {
+        drop(opened);
+        let size = dataset.size_bytes as u64;
+        let rows = stream::copy(
+            ctx,
+            payload,
+            format,
+            target,
+            staging,
+            &column_list,
+            path,
+            compression,
+            size,
+        )
+        .await?;
+        let summary = Summary {
+            rows_read: rows,
+            rows_rejected: 0,
+        };
+        (rows, summary, Vec::new())
+    } else {
+        let columns = (staging, column_list.as_str());
+        copy_checked(
+            services, ctx, payload, dataset, target, columns, opened, &plan,
+        )
+        .await?
+    };
+
+    let columns: Vec<Value> = plan
+        .iter()
+        .map(|p| json!({"name": p.name, "type": p.ty.sql()}))
+        .collect();
+    let seconds = started.elapsed().as_secs_f64();
+    let mut result = json!({
+        "table": format!("{schema}.{table}"),
+        "mode": payload.mode,
+        "rows_read": summary.rows_read,
+        "rows_imported": imported,
+        "rows_rejected": summary.rows_rejected,
+        "bytes": dataset.size_bytes,
+        "columns": columns,
+        "artifacts": artifacts,
+    });
+    let applied = apply(
+        ctx,
+        payload,
+        target,
+        staging,
+        &qualified,
+        exists,
+        &plan,
+        &mut result,
+        started,
+    )
+    .await?;
+    result["rows_applied"] = applied.into();
+    result["duration_ms"] = ((seconds * 1000.0) as u64).into();
+    result["rows_per_sec"] = ((imported as f64 / seconds.max(1e-3)) as u64).into();
+    Ok(result)
+}
+
+/// The checked path: the reader thread parses, checks and encodes every row (rejected rows to
+/// a scratch CSV, then the `rejected.csv` artifact); the rows go to `staging` by text `COPY`,
+/// widening a created column when a later value does not fit. Returns the rows imported, the
+/// counts and the artifacts.
+#[allow(clippy::too_many_arguments)]
+async fn copy_checked(
+    services: &Services,
+    ctx: &JobContext,
+    payload: &ImportPayload,
+    dataset: &datasets::Dataset,
+    target: &PgPool,
+    (staging, column_list): (&str, &str),
+    opened: Opened,
+    plan: &[Planned],
+) -> Result<(u64, Summary, Vec<Value>), JobError> {
     // The reader thread: parse, check, encode; rejected rows to a scratch CSV.
     let rejected_path = services
         .objects
@@ -307,7 +394,7 @@ async fn import(
     };
     let bytes_read = opened.bytes_read.clone();
     let (tx, mut rx) = mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
-    let reader_plan = plan.clone();
+    let reader_plan = plan.to_vec();
     let reader_rejected = rejected_path.clone();
     let reader = tokio::task::spawn_blocking(move || {
         read_rows(opened, reader_plan, rules, tx, reader_rejected)
@@ -389,19 +476,11 @@ async fn import(
 
     let mut artifacts = Vec::new();
     if summary.rows_rejected > 0 {
-        let size = tokio::fs::metadata(&rejected_path)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
-        let destination = services
+        let size = services
             .objects
-            .artifact_dir(ctx.job_id())
-            .join("rejected.csv");
-        services
-            .objects
-            .publish(&rejected_path, &destination)
+            .put_artifact_file(&rejected_path, ctx.job_id(), "rejected.csv")
             .await
-            .map_err(|e| JobError::Retryable(e.to_string()))?;
+            .map_err(|e| JobError::Retryable(format!("storing rejected.csv: {e}")))?;
         artifacts.push(json!({
             "name": "rejected.csv",
             "size": size,
@@ -410,38 +489,7 @@ async fn import(
     } else {
         let _ = tokio::fs::remove_file(&rejected_path).await;
     }
-
-    let columns: Vec<Value> = plan
-        .iter()
-        .map(|p| json!({"name": p.name, "type": p.ty.sql()}))
-        .collect();
-    let seconds = started.elapsed().as_secs_f64();
-    let mut result = json!({
-        "table": format!("{schema}.{table}"),
-        "mode": payload.mode,
-        "rows_read": summary.rows_read,
-        "rows_imported": imported,
-        "rows_rejected": summary.rows_rejected,
-        "bytes": dataset.size_bytes,
-        "columns": columns,
-        "artifacts": artifacts,
-    });
-    let applied = apply(
-        ctx,
-        payload,
-        target,
-        staging,
-        &qualified,
-        exists,
-        &plan,
-        &mut result,
-        started,
-    )
-    .await?;
-    result["rows_applied"] = applied.into();
-    result["duration_ms"] = ((seconds * 1000.0) as u64).into();
-    result["rows_per_sec"] = ((imported as f64 / seconds.max(1e-3)) as u64).into();
-    Ok(result)
+    Ok((imported, summary, artifacts))
 }
 
 /// Which file column feeds each table column, and with which type.

@@ -5,6 +5,7 @@
 mod inspect;
 mod load;
 mod source;
+mod stream;
 mod types;
 
 pub use inspect::inspect;
@@ -12,7 +13,7 @@ pub use inspect::inspect;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::{connections::TargetError, datasets, FieldError, JobContext, Problem};
+use shared::{connections::TargetError, FieldError, JobContext, Problem};
 use std::sync::Arc;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -273,9 +274,7 @@ impl Handler for Import {
 
     async fn preflight(&self, tenant: Uuid, payload: &Value) -> Result<(), Problem> {
         let payload: ImportPayload = parse_payload(payload).map_err(Problem::validation)?;
-        let dataset = datasets::get(&self.services.pool, tenant, payload.dataset_id)
-            .await?
-            .ok_or_else(|| Problem::not_found("dataset"))?;
+        let dataset = crate::table_dataset(&self.services.pool, tenant, payload.dataset_id).await?;
         let file_columns: Vec<String> = dataset.schema.iter().map(|c| c.name.clone()).collect();
         // Without a header the names are column_1...; the head was read with one, so count.
         let file_columns = if payload.csv.header {
@@ -350,16 +349,11 @@ impl Handler for Import {
 
     /// Staging tables of imports that ended while their worker was gone.
     async fn sweep(&self) -> anyhow::Result<()> {
-        for target in self.services.targets.all().await? {
-            match load::sweep_staging(&target, &self.services.pool).await {
-                Ok(dropped) => {
-                    for table in dropped {
-                        tracing::info!(table, "dropped the staging table of an ended import");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "staging sweep skipped a target"),
-            }
-        }
-        Ok(())
+        let control = &self.services.pool;
+        self.services
+            .sweep_targets("staging tables of ended imports", |target| async move {
+                load::sweep_staging(&target, control).await
+            })
+            .await
     }
 }

@@ -25,6 +25,15 @@ pub fn open_decompressed(
     open_counted(path, compression, Arc::default())
 }
 
+/// The file's (decompressed) bytes; `counter` counts the bytes read from disk.
+pub fn open_raw(
+    path: &Path,
+    compression: Compression,
+    counter: Arc<AtomicU64>,
+) -> std::io::Result<Box<dyn Read + Send>> {
+    open_counted(path, compression, counter)
+}
+
 fn open_counted(
     path: &Path,
     compression: Compression,
@@ -174,6 +183,7 @@ pub fn open(
                 bytes_read,
             })
         }
+        Format::Document => Err("a document, not a table".into()),
         Format::Parquet => {
             let file = File::open(path).map_err(io)?;
             let mut reader = ParquetReader::new(file);

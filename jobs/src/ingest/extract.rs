@@ -18,6 +18,8 @@ pub enum DocFormat {
     /// A header row, then one document per row.
     Csv,
     Tsv,
+    /// The text of every page (no OCR: scanned pages have none).
+    Pdf,
 }
 
 impl DocFormat {
@@ -36,6 +38,7 @@ impl DocFormat {
             "ndjson" | "jsonl" => Self::Ndjson,
             "csv" => Self::Csv,
             "tsv" | "tab" => Self::Tsv,
+            "pdf" => Self::Pdf,
             _ => return None,
         })
     }
@@ -78,6 +81,7 @@ pub fn extract(
     Ok(match format {
         DocFormat::Text | DocFormat::Markdown => single(utf8()?.to_owned()),
         DocFormat::Html => single(html_to_text(utf8()?)),
+        DocFormat::Pdf => single(pdf_to_text(bytes)?),
         DocFormat::Json => {
             let value: Value =
                 serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
@@ -293,6 +297,16 @@ fn decode_entities(text: &str) -> String {
     out
 }
 
+/// The text of a PDF's pages, page after page. The parser is not ours and may panic on a
+/// malformed file: that is a bad document, not a crashed worker.
+fn pdf_to_text(bytes: &[u8]) -> Result<String, String> {
+    match std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem(bytes)) {
+        Ok(Ok(text)) => Ok(text),
+        Ok(Err(e)) => Err(format!("unreadable PDF: {e}")),
+        Err(_) => Err("unreadable PDF: the parser gave up on this file".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +316,22 @@ mod tests {
         text: "text",
         id: None,
     };
+
+    #[test]
+    fn a_pdf_gives_the_text_of_every_page() {
+        // Two pages of compressed content streams, written by a few lines of Python.
+        let pdf = include_bytes!("../../fixtures/ingest/manual.pdf");
+        let docs = extract(pdf, DocFormat::from_name("manual.pdf").unwrap(), &TEXT).unwrap();
+        let text = docs[0]
+            .text
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(text.contains("Carburetor maintenance manual"), "{text}");
+        assert!(text.contains("the pilot jet is often clogged"), "{text}");
+        let broken = extract(&pdf[..400], DocFormat::Pdf, &TEXT).unwrap_err();
+        assert!(broken.starts_with("unreadable PDF"), "{broken}");
+    }
 
     #[test]
     fn html_keeps_the_words_and_drops_the_markup() {

@@ -171,7 +171,12 @@ impl Ingest {
             .ok_or_else(|| {
                 JobError::Permanent(format!("cannot tell the format of {}", dataset.name))
             })?;
-        let path = self.services.objects.dataset_path(tenant, dataset_id);
+        let path = self
+            .services
+            .objects
+            .dataset_file(tenant, dataset_id)
+            .await
+            .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
         let compression = dataset.compression;
         let bytes = tokio::task::spawn_blocking(move || read_file(&path, compression))
             .await

@@ -446,17 +446,11 @@ impl Handler for Patch {
 
     /// Snapshots past their retention are dropped even when no patch runs any more.
     async fn sweep(&self) -> anyhow::Result<()> {
-        for pool in self.services.targets.all().await? {
-            match snapshot::sweep(&pool).await {
-                Ok(dropped) => {
-                    for table in dropped {
-                        tracing::info!(table, "dropped expired patch snapshot");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "snapshot sweep skipped a target"),
-            }
-        }
-        Ok(())
+        self.services
+            .sweep_targets("expired patch snapshots", |pool| async move {
+                snapshot::sweep(&pool).await
+            })
+            .await
     }
 }
 

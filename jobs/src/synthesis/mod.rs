@@ -454,9 +454,7 @@ impl Handler for SynthesisJob {
 
     async fn preflight(&self, tenant: Uuid, payload: &Value) -> Result<(), Problem> {
         let payload: SynthesisPayload = parse_payload(payload).map_err(Problem::validation)?;
-        let dataset = datasets::get(&self.services.pool, tenant, payload.dataset_id)
-            .await?
-            .ok_or_else(|| Problem::not_found("dataset"))?;
+        let dataset = crate::table_dataset(&self.services.pool, tenant, payload.dataset_id).await?;
         let known: HashSet<&str> = dataset.schema.iter().map(|c| c.name.as_str()).collect();
         let errors: Vec<FieldError> = payload
             .columns
@@ -484,7 +482,10 @@ impl Handler for SynthesisJob {
             .await
             .map_err(|e| JobError::Retryable(format!("reading the dataset's record: {e}")))?
             .ok_or_else(|| JobError::Permanent("the dataset no longer exists".into()))?;
-        let path = objects.dataset_path(ctx.tenant_id(), dataset.id);
+        let path = objects
+            .dataset_file(ctx.tenant_id(), dataset.id)
+            .await
+            .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
         let seed = payload.seed.unwrap_or_else(|| ctx.job_id().as_u64_pair().1);
         let output = objects
             .scratch_path()
@@ -530,13 +531,8 @@ impl Handler for SynthesisJob {
         } else {
             "synthetic.csv"
         };
-        let destination = objects.artifact_dir(ctx.job_id()).join(name);
-        let size = tokio::fs::metadata(&output)
-            .await
-            .map_err(|e| JobError::Retryable(format!("synthetic file: {e}")))?
-            .len();
-        objects
-            .publish(&output, &destination)
+        let size = objects
+            .put_artifact_file(&output, ctx.job_id(), name)
             .await
             .map_err(|e| JobError::Retryable(format!("publishing {name}: {e}")))?;
         let report_bytes = serde_json::to_vec_pretty(&report).expect("report serializes");

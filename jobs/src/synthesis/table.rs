@@ -143,6 +143,9 @@ impl Table {
 /// Reads a dataset file of the given format into a table.
 pub fn read(path: &Path, format: Format, compression: Compression) -> PolarsResult<Table> {
     let frame = match (format, compression) {
+        (Format::Document, _) => {
+            return Err(PolarsError::ComputeError("a document, not a table".into()))
+        }
         (Format::Parquet, _) => ParquetReader::new(std::fs::File::open(path)?).finish()?,
         (_, Compression::None) => read_text(std::fs::File::open(path)?, format)?,
         (_, compression) => {

@@ -1,0 +1,165 @@
+//! Datasets and artifacts in an S3-compatible bucket: s3rver (a real S3 server over HTTP,
+//! objects on disk; `scripts/browser-deps` installs it under tests/s3) on its own port.
+
+use crate::harness::TestApp;
+use serde_json::json;
+use shared::objects::BucketConfig;
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const BUCKET: &str = "conveyor";
+
+struct S3Server {
+    port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl S3Server {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("conveyor-s3-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/s3");
+        let child = Command::new("node")
+            .arg(root.join("node_modules/s3rver/bin/s3rver.js"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--silent"])
+            .args(["--configure-bucket", BUCKET, "-d"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("s3rver (scripts/browser-deps installs it)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3rver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { port, dir, child }
+    }
+
+    fn config(&self) -> BucketConfig {
+        let option = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        BucketConfig {
+            url: format!("s3://{BUCKET}/deployment"),
+            options: vec![
+                option("aws_endpoint", &format!("http://127.0.0.1:{}", self.port)),
+                option("aws_allow_http", "true"),
+                option("aws_region", "us-east-1"),
+                option("aws_access_key_id", "S3RVER"),
+                option("aws_secret_access_key", "S3RVER"),
+            ],
+        }
+    }
+
+    /// Files s3rver keeps for objects whose key contains `part`.
+    fn objects_named(&self, part: &str) -> Vec<PathBuf> {
+        files_under(&self.dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(part))
+            .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                files_under(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datasets_and_artifacts_live_in_an_s3_bucket() {
+    let s3 = S3Server::start();
+    let mut app = TestApp::spawn_with(|s| s.object_store = Some(s3.config())).await;
+    // About 20 MB: a multipart upload of three parts.
+    let mut csv = b"id,amount,name\n".to_vec();
+    for i in 0..700_000 {
+        csv.extend_from_slice(format!("{i},{}.25,name number {i}\n", i % 1000).as_bytes());
+    }
+    csv.extend_from_slice(b"oops,not a number,bad row\n");
+    let dataset = app.upload_dataset("orders.csv", &csv).await;
+
+    // Stored in the bucket under the deployment's prefix, not in the data directory.
+    let id = dataset.to_string();
+    assert!(!s3.objects_named(&id).is_empty(), "no object for {id}");
+    assert!(
+        files_under(&app.settings.data_dir)
+            .iter()
+            .all(|p| !p.to_string_lossy().contains(&id)),
+        "the dataset was kept locally"
+    );
+    let (status, bytes) = app
+        .get_bytes(&format!("/v1/datasets/{dataset}/download"))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        bytes == csv,
+        "downloaded {} of {} bytes",
+        bytes.len(),
+        csv.len()
+    );
+
+    // A worker reads it from the bucket; the rejected rows go back as an artifact.
+    app.start_worker_for(&[("import", 1)]).await;
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": {
+                "dataset_id": dataset, "target": {"table": "orders"}, "mode": "create",
+                "columns": [{"source": "id", "type": "bigint"}, {"source": "amount", "type": "numeric"},
+                            {"source": "name", "type": "text"}],
+                "on_error": "skip"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let job_id = job["id"].as_str().unwrap().parse().unwrap();
+    let job = app
+        .wait_status(job_id, &["succeeded", "failed"], Duration::from_secs(120))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"]["rows_imported"], 700_000, "{job}");
+    let (status, rejected) = app
+        .get_bytes(&format!("/v1/jobs/{job_id}/artifacts/rejected.csv"))
+        .await;
+    assert_eq!(status, 200);
+    let rejected = String::from_utf8(rejected).unwrap();
+    assert!(
+        rejected.starts_with("line,column,reason,record\n700002,id,"),
+        "{rejected}"
+    );
+    assert!(!s3.objects_named("rejected.csv").is_empty());
+
+    // Deleting the dataset deletes the object.
+    let status = app.delete(&format!("/v1/datasets/{dataset}")).await;
+    assert_eq!(status, 204);
+    assert!(s3.objects_named(&id).is_empty(), "object left after delete");
+    let (status, body) = app
+        .get_bytes(&format!("/v1/datasets/{dataset}/download"))
+        .await;
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+}
