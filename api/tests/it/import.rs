@@ -219,6 +219,26 @@ async fn compressed_tsv_ndjson_and_parquet_round_trip() {
         psql(app.target_url(), "SELECT string_agg(format('%s|%s|%s|%s', id, ratio, name, flag), ';' ORDER BY id) FROM from_parquet"),
         "1|0.5|a \"quoted\"\nline|t;2||ünï|f;3|-1.25||"
     );
+    // A Parquet file is read by row slices; its progress follows the rows read.
+    let id = submit_import(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "from_parquet_again"}}),
+    )
+    .await;
+    app.wait_status(id, &["succeeded"], WAIT).await;
+    let mut events = app.sse(&format!("/v1/jobs/{id}/events"), None).await;
+    let mut progress = Vec::new();
+    while let Some(event) = events.next(std::time::Duration::from_secs(5)).await {
+        match event.event.as_str() {
+            "progress" => progress.push(event.data["progress"].as_f64().unwrap()),
+            "succeeded" => break,
+            _ => {}
+        }
+    }
+    assert!(
+        progress.iter().any(|p| (0.5..1.0).contains(p)),
+        "{progress:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -104,6 +104,10 @@ pub enum Source {
         offset: usize,
         frame: Option<DataFrame>,
         next_in_frame: usize,
+        /// The file's size and the progress counter: a Parquet file is read by row slices, so
+        /// its bytes count as read in proportion to the rows read.
+        size: u64,
+        bytes_read: Arc<AtomicU64>,
     },
 }
 
@@ -201,6 +205,8 @@ pub fn open(
                     offset: 0,
                     frame: None,
                     next_in_frame: 0,
+                    size: std::fs::metadata(path).map_err(io)?.len(),
+                    bytes_read: bytes_read.clone(),
                 },
                 header,
                 bytes_read,
@@ -279,6 +285,8 @@ impl Source {
                 offset,
                 frame,
                 next_in_frame,
+                size,
+                bytes_read,
             } => {
                 let exhausted = frame.as_ref().is_none_or(|f| *next_in_frame >= f.height());
                 if exhausted {
@@ -291,6 +299,8 @@ impl Source {
                         .finish()
                         .map_err(|e| Err(e.to_string()))?;
                     *offset += slice.height().max(1);
+                    let done = (*offset).min(*total) as f64 / (*total).max(1) as f64;
+                    bytes_read.store((*size as f64 * done) as u64, Ordering::Relaxed);
                     *frame = Some(slice);
                     *next_in_frame = 0;
                 }
