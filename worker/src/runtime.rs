@@ -1,6 +1,6 @@
 //! Runs jobs: claim the row, run the handler, record the outcome, announce every change.
 
-use apalis::prelude::{BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
+use apalis::prelude::{BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
 use chrono::Utc;
 use futures::FutureExt;
 use serde_json::{json, Value};
@@ -43,6 +43,10 @@ pub struct Runtime {
     finishes: Batcher<store::Finish, Option<Job>>,
     announcements: Batcher<(Uuid, Event), ()>,
 }
+
+/// How often an idle queue worker asks Redis for work. Without it apalis only looks again at
+/// its next heartbeat (and backs off), so a job pushed to an idle queue waited seconds to start.
+const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// Most items one batched round trip carries.
 const BATCH: usize = 256;
@@ -159,7 +163,11 @@ impl Runtime {
         while !stop.is_cancelled() {
             generation += 1;
             let worker = WorkerBuilder::new(format!("{}/{kind}/{generation}", self.name))
-                .backend(self.queues.storage(&kind, concurrency))
+                .backend(
+                    self.queues
+                        .storage(&kind, concurrency)
+                        .poll_with_interval(IDLE_POLL),
+                )
                 .concurrency(concurrency)
                 .data(self.clone())
                 .build(handle_message);
