@@ -14,6 +14,8 @@ ADMIN = f"{PG}/postgres"
 DB, TARGET = "conveyor_bench", "conveyor_bench_target"
 TARGET_URL = f"{PG}/{TARGET}"
 PORT = 18081
+# One prefix for the API and the worker: they must share the queues.
+PREFIX = f"bench:{uuid.uuid4().hex[:8]}"
 COLUMNS = [("id", "bigint"), ("customer", "integer"), ("amount", "double precision"),
            ("discount", "double precision"), ("name", "text"), ("city", "text"),
            ("created", "timestamptz"), ("updated", "timestamp"), ("quantity", "bigint"),
@@ -43,7 +45,7 @@ def env():
     e = dict(os.environ)
     e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}",
              CONVEYOR_TARGET_DATABASE_URL=TARGET_URL,
-             CONVEYOR_REDIS_PREFIX=f"bench:{uuid.uuid4().hex[:8]}",
+             CONVEYOR_REDIS_PREFIX=PREFIX,
              CONVEYOR_LISTEN=f"127.0.0.1:{PORT}", CONVEYOR_DATA_DIR=os.path.join(ROOT, ".data/bench-objects"),
              RUST_LOG="warn")
     return e

@@ -14,6 +14,8 @@ ADMIN = f"{PG}/postgres"
 DB = "conveyor_bench_patch"
 TARGET = f"{PG}/{DB}_target"
 PORT = 18081
+# One prefix for the API and the worker: they must share the queues.
+PREFIX = f"bench:{uuid.uuid4().hex[:8]}"
 STATEMENT = "UPDATE {table} SET val = val + 1, note = note || ' patched' WHERE grp IN (2, 5)"
 
 
@@ -26,7 +28,7 @@ def env():
     e = dict(os.environ)
     e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}",
              CONVEYOR_TARGET_DATABASE_URL=TARGET,
-             CONVEYOR_REDIS_PREFIX=f"bench:{uuid.uuid4().hex[:8]}",
+             CONVEYOR_REDIS_PREFIX=PREFIX,
              CONVEYOR_LISTEN=f"127.0.0.1:{PORT}", CONVEYOR_QUEUES="patch=1", RUST_LOG="warn")
     return e
 
