@@ -333,15 +333,9 @@ async fn a_malformed_csv_under_skip_imports_the_rest_and_reports_each_rejected_r
     );
 
     let url = result["artifacts"][0]["url"].as_str().unwrap();
-    let rejected = app
-        .client
-        .get(app.url(url))
-        .bearer_auth(&app.key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(rejected.status(), StatusCode::OK);
-    let text = rejected.text().await.unwrap();
+    let (status, rejected) = app.get_bytes(url).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&rejected);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "line,column,reason,record");
     assert_eq!(
@@ -684,18 +678,9 @@ async fn datasets_stream_in_and_out_with_their_schema() {
     assert_eq!(dataset["schema"][0]["type"], "bigint");
     assert_eq!(dataset["preview"][0]["name"], "plain", "{dataset}");
 
-    let download = app
-        .client
-        .get(app.url(&format!("/v1/datasets/{id}/download")))
-        .bearer_auth(&app.key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(download.status(), StatusCode::OK);
-    assert_eq!(
-        download.bytes().await.unwrap().as_ref(),
-        TRICKY_CSV.as_bytes()
-    );
+    let (status, download) = app.get_bytes(&format!("/v1/datasets/{id}/download")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(download, TRICKY_CSV.as_bytes());
     let (_, list) = app.get("/v1/datasets").await;
     assert_eq!(list["datasets"][0]["id"], id.to_string());
 
@@ -732,27 +717,15 @@ async fn datasets_stream_in_and_out_with_their_schema() {
         )
         .await
         .1;
-    let response = app
-        .client
-        .delete(app.url(&format!("/v1/datasets/{id}")))
-        .bearer_auth(&app.key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let status = app.delete(&format!("/v1/datasets/{id}")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
     app.post(
         &format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap()),
         &json!({}),
     )
     .await;
-    let response = app
-        .client
-        .delete(app.url(&format!("/v1/datasets/{id}")))
-        .bearer_auth(&app.key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let status = app.delete(&format!("/v1/datasets/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(
         app.get(&format!("/v1/datasets/{id}")).await.0,
         StatusCode::NOT_FOUND

@@ -504,14 +504,8 @@ async fn collections_belong_to_their_tenant() {
     let (_, list) = app.get("/v1/collections").await;
     assert_eq!(list["collections"][0]["id"], ours.to_string());
     assert_eq!(list["collections"][0]["chunks"], 1);
-    let response = app
-        .client
-        .delete(app.url(&format!("/v1/collections/{ours}")))
-        .bearer_auth(&app.key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let status = app.delete(&format!("/v1/collections/{ours}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = app.get(&format!("/v1/collections/{ours}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE collection_id = $1")

@@ -127,7 +127,7 @@ fn fill(file: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
 /// for type integer: "12x"`. Bad data fails for good; a lost connection is retried.
 fn copy_error(e: sqlx::Error) -> JobError {
     let sqlx::Error::Database(db) = &e else {
-        return JobError::Retryable(format!("target database: {e}"));
+        return super::load::db_error(e);
     };
     let code = db.code().unwrap_or_default().into_owned();
     if !(code.starts_with("22") || code.starts_with("23")) {

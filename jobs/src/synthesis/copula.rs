@@ -37,6 +37,26 @@ pub struct ColumnSpec {
     pub bounds: (Option<f64>, Option<f64>),
 }
 
+/// Each column with the role its values suggest and no bounds: what the synthesizers' unit
+/// tests fit on.
+#[cfg(test)]
+pub(crate) fn plain_specs(columns: &[Column]) -> Vec<(&Column, ColumnSpec)> {
+    columns
+        .iter()
+        .map(|c| {
+            let role = match c.values {
+                Values::Numbers(_) => Role::Numerical,
+                Values::Labels(_) => Role::Categorical,
+            };
+            let spec = ColumnSpec {
+                role,
+                bounds: (None, None),
+            };
+            (c, spec)
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug)]
 pub enum Marginal {
     /// The quantile function at evenly spaced probabilities, linearly interpolated; missing
@@ -657,31 +677,11 @@ mod tests {
         }
     }
 
-    fn specs(table: &Table) -> Vec<(&Column, ColumnSpec)> {
-        table
-            .columns
-            .iter()
-            .map(|c| {
-                let role = match c.values {
-                    Values::Numbers(_) => Role::Numerical,
-                    Values::Labels(_) => Role::Categorical,
-                };
-                (
-                    c,
-                    ColumnSpec {
-                        role,
-                        bounds: (None, None),
-                    },
-                )
-            })
-            .collect()
-    }
-
     #[test]
     fn learns_the_correlation_and_the_marginals() {
         let data = table(4000, 1);
         let mut rng = StdRng::seed_from_u64(2);
-        let copula = Copula::fit(&specs(&data), None, &mut rng);
+        let copula = Copula::fit(&plain_specs(&data.columns), None, &mut rng);
         assert!(
             (copula.correlation[1] - 0.8).abs() < 0.05,
             "{:?}",
@@ -718,7 +718,7 @@ mod tests {
         let data = table(500, 3);
         let fit = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            Copula::fit(&specs(&data), None, &mut rng).sample(200, &mut rng)
+            Copula::fit(&plain_specs(&data.columns), None, &mut rng).sample(200, &mut rng)
         };
         assert_eq!(fit(9), fit(9));
         assert_ne!(fit(9), fit(10));
@@ -735,7 +735,7 @@ mod tests {
                 Column::numbers("c", DataType::Float64, cents),
             ],
         };
-        let copula = Copula::fit(&specs(&data), None, &mut rng);
+        let copula = Copula::fit(&plain_specs(&data.columns), None, &mut rng);
         let sample = copula.sample(500, &mut rng);
         let Values::Numbers(n) = &sample[0] else {
             panic!()
@@ -760,7 +760,7 @@ mod tests {
             let mut total = 0.0;
             for seed in 0..8 {
                 let mut rng = StdRng::seed_from_u64(seed);
-                let copula = Copula::fit(&specs(&data), Some(epsilon), &mut rng);
+                let copula = Copula::fit(&plain_specs(&data.columns), Some(epsilon), &mut rng);
                 total += (copula.correlation[1] - 0.8).abs();
                 let budget = copula.budget.unwrap();
                 assert_eq!(

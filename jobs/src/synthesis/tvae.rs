@@ -537,7 +537,7 @@ fn encode(encoder: &Encoder, values: &Values, data: &mut [f32], width: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synthesis::{stats::pearson, Quiet};
+    use crate::synthesis::{copula::plain_specs, stats::pearson, Quiet};
     use polars::prelude::DataType;
     use std::sync::Mutex;
 
@@ -559,25 +559,6 @@ mod tests {
             Column::numbers("y", DataType::Float64, y),
             Column::labels("c", c),
         ]
-    }
-
-    fn specs(columns: &[Column]) -> Vec<(&Column, ColumnSpec)> {
-        columns
-            .iter()
-            .map(|c| {
-                let role = match c.values {
-                    Values::Numbers(_) => Role::Numerical,
-                    Values::Labels(_) => Role::Categorical,
-                };
-                (
-                    c,
-                    ColumnSpec {
-                        role,
-                        bounds: (None, None),
-                    },
-                )
-            })
-            .collect()
     }
 
     #[test]
@@ -607,7 +588,7 @@ mod tests {
     fn trains_reports_each_epoch_and_reproduces_the_structure() {
         let data = columns(600);
         let losses = Losses(Mutex::new(Vec::new()));
-        let model = Tvae::fit(&specs(&data), 40, 5, &losses).unwrap();
+        let model = Tvae::fit(&plain_specs(&data), 40, 5, &losses).unwrap();
         let losses = losses.0.into_inner().unwrap();
         assert_eq!(losses.len(), 40);
         assert!(losses[39] < losses[0], "{losses:?}");
@@ -648,9 +629,9 @@ mod tests {
         }
         let data = columns(50);
         assert!(matches!(
-            Tvae::fit(&specs(&data), 5, 1, &Stop),
+            Tvae::fit(&plain_specs(&data), 5, 1, &Stop),
             Err(JobError::Cancelled(_))
         ));
-        assert!(Tvae::fit(&specs(&data), 1, 1, &Quiet).is_ok());
+        assert!(Tvae::fit(&plain_specs(&data), 1, 1, &Quiet).is_ok());
     }
 }
