@@ -37,6 +37,23 @@ pub struct ColumnSpec {
     pub bounds: (Option<f64>, Option<f64>),
 }
 
+/// A synthetic number as the column keeps them: rounded to its decimals, clamped to its bounds.
+pub(crate) fn finish_number(
+    value: f64,
+    decimals: Option<u32>,
+    (lo, hi): (Option<f64>, Option<f64>),
+) -> f64 {
+    let rounded = match decimals {
+        Some(d) => {
+            let scale = 10f64.powi(d as i32);
+            (value * scale).round() / scale
+        }
+        None => value,
+    };
+    let floored = lo.map_or(rounded, |lo| rounded.max(lo));
+    hi.map_or(floored, |hi| floored.min(hi))
+}
+
 /// Each column with the role its values suggest and no bounds: what the synthesizers' unit
 /// tests fit on.
 #[cfg(test)]
@@ -87,18 +104,7 @@ impl Marginal {
                 if rng.random::<f64>() < *missing {
                     return Pick::Number(None);
                 }
-                let mut value = quantile(knots, u);
-                if let Some(d) = decimals {
-                    let scale = 10f64.powi(*d as i32);
-                    value = (value * scale).round() / scale;
-                }
-                if let Some(lo) = bounds.0 {
-                    value = value.max(lo);
-                }
-                if let Some(hi) = bounds.1 {
-                    value = value.min(hi);
-                }
-                Pick::Number(Some(value))
+                Pick::Number(Some(finish_number(quantile(knots, u), *decimals, *bounds)))
             }
             Marginal::Discrete { cumulative, .. } => {
                 let level = cumulative.partition_point(|&c| c < u);

@@ -14,7 +14,7 @@ use candle_nn::{ops::log_softmax, AdamW, Linear, Module, Optimizer, ParamsAdamW}
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
 use super::{
-    copula::ColumnSpec,
+    copula::{finish_number, ColumnSpec},
     profile::{quantile, Role},
     stats::standard_normal,
     table::{Column, Values},
@@ -329,18 +329,11 @@ fn decode(encoder: &Encoder, rows: &[Vec<f32>], sigma: f64, rng: &mut StdRng) ->
                     }
                     let offset = (f64::from(row[*at]).tanh() + sigma * standard_normal(rng))
                         .clamp(-1.0, 1.0);
-                    let mut value = offset * 4.0 * stds[mode] + means[mode];
-                    if let Some(d) = decimals {
-                        let scale = 10f64.powi(*d as i32);
-                        value = (value * scale).round() / scale;
-                    }
-                    if let Some(lo) = bounds.0 {
-                        value = value.max(lo);
-                    }
-                    if let Some(hi) = bounds.1 {
-                        value = value.min(hi);
-                    }
-                    Some(value)
+                    Some(finish_number(
+                        offset * 4.0 * stds[mode] + means[mode],
+                        *decimals,
+                        *bounds,
+                    ))
                 })
                 .collect(),
         ),
