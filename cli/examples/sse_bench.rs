@@ -5,7 +5,6 @@
 //!
 //! sse_bench URL API_KEY REDIS_URL REDIS_PREFIX API_PID [tenant_subs job_subs jobs_per_s secs steps step_ms]
 
-use futures::StreamExt;
 use serde_json::{json, Value};
 use std::{
     sync::{
@@ -13,6 +12,10 @@ use std::{
         Arc, Mutex,
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
 };
 
 fn now_us() -> u64 {
@@ -37,66 +40,149 @@ struct Seen {
 }
 
 /// Reads SSE frames, recording each `id:` line's delay. Stops at a terminal event if asked.
+///
+/// Speaks HTTP/1.1 on a bare socket and only looks for `id:` and `event:` lines: thousands of
+/// subscribers share this machine's two cores with the API, so the reader must cost far less
+/// than the server it measures (a browser's `EventSource` does not share the server's cores).
 async fn subscribe(
-    client: reqwest::Client,
-    url: String,
+    addr: String,
+    path: String,
     key: String,
     stop_at_terminal: bool,
     connected: Arc<AtomicU64>,
     seen: Arc<Mutex<Seen>>,
     done: tokio_util_like::Flag,
 ) {
-    let response = match client.get(&url).bearer_auth(&key).send().await {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => panic!("{url}: {}", r.status()),
-        Err(e) => panic!("{url}: {e}"),
+    let mut socket = TcpStream::connect(&addr)
+        .await
+        .unwrap_or_else(|e| panic!("{addr}: {e}"));
+    socket.set_nodelay(true).expect("nodelay");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    socket
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut raw = Vec::<u8>::with_capacity(64 << 10);
+    let header_end = loop {
+        if let Some(i) = find(&raw, b"\r\n\r\n") {
+            break i + 4;
+        }
+        match socket.read_buf(&mut raw).await {
+            Ok(0) | Err(_) => panic!("{path}: connection closed before the response"),
+            Ok(_) => {}
+        }
     };
+    let head = String::from_utf8_lossy(&raw[..header_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{path}: {head}");
+    assert!(
+        head.contains("transfer-encoding: chunked"),
+        "{path}: {head}"
+    );
+    raw.drain(..header_end);
     let connected_ms = now_us() / 1000;
     connected.fetch_add(1, Ordering::Relaxed);
-    let mut body = response.bytes_stream();
-    let mut pending = Vec::<u8>::new();
+
+    let mut body = Body::default();
+    let mut lines = Vec::<u8>::with_capacity(64 << 10);
     let mut last = (0u64, 0u64);
     loop {
-        let chunk = tokio::select! {
-            c = body.next() => c,
-            _ = done.wait() => None,
-        };
-        let Some(Ok(chunk)) = chunk else { break };
         let arrived = now_us();
-        pending.extend_from_slice(&chunk);
-        let mut local = seen.lock().unwrap();
-        // Complete lines only; keep the tail for the next chunk.
-        let cut = match pending.iter().rposition(|&b| b == b'\n') {
-            Some(i) => i + 1,
-            None => continue,
-        };
-        for line in pending[..cut].split(|&b| b == b'\n') {
-            if let Some(id) = line.strip_prefix(b"id: ") {
-                let id = std::str::from_utf8(id).unwrap_or("0-0");
-                let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-                let id = (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0));
-                if id <= last {
-                    local.disorder += 1;
+        let ended = body.decode(&mut raw, &mut lines);
+        // Complete lines only; keep the tail for the next read.
+        if let Some(cut) = lines.iter().rposition(|&b| b == b'\n').map(|i| i + 1) {
+            let mut local = seen.lock().unwrap();
+            for line in lines[..cut].split(|&b| b == b'\n') {
+                if let Some(id) = line.strip_prefix(b"id: ") {
+                    let id = std::str::from_utf8(id).unwrap_or("0-0");
+                    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+                    let id = (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0));
+                    if id <= last {
+                        local.disorder += 1;
+                    }
+                    last = id;
+                    local.events += 1;
+                    if id.0 >= connected_ms {
+                        local
+                            .delays_us
+                            .push(arrived.saturating_sub(id.0 * 1000) as u32);
+                    }
+                } else if stop_at_terminal
+                    && (line == b"event: succeeded"
+                        || line == b"event: failed"
+                        || line == b"event: cancelled")
+                {
+                    local.terminal = true;
                 }
-                last = id;
-                local.events += 1;
-                if id.0 >= connected_ms {
-                    local
-                        .delays_us
-                        .push(arrived.saturating_sub(id.0 * 1000) as u32);
-                }
-            } else if stop_at_terminal
-                && (line == b"event: succeeded"
-                    || line == b"event: failed"
-                    || line == b"event: cancelled")
-            {
-                local.terminal = true;
+            }
+            lines.drain(..cut);
+            if local.terminal {
+                break;
             }
         }
-        pending.drain(..cut);
-        if local.terminal {
+        if ended {
             break;
         }
+        let read = tokio::select! {
+            r = socket.read_buf(&mut raw) => r,
+            _ = done.wait() => break,
+        };
+        if !matches!(read, Ok(n) if n > 0) {
+            break;
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Undoes HTTP/1.1 chunked transfer coding: a chunk may end mid-line, so lines are only read
+/// from the decoded bytes.
+#[derive(Default)]
+struct Body {
+    /// Data bytes left in the current chunk.
+    data: usize,
+    /// The CRLF after a chunk's data is still to come.
+    crlf: bool,
+}
+
+impl Body {
+    /// Moves what `raw` holds of the body into `out`; true at the last chunk.
+    fn decode(&mut self, raw: &mut Vec<u8>, out: &mut Vec<u8>) -> bool {
+        let mut at = 0;
+        let ended = loop {
+            if self.data > 0 {
+                let take = self.data.min(raw.len() - at);
+                out.extend_from_slice(&raw[at..at + take]);
+                (at, self.data) = (at + take, self.data - take);
+                if self.data > 0 {
+                    break false;
+                }
+                self.crlf = true;
+            }
+            if self.crlf {
+                if raw.len() - at < 2 {
+                    break false;
+                }
+                (at, self.crlf) = (at + 2, false);
+            }
+            let Some(end) = find(&raw[at..], b"\r\n") else {
+                break false;
+            };
+            let size = std::str::from_utf8(&raw[at..at + end])
+                .ok()
+                .and_then(|line| usize::from_str_radix(line.split(';').next()?.trim(), 16).ok())
+                .expect("chunk size line");
+            at += end + 2;
+            if size == 0 {
+                break true;
+            }
+            self.data = size;
+        };
+        raw.drain(..at);
+        ended
     }
 }
 
@@ -192,6 +278,11 @@ async fn main() -> anyhow::Result<()> {
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
     let tenant_key = format!("{prefix}:{tenant}:events");
+    let addr = base
+        .strip_prefix("http://")
+        .expect("an http:// URL")
+        .trim_end_matches('/')
+        .to_owned();
 
     eprintln!("sse bench: connecting {tenant_subs} tenant subscribers");
     let connected = Arc::new(AtomicU64::new(0));
@@ -203,8 +294,8 @@ async fn main() -> anyhow::Result<()> {
             let seen = Arc::new(Mutex::new(Seen::default()));
             tenant_seen.push(seen.clone());
             tasks.push(tokio::spawn(subscribe(
-                client.clone(),
-                format!("{base}/v1/events"),
+                addr.clone(),
+                "/v1/events".into(),
                 key.clone(),
                 false,
                 connected.clone(),
@@ -244,7 +335,7 @@ async fn main() -> anyhow::Result<()> {
     };
     while started.elapsed() < Duration::from_secs(secs) {
         ticker.tick().await;
-        let (client, base, key) = (client.clone(), base.clone(), key.clone());
+        let (client, base, key, addr) = (client.clone(), base.clone(), key.clone(), addr.clone());
         let (slots, job_seen, job_tasks, connected, stop, submitted) = (
             job_slots.clone(),
             job_seen.clone(),
@@ -273,8 +364,8 @@ async fn main() -> anyhow::Result<()> {
                 job_seen.lock().unwrap().push((id.clone(), seen.clone()));
                 let task = tokio::spawn(async move {
                     subscribe(
-                        client,
-                        format!("{base}/v1/jobs/{id}/events"),
+                        addr,
+                        format!("/v1/jobs/{id}/events"),
                         key,
                         true,
                         connected,

@@ -2,7 +2,7 @@
 """Drains N no-op jobs through Conveyor (1 and 2 worker processes) and through Celery on the
 same Redis, and measures single-submit latency at a steady 500 req/s. Prints a table."""
 
-import json, os, statistics, subprocess, sys, tempfile, threading, time, urllib.request, uuid
+import json, os, subprocess, sys, tempfile, time, urllib.request, uuid
 
 N = int(sys.argv[1])
 ROOT = os.getcwd()
@@ -56,30 +56,14 @@ def conveyor_drain(key, workers, concurrency):
 
 
 def submit_latency(key, rate=500, seconds=10):
-    latencies, lock = [], threading.Lock()
-    body = {"kind": "canary", "payload": {}}
-    start = time.perf_counter()
-    total = rate * seconds
-
-    def sender(offset, step):
-        for i in range(offset, total, step):
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            t = time.perf_counter()
-            request("POST", "/v1/jobs", key, body)
-            with lock:
-                latencies.append((time.perf_counter() - t) * 1000)
-
-    threads = [threading.Thread(target=sender, args=(k, 8)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    achieved = total / (time.perf_counter() - start)
-    latencies.sort()
-    return achieved, latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
+    """Open-loop single submits from a Rust client (cli/examples/submit_bench.rs): latency
+    from each request's due time, so a stall cannot hide behind a slowed-down client."""
+    tool = next(p for p in (f"{BIN}/submit_bench", f"{BIN}/examples/submit_bench") if os.path.exists(p))
+    out = subprocess.run([tool, f"http://127.0.0.1:{PORT}", key, str(rate), str(seconds)],
+                         check=True, capture_output=True, text=True).stdout
+    r = json.loads(out)
+    assert r["errors"] == 0, r
+    return r["rate"], r["p50_ms"], r["p99_ms"]
 
 
 CELERY_APP = """
