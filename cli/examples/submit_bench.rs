@@ -39,19 +39,35 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep_until(due.into()).await;
         let (client, url, key) = (client.clone(), url.clone(), key.clone());
         requests.push(tokio::spawn(async move {
+            let sent = Instant::now();
             let ok = submit(&client, &url, &key, body).await.is_ok();
-            (due.elapsed(), ok)
+            (sent.elapsed(), sent - due, ok)
         }));
     }
     let mut latencies = Vec::with_capacity(requests.len());
+    let mut late = Vec::with_capacity(requests.len());
     let mut errors = 0;
-    for request in requests {
-        let (latency, ok) = request.await?;
+    let trace = std::env::var("SUBMIT_TRACE").ok();
+    let mut lines = String::new();
+    for (i, request) in requests.into_iter().enumerate() {
+        let (latency, lateness, ok) = request.await?;
+        if trace.is_some() {
+            lines += &format!(
+                "{} {:.3} {:.3}\n",
+                i,
+                latency.as_secs_f64() * 1e3,
+                lateness.as_secs_f64() * 1e3
+            );
+        }
         if ok {
             latencies.push(latency);
+            late.push(lateness);
         } else {
             errors += 1;
         }
+    }
+    if let Some(path) = trace {
+        std::fs::write(path, lines)?;
     }
     let achieved = total as f64 / start.elapsed().as_secs_f64();
     latencies.sort();
