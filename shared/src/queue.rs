@@ -199,3 +199,25 @@ pub fn task_id(job_id: Uuid, generation: i32) -> String {
     let bits = (job_id.as_u128() & !0xFFFF) | (generation as u128 & 0xFFFF);
     ulid::Ulid(bits).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// apalis' task lock scans the whole waiting list per started task (see `Queues::config`):
+    /// a backlog of 20,000 made Redis the bottleneck. Guard against turning it back on.
+    #[tokio::test]
+    async fn queues_run_without_apalis_task_locks_or_events() {
+        let url = std::env::var("CONVEYOR_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+        let conn = redis::Client::open(url)
+            .unwrap()
+            .get_connection_manager()
+            .await
+            .expect("Redis on 127.0.0.1:6379");
+        let config = Queues::new(conn, "test", Duration::from_secs(1)).config("canary");
+        assert!(!config.lock_tasks);
+        assert!(!config.emit_events);
+        // Acknowledgements stay: they take finished tasks out of the worker's in-flight set.
+        assert!(config.persist_results);
+    }
+}
