@@ -119,13 +119,6 @@ async fn subscribe(
                 {
                     local.terminal = true;
                 }
-                // Skip the data line that follows without looking at its bytes twice.
-                if line.starts_with(b"event: ") {
-                    match memchr::memchr(b'\n', &lines[at..cut]) {
-                        Some(i) => at += i + 1,
-                        None => break,
-                    }
-                }
             }
             lines.drain(..cut);
             if local.terminal {

@@ -6,7 +6,8 @@
 //! libraries do. Two seconds at the same rate warm both sides' connection pools first.
 //!
 //! submit_bench URL API_KEY [rate=500 seconds=10]
-//! Prints one JSON line: {"rate": achieved req/s, "p50_ms", "p99_ms", "max_ms", "errors"}.
+//! Prints one JSON line: {"rate": achieved req/s, "p50_ms", "p99_ms", "max_ms",
+//! "send_late_p99_ms" (how far behind schedule sends left: the client's own delay), "errors"}.
 
 use std::time::{Duration, Instant};
 
@@ -24,61 +25,27 @@ async fn main() -> anyhow::Result<()> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let url = format!("{base}/v1/jobs");
-    let body = r#"{"kind":"canary","payload":{}}"#;
 
     // Two seconds at the same rate first, not measured: the client's and the API's connection
     // pools grow to what the rate needs, and the key cache fills (steady state is measured).
-    let warm_up = Instant::now();
-    let mut warming = Vec::new();
-    for i in 0..rate * 2 {
-        let due = warm_up + Duration::from_nanos(i * 1_000_000_000 / rate);
-        tokio::time::sleep_until(due.into()).await;
-        let (client, url, key) = (client.clone(), url.clone(), key.clone());
-        warming.push(tokio::spawn(async move {
-            submit(&client, &url, &key, body).await
-        }));
+    for request in at_rate(rate * 2, rate, &client, &url, &key).await {
+        let (_, _, ok) = request.await?;
+        anyhow::ensure!(ok, "a warm-up submit failed");
     }
-    for w in warming {
-        w.await??;
-    }
-
     let total = rate * seconds;
     let start = Instant::now();
-    let mut requests = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
-        tokio::time::sleep_until(due.into()).await;
-        let (client, url, key) = (client.clone(), url.clone(), key.clone());
-        requests.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let ok = submit(&client, &url, &key, body).await.is_ok();
-            (sent.elapsed(), sent - due, ok)
-        }));
-    }
+    let requests = at_rate(total, rate, &client, &url, &key).await;
     let mut latencies = Vec::with_capacity(requests.len());
     let mut late = Vec::with_capacity(requests.len());
     let mut errors = 0;
-    let trace = std::env::var("SUBMIT_TRACE").ok();
-    let mut lines = String::new();
-    for (i, request) in requests.into_iter().enumerate() {
+    for request in requests {
         let (latency, lateness, ok) = request.await?;
-        if trace.is_some() {
-            lines += &format!(
-                "{} {:.3} {:.3}\n",
-                i,
-                latency.as_secs_f64() * 1e3,
-                lateness.as_secs_f64() * 1e3
-            );
-        }
         if ok {
             latencies.push(latency);
             late.push(lateness);
         } else {
             errors += 1;
         }
-    }
-    if let Some(path) = trace {
-        std::fs::write(path, lines)?;
     }
     let achieved = total as f64 / start.elapsed().as_secs_f64();
     latencies.sort();
@@ -88,7 +55,6 @@ async fn main() -> anyhow::Result<()> {
             .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
             .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
     };
-    // send_late_p99_ms: how far behind schedule sends left (the client's own delay).
     println!(
         r#"{{"rate": {achieved:.1}, "p50_ms": {:.3}, "p99_ms": {:.3}, "max_ms": {:.3}, "send_late_p99_ms": {:.3}, "errors": {errors}}}"#,
         ms(&latencies, 0.5),
@@ -99,17 +65,32 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn submit(
-    client: &reqwest::Client,
-    url: &str,
-    key: &str,
-    body: &'static str,
-) -> anyhow::Result<()> {
+type Sent = tokio::task::JoinHandle<(Duration, Duration, bool)>;
+
+/// Sends `n` submits, the i-th at i / rate after the first whatever the earlier ones did; each
+/// yields (latency from its send, how late the send left, success).
+async fn at_rate(n: u64, rate: u64, client: &reqwest::Client, url: &str, key: &str) -> Vec<Sent> {
+    let start = Instant::now();
+    let mut sent = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let (client, url, key) = (client.clone(), url.to_owned(), key.to_owned());
+        sent.push(tokio::spawn(async move {
+            let at = Instant::now();
+            let ok = submit(&client, &url, &key).await.is_ok();
+            (at.elapsed(), at - due, ok)
+        }));
+    }
+    sent
+}
+
+async fn submit(client: &reqwest::Client, url: &str, key: &str) -> anyhow::Result<()> {
     let response = client
         .post(url)
         .bearer_auth(key)
         .header("content-type", "application/json")
-        .body(body)
+        .body(r#"{"kind":"canary","payload":{}}"#)
         .send()
         .await?;
     anyhow::ensure!(response.status().is_success(), "{}", response.status());

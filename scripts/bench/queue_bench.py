@@ -56,8 +56,8 @@ def conveyor_drain(key, workers, concurrency):
 
 
 def submit_latency(key, rate=500, seconds=10):
-    """Open-loop single submits from a Rust client (cli/examples/submit_bench.rs): latency
-    from each request's due time, so a stall cannot hide behind a slowed-down client."""
+    """Open-loop single submits from a Rust client (cli/examples/submit_bench.rs): each sent
+    on schedule whatever the earlier ones did, so a stall cannot hide behind a slowed client."""
     tool = next(p for p in (f"{BIN}/submit_bench", f"{BIN}/examples/submit_bench") if os.path.exists(p))
     out = subprocess.run([tool, f"http://127.0.0.1:{PORT}", key, str(rate), str(seconds)],
                          check=True, capture_output=True, text=True).stdout
