@@ -20,9 +20,6 @@ pub const DIMENSIONS: usize = 384;
 /// The model's `max_seq_length` (sentence_bert_config.json), special tokens included. The
 /// shipped tokenizer.json truncates at 128 and pads to 128: both are overridden.
 pub const MAX_SEQUENCE: usize = 256;
-/// Tokens per forward pass: enough rows to keep the matrix products efficient, few enough that
-/// the activations stay small.
-const BATCH_TOKENS: usize = 8192;
 
 /// Why the model could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -101,21 +98,13 @@ impl Embedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        let mut vectors = Vec::with_capacity(encodings.len());
-        let mut rest = &encodings[..];
-        while !rest.is_empty() {
-            let mut size = 1;
-            let mut tokens = rest[0].len();
-            while size < rest.len() && tokens + rest[size].len() <= BATCH_TOKENS {
-                tokens += rest[size].len();
-                size += 1;
-            }
-            let (batch, tail) = rest.split_at(size);
-            let ids: Vec<&[u32]> = batch.iter().map(|e| e.get_ids()).collect();
-            vectors.extend(self.model.mean_pooled(&ids)?.into_iter().map(normalized));
-            rest = tail;
-        }
-        Ok(vectors)
+        let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
+        Ok(self
+            .model
+            .mean_pooled(&ids)
+            .into_iter()
+            .map(normalized)
+            .collect())
     }
 }
 
