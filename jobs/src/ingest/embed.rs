@@ -1,6 +1,6 @@
-//! The embedding model: a BERT sentence encoder (all-MiniLM-L6-v2 by default) run with candle
-//! on the CPU, pooled and normalised exactly as sentence-transformers does it (mean of the
-//! token vectors under the attention mask, then L2 normalisation).
+//! The embedding model: a BERT sentence encoder (all-MiniLM-L6-v2 by default; weights read with
+//! candle, run on the CPU by `bert.rs`), pooled and normalised exactly as sentence-transformers
+//! does it (mean of the token vectors under the attention mask, then L2 normalisation).
 
 use candle_core::Device;
 use candle_nn::VarBuilder;
