@@ -92,7 +92,8 @@ impl Dense {
     fn apply(&self, input: &[f32], out: &mut [f32], accumulate: bool) {
         let outputs = self.bias.len();
         let rows = input.len() / self.inputs;
-        debug_assert_eq!(out.len(), rows * outputs);
+        // The product below writes exactly this much of `out`.
+        assert_eq!(out.len(), rows * outputs, "output buffer size");
         for row in out.chunks_exact_mut(outputs) {
             if accumulate {
                 row.iter_mut().zip(&self.bias).for_each(|(o, b)| *o += b);
@@ -289,8 +290,15 @@ impl Bert {
 /// Scaled dot-product attention of each sequence with itself, per head, on this thread.
 /// `qkv` is (tokens, 3 × hidden): queries, keys, values side by side; `out` is (tokens, hidden).
 fn attention(qkv: &[f32], lengths: &[usize], heads: usize, out: &mut [f32], scores: &mut Vec<f32>) {
-    let width = qkv.len() / lengths.iter().sum::<usize>().max(1);
+    let tokens: usize = lengths.iter().sum();
+    let width = qkv.len() / tokens.max(1);
     let hidden = width / 3;
+    // The products below stay inside these sizes.
+    assert_eq!(
+        (qkv.len(), out.len()),
+        (tokens * width, tokens * hidden),
+        "attention buffer sizes"
+    );
     let dim = hidden / heads;
     let scale = 1.0 / (dim as f32).sqrt();
     let mut start = 0;
