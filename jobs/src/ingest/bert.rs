@@ -140,9 +140,7 @@ impl Norm {
 
     /// Normalises each row of `rows` in place.
     fn apply(&self, rows: &mut [f32]) {
-        for row in rows.chunks_exact_mut(self.gamma.len()) {
-            layer_norm(row, &self.gamma, &self.beta, self.eps);
-        }
+        layer_norm(rows, &self.gamma, &self.beta, self.eps);
     }
 }
 
@@ -338,9 +336,7 @@ fn attention(qkv: &[f32], lengths: &[usize], heads: usize, out: &mut [f32], scor
                     gemm::Parallelism::None,
                 );
             }
-            for row in scores.chunks_exact_mut(n) {
-                softmax(row);
-            }
+            softmax(scores, n);
             unsafe {
                 // out[sequence rows, head columns] = softmax(scores) V
                 gemm::gemm(
@@ -371,7 +367,8 @@ fn attention(qkv: &[f32], lengths: &[usize], heads: usize, out: &mut [f32], scor
 }
 
 /// Defines a function over slices whose loops are compiled twice: for AVX2 + FMA, used where
-/// the CPU has them, and for the baseline the crate is built for (SSE2: four lanes).
+/// the CPU has them, and for the baseline the crate is built for (SSE2: four lanes). Each
+/// takes a whole matrix, so the CPU check runs once per matrix, not once per row.
 macro_rules! vectorised {
     ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         $(#[$doc])*
@@ -418,27 +415,31 @@ vectorised! {
 }
 
 vectorised! {
-    /// Softmax of one row, in place.
-    fn softmax(row: &mut [f32]) {
-        let max = lanes_max(row);
-        for s in row.iter_mut() {
-            *s = exp(*s - max);
+    /// Softmax of each row (`width` values) of `rows`, in place.
+    fn softmax(rows: &mut [f32], width: usize) {
+        for row in rows.chunks_exact_mut(width) {
+            let max = lanes_max(row);
+            for s in row.iter_mut() {
+                *s = exp(*s - max);
+            }
+            let inverse = 1.0 / lanes_sum(row, |s| s);
+            row.iter_mut().for_each(|s| *s *= inverse);
         }
-        let inverse = 1.0 / lanes_sum(row, |s| s);
-        row.iter_mut().for_each(|s| *s *= inverse);
     }
 }
 
 vectorised! {
-    /// Layer normalisation of one row, in place.
-    fn layer_norm(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
-        let count = row.len() as f32;
-        let mean = lanes_sum(row, |x| x) / count;
-        row.iter_mut().for_each(|x| *x -= mean);
-        let variance = lanes_sum(row, |x| x * x) / count;
-        let scale = 1.0 / (variance + eps).sqrt();
-        for ((x, g), b) in row.iter_mut().zip(gamma).zip(beta) {
-            *x = *x * scale * g + b;
+    /// Layer normalisation of each row (as long as `gamma`) of `rows`, in place.
+    fn layer_norm(rows: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        for row in rows.chunks_exact_mut(gamma.len()) {
+            let count = row.len() as f32;
+            let mean = lanes_sum(row, |x| x) / count;
+            row.iter_mut().for_each(|x| *x -= mean);
+            let variance = lanes_sum(row, |x| x * x) / count;
+            let scale = 1.0 / (variance + eps).sqrt();
+            for ((x, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                *x = *x * scale * g + b;
+            }
         }
     }
 }
@@ -540,7 +541,7 @@ mod tests {
         // 19 values: the vectorised loops' eight lanes and a tail.
         let values: Vec<f32> = (0..19).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let mut row = values.clone();
-        super::softmax(&mut row);
+        super::softmax(&mut row, 19);
         let max = values.iter().copied().fold(f32::MIN, f32::max);
         let sum: f32 = values.iter().map(|v| (v - max).exp()).sum();
         for (got, v) in row.iter().zip(&values) {
