@@ -58,7 +58,7 @@ for name, sentences in workloads:
     cosine = (ours * reference).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(reference, axis=1))
     rows.append((name, len(sentences) / st_seconds, len(sentences) / report["seconds"], cosine.min()))
 
-print(f"| workload | sentence-transformers /s | conveyor (candle) /s | ratio | min cosine |")
+print(f"| workload | sentence-transformers /s | conveyor /s | ratio | min cosine |")
 print(f"|---|---:|---:|---:|---:|")
 for name, theirs, ours, cos in rows:
     print(f"| {name} | {theirs:,.1f} | {ours:,.1f} | {ours / theirs:.2f}x | {cos:.5f} |")

@@ -1,0 +1,54 @@
+# shellcheck shell=bash
+# Sourced by the benchmarks that run the platform themselves (scripts/bench/sse and ingest):
+# private copies of the release binaries, their own database and Redis prefix, the API started
+# and answering, and everything stopped and removed on exit.
+#
+# Set before sourcing: `name` (names the database and prefix), `port` (default listen port;
+# BENCH_PORT overrides) and `examples` (conveyor-cli examples the benchmark runs, maybe none).
+# Sets: `bin`, `key` (an API key of tenant "bench"), `api` (the API's pid). Then
+# `start_worker QUEUES` starts a worker.
+pg=$(scripts/services)   # the PostgreSQL the platform runs on (pgvector)
+bin=$(mktemp -d)
+if [ -n "${BENCH_BIN:-}" ]; then
+  # Release builds made beforehand.
+  for tool in conveyor-api conveyor-worker "${examples[@]}"; do cp "$BENCH_BIN/$tool" "$bin/"; done
+else
+  target=${CARGO_TARGET_DIR:-target}
+  echo "bench $name: building (release)" >&2
+  cargo build --release -q -p conveyor-api -p conveyor-worker --bins
+  # Private copies: a shared target directory may be rebuilt by someone else mid-run.
+  cp "$target/release/conveyor-api" "$target/release/conveyor-worker" "$bin/"
+  for example in "${examples[@]}"; do
+    cargo build --release -q -p conveyor-cli --example "$example"
+    cp "$target/release/examples/$example" "$bin/"
+  done
+fi
+
+db=conveyor_bench_${name}_$$
+prefix=bench-$name-$$
+port=${BENCH_PORT:-$port}
+export CONVEYOR_DATABASE_URL=$pg/$db
+export CONVEYOR_REDIS_URL=${CONVEYOR_REDIS_URL:-redis://127.0.0.1:6379}
+export CONVEYOR_REDIS_PREFIX=$prefix
+export CONVEYOR_LISTEN=127.0.0.1:$port
+export RUST_LOG=warn
+psql "$pg/postgres" -qc "CREATE DATABASE $db" >/dev/null
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  psql "$pg/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  redis-cli --scan --pattern "$prefix:*" | xargs -r -n 500 redis-cli del >/dev/null || true
+  rm -rf "$bin"
+}
+trap cleanup EXIT INT TERM
+
+start_worker() {
+  "$bin/conveyor-worker" --queues "$1" & pids+=("$!")
+}
+
+"$bin/conveyor-api" migrate 2>/dev/null
+key=$("$bin/conveyor-api" keys create --tenant bench)
+"$bin/conveyor-api" serve & api=$!; pids+=("$api")
+for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
