@@ -4,6 +4,9 @@
 //! to its arrival at every subscriber, events lost or repeated, and the API's RSS and CPU.
 //!
 //! sse_bench URL API_KEY REDIS_URL REDIS_PREFIX API_PID [tenant_subs job_subs jobs_per_s secs steps step_ms]
+//!
+//! With `SSE_BENCH_TIMELINE=1` it also prints the tenant streams' delays per second of append,
+//! to tell a steady delay from stalls (the machine's own housekeeping shows as lone slow seconds).
 
 use serde_json::{json, Value};
 use std::{
@@ -36,6 +39,8 @@ struct Seen {
     disorder: u64,
     /// Append → arrival, microseconds, for events appended after the subscriber connected.
     delays_us: Vec<u32>,
+    /// The second each of those events was appended in (for the timeline).
+    appended_s: Vec<u32>,
     terminal: bool,
 }
 
@@ -51,7 +56,6 @@ async fn subscribe(
     stop_at_terminal: bool,
     connected: Arc<AtomicU64>,
     seen: Arc<Mutex<Seen>>,
-    done: tokio_util_like::Flag,
 ) {
     let mut socket = TcpStream::connect(&addr)
         .await
@@ -90,51 +94,72 @@ async fn subscribe(
     loop {
         let arrived = now_us();
         let ended = body.decode(&mut raw, &mut lines);
-        // Complete lines only; keep the tail for the next read. Only `id:` and `event:` lines
-        // matter: find them with a vectorised search instead of walking every byte.
+        // Complete lines only; keep the tail for the next read. Only `id:` lines (and, on a
+        // job's stream, the terminal `event:` line) matter: jump from one to the next with a
+        // vectorised search instead of walking every line.
         if let Some(cut) = memchr::memrchr(b'\n', &lines).map(|i| i + 1) {
+            let text = &lines[..cut];
             let mut local = seen.lock().unwrap();
-            let mut at = 0;
-            while let Some(start) = memchr::memchr(b'\n', &lines[at..cut]).map(|i| at + i + 1) {
-                let line = &lines[at..start - 1];
-                at = start;
-                if let Some(id) = line.strip_prefix(b"id: ") {
-                    let id = std::str::from_utf8(id).unwrap_or("0-0");
-                    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-                    let id = (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0));
-                    if id <= last {
-                        local.disorder += 1;
-                    }
-                    last = id;
-                    local.events += 1;
-                    if id.0 >= connected_ms {
-                        local
-                            .delays_us
-                            .push(arrived.saturating_sub(id.0 * 1000) as u32);
-                    }
-                } else if stop_at_terminal
-                    && (line == b"event: succeeded"
-                        || line == b"event: failed"
-                        || line == b"event: cancelled")
-                {
-                    local.terminal = true;
+            for at in ID_LINE.find_iter(text) {
+                if at > 0 && text[at - 1] != b'\n' {
+                    continue;
+                }
+                let value = &text[at + 4..];
+                let id = parse_id(&value[..memchr::memchr(b'\n', value).unwrap_or(0)]);
+                if id <= last {
+                    local.disorder += 1;
+                }
+                last = id;
+                local.events += 1;
+                if id.0 >= connected_ms {
+                    local
+                        .delays_us
+                        .push(arrived.saturating_sub(id.0 * 1000) as u32);
+                    local.appended_s.push((id.0 / 1000) as u32);
                 }
             }
+            if stop_at_terminal
+                && ["succeeded", "failed", "cancelled"]
+                    .iter()
+                    .any(|status| has_line(text, format!("event: {status}").as_bytes()))
+            {
+                local.terminal = true;
+            }
+            let terminal = local.terminal;
+            drop(local);
             lines.drain(..cut);
-            if local.terminal {
+            if terminal {
                 break;
             }
         }
         if ended {
             break;
         }
-        let read = tokio::select! {
-            r = socket.read_buf(&mut raw) => r,
-            _ = done.wait() => break,
-        };
-        if !matches!(read, Ok(n) if n > 0) {
+        if !matches!(socket.read_buf(&mut raw).await, Ok(n) if n > 0) {
             break;
         }
+    }
+}
+
+static ID_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"id: "));
+
+/// Whether `line` is one of `text`'s lines.
+fn has_line(text: &[u8], line: &[u8]) -> bool {
+    memchr::memmem::find_iter(text, line)
+        .any(|at| (at == 0 || text[at - 1] == b'\n') && text.get(at + line.len()) == Some(&b'\n'))
+}
+
+/// `ms-seq` as numbers; (0, 0) if malformed.
+fn parse_id(text: &[u8]) -> (u64, u64) {
+    let mut parts = text.splitn(2, |&b| b == b'-').map(|digits| {
+        digits.iter().try_fold(0u64, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+        })
+    });
+    match (parts.next().flatten(), parts.next().unwrap_or(Some(0))) {
+        (Some(ms), Some(seq)) => (ms, seq),
+        _ => (0, 0),
     }
 }
 
@@ -172,14 +197,14 @@ impl Body {
                 }
                 (at, self.crlf) = (at + 2, false);
             }
-            let Some(end) = find(&raw[at..], b"\r\n") else {
+            let Some(end) = memchr::memchr(b'\n', &raw[at..]) else {
                 break false;
             };
-            let size = std::str::from_utf8(&raw[at..at + end])
+            let size = std::str::from_utf8(&raw[at..at + end - 1])
                 .ok()
                 .and_then(|line| usize::from_str_radix(line.split(';').next()?.trim(), 16).ok())
                 .expect("chunk size line");
-            at += end + 2;
+            at += end + 1;
             if size == 0 {
                 break true;
             }
@@ -187,29 +212,6 @@ impl Body {
         };
         raw.drain(..at);
         ended
-    }
-}
-
-/// A one-shot flag many tasks can wait on.
-mod tokio_util_like {
-    use std::sync::Arc;
-    use tokio::sync::watch;
-
-    #[derive(Clone)]
-    pub struct Flag(Arc<watch::Sender<bool>>, watch::Receiver<bool>);
-
-    impl Flag {
-        pub fn new() -> Self {
-            let (tx, rx) = watch::channel(false);
-            Self(Arc::new(tx), rx)
-        }
-        pub fn set(&self) {
-            let _ = self.0.send(true);
-        }
-        pub async fn wait(&self) {
-            let mut rx = self.1.clone();
-            let _ = rx.wait_for(|v| *v).await;
-        }
     }
 }
 
@@ -240,6 +242,25 @@ fn process_usage(pid: u32) -> (u64, u64, f64) {
     (kb("VmRSS:"), kb("VmHWM:"), (ticks(11) + ticks(12)) / 100.0)
 }
 
+/// (batches, events) the API's SSE feeds have broadcast, from its `/metrics`.
+async fn feed_totals(client: &reqwest::Client, base: &str) -> anyhow::Result<(f64, f64)> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("conveyor_sse_batches_total"),
+        value("conveyor_sse_batch_events_total"),
+    ))
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -248,7 +269,9 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-#[tokio::main]
+// One thread: the readers share two cores with the API; a second runtime thread only adds
+// wake-ups and work stealing between the two.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(args.len() >= 5, "usage: sse_bench URL API_KEY REDIS_URL REDIS_PREFIX API_PID [tenant_subs job_subs jobs_per_s secs steps step_ms]");
@@ -290,7 +313,6 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("sse bench: connecting {tenant_subs} tenant subscribers");
     let connected = Arc::new(AtomicU64::new(0));
-    let stop = tokio_util_like::Flag::new();
     let mut tenant_seen = Vec::new();
     let mut tasks = Vec::new();
     for chunk in 0..tenant_subs.div_ceil(200) {
@@ -304,7 +326,6 @@ async fn main() -> anyhow::Result<()> {
                 false,
                 connected.clone(),
                 seen,
-                stop.clone(),
             )));
         }
         while connected.load(Ordering::Relaxed) < ((chunk + 1) * 200).min(tenant_subs) {
@@ -317,6 +338,7 @@ async fn main() -> anyhow::Result<()> {
     let (_, _, cpu_start) = process_usage(api_pid);
     let (_, _, client_cpu_start) = process_usage(std::process::id());
     let (rss_connected, _, _) = process_usage(api_pid);
+    let feeds_start = feed_totals(&client, base).await?;
 
     eprintln!("sse bench: {rate} canary jobs/s for {secs} s ({steps} steps × {step_ms} ms), {job_subs} job subscribers at a time");
     let started = Instant::now();
@@ -341,12 +363,11 @@ async fn main() -> anyhow::Result<()> {
     while started.elapsed() < Duration::from_secs(secs) {
         ticker.tick().await;
         let (client, base, key, addr) = (client.clone(), base.clone(), key.clone(), addr.clone());
-        let (slots, job_seen, job_tasks, connected, stop, submitted) = (
+        let (slots, job_seen, job_tasks, connected, submitted) = (
             job_slots.clone(),
             job_seen.clone(),
             job_tasks.clone(),
             connected.clone(),
-            stop.clone(),
             submitted.clone(),
         );
         submits.push(tokio::spawn(async move {
@@ -375,7 +396,6 @@ async fn main() -> anyhow::Result<()> {
                         true,
                         connected,
                         seen,
-                        stop,
                     )
                     .await;
                     drop(permit);
@@ -422,14 +442,15 @@ async fn main() -> anyhow::Result<()> {
     let (_, _, cpu_end) = process_usage(api_pid);
     let (_, _, client_cpu_end) = process_usage(std::process::id());
     let wall = started.elapsed().as_secs_f64();
-    stop.set();
+    let feeds_end = feed_totals(&client, base).await?;
     sampler.abort();
+    // Tenant streams never end by themselves; a job's stream ends at its terminal event.
     for t in tasks {
-        let _ = t.await;
+        t.abort();
     }
     let job_tasks: Vec<_> = std::mem::take(&mut *job_tasks.lock().unwrap());
     for t in job_tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        t.abort();
     }
 
     // Losses: each tenant subscriber must have every entry of the tenant stream; each job
@@ -438,12 +459,18 @@ async fn main() -> anyhow::Result<()> {
     let mut disorder = 0u64;
     let mut delays = Vec::new();
     let mut tenant_events = 0u64;
+    let mut timeline = std::collections::BTreeMap::<u32, Vec<u32>>::new();
     for seen in &tenant_seen {
         let seen = seen.lock().unwrap();
         lost += last_len.saturating_sub(seen.events);
         disorder += seen.disorder;
         tenant_events += seen.events;
         delays.extend_from_slice(&seen.delays_us);
+        if std::env::var_os("SSE_BENCH_TIMELINE").is_some() {
+            for (d, s) in seen.delays_us.iter().zip(&seen.appended_s) {
+                timeline.entry(*s).or_default().push(*d);
+            }
+        }
     }
     let mut job_delays = Vec::new();
     let followed: Vec<Followed> = std::mem::take(&mut *job_seen.lock().unwrap());
@@ -458,6 +485,20 @@ async fn main() -> anyhow::Result<()> {
         disorder += seen.disorder;
         job_events += seen.events;
         job_delays.extend_from_slice(&seen.delays_us);
+    }
+    if !timeline.is_empty() {
+        eprintln!("| appended in second | deliveries | p50 | p99 | max |");
+        eprintln!("|---:|---:|---:|---:|---:|");
+    }
+    for (second, mut d) in timeline {
+        d.sort_unstable();
+        eprintln!(
+            "| {second} | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            d.len(),
+            percentile(&d, 0.5),
+            percentile(&d, 0.99),
+            percentile(&d, 1.0)
+        );
     }
     delays.sort_unstable();
     job_delays.sort_unstable();
@@ -497,6 +538,12 @@ async fn main() -> anyhow::Result<()> {
         percentile(&job_delays, 0.5),
         percentile(&job_delays, 0.99),
         job_delays.len()
+    );
+    let (batches, batch_events) = (feeds_end.0 - feeds_start.0, feeds_end.1 - feeds_start.1);
+    println!(
+        "the API's feeds: {:.0} batches/s, {:.1} events per batch (each batch is one write per subscriber)",
+        batches / wall,
+        batch_events / batches.max(1.0)
     );
     anyhow::ensure!(lost == 0 && disorder == 0, "events were lost or repeated");
     Ok(())

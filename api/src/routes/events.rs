@@ -14,8 +14,11 @@ use shared::{
     events::{self, Event, EventType},
     store, FieldError, Job, Problem,
 };
-use std::{convert::Infallible, time::Duration};
-use tokio::sync::broadcast::error::RecvError;
+use std::{convert::Infallible, pin::Pin, time::Duration};
+use tokio::{
+    sync::broadcast::error::RecvError,
+    time::{Instant, Sleep},
+};
 use utoipa::IntoParams;
 
 use crate::{
@@ -104,6 +107,11 @@ struct Follower {
     subscription: Subscription,
     replaying: bool,
     stop_at_terminal: bool,
+    /// When the stream last sent something, and a timer that fires QUIET after it. The timer
+    /// is re-armed only when it fires, not after every batch: thousands of streams each
+    /// taking tens of batches a second would otherwise keep the runtime's timer wheel busy.
+    active_at: Instant,
+    quiet: Pin<Box<Sleep>>,
 }
 
 impl Follower {
@@ -131,6 +139,8 @@ impl Follower {
             subscription,
             replaying: true,
             stop_at_terminal,
+            active_at: Instant::now(),
+            quiet: Box::pin(tokio::time::sleep(QUIET)),
         })
     }
 
@@ -152,10 +162,21 @@ impl Follower {
                     }
                 }
             } else {
-                match tokio::time::timeout(QUIET, self.subscription.batches.recv()).await {
+                let received = tokio::select! {
+                    biased;
+                    received = self.subscription.batches.recv() => Ok(received),
+                    () = self.quiet.as_mut() => Err(()),
+                };
+                match received {
+                    Err(()) if self.active_at.elapsed() < QUIET => {
+                        self.quiet.as_mut().reset(self.active_at + QUIET);
+                        continue;
+                    }
                     // Quiet. Before saying so, read Redis once: a feed held up by a slow or
                     // reconnecting Redis must not make a job stream give up on its events.
-                    Err(_) => {
+                    Err(()) => {
+                        self.active_at = Instant::now();
+                        self.quiet.as_mut().reset(self.active_at + QUIET);
                         let mut conn = self.state.redis.clone();
                         let cursor = self.cursor.to_string();
                         match events::read_after(&mut conn, &self.key, &cursor, BATCH).await {
@@ -182,26 +203,43 @@ impl Follower {
             };
             if let Some((bytes, last, terminal)) = batch.after(self.cursor, self.stop_at_terminal) {
                 self.cursor = last;
+                self.active_at = Instant::now();
                 return Next::Frames { bytes, terminal };
             }
         }
     }
 }
 
-struct OpenStream(std::sync::Arc<crate::state::Counters>);
+/// Counts an open stream for `/metrics` and logs its opening and closing (the streams are
+/// outside the HTTP trace layer; see `crate::router`).
+struct OpenStream {
+    counters: std::sync::Arc<Counters>,
+    stream: String,
+    opened: Instant,
+}
 
 impl OpenStream {
-    fn new(state: &AppState) -> Self {
+    fn new(state: &AppState, stream: &str) -> Self {
         Counters::add(&state.counters.sse_open, 1);
-        Self(state.counters.clone())
+        tracing::debug!(stream, "SSE stream opened");
+        Self {
+            counters: state.counters.clone(),
+            stream: stream.to_owned(),
+            opened: Instant::now(),
+        }
     }
 }
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0
+        self.counters
             .sse_open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(
+            stream = self.stream,
+            secs = self.opened.elapsed().as_secs_f64(),
+            "SSE stream closed"
+        );
     }
 }
 
@@ -226,7 +264,7 @@ pub async fn job_events(
         .query_async(&mut state.redis.clone())
         .await
         .map_err(|e| Problem::unavailable(format!("event store unreachable: {e}")))?;
-    let guard = OpenStream::new(&state);
+    let guard = OpenStream::new(&state, &key);
     if !exists && job.status().is_terminal() {
         let events = stream! {
             let _guard = guard;
@@ -276,7 +314,7 @@ pub async fn tenant_events(
 ) -> Result<Response, Problem> {
     let after = cursor(&headers, &query)?;
     let key = state.events.keys().tenant(tenant.0);
-    let guard = OpenStream::new(&state);
+    let guard = OpenStream::new(&state, &key);
     let mut follower = Follower::start(&state, key, after.as_deref(), false).await?;
     let events = stream! {
         let _guard = guard;

@@ -24,9 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}", get(jobs::get_one))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
-        .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/v1/jobs/{id}/artifacts/{name}", get(jobs::artifact))
-        .route("/v1/events", get(events::tenant_events))
         .route(
             "/v1/datasets",
             // Uploads stream to disk under their own limit (CONVEYOR_DATASET_LIMIT).
@@ -72,4 +70,11 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(crate::openapi::serve))
         .fallback(ops::not_found)
+}
+
+/// The SSE streams: long-lived responses written to thousands of times a second in all.
+pub fn streams() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs/{id}/events", get(events::job_events))
+        .route("/v1/events", get(events::tenant_events))
 }

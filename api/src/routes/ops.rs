@@ -61,6 +61,21 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         "Redis streams read for this process' SSE subscribers (one read each, shared)",
         &[("", state.hub.feeds() as f64)],
     );
+    let (batches, entries) = state.hub.broadcast_totals();
+    gauge(
+        &mut out,
+        "conveyor_sse_batches_total",
+        "counter",
+        "batches of events the feeds read and handed to their subscribers",
+        &[("", batches as f64)],
+    );
+    gauge(
+        &mut out,
+        "conveyor_sse_batch_events_total",
+        "counter",
+        "events in those batches",
+        &[("", entries as f64)],
+    );
 
     // Live jobs come from the partial index; finishes and durations cover the last hour.
     let live: Vec<(String, String, i64)> = sqlx::query_as(

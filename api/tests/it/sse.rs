@@ -119,3 +119,38 @@ async fn the_tenant_stream_carries_every_job_and_resumes() {
         .await
         .is_none());
 }
+
+#[tokio::test]
+async fn a_quiet_stream_sends_a_keep_alive_every_five_seconds_and_events_at_once() {
+    let mut app = TestApp::spawn().await;
+    let mut response = app
+        .client
+        .get(app.url("/v1/events"))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap();
+    let opened = std::time::Instant::now();
+    let mut keep_alives = Vec::new();
+    while keep_alives.len() < 2 {
+        let chunk = tokio::time::timeout(Duration::from_secs(8), response.chunk())
+            .await
+            .expect("a keep-alive within 8 s")
+            .unwrap()
+            .expect("the stream stays open");
+        assert_eq!(&chunk[..], b": keep-alive\n\n");
+        keep_alives.push(opened.elapsed());
+    }
+    let gap = keep_alives[1] - keep_alives[0];
+    assert!(
+        keep_alives[0] >= Duration::from_millis(4900) && gap >= Duration::from_millis(4900),
+        "{keep_alives:?}"
+    );
+
+    // The keep-alive timer does not hold events back.
+    app.start_worker(1).await;
+    let id = app.submit_canary(json!({"steps": 1})).await;
+    let mut live = crate::harness::SseReader::from_response(response);
+    let event = live.next(WAIT).await.expect("the job's events");
+    assert_eq!(event.data["job_id"], id.to_string());
+}
