@@ -7,14 +7,19 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Starts a worker and a canary job; the path of the job's stream.
+async fn a_running_canary(app: &mut TestApp, steps: u32, step_ms: u32) -> String {
+    app.start_worker(1).await;
+    let id = app
+        .submit_canary(json!({"steps": steps, "step_ms": step_ms}))
+        .await;
+    format!("/v1/jobs/{id}/events")
+}
+
 #[tokio::test]
 async fn a_client_that_reconnects_gets_every_event_exactly_once_in_order() {
     let mut app = TestApp::spawn().await;
-    app.start_worker(1).await;
-    let id = app
-        .submit_canary(json!({"steps": 12, "step_ms": 120}))
-        .await;
-    let path = format!("/v1/jobs/{id}/events");
+    let path = a_running_canary(&mut app, 12, 120).await;
 
     let mut first = app.sse(&path, None).await;
     let mut seen = Vec::new();
@@ -153,4 +158,25 @@ async fn a_quiet_stream_sends_a_keep_alive_every_five_seconds_and_events_at_once
     let mut live = crate::harness::SseReader::from_response(response);
     let event = live.next(WAIT).await.expect("the job's events");
     assert_eq!(event.data["job_id"], id.to_string());
+}
+
+#[tokio::test]
+async fn open_streams_end_when_the_server_stops() {
+    let mut app = TestApp::spawn().await;
+    let mut live = app.sse("/v1/events", None).await;
+    let path = a_running_canary(&mut app, 40, 100).await;
+    let mut job = app.sse(&path, None).await;
+    assert!(live.next(WAIT).await.is_some() && job.next(WAIT).await.is_some());
+
+    let stopped = std::time::Instant::now();
+    app.server.take().expect("api running").shutdown().await;
+    // Both streams close (not a quiet stream kept open): `None` well before the 5 s keep-alive.
+    for stream in [&mut live, &mut job] {
+        while stream.next(Duration::from_secs(3)).await.is_some() {}
+    }
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopped.elapsed()
+    );
 }
