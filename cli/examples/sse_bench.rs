@@ -39,7 +39,7 @@ struct Seen {
     disorder: u64,
     /// Append → arrival, microseconds, for events appended after the subscriber connected.
     delays_us: Vec<u32>,
-    /// The second each of those events was appended in (for the timeline).
+    /// The second each of those events was appended in (only with the timeline).
     appended_s: Vec<u32>,
     terminal: bool,
 }
@@ -115,13 +115,19 @@ async fn subscribe(
                     local
                         .delays_us
                         .push(arrived.saturating_sub(id.0 * 1000) as u32);
-                    local.appended_s.push((id.0 / 1000) as u32);
+                    if *TIMELINE {
+                        local.appended_s.push((id.0 / 1000) as u32);
+                    }
                 }
             }
             if stop_at_terminal
-                && ["succeeded", "failed", "cancelled"]
-                    .iter()
-                    .any(|status| has_line(text, format!("event: {status}").as_bytes()))
+                && [
+                    &b"event: succeeded"[..],
+                    b"event: failed",
+                    b"event: cancelled",
+                ]
+                .iter()
+                .any(|line| has_line(text, line))
             {
                 local.terminal = true;
             }
@@ -140,6 +146,10 @@ async fn subscribe(
         }
     }
 }
+
+/// `SSE_BENCH_TIMELINE` is set: keep each delivery's second of append for the timeline.
+static TIMELINE: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("SSE_BENCH_TIMELINE").is_some());
 
 static ID_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"id: "));
@@ -466,10 +476,8 @@ async fn main() -> anyhow::Result<()> {
         disorder += seen.disorder;
         tenant_events += seen.events;
         delays.extend_from_slice(&seen.delays_us);
-        if std::env::var_os("SSE_BENCH_TIMELINE").is_some() {
-            for (d, s) in seen.delays_us.iter().zip(&seen.appended_s) {
-                timeline.entry(*s).or_default().push(*d);
-            }
+        for (d, s) in seen.delays_us.iter().zip(&seen.appended_s) {
+            timeline.entry(*s).or_default().push(*d);
         }
     }
     let mut job_delays = Vec::new();

@@ -194,17 +194,8 @@ impl Follower {
                         self.replaying = true;
                         continue;
                     }
-                    // Feeds close when the server stops.
-                    Ok(Err(RecvError::Closed)) if self.state.stopping.is_cancelled() => {
-                        return Next::End;
-                    }
-                    // A feed that stopped otherwise (none does): join a new one.
-                    Ok(Err(RecvError::Closed)) => {
-                        self.subscription = self.state.hub.subscribe(&self.key);
-                        self.subscription.ready().await;
-                        self.replaying = true;
-                        return Next::Quiet;
-                    }
+                    // A feed closes only when the server stops (while anyone listens it reads).
+                    Ok(Err(RecvError::Closed)) => return Next::End,
                 }
             };
             if let Some((bytes, last, terminal)) = batch.after(self.cursor, self.stop_at_terminal) {
