@@ -322,7 +322,7 @@ mod tests {
             text.starts_with("id: 5-1\nevent: succeeded\ndata: {"),
             "{text}"
         );
-        assert!(text.ends_with("\n\n") && !text.contains("12-0"));
+        assert!(text.ends_with("\n\n") && !text.contains("id: 12-0"));
         assert_eq!((last, terminal), (EntryId(5, 1), true));
         assert!(batch.after(EntryId(12, 0), false).is_none());
         assert!(EntryId::parse("12-0") > EntryId::parse("5-9"));
