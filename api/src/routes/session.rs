@@ -38,8 +38,17 @@ pub struct SessionInfo {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-fn cookie(token: &str, max_age_secs: i64) -> String {
-    format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_secs}")
+/// The session cookie, `Secure` when the browser reached us over HTTPS: the API speaks plain
+/// HTTP behind a TLS-terminating proxy, which says so with `X-Forwarded-Proto: https`.
+fn cookie(headers: &HeaderMap, token: &str, max_age_secs: i64) -> String {
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    let secure = if https { "; Secure" } else { "" };
+    format!(
+        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_secs}{secure}"
+    )
 }
 
 #[utoipa::path(post, path = "/v1/session", request_body = SignIn, tag = "session", security(()),
@@ -88,7 +97,7 @@ pub async fn sign_in(
         StatusCode::CREATED,
         [(
             header::SET_COOKIE,
-            cookie(&token, SESSION_TTL.num_seconds()),
+            cookie(&headers, &token, SESSION_TTL.num_seconds()),
         )],
         Json(info),
     )
@@ -138,7 +147,7 @@ pub async fn sign_out(
     }
     Ok((
         StatusCode::NO_CONTENT,
-        [(header::SET_COOKIE, cookie("", 0))],
+        [(header::SET_COOKIE, cookie(&headers, "", 0))],
     )
         .into_response())
 }

@@ -74,6 +74,19 @@ async fn a_session_cookie_signs_in_reads_streams_and_signs_out() {
         .await
         .unwrap();
     assert_eq!(stored, vec![conveyor_api::auth::hash_key(token)]);
+    // Plain HTTP here; behind a TLS-terminating proxy the cookie is `Secure`.
+    assert!(!set_cookie.contains("Secure"), "{set_cookie}");
+    let behind_tls = app
+        .client
+        .post(app.url("/v1/session"))
+        .header("X-Conveyor-CSRF", "1")
+        .header("X-Forwarded-Proto", "https")
+        .json(&json!({"api_key": app.key}))
+        .send()
+        .await
+        .unwrap();
+    let secure = behind_tls.headers()[header::SET_COOKIE].to_str().unwrap();
+    assert!(secure.ends_with("; Secure"), "{secure}");
 
     // Without any credentials: 401.
     let anonymous = app.client.get(app.url("/v1/jobs")).send().await.unwrap();
@@ -326,15 +339,7 @@ async fn many_subscribers_share_one_feed_and_miss_nothing() {
     for _ in 0..20 {
         readers.push(app.sse("/v1/events", None).await);
     }
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("conveyor_sse_feeds 1\n"), "{metrics}");
     app.start_worker(4).await;
     let mut jobs = std::collections::HashSet::new();

@@ -210,6 +210,13 @@ impl TestApp {
         (status, response.bytes().await.unwrap().to_vec())
     }
 
+    /// The `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        let (status, bytes) = self.get_bytes("/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        String::from_utf8(bytes).unwrap()
+    }
+
     pub async fn delete(&self, path: &str) -> StatusCode {
         self.client
             .delete(self.url(path))

@@ -257,15 +257,7 @@ async fn ops_endpoints_answer() {
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     app.submit_canary(json!({})).await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for name in [
         "conveyor_jobs_submitted_total 1",
         "conveyor_queue_depth{queue=\"canary\"}",
