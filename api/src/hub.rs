@@ -1,11 +1,16 @@
-//! The per-process SSE fan-out: one blocking XREAD per Redis stream, shared by every
-//! subscriber of that stream in this process, instead of one Redis connection per subscriber.
+//! The per-process SSE fan-out: one blocking XREAD per tenant's stream, shared by every
+//! subscriber in this process of that tenant's stream or of any of its jobs' streams, instead
+//! of one Redis connection per subscriber or per job followed.
+//!
+//! A job's stream holds the job's entries of its tenant's stream under the same ids (see
+//! `shared::events`), so the feed hands each job's subscribers that job's part of every batch,
+//! and a job followed by a dashboard or `conveyor submit --wait` costs no Redis connection.
 //!
 //! Exactness: a subscriber joins the feed's broadcast *before* it replays what is after its
-//! cursor from Redis (XRANGE), then skips broadcast entries at or below the last id it sent.
-//! Every entry is either appended before the replay read (so replayed) or read by the feed
-//! after the subscriber joined (so broadcast): none is missed, none is sent twice. A subscriber
-//! that falls behind the broadcast buffer replays from Redis again.
+//! cursor from Redis (XRANGE on its own stream), then skips broadcast entries at or below the
+//! last id it sent. Every entry is either appended before the replay read (so replayed) or read
+//! by the feed after the subscriber joined (so broadcast): none is missed, none is sent twice.
+//! A subscriber that falls behind the broadcast buffer replays from Redis again.
 //!
 //! Batching needs no timer: the events appended while one batch goes out come back together
 //! from the feed's next XREAD, so under load a subscriber gets one write per batch instead of
@@ -29,6 +34,7 @@ use std::{
 };
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 /// How long one XREAD blocks before the feed checks whether anyone still listens.
 const BLOCK: Duration = Duration::from_secs(5);
@@ -36,6 +42,9 @@ const BLOCK: Duration = Duration::from_secs(5);
 const COUNT: usize = 1000;
 /// Batches a slow subscriber may fall behind before it replays from Redis.
 const BUFFER: usize = 1024;
+/// The same for one job's subscribers: a job's batches are few and small, and each job
+/// followed holds a channel of its own.
+const JOB_BUFFER: usize = 64;
 
 /// A stream entry id (`ms-seq`), ordered as Redis orders them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,9 +77,10 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn render(entries: &[StreamEntry]) -> Self {
-        let mut text = String::with_capacity(entries.len() * 320);
-        let mut frames = Vec::with_capacity(entries.len());
+    pub fn render<'a>(entries: impl IntoIterator<Item = &'a StreamEntry>) -> Self {
+        let entries = entries.into_iter();
+        let mut text = String::with_capacity(entries.size_hint().0 * 320);
+        let mut frames = Vec::with_capacity(entries.size_hint().0);
         for entry in entries {
             let Some(id) = EntryId::parse(&entry.id) else {
                 continue;
@@ -120,11 +130,20 @@ impl Batch {
     }
 }
 
-#[derive(Clone)]
+/// One stream's reader and its subscribers.
 struct Feed {
-    tx: broadcast::Sender<Arc<Batch>>,
+    /// Subscribers of the whole stream.
+    all: broadcast::Sender<Arc<Batch>>,
+    /// Subscribers of one job's entries, by job.
+    jobs: HashMap<Uuid, broadcast::Sender<Arc<Batch>>>,
     /// True once the feed knows where the stream ends and reads from there.
     ready: watch::Receiver<bool>,
+}
+
+impl Feed {
+    fn listened(&self) -> bool {
+        self.all.receiver_count() > 0 || self.jobs.values().any(|tx| tx.receiver_count() > 0)
+    }
 }
 
 pub struct Hub {
@@ -161,26 +180,35 @@ impl Hub {
         }
     }
 
-    /// Joins `key`'s feed, starting its reader if it has none.
-    pub fn subscribe(self: &Arc<Self>, key: &str) -> Subscription {
+    /// Joins the feed of the stream `key`: all of its entries, or only `job`'s. Starts the
+    /// stream's reader if it has none.
+    pub fn subscribe(self: &Arc<Self>, key: &str, job: Option<Uuid>) -> Subscription {
         let mut feeds = self.feeds.lock().expect("hub lock");
-        if let Some(feed) = feeds.get(key) {
-            return Subscription {
-                batches: feed.tx.subscribe(),
-                ready: feed.ready.clone(),
-            };
-        }
-        let (tx, batches) = broadcast::channel(BUFFER);
-        let (ready_tx, ready) = watch::channel(false);
-        feeds.insert(
-            key.to_owned(),
+        let feed = feeds.entry(key.to_owned()).or_insert_with(|| {
+            let (all, _) = broadcast::channel(BUFFER);
+            let (ready_tx, ready) = watch::channel(false);
+            tokio::spawn(self.clone().read(key.to_owned(), ready_tx));
             Feed {
-                tx: tx.clone(),
-                ready: ready.clone(),
+                all,
+                jobs: HashMap::new(),
+                ready,
+            }
+        });
+        let batches = match job {
+            None => feed.all.subscribe(),
+            Some(job) => match feed.jobs.get(&job) {
+                Some(tx) => tx.subscribe(),
+                None => {
+                    let (tx, rx) = broadcast::channel(JOB_BUFFER);
+                    feed.jobs.insert(job, tx);
+                    rx
+                }
             },
-        );
-        tokio::spawn(self.clone().read(key.to_owned(), tx, ready_tx));
-        Subscription { batches, ready }
+        };
+        Subscription {
+            batches,
+            ready: feed.ready.clone(),
+        }
     }
 
     /// Number of streams read now (for `/metrics`).
@@ -207,14 +235,9 @@ impl Hub {
             .await
     }
 
-    /// The feed's reader: XREAD from the stream's end at start, broadcast every batch, and
-    /// stop once nobody listens.
-    async fn read(
-        self: Arc<Self>,
-        key: String,
-        tx: broadcast::Sender<Arc<Batch>>,
-        ready: watch::Sender<bool>,
-    ) {
+    /// The feed's reader: XREAD from the stream's end at start, hand every batch to the
+    /// stream's subscribers and each job's part to that job's, and stop once nobody listens.
+    async fn read(self: Arc<Self>, key: String, ready: watch::Sender<bool>) {
         let mut conn = None;
         let mut cursor: Option<String> = None;
         loop {
@@ -230,7 +253,6 @@ impl Hub {
                     None => {
                         cursor = Some(last_id(c, &key).await?);
                         let _ = ready.send(true);
-                        Ok::<(), redis::RedisError>(())
                     }
                     Some(after) => {
                         let entries = tokio::select! {
@@ -239,15 +261,11 @@ impl Hub {
                         };
                         if let Some(last) = entries.last() {
                             cursor = Some(last.id.clone());
-                            self.batches.fetch_add(1, Ordering::Relaxed);
-                            self.entries
-                                .fetch_add(entries.len() as u64, Ordering::Relaxed);
-                            // No receiver is fine: the next check stops the feed.
-                            let _ = tx.send(Arc::new(Batch::render(&entries)));
+                            self.broadcast(&key, &entries);
                         }
-                        Ok(())
                     }
                 }
+                Ok::<(), redis::RedisError>(())
             }
             .await;
             if let Err(e) = result {
@@ -256,12 +274,49 @@ impl Hub {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             let mut feeds = self.feeds.lock().expect("hub lock");
-            if tx.receiver_count() == 0 {
+            let listened = feeds.get_mut(&key).is_some_and(|feed| {
+                feed.jobs.retain(|_, tx| tx.receiver_count() > 0);
+                feed.listened()
+            });
+            if !listened {
                 feeds.remove(&key);
                 return;
             }
         }
         self.feeds.lock().expect("hub lock").remove(&key);
+    }
+
+    /// Hands `entries` to the stream's subscribers, and each followed job's entries among them
+    /// to that job's subscribers; each batch is rendered once, outside the hub's lock.
+    fn broadcast(&self, key: &str, entries: &[StreamEntry]) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.entries
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        let (all, jobs) = {
+            let feeds = self.feeds.lock().expect("hub lock");
+            let Some(feed) = feeds.get(key) else { return };
+            let mut jobs: HashMap<Uuid, (broadcast::Sender<Arc<Batch>>, Vec<&StreamEntry>)> =
+                HashMap::new();
+            if !feed.jobs.is_empty() {
+                for entry in entries {
+                    if let Some(tx) = feed.jobs.get(&entry.event.job_id) {
+                        jobs.entry(entry.event.job_id)
+                            .or_insert_with(|| (tx.clone(), Vec::new()))
+                            .1
+                            .push(entry);
+                    }
+                }
+            }
+            let all = (feed.all.receiver_count() > 0).then(|| feed.all.clone());
+            (all, jobs)
+        };
+        // No receiver left is fine: the reader's next check stops the feed.
+        if let Some(all) = all {
+            let _ = all.send(Arc::new(Batch::render(entries)));
+        }
+        for (tx, entries) in jobs.into_values() {
+            let _ = tx.send(Arc::new(Batch::render(entries)));
+        }
     }
 }
 

@@ -153,39 +153,51 @@ impl EventLog {
         &self.keys
     }
 
-    /// Appends every event to its job's stream and its tenant's stream in one round trip.
-    /// A terminal event starts the job stream's expiry.
+    /// Appends every event to its tenant's stream and its job's stream in one round trip,
+    /// under the same entry id in both (see `APPEND_SCRIPT`). A terminal event starts the job
+    /// stream's expiry.
     pub async fn append(&self, events: &[(Uuid, Event)]) -> redis::RedisResult<()> {
         if events.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let mut invocation = APPEND_SCRIPT.prepare_invoke();
+        invocation.arg(self.tenant_maxlen).arg(self.ttl.as_secs());
         for (tenant, event) in events {
-            let json = serde_json::to_string(event).expect("events serialize");
-            let job_key = self.keys.job(*tenant, event.job_id);
-            pipe.cmd("XADD")
-                .arg(&job_key)
-                .arg("*")
-                .arg("e")
-                .arg(&json)
-                .ignore();
-            pipe.cmd("XADD")
-                .arg(self.keys.tenant(*tenant))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.tenant_maxlen)
-                .arg("*")
-                .arg("e")
-                .arg(&json)
-                .ignore();
-            if event.event_type.is_terminal() {
-                pipe.expire(&job_key, self.ttl.as_secs() as i64).ignore();
-            }
+            invocation
+                .key(self.keys.tenant(*tenant))
+                .key(self.keys.job(*tenant, event.job_id))
+                .arg(serde_json::to_string(event).expect("events serialize"))
+                .arg(u8::from(event.event_type.is_terminal()));
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await
+        invocation.invoke_async::<()>(&mut conn).await
     }
 }
+
+/// Appends each event to its tenant's stream, then to its job's stream under the entry id the
+/// tenant's stream gave it. A job's stream is thus the subsequence of its tenant's stream that
+/// belongs to the job, with the same ids, so the API follows every job of a tenant from the
+/// tenant stream's one read (see the API's hub). An id the job's stream cannot take (one written
+/// by an older version, after this id) falls back to a fresh one.
+///
+/// KEYS: tenant stream, job stream, per event. ARGV: tenant MAXLEN, job TTL (s), then JSON and
+/// terminal flag (1/0) per event.
+static APPEND_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+for i = 1, #KEYS, 2 do
+  local json = ARGV[i + 2]
+  local id = redis.call('xadd', KEYS[i], 'maxlen', '~', ARGV[1], '*', 'e', json)
+  if not pcall(redis.call, 'xadd', KEYS[i + 1], id, 'e', json) then
+    redis.call('xadd', KEYS[i + 1], '*', 'e', json)
+  end
+  if ARGV[i + 3] == '1' then
+    redis.call('expire', KEYS[i + 1], ARGV[2])
+  end
+end
+",
+    )
+});
 
 /// Entries of `key` strictly after `cursor` (`"0"` for all), at most `count`.
 pub async fn read_after<C: redis::aio::ConnectionLike + Send>(

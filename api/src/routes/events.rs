@@ -20,6 +20,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 use utoipa::IntoParams;
+use uuid::Uuid;
 
 use crate::{
     auth::Tenant,
@@ -100,8 +101,8 @@ enum Next {
     End,
 }
 
-/// Follows one stream after a cursor: replays from Redis, then takes the live entries from the
-/// process' shared feed (see [`crate::hub`] for why this misses nothing and repeats nothing).
+/// Follows one stream after a cursor: replays it from Redis, then takes the live entries from
+/// the process' shared feed of its tenant's stream (see [`crate::hub`] for why this misses nothing and repeats nothing).
 struct Follower {
     state: AppState,
     key: String,
@@ -117,14 +118,21 @@ struct Follower {
 }
 
 impl Follower {
-    /// Joins the feed; without a cursor, starts at the stream's current end.
+    /// Follows the tenant's stream, or one job's stream if `job` is given (and then stops at
+    /// its terminal event); without a cursor, starts at the stream's current end. Live entries
+    /// come from the hub's feed of the tenant's stream either way.
     async fn start(
         state: &AppState,
-        key: String,
+        tenant: Uuid,
+        job: Option<Uuid>,
         cursor: Option<&str>,
-        stop_at_terminal: bool,
     ) -> Result<Self, Problem> {
-        let mut subscription = state.hub.subscribe(&key);
+        let keys = state.events.keys();
+        let key = match job {
+            Some(job) => keys.job(tenant, job),
+            None => keys.tenant(tenant),
+        };
+        let mut subscription = state.hub.subscribe(&keys.tenant(tenant), job);
         tokio::time::timeout(QUIET * 2, subscription.ready())
             .await
             .map_err(|_| Problem::unavailable("event store unreachable"))?;
@@ -140,7 +148,7 @@ impl Follower {
             cursor: EntryId::parse(&cursor).unwrap_or_default(),
             subscription,
             replaying: true,
-            stop_at_terminal,
+            stop_at_terminal: job.is_some(),
             active_at: Instant::now(),
             quiet: Box::pin(tokio::time::sleep(QUIET)),
         })
@@ -269,8 +277,13 @@ pub async fn job_events(
         };
         return Ok(sse_response(events));
     }
-    let mut follower =
-        Follower::start(&state, key, Some(after.as_deref().unwrap_or("0")), true).await?;
+    let mut follower = Follower::start(
+        &state,
+        tenant.0,
+        Some(id),
+        Some(after.as_deref().unwrap_or("0")),
+    )
+    .await?;
     let pool = state.pool.clone();
     let events = stream! {
         let _guard = guard;
@@ -313,7 +326,7 @@ pub async fn tenant_events(
     let after = cursor(&headers, &query)?;
     let key = state.events.keys().tenant(tenant.0);
     let guard = OpenStream::new(&state, &key);
-    let mut follower = Follower::start(&state, key, after.as_deref(), false).await?;
+    let mut follower = Follower::start(&state, tenant.0, None, after.as_deref()).await?;
     let events = stream! {
         let _guard = guard;
         loop {

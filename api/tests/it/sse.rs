@@ -180,3 +180,35 @@ async fn open_streams_end_when_the_server_stops() {
         stopped.elapsed()
     );
 }
+
+/// A job's stream is its part of the tenant's stream, under the same ids, and the API follows
+/// every job of a tenant from that one stream's feed: no Redis read or connection per job.
+#[tokio::test]
+async fn job_streams_are_their_jobs_part_of_the_tenant_stream_and_share_its_feed() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(4).await;
+    let mut jobs = Vec::new();
+    for _ in 0..5 {
+        let id = app.submit_canary(json!({"steps": 5, "step_ms": 100})).await;
+        jobs.push((id, app.sse(&format!("/v1/jobs/{id}/events"), None).await));
+    }
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("conveyor_sse_feeds 1\n"), "{metrics}");
+
+    let mut tenant = app.sse("/v1/events?after=0", None).await;
+    let mut tenant_ids = std::collections::HashMap::<String, Vec<String>>::new();
+    let mut done = 0;
+    while done < jobs.len() {
+        let event = tenant.next(WAIT).await.expect("tenant events keep coming");
+        done += usize::from(event.event == "succeeded");
+        let job = event.data["job_id"].as_str().unwrap().to_owned();
+        tenant_ids.entry(job).or_default().push(event.id.unwrap());
+    }
+    for (id, stream) in &mut jobs {
+        let events = stream.collect(WAIT).await;
+        assert_eq!(events.last().unwrap().event, "succeeded");
+        assert!(events.len() >= 7, "{events:?}");
+        let ids: Vec<String> = events.into_iter().map(|e| e.id.unwrap()).collect();
+        assert_eq!(ids, tenant_ids[&id.to_string()], "job {id}");
+    }
+}
