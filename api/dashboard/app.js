@@ -29,7 +29,9 @@ class ApiError extends Error {
 // change something.
 async function api(method, path, body) {
   const init = { method, credentials: 'same-origin', headers: { 'X-Conveyor-CSRF': '1' } };
-  if (body !== undefined) {
+  if (body instanceof Blob) {
+    init.body = body; // a file, streamed as the raw body
+  } else if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
   }
@@ -272,6 +274,80 @@ function exampleFor(kind) {
   $('submit-payload').value = JSON.stringify(EXAMPLES[kind] || {}, null, 2);
 }
 
+// ---------- datasets: upload, then fill the submit form for an import, synthesis or ingest ----------
+
+function bytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 ** 2) return `${(n / 1024).toFixed(1)} KB`;
+  if (n < 1024 ** 3) return `${(n / 1024 ** 2).toFixed(1)} MB`;
+  return `${(n / 1024 ** 3).toFixed(2)} GB`;
+}
+
+// A table name from a file name: `Orders 2024.csv.gz` -> `orders_2024`.
+function tableName(fileName) {
+  const stem = fileName.toLowerCase().replace(/(\.(gz|zst))?$/, '').replace(/\.[a-z0-9]+$/, '');
+  const name = stem.replace(/[^a-z0-9_]+/g, '_').replace(/^_+|_+$/g, '') || 'imported';
+  return (/^[0-9]/.test(name) ? `t_${name}` : name).slice(0, 63);
+}
+
+// What each job kind starts from for a dataset; documents only go to ingest.
+function datasetPayloads(dataset) {
+  const ingest = { collection_id: 'COLLECTION-ID', documents: [{ dataset_id: dataset.id }] };
+  if (dataset.format === 'document') return { ingest };
+  return {
+    import: { dataset_id: dataset.id, target: { table: tableName(dataset.name) }, mode: 'create' },
+    synthesis: { dataset_id: dataset.id, rows: 1000, synthesizer: 'gaussian_copula' },
+    ingest,
+  };
+}
+
+function prefill(kind, payload) {
+  const select = $('submit-kind');
+  if (![...select.options].some((o) => o.value === kind)) select.append(el('option', { value: kind, text: kind }));
+  select.value = kind;
+  $('submit-payload').value = JSON.stringify(payload, null, 2);
+  $('submit-result').textContent = `${kind} payload filled in: review it and submit`;
+  $('submit-payload').focus();
+}
+
+async function loadDatasets() {
+  try {
+    const page = await api('GET', '/v1/datasets?limit=20');
+    $('datasets').replaceChildren(...page.datasets.map((d) => {
+      const actions = el('td', { class: 'actions' });
+      for (const [kind, payload] of Object.entries(datasetPayloads(d))) {
+        const button = el('button', { type: 'button', class: 'small', 'data-kind': kind, text: kind });
+        button.addEventListener('click', () => prefill(kind, payload));
+        actions.append(button);
+      }
+      const format = d.compression === 'none' ? d.format : `${d.format}+${d.compression}`;
+      return el('tr', { 'data-dataset-id': d.id },
+        el('td', { text: d.name, title: d.id }), el('td', { text: format }),
+        el('td', { text: bytes(d.size_bytes) }), actions);
+    }));
+  } catch (e) {
+    console.warn('datasets', e);
+  }
+}
+
+async function uploadDataset(event) {
+  event.preventDefault();
+  const file = $('upload-file').files[0];
+  const out = $('upload-result');
+  if (!file) return;
+  out.className = '';
+  out.textContent = `uploading ${file.name} (${bytes(file.size)})…`;
+  try {
+    const dataset = await api('POST', `/v1/datasets?name=${encodeURIComponent(file.name)}`, file);
+    out.replaceChildren('uploaded ', el('code', { text: dataset.name, 'data-dataset-id': dataset.id }));
+    $('upload-form').reset();
+    await loadDatasets();
+  } catch (e) {
+    out.className = 'error';
+    out.textContent = e.message;
+  }
+}
+
 async function submitJob(event) {
   event.preventDefault();
   const out = $('submit-result');
@@ -437,6 +513,7 @@ function route() {
   if (match) showJob(match[1]); else showJobs();
   if (!queuesTimer) {
     loadQueues();
+    loadDatasets();
     queuesTimer = setInterval(loadQueues, 3000);
   }
 }
@@ -446,6 +523,7 @@ async function start() {
   $('sign-out').addEventListener('click', signOut);
   $('submit-form').addEventListener('submit', submitJob);
   $('submit-kind').addEventListener('change', (e) => exampleFor(e.target.value));
+  $('upload-form').addEventListener('submit', uploadDataset);
   for (const id of ['filter-kind', 'filter-status']) {
     $(id).addEventListener('change', () => { scheduleRender(); loadJobs(); });
   }

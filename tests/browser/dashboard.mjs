@@ -68,6 +68,10 @@ try {
     await page.locator('#submit-kind option[value="canary"]').waitFor({ state: 'attached' });
     await page.selectOption('#submit-kind', 'canary');
     await page.fill('#submit-payload', JSON.stringify(payload));
+    return submitForm();
+  }
+  // Sends the submit form as it stands; returns the new job's id.
+  async function submitForm() {
     await page.click('#submit-form button[type=submit]');
     const id = await page.waitForFunction((known) => {
       const link = document.querySelector('#submit-result a[data-job-id]');
@@ -107,6 +111,26 @@ try {
   step('queues panel');
   await page.locator('#queues tr[data-queue="canary"]').waitFor();
   await page.locator('#workers tr').first().waitFor();
+
+  step('upload a dataset and import it from its row');
+  await page.setInputFiles('#upload-file', {
+    name: 'Orders.csv', mimeType: 'text/csv', buffer: Buffer.from('id,city\n1,Lyon\n2,Oslo\n3,Porto\n'),
+  });
+  await page.click('#upload-form button[type=submit]');
+  const datasetId = await page.locator('#upload-result code[data-dataset-id]').getAttribute('data-dataset-id');
+  const datasetRow = page.locator(`#datasets tr[data-dataset-id="${datasetId}"]`);
+  await datasetRow.waitFor();
+  check((await datasetRow.locator('td').nth(1).textContent()) === 'csv', 'the format is shown');
+  await datasetRow.locator('button[data-kind="synthesis"]').click();
+  check(await page.inputValue('#submit-kind') === 'synthesis', 'synthesis fills the form');
+  check(JSON.parse(await page.inputValue('#submit-payload')).dataset_id === datasetId, 'synthesis names the dataset');
+  await datasetRow.locator('button[data-kind="import"]').click();
+  check(await page.inputValue('#submit-kind') === 'import', 'import fills the form');
+  const importPayload = JSON.parse(await page.inputValue('#submit-payload'));
+  check(importPayload.dataset_id === datasetId && importPayload.target.table === 'orders',
+    `import payload ${JSON.stringify(importPayload)}`);
+  const imported = await submitForm();
+  await page.locator(`#jobs tr[data-job-id="${imported}"][data-status="succeeded"]`).waitFor();
 
   step('cancel a long job from its page');
   const long = await submit({ steps: 600, step_ms: 100 });

@@ -18,7 +18,7 @@ fn workspace_root() -> PathBuf {
 }
 
 #[tokio::test]
-async fn the_dashboard_signs_in_submits_cancels_and_survives_a_cut_stream() {
+async fn the_dashboard_signs_in_submits_imports_cancels_and_survives_a_cut_stream() {
     let root = workspace_root();
     let script = root.join("tests/browser/dashboard.mjs");
     assert!(
@@ -36,7 +36,7 @@ async fn the_dashboard_signs_in_submits_cancels_and_survives_a_cut_stream() {
         .unwrap_or_else(|_| root.join("target/test-artifacts"));
 
     let mut app = TestApp::spawn().await;
-    app.start_worker(4).await;
+    app.start_worker_for(&[("canary", 4), ("import", 1)]).await;
     let mut node = tokio::process::Command::new("node")
         .arg(&script)
         .arg(&app.base)
@@ -75,4 +75,16 @@ async fn the_dashboard_signs_in_submits_cancels_and_survives_a_cut_stream() {
         .expect("the browser test finishes within 4 minutes");
     assert!(status.success(), "the browser test failed: {status}");
     assert!(artifacts.join("dashboard.png").is_file());
+
+    // The CSV the browser uploaded and imported from the dashboard is a table now.
+    let target = sqlx::PgPool::connect(app.target_url()).await.unwrap();
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, city FROM orders ORDER BY id")
+        .fetch_all(&target)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![(1, "Lyon".into()), (2, "Oslo".into()), (3, "Porto".into())]
+    );
+    target.close().await;
 }
