@@ -167,6 +167,47 @@ async fn a_redis_restart_loses_no_accepted_job() {
     let _ = binary("conveyor-worker");
 }
 
+/// Open streams ride out a Redis restart mid-job: the API's feed reconnects and reads the
+/// fresh streams, so a job's stream still ends with the job's outcome and the tenant's stream
+/// carries it too.
+#[tokio::test]
+async fn open_event_streams_ride_out_a_redis_restart() {
+    let port = free_port();
+    let mut redis = PrivateRedis::start(port);
+    let app = TestApp::spawn_with(|s| s.redis_url = format!("redis://127.0.0.1:{port}")).await;
+    let mut worker = app.spawn_worker_process("canary=2");
+    let id = app
+        .submit_canary(json!({"steps": 40, "step_ms": 150}))
+        .await;
+    let mut tenant = app.sse("/v1/events", None).await;
+    let mut job = app.sse(&format!("/v1/jobs/{id}/events"), None).await;
+    let wait = Duration::from_secs(30);
+    while job
+        .next(wait)
+        .await
+        .expect("events before the restart")
+        .event
+        != "progress"
+    {}
+    redis.kill();
+    redis.launch();
+    let rest = job.collect(Duration::from_secs(40)).await;
+    let last = rest.last().expect("events after the restart");
+    assert!(
+        last.event == "succeeded"
+            || (last.event == "snapshot" && last.data["status"] == "succeeded"),
+        "{rest:?}"
+    );
+    loop {
+        let event = tenant.next(wait).await.expect("the tenant stream goes on");
+        if event.data["job_id"] == id.to_string() && event.event == "succeeded" {
+            break;
+        }
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
 /// A private PostgreSQL cluster on its own port, run by the binaries of the server the tests
 /// use (pgvector included), so that crashing it disturbs no other test.
 struct PrivatePostgres {
