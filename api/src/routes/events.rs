@@ -102,7 +102,8 @@ enum Next {
 }
 
 /// Follows one stream after a cursor: replays it from Redis, then takes the live entries from
-/// the process' shared feed of its tenant's stream (see [`crate::hub`] for why this misses nothing and repeats nothing).
+/// the process' shared feed of its tenant's stream (see [`crate::hub`] for why this misses
+/// nothing and repeats nothing).
 struct Follower {
     state: AppState,
     key: String,
