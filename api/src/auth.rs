@@ -8,6 +8,12 @@ use axum::{
 };
 use sha2::{Digest, Sha256};
 use shared::Problem;
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 use crate::AppState;
@@ -51,18 +57,15 @@ impl FromRequestParts<AppState> for Tenant {
             .filter(|k| !k.is_empty())
             .ok_or_else(|| Problem::unauthorized("Authorization must be `Bearer <api key>`"))?;
         let hash = hash_key(key);
-        if let Some(tenant) = state.key_cache.get(&hash) {
-            return Ok(Tenant(tenant));
-        }
-        let tenant: Option<Uuid> = sqlx::query_scalar(
+        let lookup = sqlx::query_scalar(
             "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(&hash)
-        .fetch_optional(&state.pool)
-        .await?;
-        let tenant = tenant.ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
-        state.key_cache.insert(hash, tenant);
-        Ok(Tenant(tenant))
+        .fetch_optional(&state.pool);
+        let tenant = state.key_cache.tenant(&hash, lookup).await?;
+        tenant
+            .map(Tenant)
+            .ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))
     }
 }
 
@@ -104,29 +107,105 @@ async fn session_tenant(state: &AppState, token: &str) -> Result<Uuid, Problem> 
 }
 
 /// Known keys for a short while, so a request costs no extra database round trip. A revoked
-/// key keeps working until its entry expires (at most [`KeyCache::TTL`]).
+/// key keeps working until its entry expires (at most [`KeyCache::TTL`]). Requests that miss at
+/// the same time share one lookup: thousands of dashboards and CLIs reconnecting after an API
+/// restart cost one query per key, not one each. Unknown keys are not remembered.
 #[derive(Default)]
 pub struct KeyCache {
-    entries: std::sync::Mutex<std::collections::HashMap<String, (Uuid, std::time::Instant)>>,
+    entries: std::sync::Mutex<std::collections::HashMap<String, CacheEntry>>,
+}
+
+struct CacheEntry {
+    tenant: Arc<OnceCell<Option<Uuid>>>,
+    since: Instant,
 }
 
 impl KeyCache {
-    pub const TTL: std::time::Duration = std::time::Duration::from_secs(30);
+    pub const TTL: Duration = Duration::from_secs(30);
     const MAX: usize = 10_000;
 
-    fn get(&self, hash: &str) -> Option<Uuid> {
-        let entries = self.entries.lock().expect("key cache lock");
-        entries
-            .get(hash)
-            .filter(|(_, at)| at.elapsed() < Self::TTL)
-            .map(|(tenant, _)| *tenant)
-    }
-
-    fn insert(&self, hash: String, tenant: Uuid) {
-        let mut entries = self.entries.lock().expect("key cache lock");
-        if entries.len() >= Self::MAX {
-            entries.retain(|_, (_, at)| at.elapsed() < Self::TTL);
+    /// The tenant of the key with this hash: cached, or from `lookup`, run once for all the
+    /// requests waiting on the same key (another one runs it if it fails).
+    pub async fn tenant<E>(
+        &self,
+        hash: &str,
+        lookup: impl Future<Output = Result<Option<Uuid>, E>>,
+    ) -> Result<Option<Uuid>, E> {
+        let cell = {
+            let mut entries = self.entries.lock().expect("key cache lock");
+            match entries.get(hash) {
+                Some(entry) if entry.since.elapsed() < Self::TTL => entry.tenant.clone(),
+                _ => {
+                    if entries.len() >= Self::MAX {
+                        entries.retain(|_, entry| entry.since.elapsed() < Self::TTL);
+                    }
+                    let tenant = Arc::new(OnceCell::new());
+                    let entry = CacheEntry {
+                        tenant: tenant.clone(),
+                        since: Instant::now(),
+                    };
+                    entries.insert(hash.to_owned(), entry);
+                    tenant
+                }
+            }
+        };
+        let tenant = *cell.get_or_try_init(|| lookup).await?;
+        if tenant.is_none() {
+            let mut entries = self.entries.lock().expect("key cache lock");
+            if entries
+                .get(hash)
+                .is_some_and(|entry| Arc::ptr_eq(&entry.tenant, &cell))
+            {
+                entries.remove(hash);
+            }
         }
-        entries.insert(hash, (tenant, std::time::Instant::now()));
+        Ok(tenant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn requests_missing_together_share_one_lookup_and_unknown_keys_are_not_kept() {
+        let cache = Arc::new(KeyCache::default());
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let tenant = Uuid::now_v7();
+        let lookup = |found: Option<Uuid>| {
+            let lookups = lookups.clone();
+            async move {
+                lookups.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, ()>(found)
+            }
+        };
+        let waiting: Vec<_> = (0..50)
+            .map(|_| {
+                let (cache, lookup) = (cache.clone(), lookup(Some(tenant)));
+                tokio::spawn(async move { cache.tenant("known", lookup).await })
+            })
+            .collect();
+        for request in waiting {
+            assert_eq!(request.await.unwrap(), Ok(Some(tenant)));
+        }
+        assert_eq!(lookups.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.tenant("known", lookup(None)).await, Ok(Some(tenant)));
+        assert_eq!(lookups.load(Ordering::SeqCst), 1, "a known key is cached");
+
+        // A failed lookup is not cached: the next request looks again.
+        let failing = async { Err::<Option<Uuid>, ()>(()) };
+        assert_eq!(cache.tenant("flaky", failing).await, Err(()));
+        assert_eq!(
+            cache.tenant("flaky", lookup(Some(tenant))).await,
+            Ok(Some(tenant))
+        );
+        // Neither is an unknown key: a key created a moment later works at once.
+        assert_eq!(cache.tenant("new", lookup(None)).await, Ok(None));
+        assert_eq!(
+            cache.tenant("new", lookup(Some(tenant))).await,
+            Ok(Some(tenant))
+        );
     }
 }
