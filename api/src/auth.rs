@@ -57,11 +57,13 @@ impl FromRequestParts<AppState> for Tenant {
             .filter(|k| !k.is_empty())
             .ok_or_else(|| Problem::unauthorized("Authorization must be `Bearer <api key>`"))?;
         let hash = hash_key(key);
-        let lookup = sqlx::query_scalar(
-            "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-        )
-        .bind(&hash)
-        .fetch_optional(&state.pool);
+        let lookup = || {
+            sqlx::query_scalar(
+                "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+            )
+            .bind(&hash)
+            .fetch_optional(&state.pool)
+        };
         let tenant = state.key_cache.tenant(&hash, lookup).await?;
         tenant
             .map(Tenant)
@@ -124,12 +126,12 @@ impl KeyCache {
     pub const TTL: Duration = Duration::from_secs(30);
     const MAX: usize = 10_000;
 
-    /// The tenant of the key with this hash: cached, or from `lookup`, run once for all the
-    /// requests waiting on the same key (another one runs it if it fails).
-    pub async fn tenant<E>(
+    /// The tenant of the key with this hash: cached, or from `lookup`, called only on a miss
+    /// and once for all the requests waiting on the same key (another one runs it if it fails).
+    pub async fn tenant<E, F: Future<Output = Result<Option<Uuid>, E>>>(
         &self,
         hash: &str,
-        lookup: impl Future<Output = Result<Option<Uuid>, E>>,
+        lookup: impl FnOnce() -> F,
     ) -> Result<Option<Uuid>, E> {
         let cell = {
             let mut entries = self.entries.lock().expect("key cache lock");
@@ -149,7 +151,7 @@ impl KeyCache {
                 }
             }
         };
-        let tenant = *cell.get_or_try_init(|| lookup).await?;
+        let tenant = *cell.get_or_try_init(lookup).await?;
         if tenant.is_none() {
             let mut entries = self.entries.lock().expect("key cache lock");
             if entries
@@ -184,27 +186,30 @@ mod tests {
         let waiting: Vec<_> = (0..50)
             .map(|_| {
                 let (cache, lookup) = (cache.clone(), lookup(Some(tenant)));
-                tokio::spawn(async move { cache.tenant("known", lookup).await })
+                tokio::spawn(async move { cache.tenant("known", || lookup).await })
             })
             .collect();
         for request in waiting {
             assert_eq!(request.await.unwrap(), Ok(Some(tenant)));
         }
         assert_eq!(lookups.load(Ordering::SeqCst), 1);
-        assert_eq!(cache.tenant("known", lookup(None)).await, Ok(Some(tenant)));
+        assert_eq!(
+            cache.tenant("known", || lookup(None)).await,
+            Ok(Some(tenant))
+        );
         assert_eq!(lookups.load(Ordering::SeqCst), 1, "a known key is cached");
 
         // A failed lookup is not cached: the next request looks again.
         let failing = async { Err::<Option<Uuid>, ()>(()) };
-        assert_eq!(cache.tenant("flaky", failing).await, Err(()));
+        assert_eq!(cache.tenant("flaky", || failing).await, Err(()));
         assert_eq!(
-            cache.tenant("flaky", lookup(Some(tenant))).await,
+            cache.tenant("flaky", || lookup(Some(tenant))).await,
             Ok(Some(tenant))
         );
         // Neither is an unknown key: a key created a moment later works at once.
-        assert_eq!(cache.tenant("new", lookup(None)).await, Ok(None));
+        assert_eq!(cache.tenant("new", || lookup(None)).await, Ok(None));
         assert_eq!(
-            cache.tenant("new", lookup(Some(tenant))).await,
+            cache.tenant("new", || lookup(Some(tenant))).await,
             Ok(Some(tenant))
         );
     }

@@ -196,14 +196,11 @@ impl Hub {
         });
         let batches = match job {
             None => feed.all.subscribe(),
-            Some(job) => match feed.jobs.get(&job) {
-                Some(tx) => tx.subscribe(),
-                None => {
-                    let (tx, rx) = broadcast::channel(JOB_BUFFER);
-                    feed.jobs.insert(job, tx);
-                    rx
-                }
-            },
+            Some(job) => feed
+                .jobs
+                .entry(job)
+                .or_insert_with(|| broadcast::channel(JOB_BUFFER).0)
+                .subscribe(),
         };
         Subscription {
             batches,
