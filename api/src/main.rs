@@ -45,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
             let pool = shared::db::connect(&settings.database_url, 2).await?;
             shared::db::migrate(&pool).await?;
             eprintln!("migrations applied");
+            provision(&pool, &settings).await?;
         }
         Command::Keys {
             command: KeysCommand::Create { tenant },
@@ -52,8 +53,24 @@ async fn main() -> anyhow::Result<()> {
             let pool = shared::db::connect(&settings.database_url, 2).await?;
             shared::db::migrate(&pool).await?;
             let (_, key) = conveyor_api::keys::create_key(&pool, &tenant).await?;
+            provision(&pool, &settings).await?;
             println!("{key}");
         }
+    }
+    Ok(())
+}
+
+/// Creates new tenants' roles and schemas on the default target (all tenants', once, after
+/// the upgrade that introduced them).
+async fn provision(pool: &sqlx::PgPool, settings: &shared::Settings) -> anyhow::Result<()> {
+    match &settings.target_provision_url {
+        Some(url) => {
+            let provisioned = shared::tenancy::provision_pending(pool, url).await?;
+            eprintln!("{provisioned} tenants provisioned on the default target");
+        }
+        None => eprintln!(
+            "CONVEYOR_TARGET_PROVISION_URL is not set: new tenants cannot use the default target"
+        ),
     }
     Ok(())
 }

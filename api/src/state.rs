@@ -47,7 +47,14 @@ impl AppState {
         let redis_client = redis::Client::open(settings.redis_url.as_str())?;
         let redis = redis_client.get_connection_manager().await?;
         let settings = Arc::new(settings);
-        let services = jobs::Services::new(settings.clone(), pool.clone())?;
+        let services = jobs::Services::for_api(settings.clone(), pool.clone())?;
+        shared::tenancy::check_default_target(&pool, &services.targets.default_platform()?).await?;
+        if let Some(url) = &settings.target_provision_url {
+            let provisioned = shared::tenancy::provision_pending(&pool, url).await?;
+            if provisioned > 0 {
+                tracing::info!(provisioned, "tenants provisioned on the default target");
+            }
+        }
         let stopping = tokio_util::sync::CancellationToken::new();
         Ok(Self {
             hub: Arc::new(crate::hub::Hub::new(redis_client.clone(), stopping.clone())),

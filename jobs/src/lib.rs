@@ -4,10 +4,18 @@
 
 use serde_json::Value;
 use shared::{
-    connections::Targets, objects::ObjectStore, FieldError, JobContext, Problem, Settings,
+    connections::{SessionLimits, Targets},
+    objects::ObjectStore,
+    FieldError, JobContext, Problem, Settings,
 };
 use sqlx::PgPool;
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 pub mod canary;
@@ -64,6 +72,7 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Registry {
     handlers: BTreeMap<&'static str, Arc<dyn Handler>>,
+    preflights: Arc<Preflights>,
 }
 
 /// What handlers reach beyond their payload: the control plane, the object store and the
@@ -75,17 +84,92 @@ pub struct Services {
     pub targets: Targets,
     /// The embedding model, loaded on first use.
     pub embedder: ingest::embed::SharedEmbedder,
+    /// Bounds the preflights that reach target databases.
+    pub preflights: Arc<Preflights>,
 }
 
 impl Services {
+    /// For a worker: sessions on target databases bounded for jobs.
     pub fn new(settings: Arc<Settings>, pool: PgPool) -> anyhow::Result<Arc<Self>> {
+        let limits = SessionLimits::jobs(&settings);
+        Self::with_limits(settings, pool, limits)
+    }
+
+    /// For the API, which reaches target databases only to preflight.
+    pub fn for_api(settings: Arc<Settings>, pool: PgPool) -> anyhow::Result<Arc<Self>> {
+        let limits = SessionLimits::preflight(&settings);
+        Self::with_limits(settings, pool, limits)
+    }
+
+    fn with_limits(
+        settings: Arc<Settings>,
+        pool: PgPool,
+        limits: SessionLimits,
+    ) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
-            targets: Targets::new(pool.clone(), &settings)?,
+            targets: Targets::new(pool.clone(), &settings, limits)?,
             embedder: ingest::embed::SharedEmbedder::new(&settings.model_dir),
+            preflights: Arc::new(Preflights::new(
+                settings.preflight_timeout,
+                settings.preflight_concurrency,
+            )),
             settings,
             pool,
         }))
+    }
+}
+
+/// Preflights reach target databases on the submitter's behalf: each has a wall-clock bound,
+/// and a tenant has at most `concurrency` in flight, so that a burst of submissions cannot
+/// keep a target (or the API's pools) busy.
+pub struct Preflights {
+    timeout: Duration,
+    concurrency: usize,
+    per_tenant: Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+}
+
+impl Preflights {
+    pub fn new(timeout: Duration, concurrency: usize) -> Self {
+        Self {
+            timeout,
+            concurrency: concurrency.max(1),
+            per_tenant: Mutex::default(),
+        }
+    }
+
+    /// Runs one preflight of the tenant's within the bounds: 429 when the tenant's others
+    /// leave no room within the timeout, 503 when it runs past it.
+    pub async fn run<T>(
+        &self,
+        tenant: Uuid,
+        preflight: impl Future<Output = Result<T, Problem>>,
+    ) -> Result<T, Problem> {
+        let semaphore = self
+            .per_tenant
+            .lock()
+            .expect("preflights lock")
+            .entry(tenant)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.concurrency)))
+            .clone();
+        let _permit = tokio::time::timeout(self.timeout, semaphore.acquire_owned())
+            .await
+            .map_err(|_| {
+                Problem::too_many_requests(format!(
+                    "this tenant already has {} preflights in flight; try again shortly",
+                    self.concurrency
+                ))
+            })?
+            .expect("the semaphore is never closed");
+        tokio::time::timeout(self.timeout, preflight)
+            .await
+            .map_err(|_| {
+                Problem::unavailable(format!(
+                    "the preflight did not finish within {} ms: the target database is slow or \
+                     busy",
+                    self.timeout.as_millis()
+                ))
+            })?
     }
 }
 
@@ -128,19 +212,23 @@ impl Registry {
     pub fn new(handlers: Vec<Arc<dyn Handler>>) -> Self {
         Self {
             handlers: handlers.into_iter().map(|h| (h.kind(), h)).collect(),
+            preflights: Arc::new(Preflights::new(Duration::from_secs(5), 4)),
         }
     }
 
     /// Every job kind of this build.
     pub fn standard(services: Arc<Services>) -> Self {
-        Self::new(vec![
+        let preflights = services.preflights.clone();
+        let mut registry = Self::new(vec![
             Arc::new(canary::Canary),
             Arc::new(import::Import::new(services.clone())),
             Arc::new(patch::Patch::new(services.clone())),
             Arc::new(patch::PatchRollback::new(services.clone())),
             Arc::new(synthesis::SynthesisJob::new(services.clone())),
             Arc::new(ingest::Ingest::new(services)),
-        ])
+        ]);
+        registry.preflights = preflights;
+        registry
     }
 
     pub fn get(&self, kind: &str) -> Option<&Arc<dyn Handler>> {
@@ -183,7 +271,11 @@ impl Registry {
         payload: &Value,
     ) -> Result<(), Problem> {
         match self.get(kind) {
-            Some(handler) => handler.preflight(tenant, payload).await,
+            Some(handler) => {
+                self.preflights
+                    .run(tenant, handler.preflight(tenant, payload))
+                    .await
+            }
             None => Ok(()),
         }
     }

@@ -6,7 +6,7 @@ use aes_gcm::{aead::Aead, Aes256Gcm, KeyInit};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{postgres::PgConnectOptions, PgPool};
-use std::{collections::HashMap, str::FromStr, sync::Mutex};
+use std::{collections::HashMap, str::FromStr, sync::Mutex, time::Duration};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -113,12 +113,78 @@ pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool>
     Ok(deleted.rows_affected() == 1)
 }
 
-/// Resolves target databases to pools, one pool per URL for the life of the process.
+/// Resolves target databases to pools, one pool per URL and role for the life of the process.
 pub struct Targets {
     control: PgPool,
     default_url: String,
     cipher: Option<Cipher>,
-    pools: Mutex<HashMap<String, PgPool>>,
+    limits: SessionLimits,
+    pools: Mutex<HashMap<(String, Option<Uuid>), PgPool>>,
+}
+
+/// Bounds every session on a target: long enough for a job's COPY, short for a preflight.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    pub statement_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub idle_in_transaction: Duration,
+}
+
+impl SessionLimits {
+    /// For jobs, from the settings.
+    pub fn jobs(settings: &crate::Settings) -> Self {
+        Self {
+            statement_timeout: settings.target_statement_timeout,
+            lock_timeout: settings.target_lock_timeout,
+            idle_in_transaction: settings.target_idle_in_transaction,
+        }
+    }
+
+    /// For preflights: every statement within the preflight's bound.
+    pub fn preflight(settings: &crate::Settings) -> Self {
+        Self {
+            statement_timeout: settings.preflight_timeout,
+            lock_timeout: settings.preflight_timeout.min(Duration::from_secs(1)),
+            idle_in_transaction: settings.preflight_timeout,
+        }
+    }
+}
+
+/// A target database as one tenant's job reaches it.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Runs what the tenant asked for. On the default target its sessions are the tenant's
+    /// role with the tenant's schema as the only search path.
+    pub pool: PgPool,
+    /// The platform's bookkeeping on the same database (import ledger, patch snapshots and
+    /// checkpoints), as the platform's role; the same pool on a registered connection.
+    pub platform: PgPool,
+    /// On the default target, the tenant's schema, the only one its jobs may name there.
+    pub tenant_schema: Option<String>,
+    /// On the default target, the tenant's role, which `pool`'s sessions run as.
+    pub tenant_role: Option<String>,
+}
+
+impl Target {
+    /// The schema a job writes to when it names none.
+    pub fn default_schema(&self) -> &str {
+        self.tenant_schema.as_deref().unwrap_or("public")
+    }
+
+    /// Why a job may not name `schema` on this target, if it may not.
+    pub fn refuse_schema(&self, schema: &str) -> Option<String> {
+        if crate::tenancy::is_reserved_schema(schema) {
+            return Some(format!(
+                "{schema} is reserved for the platform and the system"
+            ));
+        }
+        match &self.tenant_schema {
+            Some(own) if own != schema => Some(format!(
+                "on the default target database a tenant writes only to its own schema {own}"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Why a target could not be resolved.
@@ -131,7 +197,11 @@ pub enum TargetError {
 }
 
 impl Targets {
-    pub fn new(control: PgPool, settings: &crate::Settings) -> anyhow::Result<Self> {
+    pub fn new(
+        control: PgPool,
+        settings: &crate::Settings,
+        limits: SessionLimits,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             control,
             default_url: settings.target_database_url.clone(),
@@ -140,12 +210,18 @@ impl Targets {
                 .as_deref()
                 .map(Cipher::from_hex)
                 .transpose()?,
+            limits,
             pools: Mutex::default(),
         })
     }
 
     pub fn cipher(&self) -> Option<&Cipher> {
         self.cipher.as_ref()
+    }
+
+    /// The default target as the platform sees it.
+    pub fn default_platform(&self) -> anyhow::Result<PgPool> {
+        self.pool_for(self.default_url.clone(), None)
     }
 
     /// The URL of the tenant's connection, or the default target.
@@ -169,8 +245,9 @@ impl Targets {
         Ok(cipher.decrypt(&sealed)?)
     }
 
-    /// Pools on every target database: the default one and each registered connection, once
-    /// per URL. For maintenance sweeps; a connection that cannot be read is skipped.
+    /// Platform pools on every target database: the default one and each registered
+    /// connection, once per URL. For maintenance sweeps; a connection that cannot be read is
+    /// skipped.
     pub async fn all(&self) -> anyhow::Result<Vec<PgPool>> {
         let registered: Vec<(Uuid, Uuid)> =
             sqlx::query_as("SELECT tenant_id, id FROM connections ORDER BY created_at")
@@ -184,36 +261,75 @@ impl Targets {
                 Err(e) => tracing::warn!(connection = %id, error = %e, "connection skipped"),
             }
         }
-        urls.into_iter().map(|url| self.pool_for(url)).collect()
+        urls.into_iter()
+            .map(|url| self.pool_for(url, None))
+            .collect()
     }
 
-    /// A pool on the tenant's connection (or the default target), created lazily.
-    pub async fn pool(
+    /// The tenant's connection, or the default target as the tenant's role.
+    pub async fn target(
         &self,
         tenant: Uuid,
         connection: Option<Uuid>,
-    ) -> Result<PgPool, TargetError> {
+    ) -> Result<Target, TargetError> {
         let url = self.url(tenant, connection).await?;
-        Ok(self.pool_for(url)?)
+        let platform = self.pool_for(url.clone(), None)?;
+        Ok(match connection {
+            Some(_) => Target {
+                pool: platform.clone(),
+                platform,
+                tenant_schema: None,
+                tenant_role: None,
+            },
+            None => Target {
+                pool: self.pool_for(url, Some(tenant))?,
+                platform,
+                tenant_schema: Some(crate::tenancy::schema(tenant)),
+                tenant_role: Some(crate::tenancy::role(tenant)),
+            },
+        })
     }
 
-    fn pool_for(&self, url: String) -> anyhow::Result<PgPool> {
-        if let Some(pool) = self.pools.lock().expect("targets lock").get(&url) {
+    /// A pool on `url`; with a tenant, every session runs as the tenant's role in its schema.
+    fn pool_for(&self, url: String, tenant: Option<Uuid>) -> anyhow::Result<PgPool> {
+        let key = (url, tenant);
+        if let Some(pool) = self.pools.lock().expect("targets lock").get(&key) {
             return Ok(pool.clone());
         }
+        let millis = |d: Duration| format!("{}ms", d.as_millis());
         // UTC sessions: timestamps without a zone are read the same on every server.
-        let options = PgConnectOptions::from_str(&url)
+        let mut options = PgConnectOptions::from_str(&key.0)
             .map_err(|e| anyhow::anyhow!("bad connection URL: {e}"))?
-            .options([("TimeZone", "UTC")]);
+            .options([
+                ("TimeZone", "UTC".to_owned()),
+                ("statement_timeout", millis(self.limits.statement_timeout)),
+                ("lock_timeout", millis(self.limits.lock_timeout)),
+                (
+                    "idle_in_transaction_session_timeout",
+                    millis(self.limits.idle_in_transaction),
+                ),
+            ]);
+        let mut max = 8;
+        if let Some(tenant) = tenant {
+            // Session defaults, so that a RESET returns to them; `SET LOCAL ROLE NONE` is how
+            // platform code steps out for its bookkeeping within a transaction.
+            options = options.options([
+                ("role", crate::tenancy::role(tenant)),
+                ("search_path", crate::tenancy::schema(tenant)),
+            ]);
+            max = 4;
+        }
         let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(std::time::Duration::from_secs(10))
+            .max_connections(max)
+            .min_connections(0)
+            .idle_timeout(Duration::from_secs(60))
+            .acquire_timeout(Duration::from_secs(10))
             .connect_lazy_with(options);
         Ok(self
             .pools
             .lock()
             .expect("targets lock")
-            .entry(url)
+            .entry(key)
             .or_insert(pool)
             .clone())
     }

@@ -14,6 +14,7 @@ pub mod queue;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod tenancy;
 
 pub use context::{Cancelled, JobContext};
 pub use model::{Job, JobStatus};

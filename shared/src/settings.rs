@@ -42,8 +42,24 @@ pub struct Settings {
     /// `CONVEYOR_RETRY_BASE_MS`: the first retry's backoff; it doubles each attempt.
     pub retry_base: Duration,
     /// `CONVEYOR_TARGET_DATABASE_URL`: where imports and patches write when a job names no
-    /// connection. Never the control-plane database.
+    /// connection, logged in as the unprivileged `conveyor_platform` role. Never the
+    /// control-plane database, never a superuser (checked at start).
     pub target_database_url: String,
+    /// `CONVEYOR_TARGET_PROVISION_URL`: the default target as `conveyor_provisioner`, which
+    /// only creates each tenant's role and schema there (`conveyor-api migrate`, key creation).
+    pub target_provision_url: Option<String>,
+    /// `CONVEYOR_TARGET_STATEMENT_TIMEOUT_SECS`, `CONVEYOR_TARGET_LOCK_TIMEOUT_SECS`,
+    /// `CONVEYOR_TARGET_IDLE_IN_TRANSACTION_SECS`: bounds on every session a worker opens on a
+    /// target database.
+    pub target_statement_timeout: Duration,
+    pub target_lock_timeout: Duration,
+    pub target_idle_in_transaction: Duration,
+    /// `CONVEYOR_PREFLIGHT_TIMEOUT_MS`: the wall-clock bound of one preflight (catalog reads and
+    /// `EXPLAIN` on a target), also each of its statements' `statement_timeout`.
+    pub preflight_timeout: Duration,
+    /// `CONVEYOR_PREFLIGHT_CONCURRENCY`: preflights one tenant may have in flight at once (in
+    /// all of its requests together); a batch submit runs its own one at a time.
+    pub preflight_concurrency: usize,
     /// `CONVEYOR_SECRET_KEY`: 64 hex digits (32 bytes) that encrypt connection credentials at
     /// rest. Without it, connections cannot be registered.
     pub secret_key: Option<String>,
@@ -85,8 +101,20 @@ impl Settings {
             retry_base: Duration::from_millis(parse("RETRY_BASE_MS", "1000")?),
             target_database_url: var(
                 "TARGET_DATABASE_URL",
-                "postgres://postgres@127.0.0.1:5432/conveyor_target",
+                "postgres://conveyor_platform@127.0.0.1:5432/conveyor_target",
             ),
+            target_provision_url: std::env::var("CONVEYOR_TARGET_PROVISION_URL").ok(),
+            target_statement_timeout: Duration::from_secs(parse(
+                "TARGET_STATEMENT_TIMEOUT_SECS",
+                "3600",
+            )?),
+            target_lock_timeout: Duration::from_secs(parse("TARGET_LOCK_TIMEOUT_SECS", "30")?),
+            target_idle_in_transaction: Duration::from_secs(parse(
+                "TARGET_IDLE_IN_TRANSACTION_SECS",
+                "60",
+            )?),
+            preflight_timeout: Duration::from_millis(parse("PREFLIGHT_TIMEOUT_MS", "5000")?),
+            preflight_concurrency: parse("PREFLIGHT_CONCURRENCY", "4")?,
             secret_key: std::env::var("CONVEYOR_SECRET_KEY").ok(),
             dataset_limit: parse("DATASET_LIMIT", "10737418240")?,
             snapshot_retention: Duration::from_secs(
@@ -98,8 +126,20 @@ impl Settings {
 
     /// Defaults for one test: its own database and Redis prefix, fast heartbeats.
     pub fn for_test(database_url: String, redis_prefix: String) -> Self {
+        let target = url::Url::parse(&format!("{database_url}_target")).expect("database URL");
+        let as_role = |role: &str| {
+            let mut url = target.clone();
+            url.set_username(role).expect("URL with a host");
+            url.to_string()
+        };
         Self {
-            target_database_url: format!("{database_url}_target"),
+            target_database_url: as_role("conveyor_platform"),
+            target_provision_url: Some(as_role("conveyor_provisioner")),
+            target_statement_timeout: Duration::from_secs(600),
+            target_lock_timeout: Duration::from_secs(10),
+            target_idle_in_transaction: Duration::from_secs(60),
+            preflight_timeout: Duration::from_secs(5),
+            preflight_concurrency: 4,
             data_dir: std::env::temp_dir()
                 .join(format!("conveyor-test-{}", redis_prefix.replace(':', "-"))),
             object_store: None,

@@ -15,7 +15,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = shared::Settings::from_env()?;
     let pool = shared::db::connect(&settings.database_url, 4).await?;
-    let services = jobs::Services::new(std::sync::Arc::new(settings.clone()), pool)?;
+    let services = jobs::Services::new(std::sync::Arc::new(settings.clone()), pool.clone())?;
+    shared::tenancy::check_default_target(&pool, &services.targets.default_platform()?).await?;
     let registry = jobs::Registry::standard(services);
     let queues = match args.queues.as_deref() {
         Some(spec) => conveyor_worker::QueueSpec::parse(spec, &registry)?,

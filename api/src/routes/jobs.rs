@@ -198,18 +198,24 @@ pub async fn submit_batch(
         .into_response())
 }
 
-/// Preflights every job of a batch concurrently. A refusal names the job's index; a missing
-/// dataset or connection (404) wins over field errors.
+/// Preflights every job of a batch, one at a time (each within the tenant's preflight bounds).
+/// A refusal names the job's index; a missing dataset or connection (404), or a preflight that
+/// could not run (429, 503), wins over field errors.
 async fn preflight_batch(state: &AppState, tenant: Tenant, jobs: &[NewJob]) -> Result<(), Problem> {
-    let checks = jobs
-        .iter()
-        .map(|job| state.registry.preflight(&job.kind, tenant.0, &job.payload));
-    let mut refusals: Vec<(usize, Problem)> = futures::future::join_all(checks)
-        .await
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, r)| r.err().map(|p| (i, p)))
-        .collect();
+    let mut refusals: Vec<(usize, Problem)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        if let Err(problem) = state
+            .registry
+            .preflight(&job.kind, tenant.0, &job.payload)
+            .await
+        {
+            let fatal = problem.status != 422;
+            refusals.push((i, problem));
+            if fatal {
+                break;
+            }
+        }
+    }
     if let Some(at) = refusals.iter().position(|(_, p)| p.status != 422) {
         let (i, mut problem) = refusals.swap_remove(at);
         problem.detail = format!("jobs[{i}]: {}", problem.detail);

@@ -16,8 +16,11 @@ pub async fn preflight(
     tenant: Tenant,
     JsonBody(payload): JsonBody<serde_json::Value>,
 ) -> Result<Json<Assessment>, Problem> {
-    Patch::new(state.services.clone())
-        .assess(tenant.0, &payload)
+    let patch = Patch::new(state.services.clone());
+    state
+        .services
+        .preflights
+        .run(tenant.0, patch.assess(tenant.0, &payload))
         .await
         .map(Json)
 }

@@ -77,7 +77,7 @@ async fn the_dashboard_signs_in_submits_imports_cancels_and_survives_a_cut_strea
     assert!(artifacts.join("dashboard.png").is_file());
 
     // The CSV the browser uploaded and imported from the dashboard is a table now.
-    let target = sqlx::PgPool::connect(app.target_url()).await.unwrap();
+    let target = sqlx::PgPool::connect(&app.target_url()).await.unwrap();
     let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, city FROM orders ORDER BY id")
         .fetch_all(&target)
         .await

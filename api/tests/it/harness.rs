@@ -17,6 +17,8 @@ pub struct TestApp {
     pub workers: Vec<worker::WorkerHandle>,
     pub base: String,
     pub key: String,
+    /// The tenant `key` belongs to ("acme").
+    pub tenant: Uuid,
     pub client: Client,
     db_name: String,
     admin_url: String,
@@ -57,6 +59,7 @@ impl TestApp {
                 .await
                 .expect("create test database");
         }
+        bootstrap_target(&mut admin, &admin_url, &format!("{db_name}_target")).await;
         let base_url = admin_url.rsplit_once('/').expect("url has a path").0;
         let mut settings = Settings::for_test(
             format!("{base_url}/{db_name}"),
@@ -69,6 +72,7 @@ impl TestApp {
             workers: Vec::new(),
             base: String::new(),
             key: String::new(),
+            tenant: Uuid::nil(),
             client: Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()
@@ -77,7 +81,7 @@ impl TestApp {
             admin_url,
         };
         app.start_api().await;
-        app.key = app.key_for("acme").await;
+        (app.tenant, app.key) = app.tenant_key("acme").await;
         app
     }
 
@@ -94,14 +98,26 @@ impl TestApp {
     }
 
     /// Every job kind, with this deployment's services.
+    /// Every job kind, with a worker's services (its bounds on target sessions).
     pub fn registry(&self) -> jobs::Registry {
-        let state = &self.server.as_ref().expect("api running").state;
-        jobs::Registry::standard(state.services.clone())
+        let services = jobs::Services::new(
+            std::sync::Arc::new(self.settings.clone()),
+            self.pool().clone(),
+        )
+        .expect("worker services");
+        jobs::Registry::standard(services)
     }
 
-    /// The target database's URL (imports and patches write there).
-    pub fn target_url(&self) -> &str {
-        &self.settings.target_database_url
+    /// The default target database as the test's first tenant's jobs see it: its role, its
+    /// schema as the search path (so tests name tables unqualified, as tenants do).
+    pub fn target_url(&self) -> String {
+        tenant_target_url(&self.settings.target_database_url, self.tenant)
+    }
+
+    /// The default target database as a superuser sees it (the platform's schemas too).
+    pub fn target_admin_url(&self) -> String {
+        let base = self.admin_url.rsplit_once('/').expect("url has a path").0;
+        format!("{base}/{}_target", self.db_name)
     }
 
     /// Stores `bytes` as a dataset of the test's first tenant; returns its id.
@@ -122,10 +138,19 @@ impl TestApp {
     }
 
     pub async fn key_for(&self, tenant: &str) -> String {
-        conveyor_api::keys::create_key(self.pool(), tenant)
+        self.tenant_key(tenant).await.1
+    }
+
+    /// A new key of `tenant` (created, with its role and schema on the default target, if new).
+    pub async fn tenant_key(&self, tenant: &str) -> (Uuid, String) {
+        let created = conveyor_api::keys::create_key(self.pool(), tenant)
             .await
-            .unwrap()
-            .1
+            .unwrap();
+        let provision_url = self.settings.target_provision_url.as_deref().unwrap();
+        shared::tenancy::provision_pending(self.pool(), provision_url)
+            .await
+            .expect("tenant provisioned on the default target");
+        created
     }
 
     /// An in-process worker serving `canary` with `concurrency`.
@@ -278,12 +303,33 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        // Synchronous clean-up: a panicking test still leaves nothing behind.
+        // Synchronous clean-up: a panicking test still leaves nothing behind. Tenant roles are
+        // the cluster's: dropped once the databases that hold their grants are gone.
+        let drop_roles = Command::new("psql")
+            .arg(format!(
+                "{}/{}",
+                self.admin_url.rsplit_once('/').expect("url has a path").0,
+                self.db_name
+            ))
+            .args(["-tAqc", "SELECT 'DROP ROLE IF EXISTS conveyor_t_' || replace(id::text, '-', '') || ';' FROM tenants"])
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
         for name in [self.db_name.clone(), format!("{}_target", self.db_name)] {
             let _ = Command::new("psql")
                 .arg(&self.admin_url)
                 .arg("-qc")
                 .arg(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if !drop_roles.trim().is_empty() {
+            let _ = Command::new("psql")
+                .arg(&self.admin_url)
+                .arg("-qc")
+                .arg(drop_roles)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
@@ -382,4 +428,39 @@ impl SseReader {
         }
         out
     }
+}
+
+/// `url` (the platform's) with the tenant's role and schema as session defaults.
+pub fn tenant_target_url(url: &str, tenant: Uuid) -> String {
+    format!(
+        "{url}?options=-c%20role%3D{}%20-c%20search_path%3D{}",
+        shared::tenancy::role(tenant),
+        shared::tenancy::schema(tenant)
+    )
+}
+
+/// The platform's roles and schemas on a test's target database, as the operator would create
+/// them. The roles are the cluster's, shared by concurrent tests: one bootstrap at a time.
+async fn bootstrap_target(admin: &mut sqlx::PgConnection, admin_url: &str, target_db: &str) {
+    use sqlx::Executor;
+    const BOOTSTRAP_LOCK: i64 = 0x636f6e7665796f72; // "conveyor"
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(BOOTSTRAP_LOCK)
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    let base = admin_url.rsplit_once('/').expect("url has a path").0;
+    let mut target =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{base}/{target_db}"))
+            .await
+            .expect("connect to the target database");
+    target
+        .execute(shared::tenancy::BOOTSTRAP_SQL)
+        .await
+        .expect("bootstrap the target database");
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(BOOTSTRAP_LOCK)
+        .execute(&mut *admin)
+        .await
+        .unwrap();
 }

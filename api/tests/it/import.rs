@@ -116,7 +116,7 @@ async fn csv_round_trip_equals_psql_copy_row_for_row() {
     app.start_worker_for(&[("import", 1)]).await;
     let file = temp_file("tricky.csv", TRICKY_CSV.as_bytes());
     copy_with_psql(
-        app.target_url(),
+        &app.target_url(),
         "expected",
         TRICKY_COLUMNS,
         &file,
@@ -134,16 +134,16 @@ async fn csv_round_trip_equals_psql_copy_row_for_row() {
     assert_eq!(result["rows_imported"], 5, "{result}");
     assert_eq!(result["rows_rejected"], 0);
     assert_eq!(
-        checksum(app.target_url(), "imported"),
-        checksum(app.target_url(), "expected")
+        checksum(&app.target_url(), "imported"),
+        checksum(&app.target_url(), "expected")
     );
     assert_eq!(
-        psql(app.target_url(), "SELECT name FROM imported WHERE id = 4"),
+        psql(&app.target_url(), "SELECT name FROM imported WHERE id = 4"),
         "multi\nline ✓ ünïcødé 🚀"
     );
     assert_eq!(
         psql(
-            app.target_url(),
+            &app.target_url(),
             "SELECT count(*) FROM imported WHERE amount IS NULL AND name IS NULL"
         ),
         "1"
@@ -156,13 +156,13 @@ async fn compressed_tsv_ndjson_and_parquet_round_trip() {
     app.start_worker_for(&[("import", 2)]).await;
     let file = temp_file("tricky.csv", TRICKY_CSV.as_bytes());
     copy_with_psql(
-        app.target_url(),
+        &app.target_url(),
         "expected",
         TRICKY_COLUMNS,
         &file,
         "FORMAT csv, HEADER true",
     );
-    let expected = checksum(app.target_url(), "expected");
+    let expected = checksum(&app.target_url(), "expected");
 
     // gzip and zstd CSV.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -175,27 +175,27 @@ async fn compressed_tsv_ndjson_and_parquet_round_trip() {
     ] {
         let dataset = app.upload_dataset(name, &bytes).await;
         import_ok(&app, json!({"dataset_id": dataset, "target": {"table": table}, "columns": typed_columns(TRICKY_COLUMNS)})).await;
-        assert_eq!(checksum(app.target_url(), table), expected, "{name}");
+        assert_eq!(checksum(&app.target_url(), table), expected, "{name}");
     }
 
     // TSV: the same rows in PostgreSQL's own text output, tab-separated.
-    let tsv = psql(app.target_url(), "COPY (SELECT * FROM expected ORDER BY id) TO STDOUT WITH (FORMAT csv, HEADER true, DELIMITER E'\\t')");
+    let tsv = psql(&app.target_url(), "COPY (SELECT * FROM expected ORDER BY id) TO STDOUT WITH (FORMAT csv, HEADER true, DELIMITER E'\\t')");
     let dataset = app
         .upload_dataset("t.tsv", format!("{tsv}\n").as_bytes())
         .await;
     import_ok(&app, json!({"dataset_id": dataset, "target": {"table": "from_tsv"}, "columns": typed_columns(TRICKY_COLUMNS)})).await;
-    assert_eq!(checksum(app.target_url(), "from_tsv"), expected);
+    assert_eq!(checksum(&app.target_url(), "from_tsv"), expected);
 
     // NDJSON: JSON objects with nulls.
     let ndjson = psql(
-        app.target_url(),
+        &app.target_url(),
         "SELECT string_agg(row_to_json(e)::text, E'\\n' ORDER BY id) FROM expected e",
     );
     let dataset = app
         .upload_dataset("t.ndjson", format!("{ndjson}\n").as_bytes())
         .await;
     import_ok(&app, json!({"dataset_id": dataset, "target": {"table": "from_ndjson"}, "columns": typed_columns(TRICKY_COLUMNS)})).await;
-    assert_eq!(checksum(app.target_url(), "from_ndjson"), expected);
+    assert_eq!(checksum(&app.target_url(), "from_ndjson"), expected);
 
     // Parquet written by polars; numeric travels as text (Parquet has no arbitrary decimals here).
     use polars::prelude::*;
@@ -216,7 +216,7 @@ async fn compressed_tsv_ndjson_and_parquet_round_trip() {
     .await;
     assert_eq!(result["rows_imported"], 3, "{result}");
     assert_eq!(
-        psql(app.target_url(), "SELECT string_agg(format('%s|%s|%s|%s', id, ratio, name, flag), ';' ORDER BY id) FROM from_parquet"),
+        psql(&app.target_url(), "SELECT string_agg(format('%s|%s|%s|%s', id, ratio, name, flag), ';' ORDER BY id) FROM from_parquet"),
         "1|0.5|a \"quoted\"\nline|t;2||ünï|f;3|-1.25||"
     );
     // A Parquet file is read by row slices; its progress follows the rows read.
@@ -261,11 +261,11 @@ async fn created_tables_take_types_from_the_whole_file() {
     .await;
     assert_eq!(result["rows_imported"], 5001);
     assert_eq!(
-        psql(app.target_url(), "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'late'::regclass AND attnum > 0 ORDER BY attnum"),
+        psql(&app.target_url(), "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'late'::regclass AND attnum > 0 ORDER BY attnum"),
         "bigint\ndouble precision\ntext"
     );
     assert_eq!(
-        psql(app.target_url(), "SELECT sum(amount) FROM late"),
+        psql(&app.target_url(), "SELECT sum(amount) FROM late"),
         "12497502.5"
     );
 }
@@ -274,14 +274,14 @@ const MALFORMED_CSV: &[u8] = b"id,amount,name\n1,10,ok\n2,12x,bad number\n3,30\n
 
 async fn target_with_rows(app: &TestApp) -> String {
     psql(
-        app.target_url(),
+        &app.target_url(),
         "CREATE TABLE target (id bigint PRIMARY KEY, amount integer, name text)",
     );
     psql(
-        app.target_url(),
+        &app.target_url(),
         "INSERT INTO target VALUES (100, 1, 'before')",
     );
-    checksum(app.target_url(), "target")
+    checksum(&app.target_url(), "target")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,8 +301,14 @@ async fn a_malformed_csv_under_abort_leaves_the_target_untouched() {
         error.contains("line 3") && error.contains("\"amount\"") && error.contains("12x"),
         "{error}"
     );
-    assert_eq!(checksum(app.target_url(), "target"), before);
-    assert_eq!(psql(app.target_url(), "SELECT count(*) FROM pg_tables WHERE schemaname = 'conveyor' AND tablename LIKE 'import\\_%'"), "0");
+    assert_eq!(checksum(&app.target_url(), "target"), before);
+    assert_eq!(
+        psql(
+            &app.target_url(),
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'conveyor\\_import\\_%'"
+        ),
+        "0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +332,7 @@ async fn a_malformed_csv_under_skip_imports_the_rest_and_reports_each_rejected_r
     );
     assert_eq!(
         psql(
-            app.target_url(),
+            &app.target_url(),
             "SELECT string_agg(id::text, ',' ORDER BY id) FROM target"
         ),
         "1,4,6,100"
@@ -353,7 +359,7 @@ async fn a_malformed_csv_under_skip_imports_the_rest_and_reports_each_rejected_r
     assert_eq!(lines.len(), 4, "{text}");
 
     // Too many rejected rows for max_errors: nothing imported.
-    let before = checksum(app.target_url(), "target");
+    let before = checksum(&app.target_url(), "target");
     let job = import_failed(&app, json!({"dataset_id": dataset, "target": {"table": "target"}, "mode": "append", "on_error": "skip", "max_errors": 2})).await;
     assert!(
         job["error"]
@@ -362,7 +368,7 @@ async fn a_malformed_csv_under_skip_imports_the_rest_and_reports_each_rejected_r
             .contains("more than 2 rows rejected"),
         "{job}"
     );
-    assert_eq!(checksum(app.target_url(), "target"), before);
+    assert_eq!(checksum(&app.target_url(), "target"), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,11 +376,11 @@ async fn upsert_inserts_and_updates_by_key_and_replace_swaps_the_table() {
     let mut app = TestApp::spawn().await;
     app.start_worker_for(&[("import", 1)]).await;
     psql(
-        app.target_url(),
+        &app.target_url(),
         "CREATE TABLE people (id bigint PRIMARY KEY, name text, age integer)",
     );
     psql(
-        app.target_url(),
+        &app.target_url(),
         "INSERT INTO people VALUES (1, 'ann', 30), (2, 'bob', 40)",
     );
     let csv = b"id,name,age\n2,bobby,41\n3,cid,50\n3,cid-last,51\n";
@@ -383,7 +389,7 @@ async fn upsert_inserts_and_updates_by_key_and_replace_swaps_the_table() {
     assert_eq!(result["rows_applied"], 2, "{result}");
     assert_eq!(
         psql(
-            app.target_url(),
+            &app.target_url(),
             "SELECT string_agg(format('%s:%s:%s', id, name, age), ' ' ORDER BY id) FROM people"
         ),
         "1:ann:30 2:bobby:41 3:cid-last:51"
@@ -398,7 +404,7 @@ async fn upsert_inserts_and_updates_by_key_and_replace_swaps_the_table() {
     .await;
     assert_eq!(
         psql(
-            app.target_url(),
+            &app.target_url(),
             "SELECT string_agg(format('%s:%s:%s', id, name, age), ' ') FROM people"
         ),
         "9:zed:99"
@@ -406,7 +412,7 @@ async fn upsert_inserts_and_updates_by_key_and_replace_swaps_the_table() {
     // The swapped-in table keeps the original's key.
     assert_eq!(
         psql(
-            app.target_url(),
+            &app.target_url(),
             "SELECT count(*) FROM pg_index WHERE indrelid = 'people'::regclass AND indisprimary"
         ),
         "1"
@@ -433,7 +439,7 @@ async fn cancel_mid_import_leaves_the_target_untouched() {
     let mut app = TestApp::spawn().await;
     app.start_worker_for(&[("import", 1)]).await;
     psql(
-        app.target_url(),
+        &app.target_url(),
         "CREATE TABLE big (id bigint, amount numeric, name text, at timestamptz)",
     );
     let dataset = app.upload_dataset("big.csv", &big_csv(2_000_000)).await;
@@ -449,8 +455,14 @@ async fn cancel_mid_import_leaves_the_target_untouched() {
         .wait_status(id, &["succeeded", "failed", "cancelled"], WAIT)
         .await;
     assert_eq!(job["status"], "cancelled", "{job}");
-    assert_eq!(psql(app.target_url(), "SELECT count(*) FROM big"), "0");
-    assert_eq!(psql(app.target_url(), "SELECT count(*) FROM pg_tables WHERE schemaname = 'conveyor' AND tablename LIKE 'import\\_%'"), "0");
+    assert_eq!(psql(&app.target_url(), "SELECT count(*) FROM big"), "0");
+    assert_eq!(
+        psql(
+            &app.target_url(),
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'conveyor\\_import\\_%'"
+        ),
+        "0"
+    );
 }
 
 /// A job whose last attempt died with its worker leaves its staging table behind: the
@@ -469,19 +481,19 @@ async fn the_sweep_drops_staging_tables_of_ended_imports_only() {
         .await;
     assert_eq!(status, StatusCode::OK);
     let unknown = Uuid::new_v4();
-    let staging = |job: Uuid| format!("import_{}", job.simple());
-    psql(app.target_url(), "CREATE SCHEMA IF NOT EXISTS conveyor");
+    // Staging tables live beside the target table, in the tenant's schema.
+    let staging = |job: Uuid| format!("conveyor_import_{}", job.simple());
     for job in [ended, waiting, unknown] {
         psql(
-            app.target_url(),
-            &format!("CREATE TABLE conveyor.{} (a int)", staging(job)),
+            &app.target_url(),
+            &format!("CREATE TABLE {} (a int)", staging(job)),
         );
     }
     app.registry().sweep().await;
     let left = psql(
-        app.target_url(),
+        &app.target_url(),
         "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables \
-         WHERE schemaname = 'conveyor' AND tablename LIKE 'import\\_%'",
+         WHERE schemaname = current_schema() AND tablename LIKE 'conveyor\\_import\\_%'",
     );
     let mut expected = [staging(waiting), staging(unknown)];
     expected.sort();
@@ -509,7 +521,7 @@ async fn wait_for_progress(app: &TestApp, id: Uuid) {
 async fn kill_9_mid_import_leaves_the_target_untouched_and_the_retry_imports_once() {
     let app = TestApp::spawn().await;
     psql(
-        app.target_url(),
+        &app.target_url(),
         "CREATE TABLE big (id bigint, amount numeric, name text, at timestamptz)",
     );
     let rows = 2_000_000;
@@ -524,7 +536,7 @@ async fn kill_9_mid_import_leaves_the_target_untouched_and_the_retry_imports_onc
     victim.kill().unwrap(); // SIGKILL
     victim.wait().unwrap();
     assert_eq!(
-        psql(app.target_url(), "SELECT count(*) FROM big"),
+        psql(&app.target_url(), "SELECT count(*) FROM big"),
         "0",
         "a killed import changed the target"
     );
@@ -539,12 +551,18 @@ async fn kill_9_mid_import_leaves_the_target_untouched_and_the_retry_imports_onc
     assert_eq!(job["attempt"], 2, "{job}");
     assert_eq!(
         psql(
-            app.target_url(),
+            &app.target_url(),
             "SELECT count(*), count(DISTINCT id) FROM big"
         ),
         format!("{rows}|{rows}")
     );
-    assert_eq!(psql(app.target_url(), "SELECT count(*) FROM pg_tables WHERE schemaname = 'conveyor' AND tablename LIKE 'import\\_%'"), "0");
+    assert_eq!(
+        psql(
+            &app.target_url(),
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'conveyor\\_import\\_%'"
+        ),
+        "0"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,7 +570,7 @@ async fn import_requests_are_checked_before_anything_is_queued() {
     let app = TestApp::spawn().await;
     let dataset = app.upload_dataset("people.csv", b"id,name\n1,ann\n").await;
     psql(
-        app.target_url(),
+        &app.target_url(),
         "CREATE TABLE existing (id bigint, name text)",
     );
     let cases = [
@@ -736,7 +754,7 @@ async fn datasets_stream_in_and_out_with_their_schema() {
 async fn connections_keep_their_credentials_secret_and_imports_use_them() {
     let mut app = TestApp::spawn().await;
     app.start_worker_for(&[("import", 1)]).await;
-    let url = app.target_url().to_owned();
+    let url = &app.target_url().to_owned();
     let (status, connection) = app
         .post("/v1/connections", &json!({"name": "warehouse", "url": url}))
         .await;

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod attacks;
 mod browser;
 mod cli;
 mod dashboard;

@@ -17,7 +17,7 @@ fn large_rows() -> i64 {
 }
 
 async fn target(app: &TestApp) -> PgPool {
-    PgPool::connect(app.target_url()).await.unwrap()
+    PgPool::connect(&app.target_url()).await.unwrap()
 }
 
 async fn exec(pool: &PgPool, sql: &str) {
@@ -238,7 +238,10 @@ async fn guard_rails_refuse_with_the_reason_and_enqueue_nothing() {
         .await;
     assert_eq!(status, 200, "{low}");
     assert_eq!(low["risk"], "low", "{low}");
-    assert_eq!(low["table"], "\"public\".\"items\"");
+    assert_eq!(
+        low["table"],
+        format!("\"{}\".\"items\"", shared::tenancy::schema(app.tenant))
+    );
     assert_eq!(low["key"], json!(["id"]));
     let (_, delete) = app
         .post(
@@ -619,8 +622,10 @@ async fn expired_snapshots_are_swept_and_cannot_be_rolled_back() {
     )
     .await;
     app.wait_status(first, &["succeeded"], WAIT).await;
+    // The registry is the platform's: the tenant's role cannot touch it.
+    let admin = PgPool::connect(&app.target_admin_url()).await.unwrap();
     exec(
-        &db,
+        &admin,
         "UPDATE conveyor_snapshots.patches SET expires_at = now() - interval '1 hour'",
     )
     .await;

@@ -4,7 +4,10 @@
 //! never applies it twice).
 
 use serde_json::{json, Value};
-use shared::{connections::TargetError, datasets, JobContext};
+use shared::{
+    connections::{Target, TargetError},
+    datasets, JobContext,
+};
 use sqlx::{postgres::PgPoolCopyExt, PgPool};
 use std::{borrow::Cow, path::PathBuf, sync::atomic::Ordering, time::Instant};
 use tokio::sync::mpsc;
@@ -119,7 +122,7 @@ pub async fn run(
         })?;
     let target = services
         .targets
-        .pool(tenant, payload.target.connection_id)
+        .target(tenant, payload.target.connection_id)
         .await
         .map_err(|e| match e {
             TargetError::UnknownConnection(id) => {
@@ -127,23 +130,27 @@ pub async fn run(
             }
             TargetError::Other(e) => JobError::Retryable(e.to_string()),
         })?;
-    prepare(&target).await.map_err(db_error)?;
-    if let Some(result) = already_done(&target, ctx).await.map_err(db_error)? {
+    let schema = payload.schema_on(&target);
+    if let Some(reason) = target.refuse_schema(schema) {
+        return Err(JobError::Permanent(format!("target.schema: {reason}")));
+    }
+    prepare(&target.platform).await.map_err(db_error)?;
+    if let Some(result) = already_done(&target.platform, ctx)
+        .await
+        .map_err(db_error)?
+    {
         return Ok(result);
     }
-    let staging = format!(
-        "conveyor.{}",
-        quote_ident(&format!("import_{}", ctx.job_id().simple()))
-    );
+    let staging = staging_table(schema, ctx.job_id());
     // A previous attempt may have died mid-copy.
     sqlx::query(&format!("DROP TABLE IF EXISTS {staging}"))
-        .execute(&target)
+        .execute(&target.pool)
         .await
         .map_err(db_error)?;
     let outcome = import(services, ctx, payload, &dataset, &target, &staging, started).await;
     if outcome.is_err() {
         if let Err(e) = sqlx::query(&format!("DROP TABLE IF EXISTS {staging}"))
-            .execute(&target)
+            .execute(&target.pool)
             .await
         {
             tracing::warn!(job = %ctx.job_id(), error = %e, "staging table not dropped; the next attempt drops it");
@@ -152,19 +159,36 @@ pub async fn run(
     outcome
 }
 
+/// Prefix of staging tables, which live beside their target table: the tenant's role creates
+/// and fills them, and `create`/`replace` rename them into place.
+pub const STAGING_PREFIX: &str = "conveyor_import_";
+
+/// The staging table of an import job into `schema`.
+pub fn staging_table(schema: &str, job: Uuid) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(schema),
+        quote_ident(&format!("{STAGING_PREFIX}{}", job.simple()))
+    )
+}
+
 /// Drops the staging tables in `target` of jobs that ended (in the control plane `control`)
 /// without dropping their own: a job whose last attempt died with its worker. Tables of jobs
 /// this control plane does not know are left alone: another deployment may share the target.
+/// (`conveyor.import_<job>` is where staging tables were before they moved beside the target.)
 pub async fn sweep_staging(target: &PgPool, control: &PgPool) -> sqlx::Result<Vec<String>> {
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = 'conveyor' AND c.relkind = 'r' AND c.relname ~ '^import_[0-9a-f]{32}$'",
+    let tables: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT n.nspname::text, c.relname::text, substring(c.relname from '[0-9a-f]{32}$')
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind = 'r'
+           AND (c.relname ~ '^conveyor_import_[0-9a-f]{32}$'
+                OR (n.nspname = 'conveyor' AND c.relname ~ '^import_[0-9a-f]{32}$'))",
     )
     .fetch_all(target)
     .await?;
     let jobs: Vec<Uuid> = tables
         .iter()
-        .filter_map(|t| Uuid::parse_str(&t["import_".len()..]).ok())
+        .filter_map(|(_, _, id)| Uuid::parse_str(id).ok())
         .collect();
     let ended: Vec<Uuid> = sqlx::query_scalar(
         "SELECT id FROM jobs WHERE id = ANY($1) AND status IN ('succeeded', 'failed', 'cancelled')",
@@ -173,11 +197,11 @@ pub async fn sweep_staging(target: &PgPool, control: &PgPool) -> sqlx::Result<Ve
     .fetch_all(control)
     .await?;
     let mut dropped = Vec::new();
-    for job in ended {
-        let staging = format!(
-            "conveyor.{}",
-            quote_ident(&format!("import_{}", job.simple()))
-        );
+    for (schema, table, id) in tables {
+        if !Uuid::parse_str(&id).is_ok_and(|job| ended.contains(&job)) {
+            continue;
+        }
+        let staging = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
         sqlx::query(&format!("DROP TABLE IF EXISTS {staging}"))
             .execute(target)
             .await?;
@@ -186,16 +210,23 @@ pub async fn sweep_staging(target: &PgPool, control: &PgPool) -> sqlx::Result<Ve
     Ok(dropped)
 }
 
-/// The `conveyor` schema in the target: staging tables and the record of finished imports.
+/// The record of finished imports in the target's `conveyor` schema. On the default target the
+/// schema comes from the bootstrap (the platform may not create schemas there); on a tenant's
+/// own database the connection's role creates it.
 async fn prepare(target: &PgPool) -> sqlx::Result<()> {
     let mut tx = target.begin().await?;
     // Concurrent first imports would race on CREATE ... IF NOT EXISTS.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('conveyor.prepare'))")
         .execute(&mut *tx)
         .await?;
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS conveyor")
-        .execute(&mut *tx)
+    let exists: bool = sqlx::query_scalar("SELECT to_regnamespace('conveyor') IS NOT NULL")
+        .fetch_one(&mut *tx)
         .await?;
+    if !exists {
+        sqlx::query("CREATE SCHEMA conveyor")
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS conveyor.imports (
              job_id uuid PRIMARY KEY, result jsonb NOT NULL, finished_at timestamptz NOT NULL DEFAULT now())",
@@ -217,11 +248,12 @@ async fn import(
     ctx: &JobContext,
     payload: &ImportPayload,
     dataset: &datasets::Dataset,
-    target: &PgPool,
+    target: &Target,
     staging: &str,
     started: Instant,
 ) -> Result<Value, JobError> {
-    let schema = payload.schema();
+    let schema = payload.schema_on(target);
+    let target = &target.pool;
     let table = &payload.target.table;
     let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let existing = table_columns(target, schema, table)
@@ -577,8 +609,6 @@ async fn apply(
         .map(|p| quote_ident(&p.name))
         .collect::<Vec<_>>()
         .join(", ");
-    let staged_name = quote_ident(&format!("import_{}", ctx.job_id().simple()));
-    let schema = quote_ident(payload.schema());
     let table = quote_ident(&payload.target.table);
     let mut tx = target.begin().await.map_err(db_error)?;
     let mut statements: Vec<String> = Vec::new();
@@ -587,10 +617,7 @@ async fn apply(
             if exists {
                 statements.push(format!("DROP TABLE {qualified}"));
             }
-            statements.push(format!("ALTER TABLE {staging} SET SCHEMA {schema}"));
-            statements.push(format!(
-                "ALTER TABLE {schema}.{staged_name} RENAME TO {table}"
-            ));
+            statements.push(format!("ALTER TABLE {staging} RENAME TO {table}"));
         }
         Mode::Append => {
             statements.push(format!(
@@ -636,6 +663,12 @@ async fn apply(
     }
     result["rows_applied"] = applied.into();
     result["duration_ms"] = (started.elapsed().as_millis() as u64).into();
+    // The ledger is the platform's: the tenant's role cannot write it, so this transaction
+    // steps out of that role (on a registered connection there is none to step out of).
+    sqlx::query("SET LOCAL ROLE NONE")
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
     sqlx::query("INSERT INTO conveyor.imports (job_id, result) VALUES ($1, $2)")
         .bind(ctx.job_id())
         .bind(&*result)

@@ -45,7 +45,8 @@ pub struct ImportPayload {
 pub struct Target {
     /// A registered connection; absent: the default target database.
     pub connection_id: Option<Uuid>,
-    /// Default `public`.
+    /// Default: the tenant's own schema on the default target (the only one allowed there),
+    /// `public` on a registered connection. Never a platform or system schema.
     pub schema: Option<String>,
     pub table: String,
 }
@@ -150,9 +151,23 @@ impl ImportPayload {
                 "must be an identifier: a letter or _, then letters, digits, _ or $; at most 63 bytes".into(),
             );
         }
+        if self.target.table.starts_with(load::STAGING_PREFIX) {
+            error(
+                "target.table",
+                format!(
+                    "names starting {} are the importer's staging tables",
+                    load::STAGING_PREFIX
+                ),
+            );
+        }
         if let Some(schema) = &self.target.schema {
             if !valid_identifier(schema) {
                 error("target.schema", "must be an identifier".into());
+            } else if shared::tenancy::is_reserved_schema(schema) {
+                error(
+                    "target.schema",
+                    format!("{schema} is reserved for the platform and the system"),
+                );
             }
         }
         match self.mode {
@@ -226,8 +241,13 @@ impl ImportPayload {
         errors
     }
 
-    fn schema(&self) -> &str {
-        self.target.schema.as_deref().unwrap_or("public")
+    /// The schema named, or the target's default: the tenant's own schema on the default
+    /// target, `public` on a registered connection.
+    fn schema_on<'a>(&'a self, target: &'a shared::connections::Target) -> &'a str {
+        self.target
+            .schema
+            .as_deref()
+            .unwrap_or(target.default_schema())
     }
 
     /// Target column names, in file order, after `columns` selects and renames.
@@ -307,21 +327,24 @@ impl Handler for Import {
                 ));
             }
         }
-        let pool = match self
+        let target = match self
             .services
             .targets
-            .pool(tenant, payload.target.connection_id)
+            .target(tenant, payload.target.connection_id)
             .await
         {
-            Ok(pool) => pool,
+            Ok(target) => target,
             Err(TargetError::UnknownConnection(_)) => return Err(Problem::not_found("connection")),
             Err(TargetError::Other(e)) => return Err(Problem::internal(e)),
         };
+        let schema = payload.schema_on(&target);
+        if let Some(reason) = target.refuse_schema(schema) {
+            return Err(refusal("payload.target.schema", reason));
+        }
         // The table's existence decides whether the mode makes sense; an unreachable target
         // is the worker's problem (it retries), not a reason to refuse the job.
-        if let Ok(exists) = load::table_exists(&pool, payload.schema(), &payload.target.table).await
-        {
-            let table = format!("{}.{}", payload.schema(), payload.target.table);
+        if let Ok(exists) = load::table_exists(&target.pool, schema, &payload.target.table).await {
+            let table = format!("{schema}.{}", payload.target.table);
             match payload.mode {
                 Mode::Create if exists => {
                     return Err(refusal(

@@ -32,6 +32,8 @@ pub struct Checked {
     pub operation: Operation,
     /// The table as written (e.g. `public."Orders"`), for the catalog to resolve.
     pub table: String,
+    /// The schema it names, as PostgreSQL folds it; `None` for an unqualified name.
+    pub schema: Option<String>,
     /// The alias as written, if any (`UPDATE t AS x`).
     pub alias: Option<String>,
     /// `col = expr, ...` (UPDATE only).
@@ -328,9 +330,20 @@ fn finish(
         scope.check(condition, &mut found)?;
         filter_is_constant = found.columns == before || has_constant_branch(scope, condition);
     }
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .filter_map(|part| part.as_ident().map(fold))
+        .collect();
+    if parts.len() > 2 {
+        return Err(format!(
+            "table name {name} has too many parts: give table or schema.table"
+        ));
+    }
     Ok(Checked {
         operation,
         table: name.to_string(),
+        schema: (parts.len() == 2).then(|| parts[0].clone()),
         alias: alias.map(|a| a.to_string()),
         set,
         assigned,

@@ -15,7 +15,10 @@ pub use rollback::{PatchRollback, RollbackPayload};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::{connections::TargetError, FieldError, JobContext, Problem};
+use shared::{
+    connections::{Target, TargetError},
+    FieldError, JobContext, Problem,
+};
 use sqlx::PgPool;
 use std::sync::Arc;
 use utoipa::ToSchema;
@@ -251,10 +254,10 @@ impl Patch {
         Self { services }
     }
 
-    async fn pool(&self, tenant: Uuid, connection: Option<Uuid>) -> Result<PgPool, Problem> {
+    async fn target(&self, tenant: Uuid, connection: Option<Uuid>) -> Result<Target, Problem> {
         self.services
             .targets
-            .pool(tenant, connection)
+            .target(tenant, connection)
             .await
             .map_err(|e| match e {
                 TargetError::UnknownConnection(_) => Problem::not_found("connection"),
@@ -267,27 +270,36 @@ impl Patch {
     pub async fn assess(&self, tenant: Uuid, payload: &Value) -> Result<Assessment, Problem> {
         let payload: PatchPayload = parse_payload(payload).map_err(Problem::validation)?;
         let checked = payload.check().map_err(Problem::validation)?;
-        let pool = self.pool(tenant, payload.connection_id).await?;
+        let target = self.target(tenant, payload.connection_id).await?;
+        let pool = &target.pool;
         // Brief and harmless: catalog look-ups and a plain EXPLAIN, which executes nothing.
-        let plan = load_plan(&pool, checked).await.map_err(|e| match e {
+        let plan = load_plan(&target, checked).await.map_err(|e| match e {
             PlanError::Refused(reason) => Problem::validation(sql_error(reason)),
             PlanError::Database(e) => unreachable(e),
         })?;
-        let explain = explain(&pool, &plan.statement())
+        let explain = explain(pool, &plan.statement())
             .await
             .map_err(|e| match e {
+                // Out of time or a lock held elsewhere: the target's state, not the statement's.
+                sqlx::Error::Database(ref db)
+                    if matches!(db.code().as_deref(), Some("57014" | "55P03")) =>
+                {
+                    unreachable(e)
+                }
                 sqlx::Error::Database(e) => Problem::validation(sql_error(format!(
                     "is refused by the database: {}",
                     e.message()
                 ))),
-                other => Problem::internal(other),
+                other => unreachable(other),
             })?;
         Ok(assess(&payload, &plan, &explain))
     }
 }
 
+/// The detail stays in the log: a raw database error can describe the server to a client.
 fn unreachable(e: sqlx::Error) -> Problem {
-    Problem::unavailable(format!("the target database is unreachable: {e}"))
+    tracing::warn!(error = %e, "preflight could not read the target database");
+    Problem::unavailable("the target database is unreachable or did not answer in time")
 }
 
 pub enum PlanError {
@@ -295,14 +307,26 @@ pub enum PlanError {
     Database(sqlx::Error),
 }
 
-/// Resolves the table and binds the statement to it.
-pub async fn load_plan(pool: &PgPool, checked: Checked) -> Result<Plan, PlanError> {
-    let table = table::describe(pool, &checked.table)
+/// Resolves the table and binds the statement to it. A schema the target does not allow is
+/// refused before the catalog is read (no probing of another tenant's table names), and
+/// again once the name is resolved (an unqualified name found outside the tenant's schema).
+pub async fn load_plan(target: &Target, checked: Checked) -> Result<Plan, PlanError> {
+    if let Some(reason) = checked
+        .schema
+        .as_deref()
+        .and_then(|schema| target.refuse_schema(schema))
+    {
+        return Err(PlanError::Refused(reason));
+    }
+    let table = table::describe(&target.pool, &checked.table)
         .await
         .map_err(|e| match e {
             table::Refusal::Database(e) => PlanError::Database(e),
             refusal => PlanError::Refused(refusal.to_string()),
         })?;
+    if let Some(reason) = target.refuse_schema(&table.schema) {
+        return Err(PlanError::Refused(reason));
+    }
     Plan::new(checked, table).map_err(PlanError::Refused)
 }
 
@@ -429,10 +453,10 @@ impl Handler for Patch {
                     .join("; "),
             )
         })?;
-        let pool = self
+        let target = self
             .services
             .targets
-            .pool(ctx.tenant_id(), payload.connection_id)
+            .target(ctx.tenant_id(), payload.connection_id)
             .await
             .map_err(|e| match e {
                 TargetError::UnknownConnection(id) => {
@@ -441,7 +465,7 @@ impl Handler for Patch {
                 TargetError::Other(e) => JobError::Retryable(e.to_string()),
             })?;
         let retention = self.services.settings.snapshot_retention;
-        run::run(ctx, &payload, checked, &pool, retention).await
+        run::run(ctx, &payload, checked, &target, retention).await
     }
 
     /// Snapshots past their retention are dropped even when no patch runs any more.

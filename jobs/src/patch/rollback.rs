@@ -6,8 +6,11 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use shared::{connections::TargetError, store, FieldError, JobContext, JobStatus, Problem};
-use sqlx::{PgPool, Row};
+use shared::{
+    connections::{Target, TargetError},
+    store, FieldError, JobContext, JobStatus, Problem,
+};
+use sqlx::Row;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -54,7 +57,7 @@ impl PatchRollback {
         tenant: Uuid,
         payload: &RollbackPayload,
         rolling_back: Option<Uuid>,
-    ) -> Result<(PgPool, Record), Problem> {
+    ) -> Result<(Target, Record), Problem> {
         let refuse = |reason: String| {
             Problem::validation(vec![FieldError::new("payload.patch_job_id", reason)])
         };
@@ -80,10 +83,10 @@ impl PatchRollback {
                 "is waiting for another attempt; cancel it first".into(),
             ));
         }
-        let pool = self
+        let target = self
             .services
             .targets
-            .pool(tenant, patch.connection_id)
+            .target(tenant, patch.connection_id)
             .await
             .map_err(|e| match e {
                 TargetError::UnknownConnection(_) => Problem::not_found("connection"),
@@ -91,10 +94,10 @@ impl PatchRollback {
             })?;
         let registered: Option<String> =
             sqlx::query_scalar("SELECT to_regclass('conveyor_snapshots.patches')::text")
-                .fetch_one(&pool)
+                .fetch_one(&target.platform)
                 .await?;
         let record = match registered {
-            Some(_) => snapshot::load(&pool, job.id).await?,
+            Some(_) => snapshot::load(&target.platform, job.id).await?,
             None => None,
         };
         let Some(record) = record else {
@@ -114,7 +117,7 @@ impl PatchRollback {
                 record.rollback_job_id.unwrap_or_default()
             )));
         }
-        Ok((pool, record))
+        Ok((target, record))
     }
 }
 
@@ -136,16 +139,20 @@ impl Handler for PatchRollback {
     async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError> {
         let payload: RollbackPayload = serde_json::from_value(payload)
             .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
-        let (pool, record) = self
+        let (target, record) = self
             .locate(ctx.tenant_id(), &payload, Some(ctx.job_id()))
             .await
             .map_err(|p| match p.status {
                 500 | 503 => JobError::Retryable(p.detail),
                 _ => JobError::Permanent(p.detail),
             })?;
-        let table = table::describe(&pool, &record.table_name)
+        // As the tenant's role, which must still reach the table, in a schema it may write.
+        let table = table::describe(&target.pool, &record.table_name)
             .await
             .map_err(|e| JobError::Permanent(e.to_string()))?;
+        if let Some(reason) = target.refuse_schema(&table.schema) {
+            return Err(JobError::Permanent(reason));
+        }
         if table.key_names() != record.key_columns {
             return Err(JobError::Permanent(format!(
                 "the key of {} changed since the patch (was {:?})",
@@ -154,7 +161,7 @@ impl Handler for PatchRollback {
         }
         Restore {
             ctx,
-            pool: &pool,
+            target: &target,
             table: &table,
             record,
             force: payload.force,
@@ -164,9 +171,18 @@ impl Handler for PatchRollback {
     }
 }
 
+/// Restores as the tenant's role (`target.pool`: it may read its patch's snapshot); moves the
+/// checkpoints as the platform (`target.platform`).
+/// Moves the rollback's checkpoint of patch `$1` from `$2` to `$3` (if any row was seen) by
+/// `$5` restored rows, for rollback job `$4`; no row when another attempt moved it.
+const MARK_SQL: &str = "UPDATE conveyor_snapshots.patches
+     SET rollback_key = coalesce($3::text[], $2::text[]), rows_restored = rows_restored + $5,
+         rollback_job_id = $4
+     WHERE job_id = $1 AND rollback_key IS NOT DISTINCT FROM $2::text[]";
+
 struct Restore<'a> {
     ctx: &'a JobContext,
-    pool: &'a PgPool,
+    target: &'a Target,
     table: &'a Table,
     record: Record,
     force: bool,
@@ -180,7 +196,7 @@ impl Restore<'_> {
     async fn run(mut self) -> Result<Value, JobError> {
         let started = Instant::now();
         // A cancelled or failed patch ended before indexing its snapshot.
-        snapshot::index(self.pool, &self.record)
+        snapshot::index(&self.target.platform, &self.record)
             .await
             .map_err(job_error)?;
         let (total, keys) = self.conflicts().await.map_err(job_error)?;
@@ -237,7 +253,7 @@ impl Restore<'_> {
                 }
                 retries += 1;
                 tokio::time::sleep(Duration::from_millis(50 << retries.min(6))).await;
-                self.record = snapshot::load(self.pool, job)
+                self.record = snapshot::load(&self.target.platform, job)
                     .await
                     .map_err(job_error)?
                     .ok_or_else(|| JobError::Permanent("the patch's record vanished".into()))?;
@@ -249,14 +265,14 @@ impl Restore<'_> {
             )
             .bind(job)
             .bind(self.ctx.job_id())
-            .fetch_one(self.pool)
+            .fetch_one(&self.target.platform)
             .await
             .map_err(job_error)?;
         }
         Ok(json!({
             "patch_job_id": job,
             "table": self.record.table_name,
-            "snapshot": self.record.snapshot_table,
+            "snapshot": snapshot::snapshot_table(job),
             "rows_restored": self.record.rows_restored,
             // Every snapshot row ends restored or left as a conflict.
             "conflicts": self.record.rows_done - self.record.rows_restored,
@@ -292,21 +308,21 @@ impl Restore<'_> {
              WHERE {past} AND ({changed})
              ORDER BY {s} LIMIT {CONFLICT_SAMPLE}",
             keys = key_array(t, "s"),
-            snapshot = self.record.snapshot_table,
+            snapshot = snapshot::snapshot_table(self.record.job_id),
             table = t.qualified,
             a = t.key_list("a"),
             s = t.key_list("s"),
             past = self.past_checkpoint(1),
         ))
         .bind(&self.record.rollback_key)
-        .fetch_all(self.pool)
+        .fetch_all(&self.target.pool)
         .await?;
         let total = rows.first().map(|r| r.get("total")).unwrap_or(0);
         Ok((total, rows.iter().map(|r| r.get("key")).collect()))
     }
 
-    /// One batch: the next `$3` snapshot rows after `$2` (from the start if `first`), restored where the row is still as
-    /// the patch left it; the checkpoint of patch `$1` moves in the same statement.
+    /// One batch: the next `$3` snapshot rows after `$2` (from the start if `first`), restored
+    /// where the row is still as the patch left it. [`MARK_SQL`] moves the checkpoint after it.
     fn batch_sql(&self, first: bool) -> String {
         let t = self.table;
         let writable: Vec<&str> = t
@@ -364,19 +380,11 @@ impl Restore<'_> {
              ), restored AS ({restore}
              ), last AS (
                  SELECT {key} AS key FROM batch b ORDER BY {desc} LIMIT 1
-             ), mark AS (
-                 UPDATE conveyor_snapshots.patches
-                 SET rollback_key = coalesce((SELECT key FROM last), $2::text[]),
-                     rows_restored = rows_restored + (SELECT count(*) FROM restored),
-                     rollback_job_id = $4
-                 WHERE job_id = $1 AND rollback_key IS NOT DISTINCT FROM $2::text[]
-                 RETURNING 1
              )
              SELECT (SELECT count(*) FROM batch) AS seen,
                     (SELECT count(*) FROM restored) AS restored,
-                    (SELECT key FROM last) AS last_key,
-                    (SELECT count(*) FROM mark) = 1 AS marked",
-            snapshot = self.record.snapshot_table,
+                    (SELECT key FROM last) AS last_key",
+            snapshot = snapshot::snapshot_table(self.record.job_id),
             s = t.key_list("s"),
             key = key_array(t, "b"),
             desc = desc.join(", "),
@@ -387,6 +395,7 @@ impl Restore<'_> {
     /// "reload the checkpoint and go again".
     async fn batch(&self, sql: &str, size: i64) -> sqlx::Result<Option<(i64, i64, Vec<String>)>> {
         let mut tx = self
+            .target
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .await?;
@@ -395,13 +404,23 @@ impl Restore<'_> {
             .bind(self.record.job_id)
             .bind(&self.record.rollback_key)
             .bind(size)
-            .bind(self.ctx.job_id())
             .fetch_one(&mut *tx)
             .await?;
         let seen: i64 = row.get("seen");
         let restored: i64 = row.get("restored");
         let key: Option<Vec<String>> = row.get("last_key");
-        if !row.get::<bool, _>("marked") {
+        sqlx::query("SET LOCAL ROLE NONE").execute(&mut *tx).await?;
+        let marked = sqlx::query(MARK_SQL)
+            .bind(self.record.job_id)
+            .bind(&self.record.rollback_key)
+            .bind(&key)
+            .bind(self.ctx.job_id())
+            .bind(restored)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !marked {
             tx.rollback().await?;
             // Another attempt moved the checkpoint: reload it (as for a serialization failure).
             return Err(sqlx::Error::Io(std::io::Error::other("checkpoint moved")));

@@ -1,7 +1,7 @@
 //! Running a patch: the dry run, and the batched execute with snapshots and checkpoints.
 
 use serde_json::{json, Map, Value};
-use shared::JobContext;
+use shared::{connections::Target, JobContext};
 use sqlx::{PgPool, Row};
 use std::time::{Duration, Instant};
 
@@ -24,10 +24,11 @@ pub async fn run(
     ctx: &JobContext,
     payload: &PatchPayload,
     checked: Checked,
-    pool: &PgPool,
+    target: &Target,
     retention: Duration,
 ) -> Result<Value, JobError> {
-    let plan = load_plan(pool, checked).await.map_err(|e| match e {
+    let pool = &target.pool;
+    let plan = load_plan(target, checked).await.map_err(|e| match e {
         PlanError::Refused(reason) => JobError::Permanent(reason),
         PlanError::Database(e) => job_error(e),
     })?;
@@ -40,7 +41,7 @@ pub async fn run(
                 ctx,
                 payload,
                 plan: &plan,
-                pool,
+                target,
             }
             .run(retention, &assessment)
             .await
@@ -162,12 +163,13 @@ struct Execution<'a> {
     ctx: &'a JobContext,
     payload: &'a PatchPayload,
     plan: &'a Plan,
-    pool: &'a PgPool,
+    /// The tenant's statements run on `target.pool`, the registry's on `target.platform`.
+    target: &'a Target,
 }
 
 impl Execution<'_> {
     async fn run(&self, retention: Duration, assessment: &Assessment) -> Result<Value, JobError> {
-        let (ctx, pool, plan) = (self.ctx, self.pool, self.plan);
+        let (ctx, pool, plan) = (self.ctx, &self.target.platform, self.plan);
         let job = ctx.job_id();
         snapshot::ensure_schema(pool).await.map_err(job_error)?;
         for table in snapshot::drop_expired(pool).await.map_err(job_error)? {
@@ -187,7 +189,7 @@ impl Execution<'_> {
                 snapshot::scan_sql(plan, true),
                 snapshot::scan_sql(plan, false),
             ];
-            let change = snapshot::change_sql(plan, &record.snapshot_table);
+            let change = snapshot::change_sql(plan, &snapshot::snapshot_table(job));
             let target = Duration::from_millis(self.payload.target_batch_ms);
             let mut size = self
                 .payload
@@ -289,7 +291,10 @@ impl Execution<'_> {
     /// This job's record: the one an earlier attempt left, or a new one with its snapshot.
     async fn record(&self, retention: Duration) -> Result<snapshot::Record, JobError> {
         let job = self.ctx.job_id();
-        if let Some(record) = snapshot::load(self.pool, job).await.map_err(job_error)? {
+        if let Some(record) = snapshot::load(&self.target.platform, job)
+            .await
+            .map_err(job_error)?
+        {
             if record.rollback_job_id.is_some() {
                 return Err(JobError::Permanent(
                     "this patch has been rolled back; submit a new patch job".into(),
@@ -312,7 +317,7 @@ impl Execution<'_> {
         }
         // Exact, once: the denominator of progress and the max_rows check before any change.
         let expected: i64 = sqlx::query_scalar(&self.plan.count())
-            .fetch_one(self.pool)
+            .fetch_one(&self.target.pool)
             .await
             .map_err(job_error)?;
         if let Some(max) = self.payload.max_rows {
@@ -323,7 +328,7 @@ impl Execution<'_> {
                 )));
             }
         }
-        snapshot::create(self.pool, job, self.plan, expected, retention)
+        snapshot::create(self.target, job, self.plan, expected, retention)
             .await
             .map_err(job_error)
     }
@@ -344,6 +349,7 @@ impl Execution<'_> {
         let target = self.payload.target_batch_ms;
         let started = Instant::now();
         let mut tx = self
+            .target
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .await?;
@@ -369,14 +375,21 @@ impl Execution<'_> {
             .execute(&mut *tx)
             .await?;
         let locked = Instant::now();
-        let row = sqlx::query(change)
-            .bind(self.ctx.job_id())
+        let changed: i64 = sqlx::query_scalar(change)
             .bind(&tids)
-            .bind(last_key)
-            .bind(&key)
             .fetch_one(&mut *tx)
             .await?;
-        let (changed, marked): (i64, bool) = (row.get("rows"), row.get("marked"));
+        // The checkpoint is the platform's: out of the tenant's role for it, same transaction.
+        sqlx::query("SET LOCAL ROLE NONE").execute(&mut *tx).await?;
+        let marked = sqlx::query(snapshot::MARK_SQL)
+            .bind(self.ctx.job_id())
+            .bind(changed)
+            .bind(last_key)
+            .bind(&key)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
         if !marked || changed != rows {
             tx.rollback().await?;
             return Ok(Batch::Moved);

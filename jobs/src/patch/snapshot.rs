@@ -15,6 +15,8 @@ use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
 
+use shared::connections::Target;
+
 use super::{guard::Operation, table::quote, Plan};
 
 pub const SCHEMA: &str = "conveyor_snapshots";
@@ -80,16 +82,23 @@ pub fn snapshot_table(job: Uuid) -> String {
     )
 }
 
-/// Creates the schema and the registry if missing (once per database, under a lock).
+/// Creates the schema and the registry if missing (once per database, under a lock). On the
+/// default target the schema comes from the bootstrap (the platform may not create schemas).
 pub async fn ensure_schema(pool: &PgPool) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(SETUP_LOCK)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("CREATE SCHEMA IF NOT EXISTS conveyor_snapshots")
-        .execute(&mut *tx)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT to_regnamespace('conveyor_snapshots') IS NOT NULL")
+            .fetch_one(&mut *tx)
+            .await?;
+    if !exists {
+        sqlx::query("CREATE SCHEMA conveyor_snapshots")
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS conveyor_snapshots.patches (
              job_id uuid PRIMARY KEY,
@@ -119,14 +128,16 @@ pub async fn ensure_schema(pool: &PgPool) -> sqlx::Result<()> {
 
 /// Drops the snapshot tables whose retention has passed; their rows stay, marked dropped.
 pub async fn drop_expired(pool: &PgPool) -> sqlx::Result<Vec<String>> {
-    let expired: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT job_id, snapshot_table FROM conveyor_snapshots.patches
+    // The table's name comes from the job id, never from the registry's text.
+    let expired: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT job_id FROM conveyor_snapshots.patches
          WHERE expires_at <= now() AND dropped_at IS NULL",
     )
     .fetch_all(pool)
     .await?;
     let mut dropped = Vec::new();
-    for (job, table) in expired {
+    for job in expired {
+        let table = snapshot_table(job);
         let mut tx = pool.begin().await?;
         sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
             .execute(&mut *tx)
@@ -160,22 +171,32 @@ pub async fn load(pool: &PgPool, job: Uuid) -> sqlx::Result<Option<Record>> {
         .await
 }
 
-/// The snapshot table and the registry row, together.
+/// The snapshot table and the registry row, together, as the platform. On the default target
+/// the tenant's role may add rows to this one snapshot and read them (its patch's batches and
+/// rollback run as that role), nothing more.
 pub async fn create(
-    pool: &PgPool,
+    target: &Target,
     job: Uuid,
     plan: &Plan,
     rows_expected: i64,
     retention: Duration,
 ) -> sqlx::Result<Record> {
     let snapshot = snapshot_table(job);
-    let mut tx = pool.begin().await?;
+    let mut tx = target.platform.begin().await?;
     sqlx::query(&format!(
         "CREATE TABLE {snapshot} (LIKE {}, {AFTER_XID} xid8)",
         plan.table.qualified
     ))
     .execute(&mut *tx)
     .await?;
+    if let Some(role) = &target.tenant_role {
+        sqlx::query(&format!(
+            "GRANT SELECT, INSERT ON {snapshot} TO {}",
+            quote(role)
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
     let record = sqlx::query_as(
         "INSERT INTO conveyor_snapshots.patches
              (job_id, table_name, key_columns, operation, statement, snapshot_table,
@@ -213,7 +234,7 @@ pub async fn index(pool: &PgPool, record: &Record) -> sqlx::Result<()> {
     sqlx::query(&format!(
         "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})",
         quote(&name),
-        record.snapshot_table,
+        snapshot_table(record.job_id),
         keys.join(", ")
     ))
     .execute(pool)
@@ -263,13 +284,19 @@ pub fn scan_sql(plan: &Plan, first: bool) -> String {
     )
 }
 
-/// The second phase of a batch, in the same repeatable-read transaction, as one statement:
-/// change exactly the rows at addresses `$2` (the scan's rows: a row changed by someone else
-/// since fails the transaction, which is retried), copy their before-images into the snapshot
-/// table with the id of the transaction that wrote their after-images, and move the checkpoint
-/// of job `$1` from `$3` to `$4`. `marked` is false when another attempt moved the checkpoint
-/// (a job rescued from a worker that was not dead after all): the caller rolls back and
-/// reloads. Row locks are held from this statement to the commit.
+/// Moves the checkpoint of job `$1` by `$2` rows from key `$3` to `$4`, as the platform, in the
+/// batch's transaction. No row when another attempt moved the checkpoint (a job rescued from a
+/// worker that was not dead after all): the caller rolls back and reloads.
+pub const MARK_SQL: &str = "UPDATE conveyor_snapshots.patches
+     SET rows_done = rows_done + $2, batches = batches + 1, last_key = $4::text[]
+     WHERE job_id = $1 AND last_key IS NOT DISTINCT FROM $3::text[]";
+
+/// The second phase of a batch, in the same repeatable-read transaction, as one statement of
+/// the tenant's role: change exactly the rows at addresses `$1` (the scan's rows: a row changed
+/// by someone else since fails the transaction, which is retried) and copy their before-images
+/// into the snapshot table with the id of the transaction that wrote their after-images.
+/// Returns how many. Row locks are held from this statement to the commit; [`MARK_SQL`]
+/// follows it.
 pub fn change_sql(plan: &Plan, snapshot: &str) -> String {
     let q = &plan.qualifier;
     let (change, after) = match plan.checked.operation {
@@ -288,7 +315,7 @@ pub fn change_sql(plan: &Plan, snapshot: &str) -> String {
     format!(
         "WITH batch AS (
              SELECT {q} AS conveyor_before, {q}.ctid AS conveyor_ctid
-             FROM {target} WHERE {q}.ctid = ANY($2::text[]::tid[])
+             FROM {target} WHERE {q}.ctid = ANY($1::text[]::tid[])
          ), changed AS (
              {change} WHERE {q}.ctid = conveyor_batch.conveyor_ctid
              RETURNING conveyor_batch.conveyor_before
@@ -296,14 +323,8 @@ pub fn change_sql(plan: &Plan, snapshot: &str) -> String {
              INSERT INTO {snapshot}
              SELECT (c.conveyor_before).*, {after} FROM changed c
              RETURNING 1
-         ), mark AS (
-             UPDATE conveyor_snapshots.patches
-             SET rows_done = rows_done + (SELECT count(*) FROM saved), batches = batches + 1,
-                 last_key = $4::text[]
-             WHERE job_id = $1 AND last_key IS NOT DISTINCT FROM $3::text[]
-             RETURNING 1
          )
-         SELECT (SELECT count(*) FROM saved) AS rows, (SELECT count(*) FROM mark) = 1 AS marked",
+         SELECT count(*) FROM saved",
         target = plan.target,
     )
 }
