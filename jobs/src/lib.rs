@@ -138,8 +138,8 @@ impl Preflights {
         }
     }
 
-    /// Runs one preflight of the tenant's within the bounds: 429 when the tenant's others
-    /// leave no room within the timeout, 503 when it runs past it.
+    /// Runs one preflight of the tenant's within the bounds: 429 when the tenant already has
+    /// `concurrency` in flight, 503 when it runs past the timeout.
     pub async fn run<T>(
         &self,
         tenant: Uuid,
@@ -152,15 +152,12 @@ impl Preflights {
             .entry(tenant)
             .or_insert_with(|| Arc::new(Semaphore::new(self.concurrency)))
             .clone();
-        let _permit = tokio::time::timeout(self.timeout, semaphore.acquire_owned())
-            .await
-            .map_err(|_| {
-                Problem::too_many_requests(format!(
-                    "this tenant already has {} preflights in flight; try again shortly",
-                    self.concurrency
-                ))
-            })?
-            .expect("the semaphore is never closed");
+        let _permit = semaphore.try_acquire_owned().map_err(|_| {
+            Problem::too_many_requests(format!(
+                "this tenant already has {} preflights in flight; try again shortly",
+                self.concurrency
+            ))
+        })?;
         tokio::time::timeout(self.timeout, preflight)
             .await
             .map_err(|_| {
@@ -170,6 +167,33 @@ impl Preflights {
                     self.timeout.as_millis()
                 ))
             })?
+    }
+}
+
+#[cfg(test)]
+mod preflight_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_has_at_most_its_preflights_in_flight_and_each_is_bounded() {
+        let preflights = Preflights::new(Duration::from_millis(200), 2);
+        let (tenant, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let hang = || async {
+            std::future::pending::<()>().await;
+            Ok(())
+        };
+        let quick = || async { Ok(()) };
+        let (first, second, third, others) = tokio::join!(
+            preflights.run(tenant, hang()),
+            preflights.run(tenant, hang()),
+            preflights.run(tenant, quick()),
+            preflights.run(other, quick()),
+        );
+        assert_eq!(first.unwrap_err().status, 503);
+        assert_eq!(second.unwrap_err().status, 503);
+        assert_eq!(third.unwrap_err().status, 429, "no room while two are in flight");
+        assert!(others.is_ok(), "another tenant has room of its own");
+        assert!(preflights.run(tenant, quick()).await.is_ok(), "room again once they ended");
     }
 }
 

@@ -114,6 +114,29 @@ impl TestApp {
         tenant_target_url(&self.settings.target_database_url, self.tenant)
     }
 
+    /// A database of the tenant's own, as a registered connection reaches it: owned by an
+    /// unprivileged login role made for it (dropped with the test's databases).
+    pub async fn own_database(&self) -> String {
+        use sqlx::Executor;
+        let name = format!("{}_own", self.db_name);
+        let role = format!("{}_owner", self.db_name);
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&self.admin_url)
+            .await
+            .unwrap();
+        admin
+            .execute(format!("CREATE ROLE {role} LOGIN").as_str())
+            .await
+            .unwrap();
+        admin
+            .execute(format!("CREATE DATABASE {name} OWNER {role}").as_str())
+            .await
+            .unwrap();
+        let mut url = url::Url::parse(&self.admin_url).unwrap();
+        url.set_username(&role).unwrap();
+        url.set_path(&name);
+        url.to_string()
+    }
+
     /// The default target database as a superuser sees it (the platform's schemas too).
     pub fn target_admin_url(&self) -> String {
         let base = self.admin_url.rsplit_once('/').expect("url has a path").0;
@@ -316,7 +339,11 @@ impl Drop for TestApp {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        for name in [self.db_name.clone(), format!("{}_target", self.db_name)] {
+        for name in [
+            self.db_name.clone(),
+            format!("{}_target", self.db_name),
+            format!("{}_own", self.db_name),
+        ] {
             let _ = Command::new("psql")
                 .arg(&self.admin_url)
                 .arg("-qc")
@@ -325,7 +352,8 @@ impl Drop for TestApp {
                 .stderr(Stdio::null())
                 .status();
         }
-        if !drop_roles.trim().is_empty() {
+        let drop_roles = format!("{drop_roles}\nDROP ROLE IF EXISTS {}_owner;", self.db_name);
+        {
             let _ = Command::new("psql")
                 .arg(&self.admin_url)
                 .arg("-qc")

@@ -187,6 +187,11 @@ async fn guard_rails_refuse_with_the_reason_and_enqueue_nothing() {
         ),
         (
             "UPDATE pg_catalog.pg_class SET relname = 'x' WHERE oid = 1",
+            "reserved for the platform and the system",
+        ),
+        // Unqualified, a system table is found on the search path: still refused.
+        (
+            "UPDATE pg_class SET relname = 'x' WHERE oid = 1",
             "not an ordinary table",
         ),
     ];
