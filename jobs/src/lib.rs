@@ -174,7 +174,7 @@ impl Preflights {
 mod preflight_tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_tenant_has_at_most_its_preflights_in_flight_and_each_is_bounded() {
         let preflights = Preflights::new(Duration::from_millis(200), 2);
         let (tenant, other) = (Uuid::now_v7(), Uuid::now_v7());
