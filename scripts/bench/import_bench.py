@@ -1,18 +1,18 @@
 """Generates a ROWS-row, 10-column CSV (ints, floats, text, timestamps, NULLs), uploads it
 (not timed), then imports it through the platform (submit → succeeded) and with
-`psql -c "\\copy ..."` into an identical table. Prints rows/s, the ratio and the worker's peak
-RSS."""
+`psql -c "\\copy ..."` into an identical table, both in the tenant's schema as the tenant's
+role. Prints rows/s, the ratio and the worker's peak RSS."""
 
 import json, os, random, subprocess, sys, time, urllib.request, uuid
+
+from bench_target import Databases, psql
 
 ROWS = int(sys.argv[1])
 ROOT = os.getcwd()
 BIN = os.environ.get("BENCH_BIN") or os.path.join(
     os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-ADMIN = f"{PG}/postgres"
-DB, TARGET = "conveyor_bench", "conveyor_bench_target"
-TARGET_URL = f"{PG}/{TARGET}"
+DATABASES = Databases(PG, "conveyor_bench")
 PORT = 18081
 # One prefix for the API and the worker: they must share the queues.
 PREFIX = f"bench:{uuid.uuid4().hex[:8]}"
@@ -21,11 +21,6 @@ COLUMNS = [("id", "bigint"), ("customer", "integer"), ("amount", "double precisi
            ("created", "timestamptz"), ("updated", "timestamp"), ("quantity", "bigint"),
            ("note", "text")]
 CITIES = ["Lisbon", "Oslo", "Zürich", "São Paulo", "Kyoto", "Nairobi", "Austin, TX"]
-
-
-def psql(sql, db=ADMIN):
-    return subprocess.run(["psql", db, "-v", "ON_ERROR_STOP=1", "-tAqc", sql], check=True,
-                          capture_output=True, text=True).stdout.strip()
 
 
 def generate(path):
@@ -43,8 +38,7 @@ def generate(path):
 
 def env():
     e = dict(os.environ)
-    e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}",
-             CONVEYOR_TARGET_DATABASE_URL=TARGET_URL,
+    e.update(DATABASES.env(),
              CONVEYOR_REDIS_PREFIX=PREFIX,
              CONVEYOR_LISTEN=f"127.0.0.1:{PORT}", CONVEYOR_DATA_DIR=os.path.join(ROOT, ".data/bench-objects"),
              RUST_LOG="warn")
@@ -74,12 +68,12 @@ def main():
         generate(path + ".tmp")
         os.rename(path + ".tmp", path)
     size_mb = os.path.getsize(path) / 1e6
-    for db in (DB, TARGET):
-        psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        psql(f"CREATE DATABASE {db}")
+    DATABASES.create()
     subprocess.run([f"{BIN}/conveyor-api", "migrate"], env=env(), check=True)
+    # Also provisions the tenant's role and schema on the target.
     key = subprocess.run([f"{BIN}/conveyor-api", "keys", "create", "--tenant", "bench"], env=env(),
                          check=True, capture_output=True, text=True).stdout.strip()
+    tenant_url = DATABASES.as_tenant(DATABASES.tenant("bench"))
     api = subprocess.Popen([f"{BIN}/conveyor-api", "serve"], env=env())
     worker = subprocess.Popen([f"{BIN}/conveyor-worker", "--queues", "import=1"], env=env())
     try:
@@ -99,9 +93,9 @@ def main():
         results = []
         for round_ in range(2):
             table = f"psql_copy_{round_}"
-            psql(f"CREATE TABLE {table} ({ddl})", TARGET_URL)
+            psql(f"CREATE TABLE {table} ({ddl})", tenant_url)
             t0 = time.perf_counter()
-            subprocess.run(["psql", TARGET_URL, "-qc", f"\\copy {table} FROM '{path}' WITH (FORMAT csv, HEADER true)"], check=True)
+            subprocess.run(["psql", tenant_url, "-qc", f"\\copy {table} FROM '{path}' WITH (FORMAT csv, HEADER true)"], check=True)
             psql_s = time.perf_counter() - t0
 
             payload = {"dataset_id": dataset, "target": {"table": f"platform_{round_}"},
@@ -115,12 +109,13 @@ def main():
                 time.sleep(0.05)
             platform_s = time.perf_counter() - t0
             assert job["status"] == "succeeded", job
-            count = psql(f"SELECT count(*) FROM platform_{round_}", TARGET_URL)
+            count = psql(f"SELECT count(*) FROM platform_{round_}", tenant_url)
             assert int(count) == ROWS, count
             results.append((psql_s, platform_s))
         rss = peak_rss_mb(worker.pid)
     finally:
         api.terminate(); worker.terminate(); api.wait(); worker.wait()
+        DATABASES.drop()
     print(f"\nimport of {ROWS:,} rows x 10 columns ({size_mb:,.0f} MB CSV), upload excluded\n")
     print("| round | psql \\copy rows/s | platform rows/s | platform / psql |")
     print("|---:|---:|---:|---:|")

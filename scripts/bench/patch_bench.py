@@ -3,31 +3,26 @@ job (execute: batches of about 200 ms, each copying before-images into a snapsho
 recording a checkpoint). Same rows, same statement, identical copies of the table. Prints
 rows/s, the ratio and the longest lock each holds (the plain UPDATE holds its row locks for its
 whole run; a patch from a batch's change to its commit, the rows being found beforehand
-without locks), and checks both tables end up identical."""
+without locks), and checks both tables end up identical. Both tables live in the tenant's
+schema and belong to its role, and the plain UPDATE runs as that role, as the job's batches do."""
 
 import json, os, subprocess, sys, time, urllib.request, uuid
+
+from bench_target import Databases, psql
 
 ROWS = int(sys.argv[1])
 BIN = os.environ["CONVEYOR_BENCH_BIN"]
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
-ADMIN = f"{PG}/postgres"
-DB = "conveyor_bench_patch"
-TARGET = f"{PG}/{DB}_target"
+DATABASES = Databases(PG, "conveyor_bench_patch")
 PORT = 18081
 # One prefix for the API and the worker: they must share the queues.
 PREFIX = f"bench:{uuid.uuid4().hex[:8]}"
 STATEMENT = "UPDATE {table} SET val = val + 1, note = note || ' patched' WHERE grp IN (2, 5)"
 
 
-def psql(sql, db=ADMIN):
-    return subprocess.run(["psql", db, "-tAqc", sql], check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
 def env():
     e = dict(os.environ)
-    e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}",
-             CONVEYOR_TARGET_DATABASE_URL=TARGET,
+    e.update(DATABASES.env(),
              CONVEYOR_REDIS_PREFIX=PREFIX,
              CONVEYOR_LISTEN=f"127.0.0.1:{PORT}", CONVEYOR_QUEUES="patch=1", RUST_LOG="warn")
     return e
@@ -42,39 +37,42 @@ def request(method, path, key, body=None):
         return json.loads(r.read())
 
 
-def checksum(table):
-    return psql(f"SELECT md5(string_agg(md5(t::text), '' ORDER BY id)) FROM {table} t", TARGET)
+def checksum(table, tenant_url):
+    return psql(f"SELECT md5(string_agg(md5(t::text), '' ORDER BY id)) FROM {table} t",
+                tenant_url)
 
 
 def main():
-    for db in (DB, f"{DB}_target"):
-        psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        psql(f"CREATE DATABASE {db}")
+    DATABASES.create()
+    api_bin = os.path.join(BIN, "conveyor-api")
+    subprocess.run([api_bin, "migrate"], env=env(), check=True)
+    # Also provisions the tenant's role and schema on the target, where the tables go.
+    key = subprocess.run([api_bin, "keys", "create", "--tenant", "bench"], env=env(), check=True,
+                         capture_output=True, text=True).stdout.strip()
+    tenant_url = DATABASES.as_tenant(DATABASES.tenant("bench"))
+    admin = DATABASES.url()
     print(f"seeding {ROWS:,} rows twice ...", flush=True)
     psql(f"""CREATE TABLE items (id bigint PRIMARY KEY, grp int NOT NULL, val int NOT NULL,
                                  note text, updated_at timestamptz NOT NULL DEFAULT now());
              INSERT INTO items (id, grp, val, note)
                  SELECT i, i % 10, i, 'row ' || i FROM generate_series(1, {ROWS}) i;
              CREATE TABLE plain (LIKE items INCLUDING ALL);
-             INSERT INTO plain SELECT * FROM items;""", TARGET)
+             INSERT INTO plain SELECT * FROM items;""", tenant_url)
     for table in ("items", "plain"):
-        psql(f"VACUUM ANALYZE {table}", TARGET)
-    rows = int(psql("SELECT count(*) FROM items WHERE grp IN (2, 5)", TARGET))
+        psql(f"VACUUM ANALYZE {table}", tenant_url)
+    rows = int(psql("SELECT count(*) FROM items WHERE grp IN (2, 5)", tenant_url))
 
-    psql("CHECKPOINT", TARGET)
+    psql("CHECKPOINT", admin)
     t0 = time.time()
-    psql(STATEMENT.format(table="plain"), TARGET)
+    psql(STATEMENT.format(table="plain"), tenant_url)
     plain_s = time.time() - t0
 
-    api = subprocess.Popen([os.path.join(BIN, "conveyor-api")], env=env())
+    api = subprocess.Popen([api_bin], env=env())
     worker = None
     try:
         time.sleep(1.5)
-        key = subprocess.run([os.path.join(BIN, "conveyor-api"), "keys", "create", "--tenant",
-                              "bench"], env=env(), check=True, capture_output=True,
-                             text=True).stdout.strip()
         worker = subprocess.Popen([os.path.join(BIN, "conveyor-worker")], env=env())
-        psql("CHECKPOINT", TARGET)
+        psql("CHECKPOINT", admin)
         job = request("POST", "/v1/jobs", key, {"kind": "patch", "payload": {
             "sql": STATEMENT.format(table="items"), "mode": "execute"}})
         while job["status"] not in ("succeeded", "failed", "cancelled"):
@@ -88,7 +86,7 @@ def main():
             if p:
                 p.terminate()
                 p.wait()
-    same = checksum("items") == checksum("plain")
+    same = checksum("items", tenant_url) == checksum("plain", tenant_url)
     patch_s = result["elapsed_ms"] / 1000
     plain_rate, patch_rate = rows / plain_s, result["rows"] / patch_s
     print(f"\n{ROWS:,}-row table, {rows:,} rows changed; tables identical after both: {same}\n")
@@ -102,8 +100,7 @@ def main():
           f"change → commit; whole batch {result['longest_batch_ms']:,.0f} ms) |")
     if not same or result["rows"] != rows:
         sys.exit("the patched table differs from the plain statement's result")
-    for db in (DB, f"{DB}_target"):
-        psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    DATABASES.drop()
 
 
 if __name__ == "__main__":
