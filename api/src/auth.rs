@@ -305,10 +305,12 @@ impl KeyCache {
     }
 
     /// Whether revocations reach this process, so that cached keys may be trusted. Either way
-    /// the cache starts empty: what it held may have been revoked meanwhile.
-    pub fn set_trusted(&self, trusted: bool) {
-        self.trusted.store(trusted, Ordering::Release);
+    /// the cache starts empty: what it held may have been revoked meanwhile. Returns whether
+    /// it was trusted before.
+    pub fn set_trusted(&self, trusted: bool) -> bool {
+        let was = self.trusted.swap(trusted, Ordering::AcqRel);
         self.clear();
+        was
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CacheEntry>> {

@@ -20,8 +20,9 @@ use crate::{auth::KeyCache, hub::Hub, AppState};
 /// connection that died without closing is noticed within their sum.
 const PING_EVERY: Duration = Duration::from_secs(2);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause between attempts to subscribe again.
+/// Pause between attempts to subscribe again, or (times the attempt) to publish.
 const RETRY: Duration = Duration::from_millis(500);
+const PUBLISH_ATTEMPTS: u32 = 3;
 
 /// What stopped being valid.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,8 +77,16 @@ pub async fn publish<C: ConnectionLike + Send>(
 pub async fn invalidate(state: &AppState, invalidation: Invalidation) {
     apply(&state.key_cache, &state.hub, &invalidation);
     let mut redis = state.redis.clone();
-    if let Err(e) = publish(&mut redis, &state.settings.redis_prefix, &invalidation).await {
-        tracing::warn!(error = %e, "could not publish a revocation; other API processes drop the key when its cache entry expires");
+    // After a Redis restart the first command on the shared connection fails, and the
+    // connection manager reconnects: try again before giving up.
+    for attempt in 1..=PUBLISH_ATTEMPTS {
+        match publish(&mut redis, &state.settings.redis_prefix, &invalidation).await {
+            Ok(()) => return,
+            Err(e) if attempt == PUBLISH_ATTEMPTS => {
+                tracing::warn!(error = %e, "could not publish a revocation; other API processes drop the key when its cache entry expires");
+            }
+            Err(_) => tokio::time::sleep(RETRY * attempt).await,
+        }
     }
 }
 
@@ -104,8 +113,11 @@ pub async fn listen(
             ended = subscribe(&client, &channel, &cache, &hub) => ended,
             () = stopping.cancelled() => return,
         };
-        cache.set_trusted(false);
-        tracing::warn!(error = %ended, "revocation subscription lost; keys are looked up on every request until it is back");
+        if cache.set_trusted(false) {
+            tracing::warn!(error = %ended, "revocation subscription lost; keys are looked up on every request until it is back");
+        } else {
+            tracing::debug!(error = %ended, "could not subscribe to revocations; retrying");
+        }
         tokio::select! {
             () = tokio::time::sleep(RETRY) => {}
             () = stopping.cancelled() => return,

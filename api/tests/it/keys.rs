@@ -2,7 +2,10 @@
 //! admin keys only and within their tenant, and revocations that reach a second API process
 //! (its key cache, its open streams, the sessions opened with the key).
 
-use crate::harness::{binary, TestApp};
+use crate::{
+    faults::{free_port, PrivateRedis},
+    harness::{binary, TestApp},
+};
 use reqwest::{header, Method, Response, StatusCode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -411,5 +414,66 @@ async fn sessions_end_with_their_key_and_on_sign_out_in_every_process() {
 
     assert_eq!(session_status(kept_cookie).await, StatusCode::OK);
     assert!(!ends_within(&mut kept_stream, Duration::from_secs(1)).await);
+    second.shutdown().await;
+}
+
+/// Waits until `n` API processes are subscribed to the app's revocation channel.
+async fn subscribed(app: &TestApp, n: i64) {
+    let channel = conveyor_api::revocation::channel(&app.settings.redis_prefix);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let count = async {
+            let client = redis::Client::open(app.settings.redis_url.as_str())?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            let (_, count): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn)
+                .await?;
+            redis::RedisResult::Ok(count)
+        };
+        if count.await.is_ok_and(|count| count == n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} subscribers within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Pub/sub reaches only those subscribed at the time: a process that has lost its subscription
+/// must not go on trusting the keys it cached. It looks each one up until it has subscribed
+/// again, and then hears revocations again.
+#[tokio::test]
+async fn a_process_that_lost_its_subscription_does_not_trust_its_cache() {
+    let port = free_port();
+    let mut redis = PrivateRedis::start(port);
+    let app = TestApp::spawn_with(|s| s.redis_url = format!("redis://127.0.0.1:{port}")).await;
+    let (second, second_base) = second_process(&app).await;
+    subscribed(&app, 2).await;
+    let (id, member) = new_key(&app, json!({})).await;
+    let (status, _) = call(&app, &second_base, Method::GET, "/v1/jobs", &member, None).await;
+    assert_eq!(status, StatusCode::OK, "cached on the second process");
+
+    // Redis goes away; the key is used meanwhile (the processes notice the closed connection at
+    // once), and then revoked without any process hearing of it.
+    redis.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, _) = call(&app, &second_base, Method::GET, "/v1/jobs", &member, None).await;
+    assert_eq!(status, StatusCode::OK);
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    refused_within(&app, &second_base, &member, WAIT).await;
+
+    // Back: both processes subscribe again, and revocations reach them as before.
+    redis.launch();
+    subscribed(&app, 2).await;
+    let (id, member) = new_key(&app, json!({})).await;
+    let (status, _) = call(&app, &second_base, Method::GET, "/v1/jobs", &member, None).await;
+    assert_eq!(status, StatusCode::OK);
+    revoke(&app, id).await;
+    refused_within(&app, &second_base, &member, WAIT).await;
     second.shutdown().await;
 }
