@@ -227,13 +227,13 @@ impl Follower {
 const RECHECK: Duration = Duration::from_secs(5);
 
 /// Ends a stream whose key was revoked or whose session ended.
-struct Credentials {
+struct CredentialCheck {
     state: AppState,
     caller: Caller,
     recheck_at: Instant,
 }
 
-impl Credentials {
+impl CredentialCheck {
     fn new(state: &AppState, caller: Caller) -> Self {
         Self {
             state: state.clone(),
@@ -251,8 +251,8 @@ impl Credentials {
             _ => {}
         }
         self.recheck_at = Instant::now() + RECHECK;
-        // A failed check (the database unreachable) leaves the stream open: the client would
-        // only reconnect and fail to authenticate the same way.
+        // A check that fails (the database unreachable) leaves the stream open: an outage must
+        // not cut off every dashboard at once; the next check decides.
         self.caller.still_valid(&self.state).await.unwrap_or(true)
     }
 }
@@ -328,12 +328,12 @@ pub async fn job_events(
     )
     .await?;
     let pool = state.pool.clone();
-    let mut credentials = Credentials::new(&state, caller);
+    let mut credential_check = CredentialCheck::new(&state, caller);
     let events = stream! {
         let _guard = guard;
         loop {
             let next = follower.next().await;
-            if !credentials.still_valid(&next).await {
+            if !credential_check.still_valid(&next).await {
                 return;
             }
             match next {
@@ -377,12 +377,12 @@ pub async fn tenant_events(
     let key = state.events.keys().tenant(tenant);
     let guard = OpenStream::new(&state, &key);
     let mut follower = Follower::start(&state, tenant, None, after.as_deref()).await?;
-    let mut credentials = Credentials::new(&state, caller);
+    let mut credential_check = CredentialCheck::new(&state, caller);
     let events = stream! {
         let _guard = guard;
         loop {
             let next = follower.next().await;
-            if !credentials.still_valid(&next).await {
+            if !credential_check.still_valid(&next).await {
                 return;
             }
             match next {

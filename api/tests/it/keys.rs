@@ -301,6 +301,11 @@ async fn admin_keys_manage_their_own_tenants_keys_and_nothing_else() {
             "{path} in the OpenAPI document"
         );
     }
+    let created = spec["components"]["schemas"]["CreatedKey"].to_string();
+    assert!(
+        created.contains("\"key\"") && created.contains("ApiKey"),
+        "{created}"
+    );
 }
 
 #[tokio::test]
