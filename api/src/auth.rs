@@ -8,19 +8,80 @@ use axum::{
 };
 use sha2::{Digest, Sha256};
 use shared::Problem;
+use sqlx::PgPool;
 use std::{
     future::Future,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 
-use crate::AppState;
+use crate::{keys::Role, revocation::Invalidation, AppState};
 
 /// The tenant the request's API key (or session) belongs to.
 #[derive(Clone, Copy, Debug)]
 pub struct Tenant(pub Uuid);
+
+/// The live key behind a request: its own, or the one its session was opened with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub id: Uuid,
+    pub tenant: Uuid,
+    pub role: Role,
+}
+
+/// What the request signed in with, to check again later (an open event stream does).
+#[derive(Clone)]
+pub enum Credential {
+    /// The sha256 of an API key.
+    Key(String),
+    /// The sha256 of a session token.
+    Session(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Key(_) => "Key(..)",
+            Self::Session(_) => "Session(..)",
+        })
+    }
+}
+
+/// The caller: its key and how it signed in.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub key: KeyInfo,
+    pub credential: Credential,
+}
+
+impl Caller {
+    /// Whether `invalidation` ends this caller's access, without asking the database.
+    pub fn ended_by(&self, invalidation: &Invalidation) -> bool {
+        match (invalidation, &self.credential) {
+            (Invalidation::Key(id), _) => *id == self.key.id,
+            (Invalidation::Session(ended), Credential::Session(token_hash)) => ended == token_hash,
+            _ => false,
+        }
+    }
+
+    /// Whether the caller's key (and session) is still live.
+    pub async fn still_valid(&self, state: &AppState) -> Result<bool, Problem> {
+        Ok(match &self.credential {
+            Credential::Key(hash) => key_by_hash(state, hash).await?.is_some(),
+            Credential::Session(token_hash) => {
+                session_key(&state.pool, token_hash).await?.is_some()
+            }
+        })
+    }
+}
+
+/// A caller whose key is an admin key (key management needs one).
+pub struct Admin(pub Caller);
 
 /// The dashboard's session cookie (HttpOnly, SameSite=Strict, Path=/).
 pub const SESSION_COOKIE: &str = "conveyor_session";
@@ -33,7 +94,7 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-impl FromRequestParts<AppState> for Tenant {
+impl FromRequestParts<AppState> for Caller {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
@@ -46,7 +107,14 @@ impl FromRequestParts<AppState> for Tenant {
             if !parts.method.is_safe() {
                 require_csrf_header(&parts.headers)?;
             }
-            return session_tenant(state, token).await.map(Tenant);
+            let token_hash = hash_key(token);
+            let key = session_key(&state.pool, &token_hash)
+                .await?
+                .ok_or_else(|| Problem::unauthorized("the session has ended; sign in again"))?;
+            return Ok(Self {
+                key,
+                credential: Credential::Session(token_hash),
+            });
         };
         let header = header
             .to_str()
@@ -57,17 +125,38 @@ impl FromRequestParts<AppState> for Tenant {
             .filter(|k| !k.is_empty())
             .ok_or_else(|| Problem::unauthorized("Authorization must be `Bearer <api key>`"))?;
         let hash = hash_key(key);
-        let lookup = || {
-            sqlx::query_scalar(
-                "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-            )
-            .bind(&hash)
-            .fetch_optional(&state.pool)
-        };
-        let tenant = state.key_cache.tenant(&hash, lookup).await?;
-        tenant
-            .map(Tenant)
-            .ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))
+        let key = key_by_hash(state, &hash)
+            .await?
+            .ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
+        Ok(Self {
+            key,
+            credential: Credential::Key(hash),
+        })
+    }
+}
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        Ok(Tenant(caller.key.tenant))
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if caller.key.role != Role::Admin {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "managing API keys needs an admin key",
+            ));
+        }
+        Ok(Admin(caller))
     }
 }
 
@@ -95,30 +184,63 @@ pub fn require_csrf_header(headers: &HeaderMap) -> Result<(), Problem> {
     }
 }
 
-/// The tenant of a live session. Not cached: signing out must take effect at once, in every
-/// API process.
-async fn session_tenant(state: &AppState, token: &str) -> Result<Uuid, Problem> {
-    let tenant: Option<Uuid> = sqlx::query_scalar(
-        "SELECT s.tenant_id FROM sessions s JOIN api_keys k ON k.id = s.api_key_id
+type KeyRow = (Uuid, Uuid, String);
+
+fn key_info((id, tenant, role): KeyRow) -> KeyInfo {
+    KeyInfo {
+        id,
+        tenant,
+        role: Role::parse(&role).unwrap_or(Role::Member),
+    }
+}
+
+/// The key of a live session. Not cached: signing out must take effect at once, in every API
+/// process.
+async fn session_key(pool: &PgPool, token_hash: &str) -> Result<Option<KeyInfo>, sqlx::Error> {
+    let row: Option<KeyRow> = sqlx::query_as(
+        "SELECT k.id, k.tenant_id, k.role FROM sessions s JOIN api_keys k ON k.id = s.api_key_id
          WHERE s.token_hash = $1 AND s.expires_at > now() AND k.revoked_at IS NULL",
     )
-    .bind(hash_key(token))
-    .fetch_optional(&state.pool)
+    .bind(token_hash)
+    .fetch_optional(pool)
     .await?;
-    tenant.ok_or_else(|| Problem::unauthorized("the session has ended; sign in again"))
+    Ok(row.map(key_info))
+}
+
+/// The live key with this hash, from the cache or PostgreSQL.
+async fn key_by_hash(state: &AppState, hash: &str) -> Result<Option<KeyInfo>, sqlx::Error> {
+    // `last_used_at` is written at most once a minute per key, and only on a cache miss.
+    let lookup = || async {
+        let row: Option<KeyRow> = sqlx::query_as(
+            "WITH key AS (SELECT id, tenant_id, role, last_used_at FROM api_keys
+                          WHERE key_hash = $1 AND revoked_at IS NULL),
+                  touched AS (UPDATE api_keys k SET last_used_at = now() FROM key
+                              WHERE k.id = key.id AND (key.last_used_at IS NULL
+                                    OR key.last_used_at < now() - interval '1 minute'))
+             SELECT id, tenant_id, role FROM key",
+        )
+        .bind(hash)
+        .fetch_optional(&state.pool)
+        .await?;
+        Ok(row.map(key_info))
+    };
+    state.key_cache.key(hash, lookup).await
 }
 
 /// Known keys for a short while, so a request costs no extra database round trip. A revoked
-/// key keeps working until its entry expires (at most [`KeyCache::TTL`]). Requests that miss at
+/// key is dropped when the revocation reaches this process ([`crate::revocation`]); the TTL is
+/// the backstop for a message lost on the way. The cache is only trusted while this process is
+/// subscribed to revocations: otherwise every request looks its key up. Requests that miss at
 /// the same time share one lookup: thousands of dashboards and CLIs reconnecting after an API
 /// restart cost one query per key, not one each. Unknown keys are not remembered.
 #[derive(Default)]
 pub struct KeyCache {
     entries: std::sync::Mutex<std::collections::HashMap<String, CacheEntry>>,
+    trusted: AtomicBool,
 }
 
 struct CacheEntry {
-    tenant: Arc<OnceCell<Option<Uuid>>>,
+    key: Arc<OnceCell<Option<KeyInfo>>>,
     since: Instant,
 }
 
@@ -126,56 +248,101 @@ impl KeyCache {
     pub const TTL: Duration = Duration::from_secs(30);
     const MAX: usize = 10_000;
 
-    /// The tenant of the key with this hash: cached, or from `lookup`, called only on a miss
-    /// and once for all the requests waiting on the same key (another one runs it if it fails).
-    pub async fn tenant<E, F: Future<Output = Result<Option<Uuid>, E>>>(
+    /// The live key with this hash: cached, or from `lookup`, called only on a miss and once
+    /// for all the requests waiting on the same key (another one runs it if it fails).
+    pub async fn key<E, F: Future<Output = Result<Option<KeyInfo>, E>>>(
         &self,
         hash: &str,
         lookup: impl FnOnce() -> F,
-    ) -> Result<Option<Uuid>, E> {
+    ) -> Result<Option<KeyInfo>, E> {
+        if !self.trusted.load(Ordering::Acquire) {
+            return lookup().await;
+        }
         let cell = {
-            let mut entries = self.entries.lock().expect("key cache lock");
+            let mut entries = self.entries();
             match entries.get(hash) {
-                Some(entry) if entry.since.elapsed() < Self::TTL => entry.tenant.clone(),
+                Some(entry) if entry.since.elapsed() < Self::TTL => entry.key.clone(),
                 _ => {
                     if entries.len() >= Self::MAX {
                         entries.retain(|_, entry| entry.since.elapsed() < Self::TTL);
                     }
-                    let tenant = Arc::new(OnceCell::new());
+                    let key = Arc::new(OnceCell::new());
                     let entry = CacheEntry {
-                        tenant: tenant.clone(),
+                        key: key.clone(),
                         since: Instant::now(),
                     };
                     entries.insert(hash.to_owned(), entry);
-                    tenant
+                    key
                 }
             }
         };
-        let tenant = *cell.get_or_try_init(lookup).await?;
-        if tenant.is_none() {
-            let mut entries = self.entries.lock().expect("key cache lock");
+        let key = *cell.get_or_try_init(lookup).await?;
+        if key.is_none() {
+            let mut entries = self.entries();
             if entries
                 .get(hash)
-                .is_some_and(|entry| Arc::ptr_eq(&entry.tenant, &cell))
+                .is_some_and(|entry| Arc::ptr_eq(&entry.key, &cell))
             {
                 entries.remove(hash);
             }
         }
-        Ok(tenant)
+        Ok(key)
+    }
+
+    /// Drops the key with this id, and every lookup still running: one may have read the key
+    /// before it was revoked. (Those requests still get their answer; it is just not kept.)
+    pub fn forget(&self, id: Uuid) {
+        self.entries().retain(|_, entry| {
+            entry
+                .key
+                .get()
+                .is_some_and(|key| key.is_some_and(|key| key.id != id))
+        });
+    }
+
+    pub fn clear(&self) {
+        self.entries().clear();
+    }
+
+    /// Whether revocations reach this process, so that cached keys may be trusted. Either way
+    /// the cache starts empty: what it held may have been revoked meanwhile. Returns whether
+    /// it was trusted before.
+    pub fn set_trusted(&self, trusted: bool) -> bool {
+        let was = self.trusted.swap(trusted, Ordering::AcqRel);
+        self.clear();
+        was
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CacheEntry>> {
+        self.entries.lock().expect("key cache lock")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
+
+    fn key() -> KeyInfo {
+        KeyInfo {
+            id: Uuid::now_v7(),
+            tenant: Uuid::now_v7(),
+            role: Role::Member,
+        }
+    }
+
+    fn trusted() -> Arc<KeyCache> {
+        let cache = Arc::new(KeyCache::default());
+        cache.set_trusted(true);
+        cache
+    }
 
     #[tokio::test]
     async fn requests_missing_together_share_one_lookup_and_unknown_keys_are_not_kept() {
-        let cache = Arc::new(KeyCache::default());
+        let cache = trusted();
         let lookups = Arc::new(AtomicUsize::new(0));
-        let tenant = Uuid::now_v7();
-        let lookup = |found: Option<Uuid>| {
+        let known = key();
+        let lookup = |found: Option<KeyInfo>| {
             let lookups = lookups.clone();
             async move {
                 lookups.fetch_add(1, Ordering::SeqCst);
@@ -185,32 +352,73 @@ mod tests {
         };
         let waiting: Vec<_> = (0..50)
             .map(|_| {
-                let (cache, lookup) = (cache.clone(), lookup(Some(tenant)));
-                tokio::spawn(async move { cache.tenant("known", || lookup).await })
+                let (cache, lookup) = (cache.clone(), lookup(Some(known)));
+                tokio::spawn(async move { cache.key("known", || lookup).await })
             })
             .collect();
         for request in waiting {
-            assert_eq!(request.await.unwrap(), Ok(Some(tenant)));
+            assert_eq!(request.await.unwrap(), Ok(Some(known)));
         }
         assert_eq!(lookups.load(Ordering::SeqCst), 1);
-        assert_eq!(
-            cache.tenant("known", || lookup(None)).await,
-            Ok(Some(tenant))
-        );
+        assert_eq!(cache.key("known", || lookup(None)).await, Ok(Some(known)));
         assert_eq!(lookups.load(Ordering::SeqCst), 1, "a known key is cached");
 
         // A failed lookup is not cached: the next request looks again.
-        let failing = async { Err::<Option<Uuid>, ()>(()) };
-        assert_eq!(cache.tenant("flaky", || failing).await, Err(()));
+        let failing = async { Err::<Option<KeyInfo>, ()>(()) };
+        assert_eq!(cache.key("flaky", || failing).await, Err(()));
         assert_eq!(
-            cache.tenant("flaky", || lookup(Some(tenant))).await,
-            Ok(Some(tenant))
+            cache.key("flaky", || lookup(Some(known))).await,
+            Ok(Some(known))
         );
         // Neither is an unknown key: a key created a moment later works at once.
-        assert_eq!(cache.tenant("new", || lookup(None)).await, Ok(None));
+        assert_eq!(cache.key("new", || lookup(None)).await, Ok(None));
         assert_eq!(
-            cache.tenant("new", || lookup(Some(tenant))).await,
-            Ok(Some(tenant))
+            cache.key("new", || lookup(Some(known))).await,
+            Ok(Some(known))
         );
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_key_is_looked_up_again_and_an_untrusted_cache_keeps_nothing() {
+        let cache = trusted();
+        let (revoked, other) = (key(), key());
+        let found = |key: Option<KeyInfo>| move || async move { Ok::<_, ()>(key) };
+        assert_eq!(
+            cache.key("a", found(Some(revoked))).await,
+            Ok(Some(revoked))
+        );
+        assert_eq!(cache.key("b", found(Some(other))).await, Ok(Some(other)));
+        cache.forget(revoked.id);
+        assert_eq!(cache.key("a", found(None)).await, Ok(None));
+        assert_eq!(cache.key("b", found(None)).await, Ok(Some(other)), "kept");
+
+        // A lookup that began before the revocation answers its requests but is not kept.
+        let (started, finish) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let pending = {
+            let (cache, started, finish) = (cache.clone(), started.clone(), finish.clone());
+            tokio::spawn(async move {
+                cache
+                    .key("c", || async move {
+                        started.notify_one();
+                        finish.notified().await;
+                        Ok::<_, ()>(Some(revoked))
+                    })
+                    .await
+            })
+        };
+        started.notified().await;
+        cache.forget(revoked.id);
+        finish.notify_one();
+        assert_eq!(pending.await.unwrap(), Ok(Some(revoked)));
+        assert_eq!(cache.key("c", found(None)).await, Ok(None));
+
+        // Without a subscription every request looks its key up.
+        cache.set_trusted(false);
+        assert_eq!(cache.key("b", found(None)).await, Ok(None));
+        assert_eq!(cache.key("b", found(Some(other))).await, Ok(Some(other)));
+        assert_eq!(cache.key("b", found(None)).await, Ok(None));
     }
 }

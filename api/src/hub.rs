@@ -36,6 +36,8 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::revocation::Invalidation;
+
 /// How long one XREAD blocks before the feed checks whether anyone still listens.
 const BLOCK: Duration = Duration::from_secs(5);
 /// Entries per XREAD.
@@ -70,10 +72,12 @@ pub struct Frame {
     pub terminal: bool,
 }
 
-/// Entries read together, rendered once as SSE text for every subscriber.
+/// Entries read together, rendered once as SSE text for every subscriber; or, with no entries,
+/// word of a revocation, which wakes the subscribers to check their credentials.
 pub struct Batch {
     pub frames: Vec<Frame>,
     pub bytes: Bytes,
+    pub invalidation: Option<Invalidation>,
 }
 
 impl Batch {
@@ -102,6 +106,7 @@ impl Batch {
         Self {
             frames,
             bytes: Bytes::from(text),
+            invalidation: None,
         }
     }
 
@@ -205,6 +210,22 @@ impl Hub {
         Subscription {
             batches,
             ready: feed.ready.clone(),
+        }
+    }
+
+    /// Hands word of a revocation to every subscriber in this process, so that a stream opened
+    /// with a revoked key ends without a check on each of its polls.
+    pub fn invalidate(&self, invalidation: &Invalidation) {
+        let batch = Arc::new(Batch {
+            frames: Vec::new(),
+            bytes: Bytes::new(),
+            invalidation: Some(invalidation.clone()),
+        });
+        let feeds = self.feeds.lock().expect("hub lock");
+        for feed in feeds.values() {
+            for tx in std::iter::once(&feed.all).chain(feed.jobs.values()) {
+                let _ = tx.send(batch.clone());
+            }
         }
     }
 

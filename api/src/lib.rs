@@ -7,6 +7,7 @@ mod files;
 mod hub;
 pub mod keys;
 mod openapi;
+pub mod revocation;
 mod routes;
 mod state;
 

@@ -1,4 +1,9 @@
 use clap::{Parser, Subcommand};
+use conveyor_api::{
+    keys,
+    revocation::{self, Invalidation},
+};
+use uuid::Uuid;
 
 /// The Conveyor API server and its admin commands.
 #[derive(Parser)]
@@ -23,11 +28,29 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Create a key for a tenant (created if new); prints the key alone, once.
+    /// Create a key for a tenant (created if new); prints the key alone, once. A tenant's first
+    /// key is an admin key (it can manage the tenant's keys over HTTP); later ones are members
+    /// unless `--admin`.
     Create {
         #[arg(long)]
         tenant: String,
+        /// Make an admin key.
+        #[arg(long)]
+        admin: bool,
+        /// A label shown in lists.
+        #[arg(long)]
+        name: Option<String>,
     },
+    /// List a tenant's keys, revoked ones too (never the keys themselves).
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke a key: every API process refuses it within a second (its open streams end).
+    Revoke { id: Uuid },
+    /// Replace a key: prints a new key with the same tenant, role and name, once, and revokes
+    /// the old one at once.
+    Rotate { id: Uuid },
 }
 
 #[tokio::main]
@@ -47,14 +70,74 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("migrations applied");
             provision(&pool, &settings).await?;
         }
-        Command::Keys {
-            command: KeysCommand::Create { tenant },
-        } => {
+        Command::Keys { command } => {
             let pool = shared::db::connect(&settings.database_url, 2).await?;
             shared::db::migrate(&pool).await?;
-            let (_, key) = conveyor_api::keys::create_key(&pool, &tenant).await?;
-            provision(&pool, &settings).await?;
-            println!("{key}");
+            keys_command(&settings, &pool, command).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn keys_command(
+    settings: &shared::Settings,
+    pool: &sqlx::PgPool,
+    command: KeysCommand,
+) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create {
+            tenant,
+            admin,
+            name,
+        } => {
+            let (_, created) =
+                keys::create_for_tenant(pool, &tenant, admin, name.as_deref()).await?;
+            provision(pool, settings).await?;
+            eprintln!(
+                "created {} key {}",
+                created.info.role.as_str(),
+                created.info.id
+            );
+            println!("{}", created.key);
+        }
+        KeysCommand::List { tenant } => {
+            let tenant_id = keys::tenant_id(pool, &tenant)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no tenant named {tenant:?}"))?;
+            let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map_or("-".to_owned(), |t| {
+                    t.format("%Y-%m-%d %H:%M:%S").to_string()
+                })
+            };
+            println!(
+                "{:<36}  {:<12}  {:<6}  {:<19}  {:<19}  {:<19}  name",
+                "id", "prefix", "role", "created", "last used", "revoked"
+            );
+            for key in keys::list(pool, tenant_id).await? {
+                println!(
+                    "{:<36}  {:<12}  {:<6}  {:<19}  {:<19}  {:<19}  {}",
+                    key.id,
+                    key.prefix.as_deref().unwrap_or("-"),
+                    key.role.as_str(),
+                    time(Some(key.created_at)),
+                    time(key.last_used_at),
+                    time(key.revoked_at),
+                    key.name.as_deref().unwrap_or("")
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            anyhow::ensure!(keys::revoke(pool, None, id).await?, "no key with id {id}");
+            announce_revoked(settings, id).await;
+            eprintln!("revoked {id}");
+        }
+        KeysCommand::Rotate { id } => {
+            let created = keys::rotate(pool, id)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no live key with id {id}"))?;
+            announce_revoked(settings, id).await;
+            eprintln!("revoked {id}; the new key is {}", created.info.id);
+            println!("{}", created.key);
         }
     }
     Ok(())
@@ -73,6 +156,22 @@ async fn provision(pool: &sqlx::PgPool, settings: &shared::Settings) -> anyhow::
         ),
     }
     Ok(())
+}
+
+/// Tells the running API processes; if Redis cannot be reached they stop trusting the key when
+/// their cache entry expires.
+async fn announce_revoked(settings: &shared::Settings, id: Uuid) {
+    let published = async {
+        let client = redis::Client::open(settings.redis_url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        revocation::publish(&mut conn, &settings.redis_prefix, &Invalidation::Key(id)).await
+    };
+    if let Err(e) = published.await {
+        eprintln!(
+            "warning: could not tell the API processes ({e}); they refuse the key within {} s",
+            conveyor_api::auth::KeyCache::TTL.as_secs()
+        );
+    }
 }
 
 async fn shutdown_signal() {

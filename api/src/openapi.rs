@@ -7,7 +7,7 @@ use utoipa::{
 };
 
 use crate::routes::{
-    collections, connections, datasets, events, jobs, ops, patches, queues, session,
+    collections, connections, datasets, events, jobs, keys, ops, patches, queues, session,
 };
 
 #[derive(OpenApi)]
@@ -20,7 +20,8 @@ use crate::routes::{
           collections::create, collections::list, collections::get_one, collections::delete,
           collections::search,
           ops::healthz, ops::readyz, ops::metrics,
-          queues::queues, queues::workers, session::sign_in, session::current, session::sign_out),
+          queues::queues, queues::workers, session::sign_in, session::current, session::sign_out,
+          keys::list, keys::create, keys::revoke),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
                         jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
@@ -38,7 +39,8 @@ use crate::routes::{
                         ::jobs::ingest::store::Collection, ::jobs::ingest::store::Hit,
                         ::jobs::ingest::store::SearchMode,
                         queues::QueueList, queues::QueueStats, queues::WorkerList, queues::WorkerInfo,
-                        session::SignIn, session::SessionInfo)),
+                        session::SignIn, session::SessionInfo, keys::NewKey, keys::KeyList,
+                        crate::keys::ApiKey, crate::keys::CreatedKey, crate::keys::Role)),
     modifiers(&BearerAuth),
     security(("api_key" = []), ("session" = []))
 )]

@@ -56,8 +56,17 @@ impl AppState {
             }
         }
         let stopping = tokio_util::sync::CancellationToken::new();
+        let hub = Arc::new(crate::hub::Hub::new(redis_client.clone(), stopping.clone()));
+        let key_cache = Arc::<crate::auth::KeyCache>::default();
+        tokio::spawn(crate::revocation::listen(
+            redis_client.clone(),
+            settings.redis_prefix.clone(),
+            key_cache.clone(),
+            hub.clone(),
+            stopping.clone(),
+        ));
         Ok(Self {
-            hub: Arc::new(crate::hub::Hub::new(redis_client.clone(), stopping.clone())),
+            hub,
             events: EventLog::new(
                 redis.clone(),
                 &settings.redis_prefix,
@@ -72,7 +81,7 @@ impl AppState {
             redis,
             redis_client,
             counters: Arc::default(),
-            key_cache: Arc::default(),
+            key_cache,
             stopping,
         })
     }

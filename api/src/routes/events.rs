@@ -23,8 +23,9 @@ use utoipa::IntoParams;
 use uuid::Uuid;
 
 use crate::{
-    auth::Tenant,
+    auth::Caller,
     hub::{last_id, Batch, EntryId, Subscription},
+    revocation::Invalidation,
     routes::jobs::parse_id,
     state::Counters,
     AppState,
@@ -97,6 +98,8 @@ enum Next {
     Frames { bytes: Bytes, terminal: bool },
     /// Nothing for a while.
     Quiet,
+    /// A key was revoked or a session ended, maybe the stream's.
+    Invalidated(Invalidation),
     /// The server is stopping.
     End,
 }
@@ -197,7 +200,10 @@ impl Follower {
                             _ => return Next::Quiet,
                         }
                     }
-                    Ok(Ok(batch)) => batch,
+                    Ok(Ok(batch)) => match &batch.invalidation {
+                        Some(invalidation) => return Next::Invalidated(invalidation.clone()),
+                        None => batch,
+                    },
                     // Fell behind the shared buffer: catch up from Redis.
                     Ok(Err(RecvError::Lagged(_))) => {
                         self.replaying = true;
@@ -213,6 +219,41 @@ impl Follower {
                 return Next::Frames { bytes, terminal };
             }
         }
+    }
+}
+
+/// How often an open stream checks that its key (or session) is still live, besides when word
+/// of a revocation comes: the backstop for a message lost on the way.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// Ends a stream whose key was revoked or whose session ended.
+struct CredentialCheck {
+    state: AppState,
+    caller: Caller,
+    recheck_at: Instant,
+}
+
+impl CredentialCheck {
+    fn new(state: &AppState, caller: Caller) -> Self {
+        Self {
+            state: state.clone(),
+            caller,
+            recheck_at: Instant::now() + RECHECK,
+        }
+    }
+
+    /// Whether the stream may go on, given what its follower had next.
+    async fn still_valid(&mut self, next: &Next) -> bool {
+        match next {
+            Next::Invalidated(invalidation) if self.caller.ended_by(invalidation) => return false,
+            Next::Invalidated(Invalidation::All) => {}
+            _ if Instant::now() < self.recheck_at => return true,
+            _ => {}
+        }
+        self.recheck_at = Instant::now() + RECHECK;
+        // A check that fails (the database unreachable) leaves the stream open: an outage must
+        // not cut off every dashboard at once; the next check decides.
+        self.caller.still_valid(&self.state).await.unwrap_or(true)
     }
 }
 
@@ -254,17 +295,18 @@ impl Drop for OpenStream {
               (status = 404, body = Problem)))]
 pub async fn job_events(
     State(state): State<AppState>,
-    tenant: Tenant,
+    caller: Caller,
     Path(id): Path<String>,
     Query(query): Query<Cursor>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = parse_id(&id)?;
-    let job = store::get_job(&state.pool, tenant.0, id)
+    let tenant = caller.key.tenant;
+    let job = store::get_job(&state.pool, tenant, id)
         .await?
         .ok_or_else(|| Problem::not_found("job"))?;
     let after = cursor(&headers, &query)?;
-    let key = state.events.keys().job(tenant.0, id);
+    let key = state.events.keys().job(tenant, id);
     let exists: bool = redis::cmd("EXISTS")
         .arg(&key)
         .query_async(&mut state.redis.clone())
@@ -280,27 +322,33 @@ pub async fn job_events(
     }
     let mut follower = Follower::start(
         &state,
-        tenant.0,
+        tenant,
         Some(id),
         Some(after.as_deref().unwrap_or("0")),
     )
     .await?;
     let pool = state.pool.clone();
+    let mut credential_check = CredentialCheck::new(&state, caller);
     let events = stream! {
         let _guard = guard;
         loop {
-            match follower.next().await {
+            let next = follower.next().await;
+            if !credential_check.still_valid(&next).await {
+                return;
+            }
+            match next {
                 Next::Frames { bytes, terminal } => {
                     yield bytes;
                     if terminal {
                         return;
                     }
                 }
+                Next::Invalidated(_) => {}
                 Next::End => return,
                 Next::Quiet => {
                     // If the row is final but its terminal event never came (the event store
                     // was down), end with the row's state.
-                    if let Ok(Some(job)) = store::get_job(&pool, tenant.0, id).await {
+                    if let Ok(Some(job)) = store::get_job(&pool, tenant, id).await {
                         let settled = chrono::Utc::now() - job.updated_at
                             > chrono::Duration::from_std(QUIET).unwrap_or_default();
                         if job.status().is_terminal() && settled {
@@ -320,20 +368,27 @@ pub async fn job_events(
     responses((status = 200, content_type = "text/event-stream", description = "every event of the tenant's jobs, live")))]
 pub async fn tenant_events(
     State(state): State<AppState>,
-    tenant: Tenant,
+    caller: Caller,
     Query(query): Query<Cursor>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let after = cursor(&headers, &query)?;
-    let key = state.events.keys().tenant(tenant.0);
+    let tenant = caller.key.tenant;
+    let key = state.events.keys().tenant(tenant);
     let guard = OpenStream::new(&state, &key);
-    let mut follower = Follower::start(&state, tenant.0, None, after.as_deref()).await?;
+    let mut follower = Follower::start(&state, tenant, None, after.as_deref()).await?;
+    let mut credential_check = CredentialCheck::new(&state, caller);
     let events = stream! {
         let _guard = guard;
         loop {
-            match follower.next().await {
+            let next = follower.next().await;
+            if !credential_check.still_valid(&next).await {
+                return;
+            }
+            match next {
                 Next::Frames { bytes, .. } => yield bytes,
                 Next::Quiet => yield Bytes::from_static(KEEP_ALIVE),
+                Next::Invalidated(_) => {}
                 Next::End => return,
             }
         }

@@ -12,6 +12,7 @@ pub(crate) mod dashboard;
 pub(crate) mod datasets;
 pub(crate) mod events;
 pub(crate) mod jobs;
+pub(crate) mod keys;
 pub(crate) mod ops;
 pub(crate) mod patches;
 pub(crate) mod queues;
@@ -53,6 +54,8 @@ pub fn router() -> Router<AppState> {
                 .get(session::current)
                 .delete(session::sign_out),
         )
+        .route("/v1/keys", get(keys::list).post(keys::create))
+        .route("/v1/keys/{id}", axum::routing::delete(keys::revoke))
         .route("/", get(dashboard::index))
         .route("/assets/{name}", get(dashboard::assets))
         .route("/v1/patches/preflight", post(patches::preflight))

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::{
     auth::{self, hash_key, Tenant, SESSION_COOKIE},
     extract::JsonBody,
+    revocation::{self, Invalidation},
     AppState,
 };
 
@@ -140,10 +141,13 @@ pub async fn sign_out(
 ) -> Result<Response, Problem> {
     auth::require_csrf_header(&headers)?;
     if let Some(token) = auth::session_cookie(&headers) {
+        let token_hash = hash_key(token);
         sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
-            .bind(hash_key(token))
+            .bind(&token_hash)
             .execute(&state.pool)
             .await?;
+        // The session's open event streams end, in every API process.
+        revocation::invalidate(&state, Invalidation::Session(token_hash)).await;
     }
     Ok((
         StatusCode::NO_CONTENT,

@@ -76,19 +76,19 @@ async fn sigterm_lets_the_running_job_finish() {
 }
 
 /// A private Redis on its own port, so restarting it disturbs no other test.
-struct PrivateRedis {
+pub(crate) struct PrivateRedis {
     port: u16,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
-    fn start(port: u16) -> Self {
+    pub(crate) fn start(port: u16) -> Self {
         let mut redis = Self { port, child: None };
         redis.launch();
         redis
     }
 
-    fn launch(&mut self) {
+    pub(crate) fn launch(&mut self) {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -111,7 +111,7 @@ impl PrivateRedis {
         }
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -125,7 +125,7 @@ impl Drop for PrivateRedis {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -10,6 +10,7 @@ mod dashboard;
 mod faults;
 mod import;
 mod ingest;
+mod keys;
 mod lifecycle;
 mod objects;
 mod patch;

@@ -1,0 +1,81 @@
+//! A tenant's API keys, managed with an admin key: list, create, revoke. A key never sees or
+//! touches another tenant's keys: their ids are as unknown as ids that do not exist.
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use shared::{FieldError, Problem};
+use utoipa::ToSchema;
+
+use crate::{
+    auth::Admin,
+    extract::JsonBody,
+    keys::{self, ApiKey, CreatedKey, Role},
+    revocation::{self, Invalidation},
+    AppState,
+};
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    /// `member` unless given.
+    pub role: Option<Role>,
+    /// A label, 1-100 characters.
+    pub name: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct KeyList {
+    /// Oldest first, revoked ones too.
+    pub keys: Vec<ApiKey>,
+}
+
+#[utoipa::path(get, path = "/v1/keys", tag = "keys",
+    responses((status = 200, body = KeyList), (status = 401, body = Problem),
+              (status = 403, body = Problem, description = "not an admin key")))]
+pub async fn list(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+) -> Result<Json<KeyList>, Problem> {
+    let keys = keys::list(&state.pool, caller.key.tenant).await?;
+    Ok(Json(KeyList { keys }))
+}
+
+#[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = NewKey,
+    responses((status = 201, body = CreatedKey, description = "the key, shown this once"),
+              (status = 401, body = Problem), (status = 403, body = Problem, description = "not an admin key"),
+              (status = 422, body = Problem)))]
+pub async fn create(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    JsonBody(body): JsonBody<NewKey>,
+) -> Result<(StatusCode, Json<CreatedKey>), Problem> {
+    let name = keys::valid_name(body.name.as_deref())
+        .map_err(|e| Problem::validation(vec![FieldError::new("name", e)]))?;
+    let role = body.role.unwrap_or(Role::Member);
+    let created = keys::create(&state.pool, caller.key.tenant, role, name.as_deref()).await?;
+    tracing::info!(key = %created.info.id, by = %caller.key.id, role = role.as_str(), "API key created");
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys", params(("id" = uuid::Uuid, Path)),
+    responses((status = 204, description = "revoked (or already revoked); every API process refuses it within a second"),
+              (status = 401, body = Problem), (status = 403, body = Problem, description = "not an admin key"),
+              (status = 404, body = Problem)))]
+pub async fn revoke(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    // A malformed id names no key: answered as an unknown one.
+    let id: uuid::Uuid = id.parse().map_err(|_| Problem::not_found("key"))?;
+    if !keys::revoke(&state.pool, Some(caller.key.tenant), id).await? {
+        return Err(Problem::not_found("key"));
+    }
+    tracing::info!(key = %id, by = %caller.key.id, "API key revoked");
+    revocation::invalidate(&state, Invalidation::Key(id)).await;
+    Ok(StatusCode::NO_CONTENT)
+}
