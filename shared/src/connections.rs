@@ -1,16 +1,34 @@
 //! Target databases that imports and patches write to. A tenant registers a connection URL; it
-//! is stored encrypted (AES-256-GCM under `CONVEYOR_SECRET_KEY`) and never returned. Jobs
-//! that name no connection use `CONVEYOR_TARGET_DATABASE_URL`.
+//! is checked (see [`target`]), stored encrypted (AES-256-GCM under `CONVEYOR_SECRET_KEY`,
+//! bound to its tenant and id) and never returned. Jobs that name no connection use
+//! `CONVEYOR_TARGET_DATABASE_URL`.
 
-use aes_gcm::{aead::Aead, Aes256Gcm, KeyInit};
+pub mod address;
+pub mod target;
+
+pub use address::AllowList;
+pub use target::{Guard, Refusal, TargetUrl};
+
+use aes_gcm::{
+    aead::{Aead, Payload},
+    Aes256Gcm, KeyInit,
+};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{postgres::PgConnectOptions, PgPool};
-use std::{collections::HashMap, str::FromStr, sync::Mutex};
+use std::{
+    collections::{HashMap, HashSet},
+    str::FromStr,
+    sync::{Arc, Mutex},
+};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 const NONCE_LEN: usize = 12;
+
+/// The first byte of every sealed value: the format (and key) it was sealed with. Version 1:
+/// nonce, then ciphertext, with the tenant and connection ids as associated data.
+const SEALED_V1: u8 = 1;
 
 /// Encrypts and decrypts connection URLs.
 #[derive(Clone)]
@@ -26,27 +44,53 @@ impl Cipher {
         Ok(Self(cipher))
     }
 
-    pub fn encrypt(&self, plain: &str) -> Vec<u8> {
+    /// Seals `plain` for one tenant's connection: copied into another row, it does not open.
+    pub fn encrypt(&self, plain: &str, tenant: Uuid, connection: Uuid) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = rand::random();
-        let mut sealed = nonce.to_vec();
+        let aad = associated_data(tenant, connection);
+        let mut sealed = vec![SEALED_V1];
+        sealed.extend(nonce);
         sealed.extend(
             self.0
-                .encrypt(&nonce.into(), plain.as_bytes())
+                .encrypt(
+                    &nonce.into(),
+                    Payload {
+                        msg: plain.as_bytes(),
+                        aad: &aad,
+                    },
+                )
                 .expect("AES-GCM encryption cannot fail for in-memory input"),
         );
         sealed
     }
 
-    pub fn decrypt(&self, sealed: &[u8]) -> anyhow::Result<String> {
-        anyhow::ensure!(sealed.len() > NONCE_LEN, "sealed value too short");
-        let (nonce, body) = sealed.split_at(NONCE_LEN);
+    pub fn decrypt(&self, sealed: &[u8], tenant: Uuid, connection: Uuid) -> anyhow::Result<String> {
+        let Some((&SEALED_V1, rest)) = sealed.split_first() else {
+            // Rows sealed before version 1 carried no tenant binding: they stay closed.
+            anyhow::bail!("sealed in an old format: register the connection again");
+        };
+        anyhow::ensure!(rest.len() > NONCE_LEN, "sealed value too short");
+        let (nonce, body) = rest.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at NONCE_LEN");
+        let aad = associated_data(tenant, connection);
         let plain = self
             .0
-            .decrypt(&nonce.into(), body)
-            .map_err(|_| anyhow::anyhow!("cannot decrypt: wrong CONVEYOR_SECRET_KEY?"))?;
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: body,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| {
+                anyhow::anyhow!("cannot decrypt: wrong CONVEYOR_SECRET_KEY, or another row's value")
+            })?;
         Ok(String::from_utf8(plain)?)
     }
+}
+
+fn associated_data(tenant: Uuid, connection: Uuid) -> Vec<u8> {
+    [tenant.as_bytes().as_slice(), connection.as_bytes()].concat()
 }
 
 #[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
@@ -58,20 +102,6 @@ pub struct Connection {
     pub created_at: DateTime<Utc>,
 }
 
-/// `host:port/database` of a PostgreSQL URL, or why it is not one.
-pub fn describe(url: &str) -> Result<String, String> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err("must be a postgres:// URL".into());
-    }
-    let options = PgConnectOptions::from_str(url).map_err(|e| e.to_string())?;
-    Ok(format!(
-        "{}:{}/{}",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("")
-    ))
-}
-
 pub async fn create(
     pool: &PgPool,
     cipher: &Cipher,
@@ -80,16 +110,17 @@ pub async fn create(
     url: &str,
     display: &str,
 ) -> sqlx::Result<Option<Connection>> {
+    let id = Uuid::now_v7();
     sqlx::query_as(
         "INSERT INTO connections (id, tenant_id, name, url_encrypted, display)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (tenant_id, name) DO NOTHING
          RETURNING id, name, display, created_at",
     )
-    .bind(Uuid::now_v7())
+    .bind(id)
     .bind(tenant)
     .bind(name)
-    .bind(cipher.encrypt(url))
+    .bind(cipher.encrypt(url, tenant, id))
     .bind(display)
     .fetch_optional(pool)
     .await
@@ -113,11 +144,13 @@ pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool>
     Ok(deleted.rows_affected() == 1)
 }
 
-/// Resolves target databases to pools, one pool per URL for the life of the process.
+/// Resolves target databases to pools, one pool per database (and, for a tenant's
+/// connection, per checked address) for the life of the process.
 pub struct Targets {
     control: PgPool,
     default_url: String,
     cipher: Option<Cipher>,
+    guard: Arc<Guard>,
     pools: Mutex<HashMap<String, PgPool>>,
 }
 
@@ -133,6 +166,7 @@ pub enum TargetError {
 impl Targets {
     pub fn new(control: PgPool, settings: &crate::Settings) -> anyhow::Result<Self> {
         Ok(Self {
+            guard: Arc::new(Guard::new(control.clone(), settings)?),
             control,
             default_url: settings.target_database_url.clone(),
             cipher: settings
@@ -148,11 +182,13 @@ impl Targets {
         self.cipher.as_ref()
     }
 
-    /// The URL of the tenant's connection, or the default target.
-    pub async fn url(&self, tenant: Uuid, connection: Option<Uuid>) -> Result<String, TargetError> {
-        let Some(id) = connection else {
-            return Ok(self.default_url.clone());
-        };
+    /// The checks of a new connection URL (the API's, before it stores one).
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// The URL of the tenant's connection.
+    async fn connection_url(&self, tenant: Uuid, id: Uuid) -> Result<String, TargetError> {
         let sealed: Option<Vec<u8>> = sqlx::query_scalar(
             "SELECT url_encrypted FROM connections WHERE tenant_id = $1 AND id = $2",
         )
@@ -166,25 +202,32 @@ impl Targets {
             .cipher
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("CONVEYOR_SECRET_KEY is not set"))?;
-        Ok(cipher.decrypt(&sealed)?)
+        cipher.decrypt(&sealed, tenant, id).map_err(|e| {
+            tracing::error!(connection = %id, error = %e, "connection credentials do not open");
+            TargetError::Other(anyhow::anyhow!("connection {id} cannot be read: {e}"))
+        })
     }
 
     /// Pools on every target database: the default one and each registered connection, once
-    /// per URL. For maintenance sweeps; a connection that cannot be read is skipped.
+    /// each. For maintenance sweeps; a connection that cannot be read or is refused is skipped.
     pub async fn all(&self) -> anyhow::Result<Vec<PgPool>> {
         let registered: Vec<(Uuid, Uuid)> =
             sqlx::query_as("SELECT tenant_id, id FROM connections ORDER BY created_at")
                 .fetch_all(&self.control)
                 .await?;
-        let mut urls = vec![self.default_url.clone()];
+        let mut keys = HashSet::new();
+        let mut pools = vec![self.default_pool()?];
         for (tenant, id) in registered {
-            match self.url(tenant, Some(id)).await {
-                Ok(url) if !urls.contains(&url) => urls.push(url),
-                Ok(_) => {}
+            match self.connection_pool(tenant, id).await {
+                Ok((key, pool)) => {
+                    if keys.insert(key) {
+                        pools.push(pool);
+                    }
+                }
                 Err(e) => tracing::warn!(connection = %id, error = %e, "connection skipped"),
             }
         }
-        urls.into_iter().map(|url| self.pool_for(url)).collect()
+        Ok(pools)
     }
 
     /// A pool on the tenant's connection (or the default target), created lazily.
@@ -193,28 +236,96 @@ impl Targets {
         tenant: Uuid,
         connection: Option<Uuid>,
     ) -> Result<PgPool, TargetError> {
-        let url = self.url(tenant, connection).await?;
-        Ok(self.pool_for(url)?)
+        match connection {
+            None => Ok(self.default_pool()?),
+            Some(id) => Ok(self.connection_pool(tenant, id).await?.1),
+        }
     }
 
-    fn pool_for(&self, url: String) -> anyhow::Result<PgPool> {
-        if let Some(pool) = self.pools.lock().expect("targets lock").get(&url) {
+    fn default_pool(&self) -> anyhow::Result<PgPool> {
+        // The operator's URL, read as sqlx reads it (environment and passfile included).
+        self.pool_for(self.default_url.clone(), || {
+            let options = PgConnectOptions::from_str(&self.default_url)
+                .map_err(|e| anyhow::anyhow!("bad CONVEYOR_TARGET_DATABASE_URL: {e}"))?
+                // UTC sessions: timestamps without a zone are read the same on every server.
+                .options([("TimeZone", "UTC")]);
+            Ok(pool_options().connect_lazy_with(options))
+        })
+    }
+
+    /// A tenant's connection, checked again as it is resolved now (a host whose address
+    /// changed to a refused one since it was registered is refused), pinned to the checked
+    /// address, and every session it opens checked as the API checked it.
+    async fn connection_pool(
+        &self,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> Result<(String, PgPool), TargetError> {
+        let raw = self.connection_url(tenant, id).await?;
+        let refused = |e: Refusal| {
+            if let Refusal::Unreachable(detail) = &e {
+                tracing::warn!(connection = %id, detail, "connection unreachable");
+            }
+            TargetError::Other(anyhow::anyhow!("connection {id}: {e}"))
+        };
+        let url = TargetUrl::parse(&raw).map_err(|why| refused(Refusal::Invalid(why)))?;
+        let checked = self.guard.check(&url).await.map_err(refused)?;
+        let options = checked.connect_options().map_err(refused)?;
+        let key = format!("{raw}@{}", checked.ip());
+        let guard = self.guard.clone();
+        let pool = self.pool_for(key.clone(), move || {
+            Ok(pool_options()
+                .after_connect(move |conn, _| {
+                    let guard = guard.clone();
+                    Box::pin(async move {
+                        guard
+                            .verify_session(conn)
+                            .await
+                            .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))
+                    })
+                })
+                .connect_lazy_with(options))
+        })?;
+        Ok((key, pool))
+    }
+
+    fn pool_for(
+        &self,
+        key: String,
+        create: impl FnOnce() -> anyhow::Result<PgPool>,
+    ) -> anyhow::Result<PgPool> {
+        let mut pools = self.pools.lock().expect("targets lock");
+        if let Some(pool) = pools.get(&key) {
             return Ok(pool.clone());
         }
-        // UTC sessions: timestamps without a zone are read the same on every server.
-        let options = PgConnectOptions::from_str(&url)
-            .map_err(|e| anyhow::anyhow!("bad connection URL: {e}"))?
-            .options([("TimeZone", "UTC")]);
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_lazy_with(options);
-        Ok(self
-            .pools
-            .lock()
-            .expect("targets lock")
-            .entry(url)
-            .or_insert(pool)
-            .clone())
+        let pool = create()?;
+        Ok(pools.entry(key).or_insert(pool).clone())
+    }
+}
+
+fn pool_options() -> sqlx::postgres::PgPoolOptions {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_url_opens_only_in_its_own_row() {
+        let cipher = Cipher::from_hex(&"ab".repeat(32)).unwrap();
+        let (tenant, other_tenant, id) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let sealed = cipher.encrypt("postgres://ann:secret@db/x", tenant, id);
+        assert_eq!(sealed[0], SEALED_V1);
+        assert_eq!(
+            cipher.decrypt(&sealed, tenant, id).unwrap(),
+            "postgres://ann:secret@db/x"
+        );
+        assert!(cipher.decrypt(&sealed, other_tenant, id).is_err());
+        assert!(cipher.decrypt(&sealed, tenant, Uuid::now_v7()).is_err());
+        // The old format (nonce first, no binding) fails closed.
+        assert!(cipher.decrypt(&sealed[1..], tenant, id).is_err());
     }
 }

@@ -1,6 +1,6 @@
 //! Configuration from `CONVEYOR_*` environment variables (12-factor).
 
-use crate::objects::BucketConfig;
+use crate::{connections::AllowList, objects::BucketConfig};
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -47,6 +47,10 @@ pub struct Settings {
     /// `CONVEYOR_SECRET_KEY`: 64 hex digits (32 bytes) that encrypt connection credentials at
     /// rest. Without it, connections cannot be registered.
     pub secret_key: Option<String>,
+    /// `CONVEYOR_CONNECTION_ALLOW`: comma-separated hosts and networks (`db.internal`,
+    /// `10.1.0.0/16`) that tenants' connections may reach although they are internal
+    /// (loopback, private, link-local). Empty: public addresses only.
+    pub connection_allow: AllowList,
     /// `CONVEYOR_DATASET_LIMIT`: largest upload in bytes.
     pub dataset_limit: u64,
     /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
@@ -88,6 +92,9 @@ impl Settings {
                 "postgres://postgres@127.0.0.1:5432/conveyor_target",
             ),
             secret_key: std::env::var("CONVEYOR_SECRET_KEY").ok(),
+            connection_allow: var("CONNECTION_ALLOW", "")
+                .parse()
+                .map_err(|e| anyhow::anyhow!("CONVEYOR_CONNECTION_ALLOW is invalid: {e}"))?,
             dataset_limit: parse("DATASET_LIMIT", "10737418240")?,
             snapshot_retention: Duration::from_secs(
                 parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
@@ -106,6 +113,8 @@ impl Settings {
             secret_key: Some(
                 "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into(),
             ),
+            // The tests' databases are all on loopback.
+            connection_allow: "127.0.0.0/8, ::1".parse().expect("literal allow list"),
             dataset_limit: 4 << 30,
             snapshot_retention: Duration::from_secs(168 * 3600),
             // Where `scripts/model` installs it in this checkout, whatever the test's directory.

@@ -104,6 +104,33 @@ impl TestApp {
         &self.settings.target_database_url
     }
 
+    /// A database of its own owned by an unprivileged role: what a tenant's connection reaches.
+    pub async fn warehouse(&self) -> Warehouse {
+        let name = format!("{}_wh{}", self.db_name, rand_suffix());
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&self.admin_url)
+            .await
+            .expect("connect to the admin database");
+        for statement in [
+            format!("CREATE ROLE {name} LOGIN"),
+            format!("CREATE DATABASE {name} OWNER {name}"),
+        ] {
+            sqlx::query(&statement)
+                .execute(&mut admin)
+                .await
+                .expect("create the warehouse");
+        }
+        let mut url = reqwest::Url::parse(&self.admin_url).expect("admin URL");
+        url.set_path(&name);
+        let superuser_url = url.to_string();
+        url.set_username(&name).expect("URL with a user");
+        Warehouse {
+            url: url.to_string(),
+            superuser_url,
+            name,
+            admin_url: self.admin_url.clone(),
+        }
+    }
+
     /// Stores `bytes` as a dataset of the test's first tenant; returns its id.
     pub async fn upload_dataset(&self, name: &str, bytes: &[u8]) -> Uuid {
         let response = self
@@ -301,6 +328,37 @@ impl Drop for TestApp {
             }
         }
     }
+}
+
+/// A database and its owner, dropped with the value.
+pub struct Warehouse {
+    /// As its unprivileged owner.
+    pub url: String,
+    /// The same database as the admin URL's superuser.
+    pub superuser_url: String,
+    pub name: String,
+    admin_url: String,
+}
+
+impl Drop for Warehouse {
+    fn drop(&mut self) {
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            format!("DROP ROLE IF EXISTS {}", self.name),
+        ] {
+            let _ = Command::new("psql")
+                .arg(&self.admin_url)
+                .arg("-qc")
+                .arg(statement)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    Uuid::new_v4().simple().to_string()[..6].to_owned()
 }
 
 /// A binary of the workspace, next to the test executable's directory.

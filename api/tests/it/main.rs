@@ -5,6 +5,7 @@ mod harness;
 
 mod browser;
 mod cli;
+mod connection_attacks;
 mod dashboard;
 mod faults;
 mod import;
