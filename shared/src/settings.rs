@@ -1,14 +1,15 @@
 //! Configuration from `CONVEYOR_*` environment variables (12-factor).
 
-use crate::{connections::AllowList, objects::BucketConfig};
+use crate::{connections::AllowList, db::redact, objects::BucketConfig};
 use std::{
+    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 /// Everything the binaries read from the environment. Tests build it directly.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     /// `CONVEYOR_DATABASE_URL`: the control-plane PostgreSQL.
     pub database_url: String,
@@ -58,6 +59,56 @@ pub struct Settings {
     pub snapshot_retention: Duration,
     /// `CONVEYOR_MODEL_DIR`: the embedding model's files (`scripts/model` installs them).
     pub model_dir: PathBuf,
+}
+
+impl fmt::Debug for Settings {
+    /// Without the secret key and the URLs' passwords.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so a new field is a compile error here until someone decides whether
+        // it is secret.
+        let Self {
+            database_url,
+            redis_url,
+            redis_prefix,
+            listen,
+            data_dir,
+            object_store,
+            body_limit,
+            heartbeat,
+            rescue_after,
+            events_ttl,
+            tenant_stream_maxlen,
+            shutdown_grace,
+            retry_base,
+            target_database_url,
+            secret_key,
+            connection_allow,
+            dataset_limit,
+            snapshot_retention,
+            model_dir,
+        } = self;
+        f.debug_struct("Settings")
+            .field("database_url", &redact(database_url))
+            .field("redis_url", &redact(redis_url))
+            .field("redis_prefix", redis_prefix)
+            .field("listen", listen)
+            .field("data_dir", data_dir)
+            .field("object_store", object_store)
+            .field("body_limit", body_limit)
+            .field("heartbeat", heartbeat)
+            .field("rescue_after", rescue_after)
+            .field("events_ttl", events_ttl)
+            .field("tenant_stream_maxlen", tenant_stream_maxlen)
+            .field("shutdown_grace", shutdown_grace)
+            .field("retry_base", retry_base)
+            .field("target_database_url", &redact(target_database_url))
+            .field("secret_key", &secret_key.as_ref().map(|_| "***"))
+            .field("connection_allow", connection_allow)
+            .field("dataset_limit", dataset_limit)
+            .field("snapshot_retention", snapshot_retention)
+            .field("model_dir", model_dir)
+            .finish()
+    }
 }
 
 impl Settings {
@@ -150,4 +201,25 @@ where
     let raw = var(name, default);
     raw.parse()
         .map_err(|e| anyhow::anyhow!("CONVEYOR_{name}={raw:?} is invalid: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let mut settings = Settings::for_test(
+            "postgres://conveyor:db-secret@127.0.0.1/conveyor".into(),
+            "test".into(),
+        );
+        settings.redis_url = "redis://:redis-secret@127.0.0.1:6379".into();
+        settings.target_database_url = "postgres://t@db/x?password=target-secret".into();
+        let shown = format!("{settings:?}");
+        let key = settings.secret_key.clone().unwrap();
+        for secret in ["db-secret", "redis-secret", "target-secret", key.as_str()] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("postgres://conveyor:***@127.0.0.1/conveyor"));
+    }
 }
