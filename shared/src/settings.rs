@@ -52,6 +52,9 @@ pub struct Settings {
     /// `10.1.0.0/16`) that tenants' connections may reach although they are internal
     /// (loopback, private, link-local). Empty: public addresses only.
     pub connection_allow: AllowList,
+    /// `CONVEYOR_METRICS_TOKEN`: the bearer token `/metrics` asks for (its counts are
+    /// platform-wide). Without it, `/metrics` is off.
+    pub metrics_token: Option<String>,
     /// `CONVEYOR_DATASET_LIMIT`: largest upload in bytes.
     pub dataset_limit: u64,
     /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
@@ -83,6 +86,7 @@ impl fmt::Debug for Settings {
             target_database_url,
             secret_key,
             connection_allow,
+            metrics_token,
             dataset_limit,
             snapshot_retention,
             model_dir,
@@ -104,6 +108,7 @@ impl fmt::Debug for Settings {
             .field("target_database_url", &redact(target_database_url))
             .field("secret_key", &secret_key.as_ref().map(|_| "***"))
             .field("connection_allow", connection_allow)
+            .field("metrics_token", &metrics_token.as_ref().map(|_| "***"))
             .field("dataset_limit", dataset_limit)
             .field("snapshot_retention", snapshot_retention)
             .field("model_dir", model_dir)
@@ -146,6 +151,9 @@ impl Settings {
             connection_allow: var("CONNECTION_ALLOW", "")
                 .parse()
                 .map_err(|e| anyhow::anyhow!("CONVEYOR_CONNECTION_ALLOW is invalid: {e}"))?,
+            metrics_token: std::env::var("CONVEYOR_METRICS_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
             dataset_limit: parse("DATASET_LIMIT", "10737418240")?,
             snapshot_retention: Duration::from_secs(
                 parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
@@ -166,6 +174,7 @@ impl Settings {
             ),
             // The tests' databases are all on loopback.
             connection_allow: "127.0.0.0/8, ::1".parse().expect("literal allow list"),
+            metrics_token: Some("test-metrics-token".into()),
             dataset_limit: 4 << 30,
             snapshot_retention: Duration::from_secs(168 * 3600),
             // Where `scripts/model` installs it in this checkout, whatever the test's directory.
@@ -217,7 +226,8 @@ mod tests {
         settings.target_database_url = "postgres://t@db/x?password=target-secret".into();
         let shown = format!("{settings:?}");
         let key = settings.secret_key.clone().unwrap();
-        for secret in ["db-secret", "redis-secret", "target-secret", key.as_str()] {
+        let token = settings.metrics_token.clone().unwrap();
+        for secret in ["db-secret", "redis-secret", "target-secret", &key, &token] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
         assert!(shown.contains("postgres://conveyor:***@127.0.0.1/conveyor"));

@@ -237,11 +237,17 @@ impl TestApp {
         (status, response.bytes().await.unwrap().to_vec())
     }
 
-    /// The `/metrics` page.
+    /// The `/metrics` page, asked for with the metrics token.
     pub async fn metrics(&self) -> String {
-        let (status, bytes) = self.get_bytes("/metrics").await;
-        assert_eq!(status, StatusCode::OK);
-        String::from_utf8(bytes).unwrap()
+        let response = self
+            .client
+            .get(self.url("/metrics"))
+            .bearer_auth(self.settings.metrics_token.as_deref().unwrap_or_default())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.text().await.unwrap()
     }
 
     pub async fn delete(&self, path: &str) -> StatusCode {
