@@ -16,3 +16,4 @@ mod patch;
 mod requests;
 mod sse;
 mod synthesis;
+mod upload_attacks;
