@@ -30,6 +30,8 @@ pub fn serve(stored: Option<(u64, ObjectStream)>, file_name: &str) -> Result<Res
                 header::CONTENT_DISPOSITION,
                 format!("attachment; filename=\"{safe_name}\""),
             ),
+            // A tenant's file is never run as a page or a script, whatever its bytes look like.
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
         ],
         body,
     )

@@ -18,12 +18,16 @@ use shared::Settings;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 pub fn router(state: AppState) -> Router {
     let limit = state.settings.body_limit;
     routes::router()
         .layer(DefaultBodyLimit::max(limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+        // Every response names its request, so a client's report finds the server's log line.
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         // The streams stay outside the trace layer: it wraps each response body and reads the
         // clock twice per chunk, and thousands of subscribers take tens of chunks a second each
         // (5 % of the API's CPU at 2,000 subscribers). Their handlers log opening and closing.

@@ -191,9 +191,16 @@ mod preflight_tests {
         );
         assert_eq!(first.unwrap_err().status, 503);
         assert_eq!(second.unwrap_err().status, 503);
-        assert_eq!(third.unwrap_err().status, 429, "no room while two are in flight");
+        assert_eq!(
+            third.unwrap_err().status,
+            429,
+            "no room while two are in flight"
+        );
         assert!(others.is_ok(), "another tenant has room of its own");
-        assert!(preflights.run(tenant, quick()).await.is_ok(), "room again once they ended");
+        assert!(
+            preflights.run(tenant, quick()).await.is_ok(),
+            "room again once they ended"
+        );
     }
 }
 

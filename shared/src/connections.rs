@@ -1,16 +1,35 @@
 //! Target databases that imports and patches write to. A tenant registers a connection URL; it
-//! is stored encrypted (AES-256-GCM under `CONVEYOR_SECRET_KEY`) and never returned. Jobs
-//! that name no connection use `CONVEYOR_TARGET_DATABASE_URL`.
+//! is checked (see [`target`]), stored encrypted (AES-256-GCM under `CONVEYOR_SECRET_KEY`,
+//! bound to its tenant and id) and never returned. Jobs that name no connection use
+//! `CONVEYOR_TARGET_DATABASE_URL`.
 
-use aes_gcm::{aead::Aead, Aes256Gcm, KeyInit};
+pub mod address;
+pub mod target;
+
+pub use address::AllowList;
+pub use target::{Guard, Refusal, TargetUrl};
+
+use aes_gcm::{
+    aead::{Aead, Payload},
+    Aes256Gcm, KeyInit,
+};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{postgres::PgConnectOptions, PgPool};
-use std::{collections::HashMap, str::FromStr, sync::Mutex, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 const NONCE_LEN: usize = 12;
+
+/// The first byte of every sealed value: the format (and key) it was sealed with. Version 1:
+/// nonce, then ciphertext, with the tenant and connection ids as associated data.
+const SEALED_V1: u8 = 1;
 
 /// Encrypts and decrypts connection URLs.
 #[derive(Clone)]
@@ -26,27 +45,53 @@ impl Cipher {
         Ok(Self(cipher))
     }
 
-    pub fn encrypt(&self, plain: &str) -> Vec<u8> {
+    /// Seals `plain` for one tenant's connection: copied into another row, it does not open.
+    pub fn encrypt(&self, plain: &str, tenant: Uuid, connection: Uuid) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = rand::random();
-        let mut sealed = nonce.to_vec();
+        let aad = associated_data(tenant, connection);
+        let mut sealed = vec![SEALED_V1];
+        sealed.extend(nonce);
         sealed.extend(
             self.0
-                .encrypt(&nonce.into(), plain.as_bytes())
+                .encrypt(
+                    &nonce.into(),
+                    Payload {
+                        msg: plain.as_bytes(),
+                        aad: &aad,
+                    },
+                )
                 .expect("AES-GCM encryption cannot fail for in-memory input"),
         );
         sealed
     }
 
-    pub fn decrypt(&self, sealed: &[u8]) -> anyhow::Result<String> {
-        anyhow::ensure!(sealed.len() > NONCE_LEN, "sealed value too short");
-        let (nonce, body) = sealed.split_at(NONCE_LEN);
+    pub fn decrypt(&self, sealed: &[u8], tenant: Uuid, connection: Uuid) -> anyhow::Result<String> {
+        let Some((&SEALED_V1, rest)) = sealed.split_first() else {
+            // Rows sealed before version 1 carried no tenant binding: they stay closed.
+            anyhow::bail!("sealed in an old format: register the connection again");
+        };
+        anyhow::ensure!(rest.len() > NONCE_LEN, "sealed value too short");
+        let (nonce, body) = rest.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at NONCE_LEN");
+        let aad = associated_data(tenant, connection);
         let plain = self
             .0
-            .decrypt(&nonce.into(), body)
-            .map_err(|_| anyhow::anyhow!("cannot decrypt: wrong CONVEYOR_SECRET_KEY?"))?;
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: body,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| {
+                anyhow::anyhow!("cannot decrypt: wrong CONVEYOR_SECRET_KEY, or another row's value")
+            })?;
         Ok(String::from_utf8(plain)?)
     }
+}
+
+fn associated_data(tenant: Uuid, connection: Uuid) -> Vec<u8> {
+    [tenant.as_bytes().as_slice(), connection.as_bytes()].concat()
 }
 
 #[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
@@ -58,20 +103,6 @@ pub struct Connection {
     pub created_at: DateTime<Utc>,
 }
 
-/// `host:port/database` of a PostgreSQL URL, or why it is not one.
-pub fn describe(url: &str) -> Result<String, String> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err("must be a postgres:// URL".into());
-    }
-    let options = PgConnectOptions::from_str(url).map_err(|e| e.to_string())?;
-    Ok(format!(
-        "{}:{}/{}",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("")
-    ))
-}
-
 pub async fn create(
     pool: &PgPool,
     cipher: &Cipher,
@@ -80,16 +111,17 @@ pub async fn create(
     url: &str,
     display: &str,
 ) -> sqlx::Result<Option<Connection>> {
+    let id = Uuid::now_v7();
     sqlx::query_as(
         "INSERT INTO connections (id, tenant_id, name, url_encrypted, display)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (tenant_id, name) DO NOTHING
          RETURNING id, name, display, created_at",
     )
-    .bind(Uuid::now_v7())
+    .bind(id)
     .bind(tenant)
     .bind(name)
-    .bind(cipher.encrypt(url))
+    .bind(cipher.encrypt(url, tenant, id))
     .bind(display)
     .fetch_optional(pool)
     .await
@@ -113,13 +145,15 @@ pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool>
     Ok(deleted.rows_affected() == 1)
 }
 
-/// Resolves target databases to pools, one pool per URL and role for the life of the process.
+/// Resolves target databases to pools, one pool per database and role (and, for a tenant's
+/// connection, per checked address) for the life of the process.
 pub struct Targets {
     control: PgPool,
     default_url: String,
     cipher: Option<Cipher>,
+    guard: Arc<Guard>,
     limits: SessionLimits,
-    pools: Mutex<HashMap<(String, Option<Uuid>), PgPool>>,
+    pools: Mutex<HashMap<String, PgPool>>,
 }
 
 /// Bounds every session on a target: long enough for a job's COPY, short for a preflight.
@@ -147,6 +181,21 @@ impl SessionLimits {
             lock_timeout: settings.preflight_timeout.min(Duration::from_secs(1)),
             idle_in_transaction: settings.preflight_timeout,
         }
+    }
+
+    /// The session settings that carry the bounds (and UTC, so that timestamps without a zone
+    /// are read the same on every server).
+    fn apply(&self, options: PgConnectOptions) -> PgConnectOptions {
+        let millis = |d: Duration| format!("{}ms", d.as_millis());
+        options.options([
+            ("TimeZone", "UTC".to_owned()),
+            ("statement_timeout", millis(self.statement_timeout)),
+            ("lock_timeout", millis(self.lock_timeout)),
+            (
+                "idle_in_transaction_session_timeout",
+                millis(self.idle_in_transaction),
+            ),
+        ])
     }
 }
 
@@ -203,6 +252,7 @@ impl Targets {
         limits: SessionLimits,
     ) -> anyhow::Result<Self> {
         Ok(Self {
+            guard: Arc::new(Guard::new(control.clone(), settings)?),
             control,
             default_url: settings.target_database_url.clone(),
             cipher: settings
@@ -219,16 +269,18 @@ impl Targets {
         self.cipher.as_ref()
     }
 
-    /// The default target as the platform sees it.
-    pub fn default_platform(&self) -> anyhow::Result<PgPool> {
-        self.pool_for(self.default_url.clone(), None)
+    /// The checks of a new connection URL (the API's, before it stores one).
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 
-    /// The URL of the tenant's connection, or the default target.
-    pub async fn url(&self, tenant: Uuid, connection: Option<Uuid>) -> Result<String, TargetError> {
-        let Some(id) = connection else {
-            return Ok(self.default_url.clone());
-        };
+    /// The default target as the platform sees it.
+    pub fn default_platform(&self) -> anyhow::Result<PgPool> {
+        self.default_pool(None)
+    }
+
+    /// The URL of the tenant's connection.
+    async fn connection_url(&self, tenant: Uuid, id: Uuid) -> Result<String, TargetError> {
         let sealed: Option<Vec<u8>> = sqlx::query_scalar(
             "SELECT url_encrypted FROM connections WHERE tenant_id = $1 AND id = $2",
         )
@@ -242,28 +294,33 @@ impl Targets {
             .cipher
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("CONVEYOR_SECRET_KEY is not set"))?;
-        Ok(cipher.decrypt(&sealed)?)
+        cipher.decrypt(&sealed, tenant, id).map_err(|e| {
+            tracing::error!(connection = %id, error = %e, "connection credentials do not open");
+            TargetError::Other(anyhow::anyhow!("connection {id} cannot be read: {e}"))
+        })
     }
 
     /// Platform pools on every target database: the default one and each registered
-    /// connection, once per URL. For maintenance sweeps; a connection that cannot be read is
-    /// skipped.
+    /// connection, once each. For maintenance sweeps; a connection that cannot be read or is
+    /// refused is skipped.
     pub async fn all(&self) -> anyhow::Result<Vec<PgPool>> {
         let registered: Vec<(Uuid, Uuid)> =
             sqlx::query_as("SELECT tenant_id, id FROM connections ORDER BY created_at")
                 .fetch_all(&self.control)
                 .await?;
-        let mut urls = vec![self.default_url.clone()];
+        let mut keys = HashSet::new();
+        let mut pools = vec![self.default_pool(None)?];
         for (tenant, id) in registered {
-            match self.url(tenant, Some(id)).await {
-                Ok(url) if !urls.contains(&url) => urls.push(url),
-                Ok(_) => {}
+            match self.connection_pool(tenant, id).await {
+                Ok((key, pool)) => {
+                    if keys.insert(key) {
+                        pools.push(pool);
+                    }
+                }
                 Err(e) => tracing::warn!(connection = %id, error = %e, "connection skipped"),
             }
         }
-        urls.into_iter()
-            .map(|url| self.pool_for(url, None))
-            .collect()
+        Ok(pools)
     }
 
     /// The tenant's connection, or the default target as the tenant's role.
@@ -272,65 +329,127 @@ impl Targets {
         tenant: Uuid,
         connection: Option<Uuid>,
     ) -> Result<Target, TargetError> {
-        let url = self.url(tenant, connection).await?;
-        let platform = self.pool_for(url.clone(), None)?;
         Ok(match connection {
-            Some(_) => Target {
-                pool: platform.clone(),
-                platform,
-                tenant_schema: None,
-                tenant_role: None,
-            },
+            Some(id) => {
+                let pool = self.connection_pool(tenant, id).await?.1;
+                Target {
+                    pool: pool.clone(),
+                    platform: pool,
+                    tenant_schema: None,
+                    tenant_role: None,
+                }
+            }
             None => Target {
-                pool: self.pool_for(url, Some(tenant))?,
-                platform,
+                pool: self.default_pool(Some(tenant))?,
+                platform: self.default_pool(None)?,
                 tenant_schema: Some(crate::tenancy::schema(tenant)),
                 tenant_role: Some(crate::tenancy::role(tenant)),
             },
         })
     }
 
-    /// A pool on `url`; with a tenant, every session runs as the tenant's role in its schema.
-    fn pool_for(&self, url: String, tenant: Option<Uuid>) -> anyhow::Result<PgPool> {
-        let key = (url, tenant);
-        if let Some(pool) = self.pools.lock().expect("targets lock").get(&key) {
+    /// The default target as the platform, or with a tenant, as the tenant's role in its schema.
+    fn default_pool(&self, tenant: Option<Uuid>) -> anyhow::Result<PgPool> {
+        let key = match tenant {
+            Some(tenant) => format!("{}#{tenant}", self.default_url),
+            None => self.default_url.clone(),
+        };
+        self.pool_for(key, || {
+            // The operator's URL, read as sqlx reads it (environment and passfile included).
+            let options = PgConnectOptions::from_str(&self.default_url)
+                .map_err(|e| anyhow::anyhow!("bad CONVEYOR_TARGET_DATABASE_URL: {e}"))?;
+            let options = self.limits.apply(options);
+            Ok(match tenant {
+                // Session defaults, so that a RESET returns to them; `SET LOCAL ROLE NONE` is
+                // how platform code steps out for its bookkeeping within a transaction.
+                Some(tenant) => pool_options(4).connect_lazy_with(options.options([
+                    ("role", crate::tenancy::role(tenant)),
+                    ("search_path", crate::tenancy::schema(tenant)),
+                ])),
+                None => pool_options(8).connect_lazy_with(options),
+            })
+        })
+    }
+
+    /// A tenant's connection, checked again as it is resolved now (a host whose address
+    /// changed to a refused one since it was registered is refused), pinned to the checked
+    /// address, and every session it opens checked as the API checked it.
+    async fn connection_pool(
+        &self,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> Result<(String, PgPool), TargetError> {
+        let raw = self.connection_url(tenant, id).await?;
+        let refused = |e: Refusal| {
+            if let Refusal::Unreachable(detail) = &e {
+                tracing::warn!(connection = %id, detail, "connection unreachable");
+            }
+            TargetError::Other(anyhow::anyhow!("connection {id}: {e}"))
+        };
+        let url = TargetUrl::parse(&raw).map_err(|why| refused(Refusal::Invalid(why)))?;
+        let checked = self.guard.check(&url).await.map_err(refused)?;
+        let options = self
+            .limits
+            .apply(checked.connect_options().map_err(refused)?);
+        let key = format!("{raw}@{}", checked.ip());
+        let guard = self.guard.clone();
+        let pool = self.pool_for(key.clone(), move || {
+            Ok(pool_options(8)
+                .after_connect(move |conn, _| {
+                    let guard = guard.clone();
+                    Box::pin(async move {
+                        guard
+                            .verify_session(conn)
+                            .await
+                            .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))
+                    })
+                })
+                .connect_lazy_with(options))
+        })?;
+        Ok((key, pool))
+    }
+
+    fn pool_for(
+        &self,
+        key: String,
+        create: impl FnOnce() -> anyhow::Result<PgPool>,
+    ) -> anyhow::Result<PgPool> {
+        let mut pools = self.pools.lock().expect("targets lock");
+        if let Some(pool) = pools.get(&key) {
             return Ok(pool.clone());
         }
-        let millis = |d: Duration| format!("{}ms", d.as_millis());
-        // UTC sessions: timestamps without a zone are read the same on every server.
-        let mut options = PgConnectOptions::from_str(&key.0)
-            .map_err(|e| anyhow::anyhow!("bad connection URL: {e}"))?
-            .options([
-                ("TimeZone", "UTC".to_owned()),
-                ("statement_timeout", millis(self.limits.statement_timeout)),
-                ("lock_timeout", millis(self.limits.lock_timeout)),
-                (
-                    "idle_in_transaction_session_timeout",
-                    millis(self.limits.idle_in_transaction),
-                ),
-            ]);
-        let mut max = 8;
-        if let Some(tenant) = tenant {
-            // Session defaults, so that a RESET returns to them; `SET LOCAL ROLE NONE` is how
-            // platform code steps out for its bookkeeping within a transaction.
-            options = options.options([
-                ("role", crate::tenancy::role(tenant)),
-                ("search_path", crate::tenancy::schema(tenant)),
-            ]);
-            max = 4;
-        }
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(max)
-            .min_connections(0)
-            .idle_timeout(Duration::from_secs(60))
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_lazy_with(options);
-        Ok(self
-            .pools
-            .lock()
-            .expect("targets lock")
-            .entry(key)
-            .or_insert(pool)
-            .clone())
+        let pool = create()?;
+        Ok(pools.entry(key).or_insert(pool).clone())
+    }
+}
+
+/// Lazy pools whose idle sessions close after a minute: a tenant's pool costs nothing while
+/// the tenant is quiet.
+fn pool_options(max: u32) -> sqlx::postgres::PgPoolOptions {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(max)
+        .min_connections(0)
+        .idle_timeout(Duration::from_secs(60))
+        .acquire_timeout(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_url_opens_only_in_its_own_row() {
+        let cipher = Cipher::from_hex(&"ab".repeat(32)).unwrap();
+        let (tenant, other_tenant, id) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let sealed = cipher.encrypt("postgres://ann:secret@db/x", tenant, id);
+        assert_eq!(sealed[0], SEALED_V1);
+        assert_eq!(
+            cipher.decrypt(&sealed, tenant, id).unwrap(),
+            "postgres://ann:secret@db/x"
+        );
+        assert!(cipher.decrypt(&sealed, other_tenant, id).is_err());
+        assert!(cipher.decrypt(&sealed, tenant, Uuid::now_v7()).is_err());
+        // The old format (nonce first, no binding) fails closed.
+        assert!(cipher.decrypt(&sealed[1..], tenant, id).is_err());
     }
 }

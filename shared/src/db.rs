@@ -29,21 +29,60 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The URL without its password, for error messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &creds[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
+/// The URL without its password (in the user part or a `password` parameter), for logs,
+/// error messages and `Debug`.
+pub fn redact(raw: &str) -> String {
+    let Ok(mut url) = url::Url::parse(raw) else {
+        return "(a URL that does not parse)".into();
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let secret = key.to_ascii_lowercase().contains("password");
+                let value = if secret {
+                    "***".into()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_hidden_wherever_the_url_has_them() {
+        for (url, redacted) in [
+            (
+                "postgres://ann:s3cret@db:5432/x",
+                "postgres://ann:***@db:5432/x",
+            ),
+            (
+                "postgres://ann@db/x?password=s3cret&sslmode=require",
+                "postgres://ann@db/x?password=***&sslmode=require",
+            ),
+            (
+                "postgres://db/x?user=ann&PassWord=s3cret&sslpassword=s3cret",
+                "postgres://db/x?user=ann&PassWord=***&sslpassword=***",
+            ),
+            (
+                "redis://:s3cret@127.0.0.1:6379",
+                "redis://:***@127.0.0.1:6379",
+            ),
+            ("postgres://ann@db/x", "postgres://ann@db/x"),
+            ("not a url s3cret", "(a URL that does not parse)"),
+        ] {
+            assert_eq!(redact(url), redacted);
         }
-        _ => url.to_owned(),
     }
 }

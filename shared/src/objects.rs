@@ -42,6 +42,28 @@ impl fmt::Debug for BucketConfig {
     }
 }
 
+/// A scratch file's path; the file goes when the value does (if it was not moved away).
+pub struct ScratchFile(PathBuf);
+
+impl std::ops::Deref for ScratchFile {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        // Synchronous: a drop cannot await, and unlinking one file does not block for long.
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.0.display(), error = %e, "scratch file left behind");
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct ObjectStore {
     root: PathBuf,
@@ -111,6 +133,12 @@ impl ObjectStore {
         let dir = self.root.join("tmp");
         tokio::fs::create_dir_all(&dir).await?;
         Ok(dir.join(Uuid::new_v4().to_string()))
+    }
+
+    /// Like [`Self::scratch_path`], removed when the value is dropped: a request cancelled at
+    /// any await (a client that hangs up mid-upload) leaves nothing behind.
+    pub async fn scratch_file(&self) -> std::io::Result<ScratchFile> {
+        Ok(ScratchFile(self.scratch_path().await?))
     }
 
     /// Moves a complete scratch file into the store as the dataset's bytes.

@@ -1,14 +1,15 @@
 //! Configuration from `CONVEYOR_*` environment variables (12-factor).
 
-use crate::objects::BucketConfig;
+use crate::{connections::AllowList, db::redact, objects::BucketConfig};
 use std::{
+    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 /// Everything the binaries read from the environment. Tests build it directly.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     /// `CONVEYOR_DATABASE_URL`: the control-plane PostgreSQL.
     pub database_url: String,
@@ -63,6 +64,13 @@ pub struct Settings {
     /// `CONVEYOR_SECRET_KEY`: 64 hex digits (32 bytes) that encrypt connection credentials at
     /// rest. Without it, connections cannot be registered.
     pub secret_key: Option<String>,
+    /// `CONVEYOR_CONNECTION_ALLOW`: comma-separated hosts and networks (`db.internal`,
+    /// `10.1.0.0/16`) that tenants' connections may reach although they are internal
+    /// (loopback, private, link-local). Empty: public addresses only.
+    pub connection_allow: AllowList,
+    /// `CONVEYOR_METRICS_TOKEN`: the bearer token `/metrics` asks for (its counts are
+    /// platform-wide). Without it, `/metrics` is off.
+    pub metrics_token: Option<String>,
     /// `CONVEYOR_DATASET_LIMIT`: largest upload in bytes.
     pub dataset_limit: u64,
     /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
@@ -70,6 +78,73 @@ pub struct Settings {
     pub snapshot_retention: Duration,
     /// `CONVEYOR_MODEL_DIR`: the embedding model's files (`scripts/model` installs them).
     pub model_dir: PathBuf,
+}
+
+impl fmt::Debug for Settings {
+    /// Without the secret key and the URLs' passwords.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so a new field is a compile error here until someone decides whether
+        // it is secret.
+        let Self {
+            database_url,
+            redis_url,
+            redis_prefix,
+            listen,
+            data_dir,
+            object_store,
+            body_limit,
+            heartbeat,
+            rescue_after,
+            events_ttl,
+            tenant_stream_maxlen,
+            shutdown_grace,
+            retry_base,
+            target_database_url,
+            target_provision_url,
+            target_statement_timeout,
+            target_lock_timeout,
+            target_idle_in_transaction,
+            preflight_timeout,
+            preflight_concurrency,
+            secret_key,
+            connection_allow,
+            metrics_token,
+            dataset_limit,
+            snapshot_retention,
+            model_dir,
+        } = self;
+        f.debug_struct("Settings")
+            .field("database_url", &redact(database_url))
+            .field("redis_url", &redact(redis_url))
+            .field("redis_prefix", redis_prefix)
+            .field("listen", listen)
+            .field("data_dir", data_dir)
+            .field("object_store", object_store)
+            .field("body_limit", body_limit)
+            .field("heartbeat", heartbeat)
+            .field("rescue_after", rescue_after)
+            .field("events_ttl", events_ttl)
+            .field("tenant_stream_maxlen", tenant_stream_maxlen)
+            .field("shutdown_grace", shutdown_grace)
+            .field("retry_base", retry_base)
+            .field("target_database_url", &redact(target_database_url))
+            .field(
+                "target_provision_url",
+                &target_provision_url.as_deref().map(redact),
+            )
+            .field("target_statement_timeout", target_statement_timeout)
+            .field("target_lock_timeout", target_lock_timeout)
+            .field("target_idle_in_transaction", target_idle_in_transaction)
+            .field("preflight_timeout", preflight_timeout)
+            .field("preflight_concurrency", preflight_concurrency)
+            .field("secret_key", &secret_key.as_ref().map(|_| "***"))
+            .field("connection_allow", connection_allow)
+            .field("metrics_token", &metrics_token.as_ref().map(|_| "***"))
+            .field("dataset_limit", dataset_limit)
+            .field("snapshot_retention", snapshot_retention)
+            .field("model_dir", model_dir)
+            .finish()
+    }
 }
 
 impl Settings {
@@ -116,6 +191,12 @@ impl Settings {
             preflight_timeout: Duration::from_millis(parse("PREFLIGHT_TIMEOUT_MS", "5000")?),
             preflight_concurrency: parse("PREFLIGHT_CONCURRENCY", "4")?,
             secret_key: std::env::var("CONVEYOR_SECRET_KEY").ok(),
+            connection_allow: var("CONNECTION_ALLOW", "")
+                .parse()
+                .map_err(|e| anyhow::anyhow!("CONVEYOR_CONNECTION_ALLOW is invalid: {e}"))?,
+            metrics_token: std::env::var("CONVEYOR_METRICS_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
             dataset_limit: parse("DATASET_LIMIT", "10737418240")?,
             snapshot_retention: Duration::from_secs(
                 parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
@@ -146,6 +227,9 @@ impl Settings {
             secret_key: Some(
                 "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into(),
             ),
+            // The tests' databases are all on loopback.
+            connection_allow: "127.0.0.0/8, ::1".parse().expect("literal allow list"),
+            metrics_token: Some("test-metrics-token".into()),
             dataset_limit: 4 << 30,
             snapshot_retention: Duration::from_secs(168 * 3600),
             // Where `scripts/model` installs it in this checkout, whatever the test's directory.
@@ -181,4 +265,26 @@ where
     let raw = var(name, default);
     raw.parse()
         .map_err(|e| anyhow::anyhow!("CONVEYOR_{name}={raw:?} is invalid: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let mut settings = Settings::for_test(
+            "postgres://conveyor:db-secret@127.0.0.1/conveyor".into(),
+            "test".into(),
+        );
+        settings.redis_url = "redis://:redis-secret@127.0.0.1:6379".into();
+        settings.target_database_url = "postgres://t@db/x?password=target-secret".into();
+        let shown = format!("{settings:?}");
+        let key = settings.secret_key.clone().unwrap();
+        let token = settings.metrics_token.clone().unwrap();
+        for secret in ["db-secret", "redis-secret", "target-secret", &key, &token] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("postgres://conveyor:***@127.0.0.1/conveyor"));
+    }
 }

@@ -4,15 +4,14 @@
 use axum::{
     extract::{Path, State},
     http::StatusCode,
-    Json,
+    Extension, Json,
 };
 use serde::Deserialize;
 use shared::{
-    connections::{self, Connection},
+    connections::{self, Connection, Refusal, TargetUrl},
     FieldError, Problem,
 };
-use sqlx::Connection as _;
-use std::time::Duration;
+use tower_http::request_id::RequestId;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -23,7 +22,9 @@ use crate::{auth::Tenant, extract::JsonBody, AppState};
 pub struct NewConnection {
     /// Unique per tenant, 1-100 characters.
     pub name: String,
-    /// `postgres://user:password@host:port/database`; checked by connecting once.
+    /// `postgres://user:password@host:port/database[?sslmode=disable|prefer|require]`: a public
+    /// address (or one `CONVEYOR_CONNECTION_ALLOW` names), an unprivileged role; checked by
+    /// connecting once.
     pub url: String,
 }
 
@@ -33,6 +34,7 @@ pub struct NewConnection {
 pub async fn create(
     State(state): State<AppState>,
     tenant: Tenant,
+    request: Option<Extension<RequestId>>,
     JsonBody(body): JsonBody<NewConnection>,
 ) -> Result<(StatusCode, Json<Connection>), Problem> {
     let invalid =
@@ -40,21 +42,22 @@ pub async fn create(
     if body.name.is_empty() || body.name.len() > 100 {
         return Err(invalid("name", "must be 1-100 characters".into()));
     }
-    let display = connections::describe(&body.url).map_err(|e| invalid("url", e))?;
-    let cipher = state.services.targets.cipher().ok_or_else(|| {
+    let url = TargetUrl::parse(&body.url).map_err(|why| invalid("url", why))?;
+    let targets = &state.services.targets;
+    let cipher = targets.cipher().ok_or_else(|| {
         Problem::unavailable("connections need CONVEYOR_SECRET_KEY to encrypt credentials")
     })?;
-    let reachable = tokio::time::timeout(
-        Duration::from_secs(5),
-        sqlx::PgConnection::connect(&body.url),
-    )
-    .await;
-    match reachable {
-        Ok(Ok(conn)) => {
-            let _ = conn.close().await;
+    match targets.guard().probe(&url).await {
+        Ok(()) => {}
+        Err(Refusal::Invalid(why)) => return Err(invalid("url", why)),
+        Err(ref refusal @ Refusal::Unreachable(ref detail)) => {
+            // The response's x-request-id names this line.
+            let request_id = request
+                .as_ref()
+                .and_then(|r| r.header_value().to_str().ok());
+            tracing::warn!(tenant = %tenant.0, request_id, detail, "connection check failed");
+            return Err(invalid("url", refusal.to_string()));
         }
-        Ok(Err(e)) => return Err(invalid("url", format!("cannot connect: {e}"))),
-        Err(_) => return Err(invalid("url", "cannot connect: timed out after 5 s".into())),
     }
     let created = connections::create(
         &state.pool,
@@ -62,7 +65,7 @@ pub async fn create(
         tenant.0,
         &body.name,
         &body.url,
-        &display,
+        &url.display(),
     )
     .await?
     .ok_or_else(|| Problem::conflict(format!("a connection named {:?} exists", body.name)))?;

@@ -74,31 +74,17 @@ pub async fn upload(
     };
 
     let objects = &state.services.objects;
-    let scratch = objects.scratch_path().await.map_err(Problem::internal)?;
-    let stored = receive(body, &scratch, state.settings.dataset_limit).await;
-    let (size, sha256) = match stored {
-        Ok(stored) => stored,
-        Err(problem) => {
-            let _ = tokio::fs::remove_file(&scratch).await;
-            return Err(problem);
-        }
-    };
+    // Removed on every way out, a client hanging up mid-upload included.
+    let scratch = objects.scratch_file().await.map_err(Problem::internal)?;
+    let (size, sha256) = receive(body, &scratch, state.settings.dataset_limit).await?;
     let inspected = {
-        let path = scratch.clone();
+        let path = scratch.to_path_buf();
         tokio::task::spawn_blocking(move || jobs::import::inspect(&path, format, compression))
             .await
             .map_err(Problem::internal)?
     };
-    let (schema, preview) = match inspected {
-        Ok(inspected) => inspected,
-        Err(reason) => {
-            let _ = tokio::fs::remove_file(&scratch).await;
-            return Err(invalid(
-                "body",
-                &format!("not a readable {format:?} file: {reason}"),
-            ));
-        }
-    };
+    let (schema, preview) = inspected
+        .map_err(|reason| invalid("body", &format!("not a readable {format:?} file: {reason}")))?;
     let dataset = Dataset {
         id: Uuid::now_v7(),
         tenant_id: tenant.0,
@@ -111,10 +97,10 @@ pub async fn upload(
         preview: sqlx::types::Json(preview),
         created_at: chrono::Utc::now(),
     };
-    if let Err(e) = objects.put_dataset(&scratch, tenant.0, dataset.id).await {
-        let _ = tokio::fs::remove_file(&scratch).await;
-        return Err(Problem::internal(e));
-    }
+    objects
+        .put_dataset(&scratch, tenant.0, dataset.id)
+        .await
+        .map_err(Problem::internal)?;
     if let Err(e) = datasets::insert(&state.pool, &dataset).await {
         let _ = objects.delete_dataset(tenant.0, dataset.id).await;
         return Err(e.into());

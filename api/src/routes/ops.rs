@@ -1,8 +1,14 @@
 //! Health, readiness and Prometheus metrics.
 
-use axum::{extract::State, http::header, response::IntoResponse, Json};
+use axum::{
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::IntoResponse,
+    Json,
+};
 use serde_json::{json, Value};
-use shared::Problem;
+use sha2::{Digest, Sha256};
+use shared::{Problem, Settings};
 use std::{fmt::Write, sync::atomic::Ordering};
 
 use crate::AppState;
@@ -15,22 +21,57 @@ pub async fn healthz() -> Json<Value> {
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, description = "PostgreSQL and Redis answer"), (status = 503, body = Problem)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, Problem> {
+    // Anyone may ask: the reason goes to the log, not to them.
+    let not_ready = |what: &str, error: &dyn std::fmt::Display| {
+        tracing::warn!(%error, "not ready: {what} does not answer");
+        Problem::unavailable(format!("{what} does not answer"))
+    };
     sqlx::query("SELECT 1")
         .execute(&state.pool)
         .await
-        .map_err(|e| Problem::unavailable(format!("PostgreSQL: {e}")))?;
+        .map_err(|e| not_ready("PostgreSQL", &e))?;
     let mut redis = state.redis.clone();
     redis::cmd("PING")
         .query_async::<String>(&mut redis)
         .await
-        .map_err(|e| Problem::unavailable(format!("Redis: {e}")))?;
+        .map_err(|e| not_ready("Redis", &e))?;
     Ok(Json(
         json!({"status": "ready", "postgres": "ok", "redis": "ok"}),
     ))
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain", description = "Prometheus text format")))]
-pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Problem> {
+/// Only for the holder of `CONVEYOR_METRICS_TOKEN`: the counts are platform-wide, every
+/// tenant's together. Without the setting, metrics are off.
+fn metrics_allowed(settings: &Settings, headers: &HeaderMap) -> Result<(), Problem> {
+    let Some(expected) = &settings.metrics_token else {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "metrics are off: set CONVEYOR_METRICS_TOKEN to serve them",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Digests compared, so the time taken says nothing about the token's bytes.
+    if Sha256::digest(given) == Sha256::digest(expected) {
+        Ok(())
+    } else {
+        Err(Problem::unauthorized(
+            "metrics need CONVEYOR_METRICS_TOKEN as a bearer token",
+        ))
+    }
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain", description = "Prometheus text format"),
+    (status = 401, body = Problem, description = "without the metrics token"), (status = 404, body = Problem, description = "CONVEYOR_METRICS_TOKEN is not set")))]
+pub async fn metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, Problem> {
+    metrics_allowed(&state.settings, &headers)?;
     let mut out = String::new();
     let c = &state.counters;
     gauge(

@@ -114,33 +114,37 @@ impl TestApp {
         tenant_target_url(&self.settings.target_database_url, self.tenant)
     }
 
-    /// A database of the tenant's own, as a registered connection reaches it: owned by an
-    /// unprivileged login role made for it (dropped with the test's databases).
-    pub async fn own_database(&self) -> String {
-        use sqlx::Executor;
-        let name = format!("{}_own", self.db_name);
-        let role = format!("{}_owner", self.db_name);
-        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&self.admin_url)
-            .await
-            .unwrap();
-        admin
-            .execute(format!("CREATE ROLE {role} LOGIN").as_str())
-            .await
-            .unwrap();
-        admin
-            .execute(format!("CREATE DATABASE {name} OWNER {role}").as_str())
-            .await
-            .unwrap();
-        let mut url = url::Url::parse(&self.admin_url).unwrap();
-        url.set_username(&role).unwrap();
-        url.set_path(&name);
-        url.to_string()
-    }
-
     /// The default target database as a superuser sees it (the platform's schemas too).
     pub fn target_admin_url(&self) -> String {
         let base = self.admin_url.rsplit_once('/').expect("url has a path").0;
         format!("{base}/{}_target", self.db_name)
+    }
+
+    /// A database of its own owned by an unprivileged role: what a tenant's connection reaches.
+    pub async fn warehouse(&self) -> Warehouse {
+        let name = format!("{}_wh{}", self.db_name, rand_suffix());
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&self.admin_url)
+            .await
+            .expect("connect to the admin database");
+        for statement in [
+            format!("CREATE ROLE {name} LOGIN"),
+            format!("CREATE DATABASE {name} OWNER {name}"),
+        ] {
+            sqlx::query(&statement)
+                .execute(&mut admin)
+                .await
+                .expect("create the warehouse");
+        }
+        let mut url = reqwest::Url::parse(&self.admin_url).expect("admin URL");
+        url.set_path(&name);
+        let superuser_url = url.to_string();
+        url.set_username(&name).expect("URL with a user");
+        Warehouse {
+            url: url.to_string(),
+            superuser_url,
+            name,
+            admin_url: self.admin_url.clone(),
+        }
     }
 
     /// Stores `bytes` as a dataset of the test's first tenant; returns its id.
@@ -258,11 +262,17 @@ impl TestApp {
         (status, response.bytes().await.unwrap().to_vec())
     }
 
-    /// The `/metrics` page.
+    /// The `/metrics` page, asked for with the metrics token.
     pub async fn metrics(&self) -> String {
-        let (status, bytes) = self.get_bytes("/metrics").await;
-        assert_eq!(status, StatusCode::OK);
-        String::from_utf8(bytes).unwrap()
+        let response = self
+            .client
+            .get(self.url("/metrics"))
+            .bearer_auth(self.settings.metrics_token.as_deref().unwrap_or_default())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.text().await.unwrap()
     }
 
     pub async fn delete(&self, path: &str) -> StatusCode {
@@ -339,11 +349,7 @@ impl Drop for TestApp {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        for name in [
-            self.db_name.clone(),
-            format!("{}_target", self.db_name),
-            format!("{}_own", self.db_name),
-        ] {
+        for name in [self.db_name.clone(), format!("{}_target", self.db_name)] {
             let _ = Command::new("psql")
                 .arg(&self.admin_url)
                 .arg("-qc")
@@ -352,8 +358,7 @@ impl Drop for TestApp {
                 .stderr(Stdio::null())
                 .status();
         }
-        let drop_roles = format!("{drop_roles}\nDROP ROLE IF EXISTS {}_owner;", self.db_name);
-        {
+        if !drop_roles.trim().is_empty() {
             let _ = Command::new("psql")
                 .arg(&self.admin_url)
                 .arg("-qc")
@@ -375,6 +380,37 @@ impl Drop for TestApp {
             }
         }
     }
+}
+
+/// A database and its owner, dropped with the value.
+pub struct Warehouse {
+    /// As its unprivileged owner.
+    pub url: String,
+    /// The same database as the admin URL's superuser.
+    pub superuser_url: String,
+    pub name: String,
+    admin_url: String,
+}
+
+impl Drop for Warehouse {
+    fn drop(&mut self) {
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            format!("DROP ROLE IF EXISTS {}", self.name),
+        ] {
+            let _ = Command::new("psql")
+                .arg(&self.admin_url)
+                .arg("-qc")
+                .arg(statement)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    Uuid::new_v4().simple().to_string()[..6].to_owned()
 }
 
 /// A binary of the workspace, next to the test executable's directory.

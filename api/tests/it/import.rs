@@ -754,7 +754,8 @@ async fn datasets_stream_in_and_out_with_their_schema() {
 async fn connections_keep_their_credentials_secret_and_imports_use_them() {
     let mut app = TestApp::spawn().await;
     app.start_worker_for(&[("import", 1)]).await;
-    let url = &app.own_database().await;
+    let warehouse = app.warehouse().await;
+    let url = warehouse.url.clone();
     let (status, connection) = app
         .post("/v1/connections", &json!({"name": "warehouse", "url": url}))
         .await;

@@ -1,6 +1,7 @@
 //! Authentication, validation, idempotency, batches, listing, and the ops endpoints.
 
 use crate::harness::TestApp;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 fn assert_problem(status: reqwest::StatusCode, expected: u16, body: &Value) {
@@ -292,4 +293,35 @@ async fn ops_endpoints_answer() {
         );
     }
     assert!(spec["components"]["schemas"]["Job"].is_object());
+}
+
+#[tokio::test]
+async fn metrics_need_their_token_and_readiness_keeps_its_reasons() {
+    let app = TestApp::spawn().await;
+    let metrics = |token: Option<&str>| {
+        let mut request = app.client.get(app.url("/metrics"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(metrics(None).await, StatusCode::UNAUTHORIZED);
+    // A tenant's key is not the metrics token.
+    assert_eq!(metrics(Some(&app.key)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(metrics(Some("test-metrics-token")).await, StatusCode::OK);
+    let off = TestApp::spawn_with(|s| s.metrics_token = None).await;
+    let status = off
+        .client
+        .get(off.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    app.pool().close().await;
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let problem: Value = ready.json().await.unwrap();
+    assert_eq!(problem["detail"], "PostgreSQL does not answer", "{problem}");
 }

@@ -23,6 +23,7 @@ pub fn inspect(
     let frame = match format {
         Format::Document => return Ok((Vec::new(), Vec::new())),
         Format::Parquet => {
+            super::parquet_footer::check(path)?;
             let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
             ParquetReader::new(file)
                 .with_slice(Some((0, 1000)))

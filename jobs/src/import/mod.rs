@@ -4,6 +4,7 @@
 
 mod inspect;
 mod load;
+pub mod parquet_footer;
 mod source;
 mod stream;
 mod types;

@@ -1,0 +1,259 @@
+//! A tenant's connection URL aimed at the platform itself, at internal addresses or with
+//! parameters that redirect the client: each is refused with a reason on `url`, and nothing is
+//! stored. Traffic stays on loopback; private ranges are proven by the address check's unit
+//! tests.
+
+use reqwest::{StatusCode, Url};
+use serde_json::{json, Value};
+use shared::connections::AllowList;
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+use crate::harness::TestApp;
+
+async fn connection_count(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM connections")
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+}
+
+/// Registers `url`; asserts a 422 on `url`, that nothing was stored, and returns the reason.
+async fn refused(app: &TestApp, url: &str) -> String {
+    let before = connection_count(app).await;
+    let (status, problem) = app
+        .post("/v1/connections", &json!({"name": "evil", "url": url}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {problem}");
+    assert_eq!(problem["errors"][0]["field"], "url", "{problem}");
+    assert_eq!(connection_count(app).await, before, "{url} was stored");
+    problem["errors"][0]["message"].as_str().unwrap().to_owned()
+}
+
+/// Registers `url` as `name`; asserts it is accepted.
+async fn registered(app: &TestApp, name: &str, url: &str) -> Value {
+    let (status, connection) = app
+        .post("/v1/connections", &json!({"name": name, "url": url}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{url}: {connection}");
+    connection
+}
+
+fn with_host(url: &str, host: &str, user: &str) -> String {
+    let mut url = Url::parse(url).unwrap();
+    url.set_host(Some(host)).unwrap();
+    url.set_username(user).unwrap();
+    url.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platforms_databases_are_refused_under_every_name() {
+    let app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    for host in ["127.0.0.1", "localhost", "127.0.0.2", "[::1]"] {
+        // Even with an unprivileged role that may connect there.
+        for user in ["postgres", warehouse.name.as_str()] {
+            let control = with_host(&app.settings.database_url, host, user);
+            let why = refused(&app, &control).await;
+            assert_eq!(why, "is the platform's control-plane database", "{control}");
+            let target = with_host(&app.settings.target_database_url, host, user);
+            let why = refused(&app, &target).await;
+            assert_eq!(why, "is the platform's default target database", "{target}");
+        }
+    }
+}
+
+/// Forwards loopback connections on a port of its own to `to`: the same server under an
+/// address the address check cannot tell from another.
+async fn tcp_proxy(to: u16) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_behind_another_port_is_recognised_once_connected() {
+    let app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    let control = Url::parse(&app.settings.database_url).unwrap();
+    let proxy = tcp_proxy(control.port().unwrap()).await;
+    let mut disguised = control.clone();
+    disguised.set_port(Some(proxy)).unwrap();
+    disguised.set_username(&warehouse.name).unwrap();
+    let why = refused(&app, disguised.as_str()).await;
+    assert_eq!(why, "is the platform's control-plane database");
+    // The same way in reaches the tenant's own database.
+    let mut own = Url::parse(&warehouse.url).unwrap();
+    own.set_port(Some(proxy)).unwrap();
+    registered(&app, "own", own.as_str()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_that_redirect_the_client_are_refused() {
+    let app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    for (parameter, value) in [
+        ("host", "/var/run/postgresql"),
+        ("hostaddr", "127.0.0.1"),
+        ("sslkey", "/etc/ssl/private/ssl-cert-snakeoil.key"),
+        ("sslrootcert", "/etc/passwd"),
+        ("sslmode", "verify-full"),
+        ("options", "-c role=postgres"),
+        ("passfile", "/root/.pgpass"),
+        ("user", "postgres"),
+    ] {
+        let mut url = Url::parse(&warehouse.url).unwrap();
+        url.query_pairs_mut().append_pair(parameter, value);
+        let why = refused(&app, url.as_str()).await;
+        assert!(why.contains(parameter), "{url}: {why}");
+    }
+    let port = Url::parse(&warehouse.url).unwrap().port().unwrap();
+    for socket in [
+        format!("postgres://{}@/x", warehouse.name),
+        format!(
+            "postgres://{}@%2Fvar%2Frun%2Fpostgresql:{port}/x",
+            warehouse.name
+        ),
+    ] {
+        let why = refused(&app, &socket).await;
+        assert!(why.contains("no Unix sockets"), "{socket}: {why}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_without_the_allow_list_is_refused_before_anything_connects() {
+    let app = TestApp::spawn_with(|s| s.connection_allow = AllowList::default()).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    for host in ["127.0.0.1", "localhost", "127.1.2.3", "[::ffff:127.0.0.1]"] {
+        let url = format!("postgres://ann:secret@{host}:{port}/sales");
+        let why = refused(&app, &url).await;
+        assert!(why.contains("loopback address"), "{url}: {why}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "a packet reached the port"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_to_connect_says_nothing_about_why() {
+    let app = TestApp::spawn().await;
+    // A port nobody listens on: the old answer echoed "Connection refused".
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    // A port that accepts and says nothing a database would.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = silent.accept().await {
+            drop(socket);
+        }
+    });
+    for port in [closed, silent_port] {
+        let url = format!("postgres://ann:secret@127.0.0.1:{port}/sales");
+        let response = app
+            .client
+            .post(app.url("/v1/connections"))
+            .bearer_auth(&app.key)
+            .json(&json!({"name": "probe", "url": url}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(response.headers().contains_key("x-request-id"));
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(
+            problem["errors"][0]["message"], "could not connect to the database",
+            "{problem}"
+        );
+    }
+    assert_eq!(connection_count(&app).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_roles_are_refused() {
+    let app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    let why = refused(&app, &warehouse.superuser_url).await;
+    assert!(why.contains("unprivileged role"), "{why}");
+    // A role that may create roles could make itself anything.
+    let admin = &warehouse.superuser_url;
+    let mut admin_conn = <sqlx::PgConnection as sqlx::Connection>::connect(admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("ALTER ROLE {} CREATEROLE", warehouse.name))
+        .execute(&mut admin_conn)
+        .await
+        .unwrap();
+    let why = refused(&app, &warehouse.url).await;
+    assert!(why.contains("unprivileged role"), "{why}");
+    sqlx::query(&format!("ALTER ROLE {} NOCREATEROLE", warehouse.name))
+        .execute(&mut admin_conn)
+        .await
+        .unwrap();
+    registered(&app, "fine", &warehouse.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_copied_into_another_tenants_row_do_not_open() {
+    let mut app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    let mine = registered(&app, "a", &warehouse.url).await;
+    let tenant_a_key = app.key.clone();
+    app.key = app.key_for("beta").await;
+    let theirs = registered(&app, "b", &warehouse.url).await;
+    app.key = tenant_a_key;
+    let id = |c: &Value| c["id"].as_str().unwrap().parse::<Uuid>().unwrap();
+    let pool = app.pool();
+    let tenant_of = |connection: Uuid| {
+        sqlx::query_scalar::<_, Uuid>("SELECT tenant_id FROM connections WHERE id = $1")
+            .bind(connection)
+            .fetch_one(pool)
+    };
+    let tenant_a = tenant_of(id(&mine)).await.unwrap();
+    let tenant_b = tenant_of(id(&theirs)).await.unwrap();
+    sqlx::query(
+        "UPDATE connections SET url_encrypted = (SELECT url_encrypted FROM connections \
+         WHERE id = $1) WHERE id = $2",
+    )
+    .bind(id(&mine))
+    .bind(id(&theirs))
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let targets = &app.server.as_ref().unwrap().state.services.targets;
+    let error = targets
+        .target(tenant_b, Some(id(&theirs)))
+        .await
+        .expect_err("a copied ciphertext opened");
+    assert!(error.to_string().contains("cannot be read"), "{error}");
+    assert!(targets.target(tenant_a, Some(id(&mine))).await.is_ok());
+}

@@ -1,0 +1,118 @@
+//! Uploads and downloads a hostile client could turn against the API: files served as pages,
+//! uploads abandoned midway, Parquet metadata that declares more than it holds.
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::TestApp;
+
+#[tokio::test]
+async fn downloads_are_attachments_never_sniffed() {
+    let app = TestApp::spawn().await;
+    let page = b"<html><script>alert(document.cookie)</script></html>\n1\n";
+    let dataset = app.upload_dataset("page.csv", page).await;
+    let response = app
+        .client
+        .get(app.url(&format!("/v1/datasets/{dataset}/download")))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers();
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(
+        headers["content-disposition"],
+        "attachment; filename=\"page.csv\""
+    );
+}
+
+fn scratch_files(app: &TestApp) -> Vec<std::path::PathBuf> {
+    match std::fs::read_dir(app.settings.data_dir.join("tmp")) {
+        Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_abandoned_midway_leaves_no_scratch_file() {
+    let app = TestApp::spawn().await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/datasets?name=big.csv HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {}\r\nContent-Length: 100000000\r\n\r\nid,name\n",
+        app.key
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let rows = "1,ann\n".repeat(100_000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scratch_files(&app).is_empty() {
+        assert!(Instant::now() < deadline, "the upload never started");
+        socket.write_all(rows.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client hangs up with most of the body unsent.
+    drop(socket);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !scratch_files(&app).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            scratch_files(&app)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Parquet file around `metadata`, with `declared` as the footer's length field.
+fn parquet(metadata: &[u8], declared: u32) -> Vec<u8> {
+    let mut file = b"PAR1".to_vec();
+    file.extend_from_slice(metadata);
+    file.extend_from_slice(&declared.to_le_bytes());
+    file.extend_from_slice(b"PAR1");
+    file
+}
+
+async fn upload_problem(app: &TestApp, name: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .post(app.url("/v1/datasets"))
+        .query(&[("name", name)])
+        .bearer_auth(&app.key)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_metadata_that_declares_more_than_it_holds_is_refused() {
+    let app = TestApp::spawn().await;
+    // FileMetaData field 2 (the schema), a list of structs declaring 2^31 - 1 elements in
+    // five bytes: a reader that trusts it reserves hundreds of GB, and the allocation failure
+    // aborts the process.
+    let huge_list = [0x29, 0xfc, 0xff, 0xff, 0xff, 0xff, 0x07];
+    // A footer length field far past what the API reads (and past the file).
+    let cases = [
+        (
+            "list.parquet",
+            parquet(&huge_list, huge_list.len() as u32),
+            "declares",
+        ),
+        ("footer.parquet", parquet(&[0; 64], 0xffff_fff0), "footer"),
+    ];
+    for (name, file, reason) in cases {
+        let (status, problem) = upload_problem(&app, name, file).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+        let message = problem["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(reason), "{name}: {message}");
+    }
+    // The API is alive and serves the next upload.
+    app.upload_dataset("fine.csv", b"id\n1\n").await;
+    assert!(scratch_files(&app).is_empty());
+}
