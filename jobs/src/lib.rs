@@ -13,6 +13,7 @@ use uuid::Uuid;
 pub mod canary;
 pub mod import;
 pub mod ingest;
+pub mod limits;
 pub mod patch;
 pub mod synthesis;
 
@@ -75,6 +76,10 @@ pub struct Services {
     pub targets: Targets,
     /// The embedding model, loaded on first use.
     pub embedder: ingest::embed::SharedEmbedder,
+    /// Caps on the bytes a job reads from its datasets.
+    pub limits: limits::Limits,
+    /// Extracts documents' text in a child process.
+    pub extractor: ingest::isolated::Extractor,
 }
 
 impl Services {
@@ -83,6 +88,8 @@ impl Services {
             objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
             targets: Targets::new(pool.clone(), &settings)?,
             embedder: ingest::embed::SharedEmbedder::new(&settings.model_dir),
+            limits: limits::Limits::new(&settings),
+            extractor: ingest::isolated::Extractor::new(&settings)?,
             settings,
             pool,
         }))

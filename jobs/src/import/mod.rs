@@ -4,7 +4,7 @@
 
 mod inspect;
 mod load;
-mod source;
+pub(crate) mod source;
 mod stream;
 mod types;
 
