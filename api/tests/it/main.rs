@@ -7,6 +7,7 @@ mod browser;
 mod cli;
 mod dashboard;
 mod faults;
+mod hostile;
 mod import;
 mod ingest;
 mod lifecycle;
