@@ -21,6 +21,7 @@ use uuid::Uuid;
 pub mod canary;
 pub mod import;
 pub mod ingest;
+pub mod limits;
 pub mod patch;
 pub mod synthesis;
 
@@ -86,6 +87,10 @@ pub struct Services {
     pub embedder: ingest::embed::SharedEmbedder,
     /// Bounds the preflights that reach target databases.
     pub preflights: Arc<Preflights>,
+    /// Caps on the bytes a job reads from its datasets.
+    pub limits: limits::Limits,
+    /// Extracts documents' text in a child process.
+    pub extractor: ingest::isolated::Extractor,
 }
 
 impl Services {
@@ -114,6 +119,8 @@ impl Services {
                 settings.preflight_timeout,
                 settings.preflight_concurrency,
             )),
+            limits: limits::Limits::new(&settings),
+            extractor: ingest::isolated::Extractor::new(&settings)?,
             settings,
             pool,
         }))

@@ -78,6 +78,27 @@ pub struct Settings {
     pub snapshot_retention: Duration,
     /// `CONVEYOR_MODEL_DIR`: the embedding model's files (`scripts/model` installs them).
     pub model_dir: PathBuf,
+    /// `CONVEYOR_MAX_DECOMPRESSED_BYTES`: most bytes an import reads from one dataset once
+    /// decompressed (imports stream, so this bounds time and disk, not memory).
+    pub max_decompressed_bytes: u64,
+    /// `CONVEYOR_MAX_IN_MEMORY_BYTES`: most decompressed bytes of datasets that a job holding
+    /// them in memory (ingest, synthesis) reads.
+    pub max_in_memory_bytes: u64,
+    /// `CONVEYOR_MAX_RECORD_BYTES`: largest CSV record or NDJSON line.
+    pub max_record_bytes: u64,
+    /// `CONVEYOR_MAX_DOCUMENT_BYTES`: largest document for ingest, and largest text extracted
+    /// from one.
+    pub max_document_bytes: u64,
+    /// `CONVEYOR_MAX_WORKER_DEATHS`: a job whose workers died this many times while running it
+    /// fails instead of going back to the queue.
+    pub max_worker_deaths: i32,
+    /// `CONVEYOR_EXTRACTOR`: the `conveyor-worker` binary that extracts documents' text in a
+    /// child process (default: the running executable, which is it in a worker).
+    pub extractor: Option<PathBuf>,
+    /// `CONVEYOR_EXTRACT_TIMEOUT_SECS`: wall-clock (and CPU) bound of one extraction.
+    pub extract_timeout: Duration,
+    /// `CONVEYOR_EXTRACT_MEMORY_BYTES`: address space of the extraction process.
+    pub extract_memory_bytes: u64,
 }
 
 impl fmt::Debug for Settings {
@@ -112,6 +133,14 @@ impl fmt::Debug for Settings {
             dataset_limit,
             snapshot_retention,
             model_dir,
+            max_decompressed_bytes,
+            max_in_memory_bytes,
+            max_record_bytes,
+            max_document_bytes,
+            max_worker_deaths,
+            extractor,
+            extract_timeout,
+            extract_memory_bytes,
         } = self;
         f.debug_struct("Settings")
             .field("database_url", &redact(database_url))
@@ -143,6 +172,14 @@ impl fmt::Debug for Settings {
             .field("dataset_limit", dataset_limit)
             .field("snapshot_retention", snapshot_retention)
             .field("model_dir", model_dir)
+            .field("max_decompressed_bytes", max_decompressed_bytes)
+            .field("max_in_memory_bytes", max_in_memory_bytes)
+            .field("max_record_bytes", max_record_bytes)
+            .field("max_document_bytes", max_document_bytes)
+            .field("max_worker_deaths", max_worker_deaths)
+            .field("extractor", extractor)
+            .field("extract_timeout", extract_timeout)
+            .field("extract_memory_bytes", extract_memory_bytes)
             .finish()
     }
 }
@@ -202,6 +239,14 @@ impl Settings {
                 parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
             ),
             model_dir: var("MODEL_DIR", ".data/models/all-MiniLM-L6-v2").into(),
+            max_decompressed_bytes: parse("MAX_DECOMPRESSED_BYTES", "17179869184")?,
+            max_in_memory_bytes: parse("MAX_IN_MEMORY_BYTES", "1073741824")?,
+            max_record_bytes: parse("MAX_RECORD_BYTES", "16777216")?,
+            max_document_bytes: parse("MAX_DOCUMENT_BYTES", "67108864")?,
+            max_worker_deaths: parse("MAX_WORKER_DEATHS", "3")?,
+            extractor: std::env::var_os("CONVEYOR_EXTRACTOR").map(PathBuf::from),
+            extract_timeout: Duration::from_secs(parse("EXTRACT_TIMEOUT_SECS", "60")?),
+            extract_memory_bytes: parse("EXTRACT_MEMORY_BYTES", "1073741824")?,
         })
     }
 
@@ -249,6 +294,15 @@ impl Settings {
             tenant_stream_maxlen: 10_000,
             shutdown_grace: Duration::from_secs(10),
             retry_base: Duration::from_millis(200),
+            max_decompressed_bytes: 4 << 30,
+            max_in_memory_bytes: 64 << 20,
+            max_record_bytes: 1 << 20,
+            max_document_bytes: 4 << 20,
+            max_worker_deaths: 3,
+            // The test binary is no worker: the harness names the built `conveyor-worker`.
+            extractor: None,
+            extract_timeout: Duration::from_secs(20),
+            extract_memory_bytes: 1 << 30,
         }
     }
 }

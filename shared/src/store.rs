@@ -348,18 +348,28 @@ pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Moved>> 
     .await
 }
 
-/// Running jobs whose worker stopped heart-beating: re-queued, or failed when out of attempts.
+/// Running jobs whose worker stopped heart-beating: re-queued; failed when out of attempts,
+/// or when this was the `max_deaths`-th worker to die running it (a poison job).
 pub async fn rescue_orphans(
     pool: &PgPool,
     horizon: std::time::Duration,
+    max_deaths: i32,
 ) -> sqlx::Result<Vec<Moved>> {
+    // In SET, `worker_deaths` is the count before this death.
     sqlx::query_as(
         "UPDATE jobs SET
-             status = CASE WHEN attempt >= max_attempts OR cancel_requested
-                           THEN (CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END) ELSE 'queued' END,
-             error = CASE WHEN attempt >= max_attempts AND NOT cancel_requested
-                          THEN 'worker ' || coalesce(worker, '?') || ' was lost during the last attempt' ELSE error END,
-             finished_at = CASE WHEN attempt >= max_attempts OR cancel_requested THEN now() END,
+             worker_deaths = worker_deaths + 1,
+             status = CASE WHEN cancel_requested THEN 'cancelled'
+                           WHEN worker_deaths + 1 >= $2 OR attempt >= max_attempts THEN 'failed'
+                           ELSE 'queued' END,
+             error = CASE WHEN cancel_requested THEN error
+                          WHEN worker_deaths + 1 >= $2
+                          THEN 'worker died ' || (worker_deaths + 1) || ' times while running it'
+                          WHEN attempt >= max_attempts
+                          THEN 'worker ' || coalesce(worker, '?') || ' was lost during the last attempt'
+                          ELSE error END,
+             finished_at = CASE WHEN cancel_requested OR worker_deaths + 1 >= $2
+                                     OR attempt >= max_attempts THEN now() END,
              worker = NULL,
              updated_at = now()
          WHERE status = 'running' AND NOT EXISTS (
@@ -368,6 +378,7 @@ pub async fn rescue_orphans(
          RETURNING id, tenant_id, kind, attempt, status, error",
     )
     .bind(horizon.as_secs_f64())
+    .bind(max_deaths)
     .fetch_all(pool)
     .await
 }

@@ -1,4 +1,5 @@
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
 
 /// Runs Conveyor jobs from the Redis queues.
 #[derive(Parser)]
@@ -7,18 +8,40 @@ struct Args {
     /// Queues to serve with their concurrency, e.g. `import=4,patch=1` (default: every queue, 2 each).
     #[arg(long, env = "CONVEYOR_QUEUES")]
     queues: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    shared::telemetry::init("info,sqlx=warn,apalis=warn");
+#[derive(Subcommand)]
+enum Command {
+    /// Internal: extracts one document's text, stdin to stdout. A worker runs itself this way,
+    /// under resource limits, for parsers that a hostile file could crash.
+    Extract {
+        #[arg(long)]
+        format: String,
+    },
+}
+
+fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
+    if let Some(Command::Extract { format }) = args.command {
+        return Ok(jobs::ingest::isolated::serve(&format));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args.queues))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(queues: Option<String>) -> anyhow::Result<()> {
+    shared::telemetry::init("info,sqlx=warn,apalis=warn");
     let settings = shared::Settings::from_env()?;
     let pool = shared::db::connect(&settings.database_url, 4).await?;
     let services = jobs::Services::new(std::sync::Arc::new(settings.clone()), pool.clone())?;
     shared::tenancy::check_default_target(&pool, &services.targets.default_platform()?).await?;
     let registry = jobs::Registry::standard(services);
-    let queues = match args.queues.as_deref() {
+    let queues = match queues.as_deref() {
         Some(spec) => conveyor_worker::QueueSpec::parse(spec, &registry)?,
         None => conveyor_worker::QueueSpec::all(&registry, 2),
     };

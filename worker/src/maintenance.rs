@@ -79,7 +79,12 @@ async fn tick(runtime: &Runtime, ticks: u64) -> anyhow::Result<()> {
     };
     if every(settings.heartbeat) {
         // Running jobs of workers whose lease lapsed (kill -9, node loss).
-        let orphans = store::rescue_orphans(runtime.pool(), settings.rescue_after).await?;
+        let orphans = store::rescue_orphans(
+            runtime.pool(),
+            settings.rescue_after,
+            settings.max_worker_deaths,
+        )
+        .await?;
         if !orphans.is_empty() {
             tracing::warn!(count = orphans.len(), "rescued jobs of lost workers");
         }

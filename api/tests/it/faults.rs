@@ -1,19 +1,13 @@
 //! Faults with real processes: kill -9 of a worker, a Redis restart, a PostgreSQL crash and
 //! restart, SIGTERM.
 
-use crate::harness::{admin_url, binary, TestApp};
+use crate::harness::{admin_url, binary, pid_of, TestApp};
 use serde_json::json;
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
-
-fn pid_of(worker_name: &str) -> u32 {
-    // Worker names are host-pid-random.
-    let parts: Vec<&str> = worker_name.rsplitn(3, '-').collect();
-    parts[1].parse().expect("pid in worker name")
-}
 
 #[tokio::test]
 async fn a_killed_workers_job_is_finished_by_another_within_30s() {

@@ -65,6 +65,9 @@ impl TestApp {
             format!("{base_url}/{db_name}"),
             format!("test:{}", Uuid::new_v4().simple()),
         );
+        // In-process workers run in this test binary, which cannot extract documents: the
+        // worker binary does (`scripts/test` builds it).
+        settings.extractor = Some(binary_path("conveyor-worker"));
         configure(&mut settings);
         let mut app = Self {
             settings: settings.clone(),
@@ -217,6 +220,26 @@ impl TestApp {
             .env("CONVEYOR_RESCUE_AFTER_SECS", "3")
             .env("CONVEYOR_SHUTDOWN_GRACE_SECS", "20")
             .env("CONVEYOR_QUEUES", queues)
+            .env(
+                "CONVEYOR_MAX_DECOMPRESSED_BYTES",
+                self.settings.max_decompressed_bytes.to_string(),
+            )
+            .env(
+                "CONVEYOR_MAX_IN_MEMORY_BYTES",
+                self.settings.max_in_memory_bytes.to_string(),
+            )
+            .env(
+                "CONVEYOR_MAX_RECORD_BYTES",
+                self.settings.max_record_bytes.to_string(),
+            )
+            .env(
+                "CONVEYOR_MAX_DOCUMENT_BYTES",
+                self.settings.max_document_bytes.to_string(),
+            )
+            .env(
+                "CONVEYOR_MAX_WORKER_DEATHS",
+                self.settings.max_worker_deaths.to_string(),
+            )
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -413,11 +436,33 @@ fn rand_suffix() -> String {
     Uuid::new_v4().simple().to_string()[..6].to_owned()
 }
 
-/// A binary of the workspace, next to the test executable's directory.
-pub fn binary(name: &str) -> PathBuf {
+/// The process id in a worker's name (host-pid-random).
+pub fn pid_of(worker_name: &str) -> u32 {
+    let parts: Vec<&str> = worker_name.rsplitn(3, '-').collect();
+    parts[1].parse().expect("pid in worker name")
+}
+
+/// Peak resident memory of a process, in MB.
+pub fn peak_rss_mb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+/// Where a binary of the workspace is: next to the test executable's directory.
+pub fn binary_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
+    exe.parent().unwrap().parent().unwrap().join(name)
+}
+
+/// A binary of the workspace, which must be built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = binary_path(name);
     assert!(
         path.exists(),
         "{} missing: run `cargo build --workspace --bins`",

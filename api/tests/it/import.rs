@@ -10,7 +10,7 @@ use std::{
 };
 use uuid::Uuid;
 
-use crate::harness::TestApp;
+use crate::harness::{peak_rss_mb, TestApp};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -801,18 +801,6 @@ async fn connections_keep_their_credentials_secret_and_imports_use_them() {
     assert_eq!(psql(&url, "SELECT name FROM via_connection"), "ann");
     let (_, list) = app.get("/v1/connections").await;
     assert_eq!(list[0]["name"], "warehouse");
-}
-
-/// Peak resident memory of a process, in MB.
-fn peak_rss_mb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        / 1024
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ mod cli;
 mod connection_attacks;
 mod dashboard;
 mod faults;
+mod hostile;
 mod import;
 mod ingest;
 mod keys;

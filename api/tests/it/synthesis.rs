@@ -93,7 +93,8 @@ fn read(app: &TestApp, job: Uuid, name: &str) -> Table {
     } else {
         Format::Parquet
     };
-    table::read(&artifact(app, job, name), format, Compression::None).unwrap()
+    let cap = jobs::limits::Limits::new(&app.settings).held();
+    table::read(&artifact(app, job, name), format, Compression::None, cap).unwrap()
 }
 
 fn numbers(table: &Table, column: &str) -> Vec<Option<f64>> {

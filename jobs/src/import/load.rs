@@ -287,8 +287,16 @@ async fn import(
     let known: Vec<String> = dataset.schema.iter().map(|c| c.name.clone()).collect();
     let (format, compression) = (dataset.format, dataset.compression);
     let open_path = path.clone();
+    let limits = services.limits;
     let opened = tokio::task::spawn_blocking(move || {
-        source::open(&open_path, format, compression, &csv_settings, &known)
+        source::open(
+            &open_path,
+            format,
+            compression,
+            &csv_settings,
+            &known,
+            &limits,
+        )
     })
     .await
     .map_err(|e| JobError::Retryable(e.to_string()))?
@@ -338,6 +346,7 @@ async fn import(
             path,
             compression,
             size,
+            limits,
         )
         .await?;
         let summary = Summary {

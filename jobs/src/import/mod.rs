@@ -5,7 +5,7 @@
 mod inspect;
 mod load;
 pub mod parquet_footer;
-mod source;
+pub(crate) mod source;
 mod stream;
 mod types;
 

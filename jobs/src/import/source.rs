@@ -1,6 +1,8 @@
 //! Reading a dataset row by row, in bounded memory, whatever its format: CSV/TSV (plain, gzip or
 //! zstd) through the csv crate, NDJSON line by line, Parquet slice by slice through polars.
+//! Text stops at the caps on decompressed bytes and on bytes per record ([`Limits`]).
 
+use crate::limits::{Capped, Framing, Limits, RecordCapped};
 use csv::ByteRecord;
 use polars::prelude::*;
 use shared::datasets::{Compression, Format};
@@ -17,7 +19,7 @@ use std::{
 /// Rows read from Parquet at a time.
 const PARQUET_SLICE: usize = 64 * 1024;
 
-/// Opens a file, undoing its compression.
+/// Opens a file, undoing its compression. Uncapped: the caller bounds what it reads.
 pub fn open_decompressed(
     path: &Path,
     compression: Compression,
@@ -25,13 +27,25 @@ pub fn open_decompressed(
     open_counted(path, compression, Arc::default())
 }
 
-/// The file's (decompressed) bytes; `counter` counts the bytes read from disk.
+/// The file's (decompressed) bytes up to the caps; `counter` counts the bytes read from disk.
 pub fn open_raw(
     path: &Path,
     compression: Compression,
     counter: Arc<AtomicU64>,
+    limits: &Limits,
+    framing: Framing,
 ) -> std::io::Result<Box<dyn Read + Send>> {
-    open_counted(path, compression, counter)
+    Ok(capped(
+        open_counted(path, compression, counter)?,
+        limits,
+        framing,
+    ))
+}
+
+/// Fails the read past the cap on decompressed bytes, or on one record's bytes.
+fn capped(reader: Box<dyn Read + Send>, limits: &Limits, framing: Framing) -> Box<dyn Read + Send> {
+    let whole = Capped::new(reader, limits.streamed());
+    Box::new(RecordCapped::new(whole, framing, limits.record()))
 }
 
 fn open_counted(
@@ -126,12 +140,17 @@ pub fn open(
     compression: Compression,
     csv_settings: &CsvSettings,
     known_columns: &[String],
+    limits: &Limits,
 ) -> Result<Opened, String> {
     let bytes_read = Arc::new(AtomicU64::new(0));
     let io = |e: std::io::Error| format!("cannot read the dataset: {e}");
     match format {
         Format::Csv | Format::Tsv => {
-            let reader = open_counted(path, compression, bytes_read.clone()).map_err(io)?;
+            let framing = Framing::Csv {
+                quote: csv_settings.quote,
+            };
+            let open = || open_raw(path, compression, bytes_read.clone(), limits, framing);
+            let reader = open().map_err(io)?;
             let delimiter = if format == Format::Tsv && csv_settings.delimiter == b',' {
                 b'\t'
             } else {
@@ -163,7 +182,7 @@ pub fn open(
             } else {
                 // Without a header the first record is data: read the file again from the top.
                 let count = first.len();
-                let reader = open_counted(path, compression, bytes_read.clone()).map_err(io)?;
+                let reader = open().map_err(io)?;
                 csv = csv_reader(reader);
                 bytes_read.store(0, Ordering::Relaxed);
                 (1..=count).map(|i| format!("column_{i}")).collect()
@@ -175,7 +194,14 @@ pub fn open(
             })
         }
         Format::Ndjson => {
-            let reader = open_counted(path, compression, bytes_read.clone()).map_err(io)?;
+            let reader = open_raw(
+                path,
+                compression,
+                bytes_read.clone(),
+                limits,
+                Framing::Lines,
+            )
+            .map_err(io)?;
             Ok(Opened {
                 header: known_columns.to_vec(),
                 source: Source::Ndjson {

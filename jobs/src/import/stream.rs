@@ -18,7 +18,10 @@ use std::{
 use tokio::sync::mpsc;
 
 use super::{source, EncodingErrors, ImportPayload, OnError};
-use crate::JobError;
+use crate::{
+    limits::{CapExceeded, Framing, Limits},
+    JobError,
+};
 
 /// Bytes per COPY message, and messages read ahead of the connection.
 const MESSAGE: usize = 1 << 20;
@@ -47,6 +50,7 @@ pub async fn copy(
     path: PathBuf,
     compression: Compression,
     size: u64,
+    limits: Limits,
 ) -> Result<u64, JobError> {
     let literal = |s: &str| format!("'{}'", s.replace('\'', "''"));
     // A TSV dataset's default delimiter is a tab, as on the checked path.
@@ -65,8 +69,11 @@ pub async fn copy(
     let read = Arc::default();
     let counter = Arc::clone(&read);
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(MESSAGES_IN_FLIGHT);
+    let framing = Framing::Csv {
+        quote: payload.csv.quote.as_bytes()[0],
+    };
     let reader = tokio::task::spawn_blocking(move || {
-        let mut file = match source::open_raw(&path, compression, counter) {
+        let mut file = match source::open_raw(&path, compression, counter, &limits, framing) {
             Ok(file) => file,
             Err(e) => return drop(tx.blocking_send(Err(e))),
         };
@@ -96,7 +103,10 @@ pub async fn copy(
             Ok(message) => message,
             Err(e) => {
                 let _ = sink.abort("the file could not be read").await;
-                return Err(JobError::Retryable(format!("reading the dataset: {e}")));
+                return Err(match CapExceeded::in_io(&e) {
+                    Some(cap) => cap.into(),
+                    None => JobError::Retryable(format!("reading the dataset: {e}")),
+                });
             }
         };
         sink.send(message).await.map_err(copy_error)?;

@@ -8,14 +8,15 @@ mod bert;
 pub mod chunk;
 pub mod embed;
 pub mod extract;
+pub mod isolated;
 pub mod store;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use shared::{datasets::Compression, FieldError, JobContext, Problem};
-use std::{collections::HashMap, io::Read, sync::Arc, time::Instant};
+use shared::{FieldError, JobContext, Problem};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -23,7 +24,11 @@ use self::{
     chunk::Chunking,
     extract::{DocFormat, RecordFields},
 };
-use crate::{parse_payload, Handler, JobError, Services};
+use crate::{
+    import,
+    limits::{read_capped, CapExceeded, Framing, RecordCapped},
+    parse_payload, Handler, JobError, Services,
+};
 
 pub const MAX_SOURCES: usize = 10_000;
 pub const MAX_ID_LEN: usize = 256;
@@ -145,8 +150,14 @@ impl Ingest {
         Self { services }
     }
 
-    /// The documents of one source.
-    async fn read(&self, tenant: Uuid, source: &DocumentSource) -> Result<Vec<Document>, JobError> {
+    /// The documents of one source. `budget`: the decompressed bytes the job's datasets may
+    /// still take (they are all held in memory), less what this one took.
+    async fn read(
+        &self,
+        tenant: Uuid,
+        source: &DocumentSource,
+        budget: &mut u64,
+    ) -> Result<Vec<Document>, JobError> {
         if let Some(text) = &source.text {
             let id = source.id.clone().unwrap_or_default();
             let text = match source.format {
@@ -177,18 +188,64 @@ impl Ingest {
             .dataset_file(tenant, dataset_id)
             .await
             .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
+        let limits = self.services.limits;
+        // A single document stops at the document cap, records each at the record cap; all of
+        // the job's datasets together at the in-memory cap.
+        let held = limits.held().with_bytes(*budget);
+        let cap = match format.is_records() {
+            false if limits.document < *budget => limits.document(),
+            _ => held,
+        };
+        let framing = match format {
+            DocFormat::Csv | DocFormat::Tsv => Some(Framing::Csv { quote: b'"' }),
+            DocFormat::Ndjson => Some(Framing::Lines),
+            _ => None,
+        };
+        let record = limits.record();
         let compression = dataset.compression;
-        let bytes = tokio::task::spawn_blocking(move || read_file(&path, compression))
+        let bytes = tokio::task::spawn_blocking(move || {
+            let reader = import::source::open_decompressed(&path, compression)?;
+            match framing {
+                Some(framing) => read_capped(RecordCapped::new(reader, framing, record), cap),
+                None => read_capped(reader, cap),
+            }
+        })
+        .await
+        .map_err(|e| JobError::Permanent(e.to_string()))?
+        .map_err(|e| match CapExceeded::in_io(&e) {
+            Some(cap) => JobError::Permanent(format!("dataset {dataset_id}: {cap}")),
+            None => JobError::Permanent(format!("dataset {dataset_id}: {e}")),
+        })?;
+        *budget -= bytes.len() as u64;
+        let failed = |e: String| {
+            JobError::Permanent(format!("dataset {} ({}): {e}", dataset.name, dataset_id))
+        };
+        let extracted = if format == DocFormat::Pdf {
+            let text = self
+                .services
+                .extractor
+                .extract(format, bytes, limits.document())
+                .await
+                .map_err(failed)?;
+            vec![extract::Extracted {
+                id: None,
+                text,
+                fields: Map::new(),
+            }]
+        } else {
+            let text_field = source.text_field.clone().unwrap_or_else(|| "text".into());
+            let id_field = source.id_field.clone();
+            tokio::task::spawn_blocking(move || {
+                let fields = RecordFields {
+                    text: &text_field,
+                    id: id_field.as_deref(),
+                };
+                extract::extract(&bytes, format, &fields)
+            })
             .await
             .map_err(|e| JobError::Permanent(e.to_string()))?
-            .map_err(|e| JobError::Permanent(format!("dataset {dataset_id}: {e}")))?;
-        let fields = RecordFields {
-            text: source.text_field.as_deref().unwrap_or("text"),
-            id: source.id_field.as_deref(),
+            .map_err(failed)?
         };
-        let extracted = extract::extract(&bytes, format, &fields).map_err(|e| {
-            JobError::Permanent(format!("dataset {} ({}): {e}", dataset.name, dataset_id))
-        })?;
         // Records are `prefix:id`: the source's id, else (numbered records) the dataset's.
         let prefix = source
             .id
@@ -212,17 +269,6 @@ impl Ingest {
             })
             .collect())
     }
-}
-
-fn read_file(path: &std::path::Path, compression: Compression) -> std::io::Result<Vec<u8>> {
-    let file = std::fs::File::open(path)?;
-    let mut bytes = Vec::new();
-    match compression {
-        Compression::None => std::io::BufReader::new(file).read_to_end(&mut bytes)?,
-        Compression::Gzip => flate2::read::MultiGzDecoder::new(file).read_to_end(&mut bytes)?,
-        Compression::Zstd => zstd::Decoder::new(file)?.read_to_end(&mut bytes)?,
-    };
-    Ok(bytes)
 }
 
 fn retryable(e: impl std::fmt::Display) -> JobError {
@@ -296,8 +342,9 @@ impl Handler for Ingest {
 
         // Every document, the last of each id winning; unchanged ones are skipped.
         let mut documents: Vec<Document> = Vec::new();
+        let mut budget = self.services.limits.in_memory;
         for source in &payload.documents {
-            documents.extend(self.read(ctx.tenant_id(), source).await?);
+            documents.extend(self.read(ctx.tenant_id(), source, &mut budget).await?);
         }
         let mut last = HashMap::new();
         for (i, doc) in documents.iter().enumerate() {

@@ -500,8 +500,9 @@ impl Handler for SynthesisJob {
         };
         let parquet = payload.output_format == OutputFormat::Parquet;
         let scratch = output.clone();
+        let cap = self.services.limits.held();
         let work = tokio::task::spawn_blocking(move || -> Result<Value, JobError> {
-            let input = table::read(&path, dataset.format, dataset.compression)
+            let input = table::read(&path, dataset.format, dataset.compression, cap)
                 .map_err(|e| JobError::Permanent(format!("reading the dataset: {e}")))?;
             let synthesis = synthesize(&input, &payload, seed, &monitor)?;
             monitor.stage(0.95, "writing");

@@ -8,6 +8,11 @@ use std::{collections::HashMap, io::Cursor, path::Path};
 
 use shared::datasets::{Compression, Format};
 
+use crate::{
+    import::source::open_decompressed,
+    limits::{read_capped, Cap, CapExceeded},
+};
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Values {
     Numbers(Vec<Option<f64>>),
@@ -140,33 +145,44 @@ impl Table {
     }
 }
 
-/// Reads a dataset file of the given format into a table.
-pub fn read(path: &Path, format: Format, compression: Compression) -> PolarsResult<Table> {
-    let frame = match (format, compression) {
-        (Format::Document, _) => {
+/// Reads a dataset file of the given format into a table, holding at most `cap`'s bytes of
+/// decompressed text (or, for Parquet, what its metadata says its data takes).
+pub fn read(
+    path: &Path,
+    format: Format,
+    compression: Compression,
+    cap: Cap,
+) -> PolarsResult<Table> {
+    let frame = match format {
+        Format::Document => {
             return Err(PolarsError::ComputeError("a document, not a table".into()))
         }
-        (Format::Parquet, _) => ParquetReader::new(std::fs::File::open(path)?).finish()?,
-        (_, Compression::None) => read_text(std::fs::File::open(path)?, format)?,
-        (_, compression) => {
-            let bytes = decompress(&std::fs::read(path)?, compression)?;
+        Format::Parquet => {
+            let mut reader = ParquetReader::new(std::fs::File::open(path)?);
+            let metadata = reader.get_metadata()?;
+            let columns = metadata.schema().columns().len() as u64;
+            // A column of repeats encodes to nothing: count at least 8 bytes a value.
+            let decoded: u64 = metadata
+                .row_groups
+                .iter()
+                .map(|g| (g.total_byte_size() as u64).max(g.num_rows() as u64 * columns * 8))
+                .sum();
+            if decoded > cap.bytes {
+                return Err(PolarsError::ComputeError(cap.exceeded().to_string().into()));
+            }
+            reader.finish()?
+        }
+        _ => {
+            let bytes = open_decompressed(path, compression)
+                .and_then(|reader| read_capped(reader, cap))
+                .map_err(|e| match CapExceeded::in_io(&e) {
+                    Some(cap) => PolarsError::ComputeError(cap.to_string().into()),
+                    None => e.into(),
+                })?;
             read_text(Cursor::new(bytes), format)?
         }
     };
     from_frame(&frame)
-}
-
-fn decompress(bytes: &[u8], compression: Compression) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut out = Vec::new();
-    match compression {
-        Compression::Gzip => {
-            flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out)?;
-        }
-        Compression::Zstd => out = zstd::decode_all(bytes)?,
-        Compression::None => out = bytes.to_vec(),
-    }
-    Ok(out)
 }
 
 fn read_text<R: MmapBytesReader>(reader: R, format: Format) -> PolarsResult<DataFrame> {
@@ -270,6 +286,33 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
+    const CAP: Cap = Cap::new(1 << 20, "CONVEYOR_MAX_IN_MEMORY_BYTES", "the dataset");
+
+    #[test]
+    fn a_file_inflating_past_the_cap_is_refused_at_the_cap() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("bomb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bomb.csv.gz");
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).unwrap(),
+            flate2::Compression::best(),
+        );
+        gz.write_all(b"a,b\n").unwrap();
+        for _ in 0..64 {
+            gz.write_all(&[b'1'; 64 << 10]).unwrap();
+        }
+        gz.finish().unwrap();
+        let error = read(&path, Format::Csv, Compression::Gzip, CAP).unwrap_err();
+        assert!(
+            error.to_string().contains(
+                "the dataset is larger than the 1 MiB cap (CONVEYOR_MAX_IN_MEMORY_BYTES)"
+            ),
+            "{error}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     fn sample_csv() -> &'static str {
         "id,age,score,city,member,joined,seen\n\
          a1,31,0.5,Oslo,true,2020-01-02,2021-03-04 05:06:07\n\
@@ -283,7 +326,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let input = dir.join("in.csv");
         std::fs::write(&input, sample_csv()).unwrap();
-        let table = read(&input, Format::Csv, Compression::None).unwrap();
+        let table = read(&input, Format::Csv, Compression::None, CAP).unwrap();
         assert_eq!(table.rows(), 3);
         let age = table.column("age").unwrap();
         assert!(age.dtype.is_integer());
@@ -310,7 +353,7 @@ mod tests {
             } else {
                 Format::Csv
             };
-            let back = read(&output, format, Compression::None).unwrap();
+            let back = read(&output, format, Compression::None, CAP).unwrap();
             for (a, b) in table.columns.iter().zip(&back.columns) {
                 assert_eq!(a.name, b.name);
                 assert_eq!(a.dtype, b.dtype, "{}", a.name);

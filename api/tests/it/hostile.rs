@@ -1,0 +1,286 @@
+//! Hostile input: files built to exhaust a worker (a gzip bomb, a record without end, a PDF
+//! nested 100,000 deep) fail their own job with the cap or the reason, and the worker goes on
+//! serving everybody else. A job that kills its worker again and again fails instead of being
+//! handed out forever.
+
+use crate::harness::{peak_rss_mb, pid_of, TestApp};
+use flate2::{write::GzEncoder, Compression};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::{io::Write, time::Duration};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A `.csv.gz` of about 1 MB that inflates to 1 GiB: one gzip member of 16 MiB of `1` lines,
+/// repeated (gzip readers read every member of a file, one after another).
+fn gzip_bomb() -> Vec<u8> {
+    let mut member = GzEncoder::new(Vec::new(), Compression::best());
+    member.write_all(&b"1\n".repeat(8 << 20)).unwrap();
+    let member = member.finish().unwrap();
+    let mut header = GzEncoder::new(Vec::new(), Compression::best());
+    header.write_all(b"text\n").unwrap();
+    let mut bomb = header.finish().unwrap();
+    for _ in 0..64 {
+        bomb.extend_from_slice(&member);
+    }
+    assert!(bomb.len() < 4 << 20, "{} bytes", bomb.len());
+    bomb
+}
+
+/// A worker process that is killed when the test ends, passed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn submit_as(app: &TestApp, key: &str, kind: &str, payload: Value) -> Uuid {
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(key)
+        .json(&json!({"kind": kind, "payload": payload}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    job["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// Waits for the job to end; asserts it failed at its first attempt, with `message` in its error.
+async fn assert_fails_with(app: &TestApp, id: Uuid, message: &str) -> Value {
+    let job = app
+        .wait_status(id, &["succeeded", "failed", "cancelled"], WAIT)
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempt"], 1, "not retried: {job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains(message), "{error}");
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gzip_bomb_fails_its_jobs_while_the_worker_serves_another_tenant() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.settings.max_in_memory_bytes, 64 << 20);
+    let bomb = app.upload_dataset("bomb.csv.gz", &gzip_bomb()).await;
+    let text_bomb = app.upload_dataset("bomb.txt.gz", &gzip_bomb()).await;
+    let (status, collection) = app
+        .post("/v1/collections", &json!({"name": "bombed"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{collection}");
+    let collection = &collection["id"];
+
+    let mut worker = Killed(app.spawn_worker_process("ingest=1,synthesis=1,canary=1"));
+    let ingest = submit_as(
+        &app,
+        &app.key,
+        "ingest",
+        json!({"collection_id": collection, "documents": [{"dataset_id": bomb, "format": "csv"}]}),
+    )
+    .await;
+    let document = submit_as(
+        &app,
+        &app.key,
+        "ingest",
+        json!({"collection_id": collection, "documents": [{"dataset_id": text_bomb}]}),
+    )
+    .await;
+    let synthesis = submit_as(
+        &app,
+        &app.key,
+        "synthesis",
+        json!({"dataset_id": bomb, "rows": 10}),
+    )
+    .await;
+    let other_tenant = app.key_for("globex").await;
+    let canary = submit_as(&app, &other_tenant, "canary", json!({"steps": 5})).await;
+
+    let in_memory = "the dataset is larger than the 64 MiB cap (CONVEYOR_MAX_IN_MEMORY_BYTES)";
+    assert_fails_with(&app, ingest, in_memory).await;
+    assert_fails_with(&app, synthesis, in_memory).await;
+    assert_fails_with(
+        &app,
+        document,
+        "one document is larger than the 4 MiB cap (CONVEYOR_MAX_DOCUMENT_BYTES)",
+    )
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let job: Value = app
+            .client
+            .get(app.url(&format!("/v1/jobs/{canary}")))
+            .bearer_auth(&other_tenant)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if job["status"] == "succeeded" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let peak = peak_rss_mb(worker.0.id());
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "the worker is still up"
+    );
+    assert!(peak < 500, "worker peak RSS {peak} MB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_or_line_past_the_cap_fails_its_import() {
+    let mut app = TestApp::spawn().await;
+    assert_eq!(app.settings.max_record_bytes, 1 << 20);
+    app.start_worker_for(&[("import", 1)]).await;
+    let long = "x".repeat(3 << 19);
+    let csv = format!("id,name\n1,short\n2,\"{long}\n{long}\"\n3,after\n");
+    let ndjson =
+        format!("{{\"id\": 1, \"name\": \"short\"}}\n{{\"id\": 2, \"name\": \"{long}\"}}\n");
+    let cap = "one record is larger than the 1 MiB cap (CONVEYOR_MAX_RECORD_BYTES)";
+    for (name, bytes, on_error) in [
+        // COPY straight from the file, and the checked path that parses every row.
+        ("wide.csv", csv.as_bytes(), "abort"),
+        ("wide.csv", csv.as_bytes(), "skip"),
+        ("wide.ndjson", ndjson.as_bytes(), "abort"),
+    ] {
+        let dataset = app.upload_dataset(name, bytes).await;
+        let id = submit_as(
+            &app,
+            &app.key,
+            "import",
+            json!({"dataset_id": dataset, "target": {"table": "wide"}, "on_error": on_error}),
+        )
+        .await;
+        assert_fails_with(&app, id, cap).await;
+    }
+    // A file of many records under the cap imports.
+    let fine = format!("id,name\n{}", "1,short\n".repeat(200_000));
+    let dataset = app.upload_dataset("fine.csv", fine.as_bytes()).await;
+    let id = submit_as(
+        &app,
+        &app.key,
+        "import",
+        json!({"dataset_id": dataset, "target": {"table": "fine"}}),
+    )
+    .await;
+    let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+}
+
+/// A PDF whose page holds an array nested `depth` deep.
+fn nested_pdf(depth: usize) -> Vec<u8> {
+    let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let content = "BT /F1 12 Tf 72 712 Td (Hello) Tj ET";
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_owned(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_owned(),
+        format!("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Annots {nested} >>"),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+    ];
+    let mut pdf = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, object) in objects.iter().enumerate() {
+        offsets.push(pdf.len());
+        pdf.extend_from_slice(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = pdf.len();
+    pdf.extend_from_slice(
+        format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes(),
+    );
+    for offset in offsets {
+        pdf.extend_from_slice(format!("{offset:010} 00000 n \n").as_bytes());
+    }
+    pdf.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    pdf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_pdf_fails_its_document_and_the_worker_goes_on() {
+    let mut app = TestApp::spawn().await;
+    // In-process: a stack overflow in the worker would take this test down with it.
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let (status, collection) = app
+        .post("/v1/collections", &json!({"name": "papers"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{collection}");
+    let collection = &collection["id"];
+    let nested = app.upload_dataset("nested.pdf", &nested_pdf(100_000)).await;
+    let id = submit_as(
+        &app,
+        &app.key,
+        "ingest",
+        json!({"collection_id": collection, "documents": [{"dataset_id": nested}]}),
+    )
+    .await;
+    assert_fails_with(&app, id, "unreadable pdf").await;
+    let manual = include_bytes!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../jobs/fixtures/ingest/manual.pdf"
+    ));
+    let manual = app.upload_dataset("manual.pdf", manual).await;
+    let next = submit_as(
+        &app,
+        &app.key,
+        "ingest",
+        json!({"collection_id": collection, "documents": [
+            {"dataset_id": manual},
+            {"id": "note", "text": "The next job is served as usual."},
+        ]}),
+    )
+    .await;
+    let job = app.wait_status(next, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"]["documents"], 2, "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_dies_three_times_fails() {
+    let mut app = TestApp::spawn().await;
+    // The rescuer runs in every worker; this one serves no canary, so it never runs the job.
+    app.start_worker_for(&[("import", 1)]).await;
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "canary", "payload": {"steps": 600, "step_ms": 100}, "max_attempts": 25}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    for death in 1..=3 {
+        let mut worker = Killed(app.spawn_worker_process("canary=1"));
+        loop {
+            let job = app.wait_status(id, &["running"], WAIT).await;
+            if job["worker"].as_str().map(pid_of) == Some(worker.0.id()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        worker.0.kill().unwrap(); // SIGKILL
+        worker.0.wait().unwrap();
+        let job = app.wait_status(id, &["queued", "failed"], WAIT).await;
+        let expected = if death < 3 { "queued" } else { "failed" };
+        assert_eq!(job["status"], expected, "after death {death}: {job}");
+    }
+    let job = app.job(id).await;
+    assert_eq!(
+        job["error"], "worker died 3 times while running it",
+        "{job}"
+    );
+    assert_eq!(job["attempt"], 3, "{job}");
+}

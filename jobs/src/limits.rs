@@ -1,0 +1,256 @@
+//! Caps on what one dataset may cost a worker: decompressed bytes, bytes per record or line,
+//! bytes per document. Readers enforce them as they go, so a small file that inflates to tens
+//! of GB stops at the cap instead of exhausting the process (and every other tenant's jobs in
+//! it). Going past a cap fails the job for good: the file will not shrink on a retry.
+
+use shared::Settings;
+use std::io::{self, Read};
+
+use crate::JobError;
+
+/// The caps, from [`Settings`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub decompressed: u64,
+    pub in_memory: u64,
+    pub record: u64,
+    pub document: u64,
+}
+
+impl Limits {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            decompressed: settings.max_decompressed_bytes,
+            in_memory: settings.max_in_memory_bytes,
+            record: settings.max_record_bytes,
+            document: settings.max_document_bytes,
+        }
+    }
+
+    /// The cap on decompressed bytes that streaming readers (imports) apply.
+    pub fn streamed(&self) -> Cap {
+        Cap::new(
+            self.decompressed,
+            "CONVEYOR_MAX_DECOMPRESSED_BYTES",
+            "the dataset",
+        )
+    }
+
+    /// The cap on decompressed bytes a job holding its data in memory applies.
+    pub fn held(&self) -> Cap {
+        Cap::new(
+            self.in_memory,
+            "CONVEYOR_MAX_IN_MEMORY_BYTES",
+            "the dataset",
+        )
+    }
+
+    pub fn record(&self) -> Cap {
+        Cap::new(self.record, "CONVEYOR_MAX_RECORD_BYTES", "one record")
+    }
+
+    pub fn document(&self) -> Cap {
+        Cap::new(self.document, "CONVEYOR_MAX_DOCUMENT_BYTES", "one document")
+    }
+}
+
+/// One cap: how many bytes, the setting that sets it, and what it bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    pub bytes: u64,
+    pub setting: &'static str,
+    pub what: &'static str,
+}
+
+impl Cap {
+    pub const fn new(bytes: u64, setting: &'static str, what: &'static str) -> Self {
+        Self {
+            bytes,
+            setting,
+            what,
+        }
+    }
+
+    /// The same cap with a smaller budget (what earlier datasets of the job left).
+    pub fn with_bytes(self, bytes: u64) -> Self {
+        Self { bytes, ..self }
+    }
+
+    pub fn exceeded(self) -> CapExceeded {
+        CapExceeded(self)
+    }
+}
+
+/// The error of going past a cap; it travels inside `io::Error`s through the readers.
+#[derive(Clone, Copy, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{} is larger than the {} cap ({})", .0.what, human(.0.bytes), .0.setting)]
+pub struct CapExceeded(pub Cap);
+
+impl CapExceeded {
+    /// The cap an I/O error reports, if it is one.
+    pub fn in_io(e: &io::Error) -> Option<Self> {
+        e.get_ref()?.downcast_ref::<Self>().copied()
+    }
+}
+
+impl From<CapExceeded> for io::Error {
+    fn from(e: CapExceeded) -> Self {
+        io::Error::other(e)
+    }
+}
+
+impl From<CapExceeded> for JobError {
+    fn from(e: CapExceeded) -> Self {
+        JobError::Permanent(e.to_string())
+    }
+}
+
+/// `1 MiB`, `64 MiB`, `4 GiB`, or bytes.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 3] = [("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    for (unit, shift) in UNITS {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+/// A reader that fails with [`CapExceeded`] once more than the cap's bytes came through it.
+pub struct Capped<R> {
+    inner: R,
+    left: u64,
+    cap: Cap,
+}
+
+impl<R> Capped<R> {
+    pub fn new(inner: R, cap: Cap) -> Self {
+        Self {
+            inner,
+            left: cap.bytes,
+            cap,
+        }
+    }
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // One byte past the cap tells a file of exactly the cap from a larger one.
+        let want = buf
+            .len()
+            .min(self.left.saturating_add(1).min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > self.left {
+            return Err(self.cap.exceeded().into());
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads all of `reader` into memory, failing at the cap before holding more than it.
+pub fn read_capped(reader: impl Read, cap: Cap) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    Capped::new(reader, cap).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// How records end in a stream: at line breaks outside quotes.
+#[derive(Clone, Copy, Debug)]
+pub enum Framing {
+    /// CSV/TSV: a line break inside `quote`s belongs to the field.
+    Csv { quote: u8 },
+    /// NDJSON: JSON strings hold no raw line breaks, so every line break ends a record.
+    Lines,
+}
+
+/// A reader that fails with [`CapExceeded`] once one record grows past the cap, before a
+/// parser above it buffers the record whole. It only watches line breaks and quotes (a
+/// doubled quote toggles twice), so it costs one pass over the bytes.
+pub struct RecordCapped<R> {
+    inner: R,
+    framing: Framing,
+    in_quotes: bool,
+    record: u64,
+    cap: Cap,
+}
+
+impl<R> RecordCapped<R> {
+    pub fn new(inner: R, framing: Framing, cap: Cap) -> Self {
+        Self {
+            inner,
+            framing,
+            in_quotes: false,
+            record: 0,
+            cap,
+        }
+    }
+}
+
+impl<R: Read> Read for RecordCapped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &byte in &buf[..n] {
+            match (byte, self.framing) {
+                (b'\n' | b'\r', _) if !self.in_quotes => {
+                    self.record = 0;
+                    continue;
+                }
+                (q, Framing::Csv { quote }) if q == quote => self.in_quotes = !self.in_quotes,
+                _ => {}
+            }
+            self.record += 1;
+            if self.record > self.cap.bytes {
+                return Err(self.cap.exceeded().into());
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: Cap = Cap::new(8, "CONVEYOR_TEST_CAP", "the thing");
+
+    fn read_all(reader: impl Read) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut reader = io::BufReader::with_capacity(3, reader);
+        reader.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn capped_reads_up_to_the_cap_and_fails_one_byte_past_it() {
+        assert_eq!(
+            read_all(Capped::new(&b"12345678"[..], CAP)).unwrap().len(),
+            8
+        );
+        let error = read_all(Capped::new(&b"123456789"[..], CAP)).unwrap_err();
+        assert_eq!(CapExceeded::in_io(&error), Some(CapExceeded(CAP)));
+        assert_eq!(
+            error.to_string(),
+            "the thing is larger than the 8 bytes cap (CONVEYOR_TEST_CAP)"
+        );
+        let error = read_capped(io::repeat(0), Cap::new(1 << 20, "X", "it")).unwrap_err();
+        assert_eq!(error.to_string(), "it is larger than the 1 MiB cap (X)");
+    }
+
+    #[test]
+    fn record_cap_counts_each_record_and_skips_quoted_line_breaks() {
+        let csv = Framing::Csv { quote: b'"' };
+        // Many short records: fine however long the file.
+        let many = "1234567\n".repeat(1000);
+        assert!(read_all(RecordCapped::new(many.as_bytes(), csv, CAP)).is_ok());
+        // Line breaks and doubled quotes inside quotes do not end the record.
+        let quoted = b"\"a\"\"\nb\ncdefgh\"\n";
+        let error = read_all(RecordCapped::new(&quoted[..], csv, CAP)).unwrap_err();
+        assert!(CapExceeded::in_io(&error).is_some(), "{error}");
+        // As lines, the same bytes are short records.
+        assert!(read_all(RecordCapped::new(&quoted[..], Framing::Lines, CAP)).is_ok());
+        let long = b"{\"a\": \"123456789\"}\n";
+        let error = read_all(RecordCapped::new(&long[..], Framing::Lines, CAP)).unwrap_err();
+        assert!(CapExceeded::in_io(&error).is_some(), "{error}");
+    }
+}
