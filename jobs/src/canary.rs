@@ -30,7 +30,7 @@ pub const MAX_STEP_MS: u64 = 60_000;
 pub struct Canary;
 
 impl CanaryPayload {
-    fn check(&self) -> Result<(), Vec<FieldError>> {
+    pub(crate) fn check(&self) -> Result<(), Vec<FieldError>> {
         let mut errors = Vec::new();
         if self.steps > MAX_STEPS {
             errors.push(FieldError::new(

@@ -356,3 +356,6 @@ pub fn parse_payload<T: serde::de::DeserializeOwned>(
         vec![FieldError::new(field, e.inner().to_string())]
     })
 }
+
+#[cfg(test)]
+mod fuzz;

@@ -155,22 +155,37 @@ pub fn read_capped(reader: impl Read, cap: Cap) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// How records end in a stream: at line breaks outside quotes.
+/// How records end in a stream: at line breaks outside quotes, by the rules of the parser
+/// that reads it (they differ on a quote in the middle of a field).
 #[derive(Clone, Copy, Debug)]
 pub enum Framing {
-    /// CSV/TSV: a line break inside `quote`s belongs to the field.
-    Csv { quote: u8 },
+    /// CSV/TSV read by the csv crate: a quote opens a quoted field only at the start of the
+    /// field; elsewhere it is an ordinary character.
+    Csv { quote: u8, delimiter: u8 },
+    /// CSV read by PostgreSQL's `COPY ... (FORMAT csv)`, which toggles quoting at every quote.
+    CopyCsv { quote: u8 },
     /// NDJSON: JSON strings hold no raw line breaks, so every line break ends a record.
     Lines,
 }
 
+/// Where a CSV reader is within a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Position {
+    FieldStart,
+    Unquoted,
+    Quoted,
+    /// A quote inside a quoted field: a second one is a literal quote, anything else ends
+    /// the quoting.
+    QuoteInQuoted,
+}
+
 /// A reader that fails with [`CapExceeded`] once one record grows past the cap, before a
-/// parser above it buffers the record whole. It only watches line breaks and quotes (a
-/// doubled quote toggles twice), so it costs one pass over the bytes.
+/// parser above it buffers the record whole. It follows only line breaks, quotes and
+/// delimiters as the parser above sees them, so it costs one pass over the bytes.
 pub struct RecordCapped<R> {
     inner: R,
     framing: Framing,
-    in_quotes: bool,
+    position: Position,
     record: u64,
     cap: Cap,
 }
@@ -180,9 +195,42 @@ impl<R> RecordCapped<R> {
         Self {
             inner,
             framing,
-            in_quotes: false,
+            position: Position::FieldStart,
             record: 0,
             cap,
+        }
+    }
+
+    /// Follows one byte; true when it ends the record.
+    fn ends_record(&mut self, byte: u8) -> bool {
+        use Position::*;
+        let line_break = byte == b'\n' || byte == b'\r';
+        match self.framing {
+            Framing::Lines => line_break,
+            Framing::CopyCsv { quote } => {
+                if byte == quote {
+                    self.position = if self.position == Quoted {
+                        Unquoted
+                    } else {
+                        Quoted
+                    };
+                }
+                line_break && self.position != Quoted
+            }
+            Framing::Csv { quote, delimiter } => {
+                self.position = match (self.position, byte) {
+                    (Quoted, b) if b == quote => QuoteInQuoted,
+                    (Quoted, _) => Quoted,
+                    (QuoteInQuoted | FieldStart, b) if b == quote => Quoted,
+                    (_, b) if b == delimiter => FieldStart,
+                    (_, b'\n' | b'\r') => {
+                        self.position = FieldStart;
+                        return true;
+                    }
+                    _ => Unquoted,
+                };
+                false
+            }
         }
     }
 }
@@ -191,13 +239,9 @@ impl<R: Read> Read for RecordCapped<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         for &byte in &buf[..n] {
-            match (byte, self.framing) {
-                (b'\n' | b'\r', _) if !self.in_quotes => {
-                    self.record = 0;
-                    continue;
-                }
-                (q, Framing::Csv { quote }) if q == quote => self.in_quotes = !self.in_quotes,
-                _ => {}
+            if self.ends_record(byte) {
+                self.record = 0;
+                continue;
             }
             self.record += 1;
             if self.record > self.cap.bytes {
@@ -239,7 +283,10 @@ mod tests {
 
     #[test]
     fn record_cap_counts_each_record_and_skips_quoted_line_breaks() {
-        let csv = Framing::Csv { quote: b'"' };
+        let csv = Framing::Csv {
+            quote: b'"',
+            delimiter: b',',
+        };
         // Many short records: fine however long the file.
         let many = "1234567\n".repeat(1000);
         assert!(read_all(RecordCapped::new(many.as_bytes(), csv, CAP)).is_ok());
@@ -249,6 +296,17 @@ mod tests {
         assert!(CapExceeded::in_io(&error).is_some(), "{error}");
         // As lines, the same bytes are short records.
         assert!(read_all(RecordCapped::new(&quoted[..], Framing::Lines, CAP)).is_ok());
+        // Found by scripts/fuzz: a quote inside an unquoted field is an ordinary character to
+        // the csv crate; counting it as an opening quote let the next quoted field's line
+        // breaks look like record ends, so one record of any size passed the cap.
+        let mut sneaky = b"a\"b,\"".to_vec();
+        sneaky.extend_from_slice(&b"123\n".repeat(100));
+        sneaky.extend_from_slice(b"\"\n");
+        let error = read_all(RecordCapped::new(&sneaky[..], csv, CAP)).unwrap_err();
+        assert!(CapExceeded::in_io(&error).is_some(), "{error}");
+        // PostgreSQL's COPY toggles at every quote: there the same bytes are short records.
+        let copy = Framing::CopyCsv { quote: b'"' };
+        assert!(read_all(RecordCapped::new(&sneaky[..], copy, CAP)).is_ok());
         let long = b"{\"a\": \"123456789\"}\n";
         let error = read_all(RecordCapped::new(&long[..], Framing::Lines, CAP)).unwrap_err();
         assert!(CapExceeded::in_io(&error).is_some(), "{error}");

@@ -141,7 +141,7 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 impl ImportPayload {
-    fn check(&self) -> Vec<FieldError> {
+    pub(crate) fn check(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         let mut error = |field: &str, message: String| {
             errors.push(FieldError::new(format!("payload.{field}"), message))

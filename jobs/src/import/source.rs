@@ -146,16 +146,17 @@ pub fn open(
     let io = |e: std::io::Error| format!("cannot read the dataset: {e}");
     match format {
         Format::Csv | Format::Tsv => {
-            let framing = Framing::Csv {
-                quote: csv_settings.quote,
-            };
-            let open = || open_raw(path, compression, bytes_read.clone(), limits, framing);
-            let reader = open().map_err(io)?;
             let delimiter = if format == Format::Tsv && csv_settings.delimiter == b',' {
                 b'\t'
             } else {
                 csv_settings.delimiter
             };
+            let framing = Framing::Csv {
+                quote: csv_settings.quote,
+                delimiter,
+            };
+            let open = || open_raw(path, compression, bytes_read.clone(), limits, framing);
+            let reader = open().map_err(io)?;
             // Flexible: a ragged row is the row's error, reported with its line, not the file's.
             let csv_reader = |reader| {
                 csv::ReaderBuilder::new()

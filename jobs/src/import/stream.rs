@@ -69,7 +69,7 @@ pub async fn copy(
     let read = Arc::default();
     let counter = Arc::clone(&read);
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(MESSAGES_IN_FLIGHT);
-    let framing = Framing::Csv {
+    let framing = Framing::CopyCsv {
         quote: payload.csv.quote.as_bytes()[0],
     };
     let reader = tokio::task::spawn_blocking(move || {

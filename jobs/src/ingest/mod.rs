@@ -66,7 +66,7 @@ pub struct DocumentSource {
 }
 
 impl IngestPayload {
-    fn check(&self) -> Result<(), Vec<FieldError>> {
+    pub(crate) fn check(&self) -> Result<(), Vec<FieldError>> {
         let mut errors = Vec::new();
         if self.documents.is_empty() || self.documents.len() > MAX_SOURCES {
             errors.push(FieldError::new(
@@ -197,7 +197,14 @@ impl Ingest {
             _ => held,
         };
         let framing = match format {
-            DocFormat::Csv | DocFormat::Tsv => Some(Framing::Csv { quote: b'"' }),
+            DocFormat::Csv => Some(Framing::Csv {
+                quote: b'"',
+                delimiter: b',',
+            }),
+            DocFormat::Tsv => Some(Framing::Csv {
+                quote: b'"',
+                delimiter: b'\t',
+            }),
             DocFormat::Ndjson => Some(Framing::Lines),
             _ => None,
         };

@@ -95,7 +95,7 @@ fn default_holdout() -> f64 {
 }
 
 impl SynthesisPayload {
-    fn check(&self) -> Result<(), Vec<FieldError>> {
+    pub(crate) fn check(&self) -> Result<(), Vec<FieldError>> {
         let mut errors = Vec::new();
         let mut refuse = |field: &str, message: String| {
             errors.push(FieldError::new(format!("payload.{field}"), message))
