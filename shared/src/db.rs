@@ -25,7 +25,35 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    repair_edited_sessions_migration(pool).await?;
     MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// `20261123000007_sessions.sql` was edited after it landed (an index was appended; it now
+/// lives in `20261202000004`). Databases that ran the edited file hold its checksum, which
+/// sqlx would refuse: record the landed file's checksum instead. Their index already exists,
+/// and the new migration creates it only if missing.
+async fn repair_edited_sessions_migration(pool: &PgPool) -> anyhow::Result<()> {
+    const VERSION: i64 = 20261123000007;
+    const EDITED: &str = "0c8bc33142223eb3feec1f5b524b10a304d076539d9923887cca39159e463697\
+                          d4c9f3805b002ae5e3ce4a9c14107019";
+    let Some(landed) = MIGRATOR.iter().find(|m| m.version == VERSION) else {
+        return Ok(());
+    };
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await?;
+    if table.is_some() {
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND checksum = $3",
+        )
+        .bind(&*landed.checksum)
+        .bind(VERSION)
+        .bind(hex::decode(EDITED)?)
+        .execute(pool)
+        .await?;
+    }
     Ok(())
 }
 
@@ -58,7 +86,35 @@ pub fn redact(raw: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{redact, MIGRATOR};
+
+    /// A landed migration never changes (sqlx refuses a database whose applied checksum
+    /// differs): `migrations/checksums` records each one; a new migration adds its line.
+    #[test]
+    fn landed_migrations_are_unchanged() {
+        let manifest = include_str!("../../migrations/checksums");
+        let recorded: Vec<(&str, &str)> = manifest
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| l.split_once(' ').expect("`version checksum` lines"))
+            .collect();
+        let actual: Vec<(String, String)> = MIGRATOR
+            .iter()
+            .map(|m| (m.version.to_string(), hex::encode(&*m.checksum)))
+            .collect();
+        for (version, checksum) in &actual {
+            match recorded.iter().find(|(v, _)| v == version) {
+                Some((_, c)) => assert_eq!(
+                    c, checksum,
+                    "migration {version} changed after it landed: add a new migration instead"
+                ),
+                None => panic!(
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums"
+                ),
+            }
+        }
+        assert_eq!(recorded.len(), actual.len(), "a recorded migration is gone");
+    }
 
     #[test]
     fn passwords_are_hidden_wherever_the_url_has_them() {

@@ -227,3 +227,35 @@ async fn a_backlog_of_10000_jobs_drains_completely() {
     }
     assert_eq!(count("failed").await.unwrap(), 0);
 }
+
+/// `20261123000007_sessions.sql` was edited after it landed; a database that ran the edited
+/// file still migrates (sqlx alone refuses it: "previously applied but has been modified").
+#[tokio::test]
+async fn a_database_that_ran_the_edited_sessions_migration_still_migrates() {
+    let app = TestApp::spawn().await;
+    let edited = "0c8bc33142223eb3feec1f5b524b10a304d076539d9923887cca39159e463697\
+                  d4c9f3805b002ae5e3ce4a9c14107019";
+    sqlx::query(
+        "UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = 20261123000007",
+    )
+    .bind(edited)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    shared::db::migrate(app.pool()).await.unwrap();
+    let checksum: Vec<u8> =
+        sqlx::query_scalar("SELECT checksum FROM _sqlx_migrations WHERE version = 20261123000007")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    let landed = shared::db::MIGRATOR
+        .iter()
+        .find(|m| m.version == 20261123000007)
+        .unwrap();
+    assert_eq!(checksum, landed.checksum.to_vec());
+    let index: Option<String> = sqlx::query_scalar("SELECT to_regclass('jobs_finished')::text")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(index.as_deref(), Some("jobs_finished"));
+}
