@@ -84,7 +84,7 @@ pub struct Services {
     pub objects: ObjectStore,
     pub targets: Targets,
     /// The embedding model, loaded on first use.
-    pub embedder: ingest::embed::SharedEmbedder,
+    pub embedder: embed::SharedEmbedder,
     /// Bounds the preflights that reach target databases.
     pub preflights: Arc<Preflights>,
     /// Caps on the bytes a job reads from its datasets.
@@ -114,7 +114,7 @@ impl Services {
         Ok(Arc::new(Self {
             objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
             targets: Targets::new(pool.clone(), &settings, limits)?,
-            embedder: ingest::embed::SharedEmbedder::new(&settings.model_dir),
+            embedder: embed::SharedEmbedder::new(&settings.model_dir),
             preflights: Arc::new(Preflights::new(
                 settings.preflight_timeout,
                 settings.preflight_concurrency,

@@ -6,10 +6,8 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use jobs::ingest::{
-    embed::MODEL_NAME,
-    store::{self, Collection, Filter, Hit, SearchMode},
-};
+use embed::MODEL_NAME;
+use jobs::ingest::store::{self, Collection, Filter, Hit, SearchMode};
 use serde::{Deserialize, Serialize};
 use shared::{FieldError, Problem};
 use utoipa::{IntoParams, ToSchema};

@@ -101,7 +101,7 @@ fn ends_sentence(tokens: &[String], i: usize, gap: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::embed::tests::installed_model;
+    use embed::testing::installed_model;
 
     fn count(tokenizer: &Tokenizer, text: &str) -> usize {
         tokenizer.encode(text, false).unwrap().len()

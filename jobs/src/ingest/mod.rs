@@ -4,9 +4,7 @@
 //! and a document whose content hash is unchanged is skipped. So a retry after a crash, or a
 //! second ingest of the same files, indexes each document exactly once.
 
-mod bert;
 pub mod chunk;
-pub mod embed;
 pub mod extract;
 pub mod isolated;
 pub mod store;

@@ -11,7 +11,8 @@ use std::{
 };
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::bert::Bert;
+mod bert;
+use bert::Bert;
 
 /// The only model this build serves; collections name it.
 pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -152,13 +153,12 @@ impl SharedEmbedder {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
+/// For tests of this crate and its users: the model loaded once per process.
+pub mod testing {
     use super::*;
-    use serde::Deserialize;
 
     /// The model `scripts/model` installed in this checkout (or `CONVEYOR_MODEL_DIR`).
-    pub(crate) fn installed_model() -> Arc<Embedder> {
+    pub fn installed_model() -> Arc<Embedder> {
         static MODEL: std::sync::OnceLock<Arc<Embedder>> = std::sync::OnceLock::new();
         MODEL
             .get_or_init(|| {
@@ -172,6 +172,13 @@ pub(crate) mod tests {
             })
             .clone()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::installed_model;
+    use super::*;
+    use serde::Deserialize;
 
     #[derive(Deserialize)]
     struct Reference {
@@ -193,10 +200,8 @@ pub(crate) mod tests {
 
     #[test]
     fn vectors_match_sentence_transformers() {
-        let reference: Reference = serde_json::from_str(include_str!(
-            "../../fixtures/ingest/reference_embeddings.json"
-        ))
-        .unwrap();
+        let reference: Reference =
+            serde_json::from_str(include_str!("../fixtures/reference_embeddings.json")).unwrap();
         assert_eq!(reference.max_seq_length, MAX_SEQUENCE);
         assert_eq!(reference.sentences.len(), 50);
         let texts: Vec<&str> = reference

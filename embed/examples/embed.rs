@@ -9,7 +9,7 @@ use std::time::Instant;
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(args.len() == 4, "usage: embed MODEL_DIR SENTENCES OUT");
-    let model = conveyor_jobs::ingest::embed::Embedder::load(args[1].as_ref())?;
+    let model = conveyor_embed::Embedder::load(args[1].as_ref())?;
     let text = std::fs::read_to_string(&args[2])?;
     let sentences: Vec<&str> = text.lines().collect();
     model.embed(&sentences[..sentences.len().min(16)])?; // warm-up, as for the reference
