@@ -17,6 +17,8 @@ pub struct AppState {
     pub queues: Queues,
     pub registry: jobs::Registry,
     pub services: Arc<jobs::Services>,
+    /// Runs the parsers of uploaded files in limited child processes.
+    pub isolated: shared::isolated::Isolated,
     pub counters: Arc<Counters>,
     pub key_cache: Arc<crate::auth::KeyCache>,
     /// Cancelled when the server stops: open SSE streams end, so their connections close
@@ -75,6 +77,7 @@ impl AppState {
             ),
             queues: Queues::new(redis.clone(), &settings.redis_prefix, settings.heartbeat),
             registry: jobs::Registry::standard(services.clone()),
+            isolated: shared::isolated::Isolated::new(&settings)?,
             services,
             settings,
             pool,

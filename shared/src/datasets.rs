@@ -164,3 +164,73 @@ pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool>
         .await?;
     Ok(deleted.rows_affected() == 1)
 }
+
+/// What inspection reads from a file's head: its columns and first rows.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Inspected {
+    pub schema: Vec<Column>,
+    pub preview: Vec<serde_json::Value>,
+}
+
+/// The worker's subcommand that inspects one file.
+pub const INSPECT_SUBCOMMAND: &str = "inspect";
+/// The most an inspection may answer (20 preview rows of wide text are far below it).
+const INSPECTED_BYTES: u64 = 16 << 20;
+
+/// Inspects the file at `path` in an isolated child (`conveyor-worker inspect`): the parser
+/// (polars) never reads a tenant's file inside the API process, and the API does not link it.
+pub async fn inspect(
+    isolated: &crate::isolated::Isolated,
+    path: &std::path::Path,
+    format: Format,
+    compression: Compression,
+) -> Result<Inspected, Uninspected> {
+    use crate::isolated::Failure;
+    if format == Format::Document {
+        return Ok(Inspected::default());
+    }
+    let (format, compression) = (json_name(format), json_name(compression));
+    let path = path.to_str().ok_or(Uninspected::Unavailable)?;
+    let args = [
+        INSPECT_SUBCOMMAND,
+        "--format",
+        &format,
+        "--compression",
+        &compression,
+        path,
+    ];
+    let answer = isolated
+        .run(&args, Vec::new(), INSPECTED_BYTES)
+        .await
+        .map_err(|failure| match failure {
+            Failure::Refused(reason) => Uninspected::Unreadable(reason),
+            Failure::TimedOut | Failure::OutOfCpu => {
+                Uninspected::Unreadable("it took too long to read".into())
+            }
+            Failure::Died => {
+                Uninspected::Unreadable("the reader died on it (out of memory or stack)".into())
+            }
+            Failure::TooLarge => {
+                Uninspected::Unreadable("its first rows are too large to preview".into())
+            }
+            Failure::NotStarted | Failure::Lost(_) => Uninspected::Unavailable,
+        })?;
+    serde_json::from_slice(&answer).map_err(|_| Uninspected::Unavailable)
+}
+
+/// Why a file has no inspection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Uninspected {
+    /// The file is not what it claims; the reason is for the client.
+    Unreadable(String),
+    /// The inspector could not run (a deployment problem, logged where it failed).
+    Unavailable,
+}
+
+/// `csv`, `gzip`...: the name serde gives a unit variant.
+fn json_name(value: impl Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => unreachable!("formats and compressions serialize as strings"),
+    }
+}

@@ -7,6 +7,7 @@ pub mod context;
 pub mod datasets;
 pub mod db;
 pub mod events;
+pub mod isolated;
 pub mod model;
 pub mod objects;
 pub mod problem;

@@ -20,12 +20,27 @@ enum Command {
         #[arg(long)]
         format: String,
     },
+    /// Internal: an uploaded file's schema and first rows as JSON. The API runs the worker
+    /// this way, under the same limits, so that it never parses a tenant's file itself.
+    Inspect {
+        #[arg(long)]
+        format: String,
+        #[arg(long)]
+        compression: String,
+        path: std::path::PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    if let Some(Command::Extract { format }) = args.command {
-        return Ok(jobs::ingest::isolated::serve(&format));
+    match args.command {
+        Some(Command::Extract { format }) => return Ok(jobs::ingest::isolated::serve(&format)),
+        Some(Command::Inspect {
+            format,
+            compression,
+            path,
+        }) => return Ok(jobs::import::serve_inspect(&format, &compression, &path)),
+        None => {}
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

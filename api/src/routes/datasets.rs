@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shared::{
-    datasets::{self, Compression, Dataset, Format},
+    datasets::{self, Compression, Dataset, Format, Inspected, Uninspected},
     FieldError, Problem,
 };
 use tokio::io::AsyncWriteExt;
@@ -77,14 +77,17 @@ pub async fn upload(
     // Removed on every way out, a client hanging up mid-upload included.
     let scratch = objects.scratch_file().await.map_err(Problem::internal)?;
     let (size, sha256) = receive(body, &scratch, state.settings.dataset_limit).await?;
-    let inspected = {
-        let path = scratch.to_path_buf();
-        tokio::task::spawn_blocking(move || jobs::import::inspect(&path, format, compression))
+    let Inspected { schema, preview } =
+        datasets::inspect(&state.isolated, &scratch, format, compression)
             .await
-            .map_err(Problem::internal)?
-    };
-    let (schema, preview) = inspected
-        .map_err(|reason| invalid("body", &format!("not a readable {format:?} file: {reason}")))?;
+            .map_err(|e| match e {
+                Uninspected::Unreadable(reason) => {
+                    invalid("body", &format!("not a readable {format:?} file: {reason}"))
+                }
+                Uninspected::Unavailable => {
+                    Problem::unavailable("the upload could not be inspected now; try again")
+                }
+            })?;
     let dataset = Dataset {
         id: Uuid::now_v7(),
         tenant_id: tenant.0,

@@ -116,3 +116,39 @@ async fn parquet_metadata_that_declares_more_than_it_holds_is_refused() {
     app.upload_dataset("fine.csv", b"id\n1\n").await;
     assert!(scratch_files(&app).is_empty());
 }
+
+/// Uploads are parsed in a child process (`conveyor-worker inspect`), never in the API: a
+/// parser that dies (here: out of its memory limit) fails the upload with 422 and the API
+/// goes on; an inspector that cannot start is the platform's fault (503). Neither leaves a
+/// dataset behind.
+#[tokio::test]
+async fn a_dying_or_missing_inspector_fails_the_upload_not_the_api() {
+    let csv = b"id,name\n1,a\n2,b\n".to_vec();
+    let starved = TestApp::spawn_with(|s| s.extract_memory_bytes = 8 << 20).await;
+    let missing =
+        TestApp::spawn_with(|s| s.extractor = Some("/nonexistent/conveyor-worker".into())).await;
+    for (app, status, detail) in [
+        (&starved, StatusCode::UNPROCESSABLE_ENTITY, "died"),
+        (
+            &missing,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "could not be inspected",
+        ),
+    ] {
+        let response = app
+            .client
+            .post(app.url("/v1/datasets"))
+            .query(&[("name", "t.csv")])
+            .bearer_auth(&app.key)
+            .body(csv.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+        let body: Value = response.json().await.unwrap();
+        assert!(body.to_string().contains(detail), "{body}");
+        let (status, list) = app.get("/v1/datasets").await;
+        assert_eq!(status, StatusCode::OK, "the API still serves");
+        assert_eq!(list["datasets"].as_array().map(Vec::len), Some(0), "{list}");
+    }
+}

@@ -3,7 +3,7 @@
 
 use polars::prelude::*;
 use serde_json::Value;
-use shared::datasets::{Column, Compression, Format};
+use shared::datasets::{Column, Compression, Format, Inspected};
 use std::{
     io::{Cursor, Read},
     path::Path,
@@ -86,6 +86,32 @@ fn read_head(path: &Path, compression: Compression) -> Result<Vec<u8>, String> {
         }
     }
     Ok(head)
+}
+
+/// The child's side of [`shared::datasets::inspect`]: the file at `path`, its inspection as
+/// JSON on stdout; an unreadable file exits 1 with the reason on stderr.
+pub fn serve(format: &str, compression: &str, path: &Path) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let parsed = serde_json::from_value::<Format>(format.into())
+        .ok()
+        .zip(serde_json::from_value::<Compression>(compression.into()).ok());
+    let Some((format, compression)) = parsed else {
+        eprintln!("unknown format {format:?} or compression {compression:?}");
+        return ExitCode::from(2);
+    };
+    match inspect(path, format, compression) {
+        Ok((schema, preview)) => {
+            let answer = Inspected { schema, preview };
+            match serde_json::to_writer(std::io::stdout().lock(), &answer) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(2),
+            }
+        }
+        Err(reason) => {
+            eprintln!("{reason}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The PostgreSQL type an import creates for a polars type.

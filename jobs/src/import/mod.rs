@@ -9,7 +9,7 @@ pub(crate) mod source;
 mod stream;
 mod types;
 
-pub use inspect::inspect;
+pub use inspect::{inspect, serve as serve_inspect};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
