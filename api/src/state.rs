@@ -1,5 +1,11 @@
 use redis::aio::ConnectionManager;
-use shared::{events::EventLog, queue::Queues, Settings};
+use shared::{
+    connections::{SessionLimits, Targets},
+    events::EventLog,
+    objects::ObjectStore,
+    queue::Queues,
+    Settings,
+};
 use sqlx::PgPool;
 use std::sync::{
     atomic::{AtomicU64, Ordering},
@@ -15,8 +21,13 @@ pub struct AppState {
     pub redis_client: redis::Client,
     pub events: EventLog,
     pub queues: Queues,
-    pub registry: jobs::Registry,
-    pub services: Arc<jobs::Services>,
+    /// The job kinds' contracts: a payload is validated and preflighted at submit.
+    pub contracts: contracts::Registry,
+    /// What preflights reach: the control plane and the target databases, within bounds.
+    pub context: Arc<contracts::Context>,
+    pub objects: ObjectStore,
+    /// The embedding model, for search queries; loaded on first use.
+    pub embedder: Arc<embed::SharedEmbedder>,
     /// Runs the parsers of uploaded files in limited child processes.
     pub isolated: shared::isolated::Isolated,
     pub counters: Arc<Counters>,
@@ -49,8 +60,17 @@ impl AppState {
         let redis_client = redis::Client::open(settings.redis_url.as_str())?;
         let redis = redis_client.get_connection_manager().await?;
         let settings = Arc::new(settings);
-        let services = jobs::Services::for_api(settings.clone(), pool.clone())?;
-        shared::tenancy::check_default_target(&pool, &services.targets.default_platform()?).await?;
+        // Target databases are reached only to preflight: sessions bounded for that.
+        let targets = Targets::new(pool.clone(), &settings, SessionLimits::preflight(&settings))?;
+        shared::tenancy::check_default_target(&pool, &targets.default_platform()?).await?;
+        let context = Arc::new(contracts::Context {
+            pool: pool.clone(),
+            targets,
+            preflights: contracts::Preflights::new(
+                settings.preflight_timeout,
+                settings.preflight_concurrency,
+            ),
+        });
         if let Some(url) = &settings.target_provision_url {
             let provisioned = shared::tenancy::provision_pending(&pool, url).await?;
             if provisioned > 0 {
@@ -76,9 +96,11 @@ impl AppState {
                 settings.events_ttl,
             ),
             queues: Queues::new(redis.clone(), &settings.redis_prefix, settings.heartbeat),
-            registry: jobs::Registry::standard(services.clone()),
+            contracts: contracts::Registry::standard(),
+            context,
+            objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
+            embedder: Arc::new(embed::SharedEmbedder::new(&settings.model_dir)),
             isolated: shared::isolated::Isolated::new(&settings)?,
-            services,
             settings,
             pool,
             redis,

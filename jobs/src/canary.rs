@@ -2,69 +2,20 @@
 //! the queue benchmark drains thousands of them.
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+use contracts::canary::{Canary, CanaryPayload};
 use serde_json::{json, Value};
-use shared::{FieldError, JobContext};
+use shared::JobContext;
 use std::time::{Duration, Instant};
-use utoipa::ToSchema;
 
-use crate::{parse_payload, Handler, JobError};
+use crate::{Handler, JobError};
 
-#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CanaryPayload {
-    /// Progress steps to report (0–100,000).
-    #[serde(default)]
-    pub steps: u32,
-    /// Milliseconds each step takes (0–60,000).
-    #[serde(default)]
-    pub step_ms: u64,
-    /// The first `fail_first` attempts fail (a retryable error).
-    #[serde(default)]
-    pub fail_first: u32,
-}
-
-pub const MAX_STEPS: u32 = 100_000;
-pub const MAX_STEP_MS: u64 = 60_000;
-
-pub struct Canary;
-
-impl CanaryPayload {
-    pub(crate) fn check(&self) -> Result<(), Vec<FieldError>> {
-        let mut errors = Vec::new();
-        if self.steps > MAX_STEPS {
-            errors.push(FieldError::new(
-                "payload.steps",
-                format!("must be at most {MAX_STEPS}"),
-            ));
-        }
-        if self.step_ms > MAX_STEP_MS {
-            errors.push(FieldError::new(
-                "payload.step_ms",
-                format!("must be at most {MAX_STEP_MS}"),
-            ));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
-    }
-}
+pub struct CanaryHandler;
 
 #[async_trait]
-impl Handler for Canary {
-    fn kind(&self) -> &'static str {
-        "canary"
-    }
+impl Handler for CanaryHandler {
+    type Contract = Canary;
 
-    fn validate(&self, payload: &Value) -> Result<(), Vec<FieldError>> {
-        parse_payload::<CanaryPayload>(payload)?.check()
-    }
-
-    async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError> {
-        let payload: CanaryPayload = serde_json::from_value(payload)
-            .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
+    async fn run(&self, ctx: &JobContext, payload: CanaryPayload) -> Result<Value, JobError> {
         let started = Instant::now();
         if ctx.attempt() <= payload.fail_first as i32 {
             return Err(JobError::Retryable(format!(
@@ -92,25 +43,5 @@ impl Handler for Canary {
             "attempt": ctx.attempt(),
             "elapsed_ms": started.elapsed().as_millis() as u64,
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn validation_names_the_field() {
-        let errors = Canary.validate(&json!({"steps": "ten"})).unwrap_err();
-        assert_eq!(errors[0].field, "payload.steps");
-        let errors = Canary
-            .validate(&json!({"steps": 1, "bogus": 1}))
-            .unwrap_err();
-        assert_eq!(errors[0].field, "payload.bogus");
-        assert!(errors[0].message.contains("bogus"), "{}", errors[0].message);
-        let errors = Canary.validate(&json!({"step_ms": 999_999})).unwrap_err();
-        assert_eq!(errors[0].field, "payload.step_ms");
-        assert!(Canary.validate(&json!({"steps": 3, "step_ms": 10})).is_ok());
-        assert!(Canary.validate(&json!({})).is_ok());
     }
 }

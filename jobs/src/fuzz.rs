@@ -5,16 +5,10 @@
 //! cargo-fuzz: the strategies build hostile inputs from grammars instead of mutating bytes.
 
 use crate::{
-    canary::CanaryPayload,
-    import::{
-        source::{self, CsvSettings, Row},
-        ImportPayload,
-    },
-    ingest::{extract::html_to_text, IngestPayload},
+    import::source::{self, CsvSettings, Row},
+    ingest::extract::html_to_text,
     limits::Limits,
-    parse_payload,
-    patch::{guard, PatchPayload, RollbackPayload},
-    synthesis::SynthesisPayload,
+    patch::guard,
 };
 use proptest::{
     collection::{btree_map, vec},
@@ -706,19 +700,11 @@ fn examples() -> Vec<(&'static str, Value)> {
     ]
 }
 
+/// The API's validation: parsed into the kind's payload type and checked.
 fn validate(kind: &str, payload: &Value) -> Result<(), Vec<FieldError>> {
-    match kind {
-        "canary" => parse_payload::<CanaryPayload>(payload)?.check(),
-        "import" => match parse_payload::<ImportPayload>(payload)?.check() {
-            errors if errors.is_empty() => Ok(()),
-            errors => Err(errors),
-        },
-        "ingest" => parse_payload::<IngestPayload>(payload)?.check(),
-        "patch" => parse_payload::<PatchPayload>(payload)?.check().map(drop),
-        "patch_rollback" => parse_payload::<RollbackPayload>(payload).map(drop),
-        "synthesis" => parse_payload::<SynthesisPayload>(payload)?.check(),
-        other => panic!("no example of {other}"),
-    }
+    contracts::Registry::standard()
+        .validate(kind, payload)
+        .map(drop)
 }
 
 fn json_value() -> impl Strategy<Value = Value> {

@@ -6,8 +6,8 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use contracts::ingest::collections::{self as store, Collection, Filter, Hit, SearchMode};
 use embed::MODEL_NAME;
-use jobs::ingest::store::{self, Collection, Filter, Hit, SearchMode};
 use serde::{Deserialize, Serialize};
 use shared::{FieldError, Problem};
 use utoipa::{IntoParams, ToSchema};
@@ -250,7 +250,6 @@ pub async fn search(
         None
     } else {
         let model = state
-            .services
             .embedder
             .get()
             .await

@@ -43,7 +43,7 @@ pub async fn create(
         return Err(invalid("name", "must be 1-100 characters".into()));
     }
     let url = TargetUrl::parse(&body.url).map_err(|why| invalid("url", why))?;
-    let targets = &state.services.targets;
+    let targets = &state.context.targets;
     let cipher = targets.cipher().ok_or_else(|| {
         Problem::unavailable("connections need CONVEYOR_SECRET_KEY to encrypt credentials")
     })?;

@@ -73,7 +73,7 @@ pub async fn upload(
         })?,
     };
 
-    let objects = &state.services.objects;
+    let objects = &state.objects;
     // Removed on every way out, a client hanging up mid-upload included.
     let scratch = objects.scratch_file().await.map_err(Problem::internal)?;
     let (size, sha256) = receive(body, &scratch, state.settings.dataset_limit).await?;
@@ -224,7 +224,6 @@ pub async fn download(
 ) -> Result<Response, Problem> {
     let dataset = find(&state, tenant, &id).await?;
     let stored = state
-        .services
         .objects
         .read_dataset(tenant.0, dataset.id)
         .await
@@ -250,12 +249,7 @@ pub async fn delete(
         )));
     }
     datasets::delete(&state.pool, tenant.0, dataset.id).await?;
-    if let Err(e) = state
-        .services
-        .objects
-        .delete_dataset(tenant.0, dataset.id)
-        .await
-    {
+    if let Err(e) = state.objects.delete_dataset(tenant.0, dataset.id).await {
         tracing::warn!(dataset = %dataset.id, error = %e, "dataset object not removed");
     }
     Ok(StatusCode::NO_CONTENT)

@@ -18,11 +18,16 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{auth::Tenant, extract::JsonBody, state::Counters, AppState};
+use contracts::Valid;
 
 pub const MAX_BATCH: usize = 1000;
 
 /// Validates one submission; errors are named under `prefix` (empty for a single job).
-fn validate(state: &AppState, job: SubmitJob, prefix: &str) -> Result<NewJob, Vec<FieldError>> {
+fn validate(
+    state: &AppState,
+    job: SubmitJob,
+    prefix: &str,
+) -> Result<(NewJob, Valid), Vec<FieldError>> {
     let field = |name: &str| format!("{prefix}{name}");
     let mut errors = Vec::new();
     let payload = if job.payload.is_null() {
@@ -30,13 +35,17 @@ fn validate(state: &AppState, job: SubmitJob, prefix: &str) -> Result<NewJob, Ve
     } else {
         job.payload
     };
-    if let Err(kind_errors) = state.registry.validate(&job.kind, &payload) {
-        errors.extend(
-            kind_errors
-                .into_iter()
-                .map(|e| FieldError::new(field(&e.field), e.message)),
-        );
-    }
+    let valid = match state.contracts.validate(&job.kind, &payload) {
+        Ok(valid) => Some(valid),
+        Err(kind_errors) => {
+            errors.extend(
+                kind_errors
+                    .into_iter()
+                    .map(|e| FieldError::new(field(&e.field), e.message)),
+            );
+            None
+        }
+    };
     let max_attempts = job.max_attempts.unwrap_or(model::DEFAULT_MAX_ATTEMPTS);
     if !(1..=model::MAX_ATTEMPTS_LIMIT).contains(&max_attempts) {
         errors.push(FieldError::new(
@@ -52,10 +61,10 @@ fn validate(state: &AppState, job: SubmitJob, prefix: &str) -> Result<NewJob, Ve
             ));
         }
     }
-    if !errors.is_empty() {
+    let Some(valid) = valid.filter(|_| errors.is_empty()) else {
         return Err(errors);
-    }
-    Ok(NewJob {
+    };
+    let job = NewJob {
         id: Uuid::now_v7(),
         kind: job.kind,
         payload,
@@ -63,7 +72,8 @@ fn validate(state: &AppState, job: SubmitJob, prefix: &str) -> Result<NewJob, Ve
         priority: job.priority.unwrap_or(0),
         max_attempts,
         run_at: job.run_at,
-    })
+    };
+    Ok((job, valid))
 }
 
 /// Writes the rows, then pushes and announces the new ones. A failed push loses nothing: the
@@ -119,10 +129,10 @@ pub async fn submit(
     tenant: Tenant,
     JsonBody(body): JsonBody<SubmitJob>,
 ) -> Result<Response, Problem> {
-    let job = validate(&state, body, "").map_err(Problem::validation)?;
+    let (job, valid) = validate(&state, body, "").map_err(Problem::validation)?;
     state
-        .registry
-        .preflight(&job.kind, tenant.0, &job.payload)
+        .contracts
+        .preflight(&state.context, tenant.0, &valid)
         .await?;
     let inserted = accept(&state, tenant, vec![job]).await?;
     let row = inserted
@@ -167,6 +177,7 @@ pub async fn submit_batch(
     }
     let mut errors = Vec::new();
     let mut jobs = Vec::with_capacity(body.jobs.len());
+    let mut valid = Vec::with_capacity(body.jobs.len());
     let mut keys = std::collections::HashSet::new();
     for (i, job) in body.jobs.into_iter().enumerate() {
         if let Some(key) = &job.idempotency_key {
@@ -178,14 +189,17 @@ pub async fn submit_batch(
             }
         }
         match validate(&state, job, &format!("jobs[{i}].")) {
-            Ok(job) => jobs.push(job),
+            Ok((job, payload)) => {
+                jobs.push(job);
+                valid.push(payload);
+            }
             Err(e) => errors.extend(e),
         }
     }
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    preflight_batch(&state, tenant, &jobs).await?;
+    preflight_batch(&state, tenant, &valid).await?;
     let inserted = accept(&state, tenant, jobs).await?;
     let jobs = inserted.into_iter().map(|i| i.job).collect();
     Ok((
@@ -201,12 +215,12 @@ pub async fn submit_batch(
 /// Preflights every job of a batch, one at a time (each within the tenant's preflight bounds).
 /// A refusal names the job's index; a missing dataset or connection (404), or a preflight that
 /// could not run (429, 503), wins over field errors.
-async fn preflight_batch(state: &AppState, tenant: Tenant, jobs: &[NewJob]) -> Result<(), Problem> {
+async fn preflight_batch(state: &AppState, tenant: Tenant, jobs: &[Valid]) -> Result<(), Problem> {
     let mut refusals: Vec<(usize, Problem)> = Vec::new();
-    for (i, job) in jobs.iter().enumerate() {
+    for (i, valid) in jobs.iter().enumerate() {
         if let Err(problem) = state
-            .registry
-            .preflight(&job.kind, tenant.0, &job.payload)
+            .contracts
+            .preflight(&state.context, tenant.0, valid)
             .await
         {
             let fatal = problem.status != 422;
@@ -402,7 +416,6 @@ pub async fn artifact(
         .await?
         .ok_or_else(|| Problem::not_found("job"))?;
     let stored = state
-        .services
         .objects
         .read_artifact(id, &name)
         .await

@@ -166,7 +166,7 @@ pub async fn metrics(
     );
 
     let mut depths = Vec::new();
-    for kind in state.registry.kinds() {
+    for kind in state.contracts.kinds() {
         let depth = state
             .queues
             .depth(kind)

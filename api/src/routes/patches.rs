@@ -2,7 +2,7 @@
 //! without submitting it.
 
 use axum::{extract::State, Json};
-use jobs::patch::{Assessment, Patch, PatchPayload};
+use contracts::patch::{assess_for, Assessment, PatchPayload};
 use shared::Problem;
 
 use crate::{auth::Tenant, extract::JsonBody, AppState};
@@ -16,11 +16,11 @@ pub async fn preflight(
     tenant: Tenant,
     JsonBody(payload): JsonBody<serde_json::Value>,
 ) -> Result<Json<Assessment>, Problem> {
-    let patch = Patch::new(state.services.clone());
-    state
-        .services
+    let payload: PatchPayload = contracts::parse_payload(&payload).map_err(Problem::validation)?;
+    let context = &state.context;
+    context
         .preflights
-        .run(tenant.0, patch.assess(tenant.0, &payload))
+        .run(tenant.0, assess_for(&context.targets, tenant.0, &payload))
         .await
         .map(Json)
 }

@@ -82,7 +82,7 @@ pub async fn queues(State(state): State<AppState>, _: Tenant) -> Result<Json<Que
         .collect();
     let workers = live_workers(&state).await?;
     let mut queues = Vec::new();
-    for kind in state.registry.kinds() {
+    for kind in state.contracts.kinds() {
         let depth = state
             .queues
             .depth(kind)

@@ -249,7 +249,7 @@ async fn credentials_copied_into_another_tenants_row_do_not_open() {
     .execute(app.pool())
     .await
     .unwrap();
-    let targets = &app.server.as_ref().unwrap().state.services.targets;
+    let targets = &app.server.as_ref().unwrap().state.context.targets;
     let error = targets
         .target(tenant_b, Some(id(&theirs)))
         .await

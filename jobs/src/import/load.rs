@@ -13,6 +13,8 @@ use std::{borrow::Cow, path::PathBuf, sync::atomic::Ordering, time::Instant};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use contracts::import::STAGING_PREFIX;
+
 use super::{
     quote_ident,
     source::{self, CsvSettings, Opened, Row, RowError},
@@ -26,14 +28,6 @@ use crate::{JobError, Services};
 const CHUNK_BYTES: usize = 1 << 20;
 /// Chunks in flight between the reader thread and COPY: bounds memory.
 const CHUNKS_IN_FLIGHT: usize = 4;
-
-pub async fn table_exists(pool: &PgPool, schema: &str, table: &str) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT to_regclass(format('%I.%I', $1::text, $2::text)) IS NOT NULL")
-        .bind(schema)
-        .bind(table)
-        .fetch_one(pool)
-        .await
-}
 
 /// The table's columns and their types, in order.
 async fn table_columns(
@@ -159,11 +153,8 @@ pub async fn run(
     outcome
 }
 
-/// Prefix of staging tables, which live beside their target table: the tenant's role creates
-/// and fills them, and `create`/`replace` rename them into place.
-pub const STAGING_PREFIX: &str = "conveyor_import_";
-
-/// The staging table of an import job into `schema`.
+/// The staging table of an import job into `schema`: it lives beside its target table, the
+/// tenant's role creates and fills it, and `create`/`replace` rename it into place.
 pub fn staging_table(schema: &str, job: Uuid) -> String {
     format!(
         "{}.{}",

@@ -23,23 +23,6 @@ pub enum PgType {
     Other(String),
 }
 
-/// The types a client may name in `columns[].type`.
-pub const NAMED: &[&str] = &[
-    "boolean",
-    "smallint",
-    "integer",
-    "bigint",
-    "real",
-    "double precision",
-    "numeric",
-    "date",
-    "timestamp",
-    "timestamptz",
-    "uuid",
-    "jsonb",
-    "text",
-];
-
 impl PgType {
     /// From a name as `format_type()` prints it, or a client's short name.
     pub fn from_sql(name: &str) -> PgType {

@@ -1,66 +1,9 @@
 //! Text out of documents: plain text and Markdown as they are, HTML without its tags, and
 //! records (JSON, NDJSON, CSV, TSV) with one document per record.
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use utoipa::ToSchema;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum DocFormat {
-    Text,
-    Markdown,
-    Html,
-    /// An array of objects (or one object), one document each.
-    Json,
-    /// One object per line, one document each.
-    Ndjson,
-    /// A header row, then one document per row.
-    Csv,
-    Tsv,
-    /// The text of every page (no OCR: scanned pages have none).
-    Pdf,
-}
-
-impl DocFormat {
-    /// From a file name's extension.
-    pub fn from_name(name: &str) -> Option<Self> {
-        let lower = name.to_ascii_lowercase();
-        let stem = lower
-            .strip_suffix(".gz")
-            .or_else(|| lower.strip_suffix(".zst"))
-            .unwrap_or(&lower);
-        Some(match stem.rsplit_once('.')?.1 {
-            "txt" | "text" => Self::Text,
-            "md" | "markdown" => Self::Markdown,
-            "html" | "htm" => Self::Html,
-            "json" => Self::Json,
-            "ndjson" | "jsonl" => Self::Ndjson,
-            "csv" => Self::Csv,
-            "tsv" | "tab" => Self::Tsv,
-            "pdf" => Self::Pdf,
-            _ => return None,
-        })
-    }
-
-    /// The name payloads use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Text => "text",
-            Self::Markdown => "markdown",
-            Self::Html => "html",
-            Self::Json => "json",
-            Self::Ndjson => "ndjson",
-            Self::Csv => "csv",
-            Self::Tsv => "tsv",
-            Self::Pdf => "pdf",
-        }
-    }
-
-    pub fn is_records(self) -> bool {
-        matches!(self, Self::Json | Self::Ndjson | Self::Csv | Self::Tsv)
-    }
-}
+pub use contracts::ingest::DocFormat;
 
 /// One document found in a source.
 #[derive(Clone, Debug, PartialEq)]

@@ -7,15 +7,16 @@
 pub mod chunk;
 pub mod extract;
 pub mod isolated;
-pub mod store;
+
+pub use contracts::ingest::{
+    collections as store, DocumentSource, Ingest, IngestPayload, MAX_ID_LEN, MAX_SOURCES,
+};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use shared::{FieldError, JobContext, Problem};
+use shared::JobContext;
 use std::{collections::HashMap, sync::Arc, time::Instant};
-use utoipa::ToSchema;
 use uuid::Uuid;
 
 use self::{
@@ -25,101 +26,11 @@ use self::{
 use crate::{
     import,
     limits::{read_capped, CapExceeded, Framing, RecordCapped},
-    parse_payload, Handler, JobError, Services,
+    Handler, JobError, Services,
 };
 
-pub const MAX_SOURCES: usize = 10_000;
-pub const MAX_ID_LEN: usize = 256;
 /// Chunks embedded and stored together, in one transaction (a larger document goes alone).
 const GROUP_CHUNKS: usize = 256;
-
-#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct IngestPayload {
-    pub collection_id: Uuid,
-    /// 1 to 10,000 sources: inline texts or uploaded datasets.
-    pub documents: Vec<DocumentSource>,
-}
-
-/// Inline `text` with its `id`, or a `dataset_id`.
-#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DocumentSource {
-    /// The document's id in the collection. Required with `text`; for a dataset, the id of its
-    /// one document (default: the dataset id), or the prefix of its records' ids.
-    pub id: Option<String>,
-    pub text: Option<String>,
-    pub dataset_id: Option<Uuid>,
-    /// Default: `text` inline, else from the dataset's file name.
-    pub format: Option<DocFormat>,
-    /// Records: the field (column) that holds the text. Default `text`.
-    pub text_field: Option<String>,
-    /// Records: the field that holds each record's id. Default: the record's number.
-    pub id_field: Option<String>,
-    /// Stored with every chunk of the document, for search filters. A record's other scalar
-    /// fields are added to it.
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    pub metadata: Map<String, Value>,
-}
-
-impl IngestPayload {
-    pub(crate) fn check(&self) -> Result<(), Vec<FieldError>> {
-        let mut errors = Vec::new();
-        if self.documents.is_empty() || self.documents.len() > MAX_SOURCES {
-            errors.push(FieldError::new(
-                "payload.documents",
-                format!("must hold 1 to {MAX_SOURCES} documents"),
-            ));
-        }
-        for (i, source) in self.documents.iter().enumerate() {
-            let field = |name: &str| format!("payload.documents[{i}].{name}");
-            match (&source.text, source.dataset_id) {
-                (Some(_), None) => {
-                    if source.id.is_none() {
-                        errors.push(FieldError::new(field("id"), "required with text"));
-                    }
-                    if source.format.is_some_and(DocFormat::is_records) {
-                        errors.push(FieldError::new(
-                            field("format"),
-                            "inline text is text, markdown or html",
-                        ));
-                    }
-                }
-                (None, Some(_)) => {}
-                _ => errors.push(FieldError::new(
-                    format!("payload.documents[{i}]"),
-                    "give either text or dataset_id",
-                )),
-            }
-            if let Some(id) = &source.id {
-                if id.is_empty() || id.len() > MAX_ID_LEN {
-                    errors.push(FieldError::new(
-                        field("id"),
-                        format!("must be 1-{MAX_ID_LEN} characters"),
-                    ));
-                }
-            }
-            let records = source.format.is_none_or(DocFormat::is_records);
-            for (name, value) in [
-                ("text_field", &source.text_field),
-                ("id_field", &source.id_field),
-            ] {
-                if value.is_some() && (source.text.is_some() || !records) {
-                    errors.push(FieldError::new(
-                        field(name),
-                        "only for records (json, ndjson, csv, tsv)",
-                    ));
-                }
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
-    }
-}
 
 /// One document to index.
 struct Document {
@@ -139,11 +50,11 @@ impl Document {
     }
 }
 
-pub struct Ingest {
+pub struct IngestHandler {
     services: Arc<Services>,
 }
 
-impl Ingest {
+impl IngestHandler {
     pub fn new(services: Arc<Services>) -> Self {
         Self { services }
     }
@@ -281,42 +192,8 @@ fn retryable(e: impl std::fmt::Display) -> JobError {
 }
 
 #[async_trait]
-impl Handler for Ingest {
-    fn kind(&self) -> &'static str {
-        "ingest"
-    }
-
-    fn validate(&self, payload: &Value) -> Result<(), Vec<FieldError>> {
-        parse_payload::<IngestPayload>(payload)?.check()
-    }
-
-    async fn preflight(&self, tenant: Uuid, payload: &Value) -> Result<(), Problem> {
-        let payload: IngestPayload = parse_payload(payload).map_err(Problem::validation)?;
-        let pool = &self.services.pool;
-        store::get_collection(pool, tenant, payload.collection_id)
-            .await?
-            .ok_or_else(|| Problem::not_found(&format!("collection {}", payload.collection_id)))?;
-        let mut errors = Vec::new();
-        for (i, source) in payload.documents.iter().enumerate() {
-            let Some(id) = source.dataset_id else {
-                continue;
-            };
-            let dataset = shared::datasets::get(pool, tenant, id)
-                .await?
-                .ok_or_else(|| Problem::not_found(&format!("dataset {id}")))?;
-            if source.format.is_none() && DocFormat::from_name(&dataset.name).is_none() {
-                errors.push(FieldError::new(
-                    format!("payload.documents[{i}].format"),
-                    format!("cannot tell the format of {:?}: give one", dataset.name),
-                ));
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(Problem::validation(errors))
-        }
-    }
+impl Handler for IngestHandler {
+    type Contract = Ingest;
 
     /// A worker serving `ingest` loads the model at start-up, or does not start.
     async fn prepare(&self) -> anyhow::Result<()> {
@@ -324,9 +201,7 @@ impl Handler for Ingest {
         Ok(())
     }
 
-    async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError> {
-        let payload: IngestPayload = serde_json::from_value(payload)
-            .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
+    async fn run(&self, ctx: &JobContext, payload: IngestPayload) -> Result<Value, JobError> {
         let started = Instant::now();
         let pool = &self.services.pool;
         let collection = store::get_collection(pool, ctx.tenant_id(), payload.collection_id)

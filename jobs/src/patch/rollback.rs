@@ -4,148 +4,54 @@
 //! and even then never overwrites the conflicting rows.
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+use contracts::patch::{locate, PatchRollback, RollbackPayload};
 use serde_json::{json, Value};
-use shared::{
-    connections::{Target, TargetError},
-    store, FieldError, JobContext, JobStatus, Problem,
-};
+use shared::{connections::Target, JobContext};
 use sqlx::Row;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
-use utoipa::ToSchema;
-use uuid::Uuid;
 
 use super::{
     job_error,
     run::{limit_time, next_batch_size, transient},
     snapshot::{self, Record, AFTER_XID},
     table::{self, quote, Table},
-    Mode, PatchPayload,
 };
-use crate::{parse_payload, Handler, JobError, Services};
+use crate::{Handler, JobError, Services};
 
 const TARGET_BATCH: Duration = Duration::from_millis(200);
 const CONFLICT_SAMPLE: i64 = 20;
 
-#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RollbackPayload {
-    /// The `patch` job (mode `execute`) to undo.
-    pub patch_job_id: Uuid,
-    /// With conflicts (rows changed since the patch), restore the other rows anyway; the
-    /// conflicting rows are left as they are.
-    #[serde(default)]
-    pub force: bool,
-}
-
-pub struct PatchRollback {
+pub struct PatchRollbackHandler {
     services: Arc<Services>,
 }
 
-impl PatchRollback {
+impl PatchRollbackHandler {
     pub fn new(services: Arc<Services>) -> Self {
         Self { services }
-    }
-
-    /// The patch job's payload and its record in the target database, or why there is
-    /// nothing to roll back. `rolling_back` is the rollback job itself, which may resume.
-    async fn locate(
-        &self,
-        tenant: Uuid,
-        payload: &RollbackPayload,
-        rolling_back: Option<Uuid>,
-    ) -> Result<(Target, Record), Problem> {
-        let refuse = |reason: String| {
-            Problem::validation(vec![FieldError::new("payload.patch_job_id", reason)])
-        };
-        let job = store::get_job(&self.services.pool, tenant, payload.patch_job_id)
-            .await?
-            .ok_or_else(|| Problem::not_found("patch job"))?;
-        if job.kind != "patch" {
-            return Err(refuse(format!("is a {} job, not a patch", job.kind)));
-        }
-        let patch: PatchPayload = serde_json::from_value(job.payload.clone())
-            .map_err(|e| Problem::internal(format!("stored patch payload: {e}")))?;
-        if patch.mode != Mode::Execute {
-            return Err(refuse("was a dry run: it changed nothing".into()));
-        }
-        if !job.status().is_terminal() && job.status() != JobStatus::Retrying {
-            return Err(refuse(format!(
-                "is still {}; wait for it to finish or cancel it first",
-                job.status()
-            )));
-        }
-        if job.status() == JobStatus::Retrying {
-            return Err(refuse(
-                "is waiting for another attempt; cancel it first".into(),
-            ));
-        }
-        let target = self
-            .services
-            .targets
-            .target(tenant, patch.connection_id)
-            .await
-            .map_err(|e| match e {
-                TargetError::UnknownConnection(_) => Problem::not_found("connection"),
-                TargetError::Other(e) => Problem::internal(e),
-            })?;
-        let registered: Option<String> =
-            sqlx::query_scalar("SELECT to_regclass('conveyor_snapshots.patches')::text")
-                .fetch_one(&target.platform)
-                .await?;
-        let record = match registered {
-            Some(_) => snapshot::load(&target.platform, job.id).await?,
-            None => None,
-        };
-        let Some(record) = record else {
-            return Err(refuse(
-                "applied no batch, so there is nothing to restore".into(),
-            ));
-        };
-        if record.expired() {
-            return Err(refuse(format!(
-                "its snapshot expired at {}",
-                record.expires_at
-            )));
-        }
-        if record.rolled_back_at.is_some() && record.rollback_job_id != rolling_back {
-            return Err(refuse(format!(
-                "was already rolled back by job {}",
-                record.rollback_job_id.unwrap_or_default()
-            )));
-        }
-        Ok((target, record))
     }
 }
 
 #[async_trait]
-impl Handler for PatchRollback {
-    fn kind(&self) -> &'static str {
-        "patch_rollback"
-    }
+impl Handler for PatchRollbackHandler {
+    type Contract = PatchRollback;
 
-    fn validate(&self, payload: &Value) -> Result<(), Vec<FieldError>> {
-        parse_payload::<RollbackPayload>(payload).map(drop)
-    }
-
-    async fn preflight(&self, tenant: Uuid, payload: &Value) -> Result<(), Problem> {
-        let payload: RollbackPayload = parse_payload(payload).map_err(Problem::validation)?;
-        self.locate(tenant, &payload, None).await.map(drop)
-    }
-
-    async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError> {
-        let payload: RollbackPayload = serde_json::from_value(payload)
-            .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
-        let (target, record) = self
-            .locate(ctx.tenant_id(), &payload, Some(ctx.job_id()))
-            .await
-            .map_err(|p| match p.status {
-                500 | 503 => JobError::Retryable(p.detail),
-                _ => JobError::Permanent(p.detail),
-            })?;
+    async fn run(&self, ctx: &JobContext, payload: RollbackPayload) -> Result<Value, JobError> {
+        let services = &self.services;
+        let (target, record) = locate(
+            &services.pool,
+            &services.targets,
+            ctx.tenant_id(),
+            &payload,
+            Some(ctx.job_id()),
+        )
+        .await
+        .map_err(|p| match p.status {
+            500 | 503 => JobError::Retryable(p.detail),
+            _ => JobError::Permanent(p.detail),
+        })?;
         // As the tenant's role, which must still reach the table, in a schema it may write.
         let table = table::describe(&target.pool, &record.table_name)
             .await

@@ -15,147 +15,19 @@ pub mod tvae;
 
 use async_trait::async_trait;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use shared::{datasets, Cancelled, FieldError, JobContext, Problem};
-use std::{
-    collections::{BTreeMap, HashSet},
-    sync::Arc,
-    time::Instant,
-};
-use utoipa::ToSchema;
-use uuid::Uuid;
+use shared::{datasets, Cancelled, JobContext};
+use std::{collections::HashSet, sync::Arc, time::Instant};
 
-use crate::{parse_payload, Handler, JobError, Services};
+pub use contracts::synthesis::{
+    ColumnSettings, OutputFormat, SynthesisPayload, Synthesizer, DEFAULT_EPOCHS, MAX_EPOCHS,
+    MAX_ROWS,
+};
+
+use crate::{Handler, JobError, Services};
 use copula::{ColumnSpec, Copula};
 use profile::{ColumnProfile, Role};
 use table::{Column, Table, Values};
-
-/// Most rows one job generates.
-pub const MAX_ROWS: i64 = 1_000_000;
-pub const MAX_EPOCHS: u32 = 10_000;
-pub const DEFAULT_EPOCHS: u32 = 100;
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Synthesizer {
-    #[default]
-    GaussianCopula,
-    Tvae,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum OutputFormat {
-    #[default]
-    Parquet,
-    Csv,
-}
-
-/// How one column is treated; anything left out is detected.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ColumnSettings {
-    /// `numerical`, `datetime`, `categorical`, `identifier` (fresh values, never learned) or
-    /// `skip` (left out of the output).
-    #[serde(rename = "type")]
-    pub role: Option<Role>,
-    /// Generated values are kept at or above this (and DP histograms start here).
-    pub min: Option<f64>,
-    /// Generated values are kept at or below this (and DP histograms end here).
-    pub max: Option<f64>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SynthesisPayload {
-    pub dataset_id: Uuid,
-    /// Rows to generate (1–1,000,000).
-    pub rows: i64,
-    #[serde(default)]
-    pub synthesizer: Synthesizer,
-    /// Differential privacy budget (ε > 0); `gaussian_copula` only.
-    pub epsilon: Option<f64>,
-    /// Same seed, same output. Defaults to one derived from the job id.
-    pub seed: Option<u64>,
-    /// Share of rows held out from fitting, to compare distances against (0 < f < 1).
-    #[serde(default = "default_holdout")]
-    pub holdout_fraction: f64,
-    #[serde(default)]
-    pub output_format: OutputFormat,
-    /// Per-column settings, by column name.
-    #[serde(default)]
-    pub columns: BTreeMap<String, ColumnSettings>,
-    /// Training epochs (`tvae` only; default 100).
-    pub epochs: Option<u32>,
-}
-
-fn default_holdout() -> f64 {
-    0.2
-}
-
-impl SynthesisPayload {
-    pub(crate) fn check(&self) -> Result<(), Vec<FieldError>> {
-        let mut errors = Vec::new();
-        let mut refuse = |field: &str, message: String| {
-            errors.push(FieldError::new(format!("payload.{field}"), message))
-        };
-        if !(1..=MAX_ROWS).contains(&self.rows) {
-            refuse("rows", format!("must be between 1 and {MAX_ROWS}"));
-        }
-        if let Some(epsilon) = self.epsilon {
-            if !(epsilon.is_finite() && epsilon > 0.0) {
-                refuse("epsilon", "must be a positive number".into());
-            } else if self.synthesizer == Synthesizer::Tvae {
-                refuse(
-                    "epsilon",
-                    "differential privacy is available for gaussian_copula only: DP-SGD is \
-                     not implemented for tvae"
-                        .into(),
-                );
-            }
-        }
-        if !(self.holdout_fraction > 0.0 && self.holdout_fraction < 1.0) {
-            refuse(
-                "holdout_fraction",
-                "must be between 0 and 1 (exclusive)".into(),
-            );
-        }
-        match (self.epochs, self.synthesizer) {
-            (Some(_), Synthesizer::GaussianCopula) => {
-                refuse("epochs", "only tvae trains in epochs".into())
-            }
-            (Some(e), _) if !(1..=MAX_EPOCHS).contains(&e) => {
-                refuse("epochs", format!("must be between 1 and {MAX_EPOCHS}"))
-            }
-            _ => {}
-        }
-        for (name, settings) in &self.columns {
-            if let (Some(lo), Some(hi)) = (settings.min, settings.max) {
-                if lo > hi {
-                    refuse(&format!("columns.{name}.min"), "must not exceed max".into());
-                }
-            }
-            for (bound, value) in [("min", settings.min), ("max", settings.max)] {
-                if value.is_some_and(|v| !v.is_finite()) {
-                    refuse(&format!("columns.{name}.{bound}"), "must be finite".into());
-                }
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
-    }
-
-    fn overrides(&self) -> BTreeMap<String, Role> {
-        self.columns
-            .iter()
-            .filter_map(|(name, s)| Some((name.clone(), s.role?)))
-            .collect()
-    }
-}
 
 /// What the pipeline tells its caller while it works.
 pub trait Monitor: Sync {
@@ -380,11 +252,11 @@ fn fresh_identifiers(original: &Values, rows: usize) -> Values {
 }
 
 /// The `synthesis` job kind.
-pub struct SynthesisJob {
+pub struct SynthesisHandler {
     services: Arc<Services>,
 }
 
-impl SynthesisJob {
+impl SynthesisHandler {
     pub fn new(services: Arc<Services>) -> Self {
         Self { services }
     }
@@ -443,40 +315,10 @@ async fn relay(ctx: &JobContext, note: Note) {
 }
 
 #[async_trait]
-impl Handler for SynthesisJob {
-    fn kind(&self) -> &'static str {
-        "synthesis"
-    }
+impl Handler for SynthesisHandler {
+    type Contract = contracts::synthesis::Synthesis;
 
-    fn validate(&self, payload: &Value) -> Result<(), Vec<FieldError>> {
-        parse_payload::<SynthesisPayload>(payload)?.check()
-    }
-
-    async fn preflight(&self, tenant: Uuid, payload: &Value) -> Result<(), Problem> {
-        let payload: SynthesisPayload = parse_payload(payload).map_err(Problem::validation)?;
-        let dataset = crate::table_dataset(&self.services.pool, tenant, payload.dataset_id).await?;
-        let known: HashSet<&str> = dataset.schema.iter().map(|c| c.name.as_str()).collect();
-        let errors: Vec<FieldError> = payload
-            .columns
-            .keys()
-            .filter(|name| !known.contains(name.as_str()))
-            .map(|name| {
-                FieldError::new(
-                    format!("payload.columns.{name}"),
-                    format!("the dataset has no column {name:?}"),
-                )
-            })
-            .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(Problem::validation(errors))
-        }
-    }
-
-    async fn run(&self, ctx: &JobContext, payload: Value) -> Result<Value, JobError> {
-        let payload: SynthesisPayload = serde_json::from_value(payload)
-            .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
+    async fn run(&self, ctx: &JobContext, payload: SynthesisPayload) -> Result<Value, JobError> {
         let objects = &self.services.objects;
         let dataset = datasets::get(&self.services.pool, ctx.tenant_id(), payload.dataset_id)
             .await
@@ -559,62 +401,6 @@ impl Handler for SynthesisJob {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn payload(extra: Value) -> Value {
-        let mut base = json!({"dataset_id": Uuid::nil(), "rows": 10});
-        base.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        base
-    }
-
-    fn fields(extra: Value) -> Vec<String> {
-        match parse_payload::<SynthesisPayload>(&payload(extra)).and_then(|p| p.check()) {
-            Ok(()) => Vec::new(),
-            Err(errors) => errors.into_iter().map(|e| e.field).collect(),
-        }
-    }
-
-    #[test]
-    fn validation_names_each_bad_field() {
-        assert!(fields(json!({})).is_empty());
-        assert_eq!(fields(json!({"rows": 0})), ["payload.rows"]);
-        assert_eq!(fields(json!({"rows": -5})), ["payload.rows"]);
-        assert_eq!(fields(json!({"rows": MAX_ROWS + 1})), ["payload.rows"]);
-        assert_eq!(fields(json!({"epsilon": 0.0})), ["payload.epsilon"]);
-        assert_eq!(fields(json!({"epsilon": -1})), ["payload.epsilon"]);
-        assert_eq!(
-            fields(json!({"epsilon": 1.0, "synthesizer": "tvae"})),
-            ["payload.epsilon"]
-        );
-        assert_eq!(
-            fields(json!({"holdout_fraction": 1.0})),
-            ["payload.holdout_fraction"]
-        );
-        assert_eq!(
-            fields(json!({"holdout_fraction": 0})),
-            ["payload.holdout_fraction"]
-        );
-        assert_eq!(fields(json!({"epochs": 5})), ["payload.epochs"]);
-        assert!(fields(json!({"epochs": 5, "synthesizer": "tvae"})).is_empty());
-        assert_eq!(
-            fields(json!({"synthesizer": "gan"})),
-            ["payload.synthesizer"]
-        );
-        assert_eq!(
-            fields(json!({"output_format": "xlsx"})),
-            ["payload.output_format"]
-        );
-        assert_eq!(fields(json!({"bogus": 1})), ["payload.bogus"]);
-        assert_eq!(
-            fields(json!({"columns": {"age": {"min": 5, "max": 1}}})),
-            ["payload.columns.age.min"]
-        );
-        assert_eq!(
-            fields(json!({"columns": {"age": {"type": "wibble"}}})),
-            ["payload.columns.age.type"]
-        );
-    }
 
     #[test]
     fn synthetic_numbers_span_the_training_range() {

@@ -2,33 +2,12 @@
 //! columns (a distinct value on every row) are never learned: they get fresh values.
 
 use polars::prelude::DataType;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
-use utoipa::ToSchema;
 
 use super::table::{Column, Table, Values};
 
-/// How a column is synthesized.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Learned as a distribution of numbers (integers and floats).
-    Numerical,
-    /// Dates and times, learned as numbers.
-    Datetime,
-    /// Learned as frequencies of labels.
-    Categorical,
-    /// Unique per row: never learned, fresh values are generated.
-    Identifier,
-    /// Left out of the synthetic table.
-    Skip,
-}
-
-impl Role {
-    pub fn is_learned(self) -> bool {
-        matches!(self, Role::Numerical | Role::Datetime | Role::Categorical)
-    }
-}
+pub use contracts::synthesis::Role;
 
 /// Rows below which "every value distinct" says little about being an identifier.
 const MIN_ROWS_FOR_IDENTIFIER: usize = 10;

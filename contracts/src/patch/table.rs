@@ -76,7 +76,7 @@ pub async fn describe(pool: &PgPool, written: &str) -> Result<Table, Refusal> {
     let name: String = row.get("relname");
     let relkind: String = row.get("relkind");
     let qualified = format!("{}.{}", quote(&schema), quote(&name));
-    let system = ["pg_catalog", "information_schema", super::snapshot::SCHEMA];
+    let system = ["pg_catalog", "information_schema", super::record::SCHEMA];
     if !matches!(relkind.as_str(), "r" | "p")
         || system.contains(&schema.as_str())
         || schema.starts_with("pg_")

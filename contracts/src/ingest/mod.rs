@@ -1,0 +1,204 @@
+//! `ingest`: documents → chunks → embeddings → pgvector, searchable by vector, keyword or both.
+
+pub mod collections;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use shared::{FieldError, Problem};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{Context, Contract};
+
+pub struct Ingest;
+
+#[async_trait]
+impl Contract for Ingest {
+    const KIND: &'static str = "ingest";
+    type Payload = IngestPayload;
+
+    fn check(&self, payload: &IngestPayload) -> Result<(), Vec<FieldError>> {
+        payload.check()
+    }
+
+    async fn preflight(
+        &self,
+        context: &Context,
+        tenant: Uuid,
+        payload: &IngestPayload,
+    ) -> Result<(), Problem> {
+        let pool = &context.pool;
+        collections::get_collection(pool, tenant, payload.collection_id)
+            .await?
+            .ok_or_else(|| Problem::not_found(&format!("collection {}", payload.collection_id)))?;
+        let mut errors = Vec::new();
+        for (i, source) in payload.documents.iter().enumerate() {
+            let Some(id) = source.dataset_id else {
+                continue;
+            };
+            let dataset = shared::datasets::get(pool, tenant, id)
+                .await?
+                .ok_or_else(|| Problem::not_found(&format!("dataset {id}")))?;
+            if source.format.is_none() && DocFormat::from_name(&dataset.name).is_none() {
+                errors.push(FieldError::new(
+                    format!("payload.documents[{i}].format"),
+                    format!("cannot tell the format of {:?}: give one", dataset.name),
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Problem::validation(errors))
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DocFormat {
+    Text,
+    Markdown,
+    Html,
+    /// An array of objects (or one object), one document each.
+    Json,
+    /// One object per line, one document each.
+    Ndjson,
+    /// A header row, then one document per row.
+    Csv,
+    Tsv,
+    /// The text of every page (no OCR: scanned pages have none).
+    Pdf,
+}
+
+impl DocFormat {
+    /// From a file name's extension.
+    pub fn from_name(name: &str) -> Option<Self> {
+        let lower = name.to_ascii_lowercase();
+        let stem = lower
+            .strip_suffix(".gz")
+            .or_else(|| lower.strip_suffix(".zst"))
+            .unwrap_or(&lower);
+        Some(match stem.rsplit_once('.')?.1 {
+            "txt" | "text" => Self::Text,
+            "md" | "markdown" => Self::Markdown,
+            "html" | "htm" => Self::Html,
+            "json" => Self::Json,
+            "ndjson" | "jsonl" => Self::Ndjson,
+            "csv" => Self::Csv,
+            "tsv" | "tab" => Self::Tsv,
+            "pdf" => Self::Pdf,
+            _ => return None,
+        })
+    }
+
+    /// The name payloads use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Markdown => "markdown",
+            Self::Html => "html",
+            Self::Json => "json",
+            Self::Ndjson => "ndjson",
+            Self::Csv => "csv",
+            Self::Tsv => "tsv",
+            Self::Pdf => "pdf",
+        }
+    }
+
+    pub fn is_records(self) -> bool {
+        matches!(self, Self::Json | Self::Ndjson | Self::Csv | Self::Tsv)
+    }
+}
+
+pub const MAX_SOURCES: usize = 10_000;
+pub const MAX_ID_LEN: usize = 256;
+
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngestPayload {
+    pub collection_id: Uuid,
+    /// 1 to 10,000 sources: inline texts or uploaded datasets.
+    pub documents: Vec<DocumentSource>,
+}
+
+/// Inline `text` with its `id`, or a `dataset_id`.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DocumentSource {
+    /// The document's id in the collection. Required with `text`; for a dataset, the id of its
+    /// one document (default: the dataset id), or the prefix of its records' ids.
+    pub id: Option<String>,
+    pub text: Option<String>,
+    pub dataset_id: Option<Uuid>,
+    /// Default: `text` inline, else from the dataset's file name.
+    pub format: Option<DocFormat>,
+    /// Records: the field (column) that holds the text. Default `text`.
+    pub text_field: Option<String>,
+    /// Records: the field that holds each record's id. Default: the record's number.
+    pub id_field: Option<String>,
+    /// Stored with every chunk of the document, for search filters. A record's other scalar
+    /// fields are added to it.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+}
+
+impl IngestPayload {
+    pub fn check(&self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        if self.documents.is_empty() || self.documents.len() > MAX_SOURCES {
+            errors.push(FieldError::new(
+                "payload.documents",
+                format!("must hold 1 to {MAX_SOURCES} documents"),
+            ));
+        }
+        for (i, source) in self.documents.iter().enumerate() {
+            let field = |name: &str| format!("payload.documents[{i}].{name}");
+            match (&source.text, source.dataset_id) {
+                (Some(_), None) => {
+                    if source.id.is_none() {
+                        errors.push(FieldError::new(field("id"), "required with text"));
+                    }
+                    if source.format.is_some_and(DocFormat::is_records) {
+                        errors.push(FieldError::new(
+                            field("format"),
+                            "inline text is text, markdown or html",
+                        ));
+                    }
+                }
+                (None, Some(_)) => {}
+                _ => errors.push(FieldError::new(
+                    format!("payload.documents[{i}]"),
+                    "give either text or dataset_id",
+                )),
+            }
+            if let Some(id) = &source.id {
+                if id.is_empty() || id.len() > MAX_ID_LEN {
+                    errors.push(FieldError::new(
+                        field("id"),
+                        format!("must be 1-{MAX_ID_LEN} characters"),
+                    ));
+                }
+            }
+            let records = source.format.is_none_or(DocFormat::is_records);
+            for (name, value) in [
+                ("text_field", &source.text_field),
+                ("id_field", &source.id_field),
+            ] {
+                if value.is_some() && (source.text.is_some() || !records) {
+                    errors.push(FieldError::new(
+                        field(name),
+                        "only for records (json, ndjson, csv, tsv)",
+                    ));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The contract of each job kind, shared by the API and the workers: its payload type, the
+//! checks a payload passes on its own ([`Contract::check`]) and against the world at submit
+//! ([`Contract::preflight`]: datasets, connections, tables), and the storage both sides read
+//! (collections). The API depends on this crate only; the handlers in `jobs` run what it
+//! accepted. A payload is parsed once at submit into its type, checked, and preflighted.
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use shared::{connections::Targets, FieldError, Problem};
+use sqlx::PgPool;
+use std::{
+    any::Any,
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+pub mod canary;
+pub mod import;
+pub mod ingest;
+pub mod patch;
+pub mod synthesis;
+
+/// One job kind's contract.
+#[async_trait]
+pub trait Contract: Send + Sync + 'static {
+    /// The queue and the `kind` clients submit.
+    const KIND: &'static str;
+    type Payload: DeserializeOwned + Send + Sync + 'static;
+
+    /// Checks a payload on its own; each error names its field under `payload`.
+    fn check(&self, payload: &Self::Payload) -> Result<(), Vec<FieldError>>;
+
+    /// Checks the payload against the world before the job is accepted: the datasets,
+    /// connections and tables it names. 404 for what the tenant cannot see, 422 otherwise.
+    async fn preflight(
+        &self,
+        _context: &Context,
+        _tenant: Uuid,
+        _payload: &Self::Payload,
+    ) -> Result<(), Problem> {
+        Ok(())
+    }
+}
+
+/// What preflights reach: the control plane and the target databases, within bounds.
+pub struct Context {
+    pub pool: PgPool,
+    pub targets: Targets,
+    pub preflights: Preflights,
+}
+
+/// A payload that passed its kind's checks, in its type, for the preflight.
+pub struct Valid {
+    kind: &'static str,
+    payload: Box<dyn Any + Send + Sync>,
+}
+
+impl Valid {
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+/// A [`Contract`] behind one type, for the registry.
+#[async_trait]
+trait AnyContract: Send + Sync {
+    fn validate(&self, payload: &Value) -> Result<Valid, Vec<FieldError>>;
+    async fn preflight(
+        &self,
+        context: &Context,
+        tenant: Uuid,
+        valid: &Valid,
+    ) -> Result<(), Problem>;
+}
+
+#[async_trait]
+impl<C: Contract> AnyContract for C {
+    fn validate(&self, payload: &Value) -> Result<Valid, Vec<FieldError>> {
+        let payload: C::Payload = parse_payload(payload)?;
+        self.check(&payload)?;
+        Ok(Valid {
+            kind: C::KIND,
+            payload: Box::new(payload),
+        })
+    }
+
+    async fn preflight(
+        &self,
+        context: &Context,
+        tenant: Uuid,
+        valid: &Valid,
+    ) -> Result<(), Problem> {
+        let payload = valid
+            .payload
+            .downcast_ref::<C::Payload>()
+            .ok_or_else(|| Problem::internal(format!("a {} payload was expected", C::KIND)))?;
+        Contract::preflight(self, context, tenant, payload).await
+    }
+}
+
+/// The job kinds this build knows, by name.
+#[derive(Clone)]
+pub struct Registry {
+    contracts: BTreeMap<&'static str, Arc<dyn AnyContract>>,
+}
+
+impl Registry {
+    /// Every job kind.
+    pub fn standard() -> Self {
+        let mut contracts: BTreeMap<&'static str, Arc<dyn AnyContract>> = BTreeMap::new();
+        contracts.insert(canary::Canary::KIND, Arc::new(canary::Canary));
+        contracts.insert(import::Import::KIND, Arc::new(import::Import));
+        contracts.insert(ingest::Ingest::KIND, Arc::new(ingest::Ingest));
+        contracts.insert(patch::Patch::KIND, Arc::new(patch::Patch));
+        contracts.insert(patch::PatchRollback::KIND, Arc::new(patch::PatchRollback));
+        contracts.insert(synthesis::Synthesis::KIND, Arc::new(synthesis::Synthesis));
+        Self { contracts }
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.contracts.keys().copied()
+    }
+
+    /// Parses and checks a payload of `kind`.
+    pub fn validate(&self, kind: &str, payload: &Value) -> Result<Valid, Vec<FieldError>> {
+        match self.contracts.get(kind) {
+            Some(contract) => contract.validate(payload),
+            None => Err(vec![FieldError::new(
+                "kind",
+                format!(
+                    "unknown job kind {kind:?}; expected one of: {}",
+                    self.kinds().collect::<Vec<_>>().join(", ")
+                ),
+            )]),
+        }
+    }
+
+    /// Preflights a validated payload within the tenant's preflight bounds.
+    pub async fn preflight(
+        &self,
+        context: &Context,
+        tenant: Uuid,
+        valid: &Valid,
+    ) -> Result<(), Problem> {
+        let contract = self
+            .contracts
+            .get(valid.kind)
+            .ok_or_else(|| Problem::internal("a payload of an unknown kind"))?;
+        context
+            .preflights
+            .run(tenant, contract.preflight(context, tenant, valid))
+            .await
+    }
+}
+
+/// Preflights reach target databases on the submitter's behalf: each has a wall-clock bound,
+/// and a tenant has at most `concurrency` in flight, so that a burst of submissions cannot
+/// keep a target (or the API's pools) busy.
+pub struct Preflights {
+    timeout: Duration,
+    concurrency: usize,
+    per_tenant: Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+}
+impl Preflights {
+    pub fn new(timeout: Duration, concurrency: usize) -> Self {
+        Self {
+            timeout,
+            concurrency: concurrency.max(1),
+            per_tenant: Mutex::default(),
+        }
+    }
+
+    /// Runs one preflight of the tenant's within the bounds: 429 when the tenant already has
+    /// `concurrency` in flight, 503 when it runs past the timeout.
+    pub async fn run<T>(
+        &self,
+        tenant: Uuid,
+        preflight: impl Future<Output = Result<T, Problem>>,
+    ) -> Result<T, Problem> {
+        let semaphore = self
+            .per_tenant
+            .lock()
+            .expect("preflights lock")
+            .entry(tenant)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.concurrency)))
+            .clone();
+        let _permit = semaphore.try_acquire_owned().map_err(|_| {
+            Problem::too_many_requests(format!(
+                "this tenant already has {} preflights in flight; try again shortly",
+                self.concurrency
+            ))
+        })?;
+        tokio::time::timeout(self.timeout, preflight)
+            .await
+            .map_err(|_| {
+                Problem::unavailable(format!(
+                    "the preflight did not finish within {} ms: the target database is slow or \
+                     busy",
+                    self.timeout.as_millis()
+                ))
+            })?
+    }
+}
+
+/// The tenant's dataset that `payload.dataset_id` names, for a job that reads rows: 404 when
+/// the tenant has no such dataset, 422 when it is a document (those are for `ingest`).
+pub(crate) async fn table_dataset(
+    pool: &PgPool,
+    tenant: Uuid,
+    id: Uuid,
+) -> Result<shared::datasets::Dataset, Problem> {
+    let dataset = shared::datasets::get(pool, tenant, id)
+        .await?
+        .ok_or_else(|| Problem::not_found("dataset"))?;
+    if !dataset.format.is_table() {
+        return Err(Problem::validation(vec![FieldError::new(
+            "payload.dataset_id",
+            format!(
+                "{} is a document, not a table: upload CSV, TSV, NDJSON or Parquet (documents are \
+                 for ingest jobs)",
+                dataset.name
+            ),
+        )]));
+    }
+    Ok(dataset)
+}
+
+/// Parses a payload into its type, turning serde's complaint into a field error.
+pub fn parse_payload<T: serde::de::DeserializeOwned>(
+    payload: &Value,
+) -> Result<T, Vec<FieldError>> {
+    serde_path_to_error::deserialize(payload).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "payload".to_owned()
+        } else {
+            format!("payload.{path}")
+        };
+        vec![FieldError::new(field, e.inner().to_string())]
+    })
+}
+
+#[cfg(test)]
+mod preflight_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tenant_has_at_most_its_preflights_in_flight_and_each_is_bounded() {
+        let preflights = Preflights::new(Duration::from_millis(200), 2);
+        let (tenant, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let hang = || async {
+            std::future::pending::<()>().await;
+            Ok(())
+        };
+        let quick = || async { Ok(()) };
+        let (first, second, third, others) = tokio::join!(
+            preflights.run(tenant, hang()),
+            preflights.run(tenant, hang()),
+            preflights.run(tenant, quick()),
+            preflights.run(other, quick()),
+        );
+        assert_eq!(first.unwrap_err().status, 503);
+        assert_eq!(second.unwrap_err().status, 503);
+        assert_eq!(
+            third.unwrap_err().status,
+            429,
+            "no room while two are in flight"
+        );
+        assert!(others.is_ok(), "another tenant has room of its own");
+        assert!(
+            preflights.run(tenant, quick()).await.is_ok(),
+            "room again once they ended"
+        );
+    }
+}
