@@ -6,7 +6,7 @@ use sqlx::{pool::PoolConnection, Postgres};
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 
-use crate::Runtime;
+use crate::{runtime::Change, Runtime};
 
 /// Advisory lock key of the maintenance loop ("conveyor" in ASCII, shortened).
 const LOCK_KEY: i64 = 0x636f6e7665796f;
@@ -71,8 +71,9 @@ async fn tick(runtime: &Runtime, ticks: u64) -> anyhow::Result<()> {
     let settings = runtime.settings();
     // Scheduled and retrying jobs whose time has come.
     let due = store::promote_due(runtime.pool(), BATCH).await?;
-    push(runtime, &due).await;
-    runtime.announce(&due).await;
+    runtime
+        .dispatch(due.iter().filter_map(Change::moved).collect())
+        .await;
 
     let every = |period: Duration| {
         ticks.is_multiple_of((period.as_millis() / TICK.as_millis()).max(1) as u64)
@@ -88,13 +89,9 @@ async fn tick(runtime: &Runtime, ticks: u64) -> anyhow::Result<()> {
         if !orphans.is_empty() {
             tracing::warn!(count = orphans.len(), "rescued jobs of lost workers");
         }
-        let requeued: Vec<_> = orphans
-            .iter()
-            .filter(|m| m.status == "queued")
-            .cloned()
-            .collect();
-        push(runtime, &requeued).await;
-        runtime.announce(&orphans).await;
+        runtime
+            .dispatch(orphans.iter().filter_map(Change::moved).collect())
+            .await;
     }
     if every(settings.rescue_after) {
         // Queued rows whose queue entry is gone (a failed push, a Redis restart).
@@ -113,7 +110,9 @@ async fn tick(runtime: &Runtime, ticks: u64) -> anyhow::Result<()> {
         }
         if !lost.is_empty() {
             tracing::warn!(count = lost.len(), "re-enqueued jobs missing from Redis");
-            push(runtime, &lost).await;
+            runtime
+                .push(lost.iter().map(|m| (m.kind.clone(), message(m))).collect())
+                .await;
         }
         let ids: Vec<_> = stale.iter().map(|m| m.id).collect();
         store::touch(runtime.pool(), &ids).await?;
@@ -137,14 +136,4 @@ fn by_kind(moved: &[store::Moved]) -> BTreeMap<&str, Vec<&store::Moved>> {
         groups.entry(m.kind.as_str()).or_default().push(m);
     }
     groups
-}
-
-async fn push(runtime: &Runtime, moved: &[store::Moved]) {
-    for (kind, group) in by_kind(moved) {
-        let messages: Vec<_> = group.iter().map(|m| message(m)).collect();
-        if let Err(e) = runtime.queues().push(kind, &messages).await {
-            // The rows stay queued; the stale scan pushes them later.
-            tracing::warn!(queue = kind, error = %e, "push failed");
-        }
-    }
 }
