@@ -348,12 +348,14 @@ pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Moved>> 
     .await
 }
 
-/// Running jobs whose worker stopped heart-beating: re-queued; failed when out of attempts,
-/// or when this was the `max_deaths`-th worker to die running it (a poison job).
+/// Running jobs whose worker stopped heart-beating, at most `limit` of them: re-queued; failed
+/// when out of attempts, or when this was the `max_deaths`-th worker to die running it (a
+/// poison job).
 pub async fn rescue_orphans(
     pool: &PgPool,
     horizon: std::time::Duration,
     max_deaths: i32,
+    limit: i64,
 ) -> sqlx::Result<Vec<Moved>> {
     // In SET, `worker_deaths` is the count before this death.
     sqlx::query_as(
@@ -372,13 +374,17 @@ pub async fn rescue_orphans(
                                      OR attempt >= max_attempts THEN now() END,
              worker = NULL,
              updated_at = now()
-         WHERE status = 'running' AND NOT EXISTS (
-             SELECT 1 FROM workers w WHERE w.name = jobs.worker AND w.stopped_at IS NULL
-                 AND w.heartbeat_at > now() - make_interval(secs => $1))
+         WHERE id IN (
+             SELECT id FROM jobs
+             WHERE status = 'running' AND NOT EXISTS (
+                 SELECT 1 FROM workers w WHERE w.name = jobs.worker AND w.stopped_at IS NULL
+                     AND w.heartbeat_at > now() - make_interval(secs => $1))
+             LIMIT $3 FOR UPDATE SKIP LOCKED)
          RETURNING id, tenant_id, kind, attempt, status, error",
     )
     .bind(horizon.as_secs_f64())
     .bind(max_deaths)
+    .bind(limit)
     .fetch_all(pool)
     .await
 }
