@@ -434,3 +434,24 @@ pub async fn worker_stopped(pool: &PgPool, worker: &str) -> sqlx::Result<()> {
         .await?;
     Ok(())
 }
+
+/// Deletes up to `limit` rows of workers silent for longer than `retention` that hold no
+/// running job (the rescuer takes those first); returns how many went.
+pub async fn prune_workers(
+    pool: &PgPool,
+    retention: std::time::Duration,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM workers WHERE name IN (
+             SELECT w.name FROM workers w
+             WHERE w.heartbeat_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.status = 'running' AND j.worker = w.name)
+             ORDER BY w.heartbeat_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected())
+}

@@ -19,6 +19,7 @@ mod stale;
 mod sweeps;
 #[cfg(test)]
 mod test_support;
+mod workers;
 
 /// A duty's name (for the logs), how often it runs, and how much one statement of it does.
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +65,7 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
         Arc::new(rescuer::Rescuer::new(settings)),
         Arc::new(stale::Stale::new(settings)),
         Arc::new(sweeps::Sweeps::default()),
+        Arc::new(workers::Workers::new(settings)),
     ]
 }
 
