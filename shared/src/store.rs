@@ -455,3 +455,36 @@ pub async fn prune_workers(
     .await?;
     Ok(deleted.rows_affected())
 }
+
+/// A job row that [`delete_finished`] removed.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Deleted {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+}
+
+/// Deletes up to `limit` finished jobs (succeeded, failed, cancelled) that finished more than
+/// `retention` ago; a `patch` job only once `patch_retention` (its snapshot's) has passed too,
+/// since `patch_rollback` reads the patch's row. Live jobs are never touched, and a job retried
+/// meanwhile is skipped (its row is locked, or no longer finished).
+pub async fn delete_finished(
+    executor: impl sqlx::PgExecutor<'_>,
+    retention: std::time::Duration,
+    patch_retention: std::time::Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<Deleted>> {
+    sqlx::query_as(
+        "DELETE FROM jobs WHERE id IN (
+             SELECT id FROM jobs
+             WHERE finished_at < now() - make_interval(secs => $1)
+               AND status IN ('succeeded', 'failed', 'cancelled')
+               AND (kind <> 'patch' OR finished_at < now() - make_interval(secs => $2))
+             ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+         RETURNING id, tenant_id",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(patch_retention.as_secs_f64())
+    .bind(limit)
+    .fetch_all(executor)
+    .await
+}

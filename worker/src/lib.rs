@@ -2,7 +2,7 @@
 //!
 //! Per process: one apalis worker per queue (its concurrency from `--queues`), a heartbeat that
 //! keeps the process' lease and picks up cancel requests, and the maintenance duties (scheduler,
-//! rescuer, sweeps, ...: `maintenance/`), which one process of the deployment at a
+//! rescuer, sweeps, retention, ...: `maintenance/`), which one process of the deployment at a
 //! time carries out.
 
 mod maintenance;

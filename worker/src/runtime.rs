@@ -8,6 +8,7 @@ use shared::{
     batch::Batcher,
     events::{Event, EventLog, EventType},
     model::QueueMessage,
+    objects::ObjectStore,
     queue::Queues,
     store::{self, Outcome},
     Job, JobContext, JobStatus, Settings,
@@ -34,6 +35,7 @@ pub struct Runtime {
     pool: PgPool,
     events: EventLog,
     queues: Queues,
+    objects: ObjectStore,
     registry: Registry,
     queue_spec: Value,
     running: Mutex<HashMap<Uuid, RunningJob>>,
@@ -118,6 +120,7 @@ impl Runtime {
             finishes,
             announcements,
             queues: Queues::new(redis, &settings.redis_prefix, settings.heartbeat),
+            objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
             settings,
             name,
             pool,
@@ -147,6 +150,14 @@ impl Runtime {
 
     pub(crate) fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    pub(crate) fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    pub(crate) fn objects(&self) -> &ObjectStore {
+        &self.objects
     }
 
     /// Serves one queue until `stop`; a backend error (Redis restarting) restarts the apalis

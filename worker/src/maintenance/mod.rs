@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Runtime;
 
 mod rescuer;
+mod retention;
 mod scheduler;
 mod stale;
 mod sweeps;
@@ -66,6 +67,7 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
         Arc::new(stale::Stale::new(settings)),
         Arc::new(sweeps::Sweeps::default()),
         Arc::new(workers::Workers::new(settings)),
+        Arc::new(retention::Retention::new(settings)),
     ]
 }
 
