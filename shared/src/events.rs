@@ -174,6 +174,24 @@ impl EventLog {
     }
 }
 
+impl EventLog {
+    /// Deletes the streams of these jobs (tenant, job), whose rows are gone.
+    pub async fn forget_jobs(&self, jobs: &[(Uuid, Uuid)]) -> redis::RedisResult<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = jobs
+            .iter()
+            .map(|(tenant, job)| self.keys.job(*tenant, *job))
+            .collect();
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(keys)
+            .query_async::<()>(&mut conn)
+            .await
+    }
+}
+
 /// Appends each event to its tenant's stream, then to its job's stream under the entry id the
 /// tenant's stream gave it. A job's stream is thus the subsequence of its tenant's stream that
 /// belongs to the job, with the same ids, so the API follows every job of a tenant from the

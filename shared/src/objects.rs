@@ -240,6 +240,30 @@ impl ObjectStore {
         Ok(remove_if_present(&self.root.join(&key)).await?)
     }
 
+    /// Deletes every artifact of `job`; none is no error.
+    pub async fn delete_artifacts(&self, job: Uuid) -> anyhow::Result<()> {
+        let dir = artifact_key(job, "");
+        let Some(bucket) = &self.bucket else {
+            return match tokio::fs::remove_dir_all(self.root.join(&dir)).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            };
+        };
+        let listed = bucket
+            .store
+            .list(Some(&bucket.key(dir.trim_end_matches('/'))))
+            .map_ok(|object| object.location)
+            .boxed();
+        let mut deleted = bucket.store.delete_stream(listed);
+        while let Some(result) = deleted.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     async fn put_file(&self, scratch: &Path, key: &str) -> anyhow::Result<()> {
         let Some(bucket) = &self.bucket else {
             return Ok(rename_into(scratch, &self.root.join(key)).await?);

@@ -76,6 +76,15 @@ pub struct Settings {
     /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
     /// `patch_rollback`; the workers' maintenance sweep drops expired snapshots.
     pub snapshot_retention: Duration,
+    /// `CONVEYOR_JOB_RETENTION_DAYS`: how long finished jobs (their rows, artifacts and event
+    /// streams) are kept before the workers' maintenance deletes them; `0` (`None`) keeps them
+    /// forever. A patch job is kept at least as long as its snapshot
+    /// (`snapshot_retention`), which its rollback needs.
+    pub job_retention: Option<Duration>,
+    /// `CONVEYOR_WORKER_RETENTION_HOURS`: how long the row of a worker that stopped
+    /// heart-beating is kept in `workers` (unless it still holds a running job); `0` (`None`)
+    /// keeps them forever.
+    pub worker_retention: Option<Duration>,
     /// `CONVEYOR_MODEL_DIR`: the embedding model's files (`scripts/model` installs them).
     pub model_dir: PathBuf,
     /// `CONVEYOR_MAX_DECOMPRESSED_BYTES`: most bytes an import reads from one dataset once
@@ -132,6 +141,8 @@ impl fmt::Debug for Settings {
             metrics_token,
             dataset_limit,
             snapshot_retention,
+            job_retention,
+            worker_retention,
             model_dir,
             max_decompressed_bytes,
             max_in_memory_bytes,
@@ -171,6 +182,8 @@ impl fmt::Debug for Settings {
             .field("metrics_token", &metrics_token.as_ref().map(|_| "***"))
             .field("dataset_limit", dataset_limit)
             .field("snapshot_retention", snapshot_retention)
+            .field("job_retention", job_retention)
+            .field("worker_retention", worker_retention)
             .field("model_dir", model_dir)
             .field("max_decompressed_bytes", max_decompressed_bytes)
             .field("max_in_memory_bytes", max_in_memory_bytes)
@@ -238,6 +251,8 @@ impl Settings {
             snapshot_retention: Duration::from_secs(
                 parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
             ),
+            job_retention: retention(parse("JOB_RETENTION_DAYS", "30")?, 86400),
+            worker_retention: retention(parse("WORKER_RETENTION_HOURS", "24")?, 3600),
             model_dir: var("MODEL_DIR", ".data/models/all-MiniLM-L6-v2").into(),
             max_decompressed_bytes: parse("MAX_DECOMPRESSED_BYTES", "17179869184")?,
             max_in_memory_bytes: parse("MAX_IN_MEMORY_BYTES", "1073741824")?,
@@ -277,6 +292,8 @@ impl Settings {
             metrics_token: Some("test-metrics-token".into()),
             dataset_limit: 4 << 30,
             snapshot_retention: Duration::from_secs(168 * 3600),
+            job_retention: Some(Duration::from_secs(30 * 86400)),
+            worker_retention: Some(Duration::from_secs(24 * 3600)),
             // Where `scripts/model` installs it in this checkout, whatever the test's directory.
             model_dir: std::env::var("CONVEYOR_MODEL_DIR")
                 .map(PathBuf::from)
@@ -309,6 +326,11 @@ impl Settings {
 
 fn var(name: &str, default: &str) -> String {
     std::env::var(format!("CONVEYOR_{name}")).unwrap_or_else(|_| default.to_owned())
+}
+
+/// `count` units of `unit` seconds; `0` means forever (`None`).
+fn retention(count: u64, unit: u64) -> Option<Duration> {
+    (count > 0).then(|| Duration::from_secs(count.saturating_mul(unit)))
 }
 
 fn parse<T>(name: &str, default: &str) -> anyhow::Result<T>

@@ -348,12 +348,14 @@ pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Moved>> 
     .await
 }
 
-/// Running jobs whose worker stopped heart-beating: re-queued; failed when out of attempts,
-/// or when this was the `max_deaths`-th worker to die running it (a poison job).
+/// Running jobs whose worker stopped heart-beating, at most `limit` of them: re-queued; failed
+/// when out of attempts, or when this was the `max_deaths`-th worker to die running it (a
+/// poison job).
 pub async fn rescue_orphans(
     pool: &PgPool,
     horizon: std::time::Duration,
     max_deaths: i32,
+    limit: i64,
 ) -> sqlx::Result<Vec<Moved>> {
     // In SET, `worker_deaths` is the count before this death.
     sqlx::query_as(
@@ -372,13 +374,17 @@ pub async fn rescue_orphans(
                                      OR attempt >= max_attempts THEN now() END,
              worker = NULL,
              updated_at = now()
-         WHERE status = 'running' AND NOT EXISTS (
-             SELECT 1 FROM workers w WHERE w.name = jobs.worker AND w.stopped_at IS NULL
-                 AND w.heartbeat_at > now() - make_interval(secs => $1))
+         WHERE id IN (
+             SELECT id FROM jobs
+             WHERE status = 'running' AND NOT EXISTS (
+                 SELECT 1 FROM workers w WHERE w.name = jobs.worker AND w.stopped_at IS NULL
+                     AND w.heartbeat_at > now() - make_interval(secs => $1))
+             LIMIT $3 FOR UPDATE SKIP LOCKED)
          RETURNING id, tenant_id, kind, attempt, status, error",
     )
     .bind(horizon.as_secs_f64())
     .bind(max_deaths)
+    .bind(limit)
     .fetch_all(pool)
     .await
 }
@@ -427,4 +433,58 @@ pub async fn worker_stopped(pool: &PgPool, worker: &str) -> sqlx::Result<()> {
         .execute(pool)
         .await?;
     Ok(())
+}
+
+/// Deletes up to `limit` rows of workers silent for longer than `retention` that hold no
+/// running job (the rescuer takes those first); returns how many went.
+pub async fn prune_workers(
+    pool: &PgPool,
+    retention: std::time::Duration,
+    limit: i64,
+) -> sqlx::Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM workers WHERE name IN (
+             SELECT w.name FROM workers w
+             WHERE w.heartbeat_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.status = 'running' AND j.worker = w.name)
+             ORDER BY w.heartbeat_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected())
+}
+
+/// A job row that [`delete_finished`] removed.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Deleted {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+}
+
+/// Deletes up to `limit` finished jobs (succeeded, failed, cancelled) that finished more than
+/// `retention` ago; a `patch` job only once `patch_retention` (its snapshot's) has passed too,
+/// since `patch_rollback` reads the patch's row. Live jobs are never touched, and a job retried
+/// meanwhile is skipped (its row is locked, or no longer finished).
+pub async fn delete_finished(
+    executor: impl sqlx::PgExecutor<'_>,
+    retention: std::time::Duration,
+    patch_retention: std::time::Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<Deleted>> {
+    sqlx::query_as(
+        "DELETE FROM jobs WHERE id IN (
+             SELECT id FROM jobs
+             WHERE finished_at < now() - make_interval(secs => $1)
+               AND status IN ('succeeded', 'failed', 'cancelled')
+               AND (kind <> 'patch' OR finished_at < now() - make_interval(secs => $2))
+             ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+         RETURNING id, tenant_id",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(patch_retention.as_secs_f64())
+    .bind(limit)
+    .fetch_all(executor)
+    .await
 }

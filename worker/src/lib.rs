@@ -1,8 +1,9 @@
 //! `conveyor-worker`: runs the handlers of the queues it is told to serve.
 //!
 //! Per process: one apalis worker per queue (its concurrency from `--queues`), a heartbeat that
-//! keeps the process' lease and picks up cancel requests, and the maintenance loop (rescuer and
-//! scheduler), which runs in one process of the deployment at a time.
+//! keeps the process' lease and picks up cancel requests, and the maintenance duties (scheduler,
+//! rescuer, sweeps, retention, ...: `maintenance/`), which one process of the deployment at a
+//! time carries out.
 
 mod maintenance;
 mod runtime;

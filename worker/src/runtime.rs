@@ -8,13 +8,14 @@ use shared::{
     batch::Batcher,
     events::{Event, EventLog, EventType},
     model::QueueMessage,
+    objects::ObjectStore,
     queue::Queues,
     store::{self, Outcome},
     Job, JobContext, JobStatus, Settings,
 };
 use sqlx::PgPool;
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     panic::AssertUnwindSafe,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -34,6 +35,7 @@ pub struct Runtime {
     pool: PgPool,
     events: EventLog,
     queues: Queues,
+    objects: ObjectStore,
     registry: Registry,
     queue_spec: Value,
     running: Mutex<HashMap<Uuid, RunningJob>>,
@@ -118,6 +120,7 @@ impl Runtime {
             finishes,
             announcements,
             queues: Queues::new(redis, &settings.redis_prefix, settings.heartbeat),
+            objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
             settings,
             name,
             pool,
@@ -147,6 +150,14 @@ impl Runtime {
 
     pub(crate) fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    pub(crate) fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    pub(crate) fn objects(&self) -> &ObjectStore {
+        &self.objects
     }
 
     /// Serves one queue until `stop`; a backend error (Redis restarting) restarts the apalis
@@ -266,19 +277,46 @@ impl Runtime {
         }
     }
 
-    /// Announces state changes of jobs that did not go through a handler (rescue, promotion).
-    pub(crate) async fn announce(&self, moved: &[store::Moved]) {
-        let events: Vec<_> = moved
-            .iter()
-            .filter_map(|m| {
-                let status = JobStatus::parse(&m.status)?;
-                let event = Event::new(m.id, &m.kind, EventType::entering(status), status, 0.0)
-                    .message(m.error.clone());
-                Some((m.tenant_id, event))
-            })
+    /// Row → announce → push, for jobs whose row has already changed (an attempt's end, a
+    /// promotion, a rescue): appends each job's event, then pushes the queued ones. Announcing
+    /// first keeps a job's stream in order: once pushed, a worker may start the job and announce
+    /// `started`. Neither failure loses the job: the row is the truth, and the stale scan pushes
+    /// queued rows missing from Redis.
+    pub(crate) async fn dispatch(&self, changes: Vec<Change>) {
+        let mut queued = Vec::new();
+        let mut appends = Vec::with_capacity(changes.len());
+        for change in changes {
+            if let Some(generation) = change.push {
+                let message = QueueMessage {
+                    job_id: change.event.job_id,
+                    generation,
+                };
+                queued.push((change.event.kind.clone(), message));
+            }
+            appends.push(self.announcements.call((change.tenant, change.event)));
+        }
+        let failed: Vec<String> = futures::future::join_all(appends)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
             .collect();
-        if let Err(e) = self.events.append(&events).await {
-            tracing::warn!(error = %e, "events not appended");
+        if let Some(error) = failed.first() {
+            tracing::warn!(count = failed.len(), %error, "events not appended");
+        }
+        self.push(queued).await;
+    }
+
+    /// Pushes messages onto their kinds' queues, one round trip per kind. A failed push is
+    /// logged: the rows stay queued and the stale scan pushes them later.
+    pub(crate) async fn push(&self, messages: Vec<(String, QueueMessage)>) {
+        let mut by_kind: BTreeMap<String, Vec<QueueMessage>> = BTreeMap::new();
+        for (kind, message) in messages {
+            by_kind.entry(kind).or_default().push(message);
+        }
+        for (kind, messages) in by_kind {
+            if let Err(e) = self.queues.push(&kind, &messages).await {
+                tracing::warn!(queue = kind, count = messages.len(), error = %e, "push failed");
+            }
         }
     }
 
@@ -416,17 +454,13 @@ impl Runtime {
                 event = event.message(Some("worker shutting down; back in the queue".into()))
             }
         }
-        self.publish(row.tenant_id, event).await;
-        if status == JobStatus::Queued {
-            let message = QueueMessage {
-                job_id: row.id,
-                generation: row.attempt,
-            };
-            // If this push is lost, the rescuer finds the queued row and pushes it.
-            if let Err(e) = self.queues.push(&row.kind, &[message]).await {
-                tracing::warn!(job = %row.id, error = %e, "re-queue push failed");
-            }
-        }
+        let push = (status == JobStatus::Queued).then_some(row.attempt);
+        self.dispatch(vec![Change {
+            tenant: row.tenant_id,
+            event,
+            push,
+        }])
+        .await;
     }
 }
 
@@ -437,6 +471,35 @@ impl Runtime {
         if let Err(e) = self.announcements.call((tenant, event)).await {
             tracing::warn!(%job, error = %e, "event not appended");
         }
+    }
+}
+
+/// A job whose row changed: the event that announces it and, when it is now queued, the
+/// generation to push.
+pub(crate) struct Change {
+    pub tenant: Uuid,
+    pub event: Event,
+    pub push: Option<i32>,
+}
+
+impl Change {
+    /// A job the maintenance moved (promoted, rescued): announced as entering its new status,
+    /// pushed if that is `queued`. `None` for a status this build does not know.
+    pub(crate) fn moved(moved: &store::Moved) -> Option<Self> {
+        let status = JobStatus::parse(&moved.status)?;
+        let event = Event::new(
+            moved.id,
+            &moved.kind,
+            EventType::entering(status),
+            status,
+            0.0,
+        )
+        .message(moved.error.clone());
+        Some(Self {
+            tenant: moved.tenant_id,
+            event,
+            push: (status == JobStatus::Queued).then_some(moved.attempt),
+        })
     }
 }
 

@@ -1,0 +1,191 @@
+//! Finished jobs (succeeded, failed, cancelled) older than `CONVEYOR_JOB_RETENTION_DAYS`:
+//! deleted with their artifacts and event streams. Live jobs are never touched.
+//!
+//! What refers to a job: its artifacts (`artifacts/<job>/` in the object store), its event
+//! stream in Redis (which expires by itself after `CONVEYOR_EVENTS_TTL_SECS`), `documents.job_id`
+//! (which ingest last wrote the document: a plain column, kept), and in target databases a
+//! patch's snapshot, which `patch_rollback` can only use while the patch's row exists: a patch
+//! job is kept at least as long as `CONVEYOR_SNAPSHOT_RETENTION_HOURS`. (An import's leftover
+//! staging table is dropped by the sweeps only while its job's row says it ended; they run every
+//! 5 minutes, so only a target unreachable for the whole retention keeps one.)
+
+use shared::{store, Settings};
+use std::time::Duration;
+
+use super::{drain, Duty, Schedule};
+use crate::Runtime;
+
+pub(crate) struct Retention {
+    pub schedule: Schedule,
+    /// `None`: keep finished jobs forever.
+    pub retention: Option<Duration>,
+    /// How long a patch's snapshot lives: its job is kept at least this long.
+    pub snapshot_retention: Duration,
+}
+
+/// Artifact deletions in flight at once.
+const DELETIONS: usize = 16;
+
+impl Retention {
+    /// Every minute.
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            schedule: Schedule {
+                name: "job retention",
+                interval: Duration::from_secs(60),
+                batch: 1000,
+            },
+            retention: settings.job_retention,
+            snapshot_retention: settings.snapshot_retention,
+        }
+    }
+
+    /// One batch: the rows are deleted in a transaction that commits only once their artifacts
+    /// are gone, so a failure leaves rows (deleted again next time), never unowned objects.
+    async fn delete_batch(&self, runtime: &Runtime, retention: Duration) -> anyhow::Result<usize> {
+        let mut tx = runtime.pool().begin().await?;
+        let patch_retention = retention.max(self.snapshot_retention);
+        let deleted =
+            store::delete_finished(&mut *tx, retention, patch_retention, self.schedule.batch)
+                .await?;
+        for jobs in deleted.chunks(DELETIONS) {
+            let objects = runtime.objects();
+            futures::future::try_join_all(jobs.iter().map(|job| objects.delete_artifacts(job.id)))
+                .await?;
+        }
+        tx.commit().await?;
+        let streams: Vec<_> = deleted.iter().map(|job| (job.tenant_id, job.id)).collect();
+        if let Err(e) = runtime.events().forget_jobs(&streams).await {
+            // They expire by themselves.
+            tracing::debug!(error = %e, "event streams of deleted jobs left to expire");
+        }
+        Ok(deleted.len())
+    }
+}
+
+#[async_trait::async_trait]
+impl Duty for Retention {
+    fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
+        let Some(retention) = self.retention else {
+            return Ok(0);
+        };
+        drain(self.schedule.batch, || {
+            self.delete_batch(runtime, retention)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maintenance::test_support::TestDb;
+    use shared::{
+        events::{Event, EventType},
+        JobStatus,
+    };
+    use uuid::Uuid;
+
+    const DAY: u64 = 86400;
+
+    async fn finished(test: &TestDb, kind: &str, status: &str, days_ago: u32) -> Uuid {
+        let id = test.job(kind, status).await;
+        test.set(
+            id,
+            &format!("finished_at = now() - interval '{days_ago} days'"),
+        )
+        .await;
+        id
+    }
+
+    /// An artifact and a terminal event, as a job that ran leaves them.
+    async fn traces(test: &TestDb, id: Uuid) {
+        test.runtime
+            .objects()
+            .put_artifact(id, "report.json", b"{}")
+            .await
+            .unwrap();
+        let event = Event::new(
+            id,
+            "canary",
+            EventType::Succeeded,
+            JobStatus::Succeeded,
+            1.0,
+        );
+        test.runtime
+            .events()
+            .append(&[(test.tenant, event)])
+            .await
+            .unwrap();
+    }
+
+    async fn has_artifact(test: &TestDb, id: Uuid) -> bool {
+        let read = test.runtime.objects().read_artifact(id, "report.json");
+        read.await.unwrap().is_some()
+    }
+
+    #[tokio::test]
+    async fn old_finished_jobs_go_with_their_artifacts_and_streams_live_and_recent_ones_stay() {
+        let test = TestDb::with(jobs::Registry::default(), |settings| {
+            settings.job_retention = Some(Duration::from_secs(10 * DAY));
+            settings.snapshot_retention = Duration::from_secs(20 * DAY);
+        })
+        .await;
+        let old_succeeded = finished(&test, "canary", "succeeded", 40).await;
+        traces(&test, old_succeeded).await;
+        let old_failed = finished(&test, "import", "failed", 11).await;
+        let old_cancelled = finished(&test, "canary", "cancelled", 40).await;
+        // Past the job retention but not its snapshot's: a rollback still needs the row.
+        let young_patch = finished(&test, "patch", "succeeded", 15).await;
+        let old_patch = finished(&test, "patch", "failed", 25).await;
+        let recent = finished(&test, "canary", "succeeded", 9).await;
+        traces(&test, recent).await;
+        // Live jobs stay whatever their dates say.
+        let running = test.job("canary", "running").await;
+        test.set(
+            running,
+            "created_at = now() - interval '40 days', started_at = now() - interval '40 days'",
+        )
+        .await;
+        let queued = test.job("canary", "queued").await;
+        test.set(queued, "finished_at = now() - interval '40 days'")
+            .await;
+        let retrying = test.job("canary", "retrying").await;
+        test.set(retrying, "finished_at = now() - interval '40 days'")
+            .await;
+
+        let mut retention = Retention::new(test.runtime.settings());
+        retention.schedule.batch = 2;
+        let deleted = retention.run(&test.runtime).await.unwrap();
+
+        assert_eq!(deleted, 4);
+        for id in [old_succeeded, old_failed, old_cancelled, old_patch] {
+            assert_eq!(test.status(id).await, None, "{id} kept");
+        }
+        assert!(!has_artifact(&test, old_succeeded).await);
+        assert!(test.events(old_succeeded).await.is_empty());
+        for id in [young_patch, recent, running, queued, retrying] {
+            assert!(test.status(id).await.is_some(), "{id} deleted");
+        }
+        assert!(has_artifact(&test, recent).await);
+        assert_eq!(test.events(recent).await, ["succeeded"]);
+        // Nothing left to delete.
+        assert_eq!(retention.run(&test.runtime).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_retention_finished_jobs_are_kept() {
+        let test = TestDb::with(jobs::Registry::default(), |settings| {
+            settings.job_retention = None;
+        })
+        .await;
+        let old = finished(&test, "canary", "succeeded", 4000).await;
+        let retention = Retention::new(test.runtime.settings());
+        assert_eq!(retention.run(&test.runtime).await.unwrap(), 0);
+        assert!(test.status(old).await.is_some());
+    }
+}

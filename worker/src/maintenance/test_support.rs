@@ -1,0 +1,192 @@
+//! A fresh control-plane database (from `CONVEYOR_TEST_ADMIN_URL`, migrated) and Redis prefix
+//! per test, with a worker runtime on them, dropped with the value.
+
+use shared::{events::StreamKeys, model::QueueMessage, Settings};
+use sqlx::PgPool;
+use std::{
+    process::{Command, Stdio},
+    sync::Arc,
+};
+use uuid::Uuid;
+
+use crate::{QueueSpec, Runtime};
+
+pub(crate) struct TestDb {
+    pub runtime: Arc<Runtime>,
+    /// A tenant to own the test's jobs.
+    pub tenant: Uuid,
+    settings: Settings,
+    registry: jobs::Registry,
+    admin_url: String,
+    db_name: String,
+}
+
+fn admin_url() -> String {
+    std::env::var("CONVEYOR_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        Self::with(jobs::Registry::default(), |_| {}).await
+    }
+
+    pub async fn with(registry: jobs::Registry, configure: impl FnOnce(&mut Settings)) -> Self {
+        let admin_url = admin_url();
+        let db_name = format!("conveyor_test_{}", Uuid::new_v4().simple());
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+            .await
+            .expect("connect to the admin database (CONVEYOR_TEST_ADMIN_URL)");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create the test database");
+        let base_url = admin_url.rsplit_once('/').expect("url has a path").0;
+        let mut settings = Settings::for_test(
+            format!("{base_url}/{db_name}"),
+            format!("test:{}", Uuid::new_v4().simple()),
+        );
+        configure(&mut settings);
+        let test = Self {
+            runtime: connect(&settings, &registry, "maintenance-test-1").await,
+            tenant: Uuid::now_v7(),
+            settings,
+            registry,
+            admin_url,
+            db_name,
+        };
+        sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'acme')")
+            .bind(test.tenant)
+            .execute(test.pool())
+            .await
+            .expect("tenant");
+        test
+    }
+
+    /// A second worker process's runtime on the same database and Redis prefix.
+    pub async fn another_runtime(&self) -> Arc<Runtime> {
+        connect(&self.settings, &self.registry, "maintenance-test-2").await
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        self.runtime.pool()
+    }
+
+    /// A job row of the tenant in `status`, finished now if that is terminal, at attempt 1
+    /// unless scheduled or queued.
+    pub async fn job(&self, kind: &str, status: &str) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt, finished_at)
+             VALUES ($1, $2, $3, $4, '{}',
+                     CASE WHEN $4 IN ('scheduled', 'queued') THEN 0 ELSE 1 END,
+                     CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled') THEN now() END)",
+        )
+        .bind(id)
+        .bind(self.tenant)
+        .bind(kind)
+        .bind(status)
+        .execute(self.pool())
+        .await
+        .expect("insert a job");
+        id
+    }
+
+    /// `UPDATE jobs SET <assignments> WHERE id = $1`.
+    pub async fn set(&self, id: Uuid, assignments: &str) {
+        sqlx::query(&format!("UPDATE jobs SET {assignments} WHERE id = $1"))
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .expect("update a job");
+    }
+
+    pub async fn status(&self, id: Uuid) -> Option<String> {
+        sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await
+            .expect("read a job")
+    }
+
+    /// Whether the job's message at its current attempt is in its queue.
+    pub async fn in_queue(&self, id: Uuid) -> bool {
+        let (kind, attempt): (String, i32) =
+            sqlx::query_as("SELECT kind, attempt FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(self.pool())
+                .await
+                .expect("read a job");
+        let message = QueueMessage {
+            job_id: id,
+            generation: attempt,
+        };
+        self.runtime
+            .queues()
+            .present(&kind, &[message])
+            .await
+            .expect("ask Redis")[0]
+    }
+
+    /// The types of the events in the job's stream.
+    pub async fn events(&self, id: Uuid) -> Vec<String> {
+        let mut conn = redis::Client::open(self.settings.redis_url.as_str())
+            .expect("Redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis");
+        let key = StreamKeys::new(&self.settings.redis_prefix).job(self.tenant, id);
+        shared::events::read_after(&mut conn, &key, "0", 100)
+            .await
+            .expect("read the job's stream")
+            .into_iter()
+            .map(|entry| entry.event.event_type.as_str().to_owned())
+            .collect()
+    }
+}
+
+/// Waits until `done`, at most 10 seconds, else fails with `what`.
+pub(crate) async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn connect(settings: &Settings, registry: &jobs::Registry, name: &str) -> Arc<Runtime> {
+    let queues = QueueSpec(vec![("canary".into(), 1)]);
+    Arc::new(
+        Runtime::connect(settings.clone(), registry.clone(), name.into(), &queues)
+            .await
+            .expect("a worker runtime on the test database"),
+    )
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Synchronous: a panicking test still leaves nothing behind.
+        let _ = Command::new("psql")
+            .arg(&self.admin_url)
+            .arg("-qc")
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.settings.data_dir);
+        if let Ok(mut conn) =
+            redis::Client::open(self.settings.redis_url.as_str()).and_then(|c| c.get_connection())
+        {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:*", self.settings.redis_prefix))
+                .query(&mut conn)
+                .unwrap_or_default();
+            for chunk in keys.chunks(500) {
+                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+            }
+        }
+    }
+}
