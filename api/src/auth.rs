@@ -6,6 +6,7 @@ use axum::{
     extract::FromRequestParts,
     http::{request::Parts, HeaderMap, StatusCode},
 };
+use axum_extra::extract::CookieJar;
 use sha2::{Digest, Sha256};
 use shared::Problem;
 use sqlx::PgPool;
@@ -99,7 +100,8 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
-            let token = session_cookie(&parts.headers).ok_or_else(|| {
+            let jar = CookieJar::from_headers(&parts.headers);
+            let token = session_token(&jar).ok_or_else(|| {
                 Problem::unauthorized(
                     "missing Authorization: Bearer <api key> (or a session cookie)",
                 )
@@ -161,15 +163,10 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// The session cookie's token, if the request carries one.
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(axum::http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, value)| *name == SESSION_COOKIE && !value.is_empty())
-        .map(|(_, value)| value)
+pub fn session_token(jar: &CookieJar) -> Option<&str> {
+    jar.get(SESSION_COOKIE)
+        .map(|cookie| cookie.value())
+        .filter(|token| !token.is_empty())
 }
 
 pub fn require_csrf_header(headers: &HeaderMap) -> Result<(), Problem> {
