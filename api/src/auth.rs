@@ -6,18 +6,15 @@ use axum::{
     extract::FromRequestParts,
     http::{request::Parts, HeaderMap, StatusCode},
 };
+use axum_extra::extract::CookieJar;
 use sha2::{Digest, Sha256};
 use shared::Problem;
 use sqlx::PgPool;
 use std::{
     future::Future,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
 };
-use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 use crate::{keys::Role, revocation::Invalidation, AppState};
@@ -99,7 +96,8 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
-            let token = session_cookie(&parts.headers).ok_or_else(|| {
+            let jar = CookieJar::from_headers(&parts.headers);
+            let token = session_token(&jar).ok_or_else(|| {
                 Problem::unauthorized(
                     "missing Authorization: Bearer <api key> (or a session cookie)",
                 )
@@ -161,15 +159,10 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// The session cookie's token, if the request carries one.
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(axum::http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, value)| *name == SESSION_COOKIE && !value.is_empty())
-        .map(|(_, value)| value)
+pub fn session_token(jar: &CookieJar) -> Option<&str> {
+    jar.get(SESSION_COOKIE)
+        .map(|cookie| cookie.value())
+        .filter(|token| !token.is_empty())
 }
 
 pub fn require_csrf_header(headers: &HeaderMap) -> Result<(), Problem> {
@@ -208,7 +201,7 @@ async fn session_key(pool: &PgPool, token_hash: &str) -> Result<Option<KeyInfo>,
 }
 
 /// The live key with this hash, from the cache or PostgreSQL.
-async fn key_by_hash(state: &AppState, hash: &str) -> Result<Option<KeyInfo>, sqlx::Error> {
+async fn key_by_hash(state: &AppState, hash: &str) -> Result<Option<KeyInfo>, Problem> {
     // `last_used_at` is written at most once a minute per key, and only on a cache miss.
     let lookup = || async {
         let row: Option<KeyRow> = sqlx::query_as(
@@ -231,77 +224,98 @@ async fn key_by_hash(state: &AppState, hash: &str) -> Result<Option<KeyInfo>, sq
 /// key is dropped when the revocation reaches this process ([`crate::revocation`]); the TTL is
 /// the backstop for a message lost on the way. The cache is only trusted while this process is
 /// subscribed to revocations: otherwise every request looks its key up. Requests that miss at
-/// the same time share one lookup: thousands of dashboards and CLIs reconnecting after an API
-/// restart cost one query per key, not one each. Unknown keys are not remembered.
-#[derive(Default)]
+/// the same time share one lookup (moka's `try_get_with`): thousands of dashboards and CLIs
+/// reconnecting after an API restart cost one query per key, not one each. Unknown keys, failed
+/// lookups and lookups that overlapped an invalidation are not remembered.
 pub struct KeyCache {
-    entries: std::sync::Mutex<std::collections::HashMap<String, CacheEntry>>,
+    keys: moka::future::Cache<String, KeyInfo>,
     trusted: AtomicBool,
+    /// Moves on at every invalidation: a lookup that began before one may have read a key
+    /// just revoked, so its answer is given but not kept.
+    generation: AtomicU64,
 }
 
-struct CacheEntry {
-    key: Arc<OnceCell<Option<KeyInfo>>>,
-    since: Instant,
+/// Why a lookup's answer is not kept (shared by every request waiting on it).
+enum Uncached<E> {
+    Unknown,
+    Stale(KeyInfo),
+    Failed(E),
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        Self::new(Self::TTL)
+    }
 }
 
 impl KeyCache {
     pub const TTL: Duration = Duration::from_secs(30);
-    const MAX: usize = 10_000;
+    const MAX: u64 = 10_000;
+
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            keys: moka::future::Cache::builder()
+                .max_capacity(Self::MAX)
+                .time_to_live(ttl)
+                .support_invalidation_closures()
+                .build(),
+            trusted: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        }
+    }
 
     /// The live key with this hash: cached, or from `lookup`, called only on a miss and once
-    /// for all the requests waiting on the same key (another one runs it if it fails).
-    pub async fn key<E, F: Future<Output = Result<Option<KeyInfo>, E>>>(
+    /// for all the requests waiting on the same key (they all get its answer, or its error).
+    pub async fn key<E, F>(
         &self,
         hash: &str,
         lookup: impl FnOnce() -> F,
-    ) -> Result<Option<KeyInfo>, E> {
+    ) -> Result<Option<KeyInfo>, E>
+    where
+        E: Clone + Send + Sync + 'static,
+        F: Future<Output = Result<Option<KeyInfo>, E>>,
+    {
         if !self.trusted.load(Ordering::Acquire) {
             return lookup().await;
         }
-        let cell = {
-            let mut entries = self.entries();
-            match entries.get(hash) {
-                Some(entry) if entry.since.elapsed() < Self::TTL => entry.key.clone(),
-                _ => {
-                    if entries.len() >= Self::MAX {
-                        entries.retain(|_, entry| entry.since.elapsed() < Self::TTL);
-                    }
-                    let key = Arc::new(OnceCell::new());
-                    let entry = CacheEntry {
-                        key: key.clone(),
-                        since: Instant::now(),
-                    };
-                    entries.insert(hash.to_owned(), entry);
-                    key
-                }
+        let generation = self.generation.load(Ordering::Acquire);
+        let load = async {
+            match lookup().await {
+                Ok(Some(key)) if self.generation.load(Ordering::Acquire) == generation => Ok(key),
+                Ok(Some(key)) => Err(Uncached::Stale(key)),
+                Ok(None) => Err(Uncached::Unknown),
+                Err(e) => Err(Uncached::Failed(e)),
             }
         };
-        let key = *cell.get_or_try_init(lookup).await?;
-        if key.is_none() {
-            let mut entries = self.entries();
-            if entries
-                .get(hash)
-                .is_some_and(|entry| Arc::ptr_eq(&entry.key, &cell))
-            {
-                entries.remove(hash);
+        match self.keys.try_get_with_by_ref(hash, load).await {
+            Ok(key) => {
+                // An invalidation between the check above and the insertion: what was kept
+                // may be stale.
+                if self.generation.load(Ordering::Acquire) != generation {
+                    self.keys.invalidate(hash).await;
+                }
+                Ok(Some(key))
             }
+            Err(uncached) => match &*uncached {
+                Uncached::Unknown => Ok(None),
+                Uncached::Stale(key) => Ok(Some(*key)),
+                Uncached::Failed(e) => Err(e.clone()),
+            },
         }
-        Ok(key)
     }
 
     /// Drops the key with this id, and every lookup still running: one may have read the key
     /// before it was revoked. (Those requests still get their answer; it is just not kept.)
     pub fn forget(&self, id: Uuid) {
-        self.entries().retain(|_, entry| {
-            entry
-                .key
-                .get()
-                .is_some_and(|key| key.is_some_and(|key| key.id != id))
-        });
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.keys
+            .invalidate_entries_if(move |_, key| key.id == id)
+            .expect("the key cache supports invalidation closures");
     }
 
     pub fn clear(&self) {
-        self.entries().clear();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.keys.invalidate_all();
     }
 
     /// Whether revocations reach this process, so that cached keys may be trusted. Either way
@@ -312,16 +326,12 @@ impl KeyCache {
         self.clear();
         was
     }
-
-    fn entries(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, CacheEntry>> {
-        self.entries.lock().expect("key cache lock")
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::{atomic::AtomicUsize, Arc};
 
     fn key() -> KeyInfo {
         KeyInfo {
@@ -375,6 +385,61 @@ mod tests {
         assert_eq!(
             cache.key("new", || lookup(Some(known))).await,
             Ok(Some(known))
+        );
+    }
+
+    /// A cold key requested by many callers at once, on several threads, costs one lookup.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_requests_for_a_cold_key_cause_one_lookup() {
+        const REQUESTS: usize = 200;
+        let cache = trusted();
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let known = key();
+        let start = Arc::new(tokio::sync::Barrier::new(REQUESTS));
+        let requests: Vec<_> = (0..REQUESTS)
+            .map(|_| {
+                let (cache, lookups, start) = (cache.clone(), lookups.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    cache
+                        .key("cold", || async move {
+                            lookups.fetch_add(1, Ordering::SeqCst);
+                            // As long as a database round trip under load.
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            Ok::<_, ()>(Some(known))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for request in requests {
+            assert_eq!(request.await.unwrap(), Ok(Some(known)));
+        }
+        assert_eq!(lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cached_key_is_looked_up_again_after_its_ttl() {
+        let cache = Arc::new(KeyCache::new(Duration::from_millis(300)));
+        cache.set_trusted(true);
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let known = key();
+        let lookup = || {
+            let lookups = lookups.clone();
+            async move {
+                lookups.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, ()>(Some(known))
+            }
+        };
+        assert_eq!(cache.key("k", lookup).await, Ok(Some(known)));
+        assert_eq!(cache.key("k", lookup).await, Ok(Some(known)));
+        assert_eq!(lookups.load(Ordering::SeqCst), 1, "cached within the TTL");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(cache.key("k", lookup).await, Ok(Some(known)));
+        assert_eq!(
+            lookups.load(Ordering::SeqCst),
+            2,
+            "looked up again after it"
         );
     }
 

@@ -24,7 +24,7 @@ pub fn serve(stored: Option<(u64, ObjectStream)>, file_name: &str) -> Result<Res
         .collect();
     Ok((
         [
-            (header::CONTENT_TYPE, content_type(file_name).to_owned()),
+            (header::CONTENT_TYPE, content_type(file_name)),
             (header::CONTENT_LENGTH, length.to_string()),
             (
                 header::CONTENT_DISPOSITION,
@@ -38,16 +38,34 @@ pub fn serve(stored: Option<(u64, ObjectStream)>, file_name: &str) -> Result<Res
         .into_response())
 }
 
-fn content_type(name: &str) -> &'static str {
-    let lower = name.to_ascii_lowercase();
-    match lower.rsplit('.').next().unwrap_or("") {
-        "csv" => "text/csv; charset=utf-8",
-        "tsv" => "text/tab-separated-values; charset=utf-8",
-        "json" => "application/json",
-        "ndjson" | "jsonl" => "application/x-ndjson",
-        "txt" | "md" => "text/plain; charset=utf-8",
-        "gz" => "application/gzip",
-        "zst" => "application/zstd",
-        _ => "application/octet-stream",
+/// The media type of a file by its name's extension, `charset=utf-8` on text (what Conveyor
+/// stores and serves as text is UTF-8); `application/octet-stream` for an unknown extension.
+pub fn content_type(name: &str) -> String {
+    let media_type = mime_guess::from_path(name).first_or_octet_stream();
+    if media_type.type_() == mime_guess::mime::TEXT {
+        format!("{media_type}; charset=utf-8")
+    } else {
+        media_type.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::content_type;
+
+    #[test]
+    fn content_types_follow_the_extension_and_text_is_utf8() {
+        for (name, expected) in [
+            ("orders.csv", "text/csv; charset=utf-8"),
+            ("Orders.TSV", "text/tab-separated-values; charset=utf-8"),
+            ("notes.md", "text/markdown; charset=utf-8"),
+            ("app.js", "text/javascript; charset=utf-8"),
+            ("report.json", "application/json"),
+            ("orders.csv.gz", "application/gzip"),
+            ("orders.parquet", "application/vnd.apache.parquet"),
+            ("no-extension", "application/octet-stream"),
+        ] {
+            assert_eq!(content_type(name), expected, "{name}");
+        }
     }
 }

@@ -324,7 +324,11 @@ impl Client {
         });
         let request = self
             .post("/v1/datasets")
-            .header(reqwest::header::CONTENT_TYPE, content_type(file))
+            // Guessed from the extension; the API checks the content itself.
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                mime_guess::from_path(file).first_or_octet_stream().as_ref(),
+            )
             .header(reqwest::header::CONTENT_LENGTH, size)
             .header("X-Filename", name)
             .body(reqwest::Body::wrap_stream(chunks));
@@ -342,22 +346,6 @@ impl Client {
                 job["status"].as_str().unwrap_or("")
             );
         }
-    }
-}
-
-/// Guessed from the extension; the API checks the content itself.
-fn content_type(file: &Path) -> &'static str {
-    let extension = file
-        .extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    match extension.as_str() {
-        "csv" => "text/csv",
-        "tsv" | "tab" => "text/tab-separated-values",
-        "ndjson" | "jsonl" => "application/x-ndjson",
-        "json" => "application/json",
-        "parquet" => "application/vnd.apache.parquet",
-        _ => "application/octet-stream",
     }
 }
 

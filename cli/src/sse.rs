@@ -1,6 +1,7 @@
 //! A small Server-Sent Events reader for a job's stream, reconnecting with `Last-Event-ID`.
 
-use futures::StreamExt;
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures::{Stream, StreamExt, TryStreamExt};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -22,40 +23,23 @@ impl Message {
     }
 }
 
-/// Splits a byte stream into SSE messages; keep-alive comments are skipped.
-#[derive(Default)]
-struct Parser {
-    buffer: String,
+impl From<Event> for Message {
+    fn from(event: Event) -> Self {
+        let data = serde_json::from_str(&event.data).unwrap_or(Value::String(event.data));
+        Self {
+            id: (!event.id.is_empty()).then_some(event.id),
+            event: event.event,
+            data,
+        }
+    }
 }
 
-impl Parser {
-    fn push(&mut self, chunk: &[u8]) -> Vec<Message> {
-        self.buffer
-            .push_str(&String::from_utf8_lossy(chunk).replace("\r\n", "\n"));
-        let mut out = Vec::new();
-        while let Some(end) = self.buffer.find("\n\n") {
-            let block: String = self.buffer.drain(..end + 2).collect();
-            let (mut id, mut event, mut data) = (None, "message".to_owned(), String::new());
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("id:") {
-                    id = Some(v.trim().to_owned());
-                } else if let Some(v) = line.strip_prefix("event:") {
-                    event = v.trim().to_owned();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    if !data.is_empty() {
-                        data.push('\n');
-                    }
-                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
-                }
-            }
-            if data.is_empty() {
-                continue;
-            }
-            let data = serde_json::from_str(&data).unwrap_or(Value::String(data));
-            out.push(Message { id, event, data });
-        }
-        out
-    }
+/// The SSE messages of a byte stream, however its chunks cut lines or characters; keep-alive
+/// comments are skipped.
+fn messages<B: AsRef<[u8]>, E>(
+    bytes: impl Stream<Item = Result<B, E>>,
+) -> impl Stream<Item = Result<Message, EventStreamError<E>>> {
+    bytes.eventsource().map_ok(Message::from)
 }
 
 /// Follows `url` (a job's event stream) until its terminal event, calling `on_message` for each
@@ -85,18 +69,14 @@ pub async fn follow(
             }
         };
         failures = 0;
-        let mut parser = Parser::default();
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let Ok(chunk) = chunk else { break };
-            for message in parser.push(&chunk) {
-                if message.id.is_some() {
-                    last_id = message.id.clone();
-                }
-                on_message(&message);
-                if message.ends_job_stream() {
-                    return Ok(message);
-                }
+        let mut events = std::pin::pin!(messages(response.bytes_stream()));
+        while let Some(Ok(message)) = events.next().await {
+            if message.id.is_some() {
+                last_id = message.id.clone();
+            }
+            on_message(&message);
+            if message.ends_job_stream() {
+                return Ok(message);
             }
         }
         // The connection ended before the terminal event: resume after the last one seen.
@@ -108,19 +88,38 @@ pub async fn follow(
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_split_chunks_and_skips_comments() {
-        let mut parser = Parser::default();
-        assert!(parser
-            .push(b": keep-alive\n\nid: 1-0\nevent: progr")
-            .is_empty());
-        let messages = parser.push(
+    async fn parse(chunks: Vec<&[u8]>) -> Vec<Message> {
+        let chunks = futures::stream::iter(chunks.into_iter().map(Ok::<_, ()>));
+        messages(chunks).try_collect().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn parses_split_chunks_and_skips_comments() {
+        let messages = parse(vec![
+            b": keep-alive\n\nid: 1-0\nevent: progr",
             b"ess\ndata: {\"progress\":0.5}\n\nid: 2-0\r\nevent: succeeded\r\ndata: {}\r\n\r\n",
-        );
+        ])
+        .await;
         assert_eq!(messages.len(), 2);
         assert_eq!(messages[0].id.as_deref(), Some("1-0"));
         assert_eq!(messages[0].event, "progress");
         assert_eq!(messages[0].data["progress"], 0.5);
         assert!(messages[1].ends_job_stream());
+    }
+
+    /// Chunks end wherever the network cuts them, inside a character too: each one decoded on
+    /// its own turned the halves into U+FFFD.
+    #[tokio::test]
+    async fn a_character_split_across_chunks_survives() {
+        let event = "id: 7-0\nevent: progress\ndata: {\"message\":\"Café, 東京 ✓ 😀\"}\n\n";
+        for size in [1, 2, 3, 5] {
+            let chunks: Vec<&[u8]> = event.as_bytes().chunks(size).collect();
+            let messages = parse(chunks).await;
+            assert_eq!(messages.len(), 1, "chunks of {size} bytes");
+            assert_eq!(
+                messages[0].data["message"], "Café, 東京 ✓ 😀",
+                "chunks of {size} bytes"
+            );
+        }
     }
 }

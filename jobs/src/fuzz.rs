@@ -640,7 +640,10 @@ fn fuzz_html_extraction_on_any_text() {
                 "\n",
                 "é",
                 "&#1114111;",
-                "&#xD800;"
+                "&#xD800;",
+                "&eacute;",
+                "&nGt;",
+                "&nLt;"
             ]),
             0..200
         )

@@ -16,10 +16,12 @@ const STYLE_CSS: &str = include_str!("../../dashboard/style.css");
 const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
                    connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
-fn asset(body: &'static str, content_type: &'static str) -> Response {
+fn asset(body: &'static str, name: &str) -> Response {
     let mut response = body.into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let content_type = HeaderValue::try_from(crate::files::content_type(name))
+        .expect("a media type is a valid header value");
+    headers.insert(header::CONTENT_TYPE, content_type);
     // Assets change with the binary: always revalidate rather than run a stale script.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert(
@@ -30,7 +32,7 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
 }
 
 pub async fn index() -> Response {
-    let mut response = asset(INDEX, "text/html; charset=utf-8");
+    let mut response = asset(INDEX, "index.html");
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -46,8 +48,8 @@ pub async fn index() -> Response {
 
 pub async fn assets(Path(name): Path<String>) -> Result<Response, Problem> {
     match name.as_str() {
-        "app.js" => Ok(asset(APP_JS, "text/javascript; charset=utf-8")),
-        "style.css" => Ok(asset(STYLE_CSS, "text/css; charset=utf-8")),
+        "app.js" => Ok(asset(APP_JS, &name)),
+        "style.css" => Ok(asset(STYLE_CSS, &name)),
         _ => Err(Problem::not_found("asset")),
     }
 }

@@ -7,6 +7,7 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use chrono::{DateTime, Utc};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -41,15 +42,18 @@ pub struct SessionInfo {
 
 /// The session cookie, `Secure` when the browser reached us over HTTPS: the API speaks plain
 /// HTTP behind a TLS-terminating proxy, which says so with `X-Forwarded-Proto: https`.
-fn cookie(headers: &HeaderMap, token: &str, max_age_secs: i64) -> String {
+fn cookie(headers: &HeaderMap, token: String, max_age: chrono::TimeDelta) -> Cookie<'static> {
     let https = headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
-    let secure = if https { "; Secure" } else { "" };
-    format!(
-        "{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age_secs}{secure}"
-    )
+    Cookie::build((SESSION_COOKIE, token))
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .path("/")
+        .max_age(time::Duration::seconds(max_age.num_seconds()))
+        .secure(https)
+        .build()
 }
 
 #[utoipa::path(post, path = "/v1/session", request_body = SignIn, tag = "session", security(()),
@@ -94,15 +98,8 @@ pub async fn sign_in(
         tenant,
         expires_at: Some(expires_at),
     };
-    Ok((
-        StatusCode::CREATED,
-        [(
-            header::SET_COOKIE,
-            cookie(&headers, &token, SESSION_TTL.num_seconds()),
-        )],
-        Json(info),
-    )
-        .into_response())
+    let jar = CookieJar::new().add(cookie(&headers, token, SESSION_TTL));
+    Ok((StatusCode::CREATED, jar, Json(info)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/session", tag = "session",
@@ -111,12 +108,13 @@ pub async fn current(
     State(state): State<AppState>,
     tenant: Tenant,
     headers: HeaderMap,
+    jar: CookieJar,
 ) -> Result<Json<SessionInfo>, Problem> {
     let name: String = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
         .bind(tenant.0)
         .fetch_one(&state.pool)
         .await?;
-    let expires_at = match auth::session_cookie(&headers) {
+    let expires_at = match auth::session_token(&jar) {
         Some(token) if !headers.contains_key(header::AUTHORIZATION) => {
             sqlx::query_scalar("SELECT expires_at FROM sessions WHERE token_hash = $1")
                 .bind(hash_key(token))
@@ -138,9 +136,10 @@ pub async fn current(
 pub async fn sign_out(
     State(state): State<AppState>,
     headers: HeaderMap,
+    jar: CookieJar,
 ) -> Result<Response, Problem> {
     auth::require_csrf_header(&headers)?;
-    if let Some(token) = auth::session_cookie(&headers) {
+    if let Some(token) = auth::session_token(&jar) {
         let token_hash = hash_key(token);
         sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
             .bind(&token_hash)
@@ -149,9 +148,8 @@ pub async fn sign_out(
         // The session's open event streams end, in every API process.
         revocation::invalidate(&state, Invalidation::Session(token_hash)).await;
     }
-    Ok((
-        StatusCode::NO_CONTENT,
-        [(header::SET_COOKIE, cookie(&headers, "", 0))],
-    )
-        .into_response())
+    // Cleared whether or not the request carried it (`CookieJar::remove` only answers a cookie
+    // the request sent).
+    let cleared = cookie(&headers, String::new(), chrono::TimeDelta::zero());
+    Ok((StatusCode::NO_CONTENT, CookieJar::new().add(cleared)).into_response())
 }

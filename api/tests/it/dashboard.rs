@@ -86,7 +86,7 @@ async fn a_session_cookie_signs_in_reads_streams_and_signs_out() {
         .await
         .unwrap();
     let secure = behind_tls.headers()[header::SET_COOKIE].to_str().unwrap();
-    assert!(secure.ends_with("; Secure"), "{secure}");
+    assert!(secure.contains("; Secure"), "{secure}");
 
     // Without any credentials: 401.
     let anonymous = app.client.get(app.url("/v1/jobs")).send().await.unwrap();

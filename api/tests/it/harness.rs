@@ -1,6 +1,8 @@
 //! A test deployment: its own database and Redis prefix, the API in-process, workers in-process
 //! or as real processes.
 
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures::StreamExt;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
 use shared::Settings;
@@ -350,10 +352,7 @@ impl TestApp {
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["content-type"], "text/event-stream");
-        SseReader {
-            response,
-            buffer: String::new(),
-        }
+        SseReader::from_response(response)
     }
 }
 
@@ -478,50 +477,32 @@ pub struct SseMessage {
     pub data: Value,
 }
 
+type EventStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>,
+>;
+
+/// A response's Server-Sent Events, however its chunks cut lines or characters.
 pub struct SseReader {
-    response: reqwest::Response,
-    buffer: String,
+    events: EventStream,
 }
 
 impl SseReader {
     pub fn from_response(response: reqwest::Response) -> Self {
         Self {
-            response,
-            buffer: String::new(),
+            events: Box::pin(response.bytes_stream().eventsource()),
         }
     }
 
     /// The next event, `None` when the stream ends or nothing comes within `within`.
+    /// Keep-alive comments are skipped.
     pub async fn next(&mut self, within: Duration) -> Option<SseMessage> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let mut message = SseMessage {
-                    id: None,
-                    event: "message".into(),
-                    data: Value::Null,
-                };
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        message.id = Some(v.trim().to_owned());
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        message.event = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                if data.is_empty() {
-                    continue; // keep-alive comment
-                }
-                message.data = serde_json::from_str(&data).expect("event data is JSON");
-                return Some(message);
-            }
-            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
-                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
-                _ => return None,
-            }
+        match tokio::time::timeout(within, self.events.next()).await {
+            Ok(Some(Ok(event))) => Some(SseMessage {
+                id: (!event.id.is_empty()).then_some(event.id),
+                event: event.event,
+                data: serde_json::from_str(&event.data).expect("event data is JSON"),
+            }),
+            _ => None,
         }
     }
 

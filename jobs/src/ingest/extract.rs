@@ -2,6 +2,7 @@
 //! records (JSON, NDJSON, CSV, TSV) with one document per record.
 
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 pub use contracts::ingest::DocFormat;
 
@@ -226,49 +227,17 @@ fn find_ignore_case(haystack: &str, needle: &str) -> Option<usize> {
         .position(|window| window.eq_ignore_ascii_case(needle))
 }
 
-fn decode_entities(text: &str) -> String {
-    if !text.contains('&') {
-        return text.to_owned();
+/// Every character reference the HTML standard names, and numeric ones (html-escape). Two
+/// names stand for more bytes than they take (`&nGt;`, `&nLt;`: a character and a combining
+/// overlay); a run of text that would grow stays as written, so the text is never longer than
+/// the page.
+fn decode_entities(text: &str) -> Cow<'_, str> {
+    let decoded = html_escape::decode_html_entities(text);
+    if decoded.len() > text.len() {
+        Cow::Borrowed(text)
+    } else {
+        decoded
     }
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find('&') {
-        out.push_str(&rest[..at]);
-        rest = &rest[at..];
-        // References are short: look for their `;` nearby only, not through the whole text.
-        let near = &rest.as_bytes()[..rest.len().min(11)];
-        let decoded = near.iter().position(|&b| b == b';').and_then(|end| {
-            let name = &rest[1..end];
-            let c = match name {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" | "#39" => Some('\''),
-                "nbsp" => Some(' '),
-                _ => name.strip_prefix('#').and_then(|n| {
-                    let code = match n.strip_prefix(['x', 'X']) {
-                        Some(hex) => u32::from_str_radix(hex, 16).ok(),
-                        None => n.parse().ok(),
-                    };
-                    code.and_then(char::from_u32)
-                }),
-            };
-            c.map(|c| (c, end))
-        });
-        match decoded {
-            Some((c, end)) => {
-                out.push(c);
-                rest = &rest[end + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// The text of a PDF's pages, page after page. The parser is not ours and may panic on a
@@ -316,7 +285,23 @@ mod tests {
         let text = html_to_text(html);
         assert_eq!(
             text,
-            "Guide\n\nReset a password\n\nOpen Settings & choose Security.\n\nCaf&eacute; é A"
+            "Guide\n\nReset a password\n\nOpen Settings & choose Security.\n\nCafé é A"
+        );
+    }
+
+    #[test]
+    fn every_reference_the_standard_names_decodes_and_the_text_never_grows() {
+        let html = "<p>&hellip; &mdash; &euro;&#x1F600; &Eacute;cole &notanentity; &amp b &#0;</p>";
+        assert_eq!(
+            html_to_text(html),
+            "\u{2026} \u{2014} \u{20AC}\u{1F600} \u{C9}cole &notanentity; &amp b &#0;"
+        );
+        // `&nGt;` stands for 6 bytes in 5: a run of text that would grow stays as written.
+        assert_eq!(html_to_text("<p>&nGt;</p><p>&lt;</p>"), "&nGt;\n\n<");
+        assert_eq!(html_to_text("&nGt; &amp;"), "\u{226B}\u{20D2} &");
+        assert_eq!(
+            html_to_text("&nLt; &eacute;&eacute;"),
+            "\u{226A}\u{20D2} \u{E9}\u{E9}"
         );
     }
 
