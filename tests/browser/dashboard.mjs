@@ -170,6 +170,19 @@ try {
   const status = await page.evaluate(() => fetch('/v1/jobs').then((r) => r.status));
   check(status === 401, `signed out, /v1/jobs answers ${status}`);
   check(pageErrors.length === 0, `no script errors: ${pageErrors.join('; ')}`);
+
+  step('the API reference at /docs renders from /openapi.json, with nothing from elsewhere');
+  const elsewhere = [];
+  page.on('request', (r) => { if (!r.url().startsWith(base)) elsewhere.push(r.url()); });
+  await page.goto(`${base}/docs`);
+  await page.locator('.swagger-ui .opblock').first().waitFor();
+  const paths = await page.locator('.swagger-ui .opblock-summary-path').allTextContents();
+  for (const path of ['/v1/jobs', '/v1/datasets', '/v1/collections/{id}/search']) {
+    check(paths.some((p) => p.replace(/\u200b/g, '') === path), `/docs lists ${path}: ${paths.length} paths`);
+  }
+  check(elsewhere.length === 0, `requests left the API: ${elsewhere.join(', ')}`);
+  await page.screenshot({ path: join(artifacts, 'docs.png') });
+  check(pageErrors.length === 0, `no script errors on /docs: ${pageErrors.join('; ')}`);
   console.error('browser: all checks passed');
 } catch (e) {
   if (page) await page.screenshot({ path: join(artifacts, 'dashboard-failure.png'), fullPage: true }).catch(() => {});
