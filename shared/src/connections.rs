@@ -452,4 +452,37 @@ mod tests {
         // The old format (nonce first, no binding) fails closed.
         assert!(cipher.decrypt(&sealed[1..], tenant, id).is_err());
     }
+
+    #[test]
+    fn a_tampered_or_foreign_sealed_value_does_not_open() {
+        let cipher = Cipher::from_hex(&"ab".repeat(32)).unwrap();
+        let (tenant, id) = (Uuid::now_v7(), Uuid::now_v7());
+        let url = "postgres://ann:secret@db/x";
+        let sealed = cipher.encrypt(url, tenant, id);
+        // A fresh nonce each time: the same URL never seals to the same bytes.
+        assert_ne!(sealed, cipher.encrypt(url, tenant, id));
+        // Any flipped bit (nonce, ciphertext or tag) is refused, never decrypted to garbage.
+        for i in 1..sealed.len() {
+            let mut tampered = sealed.clone();
+            tampered[i] ^= 0x01;
+            assert!(cipher.decrypt(&tampered, tenant, id).is_err(), "byte {i}");
+        }
+        assert!(cipher
+            .decrypt(&sealed[..sealed.len() - 1], tenant, id)
+            .is_err());
+        assert!(cipher.decrypt(&sealed[..NONCE_LEN], tenant, id).is_err());
+        assert!(cipher.decrypt(&[], tenant, id).is_err());
+        // Another key does not open it.
+        let other = Cipher::from_hex(&"cd".repeat(32)).unwrap();
+        assert!(other.decrypt(&sealed, tenant, id).is_err());
+        assert_eq!(cipher.decrypt(&sealed, tenant, id).unwrap(), url);
+    }
+
+    #[test]
+    fn a_key_must_be_64_hex_digits() {
+        assert!(Cipher::from_hex(&format!(" {} ", "0f".repeat(32))).is_ok());
+        assert!(Cipher::from_hex(&"ab".repeat(16)).is_err(), "16 bytes");
+        assert!(Cipher::from_hex(&"zz".repeat(32)).is_err(), "not hex");
+        assert!(Cipher::from_hex("").is_err());
+    }
 }

@@ -135,3 +135,87 @@ impl From<anyhow::Error> for Problem {
         Problem::internal(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    async fn respond(problem: Problem) -> (StatusCode, String, Value) {
+        let response = problem.into_response();
+        let status = response.status();
+        let content_type = response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, content_type, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_problem_is_sent_with_its_status_as_problem_json() {
+        let (status, content_type, body) = respond(Problem::conflict("already cancelled")).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(content_type, "application/problem+json");
+        assert_eq!(
+            body,
+            json!({
+                "type": "https://conveyor.dev/problems/conflict",
+                "title": "Conflict",
+                "status": 409,
+                "detail": "already cancelled",
+            }),
+            "no `errors` member when there are none"
+        );
+        for (problem, expected) in [
+            (Problem::not_found("job"), StatusCode::NOT_FOUND),
+            (Problem::unauthorized("no key"), StatusCode::UNAUTHORIZED),
+            (
+                Problem::too_many_requests("slow down"),
+                StatusCode::TOO_MANY_REQUESTS,
+            ),
+            (
+                Problem::unavailable("later"),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (Problem::internal("boom"), StatusCode::INTERNAL_SERVER_ERROR),
+        ] {
+            let (status, _, body) = respond(problem).await;
+            assert_eq!(status, expected);
+            assert_eq!(body["status"], expected.as_u16());
+            assert_eq!(body["title"], expected.canonical_reason().unwrap());
+        }
+        // The internal error's text stays in the log, not in the response.
+        let (_, _, body) = respond(Problem::internal("password=hunter2")).await;
+        assert!(!body.to_string().contains("hunter2"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_validation_problem_lists_each_field_and_says_them_in_the_detail() {
+        let problem = Problem::validation(vec![
+            FieldError::new("payload.steps", "must be at least 0"),
+            FieldError::new("kind", "unknown kind"),
+        ]);
+        let (status, content_type, body) = respond(problem).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(content_type, "application/problem+json");
+        assert_eq!(body["type"], "https://conveyor.dev/problems/validation");
+        assert_eq!(body["status"], 422);
+        assert_eq!(
+            body["detail"],
+            "payload.steps: must be at least 0; kind: unknown kind"
+        );
+        assert_eq!(
+            body["errors"],
+            json!([
+                {"field": "payload.steps", "message": "must be at least 0"},
+                {"field": "kind", "message": "unknown kind"},
+            ])
+        );
+        // And it reads back as what was sent.
+        let read: Problem = serde_json::from_value(body).unwrap();
+        assert_eq!(read.errors[1], FieldError::new("kind", "unknown kind"));
+    }
+}

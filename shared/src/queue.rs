@@ -204,20 +204,75 @@ pub fn task_id(job_id: Uuid, generation: i32) -> String {
 mod tests {
     use super::*;
 
-    /// apalis' task lock scans the whole waiting list per started task (see `Queues::config`):
-    /// a backlog of 20,000 made Redis the bottleneck. Guard against turning it back on.
-    #[tokio::test]
-    async fn queues_run_without_apalis_task_locks_or_events() {
+    /// Against the Redis the tests use, under a prefix of its own (deleted at the end).
+    async fn queues() -> (Queues, ConnectionManager, String) {
         let url = std::env::var("CONVEYOR_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
         let conn = redis::Client::open(url)
             .unwrap()
             .get_connection_manager()
             .await
             .expect("Redis on 127.0.0.1:6379");
-        let config = Queues::new(conn, "test", Duration::from_secs(1)).config("canary");
-        assert!(!config.lock_tasks);
-        assert!(!config.emit_events);
-        // Acknowledgements stay: they take finished tasks out of the worker's in-flight set.
-        assert!(config.persist_results);
+        let prefix = format!("test:{}", Uuid::new_v4().simple());
+        let queues = Queues::new(conn.clone(), &prefix, Duration::from_secs(1));
+        (queues, conn, prefix)
+    }
+
+    /// A message pushed twice while it is held is queued once; `present` tells held messages
+    /// from others; a job's next generation is a message of its own.
+    #[tokio::test]
+    async fn a_push_is_idempotent_and_present_finds_what_it_pushed() {
+        let (queues, mut conn, prefix) = queues().await;
+        let job = Uuid::now_v7();
+        let first = QueueMessage {
+            job_id: job,
+            generation: 1,
+        };
+        let next = QueueMessage {
+            job_id: job,
+            generation: 2,
+        };
+        let other = QueueMessage {
+            job_id: Uuid::now_v7(),
+            generation: 1,
+        };
+        queues
+            .push("canary", std::slice::from_ref(&first))
+            .await
+            .unwrap();
+        queues
+            .push("canary", &[first.clone(), first.clone()])
+            .await
+            .unwrap();
+        assert_eq!(queues.depth("canary").await.unwrap(), 1);
+        assert_eq!(
+            queues
+                .present("canary", &[first.clone(), next.clone(), other])
+                .await
+                .unwrap(),
+            [true, false, false]
+        );
+        queues
+            .push("canary", std::slice::from_ref(&next))
+            .await
+            .unwrap();
+        assert_eq!(queues.depth("canary").await.unwrap(), 2);
+        assert_eq!(
+            queues.depth("ingest").await.unwrap(),
+            0,
+            "queues are per kind"
+        );
+
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            redis::cmd("DEL")
+                .arg(keys)
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap();
+        }
     }
 }

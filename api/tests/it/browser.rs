@@ -63,6 +63,8 @@ async fn the_dashboard_signs_in_submits_imports_cancels_and_survives_a_cut_strea
             let server = app.server.take().expect("api running");
             let addr = server.addr;
             server.shutdown().await;
+            // Not a wait for a condition: the API stays down a while, so the page's
+            // EventSource sees its retries fail before the API is back.
             tokio::time::sleep(Duration::from_millis(1500)).await;
             app.settings.listen = addr;
             app.start_api().await;

@@ -166,18 +166,32 @@ async fn status_jobs_watch_and_cancel() {
     assert!(table.stdout.contains(&id) && table.stdout.contains("running"));
 
     // `watch --json` prints one event per line until the job ends; cancel ends it.
-    let watcher = conveyor(&app, &["watch", &id, "--json"]).spawn().unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    use tokio::io::AsyncBufReadExt;
+    let mut watcher = conveyor(&app, &["watch", &id, "--json"]).spawn().unwrap();
+    let mut printed = tokio::io::BufReader::new(watcher.stdout.take().unwrap()).lines();
+    // The watcher follows the stream once it has printed its first event: cancel then.
+    let mut lines = vec![tokio::time::timeout(WAIT, printed.next_line())
+        .await
+        .expect("watch prints the first event")
+        .unwrap()
+        .expect("an event line")];
     let cancel = run(&app, &["cancel", &id]).await;
     assert_eq!(cancel.code, 0, "{}", cancel.stderr);
     assert!(cancel.stdout.contains("cancel requested") || cancel.stdout.contains("cancelled"));
-    let watched = tokio::time::timeout(WAIT, watcher.wait_with_output())
+    while let Some(line) = tokio::time::timeout(WAIT, printed.next_line())
         .await
         .expect("watch ends with the job")
+        .unwrap()
+    {
+        lines.push(line);
+    }
+    let status = tokio::time::timeout(WAIT, watcher.wait())
+        .await
+        .expect("watch exits")
         .unwrap();
-    assert_eq!(watched.status.code(), Some(1), "a cancelled job exits 1");
-    let lines: Vec<Value> = String::from_utf8_lossy(&watched.stdout)
-        .lines()
+    assert_eq!(status.code(), Some(1), "a cancelled job exits 1");
+    let lines: Vec<Value> = lines
+        .iter()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect();
     assert!(lines.len() >= 3, "{lines:?}");
@@ -214,32 +228,56 @@ async fn status_jobs_watch_and_cancel() {
     assert!(String::from_utf8_lossy(&no_key.stderr).contains("CONVEYOR_API_KEY"));
 }
 
-/// `POST /v1/datasets` is built separately; until this API has it, the client must say so
-/// plainly. Where it exists, the streamed upload must be accepted.
+/// `conveyor upload` streams a file into a dataset: exit 0, the dataset in `--json`, and the
+/// stored bytes are the file's (size, sha256, download). A missing or refusing route fails it.
 #[tokio::test]
-async fn upload_streams_a_file_or_reports_a_missing_route() {
+async fn upload_streams_a_file_into_a_dataset() {
+    use sha2::Digest;
     let app = TestApp::spawn().await;
-    let file = std::env::temp_dir().join(format!("upload-{}.csv", uuid::Uuid::new_v4()));
+    let name = format!("upload-{}.csv", uuid::Uuid::new_v4());
+    let file = std::env::temp_dir().join(&name);
     let mut csv = String::from("id,name\n");
-    for i in 0..20_000 {
+    for i in 0..60_000 {
         csv.push_str(&format!("{i},row {i}\n"));
     }
+    // Several of the client's 256 KiB chunks (streamed, not sent at once), and far past the
+    // JSON body limit, which uploads are not held to.
+    assert!(csv.len() > 3 * 256 * 1024, "{}", csv.len());
+    assert!(csv.len() > 10 * app.settings.body_limit);
     std::fs::write(&file, &csv).unwrap();
     let uploaded = run(&app, &["upload", file.to_str().unwrap(), "--json"]).await;
     std::fs::remove_file(&file).ok();
-    let route = app
-        .client
-        .post(app.url("/v1/datasets"))
-        .send()
-        .await
-        .unwrap();
-    let route_missing = route.status() == 404
-        && route.json::<Value>().await.unwrap()["detail"] == "route not found";
-    if route_missing {
-        assert_eq!(uploaded.code, 2);
-        assert!(uploaded.stderr.contains("404"), "{}", uploaded.stderr);
-    } else {
-        assert_eq!(uploaded.code, 0, "{}", uploaded.stderr);
-        assert!(uploaded.json()["id"].is_string(), "{}", uploaded.stdout);
-    }
+
+    assert_eq!(
+        uploaded.code, 0,
+        "conveyor upload failed: {}{}",
+        uploaded.stderr, uploaded.stdout
+    );
+    let dataset = uploaded.json();
+    assert_eq!(dataset["name"], name.as_str(), "{dataset}");
+    assert_eq!(dataset["format"], "csv", "{dataset}");
+    assert_eq!(dataset["size_bytes"], csv.len() as u64, "{dataset}");
+    assert_eq!(
+        dataset["sha256"],
+        hex::encode(sha2::Sha256::digest(csv.as_bytes())).as_str(),
+        "{dataset}"
+    );
+    let columns: Vec<&str> = dataset["schema"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no schema: {dataset}"))
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["id", "name"], "{dataset}");
+
+    let id = dataset["id"].as_str().expect("a dataset id");
+    let (status, stored) = app.get(&format!("/v1/datasets/{id}")).await;
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!(stored["id"], id);
+    let (status, bytes) = app.get_bytes(&format!("/v1/datasets/{id}/download")).await;
+    assert_eq!(status, 200);
+    assert!(
+        bytes == csv.as_bytes(),
+        "the download is not the uploaded file"
+    );
 }

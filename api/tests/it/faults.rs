@@ -1,27 +1,33 @@
 //! Faults with real processes: kill -9 of a worker, a Redis restart, a PostgreSQL crash and
 //! restart, SIGTERM.
 
-use crate::harness::{admin_url, binary, pid_of, TestApp};
+use crate::harness::{admin_url, pid_of, KillOnDrop, TestApp};
 use serde_json::json;
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 #[tokio::test]
 async fn a_killed_workers_job_is_finished_by_another_within_30s() {
     let app = TestApp::spawn().await;
-    let mut workers: Vec<Child> = (0..2)
+    let mut workers: Vec<KillOnDrop> = (0..2)
         .map(|_| app.spawn_worker_process("canary=1"))
         .collect();
     let id = app
         .submit_canary(json!({"steps": 30, "step_ms": 100}))
         .await;
-    let running = app
+    let mut running = app
         .wait_status(id, &["running"], Duration::from_secs(30))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Killed mid-job: once it has made progress, not before its first step.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running["progress"].as_f64().unwrap_or(0.0) == 0.0 {
+        assert!(Instant::now() < deadline, "no progress: {running}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        running = app.job(id).await;
+    }
     let victim_pid = pid_of(running["worker"].as_str().unwrap());
     let victim = workers
         .iter_mut()
@@ -37,10 +43,6 @@ async fn a_killed_workers_job_is_finished_by_another_within_30s() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["attempt"], 2, "the rescued job ran once more: {job}");
     assert!(killed_at.elapsed() < Duration::from_secs(30));
-    for mut w in workers {
-        let _ = w.kill();
-        let _ = w.wait();
-    }
 }
 
 #[tokio::test]
@@ -72,7 +74,7 @@ async fn sigterm_lets_the_running_job_finish() {
 /// A private Redis on its own port, so restarting it disturbs no other test.
 pub(crate) struct PrivateRedis {
     port: u16,
-    child: Option<Child>,
+    child: Option<KillOnDrop>,
 }
 
 impl PrivateRedis {
@@ -97,7 +99,7 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server");
-        self.child = Some(child);
+        self.child = Some(KillOnDrop(child));
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "private redis did not start");
@@ -105,17 +107,9 @@ impl PrivateRedis {
         }
     }
 
+    /// SIGKILL, and reaped: the port is free once this returns.
     pub(crate) fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
+        self.child.take();
     }
 }
 
@@ -139,9 +133,7 @@ async fn a_redis_restart_loses_no_accepted_job() {
     // Redis keeps nothing on disk: a restart empties every queue.
     redis.kill();
     redis.launch();
-    // Accepted while Redis was down is accepted too (the row is written first).
-    let mut worker = app.spawn_worker_process("canary=2");
-    ids.push(app.submit_canary(json!({"steps": 1})).await);
+    let _worker = app.spawn_worker_process("canary=2");
     for id in &ids {
         let job = app
             .wait_status(*id, &["succeeded", "failed"], Duration::from_secs(30))
@@ -156,9 +148,51 @@ async fn a_redis_restart_loses_no_accepted_job() {
         .wait_status(late, &["succeeded", "failed"], Duration::from_secs(30))
         .await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    let _ = worker.kill();
-    let _ = worker.wait();
-    let _ = binary("conveyor-worker");
+}
+
+/// A job submitted while Redis is down: the row is written first, so the API still answers
+/// 202 (the push fails and is counted); once Redis is back, the stale re-push duty of a worker
+/// pushes it and it runs.
+#[tokio::test]
+async fn a_job_submitted_while_redis_is_down_runs_once_it_is_back() {
+    let port = free_port();
+    let mut redis = PrivateRedis::start(port);
+    let app = TestApp::spawn_with(|s| s.redis_url = format!("redis://127.0.0.1:{port}")).await;
+    redis.kill();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the test's Redis is down"
+    );
+
+    let (status, job) = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.post(
+            "/v1/jobs",
+            &json!({"kind": "canary", "payload": {"steps": 1}}),
+        ),
+    )
+    .await
+    .expect("the API answers while Redis is down");
+    assert_eq!(status, 202, "{job}");
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(app.job(id).await["status"], "queued");
+    // The push failed and was counted (`conveyor_queue_push_failures_total`; `/metrics` itself
+    // needs Redis for the queue depths).
+    let counters = &app.server.as_ref().unwrap().state.counters;
+    assert_eq!(
+        counters
+            .push_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    // Redis comes back empty; nothing but the row knows of the job.
+    redis.launch();
+    let _worker = app.spawn_worker_process("canary=1");
+    let job = app
+        .wait_status(id, &["succeeded", "failed"], Duration::from_secs(30))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
 }
 
 /// Open streams ride out a Redis restart mid-job: the API's feed reconnects and reads the
@@ -169,7 +203,7 @@ async fn open_event_streams_ride_out_a_redis_restart() {
     let port = free_port();
     let mut redis = PrivateRedis::start(port);
     let app = TestApp::spawn_with(|s| s.redis_url = format!("redis://127.0.0.1:{port}")).await;
-    let mut worker = app.spawn_worker_process("canary=2");
+    let _worker = app.spawn_worker_process("canary=2");
     let id = app
         .submit_canary(json!({"steps": 40, "step_ms": 150}))
         .await;
@@ -198,8 +232,6 @@ async fn open_event_streams_ride_out_a_redis_restart() {
             break;
         }
     }
-    let _ = worker.kill();
-    let _ = worker.wait();
 }
 
 /// A private PostgreSQL cluster on its own port, run by the binaries of the server the tests
@@ -343,7 +375,7 @@ async fn postgres_bin() -> PathBuf {
 async fn a_postgres_crash_and_restart_loses_no_accepted_job() {
     let pg = PrivatePostgres::start().await;
     let app = TestApp::spawn_on(pg.admin_url(), |_| {}).await;
-    let mut worker = app.spawn_worker_process("canary=4");
+    let _worker = app.spawn_worker_process("canary=4");
     let mut ids = Vec::new();
     for _ in 0..6 {
         ids.push(
@@ -363,6 +395,8 @@ async fn a_postgres_crash_and_restart_loses_no_accepted_job() {
         .await;
     assert_eq!(status, 503, "{problem}");
     assert_eq!(problem["status"], 503, "{problem}");
+    // Not a wait for a condition: PostgreSQL stays down a while, so that the pools' failed
+    // reconnects (not just one dropped connection) are part of what the test rides out.
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.launch();
     ids.push(app.submit_canary(json!({"steps": 2})).await);
@@ -376,6 +410,4 @@ async fn a_postgres_crash_and_restart_loses_no_accepted_job() {
             .await;
         assert_eq!(job["status"], "succeeded", "{job}");
     }
-    let _ = worker.kill();
-    let _ = worker.wait();
 }

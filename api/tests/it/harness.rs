@@ -202,9 +202,10 @@ impl TestApp {
         name
     }
 
-    /// A `conveyor-worker` process against this test's database and prefix.
-    pub fn spawn_worker_process(&self, queues: &str) -> Child {
-        Command::new(binary("conveyor-worker"))
+    /// A `conveyor-worker` process against this test's database and prefix, killed when the
+    /// value drops (a failed assertion included).
+    pub fn spawn_worker_process(&self, queues: &str) -> KillOnDrop {
+        let child = Command::new(binary("conveyor-worker"))
             .env("CONVEYOR_DATABASE_URL", &self.settings.database_url)
             .env("CONVEYOR_REDIS_URL", &self.settings.redis_url)
             .env("CONVEYOR_REDIS_PREFIX", &self.settings.redis_prefix)
@@ -246,7 +247,8 @@ impl TestApp {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("conveyor-worker starts (built by scripts/test)")
+            .expect("conveyor-worker starts (built by scripts/test)");
+        KillOnDrop(child)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -400,6 +402,33 @@ impl Drop for TestApp {
             for chunk in keys.chunks(500) {
                 let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
             }
+        }
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped when the value drops, so that a test
+/// that fails half-way leaves no process behind. Derefs to the `Child`.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Already reaped (a test waited for it): nothing to kill.
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
 }

@@ -28,16 +28,6 @@ fn gzip_bomb() -> Vec<u8> {
     bomb
 }
 
-/// A worker process that is killed when the test ends, passed or not.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn submit_as(app: &TestApp, key: &str, kind: &str, payload: Value) -> Uuid {
     let response = app
         .client
@@ -77,7 +67,7 @@ async fn a_gzip_bomb_fails_its_jobs_while_the_worker_serves_another_tenant() {
     assert_eq!(status, StatusCode::CREATED, "{collection}");
     let collection = &collection["id"];
 
-    let mut worker = Killed(app.spawn_worker_process("ingest=1,synthesis=1,canary=1"));
+    let mut worker = app.spawn_worker_process("ingest=1,synthesis=1,canary=1");
     let ingest = submit_as(
         &app,
         &app.key,
@@ -129,9 +119,9 @@ async fn a_gzip_bomb_fails_its_jobs_while_the_worker_serves_another_tenant() {
         assert!(std::time::Instant::now() < deadline, "{job}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let peak = peak_rss_mb(worker.0.id());
+    let peak = peak_rss_mb(worker.id());
     assert!(
-        worker.0.try_wait().unwrap().is_none(),
+        worker.try_wait().unwrap().is_none(),
         "the worker is still up"
     );
     assert!(peak < 500, "worker peak RSS {peak} MB");
@@ -263,16 +253,16 @@ async fn a_job_whose_worker_dies_three_times_fails() {
     assert_eq!(status, StatusCode::ACCEPTED, "{job}");
     let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
     for death in 1..=3 {
-        let mut worker = Killed(app.spawn_worker_process("canary=1"));
+        let mut worker = app.spawn_worker_process("canary=1");
         loop {
             let job = app.wait_status(id, &["running"], WAIT).await;
-            if job["worker"].as_str().map(pid_of) == Some(worker.0.id()) {
+            if job["worker"].as_str().map(pid_of) == Some(worker.id()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        worker.0.kill().unwrap(); // SIGKILL
-        worker.0.wait().unwrap();
+        worker.kill().unwrap(); // SIGKILL
+        worker.wait().unwrap();
         let job = app.wait_status(id, &["queued", "failed"], WAIT).await;
         let expected = if death < 3 { "queued" } else { "failed" };
         assert_eq!(job["status"], expected, "after death {death}: {job}");

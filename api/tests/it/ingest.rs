@@ -411,12 +411,10 @@ async fn a_killed_ingest_is_retried_and_indexes_each_document_once() {
             .unwrap();
     assert!(partial < 300, "{partial}");
 
-    let mut rescuer = app.spawn_worker_process("ingest=1");
+    let _rescuer = app.spawn_worker_process("ingest=1");
     let job = app
         .wait_status(id, &["succeeded", "failed"], Duration::from_secs(120))
         .await;
-    let _ = rescuer.kill();
-    let _ = rescuer.wait();
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["attempt"], 2, "{job}");
     assert_eq!(
@@ -667,11 +665,13 @@ async fn a_worker_without_the_model_refuses_to_start() {
     assert!(!status.success());
     // A canary-only worker needs no model.
     let mut canary = app.spawn_worker_process("canary=1");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let id = app.submit_canary(json!({"steps": 1})).await;
+    let job = app
+        .wait_status(id, &["succeeded", "failed"], Duration::from_secs(30))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
     assert!(
         canary.try_wait().unwrap().is_none(),
         "a canary worker runs without the model"
     );
-    let _ = canary.kill();
-    let _ = canary.wait();
 }

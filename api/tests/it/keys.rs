@@ -462,6 +462,8 @@ async fn a_process_that_lost_its_subscription_does_not_trust_its_cache() {
     // Redis goes away; the key is used meanwhile (the processes notice the closed connection at
     // once), and then revoked without any process hearing of it.
     redis.kill();
+    // Not observable from outside: a bounded wait for both processes to see the subscription
+    // connection close, so the call below is made with Redis gone for them too.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (status, _) = call(&app, &second_base, Method::GET, "/v1/jobs", &member, None).await;
     assert_eq!(status, StatusCode::OK);

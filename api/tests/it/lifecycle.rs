@@ -49,7 +49,11 @@ async fn a_queued_job_is_cancelled_at_once_and_never_runs() {
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["status"], "cancelled");
     app.start_worker(1).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The queue is first in, first out and the worker takes one job at a time: once a job
+    // submitted after it has run, the worker has been handed the cancelled job's message.
+    let after = app.submit_canary(json!({"steps": 1})).await;
+    let done = app.wait_status(after, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
     let job = app.job(id).await;
     assert_eq!(job["status"], "cancelled");
     assert_eq!(job["attempt"], 0, "a cancelled job must not run");

@@ -1,12 +1,12 @@
 //! Datasets and artifacts in an S3-compatible bucket: s3rver (a real S3 server over HTTP,
 //! objects on disk; `scripts/browser-deps` installs it under tests/s3) on its own port.
 
-use crate::harness::TestApp;
+use crate::harness::{KillOnDrop, TestApp};
 use serde_json::json;
 use shared::objects::BucketConfig;
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -15,7 +15,7 @@ const BUCKET: &str = "conveyor";
 struct S3Server {
     port: u16,
     dir: PathBuf,
-    child: Child,
+    child: Option<KillOnDrop>,
 }
 
 impl S3Server {
@@ -41,7 +41,11 @@ impl S3Server {
             assert!(Instant::now() < deadline, "s3rver did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Self { port, dir, child }
+        Self {
+            port,
+            dir,
+            child: Some(KillOnDrop(child)),
+        }
     }
 
     fn config(&self) -> BucketConfig {
@@ -69,8 +73,7 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.take(); // killed and reaped before its files go
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -503,12 +503,10 @@ async fn a_killed_worker_resumes_from_the_last_checkpoint() {
     let applied = count(&db, &format!("SELECT count(*) FROM {snapshot}")).await;
     assert!(applied > 0 && applied < 180_000, "{applied}");
     // The survivor's rescuer re-queues the job once the victim's lease lapses.
-    let mut survivor = app.spawn_worker_process("patch=1");
+    let _survivor = app.spawn_worker_process("patch=1");
     let job = app
         .wait_status(id, &["succeeded"], Duration::from_secs(120))
         .await;
-    let _ = survivor.kill();
-    let _ = survivor.wait();
     assert_eq!(job["attempt"], 2, "{job}");
     let resumed = job["result"]["resumed_from_rows"].as_i64().unwrap();
     assert!(resumed >= applied, "{job}");

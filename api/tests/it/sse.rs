@@ -27,7 +27,21 @@ async fn a_client_that_reconnects_gets_every_event_exactly_once_in_order() {
         seen.push(first.next(WAIT).await.expect("an event"));
     }
     drop(first); // disconnect mid-job
-    tokio::time::sleep(Duration::from_millis(400)).await;
+                 // Events happen while the client is away: the job has moved on past what it saw.
+    let id: uuid::Uuid = path
+        .trim_start_matches("/v1/jobs/")
+        .trim_end_matches("/events")
+        .parse()
+        .unwrap();
+    let seen_progress = app.job(id).await["progress"].as_f64().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.job(id).await["progress"].as_f64().unwrap() <= seen_progress {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let cursor = seen.last().unwrap().id.clone().unwrap();
     let rest = app.sse(&path, Some(&cursor)).await.collect(WAIT).await;
     seen.extend(rest);
