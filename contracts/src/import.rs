@@ -376,3 +376,93 @@ impl ImportPayload {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::Registry;
+    use serde_json::{json, Value};
+
+    const DATASET: &str = "0b9ab4e2-6a3c-4c36-9a0c-5d3f2f1b6a11";
+
+    /// The fields refused in an import payload: `extra` merged into a valid one.
+    fn refused(extra: Value) -> Vec<String> {
+        let mut payload = json!({"dataset_id": DATASET, "target": {"table": "orders"}});
+        for (key, value) in extra.as_object().unwrap() {
+            payload[key] = value.clone();
+        }
+        match Registry::standard().validate("import", &payload) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.into_iter().map(|e| e.field).collect(),
+        }
+    }
+
+    #[test]
+    fn a_minimal_payload_is_valid_and_defaults_apply() {
+        assert!(refused(json!({})).is_empty());
+        let payload: super::ImportPayload =
+            serde_json::from_value(json!({"dataset_id": DATASET, "target": {"table": "t"}}))
+                .unwrap();
+        assert_eq!(payload.mode, super::Mode::Create);
+        assert_eq!(payload.csv.delimiter, ",");
+        assert!(payload.csv.header);
+        assert_eq!(payload.on_error, super::OnError::Abort);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        for (extra, field) in [
+            (json!({"target": {"table": "1bad"}}), "payload.target.table"),
+            (
+                json!({"target": {"table": "conveyor_import_x"}}),
+                "payload.target.table",
+            ),
+            (
+                json!({"target": {"table": "t", "schema": "pg_catalog"}}),
+                "payload.target.schema",
+            ),
+            (
+                json!({"target": {"table": "t", "schema": "conveyor"}}),
+                "payload.target.schema",
+            ),
+            (json!({"mode": "upsert"}), "payload.key_columns"),
+            (
+                json!({"mode": "append", "key_columns": ["id"]}),
+                "payload.key_columns",
+            ),
+            (json!({"max_errors": 5}), "payload.max_errors"),
+            (json!({"csv": {"delimiter": ";;"}}), "payload.csv.delimiter"),
+            (json!({"csv": {"delimiter": "\n"}}), "payload.csv.delimiter"),
+            (
+                json!({"csv": {"delimiter": "'", "quote": "'"}}),
+                "payload.csv.quote",
+            ),
+            (json!({"columns": []}), "payload.columns"),
+            (
+                json!({"columns": [{"source": "a", "type": "money"}]}),
+                "payload.columns[0].type",
+            ),
+            (
+                json!({"columns": [{"source": "a"}, {"source": "a"}]}),
+                "payload.columns[1].name",
+            ),
+            (
+                json!({"key_columns": ["x y"], "mode": "upsert"}),
+                "payload.key_columns[0]",
+            ),
+            (json!({"mode": "merge"}), "payload.mode"),
+            (json!({"bogus": 1}), "payload.bogus"),
+        ] {
+            let fields = refused(extra.clone());
+            assert!(fields.iter().any(|f| f == field), "{extra}: {fields:?}");
+        }
+    }
+
+    #[test]
+    fn identifiers_are_plain_and_quoting_doubles_quotes() {
+        assert!(super::valid_identifier("orders_2024"));
+        assert!(super::valid_identifier("_x$1"));
+        assert!(!super::valid_identifier("Orders Table"));
+        assert!(!super::valid_identifier(&"a".repeat(64)));
+        assert_eq!(super::quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

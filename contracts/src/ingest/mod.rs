@@ -202,3 +202,84 @@ impl IngestPayload {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DocFormat;
+    use crate::Registry;
+    use serde_json::{json, Value};
+
+    const ID: &str = "0b9ab4e2-6a3c-4c36-9a0c-5d3f2f1b6a11";
+
+    fn refused(documents: Value) -> Vec<String> {
+        let payload = json!({"collection_id": ID, "documents": documents});
+        match Registry::standard().validate("ingest", &payload) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.into_iter().map(|e| e.field).collect(),
+        }
+    }
+
+    #[test]
+    fn inline_texts_and_datasets_are_valid() {
+        assert!(refused(json!([
+            {"id": "faq-1", "text": "hello", "format": "markdown", "metadata": {"lang": "en"}},
+            {"dataset_id": ID, "format": "ndjson", "text_field": "body", "id_field": "id"},
+            {"dataset_id": ID}
+        ]))
+        .is_empty());
+    }
+
+    #[test]
+    fn each_bad_source_is_named() {
+        for (documents, field) in [
+            (json!([]), "payload.documents"),
+            (json!([{"text": "no id"}]), "payload.documents[0].id"),
+            (json!([{"id": "", "text": "x"}]), "payload.documents[0].id"),
+            (
+                json!([{"id": "a".repeat(257), "text": "x"}]),
+                "payload.documents[0].id",
+            ),
+            (
+                json!([{"id": "a", "text": "x", "format": "csv"}]),
+                "payload.documents[0].format",
+            ),
+            (json!([{"id": "a"}]), "payload.documents[0]"),
+            (
+                json!([{"id": "a", "text": "x", "dataset_id": ID}]),
+                "payload.documents[0]",
+            ),
+            (
+                json!([{"id": "a", "text": "x", "text_field": "body"}]),
+                "payload.documents[0].text_field",
+            ),
+            (
+                json!([{"dataset_id": ID, "format": "pdf", "id_field": "id"}]),
+                "payload.documents[0].id_field",
+            ),
+            (
+                json!([{"dataset_id": ID, "format": "docx"}]),
+                "payload.documents[0].format",
+            ),
+            (
+                json!([{"dataset_id": "not-a-uuid"}]),
+                "payload.documents[0].dataset_id",
+            ),
+        ] {
+            let fields = refused(documents.clone());
+            assert!(fields.iter().any(|f| f == field), "{documents}: {fields:?}");
+        }
+    }
+
+    #[test]
+    fn formats_come_from_file_names() {
+        assert_eq!(DocFormat::from_name("a.MD"), Some(DocFormat::Markdown));
+        assert_eq!(
+            DocFormat::from_name("rows.jsonl.gz"),
+            Some(DocFormat::Ndjson)
+        );
+        assert_eq!(DocFormat::from_name("page.htm"), Some(DocFormat::Html));
+        assert_eq!(DocFormat::from_name("x.docx"), None);
+        assert_eq!(DocFormat::from_name("noext"), None);
+        assert!(DocFormat::Csv.is_records() && !DocFormat::Pdf.is_records());
+    }
+}
