@@ -48,10 +48,43 @@ async fn a_killed_workers_job_is_finished_by_another_within_30s() {
 #[tokio::test]
 async fn sigterm_lets_the_running_job_finish() {
     let app = TestApp::spawn().await;
-    let mut worker = app.spawn_worker_process("canary=1");
+    let worker = app.spawn_worker_process("canary=1");
     let id = app
         .submit_canary(json!({"steps": 20, "step_ms": 100}))
         .await;
+    terminate_while_running(&app, id, worker).await;
+    let job = app.job(id).await;
+    assert_eq!(
+        job["status"], "succeeded",
+        "the draining worker finished its job: {job}"
+    );
+    assert_eq!(job["attempt"], 1);
+}
+
+/// Past the grace period, SIGTERM hands the running job back to the queue: the worker exits
+/// cleanly, the job is `queued` again (neither lost nor failed), and another worker runs it
+/// to the end.
+#[tokio::test]
+async fn sigterm_past_the_grace_period_hands_the_job_back_for_another_worker() {
+    let app = TestApp::spawn().await;
+    let worker =
+        app.spawn_worker_process_with("canary=1", &[("CONVEYOR_SHUTDOWN_GRACE_SECS", "1")]);
+    let id = app
+        .submit_canary(json!({"steps": 100, "step_ms": 100}))
+        .await;
+    terminate_while_running(&app, id, worker).await;
+    let job = app.job(id).await;
+    assert_eq!(job["status"], "queued", "handed back, not finished: {job}");
+    let _other = app.spawn_worker_process("canary=1");
+    let job = app
+        .wait_status(id, &["succeeded", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 2, "the second worker ran it again: {job}");
+}
+
+/// Sends SIGTERM to `worker` once job `id` runs, and waits for a clean exit.
+async fn terminate_while_running(app: &TestApp, id: uuid::Uuid, mut worker: KillOnDrop) {
     app.wait_status(id, &["running"], Duration::from_secs(30))
         .await;
     Command::new("kill")
@@ -63,12 +96,6 @@ async fn sigterm_lets_the_running_job_finish() {
         .await
         .unwrap();
     assert!(status.success(), "worker exit: {status:?}");
-    let job = app.job(id).await;
-    assert_eq!(
-        job["status"], "succeeded",
-        "the draining worker finished its job: {job}"
-    );
-    assert_eq!(job["attempt"], 1);
 }
 
 /// A private Redis on its own port, so restarting it disturbs no other test.

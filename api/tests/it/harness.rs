@@ -205,6 +205,11 @@ impl TestApp {
     /// A `conveyor-worker` process against this test's database and prefix, killed when the
     /// value drops (a failed assertion included).
     pub fn spawn_worker_process(&self, queues: &str) -> KillOnDrop {
+        self.spawn_worker_process_with(queues, &[])
+    }
+
+    /// A worker process with some settings of its own (`CONVEYOR_...` variables).
+    pub fn spawn_worker_process_with(&self, queues: &str, env: &[(&str, &str)]) -> KillOnDrop {
         let child = Command::new(binary("conveyor-worker"))
             .env("CONVEYOR_DATABASE_URL", &self.settings.database_url)
             .env("CONVEYOR_REDIS_URL", &self.settings.redis_url)
@@ -244,6 +249,7 @@ impl TestApp {
                 self.settings.max_worker_deaths.to_string(),
             )
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
