@@ -232,17 +232,26 @@ async fn a_backlog_of_10000_jobs_drains_completely() {
     assert_eq!(count("failed").await.unwrap(), 0);
 }
 
-/// `20261123000007_sessions.sql` was edited after it landed; a database that ran the edited
-/// file still migrates (sqlx alone refuses it: "previously applied but has been modified").
+/// `20261123000007_sessions.sql` was edited after it first landed; a database that ran the
+/// first version (no `jobs_finished` index, the first checksum) still migrates, and gets the
+/// index (sqlx alone refuses it: "previously applied but has been modified").
 #[tokio::test]
-async fn a_database_that_ran_the_edited_sessions_migration_still_migrates() {
+async fn a_database_that_ran_the_first_sessions_migration_still_migrates() {
     let app = TestApp::spawn().await;
-    let edited = "0c8bc33142223eb3feec1f5b524b10a304d076539d9923887cca39159e463697\
-                  d4c9f3805b002ae5e3ce4a9c14107019";
+    let first = "b24e6b01d22a3ab56adcfe97ca684054013f9ee8d359cf56cf527a9b4b441c98\
+                 9f3e88e469f78c0f4e27d4184bac7d39";
+    sqlx::query("DROP INDEX jobs_finished")
+        .execute(app.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 20261202000004")
+        .execute(app.pool())
+        .await
+        .unwrap();
     sqlx::query(
         "UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = 20261123000007",
     )
-    .bind(edited)
+    .bind(first)
     .execute(app.pool())
     .await
     .unwrap();
@@ -252,11 +261,11 @@ async fn a_database_that_ran_the_edited_sessions_migration_still_migrates() {
             .fetch_one(app.pool())
             .await
             .unwrap();
-    let landed = shared::db::MIGRATOR
+    let current = shared::db::MIGRATOR
         .iter()
         .find(|m| m.version == 20261123000007)
         .unwrap();
-    assert_eq!(checksum, landed.checksum.to_vec());
+    assert_eq!(checksum, current.checksum.to_vec());
     let index: Option<String> = sqlx::query_scalar("SELECT to_regclass('jobs_finished')::text")
         .fetch_one(app.pool())
         .await
