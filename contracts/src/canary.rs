@@ -50,11 +50,7 @@ impl CanaryPayload {
                 format!("must be at most {MAX_STEP_MS}"),
             ));
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
+        crate::refused(errors)
     }
 }
 

@@ -39,12 +39,7 @@ impl Contract for Import {
     type Payload = ImportPayload;
 
     fn check(&self, payload: &ImportPayload) -> Result<(), Vec<FieldError>> {
-        let errors = payload.check();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
+        crate::refused(payload.check())
     }
 
     async fn preflight(

@@ -230,6 +230,15 @@ pub(crate) async fn table_dataset(
     Ok(dataset)
 }
 
+/// `Ok` when nothing was refused, else every refusal.
+pub(crate) fn refused(errors: Vec<FieldError>) -> Result<(), Vec<FieldError>> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
 /// Parses a payload into its type, turning serde's complaint into a field error.
 pub fn parse_payload<T: serde::de::DeserializeOwned>(
     payload: &Value,

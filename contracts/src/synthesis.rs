@@ -40,11 +40,7 @@ impl Contract for Synthesis {
                 )
             })
             .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(Problem::validation(errors))
-        }
+        crate::refused(errors).map_err(Problem::validation)
     }
 }
 
@@ -181,11 +177,7 @@ impl SynthesisPayload {
                 }
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
+        crate::refused(errors)
     }
 
     /// The roles the payload sets, by column.

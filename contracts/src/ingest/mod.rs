@@ -47,11 +47,7 @@ impl Contract for Ingest {
                 ));
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(Problem::validation(errors))
-        }
+        crate::refused(errors).map_err(Problem::validation)
     }
 }
 
@@ -195,11 +191,7 @@ impl IngestPayload {
                 }
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors)
-        }
+        crate::refused(errors)
     }
 }
 
