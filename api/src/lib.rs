@@ -6,6 +6,7 @@ mod extract;
 mod files;
 mod hub;
 pub mod keys;
+pub mod limits;
 mod openapi;
 pub mod revocation;
 mod routes;

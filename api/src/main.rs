@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use conveyor_api::{
-    keys,
+    keys, limits,
     revocation::{self, Invalidation},
 };
 use uuid::Uuid;
@@ -24,6 +24,47 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// A tenant's limits: concurrency, fair share, submission rate, quotas.
+    Tenants {
+        #[command(subcommand)]
+        command: TenantsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantsCommand {
+    /// Change a tenant's limits; what is not given stays as it is. Every API process and
+    /// dispatcher sees the change within 5 seconds.
+    SetLimits {
+        tenant: String,
+        /// `KIND=N`: at most N jobs of KIND pushed or running at once; `KIND=default` drops
+        /// the tenant's own cap. Repeatable.
+        #[arg(long, value_name = "KIND=N")]
+        max_running: Vec<String>,
+        /// Share of the slots against other tenants with work (1-1000).
+        #[arg(long)]
+        weight: Option<i32>,
+        /// Submissions: `50/s`, `600/m`, `3600/h`, or `none`.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Bucket depth for `--rate` (default: one second's worth, or the count given).
+        #[arg(long)]
+        burst: Option<u32>,
+        /// Jobs waiting or running at once (`none`: no quota).
+        #[arg(long)]
+        max_queued: Option<String>,
+        /// Bytes of stored datasets (`none`: no quota).
+        #[arg(long)]
+        max_dataset_bytes: Option<String>,
+        /// Chunks in all collections (`none`: no quota).
+        #[arg(long)]
+        max_chunks: Option<String>,
+        /// Rows imported per UTC day (`none`: no quota).
+        #[arg(long)]
+        max_rows_per_day: Option<String>,
+    },
+    /// Print a tenant's limits (as `GET /v1/tenant` shows them).
+    Show { tenant: String },
 }
 
 #[derive(Subcommand)]
@@ -74,6 +115,11 @@ async fn main() -> anyhow::Result<()> {
             let pool = shared::db::connect(&settings.database_url, 2).await?;
             shared::db::migrate(&pool).await?;
             keys_command(&settings, &pool, command).await?;
+        }
+        Command::Tenants { command } => {
+            let pool = shared::db::connect(&settings.database_url, 2).await?;
+            shared::db::migrate(&pool).await?;
+            tenants_command(&settings, &pool, command).await?;
         }
     }
     Ok(())
@@ -140,6 +186,101 @@ async fn keys_command(
             println!("{}", created.key);
         }
     }
+    Ok(())
+}
+
+async fn tenants_command(
+    settings: &shared::Settings,
+    pool: &sqlx::PgPool,
+    command: TenantsCommand,
+) -> anyhow::Result<()> {
+    let tenant_id = |name: String| async move {
+        keys::tenant_id(pool, &name)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no tenant named {name:?}"))
+    };
+    match command {
+        TenantsCommand::SetLimits {
+            tenant,
+            max_running,
+            weight,
+            rate,
+            burst,
+            max_queued,
+            max_dataset_bytes,
+            max_chunks,
+            max_rows_per_day,
+        } => {
+            let id = tenant_id(tenant).await?;
+            let quota = |flag: &str, raw: Option<String>| -> anyhow::Result<Option<Option<i64>>> {
+                raw.map(|raw| match raw.as_str() {
+                    "none" => Ok(None),
+                    n => n
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|n| *n >= 0)
+                        .map(Some)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--{flag} {raw:?}: expected a count (0 or more) or none"
+                            )
+                        }),
+                })
+                .transpose()
+            };
+            let mut change = limits::LimitChange {
+                weight,
+                rate: rate
+                    .map(|r| limits::parse_rate(&r, burst))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--rate {e}"))?,
+                max_queued: quota("max-queued", max_queued)?,
+                max_dataset_bytes: quota("max-dataset-bytes", max_dataset_bytes)?,
+                max_chunks: quota("max-chunks", max_chunks)?,
+                max_rows_per_day: quota("max-rows-per-day", max_rows_per_day)?,
+                ..Default::default()
+            };
+            anyhow::ensure!(
+                weight.is_none_or(|w| (1..=1000).contains(&w)),
+                "--weight must be 1-1000"
+            );
+            for entry in max_running {
+                let (kind, n) = entry
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--max-running {entry:?}: expected KIND=N"))?;
+                let n = match n {
+                    "default" => None,
+                    n => Some(n.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                        anyhow::anyhow!("--max-running {entry:?}: N is a count, 0 or more")
+                    })?),
+                };
+                change.max_running.push((kind.to_owned(), n));
+            }
+            limits::set_limits(pool, id, &change).await?;
+            eprintln!("limits of {id} updated");
+            show_limits(settings, pool, id).await?;
+        }
+        TenantsCommand::Show { tenant } => {
+            let id = tenant_id(tenant).await?;
+            show_limits(settings, pool, id).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn show_limits(
+    settings: &shared::Settings,
+    pool: &sqlx::PgPool,
+    tenant: Uuid,
+) -> anyhow::Result<()> {
+    let redis = redis::Client::open(settings.redis_url.as_str())?
+        .get_connection_manager()
+        .await?;
+    let limits = limits::Limits::new(pool.clone(), redis, settings)
+        .load(tenant)
+        .await
+        .map_err(|p| anyhow::anyhow!("{}", p.detail))?;
+    println!("{}", serde_json::to_string_pretty(&limits)?);
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 use redis::aio::ConnectionManager;
 use shared::{
     connections::{SessionLimits, Targets},
+    dispatch::{Dispatcher, Refill},
     events::EventLog,
     objects::ObjectStore,
     queue::Queues,
@@ -21,6 +22,10 @@ pub struct AppState {
     pub redis_client: redis::Client,
     pub events: EventLog,
     pub queues: Queues,
+    /// Fair dispatch passes after submissions, retries and cancels.
+    pub refill: Refill,
+    /// Tenants' limits and submission buckets.
+    pub limits: Arc<crate::limits::Limits>,
     /// The job kinds' contracts: a payload is validated and preflighted at submit.
     pub contracts: contracts::Registry,
     /// What preflights reach: the control plane and the target databases, within bounds.
@@ -43,7 +48,6 @@ pub struct AppState {
 #[derive(Default)]
 pub struct Counters {
     pub submitted: AtomicU64,
-    pub push_failures: AtomicU64,
     pub sse_open: AtomicU64,
 }
 
@@ -87,15 +91,24 @@ impl AppState {
             hub.clone(),
             stopping.clone(),
         ));
+        let queues = Queues::new(redis.clone(), &settings.redis_prefix, settings.heartbeat);
+        let refill = Refill::new(Dispatcher::new(pool.clone(), queues.clone(), &settings));
+        let limits = Arc::new(crate::limits::Limits::new(
+            pool.clone(),
+            redis.clone(),
+            &settings,
+        ));
         Ok(Self {
             hub,
+            refill,
+            limits,
             events: EventLog::new(
                 redis.clone(),
                 &settings.redis_prefix,
                 settings.tenant_stream_maxlen,
                 settings.events_ttl,
             ),
-            queues: Queues::new(redis.clone(), &settings.redis_prefix, settings.heartbeat),
+            queues,
             contracts: contracts::Registry::standard(),
             context,
             objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,

@@ -6,6 +6,7 @@ pub mod connections;
 pub mod context;
 pub mod datasets;
 pub mod db;
+pub mod dispatch;
 pub mod events;
 pub mod isolated;
 pub mod model;

@@ -108,6 +108,22 @@ pub struct Settings {
     pub extract_timeout: Duration,
     /// `CONVEYOR_EXTRACT_MEMORY_BYTES`: address space of the extraction process.
     pub extract_memory_bytes: u64,
+    /// `CONVEYOR_DISPATCH_MIN_WINDOW`: jobs a kind's Redis queue may hold even when fewer
+    /// worker slots are live (fair dispatch keeps it about one round of slots deep).
+    pub dispatch_min_window: i64,
+    /// `CONVEYOR_MAX_RUNNING`: jobs of one kind a tenant may have pushed or running at once,
+    /// unless its limits say otherwise; `0`: no cap.
+    pub default_max_running: Option<i64>,
+    /// `CONVEYOR_RATE_PER_SEC` and `CONVEYOR_RATE_BURST`: each tenant's submission rate (jobs
+    /// per second) and burst, unless its limits say otherwise; rate `0`: no limit.
+    pub default_rate: Option<RateLimit>,
+}
+
+/// A token bucket: `per_sec` tokens a second, at most `burst` saved up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub per_sec: f64,
+    pub burst: u32,
 }
 
 impl fmt::Debug for Settings {
@@ -152,6 +168,9 @@ impl fmt::Debug for Settings {
             extractor,
             extract_timeout,
             extract_memory_bytes,
+            dispatch_min_window,
+            default_max_running,
+            default_rate,
         } = self;
         f.debug_struct("Settings")
             .field("database_url", &redact(database_url))
@@ -193,6 +212,9 @@ impl fmt::Debug for Settings {
             .field("extractor", extractor)
             .field("extract_timeout", extract_timeout)
             .field("extract_memory_bytes", extract_memory_bytes)
+            .field("dispatch_min_window", dispatch_min_window)
+            .field("default_max_running", default_max_running)
+            .field("default_rate", default_rate)
             .finish()
     }
 }
@@ -262,6 +284,20 @@ impl Settings {
             extractor: std::env::var_os("CONVEYOR_EXTRACTOR").map(PathBuf::from),
             extract_timeout: Duration::from_secs(parse("EXTRACT_TIMEOUT_SECS", "60")?),
             extract_memory_bytes: parse("EXTRACT_MEMORY_BYTES", "1073741824")?,
+            dispatch_min_window: parse("DISPATCH_MIN_WINDOW", "8")?,
+            default_max_running: Some(parse::<i64>("MAX_RUNNING", "0")?).filter(|&n| n > 0),
+            default_rate: {
+                let per_sec: f64 = parse("RATE_PER_SEC", "0")?;
+                let burst: u32 = parse("RATE_BURST", "0")?;
+                (per_sec > 0.0).then(|| RateLimit {
+                    per_sec,
+                    burst: if burst > 0 {
+                        burst
+                    } else {
+                        per_sec.ceil() as u32
+                    },
+                })
+            },
         })
     }
 
@@ -320,6 +356,9 @@ impl Settings {
             extractor: None,
             extract_timeout: Duration::from_secs(20),
             extract_memory_bytes: 1 << 30,
+            dispatch_min_window: 8,
+            default_max_running: None,
+            default_rate: None,
         }
     }
 }

@@ -270,8 +270,8 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
 /// not use up the budget. Returns the job, whose `attempt` is the generation to push.
 pub async fn requeue(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1, worker = NULL,
-             progress = 0, updated_at = now()
+        "UPDATE jobs SET status = 'queued', dispatched = false, max_attempts = max_attempts + 1,
+             worker = NULL, progress = 0, updated_at = now()
          WHERE id = $1 AND attempt = $2 AND status = 'running'
          RETURNING *",
     )
@@ -302,7 +302,7 @@ pub async fn request_cancel(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Resu
 /// Puts a failed or cancelled job back in the queue with a fresh attempt budget.
 pub async fn retry(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', max_attempts = attempt + max_attempts,
+        "UPDATE jobs SET status = 'queued', dispatched = false, max_attempts = attempt + max_attempts,
              cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
              finished_at = NULL, run_at = now(), updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status IN ('failed', 'cancelled')
@@ -338,7 +338,7 @@ pub struct Moved {
 /// Scheduled and retrying jobs whose time has come become queued.
 pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Moved>> {
     sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', updated_at = now()
+        "UPDATE jobs SET status = 'queued', dispatched = false, updated_at = now()
          WHERE id IN (SELECT id FROM jobs WHERE status IN ('scheduled', 'retrying') AND run_at <= now()
                       ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
          RETURNING id, tenant_id, kind, attempt, status, error",
@@ -361,6 +361,7 @@ pub async fn rescue_orphans(
     sqlx::query_as(
         "UPDATE jobs SET
              worker_deaths = worker_deaths + 1,
+             dispatched = false,
              status = CASE WHEN cancel_requested THEN 'cancelled'
                            WHEN worker_deaths + 1 >= $2 OR attempt >= max_attempts THEN 'failed'
                            ELSE 'queued' END,
@@ -389,7 +390,23 @@ pub async fn rescue_orphans(
     .await
 }
 
-/// Queued jobs untouched for `age`: candidates whose queue entry may have been lost.
+/// The kinds with queued jobs waiting to be dispatched (a skip scan of `jobs_held`).
+pub async fn held_kinds(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "WITH RECURSIVE kinds AS (
+             (SELECT kind FROM jobs WHERE status = 'queued' AND NOT dispatched ORDER BY kind LIMIT 1)
+             UNION ALL
+             SELECT (SELECT j.kind FROM jobs j WHERE j.status = 'queued' AND NOT j.dispatched
+                       AND j.kind > k.kind ORDER BY j.kind LIMIT 1)
+             FROM kinds k WHERE k.kind IS NOT NULL
+         )
+         SELECT kind FROM kinds WHERE kind IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Dispatched queued jobs untouched for `age`: candidates whose queue entry may have been lost.
 pub async fn stale_queued(
     pool: &PgPool,
     age: std::time::Duration,
@@ -397,7 +414,7 @@ pub async fn stale_queued(
 ) -> sqlx::Result<Vec<Moved>> {
     sqlx::query_as(
         "SELECT id, tenant_id, kind, attempt, status, error FROM jobs
-         WHERE status = 'queued' AND updated_at < now() - make_interval(secs => $1)
+         WHERE status = 'queued' AND dispatched AND updated_at < now() - make_interval(secs => $1)
          ORDER BY updated_at LIMIT $2",
     )
     .bind(age.as_secs_f64())

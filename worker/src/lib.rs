@@ -121,6 +121,10 @@ pub async fn start(
     let stop_taking = CancellationToken::new();
     let mut tasks = JoinSet::new();
     runtime.heartbeat_once().await?;
+    // Its slots count from this heartbeat on: fill them.
+    for (kind, _) in &queues.0 {
+        runtime.refill().request(kind);
+    }
     tasks.spawn(runtime.clone().heartbeat_loop(stop_taking.clone()));
     tasks.spawn(runtime.clone().cancel_listener());
     tasks.spawn(maintenance::run(runtime.clone(), stop_taking.clone()));

@@ -6,6 +6,7 @@ use futures::FutureExt;
 use serde_json::{json, Value};
 use shared::{
     batch::Batcher,
+    dispatch::{Dispatcher, Refill},
     events::{Event, EventLog, EventType},
     model::QueueMessage,
     objects::ObjectStore,
@@ -35,6 +36,7 @@ pub struct Runtime {
     pool: PgPool,
     events: EventLog,
     queues: Queues,
+    refill: Refill,
     objects: ObjectStore,
     registry: Registry,
     queue_spec: Value,
@@ -115,11 +117,14 @@ impl Runtime {
                 }
             })
         };
+        let queues = Queues::new(redis, &settings.redis_prefix, settings.heartbeat);
+        let refill = Refill::new(Dispatcher::new(pool.clone(), queues.clone(), &settings));
         Ok(Self {
             claims,
             finishes,
             announcements,
-            queues: Queues::new(redis, &settings.redis_prefix, settings.heartbeat),
+            queues,
+            refill,
             objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
             settings,
             name,
@@ -146,6 +151,10 @@ impl Runtime {
 
     pub(crate) fn queues(&self) -> &Queues {
         &self.queues
+    }
+
+    pub(crate) fn refill(&self) -> &Refill {
+        &self.refill
     }
 
     pub(crate) fn registry(&self) -> &Registry {
@@ -277,22 +286,33 @@ impl Runtime {
         }
     }
 
-    /// Row → announce → push, for jobs whose row has already changed (an attempt's end, a
-    /// promotion, a rescue): appends each job's event, then pushes the queued ones. Announcing
+    /// Row → announce → dispatch, for jobs whose row has already changed (an attempt's end, a
+    /// promotion, a rescue): appends each job's event, then asks for a dispatch pass of each
+    /// kind involved (a queued job waits for one; an ended attempt freed a slot). Announcing
     /// first keeps a job's stream in order: once pushed, a worker may start the job and announce
-    /// `started`. Neither failure loses the job: the row is the truth, and the stale scan pushes
-    /// queued rows missing from Redis.
+    /// `started`. Neither failure loses the job: the row is the truth, the maintenance
+    /// `dispatcher` passes again, and the stale scan pushes dispatched rows missing from Redis.
     pub(crate) async fn dispatch(&self, changes: Vec<Change>) {
-        let mut queued = Vec::new();
+        for kind in self.announce(changes).await {
+            self.refill.request(&kind);
+        }
+    }
+
+    /// [`Self::dispatch`], waiting for the passes (maintenance reports what it pushed).
+    pub(crate) async fn dispatch_now(&self, changes: Vec<Change>) {
+        for kind in self.announce(changes).await {
+            if let Err(e) = self.refill.dispatcher().dispatch(&kind).await {
+                tracing::warn!(queue = %kind, error = %e, "dispatch failed; the next pass retries");
+            }
+        }
+    }
+
+    /// Appends each change's event; returns the kinds involved.
+    async fn announce(&self, changes: Vec<Change>) -> std::collections::BTreeSet<String> {
+        let mut kinds = std::collections::BTreeSet::new();
         let mut appends = Vec::with_capacity(changes.len());
         for change in changes {
-            if let Some(generation) = change.push {
-                let message = QueueMessage {
-                    job_id: change.event.job_id,
-                    generation,
-                };
-                queued.push((change.event.kind.clone(), message));
-            }
+            kinds.insert(change.event.kind.clone());
             appends.push(self.announcements.call((change.tenant, change.event)));
         }
         let failed: Vec<String> = futures::future::join_all(appends)
@@ -303,7 +323,7 @@ impl Runtime {
         if let Some(error) = failed.first() {
             tracing::warn!(count = failed.len(), %error, "events not appended");
         }
-        self.push(queued).await;
+        kinds
     }
 
     /// Pushes messages onto their kinds' queues, one round trip per kind. A failed push is
@@ -454,11 +474,9 @@ impl Runtime {
                 event = event.message(Some("worker shutting down; back in the queue".into()))
             }
         }
-        let push = (status == JobStatus::Queued).then_some(row.attempt);
         self.dispatch(vec![Change {
             tenant: row.tenant_id,
             event,
-            push,
         }])
         .await;
     }
@@ -474,17 +492,15 @@ impl Runtime {
     }
 }
 
-/// A job whose row changed: the event that announces it and, when it is now queued, the
-/// generation to push.
+/// A job whose row changed, and the event that announces it.
 pub(crate) struct Change {
     pub tenant: Uuid,
     pub event: Event,
-    pub push: Option<i32>,
 }
 
 impl Change {
     /// A job the maintenance moved (promoted, rescued): announced as entering its new status,
-    /// pushed if that is `queued`. `None` for a status this build does not know.
+    /// dispatched by fair share if that is `queued`. `None` for a status this build does not know.
     pub(crate) fn moved(moved: &store::Moved) -> Option<Self> {
         let status = JobStatus::parse(&moved.status)?;
         let event = Event::new(
@@ -498,7 +514,6 @@ impl Change {
         Some(Self {
             tenant: moved.tenant_id,
             event,
-            push: (status == JobStatus::Queued).then_some(moved.attempt),
         })
     }
 }

@@ -76,7 +76,18 @@ pub async fn upload(
     let objects = &state.objects;
     // Removed on every way out, a client hanging up mid-upload included.
     let scratch = objects.scratch_file().await.map_err(Problem::internal)?;
-    let (size, sha256) = receive(body, &scratch, state.settings.dataset_limit).await?;
+    let (size, sha256) = match state.limits.dataset_room(tenant.0).await? {
+        Some((room, refusal)) if room < state.settings.dataset_limit => {
+            receive(body, &scratch, room).await.map_err(|p| {
+                if p.status == 413 {
+                    refusal
+                } else {
+                    p
+                }
+            })?
+        }
+        _ => receive(body, &scratch, state.settings.dataset_limit).await?,
+    };
     let Inspected { schema, preview } =
         datasets::inspect(&state.isolated, &scratch, format, compression)
             .await

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shared::{
     events::{Event, EventType},
-    model::{self, QueueMessage, SubmitJob},
+    model::{self, SubmitJob},
     store::{self, NewJob},
     FieldError, Job, JobStatus, Problem,
 };
@@ -76,8 +76,9 @@ fn validate(
     Ok((job, valid))
 }
 
-/// Writes the rows, then pushes and announces the new ones. A failed push loses nothing: the
-/// rows are durable and the rescuer pushes queued rows missing from Redis.
+/// Writes the rows, announces the new ones, then asks for a dispatch pass of each kind with
+/// new queued jobs: they go onto Redis by fair share across tenants. A failed pass loses
+/// nothing: the rows are durable and the workers' dispatcher passes again.
 async fn accept(
     state: &AppState,
     tenant: Tenant,
@@ -90,13 +91,6 @@ async fn accept(
         .map(|i| &i.job)
         .collect();
     Counters::add(&state.counters.submitted, created.len() as u64);
-    let mut by_kind: std::collections::BTreeMap<&str, Vec<QueueMessage>> = Default::default();
-    for job in created.iter().filter(|j| j.status() == JobStatus::Queued) {
-        by_kind.entry(&job.kind).or_default().push(QueueMessage {
-            job_id: job.id,
-            generation: job.attempt,
-        });
-    }
     let events: Vec<_> = created
         .iter()
         .map(|j| {
@@ -106,16 +100,17 @@ async fn accept(
             )
         })
         .collect();
-    // Pushes and events go out together: one Redis round trip of latency, not two.
-    let pushes = futures::future::join_all(by_kind.iter().map(|(kind, messages)| async move {
-        if let Err(e) = state.queues.push(kind, messages).await {
-            Counters::add(&state.counters.push_failures, messages.len() as u64);
-            tracing::warn!(queue = kind, error = %e, "push failed; the rescuer will enqueue");
-        }
-    }));
-    let (_, appended) = tokio::join!(pushes, state.events.append(&events));
-    if let Err(e) = appended {
+    // Announced before dispatch keeps each job's stream in order (`queued` before `started`).
+    if let Err(e) = state.events.append(&events).await {
         tracing::warn!(error = %e, "queued events not appended");
+    }
+    let kinds: std::collections::BTreeSet<&str> = created
+        .iter()
+        .filter(|j| j.status() == JobStatus::Queued)
+        .map(|j| j.kind.as_str())
+        .collect();
+    for kind in kinds {
+        state.refill.request(kind);
     }
     Ok(inserted)
 }
@@ -123,13 +118,19 @@ async fn accept(
 #[utoipa::path(post, path = "/v1/jobs", request_body = SubmitJob, tag = "jobs",
     responses((status = 202, body = Job, description = "accepted"),
               (status = 200, body = Job, description = "an existing job with the same idempotency key"),
-              (status = 413, body = Problem), (status = 422, body = Problem)))]
+              (status = 413, body = Problem), (status = 422, body = Problem),
+              (status = 429, body = Problem, description = "over the tenant's submission rate (Retry-After, RateLimit headers)")))]
 pub async fn submit(
     State(state): State<AppState>,
     tenant: Tenant,
     JsonBody(body): JsonBody<SubmitJob>,
 ) -> Result<Response, Problem> {
     let (job, valid) = validate(&state, body, "").map_err(Problem::validation)?;
+    let rate = match state.limits.admit(tenant.0, 1).await {
+        Ok(headers) => headers,
+        Err(refused) => return Ok(refused),
+    };
+    state.limits.check_queued(tenant.0, 1).await?;
     state
         .contracts
         .preflight(&state.context, tenant.0, &valid)
@@ -145,7 +146,7 @@ pub async fn submit(
         StatusCode::OK
     };
     let location = format!("/v1/jobs/{}", row.job.id);
-    Ok((status, [(header::LOCATION, location)], Json(row.job)).into_response())
+    Ok((status, rate, [(header::LOCATION, location)], Json(row.job)).into_response())
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -163,7 +164,8 @@ pub struct JobList {
 }
 
 #[utoipa::path(post, path = "/v1/jobs/batch", request_body = SubmitBatch, tag = "jobs",
-    responses((status = 202, body = JobList), (status = 413, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 202, body = JobList), (status = 413, body = Problem), (status = 422, body = Problem),
+              (status = 429, body = Problem, description = "over the tenant's submission rate; each job counts")))]
 pub async fn submit_batch(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -199,11 +201,18 @@ pub async fn submit_batch(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
+    // A batch draws one token per job.
+    let rate = match state.limits.admit(tenant.0, jobs.len()).await {
+        Ok(headers) => headers,
+        Err(refused) => return Ok(refused),
+    };
+    state.limits.check_queued(tenant.0, jobs.len()).await?;
     preflight_batch(&state, tenant, &valid).await?;
     let inserted = accept(&state, tenant, jobs).await?;
     let jobs = inserted.into_iter().map(|i| i.job).collect();
     Ok((
         StatusCode::ACCEPTED,
+        rate,
         Json(JobList {
             jobs,
             next_cursor: None,
@@ -352,6 +361,8 @@ pub async fn cancel(
                 if let Err(e) = state.events.append(&[(tenant.0, event)]).await {
                     tracing::warn!(error = %e, "cancel event not appended");
                 }
+                // It may have held a place in its queue's window.
+                state.refill.request(&job.kind);
             } else if let Err(e) = state.queues.announce_cancel(job.id).await {
                 // Its worker's next heartbeat still sees the request.
                 tracing::warn!(error = %e, "cancel not announced");
@@ -382,18 +393,12 @@ pub async fn retry(
             None => Problem::not_found("job"),
         });
     };
-    let message = QueueMessage {
-        job_id: job.id,
-        generation: job.attempt,
-    };
-    if let Err(e) = state.queues.push(&job.kind, &[message]).await {
-        tracing::warn!(error = %e, "retry push failed; the rescuer will enqueue");
-    }
     let event = Event::new(job.id, &job.kind, EventType::Queued, JobStatus::Queued, 0.0)
         .message(Some("retried".into()));
     if let Err(e) = state.events.append(&[(tenant.0, event)]).await {
         tracing::warn!(error = %e, "retry event not appended");
     }
+    state.refill.request(&job.kind);
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 

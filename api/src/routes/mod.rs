@@ -17,6 +17,7 @@ pub(crate) mod ops;
 pub(crate) mod patches;
 pub(crate) mod queues;
 pub(crate) mod session;
+pub(crate) mod tenant;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -46,6 +47,7 @@ pub fn router() -> Router<AppState> {
             "/v1/connections/{id}",
             axum::routing::delete(connections::delete),
         )
+        .route("/v1/tenant", get(tenant::current))
         .route("/v1/queues", get(queues::queues))
         .route("/v1/workers", get(queues::workers))
         .route(

@@ -85,8 +85,8 @@ pub async fn metrics(
         &mut out,
         "conveyor_queue_push_failures_total",
         "counter",
-        "pushes to Redis that failed (the rescuer enqueues those jobs)",
-        &[("", c.push_failures.load(Ordering::Relaxed) as f64)],
+        "dispatch passes of this API process that failed (the workers' dispatcher passes again)",
+        &[("", state.refill.failures() as f64)],
     );
     gauge(
         &mut out,

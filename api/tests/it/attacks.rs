@@ -3,26 +3,12 @@
 //! have the same checksums after as before.
 
 use crate::harness::{tenant_target_url, TestApp};
-use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-async fn post_as(app: &TestApp, key: &str, path: &str, body: &Value) -> (StatusCode, Value) {
-    let response = app
-        .client
-        .post(app.url(path))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 async fn scalar(pool: &PgPool, sql: &str) -> String {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
@@ -129,15 +115,15 @@ async fn imports_into_another_tenant_or_the_platform_are_refused() {
         ("pg_catalog", "create", json!([])),
         ("information_schema", "create", json!([])),
     ] {
-        let (status, body) = post_as(
-            &app,
-            &b_key,
-            "/v1/jobs",
-            &json!({"kind": "import", "payload": {
+        let (status, body) = app
+            .post_as(
+                &b_key,
+                "/v1/jobs",
+                &json!({"kind": "import", "payload": {
                 "dataset_id": b_dataset, "mode": mode, "key_columns": keys,
                 "target": {"schema": schema, "table": "orders"}}}),
-        )
-        .await;
+            )
+            .await;
         assert_eq!(status, 422, "{schema} {mode}: {body}");
         assert!(
             field_errors(&body).contains("payload.target.schema"),
@@ -145,26 +131,26 @@ async fn imports_into_another_tenant_or_the_platform_are_refused() {
         );
     }
     // The ledger itself, by name, in any mode.
-    let (status, body) = post_as(
-        &app,
-        &b_key,
-        "/v1/jobs",
-        &json!({"kind": "import", "payload": {
+    let (status, body) = app
+        .post_as(
+            &b_key,
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": {
             "dataset_id": b_dataset, "mode": "append",
             "target": {"schema": "conveyor", "table": "imports"}}}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(status, 422, "{body}");
     assert!(field_errors(&body).contains("reserved"), "{body}");
     // Without a schema B's import lands in B's own schema, beside A's table of the same name.
-    let (status, job) = post_as(
-        &app,
-        &b_key,
-        "/v1/jobs",
-        &json!({"kind": "import", "payload": {
+    let (status, job) = app
+        .post_as(
+            &b_key,
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": {
             "dataset_id": b_dataset, "mode": "create", "target": {"table": "orders"}}}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(status, 202, "{job}");
     let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
     let response = app
@@ -208,16 +194,15 @@ async fn patches_and_dry_runs_cannot_reach_another_tenant_or_probe_its_tables() 
         for mode in ["dry_run", "execute"] {
             let payload = json!({"sql": format!("UPDATE {schema}.orders SET amount = 0 WHERE id = 1"),
                                  "mode": mode});
-            let (status, body) = post_as(
-                &app,
-                &b_key,
-                "/v1/jobs",
-                &json!({"kind": "patch", "payload": payload}),
-            )
-            .await;
+            let (status, body) = app
+                .post_as(
+                    &b_key,
+                    "/v1/jobs",
+                    &json!({"kind": "patch", "payload": payload}),
+                )
+                .await;
             assert_eq!(status, 422, "{schema} {mode}: {body}");
-            let (status, preflight) =
-                post_as(&app, &b_key, "/v1/patches/preflight", &payload).await;
+            let (status, preflight) = app.post_as(&b_key, "/v1/patches/preflight", &payload).await;
             assert_eq!(status, 422, "{preflight}");
             refusals.push(preflight["errors"].to_string().replace(schema, "<schema>"));
         }
@@ -226,13 +211,13 @@ async fn patches_and_dry_runs_cannot_reach_another_tenant_or_probe_its_tables() 
     assert!(refusals.windows(2).all(|w| w[0] == w[1]), "{refusals:?}");
     assert!(refusals[0].contains("its own schema"), "{refusals:?}");
     // Unqualified, the name resolves in B's own schema, where there is no `orders`.
-    let (status, body) = post_as(
-        &app,
-        &b_key,
-        "/v1/patches/preflight",
-        &json!({"sql": "DELETE FROM orders WHERE id = 1", "mode": "dry_run"}),
-    )
-    .await;
+    let (status, body) = app
+        .post_as(
+            &b_key,
+            "/v1/patches/preflight",
+            &json!({"sql": "DELETE FROM orders WHERE id = 1", "mode": "dry_run"}),
+        )
+        .await;
     assert_eq!(status, 422, "{body}");
     assert!(field_errors(&body).contains("does not exist"), "{body}");
     // The platform's tables and the system's.
@@ -242,9 +227,7 @@ async fn patches_and_dry_runs_cannot_reach_another_tenant_or_probe_its_tables() 
         "pg_catalog.pg_class",
         "information_schema.tables",
     ] {
-        let (status, body) = post_as(
-            &app,
-            &b_key,
+        let (status, body) = app.post_as(&b_key,
             "/v1/jobs",
             &json!({"kind": "patch", "payload": {
                 "sql": format!("DELETE FROM {table} WHERE job_id IS NOT NULL"), "mode": "execute"}}),

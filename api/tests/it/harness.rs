@@ -169,6 +169,15 @@ impl TestApp {
         body["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// The id of the tenant named `name`.
+    pub async fn tenant_id(&self, name: &str) -> Uuid {
+        sqlx::query_scalar("SELECT id FROM tenants WHERE name = $1")
+            .bind(name)
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
     pub async fn key_for(&self, tenant: &str) -> String {
         self.tenant_key(tenant).await.1
     }
@@ -257,15 +266,82 @@ impl TestApp {
         KillOnDrop(child)
     }
 
+    /// A second `conveyor-api` process on this test's database and Redis prefix; returns it
+    /// (killed on drop) and its base URL, once it answers `/healthz`.
+    pub async fn spawn_api_process(&self) -> (KillOnDrop, String) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let s = &self.settings;
+        let child = Command::new(binary("conveyor-api"))
+            .env("CONVEYOR_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CONVEYOR_DATABASE_URL", &s.database_url)
+            .env("CONVEYOR_REDIS_URL", &s.redis_url)
+            .env("CONVEYOR_REDIS_PREFIX", &s.redis_prefix)
+            .env("CONVEYOR_TARGET_DATABASE_URL", &s.target_database_url)
+            .env("CONVEYOR_DATA_DIR", &s.data_dir)
+            .env("CONVEYOR_MODEL_DIR", &s.model_dir)
+            .env(
+                "CONVEYOR_SECRET_KEY",
+                s.secret_key.as_deref().unwrap_or_default(),
+            )
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("conveyor-api starts (built by scripts/test)");
+        let child = KillOnDrop(child);
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.client.get(format!("{base}/healthz")).send().await {
+                if r.status().is_success() {
+                    return (child, base);
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "conveyor-api did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `conveyor-api ARGS` (an admin command) against this test's database and Redis.
+    pub async fn conveyor_api(&self, args: &[&str]) -> (bool, String, String) {
+        let output = tokio::process::Command::new(binary("conveyor-api"))
+            .args(args)
+            .env("CONVEYOR_DATABASE_URL", &self.settings.database_url)
+            .env("CONVEYOR_REDIS_URL", &self.settings.redis_url)
+            .env("CONVEYOR_REDIS_PREFIX", &self.settings.redis_prefix)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("conveyor-api runs (cargo build --bins)");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.post_as(&self.key, path, body).await
+    }
+
+    /// A POST with another key (another tenant's, another role's).
+    pub async fn post_as(&self, key: &str, path: &str, body: &Value) -> (StatusCode, Value) {
         let response = self
             .client
             .post(self.url(path))
-            .bearer_auth(&self.key)
+            .bearer_auth(key)
             .json(body)
             .send()
             .await

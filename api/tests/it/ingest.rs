@@ -41,19 +41,10 @@ const CORPUS: &[(&str, &str, &str, &str)] = &[
      "A robot exploring the red planet for evidence of life"),
 ];
 
-/// The tenant of the app's key.
-async fn tenant_of(app: &TestApp, name: &str) -> Uuid {
-    sqlx::query_scalar("SELECT id FROM tenants WHERE name = $1")
-        .bind(name)
-        .fetch_one(app.pool())
-        .await
-        .unwrap()
-}
-
 /// Stores a dataset of the "acme" tenant as the upload route does: the file where the object
 /// store keeps it, then its row.
 async fn add_dataset(app: &TestApp, name: &str, format: Format, bytes: &[u8]) -> Uuid {
-    let tenant = tenant_of(app, "acme").await;
+    let tenant = app.tenant_id("acme").await;
     let id = Uuid::now_v7();
     let objects = shared::objects::ObjectStore::new(&app.settings.data_dir);
     let scratch = objects.scratch_path().await.unwrap();

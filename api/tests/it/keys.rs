@@ -4,7 +4,7 @@
 
 use crate::{
     faults::{free_port, PrivateRedis},
-    harness::{binary, TestApp},
+    harness::TestApp,
 };
 use reqwest::{header, Method, Response, StatusCode};
 use serde_json::{json, Value};
@@ -107,23 +107,8 @@ async fn open_stream(app: &TestApp, base: &str, path: &str, auth: (&str, &str)) 
     response
 }
 
-/// `conveyor-api` against the app's database and Redis.
 async fn conveyor_api(app: &TestApp, args: &[&str]) -> (bool, String, String) {
-    let output = tokio::process::Command::new(binary("conveyor-api"))
-        .args(args)
-        .env("CONVEYOR_DATABASE_URL", &app.settings.database_url)
-        .env("CONVEYOR_REDIS_URL", &app.settings.redis_url)
-        .env("CONVEYOR_REDIS_PREFIX", &app.settings.redis_prefix)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("conveyor-api runs (cargo build -p conveyor-api --bin conveyor-api)");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    app.conveyor_api(args).await
 }
 
 /// The rows of `keys list` after its header, split on whitespace.

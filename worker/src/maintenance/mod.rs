@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Runtime;
 
+mod dispatcher;
 mod rescuer;
 mod retention;
 mod scheduler;
@@ -63,6 +64,7 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
     let settings = runtime.settings();
     vec![
         Arc::new(scheduler::Scheduler::default()),
+        Arc::new(dispatcher::Dispatcher::default()),
         Arc::new(rescuer::Rescuer::new(settings)),
         Arc::new(stale::Stale::new(settings)),
         Arc::new(sweeps::Sweeps::default()),

@@ -48,7 +48,7 @@ impl Duty for Rescuer {
                 tracing::warn!(count = orphans.len(), "rescued jobs of lost workers");
             }
             runtime
-                .dispatch(orphans.iter().filter_map(Change::moved).collect())
+                .dispatch_now(orphans.iter().filter_map(Change::moved).collect())
                 .await;
             Ok(orphans.len())
         })

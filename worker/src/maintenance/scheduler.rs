@@ -32,7 +32,7 @@ impl Duty for Scheduler {
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
         let due = store::promote_due(runtime.pool(), self.schedule.batch).await?;
         runtime
-            .dispatch(due.iter().filter_map(Change::moved).collect())
+            .dispatch_now(due.iter().filter_map(Change::moved).collect())
             .await;
         Ok(due.len())
     }

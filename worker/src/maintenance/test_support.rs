@@ -77,10 +77,11 @@ impl TestDb {
     pub async fn job(&self, kind: &str, status: &str) -> Uuid {
         let id = Uuid::now_v7();
         sqlx::query(
-            "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt, finished_at)
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt, finished_at, dispatched)
              VALUES ($1, $2, $3, $4, '{}',
                      CASE WHEN $4 IN ('scheduled', 'queued') THEN 0 ELSE 1 END,
-                     CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled') THEN now() END)",
+                     CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled') THEN now() END,
+                     $4 = 'queued')",
         )
         .bind(id)
         .bind(self.tenant)
@@ -89,6 +90,33 @@ impl TestDb {
         .execute(self.pool())
         .await
         .expect("insert a job");
+        id
+    }
+
+    /// A queued job of `tenant` not yet dispatched (waiting in PostgreSQL for its turn).
+    pub async fn held(&self, kind: &str, tenant: Uuid) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload) VALUES ($1, $2, $3, 'queued', '{}')",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(kind)
+        .execute(self.pool())
+        .await
+        .expect("insert a held job");
+        id
+    }
+
+    /// Another tenant.
+    pub async fn other_tenant(&self) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+            .bind(id)
+            .bind(format!("tenant-{}", id.simple()))
+            .execute(self.pool())
+            .await
+            .expect("tenant");
         id
     }
 

@@ -1,0 +1,459 @@
+//! A tenant's limits (`tenant_limits`, else the deployment's defaults) and the submission rate
+//! limit: a token bucket per tenant kept in Redis, so every API process draws on the same one.
+//!
+//! The bucket is GCRA (the generic cell rate algorithm): one Redis key holds the time at which
+//! the bucket will be full again, read and moved by one script against Redis' clock, so
+//! processes with skewed clocks still agree. Answers carry the IETF httpapi draft's
+//! `RateLimit-Policy` and `RateLimit` headers; a refusal is a 429 with `Retry-After`.
+
+use axum::{
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
+    response::{IntoResponse, IntoResponseParts, Response, ResponseParts},
+};
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use serde_json::Value;
+use shared::{settings::RateLimit, Problem, Settings};
+use sqlx::PgPool;
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// What a tenant may do, its own limits over the deployment's defaults.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct TenantLimits {
+    /// Jobs of a kind pushed or running at once, per kind (absent: `default_max_running`).
+    pub max_running: BTreeMap<String, i64>,
+    /// For kinds not in `max_running`; null: no cap.
+    pub default_max_running: Option<i64>,
+    /// Share of the slots against other tenants with work.
+    pub weight: i32,
+    /// Submissions: jobs per second and burst; null: no limit.
+    pub rate: Option<Rate>,
+    pub max_queued: Option<i64>,
+    pub max_dataset_bytes: Option<i64>,
+    pub max_chunks: Option<i64>,
+    pub max_rows_per_day: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub burst: u32,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    max_running: Value,
+    weight: i32,
+    rate_per_sec: Option<f64>,
+    rate_burst: Option<i32>,
+    max_queued: Option<i64>,
+    max_dataset_bytes: Option<i64>,
+    max_chunks: Option<i64>,
+    max_rows_per_day: Option<i64>,
+}
+
+/// Reads tenants' limits (cached for a few seconds: a change reaches every API process within
+/// that) and keeps their submission buckets.
+pub struct Limits {
+    pool: PgPool,
+    redis: ConnectionManager,
+    prefix: String,
+    defaults: Defaults,
+    cache: moka::future::Cache<Uuid, Arc<TenantLimits>>,
+}
+
+#[derive(Clone, Copy)]
+struct Defaults {
+    max_running: Option<i64>,
+    rate: Option<RateLimit>,
+}
+
+impl Limits {
+    pub fn new(pool: PgPool, redis: ConnectionManager, settings: &Settings) -> Self {
+        Self {
+            pool,
+            redis,
+            prefix: settings.redis_prefix.clone(),
+            defaults: Defaults {
+                max_running: settings.default_max_running,
+                rate: settings.default_rate,
+            },
+            cache: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(5))
+                .build(),
+        }
+    }
+
+    pub async fn of(&self, tenant: Uuid) -> Result<Arc<TenantLimits>, Problem> {
+        self.cache
+            .try_get_with(tenant, async { self.load(tenant).await.map(Arc::new) })
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    /// Straight from the database (after a change, say).
+    pub async fn load(&self, tenant: Uuid) -> Result<TenantLimits, Problem> {
+        let row: Option<Row> = sqlx::query_as("SELECT * FROM tenant_limits WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await?;
+        let defaults = self.defaults;
+        let default_rate = defaults.rate.map(|r| Rate {
+            per_sec: r.per_sec,
+            burst: r.burst,
+        });
+        let Some(row) = row else {
+            return Ok(TenantLimits {
+                max_running: BTreeMap::new(),
+                default_max_running: defaults.max_running,
+                weight: 1,
+                rate: default_rate,
+                max_queued: None,
+                max_dataset_bytes: None,
+                max_chunks: None,
+                max_rows_per_day: None,
+            });
+        };
+        let max_running = row
+            .max_running
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_i64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rate = match row.rate_per_sec {
+            Some(per_sec) => Some(Rate {
+                per_sec,
+                burst: row
+                    .rate_burst
+                    .map(|b| b as u32)
+                    .unwrap_or(per_sec.ceil().max(1.0) as u32),
+            }),
+            None => default_rate,
+        };
+        Ok(TenantLimits {
+            max_running,
+            default_max_running: defaults.max_running,
+            weight: row.weight,
+            rate,
+            max_queued: row.max_queued,
+            max_dataset_bytes: row.max_dataset_bytes,
+            max_chunks: row.max_chunks,
+            max_rows_per_day: row.max_rows_per_day,
+        })
+    }
+
+    /// Takes `jobs` tokens from the tenant's bucket: the headers to send with the answer, or
+    /// the 429 to send instead. Without a rate limit, no headers. If Redis cannot answer, the
+    /// submission goes through (the queue itself needs Redis; refusing here would add nothing).
+    pub async fn admit(&self, tenant: Uuid, jobs: usize) -> Result<RateHeaders, Response> {
+        let limits = self.of(tenant).await.map_err(IntoResponse::into_response)?;
+        let Some(rate) = limits.rate else {
+            return Ok(RateHeaders::default());
+        };
+        let interval_us = (1e6 / rate.per_sec).max(1.0) as i64;
+        let mut conn = self.redis.clone();
+        let answer: Result<(i64, i64, i64, i64), _> = GCRA
+            .key(format!("{}:rate:{tenant}", self.prefix))
+            .arg(interval_us)
+            .arg(rate.burst)
+            .arg(jobs)
+            .invoke_async(&mut conn)
+            .await;
+        let (allowed, remaining, retry_us, full_us) = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::warn!(error = %e, "rate limit unavailable; admitting");
+                return Ok(RateHeaders::default());
+            }
+        };
+        let headers = RateHeaders::new(rate, remaining.max(0), full_us);
+        if allowed == 1 {
+            return Ok(headers);
+        }
+        let detail = if jobs as u64 > u64::from(rate.burst) {
+            format!(
+                "a batch of {jobs} jobs exceeds the submission burst of {}; send smaller batches",
+                rate.burst
+            )
+        } else {
+            format!(
+                "submission rate limit of {} jobs/s (burst {}) reached; retry after the time in Retry-After",
+                rate.per_sec, rate.burst
+            )
+        };
+        let mut response = Problem::too_many_requests(detail).into_response();
+        let retry_after = (retry_us as f64 / 1e6).ceil().max(1.0) as u64;
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from(retry_after));
+        headers.write(response.headers_mut());
+        Err(response)
+    }
+}
+
+/// What a tenant holds now, against its quotas.
+#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Usage {
+    /// Jobs scheduled, queued, running or retrying.
+    pub live_jobs: i64,
+    pub dataset_bytes: i64,
+    pub chunks: i64,
+}
+
+impl Limits {
+    pub async fn usage(&self, tenant: Uuid) -> Result<Usage, Problem> {
+        Ok(sqlx::query_as(
+            "SELECT
+                 (SELECT count(*) FROM jobs WHERE tenant_id = $1
+                    AND status IN ('scheduled', 'queued', 'running', 'retrying')) AS live_jobs,
+                 (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
+                    AS dataset_bytes,
+                 (SELECT count(*) FROM chunks c JOIN collections k ON k.id = c.collection_id
+                    WHERE k.tenant_id = $1) AS chunks",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// 403 when `adding` jobs would take the tenant past `max_queued` jobs waiting or running.
+    /// Concurrent submissions may pass the check together, so a burst can overrun by one
+    /// request's jobs per API process.
+    pub async fn check_queued(&self, tenant: Uuid, adding: usize) -> Result<(), Problem> {
+        let Some(limit) = self.of(tenant).await?.max_queued else {
+            return Ok(());
+        };
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE tenant_id = $1
+               AND status IN ('scheduled', 'queued', 'running', 'retrying')",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?;
+        if live + adding as i64 <= limit {
+            return Ok(());
+        }
+        Err(over_quota(
+            StatusCode::FORBIDDEN,
+            "max_queued",
+            format!("{limit} jobs waiting or running"),
+            format!("{live} in use, and this request adds {adding}"),
+        ))
+    }
+
+    /// The bytes an upload may still take under `max_dataset_bytes`, with the quota's refusal
+    /// for an upload past it; `None`: no quota.
+    pub async fn dataset_room(&self, tenant: Uuid) -> Result<Option<(u64, Problem)>, Problem> {
+        let Some(limit) = self.of(tenant).await?.max_dataset_bytes else {
+            return Ok(None);
+        };
+        let used: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_one(&self.pool)
+        .await?;
+        let room = (limit - used).max(0) as u64;
+        let refusal = over_quota(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "max_dataset_bytes",
+            format!("{limit} bytes of datasets"),
+            format!("{used} in use, {room} left"),
+        );
+        Ok(Some((room, refusal)))
+    }
+}
+
+/// A refusal naming the quota, its limit and the use it met.
+fn over_quota(status: StatusCode, quota: &str, limit: String, used: String) -> Problem {
+    let mut problem = Problem::new(
+        status,
+        "quota",
+        format!("over the tenant's quota {quota}: {limit} allowed; {used}"),
+    );
+    problem.errors = vec![shared::FieldError::new(
+        format!("quota.{quota}"),
+        format!("{limit} allowed; {used}"),
+    )];
+    problem
+}
+
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers): the bucket's
+/// size and refill window, what is left and the seconds until it is full again.
+#[derive(Default)]
+pub struct RateHeaders(Option<(HeaderValue, HeaderValue)>);
+
+impl RateHeaders {
+    fn new(rate: Rate, remaining: i64, full_us: i64) -> Self {
+        let window = (f64::from(rate.burst) / rate.per_sec).ceil().max(1.0) as u64;
+        let reset = (full_us as f64 / 1e6).ceil().max(0.0) as u64;
+        let policy = format!("\"tenant\";q={};w={window}", rate.burst);
+        let state = format!("\"tenant\";r={remaining};t={reset}");
+        Self(
+            HeaderValue::from_str(&policy)
+                .ok()
+                .zip(HeaderValue::from_str(&state).ok()),
+        )
+    }
+
+    fn write(&self, headers: &mut HeaderMap) {
+        if let Some((policy, state)) = &self.0 {
+            headers.insert(HeaderName::from_static("ratelimit-policy"), policy.clone());
+            headers.insert(HeaderName::from_static("ratelimit"), state.clone());
+        }
+    }
+}
+
+impl IntoResponseParts for RateHeaders {
+    type Error = std::convert::Infallible;
+
+    fn into_response_parts(self, mut parts: ResponseParts) -> Result<ResponseParts, Self::Error> {
+        self.write(parts.headers_mut());
+        Ok(parts)
+    }
+}
+
+/// KEYS[1]: the bucket (the time it is full again, µs). ARGV: µs per token, burst, tokens.
+/// Returns {allowed, tokens left, µs until allowed, µs until full}.
+static GCRA: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + n * interval
+local allow_at = new_tat - burst * interval
+if allow_at > now then
+  return {0, math.floor((now - (tat - burst * interval)) / interval), allow_at - now, tat - now}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
+",
+    )
+});
+
+/// A change to a tenant's limits (`conveyor-api tenants set-limits`): what is `Some` is set,
+/// the rest kept.
+#[derive(Clone, Debug, Default)]
+pub struct LimitChange {
+    /// Per kind; a value of `None` removes the kind's own cap.
+    pub max_running: Vec<(String, Option<i64>)>,
+    pub weight: Option<i32>,
+    pub rate: Option<Option<Rate>>,
+    pub max_queued: Option<Option<i64>>,
+    pub max_dataset_bytes: Option<Option<i64>>,
+    pub max_chunks: Option<Option<i64>>,
+    pub max_rows_per_day: Option<Option<i64>>,
+}
+
+/// Applies `change` to the tenant's row (made if missing), in one statement.
+pub async fn set_limits(pool: &PgPool, tenant: Uuid, change: &LimitChange) -> sqlx::Result<()> {
+    let set_running: serde_json::Map<String, Value> = change
+        .max_running
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), Value::from((*v)?))))
+        .collect();
+    let unset_running: Vec<String> = change
+        .max_running
+        .iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| k.clone())
+        .collect();
+    // For each optional column: whether to set it ($n) and the value ($n+1).
+    let opt = |v: Option<Option<i64>>| (v.is_some(), v.flatten());
+    let (rate_set, rate) = (change.rate.is_some(), change.rate.flatten());
+    let (queued_set, queued) = opt(change.max_queued);
+    let (bytes_set, bytes) = opt(change.max_dataset_bytes);
+    let (chunks_set, chunks) = opt(change.max_chunks);
+    let (rows_set, rows) = opt(change.max_rows_per_day);
+    sqlx::query(
+        "INSERT INTO tenant_limits AS l (tenant_id) VALUES ($1) ON CONFLICT (tenant_id) DO NOTHING",
+    )
+    .bind(tenant)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "UPDATE tenant_limits SET
+             max_running = (max_running - $2::text[]) || $3,
+             weight = coalesce($4, weight),
+             rate_per_sec = CASE WHEN $5 THEN $6 ELSE rate_per_sec END,
+             rate_burst = CASE WHEN $5 THEN $7 ELSE rate_burst END,
+             max_queued = CASE WHEN $8 THEN $9 ELSE max_queued END,
+             max_dataset_bytes = CASE WHEN $10 THEN $11 ELSE max_dataset_bytes END,
+             max_chunks = CASE WHEN $12 THEN $13 ELSE max_chunks END,
+             max_rows_per_day = CASE WHEN $14 THEN $15 ELSE max_rows_per_day END,
+             updated_at = now()
+         WHERE tenant_id = $1",
+    )
+    .bind(tenant)
+    .bind(&unset_running)
+    .bind(Value::Object(set_running))
+    .bind(change.weight)
+    .bind(rate_set)
+    .bind(rate.map(|r| r.per_sec))
+    .bind(rate.map(|r| r.burst as i32))
+    .bind(queued_set)
+    .bind(queued)
+    .bind(bytes_set)
+    .bind(bytes)
+    .bind(chunks_set)
+    .bind(chunks)
+    .bind(rows_set)
+    .bind(rows)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// `50/s`, `600/m`, `3600/h` or `50` (per second); `none` for no limit.
+pub fn parse_rate(raw: &str, burst: Option<u32>) -> Result<Option<Rate>, String> {
+    if raw == "none" {
+        return Ok(None);
+    }
+    let (count, per) = raw.split_once('/').unwrap_or((raw, "s"));
+    let count: f64 = count
+        .parse()
+        .map_err(|_| format!("{raw:?}: expected N/s, N/m or N/h"))?;
+    let seconds = match per {
+        "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" | "hour" => 3600.0,
+        _ => return Err(format!("{raw:?}: the period is s, m or h")),
+    };
+    if !(count > 0.0 && count.is_finite()) {
+        return Err(format!("{raw:?}: the rate must be above 0"));
+    }
+    let per_sec = count / seconds;
+    Ok(Some(Rate {
+        per_sec,
+        burst: burst.unwrap_or(count.ceil().max(1.0) as u32),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_read_per_second_minute_or_hour() {
+        let r = parse_rate("50/s", None).unwrap().unwrap();
+        assert_eq!((r.per_sec, r.burst), (50.0, 50));
+        let r = parse_rate("600/m", Some(20)).unwrap().unwrap();
+        assert_eq!((r.per_sec, r.burst), (10.0, 20));
+        assert_eq!(parse_rate("7", None).unwrap().unwrap().per_sec, 7.0);
+        assert!(parse_rate("none", None).unwrap().is_none());
+        for bad in ["0/s", "-1/s", "x/s", "5/d", "NaN"] {
+            assert!(parse_rate(bad, None).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! A tenant's limits, set with `conveyor-api tenants set-limits`: the submission rate shared
+//! by every API process, and quotas refused with nothing written.
+
+use crate::harness::TestApp;
+use reqwest::{header::HeaderMap, StatusCode};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+async fn set_limits(app: &TestApp, args: &[&str]) {
+    let mut all = vec!["tenants", "set-limits", "acme"];
+    all.extend_from_slice(args);
+    let (ok, stdout, stderr) = app.conveyor_api(&all).await;
+    assert!(ok, "{stderr}");
+    serde_json::from_str::<Value>(&stdout).expect("the limits, as JSON");
+}
+
+async fn jobs_written(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+}
+
+async fn post(
+    app: &TestApp,
+    base: &str,
+    path: &str,
+    body: &Value,
+) -> (StatusCode, HeaderMap, Value) {
+    let response = app
+        .client
+        .post(format!("{base}{path}"))
+        .bearer_auth(&app.key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    (
+        status,
+        headers,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+}
+
+/// Two API processes draw on one bucket per tenant: past it, each answers 429 with
+/// `Retry-After` and the RateLimit headers, and writes nothing; a batch counts each job.
+#[tokio::test]
+async fn the_submission_rate_is_shared_by_two_api_processes() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--rate", "5/s", "--burst", "5"]).await;
+    let (_other, other_base) = app.spawn_api_process().await;
+    let canary = json!({"kind": "canary", "payload": {"steps": 1}});
+
+    let started = Instant::now();
+    let mut accepted = 0;
+    let mut refused_by = [0, 0];
+    for i in 0..12 {
+        let base = if i % 2 == 0 {
+            app.url("")
+        } else {
+            other_base.clone()
+        };
+        let (status, headers, body) = post(&app, &base, "/v1/jobs", &canary).await;
+        match status {
+            StatusCode::ACCEPTED => {
+                accepted += 1;
+                assert_eq!(header(&headers, "ratelimit-policy"), "\"tenant\";q=5;w=1");
+                assert!(header(&headers, "ratelimit").starts_with("\"tenant\";r="));
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                refused_by[i % 2] += 1;
+                assert_eq!(header(&headers, "content-type"), "application/problem+json");
+                let retry: u64 = header(&headers, "retry-after").parse().unwrap();
+                assert!((1..=2).contains(&retry), "Retry-After {retry}");
+                assert_eq!(header(&headers, "ratelimit-policy"), "\"tenant\";q=5;w=1");
+                assert!(header(&headers, "ratelimit").starts_with("\"tenant\";r=0;t="));
+                assert!(
+                    body["detail"].as_str().unwrap().contains("rate limit"),
+                    "{body}"
+                );
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    // The burst, plus what refilled while the requests ran.
+    let refilled = (started.elapsed().as_secs_f64() * 5.0).ceil() as i64;
+    assert!(
+        accepted >= 5 && accepted <= 5 + refilled,
+        "{accepted} accepted"
+    );
+    assert!(
+        refused_by[0] > 0 && refused_by[1] > 0,
+        "both processes refuse: {refused_by:?}"
+    );
+    assert_eq!(
+        jobs_written(&app).await,
+        accepted,
+        "a refusal writes nothing"
+    );
+
+    // A batch draws a token per job: bigger than the burst, it can never pass.
+    let batch = json!({"jobs": vec![canary.clone(); 6]});
+    let (status, _, body) = post(&app, &other_base, "/v1/jobs/batch", &batch).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("burst of 5"),
+        "{body}"
+    );
+    assert_eq!(jobs_written(&app).await, accepted);
+
+    // Lifted: everything passes again, without RateLimit headers.
+    set_limits(&app, &["--rate", "none"]).await;
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await; // the limits cache
+    let (status, headers, body) = post(&app, &other_base, "/v1/jobs/batch", &batch).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert!(headers.get("ratelimit").is_none());
+}
+
+/// Past `max_queued` a submission (or a batch) is refused whole, naming the quota; past
+/// `max_dataset_bytes` an upload is a 413 and leaves no dataset; `GET /v1/tenant` shows both.
+#[tokio::test]
+async fn quotas_refuse_with_nothing_written() {
+    let app = TestApp::spawn().await;
+    set_limits(
+        &app,
+        &[
+            "--max-queued",
+            "3",
+            "--max-dataset-bytes",
+            "1000",
+            "--max-running",
+            "canary=0",
+        ],
+    )
+    .await;
+    let canary = json!({"kind": "canary", "payload": {"steps": 1}});
+    for _ in 0..2 {
+        let (status, body) = app.post("/v1/jobs", &canary).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let (status, body) = app
+        .post("/v1/jobs/batch", &json!({"jobs": [canary, canary]}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["errors"][0]["field"], "quota.max_queued", "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("3 jobs waiting or running allowed; 2 in use"),
+        "{body}"
+    );
+    assert_eq!(jobs_written(&app).await, 2, "the batch wrote nothing");
+    let (status, _) = app.post("/v1/jobs", &canary).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, body) = app.post("/v1/jobs", &canary).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(jobs_written(&app).await, 3);
+
+    let row = "id,name\n".to_owned() + &"1,abcdefghij\n".repeat(50);
+    assert!(row.len() > 500 && row.len() < 1000);
+    app.upload_dataset("first.csv", row.as_bytes()).await;
+    let response = app
+        .client
+        .post(app.url("/v1/datasets"))
+        .query(&[("name", "second.csv")])
+        .bearer_auth(&app.key)
+        .body(row.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["errors"][0]["field"], "quota.max_dataset_bytes",
+        "{body}"
+    );
+    let datasets: i64 = sqlx::query_scalar("SELECT count(*) FROM datasets")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(datasets, 1, "the refused upload left no dataset");
+
+    let (status, tenant) = app.get("/v1/tenant").await;
+    assert_eq!(status, StatusCode::OK, "{tenant}");
+    assert_eq!(tenant["name"], "acme");
+    assert_eq!(tenant["limits"]["max_queued"], 3);
+    assert_eq!(tenant["limits"]["max_dataset_bytes"], 1000);
+    assert_eq!(tenant["limits"]["max_running"]["canary"], 0);
+    assert_eq!(tenant["usage"]["live_jobs"], 3);
+    assert_eq!(tenant["usage"]["dataset_bytes"], row.len());
+}
