@@ -1,8 +1,9 @@
 # Named queue_bench, not queue: a queue.py here would shadow the standard library for redis-py.
 """Drains N no-op jobs through Conveyor (1 and 2 worker processes) and through Celery on the
-same Redis, and measures single-submit latency at a steady 500 req/s. Prints a table."""
+same Redis, with fair dispatch on and off; measures a late tenant's start delay while another
+tenant's backlog drains, and single-submit latency at a steady 500 req/s. Prints tables."""
 
-import json, os, subprocess, sys, tempfile, time, urllib.request, uuid
+import json, os, statistics, subprocess, sys, tempfile, time, urllib.request, uuid
 
 N = int(sys.argv[1])
 ROOT = os.getcwd()
@@ -19,11 +20,18 @@ def psql(sql, db=ADMIN):
     return subprocess.run(["psql", db, "-tAqc", sql], check=True, capture_output=True, text=True).stdout.strip()
 
 
+# Fair dispatch off: a window no backlog fills, so every job is pushed at submit (as before
+# fair dispatch existed); passes still run.
+MODES = {"fair dispatch on": {}, "fair dispatch off": {"CONVEYOR_DISPATCH_MIN_WINDOW": "100000000"}}
+MODE = {}
+
+
 def env():
     e = dict(os.environ)
     e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}",
              CONVEYOR_REDIS_PREFIX=PREFIX, CONVEYOR_LISTEN=f"127.0.0.1:{PORT}",
              CONVEYOR_BODY_LIMIT=str(8 << 20), RUST_LOG="warn")
+    e.update(MODE)
     return e
 
 
@@ -53,6 +61,33 @@ def conveyor_drain(key, workers, concurrency):
     for p in procs:
         p.wait()
     return N / submit_s, N / span
+
+
+def late_tenant(key_a, key_b, backlog, concurrency=64):
+    """A's backlog of no-op jobs drains through one worker; meanwhile B submits one job every
+    20 ms. Returns B's start delays (started_at - created_at) p50 and p99, in ms."""
+    dburl = env()["CONVEYOR_DATABASE_URL"]
+    psql("TRUNCATE jobs", dburl)
+    for start in range(0, backlog, 1000):
+        jobs = [{"kind": "canary", "payload": {}} for _ in range(min(1000, backlog - start))]
+        request("POST", "/v1/jobs/batch", key_a, {"jobs": jobs})
+    worker = subprocess.Popen([f"{BIN}/conveyor-worker", "--queues", f"canary={concurrency}"], env=env())
+    sent = 0
+    while sent < 500:
+        request("POST", "/v1/jobs", key_b, {"kind": "canary", "payload": {}})
+        sent += 1
+        time.sleep(0.02)
+        if sent % 25 == 0 and int(psql("SELECT count(*) FROM jobs WHERE status <> 'succeeded'", dburl)) <= sent:
+            break
+    while int(psql("SELECT count(*) FROM jobs WHERE status <> 'succeeded'", dburl)) > 0:
+        time.sleep(0.2)
+    worker.terminate()
+    worker.wait()
+    delays = [float(x) for x in psql(
+        "SELECT extract(epoch FROM j.started_at - j.created_at) * 1000 FROM jobs j "
+        "JOIN tenants t ON t.id = j.tenant_id WHERE t.name = 'late'", dburl).split()]
+    q = statistics.quantiles(delays, n=100)
+    return len(delays), q[49], q[98]
 
 
 def submit_latency(key, rate=500, seconds=10):
@@ -102,34 +137,55 @@ def celery_drain():
     return rate
 
 
+def start_api():
+    api = subprocess.Popen([f"{BIN}/conveyor-api", "serve"], env=env())
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz")
+            return api
+        except Exception:
+            time.sleep(0.1)
+    return api
+
+
+def stop(proc):
+    proc.terminate()
+    proc.wait()
+
+
+def key_for(tenant):
+    return subprocess.run([f"{BIN}/conveyor-api", "keys", "create", "--tenant", tenant], env=env(),
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
 def main():
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     psql(f"CREATE DATABASE {DB}")
-    api = subprocess.Popen([f"{BIN}/conveyor-api", "serve"], env=env())
+    api = None
     try:
-        key = subprocess.run([f"{BIN}/conveyor-api", "keys", "create", "--tenant", "bench"], env=env(),
-                             check=True, capture_output=True, text=True).stdout.strip()
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz")
-                break
-            except Exception:
-                time.sleep(0.1)
-        rows = []
+        key, late_key = key_for("bench"), key_for("late")
         celery = celery_drain()
-        for workers in (1, 2):
-            submit, drain = conveyor_drain(key, workers, 64)
-            rows.append((f"conveyor, {workers} worker process(es) x 64", drain, drain / celery, submit))
-        # The API alone (workers run on other machines), then with a worker draining the
-        # submitted jobs on the same two cores.
-        latency = [("API alone", submit_latency(key))]
-        worker = subprocess.Popen([f"{BIN}/conveyor-worker", "--queues", "canary=16"], env=env())
-        latency.append(("API + a worker draining on the same cores", submit_latency(key)))
-        worker.terminate()
-        worker.wait()
+        rows, late = [], []
+        for mode, settings in MODES.items():
+            MODE.clear()
+            MODE.update(settings)
+            api = start_api()
+            for workers in (1, 2):
+                submit, drain = conveyor_drain(key, workers, 64)
+                rows.append((f"conveyor, {mode}, {workers} worker process(es) x 64", drain, drain / celery, submit))
+            late.append((mode, late_tenant(key, late_key, N)))
+            if mode == "fair dispatch on":
+                # The API alone (workers run on other machines), then with a worker draining the
+                # submitted jobs on the same two cores.
+                latency = [("API alone", submit_latency(key))]
+                worker = subprocess.Popen([f"{BIN}/conveyor-worker", "--queues", "canary=16"], env=env())
+                latency.append(("API + a worker draining on the same cores", submit_latency(key)))
+                stop(worker)
+            stop(api)
+            api = None
     finally:
-        api.terminate()
-        api.wait()
+        if api:
+            stop(api)
         psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
         subprocess.run(f"redis-cli --scan --pattern '{PREFIX}:*' | xargs -r redis-cli del > /dev/null", shell=True)
     print(f"\nqueue benchmark: {N} no-op jobs, end-to-end steady rate (first start to last finish)\n")
@@ -138,6 +194,13 @@ def main():
     print(f"| celery 2 prefork processes, same Redis | {celery:,.0f} | 1.00x | |")
     for name, drain, ratio, submit in rows:
         print(f"| {name} | {drain:,.0f} | {ratio:.2f}x | {submit:,.0f} |")
+    on = [d for n, d, _, _ in rows if "on," in n]
+    off = [d for n, d, _, _ in rows if "off," in n]
+    print(f"\nfair dispatch on / off drain rate: " + ", ".join(f"{a / b:.2f}x" for a, b in zip(on, off)))
+    print(f"\n| late tenant: 1 job / 20 ms while {N} of another's drain (1 worker x 64) | jobs | start delay p50 | p99 |")
+    print("|---|---:|---:|---:|")
+    for mode, (count, p50, p99) in late:
+        print(f"| {mode} | {count} | {p50:,.0f} ms | {p99:,.0f} ms |")
     print("\n| single POST /v1/jobs, open loop, 10 s | req/s | p50 | p99 |\n|---|---:|---:|---:|")
     for name, (achieved, p50, p99) in latency:
         print(f"| {name} | {achieved:.0f} | {p50:.2f} ms | {p99:.2f} ms |")
