@@ -29,13 +29,16 @@ enum Command {
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Create a key for a tenant (created if new); prints the key alone, once. A tenant's first
-    /// key is an admin key (it can manage the tenant's keys over HTTP); later ones are members
-    /// unless `--admin`.
+    /// key is an admin key (it can manage the tenant's keys and read its audit log over HTTP);
+    /// later ones are write keys unless `--role` says otherwise.
     Create {
         #[arg(long)]
         tenant: String,
-        /// Make an admin key.
-        #[arg(long)]
+        /// `admin`, `write` or `read` (`member` is read as `write`).
+        #[arg(long, value_parser = parse_role)]
+        role: Option<keys::Role>,
+        /// The same as `--role admin`.
+        #[arg(long, conflicts_with = "role")]
         admin: bool,
         /// A label shown in lists.
         #[arg(long)]
@@ -87,11 +90,13 @@ async fn keys_command(
     match command {
         KeysCommand::Create {
             tenant,
+            role,
             admin,
             name,
         } => {
+            let role = if admin { Some(keys::Role::Admin) } else { role };
             let (_, created) =
-                keys::create_for_tenant(pool, &tenant, admin, name.as_deref()).await?;
+                keys::create_for_tenant(pool, &tenant, role, name.as_deref()).await?;
             provision(pool, settings).await?;
             eprintln!(
                 "created {} key {}",
@@ -141,6 +146,10 @@ async fn keys_command(
         }
     }
     Ok(())
+}
+
+fn parse_role(role: &str) -> Result<keys::Role, String> {
+    keys::Role::parse(role).ok_or_else(|| format!("{role:?} is not admin, write or read"))
 }
 
 /// Creates new tenants' roles and schemas on the default target (all tenants', once, after

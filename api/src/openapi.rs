@@ -7,7 +7,7 @@ use utoipa::{
 };
 
 use crate::routes::{
-    collections, connections, datasets, events, jobs, keys, ops, patches, queues, session,
+    audit, collections, connections, datasets, events, jobs, keys, ops, patches, queues, session,
 };
 
 #[derive(OpenApi)]
@@ -21,7 +21,7 @@ use crate::routes::{
           collections::search,
           ops::healthz, ops::readyz, ops::metrics,
           queues::queues, queues::workers, session::sign_in, session::current, session::sign_out,
-          keys::list, keys::create, keys::revoke),
+          keys::list, keys::create, keys::revoke, audit::list),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
                         jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
@@ -40,7 +40,8 @@ use crate::routes::{
                         ::contracts::ingest::collections::SearchMode,
                         queues::QueueList, queues::QueueStats, queues::WorkerList, queues::WorkerInfo,
                         session::SignIn, session::SessionInfo, keys::NewKey, keys::KeyList,
-                        crate::keys::ApiKey, crate::keys::CreatedKey, crate::keys::Role)),
+                        crate::keys::ApiKey, crate::keys::CreatedKey, crate::keys::Role,
+                        audit::AuditPage, crate::audit::AuditEntry)),
     modifiers(&BearerAuth),
     security(("api_key" = []), ("session" = []))
 )]

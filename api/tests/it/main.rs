@@ -17,6 +17,7 @@ mod lifecycle;
 mod objects;
 mod patch;
 mod requests;
+mod roles;
 mod sse;
 mod synthesis;
 mod upload_attacks;
