@@ -85,6 +85,8 @@ function showSignIn() {
   $('sign-out').hidden = true;
   $('connection').hidden = true;
   $('tenant').textContent = '';
+  $('role').textContent = '';
+  delete document.body.dataset.role;
 }
 
 async function signIn(event) {
@@ -109,6 +111,13 @@ function signedIn(session) {
   $('signin').hidden = true;
   $('sign-out').hidden = false;
   $('tenant').textContent = `tenant ${session.tenant}`;
+  // A read key sees everything but may change nothing: the forms that would are disabled.
+  $('role').textContent = `${session.role} key`;
+  document.body.dataset.role = session.role;
+  const readOnly = session.role === 'read';
+  for (const form of ['submit-form', 'upload-form']) {
+    for (const control of $(form).elements) control.disabled = readOnly;
+  }
   connectTenantStream();
   route();
 }
@@ -391,8 +400,9 @@ function renderJobHeader(job) {
   $('job-progress').value = job.progress || 0;
   $('job-pct').textContent = percent(job.progress);
   $('job-message').textContent = job.message || '';
-  $('job-cancel').disabled = TERMINAL.has(job.status);
-  $('job-retry').disabled = !(job.status === 'failed' || job.status === 'cancelled');
+  const readOnly = document.body.dataset.role === 'read';
+  $('job-cancel').disabled = readOnly || TERMINAL.has(job.status);
+  $('job-retry').disabled = readOnly || !(job.status === 'failed' || job.status === 'cancelled');
 }
 
 function renderJobDetails(job) {

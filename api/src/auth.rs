@@ -15,6 +15,7 @@ use std::{
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
+use tower_http::request_id::RequestId;
 use uuid::Uuid;
 
 use crate::{keys::Role, revocation::Invalidation, AppState};
@@ -54,9 +55,32 @@ impl std::fmt::Debug for Credential {
 pub struct Caller {
     pub key: KeyInfo,
     pub credential: Credential,
+    /// The request's `x-request-id`, for the audit log.
+    pub request_id: Option<String>,
 }
 
 impl Caller {
+    /// 403 unless the caller's key has `needed` (or a higher role).
+    pub fn require(&self, needed: Role) -> Result<(), Problem> {
+        if self.key.role >= needed {
+            return Ok(());
+        }
+        let mut problem = Problem::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "needs {} {needed} key; this key is {}",
+                if needed == Role::Admin { "an" } else { "a" },
+                self.key.role
+            ),
+        );
+        problem.errors = vec![shared::FieldError::new(
+            "role",
+            format!("{needed} needed, {} given", self.key.role),
+        )];
+        Err(problem)
+    }
+
     /// Whether `invalidation` ends this caller's access, without asking the database.
     pub fn ended_by(&self, invalidation: &Invalidation) -> bool {
         match (invalidation, &self.credential) {
@@ -77,8 +101,17 @@ impl Caller {
     }
 }
 
-/// A caller whose key is an admin key (key management needs one).
+/// A caller whose key is an admin key (keys and the audit log need one).
 pub struct Admin(pub Caller);
+
+/// A caller whose key may change things: a write or admin key (a read key gets 403).
+pub struct Writer(pub Caller);
+
+impl Writer {
+    pub fn tenant(&self) -> Tenant {
+        Tenant(self.0.key.tenant)
+    }
+}
 
 /// The dashboard's session cookie (HttpOnly, SameSite=Strict, Path=/).
 pub const SESSION_COOKIE: &str = "conveyor_session";
@@ -112,6 +145,7 @@ impl FromRequestParts<AppState> for Caller {
             return Ok(Self {
                 key,
                 credential: Credential::Session(token_hash),
+                request_id: request_id(parts),
             });
         };
         let header = header
@@ -129,6 +163,7 @@ impl FromRequestParts<AppState> for Caller {
         Ok(Self {
             key,
             credential: Credential::Key(hash),
+            request_id: request_id(parts),
         })
     }
 }
@@ -147,15 +182,28 @@ impl FromRequestParts<AppState> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
         let caller = Caller::from_request_parts(parts, state).await?;
-        if caller.key.role != Role::Admin {
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "managing API keys needs an admin key",
-            ));
-        }
+        caller.require(Role::Admin)?;
         Ok(Admin(caller))
     }
+}
+
+impl FromRequestParts<AppState> for Writer {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Problem> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require(Role::Write)?;
+        Ok(Writer(caller))
+    }
+}
+
+/// The request's id (set by the `x-request-id` layer), as text.
+pub fn request_id(parts: &Parts) -> Option<String> {
+    parts
+        .extensions
+        .get::<RequestId>()
+        .and_then(|id| id.header_value().to_str().ok())
+        .map(str::to_owned)
 }
 
 /// The session cookie's token, if the request carries one.
@@ -183,7 +231,8 @@ fn key_info((id, tenant, role): KeyRow) -> KeyInfo {
     KeyInfo {
         id,
         tenant,
-        role: Role::parse(&role).unwrap_or(Role::Member),
+        // A role this build does not know grants the least.
+        role: Role::parse(&role).unwrap_or(Role::Read),
     }
 }
 
@@ -337,7 +386,7 @@ mod tests {
         KeyInfo {
             id: Uuid::now_v7(),
             tenant: Uuid::now_v7(),
-            role: Role::Member,
+            role: Role::Write,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Tenants and their API keys: create, list, revoke, rotate. A key is shown once when it is made
-//! and stored only as its sha256. An admin key may also manage its tenant's keys; the first key
-//! a tenant gets is one.
+//! and stored only as its sha256. A key is `admin`, `write` or `read` ([`Role`]); an admin key
+//! may also manage its tenant's keys, and the first key a tenant gets is one. Every change here
+//! is audited in its own transaction.
 
 use chrono::{DateTime, Utc};
 use rand::RngCore;
@@ -9,31 +10,48 @@ use sqlx::{PgConnection, PgPool};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::hash_key;
+use crate::{
+    audit::{self, Action, Actor, Entry},
+    auth::hash_key,
+};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// What a key may do. Each role may do everything the roles below it may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Everything a member may do, and manage the tenant's keys.
+    /// Reads: jobs, artifacts, event streams, datasets, collections, search, queues, workers.
+    Read,
+    /// Reads and changes: submit, cancel, retry, upload, delete, connections, collections.
+    /// (`member`, the former name, is accepted when a key is made.)
+    #[serde(alias = "member")]
+    Write,
+    /// Everything, and the tenant's keys and audit log.
     Admin,
-    /// Jobs, datasets, connections, collections, the dashboard: all but key management.
-    Member,
 }
 
 impl Role {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Admin => "admin",
-            Self::Member => "member",
+            Self::Write => "write",
+            Self::Read => "read",
         }
     }
 
+    /// A role's name; `member`, its former name, reads as `write`.
     pub fn parse(role: &str) -> Option<Self> {
         match role {
             "admin" => Some(Self::Admin),
-            "member" => Some(Self::Member),
+            "write" | "member" => Some(Self::Write),
+            "read" => Some(Self::Read),
             _ => None,
         }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -85,12 +103,13 @@ pub fn valid_name(name: Option<&str>) -> Result<Option<String>, &'static str> {
     }
 }
 
-/// Creates the tenant if needed and a new key for it (an admin key if `admin`, or if it is the
-/// tenant's first). The key is returned once, never stored. Returns the tenant's id too.
+/// Creates the tenant if needed and a new key for it: of `role`, else an admin key if it is
+/// the tenant's first and a write key if not. The key is returned once, never stored. Returns
+/// the tenant's id too. An operator's act: audited with no key.
 pub async fn create_for_tenant(
     pool: &PgPool,
     tenant: &str,
-    admin: bool,
+    role: Option<Role>,
     name: Option<&str>,
 ) -> anyhow::Result<(Uuid, CreatedKey)> {
     anyhow::ensure!(
@@ -113,30 +132,46 @@ pub async fn create_for_tenant(
             .bind(tenant_id)
             .fetch_one(&mut *tx)
             .await?;
-    let role = if admin || first {
-        Role::Admin
-    } else {
-        Role::Member
-    };
+    let role = role.unwrap_or(if first { Role::Admin } else { Role::Write });
     let created = insert(&mut tx, tenant_id, role, name.as_deref()).await?;
+    audit::record(
+        &mut *tx,
+        &Actor::operator(tenant_id),
+        created_entry(&created),
+    )
+    .await?;
     tx.commit().await?;
     Ok((tenant_id, created))
 }
 
 /// [`create_for_tenant`] with no name, returning the tenant's id and the key.
 pub async fn create_key(pool: &PgPool, tenant: &str) -> anyhow::Result<(Uuid, String)> {
-    let (tenant_id, created) = create_for_tenant(pool, tenant, false, None).await?;
+    let (tenant_id, created) = create_for_tenant(pool, tenant, None, None).await?;
     Ok((tenant_id, created.key))
 }
 
-/// A new key for an existing tenant.
+/// A new key of the actor's tenant, made by the actor (audited in the same transaction;
+/// `payload_sha256`: of the request's body).
 pub async fn create(
     pool: &PgPool,
-    tenant_id: Uuid,
+    by: &Actor,
     role: Role,
     name: Option<&str>,
+    payload_sha256: Option<String>,
 ) -> Result<CreatedKey, sqlx::Error> {
-    insert(&mut *pool.acquire().await?, tenant_id, role, name).await
+    let mut tx = pool.begin().await?;
+    let created = insert(&mut tx, by.tenant, role, name).await?;
+    let mut entry = created_entry(&created);
+    entry.payload_sha256 = payload_sha256;
+    audit::record(&mut *tx, by, entry).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+fn created_entry(created: &CreatedKey) -> Entry {
+    Entry::new(Action::KeyCreate)
+        .target(created.info.id)
+        .detail(serde_json::json!({"role": created.info.role, "name": created.info.name}))
 }
 
 async fn insert(
@@ -181,31 +216,42 @@ pub async fn list(pool: &PgPool, tenant_id: Uuid) -> Result<Vec<ApiKey>, sqlx::E
     .await
 }
 
-/// Revokes the key (only if it is `tenant`'s, when given) and ends the sessions opened with it;
-/// revoking a revoked key changes nothing. False if there is no such key. The caller tells the
-/// API processes ([`crate::revocation`]).
-pub async fn revoke(pool: &PgPool, tenant: Option<Uuid>, id: Uuid) -> Result<bool, sqlx::Error> {
+/// Revokes the key and ends the sessions opened with it: by a key (`Some`: only a key of its
+/// tenant), or by an operator (`None`: any tenant's). Revoking a revoked key changes nothing
+/// (and is not audited). False if there is no such key. The caller tells the API processes
+/// ([`crate::revocation`]).
+pub async fn revoke(pool: &PgPool, by: Option<&Actor>, id: Uuid) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let found = revoke_in(&mut tx, tenant, id).await?;
+    let found = revoke_in(&mut tx, by.map(|a| a.tenant), id).await?;
+    if let Some((tenant, true)) = found {
+        let operator = Actor::operator(tenant);
+        let entry = Entry::new(Action::KeyRevoke).target(id);
+        audit::record(&mut *tx, by.unwrap_or(&operator), entry).await?;
+    }
     tx.commit().await?;
-    Ok(found)
+    Ok(found.is_some())
 }
 
+/// The key's tenant and whether it was live, if there is such a key (of `tenant`, if given).
 async fn revoke_in(
     conn: &mut PgConnection,
     tenant: Option<Uuid>,
     id: Uuid,
-) -> Result<bool, sqlx::Error> {
-    let found = sqlx::query(
-        "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
-         WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)",
+) -> Result<Option<(Uuid, bool)>, sqlx::Error> {
+    let found: Option<(Uuid, bool)> = sqlx::query_as(
+        "SELECT tenant_id, revoked_at IS NULL FROM api_keys
+         WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2) FOR UPDATE",
     )
     .bind(id)
     .bind(tenant)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected()
-        > 0;
+    .fetch_optional(&mut *conn)
+    .await?;
+    if found.is_some_and(|(_, live)| live) {
+        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
     sqlx::query("DELETE FROM sessions WHERE api_key_id = $1")
         .bind(id)
         .execute(&mut *conn)
@@ -227,9 +273,13 @@ pub async fn rotate(pool: &PgPool, id: Uuid) -> Result<Option<CreatedKey>, sqlx:
     let Some((tenant_id, role, name)) = old else {
         return Ok(None);
     };
-    let role = Role::parse(&role).unwrap_or(Role::Member);
+    let role = Role::parse(&role).unwrap_or(Role::Read);
     let created = insert(&mut tx, tenant_id, role, name.as_deref()).await?;
     revoke_in(&mut tx, None, id).await?;
+    let entry = Entry::new(Action::KeyRotate)
+        .target(id)
+        .detail(serde_json::json!({"new_key_id": created.info.id, "role": role}));
+    audit::record(&mut *tx, &Actor::operator(tenant_id), entry).await?;
     tx.commit().await?;
     Ok(Some(created))
 }

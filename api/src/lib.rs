@@ -1,6 +1,7 @@
 //! `conveyor-api`: authenticates, validates, writes the job row, enqueues, and serves reads
 //! (jobs, SSE event streams, health, metrics, OpenAPI). It never runs heavy work.
 
+pub mod audit;
 pub mod auth;
 mod extract;
 mod files;

@@ -70,13 +70,16 @@ enum TenantsCommand {
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Create a key for a tenant (created if new); prints the key alone, once. A tenant's first
-    /// key is an admin key (it can manage the tenant's keys over HTTP); later ones are members
-    /// unless `--admin`.
+    /// key is an admin key (it can manage the tenant's keys and read its audit log over HTTP);
+    /// later ones are write keys unless `--role` says otherwise.
     Create {
         #[arg(long)]
         tenant: String,
-        /// Make an admin key.
-        #[arg(long)]
+        /// `admin`, `write` or `read` (`member` is read as `write`).
+        #[arg(long, value_parser = parse_role)]
+        role: Option<keys::Role>,
+        /// The same as `--role admin`.
+        #[arg(long, conflicts_with = "role")]
         admin: bool,
         /// A label shown in lists.
         #[arg(long)]
@@ -133,11 +136,13 @@ async fn keys_command(
     match command {
         KeysCommand::Create {
             tenant,
+            role,
             admin,
             name,
         } => {
+            let role = if admin { Some(keys::Role::Admin) } else { role };
             let (_, created) =
-                keys::create_for_tenant(pool, &tenant, admin, name.as_deref()).await?;
+                keys::create_for_tenant(pool, &tenant, role, name.as_deref()).await?;
             provision(pool, settings).await?;
             eprintln!(
                 "created {} key {}",
@@ -282,6 +287,10 @@ async fn show_limits(
         .map_err(|p| anyhow::anyhow!("{}", p.detail))?;
     println!("{}", serde_json::to_string_pretty(&limits)?);
     Ok(())
+}
+
+fn parse_role(role: &str) -> Result<keys::Role, String> {
+    keys::Role::parse(role).ok_or_else(|| format!("{role:?} is not admin, write or read"))
 }
 
 /// Creates new tenants' roles and schemas on the default target (all tenants', once, after

@@ -7,7 +7,8 @@ use utoipa::{
 };
 
 use crate::routes::{
-    collections, connections, datasets, events, jobs, keys, ops, patches, queues, session, tenant,
+    audit, collections, connections, datasets, events, jobs, keys, ops, patches, queues, session,
+    tenant,
 };
 
 #[derive(OpenApi)]
@@ -21,7 +22,7 @@ use crate::routes::{
           collections::search,
           ops::healthz, ops::readyz, ops::metrics,
           queues::queues, queues::workers, session::sign_in, session::current, session::sign_out,
-          keys::list, keys::create, keys::revoke, tenant::current),
+          keys::list, keys::create, keys::revoke, audit::list, tenant::current),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
                         jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
@@ -41,6 +42,7 @@ use crate::routes::{
                         queues::QueueList, queues::QueueStats, queues::WorkerList, queues::WorkerInfo,
                         session::SignIn, session::SessionInfo, keys::NewKey, keys::KeyList,
                         crate::keys::ApiKey, crate::keys::CreatedKey, crate::keys::Role,
+                        audit::AuditPage, crate::audit::AuditEntry,
                         tenant::TenantView, crate::limits::TenantLimits, crate::limits::Rate,
                         crate::limits::Usage)),
     modifiers(&BearerAuth),

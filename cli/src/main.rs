@@ -74,6 +74,8 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Show the tenant and the key in use, with its role (admin, write or read).
+    Whoami,
     /// Upload a dataset file (CSV, TSV, NDJSON, Parquet), streamed.
     Upload {
         file: PathBuf,
@@ -184,6 +186,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&list);
             } else {
                 print_job_table(list["jobs"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Whoami => {
+            let session = client.send(client.get("/v1/session")).await?;
+            if client.json {
+                print_json(&session);
+            } else {
+                println!(
+                    "tenant {} ({})\nkey    {}\nrole   {}",
+                    session["tenant"].as_str().unwrap_or("?"),
+                    session["tenant_id"].as_str().unwrap_or("?"),
+                    session["key_id"].as_str().unwrap_or("?"),
+                    session["role"].as_str().unwrap_or("?"),
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -104,7 +104,7 @@ pub struct Connection {
 }
 
 pub async fn create(
-    pool: &PgPool,
+    pool: impl sqlx::PgExecutor<'_>,
     cipher: &Cipher,
     tenant: Uuid,
     name: &str,
@@ -136,7 +136,7 @@ pub async fn list(pool: &PgPool, tenant: Uuid) -> sqlx::Result<Vec<Connection>> 
     .await
 }
 
-pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
+pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
     let deleted = sqlx::query("DELETE FROM connections WHERE tenant_id = $1 AND id = $2")
         .bind(tenant)
         .bind(id)

@@ -96,7 +96,7 @@ pub struct Dataset {
     pub created_at: DateTime<Utc>,
 }
 
-pub async fn insert(pool: &PgPool, dataset: &Dataset) -> sqlx::Result<()> {
+pub async fn insert(pool: impl sqlx::PgExecutor<'_>, dataset: &Dataset) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO datasets (id, tenant_id, name, format, compression, size_bytes, sha256,
                                schema, preview)
@@ -156,7 +156,7 @@ pub async fn jobs_using(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<V
     .await
 }
 
-pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
+pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
     let deleted = sqlx::query("DELETE FROM datasets WHERE tenant_id = $1 AND id = $2")
         .bind(tenant)
         .bind(id)

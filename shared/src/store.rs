@@ -283,7 +283,11 @@ pub async fn requeue(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Result<Opti
 
 /// Cancel: a job not yet running ends at once; a running one is asked to stop.
 /// Returns the job after the change, or `None` if it does not exist.
-pub async fn request_cancel(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
+pub async fn request_cancel(
+    pool: impl sqlx::PgExecutor<'_>,
+    tenant: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(
         "UPDATE jobs SET
              status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
@@ -300,7 +304,11 @@ pub async fn request_cancel(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Resu
 }
 
 /// Puts a failed or cancelled job back in the queue with a fresh attempt budget.
-pub async fn retry(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
+pub async fn retry(
+    pool: impl sqlx::PgExecutor<'_>,
+    tenant: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(
         "UPDATE jobs SET status = 'queued', dispatched = false, max_attempts = attempt + max_attempts,
              cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,

@@ -61,6 +61,8 @@ try {
   const stored = await page.evaluate(() => JSON.stringify({ ...localStorage }) + JSON.stringify({ ...sessionStorage }));
   check(!stored.includes(apiKey), 'the key is not in web storage');
   check(await page.inputValue('#api-key') === '', 'the key field is cleared');
+  const role = await page.textContent('#role');
+  check(role === 'admin key', `the header shows the key's role: ${JSON.stringify(role)}`);
 
   // Submits through the form; returns the new job's id.
   const submitted = new Set();

@@ -13,7 +13,12 @@ use shared::{FieldError, Problem};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::{auth::Tenant, extract::JsonBody, AppState};
+use crate::{
+    audit::{self, Action, Actor, Entry},
+    auth::{Tenant, Writer},
+    extract::{HashedJson, JsonBody},
+    AppState,
+};
 
 /// Largest chunk: the model reads 256 tokens, two of which are its own markers.
 pub const MAX_CHUNK_TOKENS: i32 = 254;
@@ -63,9 +68,10 @@ impl Default for ChunkingSettings {
     responses((status = 201, body = Collection), (status = 409, body = Problem), (status = 422, body = Problem)))]
 pub async fn create(
     State(state): State<AppState>,
-    tenant: Tenant,
-    JsonBody(body): JsonBody<NewCollection>,
+    writer: Writer,
+    HashedJson(body, body_sha256): HashedJson<NewCollection>,
 ) -> Result<Response, Problem> {
+    let tenant = writer.tenant();
     let mut errors = Vec::new();
     if body.name.trim().is_empty() || body.name.len() > 200 {
         errors.push(FieldError::new("name", "must be 1-200 characters"));
@@ -96,16 +102,19 @@ pub async fn create(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let collection = store::create_collection(
-        &state.pool,
-        tenant.0,
-        &body.name,
-        &model,
-        max_tokens,
-        overlap,
-    )
-    .await?
-    .ok_or_else(|| Problem::conflict(format!("a collection named {:?} exists", body.name)))?;
+    let mut tx = state.pool.begin().await?;
+    let collection =
+        store::create_collection(&mut *tx, tenant.0, &body.name, &model, max_tokens, overlap)
+            .await?
+            .ok_or_else(|| {
+                Problem::conflict(format!("a collection named {:?} exists", body.name))
+            })?;
+    let entry = Entry::new(Action::CollectionCreate)
+        .target(collection.id)
+        .payload_sha256(body_sha256)
+        .detail(serde_json::json!({"name": body.name}));
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
     let location = format!("/v1/collections/{}", collection.id);
     Ok((
         StatusCode::CREATED,
@@ -178,10 +187,15 @@ pub async fn get_one(
     responses((status = 204, description = "deleted with its documents and chunks"), (status = 404, body = Problem)))]
 pub async fn delete(
     State(state): State<AppState>,
-    tenant: Tenant,
+    writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    if store::delete_collection(&state.pool, tenant.0, parse_id(&id)?).await? {
+    let id = parse_id(&id)?;
+    let mut tx = state.pool.begin().await?;
+    if store::delete_collection(&mut *tx, writer.0.key.tenant, id).await? {
+        let entry = Entry::new(Action::CollectionDelete).target(id);
+        audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+        tx.commit().await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found("collection"))

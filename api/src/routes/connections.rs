@@ -15,7 +15,12 @@ use tower_http::request_id::RequestId;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{auth::Tenant, extract::JsonBody, AppState};
+use crate::{
+    audit::{self, Action, Actor, Entry},
+    auth::{Tenant, Writer},
+    extract::JsonBody,
+    AppState,
+};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -33,10 +38,11 @@ pub struct NewConnection {
               (status = 503, body = Problem, description = "CONVEYOR_SECRET_KEY is not configured")))]
 pub async fn create(
     State(state): State<AppState>,
-    tenant: Tenant,
+    writer: Writer,
     request: Option<Extension<RequestId>>,
     JsonBody(body): JsonBody<NewConnection>,
 ) -> Result<(StatusCode, Json<Connection>), Problem> {
+    let tenant = writer.tenant();
     let invalid =
         |field: &str, message: String| Problem::validation(vec![FieldError::new(field, message)]);
     if body.name.is_empty() || body.name.len() > 100 {
@@ -59,8 +65,9 @@ pub async fn create(
             return Err(invalid("url", refusal.to_string()));
         }
     }
+    let mut tx = state.pool.begin().await?;
     let created = connections::create(
-        &state.pool,
+        &mut *tx,
         cipher,
         tenant.0,
         &body.name,
@@ -69,6 +76,12 @@ pub async fn create(
     )
     .await?
     .ok_or_else(|| Problem::conflict(format!("a connection named {:?} exists", body.name)))?;
+    // No hash of the body: it holds the credential, which a hash would let be guessed offline.
+    let entry = Entry::new(Action::ConnectionCreate)
+        .target(created.id)
+        .detail(serde_json::json!({"name": created.name, "url": created.display}));
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
 
@@ -85,11 +98,15 @@ pub async fn list(
     responses((status = 204, description = "deleted"), (status = 404, body = Problem)))]
 pub async fn delete(
     State(state): State<AppState>,
-    tenant: Tenant,
+    writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
     let id = Uuid::parse_str(&id).map_err(|_| Problem::not_found("connection"))?;
-    if connections::delete(&state.pool, tenant.0, id).await? {
+    let mut tx = state.pool.begin().await?;
+    if connections::delete(&mut *tx, writer.0.key.tenant, id).await? {
+        let entry = Entry::new(Action::ConnectionDelete).target(id);
+        audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+        tx.commit().await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(Problem::not_found("connection"))

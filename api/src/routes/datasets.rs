@@ -19,7 +19,11 @@ use tokio::io::AsyncWriteExt;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::{auth::Tenant, AppState};
+use crate::{
+    audit::{self, Action, Actor, Entry},
+    auth::{Tenant, Writer},
+    AppState,
+};
 
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -36,11 +40,12 @@ pub struct UploadParams {
     responses((status = 201, body = Dataset), (status = 413, body = Problem), (status = 422, body = Problem)))]
 pub async fn upload(
     State(state): State<AppState>,
-    tenant: Tenant,
+    writer: Writer,
     params: Result<Query<UploadParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
+    let tenant = writer.tenant();
     let Query(params) =
         params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
     let name = params
@@ -115,7 +120,17 @@ pub async fn upload(
         .put_dataset(&scratch, tenant.0, dataset.id)
         .await
         .map_err(Problem::internal)?;
-    if let Err(e) = datasets::insert(&state.pool, &dataset).await {
+    let recorded = async {
+        let mut tx = state.pool.begin().await?;
+        datasets::insert(&mut *tx, &dataset).await?;
+        let entry = Entry::new(Action::DatasetUpload)
+            .target(dataset.id)
+            .payload_sha256(&dataset.sha256)
+            .detail(serde_json::json!({"name": dataset.name, "size_bytes": dataset.size_bytes}));
+        audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+        tx.commit().await
+    };
+    if let Err(e) = recorded.await {
         let _ = objects.delete_dataset(tenant.0, dataset.id).await;
         return Err(e.into());
     }
@@ -247,9 +262,10 @@ pub async fn download(
               (status = 409, body = Problem, description = "a live job uses the dataset")))]
 pub async fn delete(
     State(state): State<AppState>,
-    tenant: Tenant,
+    writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
+    let tenant = writer.tenant();
     let dataset = find(&state, tenant, &id).await?;
     let users = datasets::jobs_using(&state.pool, tenant.0, dataset.id).await?;
     if !users.is_empty() {
@@ -259,7 +275,14 @@ pub async fn delete(
             ids.join(", ")
         )));
     }
-    datasets::delete(&state.pool, tenant.0, dataset.id).await?;
+    let mut tx = state.pool.begin().await?;
+    if datasets::delete(&mut *tx, tenant.0, dataset.id).await? {
+        let entry = Entry::new(Action::DatasetDelete)
+            .target(dataset.id)
+            .detail(serde_json::json!({"name": dataset.name}));
+        audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    }
+    tx.commit().await?;
     if let Err(e) = state.objects.delete_dataset(tenant.0, dataset.id).await {
         tracing::warn!(dataset = %dataset.id, error = %e, "dataset object not removed");
     }

@@ -17,7 +17,13 @@ use shared::{
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::{auth::Tenant, extract::JsonBody, state::Counters, AppState};
+use crate::{
+    audit::{self, Action, Actor, Entry},
+    auth::{Tenant, Writer},
+    extract::HashedJson,
+    state::Counters,
+    AppState,
+};
 use contracts::Valid;
 
 pub const MAX_BATCH: usize = 1000;
@@ -122,9 +128,10 @@ async fn accept(
               (status = 429, body = Problem, description = "over the tenant's submission rate (Retry-After, RateLimit headers)")))]
 pub async fn submit(
     State(state): State<AppState>,
-    tenant: Tenant,
-    JsonBody(body): JsonBody<SubmitJob>,
+    writer: Writer,
+    HashedJson(body, body_sha256): HashedJson<SubmitJob>,
 ) -> Result<Response, Problem> {
+    let tenant = writer.tenant();
     let (job, valid) = validate(&state, body, "").map_err(Problem::validation)?;
     let rate = match state.limits.admit(tenant.0, 1).await {
         Ok(headers) => headers,
@@ -136,6 +143,7 @@ pub async fn submit(
         .preflight(&state.context, tenant.0, &valid)
         .await?;
     let inserted = accept(&state, tenant, vec![job]).await?;
+    audit::submitted(&state.pool, &writer.0, &inserted, &body_sha256, false).await;
     let row = inserted
         .into_iter()
         .next()
@@ -168,9 +176,10 @@ pub struct JobList {
               (status = 429, body = Problem, description = "over the tenant's submission rate; each job counts")))]
 pub async fn submit_batch(
     State(state): State<AppState>,
-    tenant: Tenant,
-    JsonBody(body): JsonBody<SubmitBatch>,
+    writer: Writer,
+    HashedJson(body, body_sha256): HashedJson<SubmitBatch>,
 ) -> Result<Response, Problem> {
+    let tenant = writer.tenant();
     if body.jobs.is_empty() || body.jobs.len() > MAX_BATCH {
         return Err(Problem::validation(vec![FieldError::new(
             "jobs",
@@ -209,6 +218,7 @@ pub async fn submit_batch(
     state.limits.check_queued(tenant.0, jobs.len()).await?;
     preflight_batch(&state, tenant, &valid).await?;
     let inserted = accept(&state, tenant, jobs).await?;
+    audit::submitted(&state.pool, &writer.0, &inserted, &body_sha256, true).await;
     let jobs = inserted.into_iter().map(|i| i.job).collect();
     Ok((
         StatusCode::ACCEPTED,
@@ -344,12 +354,17 @@ pub async fn list(
               (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn cancel(
     State(state): State<AppState>,
-    tenant: Tenant,
+    writer: Writer,
     Path(id): Path<String>,
 ) -> Result<Json<Job>, Problem> {
+    let tenant = writer.tenant();
     let id = parse_id(&id)?;
-    match store::request_cancel(&state.pool, tenant.0, id).await? {
+    let mut tx = state.pool.begin().await?;
+    match store::request_cancel(&mut *tx, tenant.0, id).await? {
         Some(job) => {
+            let entry = Entry::new(Action::JobCancel).target(job.id);
+            audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+            tx.commit().await?;
             if job.status() == JobStatus::Cancelled {
                 let event = Event::new(
                     job.id,
@@ -380,11 +395,14 @@ pub async fn cancel(
     responses((status = 202, body = Job), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn retry(
     State(state): State<AppState>,
-    tenant: Tenant,
+    writer: Writer,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
+    let tenant = writer.tenant();
     let id = parse_id(&id)?;
-    let Some(job) = store::retry(&state.pool, tenant.0, id).await? else {
+    let mut tx = state.pool.begin().await?;
+    let Some(job) = store::retry(&mut *tx, tenant.0, id).await? else {
+        drop(tx);
         return Err(match store::get_job(&state.pool, tenant.0, id).await? {
             Some(job) => Problem::conflict(format!(
                 "only failed or cancelled jobs can be retried; this one is {}",
@@ -393,6 +411,9 @@ pub async fn retry(
             None => Problem::not_found("job"),
         });
     };
+    let entry = Entry::new(Action::JobRetry).target(job.id);
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
     let event = Event::new(job.id, &job.kind, EventType::Queued, JobStatus::Queued, 0.0)
         .message(Some("retried".into()));
     if let Err(e) = state.events.append(&[(tenant.0, event)]).await {

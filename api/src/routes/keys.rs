@@ -11,8 +11,9 @@ use shared::{FieldError, Problem};
 use utoipa::ToSchema;
 
 use crate::{
+    audit::Actor,
     auth::Admin,
-    extract::JsonBody,
+    extract::HashedJson,
     keys::{self, ApiKey, CreatedKey, Role},
     revocation::{self, Invalidation},
     AppState,
@@ -21,7 +22,8 @@ use crate::{
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
-    /// `member` unless given.
+    /// `admin`, `write` or `read`; `write` unless given (`member`, its former name, is
+    /// accepted).
     pub role: Option<Role>,
     /// A label, 1-100 characters.
     pub name: Option<String>,
@@ -51,12 +53,13 @@ pub async fn list(
 pub async fn create(
     State(state): State<AppState>,
     Admin(caller): Admin,
-    JsonBody(body): JsonBody<NewKey>,
+    HashedJson(body, body_sha256): HashedJson<NewKey>,
 ) -> Result<(StatusCode, Json<CreatedKey>), Problem> {
     let name = keys::valid_name(body.name.as_deref())
         .map_err(|e| Problem::validation(vec![FieldError::new("name", e)]))?;
-    let role = body.role.unwrap_or(Role::Member);
-    let created = keys::create(&state.pool, caller.key.tenant, role, name.as_deref()).await?;
+    let role = body.role.unwrap_or(Role::Write);
+    let by = Actor::from(&caller);
+    let created = keys::create(&state.pool, &by, role, name.as_deref(), Some(body_sha256)).await?;
     tracing::info!(key = %created.info.id, by = %caller.key.id, role = role.as_str(), "API key created");
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -72,7 +75,7 @@ pub async fn revoke(
 ) -> Result<StatusCode, Problem> {
     // A malformed id names no key: answered as an unknown one.
     let id: uuid::Uuid = id.parse().map_err(|_| Problem::not_found("key"))?;
-    if !keys::revoke(&state.pool, Some(caller.key.tenant), id).await? {
+    if !keys::revoke(&state.pool, Some(&Actor::from(&caller)), id).await? {
         return Err(Problem::not_found("key"));
     }
     tracing::info!(key = %id, by = %caller.key.id, "API key revoked");

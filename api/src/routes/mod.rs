@@ -6,6 +6,7 @@ use axum::{
 
 use crate::AppState;
 
+pub(crate) mod audit;
 pub(crate) mod collections;
 pub(crate) mod connections;
 pub(crate) mod dashboard;
@@ -58,6 +59,7 @@ pub fn router() -> Router<AppState> {
         )
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{id}", axum::routing::delete(keys::revoke))
+        .route("/v1/audit", get(audit::list))
         .route("/", get(dashboard::index))
         .route("/assets/{name}", get(dashboard::assets))
         .route("/v1/patches/preflight", post(patches::preflight))

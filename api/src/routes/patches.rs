@@ -5,7 +5,7 @@ use axum::{extract::State, Json};
 use contracts::patch::{assess_for, Assessment, PatchPayload};
 use shared::Problem;
 
-use crate::{auth::Tenant, extract::JsonBody, AppState};
+use crate::{auth::Writer, extract::JsonBody, AppState};
 
 #[utoipa::path(post, path = "/v1/patches/preflight", request_body = PatchPayload, tag = "patches",
     responses((status = 200, body = Assessment, description = "the patch would be accepted"),
@@ -13,9 +13,10 @@ use crate::{auth::Tenant, extract::JsonBody, AppState};
               (status = 422, body = Problem, description = "refused, with the reason")))]
 pub async fn preflight(
     State(state): State<AppState>,
-    tenant: Tenant,
+    writer: Writer,
     JsonBody(payload): JsonBody<serde_json::Value>,
 ) -> Result<Json<Assessment>, Problem> {
+    let tenant = writer.tenant();
     let payload: PatchPayload = contracts::parse_payload(&payload).map_err(Problem::validation)?;
     let context = &state.context;
     context

@@ -5,19 +5,22 @@ use axum::{
     extract::State,
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
-    Json,
+    Extension, Json,
 };
 use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use chrono::{DateTime, Utc};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use shared::Problem;
+use tower_http::request_id::RequestId;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    auth::{self, hash_key, Tenant, SESSION_COOKIE},
+    audit::{self, Action, Actor, Entry},
+    auth::{self, hash_key, Caller, SESSION_COOKIE},
     extract::JsonBody,
+    keys::Role,
     revocation::{self, Invalidation},
     AppState,
 };
@@ -36,8 +39,18 @@ pub struct SessionInfo {
     pub tenant_id: Uuid,
     /// The tenant's name.
     pub tenant: String,
+    /// The key the request (or session) uses.
+    pub key_id: Uuid,
+    /// What that key may do: `admin`, `write` or `read`.
+    pub role: Role,
     /// When the session ends (absent when the request used an API key).
     pub expires_at: Option<DateTime<Utc>>,
+}
+
+fn request_id(request: Option<&Extension<RequestId>>) -> Option<String> {
+    request
+        .and_then(|r| r.header_value().to_str().ok())
+        .map(str::to_owned)
 }
 
 /// The session cookie, `Secure` when the browser reached us over HTTPS: the API speaks plain
@@ -63,19 +76,22 @@ fn cookie(headers: &HeaderMap, token: String, max_age: chrono::TimeDelta) -> Coo
 pub async fn sign_in(
     State(state): State<AppState>,
     headers: HeaderMap,
+    request: Option<Extension<RequestId>>,
     JsonBody(body): JsonBody<SignIn>,
 ) -> Result<Response, Problem> {
     // Without it a cross-site form could sign a victim's browser into the attacker's tenant.
     auth::require_csrf_header(&headers)?;
-    let key: Option<(Uuid, Uuid, String)> = sqlx::query_as(
-        "SELECT k.id, k.tenant_id, t.name FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
+    let key: Option<(Uuid, Uuid, String, String)> = sqlx::query_as(
+        "SELECT k.id, k.tenant_id, t.name, k.role FROM api_keys k
+         JOIN tenants t ON t.id = k.tenant_id
          WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
     )
     .bind(hash_key(body.api_key.trim()))
     .fetch_optional(&state.pool)
     .await?;
-    let (key_id, tenant_id, tenant) =
+    let (key_id, tenant_id, tenant, role) =
         key.ok_or_else(|| Problem::unauthorized("unknown or revoked API key"))?;
+    let role = Role::parse(&role).unwrap_or(Role::Read);
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     let token = hex::encode(secret);
@@ -84,6 +100,7 @@ pub async fn sign_in(
     sqlx::query("DELETE FROM sessions WHERE expires_at < now()")
         .execute(&state.pool)
         .await?;
+    let mut tx = state.pool.begin().await?;
     sqlx::query(
         "INSERT INTO sessions (token_hash, tenant_id, api_key_id, expires_at) VALUES ($1, $2, $3, $4)",
     )
@@ -91,11 +108,26 @@ pub async fn sign_in(
     .bind(tenant_id)
     .bind(key_id)
     .bind(expires_at)
-    .execute(&state.pool)
+    .execute(&mut *tx)
     .await?;
+    // No hash of the body: it is the key itself.
+    let actor = Actor {
+        tenant: tenant_id,
+        key: Some(key_id),
+        request_id: request_id(request.as_ref()),
+    };
+    audit::record(
+        &mut *tx,
+        &actor,
+        Entry::new(Action::SessionSignIn).target(key_id),
+    )
+    .await?;
+    tx.commit().await?;
     let info = SessionInfo {
         tenant_id,
         tenant,
+        key_id,
+        role,
         expires_at: Some(expires_at),
     };
     let jar = CookieJar::new().add(cookie(&headers, token, SESSION_TTL));
@@ -106,12 +138,12 @@ pub async fn sign_in(
     responses((status = 200, body = SessionInfo, description = "who is signed in"), (status = 401, body = Problem)))]
 pub async fn current(
     State(state): State<AppState>,
-    tenant: Tenant,
+    caller: Caller,
     headers: HeaderMap,
     jar: CookieJar,
 ) -> Result<Json<SessionInfo>, Problem> {
     let name: String = sqlx::query_scalar("SELECT name FROM tenants WHERE id = $1")
-        .bind(tenant.0)
+        .bind(caller.key.tenant)
         .fetch_one(&state.pool)
         .await?;
     let expires_at = match auth::session_token(&jar) {
@@ -124,8 +156,10 @@ pub async fn current(
         _ => None,
     };
     Ok(Json(SessionInfo {
-        tenant_id: tenant.0,
+        tenant_id: caller.key.tenant,
         tenant: name,
+        key_id: caller.key.id,
+        role: caller.key.role,
         expires_at,
     }))
 }
@@ -136,15 +170,31 @@ pub async fn current(
 pub async fn sign_out(
     State(state): State<AppState>,
     headers: HeaderMap,
+    request: Option<Extension<RequestId>>,
     jar: CookieJar,
 ) -> Result<Response, Problem> {
     auth::require_csrf_header(&headers)?;
     if let Some(token) = auth::session_token(&jar) {
         let token_hash = hash_key(token);
-        sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
-            .bind(&token_hash)
-            .execute(&state.pool)
-            .await?;
+        let mut tx = state.pool.begin().await?;
+        let ended: Option<(Uuid, Uuid, bool)> = sqlx::query_as(
+            "DELETE FROM sessions WHERE token_hash = $1
+             RETURNING tenant_id, api_key_id, expires_at > now()",
+        )
+        .bind(&token_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        // Only a live session's end is a change (an ended one's row may linger until swept).
+        if let Some((tenant, key, true)) = ended {
+            let actor = Actor {
+                tenant,
+                key: Some(key),
+                request_id: request_id(request.as_ref()),
+            };
+            let entry = Entry::new(Action::SessionSignOut).target(key);
+            audit::record(&mut *tx, &actor, entry).await?;
+        }
+        tx.commit().await?;
         // The session's open event streams end, in every API process.
         revocation::invalidate(&state, Invalidation::Session(token_hash)).await;
     }

@@ -281,3 +281,15 @@ async fn upload_streams_a_file_into_a_dataset() {
         "the download is not the uploaded file"
     );
 }
+
+#[tokio::test]
+async fn whoami_shows_the_tenant_and_the_keys_role() {
+    let app = TestApp::spawn().await;
+    let shown = run(&app, &["whoami"]).await;
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    assert!(shown.stdout.contains("tenant acme"), "{}", shown.stdout);
+    assert!(shown.stdout.contains("role   admin"), "{}", shown.stdout);
+    let json = run(&app, &["whoami", "--json"]).await.json();
+    assert_eq!(json["role"], "admin");
+    assert_eq!(json["tenant_id"], app.tenant.to_string());
+}

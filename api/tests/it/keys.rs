@@ -134,14 +134,14 @@ async fn the_cli_creates_lists_rotates_and_revokes_keys() {
     assert!(ok);
     let listed = rows(&listing);
     assert_eq!(listed.len(), 2, "{listing}");
-    // The tenant's first key (the app's) is its admin key; later ones are members.
+    // The tenant's first key (the app's) is its admin key; later ones are write keys.
     assert_eq!(
         (listed[0][1].as_str(), listed[0][2].as_str()),
         (&app.key[..12], "admin")
     );
     assert_eq!(
         (listed[1][1].as_str(), listed[1][2].as_str()),
-        (&member[..12], "member")
+        (&member[..12], "write")
     );
     assert_eq!(listed[1].last().unwrap(), "ci");
     assert!(!listing.contains(&member) && !listing.contains(&app.key));
@@ -166,7 +166,7 @@ async fn the_cli_creates_lists_rotates_and_revokes_keys() {
     let new = listed.iter().find(|row| row[1] == rotated[..12]).unwrap();
     assert_eq!(
         (new[2].as_str(), new.last().unwrap().as_str()),
-        ("member", "ci")
+        ("write", "ci")
     );
 
     let (ok, _, _) = conveyor_api(&app, &["keys", "revoke", &new[0]]).await;
@@ -187,6 +187,63 @@ async fn the_cli_creates_lists_rotates_and_revokes_keys() {
     assert!(ok);
     let (status, _) = call(&app, &app.base, Method::GET, "/v1/keys", admin.trim(), None).await;
     assert_eq!(status, StatusCode::OK);
+    // `--role read` a read key; an unknown role is refused.
+    let (ok, read, stderr) = conveyor_api(
+        &app,
+        &["keys", "create", "--tenant", "acme", "--role", "read"],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let (status, session) = call(
+        &app,
+        &app.base,
+        Method::GET,
+        "/v1/session",
+        read.trim(),
+        None,
+    )
+    .await;
+    assert_eq!((status, &session["role"]), (StatusCode::OK, &json!("read")));
+    let (status, _) = call(
+        &app,
+        &app.base,
+        Method::POST,
+        "/v1/jobs",
+        read.trim(),
+        Some(json!({"kind": "canary"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (ok, _, stderr) = conveyor_api(
+        &app,
+        &["keys", "create", "--tenant", "acme", "--role", "root"],
+    )
+    .await;
+    assert!(
+        !ok && stderr.contains("not admin, write or read"),
+        "{stderr}"
+    );
+    // What the operator did is in the tenant's audit log, with no key.
+    let (_, audit) = call(&app, &app.base, Method::GET, "/v1/audit", &app.key, None).await;
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["key_id"].is_null())
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "key.create",
+            "key.create",
+            "key.revoke",
+            "key.rotate",
+            "key.create",
+            "key.create"
+        ],
+        "{audit}"
+    );
 }
 
 #[tokio::test]
@@ -205,7 +262,7 @@ async fn admin_keys_manage_their_own_tenants_keys_and_nothing_else() {
     assert_eq!(list["keys"][1]["id"], member_id.to_string());
     assert_eq!(
         (&list["keys"][1]["role"], &list["keys"][1]["name"]),
-        (&json!("member"), &json!("ci"))
+        (&json!("write"), &json!("ci"))
     );
     let (admin_id, admin) = new_key(&app, json!({"role": "admin"})).await;
     for (body, field) in [

@@ -19,6 +19,7 @@ mod limits;
 mod objects;
 mod patch;
 mod requests;
+mod roles;
 mod sse;
 mod synthesis;
 mod upload_attacks;

@@ -36,7 +36,7 @@ const COLLECTION_COLUMNS: &str = "c.*,
 
 /// A new collection, or `None` when the tenant already has one of that name.
 pub async fn create_collection(
-    pool: &PgPool,
+    pool: impl sqlx::PgExecutor<'_>,
     tenant: Uuid,
     name: &str,
     model: &str,
@@ -94,7 +94,11 @@ pub async fn list_collections(
 }
 
 /// Deletes the collection with its documents and chunks.
-pub async fn delete_collection(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
+pub async fn delete_collection(
+    pool: impl sqlx::PgExecutor<'_>,
+    tenant: Uuid,
+    id: Uuid,
+) -> sqlx::Result<bool> {
     let deleted = sqlx::query("DELETE FROM collections WHERE tenant_id = $1 AND id = $2")
         .bind(tenant)
         .bind(id)

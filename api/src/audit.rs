@@ -1,0 +1,328 @@
+//! The audit log: one append-only row per change a key makes (who, what, which target, when,
+//! the request, a hash of the request's body). A row is written in the same transaction as
+//! its change where the change is one transaction, else right after it succeeded; never for
+//! a refused request. The table refuses UPDATE, DELETE and TRUNCATE (a trigger), so nothing
+//! here, or anywhere, rewrites history. `GET /v1/audit` (admin keys) reads it.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use shared::store::Inserted;
+use sqlx::{PgExecutor, PgPool, Postgres, QueryBuilder};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::Caller;
+
+/// What a change was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    JobSubmit,
+    JobCancel,
+    JobRetry,
+    DatasetUpload,
+    DatasetDelete,
+    ConnectionCreate,
+    ConnectionDelete,
+    CollectionCreate,
+    CollectionDelete,
+    KeyCreate,
+    KeyRevoke,
+    KeyRotate,
+    SessionSignIn,
+    SessionSignOut,
+}
+
+impl Action {
+    pub const ALL: [Self; 14] = [
+        Self::JobSubmit,
+        Self::JobCancel,
+        Self::JobRetry,
+        Self::DatasetUpload,
+        Self::DatasetDelete,
+        Self::ConnectionCreate,
+        Self::ConnectionDelete,
+        Self::CollectionCreate,
+        Self::CollectionDelete,
+        Self::KeyCreate,
+        Self::KeyRevoke,
+        Self::KeyRotate,
+        Self::SessionSignIn,
+        Self::SessionSignOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::JobSubmit => "job.submit",
+            Self::JobCancel => "job.cancel",
+            Self::JobRetry => "job.retry",
+            Self::DatasetUpload => "dataset.upload",
+            Self::DatasetDelete => "dataset.delete",
+            Self::ConnectionCreate => "connection.create",
+            Self::ConnectionDelete => "connection.delete",
+            Self::CollectionCreate => "collection.create",
+            Self::CollectionDelete => "collection.delete",
+            Self::KeyCreate => "key.create",
+            Self::KeyRevoke => "key.revoke",
+            Self::KeyRotate => "key.rotate",
+            Self::SessionSignIn => "session.sign_in",
+            Self::SessionSignOut => "session.sign_out",
+        }
+    }
+
+    pub fn parse(action: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == action)
+    }
+}
+
+/// Who made a change: the tenant, its key (none for an operator's command on the server), the
+/// request (`x-request-id`).
+#[derive(Clone, Debug)]
+pub struct Actor {
+    pub tenant: Uuid,
+    pub key: Option<Uuid>,
+    pub request_id: Option<String>,
+}
+
+impl From<&Caller> for Actor {
+    fn from(caller: &Caller) -> Self {
+        Self {
+            tenant: caller.key.tenant,
+            key: Some(caller.key.id),
+            request_id: caller.request_id.clone(),
+        }
+    }
+}
+
+impl Actor {
+    /// `conveyor-api` on the server: no key, no request.
+    pub fn operator(tenant: Uuid) -> Self {
+        Self {
+            tenant,
+            key: None,
+            request_id: None,
+        }
+    }
+}
+
+/// One change, about to be recorded.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub action: Action,
+    pub target_id: Option<String>,
+    pub payload_sha256: Option<String>,
+    pub statement: Option<String>,
+    pub detail: Option<Value>,
+}
+
+impl Entry {
+    pub fn new(action: Action) -> Self {
+        Self {
+            action,
+            target_id: None,
+            payload_sha256: None,
+            statement: None,
+            detail: None,
+        }
+    }
+
+    pub fn target(mut self, id: impl ToString) -> Self {
+        self.target_id = Some(id.to_string());
+        self
+    }
+
+    /// The hex sha256 of the request body that made the change.
+    pub fn payload_sha256(mut self, sha256: impl Into<String>) -> Self {
+        self.payload_sha256 = Some(sha256.into());
+        self
+    }
+
+    pub fn detail(mut self, detail: Value) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+}
+
+/// Hex sha256 of a request body.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Records one change (pass a transaction to make it part of the change's).
+pub async fn record(db: impl PgExecutor<'_>, actor: &Actor, entry: Entry) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (tenant_id, key_id, action, target_id, request_id, payload_sha256,
+                                statement, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(actor.tenant)
+    .bind(actor.key)
+    .bind(entry.action.as_str())
+    .bind(entry.target_id)
+    .bind(&actor.request_id)
+    .bind(entry.payload_sha256)
+    .bind(entry.statement)
+    .bind(entry.detail)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Records the submission of these jobs (the ones a request created, in its order): one
+/// `job.submit` row each, with the job's kind (and, in a batch, its index) in `detail`.
+/// Patches carry their SQL statement, rollbacks the statement of the patch they undo, both
+/// read from the stored payloads in the same statement.
+pub async fn jobs_submitted(
+    db: impl PgExecutor<'_>,
+    actor: &Actor,
+    jobs: &[(Uuid, Option<usize>)],
+    payload_sha256: &str,
+) -> sqlx::Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
+    let indexes: Vec<Option<i32>> = jobs
+        .iter()
+        .map(|(_, index)| index.map(|i| i as i32))
+        .collect();
+    sqlx::query(
+        "INSERT INTO audit_log (tenant_id, key_id, action, target_id, request_id, payload_sha256,
+                                statement, detail)
+         SELECT j.tenant_id, $2, 'job.submit', j.id::text, $3, $4,
+                CASE j.kind
+                    WHEN 'patch' THEN j.payload->>'sql'
+                    WHEN 'patch_rollback' THEN
+                        (SELECT p.payload->>'sql' FROM jobs p
+                         WHERE p.tenant_id = j.tenant_id AND p.kind = 'patch'
+                           AND p.id::text = j.payload->>'patch_job_id')
+                END,
+                jsonb_strip_nulls(jsonb_build_object(
+                    'kind', j.kind, 'index', i.index,
+                    'mode', CASE WHEN j.kind = 'patch' THEN j.payload->'mode' END))
+         FROM unnest($5::uuid[], $6::int4[]) WITH ORDINALITY AS i(id, index, n)
+         JOIN jobs j ON j.id = i.id AND j.tenant_id = $1
+         ORDER BY i.n",
+    )
+    .bind(actor.tenant)
+    .bind(actor.key)
+    .bind(&actor.request_id)
+    .bind(payload_sha256)
+    .bind(ids)
+    .bind(indexes)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// After a submission's jobs are written (not in their transaction: the submit path writes
+/// and enqueues on its own): records the jobs it created, in order; a job an idempotency key
+/// found was not changed, so it gets no row. `batch`: rows name each job's index.
+pub async fn submitted(
+    pool: &PgPool,
+    caller: &Caller,
+    inserted: &[Inserted],
+    payload_sha256: &str,
+    batch: bool,
+) {
+    let jobs: Vec<(Uuid, Option<usize>)> = inserted
+        .iter()
+        .enumerate()
+        .filter(|(_, row)| row.created)
+        .map(|(i, row)| (row.job.id, batch.then_some(i)))
+        .collect();
+    if let Err(e) = jobs_submitted(pool, &Actor::from(caller), &jobs, payload_sha256).await {
+        lost(Action::JobSubmit, &e);
+    }
+}
+
+/// A change the API made but could not record: the change stands (it is committed), the
+/// failure is logged loudly. Used only where the change is not one transaction with its row.
+pub fn lost(action: Action, error: &sqlx::Error) {
+    tracing::error!(action = action.as_str(), %error, "audit row not written");
+}
+
+/// An audit row as `GET /v1/audit` shows it.
+#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct AuditEntry {
+    /// Increasing; pass the last one seen as `cursor` for older rows.
+    pub id: i64,
+    /// The key that made the change; absent for an operator's command on the server.
+    pub key_id: Option<Uuid>,
+    /// `job.submit`, `job.cancel`, `job.retry`, `dataset.upload`, `dataset.delete`,
+    /// `connection.create`, `connection.delete`, `collection.create`, `collection.delete`,
+    /// `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`, `session.sign_out`.
+    pub action: String,
+    /// The job, dataset, connection, collection, key or session (its key) changed.
+    pub target_id: Option<String>,
+    pub at: DateTime<Utc>,
+    /// The request's `x-request-id`.
+    pub request_id: Option<String>,
+    /// Hex sha256 of the request body (an upload: of the file).
+    pub payload_sha256: Option<String>,
+    /// The SQL of a patch, or of the patch a rollback undoes.
+    pub statement: Option<String>,
+    /// Per action: a job's `kind`, a key's `role`, a connection's `name`...
+    #[schema(value_type = Option<Object>)]
+    pub detail: Option<sqlx::types::Json<Value>>,
+}
+
+/// What `GET /v1/audit` filters on.
+#[derive(Default, Debug)]
+pub struct Filter {
+    pub action: Option<Action>,
+    pub key_id: Option<Uuid>,
+    pub target_id: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// Rows older than this id.
+    pub cursor: Option<i64>,
+}
+
+/// The tenant's rows, newest first.
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    tenant: Uuid,
+    filter: &Filter,
+    limit: i64,
+) -> sqlx::Result<Vec<AuditEntry>> {
+    let mut q = QueryBuilder::<Postgres>::new(
+        "SELECT id, key_id, action, target_id, at, request_id, payload_sha256, statement, detail
+         FROM audit_log WHERE tenant_id = ",
+    );
+    q.push_bind(tenant);
+    if let Some(action) = filter.action {
+        q.push(" AND action = ").push_bind(action.as_str());
+    }
+    if let Some(key) = filter.key_id {
+        q.push(" AND key_id = ").push_bind(key);
+    }
+    if let Some(target) = &filter.target_id {
+        q.push(" AND target_id = ").push_bind(target.clone());
+    }
+    if let Some(from) = filter.from {
+        q.push(" AND at >= ").push_bind(from);
+    }
+    if let Some(to) = filter.to {
+        q.push(" AND at < ").push_bind(to);
+    }
+    if let Some(cursor) = filter.cursor {
+        q.push(" AND id < ").push_bind(cursor);
+    }
+    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+    q.build_query_as().fetch_all(db).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_read_back_from_their_names() {
+        for action in Action::ALL {
+            assert_eq!(Action::parse(action.as_str()), Some(action));
+        }
+        assert_eq!(Action::parse("job.delete"), None);
+    }
+}
