@@ -199,15 +199,17 @@ impl Limits {
 
 /// What a tenant holds now, against its quotas.
 #[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
-pub struct Usage {
+pub struct TenantUsage {
     /// Jobs scheduled, queued, running or retrying.
     pub live_jobs: i64,
     pub dataset_bytes: i64,
     pub chunks: i64,
+    /// Rows written by imports that finished today (UTC).
+    pub rows_imported_today: i64,
 }
 
 impl Limits {
-    pub async fn usage(&self, tenant: Uuid) -> Result<Usage, Problem> {
+    pub async fn usage(&self, tenant: Uuid) -> Result<TenantUsage, Problem> {
         Ok(sqlx::query_as(
             "SELECT
                  (SELECT count(*) FROM jobs WHERE tenant_id = $1
@@ -215,18 +217,55 @@ impl Limits {
                  (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
                     AS dataset_bytes,
                  (SELECT count(*) FROM chunks c JOIN collections k ON k.id = c.collection_id
-                    WHERE k.tenant_id = $1) AS chunks",
+                    WHERE k.tenant_id = $1) AS chunks,
+                 (SELECT coalesce(sum(rows_written), 0)::bigint FROM job_usage
+                    WHERE tenant_id = $1 AND kind = 'import'
+                      AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                    AS rows_imported_today",
         )
         .bind(tenant)
         .fetch_one(&self.pool)
         .await?)
     }
 
-    /// 403 when `adding` jobs would take the tenant past `max_queued` jobs waiting or running.
-    /// Concurrent submissions may pass the check together, so a burst can overrun by one
+    /// 403 when the jobs of these kinds would take the tenant past a quota: `max_queued` jobs
+    /// waiting or running; for ingest jobs, `max_chunks` already stored; for imports,
+    /// `max_rows_per_day` already imported today. A job that crosses a quota while it runs
+    /// finishes (its overrun shows in the usage); the next submission is refused. Concurrent
+    /// submissions may pass the check together, so a burst can overrun `max_queued` by one
     /// request's jobs per API process.
-    pub async fn check_queued(&self, tenant: Uuid, adding: usize) -> Result<(), Problem> {
-        let Some(limit) = self.of(tenant).await?.max_queued else {
+    pub async fn check_quotas(&self, tenant: Uuid, kinds: &[&str]) -> Result<(), Problem> {
+        let limits = self.of(tenant).await?;
+        let needs = |kind: &str| kinds.contains(&kind);
+        if limits.max_chunks.is_some() && needs("ingest")
+            || limits.max_rows_per_day.is_some() && needs("import")
+        {
+            let usage = self.usage(tenant).await?;
+            if let Some(limit) = limits
+                .max_chunks
+                .filter(|&l| needs("ingest") && usage.chunks >= l)
+            {
+                return Err(over_quota(
+                    StatusCode::FORBIDDEN,
+                    "max_chunks",
+                    format!("{limit} chunks in all collections"),
+                    format!("{} stored", usage.chunks),
+                ));
+            }
+            if let Some(limit) = limits
+                .max_rows_per_day
+                .filter(|&l| needs("import") && usage.rows_imported_today >= l)
+            {
+                return Err(over_quota(
+                    StatusCode::FORBIDDEN,
+                    "max_rows_per_day",
+                    format!("{limit} rows imported a day"),
+                    format!("{} imported today (UTC)", usage.rows_imported_today),
+                ));
+            }
+        }
+        let adding = kinds.len();
+        let Some(limit) = limits.max_queued else {
             return Ok(());
         };
         let live: i64 = sqlx::query_scalar(

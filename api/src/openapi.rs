@@ -8,7 +8,7 @@ use utoipa::{
 
 use crate::routes::{
     audit, collections, connections, datasets, events, jobs, keys, ops, patches, queues, session,
-    tenant,
+    tenant, usage,
 };
 
 #[derive(OpenApi)]
@@ -22,7 +22,8 @@ use crate::routes::{
           collections::search,
           ops::healthz, ops::readyz, ops::metrics,
           queues::queues, queues::workers, session::sign_in, session::current, session::sign_out,
-          keys::list, keys::create, keys::revoke, audit::list, tenant::current),
+          keys::list, keys::create, keys::revoke, audit::list, tenant::current,
+          usage::usage),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
                         jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
@@ -44,7 +45,8 @@ use crate::routes::{
                         crate::keys::ApiKey, crate::keys::CreatedKey, crate::keys::Role,
                         audit::AuditPage, crate::audit::AuditEntry,
                         tenant::TenantView, crate::limits::TenantLimits, crate::limits::Rate,
-                        crate::limits::Usage)),
+                        crate::limits::TenantUsage, usage::UsageReport, usage::UsageGroup,
+                        shared::usage::Usage)),
     modifiers(&BearerAuth),
     security(("api_key" = []), ("session" = []))
 )]

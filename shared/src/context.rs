@@ -13,6 +13,7 @@ use crate::{
     events::{Event, EventLog, EventType},
     model::JobStatus,
     store,
+    usage::Meter,
 };
 
 /// At most one progress write per job per interval; the first and the last always go through.
@@ -40,6 +41,7 @@ struct Inner {
     /// The sequence number of the last report written. Writes hold it, so a report delayed by
     /// coalescing never lands after a newer one (streams would show progress going back).
     written: tokio::sync::Mutex<u64>,
+    meter: Arc<Meter>,
 }
 
 #[derive(Default)]
@@ -75,8 +77,32 @@ impl JobContext {
                 events,
                 progress: Mutex::new(ProgressState::default()),
                 written: tokio::sync::Mutex::new(0),
+                meter: Arc::default(),
             }),
         }
+    }
+
+    /// Counts into `meter` (the worker's, which it reads when the attempt ends).
+    pub fn with_meter(mut self, meter: Arc<Meter>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("a fresh context, not yet shared")
+            .meter = meter;
+        self
+    }
+
+    /// What this attempt used so far; handlers add their figures (rows, chunks, ...).
+    pub fn meter(&self) -> &Arc<Meter> {
+        &self.inner.meter
+    }
+
+    /// Runs CPU-bound or blocking `work` on tokio's blocking pool, its CPU time counted as the
+    /// job's.
+    pub async fn blocking<R: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, tokio::task::JoinError> {
+        let meter = self.inner.meter.clone();
+        tokio::task::spawn_blocking(move || meter.timed(work)).await
     }
 
     pub fn job_id(&self) -> Uuid {

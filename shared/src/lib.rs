@@ -17,6 +17,7 @@ pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod tenancy;
+pub mod usage;
 
 pub use context::{Cancelled, JobContext};
 pub use model::{Job, JobStatus};

@@ -28,11 +28,13 @@ pub struct Inserted {
     pub created: bool,
 }
 
-/// Writes a batch of jobs in one statement. A job whose idempotency key already exists is not
-/// written; the existing job is returned instead. Results come in input order.
+/// Writes a batch of jobs submitted with `key` in one statement. A job whose idempotency key
+/// already exists is not written; the existing job is returned instead. Results come in input
+/// order.
 pub async fn insert_jobs(
     pool: &PgPool,
     tenant: Uuid,
+    key: Uuid,
     jobs: &[NewJob],
 ) -> sqlx::Result<Vec<Inserted>> {
     let now = Utc::now();
@@ -50,8 +52,9 @@ pub async fn insert_jobs(
                  AS t(id, kind, payload, idempotency_key, priority, max_attempts, run_at, status)
          ), ins AS (
              INSERT INTO jobs (id, tenant_id, kind, status, payload, idempotency_key, priority,
-                               max_attempts, run_at)
-             SELECT id, $1, kind, status, payload, idempotency_key, priority, max_attempts, run_at
+                               max_attempts, run_at, key_id)
+             SELECT id, $1, kind, status, payload, idempotency_key, priority, max_attempts, run_at,
+                    $10
              FROM input
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING *
@@ -78,6 +81,7 @@ pub async fn insert_jobs(
             .collect::<Vec<_>>(),
     )
     .bind(status)
+    .bind(key)
     .fetch_all(pool)
     .await?;
     // Back to input order: by id for new rows, by idempotency key for existing ones.
@@ -214,6 +218,8 @@ pub struct Finish {
     pub id: Uuid,
     pub attempt: i32,
     pub outcome: Outcome,
+    /// What the attempt used, recorded in `job_usage` with the outcome.
+    pub usage: crate::usage::Usage,
 }
 
 /// Records the ends of attempts in one statement. Per item: the row after the change, or
@@ -224,7 +230,9 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
     let mut error = Vec::with_capacity(items.len());
     let mut retry_at = Vec::with_capacity(items.len());
     let mut terminal = Vec::with_capacity(items.len());
+    let mut usage = Vec::with_capacity(items.len());
     for item in items {
+        usage.push(serde_json::to_value(&item.usage).unwrap_or_default());
         let (r, e, at) = match &item.outcome {
             Outcome::Succeeded(value) => (Some(value.clone()), None, None),
             Outcome::Cancelled => (None, None, None),
@@ -237,8 +245,14 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
         error.push(e);
         retry_at.push(at);
     }
+    // The attempt's usage goes in with its outcome, only while the attempt owns the job.
     let rows: Vec<Job> = sqlx::query_as(
-        "UPDATE jobs SET
+        "WITH f AS (
+             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[],
+                                  $6::timestamptz[], $7::bool[], $8::jsonb[])
+                 AS f(id, attempt, status, result, error, retry_at, terminal, usage)
+         ), done AS (
+         UPDATE jobs SET
              status = f.status,
              result = f.result,
              error = f.error,
@@ -249,10 +263,21 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
              worker = NULL,
              finished_at = CASE WHEN f.terminal THEN now() END,
              updated_at = now()
-         FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[], $6::timestamptz[], $7::bool[])
-             AS f(id, attempt, status, result, error, retry_at, terminal)
+         FROM f
          WHERE jobs.id = f.id AND jobs.attempt = f.attempt AND jobs.status = 'running'
-         RETURNING jobs.*",
+         RETURNING jobs.*
+         ), used AS (
+             INSERT INTO job_usage (job_id, attempt, tenant_id, key_id, kind, status,
+                                    wall_seconds, cpu_seconds, rows_read, rows_written,
+                                    bytes_read, chunks_embedded, tokens_embedded, synthetic_rows)
+             SELECT d.id, f.attempt, d.tenant_id, d.key_id, d.kind, d.status, u.*
+             FROM done d JOIN f ON f.id = d.id,
+                  jsonb_to_record(f.usage) AS u(wall_seconds float8, cpu_seconds float8,
+                      rows_read int8, rows_written int8, bytes_read int8, chunks_embedded int8,
+                      tokens_embedded int8, synthetic_rows int8)
+             ON CONFLICT (job_id, attempt) DO NOTHING
+         )
+         SELECT * FROM done",
     )
     .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
     .bind(items.iter().map(|i| i.attempt).collect::<Vec<_>>())
@@ -261,6 +286,7 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
     .bind(error)
     .bind(retry_at)
     .bind(terminal)
+    .bind(usage)
     .fetch_all(pool)
     .await?;
     Ok(match_rows(items.iter().map(|i| i.id), rows))

@@ -12,6 +12,7 @@ use shared::{
     objects::ObjectStore,
     queue::Queues,
     store::{self, Outcome},
+    usage::{CpuTimed, Meter, Usage},
     Job, JobContext, JobStatus, Settings,
 };
 use sqlx::PgPool;
@@ -353,8 +354,8 @@ impl Runtime {
             .lock()
             .expect("running lock")
             .insert(job.id, running.clone());
-        let outcome = self.run_attempt(&job, &running).await;
-        self.record(&job, outcome).await;
+        let (outcome, usage) = self.run_attempt(&job, &running).await;
+        self.record(&job, outcome, usage).await;
         let mut map = self.running.lock().expect("running lock");
         map.remove(&job.id);
         if map.is_empty() {
@@ -363,7 +364,25 @@ impl Runtime {
         Ok(())
     }
 
-    async fn run_attempt(&self, job: &Job, running: &RunningJob) -> Attempt {
+    /// Runs the handler; returns how the attempt ended and what it used.
+    async fn run_attempt(&self, job: &Job, running: &RunningJob) -> (Attempt, Usage) {
+        let wall = std::time::Instant::now();
+        let meter = Arc::new(Meter::default());
+        let attempt = self.attempt(job, running, &meter).await;
+        let usage = meter.usage(wall.elapsed());
+        let attempt = match attempt {
+            // Results carry their usage, as the usage table does.
+            Attempt::Done(Outcome::Succeeded(Value::Object(mut result))) => {
+                let used = serde_json::to_value(&usage).unwrap_or_default();
+                result.insert("usage".into(), used);
+                Attempt::Done(Outcome::Succeeded(Value::Object(result)))
+            }
+            other => other,
+        };
+        (attempt, usage)
+    }
+
+    async fn attempt(&self, job: &Job, running: &RunningJob, meter: &Arc<Meter>) -> Attempt {
         let started = Event::new(
             job.id,
             &job.kind,
@@ -387,10 +406,10 @@ impl Runtime {
             running.token.clone(),
             self.pool.clone(),
             self.events.clone(),
-        );
-        let result = AssertUnwindSafe(handler.run(&ctx, job.payload.clone()))
-            .catch_unwind()
-            .await;
+        )
+        .with_meter(meter.clone());
+        let run = AssertUnwindSafe(handler.run(&ctx, job.payload.clone())).catch_unwind();
+        let result = CpuTimed::new(run, meter.clone()).await;
         ctx.flush().await;
         let stopped = running.token.is_cancelled();
         if stopped && running.interrupted.load(Ordering::SeqCst) && !matches!(result, Ok(Ok(_))) {
@@ -423,7 +442,7 @@ impl Runtime {
 
     /// Writes the outcome, retrying while PostgreSQL is unreachable: the row must not stay
     /// `running` behind a live worker's lease.
-    async fn record(&self, job: &Job, attempt: Attempt) {
+    async fn record(&self, job: &Job, attempt: Attempt, usage: Usage) {
         let mut delay = Duration::from_millis(100);
         loop {
             let written = match &attempt {
@@ -432,6 +451,7 @@ impl Runtime {
                         id: job.id,
                         attempt: job.attempt,
                         outcome: outcome.clone(),
+                        usage: usage.clone(),
                     };
                     self.finishes.call(finish).await
                 }

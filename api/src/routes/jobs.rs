@@ -87,10 +87,11 @@ fn validate(
 /// nothing: the rows are durable and the workers' dispatcher passes again.
 async fn accept(
     state: &AppState,
-    tenant: Tenant,
+    writer: &Writer,
     jobs: Vec<NewJob>,
 ) -> Result<Vec<store::Inserted>, Problem> {
-    let inserted = store::insert_jobs(&state.pool, tenant.0, &jobs).await?;
+    let tenant = writer.tenant();
+    let inserted = store::insert_jobs(&state.pool, tenant.0, writer.0.key.id, &jobs).await?;
     let created: Vec<&Job> = inserted
         .iter()
         .filter(|i| i.created)
@@ -137,12 +138,12 @@ pub async fn submit(
         Ok(headers) => headers,
         Err(refused) => return Ok(refused),
     };
-    state.limits.check_queued(tenant.0, 1).await?;
+    state.limits.check_quotas(tenant.0, &[&job.kind]).await?;
     state
         .contracts
         .preflight(&state.context, tenant.0, &valid)
         .await?;
-    let inserted = accept(&state, tenant, vec![job]).await?;
+    let inserted = accept(&state, &writer, vec![job]).await?;
     audit::submitted(&state.pool, &writer.0, &inserted, &body_sha256, false).await;
     let row = inserted
         .into_iter()
@@ -215,9 +216,10 @@ pub async fn submit_batch(
         Ok(headers) => headers,
         Err(refused) => return Ok(refused),
     };
-    state.limits.check_queued(tenant.0, jobs.len()).await?;
+    let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
+    state.limits.check_quotas(tenant.0, &kinds).await?;
     preflight_batch(&state, tenant, &valid).await?;
-    let inserted = accept(&state, tenant, jobs).await?;
+    let inserted = accept(&state, &writer, jobs).await?;
     audit::submitted(&state.pool, &writer.0, &inserted, &body_sha256, true).await;
     let jobs = inserted.into_iter().map(|i| i.job).collect();
     Ok((

@@ -19,6 +19,7 @@ pub(crate) mod patches;
 pub(crate) mod queues;
 pub(crate) mod session;
 pub(crate) mod tenant;
+pub(crate) mod usage;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -49,6 +50,7 @@ pub fn router() -> Router<AppState> {
             axum::routing::delete(connections::delete),
         )
         .route("/v1/tenant", get(tenant::current))
+        .route("/v1/usage", get(usage::usage))
         .route("/v1/queues", get(queues::queues))
         .route("/v1/workers", get(queues::workers))
         .route(

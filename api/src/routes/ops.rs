@@ -182,6 +182,8 @@ pub async fn metrics(
         &depths,
     );
 
+    tenant_usage(&state, &mut out).await?;
+
     let alive: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM workers WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1)",
     )
@@ -196,6 +198,77 @@ pub async fn metrics(
         &[("", alive as f64)],
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
+
+/// Tenants with their own usage series; the rest add up under `tenant="other"`, so a
+/// deployment of any size exports at most this many series per measure, plus one.
+const USAGE_TENANTS: i64 = 100;
+
+/// Each tenant's usage totals since records began (`job_usage`), the heaviest CPU users first.
+async fn tenant_usage(state: &AppState, out: &mut String) -> Result<(), Problem> {
+    type Row = (String, i64, f64, f64, i64, i64, i64);
+    let rows: Vec<Row> = sqlx::query_as(
+        "WITH totals AS (
+             SELECT tenant_id, count(*) AS attempts, sum(wall_seconds) AS wall,
+                    sum(cpu_seconds) AS cpu, sum(rows_written)::bigint AS rows_written,
+                    sum(chunks_embedded)::bigint AS chunks, sum(synthetic_rows)::bigint AS synthetic
+             FROM job_usage GROUP BY tenant_id
+         ), ranked AS (
+             SELECT totals.*, row_number() OVER (ORDER BY cpu DESC, tenant_id) AS rank FROM totals
+         )
+         SELECT CASE WHEN r.rank <= $1 THEN t.name ELSE 'other' END AS tenant,
+                sum(r.attempts)::bigint, sum(r.wall)::float8, sum(r.cpu)::float8,
+                sum(r.rows_written)::bigint, sum(r.chunks)::bigint, sum(r.synthetic)::bigint
+         FROM ranked r JOIN tenants t ON t.id = r.tenant_id
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(USAGE_TENANTS)
+    .fetch_all(&state.pool)
+    .await?;
+    let label = |name: &str| {
+        format!(
+            "tenant=\"{}\"",
+            name.replace('\\', "\\\\").replace('"', "\\\"")
+        )
+    };
+    type Series = (&'static str, &'static str, fn(&Row) -> f64);
+    let series: [Series; 6] = [
+        (
+            "conveyor_tenant_attempts_total",
+            "job attempts ended",
+            |r| r.1 as f64,
+        ),
+        (
+            "conveyor_tenant_wall_seconds_total",
+            "wall time of those attempts",
+            |r| r.2,
+        ),
+        (
+            "conveyor_tenant_cpu_seconds_total",
+            "CPU time of those attempts' own work",
+            |r| r.3,
+        ),
+        (
+            "conveyor_tenant_rows_written_total",
+            "rows imported, patched or restored",
+            |r| r.4 as f64,
+        ),
+        (
+            "conveyor_tenant_chunks_embedded_total",
+            "chunks embedded by ingest",
+            |r| r.5 as f64,
+        ),
+        (
+            "conveyor_tenant_synthetic_rows_total",
+            "synthetic rows generated",
+            |r| r.6 as f64,
+        ),
+    ];
+    for (name, help, value) in series {
+        let rows: Vec<_> = rows.iter().map(|r| (label(&r.0), value(r))).collect();
+        labelled(out, name, "counter", help, &rows);
+    }
+    Ok(())
 }
 
 fn gauge(out: &mut String, name: &str, kind: &str, help: &str, values: &[(&str, f64)]) {

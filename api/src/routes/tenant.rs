@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::{
     auth::Tenant,
-    limits::{TenantLimits, Usage},
+    limits::{TenantLimits, TenantUsage},
     AppState,
 };
 
@@ -17,7 +17,7 @@ pub struct TenantView {
     pub id: Uuid,
     pub name: String,
     pub limits: TenantLimits,
-    pub usage: Usage,
+    pub usage: TenantUsage,
 }
 
 #[utoipa::path(get, path = "/v1/tenant", tag = "tenant",

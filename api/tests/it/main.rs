@@ -23,3 +23,4 @@ mod roles;
 mod sse;
 mod synthesis;
 mod upload_attacks;
+mod usage;

@@ -6,7 +6,9 @@
 use serde_json::{json, Value};
 use shared::{
     connections::{Target, TargetError},
-    datasets, JobContext,
+    datasets,
+    usage::Meter,
+    JobContext,
 };
 use sqlx::{postgres::PgPoolCopyExt, PgPool};
 use std::{borrow::Cow, path::PathBuf, sync::atomic::Ordering, time::Instant};
@@ -279,15 +281,18 @@ async fn import(
     let (format, compression) = (dataset.format, dataset.compression);
     let open_path = path.clone();
     let limits = services.limits;
+    let meter = ctx.meter().clone();
     let opened = tokio::task::spawn_blocking(move || {
-        source::open(
-            &open_path,
-            format,
-            compression,
-            &csv_settings,
-            &known,
-            &limits,
-        )
+        meter.timed(|| {
+            source::open(
+                &open_path,
+                format,
+                compression,
+                &csv_settings,
+                &known,
+                &limits,
+            )
+        })
     })
     .await
     .map_err(|e| JobError::Retryable(e.to_string()))?
@@ -358,6 +363,10 @@ async fn import(
         .map(|p| json!({"name": p.name, "type": p.ty.sql()}))
         .collect();
     let seconds = started.elapsed().as_secs_f64();
+    let meter = ctx.meter();
+    Meter::add(&meter.rows_read, summary.rows_read as i64);
+    Meter::add(&meter.rows_written, imported as i64);
+    Meter::add(&meter.bytes_read, dataset.size_bytes);
     let mut result = json!({
         "table": format!("{schema}.{table}"),
         "mode": payload.mode,
@@ -428,8 +437,9 @@ async fn copy_checked(
     let (tx, mut rx) = mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
     let reader_plan = plan.to_vec();
     let reader_rejected = rejected_path.clone();
+    let meter = ctx.meter().clone();
     let reader = tokio::task::spawn_blocking(move || {
-        read_rows(opened, reader_plan, rules, tx, reader_rejected)
+        meter.timed(|| read_rows(opened, reader_plan, rules, tx, reader_rejected))
     });
 
     // The COPY side.

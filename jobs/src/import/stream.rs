@@ -72,23 +72,26 @@ pub async fn copy(
     let framing = Framing::CopyCsv {
         quote: payload.csv.quote.as_bytes()[0],
     };
+    let meter = ctx.meter().clone();
     let reader = tokio::task::spawn_blocking(move || {
-        let mut file = match source::open_raw(&path, compression, counter, &limits, framing) {
-            Ok(file) => file,
-            Err(e) => return drop(tx.blocking_send(Err(e))),
-        };
-        loop {
-            let mut message = vec![0u8; MESSAGE];
-            let filled = match fill(&mut file, &mut message) {
-                Ok(0) => return,
-                Ok(n) => n,
+        meter.timed(|| {
+            let mut file = match source::open_raw(&path, compression, counter, &limits, framing) {
+                Ok(file) => file,
                 Err(e) => return drop(tx.blocking_send(Err(e))),
             };
-            message.truncate(filled);
-            if tx.blocking_send(Ok(message)).is_err() {
-                return; // the copy stopped
+            loop {
+                let mut message = vec![0u8; MESSAGE];
+                let filled = match fill(&mut file, &mut message) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) => return drop(tx.blocking_send(Err(e))),
+                };
+                message.truncate(filled);
+                if tx.blocking_send(Ok(message)).is_err() {
+                    return; // the copy stopped
+                }
             }
-        }
+        })
     });
     let mut sink = target.copy_in_raw(&copy_sql).await.map_err(copy_error)?;
     let total = size.max(1) as f32;

@@ -15,9 +15,8 @@ pub use contracts::ingest::{
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use shared::JobContext;
+use shared::{usage::Meter, JobContext};
 use std::{collections::HashMap, sync::Arc, time::Instant};
-use uuid::Uuid;
 
 use self::{
     chunk::Chunking,
@@ -63,11 +62,13 @@ impl IngestHandler {
     /// still take (they are all held in memory), less what this one took.
     async fn read(
         &self,
-        tenant: Uuid,
+        ctx: &JobContext,
         source: &DocumentSource,
         budget: &mut u64,
     ) -> Result<Vec<Document>, JobError> {
+        let tenant = ctx.tenant_id();
         if let Some(text) = &source.text {
+            Meter::add(&ctx.meter().bytes_read, text.len() as i64);
             let id = source.id.clone().unwrap_or_default();
             let text = match source.format {
                 Some(DocFormat::Html) => extract::html_to_text(text),
@@ -119,20 +120,22 @@ impl IngestHandler {
         };
         let record = limits.record();
         let compression = dataset.compression;
-        let bytes = tokio::task::spawn_blocking(move || {
-            let reader = import::source::open_decompressed(&path, compression)?;
-            match framing {
-                Some(framing) => read_capped(RecordCapped::new(reader, framing, record), cap),
-                None => read_capped(reader, cap),
-            }
-        })
-        .await
-        .map_err(|e| JobError::Permanent(e.to_string()))?
-        .map_err(|e| match CapExceeded::in_io(&e) {
-            Some(cap) => JobError::Permanent(format!("dataset {dataset_id}: {cap}")),
-            None => JobError::Permanent(format!("dataset {dataset_id}: {e}")),
-        })?;
+        let bytes = ctx
+            .blocking(move || {
+                let reader = import::source::open_decompressed(&path, compression)?;
+                match framing {
+                    Some(framing) => read_capped(RecordCapped::new(reader, framing, record), cap),
+                    None => read_capped(reader, cap),
+                }
+            })
+            .await
+            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(|e| match CapExceeded::in_io(&e) {
+                Some(cap) => JobError::Permanent(format!("dataset {dataset_id}: {cap}")),
+                None => JobError::Permanent(format!("dataset {dataset_id}: {e}")),
+            })?;
         *budget -= bytes.len() as u64;
+        Meter::add(&ctx.meter().bytes_read, bytes.len() as i64);
         let failed = |e: String| {
             JobError::Permanent(format!("dataset {} ({}): {e}", dataset.name, dataset_id))
         };
@@ -151,7 +154,7 @@ impl IngestHandler {
         } else {
             let text_field = source.text_field.clone().unwrap_or_else(|| "text".into());
             let id_field = source.id_field.clone();
-            tokio::task::spawn_blocking(move || {
+            ctx.blocking(move || {
                 let fields = RecordFields {
                     text: &text_field,
                     id: id_field.as_deref(),
@@ -224,7 +227,7 @@ impl Handler for IngestHandler {
         let mut documents: Vec<Document> = Vec::new();
         let mut budget = self.services.limits.in_memory;
         for source in &payload.documents {
-            documents.extend(self.read(ctx.tenant_id(), source, &mut budget).await?);
+            documents.extend(self.read(ctx, source, &mut budget).await?);
         }
         let mut last = HashMap::new();
         for (i, doc) in documents.iter().enumerate() {
@@ -258,23 +261,26 @@ impl Handler for IngestHandler {
             overlap: collection.overlap as usize,
         };
         let splitter = embedder.clone();
-        let documents = tokio::task::spawn_blocking(move || {
-            documents
-                .into_iter()
-                .map(|(doc, hash)| {
-                    let chunks = chunk::split(splitter.counter(), &doc.text, chunking)?;
-                    Ok((
-                        doc,
-                        hash,
-                        chunks.into_iter().map(|c| c.text).collect::<Vec<_>>(),
-                    ))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()
-        })
-        .await
-        .map_err(|e| JobError::Permanent(e.to_string()))?
-        .map_err(|e| JobError::Permanent(e.to_string()))?;
-        let total_chunks: usize = documents.iter().map(|(_, _, chunks)| chunks.len()).sum();
+        let documents = ctx
+            .blocking(move || {
+                documents
+                    .into_iter()
+                    .map(|(doc, hash)| {
+                        let chunks = chunk::split(splitter.counter(), &doc.text, chunking)?;
+                        let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+                        Ok((
+                            doc,
+                            hash,
+                            chunks.into_iter().map(|c| c.text).collect::<Vec<_>>(),
+                            tokens,
+                        ))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .await
+            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(|e| JobError::Permanent(e.to_string()))?;
+        let total_chunks: usize = documents.iter().map(|(_, _, chunks, _)| chunks.len()).sum();
         ctx.progress(0.0, format!("0/{total_chunks} chunks embedded"))
             .await;
 
@@ -284,7 +290,7 @@ impl Handler for IngestHandler {
             ctx.checkpoint()?;
             let mut group = Vec::new();
             let mut size = 0;
-            while let Some((_, _, chunks)) = rest.peek() {
+            while let Some((_, _, chunks, _)) = rest.peek() {
                 if !group.is_empty() && size + chunks.len() > GROUP_CHUNKS {
                     break;
                 }
@@ -292,18 +298,20 @@ impl Handler for IngestHandler {
                 group.push(rest.next().expect("peeked"));
             }
             let model = embedder.clone();
-            let texts: Vec<String> = group.iter().flat_map(|(_, _, c)| c.clone()).collect();
-            let mut vectors = tokio::task::spawn_blocking(move || {
-                let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
-                model.embed(&texts)
-            })
-            .await
-            .map_err(|e| JobError::Permanent(e.to_string()))?
-            .map_err(|e| JobError::Permanent(e.to_string()))?
-            .into_iter();
+            let texts: Vec<String> = group.iter().flat_map(|(_, _, c, _)| c.clone()).collect();
+            let tokens: usize = group.iter().map(|(_, _, _, t)| t).sum();
+            let mut vectors = ctx
+                .blocking(move || {
+                    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    model.embed(&texts)
+                })
+                .await
+                .map_err(|e| JobError::Permanent(e.to_string()))?
+                .map_err(|e| JobError::Permanent(e.to_string()))?
+                .into_iter();
             let indexed: Vec<store::IndexedDocument> = group
                 .into_iter()
-                .map(|(doc, hash, chunks)| store::IndexedDocument {
+                .map(|(doc, hash, chunks, _)| store::IndexedDocument {
                     vectors: vectors.by_ref().take(chunks.len()).collect(),
                     id: doc.id,
                     content_hash: hash,
@@ -317,6 +325,8 @@ impl Handler for IngestHandler {
                 .await
                 .map_err(retryable)?;
             embedded += size;
+            Meter::add(&ctx.meter().chunks_embedded, size as i64);
+            Meter::add(&ctx.meter().tokens_embedded, tokens as i64);
             ctx.progress(
                 embedded as f32 / total_chunks.max(1) as f32,
                 format!("{embedded}/{total_chunks} chunks embedded"),

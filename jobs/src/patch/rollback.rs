@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use contracts::patch::{locate, PatchRollback, RollbackPayload};
 use serde_json::{json, Value};
-use shared::{connections::Target, JobContext};
+use shared::{connections::Target, usage::Meter, JobContext};
 use sqlx::Row;
 use std::{
     sync::Arc,
@@ -142,6 +142,7 @@ impl Restore<'_> {
                         retries = 0;
                         skipped += seen - restored;
                         self.record.rows_restored += restored;
+                        Meter::add(&self.ctx.meter().rows_written, restored);
                         self.record.rollback_key = Some(key);
                         size = next_batch_size(size, elapsed, TARGET_BATCH);
                         let done = self.record.rows_restored + skipped;

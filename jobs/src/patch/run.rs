@@ -1,7 +1,7 @@
 //! Running a patch: the dry run, and the batched execute with snapshots and checkpoints.
 
 use serde_json::{json, Map, Value};
-use shared::{connections::Target, JobContext};
+use shared::{connections::Target, usage::Meter, JobContext};
 use sqlx::{PgPool, Row};
 use std::time::{Duration, Instant};
 
@@ -432,6 +432,7 @@ impl Execution<'_> {
             "preflight": assessment,
         });
         if let Some(attempt) = this_attempt {
+            Meter::add(&self.ctx.meter().rows_written, attempt.rows);
             let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
             let extra = json!({
                 "attempt_rows": attempt.rows,

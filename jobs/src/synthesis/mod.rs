@@ -16,7 +16,7 @@ pub mod tvae;
 use async_trait::async_trait;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::{json, Value};
-use shared::{datasets, Cancelled, JobContext};
+use shared::{datasets, usage::Meter, Cancelled, JobContext};
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
 pub use contracts::synthesis::{
@@ -343,14 +343,21 @@ impl Handler for SynthesisHandler {
         let parquet = payload.output_format == OutputFormat::Parquet;
         let scratch = output.clone();
         let cap = self.services.limits.held();
-        let work = tokio::task::spawn_blocking(move || -> Result<Value, JobError> {
-            let input = table::read(&path, dataset.format, dataset.compression, cap)
-                .map_err(|e| JobError::Permanent(format!("reading the dataset: {e}")))?;
-            let synthesis = synthesize(&input, &payload, seed, &monitor)?;
-            monitor.stage(0.95, "writing");
-            table::write(&synthesis.table, &scratch, parquet)
-                .map_err(|e| JobError::Retryable(format!("writing the synthetic table: {e}")))?;
-            Ok(synthesis.report)
+        let meter = ctx.meter().clone();
+        Meter::add(&meter.bytes_read, dataset.size_bytes);
+        let work = tokio::task::spawn_blocking(move || {
+            meter.timed(|| -> Result<Value, JobError> {
+                let input = table::read(&path, dataset.format, dataset.compression, cap)
+                    .map_err(|e| JobError::Permanent(format!("reading the dataset: {e}")))?;
+                Meter::add(&meter.rows_read, input.rows() as i64);
+                let synthesis = synthesize(&input, &payload, seed, &monitor)?;
+                monitor.stage(0.95, "writing");
+                table::write(&synthesis.table, &scratch, parquet).map_err(|e| {
+                    JobError::Retryable(format!("writing the synthetic table: {e}"))
+                })?;
+                Meter::add(&meter.synthetic_rows, synthesis.table.rows() as i64);
+                Ok(synthesis.report)
+            })
         });
         // The channel closes when the pipeline is done and drops its monitor.
         while let Some(note) = inbox.recv().await {

@@ -1,0 +1,189 @@
+//! Usage accounting: each job's result carries what it used, `GET /v1/usage` sums the same
+//! figures by kind, day and key, `/metrics` has per-tenant totals, and the quotas on what jobs
+//! produce (rows imported a day, chunks stored) refuse the next submission.
+
+use crate::harness::TestApp;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::Duration;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+async fn run(app: &TestApp, key: &str, kind: &str, payload: Value) -> Value {
+    let (status, job) = app
+        .post_as(key, "/v1/jobs", &json!({"kind": kind, "payload": payload}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    job
+}
+
+const MEASURES: [&str; 8] = [
+    "wall_seconds",
+    "cpu_seconds",
+    "rows_read",
+    "rows_written",
+    "bytes_read",
+    "chunks_embedded",
+    "tokens_embedded",
+    "synthetic_rows",
+];
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-6 * a.abs().max(1.0)
+}
+
+#[tokio::test]
+async fn usage_sums_equal_the_jobs_own_figures_and_quotas_on_output_refuse() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("canary", 2), ("import", 1), ("ingest", 1)])
+        .await;
+    let (_, second_key) = app.tenant_key("acme").await;
+    let admin = app.key.clone();
+
+    let csv = "id,name\n".to_owned() + &(0..250).map(|i| format!("{i},n{i}\n")).collect::<String>();
+    let dataset = app.upload_dataset("people.csv", csv.as_bytes()).await;
+    let import = json!({"dataset_id": dataset, "target": {"table": "people"}});
+    let collection = {
+        let (status, c) = app.post("/v1/collections", &json!({"name": "notes"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{c}");
+        c["id"].as_str().unwrap().to_owned()
+    };
+    let ingest = json!({"collection_id": collection, "documents": [
+        {"id": "a", "text": "The rover landed in Jezero crater."},
+        {"id": "b", "text": "Synthetic data keeps the statistics and drops the people."}]});
+
+    let jobs = vec![
+        run(&app, &admin, "canary", json!({"steps": 3, "step_ms": 20})).await,
+        run(&app, &second_key, "canary", json!({"steps": 2})).await,
+        run(&app, &admin, "import", import.clone()).await,
+        run(&app, &second_key, "ingest", ingest).await,
+    ];
+    for job in &jobs {
+        let usage = &job["result"]["usage"];
+        assert!(usage["wall_seconds"].as_f64().unwrap() > 0.0, "{job}");
+        assert!(
+            usage["cpu_seconds"].as_f64().unwrap() > 0.0,
+            "never empty: {job}"
+        );
+    }
+    let import_usage = &jobs[2]["result"]["usage"];
+    assert_eq!(import_usage["rows_written"], 250, "{import_usage}");
+    assert_eq!(import_usage["rows_read"], 250);
+    assert_eq!(import_usage["bytes_read"], csv.len());
+    let ingest_usage = &jobs[3]["result"]["usage"];
+    assert_eq!(ingest_usage["chunks_embedded"], 2, "{ingest_usage}");
+    assert!(
+        ingest_usage["tokens_embedded"].as_i64().unwrap() >= 10,
+        "{ingest_usage}"
+    );
+
+    // The sums, by kind, equal the jobs' own figures.
+    let (status, report) = app.get("/v1/usage?group_by=kind").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let groups = report["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 3, "{report}");
+    for group in groups {
+        let kind = group["group"].as_str().unwrap();
+        let own: Vec<&Value> = jobs.iter().filter(|j| j["kind"] == kind).collect();
+        assert_eq!(group["attempts"], own.len(), "{kind}");
+        for measure in MEASURES {
+            let sum: f64 = own
+                .iter()
+                .map(|j| j["result"]["usage"][measure].as_f64().unwrap())
+                .sum();
+            assert!(
+                close(group[measure].as_f64().unwrap(), sum),
+                "{kind} {measure}: {} vs {sum}",
+                group[measure]
+            );
+        }
+    }
+    // By key: each key its own jobs; by day: one day; the total: all four.
+    let (_, by_key) = app.get("/v1/usage?group_by=key").await;
+    let attempts: Vec<i64> = by_key["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["attempts"].as_i64().unwrap())
+        .collect();
+    assert_eq!(attempts.iter().sum::<i64>(), 4);
+    assert_eq!(attempts.len(), 2, "{by_key}");
+    let (_, by_day) = app.get("/v1/usage?group_by=day").await;
+    assert_eq!(by_day["groups"].as_array().unwrap().len(), 1, "{by_day}");
+    let (_, total) = app.get("/v1/usage").await;
+    assert_eq!(total["groups"][0]["attempts"], 4, "{total}");
+    assert_eq!(total["groups"][0]["rows_written"], 250);
+    // Bad parameters name their field; another tenant sees none of it.
+    for (query, field) in [("group_by=tenant", "group_by"), ("from=yesterday", "from")] {
+        let (status, problem) = app.get(&format!("/v1/usage?{query}")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+        assert_eq!(problem["errors"][0]["field"], field);
+    }
+    let stranger = app.key_for("umbrella").await;
+    let response = app
+        .client
+        .get(app.url("/v1/usage"))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .unwrap();
+    let theirs: Value = response.json().await.unwrap();
+    assert_eq!(theirs["groups"][0]["attempts"], 0, "{theirs}");
+
+    // /metrics: the tenant's totals.
+    let metrics = app.metrics().await;
+    let cpu_line = metrics
+        .lines()
+        .find(|l| l.starts_with("conveyor_tenant_cpu_seconds_total{tenant=\"acme\"}"))
+        .unwrap_or_else(|| panic!("no per-tenant CPU series:\n{metrics}"));
+    let cpu: f64 = cpu_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(close(
+        cpu,
+        total["groups"][0]["cpu_seconds"].as_f64().unwrap()
+    ));
+    assert!(metrics.contains("conveyor_tenant_rows_written_total{tenant=\"acme\"} 250"));
+
+    // Quotas on what jobs produce: used up, the next submission is refused, nothing written.
+    let (ok, _, stderr) = app
+        .conveyor_api(&[
+            "tenants",
+            "set-limits",
+            "acme",
+            "--max-rows-per-day",
+            "250",
+            "--max-chunks",
+            "2",
+        ])
+        .await;
+    assert!(ok, "{stderr}");
+    tokio::time::sleep(Duration::from_secs(6)).await; // the API's limits cache
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    let (status, problem) = app
+        .post("/v1/jobs", &json!({"kind": "import", "payload": import}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "quota.max_rows_per_day");
+    let more = json!({"collection_id": collection, "documents": [{"id": "c", "text": "more"}]});
+    let (status, problem) = app
+        .post("/v1/jobs", &json!({"kind": "ingest", "payload": more}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "quota.max_chunks");
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(before, after);
+    // Other kinds still go.
+    run(&app, &admin, "canary", json!({"steps": 1})).await;
+    let (_, tenant) = app.get("/v1/tenant").await;
+    assert_eq!(tenant["usage"]["rows_imported_today"], 250, "{tenant}");
+    assert_eq!(tenant["usage"]["chunks"], 2);
+}
