@@ -216,6 +216,30 @@ pub async fn jobs_submitted(
     Ok(())
 }
 
+/// Records the same change to many jobs (a bulk cancel or retry): one row each, `detail`
+/// alike on all.
+pub async fn jobs_changed(
+    db: impl PgExecutor<'_>,
+    actor: &Actor,
+    action: Action,
+    jobs: &[Uuid],
+    detail: Value,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (tenant_id, key_id, action, target_id, request_id, detail)
+         SELECT $1, $2, $3, id::text, $4, $5 FROM unnest($6::uuid[]) AS id",
+    )
+    .bind(actor.tenant)
+    .bind(actor.key)
+    .bind(action.as_str())
+    .bind(&actor.request_id)
+    .bind(detail)
+    .bind(jobs)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 /// After a submission's jobs are written (not in their transaction: the submit path writes
 /// and enqueues on its own): records the jobs it created, in order; a job an idempotency key
 /// found was not changed, so it gets no row. `batch`: rows name each job's index.

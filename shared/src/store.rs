@@ -348,6 +348,70 @@ pub async fn retry(
     .await
 }
 
+/// Which of a tenant's jobs a bulk action takes: by status and kind, oldest first.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub statuses: Vec<JobStatus>,
+    pub kind: Option<String>,
+}
+
+/// [`request_cancel`] for up to `limit` of the tenant's live jobs matching `filter`.
+pub async fn cancel_matching(
+    db: impl sqlx::PgExecutor<'_>,
+    tenant: Uuid,
+    filter: &JobFilter,
+    limit: i64,
+) -> sqlx::Result<Vec<Job>> {
+    let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+    sqlx::query_as(
+        "UPDATE jobs SET
+             status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
+             cancel_requested = (status = 'running'),
+             finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END,
+             updated_at = now()
+         WHERE id IN (
+             SELECT id FROM jobs
+             WHERE tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
+               AND status IN ('scheduled', 'queued', 'retrying', 'running') AND NOT cancel_requested
+             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+         RETURNING *",
+    )
+    .bind(tenant)
+    .bind(statuses)
+    .bind(&filter.kind)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// [`retry`] for up to `limit` of the tenant's failed or cancelled jobs matching `filter`.
+pub async fn retry_matching(
+    db: impl sqlx::PgExecutor<'_>,
+    tenant: Uuid,
+    filter: &JobFilter,
+    limit: i64,
+) -> sqlx::Result<Vec<Job>> {
+    let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+    sqlx::query_as(
+        "UPDATE jobs SET status = 'queued', dispatched = false,
+             max_attempts = attempt + max_attempts, cancel_requested = false, result = NULL,
+             error = NULL, progress = 0, message = NULL, finished_at = NULL, run_at = now(),
+             updated_at = now()
+         WHERE id IN (
+             SELECT id FROM jobs
+             WHERE tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
+               AND status IN ('failed', 'cancelled')
+             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+         RETURNING *",
+    )
+    .bind(tenant)
+    .bind(statuses)
+    .bind(&filter.kind)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
 /// Ids of this worker's running jobs that were asked to stop.
 pub async fn cancel_requests(pool: &PgPool, worker: &str) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar(

@@ -7,6 +7,7 @@ use axum::{
 use crate::AppState;
 
 pub(crate) mod audit;
+pub(crate) mod bulk;
 pub(crate) mod collections;
 pub(crate) mod connections;
 pub(crate) mod dashboard;
@@ -25,6 +26,8 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
+        .route("/v1/jobs/cancel", post(bulk::cancel))
+        .route("/v1/jobs/retry", post(bulk::retry))
         .route("/v1/jobs/{id}", get(jobs::get_one))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))

@@ -5,6 +5,7 @@ mod harness;
 
 mod attacks;
 mod browser;
+mod bulk;
 mod cli;
 mod connection_attacks;
 mod dashboard;

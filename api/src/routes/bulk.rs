@@ -1,0 +1,176 @@
+//! Bulk actions: cancel or retry every job of the tenant matching a filter, up to 10,000 per
+//! request (`more` says whether to send it again).
+
+use axum::{extract::State, Json};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use shared::{
+    events::{Event, EventType},
+    store::{self, JobFilter},
+    FieldError, Job, JobStatus, Problem,
+};
+use std::collections::BTreeSet;
+use utoipa::ToSchema;
+
+use crate::{
+    audit::{self, Action, Actor},
+    auth::Writer,
+    extract::JsonBody,
+    AppState,
+};
+
+/// Most jobs one bulk request changes.
+const MAX_BULK: i64 = 10_000;
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkFilter {
+    /// Statuses to take; default: every status the action applies to.
+    #[serde(default)]
+    pub status: Vec<JobStatus>,
+    pub kind: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct BulkResult {
+    /// Jobs changed by this request.
+    pub count: usize,
+    /// Whether the request changed as many as one request may: send it again for the rest.
+    pub more: bool,
+}
+
+/// The filter, its statuses limited to those `allowed` (422 naming `status` otherwise).
+fn filter(state: &AppState, body: BulkFilter, allowed: &[JobStatus]) -> Result<JobFilter, Problem> {
+    let mut errors = Vec::new();
+    for status in &body.status {
+        if !allowed.contains(status) {
+            errors.push(FieldError::new(
+                "status",
+                format!("{status} jobs cannot be taken by this action"),
+            ));
+        }
+    }
+    if let Some(kind) = &body.kind {
+        if !state.contracts.kinds().any(|k| k == kind) {
+            errors.push(FieldError::new("kind", format!("unknown kind {kind:?}")));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    Ok(JobFilter {
+        statuses: if body.status.is_empty() {
+            allowed.to_vec()
+        } else {
+            body.status
+        },
+        kind: body.kind,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/jobs/cancel", tag = "jobs", request_body = BulkFilter,
+    responses((status = 200, body = BulkResult), (status = 422, body = Problem)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    writer: Writer,
+    JsonBody(body): JsonBody<BulkFilter>,
+) -> Result<Json<BulkResult>, Problem> {
+    use JobStatus::*;
+    let filter = filter(&state, body, &[Scheduled, Queued, Retrying, Running])?;
+    let tenant = writer.tenant().0;
+    let mut tx = state.pool.begin().await?;
+    let jobs = store::cancel_matching(&mut *tx, tenant, &filter, MAX_BULK).await?;
+    let (jobs, more) = trim(jobs);
+    let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
+    let detail = json!({"bulk": true});
+    audit::jobs_changed(
+        &mut *tx,
+        &Actor::from(&writer.0),
+        Action::JobCancel,
+        &ids,
+        detail,
+    )
+    .await?;
+    tx.commit().await?;
+    let (stopped, running): (Vec<&Job>, Vec<&Job>) = jobs
+        .iter()
+        .partition(|j| j.status() == JobStatus::Cancelled);
+    let events: Vec<_> = stopped
+        .iter()
+        .map(|j| {
+            let event = Event::new(j.id, &j.kind, EventType::Cancelled, j.status(), j.progress);
+            (tenant, event)
+        })
+        .collect();
+    if let Err(e) = state.events.append(&events).await {
+        tracing::warn!(error = %e, "cancel events not appended");
+    }
+    for job in running {
+        if let Err(e) = state.queues.announce_cancel(job.id).await {
+            // Its worker's next heartbeat still sees the request.
+            tracing::warn!(error = %e, "cancel not announced");
+            break;
+        }
+    }
+    // Cancelled jobs may have held places in their queues' windows.
+    for kind in kinds(&stopped) {
+        state.refill.request(kind);
+    }
+    Ok(Json(BulkResult {
+        count: jobs.len(),
+        more,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/jobs/retry", tag = "jobs", request_body = BulkFilter,
+    responses((status = 200, body = BulkResult), (status = 422, body = Problem)))]
+pub async fn retry(
+    State(state): State<AppState>,
+    writer: Writer,
+    JsonBody(body): JsonBody<BulkFilter>,
+) -> Result<Json<BulkResult>, Problem> {
+    let filter = filter(&state, body, &[JobStatus::Failed, JobStatus::Cancelled])?;
+    let tenant = writer.tenant().0;
+    let mut tx = state.pool.begin().await?;
+    let jobs = store::retry_matching(&mut *tx, tenant, &filter, MAX_BULK).await?;
+    let (jobs, more) = trim(jobs);
+    let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
+    let detail = json!({"bulk": true});
+    audit::jobs_changed(
+        &mut *tx,
+        &Actor::from(&writer.0),
+        Action::JobRetry,
+        &ids,
+        detail,
+    )
+    .await?;
+    tx.commit().await?;
+    let events: Vec<_> = jobs
+        .iter()
+        .map(|j| {
+            let event = Event::new(j.id, &j.kind, EventType::Queued, JobStatus::Queued, 0.0)
+                .message(Some("retried".into()));
+            (tenant, event)
+        })
+        .collect();
+    if let Err(e) = state.events.append(&events).await {
+        tracing::warn!(error = %e, "retry events not appended");
+    }
+    for kind in kinds(&jobs.iter().collect::<Vec<_>>()) {
+        state.refill.request(kind);
+    }
+    Ok(Json(BulkResult {
+        count: jobs.len(),
+        more,
+    }))
+}
+
+/// A request that changed its limit's worth may have left some: send it again.
+fn trim(jobs: Vec<Job>) -> (Vec<Job>, bool) {
+    let more = jobs.len() as i64 >= MAX_BULK;
+    (jobs, more)
+}
+
+fn kinds<'a>(jobs: &[&'a Job]) -> BTreeSet<&'a str> {
+    jobs.iter().map(|j| j.kind.as_str()).collect()
+}

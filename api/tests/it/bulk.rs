@@ -1,0 +1,75 @@
+//! Bulk cancel and retry: every job of the tenant matching the filter, announced and audited,
+//! another tenant's untouched.
+
+use crate::harness::TestApp;
+use reqwest::StatusCode;
+use serde_json::json;
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(app.pool()).await.unwrap()
+}
+
+#[tokio::test]
+async fn bulk_cancel_and_retry_take_the_matching_jobs_of_the_tenant_only() {
+    let app = TestApp::spawn().await;
+    let other = app.key_for("umbrella").await;
+    let canary = json!({"kind": "canary", "payload": {"steps": 1}});
+    let later =
+        json!({"kind": "canary", "payload": {"steps": 1}, "run_at": "2099-01-01T00:00:00Z"});
+    for _ in 0..5 {
+        assert_eq!(app.post("/v1/jobs", &canary).await.0, StatusCode::ACCEPTED);
+        assert_eq!(
+            app.post_as(&other, "/v1/jobs", &canary).await.0,
+            StatusCode::ACCEPTED
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(app.post("/v1/jobs", &later).await.0, StatusCode::ACCEPTED);
+    }
+
+    // Only the queued ones of this tenant.
+    let (status, result) = app
+        .post(
+            "/v1/jobs/cancel",
+            &json!({"status": ["queued"], "kind": "canary"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    assert_eq!(result, json!({"count": 5, "more": false}));
+    let tenant = app.tenant;
+    let mine = |status: &str| {
+        format!("SELECT count(*) FROM jobs WHERE tenant_id = '{tenant}' AND status = '{status}'")
+    };
+    assert_eq!(count(&app, &mine("cancelled")).await, 5);
+    assert_eq!(count(&app, &mine("scheduled")).await, 2);
+    let theirs =
+        format!("SELECT count(*) FROM jobs WHERE tenant_id <> '{tenant}' AND status = 'queued'");
+    assert_eq!(
+        count(&app, &theirs).await,
+        5,
+        "the other tenant's jobs are untouched"
+    );
+    let audited = format!(
+        "SELECT count(*) FROM audit_log WHERE tenant_id = '{tenant}' AND action = 'job.cancel'"
+    );
+    assert_eq!(count(&app, &audited).await, 5, "one audit row per job");
+
+    // Retry takes failed or cancelled jobs only; refusals name the field.
+    let (status, problem) = app
+        .post("/v1/jobs/retry", &json!({"status": ["running"]}))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "status");
+    let (status, problem) = app.post("/v1/jobs/cancel", &json!({"kind": "nope"})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "kind");
+    let (status, result) = app.post("/v1/jobs/retry", &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    assert_eq!(result["count"], 5);
+    assert_eq!(count(&app, &mine("queued")).await, 5);
+
+    // Without a filter, cancel takes every live job: the scheduled ones too.
+    let (_, result) = app.post("/v1/jobs/cancel", &json!({})).await;
+    assert_eq!(result["count"], 7);
+    assert_eq!(count(&app, &theirs).await, 5);
+}
