@@ -21,6 +21,7 @@ pub enum Action {
     JobSubmit,
     JobCancel,
     JobRetry,
+    JobDelete,
     DatasetUpload,
     DatasetDelete,
     ConnectionCreate,
@@ -35,10 +36,11 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::JobSubmit,
         Self::JobCancel,
         Self::JobRetry,
+        Self::JobDelete,
         Self::DatasetUpload,
         Self::DatasetDelete,
         Self::ConnectionCreate,
@@ -57,6 +59,7 @@ impl Action {
             Self::JobSubmit => "job.submit",
             Self::JobCancel => "job.cancel",
             Self::JobRetry => "job.retry",
+            Self::JobDelete => "job.delete",
             Self::DatasetUpload => "dataset.upload",
             Self::DatasetDelete => "dataset.delete",
             Self::ConnectionCreate => "connection.create",

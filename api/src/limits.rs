@@ -34,6 +34,8 @@ pub struct TenantLimits {
     pub max_dataset_bytes: Option<i64>,
     pub max_chunks: Option<i64>,
     pub max_rows_per_day: Option<i64>,
+    /// Days finished jobs are kept (0: forever); null: the deployment's setting.
+    pub job_retention_days: Option<i32>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, ToSchema)]
@@ -52,6 +54,7 @@ struct Row {
     max_dataset_bytes: Option<i64>,
     max_chunks: Option<i64>,
     max_rows_per_day: Option<i64>,
+    job_retention_days: Option<i32>,
 }
 
 /// Reads tenants' limits (cached for a few seconds: a change reaches every API process within
@@ -115,6 +118,7 @@ impl Limits {
                 max_dataset_bytes: None,
                 max_chunks: None,
                 max_rows_per_day: None,
+                job_retention_days: None,
             });
         };
         let max_running = row
@@ -145,6 +149,7 @@ impl Limits {
             max_dataset_bytes: row.max_dataset_bytes,
             max_chunks: row.max_chunks,
             max_rows_per_day: row.max_rows_per_day,
+            job_retention_days: row.job_retention_days,
         })
     }
 
@@ -393,6 +398,7 @@ pub struct LimitChange {
     pub max_dataset_bytes: Option<Option<i64>>,
     pub max_chunks: Option<Option<i64>>,
     pub max_rows_per_day: Option<Option<i64>>,
+    pub job_retention_days: Option<Option<i32>>,
 }
 
 /// Applies `change` to the tenant's row (made if missing), in one statement.
@@ -415,6 +421,10 @@ pub async fn set_limits(pool: &PgPool, tenant: Uuid, change: &LimitChange) -> sq
     let (bytes_set, bytes) = opt(change.max_dataset_bytes);
     let (chunks_set, chunks) = opt(change.max_chunks);
     let (rows_set, rows) = opt(change.max_rows_per_day);
+    let (retention_set, retention) = (
+        change.job_retention_days.is_some(),
+        change.job_retention_days.flatten(),
+    );
     sqlx::query(
         "INSERT INTO tenant_limits AS l (tenant_id) VALUES ($1) ON CONFLICT (tenant_id) DO NOTHING",
     )
@@ -431,6 +441,7 @@ pub async fn set_limits(pool: &PgPool, tenant: Uuid, change: &LimitChange) -> sq
              max_dataset_bytes = CASE WHEN $10 THEN $11 ELSE max_dataset_bytes END,
              max_chunks = CASE WHEN $12 THEN $13 ELSE max_chunks END,
              max_rows_per_day = CASE WHEN $14 THEN $15 ELSE max_rows_per_day END,
+             job_retention_days = CASE WHEN $16 THEN $17 ELSE job_retention_days END,
              updated_at = now()
          WHERE tenant_id = $1",
     )
@@ -449,6 +460,8 @@ pub async fn set_limits(pool: &PgPool, tenant: Uuid, change: &LimitChange) -> sq
     .bind(chunks)
     .bind(rows_set)
     .bind(rows)
+    .bind(retention_set)
+    .bind(retention)
     .execute(pool)
     .await?;
     Ok(())

@@ -62,6 +62,9 @@ enum TenantsCommand {
         /// Rows imported per UTC day (`none`: no quota).
         #[arg(long)]
         max_rows_per_day: Option<String>,
+        /// Days finished jobs are kept (`0`: forever; `none`: CONVEYOR_JOB_RETENTION_DAYS).
+        #[arg(long)]
+        job_retention_days: Option<String>,
     },
     /// Print a tenant's limits (as `GET /v1/tenant` shows them).
     Show { tenant: String },
@@ -215,6 +218,7 @@ async fn tenants_command(
             max_dataset_bytes,
             max_chunks,
             max_rows_per_day,
+            job_retention_days,
         } => {
             let id = tenant_id(tenant).await?;
             let quota = |flag: &str, raw: Option<String>| -> anyhow::Result<Option<Option<i64>>> {
@@ -243,6 +247,8 @@ async fn tenants_command(
                 max_dataset_bytes: quota("max-dataset-bytes", max_dataset_bytes)?,
                 max_chunks: quota("max-chunks", max_chunks)?,
                 max_rows_per_day: quota("max-rows-per-day", max_rows_per_day)?,
+                job_retention_days: quota("job-retention-days", job_retention_days)?
+                    .map(|days| days.map(|d| d.min(i32::MAX as i64) as i32)),
                 ..Default::default()
             };
             anyhow::ensure!(

@@ -14,7 +14,7 @@ use crate::routes::{
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Conveyor", description = "Job queue for heavy data and ML work"),
-    paths(jobs::submit, jobs::submit_batch, jobs::get_one, jobs::list, jobs::cancel, jobs::retry,
+    paths(jobs::submit, jobs::submit_batch, jobs::get_one, jobs::list, jobs::cancel, jobs::retry, jobs::delete,
           jobs::artifact, events::job_events, events::tenant_events,
           datasets::upload, datasets::list, datasets::get_one, datasets::download, datasets::delete,
           connections::create, connections::list, connections::delete, patches::preflight,

@@ -176,8 +176,11 @@ impl Dispatcher {
         let chosen = fair_share(&mut shares, free as usize);
         let ids: Vec<Uuid> = chosen.iter().map(|m| m.job_id).collect();
         let marked: Vec<Uuid> = sqlx::query_scalar(
+            // Locked in id order, as bulk actions lock: the two never deadlock.
             "UPDATE jobs SET dispatched = true, updated_at = now()
-             WHERE id = ANY($1) AND status = 'queued' AND NOT dispatched RETURNING id",
+             WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE)
+               AND status = 'queued' AND NOT dispatched
+             RETURNING id",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)

@@ -348,6 +348,23 @@ pub async fn retry(
     .await
 }
 
+/// Deletes one finished job of the tenant; `None` if it does not exist or is not finished.
+pub async fn delete_job(
+    db: impl sqlx::PgExecutor<'_>,
+    tenant: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        "DELETE FROM jobs WHERE id = $1 AND tenant_id = $2
+           AND status IN ('succeeded', 'failed', 'cancelled')
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(db)
+    .await
+}
+
 /// Which of a tenant's jobs a bulk action takes: by status and kind, oldest first.
 #[derive(Clone, Debug, Default)]
 pub struct JobFilter {
@@ -355,7 +372,8 @@ pub struct JobFilter {
     pub kind: Option<String>,
 }
 
-/// [`request_cancel`] for up to `limit` of the tenant's live jobs matching `filter`.
+/// [`request_cancel`] for up to `limit` of the tenant's live jobs matching `filter`. Rows are
+/// locked in id order (as dispatch passes lock them), waiting for a pass that holds some.
 pub async fn cancel_matching(
     db: impl sqlx::PgExecutor<'_>,
     tenant: Uuid,
@@ -373,7 +391,7 @@ pub async fn cancel_matching(
              SELECT id FROM jobs
              WHERE tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
                AND status IN ('scheduled', 'queued', 'retrying', 'running') AND NOT cancel_requested
-             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+             ORDER BY id LIMIT $4 FOR UPDATE)
          RETURNING *",
     )
     .bind(tenant)
@@ -401,7 +419,7 @@ pub async fn retry_matching(
              SELECT id FROM jobs
              WHERE tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
                AND status IN ('failed', 'cancelled')
-             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+             ORDER BY id LIMIT $4 FOR UPDATE)
          RETURNING *",
     )
     .bind(tenant)
@@ -578,27 +596,33 @@ pub struct Deleted {
     pub tenant_id: Uuid,
 }
 
-/// Deletes up to `limit` finished jobs (succeeded, failed, cancelled) that finished more than
-/// `retention` ago; a `patch` job only once `patch_retention` (its snapshot's) has passed too,
+/// Deletes up to `limit` finished jobs (succeeded, failed, cancelled) past their tenant's
+/// retention (`tenant_limits.job_retention_days`, 0 forever), else past `retention` (`None`:
+/// forever); a `patch` job only once `snapshot_retention` (its snapshot's) has passed too,
 /// since `patch_rollback` reads the patch's row. Live jobs are never touched, and a job retried
 /// meanwhile is skipped (its row is locked, or no longer finished).
 pub async fn delete_finished(
     executor: impl sqlx::PgExecutor<'_>,
-    retention: std::time::Duration,
-    patch_retention: std::time::Duration,
+    retention: Option<std::time::Duration>,
+    snapshot_retention: std::time::Duration,
     limit: i64,
 ) -> sqlx::Result<Vec<Deleted>> {
     sqlx::query_as(
         "DELETE FROM jobs WHERE id IN (
-             SELECT id FROM jobs
-             WHERE finished_at < now() - make_interval(secs => $1)
-               AND status IN ('succeeded', 'failed', 'cancelled')
-               AND (kind <> 'patch' OR finished_at < now() - make_interval(secs => $2))
-             ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+             SELECT j.id FROM jobs j LEFT JOIN tenant_limits l ON l.tenant_id = j.tenant_id
+             WHERE j.finished_at IS NOT NULL
+               AND j.status IN ('succeeded', 'failed', 'cancelled')
+               AND CASE WHEN l.job_retention_days IS NOT NULL
+                        THEN l.job_retention_days > 0
+                             AND j.finished_at < now() - make_interval(days => l.job_retention_days)
+                        ELSE $1::float8 IS NOT NULL
+                             AND j.finished_at < now() - make_interval(secs => $1::float8) END
+               AND (j.kind <> 'patch' OR j.finished_at < now() - make_interval(secs => $2))
+             ORDER BY j.finished_at LIMIT $3 FOR UPDATE OF j SKIP LOCKED)
          RETURNING id, tenant_id",
     )
-    .bind(retention.as_secs_f64())
-    .bind(patch_retention.as_secs_f64())
+    .bind(retention.map(|r| r.as_secs_f64()))
+    .bind(snapshot_retention.as_secs_f64())
     .bind(limit)
     .fetch_all(executor)
     .await

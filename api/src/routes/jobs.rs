@@ -425,6 +425,42 @@ pub async fn retry(
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 204, description = "deleted with its artifacts and events"),
+              (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    writer: Writer,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    let tenant = writer.tenant();
+    let id = parse_id(&id)?;
+    let mut tx = state.pool.begin().await?;
+    let Some(job) = store::delete_job(&mut *tx, tenant.0, id).await? else {
+        drop(tx);
+        return Err(match store::get_job(&state.pool, tenant.0, id).await? {
+            Some(job) => Problem::conflict(format!(
+                "only finished jobs can be deleted; this one is {} (cancel it first)",
+                job.status()
+            )),
+            None => Problem::not_found("job"),
+        });
+    };
+    let entry = Entry::new(Action::JobDelete).target(job.id);
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    // The row goes only once its artifacts are gone: never objects without an owner.
+    state
+        .objects
+        .delete_artifacts(job.id)
+        .await
+        .map_err(Problem::internal)?;
+    tx.commit().await?;
+    if let Err(e) = state.events.forget_jobs(&[(tenant.0, job.id)]).await {
+        tracing::debug!(error = %e, "the deleted job's event stream is left to expire");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub(crate) fn parse_id(id: &str) -> Result<Uuid, Problem> {
     // A malformed id cannot name any job: answer as for an unknown one.
     Uuid::parse_str(id).map_err(|_| Problem::not_found("job"))

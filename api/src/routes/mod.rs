@@ -28,7 +28,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/batch", post(jobs::submit_batch))
         .route("/v1/jobs/cancel", post(bulk::cancel))
         .route("/v1/jobs/retry", post(bulk::retry))
-        .route("/v1/jobs/{id}", get(jobs::get_one))
+        .route("/v1/jobs/{id}", get(jobs::get_one).delete(jobs::delete))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
         .route("/v1/jobs/{id}/artifacts/{name}", get(jobs::artifact))

@@ -73,3 +73,61 @@ async fn bulk_cancel_and_retry_take_the_matching_jobs_of_the_tenant_only() {
     assert_eq!(result["count"], 7);
     assert_eq!(count(&app, &theirs).await, 5);
 }
+
+/// `DELETE /v1/jobs/{id}`: a finished job goes with its artifacts and is audited; a live one
+/// is 409, another tenant's 404, and neither changes.
+#[tokio::test]
+async fn a_finished_job_is_deleted_with_its_artifacts_and_a_live_one_is_not() {
+    let app = TestApp::spawn().await;
+    let other = app.key_for("umbrella").await;
+    let canary = json!({"kind": "canary", "payload": {"steps": 1}});
+    let (_, live) = app.post("/v1/jobs", &canary).await;
+    let (_, done) = app.post("/v1/jobs", &canary).await;
+    let (live, done) = (live["id"].as_str().unwrap(), done["id"].as_str().unwrap());
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{done}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let objects = &app.server.as_ref().unwrap().state.objects;
+    let done_id: uuid::Uuid = done.parse().unwrap();
+    objects
+        .put_artifact(done_id, "report.json", b"{}")
+        .await
+        .unwrap();
+
+    assert_eq!(
+        app.delete(&format!("/v1/jobs/{live}")).await,
+        StatusCode::CONFLICT
+    );
+    let foreign = app
+        .client
+        .delete(app.url(&format!("/v1/jobs/{done}")))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), StatusCode::NOT_FOUND);
+    assert_eq!(count(&app, "SELECT count(*) FROM jobs").await, 2);
+
+    assert_eq!(
+        app.delete(&format!("/v1/jobs/{done}")).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{done}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert!(objects
+        .read_artifact(done_id, "report.json")
+        .await
+        .unwrap()
+        .is_none());
+    let audited = format!(
+        "SELECT count(*) FROM audit_log WHERE action = 'job.delete' AND target_id = '{done}'"
+    );
+    assert_eq!(count(&app, &audited).await, 1);
+    assert_eq!(
+        app.delete(&format!("/v1/jobs/{done}")).await,
+        StatusCode::NOT_FOUND
+    );
+}

@@ -1,5 +1,6 @@
-//! Finished jobs (succeeded, failed, cancelled) older than `CONVEYOR_JOB_RETENTION_DAYS`:
-//! deleted with their artifacts and event streams. Live jobs are never touched.
+//! Finished jobs (succeeded, failed, cancelled) older than their tenant's retention, else
+//! `CONVEYOR_JOB_RETENTION_DAYS`: deleted with their artifacts and event streams. Live jobs
+//! are never touched.
 //!
 //! What refers to a job: its artifacts (`artifacts/<job>/` in the object store), its event
 //! stream in Redis (which expires by itself after `CONVEYOR_EVENTS_TTL_SECS`), `documents.job_id`
@@ -17,7 +18,7 @@ use crate::Runtime;
 
 pub(crate) struct Retention {
     pub schedule: Schedule,
-    /// `None`: keep finished jobs forever.
+    /// `None`: keep finished jobs forever (unless their tenant's retention says otherwise).
     pub retention: Option<Duration>,
     /// How long a patch's snapshot lives: its job is kept at least this long.
     pub snapshot_retention: Duration,
@@ -42,12 +43,15 @@ impl Retention {
 
     /// One batch: the rows are deleted in a transaction that commits only once their artifacts
     /// are gone, so a failure leaves rows (deleted again next time), never unowned objects.
-    async fn delete_batch(&self, runtime: &Runtime, retention: Duration) -> anyhow::Result<usize> {
+    async fn delete_batch(&self, runtime: &Runtime) -> anyhow::Result<usize> {
         let mut tx = runtime.pool().begin().await?;
-        let patch_retention = retention.max(self.snapshot_retention);
-        let deleted =
-            store::delete_finished(&mut *tx, retention, patch_retention, self.schedule.batch)
-                .await?;
+        let deleted = store::delete_finished(
+            &mut *tx,
+            self.retention,
+            self.snapshot_retention,
+            self.schedule.batch,
+        )
+        .await?;
         for jobs in deleted.chunks(DELETIONS) {
             let objects = runtime.objects();
             futures::future::try_join_all(jobs.iter().map(|job| objects.delete_artifacts(job.id)))
@@ -70,13 +74,7 @@ impl Duty for Retention {
     }
 
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
-        let Some(retention) = self.retention else {
-            return Ok(0);
-        };
-        drain(self.schedule.batch, || {
-            self.delete_batch(runtime, retention)
-        })
-        .await
+        drain(self.schedule.batch, || self.delete_batch(runtime)).await
     }
 }
 
@@ -175,6 +173,81 @@ mod tests {
         assert_eq!(test.events(recent).await, ["succeeded"]);
         // Nothing left to delete.
         assert_eq!(retention.run(&test.runtime).await.unwrap(), 0);
+    }
+
+    /// A tenant's own retention wins over the deployment's, both ways: shorter, longer, and
+    /// 0 (forever) while the deployment deletes.
+    #[tokio::test]
+    async fn a_tenants_own_retention_overrides_the_deployments() {
+        let test = TestDb::with(jobs::Registry::default(), |settings| {
+            settings.job_retention = Some(Duration::from_secs(10 * DAY));
+        })
+        .await;
+        let (brief, keeper) = (test.other_tenant().await, test.other_tenant().await);
+        for (tenant, days) in [(brief, 1), (keeper, 0)] {
+            sqlx::query(
+                "INSERT INTO tenant_limits (tenant_id, job_retention_days) VALUES ($1, $2)",
+            )
+            .bind(tenant)
+            .bind(days)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        }
+        let aged = |tenant: Uuid, days: u32| {
+            let test = &test;
+            async move {
+                let id = test.held("canary", tenant).await;
+                test.set(
+                    id,
+                    &format!("status = 'succeeded', finished_at = now() - interval '{days} days'"),
+                )
+                .await;
+                id
+            }
+        };
+        let brief_old = aged(brief, 2).await;
+        let brief_new = aged(brief, 0).await;
+        let kept_forever = aged(keeper, 400).await;
+        let default_young = aged(test.tenant, 5).await;
+        let default_old = aged(test.tenant, 11).await;
+
+        let deleted = Retention::new(test.runtime.settings())
+            .run(&test.runtime)
+            .await
+            .unwrap();
+
+        assert_eq!(deleted, 2);
+        for id in [brief_old, default_old] {
+            assert_eq!(test.status(id).await, None, "{id} kept");
+        }
+        for id in [brief_new, kept_forever, default_young] {
+            assert!(test.status(id).await.is_some(), "{id} deleted");
+        }
+
+        // The deployment keeping everything does not stop a tenant's own retention.
+        let test_forever = TestDb::with(jobs::Registry::default(), |settings| {
+            settings.job_retention = None;
+        })
+        .await;
+        let brief = test_forever.other_tenant().await;
+        sqlx::query("INSERT INTO tenant_limits (tenant_id, job_retention_days) VALUES ($1, 1)")
+            .bind(brief)
+            .execute(test_forever.pool())
+            .await
+            .unwrap();
+        let old = test_forever.held("canary", brief).await;
+        test_forever
+            .set(
+                old,
+                "status = 'succeeded', finished_at = now() - interval '3 days'",
+            )
+            .await;
+        let deleted = Retention::new(test_forever.runtime.settings())
+            .run(&test_forever.runtime)
+            .await
+            .unwrap();
+        assert_eq!(deleted, 1);
     }
 
     #[tokio::test]
