@@ -585,3 +585,56 @@ async fn synthesis_refuses_bad_payloads() {
     let (status, body) = submit(&app, json!({"dataset_id": dataset, "rows": 10})).await;
     assert_eq!(status, 202, "{body}");
 }
+
+/// The synthetic table is a dataset of the tenant's (`outputs.dataset_id`): an import reads it
+/// straight into a table, with no download; a retried attempt would keep one dataset (its id
+/// derives from the job's).
+#[tokio::test]
+async fn the_synthetic_table_is_a_dataset_an_import_reads() {
+    let mut app = app_with_worker().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let source = app
+        .upload_dataset("customers.csv", mixed_csv(400, 3).as_bytes())
+        .await;
+    let (job, result) = synthesize(
+        &app,
+        json!({"dataset_id": source, "rows": 300, "seed": 1, "output_format": "csv"}),
+    )
+    .await;
+    let dataset = result["outputs"]["dataset_id"].as_str().unwrap().to_owned();
+    let (status, listed) = app.get(&format!("/v1/datasets/{dataset}")).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["format"], "csv");
+    let columns: Vec<&str> = listed["schema"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        columns,
+        ["id", "serial", "x", "y", "band", "flag", "visits"]
+    );
+    let bytes = std::fs::read(artifact(&app, job, "synthetic.csv")).unwrap();
+    assert_eq!(listed["size_bytes"], bytes.len(), "the artifact's bytes");
+
+    let (status, import) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": {"dataset_id": dataset, "target": {"table": "synthetic"}}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{import}");
+    let id: Uuid = import["id"].as_str().unwrap().parse().unwrap();
+    let import = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(import["status"], "succeeded", "{import}");
+    let admin = sqlx::PgPool::connect(&app.target_admin_url())
+        .await
+        .unwrap();
+    let schema = shared::tenancy::schema(app.tenant);
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {schema}.synthetic"))
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(rows, 300);
+}

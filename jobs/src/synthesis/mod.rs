@@ -381,6 +381,7 @@ impl Handler for SynthesisHandler {
         } else {
             "synthetic.csv"
         };
+        let dataset_id = self.register_dataset(ctx, &output, name, parquet).await?;
         let size = objects
             .put_artifact_file(&output, ctx.job_id(), name)
             .await
@@ -400,8 +401,89 @@ impl Handler for SynthesisHandler {
         ctx.progress(1.0, "done".to_owned()).await;
         Ok(json!({
             "artifacts": [artifact(name, size), artifact("report.json", report_size)],
+            "outputs": {"dataset_id": dataset_id},
             "report": report,
         }))
+    }
+}
+
+impl SynthesisHandler {
+    /// Registers the synthetic table as a dataset of the tenant (`outputs.dataset_id`), so an
+    /// import or another synthesis reads it with no download. Its id derives from the job's,
+    /// so a retried attempt replaces the file and keeps one dataset.
+    async fn register_dataset(
+        &self,
+        ctx: &JobContext,
+        output: &std::path::Path,
+        name: &str,
+        parquet: bool,
+    ) -> Result<uuid::Uuid, JobError> {
+        use sha2::{Digest, Sha256};
+        let objects = &self.services.objects;
+        let failed =
+            |e: String| JobError::Retryable(format!("registering the synthetic dataset: {e}"));
+        let copy = objects
+            .scratch_path()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        tokio::fs::copy(output, &copy)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let format = if parquet {
+            datasets::Format::Parquet
+        } else {
+            datasets::Format::Csv
+        };
+        let path = copy.clone();
+        let inspected = ctx
+            .blocking(move || -> Result<_, String> {
+                let (schema, preview) =
+                    crate::import::inspect(&path, format, datasets::Compression::None)?;
+                let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+                Ok((
+                    schema,
+                    preview,
+                    bytes.len(),
+                    hex::encode(Sha256::digest(&bytes)),
+                ))
+            })
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let (schema, preview, size, sha256) = match inspected {
+            Ok(inspected) => inspected,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&copy).await;
+                return Err(failed(e));
+            }
+        };
+        let id = uuid::Uuid::new_v5(&ctx.job_id(), b"synthetic dataset");
+        let dataset = datasets::Dataset {
+            id,
+            tenant_id: ctx.tenant_id(),
+            name: format!("{}-{name}", ctx.job_id().simple()),
+            format,
+            compression: datasets::Compression::None,
+            size_bytes: size as i64,
+            sha256,
+            schema: sqlx::types::Json(schema),
+            preview: sqlx::types::Json(preview),
+            created_at: chrono::Utc::now(),
+        };
+        objects
+            .put_dataset(&copy, ctx.tenant_id(), id)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let pool = &self.services.pool;
+        if datasets::get(pool, ctx.tenant_id(), id)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .is_none()
+        {
+            datasets::insert(pool, &dataset)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+        }
+        Ok(id)
     }
 }
 
