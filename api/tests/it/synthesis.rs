@@ -206,7 +206,7 @@ async fn synthesis_copula_reproduces_marginals_and_correlations_and_never_copies
         .iter()
         .map(|a| a["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["synthetic.csv", "report.json"]);
+    assert_eq!(names, ["synthetic.csv", "report.json", "report.html"]);
     let (status, stored) = app
         .get(&format!("/v1/jobs/{job}/artifacts/report.json"))
         .await;
@@ -617,6 +617,23 @@ async fn the_synthetic_table_is_a_dataset_an_import_reads() {
     );
     let bytes = std::fs::read(artifact(&app, job, "synthetic.csv")).unwrap();
     assert_eq!(listed["size_bytes"], bytes.len(), "the artifact's bytes");
+
+    // The visual report: a chart for every learned column, drawn from report.json's figures.
+    let page = std::fs::read_to_string(artifact(&app, job, "report.html")).unwrap();
+    let distributions = result["report"]["distributions"].as_array().unwrap();
+    assert!(distributions.len() >= 5, "{distributions:?}");
+    assert_eq!(
+        page.matches("<figure data-column=").count(),
+        distributions.len()
+    );
+    for d in distributions {
+        assert!(page.contains(&format!(
+            "data-column=\"{}\"",
+            d["column"].as_str().unwrap()
+        )));
+    }
+    let overall = result["report"]["quality"]["overall"].as_f64().unwrap();
+    assert!(page.contains(&format!("Overall: {:.1} %", overall * 100.0)));
 
     let (status, import) = app
         .post(

@@ -12,6 +12,7 @@ pub mod profile;
 pub mod stats;
 pub mod table;
 pub mod tvae;
+pub mod visual;
 
 use async_trait::async_trait;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -164,6 +165,7 @@ pub fn synthesize(
             "generated": rows,
         },
         "columns": profiles.iter().map(column_report).collect::<Vec<_>>(),
+        "distributions": visual::distributions(&train, &synthetic, &roles),
         "quality": quality,
         "privacy": {
             "dcr_synthetic_to_train": privacy.dcr_synthetic_to_train,
@@ -391,6 +393,11 @@ impl Handler for SynthesisHandler {
             .put_artifact(ctx.job_id(), "report.json", &report_bytes)
             .await
             .map_err(|e| JobError::Retryable(format!("publishing report.json: {e}")))?;
+        let page = visual::html(&report);
+        let page_size = objects
+            .put_artifact(ctx.job_id(), "report.html", page.as_bytes())
+            .await
+            .map_err(|e| JobError::Retryable(format!("publishing report.html: {e}")))?;
         let artifact = |name: &str, size: u64| {
             json!({
                 "name": name,
@@ -400,7 +407,11 @@ impl Handler for SynthesisHandler {
         };
         ctx.progress(1.0, "done".to_owned()).await;
         Ok(json!({
-            "artifacts": [artifact(name, size), artifact("report.json", report_size)],
+            "artifacts": [
+                artifact(name, size),
+                artifact("report.json", report_size),
+                artifact("report.html", page_size),
+            ],
             "outputs": {"dataset_id": dataset_id},
             "report": report,
         }))
