@@ -32,10 +32,14 @@ pub enum Action {
     KeyRotate,
     SessionSignIn,
     SessionSignOut,
+    ScheduleCreate,
+    SchedulePause,
+    ScheduleResume,
+    ScheduleDelete,
 }
 
 impl Action {
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 18] = [
         Self::JobSubmit,
         Self::JobCancel,
         Self::JobRetry,
@@ -50,6 +54,10 @@ impl Action {
         Self::KeyRotate,
         Self::SessionSignIn,
         Self::SessionSignOut,
+        Self::ScheduleCreate,
+        Self::SchedulePause,
+        Self::ScheduleResume,
+        Self::ScheduleDelete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +76,10 @@ impl Action {
             Self::KeyRotate => "key.rotate",
             Self::SessionSignIn => "session.sign_in",
             Self::SessionSignOut => "session.sign_out",
+            Self::ScheduleCreate => "schedule.create",
+            Self::SchedulePause => "schedule.pause",
+            Self::ScheduleResume => "schedule.resume",
+            Self::ScheduleDelete => "schedule.delete",
         }
     }
 
@@ -252,7 +264,8 @@ pub struct AuditEntry {
     pub key_id: Option<Uuid>,
     /// `job.submit`, `job.cancel`, `job.retry`, `dataset.upload`, `dataset.delete`,
     /// `connection.create`, `connection.delete`, `collection.create`, `collection.delete`,
-    /// `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`, `session.sign_out`.
+    /// `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`, `session.sign_out`,
+    /// `schedule.create`, `schedule.pause`, `schedule.resume`, `schedule.delete`.
     pub action: String,
     /// The job, dataset, connection, collection, key or session (its key) changed.
     pub target_id: Option<String>,
