@@ -128,6 +128,21 @@ async fn schedules_are_created_listed_paused_resumed_and_deleted() {
         StatusCode::NOT_FOUND
     );
 
+    let (_, spec) = app.get("/openapi.json").await;
+    for path in [
+        "/v1/schedules",
+        "/v1/schedules/{id}",
+        "/v1/schedules/{id}/pause",
+        "/v1/schedules/{id}/resume",
+        "/v1/schedules/{id}/jobs",
+    ] {
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} not in the OpenAPI document"
+        );
+    }
+    assert!(spec["components"]["schemas"]["Schedule"].is_object());
+
     // Each change is in the audit log, with the key that made it.
     let actions: Vec<String> = sqlx::query_scalar(
         "SELECT action FROM audit_log WHERE target_id = $1 AND key_id IS NOT NULL ORDER BY id",
