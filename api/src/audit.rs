@@ -33,10 +33,14 @@ pub enum Action {
     KeyRotate,
     SessionSignIn,
     SessionSignOut,
+    ScheduleCreate,
+    SchedulePause,
+    ScheduleResume,
+    ScheduleDelete,
 }
 
 impl Action {
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 19] = [
         Self::JobSubmit,
         Self::JobCancel,
         Self::JobRetry,
@@ -52,6 +56,10 @@ impl Action {
         Self::KeyRotate,
         Self::SessionSignIn,
         Self::SessionSignOut,
+        Self::ScheduleCreate,
+        Self::SchedulePause,
+        Self::ScheduleResume,
+        Self::ScheduleDelete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +79,10 @@ impl Action {
             Self::KeyRotate => "key.rotate",
             Self::SessionSignIn => "session.sign_in",
             Self::SessionSignOut => "session.sign_out",
+            Self::ScheduleCreate => "schedule.create",
+            Self::SchedulePause => "schedule.pause",
+            Self::ScheduleResume => "schedule.resume",
+            Self::ScheduleDelete => "schedule.delete",
         }
     }
 
@@ -279,7 +291,8 @@ pub struct AuditEntry {
     pub key_id: Option<Uuid>,
     /// `job.submit`, `job.cancel`, `job.retry`, `dataset.upload`, `dataset.delete`,
     /// `connection.create`, `connection.delete`, `collection.create`, `collection.delete`,
-    /// `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`, `session.sign_out`.
+    /// `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`, `session.sign_out`,
+    /// `schedule.create`, `schedule.pause`, `schedule.resume`, `schedule.delete`.
     pub action: String,
     /// The job, dataset, connection, collection, key or session (its key) changed.
     pub target_id: Option<String>,

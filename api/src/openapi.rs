@@ -8,7 +8,7 @@ use utoipa::{
 
 use crate::routes::{
     audit, bulk, collections, connections, datasets, events, jobs, keys, ops, patches, queues,
-    session, tenant, usage,
+    schedules, session, tenant, usage,
 };
 
 #[derive(OpenApi)]
@@ -23,7 +23,9 @@ use crate::routes::{
           ops::healthz, ops::readyz, ops::metrics,
           queues::queues, queues::workers, session::sign_in, session::current, session::sign_out,
           keys::list, keys::create, keys::revoke, audit::list, tenant::current,
-          usage::usage, bulk::cancel, bulk::retry),
+          usage::usage, bulk::cancel, bulk::retry, schedules::create, schedules::list,
+          schedules::get_one, schedules::pause, schedules::resume, schedules::delete,
+          schedules::history),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
                         jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
@@ -46,7 +48,10 @@ use crate::routes::{
                         audit::AuditPage, crate::audit::AuditEntry,
                         tenant::TenantView, crate::limits::TenantLimits, crate::limits::Rate,
                         crate::limits::TenantUsage, usage::UsageReport, usage::UsageGroup,
-                        shared::usage::Usage, bulk::BulkFilter, bulk::BulkResult)),
+                        shared::usage::Usage, bulk::BulkFilter, bulk::BulkResult,
+                        schedules::CreateSchedule, schedules::ScheduleList,
+                        shared::schedules::Schedule, shared::schedules::ScheduledJob,
+                        shared::schedules::Overlap, shared::schedules::Misfire)),
     modifiers(&BearerAuth),
     security(("api_key" = []), ("session" = []))
 )]

@@ -83,6 +83,61 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Cron schedules that enqueue a job at each firing.
+    Schedules {
+        #[command(subcommand)]
+        action: ScheduleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// List the tenant's schedules with their next firing.
+    List,
+    /// Create a schedule; prints it with its next firings.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// 5 fields (`*/5 * * * *`), 6 with seconds first, or `@hourly`, `@daily`, ...
+        #[arg(long)]
+        cron: String,
+        /// IANA time zone the expression is read in.
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+        /// The job kind each firing enqueues, e.g. `canary`.
+        #[arg(long)]
+        kind: String,
+        /// The job's payload: inline JSON, a file holding it, or `-` for standard input.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        #[arg(long)]
+        priority: Option<i16>,
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// While the previous job is live: skip, queue or allow.
+        #[arg(long, default_value = "skip")]
+        overlap: String,
+        /// After downtime: run_once or skip.
+        #[arg(long, default_value = "run_once")]
+        misfire: String,
+        /// Create it paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Show a schedule and its next firings.
+    Show { id: String },
+    /// Pause a schedule (no firings until resumed).
+    Pause { id: String },
+    /// Resume a schedule from its next firing after now.
+    Resume { id: String },
+    /// Delete a schedule (the jobs it made stay).
+    Delete { id: String },
+    /// The jobs a schedule made, newest first.
+    Jobs {
+        id: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 /// The API, reached with one key.
@@ -217,6 +272,165 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Schedules { action } => schedules(&client, action).await,
+    }
+}
+
+async fn schedules(client: &Client, action: ScheduleCommand) -> anyhow::Result<ExitCode> {
+    let schedule = match action {
+        ScheduleCommand::List => {
+            let list = client.send(client.get("/v1/schedules")).await?;
+            if client.json {
+                print_json(&list);
+            } else {
+                print_schedule_table(
+                    list["schedules"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        ScheduleCommand::Create {
+            name,
+            cron,
+            timezone,
+            kind,
+            payload,
+            priority,
+            max_attempts,
+            overlap,
+            misfire,
+            paused,
+        } => {
+            let mut job = json!({"kind": kind, "payload": read_payload(&payload)?});
+            if let Some(p) = priority {
+                job["priority"] = json!(p);
+            }
+            if let Some(n) = max_attempts {
+                job["max_attempts"] = json!(n);
+            }
+            let body = json!({
+                "name": name, "cron": cron, "timezone": timezone, "job": job,
+                "overlap": overlap, "misfire": misfire, "paused": paused,
+            });
+            client
+                .send(client.post("/v1/schedules").json(&body))
+                .await?
+        }
+        ScheduleCommand::Show { id } => {
+            client
+                .send(client.get(&format!("/v1/schedules/{id}")))
+                .await?
+        }
+        ScheduleCommand::Pause { id } => {
+            client
+                .send(client.post(&format!("/v1/schedules/{id}/pause")))
+                .await?
+        }
+        ScheduleCommand::Resume { id } => {
+            client
+                .send(client.post(&format!("/v1/schedules/{id}/resume")))
+                .await?
+        }
+        ScheduleCommand::Delete { id } => {
+            let request = client
+                .http
+                .delete(client.url(&format!("/v1/schedules/{id}")))
+                .bearer_auth(&client.key);
+            let response = request
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the API at {}", client.base))?;
+            if !response.status().is_success() {
+                anyhow::bail!("{}", problem_text(response).await);
+            }
+            if client.json {
+                print_json(&json!({"id": id, "deleted": true}));
+            } else {
+                println!("deleted schedule {id}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        ScheduleCommand::Jobs { id, limit } => {
+            let list = client
+                .send(
+                    client
+                        .get(&format!("/v1/schedules/{id}/jobs"))
+                        .query(&[("limit", limit.to_string())]),
+                )
+                .await?;
+            if client.json {
+                print_json(&list);
+            } else {
+                print_job_table(list["jobs"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    if client.json {
+        print_json(&schedule);
+    } else {
+        print_schedule(&schedule);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_schedule(s: &Value) {
+    let text = |key: &str| s[key].as_str().unwrap_or("-").to_owned();
+    println!("schedule  {}", text("id"));
+    println!("name      {}", text("name"));
+    println!("cron      {} ({})", text("cron"), text("timezone"));
+    println!(
+        "job       {} {}",
+        s["job"]["kind"].as_str().unwrap_or("?"),
+        s["job"]["payload"]
+    );
+    println!(
+        "overlap   {}   misfire {}",
+        text("overlap"),
+        text("misfire")
+    );
+    println!(
+        "state     {}",
+        if s["paused"] == true {
+            "paused"
+        } else {
+            "active"
+        }
+    );
+    println!("last      {}", text("last_fired_at"));
+    println!("skipped   {}", s["skipped"]);
+    for (i, at) in s["next_fires"].as_array().into_iter().flatten().enumerate() {
+        let label = if i == 0 { "next" } else { "" };
+        println!("{label:<9} {}", at.as_str().unwrap_or("?"));
+    }
+}
+
+fn print_schedule_table(schedules: &[Value]) {
+    if schedules.is_empty() {
+        println!("no schedules");
+        return;
+    }
+    println!(
+        "{:<36}  {:<20}  {:<16}  {:<8}  {:<6}  NEXT",
+        "ID", "NAME", "CRON", "KIND", "STATE"
+    );
+    for s in schedules {
+        println!(
+            "{:<36}  {:<20}  {:<16}  {:<8}  {:<6}  {}",
+            s["id"].as_str().unwrap_or("?"),
+            s["name"].as_str().unwrap_or("?"),
+            s["cron"].as_str().unwrap_or("?"),
+            s["job"]["kind"].as_str().unwrap_or("?"),
+            if s["paused"] == true {
+                "paused"
+            } else {
+                "active"
+            },
+            s["next_fires"][0].as_str().unwrap_or("-"),
+        );
     }
 }
 

@@ -13,6 +13,7 @@ pub mod model;
 pub mod objects;
 pub mod problem;
 pub mod queue;
+pub mod schedules;
 pub mod settings;
 pub mod store;
 pub mod telemetry;

@@ -86,6 +86,14 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The schedule that made the job, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[sqlx(default)]
+    pub schedule_id: Option<Uuid>,
+    /// The schedule's firing the job was made for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[sqlx(default)]
+    pub schedule_fire_at: Option<DateTime<Utc>>,
 }
 
 /// `status` as read from its text column.

@@ -117,6 +117,10 @@ pub struct Settings {
     /// `CONVEYOR_RATE_PER_SEC` and `CONVEYOR_RATE_BURST`: each tenant's submission rate (jobs
     /// per second) and burst, unless its limits say otherwise; rate `0`: no limit.
     pub default_rate: Option<RateLimit>,
+    /// `CONVEYOR_SCHEDULE_MISFIRE_GRACE_SECS`: a schedule's firing later than this (the workers
+    /// were down) is a misfire, handled by the schedule's `misfire` policy; a later firing
+    /// within it still makes its job.
+    pub schedule_misfire_grace: Duration,
 }
 
 /// A token bucket: `per_sec` tokens a second, at most `burst` saved up.
@@ -171,6 +175,7 @@ impl fmt::Debug for Settings {
             dispatch_min_window,
             default_max_running,
             default_rate,
+            schedule_misfire_grace,
         } = self;
         f.debug_struct("Settings")
             .field("database_url", &redact(database_url))
@@ -215,6 +220,7 @@ impl fmt::Debug for Settings {
             .field("dispatch_min_window", dispatch_min_window)
             .field("default_max_running", default_max_running)
             .field("default_rate", default_rate)
+            .field("schedule_misfire_grace", schedule_misfire_grace)
             .finish()
     }
 }
@@ -298,6 +304,10 @@ impl Settings {
                     },
                 })
             },
+            schedule_misfire_grace: Duration::from_secs(parse(
+                "SCHEDULE_MISFIRE_GRACE_SECS",
+                "10",
+            )?),
         })
     }
 
@@ -359,6 +369,7 @@ impl Settings {
             dispatch_min_window: 8,
             default_max_running: None,
             default_rate: None,
+            schedule_misfire_grace: Duration::from_secs(10),
         }
     }
 }

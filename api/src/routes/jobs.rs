@@ -29,7 +29,7 @@ use contracts::Valid;
 pub const MAX_BATCH: usize = 1000;
 
 /// Validates one submission; errors are named under `prefix` (empty for a single job).
-fn validate(
+pub(crate) fn validate(
     state: &AppState,
     job: SubmitJob,
     prefix: &str,

@@ -18,6 +18,7 @@ pub(crate) mod keys;
 pub(crate) mod ops;
 pub(crate) mod patches;
 pub(crate) mod queues;
+pub(crate) mod schedules;
 pub(crate) mod session;
 pub(crate) mod tenant;
 pub(crate) mod usage;
@@ -52,6 +53,17 @@ pub fn router() -> Router<AppState> {
             "/v1/connections/{id}",
             axum::routing::delete(connections::delete),
         )
+        .route(
+            "/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
+        .route(
+            "/v1/schedules/{id}",
+            get(schedules::get_one).delete(schedules::delete),
+        )
+        .route("/v1/schedules/{id}/pause", post(schedules::pause))
+        .route("/v1/schedules/{id}/resume", post(schedules::resume))
+        .route("/v1/schedules/{id}/jobs", get(schedules::history))
         .route("/v1/tenant", get(tenant::current))
         .route("/v1/usage", get(usage::usage))
         .route("/v1/queues", get(queues::queues))

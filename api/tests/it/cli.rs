@@ -293,3 +293,71 @@ async fn whoami_shows_the_tenant_and_the_keys_role() {
     assert_eq!(json["role"], "admin");
     assert_eq!(json["tenant_id"], app.tenant.to_string());
 }
+
+#[tokio::test]
+async fn schedules_are_created_listed_paused_resumed_and_deleted() {
+    let app = TestApp::spawn().await;
+    let created = run(
+        &app,
+        &[
+            "--json",
+            "schedules",
+            "create",
+            "--name",
+            "every-5",
+            "--cron",
+            "*/5 * * * *",
+            "--kind",
+            "canary",
+            "--payload",
+            r#"{"steps": 2}"#,
+        ],
+    )
+    .await;
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let schedule = created.json();
+    let id = schedule["id"].as_str().unwrap().to_owned();
+    assert_eq!(schedule["job"]["payload"]["steps"], 2);
+    assert_eq!(schedule["next_fires"].as_array().unwrap().len(), 5);
+
+    let list = run(&app, &["schedules", "list"]).await;
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(
+        list.stdout.contains(&id) && list.stdout.contains("every-5"),
+        "{}",
+        list.stdout
+    );
+    assert!(list.stdout.contains("active"), "{}", list.stdout);
+
+    let paused = run(&app, &["schedules", "pause", &id]).await;
+    assert_eq!(paused.code, 0, "{}", paused.stderr);
+    assert!(paused.stdout.contains("paused"), "{}", paused.stdout);
+    let resumed = run(&app, &["--json", "schedules", "resume", &id]).await;
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert_eq!(resumed.json()["paused"], false);
+
+    // Refusals print the API's field errors and exit 2.
+    let refused = run(
+        &app,
+        &[
+            "schedules",
+            "create",
+            "--name",
+            "bad",
+            "--cron",
+            "* * *",
+            "--kind",
+            "canary",
+        ],
+    )
+    .await;
+    assert_eq!(refused.code, 2);
+    assert!(refused.stderr.contains("cron"), "{}", refused.stderr);
+
+    let deleted = run(&app, &["schedules", "delete", &id]).await;
+    assert_eq!(deleted.code, 0, "{}", deleted.stderr);
+    let (status, _) = app.get(&format!("/v1/schedules/{id}")).await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+    let gone = run(&app, &["schedules", "pause", &id]).await;
+    assert_eq!(gone.code, 2);
+}

@@ -21,6 +21,7 @@ mod objects;
 mod patch;
 mod requests;
 mod roles;
+mod schedules;
 mod sse;
 mod synthesis;
 mod upload_attacks;

@@ -17,6 +17,7 @@ mod dispatcher;
 mod rescuer;
 mod retention;
 mod scheduler;
+mod schedules;
 mod stale;
 mod sweeps;
 #[cfg(test)]
@@ -64,6 +65,7 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
     let settings = runtime.settings();
     vec![
         Arc::new(scheduler::Scheduler::default()),
+        Arc::new(schedules::Schedules::new(settings)),
         Arc::new(dispatcher::Dispatcher::default()),
         Arc::new(rescuer::Rescuer::new(settings)),
         Arc::new(stale::Stale::new(settings)),

@@ -1,0 +1,300 @@
+//! Schedules: a cron expression in a time zone that enqueues a job at each firing (the leading
+//! worker's maintenance fires them). Create, list, read, pause, resume, delete, and the jobs a
+//! schedule made.
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::{
+    model::SubmitJob,
+    schedules::{self, Misfire, NewSchedule, Overlap, Schedule, ScheduledJob, Timing},
+    FieldError, Problem,
+};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    audit::{self, Action, Actor, Entry},
+    auth::{Tenant, Writer},
+    extract::HashedJson,
+    routes::jobs::{self, JobList},
+    AppState,
+};
+
+/// `POST /v1/schedules` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSchedule {
+    /// Unique per tenant, 1-100 characters.
+    pub name: String,
+    /// 5 fields (`minute hour day-of-month month day-of-week`), 6 with seconds first, or an
+    /// alias (`@hourly`, `@daily`, ...).
+    pub cron: String,
+    /// IANA time zone the expression is read in (default `UTC`).
+    pub timezone: Option<String>,
+    /// The job each firing enqueues, validated as a submission is.
+    pub job: Option<ScheduledJob>,
+    /// A pipeline to start at each firing: not yet supported (422).
+    #[schema(value_type = Option<Object>)]
+    pub pipeline: Option<Value>,
+    /// While the previous job is live: `skip` (default), `queue` or `allow`.
+    pub overlap: Option<Overlap>,
+    /// After downtime: `run_once` (default) or `skip`.
+    pub misfire: Option<Misfire>,
+    /// Created paused (default false).
+    pub paused: Option<bool>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ScheduleList {
+    pub schedules: Vec<Schedule>,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> Problem {
+    Problem::validation(vec![FieldError::new(field, message)])
+}
+
+fn not_found() -> Problem {
+    Problem::not_found("schedule")
+}
+
+fn parse_id(id: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(id).map_err(|_| not_found())
+}
+
+#[utoipa::path(post, path = "/v1/schedules", request_body = CreateSchedule, tag = "schedules",
+    responses((status = 201, body = Schedule, description = "created; `next_fires` lists the next firings"),
+              (status = 409, body = Problem, description = "a schedule of that name exists"),
+              (status = 422, body = Problem)))]
+pub async fn create(
+    State(state): State<AppState>,
+    writer: Writer,
+    HashedJson(body, body_sha256): HashedJson<CreateSchedule>,
+) -> Result<Response, Problem> {
+    let tenant = writer.tenant();
+    let mut errors = Vec::new();
+    if body.name.trim().is_empty() || body.name.len() > 100 {
+        errors.push(FieldError::new("name", "must be 1-100 characters"));
+    }
+    let timezone = body.timezone.unwrap_or_else(|| "UTC".into());
+    let timing = Timing::parse(&body.cron, &timezone)
+        .map_err(|e| errors.extend(e))
+        .ok();
+    if body.pipeline.is_some() {
+        errors.push(FieldError::new(
+            "pipeline",
+            "pipeline schedules are not yet supported: schedule a `job`",
+        ));
+    }
+    let job = match (body.job, body.pipeline.is_some()) {
+        (Some(job), _) => {
+            let submission = SubmitJob {
+                kind: job.kind,
+                payload: job.payload,
+                idempotency_key: None,
+                priority: job.priority,
+                max_attempts: job.max_attempts,
+                run_at: None,
+            };
+            match jobs::validate(&state, submission, "job.") {
+                Ok(valid) => Some(valid),
+                Err(e) => {
+                    errors.extend(e);
+                    None
+                }
+            }
+        }
+        (None, false) => {
+            errors.push(FieldError::new(
+                "job",
+                "required: the job each firing enqueues",
+            ));
+            None
+        }
+        (None, true) => None,
+    };
+    let (Some(timing), Some((job, valid)), true) = (timing, job, errors.is_empty()) else {
+        return Err(Problem::validation(errors));
+    };
+    // What a submission of this job would be refused for now (an unknown dataset, ...).
+    if let Err(mut problem) = state
+        .contracts
+        .preflight(&state.context, tenant.0, &valid)
+        .await
+    {
+        for error in &mut problem.errors {
+            error.field = format!("job.{}", error.field);
+        }
+        return Err(problem);
+    }
+    let paused = body.paused.unwrap_or(false);
+    let new = NewSchedule {
+        name: body.name,
+        cron: body.cron,
+        timezone,
+        job: ScheduledJob {
+            kind: job.kind,
+            payload: job.payload,
+            priority: Some(job.priority),
+            max_attempts: Some(job.max_attempts),
+        },
+        overlap: body.overlap.unwrap_or_default(),
+        misfire: body.misfire.unwrap_or_default(),
+        paused,
+        next_fire_at: timing.after(Utc::now()),
+    };
+    let mut tx = state.pool.begin().await?;
+    let created = schedules::create(&mut *tx, tenant.0, writer.0.key.id, &new)
+        .await?
+        .ok_or_else(|| Problem::conflict(format!("a schedule named {:?} exists", new.name)))?;
+    let entry = Entry::new(Action::ScheduleCreate)
+        .target(created.id)
+        .payload_sha256(body_sha256)
+        .detail(serde_json::json!({
+            "name": created.name, "cron": created.cron, "timezone": created.timezone,
+            "kind": created.job.kind,
+        }));
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
+    let location = format!("/v1/schedules/{}", created.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(created.with_next_fires()),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/schedules", tag = "schedules",
+    responses((status = 200, body = ScheduleList)))]
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+) -> Result<Json<ScheduleList>, Problem> {
+    let schedules = schedules::list(&state.pool, tenant.0)
+        .await?
+        .into_iter()
+        .map(Schedule::with_next_fires)
+        .collect();
+    Ok(Json(ScheduleList { schedules }))
+}
+
+#[utoipa::path(get, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Schedule), (status = 404, body = Problem)))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Schedule>, Problem> {
+    let id = parse_id(&id)?;
+    schedules::get(&state.pool, tenant.0, id)
+        .await?
+        .map(|s| Json(s.with_next_fires()))
+        .ok_or_else(not_found)
+}
+
+#[utoipa::path(post, path = "/v1/schedules/{id}/pause", tag = "schedules", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Schedule, description = "paused (also if it already was)"),
+              (status = 404, body = Problem)))]
+pub async fn pause(
+    State(state): State<AppState>,
+    writer: Writer,
+    Path(id): Path<String>,
+) -> Result<Json<Schedule>, Problem> {
+    let id = parse_id(&id)?;
+    let mut tx = state.pool.begin().await?;
+    let schedule = schedules::pause(&mut *tx, writer.tenant().0, id)
+        .await?
+        .ok_or_else(not_found)?;
+    let entry = Entry::new(Action::SchedulePause).target(id);
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
+    Ok(Json(schedule.with_next_fires()))
+}
+
+#[utoipa::path(post, path = "/v1/schedules/{id}/resume", tag = "schedules", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Schedule, description = "running again from its next firing after now (the firings missed while paused are not made)"),
+              (status = 404, body = Problem)))]
+pub async fn resume(
+    State(state): State<AppState>,
+    writer: Writer,
+    Path(id): Path<String>,
+) -> Result<Json<Schedule>, Problem> {
+    let id = parse_id(&id)?;
+    let mut tx = state.pool.begin().await?;
+    let schedule = schedules::resume(&mut tx, writer.tenant().0, id)
+        .await?
+        .ok_or_else(not_found)?;
+    let entry = Entry::new(Action::ScheduleResume).target(id);
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
+    Ok(Json(schedule.with_next_fires()))
+}
+
+#[utoipa::path(delete, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
+    responses((status = 204, description = "deleted; the jobs it made stay"),
+              (status = 404, body = Problem)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    writer: Writer,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    let id = parse_id(&id)?;
+    let mut tx = state.pool.begin().await?;
+    if !schedules::delete(&mut *tx, writer.tenant().0, id).await? {
+        return Err(not_found());
+    }
+    let entry = Entry::new(Action::ScheduleDelete).target(id);
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryParams {
+    /// Page size, 1-500 (default 50).
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/schedules/{id}/jobs", tag = "schedules",
+    params(("id" = Uuid, Path), HistoryParams),
+    responses((status = 200, body = JobList, description = "the jobs the schedule made, newest first"),
+              (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn history(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    params: Result<Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobList>, Problem> {
+    let id = parse_id(&id)?;
+    let Query(params) =
+        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(invalid("limit", "must be between 1 and 500"));
+    }
+    let cursor = match params.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(
+            Uuid::parse_str(c)
+                .map_err(|_| invalid("cursor", "not a cursor returned by this endpoint"))?,
+        ),
+    };
+    schedules::get(&state.pool, tenant.0, id)
+        .await?
+        .ok_or_else(not_found)?;
+    let jobs = schedules::history(&state.pool, tenant.0, id, cursor, limit).await?;
+    let next_cursor = (jobs.len() as i64 == limit)
+        .then(|| jobs.last().map(|j| j.id))
+        .flatten();
+    Ok(Json(JobList { jobs, next_cursor }))
+}

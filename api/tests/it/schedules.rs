@@ -1,0 +1,473 @@
+//! Schedules: create, read, pause, resume and delete them over the API (validation naming
+//! fields, another tenant's schedule invisible), and their firings made by the workers: one job
+//! per firing with several firers racing, overlap `skip` while a job runs, misfire policies
+//! after downtime.
+
+use crate::harness::TestApp;
+use chrono::{DateTime, Timelike, Utc};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+async fn create(app: &TestApp, body: Value) -> Value {
+    let (status, schedule) = app.post("/v1/schedules", &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{schedule}");
+    schedule
+}
+
+fn times(value: &Value) -> Vec<DateTime<Utc>> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// The jobs the schedule made, newest first.
+async fn history(app: &TestApp, id: &str) -> Vec<Value> {
+    let (status, page) = app.get(&format!("/v1/schedules/{id}/jobs?limit=500")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    page["jobs"].as_array().unwrap().clone()
+}
+
+async fn wait_for(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn fields(problem: &Value) -> Vec<&str> {
+    problem["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no errors: {problem}"))
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn schedules_are_created_listed_paused_resumed_and_deleted() {
+    let app = TestApp::spawn().await;
+    let before = Utc::now();
+    let schedule = create(
+        &app,
+        json!({"name": "nightly", "cron": "*/5 * * * *", "timezone": "Europe/Paris",
+               "job": {"kind": "canary", "payload": {"steps": 2}, "priority": 3}}),
+    )
+    .await;
+    let id = schedule["id"].as_str().unwrap().to_owned();
+    assert_eq!(schedule["overlap"], "skip");
+    assert_eq!(schedule["misfire"], "run_once");
+    assert_eq!(schedule["paused"], false);
+    assert_eq!(schedule["job"]["kind"], "canary");
+    assert_eq!(schedule["job"]["priority"], 3);
+    assert_eq!(schedule["job"]["max_attempts"], 3);
+    let next = times(&schedule["next_fires"]);
+    assert_eq!(next.len(), 5);
+    assert!(next[0] > before);
+    for pair in next.windows(2) {
+        assert_eq!((pair[1] - pair[0]).num_minutes(), 5, "{next:?}");
+    }
+    assert!(next.iter().all(|t| t.minute() % 5 == 0 && t.second() == 0));
+    assert_eq!(
+        schedule["next_fire_at"]
+            .as_str()
+            .unwrap()
+            .parse::<DateTime<Utc>>()
+            .unwrap(),
+        next[0]
+    );
+
+    // The same name again: 409.
+    let (status, _) = app
+        .post(
+            "/v1/schedules",
+            &json!({"name": "nightly", "cron": "@daily", "job": {"kind": "canary"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    let (status, list) = app.get("/v1/schedules").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["schedules"].as_array().unwrap().len(), 1);
+    assert_eq!(list["schedules"][0]["id"], id.as_str());
+    assert_eq!(
+        list["schedules"][0]["next_fires"].as_array().unwrap().len(),
+        5
+    );
+    let (status, one) = app.get(&format!("/v1/schedules/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(one["name"], "nightly");
+
+    let (status, paused) = app
+        .post(&format!("/v1/schedules/{id}/pause"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{paused}");
+    assert_eq!(paused["paused"], true);
+    assert!(paused["next_fires"].as_array().unwrap().is_empty());
+    let (status, resumed) = app
+        .post(&format!("/v1/schedules/{id}/resume"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resumed}");
+    assert_eq!(resumed["paused"], false);
+    assert!(times(&resumed["next_fires"])[0] > before);
+    assert!(history(&app, &id).await.is_empty());
+
+    assert_eq!(
+        app.delete(&format!("/v1/schedules/{id}")).await,
+        StatusCode::NO_CONTENT
+    );
+    let (status, _) = app.get(&format!("/v1/schedules/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        app.delete(&format!("/v1/schedules/{id}")).await,
+        StatusCode::NOT_FOUND
+    );
+
+    let (_, spec) = app.get("/openapi.json").await;
+    for path in [
+        "/v1/schedules",
+        "/v1/schedules/{id}",
+        "/v1/schedules/{id}/pause",
+        "/v1/schedules/{id}/resume",
+        "/v1/schedules/{id}/jobs",
+    ] {
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} not in the OpenAPI document"
+        );
+    }
+    assert!(spec["components"]["schemas"]["Schedule"].is_object());
+
+    // Each change is in the audit log, with the key that made it.
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE target_id = $1 AND key_id IS NOT NULL ORDER BY id",
+    )
+    .bind(&id)
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        actions,
+        [
+            "schedule.create",
+            "schedule.pause",
+            "schedule.resume",
+            "schedule.delete"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn invalid_schedules_are_refused_naming_their_fields() {
+    let app = TestApp::spawn().await;
+    let refused = async |body: Value| -> Value {
+        let (status, problem) = app.post("/v1/schedules", &body).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}: {problem}"
+        );
+        problem
+    };
+    let canary = json!({"kind": "canary"});
+    let problem = refused(json!({"name": "a", "cron": "* * *", "job": canary})).await;
+    assert_eq!(fields(&problem), ["cron"]);
+    let problem = refused(json!({"name": "a", "cron": "61 * * * *", "job": canary})).await;
+    assert_eq!(fields(&problem), ["cron"]);
+    let problem = refused(
+        json!({"name": "a", "cron": "* * * * *", "timezone": "Mars/Olympus", "job": canary}),
+    )
+    .await;
+    assert_eq!(fields(&problem), ["timezone"]);
+    // The job is validated as a submission is.
+    let problem = refused(json!({"name": "a", "cron": "* * * * *",
+        "job": {"kind": "canary", "payload": {"steps": 1_000_000}, "max_attempts": 99}}))
+    .await;
+    assert_eq!(fields(&problem), ["job.payload.steps", "job.max_attempts"]);
+    let problem = refused(json!({"name": "a", "cron": "* * * * *", "job": {"kind": "nope"}})).await;
+    assert!(fields(&problem)[0].starts_with("job."), "{problem}");
+    let problem = refused(json!({"name": "", "cron": "* * * * *"})).await;
+    assert_eq!(fields(&problem), ["name", "job"]);
+    // Pipelines do not exist yet.
+    let problem =
+        refused(json!({"name": "a", "cron": "* * * * *", "pipeline": {"steps": []}})).await;
+    assert_eq!(fields(&problem), ["pipeline"]);
+    assert!(problem["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not yet supported"));
+    let (status, _) = app
+        .post(
+            "/v1/schedules",
+            &json!({"name": "a", "cron": "* * * * *", "job": canary, "overlap": "sometimes"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let (_, list) = app.get("/v1/schedules").await;
+    assert!(list["schedules"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn another_tenants_schedule_is_not_found_and_a_read_key_cannot_change_one() {
+    let app = TestApp::spawn().await;
+    let schedule = create(
+        &app,
+        json!({"name": "mine", "cron": "@hourly", "job": {"kind": "canary"}}),
+    )
+    .await;
+    let id = schedule["id"].as_str().unwrap();
+    let other = app.key_for("globex").await;
+    let get_as = async |key: &str, path: &str| -> StatusCode {
+        app.client
+            .get(app.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(
+        get_as(&other, &format!("/v1/schedules/{id}")).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get_as(&other, &format!("/v1/schedules/{id}/jobs")).await,
+        StatusCode::NOT_FOUND
+    );
+    for action in ["pause", "resume"] {
+        let (status, _) = app
+            .post_as(&other, &format!("/v1/schedules/{id}/{action}"), &json!({}))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{action}");
+    }
+    let status = app
+        .client
+        .delete(app.url(&format!("/v1/schedules/{id}")))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let response = app
+        .client
+        .get(app.url("/v1/schedules"))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    let list: Value = response.json().await.unwrap();
+    assert!(list["schedules"].as_array().unwrap().is_empty());
+
+    // A read key lists and reads, and changes nothing.
+    let (status, created) = app.post("/v1/keys", &json!({"role": "read"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let read = created["key"].as_str().unwrap();
+    assert_eq!(
+        get_as(read, &format!("/v1/schedules/{id}")).await,
+        StatusCode::OK
+    );
+    let (status, _) = app
+        .post_as(read, &format!("/v1/schedules/{id}/pause"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = app
+        .post_as(
+            read,
+            "/v1/schedules",
+            &json!({"name": "theirs", "cron": "@hourly", "job": {"kind": "canary"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, one) = app.get(&format!("/v1/schedules/{id}")).await;
+    assert_eq!(one["paused"], false);
+}
+
+/// A schedule that fires every second for 5 seconds, with two workers (each running the
+/// maintenance, one leading) and a second firer racing the leader: exactly 5 jobs, one per
+/// firing second, each run to success.
+#[tokio::test]
+async fn a_schedule_firing_every_second_for_five_seconds_makes_exactly_five_jobs() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(4).await;
+    app.start_worker(4).await;
+    // A 5-second window inside one minute, starting 2 seconds from now.
+    let mut now = Utc::now();
+    if now.second() > 50 {
+        tokio::time::sleep(Duration::from_secs(u64::from(61 - now.second()))).await;
+        now = Utc::now();
+    }
+    let start = now.with_nanosecond(0).unwrap() + chrono::Duration::seconds(2);
+    let cron = format!(
+        "{}-{} {} {} * * *",
+        start.second(),
+        start.second() + 4,
+        start.minute(),
+        start.hour()
+    );
+    let schedule = create(
+        &app,
+        json!({"name": "every-second", "cron": cron, "overlap": "allow",
+               "job": {"kind": "canary", "payload": {}}}),
+    )
+    .await;
+    let id = schedule["id"].as_str().unwrap().to_owned();
+    assert_eq!(times(&schedule["next_fires"])[0], start);
+
+    // Another firer, as a second leader would be, racing the one the workers elected.
+    let pool = app.pool().clone();
+    let racer = tokio::spawn(async move {
+        let end = Instant::now() + Duration::from_secs(9);
+        let mut made = 0;
+        while Instant::now() < end {
+            made += shared::schedules::fire_due(&pool, Duration::from_secs(10), 100)
+                .await
+                .expect("fires")
+                .jobs
+                .len();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        made
+    });
+    let racer_made = racer.await.unwrap();
+
+    let jobs = history(&app, &id).await;
+    let mut fired: Vec<DateTime<Utc>> = jobs
+        .iter()
+        .map(|j| j["schedule_fire_at"].as_str().unwrap().parse().unwrap())
+        .collect();
+    fired.sort();
+    let expected: Vec<DateTime<Utc>> = (0..5)
+        .map(|s| start + chrono::Duration::seconds(s))
+        .collect();
+    assert_eq!(fired, expected, "one job per firing second: {jobs:#?}");
+    assert!(racer_made <= 5);
+    for job in &jobs {
+        assert_eq!(job["schedule_id"], id.as_str());
+        let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+        app.wait_status(id, &["succeeded"], Duration::from_secs(30))
+            .await;
+    }
+    let (_, schedule) = app.get(&format!("/v1/schedules/{id}")).await;
+    assert_eq!(
+        schedule["last_fired_at"]
+            .as_str()
+            .unwrap()
+            .parse::<DateTime<Utc>>()
+            .unwrap(),
+        expected[4]
+    );
+}
+
+/// Overlap `skip`: a schedule firing every second whose job runs for seconds makes no second
+/// job while it runs, and counts the skipped firings.
+#[tokio::test]
+async fn overlap_skip_makes_no_second_job_while_one_runs() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(4).await;
+    let schedule = create(
+        &app,
+        json!({"name": "slow", "cron": "* * * * * *",
+               "job": {"kind": "canary", "payload": {"steps": 100, "step_ms": 100}}}),
+    )
+    .await;
+    let id = schedule["id"].as_str().unwrap().to_owned();
+    wait_for("a first job", Duration::from_secs(10), async || {
+        !history(&app, &id).await.is_empty()
+    })
+    .await;
+    let first: Uuid = history(&app, &id).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    app.wait_status(first, &["running"], Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let jobs = history(&app, &id).await;
+    assert_eq!(jobs.len(), 1, "a second job while the first ran: {jobs:#?}");
+    let (_, schedule) = app.get(&format!("/v1/schedules/{id}")).await;
+    assert!(schedule["skipped"].as_i64().unwrap() >= 2, "{schedule}");
+    assert_eq!(app.job(first).await["status"], "running");
+
+    // Once it ended, the next firing makes a job again.
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{first}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    wait_for(
+        "a job after the first ended",
+        Duration::from_secs(15),
+        async || history(&app, &id).await.len() >= 2,
+    )
+    .await;
+    let (status, _) = app
+        .post(&format!("/v1/schedules/{id}/pause"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// After a downtime of an hour (the schedules' `next_fire_at` an hour back): `run_once` makes
+/// one job, `skip` none; both next fire in the future.
+#[tokio::test]
+async fn misfires_after_downtime_run_once_or_skip() {
+    let mut app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for misfire in ["run_once", "skip"] {
+        let schedule = create(
+            &app,
+            json!({"name": misfire, "cron": "0 * * * *", "misfire": misfire, "paused": true,
+                   "job": {"kind": "canary"}}),
+        )
+        .await;
+        ids.push(schedule["id"].as_str().unwrap().to_owned());
+    }
+    // The workers were down for the last hour's firings.
+    sqlx::query(
+        "UPDATE schedules SET paused = false,
+                next_fire_at = date_trunc('hour', now()) - interval '1 hour'",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let before = Utc::now();
+    app.start_worker(2).await;
+    let (run_once, skip) = (&ids[0], &ids[1]);
+    wait_for("the run_once job", Duration::from_secs(10), async || {
+        history(&app, run_once).await.len() == 1
+    })
+    .await;
+    wait_for(
+        "the skip schedule moved on",
+        Duration::from_secs(10),
+        async || app.get(&format!("/v1/schedules/{skip}")).await.1["skipped"] == 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    assert_eq!(
+        history(&app, run_once).await.len(),
+        1,
+        "one job, not one per missed firing"
+    );
+    assert!(history(&app, skip).await.is_empty());
+    for id in &ids {
+        let (_, schedule) = app.get(&format!("/v1/schedules/{id}")).await;
+        let next: DateTime<Utc> = schedule["next_fire_at"].as_str().unwrap().parse().unwrap();
+        assert!(next > before, "{schedule}");
+    }
+    let job: Uuid = history(&app, run_once).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    app.wait_status(job, &["succeeded"], Duration::from_secs(30))
+        .await;
+}

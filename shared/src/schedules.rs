@@ -1,0 +1,563 @@
+//! Schedules: a cron expression, read in an IANA time zone, that enqueues one job at each
+//! firing. The API creates, pauses, resumes and deletes them; the leading worker's maintenance
+//! fires them ([`fire_due`]).
+//!
+//! Each firing makes at most one job however many workers race: the firing runs in one
+//! transaction holding the schedule's row lock (`FOR UPDATE SKIP LOCKED`: a racing leader
+//! skips it), `next_fire_at` moves by an UPDATE guarded on its old value, and a unique index on
+//! `jobs (schedule_id, schedule_fire_at)` refuses a second job for the same firing.
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use croner::{
+    parser::{CronParser, Seconds, Year},
+    Cron,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor, PgPool};
+use std::time::Duration;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{model::Job, FieldError};
+
+/// Most firings an `overlap: queue` schedule keeps waiting; later ones are skipped.
+pub const MAX_PENDING: usize = 100;
+
+/// How many upcoming firings the API shows.
+pub const NEXT_FIRES: usize = 5;
+
+/// When a schedule fires: its cron expression read in its time zone.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    cron: Cron,
+    tz: Tz,
+}
+
+impl Timing {
+    /// Parses a 5-field (minute granularity) or 6-field (seconds first) expression, or an
+    /// alias (`@hourly`, ...), and an IANA time zone; errors name `cron` and `timezone`.
+    pub fn parse(cron: &str, timezone: &str) -> Result<Self, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let fields = cron.split_whitespace().count();
+        let parsed = if !cron.trim_start().starts_with('@') && !(5..=6).contains(&fields) {
+            errors.push(FieldError::new(
+                "cron",
+                format!(
+                    "needs 5 fields (minute hour day-of-month month day-of-week) or 6 (seconds \
+                     first), not {fields}"
+                ),
+            ));
+            None
+        } else {
+            let parser = CronParser::builder()
+                .seconds(Seconds::Optional)
+                .year(Year::Disallowed)
+                .build();
+            match parser.parse(cron) {
+                Ok(parsed) => Some(parsed),
+                Err(e) => {
+                    errors.push(FieldError::new(
+                        "cron",
+                        format!("not a cron expression: {e}"),
+                    ));
+                    None
+                }
+            }
+        };
+        let tz = match timezone.parse::<Tz>() {
+            Ok(tz) => Some(tz),
+            Err(_) => {
+                errors.push(FieldError::new(
+                    "timezone",
+                    format!("{timezone:?} is not an IANA time zone (UTC, Europe/Paris, ...)"),
+                ));
+                None
+            }
+        };
+        let (Some(cron), Some(tz)) = (parsed, tz) else {
+            return Err(errors);
+        };
+        let timing = Self { cron, tz };
+        if timing.after(Utc::now()).is_none() {
+            return Err(vec![FieldError::new(
+                "cron",
+                "never matches a time in the future",
+            )]);
+        }
+        Ok(timing)
+    }
+
+    /// The first firing strictly after `t`; `None` if the expression never matches again.
+    pub fn after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron
+            .find_next_occurrence(&t.with_timezone(&self.tz), false)
+            .ok()
+            .map(|at| at.with_timezone(&Utc))
+    }
+
+    /// `first`, then the firings after it: `n` in all (fewer if the expression ends).
+    pub fn upcoming(&self, first: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
+        let mut times = Vec::with_capacity(n);
+        let mut next = Some(first);
+        while let Some(at) = next.filter(|_| times.len() < n) {
+            times.push(at);
+            next = self.after(at);
+        }
+        times
+    }
+}
+
+/// While the schedule's previous job is live (scheduled, queued, running or retrying).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    /// No job for this firing (counted in `skipped`).
+    #[default]
+    Skip,
+    /// The firing waits: its job is created once the previous one has ended.
+    Queue,
+    /// A job now, alongside the previous one.
+    Allow,
+}
+
+/// A firing later than the misfire grace (`CONVEYOR_SCHEDULE_MISFIRE_GRACE_SECS`): the workers
+/// were down, or paused maintenance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Misfire {
+    /// One job now for all the missed firings, then on schedule.
+    #[default]
+    RunOnce,
+    /// No job for the missed firings (counted in `skipped`); next at the next future time.
+    Skip,
+}
+
+macro_rules! text_enum {
+    ($ty:ty, $($variant:ident = $text:literal),+) => {
+        impl $ty {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+        impl TryFrom<String> for $ty {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                match s.as_str() {
+                    $($text => Ok(Self::$variant),)+
+                    _ => Err(format!("unknown value {s:?}")),
+                }
+            }
+        }
+    };
+}
+text_enum!(Overlap, Skip = "skip", Queue = "queue", Allow = "allow");
+text_enum!(Misfire, RunOnce = "run_once", Skip = "skip");
+
+/// The job a schedule makes at each firing.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduledJob {
+    /// A job kind (`canary`, `import`, ...).
+    pub kind: String,
+    /// The kind's payload, validated as a submission's when the schedule is created.
+    #[serde(default)]
+    pub payload: Value,
+    /// Default 0.
+    pub priority: Option<i16>,
+    /// Default 3.
+    pub max_attempts: Option<i32>,
+}
+
+/// A schedule as stored and returned by the API.
+#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct Schedule {
+    pub id: Uuid,
+    #[serde(skip)]
+    pub tenant_id: Uuid,
+    /// The key that created it; its jobs are submitted with it.
+    #[serde(skip)]
+    pub key_id: Option<Uuid>,
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    #[sqlx(json)]
+    pub job: ScheduledJob,
+    #[sqlx(try_from = "String")]
+    pub overlap: Overlap,
+    #[sqlx(try_from = "String")]
+    pub misfire: Misfire,
+    pub paused: bool,
+    /// The next firing (it may be a moment in the past until the maintenance fires it).
+    pub next_fire_at: Option<DateTime<Utc>>,
+    /// The firing time of the last job made.
+    pub last_fired_at: Option<DateTime<Utc>>,
+    /// Firings that made no job (overlap or misfire `skip`, or too many waiting).
+    pub skipped: i64,
+    pub last_skipped_at: Option<DateTime<Utc>>,
+    /// Firings waiting for the previous job to end (overlap `queue`).
+    pub pending_fires: Vec<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The next firings (none while paused).
+    #[sqlx(skip)]
+    pub next_fires: Vec<DateTime<Utc>>,
+}
+
+impl Schedule {
+    pub fn timing(&self) -> Result<Timing, Vec<FieldError>> {
+        Timing::parse(&self.cron, &self.timezone)
+    }
+
+    /// Fills `next_fires`.
+    pub fn with_next_fires(mut self) -> Self {
+        self.next_fires = match (self.paused, self.next_fire_at, self.timing()) {
+            (false, Some(first), Ok(timing)) => timing.upcoming(first, NEXT_FIRES),
+            _ => Vec::new(),
+        };
+        self
+    }
+}
+
+/// A schedule about to be written (validated).
+pub struct NewSchedule {
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub job: ScheduledJob,
+    pub overlap: Overlap,
+    pub misfire: Misfire,
+    pub paused: bool,
+    pub next_fire_at: Option<DateTime<Utc>>,
+}
+
+/// Writes a schedule; `None` when the tenant has one of that name.
+pub async fn create(
+    db: impl PgExecutor<'_>,
+    tenant: Uuid,
+    key: Uuid,
+    new: &NewSchedule,
+) -> sqlx::Result<Option<Schedule>> {
+    sqlx::query_as(
+        "INSERT INTO schedules (id, tenant_id, key_id, name, cron, timezone, job, overlap, misfire,
+                                paused, next_fire_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         ON CONFLICT (tenant_id, name) DO NOTHING
+         RETURNING *",
+    )
+    .bind(Uuid::now_v7())
+    .bind(tenant)
+    .bind(key)
+    .bind(&new.name)
+    .bind(&new.cron)
+    .bind(&new.timezone)
+    .bind(sqlx::types::Json(&new.job))
+    .bind(new.overlap.as_str())
+    .bind(new.misfire.as_str())
+    .bind(new.paused)
+    .bind(new.next_fire_at)
+    .fetch_optional(db)
+    .await
+}
+
+/// The tenant's schedules, oldest first.
+pub async fn list(pool: &PgPool, tenant: Uuid) -> sqlx::Result<Vec<Schedule>> {
+    sqlx::query_as("SELECT * FROM schedules WHERE tenant_id = $1 ORDER BY id")
+        .bind(tenant)
+        .fetch_all(pool)
+        .await
+}
+
+pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Schedule>> {
+    sqlx::query_as("SELECT * FROM schedules WHERE id = $1 AND tenant_id = $2")
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Pauses a schedule (idempotent); `None` if the tenant has no such schedule.
+pub async fn pause(
+    db: impl PgExecutor<'_>,
+    tenant: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Schedule>> {
+    sqlx::query_as(
+        "UPDATE schedules SET paused = true, updated_at = now()
+         WHERE id = $1 AND tenant_id = $2 RETURNING *",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(db)
+    .await
+}
+
+/// Resumes a paused schedule at its next firing after now (the firings it missed while paused
+/// are not made); a running one is left as it is. `None` if the tenant has no such schedule.
+pub async fn resume(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Schedule>> {
+    let Some(schedule): Option<Schedule> =
+        sqlx::query_as("SELECT * FROM schedules WHERE id = $1 AND tenant_id = $2 FOR UPDATE")
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(&mut *conn)
+            .await?
+    else {
+        return Ok(None);
+    };
+    if !schedule.paused {
+        return Ok(Some(schedule));
+    }
+    let next = schedule
+        .timing()
+        .ok()
+        .and_then(|timing| timing.after(Utc::now()));
+    sqlx::query_as(
+        "UPDATE schedules SET paused = false, next_fire_at = $3, updated_at = now()
+         WHERE id = $1 AND tenant_id = $2 RETURNING *",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(next)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+/// Deletes a schedule; its jobs stay (with their `schedule_id`).
+pub async fn delete(db: impl PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
+    let deleted = sqlx::query("DELETE FROM schedules WHERE id = $1 AND tenant_id = $2")
+        .bind(id)
+        .bind(tenant)
+        .execute(db)
+        .await?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+/// The jobs a schedule made, newest first, after the `cursor` job id.
+pub async fn history(
+    pool: &PgPool,
+    tenant: Uuid,
+    id: Uuid,
+    cursor: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<Job>> {
+    sqlx::query_as(
+        "SELECT * FROM jobs WHERE schedule_id = $1 AND tenant_id = $2
+                            AND ($3::uuid IS NULL OR id < $3)
+         ORDER BY id DESC LIMIT $4",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(cursor)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// What one pass of [`fire_due`] did.
+#[derive(Debug, Default)]
+pub struct Fired {
+    /// Schedules it looked at (due, or with a firing waiting).
+    pub schedules: usize,
+    /// The jobs it made (queued, not yet announced nor dispatched).
+    pub jobs: Vec<Job>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Due {
+    #[sqlx(flatten)]
+    schedule: Schedule,
+    now: DateTime<Utc>,
+}
+
+/// Fires up to `limit` schedules that are due (or whose waiting firing may go), in one
+/// transaction. A firing later than `grace` is a misfire: the schedule's policy says whether it
+/// makes a job; either way the next firing is the next one after now. Within the grace every
+/// firing makes its job (a schedule a few firings behind catches up over the next passes).
+pub async fn fire_due(pool: &PgPool, grace: Duration, limit: i64) -> anyhow::Result<Fired> {
+    let mut tx = pool.begin().await?;
+    // Due, or holding a waiting firing whose previous job has ended.
+    let due: Vec<Due> = sqlx::query_as(
+        "SELECT s.*, now() AS now FROM schedules s
+         WHERE s.id IN (SELECT id FROM schedules WHERE NOT paused AND next_fire_at <= now()
+                        UNION
+                        SELECT id FROM schedules
+                        WHERE NOT paused AND cardinality(pending_fires) > 0)
+           AND NOT s.paused
+           AND (s.next_fire_at <= now()
+                OR (cardinality(s.pending_fires) > 0
+                    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.schedule_id = s.id
+                                    AND j.status IN ('scheduled', 'queued', 'running',
+                                                     'retrying'))))
+         ORDER BY s.next_fire_at
+         LIMIT $1
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut fired = Fired {
+        schedules: due.len(),
+        jobs: Vec::new(),
+    };
+    let grace = chrono::Duration::from_std(grace)?;
+    for Due { schedule, now } in due {
+        fire(&mut tx, &schedule, now, grace, &mut fired.jobs).await?;
+    }
+    tx.commit().await?;
+    Ok(fired)
+}
+
+/// One schedule's turn: its waiting firing (if the previous job ended), then its due one.
+async fn fire(
+    conn: &mut PgConnection,
+    s: &Schedule,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+    jobs: &mut Vec<Job>,
+) -> anyhow::Result<()> {
+    let mut live: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM jobs WHERE schedule_id = $1
+                        AND status IN ('scheduled', 'queued', 'running', 'retrying'))",
+    )
+    .bind(s.id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut pending = s.pending_fires.clone();
+    let mut last_fired = None;
+    if !live && !pending.is_empty() {
+        let at = pending.remove(0);
+        jobs.extend(insert_job(&mut *conn, s, at).await?);
+        last_fired = Some(at);
+        live = true;
+    }
+    let mut next = s.next_fire_at;
+    let mut skipped_at = None;
+    if let Some(old) = s.next_fire_at.filter(|at| *at <= now) {
+        let late = now - old > grace;
+        next = match s.timing() {
+            Ok(timing) => timing.after(if late { now } else { old }),
+            // Stored expressions were valid when written; one this build cannot read stops.
+            Err(_) => None,
+        };
+        let make = !late || s.misfire == Misfire::RunOnce;
+        match (make, live, s.overlap) {
+            (false, _, _) | (true, true, Overlap::Skip) => skipped_at = Some(old),
+            (true, true, Overlap::Queue) if pending.len() >= MAX_PENDING => skipped_at = Some(old),
+            (true, true, Overlap::Queue) => pending.push(old),
+            (true, false, _) | (true, true, Overlap::Allow) => {
+                jobs.extend(insert_job(&mut *conn, s, old).await?);
+                last_fired = Some(old);
+            }
+        }
+    }
+    let moved = sqlx::query(
+        "UPDATE schedules
+         SET next_fire_at = $2, pending_fires = $3,
+             last_fired_at = COALESCE($4, last_fired_at),
+             skipped = skipped + CASE WHEN $5::timestamptz IS NULL THEN 0 ELSE 1 END,
+             last_skipped_at = COALESCE($5, last_skipped_at),
+             updated_at = now()
+         WHERE id = $1 AND next_fire_at IS NOT DISTINCT FROM $6",
+    )
+    .bind(s.id)
+    .bind(next)
+    .bind(&pending)
+    .bind(last_fired)
+    .bind(skipped_at)
+    .bind(s.next_fire_at)
+    .execute(&mut *conn)
+    .await?;
+    // The row is locked by this transaction: nobody else can have moved it.
+    anyhow::ensure!(
+        moved.rows_affected() == 1,
+        "schedule {} moved under its lock",
+        s.id
+    );
+    Ok(())
+}
+
+/// The firing's job, queued with the schedule's key; `None` if that firing already made one.
+async fn insert_job(
+    conn: &mut PgConnection,
+    s: &Schedule,
+    fire_at: DateTime<Utc>,
+) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(
+        "INSERT INTO jobs (id, tenant_id, kind, status, payload, priority, max_attempts, run_at,
+                           key_id, schedule_id, schedule_fire_at)
+         VALUES ($1, $2, $3, 'queued', $4, $5, $6, now(), $7, $8, $9)
+         ON CONFLICT (schedule_id, schedule_fire_at) WHERE schedule_id IS NOT NULL DO NOTHING
+         RETURNING *",
+    )
+    .bind(Uuid::now_v7())
+    .bind(s.tenant_id)
+    .bind(&s.job.kind)
+    .bind(&s.job.payload)
+    .bind(s.job.priority.unwrap_or(0))
+    .bind(
+        s.job
+            .max_attempts
+            .unwrap_or(crate::model::DEFAULT_MAX_ATTEMPTS),
+    )
+    .bind(s.key_id)
+    .bind(s.id)
+    .bind(fire_at)
+    .fetch_optional(&mut *conn)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn five_and_six_field_expressions_in_a_time_zone() {
+        let every_second = Timing::parse("* * * * * *", "UTC").unwrap();
+        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            every_second.after(t),
+            Some(t + chrono::Duration::seconds(1))
+        );
+
+        // 09:00 in Paris is 08:00 UTC in winter, 07:00 in summer.
+        let paris = Timing::parse("0 9 * * *", "Europe/Paris").unwrap();
+        assert_eq!(
+            paris.after(t),
+            Some(Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap())
+        );
+        let july = Utc.with_ymd_and_hms(2026, 7, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            paris.after(july),
+            Some(Utc.with_ymd_and_hms(2026, 7, 1, 7, 0, 0).unwrap())
+        );
+        let fires = paris.upcoming(paris.after(t).unwrap(), 5);
+        assert_eq!(fires.len(), 5);
+        assert!(fires
+            .windows(2)
+            .all(|w| w[1] - w[0] == chrono::Duration::days(1)));
+    }
+
+    #[test]
+    fn invalid_expressions_and_zones_name_their_field() {
+        let fields = |cron: &str, tz: &str| -> Vec<String> {
+            Timing::parse(cron, tz)
+                .unwrap_err()
+                .into_iter()
+                .map(|e| e.field)
+                .collect()
+        };
+        assert_eq!(fields("* * *", "UTC"), ["cron"]);
+        assert_eq!(fields("61 * * * *", "UTC"), ["cron"]);
+        assert_eq!(fields("* * * * * * 2030", "UTC"), ["cron"]);
+        assert_eq!(fields("0 0 31 2 *", "UTC"), ["cron"]);
+        assert_eq!(fields("*/5 * * * *", "Mars/Olympus"), ["timezone"]);
+        assert_eq!(fields("nope", "nowhere"), ["cron", "timezone"]);
+        assert!(Timing::parse("@hourly", "UTC").is_ok());
+    }
+}

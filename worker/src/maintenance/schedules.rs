@@ -1,0 +1,278 @@
+//! Schedules whose firing has come (or whose queued firing may now go): one job per firing,
+//! queued with the schedule's key, announced and dispatched like a submission's. Overlap and
+//! misfire policies: see `shared::schedules`.
+
+use shared::{
+    events::{Event, EventType},
+    schedules, JobStatus,
+};
+use std::time::Duration;
+
+use super::{Duty, Schedule};
+use crate::{runtime::Change, Runtime};
+
+pub(crate) struct Schedules {
+    pub schedule: Schedule,
+    /// Later than this, a firing is a misfire (`CONVEYOR_SCHEDULE_MISFIRE_GRACE_SECS`).
+    pub grace: Duration,
+}
+
+impl Schedules {
+    /// A firing makes its job within a quarter of a second; 100 schedules per transaction.
+    pub fn new(settings: &shared::Settings) -> Self {
+        Self {
+            schedule: Schedule {
+                name: "schedules",
+                interval: Duration::from_millis(250),
+                batch: 100,
+            },
+            grace: settings.schedule_misfire_grace,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Duty for Schedules {
+    fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    /// Returns how many jobs it made. Goes on while a transaction took a full batch.
+    async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
+        let mut made = 0;
+        loop {
+            let fired =
+                schedules::fire_due(runtime.pool(), self.grace, self.schedule.batch).await?;
+            let changes: Vec<Change> = fired
+                .jobs
+                .iter()
+                .map(|job| Change {
+                    tenant: job.tenant_id,
+                    event: Event::new(job.id, &job.kind, EventType::Queued, JobStatus::Queued, 0.0)
+                        .message(Some("scheduled".into())),
+                })
+                .collect();
+            made += changes.len();
+            runtime.dispatch_now(changes).await;
+            if (fired.schedules as i64) < self.schedule.batch {
+                return Ok(made);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maintenance::test_support::TestDb;
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    impl TestDb {
+        /// A schedule of the test's tenant with `cron` and `overlap`/`misfire`, next firing at
+        /// the expression's next time.
+        async fn schedule(&self, cron: &str, overlap: &str, misfire: &str) -> Uuid {
+            let timing = schedules::Timing::parse(cron, "UTC").expect("a valid expression");
+            let id = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO schedules (id, tenant_id, name, cron, job, overlap, misfire,
+                                        next_fire_at)
+                 VALUES ($1, $2, $3, $4, '{\"kind\": \"canary\", \"payload\": {}}', $5, $6, $7)",
+            )
+            .bind(id)
+            .bind(self.tenant)
+            .bind(format!("s-{id}"))
+            .bind(cron)
+            .bind(overlap)
+            .bind(misfire)
+            .bind(timing.after(Utc::now()))
+            .execute(self.pool())
+            .await
+            .expect("insert a schedule");
+            id
+        }
+
+        async fn set_schedule(&self, id: Uuid, assignments: &str) {
+            sqlx::query(&format!("UPDATE schedules SET {assignments} WHERE id = $1"))
+                .bind(id)
+                .execute(self.pool())
+                .await
+                .expect("update a schedule");
+        }
+
+        /// The schedule's jobs: (id, status, firing time), oldest first.
+        async fn fired(&self, id: Uuid) -> Vec<(Uuid, String, DateTime<Utc>)> {
+            sqlx::query_as(
+                "SELECT id, status, schedule_fire_at FROM jobs WHERE schedule_id = $1 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(self.pool())
+            .await
+            .expect("read the schedule's jobs")
+        }
+
+        async fn schedule_row(&self, id: Uuid) -> schedules::Schedule {
+            sqlx::query_as("SELECT * FROM schedules WHERE id = $1")
+                .bind(id)
+                .fetch_one(self.pool())
+                .await
+                .expect("read a schedule")
+        }
+    }
+
+    fn duty() -> Schedules {
+        Schedules {
+            schedule: Schedule {
+                name: "schedules",
+                interval: Duration::from_millis(250),
+                batch: 100,
+            },
+            grace: Duration::from_secs(10),
+        }
+    }
+
+    /// Two leaders (two runtimes on one database) running the duty at once, over and over, for
+    /// a schedule firing every second: one job per firing, each pushed and announced.
+    #[tokio::test]
+    async fn racing_leaders_make_one_job_per_firing() {
+        let test = TestDb::new().await;
+        let other = test.another_runtime().await;
+        let id = test.schedule("* * * * * *", "allow", "run_once").await;
+        let (first, second) = (duty(), duty());
+        let started = Utc::now();
+        let end = tokio::time::Instant::now() + Duration::from_millis(4500);
+        let race = |runtime: std::sync::Arc<Runtime>, duty: Schedules| async move {
+            let mut made = 0;
+            while tokio::time::Instant::now() < end {
+                made += duty.run(&runtime).await.expect("the duty runs");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            made
+        };
+        let (a, b) = tokio::join!(
+            race(test.runtime.clone(), first),
+            race(other.clone(), second)
+        );
+
+        let jobs = test.fired(id).await;
+        assert_eq!(a + b, jobs.len(), "each made job counted once");
+        let mut times: Vec<_> = jobs.iter().map(|(_, _, at)| *at).collect();
+        times.dedup();
+        assert_eq!(times.len(), jobs.len(), "a firing made two jobs: {jobs:?}");
+        // Every second from the first firing to the last, none missed.
+        assert!(
+            (4..=5).contains(&jobs.len()),
+            "{} jobs: {jobs:?}",
+            jobs.len()
+        );
+        for pair in times.windows(2) {
+            assert_eq!((pair[1] - pair[0]).num_seconds(), 1, "{times:?}");
+        }
+        assert!(times[0] > started);
+        assert!(a > 0 || b > 0);
+        for (job, status, _) in &jobs {
+            assert_eq!(status, "queued");
+            assert!(test.in_queue(*job).await, "{job} not pushed");
+            assert_eq!(test.events(*job).await, ["queued"]);
+        }
+        let row = test.schedule_row(id).await;
+        assert_eq!(row.last_fired_at, times.last().copied());
+        assert!(row.next_fire_at.unwrap() > *times.last().unwrap());
+    }
+
+    /// Overlap `skip`: no second job while the first is live, the skip counted; `queue`: the
+    /// firing waits and its job comes once the first ended; `allow`: a job at once.
+    #[tokio::test]
+    async fn overlap_policies_while_the_previous_job_is_live() {
+        let test = TestDb::new().await;
+        let mut ids = Vec::new();
+        for overlap in ["skip", "queue", "allow"] {
+            let id = test.schedule("0 0 * * *", overlap, "run_once").await;
+            test.set_schedule(id, "next_fire_at = now() - interval '1 second'")
+                .await;
+            ids.push(id);
+        }
+        duty().run(&test.runtime).await.unwrap();
+        for id in &ids {
+            let jobs = test.fired(*id).await;
+            assert_eq!(jobs.len(), 1);
+            test.set(jobs[0].0, "status = 'running', attempt = 1").await;
+            test.set_schedule(*id, "next_fire_at = now() - interval '1 second'")
+                .await;
+        }
+
+        // The first jobs are running: another firing of each.
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 1);
+        let (skip, queue, allow) = (ids[0], ids[1], ids[2]);
+        assert_eq!(test.fired(skip).await.len(), 1, "skip made a second job");
+        let skipped = test.schedule_row(skip).await;
+        assert_eq!(skipped.skipped, 1);
+        assert!(skipped.last_skipped_at.is_some());
+        assert_eq!(test.fired(queue).await.len(), 1, "queue made a job early");
+        assert_eq!(test.schedule_row(queue).await.pending_fires.len(), 1);
+        assert_eq!(test.fired(allow).await.len(), 2);
+
+        // Still running: the waiting firing waits.
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 0);
+        assert_eq!(test.fired(queue).await.len(), 1);
+        // Once it ended, the waiting firing makes its job (for its own firing time).
+        let first = test.fired(queue).await[0].0;
+        test.set(first, "status = 'succeeded', finished_at = now()")
+            .await;
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 1);
+        let jobs = test.fired(queue).await;
+        assert_eq!(jobs.len(), 2);
+        assert!(jobs[1].2 > jobs[0].2);
+        assert!(test.schedule_row(queue).await.pending_fires.is_empty());
+        assert!(test.in_queue(jobs[1].0).await);
+    }
+
+    /// After a downtime longer than the grace: `run_once` makes one job (not one per missed
+    /// firing), `skip` none; both go on at the next future firing.
+    #[tokio::test]
+    async fn misfires_after_downtime_follow_the_policy() {
+        let test = TestDb::new().await;
+        let run_once = test.schedule("* * * * *", "allow", "run_once").await;
+        let skip = test.schedule("* * * * *", "allow", "skip").await;
+        for id in [run_once, skip] {
+            // Down for an hour: 60 firings missed.
+            test.set_schedule(
+                id,
+                "next_fire_at = date_trunc('minute', now()) - interval '1 hour'",
+            )
+            .await;
+        }
+        let before = Utc::now();
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.fired(run_once).await.len(), 1);
+        assert!(test.fired(skip).await.is_empty());
+        for id in [run_once, skip] {
+            let row = test.schedule_row(id).await;
+            assert!(row.next_fire_at.unwrap() > before, "{id} not in the future");
+        }
+        assert_eq!(test.schedule_row(skip).await.skipped, 1);
+        assert_eq!(test.schedule_row(run_once).await.skipped, 0);
+        // Nothing is due now.
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 0);
+
+        // A firing late by less than the grace still makes its job.
+        test.set_schedule(skip, "next_fire_at = now() - interval '2 seconds'")
+            .await;
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.fired(skip).await.len(), 1);
+    }
+
+    /// A paused schedule does not fire.
+    #[tokio::test]
+    async fn paused_schedules_do_not_fire() {
+        let test = TestDb::new().await;
+        let id = test.schedule("* * * * *", "allow", "run_once").await;
+        test.set_schedule(
+            id,
+            "paused = true, next_fire_at = now() - interval '1 second'",
+        )
+        .await;
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 0);
+        assert!(test.fired(id).await.is_empty());
+    }
+}
