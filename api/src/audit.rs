@@ -363,6 +363,6 @@ mod tests {
         for action in Action::ALL {
             assert_eq!(Action::parse(action.as_str()), Some(action));
         }
-        assert_eq!(Action::parse("job.delete"), None);
+        assert_eq!(Action::parse("job.destroy"), None);
     }
 }
