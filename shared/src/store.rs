@@ -372,56 +372,49 @@ pub struct JobFilter {
     pub kind: Option<String>,
 }
 
-/// [`request_cancel`] for up to `limit` of the tenant's live jobs matching `filter`. Rows are
-/// locked in id order (as dispatch passes lock them), waiting for a pass that holds some.
-pub async fn cancel_matching(
-    db: impl sqlx::PgExecutor<'_>,
-    tenant: Uuid,
-    filter: &JobFilter,
-    limit: i64,
-) -> sqlx::Result<Vec<Job>> {
-    let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
-    sqlx::query_as(
-        "UPDATE jobs SET
-             status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
-             cancel_requested = (status = 'running'),
-             finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END,
-             updated_at = now()
-         WHERE id IN (
-             SELECT id FROM jobs
-             WHERE tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
-               AND status IN ('scheduled', 'queued', 'retrying', 'running') AND NOT cancel_requested
-             ORDER BY id LIMIT $4 FOR UPDATE)
-         RETURNING *",
-    )
-    .bind(tenant)
-    .bind(statuses)
-    .bind(&filter.kind)
-    .bind(limit)
-    .fetch_all(db)
-    .await
+/// What a bulk action does to each job it takes.
+#[derive(Clone, Copy, Debug)]
+pub enum BulkChange {
+    /// [`request_cancel`], for live jobs.
+    Cancel,
+    /// [`retry`], for failed or cancelled jobs.
+    Retry,
 }
 
-/// [`retry`] for up to `limit` of the tenant's failed or cancelled jobs matching `filter`.
-pub async fn retry_matching(
+/// Applies `change` to up to `limit` of the tenant's jobs matching `filter` (and the
+/// statuses the change applies to), oldest first. Rows are locked in id order, as dispatch
+/// passes lock them, waiting for a pass that holds some.
+pub async fn change_matching(
     db: impl sqlx::PgExecutor<'_>,
     tenant: Uuid,
     filter: &JobFilter,
+    change: BulkChange,
     limit: i64,
 ) -> sqlx::Result<Vec<Job>> {
+    let (set, applies) = match change {
+        BulkChange::Cancel => (
+            "status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
+             cancel_requested = (status = 'running'),
+             finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END",
+            "status IN ('scheduled', 'queued', 'retrying', 'running') AND NOT cancel_requested",
+        ),
+        BulkChange::Retry => (
+            "status = 'queued', dispatched = false, max_attempts = attempt + max_attempts,
+             cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
+             finished_at = NULL, run_at = now()",
+            "status IN ('failed', 'cancelled')",
+        ),
+    };
     let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
-    sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', dispatched = false,
-             max_attempts = attempt + max_attempts, cancel_requested = false, result = NULL,
-             error = NULL, progress = 0, message = NULL, finished_at = NULL, run_at = now(),
-             updated_at = now()
+    sqlx::query_as(&format!(
+        "UPDATE jobs SET {set}, updated_at = now()
          WHERE id IN (
              SELECT id FROM jobs
              WHERE tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
-               AND status IN ('failed', 'cancelled')
+               AND {applies}
              ORDER BY id LIMIT $4 FOR UPDATE)
-         RETURNING *",
-    )
+         RETURNING *"
+    ))
     .bind(tenant)
     .bind(statuses)
     .bind(&filter.kind)

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shared::{
     events::{Event, EventType},
-    store::{self, JobFilter},
+    store::{self, BulkChange, JobFilter},
     FieldError, Job, JobStatus, Problem,
 };
 use std::collections::BTreeSet;
@@ -78,20 +78,7 @@ pub async fn cancel(
     use JobStatus::*;
     let filter = filter(&state, body, &[Scheduled, Queued, Retrying, Running])?;
     let tenant = writer.tenant().0;
-    let mut tx = state.pool.begin().await?;
-    let jobs = store::cancel_matching(&mut *tx, tenant, &filter, MAX_BULK).await?;
-    let (jobs, more) = trim(jobs);
-    let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
-    let detail = json!({"bulk": true});
-    audit::jobs_changed(
-        &mut *tx,
-        &Actor::from(&writer.0),
-        Action::JobCancel,
-        &ids,
-        detail,
-    )
-    .await?;
-    tx.commit().await?;
+    let (jobs, more) = apply(&state, &writer, &filter, BulkChange::Cancel).await?;
     let (stopped, running): (Vec<&Job>, Vec<&Job>) = jobs
         .iter()
         .partition(|j| j.status() == JobStatus::Cancelled);
@@ -131,20 +118,7 @@ pub async fn retry(
 ) -> Result<Json<BulkResult>, Problem> {
     let filter = filter(&state, body, &[JobStatus::Failed, JobStatus::Cancelled])?;
     let tenant = writer.tenant().0;
-    let mut tx = state.pool.begin().await?;
-    let jobs = store::retry_matching(&mut *tx, tenant, &filter, MAX_BULK).await?;
-    let (jobs, more) = trim(jobs);
-    let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
-    let detail = json!({"bulk": true});
-    audit::jobs_changed(
-        &mut *tx,
-        &Actor::from(&writer.0),
-        Action::JobRetry,
-        &ids,
-        detail,
-    )
-    .await?;
-    tx.commit().await?;
+    let (jobs, more) = apply(&state, &writer, &filter, BulkChange::Retry).await?;
     let events: Vec<_> = jobs
         .iter()
         .map(|j| {
@@ -165,10 +139,27 @@ pub async fn retry(
     }))
 }
 
-/// A request that changed its limit's worth may have left some: send it again.
-fn trim(jobs: Vec<Job>) -> (Vec<Job>, bool) {
+/// Changes the matching jobs and writes their audit rows in one transaction; returns them,
+/// and whether more may be left (a request that changed its limit's worth).
+async fn apply(
+    state: &AppState,
+    writer: &Writer,
+    filter: &JobFilter,
+    change: BulkChange,
+) -> Result<(Vec<Job>, bool), Problem> {
+    let action = match change {
+        BulkChange::Cancel => Action::JobCancel,
+        BulkChange::Retry => Action::JobRetry,
+    };
+    let mut tx = state.pool.begin().await?;
+    let jobs =
+        store::change_matching(&mut *tx, writer.tenant().0, filter, change, MAX_BULK).await?;
+    let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
+    let actor = Actor::from(&writer.0);
+    audit::jobs_changed(&mut *tx, &actor, action, &ids, json!({"bulk": true})).await?;
+    tx.commit().await?;
     let more = jobs.len() as i64 >= MAX_BULK;
-    (jobs, more)
+    Ok((jobs, more))
 }
 
 fn kinds<'a>(jobs: &[&'a Job]) -> BTreeSet<&'a str> {
