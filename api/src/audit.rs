@@ -37,10 +37,13 @@ pub enum Action {
     SchedulePause,
     ScheduleResume,
     ScheduleDelete,
+    WebhookCreate,
+    WebhookDelete,
+    WebhookReplay,
 }
 
 impl Action {
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 22] = [
         Self::JobSubmit,
         Self::JobCancel,
         Self::JobRetry,
@@ -60,6 +63,9 @@ impl Action {
         Self::SchedulePause,
         Self::ScheduleResume,
         Self::ScheduleDelete,
+        Self::WebhookCreate,
+        Self::WebhookDelete,
+        Self::WebhookReplay,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +89,9 @@ impl Action {
             Self::SchedulePause => "schedule.pause",
             Self::ScheduleResume => "schedule.resume",
             Self::ScheduleDelete => "schedule.delete",
+            Self::WebhookCreate => "webhook.create",
+            Self::WebhookDelete => "webhook.delete",
+            Self::WebhookReplay => "webhook.replay",
         }
     }
 
@@ -292,9 +301,11 @@ pub struct AuditEntry {
     /// `job.submit`, `job.cancel`, `job.retry`, `dataset.upload`, `dataset.delete`,
     /// `connection.create`, `connection.delete`, `collection.create`, `collection.delete`,
     /// `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`, `session.sign_out`,
-    /// `schedule.create`, `schedule.pause`, `schedule.resume`, `schedule.delete`.
+    /// `schedule.create`, `schedule.pause`, `schedule.resume`, `schedule.delete`,
+    /// `webhook.create`, `webhook.delete`, `webhook.replay`.
     pub action: String,
-    /// The job, dataset, connection, collection, key or session (its key) changed.
+    /// The job, dataset, connection, collection, key, session (its key), schedule, webhook or
+    /// webhook delivery changed.
     pub target_id: Option<String>,
     pub at: DateTime<Utc>,
     /// The request's `x-request-id`.

@@ -8,7 +8,7 @@ use utoipa::{
 
 use crate::routes::{
     audit, bulk, collections, connections, datasets, events, jobs, keys, ops, patches, queues,
-    schedules, session, tenant, usage,
+    schedules, session, tenant, usage, webhooks,
 };
 
 #[derive(OpenApi)]
@@ -25,7 +25,8 @@ use crate::routes::{
           keys::list, keys::create, keys::revoke, audit::list, tenant::current,
           usage::usage, bulk::cancel, bulk::retry, schedules::create, schedules::list,
           schedules::get_one, schedules::pause, schedules::resume, schedules::delete,
-          schedules::history),
+          schedules::history, webhooks::create, webhooks::list, webhooks::get_one,
+          webhooks::delete, webhooks::deliveries, webhooks::replay),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
                         jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
@@ -51,7 +52,10 @@ use crate::routes::{
                         shared::usage::Usage, bulk::BulkFilter, bulk::BulkResult,
                         schedules::CreateSchedule, schedules::ScheduleList,
                         shared::schedules::Schedule, shared::schedules::ScheduledJob,
-                        shared::schedules::Overlap, shared::schedules::Misfire)),
+                        shared::schedules::Overlap, shared::schedules::Misfire,
+                        webhooks::NewWebhook, webhooks::WebhookList, webhooks::DeliveryList,
+                        shared::webhooks::Webhook, shared::webhooks::CreatedWebhook,
+                        shared::webhooks::Delivery)),
     modifiers(&BearerAuth),
     security(("api_key" = []), ("session" = []))
 )]

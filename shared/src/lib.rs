@@ -19,6 +19,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tenancy;
 pub mod usage;
+pub mod webhooks;
 
 pub use context::{Cancelled, JobContext};
 pub use model::{Job, JobStatus};

@@ -121,6 +121,20 @@ pub struct Settings {
     /// were down) is a misfire, handled by the schedule's `misfire` policy; a later firing
     /// within it still makes its job.
     pub schedule_misfire_grace: Duration,
+    /// `CONVEYOR_WEBHOOK_TIMEOUT_SECS`: how long one webhook delivery attempt may take (connect,
+    /// send, response headers).
+    pub webhook_timeout: Duration,
+    /// `CONVEYOR_WEBHOOK_LEASE_SECS`: how long a claimed delivery is left to its worker before
+    /// another may try it (a worker killed mid-delivery); at least the timeout plus a second.
+    pub webhook_lease: Duration,
+    /// `CONVEYOR_WEBHOOK_RETRY_BASE_MS`: the first retry's backoff; it doubles each attempt (to
+    /// at most an hour), with jitter.
+    pub webhook_retry_base: Duration,
+    /// `CONVEYOR_WEBHOOK_RETRY_HOURS`: how long a delivery is retried before it is `failed` and
+    /// its endpoint marked failing.
+    pub webhook_retry_window: Duration,
+    /// `CONVEYOR_WEBHOOK_CONCURRENCY`: deliveries in flight at once (per leading worker).
+    pub webhook_concurrency: usize,
 }
 
 /// A token bucket: `per_sec` tokens a second, at most `burst` saved up.
@@ -176,6 +190,11 @@ impl fmt::Debug for Settings {
             default_max_running,
             default_rate,
             schedule_misfire_grace,
+            webhook_timeout,
+            webhook_lease,
+            webhook_retry_base,
+            webhook_retry_window,
+            webhook_concurrency,
         } = self;
         f.debug_struct("Settings")
             .field("database_url", &redact(database_url))
@@ -221,6 +240,11 @@ impl fmt::Debug for Settings {
             .field("default_max_running", default_max_running)
             .field("default_rate", default_rate)
             .field("schedule_misfire_grace", schedule_misfire_grace)
+            .field("webhook_timeout", webhook_timeout)
+            .field("webhook_lease", webhook_lease)
+            .field("webhook_retry_base", webhook_retry_base)
+            .field("webhook_retry_window", webhook_retry_window)
+            .field("webhook_concurrency", webhook_concurrency)
             .finish()
     }
 }
@@ -308,6 +332,13 @@ impl Settings {
                 "SCHEDULE_MISFIRE_GRACE_SECS",
                 "10",
             )?),
+            webhook_timeout: Duration::from_secs(parse("WEBHOOK_TIMEOUT_SECS", "10")?),
+            webhook_lease: Duration::from_secs(parse("WEBHOOK_LEASE_SECS", "60")?),
+            webhook_retry_base: Duration::from_millis(parse("WEBHOOK_RETRY_BASE_MS", "10000")?),
+            webhook_retry_window: Duration::from_secs(
+                parse::<u64>("WEBHOOK_RETRY_HOURS", "24")? * 3600,
+            ),
+            webhook_concurrency: parse::<usize>("WEBHOOK_CONCURRENCY", "16")?.max(1),
         })
     }
 
@@ -370,6 +401,11 @@ impl Settings {
             default_max_running: None,
             default_rate: None,
             schedule_misfire_grace: Duration::from_secs(10),
+            webhook_timeout: Duration::from_secs(5),
+            webhook_lease: Duration::from_secs(6),
+            webhook_retry_base: Duration::from_millis(200),
+            webhook_retry_window: Duration::from_secs(24 * 3600),
+            webhook_concurrency: 8,
         }
     }
 }

@@ -245,8 +245,9 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
         error.push(e);
         retry_at.push(at);
     }
-    // The attempt's usage goes in with its outcome, only while the attempt owns the job.
-    let rows: Vec<Job> = sqlx::query_as(
+    // The attempt's usage goes in with its outcome, only while the attempt owns the job; so
+    // does a terminal outcome's webhook outbox.
+    let sql = format!(
         "WITH f AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[],
                                   $6::timestamptz[], $7::bool[], $8::jsonb[])
@@ -276,19 +277,21 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
                       rows_read int8, rows_written int8, bytes_read int8, chunks_embedded int8,
                       tokens_embedded int8, synthetic_rows int8)
              ON CONFLICT (job_id, attempt) DO NOTHING
-         )
+         ), {}
          SELECT * FROM done",
-    )
-    .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
-    .bind(items.iter().map(|i| i.attempt).collect::<Vec<_>>())
-    .bind(status)
-    .bind(result)
-    .bind(error)
-    .bind(retry_at)
-    .bind(terminal)
-    .bind(usage)
-    .fetch_all(pool)
-    .await?;
+        crate::webhooks::outbox_cte("done")
+    );
+    let rows: Vec<Job> = sqlx::query_as(&sql)
+        .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
+        .bind(items.iter().map(|i| i.attempt).collect::<Vec<_>>())
+        .bind(status)
+        .bind(result)
+        .bind(error)
+        .bind(retry_at)
+        .bind(terminal)
+        .bind(usage)
+        .fetch_all(pool)
+        .await?;
     Ok(match_rows(items.iter().map(|i| i.id), rows))
 }
 
@@ -314,19 +317,25 @@ pub async fn request_cancel(
     tenant: Uuid,
     id: Uuid,
 ) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
-        "UPDATE jobs SET
+    // A job cancelled here (not running) is terminal: its webhook outbox goes in with it.
+    let sql = format!(
+        "WITH c AS (
+         UPDATE jobs SET
              status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
              cancel_requested = (status = 'running'),
              finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END,
              updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status IN ('scheduled', 'queued', 'retrying', 'running')
-         RETURNING *",
-    )
-    .bind(id)
-    .bind(tenant)
-    .fetch_optional(pool)
-    .await
+         RETURNING *
+         ), {}
+         SELECT * FROM c",
+        crate::webhooks::outbox_cte("c")
+    );
+    sqlx::query_as(&sql)
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(pool)
+        .await
 }
 
 /// Puts a failed or cancelled job back in the queue with a fresh attempt budget.
@@ -406,14 +415,19 @@ pub async fn change_matching(
         ),
     };
     let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+    // A job cancelled here (not running) is terminal: its webhook outbox goes in with it.
     sqlx::query_as(&format!(
-        "UPDATE jobs SET {set}, updated_at = now()
+        "WITH c AS (
+         UPDATE jobs SET {set}, updated_at = now()
          WHERE id IN (
              SELECT id FROM jobs
              WHERE tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
                AND {applies}
              ORDER BY id LIMIT $4 FOR UPDATE)
-         RETURNING *"
+         RETURNING *
+         ), {outbox}
+         SELECT * FROM c",
+        outbox = crate::webhooks::outbox_cte("c")
     ))
     .bind(tenant)
     .bind(statuses)
@@ -466,9 +480,11 @@ pub async fn rescue_orphans(
     max_deaths: i32,
     limit: i64,
 ) -> sqlx::Result<Vec<Moved>> {
-    // In SET, `worker_deaths` is the count before this death.
-    sqlx::query_as(
-        "UPDATE jobs SET
+    // In SET, `worker_deaths` is the count before this death. A job failed or cancelled here
+    // is terminal: its webhook outbox goes in with it.
+    let sql = format!(
+        "WITH r AS (
+         UPDATE jobs SET
              worker_deaths = worker_deaths + 1,
              dispatched = false,
              status = CASE WHEN cancel_requested THEN 'cancelled'
@@ -490,13 +506,17 @@ pub async fn rescue_orphans(
                  SELECT 1 FROM workers w WHERE w.name = jobs.worker AND w.stopped_at IS NULL
                      AND w.heartbeat_at > now() - make_interval(secs => $1))
              LIMIT $3 FOR UPDATE SKIP LOCKED)
-         RETURNING id, tenant_id, kind, attempt, status, error",
-    )
-    .bind(horizon.as_secs_f64())
-    .bind(max_deaths)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
+         RETURNING *
+         ), {}
+         SELECT id, tenant_id, kind, attempt, status, error FROM r",
+        crate::webhooks::outbox_cte("r")
+    );
+    sqlx::query_as(&sql)
+        .bind(horizon.as_secs_f64())
+        .bind(max_deaths)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
 }
 
 /// The kinds with queued jobs waiting to be dispatched (a skip scan of `jobs_held`).

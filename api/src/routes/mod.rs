@@ -22,6 +22,7 @@ pub(crate) mod schedules;
 pub(crate) mod session;
 pub(crate) mod tenant;
 pub(crate) mod usage;
+pub(crate) mod webhooks;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -64,6 +65,16 @@ pub fn router() -> Router<AppState> {
         .route("/v1/schedules/{id}/pause", post(schedules::pause))
         .route("/v1/schedules/{id}/resume", post(schedules::resume))
         .route("/v1/schedules/{id}/jobs", get(schedules::history))
+        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
+        .route(
+            "/v1/webhooks/{id}",
+            get(webhooks::get_one).delete(webhooks::delete),
+        )
+        .route("/v1/webhooks/{id}/deliveries", get(webhooks::deliveries))
+        .route(
+            "/v1/webhooks/{id}/deliveries/{delivery_id}/replay",
+            post(webhooks::replay),
+        )
         .route("/v1/tenant", get(tenant::current))
         .route("/v1/usage", get(usage::usage))
         .route("/v1/queues", get(queues::queues))

@@ -26,3 +26,4 @@ mod sse;
 mod synthesis;
 mod upload_attacks;
 mod usage;
+mod webhooks;

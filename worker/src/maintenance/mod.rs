@@ -22,6 +22,7 @@ mod stale;
 mod sweeps;
 #[cfg(test)]
 mod test_support;
+mod webhooks;
 mod workers;
 
 /// A duty's name (for the logs), how often it runs, and how much one statement of it does.
@@ -72,6 +73,7 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
         Arc::new(sweeps::Sweeps::default()),
         Arc::new(workers::Workers::new(settings)),
         Arc::new(retention::Retention::new(settings)),
+        Arc::new(webhooks::Webhooks::new(settings)),
     ]
 }
 

@@ -1,0 +1,229 @@
+//! Webhooks: endpoints of a tenant told of its jobs' outcomes, signed per the Standard
+//! Webhooks spec. Create (the secret is shown once), list, read, delete; each endpoint's
+//! deliveries (attempts, status codes, latency) and the replay of one.
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use shared::{
+    webhooks::{self, CreatedWebhook, Delivery, Replay, Webhook},
+    FieldError, Problem,
+};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    audit::{self, Action, Actor, Entry},
+    auth::{Tenant, Writer},
+    extract::HashedJson,
+    AppState,
+};
+
+/// `POST /v1/webhooks` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewWebhook {
+    /// `https://` (or `http://`) URL to POST each event to: a public address, or one
+    /// `CONVEYOR_CONNECTION_ALLOW` names (checked now and at every delivery). No credentials,
+    /// no fragment; redirects are not followed.
+    pub url: String,
+    /// Any of `job.succeeded`, `job.failed`, `job.cancelled` (`pipeline.*`: not yet, 422).
+    pub events: Vec<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WebhookList {
+    pub webhooks: Vec<Webhook>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeliveryList {
+    pub deliveries: Vec<Delivery>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> Problem {
+    Problem::validation(vec![FieldError::new(field, message)])
+}
+
+fn not_found() -> Problem {
+    Problem::not_found("webhook")
+}
+
+fn parse_id(id: &str, what: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(id).map_err(|_| Problem::not_found(what))
+}
+
+#[utoipa::path(post, path = "/v1/webhooks", request_body = NewWebhook, tag = "webhooks",
+    responses((status = 201, body = CreatedWebhook, description = "created; `secret` is shown this once"),
+              (status = 422, body = Problem, description = "a bad `url` (or one that reaches a refused address) or `events`"),
+              (status = 503, body = Problem, description = "CONVEYOR_SECRET_KEY is not configured")))]
+pub async fn create(
+    State(state): State<AppState>,
+    writer: Writer,
+    HashedJson(body, body_sha256): HashedJson<NewWebhook>,
+) -> Result<Response, Problem> {
+    let tenant = writer.tenant();
+    let mut errors = Vec::new();
+    let url = webhooks::parse_url(&body.url)
+        .map_err(|why| errors.push(FieldError::new("url", why)))
+        .ok();
+    let events = webhooks::parse_events(&body.events)
+        .map_err(|why| errors.push(FieldError::new("events", why)))
+        .ok();
+    let (Some(url), Some(events), true) = (url, events, errors.is_empty()) else {
+        return Err(Problem::validation(errors));
+    };
+    webhooks::check_url(&url, &state.settings.connection_allow)
+        .await
+        .map_err(|why| invalid("url", why))?;
+    let cipher = state.context.targets.cipher().ok_or_else(|| {
+        Problem::unavailable("webhooks need CONVEYOR_SECRET_KEY to encrypt their secrets")
+    })?;
+    let mut tx = state.pool.begin().await?;
+    let created = webhooks::create(
+        &mut *tx,
+        cipher,
+        tenant.0,
+        writer.0.key.id,
+        url.as_str(),
+        &events,
+    )
+    .await?;
+    let entry = Entry::new(Action::WebhookCreate)
+        .target(created.webhook.id)
+        .payload_sha256(body_sha256)
+        .detail(serde_json::json!({"url": webhooks::without_query(&url), "events": events}));
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
+    let location = format!("/v1/webhooks/{}", created.webhook.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(created),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/webhooks", tag = "webhooks",
+    responses((status = 200, body = WebhookList, description = "the tenant's endpoints, oldest first (never their secrets)")))]
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+) -> Result<Json<WebhookList>, Problem> {
+    let webhooks = webhooks::list(&state.pool, tenant.0).await?;
+    Ok(Json(WebhookList { webhooks }))
+}
+
+#[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Webhook), (status = 404, body = Problem)))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Webhook>, Problem> {
+    let id = parse_id(&id, "webhook")?;
+    webhooks::get(&state.pool, tenant.0, id)
+        .await?
+        .map(Json)
+        .ok_or_else(not_found)
+}
+
+#[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
+    responses((status = 204, description = "deleted, with its deliveries (pending ones are not sent)"),
+              (status = 404, body = Problem)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    writer: Writer,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    let id = parse_id(&id, "webhook")?;
+    let mut tx = state.pool.begin().await?;
+    if !webhooks::delete(&mut *tx, writer.tenant().0, id).await? {
+        return Err(not_found());
+    }
+    let entry = Entry::new(Action::WebhookDelete).target(id);
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryParams {
+    /// Page size, 1-500 (default 50).
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",
+    params(("id" = Uuid, Path), DeliveryParams),
+    responses((status = 200, body = DeliveryList, description = "the endpoint's deliveries, newest first"),
+              (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn deliveries(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    params: Result<Query<DeliveryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeliveryList>, Problem> {
+    let id = parse_id(&id, "webhook")?;
+    let Query(params) = params.map_err(|e| invalid("query", e.body_text()))?;
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(invalid("limit", "must be between 1 and 500"));
+    }
+    let cursor = match params.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(
+            Uuid::parse_str(c)
+                .map_err(|_| invalid("cursor", "not a cursor returned by this endpoint"))?,
+        ),
+    };
+    webhooks::get(&state.pool, tenant.0, id)
+        .await?
+        .ok_or_else(not_found)?;
+    let deliveries = webhooks::deliveries(&state.pool, tenant.0, id, cursor, limit).await?;
+    let next_cursor = (deliveries.len() as i64 == limit)
+        .then(|| deliveries.last().map(|d| d.id))
+        .flatten();
+    Ok(Json(DeliveryList {
+        deliveries,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/webhooks/{id}/deliveries/{delivery_id}/replay", tag = "webhooks",
+    params(("id" = Uuid, Path), ("delivery_id" = Uuid, Path)),
+    responses((status = 202, body = Delivery, description = "queued: sent again (same `webhook-id` and body, a new signature), with a fresh retry window"),
+              (status = 404, body = Problem),
+              (status = 409, body = Problem, description = "the delivery is still pending")))]
+pub async fn replay(
+    State(state): State<AppState>,
+    writer: Writer,
+    Path((id, delivery_id)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Delivery>), Problem> {
+    let id = parse_id(&id, "webhook")?;
+    let delivery_id = parse_id(&delivery_id, "delivery")?;
+    let mut tx = state.pool.begin().await?;
+    let delivery = match webhooks::replay(&mut tx, writer.tenant().0, id, delivery_id).await? {
+        Replay::Queued(delivery) => delivery,
+        Replay::NotFound => return Err(Problem::not_found("delivery")),
+        Replay::Pending => {
+            return Err(Problem::conflict(
+                "the delivery is still pending: it is being sent",
+            ))
+        }
+    };
+    let entry = Entry::new(Action::WebhookReplay)
+        .target(delivery_id)
+        .detail(serde_json::json!({"webhook_id": id, "event": delivery.event}));
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(*delivery)))
+}
