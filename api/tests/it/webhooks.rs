@@ -425,6 +425,24 @@ async fn urls_to_refused_addresses_and_unknown_events_are_422_and_create_nothing
     assert_eq!(count, 0);
     let (_, audit) = app.get("/v1/audit?action=webhook.create").await;
     assert_eq!(audit["entries"], json!([]), "{audit}");
+
+    // The OpenAPI document has the routes.
+    let (_, spec) = app.get("/openapi.json").await;
+    for (path, method) in [
+        ("/v1/webhooks", "post"),
+        ("/v1/webhooks", "get"),
+        ("/v1/webhooks/{id}", "delete"),
+        ("/v1/webhooks/{id}/deliveries", "get"),
+        ("/v1/webhooks/{id}/deliveries/{delivery_id}/replay", "post"),
+    ] {
+        assert!(spec["paths"][path][method].is_object(), "{method} {path}");
+    }
+    for schema in ["CreatedWebhook", "Webhook", "Delivery", "NewWebhook"] {
+        assert!(
+            spec["components"]["schemas"][schema].is_object(),
+            "{schema}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -279,6 +279,7 @@ mod tests {
     use super::*;
     use crate::maintenance::test_support::TestDb;
     use axum::{extract::State, http::StatusCode, routing::post, Router};
+    use serde_json::Value;
     use std::sync::Mutex;
     use uuid::Uuid;
 
@@ -481,6 +482,84 @@ mod tests {
                 .unwrap();
         assert_eq!(failing, None);
         assert_eq!(receiver.count(), 1);
+    }
+
+    /// Every statement that ends a job writes the outbox rows of its outcome with it: the
+    /// worker's finish, the API's cancels of waiting jobs, the rescuer's failures; nothing for
+    /// a retry or a cancel only requested.
+    #[tokio::test]
+    async fn every_terminal_transition_writes_its_outbox_rows() {
+        use shared::store::{self, BulkChange, JobFilter, Outcome};
+        let test = TestDb::new().await;
+        let all = ["job.succeeded", "job.failed", "job.cancelled"];
+        let webhook = test.webhook("http://127.0.0.1:9/hook", &all).await;
+        let other_tenants = {
+            let other = test.other_tenant().await;
+            let id = test.webhook("http://127.0.0.1:9/other", &all).await;
+            sqlx::query("UPDATE webhooks SET tenant_id = $1 WHERE id = $2")
+                .bind(other)
+                .bind(id)
+                .execute(test.pool())
+                .await
+                .unwrap();
+            id
+        };
+
+        let succeeded = test.finish(Outcome::Succeeded(serde_json::json!({}))).await;
+        test.finish(Outcome::Retrying {
+            error: "again".into(),
+            retry_at: Utc::now(),
+        })
+        .await;
+        let cancelled = test.job("canary", "queued").await;
+        store::request_cancel(test.pool(), test.tenant, cancelled)
+            .await
+            .unwrap();
+        let running = test.job("canary", "running").await;
+        store::request_cancel(test.pool(), test.tenant, running)
+            .await
+            .unwrap();
+        let bulk = test.job("canary", "scheduled").await;
+        let filter = JobFilter {
+            statuses: vec![shared::JobStatus::Scheduled],
+            kind: None,
+        };
+        store::change_matching(test.pool(), test.tenant, &filter, BulkChange::Cancel, 10)
+            .await
+            .unwrap();
+        let orphan = test.job("canary", "running").await;
+        test.set(orphan, "worker = 'lost', max_attempts = 1").await;
+        store::rescue_orphans(test.pool(), Duration::from_secs(1), 3, 10)
+            .await
+            .unwrap();
+
+        let rows: Vec<(String, Uuid, Value)> = sqlx::query_as(
+            "SELECT event, job_id, payload FROM webhook_deliveries WHERE webhook_id = $1
+             ORDER BY id",
+        )
+        .bind(webhook)
+        .fetch_all(test.pool())
+        .await
+        .unwrap();
+        let mut got: Vec<(&str, Uuid)> = rows.iter().map(|(e, j, _)| (e.as_str(), *j)).collect();
+        got.sort();
+        // The running job asked to stop had no live worker: the rescuer cancelled it.
+        let mut expected = vec![
+            ("job.succeeded", succeeded),
+            ("job.cancelled", cancelled),
+            ("job.cancelled", bulk),
+            ("job.cancelled", running),
+            ("job.failed", orphan),
+        ];
+        expected.sort();
+        assert_eq!(got, expected);
+        let payload = |job: Uuid| &rows.iter().find(|(_, j, _)| *j == job).unwrap().2;
+        assert_eq!(payload(succeeded)["type"], "job.succeeded");
+        assert_eq!(payload(succeeded)["data"]["job_id"], succeeded.to_string());
+        assert!(payload(succeeded)["data"].get("result").is_some());
+        assert_eq!(payload(orphan)["data"]["status"], "failed");
+        assert!(payload(orphan)["data"]["error"].as_str().is_some());
+        assert_eq!(test.deliveries(other_tenants).await.len(), 0);
     }
 
     #[test]
