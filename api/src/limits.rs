@@ -65,6 +65,7 @@ pub struct Limits {
     prefix: String,
     defaults: Defaults,
     cache: moka::future::Cache<Uuid, Arc<TenantLimits>>,
+    key_rates: moka::future::Cache<Uuid, Option<Rate>>,
 }
 
 #[derive(Clone, Copy)]
@@ -84,6 +85,10 @@ impl Limits {
                 rate: settings.default_rate,
             },
             cache: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(5))
+                .build(),
+            key_rates: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(5))
                 .build(),
@@ -153,42 +158,85 @@ impl Limits {
         })
     }
 
-    /// Takes `jobs` tokens from the tenant's bucket: the headers to send with the answer, or
-    /// the 429 to send instead. Without a rate limit, no headers. If Redis cannot answer, the
-    /// submission goes through (the queue itself needs Redis; refusing here would add nothing).
-    pub async fn admit(&self, tenant: Uuid, jobs: usize) -> Result<RateHeaders, Response> {
+    /// A key's own submission rate (`conveyor-api keys set-rate`), cached like the tenant's.
+    async fn key_rate(&self, key: Uuid) -> Result<Option<Rate>, Problem> {
+        self.key_rates
+            .try_get_with(key, async {
+                let row: Option<(Option<f64>, Option<i32>)> =
+                    sqlx::query_as("SELECT rate_per_sec, rate_burst FROM api_keys WHERE id = $1")
+                        .bind(key)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok::<_, Problem>(row.and_then(|(per_sec, burst)| {
+                    per_sec.map(|per_sec| Rate {
+                        per_sec,
+                        burst: burst.map_or(per_sec.ceil().max(1.0) as u32, |b| b as u32),
+                    })
+                }))
+            })
+            .await
+            .map_err(|e| (*e).clone())
+    }
+
+    /// Takes `jobs` tokens from the tenant's bucket and, if the key has a rate of its own,
+    /// from the key's, both or neither: the headers to send with the answer (of the bucket
+    /// with the fewest tokens left), or the 429 to send instead. Without a rate limit, no
+    /// headers. If Redis cannot answer, the submission goes through (the queue itself needs
+    /// Redis; refusing here would add nothing).
+    pub async fn admit(
+        &self,
+        tenant: Uuid,
+        key: Uuid,
+        jobs: usize,
+    ) -> Result<RateHeaders, Response> {
         let limits = self.of(tenant).await.map_err(IntoResponse::into_response)?;
-        let Some(rate) = limits.rate else {
+        let key_rate = self
+            .key_rate(key)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let buckets: Vec<(&str, String, Rate)> = [
+            limits
+                .rate
+                .map(|r| ("tenant", format!("{}:rate:{tenant}", self.prefix), r)),
+            key_rate.map(|r| ("key", format!("{}:rate:key:{key}", self.prefix), r)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if buckets.is_empty() {
             return Ok(RateHeaders::default());
-        };
-        let interval_us = (1e6 / rate.per_sec).max(1.0) as i64;
+        }
+        let mut invocation = GCRA.prepare_invoke();
+        invocation.arg(jobs);
+        for (_, bucket, rate) in &buckets {
+            invocation
+                .key(bucket)
+                .arg((1e6 / rate.per_sec).max(1.0) as i64)
+                .arg(rate.burst);
+        }
         let mut conn = self.redis.clone();
-        let answer: Result<(i64, i64, i64, i64), _> = GCRA
-            .key(format!("{}:rate:{tenant}", self.prefix))
-            .arg(interval_us)
-            .arg(rate.burst)
-            .arg(jobs)
-            .invoke_async(&mut conn)
-            .await;
-        let (allowed, remaining, retry_us, full_us) = match answer {
+        let answer: Result<(usize, i64, i64, i64, i64), _> =
+            invocation.invoke_async(&mut conn).await;
+        let (binding, allowed, remaining, retry_us, full_us) = match answer {
             Ok(answer) => answer,
             Err(e) => {
                 tracing::warn!(error = %e, "rate limit unavailable; admitting");
                 return Ok(RateHeaders::default());
             }
         };
-        let headers = RateHeaders::new(rate, remaining.max(0), full_us);
+        let (name, _, rate) = buckets[binding.clamp(1, buckets.len()) - 1];
+        let headers = RateHeaders::new(name, rate, remaining.max(0), full_us);
         if allowed == 1 {
             return Ok(headers);
         }
         let detail = if jobs as u64 > u64::from(rate.burst) {
             format!(
-                "a batch of {jobs} jobs exceeds the submission burst of {}; send smaller batches",
+                "a batch of {jobs} jobs exceeds the {name}'s submission burst of {}; send smaller batches",
                 rate.burst
             )
         } else {
             format!(
-                "submission rate limit of {} jobs/s (burst {}) reached; retry after the time in Retry-After",
+                "the {name}'s submission rate limit of {} jobs/s (burst {}) reached; retry after the time in Retry-After",
                 rate.per_sec, rate.burst
             )
         };
@@ -334,11 +382,11 @@ fn over_quota(status: StatusCode, quota: &str, limit: String, used: String) -> P
 pub struct RateHeaders(Option<(HeaderValue, HeaderValue)>);
 
 impl RateHeaders {
-    fn new(rate: Rate, remaining: i64, full_us: i64) -> Self {
+    fn new(name: &str, rate: Rate, remaining: i64, full_us: i64) -> Self {
         let window = (f64::from(rate.burst) / rate.per_sec).ceil().max(1.0) as u64;
         let reset = (full_us as f64 / 1e6).ceil().max(0.0) as u64;
-        let policy = format!("\"tenant\";q={};w={window}", rate.burst);
-        let state = format!("\"tenant\";r={remaining};t={reset}");
+        let policy = format!("\"{name}\";q={};w={window}", rate.burst);
+        let state = format!("\"{name}\";r={remaining};t={reset}");
         Self(
             HeaderValue::from_str(&policy)
                 .ok()
@@ -363,25 +411,37 @@ impl IntoResponseParts for RateHeaders {
     }
 }
 
-/// KEYS[1]: the bucket (the time it is full again, µs). ARGV: µs per token, burst, tokens.
-/// Returns {allowed, tokens left, µs until allowed, µs until full}.
+/// KEYS: the buckets (each the time it is full again, µs). ARGV: tokens, then µs per token
+/// and burst for each bucket. Takes the tokens from every bucket or from none. Returns
+/// {binding bucket (1-based), allowed, tokens left, µs until allowed, µs until full}: the
+/// first bucket that refuses, else the one with the fewest tokens left.
 static GCRA: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + n * interval
-local allow_at = new_tat - burst * interval
-if allow_at > now then
-  return {0, math.floor((now - (tat - burst * interval)) / interval), allow_at - now, tat - now}
+local n = tonumber(ARGV[1])
+local taken = {}
+local binding, fewest = 1, nil
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i])
+  local burst = tonumber(ARGV[2 * i + 1])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + n * interval
+  local allow_at = new_tat - burst * interval
+  if allow_at > now then
+    return {i, 0, math.floor((now - (tat - burst * interval)) / interval), allow_at - now, tat - now}
+  end
+  local left = math.floor((now - allow_at) / interval)
+  taken[i] = {new_tat, left}
+  if fewest == nil or left < fewest then binding, fewest = i, left end
 end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
+for i = 1, #KEYS do
+  local new_tat = taken[i][1]
+  redis.call('SET', KEYS[i], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+end
+return {binding, 1, fewest, 0, taken[binding][1] - now}
 ",
     )
 });

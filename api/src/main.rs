@@ -95,6 +95,16 @@ enum KeysCommand {
     },
     /// Revoke a key: every API process refuses it within a second (its open streams end).
     Revoke { id: Uuid },
+    /// A key's own submission rate, beside its tenant's (`50/s`, `600/m`, `none`); API
+    /// processes see it within 5 seconds.
+    SetRate {
+        id: Uuid,
+        #[arg(long)]
+        rate: String,
+        /// Bucket depth (default: one second's worth, or the count given).
+        #[arg(long)]
+        burst: Option<u32>,
+    },
     /// Replace a key: prints a new key with the same tenant, role and name, once, and revokes
     /// the old one at once.
     Rotate { id: Uuid },
@@ -184,6 +194,22 @@ async fn keys_command(
             anyhow::ensure!(keys::revoke(pool, None, id).await?, "no key with id {id}");
             announce_revoked(settings, id).await;
             eprintln!("revoked {id}");
+        }
+        KeysCommand::SetRate { id, rate, burst } => {
+            let rate =
+                limits::parse_rate(&rate, burst).map_err(|e| anyhow::anyhow!("--rate {e}"))?;
+            let updated =
+                sqlx::query("UPDATE api_keys SET rate_per_sec = $2, rate_burst = $3 WHERE id = $1")
+                    .bind(id)
+                    .bind(rate.map(|r| r.per_sec))
+                    .bind(rate.map(|r| r.burst as i32))
+                    .execute(pool)
+                    .await?;
+            anyhow::ensure!(updated.rows_affected() == 1, "no key with id {id}");
+            match rate {
+                Some(r) => eprintln!("key {id}: {} jobs/s, burst {}", r.per_sec, r.burst),
+                None => eprintln!("key {id}: no rate of its own"),
+            }
         }
         KeysCommand::Rotate { id } => {
             let created = keys::rotate(pool, id)

@@ -134,7 +134,7 @@ pub async fn submit(
 ) -> Result<Response, Problem> {
     let tenant = writer.tenant();
     let (job, valid) = validate(&state, body, "").map_err(Problem::validation)?;
-    let rate = match state.limits.admit(tenant.0, 1).await {
+    let rate = match state.limits.admit(tenant.0, writer.0.key.id, 1).await {
         Ok(headers) => headers,
         Err(refused) => return Ok(refused),
     };
@@ -212,7 +212,11 @@ pub async fn submit_batch(
         return Err(Problem::validation(errors));
     }
     // A batch draws one token per job.
-    let rate = match state.limits.admit(tenant.0, jobs.len()).await {
+    let rate = match state
+        .limits
+        .admit(tenant.0, writer.0.key.id, jobs.len())
+        .await
+    {
         Ok(headers) => headers,
         Err(refused) => return Ok(refused),
     };

@@ -199,3 +199,62 @@ async fn quotas_refuse_with_nothing_written() {
     assert_eq!(tenant["usage"]["live_jobs"], 3);
     assert_eq!(tenant["usage"]["dataset_bytes"], row.len());
 }
+
+/// A key with a rate of its own is held to it (and named in the headers); another key of the
+/// same tenant is not.
+#[tokio::test]
+async fn a_keys_own_rate_limits_that_key_only() {
+    let app = TestApp::spawn().await;
+    let (_, slow) = app.tenant_key("acme").await;
+    let slow_id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM api_keys WHERE key_hash = $1")
+        .bind(conveyor_api::auth::hash_key(&slow))
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    let (ok, _, stderr) = app
+        .conveyor_api(&[
+            "keys",
+            "set-rate",
+            &slow_id.to_string(),
+            "--rate",
+            "2/s",
+            "--burst",
+            "2",
+        ])
+        .await;
+    assert!(ok, "{stderr}");
+    let canary = json!({"kind": "canary", "payload": {"steps": 1}});
+    let base = app.url("");
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let response = app
+            .client
+            .post(format!("{base}/v1/jobs"))
+            .bearer_auth(&slow)
+            .json(&canary)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(
+                header(response.headers(), "ratelimit-policy"),
+                "\"key\";q=2;w=1"
+            );
+        }
+        statuses.push(response.status());
+    }
+    assert_eq!(&statuses[..2], [StatusCode::ACCEPTED, StatusCode::ACCEPTED]);
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    for _ in 0..6 {
+        let (status, headers, body) = post(&app, &base, "/v1/jobs", &canary).await;
+        assert_eq!(
+            status,
+            StatusCode::ACCEPTED,
+            "the other key is free: {body}"
+        );
+        assert!(headers.get("ratelimit").is_none());
+    }
+}
