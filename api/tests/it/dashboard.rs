@@ -212,13 +212,12 @@ async fn a_session_ends_with_its_expiry_or_its_key() {
 #[tokio::test]
 async fn queues_and_workers_report_depth_outcomes_and_heartbeats() {
     let mut app = TestApp::spawn().await;
-    // Nothing serves the queue yet: the jobs wait in Redis.
+    // Nothing serves the queue yet: the jobs wait in Redis once dispatched (a pass runs
+    // after each submission, in the background).
     let waiting = [
         app.submit_canary(json!({"steps": 1})).await,
         app.submit_canary(json!({"steps": 1})).await,
     ];
-    let (status, queues) = app.get("/v1/queues").await;
-    assert_eq!(status, StatusCode::OK, "{queues}");
     let canary = |queues: &Value| {
         queues["queues"]
             .as_array()
@@ -228,7 +227,16 @@ async fn queues_and_workers_report_depth_outcomes_and_heartbeats() {
             .cloned()
             .expect("the canary queue is listed")
     };
-    let before = canary(&queues);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let (status, queues) = app.get("/v1/queues").await;
+        assert_eq!(status, StatusCode::OK, "{queues}");
+        let before = canary(&queues);
+        if before["depth"] == 2 || std::time::Instant::now() > deadline {
+            break before;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(before["depth"], 2, "{before}");
     assert_eq!(before["workers"], 0, "{before}");
 
