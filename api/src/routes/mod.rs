@@ -16,6 +16,7 @@ pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod keys;
 pub(crate) mod ops;
+pub(crate) mod page;
 pub(crate) mod patches;
 pub(crate) mod queues;
 pub(crate) mod schedules;

@@ -16,7 +16,7 @@ use shared::{
     schedules::{self, Misfire, NewSchedule, Overlap, Schedule, ScheduledJob, Timing},
     FieldError, Problem,
 };
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
@@ -24,6 +24,7 @@ use crate::{
     auth::{Tenant, Writer},
     extract::HashedJson,
     routes::jobs::{self, JobList},
+    routes::page::Page,
     AppState,
 };
 
@@ -54,10 +55,6 @@ pub struct CreateSchedule {
 #[derive(Serialize, ToSchema)]
 pub struct ScheduleList {
     pub schedules: Vec<Schedule>,
-}
-
-fn invalid(field: &str, message: impl Into<String>) -> Problem {
-    Problem::validation(vec![FieldError::new(field, message)])
 }
 
 fn not_found() -> Problem {
@@ -256,39 +253,20 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct HistoryParams {
-    /// Page size, 1-500 (default 50).
-    limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
-}
-
 #[utoipa::path(get, path = "/v1/schedules/{id}/jobs", tag = "schedules",
-    params(("id" = Uuid, Path), HistoryParams),
+    params(("id" = Uuid, Path), Page),
     responses((status = 200, body = JobList, description = "the jobs the schedule made, newest first"),
               (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn history(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(id): Path<String>,
-    params: Result<Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
+    params: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<JobList>, Problem> {
     let id = parse_id(&id)?;
     let Query(params) =
         params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(invalid("limit", "must be between 1 and 500"));
-    }
-    let cursor = match params.cursor.as_deref() {
-        None => None,
-        Some(c) => Some(
-            Uuid::parse_str(c)
-                .map_err(|_| invalid("cursor", "not a cursor returned by this endpoint"))?,
-        ),
-    };
+    let (limit, cursor) = params.checked()?;
     schedules::get(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(not_found)?;

@@ -13,13 +13,14 @@ use shared::{
     webhooks::{self, CreatedWebhook, Delivery, Replay, Webhook},
     FieldError, Problem,
 };
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
     audit::{self, Action, Actor, Entry},
     auth::{Tenant, Writer},
     extract::HashedJson,
+    routes::page::Page,
     AppState,
 };
 
@@ -153,38 +154,19 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct DeliveryParams {
-    /// Page size, 1-500 (default 50).
-    limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<String>,
-}
-
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",
-    params(("id" = Uuid, Path), DeliveryParams),
+    params(("id" = Uuid, Path), Page),
     responses((status = 200, body = DeliveryList, description = "the endpoint's deliveries, newest first"),
               (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn deliveries(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(id): Path<String>,
-    params: Result<Query<DeliveryParams>, axum::extract::rejection::QueryRejection>,
+    params: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DeliveryList>, Problem> {
     let id = parse_id(&id, "webhook")?;
     let Query(params) = params.map_err(|e| invalid("query", e.body_text()))?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(invalid("limit", "must be between 1 and 500"));
-    }
-    let cursor = match params.cursor.as_deref() {
-        None => None,
-        Some(c) => Some(
-            Uuid::parse_str(c)
-                .map_err(|_| invalid("cursor", "not a cursor returned by this endpoint"))?,
-        ),
-    };
+    let (limit, cursor) = params.checked()?;
     webhooks::get(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(not_found)?;
