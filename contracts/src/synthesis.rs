@@ -29,7 +29,7 @@ impl Contract for Synthesis {
     ) -> Result<(), Problem> {
         let dataset = crate::table_dataset(&context.pool, tenant, payload.dataset_id).await?;
         let known: HashSet<&str> = dataset.schema.iter().map(|c| c.name.as_str()).collect();
-        let errors: Vec<FieldError> = payload
+        let mut errors: Vec<FieldError> = payload
             .columns
             .keys()
             .filter(|name| !known.contains(name.as_str()))
@@ -40,6 +40,27 @@ impl Contract for Synthesis {
                 )
             })
             .collect();
+        let is_text = |name: &str| {
+            dataset
+                .schema
+                .iter()
+                .any(|c| c.name == name && matches!(c.data_type.as_str(), "text" | "boolean"))
+        };
+        for (i, constraint) in payload.constraints.iter().enumerate() {
+            for name in constraint.columns() {
+                let problem = if !known.contains(name) {
+                    format!("the dataset has no column {name:?}")
+                } else if constraint.is_numeric() && is_text(name) {
+                    format!("{name:?} holds text: this constraint compares numbers and dates")
+                } else {
+                    continue;
+                };
+                errors.push(FieldError::new(
+                    format!("payload.constraints[{i}]"),
+                    problem,
+                ));
+            }
+        }
         crate::refused(errors).map_err(Problem::validation)
     }
 }
@@ -68,6 +89,12 @@ impl Role {
 
 /// Most rows one job generates.
 pub const MAX_ROWS: i64 = 1_000_000;
+/// The range of ε a private fit accepts: below, the noise drowns everything; above, the
+/// promise means nothing.
+pub const EPSILON_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
+/// Most labels one column may declare, and the longest.
+pub const MAX_DECLARED_VALUES: usize = 10_000;
+pub const MAX_VALUE_BYTES: usize = 256;
 pub const MAX_EPOCHS: u32 = 10_000;
 pub const DEFAULT_EPOCHS: u32 = 100;
 
@@ -99,6 +126,9 @@ pub struct ColumnSettings {
     pub min: Option<f64>,
     /// Generated values are kept at or below this (and DP histograms end here).
     pub max: Option<f64>,
+    /// Every label the column may hold, declared as public: a private fit counts these
+    /// (others as missing) instead of keeping the data's own labels above a noisy threshold.
+    pub values: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
@@ -123,6 +153,58 @@ pub struct SynthesisPayload {
     pub columns: BTreeMap<String, ColumnSettings>,
     /// Training epochs (`tvae` only; default 100).
     pub epochs: Option<u32>,
+    /// Rules every synthetic row keeps.
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+}
+
+/// A rule every synthetic row keeps (rows with a missing value in its columns pass).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Constraint {
+    /// `low` ≤ `high` (`<` when `strict`): a check-out after its check-in.
+    Inequality {
+        low: String,
+        high: String,
+        #[serde(default)]
+        strict: bool,
+    },
+    /// `low` ≤ `column` ≤ `high`.
+    Range {
+        low: String,
+        column: String,
+        high: String,
+    },
+    /// The columns' values appear only in combinations the data holds (city with its
+    /// country); they are learned as one column.
+    FixedCombinations { columns: Vec<String> },
+    /// `column` > 0.
+    Positive { column: String },
+    /// `column` < 0.
+    Negative { column: String },
+}
+
+/// Most constraints one job takes, and most columns in one fixed combination.
+pub const MAX_CONSTRAINTS: usize = 32;
+pub const MAX_COMBINED_COLUMNS: usize = 8;
+
+impl Constraint {
+    /// The columns it reads.
+    pub fn columns(&self) -> Vec<&str> {
+        match self {
+            Constraint::Inequality { low, high, .. } => vec![low, high],
+            Constraint::Range { low, column, high } => vec![low, column, high],
+            Constraint::FixedCombinations { columns } => {
+                columns.iter().map(String::as_str).collect()
+            }
+            Constraint::Positive { column } | Constraint::Negative { column } => vec![column],
+        }
+    }
+
+    /// Whether it compares numbers (the rest combine any values).
+    pub fn is_numeric(&self) -> bool {
+        !matches!(self, Constraint::FixedCombinations { .. })
+    }
 }
 
 fn default_holdout() -> f64 {
@@ -139,8 +221,15 @@ impl SynthesisPayload {
             refuse("rows", format!("must be between 1 and {MAX_ROWS}"));
         }
         if let Some(epsilon) = self.epsilon {
-            if !(epsilon.is_finite() && epsilon > 0.0) {
-                refuse("epsilon", "must be a positive number".into());
+            if !EPSILON_RANGE.contains(&epsilon) {
+                refuse(
+                    "epsilon",
+                    format!(
+                        "must be between {} and {}",
+                        EPSILON_RANGE.start(),
+                        EPSILON_RANGE.end()
+                    ),
+                );
             } else if self.synthesizer == Synthesizer::Tvae {
                 refuse(
                     "epsilon",
@@ -174,6 +263,53 @@ impl SynthesisPayload {
             for (bound, value) in [("min", settings.min), ("max", settings.max)] {
                 if value.is_some_and(|v| !v.is_finite()) {
                     refuse(&format!("columns.{name}.{bound}"), "must be finite".into());
+                }
+            }
+            if let Some(values) = &settings.values {
+                let field = format!("columns.{name}.values");
+                let distinct: HashSet<&String> = values.iter().collect();
+                if values.is_empty() || values.len() > MAX_DECLARED_VALUES {
+                    refuse(
+                        &field,
+                        format!("must hold 1 to {MAX_DECLARED_VALUES} labels"),
+                    );
+                } else if values.iter().any(|v| v.len() > MAX_VALUE_BYTES) {
+                    refuse(
+                        &field,
+                        format!("labels are at most {MAX_VALUE_BYTES} bytes"),
+                    );
+                } else if distinct.len() < values.len() {
+                    refuse(&field, "must not repeat a label".into());
+                }
+            }
+        }
+        if self.constraints.len() > MAX_CONSTRAINTS {
+            refuse(
+                "constraints",
+                format!("at most {MAX_CONSTRAINTS} constraints"),
+            );
+        }
+        let mut combined = HashSet::new();
+        for (i, constraint) in self.constraints.iter().enumerate() {
+            let columns = constraint.columns();
+            let distinct: HashSet<&str> = columns.iter().copied().collect();
+            if distinct.len() < columns.len() {
+                refuse(&format!("constraints[{i}]"), "names a column twice".into());
+            }
+            if let Constraint::FixedCombinations { columns } = constraint {
+                if !(2..=MAX_COMBINED_COLUMNS).contains(&columns.len()) {
+                    refuse(
+                        &format!("constraints[{i}].columns"),
+                        format!("must name 2 to {MAX_COMBINED_COLUMNS} columns"),
+                    );
+                }
+                for column in columns {
+                    if !combined.insert(column.as_str()) {
+                        refuse(
+                            &format!("constraints[{i}].columns"),
+                            format!("{column:?} is already in another fixed combination"),
+                        );
+                    }
                 }
             }
         }
@@ -218,6 +354,23 @@ mod tests {
         assert_eq!(fields(json!({"rows": MAX_ROWS + 1})), ["payload.rows"]);
         assert_eq!(fields(json!({"epsilon": 0.0})), ["payload.epsilon"]);
         assert_eq!(fields(json!({"epsilon": -1})), ["payload.epsilon"]);
+        assert_eq!(fields(json!({"epsilon": 0.001})), ["payload.epsilon"]);
+        assert_eq!(fields(json!({"epsilon": 1000})), ["payload.epsilon"]);
+        assert!(
+            fields(json!({"epsilon": 0.5, "columns": {"c": {"values": ["a", "b"]}}})).is_empty()
+        );
+        assert_eq!(
+            fields(json!({"columns": {"c": {"values": []}}})),
+            ["payload.columns.c.values"]
+        );
+        assert_eq!(
+            fields(json!({"columns": {"c": {"values": ["a", "a"]}}})),
+            ["payload.columns.c.values"]
+        );
+        assert_eq!(
+            fields(json!({"columns": {"c": {"values": ["x".repeat(300)]}}})),
+            ["payload.columns.c.values"]
+        );
         assert_eq!(
             fields(json!({"epsilon": 1.0, "synthesizer": "tvae"})),
             ["payload.epsilon"]
@@ -248,6 +401,32 @@ mod tests {
         assert_eq!(
             fields(json!({"columns": {"age": {"type": "wibble"}}})),
             ["payload.columns.age.type"]
+        );
+        assert!(fields(json!({"constraints": [
+            {"type": "inequality", "low": "in", "high": "out"},
+            {"type": "range", "low": "a", "column": "b", "high": "c"},
+            {"type": "fixed_combinations", "columns": ["city", "country"]},
+            {"type": "positive", "column": "p"}, {"type": "negative", "column": "n"}
+        ]}))
+        .is_empty());
+        assert_eq!(
+            fields(json!({"constraints": [{"type": "inequality", "low": "a", "high": "a"}]})),
+            ["payload.constraints[0]"]
+        );
+        assert_eq!(
+            fields(json!({"constraints": [
+                {"type": "fixed_combinations", "columns": ["a", "b"]},
+                {"type": "fixed_combinations", "columns": ["b", "c"]}
+            ]})),
+            ["payload.constraints[1].columns"]
+        );
+        assert_eq!(
+            fields(json!({"constraints": [{"type": "fixed_combinations", "columns": ["a"]}]})),
+            ["payload.constraints[0].columns"]
+        );
+        assert_eq!(
+            fields(json!({"constraints": [{"type": "between", "column": "a"}]})),
+            ["payload.constraints[0].type"]
         );
     }
 }

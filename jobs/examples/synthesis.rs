@@ -34,7 +34,9 @@ fn main() {
                 dataset_id: uuid::Uuid::nil(),
                 rows: args[2].parse().expect("rows"),
                 synthesizer,
-                epsilon: None,
+                epsilon: std::env::var("EPSILON")
+                    .ok()
+                    .map(|e| e.parse().expect("EPSILON")),
                 seed: Some(0),
                 // Fit on every row, as the peer does, unless told otherwise.
                 holdout_fraction: std::env::var("HOLDOUT")
@@ -42,6 +44,7 @@ fn main() {
                 output_format: Default::default(),
                 columns: BTreeMap::new(),
                 epochs: args.get(5).map(|e| e.parse().expect("epochs")),
+                constraints: Vec::new(),
             };
             let seed = std::env::var("SEED").map_or(0, |s| s.parse().expect("SEED"));
             let synthesis = synthesize(&input, &payload, seed, &Quiet).expect("synthesis");

@@ -1,10 +1,11 @@
 """Conveyor's synthesizers against SDV's GaussianCopulaSynthesizer, in one run.
 
-For each table: fit on every row and sample as many rows (Conveyor's gaussian_copula and tvae
-through the `synthesis` example binary, SDV in-process), time fit+sample, score every output
-with Conveyor's quality computation, and SDV's and Conveyor's copula outputs with SDMetrics'
-own Quality Report too (same column types: the ones Conveyor's profile chose), to check that
-the two computations agree.
+For each table: fit on every row and sample as many rows (Conveyor's gaussian_copula, its
+differentially private form at ε = 5 and ε = 1, and tvae through the `synthesis` example
+binary, SDV in-process), time fit+sample, score every output with Conveyor's quality
+computation, and SDV's and Conveyor's copula outputs with SDMetrics' own Quality Report too
+(same column types: the ones Conveyor's profile chose), to check that the two computations
+agree.
 """
 
 import json
@@ -29,8 +30,11 @@ SDTYPES = {"numerical": "numerical", "datetime": "datetime", "categorical": "cat
            "identifier": "id"}
 
 
-def conveyor(args):
-    out = subprocess.run([BINARY, *args], check=True, capture_output=True, text=True)
+def conveyor(args, epsilon=None):
+    env = dict(os.environ)
+    if epsilon is not None:
+        env["EPSILON"] = str(epsilon)
+    out = subprocess.run([BINARY, *args], check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout)
 
 
@@ -83,6 +87,14 @@ def main():
         rows_out.append(("", "conveyor gaussian_copula", ours_seconds, q["overall"],
                          q["column_shapes"], q["column_pair_trends"], ours_sdm[0],
                          sdv_seconds / ours_seconds))
+        for epsilon in (5, 1):
+            dp_csv = f"{WORK}/{name}.dp{epsilon}.csv"
+            dp = conveyor(["fit", real_csv, str(n), "gaussian_copula", dp_csv], epsilon)
+            dq = dp["quality"]
+            dp_seconds = dp["timings_ms"]["fit_and_sample"] / 1e3
+            rows_out.append(("", f"conveyor gaussian_copula, ε = {epsilon}", dp_seconds,
+                             dq["overall"], dq["column_shapes"], dq["column_pair_trends"],
+                             None, sdv_seconds / dp_seconds))
         if EPOCHS > 0:
             tvae_csv = f"{WORK}/{name}.tvae.csv"
             tvae = conveyor(["fit", real_csv, str(n), "tvae", tvae_csv, str(EPOCHS)])

@@ -3,18 +3,22 @@
 //! columns' normal scores. Sampling draws correlated normals through the Cholesky factor and
 //! maps each back through its column's marginal.
 //!
-//! With `epsilon`, the fit is differentially private (replace-one neighbours, row count
-//! public): half the budget buys Laplace-noised histograms (split evenly over the columns),
-//! the other half a Laplace-noised Kendall's tau matrix, turned into correlations by
-//! ρ = sin(πτ/2).
+//! With `epsilon`, the fit is differentially private (see `dp` for the mechanism and the
+//! neighbouring relation): half the budget buys noisy histograms, split evenly over the
+//! columns (a quarter of a numeric column's share buys its bounds unless `min` and `max` are
+//! given; label sets not given as `values` keep only levels above a δ threshold), the other
+//! half noisy Kendall's tau scores, turned into correlations by ρ = sin(πτ/2). Nothing of
+//! the data reaches the model except through those noisy releases.
 
 use rand::{rngs::StdRng, Rng};
 use serde::Serialize;
+use std::collections::HashMap;
 
 use super::{
+    dp::{self, level_threshold, Epsilon, Noise, Spend},
     profile::{quantile, Role},
     stats::{
-        cholesky, interval_mean, kendall_tau_a, laplace, nearest_correlation, normal_cdf, pearson,
+        cholesky, interval_mean, kendall_score, nearest_correlation, normal_cdf, pearson,
         standard_normal,
     },
     table::{Column, Values},
@@ -28,6 +32,8 @@ const KNOTS: usize = 1001;
 const DP_BINS: usize = 32;
 /// Smallest eigenvalue kept when a correlation matrix is repaired.
 const EIGEN_FLOOR: f64 = 1e-6;
+/// δ of a private fit whose level sets come from the data (shared by those columns).
+const DELTA: f64 = 1e-9;
 
 /// What a learned column needs beyond its values.
 #[derive(Clone, Debug)]
@@ -35,6 +41,8 @@ pub struct ColumnSpec {
     pub role: Role,
     /// Output is clamped to these; DP histograms span them.
     pub bounds: (Option<f64>, Option<f64>),
+    /// The declared level set (public); private fits use it instead of the data's.
+    pub levels: Option<Vec<String>>,
 }
 
 /// A synthetic number as the column keeps them: rounded to its decimals, clamped to its bounds.
@@ -68,13 +76,14 @@ pub(crate) fn plain_specs(columns: &[Column]) -> Vec<(&Column, ColumnSpec)> {
             let spec = ColumnSpec {
                 role,
                 bounds: (None, None),
+                levels: None,
             };
             (c, spec)
         })
         .collect()
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Marginal {
     /// The quantile function at evenly spaced probabilities, linearly interpolated; missing
     /// values drawn independently at their rate.
@@ -119,25 +128,22 @@ enum Pick {
     Level(usize),
 }
 
-/// Where the privacy budget went.
-#[derive(Clone, Debug, Serialize)]
+/// Where the privacy budget went: the parts in `spent` add up to `epsilon` exactly.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PrivacyBudget {
+    /// ε spent: the one asked for, rounded down to a multiple of 2⁻²⁰.
     pub epsilon: f64,
-    pub marginals_epsilon: f64,
-    pub per_column_epsilon: f64,
-    pub correlation_epsilon: f64,
-    /// Laplace scale of each histogram count (sensitivity 2 / per-column ε).
-    pub histogram_noise_scale: f64,
-    /// Laplace scale of each Kendall's tau (pairs × 4/n / correlation ε).
-    pub correlation_noise_scale: Option<f64>,
+    /// 0 unless some level set came from the data (then levels one row alone brings in
+    /// appear with at most this chance).
+    pub delta: f64,
     pub mechanism: &'static str,
-    /// Columns whose histogram bounds came from the data (give `min`/`max` to keep them private).
-    pub bounds_from_data: Vec<String>,
-    /// Level sets of categorical columns come from the data, as in most DP synthesizers.
-    pub note: &'static str,
+    pub neighbours: &'static str,
+    /// What the guarantee takes as known.
+    pub public: &'static str,
+    pub spent: Vec<Spend>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Copula {
     pub names: Vec<String>,
     pub marginals: Vec<Marginal>,
@@ -149,11 +155,8 @@ pub struct Copula {
 
 impl Copula {
     /// Fits the copula on `columns` (the learned ones), privately when `epsilon` is given.
-    pub fn fit(
-        columns: &[(&Column, ColumnSpec)],
-        epsilon: Option<f64>,
-        rng: &mut StdRng,
-    ) -> Copula {
+    /// Fails only when a private fit cannot place a column without declared bounds.
+    pub fn fit(columns: &[(&Column, ColumnSpec)], epsilon: Option<f64>) -> Result<Copula, String> {
         let d = columns.len();
         let names = columns.iter().map(|(c, _)| c.name.clone()).collect();
         let (marginals, correlation, budget) = match epsilon {
@@ -164,19 +167,20 @@ impl Copula {
                 (fitted.into_iter().map(|f| f.0).collect(), correlation, None)
             }
             Some(epsilon) => {
-                let (marginals, correlation, budget) = fit_private(columns, epsilon, rng);
+                let epsilon = Epsilon::at_most(epsilon).expect("ε is validated to be ≥ 0.01");
+                let (marginals, correlation, budget) = fit_private(columns, epsilon)?;
                 (marginals, correlation, Some(budget))
             }
         };
         let correlation = nearest_correlation(&correlation, d, EIGEN_FLOOR);
         let cholesky = cholesky(&correlation, d).unwrap_or_else(|| super::stats::identity(d));
-        Copula {
+        Ok(Copula {
             names,
             marginals,
             correlation,
             cholesky,
             budget,
-        }
+        })
     }
 
     /// `rows` synthetic rows, one column per learned column, in order.
@@ -477,153 +481,254 @@ fn latent_correlation(scores: &[&[Option<f64>]]) -> Vec<f64> {
     m
 }
 
-/// Noisy marginals and a noisy Kendall's tau matrix; see the module notes.
+/// Noisy marginals and noisy Kendall's taus; see the module notes.
 fn fit_private(
     columns: &[(&Column, ColumnSpec)],
-    epsilon: f64,
-    rng: &mut StdRng,
-) -> (Vec<Marginal>, Vec<f64>, PrivacyBudget) {
+    epsilon: Epsilon,
+) -> Result<(Vec<Marginal>, Vec<f64>, PrivacyBudget), String> {
     let d = columns.len().max(1);
-    let n = columns.first().map_or(0, |(c, _)| c.values.len()).max(1);
+    let n = columns.first().map_or(0, |(c, _)| c.values.len()).max(2);
+    let mut noise = Noise::from_os();
     let (marginals_epsilon, correlation_epsilon) = if d >= 2 {
-        (epsilon / 2.0, epsilon / 2.0)
+        (epsilon.share(1, 2), epsilon.share(1, 2))
     } else {
-        (epsilon, 0.0)
+        (epsilon, epsilon.share(0, 1))
     };
-    let per_column = marginals_epsilon / d as f64;
-    let histogram_scale = 2.0 / per_column;
-    let mut bounds_from_data = Vec::new();
+    let per_column = marginals_epsilon.share(1, d as u64);
+    let is_levels = |(column, spec): &&(&Column, ColumnSpec)| {
+        !matches!(
+            (&column.values, spec.role),
+            (Values::Numbers(_), Role::Numerical | Role::Datetime)
+        )
+    };
+    let thresholded = columns
+        .iter()
+        .filter(is_levels)
+        .filter(|(_, spec)| spec.levels.is_none())
+        .count();
+    let delta_each = DELTA / thresholded.max(1) as f64;
     let mut marginals = Vec::with_capacity(d);
-    // Each row's rank key per column, for Kendall's tau (missing ranks lowest).
+    // Each row's rank key per column, for Kendall's tau (missing and dropped levels lowest).
     let mut rank_keys: Vec<Vec<f64>> = Vec::with_capacity(d);
-    for (column, spec) in columns {
-        let noisy = |counts: &mut [f64], rng: &mut StdRng| {
-            for c in counts.iter_mut() {
-                *c = (*c + laplace(rng, histogram_scale)).max(0.0);
+    for entry in columns {
+        let (column, spec) = entry;
+        if is_levels(&entry) {
+            let (codes, domain) = level_domain(&column.values, spec.levels.as_deref());
+            let mut counts = vec![0u64; domain.len()];
+            for &code in &codes {
+                counts[code] += 1;
+            }
+            let noisy = noise.counts(format!("{}: levels", column.name), &counts, per_column);
+            let threshold = match spec.levels {
+                Some(_) => 0,
+                None => level_threshold(per_column, delta_each),
+            };
+            let missing = |level: usize| match &domain {
+                Values::Numbers(v) => v[level].is_none(),
+                Values::Labels(v) => v[level].is_none(),
+            };
+            // Missing is always a level; the others only above the threshold. Ordered by
+            // noisy count: the true order is private too.
+            let mut order: Vec<usize> = (0..domain.len())
+                .filter(|&l| missing(l) || noisy[l] >= threshold)
+                .collect();
+            order.sort_by(|&a, &b| noisy[b].cmp(&noisy[a]).then(a.cmp(&b)));
+            let mut position = vec![f64::NEG_INFINITY; domain.len()];
+            for (rank, &level) in order.iter().enumerate() {
+                position[level] = rank as f64;
+            }
+            rank_keys.push(codes.iter().map(|&c| position[c]).collect());
+            let kept: Vec<f64> = order.iter().map(|&l| noisy[l] as f64).collect();
+            marginals.push(Marginal::Discrete {
+                levels: domain.take(&order),
+                cumulative: cumulative(&kept),
+            });
+            continue;
+        }
+        let Values::Numbers(values) = &column.values else {
+            unreachable!("numbers take the histogram path")
+        };
+        let (lo, hi, histogram_epsilon) = match spec.bounds {
+            (Some(lo), Some(hi)) => (lo, hi, per_column),
+            (lo, hi) => {
+                let bounds_epsilon = per_column.share(1, 4);
+                let (private_lo, private_hi) =
+                    dp::bounds(&column.name, values, bounds_epsilon, &mut noise).ok_or_else(
+                        || {
+                            format!(
+                                "column {:?}: too few rows for ε to find its bounds privately \
+                                 (no value range held {} rows after noise); give its `min` \
+                                 and `max` in `columns`",
+                                column.name,
+                                dp::bounds_threshold(bounds_epsilon)
+                            )
+                        },
+                    )?;
+                (
+                    lo.unwrap_or(private_lo),
+                    hi.unwrap_or(private_hi),
+                    per_column.minus(bounds_epsilon),
+                )
             }
         };
-        match (&column.values, spec.role) {
-            (Values::Numbers(values), Role::Numerical | Role::Datetime) => {
-                let present = values.iter().flatten().copied();
-                let data_lo = present.clone().fold(f64::INFINITY, f64::min);
-                let data_hi = present.fold(f64::NEG_INFINITY, f64::max);
-                if spec.bounds.0.is_none() || spec.bounds.1.is_none() {
-                    bounds_from_data.push(column.name.clone());
+        let hi = hi.max(lo);
+        let integral = column.is_integral();
+        // Whole numbers over a short range get one bin per value.
+        let unit_bins = integral && lo.ceil() <= hi.floor() && hi.floor() - lo.ceil() < 64.0;
+        let bins = if unit_bins {
+            (hi.floor() - lo.ceil()) as usize + 1
+        } else {
+            DP_BINS
+        };
+        let first = if unit_bins { lo.ceil() } else { lo };
+        let width = if unit_bins {
+            1.0
+        } else {
+            (hi - lo) / bins as f64
+        };
+        // Last slot: missing.
+        let mut counts = vec![0u64; bins + 1];
+        for v in values {
+            let slot = match v {
+                None => bins,
+                Some(_) if width <= 0.0 => 0,
+                Some(v) if unit_bins => {
+                    ((v.clamp(first, hi) - first).round() as usize).min(bins - 1)
                 }
-                let lo = spec
-                    .bounds
-                    .0
-                    .unwrap_or(if data_lo.is_finite() { data_lo } else { 0.0 });
-                let hi = spec
-                    .bounds
-                    .1
-                    .unwrap_or(if data_hi.is_finite() { data_hi } else { lo });
-                let hi = hi.max(lo);
-                let integral = column.is_integral();
-                // Whole numbers over a short range get one bin per value.
-                let unit_bins = integral && hi - lo < 64.0;
-                let bins = if unit_bins {
-                    (hi - lo) as usize + 1
-                } else {
-                    DP_BINS
-                };
-                let width = if unit_bins {
-                    1.0
-                } else {
-                    (hi - lo) / bins as f64
-                };
-                // Last slot: missing.
-                let mut counts = vec![0.0; bins + 1];
-                for v in values {
-                    let slot = match v {
-                        None => bins,
-                        Some(_) if width <= 0.0 => 0,
-                        Some(v) if unit_bins => {
-                            ((v.clamp(lo, hi) - lo).round() as usize).min(bins - 1)
-                        }
-                        Some(v) => (((v.clamp(lo, hi) - lo) / width) as usize).min(bins - 1),
-                    };
-                    counts[slot] += 1.0;
-                }
-                noisy(&mut counts, rng);
-                let total: f64 = counts.iter().sum();
-                let missing = if total > 0.0 {
-                    counts[bins] / total
-                } else {
-                    0.0
-                };
-                let bin_counts = &counts[..bins];
-                marginals.push(if unit_bins {
-                    let mut levels: Vec<Option<f64>> =
-                        (0..bins).map(|k| Some(lo + k as f64)).collect();
-                    levels.push(None);
-                    Marginal::Discrete {
-                        levels: Values::Numbers(levels),
-                        cumulative: cumulative(&counts),
-                    }
-                } else {
-                    Marginal::Continuous {
-                        knots: histogram_knots(bin_counts, lo, width),
-                        missing,
-                        decimals: integral.then_some(0),
-                        bounds: (Some(lo), Some(hi)),
-                    }
-                });
-                rank_keys.push(
-                    values
-                        .iter()
-                        .map(|v| v.map_or(f64::NEG_INFINITY, |v| v.clamp(lo, hi)))
-                        .collect(),
-                );
-            }
-            _ => {
-                let (codes, levels) = column.values.dictionary();
-                let mut counts = vec![0.0; levels.len()];
-                for &code in &codes {
-                    counts[code] += 1.0;
-                }
-                noisy(&mut counts, rng);
-                // Order the levels by their noisy counts: the true order is private too.
-                let mut order: Vec<usize> = (0..levels.len()).collect();
-                order.sort_by(|&a, &b| counts[b].total_cmp(&counts[a]).then(a.cmp(&b)));
-                let mut position = vec![0; levels.len()];
-                for (rank, &level) in order.iter().enumerate() {
-                    position[level] = rank;
-                }
-                let counts: Vec<f64> = order.iter().map(|&l| counts[l]).collect();
-                rank_keys.push(codes.iter().map(|&c| position[c] as f64).collect());
-                marginals.push(Marginal::Discrete {
-                    levels: levels.take(&order),
-                    cumulative: cumulative(&counts),
-                });
-            }
+                Some(v) => (((v.clamp(lo, hi) - lo) / width) as usize).min(bins - 1),
+            };
+            counts[slot] += 1;
         }
+        let counts: Vec<f64> = noise
+            .counts(
+                format!("{}: histogram", column.name),
+                &counts,
+                histogram_epsilon,
+            )
+            .into_iter()
+            .map(|c| c as f64)
+            .collect();
+        let total: f64 = counts.iter().sum();
+        let missing = if total > 0.0 {
+            counts[bins] / total
+        } else {
+            0.0
+        };
+        marginals.push(if unit_bins {
+            let mut levels: Vec<Option<f64>> = (0..bins).map(|k| Some(first + k as f64)).collect();
+            levels.push(None);
+            Marginal::Discrete {
+                levels: Values::Numbers(levels),
+                cumulative: cumulative(&counts),
+            }
+        } else {
+            Marginal::Continuous {
+                knots: histogram_knots(&counts[..bins], lo, width),
+                missing,
+                decimals: integral.then_some(0),
+                bounds: (Some(lo), Some(hi)),
+            }
+        });
+        rank_keys.push(
+            values
+                .iter()
+                .map(|v| v.map_or(f64::NEG_INFINITY, |v| v.clamp(lo, hi)))
+                .collect(),
+        );
     }
-    let pairs = d * (d - 1) / 2;
-    let correlation_scale =
-        (pairs > 0).then(|| pairs as f64 * 4.0 / n as f64 / correlation_epsilon);
     let mut correlation = super::stats::identity(d);
-    for i in 0..d {
-        for j in i + 1..d {
-            let tau = kendall_tau_a(&rank_keys[i], &rank_keys[j])
-                + laplace(rng, correlation_scale.unwrap_or(0.0));
-            let rho = (std::f64::consts::FRAC_PI_2 * tau.clamp(-1.0, 1.0)).sin();
+    let pairs: Vec<(usize, usize)> = (0..d)
+        .flat_map(|i| (i + 1..d).map(move |j| (i, j)))
+        .collect();
+    if !pairs.is_empty() {
+        let scores: Vec<i64> = pairs
+            .iter()
+            .map(|&(i, j)| kendall_score(&rank_keys[i], &rank_keys[j]))
+            .collect();
+        // One row changes n − 1 of each score's pairs, each by at most 2.
+        let sensitivity = pairs.len() as u64 * 2 * (n as u64 - 1);
+        let what = format!(
+            "correlations: Kendall's tau of {} column pairs",
+            pairs.len()
+        );
+        let noisy = noise.release_all(what, &scores, sensitivity, correlation_epsilon);
+        let total_pairs = (n * (n - 1) / 2) as f64;
+        for (&(i, j), score) in pairs.iter().zip(noisy) {
+            let tau = (score as f64 / total_pairs).clamp(-1.0, 1.0);
+            let rho = (std::f64::consts::FRAC_PI_2 * tau).sin();
             correlation[i * d + j] = rho;
             correlation[j * d + i] = rho;
         }
     }
     let budget = PrivacyBudget {
-        epsilon,
-        marginals_epsilon,
-        per_column_epsilon: per_column,
-        correlation_epsilon,
-        histogram_noise_scale: histogram_scale,
-        correlation_noise_scale: correlation_scale,
-        mechanism: "Laplace; replace-one neighbouring tables, row count public",
-        bounds_from_data,
-        note: "categorical level sets and the row count are taken as public",
+        epsilon: epsilon.value(),
+        delta: if thresholded > 0 { DELTA } else { 0.0 },
+        mechanism: "discrete Laplace (Canonne, Kamath & Steinke 2020) on integer counts and \
+                    concordance scores, sampled exactly from the operating system's CSPRNG",
+        neighbours: "tables differing in one replaced row",
+        public: "the row count, column names and types, and the settings given in `columns` \
+                 (roles, min/max, values)",
+        spent: noise.into_spent(),
     };
-    (marginals, correlation, budget)
+    Ok((marginals, correlation, budget))
+}
+
+/// Each row's level in a domain, and the domain: the declared labels when given (values
+/// outside them count as missing), else the data's own; missing is always in it, so its
+/// presence tells nothing.
+fn level_domain(values: &Values, declared: Option<&[String]>) -> (Vec<usize>, Values) {
+    let (codes, mut domain) = match declared {
+        None => {
+            let (codes, levels) = values.dictionary();
+            let domain: Vec<Option<String>> = match levels {
+                Values::Labels(l) => l,
+                Values::Numbers(l) => l.iter().map(|v| v.map(|v| v.to_string())).collect(),
+            };
+            (codes, domain)
+        }
+        Some(declared) => {
+            let domain: Vec<Option<String>> = declared.iter().cloned().map(Some).collect();
+            let index: HashMap<&str, usize> = declared
+                .iter()
+                .enumerate()
+                .map(|(i, label)| (label.as_str(), i))
+                .collect();
+            let key = |row: usize| -> Option<usize> {
+                match values {
+                    Values::Labels(v) => index.get(v[row].as_deref()?).copied(),
+                    Values::Numbers(v) => index.get(v[row]?.to_string().as_str()).copied(),
+                }
+            };
+            let codes = (0..values.len())
+                .map(|row| key(row).unwrap_or(declared.len()))
+                .collect();
+            (codes, domain)
+        }
+    };
+    if !domain.contains(&None) {
+        domain.push(None);
+    }
+    let missing = domain
+        .iter()
+        .position(Option::is_none)
+        .expect("pushed above");
+    let codes = match declared {
+        Some(d) => codes
+            .into_iter()
+            .map(|c| if c == d.len() { missing } else { c })
+            .collect(),
+        None => codes,
+    };
+    let domain = match values {
+        Values::Labels(_) => Values::Labels(domain),
+        Values::Numbers(_) => Values::Numbers(
+            domain
+                .iter()
+                .map(|k| k.as_deref().and_then(|k| k.parse().ok()))
+                .collect(),
+        ),
+    };
+    (codes, domain)
 }
 
 /// Quantile knots of a histogram with uniform mass inside each bin.
@@ -687,7 +792,7 @@ mod tests {
     fn learns_the_correlation_and_the_marginals() {
         let data = table(4000, 1);
         let mut rng = StdRng::seed_from_u64(2);
-        let copula = Copula::fit(&plain_specs(&data.columns), None, &mut rng);
+        let copula = Copula::fit(&plain_specs(&data.columns), None).unwrap();
         assert!(
             (copula.correlation[1] - 0.8).abs() < 0.05,
             "{:?}",
@@ -724,7 +829,9 @@ mod tests {
         let data = table(500, 3);
         let fit = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            Copula::fit(&plain_specs(&data.columns), None, &mut rng).sample(200, &mut rng)
+            Copula::fit(&plain_specs(&data.columns), None)
+                .unwrap()
+                .sample(200, &mut rng)
         };
         assert_eq!(fit(9), fit(9));
         assert_ne!(fit(9), fit(10));
@@ -741,7 +848,7 @@ mod tests {
                 Column::numbers("c", DataType::Float64, cents),
             ],
         };
-        let copula = Copula::fit(&plain_specs(&data.columns), None, &mut rng);
+        let copula = Copula::fit(&plain_specs(&data.columns), None).unwrap();
         let sample = copula.sample(500, &mut rng);
         let Values::Numbers(n) = &sample[0] else {
             panic!()
@@ -760,27 +867,89 @@ mod tests {
     }
 
     #[test]
-    fn private_fit_spends_the_budget_and_noise_grows_as_epsilon_shrinks() {
+    fn private_fit_spends_the_budget_exactly_and_noise_grows_as_epsilon_shrinks() {
         let data = table(3000, 5);
+        let mut specs = plain_specs(&data.columns);
+        specs[0].1.bounds = (Some(0.0), Some(100.0));
+        specs[1].1.bounds = (Some(-4.0), Some(4.0));
         let error = |epsilon: f64| {
             let mut total = 0.0;
-            for seed in 0..8 {
-                let mut rng = StdRng::seed_from_u64(seed);
-                let copula = Copula::fit(&plain_specs(&data.columns), Some(epsilon), &mut rng);
+            for _ in 0..8 {
+                let copula = Copula::fit(&specs, Some(epsilon)).unwrap();
                 total += (copula.correlation[1] - 0.8).abs();
                 let budget = copula.budget.unwrap();
+                let spent: f64 = budget.spent.iter().map(|s| s.epsilon).sum();
+                assert!((spent - budget.epsilon).abs() < 1e-12, "{spent}");
+                assert!(budget.epsilon <= epsilon && epsilon - budget.epsilon < 1e-6);
+                let whats: Vec<&str> = budget.spent.iter().map(|s| s.what.as_str()).collect();
                 assert_eq!(
-                    budget.marginals_epsilon + budget.correlation_epsilon,
-                    epsilon
+                    whats,
+                    [
+                        "x: histogram",
+                        "y: histogram",
+                        "group: levels",
+                        "flag: levels",
+                        "correlations: Kendall's tau of 6 column pairs"
+                    ]
                 );
-                assert!((budget.histogram_noise_scale - 2.0 / (epsilon / 8.0)).abs() < 1e-9);
-                let scale = budget.correlation_noise_scale.unwrap();
-                assert!((scale - 6.0 * 4.0 / 3000.0 / (epsilon / 2.0)).abs() < 1e-12);
+                // Four columns share half the budget.
+                assert!((budget.spent[0].epsilon - epsilon / 8.0).abs() < 1e-5);
+                assert_eq!(budget.spent[4].sensitivity, 6 * 2 * 2999);
+                assert!(budget.delta > 0.0);
             }
             total / 8.0
         };
         let (loose, tight) = (error(0.05), error(50.0));
         assert!(tight < 0.05, "{tight}");
         assert!(loose > 3.0 * tight, "{loose} vs {tight}");
+    }
+
+    #[test]
+    fn private_fit_takes_nothing_from_the_data_but_noisy_counts() {
+        // A lone outlier and a lone rare label: neither reaches the model.
+        let mut x: Vec<Option<f64>> = (0..5000).map(|i| Some((i % 100) as f64 + 0.5)).collect();
+        x[0] = Some(1e7);
+        let mut label: Vec<Option<String>> = (0..5000)
+            .map(|i| Some(["a", "b"][i % 2].to_string()))
+            .collect();
+        label[0] = Some("Jane Doe".into());
+        let data = Table {
+            columns: vec![
+                Column::numbers("x", DataType::Float64, x),
+                Column::labels("label", label),
+            ],
+        };
+        let copula = Copula::fit(&plain_specs(&data.columns), Some(2.0)).unwrap();
+        assert_eq!(copula.budget.as_ref().unwrap().spent[0].what, "x: bounds");
+        let Marginal::Continuous { knots, .. } = &copula.marginals[0] else {
+            panic!("{:?}", copula.marginals[0])
+        };
+        assert!(*knots.last().unwrap() < 200.0, "{:?}", knots.last());
+        let Marginal::Discrete { levels, .. } = &copula.marginals[1] else {
+            panic!()
+        };
+        let Values::Labels(levels) = levels else {
+            panic!()
+        };
+        assert!(!levels.contains(&Some("Jane Doe".into())), "{levels:?}");
+        assert!(levels.contains(&Some("a".into())) && levels.contains(&None));
+
+        // Declared values are the domain, whatever the data holds.
+        let mut specs = plain_specs(&data.columns);
+        specs[1].1.levels = Some(vec!["a".into(), "c".into()]);
+        specs[0].1.bounds = (Some(0.0), Some(50.0));
+        let copula = Copula::fit(&specs, Some(2.0)).unwrap();
+        let Marginal::Discrete { levels, .. } = &copula.marginals[1] else {
+            panic!()
+        };
+        let mut labels = match levels {
+            Values::Labels(l) => l.clone(),
+            _ => panic!(),
+        };
+        labels.sort();
+        assert_eq!(labels, [None, Some("a".into()), Some("c".into())]);
+        let budget = copula.budget.unwrap();
+        assert_eq!(budget.delta, 0.0);
+        assert_eq!(budget.spent[0].what, "x: histogram");
     }
 }

@@ -386,7 +386,22 @@ pub struct Privacy {
     pub dcr_holdout_to_train: Option<Distances>,
     /// Synthetic rows equal to a training row on every learned column.
     pub exact_match_rate: f64,
+    pub membership_inference: Option<MembershipInference>,
     pub epsilon_spent: Option<f64>,
+}
+
+/// A distance-based membership attack: it calls a real row a member of the training set
+/// when the synthetic table holds a close copy of it, and is scored on training rows
+/// (members) against holdout rows (non-members), as SDMetrics' DCR-based tests do.
+#[derive(Clone, Debug, Serialize)]
+pub struct MembershipInference {
+    /// Chance that a member sits closer to the synthetic rows than a non-member (ties count
+    /// half): 0.5 when the output tells nothing of who trained it.
+    pub auc: f64,
+    /// The attack's edge over a coin toss, max(0, 2·AUC − 1).
+    pub advantage: f64,
+    pub members: usize,
+    pub non_members: usize,
 }
 
 /// Distances to closest record and exact matches of `synthetic` (and `holdout`) to `train`.
@@ -433,21 +448,27 @@ pub fn privacy(
             (hi > lo).then_some(hi - lo)
         })
         .collect();
-    let reference = pick(&train_rows, DCR_REFERENCE, rng);
-    let dcr = |rows: &[Vec<Cell>], rng: &mut StdRng| -> Option<Distances> {
-        let probes = pick(rows, DCR_ROWS, rng);
-        if probes.is_empty() || reference.is_empty() {
-            return None;
-        }
-        let mut closest: Vec<f64> = probes
+    // Each probe's distance to the closest of `targets` (up to DCR_ROWS probes of `rows`).
+    let closest_to = |targets: &[&[Cell]], rows: &[Vec<Cell>], rng: &mut StdRng| -> Vec<f64> {
+        pick(rows, DCR_ROWS, rng)
             .iter()
             .map(|probe| {
-                reference
+                targets
                     .iter()
                     .map(|other| distance(probe, other, &ranges))
                     .fold(f64::INFINITY, f64::min)
             })
-            .collect();
+            .collect()
+    };
+    let reference = pick(&train_rows, DCR_REFERENCE, rng);
+    let dcr = |rows: &[Vec<Cell>], rng: &mut StdRng| -> Option<Distances> {
+        if reference.is_empty() {
+            return None;
+        }
+        let mut closest = closest_to(&reference, rows, rng);
+        if closest.is_empty() {
+            return None;
+        }
         closest.sort_by(f64::total_cmp);
         Some(Distances {
             median: super::profile::quantile(&closest, 0.5),
@@ -455,7 +476,33 @@ pub fn privacy(
             rows: closest.len(),
         })
     };
+    let targets = pick(&synthetic_rows, DCR_REFERENCE, rng);
+    let members = closest_to(&targets, &train_rows, rng);
+    let non_members = closest_to(&targets, &holdout_rows, rng);
+    let membership_inference = (!members.is_empty() && !non_members.is_empty()).then(|| {
+        let wins: f64 = members
+            .iter()
+            .map(|m| {
+                non_members
+                    .iter()
+                    .map(|h| match m.total_cmp(h) {
+                        std::cmp::Ordering::Less => 1.0,
+                        std::cmp::Ordering::Equal => 0.5,
+                        std::cmp::Ordering::Greater => 0.0,
+                    })
+                    .sum::<f64>()
+            })
+            .sum();
+        let auc = wins / (members.len() * non_members.len()) as f64;
+        MembershipInference {
+            auc,
+            advantage: (2.0 * auc - 1.0).max(0.0),
+            members: members.len(),
+            non_members: non_members.len(),
+        }
+    });
     Privacy {
+        membership_inference,
         dcr_synthetic_to_train: dcr(&synthetic_rows, rng),
         dcr_holdout_to_train: dcr(&holdout_rows, rng),
         exact_match_rate: if synthetic_rows.is_empty() {
@@ -638,5 +685,29 @@ mod tests {
         let held = p.dcr_holdout_to_train.unwrap();
         assert!((held.median - 5.0 / 30.0 / 3.0).abs() < 1e-12);
         assert_eq!(p.epsilon_spent, Some(1.0));
+    }
+
+    #[test]
+    fn membership_inference_tells_copies_from_honest_samples() {
+        let real = table(
+            nums(&[0.0, 10.0, 20.0, 30.0]),
+            nums(&[1.0, 2.0, 3.0, 4.0]),
+            vec!["a", "b", "a", "b"],
+        );
+        let holdout = table(nums(&[5.0, 25.0]), nums(&[1.5, 3.5]), vec!["b", "a"]);
+        let mut rng = StdRng::seed_from_u64(0);
+        // A copy of the training rows: every member is at distance 0, every non-member not.
+        let copied = privacy(&real, &holdout, &real, &roles(), None, &mut rng);
+        let attack = copied.membership_inference.unwrap();
+        assert_eq!((attack.auc, attack.advantage), (1.0, 1.0));
+        // Rows as near the holdout as the training set: no edge.
+        let fair = table(
+            nums(&[2.5, 15.0, 22.5]),
+            nums(&[1.25, 2.5, 3.25]),
+            vec!["a", "b", "a"],
+        );
+        let honest = privacy(&real, &holdout, &fair, &roles(), None, &mut rng);
+        let attack = honest.membership_inference.unwrap();
+        assert!(attack.auc <= 0.75, "{attack:?}");
     }
 }

@@ -5,8 +5,12 @@
 //! TVAE with candle) → sample → fresh identifiers → evaluate → publish the synthetic file and
 //! `report.json` as artifacts. Everything random comes from one seeded RNG, so a seed gives
 //! the same output; without a seed the job id provides it, so a retry repeats the attempt.
+//! The one exception is differential privacy's noise, drawn from the operating system: a
+//! private fit differs on every run, and its seed, printed in the report, undoes nothing.
 
+pub mod constraints;
 pub mod copula;
+pub mod dp;
 pub mod metrics;
 pub mod profile;
 pub mod stats;
@@ -50,6 +54,12 @@ impl Monitor for Quiet {
     }
 }
 
+/// A fitted synthesizer.
+enum Model {
+    Copula(Copula),
+    Tvae(tvae::Tvae),
+}
+
 /// A synthetic table with its report.
 pub struct Synthesis {
     pub table: Table,
@@ -65,23 +75,34 @@ pub fn synthesize(
     monitor: &dyn Monitor,
 ) -> Result<Synthesis, JobError> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let profiles = profile::profile(input, &payload.overrides());
+    let private = payload.epsilon.is_some();
+    // A private fit takes roles from the types alone: "unique on every row" is a fact of
+    // the data that one row can change.
+    let profiles = profile::profile(input, &payload.overrides(), !private);
     let roles: Vec<(String, Role)> = profiles.iter().map(|p| (p.name.clone(), p.role)).collect();
     let (train, holdout) = if payload.holdout_fraction > 0.0 {
         input.split(payload.holdout_fraction, &mut rng)
     } else {
         (input.clone(), Table::default())
     };
-    let learned: Vec<(&Column, ColumnSpec)> = train
+    // The model's view: each fixed combination is one joint label column.
+    let model_train = constraints::combine(&train, &payload.constraints);
+    let role_of = |name: &str| {
+        profiles
+            .iter()
+            .find(|p| p.name == name)
+            .map_or(Role::Categorical, |p| p.role)
+    };
+    let learned: Vec<(&Column, ColumnSpec)> = model_train
         .columns
         .iter()
-        .zip(&profiles)
-        .filter(|(_, p)| p.role.is_learned())
-        .map(|(column, p)| {
+        .filter(|column| role_of(&column.name).is_learned())
+        .map(|column| {
             let settings = payload.columns.get(&column.name);
             let spec = ColumnSpec {
-                role: p.role,
+                role: role_of(&column.name),
                 bounds: (settings.and_then(|s| s.min), settings.and_then(|s| s.max)),
+                levels: settings.and_then(|s| s.values.clone()),
             };
             (column, spec)
         })
@@ -101,47 +122,64 @@ pub fn synthesize(
     monitor.stage(0.1, "fitting");
     let rows = payload.rows as usize;
     let started = Instant::now();
-    let (sampled, budget) = match payload.synthesizer {
+    let names: Vec<String> = learned.iter().map(|(c, _)| c.name.clone()).collect();
+    let model = match payload.synthesizer {
         Synthesizer::GaussianCopula => {
-            let model = Copula::fit(&learned, payload.epsilon, &mut rng);
-            monitor.checkpoint()?;
-            monitor.stage(0.6, "sampling");
-            (model.sample(rows, &mut rng), model.budget)
+            Model::Copula(Copula::fit(&learned, payload.epsilon).map_err(JobError::Permanent)?)
         }
         Synthesizer::Tvae => {
             let epochs = payload.epochs.unwrap_or(DEFAULT_EPOCHS) as usize;
-            let model = tvae::Tvae::fit(&learned, epochs, rng.random(), monitor)?;
-            monitor.stage(0.8, "sampling");
-            (model.sample(rows, rng.random())?, None)
+            Model::Tvae(tvae::Tvae::fit(&learned, epochs, rng.random(), monitor)?)
         }
     };
-    let mut sampled = sampled;
-    if payload.epsilon.is_none() {
-        for ((column, spec), values) in learned.iter().zip(sampled.iter_mut()) {
-            if spec.role != Role::Categorical {
-                span_range(&column.values, values);
+    monitor.checkpoint()?;
+    monitor.stage(0.6, "sampling");
+    let draw = |n: usize| -> Result<constraints::Columns, JobError> {
+        let mut sampled = match &model {
+            Model::Copula(copula) => copula.sample(n, &mut rng),
+            Model::Tvae(tvae) => tvae.sample(n, rng.random())?,
+        };
+        if !private {
+            for ((column, spec), values) in learned.iter().zip(sampled.iter_mut()) {
+                if spec.role != Role::Categorical {
+                    clamp_to_range(&column.values, values);
+                }
             }
         }
-    }
+        Ok(constraints::separate(
+            names.clone(),
+            sampled,
+            &payload.constraints,
+            &train,
+        ))
+    };
+    let (sampled, unconstrained) = constraints::sample_kept(rows, &payload.constraints, draw)?;
+    let budget = match model {
+        Model::Copula(copula) => copula.budget,
+        Model::Tvae(_) => None,
+    };
     let fit_and_sample = started.elapsed();
 
     // Output columns in input order: learned ones from the model, fresh identifiers, no skips.
-    let mut sampled = sampled.into_iter();
-    let mut columns = Vec::new();
-    for (column, p) in input.columns.iter().zip(&profiles) {
-        let values = match p.role {
-            Role::Skip => continue,
-            Role::Identifier => fresh_identifiers(&column.values, rows),
-            _ => sampled
-                .next()
-                .expect("one sampled column per learned column"),
-        };
-        columns.push(Column {
-            values,
-            ..column.clone()
-        });
-    }
-    let synthetic = Table { columns };
+    let assemble = |mut sampled: constraints::Columns| {
+        let mut columns = Vec::new();
+        for (column, p) in input.columns.iter().zip(&profiles) {
+            let learned = sampled.iter().position(|(name, _)| *name == column.name);
+            let values = match (p.role, learned) {
+                (Role::Skip, _) => continue,
+                (_, Some(at)) => sampled.swap_remove(at).1,
+                _ => fresh_identifiers(&column.values, rows, private),
+            };
+            columns.push(Column {
+                values,
+                ..column.clone()
+            });
+        }
+        Table { columns }
+    };
+    let synthetic = assemble(sampled);
+    let without_constraints = (!payload.constraints.is_empty())
+        .then(|| metrics::quality(&train, &assemble(unconstrained), &roles));
 
     monitor.checkpoint()?;
     monitor.stage(0.9, "evaluating");
@@ -152,7 +190,7 @@ pub fn synthesize(
         &holdout,
         &synthetic,
         &roles,
-        payload.epsilon,
+        budget.as_ref().map(|b| b.epsilon),
         &mut rng,
     );
     let report = json!({
@@ -167,10 +205,13 @@ pub fn synthesize(
         "columns": profiles.iter().map(column_report).collect::<Vec<_>>(),
         "distributions": visual::distributions(&train, &synthetic, &roles),
         "quality": quality,
+        "quality_without_constraints": without_constraints,
+        "constraints": payload.constraints,
         "privacy": {
             "dcr_synthetic_to_train": privacy.dcr_synthetic_to_train,
             "dcr_holdout_to_train": privacy.dcr_holdout_to_train,
             "exact_match_rate": privacy.exact_match_rate,
+            "membership_inference": privacy.membership_inference,
             "epsilon_spent": privacy.epsilon_spent,
             "budget": budget,
         },
@@ -189,11 +230,10 @@ fn column_report(p: &ColumnProfile) -> Value {
     serde_json::to_value(p).unwrap_or(Value::Null)
 }
 
-/// Keeps a synthetic numeric column within the training column's range and makes it span
-/// that range, as SDV's `enforce_min_max_values` does: the smallest and largest synthetic
-/// values become the training minimum and maximum. Range-based comparisons (binning, scaled
-/// distances) then line up. Private fits skip this: the range itself would leak.
-fn span_range(real: &Values, synthetic: &mut Values) {
+/// Keeps a synthetic numeric column within the training column's range, as SDV's
+/// `enforce_min_max_values` does, without planting the real extremes in the output. Private
+/// fits skip this: the range itself would leak.
+fn clamp_to_range(real: &Values, synthetic: &mut Values) {
     let (Values::Numbers(real), Values::Numbers(synthetic)) = (real, synthetic) else {
         return;
     };
@@ -203,42 +243,26 @@ fn span_range(real: &Values, synthetic: &mut Values) {
     if lo > hi {
         return;
     }
-    let mut lowest: Option<(usize, f64)> = None;
-    let mut highest: Option<(usize, f64)> = None;
-    for (row, value) in synthetic.iter_mut().enumerate() {
-        if let Some(v) = value {
-            *v = v.clamp(lo, hi);
-            if lowest.is_none_or(|(_, l)| *v < l) {
-                lowest = Some((row, *v));
-            }
-            if highest.is_none_or(|(_, h)| *v > h) {
-                highest = Some((row, *v));
-            }
-        }
-    }
-    if let (Some((low_row, _)), Some((high_row, _))) = (lowest, highest) {
-        if low_row != high_row {
-            synthetic[low_row] = Some(lo);
-            synthetic[high_row] = Some(hi);
-        }
+    for v in synthetic.iter_mut().flatten() {
+        *v = v.clamp(lo, hi);
     }
 }
 
 /// Values that identify rows but were never seen: integers count on from the largest one,
-/// text gets `syn-<n>` labels that no input value equals.
-fn fresh_identifiers(original: &Values, rows: usize) -> Values {
+/// text gets `syn-<n>` labels that no input value equals. Private fits look at nothing:
+/// integers count from 1 and labels are `syn-<n>` as they come.
+fn fresh_identifiers(original: &Values, rows: usize, private: bool) -> Values {
     match original {
         Values::Numbers(values) => {
-            let start = values
-                .iter()
-                .flatten()
-                .fold(0.0f64, |a, &b| a.max(b))
-                .floor()
-                + 1.0;
+            let largest = values.iter().flatten().fold(0.0f64, |a, &b| a.max(b));
+            let start = if private { 1.0 } else { largest.floor() + 1.0 };
             Values::Numbers((0..rows).map(|i| Some(start + i as f64)).collect())
         }
         Values::Labels(values) => {
-            let taken: HashSet<&str> = values.iter().flatten().map(String::as_str).collect();
+            let taken: HashSet<&str> = match private {
+                true => HashSet::new(),
+                false => values.iter().flatten().map(String::as_str).collect(),
+            };
             let mut next = 0usize;
             let mut fresh = Vec::with_capacity(rows);
             while fresh.len() < rows {
@@ -501,23 +525,94 @@ impl SynthesisHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use polars::prelude::DataType;
+
+    /// The privacy audit: an attacker who knows the data, the payload, the seed and the code,
+    /// but not the noise, tries to tell which of two neighbouring tables a private job's
+    /// synthetic table came from (one row moved from the bulk to an outlier: the worst case
+    /// for a histogram). Its error rates over many jobs bound ε from below (Jagielski et al.,
+    /// "Auditing differentially private machine learning", NeurIPS 2020; Nasr et al. 2021);
+    /// at 95 % confidence the bound must not exceed the ε the job claims.
+    #[test]
+    fn privacy_audit_finds_no_more_than_the_claimed_epsilon() {
+        let (epsilon, trials) = (1.0, 1000);
+        let table = |outlier: f64| {
+            let mut x: Vec<Option<f64>> = (0..50).map(|i| Some(10.0 + (i % 5) as f64)).collect();
+            x[0] = Some(outlier);
+            Table {
+                columns: vec![Column::numbers("x", DataType::Float64, x)],
+            }
+        };
+        let (bulk, outlier) = (table(10.0), table(99.0));
+        let payload: SynthesisPayload = serde_json::from_value(json!({
+            "dataset_id": uuid::Uuid::nil(), "rows": 500, "epsilon": epsilon,
+            "holdout_fraction": 0.0, "columns": {"x": {"min": 0, "max": 100}}
+        }))
+        .unwrap();
+        let run = |input: &Table, seed: u64| synthesize(input, &payload, seed, &Quiet).unwrap();
+        // "Outlier" when the seed reproduces the output from that table, or when values land
+        // in the top histogram bin, where only the outlier's row can put mass.
+        let says_outlier = |output: &Synthesis, seed: u64| -> bool {
+            let values = &output.table.columns[0].values;
+            if *values == run(&bulk, seed).table.columns[0].values {
+                return false;
+            }
+            if *values == run(&outlier, seed).table.columns[0].values {
+                return true;
+            }
+            let Values::Numbers(v) = values else { panic!() };
+            v.iter().flatten().filter(|&&x| x > 96.875).count() >= 2
+        };
+        let (mut false_alarms, mut misses) = (0, 0);
+        for seed in 0..trials {
+            false_alarms += says_outlier(&run(&bulk, seed), seed) as u64;
+            misses += !says_outlier(&run(&outlier, seed), seed) as u64;
+        }
+        let bound = epsilon_lower_bound(false_alarms, misses, trials);
+        eprintln!("audit: ε ≥ {bound:.3} (false alarms {false_alarms}, misses {misses})");
+        assert!(
+            bound <= epsilon,
+            "the audit shows ε ≥ {bound:.2} (false alarms {false_alarms}, misses {misses} \
+             in {trials}), above the claimed {epsilon}"
+        );
+    }
+
+    /// ε ≥ ln((1 − FNR)/FPR) for any test (and with the roles swapped), each rate taken at
+    /// its one-sided 97.5 % Clopper–Pearson upper bound.
+    fn epsilon_lower_bound(false_alarms: u64, misses: u64, trials: u64) -> f64 {
+        use statrs::distribution::{Beta, ContinuousCDF};
+        let upper = |k: u64| {
+            if k == trials {
+                1.0
+            } else {
+                Beta::new(k as f64 + 1.0, (trials - k) as f64)
+                    .unwrap()
+                    .inverse_cdf(0.975)
+            }
+        };
+        let (fpr, fnr) = (upper(false_alarms), upper(misses));
+        ((1.0 - fnr) / fpr)
+            .ln()
+            .max(((1.0 - fpr) / fnr).ln())
+            .max(0.0)
+    }
 
     #[test]
-    fn synthetic_numbers_span_the_training_range() {
+    fn synthetic_numbers_stay_in_the_training_range_without_its_extremes_planted() {
         let real = Values::Numbers(vec![Some(1.0), None, Some(9.0), Some(5.0)]);
         let mut synthetic =
             Values::Numbers(vec![Some(3.0), Some(12.0), None, Some(2.0), Some(4.0)]);
-        span_range(&real, &mut synthetic);
+        clamp_to_range(&real, &mut synthetic);
         assert_eq!(
             synthetic,
-            Values::Numbers(vec![Some(3.0), Some(9.0), None, Some(1.0), Some(4.0)])
+            Values::Numbers(vec![Some(3.0), Some(9.0), None, Some(2.0), Some(4.0)])
         );
     }
 
     #[test]
     fn fresh_identifiers_never_repeat_inputs() {
         let text = Values::Labels(vec![Some("syn-1".into()), Some("syn-3".into()), None]);
-        let Values::Labels(fresh) = fresh_identifiers(&text, 3) else {
+        let Values::Labels(fresh) = fresh_identifiers(&text, 3, false) else {
             panic!()
         };
         assert_eq!(
@@ -530,8 +625,17 @@ mod tests {
         );
         let numbers = Values::Numbers(vec![Some(7.0), Some(3.0)]);
         assert_eq!(
-            fresh_identifiers(&numbers, 2),
+            fresh_identifiers(&numbers, 2, false),
             Values::Numbers(vec![Some(8.0), Some(9.0)])
         );
+        // Private: nothing read from the data.
+        assert_eq!(
+            fresh_identifiers(&numbers, 2, true),
+            Values::Numbers(vec![Some(1.0), Some(2.0)])
+        );
+        let Values::Labels(fresh) = fresh_identifiers(&text, 2, true) else {
+            panic!()
+        };
+        assert_eq!(fresh, [Some("syn-1".into()), Some("syn-2".into())]);
     }
 }

@@ -37,16 +37,27 @@ pub struct ColumnProfile {
     pub top: Vec<(String, usize)>,
 }
 
-/// Profiles every column; `overrides` (by column name) win over detection.
-pub fn profile(table: &Table, overrides: &BTreeMap<String, Role>) -> Vec<ColumnProfile> {
+/// Profiles every column; `overrides` (by column name) win over detection, which finds
+/// identifiers (unique on every row) only when `find_identifiers`.
+pub fn profile(
+    table: &Table,
+    overrides: &BTreeMap<String, Role>,
+    find_identifiers: bool,
+) -> Vec<ColumnProfile> {
     table
         .columns
         .iter()
-        .map(|column| profile_column(column, overrides.get(&column.name).copied()))
+        .map(|column| {
+            profile_column(
+                column,
+                overrides.get(&column.name).copied(),
+                find_identifiers,
+            )
+        })
         .collect()
 }
 
-fn profile_column(column: &Column, role: Option<Role>) -> ColumnProfile {
+fn profile_column(column: &Column, role: Option<Role>, find_identifiers: bool) -> ColumnProfile {
     let rows = column.values.len();
     let missing = column.values.missing();
     let present = rows - missing;
@@ -70,7 +81,8 @@ fn profile_column(column: &Column, role: Option<Role>) -> ColumnProfile {
             (distinct, None, top)
         }
     };
-    let unique_per_row = present >= MIN_ROWS_FOR_IDENTIFIER && distinct == present;
+    let unique_per_row =
+        find_identifiers && present >= MIN_ROWS_FOR_IDENTIFIER && distinct == present;
     let role = role.unwrap_or(if column.dtype.is_temporal() {
         Role::Datetime
     } else if unique_per_row && (column.dtype.is_integer() || column.dtype == DataType::String) {
@@ -177,7 +189,7 @@ mod tests {
 
     #[test]
     fn detects_roles_missing_rates_and_shapes() {
-        let profiles = profile(&table(), &BTreeMap::new());
+        let profiles = profile(&table(), &BTreeMap::new(), true);
         let role = |name: &str| profiles.iter().find(|p| p.name == name).unwrap().role;
         assert_eq!(role("key"), Role::Identifier);
         assert_eq!(role("serial"), Role::Identifier);
@@ -189,6 +201,11 @@ mod tests {
         assert_eq!(role("count"), Role::Numerical);
         assert_eq!(role("color"), Role::Categorical);
         assert_eq!(role("day"), Role::Datetime, "dates are learned, not keys");
+
+        // Private fits go by the types: keys are learned unless declared identifiers.
+        let by_type = profile(&table(), &BTreeMap::new(), false);
+        assert_eq!(by_type[0].role, Role::Categorical);
+        assert_eq!(by_type[1].role, Role::Numerical);
 
         let count = &profiles[3];
         assert!((count.missing_rate - 0.1).abs() < 1e-12);
@@ -207,7 +224,7 @@ mod tests {
             ("count".to_owned(), Role::Categorical),
             ("color".to_owned(), Role::Skip),
         ]);
-        let profiles = profile(&table(), &overrides);
+        let profiles = profile(&table(), &overrides, true);
         assert_eq!(profiles[1].role, Role::Numerical);
         assert_eq!(profiles[3].role, Role::Categorical);
         assert_eq!(profiles[4].role, Role::Skip);

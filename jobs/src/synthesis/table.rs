@@ -67,6 +67,15 @@ impl Values {
             Values::Labels(v) => Values::Labels(rows.iter().map(|&i| v[i].clone()).collect()),
         }
     }
+
+    /// Adds `more` (of the same kind) at the end.
+    pub fn append(&mut self, more: Values) {
+        match (self, more) {
+            (Values::Numbers(v), Values::Numbers(more)) => v.extend(more),
+            (Values::Labels(v), Values::Labels(more)) => v.extend(more),
+            _ => unreachable!("one column's values are of one kind"),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

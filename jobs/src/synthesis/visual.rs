@@ -298,11 +298,41 @@ fn privacy(page: &mut String, privacy: &Value) {
         "<tr><th>synthetic rows equal to a real one</th><td>{:.2} %</td></tr>",
         privacy["exact_match_rate"].as_f64().unwrap_or(0.0) * 100.0
     );
+    if let Some(attack) = privacy["membership_inference"].as_object() {
+        let _ = write!(
+            page,
+            "<tr><th>membership inference (distance attack, AUC; 0.5 is a coin toss)</th>\
+             <td>{} (advantage {})</td></tr>",
+            number(&attack["auc"]),
+            number(&attack["advantage"])
+        );
+    }
+    let budget = &privacy["budget"];
     let epsilon = match privacy["epsilon_spent"].as_f64() {
-        Some(e) => format!("{e} (differential privacy)"),
+        Some(e) => format!(
+            "{e} (differential privacy, δ = {}): {}",
+            budget["delta"],
+            escape(budget["mechanism"].as_str().unwrap_or(""))
+        ),
         None => "none: not differentially private".into(),
     };
     let _ = write!(page, "<tr><th>ε spent</th><td>{epsilon}</td></tr></table>");
+    if let Some(spent) = budget["spent"].as_array() {
+        page.push_str(
+            "<table><tr><th>release</th><th>ε</th><th>sensitivity</th><th>noise scale</th></tr>",
+        );
+        for part in spent {
+            let _ = write!(
+                page,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(part["what"].as_str().unwrap_or("?")),
+                number(&part["epsilon"]),
+                part["sensitivity"],
+                number(&part["noise_scale"])
+            );
+        }
+        page.push_str("</table>");
+    }
 }
 
 fn floats(v: &Value) -> Vec<f64> {
