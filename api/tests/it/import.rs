@@ -133,6 +133,8 @@ async fn csv_round_trip_equals_psql_copy_row_for_row() {
     .await;
     assert_eq!(result["rows_imported"], 5, "{result}");
     assert_eq!(result["rows_rejected"], 0);
+    assert_eq!(result["outputs"]["table"], result["table"], "{result}");
+    assert!(result["table"].as_str().unwrap().ends_with(".imported"));
     assert_eq!(
         checksum(&app.target_url(), "imported"),
         checksum(&app.target_url(), "expected")

@@ -391,6 +391,8 @@ async fn execute_matches_the_plain_statement_and_rollback_restores_it() {
     assert_eq!(checksum(&db, "items").await, checksum(&db, "plain").await);
     let snapshot = result["snapshots"][0]["table"].as_str().unwrap();
     assert!(snapshot.contains(&id.simple().to_string()), "{snapshot}");
+    assert_eq!(result["outputs"]["snapshot"], snapshot);
+    assert_eq!(result["outputs"]["table"], result["table"]);
     assert_eq!(
         count(&db, &format!("SELECT count(*) FROM {snapshot}")).await,
         expected
@@ -402,6 +404,7 @@ async fn execute_matches_the_plain_statement_and_rollback_restores_it() {
         .await;
     assert_eq!(job["result"]["rows_restored"], expected, "{job}");
     assert_eq!(job["result"]["conflicts"], 0);
+    assert_eq!(job["result"]["outputs"]["table"], result["table"]);
     assert_eq!(
         checksum(&db, "items").await,
         original,

@@ -376,6 +376,8 @@ async fn import(
         "bytes": dataset.size_bytes,
         "columns": columns,
         "artifacts": artifacts,
+        // What a later step (a pipeline's, a patch) reads: the table the rows went to.
+        "outputs": {"table": format!("{schema}.{table}")},
     });
     let applied = apply(
         ctx,

@@ -179,6 +179,7 @@ impl Restore<'_> {
         Ok(json!({
             "patch_job_id": job,
             "table": self.record.table_name,
+            "outputs": {"table": self.record.table_name},
             "snapshot": snapshot::snapshot_table(job),
             "rows_restored": self.record.rows_restored,
             // Every snapshot row ends restored or left as a conflict.

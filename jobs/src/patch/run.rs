@@ -430,6 +430,8 @@ impl Execution<'_> {
             "resumed_from_rows": resumed_from,
             "snapshots": [record.listing()],
             "preflight": assessment,
+            // The table it changed, and the snapshot a rollback restores from.
+            "outputs": {"table": record.table_name, "snapshot": record.snapshot_table},
         });
         if let Some(attempt) = this_attempt {
             Meter::add(&self.ctx.meter().rows_written, attempt.rows);
