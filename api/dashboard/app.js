@@ -417,6 +417,12 @@ function renderJobDetails(job) {
   $('job-payload').textContent = JSON.stringify(job.payload, null, 2);
   $('job-result-card').hidden = job.result === null || job.result === undefined;
   $('job-result').textContent = JSON.stringify(job.result, null, 2);
+  // A synthesis's visual report, shown in place (served sandboxed: no script runs in it).
+  const report = artifacts(job).includes('report.html')
+    ? `/v1/jobs/${job.id}/artifacts/report.html?view=inline` : null;
+  $('job-report-card').hidden = !report;
+  if (report && $('job-report').getAttribute('src') !== report) $('job-report').setAttribute('src', report);
+  if (!report) $('job-report').removeAttribute('src');
   $('job-artifacts').replaceChildren(...artifacts(job).map((name) =>
     el('li', {}, el('a', { href: `/v1/jobs/${job.id}/artifacts/${encodeURIComponent(name)}`, text: name, download: name }))));
   const errors = Array.isArray(job.attempt_errors) ? job.attempt_errors : [];
@@ -503,6 +509,7 @@ function showJob(id) {
   $('timeline').replaceChildren();
   $('job-action-error').textContent = '';
   $('job-result-card').hidden = true;
+  $('job-report-card').hidden = true;
   $('job-error-card').hidden = true;
   if (jobs.has(id)) renderJobHeader(jobs.get(id));
   refreshJob(id);

@@ -2,7 +2,7 @@
 
 use axum::{
     body::Body,
-    http::header,
+    http::{header, HeaderValue},
     response::{IntoResponse, Response},
 };
 use shared::{objects::ObjectStream, Problem};
@@ -36,6 +36,25 @@ pub fn serve(stored: Option<(u64, ObjectStream)>, file_name: &str) -> Result<Res
         body,
     )
         .into_response())
+}
+
+/// A served file shown in place rather than downloaded, in a sandbox: its page runs no
+/// script, gets an origin of its own (no cookie, no API), loads nothing from the network and
+/// can be framed by the dashboard only.
+pub fn inline(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("inline"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; \
+             frame-ancestors 'self'",
+        ),
+    );
+    response
 }
 
 /// The media type of a file by its name's extension, `charset=utf-8` on text (what Conveyor

@@ -116,7 +116,9 @@ try {
 
   step('upload a dataset and import it from its row');
   await page.setInputFiles('#upload-file', {
-    name: 'Orders.csv', mimeType: 'text/csv', buffer: Buffer.from('id,city\n1,Lyon\n2,Oslo\n3,Porto\n'),
+    name: 'Orders.csv', mimeType: 'text/csv',
+    buffer: Buffer.from('id,city,amount\n' + Array.from({ length: 40 }, (_, i) =>
+      `${i + 1},${['Lyon', 'Oslo', 'Porto'][i % 3]},${(10 + (i * 7) % 23).toFixed(2)}\n`).join('')),
   });
   await page.click('#upload-form button[type=submit]');
   const datasetId = await page.locator('#upload-result code[data-dataset-id]').getAttribute('data-dataset-id');
@@ -126,6 +128,26 @@ try {
   await datasetRow.locator('button[data-kind="synthesis"]').click();
   check(await page.inputValue('#submit-kind') === 'synthesis', 'synthesis fills the form');
   check(JSON.parse(await page.inputValue('#submit-payload')).dataset_id === datasetId, 'synthesis names the dataset');
+  const synthesis = await submitForm();
+  await page.locator(`#jobs tr[data-job-id="${synthesis}"][data-status="succeeded"]`).waitFor();
+
+  step('the synthesis report on its job page: a chart per learned column, sandboxed');
+  await page.click(`#submit-result a[data-job-id="${synthesis}"]`);
+  await page.locator('#job-report-card:not([hidden])').waitFor();
+  const report = page.frameLocator('#job-report');
+  await report.locator('figure[data-column]').first().waitFor();
+  const charted = await report.locator('figure[data-column]').evaluateAll(
+    (figures) => figures.map((f) => f.dataset.column).sort());
+  check(JSON.stringify(charted) === '["amount","city"]', `charts for ${charted}`);
+  check(await report.locator('figure[data-column="amount"] svg rect').count() > 2, 'bars are drawn');
+  const scripted = await report.locator('body').evaluate(() => {
+    try { return typeof document.cookie === 'string' && window.parent.document !== null; } catch { return false; }
+  });
+  check(scripted === false, 'the report runs in its own origin, reaching neither cookie nor dashboard');
+  await page.screenshot({ path: join(artifacts, 'dashboard-synthesis-report.png'), fullPage: true });
+  await page.click('a[href="#/"]');
+  await page.locator('#jobs-view').waitFor();
+
   await datasetRow.locator('button[data-kind="import"]').click();
   check(await page.inputValue('#submit-kind') === 'import', 'import fills the form');
   const importPayload = JSON.parse(await page.inputValue('#submit-payload'));

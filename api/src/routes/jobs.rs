@@ -470,15 +470,33 @@ pub(crate) fn parse_id(id: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(id).map_err(|_| Problem::not_found("job"))
 }
 
+/// How an artifact is served: downloaded (the default), or shown in the dashboard's frame.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactParams {
+    /// `inline` to view it in place (sandboxed: no script, an origin of its own).
+    view: Option<ArtifactView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum ArtifactView {
+    Inline,
+    Download,
+}
+
 #[utoipa::path(get, path = "/v1/jobs/{id}/artifacts/{name}", tag = "jobs",
-    params(("id" = Uuid, Path), ("name" = String, Path)),
+    params(("id" = Uuid, Path), ("name" = String, Path), ArtifactParams),
     responses((status = 200, content_type = "application/octet-stream", description = "the file"),
-              (status = 404, body = Problem)))]
+              (status = 404, body = Problem), (status = 422, body = Problem)))]
 pub async fn artifact(
     State(state): State<AppState>,
     tenant: Tenant,
     Path((id, name)): Path<(String, String)>,
+    params: Result<Query<ArtifactParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
+    let Query(params) =
+        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
     let id = parse_id(&id)?;
     store::get_job(&state.pool, tenant.0, id)
         .await?
@@ -489,5 +507,9 @@ pub async fn artifact(
         .await
         .map_err(Problem::internal)?
         .ok_or_else(|| Problem::not_found("artifact"))?;
-    crate::files::serve(Some(stored), &name)
+    let response = crate::files::serve(Some(stored), &name)?;
+    Ok(match params.view {
+        Some(ArtifactView::Inline) => crate::files::inline(response),
+        _ => response,
+    })
 }

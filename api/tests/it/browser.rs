@@ -36,7 +36,8 @@ async fn the_dashboard_signs_in_submits_imports_cancels_and_survives_a_cut_strea
         .unwrap_or_else(|_| root.join("target/test-artifacts"));
 
     let mut app = TestApp::spawn().await;
-    app.start_worker_for(&[("canary", 4), ("import", 1)]).await;
+    app.start_worker_for(&[("canary", 4), ("import", 1), ("synthesis", 1)])
+        .await;
     let mut node = tokio::process::Command::new("node")
         .arg(&script)
         .arg(&app.base)
@@ -84,9 +85,9 @@ async fn the_dashboard_signs_in_submits_imports_cancels_and_survives_a_cut_strea
         .fetch_all(&target)
         .await
         .unwrap();
-    assert_eq!(
-        rows,
-        vec![(1, "Lyon".into()), (2, "Oslo".into()), (3, "Porto".into())]
-    );
+    let expected: Vec<(i64, String)> = (1..=40)
+        .map(|i| (i, ["Lyon", "Oslo", "Porto"][(i as usize - 1) % 3].into()))
+        .collect();
+    assert_eq!(rows, expected);
     target.close().await;
 }

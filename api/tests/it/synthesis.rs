@@ -220,6 +220,43 @@ async fn synthesis_copula_reproduces_marginals_and_correlations_and_never_copies
         .await;
     assert_eq!(status, 200);
     assert_eq!(&stored, report);
+    // report.html downloads by default; viewed inline it is sandboxed (no script, an origin
+    // of its own) and only the dashboard may frame it.
+    let headers = |view: &'static str| {
+        let request = app
+            .client
+            .get(app.url(&format!("/v1/jobs/{job}/artifacts/report.html{view}")))
+            .bearer_auth(&app.key);
+        async move {
+            let response = request.send().await.unwrap();
+            let header = |name| {
+                response
+                    .headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+            };
+            (
+                response.status(),
+                header("content-disposition"),
+                header("content-security-policy"),
+            )
+        }
+    };
+    let (status, disposition, _) = headers("").await;
+    assert_eq!(status, 200);
+    assert!(disposition.unwrap().starts_with("attachment"));
+    let (status, disposition, csp) = headers("?view=inline").await;
+    assert_eq!(
+        (status.as_u16(), disposition.as_deref()),
+        (200, Some("inline"))
+    );
+    let csp = csp.unwrap();
+    assert!(
+        csp.starts_with("sandbox;") && csp.contains("frame-ancestors 'self'"),
+        "{csp}"
+    );
+    let (status, _, _) = headers("?view=run").await;
+    assert_eq!(status, 422);
     let synthetic = read(&app, job, "synthetic.csv");
     assert_eq!(synthetic.rows(), 2500);
     let names: Vec<&str> = synthetic.columns.iter().map(|c| c.name.as_str()).collect();
