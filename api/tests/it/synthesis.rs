@@ -526,15 +526,20 @@ async fn synthesis_with_epsilon_spends_it_and_noise_follows_it() {
     };
     assert!((scale(0) / scale(1) - 10.0).abs() < 1e-3);
     assert!((scale(1) / scale(2) - 100.0).abs() < 1e-3);
-    // Little budget, much noise: the loose run keeps the data's shape, the tight one less so.
-    let overall = |i: usize| runs[i].1["quality"]["overall"].as_f64().unwrap();
-    assert!(overall(2) > 0.85, "{}", runs[2].1["quality"]);
+    // Little budget, much noise: the loose run keeps the data's shapes and the numbers'
+    // correlation, the tight one less so. (Pairs with a label depend on the order a private
+    // fit gives its levels, by noisy frequency: band's three near-equal levels come in any
+    // order from one run to the next.)
+    let shapes = |i: usize| runs[i].1["quality"]["column_shapes"].as_f64().unwrap();
+    assert!(shapes(2) > 0.93, "{}", runs[2].1["quality"]);
     assert!(
-        overall(0) < overall(2) - 0.05,
+        shapes(0) < shapes(2) - 0.03,
         "{} vs {}",
-        overall(0),
-        overall(2)
+        shapes(0),
+        shapes(2)
     );
+    let xy = pair(&runs[2].1, "x", "y")["score"].as_f64().unwrap();
+    assert!(xy > 0.9, "{}", runs[2].1["quality"]);
 
     // Undeclared bounds are bought; same seed, same ε, other noise: the seed cannot
     // regenerate it.
