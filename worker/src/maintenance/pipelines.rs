@@ -157,10 +157,8 @@ mod tests {
         )
         .await;
         let other = test.another_runtime().await;
-        let (a, b) = tokio::join!(
-            Pipelines::default().run(&test.runtime),
-            Pipelines::default().run(&other)
-        );
+        let (first, second) = (Pipelines::default(), Pipelines::default());
+        let (a, b) = tokio::join!(first.run(&test.runtime), second.run(&other));
         assert_eq!(a.unwrap() + b.unwrap(), 1, "advanced once");
         assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 0);
         let jobs: Vec<(Uuid, Value)> =
