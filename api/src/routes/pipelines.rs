@@ -104,6 +104,25 @@ pub(crate) async fn resume(
     advance(state, tx, pipeline).await
 }
 
+/// [`resume`] in a transaction of its own, for jobs retried in bulk (whose transaction took
+/// their rows' locks first, so it could not take their pipelines'), announcing the jobs it
+/// started. A failure is logged: the pipeline stays as it was until a step is retried again.
+pub(crate) async fn resume_alone(state: &AppState, tenant: Uuid, pipeline: Uuid) {
+    let resumed = async {
+        let mut tx = state.pool.begin().await?;
+        pipelines::lock(&mut tx, Some(tenant), pipeline).await?;
+        let advanced = resume(state, &mut tx, pipeline).await?;
+        tx.commit().await?;
+        Ok::<_, Problem>(advanced)
+    };
+    match resumed.await {
+        Ok(advanced) => {
+            announce_created(state, tenant, &advanced.jobs.iter().collect::<Vec<_>>()).await
+        }
+        Err(e) => tracing::warn!(%pipeline, error = %e.detail, "pipeline not resumed"),
+    }
+}
+
 /// If the tenant's job is a pipeline's step, takes the pipeline's lock first (a pipeline's
 /// changes take its lock, then its jobs'), and returns the pipeline.
 pub(crate) async fn lock_of_job(

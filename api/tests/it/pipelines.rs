@@ -268,6 +268,34 @@ async fn a_failed_step_cancels_its_dependents_and_a_retry_resumes_the_pipeline()
         .contains("has no output"));
 }
 
+/// Retrying failed jobs in bulk resumes their pipelines too.
+#[tokio::test]
+async fn a_bulk_retry_resumes_the_pipelines_of_the_jobs_it_retries() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(2).await;
+    let (id, _) = submit(
+        &app,
+        json!({
+            "steps": [
+                {"name": "flaky", "kind": "canary", "max_attempts": 1,
+                 "payload": {"steps": 1, "fail_first": 1}},
+                {"name": "then", "kind": "canary", "needs": ["flaky"], "payload": {"steps": 1}},
+            ],
+        }),
+    )
+    .await;
+    let failed = wait_pipeline(&app, &id, &["failed", "succeeded"]).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(step(&failed, "then")["state"], "cancelled");
+    let (status, retried) = app
+        .post("/v1/jobs/retry", &json!({"status": ["failed"]}))
+        .await;
+    assert_eq!(status, 200, "{retried}");
+    assert_eq!(retried["count"], 1);
+    let done = wait_pipeline(&app, &id, &["succeeded"]).await;
+    assert_eq!(step(&done, "then")["state"], "succeeded", "{done}");
+}
+
 /// Cancelling a pipeline stops its running step and cancels the waiting ones; its stream ends
 /// with the outcome; a second cancel is a conflict.
 #[tokio::test]
