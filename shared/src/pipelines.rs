@@ -570,6 +570,7 @@ pub async fn advance(
             let step = &mut steps[i];
             match change {
                 Change::Started(job) => {
+                    let job = *job;
                     step.stored = "started".into();
                     step.job_id = Some(job.id);
                     step.job_status = Some(job.status().as_str().into());
@@ -619,7 +620,7 @@ pub async fn advance(
 }
 
 enum Change {
-    Started(Job),
+    Started(Box<Job>),
     Cancel(String),
     Fail(String),
 }
@@ -665,15 +666,15 @@ async fn start(
     .fetch_optional(&mut *db)
     .await?;
     Ok(match job {
-        Some(job) => Change::Started(job),
+        Some(job) => Change::Started(Box::new(job)),
         // Only a step row out of step with its job gets here: the job exists, adopt it.
-        None => Change::Started(
+        None => Change::Started(Box::new(
             sqlx::query_as("SELECT * FROM jobs WHERE pipeline_id = $1 AND pipeline_step = $2")
                 .bind(pipeline.id)
                 .bind(&step.name)
                 .fetch_one(&mut *db)
                 .await?,
-        ),
+        )),
     })
 }
 
@@ -785,7 +786,7 @@ pub async fn reopen(db: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
 pub enum StepRetry {
     /// The pipeline is running again; the step's job, if it had one, is queued again.
     Resumed {
-        job: Option<Job>,
+        job: Option<Box<Job>>,
         advanced: Advanced,
     },
     NotFound,
@@ -812,7 +813,9 @@ pub async fn retry_step(
     };
     let job = match (step.ended(), step.job_id) {
         (Some(Ended::Failed | Ended::Cancelled), Some(job)) if step.job_status.is_some() => {
-            crate::store::retry(&mut *db, tenant, job).await?
+            crate::store::retry(&mut *db, tenant, job)
+                .await?
+                .map(Box::new)
         }
         (Some(Ended::Failed | Ended::Cancelled), _) => {
             sqlx::query(

@@ -143,20 +143,18 @@ pub(crate) async fn lock_of_job(
     Ok(pipeline)
 }
 
-/// The steps to write, and each one's checked payload for the preflight when it holds no
-/// reference (one that does is preflighted by its job's own run, once resolved).
-fn check(
-    state: &AppState,
-    body: SubmitPipeline,
-) -> Result<
-    (
-        Option<String>,
-        OnFailure,
-        Vec<NewStep>,
-        Vec<(usize, contracts::Valid)>,
-    ),
-    Problem,
-> {
+/// A submission that passed [`check`].
+struct Checked {
+    name: Option<String>,
+    on_failure: OnFailure,
+    steps: Vec<NewStep>,
+    /// Each step's checked payload, by index, when it holds no reference (one that does is
+    /// preflighted by its job's own run, once resolved).
+    preflights: Vec<(usize, contracts::Valid)>,
+}
+
+/// The DAG, each step's payload and references, as a submission's are checked.
+fn check(state: &AppState, body: SubmitPipeline) -> Result<Checked, Problem> {
     let mut errors = Vec::new();
     if let Some(name) = &body.name {
         if name.trim().is_empty() || name.len() > 100 {
@@ -242,12 +240,12 @@ fn check(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    Ok((
-        body.name,
-        body.on_failure.unwrap_or_default(),
+    Ok(Checked {
+        name: body.name,
+        on_failure: body.on_failure.unwrap_or_default(),
         steps,
         preflights,
-    ))
+    })
 }
 
 #[utoipa::path(post, path = "/v1/pipelines", request_body = SubmitPipeline, tag = "pipelines",
@@ -261,7 +259,12 @@ pub async fn submit(
     HashedJson(body, body_sha256): HashedJson<SubmitPipeline>,
 ) -> Result<Response, Problem> {
     let tenant = writer.tenant();
-    let (name, on_failure, steps, preflights) = check(&state, body)?;
+    let Checked {
+        name,
+        on_failure,
+        steps,
+        preflights,
+    } = check(&state, body)?;
     // Each step is a job submitted now, for the rate and the quotas.
     let rate = match state
         .limits
