@@ -266,6 +266,19 @@ async fn a_failed_step_cancels_its_dependents_and_a_retry_resumes_the_pipeline()
         .as_str()
         .unwrap()
         .contains("has no output"));
+
+    // The tenant's two pipelines, a page at a time, newest first.
+    let (_, first) = app.get("/v1/pipelines?limit=1").await;
+    assert_eq!(first["pipelines"][0]["id"], id.as_str(), "{first}");
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let (_, second) = app
+        .get(&format!("/v1/pipelines?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(second["pipelines"].as_array().unwrap().len(), 1, "{second}");
+    assert_ne!(second["pipelines"][0]["id"], id.as_str());
+    let (status, problem) = app.get("/v1/pipelines?limit=0").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["errors"][0]["field"], "limit");
 }
 
 /// Retrying failed jobs in bulk resumes their pipelines too.
@@ -433,6 +446,17 @@ async fn invalid_pipelines_are_refused_and_write_nothing() {
         before,
         "a refused pipeline wrote something"
     );
+
+    let (_, spec) = app.get("/openapi.json").await;
+    for path in [
+        "/v1/pipelines",
+        "/v1/pipelines/{id}",
+        "/v1/pipelines/{id}/cancel",
+        "/v1/pipelines/{id}/steps/{name}/retry",
+        "/v1/pipelines/{id}/events",
+    ] {
+        assert!(spec["paths"][path].is_object(), "{path} not documented");
+    }
 }
 
 /// Another tenant's pipeline is not found by any route; a read key reads but cannot submit,
