@@ -310,7 +310,7 @@ async fn a_bulk_retry_resumes_the_pipelines_of_the_jobs_it_retries() {
 }
 
 /// Cancelling a pipeline stops its running step and cancels the waiting ones; its stream ends
-/// with the outcome; a second cancel is a conflict.
+/// with the outcome (and resumes after an event id); a second cancel is a conflict.
 #[tokio::test]
 async fn cancel_stops_the_unfinished_steps_and_the_stream_ends_with_the_outcome() {
     let mut app = TestApp::spawn().await;
@@ -348,6 +348,18 @@ async fn cancel_stops_the_unfinished_steps_and_the_stream_ends_with_the_outcome(
             .any(|e| e.event == "cancelled" && e.data["job_id"] == job.to_string()),
         "{events:?}"
     );
+    // Resumed after its first event: the rest again, and the outcome.
+    let first = events[0].id.clone().unwrap();
+    let mut resumed = app
+        .sse(&format!("/v1/pipelines/{id}/events"), Some(&first))
+        .await;
+    let replayed = resumed.collect(WAIT).await;
+    let ids = |events: &[SseMessage]| -> Vec<Option<String>> {
+        events.iter().map(|e| e.id.clone()).collect()
+    };
+    assert_eq!(ids(&replayed), ids(&events[1..]), "{replayed:?}");
+    assert_eq!(replayed.last().unwrap().event, "pipeline.finished");
+
     let done = wait_pipeline(&app, &id, &["cancelled"]).await;
     assert_eq!(step(&done, "long")["state"], "cancelled");
     assert_eq!(step(&done, "next")["state"], "cancelled");
