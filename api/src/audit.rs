@@ -40,10 +40,13 @@ pub enum Action {
     WebhookCreate,
     WebhookDelete,
     WebhookReplay,
+    PipelineSubmit,
+    PipelineCancel,
+    PipelineRetry,
 }
 
 impl Action {
-    pub const ALL: [Self; 22] = [
+    pub const ALL: [Self; 25] = [
         Self::JobSubmit,
         Self::JobCancel,
         Self::JobRetry,
@@ -66,6 +69,9 @@ impl Action {
         Self::WebhookCreate,
         Self::WebhookDelete,
         Self::WebhookReplay,
+        Self::PipelineSubmit,
+        Self::PipelineCancel,
+        Self::PipelineRetry,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,6 +98,9 @@ impl Action {
             Self::WebhookCreate => "webhook.create",
             Self::WebhookDelete => "webhook.delete",
             Self::WebhookReplay => "webhook.replay",
+            Self::PipelineSubmit => "pipeline.submit",
+            Self::PipelineCancel => "pipeline.cancel",
+            Self::PipelineRetry => "pipeline.retry",
         }
     }
 
@@ -302,10 +311,11 @@ pub struct AuditEntry {
     /// `connection.create`, `connection.delete`, `collection.create`, `collection.delete`,
     /// `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`, `session.sign_out`,
     /// `schedule.create`, `schedule.pause`, `schedule.resume`, `schedule.delete`,
-    /// `webhook.create`, `webhook.delete`, `webhook.replay`.
+    /// `webhook.create`, `webhook.delete`, `webhook.replay`, `pipeline.submit`,
+    /// `pipeline.cancel`, `pipeline.retry`.
     pub action: String,
-    /// The job, dataset, connection, collection, key, session (its key), schedule, webhook or
-    /// webhook delivery changed.
+    /// The job, dataset, connection, collection, key, session (its key), schedule, webhook,
+    /// webhook delivery or pipeline changed.
     pub target_id: Option<String>,
     pub at: DateTime<Utc>,
     /// The request's `x-request-id`.

@@ -7,8 +7,8 @@ use utoipa::{
 };
 
 use crate::routes::{
-    audit, bulk, collections, connections, datasets, events, jobs, keys, ops, patches, queues,
-    schedules, session, tenant, usage, webhooks,
+    audit, bulk, collections, connections, datasets, events, jobs, keys, ops, patches, pipelines,
+    queues, schedules, session, tenant, usage, webhooks,
 };
 
 #[derive(OpenApi)]
@@ -26,7 +26,9 @@ use crate::routes::{
           usage::usage, bulk::cancel, bulk::retry, schedules::create, schedules::list,
           schedules::get_one, schedules::pause, schedules::resume, schedules::delete,
           schedules::history, webhooks::create, webhooks::list, webhooks::get_one,
-          webhooks::delete, webhooks::deliveries, webhooks::replay),
+          webhooks::delete, webhooks::deliveries, webhooks::replay, pipelines::submit,
+          pipelines::list, pipelines::get_one, pipelines::cancel, pipelines::retry_step,
+          events::pipeline_events),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
                         jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
@@ -55,7 +57,10 @@ use crate::routes::{
                         shared::schedules::Overlap, shared::schedules::Misfire,
                         webhooks::NewWebhook, webhooks::WebhookList, webhooks::DeliveryList,
                         shared::webhooks::Webhook, shared::webhooks::CreatedWebhook,
-                        shared::webhooks::Delivery)),
+                        shared::webhooks::Delivery, pipelines::SubmitPipeline,
+                        pipelines::SubmitStep, pipelines::PipelineList,
+                        shared::pipelines::Pipeline, shared::pipelines::Step,
+                        shared::pipelines::OnFailure)),
     modifiers(&BearerAuth),
     security(("api_key" = []), ("session" = []))
 )]

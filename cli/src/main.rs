@@ -88,6 +88,33 @@ enum Command {
         #[command(subcommand)]
         action: ScheduleCommand,
     },
+    /// Pipelines: steps, each a job, that start once the steps they need have succeeded.
+    Pipelines {
+        #[command(subcommand)]
+        action: PipelineCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Submit a pipeline from a YAML (or JSON) file, the body of `POST /v1/pipelines`; with
+    /// --wait, follow its steps to the end (exit 0 succeeded, 1 failed/cancelled).
+    Submit {
+        file: PathBuf,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show a pipeline and its steps.
+    Show { id: String },
+    /// List the tenant's pipelines, newest first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Cancel a pipeline's unfinished steps.
+    Cancel { id: String },
+    /// Retry a failed or cancelled step; the pipeline goes on from it.
+    Retry { id: String, step: String },
 }
 
 #[derive(Subcommand)]
@@ -273,6 +300,104 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schedules { action } => schedules(&client, action).await,
+        Command::Pipelines { action } => pipelines(&client, action).await,
+    }
+}
+
+async fn pipelines(client: &Client, action: PipelineCommand) -> anyhow::Result<ExitCode> {
+    let pipeline = match action {
+        PipelineCommand::Submit { file, wait } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            // YAML is a superset of JSON: one parser reads both.
+            let body: Value = serde_norway::from_str(&text)
+                .with_context(|| format!("{} is not YAML", file.display()))?;
+            let pipeline = client
+                .send(client.post("/v1/pipelines").json(&body))
+                .await?;
+            if !wait {
+                pipeline
+            } else {
+                let id = pipeline["id"].as_str().context("the API returned no id")?;
+                if !client.json {
+                    eprintln!("submitted pipeline {id}");
+                }
+                return client.wait_pipeline(id).await;
+            }
+        }
+        PipelineCommand::Show { id } => {
+            client
+                .send(client.get(&format!("/v1/pipelines/{id}")))
+                .await?
+        }
+        PipelineCommand::List { limit } => {
+            let list = client
+                .send(client.get("/v1/pipelines").query(&[("limit", limit)]))
+                .await?;
+            if client.json {
+                print_json(&list);
+            } else {
+                for p in list["pipelines"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[])
+                {
+                    let steps = p["steps"].as_array().map_or(0, Vec::len);
+                    println!(
+                        "{}  {:<10} {:>3} steps  {}",
+                        p["id"].as_str().unwrap_or(""),
+                        p["status"].as_str().unwrap_or(""),
+                        steps,
+                        p["name"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        PipelineCommand::Cancel { id } => {
+            client
+                .send(client.post(&format!("/v1/pipelines/{id}/cancel")))
+                .await?
+        }
+        PipelineCommand::Retry { id, step } => {
+            client
+                .send(client.post(&format!("/v1/pipelines/{id}/steps/{step}/retry")))
+                .await?
+        }
+    };
+    if client.json {
+        print_json(&pipeline);
+    } else {
+        print_pipeline(&pipeline);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_pipeline(p: &Value) {
+    let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    println!("pipeline  {}  {}", text(&p["id"]), text(&p["name"]));
+    println!("status    {}", text(&p["status"]));
+    for step in p["steps"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let needs: Vec<String> = step["needs"]
+            .as_array()
+            .map(|n| n.iter().map(text).collect())
+            .unwrap_or_default();
+        let needs = if needs.is_empty() {
+            String::new()
+        } else {
+            format!(" (needs {})", needs.join(", "))
+        };
+        println!(
+            "  {:<16} {:<10} {:<10} {}{needs}{}",
+            text(&step["name"]),
+            text(&step["kind"]),
+            text(&step["state"]),
+            text(&step["job_id"]),
+            step["reason"]
+                .as_str()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
     }
 }
 
@@ -503,23 +628,29 @@ impl Client {
         self.send(self.get(&format!("/v1/jobs/{id}"))).await?;
         let mut bar = Bar::new(!self.json || !events);
         let url = self.url(&format!("/v1/jobs/{id}/events"));
-        sse::follow(&self.http, &url, &self.key, |message| {
-            let data = &message.data;
-            if events && self.json {
-                let line = json!({"id": message.id, "event": message.event, "data": data});
-                println!("{line}");
-                let _ = std::io::stdout().flush();
-            } else if events && message.event != "progress" {
-                bar.clear();
-                let detail = data["message"].as_str().unwrap_or("");
-                eprintln!("{:<10} {detail}", message.event);
-            }
-            bar.show(
-                data["progress"].as_f64().unwrap_or(0.0),
-                data["status"].as_str().unwrap_or(""),
-                data["message"].as_str().unwrap_or(""),
-            );
-        })
+        sse::follow(
+            &self.http,
+            &url,
+            &self.key,
+            sse::Message::ends_job_stream,
+            |message| {
+                let data = &message.data;
+                if events && self.json {
+                    let line = json!({"id": message.id, "event": message.event, "data": data});
+                    println!("{line}");
+                    let _ = std::io::stdout().flush();
+                } else if events && message.event != "progress" {
+                    bar.clear();
+                    let detail = data["message"].as_str().unwrap_or("");
+                    eprintln!("{:<10} {detail}", message.event);
+                }
+                bar.show(
+                    data["progress"].as_f64().unwrap_or(0.0),
+                    data["status"].as_str().unwrap_or(""),
+                    data["message"].as_str().unwrap_or(""),
+                );
+            },
+        )
         .await?;
         bar.finish();
         let job = self.send(self.get(&format!("/v1/jobs/{id}"))).await?;
@@ -531,6 +662,43 @@ impl Client {
             print_job_details(&job);
         }
         Ok(if job["status"] == "succeeded" {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    }
+
+    /// Follows the pipeline's stream (every step's events) to its end, then prints the
+    /// pipeline. `--json`: one JSON object per event, the last one the pipeline.
+    async fn wait_pipeline(&self, id: &str) -> anyhow::Result<ExitCode> {
+        let url = self.url(&format!("/v1/pipelines/{id}/events"));
+        let last = sse::follow(
+            &self.http,
+            &url,
+            &self.key,
+            sse::Message::ends_pipeline_stream,
+            |message| {
+                let data = &message.data;
+                if self.json {
+                    let line = json!({"id": message.id, "event": message.event, "data": data});
+                    println!("{line}");
+                    let _ = std::io::stdout().flush();
+                } else if message.event != "progress" && !message.ends_pipeline_stream() {
+                    eprintln!(
+                        "{:<10} {} job {} {}",
+                        message.event,
+                        data["kind"].as_str().unwrap_or(""),
+                        data["job_id"].as_str().unwrap_or(""),
+                        data["message"].as_str().unwrap_or("")
+                    );
+                }
+            },
+        )
+        .await?;
+        if !self.json {
+            print_pipeline(&last.data);
+        }
+        Ok(if last.data["status"] == "succeeded" {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(1)

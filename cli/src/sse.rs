@@ -21,6 +21,11 @@ impl Message {
             "succeeded" | "failed" | "cancelled" | "snapshot"
         )
     }
+
+    /// Whether nothing follows this event on a pipeline's stream.
+    pub fn ends_pipeline_stream(&self) -> bool {
+        self.event == "pipeline.finished"
+    }
 }
 
 impl From<Event> for Message {
@@ -42,13 +47,14 @@ fn messages<B: AsRef<[u8]>, E>(
     bytes.eventsource().map_ok(Message::from)
 }
 
-/// Follows `url` (a job's event stream) until its terminal event, calling `on_message` for each
-/// event once. A dropped connection is resumed with `Last-Event-ID`, so nothing is missed or
-/// repeated. Returns the last event.
+/// Follows `url` (a job's or a pipeline's event stream) until the event that `ends` it,
+/// calling `on_message` for each event once. A dropped connection is resumed with
+/// `Last-Event-ID`, so nothing is missed or repeated. Returns the last event.
 pub async fn follow(
     client: &reqwest::Client,
     url: &str,
     api_key: &str,
+    ends: fn(&Message) -> bool,
     mut on_message: impl FnMut(&Message),
 ) -> anyhow::Result<Message> {
     let mut last_id: Option<String> = None;
@@ -75,7 +81,7 @@ pub async fn follow(
                 last_id = message.id.clone();
             }
             on_message(&message);
-            if message.ends_job_stream() {
+            if ends(&message) {
                 return Ok(message);
             }
         }

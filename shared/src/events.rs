@@ -90,6 +90,17 @@ impl Event {
         }
     }
 
+    /// A new job's `queued` event; a pipeline step's names its pipeline and step in `data`.
+    pub fn queued(job: &crate::model::Job) -> Self {
+        let event = Self::new(job.id, &job.kind, EventType::Queued, job.status(), 0.0);
+        match job.pipeline_id {
+            Some(pipeline) => event.data(Some(serde_json::json!({
+                "pipeline_id": pipeline, "step": job.pipeline_step,
+            }))),
+            None => event,
+        }
+    }
+
     pub fn message(mut self, message: Option<String>) -> Self {
         self.message = message;
         self

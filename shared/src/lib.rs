@@ -11,6 +11,7 @@ pub mod events;
 pub mod isolated;
 pub mod model;
 pub mod objects;
+pub mod pipelines;
 pub mod problem;
 pub mod queue;
 pub mod schedules;

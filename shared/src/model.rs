@@ -94,6 +94,14 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[sqlx(default)]
     pub schedule_fire_at: Option<DateTime<Utc>>,
+    /// The pipeline the job is a step of, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[sqlx(default)]
+    pub pipeline_id: Option<Uuid>,
+    /// Its step's name in that pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[sqlx(default)]
+    pub pipeline_step: Option<String>,
 }
 
 /// `status` as read from its text column.

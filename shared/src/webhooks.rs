@@ -1,5 +1,5 @@
 //! Webhooks: a tenant's endpoints told of its jobs' outcomes (`job.succeeded`, `job.failed`,
-//! `job.cancelled`), signed per the Standard Webhooks spec (standardwebhooks.com).
+//! `job.cancelled`) and its pipelines' (`pipeline.finished`, see [`crate::pipelines`]), signed per the Standard Webhooks spec (standardwebhooks.com).
 //!
 //! Deliveries are a durable outbox: the statement that makes a job terminal (see
 //! [`crate::store`]) also inserts one `webhook_deliveries` row per endpoint of the job's
@@ -27,7 +27,12 @@ use uuid::Uuid;
 use crate::connections::{address::internal_reason, AllowList, Cipher};
 
 /// The events an endpoint may ask for.
-pub const EVENTS: [&str; 3] = ["job.succeeded", "job.failed", "job.cancelled"];
+pub const EVENTS: [&str; 4] = [
+    "job.succeeded",
+    "job.failed",
+    "job.cancelled",
+    "pipeline.finished",
+];
 
 /// How long resolving an endpoint's host may take.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,12 +46,6 @@ pub fn parse_events(events: &[String]) -> Result<Vec<String>, String> {
         return Err(format!("must name at least one of {}", EVENTS.join(", ")));
     }
     for event in events {
-        if event.starts_with("pipeline.") {
-            return Err(format!(
-                "{event:?}: pipelines are not supported yet; one of {}",
-                EVENTS.join(", ")
-            ));
-        }
         if !EVENTS.contains(&event.as_str()) {
             return Err(format!(
                 "unknown event {event:?}; one of {}",
@@ -161,7 +160,8 @@ pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> anyhow::Resu
 pub struct Webhook {
     pub id: Uuid,
     pub url: String,
-    /// The events it is sent: `job.succeeded`, `job.failed`, `job.cancelled`.
+    /// The events it is sent: `job.succeeded`, `job.failed`, `job.cancelled`,
+    /// `pipeline.finished`.
     pub events: Vec<String>,
     /// Since when a delivery ran out of retries (cleared by the next successful delivery).
     pub failing_since: Option<DateTime<Utc>>,
@@ -480,7 +480,7 @@ mod tests {
     }
 
     #[test]
-    fn events_are_checked_and_pipelines_refused() {
+    fn events_are_checked() {
         let events =
             |e: &[&str]| parse_events(&e.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(
@@ -488,9 +488,10 @@ mod tests {
             ["job.succeeded", "job.failed"]
         );
         assert!(events(&[]).is_err());
-        assert!(events(&["pipeline.finished"])
-            .unwrap_err()
-            .contains("pipelines are not supported"));
+        assert_eq!(
+            events(&["pipeline.finished", "job.failed"]).unwrap(),
+            ["job.failed", "pipeline.finished"]
+        );
         assert!(events(&["job.exploded"]).unwrap_err().contains("unknown"));
     }
 

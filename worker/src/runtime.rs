@@ -10,6 +10,7 @@ use shared::{
     events::{Event, EventLog, EventType},
     model::QueueMessage,
     objects::ObjectStore,
+    pipelines,
     queue::Queues,
     store::{self, Outcome},
     usage::{CpuTimed, Meter, Usage},
@@ -40,6 +41,8 @@ pub struct Runtime {
     refill: Refill,
     objects: ObjectStore,
     registry: Registry,
+    /// Checks a pipeline step's resolved payload before its job is created.
+    contracts: contracts::Registry,
     queue_spec: Value,
     running: Mutex<HashMap<Uuid, RunningJob>>,
     idle: tokio::sync::Notify,
@@ -132,6 +135,7 @@ impl Runtime {
             pool,
             events,
             registry,
+            contracts: contracts::Registry::standard(),
             queue_spec,
             running: Mutex::new(HashMap::new()),
             idle: tokio::sync::Notify::new(),
@@ -460,7 +464,14 @@ impl Runtime {
                     .map_err(|e| e.to_string()),
             };
             match written {
-                Ok(Some(row)) => return self.announce_outcome(&row, &attempt).await,
+                Ok(Some(row)) => {
+                    self.announce_outcome(&row, &attempt).await;
+                    // After the outcome's event: a pipeline's stream ends once it has both.
+                    if let Some(pipeline) = row.pipeline_id.filter(|_| row.status().is_terminal()) {
+                        self.advance_pipeline(pipeline).await;
+                    }
+                    return;
+                }
                 // Another owner took over (rescued after a lost lease): nothing of ours to write.
                 Ok(None) => return,
                 Err(e) => {
@@ -503,6 +514,36 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// Moves a pipeline on after one of its steps' jobs ended: starts the steps that can, and
+    /// announces and dispatches their jobs. A failure is logged: the `pipelines` maintenance
+    /// duty advances any pipeline left behind.
+    pub(crate) async fn advance_pipeline(&self, pipeline: Uuid) {
+        match self.advance_in_transaction(pipeline).await {
+            Ok(jobs) => {
+                self.dispatch(jobs.iter().map(Change::created).collect())
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(%pipeline, error = %e, "pipeline not advanced; maintenance will")
+            }
+        }
+    }
+
+    /// [`pipelines::advance`] in a transaction of its own; the jobs it created.
+    pub(crate) async fn advance_in_transaction(&self, pipeline: Uuid) -> sqlx::Result<Vec<Job>> {
+        let mut tx = self.pool.begin().await?;
+        let advanced = pipelines::advance(&mut tx, pipeline, &self.validator()).await?;
+        tx.commit().await?;
+        Ok(advanced.jobs)
+    }
+
+    /// Checks a step's resolved payload as the API checks a submission's.
+    pub(crate) fn validator(
+        &self,
+    ) -> impl Fn(&str, &Value) -> Result<(), Vec<shared::FieldError>> + Send + Sync + '_ {
+        |kind, payload| self.contracts.validate(kind, payload).map(|_| ())
+    }
+
     /// Appends one event; a Redis hiccup must not fail the job (the row is the truth).
     async fn publish(&self, tenant: Uuid, event: Event) {
         let job = event.job_id;
@@ -519,6 +560,14 @@ pub(crate) struct Change {
 }
 
 impl Change {
+    /// A job just created (a pipeline's step): its `queued` event.
+    pub(crate) fn created(job: &Job) -> Self {
+        Self {
+            tenant: job.tenant_id,
+            event: Event::queued(job),
+        }
+    }
+
     /// A job the maintenance moved (promoted, rescued): announced as entering its new status,
     /// dispatched by fair share if that is `queued`. `None` for a status this build does not know.
     pub(crate) fn moved(moved: &store::Moved) -> Option<Self> {

@@ -133,6 +133,11 @@ pub async fn retry(
     for kind in kinds(&jobs.iter().collect::<Vec<_>>()) {
         state.refill.request(kind);
     }
+    // Retried steps resume their pipelines.
+    let pipelines: BTreeSet<uuid::Uuid> = jobs.iter().filter_map(|j| j.pipeline_id).collect();
+    for pipeline in pipelines {
+        crate::routes::pipelines::resume_alone(&state, tenant, pipeline).await;
+    }
     Ok(Json(BulkResult {
         count: jobs.len(),
         more,

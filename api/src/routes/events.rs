@@ -395,3 +395,169 @@ pub async fn tenant_events(
     };
     Ok(sse_response(events))
 }
+
+/// How often a pipeline's stream looks at the pipeline when no event of its comes.
+const PIPELINE_CHECK: Duration = Duration::from_secs(1);
+/// How long an ended pipeline's stream waits for its steps' last events before it ends.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Follows a pipeline's steps in its tenant's stream: the events of its jobs, a job known by
+/// the pipeline's row or by its `queued` event (which names the pipeline).
+struct PipelineFollower {
+    state: AppState,
+    pipeline: Uuid,
+    key: String,
+    cursor: String,
+    jobs: std::collections::HashSet<Uuid>,
+    /// The jobs whose terminal event this stream has sent (until they are retried).
+    ended: std::collections::HashSet<Uuid>,
+}
+
+impl PipelineFollower {
+    /// SSE frames of the pipeline's events after the cursor (none: nothing new), and whether
+    /// one of them ended a job.
+    async fn read(&mut self) -> (Option<Bytes>, bool) {
+        let mut conn = self.state.redis.clone();
+        let mut mine = Vec::new();
+        let mut terminal = false;
+        loop {
+            let entries = match events::read_after(&mut conn, &self.key, &self.cursor, BATCH).await
+            {
+                Ok(entries) => entries,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pipeline event read failed; retrying");
+                    break;
+                }
+            };
+            let Some(last) = entries.last() else { break };
+            self.cursor = last.id.clone();
+            for entry in entries {
+                let event = &entry.event;
+                let names_us = event.event_type == EventType::Queued
+                    && event
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get("pipeline_id"))
+                        .and_then(|p| p.as_str())
+                        == Some(self.pipeline.to_string().as_str());
+                if names_us {
+                    self.jobs.insert(event.job_id);
+                }
+                if !self.jobs.contains(&event.job_id) {
+                    continue;
+                }
+                if event.event_type.is_terminal() {
+                    self.ended.insert(event.job_id);
+                    terminal = true;
+                } else if event.event_type == EventType::Queued {
+                    self.ended.remove(&event.job_id);
+                }
+                mine.push(entry);
+            }
+        }
+        let frames = (!mine.is_empty()).then(|| Batch::render(&mine).bytes);
+        (frames, terminal)
+    }
+}
+
+/// The stream's last event: the pipeline, its outcome and steps.
+fn pipeline_finished(pipeline: &shared::pipelines::Pipeline) -> Bytes {
+    let data = serde_json::to_string(pipeline).unwrap_or_default();
+    Bytes::from(format!("event: pipeline.finished\ndata: {data}\n\n"))
+}
+
+#[utoipa::path(get, path = "/v1/pipelines/{id}/events", tag = "events",
+    params(("id" = uuid::Uuid, Path), Cursor),
+    responses((status = 200, content_type = "text/event-stream", description = "every event of the pipeline's steps' jobs since it was submitted (or after the cursor), then one `pipeline.finished` event carrying the pipeline (its `status` and steps) once it has ended"),
+              (status = 404, body = Problem)))]
+pub async fn pipeline_events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(query): Query<Cursor>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let id = crate::routes::pipelines::parse_id(&id)?;
+    let tenant = caller.key.tenant;
+    let mut conn = state.pool.acquire().await?;
+    let pipeline = shared::pipelines::get(&mut conn, tenant, id)
+        .await?
+        .ok_or_else(|| Problem::not_found("pipeline"))?;
+    drop(conn);
+    let after = cursor(&headers, &query)?;
+    let key = state.events.keys().tenant(tenant);
+    // The tenant stream's entry ids are times: without a cursor, from the pipeline's start.
+    let start =
+        after.unwrap_or_else(|| format!("{}-0", pipeline.created_at.timestamp_millis() - 1));
+    let mut subscription = state.hub.subscribe(&key, None);
+    tokio::time::timeout(QUIET * 2, subscription.ready())
+        .await
+        .map_err(|_| Problem::unavailable("event store unreachable"))?;
+    let guard = OpenStream::new(&state, &format!("{key}:pipeline:{id}"));
+    let mut follower = PipelineFollower {
+        state: state.clone(),
+        pipeline: id,
+        key,
+        cursor: start,
+        jobs: pipeline.steps.iter().filter_map(|s| s.job_id).collect(),
+        ended: Default::default(),
+    };
+    let mut credential_check = CredentialCheck::new(&state, caller);
+    let pool = state.pool.clone();
+    let events = stream! {
+        let _guard = guard;
+        let mut sent_at = Instant::now();
+        let mut ended_at: Option<Instant> = None;
+        let mut look = true;
+        loop {
+            let (frames, terminal) = follower.read().await;
+            if let Some(bytes) = frames {
+                sent_at = Instant::now();
+                yield bytes;
+            }
+            // The row decides the end; a step's last events may trail it for a moment.
+            if look || terminal || ended_at.is_some() {
+                let Ok(mut conn) = pool.acquire().await else { return };
+                if let Ok(Some(pipeline)) = shared::pipelines::get(&mut conn, tenant, id).await {
+                    if pipeline.finished_at.is_some() {
+                        let since = *ended_at.get_or_insert_with(Instant::now);
+                        let settled = pipeline.steps.iter().all(|s| {
+                            s.job_id.is_none_or(|job| follower.ended.contains(&job))
+                        });
+                        if settled || since.elapsed() >= SETTLE {
+                            yield pipeline_finished(&pipeline);
+                            return;
+                        }
+                    } else {
+                        ended_at = None;
+                    }
+                }
+            }
+            let next = tokio::select! {
+                biased;
+                received = subscription.batches.recv() => match received {
+                    Ok(batch) => match &batch.invalidation {
+                        Some(invalidation) => Next::Invalidated(invalidation.clone()),
+                        None => Next::Frames { bytes: Bytes::new(), terminal: false },
+                    },
+                    Err(RecvError::Lagged(_)) => Next::Frames { bytes: Bytes::new(), terminal: false },
+                    Err(RecvError::Closed) => Next::End,
+                },
+                () = tokio::time::sleep(PIPELINE_CHECK) => Next::Quiet,
+            };
+            if !credential_check.still_valid(&next).await {
+                return;
+            }
+            look = matches!(next, Next::Quiet);
+            match next {
+                Next::End => return,
+                Next::Quiet if sent_at.elapsed() >= QUIET => {
+                    sent_at = Instant::now();
+                    yield Bytes::from_static(KEEP_ALIVE);
+                }
+                _ => {}
+            }
+        }
+    };
+    Ok(sse_response(events))
+}

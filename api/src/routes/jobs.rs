@@ -21,6 +21,7 @@ use crate::{
     audit::{self, Action, Actor, Entry},
     auth::{Tenant, Writer},
     extract::HashedJson,
+    routes::pipelines,
     state::Counters,
     AppState,
 };
@@ -83,8 +84,7 @@ pub(crate) fn validate(
 }
 
 /// Writes the rows, announces the new ones, then asks for a dispatch pass of each kind with
-/// new queued jobs: they go onto Redis by fair share across tenants. A failed pass loses
-/// nothing: the rows are durable and the workers' dispatcher passes again.
+/// new queued jobs (see [`announce_created`]).
 async fn accept(
     state: &AppState,
     writer: &Writer,
@@ -97,16 +97,16 @@ async fn accept(
         .filter(|i| i.created)
         .map(|i| &i.job)
         .collect();
+    announce_created(state, tenant.0, &created).await;
+    Ok(inserted)
+}
+
+/// Announces jobs just created (`queued` events), then asks for a dispatch pass of each kind
+/// with new queued jobs: they go onto Redis by fair share across tenants. A failed pass loses
+/// nothing: the rows are durable and the workers' dispatcher passes again.
+pub(crate) async fn announce_created(state: &AppState, tenant: Uuid, created: &[&Job]) {
     Counters::add(&state.counters.submitted, created.len() as u64);
-    let events: Vec<_> = created
-        .iter()
-        .map(|j| {
-            (
-                tenant.0,
-                Event::new(j.id, &j.kind, EventType::Queued, j.status(), 0.0),
-            )
-        })
-        .collect();
+    let events: Vec<_> = created.iter().map(|j| (tenant, Event::queued(j))).collect();
     // Announced before dispatch keeps each job's stream in order (`queued` before `started`).
     if let Err(e) = state.events.append(&events).await {
         tracing::warn!(error = %e, "queued events not appended");
@@ -119,7 +119,6 @@ async fn accept(
     for kind in kinds {
         state.refill.request(kind);
     }
-    Ok(inserted)
 }
 
 #[utoipa::path(post, path = "/v1/jobs", request_body = SubmitJob, tag = "jobs",
@@ -222,7 +221,8 @@ pub async fn submit_batch(
     };
     let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
     state.limits.check_quotas(tenant.0, &kinds).await?;
-    preflight_batch(&state, tenant, &valid).await?;
+    let indexed: Vec<(usize, &Valid)> = valid.iter().enumerate().collect();
+    preflight_batch(&state, tenant, "jobs", &indexed).await?;
     let inserted = accept(&state, &writer, jobs).await?;
     audit::submitted(&state.pool, &writer.0, &inserted, &body_sha256, true).await;
     let jobs = inserted.into_iter().map(|i| i.job).collect();
@@ -237,12 +237,18 @@ pub async fn submit_batch(
         .into_response())
 }
 
-/// Preflights every job of a batch, one at a time (each within the tenant's preflight bounds).
-/// A refusal names the job's index; a missing dataset or connection (404), or a preflight that
-/// could not run (429, 503), wins over field errors.
-async fn preflight_batch(state: &AppState, tenant: Tenant, jobs: &[Valid]) -> Result<(), Problem> {
+/// Preflights every job of a batch (or step of a pipeline), one at a time (each within the
+/// tenant's preflight bounds). A refusal names the job's index under `list` (`jobs[2]`); a
+/// missing dataset or connection (404), or a preflight that could not run (429, 503), wins
+/// over field errors.
+pub(crate) async fn preflight_batch(
+    state: &AppState,
+    tenant: Tenant,
+    list: &str,
+    jobs: &[(usize, &Valid)],
+) -> Result<(), Problem> {
     let mut refusals: Vec<(usize, Problem)> = Vec::new();
-    for (i, valid) in jobs.iter().enumerate() {
+    for &(i, valid) in jobs {
         if let Err(problem) = state
             .contracts
             .preflight(&state.context, tenant.0, valid)
@@ -257,7 +263,7 @@ async fn preflight_batch(state: &AppState, tenant: Tenant, jobs: &[Valid]) -> Re
     }
     if let Some(at) = refusals.iter().position(|(_, p)| p.status != 422) {
         let (i, mut problem) = refusals.swap_remove(at);
-        problem.detail = format!("jobs[{i}]: {}", problem.detail);
+        problem.detail = format!("{list}[{i}]: {}", problem.detail);
         return Err(problem);
     }
     let errors: Vec<FieldError> = refusals
@@ -265,7 +271,7 @@ async fn preflight_batch(state: &AppState, tenant: Tenant, jobs: &[Valid]) -> Re
         .flat_map(|(i, p)| {
             p.errors
                 .into_iter()
-                .map(move |e| FieldError::new(format!("jobs[{i}].{}", e.field), e.message))
+                .map(move |e| FieldError::new(format!("{list}[{i}].{}", e.field), e.message))
         })
         .collect();
     if errors.is_empty() {
@@ -366,34 +372,48 @@ pub async fn cancel(
     let tenant = writer.tenant();
     let id = parse_id(&id)?;
     let mut tx = state.pool.begin().await?;
+    let pipeline = pipelines::lock_of_job(&mut tx, tenant.0, id).await?;
     match store::request_cancel(&mut *tx, tenant.0, id).await? {
         Some(job) => {
             let entry = Entry::new(Action::JobCancel).target(job.id);
             audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
-            tx.commit().await?;
-            if job.status() == JobStatus::Cancelled {
-                let event = Event::new(
-                    job.id,
-                    &job.kind,
-                    EventType::Cancelled,
-                    JobStatus::Cancelled,
-                    job.progress,
-                );
-                if let Err(e) = state.events.append(&[(tenant.0, event)]).await {
-                    tracing::warn!(error = %e, "cancel event not appended");
+            // A step's job that ended: its dependents are cancelled (or start, under `continue`).
+            let advanced = match pipeline {
+                Some(pipeline) if job.status() == JobStatus::Cancelled => {
+                    pipelines::advance(&state, &mut tx, pipeline).await?
                 }
-                // It may have held a place in its queue's window.
-                state.refill.request(&job.kind);
-            } else if let Err(e) = state.queues.announce_cancel(job.id).await {
-                // Its worker's next heartbeat still sees the request.
-                tracing::warn!(error = %e, "cancel not announced");
-            }
+                _ => Default::default(),
+            };
+            tx.commit().await?;
+            announce_cancel(&state, tenant.0, &job).await;
+            announce_created(&state, tenant.0, &advanced.jobs.iter().collect::<Vec<_>>()).await;
             Ok(Json(job))
         }
         None => Err(match store::get_job(&state.pool, tenant.0, id).await? {
             Some(job) => Problem::conflict(format!("the job is already {}", job.status())),
             None => Problem::not_found("job"),
         }),
+    }
+}
+
+/// After a cancel committed: a job cancelled at once is announced (and frees its place in its
+/// queue's window); a running one's worker is told to stop it.
+pub(crate) async fn announce_cancel(state: &AppState, tenant: Uuid, job: &Job) {
+    if job.status() == JobStatus::Cancelled {
+        let event = Event::new(
+            job.id,
+            &job.kind,
+            EventType::Cancelled,
+            JobStatus::Cancelled,
+            job.progress,
+        );
+        if let Err(e) = state.events.append(&[(tenant, event)]).await {
+            tracing::warn!(error = %e, "cancel event not appended");
+        }
+        state.refill.request(&job.kind);
+    } else if let Err(e) = state.queues.announce_cancel(job.id).await {
+        // Its worker's next heartbeat still sees the request.
+        tracing::warn!(error = %e, "cancel not announced");
     }
 }
 
@@ -407,6 +427,7 @@ pub async fn retry(
     let tenant = writer.tenant();
     let id = parse_id(&id)?;
     let mut tx = state.pool.begin().await?;
+    let pipeline = pipelines::lock_of_job(&mut tx, tenant.0, id).await?;
     let Some(job) = store::retry(&mut *tx, tenant.0, id).await? else {
         drop(tx);
         return Err(match store::get_job(&state.pool, tenant.0, id).await? {
@@ -419,14 +440,25 @@ pub async fn retry(
     };
     let entry = Entry::new(Action::JobRetry).target(job.id);
     audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    // A step's job: the pipeline resumes.
+    let advanced = match pipeline {
+        Some(pipeline) => pipelines::resume(&state, &mut tx, pipeline).await?,
+        None => Default::default(),
+    };
     tx.commit().await?;
+    announce_retry(&state, tenant.0, &job).await;
+    announce_created(&state, tenant.0, &advanced.jobs.iter().collect::<Vec<_>>()).await;
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+/// After a retry committed: the job's `queued` event, and a dispatch pass of its kind.
+pub(crate) async fn announce_retry(state: &AppState, tenant: Uuid, job: &Job) {
     let event = Event::new(job.id, &job.kind, EventType::Queued, JobStatus::Queued, 0.0)
         .message(Some("retried".into()));
-    if let Err(e) = state.events.append(&[(tenant.0, event)]).await {
+    if let Err(e) = state.events.append(&[(tenant, event)]).await {
         tracing::warn!(error = %e, "retry event not appended");
     }
     state.refill.request(&job.kind);
-    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
 #[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),

@@ -18,6 +18,7 @@ pub(crate) mod keys;
 pub(crate) mod ops;
 pub(crate) mod page;
 pub(crate) mod patches;
+pub(crate) mod pipelines;
 pub(crate) mod queues;
 pub(crate) mod schedules;
 pub(crate) mod session;
@@ -76,6 +77,16 @@ pub fn router() -> Router<AppState> {
             "/v1/webhooks/{id}/deliveries/{delivery_id}/replay",
             post(webhooks::replay),
         )
+        .route(
+            "/v1/pipelines",
+            post(pipelines::submit).get(pipelines::list),
+        )
+        .route("/v1/pipelines/{id}", get(pipelines::get_one))
+        .route("/v1/pipelines/{id}/cancel", post(pipelines::cancel))
+        .route(
+            "/v1/pipelines/{id}/steps/{name}/retry",
+            post(pipelines::retry_step),
+        )
         .route("/v1/tenant", get(tenant::current))
         .route("/v1/usage", get(usage::usage))
         .route("/v1/queues", get(queues::queues))
@@ -113,4 +124,5 @@ pub fn streams() -> Router<AppState> {
     Router::new()
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/v1/events", get(events::tenant_events))
+        .route("/v1/pipelines/{id}/events", get(events::pipeline_events))
 }

@@ -32,7 +32,7 @@ pub struct NewWebhook {
     /// `CONVEYOR_CONNECTION_ALLOW` names (checked now and at every delivery). No credentials,
     /// no fragment; redirects are not followed.
     pub url: String,
-    /// Any of `job.succeeded`, `job.failed`, `job.cancelled` (`pipeline.*`: not yet, 422).
+    /// Any of `job.succeeded`, `job.failed`, `job.cancelled`, `pipeline.finished`.
     pub events: Vec<String>,
 }
 

@@ -19,6 +19,7 @@ mod lifecycle;
 mod limits;
 mod objects;
 mod patch;
+mod pipelines;
 mod requests;
 mod roles;
 mod schedules;

@@ -393,9 +393,9 @@ async fn urls_to_refused_addresses_and_unknown_events_are_422_and_create_nothing
             "credentials",
         ),
         (
-            json!({"url": "http://127.0.0.1:9/hook", "events": ["pipeline.finished"]}),
+            json!({"url": "http://127.0.0.1:9/hook", "events": ["pipeline.exploded"]}),
             "events",
-            "pipelines",
+            "unknown event",
         ),
         (
             json!({"url": "http://127.0.0.1:9/hook", "events": []}),

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Runtime;
 
 mod dispatcher;
+mod pipelines;
 mod rescuer;
 mod retention;
 mod scheduler;
@@ -67,6 +68,7 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
     vec![
         Arc::new(scheduler::Scheduler::default()),
         Arc::new(schedules::Schedules::new(settings)),
+        Arc::new(pipelines::Pipelines::default()),
         Arc::new(dispatcher::Dispatcher::default()),
         Arc::new(rescuer::Rescuer::new(settings)),
         Arc::new(stale::Stale::new(settings)),

@@ -1,0 +1,416 @@
+//! Pipelines: named steps, each a job, that start once the steps they need have succeeded.
+//! Submit (the DAG, every payload and reference checked before anything is written), read,
+//! list, cancel, retry a step. Their event stream is in `events.rs`; how a pipeline moves on is
+//! `shared::pipelines`.
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use shared::{
+    model::{self, SubmitJob},
+    pipelines::{self, Advanced, NewStep, OnFailure, Pipeline, StepRetry},
+    FieldError, Problem,
+};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    audit::{self, Action, Actor, Entry},
+    auth::{Tenant, Writer},
+    extract::HashedJson,
+    routes::jobs::{self, announce_cancel, announce_created, announce_retry},
+    routes::page::Page,
+    AppState,
+};
+
+/// `POST /v1/pipelines` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitPipeline {
+    /// A label, 1-100 characters.
+    pub name: Option<String>,
+    /// When a step fails for good: `cancel_dependents` (default) or `continue`.
+    pub on_failure: Option<OnFailure>,
+    /// 1 to 50 steps, each a job.
+    pub steps: Vec<SubmitStep>,
+}
+
+/// One step of a submitted pipeline.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitStep {
+    /// Unique in the pipeline: 1-64 letters, digits, `_` or `-`.
+    pub name: String,
+    /// A job kind (`canary`, `import`, ...).
+    pub kind: String,
+    /// The kind's payload, validated as a submission's; a value may be a whole
+    /// `${steps.<step>.outputs.<field>}` reference to a needed step's output, resolved (and
+    /// checked) when this step starts.
+    #[serde(default)]
+    pub payload: Value,
+    /// The steps that must succeed before this one starts.
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// Default 0.
+    pub priority: Option<i16>,
+    /// Default 3.
+    pub max_attempts: Option<i32>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PipelineList {
+    pub pipelines: Vec<Pipeline>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+fn not_found() -> Problem {
+    Problem::not_found("pipeline")
+}
+
+pub(crate) fn parse_id(id: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(id).map_err(|_| not_found())
+}
+
+/// Checks a step's resolved payload as `POST /v1/jobs` checks one.
+fn validator(
+    state: &AppState,
+) -> impl Fn(&str, &Value) -> Result<(), Vec<FieldError>> + Send + Sync + '_ {
+    |kind, payload| state.contracts.validate(kind, payload).map(|_| ())
+}
+
+/// [`pipelines::advance`] with this deployment's payload checks.
+pub(crate) async fn advance(
+    state: &AppState,
+    tx: &mut PgConnection,
+    pipeline: Uuid,
+) -> Result<Advanced, Problem> {
+    Ok(pipelines::advance(tx, pipeline, &validator(state)).await?)
+}
+
+/// A step's job was retried: the pipeline runs again ([`pipelines::reopen`]) and moves on.
+pub(crate) async fn resume(
+    state: &AppState,
+    tx: &mut PgConnection,
+    pipeline: Uuid,
+) -> Result<Advanced, Problem> {
+    pipelines::reopen(tx, pipeline).await?;
+    advance(state, tx, pipeline).await
+}
+
+/// [`resume`] in a transaction of its own, for jobs retried in bulk (whose transaction took
+/// their rows' locks first, so it could not take their pipelines'), announcing the jobs it
+/// started. A failure is logged: the pipeline stays as it was until a step is retried again.
+pub(crate) async fn resume_alone(state: &AppState, tenant: Uuid, pipeline: Uuid) {
+    let resumed = async {
+        let mut tx = state.pool.begin().await?;
+        pipelines::lock(&mut tx, Some(tenant), pipeline).await?;
+        let advanced = resume(state, &mut tx, pipeline).await?;
+        tx.commit().await?;
+        Ok::<_, Problem>(advanced)
+    };
+    match resumed.await {
+        Ok(advanced) => {
+            announce_created(state, tenant, &advanced.jobs.iter().collect::<Vec<_>>()).await
+        }
+        Err(e) => tracing::warn!(%pipeline, error = %e.detail, "pipeline not resumed"),
+    }
+}
+
+/// If the tenant's job is a pipeline's step, takes the pipeline's lock first (a pipeline's
+/// changes take its lock, then its jobs'), and returns the pipeline.
+pub(crate) async fn lock_of_job(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    job: Uuid,
+) -> Result<Option<Uuid>, Problem> {
+    let pipeline: Option<Uuid> =
+        sqlx::query_scalar("SELECT pipeline_id FROM jobs WHERE id = $1 AND tenant_id = $2")
+            .bind(job)
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?
+            .flatten();
+    if let Some(id) = pipeline {
+        pipelines::lock(tx, Some(tenant), id).await?;
+    }
+    Ok(pipeline)
+}
+
+/// A submission that passed [`check`].
+struct Checked {
+    name: Option<String>,
+    on_failure: OnFailure,
+    steps: Vec<NewStep>,
+    /// Each step's checked payload, by index, when it holds no reference (one that does is
+    /// preflighted by its job's own run, once resolved).
+    preflights: Vec<(usize, contracts::Valid)>,
+}
+
+/// The DAG, each step's payload and references, as a submission's are checked.
+fn check(state: &AppState, body: SubmitPipeline) -> Result<Checked, Problem> {
+    let mut errors = Vec::new();
+    if let Some(name) = &body.name {
+        if name.trim().is_empty() || name.len() > 100 {
+            errors.push(FieldError::new("name", "must be 1-100 characters"));
+        }
+    }
+    if body.steps.is_empty() || body.steps.len() > pipelines::MAX_STEPS {
+        errors.push(FieldError::new(
+            "steps",
+            format!(
+                "must hold 1 to {} steps, not {}",
+                pipelines::MAX_STEPS,
+                body.steps.len()
+            ),
+        ));
+        return Err(Problem::validation(errors));
+    }
+    let graph: Vec<(&str, &[String])> = body
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.needs.as_slice()))
+        .collect();
+    errors.extend(pipelines::check_graph(&graph));
+    let mut steps = Vec::with_capacity(body.steps.len());
+    let mut preflights = Vec::new();
+    for (i, step) in body.steps.into_iter().enumerate() {
+        let prefix = format!("steps[{i}].");
+        let references = match pipelines::references(&step.payload) {
+            Ok(references) => references,
+            Err(bad) => {
+                errors.extend(
+                    bad.into_iter()
+                        .map(|e| FieldError::new(format!("{prefix}{}", e.field), e.message)),
+                );
+                Vec::new()
+            }
+        };
+        for r in &references {
+            if !step.needs.contains(&r.step) {
+                errors.push(FieldError::new(
+                    format!("{prefix}{}", r.path),
+                    format!(
+                        "refers to step {:?}, which step {:?} does not need (add it to `needs`)",
+                        r.step, step.name
+                    ),
+                ));
+            }
+        }
+        let submission = SubmitJob {
+            kind: step.kind.clone(),
+            payload: pipelines::with_placeholders(&step.payload),
+            idempotency_key: None,
+            priority: step.priority,
+            max_attempts: step.max_attempts,
+            run_at: None,
+        };
+        match jobs::validate(state, submission, &prefix) {
+            Ok((_, valid)) if references.is_empty() => preflights.push((i, valid)),
+            Ok(_) => {}
+            // A field holding a reference is checked once resolved, when the step starts.
+            Err(refused) => errors.extend(refused.into_iter().filter(|e| {
+                !references.iter().any(|r| {
+                    let path = format!("{prefix}{}", r.path);
+                    e.field == path
+                        || e.field.starts_with(&format!("{path}."))
+                        || e.field.starts_with(&format!("{path}["))
+                })
+            })),
+        }
+        steps.push(NewStep {
+            name: step.name,
+            kind: step.kind,
+            payload: if step.payload.is_null() {
+                json!({})
+            } else {
+                step.payload
+            },
+            priority: step.priority.unwrap_or(0),
+            max_attempts: step.max_attempts.unwrap_or(model::DEFAULT_MAX_ATTEMPTS),
+            needs: step.needs,
+        });
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    Ok(Checked {
+        name: body.name,
+        on_failure: body.on_failure.unwrap_or_default(),
+        steps,
+        preflights,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/pipelines", request_body = SubmitPipeline, tag = "pipelines",
+    responses((status = 201, body = Pipeline, description = "accepted; the steps that need nothing are queued"),
+              (status = 413, body = Problem),
+              (status = 422, body = Problem, description = "a cycle, an unknown or repeated name, a bad reference, a refused payload: each error names `steps[i].<field>`"),
+              (status = 429, body = Problem, description = "over the tenant's submission rate; each step counts")))]
+pub async fn submit(
+    State(state): State<AppState>,
+    writer: Writer,
+    HashedJson(body, body_sha256): HashedJson<SubmitPipeline>,
+) -> Result<Response, Problem> {
+    let tenant = writer.tenant();
+    let Checked {
+        name,
+        on_failure,
+        steps,
+        preflights,
+    } = check(&state, body)?;
+    // Each step is a job submitted now, for the rate and the quotas.
+    let rate = match state
+        .limits
+        .admit(tenant.0, writer.0.key.id, steps.len())
+        .await
+    {
+        Ok(headers) => headers,
+        Err(refused) => return Ok(refused),
+    };
+    let kinds: Vec<&str> = steps.iter().map(|s| s.kind.as_str()).collect();
+    state.limits.check_quotas(tenant.0, &kinds).await?;
+    let preflights: Vec<(usize, &contracts::Valid)> =
+        preflights.iter().map(|(i, v)| (*i, v)).collect();
+    jobs::preflight_batch(&state, tenant, "steps", &preflights).await?;
+    let mut tx = state.pool.begin().await?;
+    let id = pipelines::create(
+        &mut tx,
+        tenant.0,
+        writer.0.key.id,
+        name.as_deref(),
+        on_failure,
+        &steps,
+    )
+    .await?;
+    let advanced = advance(&state, &mut tx, id).await?;
+    let entry = Entry::new(Action::PipelineSubmit)
+        .target(id)
+        .payload_sha256(body_sha256)
+        .detail(json!({"name": name, "steps": steps.len()}));
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    let pipeline = pipelines::get(&mut tx, tenant.0, id)
+        .await?
+        .ok_or_else(|| Problem::internal("the new pipeline is gone"))?;
+    tx.commit().await?;
+    announce_created(&state, tenant.0, &advanced.jobs.iter().collect::<Vec<_>>()).await;
+    let location = format!("/v1/pipelines/{id}");
+    Ok((
+        StatusCode::CREATED,
+        rate,
+        [(header::LOCATION, location)],
+        Json(pipeline),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/pipelines/{id}", tag = "pipelines", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Pipeline), (status = 404, body = Problem)))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Pipeline>, Problem> {
+    let id = parse_id(&id)?;
+    let mut conn = state.pool.acquire().await?;
+    pipelines::get(&mut conn, tenant.0, id)
+        .await?
+        .map(Json)
+        .ok_or_else(not_found)
+}
+
+#[utoipa::path(get, path = "/v1/pipelines", tag = "pipelines", params(Page),
+    responses((status = 200, body = PipelineList, description = "newest first"),
+              (status = 422, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    params: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<PipelineList>, Problem> {
+    let Query(params) =
+        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
+    let (limit, cursor) = params.checked()?;
+    let pipelines = pipelines::list(&state.pool, tenant.0, cursor, limit).await?;
+    let next_cursor = (pipelines.len() as i64 == limit)
+        .then(|| pipelines.last().map(|p| p.id))
+        .flatten();
+    Ok(Json(PipelineList {
+        pipelines,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/pipelines/{id}/cancel", tag = "pipelines", params(("id" = Uuid, Path)),
+    responses((status = 200, body = Pipeline, description = "its waiting steps cancelled, its live jobs cancelled or asked to stop; `cancelled` once they have"),
+              (status = 404, body = Problem), (status = 409, body = Problem, description = "it has already ended")))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    writer: Writer,
+    Path(id): Path<String>,
+) -> Result<Json<Pipeline>, Problem> {
+    let tenant = writer.tenant();
+    let id = parse_id(&id)?;
+    let mut tx = state.pool.begin().await?;
+    let (jobs, advanced) = pipelines::cancel(&mut tx, tenant.0, id, &validator(&state))
+        .await?
+        .ok_or_else(not_found)?;
+    let pipeline = pipelines::get(&mut tx, tenant.0, id)
+        .await?
+        .ok_or_else(not_found)?;
+    if pipeline.finished_at.is_some() && advanced.finished.is_none() {
+        return Err(Problem::conflict(format!(
+            "the pipeline has already ended: {}",
+            pipeline.status
+        )));
+    }
+    let entry = Entry::new(Action::PipelineCancel).target(id);
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    tx.commit().await?;
+    for job in &jobs {
+        announce_cancel(&state, tenant.0, job).await;
+    }
+    Ok(Json(pipeline))
+}
+
+#[utoipa::path(post, path = "/v1/pipelines/{id}/steps/{name}/retry", tag = "pipelines",
+    params(("id" = Uuid, Path), ("name" = String, Path)),
+    responses((status = 202, body = Pipeline, description = "the step retried (its job, or its start if it could not start) and the pipeline running again: the steps cancelled for want of it wait again"),
+              (status = 404, body = Problem), (status = 409, body = Problem, description = "the step has not failed nor been cancelled")))]
+pub async fn retry_step(
+    State(state): State<AppState>,
+    writer: Writer,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    let tenant = writer.tenant();
+    let id = parse_id(&id)?;
+    let mut tx = state.pool.begin().await?;
+    let (job, advanced) =
+        match pipelines::retry_step(&mut tx, tenant.0, id, &name, &validator(&state)).await? {
+            StepRetry::Resumed { job, advanced } => (job, advanced),
+            StepRetry::NotFound => return Err(Problem::not_found("pipeline step")),
+            StepRetry::NotRetryable(state) => {
+                return Err(Problem::conflict(format!(
+                    "only a failed or cancelled step can be retried; {name:?} is {state}"
+                )))
+            }
+        };
+    let entry = Entry::new(Action::PipelineRetry)
+        .target(id)
+        .detail(json!({"step": name, "job_id": job.as_ref().map(|j| j.id)}));
+    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    let pipeline = pipelines::get(&mut tx, tenant.0, id)
+        .await?
+        .ok_or_else(not_found)?;
+    tx.commit().await?;
+    if let Some(job) = &job {
+        announce_retry(&state, tenant.0, job).await;
+    }
+    announce_created(&state, tenant.0, &advanced.jobs.iter().collect::<Vec<_>>()).await;
+    Ok((StatusCode::ACCEPTED, Json(pipeline)).into_response())
+}

@@ -1,0 +1,236 @@
+//! Pipelines left behind: a step's job ended but its pipeline did not move on (the worker died
+//! between the two, or the job ended by a path that does not advance pipelines: the rescuer, a
+//! bulk cancel). Advanced here as the worker would have: the steps that can start get their
+//! job, announced and dispatched; the blocked ones are cancelled; ended pipelines finish.
+
+use shared::pipelines;
+use std::time::Duration;
+
+use super::{Duty, Schedule};
+use crate::{runtime::Change, Runtime};
+
+pub(crate) struct Pipelines {
+    pub schedule: Schedule,
+}
+
+impl Default for Pipelines {
+    /// Every second; 100 pipelines per transaction.
+    fn default() -> Self {
+        Self {
+            schedule: Schedule {
+                name: "pipelines",
+                interval: Duration::from_secs(1),
+                batch: 100,
+            },
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Duty for Pipelines {
+    fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    /// Returns how many pipelines moved. Goes on while a transaction took a full batch.
+    async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
+        let mut moved = 0;
+        loop {
+            let mut tx = runtime.pool().begin().await?;
+            // Locked (skipping those an advancer holds) until this transaction ends.
+            let stalled = pipelines::stalled(&mut tx, self.schedule.batch).await?;
+            let mut jobs = Vec::new();
+            for pipeline in &stalled {
+                let advanced = pipelines::advance(&mut tx, *pipeline, &runtime.validator()).await?;
+                // One an advancer moved meanwhile has nothing left to do.
+                moved += usize::from(advanced.moved());
+                jobs.extend(advanced.jobs);
+            }
+            tx.commit().await?;
+            runtime
+                .dispatch_now(jobs.iter().map(Change::created).collect())
+                .await;
+            if (stalled.len() as i64) < self.schedule.batch {
+                return Ok(moved);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maintenance::test_support::TestDb;
+    use serde_json::{json, Value};
+    use shared::pipelines::{NewStep, OnFailure};
+    use uuid::Uuid;
+
+    fn step(name: &str, needs: &[&str], payload: Value) -> NewStep {
+        NewStep {
+            name: name.into(),
+            kind: "canary".into(),
+            payload,
+            priority: 0,
+            max_attempts: 1,
+            needs: needs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    impl TestDb {
+        /// A pipeline of the test's tenant, submitted as the API does (its first steps started).
+        async fn pipeline(&self, on_failure: OnFailure, steps: &[NewStep]) -> Uuid {
+            let mut tx = self.pool().begin().await.unwrap();
+            let id = pipelines::create(
+                &mut tx,
+                self.tenant,
+                Uuid::now_v7(),
+                None,
+                on_failure,
+                steps,
+            )
+            .await
+            .unwrap();
+            pipelines::advance(&mut tx, id, &self.runtime.validator())
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            id
+        }
+
+        /// (state, reason, job id) of each step, in order; and the pipeline's status.
+        async fn steps(&self, id: Uuid) -> (Vec<(String, Option<String>, Option<Uuid>)>, String) {
+            let mut conn = self.pool().acquire().await.unwrap();
+            let pipeline = pipelines::get(&mut conn, self.tenant, id)
+                .await
+                .unwrap()
+                .unwrap();
+            let steps = pipeline
+                .steps
+                .into_iter()
+                .map(|s| (s.state, s.reason, s.job_id))
+                .collect();
+            (steps, pipeline.status)
+        }
+
+        /// Ends a step's job as a worker that died before advancing would have left it.
+        async fn end_job(&self, job: Uuid, status: &str, result: Value) {
+            sqlx::query(
+                "UPDATE jobs SET status = $2, result = $3, attempt = 1, finished_at = now()
+                 WHERE id = $1",
+            )
+            .bind(job)
+            .bind(status)
+            .bind(result)
+            .execute(self.pool())
+            .await
+            .unwrap();
+        }
+    }
+
+    /// A step whose needed step's job ended with nobody advancing: the duty starts it once,
+    /// however many leaders race, with its reference resolved; then ends the pipeline.
+    #[tokio::test]
+    async fn a_pipeline_left_behind_moves_on_once() {
+        let test = TestDb::new().await;
+        let id = test
+            .pipeline(
+                OnFailure::CancelDependents,
+                &[
+                    step("first", &[], json!({"steps": 1})),
+                    step(
+                        "second",
+                        &["first"],
+                        json!({"steps": "${steps.first.outputs.n}"}),
+                    ),
+                ],
+            )
+            .await;
+        let (steps, _) = test.steps(id).await;
+        assert_eq!(steps[0].0, "queued");
+        assert_eq!(steps[1].0, "waiting");
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 0);
+
+        test.end_job(
+            steps[0].2.unwrap(),
+            "succeeded",
+            json!({"outputs": {"n": 4}}),
+        )
+        .await;
+        let other = test.another_runtime().await;
+        let (first, second) = (Pipelines::default(), Pipelines::default());
+        let (a, b) = tokio::join!(first.run(&test.runtime), second.run(&other));
+        assert_eq!(a.unwrap() + b.unwrap(), 1, "advanced once");
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 0);
+        let jobs: Vec<(Uuid, Value)> =
+            sqlx::query_as("SELECT id, payload FROM jobs WHERE pipeline_step = 'second'")
+                .fetch_all(test.pool())
+                .await
+                .unwrap();
+        assert_eq!(jobs.len(), 1, "one job for the step");
+        assert_eq!(jobs[0].1, json!({"steps": 4}), "the reference resolved");
+        let (steps, status) = test.steps(id).await;
+        assert_eq!(steps[1].0, "queued");
+        assert_eq!(steps[1].2, Some(jobs[0].0));
+        assert_eq!(status, "running");
+        assert!(test.in_queue(jobs[0].0).await, "pushed");
+        assert_eq!(test.events(jobs[0].0).await, ["queued"]);
+
+        test.end_job(jobs[0].0, "succeeded", json!({})).await;
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.steps(id).await.1, "succeeded");
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 0);
+    }
+
+    /// A failed step: its dependents (and theirs) are cancelled with the reason under
+    /// `cancel_dependents`; they start under `continue`, where a reference to the failed step's
+    /// output fails its step clearly.
+    #[tokio::test]
+    async fn failures_cancel_dependents_or_let_them_run() {
+        let test = TestDb::new().await;
+        let chain = |p: &str| {
+            vec![
+                step("a", &[], json!({})),
+                step("b", &["a"], json!({})),
+                step(
+                    "c",
+                    &["a", "b"],
+                    json!({"steps": format!("${{steps.a.outputs.{p}}}")}),
+                ),
+            ]
+        };
+        let cancel = test
+            .pipeline(OnFailure::CancelDependents, &chain("n"))
+            .await;
+        let go_on = test.pipeline(OnFailure::Continue, &chain("n")).await;
+        for id in [cancel, go_on] {
+            let job = test.steps(id).await.0[0].2.unwrap();
+            test.end_job(job, "failed", Value::Null).await;
+        }
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 2);
+
+        let (steps, status) = test.steps(cancel).await;
+        assert_eq!(status, "failed");
+        assert_eq!(steps[1].0, "cancelled");
+        assert_eq!(
+            steps[1].1.as_deref(),
+            Some("needs step \"a\", which failed")
+        );
+        assert_eq!(steps[2].0, "cancelled");
+        assert!(steps[1].2.is_none() && steps[2].2.is_none(), "no job made");
+
+        let (steps, status) = test.steps(go_on).await;
+        assert_eq!(status, "running");
+        assert_eq!(steps[1].0, "queued", "b runs anyway");
+        test.end_job(steps[1].2.unwrap(), "succeeded", json!({}))
+            .await;
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 1);
+        let (steps, status) = test.steps(go_on).await;
+        assert_eq!(steps[2].0, "failed");
+        let reason = steps[2].1.clone().unwrap();
+        assert!(
+            reason.contains("step \"a\" has no output \"n\""),
+            "{reason}"
+        );
+        assert_eq!(status, "failed");
+    }
+}
