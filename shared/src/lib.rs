@@ -9,6 +9,7 @@ pub mod db;
 pub mod dispatch;
 pub mod events;
 pub mod isolated;
+pub mod leader;
 pub mod model;
 pub mod objects;
 pub mod pipelines;

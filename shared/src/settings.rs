@@ -2,6 +2,8 @@
 
 use crate::{connections::AllowList, db::redact, objects::BucketConfig};
 use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -251,74 +253,82 @@ impl fmt::Debug for Settings {
 
 impl Settings {
     pub fn from_env() -> anyhow::Result<Self> {
+        // A variable that is not Unicode counts as unset, as `std::env::var` has it.
+        Self::from_vars(&Vars::new(std::env::vars_os().filter_map(
+            |(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)),
+        )))
+    }
+
+    /// The settings from `vars` (the environment, or a deployment file's variables in the
+    /// tests that check it).
+    pub fn from_vars(vars: &Vars) -> anyhow::Result<Self> {
         Ok(Self {
-            database_url: var(
+            database_url: vars.var(
                 "DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/conveyor",
             ),
-            redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
-            redis_prefix: var("REDIS_PREFIX", "conveyor"),
-            listen: parse("LISTEN", "127.0.0.1:8080")?,
-            data_dir: var("DATA_DIR", ".data/objects").into(),
-            object_store: std::env::var("CONVEYOR_OBJECT_STORE_URL")
-                .ok()
-                .map(|url| BucketConfig {
-                    url,
-                    options: std::env::vars()
-                        .filter(|(key, _)| key.starts_with("AWS_"))
-                        .map(|(key, value)| (key.to_ascii_lowercase(), value))
-                        .collect(),
-                }),
-            body_limit: parse("BODY_LIMIT", "1048576")?,
-            heartbeat: Duration::from_secs(parse("HEARTBEAT_SECS", "2")?),
-            rescue_after: Duration::from_secs(parse("RESCUE_AFTER_SECS", "10")?),
-            events_ttl: Duration::from_secs(parse("EVENTS_TTL_SECS", "86400")?),
-            tenant_stream_maxlen: parse("TENANT_STREAM_MAXLEN", "100000")?,
-            shutdown_grace: Duration::from_secs(parse("SHUTDOWN_GRACE_SECS", "30")?),
-            retry_base: Duration::from_millis(parse("RETRY_BASE_MS", "1000")?),
-            target_database_url: var(
+            redis_url: vars.var("REDIS_URL", "redis://127.0.0.1:6379"),
+            redis_prefix: vars.var("REDIS_PREFIX", "conveyor"),
+            listen: vars.parse("LISTEN", "127.0.0.1:8080")?,
+            data_dir: vars.var("DATA_DIR", ".data/objects").into(),
+            object_store: {
+                let options = vars
+                    .prefixed("AWS_")
+                    .into_iter()
+                    .map(|(key, value)| (key.to_ascii_lowercase(), value))
+                    .collect();
+                vars.get("OBJECT_STORE_URL")
+                    .map(|url| BucketConfig { url, options })
+            },
+            body_limit: vars.parse("BODY_LIMIT", "1048576")?,
+            heartbeat: Duration::from_secs(vars.parse("HEARTBEAT_SECS", "2")?),
+            rescue_after: Duration::from_secs(vars.parse("RESCUE_AFTER_SECS", "10")?),
+            events_ttl: Duration::from_secs(vars.parse("EVENTS_TTL_SECS", "86400")?),
+            tenant_stream_maxlen: vars.parse("TENANT_STREAM_MAXLEN", "100000")?,
+            shutdown_grace: Duration::from_secs(vars.parse("SHUTDOWN_GRACE_SECS", "30")?),
+            retry_base: Duration::from_millis(vars.parse("RETRY_BASE_MS", "1000")?),
+            target_database_url: vars.var(
                 "TARGET_DATABASE_URL",
                 "postgres://conveyor_platform@127.0.0.1:5432/conveyor_target",
             ),
-            target_provision_url: std::env::var("CONVEYOR_TARGET_PROVISION_URL").ok(),
-            target_statement_timeout: Duration::from_secs(parse(
-                "TARGET_STATEMENT_TIMEOUT_SECS",
-                "3600",
-            )?),
-            target_lock_timeout: Duration::from_secs(parse("TARGET_LOCK_TIMEOUT_SECS", "30")?),
-            target_idle_in_transaction: Duration::from_secs(parse(
-                "TARGET_IDLE_IN_TRANSACTION_SECS",
-                "60",
-            )?),
-            preflight_timeout: Duration::from_millis(parse("PREFLIGHT_TIMEOUT_MS", "5000")?),
-            preflight_concurrency: parse("PREFLIGHT_CONCURRENCY", "4")?,
-            secret_key: std::env::var("CONVEYOR_SECRET_KEY").ok(),
-            connection_allow: var("CONNECTION_ALLOW", "")
+            target_provision_url: vars.get("TARGET_PROVISION_URL"),
+            target_statement_timeout: Duration::from_secs(
+                vars.parse("TARGET_STATEMENT_TIMEOUT_SECS", "3600")?,
+            ),
+            target_lock_timeout: Duration::from_secs(vars.parse("TARGET_LOCK_TIMEOUT_SECS", "30")?),
+            target_idle_in_transaction: Duration::from_secs(
+                vars.parse("TARGET_IDLE_IN_TRANSACTION_SECS", "60")?,
+            ),
+            preflight_timeout: Duration::from_millis(vars.parse("PREFLIGHT_TIMEOUT_MS", "5000")?),
+            preflight_concurrency: vars.parse("PREFLIGHT_CONCURRENCY", "4")?,
+            secret_key: vars.get("SECRET_KEY"),
+            connection_allow: vars
+                .var("CONNECTION_ALLOW", "")
                 .parse()
                 .map_err(|e| anyhow::anyhow!("CONVEYOR_CONNECTION_ALLOW is invalid: {e}"))?,
-            metrics_token: std::env::var("CONVEYOR_METRICS_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty()),
-            dataset_limit: parse("DATASET_LIMIT", "10737418240")?,
+            metrics_token: vars.get("METRICS_TOKEN").filter(|t| !t.is_empty()),
+            dataset_limit: vars.parse("DATASET_LIMIT", "10737418240")?,
             snapshot_retention: Duration::from_secs(
-                parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
+                vars.parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
             ),
-            job_retention: retention(parse("JOB_RETENTION_DAYS", "30")?, 86400),
-            worker_retention: retention(parse("WORKER_RETENTION_HOURS", "24")?, 3600),
-            model_dir: var("MODEL_DIR", ".data/models/all-MiniLM-L6-v2").into(),
-            max_decompressed_bytes: parse("MAX_DECOMPRESSED_BYTES", "17179869184")?,
-            max_in_memory_bytes: parse("MAX_IN_MEMORY_BYTES", "1073741824")?,
-            max_record_bytes: parse("MAX_RECORD_BYTES", "16777216")?,
-            max_document_bytes: parse("MAX_DOCUMENT_BYTES", "67108864")?,
-            max_worker_deaths: parse("MAX_WORKER_DEATHS", "3")?,
-            extractor: std::env::var_os("CONVEYOR_EXTRACTOR").map(PathBuf::from),
-            extract_timeout: Duration::from_secs(parse("EXTRACT_TIMEOUT_SECS", "60")?),
-            extract_memory_bytes: parse("EXTRACT_MEMORY_BYTES", "1073741824")?,
-            dispatch_min_window: parse("DISPATCH_MIN_WINDOW", "8")?,
-            default_max_running: Some(parse::<i64>("MAX_RUNNING", "0")?).filter(|&n| n > 0),
+            job_retention: retention(vars.parse("JOB_RETENTION_DAYS", "30")?, 86400),
+            worker_retention: retention(vars.parse("WORKER_RETENTION_HOURS", "24")?, 3600),
+            model_dir: vars
+                .var("MODEL_DIR", ".data/models/all-MiniLM-L6-v2")
+                .into(),
+            max_decompressed_bytes: vars.parse("MAX_DECOMPRESSED_BYTES", "17179869184")?,
+            max_in_memory_bytes: vars.parse("MAX_IN_MEMORY_BYTES", "1073741824")?,
+            max_record_bytes: vars.parse("MAX_RECORD_BYTES", "16777216")?,
+            max_document_bytes: vars.parse("MAX_DOCUMENT_BYTES", "67108864")?,
+            max_worker_deaths: vars.parse("MAX_WORKER_DEATHS", "3")?,
+            extractor: vars.get("EXTRACTOR").map(PathBuf::from),
+            extract_timeout: Duration::from_secs(vars.parse("EXTRACT_TIMEOUT_SECS", "60")?),
+            extract_memory_bytes: vars.parse("EXTRACT_MEMORY_BYTES", "1073741824")?,
+            dispatch_min_window: vars.parse("DISPATCH_MIN_WINDOW", "8")?,
+            default_max_running: Some(vars.parse::<i64>("MAX_RUNNING", "0")?).filter(|&n| n > 0),
             default_rate: {
-                let per_sec: f64 = parse("RATE_PER_SEC", "0")?;
-                let burst: u32 = parse("RATE_BURST", "0")?;
+                let per_sec: f64 = vars.parse("RATE_PER_SEC", "0")?;
+                let burst: u32 = vars.parse("RATE_BURST", "0")?;
                 (per_sec > 0.0).then(|| RateLimit {
                     per_sec,
                     burst: if burst > 0 {
@@ -328,18 +338,26 @@ impl Settings {
                     },
                 })
             },
-            schedule_misfire_grace: Duration::from_secs(parse(
-                "SCHEDULE_MISFIRE_GRACE_SECS",
-                "10",
-            )?),
-            webhook_timeout: Duration::from_secs(parse("WEBHOOK_TIMEOUT_SECS", "10")?),
-            webhook_lease: Duration::from_secs(parse("WEBHOOK_LEASE_SECS", "60")?),
-            webhook_retry_base: Duration::from_millis(parse("WEBHOOK_RETRY_BASE_MS", "10000")?),
-            webhook_retry_window: Duration::from_secs(
-                parse::<u64>("WEBHOOK_RETRY_HOURS", "24")? * 3600,
+            schedule_misfire_grace: Duration::from_secs(
+                vars.parse("SCHEDULE_MISFIRE_GRACE_SECS", "10")?,
             ),
-            webhook_concurrency: parse::<usize>("WEBHOOK_CONCURRENCY", "16")?.max(1),
+            webhook_timeout: Duration::from_secs(vars.parse("WEBHOOK_TIMEOUT_SECS", "10")?),
+            webhook_lease: Duration::from_secs(vars.parse("WEBHOOK_LEASE_SECS", "60")?),
+            webhook_retry_base: Duration::from_millis(
+                vars.parse("WEBHOOK_RETRY_BASE_MS", "10000")?,
+            ),
+            webhook_retry_window: Duration::from_secs(
+                vars.parse::<u64>("WEBHOOK_RETRY_HOURS", "24")? * 3600,
+            ),
+            webhook_concurrency: vars.parse::<usize>("WEBHOOK_CONCURRENCY", "16")?.max(1),
         })
+    }
+
+    /// Every variable the settings read: `CONVEYOR_*` names, and `AWS_*` for the object store.
+    pub fn variables() -> BTreeSet<String> {
+        let vars = Vars::new([]);
+        Self::from_vars(&vars).expect("the defaults are valid settings");
+        vars.read()
     }
 
     /// Defaults for one test: its own database and Redis prefix, fast heartbeats.
@@ -378,7 +396,8 @@ impl Settings {
                     Path::new(env!("CARGO_MANIFEST_DIR")).join("../.data/models/all-MiniLM-L6-v2")
                 }),
             database_url,
-            redis_url: var("REDIS_URL", "redis://127.0.0.1:6379"),
+            redis_url: std::env::var("CONVEYOR_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
             redis_prefix,
             listen: "127.0.0.1:0".parse().expect("literal address"),
             body_limit: 64 * 1024,
@@ -410,23 +429,62 @@ impl Settings {
     }
 }
 
-fn var(name: &str, default: &str) -> String {
-    std::env::var(format!("CONVEYOR_{name}")).unwrap_or_else(|_| default.to_owned())
-}
-
 /// `count` units of `unit` seconds; `0` means forever (`None`).
 fn retention(count: u64, unit: u64) -> Option<Duration> {
     (count > 0).then(|| Duration::from_secs(count.saturating_mul(unit)))
 }
 
-fn parse<T>(name: &str, default: &str) -> anyhow::Result<T>
-where
-    T: std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    let raw = var(name, default);
-    raw.parse()
-        .map_err(|e| anyhow::anyhow!("CONVEYOR_{name}={raw:?} is invalid: {e}"))
+/// The variables the settings are read from, and a record of each name read, so that the
+/// names a deployment file sets can be checked against the ones the binaries read.
+pub struct Vars {
+    values: BTreeMap<String, String>,
+    read: RefCell<BTreeSet<String>>,
+}
+
+impl Vars {
+    pub fn new(values: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self {
+            values: values.into_iter().collect(),
+            read: RefCell::default(),
+        }
+    }
+
+    /// Every name read so far (`AWS_*` for a prefix).
+    pub fn read(&self) -> BTreeSet<String> {
+        self.read.borrow().clone()
+    }
+
+    /// `CONVEYOR_{name}`.
+    fn get(&self, name: &str) -> Option<String> {
+        let name = format!("CONVEYOR_{name}");
+        let value = self.values.get(&name).cloned();
+        self.read.borrow_mut().insert(name);
+        value
+    }
+
+    fn var(&self, name: &str, default: &str) -> String {
+        self.get(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T>(&self, name: &str, default: &str) -> anyhow::Result<T>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        let raw = self.var(name, default);
+        raw.parse()
+            .map_err(|e| anyhow::anyhow!("CONVEYOR_{name}={raw:?} is invalid: {e}"))
+    }
+
+    /// Every variable whose name starts with `prefix`.
+    fn prefixed(&self, prefix: &str) -> Vec<(String, String)> {
+        self.read.borrow_mut().insert(format!("{prefix}*"));
+        self.values
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -448,5 +506,42 @@ mod tests {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
         assert!(shown.contains("postgres://conveyor:***@127.0.0.1/conveyor"));
+    }
+
+    /// What the deployment files are checked against: the names read, the values parsed.
+    #[test]
+    fn from_vars_reads_the_given_variables_and_names_each_one_read() {
+        let names = Settings::variables();
+        for name in [
+            "CONVEYOR_DATABASE_URL",
+            "CONVEYOR_SHUTDOWN_GRACE_SECS",
+            "AWS_*",
+        ] {
+            assert!(names.contains(name), "{name} not in {names:?}");
+        }
+        assert!(
+            !names.contains("CONVEYOR_QUEUES"),
+            "a flag's, not a setting"
+        );
+
+        let vars = |pairs: &[(&str, &str)]| {
+            super::Vars::new(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        };
+        let settings = Settings::from_vars(&vars(&[
+            ("CONVEYOR_SHUTDOWN_GRACE_SECS", "7"),
+            ("CONVEYOR_OBJECT_STORE_URL", "s3://bucket/prefix"),
+            ("AWS_REGION", "eu-west-1"),
+        ]))
+        .unwrap();
+        assert_eq!(settings.shutdown_grace, std::time::Duration::from_secs(7));
+        let bucket = settings.object_store.unwrap();
+        assert_eq!(
+            bucket.options,
+            [("aws_region".to_owned(), "eu-west-1".to_owned())]
+        );
+
+        let refused = Settings::from_vars(&vars(&[("CONVEYOR_SHUTDOWN_GRACE_SECS", "soon")]));
+        let error = refused.expect_err("an invalid value").to_string();
+        assert!(error.contains("CONVEYOR_SHUTDOWN_GRACE_SECS"), "{error}");
     }
 }

@@ -2,11 +2,14 @@
 
 use tracing_subscriber::{fmt, EnvFilter};
 
+/// `json` for JSON logs; read here, not with the other settings, since logging starts first.
+pub const LOG_FORMAT: &str = "CONVEYOR_LOG_FORMAT";
+
 pub fn init(default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = if std::env::var("CONVEYOR_LOG_FORMAT").as_deref() == Ok("json") {
+    let result = if std::env::var(LOG_FORMAT).as_deref() == Ok("json") {
         builder.json().try_init()
     } else {
         builder.try_init()

@@ -22,6 +22,11 @@ pub struct QueueSpec(pub Vec<(String, usize)>);
 
 impl QueueSpec {
     pub fn parse(spec: &str, registry: &jobs::Registry) -> anyhow::Result<Self> {
+        Self::parse_among(spec, &registry.kinds().collect::<Vec<_>>())
+    }
+
+    /// The spec, its queues among the `known` kinds.
+    pub fn parse_among(spec: &str, known: &[&str]) -> anyhow::Result<Self> {
         let mut queues = Vec::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (kind, concurrency) = match part.split_once('=') {
@@ -36,9 +41,9 @@ impl QueueSpec {
                 None => (part, 1),
             };
             anyhow::ensure!(
-                registry.get(kind).is_some(),
+                known.contains(&kind),
                 "unknown queue {kind:?}; known: {}",
-                registry.kinds().collect::<Vec<_>>().join(", ")
+                known.join(", ")
             );
             queues.push((kind.to_owned(), concurrency));
         }
@@ -69,6 +74,16 @@ pub fn unique_name() -> String {
     )
 }
 
+/// Past the grace period, how long a stopping worker waits for its interrupted jobs to be
+/// handed back to the queue, then for its tasks to end.
+const HAND_BACK: Duration = Duration::from_secs(10);
+const WIND_DOWN: Duration = Duration::from_secs(5);
+
+/// The most a stopping worker takes beyond `CONVEYOR_SHUTDOWN_GRACE_SECS`: a process manager's
+/// stop timeout (`terminationGracePeriodSeconds`, compose's `stop_grace_period`) must exceed
+/// the grace plus this, or jobs are killed instead of handed back.
+pub const AFTER_GRACE: Duration = HAND_BACK.saturating_add(WIND_DOWN);
+
 /// A running worker; [`WorkerHandle::shutdown`] drains it.
 pub struct WorkerHandle {
     runtime: Arc<Runtime>,
@@ -90,10 +105,10 @@ impl WorkerHandle {
         if !self.runtime.wait_idle(grace).await {
             tracing::warn!("grace period over; handing running jobs back to the queue");
             self.runtime.interrupt_all();
-            self.runtime.wait_idle(Duration::from_secs(10)).await;
+            self.runtime.wait_idle(HAND_BACK).await;
         }
         self.runtime.stopped().await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = tokio::time::timeout(WIND_DOWN, async {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;

@@ -178,8 +178,38 @@ pub async fn metrics(
         &mut out,
         "conveyor_queue_depth",
         "gauge",
-        "entries waiting in each Redis queue",
+        "entries waiting in each Redis queue (the dispatched part of the backlog)",
         &depths,
+    );
+    // The backlog where it lives (PostgreSQL), every known queue with a series: what autoscaling
+    // and alerts read.
+    let backlog = super::queues::backlog(&state).await?;
+    let waiting: Vec<_> = state
+        .contracts
+        .kinds()
+        .map(|kind| {
+            let (n, oldest) = backlog.get(kind).copied().unwrap_or_default();
+            (format!("queue=\"{kind}\""), (n as f64, oldest))
+        })
+        .collect();
+    let rows: Vec<_> = waiting.iter().map(|(l, (n, _))| (l.clone(), *n)).collect();
+    labelled(
+        &mut out,
+        "conveyor_queue_waiting",
+        "gauge",
+        "jobs waiting to run in each queue (queued: dispatched to Redis or held in PostgreSQL)",
+        &rows,
+    );
+    let rows: Vec<_> = waiting
+        .iter()
+        .map(|(l, (_, age))| (l.clone(), *age))
+        .collect();
+    labelled(
+        &mut out,
+        "conveyor_queue_oldest_waiting_seconds",
+        "gauge",
+        "how long the oldest waiting job of each queue has been runnable",
+        &rows,
     );
 
     tenant_usage(&state, &mut out).await?;
@@ -196,6 +226,14 @@ pub async fn metrics(
         "gauge",
         "worker processes with a live heartbeat",
         &[("", alive as f64)],
+    );
+    let leading = shared::leader::current(&state.pool).await?.is_some();
+    gauge(
+        &mut out,
+        "conveyor_maintenance_leader",
+        "gauge",
+        "1 while a worker leads maintenance (holds its lock), else 0",
+        &[("", if leading { 1.0 } else { 0.0 })],
     );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

@@ -1,6 +1,10 @@
-//! The dashboard's queues panel: each queue's depth and recent outcomes, and the live workers.
+//! The dashboard's queues panel: each queue's backlog and recent outcomes, and the live workers.
 //! Queues and workers are shared by every tenant, so these counts are queue-wide, as in
 //! `/metrics`.
+//!
+//! A queue's backlog is its `queued` rows in PostgreSQL: with fair dispatch most waiting jobs
+//! are held there, and the Redis list (`depth`) holds only the round of them already dispatched.
+//! `waiting` and the age of the oldest waiting job are what autoscaling reads.
 
 use axum::{extract::State, Json};
 use chrono::{DateTime, Utc};
@@ -16,7 +20,11 @@ use crate::{auth::Tenant, AppState};
 pub struct QueueStats {
     /// The job kind (one queue per kind).
     pub kind: String,
-    /// Entries waiting in Redis.
+    /// Jobs waiting to run (`queued`), dispatched to Redis or still held in PostgreSQL.
+    pub waiting: i64,
+    /// How long the oldest waiting job has been runnable, in seconds (0 with none waiting).
+    pub oldest_waiting_seconds: f64,
+    /// Of the waiting jobs, the entries already dispatched onto the Redis queue.
     pub depth: u64,
     pub running: i64,
     pub succeeded_last_hour: i64,
@@ -42,6 +50,8 @@ pub struct WorkerInfo {
     pub heartbeat_at: DateTime<Utc>,
     /// Jobs this worker is running now.
     pub running: i64,
+    /// Whether this worker leads maintenance now (one worker of the deployment at a time).
+    pub leads_maintenance: bool,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -49,15 +59,33 @@ pub struct WorkerList {
     pub workers: Vec<WorkerInfo>,
 }
 
+/// Each queue's waiting jobs (`queued` rows) and how long the oldest has been runnable: its
+/// `run_at`, the time it was submitted for, or came due, or ended its retry backoff.
+pub(crate) async fn backlog(state: &AppState) -> Result<BTreeMap<String, (i64, f64)>, Problem> {
+    let rows: Vec<(String, i64, f64)> = sqlx::query_as(
+        "SELECT kind, count(*), greatest(extract(epoch FROM now() - min(run_at)), 0)::float8
+         FROM jobs WHERE status = 'queued' GROUP BY kind",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(kind, waiting, oldest)| (kind, (waiting, oldest)))
+        .collect())
+}
+
 async fn live_workers(state: &AppState) -> Result<Vec<WorkerInfo>, Problem> {
+    let leader = shared::leader::current(&state.pool).await?;
     Ok(sqlx::query_as(
         "SELECT w.name, w.queues, w.started_at, w.heartbeat_at,
-                (SELECT count(*) FROM jobs j WHERE j.status = 'running' AND j.worker = w.name) AS running
+                (SELECT count(*) FROM jobs j WHERE j.status = 'running' AND j.worker = w.name) AS running,
+                w.name IS NOT DISTINCT FROM $2 AS leads_maintenance
          FROM workers w
          WHERE w.stopped_at IS NULL AND w.heartbeat_at > now() - make_interval(secs => $1)
          ORDER BY w.name",
     )
     .bind(state.settings.rescue_after.as_secs_f64())
+    .bind(leader)
     .fetch_all(&state.pool)
     .await?)
 }
@@ -80,6 +108,7 @@ pub async fn queues(State(state): State<AppState>, _: Tenant) -> Result<Json<Que
         .into_iter()
         .map(|(kind, running, ok, failed)| (kind, (running, ok, failed)))
         .collect();
+    let backlog = backlog(&state).await?;
     let workers = live_workers(&state).await?;
     let mut queues = Vec::new();
     for kind in state.contracts.kinds() {
@@ -90,12 +119,15 @@ pub async fn queues(State(state): State<AppState>, _: Tenant) -> Result<Json<Que
             .map_err(|e| Problem::unavailable(format!("Redis: {e}")))?;
         let (running, succeeded_last_hour, failed_last_hour) =
             counts.get(kind).copied().unwrap_or_default();
+        let (waiting, oldest_waiting_seconds) = backlog.get(kind).copied().unwrap_or_default();
         let serving: Vec<i64> = workers
             .iter()
             .filter_map(|w| w.queues.get(kind).and_then(Value::as_i64))
             .collect();
         queues.push(QueueStats {
             kind: kind.to_owned(),
+            waiting,
+            oldest_waiting_seconds,
             depth,
             running,
             succeeded_last_hour,

@@ -72,7 +72,13 @@ async fn sigterm_past_the_grace_period_hands_the_job_back_for_another_worker() {
     let id = app
         .submit_canary(json!({"steps": 100, "step_ms": 100}))
         .await;
-    terminate_while_running(&app, id, worker).await;
+    let took = terminate_while_running(&app, id, worker).await;
+    // Within what a process manager is told to wait (deploy/k8s, docker-compose.yml).
+    let bound = Duration::from_secs(1) + worker::AFTER_GRACE;
+    assert!(
+        took < bound,
+        "the worker took {took:?} to stop, over {bound:?}"
+    );
     let job = app.job(id).await;
     assert_eq!(job["status"], "queued", "handed back, not finished: {job}");
     let _other = app.spawn_worker_process("canary=1");
@@ -83,10 +89,16 @@ async fn sigterm_past_the_grace_period_hands_the_job_back_for_another_worker() {
     assert_eq!(job["attempt"], 2, "the second worker ran it again: {job}");
 }
 
-/// Sends SIGTERM to `worker` once job `id` runs, and waits for a clean exit.
-async fn terminate_while_running(app: &TestApp, id: uuid::Uuid, mut worker: KillOnDrop) {
+/// Sends SIGTERM to `worker` once job `id` runs, and waits for a clean exit; returns how long
+/// the worker took to stop.
+async fn terminate_while_running(
+    app: &TestApp,
+    id: uuid::Uuid,
+    mut worker: KillOnDrop,
+) -> Duration {
     app.wait_status(id, &["running"], Duration::from_secs(30))
         .await;
+    let sent = Instant::now();
     Command::new("kill")
         .arg("-TERM")
         .arg(worker.id().to_string())
@@ -96,6 +108,7 @@ async fn terminate_while_running(app: &TestApp, id: uuid::Uuid, mut worker: Kill
         .await
         .unwrap();
     assert!(status.success(), "worker exit: {status:?}");
+    sent.elapsed()
 }
 
 /// A private Redis on its own port, so restarting it disturbs no other test.

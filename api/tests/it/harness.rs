@@ -211,6 +211,27 @@ impl TestApp {
         name
     }
 
+    /// What points a process at this test's deployment: its databases, Redis prefix, data and
+    /// model directories, secret key.
+    pub fn deployment_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let s = &self.settings;
+        vec![
+            ("CONVEYOR_DATABASE_URL", s.database_url.clone().into()),
+            ("CONVEYOR_REDIS_URL", s.redis_url.clone().into()),
+            ("CONVEYOR_REDIS_PREFIX", s.redis_prefix.clone().into()),
+            (
+                "CONVEYOR_TARGET_DATABASE_URL",
+                s.target_database_url.clone().into(),
+            ),
+            ("CONVEYOR_DATA_DIR", s.data_dir.clone().into()),
+            ("CONVEYOR_MODEL_DIR", s.model_dir.clone().into()),
+            (
+                "CONVEYOR_SECRET_KEY",
+                s.secret_key.clone().unwrap_or_default().into(),
+            ),
+        ]
+    }
+
     /// A `conveyor-worker` process against this test's database and prefix, killed when the
     /// value drops (a failed assertion included).
     pub fn spawn_worker_process(&self, queues: &str) -> KillOnDrop {
@@ -220,19 +241,7 @@ impl TestApp {
     /// A worker process with some settings of its own (`CONVEYOR_...` variables).
     pub fn spawn_worker_process_with(&self, queues: &str, env: &[(&str, &str)]) -> KillOnDrop {
         let child = Command::new(binary("conveyor-worker"))
-            .env("CONVEYOR_DATABASE_URL", &self.settings.database_url)
-            .env("CONVEYOR_REDIS_URL", &self.settings.redis_url)
-            .env("CONVEYOR_REDIS_PREFIX", &self.settings.redis_prefix)
-            .env(
-                "CONVEYOR_TARGET_DATABASE_URL",
-                &self.settings.target_database_url,
-            )
-            .env("CONVEYOR_DATA_DIR", &self.settings.data_dir)
-            .env("CONVEYOR_MODEL_DIR", &self.settings.model_dir)
-            .env(
-                "CONVEYOR_SECRET_KEY",
-                self.settings.secret_key.as_deref().unwrap_or_default(),
-            )
+            .envs(self.deployment_env())
             .env("CONVEYOR_HEARTBEAT_SECS", "1")
             .env("CONVEYOR_RESCUE_AFTER_SECS", "3")
             .env("CONVEYOR_SHUTDOWN_GRACE_SECS", "20")
@@ -274,19 +283,9 @@ impl TestApp {
             .local_addr()
             .unwrap()
             .port();
-        let s = &self.settings;
         let child = Command::new(binary("conveyor-api"))
             .env("CONVEYOR_LISTEN", format!("127.0.0.1:{port}"))
-            .env("CONVEYOR_DATABASE_URL", &s.database_url)
-            .env("CONVEYOR_REDIS_URL", &s.redis_url)
-            .env("CONVEYOR_REDIS_PREFIX", &s.redis_prefix)
-            .env("CONVEYOR_TARGET_DATABASE_URL", &s.target_database_url)
-            .env("CONVEYOR_DATA_DIR", &s.data_dir)
-            .env("CONVEYOR_MODEL_DIR", &s.model_dir)
-            .env(
-                "CONVEYOR_SECRET_KEY",
-                s.secret_key.as_deref().unwrap_or_default(),
-            )
+            .envs(self.deployment_env())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -12,6 +12,7 @@ use tokio::{sync::Mutex, task::JoinSet, time::MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::Runtime;
+use shared::leader::LOCK_KEY;
 
 mod dispatcher;
 mod pipelines;
@@ -124,9 +125,6 @@ async fn keep(
     }
 }
 
-/// Advisory lock key of maintenance ("conveyor" in ASCII, shortened).
-const LOCK_KEY: i64 = 0x636f6e7665796f;
-
 /// The advisory lock that makes one process the maintenance leader, held on a connection kept
 /// out of the pool for as long as it leads.
 struct Leader {
@@ -170,11 +168,16 @@ impl Leader {
 
     async fn try_lead(&self) -> Option<PoolConnection<Postgres>> {
         let mut conn = self.pool.acquire().await.ok()?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(LOCK_KEY)
-            .fetch_one(&mut *conn)
-            .await
-            .ok()?;
+        // The connection names its worker while it holds the lock (`shared::leader`).
+        let locked: bool = sqlx::query_scalar(
+            "SELECT CASE WHEN pg_try_advisory_lock($1)
+                    THEN set_config('application_name', $2, false) IS NOT NULL ELSE false END",
+        )
+        .bind(LOCK_KEY)
+        .bind(shared::leader::application_name(&self.worker))
+        .fetch_one(&mut *conn)
+        .await
+        .ok()?;
         if !locked {
             return None;
         }
@@ -186,10 +189,12 @@ impl Leader {
     /// closes.
     async fn resign(&self) {
         if let Some(mut conn) = self.held.lock().await.take() {
-            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(LOCK_KEY)
-                .execute(&mut *conn)
-                .await;
+            let _ = sqlx::query(
+                "SELECT pg_advisory_unlock($1), set_config('application_name', '', false)",
+            )
+            .bind(LOCK_KEY)
+            .execute(&mut *conn)
+            .await;
         }
     }
 }
@@ -305,10 +310,14 @@ mod tests {
         let seen = first.runs();
         until("the leader stopped", || first.runs() >= seen + 10).await;
         assert_eq!(second.runs(), 0, "the second process ran a duty");
+        let leader = shared::leader::current(test.pool()).await.unwrap();
+        assert_eq!(leader.as_deref(), Some("maintenance-test-1"));
 
         first_stop.cancel();
         first_task.await.unwrap();
         until("nobody took over", || second.runs() > 0).await;
+        let leader = shared::leader::current(test.pool()).await.unwrap();
+        assert_eq!(leader.as_deref(), Some("maintenance-test-2"));
         second_stop.cancel();
         second_task.await.unwrap();
     }
