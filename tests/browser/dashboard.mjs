@@ -112,6 +112,8 @@ try {
 
   step('queues panel');
   await page.locator('#queues tr[data-queue="canary"]').waitFor();
+  const waiting = await page.locator('#queues tr[data-queue="canary"] td.waiting').textContent();
+  check(/^\d+$/.test(waiting), `the canary backlog reads ${waiting}`);
   await page.locator('#workers tr').first().waitFor();
 
   step('upload a dataset and import it from its row');
