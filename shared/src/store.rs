@@ -379,6 +379,8 @@ pub async fn delete_job(
 pub struct JobFilter {
     pub statuses: Vec<JobStatus>,
     pub kind: Option<String>,
+    /// Only the steps of this pipeline.
+    pub pipeline_id: Option<Uuid>,
 }
 
 /// What a bulk action does to each job it takes.
@@ -422,6 +424,7 @@ pub async fn change_matching(
          WHERE id IN (
              SELECT id FROM jobs
              WHERE tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
+               AND ($5::uuid IS NULL OR pipeline_id = $5)
                AND {applies}
              ORDER BY id LIMIT $4 FOR UPDATE)
          RETURNING *
@@ -433,6 +436,7 @@ pub async fn change_matching(
     .bind(statuses)
     .bind(&filter.kind)
     .bind(limit)
+    .bind(filter.pipeline_id)
     .fetch_all(db)
     .await
 }

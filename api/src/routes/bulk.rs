@@ -29,6 +29,8 @@ pub struct BulkFilter {
     #[serde(default)]
     pub status: Vec<JobStatus>,
     pub kind: Option<String>,
+    /// Only the steps of this pipeline of the tenant's (404 for any other).
+    pub pipeline_id: Option<uuid::Uuid>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -39,8 +41,20 @@ pub struct BulkResult {
     pub more: bool,
 }
 
-/// The filter, its statuses limited to those `allowed` (422 naming `status` otherwise).
-fn filter(state: &AppState, body: BulkFilter, allowed: &[JobStatus]) -> Result<JobFilter, Problem> {
+/// The filter, its statuses limited to those `allowed` (422 naming `status` otherwise), its
+/// pipeline the tenant's own (404 otherwise).
+async fn filter(
+    state: &AppState,
+    tenant: uuid::Uuid,
+    body: BulkFilter,
+    allowed: &[JobStatus],
+) -> Result<JobFilter, Problem> {
+    if let Some(pipeline) = body.pipeline_id {
+        let mut db = state.pool.acquire().await?;
+        shared::pipelines::get(&mut db, tenant, pipeline)
+            .await?
+            .ok_or_else(|| Problem::not_found("pipeline"))?;
+    }
     let mut errors = Vec::new();
     for status in &body.status {
         if !allowed.contains(status) {
@@ -65,6 +79,7 @@ fn filter(state: &AppState, body: BulkFilter, allowed: &[JobStatus]) -> Result<J
             body.status
         },
         kind: body.kind,
+        pipeline_id: body.pipeline_id,
     })
 }
 
@@ -76,8 +91,14 @@ pub async fn cancel(
     JsonBody(body): JsonBody<BulkFilter>,
 ) -> Result<Json<BulkResult>, Problem> {
     use JobStatus::*;
-    let filter = filter(&state, body, &[Scheduled, Queued, Retrying, Running])?;
     let tenant = writer.tenant().0;
+    let filter = filter(
+        &state,
+        tenant,
+        body,
+        &[Scheduled, Queued, Retrying, Running],
+    )
+    .await?;
     let (jobs, more) = apply(&state, &writer, &filter, BulkChange::Cancel).await?;
     let (stopped, running): (Vec<&Job>, Vec<&Job>) = jobs
         .iter()
@@ -103,6 +124,11 @@ pub async fn cancel(
     for kind in kinds(&stopped) {
         state.refill.request(kind);
     }
+    // Their pipelines move on now (dependents cancelled), not at the duty's next pass.
+    let pipelines: BTreeSet<uuid::Uuid> = stopped.iter().filter_map(|j| j.pipeline_id).collect();
+    for pipeline in pipelines {
+        crate::routes::pipelines::move_on_alone(&state, tenant, pipeline, false).await;
+    }
     Ok(Json(BulkResult {
         count: jobs.len(),
         more,
@@ -116,8 +142,14 @@ pub async fn retry(
     writer: Writer,
     JsonBody(body): JsonBody<BulkFilter>,
 ) -> Result<Json<BulkResult>, Problem> {
-    let filter = filter(&state, body, &[JobStatus::Failed, JobStatus::Cancelled])?;
     let tenant = writer.tenant().0;
+    let filter = filter(
+        &state,
+        tenant,
+        body,
+        &[JobStatus::Failed, JobStatus::Cancelled],
+    )
+    .await?;
     let (jobs, more) = apply(&state, &writer, &filter, BulkChange::Retry).await?;
     let events: Vec<_> = jobs
         .iter()
@@ -136,7 +168,7 @@ pub async fn retry(
     // Retried steps resume their pipelines.
     let pipelines: BTreeSet<uuid::Uuid> = jobs.iter().filter_map(|j| j.pipeline_id).collect();
     for pipeline in pipelines {
-        crate::routes::pipelines::resume_alone(&state, tenant, pipeline).await;
+        crate::routes::pipelines::move_on_alone(&state, tenant, pipeline, true).await;
     }
     Ok(Json(BulkResult {
         count: jobs.len(),

@@ -104,14 +104,18 @@ pub(crate) async fn resume(
     advance(state, tx, pipeline).await
 }
 
-/// [`resume`] in a transaction of its own, for jobs retried in bulk (whose transaction took
-/// their rows' locks first, so it could not take their pipelines'), announcing the jobs it
-/// started. A failure is logged: the pipeline stays as it was until a step is retried again.
-pub(crate) async fn resume_alone(state: &AppState, tenant: Uuid, pipeline: Uuid) {
+/// [`resume`] (`reopen`, after a retry) or [`advance`] (after a cancel) in a transaction of
+/// its own, for jobs changed in bulk (whose transaction took their rows' locks first, so it
+/// could not take their pipelines'), announcing the jobs it started. A failure is logged: the
+/// maintenance duty moves an ended step's pipeline on; a retry's waits for the next retry.
+pub(crate) async fn move_on_alone(state: &AppState, tenant: Uuid, pipeline: Uuid, reopen: bool) {
     let resumed = async {
         let mut tx = state.pool.begin().await?;
         pipelines::lock(&mut tx, Some(tenant), pipeline).await?;
-        let advanced = resume(state, &mut tx, pipeline).await?;
+        let advanced = match reopen {
+            true => resume(state, &mut tx, pipeline).await?,
+            false => advance(state, &mut tx, pipeline).await?,
+        };
         tx.commit().await?;
         Ok::<_, Problem>(advanced)
     };

@@ -74,6 +74,57 @@ async fn bulk_cancel_and_retry_take_the_matching_jobs_of_the_tenant_only() {
     assert_eq!(count(&app, &theirs).await, 5);
 }
 
+/// `pipeline_id` takes one pipeline's steps only: the waiting dependents are cancelled with
+/// them at once, another pipeline runs on, and another tenant's pipeline id is 404.
+#[tokio::test]
+async fn bulk_cancel_takes_one_pipelines_steps() {
+    let app = TestApp::spawn().await;
+    let pipeline = json!({"steps": [
+        {"name": "a", "kind": "canary", "payload": {"steps": 1}},
+        {"name": "b", "kind": "canary", "payload": {"steps": 1}},
+        {"name": "after", "kind": "canary", "needs": ["a", "b"], "payload": {}}]});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, created) = app.post("/v1/pipelines", &pipeline).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    let other = app.key_for("umbrella").await;
+    let (status, theirs) = app.post_as(&other, "/v1/pipelines", &pipeline).await;
+    assert_eq!(status, StatusCode::CREATED, "{theirs}");
+
+    let (status, problem) = app
+        .post("/v1/jobs/cancel", &json!({"pipeline_id": theirs["id"]}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
+    let (status, result) = app
+        .post("/v1/jobs/cancel", &json!({"pipeline_id": ids[0]}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    assert_eq!(result, json!({"count": 2, "more": false}));
+
+    let (_, first) = app.get(&format!("/v1/pipelines/{}", ids[0])).await;
+    let states: Vec<&str> = first["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["cancelled"; 3], "{first}");
+    let (_, second) = app.get(&format!("/v1/pipelines/{}", ids[1])).await;
+    assert_eq!(second["status"], "running", "{second}");
+    let live = format!(
+        "SELECT count(*) FROM jobs WHERE pipeline_id IN ('{}', '{}') AND status = 'queued'",
+        ids[1],
+        theirs["id"].as_str().unwrap()
+    );
+    assert_eq!(
+        count(&app, &live).await,
+        4,
+        "the other pipelines' steps are untouched"
+    );
+}
+
 /// `DELETE /v1/jobs/{id}`: a finished job goes with its artifacts and is audited; a live one
 /// is 409, another tenant's 404, and neither changes.
 #[tokio::test]

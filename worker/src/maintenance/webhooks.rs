@@ -523,6 +523,7 @@ mod tests {
         let filter = JobFilter {
             statuses: vec![shared::JobStatus::Scheduled],
             kind: None,
+            pipeline_id: None,
         };
         store::change_matching(test.pool(), test.tenant, &filter, BulkChange::Cancel, 10)
             .await
