@@ -122,6 +122,16 @@ pub fn html(report: &Value) -> String {
         gauge(&mut page, label, quality[key].as_f64().unwrap_or(0.0));
     }
     page.push_str("</div>");
+    if let Some(rules) = report["constraints"].as_array().filter(|r| !r.is_empty()) {
+        let without = report["quality_without_constraints"]["overall"].as_f64();
+        let _ = write!(
+            page,
+            "<p class=\"constraints\">Every row keeps the {} constraint(s); overall quality of \
+             the same model without them: {}.</p>",
+            rules.len(),
+            without.map_or("–".into(), |q| format!("{:.1} %", q * 100.0))
+        );
+    }
     let rows = &report["rows"];
     let _ = write!(
         page,
@@ -409,5 +419,13 @@ mod tests {
             "escaped"
         );
         assert!(!page.contains("http"), "nothing fetched from anywhere");
+        assert!(!page.contains("class=\"constraints\""));
+        let constrained = json!({"quality": {"overall": 0.9}, "rows": {}, "privacy": {},
+                                 "constraints": [{"type": "positive", "column": "x"}],
+                                 "quality_without_constraints": {"overall": 0.8}});
+        assert!(html(&constrained).contains(
+            "1 constraint(s); overall quality of the same model \
+                                             without them: 80.0 %"
+        ));
     }
 }
