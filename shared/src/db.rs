@@ -96,6 +96,7 @@ mod tests {
         let manifest = [
             include_str!("../../migrations/checksums"),
             include_str!("../../migrations/checksums-20261202"),
+            include_str!("../../migrations/checksums-20261203"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -114,7 +115,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261202"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261203"
                 ),
             }
         }
