@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Action, Actor, Entry},
+    audit::{Action, Entry},
     auth::{Tenant, Writer},
     extract::JsonBody,
     AppState,
@@ -80,7 +80,7 @@ pub async fn create(
     let entry = Entry::new(Action::ConnectionCreate)
         .target(created.id)
         .detail(serde_json::json!({"name": created.name, "url": created.display}));
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(created)))
 }
@@ -105,7 +105,7 @@ pub async fn delete(
     let mut tx = state.pool.begin().await?;
     if connections::delete(&mut *tx, writer.0.key.tenant, id).await? {
         let entry = Entry::new(Action::ConnectionDelete).target(id);
-        audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+        writer.audit(&mut *tx, entry).await?;
         tx.commit().await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
