@@ -61,4 +61,10 @@ await run('search', async (page) => {
   check(vector.length > 0, 'vector finds chunks');
   check((await marks(page)).length === 0, 'a vector search marks no words');
   await nothingInjected(page);
+
+  step('dark mode follows the system');
+  await page.emulateMedia({ colorScheme: 'dark' });
+  const background = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  check(background === 'rgb(15, 23, 42)', `a dark page: ${background}`);
+  await screenshot(page, 'dashboard-search-dark.png');
 });
