@@ -19,6 +19,8 @@ const MIN_BATCH: i64 = 10;
 const MAX_BATCH: i64 = 500_000;
 /// Consecutive lock timeouts, serialization failures or conflicts before the attempt fails.
 const MAX_BATCH_RETRIES: u32 = 10;
+/// How often an execute reports its batches and longest lock as a `log` event.
+const FIGURES_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(
     ctx: &JobContext,
@@ -198,6 +200,8 @@ impl Execution<'_> {
                 .unwrap_or(FIRST_BATCH);
             let (mut longest, mut longest_lock) = (Duration::ZERO, Duration::ZERO);
             let started = Instant::now();
+            let mut batches = record.batches;
+            let mut last_figures: Option<Instant> = None;
             let mut retries = 0;
             let mut last_key = record.last_key.clone();
             let mut done = record.rows_done;
@@ -223,12 +227,32 @@ impl Execution<'_> {
                         if self.payload.batch_size.is_none() {
                             size = next_batch_size(size, elapsed, target);
                         }
+                        batches += 1;
                         let expected = record.rows_expected.max(done).max(1);
                         ctx.progress(
                             done as f32 / expected as f32,
                             format!("{done} of {expected} rows"),
                         )
                         .await;
+                        // The figures a person watches (the dashboard's live panel), as a
+                        // `log` event with data, at most once a second.
+                        if last_figures.is_none_or(|at| at.elapsed() >= FIGURES_INTERVAL) {
+                            last_figures = Some(Instant::now());
+                            ctx.report(
+                                format!(
+                                    "{batches} batches, longest lock {:.1} ms",
+                                    longest_lock.as_secs_f64() * 1000.0
+                                ),
+                                json!({
+                                    "rows": done,
+                                    "rows_expected": expected,
+                                    "batches": batches,
+                                    "longest_batch_ms": longest.as_secs_f64() * 1000.0,
+                                    "longest_lock_ms": longest_lock.as_secs_f64() * 1000.0,
+                                }),
+                            )
+                            .await;
+                        }
                         self.pause().await;
                         continue;
                     }
@@ -255,7 +279,8 @@ impl Execution<'_> {
                     .await
                     .map_err(job_error)?
                     .ok_or_else(|| JobError::Permanent("the patch's record vanished".into()))?;
-                (done, last_key) = (record.rows_done, record.last_key.clone());
+                (done, last_key, batches) =
+                    (record.rows_done, record.last_key.clone(), record.batches);
             }
             let rows = done - resumed_from;
             let elapsed = started.elapsed();
@@ -264,6 +289,7 @@ impl Execution<'_> {
                 "patch applied",
                 json!({
                     "rows": rows,
+                    "batches": record.batches,
                     "elapsed_ms": elapsed.as_millis() as u64,
                     "rows_per_sec": rows as f64 / elapsed.as_secs_f64().max(1e-9),
                     "longest_batch_ms": longest.as_secs_f64() * 1000.0,
