@@ -298,6 +298,19 @@ async fn ops_endpoints_answer() {
         );
     }
     assert!(spec["components"]["schemas"]["Job"].is_object());
+    // Each kind's result is a documented type.
+    for output in [
+        "CanaryOutput",
+        "ImportOutput",
+        "PatchOutput",
+        "RollbackOutput",
+        "IngestOutput",
+    ] {
+        assert!(
+            spec["components"]["schemas"][output].is_object(),
+            "{output} missing from the OpenAPI document"
+        );
+    }
 }
 
 #[tokio::test]
