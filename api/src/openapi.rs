@@ -7,8 +7,8 @@ use utoipa::{
 };
 
 use crate::routes::{
-    audit, bulk, collections, connections, datasets, events, jobs, keys, ops, patches, pipelines,
-    queues, schedules, session, tenant, usage, webhooks,
+    audit, bulk, collections, connections, datasets, events, jobs, keys, models, ops, patches,
+    pipelines, queues, schedules, session, tenant, usage, webhooks,
 };
 
 #[derive(OpenApi)]
@@ -17,6 +17,7 @@ use crate::routes::{
     paths(jobs::submit, jobs::submit_batch, jobs::get_one, jobs::list, jobs::cancel, jobs::retry, jobs::delete,
           jobs::artifact, events::job_events, events::tenant_events,
           datasets::upload, datasets::list, datasets::get_one, datasets::download, datasets::delete,
+          models::list, models::get_one, models::delete,
           connections::create, connections::list, connections::delete, patches::preflight,
           collections::create, collections::list, collections::get_one, collections::delete,
           collections::search,
@@ -39,6 +40,9 @@ use crate::routes::{
                         ::contracts::patch::PatchPayload, ::contracts::patch::Mode,
                         ::contracts::patch::RollbackPayload, ::contracts::patch::Assessment,
                         ::contracts::patch::Risk, ::contracts::synthesis::SynthesisPayload,
+                        ::contracts::sample::SamplePayload, ::contracts::sample::Conditions,
+                        ::contracts::sample::ConditionGroup, models::ModelList,
+                        shared::saved_models::SavedModel, shared::saved_models::ModelColumn,
                         ::contracts::ingest::IngestPayload, ::contracts::ingest::DocumentSource,
                         ::contracts::ingest::DocFormat, collections::NewCollection,
                         collections::ChunkingSettings, collections::CollectionList,

@@ -15,6 +15,7 @@ pub(crate) mod datasets;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod keys;
+pub(crate) mod models;
 pub(crate) mod ops;
 pub(crate) mod page;
 pub(crate) mod patches;
@@ -48,6 +49,11 @@ pub fn router() -> Router<AppState> {
             get(datasets::get_one).delete(datasets::delete),
         )
         .route("/v1/datasets/{id}/download", get(datasets::download))
+        .route("/v1/models", get(models::list))
+        .route(
+            "/v1/models/{id}",
+            get(models::get_one).delete(models::delete),
+        )
         .route(
             "/v1/connections",
             post(connections::create).get(connections::list),
