@@ -14,7 +14,7 @@
 //! the columns, when fewer than 1 % of the rows meet them.
 
 use polars::prelude::{DataType, TimeUnit, TimeZone};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -24,7 +24,7 @@ use super::{
     constraints::{self, Columns, Constraint},
     copula::{finish_number, Copula, Marginal},
     profile::{quantile, ColumnProfile, Role},
-    stats::{cholesky, identity, nearest_correlation, normal_cdf, normal_quantile},
+    stats::{cholesky, identity, nearest_correlation, normal_quantile, NormalTable},
     table::{Column, Table, Values},
 };
 use crate::JobError;
@@ -34,13 +34,14 @@ pub use contracts::sample::ConditionMap;
 /// The format tag of the files this build writes and reads.
 pub const FORMAT: &str = "conveyor.gaussian_copula.v1";
 
-/// Rows per block of the sampler: each block has its own seeded generator, so the output
-/// depends on the seed alone, not on how many threads drew it.
+/// Rows per block of the sampler: each block has its own seeded generator (Xoshiro256++, rand's
+/// SmallRng: fast, and inlined into this loop), so the output depends on the seed alone, not
+/// on how many threads drew it.
 const BLOCK: usize = 8192;
 
 /// Latent normals are clamped to this many standard deviations (as the fit's sampler clamps
 /// u to [1e-12, 1 − 1e-12]).
-const Z_LIMIT: f64 = 7.0;
+const Z_LIMIT: f64 = NormalTable::LIMIT;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelFile {
@@ -463,7 +464,7 @@ impl<'m> Sampler<'m> {
             .into_par_iter()
             .map(|b| {
                 let n = BLOCK.min(rows - b * BLOCK);
-                let mut rng = StdRng::seed_from_u64(block_seed(seed, first_block + b as u64));
+                let mut rng = SmallRng::seed_from_u64(block_seed(seed, first_block + b as u64));
                 self.draw_block(plan, n, &mut rng)
             })
             .collect();
@@ -488,8 +489,9 @@ impl<'m> Sampler<'m> {
         )
     }
 
-    fn draw_block(&self, plan: &Plan, n: usize, rng: &mut StdRng) -> Vec<Values> {
+    fn draw_block(&self, plan: &Plan, n: usize, rng: &mut SmallRng) -> Vec<Values> {
         let d = self.mappers.len();
+        let normal = NormalTable::shared();
         let mut numbers: Vec<Vec<Option<f64>>> = vec![Vec::new(); d];
         let mut codes: Vec<Vec<u32>> = vec![Vec::new(); d];
         for (i, mapper) in self.mappers.iter().enumerate() {
@@ -502,7 +504,7 @@ impl<'m> Sampler<'m> {
         for _ in 0..n {
             normals(&mut e, rng);
             if let Some((_, lo, hi)) = plan.fixed {
-                e[0] = normal_quantile(lo + (hi - lo) * rng.random::<f64>());
+                e[0] = normal.quantile(lo + (hi - lo) * rng.random::<f64>());
             }
             for (p, &column) in plan.order.iter().enumerate() {
                 let factor = &plan.cholesky[p * d..p * d + p + 1];
@@ -517,7 +519,7 @@ impl<'m> Sampler<'m> {
                     } => {
                         let value =
                             (*missing == 0.0 || rng.random::<f64>() >= *missing).then(|| {
-                                finish_number(quantile(knots, normal_cdf(z)), *decimals, *bounds)
+                                finish_number(quantile(knots, normal.cdf(z)), *decimals, *bounds)
                             });
                         numbers[column].push(value);
                     }
@@ -593,7 +595,7 @@ fn take_levels(levels: &Values, codes: &[u32]) -> Values {
 }
 
 /// Fills `out` with standard normals, two per Box–Muller pair.
-fn normals(out: &mut [f64], rng: &mut StdRng) {
+fn normals(out: &mut [f64], rng: &mut SmallRng) {
     for pair in out.chunks_mut(2) {
         let u: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
         let v: f64 = rng.random::<f64>();
@@ -623,7 +625,7 @@ mod tests {
 
     /// `id` unique text, `x` ~ N(50, 10) and `group` its tercile, `visits` few-valued.
     fn table(n: usize) -> Table {
-        let mut rng = StdRng::seed_from_u64(1);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let (mut id, mut x, mut group, mut visits) = (vec![], vec![], vec![], vec![]);
         for i in 0..n {
             let a = standard_normal(&mut rng);
