@@ -310,12 +310,12 @@ pub struct AuditEntry {
     pub id: i64,
     /// The key that made the change; absent for an operator's command on the server.
     pub key_id: Option<Uuid>,
-    /// `job.submit`, `job.cancel`, `job.retry`, `dataset.upload`, `dataset.delete`, `model.delete`,
-    /// `connection.create`, `connection.delete`, `collection.create`, `collection.delete`,
-    /// `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`, `session.sign_out`,
-    /// `schedule.create`, `schedule.pause`, `schedule.resume`, `schedule.delete`,
-    /// `webhook.create`, `webhook.delete`, `webhook.replay`, `pipeline.submit`,
-    /// `pipeline.cancel`, `pipeline.retry`.
+    /// `job.submit`, `job.cancel`, `job.retry`, `dataset.upload`, `dataset.delete`,
+    /// `model.delete`, `connection.create`, `connection.delete`, `collection.create`,
+    /// `collection.delete`, `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`,
+    /// `session.sign_out`, `schedule.create`, `schedule.pause`, `schedule.resume`,
+    /// `schedule.delete`, `webhook.create`, `webhook.delete`, `webhook.replay`,
+    /// `pipeline.submit`, `pipeline.cancel`, `pipeline.retry`.
     pub action: String,
     /// The job, dataset, connection, collection, key, session (its key), schedule, webhook,
     /// webhook delivery or pipeline changed.
