@@ -16,6 +16,9 @@ pub type Columns = Vec<(String, Values)>;
 const LEAST_ACCEPTANCE: f64 = 0.01;
 /// Rows drawn before a low acceptance counts: fewer say too little.
 const LEAST_DRAWN_TO_JUDGE: usize = 1000;
+/// Most rows drawn in one round after the first: a low acceptance makes more rounds, not one
+/// round too large for memory.
+const MOST_ROWS_PER_ROUND: usize = 1 << 21;
 
 /// The joint column of a fixed combination: its name, and its members in order.
 struct Joint {
@@ -223,7 +226,7 @@ pub fn accept_rounds(
         }
         let wanted = rows - height(&kept);
         let round = ((wanted as f64 / acceptance.max(LEAST_ACCEPTANCE)) * 1.2).ceil() as usize;
-        let round = round.max(64);
+        let round = round.clamp(64, MOST_ROWS_PER_ROUND);
         let batch = draw(round)?;
         let good = accept(&batch)?;
         drawn += round;
