@@ -77,11 +77,22 @@ function duration(job) {
 
 // ---------- sign-in ----------
 
+// The dashboard's screens, one <main> each; the header's nav links to all but the job page.
+const VIEWS = ['jobs', 'job', 'patch', 'import', 'collections'];
+
+function showView(name) {
+  for (const view of VIEWS) $(`${view}-view`).hidden = view !== name;
+  for (const link of $('nav').querySelectorAll('a')) {
+    if (link.dataset.view === name) link.setAttribute('aria-current', 'page');
+    else link.removeAttribute('aria-current');
+  }
+}
+
 function showSignIn() {
   stopStreams();
   $('signin').hidden = false;
-  $('jobs-view').hidden = true;
-  $('job-view').hidden = true;
+  for (const view of VIEWS) $(`${view}-view`).hidden = true;
+  $('nav').hidden = true;
   $('sign-out').hidden = true;
   $('connection').hidden = true;
   $('tenant').textContent = '';
@@ -109,13 +120,14 @@ async function signOut() {
 
 function signedIn(session) {
   $('signin').hidden = true;
+  $('nav').hidden = false;
   $('sign-out').hidden = false;
   $('tenant').textContent = `tenant ${session.tenant}`;
   // A read key sees everything but may change nothing: the forms that would are disabled.
   $('role').textContent = `${session.role} key`;
   document.body.dataset.role = session.role;
   const readOnly = session.role === 'read';
-  for (const form of ['submit-form', 'upload-form']) {
+  for (const form of ['submit-form', 'upload-form', 'patch-form', 'connection-form', 'import-form']) {
     for (const control of $(form).elements) control.disabled = readOnly;
   }
   connectTenantStream();
@@ -388,6 +400,35 @@ async function submitJob(event) {
   }
 }
 
+// ---------- following one job (the screens' own runs) ----------
+
+// Follows a job's events until its terminal one; `onEvent(type, event)` sees each on the way.
+// Resolves with the final job row (result, error). EventSource reconnects with Last-Event-ID
+// by itself; the server closes the stream after the terminal event.
+function followJob(id, onEvent) {
+  return new Promise((resolve, reject) => {
+    const stream = new EventSource(`/v1/jobs/${id}/events`);
+    const handle = (message) => {
+      const event = JSON.parse(message.data);
+      if (onEvent) onEvent(message.type, event);
+      if (TERMINAL.has(message.type) || message.type === 'snapshot') {
+        stream.close();
+        api('GET', `/v1/jobs/${id}`).then(resolve, reject);
+      }
+    };
+    for (const type of ['queued', 'started', 'progress', 'log', 'retrying', 'succeeded', 'failed', 'cancelled', 'snapshot']) {
+      stream.addEventListener(type, handle);
+    }
+  });
+}
+
+// A problem's field errors, or its message.
+function problemText(error) {
+  const fields = error.problem && error.problem.errors
+    ? error.problem.errors.map((f) => `${f.field}: ${f.message}`) : [];
+  return fields.length ? fields.join('; ') : error.message;
+}
+
 // ---------- the job page ----------
 
 function closeJobStream() {
@@ -507,8 +548,7 @@ async function jobAction(action) {
 
 function showJob(id) {
   openJobId = id;
-  $('jobs-view').hidden = true;
-  $('job-view').hidden = false;
+  showView('job');
   $('timeline').replaceChildren();
   $('job-action-error').textContent = '';
   $('job-result-card').hidden = true;
@@ -520,17 +560,27 @@ function showJob(id) {
 }
 
 function showJobs() {
-  openJobId = null;
-  closeJobStream();
-  $('job-view').hidden = true;
-  $('jobs-view').hidden = false;
+  showView('jobs');
   scheduleRender();
 }
+
+// Screens other than the jobs: each loads what it shows when opened.
+const SCREENS = {
+  '#/patch': () => { showView('patch'); openPatchScreen(); },
+  '#/import': () => { showView('import'); openImportScreen(); },
+  '#/collections': () => { showView('collections'); openCollectionsScreen(); },
+};
 
 function route() {
   if (!$('signin').hidden) return;
   const match = location.hash.match(/^#\/jobs\/([0-9a-f-]{36})$/);
-  if (match) showJob(match[1]); else showJobs();
+  if (!match) {
+    openJobId = null;
+    closeJobStream();
+  }
+  if (match) showJob(match[1]);
+  else if (SCREENS[location.hash]) SCREENS[location.hash]();
+  else showJobs();
   if (!queuesTimer) {
     loadQueues();
     loadDatasets();
@@ -549,6 +599,9 @@ async function start() {
   }
   $('job-cancel').addEventListener('click', () => jobAction('cancel'));
   $('job-retry').addEventListener('click', () => jobAction('retry'));
+  startPatchScreen();
+  startImportScreen();
+  startCollectionsScreen();
   window.addEventListener('hashchange', route);
   setInterval(scheduleRender, 1000); // ages and running durations
   try {

@@ -111,6 +111,15 @@ impl Writer {
     pub fn tenant(&self) -> Tenant {
         Tenant(self.0.key.tenant)
     }
+
+    /// Records the change in the audit log, as this caller; in the change's transaction.
+    pub async fn audit(
+        &self,
+        db: impl sqlx::PgExecutor<'_>,
+        entry: crate::audit::Entry,
+    ) -> sqlx::Result<()> {
+        crate::audit::record(db, &crate::audit::Actor::from(&self.0), entry).await
+    }
 }
 
 /// The dashboard's session cookie (HttpOnly, SameSite=Strict, Path=/).

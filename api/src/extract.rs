@@ -1,9 +1,10 @@
-//! A JSON body extractor whose every rejection is a problem document naming the field.
+//! Extractors whose every rejection is a problem document naming the field: a JSON body, and
+//! a query string.
 
 use axum::{
     body::Bytes,
-    extract::{FromRequest, Request},
-    http::StatusCode,
+    extract::{FromRequest, FromRequestParts, Request},
+    http::{request::Parts, StatusCode},
 };
 use serde::de::DeserializeOwned;
 use shared::{FieldError, Problem};
@@ -66,5 +67,71 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
                 e.inner().to_string(),
             )]))
         }
+    }
+}
+
+/// Query parameters; a parameter that does not parse, or one the route does not know, is a 422
+/// naming it.
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
+        let query = parts.uri.query().unwrap_or_default();
+        let pairs = form_urlencoded::parse(query.as_bytes());
+        serde_path_to_error::deserialize(serde_urlencoded::Deserializer::new(pairs))
+            .map(Params)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let field = if path == "." {
+                    "query".to_owned()
+                } else {
+                    path
+                };
+                Problem::validation(vec![FieldError::new(field, e.inner().to_string())])
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Listing {
+        limit: Option<i64>,
+        kind: Option<String>,
+    }
+
+    async fn params(uri: &str) -> Result<Listing, Problem> {
+        let (mut parts, ()) = Request::get(uri).body(()).unwrap().into_parts();
+        Params::<Listing>::from_request_parts(&mut parts, &())
+            .await
+            .map(|p| p.0)
+    }
+
+    #[tokio::test]
+    async fn query_parameters_parse_or_name_the_parameter() {
+        let listing = params("/x?limit=5&kind=canary%20x").await.unwrap();
+        assert_eq!(
+            (listing.limit, listing.kind.as_deref()),
+            (Some(5), Some("canary x"))
+        );
+        assert!(params("/x").await.unwrap().limit.is_none());
+
+        let problem = params("/x?limit=many").await.unwrap_err();
+        assert_eq!(problem.status, 422);
+        assert_eq!(problem.errors[0].field, "limit");
+
+        let problem = params("/x?colour=red").await.unwrap_err();
+        assert_eq!(problem.status, 422);
+        assert!(
+            problem.errors[0].message.contains("colour"),
+            "{:?}",
+            problem.errors
+        );
     }
 }

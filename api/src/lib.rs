@@ -24,7 +24,10 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 pub fn router(state: AppState) -> Router {
     let limit = state.settings.body_limit;
-    routes::router()
+    let (api, mut document) = routes::router().split_for_parts();
+    let (streams, streams_document) = routes::streams().split_for_parts();
+    document.merge(streams_document);
+    api.route("/openapi.json", openapi::serve(&document))
         .layer(DefaultBodyLimit::max(limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         // Every response names its request, so a client's report finds the server's log line.
@@ -33,7 +36,7 @@ pub fn router(state: AppState) -> Router {
         // The streams stay outside the trace layer: it wraps each response body and reads the
         // clock twice per chunk, and thousands of subscribers take tens of chunks a second each
         // (5 % of the API's CPU at 2,000 subscribers). Their handlers log opening and closing.
-        .merge(routes::streams())
+        .merge(streams)
         .with_state(state)
         .merge(api_reference())
 }

@@ -118,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let server = conveyor_api::Server::start(settings).await?;
-            shutdown_signal().await;
+            shared::telemetry::shutdown_signal().await;
             server.shutdown().await;
         }
         Command::Migrate => {
@@ -353,14 +353,5 @@ async fn announce_revoked(settings: &shared::Settings, id: Uuid) {
             "warning: could not tell the API processes ({e}); they refuse the key within {} s",
             conveyor_api::auth::KeyCache::TTL.as_secs()
         );
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

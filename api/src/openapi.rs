@@ -1,35 +1,24 @@
-//! `GET /openapi.json`: every route and schema, generated from the handlers.
+//! `GET /openapi.json`: the API's description and the schemas no route names; the paths come
+//! from the routes themselves (`routes::router`).
 
-use axum::Json;
+use axum::{
+    body::Bytes,
+    http::header,
+    routing::{get, MethodRouter},
+};
 use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
     Modify, OpenApi,
 };
 
 use crate::routes::{
-    audit, bulk, collections, connections, datasets, events, jobs, keys, models, ops, patches,
-    pipelines, queues, schedules, session, tenant, usage, webhooks,
+    audit, bulk, collections, connections, datasets, jobs, keys, pipelines, queues, schedules,
+    session, tenant, usage, webhooks,
 };
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Conveyor", description = "Job queue for heavy data and ML work"),
-    paths(jobs::submit, jobs::submit_batch, jobs::get_one, jobs::list, jobs::cancel, jobs::retry, jobs::delete,
-          jobs::artifact, events::job_events, events::tenant_events,
-          datasets::upload, datasets::list, datasets::get_one, datasets::download, datasets::delete,
-          models::list, models::get_one, models::delete,
-          connections::create, connections::list, connections::delete, patches::preflight,
-          collections::create, collections::list, collections::get_one, collections::delete,
-          collections::search,
-          ops::healthz, ops::readyz, ops::metrics,
-          queues::queues, queues::workers, session::sign_in, session::current, session::sign_out,
-          keys::list, keys::create, keys::revoke, audit::list, tenant::current,
-          usage::usage, bulk::cancel, bulk::retry, schedules::create, schedules::list,
-          schedules::get_one, schedules::pause, schedules::resume, schedules::delete,
-          schedules::history, webhooks::create, webhooks::list, webhooks::get_one,
-          webhooks::delete, webhooks::deliveries, webhooks::replay, pipelines::submit,
-          pipelines::list, pipelines::get_one, pipelines::cancel, pipelines::retry_step,
-          events::pipeline_events),
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
                         jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
@@ -37,11 +26,14 @@ use crate::routes::{
                         shared::datasets::Format, shared::datasets::Compression,
                         shared::connections::Connection, connections::NewConnection,
                         ::contracts::canary::CanaryPayload, ::contracts::import::ImportPayload,
+                        ::contracts::canary::CanaryOutput, ::contracts::import::ImportOutput,
+                        ::contracts::patch::PatchOutput, ::contracts::patch::RollbackOutput,
+                        ::contracts::ingest::IngestOutput, ::contracts::Artifact,
                         ::contracts::patch::PatchPayload, ::contracts::patch::Mode,
                         ::contracts::patch::RollbackPayload, ::contracts::patch::Assessment,
                         ::contracts::patch::Risk, ::contracts::synthesis::SynthesisPayload,
                         ::contracts::sample::SamplePayload, ::contracts::sample::Conditions,
-                        ::contracts::sample::ConditionGroup, models::ModelList,
+                        ::contracts::sample::ConditionGroup, crate::routes::models::ModelList,
                         shared::saved_models::SavedModel, shared::saved_models::ModelColumn,
                         ::contracts::ingest::IngestPayload, ::contracts::ingest::DocumentSource,
                         ::contracts::ingest::DocFormat, collections::NewCollection,
@@ -90,6 +82,10 @@ impl Modify for BearerAuth {
     }
 }
 
-pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// `GET /openapi.json`: the document, serialized once.
+pub fn serve<S: Clone + Send + Sync + 'static>(
+    document: &utoipa::openapi::OpenApi,
+) -> MethodRouter<S> {
+    let json = Bytes::from(serde_json::to_vec(document).expect("the OpenAPI document serializes"));
+    get(move || async move { ([(header::CONTENT_TYPE, "application/json")], json) })
 }

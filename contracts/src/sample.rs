@@ -180,6 +180,9 @@ fn refusal(column: &ModelColumn, value: &Value) -> Option<String> {
 impl Contract for Sample {
     const KIND: &'static str = "sample";
     type Payload = SamplePayload;
+    /// Not yet typed: `rows`, `seed`, `groups`, `timings`, `artifacts`, `outputs.dataset_id`,
+    /// `model`.
+    type Output = Value;
 
     fn check(&self, payload: &SamplePayload) -> Result<(), Vec<FieldError>> {
         payload.check()

@@ -16,6 +16,8 @@ pub struct Synthesis;
 impl Contract for Synthesis {
     const KIND: &'static str = "synthesis";
     type Payload = SynthesisPayload;
+    /// Not yet typed: `artifacts`, `outputs.dataset_id` and the quality report.
+    type Output = serde_json::Value;
 
     fn check(&self, payload: &SynthesisPayload) -> Result<(), Vec<FieldError>> {
         payload.check()

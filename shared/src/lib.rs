@@ -21,6 +21,8 @@ pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod tenancy;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod usage;
 pub mod webhooks;
 

@@ -644,3 +644,226 @@ pub async fn delete_finished(
     .fetch_all(executor)
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDatabase;
+
+    fn new_job(kind: &str, idempotency_key: Option<&str>) -> NewJob {
+        NewJob {
+            id: Uuid::now_v7(),
+            kind: kind.into(),
+            payload: serde_json::json!({}),
+            idempotency_key: idempotency_key.map(str::to_owned),
+            priority: 0,
+            max_attempts: 3,
+            run_at: None,
+        }
+    }
+
+    async fn submit(db: &TestDatabase, tenant: Uuid, jobs: &[NewJob]) -> Vec<Inserted> {
+        insert_jobs(&db.pool, tenant, Uuid::now_v7(), jobs)
+            .await
+            .unwrap()
+    }
+
+    fn message(job: &Job) -> QueueMessage {
+        QueueMessage {
+            job_id: job.id,
+            generation: job.attempt,
+        }
+    }
+
+    fn finish(job: &Job, outcome: Outcome) -> Finish {
+        Finish {
+            id: job.id,
+            attempt: job.attempt,
+            outcome,
+            usage: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repeated_idempotency_key_returns_the_first_job_in_input_order() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let first = submit(&db, tenant, &[new_job("canary", Some("k1"))]).await;
+        assert!(first[0].created);
+
+        let batch = [
+            new_job("import", None),
+            new_job("canary", Some("k1")),
+            new_job("patch", Some("k2")),
+        ];
+        let inserted = submit(&db, tenant, &batch).await;
+        let kinds: Vec<(&str, bool)> = inserted
+            .iter()
+            .map(|i| (i.job.kind.as_str(), i.created))
+            .collect();
+        assert_eq!(
+            kinds,
+            [("import", true), ("canary", false), ("patch", true)]
+        );
+        assert_eq!(inserted[1].job.id, first[0].job.id);
+
+        // Keys are per tenant: another tenant's `k1` is a job of its own.
+        let other = db.tenant().await;
+        let theirs = submit(&db, other, &[new_job("canary", Some("k1"))]).await;
+        assert!(theirs[0].created);
+    }
+
+    #[tokio::test]
+    async fn a_tenant_reads_and_lists_only_its_own_jobs_page_by_page() {
+        let db = TestDatabase::new().await;
+        let (tenant, other) = (db.tenant().await, db.tenant().await);
+        let jobs: Vec<NewJob> = (0..5)
+            .map(|i| new_job(if i % 2 == 0 { "canary" } else { "import" }, None))
+            .collect();
+        submit(&db, tenant, &jobs).await;
+        let foreign = submit(&db, other, &[new_job("canary", None)]).await;
+
+        assert!(get_job(&db.pool, tenant, foreign[0].job.id)
+            .await
+            .unwrap()
+            .is_none());
+        let first = list_jobs(&db.pool, tenant, None, None, None, 3)
+            .await
+            .unwrap();
+        let rest = list_jobs(&db.pool, tenant, None, None, Some(first[2].id), 3)
+            .await
+            .unwrap();
+        let ids: Vec<Uuid> = first.iter().chain(&rest).map(|j| j.id).collect();
+        let newest_first: Vec<Uuid> = jobs.iter().rev().map(|j| j.id).collect();
+        assert_eq!(ids, newest_first);
+        let canaries = list_jobs(
+            &db.pool,
+            tenant,
+            Some(JobStatus::Queued),
+            Some("canary"),
+            None,
+            50,
+        )
+        .await
+        .unwrap();
+        assert_eq!(canaries.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_job_is_claimed_once_per_generation_and_finished_only_by_its_attempt() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let job = submit(&db, tenant, &[new_job("canary", None)])
+            .await
+            .remove(0)
+            .job;
+
+        // The same message twice in one batch, and a stale generation: one claim.
+        let stale = QueueMessage {
+            job_id: job.id,
+            generation: job.attempt + 1,
+        };
+        let claimed = claim_many(&db.pool, &[message(&job), message(&job), stale], "w1")
+            .await
+            .unwrap();
+        assert!(claimed[0].is_some() && claimed[1].is_none() && claimed[2].is_none());
+        let running = claimed[0].clone().unwrap();
+        assert_eq!(
+            (running.attempt, running.worker.as_deref()),
+            (1, Some("w1"))
+        );
+        assert!(claim_many(&db.pool, &[message(&job)], "w2").await.unwrap()[0].is_none());
+
+        // An attempt that no longer owns the job records nothing.
+        let mut old = finish(&running, Outcome::Failed("late".into()));
+        old.attempt = 0;
+        assert!(finish_many(&db.pool, &[old]).await.unwrap()[0].is_none());
+        let result = serde_json::json!({"ok": true});
+        let done = finish_many(
+            &db.pool,
+            &[finish(&running, Outcome::Succeeded(result.clone()))],
+        )
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+        assert_eq!(done.status(), JobStatus::Succeeded);
+        assert_eq!((done.result, done.progress), (Some(result), 1.0));
+        assert!(done.finished_at.is_some());
+        let usage_rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM job_usage WHERE job_id = $1")
+                .bind(job.id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(usage_rows, 1);
+        // Finished: a second finish of the same attempt changes nothing.
+        let again = finish(&running, Outcome::Failed("twice".into()));
+        assert!(finish_many(&db.pool, &[again]).await.unwrap()[0].is_none());
+    }
+
+    #[tokio::test]
+    async fn cancel_retry_and_delete_move_only_the_jobs_they_apply_to() {
+        let db = TestDatabase::new().await;
+        let (tenant, other) = (db.tenant().await, db.tenant().await);
+        let jobs = submit(
+            &db,
+            tenant,
+            &[new_job("canary", None), new_job("canary", None)],
+        )
+        .await;
+        let (waiting, running) = (jobs[0].job.clone(), jobs[1].job.clone());
+        let running = claim_many(&db.pool, &[message(&running)], "w1")
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+
+        // Another tenant can touch neither.
+        assert!(request_cancel(&db.pool, other, waiting.id)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(retry(&db.pool, other, waiting.id).await.unwrap().is_none());
+
+        // A running job is asked to stop; it is not ended under its worker.
+        let asked = request_cancel(&db.pool, tenant, running.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(asked.status(), JobStatus::Running);
+        assert!(asked.cancel_requested);
+        assert_eq!(cancel_requests(&db.pool, "w1").await.unwrap(), [running.id]);
+        // Only a finished job can be deleted.
+        assert!(delete_job(&db.pool, tenant, running.id)
+            .await
+            .unwrap()
+            .is_none());
+
+        // A waiting job ends at once, and can then be retried with a fresh budget.
+        let cancelled = request_cancel(&db.pool, tenant, waiting.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(cancelled.status(), JobStatus::Cancelled);
+        assert!(retry(&db.pool, tenant, running.id).await.unwrap().is_none());
+        let retried = retry(&db.pool, tenant, waiting.id).await.unwrap().unwrap();
+        assert_eq!(retried.status(), JobStatus::Queued);
+        assert_eq!(retried.max_attempts, waiting.max_attempts + retried.attempt);
+        assert!(retried.finished_at.is_none());
+
+        assert!(delete_job(&db.pool, other, waiting.id)
+            .await
+            .unwrap()
+            .is_none());
+        request_cancel(&db.pool, tenant, waiting.id).await.unwrap();
+        assert!(delete_job(&db.pool, tenant, waiting.id)
+            .await
+            .unwrap()
+            .is_some());
+        assert!(get_job(&db.pool, tenant, waiting.id)
+            .await
+            .unwrap()
+            .is_none());
+    }
+}

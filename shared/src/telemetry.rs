@@ -1,4 +1,5 @@
-//! Structured logs through `tracing`; `RUST_LOG` filters, `CONVEYOR_LOG_FORMAT=json` for machines.
+//! Structured logs through `tracing` (`RUST_LOG` filters, `CONVEYOR_LOG_FORMAT=json` for machines), and
+//! the signal that stops a process.
 
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -16,4 +17,14 @@ pub fn init(default_filter: &str) {
     };
     // A second init (tests start several components in one process) keeps the first.
     let _ = result;
+}
+
+/// Resolves on SIGTERM (an orchestrator stopping the process) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -6,7 +6,7 @@
 // SSE connection mid-job, this script prints `restart-api` and waits for `restarted` on stdin
 // while the test stops the API and starts it again on the same port.
 // Screenshots go to $CONVEYOR_TEST_ARTIFACTS (default target/test-artifacts).
-import { chromium } from 'playwright-core';
+import { check, launch, step } from './screens.mjs';
 import { mkdirSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
@@ -27,24 +27,8 @@ async function askHarness(request, expected) {
   if (value !== expected) throw new Error(`harness answered ${value} to ${request}`);
 }
 
-function check(condition, message) {
-  if (!condition) throw new Error(`check failed: ${message}`);
-}
-
-const step = (name) => console.error(`browser: ${name}`);
-
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
-});
-const pageErrors = [];
-let page;
+const { browser, context, page, pageErrors } = await launch({ width: 1400, height: 900 }, TIMEOUT);
 try {
-  const context = await browser.newContext({ viewport: { width: 1400, height: 900 } });
-  page = await context.newPage();
-  page.setDefaultTimeout(TIMEOUT);
-  page.on('pageerror', (e) => pageErrors.push(String(e)));
-  page.on('console', (m) => { if (m.type() === 'error') console.error(`page console: ${m.text()}`); });
 
   step('sign in');
   await page.goto(`${base}/`);
@@ -211,7 +195,7 @@ try {
   check(pageErrors.length === 0, `no script errors on /docs: ${pageErrors.join('; ')}`);
   console.error('browser: all checks passed');
 } catch (e) {
-  if (page) await page.screenshot({ path: join(artifacts, 'dashboard-failure.png'), fullPage: true }).catch(() => {});
+  await page.screenshot({ path: join(artifacts, 'dashboard-failure.png'), fullPage: true }).catch(() => {});
   console.error(`browser: FAILED: ${e.stack || e}`);
   if (pageErrors.length) console.error(`page errors: ${pageErrors.join('; ')}`);
   process.exitCode = 1;

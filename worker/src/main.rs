@@ -62,16 +62,7 @@ async fn serve(queues: Option<String>) -> anyhow::Result<()> {
     };
     let worker =
         conveyor_worker::start(settings, queues, registry, conveyor_worker::unique_name()).await?;
-    shutdown_signal().await;
+    shared::telemetry::shutdown_signal().await;
     worker.shutdown().await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

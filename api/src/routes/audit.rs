@@ -1,9 +1,8 @@
 //! `GET /v1/audit`: the tenant's audit log, newest first, for admin keys.
 
-use axum::{
-    extract::{Query, State},
-    Json,
-};
+use crate::extract::Params;
+use crate::routes::page;
+use axum::{extract::State, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use shared::{FieldError, Problem};
@@ -50,10 +49,8 @@ pub struct AuditPage {
 pub async fn list(
     State(state): State<AppState>,
     Admin(caller): Admin,
-    params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
+    Params(params): Params<AuditParams>,
 ) -> Result<Json<AuditPage>, Problem> {
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
     let mut errors = Vec::new();
     let mut refuse = |field: &str, message: &str| errors.push(FieldError::new(field, message));
     let limit = match params.limit.as_deref().map(str::parse::<i64>) {
@@ -129,9 +126,7 @@ pub async fn list(
         cursor,
     };
     let entries = audit::list(&state.pool, caller.key.tenant, &filter, limit).await?;
-    let next_cursor = (entries.len() as i64 == limit)
-        .then(|| entries.last().map(|e| e.id.to_string()))
-        .flatten();
+    let next_cursor = page::next_cursor(&entries, limit, |e| e.id.to_string());
     Ok(Json(AuditPage {
         entries,
         next_cursor,

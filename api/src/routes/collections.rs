@@ -1,7 +1,10 @@
 //! Collections of embedded documents: create, read, list, delete, and search.
 
+use crate::extract::Params;
+use crate::routes::page::{self, Page};
+use crate::routes::{delete_audited, parse_id};
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -10,11 +13,11 @@ use contracts::ingest::collections::{self as store, Collection, Filter, Hit, Sea
 use embed::MODEL_NAME;
 use serde::{Deserialize, Serialize};
 use shared::{FieldError, Problem};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Action, Actor, Entry},
+    audit::{Action, Entry},
     auth::{Tenant, Writer},
     extract::{HashedJson, JsonBody},
     AppState,
@@ -113,7 +116,7 @@ pub async fn create(
         .target(collection.id)
         .payload_sha256(body_sha256)
         .detail(serde_json::json!({"name": body.name}));
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     tx.commit().await?;
     let location = format!("/v1/collections/{}", collection.id);
     Ok((
@@ -131,43 +134,20 @@ pub struct CollectionList {
     pub next_cursor: Option<Uuid>,
 }
 
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct ListParams {
-    /// Page size, 1-500 (default 50).
-    limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<Uuid>,
-}
-
-#[utoipa::path(get, path = "/v1/collections", tag = "collections", params(ListParams),
+#[utoipa::path(get, path = "/v1/collections", tag = "collections", params(Page),
     responses((status = 200, body = CollectionList), (status = 422, body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
-    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+    Params(page): Params<Page>,
 ) -> Result<Json<CollectionList>, Problem> {
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::validation(vec![FieldError::new(
-            "limit",
-            "must be between 1 and 500",
-        )]));
-    }
-    let collections = store::list_collections(&state.pool, tenant.0, params.cursor, limit).await?;
-    let next_cursor = (collections.len() as i64 == limit)
-        .then(|| collections.last().map(|c| c.id))
-        .flatten();
+    let (limit, cursor) = page.checked()?;
+    let collections = store::list_collections(&state.pool, tenant.0, cursor, limit).await?;
+    let next_cursor = page::next_cursor(&collections, limit, |c| c.id);
     Ok(Json(CollectionList {
         collections,
         next_cursor,
     }))
-}
-
-fn parse_id(id: &str) -> Result<Uuid, Problem> {
-    Uuid::parse_str(id).map_err(|_| Problem::not_found("collection"))
 }
 
 #[utoipa::path(get, path = "/v1/collections/{id}", tag = "collections", params(("id" = Uuid, Path)),
@@ -177,7 +157,7 @@ pub async fn get_one(
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<Collection>, Problem> {
-    store::get_collection(&state.pool, tenant.0, parse_id(&id)?)
+    store::get_collection(&state.pool, tenant.0, parse_id(&id, "collection")?)
         .await?
         .map(Json)
         .ok_or_else(|| Problem::not_found("collection"))
@@ -190,16 +170,15 @@ pub async fn delete(
     writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    let id = parse_id(&id)?;
-    let mut tx = state.pool.begin().await?;
-    if store::delete_collection(&mut *tx, writer.0.key.tenant, id).await? {
-        let entry = Entry::new(Action::CollectionDelete).target(id);
-        audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
-        tx.commit().await?;
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(Problem::not_found("collection"))
-    }
+    delete_audited(
+        &state,
+        &writer,
+        &id,
+        "collection",
+        Action::CollectionDelete,
+        |db, tenant, id| Box::pin(store::delete_collection(db, tenant, id)),
+    )
+    .await
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -256,7 +235,7 @@ pub async fn search(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let collection = store::get_collection(&state.pool, tenant.0, parse_id(&id)?)
+    let collection = store::get_collection(&state.pool, tenant.0, parse_id(&id, "collection")?)
         .await?
         .ok_or_else(|| Problem::not_found("collection"))?;
     // The one piece of model work the API does: one short query, on a blocking thread.

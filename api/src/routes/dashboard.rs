@@ -9,8 +9,17 @@ use axum::{
 use shared::Problem;
 
 const INDEX: &str = include_str!("../../dashboard/index.html");
-const APP_JS: &str = include_str!("../../dashboard/app.js");
-const STYLE_CSS: &str = include_str!("../../dashboard/style.css");
+/// Every asset the page loads, by name: the shell, one script per screen, the styles.
+const ASSETS: [(&str, &str); 5] = [
+    ("app.js", include_str!("../../dashboard/app.js")),
+    ("patch.js", include_str!("../../dashboard/patch.js")),
+    ("import.js", include_str!("../../dashboard/import.js")),
+    (
+        "collections.js",
+        include_str!("../../dashboard/collections.js"),
+    ),
+    ("style.css", include_str!("../../dashboard/style.css")),
+];
 
 /// Everything the page loads comes from this origin; no inline script can run.
 const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
@@ -47,9 +56,9 @@ pub async fn index() -> Response {
 }
 
 pub async fn assets(Path(name): Path<String>) -> Result<Response, Problem> {
-    match name.as_str() {
-        "app.js" => Ok(asset(APP_JS, &name)),
-        "style.css" => Ok(asset(STYLE_CSS, &name)),
-        _ => Err(Problem::not_found("asset")),
-    }
+    ASSETS
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, body)| asset(body, &name))
+        .ok_or_else(|| Problem::not_found("asset"))
 }

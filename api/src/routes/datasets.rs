@@ -1,9 +1,12 @@
 //! Datasets: uploads streamed into the object store (never held in memory), with the schema and
 //! a preview read from the file's head.
 
+use crate::extract::Params;
+use crate::routes::page::{self, Page};
+use crate::routes::parse_id;
 use axum::{
     body::Body,
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -20,7 +23,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Action, Actor, Entry},
+    audit::{Action, Entry},
     auth::{Tenant, Writer},
     AppState,
 };
@@ -41,13 +44,11 @@ pub struct UploadParams {
 pub async fn upload(
     State(state): State<AppState>,
     writer: Writer,
-    params: Result<Query<UploadParams>, axum::extract::rejection::QueryRejection>,
+    Params(params): Params<UploadParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Problem> {
     let tenant = writer.tenant();
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
     let name = params
         .name
         .or_else(|| {
@@ -127,7 +128,7 @@ pub async fn upload(
             .target(dataset.id)
             .payload_sha256(&dataset.sha256)
             .detail(serde_json::json!({"name": dataset.name, "size_bytes": dataset.size_bytes}));
-        audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+        writer.audit(&mut *tx, entry).await?;
         tx.commit().await
     };
     if let Err(e) = recorded.await {
@@ -185,38 +186,22 @@ fn invalid(field: &str, message: &str) -> Problem {
     Problem::validation(vec![FieldError::new(field, message)])
 }
 
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct ListParams {
-    /// Page size, 1-500 (default 50).
-    limit: Option<i64>,
-    /// `next_cursor` of the previous page.
-    cursor: Option<Uuid>,
-}
-
 #[derive(Serialize, ToSchema)]
 pub struct DatasetList {
     pub datasets: Vec<Dataset>,
     pub next_cursor: Option<Uuid>,
 }
 
-#[utoipa::path(get, path = "/v1/datasets", tag = "datasets", params(ListParams),
+#[utoipa::path(get, path = "/v1/datasets", tag = "datasets", params(Page),
     responses((status = 200, body = DatasetList), (status = 422, body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
-    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+    Params(page): Params<Page>,
 ) -> Result<Json<DatasetList>, Problem> {
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(invalid("limit", "must be between 1 and 500"));
-    }
-    let datasets = datasets::list(&state.pool, tenant.0, params.cursor, limit).await?;
-    let next_cursor = (datasets.len() as i64 == limit)
-        .then(|| datasets.last().map(|d| d.id))
-        .flatten();
+    let (limit, cursor) = page.checked()?;
+    let datasets = datasets::list(&state.pool, tenant.0, cursor, limit).await?;
+    let next_cursor = page::next_cursor(&datasets, limit, |d| d.id);
     Ok(Json(DatasetList {
         datasets,
         next_cursor,
@@ -224,7 +209,7 @@ pub async fn list(
 }
 
 async fn find(state: &AppState, tenant: Tenant, id: &str) -> Result<Dataset, Problem> {
-    let id = Uuid::parse_str(id).map_err(|_| Problem::not_found("dataset"))?;
+    let id = parse_id(id, "dataset")?;
     datasets::get(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(|| Problem::not_found("dataset"))
@@ -280,7 +265,7 @@ pub async fn delete(
         let entry = Entry::new(Action::DatasetDelete)
             .target(dataset.id)
             .detail(serde_json::json!({"name": dataset.name}));
-        audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+        writer.audit(&mut *tx, entry).await?;
     }
     tx.commit().await?;
     if let Err(e) = state.objects.delete_dataset(tenant.0, dataset.id).await {

@@ -1,10 +1,11 @@
 //! Server-Sent Events: a job's stream and a tenant's stream, resumable with `Last-Event-ID`
 //! (or `?after=`, since a browser's EventSource cannot set headers after a reload).
 
+use crate::extract::Params;
 use async_stream::stream;
 use axum::{
     body::{Body, Bytes},
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{header, HeaderMap},
     response::{IntoResponse, Response},
 };
@@ -26,7 +27,7 @@ use crate::{
     auth::Caller,
     hub::{last_id, Batch, EntryId, Subscription},
     revocation::Invalidation,
-    routes::jobs::parse_id,
+    routes::parse_id,
     state::Counters,
     AppState,
 };
@@ -297,10 +298,10 @@ pub async fn job_events(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(query): Query<Cursor>,
+    Params(query): Params<Cursor>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "job")?;
     let tenant = caller.key.tenant;
     let job = store::get_job(&state.pool, tenant, id)
         .await?
@@ -369,7 +370,7 @@ pub async fn job_events(
 pub async fn tenant_events(
     State(state): State<AppState>,
     caller: Caller,
-    Query(query): Query<Cursor>,
+    Params(query): Params<Cursor>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let after = cursor(&headers, &query)?;
@@ -474,10 +475,10 @@ pub async fn pipeline_events(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(query): Query<Cursor>,
+    Params(query): Params<Cursor>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    let id = crate::routes::pipelines::parse_id(&id)?;
+    let id = parse_id(&id, "pipeline")?;
     let tenant = caller.key.tenant;
     let mut conn = state.pool.acquire().await?;
     let pipeline = shared::pipelines::get(&mut conn, tenant, id)

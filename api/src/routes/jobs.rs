@@ -1,7 +1,10 @@
 //! Submit, read, list, cancel and retry jobs.
 
+use crate::extract::Params;
+use crate::routes::page;
+use crate::routes::parse_id;
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -18,7 +21,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Action, Actor, Entry},
+    audit::{self, Action, Entry},
     auth::{Tenant, Writer},
     extract::HashedJson,
     routes::pipelines,
@@ -92,19 +95,20 @@ async fn accept(
 ) -> Result<Vec<store::Inserted>, Problem> {
     let tenant = writer.tenant();
     let inserted = store::insert_jobs(&state.pool, tenant.0, writer.0.key.id, &jobs).await?;
-    let created: Vec<&Job> = inserted
-        .iter()
-        .filter(|i| i.created)
-        .map(|i| &i.job)
-        .collect();
-    announce_created(state, tenant.0, &created).await;
+    let created = inserted.iter().filter(|i| i.created).map(|i| &i.job);
+    announce_created(state, tenant.0, created).await;
     Ok(inserted)
 }
 
 /// Announces jobs just created (`queued` events), then asks for a dispatch pass of each kind
 /// with new queued jobs: they go onto Redis by fair share across tenants. A failed pass loses
 /// nothing: the rows are durable and the workers' dispatcher passes again.
-pub(crate) async fn announce_created(state: &AppState, tenant: Uuid, created: &[&Job]) {
+pub(crate) async fn announce_created<'a>(
+    state: &AppState,
+    tenant: Uuid,
+    created: impl IntoIterator<Item = &'a Job>,
+) {
+    let created: Vec<&Job> = created.into_iter().collect();
     Counters::add(&state.counters.submitted, created.len() as u64);
     let events: Vec<_> = created.iter().map(|j| (tenant, Event::queued(j))).collect();
     // Announced before dispatch keeps each job's stream in order (`queued` before `started`).
@@ -288,7 +292,7 @@ pub async fn get_one(
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<Job>, Problem> {
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "job")?;
     store::get_job(&state.pool, tenant.0, id)
         .await?
         .map(Json)
@@ -311,38 +315,17 @@ pub struct ListParams {
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
-    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+    Params(params): Params<ListParams>,
 ) -> Result<Json<JobList>, Problem> {
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
     let mut errors = Vec::new();
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        errors.push(FieldError::new("limit", "must be between 1 and 500"));
-    }
-    let status = match params.status.as_deref() {
-        None => None,
-        Some(s) => match JobStatus::parse(s) {
-            Some(status) => Some(status),
-            None => {
-                errors.push(FieldError::new("status", format!("unknown status {s:?}")));
-                None
-            }
-        },
-    };
-    let cursor = match params.cursor.as_deref() {
-        None => None,
-        Some(c) => match Uuid::parse_str(c) {
-            Ok(id) => Some(id),
-            Err(_) => {
-                errors.push(FieldError::new(
-                    "cursor",
-                    "not a cursor returned by this endpoint",
-                ));
-                None
-            }
-        },
-    };
+    let (limit, cursor) = page::checked(params.limit, params.cursor.as_deref(), &mut errors);
+    let status = params.status.as_deref().and_then(|s| {
+        let status = JobStatus::parse(s);
+        if status.is_none() {
+            errors.push(FieldError::new("status", format!("unknown status {s:?}")));
+        }
+        status
+    });
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
@@ -355,9 +338,7 @@ pub async fn list(
         limit,
     )
     .await?;
-    let next_cursor = (jobs.len() as i64 == limit)
-        .then(|| jobs.last().map(|j| j.id))
-        .flatten();
+    let next_cursor = page::next_cursor(&jobs, limit, |j| j.id);
     Ok(Json(JobList { jobs, next_cursor }))
 }
 
@@ -370,13 +351,13 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<Job>, Problem> {
     let tenant = writer.tenant();
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "job")?;
     let mut tx = state.pool.begin().await?;
     let pipeline = pipelines::lock_of_job(&mut tx, tenant.0, id).await?;
     match store::request_cancel(&mut *tx, tenant.0, id).await? {
         Some(job) => {
             let entry = Entry::new(Action::JobCancel).target(job.id);
-            audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+            writer.audit(&mut *tx, entry).await?;
             // A step's job that ended: its dependents are cancelled (or start, under `continue`).
             let advanced = match pipeline {
                 Some(pipeline) if job.status() == JobStatus::Cancelled => {
@@ -386,7 +367,7 @@ pub async fn cancel(
             };
             tx.commit().await?;
             announce_cancel(&state, tenant.0, &job).await;
-            announce_created(&state, tenant.0, &advanced.jobs.iter().collect::<Vec<_>>()).await;
+            announce_created(&state, tenant.0, &advanced.jobs).await;
             Ok(Json(job))
         }
         None => Err(match store::get_job(&state.pool, tenant.0, id).await? {
@@ -425,7 +406,7 @@ pub async fn retry(
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let tenant = writer.tenant();
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "job")?;
     let mut tx = state.pool.begin().await?;
     let pipeline = pipelines::lock_of_job(&mut tx, tenant.0, id).await?;
     let Some(job) = store::retry(&mut *tx, tenant.0, id).await? else {
@@ -439,7 +420,7 @@ pub async fn retry(
         });
     };
     let entry = Entry::new(Action::JobRetry).target(job.id);
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     // A step's job: the pipeline resumes.
     let advanced = match pipeline {
         Some(pipeline) => pipelines::resume(&state, &mut tx, pipeline).await?,
@@ -447,7 +428,7 @@ pub async fn retry(
     };
     tx.commit().await?;
     announce_retry(&state, tenant.0, &job).await;
-    announce_created(&state, tenant.0, &advanced.jobs.iter().collect::<Vec<_>>()).await;
+    announce_created(&state, tenant.0, &advanced.jobs).await;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
@@ -470,7 +451,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
     let tenant = writer.tenant();
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "job")?;
     let mut tx = state.pool.begin().await?;
     let Some(job) = store::delete_job(&mut *tx, tenant.0, id).await? else {
         drop(tx);
@@ -483,7 +464,7 @@ pub async fn delete(
         });
     };
     let entry = Entry::new(Action::JobDelete).target(job.id);
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     // The row goes only once its artifacts are gone: never objects without an owner.
     state
         .objects
@@ -495,11 +476,6 @@ pub async fn delete(
         tracing::debug!(error = %e, "the deleted job's event stream is left to expire");
     }
     Ok(StatusCode::NO_CONTENT)
-}
-
-pub(crate) fn parse_id(id: &str) -> Result<Uuid, Problem> {
-    // A malformed id cannot name any job: answer as for an unknown one.
-    Uuid::parse_str(id).map_err(|_| Problem::not_found("job"))
 }
 
 /// How an artifact is served: downloaded (the default), or shown in the dashboard's frame.
@@ -525,11 +501,9 @@ pub async fn artifact(
     State(state): State<AppState>,
     tenant: Tenant,
     Path((id, name)): Path<(String, String)>,
-    params: Result<Query<ArtifactParams>, axum::extract::rejection::QueryRejection>,
+    Params(params): Params<ArtifactParams>,
 ) -> Result<Response, Problem> {
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "job")?;
     store::get_job(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(|| Problem::not_found("job"))?;

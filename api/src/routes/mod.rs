@@ -1,10 +1,49 @@
-use axum::{
-    extract::DefaultBodyLimit,
-    routing::{get, post},
-    Router,
+use axum::{extract::DefaultBodyLimit, routing::get};
+use utoipa::OpenApi;
+use utoipa_axum::{
+    router::{OpenApiRouter, UtoipaMethodRouterExt},
+    routes,
 };
 
-use crate::AppState;
+use shared::Problem;
+use uuid::Uuid;
+
+use crate::{
+    audit::{Action, Entry},
+    auth::Writer,
+    AppState,
+};
+use axum::http::StatusCode;
+use futures::future::BoxFuture;
+use sqlx::PgConnection;
+
+/// Deletes one of the caller's tenant's resources and records it in the audit log, in one
+/// transaction: 204, or 404 when the tenant has no such `what`.
+pub(crate) async fn delete_audited(
+    state: &AppState,
+    writer: &Writer,
+    id: &str,
+    what: &str,
+    action: Action,
+    delete: impl for<'c> FnOnce(&'c mut PgConnection, Uuid, Uuid) -> BoxFuture<'c, sqlx::Result<bool>>,
+) -> Result<StatusCode, Problem> {
+    let id = parse_id(id, what)?;
+    let mut tx = state.pool.begin().await?;
+    if !delete(&mut tx, writer.tenant().0, id).await? {
+        return Err(Problem::not_found(what));
+    }
+    writer
+        .audit(&mut *tx, Entry::new(action).target(id))
+        .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A resource's id from the path. A malformed id names nothing, so it is answered as an
+/// unknown one: 404.
+pub(crate) fn parse_id(id: &str, what: &str) -> Result<Uuid, Problem> {
+    Uuid::parse_str(id).map_err(|_| Problem::not_found(what))
+}
 
 pub(crate) mod audit;
 pub(crate) mod bulk;
@@ -27,108 +66,70 @@ pub(crate) mod tenant;
 pub(crate) mod usage;
 pub(crate) mod webhooks;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/jobs/batch", post(jobs::submit_batch))
-        .route("/v1/jobs/cancel", post(bulk::cancel))
-        .route("/v1/jobs/retry", post(bulk::retry))
-        .route("/v1/jobs/{id}", get(jobs::get_one).delete(jobs::delete))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/v1/jobs/{id}/retry", post(jobs::retry))
-        .route("/v1/jobs/{id}/artifacts/{name}", get(jobs::artifact))
-        .route(
-            "/v1/datasets",
-            // Uploads stream to disk under their own limit (CONVEYOR_DATASET_LIMIT).
-            post(datasets::upload)
-                .layer(DefaultBodyLimit::disable())
-                .get(datasets::list),
-        )
-        .route(
-            "/v1/datasets/{id}",
-            get(datasets::get_one).delete(datasets::delete),
-        )
-        .route("/v1/datasets/{id}/download", get(datasets::download))
-        .route("/v1/models", get(models::list))
-        .route(
-            "/v1/models/{id}",
-            get(models::get_one).delete(models::delete),
-        )
-        .route(
-            "/v1/connections",
-            post(connections::create).get(connections::list),
-        )
-        .route(
-            "/v1/connections/{id}",
-            axum::routing::delete(connections::delete),
-        )
-        .route(
-            "/v1/schedules",
-            post(schedules::create).get(schedules::list),
-        )
-        .route(
-            "/v1/schedules/{id}",
-            get(schedules::get_one).delete(schedules::delete),
-        )
-        .route("/v1/schedules/{id}/pause", post(schedules::pause))
-        .route("/v1/schedules/{id}/resume", post(schedules::resume))
-        .route("/v1/schedules/{id}/jobs", get(schedules::history))
-        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
-        .route(
-            "/v1/webhooks/{id}",
-            get(webhooks::get_one).delete(webhooks::delete),
-        )
-        .route("/v1/webhooks/{id}/deliveries", get(webhooks::deliveries))
-        .route(
-            "/v1/webhooks/{id}/deliveries/{delivery_id}/replay",
-            post(webhooks::replay),
-        )
-        .route(
-            "/v1/pipelines",
-            post(pipelines::submit).get(pipelines::list),
-        )
-        .route("/v1/pipelines/{id}", get(pipelines::get_one))
-        .route("/v1/pipelines/{id}/cancel", post(pipelines::cancel))
-        .route(
-            "/v1/pipelines/{id}/steps/{name}/retry",
-            post(pipelines::retry_step),
-        )
-        .route("/v1/tenant", get(tenant::current))
-        .route("/v1/usage", get(usage::usage))
-        .route("/v1/queues", get(queues::queues))
-        .route("/v1/workers", get(queues::workers))
-        .route(
-            "/v1/session",
-            post(session::sign_in)
-                .get(session::current)
-                .delete(session::sign_out),
-        )
-        .route("/v1/keys", get(keys::list).post(keys::create))
-        .route("/v1/keys/{id}", axum::routing::delete(keys::revoke))
-        .route("/v1/audit", get(audit::list))
+/// The API's routes and their OpenAPI document, made from one list: each handler's
+/// `#[utoipa::path]` gives its method and path, so a route cannot be missing from
+/// `/openapi.json`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .routes(routes!(jobs::submit, jobs::list))
+        .routes(routes!(jobs::submit_batch))
+        .routes(routes!(bulk::cancel))
+        .routes(routes!(bulk::retry))
+        .routes(routes!(jobs::get_one, jobs::delete))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(jobs::artifact))
+        // Uploads stream to disk under their own limit (CONVEYOR_DATASET_LIMIT).
+        .routes(routes!(datasets::upload).layer(DefaultBodyLimit::disable()))
+        .routes(routes!(datasets::list))
+        .routes(routes!(datasets::get_one, datasets::delete))
+        .routes(routes!(datasets::download))
+        .routes(routes!(models::list))
+        .routes(routes!(models::get_one, models::delete))
+        .routes(routes!(connections::create, connections::list))
+        .routes(routes!(connections::delete))
+        .routes(routes!(schedules::create, schedules::list))
+        .routes(routes!(schedules::get_one, schedules::delete))
+        .routes(routes!(schedules::pause))
+        .routes(routes!(schedules::resume))
+        .routes(routes!(schedules::history))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::get_one, webhooks::delete))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(webhooks::replay))
+        .routes(routes!(pipelines::submit, pipelines::list))
+        .routes(routes!(pipelines::get_one))
+        .routes(routes!(pipelines::cancel))
+        .routes(routes!(pipelines::retry_step))
+        .routes(routes!(tenant::current))
+        .routes(routes!(usage::usage))
+        .routes(routes!(queues::queues))
+        .routes(routes!(queues::workers))
+        .routes(routes!(
+            session::sign_in,
+            session::current,
+            session::sign_out
+        ))
+        .routes(routes!(keys::list, keys::create))
+        .routes(routes!(keys::revoke))
+        .routes(routes!(audit::list))
+        .routes(routes!(patches::preflight))
+        .routes(routes!(collections::create, collections::list))
+        .routes(routes!(collections::get_one, collections::delete))
+        .routes(routes!(collections::search))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        // The dashboard's page and files: for browsers, not part of the API's document.
         .route("/", get(dashboard::index))
         .route("/assets/{name}", get(dashboard::assets))
-        .route("/v1/patches/preflight", post(patches::preflight))
-        .route(
-            "/v1/collections",
-            post(collections::create).get(collections::list),
-        )
-        .route(
-            "/v1/collections/{id}",
-            get(collections::get_one).delete(collections::delete),
-        )
-        .route("/v1/collections/{id}/search", post(collections::search))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(crate::openapi::serve))
         .fallback(ops::not_found)
 }
 
 /// The SSE streams: long-lived responses written to thousands of times a second in all.
-pub fn streams() -> Router<AppState> {
-    Router::new()
-        .route("/v1/jobs/{id}/events", get(events::job_events))
-        .route("/v1/events", get(events::tenant_events))
-        .route("/v1/pipelines/{id}/events", get(events::pipeline_events))
+pub fn streams() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(events::job_events))
+        .routes(routes!(events::tenant_events))
+        .routes(routes!(events::pipeline_events))
 }

@@ -2,7 +2,7 @@
 //! draw from. List, read, delete.
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::StatusCode,
     Json,
 };
@@ -10,15 +10,19 @@ use serde::Serialize;
 use shared::{
     datasets,
     saved_models::{self, SavedModel},
-    FieldError, Problem,
+    Problem,
 };
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Action, Actor, Entry},
+    audit::{Action, Entry},
     auth::{Tenant, Writer},
-    routes::page::Page,
+    extract::Params,
+    routes::{
+        page::{self, Page},
+        parse_id,
+    },
     AppState,
 };
 
@@ -34,15 +38,11 @@ pub struct ModelList {
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
-    params: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    Params(page): Params<Page>,
 ) -> Result<Json<ModelList>, Problem> {
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
-    let (limit, cursor) = params.checked()?;
+    let (limit, cursor) = page.checked()?;
     let models = saved_models::list(&state.pool, tenant.0, cursor, limit).await?;
-    let next_cursor = (models.len() as i64 == limit)
-        .then(|| models.last().map(|m| m.id))
-        .flatten();
+    let next_cursor = page::next_cursor(&models, limit, |m| m.id);
     Ok(Json(ModelList {
         models,
         next_cursor,
@@ -50,7 +50,7 @@ pub async fn list(
 }
 
 async fn find(state: &AppState, tenant: Tenant, id: &str) -> Result<SavedModel, Problem> {
-    let id = Uuid::parse_str(id).map_err(|_| Problem::not_found("model"))?;
+    let id = parse_id(id, "model")?;
     saved_models::get(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(|| Problem::not_found("model"))
@@ -90,7 +90,7 @@ pub async fn delete(
         let entry = Entry::new(Action::ModelDelete)
             .target(model.id)
             .detail(serde_json::json!({"name": model.name, "version": model.version}));
-        audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+        writer.audit(&mut *tx, entry).await?;
     }
     tx.commit().await?;
     if let Err(e) = state.objects.delete_model(tenant.0, model.id).await {

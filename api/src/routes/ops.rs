@@ -6,10 +6,15 @@ use axum::{
     response::IntoResponse,
     Json,
 };
+use prometheus_client::{
+    encoding::prometheus_text,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Metric, Registry},
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use shared::{Problem, Settings};
-use std::{fmt::Write, sync::atomic::Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::AppState;
 
@@ -72,51 +77,53 @@ pub async fn metrics(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, Problem> {
     metrics_allowed(&state.settings, &headers)?;
-    let mut out = String::new();
+    // Most values are read at scrape time (rows, Redis), so each scrape builds its registry.
+    let mut registry = Registry::default();
+    let r = &mut registry;
     let c = &state.counters;
-    gauge(
-        &mut out,
-        "conveyor_jobs_submitted_total",
-        "counter",
+    add(
+        r,
+        "conveyor_jobs_submitted",
         "jobs accepted by this API process",
-        &[("", c.submitted.load(Ordering::Relaxed) as f64)],
-    );
-    gauge(
-        &mut out,
-        "conveyor_queue_push_failures_total",
-        "counter",
+        Counter::<u64>::default(),
+    )
+    .inc_by(c.submitted.load(Ordering::Relaxed));
+    add(
+        r,
+        "conveyor_queue_push_failures",
         "dispatch passes of this API process that failed (the workers' dispatcher passes again)",
-        &[("", state.refill.failures() as f64)],
-    );
-    gauge(
-        &mut out,
+        Counter::<u64>::default(),
+    )
+    .inc_by(state.refill.failures());
+    add(
+        r,
         "conveyor_sse_streams",
-        "gauge",
         "open SSE streams",
-        &[("", c.sse_open.load(Ordering::Relaxed) as f64)],
-    );
-    gauge(
-        &mut out,
+        Gauge::<i64>::default(),
+    )
+    .set(c.sse_open.load(Ordering::Relaxed) as i64);
+    add(
+        r,
         "conveyor_sse_feeds",
-        "gauge",
         "Redis streams read for this process' SSE subscribers (one read each, shared)",
-        &[("", state.hub.feeds() as f64)],
-    );
+        Gauge::<i64>::default(),
+    )
+    .set(state.hub.feeds() as i64);
     let (batches, entries) = state.hub.broadcast_totals();
-    gauge(
-        &mut out,
-        "conveyor_sse_batches_total",
-        "counter",
+    add(
+        r,
+        "conveyor_sse_batches",
         "batches of events the feeds read and handed to their subscribers",
-        &[("", batches as f64)],
-    );
-    gauge(
-        &mut out,
-        "conveyor_sse_batch_events_total",
-        "counter",
+        Counter::<u64>::default(),
+    )
+    .inc_by(batches);
+    add(
+        r,
+        "conveyor_sse_batch_events",
         "events in those batches",
-        &[("", entries as f64)],
-    );
+        Counter::<u64>::default(),
+    )
+    .inc_by(entries);
 
     // Live jobs come from the partial index; finishes and durations cover the last hour.
     let live: Vec<(String, String, i64)> = sqlx::query_as(
@@ -124,17 +131,17 @@ pub async fn metrics(
     )
     .fetch_all(&state.pool)
     .await?;
-    let rows: Vec<_> = live
-        .iter()
-        .map(|(k, s, n)| (format!("kind=\"{k}\",status=\"{s}\""), *n as f64))
-        .collect();
-    labelled(
-        &mut out,
+    let family = add(
+        r,
         "conveyor_jobs_live",
-        "gauge",
         "jobs not yet finished, by kind and status",
-        &rows,
+        Counts::default(),
     );
+    for (kind, status, n) in live {
+        family
+            .get_or_create(&vec![("kind", kind), ("status", status)])
+            .set(n);
+    }
 
     let finished: Vec<(String, String, i64, f64)> = sqlx::query_as(
         "SELECT kind, status, count(*), coalesce(sum(extract(epoch FROM finished_at - started_at)), 0)::float8
@@ -142,77 +149,63 @@ pub async fn metrics(
     )
     .fetch_all(&state.pool)
     .await?;
-    let rows: Vec<_> = finished
-        .iter()
-        .map(|(k, s, n, _)| (format!("kind=\"{k}\",status=\"{s}\""), *n as f64))
-        .collect();
-    labelled(
-        &mut out,
+    let count = add(
+        r,
         "conveyor_jobs_finished_last_hour",
-        "gauge",
         "jobs finished in the last hour, by kind and status",
-        &rows,
+        Counts::default(),
     );
-    let rows: Vec<_> = finished
-        .iter()
-        .map(|(k, s, _, secs)| (format!("kind=\"{k}\",status=\"{s}\""), *secs))
-        .collect();
-    labelled(
-        &mut out,
+    let run_time = add(
+        r,
         "conveyor_job_run_seconds_last_hour",
-        "gauge",
         "summed run time of jobs finished in the last hour",
-        &rows,
+        Amounts::default(),
     );
+    for (kind, status, n, seconds) in finished {
+        let labels = vec![("kind", kind), ("status", status)];
+        count.get_or_create(&labels).set(n);
+        run_time.get_or_create(&labels).set(seconds);
+    }
 
-    let mut depths = Vec::new();
+    let depth = add(
+        r,
+        "conveyor_queue_depth",
+        "entries waiting in each Redis queue (the dispatched part of the backlog)",
+        Counts::default(),
+    );
     for kind in state.contracts.kinds() {
-        let depth = state
+        let n = state
             .queues
             .depth(kind)
             .await
             .map_err(|e| Problem::unavailable(format!("Redis: {e}")))?;
-        depths.push((format!("queue=\"{kind}\""), depth as f64));
+        depth
+            .get_or_create(&vec![("queue", kind.to_owned())])
+            .set(n as i64);
     }
-    labelled(
-        &mut out,
-        "conveyor_queue_depth",
-        "gauge",
-        "entries waiting in each Redis queue (the dispatched part of the backlog)",
-        &depths,
-    );
     // The backlog where it lives (PostgreSQL), every known queue with a series: what autoscaling
     // and alerts read.
     let backlog = super::queues::backlog(&state).await?;
-    let waiting: Vec<_> = state
-        .contracts
-        .kinds()
-        .map(|kind| {
-            let (n, oldest) = backlog.get(kind).copied().unwrap_or_default();
-            (format!("queue=\"{kind}\""), (n as f64, oldest))
-        })
-        .collect();
-    let rows: Vec<_> = waiting.iter().map(|(l, (n, _))| (l.clone(), *n)).collect();
-    labelled(
-        &mut out,
+    let waiting = add(
+        r,
         "conveyor_queue_waiting",
-        "gauge",
         "jobs waiting to run in each queue (queued: dispatched to Redis or held in PostgreSQL)",
-        &rows,
+        Counts::default(),
     );
-    let rows: Vec<_> = waiting
-        .iter()
-        .map(|(l, (_, age))| (l.clone(), *age))
-        .collect();
-    labelled(
-        &mut out,
+    let oldest = add(
+        r,
         "conveyor_queue_oldest_waiting_seconds",
-        "gauge",
         "how long the oldest waiting job of each queue has been runnable",
-        &rows,
+        Amounts::default(),
     );
+    for kind in state.contracts.kinds() {
+        let (n, age) = backlog.get(kind).copied().unwrap_or_default();
+        let labels = vec![("queue", kind.to_owned())];
+        waiting.get_or_create(&labels).set(n);
+        oldest.get_or_create(&labels).set(age);
+    }
 
-    tenant_usage(&state, &mut out).await?;
+    tenant_usage(&state, r).await?;
 
     let alive: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM workers WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1)",
@@ -220,22 +213,36 @@ pub async fn metrics(
     .bind(state.settings.rescue_after.as_secs_f64())
     .fetch_one(&state.pool)
     .await?;
-    gauge(
-        &mut out,
+    add(
+        r,
         "conveyor_workers_alive",
-        "gauge",
         "worker processes with a live heartbeat",
-        &[("", alive as f64)],
-    );
+        Gauge::<i64>::default(),
+    )
+    .set(alive);
     let leading = shared::leader::current(&state.pool).await?.is_some();
-    gauge(
-        &mut out,
+    add(
+        r,
         "conveyor_maintenance_leader",
-        "gauge",
         "1 while a worker leads maintenance (holds its lock), else 0",
-        &[("", if leading { 1.0 } else { 0.0 })],
-    );
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+        Gauge::<i64>::default(),
+    )
+    .set(leading.into());
+    let mut out = String::new();
+    prometheus_text::encode(&mut out, &registry).map_err(Problem::internal)?;
+    Ok(([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], out))
+}
+
+type Labels = Vec<(&'static str, String)>;
+/// Whole-number series by label.
+type Counts = Family<Labels, Gauge>;
+/// Measured series (seconds) by label.
+type Amounts = Family<Labels, Gauge<f64, AtomicU64>>;
+
+/// Registers `metric` under `name` and hands it back to be set.
+fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// Tenants with their own usage series; the rest add up under `tenant="other"`, so a
@@ -243,7 +250,7 @@ pub async fn metrics(
 const USAGE_TENANTS: i64 = 100;
 
 /// Each tenant's usage totals since records began (`job_usage`), the heaviest CPU users first.
-async fn tenant_usage(state: &AppState, out: &mut String) -> Result<(), Problem> {
+async fn tenant_usage(state: &AppState, registry: &mut Registry) -> Result<(), Problem> {
     type Row = (String, i64, f64, f64, i64, i64, i64);
     let rows: Vec<Row> = sqlx::query_as(
         "WITH totals AS (
@@ -263,66 +270,47 @@ async fn tenant_usage(state: &AppState, out: &mut String) -> Result<(), Problem>
     .bind(USAGE_TENANTS)
     .fetch_all(&state.pool)
     .await?;
-    let label = |name: &str| {
-        format!(
-            "tenant=\"{}\"",
-            name.replace('\\', "\\\\").replace('"', "\\\"")
-        )
-    };
+    type Totals = Family<Labels, Counter<f64, AtomicU64>>;
     type Series = (&'static str, &'static str, fn(&Row) -> f64);
     let series: [Series; 6] = [
+        ("conveyor_tenant_attempts", "job attempts ended", |r| {
+            r.1 as f64
+        }),
         (
-            "conveyor_tenant_attempts_total",
-            "job attempts ended",
-            |r| r.1 as f64,
-        ),
-        (
-            "conveyor_tenant_wall_seconds_total",
+            "conveyor_tenant_wall_seconds",
             "wall time of those attempts",
             |r| r.2,
         ),
         (
-            "conveyor_tenant_cpu_seconds_total",
+            "conveyor_tenant_cpu_seconds",
             "CPU time of those attempts' own work",
             |r| r.3,
         ),
         (
-            "conveyor_tenant_rows_written_total",
+            "conveyor_tenant_rows_written",
             "rows imported, patched or restored",
             |r| r.4 as f64,
         ),
         (
-            "conveyor_tenant_chunks_embedded_total",
+            "conveyor_tenant_chunks_embedded",
             "chunks embedded by ingest",
             |r| r.5 as f64,
         ),
         (
-            "conveyor_tenant_synthetic_rows_total",
+            "conveyor_tenant_synthetic_rows",
             "synthetic rows generated",
             |r| r.6 as f64,
         ),
     ];
     for (name, help, value) in series {
-        let rows: Vec<_> = rows.iter().map(|r| (label(&r.0), value(r))).collect();
-        labelled(out, name, "counter", help, &rows);
-    }
-    Ok(())
-}
-
-fn gauge(out: &mut String, name: &str, kind: &str, help: &str, values: &[(&str, f64)]) {
-    let rows: Vec<_> = values.iter().map(|(l, v)| (l.to_string(), *v)).collect();
-    labelled(out, name, kind, help, &rows);
-}
-
-fn labelled(out: &mut String, name: &str, kind: &str, help: &str, rows: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, value) in rows {
-        if labels.is_empty() {
-            let _ = writeln!(out, "{name} {value}");
-        } else {
-            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        let family = add(registry, name, help, Totals::default());
+        for row in &rows {
+            family
+                .get_or_create(&vec![("tenant", row.0.clone())])
+                .inc_by(value(row));
         }
     }
+    Ok(())
 }
 
 pub async fn not_found() -> Problem {

@@ -3,8 +3,10 @@
 //! list, cancel, retry a step. Their event stream is in `events.rs`; how a pipeline moves on is
 //! `shared::pipelines`.
 
+use crate::extract::Params;
+use crate::routes::parse_id;
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -21,11 +23,11 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Action, Actor, Entry},
+    audit::{Action, Entry},
     auth::{Tenant, Writer},
     extract::HashedJson,
     routes::jobs::{self, announce_cancel, announce_created, announce_retry},
-    routes::page::Page,
+    routes::page::{self, Page},
     AppState,
 };
 
@@ -74,10 +76,6 @@ fn not_found() -> Problem {
     Problem::not_found("pipeline")
 }
 
-pub(crate) fn parse_id(id: &str) -> Result<Uuid, Problem> {
-    Uuid::parse_str(id).map_err(|_| not_found())
-}
-
 /// Checks a step's resolved payload as `POST /v1/jobs` checks one.
 fn validator(
     state: &AppState,
@@ -120,9 +118,7 @@ pub(crate) async fn move_on_alone(state: &AppState, tenant: Uuid, pipeline: Uuid
         Ok::<_, Problem>(advanced)
     };
     match resumed.await {
-        Ok(advanced) => {
-            announce_created(state, tenant, &advanced.jobs.iter().collect::<Vec<_>>()).await
-        }
+        Ok(advanced) => announce_created(state, tenant, &advanced.jobs).await,
         Err(e) => tracing::warn!(%pipeline, error = %e.detail, "pipeline not resumed"),
     }
 }
@@ -298,12 +294,12 @@ pub async fn submit(
         .target(id)
         .payload_sha256(body_sha256)
         .detail(json!({"name": name, "steps": steps.len()}));
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     let pipeline = pipelines::get(&mut tx, tenant.0, id)
         .await?
         .ok_or_else(|| Problem::internal("the new pipeline is gone"))?;
     tx.commit().await?;
-    announce_created(&state, tenant.0, &advanced.jobs.iter().collect::<Vec<_>>()).await;
+    announce_created(&state, tenant.0, &advanced.jobs).await;
     let location = format!("/v1/pipelines/{id}");
     Ok((
         StatusCode::CREATED,
@@ -321,7 +317,7 @@ pub async fn get_one(
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<Pipeline>, Problem> {
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "pipeline")?;
     let mut conn = state.pool.acquire().await?;
     pipelines::get(&mut conn, tenant.0, id)
         .await?
@@ -335,15 +331,11 @@ pub async fn get_one(
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
-    params: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    Params(params): Params<Page>,
 ) -> Result<Json<PipelineList>, Problem> {
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
     let (limit, cursor) = params.checked()?;
     let pipelines = pipelines::list(&state.pool, tenant.0, cursor, limit).await?;
-    let next_cursor = (pipelines.len() as i64 == limit)
-        .then(|| pipelines.last().map(|p| p.id))
-        .flatten();
+    let next_cursor = page::next_cursor(&pipelines, limit, |p| p.id);
     Ok(Json(PipelineList {
         pipelines,
         next_cursor,
@@ -359,7 +351,7 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<Pipeline>, Problem> {
     let tenant = writer.tenant();
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "pipeline")?;
     let mut tx = state.pool.begin().await?;
     let (jobs, advanced) = pipelines::cancel(&mut tx, tenant.0, id, &validator(&state))
         .await?
@@ -374,7 +366,7 @@ pub async fn cancel(
         )));
     }
     let entry = Entry::new(Action::PipelineCancel).target(id);
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     tx.commit().await?;
     for job in &jobs {
         announce_cancel(&state, tenant.0, job).await;
@@ -392,7 +384,7 @@ pub async fn retry_step(
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, Problem> {
     let tenant = writer.tenant();
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "pipeline")?;
     let mut tx = state.pool.begin().await?;
     let (job, advanced) =
         match pipelines::retry_step(&mut tx, tenant.0, id, &name, &validator(&state)).await? {
@@ -407,7 +399,7 @@ pub async fn retry_step(
     let entry = Entry::new(Action::PipelineRetry)
         .target(id)
         .detail(json!({"step": name, "job_id": job.as_ref().map(|j| j.id)}));
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     let pipeline = pipelines::get(&mut tx, tenant.0, id)
         .await?
         .ok_or_else(not_found)?;
@@ -415,6 +407,6 @@ pub async fn retry_step(
     if let Some(job) = &job {
         announce_retry(&state, tenant.0, job).await;
     }
-    announce_created(&state, tenant.0, &advanced.jobs.iter().collect::<Vec<_>>()).await;
+    announce_created(&state, tenant.0, &advanced.jobs).await;
     Ok((StatusCode::ACCEPTED, Json(pipeline)).into_response())
 }

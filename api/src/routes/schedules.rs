@@ -2,8 +2,10 @@
 //! worker's maintenance fires them). Create, list, read, pause, resume, delete, and the jobs a
 //! schedule made.
 
+use crate::extract::Params;
+use crate::routes::{delete_audited, parse_id};
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -17,14 +19,13 @@ use shared::{
     FieldError, Problem,
 };
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::{
-    audit::{self, Action, Actor, Entry},
+    audit::{Action, Entry},
     auth::{Tenant, Writer},
     extract::HashedJson,
     routes::jobs::{self, JobList},
-    routes::page::Page,
+    routes::page::{self, Page},
     AppState,
 };
 
@@ -59,10 +60,6 @@ pub struct ScheduleList {
 
 fn not_found() -> Problem {
     Problem::not_found("schedule")
-}
-
-fn parse_id(id: &str) -> Result<Uuid, Problem> {
-    Uuid::parse_str(id).map_err(|_| not_found())
 }
 
 #[utoipa::path(post, path = "/v1/schedules", request_body = CreateSchedule, tag = "schedules",
@@ -157,7 +154,7 @@ pub async fn create(
             "name": created.name, "cron": created.cron, "timezone": created.timezone,
             "kind": created.job.kind,
         }));
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     tx.commit().await?;
     let location = format!("/v1/schedules/{}", created.id);
     Ok((
@@ -189,7 +186,7 @@ pub async fn get_one(
     tenant: Tenant,
     Path(id): Path<String>,
 ) -> Result<Json<Schedule>, Problem> {
-    let id = parse_id(&id)?;
+    let id = parse_id(&id, "schedule")?;
     schedules::get(&state.pool, tenant.0, id)
         .await?
         .map(|s| Json(s.with_next_fires()))
@@ -204,15 +201,7 @@ pub async fn pause(
     writer: Writer,
     Path(id): Path<String>,
 ) -> Result<Json<Schedule>, Problem> {
-    let id = parse_id(&id)?;
-    let mut tx = state.pool.begin().await?;
-    let schedule = schedules::pause(&mut *tx, writer.tenant().0, id)
-        .await?
-        .ok_or_else(not_found)?;
-    let entry = Entry::new(Action::SchedulePause).target(id);
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
-    tx.commit().await?;
-    Ok(Json(schedule.with_next_fires()))
+    set_paused(&state, &writer, &id, true).await
 }
 
 #[utoipa::path(post, path = "/v1/schedules/{id}/resume", tag = "schedules", params(("id" = Uuid, Path)),
@@ -223,13 +212,29 @@ pub async fn resume(
     writer: Writer,
     Path(id): Path<String>,
 ) -> Result<Json<Schedule>, Problem> {
-    let id = parse_id(&id)?;
+    set_paused(&state, &writer, &id, false).await
+}
+
+async fn set_paused(
+    state: &AppState,
+    writer: &Writer,
+    id: &str,
+    pause: bool,
+) -> Result<Json<Schedule>, Problem> {
+    let id = parse_id(id, "schedule")?;
+    let tenant = writer.tenant().0;
     let mut tx = state.pool.begin().await?;
-    let schedule = schedules::resume(&mut tx, writer.tenant().0, id)
-        .await?
-        .ok_or_else(not_found)?;
-    let entry = Entry::new(Action::ScheduleResume).target(id);
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    let (schedule, action) = if pause {
+        let paused = schedules::pause(&mut *tx, tenant, id).await?;
+        (paused, Action::SchedulePause)
+    } else {
+        let resumed = schedules::resume(&mut tx, tenant, id).await?;
+        (resumed, Action::ScheduleResume)
+    };
+    let schedule = schedule.ok_or_else(not_found)?;
+    writer
+        .audit(&mut *tx, Entry::new(action).target(id))
+        .await?;
     tx.commit().await?;
     Ok(Json(schedule.with_next_fires()))
 }
@@ -242,15 +247,15 @@ pub async fn delete(
     writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    let id = parse_id(&id)?;
-    let mut tx = state.pool.begin().await?;
-    if !schedules::delete(&mut *tx, writer.tenant().0, id).await? {
-        return Err(not_found());
-    }
-    let entry = Entry::new(Action::ScheduleDelete).target(id);
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    delete_audited(
+        &state,
+        &writer,
+        &id,
+        "schedule",
+        Action::ScheduleDelete,
+        |db, tenant, id| Box::pin(schedules::delete(db, tenant, id)),
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/schedules/{id}/jobs", tag = "schedules",
@@ -261,18 +266,14 @@ pub async fn history(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(id): Path<String>,
-    params: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    Params(params): Params<Page>,
 ) -> Result<Json<JobList>, Problem> {
-    let id = parse_id(&id)?;
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
+    let id = parse_id(&id, "schedule")?;
     let (limit, cursor) = params.checked()?;
     schedules::get(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(not_found)?;
     let jobs = schedules::history(&state.pool, tenant.0, id, cursor, limit).await?;
-    let next_cursor = (jobs.len() as i64 == limit)
-        .then(|| jobs.last().map(|j| j.id))
-        .flatten();
+    let next_cursor = page::next_cursor(&jobs, limit, |j| j.id);
     Ok(Json(JobList { jobs, next_cursor }))
 }

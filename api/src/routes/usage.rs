@@ -1,10 +1,8 @@
 //! `GET /v1/usage`: what the tenant's jobs used over a period, summed, optionally by kind, day
 //! or key (from `job_usage`, one row per attempt that ended).
 
-use axum::{
-    extract::{Query, State},
-    Json,
-};
+use crate::extract::Params;
+use axum::{extract::State, Json};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use shared::{FieldError, Problem};
@@ -52,10 +50,8 @@ pub struct UsageReport {
 pub async fn usage(
     State(state): State<AppState>,
     tenant: Tenant,
-    params: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+    Params(params): Params<UsageParams>,
 ) -> Result<Json<UsageReport>, Problem> {
-    let Query(params) =
-        params.map_err(|e| Problem::validation(vec![FieldError::new("query", e.body_text())]))?;
     let mut errors = Vec::new();
     let mut time = |field: &str, raw: Option<&str>| {
         raw.and_then(|raw| match DateTime::parse_from_rfc3339(raw) {

@@ -2,8 +2,10 @@
 //! Webhooks spec. Create (the secret is shown once), list, read, delete; each endpoint's
 //! deliveries (attempts, status codes, latency) and the replay of one.
 
+use crate::extract::Params;
+use crate::routes::{delete_audited, parse_id};
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     Json,
@@ -17,10 +19,10 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Action, Actor, Entry},
+    audit::{Action, Entry},
     auth::{Tenant, Writer},
     extract::HashedJson,
-    routes::page::Page,
+    routes::page::{self, Page},
     AppState,
 };
 
@@ -54,10 +56,6 @@ fn invalid(field: &str, message: impl Into<String>) -> Problem {
 
 fn not_found() -> Problem {
     Problem::not_found("webhook")
-}
-
-fn parse_id(id: &str, what: &str) -> Result<Uuid, Problem> {
-    Uuid::parse_str(id).map_err(|_| Problem::not_found(what))
 }
 
 #[utoipa::path(post, path = "/v1/webhooks", request_body = NewWebhook, tag = "webhooks",
@@ -100,7 +98,7 @@ pub async fn create(
         .target(created.webhook.id)
         .payload_sha256(body_sha256)
         .detail(serde_json::json!({"url": webhooks::without_query(&url), "events": events}));
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     tx.commit().await?;
     let location = format!("/v1/webhooks/{}", created.webhook.id);
     Ok((
@@ -143,15 +141,15 @@ pub async fn delete(
     writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    let id = parse_id(&id, "webhook")?;
-    let mut tx = state.pool.begin().await?;
-    if !webhooks::delete(&mut *tx, writer.tenant().0, id).await? {
-        return Err(not_found());
-    }
-    let entry = Entry::new(Action::WebhookDelete).target(id);
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    delete_audited(
+        &state,
+        &writer,
+        &id,
+        "webhook",
+        Action::WebhookDelete,
+        |db, tenant, id| Box::pin(webhooks::delete(db, tenant, id)),
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",
@@ -162,18 +160,15 @@ pub async fn deliveries(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(id): Path<String>,
-    params: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    Params(params): Params<Page>,
 ) -> Result<Json<DeliveryList>, Problem> {
     let id = parse_id(&id, "webhook")?;
-    let Query(params) = params.map_err(|e| invalid("query", e.body_text()))?;
     let (limit, cursor) = params.checked()?;
     webhooks::get(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(not_found)?;
     let deliveries = webhooks::deliveries(&state.pool, tenant.0, id, cursor, limit).await?;
-    let next_cursor = (deliveries.len() as i64 == limit)
-        .then(|| deliveries.last().map(|d| d.id))
-        .flatten();
+    let next_cursor = page::next_cursor(&deliveries, limit, |d| d.id);
     Ok(Json(DeliveryList {
         deliveries,
         next_cursor,
@@ -205,7 +200,7 @@ pub async fn replay(
     let entry = Entry::new(Action::WebhookReplay)
         .target(delivery_id)
         .detail(serde_json::json!({"webhook_id": id, "event": delivery.event}));
-    audit::record(&mut *tx, &Actor::from(&writer.0), entry).await?;
+    writer.audit(&mut *tx, entry).await?;
     tx.commit().await?;
     Ok((StatusCode::ACCEPTED, Json(*delivery)))
 }

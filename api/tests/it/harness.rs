@@ -26,17 +26,7 @@ pub struct TestApp {
     admin_url: String,
 }
 
-/// `CONVEYOR_TEST_ADMIN_URL`, else the PostgreSQL (with pgvector) that `scripts/services`
-/// last answered with in this checkout, else the default port.
-pub fn admin_url() -> String {
-    std::env::var("CONVEYOR_TEST_ADMIN_URL").unwrap_or_else(|_| {
-        let recorded = concat!(env!("CARGO_MANIFEST_DIR"), "/../.data/postgres-url");
-        match std::fs::read_to_string(recorded) {
-            Ok(url) => format!("{}/postgres", url.trim()),
-            Err(_) => "postgres://postgres@127.0.0.1:5432/postgres".into(),
-        }
-    })
-}
+pub use shared::testing::admin_url;
 
 impl TestApp {
     pub async fn spawn() -> Self {
@@ -444,46 +434,21 @@ impl Drop for TestApp {
         // Synchronous clean-up: a panicking test still leaves nothing behind. Tenant roles are
         // the cluster's: dropped once the databases that hold their grants are gone.
         let drop_roles = Command::new("psql")
-            .arg(format!(
-                "{}/{}",
-                self.admin_url.rsplit_once('/').expect("url has a path").0,
-                self.db_name
-            ))
+            .arg(shared::testing::database_url(&self.admin_url, &self.db_name))
             .args(["-tAqc", "SELECT 'DROP ROLE IF EXISTS conveyor_t_' || replace(id::text, '-', '') || ';' FROM tenants"])
             .stderr(Stdio::null())
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
         for name in [self.db_name.clone(), format!("{}_target", self.db_name)] {
-            let _ = Command::new("psql")
-                .arg(&self.admin_url)
-                .arg("-qc")
-                .arg(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            let statement = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            shared::testing::psql(&self.admin_url, &statement);
         }
         if !drop_roles.trim().is_empty() {
-            let _ = Command::new("psql")
-                .arg(&self.admin_url)
-                .arg("-qc")
-                .arg(drop_roles)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            shared::testing::psql(&self.admin_url, &drop_roles);
         }
         let _ = std::fs::remove_dir_all(&self.settings.data_dir);
-        if let Ok(mut conn) =
-            redis::Client::open(self.settings.redis_url.as_str()).and_then(|c| c.get_connection())
-        {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*", self.settings.redis_prefix))
-                .query(&mut conn)
-                .unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
-            }
-        }
+        shared::testing::clear_redis_prefix(&self.settings.redis_url, &self.settings.redis_prefix);
     }
 }
 

@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod connection_attacks;
 mod dashboard;
+mod dashboard_screens;
 mod deploy;
 mod fairness;
 mod faults;

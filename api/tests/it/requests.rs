@@ -302,6 +302,19 @@ async fn ops_endpoints_answer() {
     assert!(spec["components"]["schemas"]["Job"].is_object());
     assert!(spec["components"]["schemas"]["SavedModel"].is_object());
     assert!(spec["components"]["schemas"]["SamplePayload"].is_object());
+    // Each kind's result is a documented type.
+    for output in [
+        "CanaryOutput",
+        "ImportOutput",
+        "PatchOutput",
+        "RollbackOutput",
+        "IngestOutput",
+    ] {
+        assert!(
+            spec["components"]["schemas"][output].is_object(),
+            "{output} missing from the OpenAPI document"
+        );
+    }
 }
 
 #[tokio::test]

@@ -732,7 +732,7 @@ async fn every_change_writes_one_audit_row_with_its_key_target_request_and_body_
         ("limit=501", "limit"),
         ("cursor=abc", "cursor"),
         ("from=2026-02-01T00:00:00Z&to=2026-01-01T00:00:00Z", "to"),
-        ("tenant=globex", "query"),
+        ("tenant=globex", "tenant"),
     ] {
         let answer = send(&app, &app.key, &Call::get(format!("/v1/audit?{query}"))).await;
         assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");

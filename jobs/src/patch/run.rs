@@ -6,8 +6,8 @@ use sqlx::{PgPool, Row};
 use std::time::{Duration, Instant};
 
 use super::{
-    assess, explain, guard::Checked, job_error, load_plan, snapshot, Assessment, Mode,
-    PatchPayload, Plan, PlanError,
+    assess, explain, guard::Checked, job_error, load_plan, snapshot, Assessment, AttemptFigures,
+    DryRun, Executed, Mode, PatchOutput, PatchOutputs, PatchPayload, Plan, PlanError,
 };
 use crate::JobError;
 
@@ -19,6 +19,8 @@ const MIN_BATCH: i64 = 10;
 const MAX_BATCH: i64 = 500_000;
 /// Consecutive lock timeouts, serialization failures or conflicts before the attempt fails.
 const MAX_BATCH_RETRIES: u32 = 10;
+/// How often an execute reports its batches and longest lock as a `log` event.
+const FIGURES_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(
     ctx: &JobContext,
@@ -26,7 +28,7 @@ pub async fn run(
     checked: Checked,
     target: &Target,
     retention: Duration,
-) -> Result<Value, JobError> {
+) -> Result<PatchOutput, JobError> {
     let pool = &target.pool;
     let plan = load_plan(target, checked).await.map_err(|e| match e {
         PlanError::Refused(reason) => JobError::Permanent(reason),
@@ -56,7 +58,7 @@ async fn dry_run(
     plan: &Plan,
     assessment: &Assessment,
     explain: Value,
-) -> Result<Value, JobError> {
+) -> Result<PatchOutput, JobError> {
     let t = &plan.table;
     let q = &plan.qualifier;
     let filter = plan
@@ -93,14 +95,13 @@ async fn dry_run(
     .map_err(job_error)?;
     tx.rollback().await.map_err(job_error)?;
     let key = t.key_names();
-    Ok(json!({
-        "mode": "dry_run",
-        "rows": rows,
-        "estimated_rows": assessment.estimated_rows,
-        "explain": explain,
-        "sample": diff(&key, &before, &after),
-        "preflight": assessment,
-        "elapsed_ms": started.elapsed().as_millis() as u64,
+    Ok(PatchOutput::DryRun(DryRun {
+        rows,
+        estimated_rows: assessment.estimated_rows,
+        explain,
+        sample: diff(&key, &before, &after),
+        preflight: assessment.clone(),
+        elapsed_ms: started.elapsed().as_millis() as u64,
     }))
 }
 
@@ -168,7 +169,11 @@ struct Execution<'a> {
 }
 
 impl Execution<'_> {
-    async fn run(&self, retention: Duration, assessment: &Assessment) -> Result<Value, JobError> {
+    async fn run(
+        &self,
+        retention: Duration,
+        assessment: &Assessment,
+    ) -> Result<PatchOutput, JobError> {
         let (ctx, pool, plan) = (self.ctx, &self.target.platform, self.plan);
         let job = ctx.job_id();
         snapshot::ensure_schema(pool).await.map_err(job_error)?;
@@ -198,6 +203,8 @@ impl Execution<'_> {
                 .unwrap_or(FIRST_BATCH);
             let (mut longest, mut longest_lock) = (Duration::ZERO, Duration::ZERO);
             let started = Instant::now();
+            let mut batches = record.batches;
+            let mut last_figures: Option<Instant> = None;
             let mut retries = 0;
             let mut last_key = record.last_key.clone();
             let mut done = record.rows_done;
@@ -223,12 +230,32 @@ impl Execution<'_> {
                         if self.payload.batch_size.is_none() {
                             size = next_batch_size(size, elapsed, target);
                         }
+                        batches += 1;
                         let expected = record.rows_expected.max(done).max(1);
                         ctx.progress(
                             done as f32 / expected as f32,
                             format!("{done} of {expected} rows"),
                         )
                         .await;
+                        // The figures a person watches (the dashboard's live panel), as a
+                        // `log` event with data, at most once a second.
+                        if last_figures.is_none_or(|at| at.elapsed() >= FIGURES_INTERVAL) {
+                            last_figures = Some(Instant::now());
+                            ctx.report(
+                                format!(
+                                    "{batches} batches, longest lock {:.1} ms",
+                                    longest_lock.as_secs_f64() * 1000.0
+                                ),
+                                json!({
+                                    "rows": done,
+                                    "rows_expected": expected,
+                                    "batches": batches,
+                                    "longest_batch_ms": longest.as_secs_f64() * 1000.0,
+                                    "longest_lock_ms": longest_lock.as_secs_f64() * 1000.0,
+                                }),
+                            )
+                            .await;
+                        }
                         self.pause().await;
                         continue;
                     }
@@ -255,7 +282,8 @@ impl Execution<'_> {
                     .await
                     .map_err(job_error)?
                     .ok_or_else(|| JobError::Permanent("the patch's record vanished".into()))?;
-                (done, last_key) = (record.rows_done, record.last_key.clone());
+                (done, last_key, batches) =
+                    (record.rows_done, record.last_key.clone(), record.batches);
             }
             let rows = done - resumed_from;
             let elapsed = started.elapsed();
@@ -264,6 +292,7 @@ impl Execution<'_> {
                 "patch applied",
                 json!({
                     "rows": rows,
+                    "batches": record.batches,
                     "elapsed_ms": elapsed.as_millis() as u64,
                     "rows_per_sec": rows as f64 / elapsed.as_secs_f64().max(1e-9),
                     "longest_batch_ms": longest.as_secs_f64() * 1000.0,
@@ -418,38 +447,36 @@ impl Execution<'_> {
         assessment: &Assessment,
         resumed_from: i64,
         this_attempt: Option<Attempt>,
-    ) -> Value {
-        let mut result = json!({
-            "mode": "execute",
-            "table": record.table_name,
-            "operation": record.operation,
-            "key": record.key_columns,
-            "rows": record.rows_done,
-            "rows_expected": record.rows_expected,
-            "batches": record.batches,
-            "resumed_from_rows": resumed_from,
-            "snapshots": [record.listing()],
-            "preflight": assessment,
-            // The table it changed, and the snapshot a rollback restores from.
-            "outputs": {"table": record.table_name, "snapshot": record.snapshot_table},
-        });
-        if let Some(attempt) = this_attempt {
+    ) -> PatchOutput {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let attempt = this_attempt.map(|attempt| {
             Meter::add(&self.ctx.meter().rows_written, attempt.rows);
-            let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
-            let extra = json!({
-                "attempt_rows": attempt.rows,
-                "elapsed_ms": attempt.elapsed.as_millis() as u64,
-                "rows_per_sec": (attempt.rows as f64 / attempt.elapsed.as_secs_f64().max(1e-9))
+            AttemptFigures {
+                attempt_rows: attempt.rows,
+                elapsed_ms: attempt.elapsed.as_millis() as u64,
+                rows_per_sec: (attempt.rows as f64 / attempt.elapsed.as_secs_f64().max(1e-9))
                     .round(),
-                "longest_batch_ms": ms(attempt.longest),
-                "longest_lock_ms": ms(attempt.longest_lock),
-                "last_batch_size": attempt.last_size,
-            });
-            if let (Some(r), Some(e)) = (result.as_object_mut(), extra.as_object()) {
-                r.extend(e.clone());
+                longest_batch_ms: ms(attempt.longest),
+                longest_lock_ms: ms(attempt.longest_lock),
+                last_batch_size: attempt.last_size,
             }
-        }
-        result
+        });
+        PatchOutput::Execute(Executed {
+            table: record.table_name.clone(),
+            operation: record.operation.clone(),
+            key: record.key_columns.clone(),
+            rows: record.rows_done,
+            rows_expected: record.rows_expected,
+            batches: record.batches,
+            resumed_from_rows: resumed_from,
+            snapshots: vec![record.listing()],
+            preflight: assessment.clone(),
+            attempt,
+            outputs: PatchOutputs {
+                table: record.table_name.clone(),
+                snapshot: record.snapshot_table.clone(),
+            },
+        })
     }
 }
 

@@ -873,11 +873,14 @@ mod tests {
         let mut specs = plain_specs(&data.columns);
         specs[0].1.bounds = (Some(0.0), Some(100.0));
         specs[1].1.bounds = (Some(-4.0), Some(4.0));
+        // Measured against the same private estimator with next to no noise: what the data's
+        // ties and missing values do to Kendall's tau-a (about 0.05 here) is not the noise.
+        let exact = Copula::fit(&specs, Some(4000.0)).unwrap().correlation[1];
         let error = |epsilon: f64| {
             let mut total = 0.0;
             for _ in 0..8 {
                 let copula = Copula::fit(&specs, Some(epsilon)).unwrap();
-                total += (copula.correlation[1] - 0.8).abs();
+                total += (copula.correlation[1] - exact).abs();
                 let budget = copula.budget.unwrap();
                 let spent: f64 = budget.spent.iter().map(|s| s.epsilon).sum();
                 assert!((spent - budget.epsilon).abs() < 1e-12, "{spent}");
@@ -901,7 +904,9 @@ mod tests {
             total / 8.0
         };
         let (loose, tight) = (error(0.05), error(50.0));
-        assert!(tight < 0.05, "{tight}");
+        // At ε = 50 the correlations get ε/2 for 6 pairs of 3,000 rows: the Laplace noise on
+        // each tau has a standard deviation near 5e-4, so 0.01 is some 20 of them.
+        assert!(tight < 0.01, "{tight}");
         assert!(loose > 3.0 * tight, "{loose} vs {tight}");
     }
 

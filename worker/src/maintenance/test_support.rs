@@ -3,10 +3,7 @@
 
 use shared::{events::StreamKeys, model::QueueMessage, Settings};
 use sqlx::PgPool;
-use std::{
-    process::{Command, Stdio},
-    sync::Arc,
-};
+use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::{QueueSpec, Runtime};
@@ -21,29 +18,16 @@ pub(crate) struct TestDb {
     db_name: String,
 }
 
-fn admin_url() -> String {
-    std::env::var("CONVEYOR_TEST_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
 impl TestDb {
     pub async fn new() -> Self {
         Self::with(jobs::Registry::default(), |_| {}).await
     }
 
     pub async fn with(registry: jobs::Registry, configure: impl FnOnce(&mut Settings)) -> Self {
-        let admin_url = admin_url();
-        let db_name = format!("conveyor_test_{}", Uuid::new_v4().simple());
-        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
-            .await
-            .expect("connect to the admin database (CONVEYOR_TEST_ADMIN_URL)");
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
-            .execute(&mut admin)
-            .await
-            .expect("create the test database");
-        let base_url = admin_url.rsplit_once('/').expect("url has a path").0;
+        let admin_url = shared::testing::admin_url();
+        let db_name = shared::testing::create_database(&admin_url).await;
         let mut settings = Settings::for_test(
-            format!("{base_url}/{db_name}"),
+            shared::testing::database_url(&admin_url, &db_name),
             format!("test:{}", Uuid::new_v4().simple()),
         );
         configure(&mut settings);
@@ -194,27 +178,9 @@ async fn connect(settings: &Settings, registry: &jobs::Registry, name: &str) -> 
 impl Drop for TestDb {
     fn drop(&mut self) {
         // Synchronous: a panicking test still leaves nothing behind.
-        let _ = Command::new("psql")
-            .arg(&self.admin_url)
-            .arg("-qc")
-            .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db_name);
+        shared::testing::psql(&self.admin_url, &statement);
         let _ = std::fs::remove_dir_all(&self.settings.data_dir);
-        if let Ok(mut conn) =
-            redis::Client::open(self.settings.redis_url.as_str()).and_then(|c| c.get_connection())
-        {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:*", self.settings.redis_prefix))
-                .query(&mut conn)
-                .unwrap_or_default();
-            for chunk in keys.chunks(500) {
-                let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
-            }
-        }
+        shared::testing::clear_redis_prefix(&self.settings.redis_url, &self.settings.redis_prefix);
     }
 }

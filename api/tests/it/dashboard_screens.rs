@@ -1,0 +1,185 @@
+//! The dashboard's screens in chromium (tests/browser/{patch,import,search}.mjs, run through
+//! browser.rs' BrowserScript): patch review against a real table, checked from here after each
+//! step; an import's rejected rows; searches from the page against the API's own answers.
+
+use crate::{browser::BrowserScript, harness::TestApp};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use std::time::Duration;
+use uuid::Uuid;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// Every row of `accounts`, by key.
+async fn accounts(target: &PgPool) -> Vec<(i64, String, i32)> {
+    sqlx::query_as("SELECT id, plan, credits FROM accounts ORDER BY id")
+        .fetch_all(target)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_patch_screen_previews_dry_runs_executes_and_rolls_back() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("patch", 1), ("patch_rollback", 1)])
+        .await;
+    let target = PgPool::connect(&app.target_url()).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE accounts (id bigint PRIMARY KEY, plan text NOT NULL, credits int NOT NULL);
+         INSERT INTO accounts SELECT i, 'free', i * 10 FROM generate_series(1, 3000) i;
+         ANALYZE accounts;",
+    )
+    .execute(&target)
+    .await
+    .unwrap();
+    let before = accounts(&target).await;
+    let warehouse = app.warehouse().await;
+
+    let mut script = BrowserScript::start(&app, "patch.mjs", &[&warehouse.url]);
+    while let Some(request) = tokio::time::timeout(LIMIT, script.request())
+        .await
+        .expect("the browser script asks in time")
+    {
+        let now = accounts(&target).await;
+        match request.as_str() {
+            // Preflight and dry runs change nothing; a rollback restores every row.
+            "unchanged" | "rolled-back" => assert_eq!(now, before, "after {request}"),
+            "executed" => {
+                let expected: Vec<_> = before
+                    .iter()
+                    .map(|(id, plan, credits)| {
+                        let plan = if *id <= 2000 { "gold" } else { plan.as_str() };
+                        (*id, plan.to_owned(), *credits)
+                    })
+                    .collect();
+                assert_eq!(now, expected, "after execute");
+            }
+            other => panic!("unexpected request from the browser script: {other}"),
+        }
+        script.answer("ok").await;
+    }
+    script.finish(LIMIT).await;
+    target.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_import_screen_maps_columns_and_shows_rejected_rows() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let target = PgPool::connect(&app.target_url()).await.unwrap();
+
+    let mut script = BrowserScript::start(&app, "import.mjs", &[]);
+    let request = tokio::time::timeout(LIMIT, script.request())
+        .await
+        .expect("the browser script asks in time");
+    assert_eq!(request.as_deref(), Some("imported"));
+    // The mapping as the page set it: the hostile column renamed, amount typed numeric, and
+    // every row but the three rejected ones.
+    let rows: Vec<(i64, String, String)> =
+        sqlx::query_as("SELECT id, label, amount::text FROM ledger ORDER BY id")
+            .fetch_all(&target)
+            .await
+            .unwrap();
+    let expected: Vec<_> = (1..=12i64)
+        .filter(|i| i % 4 != 0)
+        .map(|i| (i, format!("<b>label {i}</b>"), format!("{i}.5")))
+        .collect();
+    assert_eq!(rows, expected);
+    let amount_type: String = sqlx::query_scalar(
+        "SELECT data_type FROM information_schema.columns
+         WHERE table_name = 'ledger' AND column_name = 'amount'",
+    )
+    .fetch_one(&target)
+    .await
+    .unwrap();
+    assert_eq!(amount_type, "numeric");
+    script.answer("ok").await;
+    script.finish(LIMIT).await;
+    target.close().await;
+}
+
+/// Documents whose text and metadata carry markup, among ordinary ones.
+fn documents() -> Value {
+    let hostile = r#"<img src=x onerror="window.__pwned=1">"#;
+    json!([
+        {"id": "reset", "metadata": {"lang": "en", "note": "<script>window.__pwned=2</script>"},
+         "text": format!("To reset your password, open Settings and choose Reset password. {hostile}")},
+        {"id": "forgot", "metadata": {"lang": "en"},
+         "text": "Forgot your password? The sign-in page sends a reset link by email."},
+        {"id": "export", "metadata": {"lang": "en"},
+         "text": "Reports can be exported as CSV from the Reports page."},
+        {"id": "passwort", "metadata": {"lang": "de"},
+         "text": "Passwort vergessen? Auf der Anmeldeseite das Passwort zurücksetzen."},
+        {"id": "billing", "metadata": {"lang": "en"},
+         "text": "Invoices are sent on the first day of each month."},
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_collections_screen_searches_as_the_api_does() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let (status, collection) = app
+        .post(
+            "/v1/collections",
+            &json!({"name": r#"help <img src=x onerror="window.__pwned=3">"#}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{collection}");
+    let collection: Uuid = collection["id"].as_str().unwrap().parse().unwrap();
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "ingest", "payload": {"collection_id": collection, "documents": documents()}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let job = app
+        .wait_status(
+            job["id"].as_str().unwrap().parse().unwrap(),
+            &["succeeded", "failed"],
+            Duration::from_secs(180),
+        )
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let (_, counts) = app.get(&format!("/v1/collections/{collection}")).await;
+    let (documents, chunks) = (
+        counts["documents"].to_string(),
+        counts["chunks"].to_string(),
+    );
+    assert_eq!(documents, "5");
+
+    let collection_id = collection.to_string();
+    let mut script =
+        BrowserScript::start(&app, "search.mjs", &[&collection_id, &documents, &chunks]);
+    let mut searched = Vec::new();
+    while let Some(request) = tokio::time::timeout(LIMIT, script.request())
+        .await
+        .expect("the browser script asks in time")
+    {
+        let asked: Value = serde_json::from_str(
+            request
+                .strip_prefix("search ")
+                .unwrap_or_else(|| panic!("unexpected request: {request}")),
+        )
+        .unwrap();
+        let shown = asked["ids"].clone();
+        let body = json!({"query": asked["query"], "mode": asked["mode"], "k": asked["k"], "filter": asked["filter"]});
+        let (status, found) = app
+            .post(&format!("/v1/collections/{collection}/search"), &body)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{found}");
+        let ids: Vec<Value> = found["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|hit| hit["chunk_id"].clone())
+            .collect();
+        assert_eq!(shown, Value::Array(ids), "the page's chunks for {body}");
+        searched.push(asked["mode"].as_str().unwrap().to_owned());
+        script.answer("ok").await;
+    }
+    script.finish(LIMIT).await;
+    assert_eq!(searched, ["keyword", "hybrid", "vector"]);
+}

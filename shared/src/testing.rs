@@ -1,0 +1,106 @@
+//! Test support for every crate's tests: the PostgreSQL to create test databases on, a fresh
+//! migrated control-plane database per test, and clean-up that runs even when a test panics.
+
+use sqlx::{Connection, PgConnection, PgPool};
+use std::process::{Command, Stdio};
+use uuid::Uuid;
+
+/// `CONVEYOR_TEST_ADMIN_URL`, else the PostgreSQL (with pgvector) that `scripts/services`
+/// last answered with in this checkout, else the default port.
+pub fn admin_url() -> String {
+    std::env::var("CONVEYOR_TEST_ADMIN_URL").unwrap_or_else(|_| {
+        let recorded = concat!(env!("CARGO_MANIFEST_DIR"), "/../.data/postgres-url");
+        match std::fs::read_to_string(recorded) {
+            Ok(url) => format!("{}/postgres", url.trim()),
+            Err(_) => "postgres://postgres@127.0.0.1:5432/postgres".into(),
+        }
+    })
+}
+
+/// The URL of database `name` on the admin URL's server.
+pub fn database_url(admin_url: &str, name: &str) -> String {
+    let base = admin_url.rsplit_once('/').expect("the URL has a path").0;
+    format!("{base}/{name}")
+}
+
+/// Runs one statement with psql as the admin, synchronously (usable from `Drop`), ignoring
+/// its outcome: clean-up must not panic in a test that is already failing.
+pub fn psql(url: &str, statement: &str) {
+    let _ = Command::new("psql")
+        .arg(url)
+        .arg("-qc")
+        .arg(statement)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Deletes every Redis key under `prefix`, synchronously.
+pub fn clear_redis_prefix(redis_url: &str, prefix: &str) {
+    let Ok(mut conn) = redis::Client::open(redis_url).and_then(|c| c.get_connection()) else {
+        return;
+    };
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query(&mut conn)
+        .unwrap_or_default();
+    for chunk in keys.chunks(500) {
+        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
+    }
+}
+
+/// Creates an empty database of a new name on the admin URL's server; returns the name.
+pub async fn create_database(admin_url: &str) -> String {
+    let name = format!("conveyor_test_{}", Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(admin_url)
+        .await
+        .expect("connect to the admin database (CONVEYOR_TEST_ADMIN_URL)");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create the test database");
+    name
+}
+
+/// A fresh control-plane database, migrated, dropped with the value.
+pub struct TestDatabase {
+    pub pool: PgPool,
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn new() -> Self {
+        let admin_url = admin_url();
+        let name = create_database(&admin_url).await;
+        let url = database_url(&admin_url, &name);
+        let test = Self {
+            pool: crate::db::connect(&url, 4).await.expect("connect"),
+            url,
+            admin_url,
+            name,
+        };
+        crate::db::migrate(&test.pool).await.expect("migrate");
+        test
+    }
+
+    /// A new tenant.
+    pub async fn tenant(&self) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+            .bind(id)
+            .bind(format!("tenant-{}", id.simple()))
+            .execute(&self.pool)
+            .await
+            .expect("insert a tenant");
+        id
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        psql(&self.admin_url, &statement);
+    }
+}
