@@ -23,6 +23,7 @@ pub mod canary;
 pub mod import;
 pub mod ingest;
 pub mod patch;
+pub mod sample;
 pub mod synthesis;
 
 /// A file a job published, downloadable from `url`.
@@ -138,6 +139,7 @@ impl Registry {
         contracts.insert(ingest::Ingest::KIND, Arc::new(ingest::Ingest));
         contracts.insert(patch::Patch::KIND, Arc::new(patch::Patch));
         contracts.insert(patch::PatchRollback::KIND, Arc::new(patch::PatchRollback));
+        contracts.insert(sample::Sample::KIND, Arc::new(sample::Sample));
         contracts.insert(synthesis::Synthesis::KIND, Arc::new(synthesis::Synthesis));
         Self { contracts }
     }

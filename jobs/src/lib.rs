@@ -17,6 +17,7 @@ pub mod import;
 pub mod ingest;
 pub mod limits;
 pub mod patch;
+pub mod sample;
 pub mod synthesis;
 
 /// Why an attempt failed.
@@ -180,6 +181,7 @@ impl Registry {
             Arc::new(patch::PatchHandler::new(services.clone())),
             Arc::new(patch::PatchRollbackHandler::new(services.clone())),
             Arc::new(synthesis::SynthesisHandler::new(services.clone())),
+            Arc::new(sample::SampleHandler::new(services.clone())),
             Arc::new(ingest::IngestHandler::new(services)),
         ])
     }

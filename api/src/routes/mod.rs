@@ -54,6 +54,7 @@ pub(crate) mod datasets;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod keys;
+pub(crate) mod models;
 pub(crate) mod ops;
 pub(crate) mod page;
 pub(crate) mod patches;
@@ -83,6 +84,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(datasets::list))
         .routes(routes!(datasets::get_one, datasets::delete))
         .routes(routes!(datasets::download))
+        .routes(routes!(models::list))
+        .routes(routes!(models::get_one, models::delete))
         .routes(routes!(connections::create, connections::list))
         .routes(routes!(connections::delete))
         .routes(routes!(schedules::create, schedules::list))
