@@ -29,6 +29,7 @@ use crate::routes::{
                         ::contracts::canary::CanaryOutput, ::contracts::import::ImportOutput,
                         ::contracts::patch::PatchOutput, ::contracts::patch::RollbackOutput,
                         ::contracts::ingest::IngestOutput, ::contracts::Artifact,
+                        ::contracts::synthesis::SynthesisOutput, ::contracts::sample::SampleOutput,
                         ::contracts::patch::PatchPayload, ::contracts::patch::Mode,
                         ::contracts::patch::RollbackPayload, ::contracts::patch::Assessment,
                         ::contracts::patch::Risk, ::contracts::synthesis::SynthesisPayload,

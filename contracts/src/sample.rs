@@ -182,7 +182,7 @@ impl Contract for Sample {
     type Payload = SamplePayload;
     /// Not yet typed: `rows`, `seed`, `groups`, `timings`, `artifacts`, `outputs.dataset_id`,
     /// `model`.
-    type Output = Value;
+    type Output = SampleOutput;
 
     fn check(&self, payload: &SamplePayload) -> Result<(), Vec<FieldError>> {
         payload.check()
@@ -211,6 +211,50 @@ impl Contract for Sample {
         }
         crate::refused(errors).map_err(Problem::validation)
     }
+}
+
+/// A sample's result.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SampleOutput {
+    pub rows: usize,
+    /// The seed the rows were drawn with (the job id's when none was given).
+    pub seed: u64,
+    /// Each condition group and its rows, in the order they were drawn.
+    pub groups: Vec<SampledGroup>,
+    pub timings: SampleTimings,
+    pub artifacts: Vec<crate::Artifact>,
+    pub outputs: SampleOutputs,
+    pub model: ModelRef,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SampledGroup {
+    #[schema(value_type = Object)]
+    pub conditions: ConditionMap,
+    pub rows: i64,
+}
+
+/// The sampling apart from writing the file.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SampleTimings {
+    pub sample_seconds: f64,
+    pub write_seconds: f64,
+    pub rows_per_second: f64,
+    pub threads: usize,
+}
+
+/// The sampled table, registered as a dataset of the tenant.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SampleOutputs {
+    pub dataset_id: Uuid,
+}
+
+/// The saved model the rows came from.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelRef {
+    pub id: Uuid,
+    pub name: String,
+    pub version: i32,
 }
 
 #[cfg(test)]

@@ -16,8 +16,7 @@ pub struct Synthesis;
 impl Contract for Synthesis {
     const KIND: &'static str = "synthesis";
     type Payload = SynthesisPayload;
-    /// Not yet typed: `artifacts`, `outputs.dataset_id` and the quality report.
-    type Output = serde_json::Value;
+    type Output = SynthesisOutput;
 
     fn check(&self, payload: &SynthesisPayload) -> Result<(), Vec<FieldError>> {
         payload.check()
@@ -351,6 +350,25 @@ impl SynthesisPayload {
             .filter_map(|(name, s)| Some((name.clone(), s.role?)))
             .collect()
     }
+}
+
+/// A synthesis's result.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SynthesisOutput {
+    /// The synthetic table, `report.json` and `report.html`.
+    pub artifacts: Vec<crate::Artifact>,
+    pub outputs: SynthesisOutputs,
+    /// The quality and privacy report, as in `report.json`.
+    #[schema(value_type = Object)]
+    pub report: serde_json::Value,
+}
+
+/// What a later step reads: the synthetic table as a dataset, and the saved model.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SynthesisOutputs {
+    pub dataset_id: uuid::Uuid,
+    /// With `save_model: true`; null otherwise.
+    pub model_id: Option<uuid::Uuid>,
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 //! artifact and a dataset of the tenant (`outputs.dataset_id`), like a synthesis's.
 
 use async_trait::async_trait;
-use serde_json::{json, Value};
 use shared::{saved_models, usage::Meter, JobContext};
 use std::{sync::Arc, time::Instant};
 
@@ -16,7 +15,11 @@ use crate::{
     },
     Handler, JobError, Services,
 };
-use contracts::{sample::SamplePayload, synthesis::OutputFormat};
+use contracts::{
+    sample::{ModelRef, SampleOutput, SampleOutputs, SamplePayload, SampleTimings, SampledGroup},
+    synthesis::OutputFormat,
+    Artifact,
+};
 
 pub struct SampleHandler {
     services: Arc<Services>,
@@ -32,7 +35,11 @@ impl SampleHandler {
 impl Handler for SampleHandler {
     type Contract = contracts::sample::Sample;
 
-    async fn run(&self, ctx: &JobContext, payload: SamplePayload) -> Result<Value, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        payload: SamplePayload,
+    ) -> Result<SampleOutput, JobError> {
         let (pool, objects) = (&self.services.pool, &self.services.objects);
         let retryable = |what: &str, e: String| JobError::Retryable(format!("{what}: {e}"));
         ctx.progress(0.0, "loading the model".to_owned()).await;
@@ -57,7 +64,7 @@ impl Handler for SampleHandler {
         let meter = ctx.meter().clone();
         let scratch = output.clone();
         let work = tokio::task::spawn_blocking(move || {
-            meter.timed(|| -> Result<Value, JobError> {
+            meter.timed(|| -> Result<Sampled, JobError> {
                 let model = ModelFile::from_bytes(&bytes)
                     .map_err(|e| JobError::Permanent(format!("reading the model: {e}")))?;
                 let mut sampler = Sampler::new(&model, seed);
@@ -87,29 +94,31 @@ impl Handler for SampleHandler {
                 table::write(&table, &scratch, parquet)
                     .map_err(|e| JobError::Retryable(format!("writing the sample: {e}")))?;
                 Meter::add(&meter.synthetic_rows, table.rows() as i64);
-                let groups: Vec<Value> = groups
+                let groups = groups
                     .iter()
-                    .map(|(_, conditions, rows)| json!({"conditions": conditions, "rows": rows}))
+                    .map(|(_, conditions, rows)| SampledGroup {
+                        conditions: conditions.clone(),
+                        rows: *rows,
+                    })
                     .collect();
-                Ok(json!({
-                    "rows": table.rows(),
-                    "seed": seed,
-                    "groups": groups,
-                    "timings": {
-                        "sample_seconds": sample_seconds,
-                        "write_seconds": written.elapsed().as_secs_f64(),
-                        "rows_per_second": table.rows() as f64 / sample_seconds.max(1e-9),
-                        "threads": rayon::current_num_threads(),
+                Ok(Sampled {
+                    rows: table.rows(),
+                    groups,
+                    timings: SampleTimings {
+                        sample_seconds,
+                        write_seconds: written.elapsed().as_secs_f64(),
+                        rows_per_second: table.rows() as f64 / sample_seconds.max(1e-9),
+                        threads: rayon::current_num_threads(),
                     },
-                }))
+                })
             })
         });
         // The channel closes when the work is done and drops its monitor.
         while let Some(note) = inbox.recv().await {
             relay(ctx, note).await;
         }
-        let mut result = match work.await {
-            Ok(Ok(result)) => result,
+        let sampled = match work.await {
+            Ok(Ok(sampled)) => sampled,
             failed => {
                 let _ = tokio::fs::remove_file(&output).await;
                 return match failed {
@@ -131,13 +140,25 @@ impl Handler for SampleHandler {
             .await
             .map_err(|e| retryable(&format!("publishing {name}"), e.to_string()))?;
         ctx.progress(1.0, "done".to_owned()).await;
-        result["artifacts"] = json!([{
-            "name": name,
-            "size": size,
-            "url": format!("/v1/jobs/{}/artifacts/{name}", ctx.job_id()),
-        }]);
-        result["outputs"] = json!({"dataset_id": dataset_id});
-        result["model"] = json!({"id": record.id, "name": record.name, "version": record.version});
-        Ok(result)
+        Ok(SampleOutput {
+            rows: sampled.rows,
+            seed,
+            groups: sampled.groups,
+            timings: sampled.timings,
+            artifacts: vec![Artifact::of_job(ctx.job_id(), name, size)],
+            outputs: SampleOutputs { dataset_id },
+            model: ModelRef {
+                id: record.id,
+                name: record.name,
+                version: record.version,
+            },
+        })
     }
+}
+
+/// What the blocking part of a sample made.
+struct Sampled {
+    rows: usize,
+    groups: Vec<SampledGroup>,
+    timings: SampleTimings,
 }

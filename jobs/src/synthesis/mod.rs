@@ -26,9 +26,10 @@ use shared::{datasets, usage::Meter, Cancelled, JobContext};
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
 pub use contracts::synthesis::{
-    ColumnSettings, OutputFormat, SynthesisPayload, Synthesizer, DEFAULT_EPOCHS, MAX_EPOCHS,
-    MAX_ROWS,
+    ColumnSettings, OutputFormat, SynthesisOutput, SynthesisOutputs, SynthesisPayload, Synthesizer,
+    DEFAULT_EPOCHS, MAX_EPOCHS, MAX_ROWS,
 };
+use contracts::Artifact;
 
 use crate::{Handler, JobError, Services};
 use copula::{ColumnSpec, Copula};
@@ -368,7 +369,11 @@ pub(crate) async fn relay(ctx: &JobContext, note: Note) {
 impl Handler for SynthesisHandler {
     type Contract = contracts::synthesis::Synthesis;
 
-    async fn run(&self, ctx: &JobContext, payload: SynthesisPayload) -> Result<Value, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        payload: SynthesisPayload,
+    ) -> Result<SynthesisOutput, JobError> {
         let objects = &self.services.objects;
         let dataset = datasets::get(&self.services.pool, ctx.tenant_id(), payload.dataset_id)
             .await
@@ -450,23 +455,20 @@ impl Handler for SynthesisHandler {
             .put_artifact(ctx.job_id(), "report.html", page.as_bytes())
             .await
             .map_err(|e| JobError::Retryable(format!("publishing report.html: {e}")))?;
-        let artifact = |name: &str, size: u64| {
-            json!({
-                "name": name,
-                "size": size,
-                "url": format!("/v1/jobs/{}/artifacts/{name}", ctx.job_id()),
-            })
-        };
+        let artifact = |name: &str, size: u64| Artifact::of_job(ctx.job_id(), name, size);
         ctx.progress(1.0, "done".to_owned()).await;
-        Ok(json!({
-            "artifacts": [
+        Ok(SynthesisOutput {
+            artifacts: vec![
                 artifact(name, size),
                 artifact("report.json", report_size),
                 artifact("report.html", page_size),
             ],
-            "outputs": {"dataset_id": dataset_id, "model_id": model_id},
-            "report": report,
-        }))
+            outputs: SynthesisOutputs {
+                dataset_id,
+                model_id,
+            },
+            report,
+        })
     }
 }
 
