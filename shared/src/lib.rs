@@ -15,6 +15,7 @@ pub mod objects;
 pub mod pipelines;
 pub mod problem;
 pub mod queue;
+pub mod quotas;
 pub mod schedules;
 pub mod settings;
 pub mod store;
