@@ -167,6 +167,13 @@ enum ScheduleCommand {
     Resume { id: String },
     /// Delete a schedule (the jobs it made stay).
     Delete { id: String },
+    /// A schedule's firings, newest first: the job or pipeline each made, or why it made
+    /// nothing.
+    History {
+        id: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// The jobs a schedule made, newest first.
     Jobs {
         id: String,
@@ -488,6 +495,21 @@ async fn schedules(client: &Client, action: ScheduleCommand) -> anyhow::Result<E
             }
             return Ok(ExitCode::SUCCESS);
         }
+        ScheduleCommand::History { id, limit } => {
+            let page = client
+                .send(
+                    client
+                        .get(&format!("/v1/schedules/{id}/history"))
+                        .query(&[("limit", limit.to_string())]),
+                )
+                .await?;
+            if client.json {
+                print_json(&page);
+            } else {
+                print_firings(page["firings"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         ScheduleCommand::Jobs { id, limit } => {
             let list = client
                 .send(
@@ -569,6 +591,28 @@ fn print_schedule_table(schedules: &[Value]) {
                 "active"
             },
             s["next_fires"][0].as_str().unwrap_or("-"),
+        );
+    }
+}
+
+fn print_firings(firings: &[Value]) {
+    if firings.is_empty() {
+        println!("no firings yet");
+        return;
+    }
+    println!(
+        "{:<30}  {:<8}  {:<36}  {:<9}  REASON",
+        "FIRING", "MADE", "ID", "STATUS"
+    );
+    for f in firings {
+        let made = f["job_id"].as_str().or(f["pipeline_id"].as_str());
+        println!(
+            "{:<30}  {:<8}  {:<36}  {:<9}  {}",
+            f["fire_at"].as_str().unwrap_or("?"),
+            f["made"].as_str().unwrap_or("?"),
+            made.unwrap_or("-"),
+            f["status"].as_str().unwrap_or("?"),
+            f["reason"].as_str().unwrap_or(""),
         );
     }
 }

@@ -2,10 +2,7 @@
 //! queued with the schedule's key, announced and dispatched like a submission's. Overlap and
 //! misfire policies: see `shared::schedules`.
 
-use shared::{
-    events::{Event, EventType},
-    schedules, JobStatus,
-};
+use shared::schedules;
 use std::time::Duration;
 
 use super::{Duty, Schedule};
@@ -51,10 +48,14 @@ impl Duty for Schedules {
             let changes: Vec<Change> = fired
                 .jobs
                 .iter()
-                .map(|job| Change {
-                    tenant: job.tenant_id,
-                    event: Event::new(job.id, &job.kind, EventType::Queued, JobStatus::Queued, 0.0)
-                        .message(Some("scheduled".into())),
+                .map(|job| {
+                    let mut change = Change::created(job);
+                    // A pipeline's step says its pipeline; the schedule's own job says it was
+                    // scheduled.
+                    if job.pipeline_id.is_none() {
+                        change.event = change.event.message(Some("scheduled".into()));
+                    }
+                    change
                 })
                 .collect();
             made += changes.len();
