@@ -78,7 +78,7 @@ function duration(job) {
 // ---------- sign-in ----------
 
 // The dashboard's screens, one <main> each; the header's nav links to all but the job page.
-const VIEWS = ['jobs', 'job', 'patch', 'import', 'collections'];
+const VIEWS = ['jobs', 'job', 'patch', 'import', 'collections', 'pipelines', 'schedules', 'webhooks'];
 
 function showView(name) {
   for (const view of VIEWS) $(`${view}-view`).hidden = view !== name;
@@ -127,7 +127,7 @@ function signedIn(session) {
   $('role').textContent = `${session.role} key`;
   document.body.dataset.role = session.role;
   const readOnly = session.role === 'read';
-  for (const form of ['submit-form', 'upload-form', 'patch-form', 'connection-form', 'import-form']) {
+  for (const form of ['submit-form', 'upload-form', 'patch-form', 'connection-form', 'import-form', 'pipeline-form']) {
     for (const control of $(form).elements) control.disabled = readOnly;
   }
   connectTenantStream();
@@ -569,6 +569,9 @@ const SCREENS = {
   '#/patch': () => { showView('patch'); openPatchScreen(); },
   '#/import': () => { showView('import'); openImportScreen(); },
   '#/collections': () => { showView('collections'); openCollectionsScreen(); },
+  '#/pipelines': () => { showView('pipelines'); openPipelinesScreen(); },
+  '#/schedules': () => { showView('schedules'); openSchedulesScreen(); },
+  '#/webhooks': () => { showView('webhooks'); openWebhooksScreen(); },
 };
 
 function route() {
@@ -578,6 +581,7 @@ function route() {
     openJobId = null;
     closeJobStream();
   }
+  if (location.hash !== '#/pipelines') closePipelineStream();
   if (match) showJob(match[1]);
   else if (SCREENS[location.hash]) SCREENS[location.hash]();
   else showJobs();
@@ -602,6 +606,7 @@ async function start() {
   startPatchScreen();
   startImportScreen();
   startCollectionsScreen();
+  startFlowScreens();
   window.addEventListener('hashchange', route);
   setInterval(scheduleRender, 1000); // ages and running durations
   try {

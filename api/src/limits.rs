@@ -13,7 +13,11 @@ use axum::{
 use redis::aio::ConnectionManager;
 use serde::Serialize;
 use serde_json::Value;
-use shared::{settings::RateLimit, Problem, Settings};
+use shared::{
+    quotas::{self, OverQuota, Quotas},
+    settings::RateLimit,
+    Problem, Settings,
+};
 use sqlx::PgPool;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use utoipa::ToSchema;
@@ -250,93 +254,28 @@ impl Limits {
     }
 }
 
-/// What a tenant holds now, against its quotas.
-#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
-pub struct TenantUsage {
-    /// Jobs scheduled, queued, running or retrying.
-    pub live_jobs: i64,
-    pub dataset_bytes: i64,
-    pub chunks: i64,
-    /// Rows written by imports that finished today (UTC).
-    pub rows_imported_today: i64,
-}
+pub use shared::quotas::TenantUsage;
 
 impl Limits {
     pub async fn usage(&self, tenant: Uuid) -> Result<TenantUsage, Problem> {
-        Ok(sqlx::query_as(
-            "SELECT
-                 (SELECT count(*) FROM jobs WHERE tenant_id = $1
-                    AND status IN ('scheduled', 'queued', 'running', 'retrying')) AS live_jobs,
-                 (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
-                    AS dataset_bytes,
-                 (SELECT count(*) FROM chunks c JOIN collections k ON k.id = c.collection_id
-                    WHERE k.tenant_id = $1) AS chunks,
-                 (SELECT coalesce(sum(rows_written), 0)::bigint FROM job_usage
-                    WHERE tenant_id = $1 AND kind = 'import'
-                      AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
-                    AS rows_imported_today",
-        )
-        .bind(tenant)
-        .fetch_one(&self.pool)
-        .await?)
+        let mut conn = self.pool.acquire().await?;
+        Ok(quotas::usage(&mut conn, tenant).await?)
     }
 
-    /// 403 when the jobs of these kinds would take the tenant past a quota: `max_queued` jobs
-    /// waiting or running; for ingest jobs, `max_chunks` already stored; for imports,
-    /// `max_rows_per_day` already imported today. A job that crosses a quota while it runs
-    /// finishes (its overrun shows in the usage); the next submission is refused. Concurrent
-    /// submissions may pass the check together, so a burst can overrun `max_queued` by one
-    /// request's jobs per API process.
+    /// 403 when the jobs of these kinds would take the tenant past a quota (see
+    /// [`quotas::check`]). Concurrent submissions may pass the check together, so a burst can
+    /// overrun `max_queued` by one request's jobs per API process.
     pub async fn check_quotas(&self, tenant: Uuid, kinds: &[&str]) -> Result<(), Problem> {
         let limits = self.of(tenant).await?;
-        let needs = |kind: &str| kinds.contains(&kind);
-        if limits.max_chunks.is_some() && needs("ingest")
-            || limits.max_rows_per_day.is_some() && needs("import")
-        {
-            let usage = self.usage(tenant).await?;
-            if let Some(limit) = limits
-                .max_chunks
-                .filter(|&l| needs("ingest") && usage.chunks >= l)
-            {
-                return Err(over_quota(
-                    StatusCode::FORBIDDEN,
-                    "max_chunks",
-                    format!("{limit} chunks in all collections"),
-                    format!("{} stored", usage.chunks),
-                ));
-            }
-            if let Some(limit) = limits
-                .max_rows_per_day
-                .filter(|&l| needs("import") && usage.rows_imported_today >= l)
-            {
-                return Err(over_quota(
-                    StatusCode::FORBIDDEN,
-                    "max_rows_per_day",
-                    format!("{limit} rows imported a day"),
-                    format!("{} imported today (UTC)", usage.rows_imported_today),
-                ));
-            }
-        }
-        let adding = kinds.len();
-        let Some(limit) = limits.max_queued else {
-            return Ok(());
+        let quotas = Quotas {
+            max_queued: limits.max_queued,
+            max_chunks: limits.max_chunks,
+            max_rows_per_day: limits.max_rows_per_day,
         };
-        let live: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE tenant_id = $1
-               AND status IN ('scheduled', 'queued', 'running', 'retrying')",
-        )
-        .bind(tenant)
-        .fetch_one(&self.pool)
-        .await?;
-        if live + adding as i64 <= limit {
-            return Ok(());
-        }
-        Err(over_quota(
-            StatusCode::FORBIDDEN,
-            "max_queued",
-            format!("{limit} jobs waiting or running"),
-            format!("{live} in use, and this request adds {adding}"),
-        ))
+        let mut conn = self.pool.acquire().await?;
+        quotas::check(&mut conn, tenant, &quotas, kinds, true)
+            .await?
+            .map_err(|over| over_quota(StatusCode::FORBIDDEN, over))
     }
 
     /// The bytes an upload may still take under `max_dataset_bytes`, with the quota's refusal
@@ -354,24 +293,22 @@ impl Limits {
         let room = (limit - used).max(0) as u64;
         let refusal = over_quota(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "max_dataset_bytes",
-            format!("{limit} bytes of datasets"),
-            format!("{used} in use, {room} left"),
+            OverQuota {
+                quota: "max_dataset_bytes",
+                limit: format!("{limit} bytes of datasets"),
+                used: format!("{used} in use, {room} left"),
+            },
         );
         Ok(Some((room, refusal)))
     }
 }
 
 /// A refusal naming the quota, its limit and the use it met.
-fn over_quota(status: StatusCode, quota: &str, limit: String, used: String) -> Problem {
-    let mut problem = Problem::new(
-        status,
-        "quota",
-        format!("over the tenant's quota {quota}: {limit} allowed; {used}"),
-    );
+fn over_quota(status: StatusCode, over: OverQuota) -> Problem {
+    let mut problem = Problem::new(status, "quota", over.to_string());
     problem.errors = vec![shared::FieldError::new(
-        format!("quota.{quota}"),
-        format!("{limit} allowed; {used}"),
+        format!("quota.{}", over.quota),
+        format!("{} allowed; {}", over.limit, over.used),
     )];
     problem
 }

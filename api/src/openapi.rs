@@ -57,7 +57,9 @@ use crate::routes::{
                         shared::webhooks::Delivery, pipelines::SubmitPipeline,
                         pipelines::SubmitStep, pipelines::PipelineList,
                         shared::pipelines::Pipeline, shared::pipelines::Step,
-                        shared::pipelines::OnFailure)),
+                        shared::pipelines::OnFailure, shared::pipelines::NewPipeline,
+                        shared::pipelines::NewStep, schedules::FiringList,
+                        shared::schedules::FiringRecord)),
     modifiers(&BearerAuth),
     security(("api_key" = []), ("session" = []))
 )]

@@ -132,8 +132,16 @@ enum ScheduleCommand {
         #[arg(long, default_value = "UTC")]
         timezone: String,
         /// The job kind each firing enqueues, e.g. `canary`.
+        #[arg(
+            long,
+            required_unless_present = "pipeline",
+            conflicts_with = "pipeline"
+        )]
+        kind: Option<String>,
+        /// Start this pipeline at each firing instead: a YAML (or JSON) file, the body of
+        /// `POST /v1/pipelines`.
         #[arg(long)]
-        kind: String,
+        pipeline: Option<PathBuf>,
         /// The job's payload: inline JSON, a file holding it, or `-` for standard input.
         #[arg(long, default_value = "{}")]
         payload: String,
@@ -159,6 +167,13 @@ enum ScheduleCommand {
     Resume { id: String },
     /// Delete a schedule (the jobs it made stay).
     Delete { id: String },
+    /// A schedule's firings, newest first: the job or pipeline each made, or why it made
+    /// nothing.
+    History {
+        id: String,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// The jobs a schedule made, newest first.
     Jobs {
         id: String,
@@ -307,11 +322,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn pipelines(client: &Client, action: PipelineCommand) -> anyhow::Result<ExitCode> {
     let pipeline = match action {
         PipelineCommand::Submit { file, wait } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            // YAML is a superset of JSON: one parser reads both.
-            let body: Value = serde_norway::from_str(&text)
-                .with_context(|| format!("{} is not YAML", file.display()))?;
+            let body = read_yaml(&file)?;
             let pipeline = client
                 .send(client.post("/v1/pipelines").json(&body))
                 .await?;
@@ -422,6 +433,7 @@ async fn schedules(client: &Client, action: ScheduleCommand) -> anyhow::Result<E
             cron,
             timezone,
             kind,
+            pipeline,
             payload,
             priority,
             max_attempts,
@@ -429,17 +441,22 @@ async fn schedules(client: &Client, action: ScheduleCommand) -> anyhow::Result<E
             misfire,
             paused,
         } => {
-            let mut job = json!({"kind": kind, "payload": read_payload(&payload)?});
-            if let Some(p) = priority {
-                job["priority"] = json!(p);
-            }
-            if let Some(n) = max_attempts {
-                job["max_attempts"] = json!(n);
-            }
-            let body = json!({
-                "name": name, "cron": cron, "timezone": timezone, "job": job,
+            let mut body = json!({
+                "name": name, "cron": cron, "timezone": timezone,
                 "overlap": overlap, "misfire": misfire, "paused": paused,
             });
+            if let Some(file) = pipeline {
+                body["pipeline"] = read_yaml(&file)?;
+            } else {
+                let mut job = json!({"kind": kind, "payload": read_payload(&payload)?});
+                if let Some(p) = priority {
+                    job["priority"] = json!(p);
+                }
+                if let Some(n) = max_attempts {
+                    job["max_attempts"] = json!(n);
+                }
+                body["job"] = job;
+            }
             client
                 .send(client.post("/v1/schedules").json(&body))
                 .await?
@@ -478,6 +495,21 @@ async fn schedules(client: &Client, action: ScheduleCommand) -> anyhow::Result<E
             }
             return Ok(ExitCode::SUCCESS);
         }
+        ScheduleCommand::History { id, limit } => {
+            let page = client
+                .send(
+                    client
+                        .get(&format!("/v1/schedules/{id}/history"))
+                        .query(&[("limit", limit.to_string())]),
+                )
+                .await?;
+            if client.json {
+                print_json(&page);
+            } else {
+                print_firings(page["firings"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         ScheduleCommand::Jobs { id, limit } => {
             let list = client
                 .send(
@@ -507,11 +539,15 @@ fn print_schedule(s: &Value) {
     println!("schedule  {}", text("id"));
     println!("name      {}", text("name"));
     println!("cron      {} ({})", text("cron"), text("timezone"));
-    println!(
-        "job       {} {}",
-        s["job"]["kind"].as_str().unwrap_or("?"),
-        s["job"]["payload"]
-    );
+    if s["job"].is_object() {
+        println!(
+            "job       {} {}",
+            s["job"]["kind"].as_str().unwrap_or("?"),
+            s["job"]["payload"]
+        );
+    } else {
+        println!("makes     {}", schedule_target(s));
+    }
     println!(
         "overlap   {}   misfire {}",
         text("overlap"),
@@ -548,7 +584,7 @@ fn print_schedule_table(schedules: &[Value]) {
             s["id"].as_str().unwrap_or("?"),
             s["name"].as_str().unwrap_or("?"),
             s["cron"].as_str().unwrap_or("?"),
-            s["job"]["kind"].as_str().unwrap_or("?"),
+            schedule_target(s),
             if s["paused"] == true {
                 "paused"
             } else {
@@ -556,6 +592,44 @@ fn print_schedule_table(schedules: &[Value]) {
             },
             s["next_fires"][0].as_str().unwrap_or("-"),
         );
+    }
+}
+
+fn print_firings(firings: &[Value]) {
+    if firings.is_empty() {
+        println!("no firings yet");
+        return;
+    }
+    println!(
+        "{:<30}  {:<8}  {:<36}  {:<9}  REASON",
+        "FIRING", "MADE", "ID", "STATUS"
+    );
+    for f in firings {
+        let made = f["job_id"].as_str().or(f["pipeline_id"].as_str());
+        println!(
+            "{:<30}  {:<8}  {:<36}  {:<9}  {}",
+            f["fire_at"].as_str().unwrap_or("?"),
+            f["made"].as_str().unwrap_or("?"),
+            made.unwrap_or("-"),
+            f["status"].as_str().unwrap_or("?"),
+            f["reason"].as_str().unwrap_or(""),
+        );
+    }
+}
+
+/// A YAML (or JSON) file.
+fn read_yaml(file: &Path) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    // YAML is a superset of JSON: one parser reads both.
+    serde_norway::from_str(&text).with_context(|| format!("{} is not YAML", file.display()))
+}
+
+/// What a schedule makes: its job's kind, or the pipeline's steps.
+fn schedule_target(s: &Value) -> String {
+    match s["pipeline"]["steps"].as_array() {
+        Some(steps) => format!("pipeline ({} steps)", steps.len()),
+        None => s["job"]["kind"].as_str().unwrap_or("?").to_owned(),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod objects;
 pub mod pipelines;
 pub mod problem;
 pub mod queue;
+pub mod quotas;
 pub mod saved_models;
 pub mod schedules;
 pub mod settings;

@@ -18,7 +18,11 @@ use std::collections::{HashMap, HashSet};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{model::Job, FieldError};
+use crate::{
+    model::Job,
+    quotas::{self, Quotas},
+    FieldError,
+};
 
 /// Most steps a pipeline may have.
 pub const MAX_STEPS: usize = 50;
@@ -343,6 +347,8 @@ pub struct Pipeline {
     /// `running`, then `succeeded` (every step did), `failed` or `cancelled`.
     pub status: String,
     pub cancel_requested: bool,
+    /// The schedule whose firing made it, if one did.
+    pub schedule_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -352,14 +358,38 @@ pub struct Pipeline {
 }
 
 /// A step about to be written (validated).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct NewStep {
     pub name: String,
     pub kind: String,
+    #[schema(value_type = Object)]
     pub payload: Value,
     pub priority: i16,
     pub max_attempts: i32,
     pub needs: Vec<String>,
+}
+
+/// A checked pipeline, about to be written: at a submit, or at each firing of a schedule
+/// (which stores it).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct NewPipeline {
+    pub name: Option<String>,
+    pub on_failure: OnFailure,
+    pub steps: Vec<NewStep>,
+}
+
+impl NewPipeline {
+    /// Its steps' kinds, for the quotas.
+    pub fn kinds(&self) -> Vec<&str> {
+        self.steps.iter().map(|s| s.kind.as_str()).collect()
+    }
+}
+
+/// The schedule and firing time a pipeline was made for (one pipeline per firing).
+#[derive(Clone, Copy, Debug)]
+pub struct Firing {
+    pub schedule: Uuid,
+    pub at: DateTime<Utc>,
 }
 
 /// A step's columns, its job's status and outputs beside them.
@@ -379,25 +409,34 @@ async fn steps(db: &mut PgConnection, id: Uuid) -> sqlx::Result<Vec<Step>> {
 }
 
 /// Writes a pipeline and its steps (all `waiting`); [`advance`] then starts the first ones.
+/// `None` when `firing` already made its pipeline.
 pub async fn create(
     db: &mut PgConnection,
     tenant: Uuid,
-    key: Uuid,
-    name: Option<&str>,
-    on_failure: OnFailure,
-    new: &[NewStep],
-) -> sqlx::Result<Uuid> {
-    let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO pipelines (id, tenant_id, key_id, name, on_failure) VALUES ($1, $2, $3, $4, $5)",
+    key: Option<Uuid>,
+    new: &NewPipeline,
+    firing: Option<Firing>,
+) -> sqlx::Result<Option<Uuid>> {
+    let id: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO pipelines (id, tenant_id, key_id, name, on_failure, schedule_id,
+                                schedule_fire_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (schedule_id, schedule_fire_at) WHERE schedule_id IS NOT NULL DO NOTHING
+         RETURNING id",
     )
-    .bind(id)
+    .bind(Uuid::now_v7())
     .bind(tenant)
     .bind(key)
-    .bind(name)
-    .bind(on_failure.as_str())
-    .execute(&mut *db)
+    .bind(&new.name)
+    .bind(new.on_failure.as_str())
+    .bind(firing.map(|f| f.schedule))
+    .bind(firing.map(|f| f.at))
+    .fetch_optional(&mut *db)
     .await?;
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    let steps = &new.steps;
     sqlx::query(
         "INSERT INTO pipeline_steps (pipeline_id, name, position, kind, payload, priority,
                                      max_attempts, needs)
@@ -408,20 +447,21 @@ pub async fn create(
              AS t(name, position, kind, payload, priority, max_attempts, needs)",
     )
     .bind(id)
-    .bind(new.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
-    .bind((0..new.len() as i32).collect::<Vec<_>>())
-    .bind(new.iter().map(|s| s.kind.clone()).collect::<Vec<_>>())
-    .bind(new.iter().map(|s| s.payload.clone()).collect::<Vec<_>>())
-    .bind(new.iter().map(|s| s.priority).collect::<Vec<_>>())
-    .bind(new.iter().map(|s| s.max_attempts).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.name.clone()).collect::<Vec<_>>())
+    .bind((0..steps.len() as i32).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.kind.clone()).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.payload.clone()).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.priority).collect::<Vec<_>>())
+    .bind(steps.iter().map(|s| s.max_attempts).collect::<Vec<_>>())
     .bind(
-        new.iter()
+        steps
+            .iter()
             .map(|s| serde_json::json!(s.needs))
             .collect::<Vec<_>>(),
     )
     .execute(&mut *db)
     .await?;
-    Ok(id)
+    Ok(Some(id))
 }
 
 /// The tenant's pipeline with its steps.
@@ -646,6 +686,12 @@ async fn start(
             "its resolved payload is refused: {}",
             why.join("; ")
         )));
+    }
+    // The quotas on what its kind consumes are checked again now: imports and ingests that ran
+    // since the submit may have used them up. (`max_queued` counted every step at the submit.)
+    let quotas = Quotas::of(db, pipeline.tenant_id).await?;
+    if let Err(over) = quotas::check(db, pipeline.tenant_id, &quotas, &[&step.kind], false).await? {
+        return Ok(Change::Fail(format!("it could not start: {over}")));
     }
     let job: Option<Job> = sqlx::query_as(
         "INSERT INTO jobs (id, tenant_id, kind, status, payload, priority, max_attempts, run_at,

@@ -1,11 +1,17 @@
-//! Schedules: a cron expression, read in an IANA time zone, that enqueues one job at each
-//! firing. The API creates, pauses, resumes and deletes them; the leading worker's maintenance
+//! Schedules: a cron expression, read in an IANA time zone, that enqueues one job, or starts one
+//! pipeline, at each firing. The API creates, pauses, resumes and deletes them; the leading worker's maintenance
 //! fires them ([`fire_due`]).
 //!
 //! Each firing makes at most one job however many workers race: the firing runs in one
 //! transaction holding the schedule's row lock (`FOR UPDATE SKIP LOCKED`: a racing leader
-//! skips it), `next_fire_at` moves by an UPDATE guarded on its old value, and a unique index on
-//! `jobs (schedule_id, schedule_fire_at)` refuses a second job for the same firing.
+//! skips it), `next_fire_at` moves by an UPDATE guarded on its old value, and unique indexes on
+//! `jobs (schedule_id, schedule_fire_at)` and `pipelines (schedule_id, schedule_fire_at)` refuse
+//! a second job or pipeline for the same firing.
+//!
+//! A firing is checked against the tenant's quotas as a submission is; one past a quota makes
+//! nothing and is recorded, with why, in the schedule's history (as are the other skips). A
+//! schedule belongs to its tenant, not to the key that created it: revoking that key does not
+//! stop it (the key only attributes its jobs' usage); pause or delete the schedule for that.
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
@@ -20,7 +26,12 @@ use std::time::Duration;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{model::Job, FieldError};
+use crate::{
+    model::Job,
+    pipelines::{self, Firing, NewPipeline, Validate},
+    quotas::{self, Quotas},
+    FieldError,
+};
 
 /// Most firings an `overlap: queue` schedule keeps waiting; later ones are skipped.
 pub const MAX_PENDING: usize = 100;
@@ -109,7 +120,8 @@ impl Timing {
     }
 }
 
-/// While the schedule's previous job is live (scheduled, queued, running or retrying).
+/// While the schedule's previous job is live (scheduled, queued, running or retrying), or its
+/// previous pipeline running.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Overlap {
@@ -182,8 +194,12 @@ pub struct Schedule {
     pub name: String,
     pub cron: String,
     pub timezone: String,
-    #[sqlx(json)]
-    pub job: ScheduledJob,
+    /// The job each firing enqueues (for a job schedule).
+    #[sqlx(json(nullable))]
+    pub job: Option<ScheduledJob>,
+    /// The pipeline each firing starts (for a pipeline schedule).
+    #[sqlx(json(nullable))]
+    pub pipeline: Option<NewPipeline>,
     #[sqlx(try_from = "String")]
     pub overlap: Overlap,
     #[sqlx(try_from = "String")]
@@ -193,7 +209,8 @@ pub struct Schedule {
     pub next_fire_at: Option<DateTime<Utc>>,
     /// The firing time of the last job made.
     pub last_fired_at: Option<DateTime<Utc>>,
-    /// Firings that made no job (overlap or misfire `skip`, or too many waiting).
+    /// Firings that made nothing (overlap or misfire `skip`, too many waiting, over a quota);
+    /// the history says why.
     pub skipped: i64,
     pub last_skipped_at: Option<DateTime<Utc>>,
     /// Firings waiting for the previous job to end (overlap `queue`).
@@ -220,12 +237,18 @@ impl Schedule {
     }
 }
 
+/// What a schedule makes at each firing.
+pub enum Target {
+    Job(ScheduledJob),
+    Pipeline(NewPipeline),
+}
+
 /// A schedule about to be written (validated).
 pub struct NewSchedule {
     pub name: String,
     pub cron: String,
     pub timezone: String,
-    pub job: ScheduledJob,
+    pub target: Target,
     pub overlap: Overlap,
     pub misfire: Misfire,
     pub paused: bool,
@@ -240,9 +263,9 @@ pub async fn create(
     new: &NewSchedule,
 ) -> sqlx::Result<Option<Schedule>> {
     sqlx::query_as(
-        "INSERT INTO schedules (id, tenant_id, key_id, name, cron, timezone, job, overlap, misfire,
-                                paused, next_fire_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        "INSERT INTO schedules (id, tenant_id, key_id, name, cron, timezone, job, pipeline,
+                                overlap, misfire, paused, next_fire_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
          ON CONFLICT (tenant_id, name) DO NOTHING
          RETURNING *",
     )
@@ -252,7 +275,14 @@ pub async fn create(
     .bind(&new.name)
     .bind(&new.cron)
     .bind(&new.timezone)
-    .bind(sqlx::types::Json(&new.job))
+    .bind(match &new.target {
+        Target::Job(job) => Some(sqlx::types::Json(job)),
+        Target::Pipeline(_) => None,
+    })
+    .bind(match &new.target {
+        Target::Pipeline(pipeline) => Some(sqlx::types::Json(pipeline)),
+        Target::Job(_) => None,
+    })
     .bind(new.overlap.as_str())
     .bind(new.misfire.as_str())
     .bind(new.paused)
@@ -338,7 +368,7 @@ pub async fn delete(db: impl PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Re
 }
 
 /// The jobs a schedule made, newest first, after the `cursor` job id.
-pub async fn history(
+pub async fn jobs(
     pool: &PgPool,
     tenant: Uuid,
     id: Uuid,
@@ -358,13 +388,73 @@ pub async fn history(
     .await
 }
 
+/// One firing of a schedule, as its history shows it.
+#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct FiringRecord {
+    /// The job's, the pipeline's or the skip's id (the history's cursor).
+    pub id: Uuid,
+    /// The firing time.
+    pub fire_at: DateTime<Utc>,
+    /// `job`, `pipeline`, or `skipped` (it made nothing).
+    pub made: String,
+    pub job_id: Option<Uuid>,
+    pub pipeline_id: Option<Uuid>,
+    /// The job's or pipeline's status now, or `skipped`.
+    pub status: String,
+    /// Why a firing was skipped.
+    pub reason: Option<String>,
+}
+
+/// A schedule's firings, newest first, after the `cursor` id: the jobs or pipelines it made
+/// and the firings it skipped (the newest [`KEPT_SKIPS`]).
+pub async fn history(
+    pool: &PgPool,
+    tenant: Uuid,
+    id: Uuid,
+    cursor: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<FiringRecord>> {
+    sqlx::query_as(
+        "SELECT * FROM (
+             (SELECT id, schedule_fire_at AS fire_at, 'job' AS made, id AS job_id,
+                     NULL::uuid AS pipeline_id, status, NULL AS reason
+              FROM jobs WHERE schedule_id = $1 AND tenant_id = $2
+                          AND ($3::uuid IS NULL OR id < $3)
+              ORDER BY id DESC LIMIT $4)
+             UNION ALL
+             (SELECT id, schedule_fire_at, 'pipeline', NULL, id, status, NULL
+              FROM pipelines WHERE schedule_id = $1 AND tenant_id = $2
+                               AND ($3::uuid IS NULL OR id < $3)
+              ORDER BY id DESC LIMIT $4)
+             UNION ALL
+             (SELECT k.id, k.fire_at, 'skipped', NULL, NULL, 'skipped', k.reason
+              FROM schedule_skips k JOIN schedules s ON s.id = k.schedule_id
+              WHERE k.schedule_id = $1 AND s.tenant_id = $2 AND ($3::uuid IS NULL OR k.id < $3)
+              ORDER BY k.id DESC LIMIT $4)
+         ) firings
+         ORDER BY id DESC LIMIT $4",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(cursor)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Skipped firings kept per schedule, newest first.
+pub const KEPT_SKIPS: i64 = 1000;
+
 /// What one pass of [`fire_due`] did.
 #[derive(Debug, Default)]
 pub struct Fired {
     /// Schedules it looked at (due, or with a firing waiting).
     pub schedules: usize,
-    /// The jobs it made (queued, not yet announced nor dispatched).
+    /// The jobs it made, its pipelines' first steps included (queued, not yet announced nor
+    /// dispatched).
     pub jobs: Vec<Job>,
+    /// The pipelines it started.
+    pub pipelines: usize,
 }
 
 #[derive(sqlx::FromRow)]
@@ -374,14 +464,26 @@ struct Due {
     now: DateTime<Utc>,
 }
 
+/// The schedule's previous job is live, or its previous pipeline running.
+const LIVE: &str = "(EXISTS (SELECT 1 FROM jobs j WHERE j.schedule_id = s.id
+                             AND j.status IN ('scheduled', 'queued', 'running', 'retrying'))
+                     OR EXISTS (SELECT 1 FROM pipelines p WHERE p.schedule_id = s.id
+                                AND p.status = 'running'))";
+
 /// Fires up to `limit` schedules that are due (or whose waiting firing may go), in one
 /// transaction. A firing later than `grace` is a misfire: the schedule's policy says whether it
 /// makes a job; either way the next firing is the next one after now. Within the grace every
 /// firing makes its job (a schedule a few firings behind catches up over the next passes).
-pub async fn fire_due(pool: &PgPool, grace: Duration, limit: i64) -> anyhow::Result<Fired> {
+/// A pipeline's steps are checked with `validate` when they start, as a submitted one's.
+pub async fn fire_due(
+    pool: &PgPool,
+    grace: Duration,
+    limit: i64,
+    validate: &Validate<'_>,
+) -> anyhow::Result<Fired> {
     let mut tx = pool.begin().await?;
-    // Due, or holding a waiting firing whose previous job has ended.
-    let due: Vec<Due> = sqlx::query_as(
+    // Due, or holding a waiting firing whose previous job or pipeline has ended.
+    let due: Vec<Due> = sqlx::query_as(&format!(
         "SELECT s.*, now() AS now FROM schedules s
          WHERE s.id IN (SELECT id FROM schedules WHERE NOT paused AND next_fire_at <= now()
                         UNION
@@ -389,54 +491,62 @@ pub async fn fire_due(pool: &PgPool, grace: Duration, limit: i64) -> anyhow::Res
                         WHERE NOT paused AND cardinality(pending_fires) > 0)
            AND NOT s.paused
            AND (s.next_fire_at <= now()
-                OR (cardinality(s.pending_fires) > 0
-                    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.schedule_id = s.id
-                                    AND j.status IN ('scheduled', 'queued', 'running',
-                                                     'retrying'))))
+                OR (cardinality(s.pending_fires) > 0 AND NOT {LIVE}))
          ORDER BY s.next_fire_at
          LIMIT $1
-         FOR UPDATE SKIP LOCKED",
-    )
+         FOR UPDATE SKIP LOCKED"
+    ))
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
     let mut fired = Fired {
         schedules: due.len(),
-        jobs: Vec::new(),
+        ..Fired::default()
     };
     let grace = chrono::Duration::from_std(grace)?;
     for Due { schedule, now } in due {
-        fire(&mut tx, &schedule, now, grace, &mut fired.jobs).await?;
+        fire(&mut tx, &schedule, now, grace, validate, &mut fired).await?;
     }
     tx.commit().await?;
     Ok(fired)
 }
 
-/// One schedule's turn: its waiting firing (if the previous job ended), then its due one.
+/// What a firing made.
+enum Made {
+    Something,
+    /// Nothing: why.
+    Skipped(String),
+}
+
+/// One schedule's turn: its waiting firing (if the previous job or pipeline ended), then its
+/// due one.
 async fn fire(
     conn: &mut PgConnection,
     s: &Schedule,
     now: DateTime<Utc>,
     grace: chrono::Duration,
-    jobs: &mut Vec<Job>,
+    validate: &Validate<'_>,
+    fired: &mut Fired,
 ) -> anyhow::Result<()> {
-    let mut live: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM jobs WHERE schedule_id = $1
-                        AND status IN ('scheduled', 'queued', 'running', 'retrying'))",
-    )
-    .bind(s.id)
-    .fetch_one(&mut *conn)
-    .await?;
+    let mut live: bool =
+        sqlx::query_scalar(&format!("SELECT {LIVE} FROM schedules s WHERE s.id = $1"))
+            .bind(s.id)
+            .fetch_one(&mut *conn)
+            .await?;
     let mut pending = s.pending_fires.clone();
     let mut last_fired = None;
+    let mut skips: Vec<(DateTime<Utc>, String)> = Vec::new();
     if !live && !pending.is_empty() {
         let at = pending.remove(0);
-        jobs.extend(insert_job(&mut *conn, s, at).await?);
-        last_fired = Some(at);
-        live = true;
+        match make(&mut *conn, s, at, validate, fired).await? {
+            Made::Something => {
+                last_fired = Some(at);
+                live = true;
+            }
+            Made::Skipped(why) => skips.push((at, why)),
+        }
     }
     let mut next = s.next_fire_at;
-    let mut skipped_at = None;
     if let Some(old) = s.next_fire_at.filter(|at| *at <= now) {
         let late = now - old > grace;
         next = match s.timing() {
@@ -444,31 +554,50 @@ async fn fire(
             // Stored expressions were valid when written; one this build cannot read stops.
             Err(_) => None,
         };
-        let make = !late || s.misfire == Misfire::RunOnce;
-        match (make, live, s.overlap) {
-            (false, _, _) | (true, true, Overlap::Skip) => skipped_at = Some(old),
-            (true, true, Overlap::Queue) if pending.len() >= MAX_PENDING => skipped_at = Some(old),
+        let made = if s.pipeline.is_some() {
+            "pipeline"
+        } else {
+            "job"
+        };
+        let make_one = !late || s.misfire == Misfire::RunOnce;
+        match (make_one, live, s.overlap) {
+            (false, _, _) => skips.push((
+                old,
+                "missed while maintenance was not running (misfire: skip)".into(),
+            )),
+            (true, true, Overlap::Skip) => skips.push((
+                old,
+                format!("the previous firing's {made} had not ended (overlap: skip)"),
+            )),
+            (true, true, Overlap::Queue) if pending.len() >= MAX_PENDING => skips.push((
+                old,
+                format!("{MAX_PENDING} firings were already waiting (overlap: queue)"),
+            )),
             (true, true, Overlap::Queue) => pending.push(old),
             (true, false, _) | (true, true, Overlap::Allow) => {
-                jobs.extend(insert_job(&mut *conn, s, old).await?);
-                last_fired = Some(old);
+                match make(&mut *conn, s, old, validate, fired).await? {
+                    Made::Something => last_fired = Some(old),
+                    Made::Skipped(why) => skips.push((old, why)),
+                }
             }
         }
     }
+    record_skips(&mut *conn, s.id, &skips).await?;
     let moved = sqlx::query(
         "UPDATE schedules
          SET next_fire_at = $2, pending_fires = $3,
              last_fired_at = COALESCE($4, last_fired_at),
-             skipped = skipped + CASE WHEN $5::timestamptz IS NULL THEN 0 ELSE 1 END,
-             last_skipped_at = COALESCE($5, last_skipped_at),
+             skipped = skipped + $5,
+             last_skipped_at = COALESCE($6, last_skipped_at),
              updated_at = now()
-         WHERE id = $1 AND next_fire_at IS NOT DISTINCT FROM $6",
+         WHERE id = $1 AND next_fire_at IS NOT DISTINCT FROM $7",
     )
     .bind(s.id)
     .bind(next)
     .bind(&pending)
     .bind(last_fired)
-    .bind(skipped_at)
+    .bind(skips.len() as i64)
+    .bind(skips.iter().map(|(at, _)| *at).max())
     .bind(s.next_fire_at)
     .execute(&mut *conn)
     .await?;
@@ -481,10 +610,82 @@ async fn fire(
     Ok(())
 }
 
+/// The firing's job or pipeline, unless it would take the tenant past a quota (checked as a
+/// submission's). A firing that already made its job or pipeline makes nothing more.
+async fn make(
+    conn: &mut PgConnection,
+    s: &Schedule,
+    at: DateTime<Utc>,
+    validate: &Validate<'_>,
+    fired: &mut Fired,
+) -> anyhow::Result<Made> {
+    let kinds: Vec<&str> = match (&s.job, &s.pipeline) {
+        (Some(job), _) => vec![job.kind.as_str()],
+        (None, Some(pipeline)) => pipeline.kinds(),
+        (None, None) => anyhow::bail!("schedule {} has neither job nor pipeline", s.id),
+    };
+    let quotas = Quotas::of(&mut *conn, s.tenant_id).await?;
+    if let Err(over) = quotas::check(&mut *conn, s.tenant_id, &quotas, &kinds, true).await? {
+        return Ok(Made::Skipped(over.to_string()));
+    }
+    match (&s.job, &s.pipeline) {
+        (Some(job), _) => fired.jobs.extend(insert_job(&mut *conn, s, job, at).await?),
+        (None, Some(pipeline)) => {
+            let firing = Firing { schedule: s.id, at };
+            let created =
+                pipelines::create(&mut *conn, s.tenant_id, s.key_id, pipeline, Some(firing))
+                    .await?;
+            if let Some(id) = created {
+                let advanced = pipelines::advance(&mut *conn, id, validate).await?;
+                fired.jobs.extend(advanced.jobs);
+                fired.pipelines += 1;
+            }
+        }
+        (None, None) => {}
+    }
+    Ok(Made::Something)
+}
+
+/// Writes the firings that made nothing, and keeps the newest [`KEPT_SKIPS`].
+async fn record_skips(
+    conn: &mut PgConnection,
+    schedule: Uuid,
+    skips: &[(DateTime<Utc>, String)],
+) -> sqlx::Result<()> {
+    if skips.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = skips.iter().map(|_| Uuid::now_v7()).collect();
+    let times: Vec<DateTime<Utc>> = skips.iter().map(|(at, _)| *at).collect();
+    let reasons: Vec<&str> = skips.iter().map(|(_, why)| why.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO schedule_skips (id, schedule_id, fire_at, reason)
+         SELECT t.id, $2, t.fire_at, t.reason
+         FROM unnest($1::uuid[], $3::timestamptz[], $4::text[]) AS t(id, fire_at, reason)",
+    )
+    .bind(&ids)
+    .bind(schedule)
+    .bind(&times)
+    .bind(&reasons)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "DELETE FROM schedule_skips WHERE schedule_id = $1
+           AND id < (SELECT id FROM schedule_skips WHERE schedule_id = $1
+                     ORDER BY id DESC OFFSET $2 LIMIT 1)",
+    )
+    .bind(schedule)
+    .bind(KEPT_SKIPS - 1)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// The firing's job, queued with the schedule's key; `None` if that firing already made one.
 async fn insert_job(
     conn: &mut PgConnection,
     s: &Schedule,
+    job: &ScheduledJob,
     fire_at: DateTime<Utc>,
 ) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(
@@ -496,12 +697,11 @@ async fn insert_job(
     )
     .bind(Uuid::now_v7())
     .bind(s.tenant_id)
-    .bind(&s.job.kind)
-    .bind(&s.job.payload)
-    .bind(s.job.priority.unwrap_or(0))
+    .bind(&job.kind)
+    .bind(&job.payload)
+    .bind(job.priority.unwrap_or(0))
     .bind(
-        s.job
-            .max_attempts
+        job.max_attempts
             .unwrap_or(crate::model::DEFAULT_MAX_ATTEMPTS),
     )
     .bind(s.key_id)

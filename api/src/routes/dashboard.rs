@@ -10,7 +10,7 @@ use shared::Problem;
 
 const INDEX: &str = include_str!("../../dashboard/index.html");
 /// Every asset the page loads, by name: the shell, one script per screen, the styles.
-const ASSETS: [(&str, &str); 5] = [
+const ASSETS: [(&str, &str); 6] = [
     ("app.js", include_str!("../../dashboard/app.js")),
     ("patch.js", include_str!("../../dashboard/patch.js")),
     ("import.js", include_str!("../../dashboard/import.js")),
@@ -18,6 +18,7 @@ const ASSETS: [(&str, &str); 5] = [
         "collections.js",
         include_str!("../../dashboard/collections.js"),
     ),
+    ("flows.js", include_str!("../../dashboard/flows.js")),
     ("style.css", include_str!("../../dashboard/style.css")),
 ];
 

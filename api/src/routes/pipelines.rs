@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shared::{
     model::{self, SubmitJob},
-    pipelines::{self, Advanced, NewStep, OnFailure, Pipeline, StepRetry},
+    pipelines::{self, Advanced, NewPipeline, NewStep, OnFailure, Pipeline, StepRetry},
     FieldError, Problem,
 };
 use sqlx::PgConnection;
@@ -144,17 +144,30 @@ pub(crate) async fn lock_of_job(
 }
 
 /// A submission that passed [`check`].
-struct Checked {
-    name: Option<String>,
-    on_failure: OnFailure,
-    steps: Vec<NewStep>,
+pub(crate) struct Checked {
+    pub pipeline: NewPipeline,
     /// Each step's checked payload, by index, when it holds no reference (one that does is
     /// preflighted by its job's own run, once resolved).
-    preflights: Vec<(usize, contracts::Valid)>,
+    pub preflights: Vec<(usize, contracts::Valid)>,
+}
+
+impl Checked {
+    /// What a submission of these steps would be refused for now (an unknown dataset, ...);
+    /// errors name `{list}[i].<field>`.
+    pub(crate) async fn preflight(
+        &self,
+        state: &AppState,
+        tenant: Tenant,
+        list: &str,
+    ) -> Result<(), Problem> {
+        let preflights: Vec<(usize, &contracts::Valid)> =
+            self.preflights.iter().map(|(i, v)| (*i, v)).collect();
+        jobs::preflight_batch(state, tenant, list, &preflights).await
+    }
 }
 
 /// The DAG, each step's payload and references, as a submission's are checked.
-fn check(state: &AppState, body: SubmitPipeline) -> Result<Checked, Problem> {
+pub(crate) fn check(state: &AppState, body: SubmitPipeline) -> Result<Checked, Problem> {
     let mut errors = Vec::new();
     if let Some(name) = &body.name {
         if name.trim().is_empty() || name.len() > 100 {
@@ -241,9 +254,11 @@ fn check(state: &AppState, body: SubmitPipeline) -> Result<Checked, Problem> {
         return Err(Problem::validation(errors));
     }
     Ok(Checked {
-        name: body.name,
-        on_failure: body.on_failure.unwrap_or_default(),
-        steps,
+        pipeline: NewPipeline {
+            name: body.name,
+            on_failure: body.on_failure.unwrap_or_default(),
+            steps,
+        },
         preflights,
     })
 }
@@ -259,41 +274,31 @@ pub async fn submit(
     HashedJson(body, body_sha256): HashedJson<SubmitPipeline>,
 ) -> Result<Response, Problem> {
     let tenant = writer.tenant();
-    let Checked {
-        name,
-        on_failure,
-        steps,
-        preflights,
-    } = check(&state, body)?;
+    let checked = check(&state, body)?;
+    let pipeline = &checked.pipeline;
     // Each step is a job submitted now, for the rate and the quotas.
     let rate = match state
         .limits
-        .admit(tenant.0, writer.0.key.id, steps.len())
+        .admit(tenant.0, writer.0.key.id, pipeline.steps.len())
         .await
     {
         Ok(headers) => headers,
         Err(refused) => return Ok(refused),
     };
-    let kinds: Vec<&str> = steps.iter().map(|s| s.kind.as_str()).collect();
-    state.limits.check_quotas(tenant.0, &kinds).await?;
-    let preflights: Vec<(usize, &contracts::Valid)> =
-        preflights.iter().map(|(i, v)| (*i, v)).collect();
-    jobs::preflight_batch(&state, tenant, "steps", &preflights).await?;
+    state
+        .limits
+        .check_quotas(tenant.0, &pipeline.kinds())
+        .await?;
+    checked.preflight(&state, tenant, "steps").await?;
     let mut tx = state.pool.begin().await?;
-    let id = pipelines::create(
-        &mut tx,
-        tenant.0,
-        writer.0.key.id,
-        name.as_deref(),
-        on_failure,
-        &steps,
-    )
-    .await?;
+    let id = pipelines::create(&mut tx, tenant.0, Some(writer.0.key.id), pipeline, None)
+        .await?
+        .ok_or_else(|| Problem::internal("a pipeline of no firing was refused"))?;
     let advanced = advance(&state, &mut tx, id).await?;
     let entry = Entry::new(Action::PipelineSubmit)
         .target(id)
         .payload_sha256(body_sha256)
-        .detail(json!({"name": name, "steps": steps.len()}));
+        .detail(json!({"name": pipeline.name, "steps": pipeline.steps.len()}));
     writer.audit(&mut *tx, entry).await?;
     let pipeline = pipelines::get(&mut tx, tenant.0, id)
         .await?

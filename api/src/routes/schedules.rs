@@ -12,13 +12,16 @@ use axum::{
 };
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use shared::{
     model::SubmitJob,
-    schedules::{self, Misfire, NewSchedule, Overlap, Schedule, ScheduledJob, Timing},
+    schedules::{
+        self, FiringRecord, Misfire, NewSchedule, Overlap, Schedule, ScheduledJob, Target, Timing,
+    },
+    store::NewJob,
     FieldError, Problem,
 };
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 use crate::{
     audit::{Action, Entry},
@@ -26,6 +29,7 @@ use crate::{
     extract::HashedJson,
     routes::jobs::{self, JobList},
     routes::page::{self, Page},
+    routes::pipelines::{self, SubmitPipeline},
     AppState,
 };
 
@@ -40,12 +44,13 @@ pub struct CreateSchedule {
     pub cron: String,
     /// IANA time zone the expression is read in (default `UTC`).
     pub timezone: Option<String>,
-    /// The job each firing enqueues, validated as a submission is.
+    /// The job each firing enqueues, validated as a submission is. Give `job` or `pipeline`.
     pub job: Option<ScheduledJob>,
-    /// A pipeline to start at each firing: not yet supported (422).
-    #[schema(value_type = Option<Object>)]
-    pub pipeline: Option<Value>,
-    /// While the previous job is live: `skip` (default), `queue` or `allow`.
+    /// The pipeline each firing starts: the body of `POST /v1/pipelines`, validated as a
+    /// submission is (its name defaults to the schedule's).
+    pub pipeline: Option<SubmitPipeline>,
+    /// While the previous job is live (or pipeline running): `skip` (default), `queue` or
+    /// `allow`.
     pub overlap: Option<Overlap>,
     /// After downtime: `run_once` (default) or `skip`.
     pub misfire: Option<Misfire>,
@@ -60,6 +65,27 @@ pub struct ScheduleList {
 
 fn not_found() -> Problem {
     Problem::not_found("schedule")
+}
+
+/// A schedule's job or pipeline, checked as a submission is.
+enum Checked {
+    Job((NewJob, contracts::Valid)),
+    Pipeline(pipelines::Checked),
+}
+
+fn check_job(
+    state: &AppState,
+    job: ScheduledJob,
+) -> Result<(NewJob, contracts::Valid), Vec<FieldError>> {
+    let submission = SubmitJob {
+        kind: job.kind,
+        payload: job.payload,
+        idempotency_key: None,
+        priority: job.priority,
+        max_attempts: job.max_attempts,
+        run_at: None,
+    };
+    jobs::validate(state, submission, "job.")
 }
 
 #[utoipa::path(post, path = "/v1/schedules", request_body = CreateSchedule, tag = "schedules",
@@ -80,64 +106,76 @@ pub async fn create(
     let timing = Timing::parse(&body.cron, &timezone)
         .map_err(|e| errors.extend(e))
         .ok();
-    if body.pipeline.is_some() {
-        errors.push(FieldError::new(
-            "pipeline",
-            "pipeline schedules are not yet supported: schedule a `job`",
-        ));
-    }
-    let job = match (body.job, body.pipeline.is_some()) {
-        (Some(job), _) => {
-            let submission = SubmitJob {
-                kind: job.kind,
-                payload: job.payload,
-                idempotency_key: None,
-                priority: job.priority,
-                max_attempts: job.max_attempts,
-                run_at: None,
-            };
-            match jobs::validate(&state, submission, "job.") {
-                Ok(valid) => Some(valid),
-                Err(e) => {
-                    errors.extend(e);
+    let target = match (body.job, body.pipeline) {
+        (Some(_), Some(_)) => {
+            errors.push(FieldError::new(
+                "pipeline",
+                "give `job` or `pipeline`, not both",
+            ));
+            None
+        }
+        (Some(job), None) => check_job(&state, job)
+            .map_err(|e| errors.extend(e))
+            .ok()
+            .map(Checked::Job),
+        (None, Some(mut pipeline)) => {
+            pipeline.name = pipeline.name.or_else(|| Some(body.name.clone()));
+            match pipelines::check(&state, pipeline) {
+                Ok(checked) => Some(Checked::Pipeline(checked)),
+                Err(problem) => {
+                    errors.extend(
+                        problem
+                            .errors
+                            .into_iter()
+                            .map(|e| FieldError::new(format!("pipeline.{}", e.field), e.message)),
+                    );
                     None
                 }
             }
         }
-        (None, false) => {
+        (None, None) => {
             errors.push(FieldError::new(
                 "job",
-                "required: the job each firing enqueues",
+                "required (or `pipeline`): what each firing makes",
             ));
             None
         }
-        (None, true) => None,
     };
-    let (Some(timing), Some((job, valid)), true) = (timing, job, errors.is_empty()) else {
+    let (Some(timing), Some(target), true) = (timing, target, errors.is_empty()) else {
         return Err(Problem::validation(errors));
     };
-    // What a submission of this job would be refused for now (an unknown dataset, ...).
-    if let Err(mut problem) = state
-        .contracts
-        .preflight(&state.context, tenant.0, &valid)
-        .await
-    {
-        for error in &mut problem.errors {
-            error.field = format!("job.{}", error.field);
+    // What a submission of this job or pipeline would be refused for now (an unknown
+    // dataset, ...).
+    let target = match target {
+        Checked::Job((job, valid)) => {
+            if let Err(mut problem) = state
+                .contracts
+                .preflight(&state.context, tenant.0, &valid)
+                .await
+            {
+                for error in &mut problem.errors {
+                    error.field = format!("job.{}", error.field);
+                }
+                return Err(problem);
+            }
+            Target::Job(ScheduledJob {
+                kind: job.kind,
+                payload: job.payload,
+                priority: Some(job.priority),
+                max_attempts: Some(job.max_attempts),
+            })
         }
-        return Err(problem);
-    }
+        Checked::Pipeline(checked) => {
+            checked.preflight(&state, tenant, "pipeline.steps").await?;
+            Target::Pipeline(checked.pipeline)
+        }
+    };
     let paused = body.paused.unwrap_or(false);
     let new = NewSchedule {
         name: body.name,
         cron: body.cron,
         timezone,
-        job: ScheduledJob {
-            kind: job.kind,
-            payload: job.payload,
-            priority: Some(job.priority),
-            max_attempts: Some(job.max_attempts),
-        },
+        target,
         overlap: body.overlap.unwrap_or_default(),
         misfire: body.misfire.unwrap_or_default(),
         paused,
@@ -152,7 +190,8 @@ pub async fn create(
         .payload_sha256(body_sha256)
         .detail(serde_json::json!({
             "name": created.name, "cron": created.cron, "timezone": created.timezone,
-            "kind": created.job.kind,
+            "kind": created.job.as_ref().map(|job| &job.kind),
+            "pipeline": created.pipeline.as_ref().map(|p| p.steps.len()),
         }));
     writer.audit(&mut *tx, entry).await?;
     tx.commit().await?;
@@ -262,7 +301,7 @@ pub async fn delete(
     params(("id" = Uuid, Path), Page),
     responses((status = 200, body = JobList, description = "the jobs the schedule made, newest first"),
               (status = 404, body = Problem), (status = 422, body = Problem)))]
-pub async fn history(
+pub async fn jobs(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(id): Path<String>,
@@ -273,7 +312,37 @@ pub async fn history(
     schedules::get(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(not_found)?;
-    let jobs = schedules::history(&state.pool, tenant.0, id, cursor, limit).await?;
+    let jobs = schedules::jobs(&state.pool, tenant.0, id, cursor, limit).await?;
     let next_cursor = page::next_cursor(&jobs, limit, |j| j.id);
     Ok(Json(JobList { jobs, next_cursor }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct FiringList {
+    pub firings: Vec<FiringRecord>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
+}
+
+#[utoipa::path(get, path = "/v1/schedules/{id}/history", tag = "schedules",
+    params(("id" = Uuid, Path), Page),
+    responses((status = 200, body = FiringList, description = "the schedule's firings, newest first: the job or pipeline each made, or why it made nothing"),
+              (status = 404, body = Problem), (status = 422, body = Problem)))]
+pub async fn history(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    Params(params): Params<Page>,
+) -> Result<Json<FiringList>, Problem> {
+    let id = parse_id(&id, "schedule")?;
+    let (limit, cursor) = params.checked()?;
+    schedules::get(&state.pool, tenant.0, id)
+        .await?
+        .ok_or_else(not_found)?;
+    let firings = schedules::history(&state.pool, tenant.0, id, cursor, limit).await?;
+    let next_cursor = page::next_cursor(&firings, limit, |f| f.id);
+    Ok(Json(FiringList {
+        firings,
+        next_cursor,
+    }))
 }

@@ -354,6 +354,42 @@ async fn schedules_are_created_listed_paused_resumed_and_deleted() {
     assert_eq!(refused.code, 2);
     assert!(refused.stderr.contains("cron"), "{}", refused.stderr);
 
+    // A schedule that starts a pipeline from a YAML file.
+    let file = std::env::temp_dir().join(format!("flow-{}.yaml", uuid::Uuid::now_v7()));
+    std::fs::write(
+        &file,
+        "steps:\n  - name: a\n    kind: canary\n  - name: b\n    kind: canary\n    needs: [a]\n",
+    )
+    .unwrap();
+    let flow = run(
+        &app,
+        &[
+            "schedules",
+            "create",
+            "--name",
+            "flow",
+            "--cron",
+            "@daily",
+            "--pipeline",
+            file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(flow.code, 0, "{}", flow.stderr);
+    assert!(
+        flow.stdout.contains("pipeline (2 steps)"),
+        "{}",
+        flow.stdout
+    );
+    let history = run(&app, &["schedules", "history", &id]).await;
+    assert_eq!(history.code, 0, "{}", history.stderr);
+    assert!(
+        history.stdout.contains("no firings yet"),
+        "{}",
+        history.stdout
+    );
+
     let deleted = run(&app, &["schedules", "delete", &id]).await;
     assert_eq!(deleted.code, 0, "{}", deleted.stderr);
     let (status, _) = app.get(&format!("/v1/schedules/{id}")).await;

@@ -330,7 +330,8 @@ async fn the_dashboard_is_served_from_the_binary() {
             "app.js",
             "patch.js",
             "import.js",
-            "collections.js"
+            "collections.js",
+            "flows.js"
         ]
     );
     for name in named {

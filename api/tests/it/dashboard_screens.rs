@@ -1,8 +1,8 @@
-//! The dashboard's screens in chromium (tests/browser/{patch,import,search}.mjs, run through
+//! The dashboard's screens in chromium (tests/browser/{patch,import,search,flows}.mjs, run through
 //! browser.rs' BrowserScript): patch review against a real table, checked from here after each
 //! step; an import's rejected rows; searches from the page against the API's own answers.
 
-use crate::{browser::BrowserScript, harness::TestApp};
+use crate::{browser::BrowserScript, harness::TestApp, webhooks::Receiver};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -182,4 +182,64 @@ async fn the_collections_screen_searches_as_the_api_does() {
     }
     script.finish(LIMIT).await;
     assert_eq!(searched, ["keyword", "hybrid", "vector"]);
+}
+
+/// The workflow screens (tests/browser/flows.mjs): a two-step pipeline submitted from the page
+/// and followed live to success, checked here; a schedule paused from the page, checked in the
+/// database; the webhook's delivery of the pipeline's outcome shown, and replayed from the page
+/// (the receiver here gets it twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workflow_screens_follow_a_pipeline_pause_a_schedule_and_replay_a_delivery() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(4).await;
+    let (receiver, url) = Receiver::start(&[]).await;
+    let (webhook, _) = crate::webhooks::create(&app, &url, &["pipeline.finished"]).await;
+    let (status, schedule) = app
+        .post(
+            "/v1/schedules",
+            &json!({"name": "<img src=x onerror=window.__pwned=4>", "cron": "@daily",
+                    "pipeline": {"steps": [{"name": "only", "kind": "canary"}]}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{schedule}");
+    let schedule = schedule["id"].as_str().unwrap().to_owned();
+
+    let mut script = BrowserScript::start(&app, "flows.mjs", &[&schedule, &webhook]);
+    let mut asked = Vec::new();
+    while let Some(request) = tokio::time::timeout(LIMIT, script.request())
+        .await
+        .expect("the browser script asks in time")
+    {
+        let (what, id) = request.split_once(' ').unwrap_or((&request, ""));
+        match what {
+            "pipeline" => {
+                let (_, pipeline) = app.get(&format!("/v1/pipelines/{id}")).await;
+                assert_eq!(pipeline["status"], "succeeded", "{pipeline}");
+                let states: Vec<&str> = pipeline["steps"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["state"].as_str().unwrap())
+                    .collect();
+                assert_eq!(states, ["succeeded", "succeeded"]);
+            }
+            "paused" => {
+                let paused: bool =
+                    sqlx::query_scalar("SELECT paused FROM schedules WHERE id = $1::uuid")
+                        .bind(id)
+                        .fetch_one(app.pool())
+                        .await
+                        .unwrap();
+                assert!(paused, "the schedule is paused");
+            }
+            "replayed" => {
+                receiver.wait_for(2, Duration::from_secs(30)).await;
+            }
+            other => panic!("unexpected request from the browser script: {other}"),
+        }
+        asked.push(what.to_owned());
+        script.answer("ok").await;
+    }
+    script.finish(LIMIT).await;
+    assert_eq!(asked, ["pipeline", "paused", "replayed"]);
 }

@@ -25,6 +25,74 @@ fn times(value: &Value) -> Vec<DateTime<Utc>> {
         .collect()
 }
 
+/// The schedule's firings, newest first: what each made, or why it made nothing.
+async fn firings(app: &TestApp, id: &str) -> Vec<Value> {
+    let (status, page) = app
+        .get(&format!("/v1/schedules/{id}/history?limit=500"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    page["firings"].as_array().unwrap().clone()
+}
+
+/// A two-step pipeline of canaries, `second` needing `first`; `first` runs `steps` of 100 ms.
+fn two_steps(steps: u32) -> Value {
+    json!({"steps": [
+        {"name": "first", "kind": "canary", "payload": {"steps": steps, "step_ms": 100}},
+        {"name": "second", "kind": "canary", "needs": ["first"]},
+    ]})
+}
+
+/// A 5-second window inside one minute, starting 2 seconds from now: its start, and a cron
+/// expression firing every second of it.
+async fn five_seconds_soon() -> (DateTime<Utc>, String) {
+    let mut now = Utc::now();
+    if now.second() > 50 {
+        tokio::time::sleep(Duration::from_secs(u64::from(61 - now.second()))).await;
+        now = Utc::now();
+    }
+    let start = now.with_nanosecond(0).unwrap() + chrono::Duration::seconds(2);
+    let cron = format!(
+        "{}-{} {} {} * * *",
+        start.second(),
+        start.second() + 4,
+        start.minute(),
+        start.hour()
+    );
+    (start, cron)
+}
+
+/// Asserts that the firing times (`field` of each of `made`) are the 5 seconds from `start`,
+/// one each; returns them.
+fn one_per_second(made: &[Value], field: &str, start: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+    let mut fired: Vec<DateTime<Utc>> = made
+        .iter()
+        .map(|m| m[field].as_str().unwrap().parse().unwrap())
+        .collect();
+    fired.sort();
+    let expected: Vec<DateTime<Utc>> = (0..5)
+        .map(|s| start + chrono::Duration::seconds(s))
+        .collect();
+    assert_eq!(fired, expected, "one per firing second: {made:#?}");
+    expected
+}
+
+/// Another firer, as a second leader would be, racing the one the workers elected for 9
+/// seconds: the jobs and pipelines it made.
+async fn race_the_leader(app: &TestApp) -> (usize, usize) {
+    let end = Instant::now() + Duration::from_secs(9);
+    let (mut jobs, mut pipelines) = (0, 0);
+    while Instant::now() < end {
+        let fired =
+            shared::schedules::fire_due(app.pool(), Duration::from_secs(10), 100, &validate)
+                .await
+                .expect("fires");
+        jobs += fired.jobs.len();
+        pipelines += fired.pipelines;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (jobs, pipelines)
+}
+
 /// The jobs the schedule made, newest first.
 async fn history(app: &TestApp, id: &str) -> Vec<Value> {
     let (status, page) = app.get(&format!("/v1/schedules/{id}/jobs?limit=500")).await;
@@ -38,6 +106,13 @@ async fn wait_for(what: &str, within: Duration, mut done: impl AsyncFnMut() -> b
         assert!(Instant::now() < deadline, "{what} within {within:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Checks a pipeline step's resolved payload, as a worker's firer does.
+fn validate(kind: &str, payload: &Value) -> Result<(), Vec<shared::FieldError>> {
+    static REGISTRY: std::sync::LazyLock<contracts::Registry> =
+        std::sync::LazyLock::new(contracts::Registry::standard);
+    REGISTRY.validate(kind, payload).map(|_| ())
 }
 
 fn fields(problem: &Value) -> Vec<&str> {
@@ -193,14 +268,49 @@ async fn invalid_schedules_are_refused_naming_their_fields() {
     assert!(fields(&problem)[0].starts_with("job."), "{problem}");
     let problem = refused(json!({"name": "", "cron": "* * * * *"})).await;
     assert_eq!(fields(&problem), ["name", "job"]);
-    // Pipelines do not exist yet.
+    // A pipeline is checked as a submitted one is, its errors under `pipeline.`.
+    let step = |name: &str, needs: Value, payload: Value| json!({"name": name, "kind": "canary", "needs": needs, "payload": payload});
+    let problem = refused(
+        json!({"name": "a", "cron": "* * * * *", "pipeline": {"steps": [
+            step("a", json!(["b"]), json!({})),
+            step("b", json!(["a"]), json!({"steps": 1_000_000})),
+        ]}}),
+    )
+    .await;
+    assert_eq!(
+        fields(&problem),
+        ["pipeline.steps[0].needs", "pipeline.steps[1].payload.steps"],
+        "{problem}"
+    );
+    let problem = refused(
+        json!({"name": "a", "cron": "* * * * *", "pipeline": {"steps": [
+            step("a", json!([]), json!({"steps": "${steps.nope.outputs.n}"})),
+        ]}}),
+    )
+    .await;
+    assert_eq!(fields(&problem), ["pipeline.steps[0].payload.steps"]);
     let problem =
         refused(json!({"name": "a", "cron": "* * * * *", "pipeline": {"steps": []}})).await;
+    assert_eq!(fields(&problem), ["pipeline.steps"]);
+    let problem = refused(json!({"name": "a", "cron": "* * * * *", "job": canary,
+        "pipeline": {"steps": [step("a", json!([]), json!({}))]}}))
+    .await;
     assert_eq!(fields(&problem), ["pipeline"]);
-    assert!(problem["errors"][0]["message"]
-        .as_str()
-        .unwrap()
-        .contains("not yet supported"));
+    // An import of a dataset the tenant does not have: refused as its submission would be.
+    let (status, problem) = app
+        .post(
+            "/v1/schedules",
+            &json!({"name": "a", "cron": "* * * * *", "pipeline": {"steps": [
+                {"name": "load", "kind": "import",
+                 "payload": {"dataset_id": Uuid::now_v7(), "target": {"table": "t"}}},
+            ]}}),
+        )
+        .await;
+    assert!(status.is_client_error(), "{status} {problem}");
+    assert!(
+        problem.to_string().contains("pipeline.steps[0]"),
+        "{problem}"
+    );
     let (status, _) = app
         .post(
             "/v1/schedules",
@@ -236,10 +346,25 @@ async fn another_tenants_schedule_is_not_found_and_a_read_key_cannot_change_one(
         get_as(&other, &format!("/v1/schedules/{id}")).await,
         StatusCode::NOT_FOUND
     );
-    assert_eq!(
-        get_as(&other, &format!("/v1/schedules/{id}/jobs")).await,
-        StatusCode::NOT_FOUND
-    );
+    for list in ["jobs", "history"] {
+        assert_eq!(
+            get_as(&other, &format!("/v1/schedules/{id}/{list}")).await,
+            StatusCode::NOT_FOUND
+        );
+    }
+    // A pipeline schedule is as invisible.
+    let pipeline = create(
+        &app,
+        json!({"name": "flow", "cron": "@hourly", "pipeline": two_steps(1)}),
+    )
+    .await;
+    let flow = pipeline["id"].as_str().unwrap();
+    for path in ["", "/history"] {
+        assert_eq!(
+            get_as(&other, &format!("/v1/schedules/{flow}{path}")).await,
+            StatusCode::NOT_FOUND
+        );
+    }
     for action in ["pause", "resume"] {
         let (status, _) = app
             .post_as(&other, &format!("/v1/schedules/{id}/{action}"), &json!({}))
@@ -297,20 +422,7 @@ async fn a_schedule_firing_every_second_for_five_seconds_makes_exactly_five_jobs
     let mut app = TestApp::spawn().await;
     app.start_worker(4).await;
     app.start_worker(4).await;
-    // A 5-second window inside one minute, starting 2 seconds from now.
-    let mut now = Utc::now();
-    if now.second() > 50 {
-        tokio::time::sleep(Duration::from_secs(u64::from(61 - now.second()))).await;
-        now = Utc::now();
-    }
-    let start = now.with_nanosecond(0).unwrap() + chrono::Duration::seconds(2);
-    let cron = format!(
-        "{}-{} {} {} * * *",
-        start.second(),
-        start.second() + 4,
-        start.minute(),
-        start.hour()
-    );
+    let (start, cron) = five_seconds_soon().await;
     let schedule = create(
         &app,
         json!({"name": "every-second", "cron": cron, "overlap": "allow",
@@ -321,32 +433,10 @@ async fn a_schedule_firing_every_second_for_five_seconds_makes_exactly_five_jobs
     assert_eq!(times(&schedule["next_fires"])[0], start);
 
     // Another firer, as a second leader would be, racing the one the workers elected.
-    let pool = app.pool().clone();
-    let racer = tokio::spawn(async move {
-        let end = Instant::now() + Duration::from_secs(9);
-        let mut made = 0;
-        while Instant::now() < end {
-            made += shared::schedules::fire_due(&pool, Duration::from_secs(10), 100)
-                .await
-                .expect("fires")
-                .jobs
-                .len();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        made
-    });
-    let racer_made = racer.await.unwrap();
+    let (racer_made, _) = race_the_leader(&app).await;
 
     let jobs = history(&app, &id).await;
-    let mut fired: Vec<DateTime<Utc>> = jobs
-        .iter()
-        .map(|j| j["schedule_fire_at"].as_str().unwrap().parse().unwrap())
-        .collect();
-    fired.sort();
-    let expected: Vec<DateTime<Utc>> = (0..5)
-        .map(|s| start + chrono::Duration::seconds(s))
-        .collect();
-    assert_eq!(fired, expected, "one job per firing second: {jobs:#?}");
+    let expected = one_per_second(&jobs, "schedule_fire_at", start);
     assert!(racer_made <= 5);
     for job in &jobs {
         assert_eq!(job["schedule_id"], id.as_str());
@@ -470,4 +560,99 @@ async fn misfires_after_downtime_run_once_or_skip() {
         .unwrap();
     app.wait_status(job, &["succeeded"], Duration::from_secs(30))
         .await;
+}
+
+/// A schedule starting a two-step pipeline every second for 5 seconds, with two workers and a
+/// second firer racing the leader: exactly 5 pipelines, one per firing second, each run to
+/// success; the history lists them.
+#[tokio::test]
+async fn a_pipeline_schedule_with_racing_leaders_starts_one_pipeline_per_firing() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(4).await;
+    app.start_worker(4).await;
+    let (start, cron) = five_seconds_soon().await;
+    let schedule = create(
+        &app,
+        json!({"name": "flow", "cron": cron, "overlap": "allow", "pipeline": two_steps(1)}),
+    )
+    .await;
+    let id = schedule["id"].as_str().unwrap().to_owned();
+    assert!(schedule["job"].is_null());
+    assert_eq!(
+        schedule["pipeline"]["name"], "flow",
+        "named after the schedule"
+    );
+    assert_eq!(schedule["pipeline"]["steps"][1]["needs"], json!(["first"]));
+
+    let (_, racer_made) = race_the_leader(&app).await;
+
+    let made = firings(&app, &id).await;
+    assert!(made.iter().all(|f| f["made"] == "pipeline"), "{made:#?}");
+    one_per_second(&made, "fire_at", start);
+    assert!(racer_made <= 5);
+    assert!(
+        history(&app, &id).await.is_empty(),
+        "no job of the schedule's own"
+    );
+    for firing in &made {
+        let pipeline = firing["pipeline_id"].as_str().unwrap();
+        wait_for(
+            "the pipeline's success",
+            Duration::from_secs(30),
+            async || app.get(&format!("/v1/pipelines/{pipeline}")).await.1["status"] == "succeeded",
+        )
+        .await;
+        let (_, pipeline) = app.get(&format!("/v1/pipelines/{pipeline}")).await;
+        assert_eq!(pipeline["schedule_id"], id.as_str());
+        assert_eq!(pipeline["steps"].as_array().unwrap().len(), 2);
+    }
+}
+
+/// Overlap `skip` for a pipeline: while its pipeline runs (a 5-second first step), the
+/// schedule's firings make nothing, and its history says why.
+#[tokio::test]
+async fn a_pipeline_schedule_skips_while_its_pipeline_runs() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(4).await;
+    let schedule = create(
+        &app,
+        json!({"name": "slow-flow", "cron": "* * * * * *", "pipeline": two_steps(50)}),
+    )
+    .await;
+    let id = schedule["id"].as_str().unwrap().to_owned();
+    wait_for("two skipped firings", Duration::from_secs(15), async || {
+        firings(&app, &id)
+            .await
+            .iter()
+            .filter(|f| f["made"] == "skipped")
+            .count()
+            >= 2
+    })
+    .await;
+    let (status, _) = app
+        .post(&format!("/v1/schedules/{id}/pause"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let made = firings(&app, &id).await;
+    let pipelines: Vec<&Value> = made.iter().filter(|f| f["made"] == "pipeline").collect();
+    assert_eq!(
+        pipelines.len(),
+        1,
+        "a second pipeline while one ran: {made:#?}"
+    );
+    assert_eq!(pipelines[0]["status"], "running");
+    for skipped in made.iter().filter(|f| f["made"] == "skipped") {
+        assert_eq!(skipped["status"], "skipped");
+        assert_eq!(
+            skipped["reason"],
+            "the previous firing's pipeline had not ended (overlap: skip)"
+        );
+        assert!(skipped["pipeline_id"].is_null());
+    }
+    let (_, schedule) = app.get(&format!("/v1/schedules/{id}")).await;
+    assert_eq!(
+        schedule["skipped"].as_u64().unwrap() as usize,
+        made.len() - 1
+    );
 }

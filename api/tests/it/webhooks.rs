@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 /// How the receiver answers one request.
 #[derive(Clone, Copy, Debug)]
-enum Reply {
+pub(crate) enum Reply {
     Status(u16),
     /// Holds the request open, never answering.
     Hang,
@@ -34,7 +34,7 @@ enum Reply {
 
 /// One request the receiver got.
 #[derive(Clone, Debug)]
-struct Received {
+pub(crate) struct Received {
     id: String,
     timestamp: String,
     signature: String,
@@ -45,13 +45,13 @@ struct Received {
 
 /// An HTTP server on 127.0.0.1:0 answering with its script (then 204).
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     script: Arc<Mutex<VecDeque<Reply>>>,
     got: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Receiver {
-    async fn start(script: &[Reply]) -> (Self, String) {
+    pub(crate) async fn start(script: &[Reply]) -> (Self, String) {
         let receiver = Self {
             script: Arc::new(Mutex::new(script.iter().copied().collect())),
             got: Arc::default(),
@@ -70,7 +70,7 @@ impl Receiver {
     }
 
     /// Waits until it got `n` requests; returns them.
-    async fn wait_for(&self, n: usize, within: Duration) -> Vec<Received> {
+    pub(crate) async fn wait_for(&self, n: usize, within: Duration) -> Vec<Received> {
         let deadline = Instant::now() + within;
         loop {
             let got = self.got();
@@ -156,7 +156,7 @@ async fn call(
 }
 
 /// Creates a webhook of the app's tenant; returns (id, secret).
-async fn create(app: &TestApp, url: &str, events: &[&str]) -> (String, String) {
+pub(crate) async fn create(app: &TestApp, url: &str, events: &[&str]) -> (String, String) {
     let (status, created) = app
         .post("/v1/webhooks", &json!({"url": url, "events": events}))
         .await;

@@ -62,7 +62,7 @@ mod tests {
     use super::*;
     use crate::maintenance::test_support::TestDb;
     use serde_json::{json, Value};
-    use shared::pipelines::{NewStep, OnFailure};
+    use shared::pipelines::{NewPipeline, NewStep, OnFailure};
     use uuid::Uuid;
 
     fn step(name: &str, needs: &[&str], payload: Value) -> NewStep {
@@ -80,16 +80,15 @@ mod tests {
         /// A pipeline of the test's tenant, submitted as the API does (its first steps started).
         async fn pipeline(&self, on_failure: OnFailure, steps: &[NewStep]) -> Uuid {
             let mut tx = self.pool().begin().await.unwrap();
-            let id = pipelines::create(
-                &mut tx,
-                self.tenant,
-                Uuid::now_v7(),
-                None,
+            let new = NewPipeline {
+                name: None,
                 on_failure,
-                steps,
-            )
-            .await
-            .unwrap();
+                steps: steps.to_vec(),
+            };
+            let id = pipelines::create(&mut tx, self.tenant, Some(Uuid::now_v7()), &new, None)
+                .await
+                .unwrap()
+                .unwrap();
             pipelines::advance(&mut tx, id, &self.runtime.validator())
                 .await
                 .unwrap();
@@ -230,6 +229,63 @@ mod tests {
         assert!(
             reason.contains("step \"a\" has no output \"n\""),
             "{reason}"
+        );
+        assert_eq!(status, "failed");
+    }
+    /// Quotas are checked again when a later step becomes ready: an import step, accepted at
+    /// the submit, fails naming `max_rows_per_day` once the tenant's imports used the day's
+    /// rows up; its dependent is cancelled, and the pipeline fails.
+    #[tokio::test]
+    async fn a_later_step_past_a_quota_fails_naming_it() {
+        let test = TestDb::new().await;
+        let import = |name: &str, needs: &[&str]| NewStep {
+            kind: "import".into(),
+            ..step(
+                name,
+                needs,
+                json!({"dataset_id": Uuid::now_v7(), "target": {"table": "t"}}),
+            )
+        };
+        let id = test
+            .pipeline(
+                OnFailure::CancelDependents,
+                &[
+                    step("first", &[], json!({})),
+                    import("load", &["first"]),
+                    step("after", &["load"], json!({})),
+                ],
+            )
+            .await;
+        // Since the submit, another import wrote the day's 10 rows.
+        sqlx::query("INSERT INTO tenant_limits (tenant_id, max_rows_per_day) VALUES ($1, 10)")
+            .bind(test.tenant)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        let other = test.job("import", "succeeded").await;
+        sqlx::query(
+            "INSERT INTO job_usage (job_id, attempt, tenant_id, kind, status, wall_seconds,
+                                    cpu_seconds, rows_written)
+             VALUES ($1, 1, $2, 'import', 'succeeded', 1, 1, 10)",
+        )
+        .bind(other)
+        .bind(test.tenant)
+        .execute(test.pool())
+        .await
+        .unwrap();
+
+        let first = test.steps(id).await.0[0].2.unwrap();
+        test.end_job(first, "succeeded", json!({})).await;
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 1);
+        let (steps, status) = test.steps(id).await;
+        assert_eq!(steps[1].0, "failed");
+        assert!(steps[1].2.is_none(), "no job made for the refused step");
+        let reason = steps[1].1.clone().unwrap();
+        assert!(reason.contains("max_rows_per_day"), "{reason}");
+        assert_eq!(steps[2].0, "cancelled");
+        assert_eq!(
+            steps[2].1.as_deref(),
+            Some("needs step \"load\", which failed")
         );
         assert_eq!(status, "failed");
     }

@@ -2,10 +2,7 @@
 //! queued with the schedule's key, announced and dispatched like a submission's. Overlap and
 //! misfire policies: see `shared::schedules`.
 
-use shared::{
-    events::{Event, EventType},
-    schedules, JobStatus,
-};
+use shared::schedules;
 use std::time::Duration;
 
 use super::{Duty, Schedule};
@@ -41,15 +38,24 @@ impl Duty for Schedules {
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
         let mut made = 0;
         loop {
-            let fired =
-                schedules::fire_due(runtime.pool(), self.grace, self.schedule.batch).await?;
+            let fired = schedules::fire_due(
+                runtime.pool(),
+                self.grace,
+                self.schedule.batch,
+                &runtime.validator(),
+            )
+            .await?;
             let changes: Vec<Change> = fired
                 .jobs
                 .iter()
-                .map(|job| Change {
-                    tenant: job.tenant_id,
-                    event: Event::new(job.id, &job.kind, EventType::Queued, JobStatus::Queued, 0.0)
-                        .message(Some("scheduled".into())),
+                .map(|job| {
+                    let mut change = Change::created(job);
+                    // A pipeline's step says its pipeline; the schedule's own job says it was
+                    // scheduled.
+                    if job.pipeline_id.is_none() {
+                        change.event = change.event.message(Some("scheduled".into()));
+                    }
+                    change
                 })
                 .collect();
             made += changes.len();
@@ -66,6 +72,7 @@ mod tests {
     use super::*;
     use crate::maintenance::test_support::TestDb;
     use chrono::{DateTime, Utc};
+    use serde_json::json;
     use uuid::Uuid;
 
     impl TestDb {
@@ -90,6 +97,54 @@ mod tests {
             .await
             .expect("insert a schedule");
             id
+        }
+
+        /// A schedule of the test's tenant starting a two-step pipeline (`second` needs
+        /// `first`, both canaries), next firing at the expression's next time.
+        async fn pipeline_schedule(&self, cron: &str, overlap: &str) -> Uuid {
+            let id = self.schedule(cron, overlap, "run_once").await;
+            let steps = json!([
+                {"name": "first", "kind": "canary", "payload": {}, "priority": 0,
+                 "max_attempts": 1, "needs": []},
+                {"name": "second", "kind": "canary", "payload": {}, "priority": 0,
+                 "max_attempts": 1, "needs": ["first"]},
+            ]);
+            sqlx::query(
+                "UPDATE schedules SET job = NULL,
+                        pipeline = jsonb_build_object('name', 'nightly',
+                                                      'on_failure', 'cancel_dependents',
+                                                      'steps', $2::jsonb)
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(steps)
+            .execute(self.pool())
+            .await
+            .expect("make it a pipeline schedule");
+            id
+        }
+
+        /// The schedule's pipelines: (id, status, firing time), oldest first.
+        async fn pipelines_fired(&self, id: Uuid) -> Vec<(Uuid, String, DateTime<Utc>)> {
+            sqlx::query_as(
+                "SELECT id, status, schedule_fire_at FROM pipelines WHERE schedule_id = $1
+                 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(self.pool())
+            .await
+            .expect("read the schedule's pipelines")
+        }
+
+        /// Why the schedule's firings were skipped, oldest first.
+        async fn skips(&self, id: Uuid) -> Vec<String> {
+            sqlx::query_scalar(
+                "SELECT reason FROM schedule_skips WHERE schedule_id = $1 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(self.pool())
+            .await
+            .expect("read the skips")
         }
 
         async fn set_schedule(&self, id: Uuid, assignments: &str) {
@@ -274,5 +329,117 @@ mod tests {
         .await;
         assert_eq!(duty().run(&test.runtime).await.unwrap(), 0);
         assert!(test.fired(id).await.is_empty());
+    }
+    /// Two leaders racing over a schedule that starts a pipeline every second: one pipeline
+    /// per firing, its first step queued, pushed and announced, its second waiting.
+    #[tokio::test]
+    async fn racing_leaders_start_one_pipeline_per_firing() {
+        let test = TestDb::new().await;
+        let other = test.another_runtime().await;
+        let id = test.pipeline_schedule("* * * * * *", "allow").await;
+        let end = tokio::time::Instant::now() + Duration::from_millis(4500);
+        let race = |runtime: std::sync::Arc<Runtime>| async move {
+            let mut made = 0;
+            while tokio::time::Instant::now() < end {
+                made += duty().run(&runtime).await.expect("the duty runs");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            made
+        };
+        let (a, b) = tokio::join!(race(test.runtime.clone()), race(other.clone()));
+
+        let pipelines = test.pipelines_fired(id).await;
+        let mut times: Vec<_> = pipelines.iter().map(|(_, _, at)| *at).collect();
+        times.dedup();
+        assert_eq!(
+            times.len(),
+            pipelines.len(),
+            "a firing made two: {pipelines:?}"
+        );
+        assert!((4..=5).contains(&pipelines.len()), "{pipelines:?}");
+        for pair in times.windows(2) {
+            assert_eq!((pair[1] - pair[0]).num_seconds(), 1, "{times:?}");
+        }
+        assert_eq!(a + b, pipelines.len(), "each first step counted once");
+        for (pipeline, status, _) in &pipelines {
+            assert_eq!(status, "running");
+            let steps: Vec<(String, Option<Uuid>)> = sqlx::query_as(
+                "SELECT state, job_id FROM pipeline_steps WHERE pipeline_id = $1 ORDER BY position",
+            )
+            .bind(pipeline)
+            .fetch_all(test.pool())
+            .await
+            .unwrap();
+            assert_eq!(steps[0].0, "started");
+            assert_eq!(steps[1], ("waiting".into(), None));
+            let job = steps[0].1.unwrap();
+            assert!(test.in_queue(job).await, "{job} not pushed");
+            assert_eq!(test.events(job).await, ["queued"]);
+        }
+        assert!(test.fired(id).await.is_empty(), "no job of its own");
+    }
+
+    /// Overlap `skip` holds for a pipeline: no second one while the first runs, the skip
+    /// recorded with why; once it ended, the next firing starts one.
+    #[tokio::test]
+    async fn overlap_skip_waits_for_the_previous_pipeline() {
+        let test = TestDb::new().await;
+        let id = test.pipeline_schedule("0 0 * * *", "skip").await;
+        let due = "next_fire_at = now() - interval '1 second'";
+        test.set_schedule(id, due).await;
+        duty().run(&test.runtime).await.unwrap();
+        assert_eq!(test.pipelines_fired(id).await.len(), 1);
+
+        // Its first step ended, the second not yet started: the pipeline still runs.
+        let pipeline = test.pipelines_fired(id).await[0].0;
+        sqlx::query("UPDATE jobs SET status = 'succeeded' WHERE pipeline_id = $1")
+            .bind(pipeline)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        test.set_schedule(id, due).await;
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 0);
+        assert_eq!(test.pipelines_fired(id).await.len(), 1, "a second pipeline");
+        let skips = test.skips(id).await;
+        assert_eq!(
+            skips,
+            ["the previous firing's pipeline had not ended (overlap: skip)"]
+        );
+        assert_eq!(test.schedule_row(id).await.skipped, 1);
+
+        test.set_schedule(id, due).await;
+        sqlx::query("UPDATE pipelines SET status = 'succeeded' WHERE id = $1")
+            .bind(pipeline)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.pipelines_fired(id).await.len(), 2);
+    }
+
+    /// A firing that would take the tenant past `max_queued` makes nothing: the skip is
+    /// counted and recorded naming the quota.
+    #[tokio::test]
+    async fn a_firing_past_max_queued_is_skipped_and_recorded() {
+        let test = TestDb::new().await;
+        sqlx::query("INSERT INTO tenant_limits (tenant_id, max_queued) VALUES ($1, 1)")
+            .bind(test.tenant)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        let id = test.schedule("0 0 * * *", "allow", "run_once").await;
+        let due = "next_fire_at = now() - interval '1 second'";
+        test.set_schedule(id, due).await;
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 1);
+        // One job queued: the quota is reached.
+        test.set_schedule(id, due).await;
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 0);
+        assert_eq!(test.fired(id).await.len(), 1, "enqueued past max_queued");
+        let skips = test.skips(id).await;
+        assert_eq!(skips.len(), 1);
+        assert!(skips[0].contains("quota max_queued"), "{skips:?}");
+        let row = test.schedule_row(id).await;
+        assert_eq!(row.skipped, 1);
+        assert!(row.last_fired_at.is_some());
     }
 }

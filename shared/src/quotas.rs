@@ -1,0 +1,123 @@
+//! A tenant's submission quotas (`max_queued`, `max_chunks`, `max_rows_per_day`) and what it
+//! holds against them. One check for every way a job comes to be: the API's submissions, a
+//! schedule's firings and a pipeline's later steps.
+
+use serde::Serialize;
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// The quotas a submission is checked against (`tenant_limits`; `None`: no quota).
+#[derive(Clone, Copy, Debug, Default, sqlx::FromRow)]
+pub struct Quotas {
+    pub max_queued: Option<i64>,
+    pub max_chunks: Option<i64>,
+    pub max_rows_per_day: Option<i64>,
+}
+
+impl Quotas {
+    /// The tenant's quotas, read in the caller's transaction.
+    pub async fn of(db: &mut PgConnection, tenant: Uuid) -> sqlx::Result<Self> {
+        let row = sqlx::query_as(
+            "SELECT max_queued, max_chunks, max_rows_per_day FROM tenant_limits
+             WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_optional(db)
+        .await?;
+        Ok(row.unwrap_or_default())
+    }
+}
+
+/// What a tenant holds now, against its quotas.
+#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct TenantUsage {
+    /// Jobs scheduled, queued, running or retrying.
+    pub live_jobs: i64,
+    pub dataset_bytes: i64,
+    pub chunks: i64,
+    /// Rows written by imports that finished today (UTC).
+    pub rows_imported_today: i64,
+}
+
+pub async fn usage(db: &mut PgConnection, tenant: Uuid) -> sqlx::Result<TenantUsage> {
+    sqlx::query_as(
+        "SELECT
+             (SELECT count(*) FROM jobs WHERE tenant_id = $1
+                AND status IN ('scheduled', 'queued', 'running', 'retrying')) AS live_jobs,
+             (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
+                AS dataset_bytes,
+             (SELECT count(*) FROM chunks c JOIN collections k ON k.id = c.collection_id
+                WHERE k.tenant_id = $1) AS chunks,
+             (SELECT coalesce(sum(rows_written), 0)::bigint FROM job_usage
+                WHERE tenant_id = $1 AND kind = 'import'
+                  AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+                AS rows_imported_today",
+    )
+    .bind(tenant)
+    .fetch_one(db)
+    .await
+}
+
+/// A quota a submission would go past: its name, its limit and the use it met.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverQuota {
+    pub quota: &'static str,
+    pub limit: String,
+    pub used: String,
+}
+
+impl std::fmt::Display for OverQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "over the tenant's quota {}: {} allowed; {}",
+            self.quota, self.limit, self.used
+        )
+    }
+}
+
+/// Whether jobs of these kinds would take the tenant past a quota: for ingest jobs,
+/// `max_chunks` already stored; for imports, `max_rows_per_day` already imported today; and,
+/// when `count_queued`, `max_queued` jobs waiting or running with these added. A job that
+/// crosses a quota while it runs finishes (its overrun shows in the usage); the next one is
+/// refused.
+pub async fn check(
+    db: &mut PgConnection,
+    tenant: Uuid,
+    quotas: &Quotas,
+    kinds: &[&str],
+    count_queued: bool,
+) -> sqlx::Result<Result<(), OverQuota>> {
+    let needs = |kind: &str| kinds.contains(&kind);
+    let max_chunks = quotas.max_chunks.filter(|_| needs("ingest"));
+    let max_rows = quotas.max_rows_per_day.filter(|_| needs("import"));
+    let max_queued = quotas.max_queued.filter(|_| count_queued);
+    if max_chunks.is_none() && max_rows.is_none() && max_queued.is_none() {
+        return Ok(Ok(()));
+    }
+    let usage = usage(db, tenant).await?;
+    if let Some(limit) = max_chunks.filter(|&l| usage.chunks >= l) {
+        return Ok(Err(OverQuota {
+            quota: "max_chunks",
+            limit: format!("{limit} chunks in all collections"),
+            used: format!("{} stored", usage.chunks),
+        }));
+    }
+    if let Some(limit) = max_rows.filter(|&l| usage.rows_imported_today >= l) {
+        return Ok(Err(OverQuota {
+            quota: "max_rows_per_day",
+            limit: format!("{limit} rows imported a day"),
+            used: format!("{} imported today (UTC)", usage.rows_imported_today),
+        }));
+    }
+    let adding = kinds.len() as i64;
+    if let Some(limit) = max_queued.filter(|&l| usage.live_jobs + adding > l) {
+        return Ok(Err(OverQuota {
+            quota: "max_queued",
+            limit: format!("{limit} jobs waiting or running"),
+            used: format!("{} in use, and this adds {adding}", usage.live_jobs),
+        }));
+    }
+    Ok(Ok(()))
+}
