@@ -33,7 +33,7 @@ pub fn inspect(
         Format::Csv | Format::Tsv => {
             let head = read_head(path, compression)?;
             let separator = if format == Format::Tsv { b'\t' } else { b',' };
-            CsvReadOptions::default()
+            let mut frame = CsvReadOptions::default()
                 .with_has_header(true)
                 .with_infer_schema_length(Some(1000))
                 .with_n_rows(Some(1000))
@@ -44,9 +44,23 @@ pub fn inspect(
                         .with_truncate_ragged_lines(true)
                         .with_encoding(CsvEncoding::LossyUtf8)
                 })
-                .into_reader_with_file_handle(Cursor::new(head))
+                .into_reader_with_file_handle(Cursor::new(&head))
                 .finish()
-                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            // The names as the import's reader (the csv crate) decodes them: polars keeps a
+            // quoted header's `""` escapes, and the import would not find such a column.
+            let header = csv::ReaderBuilder::new()
+                .delimiter(separator)
+                .from_reader(Cursor::new(&head))
+                .headers()
+                .map(|h| h.iter().map(str::to_owned).collect::<Vec<_>>());
+            if let Ok(names) = header {
+                let distinct: std::collections::HashSet<&String> = names.iter().collect();
+                if names.len() == frame.width() && distinct.len() == names.len() {
+                    frame.set_column_names(&names).map_err(|e| e.to_string())?;
+                }
+            }
+            frame
         }
         Format::Ndjson => {
             let head = read_head(path, compression)?;
@@ -164,5 +178,23 @@ fn json(value: AnyValue) -> Value {
         }
         AnyValue::Float64(v) => serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
         other => Value::String(other.str_value().into_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quoted_header_is_named_as_the_import_reads_it() {
+        let dir = std::env::temp_dir().join(format!("inspect-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("quoted.csv");
+        std::fs::write(&path, "\"a \"\"b\"\"\",\"c, d\",e\n1,x,2\n").unwrap();
+        let (columns, preview) = inspect(&path, Format::Csv, Compression::None).unwrap();
+        let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["a \"b\"", "c, d", "e"]);
+        assert_eq!(preview[0]["a \"b\""], 1);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
