@@ -24,6 +24,7 @@ pub enum Action {
     JobDelete,
     DatasetUpload,
     DatasetDelete,
+    ModelDelete,
     ConnectionCreate,
     ConnectionDelete,
     CollectionCreate,
@@ -46,13 +47,14 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Self; 25] = [
+    pub const ALL: [Self; 26] = [
         Self::JobSubmit,
         Self::JobCancel,
         Self::JobRetry,
         Self::JobDelete,
         Self::DatasetUpload,
         Self::DatasetDelete,
+        Self::ModelDelete,
         Self::ConnectionCreate,
         Self::ConnectionDelete,
         Self::CollectionCreate,
@@ -82,6 +84,7 @@ impl Action {
             Self::JobDelete => "job.delete",
             Self::DatasetUpload => "dataset.upload",
             Self::DatasetDelete => "dataset.delete",
+            Self::ModelDelete => "model.delete",
             Self::ConnectionCreate => "connection.create",
             Self::ConnectionDelete => "connection.delete",
             Self::CollectionCreate => "collection.create",
@@ -308,11 +311,11 @@ pub struct AuditEntry {
     /// The key that made the change; absent for an operator's command on the server.
     pub key_id: Option<Uuid>,
     /// `job.submit`, `job.cancel`, `job.retry`, `dataset.upload`, `dataset.delete`,
-    /// `connection.create`, `connection.delete`, `collection.create`, `collection.delete`,
-    /// `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`, `session.sign_out`,
-    /// `schedule.create`, `schedule.pause`, `schedule.resume`, `schedule.delete`,
-    /// `webhook.create`, `webhook.delete`, `webhook.replay`, `pipeline.submit`,
-    /// `pipeline.cancel`, `pipeline.retry`.
+    /// `model.delete`, `connection.create`, `connection.delete`, `collection.create`,
+    /// `collection.delete`, `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`,
+    /// `session.sign_out`, `schedule.create`, `schedule.pause`, `schedule.resume`,
+    /// `schedule.delete`, `webhook.create`, `webhook.delete`, `webhook.replay`,
+    /// `pipeline.submit`, `pipeline.cancel`, `pipeline.retry`.
     pub action: String,
     /// The job, dataset, connection, collection, key, session (its key), schedule, webhook,
     /// webhook delivery or pipeline changed.

@@ -12,6 +12,7 @@ pub struct Canary;
 impl Contract for Canary {
     const KIND: &'static str = "canary";
     type Payload = CanaryPayload;
+    type Output = CanaryOutput;
 
     fn check(&self, payload: &CanaryPayload) -> Result<(), Vec<FieldError>> {
         payload.check()
@@ -52,6 +53,15 @@ impl CanaryPayload {
         }
         crate::refused(errors)
     }
+}
+
+/// A canary's result.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CanaryOutput {
+    pub steps: u32,
+    /// The attempt that succeeded (1 unless earlier ones failed).
+    pub attempt: i32,
+    pub elapsed_ms: u64,
 }
 
 #[cfg(test)]

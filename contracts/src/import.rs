@@ -37,6 +37,7 @@ pub struct Import;
 impl Contract for Import {
     const KIND: &'static str = "import";
     type Payload = ImportPayload;
+    type Output = ImportOutput;
 
     fn check(&self, payload: &ImportPayload) -> Result<(), Vec<FieldError>> {
         crate::refused(payload.check())
@@ -370,6 +371,42 @@ impl ImportPayload {
             None => file_columns.to_vec(),
         }
     }
+}
+
+/// An import's result.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ImportOutput {
+    /// `schema.table`.
+    pub table: String,
+    pub mode: Mode,
+    pub rows_read: u64,
+    /// Rows that passed the checks and reached the staging table.
+    pub rows_imported: u64,
+    pub rows_rejected: u64,
+    /// Rows the table gained or changed (an upsert's repeated keys count once).
+    pub rows_applied: u64,
+    /// The dataset's size.
+    pub bytes: i64,
+    pub columns: Vec<ImportedColumn>,
+    /// `rejected.csv` when rows were rejected.
+    pub artifacts: Vec<crate::Artifact>,
+    pub duration_ms: u64,
+    pub rows_per_sec: u64,
+    pub outputs: TableOutputs,
+}
+
+/// A column of the table as the import wrote it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ImportedColumn {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub sql_type: String,
+}
+
+/// What a later step (a pipeline's, a patch) reads: the table the job wrote.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct TableOutputs {
+    pub table: String,
 }
 
 #[cfg(test)]

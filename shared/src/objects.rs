@@ -240,6 +240,44 @@ impl ObjectStore {
         Ok(remove_if_present(&self.root.join(&key)).await?)
     }
 
+    /// Stores a serialized model of the tenant atomically; returns its key.
+    pub async fn put_model(
+        &self,
+        tenant: Uuid,
+        model: Uuid,
+        bytes: &[u8],
+    ) -> anyhow::Result<String> {
+        let scratch = self.scratch_path().await?;
+        tokio::fs::write(&scratch, bytes).await?;
+        let key = model_key(tenant, model);
+        self.put_file(&scratch, &key).await?;
+        Ok(key)
+    }
+
+    /// A serialized model's bytes (models are small: kilobytes to a few megabytes); `None`
+    /// when it is not stored.
+    pub async fn read_model(&self, tenant: Uuid, model: Uuid) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some((size, mut stream)) = self.read(&model_key(tenant, model)).await? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::with_capacity(size as usize);
+        while let Some(chunk) = stream.try_next().await? {
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some(bytes))
+    }
+
+    pub async fn delete_model(&self, tenant: Uuid, model: Uuid) -> anyhow::Result<()> {
+        let key = model_key(tenant, model);
+        if let Some(bucket) = &self.bucket {
+            return match bucket.store.delete(&bucket.key(&key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        Ok(remove_if_present(&self.root.join(&key)).await?)
+    }
+
     /// Deletes every artifact of `job`; none is no error.
     pub async fn delete_artifacts(&self, job: Uuid) -> anyhow::Result<()> {
         let dir = artifact_key(job, "");
@@ -338,6 +376,10 @@ impl Bucket {
 
 fn dataset_key(tenant: Uuid, dataset: Uuid) -> String {
     format!("tenants/{tenant}/datasets/{dataset}")
+}
+
+fn model_key(tenant: Uuid, model: Uuid) -> String {
+    format!("tenants/{tenant}/models/{model}")
 }
 
 fn artifact_key(job: Uuid, name: &str) -> String {

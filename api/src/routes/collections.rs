@@ -2,7 +2,7 @@
 
 use crate::extract::Params;
 use crate::routes::page::{self, Page};
-use crate::routes::parse_id;
+use crate::routes::{delete_audited, parse_id};
 use axum::{
     extract::{Path, State},
     http::{header, StatusCode},
@@ -170,16 +170,15 @@ pub async fn delete(
     writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    let id = parse_id(&id, "collection")?;
-    let mut tx = state.pool.begin().await?;
-    if store::delete_collection(&mut *tx, writer.0.key.tenant, id).await? {
-        let entry = Entry::new(Action::CollectionDelete).target(id);
-        writer.audit(&mut *tx, entry).await?;
-        tx.commit().await?;
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(Problem::not_found("collection"))
-    }
+    delete_audited(
+        &state,
+        &writer,
+        &id,
+        "collection",
+        Action::CollectionDelete,
+        |db, tenant, id| Box::pin(store::delete_collection(db, tenant, id)),
+    )
+    .await
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -1,6 +1,7 @@
 //! Target databases a tenant registers for imports and patches. The URL is encrypted at rest
 //! and never returned.
 
+use crate::routes::delete_audited;
 use axum::{
     extract::{Path, State},
     http::StatusCode,
@@ -13,7 +14,6 @@ use shared::{
 };
 use tower_http::request_id::RequestId;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::{
     audit::{Action, Entry},
@@ -101,14 +101,13 @@ pub async fn delete(
     writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    let id = Uuid::parse_str(&id).map_err(|_| Problem::not_found("connection"))?;
-    let mut tx = state.pool.begin().await?;
-    if connections::delete(&mut *tx, writer.0.key.tenant, id).await? {
-        let entry = Entry::new(Action::ConnectionDelete).target(id);
-        writer.audit(&mut *tx, entry).await?;
-        tx.commit().await?;
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(Problem::not_found("connection"))
-    }
+    delete_audited(
+        &state,
+        &writer,
+        &id,
+        "connection",
+        Action::ConnectionDelete,
+        |db, tenant, id| Box::pin(connections::delete(db, tenant, id)),
+    )
+    .await
 }

@@ -8,7 +8,36 @@ use utoipa_axum::{
 use shared::Problem;
 use uuid::Uuid;
 
-use crate::AppState;
+use crate::{
+    audit::{Action, Entry},
+    auth::Writer,
+    AppState,
+};
+use axum::http::StatusCode;
+use futures::future::BoxFuture;
+use sqlx::PgConnection;
+
+/// Deletes one of the caller's tenant's resources and records it in the audit log, in one
+/// transaction: 204, or 404 when the tenant has no such `what`.
+pub(crate) async fn delete_audited(
+    state: &AppState,
+    writer: &Writer,
+    id: &str,
+    what: &str,
+    action: Action,
+    delete: impl for<'c> FnOnce(&'c mut PgConnection, Uuid, Uuid) -> BoxFuture<'c, sqlx::Result<bool>>,
+) -> Result<StatusCode, Problem> {
+    let id = parse_id(id, what)?;
+    let mut tx = state.pool.begin().await?;
+    if !delete(&mut tx, writer.tenant().0, id).await? {
+        return Err(Problem::not_found(what));
+    }
+    writer
+        .audit(&mut *tx, Entry::new(action).target(id))
+        .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
 
 /// A resource's id from the path. A malformed id names nothing, so it is answered as an
 /// unknown one: 404.
@@ -25,6 +54,7 @@ pub(crate) mod datasets;
 pub(crate) mod events;
 pub(crate) mod jobs;
 pub(crate) mod keys;
+pub(crate) mod models;
 pub(crate) mod ops;
 pub(crate) mod page;
 pub(crate) mod patches;
@@ -54,6 +84,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(datasets::list))
         .routes(routes!(datasets::get_one, datasets::delete))
         .routes(routes!(datasets::download))
+        .routes(routes!(models::list))
+        .routes(routes!(models::get_one, models::delete))
         .routes(routes!(connections::create, connections::list))
         .routes(routes!(connections::delete))
         .routes(routes!(schedules::create, schedules::list))

@@ -3,7 +3,7 @@
 //! schedule made.
 
 use crate::extract::Params;
-use crate::routes::parse_id;
+use crate::routes::{delete_audited, parse_id};
 use axum::{
     extract::{Path, State},
     http::{header, StatusCode},
@@ -286,15 +286,15 @@ pub async fn delete(
     writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    let id = parse_id(&id, "schedule")?;
-    let mut tx = state.pool.begin().await?;
-    if !schedules::delete(&mut *tx, writer.tenant().0, id).await? {
-        return Err(not_found());
-    }
-    let entry = Entry::new(Action::ScheduleDelete).target(id);
-    writer.audit(&mut *tx, entry).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    delete_audited(
+        &state,
+        &writer,
+        &id,
+        "schedule",
+        Action::ScheduleDelete,
+        |db, tenant, id| Box::pin(schedules::delete(db, tenant, id)),
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/schedules/{id}/jobs", tag = "schedules",

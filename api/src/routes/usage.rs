@@ -27,14 +27,10 @@ pub struct UsageGroup {
     pub group: Option<String>,
     /// Attempts that ended in the period.
     pub attempts: i64,
-    pub wall_seconds: f64,
-    pub cpu_seconds: f64,
-    pub rows_read: i64,
-    pub rows_written: i64,
-    pub bytes_read: i64,
-    pub chunks_embedded: i64,
-    pub tokens_embedded: i64,
-    pub synthetic_rows: i64,
+    /// What they used, summed.
+    #[serde(flatten)]
+    #[sqlx(flatten)]
+    pub usage: shared::usage::Usage,
 }
 
 #[derive(Serialize, ToSchema)]

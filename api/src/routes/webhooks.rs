@@ -3,7 +3,7 @@
 //! deliveries (attempts, status codes, latency) and the replay of one.
 
 use crate::extract::Params;
-use crate::routes::parse_id;
+use crate::routes::{delete_audited, parse_id};
 use axum::{
     extract::{Path, State},
     http::{header, StatusCode},
@@ -141,15 +141,15 @@ pub async fn delete(
     writer: Writer,
     Path(id): Path<String>,
 ) -> Result<StatusCode, Problem> {
-    let id = parse_id(&id, "webhook")?;
-    let mut tx = state.pool.begin().await?;
-    if !webhooks::delete(&mut *tx, writer.tenant().0, id).await? {
-        return Err(not_found());
-    }
-    let entry = Entry::new(Action::WebhookDelete).target(id);
-    writer.audit(&mut *tx, entry).await?;
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    delete_audited(
+        &state,
+        &writer,
+        &id,
+        "webhook",
+        Action::WebhookDelete,
+        |db, tenant, id| Box::pin(webhooks::delete(db, tenant, id)),
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", tag = "webhooks",

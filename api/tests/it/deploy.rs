@@ -411,6 +411,7 @@ async fn keda_queries_count_each_worker_groups_backlog_where_it_lives() {
         ("patch_rollback", 5),
         ("ingest", 6),
         ("synthesis", 7),
+        ("sample", 8),
     ];
     for (kind, n) in others {
         for _ in 0..n {
@@ -443,7 +444,7 @@ async fn keda_queries_count_each_worker_groups_backlog_where_it_lives() {
             "conveyor-worker-import" => &["import"],
             "conveyor-worker-patch" => &["patch", "patch_rollback"],
             "conveyor-worker-ingest" => &["ingest"],
-            "conveyor-worker-synthesis" => &["synthesis"],
+            "conveyor-worker-synthesis" => &["synthesis", "sample"],
             other => panic!("unknown ScaledObject {other}"),
         };
         others

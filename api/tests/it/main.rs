@@ -20,6 +20,7 @@ mod ingest;
 mod keys;
 mod lifecycle;
 mod limits;
+mod models;
 mod objects;
 mod patch;
 mod pipelines;

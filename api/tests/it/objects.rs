@@ -166,3 +166,32 @@ async fn datasets_and_artifacts_live_in_an_s3_bucket() {
         .await;
     assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_models_live_in_the_bucket_and_go_with_their_delete() {
+    let s3 = S3Server::start();
+    let local = std::env::temp_dir().join(format!("conveyor-models-{}", uuid::Uuid::new_v4()));
+    let store = shared::objects::ObjectStore::with_bucket(&local, Some(&s3.config())).unwrap();
+    let (tenant, model) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let bytes = br#"{"format":"conveyor.gaussian_copula.v1"}"#;
+    let key = store.put_model(tenant, model, bytes).await.unwrap();
+    assert_eq!(key, format!("tenants/{tenant}/models/{model}"));
+    assert!(!s3.objects_named(&model.to_string()).is_empty());
+    assert!(files_under(&local)
+        .iter()
+        .all(|p| !p.to_string_lossy().contains(&model.to_string())));
+    assert_eq!(
+        store.read_model(tenant, model).await.unwrap().unwrap(),
+        bytes
+    );
+    // Another tenant's key holds nothing.
+    assert!(store
+        .read_model(uuid::Uuid::now_v7(), model)
+        .await
+        .unwrap()
+        .is_none());
+    store.delete_model(tenant, model).await.unwrap();
+    assert!(s3.objects_named(&model.to_string()).is_empty());
+    assert!(store.read_model(tenant, model).await.unwrap().is_none());
+    let _ = std::fs::remove_dir_all(&local);
+}

@@ -288,6 +288,8 @@ async fn ops_endpoints_answer() {
         "/v1/jobs/{id}/retry",
         "/v1/jobs/{id}/events",
         "/v1/events",
+        "/v1/models",
+        "/v1/models/{id}",
         "/healthz",
         "/readyz",
         "/metrics",
@@ -298,6 +300,21 @@ async fn ops_endpoints_answer() {
         );
     }
     assert!(spec["components"]["schemas"]["Job"].is_object());
+    assert!(spec["components"]["schemas"]["SavedModel"].is_object());
+    assert!(spec["components"]["schemas"]["SamplePayload"].is_object());
+    // Each kind's result is a documented type.
+    for output in [
+        "CanaryOutput",
+        "ImportOutput",
+        "PatchOutput",
+        "RollbackOutput",
+        "IngestOutput",
+    ] {
+        assert!(
+            spec["components"]["schemas"][output].is_object(),
+            "{output} missing from the OpenAPI document"
+        );
+    }
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ pub struct Ingest;
 impl Contract for Ingest {
     const KIND: &'static str = "ingest";
     type Payload = IngestPayload;
+    type Output = IngestOutput;
 
     fn check(&self, payload: &IngestPayload) -> Result<(), Vec<FieldError>> {
         payload.check()
@@ -236,6 +237,23 @@ pub fn check_directory(directory: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// An ingest's result.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct IngestOutput {
+    pub collection_id: Uuid,
+    /// Documents in the payload.
+    pub documents: usize,
+    /// Documents (re)chunked and embedded.
+    pub indexed: usize,
+    /// Documents whose content was already indexed.
+    pub unchanged: usize,
+    /// Documents of watched directories' files that are gone, removed.
+    pub deleted: u64,
+    pub chunks: usize,
+    pub elapsed_ms: u64,
+    pub chunks_per_second: f64,
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub struct Patch;
 impl Contract for Patch {
     const KIND: &'static str = "patch";
     type Payload = PatchPayload;
+    type Output = PatchOutput;
 
     fn check(&self, payload: &PatchPayload) -> Result<(), Vec<FieldError>> {
         payload.check().map(drop)
@@ -51,6 +52,7 @@ pub struct PatchRollback;
 impl Contract for PatchRollback {
     const KIND: &'static str = "patch_rollback";
     type Payload = RollbackPayload;
+    type Output = RollbackOutput;
 
     fn check(&self, _payload: &RollbackPayload) -> Result<(), Vec<FieldError>> {
         Ok(())
@@ -538,6 +540,83 @@ pub async fn locate(
         )));
     }
     Ok((target, record))
+}
+
+/// A patch's result: a dry run's preview, or what an execute changed.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum PatchOutput {
+    DryRun(DryRun),
+    Execute(Executed),
+}
+
+/// The statement run in a transaction that was rolled back.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DryRun {
+    /// The exact number of rows the statement changes.
+    pub rows: u64,
+    pub estimated_rows: f64,
+    /// `EXPLAIN (FORMAT JSON)` of the statement.
+    pub explain: Value,
+    /// The first rows by key: `{key, deleted, changes: {column: {before, after}}}`.
+    pub sample: Vec<Value>,
+    pub preflight: Assessment,
+    pub elapsed_ms: u64,
+}
+
+/// An execute: its progress in the registry, and what this attempt did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Executed {
+    pub table: String,
+    pub operation: String,
+    pub key: Vec<String>,
+    pub rows: i64,
+    pub rows_expected: i64,
+    pub batches: i32,
+    /// Rows done by earlier attempts when this one started.
+    pub resumed_from_rows: i64,
+    #[schema(value_type = Vec<Object>)]
+    pub snapshots: Vec<record::Listing>,
+    pub preflight: Assessment,
+    /// Absent when an earlier attempt had already finished the patch.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<AttemptFigures>,
+    pub outputs: PatchOutputs,
+}
+
+/// What one attempt of an execute did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptFigures {
+    pub attempt_rows: i64,
+    pub elapsed_ms: u64,
+    pub rows_per_sec: f64,
+    pub longest_batch_ms: f64,
+    pub longest_lock_ms: f64,
+    pub last_batch_size: i64,
+}
+
+/// The table a patch changed, and the snapshot a rollback restores from.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PatchOutputs {
+    pub table: String,
+    pub snapshot: String,
+}
+
+/// A rollback's result.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RollbackOutput {
+    pub patch_job_id: Uuid,
+    pub table: String,
+    /// The snapshot table it restored from.
+    pub snapshot: String,
+    pub rows_restored: i64,
+    /// Snapshot rows left as they were: changed again after the patch.
+    pub conflicts: i64,
+    /// Some of the conflicting rows' keys.
+    pub conflict_keys: Vec<Vec<String>>,
+    pub elapsed_ms: u64,
+    pub longest_batch_ms: f64,
+    pub outputs: crate::import::TableOutputs,
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub struct Record {
 }
 
 /// How a snapshot is listed on the job.
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct Listing {
     pub table: String,
     pub rows: i64,

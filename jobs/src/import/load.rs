@@ -3,7 +3,6 @@
 //! target in one transaction that also records the import as done (so a retry after a crash
 //! never applies it twice).
 
-use serde_json::{json, Value};
 use shared::{
     connections::{Target, TargetError},
     datasets,
@@ -15,7 +14,10 @@ use std::{borrow::Cow, path::PathBuf, sync::atomic::Ordering, time::Instant};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use contracts::import::STAGING_PREFIX;
+use contracts::{
+    import::{ImportOutput, ImportedColumn, TableOutputs, STAGING_PREFIX},
+    Artifact,
+};
 
 use super::{
     quote_ident,
@@ -107,7 +109,7 @@ pub async fn run(
     services: &Services,
     ctx: &JobContext,
     payload: &ImportPayload,
-) -> Result<Value, JobError> {
+) -> Result<ImportOutput, JobError> {
     let started = Instant::now();
     let tenant = ctx.tenant_id();
     let dataset = datasets::get(&services.pool, tenant, payload.dataset_id)
@@ -229,11 +231,14 @@ async fn prepare(target: &PgPool) -> sqlx::Result<()> {
     tx.commit().await
 }
 
-async fn already_done(target: &PgPool, ctx: &JobContext) -> sqlx::Result<Option<Value>> {
-    sqlx::query_scalar("SELECT result FROM conveyor.imports WHERE job_id = $1")
-        .bind(ctx.job_id())
-        .fetch_optional(target)
-        .await
+/// The result an earlier attempt of this job committed with its import, if one did.
+async fn already_done(target: &PgPool, ctx: &JobContext) -> sqlx::Result<Option<ImportOutput>> {
+    let recorded: Option<sqlx::types::Json<ImportOutput>> =
+        sqlx::query_scalar("SELECT result FROM conveyor.imports WHERE job_id = $1")
+            .bind(ctx.job_id())
+            .fetch_optional(target)
+            .await?;
+    Ok(recorded.map(|json| json.0))
 }
 
 async fn import(
@@ -244,7 +249,7 @@ async fn import(
     target: &Target,
     staging: &str,
     started: Instant,
-) -> Result<Value, JobError> {
+) -> Result<ImportOutput, JobError> {
     let schema = payload.schema_on(target);
     let target = &target.pool;
     let table = &payload.target.table;
@@ -358,28 +363,33 @@ async fn import(
         .await?
     };
 
-    let columns: Vec<Value> = plan
-        .iter()
-        .map(|p| json!({"name": p.name, "type": p.ty.sql()}))
-        .collect();
-    let seconds = started.elapsed().as_secs_f64();
     let meter = ctx.meter();
     Meter::add(&meter.rows_read, summary.rows_read as i64);
     Meter::add(&meter.rows_written, imported as i64);
     Meter::add(&meter.bytes_read, dataset.size_bytes);
-    let mut result = json!({
-        "table": format!("{schema}.{table}"),
-        "mode": payload.mode,
-        "rows_read": summary.rows_read,
-        "rows_imported": imported,
-        "rows_rejected": summary.rows_rejected,
-        "bytes": dataset.size_bytes,
-        "columns": columns,
-        "artifacts": artifacts,
-        // What a later step (a pipeline's, a patch) reads: the table the rows went to.
-        "outputs": {"table": format!("{schema}.{table}")},
-    });
-    let applied = apply(
+    let mut result = ImportOutput {
+        table: format!("{schema}.{table}"),
+        mode: payload.mode,
+        rows_read: summary.rows_read,
+        rows_imported: imported,
+        rows_rejected: summary.rows_rejected,
+        rows_applied: 0,
+        bytes: dataset.size_bytes,
+        columns: plan
+            .iter()
+            .map(|p| ImportedColumn {
+                name: p.name.clone(),
+                sql_type: p.ty.sql().to_owned(),
+            })
+            .collect(),
+        artifacts,
+        duration_ms: 0,
+        rows_per_sec: 0,
+        outputs: TableOutputs {
+            table: format!("{schema}.{table}"),
+        },
+    };
+    apply(
         ctx,
         payload,
         target,
@@ -391,9 +401,6 @@ async fn import(
         started,
     )
     .await?;
-    result["rows_applied"] = applied.into();
-    result["duration_ms"] = ((seconds * 1000.0) as u64).into();
-    result["rows_per_sec"] = ((imported as f64 / seconds.max(1e-3)) as u64).into();
     Ok(result)
 }
 
@@ -411,7 +418,7 @@ async fn copy_checked(
     (staging, column_list): (&str, &str),
     opened: Opened,
     plan: &[Planned],
-) -> Result<(u64, Summary, Vec<Value>), JobError> {
+) -> Result<(u64, Summary, Vec<Artifact>), JobError> {
     // The reader thread: parse, check, encode; rejected rows to a scratch CSV.
     let rejected_path = services
         .objects
@@ -525,11 +532,7 @@ async fn copy_checked(
             .put_artifact_file(&rejected_path, ctx.job_id(), "rejected.csv")
             .await
             .map_err(|e| JobError::Retryable(format!("storing rejected.csv: {e}")))?;
-        artifacts.push(json!({
-            "name": "rejected.csv",
-            "size": size,
-            "url": format!("/v1/jobs/{}/artifacts/rejected.csv", ctx.job_id()),
-        }));
+        artifacts.push(Artifact::of_job(ctx.job_id(), "rejected.csv", size));
     } else {
         let _ = tokio::fs::remove_file(&rejected_path).await;
     }
@@ -613,9 +616,9 @@ async fn apply(
     qualified: &str,
     exists: bool,
     plan: &[Planned],
-    result: &mut Value,
+    result: &mut ImportOutput,
     started: Instant,
-) -> Result<u64, JobError> {
+) -> Result<(), JobError> {
     let columns = plan
         .iter()
         .map(|p| quote_ident(&p.name))
@@ -663,7 +666,7 @@ async fn apply(
             statements.push(format!("DROP TABLE {staging}"));
         }
     }
-    let mut applied = result["rows_imported"].as_u64().unwrap_or(0);
+    let mut applied = result.rows_imported;
     for statement in statements {
         let done = sqlx::query(&statement)
             .execute(&mut *tx)
@@ -673,8 +676,10 @@ async fn apply(
             applied = done.rows_affected();
         }
     }
-    result["rows_applied"] = applied.into();
-    result["duration_ms"] = (started.elapsed().as_millis() as u64).into();
+    let seconds = started.elapsed().as_secs_f64();
+    result.rows_applied = applied;
+    result.duration_ms = (seconds * 1000.0) as u64;
+    result.rows_per_sec = (result.rows_imported as f64 / seconds.max(1e-3)) as u64;
     // The ledger is the platform's: the tenant's role cannot write it, so this transaction
     // steps out of that role (on a registered connection there is none to step out of).
     sqlx::query("SET LOCAL ROLE NONE")
@@ -683,14 +688,14 @@ async fn apply(
         .map_err(db_error)?;
     sqlx::query("INSERT INTO conveyor.imports (job_id, result) VALUES ($1, $2)")
         .bind(ctx.job_id())
-        .bind(&*result)
+        .bind(sqlx::types::Json(&*result))
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
     // The last chance to stop: after the commit the import is done.
     ctx.checkpoint()?;
     tx.commit().await.map_err(db_error)?;
-    Ok(applied)
+    Ok(())
 }
 
 /// The reader thread. Returns why the import must stop (`on_error=abort`, too many rejected

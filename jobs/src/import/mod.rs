@@ -12,12 +12,12 @@ mod types;
 pub use inspect::{inspect, serve as serve_inspect};
 
 pub use contracts::import::{
-    quote_ident, valid_identifier, ColumnSpec, CsvOptions, EncodingErrors, Import, ImportPayload,
-    Mode, OnError, Target, DEFAULT_MAX_ERRORS,
+    quote_ident, valid_identifier, ColumnSpec, CsvOptions, EncodingErrors, Import, ImportOutput,
+    ImportPayload, Mode, OnError, Target, DEFAULT_MAX_ERRORS,
 };
 
 use async_trait::async_trait;
-use serde_json::Value;
+
 use shared::JobContext;
 use std::sync::Arc;
 
@@ -37,7 +37,11 @@ impl ImportHandler {
 impl Handler for ImportHandler {
     type Contract = Import;
 
-    async fn run(&self, ctx: &JobContext, payload: ImportPayload) -> Result<Value, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        payload: ImportPayload,
+    ) -> Result<ImportOutput, JobError> {
         load::run(&self.services, ctx, &payload).await
     }
 

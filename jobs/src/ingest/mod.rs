@@ -10,11 +10,12 @@ pub mod isolated;
 pub mod watched;
 
 pub use contracts::ingest::{
-    collections as store, DocumentSource, Ingest, IngestPayload, MAX_ID_LEN, MAX_SOURCES,
+    collections as store, DocumentSource, Ingest, IngestOutput, IngestPayload, MAX_ID_LEN,
+    MAX_SOURCES,
 };
 
 use async_trait::async_trait;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use shared::{usage::Meter, JobContext};
 use std::{collections::HashMap, sync::Arc, time::Instant};
@@ -280,7 +281,11 @@ impl Handler for IngestHandler {
         Ok(())
     }
 
-    async fn run(&self, ctx: &JobContext, payload: IngestPayload) -> Result<Value, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        payload: IngestPayload,
+    ) -> Result<IngestOutput, JobError> {
         let started = Instant::now();
         let pool = &self.services.pool;
         let collection = store::get_collection(pool, ctx.tenant_id(), payload.collection_id)
@@ -428,15 +433,15 @@ impl Handler for IngestHandler {
                 .map_err(retryable)?;
         }
         let seconds = started.elapsed().as_secs_f64();
-        Ok(json!({
-            "collection_id": collection.id,
-            "documents": total_documents,
-            "indexed": total_documents - unchanged,
-            "unchanged": unchanged,
-            "deleted": deleted,
-            "chunks": total_chunks,
-            "elapsed_ms": (seconds * 1000.0) as u64,
-            "chunks_per_second": (total_chunks as f64 / seconds.max(1e-9)).round(),
-        }))
+        Ok(IngestOutput {
+            collection_id: collection.id,
+            documents: total_documents,
+            indexed: total_documents - unchanged,
+            unchanged,
+            deleted,
+            chunks: total_chunks,
+            elapsed_ms: (seconds * 1000.0) as u64,
+            chunks_per_second: (total_chunks as f64 / seconds.max(1e-9)).round(),
+        })
     }
 }

@@ -9,13 +9,13 @@ mod run;
 pub mod snapshot;
 
 pub use contracts::patch::{
-    assess, explain, guard, load_plan, table, Assessment, Explain, Mode, Patch, PatchPayload,
-    PatchRollback, Plan, PlanError, Risk, RollbackPayload,
+    assess, explain, guard, load_plan, table, Assessment, AttemptFigures, DryRun, Executed,
+    Explain, Mode, Patch, PatchOutput, PatchOutputs, PatchPayload, PatchRollback, Plan, PlanError,
+    Risk, RollbackOutput, RollbackPayload,
 };
 pub use rollback::PatchRollbackHandler;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use shared::{connections::TargetError, JobContext};
 use std::sync::Arc;
 
@@ -36,7 +36,7 @@ impl PatchHandler {
 impl Handler for PatchHandler {
     type Contract = Patch;
 
-    async fn run(&self, ctx: &JobContext, payload: PatchPayload) -> Result<Value, JobError> {
+    async fn run(&self, ctx: &JobContext, payload: PatchPayload) -> Result<PatchOutput, JobError> {
         let checked = payload.check().map_err(|errors| {
             JobError::Permanent(
                 errors

@@ -4,8 +4,11 @@
 //! and even then never overwrites the conflicting rows.
 
 use async_trait::async_trait;
-use contracts::patch::{locate, PatchRollback, RollbackPayload};
-use serde_json::{json, Value};
+use contracts::{
+    import::TableOutputs,
+    patch::{locate, PatchRollback, RollbackOutput, RollbackPayload},
+};
+use serde_json::json;
 use shared::{connections::Target, usage::Meter, JobContext};
 use sqlx::Row;
 use std::{
@@ -38,7 +41,11 @@ impl PatchRollbackHandler {
 impl Handler for PatchRollbackHandler {
     type Contract = PatchRollback;
 
-    async fn run(&self, ctx: &JobContext, payload: RollbackPayload) -> Result<Value, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        payload: RollbackPayload,
+    ) -> Result<RollbackOutput, JobError> {
         let services = &self.services;
         let (target, record) = locate(
             &services.pool,
@@ -99,7 +106,7 @@ impl Restore<'_> {
         self.record.operation == "delete"
     }
 
-    async fn run(mut self) -> Result<Value, JobError> {
+    async fn run(mut self) -> Result<RollbackOutput, JobError> {
         let started = Instant::now();
         // A cancelled or failed patch ended before indexing its snapshot.
         snapshot::index(&self.target.platform, &self.record)
@@ -176,18 +183,20 @@ impl Restore<'_> {
             .await
             .map_err(job_error)?;
         }
-        Ok(json!({
-            "patch_job_id": job,
-            "table": self.record.table_name,
-            "outputs": {"table": self.record.table_name},
-            "snapshot": snapshot::snapshot_table(job),
-            "rows_restored": self.record.rows_restored,
+        Ok(RollbackOutput {
+            patch_job_id: job,
+            table: self.record.table_name.clone(),
+            snapshot: snapshot::snapshot_table(job),
+            rows_restored: self.record.rows_restored,
             // Every snapshot row ends restored or left as a conflict.
-            "conflicts": self.record.rows_done - self.record.rows_restored,
-            "conflict_keys": keys,
-            "elapsed_ms": started.elapsed().as_millis() as u64,
-            "longest_batch_ms": (longest.as_secs_f64() * 1e4).round() / 10.0,
-        }))
+            conflicts: self.record.rows_done - self.record.rows_restored,
+            conflict_keys: keys,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            longest_batch_ms: (longest.as_secs_f64() * 1e4).round() / 10.0,
+            outputs: TableOutputs {
+                table: self.record.table_name.clone(),
+            },
+        })
     }
 
     /// `s."a" > ...` past the rollback's checkpoint, or `true` at the start.

@@ -6,8 +6,8 @@ use sqlx::{PgPool, Row};
 use std::time::{Duration, Instant};
 
 use super::{
-    assess, explain, guard::Checked, job_error, load_plan, snapshot, Assessment, Mode,
-    PatchPayload, Plan, PlanError,
+    assess, explain, guard::Checked, job_error, load_plan, snapshot, Assessment, AttemptFigures,
+    DryRun, Executed, Mode, PatchOutput, PatchOutputs, PatchPayload, Plan, PlanError,
 };
 use crate::JobError;
 
@@ -28,7 +28,7 @@ pub async fn run(
     checked: Checked,
     target: &Target,
     retention: Duration,
-) -> Result<Value, JobError> {
+) -> Result<PatchOutput, JobError> {
     let pool = &target.pool;
     let plan = load_plan(target, checked).await.map_err(|e| match e {
         PlanError::Refused(reason) => JobError::Permanent(reason),
@@ -58,7 +58,7 @@ async fn dry_run(
     plan: &Plan,
     assessment: &Assessment,
     explain: Value,
-) -> Result<Value, JobError> {
+) -> Result<PatchOutput, JobError> {
     let t = &plan.table;
     let q = &plan.qualifier;
     let filter = plan
@@ -95,14 +95,13 @@ async fn dry_run(
     .map_err(job_error)?;
     tx.rollback().await.map_err(job_error)?;
     let key = t.key_names();
-    Ok(json!({
-        "mode": "dry_run",
-        "rows": rows,
-        "estimated_rows": assessment.estimated_rows,
-        "explain": explain,
-        "sample": diff(&key, &before, &after),
-        "preflight": assessment,
-        "elapsed_ms": started.elapsed().as_millis() as u64,
+    Ok(PatchOutput::DryRun(DryRun {
+        rows,
+        estimated_rows: assessment.estimated_rows,
+        explain,
+        sample: diff(&key, &before, &after),
+        preflight: assessment.clone(),
+        elapsed_ms: started.elapsed().as_millis() as u64,
     }))
 }
 
@@ -170,7 +169,11 @@ struct Execution<'a> {
 }
 
 impl Execution<'_> {
-    async fn run(&self, retention: Duration, assessment: &Assessment) -> Result<Value, JobError> {
+    async fn run(
+        &self,
+        retention: Duration,
+        assessment: &Assessment,
+    ) -> Result<PatchOutput, JobError> {
         let (ctx, pool, plan) = (self.ctx, &self.target.platform, self.plan);
         let job = ctx.job_id();
         snapshot::ensure_schema(pool).await.map_err(job_error)?;
@@ -444,38 +447,36 @@ impl Execution<'_> {
         assessment: &Assessment,
         resumed_from: i64,
         this_attempt: Option<Attempt>,
-    ) -> Value {
-        let mut result = json!({
-            "mode": "execute",
-            "table": record.table_name,
-            "operation": record.operation,
-            "key": record.key_columns,
-            "rows": record.rows_done,
-            "rows_expected": record.rows_expected,
-            "batches": record.batches,
-            "resumed_from_rows": resumed_from,
-            "snapshots": [record.listing()],
-            "preflight": assessment,
-            // The table it changed, and the snapshot a rollback restores from.
-            "outputs": {"table": record.table_name, "snapshot": record.snapshot_table},
-        });
-        if let Some(attempt) = this_attempt {
+    ) -> PatchOutput {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let attempt = this_attempt.map(|attempt| {
             Meter::add(&self.ctx.meter().rows_written, attempt.rows);
-            let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
-            let extra = json!({
-                "attempt_rows": attempt.rows,
-                "elapsed_ms": attempt.elapsed.as_millis() as u64,
-                "rows_per_sec": (attempt.rows as f64 / attempt.elapsed.as_secs_f64().max(1e-9))
+            AttemptFigures {
+                attempt_rows: attempt.rows,
+                elapsed_ms: attempt.elapsed.as_millis() as u64,
+                rows_per_sec: (attempt.rows as f64 / attempt.elapsed.as_secs_f64().max(1e-9))
                     .round(),
-                "longest_batch_ms": ms(attempt.longest),
-                "longest_lock_ms": ms(attempt.longest_lock),
-                "last_batch_size": attempt.last_size,
-            });
-            if let (Some(r), Some(e)) = (result.as_object_mut(), extra.as_object()) {
-                r.extend(e.clone());
+                longest_batch_ms: ms(attempt.longest),
+                longest_lock_ms: ms(attempt.longest_lock),
+                last_batch_size: attempt.last_size,
             }
-        }
-        result
+        });
+        PatchOutput::Execute(Executed {
+            table: record.table_name.clone(),
+            operation: record.operation.clone(),
+            key: record.key_columns.clone(),
+            rows: record.rows_done,
+            rows_expected: record.rows_expected,
+            batches: record.batches,
+            resumed_from_rows: resumed_from,
+            snapshots: vec![record.listing()],
+            preflight: assessment.clone(),
+            attempt,
+            outputs: PatchOutputs {
+                table: record.table_name.clone(),
+                snapshot: record.snapshot_table.clone(),
+            },
+        })
     }
 }
 

@@ -14,6 +14,11 @@ pub type Columns = Vec<(String, Values)>;
 
 /// Rejection gives up when fewer sampled rows than this keep the rules.
 const LEAST_ACCEPTANCE: f64 = 0.01;
+/// Rows drawn before a low acceptance counts: fewer say too little.
+const LEAST_DRAWN_TO_JUDGE: usize = 1000;
+/// Most rows drawn in one round after the first: a low acceptance makes more rounds, not one
+/// round too large for memory.
+const MOST_ROWS_PER_ROUND: usize = 1 << 21;
 
 /// The joint column of a fixed combination: its name, and its members in order.
 struct Joint {
@@ -180,28 +185,58 @@ pub fn sample_kept(
     mut draw: impl FnMut(usize) -> Result<Columns, JobError>,
 ) -> Result<(Columns, Columns), JobError> {
     let first = draw(rows)?;
-    let mut kept = take(&first, &kept_rows(&first, rules)?);
-    let (mut drawn, mut accepted) = (rows, height(&kept));
-    while height(&kept) < rows {
-        let acceptance = accepted as f64 / drawn as f64;
-        if acceptance < LEAST_ACCEPTANCE {
-            return Err(JobError::Permanent(format!(
+    let kept = accept_rounds(
+        rows,
+        first.clone(),
+        draw,
+        |columns| kept_rows(columns, rules),
+        |accepted, drawn| {
+            format!(
                 "the constraints hold on {accepted} of {drawn} sampled rows: loosen them or \
                  check that the data keeps them"
-            )));
+            )
+        },
+    )?;
+    Ok((kept, first))
+}
+
+/// `rows` rows that `accept` keeps, from `first` and then from rounds of `draw` sized by the
+/// acceptance seen so far. Fails with `refusal(accepted, drawn)` once enough rows were drawn
+/// to tell that fewer than 1 % are accepted.
+pub fn accept_rounds(
+    rows: usize,
+    first: Columns,
+    mut draw: impl FnMut(usize) -> Result<Columns, JobError>,
+    accept: impl Fn(&Columns) -> Result<Vec<usize>, JobError>,
+    refusal: impl Fn(usize, usize) -> String,
+) -> Result<Columns, JobError> {
+    let good = accept(&first)?;
+    let mut drawn = height(&first);
+    // Every row kept: the round itself, not a copy.
+    let mut kept = if good.len() == drawn && drawn <= rows {
+        first
+    } else {
+        take(&first, &good[..good.len().min(rows)])
+    };
+    let mut accepted = good.len();
+    while height(&kept) < rows {
+        let acceptance = accepted as f64 / drawn as f64;
+        if drawn >= LEAST_DRAWN_TO_JUDGE && acceptance < LEAST_ACCEPTANCE {
+            return Err(JobError::Permanent(refusal(accepted, drawn)));
         }
         let wanted = rows - height(&kept);
-        let round = ((wanted as f64 / acceptance) * 1.2).ceil() as usize;
-        let batch = draw(round.max(64))?;
-        let good = kept_rows(&batch, rules)?;
-        drawn += round.max(64);
+        let round = ((wanted as f64 / acceptance.max(LEAST_ACCEPTANCE)) * 1.2).ceil() as usize;
+        let round = round.clamp(64, MOST_ROWS_PER_ROUND);
+        let batch = draw(round)?;
+        let good = accept(&batch)?;
+        drawn += round;
         accepted += good.len();
         let good: Vec<usize> = good.into_iter().take(wanted).collect();
         for ((_, all), (_, more)) in kept.iter_mut().zip(take(&batch, &good)) {
             all.append(more);
         }
     }
-    Ok((kept, first))
+    Ok(kept)
 }
 
 fn height(columns: &[(String, Values)]) -> usize {
@@ -299,7 +334,7 @@ mod tests {
         };
         assert!(matches!(
             sample_kept(10, &never, draw),
-            Err(JobError::Permanent(m)) if m.contains("hold on 0 of 10")
+            Err(JobError::Permanent(m)) if m.contains("hold on 0 of 1")
         ));
     }
 }

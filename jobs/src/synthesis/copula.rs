@@ -11,7 +11,7 @@
 //! the data reaches the model except through those noisy releases.
 
 use rand::{rngs::StdRng, Rng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 use super::{
@@ -83,7 +83,8 @@ pub(crate) fn plain_specs(columns: &[Column]) -> Vec<(&Column, ColumnSpec)> {
         .collect()
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Marginal {
     /// The quantile function at evenly spaced probabilities, linearly interpolated; missing
     /// values drawn independently at their rate.

@@ -13,6 +13,7 @@ pub mod copula;
 pub mod dp;
 pub mod metrics;
 pub mod profile;
+pub mod saved;
 pub mod stats;
 pub mod table;
 pub mod tvae;
@@ -25,9 +26,10 @@ use shared::{datasets, usage::Meter, Cancelled, JobContext};
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
 pub use contracts::synthesis::{
-    ColumnSettings, OutputFormat, SynthesisPayload, Synthesizer, DEFAULT_EPOCHS, MAX_EPOCHS,
-    MAX_ROWS,
+    ColumnSettings, OutputFormat, SynthesisOutput, SynthesisOutputs, SynthesisPayload, Synthesizer,
+    DEFAULT_EPOCHS, MAX_EPOCHS, MAX_ROWS,
 };
+use contracts::Artifact;
 
 use crate::{Handler, JobError, Services};
 use copula::{ColumnSpec, Copula};
@@ -60,10 +62,11 @@ enum Model {
     Tvae(tvae::Tvae),
 }
 
-/// A synthetic table with its report.
+/// A synthetic table with its report, and the model when the payload saves it.
 pub struct Synthesis {
     pub table: Table,
     pub report: Value,
+    pub model: Option<saved::ModelFile>,
 }
 
 /// Fits and samples as `payload` says, on an already read table. `holdout_fraction` 0 fits
@@ -154,9 +157,20 @@ pub fn synthesize(
         ))
     };
     let (sampled, unconstrained) = constraints::sample_kept(rows, &payload.constraints, draw)?;
-    let budget = match model {
-        Model::Copula(copula) => copula.budget,
+    let budget = match &model {
+        Model::Copula(copula) => copula.budget.clone(),
         Model::Tvae(_) => None,
+    };
+    let saved = match &model {
+        Model::Copula(copula) if payload.save_model => Some(saved::ModelFile::new(
+            input,
+            &profiles,
+            names.clone(),
+            copula,
+            &payload.constraints,
+            budget.as_ref().map(|b| b.epsilon),
+        )),
+        _ => None,
     };
     let fit_and_sample = started.elapsed();
 
@@ -223,6 +237,7 @@ pub fn synthesize(
     Ok(Synthesis {
         table: synthetic,
         report,
+        model: saved,
     })
 }
 
@@ -289,7 +304,7 @@ impl SynthesisHandler {
 }
 
 /// What the pipeline, on a blocking thread, has to say; the job's task relays it.
-enum Note {
+pub(crate) enum Note {
     Stage(f32, String),
     Epoch {
         epoch: usize,
@@ -299,9 +314,19 @@ enum Note {
 }
 
 /// The pipeline's side of the relay: sends notes, reads the cancellation flag directly.
-struct JobMonitor {
+pub(crate) struct JobMonitor {
     ctx: JobContext,
     notes: tokio::sync::mpsc::UnboundedSender<Note>,
+}
+
+impl JobMonitor {
+    /// A monitor for work on a blocking thread, and the inbox the job's task relays from
+    /// (with [`relay`]) until the monitor is dropped.
+    pub(crate) fn new(ctx: &JobContext) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Note>) {
+        let (notes, inbox) = tokio::sync::mpsc::unbounded_channel();
+        let ctx = ctx.clone();
+        (Self { ctx, notes }, inbox)
+    }
 }
 
 impl Monitor for JobMonitor {
@@ -322,7 +347,7 @@ impl Monitor for JobMonitor {
     }
 }
 
-async fn relay(ctx: &JobContext, note: Note) {
+pub(crate) async fn relay(ctx: &JobContext, note: Note) {
     match note {
         Note::Stage(fraction, message) => ctx.progress(fraction, message).await,
         Note::Epoch {
@@ -344,7 +369,11 @@ async fn relay(ctx: &JobContext, note: Note) {
 impl Handler for SynthesisHandler {
     type Contract = contracts::synthesis::Synthesis;
 
-    async fn run(&self, ctx: &JobContext, payload: SynthesisPayload) -> Result<Value, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        payload: SynthesisPayload,
+    ) -> Result<SynthesisOutput, JobError> {
         let objects = &self.services.objects;
         let dataset = datasets::get(&self.services.pool, ctx.tenant_id(), payload.dataset_id)
             .await
@@ -361,18 +390,18 @@ impl Handler for SynthesisHandler {
             .map_err(|e| JobError::Retryable(format!("scratch space: {e}")))?;
         ctx.progress(0.0, "reading the dataset".to_owned()).await;
 
-        let (notes, mut inbox) = tokio::sync::mpsc::unbounded_channel();
-        let monitor = JobMonitor {
-            ctx: ctx.clone(),
-            notes,
-        };
+        let (monitor, mut inbox) = JobMonitor::new(ctx);
         let parquet = payload.output_format == OutputFormat::Parquet;
         let scratch = output.clone();
+        let model_name = payload
+            .model_name
+            .clone()
+            .unwrap_or_else(|| dataset.name.clone());
         let cap = self.services.limits.held();
         let meter = ctx.meter().clone();
         Meter::add(&meter.bytes_read, dataset.size_bytes);
         let work = tokio::task::spawn_blocking(move || {
-            meter.timed(|| -> Result<Value, JobError> {
+            meter.timed(|| -> Result<(Value, Option<saved::ModelFile>), JobError> {
                 let input = table::read(&path, dataset.format, dataset.compression, cap)
                     .map_err(|e| JobError::Permanent(format!("reading the dataset: {e}")))?;
                 Meter::add(&meter.rows_read, input.rows() as i64);
@@ -382,15 +411,15 @@ impl Handler for SynthesisHandler {
                     JobError::Retryable(format!("writing the synthetic table: {e}"))
                 })?;
                 Meter::add(&meter.synthetic_rows, synthesis.table.rows() as i64);
-                Ok(synthesis.report)
+                Ok((synthesis.report, synthesis.model))
             })
         });
         // The channel closes when the pipeline is done and drops its monitor.
         while let Some(note) = inbox.recv().await {
             relay(ctx, note).await;
         }
-        let report = match work.await {
-            Ok(Ok(report)) => report,
+        let (report, model) = match work.await {
+            Ok(Ok(done)) => done,
             Ok(Err(e)) => {
                 let _ = tokio::fs::remove_file(&output).await;
                 return Err(e);
@@ -407,7 +436,11 @@ impl Handler for SynthesisHandler {
         } else {
             "synthetic.csv"
         };
-        let dataset_id = self.register_dataset(ctx, &output, name, parquet).await?;
+        let dataset_id = register_dataset(&self.services, ctx, &output, name, parquet).await?;
+        let model_id = match model {
+            Some(model) => Some(self.save_model(ctx, &model, model_name, &report).await?),
+            None => None,
+        };
         let size = objects
             .put_artifact_file(&output, ctx.job_id(), name)
             .await
@@ -422,104 +455,141 @@ impl Handler for SynthesisHandler {
             .put_artifact(ctx.job_id(), "report.html", page.as_bytes())
             .await
             .map_err(|e| JobError::Retryable(format!("publishing report.html: {e}")))?;
-        let artifact = |name: &str, size: u64| {
-            json!({
-                "name": name,
-                "size": size,
-                "url": format!("/v1/jobs/{}/artifacts/{name}", ctx.job_id()),
-            })
-        };
+        let artifact = |name: &str, size: u64| Artifact::of_job(ctx.job_id(), name, size);
         ctx.progress(1.0, "done".to_owned()).await;
-        Ok(json!({
-            "artifacts": [
+        Ok(SynthesisOutput {
+            artifacts: vec![
                 artifact(name, size),
                 artifact("report.json", report_size),
                 artifact("report.html", page_size),
             ],
-            "outputs": {"dataset_id": dataset_id},
-            "report": report,
-        }))
+            outputs: SynthesisOutputs {
+                dataset_id,
+                model_id,
+            },
+            report,
+        })
     }
 }
 
 impl SynthesisHandler {
-    /// Registers the synthetic table as a dataset of the tenant (`outputs.dataset_id`), so an
-    /// import or another synthesis reads it with no download. Its id derives from the job's,
-    /// so a retried attempt replaces the file and keeps one dataset.
-    async fn register_dataset(
+    /// Stores the fitted model in the object store and records it (`GET /v1/models`). Its id
+    /// derives from the job's, so a retried attempt replaces the file and keeps one model.
+    async fn save_model(
         &self,
         ctx: &JobContext,
-        output: &std::path::Path,
-        name: &str,
-        parquet: bool,
+        model: &saved::ModelFile,
+        name: String,
+        report: &Value,
     ) -> Result<uuid::Uuid, JobError> {
-        use sha2::{Digest, Sha256};
-        let objects = &self.services.objects;
-        let failed =
-            |e: String| JobError::Retryable(format!("registering the synthetic dataset: {e}"));
-        let copy = objects
-            .scratch_path()
+        let failed = |e: String| JobError::Retryable(format!("saving the model: {e}"));
+        let id = uuid::Uuid::new_v5(&ctx.job_id(), b"saved model");
+        let bytes = model.to_bytes();
+        let object_key = self
+            .services
+            .objects
+            .put_model(ctx.tenant_id(), id, &bytes)
             .await
             .map_err(|e| failed(e.to_string()))?;
-        tokio::fs::copy(output, &copy)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let format = if parquet {
-            datasets::Format::Parquet
-        } else {
-            datasets::Format::Csv
-        };
-        let path = copy.clone();
-        let inspected = ctx
-            .blocking(move || -> Result<_, String> {
-                let (schema, preview) =
-                    crate::import::inspect(&path, format, datasets::Compression::None)?;
-                let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
-                Ok((
-                    schema,
-                    preview,
-                    bytes.len(),
-                    hex::encode(Sha256::digest(&bytes)),
-                ))
-            })
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let (schema, preview, size, sha256) = match inspected {
-            Ok(inspected) => inspected,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&copy).await;
-                return Err(failed(e));
-            }
-        };
-        let id = uuid::Uuid::new_v5(&ctx.job_id(), b"synthetic dataset");
-        let dataset = datasets::Dataset {
+        let record = shared::saved_models::SavedModel {
             id,
             tenant_id: ctx.tenant_id(),
-            name: format!("{}-{name}", ctx.job_id().simple()),
-            format,
-            compression: datasets::Compression::None,
-            size_bytes: size as i64,
-            sha256,
-            schema: sqlx::types::Json(schema),
-            preview: sqlx::types::Json(preview),
+            name,
+            version: 0,
+            synthesizer: "gaussian_copula".into(),
+            schema: sqlx::types::Json(model.schema()),
+            training_rows: report["rows"]["train"].as_i64().unwrap_or(0),
+            quality: sqlx::types::Json(report["quality"].clone()),
+            privacy: sqlx::types::Json(report["privacy"].clone()),
+            epsilon_spent: model.epsilon,
+            description: model.description(),
+            job_id: ctx.job_id(),
+            object_key,
+            size_bytes: bytes.len() as i64,
             created_at: chrono::Utc::now(),
         };
-        objects
-            .put_dataset(&copy, ctx.tenant_id(), id)
+        shared::saved_models::insert(&self.services.pool, &record)
             .await
             .map_err(|e| failed(e.to_string()))?;
-        let pool = &self.services.pool;
-        if datasets::get(pool, ctx.tenant_id(), id)
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .is_none()
-        {
-            datasets::insert(pool, &dataset)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-        }
         Ok(id)
     }
+}
+
+/// Registers a job's output table as a dataset of the tenant (`outputs.dataset_id`), so an
+/// import or another job reads it with no download. Its id derives from the job's, so a
+/// retried attempt replaces the file and keeps one dataset.
+pub(crate) async fn register_dataset(
+    services: &Services,
+    ctx: &JobContext,
+    output: &std::path::Path,
+    name: &str,
+    parquet: bool,
+) -> Result<uuid::Uuid, JobError> {
+    use sha2::{Digest, Sha256};
+    let objects = &services.objects;
+    let failed = |e: String| JobError::Retryable(format!("registering the output dataset: {e}"));
+    let copy = objects
+        .scratch_path()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    tokio::fs::copy(output, &copy)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let format = if parquet {
+        datasets::Format::Parquet
+    } else {
+        datasets::Format::Csv
+    };
+    let path = copy.clone();
+    let inspected = ctx
+        .blocking(move || -> Result<_, String> {
+            let (schema, preview) =
+                crate::import::inspect(&path, format, datasets::Compression::None)?;
+            let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+            Ok((
+                schema,
+                preview,
+                bytes.len(),
+                hex::encode(Sha256::digest(&bytes)),
+            ))
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let (schema, preview, size, sha256) = match inspected {
+        Ok(inspected) => inspected,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&copy).await;
+            return Err(failed(e));
+        }
+    };
+    let id = uuid::Uuid::new_v5(&ctx.job_id(), b"synthetic dataset");
+    let dataset = datasets::Dataset {
+        id,
+        tenant_id: ctx.tenant_id(),
+        name: format!("{}-{name}", ctx.job_id().simple()),
+        format,
+        compression: datasets::Compression::None,
+        size_bytes: size as i64,
+        sha256,
+        schema: sqlx::types::Json(schema),
+        preview: sqlx::types::Json(preview),
+        created_at: chrono::Utc::now(),
+    };
+    objects
+        .put_dataset(&copy, ctx.tenant_id(), id)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let pool = &services.pool;
+    if datasets::get(pool, ctx.tenant_id(), id)
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .is_none()
+    {
+        datasets::insert(pool, &dataset)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    Ok(id)
 }
 
 #[cfg(test)]

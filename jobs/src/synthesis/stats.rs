@@ -15,6 +15,57 @@ pub fn normal_cdf(x: f64) -> f64 {
     Normal::standard().cdf(x)
 }
 
+/// Φ tabulated and linearly interpolated, for samplers that map millions of normals: a table
+/// read is a few times faster than the series behind [`normal_cdf`]. The error is below 3e-8
+/// (a linear interpolant errs by at most h²/8 · max |φ′| with h the table's step).
+pub struct NormalTable {
+    values: Vec<f64>,
+}
+
+impl NormalTable {
+    /// The table spans ±LIMIT; beyond, Φ is 0 or 1 to within 1.3e-12.
+    pub const LIMIT: f64 = 7.0;
+    const POINTS: usize = 16384;
+
+    /// The one table, built on first use.
+    pub fn shared() -> &'static NormalTable {
+        static TABLE: std::sync::OnceLock<NormalTable> = std::sync::OnceLock::new();
+        TABLE.get_or_init(|| {
+            let values = (0..Self::POINTS)
+                .map(|i| normal_cdf(-Self::LIMIT + i as f64 * Self::step()))
+                .collect();
+            NormalTable { values }
+        })
+    }
+
+    fn step() -> f64 {
+        2.0 * Self::LIMIT / (Self::POINTS - 1) as f64
+    }
+
+    /// Φ(z).
+    pub fn cdf(&self, z: f64) -> f64 {
+        let x = (z.clamp(-Self::LIMIT, Self::LIMIT) + Self::LIMIT) / Self::step();
+        let i = (x as usize).min(Self::POINTS - 2);
+        let (a, b) = (self.values[i], self.values[i + 1]);
+        a + (b - a) * (x - i as f64)
+    }
+
+    /// Φ⁻¹(p), within ±LIMIT.
+    pub fn quantile(&self, p: f64) -> f64 {
+        let i = self
+            .values
+            .partition_point(|&v| v < p)
+            .clamp(1, Self::POINTS - 1);
+        let (a, b) = (self.values[i - 1], self.values[i]);
+        let within = if b > a {
+            ((p - a) / (b - a)).clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        -Self::LIMIT + (i as f64 - 1.0 + within) * Self::step()
+    }
+}
+
 /// Φ⁻¹(p), kept finite: p is clamped to [1e-15, 1 − 1e-15].
 pub fn normal_quantile(p: f64) -> f64 {
     Normal::standard().inverse_cdf(p.clamp(1e-15, 1.0 - 1e-15))
@@ -239,6 +290,20 @@ pub fn pearson(x: &[Option<f64>], y: &[Option<f64>]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_normal_table_matches_the_exact_cdf_and_inverts_it() {
+        let table = NormalTable::shared();
+        for i in 0..=2000 {
+            let z = -8.0 + i as f64 * 0.008;
+            let error = (table.cdf(z) - normal_cdf(z)).abs();
+            assert!(error < 3e-8, "Φ({z}): off by {error}");
+        }
+        for p in [1e-9, 0.001, 0.1, 0.3, 0.5, 0.77, 0.999, 1.0 - 1e-9] {
+            let z = table.quantile(p);
+            assert!((z - normal_quantile(p)).abs() < 1e-3, "Φ⁻¹({p}) = {z}");
+        }
+    }
     use rand::SeedableRng;
     use std::f64::consts::PI;
 

@@ -13,7 +13,8 @@ use crate::{
     limits::{read_capped, Cap, CapExceeded},
 };
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Values {
     Numbers(Vec<Option<f64>>),
     Labels(Vec<Option<String>>),

@@ -1,0 +1,100 @@
+//! Saved models: what `synthesis` jobs with `save_model: true` fitted, for `sample` jobs to
+//! draw from. List, read, delete.
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    Json,
+};
+use serde::Serialize;
+use shared::{
+    datasets,
+    saved_models::{self, SavedModel},
+    Problem,
+};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    audit::{Action, Entry},
+    auth::{Tenant, Writer},
+    extract::Params,
+    routes::{
+        page::{self, Page},
+        parse_id,
+    },
+    AppState,
+};
+
+#[derive(Serialize, ToSchema)]
+pub struct ModelList {
+    pub models: Vec<SavedModel>,
+    pub next_cursor: Option<Uuid>,
+}
+
+#[utoipa::path(get, path = "/v1/models", tag = "models", params(Page),
+    responses((status = 200, body = ModelList, description = "newest first"),
+              (status = 422, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Params(page): Params<Page>,
+) -> Result<Json<ModelList>, Problem> {
+    let (limit, cursor) = page.checked()?;
+    let models = saved_models::list(&state.pool, tenant.0, cursor, limit).await?;
+    let next_cursor = page::next_cursor(&models, limit, |m| m.id);
+    Ok(Json(ModelList {
+        models,
+        next_cursor,
+    }))
+}
+
+async fn find(state: &AppState, tenant: Tenant, id: &str) -> Result<SavedModel, Problem> {
+    let id = parse_id(id, "model")?;
+    saved_models::get(&state.pool, tenant.0, id)
+        .await?
+        .ok_or_else(|| Problem::not_found("model"))
+}
+
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "models", params(("id" = Uuid, Path)),
+    responses((status = 200, body = SavedModel), (status = 404, body = Problem)))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<SavedModel>, Problem> {
+    find(&state, tenant, &id).await.map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/models/{id}", tag = "models", params(("id" = Uuid, Path)),
+    responses((status = 204, description = "deleted, with its stored file"),
+              (status = 404, body = Problem),
+              (status = 409, body = Problem, description = "a live job samples from the model")))]
+pub async fn delete(
+    State(state): State<AppState>,
+    writer: Writer,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Problem> {
+    let tenant = writer.tenant();
+    let model = find(&state, tenant, &id).await?;
+    let users = datasets::jobs_using(&state.pool, tenant.0, model.id).await?;
+    if !users.is_empty() {
+        let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
+        return Err(Problem::conflict(format!(
+            "live jobs use this model: {}",
+            ids.join(", ")
+        )));
+    }
+    let mut tx = state.pool.begin().await?;
+    if saved_models::delete(&mut *tx, tenant.0, model.id).await? {
+        let entry = Entry::new(Action::ModelDelete)
+            .target(model.id)
+            .detail(serde_json::json!({"name": model.name, "version": model.version}));
+        writer.audit(&mut *tx, entry).await?;
+    }
+    tx.commit().await?;
+    if let Err(e) = state.objects.delete_model(tenant.0, model.id).await {
+        tracing::warn!(model = %model.id, error = %e, "model object not removed");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

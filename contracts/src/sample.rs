@@ -1,0 +1,339 @@
+//! `sample`: rows drawn from a saved model (`synthesis` with `save_model: true`), without
+//! refitting, optionally under conditions (SDV's `sample_from_conditions`).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::{saved_models::ModelColumn, FieldError, Problem};
+use std::collections::BTreeMap;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{synthesis::OutputFormat, Context, Contract};
+
+pub struct Sample;
+
+/// Most rows one `sample` job generates, all condition groups together.
+pub const MAX_SAMPLE_ROWS: i64 = 10_000_000;
+/// Most condition groups one job takes.
+pub const MAX_CONDITION_GROUPS: usize = 100;
+
+/// Column name → the value every sampled row has there (a label, a number, a boolean, or
+/// `null` for missing).
+pub type ConditionMap = BTreeMap<String, Value>;
+
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SamplePayload {
+    /// A saved model of the tenant (`GET /v1/models`).
+    pub model_id: Uuid,
+    /// Rows to generate (1–10,000,000). With condition groups, optional: each group says
+    /// its own, and `rows` (if given) must be their sum.
+    pub rows: Option<i64>,
+    /// Same model and seed, same output. Defaults to one derived from the job id.
+    pub seed: Option<u64>,
+    /// `parquet` (default) or `csv`.
+    #[serde(default)]
+    pub format: OutputFormat,
+    /// `{"region": "west"}`: every row has those values; or a list of groups
+    /// `[{"conditions": {...}, "rows": N}, ...]`, sampled in order.
+    pub conditions: Option<Conditions>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Conditions {
+    #[schema(value_type = Object)]
+    All(ConditionMap),
+    Groups(Vec<ConditionGroup>),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionGroup {
+    #[schema(value_type = Object)]
+    pub conditions: ConditionMap,
+    pub rows: i64,
+}
+
+impl SamplePayload {
+    /// Each group of rows to sample: its field path, conditions and row count.
+    pub fn groups(&self) -> Vec<(String, ConditionMap, i64)> {
+        match &self.conditions {
+            None => vec![("conditions".into(), BTreeMap::new(), self.rows.unwrap_or(0))],
+            Some(Conditions::All(map)) => {
+                vec![("conditions".into(), map.clone(), self.rows.unwrap_or(0))]
+            }
+            Some(Conditions::Groups(groups)) => groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    let field = format!("conditions[{i}].conditions");
+                    (field, g.conditions.clone(), g.rows)
+                })
+                .collect(),
+        }
+    }
+
+    /// Rows in all.
+    pub fn total_rows(&self) -> i64 {
+        self.groups().iter().map(|g| g.2).sum()
+    }
+
+    pub fn check(&self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let mut refuse = |field: &str, message: String| {
+            errors.push(FieldError::new(format!("payload.{field}"), message))
+        };
+        let range = format!("must be between 1 and {MAX_SAMPLE_ROWS}");
+        match &self.conditions {
+            Some(Conditions::Groups(groups)) => {
+                if groups.is_empty() || groups.len() > MAX_CONDITION_GROUPS {
+                    refuse(
+                        "conditions",
+                        format!("must hold 1 to {MAX_CONDITION_GROUPS} groups"),
+                    );
+                }
+                for (i, group) in groups.iter().enumerate() {
+                    if !(1..=MAX_SAMPLE_ROWS).contains(&group.rows) {
+                        refuse(&format!("conditions[{i}].rows"), range.clone());
+                    }
+                }
+                let total: i64 = groups.iter().map(|g| g.rows.max(0)).sum();
+                if total > MAX_SAMPLE_ROWS {
+                    refuse(
+                        "conditions",
+                        format!("the groups ask for {total} rows; at most {MAX_SAMPLE_ROWS}"),
+                    );
+                } else if self.rows.is_some_and(|rows| rows != total) {
+                    refuse(
+                        "rows",
+                        format!("must be the groups' sum ({total}), or left out"),
+                    );
+                }
+            }
+            _ => match self.rows {
+                None => refuse("rows", "required".into()),
+                Some(rows) if !(1..=MAX_SAMPLE_ROWS).contains(&rows) => refuse("rows", range),
+                _ => {}
+            },
+        }
+        for (field, conditions, _) in self.groups() {
+            for (column, value) in &conditions {
+                if matches!(value, Value::Array(_) | Value::Object(_)) {
+                    refuse(
+                        &format!("{field}.{column}"),
+                        "must be one value: a label, a number, a boolean or null".into(),
+                    );
+                }
+            }
+        }
+        crate::refused(errors)
+    }
+}
+
+/// Whether a condition's value is one of a categorical column's levels.
+pub fn same_value(level: &Value, wanted: &Value) -> bool {
+    match (level, wanted) {
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        // Booleans are learned as the labels "true" and "false".
+        (Value::String(a), Value::Bool(b)) => *a == b.to_string(),
+        (a, b) => a == b,
+    }
+}
+
+/// Why `value` cannot be asked of `column`, if it cannot.
+fn refusal(column: &ModelColumn, value: &Value) -> Option<String> {
+    match column.role.as_str() {
+        "identifier" => {
+            return Some(format!(
+                "{:?} is an identifier: the model generates fresh values for it, so it cannot \
+                 be conditioned",
+                column.name
+            ))
+        }
+        "datetime" => {
+            return Some(format!(
+                "{:?} holds dates or times: conditions on them are not supported",
+                column.name
+            ))
+        }
+        _ => {}
+    }
+    if let Some(levels) = &column.levels {
+        if !levels.iter().any(|level| same_value(level, value)) {
+            let shown: Vec<String> = levels.iter().take(20).map(Value::to_string).collect();
+            let more = if levels.len() > 20 { ", …" } else { "" };
+            return Some(format!(
+                "the model never generates {value} in {:?}: its values are {}{more}",
+                column.name,
+                shown.join(", ")
+            ));
+        }
+    } else if column.role == "numerical" && !matches!(value, Value::Number(_) | Value::Null) {
+        return Some(format!("{:?} holds numbers: ask for a number", column.name));
+    }
+    None
+}
+
+#[async_trait]
+impl Contract for Sample {
+    const KIND: &'static str = "sample";
+    type Payload = SamplePayload;
+    /// Not yet typed: `rows`, `seed`, `groups`, `timings`, `artifacts`, `outputs.dataset_id`,
+    /// `model`.
+    type Output = SampleOutput;
+
+    fn check(&self, payload: &SamplePayload) -> Result<(), Vec<FieldError>> {
+        payload.check()
+    }
+
+    async fn preflight(
+        &self,
+        context: &Context,
+        tenant: Uuid,
+        payload: &SamplePayload,
+    ) -> Result<(), Problem> {
+        let model = shared::saved_models::get(&context.pool, tenant, payload.model_id)
+            .await?
+            .ok_or_else(|| Problem::not_found("model"))?;
+        let mut errors = Vec::new();
+        for (field, conditions, _) in payload.groups() {
+            for (name, value) in &conditions {
+                let problem = match model.schema.iter().find(|c| c.name == *name) {
+                    None => Some(format!("the model has no column {name:?}")),
+                    Some(column) => refusal(column, value),
+                };
+                if let Some(problem) = problem {
+                    errors.push(FieldError::new(format!("payload.{field}.{name}"), problem));
+                }
+            }
+        }
+        crate::refused(errors).map_err(Problem::validation)
+    }
+}
+
+/// A sample's result.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SampleOutput {
+    pub rows: usize,
+    /// The seed the rows were drawn with (the job id's when none was given).
+    pub seed: u64,
+    /// Each condition group and its rows, in the order they were drawn.
+    pub groups: Vec<SampledGroup>,
+    pub timings: SampleTimings,
+    pub artifacts: Vec<crate::Artifact>,
+    pub outputs: SampleOutputs,
+    pub model: ModelRef,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SampledGroup {
+    #[schema(value_type = Object)]
+    pub conditions: ConditionMap,
+    pub rows: i64,
+}
+
+/// The sampling apart from writing the file.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SampleTimings {
+    pub sample_seconds: f64,
+    pub write_seconds: f64,
+    pub rows_per_second: f64,
+    pub threads: usize,
+}
+
+/// The sampled table, registered as a dataset of the tenant.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SampleOutputs {
+    pub dataset_id: Uuid,
+}
+
+/// The saved model the rows came from.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelRef {
+    pub id: Uuid,
+    pub name: String,
+    pub version: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_payload;
+    use serde_json::json;
+
+    fn fields(payload: Value) -> Vec<String> {
+        let mut base = json!({"model_id": Uuid::nil()});
+        base.as_object_mut()
+            .unwrap()
+            .extend(payload.as_object().unwrap().clone());
+        match parse_payload::<SamplePayload>(&base).and_then(|p| p.check()) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.into_iter().map(|e| e.field).collect(),
+        }
+    }
+
+    #[test]
+    fn validation_names_each_bad_field() {
+        assert!(fields(json!({"rows": 10})).is_empty());
+        assert!(
+            fields(json!({"rows": 10, "conditions": {"city": "X"}, "format": "csv"})).is_empty()
+        );
+        assert_eq!(fields(json!({})), ["payload.rows"]);
+        assert_eq!(fields(json!({"rows": 0})), ["payload.rows"]);
+        assert_eq!(
+            fields(json!({"rows": MAX_SAMPLE_ROWS + 1})),
+            ["payload.rows"]
+        );
+        assert_eq!(
+            fields(json!({"rows": 5, "format": "xlsx"})),
+            ["payload.format"]
+        );
+        assert_eq!(
+            fields(json!({"rows": 5, "conditions": {"city": ["X"]}})),
+            ["payload.conditions.city"]
+        );
+        let groups = json!([{"conditions": {"a": 1}, "rows": 3}, {"conditions": {}, "rows": 4}]);
+        assert!(fields(json!({"conditions": groups})).is_empty());
+        assert!(fields(json!({"rows": 7, "conditions": groups})).is_empty());
+        assert_eq!(
+            fields(json!({"rows": 8, "conditions": groups})),
+            ["payload.rows"]
+        );
+        assert_eq!(
+            fields(json!({"conditions": [{"conditions": {"a": 1}, "rows": 0}]})),
+            ["payload.conditions[0].rows"]
+        );
+        assert_eq!(fields(json!({"conditions": []})), ["payload.conditions"]);
+        assert_eq!(fields(json!({"rows": 1, "wibble": 1})), ["payload.wibble"]);
+    }
+
+    #[test]
+    fn a_condition_must_name_a_value_the_model_can_generate() {
+        let column = |role: &str, levels: Option<Vec<Value>>| ModelColumn {
+            name: "c".into(),
+            data_type: "str".into(),
+            role: role.into(),
+            levels,
+        };
+        let city = column(
+            "categorical",
+            Some(vec![json!("X"), json!("Y"), Value::Null]),
+        );
+        assert_eq!(refusal(&city, &json!("X")), None);
+        assert_eq!(refusal(&city, &Value::Null), None);
+        assert!(refusal(&city, &json!("Z"))
+            .unwrap()
+            .contains("never generates \"Z\""));
+        let flag = column("categorical", Some(vec![json!("true"), json!("false")]));
+        assert_eq!(refusal(&flag, &json!(true)), None);
+        let small = column("numerical", Some(vec![json!(1.0), json!(2.0)]));
+        assert_eq!(refusal(&small, &json!(2)), None);
+        assert!(refusal(&small, &json!(3)).is_some());
+        let amount = column("numerical", None);
+        assert_eq!(refusal(&amount, &json!(3.5)), None);
+        assert!(refusal(&amount, &json!("3.5")).is_some());
+        assert!(refusal(&column("identifier", None), &json!(1)).is_some());
+    }
+}

@@ -1,0 +1,832 @@
+//! Saved models: a fitted Gaussian copula kept as a file (serde JSON, tagged with its format
+//! version), and the sampler that draws rows from it without refitting, optionally under
+//! conditions.
+//!
+//! The file holds the copula's marginals and correlation, the output schema and the
+//! constraints: never a training row. [`ModelFile::description`] says exactly which real values
+//! it holds.
+//!
+//! Conditions: one categorical condition is met exactly by conditioning the copula. The
+//! conditioned column goes first in the Cholesky order, so its latent normal is the first
+//! draw alone: drawing it from the normal truncated to the level's interval, and the others
+//! as usual, samples the model's joint distribution given that level. Every other condition
+//! (more categoricals, numbers, combined columns) is met by rejection, which fails, naming
+//! the columns, when fewer than 1 % of the rows meet them.
+
+use polars::prelude::{DataType, TimeUnit, TimeZone};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::saved_models::ModelColumn;
+
+use super::{
+    constraints::{self, Columns, Constraint},
+    copula::{finish_number, Copula, Marginal},
+    profile::{quantile, ColumnProfile, Role},
+    stats::{cholesky, identity, nearest_correlation, normal_quantile, NormalTable},
+    table::{Column, Table, Values},
+};
+use crate::JobError;
+
+pub use contracts::sample::ConditionMap;
+
+/// The format tag of the files this build writes and reads.
+pub const FORMAT: &str = "conveyor.gaussian_copula.v1";
+
+/// Rows per block of the sampler: each block has its own seeded generator (Xoshiro256++, rand's
+/// SmallRng: fast, and inlined into this loop), so the output depends on the seed alone, not
+/// on how many threads drew it.
+const BLOCK: usize = 8192;
+
+/// Latent normals are clamped to this many standard deviations (as the fit's sampler clamps
+/// u to [1e-12, 1 − 1e-12]).
+const Z_LIMIT: f64 = NormalTable::LIMIT;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelFile {
+    pub format: String,
+    /// ε of a private fit.
+    pub epsilon: Option<f64>,
+    /// The columns generated, in output order.
+    pub columns: Vec<OutputColumn>,
+    /// The copula's columns, in its order (a fixed combination is one joint column).
+    pub learned: Vec<String>,
+    pub marginals: Vec<Marginal>,
+    /// Correlation of the latent normals, row-major.
+    pub correlation: Vec<f64>,
+    pub constraints: Vec<Constraint>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutputColumn {
+    pub name: String,
+    /// Its type in the training data, as [`stored_type`] writes it.
+    pub dtype: String,
+    pub role: Role,
+    /// Numbers (integers, floats, dates and times) or labels.
+    pub numbers: bool,
+}
+
+impl ModelFile {
+    /// The file of a copula fitted on `input` (whose columns `profiles` describe).
+    pub fn new(
+        input: &Table,
+        profiles: &[ColumnProfile],
+        learned: Vec<String>,
+        copula: &Copula,
+        constraints: &[Constraint],
+        epsilon: Option<f64>,
+    ) -> ModelFile {
+        let columns = input
+            .columns
+            .iter()
+            .zip(profiles)
+            .filter(|(_, p)| p.role != Role::Skip)
+            .map(|(column, p)| OutputColumn {
+                name: column.name.clone(),
+                dtype: stored_type(&column.dtype),
+                role: p.role,
+                numbers: matches!(column.values, Values::Numbers(_)),
+            })
+            .collect();
+        ModelFile {
+            format: FORMAT.into(),
+            epsilon,
+            columns,
+            learned,
+            marginals: copula.marginals.clone(),
+            correlation: copula.correlation.clone(),
+            constraints: constraints.to_vec(),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a model serializes")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<ModelFile, String> {
+        #[derive(Deserialize)]
+        struct Tag {
+            format: String,
+        }
+        let tag: Tag = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if tag.format != FORMAT {
+            return Err(format!(
+                "the model is in format {:?}; this build reads {FORMAT:?}",
+                tag.format
+            ));
+        }
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+
+    /// What the model is and exactly which real values it holds.
+    pub fn description(&self) -> String {
+        let learned = |discrete: bool| -> Vec<String> {
+            self.learned
+                .iter()
+                .zip(&self.marginals)
+                .filter(|(_, m)| matches!(m, Marginal::Discrete { .. }) == discrete)
+                .map(|(name, _)| format!("{name:?}"))
+                .collect()
+        };
+        let list = |names: Vec<String>| match names.is_empty() {
+            true => "none".to_owned(),
+            false => names.join(", "),
+        };
+        let identifiers: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|c| c.role == Role::Identifier)
+            .map(|c| format!("{:?}", c.name))
+            .collect();
+        let head = format!(
+            "A Gaussian copula over {} column(s): one marginal distribution per column and the \
+             correlation matrix of their normal scores. It holds no training row. Identifier \
+             columns ({}) hold nothing: sampled identifiers count from 1, or are syn-<n> labels.",
+            self.learned.len(),
+            list(identifiers)
+        );
+        match self.epsilon {
+            Some(epsilon) => format!(
+                "{head} Fitted with ε-differential privacy (ε = {epsilon}): it holds no value \
+                 of the data beyond what the private mechanisms released (noisy histograms over \
+                 declared or privately estimated bounds, levels declared or kept above a noisy \
+                 threshold, noisy Kendall's tau correlations); see privacy.budget."
+            ),
+            None => format!(
+                "{head} Not differentially private; the real values it holds: for each \
+                 continuous column ({}), 1001 quantile knots (its minimum, its maximum and the \
+                 value at every 0.1 % of its distribution, interpolated between training \
+                 values; with fewer than 1001 training rows some knots are training values \
+                 themselves); for each categorical or few-valued column ({}), every value seen \
+                 in training with its frequency. Sampled values stay within each column's \
+                 training range.",
+                list(learned(false)),
+                list(learned(true))
+            ),
+        }
+    }
+
+    /// The columns as the API shows them, with the levels a condition may ask for.
+    pub fn schema(&self) -> Vec<ModelColumn> {
+        self.columns
+            .iter()
+            .map(|c| {
+                let levels = self.discrete(&c.name).map(|(_, levels, _)| {
+                    (0..levels.len()).map(|k| level_value(levels, k)).collect()
+                });
+                ModelColumn {
+                    name: c.name.clone(),
+                    data_type: c.dtype.clone(),
+                    role: serde_json::to_value(c.role)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    levels,
+                }
+            })
+            .collect()
+    }
+
+    /// The learned column of that name with a discrete marginal: index, levels, cumulative.
+    fn discrete(&self, name: &str) -> Option<(usize, &Values, &[f64])> {
+        let at = self.learned.iter().position(|n| n == name)?;
+        match &self.marginals[at] {
+            Marginal::Discrete { levels, cumulative } => Some((at, levels, cumulative)),
+            Marginal::Continuous { .. } => None,
+        }
+    }
+}
+
+fn level_value(levels: &Values, k: usize) -> Value {
+    match levels {
+        Values::Labels(v) => v[k].clone().map_or(Value::Null, Value::String),
+        Values::Numbers(v) => v[k].map_or(Value::Null, Value::from),
+    }
+}
+
+/// A polars type as the model file keeps it.
+pub fn stored_type(dtype: &DataType) -> String {
+    match dtype {
+        DataType::Datetime(unit, Some(zone)) => format!("datetime[{unit}, {zone}]"),
+        other => other.to_string(),
+    }
+}
+
+/// The polars type [`stored_type`] wrote; an unknown one reads as f64 or text.
+fn read_type(stored: &str, numbers: bool) -> DataType {
+    let units = [
+        TimeUnit::Nanoseconds,
+        TimeUnit::Microseconds,
+        TimeUnit::Milliseconds,
+    ];
+    let plain = [
+        DataType::Boolean,
+        DataType::UInt32,
+        DataType::UInt64,
+        DataType::Int32,
+        DataType::Int64,
+        DataType::Float32,
+        DataType::Float64,
+        DataType::String,
+        DataType::Date,
+        DataType::Time,
+    ];
+    let temporal = units
+        .iter()
+        .flat_map(|&u| [DataType::Datetime(u, None), DataType::Duration(u)]);
+    if let Some(found) = plain
+        .into_iter()
+        .chain(temporal)
+        .find(|d| stored_type(d) == stored)
+    {
+        return found;
+    }
+    let zoned = stored
+        .strip_prefix("datetime[")
+        .and_then(|rest| rest.strip_suffix(']'))
+        .and_then(|rest| rest.split_once(", "));
+    if let Some((unit, zone)) = zoned {
+        let unit = units.into_iter().find(|u| u.to_string() == unit);
+        if let (Some(unit), Ok(zone)) = (unit, TimeZone::opt_try_new(Some(zone))) {
+            return DataType::Datetime(unit, zone);
+        }
+    }
+    if numbers {
+        DataType::Float64
+    } else {
+        DataType::String
+    }
+}
+
+/// How one latent normal becomes a column's value.
+enum Mapper<'m> {
+    Continuous {
+        knots: &'m [f64],
+        missing: f64,
+        decimals: Option<u32>,
+        bounds: (Option<f64>, Option<f64>),
+    },
+    /// Level k covers latent values up to `thresholds[k]` (Φ⁻¹ of its cumulative share).
+    Discrete {
+        thresholds: Vec<f64>,
+        levels: &'m Values,
+    },
+}
+
+/// One group's draw: the copula's columns in `order`, the Cholesky factor of their
+/// correlation in that order, and the first one's level when it is conditioned exactly.
+struct Plan {
+    order: Vec<usize>,
+    cholesky: Vec<f64>,
+    /// (level, its cumulative interval in u).
+    fixed: Option<(u32, f64, f64)>,
+}
+
+/// Draws rows from a saved model.
+pub struct Sampler<'m> {
+    model: &'m ModelFile,
+    mappers: Vec<Mapper<'m>>,
+    /// The output columns with no values: what `constraints::separate` reads types from.
+    shape: Table,
+    seed: u64,
+    /// Blocks drawn so far: each block's generator is seeded from the seed and its number.
+    blocks: u64,
+    /// Rows sampled so far: fresh identifiers count on across calls.
+    rows_out: usize,
+}
+
+impl<'m> Sampler<'m> {
+    pub fn new(model: &'m ModelFile, seed: u64) -> Sampler<'m> {
+        let mappers = model
+            .marginals
+            .iter()
+            .map(|m| match m {
+                Marginal::Continuous {
+                    knots,
+                    missing,
+                    decimals,
+                    bounds,
+                } => Mapper::Continuous {
+                    knots,
+                    missing: *missing,
+                    decimals: *decimals,
+                    bounds: *bounds,
+                },
+                Marginal::Discrete { levels, cumulative } => Mapper::Discrete {
+                    thresholds: cumulative[..cumulative.len().saturating_sub(1)]
+                        .iter()
+                        .map(|&c| normal_quantile(c))
+                        .collect(),
+                    levels,
+                },
+            })
+            .collect();
+        let shape = Table {
+            columns: model
+                .columns
+                .iter()
+                .map(|c| Column {
+                    name: c.name.clone(),
+                    dtype: read_type(&c.dtype, c.numbers),
+                    values: empty(c.numbers),
+                })
+                .collect(),
+        };
+        Sampler {
+            model,
+            mappers,
+            shape,
+            seed,
+            blocks: 0,
+            rows_out: 0,
+        }
+    }
+
+    /// `rows` rows meeting `conditions`, as output columns in the model's order.
+    pub fn sample(&mut self, rows: usize, conditions: &ConditionMap) -> Result<Table, JobError> {
+        let (plan, rejected) = self.plan(conditions)?;
+        let first = self.draw(&plan, rows);
+        let model = self.model;
+        let rules = &model.constraints;
+        let checked = rules.iter().any(Constraint::is_numeric) || !rejected.is_empty();
+        let accept = |columns: &Columns| -> Result<Vec<usize>, JobError> {
+            let mut rows = match checked {
+                true => constraints::kept_rows(columns, rules)?,
+                false => (0..columns.first().map_or(0, |c| c.1.len())).collect(),
+            };
+            for (name, wanted) in &rejected {
+                let values = &columns
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .ok_or_else(|| {
+                        JobError::Permanent(format!("the model does not generate {name:?}"))
+                    })?
+                    .1;
+                rows.retain(|&row| holds(values, row, wanted));
+            }
+            Ok(rows)
+        };
+        let refusal = |accepted: usize, drawn: usize| {
+            let names: Vec<String> = rejected.iter().map(|(n, _)| format!("{n:?}")).collect();
+            let what = match names.is_empty() {
+                true => "the model's constraints".to_owned(),
+                false => format!("the conditions on {}", names.join(", ")),
+            };
+            format!(
+                "{what} held on {accepted} of {drawn} sampled rows, under 1 %: the model \
+                 (almost) never generates such rows. Condition on values it generates often \
+                 (a categorical column's level is met exactly)"
+            )
+        };
+        let sampled = {
+            let mut draw = |n: usize| Ok(self.draw(&plan, n));
+            constraints::accept_rounds(rows, first, &mut draw, accept, refusal)?
+        };
+        Ok(self.assemble(sampled, rows))
+    }
+
+    /// The plan for `conditions`, and those it leaves to rejection.
+    fn plan(&self, conditions: &ConditionMap) -> Result<(Plan, Vec<(String, Value)>), JobError> {
+        let model = self.model;
+        let d = model.marginals.len();
+        let mut rejected = Vec::new();
+        // The exact one: the rarest level asked of a categorical, leaving the least to reject.
+        let mut exact: Option<(usize, u32, f64, f64)> = None;
+        for (name, wanted) in conditions {
+            let level = model.discrete(name).and_then(|(at, levels, cumulative)| {
+                let k = (0..levels.len())
+                    .find(|&k| contracts::sample::same_value(&level_value(levels, k), wanted))?;
+                let lo = if k == 0 { 0.0 } else { cumulative[k - 1] };
+                Some((at, k as u32, lo, cumulative[k]))
+            });
+            match level {
+                Some((_, _, lo, hi)) if hi <= lo => {
+                    return Err(JobError::Permanent(format!(
+                        "the model gives {wanted} in {name:?} no probability: no row can have it"
+                    )))
+                }
+                Some(found) if exact.is_none_or(|e| found.3 - found.2 < e.3 - e.2) => {
+                    if let Some((at, ..)) = exact {
+                        rejected.push((
+                            model.learned[at].clone(),
+                            conditions[&model.learned[at]].clone(),
+                        ));
+                    }
+                    exact = Some(found);
+                }
+                _ => {
+                    if model.discrete(name).is_some() {
+                        // A categorical without that level: preflight refuses this, unless the
+                        // model changed since.
+                        return Err(JobError::Permanent(format!(
+                            "the model never generates {wanted} in {name:?}"
+                        )));
+                    }
+                    if !model.columns.iter().any(|c| c.name == *name) {
+                        return Err(JobError::Permanent(format!(
+                            "the model has no column {name:?}"
+                        )));
+                    }
+                    rejected.push((name.clone(), wanted.clone()))
+                }
+            }
+        }
+        let order: Vec<usize> = match exact {
+            Some((at, ..)) => std::iter::once(at)
+                .chain((0..d).filter(|&i| i != at))
+                .collect(),
+            None => (0..d).collect(),
+        };
+        let permuted: Vec<f64> = order
+            .iter()
+            .flat_map(|&i| order.iter().map(move |&j| model.correlation[i * d + j]))
+            .collect();
+        let cholesky = cholesky(&permuted, d)
+            .or_else(|| cholesky(&nearest_correlation(&permuted, d, 1e-6), d))
+            .unwrap_or_else(|| identity(d));
+        let plan = Plan {
+            order,
+            cholesky,
+            fixed: exact.map(|(_, k, lo, hi)| (k, lo, hi)),
+        };
+        Ok((plan, rejected))
+    }
+
+    /// `rows` rows of the model's columns (fixed combinations taken apart), in parallel blocks.
+    fn draw(&mut self, plan: &Plan, rows: usize) -> Columns {
+        let blocks = rows.div_ceil(BLOCK);
+        let first_block = self.blocks;
+        self.blocks += blocks as u64;
+        let seed = self.seed;
+        let parts: Vec<Vec<Values>> = (0..blocks)
+            .into_par_iter()
+            .map(|b| {
+                let n = BLOCK.min(rows - b * BLOCK);
+                let mut rng = SmallRng::seed_from_u64(block_seed(seed, first_block + b as u64));
+                self.draw_block(plan, n, &mut rng)
+            })
+            .collect();
+        let mut columns: Vec<Values> = self
+            .mappers
+            .iter()
+            .map(|m| match m {
+                Mapper::Continuous { .. } => Values::Numbers(Vec::with_capacity(rows)),
+                Mapper::Discrete { levels, .. } => empty(matches!(levels, Values::Numbers(_))),
+            })
+            .collect();
+        for part in parts {
+            for (all, more) in columns.iter_mut().zip(part) {
+                all.append(more);
+            }
+        }
+        constraints::separate(
+            self.model.learned.clone(),
+            columns,
+            &self.model.constraints,
+            &self.shape,
+        )
+    }
+
+    fn draw_block(&self, plan: &Plan, n: usize, rng: &mut SmallRng) -> Vec<Values> {
+        let d = self.mappers.len();
+        let normal = NormalTable::shared();
+        let mut numbers: Vec<Vec<Option<f64>>> = vec![Vec::new(); d];
+        let mut codes: Vec<Vec<u32>> = vec![Vec::new(); d];
+        for (i, mapper) in self.mappers.iter().enumerate() {
+            match mapper {
+                Mapper::Continuous { .. } => numbers[i].reserve_exact(n),
+                Mapper::Discrete { .. } => codes[i].reserve_exact(n),
+            }
+        }
+        let mut e = vec![0.0; d];
+        for _ in 0..n {
+            normals(&mut e, rng);
+            if let Some((_, lo, hi)) = plan.fixed {
+                e[0] = normal.quantile(lo + (hi - lo) * rng.random::<f64>());
+            }
+            for (p, &column) in plan.order.iter().enumerate() {
+                let factor = &plan.cholesky[p * d..p * d + p + 1];
+                let z: f64 = factor.iter().zip(&e).map(|(l, e)| l * e).sum();
+                let z = z.clamp(-Z_LIMIT, Z_LIMIT);
+                match &self.mappers[column] {
+                    Mapper::Continuous {
+                        knots,
+                        missing,
+                        decimals,
+                        bounds,
+                    } => {
+                        let value =
+                            (*missing == 0.0 || rng.random::<f64>() >= *missing).then(|| {
+                                finish_number(quantile(knots, normal.cdf(z)), *decimals, *bounds)
+                            });
+                        numbers[column].push(value);
+                    }
+                    Mapper::Discrete { thresholds, .. } => {
+                        let level = match plan.fixed {
+                            Some((level, ..)) if p == 0 => level,
+                            _ => thresholds.partition_point(|&t| t < z) as u32,
+                        };
+                        codes[column].push(level);
+                    }
+                }
+            }
+        }
+        self.mappers
+            .iter()
+            .zip(numbers.into_iter().zip(codes))
+            .map(|(mapper, (numbers, codes))| match mapper {
+                Mapper::Continuous { .. } => Values::Numbers(numbers),
+                Mapper::Discrete { levels, .. } => take_levels(levels, &codes),
+            })
+            .collect()
+    }
+
+    /// The output table: sampled columns in the model's order, fresh identifiers (counting
+    /// from 1, or `syn-<n>`, on from the rows sampled before).
+    fn assemble(&mut self, mut sampled: Columns, rows: usize) -> Table {
+        let mut columns = Vec::with_capacity(self.shape.columns.len());
+        let numbers = self.rows_out + 1..self.rows_out + rows + 1;
+        self.rows_out += rows;
+        for (column, shape) in self.model.columns.iter().zip(&self.shape.columns) {
+            let values = match sampled.iter().position(|(name, _)| *name == column.name) {
+                Some(at) => sampled.swap_remove(at).1,
+                None if column.numbers => {
+                    Values::Numbers(numbers.clone().map(|n| Some(n as f64)).collect())
+                }
+                None => Values::Labels(numbers.clone().map(|n| Some(format!("syn-{n}"))).collect()),
+            };
+            columns.push(Column {
+                values,
+                ..shape.clone()
+            });
+        }
+        Table { columns }
+    }
+}
+
+/// Whether the value at `row` is the one asked for.
+fn holds(values: &Values, row: usize, wanted: &Value) -> bool {
+    match (values, wanted) {
+        (_, Value::Null) => match values {
+            Values::Numbers(v) => v[row].is_none(),
+            Values::Labels(v) => v[row].is_none(),
+        },
+        (Values::Numbers(v), Value::Number(n)) => v[row] == n.as_f64(),
+        (Values::Labels(v), Value::String(s)) => v[row].as_deref() == Some(s.as_str()),
+        (Values::Labels(v), Value::Bool(b)) => v[row].as_deref() == Some(&b.to_string()),
+        _ => false,
+    }
+}
+
+fn empty(numbers: bool) -> Values {
+    match numbers {
+        true => Values::Numbers(Vec::new()),
+        false => Values::Labels(Vec::new()),
+    }
+}
+
+fn take_levels(levels: &Values, codes: &[u32]) -> Values {
+    match levels {
+        Values::Numbers(l) => Values::Numbers(codes.iter().map(|&c| l[c as usize]).collect()),
+        Values::Labels(l) => Values::Labels(codes.iter().map(|&c| l[c as usize].clone()).collect()),
+    }
+}
+
+/// Fills `out` with standard normals, two per Box–Muller pair.
+fn normals(out: &mut [f64], rng: &mut SmallRng) {
+    for pair in out.chunks_mut(2) {
+        let u: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+        let v: f64 = rng.random::<f64>();
+        let radius = (-2.0 * u.ln()).sqrt();
+        let (sin, cos) = (std::f64::consts::TAU * v).sin_cos();
+        pair[0] = radius * cos;
+        if let Some(second) = pair.get_mut(1) {
+            *second = radius * sin;
+        }
+    }
+}
+
+/// A block's seed: the job's seed and the block's number, mixed (SplitMix64's finalizer).
+fn block_seed(seed: u64, block: u64) -> u64 {
+    let mut z = seed ^ block.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthesis::{stats::standard_normal, synthesize, Quiet, SynthesisPayload};
+    use polars::prelude::DataType;
+    use serde_json::json;
+
+    /// `id` unique text, `x` ~ N(50, 10) and `group` its tercile, `visits` few-valued.
+    fn table(n: usize) -> Table {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let (mut id, mut x, mut group, mut visits) = (vec![], vec![], vec![], vec![]);
+        for i in 0..n {
+            let a = standard_normal(&mut rng);
+            id.push(Some(format!("person-{i}")));
+            x.push(Some(((50.0 + 10.0 * a) * 1000.0).round() / 1000.0));
+            let band = match a {
+                a if a > 0.43 => "high",
+                a if a > -0.43 => "mid",
+                _ => "low",
+            };
+            group.push(Some(band.to_owned()));
+            visits.push(Some((rng.random::<f64>() * 4.0).floor()));
+        }
+        Table {
+            columns: vec![
+                Column::labels("id", id),
+                Column::numbers("x", DataType::Float64, x),
+                Column::labels("group", group),
+                Column::numbers("visits", DataType::Int64, visits),
+            ],
+        }
+    }
+
+    fn fit(input: &Table, extra: Value) -> ModelFile {
+        let mut payload = json!({"dataset_id": uuid::Uuid::nil(), "rows": 10,
+                                 "holdout_fraction": 0.0, "save_model": true});
+        payload
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let payload: SynthesisPayload = serde_json::from_value(payload).unwrap();
+        synthesize(input, &payload, 7, &Quiet)
+            .unwrap()
+            .model
+            .unwrap()
+    }
+
+    fn conditions(value: Value) -> ConditionMap {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn numbers<'t>(table: &'t Table, name: &str) -> &'t [Option<f64>] {
+        match &table.column(name).unwrap().values {
+            Values::Numbers(v) => v,
+            Values::Labels(_) => panic!("{name} holds labels"),
+        }
+    }
+
+    fn labels<'t>(table: &'t Table, name: &str) -> &'t [Option<String>] {
+        match &table.column(name).unwrap().values {
+            Values::Labels(v) => v,
+            Values::Numbers(_) => panic!("{name} holds numbers"),
+        }
+    }
+
+    fn mean_and_variance(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+        let values: Vec<f64> = values.collect();
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        (mean, variance, n)
+    }
+
+    #[test]
+    fn a_categorical_condition_samples_the_models_own_conditional_distribution() {
+        let model = fit(&table(4000), json!({}));
+        let high = conditions(json!({"group": "high"}));
+        let conditioned = Sampler::new(&model, 1).sample(20_000, &high).unwrap();
+        assert!(labels(&conditioned, "group")
+            .iter()
+            .all(|g| g.as_deref() == Some("high")));
+        // The same model, unconditioned, then filtered to "high": the distribution the
+        // condition must give (exactly, not approximately).
+        let free = Sampler::new(&model, 2)
+            .sample(200_000, &ConditionMap::new())
+            .unwrap();
+        let group = labels(&free, "group");
+        let filtered = numbers(&free, "x")
+            .iter()
+            .zip(group)
+            .filter(|(_, g)| g.as_deref() == Some("high"))
+            .filter_map(|(x, _)| *x);
+        let (expected, variance, n) = mean_and_variance(filtered);
+        let (mean, variance_c, n_c) =
+            mean_and_variance(numbers(&conditioned, "x").iter().flatten().copied());
+        let tolerance = 4.0 * (variance / n + variance_c / n_c).sqrt();
+        assert!(
+            (mean - expected).abs() < tolerance,
+            "{mean} vs {expected} ± {tolerance}"
+        );
+        // And it differs from the unconditioned mean: the condition carried through.
+        assert!(mean > 60.0, "{mean}");
+    }
+
+    #[test]
+    fn further_conditions_are_met_by_rejection_or_fail_naming_the_column() {
+        let model = fit(&table(3000), json!({}));
+        let both = conditions(json!({"group": "low", "visits": 2}));
+        let sampled = Sampler::new(&model, 3).sample(500, &both).unwrap();
+        assert!(labels(&sampled, "group")
+            .iter()
+            .all(|g| g.as_deref() == Some("low")));
+        assert!(numbers(&sampled, "visits").iter().all(|v| *v == Some(2.0)));
+
+        let never = conditions(json!({"x": 50.123456}));
+        let Err(JobError::Permanent(message)) = Sampler::new(&model, 3).sample(10, &never) else {
+            panic!("a condition the model (almost) never meets must fail")
+        };
+        assert!(
+            message.contains("\"x\"") && message.contains("under 1 %"),
+            "{message}"
+        );
+        let unknown = conditions(json!({"group": "extreme"}));
+        let Err(JobError::Permanent(message)) = Sampler::new(&model, 3).sample(10, &unknown) else {
+            panic!()
+        };
+        assert!(message.contains("never generates"), "{message}");
+    }
+
+    #[test]
+    fn the_seed_fixes_the_rows_whatever_the_number_of_threads() {
+        let model = fit(&table(1000), json!({}));
+        let draw = |seed: u64, threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut sampler = Sampler::new(&model, seed);
+                let mut first = sampler
+                    .sample(30_000, &conditions(json!({"group": "mid"})))
+                    .unwrap();
+                let second = sampler.sample(1000, &ConditionMap::new()).unwrap();
+                for (column, more) in first.columns.iter_mut().zip(second.columns) {
+                    column.values.append(more.values);
+                }
+                first
+                    .columns
+                    .into_iter()
+                    .map(|c| c.values)
+                    .collect::<Vec<_>>()
+            })
+        };
+        let one = draw(4, 1);
+        assert_eq!(one, draw(4, 4));
+        assert_ne!(one, draw(5, 4));
+        // Fresh identifiers count on across groups.
+        let Values::Labels(ids) = &one[0] else {
+            panic!()
+        };
+        assert_eq!(ids[30_000].as_deref(), Some("syn-30001"));
+    }
+
+    #[test]
+    fn the_model_file_holds_no_training_row_and_says_which_values_it_holds() {
+        let mut input = table(2000);
+        // A value planted in the middle of x, and an identifier: neither may be in the file.
+        let Values::Numbers(x) = &mut input.columns[1].values else {
+            panic!()
+        };
+        x[100] = Some(51.987654321);
+        let model = fit(&input, json!({}));
+        let bytes = String::from_utf8(model.to_bytes()).unwrap();
+        assert!(!bytes.contains("51.987654321"), "a training value leaked");
+        assert!(!bytes.contains("person-"), "an identifier leaked");
+        let description = model.description();
+        assert!(
+            description.contains("1001 quantile knots")
+                && description.contains("continuous column (\"x\")")
+                && description.contains("(\"group\", \"visits\")")
+                && description.contains("Identifier columns (\"id\")"),
+            "{description}"
+        );
+        let read = ModelFile::from_bytes(bytes.as_bytes()).unwrap();
+        assert_eq!(read.learned, model.learned);
+        assert_eq!(read.marginals[1], model.marginals[1]);
+        let (Marginal::Continuous { knots: a, .. }, Marginal::Continuous { knots: b, .. }) =
+            (&read.marginals[0], &model.marginals[0])
+        else {
+            panic!()
+        };
+        assert!(a
+            .iter()
+            .zip(b)
+            .all(|(a, b)| (a - b).abs() <= 1e-12 * b.abs()));
+        let schema = model.schema();
+        assert_eq!(schema[2].levels.as_ref().unwrap().len(), 3);
+        assert_eq!(schema[1].levels, None);
+
+        // Under ε: nothing beyond the private releases, and the description says so.
+        let private = fit(
+            &input,
+            json!({"epsilon": 1.0, "columns": {"x": {"min": 0, "max": 100}, "visits": {"min": 0, "max": 3}}}),
+        );
+        let bytes = String::from_utf8(private.to_bytes()).unwrap();
+        assert!(!bytes.contains("51.987654321"));
+        assert!(private.description().contains("ε-differential privacy"));
+        assert!(!private.description().contains("quantile knots"));
+
+        let wrong = bytes.replace(FORMAT, "conveyor.gaussian_copula.v0");
+        let refused = ModelFile::from_bytes(wrong.as_bytes()).unwrap_err();
+        assert!(refused.contains("this build reads"), "{refused}");
+    }
+}

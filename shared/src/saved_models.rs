@@ -1,0 +1,126 @@
+//! Saved models: synthesizers a `synthesis` job fitted with `save_model: true`, which `sample`
+//! jobs draw rows from without refitting. The row describes the model; the serialized model
+//! is an object of the tenant in the store (`ObjectStore::put_model`).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// One column a model generates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelColumn {
+    pub name: String,
+    /// The column's type in the training data (polars' name: `i64`, `f64`, `str`, `date`...).
+    #[serde(rename = "type")]
+    pub data_type: String,
+    /// `numerical`, `datetime`, `categorical` (learned) or `identifier` (fresh values).
+    pub role: String,
+    /// The values a categorical column can take (`null` for missing): what a `sample` job's
+    /// conditions may ask for. Absent for other columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub levels: Option<Vec<serde_json::Value>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct SavedModel {
+    pub id: Uuid,
+    #[serde(skip)]
+    pub tenant_id: Uuid,
+    pub name: String,
+    /// 1 for the first model of this name, counting up.
+    pub version: i32,
+    pub synthesizer: String,
+    #[schema(value_type = Vec<ModelColumn>)]
+    pub schema: sqlx::types::Json<Vec<ModelColumn>>,
+    /// Rows the model was fitted on (the holdout excluded).
+    pub training_rows: i64,
+    /// The fitting job's quality report.
+    #[schema(value_type = Object)]
+    pub quality: sqlx::types::Json<serde_json::Value>,
+    /// The fitting job's privacy report (distances, membership inference, ε accounting).
+    #[schema(value_type = Object)]
+    pub privacy: sqlx::types::Json<serde_json::Value>,
+    /// ε of a differentially private fit; absent otherwise.
+    pub epsilon_spent: Option<f64>,
+    /// Exactly which real values the stored model holds.
+    pub description: String,
+    /// The synthesis job that fitted it.
+    pub job_id: Uuid,
+    #[serde(skip)]
+    pub object_key: String,
+    /// Size of the serialized model.
+    pub size_bytes: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Records the model, numbering it after the tenant's models of the same name. A second call
+/// with the same id (a retried job) records nothing and answers the row already there.
+pub async fn insert(pool: &PgPool, model: &SavedModel) -> sqlx::Result<SavedModel> {
+    sqlx::query(
+        "INSERT INTO models (id, tenant_id, name, version, synthesizer, schema, training_rows,
+                             quality, privacy, epsilon_spent, description, job_id, object_key,
+                             size_bytes)
+         SELECT $1, $2, $3, COALESCE(MAX(version), 0) + 1, $4, $5, $6, $7, $8, $9, $10, $11,
+                $12, $13
+         FROM models WHERE tenant_id = $2 AND name = $3
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(model.id)
+    .bind(model.tenant_id)
+    .bind(&model.name)
+    .bind(&model.synthesizer)
+    .bind(&model.schema)
+    .bind(model.training_rows)
+    .bind(&model.quality)
+    .bind(&model.privacy)
+    .bind(model.epsilon_spent)
+    .bind(&model.description)
+    .bind(model.job_id)
+    .bind(&model.object_key)
+    .bind(model.size_bytes)
+    .execute(pool)
+    .await?;
+    get(pool, model.tenant_id, model.id)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// The tenant's model; another tenant's id reads as missing.
+pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<SavedModel>> {
+    sqlx::query_as("SELECT * FROM models WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Newest first, `limit` after `cursor`.
+pub async fn list(
+    pool: &PgPool,
+    tenant: Uuid,
+    cursor: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<SavedModel>> {
+    sqlx::query_as(
+        "SELECT * FROM models WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(tenant)
+    .bind(cursor)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Deletes the tenant's model row; false when it has none of that id.
+pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
+    let deleted = sqlx::query("DELETE FROM models WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(deleted.rows_affected() == 1)
+}
