@@ -89,6 +89,9 @@ pub struct Settings {
     pub worker_retention: Option<Duration>,
     /// `CONVEYOR_MODEL_DIR`: the embedding model's files (`scripts/model` installs them).
     pub model_dir: PathBuf,
+    /// `CONVEYOR_WATCH_ROOT`: the directory the operator maps for watched sources; a tenant's
+    /// ingests may follow directories under `<root>/<tenant id>/` only. Unset: none.
+    pub watch_root: Option<PathBuf>,
     /// `CONVEYOR_MAX_DECOMPRESSED_BYTES`: most bytes an import reads from one dataset once
     /// decompressed (imports stream, so this bounds time and disk, not memory).
     pub max_decompressed_bytes: u64,
@@ -180,6 +183,7 @@ impl fmt::Debug for Settings {
             job_retention,
             worker_retention,
             model_dir,
+            watch_root,
             max_decompressed_bytes,
             max_in_memory_bytes,
             max_record_bytes,
@@ -230,6 +234,7 @@ impl fmt::Debug for Settings {
             .field("job_retention", job_retention)
             .field("worker_retention", worker_retention)
             .field("model_dir", model_dir)
+            .field("watch_root", watch_root)
             .field("max_decompressed_bytes", max_decompressed_bytes)
             .field("max_in_memory_bytes", max_in_memory_bytes)
             .field("max_record_bytes", max_record_bytes)
@@ -316,6 +321,7 @@ impl Settings {
             model_dir: vars
                 .var("MODEL_DIR", ".data/models/all-MiniLM-L6-v2")
                 .into(),
+            watch_root: vars.get("WATCH_ROOT").map(PathBuf::from),
             max_decompressed_bytes: vars.parse("MAX_DECOMPRESSED_BYTES", "17179869184")?,
             max_in_memory_bytes: vars.parse("MAX_IN_MEMORY_BYTES", "1073741824")?,
             max_record_bytes: vars.parse("MAX_RECORD_BYTES", "16777216")?,
@@ -395,6 +401,7 @@ impl Settings {
                 .unwrap_or_else(|_| {
                     Path::new(env!("CARGO_MANIFEST_DIR")).join("../.data/models/all-MiniLM-L6-v2")
                 }),
+            watch_root: None,
             database_url,
             redis_url: std::env::var("CONVEYOR_REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),

@@ -666,3 +666,138 @@ async fn a_worker_without_the_model_refuses_to_start() {
         "a canary worker runs without the model"
     );
 }
+
+/// A collection following a watched directory on a schedule: each firing is an ingest job of
+/// the directory; between two syncs a file is added, one changed and one deleted: the second
+/// sync indexes the new and changed ones, skips the unchanged one and removes the deleted
+/// one's document. A path out of the tenant's directory is refused at create.
+#[tokio::test]
+async fn a_watched_directory_syncs_added_changed_and_deleted_files_on_a_schedule() {
+    let root = std::env::temp_dir().join(format!("conveyor-watch-{}", Uuid::now_v7()));
+    let mut app = TestApp::spawn_with(|s| s.watch_root = Some(root.clone())).await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let tenant = app.tenant_id("acme").await;
+    let docs = root.join(tenant.to_string()).join("handbook");
+    std::fs::create_dir_all(docs.join("orders")).unwrap();
+    let write = |name: &str, corpus: usize| {
+        std::fs::write(docs.join(name), CORPUS[corpus].2).unwrap();
+    };
+    write("passwords.md", 0);
+    write("orders/refunds.txt", 1);
+    write("volcano.md", 4);
+    let collection = create_collection(&app, json!({"name": "handbook"})).await;
+    let job = json!({"kind": "ingest", "payload": {"collection_id": collection,
+                     "documents": [{"directory": "handbook", "metadata": {"source": "wiki"}}]}});
+
+    let (status, refused) = app
+        .post(
+            "/v1/schedules",
+            &json!({"name": "escape", "cron": "@daily", "job": {"kind": "ingest", "payload":
+                    {"collection_id": collection, "documents": [{"directory": "../"}]}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert_eq!(
+        refused["errors"][0]["field"],
+        "job.payload.documents[0].directory"
+    );
+    let (status, schedule) = app
+        .post(
+            "/v1/schedules",
+            &json!({"name": "sync", "cron": "@daily", "job": job}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{schedule}");
+    let schedule = schedule["id"].as_str().unwrap().to_owned();
+    // Fires now (as its daily time would), and waits for the sync's job.
+    let sync = async |n: usize| -> Value {
+        sqlx::query("UPDATE schedules SET next_fire_at = now() WHERE id = $1::uuid")
+            .bind(&schedule)
+            .execute(app.pool())
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let job: Uuid = loop {
+            let (_, page) = app.get(&format!("/v1/schedules/{schedule}/jobs")).await;
+            let jobs = page["jobs"].as_array().unwrap();
+            if jobs.len() == n {
+                break jobs[0]["id"].as_str().unwrap().parse().unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "firing {n}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let job = app
+            .wait_status(job, &["succeeded", "failed"], Duration::from_secs(120))
+            .await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        job["result"].clone()
+    };
+    let stored = async || -> Vec<(String, Value)> {
+        sqlx::query_as("SELECT id, metadata FROM documents WHERE collection_id = $1 ORDER BY id")
+            .bind(collection)
+            .fetch_all(app.pool())
+            .await
+            .unwrap()
+    };
+
+    let first = sync(1).await;
+    assert_eq!(
+        (
+            first["documents"].clone(),
+            first["indexed"].clone(),
+            first["deleted"].clone()
+        ),
+        (json!(3), json!(3), json!(0)),
+        "{first}"
+    );
+    let ids: Vec<String> = stored().await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        ids,
+        [
+            "handbook/orders/refunds.txt",
+            "handbook/passwords.md",
+            "handbook/volcano.md"
+        ]
+    );
+    assert_eq!(stored().await[0].1["source"], "wiki");
+
+    // Between the syncs: one file added, one changed, one deleted, one left as it was.
+    write("shipping.md", 2);
+    write("passwords.md", 5);
+    std::fs::remove_file(docs.join("volcano.md")).unwrap();
+    let second = sync(2).await;
+    assert_eq!(
+        (
+            second["documents"].clone(),
+            second["indexed"].clone(),
+            second["unchanged"].clone(),
+            second["deleted"].clone()
+        ),
+        (json!(3), json!(2), json!(1), json!(1)),
+        "{second}"
+    );
+    let ids: Vec<String> = stored().await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        ids,
+        [
+            "handbook/orders/refunds.txt",
+            "handbook/passwords.md",
+            "handbook/shipping.md"
+        ]
+    );
+    let found = search(
+        &app,
+        collection,
+        json!({"query": "borrow checker memory safety", "mode": "keyword"}),
+    )
+    .await;
+    assert_eq!(document_ids(&found), ["handbook/passwords.md"], "changed");
+    let gone = search(
+        &app,
+        collection,
+        json!({"query": "magma lava", "mode": "keyword"}),
+    )
+    .await;
+    assert!(gone.is_empty(), "the deleted file's chunks: {gone:?}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

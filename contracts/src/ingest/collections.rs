@@ -122,6 +122,26 @@ pub async fn document_hashes(
     .await
 }
 
+/// Deletes the collection's documents (and their chunks) that came from the watched
+/// `directory` (their metadata's `watched_directory`) and are not in `present`; how many.
+pub async fn delete_gone(
+    pool: &PgPool,
+    collection: Uuid,
+    directory: &str,
+    present: &[String],
+) -> sqlx::Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM documents WHERE collection_id = $1
+           AND metadata ->> 'watched_directory' = $2 AND NOT (id = ANY($3))",
+    )
+    .bind(collection)
+    .bind(directory)
+    .bind(present)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected())
+}
+
 /// A document ready to store: its chunks and their vectors.
 pub struct IndexedDocument {
     pub id: String,

@@ -120,7 +120,7 @@ pub struct IngestPayload {
     pub documents: Vec<DocumentSource>,
 }
 
-/// Inline `text` with its `id`, or a `dataset_id`.
+/// Inline `text` with its `id`, a `dataset_id`, or a watched `directory`.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DocumentSource {
@@ -129,6 +129,12 @@ pub struct DocumentSource {
     pub id: Option<String>,
     pub text: Option<String>,
     pub dataset_id: Option<Uuid>,
+    /// A directory the operator maps for the tenant (`CONVEYOR_WATCH_ROOT/<tenant id>/`),
+    /// relative to it: each file of a known format (by extension, in subdirectories too) is a
+    /// document whose id is its path; files unchanged since the last ingest are skipped, and
+    /// documents of files gone from it are removed. Run it on a schedule to keep a collection
+    /// in sync.
+    pub directory: Option<String>,
     /// Default: `text` inline, else from the dataset's file name.
     pub format: Option<DocFormat>,
     /// Records: the field (column) that holds the text. Default `text`.
@@ -153,6 +159,25 @@ impl IngestPayload {
         }
         for (i, source) in self.documents.iter().enumerate() {
             let field = |name: &str| format!("payload.documents[{i}].{name}");
+            if let Some(directory) = &source.directory {
+                if let Err(why) = check_directory(directory) {
+                    errors.push(FieldError::new(field("directory"), why));
+                }
+                for (name, given) in [
+                    ("text", source.text.is_some()),
+                    ("dataset_id", source.dataset_id.is_some()),
+                    ("id", source.id.is_some()),
+                    ("format", source.format.is_some()),
+                ] {
+                    if given {
+                        errors.push(FieldError::new(
+                            field(name),
+                            "not with a directory (each file's path is its id, its extension its format)",
+                        ));
+                    }
+                }
+                continue;
+            }
             match (&source.text, source.dataset_id) {
                 (Some(_), None) => {
                     if source.id.is_none() {
@@ -168,7 +193,7 @@ impl IngestPayload {
                 (None, Some(_)) => {}
                 _ => errors.push(FieldError::new(
                     format!("payload.documents[{i}]"),
-                    "give either text or dataset_id",
+                    "give one of text, dataset_id or directory",
                 )),
             }
             if let Some(id) = &source.id {
@@ -196,6 +221,24 @@ impl IngestPayload {
     }
 }
 
+/// A watched directory: relative to the tenant's root, never out of it (no `..`, no absolute
+/// path); `""` or `.` is the root itself.
+pub fn check_directory(directory: &str) -> Result<(), String> {
+    let path = std::path::Path::new(directory);
+    let inside = path.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    });
+    if directory.len() > 1024 || directory.contains('\0') || !inside {
+        return Err(format!(
+            "{directory:?} must be a relative path inside the tenant's watched root (no `..`, no leading `/`)"
+        ));
+    }
+    Ok(())
+}
+
 /// An ingest's result.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct IngestOutput {
@@ -206,6 +249,8 @@ pub struct IngestOutput {
     pub indexed: usize,
     /// Documents whose content was already indexed.
     pub unchanged: usize,
+    /// Documents of watched directories' files that are gone, removed.
+    pub deleted: u64,
     pub chunks: usize,
     pub elapsed_ms: u64,
     pub chunks_per_second: f64,
@@ -232,7 +277,9 @@ mod tests {
         assert!(refused(json!([
             {"id": "faq-1", "text": "hello", "format": "markdown", "metadata": {"lang": "en"}},
             {"dataset_id": ID, "format": "ndjson", "text_field": "body", "id_field": "id"},
-            {"dataset_id": ID}
+            {"dataset_id": ID},
+            {"directory": "docs/handbook"},
+            {"directory": "."}
         ]))
         .is_empty());
     }
@@ -270,6 +317,18 @@ mod tests {
             ),
             (
                 json!([{"dataset_id": "not-a-uuid"}]),
+                "payload.documents[0].dataset_id",
+            ),
+            (
+                json!([{"directory": "../other-tenant"}]),
+                "payload.documents[0].directory",
+            ),
+            (
+                json!([{"directory": "/etc"}]),
+                "payload.documents[0].directory",
+            ),
+            (
+                json!([{"directory": "docs", "dataset_id": ID}]),
                 "payload.documents[0].dataset_id",
             ),
         ] {

@@ -7,6 +7,7 @@
 pub mod chunk;
 pub mod extract;
 pub mod isolated;
+pub mod watched;
 
 pub use contracts::ingest::{
     collections as store, DocumentSource, Ingest, IngestOutput, IngestPayload, MAX_ID_LEN,
@@ -99,6 +100,76 @@ impl IngestHandler {
             .dataset_file(tenant, dataset_id)
             .await
             .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
+        // Records are `prefix:id`: the source's id, else (numbered records) the dataset's.
+        let file = SourceFile {
+            path,
+            compression: dataset.compression,
+            format,
+            label: format!("dataset {} ({})", dataset.name, dataset_id),
+            id: source.id.clone().unwrap_or_else(|| dataset_id.to_string()),
+            prefix: source
+                .id
+                .clone()
+                .or_else(|| source.id_field.is_none().then(|| dataset_id.to_string())),
+        };
+        self.documents_in(ctx, file, source, &source.metadata, budget)
+            .await
+    }
+
+    /// The documents of a watched directory's files, each marked with the directory (see
+    /// [`watched`]); and the directory's name.
+    async fn read_directory(
+        &self,
+        ctx: &JobContext,
+        source: &DocumentSource,
+        directory: &str,
+        budget: &mut u64,
+    ) -> Result<(String, Vec<Document>), JobError> {
+        let root = self.services.settings.watch_root.clone();
+        let tenant = ctx.tenant_id();
+        let asked = directory.to_owned();
+        let (name, files) = ctx
+            .blocking(move || watched::list(root.as_deref(), tenant, &asked, MAX_SOURCES))
+            .await
+            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(JobError::Permanent)?;
+        let mut metadata = source.metadata.clone();
+        metadata.insert("watched_directory".into(), Value::String(name.clone()));
+        let mut documents = Vec::new();
+        for file in files {
+            let file = SourceFile {
+                label: format!("file {}", file.id),
+                prefix: Some(file.id.clone()),
+                id: file.id,
+                path: file.path,
+                compression: file.compression,
+                format: file.format,
+            };
+            documents.extend(
+                self.documents_in(ctx, file, source, &metadata, budget)
+                    .await?,
+            );
+        }
+        Ok((name, documents))
+    }
+
+    /// The documents of one file: read (capped), then extracted.
+    async fn documents_in(
+        &self,
+        ctx: &JobContext,
+        file: SourceFile,
+        source: &DocumentSource,
+        metadata: &Map<String, Value>,
+        budget: &mut u64,
+    ) -> Result<Vec<Document>, JobError> {
+        let SourceFile {
+            path,
+            compression,
+            format,
+            label,
+            id,
+            prefix,
+        } = file;
         let limits = self.services.limits;
         // A single document stops at the document cap, records each at the record cap; all of
         // the job's datasets together at the in-memory cap.
@@ -120,7 +191,6 @@ impl IngestHandler {
             _ => None,
         };
         let record = limits.record();
-        let compression = dataset.compression;
         let bytes = ctx
             .blocking(move || {
                 let reader = import::source::open_decompressed(&path, compression)?;
@@ -132,14 +202,12 @@ impl IngestHandler {
             .await
             .map_err(|e| JobError::Permanent(e.to_string()))?
             .map_err(|e| match CapExceeded::in_io(&e) {
-                Some(cap) => JobError::Permanent(format!("dataset {dataset_id}: {cap}")),
-                None => JobError::Permanent(format!("dataset {dataset_id}: {e}")),
+                Some(cap) => JobError::Permanent(format!("{label}: {cap}")),
+                None => JobError::Permanent(format!("{label}: {e}")),
             })?;
         *budget -= bytes.len() as u64;
         Meter::add(&ctx.meter().bytes_read, bytes.len() as i64);
-        let failed = |e: String| {
-            JobError::Permanent(format!("dataset {} ({}): {e}", dataset.name, dataset_id))
-        };
+        let failed = |e: String| JobError::Permanent(format!("{label}: {e}"));
         let extracted = if format == DocFormat::Pdf {
             let text = self
                 .services
@@ -166,29 +234,37 @@ impl IngestHandler {
             .map_err(|e| JobError::Permanent(e.to_string()))?
             .map_err(failed)?
         };
-        // Records are `prefix:id`: the source's id, else (numbered records) the dataset's.
-        let prefix = source
-            .id
-            .clone()
-            .or_else(|| source.id_field.is_none().then(|| dataset_id.to_string()));
         Ok(extracted
             .into_iter()
             .map(|doc| {
                 let id = match (doc.id, &prefix) {
-                    (None, _) => source.id.clone().unwrap_or_else(|| dataset_id.to_string()),
-                    (Some(id), Some(prefix)) => format!("{prefix}:{id}"),
-                    (Some(id), None) => id,
+                    (None, _) => id.clone(),
+                    (Some(record), Some(prefix)) => format!("{prefix}:{record}"),
+                    (Some(record), None) => record,
                 };
-                let mut metadata = doc.fields;
-                metadata.extend(source.metadata.clone());
+                let mut metadata_of_doc = doc.fields;
+                metadata_of_doc.extend(metadata.clone());
                 Document {
                     id,
                     text: doc.text,
-                    metadata,
+                    metadata: metadata_of_doc,
                 }
             })
             .collect())
     }
+}
+
+/// A file to read documents from: a dataset's, or a watched directory's.
+struct SourceFile {
+    path: std::path::PathBuf,
+    compression: shared::datasets::Compression,
+    format: DocFormat,
+    /// What errors call it.
+    label: String,
+    /// The id of its one document.
+    id: String,
+    /// Its records' ids are `prefix:id` (none: the record's own id).
+    prefix: Option<String>,
 }
 
 fn retryable(e: impl std::fmt::Display) -> JobError {
@@ -231,8 +307,18 @@ impl Handler for IngestHandler {
         // Every document, the last of each id winning; unchanged ones are skipped.
         let mut documents: Vec<Document> = Vec::new();
         let mut budget = self.services.limits.in_memory;
+        // Each watched directory, with the documents its files gave (the others are deleted).
+        let mut watched_now: Vec<(String, Vec<String>)> = Vec::new();
         for source in &payload.documents {
-            documents.extend(self.read(ctx, source, &mut budget).await?);
+            if let Some(directory) = &source.directory {
+                let (name, docs) = self
+                    .read_directory(ctx, source, directory, &mut budget)
+                    .await?;
+                watched_now.push((name, docs.iter().map(|d| d.id.clone()).collect()));
+                documents.extend(docs);
+            } else {
+                documents.extend(self.read(ctx, source, &mut budget).await?);
+            }
         }
         let mut last = HashMap::new();
         for (i, doc) in documents.iter().enumerate() {
@@ -338,12 +424,21 @@ impl Handler for IngestHandler {
             )
             .await;
         }
+        // Only once everything present is indexed: a sync that failed half-way removes nothing.
+        let mut deleted = 0;
+        for (directory, present) in &watched_now {
+            ctx.checkpoint()?;
+            deleted += store::delete_gone(pool, collection.id, directory, present)
+                .await
+                .map_err(retryable)?;
+        }
         let seconds = started.elapsed().as_secs_f64();
         Ok(IngestOutput {
             collection_id: collection.id,
             documents: total_documents,
             indexed: total_documents - unchanged,
             unchanged,
+            deleted,
             chunks: total_chunks,
             elapsed_ms: (seconds * 1000.0) as u64,
             chunks_per_second: (total_chunks as f64 / seconds.max(1e-9)).round(),

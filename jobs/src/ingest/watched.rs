@@ -1,0 +1,139 @@
+//! Watched directories: the operator maps a directory (`CONVEYOR_WATCH_ROOT`) holding one
+//! directory per tenant (`<root>/<tenant id>/`); an ingest source `{"directory": "docs"}` reads
+//! every file of a known format under `<root>/<tenant id>/docs`. Never a path outside the
+//! tenant's own directory: `..` is refused at submit, the resolved path must still be inside
+//! it, and symbolic links are not followed.
+
+use contracts::ingest::DocFormat;
+use shared::datasets::Compression;
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+/// One file of a watched directory.
+#[derive(Debug)]
+pub struct WatchedFile {
+    pub path: PathBuf,
+    /// Its path from the tenant's directory, `/`-separated: the document's id.
+    pub id: String,
+    pub format: DocFormat,
+    pub compression: Compression,
+}
+
+/// The directory as its documents name it (`docs/handbook`, `` for the tenant's root), and its
+/// files of known formats, in path order; at most `max` of them.
+pub fn list(
+    root: Option<&Path>,
+    tenant: Uuid,
+    directory: &str,
+    max: usize,
+) -> Result<(String, Vec<WatchedFile>), String> {
+    let root = root.ok_or("this deployment maps no watched directories (CONVEYOR_WATCH_ROOT)")?;
+    let tenant_root = root
+        .join(tenant.to_string())
+        .canonicalize()
+        .map_err(|_| "the tenant has no watched directory on this deployment".to_owned())?;
+    let dir = tenant_root
+        .join(directory)
+        .canonicalize()
+        .map_err(|_| format!("no directory {directory:?} among the tenant's watched ones"))?;
+    // `canonicalize` resolved any link: what it points to must still be the tenant's.
+    let relative = dir
+        .strip_prefix(&tenant_root)
+        .map_err(|_| format!("{directory:?} leads outside the tenant's watched directory"))?;
+    if !dir.is_dir() {
+        return Err(format!("{directory:?} is not a directory"));
+    }
+    let mut files = Vec::new();
+    let mut pending = vec![dir.clone()];
+    while let Some(at) = pending.pop() {
+        let entries = std::fs::read_dir(&at).map_err(|e| format!("reading {directory:?}: {e}"))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("reading {directory:?}: {e}"))?;
+            // The entry's own type: a link is neither a file nor a directory here.
+            let kind = entry
+                .file_type()
+                .map_err(|e| format!("reading {directory:?}: {e}"))?;
+            let path = entry.path();
+            if kind.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(format) = kind
+                .is_file()
+                .then(|| DocFormat::from_name(&name))
+                .flatten()
+            else {
+                continue;
+            };
+            let id = path
+                .strip_prefix(&tenant_root)
+                .expect("under the tenant's directory")
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            let compression = match name.rsplit_once('.').map(|(_, ext)| ext) {
+                Some("gz") => Compression::Gzip,
+                Some("zst") => Compression::Zstd,
+                _ => Compression::None,
+            };
+            files.push(WatchedFile {
+                path,
+                id,
+                format,
+                compression,
+            });
+            if files.len() > max {
+                return Err(format!("{directory:?} holds more than {max} files"));
+            }
+        }
+    }
+    files.sort_by(|a, b| a.id.cmp(&b.id));
+    let name = relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/");
+    Ok((name, files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Files of known formats in subdirectories too; links, unknown extensions and paths out
+    /// of the tenant's directory are not read.
+    #[test]
+    fn a_directory_lists_its_files_and_never_leaves_the_tenants() {
+        let root = std::env::temp_dir().join(format!("watch-{}", Uuid::now_v7()));
+        let tenant = Uuid::now_v7();
+        let docs = root.join(tenant.to_string()).join("docs");
+        std::fs::create_dir_all(docs.join("sub")).unwrap();
+        std::fs::write(docs.join("a.md"), "a").unwrap();
+        std::fs::write(docs.join("sub/b.txt.gz"), "b").unwrap();
+        std::fs::write(docs.join("c.docx"), "c").unwrap();
+        let other = root.join(Uuid::now_v7().to_string());
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("secret.md"), "theirs").unwrap();
+        std::os::unix::fs::symlink(other.join("secret.md"), docs.join("link.md")).unwrap();
+        std::os::unix::fs::symlink(&other, root.join(tenant.to_string()).join("theirs")).unwrap();
+
+        let (name, files) = list(Some(&root), tenant, "./docs/", 100).unwrap();
+        assert_eq!(name, "docs");
+        let ids: Vec<&str> = files.iter().map(|f| f.id.as_str()).collect();
+        assert_eq!(ids, ["docs/a.md", "docs/sub/b.txt.gz"]);
+        assert_eq!(files[1].compression, Compression::Gzip);
+        assert_eq!(files[1].format, DocFormat::Text);
+
+        let outside = list(Some(&root), tenant, "theirs", 100).unwrap_err();
+        assert!(outside.contains("outside"), "{outside}");
+        assert!(list(Some(&root), tenant, "../", 100).is_err());
+        assert!(list(Some(&root), tenant, "nope", 100).is_err());
+        assert!(list(None, tenant, "docs", 100).is_err());
+        assert!(list(Some(&root), tenant, "docs", 1)
+            .unwrap_err()
+            .contains("more than 1"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
