@@ -99,6 +99,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261202"),
             include_str!("../../migrations/checksums-20261202b"),
             include_str!("../../migrations/checksums-20261203"),
+            include_str!("../../migrations/checksums-20261204"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -117,7 +118,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261203"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261204"
                 ),
             }
         }
