@@ -9,6 +9,7 @@ mod hub;
 pub mod keys;
 pub mod limits;
 mod openapi;
+mod refusals;
 pub mod revocation;
 mod routes;
 mod state;

@@ -4,12 +4,12 @@
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use shared::{connections::TargetError, FieldError, Problem};
+use shared::FieldError;
 use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{Context, Contract};
+use crate::{Context, Contract, Refusal};
 
 /// Names of the importer's staging tables (`conveyor_import_<job>`), refused as targets.
 pub const STAGING_PREFIX: &str = "conveyor_import_";
@@ -48,7 +48,7 @@ impl Contract for Import {
         context: &Context,
         tenant: Uuid,
         payload: &ImportPayload,
-    ) -> Result<(), Problem> {
+    ) -> Result<(), Refusal> {
         let dataset = crate::table_dataset(&context.pool, tenant, payload.dataset_id).await?;
         let file_columns: Vec<String> = dataset.schema.iter().map(|c| c.name.clone()).collect();
         // Without a header the names are column_1...; the head was read with one, so count.
@@ -62,8 +62,8 @@ impl Contract for Import {
         if let Some(specs) = &payload.columns {
             for (i, spec) in specs.iter().enumerate() {
                 if !file_columns.contains(&spec.source) {
-                    return Err(refusal(
-                        &format!("payload.columns[{i}].source"),
+                    return Err(Refusal::field(
+                        format!("payload.columns[{i}].source"),
                         format!(
                             "the file has no column {:?}; it has: {}",
                             spec.source,
@@ -76,24 +76,19 @@ impl Contract for Import {
         let target_columns = payload.target_columns(&file_columns);
         for (i, key) in payload.key_columns.iter().enumerate() {
             if !target_columns.contains(key) {
-                return Err(refusal(
-                    &format!("payload.key_columns[{i}]"),
+                return Err(Refusal::field(
+                    format!("payload.key_columns[{i}]"),
                     format!("{key:?} is not a column of the file (after `columns`)"),
                 ));
             }
         }
-        let target = match context
+        let target = context
             .targets
             .target(tenant, payload.target.connection_id)
-            .await
-        {
-            Ok(target) => target,
-            Err(TargetError::UnknownConnection(_)) => return Err(Problem::not_found("connection")),
-            Err(TargetError::Other(e)) => return Err(Problem::internal(e)),
-        };
+            .await?;
         let schema = payload.schema_on(&target);
         if let Some(reason) = target.refuse_schema(schema) {
-            return Err(refusal("payload.target.schema", reason));
+            return Err(Refusal::field("payload.target.schema", reason));
         }
         // The table's existence decides whether the mode makes sense; an unreachable target
         // is the worker's problem (it retries), not a reason to refuse the job.
@@ -101,13 +96,13 @@ impl Contract for Import {
             let table = format!("{schema}.{}", payload.target.table);
             match payload.mode {
                 Mode::Create if exists => {
-                    return Err(refusal(
+                    return Err(Refusal::field(
                         "payload.target.table",
                         format!("{table} exists; use mode append, replace or upsert"),
                     ))
                 }
                 Mode::Append | Mode::Upsert if !exists => {
-                    return Err(refusal(
+                    return Err(Refusal::field(
                         "payload.target.table",
                         format!("{table} does not exist; use mode create"),
                     ))
@@ -117,10 +112,6 @@ impl Contract for Import {
         }
         Ok(())
     }
-}
-
-fn refusal(field: &str, message: String) -> Problem {
-    Problem::validation(vec![FieldError::new(field, message)])
 }
 
 pub async fn table_exists(pool: &PgPool, schema: &str, table: &str) -> sqlx::Result<bool> {

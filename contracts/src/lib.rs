@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
-use shared::{connections::Targets, FieldError, Problem};
+use shared::{connections::Targets, FieldError};
 use sqlx::PgPool;
 use std::{
     any::Any,
@@ -23,8 +23,11 @@ pub mod canary;
 pub mod import;
 pub mod ingest;
 pub mod patch;
+mod refusal;
 pub mod sample;
 pub mod synthesis;
+
+pub use refusal::Refusal;
 
 /// A file a job published, downloadable from `url`.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -57,13 +60,14 @@ pub trait Contract: Send + Sync + 'static {
     fn check(&self, payload: &Self::Payload) -> Result<(), Vec<FieldError>>;
 
     /// Checks the payload against the world before the job is accepted: the datasets,
-    /// connections and tables it names. 404 for what the tenant cannot see, 422 otherwise.
+    /// connections and tables it names: [`Refusal::Unknown`] for what the tenant cannot see,
+    /// [`Refusal::Invalid`] for what is wrong with it.
     async fn preflight(
         &self,
         _context: &Context,
         _tenant: Uuid,
         _payload: &Self::Payload,
-    ) -> Result<(), Problem> {
+    ) -> Result<(), Refusal> {
         Ok(())
     }
 }
@@ -96,7 +100,7 @@ trait AnyContract: Send + Sync {
         context: &Context,
         tenant: Uuid,
         valid: &Valid,
-    ) -> Result<(), Problem>;
+    ) -> Result<(), Refusal>;
 }
 
 #[async_trait]
@@ -115,11 +119,11 @@ impl<C: Contract> AnyContract for C {
         context: &Context,
         tenant: Uuid,
         valid: &Valid,
-    ) -> Result<(), Problem> {
+    ) -> Result<(), Refusal> {
         let payload = valid
             .payload
             .downcast_ref::<C::Payload>()
-            .ok_or_else(|| Problem::internal(format!("a {} payload was expected", C::KIND)))?;
+            .ok_or_else(|| Refusal::Internal(format!("a {} payload was expected", C::KIND)))?;
         Contract::preflight(self, context, tenant, payload).await
     }
 }
@@ -168,11 +172,11 @@ impl Registry {
         context: &Context,
         tenant: Uuid,
         valid: &Valid,
-    ) -> Result<(), Problem> {
+    ) -> Result<(), Refusal> {
         let contract = self
             .contracts
             .get(valid.kind)
-            .ok_or_else(|| Problem::internal("a payload of an unknown kind"))?;
+            .ok_or_else(|| Refusal::Internal("a payload of an unknown kind".into()))?;
         context
             .preflights
             .run(tenant, contract.preflight(context, tenant, valid))
@@ -197,13 +201,13 @@ impl Preflights {
         }
     }
 
-    /// Runs one preflight of the tenant's within the bounds: 429 when the tenant already has
-    /// `concurrency` in flight, 503 when it runs past the timeout.
+    /// Runs one preflight of the tenant's within the bounds: [`Refusal::Busy`] when the tenant
+    /// already has `concurrency` in flight, [`Refusal::TimedOut`] past the timeout.
     pub async fn run<T>(
         &self,
         tenant: Uuid,
-        preflight: impl Future<Output = Result<T, Problem>>,
-    ) -> Result<T, Problem> {
+        preflight: impl Future<Output = Result<T, Refusal>>,
+    ) -> Result<T, Refusal> {
         let semaphore = self
             .per_tenant
             .lock()
@@ -211,43 +215,34 @@ impl Preflights {
             .entry(tenant)
             .or_insert_with(|| Arc::new(Semaphore::new(self.concurrency)))
             .clone();
-        let _permit = semaphore.try_acquire_owned().map_err(|_| {
-            Problem::too_many_requests(format!(
-                "this tenant already has {} preflights in flight; try again shortly",
-                self.concurrency
-            ))
-        })?;
+        let _permit = semaphore
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Busy(self.concurrency))?;
         tokio::time::timeout(self.timeout, preflight)
             .await
-            .map_err(|_| {
-                Problem::unavailable(format!(
-                    "the preflight did not finish within {} ms: the target database is slow or \
-                     busy",
-                    self.timeout.as_millis()
-                ))
-            })?
+            .map_err(|_| Refusal::TimedOut(self.timeout.as_millis()))?
     }
 }
 
-/// The tenant's dataset that `payload.dataset_id` names, for a job that reads rows: 404 when
-/// the tenant has no such dataset, 422 when it is a document (those are for `ingest`).
+/// The tenant's dataset that `payload.dataset_id` names, for a job that reads rows: unknown
+/// when the tenant has no such dataset, invalid when it is a document (those are for `ingest`).
 pub(crate) async fn table_dataset(
     pool: &PgPool,
     tenant: Uuid,
     id: Uuid,
-) -> Result<shared::datasets::Dataset, Problem> {
+) -> Result<shared::datasets::Dataset, Refusal> {
     let dataset = shared::datasets::get(pool, tenant, id)
         .await?
-        .ok_or_else(|| Problem::not_found("dataset"))?;
+        .ok_or_else(|| Refusal::Unknown("dataset".into()))?;
     if !dataset.format.is_table() {
-        return Err(Problem::validation(vec![FieldError::new(
+        return Err(Refusal::field(
             "payload.dataset_id",
             format!(
                 "{} is a document, not a table: upload CSV, TSV, NDJSON or Parquet (documents are \
                  for ingest jobs)",
                 dataset.name
             ),
-        )]));
+        ));
     }
     Ok(dataset)
 }
@@ -295,11 +290,10 @@ mod preflight_tests {
             preflights.run(tenant, quick()),
             preflights.run(other, quick()),
         );
-        assert_eq!(first.unwrap_err().status, 503);
-        assert_eq!(second.unwrap_err().status, 503);
-        assert_eq!(
-            third.unwrap_err().status,
-            429,
+        assert!(matches!(first, Err(Refusal::TimedOut(200))));
+        assert!(matches!(second, Err(Refusal::TimedOut(200))));
+        assert!(
+            matches!(third, Err(Refusal::Busy(2))),
             "no room while two are in flight"
         );
         assert!(others.is_ok(), "another tenant has room of its own");

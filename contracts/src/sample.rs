@@ -4,12 +4,12 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::{saved_models::ModelColumn, FieldError, Problem};
+use shared::{saved_models::ModelColumn, FieldError};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{synthesis::OutputFormat, Context, Contract};
+use crate::{synthesis::OutputFormat, Context, Contract, Refusal};
 
 pub struct Sample;
 
@@ -193,10 +193,10 @@ impl Contract for Sample {
         context: &Context,
         tenant: Uuid,
         payload: &SamplePayload,
-    ) -> Result<(), Problem> {
+    ) -> Result<(), Refusal> {
         let model = shared::saved_models::get(&context.pool, tenant, payload.model_id)
             .await?
-            .ok_or_else(|| Problem::not_found("model"))?;
+            .ok_or_else(|| Refusal::Unknown("model".into()))?;
         let mut errors = Vec::new();
         for (field, conditions, _) in payload.groups() {
             for (name, value) in &conditions {
@@ -209,7 +209,7 @@ impl Contract for Sample {
                 }
             }
         }
-        crate::refused(errors).map_err(Problem::validation)
+        crate::refused(errors).map_err(Refusal::Invalid)
     }
 }
 

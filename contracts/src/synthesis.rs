@@ -3,12 +3,12 @@
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use shared::{FieldError, Problem};
+use shared::FieldError;
 use std::collections::{BTreeMap, HashSet};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{Context, Contract};
+use crate::{Context, Contract, Refusal};
 
 pub struct Synthesis;
 
@@ -27,7 +27,7 @@ impl Contract for Synthesis {
         context: &Context,
         tenant: Uuid,
         payload: &SynthesisPayload,
-    ) -> Result<(), Problem> {
+    ) -> Result<(), Refusal> {
         let dataset = crate::table_dataset(&context.pool, tenant, payload.dataset_id).await?;
         let known: HashSet<&str> = dataset.schema.iter().map(|c| c.name.as_str()).collect();
         let mut errors: Vec<FieldError> = payload
@@ -62,7 +62,7 @@ impl Contract for Synthesis {
                 ));
             }
         }
-        crate::refused(errors).map_err(Problem::validation)
+        crate::refused(errors).map_err(Refusal::Invalid)
     }
 }
 

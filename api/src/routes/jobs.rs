@@ -28,7 +28,7 @@ use crate::{
     state::Counters,
     AppState,
 };
-use contracts::Valid;
+use contracts::{Refusal, Valid};
 
 pub const MAX_BATCH: usize = 1000;
 
@@ -145,7 +145,8 @@ pub async fn submit(
     state
         .contracts
         .preflight(&state.context, tenant.0, &valid)
-        .await?;
+        .await
+        .map_err(crate::refusals::problem)?;
     let inserted = accept(&state, &writer, vec![job]).await?;
     audit::submitted(&state.pool, &writer.0, &inserted, &body_sha256, false).await;
     let row = inserted
@@ -251,33 +252,26 @@ pub(crate) async fn preflight_batch(
     list: &str,
     jobs: &[(usize, &Valid)],
 ) -> Result<(), Problem> {
-    let mut refusals: Vec<(usize, Problem)> = Vec::new();
+    let mut errors: Vec<FieldError> = Vec::new();
     for &(i, valid) in jobs {
-        if let Err(problem) = state
+        match state
             .contracts
             .preflight(&state.context, tenant.0, valid)
             .await
         {
-            let fatal = problem.status != 422;
-            refusals.push((i, problem));
-            if fatal {
-                break;
+            Ok(()) => {}
+            Err(Refusal::Invalid(refused)) => errors.extend(
+                refused
+                    .into_iter()
+                    .map(|e| FieldError::new(format!("{list}[{i}].{}", e.field), e.message)),
+            ),
+            Err(fatal) => {
+                let mut problem = crate::refusals::problem(fatal);
+                problem.detail = format!("{list}[{i}]: {}", problem.detail);
+                return Err(problem);
             }
         }
     }
-    if let Some(at) = refusals.iter().position(|(_, p)| p.status != 422) {
-        let (i, mut problem) = refusals.swap_remove(at);
-        problem.detail = format!("{list}[{i}]: {}", problem.detail);
-        return Err(problem);
-    }
-    let errors: Vec<FieldError> = refusals
-        .into_iter()
-        .flat_map(|(i, p)| {
-            p.errors
-                .into_iter()
-                .map(move |e| FieldError::new(format!("{list}[{i}].{}", e.field), e.message))
-        })
-        .collect();
     if errors.is_empty() {
         Ok(())
     } else {

@@ -24,4 +24,5 @@ pub async fn preflight(
         .run(tenant.0, assess_for(&context.targets, tenant.0, &payload))
         .await
         .map(Json)
+        .map_err(crate::refusals::problem)
 }

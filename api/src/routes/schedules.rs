@@ -148,11 +148,12 @@ pub async fn create(
     // dataset, ...).
     let target = match target {
         Checked::Job((job, valid)) => {
-            if let Err(mut problem) = state
+            if let Err(refusal) = state
                 .contracts
                 .preflight(&state.context, tenant.0, &valid)
                 .await
             {
+                let mut problem = crate::refusals::problem(refusal);
                 for error in &mut problem.errors {
                     error.field = format!("job.{}", error.field);
                 }

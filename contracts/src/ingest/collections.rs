@@ -99,12 +99,9 @@ pub async fn delete_collection(
     tenant: Uuid,
     id: Uuid,
 ) -> sqlx::Result<bool> {
-    let deleted = sqlx::query("DELETE FROM collections WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(deleted.rows_affected() == 1)
+    shared::owned::Owned::new("collections", "id")
+        .delete(pool, tenant, id)
+        .await
 }
 
 /// The stored content hash of each of `ids` that the collection holds.

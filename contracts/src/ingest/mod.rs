@@ -5,11 +5,11 @@ pub mod collections;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use shared::{FieldError, Problem};
+use shared::FieldError;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{Context, Contract};
+use crate::{Context, Contract, Refusal};
 
 pub struct Ingest;
 
@@ -28,11 +28,11 @@ impl Contract for Ingest {
         context: &Context,
         tenant: Uuid,
         payload: &IngestPayload,
-    ) -> Result<(), Problem> {
+    ) -> Result<(), Refusal> {
         let pool = &context.pool;
         collections::get_collection(pool, tenant, payload.collection_id)
             .await?
-            .ok_or_else(|| Problem::not_found(&format!("collection {}", payload.collection_id)))?;
+            .ok_or_else(|| Refusal::Unknown(format!("collection {}", payload.collection_id)))?;
         let mut errors = Vec::new();
         for (i, source) in payload.documents.iter().enumerate() {
             let Some(id) = source.dataset_id else {
@@ -40,7 +40,7 @@ impl Contract for Ingest {
             };
             let dataset = shared::datasets::get(pool, tenant, id)
                 .await?
-                .ok_or_else(|| Problem::not_found(&format!("dataset {id}")))?;
+                .ok_or_else(|| Refusal::Unknown(format!("dataset {id}")))?;
             if source.format.is_none() && DocFormat::from_name(&dataset.name).is_none() {
                 errors.push(FieldError::new(
                     format!("payload.documents[{i}].format"),
@@ -48,7 +48,7 @@ impl Contract for Ingest {
                 ));
             }
         }
-        crate::refused(errors).map_err(Problem::validation)
+        crate::refused(errors).map_err(Refusal::Invalid)
     }
 }
 

@@ -10,14 +10,14 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shared::{
-    connections::{Target, TargetError, Targets},
-    store, FieldError, JobStatus, Problem,
+    connections::{Target, Targets},
+    store, FieldError, JobStatus,
 };
 use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{Context, Contract};
+use crate::{Context, Contract, Refusal};
 use guard::{Checked, Operation};
 use record::Record;
 use table::Table;
@@ -39,7 +39,7 @@ impl Contract for Patch {
         context: &Context,
         tenant: Uuid,
         payload: &PatchPayload,
-    ) -> Result<(), Problem> {
+    ) -> Result<(), Refusal> {
         assess_for(&context.targets, tenant, payload)
             .await
             .map(drop)
@@ -63,7 +63,7 @@ impl Contract for PatchRollback {
         context: &Context,
         tenant: Uuid,
         payload: &RollbackPayload,
-    ) -> Result<(), Problem> {
+    ) -> Result<(), Refusal> {
         locate(&context.pool, &context.targets, tenant, payload, None)
             .await
             .map(drop)
@@ -286,32 +286,18 @@ impl Plan {
     }
 }
 
-async fn target(
-    targets: &Targets,
-    tenant: Uuid,
-    connection: Option<Uuid>,
-) -> Result<Target, Problem> {
-    targets
-        .target(tenant, connection)
-        .await
-        .map_err(|e| match e {
-            TargetError::UnknownConnection(_) => Problem::not_found("connection"),
-            TargetError::Other(e) => Problem::internal(e),
-        })
-}
-
 /// Every check before a patch is accepted, and its risk (also `POST /v1/patches/preflight`).
 pub async fn assess_for(
     targets: &Targets,
     tenant: Uuid,
     payload: &PatchPayload,
-) -> Result<Assessment, Problem> {
-    let checked = payload.check().map_err(Problem::validation)?;
-    let target = target(targets, tenant, payload.connection_id).await?;
+) -> Result<Assessment, Refusal> {
+    let checked = payload.check()?;
+    let target = targets.target(tenant, payload.connection_id).await?;
     let pool = &target.pool;
     // Brief and harmless: catalog look-ups and a plain EXPLAIN, which executes nothing.
     let plan = load_plan(&target, checked).await.map_err(|e| match e {
-        PlanError::Refused(reason) => Problem::validation(sql_error(reason)),
+        PlanError::Refused(reason) => Refusal::Invalid(sql_error(reason)),
         PlanError::Database(e) => unreachable(e),
     })?;
     let explain = explain(pool, &plan.statement())
@@ -323,7 +309,7 @@ pub async fn assess_for(
             {
                 unreachable(e)
             }
-            sqlx::Error::Database(e) => Problem::validation(sql_error(format!(
+            sqlx::Error::Database(e) => Refusal::Invalid(sql_error(format!(
                 "is refused by the database: {}",
                 e.message()
             ))),
@@ -333,9 +319,9 @@ pub async fn assess_for(
 }
 
 /// The detail stays in the log: a raw database error can describe the server to a client.
-fn unreachable(e: sqlx::Error) -> Problem {
+fn unreachable(e: sqlx::Error) -> Refusal {
     tracing::warn!(error = %e, "preflight could not read the target database");
-    Problem::unavailable("the target database is unreachable or did not answer in time")
+    Refusal::Unreachable
 }
 
 pub enum PlanError {
@@ -482,17 +468,16 @@ pub async fn locate(
     tenant: Uuid,
     payload: &RollbackPayload,
     rolling_back: Option<Uuid>,
-) -> Result<(Target, Record), Problem> {
-    let refuse =
-        |reason: String| Problem::validation(vec![FieldError::new("payload.patch_job_id", reason)]);
+) -> Result<(Target, Record), Refusal> {
+    let refuse = |reason: String| Refusal::field("payload.patch_job_id", reason);
     let job = store::get_job(pool, tenant, payload.patch_job_id)
         .await?
-        .ok_or_else(|| Problem::not_found("patch job"))?;
+        .ok_or_else(|| Refusal::Unknown("patch job".into()))?;
     if job.kind != "patch" {
         return Err(refuse(format!("is a {} job, not a patch", job.kind)));
     }
     let patch: PatchPayload = serde_json::from_value(job.payload.clone())
-        .map_err(|e| Problem::internal(format!("stored patch payload: {e}")))?;
+        .map_err(|e| Refusal::Internal(format!("stored patch payload: {e}")))?;
     if patch.mode != Mode::Execute {
         return Err(refuse("was a dry run: it changed nothing".into()));
     }
@@ -507,13 +492,7 @@ pub async fn locate(
             "is waiting for another attempt; cancel it first".into(),
         ));
     }
-    let target = targets
-        .target(tenant, patch.connection_id)
-        .await
-        .map_err(|e| match e {
-            TargetError::UnknownConnection(_) => Problem::not_found("connection"),
-            TargetError::Other(e) => Problem::internal(e),
-        })?;
+    let target = targets.target(tenant, patch.connection_id).await?;
     let registered: Option<String> =
         sqlx::query_scalar("SELECT to_regclass('conveyor_snapshots.patches')::text")
             .fetch_one(&target.platform)

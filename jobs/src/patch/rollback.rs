@@ -55,9 +55,9 @@ impl Handler for PatchRollbackHandler {
             Some(ctx.job_id()),
         )
         .await
-        .map_err(|p| match p.status {
-            500 | 503 => JobError::Retryable(p.detail),
-            _ => JobError::Permanent(p.detail),
+        .map_err(|refusal| match refusal.is_transient() {
+            true => JobError::Retryable(refusal.to_string()),
+            false => JobError::Permanent(refusal.to_string()),
         })?;
         // As the tenant's role, which must still reach the table, in a schema it may write.
         let table = table::describe(&target.pool, &record.table_name)
