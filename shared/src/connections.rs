@@ -137,12 +137,9 @@ pub async fn list(pool: &PgPool, tenant: Uuid) -> sqlx::Result<Vec<Connection>> 
 }
 
 pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
-    let deleted = sqlx::query("DELETE FROM connections WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(deleted.rows_affected() == 1)
+    crate::owned::Owned::new("connections", "id")
+        .delete(pool, tenant, id)
+        .await
 }
 
 /// Resolves target databases to pools, one pool per database and role (and, for a tenant's

@@ -6,6 +6,10 @@ use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::owned::Owned;
+
+const DATASETS: Owned = Owned::new("datasets", "*");
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
 #[serde(rename_all = "lowercase")]
 #[sqlx(type_name = "text", rename_all = "lowercase")]
@@ -118,11 +122,7 @@ pub async fn insert(pool: impl sqlx::PgExecutor<'_>, dataset: &Dataset) -> sqlx:
 
 /// The tenant's dataset; another tenant's id reads as missing.
 pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Dataset>> {
-    sqlx::query_as("SELECT * FROM datasets WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    DATASETS.get(pool, tenant, id).await
 }
 
 /// Newest first, `limit` after `cursor`.
@@ -132,15 +132,7 @@ pub async fn list(
     cursor: Option<Uuid>,
     limit: i64,
 ) -> sqlx::Result<Vec<Dataset>> {
-    sqlx::query_as(
-        "SELECT * FROM datasets WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
-         ORDER BY id DESC LIMIT $3",
-    )
-    .bind(tenant)
-    .bind(cursor)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
+    DATASETS.page(pool, tenant, cursor, limit).await
 }
 
 /// Live jobs of the tenant whose payload names the dataset.
@@ -157,12 +149,7 @@ pub async fn jobs_using(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<V
 }
 
 pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
-    let deleted = sqlx::query("DELETE FROM datasets WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(deleted.rows_affected() == 1)
+    DATASETS.delete(pool, tenant, id).await
 }
 
 /// What inspection reads from a file's head: its columns and first rows.

@@ -12,6 +12,7 @@ pub mod isolated;
 pub mod leader;
 pub mod model;
 pub mod objects;
+pub mod owned;
 pub mod pipelines;
 pub mod problem;
 pub mod queue;

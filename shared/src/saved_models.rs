@@ -8,6 +8,10 @@ use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::owned::Owned;
+
+const MODELS: Owned = Owned::new("models", "*");
+
 /// One column a model generates.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ModelColumn {
@@ -90,11 +94,7 @@ pub async fn insert(pool: &PgPool, model: &SavedModel) -> sqlx::Result<SavedMode
 
 /// The tenant's model; another tenant's id reads as missing.
 pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<SavedModel>> {
-    sqlx::query_as("SELECT * FROM models WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    MODELS.get(pool, tenant, id).await
 }
 
 /// Newest first, `limit` after `cursor`.
@@ -104,23 +104,10 @@ pub async fn list(
     cursor: Option<Uuid>,
     limit: i64,
 ) -> sqlx::Result<Vec<SavedModel>> {
-    sqlx::query_as(
-        "SELECT * FROM models WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
-         ORDER BY id DESC LIMIT $3",
-    )
-    .bind(tenant)
-    .bind(cursor)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
+    MODELS.page(pool, tenant, cursor, limit).await
 }
 
 /// Deletes the tenant's model row; false when it has none of that id.
 pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
-    let deleted = sqlx::query("DELETE FROM models WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(deleted.rows_affected() == 1)
+    MODELS.delete(pool, tenant, id).await
 }

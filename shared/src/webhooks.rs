@@ -25,6 +25,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::connections::{address::internal_reason, AllowList, Cipher};
+use crate::owned::Owned;
 
 /// The events an endpoint may ask for.
 pub const EVENTS: [&str; 4] = [
@@ -203,6 +204,7 @@ pub struct Delivery {
 }
 
 const WEBHOOK_COLUMNS: &str = "id, url, events, failing_since, created_at";
+const WEBHOOKS: Owned = Owned::new("webhooks", WEBHOOK_COLUMNS);
 
 const DELIVERY_COLUMNS: &str = "id, event, job_id, status, attempts,
     CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at, last_attempt_at,
@@ -249,23 +251,12 @@ pub async fn get(
     tenant: Uuid,
     id: Uuid,
 ) -> sqlx::Result<Option<Webhook>> {
-    sqlx::query_as(&format!(
-        "SELECT {WEBHOOK_COLUMNS} FROM webhooks WHERE tenant_id = $1 AND id = $2"
-    ))
-    .bind(tenant)
-    .bind(id)
-    .fetch_optional(db)
-    .await
+    WEBHOOKS.get(db, tenant, id).await
 }
 
 /// Deletes the endpoint and its deliveries (pending ones are not sent).
 pub async fn delete(db: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
-    let deleted = sqlx::query("DELETE FROM webhooks WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .execute(db)
-        .await?;
-    Ok(deleted.rows_affected() == 1)
+    WEBHOOKS.delete(db, tenant, id).await
 }
 
 /// The endpoint's deliveries, newest first, after the `cursor` delivery id.
