@@ -556,12 +556,19 @@ pub async fn stale_queued(
     .await
 }
 
-/// Marks jobs as looked at, so the next scan moves on to others.
+/// Marks jobs as looked at, so the next scan moves on to others. Rows another transaction
+/// holds are skipped, not waited for: a worker's claim locks its batch in its own order, and
+/// waiting here could close a cycle with it (a deadlock seen under load); a row being claimed
+/// needs no touch.
 pub async fn touch(pool: &PgPool, ids: &[Uuid]) -> sqlx::Result<()> {
-    sqlx::query("UPDATE jobs SET updated_at = now() WHERE id = ANY($1) AND status = 'queued'")
-        .bind(ids)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE jobs SET updated_at = now()
+         WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) AND status = 'queued'
+                      FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(ids)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -682,6 +689,46 @@ mod tests {
             outcome,
             usage: Default::default(),
         }
+    }
+
+    /// The interleaving that deadlocked under load: a claim has locked its first row and
+    /// takes its second while the stale scan's touch holds the second and wants the first.
+    #[tokio::test]
+    async fn touching_stale_rows_never_deadlocks_with_a_claim() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let jobs = submit(
+            &db,
+            tenant,
+            &[new_job("canary", None), new_job("canary", None)],
+        )
+        .await;
+        let (first, second) = (jobs[0].job.id, jobs[1].job.id);
+        let lock = |id| sqlx::query("UPDATE jobs SET updated_at = now() WHERE id = $1").bind(id);
+
+        let mut claim = db.pool.begin().await.unwrap();
+        lock(second).execute(&mut *claim).await.unwrap();
+        let pool = db.pool.clone();
+        let touch = tokio::spawn(async move { touch(&pool, &[first, second]).await });
+        // Until the touch has finished or waits on the claim's row.
+        for _ in 0..100 {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            if touch.is_finished() || waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let claimed = lock(first).execute(&mut *claim).await;
+        let touched = touch.await.unwrap();
+        assert!(claimed.is_ok(), "the claim: {claimed:?}");
+        assert!(touched.is_ok(), "the touch: {touched:?}");
+        claim.commit().await.unwrap();
     }
 
     #[tokio::test]
