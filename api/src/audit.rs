@@ -27,6 +27,8 @@ pub enum Action {
     ModelDelete,
     ConnectionCreate,
     ConnectionDelete,
+    BucketCreate,
+    BucketDelete,
     CollectionCreate,
     CollectionDelete,
     KeyCreate,
@@ -47,7 +49,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub const ALL: [Self; 26] = [
+    pub const ALL: [Self; 28] = [
         Self::JobSubmit,
         Self::JobCancel,
         Self::JobRetry,
@@ -57,6 +59,8 @@ impl Action {
         Self::ModelDelete,
         Self::ConnectionCreate,
         Self::ConnectionDelete,
+        Self::BucketCreate,
+        Self::BucketDelete,
         Self::CollectionCreate,
         Self::CollectionDelete,
         Self::KeyCreate,
@@ -87,6 +91,8 @@ impl Action {
             Self::ModelDelete => "model.delete",
             Self::ConnectionCreate => "connection.create",
             Self::ConnectionDelete => "connection.delete",
+            Self::BucketCreate => "bucket.create",
+            Self::BucketDelete => "bucket.delete",
             Self::CollectionCreate => "collection.create",
             Self::CollectionDelete => "collection.delete",
             Self::KeyCreate => "key.create",
@@ -311,7 +317,8 @@ pub struct AuditEntry {
     /// The key that made the change; absent for an operator's command on the server.
     pub key_id: Option<Uuid>,
     /// `job.submit`, `job.cancel`, `job.retry`, `dataset.upload`, `dataset.delete`,
-    /// `model.delete`, `connection.create`, `connection.delete`, `collection.create`,
+    /// `model.delete`, `connection.create`, `connection.delete`, `bucket.create`,
+    /// `bucket.delete`, `collection.create`,
     /// `collection.delete`, `key.create`, `key.revoke`, `key.rotate`, `session.sign_in`,
     /// `session.sign_out`, `schedule.create`, `schedule.pause`, `schedule.resume`,
     /// `schedule.delete`, `webhook.create`, `webhook.delete`, `webhook.replay`,

@@ -12,8 +12,8 @@ use utoipa::{
 };
 
 use crate::routes::{
-    audit, bulk, collections, connections, datasets, jobs, keys, pipelines, queues, schedules,
-    session, tenant, usage, webhooks,
+    audit, buckets, bulk, collections, connections, datasets, jobs, keys, pipelines, queues,
+    schedules, session, tenant, usage, webhooks,
 };
 
 #[derive(OpenApi)]
@@ -25,6 +25,7 @@ use crate::routes::{
                         shared::datasets::Dataset, shared::datasets::Column,
                         shared::datasets::Format, shared::datasets::Compression,
                         shared::connections::Connection, connections::NewConnection,
+                        shared::buckets::Bucket, buckets::NewBucket,
                         ::contracts::canary::CanaryPayload, ::contracts::import::ImportPayload,
                         ::contracts::canary::CanaryOutput, ::contracts::import::ImportOutput,
                         ::contracts::patch::PatchOutput, ::contracts::patch::RollbackOutput,

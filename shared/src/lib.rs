@@ -2,6 +2,7 @@
 //! the event model, errors, and access to PostgreSQL and Redis.
 
 pub mod batch;
+pub mod buckets;
 pub mod connections;
 pub mod context;
 pub mod datasets;

@@ -918,6 +918,27 @@ pub async fn stalled(db: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Uuid
     .await
 }
 
+/// Ended pipelines (`failed` or `cancelled`) with a step whose job is live again, at most
+/// `limit`, skipping those another advancer holds: a bulk retry committed its jobs but not the
+/// resume that follows in a transaction of its own (its process died between the two). An
+/// ended pipeline has no other way to a live step: it ends only once every step has, and a
+/// single retry resumes it in the retry's transaction.
+pub async fn retried_but_ended(db: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT p.id FROM pipelines p
+         WHERE p.status IN ('failed', 'cancelled')
+           AND p.id IN (SELECT s.pipeline_id FROM jobs j
+                        JOIN pipeline_steps s ON s.job_id = j.id AND s.state = 'started'
+                        WHERE j.pipeline_id IS NOT NULL
+                          AND j.status IN ('scheduled', 'queued', 'running', 'retrying'))
+         ORDER BY p.id LIMIT $1
+         FOR UPDATE OF p SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
 /// The steps' jobs of a pipeline, by id (for its event stream).
 pub async fn job_ids(pool: &PgPool, id: Uuid) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar("SELECT id FROM jobs WHERE pipeline_id = $1")

@@ -24,7 +24,7 @@ use std::{
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::connections::{address::internal_reason, AllowList, Cipher};
+use crate::connections::{address, AllowList, Cipher};
 use crate::owned::Owned;
 
 /// The events an endpoint may ask for.
@@ -34,9 +34,6 @@ pub const EVENTS: [&str; 4] = [
     "job.cancelled",
     "pipeline.finished",
 ];
-
-/// How long resolving an endpoint's host may take.
-pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest URL accepted.
 const MAX_URL: usize = 2048;
@@ -92,44 +89,13 @@ pub fn without_query(url: &url::Url) -> String {
 
 /// Why `ip` (reached for `host`) may not be sent to, or `None` when it may.
 pub fn refusal(allow: &AllowList, host: &str, ip: IpAddr) -> Option<String> {
-    if allow.allows(host, ip) {
-        return None;
-    }
-    internal_reason(ip).map(|why| {
-        format!(
-            "{host} is a {why} address ({ip}), which webhooks may not reach \
-             (an operator can allow it with CONVEYOR_CONNECTION_ALLOW)"
-        )
-    })
+    address::refusal(allow, host, ip, "webhooks")
 }
 
 /// Resolves the URL's host and checks every address it has; the addresses, all allowed. The
 /// error is for the client.
 pub async fn check_url(url: &url::Url, allow: &AllowList) -> Result<Vec<SocketAddr>, String> {
-    let port = url.port_or_known_default().unwrap_or(443);
-    let (host, addrs) = match url.host() {
-        Some(url::Host::Ipv4(ip)) => (ip.to_string(), vec![SocketAddr::new(ip.into(), port)]),
-        Some(url::Host::Ipv6(ip)) => (ip.to_string(), vec![SocketAddr::new(ip.into(), port)]),
-        Some(url::Host::Domain(name)) => {
-            let lookup = tokio::net::lookup_host((name, port));
-            let addrs: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
-                .await
-                .map_err(|_| format!("resolving {name} timed out"))?
-                .map_err(|_| format!("{name} does not resolve"))?
-                .collect();
-            if addrs.is_empty() {
-                return Err(format!("{name} has no address"));
-            }
-            (name.to_owned(), addrs)
-        }
-        None => return Err("must name a host".into()),
-    };
-    for addr in &addrs {
-        if let Some(why) = refusal(allow, &host, addr.ip()) {
-            return Err(why);
-        }
-    }
-    Ok(addrs)
+    address::check_http_url(url, allow, "webhooks").await
 }
 
 /// A new signing secret: `whsec_` and 32 random bytes in base64.

@@ -46,6 +46,7 @@ pub(crate) fn parse_id(id: &str, what: &str) -> Result<Uuid, Problem> {
 }
 
 pub(crate) mod audit;
+pub(crate) mod buckets;
 pub(crate) mod bulk;
 pub(crate) mod collections;
 pub(crate) mod connections;
@@ -88,6 +89,8 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(models::get_one, models::delete))
         .routes(routes!(connections::create, connections::list))
         .routes(routes!(connections::delete))
+        .routes(routes!(buckets::create, buckets::list))
+        .routes(routes!(buckets::delete))
         .routes(routes!(schedules::create, schedules::list))
         .routes(routes!(schedules::get_one, schedules::delete))
         .routes(routes!(schedules::pause))

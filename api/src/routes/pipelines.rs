@@ -105,7 +105,7 @@ pub(crate) async fn resume(
 /// [`resume`] (`reopen`, after a retry) or [`advance`] (after a cancel) in a transaction of
 /// its own, for jobs changed in bulk (whose transaction took their rows' locks first, so it
 /// could not take their pipelines'), announcing the jobs it started. A failure is logged: the
-/// maintenance duty moves an ended step's pipeline on; a retry's waits for the next retry.
+/// maintenance duty moves an ended step's pipeline on, and resumes a retried step's.
 pub(crate) async fn move_on_alone(state: &AppState, tenant: Uuid, pipeline: Uuid, reopen: bool) {
     let resumed = async {
         let mut tx = state.pool.begin().await?;

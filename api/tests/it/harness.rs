@@ -230,6 +230,16 @@ impl TestApp {
 
     /// A worker process with some settings of its own (`CONVEYOR_...` variables).
     pub fn spawn_worker_process_with(&self, queues: &str, env: &[(&str, &str)]) -> KillOnDrop {
+        self.spawn_worker_process_logging(queues, env, Stdio::inherit())
+    }
+
+    /// A worker process whose log (its stderr) goes to `log`.
+    pub fn spawn_worker_process_logging(
+        &self,
+        queues: &str,
+        env: &[(&str, &str)],
+        log: impl Into<Stdio>,
+    ) -> KillOnDrop {
         let child = Command::new(binary("conveyor-worker"))
             .envs(self.deployment_env())
             .env("CONVEYOR_HEARTBEAT_SECS", "1")
@@ -259,7 +269,7 @@ impl TestApp {
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("conveyor-worker starts (built by scripts/test)");
         KillOnDrop(child)
@@ -268,6 +278,15 @@ impl TestApp {
     /// A second `conveyor-api` process on this test's database and Redis prefix; returns it
     /// (killed on drop) and its base URL, once it answers `/healthz`.
     pub async fn spawn_api_process(&self) -> (KillOnDrop, String) {
+        self.spawn_api_process_logging(&[], Stdio::inherit()).await
+    }
+
+    /// An API process with some settings of its own, whose log (its stderr) goes to `log`.
+    pub async fn spawn_api_process_logging(
+        &self,
+        env: &[(&str, &str)],
+        log: impl Into<Stdio>,
+    ) -> (KillOnDrop, String) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -277,8 +296,9 @@ impl TestApp {
             .env("CONVEYOR_LISTEN", format!("127.0.0.1:{port}"))
             .envs(self.deployment_env())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .expect("conveyor-api starts (built by scripts/test)");
         let child = KillOnDrop(child);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 /// A small corpus: (id, topic, text, a paraphrase that shares few of its words).
-const CORPUS: &[(&str, &str, &str, &str)] = &[
+pub(crate) const CORPUS: &[(&str, &str, &str, &str)] = &[
     ("passwords", "account",
      "To reset your password, open Settings, choose Security and click Forgot password. A reset link is emailed to you and expires after one hour.",
      "I can't remember my login credentials, how do I get new ones?"),
@@ -68,7 +68,7 @@ async fn add_dataset(app: &TestApp, name: &str, format: Format, bytes: &[u8]) ->
     id
 }
 
-async fn create_collection(app: &TestApp, body: Value) -> Uuid {
+pub(crate) async fn create_collection(app: &TestApp, body: Value) -> Uuid {
     let (status, collection) = app.post("/v1/collections", &body).await;
     assert_eq!(status, StatusCode::CREATED, "{collection}");
     collection["id"].as_str().unwrap().parse().unwrap()
@@ -87,7 +87,31 @@ async fn ingest(app: &TestApp, payload: Value) -> Value {
     job
 }
 
-async fn search(app: &TestApp, collection: Uuid, body: Value) -> Vec<Value> {
+/// Fires the schedule now (as its time would), and waits for its `n`th job, which succeeds.
+pub(crate) async fn sync_now(app: &TestApp, schedule: &str, n: usize) -> Value {
+    sqlx::query("UPDATE schedules SET next_fire_at = now() WHERE id = $1::uuid")
+        .bind(schedule)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let job: Uuid = loop {
+        let (_, page) = app.get(&format!("/v1/schedules/{schedule}/jobs")).await;
+        let jobs = page["jobs"].as_array().unwrap();
+        if jobs.len() == n {
+            break jobs[0]["id"].as_str().unwrap().parse().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "firing {n}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let job = app
+        .wait_status(job, &["succeeded", "failed"], Duration::from_secs(120))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    job
+}
+
+pub(crate) async fn search(app: &TestApp, collection: Uuid, body: Value) -> Vec<Value> {
     let (status, found) = app
         .post(&format!("/v1/collections/{collection}/search"), &body)
         .await;
@@ -95,7 +119,7 @@ async fn search(app: &TestApp, collection: Uuid, body: Value) -> Vec<Value> {
     found["results"].as_array().unwrap().clone()
 }
 
-fn document_ids(results: &[Value]) -> Vec<&str> {
+pub(crate) fn document_ids(results: &[Value]) -> Vec<&str> {
     results
         .iter()
         .map(|r| r["document_id"].as_str().unwrap())
@@ -709,29 +733,7 @@ async fn a_watched_directory_syncs_added_changed_and_deleted_files_on_a_schedule
         .await;
     assert_eq!(status, StatusCode::CREATED, "{schedule}");
     let schedule = schedule["id"].as_str().unwrap().to_owned();
-    // Fires now (as its daily time would), and waits for the sync's job.
-    let sync = async |n: usize| -> Value {
-        sqlx::query("UPDATE schedules SET next_fire_at = now() WHERE id = $1::uuid")
-            .bind(&schedule)
-            .execute(app.pool())
-            .await
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let job: Uuid = loop {
-            let (_, page) = app.get(&format!("/v1/schedules/{schedule}/jobs")).await;
-            let jobs = page["jobs"].as_array().unwrap();
-            if jobs.len() == n {
-                break jobs[0]["id"].as_str().unwrap().parse().unwrap();
-            }
-            assert!(std::time::Instant::now() < deadline, "firing {n}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let job = app
-            .wait_status(job, &["succeeded", "failed"], Duration::from_secs(120))
-            .await;
-        assert_eq!(job["status"], "succeeded", "{job}");
-        job["result"].clone()
-    };
+    let sync = async |n: usize| sync_now(&app, &schedule, n).await["result"].clone();
     let stored = async || -> Vec<(String, Value)> {
         sqlx::query_as("SELECT id, metadata FROM documents WHERE collection_id = $1 ORDER BY id")
             .bind(collection)

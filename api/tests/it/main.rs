@@ -5,6 +5,7 @@ mod harness;
 
 mod attacks;
 mod browser;
+mod buckets;
 mod bulk;
 mod cli;
 mod cluster;

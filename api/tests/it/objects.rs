@@ -10,16 +10,56 @@ use std::{
     time::{Duration, Instant},
 };
 
-const BUCKET: &str = "conveyor";
+pub(crate) const BUCKET: &str = "conveyor";
 
-struct S3Server {
-    port: u16,
+pub(crate) struct S3Server {
+    pub port: u16,
     dir: PathBuf,
     child: Option<KillOnDrop>,
 }
 
+/// s3rver with one more access key (its own is `S3RVER`/`S3RVER`), for tests that look for the
+/// secret where it must not be: argv is the module's directory, port, data directory, bucket.
+const S3RVER_WITH_KEY: &str = "
+const [root, port, directory, bucket] = process.argv.slice(1);
+require(root + '/lib/models/account').DUMMY_ACCOUNT.createKeyPair(
+    process.env.S3_ACCESS_KEY_ID, process.env.S3_SECRET_ACCESS_KEY);
+const S3rver = require(root);
+new S3rver({address: '127.0.0.1', port: Number(port), silent: true, directory,
+            configureBuckets: [{name: bucket, configs: []}]}).run();
+";
+
 impl S3Server {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
+        let (port, dir) = Self::place();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/s3");
+        let mut command = Command::new("node");
+        command
+            .arg(root.join("node_modules/s3rver/bin/s3rver.js"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--silent"])
+            .args(["--configure-bucket", BUCKET, "-d"])
+            .arg(&dir);
+        Self::spawn(command, port, dir)
+    }
+
+    /// With the access key `(id, secret)` accepted too.
+    pub(crate) fn start_with_key(id: &str, secret: &str) -> Self {
+        let (port, dir) = Self::place();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/s3/node_modules/s3rver");
+        let mut command = Command::new("node");
+        command
+            .args(["-e", S3RVER_WITH_KEY])
+            .arg(root)
+            .arg(port.to_string())
+            .arg(&dir)
+            .arg(BUCKET)
+            .env("S3_ACCESS_KEY_ID", id)
+            .env("S3_SECRET_ACCESS_KEY", secret);
+        Self::spawn(command, port, dir)
+    }
+
+    /// A free port and a fresh data directory.
+    fn place() -> (u16, PathBuf) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -27,12 +67,11 @@ impl S3Server {
             .port();
         let dir = std::env::temp_dir().join(format!("conveyor-s3-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/s3");
-        let child = Command::new("node")
-            .arg(root.join("node_modules/s3rver/bin/s3rver.js"))
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--silent"])
-            .args(["--configure-bucket", BUCKET, "-d"])
-            .arg(&dir)
+        (port, dir)
+    }
+
+    fn spawn(mut command: Command, port: u16, dir: PathBuf) -> Self {
+        let child = command
             .stdout(Stdio::null())
             .spawn()
             .expect("s3rver (scripts/browser-deps installs it)");

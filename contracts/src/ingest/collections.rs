@@ -119,20 +119,22 @@ pub async fn document_hashes(
     .await
 }
 
-/// Deletes the collection's documents (and their chunks) that came from the watched
-/// `directory` (their metadata's `watched_directory`) and are not in `present`; how many.
+/// Deletes the collection's documents (and their chunks) that came from a watched source
+/// (their metadata's `field` is `source`: `watched_directory`, `watched_prefix`) and are not
+/// in `present`; how many.
 pub async fn delete_gone(
     pool: &PgPool,
     collection: Uuid,
-    directory: &str,
+    (field, source): (&str, &str),
     present: &[String],
 ) -> sqlx::Result<u64> {
     let deleted = sqlx::query(
         "DELETE FROM documents WHERE collection_id = $1
-           AND metadata ->> 'watched_directory' = $2 AND NOT (id = ANY($3))",
+           AND metadata ->> $2 = $3 AND NOT (id = ANY($4))",
     )
     .bind(collection)
-    .bind(directory)
+    .bind(field)
+    .bind(source)
     .bind(present)
     .execute(pool)
     .await?;

@@ -35,6 +35,11 @@ impl Contract for Ingest {
             .ok_or_else(|| Refusal::Unknown(format!("collection {}", payload.collection_id)))?;
         let mut errors = Vec::new();
         for (i, source) in payload.documents.iter().enumerate() {
+            if let Some(bucket) = source.bucket_id {
+                shared::buckets::get(pool, tenant, bucket)
+                    .await?
+                    .ok_or_else(|| Problem::not_found(&format!("bucket {bucket}")))?;
+            }
             let Some(id) = source.dataset_id else {
                 continue;
             };
@@ -120,7 +125,8 @@ pub struct IngestPayload {
     pub documents: Vec<DocumentSource>,
 }
 
-/// Inline `text` with its `id`, a `dataset_id`, or a watched `directory`.
+/// Inline `text` with its `id`, a `dataset_id`, a watched `directory`, or a watched bucket
+/// prefix (`bucket_id`, `prefix`).
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DocumentSource {
@@ -135,6 +141,14 @@ pub struct DocumentSource {
     /// documents of files gone from it are removed. Run it on a schedule to keep a collection
     /// in sync.
     pub directory: Option<String>,
+    /// A bucket the tenant registered (`POST /v1/buckets`): each object of a known format
+    /// under `prefix` is a document whose id is `s3://<bucket>/<key>`; as with a directory,
+    /// objects unchanged since the last ingest are skipped and documents of objects gone from
+    /// the prefix are removed. Run it on a schedule to keep a collection in sync.
+    pub bucket_id: Option<Uuid>,
+    /// With `bucket_id`: the key prefix to follow (`/`-separated names, no `.` or `..`, no
+    /// leading `/`). Default: the whole bucket.
+    pub prefix: Option<String>,
     /// Default: `text` inline, else from the dataset's file name.
     pub format: Option<DocFormat>,
     /// Records: the field (column) that holds the text. Default `text`.
@@ -159,24 +173,45 @@ impl IngestPayload {
         }
         for (i, source) in self.documents.iter().enumerate() {
             let field = |name: &str| format!("payload.documents[{i}].{name}");
-            if let Some(directory) = &source.directory {
+            // A watched source: each file's or object's path is its id, its extension its
+            // format, so none of the fields that give those is taken.
+            let watched = if let Some(directory) = &source.directory {
                 if let Err(why) = check_directory(directory) {
                     errors.push(FieldError::new(field("directory"), why));
                 }
+                Some("directory")
+            } else if source.bucket_id.is_some() {
+                if let Some(prefix) = &source.prefix {
+                    if let Err(why) = shared::buckets::check_prefix(prefix) {
+                        errors.push(FieldError::new(field("prefix"), why));
+                    }
+                }
+                Some("bucket_id")
+            } else {
+                None
+            };
+            if let Some(watched) = watched {
                 for (name, given) in [
                     ("text", source.text.is_some()),
                     ("dataset_id", source.dataset_id.is_some()),
+                    (
+                        "bucket_id",
+                        source.bucket_id.is_some() && watched != "bucket_id",
+                    ),
                     ("id", source.id.is_some()),
                     ("format", source.format.is_some()),
                 ] {
                     if given {
                         errors.push(FieldError::new(
                             field(name),
-                            "not with a directory (each file's path is its id, its extension its format)",
+                            format!("not with {watched} (each file's path is its id, its extension its format)"),
                         ));
                     }
                 }
                 continue;
+            }
+            if source.prefix.is_some() {
+                errors.push(FieldError::new(field("prefix"), "only with bucket_id"));
             }
             match (&source.text, source.dataset_id) {
                 (Some(_), None) => {
@@ -193,7 +228,7 @@ impl IngestPayload {
                 (None, Some(_)) => {}
                 _ => errors.push(FieldError::new(
                     format!("payload.documents[{i}]"),
-                    "give one of text, dataset_id or directory",
+                    "give one of text, dataset_id, directory or bucket_id",
                 )),
             }
             if let Some(id) = &source.id {
@@ -249,7 +284,7 @@ pub struct IngestOutput {
     pub indexed: usize,
     /// Documents whose content was already indexed.
     pub unchanged: usize,
-    /// Documents of watched directories' files that are gone, removed.
+    /// Documents of watched directories' files and buckets' objects that are gone, removed.
     pub deleted: u64,
     pub chunks: usize,
     pub elapsed_ms: u64,
@@ -279,7 +314,9 @@ mod tests {
             {"dataset_id": ID, "format": "ndjson", "text_field": "body", "id_field": "id"},
             {"dataset_id": ID},
             {"directory": "docs/handbook"},
-            {"directory": "."}
+            {"directory": "."},
+            {"bucket_id": ID, "prefix": "docs/handbook/"},
+            {"bucket_id": ID}
         ]))
         .is_empty());
     }
@@ -330,6 +367,22 @@ mod tests {
             (
                 json!([{"directory": "docs", "dataset_id": ID}]),
                 "payload.documents[0].dataset_id",
+            ),
+            (
+                json!([{"bucket_id": ID, "prefix": "docs/../other"}]),
+                "payload.documents[0].prefix",
+            ),
+            (
+                json!([{"bucket_id": ID, "prefix": "/docs"}]),
+                "payload.documents[0].prefix",
+            ),
+            (
+                json!([{"bucket_id": ID, "id": "x"}]),
+                "payload.documents[0].id",
+            ),
+            (
+                json!([{"dataset_id": ID, "prefix": "docs"}]),
+                "payload.documents[0].prefix",
             ),
         ] {
             let fields = refused(documents.clone());

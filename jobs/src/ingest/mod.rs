@@ -17,7 +17,7 @@ pub use contracts::ingest::{
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use shared::{usage::Meter, JobContext};
+use shared::{buckets::OpenError, datasets::Compression, usage::Meter, JobContext};
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use self::{
@@ -153,6 +153,83 @@ impl IngestHandler {
         Ok((name, documents))
     }
 
+    /// The documents of a watched bucket prefix's objects, each marked with the prefix
+    /// (`watched_prefix`: `s3://<bucket>/<prefix>`); and that mark. Each object is downloaded
+    /// to a scratch file, read as a watched file is, and the file removed.
+    async fn read_bucket(
+        &self,
+        ctx: &JobContext,
+        source: &DocumentSource,
+        bucket_id: uuid::Uuid,
+        budget: &mut u64,
+    ) -> Result<(String, Vec<Document>), JobError> {
+        let services = &self.services;
+        let opened = shared::buckets::open(
+            &services.pool,
+            services.targets.cipher(),
+            &services.settings.connection_allow,
+            ctx.tenant_id(),
+            bucket_id,
+        )
+        .await
+        .map_err(|e| match e {
+            OpenError::NotFound(id) => JobError::Permanent(format!("bucket {id} no longer exists")),
+            OpenError::Refused(why) => JobError::Permanent(why),
+            OpenError::Other(e) => retryable(e),
+        })?;
+        let prefix = shared::buckets::normalize_prefix(source.prefix.as_deref().unwrap_or(""));
+        let name = &opened.bucket.bucket;
+        let mark = match prefix {
+            "" => format!("s3://{name}"),
+            prefix => format!("s3://{name}/{prefix}"),
+        };
+        // A failed listing (the service down, a timeout) is worth another attempt.
+        let listed = opened
+            .list(prefix, MAX_SOURCES)
+            .await
+            .map_err(|e| retryable(format!("listing {mark}: {e:#}")))?;
+        let mut metadata = source.metadata.clone();
+        metadata.insert("watched_prefix".into(), Value::String(mark.clone()));
+        let mut documents = Vec::new();
+        for object in listed {
+            let key = object.location.as_ref().to_owned();
+            let Some(format) = DocFormat::from_name(&key) else {
+                continue;
+            };
+            let id = format!("s3://{name}/{key}");
+            if object.size > *budget {
+                return Err(JobError::Permanent(format!(
+                    "{id} is {} bytes, more than the {} this job may still read",
+                    object.size, *budget
+                )));
+            }
+            ctx.checkpoint()?;
+            let scratch = services.objects.scratch_file().await.map_err(retryable)?;
+            opened
+                .download(&object.location, &scratch, *budget)
+                .await
+                .map_err(|e| retryable(format!("downloading {id}: {e:#}")))?;
+            let compression = match key.rsplit_once('.').map(|(_, ext)| ext) {
+                Some("gz") => Compression::Gzip,
+                Some("zst") => Compression::Zstd,
+                _ => Compression::None,
+            };
+            let file = SourceFile {
+                path: scratch.to_path_buf(),
+                compression,
+                format,
+                label: format!("object {id}"),
+                prefix: Some(id.clone()),
+                id,
+            };
+            documents.extend(
+                self.documents_in(ctx, file, source, &metadata, budget)
+                    .await?,
+            );
+        }
+        Ok((mark, documents))
+    }
+
     /// The documents of one file: read (capped), then extracted.
     async fn documents_in(
         &self,
@@ -254,7 +331,8 @@ impl IngestHandler {
     }
 }
 
-/// A file to read documents from: a dataset's, or a watched directory's.
+/// A file to read documents from: a dataset's, a watched directory's, or a bucket object
+/// downloaded.
 struct SourceFile {
     path: std::path::PathBuf,
     compression: shared::datasets::Compression,
@@ -307,14 +385,21 @@ impl Handler for IngestHandler {
         // Every document, the last of each id winning; unchanged ones are skipped.
         let mut documents: Vec<Document> = Vec::new();
         let mut budget = self.services.limits.in_memory;
-        // Each watched directory, with the documents its files gave (the others are deleted).
-        let mut watched_now: Vec<(String, Vec<String>)> = Vec::new();
+        // Each watched directory or prefix (its metadata field and mark), with the documents
+        // its files gave (the others are deleted).
+        let mut watched_now: Vec<((&str, String), Vec<String>)> = Vec::new();
         for source in &payload.documents {
             if let Some(directory) = &source.directory {
                 let (name, docs) = self
                     .read_directory(ctx, source, directory, &mut budget)
                     .await?;
-                watched_now.push((name, docs.iter().map(|d| d.id.clone()).collect()));
+                let ids = docs.iter().map(|d| d.id.clone()).collect();
+                watched_now.push((("watched_directory", name), ids));
+                documents.extend(docs);
+            } else if let Some(bucket) = source.bucket_id {
+                let (mark, docs) = self.read_bucket(ctx, source, bucket, &mut budget).await?;
+                let ids = docs.iter().map(|d| d.id.clone()).collect();
+                watched_now.push((("watched_prefix", mark), ids));
                 documents.extend(docs);
             } else {
                 documents.extend(self.read(ctx, source, &mut budget).await?);
@@ -426,9 +511,9 @@ impl Handler for IngestHandler {
         }
         // Only once everything present is indexed: a sync that failed half-way removes nothing.
         let mut deleted = 0;
-        for (directory, present) in &watched_now {
+        for ((field, source), present) in &watched_now {
             ctx.checkpoint()?;
-            deleted += store::delete_gone(pool, collection.id, directory, present)
+            deleted += store::delete_gone(pool, collection.id, (field, source), present)
                 .await
                 .map_err(retryable)?;
         }

@@ -4,7 +4,7 @@
 
 use ipnet::IpNet;
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     str::FromStr,
     sync::LazyLock,
 };
@@ -103,6 +103,91 @@ impl AllowList {
         let ip = embedded_ipv4(ip).map_or(ip, IpAddr::V4);
         self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
             || self.nets.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Why `ip` (reached for `host`) may not be sent to by `what` (`webhooks`, `buckets`), or
+/// `None` when it may.
+pub fn refusal(allow: &AllowList, host: &str, ip: IpAddr, what: &str) -> Option<String> {
+    if allow.allows(host, ip) {
+        return None;
+    }
+    internal_reason(ip).map(|why| {
+        format!(
+            "{host} is a {why} address ({ip}), which {what} may not reach \
+             (an operator can allow it with CONVEYOR_CONNECTION_ALLOW)"
+        )
+    })
+}
+
+/// How long resolving an outbound HTTP host may take.
+pub const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Resolves an `http(s)` URL's host and checks every address it has against the rules; the
+/// addresses, all allowed. The error is for the client. (An address written in the URL is
+/// never resolved by the HTTP client, so this check is the one that applies to it.)
+pub async fn check_http_url(
+    url: &url::Url,
+    allow: &AllowList,
+    what: &str,
+) -> Result<Vec<SocketAddr>, String> {
+    let port = url.port_or_known_default().unwrap_or(443);
+    let (host, addrs) = match url.host() {
+        Some(url::Host::Ipv4(ip)) => (ip.to_string(), vec![SocketAddr::new(ip.into(), port)]),
+        Some(url::Host::Ipv6(ip)) => (ip.to_string(), vec![SocketAddr::new(ip.into(), port)]),
+        Some(url::Host::Domain(name)) => {
+            let lookup = tokio::net::lookup_host((name, port));
+            let addrs: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
+                .await
+                .map_err(|_| format!("resolving {name} timed out"))?
+                .map_err(|_| format!("{name} does not resolve"))?
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("{name} has no address"));
+            }
+            (name.to_owned(), addrs)
+        }
+        None => return Err("must name a host".into()),
+    };
+    for addr in &addrs {
+        if let Some(why) = refusal(allow, &host, addr.ip(), what) {
+            return Err(why);
+        }
+    }
+    Ok(addrs)
+}
+
+/// Resolves hosts for an outbound HTTP client and refuses the connection when any address is
+/// one the rules forbid: the check applies to the very addresses connected to, so a DNS answer
+/// that changes after [`check_http_url`] cannot move a request onto a refused address.
+pub struct CheckedResolver {
+    allow: AllowList,
+    what: &'static str,
+}
+
+impl CheckedResolver {
+    pub fn new(allow: AllowList, what: &'static str) -> Self {
+        Self { allow, what }
+    }
+}
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let (allow, what) = (self.allow.clone(), self.what);
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let lookup = tokio::net::lookup_host((host.as_str(), 0));
+            let addrs: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
+                .await
+                .map_err(|_| format!("resolving {host} timed out"))??
+                .collect();
+            for addr in &addrs {
+                if let Some(why) = refusal(&allow, &host, addr.ip(), what) {
+                    return Err(why.into());
+                }
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 

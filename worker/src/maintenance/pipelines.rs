@@ -2,6 +2,8 @@
 //! between the two, or the job ended by a path that does not advance pipelines: the rescuer, a
 //! bulk cancel). Advanced here as the worker would have: the steps that can start get their
 //! job, announced and dispatched; the blocked ones are cancelled; ended pipelines finish.
+//! Also resumed here: ended pipelines whose steps a bulk retry queued again, when the process
+//! that committed the retry died before its resume (which runs in a transaction of its own).
 
 use shared::pipelines;
 use std::time::Duration;
@@ -39,18 +41,25 @@ impl Duty for Pipelines {
             let mut tx = runtime.pool().begin().await?;
             // Locked (skipping those an advancer holds) until this transaction ends.
             let stalled = pipelines::stalled(&mut tx, self.schedule.batch).await?;
+            let retried = pipelines::retried_but_ended(&mut tx, self.schedule.batch).await?;
+            // Running again, their steps cancelled for want of the retried ones waiting again.
+            for pipeline in &retried {
+                pipelines::reopen(&mut tx, *pipeline).await?;
+            }
+            moved += retried.len();
             let mut jobs = Vec::new();
-            for pipeline in &stalled {
+            for pipeline in stalled.iter().chain(&retried) {
                 let advanced = pipelines::advance(&mut tx, *pipeline, &runtime.validator()).await?;
                 // One an advancer moved meanwhile has nothing left to do.
-                moved += usize::from(advanced.moved());
+                moved += usize::from(advanced.moved() && !retried.contains(pipeline));
                 jobs.extend(advanced.jobs);
             }
             tx.commit().await?;
             runtime
                 .dispatch_now(jobs.iter().map(Change::created).collect())
                 .await;
-            if (stalled.len() as i64) < self.schedule.batch {
+            let full = |found: &Vec<_>| found.len() as i64 >= self.schedule.batch;
+            if !full(&stalled) && !full(&retried) {
                 return Ok(moved);
             }
         }
@@ -232,6 +241,67 @@ mod tests {
         );
         assert_eq!(status, "failed");
     }
+    /// A bulk retry commits its jobs, then resumes their pipelines in a transaction of its
+    /// own. When its process dies between the two, the duty resumes the pipeline: the retried
+    /// step's dependents wait again, and start once it succeeds.
+    #[tokio::test]
+    async fn a_bulk_retry_whose_resume_was_lost_resumes_its_pipeline() {
+        use shared::{
+            store::{self, BulkChange, JobFilter},
+            JobStatus,
+        };
+        let test = TestDb::new().await;
+        let id = test
+            .pipeline(
+                OnFailure::CancelDependents,
+                &[step("a", &[], json!({})), step("b", &["a"], json!({}))],
+            )
+            .await;
+        let job = test.steps(id).await.0[0].2.unwrap();
+        test.end_job(job, "failed", Value::Null).await;
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 1);
+        let (steps, status) = test.steps(id).await;
+        assert_eq!(
+            (status.as_str(), steps[1].0.as_str()),
+            ("failed", "cancelled")
+        );
+
+        // The bulk retry's transaction, committed; its resume never runs.
+        let filter = JobFilter {
+            statuses: vec![JobStatus::Failed, JobStatus::Cancelled],
+            kind: None,
+            pipeline_id: Some(id),
+        };
+        let retried =
+            store::change_matching(test.pool(), test.tenant, &filter, BulkChange::Retry, 100)
+                .await
+                .unwrap();
+        assert_eq!(retried.len(), 1);
+        assert_eq!(test.steps(id).await.1, "failed", "not resumed by the retry");
+
+        let other = test.another_runtime().await;
+        let (first, second) = (Pipelines::default(), Pipelines::default());
+        let (x, y) = tokio::join!(first.run(&test.runtime), second.run(&other));
+        assert_eq!(x.unwrap() + y.unwrap(), 1, "resumed once");
+        let (steps, status) = test.steps(id).await;
+        assert_eq!(status, "running");
+        assert_eq!(steps[0].0, "queued");
+        assert_eq!(
+            (steps[1].0.as_str(), steps[1].1.as_deref()),
+            ("waiting", None)
+        );
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 0);
+
+        test.end_job(job, "succeeded", json!({})).await;
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 1);
+        let (steps, _) = test.steps(id).await;
+        assert_eq!(steps[1].0, "queued", "the dependent started");
+        test.end_job(steps[1].2.unwrap(), "succeeded", json!({}))
+            .await;
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.steps(id).await.1, "succeeded");
+    }
+
     /// Quotas are checked again when a later step becomes ready: an import step, accepted at
     /// the submit, fails naming `max_rows_per_day` once the tenant's imports used the day's
     /// rows up; its dependent is cancelled, and the pipeline fails.

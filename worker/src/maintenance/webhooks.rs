@@ -13,13 +13,12 @@
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use shared::{
-    connections::{AllowList, Cipher},
+    connections::{address::CheckedResolver, AllowList, Cipher},
     webhooks::{self, Attempt, Claimed},
     Settings,
 };
 use sqlx::PgPool;
 use std::{
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -72,9 +71,7 @@ impl Sender {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .user_agent(concat!("conveyor-webhooks/", env!("CARGO_PKG_VERSION")))
-            .dns_resolver(Arc::new(CheckedResolver {
-                allow: allow.clone(),
-            }))
+            .dns_resolver(Arc::new(CheckedResolver::new(allow.clone(), "webhooks")))
             .build()
             .expect("the webhook HTTP client (TLS roots) initialises");
         let cipher = settings.secret_key.as_deref().and_then(|key| {
@@ -217,32 +214,6 @@ fn describe(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Resolves endpoint hosts for the HTTP client and refuses the connection when any address is
-/// one the rules forbid: the check applies to the very addresses connected to.
-struct CheckedResolver {
-    allow: AllowList,
-}
-
-impl reqwest::dns::Resolve for CheckedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow = self.allow.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let lookup = tokio::net::lookup_host((host.as_str(), 0));
-            let addrs: Vec<SocketAddr> = tokio::time::timeout(webhooks::RESOLVE_TIMEOUT, lookup)
-                .await
-                .map_err(|_| format!("resolving {host} timed out"))??
-                .collect();
-            for addr in &addrs {
-                if let Some(why) = webhooks::refusal(&allow, &host, addr.ip()) {
-                    return Err(why.into());
-                }
-            }
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
 }
 
 #[async_trait::async_trait]
