@@ -68,13 +68,14 @@ async fn add_dataset(app: &TestApp, name: &str, format: Format, bytes: &[u8]) ->
     id
 }
 
-async fn create_collection(app: &TestApp, body: Value) -> Uuid {
+pub(crate) async fn create_collection(app: &TestApp, body: Value) -> Uuid {
     let (status, collection) = app.post("/v1/collections", &body).await;
     assert_eq!(status, StatusCode::CREATED, "{collection}");
     collection["id"].as_str().unwrap().parse().unwrap()
 }
 
-async fn ingest(app: &TestApp, payload: Value) -> Value {
+/// Ingests `payload`, waits for the job; asserts it succeeded.
+pub(crate) async fn ingest(app: &TestApp, payload: Value) -> Value {
     let (status, job) = app
         .post("/v1/jobs", &json!({"kind": "ingest", "payload": payload}))
         .await;
