@@ -58,14 +58,16 @@ function throughputChart(queue) {
 // gap, not a zero.
 function depthChart(queue) {
   const minutes = queue.minutes;
-  const step = CHART_WIDTH / Math.max(1, minutes.length - 1);
+  // Inset by a dot's size, so a dot at an edge is drawn whole.
+  const inset = 3;
+  const step = (CHART_WIDTH - 2 * inset) / Math.max(1, minutes.length - 1);
   const sampled = minutes.filter((m) => m.waiting !== null);
   const peak = Math.max(1, ...sampled.map((m) => m.waiting));
-  const y = (waiting) => (CHART_HEIGHT - 2 - (waiting / peak) * (CHART_HEIGHT - 4)).toFixed(2);
+  const y = (waiting) => (CHART_HEIGHT - inset - (waiting / peak) * (CHART_HEIGHT - 2 * inset)).toFixed(2);
   const chart = svg('svg', {
     class: 'chart depth', viewBox: `0 0 ${CHART_WIDTH} ${CHART_HEIGHT}`, role: 'img',
     'aria-label': `${queue.kind}: at most ${sampled.length ? peak : 0} jobs waiting in the last hour`,
-  }, svg('line', { class: 'axis', x1: 0, x2: CHART_WIDTH, y1: CHART_HEIGHT - 2, y2: CHART_HEIGHT - 2 }));
+  }, svg('line', { class: 'axis', x1: 0, x2: CHART_WIDTH, y1: CHART_HEIGHT - inset, y2: CHART_HEIGHT - inset }));
   let run = [];
   const dot = ([x, yAt]) => chart.append(svg('circle', { class: 'dot', cx: x, cy: yAt, r: 2 }));
   const flush = () => {
@@ -75,7 +77,7 @@ function depthChart(queue) {
   };
   minutes.forEach((m, i) => {
     if (m.waiting === null) { flush(); return; }
-    run.push([(i * step).toFixed(2), y(m.waiting)]);
+    run.push([(inset + i * step).toFixed(2), y(m.waiting)]);
   });
   const last = run[run.length - 1];
   flush();
@@ -83,8 +85,8 @@ function depthChart(queue) {
   return chart;
 }
 
-function legendItem(cls, label, value, field) {
-  return el('span', { class: `key ${cls}` }, `${label} `, el('b', { 'data-total': field, text: String(value) }));
+function legendItem(cls, label, value, field, title) {
+  return el('span', { class: `key ${cls}`, title }, `${label} `, el('b', { 'data-total': field, text: String(value) }));
 }
 
 function queueFigure(queue) {
@@ -97,12 +99,12 @@ function queueFigure(queue) {
       el('span', { class: 'muted', text: ` ${clock(minutes[0].minute)}–${clock(minutes[minutes.length - 1].minute)}` })),
     el('div', { class: 'chart-row' }, throughputChart(queue),
       el('p', { class: 'legend' },
-        legendItem('ok', '\u25B2 succeeded', sum(minutes, 'succeeded'), 'succeeded'), el('br'),
-        legendItem('bad', '\u25BC failed', sum(minutes, 'failed'), 'failed'))),
+        legendItem('ok', '\u25B2 succeeded', sum(minutes, 'succeeded'), 'succeeded', 'jobs that succeeded in the hour: bars up'), el('br'),
+        legendItem('bad', '\u25BC failed', sum(minutes, 'failed'), 'failed', 'jobs that failed for good in the hour: bars down'))),
     el('div', { class: 'chart-row' }, depthChart(queue),
       el('p', { class: 'legend' },
-        legendItem('line', '\u25CF waiting, latest minute', last === null ? '–' : last, 'waiting'), el('br'),
-        legendItem('line', '\u2500 most in the hour', peakWaiting === null ? '–' : peakWaiting, 'peak'))));
+        legendItem('line', '\u25CF waiting', last === null ? '–' : last, 'waiting', 'most jobs waiting in the latest minute'), el('br'),
+        legendItem('line', '\u2500 peak', peakWaiting === null ? '–' : peakWaiting, 'peak', 'most jobs waiting in any minute of the hour'))));
 }
 
 async function loadHistory() {
