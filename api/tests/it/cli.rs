@@ -643,26 +643,8 @@ async fn search_ranks_a_collections_chunks_as_the_api_does() {
 #[tokio::test]
 async fn patch_commands_confirm_as_the_dashboard_does() {
     let mut app = TestApp::spawn().await;
-    app.start_worker_for(&[("patch", 1), ("patch_rollback", 1)])
-        .await;
-    let target = sqlx::PgPool::connect(&app.target_url()).await.unwrap();
-    sqlx::raw_sql(
-        "CREATE TABLE accounts (id bigint PRIMARY KEY, plan text NOT NULL, credits int NOT NULL);
-         INSERT INTO accounts SELECT i, 'free', i * 10 FROM generate_series(1, 3000) i;
-         ANALYZE accounts;",
-    )
-    .execute(&target)
-    .await
-    .unwrap();
-    let pool = &target;
-    let accounts = move || async move {
-        let rows: Vec<(i64, String, i32)> =
-            sqlx::query_as("SELECT id, plan, credits FROM accounts ORDER BY id")
-                .fetch_all(pool)
-                .await
-                .unwrap();
-        rows
-    };
+    let target = crate::dashboard_screens::patch_fixture(&mut app).await;
+    let accounts = || crate::dashboard_screens::accounts(&target);
     let before = accounts().await;
     let sql = "UPDATE accounts SET plan = 'gold' WHERE id <= 2000";
 

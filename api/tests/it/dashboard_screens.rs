@@ -11,17 +11,9 @@ use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
-/// Every row of `accounts`, by key.
-async fn accounts(target: &PgPool) -> Vec<(i64, String, i32)> {
-    sqlx::query_as("SELECT id, plan, credits FROM accounts ORDER BY id")
-        .fetch_all(target)
-        .await
-        .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_patch_screen_previews_dry_runs_executes_and_rolls_back() {
-    let mut app = TestApp::spawn().await;
+/// A patch worker and `accounts` (3,000 rows, plan `free`) on the app's target, which is
+/// returned. Shared with the CLI's patch test.
+pub(crate) async fn patch_fixture(app: &mut TestApp) -> PgPool {
     app.start_worker_for(&[("patch", 1), ("patch_rollback", 1)])
         .await;
     let target = PgPool::connect(&app.target_url()).await.unwrap();
@@ -33,6 +25,21 @@ async fn the_patch_screen_previews_dry_runs_executes_and_rolls_back() {
     .execute(&target)
     .await
     .unwrap();
+    target
+}
+
+/// Every row of `accounts`, by key.
+pub(crate) async fn accounts(target: &PgPool) -> Vec<(i64, String, i32)> {
+    sqlx::query_as("SELECT id, plan, credits FROM accounts ORDER BY id")
+        .fetch_all(target)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_patch_screen_previews_dry_runs_executes_and_rolls_back() {
+    let mut app = TestApp::spawn().await;
+    let target = patch_fixture(&mut app).await;
     let before = accounts(&target).await;
     let warehouse = app.warehouse().await;
 
