@@ -4,7 +4,10 @@
 'use strict';
 
 const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
-const MAX_ROWS = 500;
+// The jobs table holds one page at a time, however many jobs the tenant has.
+const PAGE_SIZE = 100;
+// Jobs kept in memory from events and pages beyond those shown; the oldest finished go first.
+const MAX_KNOWN = 2000;
 // Example payloads for the submit form; other kinds start from {}.
 const EXAMPLES = { canary: { steps: 20, step_ms: 200 } };
 
@@ -16,6 +19,9 @@ let jobStream = null; // EventSource on /v1/jobs/{id}/events for the job page
 let openJobId = null;
 let renderQueued = false;
 let queuesTimer = null;
+// Pages older than the live first one: `cursors[i]` continues after page i's last job (the
+// API's cursor is that job's id); `older` holds the shown page's ids in the API's order.
+const pager = { index: 0, cursors: [], older: null, hasOlder: false };
 
 class ApiError extends Error {
   constructor(status, problem) {
@@ -78,7 +84,7 @@ function duration(job) {
 // ---------- sign-in ----------
 
 // The dashboard's screens, one <main> each; the header's nav links to all but the job page.
-const VIEWS = ['jobs', 'job', 'patch', 'import', 'collections', 'pipelines', 'schedules', 'webhooks'];
+const VIEWS = ['jobs', 'job', 'queues', 'patch', 'import', 'collections', 'pipelines', 'schedules', 'webhooks'];
 
 function showView(name) {
   for (const view of VIEWS) $(`${view}-view`).hidden = view !== name;
@@ -169,18 +175,67 @@ function filters() {
   return { kind: $('filter-kind').value, status: $('filter-status').value };
 }
 
-async function loadJobs() {
+// One page of the list, newest first, after `cursor` (none: the first page).
+async function fetchJobs(cursor) {
   const { kind, status } = filters();
-  const query = new URLSearchParams({ limit: '100' });
+  const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
   if (kind) query.set('kind', kind);
   if (status) query.set('status', status);
+  if (cursor) query.set('cursor', cursor);
+  const page = await api('GET', `/v1/jobs?${query}`);
+  page.jobs.forEach(mergeJob);
+  return page;
+}
+
+// Back to the live first page (after sign-in, or when a filter changes).
+async function loadJobs() {
+  Object.assign(pager, { index: 0, cursors: [], older: null, hasOlder: false });
   try {
-    const page = await api('GET', `/v1/jobs?${query}`);
-    page.jobs.forEach(mergeJob);
+    const page = await fetchJobs(null);
+    pager.hasOlder = page.next_cursor !== null;
     scheduleRender();
   } catch (e) {
     console.warn('jobs list', e);
   }
+}
+
+// Page `index` (0: the live one); the cursors of the pages before it are known.
+async function showJobsPage(index) {
+  $('jobs-older').disabled = true;
+  $('jobs-newer').disabled = true;
+  try {
+    if (index === 0) {
+      pager.older = null;
+      pager.hasOlder = (await fetchJobs(null)).next_cursor !== null;
+    } else {
+      const page = await fetchJobs(pager.cursors[index - 1]);
+      pager.older = page.jobs.map((j) => j.id);
+      pager.hasOlder = page.next_cursor !== null;
+    }
+    pager.index = index;
+    pager.cursors.length = index;
+    renderTable();
+  } catch (e) {
+    console.warn('jobs page', e);
+    renderTable();
+  }
+}
+
+function olderPage() {
+  const shown = [...$('jobs').querySelectorAll('tr')];
+  if (!shown.length) return;
+  pager.cursors[pager.index] = shown[shown.length - 1].dataset.jobId;
+  showJobsPage(pager.index + 1);
+}
+
+// Forgets the oldest finished jobs beyond MAX_KNOWN that no page shows: a long-open page stays
+// small however many jobs go by.
+function forgetOldJobs(shown) {
+  if (jobs.size <= MAX_KNOWN) return;
+  const keep = new Set(shown.map((j) => j.id));
+  const old = [...jobs.values()].filter((j) => TERMINAL.has(j.status) && !keep.has(j.id) && j.id !== openJobId)
+    .sort((a, b) => (a.id < b.id ? -1 : 1));
+  for (const job of old.slice(0, jobs.size - MAX_KNOWN)) jobs.delete(job.id);
 }
 
 function scheduleRender() {
@@ -195,10 +250,22 @@ function scheduleRender() {
 
 function renderTable() {
   const { kind, status } = filters();
-  const rows = [...jobs.values()]
-    .filter((j) => (!kind || j.kind === kind) && (!status || j.status === status))
-    .sort((a, b) => (a.id < b.id ? 1 : -1)) // UUIDv7: newest first
-    .slice(0, MAX_ROWS);
+  // The first page is live: the newest jobs, new ones arriving on top. Older pages are the
+  // API's, their rows kept current by events.
+  const rows = pager.older
+    ? pager.older.map((id) => jobs.get(id)).filter(Boolean)
+    : [...jobs.values()]
+      .filter((j) => (!kind || j.kind === kind) && (!status || j.status === status))
+      .sort((a, b) => (a.id < b.id ? 1 : -1)) // UUIDv7: newest first
+      .slice(0, PAGE_SIZE);
+  forgetOldJobs(rows);
+  const first = pager.index * PAGE_SIZE + 1;
+  $('jobs-page').textContent = rows.length
+    ? `${pager.index === 0 ? 'newest, live: ' : `page ${pager.index + 1}: `}jobs ${first}\u2013${first + rows.length - 1}`
+    : '';
+  $('jobs-page').dataset.page = String(pager.index + 1);
+  $('jobs-newer').disabled = pager.index === 0;
+  $('jobs-older').disabled = pager.index === 0 ? rows.length < PAGE_SIZE && !pager.hasOlder : !pager.hasOlder;
   const body = $('jobs');
   body.replaceChildren(...rows.map((job) => {
     const bar = el('progress', { max: '1', value: String(job.progress || 0) });
@@ -566,6 +633,7 @@ function showJobs() {
 
 // Screens other than the jobs: each loads what it shows when opened.
 const SCREENS = {
+  '#/queues': () => { showView('queues'); openQueuesScreen(); },
   '#/patch': () => { showView('patch'); openPatchScreen(); },
   '#/import': () => { showView('import'); openImportScreen(); },
   '#/collections': () => { showView('collections'); openCollectionsScreen(); },
@@ -601,6 +669,8 @@ async function start() {
   for (const id of ['filter-kind', 'filter-status']) {
     $(id).addEventListener('change', () => { scheduleRender(); loadJobs(); });
   }
+  $('jobs-older').addEventListener('click', olderPage);
+  $('jobs-newer').addEventListener('click', () => showJobsPage(pager.index - 1));
   $('job-cancel').addEventListener('click', () => jobAction('cancel'));
   $('job-retry').addEventListener('click', () => jobAction('retry'));
   startPatchScreen();

@@ -9,6 +9,20 @@ const RISK_ICONS = { low: '\u2713', medium: '!', high: '\u2716' }; // ✓ ! ✖
 
 // What the screen knows of the statement in the form: its preflight, its dry run, its execute.
 let patch = { preflight: null, dryRun: null, executeJob: null };
+// The last execute and its rollback, kept for this tab so a reload shows them again.
+const PATCH_RUN_KEY = 'conveyor.patch-run';
+
+function rememberRun(run) {
+  sessionStorage.setItem(PATCH_RUN_KEY, JSON.stringify(run));
+}
+
+function rememberedRun() {
+  try {
+    return JSON.parse(sessionStorage.getItem(PATCH_RUN_KEY)) || {};
+  } catch {
+    return {};
+  }
+}
 
 function patchPayload(mode) {
   const payload = { sql: $('patch-sql').value, mode };
@@ -168,6 +182,7 @@ async function confirmClosed() {
   try {
     const job = await submitPatch(patchPayload('execute'));
     patch.executeJob = job.id;
+    rememberRun({ execute: job.id });
     await followExecute(job.id);
   } catch (e) {
     patchError(problemText(e));
@@ -219,26 +234,52 @@ async function rollBack() {
   if (!id) return;
   $('patch-rollback').disabled = true;
   const out = $('patch-rollback-status');
-  out.className = '';
-  out.dataset.status = 'running';
-  out.textContent = 'rolling back…';
   try {
     const job = await api('POST', '/v1/jobs', { kind: 'patch_rollback', payload: { patch_job_id: id } });
-    const done = await followJob(job.id);
-    out.dataset.status = done.status;
-    if (done.status === 'succeeded') {
-      const rows = done.result && done.result.rows !== undefined ? `${done.result.rows} rows ` : '';
-      out.replaceChildren(`rolled back: ${rows}restored by `, el('a', { href: `#/jobs/${job.id}`, text: 'job' }));
-    } else {
-      out.className = 'error';
-      out.textContent = `the rollback ${done.status}: ${done.error || ''}`;
-      $('patch-rollback').disabled = false;
-    }
+    rememberRun({ execute: id, rollback: job.id });
+    await followRollback(job.id);
   } catch (e) {
     out.className = 'error';
     out.dataset.status = 'failed';
     out.textContent = problemText(e);
     $('patch-rollback').disabled = false;
+  }
+}
+
+async function followRollback(id) {
+  const out = $('patch-rollback-status');
+  $('patch-rollback').disabled = true;
+  out.className = '';
+  out.dataset.status = 'running';
+  out.textContent = 'rolling back…';
+  const done = await followJob(id);
+  out.dataset.status = done.status;
+  if (done.status === 'succeeded') {
+    const rows = done.result && done.result.rows_restored !== undefined ? `${done.result.rows_restored} rows ` : '';
+    out.replaceChildren(`rolled back: ${rows}restored by `, el('a', { href: `#/jobs/${id}`, text: 'job' }));
+  } else {
+    out.className = 'error';
+    out.textContent = `the rollback ${done.status}: ${done.error || ''}`;
+    $('patch-rollback').disabled = false;
+  }
+}
+
+// After a reload: the execute this tab last ran, followed again from its first event (or its
+// final row), with its statement back in the form and its rollback's outcome.
+async function restoreRun() {
+  const run = rememberedRun();
+  if (!run.execute || patch.executeJob) return;
+  patch.executeJob = run.execute;
+  try {
+    const job = await api('GET', `/v1/jobs/${run.execute}`);
+    if (!$('patch-sql').value) $('patch-sql').value = job.payload.sql || '';
+    await followExecute(run.execute);
+    if (run.rollback) await followRollback(run.rollback);
+  } catch (e) {
+    // Gone (deleted, retention) or another tenant's since: nothing to show.
+    sessionStorage.removeItem(PATCH_RUN_KEY);
+    patch.executeJob = null;
+    $('patch-run').hidden = true;
   }
 }
 
@@ -304,6 +345,7 @@ async function deleteConnection(connection) {
 
 function openPatchScreen() {
   loadConnections();
+  restoreRun();
 }
 
 function startPatchScreen() {

@@ -44,6 +44,7 @@ use crate::routes::{
                         ::contracts::ingest::collections::Collection, ::contracts::ingest::collections::Hit,
                         ::contracts::ingest::collections::SearchMode,
                         queues::QueueList, queues::QueueStats, queues::WorkerList, queues::WorkerInfo,
+                        queues::QueueHistoryList, queues::QueueHistory, queues::QueueMinute,
                         session::SignIn, session::SessionInfo, keys::NewKey, keys::KeyList,
                         crate::keys::ApiKey, crate::keys::CreatedKey, crate::keys::Role,
                         audit::AuditPage, crate::audit::AuditEntry,

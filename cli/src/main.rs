@@ -2,7 +2,11 @@
 //! for scripts. Exit codes: 0 done (a waited-for job succeeded), 1 a waited-for job failed or
 //! was cancelled, 2 an error (bad request, unreachable API, unknown job).
 
+mod patch;
+mod report;
+mod search;
 mod sse;
+mod table;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -92,6 +96,21 @@ enum Command {
     Pipelines {
         #[command(subcommand)]
         action: PipelineCommand,
+    },
+    /// A synthesis job's quality and privacy report as tables; writes its report.html (charts,
+    /// opens offline).
+    Report {
+        job: String,
+        /// Where to write the job's report.html.
+        #[arg(long, default_value = "report.html")]
+        out: PathBuf,
+    },
+    /// Search a collection (by id or name): its best chunks, ranked.
+    Search(search::Search),
+    /// Patch a table: preflight, dry run, execute (confirmed), roll back.
+    Patch {
+        #[command(subcommand)]
+        action: patch::PatchCommand,
     },
 }
 
@@ -316,6 +335,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Schedules { action } => schedules(&client, action).await,
         Command::Pipelines { action } => pipelines(&client, action).await,
+        Command::Report { job, out } => report::report(&client, &job, &out).await,
+        Command::Search(args) => search::search(&client, args).await,
+        Command::Patch { action } => patch::patch(&client, action).await,
     }
 }
 
@@ -389,15 +411,7 @@ fn print_pipeline(p: &Value) {
     println!("pipeline  {}  {}", text(&p["id"]), text(&p["name"]));
     println!("status    {}", text(&p["status"]));
     for step in p["steps"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-        let needs: Vec<String> = step["needs"]
-            .as_array()
-            .map(|n| n.iter().map(text).collect())
-            .unwrap_or_default();
-        let needs = if needs.is_empty() {
-            String::new()
-        } else {
-            format!(" (needs {})", needs.join(", "))
-        };
+        let needs = listed("needs ", &strings(&step["needs"]), ", ");
         println!(
             "  {:<16} {:<10} {:<10} {}{needs}{}",
             text(&step["name"]),
@@ -684,7 +698,11 @@ impl Client {
         self.http.post(self.url(path)).bearer_auth(&self.key)
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+    /// The response of a request that succeeded; the API's problem as the error otherwise.
+    async fn response(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<reqwest::Response> {
         let response = request
             .send()
             .await
@@ -692,7 +710,34 @@ impl Client {
         if !response.status().is_success() {
             anyhow::bail!("{}", problem_text(response).await);
         }
-        Ok(response.json().await?)
+        Ok(response)
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        Ok(self.response(request).await?.json().await?)
+    }
+
+    /// A body as it is (an artifact).
+    async fn bytes(&self, request: reqwest::RequestBuilder) -> anyhow::Result<Vec<u8>> {
+        Ok(self.response(request).await?.bytes().await?.to_vec())
+    }
+
+    /// Follows a job's stream to its end, `on_message` seeing each event; returns the final row.
+    async fn follow(
+        &self,
+        id: &str,
+        on_message: impl FnMut(&sse::Message),
+    ) -> anyhow::Result<Value> {
+        let url = self.url(&format!("/v1/jobs/{id}/events"));
+        sse::follow(
+            &self.http,
+            &url,
+            &self.key,
+            sse::Message::ends_job_stream,
+            on_message,
+        )
+        .await?;
+        self.send(self.get(&format!("/v1/jobs/{id}"))).await
     }
 
     /// Follows the job's stream to its end, then prints the final row. With `events`, each
@@ -701,13 +746,8 @@ impl Client {
         // Read the row first: an unknown id fails here with the API's 404.
         self.send(self.get(&format!("/v1/jobs/{id}"))).await?;
         let mut bar = Bar::new(!self.json || !events);
-        let url = self.url(&format!("/v1/jobs/{id}/events"));
-        sse::follow(
-            &self.http,
-            &url,
-            &self.key,
-            sse::Message::ends_job_stream,
-            |message| {
+        let job = self
+            .follow(id, |message| {
                 let data = &message.data;
                 if events && self.json {
                     let line = json!({"id": message.id, "event": message.event, "data": data});
@@ -723,11 +763,9 @@ impl Client {
                     data["status"].as_str().unwrap_or(""),
                     data["message"].as_str().unwrap_or(""),
                 );
-            },
-        )
-        .await?;
+            })
+            .await?;
         bar.finish();
-        let job = self.send(self.get(&format!("/v1/jobs/{id}"))).await?;
         if self.json {
             if !events {
                 print_json(&job);
@@ -819,6 +857,25 @@ impl Client {
                 job["status"].as_str().unwrap_or("")
             );
         }
+    }
+}
+
+/// The strings of a JSON array (none for anything else).
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// `" (<label> a, b)"`, or nothing for no items.
+fn listed(label: &str, items: &[&str], separator: &str) -> String {
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!(" ({label}{})", items.join(separator))
     }
 }
 

@@ -94,11 +94,14 @@ try {
   await page.selectOption('#filter-status', '');
   await page.selectOption('#filter-kind', '');
 
-  step('queues panel');
+  step('queues screen');
+  await page.click('#nav a[data-view="queues"]');
   await page.locator('#queues tr[data-queue="canary"]').waitFor();
   const waiting = await page.locator('#queues tr[data-queue="canary"] td.waiting').textContent();
   check(/^\d+$/.test(waiting), `the canary backlog reads ${waiting}`);
   await page.locator('#workers tr').first().waitFor();
+  await page.click('#nav a[data-view="jobs"]');
+  await page.locator('#jobs-view').waitFor();
 
   step('upload a dataset and import it from its row');
   await page.setInputFiles('#upload-file', {

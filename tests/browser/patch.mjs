@@ -91,6 +91,17 @@ await run('patch', async (page) => {
   await askHarness('executed');
   await screenshot(page, 'dashboard-patch.png');
 
+  step('a reload shows the patch run again, ready to roll back');
+  const executeJob = await page.getAttribute('#patch-run-job a', 'data-job-id');
+  await page.reload();
+  await page.locator('#patch-view').waitFor();
+  await page.locator('#patch-run[data-status="succeeded"]').waitFor();
+  check(await page.getAttribute('#patch-run-job a', 'data-job-id') === executeJob, 'the same job is shown');
+  check((await page.textContent('#patch-batches')) === '4', 'its batches are back');
+  check(/^\d+\.\d ms$/.test(await page.textContent('#patch-longest-lock')), 'its longest lock is back');
+  check(await page.inputValue('#patch-sql') === "UPDATE accounts SET plan = 'gold' WHERE id <= 2000", 'its statement is back');
+  await page.locator('#patch-rollback:not([disabled])').waitFor();
+
   step('roll back from the finished job');
   await page.click('#patch-rollback');
   await page.locator('#patch-rollback-status[data-status="succeeded"]').waitFor();

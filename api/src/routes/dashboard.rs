@@ -10,7 +10,7 @@ use shared::Problem;
 
 const INDEX: &str = include_str!("../../dashboard/index.html");
 /// Every asset the page loads, by name: the shell, one script per screen, the styles.
-const ASSETS: [(&str, &str); 6] = [
+const ASSETS: [(&str, &str); 7] = [
     ("app.js", include_str!("../../dashboard/app.js")),
     ("patch.js", include_str!("../../dashboard/patch.js")),
     ("import.js", include_str!("../../dashboard/import.js")),
@@ -19,6 +19,7 @@ const ASSETS: [(&str, &str); 6] = [
         include_str!("../../dashboard/collections.js"),
     ),
     ("flows.js", include_str!("../../dashboard/flows.js")),
+    ("queues.js", include_str!("../../dashboard/queues.js")),
     ("style.css", include_str!("../../dashboard/style.css")),
 ];
 

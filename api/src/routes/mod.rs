@@ -108,6 +108,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(tenant::current))
         .routes(routes!(usage::usage))
         .routes(routes!(queues::queues))
+        .routes(routes!(queues::history))
         .routes(routes!(queues::workers))
         .routes(routes!(
             session::sign_in,

@@ -8,13 +8,13 @@
 
 use axum::{extract::State, Json};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::Problem;
+use shared::{FieldError, Problem};
 use std::collections::BTreeMap;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
-use crate::{auth::Tenant, AppState};
+use crate::{auth::Tenant, extract::Params, AppState};
 
 #[derive(Serialize, ToSchema)]
 pub struct QueueStats {
@@ -148,4 +148,103 @@ pub async fn workers(
     Ok(Json(WorkerList {
         workers: live_workers(&state).await?,
     }))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryParams {
+    /// How many minutes back, the current one included: 1-1440 (default 60).
+    minutes: Option<i64>,
+}
+
+/// One queue's minute, from the maintenance rollup (`queue_minutes`).
+#[derive(Serialize, ToSchema, sqlx::FromRow)]
+pub struct QueueMinute {
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    /// Jobs of the queue that succeeded, and that failed for good, in the minute.
+    pub succeeded: i32,
+    pub failed: i32,
+    /// The most jobs seen waiting (`queued`) in the minute; null where the rollup took no
+    /// sample (it was not running).
+    pub waiting: Option<i32>,
+}
+
+#[derive(sqlx::FromRow)]
+struct KindMinute {
+    kind: String,
+    #[sqlx(flatten)]
+    minute: QueueMinute,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct QueueHistory {
+    pub kind: String,
+    /// Every minute from `from` to `to`, oldest first.
+    pub minutes: Vec<QueueMinute>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct QueueHistoryList {
+    /// The first minute and the current one.
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub queues: Vec<QueueHistory>,
+}
+
+/// Each queue's throughput and backlog per minute, queue-wide like `GET /v1/queues`. Read from
+/// the per-minute rollup the workers' maintenance keeps (at most 15 s behind), never from the
+/// jobs table.
+#[utoipa::path(get, path = "/v1/queues/history", tag = "queues", params(HistoryParams),
+    responses((status = 200, body = QueueHistoryList, description = "every queue, minute by minute"),
+              (status = 422, body = Problem)))]
+pub async fn history(
+    State(state): State<AppState>,
+    _: Tenant,
+    Params(params): Params<HistoryParams>,
+) -> Result<Json<QueueHistoryList>, Problem> {
+    let minutes = params.minutes.unwrap_or(60);
+    if !(1..=1440).contains(&minutes) {
+        return Err(Problem::validation(vec![FieldError::new(
+            "minutes",
+            "must be between 1 and 1440",
+        )]));
+    }
+    // Every (queue, minute) of the window, from the database's clock (the one the rollup
+    // keeps its minutes by), the rollup's row where there is one.
+    let kinds: Vec<&str> = state.contracts.kinds().collect();
+    let rows: Vec<KindMinute> = sqlx::query_as(
+        "SELECT k.kind, m.minute, coalesce(q.succeeded, 0) AS succeeded,
+                coalesce(q.failed, 0) AS failed, q.waiting
+         FROM unnest($1::text[]) WITH ORDINALITY AS k (kind, position)
+         CROSS JOIN generate_series(date_trunc('minute', now()) - make_interval(mins => $2 - 1),
+                                    date_trunc('minute', now()), interval '1 minute') AS m (minute)
+         LEFT JOIN queue_minutes q ON q.kind = k.kind AND q.minute = m.minute
+         ORDER BY k.position, m.minute",
+    )
+    .bind(&kinds)
+    .bind(minutes as i32)
+    .fetch_all(&state.pool)
+    .await?;
+    let mut queues: Vec<QueueHistory> = Vec::with_capacity(kinds.len());
+    for KindMinute { kind, minute } in rows {
+        if queues.last().is_none_or(|q| q.kind != kind) {
+            queues.push(QueueHistory {
+                kind,
+                minutes: Vec::with_capacity(minutes as usize),
+            });
+        }
+        queues
+            .last_mut()
+            .expect("pushed above")
+            .minutes
+            .push(minute);
+    }
+    let window = queues
+        .first()
+        .map(|q| q.minutes.as_slice())
+        .unwrap_or_default();
+    let minute = |m: Option<&QueueMinute>| m.map(|m| m.minute).unwrap_or_default();
+    let (from, to) = (minute(window.first()), minute(window.last()));
+    Ok(Json(QueueHistoryList { from, to, queues }))
 }

@@ -35,7 +35,34 @@ fn conveyor(app: &TestApp, args: &[&str]) -> tokio::process::Command {
 }
 
 async fn run(app: &TestApp, args: &[&str]) -> Run {
-    let output = tokio::time::timeout(WAIT, conveyor(app, args).output())
+    output(conveyor(app, args).output()).await
+}
+
+/// `conveyor` with `input` on its standard input (a typed confirmation).
+async fn run_with_input(app: &TestApp, args: &[&str], input: &str) -> Run {
+    use tokio::io::AsyncWriteExt;
+    let mut command = conveyor(app, args);
+    command.stdin(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .expect("conveyor runs (built by `cargo build --workspace --bins`)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    output(child.wait_with_output()).await
+}
+
+/// `conveyor` with another key (another tenant's).
+async fn run_as(app: &TestApp, key: &str, args: &[&str]) -> Run {
+    let mut command = conveyor(app, args);
+    command.env("CONVEYOR_API_KEY", key);
+    output(command.output()).await
+}
+
+async fn output(
+    running: impl std::future::Future<Output = std::io::Result<std::process::Output>>,
+) -> Run {
+    let output = tokio::time::timeout(WAIT, running)
         .await
         .expect("conveyor finishes")
         .expect("conveyor runs (built by `cargo build --workspace --bins`)");
@@ -396,4 +423,331 @@ async fn schedules_are_created_listed_paused_resumed_and_deleted() {
     assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
     let gone = run(&app, &["schedules", "pause", &id]).await;
     assert_eq!(gone.code, 2);
+}
+
+/// `conveyor report JOB`: the synthesis report as tables, with report.json's numbers, and the
+/// job's report.html written byte for byte. Not a synthesis, or another tenant's: refused.
+#[tokio::test]
+async fn report_prints_a_synthesis_report_and_writes_its_page() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("synthesis", 1), ("canary", 1)])
+        .await;
+    let mut csv = String::from("id,city,amount,visits\n");
+    for i in 0..400 {
+        let city = ["Lyon", "Oslo", "Porto", "Kyiv"][i % 4];
+        csv.push_str(&format!("{i},{city},{}.5,{}\n", 10 + (i * 7) % 90, i % 13));
+    }
+    let dataset = app.upload_dataset("visits.csv", csv.as_bytes()).await;
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &serde_json::json!({"kind": "synthesis", "payload": {"dataset_id": dataset, "rows": 300, "seed": 7}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let done = app
+        .wait_status(id.parse().unwrap(), &["succeeded", "failed"], WAIT)
+        .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (_, report) = app
+        .get(&format!("/v1/jobs/{id}/artifacts/report.json"))
+        .await;
+
+    let dir = std::env::temp_dir().join(format!("report-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("report.html");
+    let shown = run(&app, &["report", &id, "--out", out.to_str().unwrap()]).await;
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    let percent = |v: &Value| format!("{:.1}%", v.as_f64().unwrap() * 100.0);
+    let line = |label: &str| {
+        shown
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{label} ")))
+            .unwrap_or_else(|| panic!("no line for {label} in\n{}", shown.stdout))
+            .to_owned()
+    };
+    let overall = line("overall");
+    assert!(
+        overall.contains(&percent(&report["quality"]["overall"])),
+        "{overall}"
+    );
+    let shapes = report["quality"]["shapes"].as_array().unwrap();
+    assert!(shapes.len() >= 3, "{report}");
+    for shape in shapes {
+        let line = line(shape["column"].as_str().unwrap());
+        assert!(
+            line.contains(&percent(&shape["score"])),
+            "{line} for {shape}"
+        );
+    }
+    assert!(shown.stdout.contains("ε spent"), "{}", shown.stdout);
+    let (_, page) = app
+        .get_bytes(&format!("/v1/jobs/{id}/artifacts/report.html"))
+        .await;
+    assert!(
+        std::fs::read(&out).unwrap() == page,
+        "report.html is the job's"
+    );
+    assert!(shown.stderr.contains("wrote"), "{}", shown.stderr);
+
+    let json = run(
+        &app,
+        &["report", &id, "--json", "--out", out.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(json.json(), report);
+
+    // A canary has no report; another tenant's synthesis is unknown.
+    let canary = app.submit_canary(serde_json::json!({"steps": 1})).await;
+    app.wait_status(canary, &["succeeded"], WAIT).await;
+    let refused = run(&app, &["report", &canary.to_string()]).await;
+    assert_eq!(refused.code, 2);
+    assert!(
+        refused.stderr.contains("only a synthesis has a report"),
+        "{}",
+        refused.stderr
+    );
+    let (_, other_key) = app.tenant_key("other").await;
+    let foreign = run_as(
+        &app,
+        &other_key,
+        &["report", &id, "--out", dir.join("x.html").to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(foreign.code, 2);
+    assert!(foreign.stderr.contains("404"), "{}", foreign.stderr);
+    assert!(!dir.join("x.html").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `conveyor search`: by name or id, in each mode, the API's chunks in the API's order; a
+/// filter; bad input named.
+#[tokio::test]
+async fn search_ranks_a_collections_chunks_as_the_api_does() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let collection =
+        crate::ingest::create_collection(&app, serde_json::json!({"name": "help"})).await;
+    let collection = collection.to_string();
+    let documents = serde_json::json!([
+        {"id": "reset", "metadata": {"lang": "en"}, "text": "To reset your password, open Settings and choose Reset password."},
+        {"id": "forgot", "metadata": {"lang": "en"}, "text": "Forgot your password? The sign-in page sends a reset link by email."},
+        {"id": "export", "metadata": {"lang": "en"}, "text": "Reports can be exported as CSV from the Reports page."},
+        {"id": "passwort", "metadata": {"lang": "de"}, "text": "Passwort vergessen? Auf der Anmeldeseite das Passwort zurücksetzen."},
+    ]);
+    crate::ingest::ingest(
+        &app,
+        serde_json::json!({"collection_id": collection, "documents": documents}),
+    )
+    .await;
+
+    let chunk_ids = |found: &Value| -> Vec<Value> {
+        found["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|hit| hit["chunk_id"].clone())
+            .collect()
+    };
+    for (mode, target) in [
+        ("keyword", "help"),
+        ("hybrid", collection.as_str()),
+        ("vector", "help"),
+    ] {
+        let shown = run(
+            &app,
+            &[
+                "search",
+                target,
+                "reset password",
+                "--mode",
+                mode,
+                "-k",
+                "3",
+                "--json",
+            ],
+        )
+        .await;
+        assert_eq!(shown.code, 0, "{mode}: {}", shown.stderr);
+        let (_, api) = app
+            .post(
+                &format!("/v1/collections/{collection}/search"),
+                &serde_json::json!({"query": "reset password", "mode": mode, "k": 3}),
+            )
+            .await;
+        assert!(!chunk_ids(&api).is_empty(), "{api}");
+        assert_eq!(chunk_ids(&shown.json()), chunk_ids(&api), "{mode}");
+    }
+
+    let table = run(
+        &app,
+        &["search", "help", "reset password", "--mode", "keyword"],
+    )
+    .await;
+    assert_eq!(table.code, 0, "{}", table.stderr);
+    let first = table.stdout.lines().nth(1).unwrap_or_default();
+    assert!(
+        first.starts_with("1 ") && first.contains("reset"),
+        "{}",
+        table.stdout
+    );
+
+    let german = run(
+        &app,
+        &[
+            "search",
+            "help",
+            "password",
+            "--mode",
+            "vector",
+            "--filter",
+            r#"{"lang": "de"}"#,
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(german.code, 0, "{}", german.stderr);
+    let documents: Vec<String> = german.json()["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["document_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(documents, ["passwort"]);
+
+    let too_many = run(&app, &["search", "help", "password", "-k", "1000"]).await;
+    assert_eq!(too_many.code, 2);
+    assert!(
+        too_many.stderr.contains("422") && too_many.stderr.contains('k'),
+        "{}",
+        too_many.stderr
+    );
+    let unknown = run(&app, &["search", "nope", "password"]).await;
+    assert_eq!(unknown.code, 2);
+    assert!(
+        unknown.stderr.contains(r#"no collection named "nope""#),
+        "{}",
+        unknown.stderr
+    );
+    let (_, other_key) = app.tenant_key("other").await;
+    let foreign = run_as(&app, &other_key, &["search", &collection, "password"]).await;
+    assert_eq!(foreign.code, 2);
+    assert!(foreign.stderr.contains("404"), "{}", foreign.stderr);
+}
+
+/// `conveyor patch`: preflight and dry run change nothing; execute repeats the dry run's row
+/// count and risk and runs only once confirmed; a high risk wants the table's name (`--yes`
+/// alone is refused); rollback restores every row. The table is checked after each.
+#[tokio::test]
+async fn patch_commands_confirm_as_the_dashboard_does() {
+    let mut app = TestApp::spawn().await;
+    let target = crate::dashboard_screens::patch_fixture(&mut app).await;
+    let accounts = || crate::dashboard_screens::accounts(&target);
+    let before = accounts().await;
+    let sql = "UPDATE accounts SET plan = 'gold' WHERE id <= 2000";
+
+    let preflight = run(&app, &["patch", "preflight", sql]).await;
+    assert_eq!(preflight.code, 0, "{}", preflight.stderr);
+    assert!(
+        preflight.stdout.contains("risk       ✖ high risk"),
+        "{}",
+        preflight.stdout
+    );
+    assert!(
+        preflight.stdout.contains("accounts"),
+        "{}",
+        preflight.stdout
+    );
+    let dry = run(&app, &["patch", "dry-run", sql]).await;
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(
+        dry.stdout.contains("2000 rows would change"),
+        "{}",
+        dry.stdout
+    );
+    assert!(dry.stdout.contains(r#""free" → "gold""#), "{}", dry.stdout);
+    assert_eq!(
+        accounts().await,
+        before,
+        "preflight and dry run change nothing"
+    );
+
+    // --yes alone, a wrong name, or no answer: refused, nothing changed.
+    let yes = run(&app, &["patch", "execute", sql, "--yes"]).await;
+    assert_eq!(yes.code, 2, "{}", yes.stderr);
+    assert!(
+        yes.stderr.contains("--confirm-table accounts"),
+        "{}",
+        yes.stderr
+    );
+    let wrong = run_with_input(&app, &["patch", "execute", sql], "account\n").await;
+    assert_eq!(wrong.code, 2, "{}", wrong.stderr);
+    assert!(
+        wrong.stderr.contains("This will update 2000 rows of"),
+        "{}",
+        wrong.stderr
+    );
+    assert!(wrong.stderr.contains("Risk: ✖ high"), "{}", wrong.stderr);
+    assert!(
+        wrong.stderr.contains("Type the table name (accounts)"),
+        "{}",
+        wrong.stderr
+    );
+    let silent = run(&app, &["patch", "execute", sql]).await;
+    assert_eq!(silent.code, 2, "{}", silent.stderr);
+    assert_eq!(accounts().await, before, "nothing runs unconfirmed");
+
+    let executed = run_with_input(
+        &app,
+        &["patch", "execute", sql, "--batch-size", "500"],
+        "accounts\n",
+    )
+    .await;
+    assert_eq!(executed.code, 0, "{}{}", executed.stderr, executed.stdout);
+    assert!(
+        executed.stdout.contains(": 2000 rows in 4 batches"),
+        "{}",
+        executed.stdout
+    );
+    let patched: Vec<_> = before
+        .iter()
+        .map(|(id, plan, credits)| {
+            let plan = if *id <= 2000 { "gold" } else { plan.as_str() };
+            (*id, plan.to_owned(), *credits)
+        })
+        .collect();
+    assert_eq!(accounts().await, patched);
+    let job = executed
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("roll back with: conveyor patch rollback "))
+        .unwrap_or_else(|| panic!("{}", executed.stdout))
+        .to_owned();
+
+    // Another tenant cannot roll it back; its owner can.
+    let (_, other_key) = app.tenant_key("other").await;
+    let foreign = run_as(&app, &other_key, &["patch", "rollback", &job]).await;
+    assert_eq!(foreign.code, 2, "{}", foreign.stderr);
+    assert_eq!(accounts().await, patched);
+    let rolled = run(&app, &["patch", "rollback", &job]).await;
+    assert_eq!(rolled.code, 0, "{}", rolled.stderr);
+    assert!(
+        rolled.stdout.contains("2000 rows restored"),
+        "{}",
+        rolled.stdout
+    );
+    assert_eq!(accounts().await, before);
+
+    // A low risk: `y` runs it, and --yes does for scripts; anything else does not.
+    let one = "UPDATE accounts SET credits = 0 WHERE id = 1";
+    let no = run_with_input(&app, &["patch", "execute", one], "n\n").await;
+    assert_eq!(no.code, 2, "{}", no.stderr);
+    assert!(no.stderr.contains("Run it? [y/N]"), "{}", no.stderr);
+    assert_eq!(accounts().await, before);
+    let scripted = run(&app, &["patch", "execute", one, "--yes"]).await;
+    assert_eq!(scripted.code, 0, "{}", scripted.stderr);
+    assert_eq!(accounts().await[0], (1, "free".to_owned(), 0));
+    target.close().await;
 }

@@ -297,6 +297,90 @@ async fn queues_and_workers_report_depth_outcomes_and_heartbeats() {
     assert!(spec["components"]["securitySchemes"]["session"].is_object());
 }
 
+/// `GET /v1/queues/history` answers from the maintenance rollup (`queue_minutes`), never from
+/// the jobs table: every queue, every minute of the window, oldest first, gaps as zero jobs
+/// and no sample.
+#[tokio::test]
+async fn queue_history_reads_the_per_minute_rollup() {
+    let app = TestApp::spawn().await;
+    // A job row the rollup has not seen: it must not show.
+    app.submit_canary(json!({"steps": 1})).await;
+    sqlx::query(
+        "INSERT INTO queue_minutes (kind, minute, succeeded, failed, waiting) VALUES
+             ('canary', date_trunc('minute', now()) - interval '5 minutes', 1234, 56, 7),
+             ('canary', date_trunc('minute', now()) - interval '2 hours', 999, 999, 999),
+             ('import', date_trunc('minute', now()), 0, 0, 3)",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+
+    let (status, history) = app.get("/v1/queues/history").await;
+    assert_eq!(status, StatusCode::OK, "{history}");
+    let queue = |kind: &str| -> Vec<Value> {
+        history["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["kind"] == kind)
+            .unwrap_or_else(|| panic!("{kind} is listed: {history}"))["minutes"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let canary = queue("canary");
+    assert_eq!(canary.len(), 60);
+    assert_eq!(canary[59]["minute"], history["to"]);
+    assert_eq!(canary[0]["minute"], history["from"]);
+    assert_eq!(
+        canary[54],
+        json!({"minute": canary[54]["minute"], "succeeded": 1234, "failed": 56, "waiting": 7})
+    );
+    let others: i64 = canary
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 54)
+        .map(|(_, m)| m["succeeded"].as_i64().unwrap() + m["failed"].as_i64().unwrap())
+        .sum();
+    assert_eq!(others, 0, "only the rollup's minutes count: {canary:?}");
+    assert!(canary[59]["waiting"].is_null(), "no sample is no number");
+    assert_eq!(queue("import")[59]["waiting"], 3);
+    // Every kind of the deployment is listed, sampled or not.
+    assert_eq!(queue("patch").len(), 60);
+
+    let (_, wide) = app.get("/v1/queues/history?minutes=180").await;
+    let canary = &wide["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["kind"] == "canary")
+        .unwrap()["minutes"];
+    assert_eq!(canary.as_array().unwrap().len(), 180);
+    assert_eq!(canary[59]["succeeded"], 999);
+
+    // Bad windows name the parameter; no key gets nothing.
+    for query in ["minutes=0", "minutes=1441", "minutes=many", "hours=1"] {
+        let (status, problem) = app.get(&format!("/v1/queues/history?{query}")).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{query}: {problem}"
+        );
+        let field = query.split('=').next().unwrap();
+        assert!(problem.to_string().contains(field), "{query}: {problem}");
+    }
+    let anonymous = app
+        .client
+        .get(app.url("/v1/queues/history"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let (_, spec) = app.get("/openapi.json").await;
+    assert!(spec["paths"]["/v1/queues/history"]["get"].is_object());
+    assert!(spec["components"]["schemas"]["QueueMinute"].is_object());
+}
+
 #[tokio::test]
 async fn the_dashboard_is_served_from_the_binary() {
     let app = TestApp::spawn().await;
@@ -331,7 +415,8 @@ async fn the_dashboard_is_served_from_the_binary() {
             "patch.js",
             "import.js",
             "collections.js",
-            "flows.js"
+            "flows.js",
+            "queues.js"
         ]
     );
     for name in named {

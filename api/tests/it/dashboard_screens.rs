@@ -11,17 +11,9 @@ use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
-/// Every row of `accounts`, by key.
-async fn accounts(target: &PgPool) -> Vec<(i64, String, i32)> {
-    sqlx::query_as("SELECT id, plan, credits FROM accounts ORDER BY id")
-        .fetch_all(target)
-        .await
-        .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_patch_screen_previews_dry_runs_executes_and_rolls_back() {
-    let mut app = TestApp::spawn().await;
+/// A patch worker and `accounts` (3,000 rows, plan `free`) on the app's target, which is
+/// returned. Shared with the CLI's patch test.
+pub(crate) async fn patch_fixture(app: &mut TestApp) -> PgPool {
     app.start_worker_for(&[("patch", 1), ("patch_rollback", 1)])
         .await;
     let target = PgPool::connect(&app.target_url()).await.unwrap();
@@ -33,6 +25,21 @@ async fn the_patch_screen_previews_dry_runs_executes_and_rolls_back() {
     .execute(&target)
     .await
     .unwrap();
+    target
+}
+
+/// Every row of `accounts`, by key.
+pub(crate) async fn accounts(target: &PgPool) -> Vec<(i64, String, i32)> {
+    sqlx::query_as("SELECT id, plan, credits FROM accounts ORDER BY id")
+        .fetch_all(target)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_patch_screen_previews_dry_runs_executes_and_rolls_back() {
+    let mut app = TestApp::spawn().await;
+    let target = patch_fixture(&mut app).await;
     let before = accounts(&target).await;
     let warehouse = app.warehouse().await;
 
@@ -242,4 +249,94 @@ async fn the_workflow_screens_follow_a_pipeline_pause_a_schedule_and_replay_a_de
     }
     script.finish(LIMIT).await;
     assert_eq!(asked, ["pipeline", "paused", "replayed"]);
+}
+
+/// The queues screen (tests/browser/queues.mjs): each queue's last hour as charts fed by the
+/// workers' per-minute rollup. Canary jobs that succeeded and failed here, and patch jobs left
+/// waiting (nothing serves that queue), must show with their numbers beside the bars.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queues_screen_charts_each_queues_last_hour() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker(2).await;
+    let mut ended = Vec::new();
+    for _ in 0..4 {
+        ended.push(app.submit_canary(json!({"steps": 1})).await);
+    }
+    for _ in 0..2 {
+        let (status, job) = app
+            .post(
+                "/v1/jobs",
+                &json!({"kind": "canary", "payload": {"fail_first": 1}, "max_attempts": 1}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        ended.push(job["id"].as_str().unwrap().parse().unwrap());
+    }
+    for id in ended {
+        app.wait_status(id, &["succeeded", "failed"], Duration::from_secs(60))
+            .await;
+    }
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, kind, status, payload)
+         SELECT uuidv7(), $1, 'patch', 'queued', '{}' FROM generate_series(1, 3)",
+    )
+    .bind(app.tenant)
+    .execute(app.pool())
+    .await
+    .unwrap();
+
+    let mut script = BrowserScript::start(&app, "queues.mjs", &["4", "2", "3"]);
+    assert_eq!(
+        tokio::time::timeout(LIMIT, script.request()).await.unwrap(),
+        None
+    );
+    script.finish(LIMIT).await;
+}
+
+/// The jobs page with 10,000 jobs (tests/browser/jobs.mjs): a page of 100 rows at a time through
+/// the API's cursor, never another tenant's; the submit form used from the keyboard alone with
+/// its focus visible; the dark scheme.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_page_pages_through_ten_thousand_jobs_and_works_from_the_keyboard() {
+    let app = TestApp::spawn().await;
+    let (other, _) = app.tenant_key("other").await;
+    // uuidv7() is monotonic within a session: ids in insertion order.
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, kind, status, payload, progress, attempt, started_at, finished_at)
+         SELECT uuidv7(), $1, 'canary', 'succeeded', '{}', 1, 1, now(), now()
+         FROM generate_series(1, 10000)",
+    )
+    .bind(app.tenant)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let foreign: Uuid = sqlx::query_scalar(
+        "INSERT INTO jobs (id, tenant_id, kind, status, payload) VALUES (uuidv7(), $1, 'canary', 'queued', '{}')
+         RETURNING id",
+    )
+    .bind(other)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    let newest: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE tenant_id = $1 ORDER BY id DESC LIMIT 300")
+            .bind(app.tenant)
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
+    let ids = |range: std::ops::Range<usize>| {
+        newest[range]
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (first, second, third) = (ids(0..100), ids(100..200), ids(200..300));
+    let foreign = foreign.to_string();
+    let mut script = BrowserScript::start(&app, "jobs.mjs", &[&first, &second, &third, &foreign]);
+    assert_eq!(
+        tokio::time::timeout(LIMIT, script.request()).await.unwrap(),
+        None
+    );
+    script.finish(LIMIT).await;
 }

@@ -74,7 +74,8 @@ pub(crate) async fn create_collection(app: &TestApp, body: Value) -> Uuid {
     collection["id"].as_str().unwrap().parse().unwrap()
 }
 
-async fn ingest(app: &TestApp, payload: Value) -> Value {
+/// Ingests `payload`, waits for the job; asserts it succeeded.
+pub(crate) async fn ingest(app: &TestApp, payload: Value) -> Value {
     let (status, job) = app
         .post("/v1/jobs", &json!({"kind": "ingest", "payload": payload}))
         .await;

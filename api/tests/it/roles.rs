@@ -284,6 +284,7 @@ fn read_routes(f: &Fixtures) -> Vec<Call> {
         ),
         Call::get("/v1/queues"),
         Call::get("/v1/workers"),
+        Call::get("/v1/queues/history"),
         Call::get("/v1/session"),
     ]
 }

@@ -16,6 +16,7 @@ use shared::leader::LOCK_KEY;
 
 mod dispatcher;
 mod pipelines;
+mod queue_minutes;
 mod rescuer;
 mod retention;
 mod scheduler;
@@ -77,6 +78,7 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
         Arc::new(workers::Workers::new(settings)),
         Arc::new(retention::Retention::new(settings)),
         Arc::new(webhooks::Webhooks::new(settings)),
+        Arc::new(queue_minutes::QueueMinutes::default()),
     ]
 }
 
