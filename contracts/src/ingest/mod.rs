@@ -38,7 +38,7 @@ impl Contract for Ingest {
             if let Some(bucket) = source.bucket_id {
                 shared::buckets::get(pool, tenant, bucket)
                     .await?
-                    .ok_or_else(|| Problem::not_found(&format!("bucket {bucket}")))?;
+                    .ok_or_else(|| Refusal::Unknown(format!("bucket {bucket}")))?;
             }
             let Some(id) = source.dataset_id else {
                 continue;
