@@ -188,24 +188,16 @@ pub async fn list(pool: &PgPool, tenant: Uuid) -> sqlx::Result<Vec<Bucket>> {
 
 /// The tenant's bucket; `None` for another tenant's.
 pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Bucket>> {
-    sqlx::query_as(
-        "SELECT id, name, endpoint, bucket, region, created_at FROM buckets
-         WHERE tenant_id = $1 AND id = $2",
-    )
-    .bind(tenant)
-    .bind(id)
-    .fetch_optional(pool)
-    .await
+    BUCKETS.get(pool, tenant, id).await
 }
 
 pub async fn delete(db: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
-    let deleted = sqlx::query("DELETE FROM buckets WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .execute(db)
-        .await?;
-    Ok(deleted.rows_affected() == 1)
+    BUCKETS.delete(db, tenant, id).await
 }
+
+/// What a client may see of a bucket: never its credentials.
+const BUCKETS: crate::owned::Owned =
+    crate::owned::Owned::new("buckets", "id, name, endpoint, bucket, region, created_at");
 
 /// Why a registered bucket could not be opened.
 #[derive(Debug, thiserror::Error)]
