@@ -15,13 +15,17 @@ use redis::{
 use std::{
     fmt,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
 
 /// How long one sentinel may take to answer where the primary is.
 const SENTINEL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// After a failed resolution, commands fail at once for this long rather than each asking the
+/// sentinels again (many commands wait on one connection during a failover).
+const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// A parsed `CONVEYOR_REDIS_URL`.
 #[derive(Clone, PartialEq)]
@@ -300,7 +304,13 @@ pub struct Failover {
     /// not drop a newer one.
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     /// Held while connecting, so that many failing commands resolve the primary once.
-    connecting: tokio::sync::Mutex<u64>,
+    connecting: tokio::sync::Mutex<Connecting>,
+}
+
+#[derive(Default)]
+struct Connecting {
+    generation: u64,
+    failed_at: Option<Instant>,
 }
 
 impl Failover {
@@ -312,15 +322,28 @@ impl Failover {
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let mut generation = self.connecting.lock().await;
+        let mut connecting = self.connecting.lock().await;
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let conn = self.redis.connect(&AsyncConnectionConfig::new()).await?;
-        *generation += 1;
-        let current = (*generation, conn);
+        if connecting
+            .failed_at
+            .is_some_and(|at| at.elapsed() < RETRY_AFTER)
+        {
+            return Err(io_error("the Redis primary was not found just now"));
+        }
+        let conn = match self.redis.connect(&AsyncConnectionConfig::new()).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                connecting.failed_at = Some(Instant::now());
+                return Err(e);
+            }
+        };
+        connecting.failed_at = None;
+        connecting.generation += 1;
+        let current = (connecting.generation, conn);
         *self.current.lock().expect("redis lock") = Some(current.clone());
-        tracing::info!(generation = *generation, "connected to the Redis primary");
+        tracing::info!(generation = current.0, "connected to the Redis primary");
         Ok(current)
     }
 

@@ -40,7 +40,14 @@ fn redis_server(dir: &std::path::Path, port: u16, extra: &[String]) -> KillOnDro
     let dir = dir.join(port.to_string());
     std::fs::create_dir_all(&dir).unwrap();
     let child = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", ""])
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+        ])
         .args(["--appendonly", "no", "--maxmemory-policy", "noeviction"])
         .arg("--dir")
         .arg(&dir)
@@ -306,7 +313,10 @@ async fn jobs_accepted_around_a_failover_all_finish_once_and_streams_end_with_th
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert!(accepted.len() > 6, "nothing accepted after the failover ({refused} refused)");
+        assert!(
+            accepted.len() > 6,
+            "nothing accepted after the failover ({refused} refused)"
+        );
 
         // The open stream goes on to the job's outcome.
         while !events.last().is_some_and(|e| terminal(&e.event)) {
@@ -314,13 +324,24 @@ async fn jobs_accepted_around_a_failover_all_finish_once_and_streams_end_with_th
             events.push(event.expect("the stream goes on to the job's end"));
         }
         let job = app
-            .wait_status(watched, &["succeeded", "failed", "cancelled"], Duration::from_secs(60))
+            .wait_status(
+                watched,
+                &["succeeded", "failed", "cancelled"],
+                Duration::from_secs(60),
+            )
             .await;
-        assert_eq!(events.last().unwrap().event, job["status"].as_str().unwrap());
+        assert_eq!(
+            events.last().unwrap().event,
+            job["status"].as_str().unwrap()
+        );
 
         for id in &accepted {
             let job = app
-                .wait_status(*id, &["succeeded", "failed", "cancelled"], Duration::from_secs(90))
+                .wait_status(
+                    *id,
+                    &["succeeded", "failed", "cancelled"],
+                    Duration::from_secs(90),
+                )
                 .await;
             assert_eq!(job["status"], "succeeded", "{job}");
             // Claimed once: a second run, at once or after, would have claimed it again.
