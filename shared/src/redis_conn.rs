@@ -460,6 +460,25 @@ mod tests {
         }
     }
 
+    /// What a demoted primary answers to a write, as Redis sends it: the connection is dropped
+    /// and the primary found again. An error of the command itself keeps the connection.
+    #[test]
+    fn a_readonly_answer_means_the_primary_moved() {
+        let error = |reply: &[u8]| {
+            redis::parse_redis_value(reply)
+                .unwrap()
+                .extract_error()
+                .unwrap_err()
+        };
+        let readonly = error(b"-READONLY You can't write against a read only replica.\r\n");
+        assert!(primary_lost(&readonly));
+        assert!(primary_lost(&error(
+            b"-LOADING Redis is loading the dataset\r\n"
+        )));
+        let wrong_type = error(b"-WRONGTYPE Operation against a key holding the wrong kind\r\n");
+        assert!(!primary_lost(&wrong_type));
+    }
+
     #[test]
     fn the_password_is_never_shown() {
         for raw in [
