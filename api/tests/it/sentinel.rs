@@ -19,6 +19,9 @@ use std::{
 use uuid::Uuid;
 
 const MASTER: &str = "conveyor";
+/// The data nodes' password (the sentinel has none), with characters the URL must encode.
+const PASSWORD: &str = "pa@ss:word";
+const PASSWORD_IN_URL: &str = "pa%40ss%3Aword";
 
 /// A primary, its replica and a sentinel, killed and their files removed on drop.
 struct Nodes {
@@ -49,6 +52,7 @@ fn redis_server(dir: &std::path::Path, port: u16, extra: &[String]) -> KillOnDro
             "",
         ])
         .args(["--appendonly", "no", "--maxmemory-policy", "noeviction"])
+        .args(["--requirepass", PASSWORD, "--masterauth", PASSWORD])
         .arg("--dir")
         .arg(&dir)
         .args(extra)
@@ -77,7 +81,18 @@ async fn poll<T>(
     }
 }
 
+/// `cmd` on the node at `port`: a data node with the password, the sentinel without.
 fn query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) -> redis::RedisResult<T> {
+    let client = redis::Client::open(format!("redis://:{PASSWORD_IN_URL}@127.0.0.1:{port}"))?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    cmd.query(&mut conn)
+}
+
+fn ask_sentinel<T: redis::FromRedisValue>(
+    port: u16,
+    cmd: &mut redis::Cmd,
+) -> redis::RedisResult<T> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
     let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -108,7 +123,8 @@ impl Nodes {
                 "bind 127.0.0.1\nport {sentinel_port}\ndir {}\n\
                  sentinel monitor {MASTER} 127.0.0.1 {primary_port} 1\n\
                  sentinel down-after-milliseconds {MASTER} 1000\n\
-                 sentinel failover-timeout {MASTER} 10000\n",
+                 sentinel failover-timeout {MASTER} 10000\n\
+                 sentinel auth-pass {MASTER} {PASSWORD}\n",
                 dir.display()
             ),
         )
@@ -138,7 +154,7 @@ impl Nodes {
             "the sentinel knowing the replica",
             Duration::from_secs(30),
             || {
-                query::<Vec<redis::Value>>(
+                ask_sentinel::<Vec<redis::Value>>(
                     sentinel_port,
                     redis::cmd("SENTINEL").arg("replicas").arg(MASTER),
                 )
@@ -152,7 +168,7 @@ impl Nodes {
     /// With a sentinel that is not there first: the next one in the list is asked.
     fn url(&self) -> String {
         format!(
-            "redis+sentinel://127.0.0.1:{},127.0.0.1:{}/{MASTER}",
+            "redis+sentinel://:{PASSWORD_IN_URL}@127.0.0.1:{},127.0.0.1:{}/{MASTER}",
             free_port(),
             self.sentinel_port
         )
@@ -167,7 +183,7 @@ impl Nodes {
             "the replica promoted",
             Duration::from_secs(30),
             || {
-                query::<Vec<String>>(
+                ask_sentinel::<Vec<String>>(
                     self.sentinel_port,
                     redis::cmd("SENTINEL")
                         .arg("get-master-addr-by-name")
