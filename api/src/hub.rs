@@ -152,7 +152,7 @@ impl Feed {
 }
 
 pub struct Hub {
-    client: redis::Client,
+    client: shared::redis_conn::Redis,
     feeds: Mutex<HashMap<String, Feed>>,
     stopping: CancellationToken,
     /// Batches broadcast and the entries in them, for `/metrics`: entries per batch is how
@@ -175,7 +175,7 @@ impl Subscription {
 }
 
 impl Hub {
-    pub fn new(client: redis::Client, stopping: CancellationToken) -> Self {
+    pub fn new(client: shared::redis_conn::Redis, stopping: CancellationToken) -> Self {
         Self {
             client,
             feeds: Mutex::default(),
@@ -248,9 +248,7 @@ impl Hub {
         let config = AsyncConnectionConfig::new()
             .set_response_timeout(Some(BLOCK * 3))
             .set_connection_timeout(Some(BLOCK));
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
+        self.client.connect(&config).await
     }
 
     /// The feed's reader: XREAD from the stream's end at start, hand every batch to the

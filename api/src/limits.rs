@@ -10,9 +10,9 @@ use axum::{
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, IntoResponseParts, Response, ResponseParts},
 };
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 use serde_json::Value;
+use shared::redis_conn::RedisConn;
 use shared::{
     quotas::{self, OverQuota, Quotas},
     settings::RateLimit,
@@ -65,7 +65,7 @@ struct Row {
 /// that) and keeps their submission buckets.
 pub struct Limits {
     pool: PgPool,
-    redis: ConnectionManager,
+    redis: RedisConn,
     prefix: String,
     defaults: Defaults,
     cache: moka::future::Cache<Uuid, Arc<TenantLimits>>,
@@ -79,7 +79,7 @@ struct Defaults {
 }
 
 impl Limits {
-    pub fn new(pool: PgPool, redis: ConnectionManager, settings: &Settings) -> Self {
+    pub fn new(pool: PgPool, redis: RedisConn, settings: &Settings) -> Self {
         Self {
             pool,
             redis,

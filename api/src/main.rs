@@ -310,8 +310,8 @@ async fn show_limits(
     pool: &sqlx::PgPool,
     tenant: Uuid,
 ) -> anyhow::Result<()> {
-    let redis = redis::Client::open(settings.redis_url.as_str())?
-        .get_connection_manager()
+    let redis = shared::redis_conn::Redis::open(&settings.redis_url)?
+        .manager()
         .await?;
     let limits = limits::Limits::new(pool.clone(), redis, settings)
         .load(tenant)
@@ -344,9 +344,10 @@ async fn provision(pool: &sqlx::PgPool, settings: &shared::Settings) -> anyhow::
 /// their cache entry expires.
 async fn announce_revoked(settings: &shared::Settings, id: Uuid) {
     let published = async {
-        let client = redis::Client::open(settings.redis_url.as_str())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        revocation::publish(&mut conn, &settings.redis_prefix, &Invalidation::Key(id)).await
+        let redis = shared::redis_conn::Redis::open(&settings.redis_url)?;
+        let mut conn = redis.connect(&redis::AsyncConnectionConfig::new()).await?;
+        revocation::publish(&mut conn, &settings.redis_prefix, &Invalidation::Key(id)).await?;
+        anyhow::Ok(())
     };
     if let Err(e) = published.await {
         eprintln!(

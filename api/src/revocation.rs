@@ -101,7 +101,7 @@ fn apply(cache: &KeyCache, hub: &Hub, invalidation: &Invalidation) {
 
 /// Keeps this process subscribed until `stopping`.
 pub async fn listen(
-    client: redis::Client,
+    client: shared::redis_conn::Redis,
     redis_prefix: String,
     cache: Arc<KeyCache>,
     hub: Arc<Hub>,
@@ -127,13 +127,16 @@ pub async fn listen(
 
 /// One subscription, for as long as it lasts; returns why it ended.
 async fn subscribe(
-    client: &redis::Client,
+    client: &shared::redis_conn::Redis,
     channel: &str,
     cache: &KeyCache,
     hub: &Hub,
 ) -> anyhow::Error {
     let connect = async {
-        let pubsub = tokio::time::timeout(PING_TIMEOUT, client.get_async_pubsub()).await??;
+        let pubsub = tokio::time::timeout(PING_TIMEOUT, async {
+            client.client().await?.get_async_pubsub().await
+        })
+        .await??;
         let (mut sink, messages) = pubsub.split();
         sink.subscribe(channel).await?;
         anyhow::Ok((sink, messages))

@@ -1,4 +1,4 @@
-use redis::aio::ConnectionManager;
+use shared::redis_conn::{Redis, RedisConn};
 use shared::{
     connections::{SessionLimits, Targets},
     dispatch::{Dispatcher, Refill},
@@ -17,9 +17,9 @@ use std::sync::{
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     /// For SSE: a blocking XREAD needs a connection of its own.
-    pub redis_client: redis::Client,
+    pub redis_client: Redis,
     pub events: EventLog,
     pub queues: Queues,
     /// Fair dispatch passes after submissions, retries and cancels.
@@ -61,8 +61,8 @@ impl AppState {
     pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
         let pool = shared::db::connect(&settings.database_url, 16).await?;
         shared::db::migrate(&pool).await?;
-        let redis_client = redis::Client::open(settings.redis_url.as_str())?;
-        let redis = redis_client.get_connection_manager().await?;
+        let redis_client = Redis::open(&settings.redis_url)?;
+        let redis = redis_client.manager().await?;
         let settings = Arc::new(settings);
         // Target databases are reached only to preflight: sessions bounded for that.
         let targets = Targets::new(pool.clone(), &settings, SessionLimits::preflight(&settings))?;

@@ -1,7 +1,8 @@
 //! The event model and its Redis Streams: one stream per job, one per tenant.
 
+use crate::redis_conn::RedisConn;
 use chrono::{DateTime, Utc};
-use redis::{aio::ConnectionManager, streams::StreamRangeReply};
+use redis::streams::StreamRangeReply;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::time::Duration;
@@ -122,7 +123,7 @@ pub struct StreamEntry {
 /// Appends events to the streams; cheap to clone.
 #[derive(Clone)]
 pub struct EventLog {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: StreamKeys,
     tenant_maxlen: usize,
     ttl: Duration,
@@ -151,7 +152,7 @@ impl StreamKeys {
 }
 
 impl EventLog {
-    pub fn new(conn: ConnectionManager, prefix: &str, tenant_maxlen: usize, ttl: Duration) -> Self {
+    pub fn new(conn: RedisConn, prefix: &str, tenant_maxlen: usize, ttl: Duration) -> Self {
         Self {
             conn,
             keys: StreamKeys::new(prefix),

@@ -18,6 +18,7 @@ pub mod pipelines;
 pub mod problem;
 pub mod queue;
 pub mod quotas;
+pub mod redis_conn;
 pub mod saved_models;
 pub mod schedules;
 pub mod settings;

@@ -5,7 +5,9 @@
 //! message twice while it is still in Redis is a no-op and the rescuer can ask whether a job's
 //! message is there.
 
-use apalis_redis::{Config, ConnectionManager, RedisStorage};
+use apalis_redis::{Config, RedisStorage};
+
+use crate::redis_conn::RedisConn;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -13,14 +15,14 @@ use crate::model::QueueMessage;
 
 #[derive(Clone)]
 pub struct Queues {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     heartbeat: Duration,
     missed_heartbeats: usize,
 }
 
 impl Queues {
-    pub fn new(conn: ConnectionManager, prefix: &str, heartbeat: Duration) -> Self {
+    pub fn new(conn: RedisConn, prefix: &str, heartbeat: Duration) -> Self {
         Self {
             conn,
             prefix: prefix.to_owned(),
@@ -52,7 +54,7 @@ impl Queues {
 
     /// The apalis backend of `kind`'s queue for a worker that fetches `prefetch` entries at a
     /// time: about its concurrency, so long jobs do not wait behind a busy worker.
-    pub fn storage(&self, kind: &str, prefetch: usize) -> RedisStorage<QueueMessage> {
+    pub fn storage(&self, kind: &str, prefetch: usize) -> RedisStorage<QueueMessage, RedisConn> {
         let config = self.config(kind).batch_size(prefetch.clamp(1, 128));
         RedisStorage::new(self.conn.clone()).with_config(config)
     }
@@ -205,11 +207,11 @@ mod tests {
     use super::*;
 
     /// Against the Redis the tests use, under a prefix of its own (deleted at the end).
-    async fn queues() -> (Queues, ConnectionManager, String) {
+    async fn queues() -> (Queues, RedisConn, String) {
         let url = std::env::var("CONVEYOR_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
-        let conn = redis::Client::open(url)
+        let conn = crate::redis_conn::Redis::open(&url)
             .unwrap()
-            .get_connection_manager()
+            .manager()
             .await
             .expect("Redis on 127.0.0.1:6379");
         let prefix = format!("test:{}", Uuid::new_v4().simple());

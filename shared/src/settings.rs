@@ -204,7 +204,7 @@ impl fmt::Debug for Settings {
         } = self;
         f.debug_struct("Settings")
             .field("database_url", &redact(database_url))
-            .field("redis_url", &redact(redis_url))
+            .field("redis_url", &crate::redis_conn::redact(redis_url))
             .field("redis_prefix", redis_prefix)
             .field("listen", listen)
             .field("data_dir", data_dir)
@@ -272,7 +272,12 @@ impl Settings {
                 "DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/conveyor",
             ),
-            redis_url: vars.var("REDIS_URL", "redis://127.0.0.1:6379"),
+            redis_url: {
+                let url = vars.var("REDIS_URL", "redis://127.0.0.1:6379");
+                // Refused at start, with the reason and never the URL (it may hold a password).
+                crate::redis_conn::RedisUrl::parse(&url)?;
+                url
+            },
             redis_prefix: vars.var("REDIS_PREFIX", "conveyor"),
             listen: vars.parse("LISTEN", "127.0.0.1:8080")?,
             data_dir: vars.var("DATA_DIR", ".data/objects").into(),
@@ -504,7 +509,7 @@ mod tests {
             "postgres://conveyor:db-secret@127.0.0.1/conveyor".into(),
             "test".into(),
         );
-        settings.redis_url = "redis://:redis-secret@127.0.0.1:6379".into();
+        settings.redis_url = "redis+sentinel://:redis-secret@127.0.0.1:26379/jobs".into();
         settings.target_database_url = "postgres://t@db/x?password=target-secret".into();
         let shown = format!("{settings:?}");
         let key = settings.secret_key.clone().unwrap();

@@ -78,8 +78,8 @@ impl Runtime {
         let pool_size = (concurrency as u32 + 4).min(24);
         let pool = shared::db::connect(&settings.database_url, pool_size).await?;
         shared::db::migrate(&pool).await?;
-        let redis = redis::Client::open(settings.redis_url.as_str())?
-            .get_connection_manager()
+        let redis = shared::redis_conn::Redis::open(&settings.redis_url)?
+            .manager()
             .await?;
         let events = EventLog::new(
             redis.clone(),
@@ -236,7 +236,9 @@ impl Runtime {
     }
 
     async fn listen_for_cancels(&self) -> anyhow::Result<()> {
-        let client = redis::Client::open(self.settings.redis_url.as_str())?;
+        let client = shared::redis_conn::Redis::open(&self.settings.redis_url)?
+            .client()
+            .await?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(self.queues.cancel_channel()).await?;
         let mut messages = pubsub.on_message();
