@@ -12,7 +12,9 @@
 //! Passes of one kind are serialized by a transaction-scoped advisory lock, so two API or worker
 //! processes never count the same free slot twice. Passes run after submissions, after every
 //! finished attempt (a slot freed) and periodically (the maintenance `dispatcher` duty), and
-//! [`Refill`] coalesces the requests of a burst into one pass.
+//! [`Refill`] coalesces the requests of a burst into one pass. A pass that pushed wakes this
+//! process's consumers of the kind ([`Dispatcher::pushed`]): the queue is kept only one round
+//! deep, so a worker that found it empty a moment before must not sit out its idle poll.
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -43,6 +45,7 @@ pub struct Dispatcher {
     /// Jobs in flight per tenant and kind when the tenant has no `max_running` of its own;
     /// `None`: no cap.
     pub default_max_running: Option<i64>,
+    pushed: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
 }
 
 /// One tenant's standing in a pass.
@@ -68,7 +71,15 @@ impl Dispatcher {
             live_within: settings.rescue_after,
             min_window: settings.dispatch_min_window,
             default_max_running: settings.default_max_running,
+            pushed: Default::default(),
         }
+    }
+
+    /// Notified (one stored permit, so a burst of passes coalesces) whenever a pass of this
+    /// process pushes jobs of `kind`.
+    pub fn pushed(&self, kind: &str) -> Arc<Notify> {
+        let mut pushed = self.pushed.lock().expect("pushed lock");
+        pushed.entry(kind.to_owned()).or_default().clone()
     }
 
     /// One pass for `kind`: marks the chosen jobs dispatched and pushes them, in the order
@@ -82,6 +93,9 @@ impl Dispatcher {
         }
         self.queues.push(kind, &chosen).await?;
         tx.commit().await?;
+        if let Some(consumers) = self.pushed.lock().expect("pushed lock").get(kind) {
+            consumers.notify_one();
+        }
         Ok(chosen.len())
     }
 

@@ -116,6 +116,9 @@ pub struct Settings {
     /// `CONVEYOR_DISPATCH_MIN_WINDOW`: jobs a kind's Redis queue may hold even when fewer
     /// worker slots are live (fair dispatch keeps it about one round of slots deep).
     pub dispatch_min_window: i64,
+    /// `CONVEYOR_IDLE_POLL_MS`: how often a worker looks at a queue it found empty. A pass of
+    /// its own process wakes it at once; jobs pushed by other processes wait for this poll.
+    pub idle_poll: Duration,
     /// `CONVEYOR_MAX_RUNNING`: jobs of one kind a tenant may have pushed or running at once,
     /// unless its limits say otherwise; `0`: no cap.
     pub default_max_running: Option<i64>,
@@ -193,6 +196,7 @@ impl fmt::Debug for Settings {
             extract_timeout,
             extract_memory_bytes,
             dispatch_min_window,
+            idle_poll,
             default_max_running,
             default_rate,
             schedule_misfire_grace,
@@ -244,6 +248,7 @@ impl fmt::Debug for Settings {
             .field("extract_timeout", extract_timeout)
             .field("extract_memory_bytes", extract_memory_bytes)
             .field("dispatch_min_window", dispatch_min_window)
+            .field("idle_poll", idle_poll)
             .field("default_max_running", default_max_running)
             .field("default_rate", default_rate)
             .field("schedule_misfire_grace", schedule_misfire_grace)
@@ -336,6 +341,7 @@ impl Settings {
             extract_timeout: Duration::from_secs(vars.parse("EXTRACT_TIMEOUT_SECS", "60")?),
             extract_memory_bytes: vars.parse("EXTRACT_MEMORY_BYTES", "1073741824")?,
             dispatch_min_window: vars.parse("DISPATCH_MIN_WINDOW", "8")?,
+            idle_poll: Duration::from_millis(vars.parse("IDLE_POLL_MS", "100")?),
             default_max_running: Some(vars.parse::<i64>("MAX_RUNNING", "0")?).filter(|&n| n > 0),
             default_rate: {
                 let per_sec: f64 = vars.parse("RATE_PER_SEC", "0")?;
@@ -429,6 +435,7 @@ impl Settings {
             extract_timeout: Duration::from_secs(20),
             extract_memory_bytes: 1 << 30,
             dispatch_min_window: 8,
+            idle_poll: Duration::from_millis(100),
             default_max_running: None,
             default_rate: None,
             schedule_misfire_grace: Duration::from_secs(10),

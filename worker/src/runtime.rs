@@ -1,6 +1,9 @@
 //! Runs jobs: claim the row, run the handler, record the outcome, announce every change.
 
-use apalis::prelude::{BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
+use apalis::prelude::{
+    BackendExt, BoxDynError, Data, PollSnapshot, PollStrategy, Strategy, WorkerBuilder,
+    WorkerBuilderExt,
+};
 use chrono::Utc;
 use futures::FutureExt;
 use serde_json::{json, Value};
@@ -52,9 +55,34 @@ pub struct Runtime {
     announcements: Batcher<(Uuid, Event), ()>,
 }
 
-/// How often an idle queue worker asks Redis for work. Without it apalis only looks again at
-/// its next heartbeat (and backs off), so a job pushed to an idle queue waited seconds to start.
-const IDLE_POLL: Duration = Duration::from_millis(100);
+/// Wakes a queue's fetch when this process pushed to the queue (see [`Dispatcher::pushed`]).
+struct Pushed {
+    // Only ever polled through `&mut self`: the wrapper makes the boxed stream `Sync`, as apalis
+    // asks of a strategy.
+    next: sync_wrapper::SyncWrapper<futures::stream::BoxStream<'static, ()>>,
+}
+
+impl Pushed {
+    fn new(pushed: Arc<tokio::sync::Notify>) -> Self {
+        let stream = futures::stream::unfold(pushed, |pushed| async move {
+            pushed.notified().await;
+            Some(((), pushed))
+        });
+        Self {
+            next: sync_wrapper::SyncWrapper::new(Box::pin(stream)),
+        }
+    }
+}
+
+impl PollStrategy for Pushed {
+    fn poll_drive(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        _: &PollSnapshot,
+    ) -> std::task::Poll<Option<()>> {
+        futures::StreamExt::poll_next_unpin(self.next.get_mut(), cx)
+    }
+}
 
 /// Most items one batched round trip carries.
 const BATCH: usize = 256;
@@ -187,11 +215,17 @@ impl Runtime {
         let mut generation = 0;
         while !stop.is_cancelled() {
             generation += 1;
+            // A queue found empty is looked at again when a pass of this process pushes to it,
+            // else at the idle poll. Without the poll apalis only looks again at its next
+            // heartbeat (and backs off): a job pushed to an idle queue waited seconds to start.
+            let wake = Strategy::new()
+                .apply(Pushed::new(self.refill.dispatcher().pushed(&kind)))
+                .interval(self.settings.idle_poll);
             let worker = WorkerBuilder::new(format!("{}/{kind}/{generation}", self.name))
                 .backend(
                     self.queues
                         .storage(&kind, concurrency)
-                        .poll_with_interval(IDLE_POLL),
+                        .poll_with_strategy(wake),
                 )
                 .concurrency(concurrency)
                 .data(self.clone())

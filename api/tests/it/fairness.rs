@@ -193,3 +193,37 @@ async fn a_high_priority_job_overtakes_its_tenants_backlog() {
         "{started_before} jobs started before the urgent one"
     );
 }
+
+/// A worker that found its queue empty is woken by its own process' dispatch pass, not left to
+/// its idle poll: with the queue kept one job deep, each job is pushed only after the previous
+/// one finished, and the chain of 20 still drains in seconds although the idle poll and the
+/// queue heartbeat are seconds long (without the wake-up it takes a heartbeat per job: over
+/// 60 s).
+#[tokio::test]
+async fn a_dispatch_pass_wakes_its_process_worker_at_once() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.dispatch_min_window = 1;
+        s.idle_poll = Duration::from_secs(60);
+        s.heartbeat = Duration::from_secs(4);
+        s.rescue_after = Duration::from_secs(60);
+    })
+    .await;
+    let key = app.key.clone();
+    submit_many(&app, &key, 20, json!({"steps": 1, "step_ms": 1})).await;
+    app.start_worker(1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+        if done == 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {done} of 20 jobs ran: the worker waited for its idle poll"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
