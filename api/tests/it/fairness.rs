@@ -204,7 +204,7 @@ async fn a_dispatch_pass_wakes_its_process_worker_at_once() {
     let mut app = TestApp::spawn_with(|s| {
         s.dispatch_min_window = 1;
         s.idle_poll = Duration::from_secs(60);
-        s.heartbeat = Duration::from_secs(4);
+        s.heartbeat = Duration::from_secs(10);
         s.rescue_after = Duration::from_secs(60);
     })
     .await;
