@@ -264,6 +264,10 @@ def run(shape, mode):
         got = [r[0] for r in rows]
         if mode == "vector":
             recall.append(len(set(got) & exact_vec[n]) / K)
+            if recall[-1] < 0.5 and os.environ.get("SEARCH_BENCH_DEBUG"):
+                mine = [float(1 - vectors[i - 1] @ q) for i in got]
+                best = sorted(float(1 - vectors[i - 1] @ q) for i in exact_cand[n][:K])
+                print(f"    query {n}: recall {recall[-1]}, {len(got)} rows, distances {min(mine, default=0):.3f}..{max(mine, default=0):.3f}, exact {best[0]:.3f}..{best[-1]:.3f}", flush=True)
         else:
             recall.append(len(set(got) & exact_hybrid(conn, n, t)) / K)
     conn.close()
