@@ -283,7 +283,7 @@ pub async fn collection_exists(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::R
 /// One statement, no transaction when the session's HNSW settings fit (k <= 10). The
 /// statement checks the tenant itself: another tenant's collection id finds nothing.
 pub async fn search(pool: &PgPool, search: Search<'_>) -> sqlx::Result<Vec<Hit>> {
-    let Some(sql) = search_statement(&search) else {
+    let Some(sql) = search_statement(&search, "") else {
         return Ok(Vec::new());
     };
     let mut sql = sql;
@@ -306,12 +306,15 @@ fn candidates(k: i64) -> i64 {
     (k * 10).clamp(DEFAULT_CANDIDATES, 1000)
 }
 
-/// The search's statement; `None` when a mode that needs the query's embedding has none.
-/// Limits are written as literals (validated integers), so that a cached generic plan knows
-/// them as well as a custom one does.
-pub fn search_statement<'a>(search: &Search<'a>) -> Option<QueryBuilder<'a, Postgres>> {
+/// The search's statement after `prefix` (`EXPLAIN` in tests); `None` when a mode that needs
+/// the query's embedding has none. Limits are written as literals (validated integers), so
+/// that a cached generic plan knows them as well as a custom one does.
+pub fn search_statement<'a>(
+    search: &Search<'a>,
+    prefix: &str,
+) -> Option<QueryBuilder<'a, Postgres>> {
     let candidates = candidates(search.k);
-    let mut sql = QueryBuilder::<Postgres>::new("WITH ");
+    let mut sql = QueryBuilder::<Postgres>::new(format!("{prefix}WITH "));
     let vector = search.vector.clone().map(Vector::from);
     let keyword = |sql: &mut QueryBuilder<'a, Postgres>, limit: i64, rank: &str| {
         // Any of the query's words (OR), ranked: a question rarely shares all its words.
