@@ -17,8 +17,8 @@ The vectors: embedding N texts would take this 2-core machine hours, so they are
 chunk is a normalised mix of three of them plus noise, which keeps the clustered shape of real
 text embeddings (uniform random vectors would flatter nobody). A chunk's text is its three
 sentences, so keyword search has real work; a query is a fresh mix, its text the first five
-words of its main sentence (--query-words; each word is in about 0.35 % of the chunks, so a
-query's words match about 2 % of them, all of which the keyword leg ranks).
+words of its main sentence (--query-words; each word is in about 1 % of the chunks, so a
+query's words match about 4.5 % of them, all of which the keyword leg ranks).
 A tenth of the chunks belong to another collection, so the filter has work to do.
 
 Usage: search_bench.py MODEL N [--keep] [--reuse] [--shapes before,after]
