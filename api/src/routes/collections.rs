@@ -235,13 +235,14 @@ pub async fn search(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let collection = store::get_collection(&state.pool, tenant.0, parse_id(&id, "collection")?)
-        .await?
-        .ok_or_else(|| Problem::not_found("collection"))?;
-    // The one piece of model work the API does: one short query, on a blocking thread.
-    let vector = if body.mode == SearchMode::Keyword {
-        None
-    } else {
+    let collection = parse_id(&id, "collection")?;
+    // The one piece of model work the API does: one short query, on a blocking thread, while
+    // the collection is looked up (an index probe, without get_collection's counts, which
+    // cost more than the search itself on a large collection).
+    let embedding = async {
+        if body.mode == SearchMode::Keyword {
+            return Ok(None);
+        }
         let model = state
             .embedder
             .get()
@@ -251,12 +252,21 @@ pub async fn search(
         let mut vectors = tokio::task::spawn_blocking(move || model.embed(&[&query]))
             .await
             .map_err(Problem::internal)??;
-        vectors.pop()
+        Ok::<_, Problem>(vectors.pop())
     };
+    let (exists, vector) = tokio::join!(
+        store::collection_exists(&state.pool, tenant.0, collection),
+        embedding
+    );
+    if !exists? {
+        return Err(Problem::not_found("collection"));
+    }
+    let vector = vector?;
     let results = store::search(
         &state.pool,
         store::Search {
-            collection: collection.id,
+            tenant: tenant.0,
+            collection,
             query: &body.query,
             vector,
             k: body.k,

@@ -28,6 +28,7 @@ mod pipelines;
 mod requests;
 mod roles;
 mod schedules;
+mod search;
 mod sentinel;
 mod sse;
 mod synthesis;

@@ -247,7 +247,21 @@ pub struct Hit {
 /// Reciprocal rank fusion's constant (Cormack et al.): damps the weight of the top ranks.
 const RRF_K: f64 = 60.0;
 
+/// HNSW's candidate list for k <= 10, and the length of hybrid search's two ranked lists:
+/// every control-plane session starts with it and with pgvector's iterative scans on
+/// ([`shared::db::session_settings`]), so a search with k <= 10 is one statement in one round
+/// trip; a larger k sets a larger list for its own transaction.
+pub const DEFAULT_CANDIDATES: i64 = shared::db::HNSW_EF_SEARCH;
+
+/// The expression the HNSW index is built on (migration 20261205000001): half-precision
+/// copies of the unit vectors, half the index's size (so it stays in shared buffers far more
+/// often), recall@10 within 1.5 points at 100k chunks (scripts/bench/search). Scores are
+/// exact: the candidates are re-ranked by the full-precision distance.
+const HALF_DISTANCE: &str = "embedding::halfvec(384) <=> ";
+
 pub struct Search<'a> {
+    /// The tenant asking: the statement itself checks that the collection is the tenant's.
+    pub tenant: Uuid,
     pub collection: Uuid,
     pub query: &'a str,
     /// The query's embedding (vector and hybrid modes).
@@ -257,41 +271,77 @@ pub struct Search<'a> {
     pub filter: &'a Filter,
 }
 
+/// Whether the tenant has the collection (the search route's check: no counts, one index probe).
+pub async fn collection_exists(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM collections WHERE id = $2 AND tenant_id = $1)")
+        .bind(tenant)
+        .bind(id)
+        .fetch_one(pool)
+        .await
+}
+
+/// One statement, no transaction when the session's HNSW settings fit (k <= 10). The
+/// statement checks the tenant itself: another tenant's collection id finds nothing.
 pub async fn search(pool: &PgPool, search: Search<'_>) -> sqlx::Result<Vec<Hit>> {
+    let Some(mut sql) = search_statement(&search, "") else {
+        return Ok(Vec::new());
+    };
+    let candidates = candidates(search.k);
+    if candidates == DEFAULT_CANDIDATES {
+        return sql.build_query_as().fetch_all(pool).await;
+    }
     let mut tx = pool.begin().await?;
-    // Filtered HNSW scans go on until they have k matches (pgvector 0.8 iterative scans).
-    // A candidate list of 100 (pgvector's default is 40) keeps recall@10 at 0.95 or more on
-    // 100k chunks (scripts/bench/search).
-    let candidates = (search.k * 10).clamp(100, 1000);
-    sqlx::query("SELECT set_config('hnsw.ef_search', $1, true), set_config('hnsw.iterative_scan', 'relaxed_order', true)")
+    sqlx::query("SELECT set_config('hnsw.ef_search', $1, true)")
         .bind(candidates.to_string())
         .execute(&mut *tx)
         .await?;
-    let mut sql = QueryBuilder::<Postgres>::new("WITH ");
+    let hits = sql.build_query_as().fetch_all(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(hits)
+}
+
+/// HNSW's candidate list, and the length of hybrid search's two ranked lists, for k results.
+fn candidates(k: i64) -> i64 {
+    (k * 10).clamp(DEFAULT_CANDIDATES, 1000)
+}
+
+/// The search's statement after `prefix` (`EXPLAIN` in tests); `None` when a mode that needs
+/// the query's embedding has none. Limits are written as literals (validated integers), so
+/// that a cached generic plan knows them as well as a custom one does.
+pub fn search_statement<'a>(
+    search: &Search<'a>,
+    prefix: &str,
+) -> Option<QueryBuilder<'a, Postgres>> {
+    let candidates = candidates(search.k);
+    let mut sql = QueryBuilder::<Postgres>::new(format!("{prefix}WITH "));
     let vector = search.vector.clone().map(Vector::from);
-    let keyword = |sql: &mut QueryBuilder<Postgres>, limit: i64| {
+    let keyword = |sql: &mut QueryBuilder<'a, Postgres>, limit: i64, rank: &str| {
         // Any of the query's words (OR), ranked: a question rarely shares all its words.
-        sql.push("keyword AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r, rank FROM (SELECT id, ts_rank_cd(tsv, q) AS rank FROM chunks, (SELECT replace(plainto_tsquery('english', ");
+        sql.push("keyword AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r, rank FROM (SELECT id, ");
+        sql.push(rank);
+        sql.push("(tsv, q) AS rank FROM chunks, (SELECT replace(plainto_tsquery('english', ");
         sql.push_bind(search.query.to_owned());
         sql.push(")::text, '&', '|')::tsquery AS q) AS query WHERE tsv @@ q AND ");
-        push_scope(sql, &search);
-        sql.push(" ORDER BY rank DESC LIMIT ");
-        sql.push_bind(limit);
-        sql.push(") AS ranked)");
+        push_scope(sql, search);
+        sql.push(format!(" ORDER BY rank DESC LIMIT {limit}) AS ranked)"));
     };
-    let nearest = |sql: &mut QueryBuilder<Postgres>, limit: i64, vector: &Vector| {
-        // Materialised, then re-sorted: relaxed iterative scans return nearly sorted rows.
+    // Materialised so that the index scan is planned on its own; its rows come back nearly
+    // sorted (relaxed iterative scan) and are ranked by exact distance.
+    let nearest = |sql: &mut QueryBuilder<'a, Postgres>, limit: i64, vector: &Vector| {
         sql.push("nearest AS MATERIALIZED (SELECT id, embedding <=> ");
         sql.push_bind(vector.clone());
         sql.push(" AS distance FROM chunks WHERE ");
-        push_scope(sql, &search);
-        sql.push(" ORDER BY distance LIMIT ");
-        sql.push_bind(limit);
-        sql.push("), vector AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS r, 1 - distance AS similarity FROM nearest)");
+        push_scope(sql, search);
+        sql.push(" ORDER BY ");
+        sql.push(HALF_DISTANCE);
+        sql.push_bind(vector.clone());
+        sql.push(format!(
+            "::halfvec(384) LIMIT {limit}), vector AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS r, 1 - distance AS similarity FROM nearest)"
+        ));
     };
     match (search.mode, &vector) {
         (SearchMode::Keyword, _) => {
-            keyword(&mut sql, search.k);
+            keyword(&mut sql, search.k, "ts_rank_cd");
             sql.push(" SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.metadata, s.rank::float8 AS score FROM keyword s JOIN chunks c USING (id) ORDER BY s.r");
         }
         (SearchMode::Vector, Some(vector)) => {
@@ -301,25 +351,32 @@ pub async fn search(pool: &PgPool, search: Search<'_>) -> sqlx::Result<Vec<Hit>>
         (SearchMode::Hybrid, Some(vector)) => {
             nearest(&mut sql, candidates, vector);
             sql.push(", ");
-            keyword(&mut sql, candidates);
+            // Only the keyword list's order counts in the fusion: `ts_rank` orders the
+            // matches as `ts_rank_cd` nearly does at a sixth of the cost per matching chunk
+            // (cover density is quadratic in the query's words).
+            keyword(&mut sql, candidates, "ts_rank");
             sql.push(" SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.metadata, fused.score FROM (SELECT id, coalesce(1.0 / (");
             sql.push(RRF_K);
             sql.push(" + v.r), 0)::float8 + coalesce(1.0 / (");
             sql.push(RRF_K);
-            sql.push(" + k.r), 0)::float8 AS score FROM vector v FULL JOIN keyword k USING (id)) AS fused JOIN chunks c USING (id) ORDER BY fused.score DESC, c.id LIMIT ");
-            sql.push_bind(search.k);
+            sql.push(format!(" + k.r), 0)::float8 AS score FROM vector v FULL JOIN keyword k USING (id)) AS fused JOIN chunks c USING (id) ORDER BY fused.score DESC, c.id LIMIT {}", search.k));
         }
-        (_, None) => return Ok(Vec::new()),
+        (_, None) => return None,
     }
-    let hits = sql.build_query_as().fetch_all(&mut *tx).await?;
-    tx.commit().await?;
-    Ok(hits)
+    Some(sql)
 }
 
 /// `collection_id = ... AND` the metadata filter.
-fn push_scope(sql: &mut QueryBuilder<Postgres>, search: &Search<'_>) {
+/// The tenant check is a one-time filter of the statement: with another tenant's collection
+/// id the scans return nothing.
+fn push_scope<'a>(sql: &mut QueryBuilder<'a, Postgres>, search: &Search<'a>) {
     sql.push("collection_id = ");
     sql.push_bind(search.collection);
+    sql.push(" AND EXISTS (SELECT 1 FROM collections WHERE id = ");
+    sql.push_bind(search.collection);
+    sql.push(" AND tenant_id = ");
+    sql.push_bind(search.tenant);
+    sql.push(")");
     for (key, condition) in search.filter {
         match condition.get("in") {
             Some(Value::Array(values)) => {
