@@ -668,8 +668,17 @@ impl Failover {
     }
 
     /// Drops the connection of `generation` after `result` says the primary is gone or moved.
-    fn check<T>(&self, generation: u64, result: RedisResult<T>) -> RedisResult<T> {
-        if let Some(e) = result.as_ref().err().filter(|e| primary_lost(e)) {
+    fn check<T>(
+        &self,
+        generation: u64,
+        result: RedisResult<T>,
+        replies: impl Fn(&T) -> Option<RedisError>,
+    ) -> RedisResult<T> {
+        let error = match &result {
+            Err(e) => primary_lost(e).then(|| e.to_string()),
+            Ok(value) => replies(value).filter(primary_lost).map(|e| e.to_string()),
+        };
+        if let Some(e) = error {
             let mut current = self.current.lock().expect("redis lock");
             if current.as_ref().is_some_and(|(g, _)| *g == generation) {
                 tracing::warn!(error = %e, "the Redis primary is lost; resolving it again");
@@ -677,6 +686,15 @@ impl Failover {
             }
         }
         result
+    }
+}
+
+/// An error answer inside `value` (a reply, or a pipeline's replies), as an error: redis-rs
+/// hands error replies up as values (`Value::ServerError`), made errors only when read.
+fn error_in(value: &Value) -> Option<RedisError> {
+    match value {
+        Value::ServerError(e) => Some(e.clone().into()),
+        _ => None,
     }
 }
 
@@ -711,7 +729,7 @@ impl ConnectionLike for RedisConn {
                 let (generation, mut conn) = failover.connection().await?;
                 failover.verify_soon(generation);
                 let result = conn.req_packed_command(cmd).await;
-                failover.check(generation, result)
+                failover.check(generation, result, error_in)
             }),
         }
     }
@@ -730,7 +748,9 @@ impl ConnectionLike for RedisConn {
                 let (generation, mut conn) = failover.connection().await?;
                 failover.verify_soon(generation);
                 let result = conn.req_packed_commands(pipeline, offset, count).await;
-                failover.check(generation, result)
+                failover.check(generation, result, |values| {
+                    values.iter().find_map(error_in)
+                })
             }),
         }
     }

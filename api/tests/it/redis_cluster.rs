@@ -239,16 +239,37 @@ async fn jobs_of_several_kinds_drain_through_a_three_primary_cluster_each_once()
             }
         }
 
-        for (id, (kind, status, _)) in &expected {
-            let job = app
-                .wait_status(
-                    *id,
-                    &["succeeded", "failed", "cancelled"],
-                    Duration::from_secs(120),
-                )
-                .await;
+        let keys: HashMap<Uuid, String> = tenants.iter().cloned().collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for (id, (kind, status, tenant)) in &expected {
+            // Each tenant sees its own jobs only: asked with its key, through the API process.
+            let job = loop {
+                let job: Value = client
+                    .get(format!("{base}/v1/jobs/{id}"))
+                    .bearer_auth(&keys[tenant])
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if terminal(job["status"].as_str().unwrap_or_default()) {
+                    break job;
+                }
+                assert!(Instant::now() < deadline, "{kind} job not ended: {job}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
             assert_eq!(job["status"], *status, "{kind}: {job}");
             assert_eq!(job["attempt"], 1, "ran once: {job}");
+            // The other tenant's key does not find it.
+            let other = tenants.iter().find(|(t, _)| t != tenant).unwrap();
+            let response = client
+                .get(format!("{base}/v1/jobs/{id}"))
+                .bearer_auth(&other.1)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::NOT_FOUND);
         }
 
         // Each tenant's stream, replayed from its start through the API process: one terminal
