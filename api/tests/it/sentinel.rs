@@ -434,12 +434,14 @@ async fn a_connection_on_a_demoted_primary_that_stays_up_follows_the_new_one() {
         let nodes = Nodes::start().await;
         let mut conn = Redis::open(&nodes.url()).unwrap().manager().await.unwrap();
         let _: () = conn.set("before", "kept").await.unwrap();
-        let _: () = redis::cmd("WAIT")
-            .arg(1)
-            .arg(5000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        // On the replica (polled: WAIT may outlast the connection's 500 ms on a busy machine).
+        poll(
+            "the write on the replica",
+            Duration::from_secs(10),
+            || query::<Option<String>>(nodes.replica_port, redis::cmd("GET").arg("before")),
+            |kept| kept.is_some(),
+        )
+        .await;
         assert_eq!(port_of(&mut conn).await.unwrap(), nodes.primary_port);
 
         // Swap the roles by hand, the old primary alive; the sentinel still names it.
