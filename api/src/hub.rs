@@ -22,7 +22,6 @@
 //! more writes for the same events, the API's CPU up from 82 to 96 % of a core, no lower delay.
 
 use axum::body::Bytes;
-use redis::AsyncConnectionConfig;
 use shared::events::{self, StreamEntry};
 use std::{
     collections::HashMap,
@@ -242,13 +241,14 @@ impl Hub {
         )
     }
 
-    async fn connect(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    async fn connect(&self) -> redis::RedisResult<shared::redis_conn::RedisConn> {
         // A blocking read must not hit the default response timeout (500 ms), and a loaded
         // Redis may take longer than the default 1 s to accept a connection.
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(Some(BLOCK * 3))
-            .set_connection_timeout(Some(BLOCK));
-        self.client.connect(&config).await
+        let timeouts = shared::redis_conn::Timeouts {
+            connect: BLOCK,
+            response: Some(BLOCK * 3),
+        };
+        self.client.connect(timeouts).await
     }
 
     /// The feed's reader: XREAD from the stream's end at start, hand every batch to the

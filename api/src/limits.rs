@@ -198,11 +198,19 @@ impl Limits {
             .key_rate(key)
             .await
             .map_err(IntoResponse::into_response)?;
+        // Both buckets under the tenant's hash tag: one script takes from both, which on a
+        // Redis Cluster must touch one slot (a key belongs to one tenant).
         let buckets: Vec<(&str, String, Rate)> = [
             limits
                 .rate
-                .map(|r| ("tenant", format!("{}:rate:{tenant}", self.prefix), r)),
-            key_rate.map(|r| ("key", format!("{}:rate:key:{key}", self.prefix), r)),
+                .map(|r| ("tenant", format!("{}:rate:{{{tenant}}}", self.prefix), r)),
+            key_rate.map(|r| {
+                (
+                    "key",
+                    format!("{}:rate:{{{tenant}}}:key:{key}", self.prefix),
+                    r,
+                )
+            }),
         ]
         .into_iter()
         .flatten()

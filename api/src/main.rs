@@ -345,7 +345,7 @@ async fn provision(pool: &sqlx::PgPool, settings: &shared::Settings) -> anyhow::
 async fn announce_revoked(settings: &shared::Settings, id: Uuid) {
     let published = async {
         let redis = shared::redis_conn::Redis::open(&settings.redis_url)?;
-        let mut conn = redis.connect(&redis::AsyncConnectionConfig::new()).await?;
+        let mut conn = redis.connect(Default::default()).await?;
         revocation::publish(&mut conn, &settings.redis_prefix, &Invalidation::Key(id)).await?;
         anyhow::Ok(())
     };

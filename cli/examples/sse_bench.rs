@@ -327,7 +327,7 @@ async fn main() -> anyhow::Result<()> {
     let mut redis = redis::Client::open(redis_url.as_str())?
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
-    let tenant_key = format!("{prefix}:{tenant}:events");
+    let tenant_key = format!("{prefix}:{{{tenant}}}:events");
     let addr = base
         .strip_prefix("http://")
         .expect("an http:// URL")
@@ -498,7 +498,7 @@ async fn main() -> anyhow::Result<()> {
     let mut job_events = 0u64;
     for (id, seen) in followed.iter() {
         let len: u64 = redis::cmd("XLEN")
-            .arg(format!("{prefix}:{tenant}:job:{id}"))
+            .arg(format!("{prefix}:{{{tenant}}}:job:{id}"))
             .query_async(&mut redis)
             .await?;
         let seen = seen.lock().unwrap();

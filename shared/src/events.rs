@@ -142,12 +142,15 @@ impl StreamKeys {
         }
     }
 
+    /// `PREFIX:{tenant}:job:JOB`: a tenant's streams share the hash tag `{tenant}`, so that
+    /// one script appends to a tenant's stream and its job's in one slot of a Redis Cluster.
     pub fn job(&self, tenant: Uuid, job: Uuid) -> String {
-        format!("{}:{tenant}:job:{job}", self.prefix)
+        format!("{}:{{{tenant}}}:job:{job}", self.prefix)
     }
 
+    /// `PREFIX:{tenant}:events`.
     pub fn tenant(&self, tenant: Uuid) -> String {
-        format!("{}:{tenant}:events", self.prefix)
+        format!("{}:{{{tenant}}}:events", self.prefix)
     }
 }
 
@@ -168,10 +171,36 @@ impl EventLog {
     /// Appends every event to its tenant's stream and its job's stream in one round trip,
     /// under the same entry id in both (see `APPEND_SCRIPT`). A terminal event starts the job
     /// stream's expiry.
+    ///
+    /// On a Redis Cluster a script's keys must share a slot: one script per tenant there, all
+    /// sent at once, each tenant's events in their order.
     pub async fn append(&self, events: &[(Uuid, Event)]) -> redis::RedisResult<()> {
         if events.is_empty() {
             return Ok(());
         }
+        if self.conn.is_cluster() {
+            let mut by_tenant: Vec<(Uuid, Vec<(Uuid, Event)>)> = Vec::new();
+            for (tenant, event) in events {
+                match by_tenant.iter_mut().find(|(t, _)| t == tenant) {
+                    Some((_, events)) => events.push((*tenant, event.clone())),
+                    None => by_tenant.push((*tenant, vec![(*tenant, event.clone())])),
+                }
+            }
+            if by_tenant.len() > 1 {
+                let appends = by_tenant
+                    .iter()
+                    .map(|(_, events)| self.append_in_one(events));
+                for result in futures::future::join_all(appends).await {
+                    result?;
+                }
+                return Ok(());
+            }
+        }
+        self.append_in_one(events).await
+    }
+
+    /// One script for all of `events`.
+    async fn append_in_one(&self, events: &[(Uuid, Event)]) -> redis::RedisResult<()> {
         let mut invocation = APPEND_SCRIPT.prepare_invoke();
         invocation.arg(self.tenant_maxlen).arg(self.ttl.as_secs());
         for (tenant, event) in events {

@@ -48,8 +48,11 @@ impl Queues {
             .emit_events(false)
     }
 
+    /// `PREFIX:queue:{kind}`: apalis names each of the queue's keys after it, so they all
+    /// share the hash tag `{kind}` and live in one slot of a Redis Cluster (apalis' scripts
+    /// touch several of them at once), while different queues spread over the shards.
     pub fn queue_name(&self, kind: &str) -> String {
-        format!("{}:queue:{kind}", self.prefix)
+        format!("{}:queue:{{{kind}}}", self.prefix)
     }
 
     /// The apalis backend of `kind`'s queue for a worker that fetches `prefetch` entries at a

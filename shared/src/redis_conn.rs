@@ -1,14 +1,27 @@
-//! Where Redis is: a plain `redis://` URL, or Redis Sentinel with a URL form of our own,
-//! `redis+sentinel://[user:password@]host:port[,host:port...]/master-name[?db=N]`.
+//! Where Redis is: a plain `redis://` URL, Redis Sentinel, or Redis Cluster, the last two
+//! with URL forms of our own:
+//!
+//! - `redis+sentinel://[user:password@]host:port[,host:port...]/master-name[?db=N]
+//!   [&sentinel_username=U][&sentinel_password=P]` (the user and password are the data nodes';
+//!   the sentinels' own, if they require one, are the two parameters, percent-encoded);
+//! - `redis+cluster://[user:password@]host:port[,host:port...][/]`: any nodes of the cluster,
+//!   from which the client learns the rest.
 //!
 //! With Sentinel, every connection is made to the primary the sentinels name now (and that
 //! answers `ROLE` as a master), and a connection that fails or answers `READONLY` (a demoted
 //! primary) is dropped so that the next command resolves the primary again. redis-rs'
 //! connection manager reconnects to the address it was given, which after a failover is a dead
 //! node or a replica.
+//!
+//! With Cluster, commands go through redis-rs' cluster client, which routes each by its key's
+//! slot and follows `MOVED`/`ASK`. The key layout makes that possible: every key a script or a
+//! pipeline touches together shares one hash tag (a queue's keys `{kind}`, a tenant's streams
+//! and rate buckets `{tenant}`).
 
 use redis::{
     aio::{ConnectionLike, ConnectionManager, MultiplexedConnection},
+    cluster::{ClusterClient, ClusterClientBuilder},
+    cluster_async::ClusterConnection,
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline,
     RedisConnectionInfo, RedisError, RedisFuture, RedisResult, Value,
 };
@@ -19,6 +32,7 @@ use std::{
 };
 
 pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 
 /// How long one sentinel may take to answer where the primary is.
 const SENTINEL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -33,10 +47,12 @@ pub enum RedisUrl {
     /// Anything redis-rs parses (`redis://`, `rediss://`, `unix://`).
     Direct(String),
     Sentinel(SentinelUrl),
+    Cluster(ClusterUrl),
 }
 
-/// The sentinels to ask and what to ask them. The user and password are the data nodes'; the
-/// sentinels are asked without a password.
+/// The sentinels to ask and what to ask them. `username` and `password` are the data nodes';
+/// `sentinel_username` and `sentinel_password` the sentinels' own (`requirepass` on a
+/// sentinel), if they have one.
 #[derive(Clone, PartialEq)]
 pub struct SentinelUrl {
     pub sentinels: Vec<(String, u16)>,
@@ -44,24 +60,65 @@ pub struct SentinelUrl {
     pub db: i64,
     pub username: Option<String>,
     pub password: Option<String>,
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<String>,
 }
 
-/// The URL as given, with `***` for a password.
+/// Some nodes of a Redis Cluster (the client discovers the others) and their credentials.
+#[derive(Clone, PartialEq)]
+pub struct ClusterUrl {
+    pub nodes: Vec<(String, u16)>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+fn write_userinfo(
+    f: &mut fmt::Formatter<'_>,
+    username: &Option<String>,
+    password: &Option<String>,
+) -> fmt::Result {
+    if username.is_some() || password.is_some() {
+        let password = if password.is_some() { ":***" } else { "" };
+        write!(f, "{}{password}@", username.as_deref().unwrap_or(""))?;
+    }
+    Ok(())
+}
+
+fn write_hosts(f: &mut fmt::Formatter<'_>, hosts: &[(String, u16)]) -> fmt::Result {
+    for (i, (host, port)) in hosts.iter().enumerate() {
+        let comma = if i > 0 { "," } else { "" };
+        match host.contains(':') {
+            true => write!(f, "{comma}[{host}]:{port}")?,
+            false => write!(f, "{comma}{host}:{port}")?,
+        }
+    }
+    Ok(())
+}
+
+/// The URL as given, with `***` for each password.
 impl fmt::Debug for SentinelUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(SENTINEL_SCHEME)?;
-        if self.username.is_some() || self.password.is_some() {
-            let password = if self.password.is_some() { ":***" } else { "" };
-            write!(f, "{}{password}@", self.username.as_deref().unwrap_or(""))?;
+        write_userinfo(f, &self.username, &self.password)?;
+        write_hosts(f, &self.sentinels)?;
+        write!(f, "/{}?db={}", self.master, self.db)?;
+        if let Some(user) = &self.sentinel_username {
+            write!(f, "&sentinel_username={user}")?;
         }
-        for (i, (host, port)) in self.sentinels.iter().enumerate() {
-            let comma = if i > 0 { "," } else { "" };
-            match host.contains(':') {
-                true => write!(f, "{comma}[{host}]:{port}")?,
-                false => write!(f, "{comma}{host}:{port}")?,
-            }
+        if self.sentinel_password.is_some() {
+            f.write_str("&sentinel_password=***")?;
         }
-        write!(f, "/{}?db={}", self.master, self.db)
+        Ok(())
+    }
+}
+
+/// The URL as given, with `***` for the password.
+impl fmt::Debug for ClusterUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(CLUSTER_SCHEME)?;
+        write_userinfo(f, &self.username, &self.password)?;
+        write_hosts(f, &self.nodes)?;
+        f.write_str("/")
     }
 }
 
@@ -70,6 +127,7 @@ impl fmt::Debug for RedisUrl {
         match self {
             Self::Direct(url) => f.write_str(&crate::db::redact(url)),
             Self::Sentinel(url) => url.fmt(f),
+            Self::Cluster(url) => url.fmt(f),
         }
     }
 }
@@ -91,39 +149,89 @@ fn bad<T>(why: impl Into<String>) -> Result<T, BadRedisUrl> {
     Err(BadRedisUrl(why.into()))
 }
 
+fn decode(part: &str, what: &str) -> Result<String, BadRedisUrl> {
+    percent_encoding::percent_decode_str(part)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .or_else(|_| bad(format!("{what} is not UTF-8 once decoded")))
+}
+
+fn nonempty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// What follows the scheme of our forms: `[user:password@]host:port[,...]` and the rest.
+struct Authority<'a> {
+    username: Option<String>,
+    password: Option<String>,
+    hosts: Vec<(String, u16)>,
+    path: &'a str,
+    query: &'a str,
+}
+
+fn parse_authority<'a>(rest: &'a str, noun: &str) -> Result<Authority<'a>, BadRedisUrl> {
+    let (authority, path) = match rest.split_once('/') {
+        Some((authority, path)) => (authority, path),
+        None => match rest.split_once('?') {
+            Some((authority, _)) => (authority, &rest[authority.len()..]),
+            None => (rest, ""),
+        },
+    };
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (Some(userinfo), hosts),
+        None => (None, authority),
+    };
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(userinfo) => {
+            let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+            (
+                nonempty(decode(user, "the user")?),
+                nonempty(decode(password, "the password")?),
+            )
+        }
+    };
+    let mut parsed = Vec::new();
+    for host in hosts.split(',') {
+        parsed.push(parse_host(host, noun)?);
+    }
+    Ok(Authority {
+        username,
+        password,
+        hosts: parsed,
+        path,
+        query,
+    })
+}
+
 impl RedisUrl {
     pub fn parse(raw: &str) -> Result<Self, BadRedisUrl> {
+        if let Some(rest) = raw.strip_prefix(CLUSTER_SCHEME) {
+            let authority = parse_authority(rest, "node")?;
+            if !authority.path.is_empty() {
+                return bad("a cluster URL has no path (a cluster has only database 0)");
+            }
+            if let Some(key) = authority.query.split('&').find(|p| !p.is_empty()) {
+                let key = key.split('=').next().unwrap_or_default();
+                return bad(format!(
+                    "unknown parameter {key:?} (a cluster URL takes none)"
+                ));
+            }
+            return Ok(Self::Cluster(ClusterUrl {
+                nodes: authority.hosts,
+                username: authority.username,
+                password: authority.password,
+            }));
+        }
         let Some(rest) = raw.strip_prefix(SENTINEL_SCHEME) else {
             return match Client::open(raw) {
                 Ok(_) => Ok(Self::Direct(raw.to_owned())),
                 Err(e) => bad(format!("not a Redis URL ({:?})", e.kind())),
             };
         };
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (path, query) = path.split_once('?').unwrap_or((path, ""));
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => (Some(userinfo), hosts),
-            None => (None, authority),
-        };
-        let (username, password) = match userinfo {
-            None => (None, None),
-            Some(userinfo) => {
-                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                let decode = |part: &str| {
-                    percent_encoding::percent_decode_str(part)
-                        .decode_utf8()
-                        .map(|s| s.into_owned())
-                        .or_else(|_| bad("the user or password is not UTF-8 once decoded"))
-                };
-                let nonempty = |s: String| (!s.is_empty()).then_some(s);
-                (nonempty(decode(user)?), nonempty(decode(password)?))
-            }
-        };
-        let mut sentinels = Vec::new();
-        for host in hosts.split(',') {
-            sentinels.push(parse_host(host)?);
-        }
-        let master = percent_encoding::percent_decode_str(path)
+        let authority = parse_authority(rest, "sentinel")?;
+        let master = percent_encoding::percent_decode_str(authority.path)
             .decode_utf8()
             .map_err(|_| BadRedisUrl("the master name is not UTF-8".into()))?
             .into_owned();
@@ -131,47 +239,59 @@ impl RedisUrl {
             return bad("the path must be the master's name, as the sentinels know it");
         }
         let mut db = 0;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (mut sentinel_username, mut sentinel_password) = (None, None);
+        for pair in authority.query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("db", n)) => match n.parse::<i64>() {
                     Ok(n) if n >= 0 => db = n,
                     _ => return bad(format!("db must be a database number, not {n:?}")),
                 },
+                Some(("sentinel_username", user)) => {
+                    sentinel_username = nonempty(decode(user, "sentinel_username")?);
+                }
+                // Never in the error: it is a password.
+                Some(("sentinel_password", password)) => {
+                    sentinel_password = nonempty(decode(password, "sentinel_password")?);
+                }
                 _ => {
                     let key = pair.split('=').next().unwrap_or_default();
-                    return bad(format!("unknown parameter {key:?} (only db=N is known)"));
+                    return bad(format!(
+                        "unknown parameter {key:?} (known: db, sentinel_username, sentinel_password)"
+                    ));
                 }
             }
         }
         Ok(Self::Sentinel(SentinelUrl {
-            sentinels,
+            sentinels: authority.hosts,
             master,
             db,
-            username,
-            password,
+            username: authority.username,
+            password: authority.password,
+            sentinel_username,
+            sentinel_password,
         }))
     }
 }
 
 /// `host:port` or `[v6]:port`; the port is required, since a sentinel's is not Redis'.
-fn parse_host(host: &str) -> Result<(String, u16), BadRedisUrl> {
+fn parse_host(host: &str, noun: &str) -> Result<(String, u16), BadRedisUrl> {
     let (name, port) = if let Some(v6) = host.strip_prefix('[') {
         match v6.split_once("]:") {
             Some((name, port)) => (name, port),
-            None => return bad(format!("sentinel {host:?} is not [address]:port")),
+            None => return bad(format!("{noun} {host:?} is not [address]:port")),
         }
     } else {
         match host.rsplit_once(':') {
             Some((name, port)) if !name.contains(':') => (name, port),
-            _ => return bad(format!("sentinel {host:?} is not host:port")),
+            _ => return bad(format!("{noun} {host:?} is not host:port")),
         }
     };
     if name.is_empty() {
-        return bad(format!("sentinel {host:?} has no host"));
+        return bad(format!("{noun} {host:?} has no host"));
     }
     match port.parse::<u16>() {
         Ok(port) if port > 0 => Ok((name.to_owned(), port)),
-        _ => bad(format!("sentinel {host:?} has no valid port")),
+        _ => bad(format!("{noun} {host:?} has no valid port")),
     }
 }
 
@@ -185,33 +305,74 @@ impl fmt::Debug for Redis {
     }
 }
 
+/// Timeouts of a connection: to connect, and to wait for each answer (`None`: no limit).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub response: Option<Duration>,
+}
+
+impl Default for Timeouts {
+    /// redis-rs' defaults for a multiplexed connection.
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+            response: Some(Duration::from_millis(500)),
+        }
+    }
+}
+
+impl Timeouts {
+    fn config(self) -> AsyncConnectionConfig {
+        AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect))
+            .set_response_timeout(self.response)
+    }
+}
+
 impl Redis {
     pub fn open(url: &str) -> Result<Self, BadRedisUrl> {
         Ok(Self(Arc::new(RedisUrl::parse(url)?)))
     }
 
-    /// A client of the primary as the sentinels name it now (checked with `ROLE`): for
-    /// connections of one use (Pub/Sub, a blocking read) that are opened again when they fail.
+    pub fn is_cluster(&self) -> bool {
+        matches!(&*self.0, RedisUrl::Cluster(_))
+    }
+
+    /// A client for Pub/Sub: of the primary as the sentinels name it now (checked with
+    /// `ROLE`), or of the first cluster node that answers (a cluster forwards every `PUBLISH`
+    /// to all its nodes). For connections of one use that are opened again when they fail.
     pub async fn client(&self) -> RedisResult<Client> {
         match &*self.0 {
             RedisUrl::Direct(url) => Client::open(url.as_str()),
             RedisUrl::Sentinel(sentinel) => resolve(sentinel).await,
+            RedisUrl::Cluster(cluster) => any_node(cluster).await,
         }
     }
 
-    /// A multiplexed connection to the current primary.
-    pub async fn connect(
-        &self,
-        config: &AsyncConnectionConfig,
-    ) -> RedisResult<MultiplexedConnection> {
+    /// A connection of its own (a blocking read, a one-off command): a multiplexed connection
+    /// to the current primary, or a cluster connection.
+    pub async fn connect(&self, timeouts: Timeouts) -> RedisResult<RedisConn> {
+        match &*self.0 {
+            RedisUrl::Cluster(cluster) => Ok(RedisConn::Cluster(
+                cluster_client(cluster, timeouts)?
+                    .get_async_connection()
+                    .await?,
+            )),
+            _ => Ok(RedisConn::Single(self.connect_primary(timeouts).await?)),
+        }
+    }
+
+    async fn connect_primary(&self, timeouts: Timeouts) -> RedisResult<MultiplexedConnection> {
         self.client()
             .await?
-            .get_multiplexed_async_connection_with_config(config)
+            .get_multiplexed_async_connection_with_config(&timeouts.config())
             .await
     }
 
     /// The shared connection of a process: redis-rs' connection manager for a plain URL; with
-    /// Sentinel one that resolves the primary again when its connection fails.
+    /// Sentinel one that resolves the primary again when its connection fails; redis-rs'
+    /// cluster connection for a cluster (it follows slot moves and failovers by itself).
     pub async fn manager(&self) -> RedisResult<RedisConn> {
         match &*self.0 {
             RedisUrl::Direct(url) => Ok(RedisConn::Direct(
@@ -223,13 +384,77 @@ impl Redis {
                     db: sentinel.db,
                     current: Mutex::default(),
                     connecting: tokio::sync::Mutex::default(),
+                    node: Mutex::default(),
+                    verified_at: Mutex::default(),
+                    verifying: Default::default(),
                 });
                 // Fail at start, as the connection manager does, when nothing answers.
                 failover.connection().await?;
                 Ok(RedisConn::Failover(failover))
             }
+            RedisUrl::Cluster(cluster) => {
+                // No command on the shared connection blocks; a node that hangs must not hold
+                // its callers forever.
+                let timeouts = Timeouts {
+                    connect: Duration::from_secs(1),
+                    response: Some(Duration::from_secs(5)),
+                };
+                Ok(RedisConn::Cluster(
+                    cluster_client(cluster, timeouts)?
+                        .get_async_connection()
+                        .await?,
+                ))
+            }
         }
     }
+}
+
+fn cluster_client(url: &ClusterUrl, timeouts: Timeouts) -> RedisResult<ClusterClient> {
+    let nodes = url
+        .nodes
+        .iter()
+        .map(|(host, port)| ConnectionAddr::Tcp(host.clone(), *port).into_connection_info())
+        .collect::<RedisResult<Vec<_>>>()?;
+    let mut builder = ClusterClientBuilder::new(nodes).connection_timeout(timeouts.connect);
+    if let Some(response) = timeouts.response {
+        builder = builder.response_timeout(response);
+    }
+    if let Some(user) = &url.username {
+        builder = builder.username(user);
+    }
+    if let Some(password) = &url.password {
+        builder = builder.password(password);
+    }
+    builder.build()
+}
+
+/// A client of the first node of the URL that answers `PING`.
+async fn any_node(url: &ClusterUrl) -> RedisResult<Client> {
+    let mut last_error = None;
+    for (host, port) in &url.nodes {
+        let mut settings = RedisConnectionInfo::default();
+        if let Some(user) = &url.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &url.password {
+            settings = settings.set_password(password);
+        }
+        let info = ConnectionAddr::Tcp(host.clone(), *port)
+            .into_connection_info()?
+            .set_redis_settings(settings);
+        let client = Client::open(info)?;
+        let answered = async {
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&Timeouts::default().config())
+                .await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await
+        };
+        match answered.await {
+            Ok(()) => return Ok(client),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io_error("no node in the URL")))
 }
 
 /// Asks each sentinel in turn where `url.master` is, and checks that it is a primary.
@@ -247,22 +472,52 @@ async fn resolve(url: &SentinelUrl) -> RedisResult<Client> {
     Err(last_error.unwrap_or_else(|| io_error("no sentinel in the URL")))
 }
 
-async fn ask_sentinel(url: &SentinelUrl, host: &str, port: u16) -> RedisResult<Client> {
-    let config = AsyncConnectionConfig::new()
+/// The primary the first sentinel that answers names now (not checked with `ROLE`).
+async fn named_primary(url: &SentinelUrl) -> RedisResult<(String, u16)> {
+    let mut last_error = None;
+    for (host, port) in &url.sentinels {
+        match sentinel_names(url, host, *port).await {
+            Ok(addr) => return Ok(addr),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io_error("no sentinel in the URL")))
+}
+
+fn sentinel_config() -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
         .set_connection_timeout(Some(SENTINEL_TIMEOUT))
-        .set_response_timeout(Some(SENTINEL_TIMEOUT));
-    let sentinel = Client::open(ConnectionAddr::Tcp(host.to_owned(), port))?;
+        .set_response_timeout(Some(SENTINEL_TIMEOUT))
+}
+
+/// `SENTINEL get-master-addr-by-name` of the sentinel at `host:port`, with the sentinels' own
+/// credentials if the URL has them.
+async fn sentinel_names(url: &SentinelUrl, host: &str, port: u16) -> RedisResult<(String, u16)> {
+    let mut auth = RedisConnectionInfo::default();
+    if let Some(user) = &url.sentinel_username {
+        auth = auth.set_username(user);
+    }
+    if let Some(password) = &url.sentinel_password {
+        auth = auth.set_password(password);
+    }
+    let sentinel = Client::open(
+        ConnectionAddr::Tcp(host.to_owned(), port)
+            .into_connection_info()?
+            .set_redis_settings(auth),
+    )?;
     let mut conn = sentinel
-        .get_multiplexed_async_connection_with_config(&config)
+        .get_multiplexed_async_connection_with_config(&sentinel_config())
         .await?;
     let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
         .arg("get-master-addr-by-name")
         .arg(&url.master)
         .query_async(&mut conn)
         .await?;
-    let Some((master_host, master_port)) = addr else {
-        return Err(io_error("the sentinel does not know the master's name"));
-    };
+    addr.ok_or_else(|| io_error("the sentinel does not know the master's name"))
+}
+
+async fn ask_sentinel(url: &SentinelUrl, host: &str, port: u16) -> RedisResult<Client> {
+    let (master_host, master_port) = sentinel_names(url, host, port).await?;
     let mut settings = RedisConnectionInfo::default().set_db(url.db);
     if let Some(user) = &url.username {
         settings = settings.set_username(user);
@@ -276,7 +531,7 @@ async fn ask_sentinel(url: &SentinelUrl, host: &str, port: u16) -> RedisResult<C
     let client = Client::open(info)?;
     // A sentinel may name a node that is not (or no longer) the primary during a failover.
     let mut node = client
-        .get_multiplexed_async_connection_with_config(&config)
+        .get_multiplexed_async_connection_with_config(&sentinel_config())
         .await?;
     let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut node).await?;
     match role.first() {
@@ -289,12 +544,15 @@ fn io_error(why: &'static str) -> RedisError {
     RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, why))
 }
 
-/// A connection to the primary, shared by clones: redis-rs' connection manager, or with
-/// Sentinel one that drops its connection on failure and resolves the primary again.
+/// A connection to the primary, shared by clones: redis-rs' connection manager, a multiplexed
+/// connection of one use, with Sentinel one that drops its connection on failure and resolves
+/// the primary again, or redis-rs' cluster connection.
 #[derive(Clone)]
 pub enum RedisConn {
     Direct(ConnectionManager),
+    Single(MultiplexedConnection),
     Failover(Arc<Failover>),
+    Cluster(ClusterConnection),
 }
 
 pub struct Failover {
@@ -305,7 +563,17 @@ pub struct Failover {
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     /// Held while connecting, so that many failing commands resolve the primary once.
     connecting: tokio::sync::Mutex<Connecting>,
+    /// The node of the connection of each generation, and when the sentinels were last asked
+    /// whether they still name it (see [`Failover::verify_soon`]).
+    node: Mutex<Option<(u64, ConnectionAddr)>>,
+    verified_at: Mutex<Option<Instant>>,
+    verifying: std::sync::atomic::AtomicBool,
 }
+
+/// While a connection is in use, the sentinels are asked this often whether the node it is on
+/// is still the one they name. After a failover that leaves the old primary up, that node takes
+/// writes (lost when it becomes a replica) until the sentinels reconfigure it, seconds later.
+const VERIFY_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Connecting {
@@ -332,8 +600,16 @@ impl Failover {
         {
             return Err(io_error("the Redis primary was not found just now"));
         }
-        let conn = match self.redis.connect(&AsyncConnectionConfig::new()).await {
-            Ok(conn) => conn,
+        let connected = async {
+            let client = self.redis.client().await?;
+            let addr = client.get_connection_info().addr().clone();
+            let conn = client
+                .get_multiplexed_async_connection_with_config(&Timeouts::default().config())
+                .await?;
+            Ok::<_, RedisError>((addr, conn))
+        };
+        let (addr, conn) = match connected.await {
+            Ok(connected) => connected,
             Err(e) => {
                 connecting.failed_at = Some(Instant::now());
                 return Err(e);
@@ -341,15 +617,68 @@ impl Failover {
         };
         connecting.failed_at = None;
         connecting.generation += 1;
+        *self.node.lock().expect("redis lock") = Some((connecting.generation, addr));
+        *self.verified_at.lock().expect("redis lock") = Some(Instant::now());
         let current = (connecting.generation, conn);
         *self.current.lock().expect("redis lock") = Some(current.clone());
         tracing::info!(generation = current.0, "connected to the Redis primary");
         Ok(current)
     }
 
+    /// At most every [`VERIFY_EVERY`], in the background: asks the sentinels which node is the
+    /// primary, and drops the connection of `generation` if they name another one than it is
+    /// on (no command waits on this; a sentinel that does not answer changes nothing).
+    fn verify_soon(self: &Arc<Self>, generation: u64) {
+        {
+            let mut at = self.verified_at.lock().expect("redis lock");
+            if at.is_some_and(|at| at.elapsed() < VERIFY_EVERY) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        if self
+            .verifying
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let named = match &*this.redis.0 {
+                RedisUrl::Sentinel(url) => named_primary(url).await.ok(),
+                _ => None,
+            };
+            this.verifying
+                .store(false, std::sync::atomic::Ordering::Release);
+            let Some((host, port)) = named else { return };
+            let moved = match &*this.node.lock().expect("redis lock") {
+                Some((g, ConnectionAddr::Tcp(on_host, on_port))) if *g == generation => {
+                    (on_host.as_str(), *on_port) != (host.as_str(), port)
+                }
+                _ => false,
+            };
+            if moved {
+                let mut current = this.current.lock().expect("redis lock");
+                if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+                    tracing::warn!("the sentinels name another Redis primary; resolving it again");
+                    *current = None;
+                }
+            }
+        });
+    }
+
     /// Drops the connection of `generation` after `result` says the primary is gone or moved.
-    fn check<T>(&self, generation: u64, result: RedisResult<T>) -> RedisResult<T> {
-        if let Some(e) = result.as_ref().err().filter(|e| primary_lost(e)) {
+    fn check<T>(
+        &self,
+        generation: u64,
+        result: RedisResult<T>,
+        replies: impl Fn(&T) -> Option<RedisError>,
+    ) -> RedisResult<T> {
+        let error = match &result {
+            Err(e) => primary_lost(e).then(|| e.to_string()),
+            Ok(value) => replies(value).filter(primary_lost).map(|e| e.to_string()),
+        };
+        if let Some(e) = error {
             let mut current = self.current.lock().expect("redis lock");
             if current.as_ref().is_some_and(|(g, _)| *g == generation) {
                 tracing::warn!(error = %e, "the Redis primary is lost; resolving it again");
@@ -357,6 +686,15 @@ impl Failover {
             }
         }
         result
+    }
+}
+
+/// An error answer inside `value` (a reply, or a pipeline's replies), as an error: redis-rs
+/// hands error replies up as values (`Value::ServerError`), made errors only when read.
+fn error_in(value: &Value) -> Option<RedisError> {
+    match value {
+        Value::ServerError(e) => Some(e.clone().into()),
+        _ => None,
     }
 }
 
@@ -370,14 +708,28 @@ fn primary_lost(e: &RedisError) -> bool {
         || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
 }
 
+impl RedisConn {
+    /// Whether commands go to a Redis Cluster, where the keys of one script or pipeline must
+    /// share a slot.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Direct(conn) => conn.req_packed_command(cmd),
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => match for_cluster(cmd) {
+                None => conn.req_packed_command(cmd),
+                Some(cmd) => Box::pin(async move { conn.req_packed_command(&cmd).await }),
+            },
             Self::Failover(failover) => Box::pin(async move {
                 let (generation, mut conn) = failover.connection().await?;
+                failover.verify_soon(generation);
                 let result = conn.req_packed_command(cmd).await;
-                failover.check(generation, result)
+                failover.check(generation, result, error_in)
             }),
         }
     }
@@ -390,10 +742,15 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Direct(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
             Self::Failover(failover) => Box::pin(async move {
                 let (generation, mut conn) = failover.connection().await?;
+                failover.verify_soon(generation);
                 let result = conn.req_packed_commands(pipeline, offset, count).await;
-                failover.check(generation, result)
+                failover.check(generation, result, |values| {
+                    values.iter().find_map(error_in)
+                })
             }),
         }
     }
@@ -401,9 +758,60 @@ impl ConnectionLike for RedisConn {
     fn get_db(&self) -> i64 {
         match self {
             Self::Direct(conn) => conn.get_db(),
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
             Self::Failover(failover) => failover.db,
         }
     }
+}
+
+/// apalis' script that registers a worker (`lua/register_worker.lua` of apalis-redis 1.0.0, as
+/// it is): besides the queue's keys it adds the queue to a global `core:apalis:queues:list`,
+/// a key it does not declare, which a cluster refuses ("non local key") on every node but the
+/// one that holds that key's slot.
+const APALIS_REGISTER_WORKER: &str = include_str!("apalis_register_worker.lua");
+
+/// The same without the global list (a listing for apalis' dashboard, which nothing here
+/// reads): only the queue's keys, all under its hash tag.
+const REGISTER_WORKER_IN_CLUSTER: &str = r#"
+local now = tonumber(ARGV[1])
+local worker_name = ARGV[2]
+local threshold = tonumber(ARGV[3])
+local last_seen = redis.call("zscore", KEYS[1], worker_name)
+if last_seen then
+    if now - tonumber(last_seen) < threshold then
+        error("worker is still active within threshold")
+    end
+end
+redis.call("zadd", KEYS[1], now, worker_name)
+redis.call("hset", KEYS[2], "backend_name", ARGV[4], "service", ARGV[5])
+return true
+"#;
+
+static APALIS_REGISTER_SHA: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| redis::Script::new(APALIS_REGISTER_WORKER).get_hash().into());
+
+/// `cmd` as a cluster must get it, if it differs: apalis' worker registration (an `EVALSHA`
+/// of its script) becomes an `EVAL` of [`REGISTER_WORKER_IN_CLUSTER`] with the same keys and
+/// arguments. An `EVAL` rather than a hash, so that a node that never saw the script runs it.
+fn for_cluster(cmd: &Cmd) -> Option<Cmd> {
+    let mut args = cmd.args_iter();
+    let (Some(redis::Arg::Simple(name)), Some(redis::Arg::Simple(sha))) =
+        (args.next(), args.next())
+    else {
+        return None;
+    };
+    if !name.eq_ignore_ascii_case(b"EVALSHA") || sha != APALIS_REGISTER_SHA.as_bytes() {
+        return None;
+    }
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(REGISTER_WORKER_IN_CLUSTER);
+    for arg in args {
+        if let redis::Arg::Simple(arg) = arg {
+            eval.arg(arg);
+        }
+    }
+    Some(eval)
 }
 
 #[cfg(test)]
@@ -428,9 +836,18 @@ mod tests {
         assert_eq!(url.db, 3);
         assert_eq!(url.username, None);
         assert_eq!(url.password.as_deref(), Some("s@cret"));
+        assert_eq!((url.sentinel_username, url.sentinel_password), (None, None));
         let url = sentinel("redis+sentinel://app:pw@sentinel-a:26379/mymaster");
         assert_eq!(url.username.as_deref(), Some("app"));
         assert_eq!(url.db, 0);
+        // The sentinels' own credentials, apart from the data nodes'.
+        let url = sentinel(
+            "redis+sentinel://:data@s:26379/m?sentinel_password=s%26nt%3Dpw&db=2&sentinel_username=watch",
+        );
+        assert_eq!(url.password.as_deref(), Some("data"));
+        assert_eq!(url.sentinel_password.as_deref(), Some("s&nt=pw"));
+        assert_eq!(url.sentinel_username.as_deref(), Some("watch"));
+        assert_eq!(url.db, 2);
         assert_eq!(
             RedisUrl::parse("redis://127.0.0.1:6379/2"),
             Ok(RedisUrl::Direct("redis://127.0.0.1:6379/2".into()))
@@ -453,6 +870,15 @@ mod tests {
             ("redis+sentinel://a:1/m?db=-1", "db must be"),
             ("redis+sentinel://a:1/m?tls=1", "unknown parameter \"tls\""),
             ("http://127.0.0.1:6379", "not a Redis URL"),
+            ("redis+sentinel://a:1/m?sentinel_password=%FF", "not UTF-8"),
+            (
+                "redis+cluster://127.0.0.1",
+                "node \"127.0.0.1\" is not host:port",
+            ),
+            ("redis+cluster://a:1,b/", "node \"b\" is not host:port"),
+            ("redis+cluster://a:1/0", "no path"),
+            ("redis+cluster://a:1/?db=1", "unknown parameter \"db\""),
+            ("redis+cluster://a:1?tls=1", "unknown parameter \"tls\""),
         ] {
             let error = RedisUrl::parse(raw).expect_err(raw).to_string();
             assert!(error.starts_with("CONVEYOR_REDIS_URL: "), "{error}");
@@ -480,10 +906,67 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_form_parses() {
+        let url = match RedisUrl::parse("redis+cluster://:s%40cret@10.0.0.1:7000,[::1]:7001/") {
+            Ok(RedisUrl::Cluster(url)) => url,
+            other => panic!("not a cluster URL: {other:?}"),
+        };
+        assert_eq!(url.nodes, [("10.0.0.1".into(), 7000), ("::1".into(), 7001)]);
+        assert_eq!(url.password.as_deref(), Some("s@cret"));
+        assert_eq!(url.username, None);
+        assert!(Redis::open("redis+cluster://a:7000").unwrap().is_cluster());
+        assert!(!Redis::open("redis://a:7000").unwrap().is_cluster());
+    }
+
+    /// apalis' worker registration touches a key of no queue's slot: on a cluster it is sent as
+    /// a script with only the queue's keys, the same keys and arguments; nothing else changes.
+    #[test]
+    fn apalis_worker_registration_is_rewritten_for_a_cluster() {
+        let register = redis::Script::new(APALIS_REGISTER_WORKER);
+        assert!(APALIS_REGISTER_WORKER.contains("core:apalis:queues:list"));
+        // What redis-rs sends for a script invocation.
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha
+            .arg(register.get_hash())
+            .arg(2)
+            .arg("p:queue:{canary}:workers")
+            .arg("p:queue:{canary}:workers:metadata:w1")
+            .arg(1)
+            .arg("w1");
+        let rewritten = for_cluster(&evalsha).expect("rewritten");
+        let args: Vec<Vec<u8>> = rewritten
+            .args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(arg) => arg.to_vec(),
+                _ => panic!("only plain arguments"),
+            })
+            .collect();
+        assert_eq!(args[0], b"EVAL");
+        assert_eq!(args[1], REGISTER_WORKER_IN_CLUSTER.as_bytes());
+        assert!(!REGISTER_WORKER_IN_CLUSTER.contains("core:"));
+        let rest: Vec<&[u8]> = vec![
+            b"2",
+            b"p:queue:{canary}:workers",
+            b"p:queue:{canary}:workers:metadata:w1",
+            b"1",
+            b"w1",
+        ];
+        assert_eq!(
+            args[2..].iter().map(Vec::as_slice).collect::<Vec<_>>(),
+            rest
+        );
+        // Any other script goes as it is.
+        let other = redis::Script::new("return 1");
+        assert!(for_cluster(redis::cmd("EVALSHA").arg(other.get_hash()).arg(0)).is_none());
+        assert!(for_cluster(redis::cmd("GET").arg("k")).is_none());
+    }
+
+    #[test]
     fn the_password_is_never_shown() {
         for raw in [
             "redis+sentinel://app:hunter2@127.0.0.1:26379/m",
             "redis://:hunter2@127.0.0.1:6379",
+            "redis+cluster://app:hunter2@127.0.0.1:7000,127.0.0.1:7001",
         ] {
             let redis = Redis::open(raw).unwrap();
             let shown = format!("{redis:?}");
@@ -491,6 +974,12 @@ mod tests {
             assert!(shown.contains(":***@127.0.0.1:"), "{shown}");
             assert_eq!(redact(raw), shown);
         }
+        // Nor the sentinels' own password.
+        let raw = "redis+sentinel://:hunter2@127.0.0.1:26379/m?sentinel_password=hunter3";
+        let shown = format!("{:?}", Redis::open(raw).unwrap());
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(shown.ends_with("/m?db=0&sentinel_password=***"), "{shown}");
+        assert_eq!(redact(raw), shown);
         // Nor in an error about the rest of the URL.
         let error = RedisUrl::parse("redis+sentinel://app:hunter2@127.0.0.1/m").unwrap_err();
         assert!(!error.to_string().contains("hunter2"), "{error}");

@@ -283,7 +283,15 @@ impl Settings {
                 crate::redis_conn::RedisUrl::parse(&url)?;
                 url
             },
-            redis_prefix: vars.var("REDIS_PREFIX", "conveyor"),
+            redis_prefix: {
+                let prefix = vars.var("REDIS_PREFIX", "conveyor");
+                // Keys carry hash tags of their own after the prefix (`PREFIX:queue:{kind}`):
+                // a brace in the prefix would become the tag, one slot for everything.
+                if prefix.contains(['{', '}']) {
+                    anyhow::bail!("CONVEYOR_REDIS_PREFIX must not contain braces ({{ or }})");
+                }
+                prefix
+            },
             listen: vars.parse("LISTEN", "127.0.0.1:8080")?,
             data_dir: vars.var("DATA_DIR", ".data/objects").into(),
             object_store: {
@@ -516,12 +524,21 @@ mod tests {
             "postgres://conveyor:db-secret@127.0.0.1/conveyor".into(),
             "test".into(),
         );
-        settings.redis_url = "redis+sentinel://:redis-secret@127.0.0.1:26379/jobs".into();
+        settings.redis_url =
+            "redis+sentinel://:redis-secret@127.0.0.1:26379/jobs?sentinel_password=sentinel-secret"
+                .into();
         settings.target_database_url = "postgres://t@db/x?password=target-secret".into();
         let shown = format!("{settings:?}");
         let key = settings.secret_key.clone().unwrap();
         let token = settings.metrics_token.clone().unwrap();
-        for secret in ["db-secret", "redis-secret", "target-secret", &key, &token] {
+        for secret in [
+            "db-secret",
+            "redis-secret",
+            "sentinel-secret",
+            "target-secret",
+            &key,
+            &token,
+        ] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
         assert!(shown.contains("postgres://conveyor:***@127.0.0.1/conveyor"));
@@ -562,5 +579,9 @@ mod tests {
         let refused = Settings::from_vars(&vars(&[("CONVEYOR_SHUTDOWN_GRACE_SECS", "soon")]));
         let error = refused.expect_err("an invalid value").to_string();
         assert!(error.contains("CONVEYOR_SHUTDOWN_GRACE_SECS"), "{error}");
+        // A brace would make the prefix every key's hash tag: one cluster slot for all.
+        let refused = Settings::from_vars(&vars(&[("CONVEYOR_REDIS_PREFIX", "app{x}")]));
+        let error = refused.expect_err("a prefix with braces").to_string();
+        assert!(error.contains("CONVEYOR_REDIS_PREFIX"), "{error}");
     }
 }

@@ -25,6 +25,7 @@ mod models;
 mod objects;
 mod patch;
 mod pipelines;
+mod redis_cluster;
 mod requests;
 mod roles;
 mod schedules;

@@ -1,7 +1,8 @@
 //! Redis with failover: Debian's `redis-server` as a primary and a replica and
 //! `redis-sentinel` watching them, on loopback ports of this test's own, reached through a
-//! `redis+sentinel://` URL. The primary is killed (SIGKILL); the sentinel promotes the replica,
-//! and connections find the new primary by themselves.
+//! `redis+sentinel://` URL. The sentinel has a password of its own (`requirepass`), apart from
+//! the data nodes'. The primary is killed (SIGKILL), or demoted and left running; the sentinel
+//! promotes the replica, and connections find the new primary by themselves.
 
 use crate::{
     faults::free_port,
@@ -22,11 +23,15 @@ const MASTER: &str = "conveyor";
 /// The data nodes' password (the sentinel has none), with characters the URL must encode.
 const PASSWORD: &str = "pa@ss:word";
 const PASSWORD_IN_URL: &str = "pa%40ss%3Aword";
+/// The sentinel's own password, another one, with characters a query string must encode.
+const SENTINEL_PASSWORD: &str = "s&nt=nel#pw";
+const SENTINEL_PASSWORD_IN_URL: &str = "s%26nt%3Dnel%23pw";
 
 /// A primary, its replica and a sentinel, killed and their files removed on drop.
 struct Nodes {
     primary: KillOnDrop,
     _replica: KillOnDrop,
+    primary_port: u16,
     _sentinel: KillOnDrop,
     replica_port: u16,
     sentinel_port: u16,
@@ -81,7 +86,7 @@ async fn poll<T>(
     }
 }
 
-/// `cmd` on the node at `port`: a data node with the password, the sentinel without.
+/// `cmd` on the data node at `port`, with the data nodes' password.
 fn query<T: redis::FromRedisValue>(port: u16, cmd: &mut redis::Cmd) -> redis::RedisResult<T> {
     let client = redis::Client::open(format!("redis://:{PASSWORD_IN_URL}@127.0.0.1:{port}"))?;
     let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
@@ -93,7 +98,9 @@ fn ask_sentinel<T: redis::FromRedisValue>(
     port: u16,
     cmd: &mut redis::Cmd,
 ) -> redis::RedisResult<T> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let client = redis::Client::open(format!(
+        "redis://:{SENTINEL_PASSWORD_IN_URL}@127.0.0.1:{port}"
+    ))?;
     let mut conn = client.get_connection_with_timeout(Duration::from_secs(1))?;
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
     cmd.query(&mut conn)
@@ -124,7 +131,8 @@ impl Nodes {
                  sentinel monitor {MASTER} 127.0.0.1 {primary_port} 1\n\
                  sentinel down-after-milliseconds {MASTER} 1000\n\
                  sentinel failover-timeout {MASTER} 10000\n\
-                 sentinel auth-pass {MASTER} {PASSWORD}\n",
+                 sentinel auth-pass {MASTER} {PASSWORD}\n\
+                 requirepass \"{SENTINEL_PASSWORD}\"\n",
                 dir.display()
             ),
         )
@@ -138,6 +146,7 @@ impl Nodes {
         let nodes = Self {
             primary,
             _replica: replica,
+            primary_port,
             _sentinel: KillOnDrop(sentinel),
             replica_port,
             sentinel_port,
@@ -167,6 +176,13 @@ impl Nodes {
 
     /// With a sentinel that is not there first: the next one in the list is asked.
     fn url(&self) -> String {
+        format!(
+            "{}?sentinel_password={SENTINEL_PASSWORD_IN_URL}",
+            self.url_without_sentinel_password()
+        )
+    }
+
+    fn url_without_sentinel_password(&self) -> String {
         format!(
             "redis+sentinel://:{PASSWORD_IN_URL}@127.0.0.1:{},127.0.0.1:{}/{MASTER}",
             free_port(),
@@ -370,4 +386,264 @@ async fn jobs_accepted_around_a_failover_all_finish_once_and_streams_end_with_th
     })
     .await
     .expect("the failover test stops within its bound");
+}
+
+/// The sentinel requires its own password: a URL without it finds no primary (and says so
+/// without either password), one with it connects; neither password is shown.
+#[tokio::test]
+async fn the_sentinels_own_password_is_used_and_never_shown() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let nodes = Nodes::start().await;
+        let refused = Redis::open(&nodes.url_without_sentinel_password())
+            .unwrap()
+            .manager()
+            .await
+            .err()
+            .expect("no primary without the sentinel's password");
+        let error = refused.to_string();
+        assert!(
+            !error.contains(PASSWORD) && !error.contains(SENTINEL_PASSWORD),
+            "{error}"
+        );
+
+        let redis = Redis::open(&nodes.url()).unwrap();
+        let shown = format!("{redis:?}");
+        for secret in [
+            PASSWORD,
+            PASSWORD_IN_URL,
+            SENTINEL_PASSWORD,
+            SENTINEL_PASSWORD_IN_URL,
+        ] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("sentinel_password=***"), "{shown}");
+        let mut conn = redis.manager().await.expect("connects with the password");
+        let _: () = conn.set("k", "v").await.unwrap();
+        assert_ne!(port_of(&mut conn).await.unwrap(), nodes.replica_port);
+    })
+    .await
+    .expect("the test stops within its bound");
+}
+
+/// The primary is demoted and left running (`REPLICAOF`, as an operator or a sentinel does):
+/// a connection still on it gets `READONLY` for its next write, drops it, and its following
+/// commands reach the new primary the sentinel names.
+#[tokio::test]
+async fn a_connection_on_a_demoted_primary_that_stays_up_follows_the_new_one() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let nodes = Nodes::start().await;
+        let mut conn = Redis::open(&nodes.url()).unwrap().manager().await.unwrap();
+        let _: () = conn.set("before", "kept").await.unwrap();
+        // On the replica (polled: WAIT may outlast the connection's 500 ms on a busy machine).
+        poll(
+            "the write on the replica",
+            Duration::from_secs(10),
+            || query::<Option<String>>(nodes.replica_port, redis::cmd("GET").arg("before")),
+            |kept| kept.is_some(),
+        )
+        .await;
+        assert_eq!(port_of(&mut conn).await.unwrap(), nodes.primary_port);
+
+        // Swap the roles by hand, the old primary alive; the sentinel still names it.
+        let _: () = query(
+            nodes.replica_port,
+            redis::cmd("REPLICAOF").arg("NO").arg("ONE"),
+        )
+        .unwrap();
+        let _: () = query(
+            nodes.primary_port,
+            redis::cmd("REPLICAOF")
+                .arg("127.0.0.1")
+                .arg(nodes.replica_port),
+        )
+        .unwrap();
+        let role: Vec<redis::Value> = query(nodes.primary_port, &mut redis::cmd("ROLE")).unwrap();
+        assert!(matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"slave"));
+
+        // The next write lands on the demoted node: READONLY, and the connection is dropped.
+        let error = conn
+            .incr::<_, _, i64>("after", 1)
+            .await
+            .expect_err("the old primary refuses writes");
+        assert_eq!(error.code(), Some("READONLY"), "{error}");
+        // Dropped: the next command looks for the primary again, and finds none yet (the node
+        // the sentinel names answers ROLE as a replica) rather than READONLY again.
+        let error = conn
+            .incr::<_, _, i64>("after", 1)
+            .await
+            .expect_err("no primary named yet");
+        assert_ne!(
+            error.code(),
+            Some("READONLY"),
+            "still on the demoted node: {error}"
+        );
+
+        // The sentinel pointed at the new primary: commands reach it.
+        for cmd in [
+            redis::cmd("SENTINEL").arg("REMOVE").arg(MASTER).clone(),
+            redis::cmd("SENTINEL")
+                .arg("MONITOR")
+                .arg(MASTER)
+                .arg("127.0.0.1")
+                .arg(nodes.replica_port)
+                .arg(1)
+                .clone(),
+            redis::cmd("SENTINEL")
+                .arg("SET")
+                .arg(MASTER)
+                .arg("auth-pass")
+                .arg(PASSWORD)
+                .clone(),
+        ] {
+            let _: () = ask_sentinel(nodes.sentinel_port, &mut cmd.clone()).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let after: i64 = loop {
+            match conn.incr("after", 1).await {
+                Ok(after) => break after,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "never reached the new primary: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(after, 1);
+        assert_eq!(port_of(&mut conn).await.unwrap(), nodes.replica_port);
+        let kept: String = conn.get("before").await.unwrap();
+        assert_eq!(kept, "kept");
+        // The demoted node is up all along, a replica of the new primary.
+        assert_eq!(
+            query::<String>(nodes.primary_port, &mut redis::cmd("PING")).unwrap(),
+            "PONG"
+        );
+    })
+    .await
+    .expect("the test stops within its bound");
+}
+
+/// A sentinel failover (`SENTINEL FAILOVER`) while an API process and a worker process run
+/// jobs: the old primary is not killed but made a replica. Every job accepted before and after
+/// ends once (succeeded, attempt 1); the old primary is up and a replica; no password is in
+/// the processes' logs.
+#[tokio::test]
+async fn jobs_finish_once_when_the_sentinel_demotes_a_primary_that_stays_up() {
+    tokio::time::timeout(Duration::from_secs(180), async {
+        let nodes = Nodes::start().await;
+        let url = nodes.url();
+        let app = TestApp::spawn_with(|s| s.redis_url = url.clone()).await;
+        let log_dir = app.settings.data_dir.join("logs");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let log = |name: &str| std::fs::File::create(log_dir.join(name)).unwrap();
+        let (_api, base) = app
+            .spawn_api_process_logging(&[("RUST_LOG", "info")], log("api.log"))
+            .await;
+        let _worker = app.spawn_worker_process_logging(
+            "canary=4",
+            &[("RUST_LOG", "info")],
+            log("worker.log"),
+        );
+        let client = Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let submit = || async {
+            let body = json!({"kind": "canary", "payload": {"steps": 20, "step_ms": 100}});
+            let response = client
+                .post(format!("{base}/v1/jobs"))
+                .bearer_auth(&app.key)
+                .json(&body)
+                .send()
+                .await;
+            match response {
+                Ok(r) if r.status() == StatusCode::ACCEPTED => {
+                    let job: Value = r.json().await.unwrap();
+                    Some(job["id"].as_str().unwrap().parse::<Uuid>().unwrap())
+                }
+                Ok(r) => {
+                    eprintln!("submission refused: {}", r.status());
+                    None
+                }
+                Err(e) => {
+                    eprintln!("submission failed: {e}");
+                    None
+                }
+            }
+        };
+        let mut accepted = Vec::new();
+        for _ in 0..6 {
+            accepted.push(submit().await.expect("accepted before the failover"));
+        }
+        app.wait_status(accepted[0], &["running"], Duration::from_secs(30))
+            .await;
+
+        let _: () = ask_sentinel(
+            nodes.sentinel_port,
+            redis::cmd("SENTINEL").arg("FAILOVER").arg(MASTER),
+        )
+        .unwrap();
+        let replica = nodes.replica_port.to_string();
+        poll(
+            "the sentinel naming the new primary",
+            Duration::from_secs(30),
+            || {
+                ask_sentinel::<Vec<String>>(
+                    nodes.sentinel_port,
+                    redis::cmd("SENTINEL")
+                        .arg("get-master-addr-by-name")
+                        .arg(MASTER),
+                )
+            },
+            |addr| addr.get(1) == Some(&replica),
+        )
+        .await;
+        let mut refused = 0;
+        for _ in 0..10 {
+            match submit().await {
+                Some(id) => accepted.push(id),
+                None => refused += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(accepted.len() > 6, "nothing accepted after the failover");
+        for id in &accepted {
+            let job = app
+                .wait_status(
+                    *id,
+                    &["succeeded", "failed", "cancelled"],
+                    Duration::from_secs(90),
+                )
+                .await;
+            assert_eq!(job["status"], "succeeded", "{job}");
+            assert_eq!(job["attempt"], 1, "{job}");
+        }
+        // The old primary was never killed: it is up, and the sentinel made it a replica.
+        poll(
+            "the old primary a replica",
+            Duration::from_secs(30),
+            || query::<Vec<redis::Value>>(nodes.primary_port, &mut redis::cmd("ROLE")),
+            |role| matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"slave"),
+        )
+        .await;
+        for entry in std::fs::read_dir(&log_dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for secret in [
+                PASSWORD,
+                PASSWORD_IN_URL,
+                SENTINEL_PASSWORD,
+                SENTINEL_PASSWORD_IN_URL,
+            ] {
+                assert!(!text.contains(secret), "a password in {path:?}");
+            }
+        }
+        eprintln!(
+            "{} jobs accepted ({refused} refused during the failover), all succeeded once",
+            accepted.len()
+        );
+    })
+    .await
+    .expect("the demotion test stops within its bound");
 }

@@ -77,7 +77,7 @@ async fn an_expired_stream_yields_one_snapshot_of_the_job_row() {
         .await
         .unwrap();
     // Finished streams carry an expiry; jump to the moment it passes.
-    let key = format!("{}:{tenant}:job:{id}", app.settings.redis_prefix);
+    let key = shared::events::StreamKeys::new(&app.settings.redis_prefix).job(tenant, id);
     let mut redis = redis::Client::open(app.settings.redis_url.as_str())
         .unwrap()
         .get_connection()
