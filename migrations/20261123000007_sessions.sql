@@ -11,6 +11,3 @@ CREATE TABLE sessions (
 );
 
 CREATE INDEX sessions_expiry ON sessions (expires_at);
-
--- The queues panel and /metrics count jobs finished in the last hour.
-CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;

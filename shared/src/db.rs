@@ -47,19 +47,20 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    repair_first_sessions_migration(pool).await?;
+    repair_edited_sessions_migration(pool).await?;
     MIGRATOR.run(pool).await?;
     Ok(())
 }
 
-/// `20261123000007_sessions.sql` was edited after it first landed (an index was appended; the
-/// index is also created by `20261202000004` for databases without it). Databases that ran the
-/// first version hold its checksum, which sqlx would refuse: record the current file's instead.
-async fn repair_first_sessions_migration(pool: &PgPool) -> anyhow::Result<()> {
+/// `20261123000007_sessions.sql` was edited after it landed (an index was appended; it now
+/// lives in `20261202000004`). Databases that ran the edited file hold its checksum, which
+/// sqlx would refuse: record the landed file's checksum instead. Their index already exists,
+/// and the new migration creates it only if missing.
+async fn repair_edited_sessions_migration(pool: &PgPool) -> anyhow::Result<()> {
     const VERSION: i64 = 20261123000007;
-    const FIRST: &str = "b24e6b01d22a3ab56adcfe97ca684054013f9ee8d359cf56cf527a9b4b441c98\
-                         9f3e88e469f78c0f4e27d4184bac7d39";
-    let Some(current) = MIGRATOR.iter().find(|m| m.version == VERSION) else {
+    const EDITED: &str = "0c8bc33142223eb3feec1f5b524b10a304d076539d9923887cca39159e463697\
+                          d4c9f3805b002ae5e3ce4a9c14107019";
+    let Some(landed) = MIGRATOR.iter().find(|m| m.version == VERSION) else {
         return Ok(());
     };
     let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
@@ -69,9 +70,9 @@ async fn repair_first_sessions_migration(pool: &PgPool) -> anyhow::Result<()> {
         sqlx::query(
             "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND checksum = $3",
         )
-        .bind(&*current.checksum)
+        .bind(&*landed.checksum)
         .bind(VERSION)
-        .bind(hex::decode(FIRST)?)
+        .bind(hex::decode(EDITED)?)
         .execute(pool)
         .await?;
     }
@@ -118,6 +119,7 @@ mod tests {
         let manifest = [
             include_str!("../../migrations/checksums"),
             include_str!("../../migrations/checksums-20261202"),
+            include_str!("../../migrations/checksums-20261202b"),
             include_str!("../../migrations/checksums-20261203"),
             include_str!("../../migrations/checksums-20261204"),
             include_str!("../../migrations/checksums-20261205"),
