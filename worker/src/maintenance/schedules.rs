@@ -192,9 +192,10 @@ mod tests {
     async fn racing_leaders_make_one_job_per_firing() {
         let test = TestDb::new().await;
         let other = test.another_runtime().await;
+        // Taken before the schedule is made: its first firing is the next second after then.
+        let started = Utc::now();
         let id = test.schedule("* * * * * *", "allow", "run_once").await;
         let (first, second) = (duty(), duty());
-        let started = Utc::now();
         let end = tokio::time::Instant::now() + Duration::from_millis(4500);
         let race = |runtime: std::sync::Arc<Runtime>, duty: Schedules| async move {
             let mut made = 0;
