@@ -13,15 +13,11 @@ if [ -n "${BENCH_BIN:-}" ]; then
   # Release builds made beforehand.
   for tool in conveyor-api conveyor-worker "${examples[@]}"; do cp "$BENCH_BIN/$tool" "$bin/"; done
 else
-  target=${CARGO_TARGET_DIR:-target}
   echo "bench $name: building (release)" >&2
-  cargo build --release -q -p conveyor-api -p conveyor-worker --bins
+  built=$(scripts/build "${examples[@]}")
   # Private copies: a shared target directory may be rebuilt by someone else mid-run.
-  cp "$target/release/conveyor-api" "$target/release/conveyor-worker" "$bin/"
-  for example in "${examples[@]}"; do
-    cargo build --release -q -p conveyor-cli --example "$example"
-    cp "$target/release/examples/$example" "$bin/"
-  done
+  cp "$built/conveyor-api" "$built/conveyor-worker" "$bin/"
+  for example in "${examples[@]}"; do cp "$built/examples/$example" "$bin/"; done
 fi
 
 db=conveyor_bench_${name}_$$
