@@ -7,12 +7,42 @@
 //! set of buffers small enough for the core's caches. No thread waits on another until the
 //! last group is done, no activation is allocated per layer, and the element-wise steps
 //! (bias, residual, layer norm, GELU, softmax) run in place, vectorised. Same arithmetic as
-//! candle-transformers' `BertModel` with an attention mask, in f32.
+//! candle-transformers' `BertModel` with an attention mask, in f32 (that crate is not a
+//! dependency: only the weights and `config.json` are read, and it costs a minute of every
+//! cold build).
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
+use serde::Deserialize;
+
+/// The fields of a Hugging Face BERT `config.json` the encoder reads; the others are ignored.
+#[derive(Debug, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: HiddenAct,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+}
+
+/// The activations the encoder computes: exact GELU, or its tanh approximation under any of
+/// the names Hugging Face gives it. Another (`relu`, ...) is refused when the model loads.
+#[derive(Debug, Deserialize, PartialEq)]
+pub enum HiddenAct {
+    #[serde(rename = "gelu")]
+    Gelu,
+    #[serde(
+        alias = "gelu_new",
+        alias = "gelu_pytorch_tanh",
+        rename = "gelu_approximate"
+    )]
+    GeluApproximate,
+}
 
 /// Tokens per group: enough rows to keep the matrix products efficient, few enough that a
 /// group's activations (about 14 KB per token) stay in the caches. Measured here: 256 is a
@@ -193,7 +223,7 @@ impl Bert {
             token_type,
             embedding_norm: Norm::load(embeddings.pp("LayerNorm"), hidden, eps)?,
             layers,
-            gelu_approximate: matches!(config.hidden_act, HiddenAct::GeluApproximate),
+            gelu_approximate: config.hidden_act == HiddenAct::GeluApproximate,
         })
     }
 

@@ -2,9 +2,8 @@
 //! candle, run on the CPU by `bert.rs`), pooled and normalised exactly as sentence-transformers
 //! does it (mean of the token vectors under the attention mask, then L2 normalisation).
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{Config, DTYPE};
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
@@ -12,7 +11,7 @@ use std::{
 use tokenizers::{Tokenizer, TruncationParams};
 
 mod bert;
-use bert::Bert;
+use bert::{Bert, Config};
 
 /// The only model this build serves; collections name it.
 pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -75,7 +74,7 @@ impl Embedder {
         let weights = unsafe {
             VarBuilder::from_mmaped_safetensors(
                 &[dir.join("model.safetensors")],
-                DTYPE,
+                DType::F32,
                 &Device::Cpu,
             )
         }
@@ -157,18 +156,21 @@ impl SharedEmbedder {
 pub mod testing {
     use super::*;
 
-    /// The model `scripts/model` installed in this checkout (or `CONVEYOR_MODEL_DIR`).
+    /// Where `scripts/model` installed the model in this checkout (or `CONVEYOR_MODEL_DIR`).
+    pub fn model_dir() -> PathBuf {
+        std::env::var("CONVEYOR_MODEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../.data/models/all-MiniLM-L6-v2")
+            })
+    }
+
+    /// The installed model.
     pub fn installed_model() -> Arc<Embedder> {
         static MODEL: std::sync::OnceLock<Arc<Embedder>> = std::sync::OnceLock::new();
         MODEL
             .get_or_init(|| {
-                let dir = std::env::var("CONVEYOR_MODEL_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|_| {
-                        Path::new(env!("CARGO_MANIFEST_DIR"))
-                            .join("../.data/models/all-MiniLM-L6-v2")
-                    });
-                Arc::new(Embedder::load(&dir).unwrap_or_else(|e| panic!("{e}")))
+                Arc::new(Embedder::load(&model_dir()).unwrap_or_else(|e| panic!("{e}")))
             })
             .clone()
     }
@@ -224,6 +226,27 @@ mod tests {
         // Alone or in a batch of others, a text gets the same vector.
         let alone = installed_model().embed(&texts[47..48]).unwrap();
         assert!(cosine(&alone[0], &vectors[47]) > 0.99999);
+    }
+
+    /// An activation the encoder does not compute is refused, not run as GELU.
+    #[test]
+    fn a_model_with_another_activation_is_refused() {
+        let dir = std::env::temp_dir().join(format!("relu-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let installed = super::testing::model_dir();
+        for file in ["tokenizer.json", "model.safetensors"] {
+            let _ = std::fs::remove_file(dir.join(file));
+            std::os::unix::fs::symlink(installed.join(file), dir.join(file)).unwrap();
+        }
+        let config = std::fs::read_to_string(installed.join("config.json")).unwrap();
+        let config = config.replace("\"hidden_act\": \"gelu\"", "\"hidden_act\": \"relu\"");
+        assert!(config.contains("relu"));
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        let error = Embedder::load(&dir).err().expect("relu is refused");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let message = error.to_string();
+        assert!(message.contains("config.json"), "{message}");
+        assert!(message.contains("relu"), "{message}");
     }
 
     #[test]
