@@ -72,8 +72,11 @@ def upload(path, name, key):
         req = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/datasets?name={name}", data=f,
                                      method="POST", headers={"Authorization": f"Bearer {key}",
                                                              "Content-Length": str(os.path.getsize(path))})
-        with urllib.request.urlopen(req, timeout=3600) as r:
-            return json.loads(r.read())["id"]
+        try:
+            with urllib.request.urlopen(req, timeout=3600) as r:
+                return json.loads(r.read())["id"]
+        except urllib.error.HTTPError as e:
+            sys.exit(f"upload {name}: {e.code} {e.read().decode()}")
 
 
 def platform_import(key, payload, tenant_url):
@@ -106,8 +109,11 @@ def request(method, path, key, body=None, raw=None):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", data=data, method=method,
                                  headers={"Authorization": f"Bearer {key}", "content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=3600) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=3600) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        sys.exit(f"{method} {path}: {e.code} {e.read().decode()}")
 
 
 def peak_rss_mb(pid):

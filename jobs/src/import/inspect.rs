@@ -197,4 +197,27 @@ mod tests {
         assert_eq!(preview[0]["a \"b\""], 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    /// Zoned timestamps, as pandas and pyarrow write tz-aware data: a timestamptz column and
+    /// its values in the preview (the parser panicked on them, and the upload was refused).
+    #[test]
+    fn a_parquet_file_with_zoned_timestamps_is_inspected() {
+        let dir = std::env::temp_dir().join(format!("inspect-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("zoned.parquet");
+        let zoned = DataType::Datetime(TimeUnit::Microseconds, Some(TimeZone::UTC));
+        let created = Series::new("created".into(), &[1_700_000_000_000_000i64])
+            .cast(&zoned)
+            .unwrap();
+        let mut frame = DataFrame::new(1, vec![created.into()]).unwrap();
+        ParquetWriter::new(std::fs::File::create(&path).unwrap())
+            .finish(&mut frame)
+            .unwrap();
+        let (columns, preview) = inspect(&path, Format::Parquet, Compression::None).unwrap();
+        assert_eq!(columns[0].name, "created");
+        assert_eq!(columns[0].data_type, "timestamptz");
+        let shown = preview[0]["created"].as_str().unwrap().to_owned();
+        assert!(shown.starts_with("2023-11-14 22:13:20"), "{shown}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
