@@ -698,7 +698,7 @@ async fn synthesis_ctgan_reports_both_losses_each_epoch_and_stops_when_cancelled
     assert!(shapes > 0.5, "{shapes}");
     assert_eq!(report["rows"]["generated"], 200);
     assert!(
-        report["privacy"]["dcr_synthetic_to_train"].is_number(),
+        report["privacy"]["dcr_synthetic_to_train"]["median"].is_number(),
         "{report}"
     );
     let events = app
