@@ -99,6 +99,15 @@ def main():
         sampling()
 
 
+def save_roles(name, report):
+    """The column roles Conveyor's profile chose, and the file `synthesis score` reads them from."""
+    roles = {c["name"]: c["role"] for c in report["columns"]}
+    roles_json = f"{WORK}/{name}.roles.json"
+    with open(roles_json, "w") as f:
+        json.dump(roles, f)
+    return roles, roles_json
+
+
 def sdv_fit_sample(synthesizer, real, n):
     """SDV's fit and sample of `real`, timed; SDV 2.0 takes a dict of tables, even for one."""
     started = time.perf_counter()
@@ -109,32 +118,39 @@ def sdv_fit_sample(synthesizer, real, n):
     return out, time.perf_counter() - started
 
 
+def head_to_head(name, source, real, n, ours, peer, tag):
+    """Conveyor's `ours` (synthesizer, then extra arguments) and SDV's `peer` on one table,
+    each timed; both outputs scored by Conveyor and by SDMetrics."""
+    ours_csv = f"{WORK}/{name}.{tag}.csv"
+    report = conveyor(["fit", source, str(n), ours[0], ours_csv, *ours[1:]])
+    roles, roles_json = save_roles(name, report)
+    sdv_out, sdv_seconds = sdv_fit_sample(peer, real, n)
+    sdv_csv = f"{WORK}/{name}.sdv-{tag}.csv"
+    sdv_out.to_csv(sdv_csv, index=False)
+    return {
+        "report": report,
+        "seconds": report["timings_ms"]["fit_and_sample"] / 1e3,
+        "sdmetrics": sdmetrics_quality(real, pd.read_csv(ours_csv), roles)[0],
+        "sdv": conveyor(["score", source, sdv_csv, roles_json]),
+        "sdv_seconds": sdv_seconds,
+        "sdv_sdmetrics": sdmetrics_quality(real, sdv_out, roles)[0],
+    }
+
+
 def ctgan(name, source, real, n, first):
     """Conveyor's ctgan and SDV's CTGANSynthesizer at the same number of epochs."""
     from sdv.metadata import Metadata
     from sdv.single_table import CTGANSynthesizer
-    ours_csv = f"{WORK}/{name}.ctgan.csv"
-    report = conveyor(["fit", source, str(n), "ctgan", ours_csv, str(CTGAN_EPOCHS)])
-    roles = {c["name"]: c["role"] for c in report["columns"]}
-    roles_json = f"{WORK}/{name}.roles.json"
-    with open(roles_json, "w") as f:
-        json.dump(roles, f)
-    ours_seconds = report["timings_ms"]["fit_and_sample"] / 1e3
-    metadata = Metadata.detect_from_dataframes({"t": real})
-    sdv_out, sdv_seconds = sdv_fit_sample(CTGANSynthesizer(metadata, epochs=CTGAN_EPOCHS),
-                                          real, n)
-    sdv_csv = f"{WORK}/{name}.sdv-ctgan.csv"
-    sdv_out.to_csv(sdv_csv, index=False)
-    sdv_ours = conveyor(["score", source, sdv_csv, roles_json])
-    sdv_sdm = sdmetrics_quality(real, sdv_out, roles)
-    ours_sdm = sdmetrics_quality(real, pd.read_csv(ours_csv), roles)
-    q = report["quality"]
+    peer = CTGANSynthesizer(Metadata.detect_from_dataframes({"t": real}), epochs=CTGAN_EPOCHS)
+    r = head_to_head(name, source, real, n, ["ctgan", str(CTGAN_EPOCHS)], peer, "ctgan")
+    q, sdv = r["report"]["quality"], r["sdv"]
     table = f"{name} ({n:,} rows)" if first else ""
     return [
-        (table, f"SDV CTGAN ({CTGAN_EPOCHS} epochs)", sdv_seconds, sdv_ours["overall"],
-         sdv_ours["column_shapes"], sdv_ours["column_pair_trends"], sdv_sdm[0], None),
-        ("", f"conveyor ctgan ({CTGAN_EPOCHS} epochs)", ours_seconds, q["overall"],
-         q["column_shapes"], q["column_pair_trends"], ours_sdm[0], sdv_seconds / ours_seconds),
+        (table, f"SDV CTGAN ({CTGAN_EPOCHS} epochs)", r["sdv_seconds"], sdv["overall"],
+         sdv["column_shapes"], sdv["column_pair_trends"], r["sdv_sdmetrics"], None),
+        ("", f"conveyor ctgan ({CTGAN_EPOCHS} epochs)", r["seconds"], q["overall"],
+         q["column_shapes"], q["column_pair_trends"], r["sdmetrics"],
+         r["sdv_seconds"] / r["seconds"]),
     ]
 
 
@@ -143,28 +159,16 @@ def copula_and_tvae(name, source, real, n):
     from sdv.metadata import Metadata
     from sdv.single_table import GaussianCopulaSynthesizer
     rows_out = []
-    ours_csv = f"{WORK}/{name}.conveyor.csv"
-    report = conveyor(["fit", source, str(n), "gaussian_copula", ours_csv])
-    roles = {c["name"]: c["role"] for c in report["columns"]}
-    roles_json = f"{WORK}/{name}.roles.json"
-    with open(roles_json, "w") as f:
-        json.dump(roles, f)
-    ours_seconds = report["timings_ms"]["fit_and_sample"] / 1e3
-
-    metadata = Metadata.detect_from_dataframes({"t": real})
-    sdv_out, sdv_seconds = sdv_fit_sample(GaussianCopulaSynthesizer(metadata), real, n)
-    sdv_csv = f"{WORK}/{name}.sdv.csv"
-    sdv_out.to_csv(sdv_csv, index=False)
-    sdv_ours = conveyor(["score", source, sdv_csv, roles_json])
-    sdv_sdm = sdmetrics_quality(real, sdv_out, roles)
-    ours_sdm = sdmetrics_quality(real, pd.read_csv(ours_csv), roles)
-
+    peer = GaussianCopulaSynthesizer(Metadata.detect_from_dataframes({"t": real}))
+    r = head_to_head(name, source, real, n, ["gaussian_copula"], peer, "copula")
+    report, ours_seconds, sdv_seconds = r["report"], r["seconds"], r["sdv_seconds"]
+    sdv_ours = r["sdv"]
     q = report["quality"]
     rows_out.append((f"{name} ({n:,} rows)", "SDV GaussianCopula", sdv_seconds,
                      sdv_ours["overall"], sdv_ours["column_shapes"],
-                     sdv_ours["column_pair_trends"], sdv_sdm[0], 1.0))
+                     sdv_ours["column_pair_trends"], r["sdv_sdmetrics"], 1.0))
     rows_out.append(("", "conveyor gaussian_copula", ours_seconds, q["overall"],
-                     q["column_shapes"], q["column_pair_trends"], ours_sdm[0],
+                     q["column_shapes"], q["column_pair_trends"], r["sdmetrics"],
                      sdv_seconds / ours_seconds))
     for epsilon in (5, 1):
         dp_csv = f"{WORK}/{name}.dp{epsilon}.csv"

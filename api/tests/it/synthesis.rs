@@ -631,15 +631,7 @@ async fn synthesis_tvae_trains_in_epochs_and_stops_when_cancelled() {
             .unwrap()
             > 0.5
     );
-    let events = app
-        .sse(&format!("/v1/jobs/{job}/events"), None)
-        .await
-        .collect(Duration::from_secs(10))
-        .await;
-    let epochs: Vec<&Value> = events
-        .iter()
-        .filter_map(|e| e.data["data"].get("epoch").map(|_| &e.data["data"]))
-        .collect();
+    let epochs = epoch_events(&app, job).await;
     assert_eq!(epochs.len(), 4, "{epochs:?}");
     assert!(epochs
         .iter()
@@ -649,15 +641,35 @@ async fn synthesis_tvae_trains_in_epochs_and_stops_when_cancelled() {
     assert_eq!(synthetic.rows(), 300);
 
     // A long training run stops between epochs once cancelled.
+    stops_between_epochs_when_cancelled(&app, dataset, "tvae").await;
+}
+
+/// The `data` of a finished job's epoch events, in order.
+async fn epoch_events(app: &TestApp, job: Uuid) -> Vec<Value> {
+    let events = app
+        .sse(&format!("/v1/jobs/{job}/events"), None)
+        .await
+        .collect(Duration::from_secs(10))
+        .await;
+    events
+        .into_iter()
+        .filter(|e| e.data["data"].get("epoch").is_some())
+        .map(|e| e.data["data"].clone())
+        .collect()
+}
+
+/// Submits a long training run of `synthesizer`, cancels it once an epoch has been reported
+/// (not before training starts), and checks that it ends cancelled with no synthetic file.
+async fn stops_between_epochs_when_cancelled(app: &TestApp, dataset: Uuid, synthesizer: &str) {
     let (status, submitted) = submit(
-        &app,
-        json!({"dataset_id": dataset, "rows": 10, "synthesizer": "tvae", "epochs": 10000}),
+        app,
+        json!({"dataset_id": dataset, "rows": 10, "synthesizer": synthesizer,
+               "epochs": 10000}),
     )
     .await;
     assert_eq!(status, 202, "{submitted}");
     let id: Uuid = submitted["id"].as_str().unwrap().parse().unwrap();
     app.wait_status(id, &["running"], WAIT).await;
-    // Cancelled once training is under way (an epoch has been reported), not before it starts.
     let mut events = app.sse(&format!("/v1/jobs/{id}/events"), None).await;
     loop {
         let event = events.next(WAIT).await.expect("an epoch before the cancel");
@@ -675,7 +687,7 @@ async fn synthesis_tvae_trains_in_epochs_and_stops_when_cancelled() {
         )
         .await;
     assert_eq!(job["status"], "cancelled", "{job}");
-    assert!(artifact(&app, id, "synthetic.parquet").metadata().is_err());
+    assert!(artifact(app, id, "synthetic.parquet").metadata().is_err());
 }
 
 /// CTGAN through the API: each epoch reports the generator's and the critic's losses, the job
@@ -701,15 +713,7 @@ async fn synthesis_ctgan_reports_both_losses_each_epoch_and_stops_when_cancelled
         report["privacy"]["dcr_synthetic_to_train"]["median"].is_number(),
         "{report}"
     );
-    let events = app
-        .sse(&format!("/v1/jobs/{job}/events"), None)
-        .await
-        .collect(Duration::from_secs(10))
-        .await;
-    let epochs: Vec<&Value> = events
-        .iter()
-        .filter_map(|e| e.data["data"].get("epoch").map(|_| &e.data["data"]))
-        .collect();
+    let epochs = epoch_events(&app, job).await;
     assert_eq!(epochs.len(), 10, "{epochs:?}");
     for epoch in &epochs {
         let generator = epoch["generator_loss"].as_f64().unwrap();
@@ -730,31 +734,7 @@ async fn synthesis_ctgan_reports_both_losses_each_epoch_and_stops_when_cancelled
         "{bands:?}"
     );
 
-    let (status, submitted) = submit(
-        &app,
-        json!({"dataset_id": dataset, "rows": 10, "synthesizer": "ctgan", "epochs": 10000}),
-    )
-    .await;
-    assert_eq!(status, 202, "{submitted}");
-    let id: Uuid = submitted["id"].as_str().unwrap().parse().unwrap();
-    app.wait_status(id, &["running"], WAIT).await;
-    let mut events = app.sse(&format!("/v1/jobs/{id}/events"), None).await;
-    loop {
-        let event = events.next(WAIT).await.expect("an epoch before the cancel");
-        if event.event == "progress" && event.data.to_string().contains("epoch ") {
-            break;
-        }
-    }
-    let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
-    assert_eq!(status, 200);
-    let job = app
-        .wait_status(
-            id,
-            &["cancelled", "succeeded", "failed"],
-            Duration::from_secs(30),
-        )
-        .await;
-    assert_eq!(job["status"], "cancelled", "{job}");
+    stops_between_epochs_when_cancelled(&app, dataset, "ctgan").await;
 }
 
 /// Stays: check-out on or after check-in, a positive amount, a city only with its own country.
