@@ -1,5 +1,5 @@
-//! `synthesis`: synthetic rows that keep a table's shapes and relations (Gaussian copula or
-//! TVAE), optionally with differential privacy.
+//! `synthesis`: synthetic rows that keep a table's shapes and relations (Gaussian copula, TVAE
+//! or CTGAN), optionally with differential privacy.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,23 @@ pub enum Synthesizer {
     #[default]
     GaussianCopula,
     Tvae,
+    Ctgan,
+}
+
+impl Synthesizer {
+    /// Whether it trains a network in epochs.
+    pub fn trains_in_epochs(self) -> bool {
+        matches!(self, Synthesizer::Tvae | Synthesizer::Ctgan)
+    }
+
+    /// Its name in payloads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Synthesizer::GaussianCopula => "gaussian_copula",
+            Synthesizer::Tvae => "tvae",
+            Synthesizer::Ctgan => "ctgan",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
@@ -153,7 +170,7 @@ pub struct SynthesisPayload {
     /// Per-column settings, by column name.
     #[serde(default)]
     pub columns: BTreeMap<String, ColumnSettings>,
-    /// Training epochs (`tvae` only; default 100).
+    /// Training epochs (`tvae` and `ctgan` only; default 100).
     pub epochs: Option<u32>,
     /// Rules every synthetic row keeps.
     #[serde(default)]
@@ -238,12 +255,14 @@ impl SynthesisPayload {
                         EPSILON_RANGE.end()
                     ),
                 );
-            } else if self.synthesizer == Synthesizer::Tvae {
+            } else if self.synthesizer.trains_in_epochs() {
                 refuse(
                     "epsilon",
-                    "differential privacy is available for gaussian_copula only: DP-SGD is \
-                     not implemented for tvae"
-                        .into(),
+                    format!(
+                        "differential privacy is available for gaussian_copula only: DP-SGD \
+                         is not implemented for {}",
+                        self.synthesizer.name()
+                    ),
                 );
             }
         }
@@ -255,7 +274,7 @@ impl SynthesisPayload {
         }
         match (self.epochs, self.synthesizer) {
             (Some(_), Synthesizer::GaussianCopula) => {
-                refuse("epochs", "only tvae trains in epochs".into())
+                refuse("epochs", "only tvae and ctgan train in epochs".into())
             }
             (Some(e), _) if !(1..=MAX_EPOCHS).contains(&e) => {
                 refuse("epochs", format!("must be between 1 and {MAX_EPOCHS}"))
@@ -291,12 +310,14 @@ impl SynthesisPayload {
                 }
             }
         }
-        if self.save_model && self.synthesizer == Synthesizer::Tvae {
+        if self.save_model && self.synthesizer.trains_in_epochs() {
             refuse(
                 "save_model",
-                "saving a model is available for gaussian_copula only: a saved tvae is not \
-                 implemented"
-                    .into(),
+                format!(
+                    "saving a model is available for gaussian_copula only: a saved {} is not \
+                     implemented",
+                    self.synthesizer.name()
+                ),
             );
         }
         match &self.model_name {
@@ -431,6 +452,19 @@ mod tests {
         );
         assert_eq!(fields(json!({"epochs": 5})), ["payload.epochs"]);
         assert!(fields(json!({"epochs": 5, "synthesizer": "tvae"})).is_empty());
+        assert!(fields(json!({"epochs": 5, "synthesizer": "ctgan"})).is_empty());
+        assert_eq!(
+            fields(json!({"epochs": 0, "synthesizer": "ctgan"})),
+            ["payload.epochs"]
+        );
+        assert_eq!(
+            fields(json!({"epsilon": 1.0, "synthesizer": "ctgan"})),
+            ["payload.epsilon"]
+        );
+        assert_eq!(
+            fields(json!({"save_model": true, "synthesizer": "ctgan"})),
+            ["payload.save_model"]
+        );
         assert_eq!(
             fields(json!({"synthesizer": "gan"})),
             ["payload.synthesizer"]

@@ -1,7 +1,7 @@
 //! The synthesis pipeline outside the job system, for `scripts/bench/synthesis`.
 //!
 //! ```text
-//! synthesis fit <input.csv> <rows> <gaussian_copula|tvae> <output.csv> [epochs]
+//! synthesis fit <input.csv> <rows> <gaussian_copula|tvae|ctgan> <output.csv> [epochs]
 //!     fits on every row (or holds out $HOLDOUT of them), seeded by $SEED (default 0),
 //!     samples, writes the CSV, prints the report as JSON
 //! synthesis score <real.csv> <synthetic.csv> <roles.json>
@@ -37,6 +37,7 @@ fn main() {
             let input = read(&args[1]);
             let synthesizer = match args[3].as_str() {
                 "tvae" => Synthesizer::Tvae,
+                "ctgan" => Synthesizer::Ctgan,
                 _ => Synthesizer::GaussianCopula,
             };
             let payload = SynthesisPayload {

@@ -760,6 +760,7 @@ fn json_value() -> impl Strategy<Value = Value> {
             "dry_run",
             "gaussian_copula",
             "tvae",
+            "ctgan",
             "html",
             "ndjson",
             "pdf",

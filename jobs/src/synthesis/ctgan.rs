@@ -1,0 +1,843 @@
+//! CTGAN (Xu et al., "Modeling Tabular Data using Conditional GAN", NeurIPS 2019) with candle
+//! on the CPU, built as the reference implementation (sdv-dev/CTGAN) builds it:
+//!
+//! - rows encoded as TVAE's (`encoding.rs`): mode-specific normalisation of continuous
+//!   columns, one-hot labels for discrete ones;
+//! - a conditional generator: a condition vector (one discrete column's level) joins the
+//!   noise. Training by sampling picks a discrete column uniformly, a level by its
+//!   log-frequency and a real row holding it, and the generator pays cross-entropy when its
+//!   output misses the level. Sampling draws conditions by the levels' real frequencies
+//!   and each row keeps the level it asked for (the reference draws by the log-frequencies
+//!   again and leaves the level to the generator, which flattens the shares);
+//! - the generator: two residual blocks (linear, batch normalisation, ReLU, concatenated with
+//!   the block's input), then tanh for offsets and Gumbel-softmax (τ = 0.2) for one-hots;
+//! - a PacGAN critic (10 rows packed into one input): linear, LeakyReLU(0.2), dropout(0.5)
+//!   twice, then linear; trained as a WGAN with gradient penalty (λ = 10). candle has no
+//!   double backward, so the critic's gradient with respect to its input is written in closed
+//!   form ([`input_gradient`]), a function of the weights that candle differentiates once;
+//! - Adam (learning rate 2·10⁻⁴, β = (0.5, 0.9)) for both, batches of 500 (fewer rows on small
+//!   tables, so that an epoch still takes a few steps).
+//!
+//! Weights, batches, noise, dropout masks and conditions all come from the seed: a seed gives
+//! the same model.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{
+    ops::{log_softmax, softmax},
+    AdamW, Linear, Module, Optimizer, ParamsAdamW,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use super::{
+    copula::ColumnSpec,
+    encoding::{decode, encode_columns, Encoded, Encoder},
+    table::{Column, Values},
+    tvae::layer,
+    JobError, Monitor,
+};
+
+const LATENT: usize = 128;
+const HIDDEN: usize = 256;
+const BLOCKS: usize = 2;
+/// Rows per critic input (PacGAN).
+const PAC: usize = 10;
+const BATCH: usize = 500;
+/// The gradient penalty's weight.
+const PENALTY: f64 = 10.0;
+/// Gumbel-softmax temperature.
+const TAU: f64 = 0.2;
+/// LeakyReLU's slope below zero.
+const SLOPE: f64 = 0.2;
+/// The critic's dropout keeps a unit with probability ½ and doubles it (inverted dropout).
+const KEPT: f32 = 2.0;
+
+fn fail(e: candle_core::Error) -> JobError {
+    JobError::Permanent(format!("ctgan: {e}"))
+}
+
+/// xoshiro256++ (Blackman & Vigna), seeded from the job's RNG: the bulk of the randomness
+/// (normals, Gumbel draws, dropout masks, row picks) without a cryptographic generator's cost
+/// per number.
+struct Fast {
+    s: [u64; 4],
+}
+
+impl Fast {
+    fn new(rng: &mut StdRng) -> Fast {
+        let mut s = [0u64; 4];
+        for word in &mut s {
+            *word = rng.random();
+        }
+        if s == [0; 4] {
+            s[0] = 1;
+        }
+        Fast { s }
+    }
+
+    fn next(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in (0, 1), never either end.
+    fn open01(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        ((self.open01() * n as f64) as usize).min(n.saturating_sub(1))
+    }
+
+    /// Standard normals (Box–Muller, both of each pair).
+    fn normals(&mut self, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            let r = (-2.0 * self.open01().ln()).sqrt();
+            let theta = std::f64::consts::TAU * self.open01();
+            out.push((r * theta.cos()) as f32);
+            out.push((r * theta.sin()) as f32);
+        }
+        out.truncate(n);
+        out
+    }
+
+    fn gumbels(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| -(-self.open01().ln()).ln() as f32).collect()
+    }
+
+    /// Dropout masks: 0 or [`KEPT`], one random bit each.
+    fn dropout(&mut self, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n + 64);
+        while out.len() < n {
+            let bits = self.next();
+            out.extend((0..64).map(|i| if (bits >> i) & 1 == 1 { KEPT } else { 0.0 }));
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+/// The index of the first cumulative share above `u`.
+fn pick(cumulative: &[f64], u: f64) -> usize {
+    cumulative
+        .iter()
+        .position(|&c| u < c)
+        .unwrap_or(cumulative.len() - 1)
+}
+
+fn cumulative(weights: impl Iterator<Item = f64>) -> Vec<f64> {
+    let weights: Vec<f64> = weights.collect();
+    let total: f64 = weights.iter().sum::<f64>().max(1e-300);
+    let mut sum = 0.0;
+    weights
+        .iter()
+        .map(|w| {
+            sum += w / total;
+            sum
+        })
+        .collect()
+}
+
+/// A discrete column as condition vectors see it.
+struct Condition {
+    /// Its one-hot's start in an encoded row, and in the condition vector.
+    at: usize,
+    cond_at: usize,
+    slots: usize,
+    /// Cumulative shares of its slots: by real frequency (sampling), by log-frequency
+    /// (training by sampling).
+    real: Vec<f64>,
+    log: Vec<f64>,
+    /// The training rows holding each slot (emptied once trained).
+    rows: Vec<Vec<u32>>,
+}
+
+/// A batch's condition vectors (`n` × the condition width, one 1 in each) and the
+/// (column, slot) each row asks for.
+struct Conditions {
+    vectors: Vec<f32>,
+    picks: Vec<(usize, usize)>,
+}
+
+fn ask(
+    columns: &[Condition],
+    width: usize,
+    n: usize,
+    training: bool,
+    fast: &mut Fast,
+) -> Conditions {
+    let mut vectors = vec![0f32; n * width];
+    let mut picks = Vec::with_capacity(n);
+    if columns.is_empty() {
+        return Conditions { vectors, picks };
+    }
+    for row in 0..n {
+        let k = fast.below(columns.len());
+        let column = &columns[k];
+        let shares = if training { &column.log } else { &column.real };
+        let slot = pick(shares, fast.open01());
+        vectors[row * width + column.cond_at + slot] = 1.0;
+        picks.push((k, slot));
+    }
+    Conditions { vectors, picks }
+}
+
+/// A residual block: linear, batch normalisation (batch statistics, as when sampling), ReLU.
+struct Block {
+    linear: Linear,
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+struct Generator {
+    blocks: Vec<Block>,
+    out: Linear,
+}
+
+impl Generator {
+    /// Raw outputs: offsets before tanh, logits before the softmaxes.
+    fn forward(&self, input: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = input.clone();
+        for block in &self.blocks {
+            let h = block.linear.forward(&x)?;
+            let centered = h.broadcast_sub(&h.mean_keepdim(0)?)?;
+            let variance = centered.sqr()?.mean_keepdim(0)?;
+            let normed = centered.broadcast_div(&(variance + 1e-5)?.sqrt()?)?;
+            let h = normed
+                .broadcast_mul(&block.gamma)?
+                .broadcast_add(&block.beta)?
+                .relu()?;
+            x = Tensor::cat(&[&h, &x], 1)?;
+        }
+        self.out.forward(&x)
+    }
+}
+
+/// 1 where a unit is positive, [`SLOPE`] elsewhere: LeakyReLU's derivative, also its factor
+/// (LeakyReLU(h) = h · slopes(h)). Carries no gradient.
+fn slopes(h: &Tensor) -> candle_core::Result<Tensor> {
+    let h = h.detach();
+    h.gt(&h.zeros_like()?)?
+        .to_dtype(h.dtype())?
+        .affine(1.0 - SLOPE, SLOPE)
+}
+
+/// The critic on packed rows `x` with the given dropout masks of its two hidden layers: its
+/// scores, and both layers' LeakyReLU slopes (for [`input_gradient`]).
+fn critic(
+    layers: &[Linear],
+    x: &Tensor,
+    masks: &[Tensor; 2],
+) -> candle_core::Result<(Tensor, [Tensor; 2])> {
+    let h1 = layers[0].forward(x)?;
+    let s1 = slopes(&h1)?;
+    let a1 = ((h1 * &s1)? * &masks[0])?;
+    let h2 = layers[1].forward(&a1)?;
+    let s2 = slopes(&h2)?;
+    let a2 = ((h2 * &s2)? * &masks[1])?;
+    Ok((layers[2].forward(&a2)?, [s1, s2]))
+}
+
+/// ∂critic/∂x of each row, in closed form: with the slopes s and masks m of the forward pass,
+/// ((w₃ ⊙ s₂ ⊙ m₂) W₂ ⊙ s₁ ⊙ m₁) W₁. A product of the weights with constants, so candle
+/// differentiates it with respect to the weights: the gradient penalty's backward pass.
+fn input_gradient(
+    layers: &[Linear],
+    slopes: &[Tensor; 2],
+    masks: &[Tensor; 2],
+) -> candle_core::Result<Tensor> {
+    let g2 = (&slopes[1] * &masks[1])?.broadcast_mul(layers[2].weight())?;
+    let g1 = ((g2.matmul(layers[1].weight())? * &slopes[0])? * &masks[0])?;
+    g1.matmul(layers[0].weight())
+}
+
+/// λ · mean over rows of (‖∂critic/∂x‖ − 1)².
+fn gradient_penalty(gradient: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = (gradient.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
+    (norm - 1.0)?.sqr()?.mean_all()? * PENALTY
+}
+
+pub struct Ctgan {
+    encoders: Vec<Encoder>,
+    conditions: Vec<Condition>,
+    cond_width: usize,
+    generator: Generator,
+    batch: usize,
+}
+
+/// Linear layers whose weights are variables, `sizes[i]` → `sizes[i + 1]`.
+fn stack(
+    sizes: &[usize],
+    vars: &mut Vec<Var>,
+    rng: &mut StdRng,
+) -> candle_core::Result<Vec<Linear>> {
+    let mut layers = Vec::new();
+    for pair in sizes.windows(2) {
+        let (linear, v) = layer(pair[0], pair[1], rng)?;
+        layers.push(linear);
+        vars.extend(v);
+    }
+    Ok(layers)
+}
+
+fn adam(vars: Vec<Var>) -> candle_core::Result<AdamW> {
+    AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 2e-4,
+            beta1: 0.5,
+            beta2: 0.9,
+            eps: 1e-8,
+            weight_decay: 1e-6,
+        },
+    )
+}
+
+impl Ctgan {
+    /// Raw generator outputs as the critic sees them: tanh for offsets, Gumbel-softmax (with
+    /// the given Gumbel noise) for one-hots.
+    fn activate(&self, raw: &Tensor, gumbel: &Tensor) -> candle_core::Result<Tensor> {
+        let noisy = ((raw + gumbel)? / TAU)?;
+        let mut parts = Vec::with_capacity(2 * self.encoders.len());
+        for encoder in &self.encoders {
+            if let Encoder::Continuous { at, .. } = encoder {
+                parts.push(raw.narrow(1, *at, 1)?.tanh()?);
+            }
+            let (start, len) = encoder.group();
+            parts.push(softmax(&noisy.narrow(1, start, len)?, 1)?);
+        }
+        Tensor::cat(&parts, 1)
+    }
+
+    /// Cross-entropy of the conditioned columns' logits against the levels asked for, summed
+    /// over the batch's rows and divided by its size (CTGAN's `_cond_loss`).
+    fn condition_loss(
+        &self,
+        raw: &Tensor,
+        picks: &[(usize, usize)],
+        width: usize,
+    ) -> candle_core::Result<Tensor> {
+        let n = picks.len();
+        let mut target = vec![0f32; n * width];
+        for (row, &(k, slot)) in picks.iter().enumerate() {
+            target[row * width + self.conditions[k].at + slot] = 1.0;
+        }
+        let target = Tensor::from_vec(target, (n, width), raw.device())?;
+        let mut total = Tensor::zeros((), DType::F32, raw.device())?;
+        for condition in &self.conditions {
+            let logits = raw.narrow(1, condition.at, condition.slots)?;
+            let wanted = target.narrow(1, condition.at, condition.slots)?;
+            total = (total + (log_softmax(&logits, 1)? * wanted)?.sum_all()?)?;
+        }
+        total.neg()? / n as f64
+    }
+
+    /// The generator's input: noise, then the condition vectors.
+    fn input(&self, n: usize, vectors: Vec<f32>, fast: &mut Fast) -> candle_core::Result<Tensor> {
+        let noise = Tensor::from_vec(fast.normals(n * LATENT), (n, LATENT), &Device::Cpu)?;
+        if self.cond_width == 0 {
+            return Ok(noise);
+        }
+        let vectors = Tensor::from_vec(vectors, (n, self.cond_width), &Device::Cpu)?;
+        Tensor::cat(&[&noise, &vectors], 1)
+    }
+
+    /// Activated rows with their condition vectors, packed for the critic.
+    fn pack(&self, rows: &Tensor, vectors: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, width) = rows.dims2()?;
+        let joined = match self.cond_width {
+            0 => rows.clone(),
+            _ => Tensor::cat(&[rows, vectors], 1)?,
+        };
+        joined.reshape((n / PAC, PAC * (width + self.cond_width)))
+    }
+
+    /// Trains for `epochs`, reporting each epoch's mean generator and critic losses; stops
+    /// between epochs when asked.
+    pub fn fit(
+        columns: &[(&Column, ColumnSpec)],
+        epochs: usize,
+        seed: u64,
+        monitor: &dyn Monitor,
+    ) -> Result<Ctgan, JobError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut fast = Fast::new(&mut rng);
+        let rows = columns.first().map_or(0, |(c, _)| c.values.len());
+        let Encoded {
+            encoders,
+            width,
+            data,
+        } = encode_columns(columns);
+        let mut conditions = Vec::new();
+        let mut cond_width = 0;
+        for encoder in &encoders {
+            let Encoder::Discrete { at, slots, .. } = encoder else {
+                continue;
+            };
+            let mut holding = vec![Vec::new(); *slots];
+            for row in 0..rows {
+                let one_hot = &data[row * width + at..row * width + at + slots];
+                if let Some(slot) = one_hot.iter().position(|&v| v > 0.5) {
+                    holding[slot].push(row as u32);
+                }
+            }
+            let counts: Vec<f64> = holding.iter().map(|r| r.len() as f64).collect();
+            conditions.push(Condition {
+                at: *at,
+                cond_at: cond_width,
+                slots: *slots,
+                real: cumulative(counts.iter().copied()),
+                log: cumulative(counts.iter().map(|c| (c + 1.0).ln())),
+                rows: holding,
+            });
+            cond_width += slots;
+        }
+
+        let device = Device::Cpu;
+        let mut generator_vars = Vec::new();
+        let mut blocks = Vec::new();
+        let mut input = LATENT + cond_width;
+        for _ in 0..BLOCKS {
+            let (linear, v) = layer(input, HIDDEN, &mut rng).map_err(fail)?;
+            generator_vars.extend(v);
+            let gamma = Var::ones((1, HIDDEN), DType::F32, &device).map_err(fail)?;
+            let beta = Var::zeros((1, HIDDEN), DType::F32, &device).map_err(fail)?;
+            blocks.push(Block {
+                linear,
+                gamma: gamma.as_tensor().clone(),
+                beta: beta.as_tensor().clone(),
+            });
+            generator_vars.extend([gamma, beta]);
+            input += HIDDEN;
+        }
+        let (out, v) = layer(input, width, &mut rng).map_err(fail)?;
+        generator_vars.extend(v);
+        let mut critic_vars = Vec::new();
+        let packed = PAC * (width + cond_width);
+        let critic_layers =
+            stack(&[packed, HIDDEN, HIDDEN, 1], &mut critic_vars, &mut rng).map_err(fail)?;
+        let mut generator_optimizer = adam(generator_vars).map_err(fail)?;
+        let mut critic_optimizer = adam(critic_vars).map_err(fail)?;
+        // Small tables get smaller batches (a multiple of the pack), so that an epoch still
+        // takes a few steps.
+        let batch = BATCH.min((rows / 5).max(10 * PAC)) / PAC * PAC;
+        let mut model = Ctgan {
+            encoders,
+            conditions,
+            cond_width,
+            generator: Generator { blocks, out },
+            batch,
+        };
+        let steps = (rows / batch).max(1);
+        let packs = batch / PAC;
+        let masks = |n: usize, fast: &mut Fast| -> candle_core::Result<[Tensor; 2]> {
+            Ok([
+                Tensor::from_vec(fast.dropout(n * HIDDEN), (n, HIDDEN), &device)?,
+                Tensor::from_vec(fast.dropout(n * HIDDEN), (n, HIDDEN), &device)?,
+            ])
+        };
+        for epoch in 1..=epochs {
+            monitor.checkpoint()?;
+            let (mut generator_total, mut critic_total) = (0.0, 0.0);
+            for _ in 0..steps {
+                // The critic's step: real rows holding the levels the fake rows were asked for.
+                let critic_loss = (|| -> candle_core::Result<Tensor> {
+                    let asked = ask(&model.conditions, cond_width, batch, true, &mut fast);
+                    let raw = model.generator.forward(&model.input(
+                        batch,
+                        asked.vectors.clone(),
+                        &mut fast,
+                    )?)?;
+                    let gumbel =
+                        Tensor::from_vec(fast.gumbels(batch * width), (batch, width), &device)?;
+                    let fake = model.activate(&raw, &gumbel)?.detach();
+                    let vectors =
+                        Tensor::from_vec(asked.vectors.clone(), (batch, cond_width), &device)?;
+                    let fake = model.pack(&fake, &vectors)?;
+                    // Shuffled, so that a pack of real rows is not the fake pack's levels.
+                    let mut order: Vec<usize> = (0..batch).collect();
+                    for i in (1..batch).rev() {
+                        order.swap(i, fast.below(i + 1));
+                    }
+                    let mut real = Vec::with_capacity(batch * (width + cond_width));
+                    for &i in &order {
+                        let row = match asked.picks.get(i) {
+                            Some(&(k, slot)) if !model.conditions[k].rows[slot].is_empty() => {
+                                let holding = &model.conditions[k].rows[slot];
+                                holding[fast.below(holding.len())] as usize
+                            }
+                            _ => fast.below(rows),
+                        };
+                        real.extend_from_slice(&data[row * width..(row + 1) * width]);
+                        real.extend_from_slice(
+                            &asked.vectors[i * cond_width..(i + 1) * cond_width],
+                        );
+                    }
+                    let real = Tensor::from_vec(real, (packs, packed), &device)?;
+                    let both = Tensor::cat(&[&real, &fake], 0)?;
+                    let (scores, _) = critic(&critic_layers, &both, &masks(2 * packs, &mut fast)?)?;
+                    let wasserstein = (scores.narrow(0, packs, packs)?.mean_all()?
+                        - scores.narrow(0, 0, packs)?.mean_all()?)?;
+                    let alpha: Vec<f32> = (0..packs).map(|_| fast.open01() as f32).collect();
+                    let alpha = Tensor::from_vec(alpha, (packs, 1), &device)?;
+                    let between = (real.broadcast_mul(&alpha)?
+                        + fake.broadcast_mul(&alpha.affine(-1.0, 1.0)?)?)?;
+                    let between_masks = masks(packs, &mut fast)?;
+                    let (_, slopes) = critic(&critic_layers, &between, &between_masks)?;
+                    let gradient = input_gradient(&critic_layers, &slopes, &between_masks)?;
+                    wasserstein + gradient_penalty(&gradient)?
+                })()
+                .map_err(fail)?;
+                critic_optimizer.backward_step(&critic_loss).map_err(fail)?;
+                critic_total += f64::from(critic_loss.to_scalar::<f32>().map_err(fail)?);
+
+                // The generator's step, against a frozen copy of the critic.
+                let generator_loss = (|| -> candle_core::Result<Tensor> {
+                    let asked = ask(&model.conditions, cond_width, batch, true, &mut fast);
+                    let vectors =
+                        Tensor::from_vec(asked.vectors.clone(), (batch, cond_width), &device)?;
+                    let raw = model.generator.forward(&model.input(
+                        batch,
+                        asked.vectors,
+                        &mut fast,
+                    )?)?;
+                    let gumbel =
+                        Tensor::from_vec(fast.gumbels(batch * width), (batch, width), &device)?;
+                    let fake = model.pack(&model.activate(&raw, &gumbel)?, &vectors)?;
+                    let frozen: Vec<Linear> = critic_layers
+                        .iter()
+                        .map(|l| Linear::new(l.weight().detach(), l.bias().map(Tensor::detach)))
+                        .collect();
+                    let (scores, _) = critic(&frozen, &fake, &masks(packs, &mut fast)?)?;
+                    let mut loss = scores.mean_all()?.neg()?;
+                    if !model.conditions.is_empty() {
+                        loss = (loss + model.condition_loss(&raw, &asked.picks, width)?)?;
+                    }
+                    Ok(loss)
+                })()
+                .map_err(fail)?;
+                generator_optimizer
+                    .backward_step(&generator_loss)
+                    .map_err(fail)?;
+                generator_total += f64::from(generator_loss.to_scalar::<f32>().map_err(fail)?);
+            }
+            monitor.gan_epoch(
+                epoch,
+                epochs,
+                generator_total / steps as f64,
+                critic_total / steps as f64,
+            );
+        }
+        for condition in &mut model.conditions {
+            condition.rows = Vec::new();
+        }
+        Ok(model)
+    }
+
+    /// `rows` synthetic rows, one column per learned column, under condition vectors drawn by
+    /// the levels' real frequencies, each row holding the level it asked for. (The
+    /// reference's `sample_original_condvec` means to draw by real frequencies but reads the
+    /// log-frequencies of training by sampling, and it leaves the asked-for column to the
+    /// generator: both flatten the shares of an undertrained model.)
+    pub fn sample(&self, rows: usize, seed: u64) -> Result<Vec<Values>, JobError> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut fast = Fast::new(&mut rng);
+        let mut decoded: Vec<Vec<f32>> = Vec::with_capacity(rows + self.batch);
+        // Whole batches only: batch normalisation takes its statistics from the batch.
+        while decoded.len() < rows {
+            let asked = ask(
+                &self.conditions,
+                self.cond_width,
+                self.batch,
+                false,
+                &mut fast,
+            );
+            let mut out = self
+                .input(self.batch, asked.vectors, &mut fast)
+                .and_then(|input| self.generator.forward(&input))
+                .and_then(|t| t.to_vec2::<f32>())
+                .map_err(fail)?;
+            // A row asked for a level holds it: the generator is trained to honour the
+            // condition, and where it has not learned to yet, the condition still decides.
+            for (row, &(k, slot)) in out.iter_mut().zip(&asked.picks) {
+                let condition = &self.conditions[k];
+                for (i, logit) in row[condition.at..condition.at + condition.slots]
+                    .iter_mut()
+                    .enumerate()
+                {
+                    *logit = if i == slot { 0.0 } else { f32::NEG_INFINITY };
+                }
+            }
+            decoded.extend(out);
+        }
+        decoded.truncate(rows);
+        Ok(self
+            .encoders
+            .iter()
+            .map(|encoder| decode(encoder, &decoded, 0.0, true, &mut rng))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthesis::{copula::plain_specs, stats::standard_normal, Quiet};
+    use polars::prelude::DataType;
+    use std::sync::Mutex;
+
+    /// A small random critic in f64, its weights variables, and dropout masks for `n` rows.
+    fn small_critic(
+        input: usize,
+        n: usize,
+        seed: u64,
+    ) -> (Vec<Linear>, Vec<Var>, [Tensor; 2], Tensor) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut fast = Fast::new(&mut rng);
+        let hidden = 6;
+        let mut vars = Vec::new();
+        let mut layers = Vec::new();
+        for (i, o) in [(input, hidden), (hidden, hidden), (hidden, 1)] {
+            let w: Vec<f64> = (0..i * o).map(|_| standard_normal(&mut rng)).collect();
+            let b: Vec<f64> = (0..o).map(|_| standard_normal(&mut rng) * 0.1).collect();
+            let w = Var::from_tensor(&Tensor::from_vec(w, (o, i), &Device::Cpu).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::from_vec(b, o, &Device::Cpu).unwrap()).unwrap();
+            layers.push(Linear::new(
+                w.as_tensor().clone(),
+                Some(b.as_tensor().clone()),
+            ));
+            vars.extend([w, b]);
+        }
+        let mask = |fast: &mut Fast| {
+            let m: Vec<f64> = fast
+                .dropout(n * hidden)
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            Tensor::from_vec(m, (n, hidden), &Device::Cpu).unwrap()
+        };
+        let masks = [mask(&mut fast), mask(&mut fast)];
+        let x: Vec<f64> = (0..n * input).map(|_| standard_normal(&mut rng)).collect();
+        let x = Tensor::from_vec(x, (n, input), &Device::Cpu).unwrap();
+        (layers, vars, masks, x)
+    }
+
+    #[test]
+    fn the_closed_form_input_gradient_matches_finite_differences() {
+        let (input, n) = (7, 4);
+        let (layers, _, masks, x) = small_critic(input, n, 3);
+        let (_, slopes) = critic(&layers, &x, &masks).unwrap();
+        let gradient = input_gradient(&layers, &slopes, &masks)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap();
+        let h = 1e-6;
+        let base = x.to_vec2::<f64>().unwrap();
+        let score = |rows: &[Vec<f64>]| -> Vec<f64> {
+            let flat: Vec<f64> = rows.concat();
+            let x = Tensor::from_vec(flat, (n, input), &Device::Cpu).unwrap();
+            let (y, _) = critic(&layers, &x, &masks).unwrap();
+            y.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+        };
+        let mut nonzero = 0;
+        for row in 0..n {
+            for j in 0..input {
+                let (mut up, mut down) = (base.clone(), base.clone());
+                up[row][j] += h;
+                down[row][j] -= h;
+                let numeric = (score(&up)[row] - score(&down)[row]) / (2.0 * h);
+                let closed = gradient[row][j];
+                assert!(
+                    (numeric - closed).abs() <= 1e-6 * (1.0 + closed.abs()),
+                    "row {row}, input {j}: closed form {closed}, finite differences {numeric}"
+                );
+                nonzero += usize::from(closed.abs() > 1e-9);
+            }
+        }
+        assert!(nonzero > n * input / 2, "{nonzero}");
+    }
+
+    /// The penalty's gradient with respect to the weights, as candle computes it from the
+    /// closed form, matches finite differences of the penalty.
+    #[test]
+    fn the_gradient_penalty_differentiates_with_respect_to_the_weights() {
+        let (input, n) = (5, 3);
+        let (layers, vars, masks, x) = small_critic(input, n, 8);
+        let penalty = |layers: &[Linear]| {
+            let (_, slopes) = critic(layers, &x, &masks).unwrap();
+            gradient_penalty(&input_gradient(layers, &slopes, &masks).unwrap()).unwrap()
+        };
+        let grads = penalty(&layers).backward().unwrap();
+        let h = 1e-6;
+        // Weights of each layer (vars 0, 2, 4), a few entries each.
+        for v in [0, 2, 4] {
+            let var = &vars[v];
+            let analytic = grads
+                .get(var.as_tensor())
+                .expect("a gradient")
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let original = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for entry in [0, original.len() / 2, original.len() - 1] {
+                let at = |delta: f64| {
+                    let mut w = original.clone();
+                    w[entry] += delta;
+                    let w = Tensor::from_vec(w, var.as_tensor().shape(), &Device::Cpu).unwrap();
+                    let mut changed: Vec<Linear> = layers.clone();
+                    changed[v / 2] = Linear::new(w, layers[v / 2].bias().cloned());
+                    penalty(&changed).to_scalar::<f64>().unwrap()
+                };
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                assert!(
+                    (numeric - analytic[entry]).abs() <= 1e-5 * (1.0 + numeric.abs()),
+                    "layer {}, weight {entry}: candle {}, finite differences {numeric}",
+                    v / 2,
+                    analytic[entry]
+                );
+            }
+        }
+    }
+
+    /// A label with shares 0.6/0.3/0.1 and a normal number whose mean follows the label.
+    fn columns(n: usize) -> Vec<Column> {
+        let mut rng = StdRng::seed_from_u64(21);
+        let mut x = Vec::new();
+        let mut c = Vec::new();
+        for i in 0..n {
+            let (label, mean) = match i % 10 {
+                0..=5 => ("a", 40.0),
+                6..=8 => ("b", 60.0),
+                _ => ("c", 80.0),
+            };
+            x.push(Some(mean + 5.0 * standard_normal(&mut rng)));
+            c.push(Some(label.to_owned()));
+        }
+        vec![
+            Column::numbers("x", DataType::Float64, x),
+            Column::labels("c", c),
+        ]
+    }
+
+    struct Losses(Mutex<Vec<(f64, f64)>>);
+
+    impl Monitor for Losses {
+        fn stage(&self, _: f32, _: &str) {}
+        fn epoch(&self, _: usize, _: usize, _: f64) {}
+        fn gan_epoch(&self, _: usize, _: usize, generator: f64, critic: f64) {
+            self.0.lock().unwrap().push((generator, critic));
+        }
+        fn checkpoint(&self) -> Result<(), shared::Cancelled> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_small_fit_keeps_the_category_shares_and_the_numbers_shape() {
+        let data = columns(1000);
+        let losses = Losses(Mutex::new(Vec::new()));
+        // A GAN learns slowly: 500 steps of batches of 200 (CTGAN's learning rates).
+        let epochs = 100;
+        let model = Ctgan::fit(&plain_specs(&data), epochs, 4, &losses).unwrap();
+        let losses = losses.0.into_inner().unwrap();
+        assert_eq!(losses.len(), epochs);
+        assert!(
+            losses.iter().all(|(g, c)| g.is_finite() && c.is_finite()),
+            "{losses:?}"
+        );
+
+        let sample = model.sample(2000, 9).unwrap();
+        let Values::Labels(c) = &sample[1] else {
+            panic!()
+        };
+        let share = |label: &str| {
+            c.iter().filter(|v| v.as_deref() == Some(label)).count() as f64 / c.len() as f64
+        };
+        let shares = [share("a"), share("b"), share("c")];
+        // Conditions are drawn by the real shares and each row keeps its own: within 0.04 (about
+        // 3.5 standard errors of 2,000 draws).
+        for (got, want) in shares.iter().zip([0.6, 0.3, 0.1]) {
+            assert!((got - want).abs() < 0.04, "shares {shares:?}");
+        }
+        let Values::Numbers(x) = &sample[0] else {
+            panic!()
+        };
+        let x: Vec<f64> = x.iter().flatten().copied().collect();
+        let mean = x.iter().sum::<f64>() / x.len() as f64;
+        let std = (x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / x.len() as f64).sqrt();
+        // Real: mean 50, standard deviation about 14; roughly there after 500 steps (56 and 16).
+        assert!((mean - 50.0).abs() < 8.0, "mean {mean}");
+        assert!((10.0..20.0).contains(&std), "std {std}");
+        // Same seeds, same rows.
+        assert_eq!(
+            model.sample(50, 6).unwrap()[0],
+            model.sample(50, 6).unwrap()[0]
+        );
+        let again = Ctgan::fit(&plain_specs(&data), 1, 4, &Quiet).unwrap();
+        let once = Ctgan::fit(&plain_specs(&data), 1, 4, &Quiet).unwrap();
+        assert_eq!(again.sample(20, 1).unwrap(), once.sample(20, 1).unwrap());
+    }
+
+    #[test]
+    fn stops_between_epochs_when_cancelled() {
+        /// Lets `allowed` epochs start, then asks to stop.
+        struct StopAfter {
+            allowed: usize,
+            started: Mutex<usize>,
+            done: Mutex<usize>,
+        }
+        impl Monitor for StopAfter {
+            fn stage(&self, _: f32, _: &str) {}
+            fn epoch(&self, _: usize, _: usize, _: f64) {}
+            fn gan_epoch(&self, _: usize, _: usize, _: f64, _: f64) {
+                *self.done.lock().unwrap() += 1;
+            }
+            fn checkpoint(&self) -> Result<(), shared::Cancelled> {
+                let mut started = self.started.lock().unwrap();
+                if *started == self.allowed {
+                    return Err(shared::Cancelled);
+                }
+                *started += 1;
+                Ok(())
+            }
+        }
+        let data = columns(200);
+        let stop = StopAfter {
+            allowed: 2,
+            started: Mutex::new(0),
+            done: Mutex::new(0),
+        };
+        assert!(matches!(
+            Ctgan::fit(&plain_specs(&data), 50, 1, &stop),
+            Err(JobError::Cancelled(_))
+        ));
+        assert_eq!(*stop.done.lock().unwrap(), 2);
+    }
+
+    #[test]
+    fn numbers_only_tables_train_without_conditions() {
+        let data = vec![columns(200).swap_remove(0)];
+        let model = Ctgan::fit(&plain_specs(&data), 2, 1, &Quiet).unwrap();
+        assert_eq!(model.cond_width, 0);
+        let sample = model.sample(30, 2).unwrap();
+        let Values::Numbers(x) = &sample[0] else {
+            panic!()
+        };
+        assert_eq!(x.len(), 30);
+        assert!(x.iter().flatten().all(|v| v.is_finite()));
+    }
+}
