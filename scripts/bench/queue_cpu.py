@@ -1,0 +1,106 @@
+"""Where a drain's CPU goes: N no-op canary jobs submitted (batches of 1,000), then W worker
+processes x 64 drain them; per build (BENCH_BIN and BENCH_BASELINE, alternating, ROUNDS times
+each), the drain rate and the CPU seconds PostgreSQL, the workers and Redis spent during the
+drain (from /proc: every process of the machine by name, so run it on a quiet machine).
+Prints a table."""
+
+import json, os, subprocess, sys, time, urllib.request, uuid
+
+N, W, ROUNDS = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+PG = os.environ["BENCH_PG"]
+BUILDS = [(name, os.environ[var]) for name, var in (("baseline", "BENCH_BASELINE"), ("this build", "BENCH_BIN"))
+          if os.environ.get(var)]
+DB, PORT = "conveyor_bench_cpu", 18091
+
+
+def psql(sql, db=f"{PG}/postgres"):
+    return subprocess.run(["psql", db, "-tAqc", sql], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def env(prefix):
+    e = dict(os.environ)
+    e.update(CONVEYOR_DATABASE_URL=f"{PG}/{DB}", CONVEYOR_REDIS_PREFIX=prefix, RUST_LOG="error",
+             CONVEYOR_LISTEN=f"127.0.0.1:{PORT}", CONVEYOR_BODY_LIMIT=str(8 << 20))
+    return e
+
+
+def cpu_by_name():
+    """CPU seconds of every live process, summed by command name."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            raw = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue
+        name, fields = raw.split("(", 1)[1].rsplit(")", 1)
+        f = fields.split()
+        out[name] = out.get(name, 0) + (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def drain(bin_dir):
+    prefix = f"bench:{uuid.uuid4().hex[:8]}"
+    psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+    psql(f"CREATE DATABASE {DB}")
+    subprocess.run([f"{bin_dir}/conveyor-api", "migrate"], env=env(prefix), check=True, capture_output=True)
+    key = subprocess.run([f"{bin_dir}/conveyor-api", "keys", "create", "--tenant", "bench"], env=env(prefix),
+                         check=True, capture_output=True, text=True).stdout.strip()
+    api = subprocess.Popen([f"{bin_dir}/conveyor-api", "serve"], env=env(prefix))
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz")
+                break
+            except OSError:
+                time.sleep(0.1)
+        for start in range(0, N, 1000):
+            body = json.dumps({"jobs": [{"kind": "canary", "payload": {}}] * min(1000, N - start)}).encode()
+            urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{PORT}/v1/jobs/batch", data=body, method="POST",
+                headers={"Authorization": f"Bearer {key}", "content-type": "application/json"}), timeout=60).read()
+        time.sleep(1)
+        before = cpu_by_name()
+        workers = [subprocess.Popen([f"{bin_dir}/conveyor-worker", "--queues", "canary=64"], env=env(prefix))
+                   for _ in range(W)]
+        # One connection polls, so the poll's own backends do not count as the drain's.
+        poll = subprocess.Popen(["psql", f"{PG}/{DB}", "-tAq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        while True:
+            poll.stdin.write("SELECT count(*) FROM jobs WHERE status = 'succeeded';\n")
+            poll.stdin.flush()
+            if int(poll.stdout.readline()) >= N:
+                break
+            time.sleep(0.2)
+        after = cpu_by_name()
+        poll.stdin.close()
+        poll.wait()
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait()
+    finally:
+        api.terminate()
+        api.wait()
+    span = float(psql("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM jobs", f"{PG}/{DB}"))
+    used = lambda name: after.get(name, 0) - before.get(name, 0)
+    return N / span, used("postgres"), used("conveyor-worker"), used("redis-server")
+
+
+def main():
+    results = {name: [] for name, _ in BUILDS}
+    for _ in range(ROUNDS):
+        for name, bin_dir in BUILDS:
+            results[name].append(drain(bin_dir))
+    psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+    print(f"| {N:,} no-op jobs, {W} worker process(es) x 64 | jobs/s | PostgreSQL CPU s | workers CPU s | Redis CPU s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, runs in results.items():
+        for i, (rate, pg, worker, redis) in enumerate(runs, 1):
+            print(f"| {name}, run {i} | {rate:,.0f} | {pg:.2f} | {worker:.2f} | {redis:.2f} |")
+    if len(BUILDS) == 2:
+        base = sum(r[0] for r in results["baseline"]) / ROUNDS
+        this = sum(r[0] for r in results["this build"]) / ROUNDS
+        print(f"\nthis build / baseline, mean drain rate: {this / base:.2f}x")
+
+
+main()
