@@ -8,6 +8,7 @@ single-submit latency at a steady 500 req/s (three times). Prints tables."""
 import json, os, statistics, subprocess, sys, tempfile, time, urllib.request, uuid
 from urllib.parse import urlsplit
 
+from procs import wait_ready
 from wire import Relay
 
 N = int(sys.argv[1])
@@ -149,12 +150,7 @@ def bin_dir():
 
 def start_api():
     api = subprocess.Popen([f"{bin_dir()}/conveyor-api", "serve"], env=env())
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz")
-            return api
-        except Exception:
-            time.sleep(0.1)
+    wait_ready(PORT)
     return api
 
 

@@ -1,13 +1,18 @@
 """Where a drain's CPU goes: N no-op canary jobs submitted (batches of 1,000), then W worker
 processes x 64 drain them; per build (BENCH_BIN and BENCH_BASELINE, alternating, ROUNDS times
 each), the drain rate and the CPU seconds PostgreSQL, the workers and Redis spent during the
-drain (from /proc: every process of the machine by name, so run it on a quiet machine).
+drain (from /proc: the servers listening on their ports, with their children, and the
+worker processes).
 Prints a table."""
 
 import json, os, subprocess, sys, time, urllib.request, uuid
+from urllib.parse import urlsplit
+
+from procs import cpu_seconds, server_pids, wait_ready
 
 N, W, ROUNDS = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 PG = os.environ["BENCH_PG"]
+PG_PORT = urlsplit(PG).port or 5432
 BUILDS = [(name, os.environ[var]) for name, var in (("baseline", "BENCH_BASELINE"), ("this build", "BENCH_BIN"))
           if os.environ.get(var)]
 DB, PORT = "conveyor_bench_cpu", 18091
@@ -24,20 +29,6 @@ def env(prefix):
     return e
 
 
-def cpu_by_name():
-    """CPU seconds of every live process, summed by command name."""
-    out = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            raw = open(f"/proc/{pid}/stat").read()
-        except OSError:
-            continue
-        name, fields = raw.split("(", 1)[1].rsplit(")", 1)
-        f = fields.split()
-        out[name] = out.get(name, 0) + (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
 def drain(bin_dir):
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
@@ -47,19 +38,15 @@ def drain(bin_dir):
                          check=True, capture_output=True, text=True).stdout.strip()
     api = subprocess.Popen([f"{bin_dir}/conveyor-api", "serve"], env=env(prefix))
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz")
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_ready(PORT)
         for start in range(0, N, 1000):
             body = json.dumps({"jobs": [{"kind": "canary", "payload": {}}] * min(1000, N - start)}).encode()
             urllib.request.urlopen(urllib.request.Request(
                 f"http://127.0.0.1:{PORT}/v1/jobs/batch", data=body, method="POST",
                 headers={"Authorization": f"Bearer {key}", "content-type": "application/json"}), timeout=60).read()
         time.sleep(1)
-        before = cpu_by_name()
+        servers = {"postgres": server_pids(PG_PORT), "redis": server_pids(6379)}
+        before = {name: cpu_seconds(pids) for name, pids in servers.items()}
         workers = [subprocess.Popen([f"{bin_dir}/conveyor-worker", "--queues", "canary=64"], env=env(prefix))
                    for _ in range(W)]
         # One connection polls, so the poll's own backends do not count as the drain's.
@@ -71,7 +58,9 @@ def drain(bin_dir):
             if int(poll.stdout.readline()) >= N:
                 break
             time.sleep(0.2)
-        after = cpu_by_name()
+        servers["postgres"] = server_pids(PG_PORT)  # with the backends opened meanwhile
+        used = {name: cpu_seconds(pids) - before.get(name, 0.0) for name, pids in servers.items()}
+        used["workers"] = cpu_seconds(w.pid for w in workers)
         poll.stdin.close()
         poll.wait()
         for w in workers:
@@ -82,8 +71,7 @@ def drain(bin_dir):
         api.terminate()
         api.wait()
     span = float(psql("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM jobs", f"{PG}/{DB}"))
-    used = lambda name: after.get(name, 0) - before.get(name, 0)
-    return N / span, used("postgres"), used("conveyor-worker"), used("redis-server")
+    return N / span, used["postgres"], used["workers"], used["redis"]
 
 
 def main():

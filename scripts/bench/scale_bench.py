@@ -6,6 +6,8 @@ from /proc, divided by the drain's span: the cores each part used. Prints a tabl
 
 import datetime, json, os, statistics, subprocess, sys, threading, time, urllib.parse, urllib.request, uuid
 
+from procs import cpu_seconds, server_pids, wait_ready
+
 N = int(sys.argv[1])
 ROOT = os.getcwd()
 BIN = os.environ.get("BENCH_BIN") or os.path.join(
@@ -15,7 +17,6 @@ DB = "conveyor_bench_scale"
 PG_PORT = urllib.parse.urlsplit(PG).port or 5432
 PREFIX = f"bench:{uuid.uuid4().hex[:8]}"
 PORTS = (18091, 18092)
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def psql(sql, db=f"{PG}/postgres"):
@@ -35,27 +36,6 @@ def post(port, path, key, body):
         return json.loads(r.read())
 
 
-def cpu_seconds(pids):
-    total = 0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total / TICK
-
-
-def server_pids(port):
-    """The process listening on loopback `port` and its children (PostgreSQL's backends)."""
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
-    pids = {int(p.split("=")[1]) for p in out.replace(",", " ").split() if p.startswith("pid=")}
-    for pid in list(pids):
-        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        pids.update(int(c) for c in children)
-    return sorted(pids)
-
-
 def follow(port, key, delays, stop):
     """Collects the delay (ms) of every `succeeded` event on the tenant's stream."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/events", headers={"Authorization": f"Bearer {key}"})
@@ -73,12 +53,7 @@ def follow(port, key, delays, stop):
 
 def start_api(port):
     api = subprocess.Popen([f"{BIN}/conveyor-api", "serve"], env=env(port))
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz")
-            break
-        except Exception:
-            time.sleep(0.1)
+    wait_ready(port)
     return api
 
 
