@@ -170,6 +170,20 @@ async fn ingested_documents_are_found_by_paraphrase_keyword_and_both() {
     assert_eq!(result["documents"], 10, "{job}");
     assert_eq!(result["indexed"], 10, "{job}");
     assert_eq!(result["chunks"], 10, "one chunk each: {job}");
+    // Where the time went: every phase measured, together within the job's elapsed time.
+    let phases = ["read", "chunk", "embed", "store"]
+        .map(|p| result["timings"][format!("{p}_seconds")].as_f64());
+    assert!(phases.iter().all(|p| p.is_some_and(|s| s >= 0.0)), "{job}");
+    let spent: f64 = phases.iter().flatten().sum();
+    let elapsed = result["elapsed_ms"].as_f64().unwrap() / 1000.0;
+    assert!(
+        spent > 0.0 && spent <= elapsed + 0.01,
+        "{spent} of {elapsed}: {job}"
+    );
+    assert!(
+        phases[2].unwrap() > 0.0,
+        "ten chunks take time to embed: {job}"
+    );
     assert_eq!(job["progress"], 1.0);
     assert_eq!(job["message"], "10/10 chunks embedded");
     let (_, stats) = app.get(&format!("/v1/collections/{collection}")).await;

@@ -289,6 +289,18 @@ pub struct IngestOutput {
     pub chunks: usize,
     pub elapsed_ms: u64,
     pub chunks_per_second: f64,
+    pub timings: IngestTimings,
+}
+
+/// Where an ingest's time went, in seconds: reading the sources (files, objects, inline text),
+/// splitting into chunks, embedding and storing (documents, chunks and deletions of gone
+/// sources). Together they make up nearly all of `elapsed_ms`.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct IngestTimings {
+    pub read_seconds: f64,
+    pub chunk_seconds: f64,
+    pub embed_seconds: f64,
+    pub store_seconds: f64,
 }
 
 #[cfg(test)]

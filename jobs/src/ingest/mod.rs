@@ -10,8 +10,8 @@ pub mod isolated;
 pub mod watched;
 
 pub use contracts::ingest::{
-    collections as store, DocumentSource, Ingest, IngestOutput, IngestPayload, MAX_ID_LEN,
-    MAX_SOURCES,
+    collections as store, DocumentSource, Ingest, IngestOutput, IngestPayload, IngestTimings,
+    MAX_ID_LEN, MAX_SOURCES,
 };
 
 use async_trait::async_trait;
@@ -365,6 +365,7 @@ impl Handler for IngestHandler {
         payload: IngestPayload,
     ) -> Result<IngestOutput, JobError> {
         let started = Instant::now();
+        let mut timings = IngestTimings::default();
         let pool = &self.services.pool;
         let collection = store::get_collection(pool, ctx.tenant_id(), payload.collection_id)
             .await
@@ -431,7 +432,10 @@ impl Handler for IngestHandler {
             .collect();
         let unchanged = total_documents - documents.len();
 
+        timings.read_seconds = started.elapsed().as_secs_f64();
+
         // Chunk everything first: the total makes progress meaningful.
+        let phase = Instant::now();
         let chunking = Chunking {
             max_tokens: collection.max_tokens as usize,
             overlap: collection.overlap as usize,
@@ -457,6 +461,7 @@ impl Handler for IngestHandler {
             .map_err(|e| JobError::Permanent(e.to_string()))?
             .map_err(|e| JobError::Permanent(e.to_string()))?;
         let total_chunks: usize = documents.iter().map(|(_, _, chunks, _)| chunks.len()).sum();
+        timings.chunk_seconds = phase.elapsed().as_secs_f64();
         ctx.progress(0.0, format!("0/{total_chunks} chunks embedded"))
             .await;
 
@@ -476,6 +481,7 @@ impl Handler for IngestHandler {
             let model = embedder.clone();
             let texts: Vec<String> = group.iter().flat_map(|(_, _, c, _)| c.clone()).collect();
             let tokens: usize = group.iter().map(|(_, _, _, t)| t).sum();
+            let phase = Instant::now();
             let mut vectors = ctx
                 .blocking(move || {
                     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -485,6 +491,7 @@ impl Handler for IngestHandler {
                 .map_err(|e| JobError::Permanent(e.to_string()))?
                 .map_err(|e| JobError::Permanent(e.to_string()))?
                 .into_iter();
+            timings.embed_seconds += phase.elapsed().as_secs_f64();
             let indexed: Vec<store::IndexedDocument> = group
                 .into_iter()
                 .map(|(doc, hash, chunks, _)| store::IndexedDocument {
@@ -497,9 +504,11 @@ impl Handler for IngestHandler {
                 .collect();
             // A cancel that arrived while embedding stores nothing more.
             ctx.checkpoint()?;
+            let phase = Instant::now();
             store::replace_documents(pool, collection.id, ctx.job_id(), &indexed)
                 .await
                 .map_err(retryable)?;
+            timings.store_seconds += phase.elapsed().as_secs_f64();
             embedded += size;
             Meter::add(&ctx.meter().chunks_embedded, size as i64);
             Meter::add(&ctx.meter().tokens_embedded, tokens as i64);
@@ -511,12 +520,14 @@ impl Handler for IngestHandler {
         }
         // Only once everything present is indexed: a sync that failed half-way removes nothing.
         let mut deleted = 0;
+        let phase = Instant::now();
         for ((field, source), present) in &watched_now {
             ctx.checkpoint()?;
             deleted += store::delete_gone(pool, collection.id, (field, source), present)
                 .await
                 .map_err(retryable)?;
         }
+        timings.store_seconds += phase.elapsed().as_secs_f64();
         let seconds = started.elapsed().as_secs_f64();
         Ok(IngestOutput {
             collection_id: collection.id,
@@ -527,6 +538,7 @@ impl Handler for IngestHandler {
             chunks: total_chunks,
             elapsed_ms: (seconds * 1000.0) as u64,
             chunks_per_second: (total_chunks as f64 / seconds.max(1e-9)).round(),
+            timings,
         })
     }
 }
