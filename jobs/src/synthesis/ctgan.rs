@@ -26,7 +26,10 @@ use candle_nn::{
     ops::{log_softmax, softmax},
     AdamW, Linear, Module, Optimizer, ParamsAdamW,
 };
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{
+    rngs::{SmallRng, StdRng},
+    RngCore, SeedableRng,
+};
 
 use super::{
     copula::ColumnSpec,
@@ -55,36 +58,18 @@ fn fail(e: candle_core::Error) -> JobError {
     JobError::Permanent(format!("ctgan: {e}"))
 }
 
-/// xoshiro256++ (Blackman & Vigna), seeded from the job's RNG: the bulk of the randomness
-/// (normals, Gumbel draws, dropout masks, row picks) without a cryptographic generator's cost
-/// per number.
-struct Fast {
-    s: [u64; 4],
-}
+/// The bulk of the randomness (normals, Gumbel draws, dropout masks, row picks): rand's
+/// `SmallRng` (xoshiro256++), seeded from the job's RNG, without a cryptographic generator's
+/// cost per number; the draws below are built on its raw 64-bit outputs.
+struct Fast(SmallRng);
 
 impl Fast {
     fn new(rng: &mut StdRng) -> Fast {
-        let mut s = [0u64; 4];
-        for word in &mut s {
-            *word = rng.random();
-        }
-        if s == [0; 4] {
-            s[0] = 1;
-        }
-        Fast { s }
+        Fast(SmallRng::from_rng(rng))
     }
 
     fn next(&mut self) -> u64 {
-        let s = &mut self.s;
-        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
+        self.0.next_u64()
     }
 
     /// Uniform in (0, 1), never either end.
