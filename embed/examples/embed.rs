@@ -7,6 +7,8 @@
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
+    // As the worker runs jobs.
+    conveyor_embed::set_thread_defaults();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(args.len() == 4, "usage: embed MODEL_DIR SENTENCES OUT");
     let model = conveyor_embed::Embedder::load(args[1].as_ref())?;

@@ -21,6 +21,19 @@ pub const DIMENSIONS: usize = 384;
 /// shipped tokenizer.json truncates at 128 and pads to 128: both are overridden.
 pub const MAX_SEQUENCE: usize = 256;
 
+/// candle's element-wise ops on the calling thread, unless the operator has set
+/// `CANDLE_NUM_THREADS`. candle splits every op over 64k elements across a pool of its own
+/// whose threads spin at a barrier: on cores shared with other jobs, a spinning thread holds
+/// a core the waited-for thread needs (a CTGAN test fit: 52 s with the pool, 36 s without,
+/// beside a build), and the embedder, whose time is in matrix products (still on every core,
+/// through rayon), runs as fast without it (1,500 sentences: 16.8 s either way). Call at the
+/// start of `main`, before any thread exists: it sets an environment variable.
+pub fn set_thread_defaults() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
 /// Why the model could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[error(

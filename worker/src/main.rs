@@ -32,6 +32,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
+    embed::set_thread_defaults();
     let args = Args::parse();
     match args.command {
         Some(Command::Extract { format }) => return Ok(jobs::ingest::isolated::serve(&format)),
