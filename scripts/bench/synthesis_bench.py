@@ -28,6 +28,9 @@ BINARY, EPOCHS = sys.argv[1], int(sys.argv[2])
 CTGAN_EPOCHS = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 WORK = ".data/bench/synthesis"
 TABLES = [("ggplot2", "diamonds"), ("ISLR", "Wage")]
+# BENCH_TABLES=wage (names, comma-separated): only those tables.
+if os.environ.get("BENCH_TABLES"):
+    TABLES = [t for t in TABLES if t[1].lower() in os.environ["BENCH_TABLES"].lower().split(",")]
 SDTYPES = {"numerical": "numerical", "datetime": "datetime", "categorical": "categorical",
            "identifier": "id"}
 
