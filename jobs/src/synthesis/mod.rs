@@ -153,16 +153,14 @@ pub fn synthesize(
         }
         Synthesizer::Tvae => {
             let epochs = payload.epochs.unwrap_or(DEFAULT_EPOCHS) as usize;
-            let seed = rng.random();
             Model::Tvae(on_one_thread(|| {
-                tvae::Tvae::fit(&learned, epochs, seed, monitor)
+                tvae::Tvae::fit(&learned, epochs, rng.random(), monitor)
             })?)
         }
         Synthesizer::Ctgan => {
             let epochs = payload.epochs.unwrap_or(DEFAULT_EPOCHS) as usize;
-            let seed = rng.random();
             Model::Ctgan(on_one_thread(|| {
-                ctgan::Ctgan::fit(&learned, epochs, seed, monitor)
+                ctgan::Ctgan::fit(&learned, epochs, rng.random(), monitor)
             })?)
         }
     };
@@ -171,14 +169,8 @@ pub fn synthesize(
     let draw = |n: usize| -> Result<constraints::Columns, JobError> {
         let mut sampled = match &model {
             Model::Copula(copula) => copula.sample(n, &mut rng),
-            Model::Tvae(tvae) => {
-                let seed = rng.random();
-                on_one_thread(|| tvae.sample(n, seed))?
-            }
-            Model::Ctgan(ctgan) => {
-                let seed = rng.random();
-                on_one_thread(|| ctgan.sample(n, seed))?
-            }
+            Model::Tvae(tvae) => on_one_thread(|| tvae.sample(n, rng.random()))?,
+            Model::Ctgan(ctgan) => on_one_thread(|| ctgan.sample(n, rng.random()))?,
         };
         if !private {
             for ((column, spec), values) in learned.iter().zip(sampled.iter_mut()) {
