@@ -175,7 +175,7 @@ pub struct SynthesisPayload {
     /// Rules every synthetic row keeps.
     #[serde(default)]
     pub constraints: Vec<Constraint>,
-    /// Keep the fitted model (`gaussian_copula` only), to sample from later with `sample` jobs
+    /// Keep the fitted model (any synthesizer), to sample from later with `sample` jobs
     /// without refitting: `outputs.model_id`, listed at `GET /v1/models`.
     #[serde(default)]
     pub save_model: bool,
@@ -309,16 +309,6 @@ impl SynthesisPayload {
                     refuse(&field, "must not repeat a label".into());
                 }
             }
-        }
-        if self.save_model && self.synthesizer.trains_in_epochs() {
-            refuse(
-                "save_model",
-                format!(
-                    "saving a model is available for gaussian_copula only: a saved {} is not \
-                     implemented",
-                    self.synthesizer.name()
-                ),
-            );
         }
         match &self.model_name {
             Some(_) if !self.save_model => refuse(
@@ -461,10 +451,7 @@ mod tests {
             fields(json!({"epsilon": 1.0, "synthesizer": "ctgan"})),
             ["payload.epsilon"]
         );
-        assert_eq!(
-            fields(json!({"save_model": true, "synthesizer": "ctgan"})),
-            ["payload.save_model"]
-        );
+        assert!(fields(json!({"save_model": true, "synthesizer": "ctgan"})).is_empty());
         assert_eq!(
             fields(json!({"synthesizer": "gan"})),
             ["payload.synthesizer"]
@@ -475,10 +462,7 @@ mod tests {
         );
         assert_eq!(fields(json!({"bogus": 1})), ["payload.bogus"]);
         assert!(fields(json!({"save_model": true, "model_name": "orders"})).is_empty());
-        assert_eq!(
-            fields(json!({"save_model": true, "synthesizer": "tvae"})),
-            ["payload.save_model"]
-        );
+        assert!(fields(json!({"save_model": true, "synthesizer": "tvae"})).is_empty());
         assert_eq!(fields(json!({"model_name": "x"})), ["payload.model_name"]);
         assert_eq!(
             fields(json!({"save_model": true, "model_name": " "})),

@@ -83,6 +83,25 @@ fn output(app: &TestApp, job: &Value) -> (Table, Vec<u8>) {
     (table, std::fs::read(&path).unwrap())
 }
 
+/// A level the model never generates: refused at submit, naming the field.
+async fn refuses_a_level_it_never_generates(app: &TestApp, model_id: &str) {
+    let payload = json!({"model_id": model_id, "rows": 10, "conditions": {"city": "Nowhere"}});
+    let (status, problem) = submit(app, &app.key, "sample", payload).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "payload.conditions.city");
+}
+
+fn model_path(app: &TestApp, model_id: &str) -> std::path::PathBuf {
+    let tenant = app.tenant;
+    let path = format!("tenants/{tenant}/models/{model_id}");
+    app.settings.data_dir.join(path)
+}
+
+/// The stored model file's text.
+fn stored_model(app: &TestApp, model_id: &str) -> String {
+    String::from_utf8(std::fs::read(model_path(app, model_id)).unwrap()).unwrap()
+}
+
 fn labels(table: &Table, column: &str) -> Vec<Option<String>> {
     match &table.column(column).unwrap().values {
         Values::Labels(v) => v.clone(),
@@ -161,12 +180,7 @@ async fn a_saved_model_samples_under_conditions_without_refitting_and_holds_no_t
     );
 
     // The stored model holds neither planted value.
-    let tenant = app.tenant;
-    let stored = app
-        .settings
-        .data_dir
-        .join(format!("tenants/{tenant}/models/{model_id}"));
-    let bytes = String::from_utf8(std::fs::read(&stored).unwrap()).unwrap();
+    let bytes = stored_model(&app, model_id);
     assert!(bytes.contains("conveyor.gaussian_copula.v1"));
     assert!(bytes.contains("\"X\"") && bytes.contains("amount"));
     assert!(!bytes.contains(PLANTED_TEXT), "the planted text leaked");
@@ -248,16 +262,7 @@ async fn a_saved_model_samples_under_conditions_without_refitting_and_holds_no_t
     assert_eq!(first, second);
     assert_ne!(first, other);
 
-    // A level the model never generates: refused at submit, naming the field.
-    let (status, problem) = submit(
-        &app,
-        &app.key,
-        "sample",
-        json!({"model_id": model_id, "rows": 10, "conditions": {"city": "Nowhere"}}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
-    assert_eq!(problem["errors"][0]["field"], "payload.conditions.city");
+    refuses_a_level_it_never_generates(&app, model_id).await;
     // A number the model almost never generates: the job fails saying which column.
     let failed = finish(
         &app,
@@ -351,12 +356,10 @@ async fn a_model_is_its_tenants_alone_and_only_writers_delete_it() {
     // Its own writer deletes it, with an audit row; then it is gone for sampling too.
     assert_eq!(app.delete(&path).await, StatusCode::NO_CONTENT);
     assert_eq!(app.get(&path).await.0, StatusCode::NOT_FOUND);
-    let tenant = app.tenant;
-    let stored = app
-        .settings
-        .data_dir
-        .join(format!("tenants/{tenant}/models/{model_id}"));
-    assert!(!stored.exists(), "the model's file is deleted");
+    assert!(
+        !model_path(&app, model_id).exists(),
+        "the model's file is deleted"
+    );
     let audited: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM audit_log WHERE action = 'model.delete' AND target_id = $1",
     )
@@ -373,4 +376,51 @@ async fn a_model_is_its_tenants_alone_and_only_writers_delete_it() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_saved_ctgan_or_tvae_samples_under_conditions_and_says_what_it_holds() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("synthesis", 1), ("sample", 1)])
+        .await;
+    let dataset = app
+        .upload_dataset("customers.csv", customers_csv(1000).as_bytes())
+        .await;
+    for synthesizer in ["ctgan", "tvae"] {
+        let fitted = succeed(
+            &app,
+            "synthesis",
+            json!({"dataset_id": dataset, "rows": 10, "seed": 1, "save_model": true,
+                   "synthesizer": synthesizer, "epochs": 2, "model_name": synthesizer}),
+        )
+        .await;
+        let model_id = fitted["result"]["outputs"]["model_id"].as_str().unwrap();
+        let (status, model) = app.get(&format!("/v1/models/{model_id}")).await;
+        assert_eq!(status, StatusCode::OK, "{model}");
+        assert_eq!(model["synthesizer"], synthesizer, "{model}");
+        assert_eq!(model["schema"][2]["levels"].as_array().unwrap().len(), 3);
+        let description = model["description"].as_str().unwrap();
+        assert!(
+            description.contains("not differentially private")
+                && description.contains("\"amount\""),
+            "{description}"
+        );
+        let bytes = stored_model(&app, model_id);
+        assert!(bytes.contains(&format!("conveyor.{synthesizer}.v1")));
+        assert!(!bytes.contains(PLANTED_TEXT) && !bytes.contains(PLANTED_NUMBER));
+        assert!(!bytes.contains("cust-0"), "an identifier leaked");
+
+        let sampled = succeed(
+            &app,
+            "sample",
+            json!({"model_id": model_id, "rows": 500, "seed": 3, "conditions": {"city": "Z"}}),
+        )
+        .await;
+        let (sample, _) = output(&app, &sampled);
+        assert_eq!(sample.rows(), 500);
+        assert!(labels(&sample, "city")
+            .iter()
+            .all(|c| c.as_deref() == Some("Z")));
+        refuses_a_level_it_never_generates(&app, model_id).await;
+    }
 }

@@ -847,10 +847,6 @@ async fn synthesis_refuses_bad_payloads() {
             "payload.epsilon",
         ),
         (
-            json!({"rows": 10, "save_model": true, "synthesizer": "ctgan"}),
-            "payload.save_model",
-        ),
-        (
             json!({"rows": 10, "columns": {"nope": {"type": "skip"}}}),
             "payload.columns.nope",
         ),

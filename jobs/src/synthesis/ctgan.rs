@@ -30,12 +30,14 @@ use rand::{
     rngs::{SmallRng, StdRng},
     RngCore, SeedableRng,
 };
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{
     copula::ColumnSpec,
-    encoding::{decode, encode_columns, Encoded, Encoder},
+    encoding::{decode, encode_columns, laid_out, Encoded, Encoder},
     table::{Column, Values},
     tvae::layer,
+    weights::{Floats, LayerFile},
     JobError, Monitor,
 };
 
@@ -132,6 +134,7 @@ fn cumulative(weights: impl Iterator<Item = f64>) -> Vec<f64> {
 }
 
 /// A discrete column as condition vectors see it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Condition {
     /// Its one-hot's start in an encoded row, and in the condition vector.
     at: usize,
@@ -142,6 +145,7 @@ struct Condition {
     real: Vec<f64>,
     log: Vec<f64>,
     /// The training rows holding each slot (emptied once trained).
+    #[serde(skip)]
     rows: Vec<Vec<u32>>,
 }
 
@@ -152,11 +156,21 @@ struct Conditions {
     picks: Vec<(usize, usize)>,
 }
 
+/// How a batch's conditions are drawn: a column uniformly, then a level by its
+/// log-frequency (training by sampling) or its real frequency; or one level for every row.
+#[derive(Clone, Copy)]
+enum Asking {
+    Training,
+    Real,
+    /// (condition, slot).
+    Only(usize, usize),
+}
+
 fn ask(
     columns: &[Condition],
     width: usize,
     n: usize,
-    training: bool,
+    asking: Asking,
     fast: &mut Fast,
 ) -> Conditions {
     let mut vectors = vec![0f32; n * width];
@@ -165,10 +179,18 @@ fn ask(
         return Conditions { vectors, picks };
     }
     for row in 0..n {
-        let k = fast.below(columns.len());
+        let (k, slot) = match asking {
+            Asking::Only(k, slot) => (k, slot),
+            Asking::Training | Asking::Real => {
+                let k = fast.below(columns.len());
+                let shares = match asking {
+                    Asking::Training => &columns[k].log,
+                    _ => &columns[k].real,
+                };
+                (k, pick(shares, fast.open01()))
+            }
+        };
         let column = &columns[k];
-        let shares = if training { &column.log } else { &column.real };
-        let slot = pick(shares, fast.open01());
         vectors[row * width + column.cond_at + slot] = 1.0;
         picks.push((k, slot));
     }
@@ -176,12 +198,14 @@ fn ask(
 }
 
 /// A residual block: linear, batch normalisation (batch statistics, as when sampling), ReLU.
+#[derive(Clone, Debug)]
 struct Block {
     linear: Linear,
     gamma: Tensor,
     beta: Tensor,
 }
 
+#[derive(Clone, Debug)]
 struct Generator {
     blocks: Vec<Block>,
     out: Linear,
@@ -250,6 +274,7 @@ fn gradient_penalty(gradient: &Tensor) -> candle_core::Result<Tensor> {
     (norm - 1.0)?.sqr()?.mean_all()? * PENALTY
 }
 
+#[derive(Clone, Debug)]
 pub struct Ctgan {
     encoders: Vec<Encoder>,
     conditions: Vec<Condition>,
@@ -435,7 +460,13 @@ impl Ctgan {
             for _ in 0..steps {
                 // The critic's step: real rows holding the levels the fake rows were asked for.
                 let critic_loss = (|| -> candle_core::Result<Tensor> {
-                    let asked = ask(&model.conditions, cond_width, batch, true, &mut fast);
+                    let asked = ask(
+                        &model.conditions,
+                        cond_width,
+                        batch,
+                        Asking::Training,
+                        &mut fast,
+                    );
                     let raw = model.generator.forward(&model.input(
                         batch,
                         asked.vectors.clone(),
@@ -486,7 +517,13 @@ impl Ctgan {
 
                 // The generator's step, against a frozen copy of the critic.
                 let generator_loss = (|| -> candle_core::Result<Tensor> {
-                    let asked = ask(&model.conditions, cond_width, batch, true, &mut fast);
+                    let asked = ask(
+                        &model.conditions,
+                        cond_width,
+                        batch,
+                        Asking::Training,
+                        &mut fast,
+                    );
                     let vectors =
                         Tensor::from_vec(asked.vectors.clone(), (batch, cond_width), &device)?;
                     let raw = model.generator.forward(&model.input(
@@ -533,6 +570,44 @@ impl Ctgan {
     /// log-frequencies of training by sampling, and it leaves the asked-for column to the
     /// generator: both flatten the shares of an undertrained model.)
     pub fn sample(&self, rows: usize, seed: u64) -> Result<Vec<Values>, JobError> {
+        self.sample_asking(rows, seed, Asking::Real)
+    }
+
+    pub(super) fn encoders(&self) -> &[Encoder] {
+        &self.encoders
+    }
+
+    /// The condition and slot that stand for `level` of learned column `column`, when it has
+    /// its own slot (a level beyond the one-hot's, sharing the last slot, has none).
+    pub(super) fn condition_of(&self, column: usize, level: usize) -> Option<(usize, usize)> {
+        let Encoder::Discrete {
+            at, slots, rare, ..
+        } = self.encoders.get(column)?
+        else {
+            return None;
+        };
+        let own = slots - usize::from(!rare.is_empty());
+        let k = self.conditions.iter().position(|c| c.at == *at)?;
+        (level < own).then_some((k, level))
+    }
+
+    /// `rows` synthetic rows that all hold the level of [`Ctgan::condition_of`]: the
+    /// generator conditioned on it, as training taught it.
+    pub(super) fn sample_given(
+        &self,
+        rows: usize,
+        seed: u64,
+        (condition, slot): (usize, usize),
+    ) -> Result<Vec<Values>, JobError> {
+        self.sample_asking(rows, seed, Asking::Only(condition, slot))
+    }
+
+    fn sample_asking(
+        &self,
+        rows: usize,
+        seed: u64,
+        asking: Asking,
+    ) -> Result<Vec<Values>, JobError> {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut fast = Fast::new(&mut rng);
         let mut decoded: Vec<Vec<f32>> = Vec::with_capacity(rows + self.batch);
@@ -542,7 +617,7 @@ impl Ctgan {
                 &self.conditions,
                 self.cond_width,
                 self.batch,
-                false,
+                asking,
                 &mut fast,
             );
             let mut out = self
@@ -569,6 +644,122 @@ impl Ctgan {
             .iter()
             .map(|encoder| decode(encoder, &decoded, 0.0, true, &mut rng))
             .collect())
+    }
+}
+
+/// A fitted CTGAN as a saved model keeps it: the columns' encodings, the conditions' level
+/// shares and the generator (the critic only serves training).
+#[derive(Serialize, Deserialize)]
+struct CtganFile {
+    encoders: Vec<Encoder>,
+    conditions: Vec<Condition>,
+    cond_width: usize,
+    blocks: Vec<BlockFile>,
+    out: LayerFile,
+    /// Rows per generator pass: batch normalisation takes its statistics from the batch.
+    batch: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BlockFile {
+    linear: LayerFile,
+    gamma: Floats,
+    beta: Floats,
+}
+
+impl Serialize for Ctgan {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let file = (|| -> candle_core::Result<CtganFile> {
+            let blocks = self
+                .generator
+                .blocks
+                .iter()
+                .map(|b| {
+                    Ok(BlockFile {
+                        linear: LayerFile::of(&b.linear)?,
+                        gamma: Floats::of(&b.gamma)?,
+                        beta: Floats::of(&b.beta)?,
+                    })
+                })
+                .collect::<candle_core::Result<_>>()?;
+            Ok(CtganFile {
+                encoders: self.encoders.clone(),
+                conditions: self.conditions.clone(),
+                cond_width: self.cond_width,
+                blocks,
+                out: LayerFile::of(&self.generator.out)?,
+                batch: self.batch,
+            })
+        })()
+        .map_err(serde::ser::Error::custom)?;
+        file.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ctgan {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let file = CtganFile::deserialize(deserializer)?;
+        if !file.fits() {
+            return Err(serde::de::Error::custom(
+                "the generator's layers do not fit the model's columns",
+            ));
+        }
+        let generator = (|| -> candle_core::Result<Generator> {
+            let blocks = file
+                .blocks
+                .iter()
+                .map(|b| {
+                    Ok(Block {
+                        linear: b.linear.linear()?,
+                        gamma: b.gamma.vector(HIDDEN)?.reshape((1, HIDDEN))?,
+                        beta: b.beta.vector(HIDDEN)?.reshape((1, HIDDEN))?,
+                    })
+                })
+                .collect::<candle_core::Result<_>>()?;
+            Ok(Generator {
+                blocks,
+                out: file.out.linear()?,
+            })
+        })()
+        .map_err(serde::de::Error::custom)?;
+        Ok(Ctgan {
+            encoders: file.encoders,
+            conditions: file.conditions,
+            cond_width: file.cond_width,
+            generator,
+            batch: file.batch,
+        })
+    }
+}
+
+impl CtganFile {
+    /// Whether the layers chain and the conditions are the discrete columns' one-hots, as
+    /// [`Ctgan::fit`] builds them.
+    fn fits(&self) -> bool {
+        let width = laid_out(&self.encoders);
+        let mut cond_at = 0;
+        let discrete = self.encoders.iter().filter_map(|e| match e {
+            Encoder::Discrete { at, slots, .. } => Some((*at, *slots)),
+            Encoder::Continuous { .. } => None,
+        });
+        let conditions_fit = discrete.clone().count() == self.conditions.len()
+            && discrete.zip(&self.conditions).all(|((at, slots), c)| {
+                let fits = c.at == at && c.slots == slots && c.cond_at == cond_at;
+                cond_at += slots;
+                fits && c.real.len() == slots && c.log.len() == slots
+            });
+        let mut input = LATENT + self.cond_width;
+        let blocks_fit = self.blocks.iter().all(|b| {
+            let fits = b.linear.inputs == input && b.linear.outputs == HIDDEN;
+            input += HIDDEN;
+            fits
+        });
+        conditions_fit
+            && cond_at == self.cond_width
+            && blocks_fit
+            && self.out.inputs == input
+            && Some(self.out.outputs) == width
+            && (1..=BATCH).contains(&self.batch)
     }
 }
 

@@ -21,7 +21,7 @@ const MAX_LEVELS: usize = 100;
 const MAX_DISCRETE_NUMBERS: usize = 32;
 
 /// One column's slice of the encoded row.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(super) enum Encoder {
     Continuous {
         /// Offset's position in the row; the modes' one-hot follows it.
@@ -58,6 +58,17 @@ impl Encoder {
             Encoder::Discrete { at, slots, .. } => (*at, *slots),
         }
     }
+}
+
+/// The width of a row of these encoders, if each starts where the one before ends (as
+/// [`encode_columns`] lays them out): what a model read from a file is checked against.
+pub(super) fn laid_out(encoders: &[Encoder]) -> Option<usize> {
+    encoders.iter().try_fold(0, |width, encoder| {
+        let at = match encoder {
+            Encoder::Continuous { at, .. } | Encoder::Discrete { at, .. } => *at,
+        };
+        (at == width).then(|| width + encoder.width())
+    })
 }
 
 /// The columns' encoders and their rows, encoded: row-major, `width` wide.

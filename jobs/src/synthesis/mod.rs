@@ -20,6 +20,7 @@ pub mod stats;
 pub mod table;
 pub mod tvae;
 pub mod visual;
+mod weights;
 
 use async_trait::async_trait;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -166,17 +167,25 @@ pub fn synthesize(
     };
     monitor.checkpoint()?;
     monitor.stage(0.6, "sampling");
+    // Samples stay within each numeric column's training range (private fits excepted: the
+    // range is a fact of the data they may not use).
+    let ranges: Vec<Option<(f64, f64)>> = learned
+        .iter()
+        .map(|(column, spec)| {
+            (!private && spec.role != Role::Categorical)
+                .then(|| range(&column.values))
+                .flatten()
+        })
+        .collect();
     let draw = |n: usize| -> Result<constraints::Columns, JobError> {
         let mut sampled = match &model {
             Model::Copula(copula) => copula.sample(n, &mut rng),
             Model::Tvae(tvae) => on_one_thread(|| tvae.sample(n, rng.random()))?,
             Model::Ctgan(ctgan) => on_one_thread(|| ctgan.sample(n, rng.random()))?,
         };
-        if !private {
-            for ((column, spec), values) in learned.iter().zip(sampled.iter_mut()) {
-                if spec.role != Role::Categorical {
-                    clamp_to_range(&column.values, values);
-                }
+        for (values, range) in sampled.iter_mut().zip(&ranges) {
+            if let Some(range) = range {
+                clamp(values, *range);
             }
         }
         Ok(constraints::separate(
@@ -191,17 +200,30 @@ pub fn synthesize(
         Model::Copula(copula) => copula.budget.clone(),
         Model::Tvae(_) | Model::Ctgan(_) => None,
     };
-    let saved = match &model {
-        Model::Copula(copula) if payload.save_model => Some(saved::ModelFile::new(
+    let saved = payload.save_model.then(|| {
+        let fitted = match model {
+            Model::Copula(copula) => saved::Fitted::Copula {
+                marginals: copula.marginals,
+                correlation: copula.correlation,
+            },
+            Model::Ctgan(ctgan) => saved::Fitted::Network {
+                network: saved::Network::Ctgan(ctgan),
+                ranges,
+            },
+            Model::Tvae(tvae) => saved::Fitted::Network {
+                network: saved::Network::Tvae(tvae),
+                ranges,
+            },
+        };
+        saved::ModelFile::new(
             input,
             &profiles,
             names.clone(),
-            copula,
+            fitted,
             &payload.constraints,
             budget.as_ref().map(|b| b.epsilon),
-        )),
-        _ => None,
-    };
+        )
+    });
     let fit_and_sample = started.elapsed();
 
     // Output columns in input order: learned ones from the model, fresh identifiers, no skips.
@@ -278,18 +300,21 @@ fn column_report(p: &ColumnProfile) -> Value {
 /// Keeps a synthetic numeric column within the training column's range, as SDV's
 /// `enforce_min_max_values` does, without planting the real extremes in the output. Private
 /// fits skip this: the range itself would leak.
-fn clamp_to_range(real: &Values, synthetic: &mut Values) {
-    let (Values::Numbers(real), Values::Numbers(synthetic)) = (real, synthetic) else {
-        return;
+fn range(real: &Values) -> Option<(f64, f64)> {
+    let Values::Numbers(real) = real else {
+        return None;
     };
     let present = real.iter().flatten();
     let lo = present.clone().fold(f64::INFINITY, |a, &b| a.min(b));
     let hi = present.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-    if lo > hi {
-        return;
-    }
-    for v in synthetic.iter_mut().flatten() {
-        *v = v.clamp(lo, hi);
+    (lo <= hi).then_some((lo, hi))
+}
+
+fn clamp(synthetic: &mut Values, (lo, hi): (f64, f64)) {
+    if let Values::Numbers(synthetic) = synthetic {
+        for v in synthetic.iter_mut().flatten() {
+            *v = v.clamp(lo, hi);
+        }
     }
 }
 
@@ -543,7 +568,7 @@ impl SynthesisHandler {
             tenant_id: ctx.tenant_id(),
             name,
             version: 0,
-            synthesizer: "gaussian_copula".into(),
+            synthesizer: model.synthesizer().into(),
             schema: sqlx::types::Json(model.schema()),
             training_rows: report["rows"]["train"].as_i64().unwrap_or(0),
             quality: sqlx::types::Json(report["quality"].clone()),
@@ -719,7 +744,7 @@ mod tests {
         let real = Values::Numbers(vec![Some(1.0), None, Some(9.0), Some(5.0)]);
         let mut synthetic =
             Values::Numbers(vec![Some(3.0), Some(12.0), None, Some(2.0), Some(4.0)]);
-        clamp_to_range(&real, &mut synthetic);
+        clamp(&mut synthetic, range(&real).unwrap());
         assert_eq!(
             synthetic,
             Values::Numbers(vec![Some(3.0), Some(9.0), None, Some(2.0), Some(4.0)])

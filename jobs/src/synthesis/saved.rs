@@ -1,17 +1,19 @@
-//! Saved models: a fitted Gaussian copula kept as a file (serde JSON, tagged with its format
-//! version), and the sampler that draws rows from it without refitting, optionally under
-//! conditions.
+//! Saved models: a fitted Gaussian copula, CTGAN or TVAE kept as a file (serde JSON, tagged
+//! with its format version), and the sampler that draws rows from it without refitting,
+//! optionally under conditions.
 //!
-//! The file holds the copula's marginals and correlation, the output schema and the
-//! constraints: never a training row. [`ModelFile::description`] says exactly which real values
-//! it holds.
+//! The file holds what sampling needs (the copula's marginals and correlation; a network's
+//! column encodings and generator or decoder weights), the output schema and the
+//! constraints: never a training row. [`ModelFile::description`] says exactly which real
+//! values it holds.
 //!
-//! Conditions: one categorical condition is met exactly by conditioning the copula. The
-//! conditioned column goes first in the Cholesky order, so its latent normal is the first
-//! draw alone: drawing it from the normal truncated to the level's interval, and the others
-//! as usual, samples the model's joint distribution given that level. Every other condition
-//! (more categoricals, numbers, combined columns) is met by rejection, which fails, naming
-//! the columns, when fewer than 1 % of the rows meet them.
+//! Conditions: one categorical condition is met exactly by conditioning the model. In a
+//! copula the conditioned column goes first in the Cholesky order, so its latent normal is
+//! the first draw alone: drawing it from the normal truncated to the level's interval, and
+//! the others as usual, samples the model's joint distribution given that level. CTGAN's
+//! generator takes the level as its condition vector, as it was trained to. Every other
+//! condition (more categoricals, numbers, combined columns, any condition of a TVAE) is met
+//! by rejection, which fails, naming the columns, when fewer than 1 % of the rows meet them.
 
 use polars::prelude::{DataType, TimeUnit, TimeZone};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -22,17 +24,23 @@ use shared::saved_models::ModelColumn;
 
 use super::{
     constraints::{self, Columns, Constraint},
-    copula::{finish_number, Copula, Marginal},
+    copula::{finish_number, Marginal},
+    ctgan::Ctgan,
+    encoding::Encoder,
+    on_one_thread,
     profile::{quantile, ColumnProfile, Role},
     stats::{cholesky, identity, nearest_correlation, normal_quantile, NormalTable},
     table::{Column, Table, Values},
+    tvae::Tvae,
 };
 use crate::JobError;
 
 pub use contracts::sample::ConditionMap;
 
-/// The format tag of the files this build writes and reads.
+/// The format tags of the files this build writes and reads: a copula's, CTGAN's, TVAE's.
 pub const FORMAT: &str = "conveyor.gaussian_copula.v1";
+pub const CTGAN_FORMAT: &str = "conveyor.ctgan.v1";
+pub const TVAE_FORMAT: &str = "conveyor.tvae.v1";
 
 /// Rows per block of the sampler: each block has its own seeded generator (Xoshiro256++, rand's
 /// SmallRng: fast, and inlined into this loop), so the output depends on the seed alone, not
@@ -50,12 +58,44 @@ pub struct ModelFile {
     pub epsilon: Option<f64>,
     /// The columns generated, in output order.
     pub columns: Vec<OutputColumn>,
-    /// The copula's columns, in its order (a fixed combination is one joint column).
+    /// The model's columns, in its order (a fixed combination is one joint column).
     pub learned: Vec<String>,
-    pub marginals: Vec<Marginal>,
-    /// Correlation of the latent normals, row-major.
-    pub correlation: Vec<f64>,
+    #[serde(flatten)]
+    pub fitted: Fitted,
     pub constraints: Vec<Constraint>,
+}
+
+/// What was fitted, as sampling needs it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Fitted {
+    Copula {
+        marginals: Vec<Marginal>,
+        /// Correlation of the latent normals, row-major.
+        correlation: Vec<f64>,
+    },
+    Network {
+        network: Network,
+        /// Each learned column's training range where the fit clamped its samples (numbers
+        /// that are not categorical), so that a saved model's rows stay where the fit's did.
+        ranges: Vec<Option<(f64, f64)>>,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    Ctgan(Ctgan),
+    Tvae(Tvae),
+}
+
+impl Network {
+    fn encoders(&self) -> &[Encoder] {
+        match self {
+            Network::Ctgan(ctgan) => ctgan.encoders(),
+            Network::Tvae(tvae) => tvae.encoders(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -69,12 +109,12 @@ pub struct OutputColumn {
 }
 
 impl ModelFile {
-    /// The file of a copula fitted on `input` (whose columns `profiles` describe).
+    /// The file of a model fitted on `input` (whose columns `profiles` describe).
     pub fn new(
         input: &Table,
         profiles: &[ColumnProfile],
         learned: Vec<String>,
-        copula: &Copula,
+        fitted: Fitted,
         constraints: &[Constraint],
         epsilon: Option<f64>,
     ) -> ModelFile {
@@ -90,14 +130,39 @@ impl ModelFile {
                 numbers: matches!(column.values, Values::Numbers(_)),
             })
             .collect();
+        let format = match &fitted {
+            Fitted::Copula { .. } => FORMAT,
+            Fitted::Network {
+                network: Network::Ctgan(_),
+                ..
+            } => CTGAN_FORMAT,
+            Fitted::Network {
+                network: Network::Tvae(_),
+                ..
+            } => TVAE_FORMAT,
+        };
         ModelFile {
-            format: FORMAT.into(),
+            format: format.into(),
             epsilon,
             columns,
             learned,
-            marginals: copula.marginals.clone(),
-            correlation: copula.correlation.clone(),
+            fitted,
             constraints: constraints.to_vec(),
+        }
+    }
+
+    /// The synthesizer's name, as payloads spell it.
+    pub fn synthesizer(&self) -> &'static str {
+        match &self.fitted {
+            Fitted::Copula { .. } => "gaussian_copula",
+            Fitted::Network {
+                network: Network::Ctgan(_),
+                ..
+            } => "ctgan",
+            Fitted::Network {
+                network: Network::Tvae(_),
+                ..
+            } => "tvae",
         }
     }
 
@@ -111,9 +176,10 @@ impl ModelFile {
             format: String,
         }
         let tag: Tag = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if tag.format != FORMAT {
+        if ![FORMAT, CTGAN_FORMAT, TVAE_FORMAT].contains(&tag.format.as_str()) {
             return Err(format!(
-                "the model is in format {:?}; this build reads {FORMAT:?}",
+                "the model is in format {:?}; this build reads {FORMAT:?}, {CTGAN_FORMAT:?} \
+                 and {TVAE_FORMAT:?}",
                 tag.format
             ));
         }
@@ -123,11 +189,10 @@ impl ModelFile {
     /// What the model is and exactly which real values it holds.
     pub fn description(&self) -> String {
         let learned = |discrete: bool| -> Vec<String> {
-            self.learned
-                .iter()
-                .zip(&self.marginals)
-                .filter(|(_, m)| matches!(m, Marginal::Discrete { .. }) == discrete)
-                .map(|(name, _)| format!("{name:?}"))
+            let names = self.learned.iter().enumerate();
+            names
+                .filter(|&(at, _)| self.levels_at(at).is_some() == discrete)
+                .map(|(_, name)| format!("{name:?}"))
                 .collect()
         };
         let list = |names: Vec<String>| match names.is_empty() {
@@ -140,32 +205,67 @@ impl ModelFile {
             .filter(|c| c.role == Role::Identifier)
             .map(|c| format!("{:?}", c.name))
             .collect();
-        let head = format!(
-            "A Gaussian copula over {} column(s): one marginal distribution per column and the \
-             correlation matrix of their normal scores. It holds no training row. Identifier \
-             columns ({}) hold nothing: sampled identifiers count from 1, or are syn-<n> labels.",
-            self.learned.len(),
+        let identifiers = format!(
+            "Identifier columns ({}) hold nothing: sampled identifiers count from 1, or are \
+             syn-<n> labels.",
             list(identifiers)
         );
-        match self.epsilon {
-            Some(epsilon) => format!(
-                "{head} Fitted with ε-differential privacy (ε = {epsilon}): it holds no value \
-                 of the data beyond what the private mechanisms released (noisy histograms over \
-                 declared or privately estimated bounds, levels declared or kept above a noisy \
-                 threshold, noisy Kendall's tau correlations); see privacy.budget."
+        let (continuous, discrete) = (list(learned(false)), list(learned(true)));
+        let n = self.learned.len();
+        let network = match &self.fitted {
+            Fitted::Network { network, .. } => network,
+            Fitted::Copula { .. } => {
+                let head = format!(
+                    "A Gaussian copula over {n} column(s): one marginal distribution per column \
+                     and the correlation matrix of their normal scores. It holds no training \
+                     row. {identifiers}"
+                );
+                return match self.epsilon {
+                    Some(epsilon) => format!(
+                        "{head} Fitted with ε-differential privacy (ε = {epsilon}): it holds no \
+                         value of the data beyond what the private mechanisms released (noisy \
+                         histograms over declared or privately estimated bounds, levels \
+                         declared or kept above a noisy threshold, noisy Kendall's tau \
+                         correlations); see privacy.budget."
+                    ),
+                    None => format!(
+                        "{head} Not differentially private; the real values it holds: for each \
+                         continuous column ({continuous}), 1001 quantile knots (its minimum, its \
+                         maximum and the value at every 0.1 % of its distribution, \
+                         interpolated between training values; with fewer than 1001 training \
+                         rows some knots are training values themselves); for each categorical \
+                         or few-valued column ({discrete}), every value seen in training with \
+                         its frequency. Sampled values stay within each column's training range."
+                    ),
+                };
+            }
+        };
+        let (what, frequencies) = match network {
+            Network::Ctgan(_) => (
+                format!(
+                    "A CTGAN over {n} column(s): its generator network's weights (the critic is \
+                 not kept) and each column's encoding"
+                ),
+                "with its frequency (the generator's conditions are drawn by them)",
             ),
-            None => format!(
-                "{head} Not differentially private; the real values it holds: for each \
-                 continuous column ({}), 1001 quantile knots (its minimum, its maximum and the \
-                 value at every 0.1 % of its distribution, interpolated between training \
-                 values; with fewer than 1001 training rows some knots are training values \
-                 themselves); for each categorical or few-valued column ({}), every value seen \
-                 in training with its frequency. Sampled values stay within each column's \
-                 training range.",
-                list(learned(false)),
-                list(learned(true))
+            Network::Tvae(_) => (
+                format!(
+                    "A TVAE over {n} column(s): its decoder network's weights and noise scales \
+                 (the encoder network is not kept) and each column's encoding"
+                ),
+                "(beyond a column's 100 most frequent levels, with their frequencies)",
             ),
-        }
+        };
+        format!(
+            "{what}. It holds no training row as such, but it is not differentially private: a \
+             network is fitted to its training rows and can learn to reproduce some of them \
+             (the fitting job's privacy report measures how close its samples come). \
+             {identifiers} The real values it holds: for each continuous column \
+             ({continuous}), the means and spreads of up to 5 mixture modes fitted to its \
+             values, and its training minimum and maximum (sampled values are clamped to \
+             them); for each categorical or few-valued column ({discrete}), every value seen \
+             in training {frequencies}."
+        )
     }
 
     /// The columns as the API shows them, with the levels a condition may ask for.
@@ -173,9 +273,9 @@ impl ModelFile {
         self.columns
             .iter()
             .map(|c| {
-                let levels = self.discrete(&c.name).map(|(_, levels, _)| {
-                    (0..levels.len()).map(|k| level_value(levels, k)).collect()
-                });
+                let levels = self
+                    .levels(&c.name)
+                    .map(|(_, levels)| (0..levels.len()).map(|k| level_value(levels, k)).collect());
                 ModelColumn {
                     name: c.name.clone(),
                     data_type: c.dtype.clone(),
@@ -189,12 +289,23 @@ impl ModelFile {
             .collect()
     }
 
-    /// The learned column of that name with a discrete marginal: index, levels, cumulative.
-    fn discrete(&self, name: &str) -> Option<(usize, &Values, &[f64])> {
+    /// The learned column of that name when it is discrete (categorical or few-valued): its
+    /// index and the levels it generates.
+    fn levels(&self, name: &str) -> Option<(usize, &Values)> {
         let at = self.learned.iter().position(|n| n == name)?;
-        match &self.marginals[at] {
-            Marginal::Discrete { levels, cumulative } => Some((at, levels, cumulative)),
-            Marginal::Continuous { .. } => None,
+        Some((at, self.levels_at(at)?))
+    }
+
+    fn levels_at(&self, at: usize) -> Option<&Values> {
+        match &self.fitted {
+            Fitted::Copula { marginals, .. } => match marginals.get(at)? {
+                Marginal::Discrete { levels, .. } => Some(levels),
+                Marginal::Continuous { .. } => None,
+            },
+            Fitted::Network { network, .. } => match network.encoders().get(at)? {
+                Encoder::Discrete { levels, .. } => Some(levels),
+                Encoder::Continuous { .. } => None,
+            },
         }
     }
 }
@@ -275,9 +386,18 @@ enum Mapper<'m> {
     },
 }
 
-/// One group's draw: the copula's columns in `order`, the Cholesky factor of their
-/// correlation in that order, and the first one's level when it is conditioned exactly.
-struct Plan {
+/// One group's draw.
+enum Plan {
+    Copula(CopulaPlan),
+    /// A network's rows, CTGAN's all given one (condition, slot) when conditioned exactly.
+    Network {
+        given: Option<(usize, usize)>,
+    },
+}
+
+/// The copula's columns in `order`, the Cholesky factor of their correlation in that order,
+/// and the first one's level when it is conditioned exactly.
+struct CopulaPlan {
     order: Vec<usize>,
     cholesky: Vec<f64>,
     /// (level, its cumulative interval in u).
@@ -299,8 +419,11 @@ pub struct Sampler<'m> {
 
 impl<'m> Sampler<'m> {
     pub fn new(model: &'m ModelFile, seed: u64) -> Sampler<'m> {
-        let mappers = model
-            .marginals
+        let marginals = match &model.fitted {
+            Fitted::Copula { marginals, .. } => marginals.as_slice(),
+            Fitted::Network { .. } => &[],
+        };
+        let mappers = marginals
             .iter()
             .map(|m| match m {
                 Marginal::Continuous {
@@ -347,7 +470,7 @@ impl<'m> Sampler<'m> {
     /// `rows` rows meeting `conditions`, as output columns in the model's order.
     pub fn sample(&mut self, rows: usize, conditions: &ConditionMap) -> Result<Table, JobError> {
         let (plan, rejected) = self.plan(conditions)?;
-        let first = self.draw(&plan, rows);
+        let first = self.draw(&plan, rows)?;
         let model = self.model;
         let rules = &model.constraints;
         let checked = rules.iter().any(Constraint::is_numeric) || !rejected.is_empty();
@@ -381,7 +504,7 @@ impl<'m> Sampler<'m> {
             )
         };
         let sampled = {
-            let mut draw = |n: usize| Ok(self.draw(&plan, n));
+            let mut draw = |n: usize| self.draw(&plan, n);
             constraints::accept_rounds(rows, first, &mut draw, accept, refusal)?
         };
         Ok(self.assemble(sampled, rows))
@@ -390,72 +513,138 @@ impl<'m> Sampler<'m> {
     /// The plan for `conditions`, and those it leaves to rejection.
     fn plan(&self, conditions: &ConditionMap) -> Result<(Plan, Vec<(String, Value)>), JobError> {
         let model = self.model;
-        let d = model.marginals.len();
+        // Each condition on a discrete column, as (learned column, level); the rest.
+        let mut levels = Vec::new();
         let mut rejected = Vec::new();
-        // The exact one: the rarest level asked of a categorical, leaving the least to reject.
-        let mut exact: Option<(usize, u32, f64, f64)> = None;
         for (name, wanted) in conditions {
-            let level = model.discrete(name).and_then(|(at, levels, cumulative)| {
-                let k = (0..levels.len())
-                    .find(|&k| contracts::sample::same_value(&level_value(levels, k), wanted))?;
-                let lo = if k == 0 { 0.0 } else { cumulative[k - 1] };
-                Some((at, k as u32, lo, cumulative[k]))
-            });
-            match level {
-                Some((_, _, lo, hi)) if hi <= lo => {
-                    return Err(JobError::Permanent(format!(
-                        "the model gives {wanted} in {name:?} no probability: no row can have it"
-                    )))
+            match model.levels(name) {
+                Some((at, values)) => {
+                    let k = (0..values.len())
+                        .find(|&k| contracts::sample::same_value(&level_value(values, k), wanted))
+                        // Preflight refuses this, unless the model changed since.
+                        .ok_or_else(|| {
+                            JobError::Permanent(format!(
+                                "the model never generates {wanted} in {name:?}"
+                            ))
+                        })?;
+                    levels.push((at, k));
                 }
-                Some(found) if exact.is_none_or(|e| found.3 - found.2 < e.3 - e.2) => {
-                    if let Some((at, ..)) = exact {
-                        rejected.push((
-                            model.learned[at].clone(),
-                            conditions[&model.learned[at]].clone(),
-                        ));
-                    }
-                    exact = Some(found);
-                }
-                _ => {
-                    if model.discrete(name).is_some() {
-                        // A categorical without that level: preflight refuses this, unless the
-                        // model changed since.
-                        return Err(JobError::Permanent(format!(
-                            "the model never generates {wanted} in {name:?}"
-                        )));
-                    }
-                    if !model.columns.iter().any(|c| c.name == *name) {
-                        return Err(JobError::Permanent(format!(
-                            "the model has no column {name:?}"
-                        )));
-                    }
+                None if model.columns.iter().any(|c| c.name == *name) => {
                     rejected.push((name.clone(), wanted.clone()))
+                }
+                None => {
+                    return Err(JobError::Permanent(format!(
+                        "the model has no column {name:?}"
+                    )))
                 }
             }
         }
-        let order: Vec<usize> = match exact {
-            Some((at, ..)) => std::iter::once(at)
-                .chain((0..d).filter(|&i| i != at))
-                .collect(),
-            None => (0..d).collect(),
+        // The one met exactly (the rest by rejection): a copula's rarest level, leaving the
+        // least to reject; CTGAN's first level with a slot of its own; none of a TVAE's.
+        let exact = match &model.fitted {
+            Fitted::Copula { marginals, .. } => {
+                let mut intervals = Vec::new();
+                for &(at, k) in &levels {
+                    let Marginal::Discrete { cumulative, .. } = &marginals[at] else {
+                        unreachable!("levels are a discrete marginal's")
+                    };
+                    let lo = if k == 0 { 0.0 } else { cumulative[k - 1] };
+                    if cumulative[k] <= lo {
+                        let name = &model.learned[at];
+                        return Err(JobError::Permanent(format!(
+                            "the model gives {} in {name:?} no probability: no row can have it",
+                            conditions[name]
+                        )));
+                    }
+                    intervals.push((at, k, lo, cumulative[k]));
+                }
+                intervals
+                    .into_iter()
+                    .min_by(|a, b| (a.3 - a.2).total_cmp(&(b.3 - b.2)))
+            }
+            Fitted::Network {
+                network: Network::Ctgan(ctgan),
+                ..
+            } => levels
+                .iter()
+                .find(|&&(at, k)| ctgan.condition_of(at, k).is_some())
+                .map(|&(at, k)| (at, k, 0.0, 0.0)),
+            Fitted::Network { .. } => None,
         };
-        let permuted: Vec<f64> = order
-            .iter()
-            .flat_map(|&i| order.iter().map(move |&j| model.correlation[i * d + j]))
-            .collect();
-        let cholesky = cholesky(&permuted, d)
-            .or_else(|| cholesky(&nearest_correlation(&permuted, d, 1e-6), d))
-            .unwrap_or_else(|| identity(d));
-        let plan = Plan {
-            order,
-            cholesky,
-            fixed: exact.map(|(_, k, lo, hi)| (k, lo, hi)),
+        for &(at, k) in &levels {
+            if exact.is_none_or(|e| (e.0, e.1) != (at, k)) {
+                let name = &model.learned[at];
+                rejected.push((name.clone(), conditions[name].clone()));
+            }
+        }
+        let plan = match &model.fitted {
+            Fitted::Copula { correlation, .. } => {
+                let d = model.learned.len();
+                let order: Vec<usize> = match exact {
+                    Some((at, ..)) => std::iter::once(at)
+                        .chain((0..d).filter(|&i| i != at))
+                        .collect(),
+                    None => (0..d).collect(),
+                };
+                let permuted: Vec<f64> = order
+                    .iter()
+                    .flat_map(|&i| order.iter().map(move |&j| correlation[i * d + j]))
+                    .collect();
+                let cholesky = cholesky(&permuted, d)
+                    .or_else(|| cholesky(&nearest_correlation(&permuted, d, 1e-6), d))
+                    .unwrap_or_else(|| identity(d));
+                Plan::Copula(CopulaPlan {
+                    order,
+                    cholesky,
+                    fixed: exact.map(|(_, k, lo, hi)| (k as u32, lo, hi)),
+                })
+            }
+            Fitted::Network { network, .. } => Plan::Network {
+                given: match network {
+                    Network::Ctgan(ctgan) => {
+                        exact.and_then(|(at, k, ..)| ctgan.condition_of(at, k))
+                    }
+                    Network::Tvae(_) => None,
+                },
+            },
         };
         Ok((plan, rejected))
     }
 
-    /// `rows` rows of the model's columns (fixed combinations taken apart), in parallel blocks.
-    fn draw(&mut self, plan: &Plan, rows: usize) -> Columns {
+    /// `rows` rows of the model's columns (fixed combinations taken apart).
+    fn draw(&mut self, plan: &Plan, rows: usize) -> Result<Columns, JobError> {
+        let columns = match plan {
+            Plan::Copula(plan) => self.draw_copula(plan, rows),
+            Plan::Network { given } => {
+                let Fitted::Network { network, ranges } = &self.model.fitted else {
+                    unreachable!("a network's plan")
+                };
+                // One seed per call, from the sampler's seed and the calls before.
+                let seed = block_seed(self.seed, self.blocks);
+                self.blocks += 1;
+                let mut sampled = on_one_thread(|| match (network, given) {
+                    (Network::Ctgan(ctgan), Some(given)) => ctgan.sample_given(rows, seed, *given),
+                    (Network::Ctgan(ctgan), None) => ctgan.sample(rows, seed),
+                    (Network::Tvae(tvae), _) => tvae.sample(rows, seed),
+                })?;
+                for (values, range) in sampled.iter_mut().zip(ranges) {
+                    if let Some(range) = range {
+                        super::clamp(values, *range);
+                    }
+                }
+                sampled
+            }
+        };
+        Ok(constraints::separate(
+            self.model.learned.clone(),
+            columns,
+            &self.model.constraints,
+            &self.shape,
+        ))
+    }
+
+    /// `rows` rows of the copula's columns, in parallel blocks.
+    fn draw_copula(&mut self, plan: &CopulaPlan, rows: usize) -> Vec<Values> {
         let blocks = rows.div_ceil(BLOCK);
         let first_block = self.blocks;
         self.blocks += blocks as u64;
@@ -481,15 +670,10 @@ impl<'m> Sampler<'m> {
                 all.append(more);
             }
         }
-        constraints::separate(
-            self.model.learned.clone(),
-            columns,
-            &self.model.constraints,
-            &self.shape,
-        )
+        columns
     }
 
-    fn draw_block(&self, plan: &Plan, n: usize, rng: &mut SmallRng) -> Vec<Values> {
+    fn draw_block(&self, plan: &CopulaPlan, n: usize, rng: &mut SmallRng) -> Vec<Values> {
         let d = self.mappers.len();
         let normal = NormalTable::shared();
         let mut numbers: Vec<Vec<Option<f64>>> = vec![Vec::new(); d];
@@ -801,9 +985,18 @@ mod tests {
         );
         let read = ModelFile::from_bytes(bytes.as_bytes()).unwrap();
         assert_eq!(read.learned, model.learned);
-        assert_eq!(read.marginals[1], model.marginals[1]);
+        let (
+            Fitted::Copula {
+                marginals: read, ..
+            },
+            Fitted::Copula { marginals, .. },
+        ) = (&read.fitted, &model.fitted)
+        else {
+            panic!()
+        };
+        assert_eq!(read[1], marginals[1]);
         let (Marginal::Continuous { knots: a, .. }, Marginal::Continuous { knots: b, .. }) =
-            (&read.marginals[0], &model.marginals[0])
+            (&read[0], &marginals[0])
         else {
             panic!()
         };
@@ -828,5 +1021,113 @@ mod tests {
         let wrong = bytes.replace(FORMAT, "conveyor.gaussian_copula.v0");
         let refused = ModelFile::from_bytes(wrong.as_bytes()).unwrap_err();
         assert!(refused.contains("this build reads"), "{refused}");
+    }
+
+    /// A network fitted briefly, saved and read back.
+    fn network(input: &Table, synthesizer: &str) -> ModelFile {
+        let fitted = fit(input, json!({"synthesizer": synthesizer, "epochs": 3}));
+        assert_eq!(fitted.synthesizer(), synthesizer);
+        ModelFile::from_bytes(&fitted.to_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_saved_network_samples_as_the_fitted_one_and_meets_conditions() {
+        let input = table(1500);
+        for synthesizer in ["ctgan", "tvae"] {
+            let fitted = fit(&input, json!({"synthesizer": synthesizer, "epochs": 3}));
+            let read = ModelFile::from_bytes(&fitted.to_bytes()).unwrap();
+            let none = ConditionMap::new();
+            // The weights survive the file exactly: the same seed gives the same rows.
+            let a = Sampler::new(&fitted, 5).sample(700, &none).unwrap();
+            let b = Sampler::new(&read, 5).sample(700, &none).unwrap();
+            let values = |t: &Table| {
+                t.columns
+                    .iter()
+                    .map(|c| c.values.clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(values(&a), values(&b), "{synthesizer}");
+            assert_eq!(a.rows(), 700);
+            // Numbers stay within the training range; identifiers are fresh.
+            let (lo, hi) = crate::synthesis::range(&input.columns[1].values).unwrap();
+            assert!(numbers(&a, "x")
+                .iter()
+                .flatten()
+                .all(|&x| (lo..=hi).contains(&x)));
+            assert_eq!(labels(&a, "id")[0].as_deref(), Some("syn-1"));
+
+            // A categorical condition (exact in CTGAN, by rejection in TVAE) and a number.
+            let wanted = conditions(json!({"group": "high", "visits": 2}));
+            let given = Sampler::new(&read, 9).sample(400, &wanted).unwrap();
+            assert_eq!(given.rows(), 400);
+            assert!(labels(&given, "group")
+                .iter()
+                .all(|g| g.as_deref() == Some("high")));
+            assert!(numbers(&given, "visits").iter().all(|&v| v == Some(2.0)));
+            // A level it never generates, and a column it lacks, are refused.
+            let never = Sampler::new(&read, 9).sample(10, &conditions(json!({"group": "top"})));
+            assert!(matches!(never, Err(JobError::Permanent(m)) if m.contains("never generates")));
+            let lacking = Sampler::new(&read, 9).sample(10, &conditions(json!({"zip": 1})));
+            assert!(matches!(lacking, Err(JobError::Permanent(m)) if m.contains("no column")));
+        }
+    }
+
+    #[test]
+    fn a_saved_networks_rows_keep_its_constraints() {
+        let mut input = table(1500);
+        let x = numbers(&input, "x").to_vec();
+        let above: Vec<Option<f64>> = x.iter().map(|v| v.map(|v| v + 5.0)).collect();
+        input
+            .columns
+            .push(Column::numbers("y", DataType::Float64, above));
+        let rule = json!({"constraints": [{"type": "inequality", "low": "x", "high": "y"}],
+                          "synthesizer": "ctgan", "epochs": 2});
+        let model = ModelFile::from_bytes(&fit(&input, rule).to_bytes()).unwrap();
+        let sampled = Sampler::new(&model, 3)
+            .sample(1000, &conditions(json!({"group": "low"})))
+            .unwrap();
+        let (x, y) = (numbers(&sampled, "x"), numbers(&sampled, "y"));
+        assert!(x.iter().zip(y).all(|(x, y)| match (x, y) {
+            (Some(x), Some(y)) => x < y,
+            _ => true,
+        }));
+    }
+
+    #[test]
+    fn a_network_file_holds_no_training_row_and_says_it_is_not_private() {
+        let mut input = table(1500);
+        let Values::Numbers(x) = &mut input.columns[1].values else {
+            panic!()
+        };
+        x[100] = Some(51.987654321);
+        for synthesizer in ["ctgan", "tvae"] {
+            let model = network(&input, synthesizer);
+            let bytes = String::from_utf8(model.to_bytes()).unwrap();
+            assert!(!bytes.contains("51.987654321"), "a training value leaked");
+            assert!(!bytes.contains("person-"), "an identifier leaked");
+            assert!(bytes.contains(&format!("conveyor.{synthesizer}.v1")));
+            let description = model.description();
+            assert!(
+                description.contains("not differentially private")
+                    && description.contains("continuous column (\"x\")")
+                    && description.contains("(\"group\", \"visits\")")
+                    && description.contains("training minimum and maximum"),
+                "{description}"
+            );
+            let schema = model.schema();
+            assert_eq!(schema[2].levels.as_ref().unwrap().len(), 3);
+            assert_eq!(schema[1].levels, None);
+            // Weights that do not fit the columns are refused, not sampled.
+            let key = if synthesizer == "ctgan" {
+                "\"batch\":"
+            } else {
+                "\"width\":"
+            };
+            let broken = bytes.replacen(key, &format!("{key}9"), 1);
+            assert!(
+                ModelFile::from_bytes(broken.as_bytes()).is_err(),
+                "{synthesizer}"
+            );
+        }
     }
 }

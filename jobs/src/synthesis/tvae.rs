@@ -7,12 +7,14 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{ops::log_softmax, AdamW, Linear, Module, Optimizer, ParamsAdamW};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{
     copula::ColumnSpec,
-    encoding::{decode, encode_columns, Encoded, Encoder},
+    encoding::{decode, encode_columns, laid_out, Encoded, Encoder},
     stats::standard_normal,
     table::{Column, Values},
+    weights::LayerFile,
     JobError, Monitor,
 };
 
@@ -22,6 +24,7 @@ const BATCH: usize = 500;
 /// Weight of the reconstruction term against the KL term (TVAE's `loss_factor`).
 const LOSS_FACTOR: f64 = 2.0;
 
+#[derive(Clone, Debug)]
 pub struct Tvae {
     encoders: Vec<Encoder>,
     width: usize,
@@ -235,6 +238,68 @@ impl Tvae {
     /// Width of an encoded row.
     pub fn width(&self) -> usize {
         self.width
+    }
+
+    pub(super) fn encoders(&self) -> &[Encoder] {
+        &self.encoders
+    }
+}
+
+/// A fitted TVAE as a saved model keeps it: the columns' encodings, the decoder and the
+/// noise scales (the encoder network only serves training).
+#[derive(Serialize, Deserialize)]
+struct TvaeFile {
+    encoders: Vec<Encoder>,
+    width: usize,
+    decoder: Vec<LayerFile>,
+    sigmas: Vec<f64>,
+}
+
+impl Serialize for Tvae {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let decoder = self
+            .decoder
+            .iter()
+            .map(LayerFile::of)
+            .collect::<candle_core::Result<_>>()
+            .map_err(serde::ser::Error::custom)?;
+        TvaeFile {
+            encoders: self.encoders.clone(),
+            width: self.width,
+            decoder,
+            sigmas: self.sigmas.clone(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Tvae {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let file = TvaeFile::deserialize(deserializer)?;
+        let sizes: Vec<(usize, usize)> =
+            file.decoder.iter().map(|l| (l.inputs, l.outputs)).collect();
+        let chained = sizes.windows(2).all(|pair| pair[0].1 == pair[1].0);
+        if !chained
+            || sizes.first().map(|s| s.0) != Some(LATENT)
+            || sizes.last().map(|s| s.1) != Some(file.width)
+            || laid_out(&file.encoders) != Some(file.width)
+        {
+            return Err(serde::de::Error::custom(
+                "the decoder's layers do not fit the model's columns",
+            ));
+        }
+        let decoder = file
+            .decoder
+            .iter()
+            .map(LayerFile::linear)
+            .collect::<candle_core::Result<_>>()
+            .map_err(serde::de::Error::custom)?;
+        Ok(Tvae {
+            encoders: file.encoders,
+            width: file.width,
+            decoder,
+            sigmas: file.sigmas,
+        })
     }
 }
 
