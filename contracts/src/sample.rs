@@ -153,13 +153,29 @@ fn refusal(column: &ModelColumn, value: &Value) -> Option<String> {
             ))
         }
         "datetime" => {
-            return Some(format!(
-                "{:?} holds dates or times: conditions on them are not supported",
-                column.name
-            ))
+            return match temporal(&column.data_type, value) {
+                Some(Ok(number)) => refusal_of_levels(column, &Value::from(number)),
+                Some(Err(problem)) => Some(format!("{:?}: {problem}", column.name)),
+                None if value.is_null() => None,
+                None => Some(format!(
+                    "{:?} holds {}: conditions are taken on dates and datetimes only",
+                    column.name, column.data_type
+                )),
+            };
         }
         _ => {}
     }
+    if column.levels.is_some() {
+        return refusal_of_levels(column, value);
+    }
+    if column.role == "numerical" && !matches!(value, Value::Number(_) | Value::Null) {
+        return Some(format!("{:?} holds numbers: ask for a number", column.name));
+    }
+    None
+}
+
+/// Why `value` is none of the column's levels, if it has levels and it is none.
+fn refusal_of_levels(column: &ModelColumn, value: &Value) -> Option<String> {
     if let Some(levels) = &column.levels {
         if !levels.iter().any(|level| same_value(level, value)) {
             let shown: Vec<String> = levels.iter().take(20).map(Value::to_string).collect();
@@ -170,10 +186,54 @@ fn refusal(column: &ModelColumn, value: &Value) -> Option<String> {
                 shown.join(", ")
             ));
         }
-    } else if column.role == "numerical" && !matches!(value, Value::Number(_) | Value::Null) {
-        return Some(format!("{:?} holds numbers: ask for a number", column.name));
     }
     None
+}
+
+/// A condition on a date or datetime column as the number a model learns for it: days since
+/// 1970-01-01 for a date, the column's unit since 1970-01-01T00:00:00Z for a datetime. Dates
+/// are asked as `2024-03-05`; datetimes in RFC 3339 (`2024-03-05T10:30:00Z`), or without an
+/// offset as UTC. None for columns of other types, and for `null` (missing).
+pub fn temporal(data_type: &str, value: &Value) -> Option<Result<f64, String>> {
+    let per_second: Option<i64> = match data_type {
+        "date" => None,
+        other => {
+            let unit = other.strip_prefix("datetime[")?.split([',', ']']).next()?;
+            Some(match unit {
+                "ns" => 1_000_000_000,
+                "μs" | "us" => 1_000_000,
+                "ms" => 1_000,
+                _ => return None,
+            })
+        }
+    };
+    let text = match value {
+        Value::Null => return None,
+        Value::String(text) => text.trim(),
+        _ => return Some(Err("ask for a date or time as text".into())),
+    };
+    let Some(per_second) = per_second else {
+        return Some(
+            chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                .map(|date| (date - chrono::DateTime::UNIX_EPOCH.date_naive()).num_days() as f64)
+                .map_err(|_| format!("{text:?} is not a date: ask as YYYY-MM-DD")),
+        );
+    };
+    let instant = chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.to_utc())
+        .or_else(|_| {
+            ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                .iter()
+                .find_map(|format| chrono::NaiveDateTime::parse_from_str(text, format).ok())
+                .map(|t| t.and_utc())
+                .ok_or(())
+        });
+    Some(match instant.ok().and_then(|t| t.timestamp_nanos_opt()) {
+        Some(nanos) => Ok((nanos / (1_000_000_000 / per_second)) as f64),
+        None => Err(format!(
+            "{text:?} is not a datetime: ask in RFC 3339, as 2024-03-05T10:30:00Z"
+        )),
+    })
 }
 
 #[async_trait]
@@ -335,5 +395,45 @@ mod tests {
         assert_eq!(refusal(&amount, &json!(3.5)), None);
         assert!(refusal(&amount, &json!("3.5")).is_some());
         assert!(refusal(&column("identifier", None), &json!(1)).is_some());
+    }
+
+    #[test]
+    fn dates_and_datetimes_are_asked_as_text_and_read_as_the_numbers_learned() {
+        let at = |data_type: &str, value: Value| temporal(data_type, &value);
+        assert_eq!(at("date", json!("1970-01-11")), Some(Ok(10.0)));
+        assert_eq!(at("date", json!("2024-03-05")), Some(Ok(19787.0)));
+        let ten_thirty = 19787.0 * 86_400.0 + 37_800.0;
+        assert_eq!(
+            at("datetime[μs, UTC]", json!("2024-03-05T11:30:00+01:00")),
+            Some(Ok(ten_thirty * 1e6))
+        );
+        assert_eq!(
+            at("datetime[ms]", json!("2024-03-05 10:30:00")),
+            Some(Ok(ten_thirty * 1e3))
+        );
+        assert!(
+            matches!(at("date", json!("2024-13-45")), Some(Err(m)) if m.contains("YYYY-MM-DD"))
+        );
+        assert!(
+            matches!(at("datetime[ns]", json!("soon")), Some(Err(m)) if m.contains("RFC 3339"))
+        );
+        assert!(matches!(at("date", json!(19787)), Some(Err(_))));
+        assert_eq!(
+            at("date", Value::Null),
+            None,
+            "null asks for a missing value"
+        );
+        assert_eq!(at("time", json!("10:30:00")), None);
+        assert_eq!(at("f64", json!("2024-03-05")), None);
+
+        let column = |data_type: &str| ModelColumn {
+            name: "day".into(),
+            data_type: data_type.into(),
+            role: "datetime".into(),
+            levels: None,
+        };
+        assert_eq!(refusal(&column("date"), &json!("2024-03-05")), None);
+        assert!(refusal(&column("date"), &json!("05/03/2024")).is_some());
+        assert!(refusal(&column("time"), &json!("10:30")).is_some());
     }
 }

@@ -263,7 +263,27 @@ async fn a_saved_model_samples_under_conditions_without_refitting_and_holds_no_t
     assert_ne!(first, other);
 
     refuses_a_level_it_never_generates(&app, model_id).await;
-    // A number the model almost never generates: the job fails saying which column.
+    // A number is met exactly too, with the city as the model has it there (amount is
+    // higher in Z), and one finer than the column's 3 decimals fails naming the column.
+    let rich = succeed(
+        &app,
+        "sample",
+        json!({"model_id": model_id, "rows": 2000, "seed": 4, "conditions": {"amount": 141.5}}),
+    )
+    .await;
+    let (rich, _) = output(&app, &rich);
+    let Values::Numbers(amount) = &rich.column("amount").unwrap().values else {
+        panic!()
+    };
+    assert!(amount.iter().all(|a| *a == Some(141.5)));
+    let in_z = labels(&rich, "city")
+        .iter()
+        .filter(|c| c.as_deref() == Some("Z"))
+        .count();
+    assert!(
+        in_z > 2000 / 5,
+        "Z is 20 % of all rows, more of the rich: {in_z}"
+    );
     let failed = finish(
         &app,
         "sample",
@@ -273,7 +293,7 @@ async fn a_saved_model_samples_under_conditions_without_refitting_and_holds_no_t
     assert_eq!(failed["status"], "failed", "{failed}");
     let error = failed["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("\"amount\"") && error.contains("under 1 %"),
+        error.contains("\"amount\"") && error.contains("3 decimal(s)"),
         "{failed}"
     );
 }

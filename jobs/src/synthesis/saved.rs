@@ -7,13 +7,15 @@
 //! constraints: never a training row. [`ModelFile::description`] says exactly which real
 //! values it holds.
 //!
-//! Conditions: one categorical condition is met exactly by conditioning the model. In a
-//! copula the conditioned column goes first in the Cholesky order, so its latent normal is
-//! the first draw alone: drawing it from the normal truncated to the level's interval, and
-//! the others as usual, samples the model's joint distribution given that level. CTGAN's
-//! generator takes the level as its condition vector, as it was trained to. Every other
-//! condition (more categoricals, numbers, combined columns, any condition of a TVAE) is met
-//! by rejection, which fails, naming the columns, when fewer than 1 % of the rows meet them.
+//! Conditions: a copula meets every condition on its columns exactly (the conditional
+//! copula). The conditioned columns go first in the Cholesky order; each one's latent normal
+//! is then its own draw plus a fixed sum of the draws before, so drawing that draw from the
+//! normal truncated to where the latent lands in the asked-for interval (a level's, or the
+//! values that round to a number) samples the model's joint distribution given them all.
+//! CTGAN's generator takes one level as its condition vector, as it was trained to. Every
+//! other condition (a further one of CTGAN, any of TVAE, `null`, combined columns) is met by
+//! rejection, which fails, naming the columns, when fewer than 1 % of the rows meet them.
+//! Dates and datetimes are asked as text and read as the numbers learned.
 
 use polars::prelude::{DataType, TimeUnit, TimeZone};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -396,12 +398,27 @@ enum Plan {
 }
 
 /// The copula's columns in `order`, the Cholesky factor of their correlation in that order,
-/// and the first one's level when it is conditioned exactly.
+/// and the conditions met exactly, on the first columns of that order.
 struct CopulaPlan {
     order: Vec<usize>,
     cholesky: Vec<f64>,
-    /// (level, its cumulative interval in u).
-    fixed: Option<(u32, f64, f64)>,
+    given: Vec<Given>,
+}
+
+/// A condition met exactly: the interval of u (of the column's uniform score; a point when
+/// `lo == hi`) that holds the value asked for, and that value.
+#[derive(Clone, Copy)]
+struct Given {
+    lo: f64,
+    hi: f64,
+    value: Held,
+}
+
+/// The value a condition asks of a learned column: a discrete column's level, or a number.
+#[derive(Clone, Copy, PartialEq)]
+enum Held {
+    Level(u32),
+    Number(f64),
 }
 
 /// Draws rows from a saved model.
@@ -513,79 +530,59 @@ impl<'m> Sampler<'m> {
     /// The plan for `conditions`, and those it leaves to rejection.
     fn plan(&self, conditions: &ConditionMap) -> Result<(Plan, Vec<(String, Value)>), JobError> {
         let model = self.model;
-        // Each condition on a discrete column, as (learned column, level); the rest.
-        let mut levels = Vec::new();
+        // What each condition asks of a learned column; the rest are left to rejection.
+        let mut asked: Vec<(usize, Held)> = Vec::new();
         let mut rejected = Vec::new();
         for (name, wanted) in conditions {
-            match model.levels(name) {
-                Some((at, values)) => {
-                    let k = (0..values.len())
-                        .find(|&k| contracts::sample::same_value(&level_value(values, k), wanted))
+            let wanted = &self.physical(name, wanted)?;
+            let at = model.learned.iter().position(|n| n == name);
+            match (at, at.and_then(|at| model.levels_at(at)), wanted.as_f64()) {
+                (Some(at), Some(levels), _) => {
+                    let k = (0..levels.len())
+                        .find(|&k| contracts::sample::same_value(&level_value(levels, k), wanted))
                         // Preflight refuses this, unless the model changed since.
                         .ok_or_else(|| {
                             JobError::Permanent(format!(
                                 "the model never generates {wanted} in {name:?}"
                             ))
                         })?;
-                    levels.push((at, k));
+                    asked.push((at, Held::Level(k as u32)));
                 }
-                None if model.columns.iter().any(|c| c.name == *name) => {
+                (Some(at), None, Some(number)) => asked.push((at, Held::Number(number))),
+                _ if model.columns.iter().any(|c| c.name == *name) => {
                     rejected.push((name.clone(), wanted.clone()))
                 }
-                None => {
+                _ => {
                     return Err(JobError::Permanent(format!(
                         "the model has no column {name:?}"
                     )))
                 }
             }
         }
-        // The one met exactly (the rest by rejection): a copula's rarest level, leaving the
-        // least to reject; CTGAN's first level with a slot of its own; none of a TVAE's.
-        let exact = match &model.fitted {
-            Fitted::Copula { marginals, .. } => {
-                let mut intervals = Vec::new();
-                for &(at, k) in &levels {
-                    let Marginal::Discrete { cumulative, .. } = &marginals[at] else {
-                        unreachable!("levels are a discrete marginal's")
-                    };
-                    let lo = if k == 0 { 0.0 } else { cumulative[k - 1] };
-                    if cumulative[k] <= lo {
-                        let name = &model.learned[at];
-                        return Err(JobError::Permanent(format!(
-                            "the model gives {} in {name:?} no probability: no row can have it",
-                            conditions[name]
-                        )));
-                    }
-                    intervals.push((at, k, lo, cumulative[k]));
-                }
-                intervals
-                    .into_iter()
-                    .min_by(|a, b| (a.3 - a.2).total_cmp(&(b.3 - b.2)))
-            }
-            Fitted::Network {
-                network: Network::Ctgan(ctgan),
-                ..
-            } => levels
-                .iter()
-                .find(|&&(at, k)| ctgan.condition_of(at, k).is_some())
-                .map(|&(at, k)| (at, k, 0.0, 0.0)),
-            Fitted::Network { .. } => None,
+        let mut reject = |at: usize, held: Held| {
+            let wanted = match held {
+                Held::Level(k) => model.levels_at(at).map(|l| level_value(l, k as usize)),
+                Held::Number(number) => serde_json::Number::from_f64(number).map(Value::Number),
+            };
+            rejected.push((model.learned[at].clone(), wanted.unwrap_or(Value::Null)));
         };
-        for &(at, k) in &levels {
-            if exact.is_none_or(|e| (e.0, e.1) != (at, k)) {
-                let name = &model.learned[at];
-                rejected.push((name.clone(), conditions[name].clone()));
-            }
-        }
         let plan = match &model.fitted {
-            Fitted::Copula { correlation, .. } => {
+            // A copula meets them all exactly.
+            Fitted::Copula {
+                marginals,
+                correlation,
+            } => {
+                let given = asked
+                    .iter()
+                    .map(|&(at, held)| given(&marginals[at], held, &model.learned[at]))
+                    .collect::<Result<Vec<Given>, JobError>>()?;
                 let d = model.learned.len();
-                let order: Vec<usize> = match exact {
-                    Some((at, ..)) => std::iter::once(at)
-                        .chain((0..d).filter(|&i| i != at))
-                        .collect(),
-                    None => (0..d).collect(),
-                };
+                let first: Vec<usize> = asked.iter().map(|a| a.0).collect();
+                let order: Vec<usize> = first
+                    .iter()
+                    .copied()
+                    .chain((0..d).filter(|i| !first.contains(i)))
+                    .collect();
                 let permuted: Vec<f64> = order
                     .iter()
                     .flat_map(|&i| order.iter().map(move |&j| correlation[i * d + j]))
@@ -596,19 +593,43 @@ impl<'m> Sampler<'m> {
                 Plan::Copula(CopulaPlan {
                     order,
                     cholesky,
-                    fixed: exact.map(|(_, k, lo, hi)| (k as u32, lo, hi)),
+                    given,
                 })
             }
-            Fitted::Network { network, .. } => Plan::Network {
-                given: match network {
-                    Network::Ctgan(ctgan) => {
-                        exact.and_then(|(at, k, ..)| ctgan.condition_of(at, k))
-                    }
+            // CTGAN meets its first level with a slot of its own exactly; TVAE none.
+            Fitted::Network { network, .. } => {
+                let ctgan = match network {
+                    Network::Ctgan(ctgan) => Some(ctgan),
                     Network::Tvae(_) => None,
-                },
-            },
+                };
+                let mut exact = None;
+                for &(at, held) in &asked {
+                    let slot = match (ctgan, held) {
+                        (Some(ctgan), Held::Level(k)) if exact.is_none() => {
+                            ctgan.condition_of(at, k as usize)
+                        }
+                        _ => None,
+                    };
+                    match slot {
+                        Some(slot) => exact = Some(slot),
+                        None => reject(at, held),
+                    }
+                }
+                Plan::Network { given: exact }
+            }
         };
         Ok((plan, rejected))
+    }
+
+    /// A condition on a date or time column (RFC 3339 text) as the number the model learned;
+    /// any other condition as it is.
+    fn physical(&self, name: &str, wanted: &Value) -> Result<Value, JobError> {
+        let column = self.model.columns.iter().find(|c| c.name == name);
+        match column.map(|c| contracts::sample::temporal(&c.dtype, wanted)) {
+            Some(Some(Ok(number))) => Ok(Value::from(number)),
+            Some(Some(Err(problem))) => Err(JobError::Permanent(format!("{name:?}: {problem}"))),
+            _ => Ok(wanted.clone()),
+        }
     }
 
     /// `rows` rows of the model's columns (fixed combinations taken apart).
@@ -684,14 +705,31 @@ impl<'m> Sampler<'m> {
                 Mapper::Discrete { .. } => codes[i].reserve_exact(n),
             }
         }
+        // Each given column's interval of z.
+        let intervals: Vec<(f64, f64)> = plan
+            .given
+            .iter()
+            .map(|g| (normal.quantile(g.lo), normal.quantile(g.hi)))
+            .collect();
         let mut e = vec![0.0; d];
         for _ in 0..n {
             normals(&mut e, rng);
-            if let Some((_, lo, hi)) = plan.fixed {
-                e[0] = normal.quantile(lo + (hi - lo) * rng.random::<f64>());
-            }
             for (p, &column) in plan.order.iter().enumerate() {
                 let factor = &plan.cholesky[p * d..p * d + p + 1];
+                if let (Some(given), Some(&(a, b))) = (plan.given.get(p), intervals.get(p)) {
+                    // z = s + l·e with s fixed by the draws before: e from the standard normal
+                    // truncated to where z meets the condition draws z from its distribution
+                    // given the conditions before it and this one.
+                    let s: f64 = factor[..p].iter().zip(&e).map(|(l, e)| l * e).sum();
+                    let l = factor[p].max(1e-9);
+                    let (lo, hi) = (normal.cdf((a - s) / l), normal.cdf((b - s) / l));
+                    e[p] = normal.quantile(lo + (hi - lo) * rng.random::<f64>());
+                    match given.value {
+                        Held::Level(level) => codes[column].push(level),
+                        Held::Number(number) => numbers[column].push(Some(number)),
+                    }
+                    continue;
+                }
                 let z: f64 = factor.iter().zip(&e).map(|(l, e)| l * e).sum();
                 let z = z.clamp(-Z_LIMIT, Z_LIMIT);
                 match &self.mappers[column] {
@@ -708,11 +746,7 @@ impl<'m> Sampler<'m> {
                         numbers[column].push(value);
                     }
                     Mapper::Discrete { thresholds, .. } => {
-                        let level = match plan.fixed {
-                            Some((level, ..)) if p == 0 => level,
-                            _ => thresholds.partition_point(|&t| t < z) as u32,
-                        };
-                        codes[column].push(level);
+                        codes[column].push(thresholds.partition_point(|&t| t < z) as u32);
                     }
                 }
             }
@@ -747,6 +781,69 @@ impl<'m> Sampler<'m> {
             });
         }
         Table { columns }
+    }
+}
+
+/// How a copula meets `held` in a column with this marginal exactly, or why no row can hold it.
+fn given(marginal: &Marginal, held: Held, name: &str) -> Result<Given, JobError> {
+    let never = |why: String| JobError::Permanent(format!("no row can have {why} in {name:?}"));
+    let (lo, hi) = match (marginal, held) {
+        (Marginal::Discrete { cumulative, .. }, Held::Level(k)) => {
+            let k = k as usize;
+            let lo = if k == 0 { 0.0 } else { cumulative[k - 1] };
+            if cumulative[k] <= lo {
+                return Err(never("a level the model gives no probability".into()));
+            }
+            (lo, cumulative[k])
+        }
+        (
+            Marginal::Continuous {
+                knots,
+                decimals,
+                bounds,
+                ..
+            },
+            Held::Number(v),
+        ) => {
+            if finish_number(v, *decimals, *bounds) != v {
+                let precision = match decimals {
+                    Some(d) => format!("generated to {d} decimal(s) within its bounds"),
+                    None => "generated within its bounds".into(),
+                };
+                return Err(never(format!("{v}: the column is {precision}")));
+            }
+            // The values that round to v.
+            let half = decimals.map_or(0.0, |d| 0.5 / 10f64.powi(d as i32));
+            let (first, last) = (knots[0], knots[knots.len() - 1]);
+            if v + half < first || v - half > last {
+                return Err(never(format!(
+                    "{v}: it is outside the range the model generates"
+                )));
+            }
+            let (lo, hi) = (cdf(knots, v - half), cdf(knots, v + half));
+            (lo, hi.max(lo))
+        }
+        _ => unreachable!("levels are asked of discrete marginals, numbers of continuous ones"),
+    };
+    Ok(Given {
+        lo,
+        hi,
+        value: held,
+    })
+}
+
+/// The inverse of [`quantile`] over these knots: the probability of values up to `x`.
+fn cdf(knots: &[f64], x: f64) -> f64 {
+    let n = knots.len();
+    let above = knots.partition_point(|&k| k <= x);
+    match above {
+        0 => 0.0,
+        _ if above == n => 1.0,
+        _ => {
+            let below = above - 1;
+            let within = (x - knots[below]) / (knots[above] - knots[below]);
+            (below as f64 + within) / (n - 1) as f64
+        }
     }
 }
 
@@ -914,9 +1011,22 @@ mod tests {
             .all(|g| g.as_deref() == Some("low")));
         assert!(numbers(&sampled, "visits").iter().all(|v| *v == Some(2.0)));
 
-        let never = conditions(json!({"x": 50.123456}));
-        let Err(JobError::Permanent(message)) = Sampler::new(&model, 3).sample(10, &never) else {
-            panic!("a condition the model (almost) never meets must fail")
+        // A number finer than the column's precision, or beyond its range: no row has it.
+        for (x, why) in [(50.123456, "to 3 decimal(s)"), (1e6, "outside the range")] {
+            let never = conditions(json!({ "x": x }));
+            let Err(JobError::Permanent(message)) = Sampler::new(&model, 3).sample(10, &never)
+            else {
+                panic!("a condition the model never meets must fail")
+            };
+            assert!(
+                message.contains("\"x\"") && message.contains(why),
+                "{message}"
+            );
+        }
+        // A condition the model (almost) never meets by rejection.
+        let null = conditions(json!({ "x": null }));
+        let Err(JobError::Permanent(message)) = Sampler::new(&model, 3).sample(10, &null) else {
+            panic!("x is never missing")
         };
         assert!(
             message.contains("\"x\"") && message.contains("under 1 %"),
@@ -1129,5 +1239,66 @@ mod tests {
                 "{synthesizer}"
             );
         }
+    }
+
+    #[test]
+    fn a_number_or_a_date_is_met_exactly_with_the_models_own_conditional_distribution() {
+        // `day`: a date, later for higher x.
+        let mut input = table(4000);
+        let days: Vec<Option<f64>> = numbers(&input, "x")
+            .iter()
+            .map(|x| x.map(|x| 19_700.0 + (x * 3.0).round()))
+            .collect();
+        input
+            .columns
+            .push(Column::numbers("day", DataType::Date, days));
+        let model = fit(&input, json!({}));
+
+        // x = 55.5 on every row; `group` as the model has it near 55.5 (a large free sample
+        // filtered to x within 0.5 of it).
+        let given = Sampler::new(&model, 1)
+            .sample(20_000, &conditions(json!({"x": 55.5})))
+            .unwrap();
+        assert!(numbers(&given, "x").iter().all(|&x| x == Some(55.5)));
+        let free = Sampler::new(&model, 2)
+            .sample(300_000, &ConditionMap::new())
+            .unwrap();
+        let high = |table: &Table, keep: &dyn Fn(usize) -> bool| {
+            let group = labels(table, "group");
+            let kept: Vec<usize> = (0..table.rows()).filter(|&r| keep(r)).collect();
+            let share = kept
+                .iter()
+                .filter(|&&r| group[r].as_deref() == Some("high"))
+                .count() as f64
+                / kept.len() as f64;
+            (share, kept.len() as f64)
+        };
+        let x = numbers(&free, "x");
+        let (expected, n) = high(&free, &|r| x[r].is_some_and(|x| (x - 55.5).abs() <= 0.5));
+        let (share, n_given) = high(&given, &|_| true);
+        let tolerance = 4.0 * (expected * (1.0 - expected) * (1.0 / n + 1.0 / n_given)).sqrt();
+        assert!(
+            (share - expected).abs() < tolerance + 0.01,
+            "high: {share} given x = 55.5, {expected} near it in the model ± {tolerance}"
+        );
+
+        // A date with a level, both exact: every row, and the date as a date.
+        let both = conditions(json!({"day": "2024-05-07", "group": "mid"}));
+        let given = Sampler::new(&model, 3).sample(2000, &both).unwrap();
+        let day = 19_850.0; // 2024-05-07
+        assert!(numbers(&given, "day").iter().all(|&d| d == Some(day)));
+        assert!(labels(&given, "group")
+            .iter()
+            .all(|g| g.as_deref() == Some("mid")));
+        assert_eq!(given.column("day").unwrap().dtype, DataType::Date);
+        // x follows: days are 19,700 + 3x in the data.
+        let (mean, _, _) = mean_and_variance(numbers(&given, "x").iter().flatten().copied());
+        assert!(
+            (mean - (day - 19_700.0) / 3.0).abs() < 5.0,
+            "x given the day: {mean}"
+        );
+
+        let bad = Sampler::new(&model, 3).sample(10, &conditions(json!({"day": "2024-02-30"})));
+        assert!(matches!(bad, Err(JobError::Permanent(m)) if m.contains("YYYY-MM-DD")));
     }
 }
