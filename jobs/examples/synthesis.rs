@@ -7,9 +7,10 @@
 //! synthesis score <real.csv> <synthetic.csv> <roles.json>
 //!     prints the Quality Report of any synthetic CSV (roles: {"column": "numerical", ...})
 //! synthesis sample <input.csv> <rows> <output.parquet> [conditions JSON]
-//!     fits a Gaussian copula on every row and saves it, reads the saved model back (as a
-//!     `sample` job does), samples <rows> rows under the conditions and writes them; prints
-//!     the timings of the sampling step and of the writing apart, as JSON
+//!     fits a model on every row ($SYNTHESIZER, default gaussian_copula; a network for
+//!     $EPOCHS, default 1) and saves it, reads the saved model back (as a `sample` job
+//!     does), samples <rows> rows under the conditions and writes them; prints the timings
+//!     of the sampling step and of the writing apart, as JSON
 //! ```
 
 use conveyor_jobs::{
@@ -80,11 +81,17 @@ fn main() {
         }
         Some("sample") if args.len() >= 4 => {
             let input = read(&args[1]);
-            let payload: SynthesisPayload = serde_json::from_value(serde_json::json!({
+            let synthesizer =
+                std::env::var("SYNTHESIZER").unwrap_or_else(|_| "gaussian_copula".into());
+            let mut payload = serde_json::json!({
                 "dataset_id": uuid::Uuid::nil(), "rows": 1, "holdout_fraction": 0.0,
-                "save_model": true,
-            }))
-            .expect("payload");
+                "save_model": true, "synthesizer": synthesizer,
+            });
+            if synthesizer != "gaussian_copula" {
+                let epochs: u32 = std::env::var("EPOCHS").map_or(1, |e| e.parse().expect("EPOCHS"));
+                payload["epochs"] = epochs.into();
+            }
+            let payload: SynthesisPayload = serde_json::from_value(payload).expect("payload");
             let model = synthesize(&input, &payload, 0, &Quiet)
                 .expect("fit")
                 .model
