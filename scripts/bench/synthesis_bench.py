@@ -35,8 +35,10 @@ SDTYPES = {"numerical": "numerical", "datetime": "datetime", "categorical": "cat
            "identifier": "id"}
 
 
-def conveyor(args, epsilon=None, synthesizer=None):
+def conveyor(args, epsilon=None, synthesizer=None, seed=None):
     env = dict(os.environ)
+    if seed is not None:
+        env["SEED"] = str(seed)
     if epsilon is not None:
         env["EPSILON"] = str(epsilon)
     if synthesizer is not None:
@@ -130,11 +132,11 @@ def sdv_fit_sample(synthesizer, real, n):
     return out, time.perf_counter() - started
 
 
-def head_to_head(name, source, real, n, ours, peer, tag):
+def head_to_head(name, source, real, n, ours, peer, tag, seed=None):
     """Conveyor's `ours` (synthesizer, then extra arguments) and SDV's `peer` on one table,
     each timed; both outputs scored by Conveyor and by SDMetrics."""
     ours_csv = f"{WORK}/{name}.{tag}.csv"
-    report = conveyor(["fit", source, str(n), ours[0], ours_csv, *ours[1:]])
+    report = conveyor(["fit", source, str(n), ours[0], ours_csv, *ours[1:]], seed=seed)
     roles, roles_json = save_roles(name, report)
     sdv_out, sdv_seconds = sdv_fit_sample(peer, real, n)
     sdv_csv = f"{WORK}/{name}.sdv-{tag}.csv"
@@ -150,19 +152,42 @@ def head_to_head(name, source, real, n, ours, peer, tag):
 
 
 def ctgan(name, source, real, n, first):
-    """Conveyor's ctgan and SDV's CTGANSynthesizer at the same number of epochs."""
+    """Conveyor's ctgan and SDV's CTGANSynthesizer at the same number of epochs, BENCH_RUNS
+    times each (seeds 0, 1, ...: a GAN's quality moves with its seed), as means with the range
+    of the overall score."""
+    import numpy as np
+    import torch
     from sdv.metadata import Metadata
     from sdv.single_table import CTGANSynthesizer
-    peer = CTGANSynthesizer(Metadata.detect_from_dataframes({"t": real}), epochs=CTGAN_EPOCHS)
-    r = head_to_head(name, source, real, n, ["ctgan", str(CTGAN_EPOCHS)], peer, "ctgan")
-    q, sdv = r["report"]["quality"], r["sdv"]
+    runs = []
+    for seed in range(int(os.environ.get("BENCH_RUNS", "1"))):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        peer = CTGANSynthesizer(Metadata.detect_from_dataframes({"t": real}),
+                                epochs=CTGAN_EPOCHS)
+        runs.append(head_to_head(name, source, real, n, ["ctgan", str(CTGAN_EPOCHS)], peer,
+                                 "ctgan", seed=seed))
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    def row(label, seconds, quality, sdmetrics, speed):
+        overall = [q["overall"] for q in quality]
+        if len(runs) > 1:
+            label += f", {len(runs)} seeds: {min(overall):.3f}–{max(overall):.3f}"
+        return (label + ")", mean(seconds), mean(overall),
+                mean([q["column_shapes"] for q in quality]),
+                mean([q["column_pair_trends"] for q in quality]), mean(sdmetrics), speed)
+
+    sdv_seconds = [r["sdv_seconds"] for r in runs]
+    ours_seconds = [r["seconds"] for r in runs]
     table = f"{name} ({n:,} rows)" if first else ""
     return [
-        (table, f"SDV CTGAN ({CTGAN_EPOCHS} epochs)", r["sdv_seconds"], sdv["overall"],
-         sdv["column_shapes"], sdv["column_pair_trends"], r["sdv_sdmetrics"], None),
-        ("", f"conveyor ctgan ({CTGAN_EPOCHS} epochs)", r["seconds"], q["overall"],
-         q["column_shapes"], q["column_pair_trends"], r["sdmetrics"],
-         r["sdv_seconds"] / r["seconds"]),
+        (table, *row(f"SDV CTGAN ({CTGAN_EPOCHS} epochs", sdv_seconds,
+                     [r["sdv"] for r in runs], [r["sdv_sdmetrics"] for r in runs], None)),
+        ("", *row(f"conveyor ctgan ({CTGAN_EPOCHS} epochs", ours_seconds,
+                  [r["report"]["quality"] for r in runs], [r["sdmetrics"] for r in runs],
+                  mean(sdv_seconds) / mean(ours_seconds))),
     ]
 
 
