@@ -144,26 +144,24 @@ pub fn same_value(level: &Value, wanted: &Value) -> bool {
 
 /// Why `value` cannot be asked of `column`, if it cannot.
 fn refusal(column: &ModelColumn, value: &Value) -> Option<String> {
-    match column.role.as_str() {
-        "identifier" => {
+    if column.role == "identifier" {
+        return Some(format!(
+            "{:?} is an identifier: the model generates fresh values for it, so it cannot be \
+             conditioned",
+            column.name
+        ));
+    }
+    // A date or datetime column, whatever its role: asked as text, read as a number.
+    match temporal(&column.data_type, value) {
+        Some(Ok(number)) => return refusal_of_levels(column, &Value::from(number)),
+        Some(Err(problem)) => return Some(format!("{:?}: {problem}", column.name)),
+        None if column.role == "datetime" && !value.is_null() => {
             return Some(format!(
-                "{:?} is an identifier: the model generates fresh values for it, so it cannot \
-                 be conditioned",
-                column.name
+                "{:?} holds {}: conditions are taken on dates and datetimes only",
+                column.name, column.data_type
             ))
         }
-        "datetime" => {
-            return match temporal(&column.data_type, value) {
-                Some(Ok(number)) => refusal_of_levels(column, &Value::from(number)),
-                Some(Err(problem)) => Some(format!("{:?}: {problem}", column.name)),
-                None if value.is_null() => None,
-                None => Some(format!(
-                    "{:?} holds {}: conditions are taken on dates and datetimes only",
-                    column.name, column.data_type
-                )),
-            };
-        }
-        _ => {}
+        None => {}
     }
     if column.levels.is_some() {
         return refusal_of_levels(column, value);
@@ -228,12 +226,25 @@ pub fn temporal(data_type: &str, value: &Value) -> Option<Result<f64, String>> {
                 .map(|t| t.and_utc())
                 .ok_or(())
         });
-    Some(match instant.ok().and_then(|t| t.timestamp_nanos_opt()) {
-        Some(nanos) => Ok((nanos / (1_000_000_000 / per_second)) as f64),
-        None => Err(format!(
+    let Ok(instant) = instant else {
+        return Some(Err(format!(
             "{text:?} is not a datetime: ask in RFC 3339, as 2024-03-05T10:30:00Z"
-        )),
-    })
+        )));
+    };
+    // Whole units of the column only: a finer time would never be generated.
+    let nanos_per_unit = 1_000_000_000 / per_second;
+    if i64::from(instant.timestamp_subsec_nanos()) % nanos_per_unit != 0 {
+        return Some(Err(format!("{text:?} is finer than the column's unit")));
+    }
+    let subsec_units = i64::from(instant.timestamp_subsec_nanos()) / nanos_per_unit;
+    Some(
+        instant
+            .timestamp()
+            .checked_mul(per_second)
+            .and_then(|units| units.checked_add(subsec_units))
+            .map(|units| units as f64)
+            .ok_or_else(|| format!("{text:?} is outside the column's range")),
+    )
 }
 
 #[async_trait]
@@ -423,6 +434,18 @@ mod tests {
             None,
             "null asks for a missing value"
         );
+        assert_eq!(
+            at("datetime[ms]", json!("1969-12-31T23:59:59.999Z")),
+            Some(Ok(-1.0))
+        );
+        assert_eq!(
+            at("datetime[μs]", json!("1500-01-01T00:00:00Z")),
+            Some(Ok(-14_831_769_600.0 * 1e6))
+        );
+        assert!(matches!(
+            at("datetime[ms]", json!("2024-03-05T10:30:00.0005Z")),
+            Some(Err(m)) if m.contains("finer")
+        ));
         assert_eq!(at("time", json!("10:30:00")), None);
         assert_eq!(at("f64", json!("2024-03-05")), None);
 
@@ -435,5 +458,11 @@ mod tests {
         assert_eq!(refusal(&column("date"), &json!("2024-03-05")), None);
         assert!(refusal(&column("date"), &json!("05/03/2024")).is_some());
         assert!(refusal(&column("time"), &json!("10:30")).is_some());
+        // A date column the tenant declared categorical or numerical is still asked as text.
+        let numerical = ModelColumn {
+            role: "numerical".into(),
+            ..column("date")
+        };
+        assert_eq!(refusal(&numerical, &json!("2024-03-05")), None);
     }
 }

@@ -91,6 +91,23 @@ pub enum Network {
     Tvae(Tvae),
 }
 
+impl Fitted {
+    /// The format tag of a file holding this.
+    fn format(&self) -> &'static str {
+        match self {
+            Fitted::Copula { .. } => FORMAT,
+            Fitted::Network {
+                network: Network::Ctgan(_),
+                ..
+            } => CTGAN_FORMAT,
+            Fitted::Network {
+                network: Network::Tvae(_),
+                ..
+            } => TVAE_FORMAT,
+        }
+    }
+}
+
 impl Network {
     fn encoders(&self) -> &[Encoder] {
         match self {
@@ -132,19 +149,8 @@ impl ModelFile {
                 numbers: matches!(column.values, Values::Numbers(_)),
             })
             .collect();
-        let format = match &fitted {
-            Fitted::Copula { .. } => FORMAT,
-            Fitted::Network {
-                network: Network::Ctgan(_),
-                ..
-            } => CTGAN_FORMAT,
-            Fitted::Network {
-                network: Network::Tvae(_),
-                ..
-            } => TVAE_FORMAT,
-        };
         ModelFile {
-            format: format.into(),
+            format: fitted.format().into(),
             epsilon,
             columns,
             learned,
@@ -185,7 +191,11 @@ impl ModelFile {
                 tag.format
             ));
         }
-        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+        let model: ModelFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if model.fitted.format() != tag.format {
+            return Err(format!("a {:?} file holds another model", tag.format));
+        }
+        Ok(model)
     }
 
     /// What the model is and exactly which real values it holds.
@@ -248,14 +258,16 @@ impl ModelFile {
                     "A CTGAN over {n} column(s): its generator network's weights (the critic is \
                  not kept) and each column's encoding"
                 ),
-                "with its frequency (the generator's conditions are drawn by them)",
+                "in order of frequency, with its frequency (the generator's conditions are \
+                 drawn by them; levels beyond the 99 most frequent with their exact counts)",
             ),
             Network::Tvae(_) => (
                 format!(
                     "A TVAE over {n} column(s): its decoder network's weights and noise scales \
                  (the encoder network is not kept) and each column's encoding"
                 ),
-                "(beyond a column's 100 most frequent levels, with their frequencies)",
+                "in order of frequency (levels beyond the 99 most frequent with their exact \
+                 training counts)",
             ),
         };
         format!(
@@ -403,6 +415,8 @@ struct CopulaPlan {
     order: Vec<usize>,
     cholesky: Vec<f64>,
     given: Vec<Given>,
+    /// The conditioned columns' names, in that order, for a refusal.
+    names: Vec<String>,
 }
 
 /// A condition met exactly: the interval of u (of the column's uniform score; a point when
@@ -516,8 +530,7 @@ impl<'m> Sampler<'m> {
             };
             format!(
                 "{what} held on {accepted} of {drawn} sampled rows, under 1 %: the model \
-                 (almost) never generates such rows. Condition on values it generates often \
-                 (a categorical column's level is met exactly)"
+                 (almost) never generates such rows. Condition on values it generates often"
             )
         };
         let sampled = {
@@ -531,7 +544,7 @@ impl<'m> Sampler<'m> {
     fn plan(&self, conditions: &ConditionMap) -> Result<(Plan, Vec<(String, Value)>), JobError> {
         let model = self.model;
         // What each condition asks of a learned column; the rest are left to rejection.
-        let mut asked: Vec<(usize, Held)> = Vec::new();
+        let mut asked: Vec<(usize, Held, Value)> = Vec::new();
         let mut rejected = Vec::new();
         for (name, wanted) in conditions {
             let wanted = &self.physical(name, wanted)?;
@@ -546,9 +559,11 @@ impl<'m> Sampler<'m> {
                                 "the model never generates {wanted} in {name:?}"
                             ))
                         })?;
-                    asked.push((at, Held::Level(k as u32)));
+                    asked.push((at, Held::Level(k as u32), wanted.clone()));
                 }
-                (Some(at), None, Some(number)) => asked.push((at, Held::Number(number))),
+                (Some(at), None, Some(number)) => {
+                    asked.push((at, Held::Number(number), wanted.clone()))
+                }
                 _ if model.columns.iter().any(|c| c.name == *name) => {
                     rejected.push((name.clone(), wanted.clone()))
                 }
@@ -559,25 +574,22 @@ impl<'m> Sampler<'m> {
                 }
             }
         }
-        let mut reject = |at: usize, held: Held| {
-            let wanted = match held {
-                Held::Level(k) => model.levels_at(at).map(|l| level_value(l, k as usize)),
-                Held::Number(number) => serde_json::Number::from_f64(number).map(Value::Number),
-            };
-            rejected.push((model.learned[at].clone(), wanted.unwrap_or(Value::Null)));
-        };
         let plan = match &model.fitted {
             // A copula meets them all exactly.
             Fitted::Copula {
                 marginals,
                 correlation,
             } => {
-                let given = asked
+                let mut given = asked
                     .iter()
-                    .map(|&(at, held)| given(&marginals[at], held, &model.learned[at]))
-                    .collect::<Result<Vec<Given>, JobError>>()?;
+                    .map(|(at, held, _)| {
+                        Ok((*at, given(&marginals[*at], *held, &model.learned[*at])?))
+                    })
+                    .collect::<Result<Vec<(usize, Given)>, JobError>>()?;
+                // Narrowest first: the fewer draws the later conditions reject.
+                given.sort_by(|a, b| (a.1.hi - a.1.lo).total_cmp(&(b.1.hi - b.1.lo)));
                 let d = model.learned.len();
-                let first: Vec<usize> = asked.iter().map(|a| a.0).collect();
+                let first: Vec<usize> = given.iter().map(|g| g.0).collect();
                 let order: Vec<usize> = first
                     .iter()
                     .copied()
@@ -593,7 +605,8 @@ impl<'m> Sampler<'m> {
                 Plan::Copula(CopulaPlan {
                     order,
                     cholesky,
-                    given,
+                    names: first.iter().map(|&at| model.learned[at].clone()).collect(),
+                    given: given.into_iter().map(|g| g.1).collect(),
                 })
             }
             // CTGAN meets its first level with a slot of its own exactly; TVAE none.
@@ -603,7 +616,7 @@ impl<'m> Sampler<'m> {
                     Network::Tvae(_) => None,
                 };
                 let mut exact = None;
-                for &(at, held) in &asked {
+                for (at, held, wanted) in asked {
                     let slot = match (ctgan, held) {
                         (Some(ctgan), Held::Level(k)) if exact.is_none() => {
                             ctgan.condition_of(at, k as usize)
@@ -612,7 +625,7 @@ impl<'m> Sampler<'m> {
                     };
                     match slot {
                         Some(slot) => exact = Some(slot),
-                        None => reject(at, held),
+                        None => rejected.push((model.learned[at].clone(), wanted)),
                     }
                 }
                 Plan::Network { given: exact }
@@ -635,7 +648,7 @@ impl<'m> Sampler<'m> {
     /// `rows` rows of the model's columns (fixed combinations taken apart).
     fn draw(&mut self, plan: &Plan, rows: usize) -> Result<Columns, JobError> {
         let columns = match plan {
-            Plan::Copula(plan) => self.draw_copula(plan, rows),
+            Plan::Copula(plan) => self.draw_copula(plan, rows)?,
             Plan::Network { given } => {
                 let Fitted::Network { network, ranges } = &self.model.fitted else {
                     unreachable!("a network's plan")
@@ -665,7 +678,7 @@ impl<'m> Sampler<'m> {
     }
 
     /// `rows` rows of the copula's columns, in parallel blocks.
-    fn draw_copula(&mut self, plan: &CopulaPlan, rows: usize) -> Vec<Values> {
+    fn draw_copula(&mut self, plan: &CopulaPlan, rows: usize) -> Result<Vec<Values>, JobError> {
         let blocks = rows.div_ceil(BLOCK);
         let first_block = self.blocks;
         self.blocks += blocks as u64;
@@ -677,7 +690,7 @@ impl<'m> Sampler<'m> {
                 let mut rng = SmallRng::seed_from_u64(block_seed(seed, first_block + b as u64));
                 self.draw_block(plan, n, &mut rng)
             })
-            .collect();
+            .collect::<Result<_, JobError>>()?;
         let mut columns: Vec<Values> = self
             .mappers
             .iter()
@@ -691,10 +704,15 @@ impl<'m> Sampler<'m> {
                 all.append(more);
             }
         }
-        columns
+        Ok(columns)
     }
 
-    fn draw_block(&self, plan: &CopulaPlan, n: usize, rng: &mut SmallRng) -> Vec<Values> {
+    fn draw_block(
+        &self,
+        plan: &CopulaPlan,
+        n: usize,
+        rng: &mut SmallRng,
+    ) -> Result<Vec<Values>, JobError> {
         let d = self.mappers.len();
         let normal = NormalTable::shared();
         let mut numbers: Vec<Vec<Option<f64>>> = vec![Vec::new(); d];
@@ -712,18 +730,28 @@ impl<'m> Sampler<'m> {
             .map(|g| (normal.quantile(g.lo), normal.quantile(g.hi)))
             .collect();
         let mut e = vec![0.0; d];
+        // Draws of the conditioned columns, kept or not: under 1 % kept, the conditions
+        // (almost) never hold together.
+        let most = 100 * n + 100;
+        let mut draws = 0;
         for _ in 0..n {
-            normals(&mut e, rng);
+            loop {
+                draws += 1;
+                if draws > most {
+                    return Err(JobError::Permanent(format!(
+                        "the conditions on {} held together on under 1 % of {most} draws: \
+                         the model (almost) never generates such rows",
+                        plan.names.join(", ")
+                    )));
+                }
+                normals(&mut e, rng);
+                if self.condition(plan, &intervals, &mut e, rng) {
+                    break;
+                }
+            }
             for (p, &column) in plan.order.iter().enumerate() {
                 let factor = &plan.cholesky[p * d..p * d + p + 1];
-                if let (Some(given), Some(&(a, b))) = (plan.given.get(p), intervals.get(p)) {
-                    // z = s + l·e with s fixed by the draws before: e from the standard normal
-                    // truncated to where z meets the condition draws z from its distribution
-                    // given the conditions before it and this one.
-                    let s: f64 = factor[..p].iter().zip(&e).map(|(l, e)| l * e).sum();
-                    let l = factor[p].max(1e-9);
-                    let (lo, hi) = (normal.cdf((a - s) / l), normal.cdf((b - s) / l));
-                    e[p] = normal.quantile(lo + (hi - lo) * rng.random::<f64>());
+                if let Some(given) = plan.given.get(p) {
                     match given.value {
                         Held::Level(level) => codes[column].push(level),
                         Held::Number(number) => numbers[column].push(Some(number)),
@@ -751,16 +779,51 @@ impl<'m> Sampler<'m> {
                 }
             }
         }
-        self.mappers
+        Ok(self
+            .mappers
             .iter()
             .zip(numbers.into_iter().zip(codes))
             .map(|(mapper, (numbers, codes))| match mapper {
                 Mapper::Continuous { .. } => Values::Numbers(numbers),
                 Mapper::Discrete { levels, .. } => take_levels(levels, &codes),
             })
-            .collect()
+            .collect())
     }
 
+    /// Draws the conditioned columns' innovations `e[..g]` in place: each from the normal
+    /// truncated to where its latent value z = s + l·e (s fixed by the draws before) meets its
+    /// condition. That is exact for the first; a later one must also weigh the row by the
+    /// mass its interval had given the draws before, so the row is kept with that mass over
+    /// its largest (the interval centred on s): rejection sampling, exact for any number of
+    /// conditions. True when the row is kept.
+    fn condition(
+        &self,
+        plan: &CopulaPlan,
+        intervals: &[(f64, f64)],
+        e: &mut [f64],
+        rng: &mut SmallRng,
+    ) -> bool {
+        let normal = NormalTable::shared();
+        let d = self.mappers.len();
+        let mut keep = 1.0;
+        for (p, &(a, b)) in intervals.iter().enumerate() {
+            let factor = &plan.cholesky[p * d..p * d + p + 1];
+            let s: f64 = factor[..p].iter().zip(e.iter()).map(|(l, e)| l * e).sum();
+            let l = factor[p].max(1e-9);
+            let (alpha, beta) = ((a - s) / l, (b - s) / l);
+            let (lo, hi) = (normal.cdf(alpha), normal.cdf(beta));
+            if p > 0 {
+                let half = (beta - alpha) / 2.0;
+                keep *= match half < 1e-6 {
+                    // A point: the density there over the largest, φ(0).
+                    true => (-0.5 * (alpha + half).powi(2)).exp(),
+                    false => (hi - lo) / (2.0 * normal.cdf(half) - 1.0),
+                };
+            }
+            e[p] = normal.quantile(lo + (hi - lo) * rng.random::<f64>());
+        }
+        keep >= 1.0 || rng.random::<f64>() < keep
+    }
     /// The output table: sampled columns in the model's order, fresh identifiers (counting
     /// from 1, or `syn-<n>`, on from the rows sampled before).
     fn assemble(&mut self, mut sampled: Columns, rows: usize) -> Table {
@@ -799,12 +862,15 @@ fn given(marginal: &Marginal, held: Held, name: &str) -> Result<Given, JobError>
         (
             Marginal::Continuous {
                 knots,
+                missing,
                 decimals,
                 bounds,
-                ..
             },
             Held::Number(v),
         ) => {
+            if *missing >= 1.0 {
+                return Err(never(format!("{v}: the column is always missing")));
+            }
             if finish_number(v, *decimals, *bounds) != v {
                 let precision = match decimals {
                     Some(d) => format!("generated to {d} decimal(s) within its bounds"),
@@ -820,8 +886,8 @@ fn given(marginal: &Marginal, held: Held, name: &str) -> Result<Given, JobError>
                     "{v}: it is outside the range the model generates"
                 )));
             }
-            let (lo, hi) = (cdf(knots, v - half), cdf(knots, v + half));
-            (lo, hi.max(lo))
+            // From below the values that round to v (a point mass at v included) to above them.
+            (cdf(knots, v - half, false), cdf(knots, v + half, true))
         }
         _ => unreachable!("levels are asked of discrete marginals, numbers of continuous ones"),
     };
@@ -832,10 +898,11 @@ fn given(marginal: &Marginal, held: Held, name: &str) -> Result<Given, JobError>
     })
 }
 
-/// The inverse of [`quantile`] over these knots: the probability of values up to `x`.
-fn cdf(knots: &[f64], x: f64) -> f64 {
+/// The inverse of [`quantile`] over these knots: the probability of values up to `x`, with
+/// the mass at `x` itself (a run of equal knots) or without it.
+fn cdf(knots: &[f64], x: f64, with_x: bool) -> f64 {
     let n = knots.len();
-    let above = knots.partition_point(|&k| k <= x);
+    let above = knots.partition_point(|&k| if with_x { k <= x } else { k < x });
     match above {
         0 => 0.0,
         _ if above == n => 1.0,
@@ -1300,5 +1367,56 @@ mod tests {
 
         let bad = Sampler::new(&model, 3).sample(10, &conditions(json!({"day": "2024-02-30"})));
         assert!(matches!(bad, Err(JobError::Permanent(m)) if m.contains("YYYY-MM-DD")));
+    }
+
+    #[test]
+    fn several_conditions_together_follow_the_models_joint_distribution() {
+        // `band`: x's upper part, blurred, so that both conditions pull on x.
+        let mut input = table(4000);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let band = numbers(&input, "x")
+            .iter()
+            .map(|x| {
+                let v = (x.unwrap() - 50.0) / 10.0 + 0.7 * standard_normal(&mut rng);
+                Some(if v > 0.43 { "up" } else { "down" }.to_owned())
+            })
+            .collect();
+        input.columns.push(Column::labels("band", band));
+        let model = fit(&input, json!({}));
+        let both = conditions(json!({"band": "up", "group": "high"}));
+        let given = Sampler::new(&model, 4).sample(20_000, &both).unwrap();
+        assert!(labels(&given, "band")
+            .iter()
+            .all(|b| b.as_deref() == Some("up")));
+        assert!(labels(&given, "group")
+            .iter()
+            .all(|g| g.as_deref() == Some("high")));
+        // The model's own rows with both, from a large free sample.
+        let free = Sampler::new(&model, 5)
+            .sample(300_000, &ConditionMap::new())
+            .unwrap();
+        let (band, group) = (labels(&free, "band"), labels(&free, "group"));
+        let kept = numbers(&free, "x").iter().enumerate().filter(|(row, _)| {
+            band[*row].as_deref() == Some("up") && group[*row].as_deref() == Some("high")
+        });
+        let (expected, variance, n) = mean_and_variance(kept.filter_map(|(_, x)| *x));
+        let (mean, variance_c, n_c) =
+            mean_and_variance(numbers(&given, "x").iter().flatten().copied());
+        let tolerance = 4.0 * (variance / n + variance_c / n_c).sqrt();
+        assert!(
+            (mean - expected).abs() < tolerance,
+            "x given both: {mean}, in the model's rows with both: {expected} ± {tolerance}"
+        );
+    }
+
+    #[test]
+    fn a_value_with_a_point_mass_is_drawn_over_its_whole_mass() {
+        // 30 % zeros: the knots hold a run of zeros, and x = 0 covers all of it.
+        let knots: Vec<f64> = (0..1001)
+            .map(|i| if i < 300 { 0.0 } else { i as f64 })
+            .collect();
+        assert_eq!(cdf(&knots, 0.0, false), 0.0);
+        assert!((cdf(&knots, 0.0, true) - 0.299).abs() < 1e-9);
+        assert!((cdf(&knots, 500.0, true) - 0.5).abs() < 1e-9);
     }
 }
