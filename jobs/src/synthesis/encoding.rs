@@ -61,13 +61,27 @@ impl Encoder {
 }
 
 /// The width of a row of these encoders, if each starts where the one before ends (as
-/// [`encode_columns`] lays them out): what a model read from a file is checked against.
+/// [`encode_columns`] lays them out) and holds what decoding reads: what a model read from a
+/// file is checked against.
 pub(super) fn laid_out(encoders: &[Encoder]) -> Option<usize> {
     encoders.iter().try_fold(0, |width, encoder| {
-        let at = match encoder {
-            Encoder::Continuous { at, .. } | Encoder::Discrete { at, .. } => *at,
+        let (at, sound) = match encoder {
+            Encoder::Continuous {
+                at, means, stds, ..
+            } => (*at, !means.is_empty() && stds.len() == means.len()),
+            Encoder::Discrete {
+                at,
+                levels,
+                slots,
+                rare,
+            } => {
+                let shared = usize::from(!rare.is_empty());
+                let levels = levels.len();
+                let rare_fit = rare.iter().all(|&(level, _)| level < levels);
+                (*at, *slots >= 1 && levels >= *slots - shared && rare_fit)
+            }
         };
-        (at == width).then(|| width + encoder.width())
+        (at == width && sound).then(|| width + encoder.width())
     })
 }
 

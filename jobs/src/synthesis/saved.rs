@@ -195,7 +195,33 @@ impl ModelFile {
         if model.fitted.format() != tag.format {
             return Err(format!("a {:?} file holds another model", tag.format));
         }
+        if !model.fits() {
+            return Err("the model's parts do not fit its columns".into());
+        }
         Ok(model)
+    }
+
+    /// Whether the parts hold what sampling reads: one per learned column, each whole.
+    fn fits(&self) -> bool {
+        let d = self.learned.len();
+        match &self.fitted {
+            Fitted::Copula {
+                marginals,
+                correlation,
+            } => {
+                marginals.len() == d
+                    && correlation.len() == d * d
+                    && marginals.iter().all(|m| match m {
+                        Marginal::Continuous { knots, .. } => !knots.is_empty(),
+                        Marginal::Discrete { levels, cumulative } => {
+                            !cumulative.is_empty() && cumulative.len() == levels.len()
+                        }
+                    })
+            }
+            Fitted::Network { network, ranges } => {
+                network.encoders().len() == d && ranges.len() == d
+            }
+        }
     }
 
     /// What the model is and exactly which real values it holds.
@@ -1195,6 +1221,14 @@ mod tests {
         assert!(private.description().contains("ε-differential privacy"));
         assert!(!private.description().contains("quantile knots"));
 
+        // Parts that do not fit the columns are refused, not sampled.
+        let mut file: Value = serde_json::from_str(&bytes).unwrap();
+        file["correlation"] = json!([1.0]);
+        let short = serde_json::to_vec(&file).unwrap();
+        assert!(ModelFile::from_bytes(&short)
+            .unwrap_err()
+            .contains("do not fit"));
+
         let wrong = bytes.replace(FORMAT, "conveyor.gaussian_copula.v0");
         let refused = ModelFile::from_bytes(wrong.as_bytes()).unwrap_err();
         assert!(refused.contains("this build reads"), "{refused}");
@@ -1304,6 +1338,13 @@ mod tests {
             assert!(
                 ModelFile::from_bytes(broken.as_bytes()).is_err(),
                 "{synthesizer}"
+            );
+            let mut file: Value = serde_json::from_str(&bytes).unwrap();
+            file["ranges"] = json!([]);
+            let short = serde_json::to_vec(&file).unwrap();
+            assert!(
+                ModelFile::from_bytes(&short).is_err(),
+                "{synthesizer}: ranges"
             );
         }
     }
