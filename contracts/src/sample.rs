@@ -153,7 +153,10 @@ fn refusal(column: &ModelColumn, value: &Value) -> Option<String> {
     }
     // A date or datetime column, whatever its role: asked as text, read as a number.
     match temporal(&column.data_type, value) {
-        Some(Ok(number)) => return refusal_of_levels(column, &Value::from(number)),
+        Some(Ok(number)) => {
+            let same = |level: &Value| temporal(&column.data_type, level) == Some(Ok(number));
+            return refusal_of_levels(column, value, same);
+        }
         Some(Err(problem)) => return Some(format!("{:?}: {problem}", column.name)),
         None if column.role == "datetime" && !value.is_null() => {
             return Some(format!(
@@ -164,7 +167,7 @@ fn refusal(column: &ModelColumn, value: &Value) -> Option<String> {
         None => {}
     }
     if column.levels.is_some() {
-        return refusal_of_levels(column, value);
+        return refusal_of_levels(column, value, |level| same_value(level, value));
     }
     if column.role == "numerical" && !matches!(value, Value::Number(_) | Value::Null) {
         return Some(format!("{:?} holds numbers: ask for a number", column.name));
@@ -173,9 +176,13 @@ fn refusal(column: &ModelColumn, value: &Value) -> Option<String> {
 }
 
 /// Why `value` is none of the column's levels, if it has levels and it is none.
-fn refusal_of_levels(column: &ModelColumn, value: &Value) -> Option<String> {
+fn refusal_of_levels(
+    column: &ModelColumn,
+    value: &Value,
+    same: impl Fn(&Value) -> bool,
+) -> Option<String> {
     if let Some(levels) = &column.levels {
-        if !levels.iter().any(|level| same_value(level, value)) {
+        if !levels.iter().any(same) {
             let shown: Vec<String> = levels.iter().take(20).map(Value::to_string).collect();
             let more = if levels.len() > 20 { ", …" } else { "" };
             return Some(format!(
@@ -188,23 +195,51 @@ fn refusal_of_levels(column: &ModelColumn, value: &Value) -> Option<String> {
     None
 }
 
+/// None for a type that is not a date or datetime; Some(None) for a date; the units per second
+/// of a datetime.
+fn units_per_second(data_type: &str) -> Option<Option<i64>> {
+    if data_type == "date" {
+        return Some(None);
+    }
+    let unit = data_type
+        .strip_prefix("datetime[")?
+        .split([',', ']'])
+        .next()?;
+    Some(Some(match unit {
+        "ns" => 1_000_000_000,
+        "μs" | "us" => 1_000_000,
+        "ms" => 1_000,
+        _ => return None,
+    }))
+}
+
+/// A date or datetime column's learned number as a condition asks for it (the inverse of
+/// [`temporal`]): `2024-03-05`, or RFC 3339 in UTC. None for other types.
+pub fn temporal_text(data_type: &str, number: f64) -> Option<String> {
+    let whole = number as i64;
+    match units_per_second(data_type)? {
+        None => {
+            let epoch = chrono::DateTime::UNIX_EPOCH.date_naive();
+            let day = epoch.checked_add_signed(chrono::TimeDelta::try_days(whole)?)?;
+            Some(day.format("%Y-%m-%d").to_string())
+        }
+        Some(per_second) => {
+            let nanos = whole.checked_mul(1_000_000_000 / per_second)?;
+            let instant = chrono::DateTime::from_timestamp(
+                nanos.div_euclid(1_000_000_000),
+                nanos.rem_euclid(1_000_000_000) as u32,
+            )?;
+            Some(instant.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        }
+    }
+}
+
 /// A condition on a date or datetime column as the number a model learns for it: days since
 /// 1970-01-01 for a date, the column's unit since 1970-01-01T00:00:00Z for a datetime. Dates
 /// are asked as `2024-03-05`; datetimes in RFC 3339 (`2024-03-05T10:30:00Z`), or without an
 /// offset as UTC. None for columns of other types, and for `null` (missing).
 pub fn temporal(data_type: &str, value: &Value) -> Option<Result<f64, String>> {
-    let per_second: Option<i64> = match data_type {
-        "date" => None,
-        other => {
-            let unit = other.strip_prefix("datetime[")?.split([',', ']']).next()?;
-            Some(match unit {
-                "ns" => 1_000_000_000,
-                "μs" | "us" => 1_000_000,
-                "ms" => 1_000,
-                _ => return None,
-            })
-        }
-    };
+    let per_second = units_per_second(data_type)?;
     let text = match value {
         Value::Null => return None,
         Value::String(text) => text.trim(),
@@ -464,5 +499,21 @@ mod tests {
             ..column("date")
         };
         assert_eq!(refusal(&numerical, &json!("2024-03-05")), None);
+
+        // Few-valued dates show their levels as dates, and are asked as dates.
+        assert_eq!(
+            temporal_text("date", 19787.0).as_deref(),
+            Some("2024-03-05")
+        );
+        let micros = at("datetime[μs, UTC]", json!("2024-03-05T10:30:00.25Z"));
+        let text = temporal_text("datetime[μs, UTC]", micros.unwrap().unwrap());
+        assert_eq!(text.as_deref(), Some("2024-03-05T10:30:00.250Z"));
+        assert_eq!(temporal_text("f64", 1.0), None);
+        let weekly = ModelColumn {
+            levels: Some(vec![json!("2024-03-05"), json!("2024-03-12")]),
+            ..column("date")
+        };
+        assert_eq!(refusal(&weekly, &json!("2024-03-12")), None);
+        assert!(refusal(&weekly, &json!("2024-03-13")).is_some());
     }
 }

@@ -313,9 +313,18 @@ impl ModelFile {
         self.columns
             .iter()
             .map(|c| {
-                let levels = self
-                    .levels(&c.name)
-                    .map(|(_, levels)| (0..levels.len()).map(|k| level_value(levels, k)).collect());
+                // A date's levels as dates: what a condition asks for.
+                let shown = |value: Value| {
+                    let text = value
+                        .as_f64()
+                        .and_then(|n| contracts::sample::temporal_text(&c.dtype, n));
+                    text.map_or(value, Value::String)
+                };
+                let levels = self.levels(&c.name).map(|(_, levels)| {
+                    (0..levels.len())
+                        .map(|k| shown(level_value(levels, k)))
+                        .collect()
+                });
                 ModelColumn {
                     name: c.name.clone(),
                     data_type: c.dtype.clone(),
@@ -1408,6 +1417,18 @@ mod tests {
 
         let bad = Sampler::new(&model, 3).sample(10, &conditions(json!({"day": "2024-02-30"})));
         assert!(matches!(bad, Err(JobError::Permanent(m)) if m.contains("YYYY-MM-DD")));
+        // A few-valued date column lists its levels as dates.
+        let mut input = table(500);
+        let weeks = (0..500)
+            .map(|i| Some(19_787.0 + 7.0 * (i % 3) as f64))
+            .collect();
+        input
+            .columns
+            .push(Column::numbers("week", DataType::Date, weeks));
+        let schema = fit(&input, json!({})).schema();
+        let week = schema.iter().find(|c| c.name == "week").unwrap();
+        let levels = week.levels.clone().unwrap();
+        assert!(levels.contains(&json!("2024-03-12")), "{levels:?}");
     }
 
     #[test]
