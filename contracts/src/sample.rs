@@ -154,7 +154,11 @@ fn refusal(column: &ModelColumn, value: &Value) -> Option<String> {
     // A date or datetime column, whatever its role: asked as text, read as a number.
     match temporal(&column.data_type, value) {
         Some(Ok(number)) => {
-            let same = |level: &Value| temporal(&column.data_type, level) == Some(Ok(number));
+            // Levels are dates; a model saved before they were has them as numbers.
+            let same = |level: &Value| {
+                temporal(&column.data_type, level) == Some(Ok(number))
+                    || same_value(level, &Value::from(number))
+            };
             return refusal_of_levels(column, value, same);
         }
         Some(Err(problem)) => return Some(format!("{:?}: {problem}", column.name)),
@@ -515,5 +519,10 @@ mod tests {
         };
         assert_eq!(refusal(&weekly, &json!("2024-03-12")), None);
         assert!(refusal(&weekly, &json!("2024-03-13")).is_some());
+        let saved_before = ModelColumn {
+            levels: Some(vec![json!(19787), json!(19794)]),
+            ..column("date")
+        };
+        assert_eq!(refusal(&saved_before, &json!("2024-03-12")), None);
     }
 }
