@@ -475,17 +475,27 @@ async function submitJob(event) {
 function followJob(id, onEvent) {
   return new Promise((resolve, reject) => {
     const stream = new EventSource(`/v1/jobs/${id}/events`);
+    let done = false;
+    const finish = () => {
+      if (done) return;
+      done = true;
+      stream.close();
+      clearInterval(poll);
+      api('GET', `/v1/jobs/${id}`).then(resolve, reject);
+    };
     const handle = (message) => {
       const event = JSON.parse(message.data);
       if (onEvent) onEvent(message.type, event);
-      if (TERMINAL.has(message.type) || message.type === 'snapshot') {
-        stream.close();
-        api('GET', `/v1/jobs/${id}`).then(resolve, reject);
-      }
+      if (TERMINAL.has(message.type) || message.type === 'snapshot') finish();
     };
     for (const type of ['queued', 'started', 'progress', 'log', 'retrying', 'succeeded', 'failed', 'cancelled', 'snapshot']) {
       stream.addEventListener(type, handle);
     }
+    // A stream a proxy stalls, or one that drops between reconnects, must not leave the page
+    // waiting: the job's state is also read every few seconds.
+    const poll = setInterval(() => {
+      api('GET', `/v1/jobs/${id}`).then((job) => { if (TERMINAL.has(job.status)) finish(); }, () => {});
+    }, 3000);
   });
 }
 
