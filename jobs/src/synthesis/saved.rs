@@ -464,7 +464,7 @@ struct Given {
 }
 
 /// The value a condition asks of a learned column: a discrete column's level, or a number.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Held {
     Level(u32),
     Number(f64),
@@ -618,7 +618,7 @@ impl<'m> Sampler<'m> {
                 let mut given = asked
                     .iter()
                     .map(|(at, held, _)| {
-                        Ok((*at, given(&marginals[*at], *held, &model.learned[*at])?))
+                        Ok((*at, Given::of(&marginals[*at], *held, &model.learned[*at])?))
                     })
                     .collect::<Result<Vec<(usize, Given)>, JobError>>()?;
                 // Narrowest first: the fewer draws the later conditions reject.
@@ -882,55 +882,57 @@ impl<'m> Sampler<'m> {
     }
 }
 
-/// How a copula meets `held` in a column with this marginal exactly, or why no row can hold it.
-fn given(marginal: &Marginal, held: Held, name: &str) -> Result<Given, JobError> {
-    let never = |why: String| JobError::Permanent(format!("no row can have {why} in {name:?}"));
-    let (lo, hi) = match (marginal, held) {
-        (Marginal::Discrete { cumulative, .. }, Held::Level(k)) => {
-            let k = k as usize;
-            let lo = if k == 0 { 0.0 } else { cumulative[k - 1] };
-            if cumulative[k] <= lo {
-                return Err(never("a level the model gives no probability".into()));
+impl Given {
+    /// How a copula meets `held` in a column with this marginal exactly, or why no row can hold it.
+    fn of(marginal: &Marginal, held: Held, name: &str) -> Result<Given, JobError> {
+        let never = |why: String| JobError::Permanent(format!("no row can have {why} in {name:?}"));
+        let (lo, hi) = match (marginal, held) {
+            (Marginal::Discrete { cumulative, .. }, Held::Level(k)) => {
+                let k = k as usize;
+                let lo = if k == 0 { 0.0 } else { cumulative[k - 1] };
+                if cumulative[k] <= lo {
+                    return Err(never("a level the model gives no probability".into()));
+                }
+                (lo, cumulative[k])
             }
-            (lo, cumulative[k])
-        }
-        (
-            Marginal::Continuous {
-                knots,
-                missing,
-                decimals,
-                bounds,
-            },
-            Held::Number(v),
-        ) => {
-            if *missing >= 1.0 {
-                return Err(never(format!("{v}: the column is always missing")));
+            (
+                Marginal::Continuous {
+                    knots,
+                    missing,
+                    decimals,
+                    bounds,
+                },
+                Held::Number(v),
+            ) => {
+                if *missing >= 1.0 {
+                    return Err(never(format!("{v}: the column is always missing")));
+                }
+                if finish_number(v, *decimals, *bounds) != v {
+                    let precision = match decimals {
+                        Some(d) => format!("generated to {d} decimal(s) within its bounds"),
+                        None => "generated within its bounds".into(),
+                    };
+                    return Err(never(format!("{v}: the column is {precision}")));
+                }
+                // The values that round to v.
+                let half = decimals.map_or(0.0, |d| 0.5 / 10f64.powi(d as i32));
+                let (first, last) = (knots[0], knots[knots.len() - 1]);
+                if v + half < first || v - half > last {
+                    return Err(never(format!(
+                        "{v}: it is outside the range the model generates"
+                    )));
+                }
+                // From below the values that round to v (a point mass at v included) to above them.
+                (cdf(knots, v - half, false), cdf(knots, v + half, true))
             }
-            if finish_number(v, *decimals, *bounds) != v {
-                let precision = match decimals {
-                    Some(d) => format!("generated to {d} decimal(s) within its bounds"),
-                    None => "generated within its bounds".into(),
-                };
-                return Err(never(format!("{v}: the column is {precision}")));
-            }
-            // The values that round to v.
-            let half = decimals.map_or(0.0, |d| 0.5 / 10f64.powi(d as i32));
-            let (first, last) = (knots[0], knots[knots.len() - 1]);
-            if v + half < first || v - half > last {
-                return Err(never(format!(
-                    "{v}: it is outside the range the model generates"
-                )));
-            }
-            // From below the values that round to v (a point mass at v included) to above them.
-            (cdf(knots, v - half, false), cdf(knots, v + half, true))
-        }
-        _ => unreachable!("levels are asked of discrete marginals, numbers of continuous ones"),
-    };
-    Ok(Given {
-        lo,
-        hi,
-        value: held,
-    })
+            _ => unreachable!("levels are asked of discrete marginals, numbers of continuous ones"),
+        };
+        Ok(Given {
+            lo,
+            hi,
+            value: held,
+        })
+    }
 }
 
 /// The inverse of [`quantile`] over these knots: the probability of values up to `x`, with
