@@ -38,7 +38,7 @@ ap.add_argument("model")
 ap.add_argument("n", type=int)
 ap.add_argument("--keep", action="store_true")
 ap.add_argument("--reuse", action="store_true")
-ap.add_argument("--shapes", default="before,after")
+ap.add_argument("--shapes", default="before,all-matches,after")
 ap.add_argument("--queries", type=int, default=200)
 ap.add_argument("--query-words", type=int, default=5, help="words of a hybrid query's text (0: the whole sentence)")
 args = ap.parse_args()
@@ -191,7 +191,7 @@ def pg(sql):
     """sqlx's $n placeholders as psycopg's."""
     import re
 
-    return re.sub(r"\$(\d+)", lambda m: f"%(p{m.group(1)})s", sql)
+    return re.sub(r"\$(\d+)", lambda m: f"%(p{m.group(1)})s", sql.replace("%", "%%"))
 
 
 def params(*values):
@@ -230,10 +230,36 @@ def after_nearest(v, c, t, v2, limit):
 
 AFTER_VECTOR = ("WITH " + after_nearest("$1", "$2", "$4", "$5", K) + " SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, "
                 "c.metadata, s.similarity AS score FROM vector s JOIN chunks c USING (id) ORDER BY s.r").replace("$3", "$2")
-AFTER_HYBRID = ("WITH " + after_nearest("$1", "$2", "$4", "$5", candidates) + ", " + after_keyword("$6", "$2", "$4", candidates, "ts_rank") +
-                f" SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.metadata, fused.score FROM (SELECT id, coalesce(1.0 / ({RRF_K:.0f} + v.r), 0)::float8 "
+def after_fused_keyword(query, c, t, limit):
+    """Hybrid's keyword list: chunks holding two of the query's lexemes, then the vector
+    candidates holding one (`fused_keyword` in collections.rs)."""
+    quoted = r"'''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || ''''"
+    return ("terms AS (SELECT replace(plainto_tsquery('english', " + query + ")::text, '&', '|')::tsquery AS q, "
+            "(SELECT string_agg(format('(%s & %s)', a, b), ' | ')::tsquery FROM unnest(l) WITH ORDINALITY AS x(a, i) "
+            "JOIN unnest(l) WITH ORDINALITY AS y(b, j) ON i < j) AS pairs FROM (SELECT array(SELECT " + quoted +
+            " FROM unnest(tsvector_to_array(to_tsvector('english', " + query +
+            "))) AS lexeme LIMIT 16) AS l) AS lexemes), matched AS ((SELECT id, true AS strong, ts_rank(tsv, q) AS rank "
+            "FROM chunks, terms WHERE tsv @@ coalesce(pairs, q) AND " + SCOPE.format(c=c, t=t) +
+            f" ORDER BY rank DESC LIMIT {limit}) UNION ALL SELECT id, false, ts_rank(tsv, q) FROM nearest, terms, LATERAL (SELECT tsv FROM chunks WHERE chunks.id = nearest.id OFFSET 0) AS candidate "
+            f"WHERE tsv @@ q AND NOT tsv @@ pairs), keyword AS (SELECT id, r FROM (SELECT id, row_number() OVER "
+            f"(ORDER BY strong DESC, rank DESC, id) AS r FROM matched) AS ranked WHERE r <= {limit})")
+
+
+FUSION = (f" SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.metadata, fused.score FROM (SELECT id, coalesce(1.0 / ({RRF_K:.0f} + v.r), 0)::float8 "
                 f"+ coalesce(1.0 / ({RRF_K:.0f} + k.r), 0)::float8 AS score FROM vector v FULL JOIN keyword k USING (id)) AS fused JOIN chunks c USING (id) "
                 f"ORDER BY fused.score DESC, c.id LIMIT {K}")
+# Hybrid as of commit 035856c: the keyword leg ranks every chunk sharing a word with the query.
+ALL_MATCHES_HYBRID = ("WITH " + after_nearest("$1", "$2", "$4", "$5", candidates) + ", " +
+                      after_keyword("$6", "$2", "$4", candidates, "ts_rank") + FUSION)
+AFTER_HYBRID = ("WITH " + after_nearest("$1", "$2", "$4", "$5", candidates) + ", " +
+                after_fused_keyword("$6", "$2", "$4", candidates) + FUSION)
+
+
+def all_matches(conn, mode, q, text):
+    if mode == "vector":
+        return after(conn, mode, q, text)
+    assert conn.execute(pg(AFTER_EXISTS), params(tenant, collection), prepare=True).fetchone()[0]
+    return conn.execute(pg(ALL_MATCHES_HYBRID), params(q, collection, None, tenant, q, text), prepare=True).fetchall()
 
 
 def after(conn, mode, q, text):
@@ -243,13 +269,13 @@ def after(conn, mode, q, text):
     return conn.execute(pg(AFTER_HYBRID), params(q, collection, None, tenant, q, text), prepare=True).fetchall()
 
 
-SHAPES = {"before": before, "after": after}
+SHAPES = {"before": before, "all-matches": all_matches, "after": after}
 
 
 def run(shape, mode):
     conn = connect(DB)
     conn.prepare_threshold = 0
-    if shape == "after":
+    if shape != "before":
         conn.execute("SET hnsw.ef_search = 100")
         conn.execute("SET hnsw.iterative_scan = relaxed_order")
     fn = SHAPES[shape]

@@ -183,3 +183,87 @@ async fn search_uses_the_half_precision_index() {
         .unwrap();
     assert_eq!(found.len(), 10);
 }
+
+/// Hybrid search's keyword list ranks the chunks holding two of the query's words (and the
+/// vector candidates holding one), not every chunk sharing a word: 300 chunks hold "falcon",
+/// one holds "amber falcon", all of them far from the query's vector, and no scan of `chunks`
+/// by its words hands on more than a few rows. The two-word chunk comes second, tied
+/// with the nearest chunk (keyword rank 1 against vector rank 1). Query text is never tsquery
+/// syntax: quotes, backslashes and operators search as words.
+#[tokio::test]
+async fn hybrid_search_ranks_only_chunks_holding_two_query_words() {
+    let db = TestDatabase::new().await;
+    let tenant = db.tenant().await;
+    let collection = collection_with(&db, tenant, 500, 5).await;
+    let far: Vec<f32> = unit_vector(42).iter().map(|x| -x).collect();
+    sqlx::query(
+        "UPDATE chunks SET text = CASE WHEN ordinal = 499 THEN 'an amber falcon over the harbour'
+         ELSE 'a falcon numbered ' || ordinal END, embedding = $2
+         WHERE collection_id = $1 AND (ordinal < 300 OR ordinal = 499)",
+    )
+    .bind(collection)
+    .bind(pgvector::Vector::from(far))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE chunks")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let filter = Filter::new();
+    let hybrid = |query| Search {
+        mode: SearchMode::Hybrid,
+        query,
+        ..vector_search(tenant, collection, 10, &filter)
+    };
+    let found = store::search(&db.pool, hybrid("amber falcon"))
+        .await
+        .unwrap();
+    let two_words: i64 =
+        sqlx::query_scalar("SELECT id FROM chunks WHERE collection_id = $1 AND ordinal = 499")
+            .bind(collection)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(found.len(), 10);
+    assert_eq!(found[1].chunk_id, two_words, "{found:?}");
+
+    let plan: Vec<sqlx::types::Json<serde_json::Value>> = store::search_statement(
+        &hybrid("amber falcon"),
+        "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF, FORMAT JSON) ",
+    )
+    .unwrap()
+    .build_query_scalar()
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut nodes = vec![plan[0].0[0]["Plan"].clone()];
+    let mut widest = 0;
+    while let Some(node) = nodes.pop() {
+        let matches_words = ["Filter", "Recheck Cond"]
+            .iter()
+            .any(|key| node[key].as_str().is_some_and(|c| c.contains("tsv @@")));
+        if node["Relation Name"] == "chunks" && matches_words {
+            widest = widest.max(node["Actual Rows"].as_f64().unwrap() as i64);
+        }
+        if let Some(children) = node["Plans"].as_array() {
+            nodes.extend(children.iter().cloned());
+        }
+    }
+    assert!(
+        widest <= 10,
+        "a scan of chunks by words handed on {widest} rows: {}",
+        plan[0].0
+    );
+
+    for hostile in [
+        r"it's a \ back'slash",
+        "falcon & ! | ( ) <-> :* 'amber'",
+        "''' \\' ''",
+        "the of and",
+    ] {
+        store::search(&db.pool, hybrid(hostile))
+            .await
+            .unwrap_or_else(|e| panic!("{hostile:?}: {e}"));
+    }
+}
