@@ -34,6 +34,7 @@ fn read(path: &str) -> table::Table {
 fn main() {
     // As the worker runs jobs.
     embed::set_thread_defaults();
+    shared::memory::keep_freed_blocks();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("fit") if args.len() >= 5 => {

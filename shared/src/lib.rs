@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod events;
 pub mod isolated;
 pub mod leader;
+pub mod memory;
 pub mod model;
 pub mod objects;
 pub mod owned;

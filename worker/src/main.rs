@@ -33,6 +33,7 @@ enum Command {
 
 fn main() -> anyhow::Result<ExitCode> {
     embed::set_thread_defaults();
+    shared::memory::keep_freed_blocks();
     let args = Args::parse();
     match args.command {
         Some(Command::Extract { format }) => return Ok(jobs::ingest::isolated::serve(&format)),

@@ -24,7 +24,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{
     ops::{log_softmax, softmax},
-    AdamW, Linear, Module, Optimizer, ParamsAdamW,
+    AdamW, Linear, Optimizer, ParamsAdamW,
 };
 use rand::{
     rngs::{SmallRng, StdRng},
@@ -35,6 +35,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::{
     copula::ColumnSpec,
     encoding::{decode, encode_columns, laid_out, Encoded, Encoder},
+    matmul::{dense, matmul},
     table::{Column, Values},
     tvae::layer,
     weights::{Floats, LayerFile},
@@ -216,7 +217,7 @@ impl Generator {
     fn forward(&self, input: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = input.clone();
         for block in &self.blocks {
-            let h = block.linear.forward(&x)?;
+            let h = dense(&block.linear, &x)?;
             let centered = h.broadcast_sub(&h.mean_keepdim(0)?)?;
             let variance = centered.sqr()?.mean_keepdim(0)?;
             let normed = centered.broadcast_div(&(variance + 1e-5)?.sqrt()?)?;
@@ -226,7 +227,7 @@ impl Generator {
                 .relu()?;
             x = Tensor::cat(&[&h, &x], 1)?;
         }
-        self.out.forward(&x)
+        dense(&self.out, &x)
     }
 }
 
@@ -246,13 +247,13 @@ fn critic(
     x: &Tensor,
     masks: &[Tensor; 2],
 ) -> candle_core::Result<(Tensor, [Tensor; 2])> {
-    let h1 = layers[0].forward(x)?;
+    let h1 = dense(&layers[0], x)?;
     let s1 = slopes(&h1)?;
     let a1 = ((h1 * &s1)? * &masks[0])?;
-    let h2 = layers[1].forward(&a1)?;
+    let h2 = dense(&layers[1], &a1)?;
     let s2 = slopes(&h2)?;
     let a2 = ((h2 * &s2)? * &masks[1])?;
-    Ok((layers[2].forward(&a2)?, [s1, s2]))
+    Ok((dense(&layers[2], &a2)?, [s1, s2]))
 }
 
 /// ∂critic/∂x of each row, in closed form: with the slopes s and masks m of the forward pass,
@@ -264,8 +265,8 @@ fn input_gradient(
     masks: &[Tensor; 2],
 ) -> candle_core::Result<Tensor> {
     let g2 = (&slopes[1] * &masks[1])?.broadcast_mul(layers[2].weight())?;
-    let g1 = ((g2.matmul(layers[1].weight())? * &slopes[0])? * &masks[0])?;
-    g1.matmul(layers[0].weight())
+    let g1 = ((matmul(&g2, layers[1].weight())? * &slopes[0])? * &masks[0])?;
+    matmul(&g1, layers[0].weight())
 }
 
 /// λ · mean over rows of (‖∂critic/∂x‖ − 1)².

@@ -13,6 +13,7 @@ pub mod copula;
 pub mod ctgan;
 pub mod dp;
 mod encoding;
+mod matmul;
 pub mod metrics;
 pub mod profile;
 pub mod saved;
