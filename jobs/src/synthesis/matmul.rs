@@ -6,7 +6,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_nn::Linear;
 
-/// `a · b` for two f32 matrices, on the calling thread (the networks' matrices are small:
+/// `a · b` for two f32 (or two f64) matrices, on the calling thread (the networks' matrices are small:
 /// splitting them costs more than it gains).
 pub(super) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.apply_op2(b, Product)
@@ -153,7 +153,7 @@ mod tests {
         );
     }
 
-    /// Checked by candle: a layer through `dense` is candle's `Linear`.
+    /// A layer through `dense` computes what candle's `Linear` does.
     #[test]
     fn dense_is_a_linear_layer() {
         let device = Device::Cpu;
