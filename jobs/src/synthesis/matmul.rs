@@ -6,8 +6,8 @@
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_nn::Linear;
 
-/// `a · b` for two f32 (or two f64) matrices, on the calling thread (the networks' matrices are small:
-/// splitting them costs more than it gains).
+/// `a · b` for two f32 (or two f64) matrices, on the calling thread (the networks' matrices
+/// are small: splitting them costs more than it gains).
 pub(super) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.apply_op2(b, Product)
 }
