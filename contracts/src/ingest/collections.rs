@@ -316,10 +316,9 @@ pub fn search_statement<'a>(
     let mut sql = QueryBuilder::<Postgres>::new(format!("{prefix}WITH "));
     let vector = search.vector.clone().map(Vector::from);
     let keyword = |sql: &mut QueryBuilder<'a, Postgres>, limit: i64| {
-        // Any of the query's words (OR), ranked: a question rarely shares all its words.
-        sql.push("keyword AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r, rank FROM (SELECT id, ts_rank_cd(tsv, q) AS rank FROM chunks, (SELECT replace(plainto_tsquery('english', ");
-        sql.push_bind(search.query.to_owned());
-        sql.push(")::text, '&', '|')::tsquery AS q) AS query WHERE tsv @@ q AND ");
+        sql.push("keyword AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r, rank FROM (SELECT id, ts_rank_cd(tsv, q) AS rank FROM chunks, (SELECT ");
+        push_any_word(sql, search.query);
+        sql.push(" AS q) AS query WHERE tsv @@ q AND ");
         push_scope(sql, search);
         sql.push(format!(" ORDER BY rank DESC LIMIT {limit}) AS ranked)"));
     };
@@ -372,11 +371,11 @@ pub fn search_statement<'a>(
 /// candidates are read one by one by id (`OFFSET 0` keeps the planner from scanning every
 /// one-word match to join them).
 fn fused_keyword<'a>(sql: &mut QueryBuilder<'a, Postgres>, search: &Search<'a>, limit: i64) {
-    sql.push("terms AS (SELECT replace(plainto_tsquery('english', ");
-    sql.push_bind(search.query.to_owned());
+    sql.push("terms AS (SELECT ");
+    push_any_word(sql, search.query);
     // Each lexeme quoted as tsquery input wants it: quotes and backslashes doubled.
     sql.push(
-        r#")::text, '&', '|')::tsquery AS q, (SELECT string_agg(format('(%s & %s)', a, b), ' | ')::tsquery FROM unnest(l) WITH ORDINALITY AS x(a, i) JOIN unnest(l) WITH ORDINALITY AS y(b, j) ON i < j) AS pairs FROM (SELECT array(SELECT '''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || '''' FROM unnest(tsvector_to_array(to_tsvector('english', "#,
+        r#" AS q, (SELECT string_agg(format('(%s & %s)', a, b), ' | ')::tsquery FROM unnest(l) WITH ORDINALITY AS x(a, i) JOIN unnest(l) WITH ORDINALITY AS y(b, j) ON i < j) AS pairs FROM (SELECT array(SELECT '''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || '''' FROM unnest(tsvector_to_array(to_tsvector('english', "#,
     );
     sql.push_bind(search.query.to_owned());
     sql.push("))) AS lexeme LIMIT 16) AS l) AS lexemes), matched AS ((SELECT id, true AS strong, ts_rank(tsv, q) AS rank FROM chunks, terms WHERE tsv @@ coalesce(pairs, q) AND ");
@@ -385,6 +384,13 @@ fn fused_keyword<'a>(sql: &mut QueryBuilder<'a, Postgres>, search: &Search<'a>, 
         " ORDER BY rank DESC LIMIT {limit}) UNION ALL SELECT id, false, ts_rank(tsv, q) FROM nearest, terms, LATERAL (SELECT tsv FROM chunks WHERE chunks.id = nearest.id OFFSET 0) AS candidate WHERE tsv @@ q AND NOT tsv @@ pairs), \
          keyword AS (SELECT id, r FROM (SELECT id, row_number() OVER (ORDER BY strong DESC, rank DESC, id) AS r FROM matched) AS ranked WHERE r <= {limit})"
     ));
+}
+
+/// The tsquery matching any of the query's words (OR): a question rarely shares all its words.
+fn push_any_word<'a>(sql: &mut QueryBuilder<'a, Postgres>, query: &'a str) {
+    sql.push("replace(plainto_tsquery('english', ");
+    sql.push_bind(query.to_owned());
+    sql.push(")::text, '&', '|')::tsquery");
 }
 
 /// `collection_id = ... AND` the metadata filter.

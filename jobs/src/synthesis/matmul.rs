@@ -1,7 +1,8 @@
 //! A matrix product whose backward pass computes only the gradients something needs.
 //! candle's own computes both operands' gradients whatever they are: in a GAN step that is
 //! the gradient of the noise, of the real rows, and of the frozen critic's weights while the
-//! generator trains — about a seventh of CTGAN's matrix work, thrown away.
+//! generator trains — about a seventh of CTGAN's matrix work, thrown away. CTGAN's and TVAE's
+//! layers go through it.
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_nn::Linear;

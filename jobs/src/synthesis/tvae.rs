@@ -5,13 +5,14 @@
 //! Weights, batches and the latent noise come from one seeded RNG: a seed gives the same model.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{ops::log_softmax, AdamW, Linear, Module, Optimizer, ParamsAdamW};
+use candle_nn::{ops::log_softmax, AdamW, Linear, Optimizer, ParamsAdamW};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{
     copula::ColumnSpec,
     encoding::{decode, encode_columns, laid_out, Encoded, Encoder},
+    matmul::dense,
     stats::standard_normal,
     table::{Column, Values},
     weights::LayerFile,
@@ -62,7 +63,7 @@ pub(super) fn layer(
 fn mlp(layers: &[Linear], x: &Tensor) -> candle_core::Result<Tensor> {
     let mut x = x.clone();
     for (i, layer) in layers.iter().enumerate() {
-        x = layer.forward(&x)?;
+        x = dense(layer, &x)?;
         if i + 1 < layers.len() {
             x = x.relu()?;
         }
