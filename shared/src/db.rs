@@ -123,6 +123,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261203"),
             include_str!("../../migrations/checksums-20261204"),
             include_str!("../../migrations/checksums-20261205"),
+            include_str!("../../migrations/checksums-20261206"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -141,7 +142,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261205"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261206"
                 ),
             }
         }

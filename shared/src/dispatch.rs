@@ -1,13 +1,14 @@
 //! Fair dispatch: which queued jobs go onto a kind's Redis queue, and when.
 //!
-//! A queued job waits in PostgreSQL (`dispatched = false`) until a pass of [`Dispatcher`]
-//! pushes it. A pass keeps a kind's Redis queue about one round of slots deep (the live workers'
-//! slots for the kind, at least [`Dispatcher::min_window`]) and fills it across the tenants with
-//! held jobs by fair share: the next job goes to the tenant with the fewest jobs in flight
-//! (pushed or running) per unit of weight, so a tenant arriving behind another's backlog of
-//! thousands starts within about one round of slots. A tenant's `max_running` for the kind caps
-//! its jobs in flight, so it caps its running jobs across all workers. Within a tenant, higher
-//! `priority` goes first, then older jobs.
+//! A queued job waits in PostgreSQL (held) until a pass of [`Dispatcher`] pushes it and records
+//! it in `dispatched_jobs`, where it stays while in flight (pushed or running): a narrow row,
+//! so dispatching a job never rewrites the job's own row. A pass keeps a kind in flight up to
+//! its live workers' slots plus about one round of them waiting in Redis (at least
+//! [`Dispatcher::min_window`]) and fills that across the tenants with held jobs by fair share:
+//! the next job goes to the tenant with the fewest jobs in flight per unit of weight, so a
+//! tenant arriving behind another's backlog of thousands starts within about one round of
+//! slots. A tenant's `max_running` for the kind caps its jobs in flight, so it caps its running
+//! jobs across all workers. Within a tenant, higher `priority` goes first, then older jobs.
 //!
 //! Passes of one kind are serialized by a transaction-scoped advisory lock, so two API or worker
 //! processes never count the same free slot twice. Passes run after submissions, after every
@@ -82,17 +83,25 @@ impl Dispatcher {
         pushed.entry(kind.to_owned()).or_default().clone()
     }
 
-    /// One pass for `kind`: marks the chosen jobs dispatched and pushes them, in the order
-    /// chosen, before committing: a failed push leaves them held for the next pass. Returns how
-    /// many were pushed.
+    /// One pass for `kind`: records the chosen jobs as dispatched, commits, then pushes them in
+    /// the order chosen (committed first, so a job a worker takes at once already counts). A
+    /// failed push takes the records back, leaving the jobs held for the next pass; if that
+    /// fails too, the stale sweep pushes them later. Returns how many were pushed.
     pub async fn dispatch(&self, kind: &str) -> anyhow::Result<usize> {
         let mut tx = self.pool.begin().await?;
         let chosen = self.choose(&mut tx, kind).await?;
         if chosen.is_empty() {
             return Ok(0);
         }
-        self.queues.push(kind, &chosen).await?;
         tx.commit().await?;
+        if let Err(e) = self.queues.push(kind, &chosen).await {
+            let ids: Vec<Uuid> = chosen.iter().map(|m| m.job_id).collect();
+            sqlx::query("DELETE FROM dispatched_jobs WHERE job_id = ANY($1)")
+                .bind(&ids)
+                .execute(&self.pool)
+                .await?;
+            return Err(e);
+        }
         if let Some(consumers) = self.pushed.lock().expect("pushed lock").get(kind) {
             consumers.notify_one();
         }
@@ -109,38 +118,42 @@ impl Dispatcher {
             .bind(kind)
             .execute(&mut *tx)
             .await?;
-        let (slots, waiting): (i64, i64) = sqlx::query_as(
+        let (slots, in_flight): (i64, i64) = sqlx::query_as(
             "SELECT
                  (SELECT coalesce(sum((queues->>$1)::bigint), 0)::bigint FROM workers
                   WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $2)
                     AND jsonb_typeof(queues->$1) = 'number'),
-                 (SELECT count(*) FROM jobs WHERE kind = $1 AND status = 'queued' AND dispatched)",
+                 (SELECT count(*) FROM dispatched_jobs WHERE kind = $1)",
         )
         .bind(kind)
         .bind(self.live_within.as_secs_f64())
         .fetch_one(&mut *tx)
         .await?;
-        let free = slots.max(self.min_window) - waiting;
+        // The slots, busy or about to be, and a round of them waiting in Redis.
+        let free = slots + slots.max(self.min_window) - in_flight;
         if free <= 0 {
             return Ok(Vec::new());
         }
+        // Held: queued with no dispatch record. Each tenant's scan steps over its jobs in
+        // flight (at most a round of slots), found through the record's primary key.
         let held: Vec<(Uuid, Uuid, i32)> = sqlx::query_as(
             "WITH RECURSIVE tenants AS (
-                 (SELECT tenant_id FROM jobs
-                  WHERE kind = $1 AND status = 'queued' AND NOT dispatched
-                  ORDER BY tenant_id LIMIT 1)
+                 (SELECT j.tenant_id FROM jobs j
+                  WHERE j.kind = $1 AND j.status = 'queued'
+                    AND NOT EXISTS (SELECT 1 FROM dispatched_jobs d WHERE d.job_id = j.id)
+                  ORDER BY j.tenant_id LIMIT 1)
                  UNION ALL
                  SELECT (SELECT j.tenant_id FROM jobs j
-                         WHERE j.kind = $1 AND j.status = 'queued' AND NOT j.dispatched
-                           AND j.tenant_id > t.tenant_id
+                         WHERE j.kind = $1 AND j.status = 'queued' AND j.tenant_id > t.tenant_id
+                           AND NOT EXISTS (SELECT 1 FROM dispatched_jobs d WHERE d.job_id = j.id)
                          ORDER BY j.tenant_id LIMIT 1)
                  FROM tenants t WHERE t.tenant_id IS NOT NULL
              )
              SELECT c.tenant_id, c.id, c.attempt FROM tenants t
              CROSS JOIN LATERAL (
                  SELECT j.tenant_id, j.id, j.attempt FROM jobs j
-                 WHERE j.kind = $1 AND j.tenant_id = t.tenant_id
-                   AND j.status = 'queued' AND NOT j.dispatched
+                 WHERE j.kind = $1 AND j.tenant_id = t.tenant_id AND j.status = 'queued'
+                   AND NOT EXISTS (SELECT 1 FROM dispatched_jobs d WHERE d.job_id = j.id)
                  ORDER BY j.priority DESC, j.id LIMIT $2) c
              WHERE t.tenant_id IS NOT NULL",
         )
@@ -171,8 +184,8 @@ impl Dispatcher {
         let tenants: Vec<Uuid> = shares.iter().map(|s| s.tenant).collect();
         let standings: Vec<(Uuid, i64, Option<Value>, Option<i32>)> = sqlx::query_as(
             "SELECT t.id,
-                    (SELECT count(*) FROM jobs j WHERE j.kind = $2 AND j.tenant_id = t.id
-                       AND (j.status = 'running' OR (j.status = 'queued' AND j.dispatched))),
+                    (SELECT count(*) FROM dispatched_jobs d
+                     WHERE d.kind = $2 AND d.tenant_id = t.id),
                     l.max_running -> $2, l.weight
              FROM unnest($1::uuid[]) AS t(id) LEFT JOIN tenant_limits l ON l.tenant_id = t.id",
         )
@@ -189,12 +202,13 @@ impl Dispatcher {
         }
         let chosen = fair_share(&mut shares, free as usize);
         let ids: Vec<Uuid> = chosen.iter().map(|m| m.job_id).collect();
+        // Only jobs still queued: one cancelled since the read above is not recorded. (A
+        // cancel that commits after this statement removes the record itself.)
         let marked: Vec<Uuid> = sqlx::query_scalar(
-            // Locked in id order, as bulk actions lock: the two never deadlock.
-            "UPDATE jobs SET dispatched = true, updated_at = now()
-             WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE)
-               AND status = 'queued' AND NOT dispatched
-             RETURNING id",
+            "INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
+             SELECT id, kind, tenant_id FROM jobs WHERE id = ANY($1) AND status = 'queued'
+             ON CONFLICT (job_id) DO NOTHING
+             RETURNING job_id",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)

@@ -49,7 +49,7 @@ pub async fn usage(db: &mut PgConnection, tenant: Uuid) -> sqlx::Result<TenantUs
                 AS dataset_bytes,
              (SELECT count(*) FROM chunks c JOIN collections k ON k.id = c.collection_id
                 WHERE k.tenant_id = $1) AS chunks,
-             (SELECT coalesce(sum(rows_written), 0)::bigint FROM job_usage
+             (SELECT coalesce(sum(rows_written), 0)::bigint FROM usage_sums
                 WHERE tenant_id = $1 AND kind = 'import'
                   AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
                 AS rows_imported_today",

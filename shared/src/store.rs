@@ -218,7 +218,7 @@ pub struct Finish {
     pub id: Uuid,
     pub attempt: i32,
     pub outcome: Outcome,
-    /// What the attempt used, recorded in `job_usage` with the outcome.
+    /// What the attempt used, added to `usage_sums` with the outcome.
     pub usage: crate::usage::Usage,
 }
 
@@ -245,8 +245,9 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
         error.push(e);
         retry_at.push(at);
     }
-    // The attempt's usage goes in with its outcome, only while the attempt owns the job; so
-    // does a terminal outcome's webhook outbox.
+    // The attempts' usage goes in with their outcomes, only while each attempt owns its job,
+    // summed per tenant, key and kind (one usage row per batch, not per job); so does a
+    // terminal outcome's webhook outbox.
     let sql = format!(
         "WITH f AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[],
@@ -268,18 +269,22 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
          WHERE jobs.id = f.id AND jobs.attempt = f.attempt AND jobs.status = 'running'
          RETURNING jobs.*
          ), used AS (
-             INSERT INTO job_usage (job_id, attempt, tenant_id, key_id, kind, status,
-                                    wall_seconds, cpu_seconds, rows_read, rows_written,
-                                    bytes_read, chunks_embedded, tokens_embedded, synthetic_rows)
-             SELECT d.id, f.attempt, d.tenant_id, d.key_id, d.kind, d.status, u.*
+             INSERT INTO usage_sums (tenant_id, key_id, kind, attempts, wall_seconds,
+                                     cpu_seconds, rows_read, rows_written, bytes_read,
+                                     chunks_embedded, tokens_embedded, synthetic_rows)
+             SELECT d.tenant_id, d.key_id, d.kind, count(*), sum(u.wall_seconds),
+                    sum(u.cpu_seconds), sum(u.rows_read), sum(u.rows_written),
+                    sum(u.bytes_read), sum(u.chunks_embedded), sum(u.tokens_embedded),
+                    sum(u.synthetic_rows)
              FROM done d JOIN f ON f.id = d.id,
                   jsonb_to_record(f.usage) AS u(wall_seconds float8, cpu_seconds float8,
                       rows_read int8, rows_written int8, bytes_read int8, chunks_embedded int8,
                       tokens_embedded int8, synthetic_rows int8)
-             ON CONFLICT (job_id, attempt) DO NOTHING
-         ), {}
+             GROUP BY d.tenant_id, d.key_id, d.kind
+         ), {}, {}
          SELECT * FROM done",
-        crate::webhooks::outbox_cte("done")
+        crate::webhooks::outbox_cte("done"),
+        undispatch_cte("done")
     );
     let rows: Vec<Job> = sqlx::query_as(&sql)
         .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
@@ -298,12 +303,16 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
 /// Hands a running attempt back to the queue (the worker is shutting down): the attempt does
 /// not use up the budget. Returns the job, whose `attempt` is the generation to push.
 pub async fn requeue(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', dispatched = false, max_attempts = max_attempts + 1,
+    sqlx::query_as(&format!(
+        "WITH r AS (
+         UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1,
              worker = NULL, progress = 0, updated_at = now()
          WHERE id = $1 AND attempt = $2 AND status = 'running'
-         RETURNING *",
-    )
+         RETURNING *
+         ), {}
+         SELECT * FROM r",
+        undispatch_cte("r")
+    ))
     .bind(id)
     .bind(attempt)
     .fetch_optional(pool)
@@ -327,9 +336,10 @@ pub async fn request_cancel(
              updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status IN ('scheduled', 'queued', 'retrying', 'running')
          RETURNING *
-         ), {}
+         ), {}, {}
          SELECT * FROM c",
-        crate::webhooks::outbox_cte("c")
+        crate::webhooks::outbox_cte("c"),
+        undispatch_cte("c")
     );
     sqlx::query_as(&sql)
         .bind(id)
@@ -344,13 +354,17 @@ pub async fn retry(
     tenant: Uuid,
     id: Uuid,
 ) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', dispatched = false, max_attempts = attempt + max_attempts,
+    sqlx::query_as(&format!(
+        "WITH r AS (
+         UPDATE jobs SET status = 'queued', max_attempts = attempt + max_attempts,
              cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
              finished_at = NULL, run_at = now(), updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status IN ('failed', 'cancelled')
-         RETURNING *",
-    )
+         RETURNING *
+         ), {}
+         SELECT * FROM r",
+        undispatch_cte("r")
+    ))
     .bind(id)
     .bind(tenant)
     .fetch_optional(pool)
@@ -393,8 +407,8 @@ pub enum BulkChange {
 }
 
 /// Applies `change` to up to `limit` of the tenant's jobs matching `filter` (and the
-/// statuses the change applies to), oldest first. Rows are locked in id order, as dispatch
-/// passes lock them, waiting for a pass that holds some.
+/// statuses the change applies to), oldest first. Rows are locked in id order, so two bulk
+/// actions never deadlock.
 pub async fn change_matching(
     db: impl sqlx::PgExecutor<'_>,
     tenant: Uuid,
@@ -410,7 +424,7 @@ pub async fn change_matching(
             "status IN ('scheduled', 'queued', 'retrying', 'running') AND NOT cancel_requested",
         ),
         BulkChange::Retry => (
-            "status = 'queued', dispatched = false, max_attempts = attempt + max_attempts,
+            "status = 'queued', max_attempts = attempt + max_attempts,
              cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
              finished_at = NULL, run_at = now()",
             "status IN ('failed', 'cancelled')",
@@ -428,9 +442,10 @@ pub async fn change_matching(
                AND {applies}
              ORDER BY id LIMIT $4 FOR UPDATE)
          RETURNING *
-         ), {outbox}
+         ), {outbox}, {undispatch}
          SELECT * FROM c",
-        outbox = crate::webhooks::outbox_cte("c")
+        outbox = crate::webhooks::outbox_cte("c"),
+        undispatch = undispatch_cte("c")
     ))
     .bind(tenant)
     .bind(statuses)
@@ -462,10 +477,33 @@ pub struct Moved {
     pub error: Option<String>,
 }
 
+/// A statement's part that ends the dispatch records of the jobs in `source` (a CTE of changed
+/// job rows) that are no longer in flight: ended, cancelled, or held again.
+fn undispatch_cte(source: &str) -> String {
+    format!(
+        "undispatched AS (
+             DELETE FROM dispatched_jobs
+             WHERE job_id IN (SELECT id FROM {source} WHERE status <> 'running'))"
+    )
+}
+
+/// Dispatch records whose job is no longer in flight (a cancel racing the pass that recorded
+/// it): deleted, so they stop counting against their tenants' shares.
+pub async fn drop_stray_dispatches(pool: &PgPool) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM dispatched_jobs d
+         WHERE NOT EXISTS (SELECT 1 FROM jobs j
+                           WHERE j.id = d.job_id AND j.status IN ('queued', 'running'))",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Scheduled and retrying jobs whose time has come become queued.
 pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Moved>> {
     sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', dispatched = false, updated_at = now()
+        "UPDATE jobs SET status = 'queued', updated_at = now()
          WHERE id IN (SELECT id FROM jobs WHERE status IN ('scheduled', 'retrying') AND run_at <= now()
                       ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
          RETURNING id, tenant_id, kind, attempt, status, error",
@@ -490,7 +528,6 @@ pub async fn rescue_orphans(
         "WITH r AS (
          UPDATE jobs SET
              worker_deaths = worker_deaths + 1,
-             dispatched = false,
              status = CASE WHEN cancel_requested THEN 'cancelled'
                            WHEN worker_deaths + 1 >= $2 OR attempt >= max_attempts THEN 'failed'
                            ELSE 'queued' END,
@@ -511,9 +548,10 @@ pub async fn rescue_orphans(
                      AND w.heartbeat_at > now() - make_interval(secs => $1))
              LIMIT $3 FOR UPDATE SKIP LOCKED)
          RETURNING *
-         ), {}
+         ), {}, {}
          SELECT id, tenant_id, kind, attempt, status, error FROM r",
-        crate::webhooks::outbox_cte("r")
+        crate::webhooks::outbox_cte("r"),
+        undispatch_cte("r")
     );
     sqlx::query_as(&sql)
         .bind(horizon.as_secs_f64())
@@ -523,13 +561,14 @@ pub async fn rescue_orphans(
         .await
 }
 
-/// The kinds with queued jobs waiting to be dispatched (a skip scan of `jobs_held`).
-pub async fn held_kinds(pool: &PgPool) -> sqlx::Result<Vec<String>> {
+/// The kinds with queued jobs, some perhaps waiting to be dispatched (a skip scan of
+/// `jobs_held`).
+pub async fn queued_kinds(pool: &PgPool) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "WITH RECURSIVE kinds AS (
-             (SELECT kind FROM jobs WHERE status = 'queued' AND NOT dispatched ORDER BY kind LIMIT 1)
+             (SELECT kind FROM jobs WHERE status = 'queued' ORDER BY kind LIMIT 1)
              UNION ALL
-             SELECT (SELECT j.kind FROM jobs j WHERE j.status = 'queued' AND NOT j.dispatched
+             SELECT (SELECT j.kind FROM jobs j WHERE j.status = 'queued'
                        AND j.kind > k.kind ORDER BY j.kind LIMIT 1)
              FROM kinds k WHERE k.kind IS NOT NULL
          )
@@ -546,9 +585,10 @@ pub async fn stale_queued(
     limit: i64,
 ) -> sqlx::Result<Vec<Moved>> {
     sqlx::query_as(
-        "SELECT id, tenant_id, kind, attempt, status, error FROM jobs
-         WHERE status = 'queued' AND dispatched AND updated_at < now() - make_interval(secs => $1)
-         ORDER BY updated_at LIMIT $2",
+        "SELECT j.id, j.tenant_id, j.kind, j.attempt, j.status, j.error
+         FROM dispatched_jobs d JOIN jobs j ON j.id = d.job_id
+         WHERE j.status = 'queued' AND d.pushed_at < now() - make_interval(secs => $1)
+         ORDER BY d.pushed_at LIMIT $2",
     )
     .bind(age.as_secs_f64())
     .bind(limit)
@@ -556,15 +596,15 @@ pub async fn stale_queued(
     .await
 }
 
-/// Marks jobs as looked at, so the next scan moves on to others. Rows another transaction
-/// holds are skipped, not waited for: a worker's claim locks its batch in its own order, and
-/// waiting here could close a cycle with it (a deadlock seen under load); a row being claimed
-/// needs no touch.
+/// Marks jobs as looked at, so the next scan moves on to others. Records another transaction
+/// holds are skipped, not waited for: a worker's finish batch locks its records in its own
+/// order, and waiting here could close a cycle with it (a deadlock seen under load, then on the
+/// job rows); a record being deleted needs no touch.
 pub async fn touch(pool: &PgPool, ids: &[Uuid]) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE jobs SET updated_at = now()
-         WHERE id IN (SELECT id FROM jobs WHERE id = ANY($1) AND status = 'queued'
-                      FOR UPDATE SKIP LOCKED)",
+        "UPDATE dispatched_jobs SET pushed_at = now()
+         WHERE job_id IN (SELECT job_id FROM dispatched_jobs WHERE job_id = ANY($1)
+                          FOR UPDATE SKIP LOCKED)",
     )
     .bind(ids)
     .execute(pool)
@@ -691,10 +731,11 @@ mod tests {
         }
     }
 
-    /// The interleaving that deadlocked under load: a claim has locked its first row and
-    /// takes its second while the stale scan's touch holds the second and wants the first.
+    /// The interleaving that deadlocked under load (then on job rows, with a claim): a finish
+    /// batch has locked one dispatch record and takes another while the stale scan's touch
+    /// holds the second and wants the first.
     #[tokio::test]
-    async fn touching_stale_rows_never_deadlocks_with_a_claim() {
+    async fn touching_stale_rows_never_deadlocks_with_a_finish() {
         let db = TestDatabase::new().await;
         let tenant = db.tenant().await;
         let jobs = submit(
@@ -704,13 +745,20 @@ mod tests {
         )
         .await;
         let (first, second) = (jobs[0].job.id, jobs[1].job.id);
-        let lock = |id| sqlx::query("UPDATE jobs SET updated_at = now() WHERE id = $1").bind(id);
+        sqlx::query(
+            "INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
+             SELECT id, kind, tenant_id FROM jobs",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let lock = |id| sqlx::query("DELETE FROM dispatched_jobs WHERE job_id = $1").bind(id);
 
-        let mut claim = db.pool.begin().await.unwrap();
-        lock(second).execute(&mut *claim).await.unwrap();
+        let mut finish = db.pool.begin().await.unwrap();
+        lock(second).execute(&mut *finish).await.unwrap();
         let pool = db.pool.clone();
         let touch = tokio::spawn(async move { touch(&pool, &[first, second]).await });
-        // Until the touch has finished or waits on the claim's row.
+        // Until the touch has finished or waits on the finish's record.
         for _ in 0..100 {
             let waiting: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity
@@ -724,11 +772,11 @@ mod tests {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let claimed = lock(first).execute(&mut *claim).await;
+        let finished = lock(first).execute(&mut *finish).await;
         let touched = touch.await.unwrap();
-        assert!(claimed.is_ok(), "the claim: {claimed:?}");
+        assert!(finished.is_ok(), "the finish: {finished:?}");
         assert!(touched.is_ok(), "the touch: {touched:?}");
-        claim.commit().await.unwrap();
+        finish.commit().await.unwrap();
     }
 
     #[tokio::test]
@@ -837,16 +885,18 @@ mod tests {
         assert_eq!(done.status(), JobStatus::Succeeded);
         assert_eq!((done.result, done.progress), (Some(result), 1.0));
         assert!(done.finished_at.is_some());
-        let usage_rows: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM job_usage WHERE job_id = $1")
-                .bind(job.id)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
-        assert_eq!(usage_rows, 1);
-        // Finished: a second finish of the same attempt changes nothing.
+        let attempts_used = || {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT coalesce(sum(attempts), 0)::bigint FROM usage_sums WHERE tenant_id = $1",
+            )
+            .bind(tenant)
+            .fetch_one(&db.pool)
+        };
+        assert_eq!(attempts_used().await.unwrap(), 1);
+        // Finished: a second finish of the same attempt changes nothing, usage included.
         let again = finish(&running, Outcome::Failed("twice".into()));
         assert!(finish_many(&db.pool, &[again]).await.unwrap()[0].is_none());
+        assert_eq!(attempts_used().await.unwrap(), 1);
     }
 
     #[tokio::test]

@@ -249,15 +249,15 @@ fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metri
 /// deployment of any size exports at most this many series per measure, plus one.
 const USAGE_TENANTS: i64 = 100;
 
-/// Each tenant's usage totals since records began (`job_usage`), the heaviest CPU users first.
+/// Each tenant's usage totals since records began (`usage_sums`), the heaviest CPU users first.
 async fn tenant_usage(state: &AppState, registry: &mut Registry) -> Result<(), Problem> {
     type Row = (String, i64, f64, f64, i64, i64, i64);
     let rows: Vec<Row> = sqlx::query_as(
         "WITH totals AS (
-             SELECT tenant_id, count(*) AS attempts, sum(wall_seconds) AS wall,
+             SELECT tenant_id, sum(attempts) AS attempts, sum(wall_seconds) AS wall,
                     sum(cpu_seconds) AS cpu, sum(rows_written)::bigint AS rows_written,
                     sum(chunks_embedded)::bigint AS chunks, sum(synthetic_rows)::bigint AS synthetic
-             FROM job_usage GROUP BY tenant_id
+             FROM usage_sums GROUP BY tenant_id
          ), ranked AS (
              SELECT totals.*, row_number() OVER (ORDER BY cpu DESC, tenant_id) AS rank FROM totals
          )

@@ -1,5 +1,5 @@
 //! `GET /v1/usage`: what the tenant's jobs used over a period, summed, optionally by kind, day
-//! or key (from `job_usage`, one row per attempt that ended).
+//! or key (from `usage_sums`: each batch of ended attempts adds its sums per tenant, key and kind).
 
 use crate::extract::Params;
 use axum::{extract::State, Json};
@@ -87,7 +87,7 @@ pub async fn usage(
         return Err(Problem::validation(errors));
     }
     let groups = sqlx::query_as(&format!(
-        "SELECT {group} AS \"group\", count(*) AS attempts,
+        "SELECT {group} AS \"group\", coalesce(sum(attempts), 0)::bigint AS attempts,
                 coalesce(sum(wall_seconds), 0) AS wall_seconds,
                 coalesce(sum(cpu_seconds), 0) AS cpu_seconds,
                 coalesce(sum(rows_read), 0)::bigint AS rows_read,
@@ -96,7 +96,7 @@ pub async fn usage(
                 coalesce(sum(chunks_embedded), 0)::bigint AS chunks_embedded,
                 coalesce(sum(tokens_embedded), 0)::bigint AS tokens_embedded,
                 coalesce(sum(synthetic_rows), 0)::bigint AS synthetic_rows
-         FROM job_usage
+         FROM usage_sums
          WHERE tenant_id = $1 AND finished_at >= $2 AND finished_at < $3
          {grouping}"
     ))

@@ -1,6 +1,7 @@
 //! Fair dispatch's safety net: a pass for every kind with held jobs, so jobs still go out when
 //! the pass after a submission or a finished attempt failed (Redis or PostgreSQL away), a worker
-//! joined (more slots), or a tenant's cap was raised.
+//! joined (more slots), or a tenant's cap was raised. Before the passes it drops dispatch
+//! records a cancel left behind by racing the pass that wrote them.
 
 use shared::store;
 use std::time::Duration;
@@ -33,8 +34,15 @@ impl Duty for Dispatcher {
 
     /// Returns how many jobs it pushed.
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
+        let stray = store::drop_stray_dispatches(runtime.pool()).await?;
+        if stray > 0 {
+            tracing::debug!(
+                stray,
+                "dispatch records of jobs no longer in flight dropped"
+            );
+        }
         let mut pushed = 0;
-        for kind in store::held_kinds(runtime.pool()).await? {
+        for kind in store::queued_kinds(runtime.pool()).await? {
             pushed += runtime.refill().dispatcher().dispatch(&kind).await?;
         }
         Ok(pushed)
@@ -45,6 +53,11 @@ impl Duty for Dispatcher {
 mod tests {
     use super::*;
     use crate::maintenance::test_support::TestDb;
+    use shared::{
+        model::QueueMessage,
+        store::{Finish, Outcome},
+    };
+    use uuid::Uuid;
 
     /// With no live worker a kind's queue takes the minimum window; a tenant behind another's
     /// backlog gets its share of it, and the backlog the rest.
@@ -88,5 +101,97 @@ mod tests {
             0,
             "the window is full"
         );
+    }
+
+    async fn recorded(test: &TestDb, id: Uuid) -> bool {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM dispatched_jobs WHERE job_id = $1)")
+            .bind(id)
+            .fetch_one(test.pool())
+            .await
+            .unwrap()
+    }
+
+    /// The row version of a job: a new one for every update of its row.
+    async fn version(test: &TestDb, id: Uuid) -> String {
+        sqlx::query_scalar("SELECT ctid::text || '/' || xmin::text FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(test.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Dispatching a job writes a narrow record of its own, never a new version of the job's
+    /// row; the record lasts while the job is in flight and goes with the attempt's end.
+    #[tokio::test]
+    async fn a_pass_records_jobs_in_flight_without_rewriting_their_rows() {
+        let test = TestDb::new().await;
+        let id = test.held("canary", test.tenant).await;
+        let before = version(&test, id).await;
+
+        assert_eq!(Dispatcher::default().run(&test.runtime).await.unwrap(), 1);
+
+        assert!(test.in_queue(id).await);
+        assert!(recorded(&test, id).await);
+        assert_eq!(version(&test, id).await, before, "the pass rewrote the job");
+        let message = QueueMessage {
+            job_id: id,
+            generation: 0,
+        };
+        let job = store::claim_many(test.pool(), &[message], "w1")
+            .await
+            .unwrap()[0]
+            .clone()
+            .expect("claimed");
+        assert!(recorded(&test, id).await, "running counts as in flight");
+        let finish = Finish {
+            id,
+            attempt: job.attempt,
+            outcome: Outcome::Succeeded(serde_json::json!({})),
+            usage: Default::default(),
+        };
+        store::finish_many(test.pool(), &[finish]).await.unwrap();
+        assert!(
+            !recorded(&test, id).await,
+            "the record outlived the attempt"
+        );
+    }
+
+    /// A cancelled queued job, a rescued one (held again) and a record a cancel left behind
+    /// stop counting against the tenant.
+    #[tokio::test]
+    async fn records_go_with_cancels_rescues_and_the_sweep() {
+        let test = TestDb::new().await;
+        let cancelled = test.job("canary", "queued").await;
+        let orphaned = test.job("canary", "running").await;
+        test.set(orphaned, "worker = 'gone'").await;
+        let stray = test.job("canary", "succeeded").await;
+        sqlx::query(
+            "INSERT INTO dispatched_jobs (job_id, kind, tenant_id) VALUES ($1, 'canary', $2)",
+        )
+        .bind(stray)
+        .bind(test.tenant)
+        .execute(test.pool())
+        .await
+        .unwrap();
+        assert!(recorded(&test, cancelled).await && recorded(&test, orphaned).await);
+
+        store::request_cancel(test.pool(), test.tenant, cancelled)
+            .await
+            .unwrap();
+        assert!(!recorded(&test, cancelled).await);
+        let rescued = store::rescue_orphans(test.pool(), Duration::from_secs(60), 3, 10)
+            .await
+            .unwrap();
+        assert_eq!(rescued.len(), 1);
+        assert_eq!(rescued[0].status, "queued");
+        assert!(
+            !recorded(&test, orphaned).await,
+            "a held job counted in flight"
+        );
+
+        Dispatcher::default().run(&test.runtime).await.unwrap();
+        assert!(!recorded(&test, stray).await);
+        // The rescued job went out again, recorded afresh.
+        assert!(recorded(&test, orphaned).await && test.in_queue(orphaned).await);
     }
 }

@@ -332,13 +332,11 @@ mod tests {
             .execute(test.pool())
             .await
             .unwrap();
-        let other = test.job("import", "succeeded").await;
         sqlx::query(
-            "INSERT INTO job_usage (job_id, attempt, tenant_id, kind, status, wall_seconds,
-                                    cpu_seconds, rows_written)
-             VALUES ($1, 1, $2, 'import', 'succeeded', 1, 1, 10)",
+            "INSERT INTO usage_sums (tenant_id, kind, attempts, wall_seconds, cpu_seconds,
+                                     rows_written)
+             VALUES ($1, 'import', 1, 1, 1, 10)",
         )
-        .bind(other)
         .bind(test.tenant)
         .execute(test.pool())
         .await

@@ -81,7 +81,13 @@ mod tests {
         let held = test.job("canary", "queued").await;
         let recent = test.job("canary", "queued").await;
         for id in [lost, held] {
-            test.set(id, "updated_at = now() - interval '1 hour'").await;
+            sqlx::query(
+                "UPDATE dispatched_jobs SET pushed_at = now() - interval '1 hour' WHERE job_id = $1",
+            )
+            .bind(id)
+            .execute(test.pool())
+            .await
+            .unwrap();
         }
         let message = QueueMessage {
             job_id: held,

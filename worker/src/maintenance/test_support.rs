@@ -57,15 +57,19 @@ impl TestDb {
     }
 
     /// A job row of the tenant in `status`, finished now if that is terminal, at attempt 1
-    /// unless scheduled or queued.
+    /// unless scheduled or queued; dispatched if queued or running.
     pub async fn job(&self, kind: &str, status: &str) -> Uuid {
         let id = Uuid::now_v7();
         sqlx::query(
-            "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt, finished_at, dispatched)
-             VALUES ($1, $2, $3, $4, '{}',
-                     CASE WHEN $4 IN ('scheduled', 'queued') THEN 0 ELSE 1 END,
-                     CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled') THEN now() END,
-                     $4 = 'queued')",
+            "WITH job AS (
+                 INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt, finished_at)
+                 VALUES ($1, $2, $3, $4, '{}',
+                         CASE WHEN $4 IN ('scheduled', 'queued') THEN 0 ELSE 1 END,
+                         CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled') THEN now() END)
+                 RETURNING id, kind, tenant_id, status
+             )
+             INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
+             SELECT id, kind, tenant_id FROM job WHERE status IN ('queued', 'running')",
         )
         .bind(id)
         .bind(self.tenant)
