@@ -193,8 +193,16 @@ impl Dispatcher {
         .bind(kind)
         .fetch_all(&mut *tx)
         .await?;
-        for (share, (_, in_flight, cap, weight)) in shares.iter_mut().zip(standings) {
-            share.in_flight = in_flight;
+        // Matched by tenant: a join returns its rows in whatever order its plan makes.
+        let standings: HashMap<Uuid, _> = standings
+            .into_iter()
+            .map(|(tenant, in_flight, cap, weight)| (tenant, (in_flight, cap, weight)))
+            .collect();
+        for share in &mut shares {
+            let Some((in_flight, cap, weight)) = standings.get(&share.tenant) else {
+                continue;
+            };
+            share.in_flight = *in_flight;
             if let Some(cap) = cap.as_ref().and_then(Value::as_i64) {
                 share.cap = Some(cap);
             }

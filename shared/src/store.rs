@@ -779,6 +779,33 @@ mod tests {
         finish.commit().await.unwrap();
     }
 
+    /// On the queue's pool a claim is planned once per session; on the default pool
+    /// PostgreSQL made a custom plan at every execution.
+    #[tokio::test]
+    async fn the_queue_pool_plans_a_claim_once() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let pool = crate::db::connect_queue(&db.url, 1).await.unwrap();
+        for size in 1..=8 {
+            let jobs: Vec<NewJob> = (0..size).map(|_| new_job("canary", None)).collect();
+            let messages: Vec<QueueMessage> = submit(&db, tenant, &jobs)
+                .await
+                .iter()
+                .map(|i| message(&i.job))
+                .collect();
+            let claimed = claim_many(&pool, &messages, "w1").await.unwrap();
+            assert!(claimed.iter().all(Option::is_some));
+        }
+        let (generic, custom): (i64, i64) = sqlx::query_as(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+             WHERE statement LIKE 'UPDATE jobs SET status = ''running''%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!((generic, custom), (8, 0));
+    }
+
     #[tokio::test]
     async fn a_repeated_idempotency_key_returns_the_first_job_in_input_order() {
         let db = TestDatabase::new().await;

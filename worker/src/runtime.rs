@@ -106,6 +106,8 @@ impl Runtime {
         let pool_size = (concurrency as u32 + 4).min(24);
         let pool = shared::db::connect(&settings.database_url, pool_size).await?;
         shared::db::migrate(&pool).await?;
+        // Claims, finishes and dispatch passes: one round trip of each kind at a time.
+        let queue_pool = shared::db::connect_queue(&settings.database_url, 4).await?;
         let redis = shared::redis_conn::Redis::open(&settings.redis_url)?
             .manager()
             .await?;
@@ -117,7 +119,7 @@ impl Runtime {
         );
         let queue_spec = json!(queues.0.iter().cloned().collect::<HashMap<_, _>>());
         let claims = {
-            let (pool, name) = (pool.clone(), name.clone());
+            let (pool, name) = (queue_pool.clone(), name.clone());
             Batcher::spawn(BATCH, move |messages: Vec<QueueMessage>| {
                 let (pool, name) = (pool.clone(), name.clone());
                 async move {
@@ -128,7 +130,7 @@ impl Runtime {
             })
         };
         let finishes = {
-            let pool = pool.clone();
+            let pool = queue_pool.clone();
             Batcher::spawn(BATCH, move |items: Vec<store::Finish>| {
                 let pool = pool.clone();
                 async move {
@@ -150,7 +152,7 @@ impl Runtime {
             })
         };
         let queues = Queues::new(redis, &settings.redis_prefix, settings.heartbeat);
-        let refill = Refill::new(Dispatcher::new(pool.clone(), queues.clone(), &settings));
+        let refill = Refill::new(Dispatcher::new(queue_pool, queues.clone(), &settings));
         Ok(Self {
             claims,
             finishes,
