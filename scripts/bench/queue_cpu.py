@@ -2,7 +2,8 @@
 processes x 64 drain them; per build (BENCH_BIN and BENCH_BASELINE, alternating, ROUNDS times
 each), the drain rate and the CPU seconds PostgreSQL, the workers and Redis spent during the
 drain (from /proc: the servers listening on their ports, with their children, and the
-worker processes).
+worker processes), and PostgreSQL's work per job during the drain: row versions written
+(inserted, updated, deleted, over every table) and WAL bytes.
 Prints a table."""
 
 import json, os, subprocess, sys, time, urllib.request, uuid
@@ -29,6 +30,13 @@ def env(prefix):
     return e
 
 
+def pg_work():
+    """Rows written over every table of the database, and WAL bytes, so far."""
+    rows = psql("SELECT sum(n_tup_ins + n_tup_upd + n_tup_del) FROM pg_stat_user_tables", f"{PG}/{DB}")
+    wal = psql("SELECT wal_bytes FROM pg_stat_wal")
+    return int(rows or 0), int(float(wal))
+
+
 def drain(bin_dir):
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
@@ -44,7 +52,9 @@ def drain(bin_dir):
             urllib.request.urlopen(urllib.request.Request(
                 f"http://127.0.0.1:{PORT}/v1/jobs/batch", data=body, method="POST",
                 headers={"Authorization": f"Bearer {key}", "content-type": "application/json"}), timeout=60).read()
-        time.sleep(1)
+        # Idle backends report their statistics within 10 s: the submissions' rows are in.
+        time.sleep(11)
+        work = pg_work()
         servers = {"postgres": server_pids(PG_PORT), "redis": server_pids(6379)}
         before = {name: cpu_seconds(pids) for name, pids in servers.items()}
         workers = [subprocess.Popen([f"{bin_dir}/conveyor-worker", "--queues", "canary=64"], env=env(prefix))
@@ -70,8 +80,10 @@ def drain(bin_dir):
     finally:
         api.terminate()
         api.wait()
+    time.sleep(1)  # the exited backends' statistics
+    rows, wal = (after - before for after, before in zip(pg_work(), work))
     span = float(psql("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM jobs", f"{PG}/{DB}"))
-    return N / span, used["postgres"], used["workers"], used["redis"]
+    return N / span, used["postgres"], used["workers"], used["redis"], rows / N, wal / N
 
 
 def main():
@@ -80,11 +92,12 @@ def main():
         for name, bin_dir in BUILDS:
             results[name].append(drain(bin_dir))
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    print(f"| {N:,} no-op jobs, {W} worker process(es) x 64 | jobs/s | PostgreSQL CPU s | workers CPU s | Redis CPU s |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| {N:,} no-op jobs, {W} worker process(es) x 64 | jobs/s | PostgreSQL CPU s | workers CPU s"
+          " | Redis CPU s | rows written per job | WAL bytes per job |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, runs in results.items():
-        for i, (rate, pg, worker, redis) in enumerate(runs, 1):
-            print(f"| {name}, run {i} | {rate:,.0f} | {pg:.2f} | {worker:.2f} | {redis:.2f} |")
+        for i, (rate, pg, worker, redis, rows, wal) in enumerate(runs, 1):
+            print(f"| {name}, run {i} | {rate:,.0f} | {pg:.2f} | {worker:.2f} | {redis:.2f} | {rows:.2f} | {wal:,.0f} |")
     if len(BUILDS) == 2:
         base = sum(r[0] for r in results["baseline"]) / ROUNDS
         this = sum(r[0] for r in results["this build"]) / ROUNDS
