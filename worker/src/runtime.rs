@@ -106,8 +106,11 @@ impl Runtime {
         let pool_size = (concurrency as u32 + 4).min(24);
         let pool = shared::db::connect(&settings.database_url, pool_size).await?;
         shared::db::migrate(&pool).await?;
-        // Claims, finishes and dispatch passes: one round trip of each kind at a time.
-        let queue_pool = shared::db::connect_queue(&settings.database_url, 4).await?;
+        // Claims and finishes (one round trip of each at a time), a dispatch pass per kind (a
+        // pipeline's next step may be of a kind not served here) and the dispatcher duty's:
+        // none waits for another's connection.
+        let passes = registry.kinds().count() as u32;
+        let queue_pool = shared::db::connect_queue(&settings.database_url, passes + 3).await?;
         let redis = shared::redis_conn::Redis::open(&settings.redis_url)?
             .manager()
             .await?;
