@@ -24,7 +24,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{
     ops::{log_softmax, softmax},
-    AdamW, Linear, Optimizer, ParamsAdamW,
+    Linear,
 };
 use rand::{
     rngs::{SmallRng, StdRng},
@@ -33,9 +33,11 @@ use rand::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{
+    adam::{Adam, Settings},
     copula::ColumnSpec,
     encoding::{decode, encode_columns, laid_out, Encoded, Encoder},
     matmul::{dense, matmul},
+    norm::batch_norm_relu,
     table::{Column, Values},
     tvae::layer,
     weights::{Floats, LayerFile},
@@ -217,14 +219,7 @@ impl Generator {
     fn forward(&self, input: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = input.clone();
         for block in &self.blocks {
-            let h = dense(&block.linear, &x)?;
-            let centered = h.broadcast_sub(&h.mean_keepdim(0)?)?;
-            let variance = centered.sqr()?.mean_keepdim(0)?;
-            let normed = centered.broadcast_div(&(variance + 1e-5)?.sqrt()?)?;
-            let h = normed
-                .broadcast_mul(&block.gamma)?
-                .broadcast_add(&block.beta)?
-                .relu()?;
+            let h = batch_norm_relu(&dense(&block.linear, &x)?, &block.gamma, &block.beta)?;
             x = Tensor::cat(&[&h, &x], 1)?;
         }
         dense(&self.out, &x)
@@ -299,10 +294,10 @@ fn stack(
     Ok(layers)
 }
 
-fn adam(vars: Vec<Var>) -> candle_core::Result<AdamW> {
-    AdamW::new(
+fn adam(vars: Vec<Var>) -> Adam {
+    Adam::new(
         vars,
-        ParamsAdamW {
+        Settings {
             lr: 2e-4,
             beta1: 0.5,
             beta2: 0.9,
@@ -435,8 +430,8 @@ impl Ctgan {
         let packed = PAC * (width + cond_width);
         let critic_layers =
             stack(&[packed, HIDDEN, HIDDEN, 1], &mut critic_vars, &mut rng).map_err(fail)?;
-        let mut generator_optimizer = adam(generator_vars).map_err(fail)?;
-        let mut critic_optimizer = adam(critic_vars).map_err(fail)?;
+        let mut generator_optimizer = adam(generator_vars);
+        let mut critic_optimizer = adam(critic_vars);
         // Small tables get smaller batches (a multiple of the pack), so that an epoch still
         // takes a few steps.
         let batch = BATCH.min((rows / 5).max(10 * PAC)) / PAC * PAC;

@@ -8,6 +8,7 @@
 //! The one exception is differential privacy's noise, drawn from the operating system: a
 //! private fit differs on every run, and its seed, printed in the report, undoes nothing.
 
+mod adam;
 pub mod constraints;
 pub mod copula;
 pub mod ctgan;
@@ -15,6 +16,7 @@ pub mod dp;
 mod encoding;
 mod matmul;
 pub mod metrics;
+mod norm;
 pub mod profile;
 pub mod saved;
 pub mod stats;

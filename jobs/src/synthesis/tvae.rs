@@ -5,11 +5,12 @@
 //! Weights, batches and the latent noise come from one seeded RNG: a seed gives the same model.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{ops::log_softmax, AdamW, Linear, Optimizer, ParamsAdamW};
+use candle_nn::{ops::log_softmax, Linear};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{
+    adam::{Adam, Settings},
     copula::ColumnSpec,
     encoding::{decode, encode_columns, laid_out, Encoded, Encoder},
     matmul::dense,
@@ -113,15 +114,16 @@ impl Tvae {
         )
         .map_err(fail)?;
         vars.push(log_sigma.clone());
-        let mut optimizer = AdamW::new(
+        let mut optimizer = Adam::new(
             vars,
-            ParamsAdamW {
+            Settings {
                 lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
                 weight_decay: 1e-5,
-                ..Default::default()
             },
-        )
-        .map_err(fail)?;
+        );
 
         let scalar_index = Tensor::from_vec(
             scalars.iter().map(|&i| i as u32).collect::<Vec<_>>(),
