@@ -11,9 +11,10 @@
 //! jobs across all workers. Within a tenant, higher `priority` goes first, then older jobs.
 //!
 //! Passes of one kind are serialized by a transaction-scoped advisory lock, so two API or worker
-//! processes never count the same free slot twice. Passes run after submissions, after every
-//! finished attempt (a slot freed) and periodically (the maintenance `dispatcher` duty), and
-//! [`Refill`] coalesces the requests of a burst into one pass. A pass that pushed wakes this
+//! processes never count the same free slot twice. Passes run after submissions, after a
+//! worker's finished attempts have freed a quarter of its slots ([`Refill::freed`]) and
+//! periodically (the maintenance `dispatcher` duty), and [`Refill`] coalesces the requests of
+//! a burst into one pass. A pass that pushed wakes this
 //! process's consumers of the kind ([`Dispatcher::pushed`]): the queue is kept only one round
 //! deep, so a worker that found it empty a moment before must not sit out its idle poll.
 
@@ -247,6 +248,38 @@ fn fair_share(shares: &mut [Share], free: usize) -> Vec<QueueMessage> {
     chosen
 }
 
+/// When ended attempts ask for a pass: once a quarter of this process's slots for the kind have
+/// freed since the last ask (every time for a kind not paced). A draining queue then costs a pass
+/// per several jobs instead of one per finish, and no slot idles meanwhile: a pass leaves a
+/// round of jobs waiting in Redis.
+#[derive(Default)]
+struct Paces(HashMap<String, Pace>);
+
+struct Pace {
+    freed: usize,
+    every: usize,
+}
+
+impl Paces {
+    fn set(&mut self, kind: &str, slots: usize) {
+        let every = (slots / 4).max(1);
+        self.0.insert(kind.to_owned(), Pace { freed: 0, every });
+    }
+
+    /// Counts one freed slot; true when that asks for a pass.
+    fn freed(&mut self, kind: &str) -> bool {
+        let Some(pace) = self.0.get_mut(kind) else {
+            return true;
+        };
+        pace.freed += 1;
+        if pace.freed < pace.every {
+            return false;
+        }
+        pace.freed = 0;
+        true
+    }
+}
+
 /// Runs dispatch passes in the background, one kind at a time each, coalescing requests: a
 /// request made while a pass of its kind runs causes one more pass after it, however many come.
 #[derive(Clone)]
@@ -254,6 +287,7 @@ pub struct Refill {
     dispatcher: Dispatcher,
     kinds: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
     failures: Arc<AtomicU64>,
+    paces: Arc<Mutex<Paces>>,
 }
 
 impl Refill {
@@ -262,7 +296,22 @@ impl Refill {
             dispatcher,
             kinds: Default::default(),
             failures: Default::default(),
+            paces: Default::default(),
         }
+    }
+
+    /// Paces the passes after ended attempts of `kind` by this process's `slots` for it: see
+    /// [`Refill::freed`].
+    pub fn pace(&self, kind: &str, slots: usize) {
+        self.paces.lock().expect("paces lock").set(kind, slots);
+    }
+
+    /// An attempt of `kind` ended here and freed a slot: asks for a pass when [`Paces`] says.
+    pub fn freed(&self, kind: &str) {
+        if self.paces.lock().expect("paces lock").freed(kind) {
+            self.request(kind);
+        }
+        self.request(kind);
     }
 
     /// Passes that failed (Redis or PostgreSQL away), for `/metrics`.
@@ -324,6 +373,20 @@ mod tests {
 
     /// A tenant with a deep backlog and slots in flight yields to one arriving late, until
     /// their shares are even; then they alternate, the older job first.
+    #[test]
+    fn a_pass_after_every_quarter_of_the_slots_freed() {
+        let mut paces = Paces::default();
+        paces.set("import", 16);
+        paces.set("patch", 2);
+        let asks = |paces: &mut Paces, kind: &str| -> Vec<bool> {
+            (0..9).map(|_| paces.freed(kind)).collect()
+        };
+        let every_fourth = [false, false, false, true].repeat(3);
+        assert_eq!(asks(&mut paces, "import"), every_fourth[..9]);
+        assert_eq!(asks(&mut paces, "patch"), [true; 9]);
+        assert_eq!(asks(&mut paces, "not paced"), [true; 9]);
+    }
+
     #[test]
     fn the_fewest_in_flight_goes_next_then_tenants_alternate() {
         let mut shares = [

@@ -102,6 +102,7 @@ impl Runtime {
         queues: &QueueSpec,
     ) -> anyhow::Result<Self> {
         let concurrency: usize = queues.0.iter().map(|(_, n)| n).sum();
+        let slots = queues.0.clone();
         // Control-plane writes are short: a small pool serves many concurrent jobs.
         let pool_size = (concurrency as u32 + 4).min(24);
         let pool = shared::db::connect(&settings.database_url, pool_size).await?;
@@ -156,6 +157,9 @@ impl Runtime {
         };
         let queues = Queues::new(redis, &settings.redis_prefix, settings.heartbeat);
         let refill = Refill::new(Dispatcher::new(queue_pool, queues.clone(), &settings));
+        for (kind, slots) in &slots {
+            refill.pace(kind, *slots);
+        }
         Ok(Self {
             claims,
             finishes,
@@ -546,11 +550,22 @@ impl Runtime {
                 event = event.message(Some("worker shutting down; back in the queue".into()))
             }
         }
-        self.dispatch(vec![Change {
+        let change = Change {
             tenant: row.tenant_id,
             event,
-        }])
-        .await;
+        };
+        for kind in self.announce(vec![change]).await {
+            match attempt {
+                // An ended attempt freed a slot: passes after those are paced.
+                Attempt::Done(Outcome::Succeeded(_) | Outcome::Failed(_) | Outcome::Cancelled) => {
+                    self.refill.freed(&kind)
+                }
+                // The job is queued again, maybe at once: a pass as for a new job.
+                Attempt::Done(Outcome::Retrying { .. }) | Attempt::HandBack => {
+                    self.refill.request(&kind)
+                }
+            }
+        }
     }
 }
 

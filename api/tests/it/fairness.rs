@@ -29,12 +29,22 @@ async fn submit_many(app: &TestApp, key: &str, count: usize, payload: serde_json
 /// A's in Redis (the test fails with the window opened to everything).
 #[tokio::test]
 async fn a_late_tenant_starts_within_a_round_of_slots_behind_a_backlog() {
+    late_tenant_behind_a_backlog(4).await;
+}
+
+/// The same with 16 slots, where a pass follows every fourth finished attempt instead of each.
+#[tokio::test]
+async fn a_late_tenant_starts_within_a_round_of_slots_when_passes_are_paced() {
+    late_tenant_behind_a_backlog(16).await;
+}
+
+async fn late_tenant_behind_a_backlog(slots: usize) {
     let mut app = TestApp::spawn().await;
     let b_key = app.key_for("beta").await;
     let backlog = json!({"steps": 1, "step_ms": 10});
     let a_key = app.key.clone();
     submit_many(&app, &a_key, 10_000, backlog.clone()).await;
-    app.start_worker(4).await;
+    app.start_worker(slots).await;
     // A's backlog drains for a while before B arrives.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -88,17 +98,18 @@ async fn a_late_tenant_starts_within_a_round_of_slots_behind_a_backlog() {
         .map(|(i, _)| i)
         .collect();
     assert_eq!(b_positions.len(), 10);
-    // Ahead of B's first: at most the window of A's jobs already in Redis (8), and a few
-    // claims racing B's submission. Then the tenants share the slots evenly: B's ten go out
-    // alternating with A's at worst.
+    // Ahead of B's first: at most the window of A's jobs already in Redis (the slots and a
+    // round of them), and a few claims racing B's submission. Then the tenants share the
+    // slots evenly: B's ten go out alternating with A's at worst.
     let (first, last) = (b_positions[0], *b_positions.last().unwrap());
+    let window = 2 * slots;
     assert!(
-        first < 8 + 4,
+        first < window + slots,
         "B's first job started {} starts after B arrived",
         first + 1
     );
     assert!(
-        last < 8 + 4 + 2 * 10,
+        last < window + slots + 2 * 10,
         "B's last job started {} starts after B arrived: {b_positions:?}",
         last + 1
     );
