@@ -153,14 +153,15 @@ def head_to_head(name, source, real, n, ours, peer, tag, seed=None):
 
 def ctgan(name, source, real, n, first):
     """Conveyor's ctgan and SDV's CTGANSynthesizer at the same number of epochs, BENCH_RUNS
-    times each (seeds 0, 1, ...: a GAN's quality moves with its seed), as means with the range
-    of the overall score."""
+    times each (seeds BENCH_FIRST_SEED (0), then 1 more each: a GAN's quality moves with its
+    seed), as means with the range of the overall score."""
     import numpy as np
     import torch
     from sdv.metadata import Metadata
     from sdv.single_table import CTGANSynthesizer
     runs = []
-    for seed in range(int(os.environ.get("BENCH_RUNS", "1"))):
+    first_seed = int(os.environ.get("BENCH_FIRST_SEED", "0"))
+    for seed in range(first_seed, first_seed + int(os.environ.get("BENCH_RUNS", "1"))):
         torch.manual_seed(seed)
         np.random.seed(seed)
         peer = CTGANSynthesizer(Metadata.detect_from_dataframes({"t": real}),
