@@ -1,7 +1,9 @@
 //! The mode-specific normalisation that TVAE and CTGAN (Xu et al., 2019) share: each column
 //! becomes a slice of an encoded row.
 //!
-//! - A continuous column gets a small Gaussian mixture (EM, up to 5 modes); a value becomes
+//! - A continuous column gets a small Gaussian mixture (EM, up to 10 modes, as RDT's
+//!   ClusterBasedNormalizer that the reference uses; with 5, CTGAN missed multimodal columns
+//!   such as Wage's `wage`: overall 0.777 against 0.815 over ten seeds); a value becomes
 //!   its most likely mode (one-hot, with one more slot for missing) and its offset from that
 //!   mode's mean in units of 4σ (a tanh output in the networks).
 //! - A discrete column (labels, few-valued numbers) is one-hot over its most frequent levels;
@@ -16,7 +18,7 @@ use super::{
     table::{Column, Values},
 };
 
-const MAX_MODES: usize = 5;
+const MAX_MODES: usize = 10;
 const MAX_LEVELS: usize = 100;
 const MAX_DISCRETE_NUMBERS: usize = 32;
 
