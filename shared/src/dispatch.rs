@@ -311,7 +311,6 @@ impl Refill {
         if self.paces.lock().expect("paces lock").freed(kind) {
             self.request(kind);
         }
-        self.request(kind);
     }
 
     /// Passes that failed (Redis or PostgreSQL away), for `/metrics`.
