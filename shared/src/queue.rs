@@ -13,6 +13,15 @@ use uuid::Uuid;
 
 use crate::model::QueueMessage;
 
+/// apalis (its Redis backend, 1.0) keeps a worker's last heartbeat in whole seconds, and at each
+/// heartbeat drops every worker of the queue last seen `orphaned_duration().as_secs()` seconds
+/// before now, *itself included* (its "all but me" filter never reaches its script), putting
+/// the tasks it holds back on the queue. Tests run 500 ms heartbeats: 1.5 s, a horizon of one
+/// second once rounded down, so a worker whose heartbeat's two round trips straddled a second
+/// boundary dropped itself ("worker not registered") and its queue restarted, more often the
+/// busier the machine. With 1 s × 3 that takes two round trips more than 2 s apart.
+const MIN_APALIS_HEARTBEAT: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Queues {
     conn: RedisConn,
@@ -26,7 +35,7 @@ impl Queues {
         Self {
             conn,
             prefix: prefix.to_owned(),
-            heartbeat,
+            heartbeat: heartbeat.max(MIN_APALIS_HEARTBEAT),
             missed_heartbeats: 3,
         }
     }
@@ -220,6 +229,22 @@ mod tests {
         let prefix = format!("test:{}", Uuid::new_v4().simple());
         let queues = Queues::new(conn.clone(), &prefix, Duration::from_secs(1));
         (queues, conn, prefix)
+    }
+
+    /// However short the process' heartbeat, apalis' orphan horizon (counted in whole seconds,
+    /// and applied by each worker to itself too) leaves a live worker seconds of slack.
+    #[tokio::test]
+    async fn apalis_never_takes_a_live_worker_for_an_orphan() {
+        let (_, conn, prefix) = queues().await;
+        for heartbeat in [100, 500, 2000].map(Duration::from_millis) {
+            let config = Queues::new(conn.clone(), &prefix, heartbeat).config("import");
+            assert!(
+                config.orphaned_duration().as_secs() >= 3,
+                "heartbeat {heartbeat:?}: horizon {:?}",
+                config.orphaned_duration()
+            );
+            assert!(config.heartbeat_interval >= heartbeat);
+        }
     }
 
     /// A message pushed twice while it is held is queued once; `present` tells held messages
