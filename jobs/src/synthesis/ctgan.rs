@@ -22,10 +22,7 @@
 //! the same model.
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{
-    ops::{log_softmax, softmax},
-    Linear,
-};
+use candle_nn::Linear;
 use rand::{
     rngs::{SmallRng, StdRng},
     RngCore, SeedableRng,
@@ -33,6 +30,7 @@ use rand::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{
+    activation::{self, Span},
     adam::{Adam, Settings},
     copula::ColumnSpec,
     encoding::{decode, encode_columns, laid_out, Encoded, Encoder},
@@ -311,16 +309,15 @@ impl Ctgan {
     /// Raw generator outputs as the critic sees them: tanh for offsets, Gumbel-softmax (with
     /// the given Gumbel noise) for one-hots.
     fn activate(&self, raw: &Tensor, gumbel: &Tensor) -> candle_core::Result<Tensor> {
-        let noisy = ((raw + gumbel)? / TAU)?;
-        let mut parts = Vec::with_capacity(2 * self.encoders.len());
+        let mut spans = Vec::with_capacity(2 * self.encoders.len());
         for encoder in &self.encoders {
             if let Encoder::Continuous { at, .. } = encoder {
-                parts.push(raw.narrow(1, *at, 1)?.tanh()?);
+                spans.push(Span::Tanh(*at));
             }
             let (start, len) = encoder.group();
-            parts.push(softmax(&noisy.narrow(1, start, len)?, 1)?);
+            spans.push(Span::Softmax { start, len });
         }
-        Tensor::cat(&parts, 1)
+        activation::activate(raw, gumbel, &spans, TAU as f32)
     }
 
     /// Cross-entropy of the conditioned columns' logits against the levels asked for, summed
@@ -329,21 +326,15 @@ impl Ctgan {
         &self,
         raw: &Tensor,
         picks: &[(usize, usize)],
-        width: usize,
     ) -> candle_core::Result<Tensor> {
-        let n = picks.len();
-        let mut target = vec![0f32; n * width];
-        for (row, &(k, slot)) in picks.iter().enumerate() {
-            target[row * width + self.conditions[k].at + slot] = 1.0;
-        }
-        let target = Tensor::from_vec(target, (n, width), raw.device())?;
-        let mut total = Tensor::zeros((), DType::F32, raw.device())?;
-        for condition in &self.conditions {
-            let logits = raw.narrow(1, condition.at, condition.slots)?;
-            let wanted = target.narrow(1, condition.at, condition.slots)?;
-            total = (total + (log_softmax(&logits, 1)? * wanted)?.sum_all()?)?;
-        }
-        total.neg()? / n as f64
+        let targets: Vec<_> = picks
+            .iter()
+            .map(|&(k, slot)| {
+                let condition = &self.conditions[k];
+                (condition.at, condition.slots, slot)
+            })
+            .collect();
+        activation::cross_entropy(raw, &targets)
     }
 
     /// The generator's input: noise, then the condition vectors.
@@ -537,7 +528,7 @@ impl Ctgan {
                     let (scores, _) = critic(&frozen, &fake, &masks(packs, &mut fast)?)?;
                     let mut loss = scores.mean_all()?.neg()?;
                     if !model.conditions.is_empty() {
-                        loss = (loss + model.condition_loss(&raw, &asked.picks, width)?)?;
+                        loss = (loss + model.condition_loss(&raw, &asked.picks)?)?;
                     }
                     Ok(loss)
                 })()

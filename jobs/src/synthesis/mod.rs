@@ -8,6 +8,7 @@
 //! The one exception is differential privacy's noise, drawn from the operating system: a
 //! private fit differs on every run, and its seed, printed in the report, undoes nothing.
 
+mod activation;
 mod adam;
 pub mod constraints;
 pub mod copula;
