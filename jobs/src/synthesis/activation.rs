@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
+use super::norm::floats;
+
 /// Part of a row: an offset, squashed by tanh, or a group of logits turned into one soft
 /// one-hot.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,17 +45,6 @@ struct Activation {
 
 struct CrossEntropy {
     targets: Arc<[(usize, usize, usize)]>,
-}
-
-/// A contiguous f32 storage's elements.
-fn floats<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else {
-        bail!("activation: f32 only")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("activation: contiguous tensors only")
-    };
-    Ok(&values[start..end])
 }
 
 /// A tensor's elements, row-major (a copy).

@@ -15,13 +15,13 @@ pub(super) fn batch_norm_relu(h: &Tensor, gamma: &Tensor, beta: &Tensor) -> Resu
 
 struct BatchNormRelu;
 
-/// A contiguous f32 storage's elements.
-fn floats<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+/// A contiguous f32 storage's elements (what the custom ops here and in `activation.rs` take).
+pub(super) fn floats<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(values) = storage else {
-        bail!("batch norm: f32 only")
+        bail!("f32 tensors only")
     };
     let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("batch norm: contiguous tensors only")
+        bail!("contiguous tensors only")
     };
     Ok(&values[start..end])
 }
