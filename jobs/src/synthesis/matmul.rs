@@ -74,7 +74,7 @@ impl CustomOp2 for Product {
 }
 
 /// The m × n product, row-major, of an m × k and a k × n matrix laid out as their layouts say.
-fn multiply<T: Copy + Default + 'static>(
+fn multiply<T: Copy + 'static>(
     (a, a_layout): (&[T], &Layout),
     (b, b_layout): (&[T], &Layout),
     (m, k, n): (usize, usize, usize),
@@ -84,9 +84,13 @@ fn multiply<T: Copy + Default + 'static>(
     let b = &b[b_layout.start_offset()..];
     let (a_rows, a_cols) = (a_layout.stride()[0] as isize, a_layout.stride()[1] as isize);
     let (b_rows, b_cols) = (b_layout.stride()[0] as isize, b_layout.stride()[1] as isize);
-    let mut product = vec![T::default(); m * n];
+    if k == 0 {
+        return vec![zero; m * n];
+    }
+    let mut product = Vec::with_capacity(m * n);
     // SAFETY: the layouts are the operands' own, checked by candle against their storages;
-    // the destination is m × n, row-major, and only written (alpha = 0, no read).
+    // the destination is m × n, row-major, and only written (alpha = 0, no read), every
+    // element of it once k > 0, so it needs no zeros beforehand.
     unsafe {
         gemm::gemm(
             m,
@@ -109,6 +113,7 @@ fn multiply<T: Copy + Default + 'static>(
             false,
             gemm::Parallelism::None,
         );
+        product.set_len(m * n);
     }
     product
 }
