@@ -19,7 +19,8 @@ use crate::model::QueueMessage;
 /// the tasks it holds back on the queue. Tests run 500 ms heartbeats: 1.5 s, a horizon of one
 /// second once rounded down, so a worker whose heartbeat's two round trips straddled a second
 /// boundary dropped itself ("worker not registered") and its queue restarted, more often the
-/// busier the machine. With 1 s × 3 that takes two round trips more than 2 s apart.
+/// busier the machine; and any other live worker of the queue last seen in an earlier second
+/// went too. With 1 s × 3 a live worker goes only if its heartbeats are more than 2 s apart.
 const MIN_APALIS_HEARTBEAT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]

@@ -3,7 +3,8 @@
 //! conditioned groups. As candle operations these were, for every column, a narrow, an
 //! activation of five or six passes into new tensors and a concatenation, and as many again
 //! backward: most of a generator step's operations, on slices a few values wide. Here each is
-//! one pass over the rows.
+//! one pass over the rows. (Rows are chunked by `width.max(1)`: a row of no values leaves
+//! nothing to chunk, where a chunk size of 0 would panic.)
 
 use std::sync::Arc;
 
@@ -17,6 +18,16 @@ use super::norm::floats;
 pub(super) enum Span {
     Tanh(usize),
     Softmax { start: usize, len: usize },
+}
+
+impl Span {
+    /// One past the span's last position.
+    fn end(self) -> usize {
+        match self {
+            Span::Tanh(at) => at + 1,
+            Span::Softmax { start, len } => start + len,
+        }
+    }
 }
 
 /// Each row of `raw` (n × width) with tanh over its offsets and softmax((raw + gumbel) / τ)
@@ -80,11 +91,14 @@ impl CustomOp2 for Activation {
         if l2.shape().dims2()? != (n, width) {
             bail!("activation: noise of another shape")
         }
+        if self.spans.iter().any(|span| span.end() > width) {
+            bail!("activation: a span past the row's {width} values")
+        }
         let mut out = raw.to_vec();
         for ((y, x), g) in out
-            .chunks_exact_mut(width)
-            .zip(raw.chunks_exact(width))
-            .zip(gumbel.chunks_exact(width))
+            .chunks_exact_mut(width.max(1))
+            .zip(raw.chunks_exact(width.max(1)))
+            .zip(gumbel.chunks_exact(width.max(1)))
         {
             for &span in self.spans.iter() {
                 match span {
@@ -110,7 +124,10 @@ impl CustomOp2 for Activation {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (y, mut d) = (elements(res)?, elements(grad)?);
         let width = raw.dims2()?.1;
-        for (d, y) in d.chunks_exact_mut(width).zip(y.chunks_exact(width)) {
+        for (d, y) in d
+            .chunks_exact_mut(width.max(1))
+            .zip(y.chunks_exact(width.max(1)))
+        {
             for &span in self.spans.iter() {
                 match span {
                     Span::Tanh(at) => d[at] *= 1.0 - y[at] * y[at],
@@ -139,8 +156,15 @@ impl CustomOp1 for CrossEntropy {
         if n != self.targets.len() {
             bail!("cross-entropy: {} targets for {n} rows", self.targets.len())
         }
+        if let Some(&(start, len, slot)) = self
+            .targets
+            .iter()
+            .find(|&&(start, len, slot)| len == 0 || slot >= len || start + len > width)
+        {
+            bail!("cross-entropy: slot {slot} of {len} at {start} in rows of {width}")
+        }
         let mut total = 0f64;
-        for (x, &(start, len, slot)) in raw.chunks_exact(width).zip(self.targets.iter()) {
+        for (x, &(start, len, slot)) in raw.chunks_exact(width.max(1)).zip(self.targets.iter()) {
             let group = &x[start..start + len];
             let max = group.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f32 = group.iter().map(|v| (v - max).exp()).sum();
@@ -159,8 +183,8 @@ impl CustomOp1 for CrossEntropy {
         let x = elements(raw)?;
         let mut d = vec![0f32; n * width];
         for ((d, x), &(start, len, slot)) in d
-            .chunks_exact_mut(width)
-            .zip(x.chunks_exact(width))
+            .chunks_exact_mut(width.max(1))
+            .zip(x.chunks_exact(width.max(1)))
             .zip(self.targets.iter())
         {
             let group = &mut d[start..start + len];

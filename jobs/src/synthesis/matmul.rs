@@ -84,13 +84,19 @@ fn multiply<T: Copy + 'static>(
     let b = &b[b_layout.start_offset()..];
     let (a_rows, a_cols) = (a_layout.stride()[0] as isize, a_layout.stride()[1] as isize);
     let (b_rows, b_cols) = (b_layout.stride()[0] as isize, b_layout.stride()[1] as isize);
+    // gemm writes every element of the destination when it does not read it (k > 0), so a
+    // product needs no zeros beforehand; but its matrix-vector paths (m or n of 1) view the
+    // destination as a slice first, which wants initialised memory.
+    let mut product = match k == 0 || m == 1 || n == 1 {
+        true => vec![zero; m * n],
+        false => Vec::with_capacity(m * n),
+    };
     if k == 0 {
-        return vec![zero; m * n];
+        return product;
     }
-    let mut product = Vec::with_capacity(m * n);
     // SAFETY: the layouts are the operands' own, checked by candle against their storages;
     // the destination is m × n, row-major, and only written (alpha = 0, no read), every
-    // element of it once k > 0, so it needs no zeros beforehand.
+    // element of it (k > 0).
     unsafe {
         gemm::gemm(
             m,
