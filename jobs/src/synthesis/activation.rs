@@ -3,8 +3,7 @@
 //! conditioned groups. As candle operations these were, for every column, a narrow, an
 //! activation of five or six passes into new tensors and a concatenation, and as many again
 //! backward: most of a generator step's operations, on slices a few values wide. Here each is
-//! one pass over the rows. (Rows are chunked by `width.max(1)`: a row of no values leaves
-//! nothing to chunk, where a chunk size of 0 would panic.)
+//! one pass over the rows.
 
 use std::sync::Arc;
 
@@ -91,14 +90,17 @@ impl CustomOp2 for Activation {
         if l2.shape().dims2()? != (n, width) {
             bail!("activation: noise of another shape")
         }
-        if self.spans.iter().any(|span| span.end() > width) {
-            bail!("activation: a span past the row's {width} values")
+        if width == 0 || self.spans.iter().any(|span| span.end() > width) {
+            bail!(
+                "activation: spans {:?} in rows of {width} values",
+                self.spans
+            )
         }
         let mut out = raw.to_vec();
         for ((y, x), g) in out
-            .chunks_exact_mut(width.max(1))
-            .zip(raw.chunks_exact(width.max(1)))
-            .zip(gumbel.chunks_exact(width.max(1)))
+            .chunks_exact_mut(width)
+            .zip(raw.chunks_exact(width))
+            .zip(gumbel.chunks_exact(width))
         {
             for &span in self.spans.iter() {
                 match span {
@@ -124,10 +126,7 @@ impl CustomOp2 for Activation {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (y, mut d) = (elements(res)?, elements(grad)?);
         let width = raw.dims2()?.1;
-        for (d, y) in d
-            .chunks_exact_mut(width.max(1))
-            .zip(y.chunks_exact(width.max(1)))
-        {
+        for (d, y) in d.chunks_exact_mut(width).zip(y.chunks_exact(width)) {
             for &span in self.spans.iter() {
                 match span {
                     Span::Tanh(at) => d[at] *= 1.0 - y[at] * y[at],
@@ -156,6 +155,9 @@ impl CustomOp1 for CrossEntropy {
         if n != self.targets.len() {
             bail!("cross-entropy: {} targets for {n} rows", self.targets.len())
         }
+        if width == 0 {
+            bail!("cross-entropy: rows of no values")
+        }
         if let Some(&(start, len, slot)) = self
             .targets
             .iter()
@@ -164,7 +166,7 @@ impl CustomOp1 for CrossEntropy {
             bail!("cross-entropy: slot {slot} of {len} at {start} in rows of {width}")
         }
         let mut total = 0f64;
-        for (x, &(start, len, slot)) in raw.chunks_exact(width.max(1)).zip(self.targets.iter()) {
+        for (x, &(start, len, slot)) in raw.chunks_exact(width).zip(self.targets.iter()) {
             let group = &x[start..start + len];
             let max = group.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f32 = group.iter().map(|v| (v - max).exp()).sum();
@@ -183,8 +185,8 @@ impl CustomOp1 for CrossEntropy {
         let x = elements(raw)?;
         let mut d = vec![0f32; n * width];
         for ((d, x), &(start, len, slot)) in d
-            .chunks_exact_mut(width.max(1))
-            .zip(x.chunks_exact(width.max(1)))
+            .chunks_exact_mut(width)
+            .zip(x.chunks_exact(width))
             .zip(self.targets.iter())
         {
             let group = &mut d[start..start + len];

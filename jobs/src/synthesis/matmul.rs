@@ -87,9 +87,10 @@ fn multiply<T: Copy + 'static>(
     // gemm writes every element of the destination when it does not read it (k > 0), so a
     // product needs no zeros beforehand; but its matrix-vector paths (m or n of 1) view the
     // destination as a slice first, which wants initialised memory.
-    let mut product = match k == 0 || m == 1 || n == 1 {
-        true => vec![zero; m * n],
-        false => Vec::with_capacity(m * n),
+    let mut product = if k == 0 || m == 1 || n == 1 {
+        vec![zero; m * n]
+    } else {
+        Vec::with_capacity(m * n)
     };
     if k == 0 {
         return product;
