@@ -147,6 +147,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261204"),
             include_str!("../../migrations/checksums-20261205"),
             include_str!("../../migrations/checksums-20261206"),
+            include_str!("../../migrations/checksums-20261207"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -165,7 +166,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261206"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261207"
                 ),
             }
         }

@@ -1,8 +1,10 @@
 //! Fair dispatch: which queued jobs go onto a kind's Redis queue, and when.
 //!
 //! A queued job waits in PostgreSQL (held) until a pass of [`Dispatcher`] pushes it and records
-//! it in `dispatched_jobs`, where it stays while in flight (pushed or running): a narrow row,
-//! so dispatching a job never rewrites the job's own row. A pass keeps a kind in flight up to
+//! it in `dispatched_jobs`, where it stays while in flight (pushed or running): a narrow,
+//! unlogged row, so dispatching a job never rewrites the job's own row nor waits for a WAL
+//! flush (after a crash empties the table, the maintenance `dispatcher` duty records the
+//! running jobs again). A pass (the `dispatch_pass` function, one round trip) keeps a kind in flight up to
 //! its live workers' slots plus about one round of them waiting in Redis (at least
 //! [`Dispatcher::min_window`]) and fills that across the tenants with held jobs by fair share:
 //! the next job goes to the tenant with the fewest jobs in flight per unit of weight, so a
@@ -18,10 +20,9 @@
 //! process's consumers of the kind ([`Dispatcher::pushed`]): the queue is kept only one round
 //! deep, so a worker that found it empty a moment before must not sit out its idle poll.
 
-use serde_json::Value;
 use sqlx::PgPool;
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -32,9 +33,6 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::{model::QueueMessage, queue::Queues};
-
-/// Advisory lock class of dispatch passes (with the kind's hash as the second key).
-const LOCK_CLASS: i32 = 0x6469_7370; // "disp"
 
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -48,21 +46,6 @@ pub struct Dispatcher {
     /// `None`: no cap.
     pub default_max_running: Option<i64>,
     pushed: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
-}
-
-/// One tenant's standing in a pass.
-struct Share {
-    tenant: Uuid,
-    in_flight: i64,
-    cap: Option<i64>,
-    weight: i64,
-    held: VecDeque<QueueMessage>,
-}
-
-impl Share {
-    fn eligible(&self) -> bool {
-        !self.held.is_empty() && self.cap.is_none_or(|cap| self.in_flight < cap)
-    }
 }
 
 impl Dispatcher {
@@ -84,17 +67,27 @@ impl Dispatcher {
         pushed.entry(kind.to_owned()).or_default().clone()
     }
 
-    /// One pass for `kind`: records the chosen jobs as dispatched, commits, then pushes them in
-    /// the order chosen (committed first, so a job a worker takes at once already counts). A
-    /// failed push takes the records back, leaving the jobs held for the next pass; if that
-    /// fails too, the stale sweep pushes them later. Returns how many were pushed.
+    /// One pass for `kind` (the `dispatch_pass` function: one round trip, which records the
+    /// chosen jobs and commits), then pushes them in the order chosen (committed first, so a job
+    /// a worker takes at once already counts). A failed push takes the records back, leaving the
+    /// jobs held for the next pass; if that fails too, the stale sweep pushes them later.
+    /// Returns how many were pushed.
     pub async fn dispatch(&self, kind: &str) -> anyhow::Result<usize> {
-        let mut tx = self.pool.begin().await?;
-        let chosen = self.choose(&mut tx, kind).await?;
+        let chosen: Vec<QueueMessage> = sqlx::query_as::<_, (Uuid, i32)>(
+            "SELECT job_id, generation FROM dispatch_pass($1, $2, $3, $4)",
+        )
+        .bind(kind)
+        .bind(self.live_within.as_secs_f64())
+        .bind(self.min_window)
+        .bind(self.default_max_running)
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(|(job_id, generation)| QueueMessage { job_id, generation })
+        .collect();
         if chosen.is_empty() {
             return Ok(0);
         }
-        tx.commit().await?;
         if let Err(e) = self.queues.push(kind, &chosen).await {
             let ids: Vec<Uuid> = chosen.iter().map(|m| m.job_id).collect();
             sqlx::query("DELETE FROM dispatched_jobs WHERE job_id = ANY($1)")
@@ -108,144 +101,6 @@ impl Dispatcher {
         }
         Ok(chosen.len())
     }
-
-    async fn choose(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        kind: &str,
-    ) -> sqlx::Result<Vec<QueueMessage>> {
-        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-            .bind(LOCK_CLASS)
-            .bind(kind)
-            .execute(&mut *tx)
-            .await?;
-        let (slots, in_flight): (i64, i64) = sqlx::query_as(
-            "SELECT
-                 (SELECT coalesce(sum((queues->>$1)::bigint), 0)::bigint FROM workers
-                  WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $2)
-                    AND jsonb_typeof(queues->$1) = 'number'),
-                 (SELECT count(*) FROM dispatched_jobs WHERE kind = $1)",
-        )
-        .bind(kind)
-        .bind(self.live_within.as_secs_f64())
-        .fetch_one(&mut *tx)
-        .await?;
-        // The slots, busy or about to be, and a round of them waiting in Redis.
-        let free = slots + slots.max(self.min_window) - in_flight;
-        if free <= 0 {
-            return Ok(Vec::new());
-        }
-        // Held: queued with no dispatch record. Each tenant's scan steps over its jobs in
-        // flight (at most a round of slots), found through the record's primary key.
-        let held: Vec<(Uuid, Uuid, i32)> = sqlx::query_as(
-            "WITH RECURSIVE tenants AS (
-                 (SELECT j.tenant_id FROM jobs j
-                  WHERE j.kind = $1 AND j.status = 'queued'
-                    AND NOT EXISTS (SELECT 1 FROM dispatched_jobs d WHERE d.job_id = j.id)
-                  ORDER BY j.tenant_id LIMIT 1)
-                 UNION ALL
-                 SELECT (SELECT j.tenant_id FROM jobs j
-                         WHERE j.kind = $1 AND j.status = 'queued' AND j.tenant_id > t.tenant_id
-                           AND NOT EXISTS (SELECT 1 FROM dispatched_jobs d WHERE d.job_id = j.id)
-                         ORDER BY j.tenant_id LIMIT 1)
-                 FROM tenants t WHERE t.tenant_id IS NOT NULL
-             )
-             SELECT c.tenant_id, c.id, c.attempt FROM tenants t
-             CROSS JOIN LATERAL (
-                 SELECT j.tenant_id, j.id, j.attempt FROM jobs j
-                 WHERE j.kind = $1 AND j.tenant_id = t.tenant_id AND j.status = 'queued'
-                   AND NOT EXISTS (SELECT 1 FROM dispatched_jobs d WHERE d.job_id = j.id)
-                 ORDER BY j.priority DESC, j.id LIMIT $2) c
-             WHERE t.tenant_id IS NOT NULL",
-        )
-        .bind(kind)
-        .bind(free)
-        .fetch_all(&mut *tx)
-        .await?;
-        if held.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut shares: Vec<Share> = Vec::new();
-        for (tenant, id, attempt) in held {
-            if shares.last().is_none_or(|s| s.tenant != tenant) {
-                shares.push(Share {
-                    tenant,
-                    in_flight: 0,
-                    cap: self.default_max_running,
-                    weight: 1,
-                    held: VecDeque::new(),
-                });
-            }
-            let share = shares.last_mut().expect("pushed above");
-            share.held.push_back(QueueMessage {
-                job_id: id,
-                generation: attempt,
-            });
-        }
-        let tenants: Vec<Uuid> = shares.iter().map(|s| s.tenant).collect();
-        let standings: Vec<(Uuid, i64, Option<Value>, Option<i32>)> = sqlx::query_as(
-            "SELECT t.id,
-                    (SELECT count(*) FROM dispatched_jobs d
-                     WHERE d.kind = $2 AND d.tenant_id = t.id),
-                    l.max_running -> $2, l.weight
-             FROM unnest($1::uuid[]) AS t(id) LEFT JOIN tenant_limits l ON l.tenant_id = t.id",
-        )
-        .bind(&tenants)
-        .bind(kind)
-        .fetch_all(&mut *tx)
-        .await?;
-        // Matched by tenant: a join returns its rows in whatever order its plan makes.
-        let standings: HashMap<Uuid, _> = standings
-            .into_iter()
-            .map(|(tenant, in_flight, cap, weight)| (tenant, (in_flight, cap, weight)))
-            .collect();
-        for share in &mut shares {
-            let Some((in_flight, cap, weight)) = standings.get(&share.tenant) else {
-                continue;
-            };
-            share.in_flight = *in_flight;
-            if let Some(cap) = cap.as_ref().and_then(Value::as_i64) {
-                share.cap = Some(cap);
-            }
-            share.weight = weight.unwrap_or(1).max(1) as i64;
-        }
-        let chosen = fair_share(&mut shares, free as usize);
-        let ids: Vec<Uuid> = chosen.iter().map(|m| m.job_id).collect();
-        // Only jobs still queued: one cancelled since the read above is not recorded. (A
-        // cancel that commits after this statement removes the record itself.)
-        let marked: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
-             SELECT id, kind, tenant_id FROM jobs WHERE id = ANY($1) AND status = 'queued'
-             ON CONFLICT (job_id) DO NOTHING
-             RETURNING job_id",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let marked: std::collections::HashSet<Uuid> = marked.into_iter().collect();
-        Ok(chosen
-            .into_iter()
-            .filter(|m| marked.contains(&m.job_id))
-            .collect())
-    }
-}
-
-/// Takes up to `free` jobs, one at a time, from the eligible tenant with the fewest jobs in
-/// flight per unit of weight; ties go to the tenant whose next job is oldest (UUIDv7 ids).
-fn fair_share(shares: &mut [Share], free: usize) -> Vec<QueueMessage> {
-    let mut chosen = Vec::with_capacity(free);
-    while chosen.len() < free {
-        let next = shares.iter_mut().filter(|s| s.eligible()).min_by(|a, b| {
-            // a.in_flight / a.weight < b.in_flight / b.weight, without division.
-            (a.in_flight * b.weight)
-                .cmp(&(b.in_flight * a.weight))
-                .then_with(|| a.held[0].job_id.cmp(&b.held[0].job_id))
-        });
-        let Some(share) = next else { break };
-        chosen.push(share.held.pop_front().expect("eligible shares hold jobs"));
-        share.in_flight += 1;
-    }
-    chosen
 }
 
 /// When ended attempts ask for a pass: once a quarter of this process's slots for the kind have
@@ -350,28 +205,6 @@ impl Refill {
 mod tests {
     use super::*;
 
-    fn share(tenant: u128, in_flight: i64, cap: Option<i64>, weight: i64, jobs: &[u128]) -> Share {
-        Share {
-            tenant: Uuid::from_u128(tenant),
-            in_flight,
-            cap,
-            weight,
-            held: jobs
-                .iter()
-                .map(|&j| QueueMessage {
-                    job_id: Uuid::from_u128(j),
-                    generation: 0,
-                })
-                .collect(),
-        }
-    }
-
-    fn ids(chosen: &[QueueMessage]) -> Vec<u128> {
-        chosen.iter().map(|m| m.job_id.as_u128()).collect()
-    }
-
-    /// A tenant with a deep backlog and slots in flight yields to one arriving late, until
-    /// their shares are even; then they alternate, the older job first.
     #[test]
     fn a_pass_after_every_quarter_of_the_slots_freed() {
         let mut paces = Paces::default();
@@ -384,35 +217,5 @@ mod tests {
         assert_eq!(asks(&mut paces, "import"), every_fourth[..9]);
         assert_eq!(asks(&mut paces, "patch"), [true; 9]);
         assert_eq!(asks(&mut paces, "not paced"), [true; 9]);
-    }
-
-    #[test]
-    fn the_fewest_in_flight_goes_next_then_tenants_alternate() {
-        let mut shares = [
-            share(1, 4, None, 1, &[10, 11, 12, 13, 14, 15]),
-            share(2, 0, None, 1, &[20, 21, 22, 23, 24, 25, 26]),
-        ];
-        let chosen = fair_share(&mut shares, 9);
-        assert_eq!(ids(&chosen), [20, 21, 22, 23, 10, 24, 11, 25, 12]);
-    }
-
-    #[test]
-    fn a_cap_stops_a_tenant_and_others_take_its_turns() {
-        let mut shares = [
-            share(1, 1, Some(2), 1, &[10, 11, 12]),
-            share(2, 3, None, 1, &[20, 21, 22]),
-        ];
-        assert_eq!(ids(&fair_share(&mut shares, 5)), [10, 20, 21, 22]);
-    }
-
-    #[test]
-    fn weight_buys_a_proportional_share() {
-        let mut shares = [
-            share(1, 0, None, 3, &[10, 11, 12, 13, 14, 15]),
-            share(2, 0, None, 1, &[20, 21, 22, 23, 24, 25]),
-        ];
-        let chosen = ids(&fair_share(&mut shares, 8));
-        let first = chosen.iter().filter(|&&j| j < 20).count();
-        assert_eq!(first, 6, "{chosen:?}");
     }
 }

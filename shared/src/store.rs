@@ -487,6 +487,21 @@ fn undispatch_cte(source: &str) -> String {
     )
 }
 
+/// Running jobs without a dispatch record (a crash empties the unlogged table) are recorded
+/// again, so they count against their tenants' shares and caps. Returns how many.
+pub async fn restore_dispatches(pool: &PgPool) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
+         SELECT id, kind, tenant_id FROM jobs j
+         WHERE status = 'running'
+           AND NOT EXISTS (SELECT 1 FROM dispatched_jobs d WHERE d.job_id = j.id)
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Dispatch records whose job is no longer in flight (a cancel racing the pass that recorded
 /// it): deleted, so they stop counting against their tenants' shares.
 pub async fn drop_stray_dispatches(pool: &PgPool) -> sqlx::Result<u64> {

@@ -1,7 +1,8 @@
 //! Fair dispatch's safety net: a pass for every kind with held jobs, so jobs still go out when
 //! the pass after a submission or a finished attempt failed (Redis or PostgreSQL away), a worker
-//! joined (more slots), or a tenant's cap was raised. Before the passes it drops dispatch
-//! records a cancel left behind by racing the pass that wrote them.
+//! joined (more slots), or a tenant's cap was raised. Before the passes it records running jobs
+//! whose dispatch record a crash took (the table is unlogged), then drops records a cancel
+//! left behind by racing the pass that wrote them.
 
 use shared::store;
 use std::time::Duration;
@@ -34,6 +35,10 @@ impl Duty for Dispatcher {
 
     /// Returns how many jobs it pushed.
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
+        let restored = store::restore_dispatches(runtime.pool()).await?;
+        if restored > 0 {
+            tracing::info!(restored, "running jobs recorded in flight again");
+        }
         let stray = store::drop_stray_dispatches(runtime.pool()).await?;
         if stray > 0 {
             tracing::debug!(
@@ -193,5 +198,124 @@ mod tests {
         assert!(!recorded(&test, stray).await);
         // The rescued job went out again, recorded afresh.
         assert!(recorded(&test, orphaned).await && test.in_queue(orphaned).await);
+    }
+
+    /// `n` running jobs of `tenant`, each counted in flight.
+    async fn in_flight(test: &TestDb, tenant: Uuid, n: usize) {
+        for _ in 0..n {
+            let id = test.held("canary", tenant).await;
+            test.set(id, "status = 'running', attempt = 1").await;
+            sqlx::query(
+                "INSERT INTO dispatched_jobs (job_id, kind, tenant_id) VALUES ($1, 'canary', $2)",
+            )
+            .bind(id)
+            .bind(tenant)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        }
+    }
+
+    async fn held(test: &TestDb, tenant: Uuid, n: usize) -> Vec<Uuid> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            ids.push(test.held("canary", tenant).await);
+        }
+        ids
+    }
+
+    /// One pass with no live worker, so the room is `window` less the jobs in flight; the jobs
+    /// it chose, in push order.
+    async fn pass(test: &TestDb, window: i64) -> Vec<Uuid> {
+        sqlx::query_scalar("SELECT job_id FROM dispatch_pass('canary', 0, $1, NULL)")
+            .bind(window)
+            .fetch_all(test.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn limit(test: &TestDb, tenant: Uuid, max_running: serde_json::Value, weight: i32) {
+        sqlx::query(
+            "INSERT INTO tenant_limits (tenant_id, max_running, weight) VALUES ($1, $2, $3)",
+        )
+        .bind(tenant)
+        .bind(max_running)
+        .bind(weight)
+        .execute(test.pool())
+        .await
+        .unwrap();
+    }
+
+    /// A tenant with slots in flight yields to one arriving late until their shares are even;
+    /// then they alternate, the older job first.
+    #[tokio::test]
+    async fn the_fewest_in_flight_goes_next_then_tenants_alternate() {
+        let test = TestDb::new().await;
+        let (first, late) = (test.tenant, test.other_tenant().await);
+        in_flight(&test, first, 4).await;
+        let a = held(&test, first, 6).await;
+        let b = held(&test, late, 7).await;
+
+        let chosen = pass(&test, 13).await;
+
+        let expected = [b[0], b[1], b[2], b[3], a[0], b[4], a[1], b[5], a[2]];
+        assert_eq!(chosen, expected);
+        assert!(pass(&test, 13).await.is_empty(), "the room is full");
+    }
+
+    #[tokio::test]
+    async fn a_cap_stops_a_tenant_and_others_take_its_turns() {
+        let test = TestDb::new().await;
+        let (capped, other) = (test.tenant, test.other_tenant().await);
+        limit(&test, capped, serde_json::json!({ "canary": 2 }), 1).await;
+        in_flight(&test, capped, 1).await;
+        in_flight(&test, other, 3).await;
+        let a = held(&test, capped, 3).await;
+        let b = held(&test, other, 3).await;
+
+        assert_eq!(pass(&test, 9).await, [a[0], b[0], b[1], b[2]]);
+    }
+
+    #[tokio::test]
+    async fn weight_buys_a_proportional_share() {
+        let test = TestDb::new().await;
+        let (heavy, light) = (test.tenant, test.other_tenant().await);
+        limit(&test, heavy, serde_json::json!({}), 3).await;
+        let a = held(&test, heavy, 6).await;
+        let b = held(&test, light, 6).await;
+
+        let chosen = pass(&test, 8).await;
+
+        assert_eq!(chosen, [a[0], b[0], a[1], a[2], a[3], b[1], a[4], a[5]]);
+    }
+
+    /// A crash empties the unlogged records: the duty counts the running jobs in flight again
+    /// before its passes, so a tenant at its cap gets nothing more pushed.
+    #[tokio::test]
+    async fn running_jobs_are_recorded_again_after_a_crash_took_the_records() {
+        let test = TestDb::new().await;
+        let persistence: String = sqlx::query_scalar(
+            "SELECT relpersistence::text FROM pg_class WHERE relname = 'dispatched_jobs'",
+        )
+        .fetch_one(test.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            persistence, "u",
+            "dispatch records are soft state, kept out of the WAL"
+        );
+        limit(&test, test.tenant, serde_json::json!({ "canary": 1 }), 1).await;
+        let running = test.job("canary", "running").await;
+        let waiting = test.held("canary", test.tenant).await;
+        // What crash recovery does to an unlogged table.
+        sqlx::query("TRUNCATE dispatched_jobs")
+            .execute(test.pool())
+            .await
+            .unwrap();
+
+        assert_eq!(Dispatcher::default().run(&test.runtime).await.unwrap(), 0);
+
+        assert!(recorded(&test, running).await);
+        assert!(!recorded(&test, waiting).await && !test.in_queue(waiting).await);
     }
 }
