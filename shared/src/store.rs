@@ -157,13 +157,19 @@ pub async fn claim_many(
     .bind(worker)
     .fetch_all(pool)
     .await?;
-    Ok(match_rows(messages.iter().map(|m| m.job_id), rows))
+    Ok(match_rows(messages.iter().map(|m| m.job_id), rows, |j| {
+        j.id
+    }))
 }
 
 /// Gives each requested id its row, once: a duplicate request gets `None`.
-fn match_rows(ids: impl Iterator<Item = Uuid>, rows: Vec<Job>) -> Vec<Option<Job>> {
-    let mut rows: std::collections::HashMap<Uuid, Job> =
-        rows.into_iter().map(|j| (j.id, j)).collect();
+fn match_rows<T>(
+    ids: impl Iterator<Item = Uuid>,
+    rows: Vec<T>,
+    id: fn(&T) -> Uuid,
+) -> Vec<Option<T>> {
+    let mut rows: std::collections::HashMap<Uuid, T> =
+        rows.into_iter().map(|row| (id(&row), row)).collect();
     ids.map(|id| rows.remove(&id)).collect()
 }
 
@@ -222,17 +228,50 @@ pub struct Finish {
     pub usage: crate::usage::Usage,
 }
 
+/// A job's row after an attempt ended: what announcing the end and moving its pipeline on need
+/// (the whole row stays in PostgreSQL: a drain no longer ships every payload and result back).
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Ended {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub kind: String,
+    #[sqlx(try_from = "String")]
+    pub status: crate::model::StatusColumn,
+    pub progress: f32,
+    pub attempt: i32,
+    pub pipeline_id: Option<Uuid>,
+}
+
+impl Ended {
+    pub fn status(&self) -> JobStatus {
+        self.status.0
+    }
+}
+
+impl From<Job> for Ended {
+    fn from(job: Job) -> Self {
+        Self {
+            id: job.id,
+            tenant_id: job.tenant_id,
+            kind: job.kind,
+            status: job.status,
+            progress: job.progress,
+            attempt: job.attempt,
+            pipeline_id: job.pipeline_id,
+        }
+    }
+}
+
 /// Records the ends of attempts in one statement. Per item: the row after the change, or
 /// `None` if the attempt no longer owns the job (the rescuer gave it to another worker).
-pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Option<Job>>> {
-    let mut status = Vec::with_capacity(items.len());
-    let mut result = Vec::with_capacity(items.len());
-    let mut error = Vec::with_capacity(items.len());
-    let mut retry_at = Vec::with_capacity(items.len());
-    let mut terminal = Vec::with_capacity(items.len());
-    let mut usage = Vec::with_capacity(items.len());
+pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Option<Ended>>> {
+    let n = items.len();
+    let mut status = Vec::with_capacity(n);
+    let mut result = Vec::with_capacity(n);
+    let mut error = Vec::with_capacity(n);
+    let mut retry_at = Vec::with_capacity(n);
+    let mut terminal = Vec::with_capacity(n);
     for item in items {
-        usage.push(serde_json::to_value(&item.usage).unwrap_or_default());
         let (r, e, at) = match &item.outcome {
             Outcome::Succeeded(value) => (Some(value.clone()), None, None),
             Outcome::Cancelled => (None, None, None),
@@ -245,14 +284,25 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
         error.push(e);
         retry_at.push(at);
     }
+    // Usage as one typed array per figure: no JSON to write here or to parse there.
+    let seconds = |f: fn(&crate::usage::Usage) -> f64| -> Vec<f64> {
+        items.iter().map(|i| f(&i.usage)).collect()
+    };
+    let count = |f: fn(&crate::usage::Usage) -> i64| -> Vec<i64> {
+        items.iter().map(|i| f(&i.usage)).collect()
+    };
     // The attempts' usage goes in with their outcomes, only while each attempt owns its job,
     // summed per tenant, key and kind (one usage row per batch, not per job); so does a
     // terminal outcome's webhook outbox.
     let sql = format!(
         "WITH f AS (
              SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::jsonb[], $5::text[],
-                                  $6::timestamptz[], $7::bool[], $8::jsonb[])
-                 AS f(id, attempt, status, result, error, retry_at, terminal, usage)
+                                  $6::timestamptz[], $7::bool[], $8::float8[], $9::float8[],
+                                  $10::int8[], $11::int8[], $12::int8[], $13::int8[],
+                                  $14::int8[], $15::int8[])
+                 AS f(id, attempt, status, result, error, retry_at, terminal, wall_seconds,
+                      cpu_seconds, rows_read, rows_written, bytes_read, chunks_embedded,
+                      tokens_embedded, synthetic_rows)
          ), done AS (
          UPDATE jobs SET
              status = f.status,
@@ -272,21 +322,18 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
              INSERT INTO usage_sums (tenant_id, key_id, kind, attempts, wall_seconds,
                                      cpu_seconds, rows_read, rows_written, bytes_read,
                                      chunks_embedded, tokens_embedded, synthetic_rows)
-             SELECT d.tenant_id, d.key_id, d.kind, count(*), sum(u.wall_seconds),
-                    sum(u.cpu_seconds), sum(u.rows_read), sum(u.rows_written),
-                    sum(u.bytes_read), sum(u.chunks_embedded), sum(u.tokens_embedded),
-                    sum(u.synthetic_rows)
-             FROM done d JOIN f ON f.id = d.id,
-                  jsonb_to_record(f.usage) AS u(wall_seconds float8, cpu_seconds float8,
-                      rows_read int8, rows_written int8, bytes_read int8, chunks_embedded int8,
-                      tokens_embedded int8, synthetic_rows int8)
+             SELECT d.tenant_id, d.key_id, d.kind, count(*), sum(f.wall_seconds),
+                    sum(f.cpu_seconds), sum(f.rows_read), sum(f.rows_written),
+                    sum(f.bytes_read), sum(f.chunks_embedded), sum(f.tokens_embedded),
+                    sum(f.synthetic_rows)
+             FROM done d JOIN f ON f.id = d.id
              GROUP BY d.tenant_id, d.key_id, d.kind
          ), {}, {}
-         SELECT * FROM done",
+         SELECT id, tenant_id, kind, status, progress, attempt, pipeline_id FROM done",
         crate::webhooks::outbox_cte("done"),
         undispatch_cte("done")
     );
-    let rows: Vec<Job> = sqlx::query_as(&sql)
+    let rows: Vec<Ended> = sqlx::query_as(&sql)
         .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
         .bind(items.iter().map(|i| i.attempt).collect::<Vec<_>>())
         .bind(status)
@@ -294,10 +341,17 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
         .bind(error)
         .bind(retry_at)
         .bind(terminal)
-        .bind(usage)
+        .bind(seconds(|u| u.wall_seconds))
+        .bind(seconds(|u| u.cpu_seconds))
+        .bind(count(|u| u.rows_read))
+        .bind(count(|u| u.rows_written))
+        .bind(count(|u| u.bytes_read))
+        .bind(count(|u| u.chunks_embedded))
+        .bind(count(|u| u.tokens_embedded))
+        .bind(count(|u| u.synthetic_rows))
         .fetch_all(pool)
         .await?;
-    Ok(match_rows(items.iter().map(|i| i.id), rows))
+    Ok(match_rows(items.iter().map(|i| i.id), rows, |e| e.id))
 }
 
 /// Hands a running attempt back to the queue (the worker is shutting down): the attempt does
@@ -924,9 +978,13 @@ mod tests {
         .unwrap()
         .remove(0)
         .unwrap();
-        assert_eq!(done.status(), JobStatus::Succeeded);
-        assert_eq!((done.result, done.progress), (Some(result), 1.0));
-        assert!(done.finished_at.is_some());
+        assert_eq!((done.status(), done.progress), (JobStatus::Succeeded, 1.0));
+        let row = get_job(&db.pool, tenant, running.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.result, Some(result));
+        assert!(row.finished_at.is_some());
         let attempts_used = || {
             sqlx::query_scalar::<_, i64>(
                 "SELECT coalesce(sum(attempts), 0)::bigint FROM usage_sums WHERE tenant_id = $1",

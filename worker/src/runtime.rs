@@ -51,7 +51,7 @@ pub struct Runtime {
     idle: tokio::sync::Notify,
     // Claims, outcomes and events of concurrent jobs share round trips.
     claims: Batcher<QueueMessage, Option<Job>>,
-    finishes: Batcher<store::Finish, Option<Job>>,
+    finishes: Batcher<store::Finish, Option<store::Ended>>,
     announcements: Batcher<(Uuid, Event), ()>,
 }
 
@@ -506,6 +506,7 @@ impl Runtime {
                 }
                 Attempt::HandBack => store::requeue(&self.pool, job.id, job.attempt)
                     .await
+                    .map(|row| row.map(store::Ended::from))
                     .map_err(|e| e.to_string()),
             };
             match written {
@@ -528,7 +529,7 @@ impl Runtime {
         }
     }
 
-    async fn announce_outcome(&self, row: &Job, attempt: &Attempt) {
+    async fn announce_outcome(&self, row: &store::Ended, attempt: &Attempt) {
         let status = row.status();
         let mut event = Event::new(
             row.id,
