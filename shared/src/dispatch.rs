@@ -14,7 +14,7 @@
 //!
 //! Passes of one kind are serialized by a transaction-scoped advisory lock, so two API or worker
 //! processes never count the same free slot twice. Passes run after submissions, after a
-//! worker's finished attempts have freed a quarter of its slots ([`Refill::freed`]) and
+//! worker's finished attempts have freed half of its slots ([`Refill::freed`]) and
 //! periodically (the maintenance `dispatcher` duty), and [`Refill`] coalesces the requests of
 //! a burst into one pass. A pass that pushed wakes this
 //! process's consumers of the kind ([`Dispatcher::pushed`]): the queue is kept only one round
@@ -103,7 +103,7 @@ impl Dispatcher {
     }
 }
 
-/// When ended attempts ask for a pass: once a quarter of this process's slots for the kind have
+/// When ended attempts ask for a pass: once half of this process's slots for the kind have
 /// freed since the last ask (every time for a kind not paced). A draining queue then costs a pass
 /// per several jobs instead of one per finish, and no slot idles meanwhile: a pass leaves a
 /// round of jobs waiting in Redis.
@@ -117,7 +117,7 @@ struct Pace {
 
 impl Paces {
     fn set(&mut self, kind: &str, slots: usize) {
-        let every = (slots / 4).max(1);
+        let every = (slots / 2).max(1);
         self.0.insert(kind.to_owned(), Pace { freed: 0, every });
     }
 
@@ -206,10 +206,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pass_after_every_quarter_of_the_slots_freed() {
+    fn a_pass_after_every_half_of_the_slots_freed() {
         let mut paces = Paces::default();
-        paces.set("import", 16);
-        paces.set("patch", 2);
+        paces.set("import", 8);
+        paces.set("patch", 1);
         let asks = |paces: &mut Paces, kind: &str| -> Vec<bool> {
             (0..9).map(|_| paces.freed(kind)).collect()
         };
