@@ -63,9 +63,15 @@ struct Pushed {
 }
 
 impl Pushed {
-    fn new(pushed: Arc<tokio::sync::Notify>) -> Self {
-        let stream = futures::stream::unfold(pushed, |pushed| async move {
-            pushed.notified().await;
+    /// Ready when this process pushed, and every `idle_poll` on tokio's clock: apalis' own
+    /// interval (a `futures-timer` thread) was seen to go quiet under load while a message sat
+    /// in the queue pushed by another process.
+    fn new(pushed: Arc<tokio::sync::Notify>, idle_poll: Duration) -> Self {
+        let stream = futures::stream::unfold(pushed, move |pushed| async move {
+            tokio::select! {
+                _ = pushed.notified() => {}
+                _ = tokio::time::sleep(idle_poll) => {}
+            }
             Some(((), pushed))
         });
         Self {
@@ -227,9 +233,10 @@ impl Runtime {
             // A queue found empty is looked at again when a pass of this process pushes to it,
             // else at the idle poll. Without the poll apalis only looks again at its next
             // heartbeat (and backs off): a job pushed to an idle queue waited seconds to start.
-            let wake = Strategy::new()
-                .apply(Pushed::new(self.refill.dispatcher().pushed(&kind)))
-                .interval(self.settings.idle_poll);
+            let wake = Strategy::new().apply(Pushed::new(
+                self.refill.dispatcher().pushed(&kind),
+                self.settings.idle_poll,
+            ));
             let worker = WorkerBuilder::new(format!("{}/{kind}/{generation}", self.name))
                 .backend(
                     self.queues
