@@ -1,16 +1,16 @@
 //! Fair dispatch: which queued jobs go onto a kind's Redis queue, and when.
 //!
-//! A queued job waits in PostgreSQL (held) until a pass of [`Dispatcher`] pushes it and records
-//! it in `dispatched_jobs`, where it stays while in flight (pushed or running): a narrow,
-//! unlogged row, so dispatching a job never rewrites the job's own row nor waits for a WAL
-//! flush (after a crash empties the table, the maintenance `dispatcher` duty records the
-//! running jobs again). A pass (the `dispatch_pass` function, one round trip) keeps a kind in flight up to
-//! its live workers' slots plus about one round of them waiting in Redis (at least
-//! [`Dispatcher::min_window`]) and fills that across the tenants with held jobs by fair share:
-//! the next job goes to the tenant with the fewest jobs in flight per unit of weight, so a
-//! tenant arriving behind another's backlog of thousands starts within about one round of
-//! slots. A tenant's `max_running` for the kind caps its jobs in flight, so it caps its running
-//! jobs across all workers. Within a tenant, higher `priority` goes first, then older jobs.
+//! A queued job waits in PostgreSQL (held) until a pass of [`Dispatcher`] pushes it and records it
+//! in `dispatched_jobs`, where it stays while in flight (pushed or running): a narrow, unlogged
+//! row, so dispatching a job never rewrites the job's own row nor waits for a WAL flush (after a
+//! crash empties the table, the maintenance `dispatcher` duty records the running jobs again). A
+//! pass (the `dispatch_pass` function, one round trip) keeps a kind in flight up to its live
+//! workers' slots plus about one round of them waiting in Redis (at least
+//! [`Dispatcher::min_window`]) and fills that across the tenants with held jobs by fair share: the
+//! next job goes to the tenant with the fewest jobs in flight per unit of weight, so a tenant
+//! arriving behind another's backlog of thousands starts within about one round of slots. A
+//! tenant's `max_running` for the kind caps its jobs in flight, so it caps its running jobs across
+//! all workers. Within a tenant, higher `priority` goes first, then older jobs.
 //!
 //! Passes of one kind are serialized by a transaction-scoped advisory lock, so two API or worker
 //! processes never count the same free slot twice. Passes run after submissions, after a
