@@ -55,18 +55,20 @@ pub struct Runtime {
     announcements: Batcher<(Uuid, Event), ()>,
 }
 
-/// Wakes a queue's fetch when this process pushed to the queue (see [`Dispatcher::pushed`]).
+/// Wakes a queue's fetch when this process pushed to the queue (see [`Dispatcher::pushed`]),
+/// and every `idle_poll`; notes each time apalis asks (the queue's [`Liveness`]).
 struct Pushed {
     // Only ever polled through `&mut self`: the wrapper makes the boxed stream `Sync`, as apalis
     // asks of a strategy.
     next: sync_wrapper::SyncWrapper<futures::stream::BoxStream<'static, ()>>,
+    liveness: Liveness,
 }
 
 impl Pushed {
     /// Ready when this process pushed, and every `idle_poll` on tokio's clock: apalis' own
     /// interval (a `futures-timer` thread) was seen to go quiet under load while a message sat
     /// in the queue pushed by another process.
-    fn new(pushed: Arc<tokio::sync::Notify>, idle_poll: Duration) -> Self {
+    fn new(pushed: Arc<tokio::sync::Notify>, idle_poll: Duration, liveness: Liveness) -> Self {
         let stream = futures::stream::unfold(pushed, move |pushed| async move {
             tokio::select! {
                 _ = pushed.notified() => {}
@@ -76,17 +78,81 @@ impl Pushed {
         });
         Self {
             next: sync_wrapper::SyncWrapper::new(Box::pin(stream)),
+            liveness,
         }
     }
 }
 
 impl PollStrategy for Pushed {
+    /// Polls until pending, so a wake-up is always armed: apalis drops what this returns, and
+    /// when its fetch comes back empty in the same poll that saw this ready, it parks with
+    /// nothing else to wake it but its heartbeat timer.
     fn poll_drive(
         &mut self,
         cx: &mut std::task::Context<'_>,
         _: &PollSnapshot,
     ) -> std::task::Poll<Option<()>> {
-        futures::StreamExt::poll_next_unpin(self.next.get_mut(), cx)
+        self.liveness.asked();
+        let mut woke = false;
+        while let std::task::Poll::Ready(Some(())) =
+            futures::StreamExt::poll_next_unpin(self.next.get_mut(), cx)
+        {
+            woke = true;
+        }
+        if woke {
+            std::task::Poll::Ready(Some(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
+/// Whether a queue's apalis worker still asks for work: when it last did, and how many of the
+/// queue's jobs it runs. Under load a worker was seen to stop fetching for good with slots
+/// free while its queue held messages; [`Runtime::serve_queue`] restarts such a worker.
+#[derive(Clone)]
+struct Liveness {
+    asked: Arc<Mutex<tokio::time::Instant>>,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            asked: Arc::new(Mutex::new(tokio::time::Instant::now())),
+            running: Arc::default(),
+        }
+    }
+
+    fn asked(&self) {
+        *self.asked.lock().expect("liveness lock") = tokio::time::Instant::now();
+    }
+
+    /// Counts a job of the queue as running until the guard drops.
+    fn running(&self) -> RunningGuard {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        RunningGuard(self.running.clone())
+    }
+
+    /// Resolves once the worker has not asked for work for `after` while it had a slot free
+    /// (never while it drains for `stop`: then it asks for nothing).
+    async fn stalled(&self, concurrency: usize, after: Duration, stop: &CancellationToken) {
+        loop {
+            tokio::time::sleep(after / 4).await;
+            let quiet = self.asked.lock().expect("liveness lock").elapsed();
+            let free = self.running.load(Ordering::SeqCst) < concurrency;
+            if quiet >= after && free && !stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+}
+
+struct RunningGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -233,9 +299,11 @@ impl Runtime {
             // A queue found empty is looked at again when a pass of this process pushes to it,
             // else at the idle poll. Without the poll apalis only looks again at its next
             // heartbeat (and backs off): a job pushed to an idle queue waited seconds to start.
+            let liveness = Liveness::new();
             let wake = Strategy::new().apply(Pushed::new(
                 self.refill.dispatcher().pushed(&kind),
                 self.settings.idle_poll,
+                liveness.clone(),
             ));
             let worker = WorkerBuilder::new(format!("{}/{kind}/{generation}", self.name))
                 .backend(
@@ -245,19 +313,27 @@ impl Runtime {
                 )
                 .concurrency(concurrency)
                 .data(self.clone())
+                .data(liveness.clone())
                 .build(handle_message);
             let signal = stop.clone();
-            let result = worker
-                .run_until(async move {
-                    signal.cancelled().await;
-                    Ok::<(), std::io::Error>(())
-                })
-                .await;
-            if let Err(e) = result {
+            let run = worker.run_until(async move {
+                signal.cancelled().await;
+                Ok::<(), std::io::Error>(())
+            });
+            // Dropping a stalled worker abandons no job: each attempt runs in a task of its own
+            // (see `handle_message`), and the stale sweep pushes again what it had fetched.
+            let stall = (self.settings.heartbeat * 4).max(Duration::from_secs(5));
+            let error = tokio::select! {
+                result = run => result.err().map(|e| e.to_string()),
+                () = liveness.stalled(concurrency, stall, &stop) => Some(format!(
+                    "no fetch for {}s with a slot free", stall.as_secs()
+                )),
+            };
+            if let Some(error) = error {
                 if stop.is_cancelled() {
                     break;
                 }
-                tracing::warn!(queue = %kind, error = %e, "queue worker stopped; restarting");
+                tracing::warn!(queue = %kind, %error, "queue worker stopped; restarting");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -660,11 +736,13 @@ enum Attempt {
 async fn handle_message(
     message: QueueMessage,
     runtime: Data<Arc<Runtime>>,
+    liveness: Data<Liveness>,
 ) -> Result<(), BoxDynError> {
     // The attempt runs in a task of its own: if apalis' worker stops under us (it does, under
     // heavy load: "worker not registered") and drops this future, the job still finishes and
     // records its outcome instead of staying `running` under a live lease forever.
     let runtime: Arc<Runtime> = (*runtime).clone();
+    let _running = liveness.running();
     tokio::spawn(async move { runtime.execute(message).await })
         .await
         .map_err(|e| Box::new(e) as BoxDynError)?
@@ -688,6 +766,66 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts wake-ups, as apalis' worker task would be woken.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_is_armed_again_after_the_strategy_fired() {
+        let wakes = Arc::new(Wakes(Default::default()));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let pushed = Arc::new(tokio::sync::Notify::new());
+        let mut strategy = Pushed::new(pushed.clone(), Duration::from_millis(20), Liveness::new());
+        let snapshot = PollSnapshot::default();
+        assert!(strategy.poll_drive(&mut cx, &snapshot).is_pending());
+        pushed.notify_one();
+        assert!(strategy.poll_drive(&mut cx, &snapshot).is_ready());
+        // apalis drops that readiness and may park without polling again: the idle poll must
+        // still wake it.
+        let before = wakes.0.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(wakes.0.load(Ordering::SeqCst) > before, "nothing armed");
+    }
+
+    #[tokio::test]
+    async fn a_worker_quiet_with_a_slot_free_is_found_stalled() {
+        let stop = CancellationToken::new();
+        let after = Duration::from_millis(200);
+        let liveness = Liveness::new();
+        let stalled = |liveness: Liveness, stop: CancellationToken| async move {
+            tokio::time::timeout(Duration::from_secs(1), liveness.stalled(2, after, &stop))
+                .await
+                .is_ok()
+        };
+        // Asking every 20 ms is alive.
+        let asking = {
+            let liveness = liveness.clone();
+            tokio::spawn(async move {
+                loop {
+                    liveness.asked();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        };
+        assert!(!stalled(liveness.clone(), stop.clone()).await);
+        asking.abort();
+        // Quiet with every slot taken is busy, not stalled.
+        let (first, second) = (liveness.running(), liveness.running());
+        assert!(!stalled(liveness.clone(), stop.clone()).await);
+        drop(second);
+        assert!(stalled(liveness.clone(), stop.clone()).await);
+        // Draining for a stop asks for nothing: not a stall.
+        stop.cancel();
+        assert!(!stalled(liveness, stop).await);
+        drop(first);
+    }
 
     #[test]
     fn backoff_doubles_with_jitter() {
