@@ -24,7 +24,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     panic::AssertUnwindSafe,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -113,7 +113,7 @@ impl PollStrategy for Pushed {
 #[derive(Clone)]
 struct Liveness {
     asked: Arc<Mutex<tokio::time::Instant>>,
-    running: Arc<std::sync::atomic::AtomicUsize>,
+    running: Arc<AtomicUsize>,
 }
 
 impl Liveness {
@@ -148,7 +148,7 @@ impl Liveness {
     }
 }
 
-struct RunningGuard(Arc<std::sync::atomic::AtomicUsize>);
+struct RunningGuard(Arc<AtomicUsize>);
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
@@ -294,6 +294,7 @@ impl Runtime {
         // A fresh apalis name per restart: apalis refuses to register a name whose previous
         // registration still looks alive.
         let mut generation = 0;
+        let stall = (self.settings.heartbeat * 4).max(Duration::from_secs(5));
         while !stop.is_cancelled() {
             generation += 1;
             // A queue found empty is looked at again when a pass of this process pushes to it,
@@ -322,7 +323,6 @@ impl Runtime {
             });
             // Dropping a stalled worker abandons no job: each attempt runs in a task of its own
             // (see `handle_message`), and the stale sweep pushes again what it had fetched.
-            let stall = (self.settings.heartbeat * 4).max(Duration::from_secs(5));
             let error = tokio::select! {
                 result = run => result.err().map(|e| e.to_string()),
                 () = liveness.stalled(concurrency, stall, &stop) => Some(format!(
@@ -768,7 +768,7 @@ mod tests {
     use super::*;
 
     /// Counts wake-ups, as apalis' worker task would be woken.
-    struct Wakes(std::sync::atomic::AtomicUsize);
+    struct Wakes(AtomicUsize);
 
     impl std::task::Wake for Wakes {
         fn wake(self: Arc<Self>) {
