@@ -5,8 +5,13 @@
 use crate::limits::{Capped, Framing, Limits, RecordCapped};
 use csv::ByteRecord;
 use polars::prelude::*;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use shared::datasets::{Compression, Format};
 use std::{
+    borrow::Cow,
+    collections::HashMap,
+    fmt,
     fs::File,
     io::{BufRead, BufReader, Read},
     path::Path,
@@ -108,7 +113,8 @@ pub enum Source {
     Csv(csv::Reader<Box<dyn Read + Send>>),
     Ndjson {
         lines: BufReader<Box<dyn Read + Send>>,
-        columns: Vec<String>,
+        /// Each column's position, by name.
+        columns: HashMap<String, usize>,
         buffer: Vec<u8>,
         line: u64,
     },
@@ -207,7 +213,11 @@ pub fn open(
                 header: known_columns.to_vec(),
                 source: Source::Ndjson {
                     lines: BufReader::with_capacity(1 << 20, reader),
-                    columns: known_columns.to_vec(),
+                    columns: known_columns
+                        .iter()
+                        .enumerate()
+                        .map(|(i, name)| (name.clone(), i))
+                        .collect(),
                     buffer: Vec::new(),
                     line: 0,
                 },
@@ -280,9 +290,13 @@ impl Source {
                 if buffer.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                // Raw values keep numbers exactly as written (no detour through f64).
-                let object: std::collections::HashMap<String, &serde_json::value::RawValue> =
-                    serde_json::from_slice(buffer).map_err(|e| {
+                // Raw values keep numbers exactly as written (no detour through f64); each goes
+                // straight to its column's slot, keys and plain strings borrowed from the line.
+                let mut json = serde_json::Deserializer::from_slice(buffer);
+                let values = ColumnSlots(columns)
+                    .deserialize(&mut json)
+                    .and_then(|values| json.end().map(|()| values))
+                    .map_err(|e| {
                         Ok(RowError {
                             line: *line,
                             reason: format!("not a JSON object: {e}"),
@@ -290,18 +304,16 @@ impl Source {
                         })
                     })?;
                 row.fields.clear();
-                for name in columns.iter() {
-                    let text = object.get(name).map(|raw| raw.get()).unwrap_or("null");
-                    if text == "null" {
-                        row.fields.push_field(b"");
-                        row.nulls.push(true);
-                    } else if text.starts_with('"') {
-                        let unescaped: String = serde_json::from_str(text).unwrap_or_default();
-                        row.fields.push_field(unescaped.as_bytes());
-                        row.nulls.push(false);
-                    } else {
-                        row.fields.push_field(text.as_bytes());
-                        row.nulls.push(false);
+                for value in values {
+                    match value.map(RawValue::get) {
+                        None | Some("null") => {
+                            row.fields.push_field(b"");
+                            row.nulls.push(true);
+                        }
+                        Some(text) => {
+                            row.fields.push_field(unquoted(text).as_bytes());
+                            row.nulls.push(false);
+                        }
                     }
                 }
                 return Ok(true);
@@ -349,5 +361,160 @@ impl Source {
                 Ok(true)
             }
         }
+    }
+}
+
+/// One NDJSON line's values in column order (`None`: the key is absent); keys that name no
+/// column are skipped, and a key given twice keeps its last value, as a JSON map would.
+struct ColumnSlots<'c>(&'c HashMap<String, usize>);
+
+impl<'de> DeserializeSeed<'de> for ColumnSlots<'_> {
+    type Value = Vec<Option<&'de RawValue>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ColumnSlots<'_> {
+    type Value = Vec<Option<&'de RawValue>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut slots = vec![None; self.0.len()];
+        while let Some(Key(key)) = map.next_key()? {
+            match self.0.get(key.as_ref()) {
+                Some(&i) => slots[i] = Some(map.next_value()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(slots)
+    }
+}
+
+/// An object's key, borrowed from the line unless it had escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+
+            fn visit_borrowed_str<E>(self, key: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(key)))
+            }
+
+            fn visit_str<E>(self, key: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(key.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// A raw JSON value as a field's text: a string's content (unescaped only when it has escapes),
+/// anything else as written.
+fn unquoted(text: &str) -> Cow<'_, str> {
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.as_bytes().contains(&b'\\') => Cow::Borrowed(inner),
+        Some(_) => Cow::Owned(serde_json::from_str(text).unwrap_or_default()),
+        None => Cow::Borrowed(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_ndjson(text: &str, columns: &[&str]) -> Vec<Result<Vec<Option<String>>, String>> {
+        let dir = std::env::temp_dir().join(format!("ndjson-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&dir, text).unwrap();
+        let limits = Limits {
+            decompressed: 1 << 20,
+            in_memory: 1 << 20,
+            record: 1 << 10,
+            document: 1 << 20,
+        };
+        let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+        let csv = CsvSettings {
+            delimiter: b',',
+            quote: b'"',
+            header: true,
+        };
+        let mut opened = open(
+            &dir,
+            Format::Ndjson,
+            Compression::None,
+            &csv,
+            &columns,
+            &limits,
+        )
+        .unwrap();
+        let mut rows = Vec::new();
+        let mut row = Row::default();
+        loop {
+            match opened.source.next(&mut row) {
+                Ok(false) => break,
+                Ok(true) => rows.push(Ok((0..row.fields.len())
+                    .map(|i| {
+                        (!row.is_null(i))
+                            .then(|| String::from_utf8(row.fields[i].to_vec()).unwrap())
+                    })
+                    .collect())),
+                Err(Ok(error)) => rows.push(Err(format!("line {}: {}", error.line, error.reason))),
+                Err(Err(e)) => panic!("{e}"),
+            }
+        }
+        std::fs::remove_file(&dir).unwrap();
+        rows
+    }
+
+    #[test]
+    fn ndjson_values_land_in_their_columns_as_written() {
+        let text = concat!(
+            r#"{"b": 1.50, "a": "plain", "extra": {"nested": [1, {"x": null}]}}"#,
+            "\n\n",
+            r#"{"a": "tab\there \"quoted\" \u00e9", "b": null}"#,
+            "\n",
+            r#"{"\u0061": "escaped key", "b": 12345678901234567890, "a": "last wins"}"#,
+            "\n",
+            r#"{"b": true}"#,
+            "\n",
+        );
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            read_ndjson(text, &["a", "b"]),
+            [
+                Ok(vec![some("plain"), some("1.50")]),
+                Ok(vec![some("tab\there \"quoted\" é"), None]),
+                Ok(vec![some("last wins"), some("12345678901234567890")]),
+                Ok(vec![None, some("true")]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_line_that_is_not_one_json_object_is_that_rows_error() {
+        let text = "[1, 2]\n{\"a\": 1} trailing\n{\"a\": \n{\"a\": 2}\n";
+        let rows = read_ndjson(text, &["a"]);
+        assert_eq!(rows.len(), 4);
+        for (i, row) in rows[..3].iter().enumerate() {
+            let error = row.as_ref().unwrap_err();
+            assert!(
+                error.starts_with(&format!("line {}: not a JSON object", i + 1)),
+                "{error}"
+            );
+        }
+        assert_eq!(rows[3], Ok(vec![Some("2".to_owned())]));
     }
 }
