@@ -437,8 +437,8 @@ mod tests {
     use super::*;
 
     fn read_ndjson(text: &str, columns: &[&str]) -> Vec<Result<Vec<Option<String>>, String>> {
-        let dir = std::env::temp_dir().join(format!("ndjson-{}", uuid::Uuid::new_v4()));
-        std::fs::write(&dir, text).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
         let limits = Limits {
             decompressed: 1 << 20,
             in_memory: 1 << 20,
@@ -452,7 +452,7 @@ mod tests {
             header: true,
         };
         let mut opened = open(
-            &dir,
+            file.path(),
             Format::Ndjson,
             Compression::None,
             &csv,
@@ -475,7 +475,6 @@ mod tests {
                 Err(Err(e)) => panic!("{e}"),
             }
         }
-        std::fs::remove_file(&dir).unwrap();
         rows
     }
 
