@@ -178,6 +178,9 @@ BEFORE_GET = f"SELECT {COLLECTION_COLUMNS} FROM collections c WHERE c.tenant_id 
 KEYWORD = ("keyword AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r, rank FROM (SELECT id, ts_rank_cd(tsv, q) AS rank FROM chunks, "
            "(SELECT replace(plainto_tsquery('english', $1)::text, '&', '|')::tsquery AS q) AS query WHERE tsv @@ q AND collection_id = $2 "
            "ORDER BY rank DESC LIMIT $3) AS ranked)")
+# The exact keyword list: every match ranked, ties to the older chunk in the limit as after it
+# (the API's order; a limit over tied ranks alone keeps whichever rows the heap held first).
+EXACT_KEYWORD = KEYWORD.replace("ORDER BY rank DESC LIMIT $3", "ORDER BY rank DESC, id LIMIT $3")
 NEAREST = ("nearest AS MATERIALIZED (SELECT id, embedding <=> $1 AS distance FROM chunks WHERE collection_id = $2 ORDER BY distance LIMIT $3), "
            "vector AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS r, 1 - distance AS similarity FROM nearest)")
 BEFORE_VECTOR = ("WITH " + NEAREST + " SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.metadata, s.similarity AS score "
@@ -240,7 +243,7 @@ def after_fused_keyword(query, c, t, limit):
             " FROM unnest(tsvector_to_array(to_tsvector('english', " + query +
             "))) AS lexeme LIMIT 16) AS l) AS lexemes), matched AS ((SELECT id, true AS strong, ts_rank(tsv, q) AS rank "
             "FROM chunks, terms WHERE tsv @@ coalesce(pairs, q) AND " + SCOPE.format(c=c, t=t) +
-            f" ORDER BY rank DESC LIMIT {limit}) UNION ALL SELECT id, false, ts_rank(tsv, q) FROM nearest, terms, LATERAL (SELECT tsv FROM chunks WHERE chunks.id = nearest.id OFFSET 0) AS candidate "
+            f" ORDER BY rank DESC, id LIMIT {limit}) UNION ALL SELECT id, false, ts_rank(tsv, q) FROM nearest, terms, LATERAL (SELECT tsv FROM chunks WHERE chunks.id = nearest.id OFFSET 0) AS candidate "
             f"WHERE tsv @@ q AND NOT tsv @@ pairs), keyword AS (SELECT id, r FROM (SELECT id, row_number() OVER "
             f"(ORDER BY strong DESC, rank DESC, id) AS r FROM matched) AS ranked WHERE r <= {limit})")
 
@@ -307,7 +310,7 @@ _hybrid_cache = {}
 def exact_hybrid(conn, n, text):
     """The fusion the API computes, over the exact vector candidates."""
     if n not in _hybrid_cache:
-        kw = conn.execute(pg("WITH " + KEYWORD + " SELECT id, r FROM keyword"), params(text, collection, candidates)).fetchall()
+        kw = conn.execute(pg("WITH " + EXACT_KEYWORD + " SELECT id, r FROM keyword"), params(text, collection, candidates)).fetchall()
         vec = {cid: r + 1 for r, cid in enumerate(exact_cand[n])}
         kwr = dict(kw)
         score = {cid: (1 / (RRF_K + vec[cid]) if cid in vec else 0) + (1 / (RRF_K + kwr[cid]) if cid in kwr else 0)

@@ -56,6 +56,27 @@ fn unit_vector(seed: u64) -> Vec<f32> {
     v
 }
 
+/// Gives the collection's chunks chosen by each of `rows` (in turn, one update each) the text
+/// `text` and the vector opposite the searches' query, so that words alone bring them up; then
+/// refreshes the planner's statistics.
+async fn rewrite_far(db: &TestDatabase, collection: Uuid, text: &str, rows: &[&str]) {
+    let far: Vec<f32> = unit_vector(42).iter().map(|x| -x).collect();
+    for condition in rows {
+        sqlx::query(&format!(
+            "UPDATE chunks SET text = {text}, embedding = $2 WHERE collection_id = $1 AND ({condition})"
+        ))
+        .bind(collection)
+        .bind(pgvector::Vector::from(far.clone()))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("ANALYZE chunks")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
 fn vector_search<'a>(tenant: Uuid, collection: Uuid, k: i64, filter: &'a Filter) -> Search<'a> {
     Search {
         tenant,
@@ -195,21 +216,14 @@ async fn hybrid_search_ranks_only_chunks_holding_two_query_words() {
     let db = TestDatabase::new().await;
     let tenant = db.tenant().await;
     let collection = collection_with(&db, tenant, 500, 5).await;
-    let far: Vec<f32> = unit_vector(42).iter().map(|x| -x).collect();
-    sqlx::query(
-        "UPDATE chunks SET text = CASE WHEN ordinal = 499 THEN 'an amber falcon over the harbour'
-         ELSE 'a falcon numbered ' || ordinal END, embedding = $2
-         WHERE collection_id = $1 AND (ordinal < 300 OR ordinal = 499)",
+    rewrite_far(
+        &db,
+        collection,
+        "CASE WHEN ordinal = 499 THEN 'an amber falcon over the harbour'
+         ELSE 'a falcon numbered ' || ordinal END",
+        &["ordinal < 300 OR ordinal = 499"],
     )
-    .bind(collection)
-    .bind(pgvector::Vector::from(far))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    sqlx::query("ANALYZE chunks")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    .await;
     let filter = Filter::new();
     let hybrid = |query| Search {
         mode: SearchMode::Hybrid,
@@ -266,4 +280,52 @@ async fn hybrid_search_ranks_only_chunks_holding_two_query_words() {
             .await
             .unwrap_or_else(|e| panic!("{hostile:?}: {e}"));
     }
+}
+
+/// Chunks tied in keyword rank (the same words, as repeated sentences are) are taken by age,
+/// lowest id first, in keyword and in hybrid search, whatever order the heap holds them in: the
+/// same query gives the same hits. The rewritten rows put the oldest chunks last in the heap,
+/// where a limit over the rank alone keeps the ones it read first.
+#[tokio::test]
+async fn chunks_tied_in_keyword_rank_are_taken_oldest_first() {
+    let db = TestDatabase::new().await;
+    let tenant = db.tenant().await;
+    let collection = collection_with(&db, tenant, 500, 6).await;
+    rewrite_far(
+        &db,
+        collection,
+        "'an amber falcon numbered ' || ordinal",
+        &["ordinal >= 150 AND ordinal < 300", "ordinal < 150"],
+    )
+    .await;
+    let oldest: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM chunks WHERE collection_id = $1 AND ordinal < 300 ORDER BY id LIMIT 10",
+    )
+    .bind(collection)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let filter = Filter::new();
+    let search = |mode| Search {
+        mode,
+        query: "amber falcon",
+        ..vector_search(tenant, collection, 10, &filter)
+    };
+
+    let keyword = store::search(&db.pool, search(SearchMode::Keyword))
+        .await
+        .unwrap();
+    let got: Vec<i64> = keyword.iter().map(|h| h.chunk_id).collect();
+    assert_eq!(got, oldest, "keyword");
+
+    // Fused: the keyword list's first five (tied at the top with the vector list's first five).
+    let hybrid = store::search(&db.pool, search(SearchMode::Hybrid))
+        .await
+        .unwrap();
+    let words: Vec<i64> = hybrid
+        .iter()
+        .filter(|h| h.text.starts_with("an amber falcon"))
+        .map(|h| h.chunk_id)
+        .collect();
+    assert_eq!(words, oldest[..5], "hybrid: {hybrid:?}");
 }

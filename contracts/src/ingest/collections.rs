@@ -320,7 +320,7 @@ pub fn search_statement<'a>(
         push_any_word(sql, search.query);
         sql.push(" AS q) AS query WHERE tsv @@ q AND ");
         push_scope(sql, search);
-        sql.push(format!(" ORDER BY rank DESC LIMIT {limit}) AS ranked)"));
+        sql.push(format!(" ORDER BY rank DESC, id LIMIT {limit}) AS ranked)"));
     };
     // Materialised so that the index scan is planned on its own; its rows come back nearly
     // sorted (relaxed iterative scan) and are ranked by exact distance.
@@ -369,7 +369,9 @@ pub fn search_statement<'a>(
 /// does at a sixth of the cost (cover density is quadratic in the query's words). Pairs are
 /// made of the first 16 lexemes (at most 120); every lexeme counts in the ranking. The vector
 /// candidates are read one by one by id (`OFFSET 0` keeps the planner from scanning every
-/// one-word match to join them).
+/// one-word match to join them). Ties in rank go to the older chunk (lower id) before the
+/// limit as after it: chunks that repeat a sentence tie by the hundred, and a limit over ties
+/// alone would keep whichever the heap held first, so the same query could change its hits.
 fn fused_keyword<'a>(sql: &mut QueryBuilder<'a, Postgres>, search: &Search<'a>, limit: i64) {
     sql.push("terms AS (SELECT ");
     push_any_word(sql, search.query);
@@ -381,7 +383,7 @@ fn fused_keyword<'a>(sql: &mut QueryBuilder<'a, Postgres>, search: &Search<'a>, 
     sql.push("))) AS lexeme LIMIT 16) AS l) AS lexemes), matched AS ((SELECT id, true AS strong, ts_rank(tsv, q) AS rank FROM chunks, terms WHERE tsv @@ coalesce(pairs, q) AND ");
     push_scope(sql, search);
     sql.push(format!(
-        " ORDER BY rank DESC LIMIT {limit}) UNION ALL SELECT id, false, ts_rank(tsv, q) FROM nearest, terms, LATERAL (SELECT tsv FROM chunks WHERE chunks.id = nearest.id OFFSET 0) AS candidate WHERE tsv @@ q AND NOT tsv @@ pairs), \
+        " ORDER BY rank DESC, id LIMIT {limit}) UNION ALL SELECT id, false, ts_rank(tsv, q) FROM nearest, terms, LATERAL (SELECT tsv FROM chunks WHERE chunks.id = nearest.id OFFSET 0) AS candidate WHERE tsv @@ q AND NOT tsv @@ pairs), \
          keyword AS (SELECT id, r FROM (SELECT id, row_number() OVER (ORDER BY strong DESC, rank DESC, id) AS r FROM matched) AS ranked WHERE r <= {limit})"
     ));
 }
