@@ -8,8 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use shared::store::Inserted;
-use sqlx::{PgExecutor, PgPool, Postgres, QueryBuilder};
+use sqlx::{PgExecutor, Postgres, QueryBuilder};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -211,53 +210,6 @@ pub async fn record(db: impl PgExecutor<'_>, actor: &Actor, entry: Entry) -> sql
     Ok(())
 }
 
-/// Records the submission of these jobs (the ones a request created, in its order): one
-/// `job.submit` row each, with the job's kind (and, in a batch, its index) in `detail`.
-/// Patches carry their SQL statement, rollbacks the statement of the patch they undo, both
-/// read from the stored payloads in the same statement.
-pub async fn jobs_submitted(
-    db: impl PgExecutor<'_>,
-    actor: &Actor,
-    jobs: &[(Uuid, Option<usize>)],
-    payload_sha256: &str,
-) -> sqlx::Result<()> {
-    if jobs.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
-    let indexes: Vec<Option<i32>> = jobs
-        .iter()
-        .map(|(_, index)| index.map(|i| i as i32))
-        .collect();
-    sqlx::query(
-        "INSERT INTO audit_log (tenant_id, key_id, action, target_id, request_id, payload_sha256,
-                                statement, detail)
-         SELECT j.tenant_id, $2, 'job.submit', j.id::text, $3, $4,
-                CASE j.kind
-                    WHEN 'patch' THEN j.payload->>'sql'
-                    WHEN 'patch_rollback' THEN
-                        (SELECT p.payload->>'sql' FROM jobs p
-                         WHERE p.tenant_id = j.tenant_id AND p.kind = 'patch'
-                           AND p.id::text = j.payload->>'patch_job_id')
-                END,
-                jsonb_strip_nulls(jsonb_build_object(
-                    'kind', j.kind, 'index', i.index,
-                    'mode', CASE WHEN j.kind = 'patch' THEN j.payload->'mode' END))
-         FROM unnest($5::uuid[], $6::int4[]) WITH ORDINALITY AS i(id, index, n)
-         JOIN jobs j ON j.id = i.id AND j.tenant_id = $1
-         ORDER BY i.n",
-    )
-    .bind(actor.tenant)
-    .bind(actor.key)
-    .bind(&actor.request_id)
-    .bind(payload_sha256)
-    .bind(ids)
-    .bind(indexes)
-    .execute(db)
-    .await?;
-    Ok(())
-}
-
 /// Records the same change to many jobs (a bulk cancel or retry): one row each, `detail`
 /// alike on all.
 pub async fn jobs_changed(
@@ -280,27 +232,6 @@ pub async fn jobs_changed(
     .execute(db)
     .await?;
     Ok(())
-}
-
-/// After a submission's jobs are written (not in their transaction: the submit path writes
-/// and enqueues on its own): records the jobs it created, in order; a job an idempotency key
-/// found was not changed, so it gets no row. `batch`: rows name each job's index.
-pub async fn submitted(
-    pool: &PgPool,
-    caller: &Caller,
-    inserted: &[Inserted],
-    payload_sha256: &str,
-    batch: bool,
-) {
-    let jobs: Vec<(Uuid, Option<usize>)> = inserted
-        .iter()
-        .enumerate()
-        .filter(|(_, row)| row.created)
-        .map(|(i, row)| (row.job.id, batch.then_some(i)))
-        .collect();
-    if let Err(e) = jobs_submitted(pool, &Actor::from(caller), &jobs, payload_sha256).await {
-        lost(Action::JobSubmit, &e);
-    }
 }
 
 /// A change the API made but could not record: the change stands (it is committed), the

@@ -28,14 +28,24 @@ pub struct Inserted {
     pub created: bool,
 }
 
-/// Writes a batch of jobs submitted with `key` in one statement. A job whose idempotency key
-/// already exists is not written; the existing job is returned instead. Results come in input
-/// order.
+/// The request that submitted jobs, for their audit rows.
+pub struct Submission<'a> {
+    pub request_id: Option<&'a str>,
+    pub payload_sha256: &'a str,
+    /// A batch records each job's index in it.
+    pub batch: bool,
+}
+
+/// Writes a batch of jobs submitted with `key` in one statement, with a `job.submit` audit row
+/// for each job it creates (none without `audit`): a job is never written without its row. A
+/// job whose idempotency key already exists is not written; the existing job is returned
+/// instead. Results come in input order.
 pub async fn insert_jobs(
     pool: &PgPool,
     tenant: Uuid,
     key: Uuid,
     jobs: &[NewJob],
+    audit: Option<&Submission<'_>>,
 ) -> sqlx::Result<Vec<Inserted>> {
     let now = Utc::now();
     let status: Vec<&str> = jobs
@@ -45,11 +55,13 @@ pub async fn insert_jobs(
             _ => JobStatus::Queued.as_str(),
         })
         .collect();
+    // Patches' audit rows carry their SQL statement, rollbacks' the statement of the patch
+    // they undo (read from its stored payload).
     let mut rows: Vec<Inserted> = sqlx::query_as(
         "WITH input AS (
              SELECT * FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::int2[],
-                                  $7::int4[], $8::timestamptz[], $9::text[])
-                 AS t(id, kind, payload, idempotency_key, priority, max_attempts, run_at, status)
+                                  $7::int4[], $8::timestamptz[], $9::text[]) WITH ORDINALITY
+                 AS t(id, kind, payload, idempotency_key, priority, max_attempts, run_at, status, n)
          ), ins AS (
              INSERT INTO jobs (id, tenant_id, kind, status, payload, idempotency_key, priority,
                                max_attempts, run_at, key_id)
@@ -58,6 +70,23 @@ pub async fn insert_jobs(
              FROM input
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING *
+         ), audited AS (
+             INSERT INTO audit_log (tenant_id, key_id, action, target_id, request_id,
+                                    payload_sha256, statement, detail)
+             SELECT $1, $10, 'job.submit', ins.id::text, $12, $13,
+                    CASE ins.kind
+                        WHEN 'patch' THEN ins.payload->>'sql'
+                        WHEN 'patch_rollback' THEN
+                            (SELECT p.payload->>'sql' FROM jobs p
+                             WHERE p.tenant_id = $1 AND p.kind = 'patch'
+                               AND p.id::text = ins.payload->>'patch_job_id')
+                    END,
+                    jsonb_strip_nulls(jsonb_build_object(
+                        'kind', ins.kind, 'index', CASE WHEN $14 THEN input.n - 1 END,
+                        'mode', CASE WHEN ins.kind = 'patch' THEN ins.payload->'mode' END))
+             FROM ins JOIN input USING (id)
+             WHERE $11
+             ORDER BY input.n
          )
          SELECT ins.*, true AS created FROM ins
          UNION ALL
@@ -82,6 +111,10 @@ pub async fn insert_jobs(
     )
     .bind(status)
     .bind(key)
+    .bind(audit.is_some())
+    .bind(audit.and_then(|a| a.request_id))
+    .bind(audit.map(|a| a.payload_sha256))
+    .bind(audit.is_some_and(|a| a.batch))
     .fetch_all(pool)
     .await?;
     // Back to input order: by id for new rows, by idempotency key for existing ones.
@@ -779,7 +812,7 @@ mod tests {
     }
 
     async fn submit(db: &TestDatabase, tenant: Uuid, jobs: &[NewJob]) -> Vec<Inserted> {
-        insert_jobs(&db.pool, tenant, Uuid::now_v7(), jobs)
+        insert_jobs(&db.pool, tenant, Uuid::now_v7(), jobs, None)
             .await
             .unwrap()
     }

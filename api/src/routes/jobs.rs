@@ -21,7 +21,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::{
-    audit::{self, Action, Entry},
+    audit::{Action, Entry},
     auth::{Tenant, Writer},
     extract::HashedJson,
     routes::pipelines,
@@ -86,15 +86,29 @@ pub(crate) fn validate(
     Ok((job, valid))
 }
 
-/// Writes the rows, announces the new ones, then asks for a dispatch pass of each kind with
-/// new queued jobs (see [`announce_created`]).
+/// Writes the rows and their audit rows, announces the new ones, then asks for a dispatch pass
+/// of each kind with new queued jobs (see [`announce_created`]).
 async fn accept(
     state: &AppState,
     writer: &Writer,
     jobs: Vec<NewJob>,
+    payload_sha256: &str,
+    batch: bool,
 ) -> Result<Vec<store::Inserted>, Problem> {
     let tenant = writer.tenant();
-    let inserted = store::insert_jobs(&state.pool, tenant.0, writer.0.key.id, &jobs).await?;
+    let submission = store::Submission {
+        request_id: writer.0.request_id.as_deref(),
+        payload_sha256,
+        batch,
+    };
+    let inserted = store::insert_jobs(
+        &state.pool,
+        tenant.0,
+        writer.0.key.id,
+        &jobs,
+        Some(&submission),
+    )
+    .await?;
     let created = inserted.iter().filter(|i| i.created).map(|i| &i.job);
     announce_created(state, tenant.0, created).await;
     Ok(inserted)
@@ -147,8 +161,7 @@ pub async fn submit(
         .preflight(&state.context, tenant.0, &valid)
         .await
         .map_err(crate::refusals::problem)?;
-    let inserted = accept(&state, &writer, vec![job]).await?;
-    audit::submitted(&state.pool, &writer.0, &inserted, &body_sha256, false).await;
+    let inserted = accept(&state, &writer, vec![job], &body_sha256, false).await?;
     let row = inserted
         .into_iter()
         .next()
@@ -228,8 +241,7 @@ pub async fn submit_batch(
     state.limits.check_quotas(tenant.0, &kinds).await?;
     let indexed: Vec<(usize, &Valid)> = valid.iter().enumerate().collect();
     preflight_batch(&state, tenant, "jobs", &indexed).await?;
-    let inserted = accept(&state, &writer, jobs).await?;
-    audit::submitted(&state.pool, &writer.0, &inserted, &body_sha256, true).await;
+    let inserted = accept(&state, &writer, jobs, &body_sha256, true).await?;
     let jobs = inserted.into_iter().map(|i| i.job).collect();
     Ok((
         StatusCode::ACCEPTED,

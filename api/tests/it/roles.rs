@@ -854,3 +854,61 @@ async fn patch_and_rollback_submissions_carry_their_statement() {
     let row = row_of(&rows, &canary.request_id);
     assert!(row["statement"].is_null());
 }
+
+/// A job is never written without its audit row: the two are one statement. With the audit
+/// row refused (a trigger standing in for a full disk or a broken table), a single and a batch
+/// submission get a 500 problem (no raw database error) and leave no job.
+#[tokio::test]
+async fn a_submission_whose_audit_row_fails_writes_no_job() {
+    let app = TestApp::spawn().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_submits() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.action = 'job.submit' THEN RAISE EXCEPTION 'audit row refused'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_submits BEFORE INSERT ON audit_log
+             FOR EACH ROW EXECUTE FUNCTION refuse_submits();",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let jobs = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs")
+            .fetch_one(app.pool())
+            .await
+            .unwrap()
+    };
+    for call in [
+        Call::post("/v1/jobs", json!({"kind": "canary"})),
+        Call::post(
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "canary"}, {"kind": "canary"}]}),
+        ),
+    ] {
+        let answer = send(&app, &app.key, &call).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{}",
+            answer.body
+        );
+        assert_eq!(answer.content_type, "application/problem+json");
+        assert!(
+            !answer.body.to_string().contains("audit row refused"),
+            "no raw database error: {}",
+            answer.body
+        );
+        assert_eq!(jobs().await, 0, "{}", call.path);
+    }
+
+    sqlx::raw_sql("DROP TRIGGER refuse_submits ON audit_log")
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let job = app.submit_canary(json!({})).await;
+    assert_eq!(jobs().await, 1);
+    let rows = audit_rows(&app, &app.key, "&action=job.submit", 500).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["target_id"], job.to_string());
+}
