@@ -148,6 +148,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261205"),
             include_str!("../../migrations/checksums-20261206"),
             include_str!("../../migrations/checksums-20261207"),
+            include_str!("../../migrations/checksums-20261208"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -166,7 +167,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261207"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261208"
                 ),
             }
         }

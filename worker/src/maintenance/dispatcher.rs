@@ -318,4 +318,58 @@ mod tests {
         assert!(recorded(&test, running).await);
         assert!(!recorded(&test, waiting).await && !test.in_queue(waiting).await);
     }
+
+    /// A pass steps over the tenant's jobs already in flight by probing their records' key,
+    /// even in a session whose plans were made while the records' statistics said the table
+    /// was empty (as after a quiet spell: it is unlogged and churns). Reading the whole table
+    /// for each job stepped over made a pass grow with the square of the jobs in flight.
+    #[tokio::test]
+    async fn a_pass_probes_records_by_key_whatever_the_statistics_said() {
+        let test = TestDb::new().await;
+        sqlx::query("VACUUM ANALYZE dispatched_jobs")
+            .execute(test.pool())
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload)
+             SELECT gen_random_uuid(), $1, 'canary', 'queued', '{}' FROM generate_series(1, 300)",
+        )
+        .bind(test.tenant)
+        .execute(test.pool())
+        .await
+        .unwrap();
+        let mut session = test.pool().acquire().await.unwrap();
+        let pass = "SELECT count(*) FROM dispatch_pass('canary', 30, 100, NULL)";
+        let first: i64 = sqlx::query_scalar(pass)
+            .fetch_one(&mut *session)
+            .await
+            .unwrap();
+        assert_eq!(
+            first, 100,
+            "the first pass fills the window (its plans made now)"
+        );
+        sqlx::query("DELETE FROM dispatched_jobs WHERE job_id IN (SELECT job_id FROM dispatched_jobs LIMIT 10)")
+            .execute(test.pool())
+            .await
+            .unwrap();
+
+        let mut tx = sqlx::Connection::begin(&mut *session).await.unwrap();
+        let pushed: i64 = sqlx::query_scalar(pass).fetch_one(&mut *tx).await.unwrap();
+        let read: (i64, i64) = sqlx::query_as(
+            "SELECT seq_tup_read, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'dispatched_jobs'",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(pushed, 10);
+        assert_eq!(
+            read.0, 0,
+            "records read by scanning the table (read, probes): {read:?}"
+        );
+        assert!(
+            read.1 >= 90,
+            "the jobs in flight stepped over by their key: {read:?}"
+        );
+    }
 }
