@@ -32,12 +32,17 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
 /// run thousands of times a second with arrays of ids, which PostgreSQL planned afresh at each
 /// execution (a third of a claim's time went to planning it). Here each is planned once per
 /// session. Only for those: a generic plan does not see a parameter's value (a recent time
-/// range, say) when it chooses an index.
+/// range, say) when it chooses an index. Those statements touch a batch of rows by key and
+/// never need to read a whole table; with sequential scans off, a plan made while a table's
+/// statistics said it was empty (the unlogged, churning `dispatched_jobs`) still probes by key.
 pub async fn connect_queue(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     connect_with(
         url,
         max_connections,
-        &[("plan_cache_mode", "force_generic_plan")],
+        &[
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+        ],
     )
     .await
 }

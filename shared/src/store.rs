@@ -324,6 +324,9 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
     let count = |f: fn(&crate::usage::Usage) -> i64| -> Vec<i64> {
         items.iter().map(|i| f(&i.usage)).collect()
     };
+    // Each job is found by its key: the plan is made once per session, and a literal
+    // `status = 'running'` let it read every running job through their index whenever the
+    // statistics said few were running (as after a backlog was submitted), per batch.
     // The attempts' usage goes in with their outcomes, only while each attempt owns its job,
     // summed per tenant, key and kind (one usage row per batch, not per job); so does a
     // terminal outcome's webhook outbox.
@@ -349,7 +352,8 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
              finished_at = CASE WHEN f.terminal THEN now() END,
              updated_at = now()
          FROM f
-         WHERE jobs.id = f.id AND jobs.attempt = f.attempt AND jobs.status = 'running'
+         WHERE jobs.id = f.id AND jobs.attempt = f.attempt
+           AND jobs.status = (SELECT 'running'::text)
          RETURNING jobs.*
          ), used AS (
              INSERT INTO usage_sums (tenant_id, key_id, kind, attempts, wall_seconds,
@@ -1095,5 +1099,60 @@ mod tests {
             .await
             .unwrap()
             .is_none());
+    }
+
+    /// A finish reads its batch's jobs by key, not every running job, though its plan is made
+    /// while the statistics say none is running (a backlog just submitted) and hundreds run.
+    #[tokio::test]
+    async fn a_finish_reads_only_its_own_jobs_among_hundreds_running() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let jobs: Vec<NewJob> = (0..300).map(|_| new_job("canary", None)).collect();
+        submit(&db, tenant, &jobs).await;
+        sqlx::query("ANALYZE jobs").execute(&db.pool).await.unwrap();
+        sqlx::query("UPDATE jobs SET status = 'running', attempt = 1")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let queue = crate::db::connect_queue(&db.url, 1).await.unwrap();
+        let fetched = || async {
+            // The queue session's counts reach the shared view at its next transaction's end.
+            sqlx::query("SELECT pg_stat_force_next_flush()")
+                .execute(&queue)
+                .await
+                .unwrap();
+            let mut reader = db.pool.acquire().await.unwrap();
+            sqlx::query("SELECT pg_stat_clear_snapshot()")
+                .execute(&mut *reader)
+                .await
+                .unwrap();
+            sqlx::query_scalar::<_, i64>(
+                "SELECT idx_tup_fetch FROM pg_stat_user_tables WHERE relname = 'jobs'",
+            )
+            .fetch_one(&mut *reader)
+            .await
+            .unwrap()
+        };
+        let finish = |range: std::ops::Range<usize>| -> Vec<Finish> {
+            jobs[range]
+                .iter()
+                .map(|j| Finish {
+                    id: j.id,
+                    attempt: 1,
+                    outcome: Outcome::Succeeded(serde_json::json!({})),
+                    usage: Default::default(),
+                })
+                .collect()
+        };
+        // The first batch makes the session's plan; the second is measured.
+        finish_many(&queue, &finish(0..10)).await.unwrap();
+        let before = fetched().await;
+        let ended = finish_many(&queue, &finish(10..20)).await.unwrap();
+        let read = fetched().await - before;
+        assert!(ended.iter().all(Option::is_some));
+        assert!(
+            read < 50,
+            "{read} rows of jobs fetched to finish 10 of 300 running"
+        );
     }
 }
