@@ -4,7 +4,8 @@ each), the drain rate and the CPU seconds PostgreSQL, the workers and Redis spen
 drain (from /proc: the servers listening on their ports, with their children, and the
 worker processes), and PostgreSQL's work per job during the drain: row versions written
 (inserted, updated, deleted, over every table) and WAL bytes.
-Prints a table."""
+Prints a table. BENCH_PERF=FILE: also a system-wide `perf record -g` of each drain, to
+FILE.<build>.<run> (read with `perf report -i FILE... --sort comm,dso,sym`)."""
 
 import json, os, subprocess, sys, time, urllib.request, uuid
 from urllib.parse import urlsplit
@@ -37,7 +38,7 @@ def pg_work():
     return int(rows or 0), int(float(wal))
 
 
-def drain(bin_dir):
+def drain(bin_dir, profile=None):
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     psql(f"CREATE DATABASE {DB}")
@@ -57,6 +58,8 @@ def drain(bin_dir):
         work = pg_work()
         servers = {"postgres": server_pids(PG_PORT), "redis": server_pids(6379)}
         before = {name: cpu_seconds(pids) for name, pids in servers.items()}
+        perf = profile and subprocess.Popen(["perf", "record", "-a", "-g", "-F", "499", "-q", "-o", profile],
+                                            stdout=subprocess.DEVNULL)
         workers = [subprocess.Popen([f"{bin_dir}/conveyor-worker", "--queues", "canary=64"], env=env(prefix))
                    for _ in range(W)]
         # One connection polls, so the poll's own backends do not count as the drain's.
@@ -68,6 +71,9 @@ def drain(bin_dir):
             if int(poll.stdout.readline()) >= N:
                 break
             time.sleep(0.2)
+        if perf:
+            perf.send_signal(2)
+            perf.wait()
         servers["postgres"] = server_pids(PG_PORT)  # with the backends opened meanwhile
         used = {name: cpu_seconds(pids) - before.get(name, 0.0) for name, pids in servers.items()}
         used["workers"] = cpu_seconds(w.pid for w in workers)
@@ -88,9 +94,11 @@ def drain(bin_dir):
 
 def main():
     results = {name: [] for name, _ in BUILDS}
-    for _ in range(ROUNDS):
+    perf = os.environ.get("BENCH_PERF")
+    for run in range(1, ROUNDS + 1):
         for name, bin_dir in BUILDS:
-            results[name].append(drain(bin_dir))
+            profile = perf and f"{perf}.{name.replace(' ', '-')}.{run}"
+            results[name].append(drain(bin_dir, profile))
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     print(f"| {N:,} no-op jobs, {W} worker process(es) x 64 | jobs/s | PostgreSQL CPU s | workers CPU s"
           " | Redis CPU s | rows written per job | WAL bytes per job |")
