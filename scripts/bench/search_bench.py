@@ -181,6 +181,7 @@ KEYWORD = ("keyword AS (SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS
 # The exact keyword list: every match ranked, ties to the older chunk in the limit as after it
 # (the API's order; a limit over tied ranks alone keeps whichever rows the heap held first).
 EXACT_KEYWORD = KEYWORD.replace("ORDER BY rank DESC LIMIT $3", "ORDER BY rank DESC, id LIMIT $3")
+assert EXACT_KEYWORD != KEYWORD, "the exact keyword list must break ties by id"
 NEAREST = ("nearest AS MATERIALIZED (SELECT id, embedding <=> $1 AS distance FROM chunks WHERE collection_id = $2 ORDER BY distance LIMIT $3), "
            "vector AS (SELECT id, row_number() OVER (ORDER BY distance, id) AS r, 1 - distance AS similarity FROM nearest)")
 BEFORE_VECTOR = ("WITH " + NEAREST + " SELECT c.id AS chunk_id, c.document_id, c.ordinal, c.text, c.metadata, s.similarity AS score "
