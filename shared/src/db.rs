@@ -154,6 +154,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261206"),
             include_str!("../../migrations/checksums-20261207"),
             include_str!("../../migrations/checksums-20261208"),
+            include_str!("../../migrations/checksums-20261209"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -172,7 +173,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261208"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261209"
                 ),
             }
         }

@@ -12,6 +12,12 @@
 //! tenant's `max_running` for the kind caps its jobs in flight, so it caps its running jobs across
 //! all workers. Within a tenant, higher `priority` goes first, then older jobs.
 //!
+//! A pass after freed slots ([`Pass::Resume`]) starts each tenant's scan after the last job a
+//! pass chose for it (`dispatch_cursors`): every held job before that is in flight, so the pass
+//! reads only what it takes, however many jobs ran before. A job that becomes queued may lie
+//! before a cursor, so every pass asked for then is full ([`Pass::Full`]), as the maintenance
+//! duty's are.
+//!
 //! Passes of one kind are serialized by a transaction-scoped advisory lock, so two API or worker
 //! processes never count the same free slot twice. Passes run after submissions, after a
 //! worker's finished attempts have freed half of its slots ([`Refill::freed`]) and
@@ -24,7 +30,7 @@ use sqlx::PgPool;
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -33,6 +39,16 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::{model::QueueMessage, queue::Queues};
+
+/// Where a pass looks for held jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// From each tenant's first queued job: after a job became queued (submitted, promoted,
+    /// retried, handed back) it may lie before where the last pass stopped.
+    Full,
+    /// After the last job a pass chose for each tenant: enough when only slots freed.
+    Resume,
+}
 
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -67,19 +83,25 @@ impl Dispatcher {
         pushed.entry(kind.to_owned()).or_default().clone()
     }
 
+    /// One full pass for `kind`: see [`Dispatcher::pass`].
+    pub async fn dispatch(&self, kind: &str) -> anyhow::Result<usize> {
+        self.pass(kind, Pass::Full).await
+    }
+
     /// One pass for `kind` (the `dispatch_pass` function: one round trip, which records the
     /// chosen jobs and commits), then pushes them in the order chosen (committed first, so a job
     /// a worker takes at once already counts). A failed push takes the records back, leaving the
-    /// jobs held for the next pass; if that fails too, the stale sweep pushes them later.
-    /// Returns how many were pushed.
-    pub async fn dispatch(&self, kind: &str) -> anyhow::Result<usize> {
+    /// jobs held for the next pass (which starts from each tenant's first job); if that fails
+    /// too, the stale sweep pushes them later. Returns how many were pushed.
+    pub async fn pass(&self, kind: &str, pass: Pass) -> anyhow::Result<usize> {
         let chosen: Vec<QueueMessage> = sqlx::query_as::<_, (Uuid, i32)>(
-            "SELECT job_id, generation FROM dispatch_pass($1, $2, $3, $4)",
+            "SELECT job_id, generation FROM dispatch_pass($1, $2, $3, $4, $5)",
         )
         .bind(kind)
         .bind(self.live_within.as_secs_f64())
         .bind(self.min_window)
         .bind(self.default_max_running)
+        .bind(pass == Pass::Resume)
         .fetch_all(&self.pool)
         .await?
         .into_iter()
@@ -90,10 +112,14 @@ impl Dispatcher {
         }
         if let Err(e) = self.queues.push(kind, &chosen).await {
             let ids: Vec<Uuid> = chosen.iter().map(|m| m.job_id).collect();
-            sqlx::query("DELETE FROM dispatched_jobs WHERE job_id = ANY($1)")
-                .bind(&ids)
-                .execute(&self.pool)
-                .await?;
+            sqlx::query(
+                "WITH taken_back AS (DELETE FROM dispatched_jobs WHERE job_id = ANY($1))
+                 UPDATE dispatch_cursors SET priority = NULL, job_id = NULL WHERE kind = $2",
+            )
+            .bind(&ids)
+            .bind(kind)
+            .execute(&self.pool)
+            .await?;
             return Err(e);
         }
         if let Some(consumers) = self.pushed.lock().expect("pushed lock").get(kind) {
@@ -135,12 +161,19 @@ impl Paces {
     }
 }
 
+/// A kind's pending pass: the wake-up of its task, and whether the pass must be full.
+struct Wanted {
+    wake: Notify,
+    full: AtomicBool,
+}
+
 /// Runs dispatch passes in the background, one kind at a time each, coalescing requests: a
-/// request made while a pass of its kind runs causes one more pass after it, however many come.
+/// request made while a pass of its kind runs causes one more pass after it, however many come
+/// (a full one if any asked for that).
 #[derive(Clone)]
 pub struct Refill {
     dispatcher: Dispatcher,
-    kinds: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    kinds: Arc<Mutex<HashMap<String, Arc<Wanted>>>>,
     failures: Arc<AtomicU64>,
     paces: Arc<Mutex<Paces>>,
 }
@@ -161,10 +194,11 @@ impl Refill {
         self.paces.lock().expect("paces lock").set(kind, slots);
     }
 
-    /// An attempt of `kind` ended here and freed a slot: asks for a pass when [`Paces`] says.
+    /// An attempt of `kind` ended here and freed a slot: asks for a pass when [`Paces`] says,
+    /// one that resumes where the last stopped (no job became queued).
     pub fn freed(&self, kind: &str) {
         if self.paces.lock().expect("paces lock").freed(kind) {
-            self.request(kind);
+            self.want(kind, Pass::Resume);
         }
     }
 
@@ -177,23 +211,41 @@ impl Refill {
         &self.dispatcher
     }
 
-    /// Asks for a pass of `kind` soon; never waits.
+    /// Asks for a full pass of `kind` soon (jobs became queued); never waits.
     pub fn request(&self, kind: &str) {
+        self.want(kind, Pass::Full);
+    }
+
+    fn want(&self, kind: &str, pass: Pass) {
         let mut kinds = self.kinds.lock().expect("refill lock");
-        if let Some(wake) = kinds.get(kind) {
-            wake.notify_one();
+        if let Some(wanted) = kinds.get(kind) {
+            if pass == Pass::Full {
+                wanted.full.store(true, Ordering::SeqCst);
+            }
+            wanted.wake.notify_one();
             return;
         }
-        let wake = Arc::new(Notify::new());
-        wake.notify_one();
-        kinds.insert(kind.to_owned(), wake.clone());
+        // A kind's first pass is full, whoever asks.
+        let wanted = Arc::new(Wanted {
+            wake: Notify::new(),
+            full: AtomicBool::new(true),
+        });
+        wanted.wake.notify_one();
+        kinds.insert(kind.to_owned(), wanted.clone());
         let (dispatcher, kind) = (self.dispatcher.clone(), kind.to_owned());
         let failures = self.failures.clone();
         tokio::spawn(async move {
             loop {
-                wake.notified().await;
-                if let Err(e) = dispatcher.dispatch(&kind).await {
+                wanted.wake.notified().await;
+                let pass = if wanted.full.swap(false, Ordering::SeqCst) {
+                    Pass::Full
+                } else {
+                    Pass::Resume
+                };
+                if let Err(e) = dispatcher.pass(&kind, pass).await {
                     failures.fetch_add(1, Ordering::Relaxed);
+                    // The jobs a failed pass left may lie before the cursors.
+                    wanted.full.store(true, Ordering::SeqCst);
                     tracing::warn!(queue = %kind, error = %e, "dispatch failed; the next pass retries");
                 }
             }

@@ -372,4 +372,123 @@ mod tests {
             "the jobs in flight stepped over by their key: {read:?}"
         );
     }
+
+    /// A pass that resumes after each tenant's cursor, as a worker asks once slots freed.
+    async fn resume(test: &TestDb, window: i64) -> Vec<Uuid> {
+        sqlx::query_scalar("SELECT job_id FROM dispatch_pass('canary', 0, $1, NULL, true)")
+            .bind(window)
+            .fetch_all(test.pool())
+            .await
+            .unwrap()
+    }
+
+    /// The jobs' attempts end: succeeded, their records gone (as a worker's finish does).
+    async fn run(test: &TestDb, ids: &[Uuid]) {
+        sqlx::query(
+            "WITH done AS (UPDATE jobs SET status = 'succeeded', attempt = 1, finished_at = now()
+                           WHERE id = ANY ($1) RETURNING id)
+             DELETE FROM dispatched_jobs WHERE job_id IN (SELECT id FROM done)",
+        )
+        .bind(ids)
+        .execute(test.pool())
+        .await
+        .unwrap();
+    }
+
+    /// Resumed passes go on through a tenant's jobs in order; a job queued ahead of where they
+    /// stopped (higher priority) goes out at the next full pass, which a submission asks for;
+    /// a full pass forgets tenants with nothing queued.
+    #[tokio::test]
+    async fn resumed_passes_go_on_in_order_and_a_full_one_finds_jobs_queued_ahead() {
+        let test = TestDb::new().await;
+        let jobs = held(&test, test.tenant, 6).await;
+        assert_eq!(pass(&test, 2).await, jobs[..2]);
+        run(&test, &jobs[..2]).await;
+        assert_eq!(resume(&test, 2).await, jobs[2..4]);
+        run(&test, &jobs[2..4]).await;
+
+        let urgent = test.held("canary", test.tenant).await;
+        test.set(urgent, "priority = 5").await;
+        assert_eq!(pass(&test, 2).await, [urgent, jobs[4]]);
+        run(&test, &[urgent, jobs[4]]).await;
+        assert_eq!(resume(&test, 2).await, jobs[5..]);
+        run(&test, &jobs[5..]).await;
+
+        assert!(pass(&test, 2).await.is_empty());
+        let cursors: i64 = sqlx::query_scalar("SELECT count(*) FROM dispatch_cursors")
+            .fetch_one(test.pool())
+            .await
+            .unwrap();
+        assert_eq!(cursors, 0, "a drained tenant's cursor stays");
+    }
+
+    /// A resumed pass reads the held jobs it takes, not the index entries of the thousands of
+    /// jobs that ran before it (dead until the table is vacuumed: a full pass, as every pass
+    /// was, steps over each), and counting the records in flight it reads those, not every
+    /// record deleted since the last vacuum.
+    #[tokio::test]
+    async fn a_resumed_pass_reads_only_what_it_takes_however_many_jobs_ran_before() {
+        let test = TestDb::new().await;
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload)
+             SELECT conveyor_uuidv7(), $1, 'canary', 'queued', '{}' FROM generate_series(1, 3200)",
+        )
+        .bind(test.tenant)
+        .execute(test.pool())
+        .await
+        .unwrap();
+        let mut chosen = pass(&test, 500).await;
+        for _ in 0..5 {
+            run(&test, &chosen).await;
+            chosen = resume(&test, 500).await;
+            assert_eq!(chosen.len(), 500);
+        }
+        run(&test, &chosen).await;
+        assert_eq!(resume(&test, 100).await.len(), 100);
+
+        // Index entries read in one transaction of a fresh session (a session's statistics for
+        // the transaction include counts it has not reported yet).
+        let read = |resumed: bool| {
+            let url = test.runtime.settings().database_url.clone();
+            async move {
+                let mut session = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+                    .await
+                    .unwrap();
+                let mut tx = sqlx::Connection::begin(&mut session).await.unwrap();
+                let taken: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM dispatch_pass('canary', 0, 150, NULL, $1)",
+                )
+                .bind(resumed)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+                let entries: (i64, i64) = sqlx::query_as(
+                    "SELECT pg_stat_get_xact_tuples_returned('jobs_held'::regclass),
+                            pg_stat_get_xact_tuples_returned('dispatched_jobs_kind'::regclass)",
+                )
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+                (taken, entries)
+            }
+        };
+        let (taken, resumed) = read(true).await;
+        assert_eq!(taken, 50);
+        let in_flight: Vec<Uuid> = sqlx::query_scalar("SELECT job_id FROM dispatched_jobs")
+            .fetch_all(test.pool())
+            .await
+            .unwrap();
+        run(&test, &in_flight).await;
+        let (_, full) = read(false).await;
+        assert!(
+            resumed.0 <= 100 && resumed.1 <= 500,
+            "entries of jobs_held and of dispatched_jobs_kind a resumed pass read: {resumed:?} \
+             (a full pass: {full:?})"
+        );
+        assert!(
+            full.0 > 3000,
+            "a full pass steps over the jobs that ran: {full:?} against {resumed:?}"
+        );
+    }
 }
