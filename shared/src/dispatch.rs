@@ -5,10 +5,10 @@
 //! row, so dispatching a job never rewrites the job's own row nor waits for a WAL flush (after a
 //! crash empties the table, the maintenance `dispatcher` duty records the running jobs again). A
 //! pass (the `dispatch_pass` function, one round trip) keeps a kind in flight up to its live
-//! workers' slots plus about one round of them waiting in Redis (at least
+//! workers' slots plus two rounds of them waiting in Redis (at least
 //! [`Dispatcher::min_window`]) and fills that across the tenants with held jobs by fair share: the
 //! next job goes to the tenant with the fewest jobs in flight per unit of weight, so a tenant
-//! arriving behind another's backlog of thousands starts within about one round of slots. A
+//! arriving behind another's backlog of thousands starts within about two rounds of slots. A
 //! tenant's `max_running` for the kind caps its jobs in flight, so it caps its running jobs across
 //! all workers. Within a tenant, higher `priority` goes first, then older jobs.
 //!
@@ -22,9 +22,10 @@
 //! processes never count the same free slot twice. Passes run after submissions, after a
 //! worker's finished attempts have freed half of its slots ([`Refill::freed`]) and
 //! periodically (the maintenance `dispatcher` duty), and [`Refill`] coalesces the requests of
-//! a burst into one pass. A pass that pushed wakes this
-//! process's consumers of the kind ([`Dispatcher::pushed`]): the queue is kept only one round
-//! deep, so a worker that found it empty a moment before must not sit out its idle poll.
+//! a burst into one pass. A pass that pushed wakes the consumers of the kind in this process
+//! ([`Dispatcher::pushed`]) and, through Redis Pub/Sub, in every other: the queue is kept only
+//! two rounds deep, so a worker that found it empty a moment before must not sit out its idle
+//! poll.
 
 use sqlx::PgPool;
 use std::{
@@ -122,17 +123,27 @@ impl Dispatcher {
             .await?;
             return Err(e);
         }
+        self.wake(kind);
+        // Other processes' consumers too: one that found the queue empty a moment ago would
+        // otherwise sit out its idle poll with slots free.
+        if let Err(e) = self.queues.announce_pushed(kind).await {
+            tracing::debug!(queue = %kind, error = %e, "push not announced");
+        }
+        Ok(chosen.len())
+    }
+
+    /// Wakes this process's consumers of `kind` (see [`Dispatcher::pushed`]).
+    pub fn wake(&self, kind: &str) {
         if let Some(consumers) = self.pushed.lock().expect("pushed lock").get(kind) {
             consumers.notify_one();
         }
-        Ok(chosen.len())
     }
 }
 
 /// When ended attempts ask for a pass: once half of this process's slots for the kind have
 /// freed since the last ask (every time for a kind not paced). A draining queue then costs a pass
 /// per several jobs instead of one per finish, and no slot idles meanwhile: a pass leaves a
-/// round of jobs waiting in Redis.
+/// round or more of jobs waiting in Redis.
 #[derive(Default)]
 struct Paces(HashMap<String, Pace>);
 

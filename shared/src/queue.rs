@@ -109,6 +109,22 @@ impl Queues {
         format!("{}:cancel", self.prefix)
     }
 
+    /// The Pub/Sub channel on which a pass announces the kinds it pushed, so that every worker
+    /// process's consumers of the kind look at once (not only the process that passed).
+    pub fn pushed_channel(&self) -> String {
+        format!("{}:pushed", self.prefix)
+    }
+
+    pub async fn announce_pushed(&self, kind: &str) -> anyhow::Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PUBLISH")
+            .arg(self.pushed_channel())
+            .arg(kind)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     pub async fn announce_cancel(&self, job: Uuid) -> anyhow::Result<()> {
         let mut conn = self.conn.clone();
         redis::cmd("PUBLISH")

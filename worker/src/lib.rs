@@ -141,7 +141,7 @@ pub async fn start(
         runtime.refill().request(kind);
     }
     tasks.spawn(runtime.clone().heartbeat_loop(stop_taking.clone()));
-    tasks.spawn(runtime.clone().cancel_listener());
+    tasks.spawn(runtime.clone().announcement_listener());
     tasks.spawn(maintenance::run(runtime.clone(), stop_taking.clone()));
     for (kind, concurrency) in queues.0 {
         tasks.spawn(

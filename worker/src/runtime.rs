@@ -350,25 +350,34 @@ impl Runtime {
         Ok(())
     }
 
-    /// Stops running jobs as their cancel is announced on Redis Pub/Sub; reconnects after a
-    /// lost connection (the heartbeat covers what was announced meanwhile).
-    pub(crate) async fn cancel_listener(self: Arc<Self>) {
+    /// Stops running jobs as their cancel is announced on Redis Pub/Sub, and wakes this
+    /// process's consumers of a kind another process pushed to; reconnects after a lost
+    /// connection (the heartbeat covers the cancels announced meanwhile, the idle poll the pushes).
+    pub(crate) async fn announcement_listener(self: Arc<Self>) {
         loop {
-            if let Err(e) = self.listen_for_cancels().await {
-                tracing::debug!(error = %e, "cancel announcements interrupted");
+            if let Err(e) = self.listen_for_announcements().await {
+                tracing::debug!(error = %e, "announcements interrupted");
             }
             tokio::time::sleep(self.settings.heartbeat).await;
         }
     }
 
-    async fn listen_for_cancels(&self) -> anyhow::Result<()> {
+    async fn listen_for_announcements(&self) -> anyhow::Result<()> {
         let client = shared::redis_conn::Redis::open(&self.settings.redis_url)?
             .client()
             .await?;
         let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(self.queues.cancel_channel()).await?;
+        let (cancels, pushes) = (self.queues.cancel_channel(), self.queues.pushed_channel());
+        pubsub.subscribe(&cancels).await?;
+        pubsub.subscribe(&pushes).await?;
         let mut messages = pubsub.on_message();
         while let Some(message) = futures::StreamExt::next(&mut messages).await {
+            if message.get_channel_name() == pushes {
+                self.refill
+                    .dispatcher()
+                    .wake(&message.get_payload::<String>()?);
+                continue;
+            }
             let Ok(id) = message.get_payload::<String>()?.parse::<Uuid>() else {
                 continue;
             };

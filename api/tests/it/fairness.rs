@@ -28,13 +28,13 @@ async fn submit_many(app: &TestApp, key: &str, count: usize, payload: serde_json
 /// with A, which keeps those B does not use. Before fair dispatch B's jobs sat behind all of
 /// A's in Redis (the test fails with the window opened to everything).
 #[tokio::test]
-async fn a_late_tenant_starts_within_a_round_of_slots_behind_a_backlog() {
+async fn a_late_tenant_starts_within_two_rounds_of_slots_behind_a_backlog() {
     late_tenant_behind_a_backlog(4).await;
 }
 
 /// The same with 16 slots, where a pass follows every fourth finished attempt instead of each.
 #[tokio::test]
-async fn a_late_tenant_starts_within_a_round_of_slots_when_passes_are_paced() {
+async fn a_late_tenant_starts_within_two_rounds_of_slots_when_passes_are_paced() {
     late_tenant_behind_a_backlog(16).await;
 }
 
@@ -98,11 +98,11 @@ async fn late_tenant_behind_a_backlog(slots: usize) {
         .map(|(i, _)| i)
         .collect();
     assert_eq!(b_positions.len(), 10);
-    // Ahead of B's first: at most the window of A's jobs already in Redis (the slots and a
-    // round of them), and a few claims racing B's submission. Then the tenants share the
+    // Ahead of B's first: at most the window of A's jobs already in Redis (the slots and two
+    // rounds of them), and a few claims racing B's submission. Then the tenants share the
     // slots evenly: B's ten go out alternating with A's at worst.
     let (first, last) = (b_positions[0], *b_positions.last().unwrap());
-    let window = 2 * slots;
+    let window = 3 * slots;
     assert!(
         first < window + slots,
         "B's first job started {} starts after B arrived",
@@ -206,7 +206,7 @@ async fn a_high_priority_job_overtakes_its_tenants_backlog() {
 }
 
 /// A worker that found its queue empty is woken by its own process' dispatch pass, not left to
-/// its idle poll: with the queue kept one job deep, each job is pushed only after the previous
+/// its idle poll: with the queue kept two jobs deep, each job is pushed only after an earlier
 /// one finished, and the chain of 20 still drains in seconds although the idle poll and the
 /// queue heartbeat are seconds long (without the wake-up it takes a heartbeat per job: over
 /// 60 s).
@@ -236,5 +236,41 @@ async fn a_dispatch_pass_wakes_its_process_worker_at_once() {
             "only {done} of 20 jobs ran: the worker waited for its idle poll"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A worker idle on an empty queue is woken by a pass of another process (the API's, after a
+/// submission) through Redis Pub/Sub, not left to its idle poll (a minute here): each of the
+/// jobs submitted one by one runs within seconds.
+#[tokio::test]
+async fn a_pass_in_another_process_wakes_an_idle_worker_at_once() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.idle_poll = Duration::from_secs(60);
+        s.heartbeat = Duration::from_secs(10);
+        s.rescue_after = Duration::from_secs(60);
+    })
+    .await;
+    app.start_worker(2).await;
+    // The worker's first look at its queue (found empty) is behind it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in 1..=3 {
+        let (status, job) = app
+            .post(
+                "/v1/jobs",
+                &json!({"kind": "canary", "payload": {"steps": 1, "step_ms": 1}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+        let started = std::time::Instant::now();
+        let job = app
+            .wait_status(id, &["succeeded", "failed"], Duration::from_secs(30))
+            .await;
+        assert_eq!(job["status"], "succeeded");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "job {n} waited {:?} for the idle worker to look",
+            started.elapsed()
+        );
     }
 }

@@ -424,8 +424,7 @@ mod tests {
 
     /// A resumed pass reads the held jobs it takes, not the index entries of the thousands of
     /// jobs that ran before it (dead until the table is vacuumed: a full pass, as every pass
-    /// was, steps over each), and counting the records in flight it reads those, not every
-    /// record deleted since the last vacuum.
+    /// was, steps over each).
     #[tokio::test]
     async fn a_resumed_pass_reads_only_what_it_takes_however_many_jobs_ran_before() {
         let test = TestDb::new().await;
@@ -482,7 +481,7 @@ mod tests {
         run(&test, &in_flight).await;
         let (_, full) = read(false).await;
         assert!(
-            resumed.0 <= 100 && resumed.1 <= 500,
+            resumed.0 <= 100,
             "entries of jobs_held and of dispatched_jobs_kind a resumed pass read: {resumed:?} \
              (a full pass: {full:?})"
         );
