@@ -20,7 +20,7 @@
 //!
 //! Passes of one kind are serialized by a transaction-scoped advisory lock, so two API or worker
 //! processes never count the same free slot twice. Passes run after submissions, after a
-//! worker's finished attempts have freed half of its slots ([`Refill::freed`]) and
+//! worker's finished attempts have freed as many slots as it has ([`Refill::freed`]) and
 //! periodically (the maintenance `dispatcher` duty), and [`Refill`] coalesces the requests of
 //! a burst into one pass. A pass that pushed wakes the consumers of the kind in this process
 //! ([`Dispatcher::pushed`]) and, through Redis Pub/Sub, in every other: the queue is kept only
@@ -140,10 +140,11 @@ impl Dispatcher {
     }
 }
 
-/// When ended attempts ask for a pass: once half of this process's slots for the kind have
-/// freed since the last ask (every time for a kind not paced). A draining queue then costs a pass
-/// per several jobs instead of one per finish, and no slot idles meanwhile: a pass leaves a
-/// round or more of jobs waiting in Redis.
+/// When ended attempts ask for a pass: once as many attempts of the kind as this process has
+/// slots for it have ended since the last ask (every time for a kind not paced). A draining
+/// queue then costs a pass per round of slots instead of one per finish, and no slot idles
+/// meanwhile: a pass leaves two rounds of jobs waiting in Redis, so one round has ended before
+/// the queue holds less than a round.
 #[derive(Default)]
 struct Paces(HashMap<String, Pace>);
 
@@ -154,7 +155,7 @@ struct Pace {
 
 impl Paces {
     fn set(&mut self, kind: &str, slots: usize) {
-        let every = (slots / 2).max(1);
+        let every = slots.max(1);
         self.0.insert(kind.to_owned(), Pace { freed: 0, every });
     }
 
@@ -269,15 +270,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pass_after_every_half_of_the_slots_freed() {
+    fn a_pass_after_every_round_of_slots_freed() {
         let mut paces = Paces::default();
         paces.set("import", 8);
         paces.set("patch", 1);
         let asks = |paces: &mut Paces, kind: &str| -> Vec<bool> {
             (0..9).map(|_| paces.freed(kind)).collect()
         };
-        let every_fourth = [false, false, false, true].repeat(3);
-        assert_eq!(asks(&mut paces, "import"), every_fourth[..9]);
+        let every_eighth = [false, false, false, false, false, false, false, true, false];
+        assert_eq!(asks(&mut paces, "import"), every_eighth);
         assert_eq!(asks(&mut paces, "patch"), [true; 9]);
         assert_eq!(asks(&mut paces, "not paced"), [true; 9]);
     }

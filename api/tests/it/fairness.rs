@@ -32,7 +32,7 @@ async fn a_late_tenant_starts_within_two_rounds_of_slots_behind_a_backlog() {
     late_tenant_behind_a_backlog(4).await;
 }
 
-/// The same with 16 slots, where a pass follows every fourth finished attempt instead of each.
+/// The same with 16 slots, where a pass follows every sixteenth finished attempt instead of each.
 #[tokio::test]
 async fn a_late_tenant_starts_within_two_rounds_of_slots_when_passes_are_paced() {
     late_tenant_behind_a_backlog(16).await;
