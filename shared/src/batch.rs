@@ -1,8 +1,9 @@
 //! Natural batching: callers send one item and await its answer; a single task takes whatever
 //! has queued up while the previous batch ran and handles it in one round trip. Under light
-//! load a batch is one item (no added latency); under heavy load round trips are shared.
+//! load a batch is one item (no added latency); under heavy load round trips are shared, and
+//! may linger a moment for more ([`Batcher::spawn_lingering`]).
 
-use std::future::Future;
+use std::{future::Future, time::Duration};
 use tokio::sync::{mpsc, oneshot};
 
 type Reply<O> = oneshot::Sender<Result<O, String>>;
@@ -26,10 +27,33 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         F: Fn(Vec<I>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Vec<O>, String>> + Send,
     {
+        Self::spawn_lingering(max, Duration::ZERO, run)
+    }
+
+    /// [`Batcher::spawn`], where a batch waits up to `linger` for more items once the batch
+    /// before it carried several (load).
+    pub fn spawn_lingering<F, Fut>(max: usize, linger: Duration, run: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<O>, String>> + Send,
+    {
         let (tx, mut rx) = mpsc::channel::<(I, Reply<O>)>(max * 4);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(max);
+            let mut loaded = false;
             while rx.recv_many(&mut batch, max).await > 0 {
+                if loaded && !linger.is_zero() {
+                    let top_up = async {
+                        while batch.len() < max {
+                            let room = max - batch.len();
+                            if rx.recv_many(&mut batch, room).await == 0 {
+                                break;
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(linger, top_up).await;
+                }
+                loaded = batch.len() > 1;
                 let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.drain(..).unzip();
                 match run(items).await {
                     Ok(outputs) => {
@@ -91,5 +115,55 @@ mod tests {
         }
         let n = batches.load(Ordering::SeqCst);
         assert!(n < 200, "200 calls in {n} batches");
+    }
+
+    /// Batch sizes a batcher ran, and the batcher.
+    fn recording(linger: Duration) -> (Arc<std::sync::Mutex<Vec<usize>>>, Batcher<u32, u32>) {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let batcher = Batcher::spawn_lingering(64, linger, move |items: Vec<u32>| {
+            seen.lock().unwrap().push(items.len());
+            async move { Ok(items) }
+        });
+        (sizes, batcher)
+    }
+
+    /// Two calls at once, then two 20 ms apart.
+    async fn load_then_two_apart(batcher: &Batcher<u32, u32>) {
+        let together: Vec<_> = (0..2)
+            .map(|i| {
+                let b = batcher.clone();
+                tokio::spawn(async move { b.call(i).await.unwrap() })
+            })
+            .collect();
+        for call in together {
+            call.await.unwrap();
+        }
+        let first = {
+            let b = batcher.clone();
+            tokio::spawn(async move { b.call(2).await.unwrap() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(batcher.call(3).await.unwrap(), 3);
+        assert_eq!(first.await.unwrap(), 2);
+    }
+
+    /// Once a batch carried several items, the next waits for more (up to its linger), so
+    /// calls 20 ms apart share a round trip; a call under no load goes at once.
+    #[tokio::test]
+    async fn under_load_a_lingering_batch_waits_for_more() {
+        let (sizes, lingering) = recording(Duration::from_millis(500));
+        let alone = std::time::Instant::now();
+        assert_eq!(lingering.call(7).await.unwrap(), 7);
+        assert!(
+            alone.elapsed() < Duration::from_millis(400),
+            "a lone call lingered"
+        );
+        load_then_two_apart(&lingering).await;
+        assert_eq!(*sizes.lock().unwrap(), [1, 2, 2]);
+
+        let (sizes, eager) = recording(Duration::ZERO);
+        load_then_two_apart(&eager).await;
+        assert_eq!(*sizes.lock().unwrap(), [2, 1, 1]);
     }
 }

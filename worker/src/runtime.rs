@@ -159,6 +159,11 @@ impl Drop for RunningGuard {
 /// Most items one batched round trip carries.
 const BATCH: usize = 256;
 
+/// How long a claim or a finish under load waits for more of its kind to share its round trip:
+/// a statement costs PostgreSQL about as much as twenty more rows (a finish of 16 jobs took
+/// 0.47 ms, of 64 jobs 1.25 ms), and a drain's batches were ~14 jobs without it.
+const LINGER: Duration = Duration::from_millis(1);
+
 #[derive(Clone)]
 struct RunningJob {
     token: CancellationToken,
@@ -196,7 +201,7 @@ impl Runtime {
         let queue_spec = json!(queues.0.iter().cloned().collect::<HashMap<_, _>>());
         let claims = {
             let (pool, name) = (queue_pool.clone(), name.clone());
-            Batcher::spawn(BATCH, move |messages: Vec<QueueMessage>| {
+            Batcher::spawn_lingering(BATCH, LINGER, move |messages: Vec<QueueMessage>| {
                 let (pool, name) = (pool.clone(), name.clone());
                 async move {
                     store::claim_many(&pool, &messages, &name)
@@ -207,7 +212,7 @@ impl Runtime {
         };
         let finishes = {
             let pool = queue_pool.clone();
-            Batcher::spawn(BATCH, move |items: Vec<store::Finish>| {
+            Batcher::spawn_lingering(BATCH, LINGER, move |items: Vec<store::Finish>| {
                 let pool = pool.clone();
                 async move {
                     store::finish_many(&pool, &items)
