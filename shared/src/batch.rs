@@ -6,6 +6,9 @@
 use std::{future::Future, time::Duration};
 use tokio::sync::{mpsc, oneshot};
 
+/// How many batches back a lingering batch looks for the size to wait for.
+const RECENT: usize = 8;
+
 type Reply<O> = oneshot::Sender<Result<O, String>>;
 
 pub struct Batcher<I, O> {
@@ -31,7 +34,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 
     /// [`Batcher::spawn`], where a batch waits up to `linger` for more items once the batch
-    /// before it carried several (load).
+    /// before it carried several (load), until it holds as many as the largest of the last few.
     pub fn spawn_lingering<F, Fut>(max: usize, linger: Duration, run: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + 'static,
@@ -40,12 +43,17 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let (tx, mut rx) = mpsc::channel::<(I, Reply<O>)>(max * 4);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(max);
-            let mut loaded = false;
+            // The sizes of the last batches: under load a batch waits for as many items as the
+            // largest of them carried, no more (callers often come in waves: a worker's slots
+            // all started at once). The largest, not the last: a batch cut short by the linger
+            // would otherwise make the next ones smaller and smaller.
+            let mut recent = std::collections::VecDeque::from([0; RECENT]);
             while rx.recv_many(&mut batch, max).await > 0 {
-                if loaded && !linger.is_zero() {
+                let expected = recent.iter().copied().max().unwrap_or(0);
+                if expected > 1 && !linger.is_zero() {
                     let top_up = async {
-                        while batch.len() < max {
-                            let room = max - batch.len();
+                        while batch.len() < expected {
+                            let room = expected - batch.len();
                             if rx.recv_many(&mut batch, room).await == 0 {
                                 break;
                             }
@@ -53,7 +61,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                     };
                     let _ = tokio::time::timeout(linger, top_up).await;
                 }
-                loaded = batch.len() > 1;
+                recent.pop_front();
+                recent.push_back(batch.len());
                 let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.drain(..).unzip();
                 match run(items).await {
                     Ok(outputs) => {
@@ -165,5 +174,34 @@ mod tests {
         let (sizes, eager) = recording(Duration::ZERO);
         load_then_two_apart(&eager).await;
         assert_eq!(*sizes.lock().unwrap(), [2, 1, 1]);
+    }
+
+    /// Under load a batch waits only until it holds as many items as the largest recent one:
+    /// a wave as large as the last goes at once, not after the linger.
+    #[tokio::test]
+    async fn a_lingering_batch_as_large_as_the_last_goes_at_once() {
+        let (sizes, lingering) = recording(Duration::from_secs(5));
+        let wave = |first: u32| {
+            let calls: Vec<_> = (first..first + 2)
+                .map(|i| {
+                    let b = lingering.clone();
+                    tokio::spawn(async move { b.call(i).await.unwrap() })
+                })
+                .collect();
+            async move {
+                for call in calls {
+                    call.await.unwrap();
+                }
+            }
+        };
+        wave(0).await;
+        let second = std::time::Instant::now();
+        wave(2).await;
+        assert!(
+            second.elapsed() < Duration::from_secs(4),
+            "a full wave lingered: {:?}",
+            sizes.lock().unwrap()
+        );
+        assert_eq!(*sizes.lock().unwrap(), [2, 2]);
     }
 }
