@@ -66,7 +66,7 @@ impl Queues {
     }
 
     /// The apalis backend of `kind`'s queue for a worker that fetches `prefetch` entries at a
-    /// time: about its concurrency, so long jobs do not wait behind a busy worker.
+    /// time: no more than its concurrency, so long jobs do not wait behind a busy worker.
     pub fn storage(&self, kind: &str, prefetch: usize) -> RedisStorage<QueueMessage, RedisConn> {
         let config = self.config(kind).batch_size(prefetch.clamp(1, 128));
         RedisStorage::new(self.conn.clone()).with_config(config)

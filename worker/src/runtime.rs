@@ -311,10 +311,13 @@ impl Runtime {
                 self.settings.idle_poll,
                 liveness.clone(),
             ));
+            // Half the slots per fetch: apalis fetches again only once its buffer is empty and
+            // a slot is free, so with a whole round per fetch the slots ran in one wave and sat
+            // idle through each wave's ack and fetch; two half-waves overlap them.
             let worker = WorkerBuilder::new(format!("{}/{kind}/{generation}", self.name))
                 .backend(
                     self.queues
-                        .storage(&kind, concurrency)
+                        .storage(&kind, concurrency.div_ceil(2))
                         .poll_with_strategy(wake),
                 )
                 .concurrency(concurrency)
