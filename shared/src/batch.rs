@@ -3,7 +3,7 @@
 //! load a batch is one item (no added latency); under heavy load round trips are shared, and
 //! may linger a moment for more ([`Batcher::spawn_lingering`]).
 
-use std::{future::Future, time::Duration};
+use std::{collections::VecDeque, future::Future, time::Duration};
 use tokio::sync::{mpsc, oneshot};
 
 /// How many batches back a lingering batch looks for the size to wait for.
@@ -33,8 +33,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         Self::spawn_lingering(max, Duration::ZERO, run)
     }
 
-    /// [`Batcher::spawn`], where a batch waits up to `linger` for more items once the batch
-    /// before it carried several (load), until it holds as many as the largest of the last few.
+    /// [`Batcher::spawn`], where under load (one of the last [`RECENT`] batches carried several
+    /// items) a batch waits up to `linger` for more, until it holds as many as the largest of them.
     pub fn spawn_lingering<F, Fut>(max: usize, linger: Duration, run: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + 'static,
@@ -47,9 +47,9 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             // largest of them carried, no more (callers often come in waves: a worker's slots
             // all started at once). The largest, not the last: a batch cut short by the linger
             // would otherwise make the next ones smaller and smaller.
-            let mut recent = std::collections::VecDeque::from([0; RECENT]);
+            let mut recent = VecDeque::from([0; RECENT]);
             while rx.recv_many(&mut batch, max).await > 0 {
-                let expected = recent.iter().copied().max().unwrap_or(0);
+                let expected = recent.iter().copied().max().unwrap_or_default();
                 if expected > 1 && !linger.is_zero() {
                     let top_up = async {
                         while batch.len() < expected {
