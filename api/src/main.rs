@@ -110,6 +110,11 @@ enum KeysCommand {
     Rotate { id: Uuid },
 }
 
+/// mimalloc rather than glibc's malloc: a queue drain's many small short-lived allocations
+/// (messages, rows, events) cost a worker a fifth of its CPU in glibc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     shared::telemetry::init("info,sqlx=warn,tower_http=warn");
