@@ -4,7 +4,10 @@ each), the drain rate and the CPU seconds PostgreSQL, the workers and Redis spen
 drain (from /proc: the servers listening on their ports, with their children, and the
 worker processes), and PostgreSQL's work per job during the drain: row versions written
 (inserted, updated, deleted, over every table) and WAL bytes.
-Prints a table. BENCH_PERF=FILE: also a system-wide `perf record -g` of each drain, to
+Prints a table. BENCH_FLOOR=1: also, per round, the floor of this build's schema: no
+worker, two psql sessions write only each job's two durable changes (the worker's claim
+statement, then a bare finish), 64 jobs a statement, each statement its own commit.
+BENCH_PERF=FILE: also a system-wide `perf record -g` of each drain, to
 FILE.<build>.<run> (read with `perf report -i FILE... --sort comm,dso,sym`)."""
 
 import json, os, subprocess, sys, time, urllib.request, uuid
@@ -47,7 +50,36 @@ def forget(prefix):
         subprocess.run(["redis-cli", "unlink", *keys[start:start + 1000]], check=True, capture_output=True)
 
 
-def drain(bin_dir, profile=None):
+def floor_sessions():
+    """Two psql sessions that claim and finish every queued job, 64 a statement: the least
+    PostgreSQL work a drain that records both changes durably can do on this schema."""
+    ids = psql("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id", f"{PG}/{DB}").split()
+    batches = [ids[i:i + 64] for i in range(0, len(ids), 64)]
+    sessions = []
+    for half in (batches[0::2], batches[1::2]):
+        script = []
+        for batch in half:
+            array = "ARRAY[" + ",".join(f"'{i}'" for i in batch) + "]::uuid[]"
+            script.append(
+                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = 'floor', progress = 0,"
+                " message = NULL, started_at = now(), updated_at = now()"
+                f" FROM unnest({array}, ARRAY[{','.join('0' for _ in batch)}]::int4[]) AS m(id, generation)"
+                " WHERE jobs.id = m.id AND jobs.status = 'queued' AND jobs.attempt = m.generation"
+                " AND NOT jobs.cancel_requested RETURNING jobs.*;")
+            script.append(
+                "UPDATE jobs SET status = 'succeeded', result = '{}', progress = 1, worker = NULL,"
+                f" finished_at = now(), updated_at = now() WHERE id = ANY({array}) AND status = 'running';")
+        session = subprocess.Popen(["psql", f"{PG}/{DB}", "-tAq", "-o", "/dev/null"], stdin=subprocess.PIPE,
+                                   text=True)
+        sessions.append((session, "\n".join(script) + "\n"))
+    # Left open until the drain is measured: a backend's CPU is read while it lives.
+    for session, script in sessions:
+        session.stdin.write(script)
+        session.stdin.flush()
+    return [session for session, _ in sessions]
+
+
+def drain(bin_dir, profile=None, floor=False):
     prefix = f"bench:{uuid.uuid4().hex[:8]}"
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     psql(f"CREATE DATABASE {DB}")
@@ -69,8 +101,9 @@ def drain(bin_dir, profile=None):
         before = {name: cpu_seconds(pids) for name, pids in servers.items()}
         perf = profile and subprocess.Popen(["perf", "record", "-a", "-g", "-F", "499", "-q", "-o", profile],
                                             stdout=subprocess.DEVNULL)
-        workers = [subprocess.Popen([f"{bin_dir}/conveyor-worker", "--queues", "canary=64"], env=env(prefix))
-                   for _ in range(W)]
+        workers = floor_sessions() if floor else [
+            subprocess.Popen([f"{bin_dir}/conveyor-worker", "--queues", "canary=64"], env=env(prefix))
+            for _ in range(W)]
         # One connection polls, so the poll's own backends do not count as the drain's.
         poll = subprocess.Popen(["psql", f"{PG}/{DB}", "-tAq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True)
@@ -105,10 +138,15 @@ def drain(bin_dir, profile=None):
 def main():
     results = {name: [] for name, _ in BUILDS}
     perf = os.environ.get("BENCH_PERF")
+    floor = os.environ.get("BENCH_FLOOR") == "1"
+    if floor:
+        results["floor: the two row writes alone"] = []
     for run in range(1, ROUNDS + 1):
         for name, bin_dir in BUILDS:
             profile = perf and f"{perf}.{name.replace(' ', '-')}.{run}"
             results[name].append(drain(bin_dir, profile))
+        if floor:
+            results["floor: the two row writes alone"].append(drain(BUILDS[-1][1], floor=True))
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     print(f"| {N:,} no-op jobs, {W} worker process(es) x 64 | jobs/s | PostgreSQL CPU s | workers CPU s"
           " | Redis CPU s | rows written per job | WAL bytes per job |")
@@ -116,10 +154,15 @@ def main():
     for name, runs in results.items():
         for i, (rate, pg, worker, redis, rows, wal) in enumerate(runs, 1):
             print(f"| {name}, run {i} | {rate:,.0f} | {pg:.2f} | {worker:.2f} | {redis:.2f} | {rows:.2f} | {wal:,.0f} |")
-    if len(BUILDS) == 2:
+    if "baseline" in results and "this build" in results:
         base = sum(r[0] for r in results["baseline"]) / ROUNDS
         this = sum(r[0] for r in results["this build"]) / ROUNDS
         print(f"\nthis build / baseline, mean drain rate: {this / base:.2f}x")
+    if floor:
+        mean = {name: sum(r[0] for r in runs) / ROUNDS for name, runs in results.items()}
+        for name, rate in mean.items():
+            if not name.startswith("floor"):
+                print(f"floor / {name}, mean drain rate: {mean['floor: the two row writes alone'] / rate:.2f}x")
 
 
 main()
