@@ -199,14 +199,26 @@ impl Runtime {
             settings.events_ttl,
         );
         let queue_spec = json!(queues.0.iter().cloned().collect::<HashMap<_, _>>());
+        // A claim answers once its jobs' `started` events are appended, in the claim's own
+        // round trip: a job's handler (and its events) must not run ahead of `started`.
         let claims = {
-            let (pool, name) = (queue_pool.clone(), name.clone());
+            let (pool, name, events) = (queue_pool.clone(), name.clone(), events.clone());
             Batcher::spawn_lingering(BATCH, LINGER, move |messages: Vec<QueueMessage>| {
-                let (pool, name) = (pool.clone(), name.clone());
+                let (pool, name, events) = (pool.clone(), name.clone(), events.clone());
                 async move {
-                    store::claim_many(&pool, &messages, &name)
+                    let jobs = store::claim_many(&pool, &messages, &name)
                         .await
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string())?;
+                    let started: Vec<(Uuid, Event)> = jobs
+                        .iter()
+                        .flatten()
+                        .map(|job| (job.tenant_id, started(job, &name)))
+                        .collect();
+                    // A Redis hiccup must not fail the claims (the rows are the truth).
+                    if let Err(e) = events.append(&started).await {
+                        tracing::warn!(count = started.len(), error = %e, "events not appended");
+                    }
+                    Ok(jobs)
                 }
             })
         };
@@ -531,16 +543,8 @@ impl Runtime {
         (attempt, usage)
     }
 
+    /// Runs a claimed job's handler (its `started` event went out with the claim).
     async fn attempt(&self, job: &Job, running: &RunningJob, meter: &Arc<Meter>) -> Attempt {
-        let started = Event::new(
-            job.id,
-            &job.kind,
-            EventType::Started,
-            JobStatus::Running,
-            0.0,
-        )
-        .data(Some(json!({ "attempt": job.attempt, "worker": self.name })));
-        self.publish(job.tenant_id, started).await;
         let Some(handler) = self.registry.get(&job.kind).cloned() else {
             return Attempt::Done(Outcome::Failed(format!(
                 "this worker has no handler for {:?}",
@@ -700,14 +704,18 @@ impl Runtime {
     ) -> impl Fn(&str, &Value) -> Result<(), Vec<shared::FieldError>> + Send + Sync + '_ {
         |kind, payload| self.contracts.validate(kind, payload).map(|_| ())
     }
+}
 
-    /// Appends one event; a Redis hiccup must not fail the job (the row is the truth).
-    async fn publish(&self, tenant: Uuid, event: Event) {
-        let job = event.job_id;
-        if let Err(e) = self.announcements.call((tenant, event)).await {
-            tracing::warn!(%job, error = %e, "event not appended");
-        }
-    }
+/// The event of an attempt that `worker` has just claimed.
+fn started(job: &Job, worker: &str) -> Event {
+    Event::new(
+        job.id,
+        &job.kind,
+        EventType::Started,
+        JobStatus::Running,
+        0.0,
+    )
+    .data(Some(json!({ "attempt": job.attempt, "worker": worker })))
 }
 
 /// A job whose row changed, and the event that announces it.
