@@ -214,22 +214,31 @@ impl Runtime {
                         .flatten()
                         .map(|job| (job.tenant_id, started(job, &name)))
                         .collect();
-                    // A Redis hiccup must not fail the claims (the rows are the truth).
-                    if let Err(e) = events.append(&started).await {
-                        tracing::warn!(count = started.len(), error = %e, "events not appended");
-                    }
+                    append_announcing(&events, &started).await;
                     Ok(jobs)
                 }
             })
         };
+        // Likewise a finish answers once its outcomes' events are appended: a job's stream
+        // must hold its outcome before a pass may push the job again or its pipeline move on.
         let finishes = {
-            let pool = queue_pool.clone();
+            let (pool, events) = (queue_pool.clone(), events.clone());
             Batcher::spawn_lingering(BATCH, LINGER, move |items: Vec<store::Finish>| {
-                let pool = pool.clone();
+                let (pool, events) = (pool.clone(), events.clone());
                 async move {
-                    store::finish_many(&pool, &items)
+                    let rows = store::finish_many(&pool, &items)
                         .await
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| e.to_string())?;
+                    let outcomes: Vec<(Uuid, Event)> = rows
+                        .iter()
+                        .zip(&items)
+                        .filter_map(|(row, item)| {
+                            let row = row.as_ref()?;
+                            Some((row.tenant_id, ended(row, Some(&item.outcome))))
+                        })
+                        .collect();
+                    append_announcing(&events, &outcomes).await;
+                    Ok(rows)
                 }
             })
         };
@@ -633,43 +642,27 @@ impl Runtime {
         }
     }
 
+    /// Announces a hand-back (an ended attempt's event went out with its finish batch), then
+    /// asks for the pass the change calls for.
     async fn announce_outcome(&self, row: &store::Ended, attempt: &Attempt) {
-        let status = row.status();
-        let mut event = Event::new(
-            row.id,
-            &row.kind,
-            EventType::entering(status),
-            status,
-            row.progress,
-        );
-        match attempt {
-            Attempt::Done(Outcome::Succeeded(result)) => event = event.data(Some(result.clone())),
-            Attempt::Done(Outcome::Retrying { error, retry_at }) => {
-                event = event.message(Some(error.clone())).data(Some(
-                    json!({ "attempt": row.attempt, "retry_at": retry_at }),
-                ))
-            }
-            Attempt::Done(Outcome::Failed(error)) => event = event.message(Some(error.clone())),
-            Attempt::Done(Outcome::Cancelled) => {}
+        let outcome = match attempt {
+            Attempt::Done(outcome) => outcome,
             Attempt::HandBack => {
-                event = event.message(Some("worker shutting down; back in the queue".into()))
+                let change = Change {
+                    tenant: row.tenant_id,
+                    event: ended(row, None),
+                };
+                self.announce(vec![change]).await;
+                return self.refill.request(&row.kind);
             }
-        }
-        let change = Change {
-            tenant: row.tenant_id,
-            event,
         };
-        for kind in self.announce(vec![change]).await {
-            match attempt {
-                // An ended attempt freed a slot: passes after those are paced.
-                Attempt::Done(Outcome::Succeeded(_) | Outcome::Failed(_) | Outcome::Cancelled) => {
-                    self.refill.freed(&kind)
-                }
-                // The job is queued again, maybe at once: a pass as for a new job.
-                Attempt::Done(Outcome::Retrying { .. }) | Attempt::HandBack => {
-                    self.refill.request(&kind)
-                }
+        match outcome {
+            // An ended attempt freed a slot: passes after those are paced.
+            Outcome::Succeeded(_) | Outcome::Failed(_) | Outcome::Cancelled => {
+                self.refill.freed(&row.kind)
             }
+            // The job is queued again, maybe at once: a pass as for a new job.
+            Outcome::Retrying { .. } => self.refill.request(&row.kind),
         }
     }
 }
@@ -716,6 +709,35 @@ fn started(job: &Job, worker: &str) -> Event {
         0.0,
     )
     .data(Some(json!({ "attempt": job.attempt, "worker": worker })))
+}
+
+/// The event of an attempt that ended with `outcome`, or was handed back (`None`).
+fn ended(row: &store::Ended, outcome: Option<&Outcome>) -> Event {
+    let status = row.status();
+    let event = Event::new(
+        row.id,
+        &row.kind,
+        EventType::entering(status),
+        status,
+        row.progress,
+    );
+    match outcome {
+        Some(Outcome::Succeeded(result)) => event.data(Some(result.clone())),
+        Some(Outcome::Retrying { error, retry_at }) => event.message(Some(error.clone())).data(
+            Some(json!({ "attempt": row.attempt, "retry_at": retry_at })),
+        ),
+        Some(Outcome::Failed(error)) => event.message(Some(error.clone())),
+        Some(Outcome::Cancelled) => event,
+        None => event.message(Some("worker shutting down; back in the queue".into())),
+    }
+}
+
+/// Appends events that announce rows already written; a Redis hiccup must not fail the
+/// writes (the rows are the truth).
+async fn append_announcing(events: &EventLog, announced: &[(Uuid, Event)]) {
+    if let Err(e) = events.append(announced).await {
+        tracing::warn!(count = announced.len(), error = %e, "events not appended");
+    }
 }
 
 /// A job whose row changed, and the event that announces it.
