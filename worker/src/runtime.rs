@@ -512,10 +512,9 @@ impl Runtime {
     }
 
     async fn execute(&self, message: QueueMessage) -> Result<(), BoxDynError> {
-        // A stale or duplicate message claims nothing and is simply acknowledged.
-        let Some(job) = self.claims.call(message).await? else {
-            return Ok(());
-        };
+        // Found by cancels from before the claim on: once the claim commits, the row says
+        // `running` (and a cancel may be announced) while the claim still appends `started`.
+        let id = message.job_id;
         let running = RunningJob {
             token: CancellationToken::new(),
             interrupted: Arc::new(AtomicBool::new(false)),
@@ -523,15 +522,39 @@ impl Runtime {
         self.running
             .lock()
             .expect("running lock")
-            .insert(job.id, running.clone());
+            .entry(id)
+            .or_insert_with(|| running.clone());
+        // A stale or duplicate message claims nothing and is simply acknowledged.
+        let job = match self.claims.call(message).await {
+            Ok(Some(job)) => job,
+            other => {
+                self.unregister(id, &running);
+                return other.map(|_| ()).map_err(Into::into);
+            }
+        };
+        // A duplicate message of this job may have held the entry: this attempt's is the one.
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(id, running.clone());
         let (outcome, usage) = self.run_attempt(&job, &running).await;
         self.record(&job, outcome, usage).await;
+        self.unregister(id, &running);
+        Ok(())
+    }
+
+    /// Forgets `running` (only if it is still the job's entry), and wakes `wait_idle`.
+    fn unregister(&self, id: Uuid, running: &RunningJob) {
         let mut map = self.running.lock().expect("running lock");
-        map.remove(&job.id);
+        if map
+            .get(&id)
+            .is_some_and(|entry| Arc::ptr_eq(&entry.interrupted, &running.interrupted))
+        {
+            map.remove(&id);
+        }
         if map.is_empty() {
             self.idle.notify_waiters();
         }
-        Ok(())
     }
 
     /// Runs the handler; returns how the attempt ended and what it used.
