@@ -49,7 +49,8 @@ pub struct Runtime {
     queue_spec: Value,
     running: Mutex<HashMap<Uuid, RunningJob>>,
     idle: tokio::sync::Notify,
-    // Claims, outcomes and events of concurrent jobs share round trips.
+    // Claims and outcomes of concurrent jobs share round trips, each batch with its events;
+    // other changes' events (hand-backs, dispatched jobs) share the announcements'.
     claims: Batcher<QueueMessage, Option<Job>>,
     finishes: Batcher<store::Finish, Option<store::Ended>>,
     announcements: Batcher<(Uuid, Event), ()>,
