@@ -336,9 +336,9 @@ async function loadQueues() {
     const [queues, workers] = await Promise.all([api('GET', '/v1/queues'), api('GET', '/v1/workers')]);
     $('queues').replaceChildren(...queues.queues.map((q) => el('tr', { 'data-queue': q.kind },
       el('td', { text: q.kind }),
-      // The backlog where it lives (PostgreSQL and Redis together), as autoscalers count it.
+      // The backlog where it lives (its queued rows in PostgreSQL), as autoscalers count it.
       el('td', { class: 'waiting', text: String(q.waiting),
-        title: `${q.depth} dispatched to Redis; oldest waiting ${span(q.oldest_waiting_seconds)}` }),
+        title: `oldest waiting ${span(q.oldest_waiting_seconds)}` }),
       el('td', { text: String(q.running) }), el('td', { text: String(q.succeeded_last_hour) }),
       el('td', { text: String(q.failed_last_hour) }),
       el('td', { text: `${q.workers} × ${q.concurrency}` }))));

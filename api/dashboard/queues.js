@@ -56,7 +56,7 @@ function throughputChart(queue) {
 
 // Jobs waiting, the most seen each minute, as a line; a minute the rollup did not sample is a
 // gap, not a zero.
-function depthChart(queue) {
+function waitingChart(queue) {
   const minutes = queue.minutes;
   // Inset by a dot's size, so a dot at an edge is drawn whole.
   const inset = 3;
@@ -101,7 +101,7 @@ function queueFigure(queue) {
       el('p', { class: 'legend' },
         legendItem('ok', '\u25B2 succeeded', sum(minutes, 'succeeded'), 'succeeded', 'jobs that succeeded in the hour: bars up'), el('br'),
         legendItem('bad', '\u25BC failed', sum(minutes, 'failed'), 'failed', 'jobs that failed for good in the hour: bars down'))),
-    el('div', { class: 'chart-row' }, depthChart(queue),
+    el('div', { class: 'chart-row' }, waitingChart(queue),
       el('p', { class: 'legend' },
         legendItem('line', '\u25CF waiting', last === null ? '–' : last, 'waiting', 'most jobs waiting in the latest minute'), el('br'),
         legendItem('line', '\u2500 peak', peakWaiting === null ? '–' : peakWaiting, 'peak', 'most jobs waiting in any minute of the hour'))));

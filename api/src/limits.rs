@@ -26,7 +26,7 @@ use uuid::Uuid;
 /// What a tenant may do, its own limits over the deployment's defaults.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct TenantLimits {
-    /// Jobs of a kind pushed or running at once, per kind (absent: `default_max_running`).
+    /// Jobs of a kind running at once, per kind (absent: `default_max_running`).
     pub max_running: BTreeMap<String, i64>,
     /// For kinds not in `max_running`; null: no cap.
     pub default_max_running: Option<i64>,

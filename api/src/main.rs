@@ -37,7 +37,7 @@ enum TenantsCommand {
     /// dispatcher sees the change within 5 seconds.
     SetLimits {
         tenant: String,
-        /// `KIND=N`: at most N jobs of KIND pushed or running at once; `KIND=default` drops
+        /// `KIND=N`: at most N jobs of KIND running at once; `KIND=default` drops
         /// the tenant's own cap. Repeatable.
         #[arg(long, value_name = "KIND=N")]
         max_running: Vec<String>,

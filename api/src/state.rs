@@ -22,7 +22,7 @@ pub struct AppState {
     pub redis_client: Redis,
     pub events: EventLog,
     pub queues: Queues,
-    /// Fair dispatch passes after submissions, retries and cancels.
+    /// Announces kinds with newly queued jobs (submissions, retries) to the workers.
     pub refill: Refill,
     /// Tenants' limits and submission buckets.
     pub limits: Arc<crate::limits::Limits>,
@@ -91,8 +91,8 @@ impl AppState {
             hub.clone(),
             stopping.clone(),
         ));
-        let queues = Queues::new(redis.clone(), &settings.redis_prefix, settings.heartbeat);
-        let refill = Refill::new(Dispatcher::new(pool.clone(), queues.clone(), &settings));
+        let queues = Queues::new(redis.clone(), &settings.redis_prefix);
+        let refill = Refill::new(Dispatcher::new(queues.clone()));
         let limits = Arc::new(crate::limits::Limits::new(
             pool.clone(),
             redis.clone(),

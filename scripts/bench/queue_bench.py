@@ -1,9 +1,9 @@
 # Named queue_bench, not queue: a queue.py here would shadow the standard library for redis-py.
 """Drains N no-op jobs through Conveyor (1 and 2 worker processes) and through Celery on the
-same Redis, with fair dispatch on and off, and through a baseline build (BENCH_BASELINE: a
-directory with `conveyor-api` and `conveyor-worker` of another commit, run on a database of its
-own); measures a late tenant's start delay while another tenant's backlog drains, and
-single-submit latency at a steady 500 req/s (three times). Prints tables."""
+same Redis, and through a baseline build (BENCH_BASELINE: a directory with `conveyor-api` and
+`conveyor-worker` of another commit, run on a database of its own); measures a late tenant's
+start delay while another tenant's backlog drains, and single-submit latency at a steady
+500 req/s (three times). Prints tables."""
 
 import json, os, statistics, subprocess, sys, tempfile, time, urllib.request, uuid
 from urllib.parse import urlsplit
@@ -27,9 +27,8 @@ def psql(sql, db=ADMIN):
     return subprocess.run(["psql", db, "-tAqc", sql], check=True, capture_output=True, text=True).stdout.strip()
 
 
-# Fair dispatch off: a window no backlog fills, so every job is pushed at submit (as before
-# fair dispatch existed); passes still run.
-MODES = {"fair dispatch on": {}, "fair dispatch off": {"CONVEYOR_DISPATCH_MIN_WINDOW": "100000000"}}
+# Fair dispatch is how workers claim (claim_jobs): there is no setting that turns it off.
+MODES = {"fair dispatch on": {}}
 MODE = {}
 
 
@@ -276,11 +275,9 @@ def main():
     for name, drain, ratio, submit in rows:
         print(f"| {name} | {drain:,.0f} | {ratio:.2f}x | {submit:,.0f} |")
     on = [d for n, d, _, _ in rows if "on," in n]
-    off = [d for n, d, _, _ in rows if "off," in n]
     base = [d for n, d, _, _ in rows if n.startswith("baseline")]
-    print(f"\nfair dispatch on / off drain rate, 1 and 2 workers: " + ", ".join(f"{a / b:.2f}x" for a, b in zip(on, off)))
     if base:
-        print(f"fair dispatch on / baseline drain rate, 1 and 2 workers: " + ", ".join(f"{a / b:.2f}x" for a, b in zip(on, base)))
+        print(f"\nfair dispatch on / baseline drain rate, 1 and 2 workers: " + ", ".join(f"{a / b:.2f}x" for a, b in zip(on, base)))
     print(f"\n| late tenant: 1 job / 20 ms while {N} of another's drain (1 worker x 64) | jobs | start delay p50 | p99 |")
     print("|---|---:|---:|---:|")
     for mode, (count, p50, p99) in late:

@@ -2,8 +2,9 @@
 processes x 64 drain them; per build (BENCH_BIN and BENCH_BASELINE, alternating, ROUNDS times
 each), the drain rate and the CPU seconds PostgreSQL, the workers and Redis spent during the
 drain (from /proc: the servers listening on their ports, with their children, and the
-worker processes), and PostgreSQL's work per job during the drain: row versions written
-(inserted, updated, deleted, over every table) and WAL bytes.
+worker processes), PostgreSQL's work per job during the drain: row versions written
+(inserted, updated, deleted, over every table) and WAL bytes, and the jobs whose attempt is
+not 1 (run twice, or not at all).
 Prints a table. BENCH_FLOOR=1: also, per round, the floor of this build's schema: no
 worker, two psql sessions write only each job's two durable changes (the worker's claim
 statement, then a bare finish), 64 jobs a statement, each statement its own commit.
@@ -132,7 +133,9 @@ def drain(bin_dir, profile=None, floor=False):
     time.sleep(1)  # the exited backends' statistics
     rows, wal = (after - before for after, before in zip(pg_work(), work))
     span = float(psql("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM jobs", f"{PG}/{DB}"))
-    return N / span, used["postgres"], used["workers"], used["redis"], rows / N, wal / N
+    # Each job ran one attempt: none was claimed twice.
+    twice = int(psql("SELECT count(*) FROM jobs WHERE attempt <> 1", f"{PG}/{DB}"))
+    return N / span, used["postgres"], used["workers"], used["redis"], rows / N, wal / N, twice
 
 
 def main():
@@ -149,11 +152,12 @@ def main():
             results["floor: the two row writes alone"].append(drain(BUILDS[-1][1], floor=True))
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     print(f"| {N:,} no-op jobs, {W} worker process(es) x 64 | jobs/s | PostgreSQL CPU s | workers CPU s"
-          " | Redis CPU s | rows written per job | WAL bytes per job |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          " | Redis CPU s | rows written per job | WAL bytes per job | jobs not run exactly once |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, runs in results.items():
-        for i, (rate, pg, worker, redis, rows, wal) in enumerate(runs, 1):
-            print(f"| {name}, run {i} | {rate:,.0f} | {pg:.2f} | {worker:.2f} | {redis:.2f} | {rows:.2f} | {wal:,.0f} |")
+        for i, (rate, pg, worker, redis, rows, wal, twice) in enumerate(runs, 1):
+            print(f"| {name}, run {i} | {rate:,.0f} | {pg:.2f} | {worker:.2f} | {redis:.2f} | {rows:.2f} | {wal:,.0f}"
+                  f" | {twice} |")
     if "baseline" in results and "this build" in results:
         base = sum(r[0] for r in results["baseline"]) / ROUNDS
         this = sum(r[0] for r in results["this build"]) / ROUNDS

@@ -244,6 +244,7 @@ impl JobContext {
             JobStatus::Running,
             progress,
         )
+        .attempt(self.inner.attempt)
     }
 
     async fn append(&self, event: Event) {

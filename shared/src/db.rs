@@ -28,7 +28,7 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
     connect_with(url, max_connections, &[]).await
 }
 
-/// A pool for the queue's own statements (claims, finishes, dispatch passes): a few statements
+/// A pool for the queue's own statements (claims, finishes): a few statements
 /// run thousands of times a second with arrays of ids, which PostgreSQL planned afresh at each
 /// execution (a third of a claim's time went to planning it). Here each is planned once per
 /// session. Only for those: a generic plan does not see a parameter's value (a recent time
@@ -155,6 +155,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261207"),
             include_str!("../../migrations/checksums-20261208"),
             include_str!("../../migrations/checksums-20261209"),
+            include_str!("../../migrations/checksums-20261210"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -173,7 +174,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261209"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261210"
                 ),
             }
         }

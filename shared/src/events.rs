@@ -69,6 +69,11 @@ pub struct Event {
     pub message: Option<String>,
     pub data: Option<Value>,
     pub at: DateTime<Utc>,
+    /// The attempt the event belongs to (for `queued`, the attempt it waits for); unset for
+    /// events that need no place in that order. Not sent: it orders the job's stream (see
+    /// [`Event::order`]).
+    #[serde(skip)]
+    pub attempt: Option<i32>,
 }
 
 impl Event {
@@ -88,12 +93,14 @@ impl Event {
             message: None,
             data: None,
             at: Utc::now(),
+            attempt: None,
         }
     }
 
     /// A new job's `queued` event; a pipeline step's names its pipeline and step in `data`.
     pub fn queued(job: &crate::model::Job) -> Self {
-        let event = Self::new(job.id, &job.kind, EventType::Queued, job.status(), 0.0);
+        let event = Self::new(job.id, &job.kind, EventType::Queued, job.status(), 0.0)
+            .attempt(job.attempt + 1);
         match job.pipeline_id {
             Some(pipeline) => event.data(Some(serde_json::json!({
                 "pipeline_id": pipeline, "step": job.pipeline_step,
@@ -110,6 +117,24 @@ impl Event {
     pub fn data(mut self, data: Option<Value>) -> Self {
         self.data = data;
         self
+    }
+
+    pub fn attempt(mut self, attempt: i32) -> Self {
+        self.attempt = Some(attempt);
+        self
+    }
+
+    /// Where the event falls in its job's life: a job is queued for attempt n (2n), then that
+    /// attempt runs and ends (2n + 1). 0: unordered. A job may be claimed as soon as its row is
+    /// queued, before whoever queued it has appended its `queued` event; that event, arriving
+    /// after its attempt's own, is dropped (see `APPEND_SCRIPT`) rather than appended last.
+    pub fn order(&self) -> i64 {
+        match self.attempt {
+            Some(attempt) => {
+                2 * i64::from(attempt) + i64::from(self.event_type != EventType::Queued)
+            }
+            None => 0,
+        }
     }
 }
 
@@ -208,7 +233,8 @@ impl EventLog {
                 .key(self.keys.tenant(*tenant))
                 .key(self.keys.job(*tenant, event.job_id))
                 .arg(serde_json::to_string(event).expect("events serialize"))
-                .arg(u8::from(event.event_type.is_terminal()));
+                .arg(u8::from(event.event_type.is_terminal()))
+                .arg(event.order());
         }
         let mut conn = self.conn.clone();
         invocation.invoke_async::<()>(&mut conn).await
@@ -239,19 +265,38 @@ impl EventLog {
 /// tenant stream's one read (see the API's hub). An id the job's stream cannot take (one written
 /// by an older version, after this id) falls back to a fresh one.
 ///
-/// KEYS: tenant stream, job stream, per event. ARGV: tenant MAXLEN, job TTL (s), then JSON and
-/// terminal flag (1/0) per event.
+/// A job's stream keeps each entry's order (`o`, see [`Event::order`]); a `queued` event whose
+/// attempt has already started there is stale and goes to neither stream.
+///
+/// KEYS: tenant stream, job stream, per event. ARGV: tenant MAXLEN, job TTL (s), then JSON,
+/// terminal flag (1/0) and order per event.
 static APPEND_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
+local arg = 3
 for i = 1, #KEYS, 2 do
-  local json = ARGV[i + 2]
-  local id = redis.call('xadd', KEYS[i], 'maxlen', '~', ARGV[1], '*', 'e', json)
-  if not pcall(redis.call, 'xadd', KEYS[i + 1], id, 'e', json) then
-    redis.call('xadd', KEYS[i + 1], '*', 'e', json)
+  local json, terminal, order = ARGV[arg], ARGV[arg + 1], tonumber(ARGV[arg + 2])
+  arg = arg + 3
+  local stale = false
+  if order > 0 and order % 2 == 0 then
+    local last = redis.call('xrevrange', KEYS[i + 1], '+', '-', 'count', 1)[1]
+    if last then
+      local fields = last[2]
+      for f = 1, #fields, 2 do
+        if fields[f] == 'o' and tonumber(fields[f + 1]) > order then
+          stale = true
+        end
+      end
+    end
   end
-  if ARGV[i + 3] == '1' then
-    redis.call('expire', KEYS[i + 1], ARGV[2])
+  if not stale then
+    local id = redis.call('xadd', KEYS[i], 'maxlen', '~', ARGV[1], '*', 'e', json)
+    if not pcall(redis.call, 'xadd', KEYS[i + 1], id, 'e', json, 'o', order) then
+      redis.call('xadd', KEYS[i + 1], '*', 'e', json, 'o', order)
+    end
+    if terminal == '1' then
+      redis.call('expire', KEYS[i + 1], ARGV[2])
+    end
   end
 end
 ",
@@ -326,4 +371,54 @@ pub fn valid_cursor(cursor: &str) -> bool {
         && ms.bytes().all(|b| b.is_ascii_digit())
         && !seq.is_empty()
         && seq.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker may claim a job before whoever queued it appended its `queued` event: that
+    /// event, arriving after the attempt's `started` (or its outcome), is dropped from both
+    /// streams, while the next attempt's `queued` (a retry) goes in after them.
+    #[tokio::test]
+    async fn a_queued_event_after_its_attempt_started_is_dropped() {
+        let url = std::env::var("CONVEYOR_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+        let conn = crate::redis_conn::Redis::open(&url)
+            .unwrap()
+            .manager()
+            .await
+            .expect("Redis on 127.0.0.1:6379");
+        let prefix = format!("test:{}", Uuid::new_v4().simple());
+        let log = EventLog::new(conn.clone(), &prefix, 1000, Duration::from_secs(60));
+        let (tenant, job) = (Uuid::now_v7(), Uuid::now_v7());
+        let event = |event_type, status| Event::new(job, "canary", event_type, status, 0.0);
+        let queued = |attempt| event(EventType::Queued, JobStatus::Queued).attempt(attempt);
+        let read = |key: String| {
+            let mut conn = conn.clone();
+            async move {
+                read_after(&mut conn, &key, "0", 100)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|entry| entry.event.event_type.as_str())
+                    .collect::<Vec<_>>()
+            }
+        };
+
+        let started = event(EventType::Started, JobStatus::Running).attempt(1);
+        let failed = event(EventType::Failed, JobStatus::Failed).attempt(1);
+        log.append(&[(tenant, started), (tenant, failed)])
+            .await
+            .unwrap();
+        log.append(&[(tenant, queued(1))]).await.unwrap();
+        let (job_stream, tenant_stream) = (log.keys().job(tenant, job), log.keys().tenant(tenant));
+        assert_eq!(read(job_stream.clone()).await, ["started", "failed"]);
+        assert_eq!(read(tenant_stream.clone()).await, ["started", "failed"]);
+
+        // Retried: queued for the second attempt.
+        log.append(&[(tenant, queued(2))]).await.unwrap();
+        assert_eq!(read(job_stream).await, ["started", "failed", "queued"]);
+        assert_eq!(read(tenant_stream).await, ["started", "failed", "queued"]);
+        crate::testing::clear_redis_prefix(&url, &prefix);
+    }
 }

@@ -135,7 +135,7 @@ pub struct SubmitJob {
     pub payload: Value,
     /// The same key from the same tenant returns the job it first created.
     pub idempotency_key: Option<String>,
-    /// Recorded and listed; the Redis queue has no priorities, so it does not reorder jobs.
+    /// Higher first among a tenant's waiting jobs of a kind (claims order by it, then by age).
     pub priority: Option<i16>,
     /// Attempts before the job is `failed` (1–25, default 3).
     pub max_attempts: Option<i32>,
@@ -146,12 +146,3 @@ pub struct SubmitJob {
 pub const MAX_ATTEMPTS_LIMIT: i32 = 25;
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 pub const IDEMPOTENCY_KEY_MAX: usize = 200;
-
-/// The message on a Redis queue: which job, and which generation of it. A generation is the
-/// job's attempt count when it was pushed, so a stale duplicate (a re-enqueued orphan) never
-/// claims a job twice.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct QueueMessage {
-    pub job_id: Uuid,
-    pub generation: i32,
-}

@@ -15,8 +15,8 @@
 //!
 //! With Cluster, commands go through redis-rs' cluster client, which routes each by its key's
 //! slot and follows `MOVED`/`ASK`. The key layout makes that possible: every key a script or a
-//! pipeline touches together shares one hash tag (a queue's keys `{kind}`, a tenant's streams
-//! and rate buckets `{tenant}`).
+//! pipeline touches together shares one hash tag (a tenant's streams and rate buckets
+//! `{tenant}`).
 
 use redis::{
     aio::{ConnectionLike, ConnectionManager, MultiplexedConnection},
@@ -721,10 +721,7 @@ impl ConnectionLike for RedisConn {
         match self {
             Self::Direct(conn) => conn.req_packed_command(cmd),
             Self::Single(conn) => conn.req_packed_command(cmd),
-            Self::Cluster(conn) => match for_cluster(cmd) {
-                None => conn.req_packed_command(cmd),
-                Some(cmd) => Box::pin(async move { conn.req_packed_command(&cmd).await }),
-            },
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
             Self::Failover(failover) => Box::pin(async move {
                 let (generation, mut conn) = failover.connection().await?;
                 failover.verify_soon(generation);
@@ -763,55 +760,6 @@ impl ConnectionLike for RedisConn {
             Self::Failover(failover) => failover.db,
         }
     }
-}
-
-/// apalis' script that registers a worker (`lua/register_worker.lua` of apalis-redis 1.0.0, as
-/// it is): besides the queue's keys it adds the queue to a global `core:apalis:queues:list`,
-/// a key it does not declare, which a cluster refuses ("non local key") on every node but the
-/// one that holds that key's slot.
-const APALIS_REGISTER_WORKER: &str = include_str!("apalis_register_worker.lua");
-
-/// The same without the global list (a listing for apalis' dashboard, which nothing here
-/// reads): only the queue's keys, all under its hash tag.
-const REGISTER_WORKER_IN_CLUSTER: &str = r#"
-local now = tonumber(ARGV[1])
-local worker_name = ARGV[2]
-local threshold = tonumber(ARGV[3])
-local last_seen = redis.call("zscore", KEYS[1], worker_name)
-if last_seen then
-    if now - tonumber(last_seen) < threshold then
-        error("worker is still active within threshold")
-    end
-end
-redis.call("zadd", KEYS[1], now, worker_name)
-redis.call("hset", KEYS[2], "backend_name", ARGV[4], "service", ARGV[5])
-return true
-"#;
-
-static APALIS_REGISTER_SHA: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| redis::Script::new(APALIS_REGISTER_WORKER).get_hash().into());
-
-/// `cmd` as a cluster must get it, if it differs: apalis' worker registration (an `EVALSHA`
-/// of its script) becomes an `EVAL` of [`REGISTER_WORKER_IN_CLUSTER`] with the same keys and
-/// arguments. An `EVAL` rather than a hash, so that a node that never saw the script runs it.
-fn for_cluster(cmd: &Cmd) -> Option<Cmd> {
-    let mut args = cmd.args_iter();
-    let (Some(redis::Arg::Simple(name)), Some(redis::Arg::Simple(sha))) =
-        (args.next(), args.next())
-    else {
-        return None;
-    };
-    if !name.eq_ignore_ascii_case(b"EVALSHA") || sha != APALIS_REGISTER_SHA.as_bytes() {
-        return None;
-    }
-    let mut eval = redis::cmd("EVAL");
-    eval.arg(REGISTER_WORKER_IN_CLUSTER);
-    for arg in args {
-        if let redis::Arg::Simple(arg) = arg {
-            eval.arg(arg);
-        }
-    }
-    Some(eval)
 }
 
 #[cfg(test)]
@@ -916,49 +864,6 @@ mod tests {
         assert_eq!(url.username, None);
         assert!(Redis::open("redis+cluster://a:7000").unwrap().is_cluster());
         assert!(!Redis::open("redis://a:7000").unwrap().is_cluster());
-    }
-
-    /// apalis' worker registration touches a key of no queue's slot: on a cluster it is sent as
-    /// a script with only the queue's keys, the same keys and arguments; nothing else changes.
-    #[test]
-    fn apalis_worker_registration_is_rewritten_for_a_cluster() {
-        let register = redis::Script::new(APALIS_REGISTER_WORKER);
-        assert!(APALIS_REGISTER_WORKER.contains("core:apalis:queues:list"));
-        // What redis-rs sends for a script invocation.
-        let mut evalsha = redis::cmd("EVALSHA");
-        evalsha
-            .arg(register.get_hash())
-            .arg(2)
-            .arg("p:queue:{canary}:workers")
-            .arg("p:queue:{canary}:workers:metadata:w1")
-            .arg(1)
-            .arg("w1");
-        let rewritten = for_cluster(&evalsha).expect("rewritten");
-        let args: Vec<Vec<u8>> = rewritten
-            .args_iter()
-            .map(|arg| match arg {
-                redis::Arg::Simple(arg) => arg.to_vec(),
-                _ => panic!("only plain arguments"),
-            })
-            .collect();
-        assert_eq!(args[0], b"EVAL");
-        assert_eq!(args[1], REGISTER_WORKER_IN_CLUSTER.as_bytes());
-        assert!(!REGISTER_WORKER_IN_CLUSTER.contains("core:"));
-        let rest: Vec<&[u8]> = vec![
-            b"2",
-            b"p:queue:{canary}:workers",
-            b"p:queue:{canary}:workers:metadata:w1",
-            b"1",
-            b"w1",
-        ];
-        assert_eq!(
-            args[2..].iter().map(Vec::as_slice).collect::<Vec<_>>(),
-            rest
-        );
-        // Any other script goes as it is.
-        let other = redis::Script::new("return 1");
-        assert!(for_cluster(redis::cmd("EVALSHA").arg(other.get_hash()).arg(0)).is_none());
-        assert!(for_cluster(redis::cmd("GET").arg("k")).is_none());
     }
 
     #[test]

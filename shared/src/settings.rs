@@ -113,13 +113,10 @@ pub struct Settings {
     pub extract_timeout: Duration,
     /// `CONVEYOR_EXTRACT_MEMORY_BYTES`: address space of the extraction process.
     pub extract_memory_bytes: u64,
-    /// `CONVEYOR_DISPATCH_MIN_WINDOW`: jobs a kind's Redis queue may hold even when fewer
-    /// worker slots are live (fair dispatch keeps it about one round of slots deep).
-    pub dispatch_min_window: i64,
-    /// `CONVEYOR_IDLE_POLL_MS`: how often a worker looks at a queue it found empty. A pass of
-    /// its own process wakes it at once; jobs pushed by other processes wait for this poll.
+    /// `CONVEYOR_IDLE_POLL_MS`: how often a worker claims from a queue it found empty. Jobs
+    /// announced as queued (Redis Pub/Sub) wake it at once; this poll covers announcements lost.
     pub idle_poll: Duration,
-    /// `CONVEYOR_MAX_RUNNING`: jobs of one kind a tenant may have pushed or running at once,
+    /// `CONVEYOR_MAX_RUNNING`: jobs of one kind a tenant may have running at once,
     /// unless its limits say otherwise; `0`: no cap.
     pub default_max_running: Option<i64>,
     /// `CONVEYOR_RATE_PER_SEC` and `CONVEYOR_RATE_BURST`: each tenant's submission rate (jobs
@@ -195,7 +192,6 @@ impl fmt::Debug for Settings {
             extractor,
             extract_timeout,
             extract_memory_bytes,
-            dispatch_min_window,
             idle_poll,
             default_max_running,
             default_rate,
@@ -247,7 +243,6 @@ impl fmt::Debug for Settings {
             .field("extractor", extractor)
             .field("extract_timeout", extract_timeout)
             .field("extract_memory_bytes", extract_memory_bytes)
-            .field("dispatch_min_window", dispatch_min_window)
             .field("idle_poll", idle_poll)
             .field("default_max_running", default_max_running)
             .field("default_rate", default_rate)
@@ -285,7 +280,7 @@ impl Settings {
             },
             redis_prefix: {
                 let prefix = vars.var("REDIS_PREFIX", "conveyor");
-                // Keys carry hash tags of their own after the prefix (`PREFIX:queue:{kind}`):
+                // Keys carry hash tags of their own after the prefix (`PREFIX:{tenant}:events`):
                 // a brace in the prefix would become the tag, one slot for everything.
                 if prefix.contains(['{', '}']) {
                     anyhow::bail!("CONVEYOR_REDIS_PREFIX must not contain braces ({{ or }})");
@@ -348,7 +343,6 @@ impl Settings {
             extractor: vars.get("EXTRACTOR").map(PathBuf::from),
             extract_timeout: Duration::from_secs(vars.parse("EXTRACT_TIMEOUT_SECS", "60")?),
             extract_memory_bytes: vars.parse("EXTRACT_MEMORY_BYTES", "1073741824")?,
-            dispatch_min_window: vars.parse("DISPATCH_MIN_WINDOW", "8")?,
             idle_poll: Duration::from_millis(vars.parse("IDLE_POLL_MS", "100")?),
             default_max_running: Some(vars.parse::<i64>("MAX_RUNNING", "0")?).filter(|&n| n > 0),
             default_rate: {
@@ -442,7 +436,6 @@ impl Settings {
             extractor: None,
             extract_timeout: Duration::from_secs(20),
             extract_memory_bytes: 1 << 30,
-            dispatch_min_window: 8,
             idle_poll: Duration::from_millis(100),
             default_max_running: None,
             default_rate: None,

@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use crate::model::{Job, JobStatus, QueueMessage};
+use crate::model::{Job, JobStatus};
 
 /// A validated job about to be written.
 #[derive(Clone, Debug)]
@@ -169,30 +169,27 @@ pub async fn list_jobs(
     q.build_query_as().fetch_all(pool).await
 }
 
-/// Takes queued jobs for one attempt each, in one statement. Per message: the job, or `None`
-/// when the message is stale (the job is not queued at that generation, is cancelled, or an
-/// earlier message of this batch took it).
-pub async fn claim_many(
+/// Claims up to `wanted` of `kind`'s held jobs for `worker`, chosen by fair share (the
+/// `claim_jobs` function: one round trip that marks them running and commits); a tenant's
+/// `max_running` for the kind, else `default_cap`, bounds its running jobs. A `resume` claim
+/// starts each tenant's scan after the last job claimed for it: enough unless a job became
+/// queued since the last full claim.
+pub async fn claim_jobs(
     pool: &PgPool,
-    messages: &[QueueMessage],
+    kind: &str,
     worker: &str,
-) -> sqlx::Result<Vec<Option<Job>>> {
-    let rows: Vec<Job> = sqlx::query_as(
-        "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = $3, progress = 0,
-                message = NULL, started_at = now(), updated_at = now()
-         FROM unnest($1::uuid[], $2::int4[]) AS m(id, generation)
-         WHERE jobs.id = m.id AND jobs.status = 'queued' AND jobs.attempt = m.generation
-           AND NOT jobs.cancel_requested
-         RETURNING jobs.*",
-    )
-    .bind(messages.iter().map(|m| m.job_id).collect::<Vec<_>>())
-    .bind(messages.iter().map(|m| m.generation).collect::<Vec<_>>())
-    .bind(worker)
-    .fetch_all(pool)
-    .await?;
-    Ok(match_rows(messages.iter().map(|m| m.job_id), rows, |j| {
-        j.id
-    }))
+    wanted: usize,
+    default_cap: Option<i64>,
+    resume: bool,
+) -> sqlx::Result<Vec<Job>> {
+    sqlx::query_as("SELECT * FROM claim_jobs($1, $2, $3, $4, $5)")
+        .bind(kind)
+        .bind(worker)
+        .bind(wanted as i64)
+        .bind(default_cap)
+        .bind(resume)
+        .fetch_all(pool)
+        .await
 }
 
 /// Gives each requested id its row, once: a duplicate request gets `None`.
@@ -687,35 +684,16 @@ pub async fn queued_kinds(pool: &PgPool) -> sqlx::Result<Vec<String>> {
     .await
 }
 
-/// Dispatched queued jobs untouched for `age`: candidates whose queue entry may have been lost.
-pub async fn stale_queued(
-    pool: &PgPool,
-    age: std::time::Duration,
-    limit: i64,
-) -> sqlx::Result<Vec<Moved>> {
-    sqlx::query_as(
-        "SELECT j.id, j.tenant_id, j.kind, j.attempt, j.status, j.error
-         FROM dispatched_jobs d JOIN jobs j ON j.id = d.job_id
-         WHERE j.status = 'queued' AND d.pushed_at < now() - make_interval(secs => $1)
-         ORDER BY d.pushed_at LIMIT $2",
-    )
-    .bind(age.as_secs_f64())
-    .bind(limit)
-    .fetch_all(pool)
-    .await
-}
-
-/// Marks jobs as looked at, so the next scan moves on to others. Records another transaction
-/// holds are skipped, not waited for: a worker's finish batch locks its records in its own
-/// order, and waiting here could close a cycle with it (a deadlock seen under load, then on the
-/// job rows); a record being deleted needs no touch.
-pub async fn touch(pool: &PgPool, ids: &[Uuid]) -> sqlx::Result<()> {
+/// Returns once every claim `worker` committed before it is durable. Claims commit without
+/// waiting for their WAL flush (see migration `20261210000001`); a synchronous commit flushes
+/// the WAL up to its own record, past them. The write is the worker's heartbeat, which a
+/// claiming worker also proves.
+pub async fn confirm_claims(pool: &PgPool, worker: &str) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE dispatched_jobs SET pushed_at = now()
-         WHERE job_id IN (SELECT job_id FROM dispatched_jobs WHERE job_id = ANY($1)
-                          FOR UPDATE SKIP LOCKED)",
+        "INSERT INTO workers (name, queues) VALUES ($1, '{}')
+         ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()",
     )
-    .bind(ids)
+    .bind(worker)
     .execute(pool)
     .await?;
     Ok(())
@@ -824,7 +802,7 @@ mod tests {
             .unwrap()
     }
 
-    /// Every job recorded in flight, as a dispatch pass would.
+    /// Every job recorded in flight, as claims would.
     async fn record_all_in_flight(db: &TestDatabase) {
         sqlx::query(
             "INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
@@ -833,13 +811,6 @@ mod tests {
         .execute(&db.pool)
         .await
         .unwrap();
-    }
-
-    fn message(job: &Job) -> QueueMessage {
-        QueueMessage {
-            job_id: job.id,
-            generation: job.attempt,
-        }
     }
 
     fn finish(job: &Job, outcome: Outcome) -> Finish {
@@ -851,48 +822,6 @@ mod tests {
         }
     }
 
-    /// The interleaving that deadlocked under load (then on job rows, with a claim): a finish
-    /// batch has locked one dispatch record and takes another while the stale scan's touch
-    /// holds the second and wants the first.
-    #[tokio::test]
-    async fn touching_stale_rows_never_deadlocks_with_a_finish() {
-        let db = TestDatabase::new().await;
-        let tenant = db.tenant().await;
-        let jobs = submit(
-            &db,
-            tenant,
-            &[new_job("canary", None), new_job("canary", None)],
-        )
-        .await;
-        let (first, second) = (jobs[0].job.id, jobs[1].job.id);
-        record_all_in_flight(&db).await;
-        let lock = |id| sqlx::query("DELETE FROM dispatched_jobs WHERE job_id = $1").bind(id);
-
-        let mut finish = db.pool.begin().await.unwrap();
-        lock(second).execute(&mut *finish).await.unwrap();
-        let pool = db.pool.clone();
-        let touch = tokio::spawn(async move { touch(&pool, &[first, second]).await });
-        // Until the touch has finished or waits on the finish's record.
-        for _ in 0..100 {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-            if touch.is_finished() || waiting > 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let finished = lock(first).execute(&mut *finish).await;
-        let touched = touch.await.unwrap();
-        assert!(finished.is_ok(), "the finish: {finished:?}");
-        assert!(touched.is_ok(), "the touch: {touched:?}");
-        finish.commit().await.unwrap();
-    }
-
     /// On the queue's pool a claim is planned once per session; on the default pool
     /// PostgreSQL made a custom plan at every execution.
     #[tokio::test]
@@ -902,17 +831,15 @@ mod tests {
         let pool = crate::db::connect_queue(&db.url, 1).await.unwrap();
         for size in 1..=8 {
             let jobs: Vec<NewJob> = (0..size).map(|_| new_job("canary", None)).collect();
-            let messages: Vec<QueueMessage> = submit(&db, tenant, &jobs)
+            submit(&db, tenant, &jobs).await;
+            let claimed = claim_jobs(&pool, "canary", "w1", size, None, false)
                 .await
-                .iter()
-                .map(|i| message(&i.job))
-                .collect();
-            let claimed = claim_many(&pool, &messages, "w1").await.unwrap();
-            assert!(claimed.iter().all(Option::is_some));
+                .unwrap();
+            assert_eq!(claimed.len(), size);
         }
         let (generic, custom): (i64, i64) = sqlx::query_as(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements
-             WHERE statement LIKE 'UPDATE jobs SET status = ''running''%'",
+             WHERE statement LIKE 'SELECT * FROM claim_jobs%'",
         )
         .fetch_one(&pool)
         .await
@@ -994,21 +921,25 @@ mod tests {
             .remove(0)
             .job;
 
-        // The same message twice in one batch, and a stale generation: one claim.
-        let stale = QueueMessage {
-            job_id: job.id,
-            generation: job.attempt + 1,
-        };
-        let claimed = claim_many(&db.pool, &[message(&job), message(&job), stale], "w1")
+        // Claimed once, however many ask, full or resumed.
+        let claimed = claim_jobs(&db.pool, "canary", "w1", 4, None, false)
             .await
             .unwrap();
-        assert!(claimed[0].is_some() && claimed[1].is_none() && claimed[2].is_none());
-        let running = claimed[0].clone().unwrap();
+        assert_eq!(claimed.len(), 1);
+        let running = claimed[0].clone();
         assert_eq!(
-            (running.attempt, running.worker.as_deref()),
-            (1, Some("w1"))
+            (
+                running.id,
+                running.status.0,
+                running.attempt,
+                running.worker.as_deref()
+            ),
+            (job.id, JobStatus::Running, 1, Some("w1"))
         );
-        assert!(claim_many(&db.pool, &[message(&job)], "w2").await.unwrap()[0].is_none());
+        for resume in [false, true] {
+            let again = claim_jobs(&db.pool, "canary", "w2", 4, None, resume).await;
+            assert!(again.unwrap().is_empty());
+        }
 
         // An attempt that no longer owns the job records nothing.
         let mut old = finish(&running, Outcome::Failed("late".into()));
@@ -1054,12 +985,13 @@ mod tests {
             &[new_job("canary", None), new_job("canary", None)],
         )
         .await;
-        let (waiting, running) = (jobs[0].job.clone(), jobs[1].job.clone());
-        let running = claim_many(&db.pool, &[message(&running)], "w1")
+        // The older goes first.
+        let running = claim_jobs(&db.pool, "canary", "w1", 1, None, false)
             .await
             .unwrap()
-            .remove(0)
-            .unwrap();
+            .remove(0);
+        let waiting = jobs[1].job.clone();
+        assert_eq!(running.id, jobs[0].job.id);
 
         // Another tenant can touch neither.
         assert!(request_cancel(&db.pool, other, waiting.id)

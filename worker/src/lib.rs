@@ -1,7 +1,8 @@
 //! `conveyor-worker`: runs the handlers of the queues it is told to serve.
 //!
-//! Per process: one apalis worker per queue (its concurrency from `--queues`), a heartbeat that
-//! keeps the process' lease and picks up cancel requests, and the maintenance duties (scheduler,
+//! Per process: a consumer per queue that claims jobs from PostgreSQL for its free slots (its
+//! concurrency from `--queues`), a heartbeat that keeps the process' lease and picks up cancel
+//! requests, and the maintenance duties (scheduler,
 //! rescuer, sweeps, retention, ...: `maintenance/`), which one process of the deployment at a
 //! time carries out.
 
@@ -62,7 +63,7 @@ impl QueueSpec {
     }
 }
 
-/// A unique name per process: apalis' orphan recovery breaks when names are reused.
+/// A unique name per process: a job's row names the worker whose lease it runs under.
 pub fn unique_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
@@ -136,10 +137,6 @@ pub async fn start(
     let stop_taking = CancellationToken::new();
     let mut tasks = JoinSet::new();
     runtime.heartbeat_once().await?;
-    // Its slots count from this heartbeat on: fill them.
-    for (kind, _) in &queues.0 {
-        runtime.refill().request(kind);
-    }
     tasks.spawn(runtime.clone().heartbeat_loop(stop_taking.clone()));
     tasks.spawn(runtime.clone().announcement_listener());
     tasks.spawn(maintenance::run(runtime.clone(), stop_taking.clone()));

@@ -1,7 +1,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-/// Runs Conveyor jobs from the Redis queues.
+/// Runs Conveyor jobs, claimed from PostgreSQL.
 #[derive(Parser)]
 #[command(name = "conveyor-worker", version)]
 struct Args {
@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(queues: Option<String>) -> anyhow::Result<()> {
-    shared::telemetry::init("info,sqlx=warn,apalis=warn");
+    shared::telemetry::init("info,sqlx=warn");
     let settings = shared::Settings::from_env()?;
     let pool = shared::db::connect(&settings.database_url, 4).await?;
     let services = jobs::Services::new(std::sync::Arc::new(settings.clone()), pool.clone())?;

@@ -1,17 +1,12 @@
-//! Runs jobs: claim the row, run the handler, record the outcome, announce every change.
+//! Runs jobs: claim them, run each handler, record the outcome, announce every change.
 
-use apalis::prelude::{
-    BackendExt, BoxDynError, Data, PollSnapshot, PollStrategy, Strategy, WorkerBuilder,
-    WorkerBuilderExt,
-};
 use chrono::Utc;
 use futures::FutureExt;
 use serde_json::{json, Value};
 use shared::{
     batch::Batcher,
-    dispatch::{Dispatcher, Refill},
+    dispatch::{Dispatcher, Refill, FULL_CLAIM_EVERY},
     events::{Event, EventLog, EventType},
-    model::QueueMessage,
     objects::ObjectStore,
     pipelines,
     queue::Queues,
@@ -21,14 +16,15 @@ use shared::{
 };
 use sqlx::PgPool;
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     panic::AssertUnwindSafe,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
     time::Duration,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -49,112 +45,12 @@ pub struct Runtime {
     queue_spec: Value,
     running: Mutex<HashMap<Uuid, RunningJob>>,
     idle: tokio::sync::Notify,
-    // Claims and outcomes of concurrent jobs share round trips, each batch with its events;
-    // other changes' events (hand-backs, dispatched jobs) share the announcements'.
-    claims: Batcher<QueueMessage, Option<Job>>,
+    /// Claims and finishes: a session each that plans its statements once.
+    queue_pool: PgPool,
+    // Outcomes of concurrent jobs share round trips, each batch with its events; other
+    // changes' events (hand-backs, queued jobs) share the announcements'.
     finishes: Batcher<store::Finish, Option<store::Ended>>,
     announcements: Batcher<(Uuid, Event), ()>,
-}
-
-/// Wakes a queue's fetch when this process pushed to the queue (see [`Dispatcher::pushed`]),
-/// and every `idle_poll`; notes each time apalis asks (the queue's [`Liveness`]).
-struct Pushed {
-    // Only ever polled through `&mut self`: the wrapper makes the boxed stream `Sync`, as apalis
-    // asks of a strategy.
-    next: sync_wrapper::SyncWrapper<futures::stream::BoxStream<'static, ()>>,
-    liveness: Liveness,
-}
-
-impl Pushed {
-    /// Ready when this process pushed, and every `idle_poll` on tokio's clock: apalis' own
-    /// interval (a `futures-timer` thread) was seen to go quiet under load while a message sat
-    /// in the queue pushed by another process.
-    fn new(pushed: Arc<tokio::sync::Notify>, idle_poll: Duration, liveness: Liveness) -> Self {
-        let stream = futures::stream::unfold(pushed, move |pushed| async move {
-            tokio::select! {
-                _ = pushed.notified() => {}
-                _ = tokio::time::sleep(idle_poll) => {}
-            }
-            Some(((), pushed))
-        });
-        Self {
-            next: sync_wrapper::SyncWrapper::new(Box::pin(stream)),
-            liveness,
-        }
-    }
-}
-
-impl PollStrategy for Pushed {
-    /// Polls until pending, so a wake-up is always armed: apalis drops what this returns, and
-    /// when its fetch comes back empty in the same poll that saw this ready, it parks with
-    /// nothing else to wake it but its heartbeat timer.
-    fn poll_drive(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-        _: &PollSnapshot,
-    ) -> std::task::Poll<Option<()>> {
-        self.liveness.asked();
-        let mut woke = false;
-        while let std::task::Poll::Ready(Some(())) =
-            futures::StreamExt::poll_next_unpin(self.next.get_mut(), cx)
-        {
-            woke = true;
-        }
-        if woke {
-            std::task::Poll::Ready(Some(()))
-        } else {
-            std::task::Poll::Pending
-        }
-    }
-}
-
-/// Whether a queue's apalis worker still asks for work: when it last did, and how many of the
-/// queue's jobs it runs. Under load a worker was seen to stop fetching for good with slots
-/// free while its queue held messages; [`Runtime::serve_queue`] restarts such a worker.
-#[derive(Clone)]
-struct Liveness {
-    asked: Arc<Mutex<tokio::time::Instant>>,
-    running: Arc<AtomicUsize>,
-}
-
-impl Liveness {
-    fn new() -> Self {
-        Self {
-            asked: Arc::new(Mutex::new(tokio::time::Instant::now())),
-            running: Arc::default(),
-        }
-    }
-
-    fn asked(&self) {
-        *self.asked.lock().expect("liveness lock") = tokio::time::Instant::now();
-    }
-
-    /// Counts a job of the queue as running until the guard drops.
-    fn running(&self) -> RunningGuard {
-        self.running.fetch_add(1, Ordering::SeqCst);
-        RunningGuard(self.running.clone())
-    }
-
-    /// Resolves once the worker has not asked for work for `after` while it had a slot free
-    /// (never while it drains for `stop`: then it asks for nothing).
-    async fn stalled(&self, concurrency: usize, after: Duration, stop: &CancellationToken) {
-        loop {
-            tokio::time::sleep(after / 4).await;
-            let quiet = self.asked.lock().expect("liveness lock").elapsed();
-            let free = self.running.load(Ordering::SeqCst) < concurrency;
-            if quiet >= after && free && !stop.is_cancelled() {
-                return;
-            }
-        }
-    }
-}
-
-struct RunningGuard(Arc<AtomicUsize>);
-
-impl Drop for RunningGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// Most items one batched round trip carries.
@@ -164,6 +60,47 @@ const BATCH: usize = 256;
 /// a statement costs PostgreSQL about as much as twenty more rows (a finish of 16 jobs took
 /// 0.47 ms, of 64 jobs 1.25 ms), and a drain's batches were ~14 jobs without it.
 const LINGER: Duration = Duration::from_millis(1);
+
+/// How long a worker whose claim failed (PostgreSQL away) waits before claiming again.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
+
+/// The free slots one claim asks for, handed out one per job claimed; those left over free
+/// again when this drops.
+struct Slots(Vec<OwnedSemaphorePermit>);
+
+impl Slots {
+    /// `first` and every other slot free now; with `linger_for`, first waits up to [`LINGER`]
+    /// until that many are free in all.
+    async fn gather(
+        slots: &Arc<Semaphore>,
+        first: OwnedSemaphorePermit,
+        linger_for: Option<u32>,
+    ) -> Self {
+        let mut permits = vec![first];
+        if let Some(more) = linger_for.map(|n| n.saturating_sub(1)).filter(|n| *n > 0) {
+            let more = slots.clone().acquire_many_owned(more);
+            if let Ok(Ok(more)) = tokio::time::timeout(LINGER, more).await {
+                permits.push(more);
+            }
+        }
+        while let Ok(permit) = slots.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        Self(permits)
+    }
+
+    fn len(&self) -> usize {
+        self.0.iter().map(OwnedSemaphorePermit::num_permits).sum()
+    }
+
+    fn take(&mut self) -> OwnedSemaphorePermit {
+        let last = self.0.last_mut().expect("a slot per job claimed");
+        match last.num_permits() {
+            1 => self.0.pop().expect("a slot per job claimed"),
+            _ => last.split(1).expect("more than one slot"),
+        }
+    }
+}
 
 #[derive(Clone)]
 struct RunningJob {
@@ -180,16 +117,14 @@ impl Runtime {
         queues: &QueueSpec,
     ) -> anyhow::Result<Self> {
         let concurrency: usize = queues.0.iter().map(|(_, n)| n).sum();
-        let slots = queues.0.clone();
         // Control-plane writes are short: a small pool serves many concurrent jobs.
         let pool_size = (concurrency as u32 + 4).min(24);
         let pool = shared::db::connect(&settings.database_url, pool_size).await?;
         shared::db::migrate(&pool).await?;
-        // Claims and finishes (one round trip of each at a time), a dispatch pass per kind (a
-        // pipeline's next step may be of a kind not served here) and the dispatcher duty's:
-        // none waits for another's connection.
-        let passes = registry.kinds().count() as u32;
-        let queue_pool = shared::db::connect_queue(&settings.database_url, passes + 3).await?;
+        // A claim per queue served and the finishes (one round trip of each at a time): none
+        // waits for another's connection.
+        let claimers = queues.0.len() as u32 + 1;
+        let queue_pool = shared::db::connect_queue(&settings.database_url, claimers).await?;
         let redis = shared::redis_conn::Redis::open(&settings.redis_url)?
             .manager()
             .await?;
@@ -200,28 +135,8 @@ impl Runtime {
             settings.events_ttl,
         );
         let queue_spec = json!(queues.0.iter().cloned().collect::<HashMap<_, _>>());
-        // A claim answers once its jobs' `started` events are appended, in the claim's own
-        // round trip: a job's handler (and its events) must not run ahead of `started`.
-        let claims = {
-            let (pool, name, events) = (queue_pool.clone(), name.clone(), events.clone());
-            Batcher::spawn_lingering(BATCH, LINGER, move |messages: Vec<QueueMessage>| {
-                let (pool, name, events) = (pool.clone(), name.clone(), events.clone());
-                async move {
-                    let jobs = store::claim_many(&pool, &messages, &name)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let started: Vec<(Uuid, Event)> = jobs
-                        .iter()
-                        .flatten()
-                        .map(|job| (job.tenant_id, started(job, &name)))
-                        .collect();
-                    append_announcing(&events, &started).await;
-                    Ok(jobs)
-                }
-            })
-        };
-        // Likewise a finish answers once its outcomes' events are appended: a job's stream
-        // must hold its outcome before a pass may push the job again or its pipeline move on.
+        // A finish answers once its outcomes' events are appended: a job's stream must hold its
+        // outcome before a claim may take the job again or its pipeline move on.
         let finishes = {
             let (pool, events) = (queue_pool.clone(), events.clone());
             Batcher::spawn_lingering(BATCH, LINGER, move |items: Vec<store::Finish>| {
@@ -254,13 +169,10 @@ impl Runtime {
                 }
             })
         };
-        let queues = Queues::new(redis, &settings.redis_prefix, settings.heartbeat);
-        let refill = Refill::new(Dispatcher::new(queue_pool, queues.clone(), &settings));
-        for (kind, slots) in &slots {
-            refill.pace(kind, *slots);
-        }
+        let queues = Queues::new(redis, &settings.redis_prefix);
+        let refill = Refill::new(Dispatcher::new(queues.clone()));
         Ok(Self {
-            claims,
+            queue_pool,
             finishes,
             announcements,
             queues,
@@ -290,10 +202,7 @@ impl Runtime {
         &self.pool
     }
 
-    pub(crate) fn queues(&self) -> &Queues {
-        &self.queues
-    }
-
+    #[cfg(test)]
     pub(crate) fn refill(&self) -> &Refill {
         &self.refill
     }
@@ -310,63 +219,119 @@ impl Runtime {
         &self.objects
     }
 
-    /// Serves one queue until `stop`; a backend error (Redis restarting) restarts the apalis
-    /// worker instead of leaving it stuck.
+    /// Serves one queue until `stop`: claims jobs for its free slots and runs each in a task
+    /// of its own. Under a backlog a claim waits up to [`LINGER`] for half the slots to be free,
+    /// so that one round trip takes many jobs; otherwise it takes what a free slot asks for at
+    /// once. A queue found empty is claimed from again when jobs of its kind are announced, at
+    /// the idle poll otherwise.
     pub(crate) async fn serve_queue(
         self: Arc<Self>,
         kind: String,
         concurrency: usize,
         stop: CancellationToken,
     ) {
-        // A fresh apalis name per restart: apalis refuses to register a name whose previous
-        // registration still looks alive.
-        let mut generation = 0;
-        let stall = (self.settings.heartbeat * 4).max(Duration::from_secs(5));
-        while !stop.is_cancelled() {
-            generation += 1;
-            // A queue found empty is looked at again when a pass of this process pushes to it,
-            // else at the idle poll. Without the poll apalis only looks again at its next
-            // heartbeat (and backs off): a job pushed to an idle queue waited seconds to start.
-            let liveness = Liveness::new();
-            let wake = Strategy::new().apply(Pushed::new(
-                self.refill.dispatcher().pushed(&kind),
-                self.settings.idle_poll,
-                liveness.clone(),
-            ));
-            // Half the slots per fetch: apalis fetches again only once its buffer is empty and
-            // a slot is free, so with a whole round per fetch the slots ran in one wave and sat
-            // idle through each wave's ack and fetch; two half-waves overlap them.
-            let worker = WorkerBuilder::new(format!("{}/{kind}/{generation}", self.name))
-                .backend(
-                    self.queues
-                        .storage(&kind, concurrency.div_ceil(2))
-                        .poll_with_strategy(wake),
-                )
-                .concurrency(concurrency)
-                .data(self.clone())
-                .data(liveness.clone())
-                .build(handle_message);
-            let signal = stop.clone();
-            let run = worker.run_until(async move {
-                signal.cancelled().await;
-                Ok::<(), std::io::Error>(())
-            });
-            // Dropping a stalled worker abandons no job: each attempt runs in a task of its own
-            // (see `handle_message`), and the stale sweep pushes again what it had fetched.
-            let error = tokio::select! {
-                result = run => result.err().map(|e| e.to_string()),
-                () = liveness.stalled(concurrency, stall, &stop) => Some(format!(
-                    "no fetch for {}s with a slot free", stall.as_secs()
-                )),
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let half = concurrency.div_ceil(2) as u32;
+        let queued = self.refill.dispatcher().queued(&kind);
+        let mut full_at: Option<tokio::time::Instant> = None;
+        let mut full_next = true;
+        let mut backlog = false;
+        loop {
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+                () = stop.cancelled() => return,
             };
-            if let Some(error) = error {
-                if stop.is_cancelled() {
-                    break;
+            let mut free = Slots::gather(&slots, first, backlog.then_some(half)).await;
+            let wanted = free.len();
+            // An announcement since the last claim: a job may lie before a cursor.
+            let announced = queued.notified().now_or_never().is_some();
+            let full =
+                full_next || announced || full_at.is_none_or(|at| at.elapsed() >= FULL_CLAIM_EVERY);
+            let claimed = match self.claim(&kind, wanted, full).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(queue = %kind, error = %e, "claim failed; claiming again shortly");
+                    drop(free);
+                    full_next = true;
+                    tokio::select! {
+                        () = tokio::time::sleep(CLAIM_RETRY) => continue,
+                        () = stop.cancelled() => return,
+                    }
                 }
-                tracing::warn!(queue = %kind, %error, "queue worker stopped; restarting");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            if full {
+                full_at = Some(tokio::time::Instant::now());
+            }
+            backlog = claimed.len() == wanted;
+            full_next = claimed.is_empty() && !full;
+            if claimed.is_empty() {
+                drop(free);
+                if full_next {
+                    continue;
+                }
+                tokio::select! {
+                    () = queued.notified() => full_next = true,
+                    () = tokio::time::sleep(self.settings.idle_poll) => full_next = true,
+                    () = stop.cancelled() => return,
+                }
+                continue;
+            }
+            for (job, running) in claimed {
+                let slot = free.take();
+                let runtime = self.clone();
+                tokio::spawn(async move {
+                    runtime.execute(job, running).await;
+                    drop(slot);
+                });
             }
         }
+    }
+
+    /// Claims up to `wanted` jobs of `kind` (in full, or resuming after the cursors); answers
+    /// once each is registered as running here (found by cancels from then on), the claim is
+    /// durable and the jobs' `started` events are appended: a job's handler, and its events,
+    /// must not run ahead of either. A claim not confirmed durable (PostgreSQL lost meanwhile)
+    /// is handed back: its jobs may be running here in the rows, under a live lease.
+    async fn claim(
+        &self,
+        kind: &str,
+        wanted: usize,
+        full: bool,
+    ) -> anyhow::Result<Vec<(Job, RunningJob)>> {
+        let jobs = store::claim_jobs(
+            &self.queue_pool,
+            kind,
+            &self.name,
+            wanted,
+            self.settings.default_max_running,
+            !full,
+        )
+        .await?;
+        let mut claimed = Vec::with_capacity(jobs.len());
+        {
+            let mut running = self.running.lock().expect("running lock");
+            for job in jobs {
+                let entry = RunningJob {
+                    token: CancellationToken::new(),
+                    interrupted: Arc::new(AtomicBool::new(false)),
+                };
+                running.insert(job.id, entry.clone());
+                claimed.push((job, entry));
+            }
+        }
+        if let Err(e) = store::confirm_claims(&self.queue_pool, &self.name).await {
+            for (job, running) in &claimed {
+                self.record(job, Attempt::HandBack, Usage::default()).await;
+                self.unregister(job.id, running);
+            }
+            return Err(e.into());
+        }
+        let started: Vec<(Uuid, Event)> = claimed
+            .iter()
+            .map(|(job, _)| (job.tenant_id, started(job, &self.name)))
+            .collect();
+        append_announcing(&self.events, &started).await;
+        Ok(claimed)
     }
 
     /// Proves this process is alive, and stops jobs whose cancel was requested.
@@ -381,7 +346,7 @@ impl Runtime {
     }
 
     /// Stops running jobs as their cancel is announced on Redis Pub/Sub, and wakes this
-    /// process's consumers of a kind another process pushed to; reconnects after a lost
+    /// process's consumers of a kind another process announced; reconnects after a lost
     /// connection (the heartbeat covers the cancels announced meanwhile, the idle poll the pushes).
     pub(crate) async fn announcement_listener(self: Arc<Self>) {
         loop {
@@ -397,12 +362,12 @@ impl Runtime {
             .client()
             .await?;
         let mut pubsub = client.get_async_pubsub().await?;
-        let (cancels, pushes) = (self.queues.cancel_channel(), self.queues.pushed_channel());
+        let (cancels, queued) = (self.queues.cancel_channel(), self.queues.queued_channel());
         pubsub.subscribe(&cancels).await?;
-        pubsub.subscribe(&pushes).await?;
+        pubsub.subscribe(&queued).await?;
         let mut messages = pubsub.on_message();
         while let Some(message) = futures::StreamExt::next(&mut messages).await {
-            if message.get_channel_name() == pushes {
+            if message.get_channel_name() == queued {
                 self.refill
                     .dispatcher()
                     .wake(&message.get_payload::<String>()?);
@@ -458,23 +423,21 @@ impl Runtime {
         }
     }
 
-    /// Row → announce → dispatch, for jobs whose row has already changed (an attempt's end, a
-    /// promotion, a rescue): appends each job's event, then asks for a dispatch pass of each
-    /// kind involved (a queued job waits for one; an ended attempt freed a slot). Announcing
-    /// first keeps a job's stream in order: once pushed, a worker may start the job and announce
-    /// `started`. Neither failure loses the job: the row is the truth, the maintenance
-    /// `dispatcher` passes again, and the stale scan pushes dispatched rows missing from Redis.
+    /// Row → event → announcement, for jobs whose row has already changed (an attempt's end, a
+    /// promotion, a rescue): appends each job's event, then announces each kind with jobs that
+    /// became queued, so that workers claim them now. Neither failure loses the job: the row is
+    /// the truth, and workers claim in full at their idle poll.
     pub(crate) async fn dispatch(&self, changes: Vec<Change>) {
         for kind in self.announce(changes).await {
             self.refill.request(&kind);
         }
     }
 
-    /// [`Self::dispatch`], waiting for the passes (maintenance reports what it pushed).
+    /// [`Self::dispatch`], waiting for the announcements.
     pub(crate) async fn dispatch_now(&self, changes: Vec<Change>) {
         for kind in self.announce(changes).await {
-            if let Err(e) = self.refill.dispatcher().dispatch(&kind).await {
-                tracing::warn!(queue = %kind, error = %e, "dispatch failed; the next pass retries");
+            if let Err(e) = self.refill.dispatcher().announce(&kind).await {
+                tracing::warn!(queue = %kind, error = %e, "queued jobs not announced; workers find them at their idle poll");
             }
         }
     }
@@ -498,50 +461,11 @@ impl Runtime {
         kinds
     }
 
-    /// Pushes messages onto their kinds' queues, one round trip per kind. A failed push is
-    /// logged: the rows stay queued and the stale scan pushes them later.
-    pub(crate) async fn push(&self, messages: Vec<(String, QueueMessage)>) {
-        let mut by_kind: BTreeMap<String, Vec<QueueMessage>> = BTreeMap::new();
-        for (kind, message) in messages {
-            by_kind.entry(kind).or_default().push(message);
-        }
-        for (kind, messages) in by_kind {
-            if let Err(e) = self.queues.push(&kind, &messages).await {
-                tracing::warn!(queue = kind, count = messages.len(), error = %e, "push failed");
-            }
-        }
-    }
-
-    async fn execute(&self, message: QueueMessage) -> Result<(), BoxDynError> {
-        // Found by cancels from before the claim on: once the claim commits, the row says
-        // `running` (and a cancel may be announced) while the claim still appends `started`.
-        let id = message.job_id;
-        let running = RunningJob {
-            token: CancellationToken::new(),
-            interrupted: Arc::new(AtomicBool::new(false)),
-        };
-        self.running
-            .lock()
-            .expect("running lock")
-            .entry(id)
-            .or_insert_with(|| running.clone());
-        // A stale or duplicate message claims nothing and is simply acknowledged.
-        let job = match self.claims.call(message).await {
-            Ok(Some(job)) => job,
-            other => {
-                self.unregister(id, &running);
-                return other.map(|_| ()).map_err(Into::into);
-            }
-        };
-        // A duplicate message of this job may have held the entry: this attempt's is the one.
-        self.running
-            .lock()
-            .expect("running lock")
-            .insert(id, running.clone());
+    /// Runs a claimed job's attempt and records its outcome.
+    async fn execute(&self, job: Job, running: RunningJob) {
         let (outcome, usage) = self.run_attempt(&job, &running).await;
         self.record(&job, outcome, usage).await;
-        self.unregister(id, &running);
-        Ok(())
+        self.unregister(job.id, &running);
     }
 
     /// Forgets `running` (only if it is still the job's entry), and wakes `wait_idle`.
@@ -666,27 +590,15 @@ impl Runtime {
         }
     }
 
-    /// Announces a hand-back (an ended attempt's event went out with its finish batch), then
-    /// asks for the pass the change calls for.
+    /// Announces a hand-back, queued again (an ended attempt's event went out with its finish
+    /// batch; a retry is announced when the scheduler promotes it).
     async fn announce_outcome(&self, row: &store::Ended, attempt: &Attempt) {
-        let outcome = match attempt {
-            Attempt::Done(outcome) => outcome,
-            Attempt::HandBack => {
-                let change = Change {
-                    tenant: row.tenant_id,
-                    event: ended(row, None),
-                };
-                self.announce(vec![change]).await;
-                return self.refill.request(&row.kind);
-            }
-        };
-        match outcome {
-            // An ended attempt freed a slot: passes after those are paced.
-            Outcome::Succeeded(_) | Outcome::Failed(_) | Outcome::Cancelled => {
-                self.refill.freed(&row.kind)
-            }
-            // The job is queued again, maybe at once: a pass as for a new job.
-            Outcome::Retrying { .. } => self.refill.request(&row.kind),
+        if let Attempt::HandBack = attempt {
+            let change = Change {
+                tenant: row.tenant_id,
+                event: ended(row, None),
+            };
+            self.dispatch(vec![change]).await;
         }
     }
 }
@@ -733,6 +645,7 @@ fn started(job: &Job, worker: &str) -> Event {
         0.0,
     )
     .data(Some(json!({ "attempt": job.attempt, "worker": worker })))
+    .attempt(job.attempt)
 }
 
 /// The event of an attempt that ended with `outcome`, or was handed back (`None`).
@@ -745,15 +658,19 @@ fn ended(row: &store::Ended, outcome: Option<&Outcome>) -> Event {
         status,
         row.progress,
     );
-    match outcome {
+    let event = match outcome {
         Some(Outcome::Succeeded(result)) => event.data(Some(result.clone())),
         Some(Outcome::Retrying { error, retry_at }) => event.message(Some(error.clone())).data(
             Some(json!({ "attempt": row.attempt, "retry_at": retry_at })),
         ),
         Some(Outcome::Failed(error)) => event.message(Some(error.clone())),
         Some(Outcome::Cancelled) => event,
-        None => event.message(Some("worker shutting down; back in the queue".into())),
-    }
+        None => {
+            let message = "worker shutting down; back in the queue";
+            return event.message(Some(message.into())).attempt(row.attempt + 1);
+        }
+    };
+    event.attempt(row.attempt)
 }
 
 /// Appends events that announce rows already written; a Redis hiccup must not fail the
@@ -791,9 +708,14 @@ impl Change {
             0.0,
         )
         .message(moved.error.clone());
+        // Queued again: for the next attempt.
+        let attempt = match status {
+            JobStatus::Queued => moved.attempt + 1,
+            _ => moved.attempt,
+        };
         Some(Self {
             tenant: moved.tenant_id,
-            event,
+            event: event.attempt(attempt),
         })
     }
 }
@@ -802,21 +724,6 @@ enum Attempt {
     Done(Outcome),
     /// Interrupted by shutdown: back to the queue.
     HandBack,
-}
-
-async fn handle_message(
-    message: QueueMessage,
-    runtime: Data<Arc<Runtime>>,
-    liveness: Data<Liveness>,
-) -> Result<(), BoxDynError> {
-    // The attempt runs in a task of its own: if apalis' worker stops under us (it does, under
-    // heavy load: "worker not registered") and drops this future, the job still finishes and
-    // records its outcome instead of staying `running` under a live lease forever.
-    let runtime: Arc<Runtime> = (*runtime).clone();
-    let _running = liveness.running();
-    tokio::spawn(async move { runtime.execute(message).await })
-        .await
-        .map_err(|e| Box::new(e) as BoxDynError)?
 }
 
 /// Exponential backoff with ±25 % jitter, capped at an hour.
@@ -837,66 +744,6 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Counts wake-ups, as apalis' worker task would be woken.
-    struct Wakes(AtomicUsize);
-
-    impl std::task::Wake for Wakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[tokio::test]
-    async fn a_wake_up_is_armed_again_after_the_strategy_fired() {
-        let wakes = Arc::new(Wakes(Default::default()));
-        let waker = std::task::Waker::from(wakes.clone());
-        let mut cx = std::task::Context::from_waker(&waker);
-        let pushed = Arc::new(tokio::sync::Notify::new());
-        let mut strategy = Pushed::new(pushed.clone(), Duration::from_millis(20), Liveness::new());
-        let snapshot = PollSnapshot::default();
-        assert!(strategy.poll_drive(&mut cx, &snapshot).is_pending());
-        pushed.notify_one();
-        assert!(strategy.poll_drive(&mut cx, &snapshot).is_ready());
-        // apalis drops that readiness and may park without polling again: the idle poll must
-        // still wake it.
-        let before = wakes.0.load(Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(wakes.0.load(Ordering::SeqCst) > before, "nothing armed");
-    }
-
-    #[tokio::test]
-    async fn a_worker_quiet_with_a_slot_free_is_found_stalled() {
-        let stop = CancellationToken::new();
-        let after = Duration::from_millis(200);
-        let liveness = Liveness::new();
-        let stalled = |liveness: Liveness, stop: CancellationToken| async move {
-            tokio::time::timeout(Duration::from_secs(1), liveness.stalled(2, after, &stop))
-                .await
-                .is_ok()
-        };
-        // Asking every 20 ms is alive.
-        let asking = {
-            let liveness = liveness.clone();
-            tokio::spawn(async move {
-                loop {
-                    liveness.asked();
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-        };
-        assert!(!stalled(liveness.clone(), stop.clone()).await);
-        asking.abort();
-        // Quiet with every slot taken is busy, not stalled.
-        let (first, second) = (liveness.running(), liveness.running());
-        assert!(!stalled(liveness.clone(), stop.clone()).await);
-        drop(second);
-        assert!(stalled(liveness.clone(), stop.clone()).await);
-        // Draining for a stop asks for nothing: not a stall.
-        stop.cancel();
-        assert!(!stalled(liveness, stop).await);
-        drop(first);
-    }
 
     #[test]
     fn backoff_doubles_with_jitter() {

@@ -120,10 +120,6 @@ pub async fn cancel(
             break;
         }
     }
-    // Cancelled jobs may have held places in their queues' windows.
-    for kind in kinds(&stopped) {
-        state.refill.request(kind);
-    }
     // Their pipelines move on now (dependents cancelled), not at the duty's next pass.
     let pipelines: BTreeSet<uuid::Uuid> = stopped.iter().filter_map(|j| j.pipeline_id).collect();
     for pipeline in pipelines {
@@ -155,7 +151,8 @@ pub async fn retry(
         .iter()
         .map(|j| {
             let event = Event::new(j.id, &j.kind, EventType::Queued, JobStatus::Queued, 0.0)
-                .message(Some("retried".into()));
+                .message(Some("retried".into()))
+                .attempt(j.attempt + 1);
             (tenant, event)
         })
         .collect();

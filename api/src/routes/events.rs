@@ -72,6 +72,7 @@ fn snapshot(job: &Job) -> Bytes {
         message: job.error.clone().or_else(|| job.message.clone()),
         data: job.result.clone(),
         at: job.updated_at,
+        attempt: None,
     };
     let data = serde_json::to_string(&event).unwrap_or_default();
     Bytes::from(format!("event: snapshot\ndata: {data}\n\n"))

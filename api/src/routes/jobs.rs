@@ -86,8 +86,7 @@ pub(crate) fn validate(
     Ok((job, valid))
 }
 
-/// Writes the rows and their audit rows, announces the new ones, then asks for a dispatch pass
-/// of each kind with new queued jobs (see [`announce_created`]).
+/// Writes the rows and their audit rows, then announces the new ones (see [`announce_created`]).
 async fn accept(
     state: &AppState,
     writer: &Writer,
@@ -114,9 +113,9 @@ async fn accept(
     Ok(inserted)
 }
 
-/// Announces jobs just created (`queued` events), then asks for a dispatch pass of each kind
-/// with new queued jobs: they go onto Redis by fair share across tenants. A failed pass loses
-/// nothing: the rows are durable and the workers' dispatcher passes again.
+/// Announces jobs just created (`queued` events), then each kind with new queued jobs to the
+/// workers, which claim them by fair share across tenants. A failed announcement loses
+/// nothing: the rows are durable and the workers claim at their idle poll.
 pub(crate) async fn announce_created<'a>(
     state: &AppState,
     tenant: Uuid,
@@ -125,7 +124,8 @@ pub(crate) async fn announce_created<'a>(
     let created: Vec<&Job> = created.into_iter().collect();
     Counters::add(&state.counters.submitted, created.len() as u64);
     let events: Vec<_> = created.iter().map(|j| (tenant, Event::queued(j))).collect();
-    // Announced before dispatch keeps each job's stream in order (`queued` before `started`).
+    // A worker may claim a job before this append: the append then drops its stale `queued`
+    // (see `Event::order`).
     if let Err(e) = state.events.append(&events).await {
         tracing::warn!(error = %e, "queued events not appended");
     }
@@ -383,8 +383,8 @@ pub async fn cancel(
     }
 }
 
-/// After a cancel committed: a job cancelled at once is announced (and frees its place in its
-/// queue's window); a running one's worker is told to stop it.
+/// After a cancel committed: a job cancelled at once is announced; a running one's worker is
+/// told to stop it.
 pub(crate) async fn announce_cancel(state: &AppState, tenant: Uuid, job: &Job) {
     if job.status() == JobStatus::Cancelled {
         let event = Event::new(
@@ -397,7 +397,6 @@ pub(crate) async fn announce_cancel(state: &AppState, tenant: Uuid, job: &Job) {
         if let Err(e) = state.events.append(&[(tenant, event)]).await {
             tracing::warn!(error = %e, "cancel event not appended");
         }
-        state.refill.request(&job.kind);
     } else if let Err(e) = state.queues.announce_cancel(job.id).await {
         // Its worker's next heartbeat still sees the request.
         tracing::warn!(error = %e, "cancel not announced");
@@ -438,10 +437,11 @@ pub async fn retry(
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
-/// After a retry committed: the job's `queued` event, and a dispatch pass of its kind.
+/// After a retry committed: the job's `queued` event, and its kind announced to the workers.
 pub(crate) async fn announce_retry(state: &AppState, tenant: Uuid, job: &Job) {
     let event = Event::new(job.id, &job.kind, EventType::Queued, JobStatus::Queued, 0.0)
-        .message(Some("retried".into()));
+        .message(Some("retried".into()))
+        .attempt(job.attempt + 1);
     if let Err(e) = state.events.append(&[(tenant, event)]).await {
         tracing::warn!(error = %e, "retry event not appended");
     }

@@ -90,8 +90,8 @@ pub async fn metrics(
     .inc_by(c.submitted.load(Ordering::Relaxed));
     add(
         r,
-        "conveyor_queue_push_failures",
-        "dispatch passes of this API process that failed (the workers' dispatcher passes again)",
+        "conveyor_queue_announce_failures",
+        "announcements of queued jobs by this API process that failed (workers find the jobs at their idle poll)",
         Counter::<u64>::default(),
     )
     .inc_by(state.refill.failures());
@@ -167,29 +167,13 @@ pub async fn metrics(
         run_time.get_or_create(&labels).set(seconds);
     }
 
-    let depth = add(
-        r,
-        "conveyor_queue_depth",
-        "entries waiting in each Redis queue (the dispatched part of the backlog)",
-        Counts::default(),
-    );
-    for kind in state.contracts.kinds() {
-        let n = state
-            .queues
-            .depth(kind)
-            .await
-            .map_err(|e| Problem::unavailable(format!("Redis: {e}")))?;
-        depth
-            .get_or_create(&vec![("queue", kind.to_owned())])
-            .set(n as i64);
-    }
     // The backlog where it lives (PostgreSQL), every known queue with a series: what autoscaling
     // and alerts read.
     let backlog = super::queues::backlog(&state).await?;
     let waiting = add(
         r,
         "conveyor_queue_waiting",
-        "jobs waiting to run in each queue (queued: dispatched to Redis or held in PostgreSQL)",
+        "jobs waiting to run in each queue (queued)",
         Counts::default(),
     );
     let oldest = add(

@@ -2,9 +2,8 @@
 //! Queues and workers are shared by every tenant, so these counts are queue-wide, as in
 //! `/metrics`.
 //!
-//! A queue's backlog is its `queued` rows in PostgreSQL: with fair dispatch most waiting jobs
-//! are held there, and the Redis list (`depth`) holds only the round of them already dispatched.
-//! `waiting` and the age of the oldest waiting job are what autoscaling reads.
+//! A queue's backlog is its `queued` rows in PostgreSQL, where workers claim them: `waiting` and
+//! the age of the oldest waiting job are what autoscaling reads.
 
 use axum::{extract::State, Json};
 use chrono::{DateTime, Utc};
@@ -20,12 +19,10 @@ use crate::{auth::Tenant, extract::Params, AppState};
 pub struct QueueStats {
     /// The job kind (one queue per kind).
     pub kind: String,
-    /// Jobs waiting to run (`queued`), dispatched to Redis or still held in PostgreSQL.
+    /// Jobs waiting to run (`queued`).
     pub waiting: i64,
     /// How long the oldest waiting job has been runnable, in seconds (0 with none waiting).
     pub oldest_waiting_seconds: f64,
-    /// Of the waiting jobs, the entries already dispatched onto the Redis queue.
-    pub depth: u64,
     pub running: i64,
     pub succeeded_last_hour: i64,
     pub failed_last_hour: i64,
@@ -112,11 +109,6 @@ pub async fn queues(State(state): State<AppState>, _: Tenant) -> Result<Json<Que
     let workers = live_workers(&state).await?;
     let mut queues = Vec::new();
     for kind in state.contracts.kinds() {
-        let depth = state
-            .queues
-            .depth(kind)
-            .await
-            .map_err(|e| Problem::unavailable(format!("Redis: {e}")))?;
         let (running, succeeded_last_hour, failed_last_hour) =
             counts.get(kind).copied().unwrap_or_default();
         let (waiting, oldest_waiting_seconds) = backlog.get(kind).copied().unwrap_or_default();
@@ -128,7 +120,6 @@ pub async fn queues(State(state): State<AppState>, _: Tenant) -> Result<Json<Que
             kind: kind.to_owned(),
             waiting,
             oldest_waiting_seconds,
-            depth,
             running,
             succeeded_last_hour,
             failed_last_hour,

@@ -190,9 +190,49 @@ async fn a_redis_restart_loses_no_accepted_job() {
     assert_eq!(job["status"], "succeeded", "{job}");
 }
 
+/// Redis is no queue: while it is down, a running worker process still claims and runs what
+/// is submitted (the jobs' events are lost; the rows are the truth). When jobs went through
+/// Redis lists, nothing ran until Redis was back.
+#[tokio::test]
+async fn a_worker_runs_jobs_while_redis_is_down() {
+    let port = free_port();
+    let mut redis = PrivateRedis::start(port);
+    let app = TestApp::spawn_with(|s| s.redis_url = format!("redis://127.0.0.1:{port}")).await;
+    let _worker = app.spawn_worker_process("canary=2");
+    let first = app.submit_canary(json!({"steps": 1})).await;
+    let job = app
+        .wait_status(first, &["succeeded", "failed"], Duration::from_secs(30))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    redis.kill();
+    let mut ids = Vec::new();
+    // Each submission waits out the API's Redis timeouts (its events, its announcement).
+    for _ in 0..2 {
+        let (status, job) = app
+            .post(
+                "/v1/jobs",
+                &json!({"kind": "canary", "payload": {"steps": 1}}),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        ids.push(job["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap());
+    }
+    for id in ids {
+        let job = app
+            .wait_status(id, &["succeeded", "failed"], Duration::from_secs(30))
+            .await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "Redis stayed down throughout"
+    );
+}
+
 /// A job submitted while Redis is down: the row is written first, so the API still answers
-/// 202 (the dispatch pass fails and is counted); once Redis is back, a worker's dispatcher
-/// pushes it and it runs.
+/// 202 (the announcement fails and is counted); once Redis is back, a worker claims it and it
+/// runs.
 #[tokio::test]
 async fn a_job_submitted_while_redis_is_down_runs_once_it_is_back() {
     let port = free_port();
@@ -216,14 +256,14 @@ async fn a_job_submitted_while_redis_is_down_runs_once_it_is_back() {
     assert_eq!(status, 202, "{job}");
     let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
     assert_eq!(app.job(id).await["status"], "queued");
-    // The dispatch pass failed and was counted (`conveyor_queue_push_failures_total`;
-    // `/metrics` itself needs Redis for the queue depths); the job waits in PostgreSQL.
+    // The announcement failed and was counted (`conveyor_queue_announce_failures_total`);
+    // the job waits in PostgreSQL.
     let refill = &app.server.as_ref().unwrap().state.refill;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while refill.failures() == 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "no failed dispatch counted"
+            "no failed announcement counted"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

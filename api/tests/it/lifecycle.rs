@@ -198,9 +198,8 @@ async fn out_of_attempts_fails_and_a_manual_retry_runs_again() {
     );
 }
 
-/// A backlog larger than one Lua call could move when jobs went through apalis' own push path
-/// (it jammed for good past about 8,000 waiting entries): 10,000 jobs queued before any worker
-/// runs all succeed.
+/// A backlog of 10,000 jobs queued before any worker runs all succeed (when jobs went through
+/// apalis' Redis lists, its push path jammed for good past about 8,000 waiting entries).
 #[tokio::test]
 async fn a_backlog_of_10000_jobs_drains_completely() {
     let mut app = TestApp::spawn_with(|s| s.body_limit = 1 << 20).await;

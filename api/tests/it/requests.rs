@@ -266,7 +266,7 @@ async fn ops_endpoints_answer() {
     let metrics = app.metrics().await;
     for name in [
         "conveyor_jobs_submitted_total 1",
-        "conveyor_queue_depth{queue=\"canary\"}",
+        "conveyor_queue_waiting{queue=\"canary\"}",
         "conveyor_workers_alive 1",
     ] {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");

@@ -1,8 +1,7 @@
-//! Fair dispatch's safety net: a pass for every kind with held jobs, so jobs still go out when
-//! the pass after a submission or a finished attempt failed (Redis or PostgreSQL away), a worker
-//! joined (more slots), or a tenant's cap was raised. Before the passes it records running jobs
-//! whose dispatch record a crash took (the table is unlogged), then drops records a cancel
-//! left behind by racing the pass that wrote them.
+//! Fair dispatch's upkeep: records again the running jobs whose dispatch record a crash took
+//! (the table is unlogged, and fair share and caps count it), then drops records a cancel left
+//! behind by racing the claim that wrote them. Claims themselves are the workers' (see
+//! `shared::dispatch`).
 
 use shared::store;
 use std::time::Duration;
@@ -15,7 +14,7 @@ pub(crate) struct Dispatcher {
 }
 
 impl Default for Dispatcher {
-    /// Twice a second: passes after events do the prompt work.
+    /// Twice a second: a crash's lost records let tenants past their caps until restored.
     fn default() -> Self {
         Self {
             schedule: Schedule {
@@ -33,7 +32,7 @@ impl Duty for Dispatcher {
         self.schedule
     }
 
-    /// Returns how many jobs it pushed.
+    /// Returns how many records it restored or dropped.
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
         let restored = store::restore_dispatches(runtime.pool()).await?;
         if restored > 0 {
@@ -46,11 +45,7 @@ impl Duty for Dispatcher {
                 "dispatch records of jobs no longer in flight dropped"
             );
         }
-        let mut pushed = 0;
-        for kind in store::queued_kinds(runtime.pool()).await? {
-            pushed += runtime.refill().dispatcher().dispatch(&kind).await?;
-        }
-        Ok(pushed)
+        Ok((restored + stray) as usize)
     }
 }
 
@@ -58,55 +53,8 @@ impl Duty for Dispatcher {
 mod tests {
     use super::*;
     use crate::maintenance::test_support::TestDb;
-    use shared::{
-        model::QueueMessage,
-        store::{Finish, Outcome},
-    };
+    use shared::store::{Finish, Outcome};
     use uuid::Uuid;
-
-    /// With no live worker a kind's queue takes the minimum window; a tenant behind another's
-    /// backlog gets its share of it, and the backlog the rest.
-    #[tokio::test]
-    async fn held_jobs_go_out_by_fair_share_up_to_the_window() {
-        let test = TestDb::new().await;
-        let mut backlog = Vec::new();
-        for _ in 0..20 {
-            backlog.push(test.held("canary", test.tenant).await);
-        }
-        let late = test.other_tenant().await;
-        let mut late_jobs = Vec::new();
-        for _ in 0..3 {
-            late_jobs.push(test.held("canary", late).await);
-        }
-
-        let pushed = Dispatcher::default().run(&test.runtime).await.unwrap();
-
-        let window = test.runtime.settings().dispatch_min_window as usize;
-        assert_eq!(pushed, window);
-        for id in &late_jobs {
-            assert!(
-                test.in_queue(*id).await,
-                "the late tenant's {id} not pushed"
-            );
-        }
-        let backlog_pushed = backlog.len() - {
-            let mut held = 0;
-            for id in &backlog {
-                held += usize::from(!test.in_queue(*id).await);
-            }
-            held
-        };
-        assert_eq!(backlog_pushed, window - late_jobs.len());
-        assert!(
-            test.in_queue(backlog[0]).await && !test.in_queue(backlog[19]).await,
-            "a tenant's oldest go first"
-        );
-        assert_eq!(
-            Dispatcher::default().run(&test.runtime).await.unwrap(),
-            0,
-            "the window is full"
-        );
-    }
 
     async fn recorded(test: &TestDb, id: Uuid) -> bool {
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM dispatched_jobs WHERE job_id = $1)")
@@ -116,37 +64,18 @@ mod tests {
             .unwrap()
     }
 
-    /// The row version of a job: a new one for every update of its row.
-    async fn version(test: &TestDb, id: Uuid) -> String {
-        sqlx::query_scalar("SELECT ctid::text || '/' || xmin::text FROM jobs WHERE id = $1")
-            .bind(id)
-            .fetch_one(test.pool())
-            .await
-            .unwrap()
-    }
-
-    /// Dispatching a job writes a narrow record of its own, never a new version of the job's
-    /// row; the record lasts while the job is in flight and goes with the attempt's end.
+    /// A claim records its jobs in flight; the record goes with the attempt's end.
     #[tokio::test]
-    async fn a_pass_records_jobs_in_flight_without_rewriting_their_rows() {
+    async fn a_claimed_job_is_recorded_in_flight_until_its_attempt_ends() {
         let test = TestDb::new().await;
         let id = test.held("canary", test.tenant).await;
-        let before = version(&test, id).await;
+        assert!(!recorded(&test, id).await);
 
-        assert_eq!(Dispatcher::default().run(&test.runtime).await.unwrap(), 1);
-
-        assert!(test.in_queue(id).await);
-        assert!(recorded(&test, id).await);
-        assert_eq!(version(&test, id).await, before, "the pass rewrote the job");
-        let message = QueueMessage {
-            job_id: id,
-            generation: 0,
-        };
-        let job = store::claim_many(test.pool(), &[message], "w1")
+        let job = store::claim_jobs(test.pool(), "canary", "w1", 4, None, false)
             .await
-            .unwrap()[0]
-            .clone()
-            .expect("claimed");
+            .unwrap()
+            .remove(0);
+        assert_eq!((job.id, job.attempt), (id, 1));
         assert!(recorded(&test, id).await, "running counts as in flight");
         let finish = Finish {
             id,
@@ -161,12 +90,11 @@ mod tests {
         );
     }
 
-    /// A cancelled queued job, a rescued one (held again) and a record a cancel left behind
-    /// stop counting against the tenant.
+    /// A rescued job (held again) and a record a cancel left behind stop counting against the
+    /// tenant.
     #[tokio::test]
-    async fn records_go_with_cancels_rescues_and_the_sweep() {
+    async fn records_go_with_rescues_and_the_sweep() {
         let test = TestDb::new().await;
-        let cancelled = test.job("canary", "queued").await;
         let orphaned = test.job("canary", "running").await;
         test.set(orphaned, "worker = 'gone'").await;
         let stray = test.job("canary", "succeeded").await;
@@ -178,12 +106,8 @@ mod tests {
         .execute(test.pool())
         .await
         .unwrap();
-        assert!(recorded(&test, cancelled).await && recorded(&test, orphaned).await);
+        assert!(recorded(&test, orphaned).await);
 
-        store::request_cancel(test.pool(), test.tenant, cancelled)
-            .await
-            .unwrap();
-        assert!(!recorded(&test, cancelled).await);
         let rescued = store::rescue_orphans(test.pool(), Duration::from_secs(60), 3, 10)
             .await
             .unwrap();
@@ -194,10 +118,11 @@ mod tests {
             "a held job counted in flight"
         );
 
-        Dispatcher::default().run(&test.runtime).await.unwrap();
+        assert_eq!(Dispatcher::default().run(&test.runtime).await.unwrap(), 1);
         assert!(!recorded(&test, stray).await);
-        // The rescued job went out again, recorded afresh.
-        assert!(recorded(&test, orphaned).await && test.in_queue(orphaned).await);
+        // The rescued job is claimed again, recorded afresh.
+        assert_eq!(claim(&test, 5).await, [orphaned]);
+        assert!(recorded(&test, orphaned).await);
     }
 
     /// `n` running jobs of `tenant`, each counted in flight.
@@ -237,11 +162,10 @@ mod tests {
         .unwrap();
     }
 
-    /// One pass with no live worker, so the room is `window` less the jobs in flight; the jobs
-    /// it chose, in push order.
-    async fn pass(test: &TestDb, window: i64) -> Vec<Uuid> {
-        sqlx::query_scalar("SELECT job_id FROM dispatch_pass('canary', 0, $1, NULL)")
-            .bind(window)
+    /// One full claim of up to `wanted` jobs; the jobs claimed, in the order chosen.
+    async fn claim(test: &TestDb, wanted: i64) -> Vec<Uuid> {
+        sqlx::query_scalar("SELECT id FROM claim_jobs('canary', 'w1', $1, NULL)")
+            .bind(wanted)
             .fetch_all(test.pool())
             .await
             .unwrap()
@@ -269,11 +193,12 @@ mod tests {
         let a = held(&test, first, 6).await;
         let b = held(&test, late, 7).await;
 
-        let chosen = pass(&test, 13).await;
+        let chosen = claim(&test, 9).await;
 
         let expected = [b[0], b[1], b[2], b[3], a[0], b[4], a[1], b[5], a[2]];
         assert_eq!(chosen, expected);
-        assert!(pass(&test, 13).await.is_empty(), "the room is full");
+        // 7 running against 6: the late tenant's turn.
+        assert_eq!(claim(&test, 1).await, [b[6]]);
     }
 
     #[tokio::test]
@@ -286,7 +211,7 @@ mod tests {
         let a = held(&test, capped, 3).await;
         let b = held(&test, other, 3).await;
 
-        assert_eq!(pass(&test, 9).await, [a[0], b[0], b[1], b[2]]);
+        assert_eq!(claim(&test, 5).await, [a[0], b[0], b[1], b[2]]);
     }
 
     #[tokio::test]
@@ -297,13 +222,13 @@ mod tests {
         let a = held(&test, heavy, 6).await;
         let b = held(&test, light, 6).await;
 
-        let chosen = pass(&test, 8).await;
+        let chosen = claim(&test, 8).await;
 
         assert_eq!(chosen, [a[0], b[0], a[1], a[2], a[3], b[1], a[4], a[5]]);
     }
 
-    /// A crash empties the unlogged records: the duty counts the running jobs in flight again
-    /// before its passes, so a tenant at its cap gets nothing more pushed.
+    /// A crash empties the unlogged records: the duty counts the running jobs in flight again,
+    /// so a tenant at its cap gets nothing more claimed.
     #[tokio::test]
     async fn running_jobs_are_recorded_again_after_a_crash_took_the_records() {
         let test = TestDb::new().await;
@@ -326,18 +251,19 @@ mod tests {
             .await
             .unwrap();
 
-        assert_eq!(Dispatcher::default().run(&test.runtime).await.unwrap(), 0);
+        assert_eq!(Dispatcher::default().run(&test.runtime).await.unwrap(), 1);
 
         assert!(recorded(&test, running).await);
-        assert!(!recorded(&test, waiting).await && !test.in_queue(waiting).await);
+        assert!(claim(&test, 5).await.is_empty(), "claimed past the cap");
+        assert_eq!(test.status(waiting).await.as_deref(), Some("queued"));
     }
 
-    /// A pass steps over the tenant's jobs already in flight by probing their records' key,
-    /// even in a session whose plans were made while the records' statistics said the table
-    /// was empty (as after a quiet spell: it is unlogged and churns). Reading the whole table
-    /// for each job stepped over made a pass grow with the square of the jobs in flight.
+    /// A claim counts the tenant's jobs in flight through the records' index, even in a session
+    /// whose plans were made while the records' statistics said the table was empty (as after a
+    /// quiet spell: it is unlogged and churns). Reading the whole table at each claim made it
+    /// grow with the jobs in flight.
     #[tokio::test]
-    async fn a_pass_probes_records_by_key_whatever_the_statistics_said() {
+    async fn a_claim_counts_records_by_key_whatever_the_statistics_said() {
         let test = TestDb::new().await;
         sqlx::query("VACUUM ANALYZE dispatched_jobs")
             .execute(test.pool())
@@ -345,22 +271,17 @@ mod tests {
             .unwrap();
         backlog(&test, 300).await;
         let mut session = test.pool().acquire().await.unwrap();
-        let pass = "SELECT count(*) FROM dispatch_pass('canary', 30, 100, NULL)";
-        let first: i64 = sqlx::query_scalar(pass)
-            .fetch_one(&mut *session)
-            .await
-            .unwrap();
-        assert_eq!(
-            first, 100,
-            "the first pass fills the window (its plans made now)"
-        );
-        sqlx::query("DELETE FROM dispatched_jobs WHERE job_id IN (SELECT job_id FROM dispatched_jobs LIMIT 10)")
-            .execute(test.pool())
-            .await
-            .unwrap();
+        let claim = |wanted: i64| {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM claim_jobs('canary', 'w1', $1, NULL)",
+            )
+            .bind(wanted)
+        };
+        let first = claim(100).fetch_one(&mut *session).await.unwrap();
+        assert_eq!(first, 100, "the first claim (its plans made now)");
 
         let mut tx = sqlx::Connection::begin(&mut *session).await.unwrap();
-        let pushed: i64 = sqlx::query_scalar(pass).fetch_one(&mut *tx).await.unwrap();
+        let claimed = claim(10).fetch_one(&mut *tx).await.unwrap();
         let read: (i64, i64) = sqlx::query_as(
             "SELECT seq_tup_read, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'dispatched_jobs'",
         )
@@ -368,21 +289,18 @@ mod tests {
         .await
         .unwrap();
         tx.commit().await.unwrap();
-        assert_eq!(pushed, 10);
+        assert_eq!(claimed, 10);
         assert_eq!(
             read.0, 0,
             "records read by scanning the table (read, probes): {read:?}"
         );
-        assert!(
-            read.1 >= 90,
-            "the jobs in flight stepped over by their key: {read:?}"
-        );
+        assert!(read.1 >= 1, "the records counted by their index: {read:?}");
     }
 
-    /// A pass that resumes after each tenant's cursor, as a worker asks once slots freed.
-    async fn resume(test: &TestDb, window: i64) -> Vec<Uuid> {
-        sqlx::query_scalar("SELECT job_id FROM dispatch_pass('canary', 0, $1, NULL, true)")
-            .bind(window)
+    /// A claim that resumes after each tenant's cursor, as a worker's usually are.
+    async fn resume(test: &TestDb, wanted: i64) -> Vec<Uuid> {
+        sqlx::query_scalar("SELECT id FROM claim_jobs('canary', 'w1', $1, NULL, true)")
+            .bind(wanted)
             .fetch_all(test.pool())
             .await
             .unwrap()
@@ -401,26 +319,26 @@ mod tests {
         .unwrap();
     }
 
-    /// Resumed passes go on through a tenant's jobs in order; a job queued ahead of where they
-    /// stopped (higher priority) goes out at the next full pass, which a submission asks for;
-    /// a full pass forgets tenants with nothing queued.
+    /// Resumed claims go on through a tenant's jobs in order; a job queued ahead of where they
+    /// stopped (higher priority) goes out at the next full claim, which a submission's
+    /// announcement asks for; a full claim forgets tenants with nothing queued.
     #[tokio::test]
-    async fn resumed_passes_go_on_in_order_and_a_full_one_finds_jobs_queued_ahead() {
+    async fn resumed_claims_go_on_in_order_and_a_full_one_finds_jobs_queued_ahead() {
         let test = TestDb::new().await;
         let jobs = held(&test, test.tenant, 6).await;
-        assert_eq!(pass(&test, 2).await, jobs[..2]);
+        assert_eq!(claim(&test, 2).await, jobs[..2]);
         run(&test, &jobs[..2]).await;
         assert_eq!(resume(&test, 2).await, jobs[2..4]);
         run(&test, &jobs[2..4]).await;
 
         let urgent = test.held("canary", test.tenant).await;
         test.set(urgent, "priority = 5").await;
-        assert_eq!(pass(&test, 2).await, [urgent, jobs[4]]);
+        assert_eq!(claim(&test, 2).await, [urgent, jobs[4]]);
         run(&test, &[urgent, jobs[4]]).await;
         assert_eq!(resume(&test, 2).await, jobs[5..]);
         run(&test, &jobs[5..]).await;
 
-        assert!(pass(&test, 2).await.is_empty());
+        assert!(claim(&test, 2).await.is_empty());
         let cursors: i64 = sqlx::query_scalar("SELECT count(*) FROM dispatch_cursors")
             .fetch_one(test.pool())
             .await
@@ -428,14 +346,13 @@ mod tests {
         assert_eq!(cursors, 0, "a drained tenant's cursor stays");
     }
 
-    /// A resumed pass reads the held jobs it takes, not the index entries of the thousands of
-    /// jobs that ran before it (dead until the table is vacuumed: a full pass, as every pass
-    /// was, steps over each).
+    /// A resumed claim reads the held jobs it takes, not the index entries of the thousands of
+    /// jobs that ran before it (dead until the table is vacuumed: a full claim steps over each).
     #[tokio::test]
-    async fn a_resumed_pass_reads_only_what_it_takes_however_many_jobs_ran_before() {
+    async fn a_resumed_claim_reads_only_what_it_takes_however_many_jobs_ran_before() {
         let test = TestDb::new().await;
         backlog(&test, 3200).await;
-        let mut chosen = pass(&test, 500).await;
+        let mut chosen = claim(&test, 500).await;
         for _ in 0..5 {
             run(&test, &chosen).await;
             chosen = resume(&test, 500).await;
@@ -454,7 +371,7 @@ mod tests {
                     .unwrap();
                 let mut tx = sqlx::Connection::begin(&mut session).await.unwrap();
                 let taken: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM dispatch_pass('canary', 0, 150, NULL, $1)",
+                    "SELECT count(*) FROM claim_jobs('canary', 'w1', 50, NULL, $1)",
                 )
                 .bind(resumed)
                 .fetch_one(&mut *tx)

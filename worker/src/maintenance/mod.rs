@@ -21,7 +21,6 @@ mod rescuer;
 mod retention;
 mod scheduler;
 mod schedules;
-mod stale;
 mod sweeps;
 #[cfg(test)]
 mod test_support;
@@ -73,7 +72,6 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
         Arc::new(pipelines::Pipelines::default()),
         Arc::new(dispatcher::Dispatcher::default()),
         Arc::new(rescuer::Rescuer::new(settings)),
-        Arc::new(stale::Stale::new(settings)),
         Arc::new(sweeps::Sweeps::default()),
         Arc::new(workers::Workers::new(settings)),
         Arc::new(retention::Retention::new(settings)),

@@ -1,4 +1,4 @@
-//! Running jobs of workers whose lease lapsed (kill -9, a lost node): queued again and pushed,
+//! Running jobs of workers whose lease lapsed (kill -9, a lost node): queued again and announced,
 //! or failed when out of attempts or poison (`CONVEYOR_MAX_WORKER_DEATHS`); announced.
 
 use shared::{store, Settings};
@@ -86,6 +86,7 @@ mod tests {
         let safe = test.job("canary", "running").await;
         test.set(safe, "worker = 'alive'").await;
 
+        test.announced("canary");
         let mut rescuer = Rescuer::new(test.runtime.settings());
         rescuer.schedule.batch = 1;
         let rescued = rescuer.run(&test.runtime).await.unwrap();
@@ -94,12 +95,11 @@ mod tests {
         assert_eq!(rescued, 2);
         assert_eq!(test.status(orphan).await.as_deref(), Some("queued"));
         assert!(
-            test.in_queue(orphan).await,
-            "the re-queued job was not pushed"
+            test.announced("canary"),
+            "the re-queued job was not announced"
         );
         assert_eq!(test.events(orphan).await, ["queued"]);
         assert_eq!(test.status(last_attempt).await.as_deref(), Some("failed"));
-        assert!(!test.in_queue(last_attempt).await);
         assert_eq!(test.events(last_attempt).await, ["failed"]);
         assert_eq!(test.status(safe).await.as_deref(), Some("running"));
         assert!(test.events(safe).await.is_empty());

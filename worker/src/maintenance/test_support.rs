@@ -1,7 +1,7 @@
 //! A fresh control-plane database (from `CONVEYOR_TEST_ADMIN_URL`, migrated) and Redis prefix
 //! per test, with a worker runtime on them, dropped with the value.
 
-use shared::{events::StreamKeys, model::QueueMessage, Settings};
+use shared::{events::StreamKeys, Settings};
 use sqlx::PgPool;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -31,8 +31,9 @@ impl TestDb {
             format!("test:{}", Uuid::new_v4().simple()),
         );
         configure(&mut settings);
+        let runtime = connect(&settings, &registry, "maintenance-test-1").await;
         let test = Self {
-            runtime: connect(&settings, &registry, "maintenance-test-1").await,
+            runtime,
             tenant: Uuid::now_v7(),
             settings,
             registry,
@@ -57,7 +58,7 @@ impl TestDb {
     }
 
     /// A job row of the tenant in `status`, finished now if that is terminal, at attempt 1
-    /// unless scheduled or queued; dispatched if queued or running.
+    /// unless scheduled or queued; recorded in flight if running.
     pub async fn job(&self, kind: &str, status: &str) -> Uuid {
         let id = Uuid::now_v7();
         sqlx::query(
@@ -69,7 +70,7 @@ impl TestDb {
                  RETURNING id, kind, tenant_id, status
              )
              INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
-             SELECT id, kind, tenant_id FROM job WHERE status IN ('queued', 'running')",
+             SELECT id, kind, tenant_id FROM job WHERE status = 'running'",
         )
         .bind(id)
         .bind(self.tenant)
@@ -81,7 +82,7 @@ impl TestDb {
         id
     }
 
-    /// A queued job of `tenant` not yet dispatched (waiting in PostgreSQL for its turn).
+    /// A queued job of `tenant` (waiting in PostgreSQL for its turn).
     pub async fn held(&self, kind: &str, tenant: Uuid) -> Uuid {
         let id = Uuid::now_v7();
         sqlx::query(
@@ -125,23 +126,10 @@ impl TestDb {
             .expect("read a job")
     }
 
-    /// Whether the job's message at its current attempt is in its queue.
-    pub async fn in_queue(&self, id: Uuid) -> bool {
-        let (kind, attempt): (String, i32) =
-            sqlx::query_as("SELECT kind, attempt FROM jobs WHERE id = $1")
-                .bind(id)
-                .fetch_one(self.pool())
-                .await
-                .expect("read a job");
-        let message = QueueMessage {
-            job_id: id,
-            generation: attempt,
-        };
-        self.runtime
-            .queues()
-            .present(&kind, &[message])
-            .await
-            .expect("ask Redis")[0]
+    /// Whether jobs of `kind` were announced as queued by the test's runtime since the last
+    /// look (see [`announced`]).
+    pub fn announced(&self, kind: &str) -> bool {
+        announced(&self.runtime, kind)
     }
 
     /// The types of the events in the job's stream.
@@ -170,13 +158,20 @@ pub(crate) async fn until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// Whether `runtime` announced jobs of `kind` as queued since the last look (canary's are
+/// watched from the runtime's start; another kind's from its first look).
+pub(crate) fn announced(runtime: &Runtime, kind: &str) -> bool {
+    let queued = runtime.refill().dispatcher().queued(kind);
+    futures::FutureExt::now_or_never(queued.notified()).is_some()
+}
+
 async fn connect(settings: &Settings, registry: &jobs::Registry, name: &str) -> Arc<Runtime> {
     let queues = QueueSpec(vec![("canary".into(), 1)]);
-    Arc::new(
-        Runtime::connect(settings.clone(), registry.clone(), name.into(), &queues)
-            .await
-            .expect("a worker runtime on the test database"),
-    )
+    let runtime = Runtime::connect(settings.clone(), registry.clone(), name.into(), &queues)
+        .await
+        .expect("a worker runtime on the test database");
+    runtime.refill().dispatcher().queued("canary");
+    Arc::new(runtime)
 }
 
 impl Drop for TestDb {
