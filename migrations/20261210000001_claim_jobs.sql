@@ -13,6 +13,11 @@
 -- count (a crash empties it and the maintenance duty records the running jobs again).
 DROP FUNCTION dispatch_pass(text, float8, bigint, bigint, boolean);
 
+-- Records of jobs not running (the passes recorded the jobs they pushed, still queued) would
+-- count against their tenants' caps for ever: only running jobs are recorded now.
+DELETE FROM dispatched_jobs d
+WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = d.job_id AND j.status = 'running');
+
 -- One claim for a kind: takes the kind's pass lock; a full pass (`resume` false) records the
 -- tenants with queued jobs, at their first job; chooses up to `wanted` held jobs after each
 -- tenant's cursor by fair share, moves the cursors, marks the chosen jobs running for
@@ -32,9 +37,10 @@ DROP FUNCTION dispatch_pass(text, float8, bigint, bigint, boolean);
 --
 -- The claim commits without waiting for its WAL flush: the lock would otherwise be held through
 -- the flush (a third of a claim's time), while the other workers' claims wait for it. The
--- claiming worker runs none of the jobs before a synchronous commit of its own has flushed the
--- WAL past this one (`store::confirm_claims`); a crash before that loses the claim whole, as
--- it loses anything after it in the WAL, and the jobs are queued again.
+-- claiming worker runs none of the jobs before a synchronous commit of its own, on the same
+-- connection, has flushed the WAL past this one (`store::confirm_claims`); a crash before that
+-- loses the claim whole, as it loses anything after it in the WAL, and the jobs are queued
+-- again.
 CREATE FUNCTION claim_jobs(kind_name text, worker_name text, wanted bigint, default_cap bigint,
                            resume boolean DEFAULT false)
 RETURNS SETOF jobs

@@ -175,7 +175,7 @@ pub async fn list_jobs(
 /// starts each tenant's scan after the last job claimed for it: enough unless a job became
 /// queued since the last full claim.
 pub async fn claim_jobs(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     kind: &str,
     worker: &str,
     wanted: usize,
@@ -188,7 +188,7 @@ pub async fn claim_jobs(
         .bind(wanted as i64)
         .bind(default_cap)
         .bind(resume)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await
 }
 
@@ -390,12 +390,17 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
 
 /// Hands a running attempt back to the queue (the worker is shutting down): the attempt does
 /// not use up the budget. Returns the job, whose `attempt` is the generation to push.
-pub async fn requeue(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Result<Option<Job>> {
+pub async fn requeue(
+    pool: &PgPool,
+    id: Uuid,
+    attempt: i32,
+    worker: &str,
+) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
         "WITH r AS (
          UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1,
              worker = NULL, progress = 0, updated_at = now()
-         WHERE id = $1 AND attempt = $2 AND status = 'running'
+         WHERE id = $1 AND attempt = $2 AND status = 'running' AND worker = $3
          RETURNING *
          ), {}
          SELECT * FROM r",
@@ -403,6 +408,7 @@ pub async fn requeue(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Result<Opti
     ))
     .bind(id)
     .bind(attempt)
+    .bind(worker)
     .fetch_optional(pool)
     .await
 }
@@ -590,15 +596,16 @@ pub async fn restore_dispatches(pool: &PgPool) -> sqlx::Result<u64> {
     .rows_affected())
 }
 
-/// Dispatch records whose job is no longer in flight (a cancel racing the pass that recorded
-/// it): deleted, so they stop counting against their tenants' shares. Each record's job is
+/// Dispatch records whose job is not running (none should be: a claim records only the jobs it
+/// marks running, and whatever ends an attempt deletes its record): deleted, so they stop
+/// counting against their tenants' shares and caps. Each record's job is
 /// looked up by key (a scalar subquery, which the planner cannot turn into a join or a hash):
 /// as an anti-join it hashed every queued job, twice a second per worker, in time growing
 /// with the backlog.
 pub async fn drop_stray_dispatches(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<u64> {
     Ok(sqlx::query(
         "DELETE FROM dispatched_jobs d
-         WHERE NOT coalesce((SELECT j.status IN ('queued', 'running') FROM jobs j
+         WHERE NOT coalesce((SELECT j.status = 'running' FROM jobs j
                              WHERE j.id = d.job_id), false)",
     )
     .execute(db)
@@ -684,19 +691,30 @@ pub async fn queued_kinds(pool: &PgPool) -> sqlx::Result<Vec<String>> {
     .await
 }
 
-/// Returns once every claim `worker` committed before it is durable. Claims commit without
-/// waiting for their WAL flush (see migration `20261210000001`); a synchronous commit flushes
-/// the WAL up to its own record, past them. The write is the worker's heartbeat, which a
-/// claiming worker also proves.
-pub async fn confirm_claims(pool: &PgPool, worker: &str) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO workers (name, queues) VALUES ($1, '{}')
-         ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()",
+/// Makes `worker`'s claim of `ids` durable, on the connection that claimed them: claims commit
+/// without waiting for their WAL flush (see migration `20261210000001`), and a synchronous
+/// commit flushes the WAL up to its own record, past them (its write is the worker's heartbeat,
+/// which a claiming worker also proves). On that connection, not a pooled one: a crash before
+/// the flush loses the claim, and a connection to the restarted server would confirm nothing.
+/// Returns those of `ids` still running under `worker`, each with whether a cancel was asked for
+/// meanwhile.
+pub async fn confirm_claims(
+    conn: &mut sqlx::PgConnection,
+    worker: &str,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<(Uuid, bool)>> {
+    sqlx::query_as(
+        "WITH beat AS (
+             INSERT INTO workers (name, queues) VALUES ($1, '{}')
+             ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()
+         )
+         SELECT id, cancel_requested FROM jobs
+         WHERE id = ANY ($2) AND status = 'running' AND worker = $1",
     )
     .bind(worker)
-    .execute(pool)
-    .await?;
-    Ok(())
+    .bind(ids)
+    .fetch_all(conn)
+    .await
 }
 
 pub async fn heartbeat(pool: &PgPool, worker: &str, queues: &Value) -> sqlx::Result<()> {
@@ -940,6 +958,30 @@ mod tests {
             let again = claim_jobs(&db.pool, "canary", "w2", 4, None, resume).await;
             assert!(again.unwrap().is_empty());
         }
+        // Confirmed only to its worker, with a cancel asked for meanwhile; handed back only by it.
+        let mut conn = db.pool.acquire().await.unwrap();
+        assert_eq!(
+            confirm_claims(&mut conn, "w1", &[job.id]).await.unwrap(),
+            [(job.id, false)]
+        );
+        request_cancel(&db.pool, tenant, job.id).await.unwrap();
+        assert_eq!(
+            confirm_claims(&mut conn, "w1", &[job.id]).await.unwrap(),
+            [(job.id, true)]
+        );
+        assert!(confirm_claims(&mut conn, "w2", &[job.id])
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(requeue(&db.pool, job.id, running.attempt, "w2")
+            .await
+            .unwrap()
+            .is_none());
+        sqlx::query("UPDATE jobs SET cancel_requested = false WHERE id = $1")
+            .bind(job.id)
+            .execute(&db.pool)
+            .await
+            .unwrap();
 
         // An attempt that no longer owns the job records nothing.
         let mut old = finish(&running, Outcome::Failed("late".into()));
@@ -1104,7 +1146,7 @@ mod tests {
         let jobs: Vec<NewJob> = (0..2000).map(|_| new_job("canary", None)).collect();
         submit(&db, tenant, &jobs).await;
         // Statistics from a moment when every job was in flight (they lag a churning table);
-        // now 20 are, one of them cancelled.
+        // now 20 are running, one of them cancelled since.
         record_all_in_flight(&db).await;
         sqlx::query("ANALYZE").execute(&db.pool).await.unwrap();
         sqlx::query("DELETE FROM dispatched_jobs WHERE NOT job_id = ANY ($1)")
@@ -1112,11 +1154,15 @@ mod tests {
             .execute(&db.pool)
             .await
             .unwrap();
-        sqlx::query("UPDATE jobs SET status = 'cancelled' WHERE id = $1")
-            .bind(jobs[0].id)
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        sqlx::query(
+            "UPDATE jobs SET status = CASE WHEN id = $1 THEN 'cancelled' ELSE 'running' END
+             WHERE id = ANY ($2)",
+        )
+        .bind(jobs[0].id)
+        .bind(jobs[..20].iter().map(|j| j.id).collect::<Vec<_>>())
+        .execute(&db.pool)
+        .await
+        .unwrap();
 
         // A session of its own: its transaction's counts are this statement's alone.
         let mut session = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)

@@ -19,7 +19,7 @@ use std::{
     collections::HashMap,
     panic::AssertUnwindSafe,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -44,6 +44,8 @@ pub struct Runtime {
     contracts: contracts::Registry,
     queue_spec: Value,
     running: Mutex<HashMap<Uuid, RunningJob>>,
+    /// Claims on their way: their jobs are not in `running` yet.
+    claiming: AtomicUsize,
     idle: tokio::sync::Notify,
     /// Claims and finishes: a session each that plans its statements once.
     queue_pool: PgPool,
@@ -98,6 +100,25 @@ impl Slots {
         match last.num_permits() {
             1 => self.0.pop().expect("a slot per job claimed"),
             _ => last.split(1).expect("more than one slot"),
+        }
+    }
+}
+
+/// Counts a claim as on its way until dropped (see [`Runtime::wait_idle`]).
+struct Claiming<'a>(&'a Runtime);
+
+impl<'a> Claiming<'a> {
+    fn new(runtime: &'a Runtime) -> Self {
+        runtime.claiming.fetch_add(1, Ordering::SeqCst);
+        Self(runtime)
+    }
+}
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        self.0.claiming.fetch_sub(1, Ordering::SeqCst);
+        if self.0.is_idle() {
+            self.0.idle.notify_waiters();
         }
     }
 }
@@ -186,6 +207,7 @@ impl Runtime {
             contracts: contracts::Registry::standard(),
             queue_spec,
             running: Mutex::new(HashMap::new()),
+            claiming: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
         })
     }
@@ -238,16 +260,24 @@ impl Runtime {
         let mut backlog = false;
         loop {
             let first = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+                biased;
                 () = stop.cancelled() => return,
+                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
             };
             let mut free = Slots::gather(&slots, first, backlog.then_some(half)).await;
             let wanted = free.len();
+            // Counted before the stop is looked at: a stopping worker waits for this claim.
+            let claiming = Claiming::new(&self);
+            if stop.is_cancelled() {
+                return;
+            }
             // An announcement since the last claim: a job may lie before a cursor.
             let announced = queued.notified().now_or_never().is_some();
             let full =
                 full_next || announced || full_at.is_none_or(|at| at.elapsed() >= FULL_CLAIM_EVERY);
-            let claimed = match self.claim(&kind, wanted, full).await {
+            let claimed = self.claim(&kind, wanted, full).await;
+            drop(claiming);
+            let claimed = match claimed {
                 Ok(claimed) => claimed,
                 Err(e) => {
                     tracing::warn!(queue = %kind, error = %e, "claim failed; claiming again shortly");
@@ -270,9 +300,10 @@ impl Runtime {
                     continue;
                 }
                 tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return,
                     () = queued.notified() => full_next = true,
                     () = tokio::time::sleep(self.settings.idle_poll) => full_next = true,
-                    () = stop.cancelled() => return,
                 }
                 continue;
             }
@@ -298,8 +329,9 @@ impl Runtime {
         wanted: usize,
         full: bool,
     ) -> anyhow::Result<Vec<(Job, RunningJob)>> {
+        let mut conn = self.queue_pool.acquire().await?;
         let jobs = store::claim_jobs(
-            &self.queue_pool,
+            &mut *conn,
             kind,
             &self.name,
             wanted,
@@ -307,6 +339,9 @@ impl Runtime {
             !full,
         )
         .await?;
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut claimed = Vec::with_capacity(jobs.len());
         {
             let mut running = self.running.lock().expect("running lock");
@@ -319,13 +354,31 @@ impl Runtime {
                 claimed.push((job, entry));
             }
         }
-        if let Err(e) = store::confirm_claims(&self.queue_pool, &self.name).await {
-            for (job, running) in &claimed {
-                self.record(job, Attempt::HandBack, Usage::default()).await;
-                self.unregister(job.id, running);
+        let ids: Vec<Uuid> = claimed.iter().map(|(job, _)| job.id).collect();
+        let confirmed = match store::confirm_claims(&mut conn, &self.name, &ids).await {
+            Ok(confirmed) => confirmed.into_iter().collect::<HashMap<Uuid, bool>>(),
+            Err(e) => {
+                for (job, running) in &claimed {
+                    self.record(job, Attempt::HandBack, Usage::default()).await;
+                    self.unregister(job.id, running);
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
+        // A job not confirmed is no longer this attempt's (rescued meanwhile); one whose cancel
+        // was asked for before it was registered stops at once.
+        claimed.retain(|(job, running)| match confirmed.get(&job.id) {
+            Some(cancel_requested) => {
+                if *cancel_requested {
+                    running.token.cancel();
+                }
+                true
+            }
+            None => {
+                self.unregister(job.id, running);
+                false
+            }
+        });
         let started: Vec<(Uuid, Event)> = claimed
             .iter()
             .map(|(job, _)| (job.tenant_id, started(job, &self.name)))
@@ -400,13 +453,19 @@ impl Runtime {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.idle.notified();
-            if self.running.lock().expect("running lock").is_empty() {
+            if self.is_idle() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.running.lock().expect("running lock").is_empty();
+                return self.is_idle();
             }
         }
+    }
+
+    /// No job runs and no claim is on its way.
+    fn is_idle(&self) -> bool {
+        self.claiming.load(Ordering::SeqCst) == 0
+            && self.running.lock().expect("running lock").is_empty()
     }
 
     /// Stops every running job so it goes back to the queue.
@@ -477,7 +536,8 @@ impl Runtime {
         {
             map.remove(&id);
         }
-        if map.is_empty() {
+        drop(map);
+        if self.is_idle() {
             self.idle.notify_waiters();
         }
     }
@@ -565,7 +625,7 @@ impl Runtime {
                     };
                     self.finishes.call(finish).await
                 }
-                Attempt::HandBack => store::requeue(&self.pool, job.id, job.attempt)
+                Attempt::HandBack => store::requeue(&self.pool, job.id, job.attempt, &self.name)
                     .await
                     .map(|row| row.map(store::Ended::from))
                     .map_err(|e| e.to_string()),

@@ -97,15 +97,20 @@ mod tests {
         let test = TestDb::new().await;
         let orphaned = test.job("canary", "running").await;
         test.set(orphaned, "worker = 'gone'").await;
+        // Records of an ended job and of a queued one (as the dispatch passes before claims
+        // left them).
         let stray = test.job("canary", "succeeded").await;
-        sqlx::query(
-            "INSERT INTO dispatched_jobs (job_id, kind, tenant_id) VALUES ($1, 'canary', $2)",
-        )
-        .bind(stray)
-        .bind(test.tenant)
-        .execute(test.pool())
-        .await
-        .unwrap();
+        let held = test.job("canary", "queued").await;
+        for id in [stray, held] {
+            sqlx::query(
+                "INSERT INTO dispatched_jobs (job_id, kind, tenant_id) VALUES ($1, 'canary', $2)",
+            )
+            .bind(id)
+            .bind(test.tenant)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        }
         assert!(recorded(&test, orphaned).await);
 
         let rescued = store::rescue_orphans(test.pool(), Duration::from_secs(60), 3, 10)
@@ -118,10 +123,10 @@ mod tests {
             "a held job counted in flight"
         );
 
-        assert_eq!(Dispatcher::default().run(&test.runtime).await.unwrap(), 1);
-        assert!(!recorded(&test, stray).await);
+        assert_eq!(Dispatcher::default().run(&test.runtime).await.unwrap(), 2);
+        assert!(!recorded(&test, stray).await && !recorded(&test, held).await);
         // The rescued job is claimed again, recorded afresh.
-        assert_eq!(claim(&test, 5).await, [orphaned]);
+        assert_eq!(claim(&test, 5).await, [orphaned, held]);
         assert!(recorded(&test, orphaned).await);
     }
 
