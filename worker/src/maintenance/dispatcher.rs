@@ -1,7 +1,7 @@
 //! Fair dispatch's upkeep: records again the running jobs whose dispatch record a crash took
-//! (the table is unlogged, and fair share and caps count it), then drops records a cancel left
-//! behind by racing the claim that wrote them. Claims themselves are the workers' (see
-//! `shared::dispatch`).
+//! (the table is unlogged, and fair share and caps count it), then drops records of jobs not
+//! running (none should be left: a claim records only what it marks running, and whatever ends
+//! an attempt deletes its record). Claims themselves are the workers' (see `shared::dispatch`).
 
 use shared::store;
 use std::time::Duration;
