@@ -209,14 +209,7 @@ async fn a_worker_runs_jobs_while_redis_is_down() {
     let mut ids = Vec::new();
     // Each submission waits out the API's Redis timeouts (its events, its announcement).
     for _ in 0..2 {
-        let (status, job) = app
-            .post(
-                "/v1/jobs",
-                &json!({"kind": "canary", "payload": {"steps": 1}}),
-            )
-            .await;
-        assert_eq!(status, 202, "{job}");
-        ids.push(job["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap());
+        ids.push(app.submit_canary(json!({"steps": 1})).await);
     }
     for id in ids {
         let job = app
