@@ -151,14 +151,22 @@ async fn failed_attempts_back_off_and_retry_until_success() {
             "succeeded"
         ]
     );
-    // Backoff: the second retry waits about twice the first (base 200 ms, ±25 % jitter).
-    let at = |i: usize| {
-        chrono::DateTime::parse_from_rfc3339(events[i].data["at"].as_str().unwrap()).unwrap()
+    // Backoff: the second retry waits about twice the first (base 200 ms, ±25 % jitter), from
+    // the attempt's start to the retry's time; no attempt starts before its retry's time. (Not
+    // from the `retrying` event's own time: on a loaded machine it comes well after the
+    // failure.)
+    let time = |value: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(value.as_str().unwrap()).unwrap()
     };
-    let first_wait = (at(4) - at(2)).num_milliseconds();
-    let second_wait = (at(7) - at(5)).num_milliseconds();
+    let (at, retry_at) = (
+        |i: usize| time(&events[i].data["at"]),
+        |i: usize| time(&events[i].data["data"]["retry_at"]),
+    );
+    let first_wait = (retry_at(2) - at(1)).num_milliseconds();
+    let second_wait = (retry_at(5) - at(4)).num_milliseconds();
     assert!(first_wait >= 150, "first backoff {first_wait} ms");
     assert!(second_wait >= 300, "second backoff {second_wait} ms");
+    assert!(at(4) >= retry_at(2) && at(7) >= retry_at(5), "{events:?}");
     let job = app.job(id).await;
     assert_eq!(job["status"], "succeeded");
     assert_eq!(job["attempt"], 3);
