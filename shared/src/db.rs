@@ -34,7 +34,7 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
 /// session. Only for those: a generic plan does not see a parameter's value (a recent time
 /// range, say) when it chooses an index. Those statements touch a batch of rows by key and
 /// never need to read a whole table; with sequential scans off, a plan made while a table's
-/// statistics said it was empty (the unlogged, churning `dispatched_jobs`) still probes by key.
+/// statistics said it was empty (as a fresh database's do) still probes by key.
 pub async fn connect_queue(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     connect_with(
         url,
@@ -156,6 +156,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261208"),
             include_str!("../../migrations/checksums-20261209"),
             include_str!("../../migrations/checksums-20261210"),
+            include_str!("../../migrations/checksums-20261211"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -174,7 +175,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261210"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261211"
                 ),
             }
         }

@@ -1,16 +1,14 @@
 //! Fair dispatch: which queued jobs a worker takes next, and how workers hear of them.
 //!
 //! A queued job waits in PostgreSQL until a worker with a free slot claims it: the
-//! `claim_jobs` function ([`crate::store::claim_jobs`], one round trip) chooses a kind's held
-//! jobs by fair share, marks them running for that worker and records each in
-//! `dispatched_jobs`, where it stays while the attempt runs: a narrow, unlogged row that fair
-//! share and caps count (after a crash empties the table, the maintenance `dispatcher` duty
-//! records the running jobs again). The next job goes to the tenant with the fewest jobs running
-//! per unit of weight, decided at the moment a slot is free, so a tenant arriving behind
-//! another's backlog of thousands starts as soon as any slot frees. A tenant's `max_running` for
-//! the kind caps its running jobs across all workers. Within a tenant, higher `priority` goes
-//! first, then older jobs. Claims of one kind are serialized by a transaction-scoped advisory
-//! lock, so two workers never count the same share twice.
+//! `claim_jobs` function ([`crate::claims::claim_jobs`], one round trip) chooses a kind's held
+//! jobs by fair share and marks them running for that worker (fair share and caps count a
+//! tenant's running jobs through the `jobs_running` index). The next job goes to the tenant
+//! with the fewest jobs running per unit of weight, decided at the moment a slot is free, so a
+//! tenant arriving behind another's backlog of thousands starts as soon as any slot frees. A
+//! tenant's `max_running` for the kind caps its running jobs across all workers. Within a
+//! tenant, higher `priority` goes first, then older jobs. Claims of one kind are serialized by
+//! a transaction-scoped advisory lock, so two workers never count the same share twice.
 //!
 //! A claim normally resumes each tenant's scan after the last job claimed for it
 //! (`dispatch_cursors`): every queued job before that is running, so the claim reads only what

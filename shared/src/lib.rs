@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod buckets;
+pub mod claims;
 pub mod connections;
 pub mod context;
 pub mod datasets;

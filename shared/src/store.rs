@@ -169,29 +169,6 @@ pub async fn list_jobs(
     q.build_query_as().fetch_all(pool).await
 }
 
-/// Claims up to `wanted` of `kind`'s held jobs for `worker`, chosen by fair share (the
-/// `claim_jobs` function: one round trip that marks them running and commits); a tenant's
-/// `max_running` for the kind, else `default_cap`, bounds its running jobs. A `resume` claim
-/// starts each tenant's scan after the last job claimed for it: enough unless a job became
-/// queued since the last full claim.
-pub async fn claim_jobs(
-    db: impl sqlx::PgExecutor<'_>,
-    kind: &str,
-    worker: &str,
-    wanted: usize,
-    default_cap: Option<i64>,
-    resume: bool,
-) -> sqlx::Result<Vec<Job>> {
-    sqlx::query_as("SELECT * FROM claim_jobs($1, $2, $3, $4, $5)")
-        .bind(kind)
-        .bind(worker)
-        .bind(wanted as i64)
-        .bind(default_cap)
-        .bind(resume)
-        .fetch_all(db)
-        .await
-}
-
 /// Gives each requested id its row, once: a duplicate request gets `None`.
 fn match_rows<T>(
     ids: impl Iterator<Item = Uuid>,
@@ -362,10 +339,9 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
                     sum(f.synthetic_rows)
              FROM done d JOIN f ON f.id = d.id
              GROUP BY d.tenant_id, d.key_id, d.kind
-         ), {}, {}
+         ), {}
          SELECT id, tenant_id, kind, status, progress, attempt, pipeline_id FROM done",
         crate::webhooks::outbox_cte("done"),
-        undispatch_cte("done")
     );
     let rows: Vec<Ended> = sqlx::query_as(&sql)
         .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
@@ -396,16 +372,12 @@ pub async fn requeue(
     attempt: i32,
     worker: &str,
 ) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(&format!(
-        "WITH r AS (
-         UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1,
+    sqlx::query_as(
+        "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1,
              worker = NULL, progress = 0, updated_at = now()
          WHERE id = $1 AND attempt = $2 AND status = 'running' AND worker = $3
-         RETURNING *
-         ), {}
-         SELECT * FROM r",
-        undispatch_cte("r")
-    ))
+         RETURNING *",
+    )
     .bind(id)
     .bind(attempt)
     .bind(worker)
@@ -430,10 +402,9 @@ pub async fn request_cancel(
              updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status IN ('scheduled', 'queued', 'retrying', 'running')
          RETURNING *
-         ), {}, {}
+         ), {}
          SELECT * FROM c",
         crate::webhooks::outbox_cte("c"),
-        undispatch_cte("c")
     );
     sqlx::query_as(&sql)
         .bind(id)
@@ -448,17 +419,13 @@ pub async fn retry(
     tenant: Uuid,
     id: Uuid,
 ) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(&format!(
-        "WITH r AS (
-         UPDATE jobs SET status = 'queued', max_attempts = attempt + max_attempts,
+    sqlx::query_as(
+        "UPDATE jobs SET status = 'queued', max_attempts = attempt + max_attempts,
              cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
              finished_at = NULL, run_at = now(), updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status IN ('failed', 'cancelled')
-         RETURNING *
-         ), {}
-         SELECT * FROM r",
-        undispatch_cte("r")
-    ))
+         RETURNING *",
+    )
     .bind(id)
     .bind(tenant)
     .fetch_optional(pool)
@@ -536,10 +503,9 @@ pub async fn change_matching(
                AND {applies}
              ORDER BY id LIMIT $4 FOR UPDATE)
          RETURNING *
-         ), {outbox}, {undispatch}
+         ), {outbox}
          SELECT * FROM c",
         outbox = crate::webhooks::outbox_cte("c"),
-        undispatch = undispatch_cte("c")
     ))
     .bind(tenant)
     .bind(statuses)
@@ -569,48 +535,6 @@ pub struct Moved {
     pub attempt: i32,
     pub status: String,
     pub error: Option<String>,
-}
-
-/// A statement's part that ends the dispatch records of the jobs in `source` (a CTE of changed
-/// job rows) that are no longer in flight: ended, cancelled, or held again.
-fn undispatch_cte(source: &str) -> String {
-    format!(
-        "undispatched AS (
-             DELETE FROM dispatched_jobs
-             WHERE job_id IN (SELECT id FROM {source} WHERE status <> 'running'))"
-    )
-}
-
-/// Running jobs without a dispatch record (a crash empties the unlogged table) are recorded
-/// again, so they count against their tenants' shares and caps. Returns how many.
-pub async fn restore_dispatches(pool: &PgPool) -> sqlx::Result<u64> {
-    Ok(sqlx::query(
-        "INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
-         SELECT id, kind, tenant_id FROM jobs j
-         WHERE status = 'running'
-           AND NOT EXISTS (SELECT 1 FROM dispatched_jobs d WHERE d.job_id = j.id)
-         ON CONFLICT (job_id) DO NOTHING",
-    )
-    .execute(pool)
-    .await?
-    .rows_affected())
-}
-
-/// Dispatch records whose job is not running (none should be: a claim records only the jobs it
-/// marks running, and whatever ends an attempt deletes its record): deleted, so they stop
-/// counting against their tenants' shares and caps. Each record's job is
-/// looked up by key (a scalar subquery, which the planner cannot turn into a join or a hash):
-/// as an anti-join it hashed every queued job, twice a second per worker, in time growing
-/// with the backlog.
-pub async fn drop_stray_dispatches(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<u64> {
-    Ok(sqlx::query(
-        "DELETE FROM dispatched_jobs d
-         WHERE NOT coalesce((SELECT j.status = 'running' FROM jobs j
-                             WHERE j.id = d.job_id), false)",
-    )
-    .execute(db)
-    .await?
-    .rows_affected())
 }
 
 /// Scheduled and retrying jobs whose time has come become queued.
@@ -661,10 +585,9 @@ pub async fn rescue_orphans(
                      AND w.heartbeat_at > now() - make_interval(secs => $1))
              LIMIT $3 FOR UPDATE SKIP LOCKED)
          RETURNING *
-         ), {}, {}
+         ), {}
          SELECT id, tenant_id, kind, attempt, status, error FROM r",
         crate::webhooks::outbox_cte("r"),
-        undispatch_cte("r")
     );
     sqlx::query_as(&sql)
         .bind(horizon.as_secs_f64())
@@ -672,49 +595,6 @@ pub async fn rescue_orphans(
         .bind(limit)
         .fetch_all(pool)
         .await
-}
-
-/// The kinds with queued jobs, some perhaps waiting to be dispatched (a skip scan of
-/// `jobs_held`).
-pub async fn queued_kinds(pool: &PgPool) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar(
-        "WITH RECURSIVE kinds AS (
-             (SELECT kind FROM jobs WHERE status = 'queued' ORDER BY kind LIMIT 1)
-             UNION ALL
-             SELECT (SELECT j.kind FROM jobs j WHERE j.status = 'queued'
-                       AND j.kind > k.kind ORDER BY j.kind LIMIT 1)
-             FROM kinds k WHERE k.kind IS NOT NULL
-         )
-         SELECT kind FROM kinds WHERE kind IS NOT NULL",
-    )
-    .fetch_all(pool)
-    .await
-}
-
-/// Makes `worker`'s claim of `ids` durable, on the connection that claimed them: claims commit
-/// without waiting for their WAL flush (see migration `20261210000001`), and a synchronous
-/// commit flushes the WAL up to its own record, past them (its write is the worker's heartbeat,
-/// which a claiming worker also proves). On that connection, not a pooled one: a crash before
-/// the flush loses the claim, and a connection to the restarted server would confirm nothing.
-/// Returns those of `ids` still running under `worker`, each with whether a cancel was asked for
-/// meanwhile.
-pub async fn confirm_claims(
-    conn: &mut sqlx::PgConnection,
-    worker: &str,
-    ids: &[Uuid],
-) -> sqlx::Result<Vec<(Uuid, bool)>> {
-    sqlx::query_as(
-        "WITH beat AS (
-             INSERT INTO workers (name, queues) VALUES ($1, '{}')
-             ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()
-         )
-         SELECT id, cancel_requested FROM jobs
-         WHERE id = ANY ($2) AND status = 'running' AND worker = $1",
-    )
-    .bind(worker)
-    .bind(ids)
-    .fetch_all(conn)
-    .await
 }
 
 pub async fn heartbeat(pool: &PgPool, worker: &str, queues: &Value) -> sqlx::Result<()> {
@@ -800,6 +680,7 @@ pub async fn delete_finished(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::claims::{claim_jobs, confirm_claims};
     use crate::testing::TestDatabase;
 
     fn new_job(kind: &str, idempotency_key: Option<&str>) -> NewJob {
@@ -818,17 +699,6 @@ mod tests {
         insert_jobs(&db.pool, tenant, Uuid::now_v7(), jobs, None)
             .await
             .unwrap()
-    }
-
-    /// Every job recorded in flight, as claims would.
-    async fn record_all_in_flight(db: &TestDatabase) {
-        sqlx::query(
-            "INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
-             SELECT id, kind, tenant_id FROM jobs",
-        )
-        .execute(&db.pool)
-        .await
-        .unwrap();
     }
 
     fn finish(job: &Job, outcome: Outcome) -> Finish {
@@ -1136,48 +1006,5 @@ mod tests {
             read < 50,
             "{read} rows of jobs fetched to finish 10 of 300 running"
         );
-    }
-
-    /// The sweep of stray dispatch records reads the recorded jobs by key, not the backlog.
-    #[tokio::test]
-    async fn stray_dispatch_records_are_found_without_reading_the_backlog() {
-        let db = TestDatabase::new().await;
-        let tenant = db.tenant().await;
-        let jobs: Vec<NewJob> = (0..2000).map(|_| new_job("canary", None)).collect();
-        submit(&db, tenant, &jobs).await;
-        // Statistics from a moment when every job was in flight (they lag a churning table);
-        // now 20 are running, one of them cancelled since.
-        record_all_in_flight(&db).await;
-        sqlx::query("ANALYZE").execute(&db.pool).await.unwrap();
-        sqlx::query("DELETE FROM dispatched_jobs WHERE NOT job_id = ANY ($1)")
-            .bind(jobs[..20].iter().map(|j| j.id).collect::<Vec<_>>())
-            .execute(&db.pool)
-            .await
-            .unwrap();
-        sqlx::query(
-            "UPDATE jobs SET status = CASE WHEN id = $1 THEN 'cancelled' ELSE 'running' END
-             WHERE id = ANY ($2)",
-        )
-        .bind(jobs[0].id)
-        .bind(jobs[..20].iter().map(|j| j.id).collect::<Vec<_>>())
-        .execute(&db.pool)
-        .await
-        .unwrap();
-
-        // A session of its own: its transaction's counts are this statement's alone.
-        let mut session = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
-            .await
-            .unwrap();
-        let mut tx = sqlx::Connection::begin(&mut session).await.unwrap();
-        let dropped = drop_stray_dispatches(&mut *tx).await.unwrap();
-        let scanned: i64 = sqlx::query_scalar(
-            "SELECT seq_tup_read FROM pg_stat_xact_user_tables WHERE relname = 'jobs'",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-        assert_eq!(dropped, 1, "the cancelled job's record");
-        assert_eq!(scanned, 0, "jobs read by scanning the table");
     }
 }

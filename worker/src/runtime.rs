@@ -5,6 +5,7 @@ use futures::FutureExt;
 use serde_json::{json, Value};
 use shared::{
     batch::Batcher,
+    claims,
     dispatch::{Dispatcher, Refill, FULL_CLAIM_EVERY},
     events::{Event, EventLog, EventType},
     objects::ObjectStore,
@@ -330,7 +331,7 @@ impl Runtime {
         full: bool,
     ) -> anyhow::Result<Vec<(Job, RunningJob)>> {
         let mut conn = self.queue_pool.acquire().await?;
-        let jobs = store::claim_jobs(
+        let jobs = claims::claim_jobs(
             &mut *conn,
             kind,
             &self.name,
@@ -355,7 +356,7 @@ impl Runtime {
             }
         }
         let ids: Vec<Uuid> = claimed.iter().map(|(job, _)| job.id).collect();
-        let confirmed = match store::confirm_claims(&mut conn, &self.name, &ids).await {
+        let confirmed = match claims::confirm_claims(&mut conn, &self.name, &ids).await {
             Ok(confirmed) => confirmed.into_iter().collect::<HashMap<Uuid, bool>>(),
             Err(e) => {
                 for (job, running) in &claimed {

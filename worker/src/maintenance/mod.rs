@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use crate::Runtime;
 use shared::leader::LOCK_KEY;
 
-mod dispatcher;
 mod pipelines;
 mod queue_minutes;
 mod rescuer;
@@ -70,7 +69,6 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
         Arc::new(scheduler::Scheduler::default()),
         Arc::new(schedules::Schedules::new(settings)),
         Arc::new(pipelines::Pipelines::default()),
-        Arc::new(dispatcher::Dispatcher::default()),
         Arc::new(rescuer::Rescuer::new(settings)),
         Arc::new(sweeps::Sweeps::default()),
         Arc::new(workers::Workers::new(settings)),

@@ -58,19 +58,14 @@ impl TestDb {
     }
 
     /// A job row of the tenant in `status`, finished now if that is terminal, at attempt 1
-    /// unless scheduled or queued; recorded in flight if running.
+    /// unless scheduled or queued.
     pub async fn job(&self, kind: &str, status: &str) -> Uuid {
         let id = Uuid::now_v7();
         sqlx::query(
-            "WITH job AS (
-                 INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt, finished_at)
-                 VALUES ($1, $2, $3, $4, '{}',
-                         CASE WHEN $4 IN ('scheduled', 'queued') THEN 0 ELSE 1 END,
-                         CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled') THEN now() END)
-                 RETURNING id, kind, tenant_id, status
-             )
-             INSERT INTO dispatched_jobs (job_id, kind, tenant_id)
-             SELECT id, kind, tenant_id FROM job WHERE status = 'running'",
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt, finished_at)
+             VALUES ($1, $2, $3, $4, '{}',
+                     CASE WHEN $4 IN ('scheduled', 'queued') THEN 0 ELSE 1 END,
+                     CASE WHEN $4 IN ('succeeded', 'failed', 'cancelled') THEN now() END)",
         )
         .bind(id)
         .bind(self.tenant)
