@@ -1,10 +1,12 @@
 //! How a worker takes jobs: one claim chooses a kind's queued jobs by fair share and marks them
 //! running for the worker (the `claim_jobs` function, see [`crate::dispatch`] for the rules);
-//! the worker confirms the claim durable before running any of them.
+//! the worker confirms the claim durable before running any of them, and hands back jobs that
+//! run under its name but not in its process.
 
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::model::Job;
+use crate::{model::Job, store::Moved};
 
 /// Claims up to `wanted` of `kind`'s queued jobs for `worker`, chosen by fair share (one round
 /// trip that marks them running and commits); a tenant's `max_running` for the kind, else
@@ -54,10 +56,36 @@ pub async fn confirm_claims(
     .await
 }
 
+/// Hands back `worker`'s running jobs other than `known` (those it runs): queued again, the
+/// attempt not counted against the budget; cancelled if a cancel was asked for (no worker
+/// would see it once queued). Returns them.
+pub async fn hand_back_unknown(
+    pool: &PgPool,
+    worker: &str,
+    known: &[Uuid],
+) -> sqlx::Result<Vec<Moved>> {
+    sqlx::query_as(&format!(
+        "WITH r AS (
+         UPDATE jobs SET
+             status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+             finished_at = CASE WHEN cancel_requested THEN now() END,
+             max_attempts = max_attempts + 1, worker = NULL, progress = 0, updated_at = now()
+         WHERE worker = $1 AND status = 'running' AND id <> ALL ($2)
+         RETURNING *
+         ), {}
+         SELECT id, tenant_id, kind, attempt, status, error FROM r",
+        crate::webhooks::outbox_cte("r"),
+    ))
+    .bind(worker)
+    .bind(known)
+    .fetch_all(pool)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{store, testing::TestDatabase};
+    use crate::{model::JobStatus, store, testing::TestDatabase};
 
     /// `n` jobs of `tenant` in `status` (attempt 1 if running), oldest first.
     async fn jobs(db: &TestDatabase, tenant: Uuid, status: &str, n: usize) -> Vec<Uuid> {
@@ -330,5 +358,50 @@ mod tests {
             full > 3000,
             "a full claim steps over the jobs that ran: {full} against {resumed}"
         );
+    }
+
+    /// A worker hands back only its own running jobs that it does not run: queued again with
+    /// the attempt not counted, or cancelled if a cancel was asked for.
+    #[tokio::test]
+    async fn a_worker_hands_back_only_its_own_jobs_it_does_not_run() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        queued(&db, tenant, 4).await;
+        let mine = claim_jobs(&db.pool, "canary", "w1", 3, None, false)
+            .await
+            .unwrap();
+        let theirs = claim_jobs(&db.pool, "canary", "w2", 1, None, false)
+            .await
+            .unwrap();
+        let (known, lost, cancelled) = (&mine[0], &mine[1], &mine[2]);
+        store::request_cancel(&db.pool, tenant, cancelled.id)
+            .await
+            .unwrap();
+
+        let mut moved = hand_back_unknown(&db.pool, "w1", &[known.id])
+            .await
+            .unwrap();
+        moved.sort_by_key(|m| m.status.clone());
+        let moved: Vec<(Uuid, &str)> = moved.iter().map(|m| (m.id, m.status.as_str())).collect();
+        assert_eq!(moved, [(cancelled.id, "cancelled"), (lost.id, "queued")]);
+        let row = |id| store::get_job(&db.pool, tenant, id);
+        let lost_row = row(lost.id).await.unwrap().unwrap();
+        assert_eq!(
+            (lost_row.worker, lost_row.max_attempts),
+            (None, lost.max_attempts + 1)
+        );
+        assert!(row(cancelled.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .finished_at
+            .is_some());
+        for (id, worker) in [(known.id, "w1"), (theirs[0].id, "w2")] {
+            let job = row(id).await.unwrap().unwrap();
+            assert_eq!(
+                (job.status.0, job.worker.as_deref()),
+                (JobStatus::Running, Some(worker))
+            );
+        }
     }
 }

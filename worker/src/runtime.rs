@@ -47,6 +47,9 @@ pub struct Runtime {
     running: Mutex<HashMap<Uuid, RunningJob>>,
     /// Claims on their way: their jobs are not in `running` yet.
     claiming: AtomicUsize,
+    /// Held (shared) by each claim until its jobs are registered in `running`, and alone by
+    /// the heartbeat while it hands back the rows running here that `running` does not know.
+    registering: tokio::sync::RwLock<()>,
     idle: tokio::sync::Notify,
     /// Claims and finishes: a session each that plans its statements once.
     queue_pool: PgPool,
@@ -209,6 +212,7 @@ impl Runtime {
             queue_spec,
             running: Mutex::new(HashMap::new()),
             claiming: AtomicUsize::new(0),
+            registering: tokio::sync::RwLock::new(()),
             idle: tokio::sync::Notify::new(),
         })
     }
@@ -330,6 +334,7 @@ impl Runtime {
         wanted: usize,
         full: bool,
     ) -> anyhow::Result<Vec<(Job, RunningJob)>> {
+        let _registering = self.registering.read().await;
         let mut conn = self.queue_pool.acquire().await?;
         let jobs = claims::claim_jobs(
             &mut *conn,
@@ -388,13 +393,42 @@ impl Runtime {
         Ok(claimed)
     }
 
-    /// Proves this process is alive, and stops jobs whose cancel was requested.
+    /// Proves this process is alive, stops jobs whose cancel was requested, and hands back
+    /// jobs running here in their rows only.
     pub(crate) async fn heartbeat_once(&self) -> anyhow::Result<()> {
         store::heartbeat(&self.pool, &self.name, &self.queue_spec).await?;
         for id in store::cancel_requests(&self.pool, &self.name).await? {
             if let Some(job) = self.running.lock().expect("running lock").get(&id) {
                 job.token.cancel();
             }
+        }
+        self.hand_back_strays().await
+    }
+
+    /// A claim that committed but whose answer never arrived (the connection dropped), or
+    /// whose hand-back failed, leaves rows `running` under this worker that no task runs; the
+    /// lease this process keeps alive would hold them there for ever. Those rows go back to
+    /// the queue, without using up an attempt. Only while no claim is on its way (else at a
+    /// later heartbeat: waiting for one would hold up the heartbeats, and lose the lease), and
+    /// none starts meanwhile, so that every job running here is in `running`.
+    async fn hand_back_strays(&self) -> anyhow::Result<()> {
+        let strays = {
+            let Ok(_no_claims) = self.registering.try_write() else {
+                return Ok(());
+            };
+            let known: Vec<Uuid> = {
+                let running = self.running.lock().expect("running lock");
+                running.keys().copied().collect()
+            };
+            claims::hand_back_unknown(&self.pool, &self.name, &known).await?
+        };
+        if !strays.is_empty() {
+            tracing::warn!(
+                count = strays.len(),
+                "jobs running here only in their rows; handed back to the queue"
+            );
+            self.dispatch(strays.iter().filter_map(Change::moved).collect())
+                .await;
         }
         Ok(())
     }

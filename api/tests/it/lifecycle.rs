@@ -119,6 +119,44 @@ async fn a_cancel_reaches_the_running_job_before_the_next_heartbeat() {
     );
 }
 
+/// A claim that committed but whose answer never reached its worker (the connection dropped)
+/// leaves a row `running` under a lease the worker keeps alive, which no rescue takes. The
+/// worker's heartbeat hands back what it does not run, and the job runs; a job it does run
+/// stays with it.
+#[tokio::test]
+async fn a_claim_whose_answer_was_lost_still_runs() {
+    let mut app = TestApp::spawn().await;
+    let worker = app.start_worker(1).await;
+    // The worker's one slot stays busy: its consumer claims nothing meanwhile.
+    let busy = app.submit_canary(json!({"steps": 5, "step_ms": 400})).await;
+    app.wait_status(busy, &["running"], WAIT).await;
+    let lost = app.submit_canary(json!({"steps": 1})).await;
+    let claimed: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM claim_jobs('canary', $1, 1, NULL)")
+            .bind(&worker)
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(claimed, vec![lost], "claimed under the worker's name");
+
+    let job = app.wait_status(lost, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        job["attempt"], 2,
+        "the lost claim's attempt, then its run: {job}"
+    );
+    assert_eq!(
+        job["max_attempts"], 4,
+        "the lost attempt is not counted: {job}"
+    );
+    let busy = app.wait_status(busy, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(busy["status"], "succeeded", "{busy}");
+    assert_eq!(
+        busy["attempt"], 1,
+        "the job the worker ran stayed with it: {busy}"
+    );
+}
+
 #[tokio::test]
 async fn failed_attempts_back_off_and_retry_until_success() {
     let mut app = TestApp::spawn().await;
