@@ -139,6 +139,7 @@ pub async fn start(
     runtime.heartbeat_once().await?;
     tasks.spawn(runtime.clone().heartbeat_loop(stop_taking.clone()));
     tasks.spawn(runtime.clone().announcement_listener());
+    tasks.spawn(runtime.clone().stray_loop());
     tasks.spawn(maintenance::run(runtime.clone(), stop_taking.clone()));
     for (kind, concurrency) in queues.0 {
         tasks.spawn(

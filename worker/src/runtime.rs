@@ -47,8 +47,8 @@ pub struct Runtime {
     running: Mutex<HashMap<Uuid, RunningJob>>,
     /// Claims on their way: their jobs are not in `running` yet.
     claiming: AtomicUsize,
-    /// Held (shared) by each claim until its jobs are registered in `running`, and alone by
-    /// the heartbeat while it hands back the rows running here that `running` does not know.
+    /// Held (shared) by each claim until its jobs are registered in `running`, and alone while
+    /// the rows running here that `running` does not know are handed back.
     registering: tokio::sync::RwLock<()>,
     idle: tokio::sync::Notify,
     /// Claims and finishes: a session each that plans its statements once.
@@ -393,8 +393,7 @@ impl Runtime {
         Ok(claimed)
     }
 
-    /// Proves this process is alive, stops jobs whose cancel was requested, and hands back
-    /// jobs running here in their rows only.
+    /// Proves this process is alive, and stops jobs whose cancel was requested.
     pub(crate) async fn heartbeat_once(&self) -> anyhow::Result<()> {
         store::heartbeat(&self.pool, &self.name, &self.queue_spec).await?;
         for id in store::cancel_requests(&self.pool, &self.name).await? {
@@ -402,15 +401,27 @@ impl Runtime {
                 job.token.cancel();
             }
         }
-        self.hand_back_strays().await
+        Ok(())
+    }
+
+    /// Hands back strays ([`Self::hand_back_strays`]) every heartbeat interval, in a task of
+    /// its own: a slow statement here must not space out the heartbeats (and lose the lease).
+    pub(crate) async fn stray_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.heartbeat);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.hand_back_strays().await {
+                tracing::warn!(error = %e, "strays not handed back");
+            }
+        }
     }
 
     /// A claim that committed but whose answer never arrived (the connection dropped), or
     /// whose hand-back failed, leaves rows `running` under this worker that no task runs; the
     /// lease this process keeps alive would hold them there for ever. Those rows go back to
-    /// the queue, without using up an attempt. Only while no claim is on its way (else at a
-    /// later heartbeat: waiting for one would hold up the heartbeats, and lose the lease), and
-    /// none starts meanwhile, so that every job running here is in `running`.
+    /// the queue, without using up an attempt. Only while no claim is on its way (else next
+    /// time: waiting for one could take as long as a stalled claim), and none starts
+    /// meanwhile, so that every job running here is in `running`.
     async fn hand_back_strays(&self) -> anyhow::Result<()> {
         let strays = {
             let Ok(_no_claims) = self.registering.try_write() else {
