@@ -273,12 +273,17 @@ impl From<Job> for Ended {
 /// `None` if the attempt no longer owns the job (the rescuer gave it to another worker).
 pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Option<Ended>>> {
     let n = items.len();
+    // Written in id order, the order bulk changes lock jobs in (`change_matching`): in the
+    // outcomes' order, a batch could hold one job a bulk cancel wants while waiting for another
+    // the cancel holds.
+    let mut ordered: Vec<&Finish> = items.iter().collect();
+    ordered.sort_unstable_by_key(|item| item.id);
     let mut status = Vec::with_capacity(n);
     let mut result = Vec::with_capacity(n);
     let mut error = Vec::with_capacity(n);
     let mut retry_at = Vec::with_capacity(n);
     let mut terminal = Vec::with_capacity(n);
-    for item in items {
+    for item in &ordered {
         let (r, e, at) = match &item.outcome {
             Outcome::Succeeded(value) => (Some(value.clone()), None, None),
             Outcome::Cancelled => (None, None, None),
@@ -293,10 +298,10 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
     }
     // Usage as one typed array per figure: no JSON to write here or to parse there.
     let seconds = |f: fn(&crate::usage::Usage) -> f64| -> Vec<f64> {
-        items.iter().map(|i| f(&i.usage)).collect()
+        ordered.iter().map(|i| f(&i.usage)).collect()
     };
     let count = |f: fn(&crate::usage::Usage) -> i64| -> Vec<i64> {
-        items.iter().map(|i| f(&i.usage)).collect()
+        ordered.iter().map(|i| f(&i.usage)).collect()
     };
     // Each job is found by its key: the plan is made once per session, and a literal
     // `status = 'running'` let it read every running job through their index whenever the
@@ -344,8 +349,8 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
         crate::webhooks::outbox_cte("done"),
     );
     let rows: Vec<Ended> = sqlx::query_as(&sql)
-        .bind(items.iter().map(|i| i.id).collect::<Vec<_>>())
-        .bind(items.iter().map(|i| i.attempt).collect::<Vec<_>>())
+        .bind(ordered.iter().map(|i| i.id).collect::<Vec<_>>())
+        .bind(ordered.iter().map(|i| i.attempt).collect::<Vec<_>>())
         .bind(status)
         .bind(result)
         .bind(error)
@@ -1006,5 +1011,80 @@ mod tests {
             read < 50,
             "{read} rows of jobs fetched to finish 10 of 300 running"
         );
+    }
+
+    /// A bulk cancel locks the jobs it takes in id order; a finish batch of the same running
+    /// jobs must too, whatever order their outcomes arrived in. The test holds the older job so
+    /// that the cancel waits for it first, then the finish of both, newest first, as a
+    /// worker's outcomes may come. Locking in its items' order, the finish took the newer job
+    /// and waited for the older one, which the cancel took next and then waited for the newer
+    /// one: PostgreSQL broke the deadlock by failing one of them.
+    #[tokio::test]
+    async fn a_finish_and_a_bulk_cancel_of_the_same_jobs_do_not_deadlock() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        submit(
+            &db,
+            tenant,
+            &[new_job("canary", None), new_job("canary", None)],
+        )
+        .await;
+        let mut running = claim_jobs(&db.pool, "canary", "w1", 2, None, false)
+            .await
+            .unwrap();
+        running.sort_by_key(|job| job.id);
+        let (older, newer) = (running[0].clone(), running[1].clone());
+        let waiting = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+        };
+        let wait_for = |n: i64| async move {
+            for _ in 0..500 {
+                if waiting().await >= n {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            panic!("{n} sessions never waited for a lock");
+        };
+
+        let mut holder = db.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(older.id)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let cancel = tokio::spawn({
+            let pool = db.pool.clone();
+            async move {
+                let filter = JobFilter {
+                    statuses: vec![JobStatus::Running],
+                    ..Default::default()
+                };
+                change_matching(&pool, tenant, &filter, BulkChange::Cancel, 10).await
+            }
+        });
+        wait_for(1).await;
+        let queue = crate::db::connect_queue(&db.url, 1).await.unwrap();
+        let finished = tokio::spawn(async move {
+            let outcome = || Outcome::Succeeded(serde_json::json!({}));
+            finish_many(
+                &queue,
+                &[finish(&newer, outcome()), finish(&older, outcome())],
+            )
+            .await
+        });
+        wait_for(2).await;
+        holder.rollback().await.unwrap();
+
+        let cancelled = cancel.await.unwrap().expect("the bulk cancel");
+        let finished = finished.await.unwrap().expect("the finish");
+        assert_eq!(cancelled.len(), 2);
+        assert!(finished.iter().all(Option::is_some));
     }
 }
