@@ -157,6 +157,62 @@ async fn a_claim_whose_answer_was_lost_still_runs() {
     );
 }
 
+/// A slot frees once its handler returns, while the outcome is being written, so that the next
+/// claim overlaps the write. Outcomes that cannot be written (PostgreSQL refuses them here)
+/// hold as many jobs again as the worker has slots, and then the worker claims no more; once
+/// they can be written, every job ends after one attempt.
+#[tokio::test]
+async fn outcomes_that_cannot_be_written_stop_the_claims_at_twice_the_slots() {
+    let mut app = TestApp::spawn().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_outcomes() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'outcomes refused'; END $$;
+         CREATE TRIGGER refuse_outcomes BEFORE UPDATE ON jobs FOR EACH ROW
+             WHEN (NEW.status = 'succeeded') EXECUTE FUNCTION refuse_outcomes();",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(app.submit_canary(json!({"steps": 1})).await);
+    }
+    app.start_worker(2).await;
+    let counts = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*) FILTER (WHERE status = 'running'),
+                    count(*) FILTER (WHERE status = 'queued') FROM jobs",
+        )
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while counts().await.0 < 4 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", counts().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        counts().await,
+        (4, 4),
+        "(running, queued) while no outcome is written"
+    );
+
+    sqlx::raw_sql("DROP TRIGGER refuse_outcomes ON jobs")
+        .execute(app.pool())
+        .await
+        .unwrap();
+    for id in ids {
+        let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+        assert_eq!(
+            (&job["status"], &job["attempt"]),
+            (&json!("succeeded"), &json!(1)),
+            "{job}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn failed_attempts_back_off_and_retry_until_success() {
     let mut app = TestApp::spawn().await;
