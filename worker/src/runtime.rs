@@ -247,10 +247,10 @@ impl Runtime {
     }
 
     /// Serves one queue until `stop`: claims jobs for its free slots and runs each in a task
-    /// of its own. Under a backlog a claim waits up to [`LINGER`] for half the slots to be free,
-    /// so that one round trip takes many jobs; otherwise it takes what a free slot asks for at
-    /// once. A queue found empty is claimed from again when jobs of its kind are announced, at
-    /// the idle poll otherwise.
+    /// of its own. Under a backlog a claim waits up to [`LINGER`] for all the slots to be free
+    /// (a batch's handlers return together), so that one round trip takes many jobs; otherwise
+    /// it takes what a free slot asks for at once. A queue found empty is claimed from again
+    /// when jobs of its kind are announced, at the idle poll otherwise.
     pub(crate) async fn serve_queue(
         self: Arc<Self>,
         kind: String,
@@ -260,7 +260,6 @@ impl Runtime {
         let slots = Arc::new(Semaphore::new(concurrency));
         // Outcomes being written after their slot was freed (see `execute`).
         let writing = Arc::new(Semaphore::new(concurrency));
-        let half = concurrency.div_ceil(2) as u32;
         let queued = self.refill.dispatcher().queued(&kind);
         let mut full_at: Option<tokio::time::Instant> = None;
         let mut full_next = true;
@@ -271,7 +270,8 @@ impl Runtime {
                 () = stop.cancelled() => return,
                 permit = slots.clone().acquire_owned() => permit.expect("never closed"),
             };
-            let mut free = Slots::gather(&slots, first, backlog.then_some(half)).await;
+            let mut free =
+                Slots::gather(&slots, first, backlog.then_some(concurrency as u32)).await;
             let wanted = free.len();
             // Counted before the stop is looked at: a stopping worker waits for this claim.
             let claiming = Claiming::new(&self);
