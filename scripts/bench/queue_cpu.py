@@ -6,8 +6,8 @@ worker processes), PostgreSQL's work per job during the drain: row versions writ
 (inserted, updated, deleted, over every table) and WAL bytes, and the jobs whose attempt is
 not 1 (run twice, or not at all).
 Prints a table. BENCH_FLOOR=1: also, per round, the floor of this build's schema: no
-worker, two psql sessions write only each job's two durable changes (the worker's claim
-statement, then a bare finish), 64 jobs a statement, each statement its own commit.
+worker, two psql sessions write only each job's two durable changes (the claim's update, then
+a bare finish), 64 jobs a statement, each statement prepared once and its own commit.
 BENCH_PERF=FILE: also a system-wide `perf record -g` of each drain, to
 FILE.<build>.<run> (read with `perf report -i FILE... --sort comm,dso,sym`)."""
 
@@ -53,25 +53,25 @@ def forget(prefix):
 
 def floor_sessions():
     """Two psql sessions that claim and finish every queued job, 64 a statement: the least
-    PostgreSQL work a drain that records both changes durably can do on this schema."""
+    PostgreSQL work a drain that records both changes durably can do on this schema. Each
+    statement is prepared once and planned once per session, as the workers' are."""
     ids = psql("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id", f"{PG}/{DB}").split()
     batches = [ids[i:i + 64] for i in range(0, len(ids), 64)]
+    prepare = [
+        "PREPARE claim(uuid[]) AS UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = 'floor',"
+        " progress = 0, message = NULL, started_at = now(), updated_at = now()"
+        " WHERE id = ANY ($1) AND status = 'queued' AND NOT cancel_requested RETURNING jobs.*;",
+        "PREPARE finish(uuid[]) AS UPDATE jobs SET status = 'succeeded', result = '{}', progress = 1,"
+        " worker = NULL, finished_at = now(), updated_at = now() WHERE id = ANY ($1) AND status = 'running';",
+    ]
     sessions = []
     for half in (batches[0::2], batches[1::2]):
-        script = []
+        script = list(prepare)
         for batch in half:
-            array = "ARRAY[" + ",".join(f"'{i}'" for i in batch) + "]::uuid[]"
-            script.append(
-                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = 'floor', progress = 0,"
-                " message = NULL, started_at = now(), updated_at = now()"
-                f" FROM unnest({array}, ARRAY[{','.join('0' for _ in batch)}]::int4[]) AS m(id, generation)"
-                " WHERE jobs.id = m.id AND jobs.status = 'queued' AND jobs.attempt = m.generation"
-                " AND NOT jobs.cancel_requested RETURNING jobs.*;")
-            script.append(
-                "UPDATE jobs SET status = 'succeeded', result = '{}', progress = 1, worker = NULL,"
-                f" finished_at = now(), updated_at = now() WHERE id = ANY({array}) AND status = 'running';")
+            array = "'{" + ",".join(batch) + "}'"
+            script += [f"EXECUTE claim({array});", f"EXECUTE finish({array});"]
         session = subprocess.Popen(["psql", f"{PG}/{DB}", "-tAq", "-o", "/dev/null"], stdin=subprocess.PIPE,
-                                   text=True)
+                                   text=True, env=dict(os.environ, PGOPTIONS="-c plan_cache_mode=force_generic_plan"))
         sessions.append((session, "\n".join(script) + "\n"))
     # Left open until the drain is measured: a backend's CPU is read while it lives.
     for session, script in sessions:
