@@ -58,7 +58,9 @@ pub async fn confirm_claims(
 
 /// Hands back `worker`'s running jobs other than `known` (those it runs): queued again, the
 /// attempt not counted against the budget; cancelled if a cancel was asked for (no worker
-/// would see it once queued). Returns them.
+/// would see it once queued). Returns them. A job another transaction holds is left for the
+/// next round: waiting for it in scan order could deadlock with a bulk change, which locks in
+/// id order.
 pub async fn hand_back_unknown(
     pool: &PgPool,
     worker: &str,
@@ -70,7 +72,9 @@ pub async fn hand_back_unknown(
              status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
              finished_at = CASE WHEN cancel_requested THEN now() END,
              max_attempts = max_attempts + 1, worker = NULL, progress = 0, updated_at = now()
-         WHERE worker = $1 AND status = 'running' AND id <> ALL ($2)
+         WHERE id IN (SELECT id FROM jobs
+                      WHERE worker = $1 AND status = 'running' AND id <> ALL ($2)
+                      FOR UPDATE SKIP LOCKED)
          RETURNING *
          ), {}
          SELECT id, tenant_id, kind, attempt, status, error FROM r",
@@ -403,5 +407,34 @@ mod tests {
                 (JobStatus::Running, Some(worker))
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_hand_back_skips_a_stray_another_transaction_holds() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        queued(&db, tenant, 2).await;
+        let strays = claim_jobs(&db.pool, "canary", "w1", 2, None, false)
+            .await
+            .unwrap();
+        let (held, free) = (strays[0].id, strays[1].id);
+        let mut holder = db.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(held)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+
+        let now = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            hand_back_unknown(&db.pool, "w1", &[]),
+        )
+        .await
+        .expect("the hand-back waited for the held job")
+        .unwrap();
+        assert_eq!(now.iter().map(|m| m.id).collect::<Vec<_>>(), [free]);
+        holder.rollback().await.unwrap();
+        let next = hand_back_unknown(&db.pool, "w1", &[]).await.unwrap();
+        assert_eq!(next.iter().map(|m| m.id).collect::<Vec<_>>(), [held]);
     }
 }
