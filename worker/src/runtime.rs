@@ -568,10 +568,10 @@ impl Runtime {
     }
 
     /// Runs a claimed job's attempt in `slot` and records its outcome. The slot frees as soon
-    /// as the handler returns, so that the next claim overlaps this outcome's write (a drain
-    /// of no-op jobs ran 12 % faster); a permit of `writing` (as many as the slots) takes its
-    /// place. Without one the slot is kept: outcomes that cannot be written hold at most twice
-    /// the slots, and then the queue stops claiming.
+    /// as the handler returns, so that the next claim overlaps this outcome's write; a permit
+    /// of `writing` (as many as the slots) takes its place. Without one the slot is kept:
+    /// outcomes that cannot be written hold at most twice the slots, and then the queue stops
+    /// claiming.
     async fn execute(
         &self,
         job: Job,
