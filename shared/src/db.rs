@@ -1,8 +1,9 @@
 //! PostgreSQL pool and migrations.
 
 use sqlx::{
+    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
-    PgPool,
+    PgConnection, PgPool, Postgres,
 };
 use std::{str::FromStr, time::Duration};
 
@@ -63,6 +64,38 @@ async fn connect_with(
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL at {}: {e}", redact(url)))?;
     Ok(pool)
+}
+
+/// One connection of a pool, kept between the round trips of a loop that runs thousands a
+/// second (a queue's claims, the finishes): the pool tests a connection with a round trip of
+/// its own each time it is taken and each time it is given back, two more per statement.
+/// After an error the connection is dropped ([`Session::discard`]) and the next use takes one
+/// afresh, so a connection broken by a restart is not used again.
+pub struct Session {
+    pool: PgPool,
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+impl Session {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool, conn: None }
+    }
+
+    /// The kept connection, taken from the pool if there is none.
+    pub async fn conn(&mut self) -> sqlx::Result<&mut PgConnection> {
+        if self.conn.is_none() {
+            self.conn = Some(self.pool.acquire().await?);
+        }
+        Ok(self.conn.as_mut().expect("just taken"))
+    }
+
+    /// Drops the kept connection (it may be broken): the next [`Session::conn`] takes another.
+    pub fn discard(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Not given back: the pool's test of a broken connection would only fail.
+            drop(conn.detach());
+        }
+    }
 }
 
 /// A pool that connects on first use (target databases named by jobs).

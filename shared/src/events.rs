@@ -68,6 +68,7 @@ pub struct Event {
     pub progress: f32,
     pub message: Option<String>,
     pub data: Option<Value>,
+    #[serde(serialize_with = "rfc3339")]
     pub at: DateTime<Utc>,
     /// The attempt the event belongs to (for `queued`, the attempt it waits for); unset for
     /// events that need no place in that order. Not sent: it orders the job's stream (see
@@ -138,6 +139,13 @@ impl Event {
     }
 }
 
+/// What chrono's own `Serialize` writes, as one string: chrono hands serde_json its text a
+/// character at a time, each escaped on its own, which cost a draining worker 5 % of its
+/// instructions (two events a job).
+fn rfc3339<S: serde::Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+}
+
 /// One event as read back from a stream: its entry id (the SSE `id:`) and the event.
 #[derive(Clone, Debug)]
 pub struct StreamEntry {
@@ -170,12 +178,28 @@ impl StreamKeys {
     /// `PREFIX:{tenant}:job:JOB`: a tenant's streams share the hash tag `{tenant}`, so that
     /// one script appends to a tenant's stream and its job's in one slot of a Redis Cluster.
     pub fn job(&self, tenant: Uuid, job: Uuid) -> String {
-        format!("{}:{{{tenant}}}:job:{job}", self.prefix)
+        let mut key = self.tenant_part(tenant, 41);
+        key.push_str(":job:");
+        key.push_str(job.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+        key
     }
 
     /// `PREFIX:{tenant}:events`.
     pub fn tenant(&self, tenant: Uuid) -> String {
-        format!("{}:{{{tenant}}}:events", self.prefix)
+        let mut key = self.tenant_part(tenant, 7);
+        key.push_str(":events");
+        key
+    }
+
+    /// `PREFIX:{tenant}`, with room for `more` bytes. Without `format!`, which cost a draining
+    /// worker 6 % of its instructions (four keys a job).
+    fn tenant_part(&self, tenant: Uuid, more: usize) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + 39 + more);
+        key.push_str(&self.prefix);
+        key.push_str(":{");
+        key.push_str(tenant.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+        key.push('}');
+        key
     }
 }
 
@@ -376,6 +400,21 @@ pub fn valid_cursor(cursor: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The keys and the time written by hand read as `format!` and chrono would write them.
+    #[test]
+    fn keys_and_times_are_written_as_formatted() {
+        let (tenant, job) = (Uuid::now_v7(), Uuid::now_v7());
+        let keys = StreamKeys::new("conveyor:test");
+        assert_eq!(keys.job(tenant, job), format!("conveyor:test:{{{tenant}}}:job:{job}"));
+        assert_eq!(keys.tenant(tenant), format!("conveyor:test:{{{tenant}}}:events"));
+        for nanos in [0, 120_000_000, 123_456_000, 123_456_789] {
+            let mut event = Event::new(job, "canary", EventType::Started, JobStatus::Running, 0.0);
+            event.at = DateTime::from_timestamp(1_764_950_400, nanos).unwrap();
+            let written = serde_json::to_value(&event).unwrap();
+            assert_eq!(written["at"], serde_json::to_value(event.at).unwrap());
+        }
+    }
 
     /// A worker may claim a job before whoever queued it appended its `queued` event: that
     /// event, arriving after the attempt's `started` (or its outcome), is dropped from both

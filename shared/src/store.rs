@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::{types::Json, PgPool, Postgres, QueryBuilder};
+use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::model::{Job, JobStatus};
@@ -230,7 +231,8 @@ impl Outcome {
 pub struct Finish {
     pub id: Uuid,
     pub attempt: i32,
-    pub outcome: Outcome,
+    /// Shared, not copied, by the retries of its write and the event announcing it.
+    pub outcome: Arc<Outcome>,
     /// What the attempt used, added to `usage_sums` with the outcome.
     pub usage: crate::usage::Usage,
 }
@@ -271,7 +273,10 @@ impl From<Job> for Ended {
 
 /// Records the ends of attempts in one statement. Per item: the row after the change, or
 /// `None` if the attempt no longer owns the job (the rescuer gave it to another worker).
-pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Option<Ended>>> {
+pub async fn finish_many(
+    db: impl sqlx::PgExecutor<'_>,
+    items: &[Finish],
+) -> sqlx::Result<Vec<Option<Ended>>> {
     let n = items.len();
     // Written in id order, the order bulk changes lock jobs in (`change_matching`): in the
     // outcomes' order, a batch could hold one job a bulk cancel wants while waiting for another
@@ -284,8 +289,8 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
     let mut retry_at = Vec::with_capacity(n);
     let mut terminal = Vec::with_capacity(n);
     for item in &ordered {
-        let (r, e, at) = match &item.outcome {
-            Outcome::Succeeded(value) => (Some(value.clone()), None, None),
+        let (r, e, at) = match &*item.outcome {
+            Outcome::Succeeded(value) => (Some(Json(value)), None, None),
             Outcome::Cancelled => (None, None, None),
             Outcome::Retrying { error, retry_at } => (None, Some(error.clone()), Some(*retry_at)),
             Outcome::Failed(error) => (None, Some(error.clone()), None),
@@ -364,7 +369,7 @@ pub async fn finish_many(pool: &PgPool, items: &[Finish]) -> sqlx::Result<Vec<Op
         .bind(count(|u| u.chunks_embedded))
         .bind(count(|u| u.tokens_embedded))
         .bind(count(|u| u.synthetic_rows))
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     Ok(match_rows(items.iter().map(|i| i.id), rows, |e| e.id))
 }
@@ -706,11 +711,11 @@ mod tests {
             .unwrap()
     }
 
-    fn finish(job: &Job, outcome: Outcome) -> Finish {
+    fn finish(job: &crate::claims::Claimed, outcome: Outcome) -> Finish {
         Finish {
             id: job.id,
             attempt: job.attempt,
-            outcome,
+            outcome: outcome.into(),
             usage: Default::default(),
         }
     }
@@ -820,14 +825,11 @@ mod tests {
             .unwrap();
         assert_eq!(claimed.len(), 1);
         let running = claimed[0].clone();
+        assert_eq!((running.id, running.attempt), (job.id, 1));
+        let row = get_job(&db.pool, tenant, job.id).await.unwrap().unwrap();
         assert_eq!(
-            (
-                running.id,
-                running.status.0,
-                running.attempt,
-                running.worker.as_deref()
-            ),
-            (job.id, JobStatus::Running, 1, Some("w1"))
+            (row.status(), row.attempt, row.worker.as_deref()),
+            (JobStatus::Running, 1, Some("w1"))
         );
         for resume in [false, true] {
             let again = claim_jobs(&db.pool, "canary", "w2", 4, None, resume).await;
@@ -996,7 +998,7 @@ mod tests {
                 .map(|j| Finish {
                     id: j.id,
                     attempt: 1,
-                    outcome: Outcome::Succeeded(serde_json::json!({})),
+                    outcome: Outcome::Succeeded(serde_json::json!({})).into(),
                     usage: Default::default(),
                 })
                 .collect()

@@ -5,7 +5,8 @@ use futures::FutureExt;
 use serde_json::{json, Value};
 use shared::{
     batch::Batcher,
-    claims,
+    claims::{self, Claimed},
+    db::Session,
     dispatch::{Dispatcher, Refill, FULL_CLAIM_EVERY},
     events::{Event, EventLog, EventType},
     objects::ObjectStore,
@@ -163,19 +164,28 @@ impl Runtime {
         // A finish answers once its outcomes' events are appended: a job's stream must hold its
         // outcome before a claim may take the job again or its pipeline move on.
         let finishes = {
-            let (pool, events) = (queue_pool.clone(), events.clone());
+            // The batcher runs one batch at a time: the lock is never waited for.
+            let session = Arc::new(tokio::sync::Mutex::new(Session::new(queue_pool.clone())));
+            let events = events.clone();
             Batcher::spawn_lingering(BATCH, LINGER, move |items: Vec<store::Finish>| {
-                let (pool, events) = (pool.clone(), events.clone());
+                let (session, events) = (session.clone(), events.clone());
                 async move {
-                    let rows = store::finish_many(&pool, &items)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let mut session = session.lock().await;
+                    let finished = match session.conn().await {
+                        Ok(conn) => store::finish_many(conn, &items).await,
+                        Err(e) => Err(e),
+                    };
+                    let rows = finished.map_err(|e| {
+                        session.discard();
+                        e.to_string()
+                    })?;
+                    drop(session);
                     let outcomes: Vec<(Uuid, Event)> = rows
                         .iter()
                         .zip(&items)
                         .filter_map(|(row, item)| {
                             let row = row.as_ref()?;
-                            Some((row.tenant_id, ended(row, Some(&item.outcome))))
+                            Some((row.tenant_id, ended(row, Some(item.outcome.as_ref()))))
                         })
                         .collect();
                     append_announcing(&events, &outcomes).await;
@@ -264,6 +274,7 @@ impl Runtime {
         let mut full_at: Option<tokio::time::Instant> = None;
         let mut full_next = true;
         let mut backlog = false;
+        let mut session = Session::new(self.queue_pool.clone());
         loop {
             let first = tokio::select! {
                 biased;
@@ -282,12 +293,13 @@ impl Runtime {
             let announced = queued.notified().now_or_never().is_some();
             let full =
                 full_next || announced || full_at.is_none_or(|at| at.elapsed() >= FULL_CLAIM_EVERY);
-            let claimed = self.claim(&kind, wanted, full).await;
+            let claimed = self.claim(&mut session, &kind, wanted, full).await;
             drop(claiming);
             let claimed = match claimed {
                 Ok(claimed) => claimed,
                 Err(e) => {
                     tracing::warn!(queue = %kind, error = %e, "claim failed; claiming again shortly");
+                    session.discard();
                     drop(free);
                     full_next = true;
                     tokio::select! {
@@ -331,12 +343,13 @@ impl Runtime {
     /// is handed back: its jobs may be running here in the rows, under a live lease.
     async fn claim(
         &self,
+        session: &mut Session,
         kind: &str,
         wanted: usize,
         full: bool,
-    ) -> anyhow::Result<Vec<(Job, RunningJob)>> {
+    ) -> anyhow::Result<Vec<(Claimed, RunningJob)>> {
         let _registering = self.registering.read().await;
-        let mut conn = self.queue_pool.acquire().await?;
+        let conn = session.conn().await?;
         let jobs = claims::claim_jobs(
             &mut *conn,
             kind,
@@ -362,7 +375,7 @@ impl Runtime {
             }
         }
         let ids: Vec<Uuid> = claimed.iter().map(|(job, _)| job.id).collect();
-        let confirmed = match claims::confirm_claims(&mut conn, &self.name, &ids).await {
+        let confirmed = match claims::confirm_claims(conn, &self.name, &ids).await {
             Ok(confirmed) => confirmed.into_iter().collect::<HashMap<Uuid, bool>>(),
             Err(e) => {
                 for (job, running) in &claimed {
@@ -574,7 +587,7 @@ impl Runtime {
     /// claiming.
     async fn execute(
         &self,
-        job: Job,
+        job: Claimed,
         running: RunningJob,
         slot: OwnedSemaphorePermit,
         writing: &Arc<Semaphore>,
@@ -607,7 +620,7 @@ impl Runtime {
     }
 
     /// Runs the handler; returns how the attempt ended and what it used.
-    async fn run_attempt(&self, job: &Job, running: &RunningJob) -> (Attempt, Usage) {
+    async fn run_attempt(&self, job: &Claimed, running: &RunningJob) -> (Attempt, Usage) {
         let wall = std::time::Instant::now();
         let meter = Arc::new(Meter::default());
         let attempt = self.attempt(job, running, &meter).await;
@@ -625,7 +638,7 @@ impl Runtime {
     }
 
     /// Runs a claimed job's handler (its `started` event went out with the claim).
-    async fn attempt(&self, job: &Job, running: &RunningJob, meter: &Arc<Meter>) -> Attempt {
+    async fn attempt(&self, job: &Claimed, running: &RunningJob, meter: &Arc<Meter>) -> Attempt {
         let Some(handler) = self.registry.get(&job.kind).cloned() else {
             return Attempt::Done(Outcome::Failed(format!(
                 "this worker has no handler for {:?}",
@@ -662,7 +675,7 @@ impl Runtime {
         Attempt::Done(outcome)
     }
 
-    fn retry_or_fail(&self, job: &Job, error: String) -> Outcome {
+    fn retry_or_fail(&self, job: &Claimed, error: String) -> Outcome {
         if job.attempt < job.max_attempts {
             let delay = backoff(self.settings.retry_base, job.attempt);
             Outcome::Retrying {
@@ -676,11 +689,16 @@ impl Runtime {
 
     /// Writes the outcome, retrying while PostgreSQL is unreachable: the row must not stay
     /// `running` behind a live worker's lease.
-    async fn record(&self, job: &Job, attempt: Attempt, usage: Usage) {
+    async fn record(&self, job: &Claimed, attempt: Attempt, usage: Usage) {
         let mut delay = Duration::from_millis(100);
+        // One outcome shared by every try, not a copy of its result each.
+        let outcome = match attempt {
+            Attempt::Done(outcome) => Some(Arc::new(outcome)),
+            Attempt::HandBack => None,
+        };
         loop {
-            let written = match &attempt {
-                Attempt::Done(outcome) => {
+            let written = match &outcome {
+                Some(outcome) => {
                     let finish = store::Finish {
                         id: job.id,
                         attempt: job.attempt,
@@ -689,14 +707,16 @@ impl Runtime {
                     };
                     self.finishes.call(finish).await
                 }
-                Attempt::HandBack => store::requeue(&self.pool, job.id, job.attempt, &self.name)
+                None => store::requeue(&self.pool, job.id, job.attempt, &self.name)
                     .await
                     .map(|row| row.map(store::Ended::from))
                     .map_err(|e| e.to_string()),
             };
             match written {
                 Ok(Some(row)) => {
-                    self.announce_outcome(&row, &attempt).await;
+                    if outcome.is_none() {
+                        self.announce_hand_back(&row).await;
+                    }
                     // After the outcome's event: a pipeline's stream ends once it has both.
                     if let Some(pipeline) = row.pipeline_id.filter(|_| row.status().is_terminal()) {
                         self.advance_pipeline(pipeline).await;
@@ -716,14 +736,12 @@ impl Runtime {
 
     /// Announces a hand-back, queued again (an ended attempt's event went out with its finish
     /// batch; a retry is announced when the scheduler promotes it).
-    async fn announce_outcome(&self, row: &store::Ended, attempt: &Attempt) {
-        if let Attempt::HandBack = attempt {
-            let change = Change {
-                tenant: row.tenant_id,
-                event: ended(row, None),
-            };
-            self.dispatch(vec![change]).await;
-        }
+    async fn announce_hand_back(&self, row: &store::Ended) {
+        let change = Change {
+            tenant: row.tenant_id,
+            event: ended(row, None),
+        };
+        self.dispatch(vec![change]).await;
     }
 }
 
@@ -760,7 +778,7 @@ impl Runtime {
 }
 
 /// The event of an attempt that `worker` has just claimed.
-fn started(job: &Job, worker: &str) -> Event {
+fn started(job: &Claimed, worker: &str) -> Event {
     Event::new(
         job.id,
         &job.kind,

@@ -322,7 +322,7 @@ mod tests {
                 &[shared::store::Finish {
                     id,
                     attempt: 1,
-                    outcome,
+                    outcome: outcome.into(),
                     usage: Default::default(),
                 }],
             )
