@@ -38,13 +38,13 @@ pub async fn claim_jobs(
         "SELECT id, tenant_id, kind, payload, attempt, max_attempts
          FROM claim_jobs($1, $2, $3, $4, $5)",
     )
-        .bind(kind)
-        .bind(worker)
-        .bind(wanted as i64)
-        .bind(default_cap)
-        .bind(resume)
-        .fetch_all(db)
-        .await
+    .bind(kind)
+    .bind(worker)
+    .bind(wanted as i64)
+    .bind(default_cap)
+    .bind(resume)
+    .fetch_all(db)
+    .await
 }
 
 /// Makes `worker`'s claim of `ids` durable, on the connection that claimed them: claims commit

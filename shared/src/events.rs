@@ -406,8 +406,14 @@ mod tests {
     fn keys_and_times_are_written_as_formatted() {
         let (tenant, job) = (Uuid::now_v7(), Uuid::now_v7());
         let keys = StreamKeys::new("conveyor:test");
-        assert_eq!(keys.job(tenant, job), format!("conveyor:test:{{{tenant}}}:job:{job}"));
-        assert_eq!(keys.tenant(tenant), format!("conveyor:test:{{{tenant}}}:events"));
+        assert_eq!(
+            keys.job(tenant, job),
+            format!("conveyor:test:{{{tenant}}}:job:{job}")
+        );
+        assert_eq!(
+            keys.tenant(tenant),
+            format!("conveyor:test:{{{tenant}}}:events")
+        );
         for nanos in [0, 120_000_000, 123_456_000, 123_456_789] {
             let mut event = Event::new(job, "canary", EventType::Started, JobStatus::Running, 0.0);
             event.at = DateTime::from_timestamp(1_764_950_400, nanos).unwrap();

@@ -737,7 +737,7 @@ mod tests {
         }
         let (generic, custom): (i64, i64) = sqlx::query_as(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements
-             WHERE statement LIKE 'SELECT * FROM claim_jobs%'",
+             WHERE statement LIKE '%FROM claim_jobs(%'",
         )
         .fetch_one(&pool)
         .await
