@@ -426,6 +426,55 @@ mod tests {
         }
     }
 
+    /// Scans of one of `jobs`' indexes so far, as the statistics have them.
+    async fn scans(db: &TestDatabase, index: &str) -> i64 {
+        sqlx::query_scalar("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1")
+            .bind(index)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    }
+
+    /// A claim is planned once per session from the statistics of the moment. Planned while
+    /// they say no job is queued (every sampled job had ended), it still walks `jobs_held` as
+    /// far as it takes, rather than reading every queued job through `jobs_live` to sort them.
+    #[tokio::test]
+    async fn a_claim_planned_while_nothing_was_queued_walks_the_held_jobs_in_order() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let ended = jobs(&db, tenant, "running", 200).await;
+        run(&db, &ended).await;
+        sqlx::query("ANALYZE jobs").execute(&db.pool).await.unwrap();
+        queued(&db, tenant, 500).await;
+        let (held, live) = (scans(&db, "jobs_held").await, scans(&db, "jobs_live").await);
+
+        let queue = crate::db::connect_queue(&db.url, 1).await.unwrap();
+        let mut conn = queue.acquire().await.unwrap();
+        let claimed = claim_jobs(&mut *conn, "canary", "w1", 8, None, false)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 8);
+        // The session's counts reach the statistics once it is idle.
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let mut tries = 0;
+        while scans(&db, "jobs_held").await == held {
+            tries += 1;
+            assert!(
+                tries < 100,
+                "the claim's scans never reached the statistics"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            scans(&db, "jobs_live").await,
+            live,
+            "the claim read jobs_live"
+        );
+    }
+
     #[tokio::test]
     async fn a_hand_back_skips_a_stray_another_transaction_holds() {
         let db = TestDatabase::new().await;

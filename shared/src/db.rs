@@ -190,6 +190,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261209"),
             include_str!("../../migrations/checksums-20261210"),
             include_str!("../../migrations/checksums-20261211"),
+            include_str!("../../migrations/checksums-20261212"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -208,7 +209,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261211"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261212"
                 ),
             }
         }
