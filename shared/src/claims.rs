@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use crate::store::Moved;
 
-/// A job as its worker claims it: what running an attempt needs, not the whole row (a claim
-/// of 64 jobs spent more of a worker's time reading their 27 columns than running them).
+/// A job as its worker claims it: what running an attempt needs, not the whole row (decoding
+/// all 27 columns by name was 15 % of a draining worker's instructions).
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Claimed {
     pub id: Uuid,
@@ -426,8 +426,8 @@ mod tests {
         }
     }
 
-    /// Scans of one of `jobs`' indexes so far, as the statistics have them.
-    async fn scans(db: &TestDatabase, index: &str) -> i64 {
+    /// Entries read from one of `jobs`' indexes so far, as the statistics have them.
+    async fn entries_read(db: &TestDatabase, index: &str) -> i64 {
         sqlx::query_scalar("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1")
             .bind(index)
             .fetch_one(&db.pool)
@@ -446,7 +446,10 @@ mod tests {
         run(&db, &ended).await;
         sqlx::query("ANALYZE jobs").execute(&db.pool).await.unwrap();
         queued(&db, tenant, 500).await;
-        let (held, live) = (scans(&db, "jobs_held").await, scans(&db, "jobs_live").await);
+        let (held, live) = (
+            entries_read(&db, "jobs_held").await,
+            entries_read(&db, "jobs_live").await,
+        );
 
         let queue = crate::db::connect_queue(&db.url, 1).await.unwrap();
         let mut conn = queue.acquire().await.unwrap();
@@ -460,7 +463,7 @@ mod tests {
             .await
             .unwrap();
         let mut tries = 0;
-        while scans(&db, "jobs_held").await == held {
+        while entries_read(&db, "jobs_held").await == held {
             tries += 1;
             assert!(
                 tries < 100,
@@ -469,7 +472,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert_eq!(
-            scans(&db, "jobs_live").await,
+            entries_read(&db, "jobs_live").await,
             live,
             "the claim read jobs_live"
         );

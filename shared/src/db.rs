@@ -68,7 +68,7 @@ async fn connect_with(
 
 /// One connection of a pool, kept between the round trips of a loop that runs thousands a
 /// second (a queue's claims, the finishes): the pool tests a connection with a round trip of
-/// its own each time it is taken and each time it is given back, two more per statement.
+/// its own each time it is taken and each time it is given back, two more per use.
 /// After an error the connection is dropped ([`Session::discard`]) and the next use takes one
 /// afresh, so a connection broken by a restart is not used again.
 pub struct Session {
