@@ -159,10 +159,10 @@ async fn a_claim_whose_answer_was_lost_still_runs() {
 
 /// A slot frees once its handler returns, while the outcome is being written, so that the next
 /// claim overlaps the write. Outcomes that cannot be written (PostgreSQL refuses them here)
-/// hold as many jobs again as the worker has slots, and then the worker claims no more; once
-/// they can be written, every job ends after one attempt.
+/// hold three times as many jobs again as the worker has slots, and then the worker claims no
+/// more; once they can be written, every job ends after one attempt.
 #[tokio::test]
-async fn outcomes_that_cannot_be_written_stop_the_claims_at_twice_the_slots() {
+async fn outcomes_that_cannot_be_written_stop_the_claims_at_four_times_the_slots() {
     let mut app = TestApp::spawn().await;
     sqlx::raw_sql(
         "CREATE FUNCTION refuse_outcomes() RETURNS trigger LANGUAGE plpgsql
@@ -174,7 +174,7 @@ async fn outcomes_that_cannot_be_written_stop_the_claims_at_twice_the_slots() {
     .await
     .unwrap();
     let mut ids = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..12 {
         ids.push(app.submit_canary(json!({"steps": 1})).await);
     }
     app.start_worker(2).await;
@@ -188,14 +188,14 @@ async fn outcomes_that_cannot_be_written_stop_the_claims_at_twice_the_slots() {
         .unwrap()
     };
     let deadline = std::time::Instant::now() + WAIT;
-    while counts().await.0 < 4 {
+    while counts().await.0 < 8 {
         assert!(std::time::Instant::now() < deadline, "{:?}", counts().await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         counts().await,
-        (4, 4),
+        (8, 4),
         "(running, queued) while no outcome is written"
     );
 
