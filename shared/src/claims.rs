@@ -1,7 +1,7 @@
 //! How a worker takes jobs: one claim chooses a kind's queued jobs by fair share and marks them
-//! running for the worker (the `claim_jobs` function, see [`crate::dispatch`] for the rules),
-//! durable once it answers; the worker hands back jobs that run under its name but not in its
-//! process.
+//! running for the worker (the `claim_jobs` function, see [`crate::dispatch`] for the rules);
+//! the worker confirms the claim durable before running any of them, and hands back jobs that
+//! run under its name but not in its process.
 
 use serde_json::Value;
 use sqlx::PgPool;
@@ -23,7 +23,7 @@ pub struct Claimed {
 }
 
 /// Claims up to `wanted` of `kind`'s queued jobs for `worker`, chosen by fair share (one round
-/// trip that marks them running and commits, durably: they may run at once); a tenant's `max_running` for the kind, else
+/// trip that marks them running and commits); a tenant's `max_running` for the kind, else
 /// `default_cap`, bounds its running jobs. A `resume` claim starts each tenant's scan after the
 /// last job claimed for it: enough unless a job became queued since the last full claim.
 pub async fn claim_jobs(
@@ -44,6 +44,32 @@ pub async fn claim_jobs(
     .bind(default_cap)
     .bind(resume)
     .fetch_all(db)
+    .await
+}
+
+/// Makes `worker`'s claim of `ids` durable, on the connection that claimed them: claims commit
+/// without waiting for their WAL flush (see migration `20261210000001`), and a synchronous
+/// commit flushes the WAL up to its own record, past them (its write is the worker's heartbeat,
+/// which a claiming worker also proves). On that connection, not a pooled one: a crash before
+/// the flush loses the claim, and a connection to the restarted server would confirm nothing.
+/// Returns those of `ids` still running under `worker`, each with whether a cancel was asked for
+/// meanwhile.
+pub async fn confirm_claims(
+    conn: &mut sqlx::PgConnection,
+    worker: &str,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<(Uuid, bool)>> {
+    sqlx::query_as(
+        "WITH beat AS (
+             INSERT INTO workers (name, queues) VALUES ($1, '{}')
+             ON CONFLICT (name) DO UPDATE SET heartbeat_at = now()
+         )
+         SELECT id, cancel_requested FROM jobs
+         WHERE id = ANY ($2) AND status = 'running' AND worker = $1",
+    )
+    .bind(worker)
+    .bind(ids)
+    .fetch_all(conn)
     .await
 }
 
@@ -428,28 +454,6 @@ mod tests {
         assert_eq!(claimed.len(), 8);
         assert!(held >= 1, "the held jobs walked: {held}");
         assert_eq!(live, 0, "entries of jobs_live read");
-    }
-
-    /// The worker runs what a claim returns at once: the claim's commit must wait for its WAL
-    /// flush as the session's other commits do (it once turned that off for its transaction,
-    /// and a second statement made the claim durable).
-    #[tokio::test]
-    async fn a_claim_commits_as_durably_as_its_session() {
-        let db = TestDatabase::new().await;
-        let tenant = db.tenant().await;
-        queued(&db, tenant, 2).await;
-
-        let mut tx = db.pool.begin().await.unwrap();
-        let claimed = claim_jobs(&mut *tx, "canary", "w1", 2, None, false)
-            .await
-            .unwrap();
-        let commit: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        assert_eq!(claimed.len(), 2);
-        assert_eq!(commit, "on", "the claim's transaction commits with");
     }
 
     #[tokio::test]

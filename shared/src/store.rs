@@ -690,7 +690,7 @@ pub async fn delete_finished(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::claims::claim_jobs;
+    use crate::claims::{claim_jobs, confirm_claims};
     use crate::testing::TestDatabase;
 
     fn new_job(kind: &str, idempotency_key: Option<&str>) -> NewJob {
@@ -835,10 +835,21 @@ mod tests {
             let again = claim_jobs(&db.pool, "canary", "w2", 4, None, resume).await;
             assert!(again.unwrap().is_empty());
         }
-        // A cancel asked for meanwhile reaches only its worker; handed back only by it.
+        // Confirmed only to its worker, with a cancel asked for meanwhile; handed back only by it.
+        let mut conn = db.pool.acquire().await.unwrap();
+        assert_eq!(
+            confirm_claims(&mut conn, "w1", &[job.id]).await.unwrap(),
+            [(job.id, false)]
+        );
         request_cancel(&db.pool, tenant, job.id).await.unwrap();
-        assert_eq!(cancel_requests(&db.pool, "w1").await.unwrap(), [job.id]);
-        assert!(cancel_requests(&db.pool, "w2").await.unwrap().is_empty());
+        assert_eq!(
+            confirm_claims(&mut conn, "w1", &[job.id]).await.unwrap(),
+            [(job.id, true)]
+        );
+        assert!(confirm_claims(&mut conn, "w2", &[job.id])
+            .await
+            .unwrap()
+            .is_empty());
         assert!(requeue(&db.pool, job.id, running.attempt, "w2")
             .await
             .unwrap()

@@ -341,11 +341,11 @@ impl Runtime {
         }
     }
 
-    /// Claims up to `wanted` jobs of `kind` (in full, or resuming after the cursors), durably;
-    /// answers once each is registered as running here (found by cancels from then on) and
-    /// the jobs' `started` events are appended: a job's handler, and its events, must not run
-    /// ahead of them. A claim that committed but failed to answer leaves its rows running
-    /// under this worker with no task: [`Self::hand_back_strays`] returns them to the queue.
+    /// Claims up to `wanted` jobs of `kind` (in full, or resuming after the cursors); answers
+    /// once each is registered as running here (found by cancels from then on), the claim is
+    /// durable and the jobs' `started` events are appended: a job's handler, and its events,
+    /// must not run ahead of either. A claim not confirmed durable (PostgreSQL lost meanwhile)
+    /// is handed back: its jobs may be running here in the rows, under a live lease.
     async fn claim(
         &self,
         session: &mut Session,
@@ -354,8 +354,9 @@ impl Runtime {
         full: bool,
     ) -> anyhow::Result<Vec<(Claimed, RunningJob)>> {
         let _registering = self.registering.read().await;
+        let conn = session.conn().await?;
         let jobs = claims::claim_jobs(
-            session.conn().await?,
+            &mut *conn,
             kind,
             &self.name,
             wanted,
@@ -378,6 +379,31 @@ impl Runtime {
                 claimed.push((job, entry));
             }
         }
+        let ids: Vec<Uuid> = claimed.iter().map(|(job, _)| job.id).collect();
+        let confirmed = match claims::confirm_claims(conn, &self.name, &ids).await {
+            Ok(confirmed) => confirmed.into_iter().collect::<HashMap<Uuid, bool>>(),
+            Err(e) => {
+                for (job, running) in &claimed {
+                    self.record(job, Attempt::HandBack, Usage::default()).await;
+                    self.unregister(job.id, running);
+                }
+                return Err(e.into());
+            }
+        };
+        // A job not confirmed is no longer this attempt's (rescued meanwhile); one whose cancel
+        // was asked for before it was registered stops at once.
+        claimed.retain(|(job, running)| match confirmed.get(&job.id) {
+            Some(cancel_requested) => {
+                if *cancel_requested {
+                    running.token.cancel();
+                }
+                true
+            }
+            None => {
+                self.unregister(job.id, running);
+                false
+            }
+        });
         let started: Vec<(Uuid, Event)> = claimed
             .iter()
             .map(|(job, _)| (job.tenant_id, started(job, &self.name)))
