@@ -272,8 +272,7 @@ impl Runtime {
     ) {
         let slots = Arc::new(Semaphore::new(concurrency));
         // Outcomes being written after their slot was freed (see `execute`): several slots'
-        // worth, so that the claims of a fast queue do not wait for the finishes of the last
-        // batches (one slots' worth drained 12 % slower).
+        // worth, so that a fast queue's claims do not wait for its last batches' finishes.
         let writing = Arc::new(Semaphore::new(WRITING_PER_SLOT * concurrency));
         let queued = self.refill.dispatcher().queued(&kind);
         let mut full_at: Option<tokio::time::Instant> = None;

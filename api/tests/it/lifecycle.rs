@@ -159,7 +159,7 @@ async fn a_claim_whose_answer_was_lost_still_runs() {
 
 /// A slot frees once its handler returns, while the outcome is being written, so that the next
 /// claim overlaps the write. Outcomes that cannot be written (PostgreSQL refuses them here)
-/// hold three times as many jobs again as the worker has slots, and then the worker claims no
+/// hold, besides the worker's slots, three times as many jobs, and then the worker claims no
 /// more; once they can be written, every job ends after one attempt.
 #[tokio::test]
 async fn outcomes_that_cannot_be_written_stop_the_claims_at_four_times_the_slots() {
