@@ -68,7 +68,9 @@ const BATCH: usize = 256;
 /// 0.47 ms, of 64 jobs 1.25 ms), and a drain's batches were ~14 jobs without it.
 const LINGER: Duration = Duration::from_millis(1);
 
-/// Outcomes being written, per slot of a queue, beyond the slots themselves (see `execute`).
+/// Outcomes being written, per slot of a queue, beyond the slots themselves (see `execute`):
+/// several slots' worth, so that a fast queue's claims do not wait for its last batches'
+/// finishes.
 const WRITING_PER_SLOT: usize = 3;
 
 /// How long a worker whose claim failed (PostgreSQL away) waits before claiming again.
@@ -271,8 +273,7 @@ impl Runtime {
         stop: CancellationToken,
     ) {
         let slots = Arc::new(Semaphore::new(concurrency));
-        // Outcomes being written after their slot was freed (see `execute`): several slots'
-        // worth, so that a fast queue's claims do not wait for its last batches' finishes.
+        // Outcomes being written after their slot was freed (see `execute`).
         let writing = Arc::new(Semaphore::new(WRITING_PER_SLOT * concurrency));
         let queued = self.refill.dispatcher().queued(&kind);
         let mut full_at: Option<tokio::time::Instant> = None;
