@@ -428,7 +428,7 @@ mod tests {
 
     /// A claim is planned once per session from the statistics of the moment. Planned while
     /// they say no job is queued (every sampled job had ended), it still walks `jobs_held` as
-    /// far as it takes, rather than reading every queued job through `jobs_live` to sort them.
+    /// far as it takes, rather than reading every queued job to sort them.
     #[tokio::test]
     async fn a_claim_planned_while_nothing_was_queued_walks_the_held_jobs_in_order() {
         let db = TestDatabase::new().await;
@@ -443,9 +443,12 @@ mod tests {
         let claimed = claim_jobs(&mut *tx, "canary", "w1", 8, None, false)
             .await
             .unwrap();
-        let (held, live): (i64, i64) = sqlx::query_as(
+        // Every index a queued job can be found through (the count of running jobs reads
+        // `jobs_running`, with the ended jobs' entries not yet vacuumed away).
+        let (held, read): (i64, i64) = sqlx::query_as(
             "SELECT pg_stat_get_xact_numscans('jobs_held'::regclass),
-                    pg_stat_get_xact_tuples_returned('jobs_live'::regclass)",
+                    sum(pg_stat_get_xact_tuples_returned(i))::int8
+             FROM unnest('{jobs_held,jobs_pkey,jobs_tenant_page}'::regclass[]) AS i",
         )
         .fetch_one(&mut *tx)
         .await
@@ -453,7 +456,10 @@ mod tests {
         tx.commit().await.unwrap();
         assert_eq!(claimed.len(), 8);
         assert!(held >= 1, "the held jobs walked: {held}");
-        assert_eq!(live, 0, "entries of jobs_live read");
+        assert!(
+            read < 100,
+            "index entries read for 8 of 500 queued jobs: {read}"
+        );
     }
 
     #[tokio::test]

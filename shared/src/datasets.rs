@@ -137,11 +137,11 @@ pub async fn list(
 
 /// Live jobs of the tenant whose payload names the dataset.
 pub async fn jobs_using(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(
-        "SELECT id FROM jobs
-         WHERE tenant_id = $1 AND status IN ('scheduled', 'queued', 'running', 'retrying')
-           AND strpos(payload::text, $2) > 0",
-    )
+    sqlx::query_scalar(concat!(
+        "SELECT id FROM jobs WHERE tenant_id = $1 AND ",
+        crate::live_jobs!(),
+        " AND strpos(payload::text, $2) > 0"
+    ))
     .bind(tenant)
     .bind(id.to_string())
     .fetch_all(pool)

@@ -191,6 +191,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261210"),
             include_str!("../../migrations/checksums-20261211"),
             include_str!("../../migrations/checksums-20261212"),
+            include_str!("../../migrations/checksums-20261213"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -209,7 +210,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261212"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261213"
                 ),
             }
         }

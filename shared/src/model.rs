@@ -6,6 +6,28 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+/// The SQL condition for live jobs (scheduled, queued, running, retrying), of `jobs` or of the
+/// alias given: one `OR` arm per partial index that holds them (`jobs_held`, `jobs_running`,
+/// `jobs_waiting`), which the planner reads each for its part. An `IN` list of the four implies
+/// none of their predicates: it scans the table.
+#[macro_export]
+macro_rules! live_jobs {
+    () => {
+        "(status = 'queued' OR status = 'running' OR status IN ('scheduled', 'retrying'))"
+    };
+    ($alias:literal) => {
+        concat!(
+            "(",
+            $alias,
+            ".status = 'queued' OR ",
+            $alias,
+            ".status = 'running' OR ",
+            $alias,
+            ".status IN ('scheduled', 'retrying'))"
+        )
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {

@@ -924,16 +924,17 @@ pub async fn stalled(db: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Uuid
 /// ended pipeline has no other way to a live step: it ends only once every step has, and a
 /// single retry resumes it in the retry's transaction.
 pub async fn retried_but_ended(db: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(concat!(
         "SELECT p.id FROM pipelines p
          WHERE p.status IN ('failed', 'cancelled')
            AND p.id IN (SELECT s.pipeline_id FROM jobs j
                         JOIN pipeline_steps s ON s.job_id = j.id AND s.state = 'started'
-                        WHERE j.pipeline_id IS NOT NULL
-                          AND j.status IN ('scheduled', 'queued', 'running', 'retrying'))
+                        WHERE j.pipeline_id IS NOT NULL AND ",
+        crate::live_jobs!("j"),
+        ")
          ORDER BY p.id LIMIT $1
-         FOR UPDATE OF p SKIP LOCKED",
-    )
+         FOR UPDATE OF p SKIP LOCKED"
+    ))
     .bind(limit)
     .fetch_all(db)
     .await

@@ -338,7 +338,7 @@ pub async fn finish_many(
          FROM f
          WHERE jobs.id = f.id AND jobs.attempt = f.attempt
            AND jobs.status = (SELECT 'running'::text)
-         RETURNING jobs.*
+         RETURNING {}
          ), used AS (
              INSERT INTO usage_sums (tenant_id, key_id, kind, attempts, wall_seconds,
                                      cpu_seconds, rows_read, rows_written, bytes_read,
@@ -351,6 +351,9 @@ pub async fn finish_many(
              GROUP BY d.tenant_id, d.key_id, d.kind
          ), {}
          SELECT id, tenant_id, kind, status, progress, attempt, pipeline_id FROM done",
+        // What the usage, the outbox and the answer read: not the payload, which can be large.
+        "jobs.id, jobs.tenant_id, jobs.key_id, jobs.kind, jobs.status, jobs.progress, jobs.attempt,
+         jobs.pipeline_id, jobs.finished_at, jobs.result, jobs.error",
         crate::webhooks::outbox_cte("done"),
     );
     let rows: Vec<Ended> = sqlx::query_as(&sql)
@@ -492,7 +495,7 @@ pub async fn change_matching(
             "status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
              cancel_requested = (status = 'running'),
              finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END",
-            "status IN ('scheduled', 'queued', 'retrying', 'running') AND NOT cancel_requested",
+            concat!(crate::live_jobs!(), " AND NOT cancel_requested"),
         ),
         BulkChange::Retry => (
             "status = 'queued', max_attempts = attempt + max_attempts,

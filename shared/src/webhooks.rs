@@ -295,7 +295,8 @@ pub async fn replay(
 
 /// The outbox: a CTE (to follow others in a `WITH`) that inserts one pending delivery per
 /// endpoint of the tenant of each terminal job row of `source` whose `events` hold the job's
-/// outcome. `source` must have the `jobs` columns (`RETURNING jobs.*`).
+/// outcome. `source` must have the `jobs` columns `id`, `tenant_id`, `kind`, `status`,
+/// `attempt`, `finished_at`, `result` and `error`.
 pub(crate) fn outbox_cte(source: &str) -> String {
     format!(
         "webhook_outbox AS (

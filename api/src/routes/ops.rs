@@ -125,10 +125,12 @@ pub async fn metrics(
     )
     .inc_by(entries);
 
-    // Live jobs come from the partial index; finishes and durations cover the last hour.
-    let live: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT kind, status, count(*) FROM jobs WHERE status IN ('scheduled','queued','running','retrying') GROUP BY 1, 2",
-    )
+    // Live jobs come from the partial indexes; finishes and durations cover the last hour.
+    let live: Vec<(String, String, i64)> = sqlx::query_as(concat!(
+        "SELECT kind, status, count(*) FROM jobs WHERE ",
+        shared::live_jobs!(),
+        " GROUP BY 1, 2"
+    ))
     .fetch_all(&state.pool)
     .await?;
     let family = add(

@@ -4,7 +4,7 @@
 //! Each run recounts the ended jobs from the minute before the last one rolled up (so a job
 //! that ended as a minute turned is counted, and a leader that was away catches up, at most an
 //! hour back) through the `jobs_finished` index, then samples the `queued` rows per kind
-//! (`jobs_live`). The counts are set, not added, so a rerun or a second leader never counts a
+//! (`jobs_held`). The counts are set, not added, so a rerun or a second leader never counts a
 //! job twice. Rows older than a day are deleted.
 
 use chrono::{DateTime, Utc};
