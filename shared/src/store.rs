@@ -338,7 +338,9 @@ pub async fn finish_many(
          FROM f
          WHERE jobs.id = f.id AND jobs.attempt = f.attempt
            AND jobs.status = (SELECT 'running'::text)
-         RETURNING {}
+         -- What the usage, the outbox and the answer read: not the payload, which can be large.
+         RETURNING jobs.id, jobs.tenant_id, jobs.key_id, jobs.kind, jobs.status, jobs.progress,
+                   jobs.attempt, jobs.pipeline_id, jobs.finished_at, jobs.result, jobs.error
          ), used AS (
              INSERT INTO usage_sums (tenant_id, key_id, kind, attempts, wall_seconds,
                                      cpu_seconds, rows_read, rows_written, bytes_read,
@@ -351,9 +353,6 @@ pub async fn finish_many(
              GROUP BY d.tenant_id, d.key_id, d.kind
          ), {}
          SELECT id, tenant_id, kind, status, progress, attempt, pipeline_id FROM done",
-        // What the usage, the outbox and the answer read: not the payload, which can be large.
-        "jobs.id, jobs.tenant_id, jobs.key_id, jobs.kind, jobs.status, jobs.progress, jobs.attempt,
-         jobs.pipeline_id, jobs.finished_at, jobs.result, jobs.error",
         crate::webhooks::outbox_cte("done"),
     );
     let rows: Vec<Ended> = sqlx::query_as(&sql)
