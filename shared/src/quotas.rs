@@ -130,7 +130,7 @@ mod tests {
 
     /// A tenant's live jobs are counted through the indexes that hold them, however many of its
     /// jobs have ended: an `IN` list of the live statuses matches none of those partial
-    /// indexes, and read the whole table.
+    /// indexes, so the whole table was read.
     #[tokio::test]
     async fn live_jobs_are_counted_from_their_indexes() {
         let db = TestDatabase::new().await;
