@@ -139,7 +139,7 @@ pub async fn list(
 pub async fn jobs_using(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar(concat!(
         "SELECT id FROM jobs WHERE tenant_id = $1 AND ",
-        crate::live_jobs!(),
+        crate::live_jobs!("jobs"),
         " AND strpos(payload::text, $2) > 0"
     ))
     .bind(tenant)

@@ -6,15 +6,12 @@ use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// The SQL condition for live jobs (scheduled, queued, running, retrying), of `jobs` or of the
-/// alias given: one `OR` arm per partial index that holds them (`jobs_held`, `jobs_running`,
+/// The SQL condition for the live jobs (scheduled, queued, running, retrying) of `jobs` under
+/// the name given: one `OR` arm per partial index that holds them (`jobs_held`, `jobs_running`,
 /// `jobs_waiting`), which the planner reads each for its part. An `IN` list of the four implies
 /// none of their predicates: it scans the table.
 #[macro_export]
 macro_rules! live_jobs {
-    () => {
-        "(status = 'queued' OR status = 'running' OR status IN ('scheduled', 'retrying'))"
-    };
     ($alias:literal) => {
         concat!(
             "(",

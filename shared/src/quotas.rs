@@ -44,7 +44,7 @@ pub async fn usage(db: &mut PgConnection, tenant: Uuid) -> sqlx::Result<TenantUs
     sqlx::query_as(concat!(
         "SELECT
              (SELECT count(*) FROM jobs WHERE tenant_id = $1 AND ",
-        crate::live_jobs!(),
+        crate::live_jobs!("jobs"),
         ") AS live_jobs,
              (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
                 AS dataset_bytes,

@@ -494,7 +494,7 @@ pub async fn change_matching(
             "status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
              cancel_requested = (status = 'running'),
              finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END",
-            concat!(crate::live_jobs!(), " AND NOT cancel_requested"),
+            concat!(crate::live_jobs!("jobs"), " AND NOT cancel_requested"),
         ),
         BulkChange::Retry => (
             "status = 'queued', max_attempts = attempt + max_attempts,

@@ -128,7 +128,7 @@ pub async fn metrics(
     // Live jobs come from the partial indexes; finishes and durations cover the last hour.
     let live: Vec<(String, String, i64)> = sqlx::query_as(concat!(
         "SELECT kind, status, count(*) FROM jobs WHERE ",
-        shared::live_jobs!(),
+        shared::live_jobs!("jobs"),
         " GROUP BY 1, 2"
     ))
     .fetch_all(&state.pool)
