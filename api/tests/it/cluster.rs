@@ -3,10 +3,7 @@
 //! processes serving different queue groups, all on loopback. One API process is killed
 //! mid-stream; the maintenance leader is killed.
 
-use crate::{
-    faults::free_port,
-    harness::{pid_of, KillOnDrop, SseMessage, SseReader, TestApp},
-};
+use crate::harness::{free_port, pid_of, KillOnDrop, SseMessage, SseReader, TestApp};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use std::{

@@ -608,7 +608,7 @@ async fn the_binaries_run_as_the_images_run_them() {
             .unwrap()
             .success());
     }
-    let port = crate::faults::free_port();
+    let port = crate::harness::free_port();
     let listen = api_image.env["CONVEYOR_LISTEN"].replace(":8080", &format!(":{port}"));
     // The image's settings, then the test deployment's, in the image's data directory.
     let deployment = |image: &Image, command: &mut Command| {

@@ -1,7 +1,7 @@
 //! Faults with real processes: kill -9 of a worker, a Redis restart, a PostgreSQL crash and
 //! restart, SIGTERM.
 
-use crate::harness::{admin_url, pid_of, KillOnDrop, TestApp};
+use crate::harness::{admin_url, free_port, pid_of, KillOnDrop, TestApp};
 use serde_json::json;
 use std::{
     path::{Path, PathBuf},
@@ -151,14 +151,6 @@ impl PrivateRedis {
     pub(crate) fn kill(&mut self) {
         self.child.take();
     }
-}
-
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

@@ -287,11 +287,7 @@ impl TestApp {
         env: &[(&str, &str)],
         log: impl Into<Stdio>,
     ) -> (KillOnDrop, String) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new(binary("conveyor-api"))
             .env("CONVEYOR_LISTEN", format!("127.0.0.1:{port}"))
             .envs(self.deployment_env())
@@ -528,6 +524,26 @@ impl Drop for Warehouse {
 
 fn rand_suffix() -> String {
     Uuid::new_v4().simple().to_string()[..6].to_owned()
+}
+
+/// A port for a server process a test starts. Taken below the kernel's ephemeral range, so
+/// that no outgoing connection of a test running beside this one can be given it between our
+/// check and the server's bind: a port from `bind(":0")` can be, and the server then fails.
+pub fn free_port() -> u16 {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral_low: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|low| low.parse().ok())
+        .unwrap_or(32768);
+    let low = 20_000.min(ephemeral_low / 2);
+    loop {
+        let port = rand::random_range(low..ephemeral_low);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The process id in a worker's name (host-pid-random).

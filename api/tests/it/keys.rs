@@ -3,8 +3,8 @@
 //! (its key cache, its open streams, the sessions opened with the key).
 
 use crate::{
-    faults::{free_port, PrivateRedis},
-    harness::TestApp,
+    faults::PrivateRedis,
+    harness::{free_port, TestApp},
 };
 use reqwest::{header, Method, Response, StatusCode};
 use serde_json::{json, Value};

@@ -60,11 +60,7 @@ impl S3Server {
 
     /// A free port and a fresh data directory.
     fn place() -> (u16, PathBuf) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::harness::free_port();
         let dir = std::env::temp_dir().join(format!("conveyor-s3-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         (port, dir)

@@ -4,10 +4,7 @@
 //! Without hash tags the event scripts fail (`CROSSSLOT`, "non local key") and without the
 //! cluster client every command whose key another node holds fails (`MOVED`).
 
-use crate::{
-    faults::free_port,
-    harness::{KillOnDrop, SseReader, TestApp},
-};
+use crate::harness::{free_port, KillOnDrop, SseReader, TestApp};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 use std::{

@@ -4,10 +4,7 @@
 //! the data nodes'. The primary is killed (SIGKILL), or demoted and left running; the sentinel
 //! promotes the replica, and connections find the new primary by themselves.
 
-use crate::{
-    faults::free_port,
-    harness::{KillOnDrop, SseMessage, SseReader, TestApp},
-};
+use crate::harness::{free_port, KillOnDrop, SseMessage, SseReader, TestApp};
 use redis::AsyncCommands;
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
