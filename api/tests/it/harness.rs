@@ -538,12 +538,14 @@ pub fn free_port() -> u16 {
         .and_then(|low| low.parse().ok())
         .unwrap_or(32768);
     let low = 20_000.min(ephemeral_low / 2);
-    loop {
-        let port = rand::random_range(low..ephemeral_low);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+    let below = (0..1_000)
+        .map(|_| rand::random_range(low..ephemeral_low))
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok());
+    // A machine whose ephemeral range leaves nothing below it: the kernel's pick, racy as it is.
+    below.unwrap_or_else(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    })
 }
 
 /// The process id in a worker's name (host-pid-random).
