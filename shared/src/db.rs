@@ -192,6 +192,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261211"),
             include_str!("../../migrations/checksums-20261212"),
             include_str!("../../migrations/checksums-20261213"),
+            include_str!("../../migrations/checksums-20261214"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -210,7 +211,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261213"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261214"
                 ),
             }
         }
