@@ -1,13 +1,13 @@
 """Where a drain's CPU goes: N no-op canary jobs submitted (batches of 1,000), then W worker
-processes x 64 drain them; per build (BENCH_BIN and BENCH_BASELINE, alternating, ROUNDS times
-each), the drain rate and the CPU seconds PostgreSQL, the workers and Redis spent during the
-drain (from /proc: the servers listening on their ports, with their children, and the
+processes x 64 (BENCH_CONCURRENCY=C: x C) drain them; per build (BENCH_BIN and BENCH_BASELINE,
+alternating, ROUNDS times each), the drain rate and the CPU seconds PostgreSQL, the workers and
+Redis spent during the drain (from /proc: the servers listening on their ports, with their children, and the
 worker processes), PostgreSQL's work per job during the drain: row versions written
 (inserted, updated, deleted, over every table) and WAL bytes, and the jobs whose attempt is
 not 1 (run twice, or not at all).
 Prints a table. BENCH_FLOOR=1: also, per round, the floor of this build's schema: no
 worker, two psql sessions write only each job's two durable changes (the claim's update, then
-a bare finish), 64 jobs a statement, each statement prepared once and its own commit.
+a bare finish), 64 (C) jobs a statement, each statement prepared once and its own commit.
 BENCH_PERF=FILE: also a system-wide `perf record -g` of each drain, to
 FILE.<build>.<run> (read with `perf report -i FILE... --sort comm,dso,sym`)."""
 
@@ -22,6 +22,8 @@ PG_PORT = urlsplit(PG).port or 5432
 BUILDS = [(name, os.environ[var]) for name, var in (("baseline", "BENCH_BASELINE"), ("this build", "BENCH_BIN"))
           if os.environ.get(var)]
 DB, PORT = "conveyor_bench_cpu", 18091
+# Slots per worker process, and so the most jobs one claim or finish carries.
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "64"))
 
 
 def psql(sql, db=f"{PG}/postgres"):
@@ -56,7 +58,7 @@ def floor_sessions():
     PostgreSQL work a drain that records both changes durably can do on this schema. Each
     statement is prepared once and planned once per session, as the workers' are."""
     ids = psql("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id", f"{PG}/{DB}").split()
-    batches = [ids[i:i + 64] for i in range(0, len(ids), 64)]
+    batches = [ids[i:i + CONCURRENCY] for i in range(0, len(ids), CONCURRENCY)]
     prepare = [
         "PREPARE claim(uuid[]) AS UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = 'floor',"
         " progress = 0, message = NULL, started_at = now(), updated_at = now()"
@@ -107,7 +109,7 @@ def drain(bin_dir, profile=None, floor=False):
         perf = profile and subprocess.Popen(["perf", "record", "-a", "-g", "-F", "499", "-q", "-o", profile],
                                             stdout=subprocess.DEVNULL)
         workers = floor_sessions() if floor else [
-            subprocess.Popen([f"{bin_dir}/conveyor-worker", "--queues", "canary=64"], env=env(prefix))
+            subprocess.Popen([f"{bin_dir}/conveyor-worker", "--queues", f"canary={CONCURRENCY}"], env=env(prefix))
             for _ in range(W)]
         # One connection polls, so the poll's own backends do not count as the drain's.
         poll = subprocess.Popen(["psql", f"{PG}/{DB}", "-tAq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -155,7 +157,7 @@ def main():
         if floor:
             results["floor: the two row writes alone"].append(drain(BUILDS[-1][1], floor=True))
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    print(f"| {N:,} no-op jobs, {W} worker process(es) x 64 | jobs/s | PostgreSQL CPU s | workers CPU s"
+    print(f"| {N:,} no-op jobs, {W} worker process(es) x {CONCURRENCY} | jobs/s | PostgreSQL CPU s | workers CPU s"
           " | Redis CPU s | rows written per job | WAL bytes per job | jobs not run exactly once |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, runs in results.items():
