@@ -246,7 +246,11 @@ async fn revoke_in(
     .bind(tenant)
     .fetch_optional(&mut *conn)
     .await?;
-    if found.is_some_and(|(_, live)| live) {
+    let Some((_, live)) = found else {
+        // Another tenant's key, or none: its sessions are not this caller's to end.
+        return Ok(None);
+    };
+    if live {
         sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1")
             .bind(id)
             .execute(&mut *conn)

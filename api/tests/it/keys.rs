@@ -288,7 +288,8 @@ async fn admin_keys_manage_their_own_tenants_keys_and_nothing_else() {
     }
 
     // Another tenant's admin key sees none of these keys and cannot revoke them: to it they
-    // do not exist.
+    // do not exist, nor do the sessions opened with them.
+    let member_session = sign_in(&app, &member).await;
     let other = app.key_for("globex").await;
     let (_, list) = call(&app, &app.base, Method::GET, "/v1/keys", &other, None).await;
     assert_eq!(list["keys"].as_array().unwrap().len(), 1, "{list}");
@@ -313,6 +314,11 @@ async fn admin_keys_manage_their_own_tenants_keys_and_nothing_else() {
         let (status, _) = call(&app, &app.base, Method::GET, "/v1/jobs", key, None).await;
         assert_eq!(status, StatusCode::OK);
     }
+    assert_eq!(
+        session_status(&app, &member_session).await,
+        StatusCode::OK,
+        "a session ended by another tenant's revocation attempt"
+    );
 
     // The tenant's own admin key revokes; again is a no-op.
     for _ in 0..2 {
@@ -391,40 +397,11 @@ async fn sessions_end_with_their_key_and_on_sign_out_in_every_process() {
     let app = TestApp::spawn().await;
     let (second, second_base) = second_process(&app).await;
     let (member_id, member) = new_key(&app, json!({})).await;
-    let sign_in = |key: String| {
-        let app = &app;
-        async move {
-            let response = app
-                .client
-                .post(app.url("/v1/session"))
-                .header("X-Conveyor-CSRF", "1")
-                .json(&json!({"api_key": key}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::CREATED);
-            let cookie = response.headers()[header::SET_COOKIE].to_str().unwrap();
-            cookie.split(';').next().unwrap().trim().to_owned()
-        }
-    };
-    let session_status = |cookie: String| {
-        let app = &app;
-        async move {
-            app.client
-                .get(app.url("/v1/session"))
-                .header(header::COOKIE, cookie)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    };
-
     // Three sessions, each with a stream on the other process: one opened with a key that is
     // then revoked, one that signs out, one that goes on.
     let mut sessions = Vec::new();
     for key in [&member, &app.key, &app.key] {
-        let cookie = sign_in(key.clone()).await;
+        let cookie = sign_in(&app, key).await;
         let stream = open_stream(&app, &second_base, "/v1/events", ("cookie", &cookie)).await;
         sessions.push((cookie, stream));
     }
@@ -437,7 +414,7 @@ async fn sessions_end_with_their_key_and_on_sign_out_in_every_process() {
 
     revoke(&app, member_id).await;
     assert_eq!(
-        session_status(revoked_cookie).await,
+        session_status(&app, &revoked_cookie).await,
         StatusCode::UNAUTHORIZED
     );
     assert!(
@@ -459,9 +436,34 @@ async fn sessions_end_with_their_key_and_on_sign_out_in_every_process() {
         "the signed-out session's stream"
     );
 
-    assert_eq!(session_status(kept_cookie).await, StatusCode::OK);
+    assert_eq!(session_status(&app, &kept_cookie).await, StatusCode::OK);
     assert!(!ends_within(&mut kept_stream, Duration::from_secs(1)).await);
     second.shutdown().await;
+}
+
+/// Signs in to the dashboard with `key`; the `Cookie` header value to send back.
+async fn sign_in(app: &TestApp, key: &str) -> String {
+    let response = app
+        .client
+        .post(app.url("/v1/session"))
+        .header("X-Conveyor-CSRF", "1")
+        .json(&json!({"api_key": key}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let cookie = response.headers()[header::SET_COOKIE].to_str().unwrap();
+    cookie.split(';').next().unwrap().trim().to_owned()
+}
+
+async fn session_status(app: &TestApp, cookie: &str) -> StatusCode {
+    app.client
+        .get(app.url("/v1/session"))
+        .header(header::COOKIE, cookie)
+        .send()
+        .await
+        .unwrap()
+        .status()
 }
 
 /// Waits until `n` API processes are subscribed to the app's revocation channel.
