@@ -66,7 +66,8 @@ impl TryFrom<String> for OnFailure {
 
 /// Checks the steps' names and needs (given in submitted order): names well formed and unique,
 /// needs naming other steps of the pipeline, once each, and no cycle. Errors name
-/// `steps[i].name` or `steps[i].needs`.
+/// `steps[i].name` or `steps[i].needs`, at most one each per step, and quote only names short
+/// enough to be valid: a megabyte of names and needs must not come back multiplied.
 pub fn check_graph(steps: &[(&str, &[String])]) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
@@ -82,26 +83,12 @@ pub fn check_graph(steps: &[(&str, &[String])]) -> Vec<FieldError> {
         }
     }
     for (i, (name, needs)) in steps.iter().enumerate() {
-        let mut seen = HashSet::new();
-        for need in needs.iter() {
-            let field = format!("steps[{i}].needs");
-            if need == name {
-                errors.push(FieldError::new(
-                    field,
-                    format!("step {name:?} needs itself"),
-                ));
-            } else if !index.contains_key(need.as_str()) {
-                errors.push(FieldError::new(
-                    field,
-                    format!("step {name:?} needs {need:?}, which is not a step of this pipeline"),
-                ));
-            } else if !seen.insert(need) {
-                errors.push(FieldError::new(
-                    field,
-                    format!("step {name:?} names {need:?} twice"),
-                ));
-            }
+        if let Some(why) = needs_fault(name, needs, &index) {
+            errors.push(FieldError::new(format!("steps[{i}].needs"), why));
         }
+    }
+    if !errors.is_empty() {
+        return errors;
     }
     if !errors.is_empty() {
         return errors;
@@ -146,8 +133,43 @@ fn check_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "must be 1-{MAX_NAME} letters, digits, '_' or '-', not {name:?}"
+            "must be 1-{MAX_NAME} letters, digits, '_' or '-', not {}",
+            quoted(name)
         ))
+    }
+}
+
+/// What is wrong with a step's needs, the first fault found: more needs than a pipeline has
+/// steps, itself, a name that is no step, or a step named twice.
+fn needs_fault(name: &str, needs: &[String], steps: &HashMap<&str, usize>) -> Option<String> {
+    if needs.len() > MAX_STEPS {
+        return Some(format!(
+            "must name at most {MAX_STEPS} steps, not {}",
+            needs.len()
+        ));
+    }
+    let mut seen = HashSet::new();
+    for need in needs {
+        if need == name {
+            return Some("a step cannot need itself".into());
+        }
+        if !steps.contains_key(need.as_str()) {
+            return Some(format!("{} is not a step of this pipeline", quoted(need)));
+        }
+        if !seen.insert(need) {
+            return Some(format!("{} is named twice", quoted(need)));
+        }
+    }
+    None
+}
+
+/// A submitted name as errors show it: quoted if it could be a step's name, else only its
+/// length (it may be most of the request).
+fn quoted(name: &str) -> String {
+    if name.len() <= MAX_NAME {
+        format!("{name:?}")
+    } else {
+        format!("a name of {} bytes", name.len())
     }
 }
 
@@ -978,15 +1000,32 @@ mod tests {
             "{cycle:?}"
         );
         let unknown = graph(&[("a", &["nope"])]);
-        assert!(
-            unknown[0].contains("\"nope\", which is not a step"),
-            "{unknown:?}"
-        );
-        assert!(graph(&[("a", &["a"])])[0].contains("needs itself"));
+        assert!(unknown[0].contains("\"nope\" is not a step"), "{unknown:?}");
+        assert!(graph(&[("a", &["a"])])[0].contains("cannot need itself"));
         let twice = graph(&[("a", &[]), ("a", &[])]);
         assert!(twice[0].starts_with("steps[1].name"), "{twice:?}");
         assert!(graph(&[("a b", &[])])[0].starts_with("steps[0].name"));
         assert!(graph(&[("a", &[]), ("b", &["a", "a"])])[0].contains("twice"));
+    }
+
+    /// A long name with many needs: one error each for the name and the needs, neither
+    /// quoting the name (each need's error used to, so the errors grew as name × needs).
+    #[test]
+    fn errors_stay_small_however_long_the_names_and_many_the_needs() {
+        let long = "n".repeat(10_000);
+        let needs: Vec<String> = (0..1_000).map(|i| format!("{long}{i}")).collect();
+        let errors = check_graph(&[(long.as_str(), needs.as_slice())]);
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["steps[0].name", "steps[0].needs"]);
+        let size: usize = errors.iter().map(|e| e.message.len()).sum();
+        assert!(size < 500, "{size} bytes of messages: {errors:?}");
+
+        let many: Vec<String> = (0..=MAX_STEPS).map(|i| format!("s{i}")).collect();
+        let errors = graph(&[("a", &many.iter().map(String::as_str).collect::<Vec<_>>())]);
+        assert_eq!(
+            errors,
+            ["steps[0].needs: must name at most 50 steps, not 51"]
+        );
     }
 
     #[test]

@@ -453,6 +453,18 @@ async fn invalid_pipelines_are_refused_and_write_nothing() {
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // A long name with many needs, under the tests' body limit (64 KiB): the refusal stays
+    // small (each need's error used to quote the name, the errors growing as name × needs).
+    let needs: Vec<String> = (0..40).map(|i| format!("{}{i}", "m".repeat(500))).collect();
+    let (status, problem) = app
+        .post(
+            "/v1/pipelines",
+            &json!({"steps": [{"name": "n".repeat(20_000), "kind": "canary", "needs": needs}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    let size = problem.to_string().len();
+    assert!(size < 2_000, "a refusal of {size} bytes");
     assert_eq!(
         written(&app).await,
         before,
