@@ -89,6 +89,13 @@ impl Problem {
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
     }
+
+    /// Unavailable because of `cause`, which goes to the log: its text (addresses, paths, a
+    /// server's own words) is not the client's to read.
+    pub fn unavailable_after(detail: &str, cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "{detail}");
+        Self::unavailable(detail)
+    }
 }
 
 impl IntoResponse for Problem {
@@ -108,7 +115,7 @@ impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
         if database_unreachable(&e) {
             // A restart or a failover: nothing was accepted, and the client may try again.
-            Problem::unavailable(format!("PostgreSQL is unreachable, try again: {e}"))
+            Problem::unavailable_after("PostgreSQL is unreachable; try again", e)
         } else {
             Problem::internal(e)
         }
@@ -187,9 +194,17 @@ mod tests {
             assert_eq!(body["status"], expected.as_u16());
             assert_eq!(body["title"], expected.canonical_reason().unwrap());
         }
-        // The internal error's text stays in the log, not in the response.
+        // The internal error's text stays in the log, not in the response; so does an
+        // unreachable database's.
         let (_, _, body) = respond(Problem::internal("password=hunter2")).await;
         assert!(!body.to_string().contains("hunter2"), "{body}");
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connecting to 10.1.2.3:5432 as conveyor_platform",
+        );
+        let (status, _, body) = respond(Problem::from(sqlx::Error::Io(refused))).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!body.to_string().contains("10.1.2.3"), "{body}");
     }
 
     #[tokio::test]

@@ -243,11 +243,9 @@ pub async fn search(
         if body.mode == SearchMode::Keyword {
             return Ok(None);
         }
-        let model = state
-            .embedder
-            .get()
-            .await
-            .map_err(|e| Problem::unavailable(e.to_string()))?;
+        let model = state.embedder.get().await.map_err(|e| {
+            Problem::unavailable_after("the embedding model is not available on this server", e)
+        })?;
         let query = body.query.clone();
         let mut vectors = tokio::task::spawn_blocking(move || model.embed(&[&query]))
             .await

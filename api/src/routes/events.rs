@@ -146,7 +146,7 @@ impl Follower {
             Some(c) => c.to_owned(),
             None => last_id(&mut state.redis.clone(), &key)
                 .await
-                .map_err(|e| Problem::unavailable(format!("event store unreachable: {e}")))?,
+                .map_err(|e| Problem::unavailable_after("event store unreachable", e))?,
         };
         Ok(Self {
             state: state.clone(),
@@ -313,7 +313,7 @@ pub async fn job_events(
         .arg(&key)
         .query_async(&mut state.redis.clone())
         .await
-        .map_err(|e| Problem::unavailable(format!("event store unreachable: {e}")))?;
+        .map_err(|e| Problem::unavailable_after("event store unreachable", e))?;
     let guard = OpenStream::new(&state, &key);
     if !exists && job.status().is_terminal() {
         let events = stream! {
