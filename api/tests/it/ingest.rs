@@ -631,6 +631,25 @@ async fn bad_requests_name_their_fault() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(fields(&problem), ["query", "k", "filter"]);
+    // A filter of thousands of conditions, or one listing thousands of values, is refused
+    // before it becomes a statement of as many clauses.
+    let many: serde_json::Map<String, Value> =
+        (0..3000).map(|i| (format!("k{i}"), json!(0))).collect();
+    let values: Vec<i32> = (0..3000).collect();
+    for filter in [json!(many), json!({"k": {"in": values}})] {
+        let (status, problem) = app
+            .post(
+                &path,
+                &json!({"query": "x", "mode": "keyword", "filter": filter}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+        assert_eq!(fields(&problem), ["filter"]);
+        assert!(
+            problem["detail"].as_str().unwrap().contains("at most"),
+            "{problem}"
+        );
+    }
     let (status, _) = app
         .post(&path, &json!({"query": "x", "mode": "fuzzy"}))
         .await;

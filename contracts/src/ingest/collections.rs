@@ -425,11 +425,29 @@ fn push_scope<'a>(sql: &mut QueryBuilder<'a, Postgres>, search: &Search<'a>) {
     }
 }
 
-/// Why a filter is malformed, or nothing.
+/// Most conditions a filter may hold: each is a clause of the search's statement.
+pub const MAX_FILTER_KEYS: usize = 32;
+
+/// Most values one `in` condition may list.
+pub const MAX_IN_VALUES: usize = 1000;
+
+/// Why a filter is malformed or too large, or nothing.
 pub fn check_filter(filter: &Filter) -> Result<(), String> {
+    if filter.len() > MAX_FILTER_KEYS {
+        return Err(format!(
+            "at most {MAX_FILTER_KEYS} conditions, not {}",
+            filter.len()
+        ));
+    }
     for (key, condition) in filter {
         if let Value::Object(operator) = condition {
             match operator.get("in") {
+                Some(Value::Array(values)) if values.len() > MAX_IN_VALUES => {
+                    return Err(format!(
+                        "{key}: at most {MAX_IN_VALUES} values in \"in\", not {}",
+                        values.len()
+                    ))
+                }
                 Some(Value::Array(values)) if operator.len() == 1 && !values.is_empty() => {}
                 _ => {
                     return Err(format!(
