@@ -47,6 +47,9 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
             Problem::new(rejection.status(), "bad-body", rejection.body_text())
         }
     })?;
+    if let Some(field) = may_hold_nul(&bytes).then(|| nul_field(&bytes)).flatten() {
+        return Err(Problem::validation(vec![FieldError::new(field, NUL)]));
+    }
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     match serde_path_to_error::deserialize(&mut de) {
         Ok(value) => Ok((value, bytes)),
@@ -70,6 +73,57 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
     }
 }
 
+/// PostgreSQL stores no NUL character in text or JSON: a string holding one is refused here,
+/// naming its field, rather than failing its statement later.
+const NUL: &str = "must not contain the NUL character (\\u0000)";
+
+/// Whether a JSON text may hold a NUL: only its escape `\u0000` can (a raw one is not JSON).
+/// A scan of the bytes, so that bodies without one are not parsed twice.
+fn may_hold_nul(json: &[u8]) -> bool {
+    let mut rest = json;
+    while let Some(at) = rest.iter().position(|&b| b == b'\\') {
+        if rest[at + 1..].starts_with(b"u0000") {
+            return true;
+        }
+        // The escaped character is skipped: `\\u0000` is a backslash, then text.
+        rest = rest.get(at + 2..).unwrap_or_default();
+    }
+    false
+}
+
+/// The path of the first string (a key or a value) holding a NUL, as serde_path_to_error
+/// writes paths; `None` if none does or the text is not JSON (its parse says why).
+fn nul_field(json: &[u8]) -> Option<String> {
+    fn find(value: &serde_json::Value, path: &str) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) if s.contains('\0') => Some(path.to_owned()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| find(item, &format!("{path}[{i}]"))),
+            serde_json::Value::Object(map) => map.iter().find_map(|(key, item)| {
+                let at = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                if key.contains('\0') {
+                    Some(if path.is_empty() {
+                        "body".into()
+                    } else {
+                        path.to_owned()
+                    })
+                } else {
+                    find(item, &at)
+                }
+            }),
+            _ => None,
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(json).ok()?;
+    find(&value, "").map(|path| if path.is_empty() { "body".into() } else { path })
+}
+
 /// Query parameters; a parameter that does not parse, or one the route does not know, is a 422
 /// naming it.
 pub struct Params<T>(pub T);
@@ -80,6 +134,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Problem> {
         let query = parts.uri.query().unwrap_or_default();
         let pairs = form_urlencoded::parse(query.as_bytes());
+        if let Some((name, _)) = pairs
+            .clone()
+            .find(|(name, value)| name.contains('\0') || value.contains('\0'))
+        {
+            let field = if name.contains('\0') {
+                "query".into()
+            } else {
+                name.into_owned()
+            };
+            return Err(Problem::validation(vec![FieldError::new(field, NUL)]));
+        }
         serde_path_to_error::deserialize(serde_urlencoded::Deserializer::new(pairs))
             .map(Params)
             .map_err(|e| {
@@ -126,6 +191,12 @@ mod tests {
         assert_eq!(problem.status, 422);
         assert_eq!(problem.errors[0].field, "limit");
 
+        let problem = params("/x?kind=a%00b").await.unwrap_err();
+        assert_eq!(
+            (problem.status, problem.errors[0].field.as_str()),
+            (422, "kind")
+        );
+
         let problem = params("/x?colour=red").await.unwrap_err();
         assert_eq!(problem.status, 422);
         assert!(
@@ -133,5 +204,38 @@ mod tests {
             "{:?}",
             problem.errors
         );
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Named {
+        #[allow(dead_code)]
+        name: String,
+        #[allow(dead_code)]
+        tags: Vec<String>,
+    }
+
+    async fn body(json: &str) -> Result<Named, Problem> {
+        let request = Request::post("/x").body(axum::body::Body::from(json.to_owned()));
+        JsonBody::<Named>::from_request(request.unwrap(), &())
+            .await
+            .map(|b| b.0)
+    }
+
+    /// A NUL in any string of a body is a 422 naming that string's field; an escaped
+    /// backslash before `u0000` is not one.
+    #[tokio::test]
+    async fn a_nul_character_is_refused_naming_its_field() {
+        for (json, field) in [
+            (r#"{"name": "a\u0000b", "tags": []}"#, "name"),
+            (r#"{"name": "a", "tags": ["x", "\u0000"]}"#, "tags[1]"),
+            (r#"{"name": "a", "tags": [], "n\u0000": 1}"#, "body"),
+        ] {
+            let problem = body(json).await.unwrap_err();
+            assert_eq!(problem.status, 422, "{json}");
+            assert_eq!(problem.errors[0].field, field, "{json}");
+            assert!(problem.errors[0].message.contains("NUL"), "{json}");
+        }
+        assert!(body(r#"{"name": "a\\u0000", "tags": []}"#).await.is_ok());
+        assert!(!may_hold_nul(br#"{"a": "\\u0000 \\"}"#));
     }
 }

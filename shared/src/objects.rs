@@ -220,7 +220,7 @@ impl ObjectStore {
     ) -> anyhow::Result<Option<(u64, ObjectStream)>> {
         let plain = !name.is_empty()
             && !name.starts_with('.')
-            && !name.contains(['/', '\\'])
+            && !name.contains(['/', '\\', '\0'])
             && name.len() <= 255;
         if !plain {
             return Ok(None);

@@ -116,6 +116,16 @@ impl From<sqlx::Error> for Problem {
         if database_unreachable(&e) {
             // A restart or a failover: nothing was accepted, and the client may try again.
             Problem::unavailable_after("PostgreSQL is unreachable; try again", e)
+        } else if e
+            .as_database_error()
+            .is_some_and(|db| db.code().as_deref() == Some("22021"))
+        {
+            // A NUL the extractors did not see (a path segment, say): PostgreSQL stores none.
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation",
+                "a text of the request holds the NUL character (\\u0000), which cannot be stored",
+            )
         } else {
             Problem::internal(e)
         }
@@ -232,5 +242,19 @@ mod tests {
         // And it reads back as what was sent.
         let read: Problem = serde_json::from_value(body).unwrap();
         assert_eq!(read.errors[1], FieldError::new("kind", "unknown kind"));
+    }
+
+    /// A NUL that reached a statement (from a path segment, say) is the request's fault.
+    #[tokio::test]
+    async fn a_nul_the_database_cannot_store_is_a_422() {
+        let db = crate::testing::TestDatabase::new().await;
+        let refused = sqlx::query("SELECT $1::text")
+            .bind("a\0b")
+            .execute(&db.pool)
+            .await
+            .unwrap_err();
+        let (status, _, body) = respond(Problem::from(refused)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["detail"].as_str().unwrap().contains("NUL"), "{body}");
     }
 }

@@ -97,9 +97,45 @@ async fn bad_submissions_get_a_problem_naming_the_field() {
         .await;
     assert_problem(status, 413, &body);
 
-    // Nothing was written by any of these.
+    // A NUL character, which PostgreSQL stores in no text, anywhere: a 422 naming its field
+    // (these were 500s, the statement failing), or for a file's name no such file.
+    for (path, body, field) in [
+        (
+            "/v1/jobs",
+            json!({"kind": "canary", "payload": {"note": "a\u{0}b"}}),
+            "payload.note",
+        ),
+        ("/v1/collections", json!({"name": "docs\u{0}"}), "name"),
+    ] {
+        let (status, problem) = app.post(path, &body).await;
+        assert_problem(status, 422, &problem);
+        assert_eq!(field_errors(&problem), [field]);
+    }
+    let (status, problem) = app.get("/v1/jobs?kind=%00").await;
+    assert_problem(status, 422, &problem);
+    assert_eq!(field_errors(&problem), ["kind"]);
+    let response = app
+        .client
+        .post(app.url("/v1/datasets?name=a%00.csv"))
+        .bearer_auth(&app.key)
+        .body("a\n1\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let mine = app.submit_canary(json!({"steps": 1})).await;
+    let (status, _) = app.get(&format!("/v1/jobs/{mine}/artifacts/a%00b")).await;
+    assert_eq!(status, 404);
+    let (_, collections) = app.get("/v1/collections").await;
+    assert_eq!(
+        collections["collections"].as_array().unwrap().len(),
+        0,
+        "{collections}"
+    );
+
+    // Nothing else was written by any of these.
     let (_, list) = app.get("/v1/jobs").await;
-    assert_eq!(list["jobs"].as_array().unwrap().len(), 0);
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
 }
 
 #[tokio::test]
