@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use shared::FieldError;
+use shared::{connections::TargetError, FieldError};
 use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -85,7 +85,13 @@ impl Contract for Import {
         let target = context
             .targets
             .target(tenant, payload.target.connection_id)
-            .await?;
+            .await
+            .map_err(|e| match e {
+                TargetError::RefusedConnection(_, reason) => {
+                    Refusal::field("payload.target.connection_id", reason)
+                }
+                other => other.into(),
+            })?;
         let schema = payload.schema_on(&target);
         if let Some(reason) = target.refuse_schema(schema) {
             return Err(Refusal::field("payload.target.schema", reason));

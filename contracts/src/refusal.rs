@@ -60,6 +60,10 @@ impl From<TargetError> for Refusal {
     fn from(e: TargetError) -> Self {
         match e {
             TargetError::UnknownConnection(_) => Self::Unknown("connection".into()),
+            TargetError::RefusedConnection(_, reason) => {
+                Self::field("payload.connection_id", reason)
+            }
+            TargetError::UnreachableConnection(_) => Self::Unreachable,
             TargetError::Other(e) => Self::Internal(e.to_string()),
         }
     }

@@ -238,6 +238,13 @@ impl Target {
 pub enum TargetError {
     #[error("connection {0} not found")]
     UnknownConnection(Uuid),
+    /// The connection's URL, or the address its host resolves to now, is refused; the reason
+    /// is for the client.
+    #[error("connection {0} is refused: {1}")]
+    RefusedConnection(Uuid, String),
+    /// The connection's host could not be resolved or reached (the detail is in the log).
+    #[error("connection {0} could not be reached")]
+    UnreachableConnection(Uuid),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -377,11 +384,12 @@ impl Targets {
         id: Uuid,
     ) -> Result<(String, PgPool), TargetError> {
         let raw = self.connection_url(tenant, id).await?;
-        let refused = |e: Refusal| {
-            if let Refusal::Unreachable(detail) = &e {
+        let refused = |e: Refusal| match e {
+            Refusal::Invalid(reason) => TargetError::RefusedConnection(id, reason),
+            Refusal::Unreachable(detail) => {
                 tracing::warn!(connection = %id, detail, "connection unreachable");
+                TargetError::UnreachableConnection(id)
             }
-            TargetError::Other(anyhow::anyhow!("connection {id}: {e}"))
         };
         let url = TargetUrl::parse(&raw).map_err(|why| refused(Refusal::Invalid(why)))?;
         let checked = self.guard.check(&url).await.map_err(refused)?;

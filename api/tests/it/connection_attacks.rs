@@ -259,3 +259,52 @@ async fn credentials_copied_into_another_tenants_row_do_not_open() {
     assert!(error.to_string().contains("cannot be read"), "{error}");
     assert!(targets.target(tenant_a, Some(id(&mine))).await.is_ok());
 }
+
+/// A connection registered while its address was allowed and refused when a submission checks
+/// it again (its host now resolving to a refused address; here, loopback no longer allowed):
+/// a 422 naming the connection, from the preflight and from an import alike, not a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_refused_when_checked_again_is_named_in_a_422() {
+    let app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    let connection = registered(&app, "warehouse", &warehouse.url).await;
+    let id = connection["id"].as_str().unwrap();
+    let dataset = app.upload_dataset("people.csv", b"id,name\n1,ann\n").await;
+    let mut strict = app.settings.clone();
+    strict.connection_allow = AllowList::default();
+    let server = conveyor_api::Server::start(strict).await.unwrap();
+    let base = format!("http://{}", server.addr);
+    for (path, body, field) in [
+        (
+            "/v1/patches/preflight",
+            json!({"sql": "DELETE FROM items WHERE id = 1", "mode": "dry_run", "connection_id": id}),
+            "payload.connection_id",
+        ),
+        (
+            "/v1/jobs",
+            json!({"kind": "import", "payload": {"dataset_id": dataset,
+                   "target": {"table": "t", "connection_id": id}}}),
+            "payload.target.connection_id",
+        ),
+    ] {
+        let response = app
+            .client
+            .post(format!("{base}{path}"))
+            .bearer_auth(&app.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{path}: {problem}"
+        );
+        assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+    }
+    let (_, jobs) = app.get("/v1/jobs").await;
+    assert_eq!(jobs["jobs"], json!([]), "a refused import was enqueued");
+    server.shutdown().await;
+}

@@ -126,7 +126,12 @@ pub async fn run(
             TargetError::UnknownConnection(id) => {
                 JobError::Permanent(format!("connection {id} no longer exists"))
             }
-            TargetError::Other(e) => JobError::Retryable(e.to_string()),
+            refused @ TargetError::RefusedConnection(..) => {
+                JobError::Permanent(refused.to_string())
+            }
+            e @ (TargetError::UnreachableConnection(_) | TargetError::Other(_)) => {
+                JobError::Retryable(e.to_string())
+            }
         })?;
     let schema = payload.schema_on(&target);
     if let Some(reason) = target.refuse_schema(schema) {

@@ -55,7 +55,12 @@ impl Handler for PatchHandler {
                 TargetError::UnknownConnection(id) => {
                     JobError::Permanent(format!("connection {id} not found"))
                 }
-                TargetError::Other(e) => JobError::Retryable(e.to_string()),
+                refused @ TargetError::RefusedConnection(..) => {
+                    JobError::Permanent(refused.to_string())
+                }
+                e @ (TargetError::UnreachableConnection(_) | TargetError::Other(_)) => {
+                    JobError::Retryable(e.to_string())
+                }
             })?;
         let retention = self.services.settings.snapshot_retention;
         run::run(ctx, &payload, checked, &target, retention).await
