@@ -205,7 +205,13 @@ fn describe(error: &reqwest::Error) -> String {
     let mut text = if error.is_timeout() {
         "timed out".to_owned()
     } else {
-        error.to_string()
+        // Without the URL reqwest appends: its query may carry the receiver's token, and this
+        // text is logged.
+        let text = error.to_string();
+        match error.url() {
+            Some(url) => text.replace(&format!(" for url ({url})"), ""),
+            None => text,
+        }
     };
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
@@ -253,6 +259,23 @@ mod tests {
     use serde_json::Value;
     use std::sync::Mutex;
     use uuid::Uuid;
+
+    /// A failed attempt's text, which is logged, leaves out the URL and its token.
+    #[tokio::test]
+    async fn a_failure_is_described_without_the_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let url = format!("http://127.0.0.1:{port}/hook?token=s3cret");
+        let error = reqwest::Client::new().post(&url).send().await.unwrap_err();
+        assert!(error.to_string().contains("s3cret"), "the premise: {error}");
+        let text = describe(&error);
+        assert!(
+            !text.contains("s3cret") && !text.contains("/hook"),
+            "{text}"
+        );
+        assert!(text.contains("error sending request"), "{text}");
+    }
 
     /// A receiver on loopback answering each request with the next status of its script
     /// (then 204); counts what it got.
