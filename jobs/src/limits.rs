@@ -164,7 +164,9 @@ pub enum Framing {
     Csv { quote: u8, delimiter: u8 },
     /// CSV read by PostgreSQL's `COPY ... (FORMAT csv)`, which toggles quoting at every quote.
     CopyCsv { quote: u8 },
-    /// NDJSON: JSON strings hold no raw line breaks, so every line break ends a record.
+    /// NDJSON, read line by line up to each `\n`: JSON strings hold no raw line breaks, so
+    /// every `\n` ends a record. A bare `\r` does not (the readers above do not split there,
+    /// and JSON allows it between tokens).
     Lines,
 }
 
@@ -206,7 +208,7 @@ impl<R> RecordCapped<R> {
         use Position::*;
         let line_break = byte == b'\n' || byte == b'\r';
         match self.framing {
-            Framing::Lines => line_break,
+            Framing::Lines => byte == b'\n',
             Framing::CopyCsv { quote } => {
                 if byte == quote {
                     self.position = if self.position == Quoted {
@@ -309,6 +311,10 @@ mod tests {
         assert!(read_all(RecordCapped::new(&sneaky[..], copy, CAP)).is_ok());
         let long = b"{\"a\": \"123456789\"}\n";
         let error = read_all(RecordCapped::new(&long[..], Framing::Lines, CAP)).unwrap_err();
+        assert!(CapExceeded::in_io(&error).is_some(), "{error}");
+        // Carriage returns between a JSON line's tokens end no line for its reader.
+        let returns = b"[0,\r0,\r0,\r0,\r0,\r0]\n";
+        let error = read_all(RecordCapped::new(&returns[..], Framing::Lines, CAP)).unwrap_err();
         assert!(CapExceeded::in_io(&error).is_some(), "{error}");
     }
 }
