@@ -97,6 +97,11 @@ pub struct Synthesis {
 
 /// Fits and samples as `payload` says, on an already read table. `holdout_fraction` 0 fits
 /// on every row (benchmarks).
+/// Most columns one fit learns: the copula's correlation matrices grow as the square of the
+/// columns and their decomposition as the cube (800 columns took half a minute), with no
+/// checkpoint inside.
+pub const MAX_LEARNED_COLUMNS: usize = 500;
+
 pub fn synthesize(
     input: &Table,
     payload: &SynthesisPayload,
@@ -140,6 +145,13 @@ pub fn synthesize(
         return Err(JobError::Permanent(
             "nothing to learn: every column is an identifier or skipped".into(),
         ));
+    }
+    if learned.len() > MAX_LEARNED_COLUMNS {
+        return Err(JobError::Permanent(format!(
+            "the dataset has {} columns to learn; at most {MAX_LEARNED_COLUMNS} are (skip some \
+             with \"columns\": {{\"name\": {{\"type\": \"skip\"}}}})",
+            learned.len()
+        )));
     }
     if train.rows() < 2 {
         return Err(JobError::Permanent(format!(
@@ -741,6 +753,28 @@ mod tests {
             .ln()
             .max(((1.0 - fpr) / fnr).ln())
             .max(0.0)
+    }
+
+    /// A dataset of thousands of columns is refused before the fit, whose matrices grow as the
+    /// square of the columns.
+    #[test]
+    fn too_many_columns_to_learn_are_refused_before_the_fit() {
+        let wide = Table {
+            columns: (0..=MAX_LEARNED_COLUMNS)
+                .map(|i| {
+                    let x = (0..3).map(|r| Some((r * i) as f64)).collect();
+                    Column::numbers(&format!("c{i}"), DataType::Float64, x)
+                })
+                .collect(),
+        };
+        let payload: SynthesisPayload =
+            serde_json::from_value(json!({"dataset_id": uuid::Uuid::nil(), "rows": 1})).unwrap();
+        let started = std::time::Instant::now();
+        let Err(JobError::Permanent(why)) = synthesize(&wide, &payload, 1, &Quiet) else {
+            panic!("a fit of {} columns ran", MAX_LEARNED_COLUMNS + 1)
+        };
+        assert!(why.contains("at most 500"), "{why}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
