@@ -115,6 +115,10 @@ impl DocFormat {
 }
 
 pub const MAX_SOURCES: usize = 10_000;
+
+/// Most bytes of a source's `metadata` as JSON: it is copied into every record's and stored
+/// with every chunk.
+pub const MAX_METADATA_BYTES: usize = 4096;
 pub const MAX_ID_LEN: usize = 256;
 
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
@@ -173,6 +177,13 @@ impl IngestPayload {
         }
         for (i, source) in self.documents.iter().enumerate() {
             let field = |name: &str| format!("payload.documents[{i}].{name}");
+            let metadata = serde_json::to_vec(&source.metadata).map_or(0, |json| json.len());
+            if metadata > MAX_METADATA_BYTES {
+                errors.push(FieldError::new(
+                    field("metadata"),
+                    format!("at most {MAX_METADATA_BYTES} bytes as JSON, not {metadata}"),
+                ));
+            }
             // A watched source: each file's or object's path is its id, its extension its
             // format, so none of the fields that give those is taken.
             let watched = if let Some(directory) = &source.directory {
@@ -317,6 +328,17 @@ mod tests {
             Ok(_) => Vec::new(),
             Err(errors) => errors.into_iter().map(|e| e.field).collect(),
         }
+    }
+
+    /// Metadata is copied into every record and chunk of its source: a large one is refused.
+    #[test]
+    fn large_metadata_is_refused() {
+        let pad = "x".repeat(super::MAX_METADATA_BYTES);
+        assert_eq!(
+            refused(json!([{"dataset_id": ID, "metadata": {"pad": pad}}])),
+            ["payload.documents[0].metadata"]
+        );
+        assert!(refused(json!([{"dataset_id": ID, "metadata": {"pad": &pad[..4000]}}])).is_empty());
     }
 
     #[test]
