@@ -286,6 +286,26 @@ impl Limits {
             .map_err(|over| over_quota(StatusCode::FORBIDDEN, over))
     }
 
+    /// How many jobs a retry may queue again under `max_queued` (`wanted` if no quota), or the
+    /// quota's 403 if none: a retry adds live jobs as a submission does.
+    pub async fn requeue_room(&self, tenant: Uuid, wanted: i64) -> Result<i64, Problem> {
+        let Some(limit) = self.of(tenant).await?.max_queued else {
+            return Ok(wanted);
+        };
+        let live = self.usage(tenant).await?.live_jobs;
+        if live >= limit {
+            return Err(over_quota(
+                StatusCode::FORBIDDEN,
+                quotas::OverQuota {
+                    quota: "max_queued",
+                    limit: format!("{limit} jobs waiting or running"),
+                    used: format!("{live} in use"),
+                },
+            ));
+        }
+        Ok(wanted.min(limit - live))
+    }
+
     /// The bytes an upload may still take under `max_dataset_bytes`, with the quota's refusal
     /// for an upload past it; `None`: no quota.
     pub async fn dataset_room(&self, tenant: Uuid) -> Result<Option<(u64, Problem)>, Problem> {

@@ -185,14 +185,23 @@ async fn apply(
         BulkChange::Cancel => Action::JobCancel,
         BulkChange::Retry => Action::JobRetry,
     };
+    // Jobs retried are queued again: no more than the tenant's `max_queued` leaves room for.
+    let limit = match change {
+        BulkChange::Cancel => MAX_BULK,
+        BulkChange::Retry => {
+            state
+                .limits
+                .requeue_room(writer.tenant().0, MAX_BULK)
+                .await?
+        }
+    };
     let mut tx = state.pool.begin().await?;
-    let jobs =
-        store::change_matching(&mut *tx, writer.tenant().0, filter, change, MAX_BULK).await?;
+    let jobs = store::change_matching(&mut *tx, writer.tenant().0, filter, change, limit).await?;
     let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
     let actor = Actor::from(&writer.0);
     audit::jobs_changed(&mut *tx, &actor, action, &ids, json!({"bulk": true})).await?;
     tx.commit().await?;
-    let more = jobs.len() as i64 >= MAX_BULK;
+    let more = jobs.len() as i64 >= limit;
     Ok((jobs, more))
 }
 

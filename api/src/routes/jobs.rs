@@ -412,6 +412,12 @@ pub async fn retry(
 ) -> Result<Response, Problem> {
     let tenant = writer.tenant();
     let id = parse_id(&id, "job")?;
+    // A retry queues the job again, as a submission would: the same quotas hold.
+    if let Some(job) = store::get_job(&state.pool, tenant.0, id).await? {
+        if matches!(job.status(), JobStatus::Failed | JobStatus::Cancelled) {
+            state.limits.check_quotas(tenant.0, &[&job.kind]).await?;
+        }
+    }
     let mut tx = state.pool.begin().await?;
     let pipeline = pipelines::lock_of_job(&mut tx, tenant.0, id).await?;
     let Some(job) = store::retry(&mut *tx, tenant.0, id).await? else {

@@ -166,6 +166,43 @@ async fn quotas_refuse_with_nothing_written() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(jobs_written(&app).await, 3);
 
+    // A retry queues jobs again, as a submission does: cancelled jobs come back only as far
+    // as the quota leaves room.
+    let (status, body) = app.post("/v1/jobs/cancel", &json!({})).await;
+    assert_eq!(
+        (status, body["count"].as_i64()),
+        (StatusCode::OK, Some(3)),
+        "{body}"
+    );
+    let (_, first) = app.post("/v1/jobs", &canary).await;
+    for _ in 0..2 {
+        let (status, body) = app.post("/v1/jobs", &canary).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let (status, body) = app.post("/v1/jobs/retry", &json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["errors"][0]["field"], "quota.max_queued", "{body}");
+    let (_, cancelled) = app.get("/v1/jobs?status=cancelled").await;
+    let cancelled = cancelled["jobs"][0]["id"].as_str().unwrap().to_owned();
+    let (status, body) = app
+        .post(&format!("/v1/jobs/{cancelled}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let first = first["id"].as_str().unwrap();
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{first}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = app.post("/v1/jobs/retry", &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["count"].as_i64(), body["more"].as_bool()),
+        (Some(1), Some(true)),
+        "{body}"
+    );
+    let (_, tenant) = app.get("/v1/tenant").await;
+    assert_eq!(tenant["usage"]["live_jobs"], 3, "{tenant}");
+
     let row = "id,name\n".to_owned() + &"1,abcdefghij\n".repeat(50);
     assert!(row.len() > 500 && row.len() < 1000);
     app.upload_dataset("first.csv", row.as_bytes()).await;
