@@ -176,6 +176,9 @@ const DELIVERY_COLUMNS: &str = "id, event, job_id, status, attempts,
     CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at, last_attempt_at,
     last_status_code, last_error, last_latency_ms, created_at, delivered_at, payload";
 
+/// Most webhooks one tenant may have.
+pub const MAX_PER_TENANT: i64 = 20;
+
 /// Creates an endpoint with a new secret (sealed for its tenant and id).
 pub async fn create(
     db: impl sqlx::PgExecutor<'_>,

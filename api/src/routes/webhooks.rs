@@ -60,6 +60,7 @@ fn not_found() -> Problem {
 
 #[utoipa::path(post, path = "/v1/webhooks", request_body = NewWebhook, tag = "webhooks",
     responses((status = 201, body = CreatedWebhook, description = "created; `secret` is shown this once"),
+              (status = 409, body = Problem, description = "the tenant already has the most webhooks it may have (20)"),
               (status = 422, body = Problem, description = "a bad `url` (or one that reaches a refused address) or `events`"),
               (status = 503, body = Problem, description = "CONVEYOR_SECRET_KEY is not configured")))]
 pub async fn create(
@@ -85,6 +86,17 @@ pub async fn create(
         Problem::unavailable("webhooks need CONVEYOR_SECRET_KEY to encrypt their secrets")
     })?;
     let mut tx = state.pool.begin().await?;
+    // Every webhook of a finished job is a delivery the workers' shared slots send: a tenant
+    // with hundreds would take those slots from everyone else.
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM webhooks WHERE tenant_id = $1")
+        .bind(tenant.0)
+        .fetch_one(&mut *tx)
+        .await?;
+    if held >= webhooks::MAX_PER_TENANT {
+        return Err(Problem::conflict(format!(
+            "the tenant already has {held} webhooks, the most it may have; delete one first"
+        )));
+    }
     let created = webhooks::create(
         &mut *tx,
         cipher,

@@ -426,6 +426,22 @@ async fn urls_to_refused_addresses_and_unknown_events_are_422_and_create_nothing
     let (_, audit) = app.get("/v1/audit?action=webhook.create").await;
     assert_eq!(audit["entries"], json!([]), "{audit}");
 
+    // A tenant's webhooks are bounded: each finished job is a delivery per webhook.
+    let limit = shared::webhooks::MAX_PER_TENANT;
+    for i in 0..limit {
+        create(
+            &app,
+            &format!("http://127.0.0.1:9/hook{i}"),
+            &["job.succeeded"],
+        )
+        .await;
+    }
+    let body = json!({"url": "http://127.0.0.1:9/one-more", "events": ["job.succeeded"]});
+    let (status, problem) = app.post("/v1/webhooks", &body).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    let (_, list) = app.get("/v1/webhooks").await;
+    assert_eq!(list["webhooks"].as_array().unwrap().len() as i64, limit);
+
     // The OpenAPI document has the routes.
     let (_, spec) = app.get("/openapi.json").await;
     for (path, method) in [
