@@ -7,7 +7,7 @@ use axum::{
     http::{request::Parts, StatusCode},
 };
 use serde::de::DeserializeOwned;
-use shared::{FieldError, Problem};
+use shared::{problem::NUL_REFUSED, FieldError, Problem};
 
 pub struct JsonBody<T>(pub T);
 
@@ -48,7 +48,10 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
         }
     })?;
     if let Some(field) = may_hold_nul(&bytes).then(|| nul_field(&bytes)).flatten() {
-        return Err(Problem::validation(vec![FieldError::new(field, NUL)]));
+        return Err(Problem::validation(vec![FieldError::new(
+            field,
+            NUL_REFUSED,
+        )]));
     }
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     match serde_path_to_error::deserialize(&mut de) {
@@ -73,11 +76,8 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
     }
 }
 
-/// PostgreSQL stores no NUL character in text or JSON: a string holding one is refused here,
-/// naming its field, rather than failing its statement later.
-const NUL: &str = "must not contain the NUL character (\\u0000)";
-
-/// Whether a JSON text may hold a NUL: only its escape `\u0000` can (a raw one is not JSON).
+/// Whether a JSON text may hold a NUL (PostgreSQL stores none in text or JSON, so a string
+/// holding one is refused naming its field): only its escape `\u0000` can (a raw one is not JSON).
 /// A scan of the bytes, so that bodies without one are not parsed twice.
 fn may_hold_nul(json: &[u8]) -> bool {
     let mut rest = json;
@@ -101,21 +101,11 @@ fn nul_field(json: &[u8]) -> Option<String> {
                 .iter()
                 .enumerate()
                 .find_map(|(i, item)| find(item, &format!("{path}[{i}]"))),
-            serde_json::Value::Object(map) => map.iter().find_map(|(key, item)| {
-                let at = if path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{path}.{key}")
-                };
-                if key.contains('\0') {
-                    Some(if path.is_empty() {
-                        "body".into()
-                    } else {
-                        path.to_owned()
-                    })
-                } else {
-                    find(item, &at)
-                }
+            // A key holding one: the object is the field.
+            serde_json::Value::Object(map) => map.iter().find_map(|(key, item)| match path {
+                _ if key.contains('\0') => Some(path.to_owned()),
+                "" => find(item, key),
+                _ => find(item, &format!("{path}.{key}")),
             }),
             _ => None,
         }
@@ -143,7 +133,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
             } else {
                 name.into_owned()
             };
-            return Err(Problem::validation(vec![FieldError::new(field, NUL)]));
+            return Err(Problem::validation(vec![FieldError::new(
+                field,
+                NUL_REFUSED,
+            )]));
         }
         serde_path_to_error::deserialize(serde_urlencoded::Deserializer::new(pairs))
             .map(Params)

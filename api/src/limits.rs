@@ -294,14 +294,8 @@ impl Limits {
         };
         let live = self.usage(tenant).await?.live_jobs;
         if live >= limit {
-            return Err(over_quota(
-                StatusCode::FORBIDDEN,
-                quotas::OverQuota {
-                    quota: "max_queued",
-                    limit: format!("{limit} jobs waiting or running"),
-                    used: format!("{live} in use"),
-                },
-            ));
+            let over = OverQuota::max_queued(limit, format!("{live} in use"));
+            return Err(over_quota(StatusCode::FORBIDDEN, over));
         }
         Ok(wanted.min(limit - live))
     }

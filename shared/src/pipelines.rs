@@ -90,9 +90,6 @@ pub fn check_graph(steps: &[(&str, &[String])]) -> Vec<FieldError> {
     if !errors.is_empty() {
         return errors;
     }
-    if !errors.is_empty() {
-        return errors;
-    }
     // Kahn: what is left once every step whose needs are all placed has been placed is on a
     // cycle, or after one.
     let mut waiting: Vec<usize> = steps.iter().map(|(_, needs)| needs.len()).collect();

@@ -111,6 +111,9 @@ impl IntoResponse for Problem {
     }
 }
 
+/// Why a text holding a NUL character is refused: PostgreSQL stores none in text or JSON.
+pub const NUL_REFUSED: &str = "must not contain the NUL character (\\u0000)";
+
 impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
         if database_unreachable(&e) {
@@ -124,7 +127,7 @@ impl From<sqlx::Error> for Problem {
             Problem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "validation",
-                "a text of the request holds the NUL character (\\u0000), which cannot be stored",
+                format!("a text of the request {NUL_REFUSED}"),
             )
         } else {
             Problem::internal(e)

@@ -68,6 +68,17 @@ pub struct OverQuota {
     pub used: String,
 }
 
+impl OverQuota {
+    /// `max_queued`'s refusal, `used` saying what the tenant holds (and would add).
+    pub fn max_queued(limit: i64, used: String) -> Self {
+        Self {
+            quota: "max_queued",
+            limit: format!("{limit} jobs waiting or running"),
+            used,
+        }
+    }
+}
+
 impl std::fmt::Display for OverQuota {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -114,11 +125,8 @@ pub async fn check(
     }
     let adding = kinds.len() as i64;
     if let Some(limit) = max_queued.filter(|&l| usage.live_jobs + adding > l) {
-        return Ok(Err(OverQuota {
-            quota: "max_queued",
-            limit: format!("{limit} jobs waiting or running"),
-            used: format!("{} in use, and this adds {adding}", usage.live_jobs),
-        }));
+        let used = format!("{} in use, and this adds {adding}", usage.live_jobs);
+        return Ok(Err(OverQuota::max_queued(limit, used)));
     }
     Ok(Ok(()))
 }

@@ -95,13 +95,13 @@ pub struct Synthesis {
     pub model: Option<saved::ModelFile>,
 }
 
-/// Fits and samples as `payload` says, on an already read table. `holdout_fraction` 0 fits
-/// on every row (benchmarks).
 /// Most columns one fit learns: the copula's correlation matrices grow as the square of the
 /// columns and their decomposition as the cube (800 columns took half a minute), with no
 /// checkpoint inside.
 pub const MAX_LEARNED_COLUMNS: usize = 500;
 
+/// Fits and samples as `payload` says, on an already read table. `holdout_fraction` 0 fits
+/// on every row (benchmarks).
 pub fn synthesize(
     input: &Table,
     payload: &SynthesisPayload,
