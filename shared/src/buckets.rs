@@ -28,6 +28,9 @@ use crate::connections::{address, AllowList, Cipher};
 /// How long one request to a bucket may take, and connecting to it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long listing a prefix may take in all: a service that answers page after page (empty
+/// or not) would hold the job's slot forever, each page well within its request's timeout.
+const LIST_DEADLINE: Duration = Duration::from_secs(300);
 /// Longest prefix, as S3 keys are at most 1,024 bytes.
 pub const MAX_PREFIX: usize = 1024;
 
@@ -360,16 +363,31 @@ impl HttpConnector for CheckedConnector {
 impl Opened {
     /// The objects under `prefix` (all when empty), in key order; an error past `max`.
     pub async fn list(&self, prefix: &str, max: usize) -> anyhow::Result<Vec<ObjectMeta>> {
+        self.list_within(prefix, max, LIST_DEADLINE).await
+    }
+
+    async fn list_within(
+        &self,
+        prefix: &str,
+        max: usize,
+        deadline: Duration,
+    ) -> anyhow::Result<Vec<ObjectMeta>> {
         let prefix = normalize_prefix(prefix);
         let key = (!prefix.is_empty()).then(|| Key::from(prefix));
         let mut listed = self.store.list(key.as_ref());
         let mut objects = Vec::new();
-        while let Some(object) = listed.try_next().await? {
-            objects.push(object);
-            if objects.len() > max {
-                anyhow::bail!("the prefix holds more than {max} objects");
+        let listing = async {
+            while let Some(object) = listed.try_next().await? {
+                objects.push(object);
+                if objects.len() > max {
+                    anyhow::bail!("the prefix holds more than {max} objects");
+                }
             }
-        }
+            Ok(())
+        };
+        tokio::time::timeout(deadline, listing)
+            .await
+            .map_err(|_| anyhow::anyhow!("listing took more than {}s", deadline.as_secs()))??;
         objects.sort_by(|a, b| a.location.cmp(&b.location));
         Ok(objects)
     }
@@ -485,7 +503,56 @@ mod tests {
         // A host that passed the check (allowed then) is refused by the resolver of every
         // request once the rules refuse it.
         let url = parse_endpoint("http://localhost:9").unwrap();
-        let opened = Opened {
+        let opened = opened_unchecked(&url, &none);
+        let error = format!("{:#}", opened.list("", 10).await.unwrap_err());
+        assert!(error.contains("buckets may not reach"), "{error}");
+    }
+
+    /// A service that answers every listing with an empty page and a token for the next
+    /// one: the listing ends at its deadline instead of holding its job forever.
+    #[tokio::test]
+    async fn a_listing_of_endless_empty_pages_ends_at_its_deadline() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = parse_endpoint(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let pages = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let served = pages.clone();
+        tokio::spawn(async move {
+            let body = r#"<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>docs</Name><Prefix></Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated><NextContinuationToken>again</NextContinuationToken></ListBucketResult>"#;
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = vec![0; 64 << 10];
+                let _ = socket.read(&mut request).await;
+                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            }
+        });
+        let opened = opened_unchecked(&url, &"127.0.0.1".parse().unwrap());
+        let deadline = Duration::from_secs(2);
+        let listed = tokio::time::timeout(
+            Duration::from_secs(20),
+            opened.list_within("", 10, deadline),
+        )
+        .await
+        .expect("the listing ends");
+        let error = format!("{:#}", listed.unwrap_err());
+        assert_eq!(error, "listing took more than 2s");
+        assert!(
+            pages.load(std::sync::atomic::Ordering::Relaxed) > 2,
+            "pages were served"
+        );
+    }
+
+    /// A bucket at `url` opened past the check, for the resolver's test.
+    fn opened_unchecked(url: &url::Url, allow: &AllowList) -> Opened {
+        let credentials = Credentials {
+            access_key_id: "id".into(),
+            secret_access_key: "secret".into(),
+        };
+        Opened {
             bucket: Bucket {
                 id: Uuid::nil(),
                 name: "x".into(),
@@ -494,13 +561,11 @@ mod tests {
                 region: "us-east-1".into(),
                 created_at: Utc::now(),
             },
-            store: store_unchecked(&url, credentials(), &none),
-        };
-        let error = format!("{:#}", opened.list("", 10).await.unwrap_err());
-        assert!(error.contains("buckets may not reach"), "{error}");
+            store: store_unchecked(url, credentials, allow),
+        }
     }
 
-    /// A client built past the check, for the resolver's test.
+    /// A client built past the check.
     fn store_unchecked(
         url: &url::Url,
         credentials: Credentials,

@@ -184,10 +184,11 @@ impl IngestHandler {
             prefix => format!("s3://{name}/{prefix}"),
         };
         // A failed listing (the service down, a timeout) is worth another attempt.
-        let listed = opened
-            .list(prefix, MAX_SOURCES)
-            .await
-            .map_err(|e| retryable(format!("listing {mark}: {e:#}")))?;
+        let listed = tokio::select! {
+            listed = opened.list(prefix, MAX_SOURCES) => listed,
+            () = ctx.cancellation().cancelled() => return Err(shared::Cancelled.into()),
+        }
+        .map_err(|e| retryable(format!("listing {mark}: {e:#}")))?;
         let mut metadata = source.metadata.clone();
         metadata.insert("watched_prefix".into(), Value::String(mark.clone()));
         let mut documents = Vec::new();
