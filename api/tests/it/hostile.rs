@@ -5,6 +5,7 @@
 
 use crate::harness::{peak_rss_mb, pid_of, TestApp};
 use flate2::{write::GzEncoder, Compression};
+use polars::prelude::{df, ParquetWriter};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::{io::Write, time::Duration};
@@ -165,6 +166,95 @@ async fn a_record_or_line_past_the_cap_fails_its_import() {
     .await;
     let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
     assert_eq!(job["status"], "succeeded", "{job}");
+}
+
+/// 28 MB of one-character NDJSON records, under the 64 MiB cap on bytes held: two million
+/// records, each of which takes far more memory than its 14 bytes once read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_of_millions_of_tiny_records_fails_before_it_takes_their_memory() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.settings.max_in_memory_bytes, 64 << 20);
+    let tiny = "{\"text\":\"a\"}\n".repeat(2_000_000);
+    let dataset = app.upload_dataset("tiny.ndjson", tiny.as_bytes()).await;
+    let (status, collection) = app.post("/v1/collections", &json!({"name": "tiny"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{collection}");
+    let worker = app.spawn_worker_process("ingest=1");
+    let id = submit_as(
+        &app,
+        &app.key,
+        "ingest",
+        json!({"collection_id": collection["id"], "documents": [{"dataset_id": dataset}]}),
+    )
+    .await;
+    assert_fails_with(
+        &app,
+        id,
+        "records, the most this job may still hold in memory (CONVEYOR_MAX_IN_MEMORY_BYTES)",
+    )
+    .await;
+    let peak = peak_rss_mb(worker.id());
+    assert!(peak < 500, "worker peak RSS {peak} MB");
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(chunks, 0);
+}
+
+/// A Parquet file's values as text: long values repeated compress to almost nothing.
+fn parquet(name: &[&str]) -> Vec<u8> {
+    let ids: Vec<i64> = (0..name.len() as i64).collect();
+    let mut frame = df!("id" => ids, "name" => name).unwrap();
+    let mut bytes = Vec::new();
+    ParquetWriter::new(&mut bytes).finish(&mut frame).unwrap();
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parquet_file_is_held_to_the_record_and_dataset_caps() {
+    let mut app = TestApp::spawn_with(|s| s.max_decompressed_bytes = 16 << 20).await;
+    assert_eq!(app.settings.max_record_bytes, 1 << 20);
+    app.start_worker_for(&[("import", 1)]).await;
+    let long = "x".repeat(3 << 20);
+    let one_long_value = parquet(&["short", &long, "after"]);
+    let value = "y".repeat(64 << 10);
+    let many_values = parquet(&vec![value.as_str(); 512]); // 32 MiB of text
+    for (table, bytes, cap) in [
+        (
+            "pq_long",
+            one_long_value,
+            "one record is larger than the 1 MiB cap (CONVEYOR_MAX_RECORD_BYTES)",
+        ),
+        (
+            "pq_many",
+            many_values,
+            "the dataset is larger than the 16 MiB cap (CONVEYOR_MAX_DECOMPRESSED_BYTES)",
+        ),
+    ] {
+        assert!(bytes.len() < 64 << 10, "{table}: {} bytes", bytes.len());
+        let dataset = app
+            .upload_dataset(&format!("{table}.parquet"), &bytes)
+            .await;
+        let id = submit_as(
+            &app,
+            &app.key,
+            "import",
+            json!({"dataset_id": dataset, "target": {"table": table}}),
+        )
+        .await;
+        assert_fails_with(&app, id, cap).await;
+    }
+    // Nothing of either import is left in the target: no table, no staging table.
+    let target = sqlx::PgPool::connect(&app.target_admin_url())
+        .await
+        .unwrap();
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_class WHERE relname LIKE 'pq\\_%' OR relname LIKE 'conveyor\\_import\\_%'",
+    )
+    .fetch_all(&target)
+    .await
+    .unwrap();
+    assert_eq!(left, Vec::<String>::new());
 }
 
 /// A PDF whose page holds an array nested `depth` deep.

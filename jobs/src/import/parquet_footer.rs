@@ -53,6 +53,20 @@ pub fn check(path: &Path) -> Result<(), String> {
     .map_err(|why| format!("its metadata {why}"))
 }
 
+/// What the file's data takes once decoded, by its metadata: each row group's declared size,
+/// and at least 8 bytes a value, since a column of repeats or nulls encodes to nothing.
+pub fn decoded_bytes(metadata: &polars::prelude::FileMetadata) -> u64 {
+    let columns = metadata.schema().columns().len() as u64;
+    metadata
+        .row_groups
+        .iter()
+        .map(|g| {
+            let values = (g.num_rows() as u64).saturating_mul(columns);
+            (g.total_byte_size() as u64).max(values.saturating_mul(8))
+        })
+        .fold(0, u64::saturating_add)
+}
+
 /// A walk over Thrift's compact protocol that checks every length against the bytes left.
 struct Compact<'a> {
     bytes: &'a [u8],

@@ -2,7 +2,7 @@
 //! zstd) through the csv crate, NDJSON line by line, Parquet slice by slice through polars.
 //! Text stops at the caps on decompressed bytes and on bytes per record ([`Limits`]).
 
-use crate::limits::{Capped, Framing, Limits, RecordCapped};
+use crate::limits::{Cap, Capped, Framing, Limits, RecordCapped};
 use csv::ByteRecord;
 use polars::prelude::*;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -21,8 +21,12 @@ use std::{
     },
 };
 
-/// Rows read from Parquet at a time.
+/// Rows read from Parquet at a time, at most.
 const PARQUET_SLICE: usize = 64 * 1024;
+
+/// What one Parquet slice may hold once decoded, by the file's own account: a wide file or a
+/// file of long values is read in fewer rows at a time.
+const PARQUET_SLICE_BYTES: u64 = 64 << 20;
 
 /// Opens a file, undoing its compression. Uncapped: the caller bounds what it reads.
 pub fn open_decompressed(
@@ -122,8 +126,16 @@ pub enum Source {
         path: std::path::PathBuf,
         total: usize,
         offset: usize,
+        /// Rows read at a time.
+        slice: usize,
         frame: Option<DataFrame>,
         next_in_frame: usize,
+        /// The caps, counted in the rows' text as the other formats count their bytes: a
+        /// compressed column of repeats is small on disk and any size once read.
+        record: Cap,
+        dataset: Cap,
+        /// The dataset cap's bytes not yet used.
+        left: u64,
         /// The file's size and the progress counter: a Parquet file is read by row slices, so
         /// its bytes count as read in proportion to the rows read.
         size: u64,
@@ -226,9 +238,21 @@ pub fn open(
         }
         Format::Document => Err("a document, not a table".into()),
         Format::Parquet => {
+            // A bucket's object reaches here without the upload's inspection.
+            super::parquet_footer::check(path)
+                .map_err(|why| format!("not a readable Parquet file: {why}"))?;
             let file = File::open(path).map_err(io)?;
             let mut reader = ParquetReader::new(file);
             let total = reader.num_rows().map_err(|e| e.to_string())?;
+            let decoded = super::parquet_footer::decoded_bytes(
+                reader.get_metadata().map_err(|e| e.to_string())?,
+            );
+            let dataset = limits.streamed();
+            if decoded > dataset.bytes {
+                return Err(dataset.exceeded().to_string());
+            }
+            let per_row = decoded / total.max(1) as u64;
+            let slice = (PARQUET_SLICE_BYTES / per_row.max(1)).clamp(1, PARQUET_SLICE as u64);
             let header = reader
                 .schema()
                 .map_err(|e| e.to_string())?
@@ -240,8 +264,12 @@ pub fn open(
                     path: path.to_owned(),
                     total,
                     offset: 0,
+                    slice: slice as usize,
                     frame: None,
                     next_in_frame: 0,
+                    record: limits.record(),
+                    dataset,
+                    left: dataset.bytes,
                     size: std::fs::metadata(path).map_err(io)?.len(),
                     bytes_read: bytes_read.clone(),
                 },
@@ -322,8 +350,12 @@ impl Source {
                 path,
                 total,
                 offset,
+                slice: slice_rows,
                 frame,
                 next_in_frame,
+                record,
+                dataset,
+                left,
                 size,
                 bytes_read,
             } => {
@@ -334,7 +366,7 @@ impl Source {
                     }
                     let file = File::open(&*path).map_err(|e| Err(e.to_string()))?;
                     let slice = ParquetReader::new(file)
-                        .with_slice(Some((*offset, PARQUET_SLICE)))
+                        .with_slice(Some((*offset, *slice_rows)))
                         .finish()
                         .map_err(|e| Err(e.to_string()))?;
                     *offset += slice.height().max(1);
@@ -348,16 +380,30 @@ impl Source {
                 *next_in_frame += 1;
                 row.line = (*offset - current.height() + index + 1) as u64;
                 row.fields.clear();
+                // A field, its separator: the row's size as a line of text.
+                let mut bytes = 0u64;
                 for column in current.columns() {
                     let value = column.get(index).map_err(|e| Err(e.to_string()))?;
                     if value.is_null() {
                         row.fields.push_field(b"");
                         row.nulls.push(true);
+                        bytes += 1;
                     } else {
-                        row.fields.push_field(value.str_value().as_bytes());
+                        let text = value.str_value();
+                        bytes += text.len() as u64 + 1;
+                        if bytes > record.bytes {
+                            return Err(Err(record.exceeded().to_string()));
+                        }
+                        row.fields.push_field(text.as_bytes());
                         row.nulls.push(false);
                     }
                 }
+                if bytes > record.bytes {
+                    return Err(Err(record.exceeded().to_string()));
+                }
+                *left = left
+                    .checked_sub(bytes)
+                    .ok_or_else(|| Err(dataset.exceeded().to_string()))?;
                 Ok(true)
             }
         }

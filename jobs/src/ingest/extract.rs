@@ -1,8 +1,15 @@
 //! Text out of documents: plain text and Markdown as they are, HTML without its tags, and
 //! records (JSON, NDJSON, CSV, TSV) with one document per record.
 
+use serde::{
+    de::{
+        self, value::MapAccessDeserializer, DeserializeSeed, Deserializer, MapAccess, SeqAccess,
+        Visitor,
+    },
+    Deserialize,
+};
 use serde_json::{Map, Value};
-use std::borrow::Cow;
+use std::{borrow::Cow, fmt};
 
 pub use contracts::ingest::DocFormat;
 
@@ -22,13 +29,29 @@ pub struct RecordFields<'a> {
     pub id: Option<&'a str>,
 }
 
-/// The documents in `bytes`. Records get the id in `fields.id`, else their 1-based number.
+/// The documents in `bytes`. Records get the id in `fields.id`, else their 1-based number. At
+/// most `max_records` of them: a record costs memory beyond its bytes (its map, its document),
+/// so a file of tiny records is refused as it is read, before it takes that memory.
 pub fn extract(
     bytes: &[u8],
     format: DocFormat,
     fields: &RecordFields<'_>,
+    max_records: usize,
 ) -> Result<Vec<Extracted>, String> {
     let utf8 = || std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"));
+    let too_many = || {
+        format!(
+            "holds more than {max_records} records, the most this job may still hold in memory \
+             (CONVEYOR_MAX_IN_MEMORY_BYTES)"
+        )
+    };
+    let counted = |number: usize| {
+        if number > max_records {
+            Err(too_many())
+        } else {
+            Ok(())
+        }
+    };
     Ok(match format {
         DocFormat::Text | DocFormat::Markdown | DocFormat::Html | DocFormat::Pdf => {
             vec![Extracted {
@@ -38,13 +61,16 @@ pub fn extract(
             }]
         }
         DocFormat::Json => {
-            let value: Value =
-                serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))?;
-            let records = match value {
-                Value::Array(records) => records,
-                record @ Value::Object(_) => vec![record],
-                _ => return Err("JSON must be an object or an array of objects".into()),
-            };
+            let mut json = serde_json::Deserializer::from_slice(bytes);
+            let records = Records { max: max_records }
+                .deserialize(&mut json)
+                .and_then(|records| json.end().map(|()| records))
+                .map_err(
+                    |e| match e.is_data() && e.to_string().starts_with(TOO_MANY) {
+                        true => too_many(),
+                        false => format!("invalid JSON: {e}"),
+                    },
+                )?;
             records
                 .into_iter()
                 .enumerate()
@@ -55,7 +81,9 @@ pub fn extract(
             .lines()
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(i, line)| {
+            .enumerate()
+            .map(|(n, (i, line))| {
+                counted(n + 1)?;
                 let record = serde_json::from_str(line)
                     .map_err(|e| format!("line {}: invalid JSON: {e}", i + 1))?;
                 from_record(record, i + 1, fields)
@@ -73,6 +101,7 @@ pub fn extract(
             let headers = reader.headers().map_err(|e| e.to_string())?.clone();
             let mut out = Vec::new();
             for (i, row) in reader.records().enumerate() {
+                counted(i + 1)?;
                 let row = row.map_err(|e| format!("row {}: {e}", i + 1))?;
                 let record = headers
                     .iter()
@@ -84,6 +113,46 @@ pub fn extract(
             out
         }
     })
+}
+
+/// How [`Records`] says it stopped at its bound (told apart from a syntax error).
+const TOO_MANY: &str = "too many records";
+
+/// A JSON file's records: one object, or an array of at most `max` objects, counted as each
+/// is parsed.
+struct Records {
+    max: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Records {
+    type Value = Vec<Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Records {
+    type Value = Vec<Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object or an array of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut records = Vec::new();
+        while let Some(record) = seq.next_element::<Value>()? {
+            if records.len() == self.max {
+                return Err(de::Error::custom(TOO_MANY));
+            }
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        Ok(vec![Value::deserialize(MapAccessDeserializer::new(map))?])
+    }
 }
 
 /// The text of a single-document format (text, Markdown, HTML, PDF).
@@ -264,7 +333,7 @@ mod tests {
     fn a_pdf_gives_the_text_of_every_page() {
         // Two pages of compressed content streams, written by a few lines of Python.
         let pdf = include_bytes!("../../fixtures/ingest/manual.pdf");
-        let docs = extract(pdf, DocFormat::from_name("manual.pdf").unwrap(), &TEXT).unwrap();
+        let docs = extract(pdf, DocFormat::from_name("manual.pdf").unwrap(), &TEXT, 1).unwrap();
         let text = docs[0]
             .text
             .split_whitespace()
@@ -272,7 +341,7 @@ mod tests {
             .join(" ");
         assert!(text.contains("Carburetor maintenance manual"), "{text}");
         assert!(text.contains("the pilot jet is often clogged"), "{text}");
-        let broken = extract(&pdf[..400], DocFormat::Pdf, &TEXT).unwrap_err();
+        let broken = extract(&pdf[..400], DocFormat::Pdf, &TEXT, 1).unwrap_err();
         assert!(broken.starts_with("unreadable PDF"), "{broken}");
     }
 
@@ -328,7 +397,7 @@ mod tests {
             text: "text",
             id: Some("id"),
         };
-        let docs = extract(ndjson, DocFormat::Ndjson, &fields).unwrap();
+        let docs = extract(ndjson, DocFormat::Ndjson, &fields, 2).unwrap();
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[0].id.as_deref(), Some("a"));
         assert_eq!(docs[0].text, "first");
@@ -343,18 +412,55 @@ mod tests {
             text: "body",
             id: None,
         };
-        let docs = extract(csv, DocFormat::Csv, &fields).unwrap();
+        let docs = extract(csv, DocFormat::Csv, &fields, 2).unwrap();
         assert_eq!(docs[0].text, "hello, world");
         assert_eq!(docs[1].id.as_deref(), Some("2"));
         assert_eq!(docs[1].fields["title"], "Two");
 
-        let error = extract(b"[{\"body\": 1}]", DocFormat::Json, &TEXT).unwrap_err();
+        let error = extract(b"[{\"body\": 1}]", DocFormat::Json, &TEXT, 1).unwrap_err();
         assert!(error.contains("no \"text\" field"), "{error}");
-        assert!(extract(b"\xff\xfe", DocFormat::Text, &TEXT).is_err());
+        assert!(extract(b"\xff\xfe", DocFormat::Text, &TEXT, 1).is_err());
         assert_eq!(
             DocFormat::from_name("notes.MD.gz"),
             Some(DocFormat::Markdown)
         );
         assert_eq!(DocFormat::from_name("data.parquet"), None);
+    }
+
+    /// Records past the bound are refused as they are read, in every record format; at the
+    /// bound they are read.
+    #[test]
+    fn records_past_the_bound_are_refused() {
+        let ndjson = "{\"text\": \"a\"}\n".repeat(3);
+        let json = format!("[{}]", ["{\"text\": \"a\"}"; 3].join(","));
+        let csv = format!("text\n{}", "a\n".repeat(3));
+        for (bytes, format) in [
+            (ndjson.as_bytes(), DocFormat::Ndjson),
+            (json.as_bytes(), DocFormat::Json),
+            (csv.as_bytes(), DocFormat::Csv),
+        ] {
+            assert_eq!(extract(bytes, format, &TEXT, 3).unwrap().len(), 3);
+            let error = extract(bytes, format, &TEXT, 2).unwrap_err();
+            assert_eq!(
+                error,
+                "holds more than 2 records, the most this job may still hold in memory \
+                 (CONVEYOR_MAX_IN_MEMORY_BYTES)",
+                "{format:?}"
+            );
+        }
+        // One object is one record; other errors keep their own words.
+        assert_eq!(
+            extract(b"{\"text\": \"a\"}", DocFormat::Json, &TEXT, 1)
+                .unwrap()
+                .len(),
+            1
+        );
+        let error = extract(b"[{\"text\": 1}, oops]", DocFormat::Json, &TEXT, 9).unwrap_err();
+        assert!(error.starts_with("invalid JSON: expected value"), "{error}");
+        let error = extract(b"\"text\"", DocFormat::Json, &TEXT, 9).unwrap_err();
+        assert!(
+            error.contains("expected an object or an array of objects"),
+            "{error}"
+        );
     }
 }

@@ -301,16 +301,24 @@ impl IngestHandler {
         } else {
             let text_field = source.text_field.clone().unwrap_or_else(|| "text".into());
             let id_field = source.id_field.clone();
-            ctx.blocking(move || {
-                let fields = RecordFields {
-                    text: &text_field,
-                    id: id_field.as_deref(),
-                };
-                extract::extract(&bytes, format, &fields)
-            })
-            .await
-            .map_err(|e| JobError::Permanent(e.to_string()))?
-            .map_err(failed)?
+            // Each record holds its map and document, and a copy of the source's metadata.
+            let per_record = RECORD_COST + Value::Object(metadata.clone()).to_string().len() as u64;
+            let max_records = (*budget / per_record) as usize;
+            let extracted = ctx
+                .blocking(move || {
+                    let fields = RecordFields {
+                        text: &text_field,
+                        id: id_field.as_deref(),
+                    };
+                    extract::extract(&bytes, format, &fields, max_records)
+                })
+                .await
+                .map_err(|e| JobError::Permanent(e.to_string()))?
+                .map_err(failed)?;
+            if format.is_records() {
+                *budget -= extracted.len() as u64 * per_record;
+            }
+            extracted
         };
         Ok(extracted
             .into_iter()
@@ -331,6 +339,10 @@ impl IngestHandler {
             .collect())
     }
 }
+
+/// What one record holds in memory besides its bytes (its map, its document, its id), charged
+/// to the job's in-memory budget: a file of tiny records costs many times its size.
+const RECORD_COST: u64 = 1024;
 
 /// A file to read documents from: a dataset's, a watched directory's, or a bucket object
 /// downloaded.

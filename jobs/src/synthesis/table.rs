@@ -169,14 +169,7 @@ pub fn read(
         }
         Format::Parquet => {
             let mut reader = ParquetReader::new(std::fs::File::open(path)?);
-            let metadata = reader.get_metadata()?;
-            let columns = metadata.schema().columns().len() as u64;
-            // A column of repeats encodes to nothing: count at least 8 bytes a value.
-            let decoded: u64 = metadata
-                .row_groups
-                .iter()
-                .map(|g| (g.total_byte_size() as u64).max(g.num_rows() as u64 * columns * 8))
-                .sum();
+            let decoded = crate::import::parquet_footer::decoded_bytes(reader.get_metadata()?);
             if decoded > cap.bytes {
                 return Err(PolarsError::ComputeError(cap.exceeded().to_string().into()));
             }
