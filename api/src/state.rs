@@ -49,6 +49,8 @@ pub struct AppState {
 pub struct Counters {
     pub submitted: AtomicU64,
     pub sse_open: AtomicU64,
+    /// Event streams open per tenant, each at most `CONVEYOR_MAX_STREAMS_PER_TENANT`.
+    pub sse_by_tenant: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>,
 }
 
 impl Counters {

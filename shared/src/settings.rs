@@ -140,6 +140,9 @@ pub struct Settings {
     pub webhook_retry_window: Duration,
     /// `CONVEYOR_WEBHOOK_CONCURRENCY`: deliveries in flight at once (per leading worker).
     pub webhook_concurrency: usize,
+    /// `CONVEYOR_MAX_STREAMS_PER_TENANT`: event streams (SSE) one tenant may hold open on one
+    /// API process; past it a new one is a 429.
+    pub max_streams_per_tenant: usize,
 }
 
 /// A token bucket: `per_sec` tokens a second, at most `burst` saved up.
@@ -201,6 +204,7 @@ impl fmt::Debug for Settings {
             webhook_retry_base,
             webhook_retry_window,
             webhook_concurrency,
+            max_streams_per_tenant,
         } = self;
         f.debug_struct("Settings")
             .field("database_url", &redact(database_url))
@@ -252,6 +256,7 @@ impl fmt::Debug for Settings {
             .field("webhook_retry_base", webhook_retry_base)
             .field("webhook_retry_window", webhook_retry_window)
             .field("webhook_concurrency", webhook_concurrency)
+            .field("max_streams_per_tenant", max_streams_per_tenant)
             .finish()
     }
 }
@@ -369,6 +374,7 @@ impl Settings {
                 vars.parse::<u64>("WEBHOOK_RETRY_HOURS", "24")? * 3600,
             ),
             webhook_concurrency: vars.parse::<usize>("WEBHOOK_CONCURRENCY", "16")?.max(1),
+            max_streams_per_tenant: vars.parse("MAX_STREAMS_PER_TENANT", "1000")?,
         })
     }
 
@@ -445,6 +451,7 @@ impl Settings {
             webhook_retry_base: Duration::from_millis(200),
             webhook_retry_window: Duration::from_secs(24 * 3600),
             webhook_concurrency: 8,
+            max_streams_per_tenant: 1000,
         }
     }
 }

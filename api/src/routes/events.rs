@@ -259,23 +259,39 @@ impl CredentialCheck {
     }
 }
 
-/// Counts an open stream for `/metrics` and logs its opening and closing (the streams are
-/// outside the HTTP trace layer; see `crate::router`).
+/// Counts an open stream for `/metrics` and per tenant, and logs its opening and closing (the
+/// streams are outside the HTTP trace layer; see `crate::router`).
 struct OpenStream {
     counters: std::sync::Arc<Counters>,
+    tenant: Uuid,
     stream: String,
     opened: Instant,
 }
 
 impl OpenStream {
-    fn new(state: &AppState, stream: &str) -> Self {
+    /// The stream's place, or a 429 when its tenant holds as many open streams on this process
+    /// as it may: each holds memory and a connection, and a pipeline's polls the database.
+    fn open(state: &AppState, tenant: Uuid, stream: &str) -> Result<Self, Problem> {
+        let most = state.settings.max_streams_per_tenant;
+        {
+            let mut open = state.counters.sse_by_tenant.lock().expect("streams lock");
+            let count = open.entry(tenant).or_default();
+            if *count >= most {
+                return Err(Problem::too_many_requests(format!(
+                    "the tenant has {most} event streams open on this server, the most it may \
+                     (CONVEYOR_MAX_STREAMS_PER_TENANT); close one first"
+                )));
+            }
+            *count += 1;
+        }
         Counters::add(&state.counters.sse_open, 1);
         tracing::debug!(stream, "SSE stream opened");
-        Self {
+        Ok(Self {
             counters: state.counters.clone(),
+            tenant,
             stream: stream.to_owned(),
             opened: Instant::now(),
-        }
+        })
     }
 }
 
@@ -284,6 +300,13 @@ impl Drop for OpenStream {
         self.counters
             .sse_open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let mut open = self.counters.sse_by_tenant.lock().expect("streams lock");
+        if let Some(count) = open.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.tenant);
+            }
+        }
         tracing::debug!(
             stream = self.stream,
             secs = self.opened.elapsed().as_secs_f64(),
@@ -294,6 +317,7 @@ impl Drop for OpenStream {
 
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "events", params(("id" = uuid::Uuid, Path), Cursor),
     responses((status = 200, content_type = "text/event-stream", description = "the job's events until its terminal one"),
+              (status = 429, body = Problem, description = "the tenant holds as many open streams on this server as it may (CONVEYOR_MAX_STREAMS_PER_TENANT)"),
               (status = 404, body = Problem)))]
 pub async fn job_events(
     State(state): State<AppState>,
@@ -314,7 +338,7 @@ pub async fn job_events(
         .query_async(&mut state.redis.clone())
         .await
         .map_err(|e| Problem::unavailable_after("event store unreachable", e))?;
-    let guard = OpenStream::new(&state, &key);
+    let guard = OpenStream::open(&state, tenant, &key)?;
     if !exists && job.status().is_terminal() {
         let events = stream! {
             let _guard = guard;
@@ -367,7 +391,8 @@ pub async fn job_events(
 }
 
 #[utoipa::path(get, path = "/v1/events", tag = "events", params(Cursor),
-    responses((status = 200, content_type = "text/event-stream", description = "every event of the tenant's jobs, live")))]
+    responses((status = 200, content_type = "text/event-stream", description = "every event of the tenant's jobs, live"),
+              (status = 429, body = Problem, description = "the tenant holds as many open streams on this server as it may (CONVEYOR_MAX_STREAMS_PER_TENANT)")))]
 pub async fn tenant_events(
     State(state): State<AppState>,
     caller: Caller,
@@ -377,7 +402,7 @@ pub async fn tenant_events(
     let after = cursor(&headers, &query)?;
     let tenant = caller.key.tenant;
     let key = state.events.keys().tenant(tenant);
-    let guard = OpenStream::new(&state, &key);
+    let guard = OpenStream::open(&state, tenant, &key)?;
     let mut follower = Follower::start(&state, tenant, None, after.as_deref()).await?;
     let mut credential_check = CredentialCheck::new(&state, caller);
     let events = stream! {
@@ -471,6 +496,7 @@ fn pipeline_finished(pipeline: &shared::pipelines::Pipeline) -> Bytes {
 #[utoipa::path(get, path = "/v1/pipelines/{id}/events", tag = "events",
     params(("id" = uuid::Uuid, Path), Cursor),
     responses((status = 200, content_type = "text/event-stream", description = "every event of the pipeline's steps' jobs since it was submitted (or after the cursor), then one `pipeline.finished` event carrying the pipeline (its `status` and steps) once it has ended"),
+              (status = 429, body = Problem, description = "the tenant holds as many open streams on this server as it may (CONVEYOR_MAX_STREAMS_PER_TENANT)"),
               (status = 404, body = Problem)))]
 pub async fn pipeline_events(
     State(state): State<AppState>,
@@ -495,7 +521,7 @@ pub async fn pipeline_events(
     tokio::time::timeout(QUIET * 2, subscription.ready())
         .await
         .map_err(|_| Problem::unavailable("event store unreachable"))?;
-    let guard = OpenStream::new(&state, &format!("{key}:pipeline:{id}"));
+    let guard = OpenStream::open(&state, tenant, &format!("{key}:pipeline:{id}"))?;
     let mut follower = PipelineFollower {
         state: state.clone(),
         pipeline: id,

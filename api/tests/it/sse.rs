@@ -228,3 +228,57 @@ async fn job_streams_are_their_jobs_part_of_the_tenant_stream_and_share_its_feed
         assert_eq!(ids, tenant_ids[&id.to_string()], "job {id}");
     }
 }
+
+/// A tenant holds at most `CONVEYOR_MAX_STREAMS_PER_TENANT` streams open on one API process:
+/// one more is a 429 (a job's, the tenant's or a pipeline's), another tenant is not held
+/// back, and a closed stream frees its place.
+#[tokio::test]
+async fn a_tenant_past_its_open_streams_gets_429_and_others_do_not() {
+    let app = TestApp::spawn_with(|s| s.max_streams_per_tenant = 2).await;
+    let job = app.submit_canary(json!({"steps": 1})).await;
+    let first = app.sse("/v1/events", None).await;
+    let _second = app.sse(&format!("/v1/jobs/{job}/events"), None).await;
+    let (status, pipeline) = app
+        .post(
+            "/v1/pipelines",
+            &json!({"steps": [{"name": "a", "kind": "canary", "payload": {"steps": 1}}]}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{pipeline}");
+    let pipeline = pipeline["id"].as_str().unwrap();
+    for path in [
+        "/v1/events".to_owned(),
+        format!("/v1/jobs/{job}/events"),
+        format!("/v1/pipelines/{pipeline}/events"),
+    ] {
+        let (status, problem) = tokio::time::timeout(Duration::from_secs(10), app.get(&path))
+            .await
+            .unwrap_or_else(|_| panic!("{path} was opened"));
+        assert_eq!(status, reqwest::StatusCode::TOO_MANY_REQUESTS, "{path}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("CONVEYOR_MAX_STREAMS_PER_TENANT"),
+            "{problem}"
+        );
+    }
+    let open_as = async |key: &str| {
+        let request = app.client.get(app.url("/v1/events")).bearer_auth(key);
+        request.send().await.unwrap().status()
+    };
+    let other = app.key_for("globex").await;
+    assert_eq!(open_as(&other).await, reqwest::StatusCode::OK);
+    drop(first);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if open_as(&app.key).await == reqwest::StatusCode::OK {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
