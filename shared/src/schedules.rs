@@ -36,6 +36,10 @@ use crate::{
 /// Most firings an `overlap: queue` schedule keeps waiting; later ones are skipped.
 pub const MAX_PENDING: usize = 100;
 
+/// Most schedules one tenant may have: the leader fires every due schedule in order of its
+/// time, so a tenant with thousands firing each second would delay everyone else's.
+pub const MAX_PER_TENANT: i64 = 100;
+
 /// How many upcoming firings the API shows.
 pub const NEXT_FIRES: usize = 5;
 

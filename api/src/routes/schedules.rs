@@ -90,7 +90,7 @@ fn check_job(
 
 #[utoipa::path(post, path = "/v1/schedules", request_body = CreateSchedule, tag = "schedules",
     responses((status = 201, body = Schedule, description = "created; `next_fires` lists the next firings"),
-              (status = 409, body = Problem, description = "a schedule of that name exists"),
+              (status = 409, body = Problem, description = "a schedule of that name exists, or the tenant has the most schedules it may have (100)"),
               (status = 422, body = Problem)))]
 pub async fn create(
     State(state): State<AppState>,
@@ -183,6 +183,15 @@ pub async fn create(
         next_fire_at: timing.after(Utc::now()),
     };
     let mut tx = state.pool.begin().await?;
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM schedules WHERE tenant_id = $1")
+        .bind(tenant.0)
+        .fetch_one(&mut *tx)
+        .await?;
+    if held >= schedules::MAX_PER_TENANT {
+        return Err(Problem::conflict(format!(
+            "the tenant already has {held} schedules, the most it may have; delete one first"
+        )));
+    }
     let created = schedules::create(&mut *tx, tenant.0, writer.0.key.id, &new)
         .await?
         .ok_or_else(|| Problem::conflict(format!("a schedule named {:?} exists", new.name)))?;

@@ -321,6 +321,35 @@ async fn invalid_schedules_are_refused_naming_their_fields() {
 
     let (_, list) = app.get("/v1/schedules").await;
     assert!(list["schedules"].as_array().unwrap().is_empty());
+
+    // A tenant's schedules are bounded: the leader fires every due one in time order.
+    let limit = shared::schedules::MAX_PER_TENANT;
+    for i in 0..limit {
+        create(
+            &app,
+            json!({"name": format!("s{i}"), "cron": "* * * * * *", "job": canary, "paused": true}),
+        )
+        .await;
+    }
+    let (status, problem) = app
+        .post(
+            "/v1/schedules",
+            &json!({"name": "one more", "cron": "* * * * * *", "job": canary}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    let (_, list) = app.get("/v1/schedules").await;
+    assert_eq!(list["schedules"].as_array().unwrap().len() as i64, limit);
+    // Another tenant's schedules do not count against this one's.
+    let other = app.key_for("globex").await;
+    let (status, problem) = app
+        .post_as(
+            &other,
+            "/v1/schedules",
+            &json!({"name": "one more", "cron": "* * * * * *", "job": canary, "paused": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{problem}");
 }
 
 #[tokio::test]
