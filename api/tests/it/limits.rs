@@ -125,6 +125,39 @@ async fn the_submission_rate_is_shared_by_two_api_processes() {
     assert!(headers.get("ratelimit").is_none());
 }
 
+/// Retrying a pipeline's step queues its job again: past `max_queued` it is refused as a
+/// submission is, and the step stays as it was.
+#[tokio::test]
+async fn a_pipeline_step_retry_is_held_to_the_quotas() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--max-queued", "1"]).await;
+    let (status, pipeline) = app
+        .post(
+            "/v1/pipelines",
+            &json!({"steps": [{"name": "a", "kind": "canary", "payload": {"steps": 1}}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    let id = pipeline["id"].as_str().unwrap();
+    let (status, body) = app
+        .post(&format!("/v1/pipelines/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let canary = json!({"kind": "canary", "payload": {"steps": 1}});
+    let (status, body) = app.post("/v1/jobs", &canary).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+
+    let (status, body) = app
+        .post(&format!("/v1/pipelines/{id}/steps/a/retry"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["errors"][0]["field"], "quota.max_queued", "{body}");
+    let (_, pipeline) = app.get(&format!("/v1/pipelines/{id}")).await;
+    assert_eq!(pipeline["steps"][0]["state"], "cancelled", "{pipeline}");
+    let (_, tenant) = app.get("/v1/tenant").await;
+    assert_eq!(tenant["usage"]["live_jobs"], 1, "{tenant}");
+}
+
 /// Past `max_queued` a submission (or a batch) is refused whole, naming the quota; past
 /// `max_dataset_bytes` an upload is a 413 and leaves no dataset; `GET /v1/tenant` shows both.
 #[tokio::test]
