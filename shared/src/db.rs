@@ -193,6 +193,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261212"),
             include_str!("../../migrations/checksums-20261213"),
             include_str!("../../migrations/checksums-20261214"),
+            include_str!("../../migrations/checksums-20261215"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -211,7 +212,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261214"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261215"
                 ),
             }
         }

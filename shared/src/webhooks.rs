@@ -339,8 +339,16 @@ pub struct Claimed {
 
 /// Claims up to `limit` due deliveries for one attempt each: each is pushed `lease` ahead
 /// (so that, should this worker die mid-attempt, another tries it after the lease) and its
-/// attempt counted. Rows another claimer holds are skipped.
-pub async fn claim_due(pool: &PgPool, lease: Duration, limit: i64) -> sqlx::Result<Vec<Claimed>> {
+/// attempt counted. Rows another claimer holds are skipped. Each tenant gets at most
+/// `per_tenant` of them, and tenants in `full` (holding their share of the claimer's slots
+/// already) none: one tenant's receivers that hang cannot take every slot from the others.
+pub async fn claim_due(
+    pool: &PgPool,
+    lease: Duration,
+    limit: i64,
+    per_tenant: i64,
+    full: &[Uuid],
+) -> sqlx::Result<Vec<Claimed>> {
     sqlx::query_as(
         "UPDATE webhook_deliveries d SET
              next_attempt_at = now() + make_interval(secs => $1),
@@ -348,14 +356,21 @@ pub async fn claim_due(pool: &PgPool, lease: Duration, limit: i64) -> sqlx::Resu
              last_attempt_at = now()
          FROM webhooks w
          WHERE w.id = d.webhook_id AND d.id IN (
-             SELECT id FROM webhook_deliveries
-             WHERE status = 'pending' AND next_attempt_at <= now()
-             ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+             SELECT due.id
+             FROM (SELECT DISTINCT tenant_id FROM webhooks WHERE tenant_id <> ALL($4)) t
+             CROSS JOIN LATERAL (
+                 SELECT id, next_attempt_at FROM webhook_deliveries
+                 WHERE tenant_id = t.tenant_id AND status = 'pending'
+                   AND next_attempt_at <= now()
+                 ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) due
+             ORDER BY due.next_attempt_at LIMIT $2)
          RETURNING d.id, d.webhook_id, d.tenant_id, d.event, d.payload, d.attempts,
                    d.retry_started_at, w.url, w.secret_encrypted",
     )
     .bind(lease.as_secs_f64())
     .bind(limit)
+    .bind(per_tenant)
+    .bind(full)
     .fetch_all(pool)
     .await
 }

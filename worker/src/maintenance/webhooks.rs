@@ -3,7 +3,8 @@
 //!
 //! Each run claims due deliveries (`FOR UPDATE SKIP LOCKED`), pushing each a lease ahead before
 //! anything is sent: a worker killed mid-delivery leaves it to be tried again after the lease.
-//! At most `CONVEYOR_WEBHOOK_CONCURRENCY` deliveries are in flight; each POST has a timeout,
+//! At most `CONVEYOR_WEBHOOK_CONCURRENCY` deliveries are in flight, a tenant's at most a quarter
+//! of them (so receivers that hang delay only their own tenant); each POST has a timeout,
 //! follows no redirect and uses no proxy, and its host's addresses are checked (the
 //! connections' rules) when it is resolved for this very request. A 2xx answer makes the
 //! delivery `delivered`: it is never sent again. Anything else is retried with exponential
@@ -19,10 +20,12 @@ use shared::{
 };
 use sqlx::PgPool;
 use std::{
-    sync::Arc,
+    collections::HashMap,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 use tokio::sync::Semaphore;
+use uuid::Uuid;
 
 use super::{Duty, Schedule};
 use crate::Runtime;
@@ -35,6 +38,41 @@ pub(crate) struct Webhooks {
     sender: Arc<Sender>,
     /// One per delivery in flight.
     permits: Arc<Semaphore>,
+    /// Deliveries in flight per tenant, each at most `share`.
+    in_flight: Arc<Mutex<HashMap<Uuid, usize>>>,
+    share: usize,
+}
+
+/// A tenant's delivery in flight; it frees its place in `in_flight` when dropped.
+struct InFlight {
+    tenants: Arc<Mutex<HashMap<Uuid, usize>>>,
+    tenant: Uuid,
+}
+
+impl InFlight {
+    fn new(tenants: &Arc<Mutex<HashMap<Uuid, usize>>>, tenant: Uuid) -> Self {
+        *tenants
+            .lock()
+            .expect("in-flight lock")
+            .entry(tenant)
+            .or_default() += 1;
+        Self {
+            tenants: tenants.clone(),
+            tenant,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut tenants = self.tenants.lock().expect("in-flight lock");
+        if let Some(count) = tenants.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                tenants.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// What sending one delivery needs.
@@ -48,8 +86,10 @@ pub(crate) struct Sender {
 }
 
 impl Webhooks {
-    /// Four times a second; a claim takes as many deliveries as there are free slots.
+    /// Four times a second; a claim takes as many deliveries as there are free slots, a tenant
+    /// at most a quarter of the slots.
     pub fn new(settings: &Settings) -> Self {
+        let slots = settings.webhook_concurrency.max(1);
         Self {
             schedule: Schedule {
                 name: "webhooks",
@@ -57,7 +97,9 @@ impl Webhooks {
                 batch: settings.webhook_concurrency as i64,
             },
             sender: Arc::new(Sender::new(settings)),
-            permits: Arc::new(Semaphore::new(settings.webhook_concurrency.max(1))),
+            permits: Arc::new(Semaphore::new(slots)),
+            in_flight: Arc::default(),
+            share: slots.div_ceil(4),
         }
     }
 }
@@ -235,16 +277,28 @@ impl Duty for Webhooks {
         if free == 0 {
             return Ok(0);
         }
-        let claimed = webhooks::claim_due(runtime.pool(), self.sender.lease, free as i64).await?;
+        let full: Vec<Uuid> = (self.in_flight.lock().expect("in-flight lock").iter())
+            .filter(|(_, &count)| count >= self.share)
+            .map(|(&tenant, _)| tenant)
+            .collect();
+        let claimed = webhooks::claim_due(
+            runtime.pool(),
+            self.sender.lease,
+            free as i64,
+            self.share as i64,
+            &full,
+        )
+        .await?;
         let count = claimed.len();
         for delivery in claimed {
             let permit = self.permits.clone().acquire_owned().await?;
+            let in_flight = InFlight::new(&self.in_flight, delivery.tenant_id);
             let (sender, pool) = (self.sender.clone(), runtime.pool().clone());
             tokio::spawn(async move {
                 if let Err(e) = sender.deliver(&pool, delivery).await {
                     tracing::warn!(error = %e, "recording a webhook delivery failed");
                 }
-                drop(permit);
+                drop((permit, in_flight));
             });
         }
         Ok(count)
@@ -319,6 +373,11 @@ mod tests {
         /// An endpoint of the test's tenant for `events` at `url` (not checked: as if the
         /// rules changed since it was made).
         async fn webhook(&self, url: &str, events: &[&str]) -> Uuid {
+            self.webhook_of(self.tenant, url, events).await
+        }
+
+        /// The same for `tenant`.
+        async fn webhook_of(&self, tenant: Uuid, url: &str, events: &[&str]) -> Uuid {
             let cipher =
                 Cipher::from_hex(self.runtime.settings().secret_key.as_deref().unwrap()).unwrap();
             let id = Uuid::now_v7();
@@ -327,10 +386,10 @@ mod tests {
                  VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(id)
-            .bind(self.tenant)
+            .bind(tenant)
             .bind(url)
             .bind(events.iter().map(|e| e.to_string()).collect::<Vec<_>>())
-            .bind(cipher.encrypt(&webhooks::new_secret(), self.tenant, id))
+            .bind(cipher.encrypt(&webhooks::new_secret(), tenant, id))
             .execute(self.pool())
             .await
             .unwrap();
@@ -478,6 +537,71 @@ mod tests {
         assert_eq!(receiver.count(), 1);
     }
 
+    /// One tenant's receiver that never answers holds at most its share of the slots: another
+    /// tenant's delivery, due after all of its deliveries, goes out at once.
+    #[tokio::test]
+    async fn a_hanging_receiver_holds_only_its_tenants_share_of_the_slots() {
+        let test = TestDb::new().await;
+        assert_eq!(test.runtime.settings().webhook_concurrency, 8);
+        let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hanging_url = format!("http://{}/hook", hanging.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = hanging.accept().await {
+                held.push(socket);
+            }
+        });
+        let stuck = test.webhook(&hanging_url, &["job.succeeded"]).await;
+        for _ in 0..10 {
+            test.finish(shared::store::Outcome::Succeeded(serde_json::json!({})))
+                .await;
+        }
+        let (receiver, url) = Receiver::start(&[]).await;
+        let other = test.other_tenant().await;
+        let other_hook = test.webhook_of(other, &url, &["job.succeeded"]).await;
+        let job = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt)
+             VALUES ($1, $2, 'canary', 'running', '{}', 1)",
+        )
+        .bind(job)
+        .bind(other)
+        .execute(test.pool())
+        .await
+        .unwrap();
+        shared::store::finish_many(
+            test.pool(),
+            &[shared::store::Finish {
+                id: job,
+                attempt: 1,
+                outcome: shared::store::Outcome::Succeeded(serde_json::json!({})).into(),
+                usage: Default::default(),
+            }],
+        )
+        .await
+        .unwrap();
+
+        let duty = Webhooks::new(test.runtime.settings());
+        let started = Instant::now();
+        run_until(&test, &duty, other_hook, "not delivered", |d| {
+            d.len() == 1 && d[0].0 == "delivered"
+        })
+        .await;
+        let waited = started.elapsed();
+        assert!(
+            waited < test.runtime.settings().webhook_timeout,
+            "waited {waited:?}"
+        );
+        assert_eq!(receiver.count(), 1);
+        let tried = test
+            .deliveries(stuck)
+            .await
+            .iter()
+            .filter(|d| d.1 > 0)
+            .count();
+        assert_eq!(tried, 2, "the hanging tenant's share of 8 slots");
+    }
+
     /// Every statement that ends a job writes the outbox rows of its outcome with it: the
     /// worker's finish, the API's cancels of waiting jobs, the rescuer's failures; nothing for
     /// a retry or a cancel only requested.
@@ -489,14 +613,8 @@ mod tests {
         let webhook = test.webhook("http://127.0.0.1:9/hook", &all).await;
         let other_tenants = {
             let other = test.other_tenant().await;
-            let id = test.webhook("http://127.0.0.1:9/other", &all).await;
-            sqlx::query("UPDATE webhooks SET tenant_id = $1 WHERE id = $2")
-                .bind(other)
-                .bind(id)
-                .execute(test.pool())
+            test.webhook_of(other, "http://127.0.0.1:9/other", &all)
                 .await
-                .unwrap();
-            id
         };
 
         let succeeded = test.finish(Outcome::Succeeded(serde_json::json!({}))).await;
