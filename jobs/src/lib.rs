@@ -33,6 +33,31 @@ pub enum JobError {
     Cancelled(#[from] shared::Cancelled),
 }
 
+/// A target database's error as the tenant reads it in its job: what is about its own data or
+/// SQL (the classes that name its rows, columns and statements) as PostgreSQL says it; anything
+/// else (the server's files, its resources, the connection) only by its SQLSTATE, the whole
+/// text going to the log.
+pub fn target_error_text(e: &sqlx::Error) -> String {
+    const TENANTS_OWN: [&str; 9] = ["22", "23", "42", "P0", "2F", "39", "40", "55", "57014"];
+    if let sqlx::Error::Database(db) = e {
+        let code = db.code().unwrap_or_default();
+        if TENANTS_OWN.iter().any(|class| code.starts_with(class)) {
+            return db.message().to_owned();
+        }
+        tracing::warn!(error = %e, "the target database failed");
+        return format!("the target database failed (SQLSTATE {code})");
+    }
+    tracing::warn!(error = %e, "the target database's answer was not read");
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => "the target database did not answer".to_owned(),
+        _ => "the target database's answer could not be read".to_owned(),
+    }
+}
+
 /// Runs one job kind, whose [`Contract`] the API checked at submit.
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + 'static {
@@ -210,6 +235,20 @@ mod fuzz;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection's error names the server's address (and a server's own errors its files):
+    /// the job's error, which the tenant reads, names neither.
+    #[test]
+    fn target_errors_keep_the_servers_details_to_the_log() {
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connecting to 10.1.2.3:5432: /var/lib/postgresql/data",
+        );
+        match patch::job_error(sqlx::Error::Io(refused)) {
+            JobError::Retryable(text) => assert_eq!(text, "the target database did not answer"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     /// The worker runs exactly the kinds the API accepts.
     #[tokio::test]

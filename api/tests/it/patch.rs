@@ -104,6 +104,10 @@ async fn guard_rails_refuse_with_the_reason_and_enqueue_nothing() {
          CREATE TABLE nullable_unique (code text UNIQUE, val int);
          CREATE TABLE coded (code text NOT NULL UNIQUE, val int);
          INSERT INTO coded SELECT 'c' || i, i FROM generate_series(1, 50) i;
+         CREATE TABLE parted (id int PRIMARY KEY, val int) PARTITION BY RANGE (id);
+         CREATE TABLE parted_low PARTITION OF parted FOR VALUES FROM (0) TO (100);
+         CREATE TABLE parent (id int PRIMARY KEY, val int);
+         CREATE TABLE child (id int PRIMARY KEY) INHERITS (parent);
          CREATE SEQUENCE s;",
     )
     .await;
@@ -188,6 +192,20 @@ async fn guard_rails_refuse_with_the_reason_and_enqueue_nothing() {
         (
             "UPDATE pg_catalog.pg_class SET relname = 'x' WHERE oid = 1",
             "reserved for the platform and the system",
+        ),
+        // Rows are found by `ctid`, unique within one table only.
+        (
+            "UPDATE parted SET val = 1 WHERE id = 1",
+            "partitioned or has child tables",
+        ),
+        (
+            "DELETE FROM parent WHERE id = 1",
+            "partitioned or has child tables",
+        ),
+        // The catalog's types would name other tenants' tables and roles.
+        (
+            "UPDATE items SET note = ((id + 16383)::oid)::regclass::text WHERE id = 1",
+            "not a plain value type",
         ),
         // Unqualified, a system table is found on the search path: still refused.
         (
@@ -337,16 +355,20 @@ async fn a_dry_run_counts_exactly_and_changes_nothing() {
     assert_eq!(job["result"]["preflight"]["risk"], "medium");
     assert_eq!(checksum(&db, "items").await, before);
 
-    // max_rows: refused before any change.
-    let id = submit_ok(
-        &app,
-        "patch",
-        json!({"sql": sql, "mode": "execute", "max_rows": 10}),
-    )
-    .await;
-    let job = app.wait_status(id, &["failed"], WAIT).await;
-    assert!(job["error"].as_str().unwrap().contains("max_rows"), "{job}");
-    assert_eq!(checksum(&db, "items").await, before);
+    // max_rows: refused before any change, by an execute and a dry run alike (a dry run
+    // wrote and locked every row in one go whatever it said).
+    for mode in ["execute", "dry_run"] {
+        let id = submit_ok(
+            &app,
+            "patch",
+            json!({"sql": sql, "mode": mode, "max_rows": 10}),
+        )
+        .await;
+        let job = app.wait_status(id, &["failed", "succeeded"], WAIT).await;
+        assert_eq!(job["status"], "failed", "{mode}: {job}");
+        assert!(job["error"].as_str().unwrap().contains("max_rows"), "{job}");
+        assert_eq!(checksum(&db, "items").await, before);
+    }
 }
 
 #[tokio::test]

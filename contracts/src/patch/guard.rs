@@ -6,11 +6,12 @@
 
 use sqlparser::{
     ast::{
-        Assignment, AssignmentTarget, BinaryOperator, Delete, Expr, FromTable, Function,
+        Assignment, AssignmentTarget, BinaryOperator, DataType, Delete, Expr, FromTable, Function,
         FunctionArg, FunctionArgExpr, FunctionArguments, Ident, InTarget, ObjectName,
         ObjectNamePart, Statement, TableFactor, TableWithJoins, UnaryOperator, Update, Value,
     },
     dialect::PostgreSqlDialect,
+    keywords::Keyword,
     parser::Parser,
     tokenizer::{Token, Tokenizer, Whitespace},
 };
@@ -18,6 +19,11 @@ use std::fmt::Write;
 
 /// Longest statement accepted (bytes).
 pub const MAX_SQL_LEN: usize = 64 * 1024;
+
+/// Most operators (`+`, `=`, `::`, `AND`, ...) one statement may hold: the parser makes a
+/// chain of them a tree as deep as the chain is long, and checking, printing or dropping a
+/// tree thousands deep overflows a thread's stack (the API's: the whole process aborted).
+pub const MAX_OPERATORS: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -149,6 +155,118 @@ const UNSTABLE_FUNCTIONS: &[&str] = &[
     "statement_timestamp",
 ];
 
+/// Whether a token joins or applies to operands (each one a level of the syntax tree); names,
+/// literals, commas and parentheses do not (the parser bounds how deep parentheses nest).
+fn is_operator(token: &Token) -> bool {
+    match token {
+        Token::Word(word) => matches!(
+            word.keyword,
+            Keyword::AND
+                | Keyword::OR
+                | Keyword::NOT
+                | Keyword::IS
+                | Keyword::LIKE
+                | Keyword::ILIKE
+                | Keyword::SIMILAR
+                | Keyword::BETWEEN
+                | Keyword::COLLATE
+                | Keyword::AT
+        ),
+        Token::EOF
+        | Token::Number(..)
+        | Token::Char(_)
+        | Token::SingleQuotedString(_)
+        | Token::DoubleQuotedString(_)
+        | Token::DollarQuotedString(_)
+        | Token::NationalStringLiteral(_)
+        | Token::EscapedStringLiteral(_)
+        | Token::UnicodeStringLiteral(_)
+        | Token::HexStringLiteral(_)
+        | Token::Comma
+        | Token::Whitespace(_)
+        | Token::LParen
+        | Token::RParen
+        | Token::Period
+        | Token::SemiColon => false,
+        _ => true,
+    }
+}
+
+/// Functions whose result is as long as an argument says (`repeat('x', 1000000000)` takes a
+/// GB of the server's memory, even for a plan alone when the arguments are constants): their
+/// length must be a literal of at most [`MAX_GROWN_LENGTH`].
+const GROWING_FUNCTIONS: [&str; 3] = ["repeat", "lpad", "rpad"];
+const MAX_GROWN_LENGTH: u64 = 10_000;
+
+/// Types a patch may cast to or write literals of: values, not catalog references
+/// (`::regclass` names any relation from its number whatever the role may read, another
+/// tenant's included; `oid`, `tid` and `xid` reach rows' and objects' internals).
+const CAST_TYPES: &[&str] = &[
+    "smallint",
+    "int2",
+    "integer",
+    "int",
+    "int4",
+    "bigint",
+    "int8",
+    "real",
+    "float4",
+    "float",
+    "float8",
+    "double precision",
+    "double",
+    "numeric",
+    "decimal",
+    "dec",
+    "text",
+    "varchar",
+    "character varying",
+    "char",
+    "character",
+    "bpchar",
+    "boolean",
+    "bool",
+    "date",
+    "time",
+    "timetz",
+    "time with time zone",
+    "time without time zone",
+    "timestamp",
+    "timestamptz",
+    "timestamp with time zone",
+    "timestamp without time zone",
+    "interval",
+    "uuid",
+    "json",
+    "jsonb",
+    "bytea",
+];
+
+/// Whether a cast's or typed literal's type is a plain value type (an array of one too).
+fn cast_allowed(data_type: &DataType) -> Result<(), String> {
+    let text = data_type.to_string().to_ascii_lowercase();
+    // `numeric(10, 2)[]` is `numeric`: arguments and array brackets do not change the kind.
+    let mut base = String::with_capacity(text.len());
+    let mut depth = 0usize;
+    for c in text.chars() {
+        match c {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth = depth.saturating_sub(1),
+            c if depth == 0 => base.push(c),
+            _ => {}
+        }
+    }
+    let base = base.split_whitespace().collect::<Vec<_>>().join(" ");
+    if CAST_TYPES.contains(&base.as_str()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "casts to {text}, which is not a plain value type (numbers, text, booleans, times, \
+             uuid, json)"
+        ))
+    }
+}
+
 /// Checks `sql` and takes it apart. The error is the reason, for `payload.sql`.
 pub fn check(sql: &str) -> Result<Checked, String> {
     if sql.trim().is_empty() {
@@ -175,6 +293,13 @@ pub fn check(sql: &str) -> Result<Checked, String> {
                     statement or part of the WHERE clause"
                 .into(),
         );
+    }
+    let operators = tokens.iter().filter(|t| is_operator(t)).count();
+    if operators > MAX_OPERATORS {
+        return Err(format!(
+            "holds {operators} operators; at most {MAX_OPERATORS} (a list of values is one \
+             `IN (...)`)"
+        ));
     }
     let statements =
         Parser::parse_sql(&dialect, sql).map_err(|e| format!("is not valid SQL: {e}"))?;
@@ -529,7 +654,7 @@ impl Scope {
                 )),
                 _ => Ok(()),
             },
-            Expr::TypedString(_) => Ok(()),
+            Expr::TypedString(typed) => cast_allowed(&typed.data_type),
             Expr::IsFalse(e)
             | Expr::IsNotFalse(e)
             | Expr::IsTrue(e)
@@ -544,8 +669,14 @@ impl Scope {
             | Expr::Ceil { expr: e, .. }
             | Expr::Floor { expr: e, .. } => self.check(e, found),
             Expr::Cast {
-                expr: e, format, ..
-            } if format.is_none() => self.check(e, found),
+                expr: e,
+                format,
+                data_type,
+                ..
+            } if format.is_none() => {
+                cast_allowed(data_type)?;
+                self.check(e, found)
+            }
             Expr::IsDistinctFrom(a, b)
             | Expr::IsNotDistinctFrom(a, b)
             | Expr::AtTimeZone {
@@ -735,6 +866,24 @@ impl Scope {
                 if !list.clauses.is_empty() || list.duplicate_treatment.is_some() {
                     return Err(format!("{}() with clauses is not allowed", function.name));
                 }
+                if GROWING_FUNCTIONS.contains(&name) {
+                    let length = list.args.get(1).and_then(|arg| match arg {
+                        FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => {
+                            match &v.value {
+                                Value::Number(n, _) => n.parse::<u64>().ok(),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    });
+                    if length.is_none_or(|n| n > MAX_GROWN_LENGTH) {
+                        return Err(format!(
+                            "{}() needs a literal length of at most {MAX_GROWN_LENGTH}: a \
+                             computed or larger one can take the database server's memory",
+                            function.name
+                        ));
+                    }
+                }
                 list.args.iter().try_for_each(|arg| {
                     let (FunctionArg::Named { arg, .. }
                     | FunctionArg::ExprNamed { arg, .. }
@@ -798,6 +947,68 @@ mod tests {
         assert_eq!(c.unstable, ["now()"]);
         let c = check("UPDATE t SET a = 1").unwrap();
         assert!(c.filter.is_none());
+    }
+
+    /// A chain of 32,000 additions inside the length cap made a tree 32,000 deep, whose check
+    /// overflowed the stack of the thread (an API worker's 2 MiB): refused before parsing. A
+    /// long list of values is no chain.
+    #[test]
+    fn a_chain_of_operators_past_the_bound_is_refused_on_a_small_stack() {
+        let chain = format!("UPDATE t SET a = 1{} WHERE id = 1", "+1".repeat(32_000));
+        assert!(chain.len() < MAX_SQL_LEN);
+        let list: Vec<String> = (0..5_000).map(|i| i.to_string()).collect();
+        let listed = format!("DELETE FROM t WHERE id IN ({})", list.join(", "));
+        let checked = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || (check(&chain).map(drop), check(&listed).map(drop)))
+            .unwrap()
+            .join()
+            .expect("the check returns");
+        let error = checked.0.unwrap_err();
+        assert!(error.contains("32002 operators; at most 256"), "{error}");
+        assert_eq!(checked.1, Ok(()));
+        let ands = (0..100).map(|i| format!("a <> {i}")).collect::<Vec<_>>();
+        assert!(check(&format!("DELETE FROM t WHERE {}", ands.join(" AND "))).is_ok());
+    }
+
+    /// Casts and typed literals of catalog types would name other tenants' tables and roles;
+    /// value types pass, with arguments and as arrays.
+    #[test]
+    fn casts_only_to_value_types() {
+        for sql in [
+            "UPDATE items SET note = ((id + 16383)::oid)::regclass::text WHERE id = 1",
+            "UPDATE items SET note = CAST(id AS regnamespace)::text WHERE id = 1",
+            "UPDATE items SET note = regclass 'orders' WHERE id = 1",
+            "UPDATE items SET note = 'x'::regrole WHERE id = 1",
+            "DELETE FROM items WHERE id::tid IS NULL",
+        ] {
+            assert!(refused(sql).contains("not a plain value type"), "{sql}");
+        }
+        for sql in [
+            "UPDATE items SET total = total::numeric(10, 2) WHERE id = 1",
+            "UPDATE items SET due = '2024-01-01'::date + interval '1 day' WHERE id = 1",
+            "UPDATE items SET tags = '{a}'::text[] WHERE id = 1",
+            "UPDATE items SET at = TIMESTAMP '2024-01-01 00:00' WHERE id::bigint = 1",
+            "UPDATE items SET at = now()::timestamp with time zone WHERE id = 1",
+        ] {
+            check(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    }
+
+    #[test]
+    fn functions_that_grow_take_a_small_literal_length() {
+        for sql in [
+            "UPDATE t SET note = repeat('x', 1000000000) WHERE id = 1",
+            "UPDATE t SET note = lpad(note, id * 1000000) WHERE id = 1",
+            "UPDATE t SET note = rpad(note) WHERE id = 1",
+        ] {
+            assert!(
+                refused(sql).contains("literal length of at most 10000"),
+                "{sql}"
+            );
+        }
+        check("UPDATE t SET code = lpad(code, 5, '0'), bar = repeat('-', 80) WHERE id = 1")
+            .unwrap();
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub enum Refusal {
     Missing(String),
     #[error("{0} is not an ordinary table (views, foreign and system tables cannot be patched)")]
     NotATable(String),
+    /// A batch finds its rows by their `ctid`, which is unique within one table only.
+    #[error(
+        "{0} is partitioned or has child tables; patch each partition (or child) by its own name"
+    )]
+    HasChildren(String),
     #[error(
         "table {0} has no primary key and no unique index over NOT NULL columns; a patch \
          walks such a key in batches and snapshots rows by it"
@@ -55,7 +60,8 @@ pub fn quote(ident: &str) -> String {
 pub async fn describe(pool: &PgPool, written: &str) -> Result<Table, Refusal> {
     let found = sqlx::query(
         "SELECT c.oid::int8 AS oid, n.nspname, c.relname, c.relkind::text AS relkind,
-                c.reltuples::float8 AS reltuples
+                c.reltuples::float8 AS reltuples,
+                EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid) AS has_children
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE c.oid = to_regclass($1)",
     )
@@ -82,6 +88,9 @@ pub async fn describe(pool: &PgPool, written: &str) -> Result<Table, Refusal> {
         || schema.starts_with("pg_")
     {
         return Err(Refusal::NotATable(qualified));
+    }
+    if relkind == "p" || row.get::<bool, _>("has_children") {
+        return Err(Refusal::HasChildren(qualified));
     }
     let columns: Vec<Column> = sqlx::query(
         "SELECT attname::text, format_type(atttypid, atttypmod) AS type_name,

@@ -65,10 +65,11 @@ pub(super) fn db_error(e: sqlx::Error) -> JobError {
         | sqlx::Error::Protocol(_) => true,
         _ => false,
     };
+    let text = format!("target database: {}", crate::target_error_text(&e));
     if retryable {
-        JobError::Retryable(format!("target database: {e}"))
+        JobError::Retryable(text)
     } else {
-        JobError::Permanent(format!("target database: {e}"))
+        JobError::Permanent(text)
     }
 }
 

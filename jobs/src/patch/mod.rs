@@ -88,5 +88,5 @@ pub(crate) fn job_error(e: sqlx::Error) -> JobError {
             return JobError::Permanent(db.message().to_owned());
         }
     }
-    JobError::Retryable(e.to_string())
+    JobError::Retryable(crate::target_error_text(&e))
 }

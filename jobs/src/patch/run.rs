@@ -37,7 +37,7 @@ pub async fn run(
     let explained = explain(pool, &plan.statement()).await.map_err(job_error)?;
     let assessment = assess(payload, &plan, &explained);
     match payload.mode {
-        Mode::DryRun => dry_run(pool, &plan, &assessment, explained.plan).await,
+        Mode::DryRun => dry_run(pool, payload, &plan, &assessment, explained.plan).await,
         Mode::Execute => {
             Execution {
                 ctx,
@@ -55,6 +55,7 @@ pub async fn run(
 /// and the first rows (by key) before and after.
 async fn dry_run(
     pool: &PgPool,
+    payload: &PatchPayload,
     plan: &Plan,
     assessment: &Assessment,
     explain: Value,
@@ -77,6 +78,18 @@ async fn dry_run(
     .fetch_all(&mut *tx)
     .await
     .map_err(job_error)?;
+    // As an execute would refuse it, before it writes (and locks) every row in one go.
+    if let Some(max) = payload.max_rows {
+        let expected: i64 = sqlx::query_scalar(&plan.count())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(job_error)?;
+        if expected as u64 > max {
+            return Err(JobError::Permanent(format!(
+                "the statement matches {expected} rows, more than max_rows {max}"
+            )));
+        }
+    }
     let rows = sqlx::query(&plan.statement())
         .execute(&mut *tx)
         .await
