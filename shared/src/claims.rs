@@ -103,6 +103,18 @@ pub async fn hand_back_unknown(
     .await
 }
 
+/// Which of `ids` run under `worker` still: a job rescued from it (its heartbeats late) is
+/// another worker's, or waiting for one.
+pub async fn held_by(pool: &PgPool, worker: &str, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE id = ANY($1) AND worker = $2 AND status = 'running'",
+    )
+    .bind(ids)
+    .bind(worker)
+    .fetch_all(pool)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -325,7 +325,10 @@ pub async fn finish_many(
                       tokens_embedded, synthetic_rows)
          ), done AS (
          UPDATE jobs SET
-             status = f.status,
+             -- A retry of a job whose cancel was asked for (before its worker heard of it)
+             -- is its cancel: queued again, no claim would take it, nor anything end it.
+             status = CASE WHEN jobs.cancel_requested AND f.status = 'retrying' THEN 'cancelled'
+                           ELSE f.status END,
              result = f.result,
              error = f.error,
              attempt_errors = CASE WHEN f.error IS NULL THEN jobs.attempt_errors
@@ -333,7 +336,7 @@ pub async fn finish_many(
              progress = CASE WHEN f.status = 'succeeded' THEN 1 ELSE jobs.progress END,
              run_at = COALESCE(f.retry_at, jobs.run_at),
              worker = NULL,
-             finished_at = CASE WHEN f.terminal THEN now() END,
+             finished_at = CASE WHEN f.terminal OR jobs.cancel_requested THEN now() END,
              updated_at = now()
          FROM f
          WHERE jobs.id = f.id AND jobs.attempt = f.attempt
@@ -377,19 +380,25 @@ pub async fn finish_many(
 }
 
 /// Hands a running attempt back to the queue (the worker is shutting down): the attempt does
-/// not use up the budget. Returns the job, whose `attempt` is the generation to push.
+/// not use up the budget; cancelled instead if a cancel was asked for (no worker would see it
+/// once queued). Returns the job, whose `attempt` is the generation to push.
 pub async fn requeue(
     pool: &PgPool,
     id: Uuid,
     attempt: i32,
     worker: &str,
 ) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', max_attempts = max_attempts + 1,
-             worker = NULL, progress = 0, updated_at = now()
+    sqlx::query_as(&format!(
+        "WITH r AS (
+         UPDATE jobs SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+             finished_at = CASE WHEN cancel_requested THEN now() END,
+             max_attempts = max_attempts + 1, worker = NULL, progress = 0, updated_at = now()
          WHERE id = $1 AND attempt = $2 AND status = 'running' AND worker = $3
-         RETURNING *",
-    )
+         RETURNING *
+         ), {}
+         SELECT * FROM r",
+        crate::webhooks::outbox_cte("r"),
+    ))
     .bind(id)
     .bind(attempt)
     .bind(worker)
@@ -650,43 +659,55 @@ pub async fn prune_workers(
     Ok(deleted.rows_affected())
 }
 
-/// A job row that [`delete_finished`] removed.
+/// A finished job past its retention: [`finished_past_retention`] finds it,
+/// [`delete_jobs`] deletes it.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Deleted {
     pub id: Uuid,
     pub tenant_id: Uuid,
 }
 
-/// Deletes up to `limit` finished jobs (succeeded, failed, cancelled) past their tenant's
-/// retention (`tenant_limits.job_retention_days`, 0 forever), else past `retention` (`None`:
-/// forever); a `patch` job only once `snapshot_retention` (its snapshot's) has passed too,
-/// since `patch_rollback` reads the patch's row. Live jobs are never touched, and a job retried
-/// meanwhile is skipped (its row is locked, or no longer finished).
-pub async fn delete_finished(
+/// Up to `limit` finished jobs (succeeded, failed, cancelled) past their tenant's retention
+/// (`tenant_limits.job_retention_days`, 0 forever), else past `retention` (`None`: forever),
+/// oldest first, locked for the caller's transaction; a `patch` job only once
+/// `snapshot_retention` (its snapshot's) has passed too, since `patch_rollback` reads the
+/// patch's row. Live jobs are never taken, nor the steps' jobs of a pipeline still running
+/// (the steps that need them read their outcomes when they start), and a job retried meanwhile
+/// is skipped (its row is locked, or no longer finished).
+pub async fn finished_past_retention(
     executor: impl sqlx::PgExecutor<'_>,
     retention: Option<std::time::Duration>,
     snapshot_retention: std::time::Duration,
     limit: i64,
 ) -> sqlx::Result<Vec<Deleted>> {
     sqlx::query_as(
-        "DELETE FROM jobs WHERE id IN (
-             SELECT j.id FROM jobs j LEFT JOIN tenant_limits l ON l.tenant_id = j.tenant_id
-             WHERE j.finished_at IS NOT NULL
-               AND j.status IN ('succeeded', 'failed', 'cancelled')
-               AND CASE WHEN l.job_retention_days IS NOT NULL
-                        THEN l.job_retention_days > 0
-                             AND j.finished_at < now() - make_interval(days => l.job_retention_days)
-                        ELSE $1::float8 IS NOT NULL
-                             AND j.finished_at < now() - make_interval(secs => $1::float8) END
-               AND (j.kind <> 'patch' OR j.finished_at < now() - make_interval(secs => $2))
-             ORDER BY j.finished_at LIMIT $3 FOR UPDATE OF j SKIP LOCKED)
-         RETURNING id, tenant_id",
+        "SELECT j.id, j.tenant_id FROM jobs j LEFT JOIN tenant_limits l ON l.tenant_id = j.tenant_id
+         WHERE j.finished_at IS NOT NULL
+           AND j.status IN ('succeeded', 'failed', 'cancelled')
+           AND CASE WHEN l.job_retention_days IS NOT NULL
+                    THEN l.job_retention_days > 0
+                         AND j.finished_at < now() - make_interval(days => l.job_retention_days)
+                    ELSE $1::float8 IS NOT NULL
+                         AND j.finished_at < now() - make_interval(secs => $1::float8) END
+           AND (j.kind <> 'patch' OR j.finished_at < now() - make_interval(secs => $2))
+           AND NOT EXISTS (SELECT 1 FROM pipelines p
+                           WHERE p.id = j.pipeline_id AND p.status = 'running')
+         ORDER BY j.finished_at LIMIT $3 FOR UPDATE OF j SKIP LOCKED",
     )
     .bind(retention.map(|r| r.as_secs_f64()))
     .bind(snapshot_retention.as_secs_f64())
     .bind(limit)
     .fetch_all(executor)
     .await
+}
+
+/// Deletes the jobs `ids` (found by [`finished_past_retention`] in the same transaction).
+pub async fn delete_jobs(executor: impl sqlx::PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<u64> {
+    let deleted = sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(executor)
+        .await?;
+    Ok(deleted.rows_affected())
 }
 
 #[cfg(test)]
@@ -894,6 +915,53 @@ mod tests {
         let again = finish(&running, Outcome::Failed("twice".into()));
         assert!(finish_many(&db.pool, &[again]).await.unwrap()[0].is_none());
         assert_eq!(attempts_used().await.unwrap(), 1);
+    }
+
+    /// A cancel asked for while the job runs, before its worker hears of it, then a retry or a
+    /// hand-back of that attempt: the job is cancelled, not queued again where no claim would
+    /// take it and nothing would end it; the tenant's next job is still claimed.
+    #[tokio::test]
+    async fn a_retry_or_hand_back_after_a_cancel_request_cancels_the_job() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let jobs = [
+            new_job("canary", None),
+            new_job("canary", None),
+            new_job("canary", None),
+        ];
+        submit(&db, tenant, &jobs).await;
+        let claimed = claim_jobs(&db.pool, "canary", "w1", 2, None, false)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 2);
+        for job in &claimed {
+            request_cancel(&db.pool, tenant, job.id).await.unwrap();
+        }
+        let retry = Outcome::Retrying {
+            error: "flaky".into(),
+            retry_at: Utc::now(),
+        };
+        let retried = finish_many(&db.pool, &[finish(&claimed[0], retry)])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        assert_eq!(retried.status(), JobStatus::Cancelled);
+        let handed_back = requeue(&db.pool, claimed[1].id, claimed[1].attempt, "w1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(handed_back.status(), JobStatus::Cancelled);
+        for job in &claimed {
+            let row = get_job(&db.pool, tenant, job.id).await.unwrap().unwrap();
+            assert_eq!(row.status(), JobStatus::Cancelled, "{row:?}");
+            assert!(row.finished_at.is_some());
+        }
+        assert!(promote_due(&db.pool, 10).await.unwrap().is_empty());
+        let next = claim_jobs(&db.pool, "canary", "w1", 1, None, false)
+            .await
+            .unwrap();
+        assert_eq!(next.len(), 1, "the tenant's third job");
     }
 
     #[tokio::test]

@@ -90,6 +90,9 @@ pub struct WorkerHandle {
     runtime: Arc<Runtime>,
     stop_taking: CancellationToken,
     tasks: JoinSet<()>,
+    /// The loops that never end by themselves: the heartbeat, the stray hand-back and the
+    /// announcements' listener.
+    background: Vec<tokio::task::AbortHandle>,
 }
 
 impl WorkerHandle {
@@ -108,12 +111,17 @@ impl WorkerHandle {
             self.runtime.interrupt_all();
             self.runtime.wait_idle(HAND_BACK).await;
         }
-        self.runtime.stopped().await;
+        // Before the worker says it stopped: a heartbeat after that would mark it alive again
+        // (its jobs left to be rescued late, or while a stubborn one still runs here).
+        for task in &self.background {
+            task.abort();
+        }
         let _ = tokio::time::timeout(WIND_DOWN, async {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
         self.tasks.abort_all();
+        self.runtime.stopped().await;
         tracing::info!(worker = self.runtime.name(), "stopped");
     }
 }
@@ -137,9 +145,11 @@ pub async fn start(
     let stop_taking = CancellationToken::new();
     let mut tasks = JoinSet::new();
     runtime.heartbeat_once().await?;
-    tasks.spawn(runtime.clone().heartbeat_loop(stop_taking.clone()));
-    tasks.spawn(runtime.clone().announcement_listener());
-    tasks.spawn(runtime.clone().stray_loop());
+    let background = vec![
+        tasks.spawn(runtime.clone().heartbeat_loop()),
+        tasks.spawn(runtime.clone().announcement_listener()),
+        tasks.spawn(runtime.clone().stray_loop()),
+    ];
     tasks.spawn(maintenance::run(runtime.clone(), stop_taking.clone()));
     for (kind, concurrency) in queues.0 {
         tasks.spawn(
@@ -153,5 +163,6 @@ pub async fn start(
         runtime,
         stop_taking,
         tasks,
+        background,
     })
 }

@@ -18,7 +18,7 @@ use shared::{
 };
 use sqlx::PgPool;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     panic::AssertUnwindSafe,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -450,6 +450,7 @@ impl Runtime {
                 let running = self.running.lock().expect("running lock");
                 running.keys().copied().collect()
             };
+            self.stop_lost(&known).await?;
             claims::hand_back_unknown(&self.pool, &self.name, &known).await?
         };
         if !strays.is_empty() {
@@ -459,6 +460,27 @@ impl Runtime {
             );
             self.dispatch(strays.iter().filter_map(Change::moved).collect())
                 .await;
+        }
+        Ok(())
+    }
+
+    /// Stops the jobs of `known` (those running here) whose rows no longer name this worker:
+    /// the rescuer took them while its heartbeats did not arrive (a partition, a failover), so
+    /// another worker may run them now. Their outcome would not be recorded anyway.
+    async fn stop_lost(&self, known: &[Uuid]) -> anyhow::Result<()> {
+        if known.is_empty() {
+            return Ok(());
+        }
+        let held: HashSet<Uuid> = claims::held_by(&self.pool, &self.name, known)
+            .await?
+            .into_iter()
+            .collect();
+        let running = self.running.lock().expect("running lock");
+        for id in known.iter().filter(|id| !held.contains(id)) {
+            if let Some(job) = running.get(id) {
+                tracing::warn!(job = %id, "its lease was lost (rescued elsewhere): stopped here");
+                job.token.cancel();
+            }
         }
         Ok(())
     }
@@ -501,10 +523,10 @@ impl Runtime {
         Ok(())
     }
 
-    pub(crate) async fn heartbeat_loop(self: Arc<Self>, stop: CancellationToken) {
+    /// Heart-beats until aborted: also while draining, since running jobs still hold their
+    /// lease.
+    pub(crate) async fn heartbeat_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.settings.heartbeat);
-        // Keep heart-beating while draining: running jobs still hold their lease.
-        let _ = stop;
         loop {
             tick.tick().await;
             if let Err(e) = self.heartbeat_once().await {
@@ -806,6 +828,8 @@ fn ended(row: &store::Ended, outcome: Option<&Outcome>) -> Event {
         row.progress,
     );
     let event = match outcome {
+        // A retry or hand-back that was the job's cancel (asked for meanwhile).
+        _ if status == JobStatus::Cancelled => event,
         Some(Outcome::Succeeded(result)) => event.data(Some(result.clone())),
         Some(Outcome::Retrying { error, retry_at }) => event.message(Some(error.clone())).data(
             Some(json!({ "attempt": row.attempt, "retry_at": retry_at })),

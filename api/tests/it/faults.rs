@@ -52,13 +52,61 @@ async fn sigterm_lets_the_running_job_finish() {
     let id = app
         .submit_canary(json!({"steps": 20, "step_ms": 100}))
         .await;
-    terminate_while_running(&app, id, worker).await;
+    let running = app
+        .wait_status(id, &["running"], Duration::from_secs(30))
+        .await;
+    let name = running["worker"].as_str().unwrap().to_owned();
+    let took = terminate_while_running(&app, id, worker).await;
     let job = app.job(id).await;
     assert_eq!(
         job["status"], "succeeded",
         "the draining worker finished its job: {job}"
     );
     assert_eq!(job["attempt"], 1);
+    // Stopped once its job is done (it waited 5 s more for loops that never end), and stays
+    // stopped in its row (its heartbeat went on after it said it stopped).
+    assert!(
+        took < Duration::from_secs(4),
+        "the worker took {took:?} to stop"
+    );
+    let stopped: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT stopped_at FROM workers WHERE name = $1")
+            .bind(&name)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    assert!(stopped.is_some(), "the worker's row says it is alive");
+}
+
+/// A worker whose job was taken from it (the rescuer's, while its heartbeats did not arrive)
+/// stops running that job: another worker may be running it now.
+#[tokio::test]
+async fn a_worker_stops_a_job_whose_lease_it_lost() {
+    let app = TestApp::spawn().await;
+    let log = std::env::temp_dir().join(format!("lost-lease-{}.log", uuid::Uuid::new_v4()));
+    let _worker =
+        app.spawn_worker_process_logging("canary=1", &[], std::fs::File::create(&log).unwrap());
+    let id = app
+        .submit_canary(json!({"steps": 600, "step_ms": 100}))
+        .await;
+    app.wait_status(id, &["running"], Duration::from_secs(30))
+        .await;
+    // As a rescue and another worker's claim leave the row.
+    sqlx::query("UPDATE jobs SET worker = 'elsewhere', attempt = attempt + 1 WHERE id = $1")
+        .bind(id)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("its lease was lost") && text.contains(&id.to_string()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still running here:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_file(&log);
 }
 
 /// Past the grace period, SIGTERM hands the running job back to the queue: the worker exits

@@ -42,21 +42,36 @@ impl Retention {
     }
 
     /// One batch: the rows are deleted in a transaction that commits only once their artifacts
-    /// are gone, so a failure leaves rows (deleted again next time), never unowned objects.
+    /// are gone, so a failure leaves rows (deleted again next time), never unowned objects. A
+    /// job whose artifacts cannot be deleted (a bucket's object under a lock) is kept and
+    /// logged: the others of its batch go on without it.
     async fn delete_batch(&self, runtime: &Runtime) -> anyhow::Result<usize> {
         let mut tx = runtime.pool().begin().await?;
-        let deleted = store::delete_finished(
+        let due = store::finished_past_retention(
             &mut *tx,
             self.retention,
             self.snapshot_retention,
             self.schedule.batch,
         )
         .await?;
-        for jobs in deleted.chunks(DELETIONS) {
-            let objects = runtime.objects();
-            futures::future::try_join_all(jobs.iter().map(|job| objects.delete_artifacts(job.id)))
-                .await?;
+        let objects = runtime.objects();
+        let mut deleted = Vec::with_capacity(due.len());
+        for jobs in due.chunks(DELETIONS) {
+            let results =
+                futures::future::join_all(jobs.iter().map(|job| objects.delete_artifacts(job.id)))
+                    .await;
+            for (job, result) in jobs.iter().zip(results) {
+                match result {
+                    Ok(()) => deleted.push(job),
+                    Err(e) => tracing::warn!(
+                        job = %job.id, error = %e,
+                        "a finished job's artifacts could not be deleted; the job is kept"
+                    ),
+                }
+            }
         }
+        let ids: Vec<_> = deleted.iter().map(|job| job.id).collect();
+        store::delete_jobs(&mut *tx, &ids).await?;
         tx.commit().await?;
         let streams: Vec<_> = deleted.iter().map(|job| (job.tenant_id, job.id)).collect();
         if let Err(e) = runtime.events().forget_jobs(&streams).await {
@@ -173,6 +188,61 @@ mod tests {
         assert_eq!(test.events(recent).await, ["succeeded"]);
         // Nothing left to delete.
         assert_eq!(retention.run(&test.runtime).await.unwrap(), 0);
+    }
+
+    /// A job whose artifacts cannot be deleted is kept; the rest of its batch goes. A step's
+    /// job of a pipeline still running is kept whatever its age.
+    #[tokio::test]
+    async fn an_undeletable_artifact_keeps_its_job_only_and_running_pipelines_keep_their_steps() {
+        let test = TestDb::with(jobs::Registry::default(), |settings| {
+            settings.job_retention = Some(Duration::from_secs(10 * DAY));
+        })
+        .await;
+        let stuck = finished(&test, "canary", "succeeded", 40).await;
+        // Its artifacts' directory is a file: deleting it fails (root or not).
+        let dir = test
+            .runtime
+            .settings()
+            .data_dir
+            .join(format!("artifacts/{stuck}"));
+        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        std::fs::write(&dir, b"not a directory").unwrap();
+        let after: Vec<Uuid> =
+            futures::future::join_all((0..3).map(|_| finished(&test, "canary", "succeeded", 30)))
+                .await;
+        let step = finished(&test, "canary", "succeeded", 30).await;
+        let pipeline = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO pipelines (id, tenant_id, on_failure) VALUES ($1, $2, 'continue')",
+        )
+        .bind(pipeline)
+        .bind(test.tenant)
+        .execute(test.pool())
+        .await
+        .unwrap();
+        test.set(step, &format!("pipeline_id = '{pipeline}'")).await;
+
+        let retention = Retention::new(test.runtime.settings());
+        assert_eq!(retention.run(&test.runtime).await.unwrap(), 3);
+        assert!(
+            test.status(stuck).await.is_some(),
+            "kept with its artifacts"
+        );
+        for id in after {
+            assert_eq!(test.status(id).await, None, "{id} kept");
+        }
+        assert!(
+            test.status(step).await.is_some(),
+            "a running pipeline's step"
+        );
+        // Once the pipeline has ended, its steps' jobs go too.
+        sqlx::query("UPDATE pipelines SET status = 'succeeded' WHERE id = $1")
+            .bind(pipeline)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        assert_eq!(retention.run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.status(step).await, None);
     }
 
     /// A tenant's own retention wins over the deployment's, both ways: shorter, longer, and
