@@ -40,6 +40,10 @@ pub fn router(state: AppState) -> Router {
         .merge(streams)
         .with_state(state)
         .merge(api_reference())
+        .method_not_allowed_fallback(routes::ops::method_not_allowed)
+        .layer(axum::middleware::from_fn(
+            routes::ops::refuse_undecodable_paths,
+        ))
 }
 
 /// `/docs`: the OpenAPI document rendered by Swagger UI, whose files ship inside the binary

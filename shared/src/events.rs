@@ -386,20 +386,41 @@ fn decode(entry: redis::streams::StreamId) -> Option<StreamEntry> {
     })
 }
 
-/// Whether a stream cursor looks like a Redis entry id (`ms-seq`).
+/// Whether a stream cursor is a Redis entry id (`ms-seq`) that a read can resume after: each
+/// part a number below the largest (Redis refuses to read past that one, and a stream kept
+/// asking it every second).
 pub fn valid_cursor(cursor: &str) -> bool {
     let mut parts = cursor.splitn(2, '-');
     let ms = parts.next().unwrap_or("");
     let seq = parts.next().unwrap_or("0");
-    !ms.is_empty()
-        && ms.bytes().all(|b| b.is_ascii_digit())
-        && !seq.is_empty()
-        && seq.bytes().all(|b| b.is_ascii_digit())
+    let below_max = |part: &str| {
+        part.bytes().all(|b| b.is_ascii_digit()) && part.parse::<u64>().is_ok_and(|n| n < u64::MAX)
+    };
+    below_max(ms) && below_max(seq)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cursors_are_entry_ids_a_read_can_resume_after() {
+        for good in ["0", "1764590000123-0", "5-9", "18446744073709551614-3"] {
+            assert!(valid_cursor(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-1",
+            "+5",
+            "x-1",
+            "5-",
+            "18446744073709551615-18446744073709551615",
+            "5-18446744073709551615",
+            "99999999999999999999999-0",
+        ] {
+            assert!(!valid_cursor(bad), "{bad}");
+        }
+    }
 
     /// The keys and the time written by hand read as `format!` and chrono would write them.
     #[test]

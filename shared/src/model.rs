@@ -165,3 +165,7 @@ pub struct SubmitJob {
 pub const MAX_ATTEMPTS_LIMIT: i32 = 25;
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 pub const IDEMPOTENCY_KEY_MAX: usize = 200;
+/// The earliest and latest `run_at` (Unix seconds: 1970-01-01, 9999-12-31T23:59:59Z): chrono
+/// reads signed and five-digit years that PostgreSQL cannot store or no job needs.
+pub const RUN_AT_EARLIEST: i64 = 0;
+pub const RUN_AT_LATEST: i64 = 253_402_300_799;

@@ -118,20 +118,16 @@ impl From<sqlx::Error> for Problem {
     fn from(e: sqlx::Error) -> Self {
         if database_unreachable(&e) {
             // A restart or a failover: nothing was accepted, and the client may try again.
-            Problem::unavailable_after("PostgreSQL is unreachable; try again", e)
-        } else if e
-            .as_database_error()
-            .is_some_and(|db| db.code().as_deref() == Some("22021"))
-        {
-            // A NUL the extractors did not see (a path segment, say): PostgreSQL stores none.
-            Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "validation",
-                format!("a text of the request {NUL_REFUSED}"),
-            )
-        } else {
-            Problem::internal(e)
+            return Problem::unavailable_after("PostgreSQL is unreachable; try again", e);
         }
+        let refused = match e.as_database_error().and_then(|db| db.code()).as_deref() {
+            // A NUL the extractors did not see (a path segment, say): PostgreSQL stores none.
+            Some("22021") => format!("a text of the request {NUL_REFUSED}"),
+            // A time past PostgreSQL's range that a check did not see (a query's bound, say).
+            Some("22008") => "a time of the request is out of range".to_owned(),
+            _ => return Problem::internal(e),
+        };
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", refused)
     }
 }
 

@@ -71,6 +71,14 @@ pub(crate) fn validate(
             ));
         }
     }
+    if let Some(at) = job.run_at {
+        if !(model::RUN_AT_EARLIEST..=model::RUN_AT_LATEST).contains(&at.timestamp()) {
+            errors.push(FieldError::new(
+                field("run_at"),
+                "must be between 1970-01-01 and 9999-12-31",
+            ));
+        }
+    }
     let Some(valid) = valid.filter(|_| errors.is_empty()) else {
         return Err(errors);
     };

@@ -302,3 +302,25 @@ async fn tenant_usage(state: &AppState, registry: &mut Registry) -> Result<(), P
 pub async fn not_found() -> Problem {
     Problem::not_found("route")
 }
+
+/// A route that takes other methods (axum's own 405 has no body).
+pub async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this route does not take that method; its Allow header lists those it takes",
+    )
+}
+
+/// A path that does not decode to UTF-8 names no route nor object: a 404 problem, where the
+/// path extractors would answer in plain text.
+pub async fn refuse_undecodable_paths(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = percent_encoding::percent_decode_str(request.uri().path());
+    if path.decode_utf8().is_err() {
+        return Problem::not_found("route").into_response();
+    }
+    next.run(request).await
+}

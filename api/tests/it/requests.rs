@@ -126,6 +126,41 @@ async fn bad_submissions_get_a_problem_naming_the_field() {
     let mine = app.submit_canary(json!({"steps": 1})).await;
     let (status, _) = app.get(&format!("/v1/jobs/{mine}/artifacts/a%00b")).await;
     assert_eq!(status, 404);
+    // A path that is not UTF-8 once decoded, and a method a route does not take: problems
+    // too (axum answered in plain text, and with no body).
+    for path in [
+        "/v1/jobs/%FF".to_owned(),
+        format!("/v1/jobs/{mine}/artifacts/%FF"),
+        "/assets/%FF".to_owned(),
+    ] {
+        let (status, problem) = app.get(&path).await;
+        assert_problem(status, 404, &problem);
+    }
+    let response = app
+        .client
+        .put(app.url("/v1/jobs"))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    assert!(response.headers().contains_key("allow"));
+    // A time PostgreSQL cannot store (chrono reads signed years): a 422 naming it, not a 500.
+    for run_at in [
+        "-5000-01-01T00:00:00Z",
+        "1969-12-31T23:59:59Z",
+        "10000-01-01T00:00:00Z",
+    ] {
+        let (status, problem) = app
+            .post("/v1/jobs", &json!({"kind": "canary", "run_at": run_at}))
+            .await;
+        assert_problem(status, 422, &problem);
+        assert_eq!(field_errors(&problem), ["run_at"], "{run_at}");
+    }
     let (_, collections) = app.get("/v1/collections").await;
     assert_eq!(
         collections["collections"].as_array().unwrap().len(),
