@@ -274,6 +274,16 @@ impl Limits {
     /// [`quotas::check`]). Concurrent submissions may pass the check together, so a burst can
     /// overrun `max_queued` by one request's jobs per API process.
     pub async fn check_quotas(&self, tenant: Uuid, kinds: &[&str]) -> Result<(), Problem> {
+        self.check(tenant, kinds, true).await
+    }
+
+    /// The quotas on what jobs of `kinds` add (chunks, rows imported a day), not on how many
+    /// are queued (a bulk retry takes only the room `max_queued` leaves).
+    pub async fn check_output_quotas(&self, tenant: Uuid, kinds: &[&str]) -> Result<(), Problem> {
+        self.check(tenant, kinds, false).await
+    }
+
+    async fn check(&self, tenant: Uuid, kinds: &[&str], count_queued: bool) -> Result<(), Problem> {
         let limits = self.of(tenant).await?;
         let quotas = Quotas {
             max_queued: limits.max_queued,
@@ -281,7 +291,7 @@ impl Limits {
             max_rows_per_day: limits.max_rows_per_day,
         };
         let mut conn = self.pool.acquire().await?;
-        quotas::check(&mut conn, tenant, &quotas, kinds, true)
+        quotas::check(&mut conn, tenant, &quotas, kinds, count_queued)
             .await?
             .map_err(|over| over_quota(StatusCode::FORBIDDEN, over))
     }
@@ -322,6 +332,41 @@ impl Limits {
             },
         );
         Ok(Some((room, refusal)))
+    }
+}
+
+impl Limits {
+    /// Checks again, in the transaction that records an upload of `size` bytes, that it fits
+    /// under `max_dataset_bytes`: uploads stream for a while, and several of one tenant could
+    /// each pass [`Self::dataset_room`] before any was recorded. The tenant's row stays locked
+    /// until the transaction ends, so its uploads are recorded one at a time.
+    pub async fn hold_dataset_room(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        size: u64,
+    ) -> Result<(), Problem> {
+        let Some(limit) = self.of(tenant).await?.max_dataset_bytes else {
+            return Ok(());
+        };
+        quotas::lock_tenant(tx, tenant).await?;
+        let used: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_one(&mut *tx)
+        .await?;
+        if used + size as i64 <= limit {
+            return Ok(());
+        }
+        Err(over_quota(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            OverQuota {
+                quota: "max_dataset_bytes",
+                limit: format!("{limit} bytes of datasets"),
+                used: format!("{used} in use, and this upload is {size}"),
+            },
+        ))
     }
 }
 

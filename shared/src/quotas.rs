@@ -131,6 +131,34 @@ pub async fn check(
     Ok(Ok(()))
 }
 
+/// Locks the tenant's row until the transaction ends, so that creates of one tenant checked
+/// against a cap wait for each other: two cannot both pass a cap only one fits under.
+/// (`FOR NO KEY UPDATE`: the tenant's submissions, whose foreign keys share the row, do not
+/// wait.)
+pub async fn lock_tenant(conn: &mut PgConnection, tenant: Uuid) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(tenant)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// How many rows of `table` (a table with a `tenant_id`) the tenant holds, for a cap on them,
+/// the tenant locked ([`lock_tenant`]).
+pub async fn count_for_cap(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    table: &'static str,
+) -> sqlx::Result<i64> {
+    lock_tenant(conn, tenant).await?;
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {table} WHERE tenant_id = $1"
+    ))
+    .bind(tenant)
+    .fetch_one(&mut *conn)
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

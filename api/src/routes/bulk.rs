@@ -189,10 +189,15 @@ async fn apply(
     let limit = match change {
         BulkChange::Cancel => MAX_BULK,
         BulkChange::Retry => {
-            state
-                .limits
-                .requeue_room(writer.tenant().0, MAX_BULK)
-                .await?
+            // What the retried imports and ingests add is held to its quotas too: a tenant
+            // past one retries other kinds by naming them.
+            let kinds = match &filter.kind {
+                Some(kind) => vec![kind.as_str()],
+                None => vec!["import", "ingest"],
+            };
+            let tenant = writer.tenant().0;
+            state.limits.check_output_quotas(tenant, &kinds).await?;
+            state.limits.requeue_room(tenant, MAX_BULK).await?
         }
     };
     let mut tx = state.pool.begin().await?;

@@ -123,17 +123,21 @@ pub async fn upload(
         .map_err(Problem::internal)?;
     let recorded = async {
         let mut tx = state.pool.begin().await?;
+        state
+            .limits
+            .hold_dataset_room(&mut tx, tenant.0, size)
+            .await?;
         datasets::insert(&mut *tx, &dataset).await?;
         let entry = Entry::new(Action::DatasetUpload)
             .target(dataset.id)
             .payload_sha256(&dataset.sha256)
             .detail(serde_json::json!({"name": dataset.name, "size_bytes": dataset.size_bytes}));
         writer.audit(&mut *tx, entry).await?;
-        tx.commit().await
+        Ok::<_, Problem>(tx.commit().await?)
     };
-    if let Err(e) = recorded.await {
+    if let Err(problem) = recorded.await {
         let _ = objects.delete_dataset(tenant.0, dataset.id).await;
-        return Err(e.into());
+        return Err(problem);
     }
     let location = format!("/v1/datasets/{}", dataset.id);
     Ok((

@@ -183,10 +183,7 @@ pub async fn create(
         next_fire_at: timing.after(Utc::now()),
     };
     let mut tx = state.pool.begin().await?;
-    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM schedules WHERE tenant_id = $1")
-        .bind(tenant.0)
-        .fetch_one(&mut *tx)
-        .await?;
+    let held = shared::quotas::count_for_cap(&mut tx, tenant.0, "schedules").await?;
     if held >= schedules::MAX_PER_TENANT {
         return Err(Problem::conflict(format!(
             "the tenant already has {held} schedules, the most it may have; delete one first"

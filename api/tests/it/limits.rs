@@ -238,7 +238,23 @@ async fn quotas_refuse_with_nothing_written() {
 
     let row = "id,name\n".to_owned() + &"1,abcdefghij\n".repeat(50);
     assert!(row.len() > 500 && row.len() < 1000);
-    app.upload_dataset("first.csv", row.as_bytes()).await;
+    // Uploads racing each other: each passed the room check before any was recorded, and
+    // all were kept. Only one fits.
+    let racing = (0..6).map(|i| {
+        let request = app
+            .client
+            .post(app.url("/v1/datasets"))
+            .query(&[("name", format!("first{i}.csv"))])
+            .bearer_auth(&app.key)
+            .body(row.clone());
+        async move { request.send().await.unwrap().status() }
+    });
+    let statuses = futures::future::join_all(racing).await;
+    let created = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    assert_eq!(created, 1, "{statuses:?}");
     let response = app
         .client
         .post(app.url("/v1/datasets"))

@@ -181,6 +181,17 @@ async fn usage_sums_equal_the_jobs_own_figures_and_quotas_on_output_refuse() {
         .await
         .unwrap();
     assert_eq!(before, after);
+    // Retries add what submissions would: refused alike, unless they name another kind.
+    for body in [
+        json!({"kind": "import"}),
+        json!({"kind": "ingest"}),
+        json!({}),
+    ] {
+        let (status, problem) = app.post("/v1/jobs/retry", &body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}: {problem}");
+    }
+    let (status, retried) = app.post("/v1/jobs/retry", &json!({"kind": "canary"})).await;
+    assert_eq!(status, StatusCode::OK, "{retried}");
     // Other kinds still go.
     run(&app, &admin, "canary", json!({"steps": 1})).await;
     let (_, tenant) = app.get("/v1/tenant").await;

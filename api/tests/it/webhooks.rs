@@ -426,9 +426,10 @@ async fn urls_to_refused_addresses_and_unknown_events_are_422_and_create_nothing
     let (_, audit) = app.get("/v1/audit?action=webhook.create").await;
     assert_eq!(audit["entries"], json!([]), "{audit}");
 
-    // A tenant's webhooks are bounded: each finished job is a delivery per webhook.
+    // A tenant's webhooks are bounded: each finished job is a delivery per webhook; creates
+    // racing past the bound together do not pass it.
     let limit = shared::webhooks::MAX_PER_TENANT;
-    for i in 0..limit {
+    for i in 0..limit - 5 {
         create(
             &app,
             &format!("http://127.0.0.1:9/hook{i}"),
@@ -436,6 +437,18 @@ async fn urls_to_refused_addresses_and_unknown_events_are_422_and_create_nothing
         )
         .await;
     }
+    let shared_app = &app;
+    let racing = (0..20).map(|i| {
+        let body =
+            json!({"url": format!("http://127.0.0.1:9/race{i}"), "events": ["job.succeeded"]});
+        async move { shared_app.post("/v1/webhooks", &body).await.0 }
+    });
+    let statuses = futures::future::join_all(racing).await;
+    let created = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    assert_eq!(created, 5, "{statuses:?}");
     let body = json!({"url": "http://127.0.0.1:9/one-more", "events": ["job.succeeded"]});
     let (status, problem) = app.post("/v1/webhooks", &body).await;
     assert_eq!(status, StatusCode::CONFLICT, "{problem}");
