@@ -186,8 +186,13 @@ pub struct Reference {
 /// submit: it parses as a UUID, as the ids that outputs carry do.
 pub const PLACEHOLDER: &str = "00000000-0000-0000-0000-000000000000";
 
+/// Most references one step's payload may hold: each is checked against the step's needs and
+/// its payload's errors at submit.
+pub const MAX_REFERENCES: usize = 100;
+
 /// The references in `payload`, or the field errors of malformed ones. A string mentioning
-/// `${steps.` is a reference, and must be one whole: `${steps.<step>.outputs.<field>}`.
+/// `${steps.` is a reference, and must be one whole: `${steps.<step>.outputs.<field>}`; at
+/// most [`MAX_REFERENCES`] of them.
 pub fn references(payload: &Value) -> Result<Vec<Reference>, Vec<FieldError>> {
     let mut found = Vec::new();
     let mut errors = Vec::new();
@@ -210,6 +215,12 @@ pub fn references(payload: &Value) -> Result<Vec<Reference>, Vec<FieldError>> {
             )),
         }
     });
+    if found.len() > MAX_REFERENCES {
+        errors.push(FieldError::new(
+            "payload",
+            format!("holds {} references; at most {MAX_REFERENCES}", found.len()),
+        ));
+    }
     if errors.is_empty() {
         Ok(found)
     } else {

@@ -205,8 +205,9 @@ pub(crate) fn check(state: &AppState, body: SubmitPipeline) -> Result<Checked, P
                 Vec::new()
             }
         };
+        let needs: std::collections::HashSet<&String> = step.needs.iter().collect();
         for r in &references {
-            if !step.needs.contains(&r.step) {
+            if !needs.contains(&r.step) {
                 errors.push(FieldError::new(
                     format!("{prefix}{}", r.path),
                     format!(

@@ -465,6 +465,32 @@ async fn invalid_pipelines_are_refused_and_write_nothing() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
     let size = problem.to_string().len();
     assert!(size < 2_000, "a refusal of {size} bytes");
+    // A step's references are bounded: each is checked against its needs and its payload's
+    // errors (many of both took seconds of the API's CPU).
+    let references: Vec<String> = (0..101)
+        .map(|_| "${steps.a.outputs.n}".to_owned())
+        .collect();
+    let (status, problem) = app
+        .post(
+            "/v1/pipelines",
+            &json!({"steps": [
+                {"name": "a", "kind": "canary"},
+                {"name": "b", "kind": "canary", "needs": ["a"], "payload": {"many": references}},
+            ]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(
+        problem["errors"][0]["field"], "steps[1].payload",
+        "{problem}"
+    );
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 100"),
+        "{problem}"
+    );
     assert_eq!(
         written(&app).await,
         before,
