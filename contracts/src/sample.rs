@@ -99,7 +99,9 @@ impl SamplePayload {
                         refuse(&format!("conditions[{i}].rows"), range.clone());
                     }
                 }
-                let total: i64 = groups.iter().map(|g| g.rows.max(0)).sum();
+                let total = groups
+                    .iter()
+                    .fold(0i64, |sum, g| sum.saturating_add(g.rows.max(0)));
                 if total > MAX_SAMPLE_ROWS {
                     refuse(
                         "conditions",
@@ -417,6 +419,10 @@ mod tests {
         );
         assert_eq!(fields(json!({"conditions": []})), ["payload.conditions"]);
         assert_eq!(fields(json!({"rows": 1, "wibble": 1})), ["payload.wibble"]);
+        // Two groups of the largest rows: their sum overflowed (a panic in a debug build).
+        let huge =
+            json!([{"conditions": {}, "rows": i64::MAX}, {"conditions": {}, "rows": i64::MAX}]);
+        assert!(fields(json!({"conditions": huge})).contains(&"payload.conditions".to_owned()));
     }
 
     #[test]

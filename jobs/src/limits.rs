@@ -49,10 +49,31 @@ impl Limits {
         Cap::new(self.record, "CONVEYOR_MAX_RECORD_BYTES", "one record")
     }
 
+    /// Whether a synthetic table of `rows` × `columns` fits the in-memory cap as it is drawn
+    /// and written ([`OUTPUT_CELL_BYTES`] a cell); refused before any is drawn, since a
+    /// larger one takes the worker (and every job in it) down.
+    pub fn output(&self, rows: u64, columns: usize) -> Result<(), JobError> {
+        let cells = rows.saturating_mul(columns as u64);
+        let bytes = cells.saturating_mul(OUTPUT_CELL_BYTES);
+        if bytes <= self.in_memory {
+            return Ok(());
+        }
+        Err(JobError::Permanent(format!(
+            "{rows} rows of {columns} columns take about {} MiB in memory, more than the {} cap \
+             (CONVEYOR_MAX_IN_MEMORY_BYTES); ask for fewer rows",
+            bytes >> 20,
+            human(self.in_memory)
+        )))
+    }
+
     pub fn document(&self) -> Cap {
         Cap::new(self.document, "CONVEYOR_MAX_DOCUMENT_BYTES", "one document")
     }
 }
+
+/// What one synthetic cell holds while its table is drawn and written: its value and the
+/// frame's copy of it.
+pub const OUTPUT_CELL_BYTES: u64 = 24;
 
 /// One cap: how many bytes, the setting that sets it, and what it bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,6 +286,22 @@ mod tests {
         let mut reader = io::BufReader::with_capacity(3, reader);
         reader.read_to_end(&mut out)?;
         Ok(out)
+    }
+
+    #[test]
+    fn synthetic_output_is_held_to_the_in_memory_cap() {
+        let limits = Limits {
+            decompressed: 0,
+            in_memory: 64 << 20,
+            record: 0,
+            document: 0,
+        };
+        assert!(limits.output(100_000, 20).is_ok());
+        let JobError::Permanent(why) = limits.output(10_000_000, 500).unwrap_err() else {
+            panic!("not permanent")
+        };
+        assert!(why.contains("more than the 64 MiB cap"), "{why}");
+        assert!(limits.output(u64::MAX, usize::MAX).is_err());
     }
 
     #[test]

@@ -63,10 +63,12 @@ impl Handler for SampleHandler {
         let (monitor, mut inbox) = JobMonitor::new(ctx);
         let meter = ctx.meter().clone();
         let scratch = output.clone();
+        let limits = self.services.limits;
         let work = tokio::task::spawn_blocking(move || {
             meter.timed(|| -> Result<Sampled, JobError> {
                 let model = ModelFile::from_bytes(&bytes)
                     .map_err(|e| JobError::Permanent(format!("reading the model: {e}")))?;
+                limits.output(total as u64, model.columns.len())?;
                 let mut sampler = Sampler::new(&model, seed);
                 let mut table: Option<Table> = None;
                 let started = Instant::now();

@@ -378,8 +378,9 @@ fn fit_ordered(column: &Column, spec: &ColumnSpec) -> (Marginal, Vec<Option<f64>
     // Tied values share the normal score of the CDF interval they occupy together.
     let mut start = 0;
     while start < n {
-        let mut end = start;
-        while end < n && present[end].0 == present[start].0 {
+        // At least one value a turn, whatever compares how (a NaN equals nothing, itself too).
+        let mut end = start + 1;
+        while end < n && present[end].0.total_cmp(&present[start].0).is_eq() {
             end += 1;
         }
         let score = interval_mean(start as f64 / n as f64, end as f64 / n as f64);
@@ -823,6 +824,30 @@ mod tests {
         };
         let share = flag.iter().filter(|f| f.as_deref() == Some("true")).count() as f64 / 4000.0;
         assert!((share - 0.3).abs() < 0.03, "{share}");
+    }
+
+    /// A NaN never equals itself: the ties' walk stood still on it for ever (a synthesis of a
+    /// CSV with a `NaN` cell spun its worker thread, uncancellable). Read from a file, NaN and
+    /// infinities are missing values.
+    #[test]
+    fn a_nan_ends_the_fit_and_files_read_it_as_missing() {
+        let mut values: Vec<Option<f64>> = (0..40).map(|i| Some(i as f64)).collect();
+        values.extend([Some(f64::NAN), Some(f64::NAN)]);
+        let column = Column::numbers("x", DataType::Float64, values);
+        let spec = plain_specs(std::slice::from_ref(&column))[0].1.clone();
+        let fit = std::thread::spawn(move || fit_ordered(&column, &spec));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !fit.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "the fit did not end");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        fit.join().unwrap();
+        let frame = polars::prelude::df!("x" => [1.0, f64::NAN, f64::INFINITY, 2.0]).unwrap();
+        let table = crate::synthesis::table::from_frame(&frame).unwrap();
+        let Values::Numbers(x) = &table.columns[0].values else {
+            panic!()
+        };
+        assert_eq!(x, &[Some(1.0), None, None, Some(2.0)]);
     }
 
     #[test]

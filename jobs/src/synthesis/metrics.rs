@@ -107,8 +107,14 @@ fn numbers(values: &Values) -> &[Option<f64>] {
 
 /// 1 − the two-sample Kolmogorov–Smirnov statistic over present values.
 pub fn ks_complement(real: &[Option<f64>], synthetic: &[Option<f64>]) -> Option<f64> {
+    // Only numbers: a NaN is below nothing, and the walk below would never pass it.
     let sorted = |v: &[Option<f64>]| {
-        let mut s: Vec<f64> = v.iter().flatten().copied().collect();
+        let mut s: Vec<f64> = v
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|x| !x.is_nan())
+            .collect();
         s.sort_by(f64::total_cmp);
         s
     };

@@ -485,7 +485,8 @@ impl Handler for SynthesisHandler {
             .model_name
             .clone()
             .unwrap_or_else(|| dataset.name.clone());
-        let cap = self.services.limits.held();
+        let limits = self.services.limits;
+        let cap = limits.held();
         let meter = ctx.meter().clone();
         Meter::add(&meter.bytes_read, dataset.size_bytes);
         let work = tokio::task::spawn_blocking(move || {
@@ -493,6 +494,7 @@ impl Handler for SynthesisHandler {
                 let input = table::read(&path, dataset.format, dataset.compression, cap)
                     .map_err(|e| JobError::Permanent(format!("reading the dataset: {e}")))?;
                 Meter::add(&meter.rows_read, input.rows() as i64);
+                limits.output(payload.rows as u64, input.columns.len())?;
                 let synthesis = synthesize(&input, &payload, seed, &monitor)?;
                 monitor.stage(0.95, "writing");
                 table::write(&synthesis.table, &scratch, parquet).map_err(|e| {

@@ -218,7 +218,14 @@ pub fn from_frame(frame: &DataFrame) -> PolarsResult<Table> {
         let dtype = series.dtype().clone();
         columns.push(if dtype.is_primitive_numeric() || dtype.is_temporal() {
             let physical = series.to_physical_repr().cast(&DataType::Float64)?;
-            Column::numbers(name, dtype, physical.f64()?.iter().collect())
+            // NaN and ±inf are no amounts to learn: missing, as an empty cell is (a NaN never
+            // equals itself, and a model of infinities cannot be saved).
+            let values = physical.f64()?.iter();
+            Column::numbers(
+                name,
+                dtype,
+                values.map(|v| v.filter(|v| v.is_finite())).collect(),
+            )
         } else if dtype == DataType::Boolean {
             let values = series.bool()?.iter();
             Column {
