@@ -14,6 +14,13 @@ use crate::{Context, Contract, Refusal};
 /// Names of the importer's staging tables (`conveyor_import_<job>`), refused as targets.
 pub const STAGING_PREFIX: &str = "conveyor_import_";
 
+/// Most rows an import skips (`on_error=skip`); past them it fails.
+pub const MAX_ERRORS: u64 = 100_000;
+/// Most strings `csv.null` may hold.
+pub const MAX_NULL_STRINGS: usize = 16;
+/// Most columns a file or a column list may have: what a PostgreSQL table holds.
+pub const MAX_COLUMNS: usize = 1600;
+
 /// The types a client may name in `columns[].type`.
 pub const NAMED_TYPES: &[&str] = &[
     "boolean",
@@ -289,6 +296,23 @@ impl ImportPayload {
         }
         if self.max_errors.is_some() && self.on_error != OnError::Skip {
             error("max_errors", "only applies with on_error=skip".into());
+        } else if self.max_errors.is_some_and(|max| max > MAX_ERRORS) {
+            // Each rejected row is written to rejected.csv, at several times its size.
+            error("max_errors", format!("must be at most {MAX_ERRORS}"));
+        }
+        if self.csv.null.len() > MAX_NULL_STRINGS {
+            error(
+                "csv.null",
+                format!(
+                    "holds at most {MAX_NULL_STRINGS} strings (each is checked on every field)"
+                ),
+            );
+        }
+        if self.columns.as_ref().is_some_and(|c| c.len() > MAX_COLUMNS) {
+            error(
+                "columns",
+                format!("names at most {MAX_COLUMNS} columns, the most a PostgreSQL table holds"),
+            );
         }
         for (field, value) in [
             ("csv.delimiter", &self.csv.delimiter),
@@ -459,6 +483,11 @@ mod tests {
                 "payload.key_columns",
             ),
             (json!({"max_errors": 5}), "payload.max_errors"),
+            (
+                json!({"on_error": "skip", "max_errors": super::MAX_ERRORS + 1}),
+                "payload.max_errors",
+            ),
+            (json!({"csv": {"null": vec![""; 17]}}), "payload.csv.null"),
             (json!({"csv": {"delimiter": ";;"}}), "payload.csv.delimiter"),
             (json!({"csv": {"delimiter": "\n"}}), "payload.csv.delimiter"),
             (

@@ -426,9 +426,10 @@ async fn copy_checked(
     plan: &[Planned],
 ) -> Result<(u64, Summary, Vec<Artifact>), JobError> {
     // The reader thread: parse, check, encode; rejected rows to a scratch CSV.
+    // Removed on every way out (a failed COPY included); a rejected.csv kept is moved away.
     let rejected_path = services
         .objects
-        .scratch_path()
+        .scratch_file()
         .await
         .map_err(|e| JobError::Retryable(e.to_string()))?;
     let rules = ReadRules {
@@ -451,7 +452,7 @@ async fn copy_checked(
     let bytes_read = opened.bytes_read.clone();
     let (tx, mut rx) = mpsc::channel::<Chunk>(CHUNKS_IN_FLIGHT);
     let reader_plan = plan.to_vec();
-    let reader_rejected = rejected_path.clone();
+    let reader_rejected = rejected_path.to_path_buf();
     let meter = ctx.meter().clone();
     let reader = tokio::task::spawn_blocking(move || {
         meter.timed(|| read_rows(opened, reader_plan, rules, tx, reader_rejected))
@@ -508,7 +509,6 @@ async fn copy_checked(
             let _ = copy.abort("import cancelled").await;
         }
         let _ = reader.await;
-        let _ = tokio::fs::remove_file(&rejected_path).await;
         return Err(JobError::Cancelled(shared::Cancelled));
     }
     let read = reader
@@ -520,7 +520,6 @@ async fn copy_checked(
             if let Some(copy) = copy {
                 let _ = copy.abort(&reason).await;
             }
-            let _ = tokio::fs::remove_file(&rejected_path).await;
             return Err(JobError::Permanent(reason));
         }
     };
@@ -539,8 +538,6 @@ async fn copy_checked(
             .await
             .map_err(|e| JobError::Retryable(format!("storing rejected.csv: {e}")))?;
         artifacts.push(Artifact::of_job(ctx.job_id(), "rejected.csv", size));
-    } else {
-        let _ = tokio::fs::remove_file(&rejected_path).await;
     }
     Ok((imported, summary, artifacts))
 }

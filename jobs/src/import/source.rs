@@ -3,6 +3,7 @@
 //! Text stops at the caps on decompressed bytes and on bytes per record ([`Limits`]).
 
 use crate::limits::{Cap, Capped, Framing, Limits, RecordCapped};
+use contracts::import::MAX_COLUMNS;
 use csv::ByteRecord;
 use polars::prelude::*;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -190,6 +191,9 @@ pub fn open(
             let has_first = csv
                 .read_byte_record(&mut first)
                 .map_err(|e| e.to_string())?;
+            // Before its fields become names: a record of millions of delimiters made a header
+            // of millions of strings (and a plan of them) that took the worker's memory.
+            too_wide(first.len())?;
             let header = if csv_settings.header {
                 if !has_first {
                     return Err("the file is empty: no header line".into());
@@ -213,6 +217,7 @@ pub fn open(
             })
         }
         Format::Ndjson => {
+            too_wide(known_columns.len())?;
             let reader = open_raw(
                 path,
                 compression,
@@ -253,12 +258,9 @@ pub fn open(
             }
             let per_row = decoded / total.max(1) as u64;
             let slice = (PARQUET_SLICE_BYTES / per_row.max(1)).clamp(1, PARQUET_SLICE as u64);
-            let header = reader
-                .schema()
-                .map_err(|e| e.to_string())?
-                .iter_names()
-                .map(|n| n.to_string())
-                .collect();
+            let schema = reader.schema().map_err(|e| e.to_string())?;
+            too_wide(schema.len())?;
+            let header = schema.iter_names().map(|n| n.to_string()).collect();
             Ok(Opened {
                 source: Source::Parquet {
                     path: path.to_owned(),
@@ -278,6 +280,16 @@ pub fn open(
             })
         }
     }
+}
+
+/// A file wider than any PostgreSQL table can be is refused before its columns are planned.
+fn too_wide(columns: usize) -> Result<(), String> {
+    if columns > MAX_COLUMNS {
+        return Err(format!(
+            "the file has {columns} columns; a PostgreSQL table holds at most {MAX_COLUMNS}"
+        ));
+    }
+    Ok(())
 }
 
 /// What went wrong with one row as a whole (its fields are checked later).
