@@ -175,6 +175,8 @@ impl IngestPayload {
                 format!("must hold 1 to {MAX_SOURCES} documents"),
             ));
         }
+        // Each place followed once: every source of a place reads all of it again.
+        let mut followed = std::collections::HashSet::new();
         for (i, source) in self.documents.iter().enumerate() {
             let field = |name: &str| format!("payload.documents[{i}].{name}");
             let metadata = serde_json::to_vec(&source.metadata).map_or(0, |json| json.len());
@@ -202,6 +204,19 @@ impl IngestPayload {
                 None
             };
             if let Some(watched) = watched {
+                let place = match (&source.directory, source.bucket_id) {
+                    (Some(directory), _) => format!("{:?}", directory.trim_matches('/')),
+                    (None, bucket) => format!(
+                        "{bucket:?} {:?}",
+                        shared::buckets::normalize_prefix(source.prefix.as_deref().unwrap_or(""))
+                    ),
+                };
+                if !followed.insert(place) {
+                    errors.push(FieldError::new(
+                        field(watched),
+                        "follows the same place as an earlier source",
+                    ));
+                }
                 for (name, given) in [
                     ("text", source.text.is_some()),
                     ("dataset_id", source.dataset_id.is_some()),
@@ -339,6 +354,22 @@ mod tests {
             ["payload.documents[0].metadata"]
         );
         assert!(refused(json!([{"dataset_id": ID, "metadata": {"pad": &pad[..4000]}}])).is_empty());
+    }
+
+    /// A place followed twice is read twice (and ten thousand times, ten thousand times).
+    #[test]
+    fn a_place_is_followed_once() {
+        assert_eq!(
+            refused(json!([{"directory": "docs"}, {"directory": "docs/"}])),
+            ["payload.documents[1].directory"]
+        );
+        assert_eq!(
+            refused(json!([{"bucket_id": ID, "prefix": "a/"}, {"bucket_id": ID, "prefix": "a/"}])),
+            ["payload.documents[1].bucket_id"]
+        );
+        assert!(
+            refused(json!([{"directory": "a"}, {"directory": "b"}, {"bucket_id": ID}])).is_empty()
+        );
     }
 
     #[test]

@@ -286,6 +286,15 @@ impl IngestHandler {
         *budget -= bytes.len() as u64;
         Meter::add(&ctx.meter().bytes_read, bytes.len() as i64);
         let failed = |e: String| JobError::Permanent(format!("{label}: {e}"));
+        // Each document (a record, or a whole file) holds its map and document, and a copy of
+        // the source's metadata: empty files and records cost that much too.
+        let per_record = RECORD_COST + Value::Object(metadata.clone()).to_string().len() as u64;
+        if *budget < per_record {
+            return Err(failed(format!(
+                "the job's documents take more than the {} cap (CONVEYOR_MAX_IN_MEMORY_BYTES)",
+                crate::limits::human(limits.in_memory)
+            )));
+        }
         let extracted = if format == DocFormat::Pdf {
             let text = self
                 .services
@@ -301,25 +310,19 @@ impl IngestHandler {
         } else {
             let text_field = source.text_field.clone().unwrap_or_else(|| "text".into());
             let id_field = source.id_field.clone();
-            // Each record holds its map and document, and a copy of the source's metadata.
-            let per_record = RECORD_COST + Value::Object(metadata.clone()).to_string().len() as u64;
             let max_records = (*budget / per_record) as usize;
-            let extracted = ctx
-                .blocking(move || {
-                    let fields = RecordFields {
-                        text: &text_field,
-                        id: id_field.as_deref(),
-                    };
-                    extract::extract(&bytes, format, &fields, max_records)
-                })
-                .await
-                .map_err(|e| JobError::Permanent(e.to_string()))?
-                .map_err(failed)?;
-            if format.is_records() {
-                *budget -= extracted.len() as u64 * per_record;
-            }
-            extracted
+            ctx.blocking(move || {
+                let fields = RecordFields {
+                    text: &text_field,
+                    id: id_field.as_deref(),
+                };
+                extract::extract(&bytes, format, &fields, max_records)
+            })
+            .await
+            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(failed)?
         };
+        *budget = budget.saturating_sub(extracted.len() as u64 * per_record);
         Ok(extracted
             .into_iter()
             .map(|doc| {
