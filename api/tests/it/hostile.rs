@@ -257,6 +257,71 @@ async fn a_parquet_file_is_held_to_the_record_and_dataset_caps() {
     assert_eq!(left, Vec::<String>::new());
 }
 
+/// A first record of 100,000 fields under another delimiter than the upload's inspection read
+/// (one column to it): its names became a header and a plan of 100,000 columns, planned in
+/// quadratic time (a larger one took the worker's memory). Refused at once, naming the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_wider_than_any_table_fails_before_planning_its_columns() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let wide = format!("{}\n1\n", "a;".repeat(100_000));
+    let dataset = app.upload_dataset("wide.csv", wide.as_bytes()).await;
+    let id = submit_as(
+        &app,
+        &app.key,
+        "import",
+        json!({"dataset_id": dataset, "target": {"table": "wide"}, "csv": {"delimiter": ";"}}),
+    )
+    .await;
+    assert_fails_with(
+        &app,
+        id,
+        "the file has 100001 columns; a PostgreSQL table holds at most 1600",
+    )
+    .await;
+}
+
+/// A float column with `NaN` cells (polars reads them as numbers) spun the copula's fit for
+/// ever, uncancellable; they are missing values now. And an output larger than the in-memory
+/// cap fails before a row is drawn (a larger one took the worker down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthesis_learns_past_nan_cells_and_refuses_an_output_past_the_memory_cap() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("synthesis", 1)]).await;
+    let mut csv = "x,y,z\n".to_owned();
+    for i in 0..60 {
+        let x = if i % 7 == 0 {
+            "NaN".to_owned()
+        } else {
+            format!("{}.5", i)
+        };
+        csv.push_str(&format!("{x},{},{}\n", i * 3, i % 5));
+    }
+    let dataset = app.upload_dataset("nan.csv", csv.as_bytes()).await;
+    let id = submit_as(
+        &app,
+        &app.key,
+        "synthesis",
+        json!({"dataset_id": dataset, "rows": 20}),
+    )
+    .await;
+    let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let id = submit_as(
+        &app,
+        &app.key,
+        "synthesis",
+        json!({"dataset_id": dataset, "rows": 1_000_000}),
+    )
+    .await;
+    assert_fails_with(
+        &app,
+        id,
+        "more than the 64 MiB cap (CONVEYOR_MAX_IN_MEMORY_BYTES); ask for fewer rows",
+    )
+    .await;
+}
+
 /// A PDF whose page holds an array nested `depth` deep.
 fn nested_pdf(depth: usize) -> Vec<u8> {
     let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
