@@ -24,7 +24,7 @@ pub fn serve(stored: Option<(u64, ObjectStream)>, file_name: &str) -> Result<Res
         .collect();
     Ok((
         [
-            (header::CONTENT_TYPE, content_type(file_name)),
+            (header::CONTENT_TYPE, download_type(file_name)),
             (header::CONTENT_LENGTH, length.to_string()),
             (
                 header::CONTENT_DISPOSITION,
@@ -41,8 +41,12 @@ pub fn serve(stored: Option<(u64, ObjectStream)>, file_name: &str) -> Result<Res
 /// A served file shown in place rather than downloaded, in a sandbox: its page runs no
 /// script, gets an origin of its own (no cookie, no API), loads nothing from the network and
 /// can be framed by the dashboard only.
-pub fn inline(mut response: Response) -> Response {
+pub fn inline(mut response: Response, file_name: &str) -> Response {
     let headers = response.headers_mut();
+    // Its own type here: the sandbox below keeps a page or a script from running.
+    if let Ok(media_type) = HeaderValue::try_from(content_type(file_name)) {
+        headers.insert(header::CONTENT_TYPE, media_type);
+    }
     headers.insert(
         header::CONTENT_DISPOSITION,
         HeaderValue::from_static("inline"),
@@ -68,9 +72,43 @@ pub fn content_type(name: &str) -> String {
     }
 }
 
+/// The type a tenant's file is downloaded as: a type a browser would run (a script, a page, an
+/// SVG image) is sent as plain bytes, so that a `<script src>` or a frame on this origin
+/// cannot load a tenant's file as code (`nosniff` stops only mismatched types).
+pub fn download_type(name: &str) -> String {
+    let media_type = content_type(name);
+    let essence = media_type.split(';').next().unwrap_or_default();
+    let runnable = essence.contains("javascript")
+        || essence.contains("ecmascript")
+        || essence.contains("html")
+        || essence.contains("xml")
+        || essence == "application/wasm";
+    if runnable {
+        "application/octet-stream".to_owned()
+    } else {
+        media_type
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::content_type;
+    use super::{content_type, download_type};
+
+    #[test]
+    fn files_a_browser_would_run_are_downloaded_as_bytes() {
+        for name in [
+            "x.js", "x.mjs", "x.html", "x.htm", "x.svg", "x.xhtml", "x.xml",
+        ] {
+            assert_eq!(download_type(name), "application/octet-stream", "{name}");
+        }
+        for (name, expected) in [
+            ("orders.csv", "text/csv; charset=utf-8"),
+            ("report.json", "application/json"),
+            ("notes.txt", "text/plain; charset=utf-8"),
+        ] {
+            assert_eq!(download_type(name), expected, "{name}");
+        }
+    }
 
     #[test]
     fn content_types_follow_the_extension_and_text_is_utf8() {

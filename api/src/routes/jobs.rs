@@ -412,7 +412,9 @@ pub(crate) async fn announce_cancel(state: &AppState, tenant: Uuid, job: &Job) {
 }
 
 #[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = Uuid, Path)),
-    responses((status = 202, body = Job), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 202, body = Job), (status = 403, body = Problem, description = "a quota would be exceeded"),
+              (status = 404, body = Problem), (status = 409, body = Problem),
+              (status = 429, body = Problem, description = "past the submission rate, which a retry draws from")))]
 pub async fn retry(
     State(state): State<AppState>,
     writer: Writer,
@@ -420,9 +422,12 @@ pub async fn retry(
 ) -> Result<Response, Problem> {
     let tenant = writer.tenant();
     let id = parse_id(&id, "job")?;
-    // A retry queues the job again, as a submission would: the same quotas hold.
+    // A retry queues the job again, as a submission would: the same rate and quotas hold.
     if let Some(job) = store::get_job(&state.pool, tenant.0, id).await? {
         if matches!(job.status(), JobStatus::Failed | JobStatus::Cancelled) {
+            if let Err(refused) = state.limits.admit(tenant.0, writer.0.key.id, 1).await {
+                return Ok(refused);
+            }
             state.limits.check_quotas(tenant.0, &[&job.kind]).await?;
         }
     }
@@ -535,7 +540,7 @@ pub async fn artifact(
         .ok_or_else(|| Problem::not_found("artifact"))?;
     let response = crate::files::serve(Some(stored), &name)?;
     Ok(match params.view {
-        Some(ArtifactView::Inline) => crate::files::inline(response),
+        Some(ArtifactView::Inline) => crate::files::inline(response, &name),
         _ => response,
     })
 }

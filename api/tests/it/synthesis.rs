@@ -239,13 +239,18 @@ async fn synthesis_copula_reproduces_marginals_and_correlations_and_never_copies
                 response.status(),
                 header("content-disposition"),
                 header("content-security-policy"),
+                header("content-type"),
             )
         }
     };
-    let (status, disposition, _) = headers("").await;
+    // Downloaded, a page is bytes (no frame or script of this origin can run it); shown in
+    // place, it is a page in a sandbox.
+    let (status, disposition, _, media_type) = headers("").await;
     assert_eq!(status, 200);
     assert!(disposition.unwrap().starts_with("attachment"));
-    let (status, disposition, csp) = headers("?view=inline").await;
+    assert_eq!(media_type.as_deref(), Some("application/octet-stream"));
+    let (status, disposition, csp, media_type) = headers("?view=inline").await;
+    assert!(media_type.unwrap().starts_with("text/html"));
     assert_eq!(
         (status.as_u16(), disposition.as_deref()),
         (200, Some("inline"))
@@ -255,7 +260,7 @@ async fn synthesis_copula_reproduces_marginals_and_correlations_and_never_copies
         csp.starts_with("sandbox;") && csp.contains("frame-ancestors 'self'"),
         "{csp}"
     );
-    let (status, _, _) = headers("?view=run").await;
+    let (status, _, _, _) = headers("?view=run").await;
     assert_eq!(status, 422);
     let synthetic = read(&app, job, "synthetic.csv");
     assert_eq!(synthetic.rows(), 2500);
