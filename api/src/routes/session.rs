@@ -27,6 +27,8 @@ use crate::{
 
 /// How long a session lasts; signing in again starts a new one.
 pub const SESSION_TTL: chrono::TimeDelta = chrono::TimeDelta::hours(12);
+/// Most live sessions one key signs in (browsers, tabs); a further sign-in ends its oldest.
+pub const MAX_SESSIONS_PER_KEY: i64 = 20;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -108,6 +110,17 @@ pub async fn sign_in(
     .bind(tenant_id)
     .bind(key_id)
     .bind(expires_at)
+    .execute(&mut *tx)
+    .await?;
+    // A key's oldest sessions end past its last MAX_SESSIONS_PER_KEY: a loop of sign-ins
+    // would otherwise keep a row each for the whole TTL.
+    sqlx::query(
+        "DELETE FROM sessions WHERE api_key_id = $1 AND token_hash IN (
+             SELECT token_hash FROM sessions WHERE api_key_id = $1
+             ORDER BY expires_at DESC OFFSET $2)",
+    )
+    .bind(key_id)
+    .bind(MAX_SESSIONS_PER_KEY)
     .execute(&mut *tx)
     .await?;
     // No hash of the body: it is the key itself.

@@ -442,6 +442,24 @@ async fn sessions_end_with_their_key_and_on_sign_out_in_every_process() {
 }
 
 /// Signs in to the dashboard with `key`; the `Cookie` header value to send back.
+/// A loop of sign-ins keeps at most a key's last 20 sessions: the oldest end.
+#[tokio::test]
+async fn a_key_keeps_at_most_its_last_twenty_sessions() {
+    let app = TestApp::spawn().await;
+    let first = sign_in(&app, &app.key).await;
+    let mut last = String::new();
+    for _ in 0..25 {
+        last = sign_in(&app, &app.key).await;
+    }
+    let live: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(live, 20);
+    assert_eq!(session_status(&app, &first).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(session_status(&app, &last).await, StatusCode::OK);
+}
+
 async fn sign_in(app: &TestApp, key: &str) -> String {
     let response = app
         .client
