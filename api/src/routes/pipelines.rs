@@ -384,6 +384,7 @@ pub async fn cancel(
     params(("id" = Uuid, Path), ("name" = String, Path)),
     responses((status = 202, body = Pipeline, description = "the step retried (its job, or its start if it could not start) and the pipeline running again: the steps cancelled for want of it wait again"),
               (status = 403, body = Problem, description = "a quota of the tenant would be exceeded (`max_queued`, ...), as for a submission"),
+              (status = 429, body = Problem, description = "past the submission rate, which a retry draws from"),
               (status = 404, body = Problem), (status = 409, body = Problem, description = "the step has not failed nor been cancelled")))]
 pub async fn retry_step(
     State(state): State<AppState>,
@@ -392,10 +393,14 @@ pub async fn retry_step(
 ) -> Result<Response, Problem> {
     let tenant = writer.tenant();
     let id = parse_id(&id, "pipeline")?;
-    // A retry queues the step's job again, as a submission would: the same quotas hold.
+    // A retry queues the step's job again, as a submission would: the same rate and quotas
+    // hold.
     let pipeline = pipelines::get(&mut *state.pool.acquire().await?, tenant.0, id).await?;
     let step = pipeline.and_then(|p| p.steps.into_iter().find(|s| s.name == name));
     if let Some(step) = step.filter(|s| matches!(s.state.as_str(), "failed" | "cancelled")) {
+        if let Err(refused) = state.limits.admit(tenant.0, writer.0.key.id, 1).await {
+            return Ok(refused);
+        }
         state.limits.check_quotas(tenant.0, &[&step.kind]).await?;
     }
     let mut tx = state.pool.begin().await?;

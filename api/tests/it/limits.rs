@@ -125,6 +125,31 @@ async fn the_submission_rate_is_shared_by_two_api_processes() {
     assert!(headers.get("ratelimit").is_none());
 }
 
+/// A retry queues a job again, as a submission does: it takes a token from the same bucket
+/// (a cancel-and-retry loop went past the rate).
+#[tokio::test]
+async fn a_retry_takes_a_rate_token_as_a_submission_does() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--rate", "1/h", "--burst", "2"]).await;
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "canary", "payload": {"steps": 1}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "the second token: {body}");
+    let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(app.job(id.parse().unwrap()).await["status"], "cancelled");
+}
+
 /// Retrying a pipeline's step queues its job again: past `max_queued` it is refused as a
 /// submission is, and the step stays as it was.
 #[tokio::test]
