@@ -2,6 +2,8 @@
 //! for scripts. Exit codes: 0 done (a waited-for job succeeded), 1 a waited-for job failed or
 //! was cancelled, 2 an error (bad request, unreachable API, unknown job).
 
+#[macro_use]
+mod terminal;
 mod patch;
 mod report;
 mod search;
@@ -215,7 +217,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("conveyor: {e:#}");
+            err!("conveyor: {e:#}");
             ExitCode::from(2)
         }
     }
@@ -256,7 +258,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             if !client.json {
-                eprintln!("submitted {} job {id}", job["kind"].as_str().unwrap_or(""));
+                err!("submitted {} job {id}", job["kind"].as_str().unwrap_or(""));
             }
             client.wait(id, false).await
         }
@@ -310,7 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if client.json {
                 print_json(&session);
             } else {
-                println!(
+                out!(
                     "tenant {} ({})\nkey    {}\nrole   {}",
                     session["tenant"].as_str().unwrap_or("?"),
                     session["tenant_id"].as_str().unwrap_or("?"),
@@ -325,7 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if client.json {
                 print_json(&dataset);
             } else {
-                println!(
+                out!(
                     "uploaded {} as dataset {}",
                     file.display(),
                     dataset["id"].as_str().unwrap_or("?")
@@ -353,7 +355,7 @@ async fn pipelines(client: &Client, action: PipelineCommand) -> anyhow::Result<E
             } else {
                 let id = pipeline["id"].as_str().context("the API returned no id")?;
                 if !client.json {
-                    eprintln!("submitted pipeline {id}");
+                    err!("submitted pipeline {id}");
                 }
                 return client.wait_pipeline(id).await;
             }
@@ -376,7 +378,7 @@ async fn pipelines(client: &Client, action: PipelineCommand) -> anyhow::Result<E
                     .unwrap_or(&[])
                 {
                     let steps = p["steps"].as_array().map_or(0, Vec::len);
-                    println!(
+                    out!(
                         "{}  {:<10} {:>3} steps  {}",
                         p["id"].as_str().unwrap_or(""),
                         p["status"].as_str().unwrap_or(""),
@@ -408,11 +410,11 @@ async fn pipelines(client: &Client, action: PipelineCommand) -> anyhow::Result<E
 
 fn print_pipeline(p: &Value) {
     let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
-    println!("pipeline  {}  {}", text(&p["id"]), text(&p["name"]));
-    println!("status    {}", text(&p["status"]));
+    out!("pipeline  {}  {}", text(&p["id"]), text(&p["name"]));
+    out!("status    {}", text(&p["status"]));
     for step in p["steps"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let needs = listed("needs ", &strings(&step["needs"]), ", ");
-        println!(
+        out!(
             "  {:<16} {:<10} {:<10} {}{needs}{}",
             text(&step["name"]),
             text(&step["kind"]),
@@ -505,7 +507,7 @@ async fn schedules(client: &Client, action: ScheduleCommand) -> anyhow::Result<E
             if client.json {
                 print_json(&json!({"id": id, "deleted": true}));
             } else {
-                println!("deleted schedule {id}");
+                out!("deleted schedule {id}");
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -550,24 +552,24 @@ async fn schedules(client: &Client, action: ScheduleCommand) -> anyhow::Result<E
 
 fn print_schedule(s: &Value) {
     let text = |key: &str| s[key].as_str().unwrap_or("-").to_owned();
-    println!("schedule  {}", text("id"));
-    println!("name      {}", text("name"));
-    println!("cron      {} ({})", text("cron"), text("timezone"));
+    out!("schedule  {}", text("id"));
+    out!("name      {}", text("name"));
+    out!("cron      {} ({})", text("cron"), text("timezone"));
     if s["job"].is_object() {
-        println!(
+        out!(
             "job       {} {}",
             s["job"]["kind"].as_str().unwrap_or("?"),
             s["job"]["payload"]
         );
     } else {
-        println!("makes     {}", schedule_target(s));
+        out!("makes     {}", schedule_target(s));
     }
-    println!(
+    out!(
         "overlap   {}   misfire {}",
         text("overlap"),
         text("misfire")
     );
-    println!(
+    out!(
         "state     {}",
         if s["paused"] == true {
             "paused"
@@ -575,25 +577,29 @@ fn print_schedule(s: &Value) {
             "active"
         }
     );
-    println!("last      {}", text("last_fired_at"));
-    println!("skipped   {}", s["skipped"]);
+    out!("last      {}", text("last_fired_at"));
+    out!("skipped   {}", s["skipped"]);
     for (i, at) in s["next_fires"].as_array().into_iter().flatten().enumerate() {
         let label = if i == 0 { "next" } else { "" };
-        println!("{label:<9} {}", at.as_str().unwrap_or("?"));
+        out!("{label:<9} {}", at.as_str().unwrap_or("?"));
     }
 }
 
 fn print_schedule_table(schedules: &[Value]) {
     if schedules.is_empty() {
-        println!("no schedules");
+        out!("no schedules");
         return;
     }
-    println!(
+    out!(
         "{:<36}  {:<20}  {:<16}  {:<8}  {:<6}  NEXT",
-        "ID", "NAME", "CRON", "KIND", "STATE"
+        "ID",
+        "NAME",
+        "CRON",
+        "KIND",
+        "STATE"
     );
     for s in schedules {
-        println!(
+        out!(
             "{:<36}  {:<20}  {:<16}  {:<8}  {:<6}  {}",
             s["id"].as_str().unwrap_or("?"),
             s["name"].as_str().unwrap_or("?"),
@@ -611,16 +617,19 @@ fn print_schedule_table(schedules: &[Value]) {
 
 fn print_firings(firings: &[Value]) {
     if firings.is_empty() {
-        println!("no firings yet");
+        out!("no firings yet");
         return;
     }
-    println!(
+    out!(
         "{:<30}  {:<8}  {:<36}  {:<9}  REASON",
-        "FIRING", "MADE", "ID", "STATUS"
+        "FIRING",
+        "MADE",
+        "ID",
+        "STATUS"
     );
     for f in firings {
         let made = f["job_id"].as_str().or(f["pipeline_id"].as_str());
-        println!(
+        out!(
             "{:<30}  {:<8}  {:<36}  {:<9}  {}",
             f["fire_at"].as_str().unwrap_or("?"),
             f["made"].as_str().unwrap_or("?"),
@@ -751,12 +760,12 @@ impl Client {
                 let data = &message.data;
                 if events && self.json {
                     let line = json!({"id": message.id, "event": message.event, "data": data});
-                    println!("{line}");
+                    out!("{line}");
                     let _ = std::io::stdout().flush();
                 } else if events && message.event != "progress" {
                     bar.clear();
                     let detail = data["message"].as_str().unwrap_or("");
-                    eprintln!("{:<10} {detail}", message.event);
+                    err!("{:<10} {detail}", message.event);
                 }
                 bar.show(
                     data["progress"].as_f64().unwrap_or(0.0),
@@ -793,10 +802,10 @@ impl Client {
                 let data = &message.data;
                 if self.json {
                     let line = json!({"id": message.id, "event": message.event, "data": data});
-                    println!("{line}");
+                    out!("{line}");
                     let _ = std::io::stdout().flush();
                 } else if message.event != "progress" && !message.ends_pipeline_stream() {
-                    eprintln!(
+                    err!(
                         "{:<10} {} job {} {}",
                         message.event,
                         data["kind"].as_str().unwrap_or(""),
@@ -850,7 +859,7 @@ impl Client {
         if self.json {
             print_json(job);
         } else {
-            println!(
+            out!(
                 "{what}: {} job {} ({})",
                 job["kind"].as_str().unwrap_or(""),
                 job["id"].as_str().unwrap_or(""),
@@ -880,7 +889,7 @@ fn listed(label: &str, items: &[&str], separator: &str) -> String {
 }
 
 fn print_json(value: &Value) {
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
@@ -888,32 +897,32 @@ fn print_json(value: &Value) {
 
 fn print_job_details(job: &Value) {
     let text = |key: &str| job[key].as_str().unwrap_or("").to_owned();
-    println!("job       {}", text("id"));
-    println!("kind      {}", text("kind"));
-    println!("status    {}", text("status"));
-    println!(
+    out!("job       {}", text("id"));
+    out!("kind      {}", text("kind"));
+    out!("status    {}", text("status"));
+    out!(
         "progress  {:.0}%  {}",
         job["progress"].as_f64().unwrap_or(0.0) * 100.0,
         text("message")
     );
-    println!(
+    out!(
         "attempt   {} of {}",
         job["attempt"].as_i64().unwrap_or(0),
         job["max_attempts"].as_i64().unwrap_or(0)
     );
     for key in ["created_at", "started_at", "finished_at"] {
         if job[key].is_string() {
-            println!("{:<9} {}", key.trim_end_matches("_at"), text(key));
+            out!("{:<9} {}", key.trim_end_matches("_at"), text(key));
         }
     }
     if !job["result"].is_null() {
-        println!("result    {}", job["result"]);
+        out!("result    {}", job["result"]);
     }
     if job["error"].is_string() {
-        println!("error     {}", text("error"));
+        out!("error     {}", text("error"));
     }
     for e in job["attempt_errors"].as_array().into_iter().flatten() {
-        println!(
+        out!(
             "  attempt {}: {}",
             e["attempt"],
             e["error"].as_str().unwrap_or("")
@@ -923,15 +932,18 @@ fn print_job_details(job: &Value) {
 
 fn print_job_table(jobs: &[Value]) {
     if jobs.is_empty() {
-        println!("no jobs");
+        out!("no jobs");
         return;
     }
-    println!(
+    out!(
         "{:<36}  {:<10}  {:<9}  {:>5}  MESSAGE",
-        "ID", "KIND", "STATUS", "DONE"
+        "ID",
+        "KIND",
+        "STATUS",
+        "DONE"
     );
     for job in jobs {
-        println!(
+        out!(
             "{:<36}  {:<10}  {:<9}  {:>4.0}%  {}",
             job["id"].as_str().unwrap_or(""),
             job["kind"].as_str().unwrap_or(""),
@@ -967,6 +979,7 @@ impl Bar {
             return;
         }
         let percent = (progress.clamp(0.0, 1.0) * 100.0).round() as u32;
+        let (status, message) = (terminal::safe(status), terminal::safe(message));
         let mut err = std::io::stderr();
         if self.terminal {
             let filled = (percent / 4) as usize;
@@ -978,7 +991,7 @@ impl Bar {
             let _ = write!(err, "{line:<100.100}");
             let _ = err.flush();
         } else {
-            let step = (percent / 10, status.to_owned());
+            let step = (percent / 10, status.to_string());
             if self.last.as_ref() != Some(&step) {
                 let _ = writeln!(err, "{percent:>3}% {status} {message}");
             }

@@ -121,16 +121,16 @@ pub async fn patch(client: &Client, command: PatchCommand) -> anyhow::Result<Exi
             let result = &dry["result"];
             let assessment = &result["preflight"];
             let rows = result["rows"].as_u64().unwrap_or(0);
-            eprintln!("{}", confirmation(assessment, rows));
+            err!("{}", confirmation(assessment, rows));
             confirm(assessment, yes, confirm_table.as_deref())?;
             let job = submit(client, statement.payload("execute")).await?;
             let id = job["id"].as_str().context("the API returned no job id")?;
-            eprintln!("executing: job {id}");
+            err!("executing: job {id}");
             let done = client
                 .follow(id, |message| {
                     let data = &message.data;
                     if message.event == "log" && data["data"]["batches"].is_number() {
-                        eprintln!(
+                        err!(
                             "  batch {:>4}  {:>9} rows  longest lock {:.1} ms",
                             data["data"]["batches"],
                             data["data"]["rows"],
@@ -156,20 +156,20 @@ pub async fn patch(client: &Client, command: PatchCommand) -> anyhow::Result<Exi
             let id = submitted["id"]
                 .as_str()
                 .context("the API returned no job id")?;
-            eprintln!("rolling back patch {job}: job {id}");
+            err!("rolling back patch {job}: job {id}");
             let done = client.follow(id, |_| {}).await?;
             if client.json {
                 print_json(&done);
             } else if done["status"] == "succeeded" {
                 let r = &done["result"];
-                println!(
+                out!(
                     "rolled back {}: {} rows restored, {} left as changed since",
                     r["table"].as_str().unwrap_or("?"),
                     r["rows_restored"],
                     r["conflicts"]
                 );
             } else {
-                println!(
+                out!(
                     "rollback {}: {}",
                     done["status"].as_str().unwrap_or("?"),
                     done["error"].as_str().unwrap_or("")
@@ -207,10 +207,10 @@ async fn submit_kind(client: &Client, kind: &str, payload: Value) -> anyhow::Res
 async fn dry_run(client: &Client, statement: &Statement) -> anyhow::Result<Value> {
     let job = submit(client, statement.payload("dry_run")).await?;
     let id = job["id"].as_str().context("the API returned no job id")?;
-    eprintln!("dry run: job {id}");
+    err!("dry run: job {id}");
     let done = client.follow(id, |_| {}).await?;
     if done["status"] != "succeeded" {
-        eprintln!(
+        err!(
             "the dry run {}: {}",
             done["status"].as_str().unwrap_or("?"),
             done["error"].as_str().unwrap_or("")

@@ -37,7 +37,7 @@ pub async fn report(client: &Client, job: &str, out: &Path) -> anyhow::Result<Ex
     } else {
         print!("{}", render(job, &report));
     }
-    eprintln!("wrote {} ({} bytes)", out.display(), page.len());
+    err!("wrote {} ({} bytes)", out.display(), page.len());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -97,7 +97,7 @@ pub async fn search(client: &Client, args: Search) -> anyhow::Result<ExitCode> {
         .map(Vec::as_slice)
         .unwrap_or(&[]);
     if hits.is_empty() {
-        println!("no chunks match");
+        out!("no chunks match");
         return Ok(ExitCode::SUCCESS);
     }
     let mut table = Table::new(
