@@ -205,7 +205,7 @@ async fn guard_rails_refuse_with_the_reason_and_enqueue_nothing() {
         // The catalog's types would name other tenants' tables and roles.
         (
             "UPDATE items SET note = ((id + 16383)::oid)::regclass::text WHERE id = 1",
-            "not a plain value type",
+            "a catalog type",
         ),
         // Unqualified, a system table is found on the search path: still refused.
         (
