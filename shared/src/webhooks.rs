@@ -339,15 +339,15 @@ pub struct Claimed {
 
 /// Claims up to `limit` due deliveries for one attempt each: each is pushed `lease` ahead
 /// (so that, should this worker die mid-attempt, another tries it after the lease) and its
-/// attempt counted. Rows another claimer holds are skipped. Each tenant gets at most
-/// `per_tenant` of them, and tenants in `full` (holding their share of the claimer's slots
-/// already) none: one tenant's receivers that hang cannot take every slot from the others.
+/// attempt counted. Rows another claimer holds are skipped. A tenant holds at most
+/// `per_tenant` of the claimer's deliveries, counting the `in_flight` ones (tenants and
+/// counts, in step): one tenant's receivers that hang cannot take every slot from the others.
 pub async fn claim_due(
     pool: &PgPool,
     lease: Duration,
     limit: i64,
     per_tenant: i64,
-    full: &[Uuid],
+    in_flight: (&[Uuid], &[i64]),
 ) -> sqlx::Result<Vec<Claimed>> {
     sqlx::query_as(
         "UPDATE webhook_deliveries d SET
@@ -357,12 +357,15 @@ pub async fn claim_due(
          FROM webhooks w
          WHERE w.id = d.webhook_id AND d.id IN (
              SELECT due.id
-             FROM (SELECT DISTINCT tenant_id FROM webhooks WHERE tenant_id <> ALL($4)) t
+             FROM (SELECT DISTINCT tenant_id FROM webhooks) t
+             LEFT JOIN unnest($4::uuid[], $5::int8[]) AS f(tenant_id, held)
+                 ON f.tenant_id = t.tenant_id
              CROSS JOIN LATERAL (
                  SELECT id, next_attempt_at FROM webhook_deliveries
                  WHERE tenant_id = t.tenant_id AND status = 'pending'
                    AND next_attempt_at <= now()
-                 ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) due
+                 ORDER BY next_attempt_at LIMIT greatest($3 - coalesce(f.held, 0), 0)
+                 FOR UPDATE SKIP LOCKED) due
              ORDER BY due.next_attempt_at LIMIT $2)
          RETURNING d.id, d.webhook_id, d.tenant_id, d.event, d.payload, d.attempts,
                    d.retry_started_at, w.url, w.secret_encrypted",
@@ -370,7 +373,8 @@ pub async fn claim_due(
     .bind(lease.as_secs_f64())
     .bind(limit)
     .bind(per_tenant)
-    .bind(full)
+    .bind(in_flight.0)
+    .bind(in_flight.1)
     .fetch_all(pool)
     .await
 }
