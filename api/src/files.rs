@@ -81,7 +81,8 @@ pub fn download_type(name: &str) -> String {
     let runnable = essence.contains("javascript")
         || essence.contains("ecmascript")
         || essence.contains("html")
-        || essence.contains("xml")
+        || essence.ends_with("+xml")
+        || essence.ends_with("/xml")
         || essence == "application/wasm";
     if runnable {
         "application/octet-stream".to_owned()
@@ -105,6 +106,10 @@ mod tests {
             ("orders.csv", "text/csv; charset=utf-8"),
             ("report.json", "application/json"),
             ("notes.txt", "text/plain; charset=utf-8"),
+            (
+                "sheet.xlsx",
+                "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            ),
         ] {
             assert_eq!(download_type(name), expected, "{name}");
         }

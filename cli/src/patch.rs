@@ -95,7 +95,7 @@ pub async fn patch(client: &Client, command: PatchCommand) -> anyhow::Result<Exi
             if client.json {
                 print_json(&assessment);
             } else {
-                print!("{}", preflight_text(&assessment));
+                put!("{}", preflight_text(&assessment));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -142,7 +142,7 @@ pub async fn patch(client: &Client, command: PatchCommand) -> anyhow::Result<Exi
             if client.json {
                 print_json(&done);
             } else {
-                print!("{}", executed_text(&done));
+                put!("{}", executed_text(&done));
             }
             Ok(outcome(&done))
         }
@@ -216,8 +216,8 @@ async fn dry_run(client: &Client, statement: &Statement) -> anyhow::Result<Value
             done["error"].as_str().unwrap_or("")
         );
     } else if !client.json {
-        print!("{}", preflight_text(&done["result"]["preflight"]));
-        print!("{}", diff_text(&done["result"]));
+        put!("{}", preflight_text(&done["result"]["preflight"]));
+        put!("{}", diff_text(&done["result"]));
     }
     Ok(done)
 }

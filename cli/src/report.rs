@@ -35,7 +35,7 @@ pub async fn report(client: &Client, job: &str, out: &Path) -> anyhow::Result<Ex
     if client.json {
         print_json(&report);
     } else {
-        print!("{}", render(job, &report));
+        put!("{}", render(job, &report));
     }
     err!("wrote {} ({} bytes)", out.display(), page.len());
     Ok(ExitCode::SUCCESS)

@@ -119,6 +119,6 @@ pub async fn search(client: &Client, args: Search) -> anyhow::Result<ExitCode> {
             excerpt(hit["text"].as_str().unwrap_or(""), 80),
         ]);
     }
-    print!("{}", table.render());
+    put!("{}", table.render());
     Ok(ExitCode::SUCCESS)
 }

@@ -37,6 +37,13 @@ macro_rules! out {
     };
 }
 
+/// `print!` with the text made [`safe`].
+macro_rules! put {
+    ($($arg:tt)*) => {
+        print!("{}", $crate::terminal::safe(&format!($($arg)*)))
+    };
+}
+
 /// `eprintln!` with the line made [`safe`].
 macro_rules! err {
     () => {

@@ -374,7 +374,9 @@ impl Settings {
                 vars.parse::<u64>("WEBHOOK_RETRY_HOURS", "24")? * 3600,
             ),
             webhook_concurrency: vars.parse::<usize>("WEBHOOK_CONCURRENCY", "16")?.max(1),
-            max_streams_per_tenant: vars.parse("MAX_STREAMS_PER_TENANT", "1000")?,
+            max_streams_per_tenant: vars
+                .parse::<usize>("MAX_STREAMS_PER_TENANT", "1000")?
+                .max(1),
         })
     }
 
