@@ -673,12 +673,13 @@ pub struct Deleted {
 /// `snapshot_retention` (its snapshot's) has passed too, since `patch_rollback` reads the
 /// patch's row. Live jobs are never taken, nor the steps' jobs of a pipeline still running
 /// (the steps that need them read their outcomes when they start), and a job retried meanwhile
-/// is skipped (its row is locked, or no longer finished).
+/// is skipped (its row is locked, or no longer finished), as are those in `skip`.
 pub async fn finished_past_retention(
     executor: impl sqlx::PgExecutor<'_>,
     retention: Option<std::time::Duration>,
     snapshot_retention: std::time::Duration,
     limit: i64,
+    skip: &[Uuid],
 ) -> sqlx::Result<Vec<Deleted>> {
     sqlx::query_as(
         "SELECT j.id, j.tenant_id FROM jobs j LEFT JOIN tenant_limits l ON l.tenant_id = j.tenant_id
@@ -692,11 +693,13 @@ pub async fn finished_past_retention(
            AND (j.kind <> 'patch' OR j.finished_at < now() - make_interval(secs => $2))
            AND NOT EXISTS (SELECT 1 FROM pipelines p
                            WHERE p.id = j.pipeline_id AND p.status = 'running')
+           AND j.id <> ALL($4)
          ORDER BY j.finished_at LIMIT $3 FOR UPDATE OF j SKIP LOCKED",
     )
     .bind(retention.map(|r| r.as_secs_f64()))
     .bind(snapshot_retention.as_secs_f64())
     .bind(limit)
+    .bind(skip)
     .fetch_all(executor)
     .await
 }

@@ -12,8 +12,9 @@
 
 use shared::{store, Settings};
 use std::time::Duration;
+use uuid::Uuid;
 
-use super::{drain, Duty, Schedule};
+use super::{Duty, Schedule};
 use crate::Runtime;
 
 pub(crate) struct Retention {
@@ -43,15 +44,21 @@ impl Retention {
 
     /// One batch: the rows are deleted in a transaction that commits only once their artifacts
     /// are gone, so a failure leaves rows (deleted again next time), never unowned objects. A
-    /// job whose artifacts cannot be deleted (a bucket's object under a lock) is kept and
-    /// logged: the others of its batch go on without it.
-    async fn delete_batch(&self, runtime: &Runtime) -> anyhow::Result<usize> {
+    /// job whose artifacts cannot be deleted (a bucket's object under a lock) is kept, logged
+    /// and added to `kept`, which later batches of the run pass over: the others go on without
+    /// it. Returns how many jobs were due and how many went.
+    async fn delete_batch(
+        &self,
+        runtime: &Runtime,
+        kept: &mut Vec<Uuid>,
+    ) -> anyhow::Result<(usize, usize)> {
         let mut tx = runtime.pool().begin().await?;
         let due = store::finished_past_retention(
             &mut *tx,
             self.retention,
             self.snapshot_retention,
             self.schedule.batch,
+            kept,
         )
         .await?;
         let objects = runtime.objects();
@@ -63,10 +70,13 @@ impl Retention {
             for (job, result) in jobs.iter().zip(results) {
                 match result {
                     Ok(()) => deleted.push(job),
-                    Err(e) => tracing::warn!(
-                        job = %job.id, error = %e,
-                        "a finished job's artifacts could not be deleted; the job is kept"
-                    ),
+                    Err(e) => {
+                        tracing::warn!(
+                            job = %job.id, error = %e,
+                            "a finished job's artifacts could not be deleted; the job is kept"
+                        );
+                        kept.push(job.id);
+                    }
                 }
             }
         }
@@ -78,7 +88,7 @@ impl Retention {
             // They expire by themselves.
             tracing::debug!(error = %e, "event streams of deleted jobs left to expire");
         }
-        Ok(deleted.len())
+        Ok((due.len(), deleted.len()))
     }
 }
 
@@ -88,8 +98,16 @@ impl Duty for Retention {
         self.schedule
     }
 
+    /// Batch after batch while they come full; the jobs kept are tried again next run.
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
-        drain(self.schedule.batch, || self.delete_batch(runtime)).await
+        let (mut kept, mut deleted) = (Vec::new(), 0);
+        loop {
+            let (due, gone) = self.delete_batch(runtime, &mut kept).await?;
+            deleted += gone;
+            if (due as i64) < self.schedule.batch {
+                return Ok(deleted);
+            }
+        }
     }
 }
 
@@ -222,7 +240,9 @@ mod tests {
         .unwrap();
         test.set(step, &format!("pipeline_id = '{pipeline}'")).await;
 
-        let retention = Retention::new(test.runtime.settings());
+        // One job a batch: the job kept must not stop the run at its first batch.
+        let mut retention = Retention::new(test.runtime.settings());
+        retention.schedule.batch = 1;
         assert_eq!(retention.run(&test.runtime).await.unwrap(), 3);
         assert!(
             test.status(stuck).await.is_some(),
