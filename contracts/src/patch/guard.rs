@@ -197,6 +197,34 @@ fn is_operator(token: &Token) -> bool {
 /// length must be a literal of at most [`MAX_GROWN_LENGTH`].
 const GROWING_FUNCTIONS: [&str; 3] = ["repeat", "lpad", "rpad"];
 const MAX_GROWN_LENGTH: u64 = 10_000;
+/// Functions whose result may be many times their arguments: none of them may take another's
+/// result (`repeat(repeat('x', 10000), 9999)` is a GB again), and `format`'s widths are
+/// bounded as the lengths above.
+const MULTIPLYING_FUNCTIONS: [&str; 6] = ["repeat", "lpad", "rpad", "replace", "overlay", "format"];
+
+/// Whether `format`'s first argument is a literal whose widths (`%10s`) are at most
+/// [`MAX_GROWN_LENGTH`], none taken from an argument (`%*s`).
+fn format_widths_bounded(first: Option<&FunctionArg>) -> bool {
+    let Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) = first else {
+        return false;
+    };
+    let Value::SingleQuotedString(text) = &v.value else {
+        return false;
+    };
+    // Each `%[position$][-][width]type`: the width is the digits after the flag.
+    text.split('%').skip(1).all(|spec| {
+        let spec = match spec.find('$') {
+            Some(at) if spec[..at].bytes().all(|b| b.is_ascii_digit()) => &spec[at + 1..],
+            _ => spec,
+        };
+        let spec = spec.trim_start_matches('-');
+        if spec.starts_with('*') {
+            return false;
+        }
+        let width: String = spec.chars().take_while(char::is_ascii_digit).collect();
+        width.is_empty() || width.parse::<u64>().is_ok_and(|n| n <= MAX_GROWN_LENGTH)
+    })
+}
 
 /// Types a patch may not cast to or write literals of: catalog references and row and
 /// transaction internals (`::regclass` names any relation from its number whatever the role
@@ -848,6 +876,27 @@ impl Scope {
                 if !list.clauses.is_empty() || list.duplicate_treatment.is_some() {
                     return Err(format!("{}() with clauses is not allowed", function.name));
                 }
+                if MULTIPLYING_FUNCTIONS.contains(&name) {
+                    let nested = list.args.iter().any(|arg| {
+                        let text = arg.to_string().to_ascii_lowercase();
+                        MULTIPLYING_FUNCTIONS
+                            .iter()
+                            .any(|f| text.contains(&format!("{f}(")))
+                    });
+                    if nested {
+                        return Err(format!(
+                            "{}() takes the result of repeat, lpad, rpad, replace, overlay or \
+                             format: such results multiply",
+                            function.name
+                        ));
+                    }
+                }
+                if name == "format" && !format_widths_bounded(list.args.first()) {
+                    return Err(format!(
+                        "{}() needs a literal format with widths of at most {MAX_GROWN_LENGTH}",
+                        function.name
+                    ));
+                }
                 if GROWING_FUNCTIONS.contains(&name) {
                     let length = list.args.get(1).and_then(|arg| match arg {
                         FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => {
@@ -995,6 +1044,19 @@ mod tests {
         }
         check("UPDATE t SET code = lpad(code, 5, '0'), bar = repeat('-', 80) WHERE id = 1")
             .unwrap();
+        // Nested, they multiply; format's widths are lengths too.
+        for sql in [
+            "UPDATE t SET note = repeat(repeat('xxxxxxxxxx', 10000), 9999) WHERE id = 1",
+            "UPDATE t SET note = replace(repeat('x', 10000), 'x', repeat('x', 10000)) WHERE id = 1",
+            "UPDATE t SET note = format('%999999999s', '') WHERE id = 1",
+            "UPDATE t SET note = format('%*s', 1000000000, '') WHERE id = 1",
+            "UPDATE t SET note = format(note, 1) WHERE id = 1",
+        ] {
+            assert!(check(sql).is_err(), "{sql}");
+        }
+        check("UPDATE t SET note = format('order 123456: %s-%05s', code, id) WHERE id = 1")
+            .unwrap();
+        check("UPDATE t SET s = replace(note, 'a', 'b') WHERE id = 1").unwrap();
     }
 
     #[test]
