@@ -145,7 +145,7 @@ impl Services {
     pub fn new(settings: Arc<Settings>, pool: PgPool) -> anyhow::Result<Arc<Self>> {
         let limits = SessionLimits::jobs(&settings);
         Ok(Arc::new(Self {
-            objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
+            objects: ObjectStore::from_settings(&settings)?,
             targets: Targets::new(pool.clone(), &settings, limits)?,
             embedder: embed::SharedEmbedder::new(&settings.model_dir),
             limits: limits::Limits::new(&settings),
@@ -157,9 +157,11 @@ impl Services {
 }
 
 impl Services {
-    /// Runs a job kind's `sweep` on every target database and logs what it dropped. A target
-    /// that fails is skipped until the next sweep; one whose database does not exist (a
-    /// default target never used) has nothing to sweep.
+    /// Runs a job kind's `sweep` on every target database and logs what it dropped, a few
+    /// targets at a time and each within `target_sweep_timeout`: a tenant's database that stops
+    /// answering (its server is the tenant's, and may ignore `statement_timeout`) holds up no
+    /// other target, and no later sweep. A target that fails is skipped until the next sweep;
+    /// one whose database does not exist (a default target never used) has nothing to sweep.
     pub(crate) async fn sweep_targets<F, Fut>(
         &self,
         dropped_what: &str,
@@ -169,15 +171,31 @@ impl Services {
         F: Fn(PgPool) -> Fut,
         Fut: std::future::Future<Output = sqlx::Result<Vec<String>>>,
     {
-        for pool in self.targets.all().await? {
-            match sweep(pool).await {
-                Ok(dropped) => {
+        use futures::StreamExt;
+        const AT_ONCE: usize = 4;
+        let deadline = self.settings.target_sweep_timeout;
+        let sweeps = self
+            .targets
+            .all()
+            .await?
+            .into_iter()
+            .map(|pool| tokio::time::timeout(deadline, sweep(pool)));
+        let mut outcomes = futures::stream::iter(sweeps).buffer_unordered(AT_ONCE);
+        while let Some(outcome) = outcomes.next().await {
+            match outcome {
+                Ok(Ok(dropped)) => {
                     for table in dropped {
                         tracing::info!(table, "dropped {dropped_what}");
                     }
                 }
-                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("3D000") => {}
-                Err(e) => tracing::warn!(error = %e, "sweep of {dropped_what} skipped a target"),
+                Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("3D000") => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "sweep of {dropped_what} skipped a target")
+                }
+                Err(_) => tracing::warn!(
+                    timeout_secs = deadline.as_secs(),
+                    "sweep of {dropped_what} skipped a target that did not answer in time"
+                ),
             }
         }
         Ok(())

@@ -68,6 +68,8 @@ impl Drop for ScratchFile {
 pub struct ObjectStore {
     root: PathBuf,
     bucket: Option<Bucket>,
+    /// Most bytes of downloaded datasets kept in `root/cache`, as [`evict_cache`] keeps them.
+    cache_limit: u64,
 }
 
 #[derive(Clone)]
@@ -95,7 +97,16 @@ impl ObjectStore {
         Self {
             root: root.into(),
             bucket: None,
+            cache_limit: u64::MAX,
         }
+    }
+
+    /// The deployment's store: its data directory, its bucket if it names one, and its
+    /// bound on the cache of downloaded datasets.
+    pub fn from_settings(settings: &crate::Settings) -> anyhow::Result<Self> {
+        let mut store = Self::with_bucket(&settings.data_dir, settings.object_store.as_ref())?;
+        store.cache_limit = settings.cache_max_bytes;
+        Ok(store)
     }
 
     /// Objects in the bucket, when one is configured; `root` keeps scratch files and the cache.
@@ -181,6 +192,9 @@ impl ObjectStore {
         };
         let cached = self.root.join("cache").join(&key);
         if tokio::fs::try_exists(&cached).await? {
+            // Its time of last use, which eviction goes by.
+            let file = std::fs::File::options().append(true).open(&cached)?;
+            file.set_modified(std::time::SystemTime::now())?;
             return Ok(cached);
         }
         let scratch = self.scratch_path().await?;
@@ -199,6 +213,12 @@ impl ObjectStore {
             return Err(e);
         }
         rename_into(&scratch, &cached).await?;
+        let (cache, limit) = (self.root.join("cache"), self.cache_limit);
+        let evicted =
+            tokio::task::spawn_blocking(move || evict_cache(&cache, limit, CACHE_IN_USE)).await?;
+        if let Err(e) = evicted {
+            tracing::warn!(error = %e, "the dataset cache could not be trimmed");
+        }
         Ok(cached)
     }
 
@@ -386,6 +406,53 @@ fn artifact_key(job: Uuid, name: &str) -> String {
     format!("artifacts/{job}/{name}")
 }
 
+/// How long after its last use a cached dataset is taken to be still read (a job holds its
+/// path, and readers such as polars open it again): eviction passes over it.
+const CACHE_IN_USE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Removes the least recently used files under `cache` until their total is at most `limit`
+/// bytes, passing over those used within `in_use`. Datasets never change, so a removed copy is
+/// only downloaded again; one deleted by its tenant is thus gone from every worker in time.
+/// Returns the bytes removed.
+fn evict_cache(cache: &Path, limit: u64, in_use: std::time::Duration) -> std::io::Result<u64> {
+    fn files(
+        dir: &Path,
+        into: &mut Vec<(std::time::SystemTime, u64, PathBuf)>,
+    ) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                files(&entry.path(), into)?;
+            } else if meta.is_file() {
+                into.push((meta.modified()?, meta.len(), entry.path()));
+            }
+        }
+        Ok(())
+    }
+    let mut cached = Vec::new();
+    match files(cache, &mut cached) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        other => other?,
+    }
+    let mut total: u64 = cached.iter().map(|(_, len, _)| len).sum();
+    let recent = std::time::SystemTime::now() - in_use;
+    cached.sort_by_key(|(used, _, _)| *used);
+    let mut removed = 0;
+    for (used, len, path) in cached {
+        if total <= limit || used > recent {
+            break;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed += len,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        total -= len;
+    }
+    Ok(removed)
+}
+
 async fn rename_into(from: &Path, to: &Path) -> std::io::Result<()> {
     if let Some(parent) = to.parent() {
         tokio::fs::create_dir_all(parent).await?;
@@ -397,5 +464,42 @@ async fn remove_if_present(path: &Path) -> std::io::Result<()> {
     match tokio::fs::remove_file(path).await {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn cached(dir: &Path, name: &str, len: usize, used_ago: Duration) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, vec![b'x'; len]).unwrap();
+        let file = std::fs::File::options().append(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() - used_ago).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_cache_keeps_its_bound_by_dropping_the_least_recently_used_not_in_use() {
+        let dir = std::env::temp_dir().join(format!("conveyor-cache-{}", Uuid::new_v4()));
+        let hour = Duration::from_secs(3600);
+        let oldest = cached(&dir, "tenants/a/datasets/1", 400, 3 * hour);
+        let older = cached(&dir, "tenants/b/datasets/2", 400, 2 * hour);
+        let old = cached(&dir, "tenants/a/datasets/3", 400, hour);
+        let in_use = cached(&dir, "tenants/b/datasets/4", 400, Duration::ZERO);
+
+        // 1,600 bytes against 900: the two least recently used go, and no more.
+        assert_eq!(evict_cache(&dir, 900, hour / 2).unwrap(), 800);
+        assert!(!oldest.exists() && !older.exists());
+        assert!(old.exists() && in_use.exists());
+
+        // Files in use stay even past the bound.
+        assert_eq!(evict_cache(&dir, 0, hour / 2).unwrap(), 400);
+        assert!(!old.exists() && in_use.exists());
+        assert_eq!(evict_cache(&dir, 0, hour / 2).unwrap(), 0);
+        assert_eq!(evict_cache(&dir.join("absent"), 0, hour).unwrap(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -57,6 +57,9 @@ pub struct Settings {
     pub target_statement_timeout: Duration,
     pub target_lock_timeout: Duration,
     pub target_idle_in_transaction: Duration,
+    /// `CONVEYOR_TARGET_SWEEP_TIMEOUT_SECS`: the wall-clock bound of one target's maintenance
+    /// sweep; a target that does not answer within it is skipped until the next sweep.
+    pub target_sweep_timeout: Duration,
     /// `CONVEYOR_PREFLIGHT_TIMEOUT_MS`: the wall-clock bound of one preflight (catalog reads and
     /// `EXPLAIN` on a target), also each of its statements' `statement_timeout`.
     pub preflight_timeout: Duration,
@@ -75,6 +78,9 @@ pub struct Settings {
     pub metrics_token: Option<String>,
     /// `CONVEYOR_DATASET_LIMIT`: largest upload in bytes.
     pub dataset_limit: u64,
+    /// `CONVEYOR_CACHE_MAX_BYTES`: most bytes of bucket datasets a worker keeps downloaded; the
+    /// least recently used go first (none read in the last 15 minutes).
+    pub cache_max_bytes: u64,
     /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
     /// `patch_rollback`; the workers' maintenance sweep drops expired snapshots.
     pub snapshot_retention: Duration,
@@ -176,12 +182,14 @@ impl fmt::Debug for Settings {
             target_statement_timeout,
             target_lock_timeout,
             target_idle_in_transaction,
+            target_sweep_timeout,
             preflight_timeout,
             preflight_concurrency,
             secret_key,
             connection_allow,
             metrics_token,
             dataset_limit,
+            cache_max_bytes,
             snapshot_retention,
             job_retention,
             worker_retention,
@@ -228,12 +236,14 @@ impl fmt::Debug for Settings {
             .field("target_statement_timeout", target_statement_timeout)
             .field("target_lock_timeout", target_lock_timeout)
             .field("target_idle_in_transaction", target_idle_in_transaction)
+            .field("target_sweep_timeout", target_sweep_timeout)
             .field("preflight_timeout", preflight_timeout)
             .field("preflight_concurrency", preflight_concurrency)
             .field("secret_key", &secret_key.as_ref().map(|_| "***"))
             .field("connection_allow", connection_allow)
             .field("metrics_token", &metrics_token.as_ref().map(|_| "***"))
             .field("dataset_limit", dataset_limit)
+            .field("cache_max_bytes", cache_max_bytes)
             .field("snapshot_retention", snapshot_retention)
             .field("job_retention", job_retention)
             .field("worker_retention", worker_retention)
@@ -322,6 +332,9 @@ impl Settings {
             target_idle_in_transaction: Duration::from_secs(
                 vars.parse("TARGET_IDLE_IN_TRANSACTION_SECS", "60")?,
             ),
+            target_sweep_timeout: Duration::from_secs(
+                vars.parse("TARGET_SWEEP_TIMEOUT_SECS", "120")?,
+            ),
             preflight_timeout: Duration::from_millis(vars.parse("PREFLIGHT_TIMEOUT_MS", "5000")?),
             preflight_concurrency: vars.parse("PREFLIGHT_CONCURRENCY", "4")?,
             secret_key: vars.get("SECRET_KEY"),
@@ -331,6 +344,7 @@ impl Settings {
                 .map_err(|e| anyhow::anyhow!("CONVEYOR_CONNECTION_ALLOW is invalid: {e}"))?,
             metrics_token: vars.get("METRICS_TOKEN").filter(|t| !t.is_empty()),
             dataset_limit: vars.parse("DATASET_LIMIT", "10737418240")?,
+            cache_max_bytes: vars.parse("CACHE_MAX_BYTES", "21474836480")?,
             snapshot_retention: Duration::from_secs(
                 vars.parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
             ),
@@ -401,6 +415,7 @@ impl Settings {
             target_statement_timeout: Duration::from_secs(600),
             target_lock_timeout: Duration::from_secs(10),
             target_idle_in_transaction: Duration::from_secs(60),
+            target_sweep_timeout: Duration::from_secs(120),
             preflight_timeout: Duration::from_secs(5),
             preflight_concurrency: 4,
             data_dir: std::env::temp_dir()
@@ -413,6 +428,7 @@ impl Settings {
             connection_allow: "127.0.0.0/8, ::1".parse().expect("literal allow list"),
             metrics_token: Some("test-metrics-token".into()),
             dataset_limit: 4 << 30,
+            cache_max_bytes: 20 << 30,
             snapshot_retention: Duration::from_secs(168 * 3600),
             job_retention: Some(Duration::from_secs(30 * 86400)),
             worker_retention: Some(Duration::from_secs(24 * 3600)),

@@ -217,7 +217,7 @@ impl Runtime {
             announcements,
             queues,
             refill,
-            objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
+            objects: ObjectStore::from_settings(&settings)?,
             settings,
             name,
             pool,

@@ -231,13 +231,15 @@ fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metri
     metric
 }
 
-/// Tenants with their own usage series; the rest add up under `tenant="other"`, so a
-/// deployment of any size exports at most this many series per measure, plus one.
+/// Tenants with their own usage series; the rest add up under `tenant_id="other"`, so a
+/// deployment of any size exports at most this many series per measure, plus one. Each
+/// series carries the tenant's id beside its name: names are the tenants' to choose, and one
+/// named `other` must not merge with the rest.
 const USAGE_TENANTS: i64 = 100;
 
 /// Each tenant's usage totals since records began (`usage_sums`), the heaviest CPU users first.
 async fn tenant_usage(state: &AppState, registry: &mut Registry) -> Result<(), Problem> {
-    type Row = (String, i64, f64, f64, i64, i64, i64);
+    type Row = (String, String, i64, f64, f64, i64, i64, i64);
     let rows: Vec<Row> = sqlx::query_as(
         "WITH totals AS (
              SELECT tenant_id, sum(attempts) AS attempts, sum(wall_seconds) AS wall,
@@ -248,10 +250,11 @@ async fn tenant_usage(state: &AppState, registry: &mut Registry) -> Result<(), P
              SELECT totals.*, row_number() OVER (ORDER BY cpu DESC, tenant_id) AS rank FROM totals
          )
          SELECT CASE WHEN r.rank <= $1 THEN t.name ELSE 'other' END AS tenant,
+                CASE WHEN r.rank <= $1 THEN t.id::text ELSE 'other' END AS tenant_id,
                 sum(r.attempts)::bigint, sum(r.wall)::float8, sum(r.cpu)::float8,
                 sum(r.rows_written)::bigint, sum(r.chunks)::bigint, sum(r.synthetic)::bigint
          FROM ranked r JOIN tenants t ON t.id = r.tenant_id
-         GROUP BY 1 ORDER BY 1",
+         GROUP BY 1, 2 ORDER BY 1, 2",
     )
     .bind(USAGE_TENANTS)
     .fetch_all(&state.pool)
@@ -260,39 +263,42 @@ async fn tenant_usage(state: &AppState, registry: &mut Registry) -> Result<(), P
     type Series = (&'static str, &'static str, fn(&Row) -> f64);
     let series: [Series; 6] = [
         ("conveyor_tenant_attempts", "job attempts ended", |r| {
-            r.1 as f64
+            r.2 as f64
         }),
         (
             "conveyor_tenant_wall_seconds",
             "wall time of those attempts",
-            |r| r.2,
+            |r| r.3,
         ),
         (
             "conveyor_tenant_cpu_seconds",
             "CPU time of those attempts' own work",
-            |r| r.3,
+            |r| r.4,
         ),
         (
             "conveyor_tenant_rows_written",
             "rows imported, patched or restored",
-            |r| r.4 as f64,
+            |r| r.5 as f64,
         ),
         (
             "conveyor_tenant_chunks_embedded",
             "chunks embedded by ingest",
-            |r| r.5 as f64,
+            |r| r.6 as f64,
         ),
         (
             "conveyor_tenant_synthetic_rows",
             "synthetic rows generated",
-            |r| r.6 as f64,
+            |r| r.7 as f64,
         ),
     ];
     for (name, help, value) in series {
         let family = add(registry, name, help, Totals::default());
         for row in &rows {
             family
-                .get_or_create(&vec![("tenant", row.0.clone())])
+                .get_or_create(&vec![
+                    ("tenant", row.0.clone()),
+                    ("tenant_id", row.1.clone()),
+                ])
                 .inc_by(value(row));
         }
     }

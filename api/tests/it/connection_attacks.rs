@@ -87,6 +87,57 @@ async fn tcp_proxy(to: u16) -> u16 {
     port
 }
 
+/// Forwards loopback connections to `to` as [`tcp_proxy`] does until the client sends a
+/// message containing `marker`: that message and all after it are held, never answered. A
+/// tenant's server that answers some statements and hangs on others, as a hostile one may.
+async fn stalling_proxy(to: u16, marker: &'static [u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                continue;
+            };
+            let (mut client_in, mut client_out) = client.into_split();
+            let (mut server_in, mut server_out) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_in, &mut client_out).await;
+            });
+            tokio::spawn(async move {
+                // Untyped messages first (SSL or GSS requests, then the startup message), typed
+                // ones after: a type byte, then a length that counts itself.
+                let mut typed = false;
+                loop {
+                    let mut message = vec![0u8; if typed { 5 } else { 4 }];
+                    if client_in.read_exact(&mut message).await.is_err() {
+                        return;
+                    }
+                    let at = message.len() - 4;
+                    let len = u32::from_be_bytes(message[at..].try_into().unwrap()) as usize;
+                    let mut body = vec![0u8; len - 4];
+                    if client_in.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let request = !typed && body.len() == 4 && body[0] == 0x04 && body[1] == 0xd2;
+                    typed |= !request;
+                    if body.windows(marker.len()).any(|w| w == marker) {
+                        // Hold the connection open and answer nothing, for ever.
+                        let mut rest = Vec::new();
+                        let _ = client_in.read_to_end(&mut rest).await;
+                        return;
+                    }
+                    message.extend(body);
+                    if server_out.write_all(&message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_behind_another_port_is_recognised_once_connected() {
     let app = TestApp::spawn().await;
@@ -307,4 +358,80 @@ async fn a_connection_refused_when_checked_again_is_named_in_a_422() {
     let (_, jobs) = app.get("/v1/jobs").await;
     assert_eq!(jobs["jobs"], json!([]), "a refused import was enqueued");
     server.shutdown().await;
+}
+
+/// A tenant's server that answers the handshake and then nothing: registering it ends in a
+/// 422 within the connection check's bound, not when the client gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_after_the_handshake_is_refused_in_time() {
+    let app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    let mut url = Url::parse(&warehouse.url).unwrap();
+    let proxy = stalling_proxy(url.port().unwrap(), b"pg_postmaster_start_time").await;
+    url.set_port(Some(proxy)).unwrap();
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.post(
+            "/v1/connections",
+            &json!({"name": "hangs", "url": url.as_str()}),
+        ),
+    )
+    .await;
+    let (status, problem) = answer.expect("the request waited on the server for 30 s");
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(problem["errors"][0]["field"], "url", "{problem}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(connection_count(&app).await, 0);
+}
+
+/// A tenant's database that hangs on the maintenance sweep's query (its server may ignore
+/// `statement_timeout`) holds up neither the other targets' sweeps nor the sweep itself, which
+/// never overlaps itself and would otherwise never run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_hangs_holds_up_no_other_targets_sweep() {
+    let app = TestApp::spawn_with(|s| s.target_sweep_timeout = Duration::from_secs(2)).await;
+    let (hangs, other) = (app.warehouse().await, app.warehouse().await);
+    let mut url = Url::parse(&hangs.url).unwrap();
+    let proxy = stalling_proxy(url.port().unwrap(), b"conveyor_import_").await;
+    url.set_port(Some(proxy)).unwrap();
+    registered(&app, "hangs", url.as_str()).await;
+    registered(&app, "other", &other.url).await;
+    // A staging table of an ended job on the connection registered after the one that hangs.
+    let dataset = app.upload_dataset("small.csv", b"a\n1\n").await;
+    let (_, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": {"dataset_id": dataset, "target": {"table": "t"}}}),
+        )
+        .await;
+    let ended = job["id"].as_str().unwrap().to_owned();
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{ended}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let staging = format!(
+        "conveyor_import_{}",
+        Uuid::parse_str(&ended).unwrap().simple()
+    );
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&other.url)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE TABLE {staging} (a int)"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    let swept = tokio::time::timeout(Duration::from_secs(30), app.registry().sweep()).await;
+    assert!(swept.is_ok(), "the sweep waited on the target that hangs");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = $1")
+        .bind(&staging)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the other target's staging table was not swept");
 }

@@ -9,6 +9,7 @@ use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
+use uuid::Uuid;
 
 pub(crate) const BUCKET: &str = "conveyor";
 
@@ -229,4 +230,59 @@ async fn saved_models_live_in_the_bucket_and_go_with_their_delete() {
     assert!(s3.objects_named(&model.to_string()).is_empty());
     assert!(store.read_model(tenant, model).await.unwrap().is_none());
     let _ = std::fs::remove_dir_all(&local);
+}
+
+/// A worker's cache of downloaded datasets keeps to `CONVEYOR_CACHE_MAX_BYTES`: a download
+/// past it removes the least recently used copy (one no job read in the last 15 minutes), so
+/// datasets, deleted ones included, do not pile up on a worker's disk for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workers_dataset_cache_keeps_its_bound() {
+    let s3 = S3Server::start();
+    let mut app = TestApp::spawn_with(|s| {
+        s.object_store = Some(s3.config());
+        s.cache_max_bytes = 1;
+    })
+    .await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let cached = |dataset: Uuid| {
+        app.settings
+            .data_dir
+            .join(format!("cache/tenants/{}/datasets/{dataset}", app.tenant))
+    };
+    let mut imported = Vec::new();
+    for (name, table) in [("first.csv", "first"), ("second.csv", "second")] {
+        let dataset = app.upload_dataset(name, b"id\n1\n2\n").await;
+        let (status, job) = app
+            .post(
+                "/v1/jobs",
+                &json!({"kind": "import", "payload": {
+                    "dataset_id": dataset, "target": {"table": table}, "mode": "create"}}),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        let job = app
+            .wait_status(
+                job["id"].as_str().unwrap().parse().unwrap(),
+                &["succeeded", "failed"],
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert!(cached(dataset).exists(), "{name} was not cached");
+        // Last read an hour ago.
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .append(true)
+            .open(cached(dataset))
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        imported.push(dataset);
+    }
+    assert!(
+        !cached(imported[0]).exists(),
+        "the first dataset's copy outlived the cache's bound"
+    );
+    // The copy just downloaded stays until it has not been read for a while.
+    assert!(cached(imported[1]).exists());
 }

@@ -138,14 +138,19 @@ async fn usage_sums_equal_the_jobs_own_figures_and_quotas_on_output_refuse() {
     let metrics = app.metrics().await;
     let cpu_line = metrics
         .lines()
-        .find(|l| l.starts_with("conveyor_tenant_cpu_seconds_total{tenant=\"acme\"}"))
+        .find(|l| l.starts_with("conveyor_tenant_cpu_seconds_total{tenant=\"acme\","))
         .unwrap_or_else(|| panic!("no per-tenant CPU series:\n{metrics}"));
     let cpu: f64 = cpu_line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(close(
         cpu,
         total["groups"][0]["cpu_seconds"].as_f64().unwrap()
     ));
-    assert!(metrics.contains("conveyor_tenant_rows_written_total{tenant=\"acme\"} 250"));
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("conveyor_tenant_rows_written_total{tenant=\"acme\",tenant_id=")
+            && l.ends_with("} 250.0")),
+        "{metrics}"
+    );
 
     // Quotas on what jobs produce: used up, the next submission is refused, nothing written.
     let (ok, _, stderr) = app
@@ -197,4 +202,46 @@ async fn usage_sums_equal_the_jobs_own_figures_and_quotas_on_output_refuse() {
     let (_, tenant) = app.get("/v1/tenant").await;
     assert_eq!(tenant["usage"]["rows_imported_today"], 250, "{tenant}");
     assert_eq!(tenant["usage"]["chunks"], 2);
+}
+
+/// Tenants choose their names: one named `other` keeps its own usage series, apart from the
+/// sum of the tenants past the first 100 (it was merged into that sum).
+#[tokio::test]
+async fn a_tenant_named_other_keeps_its_own_usage_series() {
+    let app = TestApp::spawn().await;
+    let other: Uuid = sqlx::query_scalar(
+        "INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'other') RETURNING id",
+    )
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    // The heaviest user, then 100 light ones: the last of those is summed with the rest.
+    sqlx::query(
+        "WITH light AS (
+             INSERT INTO tenants (id, name)
+             SELECT gen_random_uuid(), 'light ' || i FROM generate_series(1, 100) i
+             RETURNING id
+         )
+         INSERT INTO usage_sums (tenant_id, kind, attempts, wall_seconds, cpu_seconds)
+         SELECT $1, 'canary', 7, 100, 100
+         UNION ALL SELECT id, 'canary', 1, 1, 1 FROM light",
+    )
+    .bind(other)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let metrics = app.metrics().await;
+    let mut attempts: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("conveyor_tenant_attempts_total{tenant=\"other\""))
+        .collect();
+    attempts.sort_by_key(|l| l.contains("tenant_id=\"other\""));
+    assert_eq!(
+        attempts,
+        [
+            format!("conveyor_tenant_attempts_total{{tenant=\"other\",tenant_id=\"{other}\"}} 7.0"),
+            "conveyor_tenant_attempts_total{tenant=\"other\",tenant_id=\"other\"} 1.0".to_owned(),
+        ],
+        "{metrics}"
+    );
 }

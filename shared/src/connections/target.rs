@@ -301,17 +301,24 @@ impl Guard {
         Ok(())
     }
 
-    /// The API's check of a new connection: every check above, and one session.
+    /// The API's check of a new connection: every check above, and one session, all within
+    /// [`CONNECT_TIMEOUT`]: the server is the tenant's, and one that answers the handshake and
+    /// then nothing would hold the request for as long as the client waits.
     pub async fn probe(&self, url: &TargetUrl) -> Result<(), Refusal> {
         let checked = self.check(url).await?;
         let options = checked.connect_options()?;
-        let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, options.connect())
-            .await
-            .map_err(|_| Refusal::Unreachable(format!("connecting to {} timed out", checked.ip)))?
-            .map_err(|e| Refusal::Unreachable(format!("connecting to {}: {e}", checked.ip)))?;
-        let verdict = self.verify_session(&mut conn).await;
-        let _ = sqlx::Connection::close(conn).await;
-        verdict
+        let timed_out = || Refusal::Unreachable(format!("{} did not answer in time", checked.ip));
+        tokio::time::timeout(CONNECT_TIMEOUT, async {
+            let mut conn = options
+                .connect()
+                .await
+                .map_err(|e| Refusal::Unreachable(format!("connecting to {}: {e}", checked.ip)))?;
+            let verdict = self.verify_session(&mut conn).await;
+            let _ = sqlx::Connection::close(conn).await;
+            verdict
+        })
+        .await
+        .map_err(|_| timed_out())?
     }
 }
 
