@@ -76,6 +76,7 @@ impl AppState {
                 settings.preflight_timeout,
                 settings.preflight_concurrency,
             ),
+            max_in_memory_bytes: settings.max_in_memory_bytes,
         });
         if let Some(url) = &settings.target_provision_url {
             let provisioned = shared::tenancy::provision_pending(&pool, url).await?;
@@ -113,7 +114,7 @@ impl AppState {
             queues,
             contracts: contracts::Registry::standard(),
             context,
-            objects: ObjectStore::with_bucket(&settings.data_dir, settings.object_store.as_ref())?,
+            objects: ObjectStore::from_settings(&settings)?,
             embedder: Arc::new(embed::SharedEmbedder::new(&settings.model_dir)),
             isolated: shared::isolated::Isolated::new(&settings)?,
             settings,

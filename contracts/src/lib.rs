@@ -77,6 +77,9 @@ pub struct Context {
     pub pool: PgPool,
     pub targets: Targets,
     pub preflights: Preflights,
+    /// `CONVEYOR_MAX_IN_MEMORY_BYTES`: what a job may hold in memory (synthetic outputs are
+    /// refused at submit past it).
+    pub max_in_memory_bytes: u64,
 }
 
 /// A payload that passed its kind's checks, in its type, for the preflight.

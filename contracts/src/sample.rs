@@ -321,6 +321,13 @@ impl Contract for Sample {
                 }
             }
         }
+        if let Some(why) = crate::synthesis::output_too_large(
+            payload.total_rows().max(0) as u64,
+            model.schema.len(),
+            context.max_in_memory_bytes,
+        ) {
+            errors.push(FieldError::new("payload.rows", why));
+        }
         crate::refused(errors).map_err(Refusal::Invalid)
     }
 }

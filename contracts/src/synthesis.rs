@@ -62,8 +62,37 @@ impl Contract for Synthesis {
                 ));
             }
         }
+        if let Some(why) = output_too_large(
+            payload.rows.max(0) as u64,
+            dataset.schema.len(),
+            context.max_in_memory_bytes,
+        ) {
+            errors.push(FieldError::new("payload.rows", why));
+        }
         crate::refused(errors).map_err(Refusal::Invalid)
     }
+}
+
+/// What one synthetic cell holds while its table is drawn and written: its value and the
+/// frame's copy of it.
+pub const OUTPUT_CELL_BYTES: u64 = 24;
+
+/// Why a synthetic table of `rows` × `columns` does not fit `cap` bytes in memory as it is
+/// drawn and written, if it does not. The API refuses such a job at submit (with the
+/// deployment's cap), and a worker again before it draws a row (with its own): a larger one
+/// would take the worker, and every job in it, down.
+pub fn output_too_large(rows: u64, columns: usize, cap: u64) -> Option<String> {
+    let bytes = rows
+        .saturating_mul(columns as u64)
+        .saturating_mul(OUTPUT_CELL_BYTES);
+    (bytes > cap).then(|| {
+        format!(
+            "{rows} rows of {columns} columns take about {} MiB in memory, more than the \
+             {} MiB cap (CONVEYOR_MAX_IN_MEMORY_BYTES); ask for fewer rows",
+            bytes >> 20,
+            cap >> 20
+        )
+    })
 }
 
 /// How a column is synthesized.

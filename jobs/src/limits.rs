@@ -50,30 +50,18 @@ impl Limits {
     }
 
     /// Whether a synthetic table of `rows` × `columns` fits the in-memory cap as it is drawn
-    /// and written ([`OUTPUT_CELL_BYTES`] a cell); refused before any is drawn, since a
-    /// larger one takes the worker (and every job in it) down.
+    /// and written; refused before any is drawn (see [`contracts::synthesis::output_too_large`]).
     pub fn output(&self, rows: u64, columns: usize) -> Result<(), JobError> {
-        let cells = rows.saturating_mul(columns as u64);
-        let bytes = cells.saturating_mul(OUTPUT_CELL_BYTES);
-        if bytes <= self.in_memory {
-            return Ok(());
+        match contracts::synthesis::output_too_large(rows, columns, self.in_memory) {
+            None => Ok(()),
+            Some(why) => Err(JobError::Permanent(why)),
         }
-        Err(JobError::Permanent(format!(
-            "{rows} rows of {columns} columns take about {} MiB in memory, more than the {} cap \
-             (CONVEYOR_MAX_IN_MEMORY_BYTES); ask for fewer rows",
-            bytes >> 20,
-            human(self.in_memory)
-        )))
     }
 
     pub fn document(&self) -> Cap {
         Cap::new(self.document, "CONVEYOR_MAX_DOCUMENT_BYTES", "one document")
     }
 }
-
-/// What one synthetic cell holds while its table is drawn and written: its value and the
-/// frame's copy of it.
-pub const OUTPUT_CELL_BYTES: u64 = 24;
 
 /// One cap: how many bytes, the setting that sets it, and what it bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

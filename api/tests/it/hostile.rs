@@ -283,7 +283,8 @@ async fn an_import_wider_than_any_table_fails_before_planning_its_columns() {
 
 /// A float column with `NaN` cells (polars reads them as numbers) spun the copula's fit for
 /// ever, uncancellable; they are missing values now. And an output larger than the in-memory
-/// cap fails before a row is drawn (a larger one took the worker down).
+/// cap is refused at submit, for a synthesis and for a sample of its saved model alike (a
+/// larger one took the worker down; the worker refuses it too, with its own cap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthesis_learns_past_nan_cells_and_refuses_an_output_past_the_memory_cap() {
     let mut app = TestApp::spawn().await;
@@ -302,24 +303,40 @@ async fn synthesis_learns_past_nan_cells_and_refuses_an_output_past_the_memory_c
         &app,
         &app.key,
         "synthesis",
-        json!({"dataset_id": dataset, "rows": 20}),
+        json!({"dataset_id": dataset, "rows": 20, "save_model": true}),
     )
     .await;
     let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    let id = submit_as(
-        &app,
-        &app.key,
-        "synthesis",
-        json!({"dataset_id": dataset, "rows": 1_000_000}),
-    )
-    .await;
-    assert_fails_with(
-        &app,
-        id,
-        "more than the 64 MiB cap (CONVEYOR_MAX_IN_MEMORY_BYTES); ask for fewer rows",
-    )
-    .await;
+    let model = job["result"]["outputs"]["model_id"].clone();
+    assert!(model.is_string(), "{job}");
+    let (_, before) = app.get("/v1/jobs").await;
+    for (kind, payload) in [
+        (
+            "synthesis",
+            json!({"dataset_id": dataset, "rows": 1_000_000}),
+        ),
+        ("sample", json!({"model_id": model, "rows": 10_000_000})),
+    ] {
+        let (status, problem) = app
+            .post("/v1/jobs", &json!({"kind": kind, "payload": payload}))
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{kind}: {problem}"
+        );
+        assert_eq!(problem["errors"][0]["field"], "payload.rows", "{problem}");
+        let message = problem["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            message.ends_with(
+                "more than the 64 MiB cap (CONVEYOR_MAX_IN_MEMORY_BYTES); ask for fewer rows"
+            ),
+            "{message}"
+        );
+    }
+    let (_, after) = app.get("/v1/jobs").await;
+    assert_eq!(before["jobs"], after["jobs"], "a refused job was enqueued");
 }
 
 /// A PDF whose page holds an array nested `depth` deep.

@@ -12,6 +12,11 @@ pub use contracts::synthesis::Role;
 /// Rows below which "every value distinct" says little about being an identifier.
 const MIN_ROWS_FOR_IDENTIFIER: usize = 10;
 
+/// Share of a text column's values that are distinct from which it is taken for an
+/// identifier too: learned as a categorical, nearly each of its values (names, emails, notes
+/// unique but for a few repeats) would come out verbatim and be listed in the saved model.
+const NEAR_UNIQUE_TEXT: f64 = 0.9;
+
 #[derive(Clone, Debug, Serialize)]
 pub struct NumericSummary {
     pub min: f64,
@@ -81,11 +86,16 @@ fn profile_column(column: &Column, role: Option<Role>, find_identifiers: bool) -
             (distinct, None, top)
         }
     };
-    let unique_per_row =
-        find_identifiers && present >= MIN_ROWS_FOR_IDENTIFIER && distinct == present;
+    let enough = find_identifiers && present >= MIN_ROWS_FOR_IDENTIFIER;
+    let unique_per_row = enough && distinct == present;
+    let near_unique_text = enough
+        && column.dtype == DataType::String
+        && distinct as f64 >= NEAR_UNIQUE_TEXT * present as f64;
     let role = role.unwrap_or(if column.dtype.is_temporal() {
         Role::Datetime
-    } else if unique_per_row && (column.dtype.is_integer() || column.dtype == DataType::String) {
+    } else if near_unique_text
+        || unique_per_row && (column.dtype.is_integer() || column.dtype == DataType::String)
+    {
         // Floats are distinct on every row by nature; integers and text that are are keys.
         Role::Identifier
     } else if matches!(column.values, Values::Numbers(_)) {
@@ -215,6 +225,24 @@ mod tests {
         let color = &profiles[4];
         assert_eq!(color.top[0], ("red".to_owned(), 33));
         assert_eq!(color.distinct, 2);
+    }
+
+    /// Text unique but for a few repeats was learned as a categorical whose levels (every
+    /// value but one) were sampled verbatim and listed in the saved model.
+    #[test]
+    fn near_unique_text_gets_fresh_values_as_identifiers_do() {
+        let text = |name: &str, labels: Vec<String>| Table {
+            columns: vec![Column::labels(name, labels.into_iter().map(Some).collect())],
+        };
+        let role = |table: &Table, find| profile(table, &BTreeMap::new(), find)[0].role;
+        // 20 emails, one of them twice: 19 distinct.
+        let mut emails: Vec<String> = (0..19).map(|i| format!("person{i}@example.org")).collect();
+        emails.push(emails[3].clone());
+        assert_eq!(role(&text("email", emails.clone()), true), Role::Identifier);
+        // 10 of 20 distinct stays a category; private fits still go by the types.
+        let halves: Vec<String> = (0..20).map(|i| format!("level {}", i % 10)).collect();
+        assert_eq!(role(&text("level", halves), true), Role::Categorical);
+        assert_eq!(role(&text("email", emails), false), Role::Categorical);
     }
 
     #[test]
