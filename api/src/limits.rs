@@ -316,12 +316,7 @@ impl Limits {
         let Some(limit) = self.of(tenant).await?.max_dataset_bytes else {
             return Ok(None);
         };
-        let used: i64 = sqlx::query_scalar(
-            "SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1",
-        )
-        .bind(tenant)
-        .fetch_one(&self.pool)
-        .await?;
+        let used = quotas::dataset_bytes(&self.pool, tenant).await?;
         let room = (limit - used).max(0) as u64;
         let refusal = over_quota(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -350,12 +345,7 @@ impl Limits {
             return Ok(());
         };
         quotas::lock_tenant(tx, tenant).await?;
-        let used: i64 = sqlx::query_scalar(
-            "SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1",
-        )
-        .bind(tenant)
-        .fetch_one(&mut *tx)
-        .await?;
+        let used = quotas::dataset_bytes(&mut *tx, tenant).await?;
         if used + size as i64 <= limit {
             return Ok(());
         }

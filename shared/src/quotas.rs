@@ -40,6 +40,16 @@ pub struct TenantUsage {
     pub rows_imported_today: i64,
 }
 
+/// Bytes of the tenant's datasets, what `max_dataset_bytes` counts.
+pub async fn dataset_bytes<'c>(db: impl sqlx::PgExecutor<'c>, tenant: Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1",
+    )
+    .bind(tenant)
+    .fetch_one(db)
+    .await
+}
+
 pub async fn usage(db: &mut PgConnection, tenant: Uuid) -> sqlx::Result<TenantUsage> {
     sqlx::query_as(concat!(
         "SELECT

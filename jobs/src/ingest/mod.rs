@@ -51,6 +51,12 @@ impl Document {
     }
 }
 
+/// What each document (a record, or a whole file) holds besides its text: its map and a copy
+/// of its source's metadata. Empty files and records cost that much too. Once per source.
+fn record_cost(metadata: &Map<String, Value>) -> u64 {
+    RECORD_COST + serde_json::to_string(metadata).map_or(0, |text| text.len() as u64)
+}
+
 pub struct IngestHandler {
     services: Arc<Services>,
 }
@@ -112,7 +118,8 @@ impl IngestHandler {
                 .clone()
                 .or_else(|| source.id_field.is_none().then(|| dataset_id.to_string())),
         };
-        self.documents_in(ctx, file, source, &source.metadata, budget)
+        let per_record = record_cost(&source.metadata);
+        self.documents_in(ctx, file, source, &source.metadata, per_record, budget)
             .await
     }
 
@@ -135,6 +142,7 @@ impl IngestHandler {
             .map_err(JobError::Permanent)?;
         let mut metadata = source.metadata.clone();
         metadata.insert("watched_directory".into(), Value::String(name.clone()));
+        let per_record = record_cost(&metadata);
         let mut documents = Vec::new();
         for file in files {
             let file = SourceFile {
@@ -146,7 +154,7 @@ impl IngestHandler {
                 format: file.format,
             };
             documents.extend(
-                self.documents_in(ctx, file, source, &metadata, budget)
+                self.documents_in(ctx, file, source, &metadata, per_record, budget)
                     .await?,
             );
         }
@@ -191,6 +199,7 @@ impl IngestHandler {
         .map_err(|e| retryable(format!("listing {mark}: {e:#}")))?;
         let mut metadata = source.metadata.clone();
         metadata.insert("watched_prefix".into(), Value::String(mark.clone()));
+        let per_record = record_cost(&metadata);
         let mut documents = Vec::new();
         for object in listed {
             let key = object.location.as_ref().to_owned();
@@ -224,20 +233,22 @@ impl IngestHandler {
                 id,
             };
             documents.extend(
-                self.documents_in(ctx, file, source, &metadata, budget)
+                self.documents_in(ctx, file, source, &metadata, per_record, budget)
                     .await?,
             );
         }
         Ok((mark, documents))
     }
 
-    /// The documents of one file: read (capped), then extracted.
+    /// The documents of one file: read (capped), then extracted; each costs `per_record` of the
+    /// budget besides its text (see [`record_cost`]).
     async fn documents_in(
         &self,
         ctx: &JobContext,
         file: SourceFile,
         source: &DocumentSource,
         metadata: &Map<String, Value>,
+        per_record: u64,
         budget: &mut u64,
     ) -> Result<Vec<Document>, JobError> {
         let SourceFile {
@@ -286,9 +297,6 @@ impl IngestHandler {
         *budget -= bytes.len() as u64;
         Meter::add(&ctx.meter().bytes_read, bytes.len() as i64);
         let failed = |e: String| JobError::Permanent(format!("{label}: {e}"));
-        // Each document (a record, or a whole file) holds its map and document, and a copy of
-        // the source's metadata: empty files and records cost that much too.
-        let per_record = RECORD_COST + Value::Object(metadata.clone()).to_string().len() as u64;
         if *budget < per_record {
             return Err(failed(format!(
                 "the job's documents take more than the {} cap (CONVEYOR_MAX_IN_MEMORY_BYTES)",
