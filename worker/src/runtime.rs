@@ -73,6 +73,12 @@ const LINGER: Duration = Duration::from_millis(1);
 /// finishes.
 const WRITING_PER_SLOT: usize = 3;
 
+/// How long a handler asked to stop (a cancel, a shutdown's interrupt) has to return before
+/// it is dropped where it waits. Handlers stop at their next check; one waiting on a tenant's
+/// server that stopped answering (a COPY never acknowledged) would never get there and hold
+/// its slot for ever. Shorter than a shutdown's hand-back, so such a job is handed back too.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// How long a worker whose claim failed (PostgreSQL away) waits before claiming again.
 const CLAIM_RETRY: Duration = Duration::from_secs(1);
 
@@ -683,7 +689,18 @@ impl Runtime {
         )
         .with_meter(meter.clone());
         let run = AssertUnwindSafe(handler.run(&ctx, job.payload.clone())).catch_unwind();
-        let result = CpuTimed::new(run, meter.clone()).await;
+        let run = CpuTimed::new(run, meter.clone());
+        let overdue = async {
+            running.token.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
+        let result = tokio::select! {
+            result = run => result,
+            () = overdue => {
+                tracing::warn!(job = %job.id, kind = job.kind, "handler did not stop when asked; dropped");
+                Ok(Err(JobError::Cancelled(shared::Cancelled)))
+            }
+        };
         ctx.flush().await;
         let stopped = running.token.is_cancelled();
         if stopped && running.interrupted.load(Ordering::SeqCst) && !matches!(result, Ok(Ok(_))) {

@@ -435,3 +435,42 @@ async fn a_target_that_hangs_holds_up_no_other_targets_sweep() {
         .unwrap();
     assert_eq!(left, 0, "the other target's staging table was not swept");
 }
+
+/// A tenant's server that takes an import's COPY and never answers held the job, and its
+/// worker slot, for ever: the import never reached its next check for a cancel. A job asked
+/// to stop that does not return in a few seconds is dropped where it waits, and cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_import_stuck_on_a_server_that_hangs_ends() {
+    let mut app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    let mut url = Url::parse(&warehouse.url).unwrap();
+    let proxy = stalling_proxy(url.port().unwrap(), b"FROM STDIN").await;
+    url.set_port(Some(proxy)).unwrap();
+    let connection = registered(&app, "hangs", url.as_str()).await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let dataset = app.upload_dataset("people.csv", b"id,name\n1,ann\n").await;
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": {"dataset_id": dataset, "mode": "create",
+                    "target": {"table": "people", "connection_id": connection["id"]}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    app.wait_status(id, &["running"], Duration::from_secs(30))
+        .await;
+    // Long enough for the COPY to have gone out and hung.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.job(id).await["status"], "running");
+    let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let job = app
+        .wait_status(
+            id,
+            &["cancelled", "failed", "succeeded"],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+}
