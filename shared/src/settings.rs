@@ -42,6 +42,9 @@ pub struct Settings {
     pub tenant_stream_maxlen: usize,
     /// `CONVEYOR_SHUTDOWN_GRACE_SECS`: how long SIGTERM waits for running jobs.
     pub shutdown_grace: Duration,
+    /// `CONVEYOR_MAX_ATTEMPT_SECS`: how long one attempt of a job may run; past it the job is
+    /// stopped and the attempt fails (retried as any failure is).
+    pub max_attempt: Duration,
     /// `CONVEYOR_RETRY_BASE_MS`: the first retry's backoff; it doubles each attempt.
     pub retry_base: Duration,
     /// `CONVEYOR_TARGET_DATABASE_URL`: where imports and patches write when a job names no
@@ -176,6 +179,7 @@ impl fmt::Debug for Settings {
             events_ttl,
             tenant_stream_maxlen,
             shutdown_grace,
+            max_attempt,
             retry_base,
             target_database_url,
             target_provision_url,
@@ -227,6 +231,7 @@ impl fmt::Debug for Settings {
             .field("events_ttl", events_ttl)
             .field("tenant_stream_maxlen", tenant_stream_maxlen)
             .field("shutdown_grace", shutdown_grace)
+            .field("max_attempt", max_attempt)
             .field("retry_base", retry_base)
             .field("target_database_url", &redact(target_database_url))
             .field(
@@ -319,6 +324,7 @@ impl Settings {
             events_ttl: Duration::from_secs(vars.parse("EVENTS_TTL_SECS", "86400")?),
             tenant_stream_maxlen: vars.parse("TENANT_STREAM_MAXLEN", "100000")?,
             shutdown_grace: Duration::from_secs(vars.parse("SHUTDOWN_GRACE_SECS", "30")?),
+            max_attempt: Duration::from_secs(vars.parse("MAX_ATTEMPT_SECS", "43200")?),
             retry_base: Duration::from_millis(vars.parse("RETRY_BASE_MS", "1000")?),
             target_database_url: vars.var(
                 "TARGET_DATABASE_URL",
@@ -450,6 +456,7 @@ impl Settings {
             events_ttl: Duration::from_secs(3600),
             tenant_stream_maxlen: 10_000,
             shutdown_grace: Duration::from_secs(10),
+            max_attempt: Duration::from_secs(3600),
             retry_base: Duration::from_millis(200),
             max_decompressed_bytes: 4 << 30,
             max_in_memory_bytes: 64 << 20,

@@ -690,8 +690,17 @@ impl Runtime {
         .with_meter(meter.clone());
         let run = AssertUnwindSafe(handler.run(&ctx, job.payload.clone())).catch_unwind();
         let run = CpuTimed::new(run, meter.clone());
+        // Asked to stop by a cancel, a shutdown or the attempt's deadline.
+        let max_attempt = self.settings.max_attempt;
+        let timed_out = AtomicBool::new(false);
         let overdue = async {
-            running.token.cancelled().await;
+            tokio::select! {
+                () = running.token.cancelled() => {}
+                () = tokio::time::sleep(max_attempt) => {
+                    timed_out.store(true, Ordering::SeqCst);
+                    running.token.cancel();
+                }
+            }
             tokio::time::sleep(STOP_GRACE).await;
         };
         let result = tokio::select! {
@@ -702,6 +711,13 @@ impl Runtime {
             }
         };
         ctx.flush().await;
+        if timed_out.load(Ordering::SeqCst) && !matches!(result, Ok(Ok(_))) {
+            let error = format!(
+                "ran longer than {} s (CONVEYOR_MAX_ATTEMPT_SECS)",
+                max_attempt.as_secs()
+            );
+            return Attempt::Done(self.retry_or_fail(job, error));
+        }
         let stopped = running.token.is_cancelled();
         if stopped && running.interrupted.load(Ordering::SeqCst) && !matches!(result, Ok(Ok(_))) {
             return Attempt::HandBack;

@@ -300,6 +300,41 @@ async fn out_of_attempts_fails_and_a_manual_retry_runs_again() {
     );
 }
 
+/// An attempt that runs past `CONVEYOR_MAX_ATTEMPT_SECS` is stopped and fails, retried as any
+/// failure is; a job within it is untouched. (Nothing bounded an attempt: one that never
+/// ended held its slot for ever.)
+#[tokio::test]
+async fn an_attempt_past_the_deadline_is_stopped_and_fails() {
+    let mut app = TestApp::spawn_with(|s| s.max_attempt = Duration::from_secs(2)).await;
+    app.start_worker(2).await;
+    let mut ids = Vec::new();
+    for payload in [
+        json!({"steps": 200, "step_ms": 100}),
+        json!({"steps": 5, "step_ms": 100}),
+    ] {
+        let body = json!({"kind": "canary", "payload": payload, "max_attempts": 2});
+        let (status, job) = app.post("/v1/jobs", &body).await;
+        assert_eq!(status, 202, "{job}");
+        ids.push(job["id"].as_str().unwrap().parse().unwrap());
+    }
+    let (slow, quick) = (ids[0], ids[1]);
+    let job = app.wait_status(slow, &["failed", "succeeded"], WAIT).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempt"], 2, "retried once: {job}");
+    let errors = job["attempt_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 2, "{job}");
+    for error in errors {
+        assert!(
+            error
+                .to_string()
+                .contains("ran longer than 2 s (CONVEYOR_MAX_ATTEMPT_SECS)"),
+            "{job}"
+        );
+    }
+    let job = app.wait_status(quick, &["failed", "succeeded"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+}
+
 /// A backlog of 10,000 jobs queued before any worker runs all succeed (when jobs went through
 /// apalis' Redis lists, its push path jammed for good past about 8,000 waiting entries).
 #[tokio::test]
