@@ -202,6 +202,51 @@ const MAX_GROWN_LENGTH: u64 = 10_000;
 /// bounded as the lengths above.
 const MULTIPLYING_FUNCTIONS: [&str; 6] = ["repeat", "lpad", "rpad", "replace", "overlay", "format"];
 
+/// The text of a string literal argument.
+fn literal_text(arg: Option<&FunctionArg>) -> Option<&str> {
+    let Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) = arg else {
+        return None;
+    };
+    match &v.value {
+        Value::SingleQuotedString(text) => Some(text),
+        _ => None,
+    }
+}
+
+/// Why a multiplying call may grow past [`MAX_GROWN_LENGTH`] from what it is given, if it may:
+/// `repeat` multiplies its text (a column's value, or a 60 KB literal, by 10,000 is a GB of the
+/// server's memory), so it takes a literal text whose length times the count is within the
+/// bound; `replace` multiplies its subject by its replacement's length over the matched one's,
+/// so both are literals and the replacement at most [`MAX_REPLACEMENT_GROWTH`] longer.
+fn multiplies_past_bound(name: &str, args: &[FunctionArg], count: Option<u64>) -> Option<String> {
+    match name {
+        "repeat" => {
+            let text = literal_text(args.first())?.chars().count() as u64;
+            let times = count.unwrap_or(u64::MAX);
+            (text.saturating_mul(times) > MAX_GROWN_LENGTH).then(|| {
+                format!(
+                    "repeat() of {text} characters {times} times passes {MAX_GROWN_LENGTH} \
+                     characters"
+                )
+            })
+        }
+        "replace" => {
+            let from = literal_text(args.get(1)).map(|t| t.chars().count());
+            let to = literal_text(args.get(2)).map(|t| t.chars().count());
+            match (from, to) {
+                (Some(from), Some(to)) if to <= from + MAX_REPLACEMENT_GROWTH => None,
+                _ => Some(format!(
+                    "replace() needs literal texts, the replacement at most \
+                     {MAX_REPLACEMENT_GROWTH} characters longer than what it replaces: each \
+                     match multiplies the value"
+                )),
+            }
+        }
+        _ => None,
+    }
+}
+const MAX_REPLACEMENT_GROWTH: usize = 100;
+
 /// Whether `format`'s first argument is a literal whose widths (`%10s`) are at most
 /// [`MAX_GROWN_LENGTH`], none taken from an argument (`%*s`).
 fn format_widths_bounded(first: Option<&FunctionArg>) -> bool {
@@ -914,6 +959,21 @@ impl Scope {
                             function.name
                         ));
                     }
+                    if name == "repeat" && literal_text(list.args.first()).is_none() {
+                        return Err(format!(
+                            "{}() needs a literal text: a column's value repeated can take the \
+                             database server's memory",
+                            function.name
+                        ));
+                    }
+                    if let Some(why) = multiplies_past_bound(name, &list.args, length) {
+                        return Err(why);
+                    }
+                }
+                if name == "replace" {
+                    if let Some(why) = multiplies_past_bound(name, &list.args, None) {
+                        return Err(why);
+                    }
                 }
                 list.args.iter().try_for_each(|arg| {
                     let (FunctionArg::Named { arg, .. }
@@ -1057,6 +1117,37 @@ mod tests {
         check("UPDATE t SET note = format('order 123456: %s-%05s', code, id) WHERE id = 1")
             .unwrap();
         check("UPDATE t SET s = replace(note, 'a', 'b') WHERE id = 1").unwrap();
+        check("UPDATE t SET s = replace(email, '@old.example', '@new.example.org') WHERE id = 1")
+            .unwrap();
+        check("UPDATE t SET bar = repeat('ab', 5000) WHERE id = 1").unwrap();
+    }
+
+    /// The growth bound held for the count alone: a 5,000-character literal repeated 10,000
+    /// times (50 MB; 64 KB of literal, 640 MB) passed, as did a column's value repeated or a
+    /// replacement that multiplies every match.
+    #[test]
+    fn what_repeat_and_replace_multiply_is_bounded_too() {
+        let long = "x".repeat(5_000);
+        for (sql, why) in [
+            (
+                format!("UPDATE t SET note = repeat('{long}', 10000) WHERE id = 1"),
+                "repeat() of 5000 characters 10000 times passes 10000 characters",
+            ),
+            (
+                "UPDATE t SET note = repeat(note, 1000) WHERE id = 1".to_owned(),
+                "repeat() needs a literal text",
+            ),
+            (
+                format!("UPDATE t SET note = replace(note, 'a', '{long}') WHERE id = 1"),
+                "replace() needs literal texts",
+            ),
+            (
+                "UPDATE t SET note = replace(note, 'a', note) WHERE id = 1".to_owned(),
+                "replace() needs literal texts",
+            ),
+        ] {
+            assert!(refused(&sql).contains(why), "{sql}: {}", refused(&sql));
+        }
     }
 
     #[test]
