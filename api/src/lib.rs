@@ -9,6 +9,7 @@ mod hub;
 pub mod keys;
 pub mod limits;
 mod openapi;
+mod reference;
 mod refusals;
 pub mod revocation;
 mod routes;
@@ -39,21 +40,11 @@ pub fn router(state: AppState) -> Router {
         // (5 % of the API's CPU at 2,000 subscribers). Their handlers log opening and closing.
         .merge(streams)
         .with_state(state)
-        .merge(api_reference())
+        .merge(reference::router())
         .method_not_allowed_fallback(routes::ops::method_not_allowed)
         .layer(axum::middleware::from_fn(
             routes::ops::refuse_undecodable_paths,
         ))
-}
-
-/// `/docs`: the OpenAPI document rendered by Swagger UI, whose files ship inside the binary
-/// (no CDN): the same reference as `/openapi.json`, readable in a browser.
-fn api_reference() -> Router {
-    swagger_ui_dist::generate_routes(swagger_ui_dist::ApiDefinition {
-        uri_prefix: "/docs",
-        api_definition: swagger_ui_dist::OpenApiSource::Uri("/openapi.json"),
-        title: Some("Conveyor API"),
-    })
 }
 
 /// A running API server.

@@ -340,3 +340,25 @@ async fn the_jobs_page_pages_through_ten_thousand_jobs_and_works_from_the_keyboa
     );
     script.finish(LIMIT).await;
 }
+
+/// The API reference (tests/browser/docs.mjs): Swagger UI renders under a content security
+/// policy that allows its inline start-up script by hash alone; the page may not be framed.
+/// (It was served with no policy at all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_reference_renders_under_a_strict_content_security_policy() {
+    let app = TestApp::spawn().await;
+    let response = app.client.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-frame-options"], "DENY");
+    let policy = response.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    let mut script = BrowserScript::start(&app, "docs.mjs", &[]);
+    assert_eq!(
+        tokio::time::timeout(LIMIT, script.request()).await.unwrap(),
+        None
+    );
+    script.finish(LIMIT).await;
+}
