@@ -3,7 +3,10 @@
 use serde_json::Value;
 use sqlx::PgPool;
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 use tokio_util::sync::CancellationToken;
@@ -18,6 +21,15 @@ use crate::{
 
 /// At most one progress write per job per interval; the first and the last always go through.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// An open [`JobContext::committing`] section; it ends when dropped.
+pub struct Committing(Arc<AtomicUsize>);
+
+impl Drop for Committing {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// Returned by [`JobContext::checkpoint`] once the job was asked to stop.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +54,8 @@ struct Inner {
     /// coalescing never lands after a newer one (streams would show progress going back).
     written: tokio::sync::Mutex<u64>,
     meter: Arc<Meter>,
+    /// Sections publishing what the attempt made (see [`JobContext::committing`]).
+    committing: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -78,6 +92,7 @@ impl JobContext {
                 progress: Mutex::new(ProgressState::default()),
                 written: tokio::sync::Mutex::new(0),
                 meter: Arc::default(),
+                committing: Arc::default(),
             }),
         }
     }
@@ -133,6 +148,20 @@ impl JobContext {
         } else {
             Ok(())
         }
+    }
+
+    /// Marks, while the guard lives, that the attempt publishes what it made (a commit, a
+    /// dataset registered with its files): a worker drops a handler that does not stop when
+    /// asked, but not in such a section, which ends on its own (within a longer bound), so a
+    /// job is never reported cancelled with its work half published.
+    pub fn committing(&self) -> Committing {
+        self.inner.committing.fetch_add(1, Ordering::SeqCst);
+        Committing(self.inner.committing.clone())
+    }
+
+    /// Whether a [`Self::committing`] section is open.
+    pub fn is_committing(&self) -> bool {
+        self.inner.committing.load(Ordering::SeqCst) > 0
     }
 
     /// The last fraction reported.

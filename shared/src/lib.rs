@@ -32,7 +32,7 @@ pub mod testing;
 pub mod usage;
 pub mod webhooks;
 
-pub use context::{Cancelled, JobContext};
+pub use context::{Cancelled, Committing, JobContext};
 pub use model::{Job, JobStatus};
 pub use problem::{FieldError, Problem};
 pub use settings::Settings;

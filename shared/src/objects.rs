@@ -70,6 +70,53 @@ pub struct ObjectStore {
     bucket: Option<Bucket>,
     /// Most bytes of downloaded datasets kept in `root/cache`, as [`evict_cache`] keeps them.
     cache_limit: u64,
+    /// Cached files jobs hold now (see [`DatasetFile`]), with how many hold each.
+    pins: Pins,
+}
+
+type Pins = Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>>;
+
+/// A dataset's local file. A cached copy stays while this lives: readers (polars' Parquet
+/// slices) open it again by path for as long as the job runs.
+#[derive(Debug)]
+pub struct DatasetFile {
+    path: PathBuf,
+    pins: Option<Pins>,
+}
+
+impl DatasetFile {
+    /// Takes a hold on `path`; the caller holds `pins`' lock.
+    fn pinned(
+        path: PathBuf,
+        pins: &Pins,
+        held: &mut std::collections::HashMap<PathBuf, usize>,
+    ) -> Self {
+        *held.entry(path.clone()).or_default() += 1;
+        Self {
+            path,
+            pins: Some(pins.clone()),
+        }
+    }
+}
+
+impl std::ops::Deref for DatasetFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for DatasetFile {
+    fn drop(&mut self) {
+        let Some(pins) = &self.pins else { return };
+        let mut held = pins.lock().expect("pins lock");
+        if let Some(count) = held.get_mut(&self.path) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.path);
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -98,6 +145,7 @@ impl ObjectStore {
             root: root.into(),
             bucket: None,
             cache_limit: u64::MAX,
+            pins: Pins::default(),
         }
     }
 
@@ -184,18 +232,19 @@ impl ObjectStore {
 
     /// A local file with the dataset's bytes, for readers that need one (polars seeks in
     /// Parquet files): the stored file itself, or the bucket's object, downloaded once into the
-    /// cache.
-    pub async fn dataset_file(&self, tenant: Uuid, dataset: Uuid) -> anyhow::Result<PathBuf> {
+    /// cache and kept there while the returned value lives.
+    pub async fn dataset_file(&self, tenant: Uuid, dataset: Uuid) -> anyhow::Result<DatasetFile> {
         let key = dataset_key(tenant, dataset);
         let Some(bucket) = &self.bucket else {
-            return Ok(self.root.join(&key));
+            return Ok(DatasetFile {
+                path: self.root.join(&key),
+                pins: None,
+            });
         };
         let cached = self.root.join("cache").join(&key);
-        if tokio::fs::try_exists(&cached).await? {
-            // Its time of last use, which eviction goes by.
-            let file = std::fs::File::options().append(true).open(&cached)?;
-            file.set_modified(std::time::SystemTime::now())?;
-            return Ok(cached);
+        // Found and held under the lock eviction takes for each file it removes.
+        if let Some(file) = self.hold_cached(&cached)? {
+            return Ok(file);
         }
         let scratch = self.scratch_path().await?;
         let downloaded = async {
@@ -212,14 +261,39 @@ impl ObjectStore {
             let _ = tokio::fs::remove_file(&scratch).await;
             return Err(e);
         }
-        rename_into(&scratch, &cached).await?;
-        let (cache, limit) = (self.root.join("cache"), self.cache_limit);
+        let file = {
+            let mut held = self.pins.lock().expect("pins lock");
+            if let Some(parent) = cached.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(&scratch, &cached)?;
+            DatasetFile::pinned(cached, &self.pins, &mut held)
+        };
+        let (cache, limit, pins) = (self.root.join("cache"), self.cache_limit, self.pins.clone());
         let evicted =
-            tokio::task::spawn_blocking(move || evict_cache(&cache, limit, CACHE_IN_USE)).await?;
+            tokio::task::spawn_blocking(move || evict_cache(&cache, limit, &pins)).await?;
         if let Err(e) = evicted {
             tracing::warn!(error = %e, "the dataset cache could not be trimmed");
         }
-        Ok(cached)
+        Ok(file)
+    }
+
+    /// The cached copy at `cached`, held, its time of last use (which eviction goes by) now;
+    /// `None` when it is not cached.
+    fn hold_cached(&self, cached: &Path) -> std::io::Result<Option<DatasetFile>> {
+        let mut held = self.pins.lock().expect("pins lock");
+        match std::fs::File::options().append(true).open(cached) {
+            Ok(file) => {
+                file.set_modified(std::time::SystemTime::now())?;
+                Ok(Some(DatasetFile::pinned(
+                    cached.to_owned(),
+                    &self.pins,
+                    &mut held,
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The dataset's bytes and their length; `None` when it is not stored.
@@ -406,22 +480,21 @@ fn artifact_key(job: Uuid, name: &str) -> String {
     format!("artifacts/{job}/{name}")
 }
 
-/// How long after its last use a cached dataset is taken to be still read (a job holds its
-/// path, and readers such as polars open it again): eviction passes over it.
-const CACHE_IN_USE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
-
 /// Removes the least recently used files under `cache` until their total is at most `limit`
-/// bytes, passing over those used within `in_use`. Datasets never change, so a removed copy is
-/// only downloaded again; one deleted by its tenant is thus gone from every worker in time.
-/// Returns the bytes removed.
-fn evict_cache(cache: &Path, limit: u64, in_use: std::time::Duration) -> std::io::Result<u64> {
-    fn files(
-        dir: &Path,
-        into: &mut Vec<(std::time::SystemTime, u64, PathBuf)>,
-    ) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(dir)? {
+/// bytes, passing over those jobs hold (`pins`). Datasets never change, so a removed copy is
+/// only downloaded again; a dataset its tenant deleted leaves the cache as newer downloads
+/// push it out. Returns the bytes removed.
+fn evict_cache(cache: &Path, limit: u64, pins: &Pins) -> std::io::Result<u64> {
+    type Found = Vec<(std::time::SystemTime, u64, PathBuf)>;
+    fn files(dir: &Path, into: &mut Found) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            entries => entries?,
+        };
+        for entry in entries {
             let entry = entry?;
-            let meta = entry.metadata()?;
+            // Gone since listed (another eviction): nothing to count.
+            let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
                 files(&entry.path(), into)?;
             } else if meta.is_file() {
@@ -431,23 +504,24 @@ fn evict_cache(cache: &Path, limit: u64, in_use: std::time::Duration) -> std::io
         Ok(())
     }
     let mut cached = Vec::new();
-    match files(cache, &mut cached) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        other => other?,
-    }
+    files(cache, &mut cached)?;
     let mut total: u64 = cached.iter().map(|(_, len, _)| len).sum();
-    let recent = std::time::SystemTime::now() - in_use;
     cached.sort_by_key(|(used, _, _)| *used);
     let mut removed = 0;
-    for (used, len, path) in cached {
-        if total <= limit || used > recent {
+    for (_, len, path) in cached {
+        if total <= limit {
             break;
+        }
+        let held = pins.lock().expect("pins lock");
+        if held.contains_key(&path) {
+            continue;
         }
         match std::fs::remove_file(&path) {
             Ok(()) => removed += len,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+        drop(held);
         total -= len;
     }
     Ok(removed)
@@ -482,24 +556,29 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_keeps_its_bound_by_dropping_the_least_recently_used_not_in_use() {
+    fn the_cache_keeps_its_bound_by_dropping_the_least_recently_used_not_held() {
         let dir = std::env::temp_dir().join(format!("conveyor-cache-{}", Uuid::new_v4()));
         let hour = Duration::from_secs(3600);
+        let held = cached(&dir, "tenants/a/datasets/0", 400, 4 * hour);
         let oldest = cached(&dir, "tenants/a/datasets/1", 400, 3 * hour);
         let older = cached(&dir, "tenants/b/datasets/2", 400, 2 * hour);
         let old = cached(&dir, "tenants/a/datasets/3", 400, hour);
-        let in_use = cached(&dir, "tenants/b/datasets/4", 400, Duration::ZERO);
+        let recent = cached(&dir, "tenants/b/datasets/4", 400, Duration::ZERO);
+        let pins = Pins::default();
+        let file = DatasetFile::pinned(held.clone(), &pins, &mut pins.lock().unwrap());
 
-        // 1,600 bytes against 900: the two least recently used go, and no more.
-        assert_eq!(evict_cache(&dir, 900, hour / 2).unwrap(), 800);
-        assert!(!oldest.exists() && !older.exists());
-        assert!(old.exists() && in_use.exists());
+        // 2,000 bytes against 900: the least recently used go, but not one a job holds.
+        assert_eq!(evict_cache(&dir, 900, &pins).unwrap(), 1200);
+        assert!(held.exists() && !oldest.exists() && !older.exists() && !old.exists());
+        assert!(recent.exists());
 
-        // Files in use stay even past the bound.
-        assert_eq!(evict_cache(&dir, 0, hour / 2).unwrap(), 400);
-        assert!(!old.exists() && in_use.exists());
-        assert_eq!(evict_cache(&dir, 0, hour / 2).unwrap(), 0);
-        assert_eq!(evict_cache(&dir.join("absent"), 0, hour).unwrap(), 0);
+        // Held files stay even past the bound; let go, they may go.
+        assert_eq!(evict_cache(&dir, 0, &pins).unwrap(), 400);
+        assert!(held.exists() && !recent.exists());
+        drop(file);
+        assert!(pins.lock().unwrap().is_empty());
+        assert_eq!(evict_cache(&dir, 0, &pins).unwrap(), 400);
+        assert_eq!(evict_cache(&dir.join("absent"), 0, &pins).unwrap(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

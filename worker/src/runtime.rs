@@ -79,6 +79,11 @@ const WRITING_PER_SLOT: usize = 3;
 /// its slot for ever. Shorter than a shutdown's hand-back, so such a job is handed back too.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// How much longer a handler asked to stop may take while it publishes what it made (see
+/// `JobContext::committing`): a commit or an upload ends on its own, but a tenant's server may
+/// never acknowledge it.
+const COMMIT_GRACE: Duration = Duration::from_secs(300);
+
 /// How long a worker whose claim failed (PostgreSQL away) waits before claiming again.
 const CLAIM_RETRY: Duration = Duration::from_secs(1);
 
@@ -702,6 +707,10 @@ impl Runtime {
                 }
             }
             tokio::time::sleep(STOP_GRACE).await;
+            let publishing = tokio::time::Instant::now() + COMMIT_GRACE;
+            while ctx.is_committing() && tokio::time::Instant::now() < publishing {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         };
         let result = tokio::select! {
             result = run => result,
@@ -711,7 +720,8 @@ impl Runtime {
             }
         };
         ctx.flush().await;
-        if timed_out.load(Ordering::SeqCst) && !matches!(result, Ok(Ok(_))) {
+        let interrupted = running.interrupted.load(Ordering::SeqCst);
+        if timed_out.load(Ordering::SeqCst) && !interrupted && !matches!(result, Ok(Ok(_))) {
             let error = format!(
                 "ran longer than {} s (CONVEYOR_MAX_ATTEMPT_SECS)",
                 max_attempt.as_secs()

@@ -191,7 +191,15 @@ impl TestApp {
 
     /// An in-process worker serving the given queues.
     pub async fn start_worker_for(&mut self, queues: &[(&str, usize)]) -> String {
-        let registry = self.registry();
+        self.start_worker_with(self.registry(), queues).await
+    }
+
+    /// An in-process worker serving the given queues with `registry`'s handlers.
+    pub async fn start_worker_with(
+        &mut self,
+        registry: jobs::Registry,
+        queues: &[(&str, usize)],
+    ) -> String {
         let spec = worker::QueueSpec(queues.iter().map(|(k, n)| (k.to_string(), *n)).collect());
         let name = worker::unique_name();
         let handle = worker::start(self.settings.clone(), spec, registry, name.clone())

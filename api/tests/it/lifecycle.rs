@@ -335,6 +335,64 @@ async fn an_attempt_past_the_deadline_is_stopped_and_fails() {
     assert_eq!(job["status"], "succeeded", "{job}");
 }
 
+/// A canary stand-in that publishes for `publish` while ignoring cancels, as a commit on a slow
+/// server or an upload does.
+struct SlowPublisher {
+    publish: Duration,
+}
+
+#[async_trait::async_trait]
+impl jobs::Runner for SlowPublisher {
+    fn kind(&self) -> &'static str {
+        "canary"
+    }
+
+    async fn prepare(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn run(
+        &self,
+        ctx: &shared::JobContext,
+        _: serde_json::Value,
+    ) -> Result<serde_json::Value, jobs::JobError> {
+        ctx.progress(0.5, "publishing".to_owned()).await;
+        let _publishing = ctx.committing();
+        tokio::time::sleep(self.publish).await;
+        Ok(json!({"published": true}))
+    }
+
+    async fn sweep(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// A handler that does not stop when asked is dropped after a few seconds, but not while it
+/// publishes what it made: that ends on its own, and the job reports what happened (dropped
+/// mid-publish, it said cancelled with its dataset already registered).
+#[tokio::test]
+async fn a_cancel_does_not_drop_a_job_while_it_publishes() {
+    let mut app = TestApp::spawn().await;
+    let publisher = SlowPublisher {
+        publish: Duration::from_secs(8),
+    };
+    let registry = jobs::Registry::new(vec![std::sync::Arc::new(publisher)]);
+    app.start_worker_with(registry, &[("canary", 1)]).await;
+    let id = app.submit_canary(json!({})).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.job(id).await["progress"].as_f64() != Some(0.5) {
+        assert!(std::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 200);
+    let job = app
+        .wait_status(id, &["succeeded", "cancelled", "failed"], WAIT)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"]["published"], true, "{job}");
+}
+
 /// A backlog of 10,000 jobs queued before any worker runs all succeed (when jobs went through
 /// apalis' Redis lists, its push path jammed for good past about 8,000 waiting entries).
 #[tokio::test]

@@ -290,7 +290,7 @@ async fn import(
     };
     let known: Vec<String> = dataset.schema.iter().map(|c| c.name.clone()).collect();
     let (format, compression) = (dataset.format, dataset.compression);
-    let open_path = path.clone();
+    let open_path = path.to_path_buf();
     let limits = services.limits;
     let meter = ctx.meter().clone();
     let opened = tokio::task::spawn_blocking(move || {
@@ -350,7 +350,7 @@ async fn import(
             target,
             staging,
             &column_list,
-            path,
+            path.to_path_buf(),
             compression,
             size,
             limits,
@@ -697,6 +697,7 @@ async fn apply(
         .map_err(db_error)?;
     // The last chance to stop: after the commit the import is done.
     ctx.checkpoint()?;
+    let _committing = ctx.committing();
     tx.commit().await.map_err(db_error)?;
     Ok(())
 }

@@ -100,7 +100,7 @@ impl IngestHandler {
             .ok_or_else(|| {
                 JobError::Permanent(format!("cannot tell the format of {}", dataset.name))
             })?;
-        let path = self
+        let held = self
             .services
             .objects
             .dataset_file(tenant, dataset_id)
@@ -108,7 +108,7 @@ impl IngestHandler {
             .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
         // Records are `prefix:id`: the source's id, else (numbered records) the dataset's.
         let file = SourceFile {
-            path,
+            path: held.to_path_buf(),
             compression: dataset.compression,
             format,
             label: format!("dataset {} ({})", dataset.name, dataset_id),
@@ -119,8 +119,11 @@ impl IngestHandler {
                 .or_else(|| source.id_field.is_none().then(|| dataset_id.to_string())),
         };
         let per_record = record_cost(&source.metadata);
-        self.documents_in(ctx, file, source, &source.metadata, per_record, budget)
-            .await
+        let documents = self
+            .documents_in(ctx, file, source, &source.metadata, per_record, budget)
+            .await;
+        drop(held);
+        documents
     }
 
     /// The documents of a watched directory's files, each marked with the directory (see
@@ -529,9 +532,11 @@ impl Handler for IngestHandler {
             // A cancel that arrived while embedding stores nothing more.
             ctx.checkpoint()?;
             let phase = Instant::now();
+            let committing = ctx.committing();
             store::replace_documents(pool, collection.id, ctx.job_id(), &indexed)
                 .await
                 .map_err(retryable)?;
+            drop(committing);
             timings.store_seconds += phase.elapsed().as_secs_f64();
             embedded += size;
             Meter::add(&ctx.meter().chunks_embedded, size as i64);
