@@ -349,6 +349,11 @@ enum Ended {
 }
 
 impl Step {
+    /// Whether [`retry_step`] takes this step: it failed or was cancelled, or its job is gone.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.ended(), Some(Ended::Failed | Ended::Cancelled))
+    }
+
     fn ended(&self) -> Option<Ended> {
         match (self.stored.as_str(), self.job_status.as_deref()) {
             ("cancelled", _) => Some(Ended::Cancelled),

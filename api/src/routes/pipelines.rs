@@ -397,7 +397,7 @@ pub async fn retry_step(
     // hold.
     let pipeline = pipelines::get(&mut *state.pool.acquire().await?, tenant.0, id).await?;
     let step = pipeline.and_then(|p| p.steps.into_iter().find(|s| s.name == name));
-    if let Some(step) = step.filter(|s| matches!(s.state.as_str(), "failed" | "cancelled")) {
+    if let Some(step) = step.filter(|s| s.is_retryable()) {
         if let Err(refused) = state.limits.admit(tenant.0, writer.0.key.id, 1).await {
             return Ok(refused);
         }

@@ -183,6 +183,46 @@ async fn a_pipeline_step_retry_is_held_to_the_quotas() {
     assert_eq!(tenant["usage"]["live_jobs"], 1, "{tenant}");
 }
 
+/// A step whose job was deleted retries as a failed one does, and takes a rate token as any
+/// retry does (it took none: cancel, delete the job, retry, again, queued jobs without end).
+#[tokio::test]
+async fn a_step_retry_after_its_job_was_deleted_takes_a_rate_token() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--rate", "1/h", "--burst", "2"]).await;
+    let (status, pipeline) = app
+        .post(
+            "/v1/pipelines",
+            &json!({"steps": [{"name": "a", "kind": "canary", "payload": {"steps": 1}}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    let id = pipeline["id"].as_str().unwrap().to_owned();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = app
+            .post(&format!("/v1/pipelines/{id}/cancel"), &json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (_, pipeline) = app.get(&format!("/v1/pipelines/{id}")).await;
+        let job = pipeline["steps"][0]["job_id"].as_str().unwrap().to_owned();
+        assert_eq!(
+            app.delete(&format!("/v1/jobs/{job}")).await,
+            StatusCode::NO_CONTENT
+        );
+        let (status, _) = app
+            .post(&format!("/v1/pipelines/{id}/steps/a/retry"), &json!({}))
+            .await;
+        answers.push(status);
+    }
+    // The submission took the first token, the first retry the second.
+    assert_eq!(
+        answers,
+        [StatusCode::ACCEPTED, StatusCode::TOO_MANY_REQUESTS]
+    );
+    let (_, pipeline) = app.get(&format!("/v1/pipelines/{id}")).await;
+    assert_eq!(pipeline["steps"][0]["state"], "deleted", "{pipeline}");
+}
+
 /// Past `max_queued` a submission (or a batch) is refused whole, naming the quota; past
 /// `max_dataset_bytes` an upload is a 413 and leaves no dataset; `GET /v1/tenant` shows both.
 #[tokio::test]
