@@ -70,10 +70,12 @@ pub fn split(tokenizer: &Tokenizer, text: &str, chunking: Chunking) -> anyhow::R
                 .filter(|&p| boundary(p) > Boundary::InsideWord)
                 .unwrap_or(limit)
         };
-        chunks.push(Chunk {
-            text: text[offsets[start].0..offsets[end - 1].1].to_owned(),
-            tokens: start..end,
-        });
+        push_capped(
+            &mut chunks,
+            &text[offsets[start].0..offsets[end - 1].1],
+            start..end,
+            max_tokens,
+        );
         if end == n {
             break;
         }
@@ -86,6 +88,36 @@ pub fn split(tokenizer: &Tokenizer, text: &str, chunking: Chunking) -> anyhow::R
             .unwrap_or(earliest);
     }
     Ok(chunks)
+}
+
+/// Most bytes of one chunk of `max_tokens` tokens. A token is a piece of a word, but a word the
+/// vocabulary cannot read (over 100 characters) is one unknown token however long: a 64 MiB
+/// "word" was one chunk, stored, embedded and returned by every search that found it.
+fn byte_cap(max_tokens: usize) -> usize {
+    (max_tokens * 32).max(1024)
+}
+
+/// Pushes `text` as one chunk, or, past [`byte_cap`], as pieces of at most that many bytes
+/// (cut at characters); the first piece counts the tokens.
+fn push_capped(chunks: &mut Vec<Chunk>, mut text: &str, tokens: Range<usize>, max_tokens: usize) {
+    let cap = byte_cap(max_tokens);
+    let mut counted = tokens.clone();
+    while text.len() > cap {
+        let mut cut = cap;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        chunks.push(Chunk {
+            text: text[..cut].to_owned(),
+            tokens: counted.clone(),
+        });
+        counted = tokens.end..tokens.end;
+        text = &text[cut..];
+    }
+    chunks.push(Chunk {
+        text: text.to_owned(),
+        tokens: counted,
+    });
 }
 
 /// Whether token `i` follows the end of a sentence: `.`, `!` or `?` (maybe then a quote or a
@@ -225,6 +257,29 @@ mod tests {
         assert!(chunks.len() > 2, "{chunks:?}");
         assert!(chunks.iter().all(|c| c.tokens.len() <= 10), "{chunks:?}");
         assert!(chunks.last().unwrap().text.ends_with("done"));
+    }
+
+    /// A "word" of a megabyte is one unknown token: it was one chunk of a megabyte.
+    #[test]
+    fn a_chunk_holds_a_bounded_number_of_bytes_however_long_its_words() {
+        let tokenizer = installed_model().counter().clone();
+        let text = format!("start {} é{} end", "a".repeat(1 << 20), "b".repeat(5000));
+        let chunking = Chunking {
+            max_tokens: 16,
+            overlap: 0,
+        };
+        let chunks = split(&tokenizer, &text, chunking).unwrap();
+        assert!(
+            chunks.iter().all(|c| c.text.len() <= 1024),
+            "{}",
+            chunks.len()
+        );
+        assert!(chunks.len() > 1024, "{}", chunks.len());
+        // Every byte kept, in order; the tokens counted once.
+        let joined: String = chunks.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(joined.replace(' ', ""), text.replace(' ', ""));
+        let counted: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        assert_eq!(counted, count(&tokenizer, &text));
     }
 
     #[test]
