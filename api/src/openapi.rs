@@ -22,7 +22,7 @@ use crate::routes::{
     components(schemas(shared::Job, shared::JobStatus, shared::model::SubmitJob, shared::Problem,
                         shared::FieldError, shared::events::Event, shared::events::EventType,
                         jobs::SubmitBatch, jobs::JobList, datasets::DatasetList,
-                        shared::datasets::Dataset, shared::datasets::Column,
+                        shared::datasets::Dataset, shared::datasets::DatasetSummary, shared::datasets::Column,
                         shared::datasets::Format, shared::datasets::Compression,
                         shared::connections::Connection, connections::NewConnection,
                         shared::buckets::Bucket, buckets::NewBucket,

@@ -9,6 +9,31 @@ use uuid::Uuid;
 use crate::owned::Owned;
 
 const DATASETS: Owned = Owned::new("datasets", "*");
+/// What a list shows of each: no schema or preview (up to megabytes each; one dataset's read
+/// has them), the number of columns instead.
+const SUMMARIES: Owned = Owned::new(
+    "datasets",
+    "id, tenant_id, name, format, compression, size_bytes, sha256, created_at,
+     jsonb_array_length(schema) AS columns",
+);
+
+/// Most bytes of a dataset's stored preview (its first rows as JSON): rows past it are left
+/// out, so that a wide file's head does not weigh on every read of the dataset.
+pub const MAX_PREVIEW_BYTES: usize = 64 << 10;
+
+/// The longest head of `rows` whose JSON fits [`MAX_PREVIEW_BYTES`].
+pub fn bounded_preview(rows: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    let mut used = 2; // the brackets
+    let mut kept = Vec::new();
+    for row in rows {
+        used += row.to_string().len() + 1;
+        if used > MAX_PREVIEW_BYTES {
+            break;
+        }
+        kept.push(row);
+    }
+    kept
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::Type)]
 #[serde(rename_all = "lowercase")]
@@ -100,6 +125,22 @@ pub struct Dataset {
     pub created_at: DateTime<Utc>,
 }
 
+/// A dataset as a list shows it.
+#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct DatasetSummary {
+    pub id: Uuid,
+    #[serde(skip)]
+    pub tenant_id: Uuid,
+    pub name: String,
+    pub format: Format,
+    pub compression: Compression,
+    pub size_bytes: i64,
+    pub sha256: String,
+    /// How many columns its schema has (`GET /v1/datasets/{id}` shows them).
+    pub columns: i32,
+    pub created_at: DateTime<Utc>,
+}
+
 pub async fn insert(pool: impl sqlx::PgExecutor<'_>, dataset: &Dataset) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO datasets (id, tenant_id, name, format, compression, size_bytes, sha256,
@@ -131,8 +172,8 @@ pub async fn list(
     tenant: Uuid,
     cursor: Option<Uuid>,
     limit: i64,
-) -> sqlx::Result<Vec<Dataset>> {
-    DATASETS.page(pool, tenant, cursor, limit).await
+) -> sqlx::Result<Vec<DatasetSummary>> {
+    SUMMARIES.page(pool, tenant, cursor, limit).await
 }
 
 /// Live jobs of the tenant whose payload names the dataset.

@@ -114,7 +114,7 @@ pub async fn upload(
         size_bytes: size as i64,
         sha256,
         schema: sqlx::types::Json(schema),
-        preview: sqlx::types::Json(preview),
+        preview: sqlx::types::Json(datasets::bounded_preview(preview)),
         created_at: chrono::Utc::now(),
     };
     objects
@@ -192,7 +192,7 @@ fn invalid(field: &str, message: &str) -> Problem {
 
 #[derive(Serialize, ToSchema)]
 pub struct DatasetList {
-    pub datasets: Vec<Dataset>,
+    pub datasets: Vec<datasets::DatasetSummary>,
     pub next_cursor: Option<Uuid>,
 }
 

@@ -152,3 +152,38 @@ async fn a_dying_or_missing_inspector_fails_the_upload_not_the_api() {
         assert_eq!(list["datasets"].as_array().map(Vec::len), Some(0), "{list}");
     }
 }
+
+/// A wide file's head made a preview of megabytes, stored and sent with every dataset of
+/// every list page (500 of them a page): the preview keeps to 64 KiB, and lists show each
+/// dataset's column count, not its schema and preview.
+#[tokio::test]
+async fn previews_are_bounded_and_lists_leave_schemas_and_previews_out() {
+    let app = TestApp::spawn().await;
+    let columns = 2000;
+    let header: Vec<String> = (0..columns).map(|i| format!("column_{i}")).collect();
+    let mut csv = header.join(",") + "\n";
+    for row in 0..20 {
+        let cells: Vec<String> = (0..columns)
+            .map(|i| format!("{row}-{i}-{}", "x".repeat(40)))
+            .collect();
+        csv.push_str(&(cells.join(",") + "\n"));
+    }
+    let dataset = app.upload_dataset("wide.csv", csv.as_bytes()).await;
+    let (status, one) = app.get(&format!("/v1/datasets/{dataset}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(one["schema"].as_array().unwrap().len(), columns);
+    let preview = one["preview"].to_string();
+    assert!(
+        preview.len() <= 64 << 10,
+        "a preview of {} bytes",
+        preview.len()
+    );
+    let (_, list) = app.get("/v1/datasets?limit=500").await;
+    let listed = &list["datasets"][0];
+    assert_eq!(listed["id"], dataset.to_string(), "{list}");
+    assert_eq!(listed["columns"], columns, "{listed}");
+    assert!(
+        listed.get("preview").is_none() && listed.get("schema").is_none(),
+        "{listed}"
+    );
+}
