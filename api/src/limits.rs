@@ -289,6 +289,7 @@ impl Limits {
             max_queued: limits.max_queued,
             max_chunks: limits.max_chunks,
             max_rows_per_day: limits.max_rows_per_day,
+            max_dataset_bytes: limits.max_dataset_bytes,
         };
         let mut conn = self.pool.acquire().await?;
         quotas::check(&mut conn, tenant, &quotas, kinds, count_queued)
@@ -341,22 +342,10 @@ impl Limits {
         tenant: Uuid,
         size: u64,
     ) -> Result<(), Problem> {
-        let Some(limit) = self.of(tenant).await?.max_dataset_bytes else {
-            return Ok(());
-        };
-        quotas::lock_tenant(tx, tenant).await?;
-        let used = quotas::dataset_bytes(&mut *tx, tenant).await?;
-        if used + size as i64 <= limit {
-            return Ok(());
-        }
-        Err(over_quota(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            OverQuota {
-                quota: "max_dataset_bytes",
-                limit: format!("{limit} bytes of datasets"),
-                used: format!("{used} in use, and this upload is {size}"),
-            },
-        ))
+        let limit = self.of(tenant).await?.max_dataset_bytes;
+        quotas::hold_dataset_room(tx, tenant, limit, size)
+            .await?
+            .map_err(|over| over_quota(StatusCode::PAYLOAD_TOO_LARGE, over))
     }
 }
 

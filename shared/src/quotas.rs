@@ -1,6 +1,6 @@
-//! A tenant's submission quotas (`max_queued`, `max_chunks`, `max_rows_per_day`) and what it
-//! holds against them. One check for every way a job comes to be: the API's submissions, a
-//! schedule's firings and a pipeline's later steps.
+//! A tenant's submission quotas (`max_queued`, `max_chunks`, `max_rows_per_day`,
+//! `max_dataset_bytes`) and what it holds against them. One check for every way a job comes to
+//! be: the API's submissions, a schedule's firings and a pipeline's later steps.
 
 use serde::Serialize;
 use sqlx::PgConnection;
@@ -13,13 +13,14 @@ pub struct Quotas {
     pub max_queued: Option<i64>,
     pub max_chunks: Option<i64>,
     pub max_rows_per_day: Option<i64>,
+    pub max_dataset_bytes: Option<i64>,
 }
 
 impl Quotas {
     /// The tenant's quotas, read in the caller's transaction.
     pub async fn of(db: &mut PgConnection, tenant: Uuid) -> sqlx::Result<Self> {
         let row = sqlx::query_as(
-            "SELECT max_queued, max_chunks, max_rows_per_day FROM tenant_limits
+            "SELECT max_queued, max_chunks, max_rows_per_day, max_dataset_bytes FROM tenant_limits
              WHERE tenant_id = $1",
         )
         .bind(tenant)
@@ -38,6 +39,30 @@ pub struct TenantUsage {
     pub chunks: i64,
     /// Rows written by imports that finished today (UTC).
     pub rows_imported_today: i64,
+}
+
+/// Checks, in `tx`, that `size` more bytes of datasets fit the tenant's `max_dataset_bytes`,
+/// the tenant's row locked until `tx` ends so that its datasets are recorded one at a time
+/// (uploads and jobs' outputs alike); the refusal if they do not.
+pub async fn hold_dataset_room(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    limit: Option<i64>,
+    size: u64,
+) -> sqlx::Result<Result<(), OverQuota>> {
+    let Some(limit) = limit else {
+        return Ok(Ok(()));
+    };
+    lock_tenant(tx, tenant).await?;
+    let used = dataset_bytes(&mut *tx, tenant).await?;
+    if used.saturating_add(size as i64) <= limit {
+        return Ok(Ok(()));
+    }
+    Ok(Err(OverQuota {
+        quota: "max_dataset_bytes",
+        limit: format!("{limit} bytes of datasets"),
+        used: format!("{used} in use, and this adds {size}"),
+    }))
 }
 
 /// Bytes of the tenant's datasets, what `max_dataset_bytes` counts.
@@ -115,7 +140,11 @@ pub async fn check(
     let max_chunks = quotas.max_chunks.filter(|_| needs("ingest"));
     let max_rows = quotas.max_rows_per_day.filter(|_| needs("import"));
     let max_queued = quotas.max_queued.filter(|_| count_queued);
-    if max_chunks.is_none() && max_rows.is_none() && max_queued.is_none() {
+    // Syntheses and samples register their output as a dataset of the tenant.
+    let max_bytes = quotas
+        .max_dataset_bytes
+        .filter(|_| needs("synthesis") || needs("sample"));
+    if max_chunks.is_none() && max_rows.is_none() && max_queued.is_none() && max_bytes.is_none() {
         return Ok(Ok(()));
     }
     let usage = usage(db, tenant).await?;
@@ -131,6 +160,13 @@ pub async fn check(
             quota: "max_rows_per_day",
             limit: format!("{limit} rows imported a day"),
             used: format!("{} imported today (UTC)", usage.rows_imported_today),
+        }));
+    }
+    if let Some(limit) = max_bytes.filter(|&l| usage.dataset_bytes >= l) {
+        return Ok(Err(OverQuota {
+            quota: "max_dataset_bytes",
+            limit: format!("{limit} bytes of datasets"),
+            used: format!("{} in use", usage.dataset_bytes),
         }));
     }
     let adding = kinds.len() as i64;

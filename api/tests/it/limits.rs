@@ -223,6 +223,61 @@ async fn a_step_retry_after_its_job_was_deleted_takes_a_rate_token() {
     assert_eq!(pipeline["steps"][0]["state"], "deleted", "{pipeline}");
 }
 
+/// A synthesis's output is a dataset of the tenant: it counts against `max_dataset_bytes` as
+/// an upload does (outputs were registered past the quota, a gigabyte a sample), and past it a
+/// synthesis is refused at submit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthetic_outputs_are_held_to_the_dataset_bytes_quota() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("synthesis", 1)]).await;
+    let mut csv = "x,y\n".to_owned();
+    for i in 0..60 {
+        csv.push_str(&format!("{}.5,{}\n", i, i % 7));
+    }
+    let dataset = app.upload_dataset("small.csv", csv.as_bytes()).await;
+    let used = csv.len();
+    set_limits(&app, &["--max-dataset-bytes", &(used + 2000).to_string()]).await;
+    let payload = json!({"dataset_id": dataset, "rows": 20000, "output_format": "csv"});
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "synthesis", "payload": payload}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let id = job["id"].as_str().unwrap().parse().unwrap();
+    let job = app
+        .wait_status(
+            id,
+            &["succeeded", "failed"],
+            std::time::Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("max_dataset_bytes"),
+        "{job}"
+    );
+    let (_, list) = app.get("/v1/datasets").await;
+    assert_eq!(list["datasets"].as_array().unwrap().len(), 1, "{list}");
+
+    // At the quota, a synthesis is refused at submit (once the API's copy of the limits, at
+    // most 5 s old, has the new one).
+    set_limits(&app, &["--max-dataset-bytes", &used.to_string()]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(5500)).await;
+    let (status, body) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "synthesis", "payload": payload}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        body["errors"][0]["field"], "quota.max_dataset_bytes",
+        "{body}"
+    );
+}
+
 /// Past `max_queued` a submission (or a batch) is refused whole, naming the quota; past
 /// `max_dataset_bytes` an upload is a 413 and leaves no dataset; `GET /v1/tenant` shows both.
 #[tokio::test]

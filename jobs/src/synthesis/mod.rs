@@ -666,21 +666,47 @@ pub(crate) async fn register_dataset(
         preview: sqlx::types::Json(preview),
         created_at: chrono::Utc::now(),
     };
-    objects
-        .put_dataset(&copy, ctx.tenant_id(), id)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
     let pool = &services.pool;
     if datasets::get(pool, ctx.tenant_id(), id)
         .await
         .map_err(|e| failed(e.to_string()))?
-        .is_none()
+        .is_some()
     {
-        datasets::insert(pool, &dataset)
+        // A retried attempt: its dataset is recorded, its file replaced.
+        objects
+            .put_dataset(&copy, ctx.tenant_id(), id)
             .await
             .map_err(|e| failed(e.to_string()))?;
+        return Ok(id);
     }
-    Ok(id)
+    objects
+        .put_dataset(&copy, ctx.tenant_id(), id)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    // Counted against max_dataset_bytes as an upload is, in the transaction that records it.
+    let recorded: sqlx::Result<Result<(), shared::quotas::OverQuota>> = async {
+        let mut tx = pool.begin().await?;
+        let limit = shared::quotas::Quotas::of(&mut tx, ctx.tenant_id())
+            .await?
+            .max_dataset_bytes;
+        if let Err(over) =
+            shared::quotas::hold_dataset_room(&mut tx, ctx.tenant_id(), limit, size as u64).await?
+        {
+            return Ok(Err(over));
+        }
+        datasets::insert(&mut *tx, &dataset).await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+    .await;
+    match recorded {
+        Ok(Ok(())) => Ok(id),
+        Ok(Err(over)) => {
+            let _ = objects.delete_dataset(ctx.tenant_id(), id).await;
+            Err(JobError::Permanent(format!("the output dataset is {over}")))
+        }
+        Err(e) => Err(failed(e.to_string())),
+    }
 }
 
 #[cfg(test)]
