@@ -34,6 +34,9 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
 }
 
+/// Most field errors one problem lists.
+pub const MAX_FIELD_ERRORS: usize = 100;
+
 impl Problem {
     pub fn new(status: StatusCode, slug: &str, detail: impl Into<String>) -> Self {
         Self {
@@ -45,12 +48,21 @@ impl Problem {
         }
     }
 
-    pub fn validation(errors: Vec<FieldError>) -> Self {
-        let detail = errors
+    /// A 422 naming each field and why: the first [`MAX_FIELD_ERRORS`] of them (a body can hold
+    /// a hundred thousand faults, and an answer of each, twice, ran to tens of megabytes), the
+    /// detail the first ten and how many there were.
+    pub fn validation(mut errors: Vec<FieldError>) -> Self {
+        let all = errors.len();
+        errors.truncate(MAX_FIELD_ERRORS);
+        let mut detail = errors
             .iter()
+            .take(10)
             .map(|e| format!("{}: {}", e.field, e.message))
             .collect::<Vec<_>>()
             .join("; ");
+        if all > 10 {
+            detail.push_str(&format!("; and {} more", all - 10));
+        }
         Self {
             errors,
             ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", detail)

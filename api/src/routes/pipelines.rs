@@ -229,14 +229,20 @@ pub(crate) fn check(state: &AppState, body: SubmitPipeline) -> Result<Checked, P
             Ok((_, valid)) if references.is_empty() => preflights.push((i, valid)),
             Ok(_) => {}
             // A field holding a reference is checked once resolved, when the step starts.
-            Err(refused) => errors.extend(refused.into_iter().filter(|e| {
-                !references.iter().any(|r| {
-                    let path = format!("{prefix}{}", r.path);
-                    e.field == path
-                        || e.field.starts_with(&format!("{path}."))
-                        || e.field.starts_with(&format!("{path}["))
-                })
-            })),
+            Err(refused) => {
+                let paths: Vec<String> = references
+                    .iter()
+                    .map(|r| format!("{prefix}{}", r.path))
+                    .collect();
+                let under_reference = |field: &str| {
+                    paths.iter().any(|path| {
+                        field.strip_prefix(path.as_str()).is_some_and(|rest| {
+                            rest.is_empty() || rest.starts_with('.') || rest.starts_with('[')
+                        })
+                    })
+                };
+                errors.extend(refused.into_iter().filter(|e| !under_reference(&e.field)))
+            }
         }
         steps.push(NewStep {
             name: step.name,

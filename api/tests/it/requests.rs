@@ -418,3 +418,41 @@ async fn metrics_need_their_token_and_readiness_keeps_its_reasons() {
     let problem: Value = ready.json().await.unwrap();
     assert_eq!(problem["detail"], "PostgreSQL does not answer", "{problem}");
 }
+
+/// A body with thousands of faults: the answer names the first hundred and counts the rest
+/// (each was listed, twice: 330,000 empty documents in 1 MiB made a 70 MB answer), and a
+/// list past its bound is one fault, not one per item.
+#[tokio::test]
+async fn an_answer_names_at_most_a_hundred_faults() {
+    let app = TestApp::spawn().await;
+    let ingest = |documents: usize| {
+        json!({"kind": "ingest", "payload": {
+            "collection_id": uuid::Uuid::nil(), "documents": vec![json!({}); documents]}})
+    };
+    let response = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(&app.key)
+        .json(&ingest(5_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body = response.bytes().await.unwrap();
+    assert!(body.len() < 64 << 10, "an answer of {} bytes", body.len());
+    let problem: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        problem["errors"].as_array().unwrap().len(),
+        100,
+        "{problem}"
+    );
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.ends_with("; and 4990 more"), "{detail}");
+
+    let (status, problem) = app.post("/v1/jobs", &ingest(20_000)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        problem["errors"],
+        json!([{"field": "payload.documents", "message": "must hold 1 to 10000 documents"}])
+    );
+}
