@@ -51,6 +51,8 @@ pub struct Counters {
     pub sse_open: AtomicU64,
     /// Event streams open per tenant, each at most `CONVEYOR_MAX_STREAMS_PER_TENANT`.
     pub sse_by_tenant: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>,
+    /// Uploads being received per tenant, each at most `MAX_UPLOADS_PER_TENANT`.
+    pub uploads_by_tenant: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>,
 }
 
 impl Counters {

@@ -46,6 +46,9 @@ pub struct Isolated {
     program: PathBuf,
     pub timeout: Duration,
     pub memory: u64,
+    /// Children running at once in this process, at most one a core: each may take a core
+    /// and `memory` (many uploads at once started as many inspectors).
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Isolated {
@@ -62,10 +65,12 @@ impl Isolated {
                 }
             }
         };
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             program,
             timeout: settings.extract_timeout,
             memory: settings.extract_memory_bytes,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
         })
     }
 
@@ -76,6 +81,7 @@ impl Isolated {
         input: Vec<u8>,
         output: u64,
     ) -> Result<Vec<u8>, Failure> {
+        let _slot = self.slots.acquire().await.map_err(|_| Failure::Died)?;
         let mut command = tokio::process::Command::new(&self.program);
         command
             .args(args)

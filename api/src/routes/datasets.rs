@@ -79,6 +79,7 @@ pub async fn upload(
         })?,
     };
 
+    let _uploading = Uploading::start(&state, tenant.0)?;
     let objects = &state.objects;
     // Removed on every way out, a client hanging up mid-upload included.
     let scratch = objects.scratch_file().await.map_err(Problem::internal)?;
@@ -149,6 +150,58 @@ pub async fn upload(
 }
 
 /// Streams the body into `path`; returns its size and sha256. Past `limit` bytes: 413.
+/// Uploads one tenant may have in flight on one API process: each holds a connection, scratch
+/// space up to its room and, once received, an inspector process.
+const MAX_UPLOADS_PER_TENANT: usize = 4;
+
+/// How long an upload may send nothing before it is dropped (a client trickling bytes held its
+/// connection and scratch file for ever).
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One of a tenant's uploads in flight; counted until dropped.
+struct Uploading {
+    counters: std::sync::Arc<crate::state::Counters>,
+    tenant: Uuid,
+}
+
+impl Uploading {
+    fn start(state: &AppState, tenant: Uuid) -> Result<Self, Problem> {
+        let mut uploads = state
+            .counters
+            .uploads_by_tenant
+            .lock()
+            .expect("uploads lock");
+        let count = uploads.entry(tenant).or_default();
+        if *count >= MAX_UPLOADS_PER_TENANT {
+            return Err(Problem::too_many_requests(format!(
+                "the tenant has {MAX_UPLOADS_PER_TENANT} uploads in flight on this server, the \
+                 most it may; wait for one to finish"
+            )));
+        }
+        *count += 1;
+        Ok(Self {
+            counters: state.counters.clone(),
+            tenant,
+        })
+    }
+}
+
+impl Drop for Uploading {
+    fn drop(&mut self) {
+        let mut uploads = self
+            .counters
+            .uploads_by_tenant
+            .lock()
+            .expect("uploads lock");
+        if let Some(count) = uploads.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                uploads.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64, String), Problem> {
     let file = tokio::fs::File::create(path)
         .await
@@ -157,7 +210,15 @@ async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64,
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(UPLOAD_IDLE, stream.next()).await else {
+            return Err(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload-idle",
+                format!("the upload sent nothing for {} s", UPLOAD_IDLE.as_secs()),
+            ));
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
             Problem::new(
                 StatusCode::BAD_REQUEST,

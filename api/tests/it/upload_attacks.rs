@@ -187,3 +187,64 @@ async fn previews_are_bounded_and_lists_leave_schemas_and_previews_out() {
         "{listed}"
     );
 }
+
+/// Uploads a tenant may have in flight on one API process are bounded: each holds a connection,
+/// scratch space and then an inspector process (fifty at once started fifty inspectors). Past
+/// the bound a 429; once one ends, another may start. Another tenant is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_has_at_most_four_uploads_in_flight() {
+    let app = TestApp::spawn().await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut trickling = Vec::new();
+    for _ in 0..4 {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/datasets?name=slow.csv HTTP/1.1\r\nHost: {addr}\r\n\
+             Authorization: Bearer {}\r\nContent-Length: 1000000\r\n\r\nid,name\n1,ann\n",
+            app.key
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        trickling.push(socket);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, problem) = upload_problem(&app, "fifth.csv", b"a\n1\n".to_vec()).await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(
+                problem["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("4 uploads in flight"),
+                "{problem}"
+            );
+            break;
+        }
+        // The four may not all have reached the handler yet; what passed is removed.
+        assert_eq!(status, StatusCode::CREATED, "{problem}");
+        assert!(
+            Instant::now() < deadline,
+            "a fifth upload was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let other = app.key_for("another").await;
+    let response = app
+        .client
+        .post(app.url("/v1/datasets?name=theirs.csv"))
+        .bearer_auth(&other)
+        .body("a\n1\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    drop(trickling.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upload_problem(&app, "later.csv", b"a\n1\n".to_vec())
+        .await
+        .0
+        != StatusCode::CREATED
+    {
+        assert!(Instant::now() < deadline, "no room after an upload ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
