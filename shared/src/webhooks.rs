@@ -504,11 +504,17 @@ mod tests {
             "http://localhost/hook",
         ] {
             let error = check_url(&url(raw), &none).await.unwrap_err();
-            assert!(
-                error.contains("which webhooks may not reach"),
-                "{raw}: {error}"
-            );
+            assert!(error.contains("webhooks may not reach"), "{raw}: {error}");
         }
+        // A name says nothing of where it leads: neither the address nor its kind.
+        let error = check_url(&url("http://localhost:9/hook"), &none)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            "localhost does not resolve to a public address: webhooks may not reach others \
+             (an operator can allow them with CONVEYOR_CONNECTION_ALLOW)"
+        );
         let loopback: AllowList = "127.0.0.0/8".parse().unwrap();
         assert!(check_url(&url("http://127.0.0.1:9/hook"), &loopback)
             .await

@@ -112,12 +112,27 @@ pub fn refusal(allow: &AllowList, host: &str, ip: IpAddr, what: &str) -> Option<
     if allow.allows(host, ip) {
         return None;
     }
-    internal_reason(ip).map(|why| {
-        format!(
-            "{host} is a {why} address ({ip}), which {what} may not reach \
-             (an operator can allow it with CONVEYOR_CONNECTION_ALLOW)"
-        )
-    })
+    internal_reason(ip).map(|why| refused_address(host, why, what))
+}
+
+/// The refusal of an address a name or URL led to. A name is refused without the address it
+/// resolved to nor what kind of address that is, and as a name that does not resolve is: the
+/// answers would otherwise map the platform's internal names to their addresses.
+pub fn refused_address(host: &str, why: &str, what: &str) -> String {
+    let allow = "(an operator can allow it with CONVEYOR_CONNECTION_ALLOW)";
+    if host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() {
+        format!("{host} is a {why} address, which {what} may not reach {allow}")
+    } else {
+        unresolved(host, what)
+    }
+}
+
+/// The refusal of a name that does not resolve, or resolves only to refused addresses.
+fn unresolved(host: &str, what: &str) -> String {
+    format!(
+        "{host} does not resolve to a public address: {what} may not reach others \
+         (an operator can allow them with CONVEYOR_CONNECTION_ALLOW)"
+    )
 }
 
 /// How long resolving an outbound HTTP host may take.
@@ -140,10 +155,10 @@ pub async fn check_http_url(
             let addrs: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
                 .await
                 .map_err(|_| format!("resolving {name} timed out"))?
-                .map_err(|_| format!("{name} does not resolve"))?
+                .map_err(|_| unresolved(name, what))?
                 .collect();
             if addrs.is_empty() {
-                return Err(format!("{name} has no address"));
+                return Err(unresolved(name, what));
             }
             (name.to_owned(), addrs)
         }

@@ -247,10 +247,10 @@ impl Guard {
                 continue;
             }
             if let Some(why) = internal_reason(*ip) {
-                return Err(Refusal::Invalid(format!(
-                    "{} is a {why} address, which connections may not reach \
-                     (an operator can allow it with CONVEYOR_CONNECTION_ALLOW)",
-                    url.host
+                return Err(Refusal::Invalid(super::address::refused_address(
+                    &url.host,
+                    why,
+                    "connections",
                 )));
             }
         }
