@@ -674,6 +674,26 @@ pub struct Deleted {
 /// patch's row. Live jobs are never taken, nor the steps' jobs of a pipeline still running
 /// (the steps that need them read their outcomes when they start), and a job retried meanwhile
 /// is skipped (its row is locked, or no longer finished), as are those in `skip`.
+/// Whether a record of a tenant that ended at `$ended` is past the tenant's retention
+/// (`l.job_retention_days`, 0 for ever), else the deployment's (`$1`, seconds; NULL for ever).
+/// The query joins `tenant_limits l` on the record's tenant.
+#[macro_export]
+macro_rules! past_retention {
+    ($ended:literal) => {
+        concat!(
+            "CASE WHEN l.job_retention_days IS NOT NULL
+                  THEN l.job_retention_days > 0
+                       AND ",
+            $ended,
+            " < now() - make_interval(days => l.job_retention_days)
+                  ELSE $1::float8 IS NOT NULL
+                       AND ",
+            $ended,
+            " < now() - make_interval(secs => $1::float8) END"
+        )
+    };
+}
+
 pub async fn finished_past_retention(
     executor: impl sqlx::PgExecutor<'_>,
     retention: Option<std::time::Duration>,
@@ -681,21 +701,19 @@ pub async fn finished_past_retention(
     limit: i64,
     skip: &[Uuid],
 ) -> sqlx::Result<Vec<Deleted>> {
-    sqlx::query_as(
+    sqlx::query_as(concat!(
         "SELECT j.id, j.tenant_id FROM jobs j LEFT JOIN tenant_limits l ON l.tenant_id = j.tenant_id
          WHERE j.finished_at IS NOT NULL
            AND j.status IN ('succeeded', 'failed', 'cancelled')
-           AND CASE WHEN l.job_retention_days IS NOT NULL
-                    THEN l.job_retention_days > 0
-                         AND j.finished_at < now() - make_interval(days => l.job_retention_days)
-                    ELSE $1::float8 IS NOT NULL
-                         AND j.finished_at < now() - make_interval(secs => $1::float8) END
+           AND ",
+        past_retention!("j.finished_at"),
+        "
            AND (j.kind <> 'patch' OR j.finished_at < now() - make_interval(secs => $2))
            AND NOT EXISTS (SELECT 1 FROM pipelines p
                            WHERE p.id = j.pipeline_id AND p.status = 'running')
            AND j.id <> ALL($4)
          ORDER BY j.finished_at LIMIT $3 FOR UPDATE OF j SKIP LOCKED",
-    )
+    ))
     .bind(retention.map(|r| r.as_secs_f64()))
     .bind(snapshot_retention.as_secs_f64())
     .bind(limit)

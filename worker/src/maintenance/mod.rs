@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Runtime;
 use shared::leader::LOCK_KEY;
 
+mod history;
 mod pipelines;
 mod queue_minutes;
 mod rescuer;
@@ -73,6 +74,7 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
         Arc::new(sweeps::Sweeps::default()),
         Arc::new(workers::Workers::new(settings)),
         Arc::new(retention::Retention::new(settings)),
+        Arc::new(history::History::new(settings)),
         Arc::new(webhooks::Webhooks::new(settings)),
         Arc::new(queue_minutes::QueueMinutes::default()),
     ]
