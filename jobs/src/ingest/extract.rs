@@ -1,6 +1,7 @@
 //! Text out of documents: plain text and Markdown as they are, HTML without its tags, and
 //! records (JSON, NDJSON, CSV, TSV) with one document per record.
 
+use contracts::ingest::{MAX_ID_LEN, MAX_METADATA_BYTES};
 use serde::{
     de::{
         self, value::MapAccessDeserializer, DeserializeSeed, Deserializer, MapAccess, SeqAccess,
@@ -23,10 +24,13 @@ pub struct Extracted {
     pub fields: Map<String, Value>,
 }
 
-/// Where records keep their text and id.
+/// Where records keep their text and id, and how much text one may hold.
 pub struct RecordFields<'a> {
     pub text: &'a str,
     pub id: Option<&'a str>,
+    /// `CONVEYOR_MAX_RECORD_BYTES`: CSV and NDJSON are read a record at a time under it, a JSON
+    /// array whole, so its records' texts are held to it here.
+    pub max_text: usize,
 }
 
 /// The documents in `bytes`. Records get the id in `fields.id`, else their 1-based number. At
@@ -184,6 +188,15 @@ fn from_record(
         }
         Some(other) => other.to_string(),
     };
+    if text.len() > names.max_text {
+        return Err(format!(
+            "record {number}'s {:?} is {} bytes, more than the {} a record may hold \
+             (CONVEYOR_MAX_RECORD_BYTES)",
+            names.text,
+            text.len(),
+            names.max_text
+        ));
+    }
     let id = match names.id {
         Some(field) => match record.remove(field) {
             Some(Value::String(id)) => id,
@@ -194,7 +207,22 @@ fn from_record(
         },
         None => number.to_string(),
     };
+    if id.len() > MAX_ID_LEN {
+        return Err(format!(
+            "record {number}'s id is {} bytes; at most {MAX_ID_LEN}",
+            id.len()
+        ));
+    }
     record.retain(|_, v| !(v.is_object() || v.is_array() || v.is_null()));
+    // The record's other fields are its document's metadata, copied into each of its chunks:
+    // held to what a source's metadata may be.
+    let metadata = serde_json::to_string(&record).map_or(0, |json| json.len());
+    if metadata > MAX_METADATA_BYTES {
+        return Err(format!(
+            "record {number}'s other fields take {metadata} bytes as JSON, more than the \
+             {MAX_METADATA_BYTES} a document's metadata may"
+        ));
+    }
     Ok(Extracted {
         id: Some(id),
         text,
@@ -327,6 +355,7 @@ mod tests {
     const TEXT: RecordFields<'static> = RecordFields {
         text: "text",
         id: None,
+        max_text: usize::MAX,
     };
 
     #[test]
@@ -389,6 +418,41 @@ mod tests {
         assert_eq!(html_to_text("<p>kept</p><script>var x = '</p>"), "kept");
     }
 
+    /// A JSON array is read whole (no framing holds its records to the record cap): a record
+    /// of a gigabyte of text passed; so did an id too long for the index and fields copied
+    /// into each of the record's chunks without bound.
+    #[test]
+    fn each_record_is_held_to_the_record_cap_an_id_length_and_a_metadata_size() {
+        let fields = RecordFields {
+            text: "text",
+            id: Some("id"),
+            max_text: 1000,
+        };
+        let refused = |record: serde_json::Value| {
+            let bytes = serde_json::to_vec(&json!([{"id": "ok", "text": "fine"}, record])).unwrap();
+            extract(&bytes, DocFormat::Json, &fields, 10).unwrap_err()
+        };
+        let why = refused(json!({"id": "a", "text": "x".repeat(1001)}));
+        assert!(
+            why.starts_with("record 2's \"text\" is 1001 bytes"),
+            "{why}"
+        );
+        let why = refused(json!({"id": "i".repeat(257), "text": "t"}));
+        assert!(
+            why.starts_with("record 2's id is 257 bytes; at most 256"),
+            "{why}"
+        );
+        let why = refused(json!({"id": "b", "text": "t", "note": "n".repeat(5000)}));
+        assert!(why.contains("other fields take 5011 bytes"), "{why}");
+        let bytes = serde_json::to_vec(&json!([{"id": "c", "text": "x".repeat(1000), "n": 1}]));
+        assert_eq!(
+            extract(&bytes.unwrap(), DocFormat::Json, &fields, 10)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
     #[test]
     fn records_become_documents_with_their_fields() {
         let ndjson = b"{\"id\": \"a\", \"text\": \"first\", \"lang\": \"en\", \"n\": 1}\n\n\
@@ -396,6 +460,7 @@ mod tests {
         let fields = RecordFields {
             text: "text",
             id: Some("id"),
+            max_text: usize::MAX,
         };
         let docs = extract(ndjson, DocFormat::Ndjson, &fields, 2).unwrap();
         assert_eq!(docs.len(), 2);
@@ -411,6 +476,7 @@ mod tests {
         let fields = RecordFields {
             text: "body",
             id: None,
+            max_text: usize::MAX,
         };
         let docs = extract(csv, DocFormat::Csv, &fields, 2).unwrap();
         assert_eq!(docs[0].text, "hello, world");

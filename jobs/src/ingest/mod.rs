@@ -326,6 +326,7 @@ impl IngestHandler {
                 let fields = RecordFields {
                     text: &text_field,
                     id: id_field.as_deref(),
+                    max_text: usize::try_from(limits.record).unwrap_or(usize::MAX),
                 };
                 extract::extract(&bytes, format, &fields, max_records)
             })
