@@ -303,7 +303,7 @@ impl Limits {
         let Some(limit) = self.of(tenant).await?.max_queued else {
             return Ok(wanted);
         };
-        let live = self.usage(tenant).await?.live_jobs;
+        let live = self.usage(tenant).await?.queued();
         if live >= limit {
             let over = OverQuota::max_queued(limit, format!("{live} in use"));
             return Err(over_quota(StatusCode::FORBIDDEN, over));

@@ -35,6 +35,9 @@ impl Quotas {
 pub struct TenantUsage {
     /// Jobs scheduled, queued, running or retrying.
     pub live_jobs: i64,
+    /// Steps of running pipelines waiting for what they need: each will be a job, so
+    /// `max_queued` counts them with the live jobs.
+    pub waiting_steps: i64,
     pub dataset_bytes: i64,
     pub chunks: i64,
     /// Rows written by imports that finished today (UTC).
@@ -75,12 +78,23 @@ pub async fn dataset_bytes<'c>(db: impl sqlx::PgExecutor<'c>, tenant: Uuid) -> s
     .await
 }
 
+impl TenantUsage {
+    /// What `max_queued` counts: live jobs, and pipeline steps that will be jobs (a pipeline's
+    /// submission counted them; fan-outs submitted one after another each passed otherwise).
+    pub fn queued(&self) -> i64 {
+        self.live_jobs + self.waiting_steps
+    }
+}
+
 pub async fn usage(db: &mut PgConnection, tenant: Uuid) -> sqlx::Result<TenantUsage> {
     sqlx::query_as(concat!(
         "SELECT
              (SELECT count(*) FROM jobs WHERE tenant_id = $1 AND ",
         crate::live_jobs!("jobs"),
         ") AS live_jobs,
+             (SELECT count(*) FROM pipeline_steps s JOIN pipelines p ON p.id = s.pipeline_id
+                WHERE p.tenant_id = $1 AND p.status = 'running' AND s.state = 'waiting')
+                AS waiting_steps,
              (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
                 AS dataset_bytes,
              (SELECT count(*) FROM chunks c JOIN collections k ON k.id = c.collection_id
@@ -170,8 +184,9 @@ pub async fn check(
         }));
     }
     let adding = kinds.len() as i64;
-    if let Some(limit) = max_queued.filter(|&l| usage.live_jobs + adding > l) {
-        let used = format!("{} in use, and this adds {adding}", usage.live_jobs);
+    let queued = usage.queued();
+    if let Some(limit) = max_queued.filter(|&l| queued + adding > l) {
+        let used = format!("{queued} in use, and this adds {adding}");
         return Ok(Err(OverQuota::max_queued(limit, used)));
     }
     Ok(Ok(()))

@@ -278,6 +278,29 @@ async fn synthetic_outputs_are_held_to_the_dataset_bytes_quota() {
     );
 }
 
+/// A pipeline's waiting steps will be jobs: `max_queued` counts them, so fan-outs submitted one
+/// after another cannot each pass (live jobs reached many times the quota once their roots
+/// ended).
+#[tokio::test]
+async fn a_pipelines_waiting_steps_count_against_max_queued() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--max-queued", "60"]).await;
+    let mut steps = vec![json!({"name": "root", "kind": "canary", "payload": {"steps": 1}})];
+    for i in 0..49 {
+        steps.push(json!({"name": format!("leaf{i}"), "kind": "canary",
+                          "payload": {"steps": 1}, "needs": ["root"]}));
+    }
+    let fan_out = json!({ "steps": steps });
+    let (status, body) = app.post("/v1/pipelines", &fan_out).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = app.post("/v1/pipelines", &fan_out).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["errors"][0]["field"], "quota.max_queued", "{body}");
+    let (_, tenant) = app.get("/v1/tenant").await;
+    assert_eq!(tenant["usage"]["live_jobs"], 1, "{tenant}");
+    assert_eq!(tenant["usage"]["waiting_steps"], 49, "{tenant}");
+}
+
 /// Past `max_queued` a submission (or a batch) is refused whole, naming the quota; past
 /// `max_dataset_bytes` an upload is a 413 and leaves no dataset; `GET /v1/tenant` shows both.
 #[tokio::test]
