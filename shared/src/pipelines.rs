@@ -514,6 +514,27 @@ pub async fn get(db: &mut PgConnection, tenant: Uuid, id: Uuid) -> sqlx::Result<
     Ok(Some(pipeline))
 }
 
+/// Whether the tenant's pipeline has ended, and its steps' jobs: what a pipeline's event
+/// stream checks once a second, without the steps' payloads [`get`] reads (up to a megabyte
+/// each, for every open stream). `None` when there is no such pipeline.
+pub async fn progress(
+    db: &mut PgConnection,
+    tenant: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<(bool, Vec<Uuid>)>> {
+    sqlx::query_as(
+        "SELECT p.finished_at IS NOT NULL,
+                coalesce(array_agg(s.job_id) FILTER (WHERE s.job_id IS NOT NULL), '{}')
+         FROM pipelines p LEFT JOIN pipeline_steps s ON s.pipeline_id = p.id
+         WHERE p.id = $1 AND p.tenant_id = $2
+         GROUP BY p.id",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(db)
+    .await
+}
+
 /// The tenant's pipelines (with their steps), newest first, after the `cursor` pipeline id.
 pub async fn list(
     pool: &PgPool,

@@ -546,19 +546,21 @@ pub async fn pipeline_events(
             // The row decides the end; a step's last events may trail it for a moment.
             if look || terminal || ended_at.is_some() {
                 let Ok(mut conn) = pool.acquire().await else { return };
-                if let Ok(Some(pipeline)) = shared::pipelines::get(&mut conn, tenant, id).await {
-                    if pipeline.finished_at.is_some() {
+                match shared::pipelines::progress(&mut conn, tenant, id).await {
+                    Ok(Some((true, jobs))) => {
                         let since = *ended_at.get_or_insert_with(Instant::now);
-                        let settled = pipeline.steps.iter().all(|s| {
-                            s.job_id.is_none_or(|job| follower.ended.contains(&job))
-                        });
+                        let settled = jobs.iter().all(|job| follower.ended.contains(job));
                         if settled || since.elapsed() >= SETTLE {
-                            yield pipeline_finished(&pipeline);
+                            if let Ok(Some(pipeline)) =
+                                shared::pipelines::get(&mut conn, tenant, id).await
+                            {
+                                yield pipeline_finished(&pipeline);
+                            }
                             return;
                         }
-                    } else {
-                        ended_at = None;
                     }
+                    Ok(Some((false, _))) => ended_at = None,
+                    _ => {}
                 }
             }
             let next = tokio::select! {
