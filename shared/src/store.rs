@@ -667,13 +667,6 @@ pub struct Deleted {
     pub tenant_id: Uuid,
 }
 
-/// Up to `limit` finished jobs (succeeded, failed, cancelled) past their tenant's retention
-/// (`tenant_limits.job_retention_days`, 0 forever), else past `retention` (`None`: forever),
-/// oldest first, locked for the caller's transaction; a `patch` job only once
-/// `snapshot_retention` (its snapshot's) has passed too, since `patch_rollback` reads the
-/// patch's row. Live jobs are never taken, nor the steps' jobs of a pipeline still running
-/// (the steps that need them read their outcomes when they start), and a job retried meanwhile
-/// is skipped (its row is locked, or no longer finished), as are those in `skip`.
 /// Whether a record of a tenant that ended at `$ended` is past the tenant's retention
 /// (`l.job_retention_days`, 0 for ever), else the deployment's (`$1`, seconds; NULL for ever).
 /// The query joins `tenant_limits l` on the record's tenant.
@@ -694,6 +687,13 @@ macro_rules! past_retention {
     };
 }
 
+/// Up to `limit` finished jobs (succeeded, failed, cancelled) past their tenant's retention
+/// (`tenant_limits.job_retention_days`, 0 forever), else past `retention` (`None`: forever),
+/// oldest first, locked for the caller's transaction; a `patch` job only once
+/// `snapshot_retention` (its snapshot's) has passed too, since `patch_rollback` reads the
+/// patch's row. Live jobs are never taken, nor the steps' jobs of a pipeline still running
+/// (the steps that need them read their outcomes when they start), and a job retried meanwhile
+/// is skipped (its row is locked, or no longer finished), as are those in `skip`.
 pub async fn finished_past_retention(
     executor: impl sqlx::PgExecutor<'_>,
     retention: Option<std::time::Duration>,

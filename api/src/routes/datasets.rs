@@ -40,7 +40,9 @@ pub struct UploadParams {
 
 #[utoipa::path(post, path = "/v1/datasets", tag = "datasets", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file, as the raw body"),
-    responses((status = 201, body = Dataset), (status = 413, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = Dataset), (status = 408, body = Problem, description = "the upload sent nothing for 60 s"),
+              (status = 413, body = Problem), (status = 422, body = Problem),
+              (status = 429, body = Problem, description = "the tenant has 4 uploads in flight on this API process")))]
 pub async fn upload(
     State(state): State<AppState>,
     writer: Writer,
@@ -149,7 +151,6 @@ pub async fn upload(
         .into_response())
 }
 
-/// Streams the body into `path`; returns its size and sha256. Past `limit` bytes: 413.
 /// Uploads one tenant may have in flight on one API process: each holds a connection, scratch
 /// space up to its room and, once received, an inspector process.
 const MAX_UPLOADS_PER_TENANT: usize = 4;
@@ -202,6 +203,7 @@ impl Drop for Uploading {
     }
 }
 
+/// Streams the body into `path`; returns its size and sha256. Past `limit` bytes: 413.
 async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64, String), Problem> {
     let file = tokio::fs::File::create(path)
         .await

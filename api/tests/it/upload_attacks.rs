@@ -206,27 +206,21 @@ async fn a_tenant_has_at_most_four_uploads_in_flight() {
         socket.write_all(head.as_bytes()).await.unwrap();
         trickling.push(socket);
     }
+    // Each upload receiving its body has its scratch file.
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, problem) = upload_problem(&app, "fifth.csv", b"a\n1\n".to_vec()).await;
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            assert!(
-                problem["detail"]
-                    .as_str()
-                    .unwrap()
-                    .contains("4 uploads in flight"),
-                "{problem}"
-            );
-            break;
-        }
-        // The four may not all have reached the handler yet; what passed is removed.
-        assert_eq!(status, StatusCode::CREATED, "{problem}");
-        assert!(
-            Instant::now() < deadline,
-            "a fifth upload was never refused"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    while scratch_files(&app).len() < 4 {
+        assert!(Instant::now() < deadline, "the four uploads never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let (status, problem) = upload_problem(&app, "fifth.csv", b"a\n1\n".to_vec()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("4 uploads in flight"),
+        "{problem}"
+    );
     let other = app.key_for("another").await;
     let response = app
         .client
