@@ -82,7 +82,7 @@ pub struct Settings {
     /// `CONVEYOR_DATASET_LIMIT`: largest upload in bytes.
     pub dataset_limit: u64,
     /// `CONVEYOR_CACHE_MAX_BYTES`: most bytes of bucket datasets a worker keeps downloaded; the
-    /// least recently used go first (none read in the last 15 minutes).
+    /// least recently used that no running job holds go first.
     pub cache_max_bytes: u64,
     /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
     /// `patch_rollback`; the workers' maintenance sweep drops expired snapshots.
