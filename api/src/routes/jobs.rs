@@ -423,11 +423,15 @@ pub async fn retry(
     let tenant = writer.tenant();
     let id = parse_id(&id, "job")?;
     // A retry queues the job again, as a submission would: the same rate and quotas hold.
+    // The token is drawn for any job that is or may yet be failed or cancelled: its state is
+    // read before the transaction, and one that fails in between is retried.
     if let Some(job) = store::get_job(&state.pool, tenant.0, id).await? {
-        if matches!(job.status(), JobStatus::Failed | JobStatus::Cancelled) {
+        if job.status() != JobStatus::Succeeded {
             if let Err(refused) = state.limits.admit(tenant.0, writer.0.key.id, 1).await {
                 return Ok(refused);
             }
+        }
+        if matches!(job.status(), JobStatus::Failed | JobStatus::Cancelled) {
             state.limits.check_quotas(tenant.0, &[&job.kind]).await?;
         }
     }

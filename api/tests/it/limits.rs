@@ -126,11 +126,13 @@ async fn the_submission_rate_is_shared_by_two_api_processes() {
 }
 
 /// A retry queues a job again, as a submission does: it takes a token from the same bucket
-/// (a cancel-and-retry loop went past the rate).
+/// (a cancel-and-retry loop went past the rate). A retry that finds the job still live takes
+/// one too: the job's state is read before the retry's transaction, and one that failed in
+/// between was retried without a token.
 #[tokio::test]
 async fn a_retry_takes_a_rate_token_as_a_submission_does() {
     let app = TestApp::spawn().await;
-    set_limits(&app, &["--rate", "1/h", "--burst", "2"]).await;
+    set_limits(&app, &["--rate", "1/h", "--burst", "3"]).await;
     let (status, job) = app
         .post(
             "/v1/jobs",
@@ -139,10 +141,12 @@ async fn a_retry_takes_a_rate_token_as_a_submission_does() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{job}");
     let id = job["id"].as_str().unwrap();
+    let (status, body) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "still queued: {body}");
     let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "the second token: {body}");
+    assert_eq!(status, StatusCode::ACCEPTED, "the third token: {body}");
     let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
