@@ -50,9 +50,47 @@ pub struct Counters {
     pub submitted: AtomicU64,
     pub sse_open: AtomicU64,
     /// Event streams open per tenant, each at most `CONVEYOR_MAX_STREAMS_PER_TENANT`.
-    pub sse_by_tenant: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>,
+    pub sse_by_tenant: Arc<TenantSlots>,
     /// Uploads being received per tenant, each at most `MAX_UPLOADS_PER_TENANT`.
-    pub uploads_by_tenant: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>,
+    pub uploads_by_tenant: Arc<TenantSlots>,
+}
+
+/// How many of something each tenant holds on this process (open streams, uploads in flight),
+/// for a bound on them; each [`TenantSlot`] counts until dropped.
+#[derive(Default)]
+pub struct TenantSlots(std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>);
+
+impl TenantSlots {
+    /// One more for `tenant`, unless it holds `most` already.
+    pub fn take(self: &Arc<Self>, tenant: uuid::Uuid, most: usize) -> Option<TenantSlot> {
+        let mut held = self.0.lock().expect("tenant slots lock");
+        let count = held.entry(tenant).or_default();
+        if *count >= most {
+            return None;
+        }
+        *count += 1;
+        Some(TenantSlot {
+            slots: self.clone(),
+            tenant,
+        })
+    }
+}
+
+pub struct TenantSlot {
+    slots: Arc<TenantSlots>,
+    tenant: uuid::Uuid,
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.0.lock().expect("tenant slots lock");
+        if let Some(count) = held.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 impl Counters {

@@ -81,7 +81,16 @@ pub async fn upload(
         })?,
     };
 
-    let _uploading = Uploading::start(&state, tenant.0)?;
+    let _uploading = state
+        .counters
+        .uploads_by_tenant
+        .take(tenant.0, MAX_UPLOADS_PER_TENANT)
+        .ok_or_else(|| {
+            Problem::too_many_requests(format!(
+                "the tenant has {MAX_UPLOADS_PER_TENANT} uploads in flight on this server, the \
+                 most it may; wait for one to finish"
+            ))
+        })?;
     let objects = &state.objects;
     // Removed on every way out, a client hanging up mid-upload included.
     let scratch = objects.scratch_file().await.map_err(Problem::internal)?;
@@ -158,50 +167,6 @@ const MAX_UPLOADS_PER_TENANT: usize = 4;
 /// How long an upload may send nothing before it is dropped (a client trickling bytes held its
 /// connection and scratch file for ever).
 const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// One of a tenant's uploads in flight; counted until dropped.
-struct Uploading {
-    counters: std::sync::Arc<crate::state::Counters>,
-    tenant: Uuid,
-}
-
-impl Uploading {
-    fn start(state: &AppState, tenant: Uuid) -> Result<Self, Problem> {
-        let mut uploads = state
-            .counters
-            .uploads_by_tenant
-            .lock()
-            .expect("uploads lock");
-        let count = uploads.entry(tenant).or_default();
-        if *count >= MAX_UPLOADS_PER_TENANT {
-            return Err(Problem::too_many_requests(format!(
-                "the tenant has {MAX_UPLOADS_PER_TENANT} uploads in flight on this server, the \
-                 most it may; wait for one to finish"
-            )));
-        }
-        *count += 1;
-        Ok(Self {
-            counters: state.counters.clone(),
-            tenant,
-        })
-    }
-}
-
-impl Drop for Uploading {
-    fn drop(&mut self) {
-        let mut uploads = self
-            .counters
-            .uploads_by_tenant
-            .lock()
-            .expect("uploads lock");
-        if let Some(count) = uploads.get_mut(&self.tenant) {
-            *count -= 1;
-            if *count == 0 {
-                uploads.remove(&self.tenant);
-            }
-        }
-    }
-}
 
 /// Streams the body into `path`; returns its size and sha256. Past `limit` bytes: 413.
 async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64, String), Problem> {

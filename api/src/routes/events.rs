@@ -263,7 +263,7 @@ impl CredentialCheck {
 /// streams are outside the HTTP trace layer; see `crate::router`).
 struct OpenStream {
     counters: std::sync::Arc<Counters>,
-    tenant: Uuid,
+    _slot: crate::state::TenantSlot,
     stream: String,
     opened: Instant,
 }
@@ -273,22 +273,21 @@ impl OpenStream {
     /// as it may: each holds memory and a connection, and a pipeline's polls the database.
     fn open(state: &AppState, tenant: Uuid, stream: &str) -> Result<Self, Problem> {
         let most = state.settings.max_streams_per_tenant;
-        {
-            let mut open = state.counters.sse_by_tenant.lock().expect("streams lock");
-            let count = open.entry(tenant).or_default();
-            if *count >= most {
-                return Err(Problem::too_many_requests(format!(
+        let slot = state
+            .counters
+            .sse_by_tenant
+            .take(tenant, most)
+            .ok_or_else(|| {
+                Problem::too_many_requests(format!(
                     "the tenant has {most} event streams open on this server, the most it may \
                      (CONVEYOR_MAX_STREAMS_PER_TENANT); close one first"
-                )));
-            }
-            *count += 1;
-        }
+                ))
+            })?;
         Counters::add(&state.counters.sse_open, 1);
         tracing::debug!(stream, "SSE stream opened");
         Ok(Self {
             counters: state.counters.clone(),
-            tenant,
+            _slot: slot,
             stream: stream.to_owned(),
             opened: Instant::now(),
         })
@@ -300,13 +299,6 @@ impl Drop for OpenStream {
         self.counters
             .sse_open
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        let mut open = self.counters.sse_by_tenant.lock().expect("streams lock");
-        if let Some(count) = open.get_mut(&self.tenant) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.tenant);
-            }
-        }
         tracing::debug!(
             stream = self.stream,
             secs = self.opened.elapsed().as_secs_f64(),
