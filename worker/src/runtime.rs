@@ -729,7 +729,7 @@ impl Runtime {
             return Attempt::Done(self.retry_or_fail(job, error));
         }
         let stopped = running.token.is_cancelled();
-        if stopped && running.interrupted.load(Ordering::SeqCst) && !matches!(result, Ok(Ok(_))) {
+        if stopped && interrupted && !matches!(result, Ok(Ok(_))) {
             return Attempt::HandBack;
         }
         let outcome = match result {
