@@ -342,7 +342,18 @@ fn fresh_identifiers(original: &Values, rows: usize, private: bool) -> Values {
         Values::Numbers(values) => {
             let largest = values.iter().flatten().fold(0.0f64, |a, &b| a.max(b));
             let start = if private { 1.0 } else { largest.floor() + 1.0 };
-            Values::Numbers((0..rows).map(|i| Some(start + i as f64)).collect())
+            if start + rows as f64 <= EXACT_INTEGERS {
+                return Values::Numbers((0..rows).map(|i| Some(start + i as f64)).collect());
+            }
+            // Past 2^53 floats cannot count by one (every other identifier repeated), and the
+            // input was rounded when read, by less than the spacing of floats there: count
+            // exactly from past that, as text the output casts to the column's type.
+            let start = largest as i128 + (largest * f64::EPSILON).ceil() as i128 + 1;
+            Values::Labels(
+                (0..rows)
+                    .map(|i| Some((start + i as i128).to_string()))
+                    .collect(),
+            )
         }
         Values::Labels(values) => {
             let taken: HashSet<&str> = match private {
@@ -362,6 +373,9 @@ fn fresh_identifiers(original: &Values, rows: usize, private: bool) -> Values {
         }
     }
 }
+
+/// Below this, a float holds every whole number exactly (2^53).
+const EXACT_INTEGERS: f64 = 9_007_199_254_740_992.0;
 
 /// The `synthesis` job kind.
 pub struct SynthesisHandler {
@@ -846,5 +860,32 @@ mod tests {
             panic!()
         };
         assert_eq!(fresh, [Some("syn-1".into()), Some("syn-2".into())]);
+    }
+
+    /// Identifiers past 2^53 (snowflake ids, say) repeated: a float there counts by two or
+    /// more. They count exactly, past every value the rounded input may have been, and keep
+    /// the column's integer type in the output.
+    #[test]
+    fn fresh_identifiers_past_two_to_the_53_are_distinct_and_unseen() {
+        let real: Vec<i64> = vec![1_790_000_000_000_000_001, 1_790_000_000_000_000_257];
+        let read = Values::Numbers(real.iter().map(|&v| Some(v as f64)).collect());
+        let fresh = fresh_identifiers(&read, 1_000, false);
+        let output = table::to_frame(&Table {
+            columns: vec![Column {
+                name: "id".into(),
+                dtype: polars::prelude::DataType::Int64,
+                values: fresh,
+            }],
+        })
+        .unwrap();
+        let ids = output.column("id").unwrap().i64().unwrap();
+        let ids: Vec<i64> = ids.into_no_null_iter().collect();
+        let distinct: HashSet<i64> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), 1_000, "identifiers repeated");
+        assert!(
+            ids.iter().all(|id| id > real.iter().max().unwrap()),
+            "{:?}",
+            &ids[..3]
+        );
     }
 }

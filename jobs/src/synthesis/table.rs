@@ -267,6 +267,9 @@ pub fn to_frame(table: &Table) -> PolarsResult<DataFrame> {
                         .collect::<BooleanChunked>()
                         .into_series()
                         .with_name(column.name.as_str().into())
+                } else if column.dtype.is_integer() {
+                    // Identifiers too large for a float to count (see `fresh_identifiers`).
+                    text.strict_cast(&column.dtype)?
                 } else {
                     text
                 }
