@@ -161,9 +161,15 @@ function makes(schedule) {
 }
 
 async function loadSchedules() {
-  let list;
+  // Every page: a page ends early once its bytes pass the server's bound.
+  const list = { schedules: [] };
   try {
-    list = await api('GET', '/v1/schedules');
+    let cursor = '';
+    do {
+      const page = await api('GET', `/v1/schedules?limit=100${cursor ? `&cursor=${cursor}` : ''}`);
+      list.schedules.push(...page.schedules);
+      cursor = page.next_cursor;
+    } while (cursor);
   } catch (e) {
     showError($('schedules-error'), e);
     return;

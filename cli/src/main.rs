@@ -431,16 +431,28 @@ fn print_pipeline(p: &Value) {
 async fn schedules(client: &Client, action: ScheduleCommand) -> anyhow::Result<ExitCode> {
     let schedule = match action {
         ScheduleCommand::List => {
-            let list = client.send(client.get("/v1/schedules")).await?;
+            // Every page: a tenant has at most 100 schedules, but a page ends early once
+            // its bytes pass the server's bound.
+            let mut schedules = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let mut request = client.get("/v1/schedules").query(&[("limit", "100")]);
+                if let Some(cursor) = &cursor {
+                    request = request.query(&[("cursor", cursor)]);
+                }
+                let mut page = client.send(request).await?;
+                if let Some(items) = page["schedules"].as_array_mut() {
+                    schedules.append(items);
+                }
+                cursor = page["next_cursor"].as_str().map(str::to_owned);
+                if cursor.is_none() {
+                    break;
+                }
+            }
             if client.json {
-                print_json(&list);
+                print_json(&json!({ "schedules": schedules }));
             } else {
-                print_schedule_table(
-                    list["schedules"]
-                        .as_array()
-                        .map(Vec::as_slice)
-                        .unwrap_or(&[]),
-                );
+                print_schedule_table(&schedules);
             }
             return Ok(ExitCode::SUCCESS);
         }

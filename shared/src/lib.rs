@@ -16,6 +16,7 @@ pub mod memory;
 pub mod model;
 pub mod objects;
 pub mod owned;
+pub mod pages;
 pub mod pipelines;
 pub mod problem;
 pub mod queue;

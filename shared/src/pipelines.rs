@@ -11,15 +11,17 @@
 //! however many advancers race.
 
 use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{FromRow, PgConnection, PgPool};
 use std::collections::{HashMap, HashSet};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
     model::Job,
+    pages::{self, Page},
     quotas::{self, Quotas},
     FieldError,
 };
@@ -354,6 +356,11 @@ impl Step {
         matches!(self.ended(), Some(Ended::Failed | Ended::Cancelled))
     }
 
+    /// Whether it succeeded: the one end a step is never retried from.
+    pub fn succeeded(&self) -> bool {
+        self.ended() == Some(Ended::Succeeded)
+    }
+
     fn ended(&self) -> Option<Ended> {
         match (self.stored.as_str(), self.job_status.as_deref()) {
             ("cancelled", _) => Some(Ended::Cancelled),
@@ -535,13 +542,16 @@ pub async fn progress(
     .await
 }
 
-/// The tenant's pipelines (with their steps), newest first, after the `cursor` pipeline id.
+/// The tenant's pipelines (with their steps), newest first, after the `cursor` pipeline id;
+/// the page ends before the pipeline whose steps would take it past `budget` bytes (it holds
+/// one at least).
 pub async fn list(
     pool: &PgPool,
     tenant: Uuid,
     cursor: Option<Uuid>,
     limit: i64,
-) -> sqlx::Result<Vec<Pipeline>> {
+    budget: usize,
+) -> sqlx::Result<Page<Pipeline>> {
     let mut pipelines: Vec<Pipeline> = sqlx::query_as(
         "SELECT * FROM pipelines WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
          ORDER BY id DESC LIMIT $3",
@@ -552,20 +562,45 @@ pub async fn list(
     .fetch_all(pool)
     .await?;
     let ids: Vec<Uuid> = pipelines.iter().map(|p| p.id).collect();
-    let rows: Vec<Step> = sqlx::query_as(&format!(
-        "{STEP_SELECT} WHERE s.pipeline_id = ANY($1) ORDER BY s.position"
-    ))
-    .bind(&ids)
-    .fetch_all(pool)
-    .await?;
+    // The steps in the pipelines' order, so that the budget ends the page between two
+    // pipelines (never inside one): before the one whose steps would pass it.
+    let query = format!(
+        "{STEP_SELECT} WHERE s.pipeline_id = ANY($1) ORDER BY s.pipeline_id DESC, s.position"
+    );
+    let mut rows = std::pin::pin!(sqlx::query(&query).bind(&ids).fetch(pool));
     let mut by_pipeline: HashMap<Uuid, Vec<Step>> = HashMap::new();
-    for step in rows {
+    let (mut kept, mut reading, mut reading_bytes) = (0, None, 0);
+    let mut cut = None;
+    loop {
+        let row = rows.try_next().await?;
+        let step = row.as_ref().map(Step::from_row).transpose()?;
+        if let Some(last) = reading.filter(|_| step.as_ref().map(|s| s.pipeline_id) != reading) {
+            // `last`'s steps are all read.
+            if kept > 0 && kept + reading_bytes > budget {
+                by_pipeline.remove(&last);
+                cut = Some(last);
+                break;
+            }
+            kept += reading_bytes;
+            reading_bytes = 0;
+        }
+        let (Some(row), Some(step)) = (row, step) else {
+            break;
+        };
+        reading = Some(step.pipeline_id);
+        reading_bytes += pages::row_bytes(&row);
         by_pipeline.entry(step.pipeline_id).or_default().push(step);
+    }
+    if let Some(first_left) = cut {
+        pipelines.retain(|p| p.id > first_left);
     }
     for pipeline in &mut pipelines {
         pipeline.steps = by_pipeline.remove(&pipeline.id).unwrap_or_default();
     }
-    Ok(pipelines)
+    Ok(Page {
+        items: pipelines,
+        cut: cut.is_some(),
+    })
 }
 
 /// Takes the pipeline's row lock (for the rest of the transaction), so that its steps change

@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::{
     model::Job,
+    pages::{self, Page},
     pipelines::{self, Firing, NewPipeline, Validate},
     quotas::{self, Quotas},
     FieldError,
@@ -296,11 +297,23 @@ pub async fn create(
 }
 
 /// The tenant's schedules, oldest first.
-pub async fn list(pool: &PgPool, tenant: Uuid) -> sqlx::Result<Vec<Schedule>> {
-    sqlx::query_as("SELECT * FROM schedules WHERE tenant_id = $1 ORDER BY id")
-        .bind(tenant)
-        .fetch_all(pool)
-        .await
+/// The tenant's schedules after `cursor`, oldest first.
+pub async fn list(
+    pool: &PgPool,
+    tenant: Uuid,
+    cursor: Option<Uuid>,
+    limit: i64,
+    budget: usize,
+) -> sqlx::Result<Page<Schedule>> {
+    let rows = sqlx::query(
+        "SELECT * FROM schedules WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2)
+         ORDER BY id LIMIT $3",
+    )
+    .bind(tenant)
+    .bind(cursor)
+    .bind(limit)
+    .fetch(pool);
+    pages::within(rows, budget).await
 }
 
 pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Schedule>> {
@@ -378,8 +391,9 @@ pub async fn jobs(
     id: Uuid,
     cursor: Option<Uuid>,
     limit: i64,
-) -> sqlx::Result<Vec<Job>> {
-    sqlx::query_as(
+    budget: usize,
+) -> sqlx::Result<Page<Job>> {
+    let rows = sqlx::query(
         "SELECT * FROM jobs WHERE schedule_id = $1 AND tenant_id = $2
                             AND ($3::uuid IS NULL OR id < $3)
          ORDER BY id DESC LIMIT $4",
@@ -388,8 +402,8 @@ pub async fn jobs(
     .bind(tenant)
     .bind(cursor)
     .bind(limit)
-    .fetch_all(pool)
-    .await
+    .fetch(pool);
+    pages::within(rows, budget).await
 }
 
 /// One firing of a schedule, as its history shows it.

@@ -31,6 +31,9 @@ pub struct Settings {
     pub object_store: Option<BucketConfig>,
     /// `CONVEYOR_BODY_LIMIT`: largest JSON request body in bytes.
     pub body_limit: usize,
+    /// `CONVEYOR_PAGE_MAX_BYTES`: a list page ends early, with a cursor, once its rows pass
+    /// this many bytes (it always holds one).
+    pub page_max_bytes: usize,
     /// `CONVEYOR_HEARTBEAT_SECS`: how often a worker proves it is alive.
     pub heartbeat: Duration,
     /// `CONVEYOR_RESCUE_AFTER_SECS`: a running job whose worker has not heart-beaten for this
@@ -174,6 +177,7 @@ impl fmt::Debug for Settings {
             data_dir,
             object_store,
             body_limit,
+            page_max_bytes,
             heartbeat,
             rescue_after,
             events_ttl,
@@ -226,6 +230,7 @@ impl fmt::Debug for Settings {
             .field("data_dir", data_dir)
             .field("object_store", object_store)
             .field("body_limit", body_limit)
+            .field("page_max_bytes", page_max_bytes)
             .field("heartbeat", heartbeat)
             .field("rescue_after", rescue_after)
             .field("events_ttl", events_ttl)
@@ -319,6 +324,7 @@ impl Settings {
                     .map(|url| BucketConfig { url, options })
             },
             body_limit: vars.parse("BODY_LIMIT", "1048576")?,
+            page_max_bytes: vars.parse("PAGE_MAX_BYTES", "8388608")?,
             heartbeat: Duration::from_secs(vars.parse("HEARTBEAT_SECS", "2")?),
             rescue_after: Duration::from_secs(vars.parse("RESCUE_AFTER_SECS", "10")?),
             events_ttl: Duration::from_secs(vars.parse("EVENTS_TTL_SECS", "86400")?),
@@ -451,6 +457,7 @@ impl Settings {
             redis_prefix,
             listen: "127.0.0.1:0".parse().expect("literal address"),
             body_limit: 64 * 1024,
+            page_max_bytes: 8 << 20,
             heartbeat: Duration::from_millis(500),
             rescue_after: Duration::from_secs(3),
             events_ttl: Duration::from_secs(3600),

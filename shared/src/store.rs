@@ -7,7 +7,8 @@ use sqlx::{types::Json, PgPool, Postgres, QueryBuilder};
 use std::sync::Arc;
 use uuid::Uuid;
 
-use crate::model::{Job, JobStatus};
+use crate::model::{Job, JobStatus, StatusColumn};
+use crate::pages::{self, Page};
 
 /// A validated job about to be written.
 #[derive(Clone, Debug)]
@@ -154,7 +155,8 @@ pub async fn list_jobs(
     kind: Option<&str>,
     cursor: Option<Uuid>,
     limit: i64,
-) -> sqlx::Result<Vec<Job>> {
+    budget: usize,
+) -> sqlx::Result<Page<Job>> {
     let mut q = QueryBuilder::<Postgres>::new("SELECT * FROM jobs WHERE tenant_id = ");
     q.push_bind(tenant);
     if let Some(status) = status {
@@ -167,7 +169,7 @@ pub async fn list_jobs(
         q.push(" AND id < ").push_bind(cursor);
     }
     q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
-    q.build_query_as().fetch_all(pool).await
+    pages::within(q.build().fetch(pool), budget).await
 }
 
 /// Gives each requested id its row, once: a duplicate request gets `None`.
@@ -488,6 +490,75 @@ pub enum BulkChange {
     Retry,
 }
 
+/// A job a bulk change took, with what its events and announcements need: not the whole row,
+/// since up to 10,000 jobs' payloads (a megabyte each) would be gigabytes held at once.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Changed {
+    pub id: Uuid,
+    pub kind: String,
+    #[sqlx(try_from = "String")]
+    pub status: StatusColumn,
+    pub progress: f32,
+    pub attempt: i32,
+    pub pipeline_id: Option<Uuid>,
+}
+
+impl Changed {
+    pub fn status(&self) -> JobStatus {
+        self.status.0
+    }
+}
+
+impl BulkChange {
+    /// What the change sets, and which jobs it applies to beside the filter's.
+    fn sql(self) -> (&'static str, &'static str) {
+        match self {
+            BulkChange::Cancel => (
+                "status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
+                 cancel_requested = (status = 'running'),
+                 finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END",
+                concat!(crate::live_jobs!("jobs"), " AND NOT cancel_requested"),
+            ),
+            BulkChange::Retry => (
+                "status = 'queued', max_attempts = attempt + max_attempts,
+                 cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
+                 finished_at = NULL, run_at = now()",
+                "status IN ('failed', 'cancelled')",
+            ),
+        }
+    }
+}
+
+/// The tenant's jobs `filter` matches, by its parameters `$1`-`$3` and `$5`.
+const MATCHING: &str = "tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
+                        AND ($5::uuid IS NULL OR pipeline_id = $5)";
+
+/// How many of the tenant's jobs, by kind, `change` would take now (up to `limit`, oldest
+/// first): what a bulk retry charges to the rate and the quotas before it takes them.
+pub async fn count_matching(
+    db: impl sqlx::PgExecutor<'_>,
+    tenant: Uuid,
+    filter: &JobFilter,
+    change: BulkChange,
+    limit: i64,
+) -> sqlx::Result<Vec<(String, i64)>> {
+    let (_, applies) = change.sql();
+    let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+    sqlx::query_as(&format!(
+        "SELECT kind, count(*) FROM (
+             SELECT kind FROM jobs WHERE {MATCHING} AND {applies} ORDER BY id LIMIT $4
+         ) matching
+         GROUP BY kind ORDER BY kind"
+    ))
+    .bind(tenant)
+    .bind(statuses)
+    .bind(&filter.kind)
+    .bind(limit)
+    .bind(filter.pipeline_id)
+    .fetch_all(db)
+    .await
+}
+
 /// Applies `change` to up to `limit` of the tenant's jobs matching `filter` (and the
 /// statuses the change applies to), oldest first. Rows are locked in id order, so two bulk
 /// actions never deadlock.
@@ -497,35 +568,20 @@ pub async fn change_matching(
     filter: &JobFilter,
     change: BulkChange,
     limit: i64,
-) -> sqlx::Result<Vec<Job>> {
-    let (set, applies) = match change {
-        BulkChange::Cancel => (
-            "status = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN 'cancelled' ELSE status END,
-             cancel_requested = (status = 'running'),
-             finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END",
-            concat!(crate::live_jobs!("jobs"), " AND NOT cancel_requested"),
-        ),
-        BulkChange::Retry => (
-            "status = 'queued', max_attempts = attempt + max_attempts,
-             cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
-             finished_at = NULL, run_at = now()",
-            "status IN ('failed', 'cancelled')",
-        ),
-    };
+) -> sqlx::Result<Vec<Changed>> {
+    let (set, applies) = change.sql();
     let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
     // A job cancelled here (not running) is terminal: its webhook outbox goes in with it.
     sqlx::query_as(&format!(
         "WITH c AS (
          UPDATE jobs SET {set}, updated_at = now()
          WHERE id IN (
-             SELECT id FROM jobs
-             WHERE tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
-               AND ($5::uuid IS NULL OR pipeline_id = $5)
-               AND {applies}
+             SELECT id FROM jobs WHERE {MATCHING} AND {applies}
              ORDER BY id LIMIT $4 FOR UPDATE)
-         RETURNING *
+         RETURNING id, tenant_id, kind, status, progress, attempt, pipeline_id, finished_at,
+                   result, error
          ), {outbox}
-         SELECT * FROM c",
+         SELECT id, kind, status, progress, attempt, pipeline_id FROM c",
         outbox = crate::webhooks::outbox_cte("c"),
     ))
     .bind(tenant)
@@ -832,12 +888,15 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        let first = list_jobs(&db.pool, tenant, None, None, None, 3)
+        let budget = 1 << 20;
+        let first = list_jobs(&db.pool, tenant, None, None, None, 3, budget)
             .await
-            .unwrap();
-        let rest = list_jobs(&db.pool, tenant, None, None, Some(first[2].id), 3)
+            .unwrap()
+            .items;
+        let rest = list_jobs(&db.pool, tenant, None, None, Some(first[2].id), 3, budget)
             .await
-            .unwrap();
+            .unwrap()
+            .items;
         let ids: Vec<Uuid> = first.iter().chain(&rest).map(|j| j.id).collect();
         let newest_first: Vec<Uuid> = jobs.iter().rev().map(|j| j.id).collect();
         assert_eq!(ids, newest_first);
@@ -848,10 +907,63 @@ mod tests {
             Some("canary"),
             None,
             50,
+            budget,
         )
         .await
         .unwrap();
-        assert_eq!(canaries.len(), 3);
+        assert_eq!((canaries.items.len(), canaries.cut), (3, false));
+        // A budget smaller than a row still returns one, and says the page was cut.
+        let one = list_jobs(&db.pool, tenant, None, None, None, 50, 1)
+            .await
+            .unwrap();
+        assert_eq!((one.items.len(), one.cut), (1, true));
+        assert_eq!(one.next_cursor(50, |j| j.id), Some(newest_first[0]));
+    }
+
+    /// A bulk change returns what its events need, not the jobs' rows: up to 10,000 payloads
+    /// of a megabyte each were read into the API's memory at once. Counted as the blocks of
+    /// the jobs' TOAST table (where large payloads live) the change's transaction read.
+    #[tokio::test]
+    async fn a_bulk_change_reads_no_payloads() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let mut seed = 7u64;
+        let jobs: Vec<NewJob> = (0..20)
+            .map(|_| {
+                // Text that does not compress, so that each payload is stored out of line.
+                let text: Vec<String> = (0..1000)
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        format!("{:x}", seed >> 40)
+                    })
+                    .collect();
+                NewJob {
+                    payload: serde_json::json!({ "text": text.join(" ") }),
+                    ..new_job("canary", None)
+                }
+            })
+            .collect();
+        submit(&db, tenant, &jobs).await;
+        let mut tx = db.pool.begin().await.unwrap();
+        let filter = JobFilter {
+            statuses: vec![JobStatus::Queued],
+            ..Default::default()
+        };
+        let cancelled = change_matching(&mut *tx, tenant, &filter, BulkChange::Cancel, 100)
+            .await
+            .unwrap();
+        assert_eq!(cancelled.len(), 20);
+        assert!(cancelled.iter().all(|c| c.status() == JobStatus::Cancelled));
+        let read: i64 = sqlx::query_scalar(
+            "SELECT pg_stat_get_xact_blocks_fetched(reltoastrelid) FROM pg_class
+             WHERE relname = 'jobs'",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(read, 0, "the bulk change read {read} blocks of payloads");
     }
 
     #[tokio::test]

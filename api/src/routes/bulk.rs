@@ -1,13 +1,18 @@
 //! Bulk actions: cancel or retry every job of the tenant matching a filter, up to 10,000 per
-//! request (`more` says whether to send it again).
+//! request (`more` says whether to send it again). A retry draws a submission rate token for
+//! each job it queues again.
 
-use axum::{extract::State, Json};
+use axum::{
+    extract::State,
+    response::{IntoResponse, Response},
+    Json,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shared::{
     events::{Event, EventType},
-    store::{self, BulkChange, JobFilter},
-    FieldError, Job, JobStatus, Problem,
+    store::{self, BulkChange, Changed, JobFilter},
+    FieldError, JobStatus, Problem,
 };
 use std::collections::BTreeSet;
 use utoipa::ToSchema;
@@ -31,6 +36,8 @@ pub struct BulkFilter {
     pub kind: Option<String>,
     /// Only the steps of this pipeline of the tenant's (404 for any other).
     pub pipeline_id: Option<uuid::Uuid>,
+    /// The most jobs to change, oldest first: 1-10,000 (the default).
+    pub limit: Option<i64>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -41,14 +48,14 @@ pub struct BulkResult {
     pub more: bool,
 }
 
-/// The filter, its statuses limited to those `allowed` (422 naming `status` otherwise), its
-/// pipeline the tenant's own (404 otherwise).
+/// The filter and the request's limit, its statuses limited to those `allowed` (422 naming
+/// `status` otherwise), its pipeline the tenant's own (404 otherwise).
 async fn filter(
     state: &AppState,
     tenant: uuid::Uuid,
     body: BulkFilter,
     allowed: &[JobStatus],
-) -> Result<JobFilter, Problem> {
+) -> Result<(JobFilter, i64), Problem> {
     if let Some(pipeline) = body.pipeline_id {
         let mut db = state.pool.acquire().await?;
         shared::pipelines::get(&mut db, tenant, pipeline)
@@ -69,10 +76,17 @@ async fn filter(
             errors.push(FieldError::new("kind", format!("unknown kind {kind:?}")));
         }
     }
+    let limit = body.limit.unwrap_or(MAX_BULK);
+    if !(1..=MAX_BULK).contains(&limit) {
+        errors.push(FieldError::new(
+            "limit",
+            format!("must be between 1 and {MAX_BULK}"),
+        ));
+    }
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    Ok(JobFilter {
+    let filter = JobFilter {
         statuses: if body.status.is_empty() {
             allowed.to_vec()
         } else {
@@ -80,7 +94,8 @@ async fn filter(
         },
         kind: body.kind,
         pipeline_id: body.pipeline_id,
-    })
+    };
+    Ok((filter, limit))
 }
 
 #[utoipa::path(post, path = "/v1/jobs/cancel", tag = "jobs", request_body = BulkFilter,
@@ -92,15 +107,15 @@ pub async fn cancel(
 ) -> Result<Json<BulkResult>, Problem> {
     use JobStatus::*;
     let tenant = writer.tenant().0;
-    let filter = filter(
+    let (filter, limit) = filter(
         &state,
         tenant,
         body,
         &[Scheduled, Queued, Retrying, Running],
     )
     .await?;
-    let (jobs, more) = apply(&state, &writer, &filter, BulkChange::Cancel).await?;
-    let (stopped, running): (Vec<&Job>, Vec<&Job>) = jobs
+    let jobs = apply(&state, &writer, &filter, BulkChange::Cancel, limit).await?;
+    let (stopped, running): (Vec<&Changed>, Vec<&Changed>) = jobs
         .iter()
         .partition(|j| j.status() == JobStatus::Cancelled);
     let events: Vec<_> = stopped
@@ -127,26 +142,45 @@ pub async fn cancel(
     }
     Ok(Json(BulkResult {
         count: jobs.len(),
-        more,
+        more: jobs.len() as i64 >= limit,
     }))
 }
 
 #[utoipa::path(post, path = "/v1/jobs/retry", tag = "jobs", request_body = BulkFilter,
-    responses((status = 200, body = BulkResult), (status = 422, body = Problem)))]
+    responses((status = 200, body = BulkResult), (status = 422, body = Problem),
+              (status = 403, body = Problem, description = "a quota of the tenant would be exceeded (`max_queued`, or one on what the matching jobs' kinds add)"),
+              (status = 429, body = Problem, description = "the submission rate, a token a job, cannot cover the jobs matched: wait, or pass a smaller `limit`")))]
 pub async fn retry(
     State(state): State<AppState>,
     writer: Writer,
     JsonBody(body): JsonBody<BulkFilter>,
-) -> Result<Json<BulkResult>, Problem> {
+) -> Result<Response, Problem> {
     let tenant = writer.tenant().0;
-    let filter = filter(
+    let (filter, limit) = filter(
         &state,
         tenant,
         body,
         &[JobStatus::Failed, JobStatus::Cancelled],
     )
     .await?;
-    let (jobs, more) = apply(&state, &writer, &filter, BulkChange::Retry).await?;
+    // Jobs retried are queued again, as submitted ones are: no more than the tenant's
+    // `max_queued` leaves room for, a rate token each, and the quotas on what their kinds
+    // add. Counted before the change, which takes no more than were counted.
+    let room = state.limits.requeue_room(tenant, limit).await?;
+    let matching =
+        store::count_matching(&state.pool, tenant, &filter, BulkChange::Retry, room).await?;
+    let matched: Vec<&str> = matching.iter().map(|(kind, _)| kind.as_str()).collect();
+    state.limits.check_output_quotas(tenant, &matched).await?;
+    let counted: i64 = matching.iter().map(|(_, n)| n).sum();
+    if counted > 0 {
+        let admitted = state
+            .limits
+            .admit(tenant, writer.0.key.id, counted as usize);
+        if let Err(refused) = admitted.await {
+            return Ok(refused);
+        }
+    }
+    let jobs = apply(&state, &writer, &filter, BulkChange::Retry, counted).await?;
     let events: Vec<_> = jobs
         .iter()
         .map(|j| {
@@ -167,38 +201,28 @@ pub async fn retry(
     for pipeline in pipelines {
         crate::routes::pipelines::move_on_alone(&state, tenant, pipeline, true).await;
     }
-    Ok(Json(BulkResult {
+    let result = BulkResult {
         count: jobs.len(),
-        more,
-    }))
+        more: jobs.len() as i64 >= room,
+    };
+    Ok(Json(result).into_response())
 }
 
-/// Changes the matching jobs and writes their audit rows in one transaction; returns them,
-/// and whether more may be left (a request that changed its limit's worth).
+/// Changes up to `limit` of the matching jobs and writes their audit rows in one transaction;
+/// returns them.
 async fn apply(
     state: &AppState,
     writer: &Writer,
     filter: &JobFilter,
     change: BulkChange,
-) -> Result<(Vec<Job>, bool), Problem> {
+    limit: i64,
+) -> Result<Vec<Changed>, Problem> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
     let action = match change {
         BulkChange::Cancel => Action::JobCancel,
         BulkChange::Retry => Action::JobRetry,
-    };
-    // Jobs retried are queued again: no more than the tenant's `max_queued` leaves room for.
-    let limit = match change {
-        BulkChange::Cancel => MAX_BULK,
-        BulkChange::Retry => {
-            // What the retried imports and ingests add is held to its quotas too: a tenant
-            // past one retries other kinds by naming them.
-            let kinds = match &filter.kind {
-                Some(kind) => vec![kind.as_str()],
-                None => vec!["import", "ingest"],
-            };
-            let tenant = writer.tenant().0;
-            state.limits.check_output_quotas(tenant, &kinds).await?;
-            state.limits.requeue_room(tenant, MAX_BULK).await?
-        }
     };
     let mut tx = state.pool.begin().await?;
     let jobs = store::change_matching(&mut *tx, writer.tenant().0, filter, change, limit).await?;
@@ -206,10 +230,9 @@ async fn apply(
     let actor = Actor::from(&writer.0);
     audit::jobs_changed(&mut *tx, &actor, action, &ids, json!({"bulk": true})).await?;
     tx.commit().await?;
-    let more = jobs.len() as i64 >= limit;
-    Ok((jobs, more))
+    Ok(jobs)
 }
 
-fn kinds<'a>(jobs: &[&'a Job]) -> BTreeSet<&'a str> {
+fn kinds<'a>(jobs: &[&'a Changed]) -> BTreeSet<&'a str> {
     jobs.iter().map(|j| j.kind.as_str()).collect()
 }

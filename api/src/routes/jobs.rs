@@ -343,17 +343,20 @@ pub async fn list(
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }
-    let jobs = store::list_jobs(
+    let page = store::list_jobs(
         &state.pool,
         tenant.0,
         status,
         params.kind.as_deref(),
         cursor,
         limit,
+        state.settings.page_max_bytes,
     )
     .await?;
-    let next_cursor = page::next_cursor(&jobs, limit, |j| j.id);
-    Ok(Json(JobList { jobs, next_cursor }))
+    Ok(Json(JobList {
+        next_cursor: page.next_cursor(limit, |j| j.id),
+        jobs: page.items,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path)),

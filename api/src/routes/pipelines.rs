@@ -27,7 +27,7 @@ use crate::{
     auth::{Tenant, Writer},
     extract::HashedJson,
     routes::jobs::{self, announce_cancel, announce_created, announce_retry},
-    routes::page::{self, Page},
+    routes::page::Page,
     AppState,
 };
 
@@ -346,11 +346,17 @@ pub async fn list(
     Params(params): Params<Page>,
 ) -> Result<Json<PipelineList>, Problem> {
     let (limit, cursor) = params.checked()?;
-    let pipelines = pipelines::list(&state.pool, tenant.0, cursor, limit).await?;
-    let next_cursor = page::next_cursor(&pipelines, limit, |p| p.id);
+    let page = pipelines::list(
+        &state.pool,
+        tenant.0,
+        cursor,
+        limit,
+        state.settings.page_max_bytes,
+    )
+    .await?;
     Ok(Json(PipelineList {
-        pipelines,
-        next_cursor,
+        next_cursor: page.next_cursor(limit, |p| p.id),
+        pipelines: page.items,
     }))
 }
 
@@ -400,14 +406,17 @@ pub async fn retry_step(
     let tenant = writer.tenant();
     let id = parse_id(&id, "pipeline")?;
     // A retry queues the step's job again, as a submission would: the same rate and quotas
-    // hold.
+    // hold. The token is drawn for any step that is or may yet be failed or cancelled: its
+    // state is read before the transaction, and one that fails in between is retried.
     let pipeline = pipelines::get(&mut *state.pool.acquire().await?, tenant.0, id).await?;
     let step = pipeline.and_then(|p| p.steps.into_iter().find(|s| s.name == name));
-    if let Some(step) = step.filter(|s| s.is_retryable()) {
+    if let Some(step) = step.filter(|s| !s.succeeded()) {
         if let Err(refused) = state.limits.admit(tenant.0, writer.0.key.id, 1).await {
             return Ok(refused);
         }
-        state.limits.check_quotas(tenant.0, &[&step.kind]).await?;
+        if step.is_retryable() {
+            state.limits.check_quotas(tenant.0, &[&step.kind]).await?;
+        }
     }
     let mut tx = state.pool.begin().await?;
     let (job, advanced) =

@@ -61,6 +61,8 @@ pub struct CreateSchedule {
 #[derive(Serialize, ToSchema)]
 pub struct ScheduleList {
     pub schedules: Vec<Schedule>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<Uuid>,
 }
 
 fn not_found() -> Problem {
@@ -211,18 +213,33 @@ pub async fn create(
         .into_response())
 }
 
-#[utoipa::path(get, path = "/v1/schedules", tag = "schedules",
-    responses((status = 200, body = ScheduleList)))]
+#[utoipa::path(get, path = "/v1/schedules", tag = "schedules", params(Page),
+    responses((status = 200, body = ScheduleList, description = "oldest first"),
+              (status = 422, body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
+    Params(params): Params<Page>,
 ) -> Result<Json<ScheduleList>, Problem> {
-    let schedules = schedules::list(&state.pool, tenant.0)
-        .await?
+    let (limit, cursor) = params.checked()?;
+    let page = schedules::list(
+        &state.pool,
+        tenant.0,
+        cursor,
+        limit,
+        state.settings.page_max_bytes,
+    )
+    .await?;
+    let next_cursor = page.next_cursor(limit, |s| s.id);
+    let schedules = page
+        .items
         .into_iter()
         .map(Schedule::with_next_fires)
         .collect();
-    Ok(Json(ScheduleList { schedules }))
+    Ok(Json(ScheduleList {
+        schedules,
+        next_cursor,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = Uuid, Path)),
@@ -319,9 +336,19 @@ pub async fn jobs(
     schedules::get(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(not_found)?;
-    let jobs = schedules::jobs(&state.pool, tenant.0, id, cursor, limit).await?;
-    let next_cursor = page::next_cursor(&jobs, limit, |j| j.id);
-    Ok(Json(JobList { jobs, next_cursor }))
+    let page = schedules::jobs(
+        &state.pool,
+        tenant.0,
+        id,
+        cursor,
+        limit,
+        state.settings.page_max_bytes,
+    )
+    .await?;
+    Ok(Json(JobList {
+        next_cursor: page.next_cursor(limit, |j| j.id),
+        jobs: page.items,
+    }))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -14,6 +14,18 @@ async fn set_limits(app: &TestApp, args: &[&str]) {
     serde_json::from_str::<Value>(&stdout).expect("the limits, as JSON");
 }
 
+/// Submits a pipeline of one canary step, `a`; returns its id.
+async fn one_step_pipeline(app: &TestApp) -> String {
+    let (status, pipeline) = app
+        .post(
+            "/v1/pipelines",
+            &json!({"steps": [{"name": "a", "kind": "canary", "payload": {"steps": 1}}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    pipeline["id"].as_str().unwrap().to_owned()
+}
+
 async fn jobs_written(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM jobs")
         .fetch_one(app.pool())
@@ -160,14 +172,7 @@ async fn a_retry_takes_a_rate_token_as_a_submission_does() {
 async fn a_pipeline_step_retry_is_held_to_the_quotas() {
     let app = TestApp::spawn().await;
     set_limits(&app, &["--max-queued", "1"]).await;
-    let (status, pipeline) = app
-        .post(
-            "/v1/pipelines",
-            &json!({"steps": [{"name": "a", "kind": "canary", "payload": {"steps": 1}}]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
-    let id = pipeline["id"].as_str().unwrap();
+    let id = one_step_pipeline(&app).await;
     let (status, body) = app
         .post(&format!("/v1/pipelines/{id}/cancel"), &json!({}))
         .await;
@@ -193,14 +198,7 @@ async fn a_pipeline_step_retry_is_held_to_the_quotas() {
 async fn a_step_retry_after_its_job_was_deleted_takes_a_rate_token() {
     let app = TestApp::spawn().await;
     set_limits(&app, &["--rate", "1/h", "--burst", "2"]).await;
-    let (status, pipeline) = app
-        .post(
-            "/v1/pipelines",
-            &json!({"steps": [{"name": "a", "kind": "canary", "payload": {"steps": 1}}]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
-    let id = pipeline["id"].as_str().unwrap().to_owned();
+    let id = one_step_pipeline(&app).await;
     let mut answers = Vec::new();
     for _ in 0..2 {
         let (status, body) = app
@@ -303,6 +301,65 @@ async fn a_pipelines_waiting_steps_count_against_max_queued() {
     let (_, tenant) = app.get("/v1/tenant").await;
     assert_eq!(tenant["usage"]["live_jobs"], 1, "{tenant}");
     assert_eq!(tenant["usage"]["waiting_steps"], 49, "{tenant}");
+}
+
+/// A step retry that finds the step still live takes a rate token too, as a job retry does:
+/// the step's state is read before the retry's transaction, and one that failed in between
+/// was retried without a token.
+#[tokio::test]
+async fn a_step_retry_takes_a_rate_token_while_its_step_is_live() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--rate", "1/h", "--burst", "3"]).await;
+    let id = one_step_pipeline(&app).await;
+    let retry = format!("/v1/pipelines/{id}/steps/a/retry");
+    let (status, body) = app.post(&retry, &json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "still queued: {body}");
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = app
+            .post(&format!("/v1/pipelines/{id}/cancel"), &json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        answers.push(app.post(&retry, &json!({})).await.0);
+    }
+    // The submission, the refused retry and the first retry took the three tokens.
+    assert_eq!(
+        answers,
+        [StatusCode::ACCEPTED, StatusCode::TOO_MANY_REQUESTS]
+    );
+}
+
+/// A bulk retry queues jobs again as a batch submits them: a token each (it took none, so
+/// cancel-all and retry-all queued any number of jobs past the rate). Refused, it changes
+/// nothing; a `limit` the bucket covers goes.
+#[tokio::test]
+async fn a_bulk_retry_takes_a_rate_token_per_job() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--rate", "1/h", "--burst", "4"]).await;
+    let jobs: Vec<Value> = (0..3)
+        .map(|_| json!({"kind": "canary", "payload": {"steps": 1}}))
+        .collect();
+    let (status, body) = app.post("/v1/jobs/batch", &json!({ "jobs": jobs })).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, body) = app.post("/v1/jobs/cancel", &json!({})).await;
+    assert_eq!((status, body["count"].as_i64()), (StatusCode::OK, Some(3)));
+    let (status, body) = app.post("/v1/jobs/retry", &json!({})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let (_, cancelled) = app.get("/v1/jobs?status=cancelled").await;
+    assert_eq!(
+        cancelled["jobs"].as_array().unwrap().len(),
+        3,
+        "{cancelled}"
+    );
+    let (status, body) = app.post("/v1/jobs/retry", &json!({"limit": 1})).await;
+    assert_eq!(
+        (status, body["count"].as_i64(), body["more"].as_bool()),
+        (StatusCode::OK, Some(1), Some(true)),
+        "{body}"
+    );
+    let (status, body) = app.post("/v1/jobs/retry", &json!({"limit": 0})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["errors"][0]["field"], "limit", "{body}");
 }
 
 /// Past `max_queued` a submission (or a batch) is refused whole, naming the quota; past

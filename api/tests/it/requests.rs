@@ -456,3 +456,67 @@ async fn an_answer_names_at_most_a_hundred_faults() {
         json!([{"field": "payload.documents", "message": "must hold 1 to 10000 documents"}])
     );
 }
+
+/// Every item of a list, page after page: the pages' lengths and the ids in order.
+async fn every_page(app: &TestApp, path: &str, field: &str) -> (Vec<usize>, Vec<String>) {
+    let (mut lengths, mut ids) = (Vec::new(), Vec::new());
+    let mut cursor: Option<String> = None;
+    loop {
+        let page_path = match &cursor {
+            Some(c) => format!("{path}?limit=500&cursor={c}"),
+            None => format!("{path}?limit=500"),
+        };
+        let (status, page) = app.get(&page_path).await;
+        assert_eq!(status, 200, "{page}");
+        let items = page[field].as_array().unwrap();
+        lengths.push(items.len());
+        ids.extend(items.iter().map(|i| i["id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return (lengths, ids),
+        }
+    }
+}
+
+/// A page of 500 jobs, pipelines or schedules of a megabyte each was read whole into the API's
+/// memory for one request. A page now ends, with a cursor, once its rows pass
+/// `page_max_bytes`; following the cursors still gives every item once.
+#[tokio::test]
+async fn list_pages_end_at_their_byte_bound() {
+    let app = TestApp::spawn_with(|s| s.page_max_bytes = 100_000).await;
+    let collection = crate::ingest::create_collection(&app, json!({"name": "notes"})).await;
+    let text = "word ".repeat(6_000);
+    let ingest = |i: usize| {
+        json!({"collection_id": collection,
+               "documents": [{"id": format!("doc{i}"), "text": text}]})
+    };
+    for i in 0..6 {
+        let (status, body) = app
+            .post("/v1/jobs", &json!({"kind": "ingest", "payload": ingest(i)}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    for i in 0..4 {
+        let step = json!({"name": "index", "kind": "ingest", "payload": ingest(i)});
+        let (status, body) = app.post("/v1/pipelines", &json!({"steps": [step]})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let schedule = json!({"name": format!("s{i}"), "cron": "0 0 1 1 *", "paused": true,
+                              "job": {"kind": "ingest", "payload": ingest(i)}});
+        let (status, body) = app.post("/v1/schedules", &schedule).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    // Six jobs and the pipelines' four, 30 KB each; four pipelines and schedules.
+    for (path, field, count) in [
+        ("/v1/jobs", "jobs", 10),
+        ("/v1/pipelines", "pipelines", 4),
+        ("/v1/schedules", "schedules", 4),
+    ] {
+        let (lengths, ids) = every_page(&app, path, field).await;
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!((ids.len(), unique.len()), (count, count), "{path}: {ids:?}");
+        assert!(
+            lengths.iter().all(|&n| n <= 4) && lengths.len() > 1,
+            "{path}: pages of {lengths:?} items under a 100 KB bound"
+        );
+    }
+}
