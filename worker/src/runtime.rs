@@ -149,6 +149,10 @@ struct RunningJob {
     token: CancellationToken,
     /// Set when the worker itself stops the job (shutdown), as opposed to a user's cancel.
     interrupted: Arc<AtomicBool>,
+    /// Cancelled once this attempt's handler has returned (or was dropped).
+    ended: CancellationToken,
+    /// An earlier attempt of the same job still running here, which this one waits for.
+    after: Option<CancellationToken>,
 }
 
 impl Runtime {
@@ -382,9 +386,19 @@ impl Runtime {
         {
             let mut running = self.running.lock().expect("running lock");
             for job in jobs {
+                // The job was rescued from this worker (its heartbeats did not arrive) and
+                // claimed here again while its earlier attempt still runs: that attempt is
+                // stopped, and this one starts once it has.
+                let after = running.get(&job.id).map(|earlier| {
+                    tracing::warn!(job = %job.id, "claimed again while an earlier attempt still ran here: that one is stopped");
+                    earlier.token.cancel();
+                    earlier.ended.clone()
+                });
                 let entry = RunningJob {
                     token: CancellationToken::new(),
                     interrupted: Arc::new(AtomicBool::new(false)),
+                    ended: CancellationToken::new(),
+                    after,
                 };
                 running.insert(job.id, entry.clone());
                 claimed.push((job, entry));
@@ -630,7 +644,13 @@ impl Runtime {
         slot: OwnedSemaphorePermit,
         writing: &Arc<Semaphore>,
     ) {
-        let (outcome, usage) = self.run_attempt(&job, &running).await;
+        let (outcome, usage) = {
+            let _ended = running.ended.clone().drop_guard();
+            if let Some(earlier) = &running.after {
+                earlier.cancelled().await;
+            }
+            self.run_attempt(&job, &running).await
+        };
         let _held = match writing.clone().try_acquire_owned() {
             Ok(permit) => {
                 drop(slot);

@@ -109,6 +109,48 @@ async fn a_worker_stops_a_job_whose_lease_it_lost() {
     let _ = std::fs::remove_file(&log);
 }
 
+/// A job rescued from a worker whose heartbeats did not arrive may be claimed by that same
+/// worker again while its first attempt still runs there: the rows name this worker again, so
+/// nothing stopped the first attempt, and two ran at once. The earlier attempt is stopped and
+/// the new one waits for it.
+#[tokio::test]
+async fn a_job_claimed_again_by_its_own_worker_stops_the_earlier_attempt() {
+    let app = TestApp::spawn().await;
+    let log = std::env::temp_dir().join(format!("reclaimed-{}.log", uuid::Uuid::new_v4()));
+    let _worker =
+        app.spawn_worker_process_logging("canary=2", &[], std::fs::File::create(&log).unwrap());
+    let id = app
+        .submit_canary(json!({"steps": 600, "step_ms": 100}))
+        .await;
+    app.wait_status(id, &["running"], Duration::from_secs(30))
+        .await;
+    // As a rescue leaves the row; the worker's next full claim takes it again.
+    sqlx::query("UPDATE jobs SET status = 'queued', worker = NULL WHERE id = $1")
+        .bind(id)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("an earlier attempt still ran here") && text.contains(&id.to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the earlier attempt was not stopped:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = app.job(id).await;
+    assert_eq!(
+        (job["status"].as_str(), job["attempt"].as_i64()),
+        (Some("running"), Some(2)),
+        "{job}"
+    );
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Past the grace period, SIGTERM hands the running job back to the queue: the worker exits
 /// cleanly, the job is `queued` again (neither lost nor failed), and another worker runs it
 /// to the end.
