@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{types::Json, PgPool, Postgres, QueryBuilder};
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 use uuid::Uuid;
 
 use crate::model::{Job, JobStatus, StatusColumn};
@@ -275,6 +275,41 @@ impl From<Job> for Ended {
 
 /// Records the ends of attempts in one statement. Per item: the row after the change, or
 /// `None` if the attempt no longer owns the job (the rescuer gave it to another worker).
+/// PostgreSQL stores no NUL character (in `text`, nor as `\u0000` in `jsonb`): an outcome
+/// holding one (a label read from a tenant's file, say) failed its whole finish batch, which
+/// was retried for ever, the job `running` and its batch's neighbours with it. It is stored
+/// as U+FFFD.
+fn storable_text(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
+fn storable_value(value: &Value) -> Cow<'_, Value> {
+    fn has_nul(value: &Value) -> bool {
+        match value {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(has_nul),
+            Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    fn replaced(value: &Value) -> Value {
+        match value {
+            Value::String(s) => Value::String(storable_text(s)),
+            Value::Array(items) => Value::Array(items.iter().map(replaced).collect()),
+            Value::Object(fields) => fields
+                .iter()
+                .map(|(k, v)| (storable_text(k), replaced(v)))
+                .collect(),
+            other => other.clone(),
+        }
+    }
+    if has_nul(value) {
+        Cow::Owned(replaced(value))
+    } else {
+        Cow::Borrowed(value)
+    }
+}
+
 pub async fn finish_many(
     db: impl sqlx::PgExecutor<'_>,
     items: &[Finish],
@@ -292,10 +327,12 @@ pub async fn finish_many(
     let mut terminal = Vec::with_capacity(n);
     for item in &ordered {
         let (r, e, at) = match &*item.outcome {
-            Outcome::Succeeded(value) => (Some(Json(value)), None, None),
+            Outcome::Succeeded(value) => (Some(Json(storable_value(value))), None, None),
             Outcome::Cancelled => (None, None, None),
-            Outcome::Retrying { error, retry_at } => (None, Some(error.clone()), Some(*retry_at)),
-            Outcome::Failed(error) => (None, Some(error.clone()), None),
+            Outcome::Retrying { error, retry_at } => {
+                (None, Some(storable_text(error)), Some(*retry_at))
+            }
+            Outcome::Failed(error) => (None, Some(storable_text(error)), None),
         };
         status.push(item.outcome.status().as_str());
         terminal.push(item.outcome.status().is_terminal());
@@ -964,6 +1001,32 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(read, 0, "the bulk change read {read} blocks of payloads");
+    }
+
+    /// An outcome holding a NUL character failed its whole finish batch (PostgreSQL stores
+    /// none), retried for ever: the job and its batch's neighbours stayed `running`.
+    #[tokio::test]
+    async fn outcomes_holding_nul_characters_are_stored_with_their_batch() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let jobs = [new_job("canary", None), new_job("canary", None)];
+        submit(&db, tenant, &jobs).await;
+        let claimed = claim_jobs(&db.pool, "canary", "w1", 4, None, false)
+            .await
+            .unwrap();
+        let (a, b) = (&claimed[0], &claimed[1]);
+        let result = serde_json::json!({"top": ["a\u{0}b"], "k\u{0}": 1});
+        let finishes = [
+            finish(a, Outcome::Succeeded(result)),
+            finish(b, Outcome::Failed("bad \u{0} label".into())),
+        ];
+        let ended = finish_many(&db.pool, &finishes).await.unwrap();
+        assert!(ended.iter().all(Option::is_some));
+        let a = get_job(&db.pool, tenant, a.id).await.unwrap().unwrap();
+        assert_eq!(a.status(), JobStatus::Succeeded);
+        assert_eq!(a.result.unwrap()["top"][0], "a\u{FFFD}b");
+        let b = get_job(&db.pool, tenant, b.id).await.unwrap().unwrap();
+        assert_eq!(b.error.as_deref(), Some("bad \u{FFFD} label"));
     }
 
     #[tokio::test]
