@@ -313,6 +313,32 @@ async fn a_malformed_csv_under_abort_leaves_the_target_untouched() {
     );
 }
 
+/// Rows the target refuses when the import applies them were never written: they counted in
+/// the attempt's `rows_written`, and so against `max_rows_per_day` (a retried apply, twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_target_refuses_do_not_count_as_imported() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    psql(
+        &app.target_url(),
+        "CREATE TABLE positive (id bigint PRIMARY KEY, amount integer CHECK (amount > 0))",
+    );
+    let csv = b"id,amount\n1,10\n2,-5\n3,30\n";
+    let dataset = app.upload_dataset("refused.csv", csv).await;
+    let job = import_failed(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "positive"}, "mode": "append"}),
+    )
+    .await;
+    assert!(job["error"].as_str().unwrap().contains("amount"), "{job}");
+    assert_eq!(
+        psql(&app.target_url(), "SELECT count(*) FROM positive"),
+        "0"
+    );
+    let (_, tenant) = app.get("/v1/tenant").await;
+    assert_eq!(tenant["usage"]["rows_imported_today"], 0, "{tenant}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_csv_under_skip_imports_the_rest_and_reports_each_rejected_row() {
     let mut app = TestApp::spawn().await;

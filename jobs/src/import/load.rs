@@ -371,7 +371,6 @@ async fn import(
 
     let meter = ctx.meter();
     Meter::add(&meter.rows_read, summary.rows_read as i64);
-    Meter::add(&meter.rows_written, imported as i64);
     Meter::add(&meter.bytes_read, dataset.size_bytes);
     let mut result = ImportOutput {
         table: format!("{schema}.{table}"),
@@ -407,6 +406,9 @@ async fn import(
         started,
     )
     .await?;
+    // Written once committed: a failed or retried apply (whose rows never landed) counted
+    // them against `max_rows_per_day`.
+    Meter::add(&meter.rows_written, imported as i64);
     Ok(result)
 }
 
