@@ -88,6 +88,7 @@ pub async fn hand_back_unknown(
          UPDATE jobs SET
              status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
              finished_at = CASE WHEN cancel_requested THEN now() END,
+             attempt_budget = coalesce(attempt_budget, max_attempts),
              max_attempts = max_attempts + 1, worker = NULL, progress = 0, updated_at = now()
          WHERE id IN (SELECT id FROM jobs
                       WHERE worker = $1 AND status = 'running' AND id <> ALL ($2)

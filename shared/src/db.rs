@@ -194,6 +194,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261213"),
             include_str!("../../migrations/checksums-20261214"),
             include_str!("../../migrations/checksums-20261215"),
+            include_str!("../../migrations/checksums-20261216"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -212,7 +213,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261215"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261216"
                 ),
             }
         }

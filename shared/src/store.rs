@@ -431,6 +431,7 @@ pub async fn requeue(
         "WITH r AS (
          UPDATE jobs SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
              finished_at = CASE WHEN cancel_requested THEN now() END,
+             attempt_budget = coalesce(attempt_budget, max_attempts),
              max_attempts = max_attempts + 1, worker = NULL, progress = 0, updated_at = now()
          WHERE id = $1 AND attempt = $2 AND status = 'running' AND worker = $3
          RETURNING *
@@ -473,19 +474,25 @@ pub async fn request_cancel(
         .await
 }
 
+/// A retry: queued again with its budget of attempts afresh (as submitted: a hand-back raises
+/// `max_attempts`, see `attempt_budget`), and a clean slate of worker deaths.
+const RETRY: &str = "status = 'queued',
+    max_attempts = attempt + coalesce(attempt_budget, max_attempts),
+    attempt_budget = coalesce(attempt_budget, max_attempts), worker_deaths = 0,
+    cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
+    finished_at = NULL, run_at = now()";
+
 /// Puts a failed or cancelled job back in the queue with a fresh attempt budget.
 pub async fn retry(
     pool: impl sqlx::PgExecutor<'_>,
     tenant: Uuid,
     id: Uuid,
 ) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', max_attempts = attempt + max_attempts,
-             cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
-             finished_at = NULL, run_at = now(), updated_at = now()
+    sqlx::query_as(&format!(
+        "UPDATE jobs SET {RETRY}, updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status IN ('failed', 'cancelled')
-         RETURNING *",
-    )
+         RETURNING *"
+    ))
     .bind(id)
     .bind(tenant)
     .fetch_optional(pool)
@@ -556,12 +563,7 @@ impl BulkChange {
                  finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END",
                 concat!(crate::live_jobs!("jobs"), " AND NOT cancel_requested"),
             ),
-            BulkChange::Retry => (
-                "status = 'queued', max_attempts = attempt + max_attempts,
-                 cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
-                 finished_at = NULL, run_at = now()",
-                "status IN ('failed', 'cancelled')",
-            ),
+            BulkChange::Retry => (RETRY, "status IN ('failed', 'cancelled')"),
         }
     }
 }
@@ -1001,6 +1003,53 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(read, 0, "the bulk change read {read} blocks of payloads");
+    }
+
+    /// A retry grants the job's budget of attempts afresh: `attempt + max_attempts` doubled it
+    /// at each retry (3 more, then 6, then 12), a hand-back's free attempt included; and the
+    /// count of workers it killed starts again.
+    #[tokio::test]
+    async fn each_retry_grants_the_submitted_budget_of_attempts() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let id = submit(&db, tenant, &[new_job("canary", None)]).await[0]
+            .job
+            .id;
+        // Claimed and handed back (that attempt is free: 4 allowed now), then failed at its
+        // last attempt, having killed two workers.
+        claim_jobs(&db.pool, "canary", "w1", 1, None, false)
+            .await
+            .unwrap();
+        requeue(&db.pool, id, 1, "w1").await.unwrap().unwrap();
+        let fail = |attempt: i32| {
+            sqlx::query(
+                "UPDATE jobs SET status = 'failed', attempt = $2, worker_deaths = 2 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(attempt)
+            .execute(&db.pool)
+        };
+        let budget = || async {
+            let job = get_job(&db.pool, tenant, id).await.unwrap().unwrap();
+            let deaths: i32 = sqlx::query_scalar("SELECT worker_deaths FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            (job.max_attempts - job.attempt, deaths)
+        };
+        fail(4).await.unwrap();
+        retry(&db.pool, tenant, id).await.unwrap().unwrap();
+        assert_eq!(budget().await, (3, 0));
+        fail(7).await.unwrap();
+        let filter = JobFilter {
+            statuses: vec![JobStatus::Failed],
+            ..Default::default()
+        };
+        change_matching(&db.pool, tenant, &filter, BulkChange::Retry, 10)
+            .await
+            .unwrap();
+        assert_eq!(budget().await, (3, 0));
     }
 
     /// An outcome holding a NUL character failed its whole finish batch (PostgreSQL stores
