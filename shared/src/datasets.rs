@@ -176,17 +176,46 @@ pub async fn list(
     SUMMARIES.page(pool, tenant, cursor, limit).await
 }
 
-/// Live jobs of the tenant whose payload names the dataset.
-pub async fn jobs_using(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(concat!(
+/// The most live jobs a refusal to delete names.
+const USERS_NAMED: usize = 10;
+
+/// Whether live jobs of the tenant name `id` (a dataset or a model, `what`) in their payload:
+/// the conflict to answer a delete with, naming the first ten. The search stops at the
+/// eleventh: a tenant's thousands of such jobs were all read and named, in an answer of
+/// megabytes, at every try.
+pub async fn in_use(
+    pool: &PgPool,
+    tenant: Uuid,
+    id: Uuid,
+    what: &str,
+) -> sqlx::Result<Option<crate::Problem>> {
+    let users: Vec<Uuid> = sqlx::query_scalar(concat!(
         "SELECT id FROM jobs WHERE tenant_id = $1 AND ",
         crate::live_jobs!("jobs"),
-        " AND strpos(payload::text, $2) > 0"
+        " AND strpos(payload::text, $2) > 0 LIMIT $3"
     ))
     .bind(tenant)
     .bind(id.to_string())
+    .bind(USERS_NAMED as i64 + 1)
     .fetch_all(pool)
-    .await
+    .await?;
+    if users.is_empty() {
+        return Ok(None);
+    }
+    let named: Vec<String> = users
+        .iter()
+        .take(USERS_NAMED)
+        .map(Uuid::to_string)
+        .collect();
+    let more = if users.len() > USERS_NAMED {
+        ", and more"
+    } else {
+        ""
+    };
+    Ok(Some(crate::Problem::conflict(format!(
+        "live jobs use this {what}: {}{more}",
+        named.join(", ")
+    ))))
 }
 
 pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {

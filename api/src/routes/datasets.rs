@@ -284,13 +284,8 @@ pub async fn delete(
 ) -> Result<StatusCode, Problem> {
     let tenant = writer.tenant();
     let dataset = find(&state, tenant, &id).await?;
-    let users = datasets::jobs_using(&state.pool, tenant.0, dataset.id).await?;
-    if !users.is_empty() {
-        let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
-        return Err(Problem::conflict(format!(
-            "live jobs use this dataset: {}",
-            ids.join(", ")
-        )));
+    if let Some(conflict) = datasets::in_use(&state.pool, tenant.0, dataset.id, "dataset").await? {
+        return Err(conflict);
     }
     let mut tx = state.pool.begin().await?;
     if datasets::delete(&mut *tx, tenant.0, dataset.id).await? {

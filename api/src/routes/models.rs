@@ -77,13 +77,8 @@ pub async fn delete(
 ) -> Result<StatusCode, Problem> {
     let tenant = writer.tenant();
     let model = find(&state, tenant, &id).await?;
-    let users = datasets::jobs_using(&state.pool, tenant.0, model.id).await?;
-    if !users.is_empty() {
-        let ids: Vec<String> = users.iter().map(Uuid::to_string).collect();
-        return Err(Problem::conflict(format!(
-            "live jobs use this model: {}",
-            ids.join(", ")
-        )));
+    if let Some(conflict) = datasets::in_use(&state.pool, tenant.0, model.id, "model").await? {
+        return Err(conflict);
     }
     let mut tx = state.pool.begin().await?;
     if saved_models::delete(&mut *tx, tenant.0, model.id).await? {

@@ -753,21 +753,30 @@ async fn datasets_stream_in_and_out_with_their_schema() {
     let (_, list) = app.get("/v1/datasets").await;
     assert_eq!(list["datasets"].as_array().unwrap().len(), 1);
 
-    // In use by a live job: 409; then deleted.
-    let job = app
-        .post(
-            "/v1/jobs",
-            &json!({"kind": "import", "payload": {"dataset_id": id, "target": {"table": "t"}}}),
-        )
+    // In use by live jobs: 409 naming ten of them (all of thousands were named); then deleted.
+    let import = json!({"kind": "import", "payload": {"dataset_id": id, "target": {"table": "t"}}});
+    let (status, body) = app
+        .post("/v1/jobs/batch", &json!({"jobs": vec![import; 12]}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let response = app
+        .client
+        .delete(app.url(&format!("/v1/datasets/{id}")))
+        .bearer_auth(&app.key)
+        .send()
         .await
-        .1;
-    let status = app.delete(&format!("/v1/datasets/{id}")).await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    app.post(
-        &format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap()),
-        &json!({}),
-    )
-    .await;
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let problem: Value = response.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    let named = detail
+        .split([' ', ','])
+        .filter(|word| Uuid::parse_str(word).is_ok())
+        .count();
+    assert_eq!(named, 10, "{detail}");
+    assert!(detail.ends_with("and more"), "{detail}");
+    let (status, _) = app.post("/v1/jobs/cancel", &json!({})).await;
+    assert_eq!(status, StatusCode::OK);
     let status = app.delete(&format!("/v1/datasets/{id}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(
