@@ -173,6 +173,39 @@ async fn bad_submissions_get_a_problem_naming_the_field() {
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
 }
 
+/// A batch whose keys find stored jobs answers with those jobs without their payloads: a
+/// thousand keys of jobs of a megabyte each made an answer of a gigabyte for 80 KB sent.
+#[tokio::test]
+async fn a_batch_answers_the_jobs_its_keys_found_without_their_payloads() {
+    let app = TestApp::spawn().await;
+    let collection = crate::ingest::create_collection(&app, json!({"name": "notes"})).await;
+    let bulky = json!({"collection_id": collection,
+                       "documents": [{"id": "a", "text": "word ".repeat(6_000)}]});
+    let (status, first) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "ingest", "payload": bulky, "idempotency_key": "k0"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{first}");
+    let jobs = json!([
+        {"kind": "canary", "payload": {"steps": 1}, "idempotency_key": "k0"},
+        {"kind": "canary", "payload": {"steps": 2}, "idempotency_key": "k1"},
+    ]);
+    let (status, answer) = app.post("/v1/jobs/batch", &json!({ "jobs": jobs })).await;
+    assert_eq!(status, 202, "{answer}");
+    let (found, created) = (&answer["jobs"][0], &answer["jobs"][1]);
+    assert_eq!(found["id"], first["id"]);
+    assert!(found["payload"].is_null(), "{found}");
+    assert_eq!(created["payload"], json!({"steps": 2}));
+    assert!(answer.to_string().len() < 5_000);
+    // The job itself still has its payload.
+    let (_, stored) = app
+        .get(&format!("/v1/jobs/{}", first["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(stored["payload"], bulky);
+}
+
 #[tokio::test]
 async fn an_idempotency_key_returns_the_first_job() {
     let app = TestApp::spawn().await;
