@@ -141,6 +141,30 @@ pub struct DatasetSummary {
     pub created_at: DateTime<Utc>,
 }
 
+/// Records a job's output dataset, counted against the tenant's `max_dataset_bytes` as an
+/// upload is, under the quota's lock. A retried attempt's output (the same id) replaces the
+/// row its earlier attempt recorded: the file was replaced, and the row kept describing the
+/// first one (its size, what the quota counts, its hash, schema and preview). Past the quota
+/// the earlier row goes too, as its file does.
+pub async fn record_output(
+    pool: &PgPool,
+    dataset: &Dataset,
+) -> sqlx::Result<Result<(), crate::quotas::OverQuota>> {
+    let tenant = dataset.tenant_id;
+    let mut tx = pool.begin().await?;
+    let limit = crate::quotas::Quotas::of(&mut tx, tenant)
+        .await?
+        .max_dataset_bytes;
+    DATASETS.delete(&mut *tx, tenant, dataset.id).await?;
+    let size = dataset.size_bytes as u64;
+    let room = crate::quotas::hold_dataset_room(&mut tx, tenant, limit, size).await?;
+    if room.is_ok() {
+        insert(&mut *tx, dataset).await?;
+    }
+    tx.commit().await?;
+    Ok(room)
+}
+
 pub async fn insert(pool: impl sqlx::PgExecutor<'_>, dataset: &Dataset) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO datasets (id, tenant_id, name, format, compression, size_bytes, sha256,
@@ -289,5 +313,52 @@ fn json_name(value: impl Serialize) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(name)) => name,
         _ => unreachable!("formats and compressions serialize as strings"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDatabase;
+
+    fn output(tenant: Uuid, id: Uuid, size: i64, sha256: &str) -> Dataset {
+        Dataset {
+            id,
+            tenant_id: tenant,
+            name: "job-synthetic.csv".into(),
+            format: Format::Csv,
+            compression: Compression::None,
+            size_bytes: size,
+            sha256: sha256.into(),
+            schema: sqlx::types::Json(Vec::new()),
+            preview: sqlx::types::Json(Vec::new()),
+            created_at: Utc::now(),
+        }
+    }
+
+    /// A retried job's output replaced its file, but the row kept its first attempt's size
+    /// (what `max_dataset_bytes` counts), hash, schema and preview. The row is replaced too,
+    /// counted once; past the quota neither is left.
+    #[tokio::test]
+    async fn a_retried_output_replaces_its_record_counted_once() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        sqlx::query("INSERT INTO tenant_limits (tenant_id, max_dataset_bytes) VALUES ($1, 150)")
+            .bind(tenant)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let id = Uuid::new_v4();
+        let recorded = |size, sha256: &'static str| {
+            let dataset = output(tenant, id, size, sha256);
+            let pool = db.pool.clone();
+            async move { record_output(&pool, &dataset).await.unwrap() }
+        };
+        recorded(100, "first").await.unwrap();
+        recorded(120, "second").await.unwrap();
+        let row = get(&db.pool, tenant, id).await.unwrap().unwrap();
+        assert_eq!((row.size_bytes, row.sha256.as_str()), (120, "second"));
+        recorded(200, "third").await.unwrap_err();
+        assert!(get(&db.pool, tenant, id).await.unwrap().is_none());
     }
 }

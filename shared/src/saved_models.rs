@@ -61,7 +61,8 @@ pub struct SavedModel {
 }
 
 /// Records the model, numbering it after the tenant's models of the same name. A second call
-/// with the same id (a retried job) records nothing and answers the row already there.
+/// with the same id (a retried job, whose attempt replaced the file) describes the new file,
+/// keeping the name and version.
 pub async fn insert(pool: &PgPool, model: &SavedModel) -> sqlx::Result<SavedModel> {
     sqlx::query(
         "INSERT INTO models (id, tenant_id, name, version, synthesizer, schema, training_rows,
@@ -70,7 +71,12 @@ pub async fn insert(pool: &PgPool, model: &SavedModel) -> sqlx::Result<SavedMode
          SELECT $1, $2, $3, COALESCE(MAX(version), 0) + 1, $4, $5, $6, $7, $8, $9, $10, $11,
                 $12, $13
          FROM models WHERE tenant_id = $2 AND name = $3
-         ON CONFLICT (id) DO NOTHING",
+         ON CONFLICT (id) DO UPDATE SET
+             synthesizer = excluded.synthesizer, schema = excluded.schema,
+             training_rows = excluded.training_rows, quality = excluded.quality,
+             privacy = excluded.privacy, epsilon_spent = excluded.epsilon_spent,
+             description = excluded.description, object_key = excluded.object_key,
+             size_bytes = excluded.size_bytes",
     )
     .bind(model.id)
     .bind(model.tenant_id)
@@ -110,4 +116,53 @@ pub async fn list(
 /// Deletes the tenant's model row; false when it has none of that id.
 pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sqlx::Result<bool> {
     MODELS.delete(pool, tenant, id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestDatabase;
+
+    /// A retried fit replaced the model's file, but its record kept describing the first
+    /// attempt's (its privacy report, size, schema): it describes the file now, and keeps its
+    /// name and version.
+    #[tokio::test]
+    async fn a_retried_fit_records_the_model_it_saved() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let first = SavedModel {
+            id: Uuid::new_v4(),
+            tenant_id: tenant,
+            name: "people".into(),
+            version: 0,
+            synthesizer: "copula".into(),
+            schema: sqlx::types::Json(Vec::new()),
+            training_rows: 100,
+            quality: sqlx::types::Json(serde_json::json!({"score": 0.9})),
+            privacy: sqlx::types::Json(serde_json::json!({"epsilon_spent": 1.0})),
+            epsilon_spent: Some(1.0),
+            description: "first".into(),
+            job_id: Uuid::new_v4(),
+            object_key: "models/first".into(),
+            size_bytes: 10,
+            created_at: Utc::now(),
+        };
+        assert_eq!(insert(&db.pool, &first).await.unwrap().version, 1);
+        let retried = SavedModel {
+            privacy: sqlx::types::Json(serde_json::json!({"epsilon_spent": 1.0, "dcr": 2})),
+            description: "second".into(),
+            size_bytes: 20,
+            ..first.clone()
+        };
+        let recorded = insert(&db.pool, &retried).await.unwrap();
+        assert_eq!(
+            (
+                recorded.version,
+                recorded.size_bytes,
+                recorded.description.as_str()
+            ),
+            (1, 20, "second")
+        );
+        assert_eq!(recorded.privacy.0["dcr"], 2);
+    }
 }

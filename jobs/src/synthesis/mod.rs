@@ -680,40 +680,12 @@ pub(crate) async fn register_dataset(
         preview: sqlx::types::Json(preview),
         created_at: chrono::Utc::now(),
     };
-    let pool = &services.pool;
-    if datasets::get(pool, ctx.tenant_id(), id)
-        .await
-        .map_err(|e| failed(e.to_string()))?
-        .is_some()
-    {
-        // A retried attempt: its dataset is recorded, its file replaced.
-        objects
-            .put_dataset(&copy, ctx.tenant_id(), id)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        return Ok(id);
-    }
+    // A retried attempt replaces the file, and the record with it.
     objects
         .put_dataset(&copy, ctx.tenant_id(), id)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    // Counted against max_dataset_bytes as an upload is, in the transaction that records it.
-    let recorded: sqlx::Result<Result<(), shared::quotas::OverQuota>> = async {
-        let mut tx = pool.begin().await?;
-        let limit = shared::quotas::Quotas::of(&mut tx, ctx.tenant_id())
-            .await?
-            .max_dataset_bytes;
-        if let Err(over) =
-            shared::quotas::hold_dataset_room(&mut tx, ctx.tenant_id(), limit, size as u64).await?
-        {
-            return Ok(Err(over));
-        }
-        datasets::insert(&mut *tx, &dataset).await?;
-        tx.commit().await?;
-        Ok(Ok(()))
-    }
-    .await;
-    match recorded {
+    match datasets::record_output(&services.pool, &dataset).await {
         Ok(Ok(())) => Ok(id),
         Ok(Err(over)) => {
             let _ = objects.delete_dataset(ctx.tenant_id(), id).await;
