@@ -33,6 +33,10 @@ pub struct AppState {
     pub objects: ObjectStore,
     /// The embedding model, for search queries; loaded on first use.
     pub embedder: Arc<embed::SharedEmbedder>,
+    /// Queries embedded at once, one a core: each takes a core for its time, and more at once
+    /// only queue inside the model's thread pool, with every tenant's uploads behind them on
+    /// the blocking threads.
+    pub embedding: Arc<tokio::sync::Semaphore>,
     /// Runs the parsers of uploaded files in limited child processes.
     pub isolated: shared::isolated::Isolated,
     pub counters: Arc<Counters>,
@@ -53,6 +57,8 @@ pub struct Counters {
     pub sse_by_tenant: Arc<TenantSlots>,
     /// Uploads being received per tenant, each at most `MAX_UPLOADS_PER_TENANT`.
     pub uploads_by_tenant: Arc<TenantSlots>,
+    /// Searches being answered per tenant, each at most `MAX_SEARCHES_PER_TENANT`.
+    pub searches_by_tenant: Arc<TenantSlots>,
 }
 
 /// How many of something each tenant holds on this process (open streams, uploads in flight),
@@ -156,6 +162,9 @@ impl AppState {
             context,
             objects: ObjectStore::from_settings(&settings)?,
             embedder: Arc::new(embed::SharedEmbedder::new(&settings.model_dir)),
+            embedding: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, usize::from),
+            )),
             isolated: shared::isolated::Isolated::new(&settings)?,
             settings,
             pool,

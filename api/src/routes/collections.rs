@@ -27,6 +27,8 @@ use crate::{
 pub const MAX_CHUNK_TOKENS: i32 = 254;
 pub const MAX_QUERY_CHARS: usize = 2000;
 pub const MAX_K: i64 = 100;
+/// Searches one tenant may have in flight on one API process.
+pub const MAX_SEARCHES_PER_TENANT: usize = 4;
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -209,7 +211,8 @@ pub struct SearchResults {
 #[utoipa::path(post, path = "/v1/collections/{id}/search", request_body = SearchRequest,
     tag = "collections", params(("id" = Uuid, Path)),
     responses((status = 200, body = SearchResults), (status = 404, body = Problem),
-              (status = 422, body = Problem), (status = 503, body = Problem)))]
+              (status = 422, body = Problem), (status = 503, body = Problem),
+              (status = 429, body = Problem, description = "the tenant has 4 searches in flight on this API process")))]
 pub async fn search(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -236,6 +239,18 @@ pub async fn search(
         return Err(Problem::validation(errors));
     }
     let collection = parse_id(&id, "collection")?;
+    // A tenant's searches hold at most a few of this process' embedding permits and database
+    // connections: hundreds at once took every core from every tenant.
+    let _searching = state
+        .counters
+        .searches_by_tenant
+        .take(tenant.0, MAX_SEARCHES_PER_TENANT)
+        .ok_or_else(|| {
+            Problem::too_many_requests(format!(
+                "the tenant has {MAX_SEARCHES_PER_TENANT} searches in flight on this server, \
+                 the most it may; wait for one to finish"
+            ))
+        })?;
     // The one piece of model work the API does: one short query, on a blocking thread, while
     // the collection is looked up (an index probe, without get_collection's counts, which
     // cost more than the search itself on a large collection).
@@ -247,6 +262,7 @@ pub async fn search(
             Problem::unavailable_after("the embedding model is not available on this server", e)
         })?;
         let query = body.query.clone();
+        let _core = state.embedding.acquire().await.map_err(Problem::internal)?;
         let mut vectors = tokio::task::spawn_blocking(move || model.embed(&[&query]))
             .await
             .map_err(Problem::internal)??;

@@ -837,3 +837,43 @@ async fn a_watched_directory_syncs_added_changed_and_deleted_files_on_a_schedule
     assert!(gone.is_empty(), "the deleted file's chunks: {gone:?}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A tenant's searches in flight on one API process are bounded (each embeds its query on a
+/// core of the API's): hundreds at once took every core from every tenant. Past the bound a
+/// search is a 429; another tenant's still goes, and the tenant's own once one ends. The
+/// tenant's slots are held here as its searches in flight would hold them.
+#[tokio::test]
+async fn a_tenants_searches_in_flight_are_bounded_and_others_still_search() {
+    let app = TestApp::spawn().await;
+    let ours = create_collection(&app, json!({"name": "notes"})).await;
+    let query = json!({"query": "rover", "mode": "keyword"});
+    let path = format!("/v1/collections/{ours}/search");
+    let searches = &app
+        .server
+        .as_ref()
+        .unwrap()
+        .state
+        .counters
+        .searches_by_tenant;
+    // MAX_SEARCHES_PER_TENANT of them.
+    let held: Vec<_> = (0..4)
+        .map(|_| searches.take(app.tenant, usize::MAX).unwrap())
+        .collect();
+    let (status, problem) = app.post(&path, &query).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{problem}");
+    let other = app.key_for("globex").await;
+    let theirs = {
+        let (status, c) = app
+            .post_as(&other, "/v1/collections", &json!({"name": "notes"}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{c}");
+        c["id"].as_str().unwrap().to_owned()
+    };
+    let (status, body) = app
+        .post_as(&other, &format!("/v1/collections/{theirs}/search"), &query)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(held);
+    let (status, body) = app.post(&path, &query).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
