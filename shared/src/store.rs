@@ -512,6 +512,16 @@ const RETRY: &str = "status = 'queued',
     cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
     finished_at = NULL, run_at = now()";
 
+/// Which jobs a retry takes: failed or cancelled ones, but no patch a rollback job waits to
+/// restore or is restoring (the patch would run on beside it, changing rows it restores).
+const RETRYABLE: &str = concat!(
+    "status IN ('failed', 'cancelled') AND NOT (jobs.kind = 'patch' AND EXISTS (
+         SELECT 1 FROM jobs r
+         WHERE r.tenant_id = jobs.tenant_id AND r.kind = 'patch_rollback' AND ",
+    crate::live_jobs!("r"),
+    " AND r.payload->>'patch_job_id' = jobs.id::text))"
+);
+
 /// Puts a failed or cancelled job back in the queue with a fresh attempt budget.
 pub async fn retry(
     pool: impl sqlx::PgExecutor<'_>,
@@ -520,7 +530,7 @@ pub async fn retry(
 ) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
         "UPDATE jobs SET {RETRY}, updated_at = now()
-         WHERE id = $1 AND tenant_id = $2 AND status IN ('failed', 'cancelled')
+         WHERE id = $1 AND tenant_id = $2 AND {RETRYABLE}
          RETURNING *"
     ))
     .bind(id)
@@ -593,7 +603,7 @@ impl BulkChange {
                  finished_at = CASE WHEN status IN ('scheduled', 'queued', 'retrying') THEN now() ELSE finished_at END",
                 concat!(crate::live_jobs!("jobs"), " AND NOT cancel_requested"),
             ),
-            BulkChange::Retry => (RETRY, "status IN ('failed', 'cancelled')"),
+            BulkChange::Retry => (RETRY, RETRYABLE),
         }
     }
 }

@@ -443,6 +443,9 @@ pub async fn retry(
     let Some(job) = store::retry(&mut *tx, tenant.0, id).await? else {
         drop(tx);
         return Err(match store::get_job(&state.pool, tenant.0, id).await? {
+            Some(job) if matches!(job.status(), JobStatus::Failed | JobStatus::Cancelled) => {
+                Problem::conflict("a rollback of this patch is queued or running")
+            }
             Some(job) => Problem::conflict(format!(
                 "only failed or cancelled jobs can be retried; this one is {}",
                 job.status()

@@ -507,6 +507,51 @@ async fn cancel_then_retry_resumes_without_changing_a_row_twice() {
     );
 }
 
+/// A patch retried while its rollback waited or ran would run beside it, changing rows the
+/// rollback restores and leaving them patched once it ended. The retry is refused until the
+/// rollback has ended, singly and in bulk.
+#[tokio::test]
+async fn a_patch_cannot_be_retried_while_its_rollback_is_live() {
+    let mut app = TestApp::spawn().await;
+    let db = target(&app).await;
+    seed(&db, "items", 20_000).await;
+    // No worker takes rollbacks: the one submitted stays queued.
+    app.start_worker_for(&[("patch", 1)]).await;
+    let id = submit_ok(
+        &app,
+        "patch",
+        json!({"sql": SLOW_PATCH, "mode": "execute", "batch_size": 500, "pause_ms": 20}),
+    )
+    .await;
+    wait_progress(&app, id, 0.1).await;
+    let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 200);
+    app.wait_status(id, &["cancelled"], WAIT).await;
+    let rollback = submit_ok(&app, "patch_rollback", json!({"patch_job_id": id})).await;
+
+    let (status, problem) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
+    assert_eq!(status, 409, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("rollback"),
+        "{problem}"
+    );
+    let (status, bulk) = app.post("/v1/jobs/retry", &json!({"kind": "patch"})).await;
+    assert_eq!(
+        (status.as_u16(), bulk["count"].as_i64()),
+        (200, Some(0)),
+        "{bulk}"
+    );
+    assert_eq!(app.job(id).await["status"], "cancelled");
+
+    // Once the rollback has ended, the patch is the tenant's to retry again.
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{rollback}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
+    assert_eq!(status, 202);
+}
+
 #[tokio::test]
 async fn a_killed_worker_resumes_from_the_last_checkpoint() {
     let app = TestApp::spawn().await;

@@ -295,6 +295,11 @@ impl Execution<'_> {
                     .await
                     .map_err(job_error)?
                     .ok_or_else(|| JobError::Permanent("the patch's record vanished".into()))?;
+                if record.rollback_job_id.is_some() {
+                    return Err(JobError::Permanent(
+                        "a rollback of this patch began while it ran; it stopped there".into(),
+                    ));
+                }
                 (done, last_key, batches) =
                     (record.rows_done, record.last_key.clone(), record.batches);
             }

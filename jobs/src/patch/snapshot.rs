@@ -219,10 +219,12 @@ pub fn scan_sql(plan: &Plan, first: bool) -> String {
 
 /// Moves the checkpoint of job `$1` by `$2` rows from key `$3` to `$4`, as the platform, in the
 /// batch's transaction. No row when another attempt moved the checkpoint (a job rescued from a
-/// worker that was not dead after all): the caller rolls back and reloads.
+/// worker that was not dead after all), or a rollback of the patch has begun (a retry of the
+/// patch while it ran): the caller rolls back and reloads.
 pub const MARK_SQL: &str = "UPDATE conveyor_snapshots.patches
      SET rows_done = rows_done + $2, batches = batches + 1, last_key = $4::text[]
-     WHERE job_id = $1 AND last_key IS NOT DISTINCT FROM $3::text[]";
+     WHERE job_id = $1 AND last_key IS NOT DISTINCT FROM $3::text[]
+       AND rollback_job_id IS NULL";
 
 /// The second phase of a batch, in the same repeatable-read transaction, as one statement of
 /// the tenant's role: change exactly the rows at addresses `$1` (the scan's rows: a row changed
