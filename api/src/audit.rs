@@ -282,13 +282,15 @@ pub struct Filter {
     pub cursor: Option<i64>,
 }
 
-/// The tenant's rows, newest first.
+/// The tenant's rows, newest first; the page ends early once its rows pass `budget` bytes
+/// (a patch's row carries its statement, up to 64 KB).
 pub async fn list(
     db: impl PgExecutor<'_>,
     tenant: Uuid,
     filter: &Filter,
     limit: i64,
-) -> sqlx::Result<Vec<AuditEntry>> {
+    budget: usize,
+) -> sqlx::Result<shared::pages::Page<AuditEntry>> {
     let mut q = QueryBuilder::<Postgres>::new(
         "SELECT id, key_id, action, target_id, at, request_id, payload_sha256, statement, detail
          FROM audit_log WHERE tenant_id = ",
@@ -313,7 +315,7 @@ pub async fn list(
         q.push(" AND id < ").push_bind(cursor);
     }
     q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
-    q.build_query_as().fetch_all(db).await
+    shared::pages::within(q.build().fetch(db), budget).await
 }
 
 #[cfg(test)]

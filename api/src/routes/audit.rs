@@ -1,7 +1,6 @@
 //! `GET /v1/audit`: the tenant's audit log, newest first, for admin keys.
 
 use crate::extract::Params;
-use crate::routes::page;
 use axum::{extract::State, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -125,10 +124,10 @@ pub async fn list(
         to,
         cursor,
     };
-    let entries = audit::list(&state.pool, caller.key.tenant, &filter, limit).await?;
-    let next_cursor = page::next_cursor(&entries, limit, |e| e.id.to_string());
+    let budget = state.settings.page_max_bytes;
+    let page = audit::list(&state.pool, caller.key.tenant, &filter, limit, budget).await?;
     Ok(Json(AuditPage {
-        entries,
-        next_cursor,
+        next_cursor: page.next_cursor(limit, |e| e.id.to_string()),
+        entries: page.items,
     }))
 }
