@@ -919,6 +919,24 @@ pub async fn reopen(db: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
     Ok(())
 }
 
+/// The steps of the tenant's `pipelines` that a resume ([`reopen`]) sets waiting again, by
+/// name and kind: a retry counts them against `max_queued` as a submission counted them.
+pub async fn reopened(
+    db: impl sqlx::PgExecutor<'_>,
+    tenant: Uuid,
+    pipelines: &[Uuid],
+) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(
+        "SELECT s.name, s.kind FROM pipeline_steps s JOIN pipelines p ON p.id = s.pipeline_id
+         WHERE p.tenant_id = $1 AND s.pipeline_id = ANY ($2)
+           AND s.state = 'cancelled' AND s.job_id IS NULL",
+    )
+    .bind(tenant)
+    .bind(pipelines)
+    .fetch_all(db)
+    .await
+}
+
 /// What [`retry_step`] did.
 pub enum StepRetry {
     /// The pipeline is running again; the step's job, if it had one, is queued again.

@@ -613,19 +613,22 @@ const MATCHING: &str = "tenant_id = $1 AND status = ANY($2) AND ($3::text IS NUL
                         AND ($5::uuid IS NULL OR pipeline_id = $5)";
 
 /// How many of the tenant's jobs, by kind, `change` would take now (up to `limit`, oldest
-/// first): what a bulk retry charges to the rate and the quotas before it takes them.
+/// first), and the pipelines they are steps of: what a bulk retry charges to the rate and the
+/// quotas before it takes them.
 pub async fn count_matching(
     db: impl sqlx::PgExecutor<'_>,
     tenant: Uuid,
     filter: &JobFilter,
     change: BulkChange,
     limit: i64,
-) -> sqlx::Result<Vec<(String, i64)>> {
+) -> sqlx::Result<Vec<(String, i64, Vec<Uuid>)>> {
     let (_, applies) = change.sql();
     let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
     sqlx::query_as(&format!(
-        "SELECT kind, count(*) FROM (
-             SELECT kind FROM jobs WHERE {MATCHING} AND {applies} ORDER BY id LIMIT $4
+        "SELECT kind, count(*),
+                array_remove(array_agg(DISTINCT pipeline_id), NULL) FROM (
+             SELECT kind, pipeline_id FROM jobs WHERE {MATCHING} AND {applies}
+             ORDER BY id LIMIT $4
          ) matching
          GROUP BY kind ORDER BY kind"
     ))

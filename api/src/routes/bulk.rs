@@ -169,9 +169,26 @@ pub async fn retry(
     let room = state.limits.requeue_room(tenant, limit).await?;
     let matching =
         store::count_matching(&state.pool, tenant, &filter, BulkChange::Retry, room).await?;
-    let matched: Vec<&str> = matching.iter().map(|(kind, _)| kind.as_str()).collect();
+    let matched: Vec<&str> = matching.iter().map(|(kind, ..)| kind.as_str()).collect();
     state.limits.check_output_quotas(tenant, &matched).await?;
-    let counted: i64 = matching.iter().map(|(_, n)| n).sum();
+    let counted: i64 = matching.iter().map(|(_, n, _)| n).sum();
+    // Steps of their pipelines that the retry sets waiting again count as submitted ones: the
+    // retried jobs and they must all fit under `max_queued`.
+    let pipelines: BTreeSet<uuid::Uuid> = matching
+        .iter()
+        .flat_map(|(.., pipelines)| pipelines.iter().copied())
+        .collect();
+    let pipelines: Vec<uuid::Uuid> = pipelines.into_iter().collect();
+    let reopened = shared::pipelines::reopened(&state.pool, tenant, &pipelines).await?;
+    if !reopened.is_empty() {
+        let jobs = matching
+            .iter()
+            .flat_map(|(kind, n, _)| std::iter::repeat_n(kind.as_str(), *n as usize));
+        let all: Vec<&str> = jobs
+            .chain(reopened.iter().map(|(_, kind)| kind.as_str()))
+            .collect();
+        state.limits.check_quotas(tenant, &all).await?;
+    }
     if counted > 0 {
         let admitted = state
             .limits

@@ -435,7 +435,13 @@ pub async fn retry(
             }
         }
         if matches!(job.status(), JobStatus::Failed | JobStatus::Cancelled) {
-            state.limits.check_quotas(tenant.0, &[&job.kind]).await?;
+            // A step's job: the steps its pipeline's resume sets waiting again count as
+            // submitted ones do.
+            let pipelines: Vec<Uuid> = job.pipeline_id.into_iter().collect();
+            let reopened = shared::pipelines::reopened(&state.pool, tenant.0, &pipelines).await?;
+            let mut kinds = vec![job.kind.as_str()];
+            kinds.extend(reopened.iter().map(|(_, kind)| kind.as_str()));
+            state.limits.check_quotas(tenant.0, &kinds).await?;
         }
     }
     let mut tx = state.pool.begin().await?;

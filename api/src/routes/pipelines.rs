@@ -415,7 +415,16 @@ pub async fn retry_step(
             return Ok(refused);
         }
         if step.is_retryable() {
-            state.limits.check_quotas(tenant.0, &[&step.kind]).await?;
+            // With the steps the pipeline's resume sets waiting again, as submitted ones.
+            let reopened = pipelines::reopened(&state.pool, tenant.0, &[id]).await?;
+            let mut kinds = vec![step.kind.as_str()];
+            kinds.extend(
+                reopened
+                    .iter()
+                    .filter(|(name, _)| *name != step.name)
+                    .map(|(_, kind)| kind.as_str()),
+            );
+            state.limits.check_quotas(tenant.0, &kinds).await?;
         }
     }
     let mut tx = state.pool.begin().await?;

@@ -362,6 +362,58 @@ async fn a_bulk_retry_takes_a_rate_token_per_job() {
     assert_eq!(body["errors"][0]["field"], "limit", "{body}");
 }
 
+/// A retry resumes its step's pipeline, setting the dependents its cancel cancelled waiting
+/// again: they count against `max_queued` as at the submit. A retry (single, of the step, or
+/// in bulk) checked room for its own job alone, so cancel, fill the room, retry brought back a
+/// pipeline of fifty steps past the quota.
+#[tokio::test]
+async fn a_retry_counts_the_steps_its_pipeline_sets_waiting_again() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--max-queued", "5"]).await;
+    let step = |name: &str, needs: &[&str]| json!({"name": name, "kind": "canary", "payload": {"steps": 1}, "needs": needs});
+    let mut steps = vec![step("root", &[])];
+    steps.extend(["a", "b", "c", "d"].map(|name| step(name, &["root"])));
+    let (status, pipeline) = app.post("/v1/pipelines", &json!({ "steps": steps })).await;
+    assert_eq!(status, StatusCode::CREATED, "{pipeline}");
+    let id = pipeline["id"].as_str().unwrap().to_owned();
+    let root = pipeline["steps"][0]["job_id"].as_str().unwrap().to_owned();
+    let (status, body) = app
+        .post(&format!("/v1/pipelines/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The room the cancel freed, taken by four jobs: one more fits, five do not.
+    for _ in 0..4 {
+        let (status, body) = app
+            .post(
+                "/v1/jobs",
+                &json!({"kind": "canary", "payload": {"steps": 1}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    for (path, body) in [
+        (format!("/v1/jobs/{root}/retry"), json!({})),
+        (format!("/v1/pipelines/{id}/steps/root/retry"), json!({})),
+        ("/v1/jobs/retry".to_owned(), json!({})),
+    ] {
+        let (status, problem) = app.post(&path, &body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {problem}");
+        assert_eq!(
+            problem["errors"][0]["field"], "quota.max_queued",
+            "{problem}"
+        );
+    }
+    let (_, tenant) = app.get("/v1/tenant").await;
+    assert_eq!(
+        (
+            &tenant["usage"]["live_jobs"],
+            &tenant["usage"]["waiting_steps"]
+        ),
+        (&json!(4), &json!(0)),
+        "{tenant}"
+    );
+}
+
 /// Past `max_queued` a submission (or a batch) is refused whole, naming the quota; past
 /// `max_dataset_bytes` an upload is a 413 and leaves no dataset; `GET /v1/tenant` shows both.
 #[tokio::test]
