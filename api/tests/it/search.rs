@@ -329,3 +329,33 @@ async fn chunks_tied_in_keyword_rank_are_taken_oldest_first() {
         .collect();
     assert_eq!(words, oldest[..5], "hybrid: {hybrid:?}");
 }
+
+/// A keyword query matches and ranks by its first 32 lexemes, in its own order: ranking by
+/// cover density costs the square of the query's words on every chunk that matches one, and a
+/// query of 2,000 characters holds hundreds. A chunk holding only the query's fortieth word is
+/// not found; one holding its first is.
+#[tokio::test]
+async fn a_keyword_query_counts_its_first_32_words() {
+    let db = TestDatabase::new().await;
+    let tenant = db.tenant().await;
+    let collection = collection_with(&db, tenant, 10, 9).await;
+    sqlx::query(
+        "UPDATE chunks SET text = CASE ordinal WHEN 0 THEN 'term00 here' ELSE 'term39 here' END
+         WHERE collection_id = $1 AND ordinal < 2",
+    )
+    .bind(collection)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let query: Vec<String> = (0..40).map(|i| format!("term{i:02}")).collect();
+    let query = query.join(" ");
+    let filter = Filter::new();
+    let search = Search {
+        mode: SearchMode::Keyword,
+        query: &query,
+        ..vector_search(tenant, collection, 10, &filter)
+    };
+    let hits = store::search(&db.pool, search).await.unwrap();
+    let texts: Vec<&str> = hits.iter().map(|h| h.text.as_str()).collect();
+    assert_eq!(texts, ["term00 here"]);
+}

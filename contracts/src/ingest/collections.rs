@@ -390,10 +390,20 @@ fn fused_keyword<'a>(sql: &mut QueryBuilder<'a, Postgres>, search: &Search<'a>, 
 
 /// The tsquery matching any of the query's words (OR): a question rarely shares all its words.
 fn push_any_word<'a>(sql: &mut QueryBuilder<'a, Postgres>, query: &'a str) {
-    sql.push("replace(plainto_tsquery('english', ");
+    // Each lexeme quoted as tsquery input wants it: quotes and backslashes doubled.
+    sql.push(
+        r#"coalesce((SELECT string_agg('''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || '''', ' | ')::tsquery FROM (SELECT lexeme FROM unnest(to_tsvector('english', "#,
+    );
     sql.push_bind(query.to_owned());
-    sql.push(")::text, '&', '|')::tsquery");
+    sql.push(format!(
+        ")) ORDER BY positions[1] LIMIT {MAX_QUERY_LEXEMES}) AS first), ''::tsquery)"
+    ));
 }
+
+/// The query's lexemes a keyword search matches and ranks by, the first in the query's order:
+/// ranking by cover density costs the square of the query's words on every chunk that matches
+/// one, and a query may hold hundreds (2,000 characters of distinct words).
+const MAX_QUERY_LEXEMES: usize = 32;
 
 /// `collection_id = ... AND` the metadata filter.
 /// The tenant check is a one-time filter of the statement: with another tenant's collection
