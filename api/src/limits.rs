@@ -303,7 +303,10 @@ impl Limits {
         let Some(limit) = self.of(tenant).await?.max_queued else {
             return Ok(wanted);
         };
-        let live = self.usage(tenant).await?.queued();
+        let mut conn = self.pool.acquire().await?;
+        let live = quotas::usage_of(&mut conn, tenant, quotas::Measures::QUEUED)
+            .await?
+            .queued();
         if live >= limit {
             let over = OverQuota::max_queued(limit, format!("{live} in use"));
             return Err(over_quota(StatusCode::FORBIDDEN, over));

@@ -86,25 +86,70 @@ impl TenantUsage {
     }
 }
 
+/// Which of a tenant's figures to count: each is a query of its own, and one (its chunks)
+/// reads as many index entries as the tenant has chunks, millions perhaps.
+#[derive(Clone, Copy, Debug)]
+pub struct Measures {
+    /// Live jobs and waiting steps, what `max_queued` counts.
+    pub queued: bool,
+    pub dataset_bytes: bool,
+    pub chunks: bool,
+    pub rows_imported_today: bool,
+}
+
+impl Measures {
+    pub const ALL: Self = Self {
+        queued: true,
+        dataset_bytes: true,
+        chunks: true,
+        rows_imported_today: true,
+    };
+    pub const QUEUED: Self = Self {
+        queued: true,
+        dataset_bytes: false,
+        chunks: false,
+        rows_imported_today: false,
+    };
+}
+
 pub async fn usage(db: &mut PgConnection, tenant: Uuid) -> sqlx::Result<TenantUsage> {
+    usage_of(db, tenant, Measures::ALL).await
+}
+
+/// The tenant's figures that `measures` names; the others read 0.
+pub async fn usage_of(
+    db: &mut PgConnection,
+    tenant: Uuid,
+    measures: Measures,
+) -> sqlx::Result<TenantUsage> {
+    // A subquery under a false CASE is never run.
     sqlx::query_as(concat!(
         "SELECT
-             (SELECT count(*) FROM jobs WHERE tenant_id = $1 AND ",
+             CASE WHEN $2 THEN (SELECT count(*) FROM jobs WHERE tenant_id = $1 AND ",
         crate::live_jobs!("jobs"),
-        ") AS live_jobs,
-             (SELECT count(*) FROM pipeline_steps s JOIN pipelines p ON p.id = s.pipeline_id
-                WHERE p.tenant_id = $1 AND p.status = 'running' AND s.state = 'waiting')
-                AS waiting_steps,
-             (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
-                AS dataset_bytes,
-             (SELECT count(*) FROM chunks c JOIN collections k ON k.id = c.collection_id
-                WHERE k.tenant_id = $1) AS chunks,
-             (SELECT coalesce(sum(rows_written), 0)::bigint FROM usage_sums
-                WHERE tenant_id = $1 AND kind = 'import'
-                  AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
-                AS rows_imported_today"
+        ") ELSE 0 END AS live_jobs,
+             CASE WHEN $2 THEN
+                 (SELECT count(*) FROM pipeline_steps s JOIN pipelines p ON p.id = s.pipeline_id
+                  WHERE p.tenant_id = $1 AND p.status = 'running' AND s.state = 'waiting')
+             ELSE 0 END AS waiting_steps,
+             CASE WHEN $3 THEN
+                 (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
+             ELSE 0 END AS dataset_bytes,
+             CASE WHEN $4 THEN
+                 (SELECT count(*) FROM chunks c JOIN collections k ON k.id = c.collection_id
+                  WHERE k.tenant_id = $1)
+             ELSE 0 END AS chunks,
+             CASE WHEN $5 THEN
+                 (SELECT coalesce(sum(rows_written), 0)::bigint FROM usage_sums
+                  WHERE tenant_id = $1 AND kind = 'import'
+                    AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+             ELSE 0 END AS rows_imported_today"
     ))
     .bind(tenant)
+    .bind(measures.queued)
+    .bind(measures.dataset_bytes)
+    .bind(measures.chunks)
+    .bind(measures.rows_imported_today)
     .fetch_one(db)
     .await
 }
@@ -161,7 +206,13 @@ pub async fn check(
     if max_chunks.is_none() && max_rows.is_none() && max_queued.is_none() && max_bytes.is_none() {
         return Ok(Ok(()));
     }
-    let usage = usage(db, tenant).await?;
+    let measures = Measures {
+        queued: max_queued.is_some(),
+        dataset_bytes: max_bytes.is_some(),
+        chunks: max_chunks.is_some(),
+        rows_imported_today: max_rows.is_some(),
+    };
+    let usage = usage_of(db, tenant, measures).await?;
     if let Some(limit) = max_chunks.filter(|&l| usage.chunks >= l) {
         return Ok(Err(OverQuota {
             quota: "max_chunks",
@@ -224,6 +275,60 @@ pub async fn count_for_cap(
 mod tests {
     use super::*;
     use crate::testing::TestDatabase;
+
+    /// A check counts only the figures its quotas need: with `max_queued` alone, a tenant's
+    /// chunks were counted too (millions of index entries) at every submit and every
+    /// schedule firing.
+    #[tokio::test]
+    async fn a_check_counts_only_what_its_quotas_need() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let collection = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO collections (id, tenant_id, name, model, max_tokens, overlap)
+             VALUES ($1, $2, 'notes', 'all-MiniLM-L6-v2', 200, 32)",
+        )
+        .bind(collection)
+        .bind(tenant)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        for sql in [
+            "INSERT INTO documents (collection_id, id, content_hash, chunks, job_id)
+             VALUES ($1, 'doc', 'x', 100, $1)",
+            "INSERT INTO chunks (collection_id, document_id, ordinal, text, embedding)
+             SELECT $1, 'doc', o, 'chunk', array_fill(0.1, ARRAY[384])::real[]::vector
+             FROM generate_series(0, 99) AS o",
+        ] {
+            sqlx::query(sql)
+                .bind(collection)
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+        let quotas = Quotas {
+            max_queued: Some(10),
+            ..Default::default()
+        };
+        let chunk_blocks = "SELECT sum(pg_stat_get_xact_blocks_fetched(oid))::bigint FROM pg_class
+             WHERE oid = 'chunks'::regclass
+                OR oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'chunks'::regclass)";
+        let mut tx = db.pool.begin().await.unwrap();
+        let checked = check(&mut tx, tenant, &quotas, &["canary"], true).await;
+        assert_eq!(checked.unwrap(), Ok(()));
+        let read: i64 = sqlx::query_scalar(chunk_blocks)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(read, 0, "the check read {read} blocks of chunks");
+        // With `max_chunks`, they are counted.
+        let quotas = Quotas {
+            max_chunks: Some(100),
+            ..Default::default()
+        };
+        let over = check(&mut tx, tenant, &quotas, &["ingest"], true).await;
+        assert_eq!(over.unwrap().unwrap_err().quota, "max_chunks");
+    }
 
     /// A tenant's live jobs are counted through the indexes that hold them, however many of its
     /// jobs have ended: an `IN` list of the live statuses matches none of those partial
