@@ -182,6 +182,18 @@ impl Limits {
             .map_err(|e| (*e).clone())
     }
 
+    /// The most tokens one request may draw: the smallest burst of the tenant's bucket and the
+    /// key's (`None`: no rate). A request for more is refused whatever it waits.
+    pub async fn burst(&self, tenant: Uuid, key: Uuid) -> Result<Option<u32>, Problem> {
+        let limits = self.of(tenant).await?;
+        let key_rate = self.key_rate(key).await?;
+        Ok([limits.rate, key_rate]
+            .into_iter()
+            .flatten()
+            .map(|rate| rate.burst)
+            .min())
+    }
+
     /// Takes `jobs` tokens from the tenant's bucket and, if the key has a rate of its own,
     /// from the key's, both or neither: the headers to send with the answer (of the bucket
     /// with the fewest tokens left), or the 429 to send instead. Without a rate limit, no

@@ -968,9 +968,15 @@ pub async fn retry_step(
     };
     let job = match (step.ended(), step.job_id) {
         (Some(Ended::Failed | Ended::Cancelled), Some(job)) if step.job_status.is_some() => {
-            crate::store::retry(&mut *db, tenant, job)
-                .await?
-                .map(Box::new)
+            // None: a patch whose rollback is live, which stays as it is.
+            match crate::store::retry(&mut *db, tenant, job).await? {
+                Some(job) => Some(Box::new(job)),
+                None => {
+                    return Ok(StepRetry::NotRetryable(
+                        "a patch whose rollback is queued or running".into(),
+                    ))
+                }
+            }
         }
         (Some(Ended::Failed | Ended::Cancelled), _) => {
             sqlx::query(

@@ -612,22 +612,22 @@ impl BulkChange {
 const MATCHING: &str = "tenant_id = $1 AND status = ANY($2) AND ($3::text IS NULL OR kind = $3)
                         AND ($5::uuid IS NULL OR pipeline_id = $5)";
 
-/// How many of the tenant's jobs, by kind, `change` would take now (up to `limit`, oldest
-/// first), and the pipelines they are steps of: what a bulk retry charges to the rate and the
-/// quotas before it takes them.
+/// The tenant's jobs `change` would take now (up to `limit`, oldest first), by kind: their
+/// ids and the pipelines they are steps of. What a bulk retry charges to the rate and the
+/// quotas, then takes ([`change_matching`] with these ids).
 pub async fn count_matching(
     db: impl sqlx::PgExecutor<'_>,
     tenant: Uuid,
     filter: &JobFilter,
     change: BulkChange,
     limit: i64,
-) -> sqlx::Result<Vec<(String, i64, Vec<Uuid>)>> {
+) -> sqlx::Result<Vec<Matching>> {
     let (_, applies) = change.sql();
     let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
     sqlx::query_as(&format!(
-        "SELECT kind, count(*),
-                array_remove(array_agg(DISTINCT pipeline_id), NULL) FROM (
-             SELECT kind, pipeline_id FROM jobs WHERE {MATCHING} AND {applies}
+        "SELECT kind, array_agg(id) AS ids,
+                array_remove(array_agg(DISTINCT pipeline_id), NULL) AS pipelines FROM (
+             SELECT id, kind, pipeline_id FROM jobs WHERE {MATCHING} AND {applies}
              ORDER BY id LIMIT $4
          ) matching
          GROUP BY kind ORDER BY kind"
@@ -641,15 +641,25 @@ pub async fn count_matching(
     .await
 }
 
+/// A kind's jobs a bulk change would take.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Matching {
+    pub kind: String,
+    pub ids: Vec<Uuid>,
+    /// The pipelines they are steps of.
+    pub pipelines: Vec<Uuid>,
+}
+
 /// Applies `change` to up to `limit` of the tenant's jobs matching `filter` (and the
-/// statuses the change applies to), oldest first. Rows are locked in id order, so two bulk
-/// actions never deadlock.
+/// statuses the change applies to), oldest first, and only to those of `only` if given (what
+/// was counted for them). Rows are locked in id order, so two bulk actions never deadlock.
 pub async fn change_matching(
     db: impl sqlx::PgExecutor<'_>,
     tenant: Uuid,
     filter: &JobFilter,
     change: BulkChange,
     limit: i64,
+    only: Option<&[Uuid]>,
 ) -> sqlx::Result<Vec<Changed>> {
     let (set, applies) = change.sql();
     let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
@@ -659,6 +669,7 @@ pub async fn change_matching(
          UPDATE jobs SET {set}, updated_at = now()
          WHERE id IN (
              SELECT id FROM jobs WHERE {MATCHING} AND {applies}
+               AND ($6::uuid[] IS NULL OR id = ANY ($6))
              ORDER BY id LIMIT $4 FOR UPDATE)
          RETURNING id, tenant_id, kind, status, progress, attempt, pipeline_id, finished_at,
                    result, error
@@ -671,6 +682,7 @@ pub async fn change_matching(
     .bind(&filter.kind)
     .bind(limit)
     .bind(filter.pipeline_id)
+    .bind(only)
     .fetch_all(db)
     .await
 }
@@ -1033,7 +1045,7 @@ mod tests {
             statuses: vec![JobStatus::Queued],
             ..Default::default()
         };
-        let cancelled = change_matching(&mut *tx, tenant, &filter, BulkChange::Cancel, 100)
+        let cancelled = change_matching(&mut *tx, tenant, &filter, BulkChange::Cancel, 100, None)
             .await
             .unwrap();
         assert_eq!(cancelled.len(), 20);
@@ -1089,7 +1101,7 @@ mod tests {
             statuses: vec![JobStatus::Failed],
             ..Default::default()
         };
-        change_matching(&db.pool, tenant, &filter, BulkChange::Retry, 10)
+        change_matching(&db.pool, tenant, &filter, BulkChange::Retry, 10, None)
             .await
             .unwrap();
         assert_eq!(budget().await, (3, 0));
@@ -1426,7 +1438,7 @@ mod tests {
                     statuses: vec![JobStatus::Running],
                     ..Default::default()
                 };
-                change_matching(&pool, tenant, &filter, BulkChange::Cancel, 10).await
+                change_matching(&pool, tenant, &filter, BulkChange::Cancel, 10, None).await
             }
         });
         wait_for(1).await;

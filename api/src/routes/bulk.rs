@@ -114,7 +114,7 @@ pub async fn cancel(
         &[Scheduled, Queued, Retrying, Running],
     )
     .await?;
-    let jobs = apply(&state, &writer, &filter, BulkChange::Cancel, limit).await?;
+    let jobs = apply(&state, &writer, &filter, BulkChange::Cancel, limit, None).await?;
     let (stopped, running): (Vec<&Changed>, Vec<&Changed>) = jobs
         .iter()
         .partition(|j| j.status() == JobStatus::Cancelled);
@@ -165,39 +165,42 @@ pub async fn retry(
     .await?;
     // Jobs retried are queued again, as submitted ones are: no more than the tenant's
     // `max_queued` leaves room for, a rate token each, and the quotas on what their kinds
-    // add. Counted before the change, which takes no more than were counted.
-    let room = state.limits.requeue_room(tenant, limit).await?;
+    // add. Counted before the change, which takes only the jobs counted; no more than the
+    // rate's burst (more could never be admitted: send again while `more`).
+    let mut room = state.limits.requeue_room(tenant, limit).await?;
+    if let Some(burst) = state.limits.burst(tenant, writer.0.key.id).await? {
+        room = room.min(i64::from(burst));
+    }
     let matching =
         store::count_matching(&state.pool, tenant, &filter, BulkChange::Retry, room).await?;
-    let matched: Vec<&str> = matching.iter().map(|(kind, ..)| kind.as_str()).collect();
+    let matched: Vec<&str> = matching.iter().map(|m| m.kind.as_str()).collect();
     state.limits.check_output_quotas(tenant, &matched).await?;
-    let counted: i64 = matching.iter().map(|(_, n, _)| n).sum();
+    let counted: Vec<uuid::Uuid> = matching.iter().flat_map(|m| m.ids.clone()).collect();
     // Steps of their pipelines that the retry sets waiting again count as submitted ones: the
     // retried jobs and they must all fit under `max_queued`.
     let pipelines: BTreeSet<uuid::Uuid> = matching
         .iter()
-        .flat_map(|(.., pipelines)| pipelines.iter().copied())
+        .flat_map(|m| m.pipelines.iter().copied())
         .collect();
     let pipelines: Vec<uuid::Uuid> = pipelines.into_iter().collect();
     let reopened = shared::pipelines::reopened(&state.pool, tenant, &pipelines).await?;
     if !reopened.is_empty() {
         let jobs = matching
             .iter()
-            .flat_map(|(kind, n, _)| std::iter::repeat_n(kind.as_str(), *n as usize));
+            .flat_map(|m| std::iter::repeat_n(m.kind.as_str(), m.ids.len()));
         let all: Vec<&str> = jobs
             .chain(reopened.iter().map(|(_, kind)| kind.as_str()))
             .collect();
         state.limits.check_quotas(tenant, &all).await?;
     }
-    if counted > 0 {
-        let admitted = state
-            .limits
-            .admit(tenant, writer.0.key.id, counted as usize);
+    if !counted.is_empty() {
+        let admitted = state.limits.admit(tenant, writer.0.key.id, counted.len());
         if let Err(refused) = admitted.await {
             return Ok(refused);
         }
     }
-    let jobs = apply(&state, &writer, &filter, BulkChange::Retry, counted).await?;
+    let retry = BulkChange::Retry;
+    let jobs = apply(&state, &writer, &filter, retry, room, Some(&counted)).await?;
     let events: Vec<_> = jobs
         .iter()
         .map(|j| {
@@ -225,16 +228,17 @@ pub async fn retry(
     Ok(Json(result).into_response())
 }
 
-/// Changes up to `limit` of the matching jobs and writes their audit rows in one transaction;
-/// returns them.
+/// Changes up to `limit` of the matching jobs (of `only`, if given) and writes their audit
+/// rows in one transaction; returns them.
 async fn apply(
     state: &AppState,
     writer: &Writer,
     filter: &JobFilter,
     change: BulkChange,
     limit: i64,
+    only: Option<&[uuid::Uuid]>,
 ) -> Result<Vec<Changed>, Problem> {
-    if limit == 0 {
+    if limit == 0 || only.is_some_and(<[_]>::is_empty) {
         return Ok(Vec::new());
     }
     let action = match change {
@@ -242,7 +246,8 @@ async fn apply(
         BulkChange::Retry => Action::JobRetry,
     };
     let mut tx = state.pool.begin().await?;
-    let jobs = store::change_matching(&mut *tx, writer.tenant().0, filter, change, limit).await?;
+    let tenant = writer.tenant().0;
+    let jobs = store::change_matching(&mut *tx, tenant, filter, change, limit, only).await?;
     let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
     let actor = Actor::from(&writer.0);
     audit::jobs_changed(&mut *tx, &actor, action, &ids, json!({"bulk": true})).await?;

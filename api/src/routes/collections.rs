@@ -13,6 +13,7 @@ use contracts::ingest::collections::{self as store, Collection, Filter, Hit, Sea
 use embed::MODEL_NAME;
 use serde::{Deserialize, Serialize};
 use shared::{FieldError, Problem};
+use std::sync::Arc;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -241,10 +242,13 @@ pub async fn search(
     let collection = parse_id(&id, "collection")?;
     // A tenant's searches hold at most a few of this process' embedding permits and database
     // connections: hundreds at once took every core from every tenant.
-    let _searching = state
+    // The embedding holds the slot and its core until it ends, even when the client has
+    // gone and the handler with it.
+    let searching = state
         .counters
         .searches_by_tenant
         .take(tenant.0, MAX_SEARCHES_PER_TENANT)
+        .map(Arc::new)
         .ok_or_else(|| {
             Problem::too_many_requests(format!(
                 "the tenant has {MAX_SEARCHES_PER_TENANT} searches in flight on this server, \
@@ -262,10 +266,15 @@ pub async fn search(
             Problem::unavailable_after("the embedding model is not available on this server", e)
         })?;
         let query = body.query.clone();
-        let _core = state.embedding.acquire().await.map_err(Problem::internal)?;
-        let mut vectors = tokio::task::spawn_blocking(move || model.embed(&[&query]))
-            .await
-            .map_err(Problem::internal)??;
+        let core = state.embedding.clone().acquire_owned().await;
+        let core = core.map_err(Problem::internal)?;
+        let held = searching.clone();
+        let mut vectors = tokio::task::spawn_blocking(move || {
+            let _held = (held, core);
+            model.embed(&[&query])
+        })
+        .await
+        .map_err(Problem::internal)??;
         Ok::<_, Problem>(vectors.pop())
     };
     let (exists, vector) = tokio::join!(

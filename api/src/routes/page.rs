@@ -15,6 +15,13 @@ pub struct Page {
 }
 
 impl Page {
+    /// With `limit` when the request names none (a list that answered whole before it was
+    /// paged keeps answering whole what it could hold).
+    pub fn or_limit(mut self, limit: i64) -> Self {
+        self.limit = self.limit.or(Some(limit));
+        self
+    }
+
     /// The page size and the id to continue after; 422 naming the parameter otherwise.
     pub fn checked(self) -> Result<(i64, Option<Uuid>), Problem> {
         let mut errors = Vec::new();

@@ -214,14 +214,15 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/v1/schedules", tag = "schedules", params(Page),
-    responses((status = 200, body = ScheduleList, description = "oldest first"),
+    responses((status = 200, body = ScheduleList, description = "oldest first; `limit` defaults to 100 here"),
               (status = 422, body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
     Params(params): Params<Page>,
 ) -> Result<Json<ScheduleList>, Problem> {
-    let (limit, cursor) = params.checked()?;
+    // By default every schedule a tenant may have (there are at most 100), as before paging.
+    let (limit, cursor) = params.or_limit(100).checked()?;
     let page = schedules::list(
         &state.pool,
         tenant.0,

@@ -414,6 +414,29 @@ async fn a_retry_counts_the_steps_its_pipeline_sets_waiting_again() {
     );
 }
 
+/// A bulk retry of more jobs than the rate's burst takes a burst's worth and says `more`: a
+/// request for more tokens than the bucket holds can never pass, and was refused for ever.
+#[tokio::test]
+async fn a_bulk_retry_past_the_burst_retries_a_bursts_worth() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--rate", "1/h", "--burst", "2"]).await;
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, kind, status, payload, finished_at)
+         SELECT conveyor_uuidv7(), $1, 'canary', 'cancelled', '{\"steps\": 1}', now()
+         FROM generate_series(1, 3)",
+    )
+    .bind(app.tenant)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let (status, body) = app.post("/v1/jobs/retry", &json!({})).await;
+    assert_eq!(
+        (status, body["count"].as_i64(), body["more"].as_bool()),
+        (StatusCode::OK, Some(2), Some(true)),
+        "{body}"
+    );
+}
+
 /// Past `max_queued` a submission (or a batch) is refused whole, naming the quota; past
 /// `max_dataset_bytes` an upload is a 413 and leaves no dataset; `GET /v1/tenant` shows both.
 #[tokio::test]

@@ -143,6 +143,8 @@ pub async fn run(
         .await
         .map_err(db_error)?
     {
+        // The attempt that committed them may not have heard its commit succeed.
+        Meter::add(&ctx.meter().rows_written, result.rows_imported as i64);
         return Ok(result);
     }
     let staging = staging_table(schema, ctx.job_id());

@@ -277,10 +277,16 @@ mod tests {
             kind: None,
             pipeline_id: Some(id),
         };
-        let retried =
-            store::change_matching(test.pool(), test.tenant, &filter, BulkChange::Retry, 100)
-                .await
-                .unwrap();
+        let retried = store::change_matching(
+            test.pool(),
+            test.tenant,
+            &filter,
+            BulkChange::Retry,
+            100,
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!(retried.len(), 1);
         assert_eq!(test.steps(id).await.1, "failed", "not resumed by the retry");
 

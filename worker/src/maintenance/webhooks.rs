@@ -643,9 +643,16 @@ mod tests {
             kind: None,
             pipeline_id: None,
         };
-        store::change_matching(test.pool(), test.tenant, &filter, BulkChange::Cancel, 10)
-            .await
-            .unwrap();
+        store::change_matching(
+            test.pool(),
+            test.tenant,
+            &filter,
+            BulkChange::Cancel,
+            10,
+            None,
+        )
+        .await
+        .unwrap();
         let orphan = test.job("canary", "running").await;
         test.set(orphan, "worker = 'lost', max_attempts = 1").await;
         store::rescue_orphans(test.pool(), Duration::from_secs(1), 3, 10)
