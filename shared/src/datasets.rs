@@ -165,6 +165,13 @@ pub async fn record_output(
     Ok(room)
 }
 
+/// As stored: a tenant's file may hold NUL characters (in a column's name, a preview's value),
+/// which PostgreSQL refuses in `jsonb` (see [`crate::store::storable_value`]).
+pub(crate) fn storable(value: &impl Serialize) -> sqlx::types::Json<serde_json::Value> {
+    let value = serde_json::to_value(value).unwrap_or_default();
+    sqlx::types::Json(crate::store::storable_value(&value).into_owned())
+}
+
 pub async fn insert(pool: impl sqlx::PgExecutor<'_>, dataset: &Dataset) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO datasets (id, tenant_id, name, format, compression, size_bytes, sha256,
@@ -178,8 +185,8 @@ pub async fn insert(pool: impl sqlx::PgExecutor<'_>, dataset: &Dataset) -> sqlx:
     .bind(dataset.compression)
     .bind(dataset.size_bytes)
     .bind(&dataset.sha256)
-    .bind(&dataset.schema)
-    .bind(&dataset.preview)
+    .bind(storable(&dataset.schema.0))
+    .bind(storable(&dataset.preview.0))
     .execute(pool)
     .await?;
     Ok(())
@@ -196,8 +203,9 @@ pub async fn list(
     tenant: Uuid,
     cursor: Option<Uuid>,
     limit: i64,
-) -> sqlx::Result<Vec<DatasetSummary>> {
-    SUMMARIES.page(pool, tenant, cursor, limit).await
+    budget: usize,
+) -> sqlx::Result<crate::pages::Page<DatasetSummary>> {
+    SUMMARIES.page(pool, tenant, cursor, limit, budget).await
 }
 
 /// The most live jobs a refusal to delete names.
@@ -334,6 +342,19 @@ mod tests {
             preview: sqlx::types::Json(Vec::new()),
             created_at: Utc::now(),
         }
+    }
+
+    /// A file's column names and preview may hold NUL characters, which `jsonb` refuses: a
+    /// synthesis whose output held one failed to register it at every attempt.
+    #[tokio::test]
+    async fn a_preview_holding_nul_characters_is_recorded() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let mut dataset = output(tenant, Uuid::new_v4(), 10, "x");
+        dataset.preview = sqlx::types::Json(vec![serde_json::json!({"na\u{0}me": "a\u{0}b"})]);
+        record_output(&db.pool, &dataset).await.unwrap().unwrap();
+        let row = get(&db.pool, tenant, dataset.id).await.unwrap().unwrap();
+        assert_eq!(row.preview.0[0]["na\u{FFFD}me"], "a\u{FFFD}b");
     }
 
     /// A retried job's output replaced its file, but the row kept its first attempt's size

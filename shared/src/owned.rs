@@ -44,20 +44,22 @@ impl Owned {
         tenant: Uuid,
         cursor: Option<Uuid>,
         limit: i64,
-    ) -> sqlx::Result<Vec<T>>
+        budget: usize,
+    ) -> sqlx::Result<crate::pages::Page<T>>
     where
         T: for<'r> FromRow<'r, PgRow> + Send + Unpin,
     {
         let Self { table, columns } = self;
-        sqlx::query_as(&format!(
+        let sql = format!(
             "SELECT {columns} FROM {table} WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
              ORDER BY id DESC LIMIT $3"
-        ))
-        .bind(tenant)
-        .bind(cursor)
-        .bind(limit)
-        .fetch_all(db)
-        .await
+        );
+        let rows = sqlx::query(&sql)
+            .bind(tenant)
+            .bind(cursor)
+            .bind(limit)
+            .fetch(db);
+        crate::pages::within(rows, budget).await
     }
 
     /// Deletes the tenant's row of this id; false when the tenant has none.
@@ -119,13 +121,18 @@ mod tests {
         let foreign: Option<Row> = things.get(&db.pool, tenant, ids[1]).await.unwrap();
         assert!(foreign.is_none(), "another tenant's id reads as missing");
 
-        let first: Vec<Row> = things.page(&db.pool, tenant, None, 2).await.unwrap();
+        let first: Vec<Row> = things
+            .page(&db.pool, tenant, None, 2, 1 << 20)
+            .await
+            .unwrap()
+            .items;
         let names: Vec<&str> = first.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["d", "c"], "newest first, the tenant's only");
         let rest: Vec<Row> = things
-            .page(&db.pool, tenant, Some(first[1].id), 2)
+            .page(&db.pool, tenant, Some(first[1].id), 2, 1 << 20)
             .await
-            .unwrap();
+            .unwrap()
+            .items;
         assert_eq!(
             rest.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
             ["a"]

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::owned::Owned;
+use crate::{datasets::storable, owned::Owned};
 
 const MODELS: Owned = Owned::new("models", "*");
 
@@ -82,12 +82,12 @@ pub async fn insert(pool: &PgPool, model: &SavedModel) -> sqlx::Result<SavedMode
     .bind(model.tenant_id)
     .bind(&model.name)
     .bind(&model.synthesizer)
-    .bind(&model.schema)
+    .bind(storable(&model.schema.0))
     .bind(model.training_rows)
-    .bind(&model.quality)
-    .bind(&model.privacy)
+    .bind(storable(&model.quality.0))
+    .bind(storable(&model.privacy.0))
     .bind(model.epsilon_spent)
-    .bind(&model.description)
+    .bind(crate::store::storable_text(&model.description))
     .bind(model.job_id)
     .bind(&model.object_key)
     .bind(model.size_bytes)
@@ -109,8 +109,9 @@ pub async fn list(
     tenant: Uuid,
     cursor: Option<Uuid>,
     limit: i64,
-) -> sqlx::Result<Vec<SavedModel>> {
-    MODELS.page(pool, tenant, cursor, limit).await
+    budget: usize,
+) -> sqlx::Result<crate::pages::Page<SavedModel>> {
+    MODELS.page(pool, tenant, cursor, limit, budget).await
 }
 
 /// Deletes the tenant's model row; false when it has none of that id.

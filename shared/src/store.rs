@@ -309,11 +309,11 @@ impl From<Job> for Ended {
 /// holding one (a label read from a tenant's file, say) failed its whole finish batch, which
 /// was retried for ever, the job `running` and its batch's neighbours with it. It is stored
 /// as U+FFFD.
-fn storable_text(text: &str) -> String {
+pub fn storable_text(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
 
-fn storable_value(value: &Value) -> Cow<'_, Value> {
+pub fn storable_value(value: &Value) -> Cow<'_, Value> {
     fn has_nul(value: &Value) -> bool {
         match value {
             Value::String(s) => s.contains('\0'),

@@ -235,18 +235,20 @@ pub async fn deliveries(
     webhook: Uuid,
     cursor: Option<Uuid>,
     limit: i64,
-) -> sqlx::Result<Vec<Delivery>> {
-    sqlx::query_as(&format!(
+    budget: usize,
+) -> sqlx::Result<crate::pages::Page<Delivery>> {
+    let sql = format!(
         "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries
          WHERE tenant_id = $1 AND webhook_id = $2 AND ($3::uuid IS NULL OR id < $3)
          ORDER BY id DESC LIMIT $4"
-    ))
-    .bind(tenant)
-    .bind(webhook)
-    .bind(cursor)
-    .bind(limit)
-    .fetch_all(pool)
-    .await
+    );
+    let rows = sqlx::query(&sql)
+        .bind(tenant)
+        .bind(webhook)
+        .bind(cursor)
+        .bind(limit)
+        .fetch(pool);
+    crate::pages::within(rows, budget).await
 }
 
 /// What [`replay`] did.

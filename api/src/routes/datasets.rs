@@ -2,7 +2,7 @@
 //! a preview read from the file's head.
 
 use crate::extract::Params;
-use crate::routes::page::{self, Page};
+use crate::routes::page::Page;
 use crate::routes::parse_id;
 use axum::{
     body::Body,
@@ -232,11 +232,11 @@ pub async fn list(
     Params(page): Params<Page>,
 ) -> Result<Json<DatasetList>, Problem> {
     let (limit, cursor) = page.checked()?;
-    let datasets = datasets::list(&state.pool, tenant.0, cursor, limit).await?;
-    let next_cursor = page::next_cursor(&datasets, limit, |d| d.id);
+    let budget = state.settings.page_max_bytes;
+    let page = datasets::list(&state.pool, tenant.0, cursor, limit, budget).await?;
     Ok(Json(DatasetList {
-        datasets,
-        next_cursor,
+        next_cursor: page.next_cursor(limit, |d| d.id),
+        datasets: page.items,
     }))
 }
 

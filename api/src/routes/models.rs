@@ -19,10 +19,7 @@ use crate::{
     audit::{Action, Entry},
     auth::{Tenant, Writer},
     extract::Params,
-    routes::{
-        page::{self, Page},
-        parse_id,
-    },
+    routes::{page::Page, parse_id},
     AppState,
 };
 
@@ -41,11 +38,11 @@ pub async fn list(
     Params(page): Params<Page>,
 ) -> Result<Json<ModelList>, Problem> {
     let (limit, cursor) = page.checked()?;
-    let models = saved_models::list(&state.pool, tenant.0, cursor, limit).await?;
-    let next_cursor = page::next_cursor(&models, limit, |m| m.id);
+    let budget = state.settings.page_max_bytes;
+    let page = saved_models::list(&state.pool, tenant.0, cursor, limit, budget).await?;
     Ok(Json(ModelList {
-        models,
-        next_cursor,
+        next_cursor: page.next_cursor(limit, |m| m.id),
+        models: page.items,
     }))
 }
 

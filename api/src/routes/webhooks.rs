@@ -22,7 +22,7 @@ use crate::{
     audit::{Action, Entry},
     auth::{Tenant, Writer},
     extract::HashedJson,
-    routes::page::{self, Page},
+    routes::page::Page,
     AppState,
 };
 
@@ -176,11 +176,11 @@ pub async fn deliveries(
     webhooks::get(&state.pool, tenant.0, id)
         .await?
         .ok_or_else(not_found)?;
-    let deliveries = webhooks::deliveries(&state.pool, tenant.0, id, cursor, limit).await?;
-    let next_cursor = page::next_cursor(&deliveries, limit, |d| d.id);
+    let budget = state.settings.page_max_bytes;
+    let page = webhooks::deliveries(&state.pool, tenant.0, id, cursor, limit, budget).await?;
     Ok(Json(DeliveryList {
-        deliveries,
-        next_cursor,
+        next_cursor: page.next_cursor(limit, |d| d.id),
+        deliveries: page.items,
     }))
 }
 
