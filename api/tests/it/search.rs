@@ -359,3 +359,28 @@ async fn a_keyword_query_counts_its_first_32_words() {
     let texts: Vec<&str> = hits.iter().map(|h| h.text.as_str()).collect();
     assert_eq!(texts, ["term00 here"]);
 }
+
+/// Hybrid search's pairs are made of the query's first words in its own order, not the first
+/// in the alphabet: a chunk holding two words from past the 32nd ("aa…" and "ab…", sorting
+/// first) was a strong match, above chunks holding the query's first words.
+#[tokio::test]
+async fn hybrid_pairs_come_from_the_querys_first_words() {
+    let db = TestDatabase::new().await;
+    let tenant = db.tenant().await;
+    let collection = collection_with(&db, tenant, 200, 11).await;
+    rewrite_far(&db, collection, "'zz00 zz01'", &["ordinal = 0"]).await;
+    rewrite_far(&db, collection, "'aaword abword'", &["ordinal = 1"]).await;
+    let mut words: Vec<String> = (0..38).map(|i| format!("zz{i:02}")).collect();
+    words.extend(["aaword".into(), "abword".into()]);
+    let query = words.join(" ");
+    let filter = Filter::new();
+    let search = Search {
+        mode: SearchMode::Hybrid,
+        query: &query,
+        ..vector_search(tenant, collection, 10, &filter)
+    };
+    let hits = store::search(&db.pool, search).await.unwrap();
+    let texts: Vec<&str> = hits.iter().map(|h| h.text.as_str()).collect();
+    assert!(texts.contains(&"zz00 zz01"), "{texts:?}");
+    assert!(!texts.contains(&"aaword abword"), "{texts:?}");
+}

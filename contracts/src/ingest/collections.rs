@@ -367,7 +367,8 @@ pub fn search_statement<'a>(
 /// candidates that hold only one. A one-lexeme query ranks every match, as before. Only the
 /// list's order counts in the fusion, and `ts_rank` orders matches as `ts_rank_cd` nearly
 /// does at a sixth of the cost (cover density is quadratic in the query's words). Pairs are
-/// made of the first 16 lexemes (at most 120); every lexeme counts in the ranking. The vector
+/// made of the query's first 16 lexemes, in its order (at most 120); its first 32 count in the
+/// ranking. The vector
 /// candidates are read one by one by id (`OFFSET 0` keeps the planner from scanning every
 /// one-word match to join them). Ties in rank go to the older chunk (lower id) before the
 /// limit as after it: chunks that repeat a sentence tie by the hundred, and a limit over ties
@@ -377,10 +378,10 @@ fn fused_keyword<'a>(sql: &mut QueryBuilder<'a, Postgres>, search: &Search<'a>, 
     push_any_word(sql, search.query);
     // Each lexeme quoted as tsquery input wants it: quotes and backslashes doubled.
     sql.push(
-        r#" AS q, (SELECT string_agg(format('(%s & %s)', a, b), ' | ')::tsquery FROM unnest(l) WITH ORDINALITY AS x(a, i) JOIN unnest(l) WITH ORDINALITY AS y(b, j) ON i < j) AS pairs FROM (SELECT array(SELECT '''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || '''' FROM unnest(tsvector_to_array(to_tsvector('english', "#,
+        r#" AS q, (SELECT string_agg(format('(%s & %s)', a, b), ' | ')::tsquery FROM unnest(l) WITH ORDINALITY AS x(a, i) JOIN unnest(l) WITH ORDINALITY AS y(b, j) ON i < j) AS pairs FROM (SELECT array(SELECT '''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || '''' FROM unnest(to_tsvector('english', "#,
     );
     sql.push_bind(search.query.to_owned());
-    sql.push("))) AS lexeme LIMIT 16) AS l) AS lexemes), matched AS ((SELECT id, true AS strong, ts_rank(tsv, q) AS rank FROM chunks, terms WHERE tsv @@ coalesce(pairs, q) AND ");
+    sql.push(")) ORDER BY positions[1] LIMIT 16) AS l) AS lexemes), matched AS ((SELECT id, true AS strong, ts_rank(tsv, q) AS rank FROM chunks, terms WHERE tsv @@ coalesce(pairs, q) AND ");
     push_scope(sql, search);
     sql.push(format!(
         " ORDER BY rank DESC, id LIMIT {limit}) UNION ALL SELECT id, false, ts_rank(tsv, q) FROM nearest, terms, LATERAL (SELECT tsv FROM chunks WHERE chunks.id = nearest.id OFFSET 0) AS candidate WHERE tsv @@ q AND NOT tsv @@ pairs), \
