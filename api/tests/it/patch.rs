@@ -552,6 +552,48 @@ async fn a_patch_cannot_be_retried_while_its_rollback_is_live() {
     assert_eq!(status, 202);
 }
 
+/// The same through a pipeline: retrying the patch's step while a rollback of its job is
+/// live answered 202 and resumed the pipeline with the patch still failed; it is a 409 and
+/// changes nothing.
+#[tokio::test]
+async fn a_pipelines_patch_step_cannot_be_retried_while_its_rollback_is_live() {
+    let mut app = TestApp::spawn().await;
+    let db = target(&app).await;
+    seed(&db, "items", 20_000).await;
+    app.start_worker_for(&[("patch", 1)]).await;
+    let patch = json!({"sql": SLOW_PATCH, "mode": "execute", "batch_size": 500, "pause_ms": 20});
+    let steps = json!([
+        {"name": "apply", "kind": "patch", "payload": patch},
+        {"name": "after", "kind": "canary", "payload": {"steps": 1}, "needs": ["apply"]},
+    ]);
+    let (status, pipeline) = app.post("/v1/pipelines", &json!({ "steps": steps })).await;
+    assert_eq!(status, 201, "{pipeline}");
+    let pipeline = pipeline["id"].as_str().unwrap().to_owned();
+    let id: Uuid = app.get(&format!("/v1/pipelines/{pipeline}")).await.1["steps"][0]["job_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_progress(&app, id, 0.1).await;
+    let (status, _) = app
+        .post(&format!("/v1/pipelines/{pipeline}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    app.wait_status(id, &["cancelled"], WAIT).await;
+    submit_ok(&app, "patch_rollback", json!({"patch_job_id": id})).await;
+
+    let retry = format!("/v1/pipelines/{pipeline}/steps/apply/retry");
+    let (status, problem) = app.post(&retry, &json!({})).await;
+    assert_eq!(status, 409, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("rollback"),
+        "{problem}"
+    );
+    let (_, after) = app.get(&format!("/v1/pipelines/{pipeline}")).await;
+    assert_eq!(after["status"], "cancelled", "{after}");
+    assert_eq!(app.job(id).await["status"], "cancelled");
+}
+
 #[tokio::test]
 async fn a_killed_worker_resumes_from_the_last_checkpoint() {
     let app = TestApp::spawn().await;
