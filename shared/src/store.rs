@@ -1107,6 +1107,45 @@ mod tests {
         assert_eq!(budget().await, (3, 0));
     }
 
+    /// A bulk retry changes the jobs it counted (and charged to the rate and the quotas), not
+    /// the oldest matching when it changes them: a job that failed in between was retried in
+    /// the place of one counted.
+    #[tokio::test]
+    async fn a_bulk_retry_changes_only_the_jobs_it_counted() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let jobs = [new_job("canary", None), new_job("canary", None)];
+        let ids: Vec<Uuid> = submit(&db, tenant, &jobs)
+            .await
+            .iter()
+            .map(|i| i.job.id)
+            .collect();
+        let (older, newer) = (ids[0], ids[1]);
+        let fail = |id: Uuid| {
+            sqlx::query("UPDATE jobs SET status = 'failed', finished_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(&db.pool)
+        };
+        fail(newer).await.unwrap();
+        let filter = JobFilter {
+            statuses: vec![JobStatus::Failed],
+            ..Default::default()
+        };
+        let counted = count_matching(&db.pool, tenant, &filter, BulkChange::Retry, 10)
+            .await
+            .unwrap();
+        let counted: Vec<Uuid> = counted.into_iter().flat_map(|m| m.ids).collect();
+        assert_eq!(counted, [newer]);
+        // The older one fails before the change.
+        fail(older).await.unwrap();
+        let retry = BulkChange::Retry;
+        let changed = change_matching(&db.pool, tenant, &filter, retry, 1, Some(&counted))
+            .await
+            .unwrap();
+        let changed: Vec<Uuid> = changed.iter().map(|c| c.id).collect();
+        assert_eq!(changed, [newer]);
+    }
+
     /// An outcome holding a NUL character failed its whole finish batch (PostgreSQL stores
     /// none), retried for ever: the job and its batch's neighbours stayed `running`.
     #[tokio::test]
