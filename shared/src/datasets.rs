@@ -165,13 +165,6 @@ pub async fn record_output(
     Ok(room)
 }
 
-/// As stored: a tenant's file may hold NUL characters (in a column's name, a preview's value),
-/// which PostgreSQL refuses in `jsonb` (see [`crate::store::storable_value`]).
-pub(crate) fn storable(value: &impl Serialize) -> sqlx::types::Json<serde_json::Value> {
-    let value = serde_json::to_value(value).unwrap_or_default();
-    sqlx::types::Json(crate::store::storable_value(&value).into_owned())
-}
-
 pub async fn insert(pool: impl sqlx::PgExecutor<'_>, dataset: &Dataset) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO datasets (id, tenant_id, name, format, compression, size_bytes, sha256,
@@ -185,8 +178,8 @@ pub async fn insert(pool: impl sqlx::PgExecutor<'_>, dataset: &Dataset) -> sqlx:
     .bind(dataset.compression)
     .bind(dataset.size_bytes)
     .bind(&dataset.sha256)
-    .bind(storable(&dataset.schema.0))
-    .bind(storable(&dataset.preview.0))
+    .bind(crate::store::storable_json(&dataset.schema.0))
+    .bind(crate::store::storable_json(&dataset.preview.0))
     .execute(pool)
     .await?;
     Ok(())

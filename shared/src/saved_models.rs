@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{datasets::storable, owned::Owned};
+use crate::{owned::Owned, store::storable_json as storable};
 
 const MODELS: Owned = Owned::new("models", "*");
 

@@ -313,6 +313,13 @@ pub fn storable_text(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
 
+/// `value` as JSON PostgreSQL stores (see [`storable_text`]): a tenant's file may put NUL
+/// characters in a dataset's column names and preview, or a model's reports.
+pub fn storable_json(value: &impl serde::Serialize) -> Json<Value> {
+    let value = serde_json::to_value(value).unwrap_or_default();
+    Json(storable_value(&value).into_owned())
+}
+
 pub fn storable_value(value: &Value) -> Cow<'_, Value> {
     fn has_nul(value: &Value) -> bool {
         match value {

@@ -78,35 +78,49 @@ async fn sigterm_lets_the_running_job_finish() {
     assert!(stopped.is_some(), "the worker's row says it is alive");
 }
 
-/// A worker whose job was taken from it (the rescuer's, while its heartbeats did not arrive)
-/// stops running that job: another worker may be running it now.
-#[tokio::test]
-async fn a_worker_stops_a_job_whose_lease_it_lost() {
-    let app = TestApp::spawn().await;
-    let log = std::env::temp_dir().join(format!("lost-lease-{}.log", uuid::Uuid::new_v4()));
-    let _worker =
-        app.spawn_worker_process_logging("canary=1", &[], std::fs::File::create(&log).unwrap());
+/// A long canary job running on a worker process of `spec` whose log goes to a file: the
+/// worker, the job, and the log's path.
+async fn long_job_on_a_logging_worker(
+    app: &TestApp,
+    spec: &str,
+) -> (KillOnDrop, uuid::Uuid, std::path::PathBuf) {
+    let log = std::env::temp_dir().join(format!("worker-{}.log", uuid::Uuid::new_v4()));
+    let worker = app.spawn_worker_process_logging(spec, &[], std::fs::File::create(&log).unwrap());
     let id = app
         .submit_canary(json!({"steps": 600, "step_ms": 100}))
         .await;
     app.wait_status(id, &["running"], Duration::from_secs(30))
         .await;
+    (worker, id, log)
+}
+
+/// Waits up to 15 s for the worker's log to say `said` of job `id`, then removes the log.
+async fn wait_for_the_log(log: &std::path::Path, id: uuid::Uuid, said: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap();
+        if text.contains(said) && text.contains(&id.to_string()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {said:?} in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_file(log);
+}
+
+/// A worker whose job was taken from it (the rescuer's, while its heartbeats did not arrive)
+/// stops running that job: another worker may be running it now.
+#[tokio::test]
+async fn a_worker_stops_a_job_whose_lease_it_lost() {
+    let app = TestApp::spawn().await;
+    let (_worker, id, log) = long_job_on_a_logging_worker(&app, "canary=1").await;
     // As a rescue and another worker's claim leave the row.
     sqlx::query("UPDATE jobs SET worker = 'elsewhere', attempt = attempt + 1 WHERE id = $1")
         .bind(id)
         .execute(app.pool())
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap();
-        if text.contains("its lease was lost") && text.contains(&id.to_string()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still running here:\n{text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = std::fs::remove_file(&log);
+    wait_for_the_log(&log, id, "its lease was lost").await;
 }
 
 /// A job rescued from a worker whose heartbeats did not arrive may be claimed by that same
@@ -116,39 +130,20 @@ async fn a_worker_stops_a_job_whose_lease_it_lost() {
 #[tokio::test]
 async fn a_job_claimed_again_by_its_own_worker_stops_the_earlier_attempt() {
     let app = TestApp::spawn().await;
-    let log = std::env::temp_dir().join(format!("reclaimed-{}.log", uuid::Uuid::new_v4()));
-    let _worker =
-        app.spawn_worker_process_logging("canary=2", &[], std::fs::File::create(&log).unwrap());
-    let id = app
-        .submit_canary(json!({"steps": 600, "step_ms": 100}))
-        .await;
-    app.wait_status(id, &["running"], Duration::from_secs(30))
-        .await;
+    let (_worker, id, log) = long_job_on_a_logging_worker(&app, "canary=2").await;
     // As a rescue leaves the row; the worker's next full claim takes it again.
     sqlx::query("UPDATE jobs SET status = 'queued', worker = NULL WHERE id = $1")
         .bind(id)
         .execute(app.pool())
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap();
-        if text.contains("an earlier attempt still ran here") && text.contains(&id.to_string()) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the earlier attempt was not stopped:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_the_log(&log, id, "an earlier attempt still ran here").await;
     let job = app.job(id).await;
     assert_eq!(
         (job["status"].as_str(), job["attempt"].as_i64()),
         (Some("running"), Some(2)),
         "{job}"
     );
-    let _ = std::fs::remove_file(&log);
 }
 
 /// Past the grace period, SIGTERM hands the running job back to the queue: the worker exits
