@@ -1,10 +1,7 @@
 //! A tenant's limits (`tenant_limits`, else the deployment's defaults) and the submission rate
-//! limit: a token bucket per tenant kept in Redis, so every API process draws on the same one.
-//!
-//! The bucket is GCRA (the generic cell rate algorithm): one Redis key holds the time at which
-//! the bucket will be full again, read and moved by one script against Redis' clock, so
-//! processes with skewed clocks still agree. Answers carry the IETF httpapi draft's
-//! `RateLimit-Policy` and `RateLimit` headers; a refusal is a 429 with `Retry-After`.
+//! limit (`shared::rates`: token buckets in Redis that every API process draws on). Answers
+//! carry the IETF httpapi draft's `RateLimit-Policy` and `RateLimit` headers; a refusal is a
+//! 429 with `Retry-After`.
 
 use axum::{
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
@@ -15,9 +12,12 @@ use serde_json::Value;
 use shared::redis_conn::RedisConn;
 use shared::{
     quotas::{self, OverQuota, Quotas},
+    rates::{Buckets, Rates},
     settings::RateLimit,
     Problem, Settings,
 };
+
+pub use shared::rates::Rate;
 use sqlx::PgPool;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use utoipa::ToSchema;
@@ -42,12 +42,6 @@ pub struct TenantLimits {
     pub job_retention_days: Option<i32>,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
-pub struct Rate {
-    pub per_sec: f64,
-    pub burst: u32,
-}
-
 #[derive(sqlx::FromRow)]
 struct Row {
     max_running: Value,
@@ -65,8 +59,7 @@ struct Row {
 /// that) and keeps their submission buckets.
 pub struct Limits {
     pool: PgPool,
-    redis: RedisConn,
-    prefix: String,
+    buckets: Buckets,
     defaults: Defaults,
     cache: moka::future::Cache<Uuid, Arc<TenantLimits>>,
     key_rates: moka::future::Cache<Uuid, Option<Rate>>,
@@ -82,8 +75,7 @@ impl Limits {
     pub fn new(pool: PgPool, redis: RedisConn, settings: &Settings) -> Self {
         Self {
             pool,
-            redis,
-            prefix: settings.redis_prefix.clone(),
+            buckets: Buckets::new(redis, settings),
             defaults: Defaults {
                 max_running: settings.default_max_running,
                 rate: settings.default_rate,
@@ -113,10 +105,7 @@ impl Limits {
             .fetch_optional(&self.pool)
             .await?;
         let defaults = self.defaults;
-        let default_rate = defaults.rate.map(|r| Rate {
-            per_sec: r.per_sec,
-            burst: r.burst,
-        });
+        let default_rate = Rate::of_tenant(None, None, defaults.rate);
         let Some(row) = row else {
             return Ok(TenantLimits {
                 max_running: BTreeMap::new(),
@@ -139,16 +128,7 @@ impl Limits {
                     .collect()
             })
             .unwrap_or_default();
-        let rate = match row.rate_per_sec {
-            Some(per_sec) => Some(Rate {
-                per_sec,
-                burst: row
-                    .rate_burst
-                    .map(|b| b as u32)
-                    .unwrap_or(per_sec.ceil().max(1.0) as u32),
-            }),
-            None => default_rate,
-        };
+        let rate = Rate::of_tenant(row.rate_per_sec, row.rate_burst, defaults.rate);
         Ok(TenantLimits {
             max_running,
             default_max_running: defaults.max_running,
@@ -171,27 +151,28 @@ impl Limits {
                         .bind(key)
                         .fetch_optional(&self.pool)
                         .await?;
-                Ok::<_, Problem>(row.and_then(|(per_sec, burst)| {
-                    per_sec.map(|per_sec| Rate {
-                        per_sec,
-                        burst: burst.map_or(per_sec.ceil().max(1.0) as u32, |b| b as u32),
-                    })
-                }))
+                Ok::<_, Problem>(
+                    row.and_then(|(per_sec, burst)| Rate::from_columns(per_sec, burst)),
+                )
             })
             .await
             .map_err(|e| (*e).clone())
     }
 
+    /// The buckets a submission with `key` draws on.
+    async fn rates(&self, tenant: Uuid, key: Uuid) -> Result<Rates, Problem> {
+        let limits = self.of(tenant).await?;
+        let key_rate = self.key_rate(key).await?;
+        Ok(Rates {
+            tenant: limits.rate,
+            key: key_rate.map(|rate| (key, rate)),
+        })
+    }
+
     /// The most tokens one request may draw: the smallest burst of the tenant's bucket and the
     /// key's (`None`: no rate). A request for more is refused whatever it waits.
     pub async fn burst(&self, tenant: Uuid, key: Uuid) -> Result<Option<u32>, Problem> {
-        let limits = self.of(tenant).await?;
-        let key_rate = self.key_rate(key).await?;
-        Ok([limits.rate, key_rate]
-            .into_iter()
-            .flatten()
-            .map(|rate| rate.burst)
-            .min())
+        Ok(self.rates(tenant, key).await?.burst())
     }
 
     /// Takes `jobs` tokens from the tenant's bucket and, if the key has a rate of its own,
@@ -205,67 +186,30 @@ impl Limits {
         key: Uuid,
         jobs: usize,
     ) -> Result<RateHeaders, Response> {
-        let limits = self.of(tenant).await.map_err(IntoResponse::into_response)?;
-        let key_rate = self
-            .key_rate(key)
+        let rates = self
+            .rates(tenant, key)
             .await
             .map_err(IntoResponse::into_response)?;
-        // Both buckets under the tenant's hash tag: one script takes from both, which on a
-        // Redis Cluster must touch one slot (a key belongs to one tenant).
-        let buckets: Vec<(&str, String, Rate)> = [
-            limits
-                .rate
-                .map(|r| ("tenant", format!("{}:rate:{{{tenant}}}", self.prefix), r)),
-            key_rate.map(|r| {
-                (
-                    "key",
-                    format!("{}:rate:{{{tenant}}}:key:{key}", self.prefix),
-                    r,
-                )
-            }),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if buckets.is_empty() {
-            return Ok(RateHeaders::default());
-        }
-        let mut invocation = GCRA.prepare_invoke();
-        invocation.arg(jobs);
-        for (_, bucket, rate) in &buckets {
-            invocation
-                .key(bucket)
-                .arg((1e6 / rate.per_sec).max(1.0) as i64)
-                .arg(rate.burst);
-        }
-        let mut conn = self.redis.clone();
-        let answer: Result<(usize, i64, i64, i64, i64), _> =
-            invocation.invoke_async(&mut conn).await;
-        let (binding, allowed, remaining, retry_us, full_us) = match answer {
-            Ok(answer) => answer,
+        let drawn = match self.buckets.draw(tenant, &rates, jobs).await {
+            Ok(Some(drawn)) => drawn,
+            Ok(None) => return Ok(RateHeaders::default()),
             Err(e) => {
                 tracing::warn!(error = %e, "rate limit unavailable; admitting");
                 return Ok(RateHeaders::default());
             }
         };
-        let (name, _, rate) = buckets[binding.clamp(1, buckets.len()) - 1];
-        let headers = RateHeaders::new(name, rate, remaining.max(0), full_us);
-        if allowed == 1 {
+        let headers = RateHeaders::new(drawn.bucket, drawn.rate, drawn.remaining, drawn.full_us);
+        if drawn.allowed {
             return Ok(headers);
         }
-        let detail = if jobs as u64 > u64::from(rate.burst) {
-            format!(
-                "a batch of {jobs} jobs exceeds the {name}'s submission burst of {}; send smaller batches",
-                rate.burst
-            )
+        let advice = if jobs as u64 > u64::from(drawn.rate.burst) {
+            "send smaller batches"
         } else {
-            format!(
-                "the {name}'s submission rate limit of {} jobs/s (burst {}) reached; retry after the time in Retry-After",
-                rate.per_sec, rate.burst
-            )
+            "retry after the time in Retry-After"
         };
+        let detail = format!("{}; {advice}", drawn.refusal(jobs));
         let mut response = Problem::too_many_requests(detail).into_response();
-        let retry_after = (retry_us as f64 / 1e6).ceil().max(1.0) as u64;
+        let retry_after = (drawn.retry_us as f64 / 1e6).ceil().max(1.0) as u64;
         response
             .headers_mut()
             .insert("retry-after", HeaderValue::from(retry_after));
@@ -408,41 +352,6 @@ impl IntoResponseParts for RateHeaders {
         Ok(parts)
     }
 }
-
-/// KEYS: the buckets (each the time it is full again, µs). ARGV: tokens, then µs per token
-/// and burst for each bucket. Takes the tokens from every bucket or from none. Returns
-/// {binding bucket (1-based), allowed, tokens left, µs until allowed, µs until full}: the
-/// first bucket that refuses, else the one with the fewest tokens left.
-static GCRA: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = tonumber(ARGV[1])
-local taken = {}
-local binding, fewest = 1, nil
-for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 * i])
-  local burst = tonumber(ARGV[2 * i + 1])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
-  if tat < now then tat = now end
-  local new_tat = tat + n * interval
-  local allow_at = new_tat - burst * interval
-  if allow_at > now then
-    return {i, 0, math.floor((now - (tat - burst * interval)) / interval), allow_at - now, tat - now}
-  end
-  local left = math.floor((now - allow_at) / interval)
-  taken[i] = {new_tat, left}
-  if fewest == nil or left < fewest then binding, fewest = i, left end
-end
-for i = 1, #KEYS do
-  local new_tat = taken[i][1]
-  redis.call('SET', KEYS[i], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-end
-return {binding, 1, fewest, 0, taken[binding][1] - now}
-",
-    )
-});
 
 /// A change to a tenant's limits (`conveyor-api tenants set-limits`): what is `Some` is set,
 /// the rest kept.

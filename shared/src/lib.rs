@@ -21,6 +21,7 @@ pub mod pipelines;
 pub mod problem;
 pub mod queue;
 pub mod quotas;
+pub mod rates;
 pub mod redis_conn;
 pub mod saved_models;
 pub mod schedules;

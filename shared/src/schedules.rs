@@ -8,8 +8,9 @@
 //! `jobs (schedule_id, schedule_fire_at)` and `pipelines (schedule_id, schedule_fire_at)` refuse
 //! a second job or pipeline for the same firing.
 //!
-//! A firing is checked against the tenant's quotas as a submission is; one past a quota makes
-//! nothing and is recorded, with why, in the schedule's history (as are the other skips). A
+//! A firing is checked against the tenant's quotas and draws on its submission rate (the
+//! tenant's bucket, and the key's if it has one) as a submission does; one past a quota or the
+//! rate makes nothing and is recorded, with why, in the schedule's history (as are the other skips). A
 //! schedule belongs to its tenant, not to the key that created it: revoking that key does not
 //! stop it (the key only attributes its jobs' usage); pause or delete the schedule for that.
 
@@ -31,6 +32,7 @@ use crate::{
     pages::{self, Page},
     pipelines::{self, Firing, NewPipeline, Validate},
     quotas::{self, Quotas},
+    rates::Buckets,
     FieldError,
 };
 
@@ -495,6 +497,7 @@ const LIVE: &str = "(EXISTS (SELECT 1 FROM jobs j WHERE j.schedule_id = s.id
 /// A pipeline's steps are checked with `validate` when they start, as a submitted one's.
 pub async fn fire_due(
     pool: &PgPool,
+    buckets: &Buckets,
     grace: Duration,
     limit: i64,
     validate: &Validate<'_>,
@@ -523,7 +526,10 @@ pub async fn fire_due(
     };
     let grace = chrono::Duration::from_std(grace)?;
     for Due { schedule, now } in due {
-        fire(&mut tx, &schedule, now, grace, validate, &mut fired).await?;
+        fire(
+            &mut tx, buckets, &schedule, now, grace, validate, &mut fired,
+        )
+        .await?;
     }
     tx.commit().await?;
     Ok(fired)
@@ -540,6 +546,7 @@ enum Made {
 /// due one.
 async fn fire(
     conn: &mut PgConnection,
+    buckets: &Buckets,
     s: &Schedule,
     now: DateTime<Utc>,
     grace: chrono::Duration,
@@ -556,7 +563,7 @@ async fn fire(
     let mut skips: Vec<(DateTime<Utc>, String)> = Vec::new();
     if !live && !pending.is_empty() {
         let at = pending.remove(0);
-        match make(&mut *conn, s, at, validate, fired).await? {
+        match make(&mut *conn, buckets, s, at, validate, fired).await? {
             Made::Something => {
                 last_fired = Some(at);
                 live = true;
@@ -593,7 +600,7 @@ async fn fire(
             )),
             (true, true, Overlap::Queue) => pending.push(old),
             (true, false, _) | (true, true, Overlap::Allow) => {
-                match make(&mut *conn, s, old, validate, fired).await? {
+                match make(&mut *conn, buckets, s, old, validate, fired).await? {
                     Made::Something => last_fired = Some(old),
                     Made::Skipped(why) => skips.push((old, why)),
                 }
@@ -628,10 +635,12 @@ async fn fire(
     Ok(())
 }
 
-/// The firing's job or pipeline, unless it would take the tenant past a quota (checked as a
-/// submission's). A firing that already made its job or pipeline makes nothing more.
+/// The firing's job or pipeline, unless it would take the tenant past a quota or its
+/// submission rate (both as a submission's, the rate with the schedule's key). A firing that
+/// already made its job or pipeline makes nothing more.
 async fn make(
     conn: &mut PgConnection,
+    buckets: &Buckets,
     s: &Schedule,
     at: DateTime<Utc>,
     validate: &Validate<'_>,
@@ -645,6 +654,15 @@ async fn make(
     let quotas = Quotas::of(&mut *conn, s.tenant_id).await?;
     if let Err(over) = quotas::check(&mut *conn, s.tenant_id, &quotas, &kinds, true).await? {
         return Ok(Made::Skipped(over.to_string()));
+    }
+    // One token a job, as the submission of the same job or pipeline draws.
+    let tokens = kinds.len();
+    let rates = buckets.rates(&mut *conn, s.tenant_id, s.key_id).await?;
+    match buckets.draw(s.tenant_id, &rates, tokens).await {
+        Ok(Some(drawn)) if !drawn.allowed => return Ok(Made::Skipped(drawn.refusal(tokens))),
+        Ok(_) => {}
+        // As the API admits a submission when Redis cannot answer.
+        Err(e) => tracing::warn!(error = %e, schedule = %s.id, "rate limit unavailable; firing"),
     }
     match (&s.job, &s.pipeline) {
         (Some(job), _) => fired.jobs.extend(insert_job(&mut *conn, s, job, at).await?),

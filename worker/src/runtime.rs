@@ -12,6 +12,7 @@ use shared::{
     objects::ObjectStore,
     pipelines,
     queue::Queues,
+    rates::Buckets,
     store::{self, Outcome},
     usage::{CpuTimed, Meter, Usage},
     Job, JobContext, JobStatus, Settings,
@@ -39,6 +40,8 @@ pub struct Runtime {
     pool: PgPool,
     events: EventLog,
     queues: Queues,
+    /// The tenants' submission buckets, which schedules' firings draw on.
+    buckets: Buckets,
     refill: Refill,
     objects: ObjectStore,
     registry: Registry,
@@ -224,6 +227,7 @@ impl Runtime {
                 }
             })
         };
+        let buckets = Buckets::new(redis.clone(), &settings);
         let queues = Queues::new(redis, &settings.redis_prefix);
         let refill = Refill::new(Dispatcher::new(queues.clone()));
         Ok(Self {
@@ -231,6 +235,7 @@ impl Runtime {
             finishes,
             announcements,
             queues,
+            buckets,
             refill,
             objects: ObjectStore::from_settings(&settings)?,
             settings,
@@ -270,6 +275,10 @@ impl Runtime {
 
     pub(crate) fn events(&self) -> &EventLog {
         &self.events
+    }
+
+    pub(crate) fn buckets(&self) -> &Buckets {
+        &self.buckets
     }
 
     pub(crate) fn objects(&self) -> &ObjectStore {

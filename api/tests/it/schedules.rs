@@ -81,11 +81,18 @@ fn one_per_second(made: &[Value], field: &str, start: DateTime<Utc>) -> Vec<Date
 async fn race_the_leader(app: &TestApp) -> (usize, usize) {
     let end = Instant::now() + Duration::from_secs(9);
     let (mut jobs, mut pipelines) = (0, 0);
+    let state = &app.server.as_ref().expect("api running").state;
+    let buckets = shared::rates::Buckets::new(state.redis.clone(), &app.settings);
     while Instant::now() < end {
-        let fired =
-            shared::schedules::fire_due(app.pool(), Duration::from_secs(10), 100, &validate)
-                .await
-                .expect("fires");
+        let fired = shared::schedules::fire_due(
+            app.pool(),
+            &buckets,
+            Duration::from_secs(10),
+            100,
+            &validate,
+        )
+        .await
+        .expect("fires");
         jobs += fired.jobs.len();
         pipelines += fired.pipelines;
         tokio::time::sleep(Duration::from_millis(20)).await;

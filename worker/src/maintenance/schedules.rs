@@ -40,6 +40,7 @@ impl Duty for Schedules {
         loop {
             let fired = schedules::fire_due(
                 runtime.pool(),
+                runtime.buckets(),
                 self.grace,
                 self.schedule.batch,
                 &runtime.validator(),
@@ -284,6 +285,71 @@ mod tests {
         assert!(jobs[1].2 > jobs[0].2);
         assert!(test.schedule_row(queue).await.pending_fires.is_empty());
         assert!(test.announced("canary"));
+    }
+
+    /// Firings draw on the tenant's submission bucket, and on the schedule's key's, as
+    /// submissions do: past either, a firing makes nothing and its skip says why.
+    #[tokio::test]
+    async fn firings_draw_on_the_submission_rate() {
+        let test = TestDb::new().await;
+        // Three tokens, refilled one every 1,000 seconds.
+        sqlx::query(
+            "INSERT INTO tenant_limits (tenant_id, rate_per_sec, rate_burst)
+             VALUES ($1, 0.001, 3)",
+        )
+        .bind(test.tenant)
+        .execute(test.pool())
+        .await
+        .unwrap();
+        let (first, second) = (
+            test.schedule("0 0 * * *", "allow", "run_once").await,
+            test.schedule("0 0 * * *", "allow", "run_once").await,
+        );
+        let pipeline = test.pipeline_schedule("0 0 * * *", "allow").await;
+        for (id, ago) in [(first, 3), (second, 2), (pipeline, 1)] {
+            test.set_schedule(
+                id,
+                &format!("next_fire_at = now() - interval '{ago} seconds'"),
+            )
+            .await;
+        }
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 2);
+        assert_eq!(test.fired(first).await.len(), 1);
+        assert_eq!(test.fired(second).await.len(), 1);
+        // Its two steps want two tokens; one is left.
+        assert!(test.pipelines_fired(pipeline).await.is_empty());
+        assert_eq!(
+            test.skips(pipeline).await,
+            ["the tenant's submission rate limit of 0.001 jobs/s (burst 3) reached"]
+        );
+
+        // A key with a rate of its own: its bucket binds even with the tenant's refilled.
+        let key = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, key_hash, rate_per_sec, rate_burst)
+             VALUES ($1, $2, $3, 0.001, 1)",
+        )
+        .bind(key)
+        .bind(test.tenant)
+        .bind(key.to_string())
+        .execute(test.pool())
+        .await
+        .unwrap();
+        sqlx::query("UPDATE tenant_limits SET rate_burst = 100 WHERE tenant_id = $1")
+            .bind(test.tenant)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        test.set_schedule(
+            pipeline,
+            &format!("key_id = '{key}', next_fire_at = now() - interval '1 second'"),
+        )
+        .await;
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 0);
+        assert_eq!(
+            test.skips(pipeline).await[1],
+            "a batch of 2 jobs exceeds the key's submission burst of 1"
+        );
     }
 
     /// After a downtime longer than the grace: `run_once` makes one job (not one per missed
