@@ -133,7 +133,7 @@ pub async fn create_for_tenant(
             .fetch_one(&mut *tx)
             .await?;
     let role = role.unwrap_or(if first { Role::Admin } else { Role::Write });
-    let created = insert(&mut tx, tenant_id, role, name.as_deref()).await?;
+    let created = insert(&mut tx, tenant_id, role, name.as_deref(), None).await?;
     audit::record(
         &mut *tx,
         &Actor::operator(tenant_id),
@@ -160,7 +160,8 @@ pub async fn create(
     payload_sha256: Option<String>,
 ) -> Result<CreatedKey, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let created = insert(&mut tx, by.tenant, role, name).await?;
+    // A key's rate binds the keys it makes: a throttled key cannot make itself a free one.
+    let created = insert(&mut tx, by.tenant, role, name, by.key).await?;
     let mut entry = created_entry(&created);
     entry.payload_sha256 = payload_sha256;
     audit::record(&mut *tx, by, entry).await?;
@@ -174,18 +175,24 @@ fn created_entry(created: &CreatedKey) -> Entry {
         .detail(serde_json::json!({"role": created.info.role, "name": created.info.name}))
 }
 
+/// A new key of the tenant, with the submission rate of `rate_of` (a key of the tenant) if
+/// that has one.
 async fn insert(
     conn: &mut PgConnection,
     tenant_id: Uuid,
     role: Role,
     name: Option<&str>,
+    rate_of: Option<Uuid>,
 ) -> Result<CreatedKey, sqlx::Error> {
     let mut secret = [0u8; 24];
     rand::rng().fill_bytes(&mut secret);
     let key = format!("cvk_{}", hex::encode(secret));
     let info = sqlx::query_as(&format!(
-        "INSERT INTO api_keys (id, tenant_id, key_hash, role, name, prefix)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {KEY_COLUMNS}"
+        "INSERT INTO api_keys (id, tenant_id, key_hash, role, name, prefix, rate_per_sec,
+                               rate_burst)
+         SELECT $1, $2, $3, $4, $5, $6, r.rate_per_sec, r.rate_burst
+         FROM (SELECT) one LEFT JOIN api_keys r ON r.id = $7 AND r.tenant_id = $2
+         RETURNING {KEY_COLUMNS}"
     ))
     .bind(Uuid::now_v7())
     .bind(tenant_id)
@@ -193,6 +200,7 @@ async fn insert(
     .bind(role.as_str())
     .bind(name)
     .bind(&key[..12])
+    .bind(rate_of)
     .fetch_one(conn)
     .await?;
     Ok(CreatedKey { key, info })
@@ -263,7 +271,7 @@ async fn revoke_in(
     Ok(found)
 }
 
-/// Replaces a live key: a new key with its tenant, role and name, and the old one revoked at
+/// Replaces a live key: a new key with its tenant, role, name and rate, and the old one revoked at
 /// once (no grace period: rotate when the new key is ready to be put in place). `None` if there
 /// is no live key with this id. The caller tells the API processes the old key is revoked.
 pub async fn rotate(pool: &PgPool, id: Uuid) -> Result<Option<CreatedKey>, sqlx::Error> {
@@ -278,7 +286,7 @@ pub async fn rotate(pool: &PgPool, id: Uuid) -> Result<Option<CreatedKey>, sqlx:
         return Ok(None);
     };
     let role = Role::parse(&role).unwrap_or(Role::Read);
-    let created = insert(&mut tx, tenant_id, role, name.as_deref()).await?;
+    let created = insert(&mut tx, tenant_id, role, name.as_deref(), Some(id)).await?;
     revoke_in(&mut tx, None, id).await?;
     let entry = Entry::new(Action::KeyRotate)
         .target(id)

@@ -588,33 +588,15 @@ async fn a_keys_own_rate_limits_that_key_only() {
         ])
         .await;
     assert!(ok, "{stderr}");
-    let canary = json!({"kind": "canary", "payload": {"steps": 1}});
-    let base = app.url("");
-    let mut statuses = Vec::new();
-    for _ in 0..4 {
-        let response = app
-            .client
-            .post(format!("{base}/v1/jobs"))
-            .bearer_auth(&slow)
-            .json(&canary)
-            .send()
-            .await
-            .unwrap();
-        if response.status() == StatusCode::TOO_MANY_REQUESTS {
-            assert_eq!(
-                header(response.headers(), "ratelimit-policy"),
-                "\"key\";q=2;w=1"
-            );
-        }
-        statuses.push(response.status());
-    }
+    let statuses = submissions_as(&app, &slow, 4, "\"key\";q=2;w=1").await;
     assert_eq!(&statuses[..2], [StatusCode::ACCEPTED, StatusCode::ACCEPTED]);
     assert!(
         statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
         "{statuses:?}"
     );
+    let canary = json!({"kind": "canary", "payload": {"steps": 1}});
     for _ in 0..6 {
-        let (status, headers, body) = post(&app, &base, "/v1/jobs", &canary).await;
+        let (status, headers, body) = post(&app, &app.url(""), "/v1/jobs", &canary).await;
         assert_eq!(
             status,
             StatusCode::ACCEPTED,
@@ -622,4 +604,66 @@ async fn a_keys_own_rate_limits_that_key_only() {
         );
         assert!(headers.get("ratelimit").is_none());
     }
+}
+
+/// A key's own rate binds the keys it makes and goes with it when it is rotated: a throttled
+/// admin key made itself free keys, and a rotation dropped the throttle.
+#[tokio::test]
+async fn a_keys_rate_binds_the_keys_it_makes_and_its_rotation() {
+    let app = TestApp::spawn().await;
+    sqlx::query("UPDATE api_keys SET rate_per_sec = 0.001, rate_burst = 1 WHERE key_hash = $1")
+        .bind(conveyor_api::auth::hash_key(&app.key))
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let response = app
+        .client
+        .post(app.url("/v1/keys"))
+        .bearer_auth(&app.key)
+        .json(&json!({"role": "write"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let made: serde_json::Value = response.json().await.unwrap();
+    let policy = "\"key\";q=1;w=1000";
+    let throttled = [StatusCode::ACCEPTED, StatusCode::TOO_MANY_REQUESTS];
+    let made_key = made["key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        submissions_as(&app, &made_key, 2, policy).await,
+        throttled,
+        "the key made"
+    );
+
+    let (ok, rotated, stderr) = app
+        .conveyor_api(&["keys", "rotate", made["id"].as_str().unwrap()])
+        .await;
+    assert!(ok, "{stderr}");
+    let rotated = rotated.trim().to_owned();
+    assert_eq!(
+        submissions_as(&app, &rotated, 2, policy).await,
+        throttled,
+        "its rotation"
+    );
+}
+
+/// `n` canaries submitted one after another with `key`: their statuses. A refusal must name
+/// `policy`.
+async fn submissions_as(app: &TestApp, key: &str, n: usize, policy: &str) -> Vec<StatusCode> {
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        let response = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .bearer_auth(key)
+            .json(&json!({"kind": "canary", "payload": {"steps": 1}}))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(header(response.headers(), "ratelimit-policy"), policy);
+        }
+        statuses.push(response.status());
+    }
+    statuses
 }
