@@ -2,7 +2,7 @@
 //! `CONVEYOR_DATA_DIR` by default, or objects in an S3-compatible bucket when
 //! `CONVEYOR_OBJECT_STORE_URL` (`s3://bucket/prefix`) is set. The data directory always holds
 //! the scratch files that writes start in and, with a bucket, each worker's cache of the
-//! datasets it read (datasets never change, so a cached copy never goes stale).
+//! datasets it read (named by their checksum: a retried synthesis replaces its output).
 //!
 //! An object appears under its key only once complete: a local file is renamed into place, an
 //! upload is one multipart upload completed at the end.
@@ -17,6 +17,8 @@ use std::{
 };
 use tokio::io::AsyncReadExt;
 use uuid::Uuid;
+
+use crate::datasets::Dataset;
 
 /// Bytes of an object, streamed.
 pub type ObjectStream = BoxStream<'static, std::io::Result<Bytes>>;
@@ -232,16 +234,18 @@ impl ObjectStore {
 
     /// A local file with the dataset's bytes, for readers that need one (polars seeks in
     /// Parquet files): the stored file itself, or the bucket's object, downloaded once into the
-    /// cache and kept there while the returned value lives.
-    pub async fn dataset_file(&self, tenant: Uuid, dataset: Uuid) -> anyhow::Result<DatasetFile> {
-        let key = dataset_key(tenant, dataset);
+    /// cache and kept there while the returned value lives. The cached copy is named by the
+    /// record's checksum too: a retried synthesis replaces its output, and a copy of the first
+    /// output must not be read as the second.
+    pub async fn dataset_file(&self, dataset: &Dataset) -> anyhow::Result<DatasetFile> {
+        let key = dataset_key(dataset.tenant_id, dataset.id);
         let Some(bucket) = &self.bucket else {
             return Ok(DatasetFile {
                 path: self.root.join(&key),
                 pins: None,
             });
         };
-        let cached = self.root.join("cache").join(&key);
+        let cached = self.root.join("cache").join(cached_name(dataset));
         // Found and held under the lock eviction takes for each file it removes.
         if let Some(file) = self.hold_cached(&cached)? {
             return Ok(file);
@@ -325,7 +329,7 @@ impl ObjectStore {
     pub async fn delete_dataset(&self, tenant: Uuid, dataset: Uuid) -> anyhow::Result<()> {
         let key = dataset_key(tenant, dataset);
         if let Some(bucket) = &self.bucket {
-            remove_if_present(&self.root.join("cache").join(&key)).await?;
+            remove_cached(&self.root.join("cache"), tenant, dataset).await?;
             return match bucket.store.delete(&bucket.key(&key)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(e) => Err(e.into()),
@@ -470,6 +474,35 @@ impl Bucket {
 
 fn dataset_key(tenant: Uuid, dataset: Uuid) -> String {
     format!("tenants/{tenant}/datasets/{dataset}")
+}
+
+/// The cached copy's name: the dataset's key and the checksum of the bytes it holds.
+fn cached_name(dataset: &Dataset) -> String {
+    let key = dataset_key(dataset.tenant_id, dataset.id);
+    let sha256 = &dataset.sha256;
+    // Computed by the server; anything else (there is nothing else) is not made a path.
+    if sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        format!("{key}.{sha256}")
+    } else {
+        format!("{key}.unchecked")
+    }
+}
+
+/// Removes the cached copies of a dataset, of every version.
+async fn remove_cached(cache: &Path, tenant: Uuid, dataset: Uuid) -> std::io::Result<()> {
+    let dir = cache.join(format!("tenants/{tenant}/datasets"));
+    let mut entries = match tokio::fs::read_dir(&dir).await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        entries => entries?,
+    };
+    let prefix = format!("{dataset}.");
+    while let Some(entry) = entries.next_entry().await? {
+        let name = entry.file_name();
+        if name.to_str().is_some_and(|name| name.starts_with(&prefix)) {
+            remove_if_present(&entry.path()).await?;
+        }
+    }
+    Ok(())
 }
 
 fn model_key(tenant: Uuid, model: Uuid) -> String {

@@ -244,37 +244,102 @@ async fn a_workers_dataset_cache_keeps_its_bound() {
     })
     .await;
     app.start_worker_for(&[("import", 1)]).await;
-    let cached = |dataset: Uuid| {
-        app.settings
-            .data_dir
-            .join(format!("cache/tenants/{}/datasets/{dataset}", app.tenant))
-    };
     let mut imported = Vec::new();
     for (name, table) in [("first.csv", "first"), ("second.csv", "second")] {
         let dataset = app.upload_dataset(name, b"id\n1\n2\n").await;
-        let (status, job) = app
-            .post(
-                "/v1/jobs",
-                &json!({"kind": "import", "payload": {
-                    "dataset_id": dataset, "target": {"table": table}, "mode": "create"}}),
-            )
-            .await;
-        assert_eq!(status, 202, "{job}");
-        let job = app
-            .wait_status(
-                job["id"].as_str().unwrap().parse().unwrap(),
-                &["succeeded", "failed"],
-                Duration::from_secs(60),
-            )
-            .await;
+        let job = import(&app, dataset, table).await;
         assert_eq!(job["status"], "succeeded", "{job}");
-        assert!(cached(dataset).exists(), "{name} was not cached");
+        assert_eq!(
+            cached_copies(&app, dataset).len(),
+            1,
+            "{name} was not cached"
+        );
         imported.push(dataset);
     }
     assert!(
-        !cached(imported[0]).exists(),
+        cached_copies(&app, imported[0]).is_empty(),
         "the first dataset's copy outlived the cache's bound"
     );
     // The copy the last job held stays until a later download needs its room.
-    assert!(cached(imported[1]).exists());
+    assert_eq!(cached_copies(&app, imported[1]).len(), 1);
+}
+
+/// A dataset replaced under its id (a retried synthesis writes its output again, and a
+/// private fit's noise makes it differ): a worker that cached the first bytes reads the new
+/// ones, not its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_dataset_is_not_read_from_the_cached_copy() {
+    let s3 = S3Server::start();
+    let mut app = TestApp::spawn_with(|s| s.object_store = Some(s3.config())).await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let dataset = app.upload_dataset("out.csv", b"id\n1\n2\n").await;
+    let job = import(&app, dataset, "first").await;
+    assert_eq!(job["result"]["rows_imported"], 2, "{job}");
+    assert_eq!(cached_copies(&app, dataset).len(), 1);
+
+    // As `record_output` does for a retried attempt: the new bytes, then the new record.
+    let bytes = b"id\n1\n2\n3\n";
+    let objects = shared::objects::ObjectStore::from_settings(&app.settings).unwrap();
+    let scratch = objects.scratch_path().await.unwrap();
+    std::fs::write(&scratch, bytes).unwrap();
+    objects
+        .put_dataset(&scratch, app.tenant, dataset)
+        .await
+        .unwrap();
+    let mut record = shared::datasets::get(app.pool(), app.tenant, dataset)
+        .await
+        .unwrap()
+        .unwrap();
+    record.size_bytes = bytes.len() as i64;
+    record.sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes));
+    shared::datasets::record_output(app.pool(), &record)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let job = import(&app, dataset, "second").await;
+    assert_eq!(
+        job["result"]["rows_imported"], 3,
+        "the first bytes were read from the cache: {job}"
+    );
+}
+
+/// Imports `dataset` into a new table `table`; the job once it ended.
+async fn import(app: &TestApp, dataset: Uuid, table: &str) -> serde_json::Value {
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "import", "payload": {
+                "dataset_id": dataset, "target": {"table": table}, "mode": "create"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let job = app
+        .wait_status(
+            job["id"].as_str().unwrap().parse().unwrap(),
+            &["succeeded", "failed"],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    job
+}
+
+/// The worker's cached copies of `dataset` (one per version it read).
+fn cached_copies(app: &TestApp, dataset: Uuid) -> Vec<PathBuf> {
+    let dir = app
+        .settings
+        .data_dir
+        .join(format!("cache/tenants/{}/datasets", app.tenant));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(&dataset.to_string()))
+        })
+        .collect()
 }

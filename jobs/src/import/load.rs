@@ -282,7 +282,7 @@ async fn import(
 
     let path = services
         .objects
-        .dataset_file(dataset.tenant_id, dataset.id)
+        .dataset_file(dataset)
         .await
         .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
     let csv_settings = CsvSettings {

@@ -103,7 +103,7 @@ impl IngestHandler {
         let held = self
             .services
             .objects
-            .dataset_file(tenant, dataset_id)
+            .dataset_file(&dataset)
             .await
             .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
         // Records are `prefix:id`: the source's id, else (numbered records) the dataset's.

@@ -482,7 +482,7 @@ impl Handler for SynthesisHandler {
             .map_err(|e| JobError::Retryable(format!("reading the dataset's record: {e}")))?
             .ok_or_else(|| JobError::Permanent("the dataset no longer exists".into()))?;
         let path = objects
-            .dataset_file(ctx.tenant_id(), dataset.id)
+            .dataset_file(&dataset)
             .await
             .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
         let seed = payload.seed.unwrap_or_else(|| ctx.job_id().as_u64_pair().1);
