@@ -195,6 +195,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261214"),
             include_str!("../../migrations/checksums-20261215"),
             include_str!("../../migrations/checksums-20261216"),
+            include_str!("../../migrations/checksums-20261217"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -213,7 +214,7 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261216"
+                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261217"
                 ),
             }
         }
