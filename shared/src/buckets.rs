@@ -9,17 +9,28 @@
 //! sync, and the client resolves hosts through the same rules, follows no redirect and uses no
 //! proxy.
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
+use http_body::{Body, Frame, SizeHint};
 use object_store::{
     aws::AmazonS3Builder,
-    client::{ClientOptions, HttpClient, HttpConnector},
+    client::{
+        ClientOptions, HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest,
+        HttpResponse, HttpResponseBody, HttpService,
+    },
     path::Path as Key,
     ObjectMeta, ObjectStore, ObjectStoreExt, RetryConfig,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -31,6 +42,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long listing a prefix may take in all: a service that answers page after page (empty
 /// or not) would hold the job's slot forever, each page well within its request's timeout.
 const LIST_DEADLINE: Duration = Duration::from_secs(300);
+/// How long the API's check of a new bucket may take (its first listing, however many empty
+/// pages the service answers).
+const PROBE_DEADLINE: Duration = Duration::from_secs(30);
+/// Most bytes of a listing page (1,000 keys of up to 1,024 bytes, and their XML) and of an
+/// error's body: object_store reads both whole.
+const MAX_PAGE_BYTES: u64 = 16 << 20;
+const MAX_ERROR_BYTES: u64 = 1 << 20;
 /// Longest prefix, as S3 keys are at most 1,024 bytes.
 pub const MAX_PREFIX: usize = 1024;
 
@@ -322,8 +340,18 @@ pub async fn store(
 
 /// Lists the bucket's first object: whether the endpoint, bucket and credentials work.
 pub async fn probe(store: &dyn ObjectStore) -> object_store::Result<()> {
+    probe_within(store, PROBE_DEADLINE).await
+}
+
+async fn probe_within(store: &dyn ObjectStore, deadline: Duration) -> object_store::Result<()> {
     use futures::StreamExt;
-    store.list(None).next().await.transpose().map(drop)
+    match tokio::time::timeout(deadline, store.list(None).next()).await {
+        Ok(first) => first.transpose().map(drop),
+        Err(_) => Err(object_store::Error::Generic {
+            store: "S3",
+            source: format!("listing took more than {deadline:?}").into(),
+        }),
+    }
 }
 
 /// The HTTP client of tenants' buckets: hosts resolved through the address rules, no
@@ -356,7 +384,70 @@ impl HttpConnector for CheckedConnector {
                 store: "S3",
                 source: Box::new(e),
             })?;
-        Ok(HttpClient::new(client))
+        Ok(HttpClient::new(BoundedClient(client)))
+    }
+}
+
+/// The client's answers, bounded where object_store reads them whole (a listing's page, an
+/// error's body): a service could send gigabytes as one page. They announce no size, as
+/// object_store reserves what a body announces before reading it.
+#[derive(Debug)]
+struct BoundedClient(reqwest::Client);
+
+#[async_trait::async_trait]
+impl HttpService for BoundedClient {
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let listing = request
+            .uri()
+            .query()
+            .is_some_and(|query| query.contains("list-type"));
+        let (parts, body) = HttpService::call(&self.0, request).await?.into_parts();
+        let most = if !parts.status.is_success() {
+            MAX_ERROR_BYTES
+        } else if listing {
+            MAX_PAGE_BYTES
+        } else {
+            // An object's bytes: streamed, and bounded by whoever reads them.
+            u64::MAX
+        };
+        let body = HttpResponseBody::new(Bounded { body, left: most });
+        Ok(HttpResponse::from_parts(parts, body))
+    }
+}
+
+/// A body that announces no size and fails past `left` bytes.
+struct Bounded {
+    body: HttpResponseBody,
+    left: u64,
+}
+
+impl Body for Bounded {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+        let len = match &frame {
+            Some(Ok(frame)) => frame.data_ref().map_or(0, |data| data.len() as u64),
+            _ => 0,
+        };
+        if len > self.left {
+            let too_long = std::io::Error::other("the bucket's answer is too long");
+            return Poll::Ready(Some(Err(HttpError::new(HttpErrorKind::Decode, too_long))));
+        }
+        self.left -= len;
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
     }
 }
 
@@ -415,6 +506,7 @@ impl Opened {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     #[test]
     fn prefixes_stay_inside_the_bucket() {
@@ -508,28 +600,48 @@ mod tests {
         assert!(error.contains("buckets may not reach"), "{error}");
     }
 
+    /// A service on 127.0.0.1 that answers every request with `answer` and closes the
+    /// connection: its URL, and the requests and bytes it served.
+    async fn answering(answer: Vec<u8>) -> (url::Url, Arc<[AtomicU64; 2]>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = parse_endpoint(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let served = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let counts = served.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = vec![0; 64 << 10];
+                let _ = socket.read(&mut request).await;
+                counts[0].fetch_add(1, Ordering::Relaxed);
+                for piece in answer.chunks(64 << 10) {
+                    if socket.write_all(piece).await.is_err() {
+                        break;
+                    }
+                    counts[1].fetch_add(piece.len() as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        (url, served)
+    }
+
+    /// An empty page with a token for the next one, for ever.
+    async fn endless_empty_pages() -> (url::Url, Arc<[AtomicU64; 2]>) {
+        let body = r#"<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>docs</Name><Prefix></Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated><NextContinuationToken>again</NextContinuationToken></ListBucketResult>"#;
+        answering(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+        .await
+    }
+
     /// A service that answers every listing with an empty page and a token for the next
     /// one: the listing ends at its deadline instead of holding its job forever.
     #[tokio::test]
     async fn a_listing_of_endless_empty_pages_ends_at_its_deadline() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = parse_endpoint(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
-        let pages = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let served = pages.clone();
-        tokio::spawn(async move {
-            let body = r#"<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>docs</Name><Prefix></Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated><NextContinuationToken>again</NextContinuationToken></ListBucketResult>"#;
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let mut request = vec![0; 64 << 10];
-                let _ = socket.read(&mut request).await;
-                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/xml\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-            }
-        });
+        let (url, served) = endless_empty_pages().await;
         let opened = opened_unchecked(&url, &"127.0.0.1".parse().unwrap());
         let deadline = Duration::from_secs(2);
         let listed = tokio::time::timeout(
@@ -540,10 +652,42 @@ mod tests {
         .expect("the listing ends");
         let error = format!("{:#}", listed.unwrap_err());
         assert_eq!(error, "listing took more than 2s");
-        assert!(
-            pages.load(std::sync::atomic::Ordering::Relaxed) > 2,
-            "pages were served"
-        );
+        assert!(served[0].load(Ordering::Relaxed) > 2, "pages were served");
+    }
+
+    /// The API's check of a new bucket at the same service ends too (it held the request, and
+    /// sent requests, for as long as the client waited).
+    #[tokio::test]
+    async fn a_bucket_check_of_endless_empty_pages_ends_at_its_deadline() {
+        let (url, _) = endless_empty_pages().await;
+        let opened = opened_unchecked(&url, &"127.0.0.1".parse().unwrap());
+        let checked = tokio::time::timeout(
+            Duration::from_secs(20),
+            probe_within(opened.store.as_ref(), Duration::from_secs(2)),
+        )
+        .await
+        .expect("the check ends");
+        assert!(checked
+            .unwrap_err()
+            .to_string()
+            .contains("listing took more than 2s"));
+    }
+
+    /// A listing page is read whole, so it is bounded: a 200 MiB page ends the read early.
+    #[tokio::test]
+    async fn a_listing_page_is_bounded() {
+        let page = 200 << 20;
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/xml\r\ncontent-length: {page}\r\nconnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        answer.resize(answer.len() + page, b' ');
+        let (url, served) = answering(answer).await;
+        let opened = opened_unchecked(&url, &"127.0.0.1".parse().unwrap());
+        let checked = probe_within(opened.store.as_ref(), Duration::from_secs(60)).await;
+        assert!(checked.is_err());
+        let sent = served[1].load(Ordering::Relaxed);
+        assert!(sent < 64 << 20, "{sent} bytes of the page were read");
     }
 
     /// A bucket at `url` opened past the check, for the resolver's test.
