@@ -208,8 +208,11 @@ pub async fn sign_out(
             audit::record(&mut *tx, &actor, entry).await?;
         }
         tx.commit().await?;
-        // The session's open event streams end, in every API process.
-        revocation::invalidate(&state, Invalidation::Session(token_hash)).await;
+        // The session's open event streams end, in every API process. A cookie of no session
+        // tells nobody: the word wakes every stream.
+        if ended.is_some() {
+            revocation::invalidate(&state, Invalidation::Session(token_hash)).await;
+        }
     }
     // Cleared whether or not the request carried it (`CookieJar::remove` only answers a cookie
     // the request sent).

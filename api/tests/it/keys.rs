@@ -441,6 +441,48 @@ async fn sessions_end_with_their_key_and_on_sign_out_in_every_process() {
     second.shutdown().await;
 }
 
+/// Signing out with a cookie of no session publishes nothing: anyone, signed in or not, could
+/// wake every event stream of every tenant in every API process, once a request.
+#[tokio::test]
+async fn signing_out_of_no_session_tells_no_process() {
+    use futures::StreamExt;
+    let app = TestApp::spawn().await;
+    let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(conveyor_api::revocation::channel(
+            &app.settings.redis_prefix,
+        ))
+        .await
+        .unwrap();
+    let sign_out = |cookie: String| {
+        app.client
+            .delete(app.url("/v1/session"))
+            .header("X-Conveyor-CSRF", "1")
+            .header(header::COOKIE, cookie)
+            .send()
+    };
+    let response = sign_out("conveyor_session=deadbeef".into()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    // A real session's end is told: the first message heard is its.
+    let cookie = sign_in(&app, &app.key).await;
+    let response = sign_out(cookie).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let mut messages = pubsub.on_message();
+    let first = tokio::time::timeout(WAIT, messages.next())
+        .await
+        .expect("a message")
+        .unwrap();
+    let payload: String = first.get_payload().unwrap();
+    let fake = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"deadbeef"));
+    assert_ne!(
+        payload,
+        format!("session:{fake}"),
+        "the cookie of no session was told"
+    );
+    assert!(payload.starts_with("session:"), "{payload}");
+}
+
 /// Signs in to the dashboard with `key`; the `Cookie` header value to send back.
 /// A loop of sign-ins keeps at most a key's last 20 sessions: the oldest end.
 #[tokio::test]
