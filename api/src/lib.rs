@@ -35,6 +35,9 @@ pub fn router(state: AppState) -> Router {
         // Every response names its request, so a client's report finds the server's log line.
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::map_request(
+            routes::ops::keep_plain_request_ids,
+        ))
         // The streams stay outside the trace layer: it wraps each response body and reads the
         // clock twice per chunk, and thousands of subscribers take tens of chunks a second each
         // (5 % of the API's CPU at 2,000 subscribers). Their handlers log opening and closing.

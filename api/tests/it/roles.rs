@@ -759,6 +759,51 @@ fn urlencode(text: &str) -> String {
     text.replace('+', "%2B").replace(':', "%3A")
 }
 
+/// A client's `x-request-id` is recorded when it is a plain token, and replaced by the
+/// server's when not: 8 KiB of it went into the log and into each audit row of the request.
+#[tokio::test]
+async fn a_client_request_id_is_kept_only_when_plain() {
+    let app = TestApp::spawn().await;
+    let long = "A".repeat(8192);
+    for (sent, kept) in [
+        ("trace-42.a_b", true),
+        (long.as_str(), false),
+        ("a b", false),
+    ] {
+        let response = app
+            .client
+            .post(app.url("/v1/jobs"))
+            .bearer_auth(&app.key)
+            .header("x-request-id", sent)
+            .json(&json!({"kind": "canary", "payload": {}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let answered = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let job: Value = response.json().await.unwrap();
+        let recorded: Option<String> = sqlx::query_scalar(
+            "SELECT request_id FROM audit_log WHERE action = 'job.submit' AND target_id = $1",
+        )
+        .bind(job["id"].as_str().unwrap())
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+        assert_eq!(recorded.as_deref(), Some(answered.as_str()));
+        if kept {
+            assert_eq!(answered, sent);
+        } else {
+            assert!(
+                answered.parse::<Uuid>().is_ok(),
+                "{sent:.20}: {answered:.20}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_audit_log_refuses_updates_and_deletes_even_in_sql_and_keeps_tenants_apart() {
     let app = TestApp::spawn().await;
