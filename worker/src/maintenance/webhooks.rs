@@ -15,7 +15,10 @@
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use shared::{
-    connections::{address::CheckedResolver, AllowList, Cipher},
+    connections::{
+        address::{CheckedResolver, RESOLVE_TIMEOUT},
+        AllowList, Cipher,
+    },
     webhooks::{self, Attempt, Claimed},
     Settings,
 };
@@ -100,7 +103,7 @@ impl Webhooks {
             sender: Arc::new(Sender::new(settings)),
             permits: Arc::new(Semaphore::new(slots)),
             in_flight: Arc::default(),
-            share: (slots - slots / 4).max(1),
+            share: slots.saturating_sub(slots.div_ceil(4)).max(1),
         }
     }
 }
@@ -126,10 +129,11 @@ impl Sender {
             client,
             allow,
             cipher,
-            // Longer than an attempt may take, so that one attempt never overlaps another.
+            // Longer than an attempt may take (the address check, then the request), so that
+            // one attempt never overlaps another.
             lease: settings
                 .webhook_lease
-                .max(settings.webhook_timeout + Duration::from_secs(1)),
+                .max(settings.webhook_timeout + RESOLVE_TIMEOUT + Duration::from_secs(1)),
             retry_base: settings.webhook_retry_base,
             retry_window: settings.webhook_retry_window,
         }
@@ -315,6 +319,28 @@ mod tests {
     use serde_json::Value;
     use std::sync::Mutex;
     use uuid::Uuid;
+
+    /// However the deployment sets them, a lease outlasts an attempt (its address check
+    /// included: two attempts of one delivery went at once), and a tenant leaves a quarter of
+    /// the slots, rounded up, to the others (with three slots, it took all three).
+    #[test]
+    fn a_lease_outlasts_an_attempt_and_a_tenant_leaves_slots_to_others() {
+        let mut settings =
+            Settings::for_test("postgres://127.0.0.1/unused".into(), "test:unused".into());
+        settings.webhook_timeout = Duration::from_secs(5);
+        settings.webhook_lease = Duration::from_secs(1);
+        settings.webhook_concurrency = 3;
+        let webhooks = Webhooks::new(&settings);
+        assert!(webhooks.sender.lease > Duration::from_secs(5) + RESOLVE_TIMEOUT);
+        let shares: Vec<usize> = [1, 2, 3, 4, 8]
+            .into_iter()
+            .map(|slots| {
+                settings.webhook_concurrency = slots;
+                Webhooks::new(&settings).share
+            })
+            .collect();
+        assert_eq!(shares, [1, 1, 2, 3, 6]);
+    }
 
     /// A failed attempt's text, which is logged, leaves out the URL and its token.
     #[tokio::test]
