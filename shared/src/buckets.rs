@@ -162,6 +162,9 @@ pub fn normalize_prefix(prefix: &str) -> &str {
     prefix.strip_suffix('/').unwrap_or(prefix)
 }
 
+/// Most buckets a tenant may hold.
+pub const MAX_PER_TENANT: i64 = 20;
+
 /// Registers a bucket, its credentials sealed; `None` when the tenant has one of that name.
 #[allow(clippy::too_many_arguments)]
 pub async fn create(

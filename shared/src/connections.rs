@@ -103,6 +103,9 @@ pub struct Connection {
     pub created_at: DateTime<Utc>,
 }
 
+/// Most connections a tenant may hold.
+pub const MAX_PER_TENANT: i64 = 20;
+
 pub async fn create(
     pool: impl sqlx::PgExecutor<'_>,
     cipher: &Cipher,

@@ -255,20 +255,29 @@ pub async fn lock_tenant(conn: &mut PgConnection, tenant: Uuid) -> sqlx::Result<
     Ok(())
 }
 
-/// How many rows of `table` (a table with a `tenant_id`) the tenant holds, for a cap on them,
-/// the tenant locked ([`lock_tenant`]).
-pub async fn count_for_cap(
+/// Refuses (409) one more row of `table` (a table with a `tenant_id`, named as the API names
+/// it) once the tenant holds `most`. Counted with the tenant locked ([`lock_tenant`]): in the
+/// transaction that adds the row, requests racing each other cannot all pass. Outside one it
+/// is a cheap check before slow work, made again in the transaction.
+pub async fn room_for_one(
     conn: &mut PgConnection,
     tenant: Uuid,
     table: &'static str,
-) -> sqlx::Result<i64> {
+    most: i64,
+) -> Result<(), crate::Problem> {
     lock_tenant(conn, tenant).await?;
-    sqlx::query_scalar(&format!(
+    let held: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {table} WHERE tenant_id = $1"
     ))
     .bind(tenant)
     .fetch_one(&mut *conn)
-    .await
+    .await?;
+    if held >= most {
+        return Err(crate::Problem::conflict(format!(
+            "the tenant already has {held} {table}, the most it may have; delete one first"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -77,6 +77,11 @@ pub async fn create(
         Problem::unavailable("buckets need CONVEYOR_SECRET_KEY to encrypt credentials")
     })?;
     let invalid = |why: String| Problem::validation(vec![FieldError::new("endpoint", why)]);
+    // Each is a client the ingests of the tenant's sources open. Checked before the bucket is
+    // listed, and again where it is recorded.
+    let most = buckets::MAX_PER_TENANT;
+    shared::quotas::room_for_one(&mut *state.pool.acquire().await?, tenant.0, "buckets", most)
+        .await?;
     // Checked by listing once: the address rules, then the bucket and credentials.
     let allow = &state.settings.connection_allow;
     let store = buckets::store(&endpoint, &body.bucket, &region, credentials.clone(), allow)
@@ -97,6 +102,7 @@ pub async fn create(
         ));
     }
     let mut tx = state.pool.begin().await?;
+    shared::quotas::room_for_one(&mut tx, tenant.0, "buckets", most).await?;
     let created = buckets::create(
         &mut *tx,
         cipher,

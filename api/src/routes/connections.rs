@@ -53,6 +53,16 @@ pub async fn create(
     let cipher = targets.cipher().ok_or_else(|| {
         Problem::unavailable("connections need CONVEYOR_SECRET_KEY to encrypt credentials")
     })?;
+    // Each is a pool on every worker and a target every sweep visits. Checked before the
+    // connection is tried, and again where it is recorded.
+    let most = connections::MAX_PER_TENANT;
+    shared::quotas::room_for_one(
+        &mut *state.pool.acquire().await?,
+        tenant.0,
+        "connections",
+        most,
+    )
+    .await?;
     match targets.guard().probe(&url).await {
         Ok(()) => {}
         Err(Refusal::Invalid(why)) => return Err(invalid("url", why)),
@@ -66,6 +76,7 @@ pub async fn create(
         }
     }
     let mut tx = state.pool.begin().await?;
+    shared::quotas::room_for_one(&mut tx, tenant.0, "connections", most).await?;
     let created = connections::create(
         &mut *tx,
         cipher,

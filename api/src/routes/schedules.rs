@@ -185,12 +185,7 @@ pub async fn create(
         next_fire_at: timing.after(Utc::now()),
     };
     let mut tx = state.pool.begin().await?;
-    let held = shared::quotas::count_for_cap(&mut tx, tenant.0, "schedules").await?;
-    if held >= schedules::MAX_PER_TENANT {
-        return Err(Problem::conflict(format!(
-            "the tenant already has {held} schedules, the most it may have; delete one first"
-        )));
-    }
+    shared::quotas::room_for_one(&mut tx, tenant.0, "schedules", schedules::MAX_PER_TENANT).await?;
     let created = schedules::create(&mut *tx, tenant.0, writer.0.key.id, &new)
         .await?
         .ok_or_else(|| Problem::conflict(format!("a schedule named {:?} exists", new.name)))?;

@@ -88,12 +88,7 @@ pub async fn create(
     let mut tx = state.pool.begin().await?;
     // Every webhook of a finished job is a delivery the workers' shared slots send: a tenant
     // with hundreds would take those slots from everyone else.
-    let held = shared::quotas::count_for_cap(&mut tx, tenant.0, "webhooks").await?;
-    if held >= webhooks::MAX_PER_TENANT {
-        return Err(Problem::conflict(format!(
-            "the tenant already has {held} webhooks, the most it may have; delete one first"
-        )));
-    }
+    shared::quotas::room_for_one(&mut tx, tenant.0, "webhooks", webhooks::MAX_PER_TENANT).await?;
     let created = webhooks::create(
         &mut *tx,
         cipher,

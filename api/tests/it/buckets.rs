@@ -348,3 +348,37 @@ async fn a_collection_follows_a_bucket_prefix_and_never_shows_its_secret() {
     }
     std::fs::remove_dir_all(&logs).unwrap();
 }
+
+/// A tenant holds at most 20 buckets: the 21st is refused, before its endpoint is listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_holds_at_most_twenty_buckets() {
+    let s3 = S3Server::start();
+    let app = TestApp::spawn().await;
+    let endpoint = format!("http://127.0.0.1:{}", s3.port);
+    let registration = |name: &str| {
+        json!({"name": name, "endpoint": endpoint, "bucket": BUCKET,
+               "access_key_id": "S3RVER", "secret_access_key": "S3RVER"})
+    };
+    let (status, body) = app.post("/v1/buckets", &registration("first")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    sqlx::query(
+        "INSERT INTO buckets (id, tenant_id, name, endpoint, bucket, region, credentials_encrypted)
+         SELECT gen_random_uuid(), tenant_id, 'copy-' || g, endpoint, bucket, region,
+                credentials_encrypted
+         FROM buckets, generate_series(1, 19) AS g",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let (status, problem) = app.post("/v1/buckets", &registration("one-more")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("20 buckets"),
+        "{problem}"
+    );
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM buckets")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(held, 20);
+}

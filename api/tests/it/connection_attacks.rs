@@ -486,3 +486,35 @@ async fn a_cancelled_import_stuck_on_a_server_that_hangs_ends() {
         .await;
     assert_eq!(job["status"], "cancelled", "{job}");
 }
+
+/// A tenant holds at most 20 connections (each a pool on every worker, and a target every
+/// sweep visits): the 21st is refused, before it is tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_holds_at_most_twenty_connections() {
+    let app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    registered(&app, "first", &warehouse.url).await;
+    sqlx::query(
+        "INSERT INTO connections (id, tenant_id, name, url_encrypted, display)
+         SELECT gen_random_uuid(), tenant_id, 'copy-' || g, url_encrypted, display
+         FROM connections, generate_series(1, 19) AS g",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let (status, problem) = app
+        .post(
+            "/v1/connections",
+            &json!({"name": "one-more", "url": warehouse.url}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("20 connections"),
+        "{problem}"
+    );
+    assert_eq!(connection_count(&app).await, 20);
+}
