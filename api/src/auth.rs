@@ -288,9 +288,44 @@ async fn key_by_hash(state: &AppState, hash: &str) -> Result<Option<KeyInfo>, Pr
 pub struct KeyCache {
     keys: moka::future::Cache<String, KeyInfo>,
     trusted: AtomicBool,
-    /// Moves on at every invalidation: a lookup that began before one may have read a key
-    /// just revoked, so its answer is given but not kept.
+    /// Moves on at every invalidation: a lookup that began before one of its key (or before a
+    /// clear) may have read it just revoked, so its answer is given but not kept.
     generation: AtomicU64,
+    invalidations: std::sync::Mutex<Invalidations>,
+}
+
+/// The latest invalidations, by generation: what a lookup that began at an earlier one
+/// missed. Bounded; a lookup older than what is kept counts as having missed its key's.
+#[derive(Default)]
+struct Invalidations {
+    /// (generation, the key forgotten; `None`: all of them).
+    recent: std::collections::VecDeque<(u64, Option<Uuid>)>,
+    /// The newest generation dropped from `recent`.
+    dropped: u64,
+}
+
+impl Invalidations {
+    const KEPT: usize = 1024;
+
+    fn push(&mut self, generation: u64, key: Option<Uuid>) {
+        if self.recent.len() == Self::KEPT {
+            if let Some((oldest, _)) = self.recent.pop_front() {
+                self.dropped = oldest;
+            }
+        }
+        self.recent.push_back((generation, key));
+    }
+
+    /// Whether `key`, looked up from generation `since`, may have been revoked meanwhile.
+    fn missed(&self, since: u64, key: Uuid) -> bool {
+        self.dropped > since
+            || self
+                .recent
+                .iter()
+                .rev()
+                .take_while(|(generation, _)| *generation > since)
+                .any(|(_, forgotten)| forgotten.is_none_or(|id| id == key))
+    }
 }
 
 /// Why a lookup's answer is not kept (shared by every request waiting on it).
@@ -319,6 +354,7 @@ impl KeyCache {
                 .build(),
             trusted: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            invalidations: Default::default(),
         }
     }
 
@@ -339,7 +375,7 @@ impl KeyCache {
         let generation = self.generation.load(Ordering::Acquire);
         let load = async {
             match lookup().await {
-                Ok(Some(key)) if self.generation.load(Ordering::Acquire) == generation => Ok(key),
+                Ok(Some(key)) if !self.missed(generation, key.id) => Ok(key),
                 Ok(Some(key)) => Err(Uncached::Stale(key)),
                 Ok(None) => Err(Uncached::Unknown),
                 Err(e) => Err(Uncached::Failed(e)),
@@ -349,7 +385,7 @@ impl KeyCache {
             Ok(key) => {
                 // An invalidation between the check above and the insertion: what was kept
                 // may be stale.
-                if self.generation.load(Ordering::Acquire) != generation {
+                if self.missed(generation, key.id) {
                     self.keys.invalidate(hash).await;
                 }
                 Ok(Some(key))
@@ -362,18 +398,36 @@ impl KeyCache {
         }
     }
 
-    /// Drops the key with this id, and every lookup still running: one may have read the key
-    /// before it was revoked. (Those requests still get their answer; it is just not kept.)
+    /// Drops the key with this id, and the lookups of it still running: one may have read the
+    /// key before it was revoked. (Those requests still get their answer; it is just not kept.)
+    /// Lookups of other keys are kept: a tenant revoking keys in a loop must not stop every
+    /// tenant's keys from being cached.
     pub fn forget(&self, id: Uuid) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.invalidated(Some(id));
         self.keys
             .invalidate_entries_if(move |_, key| key.id == id)
             .expect("the key cache supports invalidation closures");
     }
 
     pub fn clear(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.invalidated(None);
         self.keys.invalidate_all();
+    }
+
+    fn invalidated(&self, key: Option<Uuid>) {
+        let mut invalidations = self.invalidations.lock().expect("invalidations lock");
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        invalidations.push(generation, key);
+    }
+
+    /// Whether a lookup of `key` that began at generation `since` overlapped its revocation.
+    fn missed(&self, since: u64, key: Uuid) -> bool {
+        self.generation.load(Ordering::Acquire) != since
+            && self
+                .invalidations
+                .lock()
+                .expect("invalidations lock")
+                .missed(since, key)
     }
 
     /// Whether revocations reach this process, so that cached keys may be trusted. Either way
@@ -516,6 +570,49 @@ mod tests {
         assert_eq!(cache.key("b", found(None)).await, Ok(Some(other)), "kept");
 
         // A lookup that began before the revocation answers its requests but is not kept.
+        let answer = lookup_during(&cache, "c", revoked, || cache.forget(revoked.id)).await;
+        assert_eq!(answer, Ok(Some(revoked)));
+        assert_eq!(cache.key("c", found(None)).await, Ok(None));
+
+        // Without a subscription every request looks its key up.
+        cache.set_trusted(false);
+        assert_eq!(cache.key("b", found(None)).await, Ok(None));
+        assert_eq!(cache.key("b", found(Some(other))).await, Ok(Some(other)));
+        assert_eq!(cache.key("b", found(None)).await, Ok(None));
+    }
+
+    /// A revocation of one key leaves a lookup of another kept: a tenant revoking keys in a
+    /// loop made every key of every tenant a database round trip. Past the invalidations the
+    /// cache remembers, a lookup is not kept.
+    #[tokio::test]
+    async fn a_revocation_leaves_lookups_of_other_keys_kept() {
+        let cache = trusted();
+        let kept = key();
+        let found = |key: Option<KeyInfo>| move || async move { Ok::<_, ()>(key) };
+        let revocations = |n: usize| {
+            let cache = cache.clone();
+            move || {
+                for _ in 0..n {
+                    cache.forget(Uuid::now_v7());
+                }
+            }
+        };
+        let answer = lookup_during(&cache, "a", kept, revocations(3)).await;
+        assert_eq!(answer, Ok(Some(kept)));
+        assert_eq!(cache.key("a", found(None)).await, Ok(Some(kept)), "kept");
+        let answer = lookup_during(&cache, "b", kept, revocations(Invalidations::KEPT + 1)).await;
+        assert_eq!(answer, Ok(Some(kept)));
+        assert_eq!(cache.key("b", found(None)).await, Ok(None), "not kept");
+    }
+
+    /// Looks `hash` up (finding `found`) and runs `meanwhile` while the lookup is in flight:
+    /// the answer.
+    async fn lookup_during(
+        cache: &Arc<KeyCache>,
+        hash: &'static str,
+        found: KeyInfo,
+        meanwhile: impl FnOnce(),
+    ) -> Result<Option<KeyInfo>, ()> {
         let (started, finish) = (
             Arc::new(tokio::sync::Notify::new()),
             Arc::new(tokio::sync::Notify::new()),
@@ -524,24 +621,17 @@ mod tests {
             let (cache, started, finish) = (cache.clone(), started.clone(), finish.clone());
             tokio::spawn(async move {
                 cache
-                    .key("c", || async move {
+                    .key(hash, || async move {
                         started.notify_one();
                         finish.notified().await;
-                        Ok::<_, ()>(Some(revoked))
+                        Ok::<_, ()>(Some(found))
                     })
                     .await
             })
         };
         started.notified().await;
-        cache.forget(revoked.id);
+        meanwhile();
         finish.notify_one();
-        assert_eq!(pending.await.unwrap(), Ok(Some(revoked)));
-        assert_eq!(cache.key("c", found(None)).await, Ok(None));
-
-        // Without a subscription every request looks its key up.
-        cache.set_trusted(false);
-        assert_eq!(cache.key("b", found(None)).await, Ok(None));
-        assert_eq!(cache.key("b", found(Some(other))).await, Ok(Some(other)));
-        assert_eq!(cache.key("b", found(None)).await, Ok(None));
+        pending.await.unwrap()
     }
 }
