@@ -95,9 +95,6 @@ pub async fn insert_jobs(
          SELECT {found}, false AS created FROM jobs j JOIN input i
              ON j.tenant_id = $1 AND j.idempotency_key = i.idempotency_key",
         created = job_columns("ins", false),
-        // A batch's answer leaves out the stored payloads and results of the jobs its keys
-        // found: a batch of a thousand keys of jobs of a megabyte each was an answer of a
-        // gigabyte, for 80 KB sent.
         found = job_columns("j", jobs.len() > 1),
     ))
     .bind(tenant)
@@ -124,6 +121,30 @@ pub async fn insert_jobs(
     .bind(audit.is_some_and(|a| a.batch))
     .fetch_all(pool)
     .await?;
+    // A key another request wrote while this statement ran: the insert waited for it and
+    // skipped, but the statement's snapshot, taken before, does not show its job. A new
+    // statement sees it.
+    let missing: Vec<&str> = jobs
+        .iter()
+        .filter_map(|j| j.idempotency_key.as_deref())
+        .filter(|key| {
+            !rows
+                .iter()
+                .any(|row| row.job.idempotency_key.as_deref() == Some(key))
+        })
+        .collect();
+    if !missing.is_empty() {
+        let found: Vec<Inserted> = sqlx::query_as(&format!(
+            "SELECT {found}, false AS created FROM jobs j
+             WHERE j.tenant_id = $1 AND j.idempotency_key = ANY($2)",
+            found = job_columns("j", jobs.len() > 1),
+        ))
+        .bind(tenant)
+        .bind(&missing)
+        .fetch_all(pool)
+        .await?;
+        rows.extend(found);
+    }
     // Back to input order: by id for new rows, by idempotency key for existing ones.
     let position = |row: &Inserted| {
         jobs.iter()
@@ -145,7 +166,9 @@ pub async fn insert_jobs(
 }
 
 /// The columns of a [`Job`] from the rows of `from`; `lean`, without the payload and result
-/// (`null`) and the attempts' errors (`[]`).
+/// (`null`) and the attempts' errors (`[]`). A batch's answer is lean for the jobs its keys
+/// found: a batch of a thousand keys of jobs of a megabyte each was an answer of a gigabyte,
+/// for 80 KB sent.
 fn job_columns(from: &str, lean: bool) -> String {
     let (payload, result, attempt_errors) = match lean {
         true => (
@@ -202,15 +225,15 @@ pub async fn list_jobs(
     pages::within(q.build().fetch(pool), budget).await
 }
 
-/// Gives each requested id its row, once: a duplicate request gets `None`.
-fn match_rows<T>(
-    ids: impl Iterator<Item = Uuid>,
+/// Gives each requested key its row, once: a duplicate request gets `None`.
+fn match_rows<K: Eq + std::hash::Hash, T>(
+    keys: impl Iterator<Item = K>,
     rows: Vec<T>,
-    id: fn(&T) -> Uuid,
+    key: fn(&T) -> K,
 ) -> Vec<Option<T>> {
-    let mut rows: std::collections::HashMap<Uuid, T> =
-        rows.into_iter().map(|row| (id(&row), row)).collect();
-    ids.map(|id| rows.remove(&id)).collect()
+    let mut rows: std::collections::HashMap<K, T> =
+        rows.into_iter().map(|row| (key(&row), row)).collect();
+    keys.map(|key| rows.remove(&key)).collect()
 }
 
 /// Progress of a running attempt; ignored once the attempt is over.
@@ -428,7 +451,8 @@ pub async fn finish_many(
                     sum(f.cpu_seconds), sum(f.rows_read), sum(f.rows_written),
                     sum(f.bytes_read), sum(f.chunks_embedded), sum(f.tokens_embedded),
                     sum(f.synthetic_rows)
-             FROM done d JOIN f ON f.id = d.id
+             -- By attempt too: a batch may hold a rescued attempt's outcome beside the next's.
+             FROM done d JOIN f ON f.id = d.id AND f.attempt = d.attempt
              GROUP BY d.tenant_id, d.key_id, d.kind
          ), {}
          SELECT id, tenant_id, kind, status, progress, attempt, pipeline_id FROM done",
@@ -452,7 +476,11 @@ pub async fn finish_many(
         .bind(count(|u| u.synthetic_rows))
         .fetch_all(db)
         .await?;
-    Ok(match_rows(items.iter().map(|i| i.id), rows, |e| e.id))
+    Ok(match_rows(
+        items.iter().map(|i| (i.id, i.attempt)),
+        rows,
+        |e| (e.id, e.attempt),
+    ))
 }
 
 /// Hands a running attempt back to the queue (the worker is shutting down): the attempt does
@@ -906,6 +934,15 @@ mod tests {
         }
     }
 
+    /// A new tenant with one queued canary.
+    async fn a_canary(db: &TestDatabase) -> (Uuid, Job) {
+        let tenant = db.tenant().await;
+        let job = submit(db, tenant, &[new_job("canary", None)])
+            .await
+            .remove(0);
+        (tenant, job.job)
+    }
+
     async fn submit(db: &TestDatabase, tenant: Uuid, jobs: &[NewJob]) -> Vec<Inserted> {
         insert_jobs(&db.pool, tenant, Uuid::now_v7(), jobs, None)
             .await
@@ -944,6 +981,55 @@ mod tests {
         .await
         .unwrap();
         assert_eq!((generic, custom), (8, 0));
+    }
+
+    /// A key written by another request while this one's statement ran (two senders of one
+    /// request, or a client retrying after a timeout): its job is answered, in its place. The
+    /// statement's snapshot did not show it: a single submit answered 500, a batch left the
+    /// job out and shifted the rest.
+    #[tokio::test]
+    async fn a_key_written_concurrently_answers_its_job_in_place() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let mut first = db.pool.begin().await.unwrap();
+        let theirs = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload, idempotency_key)
+             VALUES ($1, $2, 'canary', 'queued', '{}', 'k')",
+        )
+        .bind(theirs)
+        .bind(tenant)
+        .execute(&mut *first)
+        .await
+        .unwrap();
+        let batch = [
+            new_job("canary", None),
+            new_job("canary", Some("k")),
+            new_job("canary", None),
+        ];
+        let single = [new_job("canary", Some("k"))];
+        let pool = db.pool.clone();
+        let (batch_answer, single_answer, ()) = tokio::join!(
+            insert_jobs(&pool, tenant, Uuid::now_v7(), &batch, None),
+            insert_jobs(&pool, tenant, Uuid::now_v7(), &single, None),
+            async {
+                // Both statements wait on the key's row lock before this commits.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                first.commit().await.unwrap();
+            },
+        );
+        let batch_answer = batch_answer.unwrap();
+        assert_eq!(batch_answer.len(), 3);
+        assert_eq!(
+            batch_answer.iter().map(|r| r.created).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        assert_eq!(batch_answer[1].job.id, theirs);
+        assert_eq!(batch_answer[0].job.id, batch[0].id);
+        assert_eq!(batch_answer[2].job.id, batch[2].id);
+        let single_answer = single_answer.unwrap();
+        assert_eq!(single_answer.len(), 1);
+        assert_eq!(single_answer[0].job.id, theirs);
     }
 
     #[tokio::test]
@@ -1182,11 +1268,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_is_claimed_once_per_generation_and_finished_only_by_its_attempt() {
         let db = TestDatabase::new().await;
-        let tenant = db.tenant().await;
-        let job = submit(&db, tenant, &[new_job("canary", None)])
-            .await
-            .remove(0)
-            .job;
+        let (tenant, job) = a_canary(&db).await;
 
         // Claimed once, however many ask, full or resumed.
         let claimed = claim_jobs(&db.pool, "canary", "w1", 4, None, false)
@@ -1261,6 +1343,43 @@ mod tests {
         let again = finish(&running, Outcome::Failed("twice".into()));
         assert!(finish_many(&db.pool, &[again]).await.unwrap()[0].is_none());
         assert_eq!(attempts_used().await.unwrap(), 1);
+    }
+
+    /// One batch holding a rescued attempt's outcome beside its next attempt's (the worker it
+    /// was rescued from claimed it again): only the attempt that owns the job is recorded, and
+    /// only its usage. Joined by id alone, both attempts' usage was added, and the row went to
+    /// the stale attempt's outcome, leaving the live one unanswered.
+    #[tokio::test]
+    async fn a_batch_with_two_attempts_of_a_job_records_the_owning_one() {
+        let db = TestDatabase::new().await;
+        let (tenant, job) = a_canary(&db).await;
+        sqlx::query("UPDATE jobs SET status = 'running', attempt = 2 WHERE id = $1")
+            .bind(job.id)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let attempt = |attempt: i32, wall_seconds: f64| Finish {
+            id: job.id,
+            attempt,
+            outcome: Outcome::Succeeded(serde_json::json!({"attempt": attempt})).into(),
+            usage: crate::usage::Usage {
+                wall_seconds,
+                ..Default::default()
+            },
+        };
+        let ended = finish_many(&db.pool, &[attempt(1, 10.0), attempt(2, 1.0)])
+            .await
+            .unwrap();
+        assert!(ended[0].is_none(), "the stale attempt was answered");
+        assert_eq!(ended[1].as_ref().map(|e| e.attempt), Some(2));
+        let (attempts, wall): (i64, f64) = sqlx::query_as(
+            "SELECT sum(attempts)::bigint, sum(wall_seconds) FROM usage_sums WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!((attempts, wall), (1, 1.0));
     }
 
     /// A cancel asked for while the job runs, before its worker hears of it, then a retry or a
