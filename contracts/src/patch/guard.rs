@@ -647,14 +647,29 @@ fn column_name(name: &ObjectName) -> Result<String, String> {
     }
 }
 
-/// PostgreSQL's name for an identifier: unquoted ones fold to lower case.
+/// PostgreSQL's name for an identifier: unquoted ones fold to lower case, ASCII letters only
+/// (`É` stays `É`; Unicode's rules made `ÉID` the column `éid`, and a Kelvin sign a `k`).
 pub fn fold(ident: &Ident) -> String {
     if ident.quote_style.is_some() {
         ident.value.clone()
     } else {
-        ident.value.to_lowercase()
+        ident.value.to_ascii_lowercase()
     }
 }
+
+/// Words PostgreSQL reads as values where the parser sees a bare name: not columns. Counted
+/// as columns, `WHERE id = 5 OR current_role IS NOT NULL` passed as a filter on the rows, and
+/// `SET n = DEFAULT` ran the column's default (a `nextval` a dry run cannot undo).
+const KEYWORD_VALUES: [&str; 8] = [
+    "current_catalog",
+    "current_role",
+    "current_schema",
+    "current_user",
+    "default",
+    "session_user",
+    "system_user",
+    "user",
+];
 
 /// What a walk over expressions found.
 #[derive(Default)]
@@ -687,6 +702,15 @@ impl Scope {
     /// Checks an expression against the allow-list, counting column references.
     fn check(&self, expr: &Expr, found: &mut Found) -> Result<(), String> {
         match expr {
+            Expr::Identifier(ident)
+                if ident.quote_style.is_none()
+                    && KEYWORD_VALUES.contains(&ident.value.to_ascii_lowercase().as_str()) =>
+            {
+                Err(format!(
+                    "{} is not a column; it is not allowed in a patch",
+                    ident.value
+                ))
+            }
             Expr::Identifier(_) => {
                 found.columns += 1;
                 Ok(())
@@ -1028,6 +1052,39 @@ mod tests {
         assert_eq!(c.filter.as_deref(), Some("o.id BETWEEN 1 AND 10"));
         assert!(!c.filter_is_constant);
         assert!(c.unstable.is_empty());
+    }
+
+    /// Bare keywords that are values, not columns, are refused; unquoted names fold ASCII
+    /// letters only, as PostgreSQL folds them.
+    #[test]
+    fn keyword_values_are_not_columns_and_names_fold_as_postgres_folds_them() {
+        for (sql, word) in [
+            (
+                "DELETE FROM t WHERE id = 5 OR current_role IS NOT NULL",
+                "current_role",
+            ),
+            (
+                "DELETE FROM t WHERE current_schema IS NOT NULL",
+                "current_schema",
+            ),
+            (
+                "UPDATE t SET note = system_user WHERE id = 1",
+                "system_user",
+            ),
+            ("UPDATE t SET n = DEFAULT WHERE id = 1", "DEFAULT"),
+        ] {
+            let why = refused(sql);
+            assert_eq!(
+                why,
+                format!("{word} is not a column; it is not allowed in a patch")
+            );
+        }
+        // A quoted name is a column of that name.
+        assert!(check("UPDATE t SET \"user\" = 'x' WHERE id = 1").is_ok());
+        let c = check("UPDATE t SET ÉID = 1, Note = 2 WHERE a = 1").unwrap();
+        assert_eq!(c.assigned, ["Éid", "note"]);
+        let why = refused("UPDATE t SET d = ma\u{212A}e_date(2020, 1, 1) WHERE id = 1");
+        assert!(why.contains("allow-list"), "{why}");
     }
 
     #[test]
