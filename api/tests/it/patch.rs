@@ -312,6 +312,42 @@ async fn guard_rails_refuse_with_the_reason_and_enqueue_nothing() {
     assert_eq!(app.job(id).await["status"], "queued");
 }
 
+/// A dry run's sample of rows with long values shows them cut, with their length and md5 (a
+/// change past the cut still shows): 20 rows of 1 MiB values were held, copied and diffed in
+/// the worker, and stored whole in the job's result.
+#[tokio::test]
+async fn a_dry_runs_sample_cuts_long_values() {
+    let mut app = TestApp::spawn().await;
+    let db = target(&app).await;
+    exec(
+        &db,
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, repeat('x', 1 << 20) FROM generate_series(1, 20) g;",
+    )
+    .await;
+    app.start_worker_for(&[("patch", 1)]).await;
+    let sql = "UPDATE big SET v = v || 'y' WHERE id > 0";
+    let id = submit_ok(&app, "patch", json!({"sql": sql, "mode": "dry_run"})).await;
+    let job = app.wait_status(id, &["succeeded"], WAIT).await;
+    let result = &job["result"];
+    assert!(
+        result.to_string().len() < 64 << 10,
+        "{} bytes",
+        result.to_string().len()
+    );
+    let sample = result["sample"].as_array().unwrap();
+    assert_eq!(sample.len(), 20);
+    assert_eq!(sample[0]["key"], json!({"id": 1}));
+    let change = &sample[0]["changes"]["v"];
+    let (before, after) = (
+        change["before"].as_str().unwrap(),
+        change["after"].as_str().unwrap(),
+    );
+    assert!(before.starts_with(&"x".repeat(250)), "{before:.300}");
+    assert!(before.contains("… (1048576 bytes, md5 "), "{before:.400}");
+    assert_ne!(before, after);
+}
+
 #[tokio::test]
 async fn a_dry_run_counts_exactly_and_changes_nothing() {
     let mut app = TestApp::spawn().await;

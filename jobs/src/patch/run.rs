@@ -13,6 +13,10 @@ use crate::JobError;
 
 /// Rows shown before/after by a dry run.
 pub const SAMPLE_ROWS: i64 = 20;
+/// Longest value a sample shows whole, in bytes of its JSON: a longer one is cut to as many
+/// characters of its text, with the text's length in bytes and its md5 (so a change past the cut still shows). Twenty rows of values of
+/// hundreds of megabytes were held, copied and diffed in the worker, and stored whole.
+pub const SAMPLE_VALUE_BYTES: i64 = 256;
 /// The first adaptive batch; later ones aim at `target_batch_ms`.
 const FIRST_BATCH: i64 = 1_000;
 const MIN_BATCH: i64 = 10;
@@ -69,12 +73,15 @@ async fn dry_run(
         .map(|f| format!(" WHERE ({f})"))
         .unwrap_or_default();
     let started = Instant::now();
+    let key = t.key_names();
     let mut tx = pool.begin().await.map_err(job_error)?;
     let before: Vec<Value> = sqlx::query_scalar(&format!(
-        "SELECT to_jsonb({q}) FROM {}{filter} ORDER BY {} LIMIT {SAMPLE_ROWS}",
+        "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {SAMPLE_ROWS}",
+        sampled(q, "$1"),
         plan.target,
         t.key_list(q),
     ))
+    .bind(&key)
     .fetch_all(&mut *tx)
     .await
     .map_err(job_error)?;
@@ -95,19 +102,22 @@ async fn dry_run(
         .await
         .map_err(job_error)?
         .rows_affected();
+    // Found again by their keys alone (the other values are cut).
+    let keys: Vec<Value> = before.iter().map(|row| key_of(&key, row).into()).collect();
     let after: Vec<Value> = sqlx::query_scalar(&format!(
-        "SELECT to_jsonb(a) FROM {table} a
+        "SELECT {} FROM {table} a
          JOIN jsonb_populate_recordset(NULL::{table}, $1) k ON ({a}) = ({k})",
+        sampled("a", "$2"),
         table = t.qualified,
         a = t.key_list("a"),
         k = t.key_list("k"),
     ))
-    .bind(Value::Array(before.clone()))
+    .bind(Value::Array(keys))
+    .bind(&key)
     .fetch_all(&mut *tx)
     .await
     .map_err(job_error)?;
     tx.rollback().await.map_err(job_error)?;
-    let key = t.key_names();
     Ok(PatchOutput::DryRun(DryRun {
         rows,
         estimated_rows: assessment.estimated_rows,
@@ -118,12 +128,30 @@ async fn dry_run(
     }))
 }
 
+/// The row `alias` as a JSON object for a sample: the key columns (named in the `text[]`
+/// parameter `keys`) whole, any other value past [`SAMPLE_VALUE_BYTES`] cut.
+fn sampled(alias: &str, keys: &str) -> String {
+    format!(
+        "(SELECT jsonb_object_agg(e.key,
+             CASE WHEN e.key = ANY({keys}::text[])
+                       OR octet_length(e.value::text) <= {SAMPLE_VALUE_BYTES}
+                  THEN e.value
+                  ELSE to_jsonb(left(e.value #>> '{{}}', {SAMPLE_VALUE_BYTES}) || '… ('
+                       || octet_length(e.value #>> '{{}}') || ' bytes, md5 '
+                       || md5(e.value #>> '{{}}') || ')') END)
+          FROM jsonb_each(to_jsonb({alias})) e)"
+    )
+}
+
+/// A row's key columns.
+fn key_of(key: &[String], row: &Value) -> Map<String, Value> {
+    key.iter().map(|k| (k.clone(), row[k].clone())).collect()
+}
+
 /// Each sampled row's key and the columns that changed (`{column: {before, after}}`);
 /// `deleted` when the row is gone afterwards.
 pub fn diff(key: &[String], before: &[Value], after: &[Value]) -> Vec<Value> {
-    let key_of = |row: &Value| -> Map<String, Value> {
-        key.iter().map(|k| (k.clone(), row[k].clone())).collect()
-    };
+    let key_of = |row: &Value| key_of(key, row);
     before
         .iter()
         .map(|old| {
