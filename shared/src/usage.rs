@@ -45,8 +45,18 @@ pub struct Meter {
 }
 
 impl Meter {
+    /// Most a figure counts in one attempt: far more than any job does, and small enough that
+    /// no sum of attempts' figures overflows. Some figures come from where a tenant writes (an
+    /// import's ledger on its own database, replayed by a retry): 2^63 there wrapped the
+    /// day's rows imported below zero, and so past `max_rows_per_day`.
+    pub const MOST: i64 = 1 << 40;
+
+    /// Adds `n` (taken as 0 when negative), up to [`Meter::MOST`] in all.
     pub fn add(counter: &AtomicI64, n: i64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+        let n = n.clamp(0, Self::MOST);
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+            Some(now.saturating_add(n).min(Self::MOST))
+        });
     }
 
     fn add_cpu(&self, spent: Duration) {
@@ -128,6 +138,19 @@ mod tests {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         }
         x
+    }
+
+    /// A figure never goes below zero nor past `MOST`, whatever is added.
+    #[test]
+    fn figures_stay_between_zero_and_the_most() {
+        let meter = Meter::default();
+        Meter::add(&meter.rows_written, 5);
+        Meter::add(&meter.rows_written, 9_223_372_036_854_775_808_u64 as i64);
+        assert_eq!(meter.usage(Duration::ZERO).rows_written, 5);
+        for _ in 0..3 {
+            Meter::add(&meter.rows_written, i64::MAX);
+        }
+        assert_eq!(meter.usage(Duration::ZERO).rows_written, Meter::MOST);
     }
 
     /// Busy polls count; time spent asleep does not; blocking work counts through `timed`.
