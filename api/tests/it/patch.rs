@@ -348,6 +348,36 @@ async fn a_dry_runs_sample_cuts_long_values() {
     assert_ne!(before, after);
 }
 
+/// A table whose trigger skips every update: the execute fails for good, naming why, where it
+/// retried its first batch for ever (until its 12-hour cap, and then again).
+#[tokio::test]
+async fn an_execute_whose_rows_the_database_skips_fails() {
+    let mut app = TestApp::spawn().await;
+    let db = target(&app).await;
+    seed(&db, "items", 100).await;
+    exec(
+        &db,
+        "CREATE FUNCTION skip_it() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RETURN NULL; END $$;
+         CREATE TRIGGER skip_updates BEFORE UPDATE ON items
+             FOR EACH ROW EXECUTE FUNCTION skip_it();",
+    )
+    .await;
+    let before = checksum(&db, "items").await;
+    app.start_worker_for(&[("patch", 1)]).await;
+    let id = submit_ok(
+        &app,
+        "patch",
+        json!({"sql": "UPDATE items SET val = val + 1 WHERE grp = 1", "mode": "execute"}),
+    )
+    .await;
+    let job = app.wait_status(id, &["failed", "succeeded"], WAIT).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("changed 0 of the 10 rows"), "{error}");
+    assert_eq!(checksum(&db, "items").await, before);
+}
+
 #[tokio::test]
 async fn a_dry_run_counts_exactly_and_changes_nothing() {
     let mut app = TestApp::spawn().await;

@@ -23,6 +23,9 @@ const MIN_BATCH: i64 = 10;
 const MAX_BATCH: i64 = 500_000;
 /// Consecutive lock timeouts, serialization failures or conflicts before the attempt fails.
 const MAX_BATCH_RETRIES: u32 = 10;
+/// Tries of a batch whose rows the database skipped (a trigger, a policy): a few, in case a
+/// concurrent change explains it.
+const MAX_SKIPPED_RETRIES: u32 = 3;
 /// How often an execute reports its batches and longest lock as a `log` event.
 const FIGURES_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -190,6 +193,8 @@ enum Batch {
     OverLimit { rows: i64 },
     /// Another attempt moved the checkpoint: rolled back.
     Moved,
+    /// The change left some of the rows found unchanged: rolled back.
+    Skipped { found: i64, changed: i64 },
 }
 
 /// What this attempt of an execute did, for the result.
@@ -308,7 +313,23 @@ impl Execution<'_> {
                             self.payload.max_rows.unwrap_or_default()
                         )))
                     }
-                    Ok(Batch::Moved) => {}
+                    Ok(Batch::Moved) if retries < MAX_BATCH_RETRIES => {}
+                    Ok(Batch::Moved) => {
+                        return Err(JobError::Retryable(
+                            "another attempt kept moving the patch's checkpoint".into(),
+                        ))
+                    }
+                    // Tried again from the checkpoint a few times, as a batch that met another
+                    // transaction is; a database that keeps skipping rows would loop for ever.
+                    Ok(Batch::Skipped { .. }) if retries < MAX_SKIPPED_RETRIES => {}
+                    Ok(Batch::Skipped { found, changed }) => {
+                        return Err(JobError::Permanent(format!(
+                            "the database changed {changed} of the {found} rows the batch found: \
+                             a trigger, rule or row security policy skips them, or the WHERE \
+                             clause answers differently each time ({done} rows changed so far, \
+                             kept and restorable with patch_rollback)"
+                        )))
+                    }
                     Err(e) if retries < MAX_BATCH_RETRIES && transient(&e) => {
                         if is_code(&e, "57014") {
                             size = (size / 2).max(MIN_BATCH); // the batch ran out of time
@@ -465,9 +486,16 @@ impl Execution<'_> {
             .await?
             .rows_affected()
             == 1;
-        if !marked || changed != rows {
+        if !marked {
             tx.rollback().await?;
             return Ok(Batch::Moved);
+        }
+        if changed != rows {
+            tx.rollback().await?;
+            return Ok(Batch::Skipped {
+                found: rows,
+                changed,
+            });
         }
         tx.commit().await?;
         Ok(Batch::Applied {
