@@ -530,6 +530,28 @@ async fn a_delete_is_rolled_back_by_inserting_the_rows_again() {
     let job = app.wait_status(rollback, &["succeeded"], WAIT).await;
     assert_eq!(job["result"]["rows_restored"], 2000);
     assert_eq!(checksum(&db, "items").await, original);
+
+    // A deleted row written again since, with a null in it, is a change the rollback must not
+    // overwrite (a whole-row `IS NOT NULL` missed it).
+    let id = submit_ok(
+        &app,
+        "patch",
+        json!({"sql": "DELETE FROM items WHERE id = 7", "mode": "execute"}),
+    )
+    .await;
+    app.wait_status(id, &["succeeded"], WAIT).await;
+    exec(
+        &db,
+        "INSERT INTO items (id, grp, val, note) VALUES (7, 7, 70, NULL)",
+    )
+    .await;
+    let rollback = submit_ok(&app, "patch_rollback", json!({"patch_job_id": id})).await;
+    let job = app
+        .wait_status(rollback, &["failed", "succeeded"], WAIT)
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("1 of the patched rows changed"), "{error}");
 }
 
 /// Submits a slow execute on `rows` rows, waits until it is under way, then runs `interrupt`;

@@ -214,10 +214,12 @@ impl Restore<'_> {
     /// Rows not restored yet that changed since the patch: how many, and the first keys.
     async fn conflicts(&self) -> sqlx::Result<(i64, Vec<Vec<String>>)> {
         let t = self.table;
+        // `a IS NOT NULL` of a whole row is false if any of its columns is null: a row there
+        // again with a null in it went unseen. Its `ctid` says whether the row is there.
         let changed = if self.is_delete() {
-            "a IS NOT NULL".to_owned() // deleted by the patch, there again now
+            "a.ctid IS NOT NULL".to_owned() // deleted by the patch, there again now
         } else {
-            format!("a IS NULL OR a.xmin <> s.{AFTER_XID}::xid")
+            format!("a.ctid IS NULL OR a.xmin <> s.{AFTER_XID}::xid")
         };
         let rows = sqlx::query(&format!(
             "SELECT count(*) OVER () AS total, {keys} AS key
