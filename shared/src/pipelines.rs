@@ -784,13 +784,26 @@ async fn start(
     if let Err(over) = quotas::check(db, pipeline.tenant_id, &quotas, &[&step.kind], false).await? {
         return Ok(Change::Fail(format!("it could not start: {over}")));
     }
-    let job: Option<Job> = sqlx::query_as(
-        "INSERT INTO jobs (id, tenant_id, kind, status, payload, priority, max_attempts, run_at,
-                           key_id, pipeline_id, pipeline_step)
-         VALUES ($1, $2, $3, 'queued', $4, $5, $6, now(), $7, $8, $9)
-         ON CONFLICT (pipeline_id, pipeline_step) WHERE pipeline_id IS NOT NULL DO NOTHING
-         RETURNING *",
-    )
+    // Audited as a submission is, with its resolved statement if it is a patch: the pipeline's
+    // own row does not carry its steps' SQL.
+    let job: Option<Job> = sqlx::query_as(&format!(
+        "WITH ins AS (
+             INSERT INTO jobs (id, tenant_id, kind, status, payload, priority, max_attempts,
+                               run_at, key_id, pipeline_id, pipeline_step)
+             VALUES ($1, $2, $3, 'queued', $4, $5, $6, now(), $7, $8, $9)
+             ON CONFLICT (pipeline_id, pipeline_step) WHERE pipeline_id IS NOT NULL DO NOTHING
+             RETURNING *
+         ), audited AS (
+             INSERT INTO audit_log (tenant_id, key_id, action, target_id, statement, detail)
+             -- The key as the audit log knows it (a key gone since is no key).
+             SELECT $2, (SELECT k.id FROM api_keys k WHERE k.id = $7), 'job.submit',
+                    ins.id::text, {statement},
+                    jsonb_build_object('kind', ins.kind, 'pipeline_id', $8, 'step', $9)
+             FROM ins
+         )
+         SELECT * FROM ins",
+        statement = crate::store::audited_statement("$2", "ins"),
+    ))
     .bind(Uuid::now_v7())
     .bind(pipeline.tenant_id)
     .bind(&step.kind)

@@ -76,13 +76,7 @@ pub async fn insert_jobs(
              INSERT INTO audit_log (tenant_id, key_id, action, target_id, request_id,
                                     payload_sha256, statement, detail)
              SELECT $1, $10, 'job.submit', ins.id::text, $12, $13,
-                    CASE ins.kind
-                        WHEN 'patch' THEN ins.payload->>'sql'
-                        WHEN 'patch_rollback' THEN
-                            (SELECT p.payload->>'sql' FROM jobs p
-                             WHERE p.tenant_id = $1 AND p.kind = 'patch'
-                               AND p.id::text = ins.payload->>'patch_job_id')
-                    END,
+                    {statement},
                     jsonb_strip_nulls(jsonb_build_object(
                         'kind', ins.kind, 'index', CASE WHEN $14 THEN input.n - 1 END,
                         'mode', CASE WHEN ins.kind = 'patch' THEN ins.payload->'mode' END))
@@ -96,6 +90,7 @@ pub async fn insert_jobs(
              ON j.tenant_id = $1 AND j.idempotency_key = i.idempotency_key",
         created = job_columns("ins", false),
         found = job_columns("j", jobs.len() > 1),
+        statement = audited_statement("$1", "ins"),
     ))
     .bind(tenant)
     .bind(jobs.iter().map(|j| j.id).collect::<Vec<_>>())
@@ -163,6 +158,21 @@ pub async fn insert_jobs(
     let mut keyed: Vec<(usize, Inserted)> = rows.drain(..).map(|r| (position(&r), r)).collect();
     keyed.sort_by_key(|(p, _)| *p);
     Ok(keyed.into_iter().map(|(_, r)| r).collect())
+}
+
+/// The SQL statement a `job.submit` audit row carries for the job row `job` of tenant
+/// `tenant` (SQL expressions): a patch's, or for a rollback the statement of the patch it
+/// undoes (read from that patch's stored payload); null for other kinds.
+pub fn audited_statement(tenant: &str, job: &str) -> String {
+    format!(
+        "CASE {job}.kind
+             WHEN 'patch' THEN {job}.payload->>'sql'
+             WHEN 'patch_rollback' THEN
+                 (SELECT p.payload->>'sql' FROM jobs p
+                  WHERE p.tenant_id = {tenant} AND p.kind = 'patch'
+                    AND p.id::text = {job}.payload->>'patch_job_id')
+         END"
+    )
 }
 
 /// The columns of a [`Job`] from the rows of `from`; `lean`, without the payload and result

@@ -682,6 +682,30 @@ async fn a_pipelines_patch_step_cannot_be_retried_while_its_rollback_is_live() {
     assert_eq!(app.job(id).await["status"], "cancelled");
 }
 
+/// A pipeline's patch step is audited as a submitted patch is: a `job.submit` row for its job
+/// with its statement. Only the pipeline's row was written, without its steps' SQL.
+#[tokio::test]
+async fn a_pipelines_patch_step_is_audited_with_its_statement() {
+    let app = TestApp::spawn().await;
+    seed(&target(&app).await, "items", 10).await;
+    let sql = "UPDATE items SET val = -val WHERE grp = 1";
+    let steps = json!([{"name": "apply", "kind": "patch",
+                        "payload": {"sql": sql, "mode": "dry_run"}}]);
+    let (status, pipeline) = app.post("/v1/pipelines", &json!({ "steps": steps })).await;
+    assert_eq!(status, 201, "{pipeline}");
+    let job = pipeline["steps"][0]["job_id"].as_str().unwrap();
+    let (statement, detail): (Option<String>, Value) = sqlx::query_as(
+        "SELECT statement, detail FROM audit_log WHERE action = 'job.submit' AND target_id = $1",
+    )
+    .bind(job)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert_eq!(statement.as_deref(), Some(sql));
+    assert_eq!(detail["pipeline_id"], pipeline["id"]);
+    assert_eq!(detail["step"], "apply");
+}
+
 #[tokio::test]
 async fn a_killed_worker_resumes_from_the_last_checkpoint() {
     let app = TestApp::spawn().await;
