@@ -227,8 +227,9 @@ impl Limits {
     }
 
     /// 403 when the jobs of these kinds would take the tenant past a quota (see
-    /// [`quotas::check`]). Concurrent submissions may pass the check together, so a burst can
-    /// overrun `max_queued` by one request's jobs per API process.
+    /// [`quotas::check`]), before the work of a submission. Submissions racing each other may
+    /// pass it together: [`Limits::hold_queued_room`] checks `max_queued` again where the jobs
+    /// are written.
     pub async fn check_quotas(&self, tenant: Uuid, kinds: &[&str]) -> Result<(), Problem> {
         self.check(tenant, kinds, true).await
     }
@@ -309,6 +310,25 @@ impl Limits {
 }
 
 /// A refusal naming the quota, its limit and the use it met.
+/// In `tx`, just before jobs of `kinds` are written: the tenant locked and its `max_queued`
+/// checked again with them (403 past it), so that submissions racing each other cannot all
+/// pass the check each made before.
+pub async fn hold_queued_room(
+    tx: &mut sqlx::PgConnection,
+    tenant: Uuid,
+    max_queued: i64,
+    kinds: &[&str],
+) -> Result<(), Problem> {
+    quotas::lock_tenant(tx, tenant).await?;
+    let quotas = Quotas {
+        max_queued: Some(max_queued),
+        ..Quotas::default()
+    };
+    quotas::check(tx, tenant, &quotas, kinds, true)
+        .await?
+        .map_err(|over| over_quota(StatusCode::FORBIDDEN, over))
+}
+
 fn over_quota(status: StatusCode, over: OverQuota) -> Problem {
     let mut problem = Problem::new(status, "quota", over.to_string());
     problem.errors = vec![shared::FieldError::new(

@@ -43,7 +43,7 @@ pub struct Submission<'a> {
 /// job whose idempotency key already exists is not written; the existing job is returned
 /// instead. Results come in input order.
 pub async fn insert_jobs(
-    pool: &PgPool,
+    db: &mut sqlx::PgConnection,
     tenant: Uuid,
     key: Uuid,
     jobs: &[NewJob],
@@ -114,7 +114,7 @@ pub async fn insert_jobs(
     .bind(audit.and_then(|a| a.request_id))
     .bind(audit.map(|a| a.payload_sha256))
     .bind(audit.is_some_and(|a| a.batch))
-    .fetch_all(pool)
+    .fetch_all(&mut *db)
     .await?;
     // A key another request wrote while this statement ran: the insert waited for it and
     // skipped, but the statement's snapshot, taken before, does not show its job. A new
@@ -136,7 +136,7 @@ pub async fn insert_jobs(
         ))
         .bind(tenant)
         .bind(&missing)
-        .fetch_all(pool)
+        .fetch_all(&mut *db)
         .await?;
         rows.extend(found);
     }
@@ -954,7 +954,8 @@ mod tests {
     }
 
     async fn submit(db: &TestDatabase, tenant: Uuid, jobs: &[NewJob]) -> Vec<Inserted> {
-        insert_jobs(&db.pool, tenant, Uuid::now_v7(), jobs, None)
+        let mut conn = db.pool.acquire().await.unwrap();
+        insert_jobs(&mut conn, tenant, Uuid::now_v7(), jobs, None)
             .await
             .unwrap()
     }
@@ -1018,10 +1019,13 @@ mod tests {
             new_job("canary", None),
         ];
         let single = [new_job("canary", Some("k"))];
-        let pool = db.pool.clone();
+        let (mut one, mut other) = (
+            db.pool.acquire().await.unwrap(),
+            db.pool.acquire().await.unwrap(),
+        );
         let (batch_answer, single_answer, ()) = tokio::join!(
-            insert_jobs(&pool, tenant, Uuid::now_v7(), &batch, None),
-            insert_jobs(&pool, tenant, Uuid::now_v7(), &single, None),
+            insert_jobs(&mut one, tenant, Uuid::now_v7(), &batch, None),
+            insert_jobs(&mut other, tenant, Uuid::now_v7(), &single, None),
             async {
                 // Both statements wait on the key's row lock before this commits.
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;

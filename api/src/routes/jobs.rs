@@ -108,14 +108,23 @@ async fn accept(
         payload_sha256,
         batch,
     };
-    let inserted = store::insert_jobs(
-        &state.pool,
-        tenant.0,
-        writer.0.key.id,
-        &jobs,
-        Some(&submission),
-    )
-    .await?;
+    let key = writer.0.key.id;
+    let inserted = match state.limits.of(tenant.0).await?.max_queued {
+        Some(max_queued) => {
+            let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
+            let mut tx = state.pool.begin().await?;
+            crate::limits::hold_queued_room(&mut tx, tenant.0, max_queued, &kinds).await?;
+            let inserted =
+                store::insert_jobs(&mut tx, tenant.0, key, &jobs, Some(&submission)).await?;
+            tx.commit().await?;
+            inserted
+        }
+        // No count to hold: one statement, no transaction of its own.
+        None => {
+            let mut conn = state.pool.acquire().await?;
+            store::insert_jobs(&mut conn, tenant.0, key, &jobs, Some(&submission)).await?
+        }
+    };
     let created = inserted.iter().filter(|i| i.created).map(|i| &i.job);
     announce_created(state, tenant.0, created).await;
     Ok(inserted)

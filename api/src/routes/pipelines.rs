@@ -298,6 +298,9 @@ pub async fn submit(
         .await?;
     checked.preflight(&state, tenant, "steps").await?;
     let mut tx = state.pool.begin().await?;
+    if let Some(max_queued) = state.limits.of(tenant.0).await?.max_queued {
+        crate::limits::hold_queued_room(&mut tx, tenant.0, max_queued, &pipeline.kinds()).await?;
+    }
     let id = pipelines::create(&mut tx, tenant.0, Some(writer.0.key.id), pipeline, None)
         .await?
         .ok_or_else(|| Problem::internal("a pipeline of no firing was refused"))?;

@@ -280,6 +280,34 @@ async fn synthetic_outputs_are_held_to_the_dataset_bytes_quota() {
     );
 }
 
+/// Batches racing each other each passed the `max_queued` check made before their jobs were
+/// written, and all were written: 6 batches of 10 under a quota of 10. Only one fits.
+#[tokio::test]
+async fn racing_batches_stay_within_max_queued() {
+    let app = TestApp::spawn().await;
+    set_limits(&app, &["--max-queued", "10", "--max-running", "canary=0"]).await;
+    let batch = json!({"jobs": vec![json!({"kind": "canary", "payload": {"steps": 1}}); 10]});
+    let racing = (0..6).map(|_| {
+        let request = app
+            .client
+            .post(app.url("/v1/jobs/batch"))
+            .bearer_auth(&app.key)
+            .json(&batch);
+        async move { request.send().await.unwrap().status() }
+    });
+    let statuses = futures::future::join_all(racing).await;
+    let accepted = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::ACCEPTED)
+        .count();
+    assert_eq!(accepted, 1, "{statuses:?}");
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(written, 10);
+}
+
 /// A pipeline's waiting steps will be jobs: `max_queued` counts them, so fan-outs submitted one
 /// after another cannot each pass (live jobs reached many times the quota once their roots
 /// ended).
