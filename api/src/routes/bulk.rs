@@ -114,7 +114,17 @@ pub async fn cancel(
         &[Scheduled, Queued, Retrying, Running],
     )
     .await?;
-    let jobs = apply(&state, &writer, &filter, BulkChange::Cancel, limit, None).await?;
+    let jobs = apply(
+        &state,
+        &writer,
+        &filter,
+        BulkChange::Cancel,
+        limit,
+        None,
+        &[],
+    )
+    .await?
+    .0;
     let (stopped, running): (Vec<&Changed>, Vec<&Changed>) = jobs
         .iter()
         .partition(|j| j.status() == JobStatus::Cancelled);
@@ -138,7 +148,7 @@ pub async fn cancel(
     // Their pipelines move on now (dependents cancelled), not at the duty's next pass.
     let pipelines: BTreeSet<uuid::Uuid> = stopped.iter().filter_map(|j| j.pipeline_id).collect();
     for pipeline in pipelines {
-        crate::routes::pipelines::move_on_alone(&state, tenant, pipeline, false).await;
+        crate::routes::pipelines::move_on_alone(&state, tenant, pipeline).await;
     }
     Ok(Json(BulkResult {
         count: jobs.len(),
@@ -200,7 +210,16 @@ pub async fn retry(
         }
     }
     let retry = BulkChange::Retry;
-    let jobs = apply(&state, &writer, &filter, retry, room, Some(&counted)).await?;
+    let (jobs, started) = apply(
+        &state,
+        &writer,
+        &filter,
+        retry,
+        room,
+        Some(&counted),
+        &pipelines,
+    )
+    .await?;
     let events: Vec<_> = jobs
         .iter()
         .map(|j| {
@@ -216,11 +235,7 @@ pub async fn retry(
     for kind in kinds(&jobs.iter().collect::<Vec<_>>()) {
         state.refill.request(kind);
     }
-    // Retried steps resume their pipelines.
-    let pipelines: BTreeSet<uuid::Uuid> = jobs.iter().filter_map(|j| j.pipeline_id).collect();
-    for pipeline in pipelines {
-        crate::routes::pipelines::move_on_alone(&state, tenant, pipeline, true).await;
-    }
+    crate::routes::jobs::announce_created(&state, tenant, &started).await;
     let result = BulkResult {
         count: jobs.len(),
         more: jobs.len() as i64 >= room,
@@ -229,7 +244,10 @@ pub async fn retry(
 }
 
 /// Changes up to `limit` of the matching jobs (of `only`, if given) and writes their audit
-/// rows in one transaction; returns them.
+/// rows in one transaction; returns them, and the jobs their pipelines started. A retry
+/// resumes the pipelines of the steps it retried in the same transaction, their locks taken
+/// first (`pipelines`: those the jobs counted belong to), as every change of a pipeline takes
+/// them: a cancel of one waits for the retry, resumption included, and is not undone by it.
 async fn apply(
     state: &AppState,
     writer: &Writer,
@@ -237,9 +255,10 @@ async fn apply(
     change: BulkChange,
     limit: i64,
     only: Option<&[uuid::Uuid]>,
-) -> Result<Vec<Changed>, Problem> {
+    pipelines: &[uuid::Uuid],
+) -> Result<(Vec<Changed>, Vec<shared::Job>), Problem> {
     if limit == 0 || only.is_some_and(<[_]>::is_empty) {
-        return Ok(Vec::new());
+        return Ok(Default::default());
     }
     let action = match change {
         BulkChange::Cancel => Action::JobCancel,
@@ -247,12 +266,27 @@ async fn apply(
     };
     let mut tx = state.pool.begin().await?;
     let tenant = writer.tenant().0;
+    sqlx::query(
+        "SELECT 1 FROM pipelines WHERE tenant_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",
+    )
+    .bind(tenant)
+    .bind(pipelines)
+    .execute(&mut *tx)
+    .await?;
     let jobs = store::change_matching(&mut *tx, tenant, filter, change, limit, only).await?;
     let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
     let actor = Actor::from(&writer.0);
     audit::jobs_changed(&mut *tx, &actor, action, &ids, json!({"bulk": true})).await?;
+    let mut started = Vec::new();
+    if matches!(change, BulkChange::Retry) {
+        let resumed: BTreeSet<uuid::Uuid> = jobs.iter().filter_map(|j| j.pipeline_id).collect();
+        for pipeline in resumed {
+            let advanced = crate::routes::pipelines::resume(state, &mut tx, pipeline).await?;
+            started.extend(advanced.jobs);
+        }
+    }
     tx.commit().await?;
-    Ok(jobs)
+    Ok((jobs, started))
 }
 
 fn kinds<'a>(jobs: &[&'a Changed]) -> BTreeSet<&'a str> {

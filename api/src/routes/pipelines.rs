@@ -102,18 +102,15 @@ pub(crate) async fn resume(
     advance(state, tx, pipeline).await
 }
 
-/// [`resume`] (`reopen`, after a retry) or [`advance`] (after a cancel) in a transaction of
-/// its own, for jobs changed in bulk (whose transaction took their rows' locks first, so it
-/// could not take their pipelines'), announcing the jobs it started. A failure is logged: the
-/// maintenance duty moves an ended step's pipeline on, and resumes a retried step's.
-pub(crate) async fn move_on_alone(state: &AppState, tenant: Uuid, pipeline: Uuid, reopen: bool) {
+/// [`advance`] in a transaction of its own, for steps' jobs cancelled in bulk (whose
+/// transaction took their rows' locks first, so it could not take their pipelines'),
+/// announcing the jobs it started. A failure is logged: the maintenance duty moves an ended
+/// step's pipeline on.
+pub(crate) async fn move_on_alone(state: &AppState, tenant: Uuid, pipeline: Uuid) {
     let resumed = async {
         let mut tx = state.pool.begin().await?;
         pipelines::lock(&mut tx, Some(tenant), pipeline).await?;
-        let advanced = match reopen {
-            true => resume(state, &mut tx, pipeline).await?,
-            false => advance(state, &mut tx, pipeline).await?,
-        };
+        let advanced = advance(state, &mut tx, pipeline).await?;
         tx.commit().await?;
         Ok::<_, Problem>(advanced)
     };

@@ -182,3 +182,62 @@ async fn a_finished_job_is_deleted_with_its_artifacts_and_a_live_one_is_not() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// A bulk retry of a pipeline's step takes the pipeline's lock before it changes the step's
+/// job, and resumes the pipeline in the same transaction, as every change of a pipeline does.
+/// It changed the job first and resumed alone later: a cancel of the pipeline made in between,
+/// which saw the retried job and cancelled it, was undone by the resumption (the pipeline
+/// running again, its dependents started) after it had answered.
+#[tokio::test]
+async fn a_bulk_retry_takes_its_pipelines_lock_before_its_jobs() {
+    let app = TestApp::spawn().await;
+    let pipeline = json!({"steps": [
+        {"name": "a", "kind": "canary", "payload": {"steps": 1}},
+        {"name": "after", "kind": "canary", "needs": ["a"], "payload": {}}]});
+    let (status, created) = app.post("/v1/pipelines", &pipeline).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id: uuid::Uuid = created["id"].as_str().unwrap().parse().unwrap();
+    let step = created["steps"][0]["job_id"].as_str().unwrap().to_owned();
+    let (status, _) = app
+        .post(&format!("/v1/jobs/{step}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let step_status =
+        format!("SELECT count(*) FROM jobs WHERE id = '{step}' AND status = 'queued'");
+
+    // The pipeline's lock held, as a cancel of it would hold it.
+    let mut held = app.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM pipelines WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let retried = tokio::spawn({
+        let request = app
+            .client
+            .post(app.url("/v1/jobs/retry"))
+            .bearer_auth(&app.key)
+            .json(&json!({"pipeline_id": id}));
+        async move { request.send().await.unwrap().status() }
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut queued_while_locked = false;
+    while tokio::time::Instant::now() < deadline && !queued_while_locked {
+        queued_while_locked = count(&app, &step_status).await == 1;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        !queued_while_locked,
+        "the retry changed the step's job without its pipeline's lock"
+    );
+    // The cancel goes first; the retry then runs the step again and resumes the pipeline.
+    let validate = |_: &str, _: &serde_json::Value| Ok(());
+    shared::pipelines::cancel(&mut held, app.tenant, id, &validate)
+        .await
+        .unwrap();
+    held.commit().await.unwrap();
+    assert_eq!(retried.await.unwrap(), StatusCode::OK);
+    assert_eq!(count(&app, &step_status).await, 1);
+    let (_, after) = app.get(&format!("/v1/pipelines/{id}")).await;
+    assert_eq!(after["status"], "running", "{after}");
+}
