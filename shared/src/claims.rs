@@ -249,10 +249,12 @@ mod tests {
         store::finish_many(&db.pool, &[finish]).await.unwrap();
 
         assert_eq!(claim(&db, 4).await, [ids[1]], "after a finish");
-        assert!(store::requeue(&db.pool, ids[1], 1, "w1")
-            .await
-            .unwrap()
-            .is_some());
+        assert!(
+            store::requeue(&db.pool, ids[1], 1, "w1", &Default::default())
+                .await
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(claim(&db, 4).await, [ids[1]], "after a hand-back");
         sqlx::query("UPDATE jobs SET worker = 'gone' WHERE id = $1")
             .bind(ids[1])

@@ -496,11 +496,14 @@ pub async fn finish_many(
 /// Hands a running attempt back to the queue (the worker is shutting down): the attempt does
 /// not use up the budget; cancelled instead if a cancel was asked for (no worker would see it
 /// once queued). Returns the job, whose `attempt` is the generation to push.
+/// What the attempt used is added to the usage table, as a finished attempt's is (the CPU it
+/// spent, the rows an interrupted import or patch already wrote).
 pub async fn requeue(
     pool: &PgPool,
     id: Uuid,
     attempt: i32,
     worker: &str,
+    usage: &crate::usage::Usage,
 ) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
         "WITH r AS (
@@ -510,6 +513,11 @@ pub async fn requeue(
              max_attempts = max_attempts + 1, worker = NULL, progress = 0, updated_at = now()
          WHERE id = $1 AND attempt = $2 AND status = 'running' AND worker = $3
          RETURNING *
+         ), used AS (
+             INSERT INTO usage_sums (tenant_id, key_id, kind, attempts, wall_seconds,
+                                     cpu_seconds, rows_read, rows_written, bytes_read,
+                                     chunks_embedded, tokens_embedded, synthetic_rows)
+             SELECT tenant_id, key_id, kind, 1, $4, $5, $6, $7, $8, $9, $10, $11 FROM r
          ), {}
          SELECT * FROM r",
         crate::webhooks::outbox_cte("r"),
@@ -517,6 +525,14 @@ pub async fn requeue(
     .bind(id)
     .bind(attempt)
     .bind(worker)
+    .bind(usage.wall_seconds)
+    .bind(usage.cpu_seconds)
+    .bind(usage.rows_read)
+    .bind(usage.rows_written)
+    .bind(usage.bytes_read)
+    .bind(usage.chunks_embedded)
+    .bind(usage.tokens_embedded)
+    .bind(usage.synthetic_rows)
     .fetch_optional(pool)
     .await
 }
@@ -1182,7 +1198,10 @@ mod tests {
         claim_jobs(&db.pool, "canary", "w1", 1, None, false)
             .await
             .unwrap();
-        requeue(&db.pool, id, 1, "w1").await.unwrap().unwrap();
+        requeue(&db.pool, id, 1, "w1", &Default::default())
+            .await
+            .unwrap()
+            .unwrap();
         let fail = |attempt: i32| {
             sqlx::query(
                 "UPDATE jobs SET status = 'failed', attempt = $2, worker_deaths = 2 WHERE id = $1",
@@ -1315,10 +1334,12 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
-        assert!(requeue(&db.pool, job.id, running.attempt, "w2")
-            .await
-            .unwrap()
-            .is_none());
+        assert!(
+            requeue(&db.pool, job.id, running.attempt, "w2", &Default::default())
+                .await
+                .unwrap()
+                .is_none()
+        );
         sqlx::query("UPDATE jobs SET cancel_requested = false WHERE id = $1")
             .bind(job.id)
             .execute(&db.pool)
@@ -1396,6 +1417,35 @@ mod tests {
         assert_eq!((attempts, wall), (1, 1.0));
     }
 
+    /// An attempt handed back by a worker shutting down adds what it used to the usage table,
+    /// as a finished one does: its CPU and the rows it wrote went uncounted.
+    #[tokio::test]
+    async fn a_hand_back_adds_its_usage() {
+        let db = TestDatabase::new().await;
+        let (tenant, job) = a_canary(&db).await;
+        sqlx::query("UPDATE jobs SET status = 'running', attempt = 1, worker = 'w1' WHERE id = $1")
+            .bind(job.id)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let used = crate::usage::Usage {
+            wall_seconds: 2.5,
+            rows_written: 7,
+            ..Default::default()
+        };
+        let back = requeue(&db.pool, job.id, 1, "w1", &used).await.unwrap();
+        assert_eq!(back.unwrap().status(), JobStatus::Queued);
+        let (attempts, wall, rows): (i64, f64, i64) = sqlx::query_as(
+            "SELECT sum(attempts)::bigint, sum(wall_seconds), sum(rows_written)::bigint
+             FROM usage_sums WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!((attempts, wall, rows), (1, 2.5, 7));
+    }
+
     /// A cancel asked for while the job runs, before its worker hears of it, then a retry or a
     /// hand-back of that attempt: the job is cancelled, not queued again where no claim would
     /// take it and nothing would end it; the tenant's next job is still claimed.
@@ -1426,10 +1476,16 @@ mod tests {
             .remove(0)
             .unwrap();
         assert_eq!(retried.status(), JobStatus::Cancelled);
-        let handed_back = requeue(&db.pool, claimed[1].id, claimed[1].attempt, "w1")
-            .await
-            .unwrap()
-            .unwrap();
+        let handed_back = requeue(
+            &db.pool,
+            claimed[1].id,
+            claimed[1].attempt,
+            "w1",
+            &Default::default(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         assert_eq!(handed_back.status(), JobStatus::Cancelled);
         for job in &claimed {
             let row = get_job(&db.pool, tenant, job.id).await.unwrap().unwrap();

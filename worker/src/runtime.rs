@@ -806,7 +806,7 @@ impl Runtime {
                     };
                     self.finishes.call(finish).await
                 }
-                None => store::requeue(&self.pool, job.id, job.attempt, &self.name)
+                None => store::requeue(&self.pool, job.id, job.attempt, &self.name, &usage)
                     .await
                     .map(|row| row.map(store::Ended::from))
                     .map_err(|e| e.to_string()),
