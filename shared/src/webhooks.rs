@@ -401,6 +401,19 @@ impl Attempt {
 /// still pending). Success: `delivered`, never sent again, and the endpoint no longer failing.
 /// Otherwise: retried at `retry_at`, or `failed` when that is `None` (and the endpoint marked
 /// failing). Returns whether the row was updated.
+/// Whether the claimed attempt still owns its delivery: not deleted with its webhook since the
+/// claim, nor taken by a later attempt.
+pub async fn still_claimed(pool: &PgPool, claimed: &Claimed) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM webhook_deliveries
+                        WHERE id = $1 AND attempts = $2 AND status = 'pending')",
+    )
+    .bind(claimed.id)
+    .bind(claimed.attempts)
+    .fetch_one(pool)
+    .await
+}
+
 pub async fn record(
     pool: &PgPool,
     claimed: &Claimed,

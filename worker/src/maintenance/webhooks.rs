@@ -141,7 +141,10 @@ impl Sender {
 
     /// One attempt of `claimed`, recorded.
     pub async fn deliver(&self, pool: &PgPool, claimed: Claimed) -> anyhow::Result<()> {
-        let attempt = self.attempt(&claimed).await;
+        let Some(attempt) = self.attempt(pool, &claimed).await? else {
+            tracing::debug!(delivery = %claimed.id, "webhook delivery gone before it was sent");
+            return Ok(());
+        };
         let retry_at = if attempt.succeeded() {
             None
         } else {
@@ -164,12 +167,17 @@ impl Sender {
         Ok(())
     }
 
-    async fn attempt(&self, claimed: &Claimed) -> Attempt {
+    /// `None` when the delivery went (its webhook deleted) between the claim and the send: a
+    /// tenant that deleted an endpoint, say one whose domain changed hands, must not have it
+    /// sent the job's result after the 204.
+    async fn attempt(&self, pool: &PgPool, claimed: &Claimed) -> anyhow::Result<Option<Attempt>> {
         let started = Instant::now();
-        let failed = |error: String| Attempt {
-            status_code: None,
-            error: Some(error),
-            latency: started.elapsed(),
+        let failed = |error: String| {
+            Ok(Some(Attempt {
+                status_code: None,
+                error: Some(error),
+                latency: started.elapsed(),
+            }))
         };
         let Some(cipher) = &self.cipher else {
             return failed("CONVEYOR_SECRET_KEY is not set: deliveries cannot be signed".into());
@@ -198,6 +206,9 @@ impl Sender {
             Ok(signature) => signature,
             Err(e) => return failed(e.to_string()),
         };
+        if !webhooks::still_claimed(pool, claimed).await? {
+            return Ok(None);
+        }
         let started = Instant::now();
         let sent = self
             .client
@@ -210,7 +221,7 @@ impl Sender {
             .send()
             .await;
         let latency = started.elapsed();
-        match sent {
+        Ok(Some(match sent {
             Ok(response) => {
                 let code = response.status().as_u16();
                 Attempt {
@@ -224,7 +235,7 @@ impl Sender {
                 error: Some(describe(&e)),
                 latency,
             },
-        }
+        }))
     }
 
     /// When to try again after the failed attempt `claimed.attempts`: `base * 2^(n-1)` (at
@@ -509,6 +520,30 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
         assert_eq!(receiver.count(), 2, "a delivered delivery was sent again");
+    }
+
+    /// A delivery claimed, then its webhook deleted (its deliveries with it) before the send:
+    /// nothing is sent. The claim's snapshot was sent the job's result after the 204.
+    #[tokio::test]
+    async fn a_delivery_whose_webhook_was_deleted_after_its_claim_is_not_sent() {
+        let test = TestDb::new().await;
+        let (receiver, url) = Receiver::start(&[]).await;
+        let webhook = test.webhook(&url, &["job.succeeded"]).await;
+        test.finish(shared::store::Outcome::Succeeded(serde_json::json!({})))
+            .await;
+        let claimed = webhooks::claim_due(test.pool(), Duration::from_secs(60), 10, 10, (&[], &[]))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        sqlx::query("DELETE FROM webhooks WHERE id = $1")
+            .bind(webhook)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        let duty = Webhooks::new(test.runtime.settings());
+        let claimed = claimed.into_iter().next().unwrap();
+        duty.sender.deliver(test.pool(), claimed).await.unwrap();
+        assert_eq!(receiver.count(), 0, "sent after its webhook was deleted");
     }
 
     /// An endpoint whose address the rules refuse (loopback, with no allow list) is never
