@@ -160,8 +160,7 @@ pub async fn create(
     payload_sha256: Option<String>,
 ) -> Result<CreatedKey, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // A key's rate binds the keys it makes: a throttled key cannot make itself a free one.
-    let created = insert(&mut tx, by.tenant, role, name, by.key).await?;
+    let created = insert(&mut tx, by.tenant, role, name, None).await?;
     let mut entry = created_entry(&created);
     entry.payload_sha256 = payload_sha256;
     audit::record(&mut *tx, by, entry).await?;

@@ -228,7 +228,7 @@ impl Limits {
 
     /// 403 when the jobs of these kinds would take the tenant past a quota (see
     /// [`quotas::check`]), before the work of a submission. Submissions racing each other may
-    /// pass it together: [`Limits::hold_queued_room`] checks `max_queued` again where the jobs
+    /// pass it together: [`hold_queued_room`] checks `max_queued` again where the jobs
     /// are written.
     pub async fn check_quotas(&self, tenant: Uuid, kinds: &[&str]) -> Result<(), Problem> {
         self.check(tenant, kinds, true).await
@@ -309,7 +309,6 @@ impl Limits {
     }
 }
 
-/// A refusal naming the quota, its limit and the use it met.
 /// In `tx`, just before jobs of `kinds` are written: the tenant locked and its `max_queued`
 /// checked again with them (403 past it), so that submissions racing each other cannot all
 /// pass the check each made before.
@@ -329,6 +328,7 @@ pub async fn hold_queued_room(
         .map_err(|over| over_quota(StatusCode::FORBIDDEN, over))
 }
 
+/// A refusal naming the quota, its limit and the use it met.
 fn over_quota(status: StatusCode, over: OverQuota) -> Problem {
     let mut problem = Problem::new(status, "quota", over.to_string());
     problem.errors = vec![shared::FieldError::new(

@@ -204,10 +204,11 @@ pub async fn list(
 /// The most live jobs a refusal to delete names.
 const USERS_NAMED: usize = 10;
 
-/// Whether live jobs of the tenant name `id` (a dataset or a model, `what`) in their payload:
-/// the conflict to answer a delete with, naming the first ten. The search stops at the
-/// eleventh: a tenant's thousands of such jobs were all read and named, in an answer of
-/// megabytes, at every try.
+/// Whether live jobs of the tenant, or waiting steps of its running pipelines, name `id` (a
+/// dataset or a model, `what`) in their payload: the conflict to answer a delete with, naming
+/// the first ten (a step by its pipeline). The search stops at the eleventh: a tenant's
+/// thousands of such jobs were all read and named, in an answer of megabytes, at every try.
+/// A waiting step was accepted with the dataset checked, and failed later for its loss.
 pub async fn in_use(
     pool: &PgPool,
     tenant: Uuid,
@@ -215,9 +216,14 @@ pub async fn in_use(
     what: &str,
 ) -> sqlx::Result<Option<crate::Problem>> {
     let users: Vec<Uuid> = sqlx::query_scalar(concat!(
-        "SELECT id FROM jobs WHERE tenant_id = $1 AND ",
+        "(SELECT id FROM jobs WHERE tenant_id = $1 AND ",
         crate::live_jobs!("jobs"),
-        " AND strpos(payload::text, $2) > 0 LIMIT $3"
+        " AND strpos(payload::text, $2) > 0 LIMIT $3)
+         UNION ALL
+         (SELECT DISTINCT p.id FROM pipelines p JOIN pipeline_steps s ON s.pipeline_id = p.id
+          WHERE p.tenant_id = $1 AND p.status = 'running' AND s.state = 'waiting'
+            AND strpos(s.payload::text, $2) > 0 LIMIT $3)
+         LIMIT $3"
     ))
     .bind(tenant)
     .bind(id.to_string())
@@ -238,7 +244,7 @@ pub async fn in_use(
         ""
     };
     Ok(Some(crate::Problem::conflict(format!(
-        "live jobs use this {what}: {}{more}",
+        "live jobs or pipelines use this {what}: {}{more}",
         named.join(", ")
     ))))
 }

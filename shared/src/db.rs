@@ -109,7 +109,31 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     repair_edited_sessions_migration(pool).await?;
+    drop_unfinished_indexes(pool).await?;
     MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Indexes built `CONCURRENTLY` by migrations (one a migration, `IF NOT EXISTS`): a build
+/// cancelled or failed part way leaves an invalid index and its migration unrecorded, and on
+/// the next run `IF NOT EXISTS` would skip it, leaving an index never used but written at
+/// every insert. Dropped here, so the migration builds it again.
+async fn drop_unfinished_indexes(pool: &PgPool) -> anyhow::Result<()> {
+    const BUILT_CONCURRENTLY: [&str; 3] = ["audit_log_target", "audit_log_key", "audit_log_action"];
+    let invalid: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE NOT i.indisvalid AND c.relname = ANY($1)
+           AND c.relnamespace = current_schema()::regnamespace",
+    )
+    .bind(&BUILT_CONCURRENTLY[..])
+    .fetch_all(pool)
+    .await?;
+    for index in invalid {
+        tracing::warn!(%index, "dropping an index left unfinished by a migration; it is built again");
+        sqlx::query(&format!("DROP INDEX IF EXISTS \"{index}\""))
+            .execute(pool)
+            .await?;
+    }
     Ok(())
 }
 
@@ -219,6 +243,28 @@ mod tests {
             }
         }
         assert_eq!(recorded.len(), actual.len(), "a recorded migration is gone");
+    }
+
+    /// An index a `CONCURRENTLY` migration left invalid (its build cancelled part way, the
+    /// migration unrecorded) is built again by the next migrate, not skipped as existing.
+    #[tokio::test]
+    async fn an_unfinished_concurrent_index_is_built_again() {
+        let db = crate::testing::TestDatabase::new().await;
+        for statement in [
+            "UPDATE pg_index SET indisvalid = false
+             WHERE indexrelid = 'audit_log_target'::regclass",
+            "DELETE FROM _sqlx_migrations WHERE version = 20261217000001",
+        ] {
+            sqlx::query(statement).execute(&db.pool).await.unwrap();
+        }
+        super::migrate(&db.pool).await.unwrap();
+        let valid: bool = sqlx::query_scalar(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'audit_log_target'::regclass",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert!(valid, "the index stayed invalid");
     }
 
     #[test]

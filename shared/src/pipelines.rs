@@ -1047,10 +1047,10 @@ const STALLED: &str = "WITH step AS NOT MATERIALIZED (
          FOR UPDATE OF p SKIP LOCKED";
 
 /// Ended pipelines (`failed` or `cancelled`) with a step whose job is live again, at most
-/// `limit`, skipping those another advancer holds: a bulk retry committed its jobs but not the
-/// resume that follows in a transaction of its own (its process died between the two). An
-/// ended pipeline has no other way to a live step: it ends only once every step has, and a
-/// single retry resumes it in the retry's transaction.
+/// `limit`, skipping those another advancer holds. Retries resume their pipelines in their
+/// own transaction; a bulk retry of an earlier version committed its jobs, then resumed their
+/// pipelines in a transaction of their own, and a process dying between the two left this.
+/// Kept for those, and as a net: an ended pipeline has no other way to a live step.
 pub async fn retried_but_ended(db: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar(concat!(
         "SELECT p.id FROM pipelines p

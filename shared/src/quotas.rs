@@ -256,9 +256,8 @@ pub async fn lock_tenant(conn: &mut PgConnection, tenant: Uuid) -> sqlx::Result<
 }
 
 /// Refuses (409) one more row of `table` (a table with a `tenant_id`, named as the API names
-/// it) once the tenant holds `most`. Counted with the tenant locked ([`lock_tenant`]): in the
-/// transaction that adds the row, requests racing each other cannot all pass. Outside one it
-/// is a cheap check before slow work, made again in the transaction.
+/// it) once the tenant holds `most`. Counted with the tenant locked ([`lock_tenant`]), in the
+/// transaction that adds the row: requests racing each other cannot all pass.
 pub async fn room_for_one(
     conn: &mut PgConnection,
     tenant: Uuid,
@@ -266,6 +265,17 @@ pub async fn room_for_one(
     most: i64,
 ) -> Result<(), crate::Problem> {
     lock_tenant(conn, tenant).await?;
+    seen_room_for_one(conn, tenant, table, most).await
+}
+
+/// [`room_for_one`] without the lock: a cheap check before slow work (an outbound probe), made
+/// again, locked, where the row is added.
+pub async fn seen_room_for_one(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    table: &'static str,
+    most: i64,
+) -> Result<(), crate::Problem> {
     let held: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {table} WHERE tenant_id = $1"
     ))

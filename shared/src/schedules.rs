@@ -36,6 +36,8 @@ use crate::{
     FieldError,
 };
 
+/// How long a firing waits for its rate tokens before it goes without them.
+const DRAW_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most firings an `overlap: queue` schedule keeps waiting; later ones are skipped.
 pub const MAX_PENDING: usize = 100;
 
@@ -658,11 +660,16 @@ async fn make(
     // One token a job, as the submission of the same job or pipeline draws.
     let tokens = kinds.len();
     let rates = buckets.rates(&mut *conn, s.tenant_id, s.key_id).await?;
-    match buckets.draw(s.tenant_id, &rates, tokens).await {
-        Ok(Some(drawn)) if !drawn.allowed => return Ok(Made::Skipped(drawn.refusal(tokens))),
-        Ok(_) => {}
+    // Briefly: the firing holds its schedules' row locks meanwhile.
+    let drawn = tokio::time::timeout(DRAW_TIMEOUT, buckets.draw(s.tenant_id, &rates, tokens));
+    match drawn.await {
+        Ok(Ok(Some(drawn))) if !drawn.allowed => return Ok(Made::Skipped(drawn.refusal(tokens))),
+        Ok(Ok(_)) => {}
         // As the API admits a submission when Redis cannot answer.
-        Err(e) => tracing::warn!(error = %e, schedule = %s.id, "rate limit unavailable; firing"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, schedule = %s.id, "rate limit unavailable; firing")
+        }
+        Err(_) => tracing::warn!(schedule = %s.id, "rate limit did not answer; firing"),
     }
     match (&s.job, &s.pipeline) {
         (Some(job), _) => fired.jobs.extend(insert_job(&mut *conn, s, job, at).await?),

@@ -1044,7 +1044,16 @@ mod tests {
             insert_jobs(&mut other, tenant, Uuid::now_v7(), &single, None),
             async {
                 // Both statements wait on the key's row lock before this commits.
-                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let waiting = "SELECT count(*) FROM pg_stat_activity
+                               WHERE datname = current_database() AND wait_event_type = 'Lock'";
+                while sqlx::query_scalar::<_, i64>(waiting)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap()
+                    < 2
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
                 first.commit().await.unwrap();
             },
         );

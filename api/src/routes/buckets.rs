@@ -80,8 +80,9 @@ pub async fn create(
     // Each is a client the ingests of the tenant's sources open. Checked before the bucket is
     // listed, and again where it is recorded.
     let most = buckets::MAX_PER_TENANT;
-    shared::quotas::room_for_one(&mut *state.pool.acquire().await?, tenant.0, "buckets", most)
-        .await?;
+    let mut conn = state.pool.acquire().await?;
+    shared::quotas::seen_room_for_one(&mut conn, tenant.0, "buckets", most).await?;
+    drop(conn);
     // Checked by listing once: the address rules, then the bucket and credentials.
     let allow = &state.settings.connection_allow;
     let store = buckets::store(&endpoint, &body.bucket, &region, credentials.clone(), allow)

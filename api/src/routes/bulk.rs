@@ -266,13 +266,15 @@ async fn apply(
     };
     let mut tx = state.pool.begin().await?;
     let tenant = writer.tenant().0;
-    sqlx::query(
-        "SELECT 1 FROM pipelines WHERE tenant_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",
-    )
-    .bind(tenant)
-    .bind(pipelines)
-    .execute(&mut *tx)
-    .await?;
+    if !pipelines.is_empty() {
+        sqlx::query(
+            "SELECT 1 FROM pipelines WHERE tenant_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",
+        )
+        .bind(tenant)
+        .bind(pipelines)
+        .execute(&mut *tx)
+        .await?;
+    }
     let jobs = store::change_matching(&mut *tx, tenant, filter, change, limit, only).await?;
     let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
     let actor = Actor::from(&writer.0);

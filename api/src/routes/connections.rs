@@ -56,13 +56,9 @@ pub async fn create(
     // Each is a pool on every worker and a target every sweep visits. Checked before the
     // connection is tried, and again where it is recorded.
     let most = connections::MAX_PER_TENANT;
-    shared::quotas::room_for_one(
-        &mut *state.pool.acquire().await?,
-        tenant.0,
-        "connections",
-        most,
-    )
-    .await?;
+    let mut conn = state.pool.acquire().await?;
+    shared::quotas::seen_room_for_one(&mut conn, tenant.0, "connections", most).await?;
+    drop(conn);
     match targets.guard().probe(&url).await {
         Ok(()) => {}
         Err(Refusal::Invalid(why)) => return Err(invalid("url", why)),

@@ -58,6 +58,20 @@ pub async fn create(
     let name = keys::valid_name(body.name.as_deref())
         .map_err(|e| Problem::validation(vec![FieldError::new("name", e)]))?;
     let role = body.role.unwrap_or(Role::Write);
+    // Each key draws on a bucket of its own: a key held to a rate could make itself more
+    // keys, each with a full bucket.
+    let throttled: bool =
+        sqlx::query_scalar("SELECT rate_per_sec IS NOT NULL FROM api_keys WHERE id = $1")
+            .bind(caller.key.id)
+            .fetch_one(&state.pool)
+            .await?;
+    if throttled {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "throttled-key",
+            "a key with a submission rate of its own cannot make keys; the operator can",
+        ));
+    }
     let by = Actor::from(&caller);
     let created = keys::create(&state.pool, &by, role, name.as_deref(), Some(body_sha256)).await?;
     tracing::info!(key = %created.info.id, by = %caller.key.id, role = role.as_str(), "API key created");

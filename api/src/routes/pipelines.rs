@@ -102,9 +102,9 @@ pub(crate) async fn resume(
     advance(state, tx, pipeline).await
 }
 
-/// [`advance`] in a transaction of its own, for steps' jobs cancelled in bulk (whose
-/// transaction took their rows' locks first, so it could not take their pipelines'),
-/// announcing the jobs it started. A failure is logged: the maintenance duty moves an ended
+/// [`advance`] in a transaction of its own, for steps' jobs cancelled in bulk (the cancel's
+/// transaction took their rows' locks, not knowing their pipelines beforehand), announcing the
+/// jobs it started. A failure is logged: the maintenance duty moves an ended
 /// step's pipeline on.
 pub(crate) async fn move_on_alone(state: &AppState, tenant: Uuid, pipeline: Uuid) {
     let resumed = async {

@@ -191,8 +191,10 @@ async fn a_finished_job_is_deleted_with_its_artifacts_and_a_live_one_is_not() {
 #[tokio::test]
 async fn a_bulk_retry_takes_its_pipelines_lock_before_its_jobs() {
     let app = TestApp::spawn().await;
+    // `b` keeps the pipeline running once `a` is cancelled (and `after` with it).
     let pipeline = json!({"steps": [
         {"name": "a", "kind": "canary", "payload": {"steps": 1}},
+        {"name": "b", "kind": "canary", "payload": {"steps": 1}},
         {"name": "after", "kind": "canary", "needs": ["a"], "payload": {}}]});
     let (status, created) = app.post("/v1/pipelines", &pipeline).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
@@ -220,17 +222,26 @@ async fn a_bulk_retry_takes_its_pipelines_lock_before_its_jobs() {
             .json(&json!({"pipeline_id": id}));
         async move { request.send().await.unwrap().status() }
     });
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut queued_while_locked = false;
-    while tokio::time::Instant::now() < deadline && !queued_while_locked {
-        queued_while_locked = count(&app, &step_status).await == 1;
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // Until the retry waits on the pipeline's lock: before or after it changed the job.
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while count(&app, waiting).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the retry never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(
-        !queued_while_locked,
+    assert_eq!(
+        count(&app, &step_status).await,
+        0,
         "the retry changed the step's job without its pipeline's lock"
     );
-    // The cancel goes first; the retry then runs the step again and resumes the pipeline.
+    // The cancel of the running pipeline goes first; the retry then runs the step again and
+    // resumes the pipeline.
+    let (_, running) = app.get(&format!("/v1/pipelines/{id}")).await;
+    assert_eq!(running["status"], "running", "{running}");
     let validate = |_: &str, _: &serde_json::Value| Ok(());
     shared::pipelines::cancel(&mut held, app.tenant, id, &validate)
         .await

@@ -634,42 +634,40 @@ async fn a_keys_own_rate_limits_that_key_only() {
     }
 }
 
-/// A key's own rate binds the keys it makes and goes with it when it is rotated: a throttled
-/// admin key made itself free keys, and a rotation dropped the throttle.
+/// A key with a rate of its own makes no keys, and its rate goes with it when it is rotated:
+/// a throttled admin key made itself free keys (a copy of its rate would still be a bucket of
+/// its own a key), and a rotation dropped the throttle.
 #[tokio::test]
-async fn a_keys_rate_binds_the_keys_it_makes_and_its_rotation() {
+async fn a_throttled_key_makes_no_keys_and_keeps_its_rate_when_rotated() {
     let app = TestApp::spawn().await;
-    sqlx::query("UPDATE api_keys SET rate_per_sec = 0.001, rate_burst = 1 WHERE key_hash = $1")
-        .bind(conveyor_api::auth::hash_key(&app.key))
-        .execute(app.pool())
-        .await
-        .unwrap();
-    let response = app
-        .client
-        .post(app.url("/v1/keys"))
-        .bearer_auth(&app.key)
-        .json(&json!({"role": "write"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let made: serde_json::Value = response.json().await.unwrap();
-    let policy = "\"key\";q=1;w=1000";
-    let throttled = [StatusCode::ACCEPTED, StatusCode::TOO_MANY_REQUESTS];
-    let made_key = made["key"].as_str().unwrap().to_owned();
+    let id: uuid::Uuid = sqlx::query_scalar(
+        "UPDATE api_keys SET rate_per_sec = 0.001, rate_burst = 1 WHERE key_hash = $1
+         RETURNING id",
+    )
+    .bind(conveyor_api::auth::hash_key(&app.key))
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    let keys = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM api_keys")
+            .fetch_one(app.pool())
+            .await
+            .unwrap()
+    };
+    let before = keys().await;
+    let (status, problem) = app.post("/v1/keys", &json!({"role": "write"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{problem}");
     assert_eq!(
-        submissions_as(&app, &made_key, 2, policy).await,
-        throttled,
-        "the key made"
+        problem["type"], "https://conveyor.dev/problems/throttled-key",
+        "{problem}"
     );
+    assert_eq!(keys().await, before, "a key was made");
 
-    let (ok, rotated, stderr) = app
-        .conveyor_api(&["keys", "rotate", made["id"].as_str().unwrap()])
-        .await;
+    let (ok, rotated, stderr) = app.conveyor_api(&["keys", "rotate", &id.to_string()]).await;
     assert!(ok, "{stderr}");
-    let rotated = rotated.trim().to_owned();
+    let throttled = [StatusCode::ACCEPTED, StatusCode::TOO_MANY_REQUESTS];
     assert_eq!(
-        submissions_as(&app, &rotated, 2, policy).await,
+        submissions_as(&app, rotated.trim(), 2, "\"key\";q=1;w=1000").await,
         throttled,
         "its rotation"
     );

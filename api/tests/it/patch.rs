@@ -346,6 +346,24 @@ async fn a_dry_runs_sample_cuts_long_values() {
     assert!(before.starts_with(&"x".repeat(250)), "{before:.300}");
     assert!(before.contains("… (1048576 bytes, md5 "), "{before:.400}");
     assert_ne!(before, after);
+
+    // The rows after are found by their keys, read as the key's types: a record of the whole
+    // table made the other columns nulls, which a NOT NULL domain refuses.
+    exec(
+        &db,
+        "CREATE DOMAIN positive AS int NOT NULL CHECK (VALUE > 0);
+         CREATE TABLE counted (id int PRIMARY KEY, n positive);
+         INSERT INTO counted SELECT g, g FROM generate_series(1, 5) g;",
+    )
+    .await;
+    let sql = "UPDATE counted SET n = n + 1 WHERE id > 2";
+    let id = submit_ok(&app, "patch", json!({"sql": sql, "mode": "dry_run"})).await;
+    let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        job["result"]["sample"][0]["changes"],
+        json!({"n": {"before": 3, "after": 4}})
+    );
 }
 
 /// A table whose trigger skips every update: the execute fails for good, naming why, where it

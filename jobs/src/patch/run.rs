@@ -23,8 +23,8 @@ const MIN_BATCH: i64 = 10;
 const MAX_BATCH: i64 = 500_000;
 /// Consecutive lock timeouts, serialization failures or conflicts before the attempt fails.
 const MAX_BATCH_RETRIES: u32 = 10;
-/// Tries of a batch whose rows the database skipped (a trigger, a policy): a few, in case a
-/// concurrent change explains it.
+/// Tries of a batch whose rows the database skipped (a trigger, a rule, a policy, a WHERE
+/// clause that answers differently each time), counted apart from the other retries.
 const MAX_SKIPPED_RETRIES: u32 = 3;
 /// How often an execute reports its batches and longest lock as a `log` event.
 const FIGURES_INTERVAL: Duration = Duration::from_secs(1);
@@ -105,13 +105,21 @@ async fn dry_run(
         .await
         .map_err(job_error)?
         .rows_affected();
-    // Found again by their keys alone (the other values are cut).
+    // Found again by their keys alone (the other values are cut), read as the key columns'
+    // types: a record of the whole table would read the missing columns as nulls, which a
+    // NOT NULL domain refuses.
     let keys: Vec<Value> = before.iter().map(|row| key_of(&key, row).into()).collect();
+    let key_types: Vec<String> = t
+        .key
+        .iter()
+        .map(|c| format!("{} {}", super::table::quote(&c.name), c.type_name))
+        .collect();
     let after: Vec<Value> = sqlx::query_scalar(&format!(
         "SELECT {} FROM {table} a
-         JOIN jsonb_populate_recordset(NULL::{table}, $1) k ON ({a}) = ({k})",
+         JOIN jsonb_to_recordset($1) AS k({types}) ON ({a}) = ({k})",
         sampled("a", "$2"),
         table = t.qualified,
+        types = key_types.join(", "),
         a = t.key_list("a"),
         k = t.key_list("k"),
     ))
@@ -251,7 +259,7 @@ impl Execution<'_> {
             let started = Instant::now();
             let mut batches = record.batches;
             let mut last_figures: Option<Instant> = None;
-            let mut retries = 0;
+            let (mut retries, mut skipped) = (0, 0);
             let mut last_key = record.last_key.clone();
             let mut done = record.rows_done;
             loop {
@@ -319,9 +327,9 @@ impl Execution<'_> {
                             "another attempt kept moving the patch's checkpoint".into(),
                         ))
                     }
-                    // Tried again from the checkpoint a few times, as a batch that met another
-                    // transaction is; a database that keeps skipping rows would loop for ever.
-                    Ok(Batch::Skipped { .. }) if retries < MAX_SKIPPED_RETRIES => {}
+                    // Tried again from the checkpoint a few times; a database that keeps
+                    // skipping rows would loop for ever.
+                    Ok(Batch::Skipped { .. }) if skipped < MAX_SKIPPED_RETRIES => skipped += 1,
                     Ok(Batch::Skipped { found, changed }) => {
                         return Err(JobError::Permanent(format!(
                             "the database changed {changed} of the {found} rows the batch found: \

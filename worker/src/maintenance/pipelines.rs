@@ -2,8 +2,8 @@
 //! between the two, or the job ended by a path that does not advance pipelines: the rescuer, a
 //! bulk cancel). Advanced here as the worker would have: the steps that can start get their
 //! job, announced and dispatched; the blocked ones are cancelled; ended pipelines finish.
-//! Also resumed here: ended pipelines whose steps a bulk retry queued again, when the process
-//! that committed the retry died before its resume (which runs in a transaction of its own).
+//! Also resumed here: ended pipelines with a step queued again but not resumed (a bulk retry
+//! of an earlier version resumed them in a transaction of their own, after its jobs').
 
 use shared::pipelines;
 use std::time::Duration;
