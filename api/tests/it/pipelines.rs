@@ -706,3 +706,32 @@ async fn an_open_pipeline_stream_reads_no_step_payloads_while_it_waits() {
     );
     drop(stream);
 }
+
+/// A dataset a waiting step names cannot be deleted: the pipeline was accepted with it
+/// checked, and the step failed later for its loss. Deleted once the pipeline ended.
+#[tokio::test]
+async fn a_dataset_a_waiting_step_names_is_not_deleted() {
+    let app = TestApp::spawn().await;
+    let dataset = app.upload_dataset("later.csv", b"id\n1\n").await;
+    let (id, _) = submit(
+        &app,
+        json!({"steps": [
+            {"name": "first", "kind": "canary", "payload": {"steps": 1}},
+            {"name": "load", "kind": "import", "needs": ["first"],
+             "payload": {"dataset_id": dataset, "target": {"table": "later"}, "mode": "create"}}]}),
+    )
+    .await;
+    let status = app.delete(&format!("/v1/datasets/{dataset}")).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "deleted while a waiting step names it"
+    );
+    let (status, _) = app
+        .post(&format!("/v1/pipelines/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    wait_pipeline(&app, &id, &["cancelled"]).await;
+    let status = app.delete(&format!("/v1/datasets/{dataset}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}

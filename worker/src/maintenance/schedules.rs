@@ -353,17 +353,18 @@ mod tests {
     }
 
     /// After a downtime longer than the grace: `run_once` makes one job (not one per missed
-    /// firing), `skip` none; both go on at the next future firing.
+    /// firing), `skip` none; both go on at the next future firing. (Daily: a schedule of every
+    /// minute was due again whenever the test crossed a minute.)
     #[tokio::test]
     async fn misfires_after_downtime_follow_the_policy() {
         let test = TestDb::new().await;
-        let run_once = test.schedule("* * * * *", "allow", "run_once").await;
-        let skip = test.schedule("* * * * *", "allow", "skip").await;
+        let run_once = test.schedule("0 0 * * *", "allow", "run_once").await;
+        let skip = test.schedule("0 0 * * *", "allow", "skip").await;
         for id in [run_once, skip] {
-            // Down for an hour: 60 firings missed.
+            // Down for three days: three firings missed.
             test.set_schedule(
                 id,
-                "next_fire_at = date_trunc('minute', now()) - interval '1 hour'",
+                "next_fire_at = date_trunc('day', now()) - interval '3 days'",
             )
             .await;
         }
