@@ -189,6 +189,11 @@ async fn guard_rails_refuse_with_the_reason_and_enqueue_nothing() {
             "UPDATE items SET val = 1 WHERE no_such_column = 1",
             "refused by the database",
         ),
+        // Missing and forbidden read alike (which of another's objects exist is not told).
+        (
+            "UPDATE items SET note = 'x'::no_such_type::text WHERE id = 1",
+            "does not exist or that the tenant's role cannot use",
+        ),
         (
             "UPDATE pg_catalog.pg_class SET relname = 'x' WHERE oid = 1",
             "reserved for the platform and the system",

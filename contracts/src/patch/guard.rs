@@ -312,10 +312,18 @@ fn cast_allowed(data_type: &DataType) -> Result<(), String> {
             _ => {}
         }
     }
-    let name = base.rsplit('.').next().unwrap_or_default().trim();
+    let (schema, name) = match base.rsplit_once('.') {
+        Some((schema, name)) => (Some(schema.trim()), name.trim()),
+        None => (None, base.trim()),
+    };
     if CATALOG_TYPES.contains(&name) || name.starts_with("pg_") {
         Err(format!(
             "casts to {text}, a catalog type: it names objects the tenant's role cannot read"
+        ))
+    } else if schema.is_some_and(|schema| schema != "pg_catalog") {
+        // A row type of another schema's table shows that table's columns.
+        Err(format!(
+            "casts to {text}, a type of another schema: name the tenant's own types unqualified"
         ))
     } else {
         Ok(())
@@ -1142,9 +1150,15 @@ mod tests {
             "UPDATE items SET at = now()::timestamp with time zone WHERE id = 1",
             "UPDATE orders SET status = 'shipped'::order_status WHERE id = 1",
             "UPDATE hosts SET addr = '10.0.0.1'::inet WHERE id = 1",
+            "UPDATE items SET n = n::pg_catalog.int4 WHERE id = 1",
         ] {
             check(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
         }
+        // Another schema's type: a table's row type shows that table's columns.
+        let why = refused(
+            "UPDATE items SET note = (NULL::conveyor_snapshots.patch_x)::text WHERE id = 1",
+        );
+        assert!(why.contains("a type of another schema"), "{why}");
     }
 
     #[test]

@@ -309,6 +309,20 @@ pub async fn assess_for(
             {
                 unreachable(e)
             }
+            // Missing and forbidden read alike: "permission denied for schema" against "does
+            // not exist" told a tenant which of another's objects exist.
+            sqlx::Error::Database(e)
+                if matches!(
+                    e.code().as_deref(),
+                    Some("42501" | "42704" | "42P01" | "42883" | "3F000")
+                ) =>
+            {
+                Refusal::Invalid(sql_error(
+                    "is refused by the database: it names a type, table, function or schema \
+                     that does not exist or that the tenant's role cannot use"
+                        .to_owned(),
+                ))
+            }
             sqlx::Error::Database(e) => Refusal::Invalid(sql_error(format!(
                 "is refused by the database: {}",
                 e.message()
