@@ -261,14 +261,24 @@ impl Limits {
             return Ok(wanted);
         };
         let mut conn = self.pool.acquire().await?;
-        let live = quotas::usage_of(&mut conn, tenant, quotas::Measures::QUEUED)
-            .await?
-            .queued();
-        if live >= limit {
-            let over = OverQuota::max_queued(limit, format!("{live} in use"));
-            return Err(over_quota(StatusCode::FORBIDDEN, over));
-        }
-        Ok(wanted.min(limit - live))
+        requeue_room(&mut conn, tenant, limit, wanted, 0).await
+    }
+
+    /// [`Self::requeue_room`] again in `tx`, where the retry writes, with the tenant locked
+    /// until it commits, and `reopened` steps it sets waiting counted too: retries racing each
+    /// other each passed the count made before.
+    pub async fn hold_requeue_room(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        tenant: Uuid,
+        wanted: i64,
+        reopened: usize,
+    ) -> Result<i64, Problem> {
+        let Some(limit) = self.of(tenant).await?.max_queued else {
+            return Ok(wanted);
+        };
+        quotas::lock_tenant(tx, tenant).await?;
+        requeue_room(tx, tenant, limit, wanted, reopened as i64).await
     }
 
     /// The bytes an upload may still take under `max_dataset_bytes`, with the quota's refusal
@@ -326,6 +336,25 @@ pub async fn hold_queued_room(
     quotas::check(tx, tenant, &quotas, kinds, true)
         .await?
         .map_err(|over| over_quota(StatusCode::FORBIDDEN, over))
+}
+
+/// How many of `wanted` jobs fit under `limit` beside the tenant's live ones and `reopened`.
+async fn requeue_room(
+    conn: &mut sqlx::PgConnection,
+    tenant: Uuid,
+    limit: i64,
+    wanted: i64,
+    reopened: i64,
+) -> Result<i64, Problem> {
+    let live = quotas::usage_of(conn, tenant, quotas::Measures::QUEUED)
+        .await?
+        .queued();
+    let room = limit - live - reopened;
+    if room <= 0 {
+        let over = OverQuota::max_queued(limit, format!("{live} in use"));
+        return Err(over_quota(StatusCode::FORBIDDEN, over));
+    }
+    Ok(wanted.min(room))
 }
 
 /// A refusal naming the quota, its limit and the use it met.

@@ -654,6 +654,11 @@ async fn make(
         (None, None) => anyhow::bail!("schedule {} has neither job nor pipeline", s.id),
     };
     let quotas = Quotas::of(&mut *conn, s.tenant_id).await?;
+    if quotas.max_queued.is_some() {
+        // Counted with the tenant locked, as a submission counts where it writes: one in
+        // flight has either committed its jobs or waits for this firing's.
+        quotas::lock_tenant(&mut *conn, s.tenant_id).await?;
+    }
     if let Err(over) = quotas::check(&mut *conn, s.tenant_id, &quotas, &kinds, true).await? {
         return Ok(Made::Skipped(over.to_string()));
     }

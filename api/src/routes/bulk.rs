@@ -114,17 +114,9 @@ pub async fn cancel(
         &[Scheduled, Queued, Retrying, Running],
     )
     .await?;
-    let jobs = apply(
-        &state,
-        &writer,
-        &filter,
-        BulkChange::Cancel,
-        limit,
-        None,
-        &[],
-    )
-    .await?
-    .0;
+    let jobs = apply(&state, &writer, &filter, Apply::Cancel, limit)
+        .await?
+        .0;
     let (stopped, running): (Vec<&Changed>, Vec<&Changed>) = jobs
         .iter()
         .partition(|j| j.status() == JobStatus::Cancelled);
@@ -209,17 +201,12 @@ pub async fn retry(
             return Ok(refused);
         }
     }
-    let retry = BulkChange::Retry;
-    let (jobs, started) = apply(
-        &state,
-        &writer,
-        &filter,
-        retry,
-        room,
-        Some(&counted),
-        &pipelines,
-    )
-    .await?;
+    let retry = Apply::Retry {
+        only: &counted,
+        pipelines: &pipelines,
+        reopened: reopened.len(),
+    };
+    let (jobs, started) = apply(&state, &writer, &filter, retry, room).await?;
     let events: Vec<_> = jobs
         .iter()
         .map(|j| {
@@ -243,29 +230,57 @@ pub async fn retry(
     Ok(Json(result).into_response())
 }
 
-/// Changes up to `limit` of the matching jobs (of `only`, if given) and writes their audit
-/// rows in one transaction; returns them, and the jobs their pipelines started. A retry
-/// resumes the pipelines of the steps it retried in the same transaction, their locks taken
-/// first (`pipelines`: those the jobs counted belong to), as every change of a pipeline takes
-/// them: a cancel of one waits for the retry, resumption included, and is not undone by it.
+/// What [`apply`] does: a cancel, or a retry of the jobs counted (`only`), whose pipelines
+/// (`pipelines`) resume and set `reopened` steps waiting again.
+enum Apply<'a> {
+    Cancel,
+    Retry {
+        only: &'a [uuid::Uuid],
+        pipelines: &'a [uuid::Uuid],
+        reopened: usize,
+    },
+}
+
+/// Changes up to `limit` of the matching jobs and writes their audit rows in one transaction;
+/// returns them, and the jobs their pipelines started. A retry resumes the pipelines of the
+/// steps it retried in the same transaction, their locks taken first, as every change of a
+/// pipeline takes them: a cancel of one waits for the retry, resumption included, and is not
+/// undone by it. Before them, a retry locks the tenant and counts `max_queued` again where the
+/// jobs are queued (as submissions do): bulk retries racing each other each took the room
+/// counted before.
 async fn apply(
     state: &AppState,
     writer: &Writer,
     filter: &JobFilter,
-    change: BulkChange,
+    change: Apply<'_>,
     limit: i64,
-    only: Option<&[uuid::Uuid]>,
-    pipelines: &[uuid::Uuid],
 ) -> Result<(Vec<Changed>, Vec<shared::Job>), Problem> {
-    if limit == 0 || only.is_some_and(<[_]>::is_empty) {
+    let tenant = writer.tenant().0;
+    let mut tx = state.pool.begin().await?;
+    let (change, action, limit, only, pipelines) = match change {
+        Apply::Cancel => (BulkChange::Cancel, Action::JobCancel, limit, None, &[][..]),
+        Apply::Retry { only: [], .. } => return Ok(Default::default()),
+        Apply::Retry {
+            only,
+            pipelines,
+            reopened,
+        } => {
+            let limits = &state.limits;
+            let limit = limits
+                .hold_requeue_room(&mut tx, tenant, limit, reopened)
+                .await?;
+            (
+                BulkChange::Retry,
+                Action::JobRetry,
+                limit,
+                Some(only),
+                pipelines,
+            )
+        }
+    };
+    if limit == 0 {
         return Ok(Default::default());
     }
-    let action = match change {
-        BulkChange::Cancel => Action::JobCancel,
-        BulkChange::Retry => Action::JobRetry,
-    };
-    let mut tx = state.pool.begin().await?;
-    let tenant = writer.tenant().0;
     if !pipelines.is_empty() {
         sqlx::query(
             "SELECT 1 FROM pipelines WHERE tenant_id = $1 AND id = ANY($2) ORDER BY id FOR UPDATE",

@@ -437,6 +437,7 @@ pub async fn retry(
     // A retry queues the job again, as a submission would: the same rate and quotas hold.
     // The token is drawn for any job that is or may yet be failed or cancelled: its state is
     // read before the transaction, and one that fails in between is retried.
+    let mut requeue = None;
     if let Some(job) = store::get_job(&state.pool, tenant.0, id).await? {
         if job.status() != JobStatus::Succeeded {
             if let Err(refused) = state.limits.admit(tenant.0, writer.0.key.id, 1).await {
@@ -451,9 +452,16 @@ pub async fn retry(
             let mut kinds = vec![job.kind.as_str()];
             kinds.extend(reopened.iter().map(|(_, kind)| kind.as_str()));
             state.limits.check_quotas(tenant.0, &kinds).await?;
+            requeue = Some(reopened.len());
         }
     }
     let mut tx = state.pool.begin().await?;
+    if let Some(reopened) = requeue {
+        let limits = &state.limits;
+        limits
+            .hold_requeue_room(&mut tx, tenant.0, 1, reopened)
+            .await?;
+    }
     let pipeline = pipelines::lock_of_job(&mut tx, tenant.0, id).await?;
     let Some(job) = store::retry(&mut *tx, tenant.0, id).await? else {
         drop(tx);

@@ -410,6 +410,7 @@ pub async fn retry_step(
     // state is read before the transaction, and one that fails in between is retried.
     let pipeline = pipelines::get(&mut *state.pool.acquire().await?, tenant.0, id).await?;
     let step = pipeline.and_then(|p| p.steps.into_iter().find(|s| s.name == name));
+    let mut requeue = None;
     if let Some(step) = step.filter(|s| !s.succeeded()) {
         if let Err(refused) = state.limits.admit(tenant.0, writer.0.key.id, 1).await {
             return Ok(refused);
@@ -425,9 +426,16 @@ pub async fn retry_step(
                     .map(|(_, kind)| kind.as_str()),
             );
             state.limits.check_quotas(tenant.0, &kinds).await?;
+            requeue = Some(kinds.len() - 1);
         }
     }
     let mut tx = state.pool.begin().await?;
+    if let Some(reopened) = requeue {
+        let limits = &state.limits;
+        limits
+            .hold_requeue_room(&mut tx, tenant.0, 1, reopened)
+            .await?;
+    }
     let (job, advanced) =
         match pipelines::retry_step(&mut tx, tenant.0, id, &name, &validator(&state)).await? {
             StepRetry::Resumed { job, advanced } => (job, advanced),

@@ -693,3 +693,65 @@ async fn submissions_as(app: &TestApp, key: &str, n: usize, policy: &str) -> Vec
     }
     statuses
 }
+
+/// Submits a canary job and cancels it, `n` times, under `max_queued` 1; returns their ids.
+async fn cancelled_jobs(app: &TestApp, n: usize) -> Vec<String> {
+    set_limits(app, &["--max-queued", "1"]).await;
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let job = json!({"kind": "canary", "payload": {"steps": 1}});
+        let (status, body) = app.post("/v1/jobs", &job).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let id = body["id"].as_str().unwrap().to_owned();
+        let (status, body) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        ids.push(id);
+    }
+    ids
+}
+
+async fn jobs_queued(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'queued'")
+        .fetch_one(app.pool())
+        .await
+        .unwrap()
+}
+
+/// Retries racing each other are counted again where they queue their jobs, as submissions
+/// are: each passed the count it made first, and together they went past `max_queued`.
+#[tokio::test]
+async fn racing_retries_stay_within_max_queued() {
+    let app = TestApp::spawn().await;
+    let ids = cancelled_jobs(&app, 6).await;
+    let racing = ids.iter().map(|id| {
+        let request = app
+            .client
+            .post(app.url(&format!("/v1/jobs/{id}/retry")))
+            .bearer_auth(&app.key);
+        async move { request.send().await.unwrap().status() }
+    });
+    let statuses = futures::future::join_all(racing).await;
+    let accepted = statuses.iter().filter(|s| **s == StatusCode::ACCEPTED);
+    assert_eq!(accepted.count(), 1, "{statuses:?}");
+    assert_eq!(jobs_queued(&app).await, 1);
+
+    // Bulk retries take only the room left, counted where they write.
+    let (status, body) = app
+        .post("/v1/jobs/cancel", &json!({"status": ["queued"]}))
+        .await;
+    assert_eq!(
+        (status, &body["count"]),
+        (StatusCode::OK, &json!(1)),
+        "{body}"
+    );
+    let racing = (0..4).map(|_| {
+        let request = app
+            .client
+            .post(app.url("/v1/jobs/retry"))
+            .bearer_auth(&app.key)
+            .json(&json!({"status": ["cancelled"]}));
+        async move { request.send().await.unwrap().status() }
+    });
+    let statuses = futures::future::join_all(racing).await;
+    assert_eq!(jobs_queued(&app).await, 1, "{statuses:?}");
+}

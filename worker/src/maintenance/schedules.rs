@@ -167,6 +167,15 @@ mod tests {
             .expect("read the schedule's jobs")
         }
 
+        async fn max_queued(&self, most: i64) {
+            sqlx::query("INSERT INTO tenant_limits (tenant_id, max_queued) VALUES ($1, $2)")
+                .bind(self.tenant)
+                .bind(most)
+                .execute(self.pool())
+                .await
+                .expect("set max_queued");
+        }
+
         async fn schedule_row(&self, id: Uuid) -> schedules::Schedule {
             sqlx::query_as("SELECT * FROM schedules WHERE id = $1")
                 .bind(id)
@@ -492,11 +501,7 @@ mod tests {
     #[tokio::test]
     async fn a_firing_past_max_queued_is_skipped_and_recorded() {
         let test = TestDb::new().await;
-        sqlx::query("INSERT INTO tenant_limits (tenant_id, max_queued) VALUES ($1, 1)")
-            .bind(test.tenant)
-            .execute(test.pool())
-            .await
-            .unwrap();
+        test.max_queued(1).await;
         let id = test.schedule("0 0 * * *", "allow", "run_once").await;
         let due = "next_fire_at = now() - interval '1 second'";
         test.set_schedule(id, due).await;
@@ -511,5 +516,43 @@ mod tests {
         let row = test.schedule_row(id).await;
         assert_eq!(row.skipped, 1);
         assert!(row.last_fired_at.is_some());
+    }
+
+    /// A firing counts `max_queued` with the tenant locked, as submissions do: one firing
+    /// while a submission had written its job but not yet committed counted without it, and
+    /// the two went past the quota.
+    #[tokio::test]
+    async fn a_firing_waits_for_a_submission_in_flight_to_count_it() {
+        let test = TestDb::new().await;
+        test.max_queued(1).await;
+        let id = test.schedule("0 0 * * *", "allow", "run_once").await;
+        test.set_schedule(id, "next_fire_at = now() - interval '1 second'")
+            .await;
+        // A submission in flight: the tenant locked and its job written, not committed.
+        let mut submission = test.pool().begin().await.unwrap();
+        shared::quotas::lock_tenant(&mut submission, test.tenant)
+            .await
+            .unwrap();
+        let job = shared::store::NewJob {
+            id: Uuid::now_v7(),
+            kind: "canary".into(),
+            payload: json!({}),
+            idempotency_key: None,
+            priority: 0,
+            max_attempts: 1,
+            run_at: None,
+        };
+        let key = Uuid::now_v7();
+        shared::store::insert_jobs(&mut submission, test.tenant, key, &[job], None)
+            .await
+            .unwrap();
+        let runtime = test.runtime.clone();
+        let firing = tokio::spawn(async move { duty().run(&runtime).await.unwrap() });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        submission.commit().await.unwrap();
+        assert_eq!(firing.await.unwrap(), 0, "fired past max_queued");
+        assert_eq!(test.fired(id).await.len(), 0);
+        let skips = test.skips(id).await;
+        assert!(skips[0].contains("quota max_queued"), "{skips:?}");
     }
 }
