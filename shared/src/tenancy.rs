@@ -32,6 +32,23 @@ pub fn is_reserved_schema(name: &str) -> bool {
         || name.starts_with("pg_")
 }
 
+/// Steps a transaction out of the tenant's role for the platform's own bookkeeping (a ledger
+/// row, a checkpoint). The tenant's deferred constraint triggers run first, as the tenant (at
+/// the commit they would run as the platform), and the search path becomes `pg_catalog` alone,
+/// so that no function or operator of the tenant's schema is resolved in the platform's
+/// statements. On a registered connection there is no tenant role: the session's own stays.
+pub async fn step_out(tx: &mut sqlx::PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SET CONSTRAINTS ALL IMMEDIATE")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "SELECT set_config('role', 'none', true), set_config('search_path', 'pg_catalog', true)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 /// Creates the tenant's role and schema on the default target, as the provisioning role.
 /// Idempotent. The names are hex digits after a fixed prefix, so pasting them is safe.
 pub async fn provision(provisioner: &PgPool, tenant: Uuid) -> sqlx::Result<()> {

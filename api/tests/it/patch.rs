@@ -371,6 +371,49 @@ async fn a_dry_runs_sample_cuts_long_values() {
     );
 }
 
+/// The platform's checkpoint, written in the batch's transaction out of the tenant's role,
+/// runs nothing of the tenant's: an operator of its schema was resolved in the platform's
+/// statement (from the second batch on, when the checkpoint's key is not null), and its
+/// deferred constraint triggers fire as the tenant (PostgreSQL before 17 fired them at the
+/// commit as the role of that moment, the platform).
+#[tokio::test]
+async fn a_patchs_checkpoint_runs_nothing_of_the_tenants_as_the_platform() {
+    let mut app = TestApp::spawn().await;
+    let db = target(&app).await;
+    seed(&db, "items", 100).await;
+    exec(
+        &db,
+        "CREATE TABLE seen (who text NOT NULL, what text NOT NULL);
+         GRANT INSERT ON seen TO PUBLIC;
+         CREATE FUNCTION note_user() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN INSERT INTO seen VALUES (current_user, 'trigger'); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER noted AFTER UPDATE ON items
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION note_user();
+         CREATE FUNCTION same_keys(text[], text[]) RETURNS boolean LANGUAGE plpgsql AS
+             $$ BEGIN INSERT INTO seen VALUES (current_user, 'operator');
+                      RETURN $1::text = $2::text; END $$;
+         CREATE OPERATOR = (LEFTARG = text[], RIGHTARG = text[], FUNCTION = same_keys);",
+    )
+    .await;
+    app.start_worker_for(&[("patch", 1)]).await;
+    let sql = "UPDATE items SET val = val + 1 WHERE grp = 1";
+    let payload = json!({"sql": sql, "mode": "execute", "batch_size": 2});
+    let id = submit_ok(&app, "patch", payload).await;
+    let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let seen: Vec<(String, String)> =
+        sqlx::query_as("SELECT DISTINCT who, what FROM seen ORDER BY 1, 2")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    let tenant = shared::tenancy::role(app.tenant);
+    assert!(
+        seen.contains(&(tenant.clone(), "trigger".into())),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|(who, _)| *who == tenant), "{seen:?}");
+}
+
 /// A table whose trigger skips every update: the execute fails for good, naming why, where it
 /// retried its first batch for ever (until its 12-hour cap, and then again).
 #[tokio::test]

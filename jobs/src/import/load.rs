@@ -691,10 +691,7 @@ async fn apply(
     result.rows_per_sec = (result.rows_imported as f64 / seconds.max(1e-3)) as u64;
     // The ledger is the platform's: the tenant's role cannot write it, so this transaction
     // steps out of that role (on a registered connection there is none to step out of).
-    sqlx::query("SET LOCAL ROLE NONE")
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+    shared::tenancy::step_out(&mut tx).await.map_err(db_error)?;
     sqlx::query("INSERT INTO conveyor.imports (job_id, result) VALUES ($1, $2)")
         .bind(ctx.job_id())
         .bind(sqlx::types::Json(&*result))

@@ -328,7 +328,7 @@ impl Restore<'_> {
         let seen: i64 = row.get("seen");
         let restored: i64 = row.get("restored");
         let key: Option<Vec<String>> = row.get("last_key");
-        sqlx::query("SET LOCAL ROLE NONE").execute(&mut *tx).await?;
+        shared::tenancy::step_out(&mut tx).await?;
         let marked = sqlx::query(MARK_SQL)
             .bind(self.record.job_id)
             .bind(&self.record.rollback_key)

@@ -484,7 +484,7 @@ impl Execution<'_> {
             .fetch_one(&mut *tx)
             .await?;
         // The checkpoint is the platform's: out of the tenant's role for it, same transaction.
-        sqlx::query("SET LOCAL ROLE NONE").execute(&mut *tx).await?;
+        shared::tenancy::step_out(&mut tx).await?;
         let marked = sqlx::query(snapshot::MARK_SQL)
             .bind(self.ctx.job_id())
             .bind(changed)
