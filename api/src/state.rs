@@ -165,7 +165,8 @@ impl AppState {
             embedding: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, usize::from),
             )),
-            isolated: shared::isolated::Isolated::new(&settings)?,
+            // Uploads' clients wait for an inspector: no longer than it may run.
+            isolated: shared::isolated::Isolated::new(&settings)?.waiting_no_longer_than_a_run(),
             settings,
             pool,
             redis,

@@ -301,7 +301,7 @@ pub async fn inspect(
             Failure::TooLarge => {
                 Uninspected::Unreadable("its first rows are too large to preview".into())
             }
-            Failure::NotStarted | Failure::Lost(_) => Uninspected::Unavailable,
+            Failure::NotStarted | Failure::Lost(_) | Failure::Busy => Uninspected::Unavailable,
         })?;
     serde_json::from_slice(&answer).map_err(|_| Uninspected::Unavailable)
 }

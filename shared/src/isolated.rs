@@ -38,6 +38,8 @@ pub enum Failure {
     Died,
     /// Its answer was lost (a wait error).
     Lost(String),
+    /// Every child slot stayed taken for as long as a child may run: not started.
+    Busy,
 }
 
 /// Runs subcommands of the worker binary in limited child processes.
@@ -49,6 +51,9 @@ pub struct Isolated {
     /// Children running at once in this process, at most one a core: each may take a core
     /// and `memory` (many uploads at once started as many inspectors).
     slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// How long a run may wait for a slot (`None`: as long as it takes, for a worker whose
+    /// runs are its own jobs' turns).
+    slot_wait: Option<Duration>,
 }
 
 impl Isolated {
@@ -71,7 +76,17 @@ impl Isolated {
             timeout: settings.extract_timeout,
             memory: settings.extract_memory_bytes,
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)),
+            slot_wait: None,
         })
+    }
+
+    /// Runs that wait for a slot longer than a run may take fail with [`Failure::Busy`]: for
+    /// a request's client, which would otherwise wait behind every run queued before it.
+    pub fn waiting_no_longer_than_a_run(self) -> Self {
+        Self {
+            slot_wait: Some(self.timeout),
+            ..self
+        }
     }
 
     /// Runs `conveyor-worker ARGS` with `input` on stdin; its stdout, at most `output` bytes.
@@ -81,7 +96,14 @@ impl Isolated {
         input: Vec<u8>,
         output: u64,
     ) -> Result<Vec<u8>, Failure> {
-        let _slot = self.slots.acquire().await.map_err(|_| Failure::Died)?;
+        let slot = self.slots.acquire();
+        let _slot = match self.slot_wait {
+            Some(wait) => tokio::time::timeout(wait, slot)
+                .await
+                .map_err(|_| Failure::Busy)?,
+            None => slot.await,
+        }
+        .map_err(|_| Failure::Died)?;
         let mut command = tokio::process::Command::new(&self.program);
         command
             .args(args)
@@ -172,5 +194,41 @@ fn failure(status: ExitStatus, complaint: &[u8]) -> Failure {
             tracing::warn!(?signal, code = ?status.code(), reason, "the isolated parser died");
             Failure::Died
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cat` in a process of one slot, with a deadline of `timeout`.
+    fn cat(timeout: Duration) -> Isolated {
+        Isolated {
+            program: "/bin/cat".into(),
+            timeout,
+            memory: 1 << 30,
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+            slot_wait: None,
+        }
+        .waiting_no_longer_than_a_run()
+    }
+
+    #[tokio::test]
+    async fn a_run_waits_for_a_slot_no_longer_than_a_run_may_take() {
+        let isolated = cat(Duration::from_millis(300));
+        assert_eq!(
+            isolated.run(&[], b"hello".to_vec(), 16).await.unwrap(),
+            b"hello"
+        );
+        let taken = isolated.slots.clone().acquire_owned().await.unwrap();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(5),
+            isolated.run(&[], b"hello".to_vec(), 16),
+        )
+        .await
+        .expect("waited for a slot without end");
+        assert_eq!(waited, Err(Failure::Busy));
+        drop(taken);
+        assert!(isolated.run(&[], b"again".to_vec(), 16).await.is_ok());
     }
 }

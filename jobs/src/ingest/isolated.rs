@@ -64,6 +64,7 @@ impl Extractor {
                     human(self.isolated.memory)
                 ),
                 Failure::Lost(e) => format!("the extractor was lost: {e}"),
+                Failure::Busy => "the extractor was busy; try again".into(),
             })?;
         String::from_utf8(text).map_err(|_| "the extractor wrote no text".into())
     }
