@@ -57,10 +57,12 @@ pub struct WorkerList {
 }
 
 /// Each queue's waiting jobs (`queued` rows) and how long the oldest has been runnable: its
-/// `run_at`, the time it was submitted for, or came due, or ended its retry backoff.
+/// `run_at`, the time it was submitted for, or came due, or ended its retry backoff, and not
+/// before it was submitted (a tenant's job "due" in 1970 made every queue's age read 56 years).
 pub(crate) async fn backlog(state: &AppState) -> Result<BTreeMap<String, (i64, f64)>, Problem> {
     let rows: Vec<(String, i64, f64)> = sqlx::query_as(
-        "SELECT kind, count(*), greatest(extract(epoch FROM now() - min(run_at)), 0)::float8
+        "SELECT kind, count(*),
+                greatest(extract(epoch FROM now() - min(greatest(run_at, created_at))), 0)::float8
          FROM jobs WHERE status = 'queued' GROUP BY kind",
     )
     .fetch_all(&state.pool)

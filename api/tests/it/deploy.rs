@@ -383,14 +383,7 @@ async fn keda_queries_count_each_worker_groups_backlog_where_it_lives() {
         app.submit_canary(json!({"steps": 100, "step_ms": 200}))
             .await;
     }
-    let (_, queues) = app.get("/v1/queues").await;
-    let canary = queues["queues"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["kind"] == "canary")
-        .unwrap()
-        .clone();
+    let canary = app.queue("canary").await;
     assert_eq!(canary["waiting"], 20, "{canary}");
     assert!(canary["oldest_waiting_seconds"].as_f64().unwrap() > 0.0);
 

@@ -419,6 +419,15 @@ impl TestApp {
         job["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// `GET /v1/queues`' entry for `kind`.
+    pub async fn queue(&self, kind: &str) -> Value {
+        let (status, queues) = self.get("/v1/queues").await;
+        assert_eq!(status, StatusCode::OK, "{queues}");
+        let queues = queues["queues"].as_array().expect("queues");
+        let queue = queues.iter().find(|q| q["kind"] == kind);
+        queue.expect("the kind's queue").clone()
+    }
+
     pub async fn job(&self, id: Uuid) -> Value {
         let (status, job) = self.get(&format!("/v1/jobs/{id}")).await;
         assert_eq!(status, StatusCode::OK, "{job}");

@@ -466,3 +466,17 @@ async fn a_database_that_ran_the_first_sessions_migration_still_migrates() {
         .unwrap();
     assert_eq!(index.as_deref(), Some("jobs_finished"));
 }
+
+/// A job submitted to run at a time long past waits from its submission: its `run_at` made
+/// every tenant's queue read as waiting for 56 years, the age operators alert and scale on.
+#[tokio::test]
+async fn a_job_due_long_ago_waits_from_its_submission() {
+    let app = TestApp::spawn().await;
+    let job = json!({"kind": "canary", "payload": {"steps": 1}, "run_at": "1970-01-01T00:00:01Z"});
+    let (status, body) = app.post("/v1/jobs", &job).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    let canary = app.queue("canary").await;
+    assert_eq!(canary["waiting"], 1, "{canary}");
+    let age = canary["oldest_waiting_seconds"].as_f64().unwrap();
+    assert!(age < 60.0, "{canary}");
+}
