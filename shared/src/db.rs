@@ -220,6 +220,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261215"),
             include_str!("../../migrations/checksums-20261216"),
             include_str!("../../migrations/checksums-20261217"),
+            include_str!("../../migrations/checksums-20261218"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest

@@ -349,6 +349,12 @@ pub async fn list(
         }
         status
     });
+    // A kind no job can have would read every job of the tenant's to find none.
+    if let Some(kind) = params.kind.as_deref() {
+        if !state.contracts.kinds().any(|k| k == kind) {
+            errors.push(FieldError::new("kind", format!("unknown kind {kind:?}")));
+        }
+    }
     if !errors.is_empty() {
         return Err(Problem::validation(errors));
     }

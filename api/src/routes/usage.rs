@@ -10,10 +10,13 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::{auth::Tenant, AppState};
 
+/// The longest period one report covers.
+const MAX_SPAN_DAYS: i64 = 366;
+
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct UsageParams {
-    /// Start of the period, RFC 3339 (default: 30 days before `to`).
+    /// Start of the period, RFC 3339 (default: 30 days before `to`; at most 366 days before).
     from: Option<String>,
     /// End of the period, exclusive, RFC 3339 (default: now).
     to: Option<String>,
@@ -82,6 +85,10 @@ pub async fn usage(
     };
     if from > to {
         errors.push(FieldError::new("from", "must not be after `to`"));
+    } else if to - from > Duration::days(MAX_SPAN_DAYS) {
+        // Each report reads its span's rows: an unbounded one read the tenant's whole history.
+        let message = format!("must be at most {MAX_SPAN_DAYS} days before `to`");
+        errors.push(FieldError::new("from", message));
     }
     if !errors.is_empty() {
         return Err(Problem::validation(errors));

@@ -114,6 +114,10 @@ async fn bad_submissions_get_a_problem_naming_the_field() {
     let (status, problem) = app.get("/v1/jobs?kind=%00").await;
     assert_problem(status, 422, &problem);
     assert_eq!(field_errors(&problem), ["kind"]);
+    // A kind no job has: it read all of the tenant's jobs to list none.
+    let (status, problem) = app.get("/v1/jobs?kind=nope").await;
+    assert_problem(status, 422, &problem);
+    assert_eq!(field_errors(&problem), ["kind"]);
     let response = app
         .client
         .post(app.url("/v1/datasets?name=a%00.csv"))

@@ -122,7 +122,13 @@ async fn usage_sums_equal_the_jobs_own_figures_and_quotas_on_output_refuse() {
     assert_eq!(total["groups"][0]["attempts"], 4, "{total}");
     assert_eq!(total["groups"][0]["rows_written"], 250);
     // Bad parameters name their field; another tenant sees none of it.
-    for (query, field) in [("group_by=tenant", "group_by"), ("from=yesterday", "from")] {
+    // A period past 366 days would read the tenant's whole history each time.
+    let bad = [
+        ("group_by=tenant", "group_by"),
+        ("from=yesterday", "from"),
+        ("from=2000-01-01T00:00:00Z", "from"),
+    ];
+    for (query, field) in bad {
         let (status, problem) = app.get(&format!("/v1/usage?{query}")).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
         assert_eq!(problem["errors"][0]["field"], field);
