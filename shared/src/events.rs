@@ -228,17 +228,9 @@ impl EventLog {
             return Ok(());
         }
         if self.conn.is_cluster() {
-            let mut by_tenant: Vec<(Uuid, Vec<(Uuid, Event)>)> = Vec::new();
-            for (tenant, event) in events {
-                match by_tenant.iter_mut().find(|(t, _)| t == tenant) {
-                    Some((_, events)) => events.push((*tenant, event.clone())),
-                    None => by_tenant.push((*tenant, vec![(*tenant, event.clone())])),
-                }
-            }
+            let by_tenant = by_tenant(events);
             if by_tenant.len() > 1 {
-                let appends = by_tenant
-                    .iter()
-                    .map(|(_, events)| self.append_in_one(events));
+                let appends = by_tenant.iter().map(|events| self.append_in_one(events));
                 for result in futures::future::join_all(appends).await {
                     result?;
                 }
@@ -266,22 +258,69 @@ impl EventLog {
 }
 
 impl EventLog {
-    /// Deletes the streams of these jobs (tenant, job), whose rows are gone.
+    /// Deletes the streams of these jobs (tenant, job), whose rows are gone, and their events
+    /// in their tenants' streams (which carry their results): a deleted job's events were
+    /// replayed to `GET /v1/events` until the stream's length cap dropped them. One script per
+    /// tenant on a Redis Cluster, as for [`Self::append`].
     pub async fn forget_jobs(&self, jobs: &[(Uuid, Uuid)]) -> redis::RedisResult<()> {
         if jobs.is_empty() {
             return Ok(());
         }
-        let keys: Vec<String> = jobs
-            .iter()
-            .map(|(tenant, job)| self.keys.job(*tenant, *job))
-            .collect();
-        let mut conn = self.conn.clone();
-        redis::cmd("DEL")
-            .arg(keys)
-            .query_async::<()>(&mut conn)
-            .await
+        let groups = match self.conn.is_cluster() {
+            true => by_tenant(jobs),
+            false => vec![jobs.to_vec()],
+        };
+        let forgets = groups.iter().map(|jobs| async move {
+            let mut invocation = FORGET_SCRIPT.prepare_invoke();
+            for (tenant, job) in jobs {
+                invocation
+                    .key(self.keys.tenant(*tenant))
+                    .key(self.keys.job(*tenant, *job));
+            }
+            invocation.invoke_async::<()>(&mut self.conn.clone()).await
+        });
+        for result in futures::future::join_all(forgets).await {
+            result?;
+        }
+        Ok(())
     }
 }
+
+/// `items` grouped by tenant, each group in its order.
+fn by_tenant<T: Clone>(items: &[(Uuid, T)]) -> Vec<Vec<(Uuid, T)>> {
+    let mut groups: Vec<Vec<(Uuid, T)>> = Vec::new();
+    for item in items {
+        match groups.iter_mut().find(|g| g[0].0 == item.0) {
+            Some(group) => group.push(item.clone()),
+            None => groups.push(vec![item.clone()]),
+        }
+    }
+    groups
+}
+
+/// Deletes each job's stream and its entries in its tenant's stream (the same ids; see
+/// `APPEND_SCRIPT`). KEYS: tenant stream, job stream, per job.
+static FORGET_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+for i = 1, #KEYS, 2 do
+  local entries = redis.call('XRANGE', KEYS[i + 1], '-', '+')
+  local ids = {}
+  for _, entry in ipairs(entries) do
+    ids[#ids + 1] = entry[1]
+    if #ids == 1000 then
+      redis.call('XDEL', KEYS[i], unpack(ids))
+      ids = {}
+    end
+  end
+  if #ids > 0 then
+    redis.call('XDEL', KEYS[i], unpack(ids))
+  end
+  redis.call('DEL', KEYS[i + 1])
+end
+",
+    )
+});
 
 /// Appends each event to its tenant's stream, then to its job's stream under the entry id the
 /// tenant's stream gave it. A job's stream is thus the subsequence of its tenant's stream that

@@ -4,6 +4,7 @@
 use crate::harness::TestApp;
 use reqwest::StatusCode;
 use serde_json::json;
+use std::time::Duration;
 
 async fn count(app: &TestApp, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(app.pool()).await.unwrap()
@@ -181,6 +182,16 @@ async fn a_finished_job_is_deleted_with_its_artifacts_and_a_live_one_is_not() {
         app.delete(&format!("/v1/jobs/{done}")).await,
         StatusCode::NOT_FOUND
     );
+    // Its events are gone from the tenant's stream too (they were replayed from the start);
+    // the other job's stay.
+    let replayed = app
+        .sse("/v1/events", Some("0"))
+        .await
+        .collect(Duration::from_secs(1))
+        .await;
+    let of = |id: &str| replayed.iter().filter(|m| m.data["job_id"] == id).count();
+    assert_eq!(of(done), 0, "{replayed:?}");
+    assert!(of(live) > 0, "{replayed:?}");
 }
 
 /// A bulk retry of a pipeline's step takes the pipeline's lock before it changes the step's
