@@ -37,6 +37,11 @@ pub fn open_decompressed(
     open_counted(path, compression, Arc::default())
 }
 
+/// An open file's (decompressed) bytes.
+pub fn decompressed(file: File, compression: Compression) -> std::io::Result<Box<dyn Read + Send>> {
+    decompressing(file, compression, Arc::default())
+}
+
 /// The file's (decompressed) bytes up to the caps; `counter` counts the bytes read from disk.
 pub fn open_raw(
     path: &Path,
@@ -63,8 +68,16 @@ fn open_counted(
     compression: Compression,
     counter: Arc<AtomicU64>,
 ) -> std::io::Result<Box<dyn Read + Send>> {
+    decompressing(File::open(path)?, compression, counter)
+}
+
+fn decompressing(
+    file: File,
+    compression: Compression,
+    counter: Arc<AtomicU64>,
+) -> std::io::Result<Box<dyn Read + Send>> {
     let file = Counted {
-        inner: File::open(path)?,
+        inner: file,
         counter,
     };
     Ok(match compression {

@@ -109,6 +109,7 @@ impl IngestHandler {
         // Records are `prefix:id`: the source's id, else (numbered records) the dataset's.
         let file = SourceFile {
             path: held.to_path_buf(),
+            beneath: None,
             compression: dataset.compression,
             format,
             label: format!("dataset {} ({})", dataset.name, dataset_id),
@@ -153,6 +154,7 @@ impl IngestHandler {
                 prefix: Some(file.id.clone()),
                 id: file.id,
                 path: file.path,
+                beneath: Some(file.beneath),
                 compression: file.compression,
                 format: file.format,
             };
@@ -229,6 +231,7 @@ impl IngestHandler {
             };
             let file = SourceFile {
                 path: scratch.to_path_buf(),
+                beneath: None,
                 compression,
                 format,
                 label: format!("object {id}"),
@@ -256,6 +259,7 @@ impl IngestHandler {
     ) -> Result<Vec<Document>, JobError> {
         let SourceFile {
             path,
+            beneath,
             compression,
             format,
             label,
@@ -285,7 +289,11 @@ impl IngestHandler {
         let record = limits.record();
         let bytes = ctx
             .blocking(move || {
-                let reader = import::source::open_decompressed(&path, compression)?;
+                let file = match &beneath {
+                    Some(beneath) => watched::WatchedFile::open(&path, beneath)?,
+                    None => std::fs::File::open(&path)?,
+                };
+                let reader = import::source::decompressed(file, compression)?;
                 match framing {
                     Some(framing) => read_capped(RecordCapped::new(reader, framing, record), cap),
                     None => read_capped(reader, cap),
@@ -363,6 +371,8 @@ const RECORD_COST: u64 = 1024;
 /// downloaded.
 struct SourceFile {
     path: std::path::PathBuf,
+    /// A watched directory's file: opened only if still in this directory (see [`watched`]).
+    beneath: Option<std::path::PathBuf>,
     compression: shared::datasets::Compression,
     format: DocFormat,
     /// What errors call it.
