@@ -261,9 +261,10 @@ mod tests {
             .execute(&db.pool)
             .await
             .unwrap();
-        let rescued = store::rescue_orphans(&db.pool, std::time::Duration::from_secs(60), 3, 10)
-            .await
-            .unwrap();
+        let rescued =
+            store::rescue_orphans(&db.pool, std::time::Duration::from_secs(60), None, 3, 10)
+                .await
+                .unwrap();
         assert_eq!(rescued.len(), 1);
         assert_eq!(claim(&db, 4).await, [ids[1]], "after a rescue");
     }

@@ -784,10 +784,12 @@ pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Moved>> 
 
 /// Running jobs whose worker stopped heart-beating, at most `limit` of them: re-queued; failed
 /// when out of attempts, or when this was the `max_deaths`-th worker to die running it (a
-/// poison job).
+/// poison job). A worker's silence counts from its last heartbeat, or from `since` if later:
+/// when PostgreSQL came back from an outage, which no worker could heartbeat through.
 pub async fn rescue_orphans(
     pool: &PgPool,
     horizon: std::time::Duration,
+    since: Option<DateTime<Utc>>,
     max_deaths: i32,
     limit: i64,
 ) -> sqlx::Result<Vec<Moved>> {
@@ -814,7 +816,7 @@ pub async fn rescue_orphans(
              SELECT id FROM jobs
              WHERE status = 'running' AND NOT EXISTS (
                  SELECT 1 FROM workers w WHERE w.name = jobs.worker AND w.stopped_at IS NULL
-                     AND w.heartbeat_at > now() - make_interval(secs => $1))
+                     AND greatest(w.heartbeat_at, $4) > now() - make_interval(secs => $1))
              LIMIT $3 FOR UPDATE SKIP LOCKED)
          RETURNING *
          ), {}
@@ -825,6 +827,7 @@ pub async fn rescue_orphans(
         .bind(horizon.as_secs_f64())
         .bind(max_deaths)
         .bind(limit)
+        .bind(since)
         .fetch_all(pool)
         .await
 }

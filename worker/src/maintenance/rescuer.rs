@@ -1,8 +1,12 @@
 //! Running jobs of workers whose lease lapsed (kill -9, a lost node): queued again and announced,
 //! or failed when out of attempts or poison (`CONVEYOR_MAX_WORKER_DEATHS`); announced.
 
+use chrono::{DateTime, Utc};
 use shared::{store, Settings};
-use std::time::Duration;
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use super::{drain, Duty, Schedule};
 use crate::{runtime::Change, Runtime};
@@ -12,6 +16,18 @@ pub(crate) struct Rescuer {
     /// A worker silent this long has lost its jobs.
     pub rescue_after: Duration,
     pub max_worker_deaths: i32,
+    outage: Mutex<Outage>,
+}
+
+/// What the rescuer knows of PostgreSQL's outages: a gap between its runs longer than two
+/// intervals is one (it could not lead, or its statements failed), and no worker could
+/// heartbeat through it either. Silence then counts from when the rescuer ran again: after a
+/// restart longer than `rescue_after`, every live worker's jobs were taken from it (failed on
+/// their last attempt, run twice meanwhile) whenever the rescuer ran before its heartbeat.
+#[derive(Default)]
+struct Outage {
+    last_ran: Option<Instant>,
+    ended_at: Option<DateTime<Utc>>,
 }
 
 impl Rescuer {
@@ -25,7 +41,26 @@ impl Rescuer {
             },
             rescue_after: settings.rescue_after,
             max_worker_deaths: settings.max_worker_deaths,
+            outage: Mutex::default(),
         }
+    }
+
+    /// When the last outage seen ended, this run's start if it ends one now.
+    async fn outage_ended(&self, runtime: &Runtime) -> anyhow::Result<Option<DateTime<Utc>>> {
+        let gap = self.schedule.interval * 2;
+        let after_gap = {
+            let outage = self.outage.lock().expect("not poisoned");
+            outage.last_ran.is_some_and(|at| at.elapsed() > gap)
+        };
+        if after_gap {
+            // The database's clock, which heartbeats are stamped with.
+            let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+                .fetch_one(runtime.pool())
+                .await?;
+            tracing::warn!("the rescuer ran again after an outage: workers get time to heartbeat");
+            self.outage.lock().expect("not poisoned").ended_at = Some(now);
+        }
+        Ok(self.outage.lock().expect("not poisoned").ended_at)
     }
 }
 
@@ -36,10 +71,12 @@ impl Duty for Rescuer {
     }
 
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
-        drain(self.schedule.batch, || async {
+        let since = self.outage_ended(runtime).await?;
+        let rescued = drain(self.schedule.batch, || async {
             let orphans = store::rescue_orphans(
                 runtime.pool(),
                 self.rescue_after,
+                since,
                 self.max_worker_deaths,
                 self.schedule.batch,
             )
@@ -52,7 +89,9 @@ impl Duty for Rescuer {
                 .await;
             Ok(orphans.len())
         })
-        .await
+        .await?;
+        self.outage.lock().expect("not poisoned").last_ran = Some(Instant::now());
+        Ok(rescued)
     }
 }
 
@@ -103,5 +142,40 @@ mod tests {
         assert_eq!(test.events(last_attempt).await, ["failed"]);
         assert_eq!(test.status(safe).await.as_deref(), Some("running"));
         assert!(test.events(safe).await.is_empty());
+    }
+
+    /// After an outage of PostgreSQL longer than `rescue_after`, every worker's heartbeat is
+    /// stale: the rescuer running again first gives them `rescue_after` to heartbeat, and
+    /// takes the jobs only of those that stay silent.
+    #[tokio::test]
+    async fn after_an_outage_workers_get_time_to_heartbeat_before_their_jobs_are_taken() {
+        let test = TestDb::new().await;
+        let rescuer = Rescuer::new(test.runtime.settings());
+        assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 0);
+        // The outage: a minute without a run, or a heartbeat.
+        worker(&test, "alive", "1 minute").await;
+        worker(&test, "lost", "1 minute").await;
+        let kept = test.job("canary", "running").await;
+        test.set(kept, "worker = 'alive', max_attempts = 1").await;
+        let orphan = test.job("canary", "running").await;
+        test.set(orphan, "worker = 'lost'").await;
+        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now() - Duration::from_secs(60));
+
+        assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 0);
+        sqlx::query("UPDATE workers SET heartbeat_at = now() WHERE name = 'alive'")
+            .execute(test.pool())
+            .await
+            .unwrap();
+        assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 0);
+        // `rescue_after` later, the silent worker's job is taken, the other's kept.
+        {
+            let mut outage = rescuer.outage.lock().unwrap();
+            let ended = outage.ended_at.unwrap();
+            let horizon = rescuer.rescue_after + Duration::from_secs(1);
+            outage.ended_at = Some(ended - chrono::Duration::from_std(horizon).unwrap());
+        }
+        assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.status(orphan).await.as_deref(), Some("queued"));
+        assert_eq!(test.status(kept).await.as_deref(), Some("running"));
     }
 }

@@ -716,7 +716,7 @@ mod tests {
         .unwrap();
         let orphan = test.job("canary", "running").await;
         test.set(orphan, "worker = 'lost', max_attempts = 1").await;
-        store::rescue_orphans(test.pool(), Duration::from_secs(1), 3, 10)
+        store::rescue_orphans(test.pool(), Duration::from_secs(1), None, 3, 10)
             .await
             .unwrap();
 
