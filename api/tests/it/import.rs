@@ -206,8 +206,14 @@ async fn compressed_tsv_ndjson_and_parquet_round_trip() {
         "ratio" => [Some(0.5f64), None, Some(-1.25)],
         "name" => [Some("a \"quoted\"\nline"), Some("ünï"), None],
         "flag" => [Some(true), Some(false), None],
+        // Exactly, not as polars displays them (1.2346e6, 3.141593, \"IST\").
+        "precise" => [1234567.891f64, std::f64::consts::PI, f64::INFINITY],
+        "at" => [0i64, 1_700_000_000_000_000, -86_400_000_000],
     )
     .unwrap();
+    let zone = TimeZone::opt_try_new(Some("Asia/Kolkata")).unwrap();
+    let at = DataType::Datetime(TimeUnit::Microseconds, zone);
+    frame.apply("at", |c| c.cast(&at).unwrap()).unwrap();
     let mut parquet = Vec::new();
     ParquetWriter::new(&mut parquet).finish(&mut frame).unwrap();
     let dataset = app.upload_dataset("t.parquet", &parquet).await;
@@ -220,6 +226,10 @@ async fn compressed_tsv_ndjson_and_parquet_round_trip() {
     assert_eq!(
         psql(&app.target_url(), "SELECT string_agg(format('%s|%s|%s|%s', id, ratio, name, flag), ';' ORDER BY id) FROM from_parquet"),
         "1|0.5|a \"quoted\"\nline|t;2||ünï|f;3|-1.25||"
+    );
+    assert_eq!(
+        psql(&app.target_url(), "SELECT string_agg(format('%s|%s', precise, extract(epoch FROM at)), ';' ORDER BY id) FROM from_parquet"),
+        "1234567.891|0.000000;3.141592653589793|1700000000.000000;Infinity|-86400.000000"
     );
     // A Parquet file is read by row slices; its progress follows the rows read.
     let id = submit_import(

@@ -414,7 +414,13 @@ impl Source {
                         row.nulls.push(true);
                         bytes += 1;
                     } else {
-                        let text = value.str_value();
+                        let text = parquet_text(&value).map_err(|reason| {
+                            Ok(RowError {
+                                line: row.line,
+                                reason: format!("column {:?}: {reason}", column.name()),
+                                raw: Vec::new(),
+                            })
+                        })?;
                         bytes += text.len() as u64 + 1;
                         if bytes > record.bytes {
                             return Err(Err(record.exceeded().to_string()));
@@ -433,6 +439,51 @@ impl Source {
             }
         }
     }
+}
+
+/// A Parquet value as PostgreSQL reads it. Polars' display text is for people: it rounds
+/// floats to six significant digits (1234567.891 became 1.2346e6), names zones by
+/// abbreviations PostgreSQL reads otherwise (IST is Israel's to it), and panics on a date
+/// past chrono's range. Other types keep their display text.
+fn parquet_text<'a>(value: &'a AnyValue<'a>) -> Result<Cow<'a, str>, String> {
+    let float = |v: f64, text: String| match v {
+        v if v.is_nan() => "NaN".to_owned(),
+        v if v == f64::INFINITY => "Infinity".to_owned(),
+        v if v == f64::NEG_INFINITY => "-Infinity".to_owned(),
+        // Rust's shortest text that reads back as the same number.
+        _ => text,
+    };
+    let out_of_range = || "a date or time out of range".to_owned();
+    Ok(Cow::Owned(match value {
+        AnyValue::Float64(v) => float(*v, v.to_string()),
+        AnyValue::Float32(v) => float(f64::from(*v), v.to_string()),
+        AnyValue::Date(days) => {
+            // Days since 1970-01-01, which is day 719,163 of the common era.
+            let date = days
+                .checked_add(719_163)
+                .and_then(chrono::NaiveDate::from_num_days_from_ce_opt)
+                .ok_or_else(out_of_range)?;
+            date.format("%Y-%m-%d").to_string()
+        }
+        AnyValue::Datetime(v, unit, zone) => instant_text(*v, *unit, zone.is_some())?,
+        AnyValue::DatetimeOwned(v, unit, zone) => instant_text(*v, *unit, zone.is_some())?,
+        other => return Ok(other.str_value()),
+    }))
+}
+
+/// A Parquet timestamp (UTC, in `unit`s since 1970) as text: with its offset when it is zoned
+/// (zoned timestamps are stored as UTC instants), plain otherwise.
+fn instant_text(v: i64, unit: TimeUnit, zoned: bool) -> Result<String, String> {
+    let at = match unit {
+        TimeUnit::Nanoseconds => Some(chrono::DateTime::from_timestamp_nanos(v)),
+        TimeUnit::Microseconds => chrono::DateTime::from_timestamp_micros(v),
+        TimeUnit::Milliseconds => chrono::DateTime::from_timestamp_millis(v),
+    }
+    .ok_or("a timestamp out of range")?;
+    Ok(match zoned {
+        true => at.format("%Y-%m-%d %H:%M:%S%.f+00:00").to_string(),
+        false => at.naive_utc().format("%Y-%m-%d %H:%M:%S%.f").to_string(),
+    })
 }
 
 /// One NDJSON line's values in column order (`None`: the key is absent); keys that name no
