@@ -647,18 +647,33 @@ async fn cancel_then_retry_resumes_without_changing_a_row_twice() {
     let changed = count(&db, "SELECT count(*) FROM items WHERE note LIKE '%+'").await;
     assert!(applied > 0 && applied < 180_000, "{applied} {job}");
     assert_eq!(changed, applied, "exactly the snapshotted rows changed");
+    // The cancelled attempt's rows count in the tenant's usage (they counted only on success).
+    assert_eq!(patch_rows_written(&app).await, applied);
 
     let (status, _) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
     assert_eq!(status, 202);
     let job = app.wait_status(id, &["succeeded"], WAIT).await;
     assert_eq!(job["result"]["resumed_from_rows"], applied, "{job}");
     assert_eq!(job["result"]["rows"], 180_000);
+    assert_eq!(
+        patch_rows_written(&app).await,
+        180_000,
+        "each row counted once"
+    );
     assert_eq!(checksum(&db, "items").await, checksum(&db, "plain").await);
     assert_eq!(
         count(&db, "SELECT count(*) FROM items WHERE note LIKE '%++'").await,
         0,
         "no row changed twice"
     );
+}
+
+/// The rows written by patches, from the tenant's usage.
+async fn patch_rows_written(app: &TestApp) -> i64 {
+    let (_, usage) = app.get("/v1/usage?group_by=kind").await;
+    let groups = usage["groups"].as_array().unwrap();
+    let patch = groups.iter().find(|g| g["group"] == "patch");
+    patch.map_or(0, |g| g["rows_written"].as_i64().unwrap())
 }
 
 /// A patch retried while its rollback waited or ran would run beside it, changing rows the

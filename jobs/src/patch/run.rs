@@ -277,6 +277,9 @@ impl Execution<'_> {
                         locked,
                     }) => {
                         retries = 0;
+                        // Counted as committed: an attempt cancelled, failed or handed back
+                        // has written these rows too.
+                        Meter::add(&ctx.meter().rows_written, rows);
                         done += rows;
                         last_key = Some(key);
                         longest = longest.max(elapsed);
@@ -531,17 +534,13 @@ impl Execution<'_> {
         this_attempt: Option<Attempt>,
     ) -> PatchOutput {
         let ms = |d: Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
-        let attempt = this_attempt.map(|attempt| {
-            Meter::add(&self.ctx.meter().rows_written, attempt.rows);
-            AttemptFigures {
-                attempt_rows: attempt.rows,
-                elapsed_ms: attempt.elapsed.as_millis() as u64,
-                rows_per_sec: (attempt.rows as f64 / attempt.elapsed.as_secs_f64().max(1e-9))
-                    .round(),
-                longest_batch_ms: ms(attempt.longest),
-                longest_lock_ms: ms(attempt.longest_lock),
-                last_batch_size: attempt.last_size,
-            }
+        let attempt = this_attempt.map(|attempt| AttemptFigures {
+            attempt_rows: attempt.rows,
+            elapsed_ms: attempt.elapsed.as_millis() as u64,
+            rows_per_sec: (attempt.rows as f64 / attempt.elapsed.as_secs_f64().max(1e-9)).round(),
+            longest_batch_ms: ms(attempt.longest),
+            longest_lock_ms: ms(attempt.longest_lock),
+            last_batch_size: attempt.last_size,
         });
         PatchOutput::Execute(Executed {
             table: record.table_name.clone(),
