@@ -349,6 +349,37 @@ async fn rows_the_target_refuses_do_not_count_as_imported() {
     assert_eq!(tenant["usage"]["rows_imported_today"], 0, "{tenant}");
 }
 
+/// `rejected.csv` keeps the start of a long rejected record, with its length and checksum:
+/// it kept each whole (a thousand 16 MiB records of quotes, doubled by CSV quoting: gigabytes
+/// on the worker's disk from a small compressed upload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_csv_keeps_the_start_of_a_long_record() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    // Rows of one field too many, each with a long value.
+    let mut csv = b"id,name\n1,a\n".to_vec();
+    for _ in 0..40 {
+        csv.extend_from_slice(b"2,b,");
+        csv.extend(std::iter::repeat_n(b'x', 99_996));
+        csv.push(b'\n');
+    }
+    let dataset = app.upload_dataset("long.csv", &csv).await;
+    let id = submit_import(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "quoted"}, "on_error": "skip"}),
+    )
+    .await;
+    let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"]["rows_rejected"], 40, "{job}");
+    let url = job["result"]["artifacts"][0]["url"].as_str().unwrap();
+    let (status, rejected) = app.get_bytes(url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(rejected.len() < 512 << 10, "{} bytes", rejected.len());
+    let text = String::from_utf8_lossy(&rejected);
+    assert!(text.contains("… (100000 bytes, sha256 "), "{:.300}", text);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_csv_under_skip_imports_the_rest_and_reports_each_rejected_row() {
     let mut app = TestApp::spawn().await;

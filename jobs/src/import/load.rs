@@ -746,7 +746,7 @@ fn read_rows(
                 error.line.to_string().as_bytes(),
                 column.as_bytes(),
                 error.reason.as_bytes(),
-                &error.raw,
+                &kept_of_record(&error.raw),
             ])
             .map_err(|e| e.to_string())
     };
@@ -874,6 +874,24 @@ fn read_rows(
         writer.flush().map_err(|e| e.to_string())?;
     }
     Ok(summary)
+}
+
+/// How much of a rejected record `rejected.csv` keeps: records may be up to the record cap
+/// each (16 MiB), and a thousand of them, CSV-quoted, filled the worker's disk with gigabytes
+/// from a small compressed file.
+const REJECTED_RECORD_BYTES: usize = 4096;
+
+/// The record as `rejected.csv` keeps it: whole up to [`REJECTED_RECORD_BYTES`], else its
+/// start, its length and its SHA-256.
+fn kept_of_record(raw: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    use sha2::Digest;
+    if raw.len() <= REJECTED_RECORD_BYTES {
+        return raw.into();
+    }
+    let mut kept = raw[..REJECTED_RECORD_BYTES].to_vec();
+    let digest = hex::encode(sha2::Sha256::digest(raw));
+    kept.extend_from_slice(format!("… ({} bytes, sha256 {digest})", raw.len()).as_bytes());
+    kept.into()
 }
 
 /// The row as the file had it (fields joined by commas, CSV-quoted), for `rejected.csv`.
