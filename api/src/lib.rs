@@ -13,11 +13,12 @@ mod reference;
 mod refusals;
 pub mod revocation;
 mod routes;
+mod serve;
 mod state;
 
 pub use state::AppState;
 
-use axum::{extract::DefaultBodyLimit, serve::ListenerExt, Router};
+use axum::{extract::DefaultBodyLimit, Router};
 use shared::Settings;
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
@@ -55,7 +56,7 @@ pub struct Server {
     pub addr: SocketAddr,
     pub state: AppState,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
@@ -66,20 +67,7 @@ impl Server {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let app = router(state.clone());
-        let signal = stop.clone();
-        // Without TCP_NODELAY, Nagle's algorithm holds an SSE write back until the client has
-        // acknowledged the previous one, and clients delay their acknowledgements (40 ms on
-        // Linux): live events would wait on that instead of going out at once.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { signal.cancelled().await })
-                .await
-        });
+        let task = tokio::spawn(serve::serve(listener, app, stop.clone()));
         tracing::info!(%addr, "listening");
         Ok(Self {
             addr,
@@ -89,11 +77,11 @@ impl Server {
         })
     }
 
-    /// Stops accepting connections; open SSE streams end and their connections close.
+    /// Stops accepting connections; open SSE streams end, requests in flight are answered (up
+    /// to [`serve::DRAIN`]), and the connections close.
     pub async fn shutdown(self) {
         self.state.stopping.cancel();
         self.stop.cancel();
-        self.task.abort();
         let _ = self.task.await;
     }
 }

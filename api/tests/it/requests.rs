@@ -576,3 +576,57 @@ async fn audit_pages_end_at_the_byte_bound() {
     assert_eq!(ids.len() as i64, all, "{ids:?}");
     assert!(lengths.iter().all(|&n| n <= 1), "{lengths:?}");
 }
+
+/// A client sending its request head a byte at a time, never ending it, is cut off once the
+/// head's deadline passes: it held a connection and a task for ever, without credentials.
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    let addr = app.server.as_ref().unwrap().addr;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tcp.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "still open after 20 s");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5));
+}
+
+/// At shutdown a request in flight is answered before its connection closes: it was cut off
+/// (the client could not tell whether its job was accepted).
+#[tokio::test]
+async fn a_request_in_flight_at_shutdown_is_answered() {
+    let mut app = TestApp::spawn().await;
+    let (send, body) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(body));
+    let request = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(&app.key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send();
+    let answer = tokio::spawn(request);
+    send.send(Ok(br#"{"kind": "canary", "#.to_vec()))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let server = app.server.take().unwrap();
+    let stopped = tokio::spawn(server.shutdown());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!stopped.is_finished(), "stopped with a request in flight");
+    send.send(Ok(br#""payload": {"steps": 1}}"#.to_vec()))
+        .await
+        .unwrap();
+    drop(send);
+    let answer = answer.await.unwrap().expect("an answer");
+    assert_eq!(answer.status(), StatusCode::ACCEPTED);
+    stopped.await.unwrap();
+}
