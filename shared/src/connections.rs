@@ -35,9 +35,20 @@ const SEALED_V1: u8 = 1;
 #[derive(Clone)]
 pub struct Cipher(Aes256Gcm);
 
+/// The key the example environment files carry, for the deployment files' checks: anyone can
+/// read it, so a process refuses to start with it (a backup would open to anyone).
+pub const EXAMPLE_SECRET_KEY: &str =
+    "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
 impl Cipher {
-    /// From 64 hex digits.
+    /// From 64 hex digits, not the examples' key.
     pub fn from_hex(key: &str) -> anyhow::Result<Self> {
+        if key.trim().eq_ignore_ascii_case(EXAMPLE_SECRET_KEY) {
+            anyhow::bail!(
+                "CONVEYOR_SECRET_KEY is the example files' key, which anyone can read: make one \
+                 with `openssl rand -hex 32`"
+            );
+        }
         let bytes = hex::decode(key.trim())
             .map_err(|_| anyhow::anyhow!("CONVEYOR_SECRET_KEY must be 64 hex digits"))?;
         let cipher = Aes256Gcm::new_from_slice(&bytes)
@@ -492,5 +503,8 @@ mod tests {
         assert!(Cipher::from_hex(&"ab".repeat(16)).is_err(), "16 bytes");
         assert!(Cipher::from_hex(&"zz".repeat(32)).is_err(), "not hex");
         assert!(Cipher::from_hex("").is_err());
+        // The example files' key: valid hex, and public.
+        assert!(Cipher::from_hex(EXAMPLE_SECRET_KEY).is_err());
+        assert!(Cipher::from_hex(&EXAMPLE_SECRET_KEY.to_uppercase()).is_err());
     }
 }

@@ -434,7 +434,7 @@ impl Settings {
                 .join(format!("conveyor-test-{}", redis_prefix.replace(':', "-"))),
             object_store: None,
             secret_key: Some(
-                "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff".into(),
+                "7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de".into(),
             ),
             // The tests' databases are all on loopback.
             connection_allow: "127.0.0.0/8, ::1".parse().expect("literal allow list"),

@@ -168,6 +168,11 @@ fn compose_services_run_what_the_binaries_accept_and_cover_every_queue() {
             (k.to_owned(), v.to_owned())
         })
         .collect();
+    // The example's key is one every process refuses: a copied example fails closed.
+    assert_eq!(
+        dotenv["CONVEYOR_SECRET_KEY"],
+        shared::connections::EXAMPLE_SECRET_KEY
+    );
     let compose = &yaml_documents("docker-compose.yml")[0];
     let services = compose["services"].as_object().unwrap();
     let mut served = BTreeSet::new();
