@@ -92,15 +92,36 @@ pub struct CreatedKey {
 
 const KEY_COLUMNS: &str = "id, name, prefix, role, created_at, last_used_at, revoked_at";
 
-/// A key name: trimmed, 1-100 characters.
+/// A key name: trimmed, 1-100 characters, none of them a control character or a bidi
+/// override (an operator's `keys list` printed names raw: escape sequences rewrote its
+/// earlier rows or set the clipboard).
 pub fn valid_name(name: Option<&str>) -> Result<Option<String>, &'static str> {
     match name.map(str::trim) {
         None => Ok(None),
         Some(name) if name.is_empty() || name.chars().count() > 100 => {
             Err("must be 1-100 characters")
         }
+        Some(name) if name.contains(unprintable) => {
+            Err("must hold no control characters or direction overrides")
+        }
         Some(name) => Ok(Some(name.to_owned())),
     }
+}
+
+/// A control character or a bidi override: what a terminal acts on instead of showing.
+fn unprintable(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A name as a terminal may show it: what it would act on escaped (names stored before
+/// [`valid_name`] refused them may hold such characters).
+pub fn printable(name: &str) -> String {
+    name.chars()
+        .map(|c| match unprintable(c) {
+            true => c.escape_unicode().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 /// Creates the tenant if needed and a new key for it: of `role`, else an admin key if it is
@@ -293,4 +314,28 @@ pub async fn rotate(pool: &PgPool, id: Uuid) -> Result<Option<CreatedKey>, sqlx:
     audit::record(&mut *tx, &Actor::operator(tenant_id), entry).await?;
     tx.commit().await?;
     Ok(Some(created))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_holds_nothing_a_terminal_acts_on() {
+        assert_eq!(valid_name(Some(" ci ")), Ok(Some("ci".into())));
+        assert_eq!(
+            valid_name(Some("naïve 名前")),
+            Ok(Some("naïve 名前".into()))
+        );
+        for hostile in [
+            "a\u{1b}[2Kb",
+            "a\u{7}b",
+            "ab\u{202e}cd",
+            "a\u{2066}b",
+            "a\nb",
+        ] {
+            assert!(valid_name(Some(hostile)).is_err(), "{hostile:?}");
+        }
+        assert_eq!(printable("a\u{1b}[2Kb"), "a\\u{1b}[2Kb");
+    }
 }

@@ -191,7 +191,7 @@ async fn keys_command(
                     time(Some(key.created_at)),
                     time(key.last_used_at),
                     time(key.revoked_at),
-                    key.name.as_deref().unwrap_or("")
+                    keys::printable(key.name.as_deref().unwrap_or(""))
                 );
             }
         }
