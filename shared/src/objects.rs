@@ -168,7 +168,12 @@ impl ObjectStore {
         if let Some(config) = bucket {
             let mut builder = AmazonS3Builder::new().with_url(&config.url);
             for (key, value) in &config.options {
-                builder = builder.with_config(key.parse()?, value);
+                // Every AWS_* variable is offered; ones the store does not know (IRSA's
+                // AWS_STS_REGIONAL_ENDPOINTS, a shell's AWS_PROFILE) stopped every process.
+                match key.parse() {
+                    Ok(known) => builder = builder.with_config(known, value),
+                    Err(_) => tracing::warn!(key, "object store option not known; ignored"),
+                }
             }
             let prefix = config
                 .url
@@ -586,6 +591,20 @@ mod tests {
         let file = std::fs::File::options().append(true).open(&path).unwrap();
         file.set_modified(SystemTime::now() - used_ago).unwrap();
         path
+    }
+
+    /// An AWS_* variable the store does not know is ignored, not a failure to start.
+    #[test]
+    fn an_unknown_bucket_option_is_ignored() {
+        let config = BucketConfig {
+            url: "s3://bucket".into(),
+            options: vec![
+                ("aws_region".into(), "us-east-1".into()),
+                ("aws_sts_regional_endpoints".into(), "regional".into()),
+            ],
+        };
+        let root = std::env::temp_dir().join(format!("conveyor-objects-{}", Uuid::new_v4()));
+        assert!(ObjectStore::with_bucket(&root, Some(&config)).is_ok());
     }
 
     #[test]
