@@ -23,7 +23,7 @@ impl<I, O> Clone for Batcher<I, O> {
     }
 }
 
-impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+impl<I: Clone + Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// `run` gets up to `max` items and returns one output per item, in order.
     pub fn spawn<F, Fut>(max: usize, run: F) -> Self
     where
@@ -64,13 +64,26 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 recent.pop_front();
                 recent.push_back(batch.len());
                 let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.drain(..).unzip();
-                match run(items).await {
-                    Ok(outputs) => {
+                let alone = (items.len() > 1).then(|| items.clone());
+                match (run(items).await, alone) {
+                    (Ok(outputs), _) => {
                         for (reply, output) in replies.into_iter().zip(outputs) {
                             let _ = reply.send(Ok(output));
                         }
                     }
-                    Err(e) => {
+                    // One item's fault (a value the statement refuses) must not fail its
+                    // neighbours, who would retry with it for ever: each goes again alone.
+                    (Err(_), Some(items)) => {
+                        let each = items.into_iter().map(|item| run(vec![item]));
+                        let answers = futures::future::join_all(each).await;
+                        for (reply, answer) in replies.into_iter().zip(answers) {
+                            let output = answer.and_then(|mut outputs| {
+                                outputs.pop().ok_or_else(|| "no output".to_owned())
+                            });
+                            let _ = reply.send(output);
+                        }
+                    }
+                    (Err(e), None) => {
                         for reply in replies {
                             let _ = reply.send(Err(e.clone()));
                         }
@@ -100,6 +113,30 @@ mod tests {
         atomic::{AtomicUsize, Ordering},
         Arc,
     };
+
+    /// A batch that fails for one item's sake answers the others: each goes again alone.
+    #[tokio::test]
+    async fn one_bad_item_fails_only_itself() {
+        let doubler = Batcher::spawn(64, |items: Vec<u32>| async move {
+            if items.contains(&99) {
+                // Holds the task while the next calls queue up into one batch.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            match items.contains(&0) {
+                true => Err("zero refused".to_owned()),
+                false => Ok(items.iter().map(|i| i * 2).collect()),
+            }
+        });
+        let first = tokio::spawn({
+            let doubler = doubler.clone();
+            async move { doubler.call(99).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (bad, good) = tokio::join!(doubler.call(0), doubler.call(1));
+        assert_eq!(first.await.unwrap(), Ok(198));
+        assert_eq!(bad, Err("zero refused".to_owned()));
+        assert_eq!(good, Ok(2));
+    }
 
     #[tokio::test]
     async fn concurrent_calls_share_batches_and_keep_their_answers() {
