@@ -762,7 +762,7 @@ impl Runtime {
             return Attempt::HandBack;
         }
         let outcome = match result {
-            Ok(Ok(value)) => Outcome::Succeeded(value),
+            Ok(Ok(value)) => Outcome::Succeeded(bounded_result(value)),
             Ok(Err(JobError::Cancelled(_))) => Outcome::Cancelled,
             Ok(Err(_)) if stopped => Outcome::Cancelled,
             Ok(Err(JobError::Permanent(error))) => Outcome::Failed(error),
@@ -984,9 +984,84 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// The most bytes of JSON a job's result keeps: it is stored in the job's row, sent in its
+/// `succeeded` event and copied into each webhook delivery. A synthesis of 500 columns with
+/// long names reported 400 MB of pair scores, past what `jsonb` holds: its finish batch
+/// failed, with the other jobs in it, and was retried for ever.
+const MAX_RESULT_BYTES: usize = 1 << 20;
+
+/// `value` if it fits [`MAX_RESULT_BYTES`]; else its top-level fields that fit, the largest
+/// dropped first and named in `dropped_fields` (a result's ids, counts and outputs are small;
+/// the large parts are in its artifacts too).
+fn bounded_result(value: Value) -> Value {
+    let size = |v: &Value| {
+        let mut counter = ByteCounter(0);
+        let _ = serde_json::to_writer(&mut counter, v);
+        counter.0
+    };
+    let total = size(&value);
+    let Value::Object(mut fields) = value else {
+        return match total <= MAX_RESULT_BYTES {
+            true => value,
+            false => serde_json::json!({"dropped_fields": ["result"], "result_bytes": total}),
+        };
+    };
+    if total <= MAX_RESULT_BYTES {
+        return Value::Object(fields);
+    }
+    let mut by_size: Vec<(usize, String)> =
+        fields.iter().map(|(k, v)| (size(v), k.clone())).collect();
+    by_size.sort_unstable_by(|a, b| b.cmp(a));
+    let mut left = total;
+    let mut dropped = Vec::new();
+    for (bytes, key) in by_size {
+        if left <= MAX_RESULT_BYTES / 2 {
+            break;
+        }
+        fields.remove(&key);
+        left -= bytes.min(left);
+        dropped.push(Value::String(key));
+    }
+    fields.insert("dropped_fields".into(), Value::Array(dropped));
+    fields.insert("result_bytes".into(), total.into());
+    Value::Object(fields)
+}
+
+/// Counts what is written to it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A result past the bound keeps its small fields (ids, counts, a pipeline's outputs) and
+    /// names those it dropped; one within the bound is kept whole.
+    #[test]
+    fn a_result_past_the_bound_keeps_its_small_fields() {
+        let small = serde_json::json!({"dataset_id": "d", "rows": 20});
+        assert_eq!(bounded_result(small.clone()), small);
+        let pairs: Vec<Value> = (0..40_000)
+            .map(|i| serde_json::json!({"columns": [format!("a{i}"), "b"], "score": 0.5}))
+            .collect();
+        let large = serde_json::json!({"dataset_id": "d", "rows": 20, "quality": {"pairs": pairs}});
+        let bounded = bounded_result(large);
+        assert!(serde_json::to_vec(&bounded).unwrap().len() <= MAX_RESULT_BYTES);
+        assert_eq!(bounded["dataset_id"], "d");
+        assert_eq!(bounded["rows"], 20);
+        assert_eq!(bounded["dropped_fields"], serde_json::json!(["quality"]));
+        assert!(bounded["result_bytes"].as_u64().unwrap() > MAX_RESULT_BYTES as u64);
+    }
 
     #[test]
     fn backoff_doubles_with_jitter() {
