@@ -342,18 +342,35 @@ async fn synthesis_learns_past_nan_cells_and_refuses_an_output_past_the_memory_c
 /// A PDF whose page holds an array nested `depth` deep.
 fn nested_pdf(depth: usize) -> Vec<u8> {
     let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
-    let content = "BT /F1 12 Tf 72 712 Td (Hello) Tj ET";
+    let content = b"BT /F1 12 Tf 72 712 Td (Hello) Tj ET".to_vec();
+    pdf(&format!("/Annots {nested}"), content, "")
+}
+
+/// A one-page PDF: `page` added to the page's dictionary, `content` its content stream,
+/// `filter` the stream's (`/Filter /FlateDecode`, if it is compressed).
+fn pdf(page: &str, content: Vec<u8>, filter: &str) -> Vec<u8> {
+    let mut stream = format!("<< /Length {} {filter} >>\nstream\n", content.len()).into_bytes();
+    stream.extend_from_slice(&content);
+    stream.extend_from_slice(b"\nendstream");
     let objects = [
-        "<< /Type /Catalog /Pages 2 0 R >>".to_owned(),
-        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_owned(),
-        format!("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Annots {nested} >>"),
-        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        b"<< /Type /Catalog /Pages 2 0 R >>".to_vec(),
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_vec(),
+        format!(
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R \
+             /Resources << /Font << /F1 5 0 R >> >> {page} >>"
+        )
+        .into_bytes(),
+        stream,
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
+            .to_vec(),
     ];
     let mut pdf = b"%PDF-1.4\n".to_vec();
     let mut offsets = Vec::new();
     for (i, object) in objects.iter().enumerate() {
         offsets.push(pdf.len());
-        pdf.extend_from_slice(format!("{} 0 obj\n{object}\nendobj\n", i + 1).as_bytes());
+        pdf.extend_from_slice(format!("{} 0 obj\n", i + 1).as_bytes());
+        pdf.extend_from_slice(object);
+        pdf.extend_from_slice(b"\nendobj\n");
     }
     let xref = pdf.len();
     pdf.extend_from_slice(
@@ -370,6 +387,35 @@ fn nested_pdf(depth: usize) -> Vec<u8> {
         .as_bytes(),
     );
     pdf
+}
+
+/// A PDF of a few kilobytes whose compressed page holds 500 KB of text, named by 12 sources:
+/// its text counts against the job's in-memory budget (4 MiB here), as bytes read do (only
+/// the bytes did, and the job held 6 MB of text, then embedded all of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_text_of_small_pdfs_counts_against_the_memory_budget() {
+    let mut app = TestApp::spawn_with(|s| s.max_in_memory_bytes = 4 << 20).await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let text = "pump ".repeat(100_000);
+    let content = format!("BT /F1 12 Tf 72 712 Td ({text}) Tj ET");
+    let mut deflate = flate2::write::ZlibEncoder::new(Vec::new(), Compression::best());
+    deflate.write_all(content.as_bytes()).unwrap();
+    let small = pdf("", deflate.finish().unwrap(), "/Filter /FlateDecode");
+    assert!(small.len() < 64 << 10, "{} bytes", small.len());
+    let dataset = app.upload_dataset("small.pdf", &small).await;
+    let (status, collection) = app.post("/v1/collections", &json!({"name": "pdfs"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{collection}");
+    let sources: Vec<Value> = (0..12)
+        .map(|i| json!({"dataset_id": dataset, "id": format!("copy{i}")}))
+        .collect();
+    let id = submit_as(
+        &app,
+        &app.key,
+        "ingest",
+        json!({"collection_id": collection["id"], "documents": sources}),
+    )
+    .await;
+    assert_fails_with(&app, id, "CONVEYOR_MAX_IN_MEMORY_BYTES").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

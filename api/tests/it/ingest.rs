@@ -276,6 +276,46 @@ async fn ingested_documents_are_found_by_paraphrase_keyword_and_both() {
 
 /// Documents uploaded through the API (Markdown, PDF) are ingested and found; they are not
 /// tables, so an import refuses them.
+/// A NUL character in a document's text, id or metadata (from a tenant's file) is stored as
+/// U+FFFD: PostgreSQL stores none, and the group's insert failed on each attempt, its
+/// embedding redone each time, until the job failed.
+#[tokio::test]
+async fn documents_with_nul_characters_are_indexed() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let text = app
+        .upload_dataset("nul.txt", b"tyre \0 pressure guide")
+        .await;
+    let records = app
+        .upload_dataset(
+            "nul.ndjson",
+            br#"{"id": "r\u00001", "text": "pump \u0000 valve", "tag": "a\u0000b"}"#,
+        )
+        .await;
+    let collection = create_collection(&app, json!({"name": "nul"})).await;
+    let job = ingest(
+        &app,
+        json!({"collection_id": collection, "documents": [
+            {"dataset_id": text, "id": "text"}, {"dataset_id": records, "id": "records"}]}),
+    )
+    .await;
+    assert_eq!(job["result"]["indexed"], 2, "{job}");
+    let found = search(
+        &app,
+        collection,
+        json!({"query": "tyre", "mode": "keyword"}),
+    )
+    .await;
+    assert_eq!(document_ids(&found), ["text"]);
+    let found = search(
+        &app,
+        collection,
+        json!({"query": "valve", "mode": "keyword"}),
+    )
+    .await;
+    assert_eq!(document_ids(&found), ["records:1"]);
+}
+
 #[tokio::test]
 async fn uploaded_markdown_and_pdf_documents_are_searchable() {
     let mut app = TestApp::spawn().await;

@@ -41,6 +41,30 @@ struct Document {
 }
 
 impl Document {
+    /// A document as PostgreSQL stores it: a NUL character in its id, text or metadata (a
+    /// tenant's file may hold one) failed its whole group's insert, retried with the group's
+    /// embedding redone until the job ran out of attempts; it is U+FFFD instead.
+    fn new(id: String, text: String, metadata: Map<String, Value>) -> Self {
+        let storable = |s: String| match s.contains('\0') {
+            true => shared::store::storable_text(&s),
+            false => s,
+        };
+        let metadata = Value::Object(metadata);
+        let replaced = match shared::store::storable_value(&metadata) {
+            std::borrow::Cow::Owned(Value::Object(fields)) => Some(fields),
+            _ => None,
+        };
+        let metadata = match (replaced, metadata) {
+            (Some(fields), _) | (None, Value::Object(fields)) => fields,
+            (None, _) => Map::new(),
+        };
+        Self {
+            id: storable(id),
+            text: storable(text),
+            metadata,
+        }
+    }
+
     /// Text and metadata: what, if unchanged, makes a re-ingest a no-op.
     fn content_hash(&self) -> String {
         let mut hash = Sha256::new();
@@ -82,11 +106,7 @@ impl IngestHandler {
                 Some(DocFormat::Html) => extract::html_to_text(text),
                 _ => text.clone(),
             };
-            return Ok(vec![Document {
-                id,
-                text,
-                metadata: source.metadata.clone(),
-            }]);
+            return Ok(vec![Document::new(id, text, source.metadata.clone())]);
         }
         let dataset_id = source.dataset_id.expect("validated: text or dataset_id");
         let pool = &self.services.pool;
@@ -315,12 +335,20 @@ impl IngestHandler {
             )));
         }
         let extracted = if format == DocFormat::Pdf {
+            // A PDF's text is not its bytes (a few kilobytes of compressed streams inflate to
+            // the document cap): it is held too, so it comes out of the budget, and a text
+            // past what is left stops the job as the bytes would.
+            let output = match limits.document < *budget {
+                true => limits.document(),
+                false => limits.held().with_bytes(*budget),
+            };
             let text = self
                 .services
                 .extractor
-                .extract(format, bytes, limits.document())
+                .extract(format, bytes, output)
                 .await
                 .map_err(failed)?;
+            *budget -= (text.len() as u64).min(*budget);
             vec![extract::Extracted {
                 id: None,
                 text,
@@ -353,11 +381,7 @@ impl IngestHandler {
                 };
                 let mut metadata_of_doc = doc.fields;
                 metadata_of_doc.extend(metadata.clone());
-                Document {
-                    id,
-                    text: doc.text,
-                    metadata: metadata_of_doc,
-                }
+                Document::new(id, doc.text, metadata_of_doc)
             })
             .collect())
     }
