@@ -179,7 +179,11 @@ pub async fn insert(pool: impl sqlx::PgExecutor<'_>, dataset: &Dataset) -> sqlx:
     .bind(dataset.size_bytes)
     .bind(&dataset.sha256)
     .bind(crate::store::storable_json(&dataset.schema.0))
-    .bind(crate::store::storable_json(&dataset.preview.0))
+    // Bounded here, whoever inspected it: a job's output was inspected without the upload's
+    // bound, and 20 rows of megabyte values weighed on every read of the dataset.
+    .bind(crate::store::storable_json(&bounded_preview(
+        dataset.preview.0.clone(),
+    )))
     .execute(pool)
     .await?;
     Ok(())
@@ -354,6 +358,20 @@ mod tests {
         record_output(&db.pool, &dataset).await.unwrap().unwrap();
         let row = get(&db.pool, tenant, dataset.id).await.unwrap().unwrap();
         assert_eq!(row.preview.0[0]["na\u{FFFD}me"], "a\u{FFFD}b");
+    }
+
+    /// A job's output, inspected in the worker, has its preview bounded as an upload's is.
+    #[tokio::test]
+    async fn an_outputs_preview_is_bounded() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let mut dataset = output(tenant, Uuid::new_v4(), 10, "x");
+        let wide = serde_json::json!({"label": "x".repeat(100_000)});
+        dataset.preview = sqlx::types::Json(vec![wide; 20]);
+        record_output(&db.pool, &dataset).await.unwrap().unwrap();
+        let row = get(&db.pool, tenant, dataset.id).await.unwrap().unwrap();
+        let stored = serde_json::to_vec(&row.preview.0).unwrap().len();
+        assert!(stored <= MAX_PREVIEW_BYTES, "{stored} bytes");
     }
 
     /// A retried job's output replaced its file, but the row kept its first attempt's size
