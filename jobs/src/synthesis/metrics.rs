@@ -223,16 +223,14 @@ fn cramers_v(joint: &BTreeMap<(u64, u64), f64>) -> Option<f64> {
     if smaller < 2 {
         return None;
     }
-    // χ²/n over every cell, the empty ones included.
-    let mut phi2 = 0.0;
-    for (a, pa) in &rows {
-        for (b, pb) in &columns {
-            let expected = pa * pb;
-            let observed = joint.get(&(*a, *b)).copied().unwrap_or(0.0);
-            phi2 += (observed - expected).powi(2) / expected;
-        }
+    // χ²/n over every cell, Σ (o - e)² / e, is Σ o² / e - 1 (the o and the e each sum to 1):
+    // a sum over the observed cells alone. Over every cell it took hours for two columns of
+    // 45,000 categories each (a few megabytes of upload).
+    let mut phi2 = -1.0;
+    for (&(a, b), &observed) in joint {
+        phi2 += observed * observed / (rows[&a] * columns[&b]);
     }
-    Some((phi2 / (smaller - 1) as f64).sqrt())
+    Some((phi2.max(0.0) / (smaller - 1) as f64).sqrt())
 }
 
 /// The Quality Report of `synthetic` against `real`, over the columns with a learned role.
@@ -641,6 +639,19 @@ mod tests {
         assert_eq!(xc.metric, "ContingencySimilarity");
         assert!(xc.score < 0.1, "{xc:?}");
         assert!(flipped.overall < 0.7);
+    }
+
+    #[test]
+    fn cramers_v_of_many_categories_reads_only_the_observed_cells() {
+        // 100,000 rows, 50,000 categories a side, each pair seen twice: 2.5·10^9 cells (about
+        // a minute), 5·10^4 seen.
+        let a: Vec<u64> = (0..100_000).map(|i| i / 2).collect();
+        let b: Vec<u64> = (0..100_000).map(|i| (i / 2 * 7) % 50_000).collect();
+        let started = std::time::Instant::now();
+        let v = cramers_v(&joint(&a, &b)).unwrap();
+        assert!((v - 1.0).abs() < 1e-9, "{v}");
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_secs(10), "{took:?}");
     }
 
     #[test]
