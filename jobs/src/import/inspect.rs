@@ -47,13 +47,18 @@ pub fn inspect(
                 .into_reader_with_file_handle(Cursor::new(&head))
                 .finish()
                 .map_err(|e| e.to_string())?;
-            // The names as the import's reader (the csv crate) decodes them: polars keeps a
-            // quoted header's `""` escapes, and the import would not find such a column.
+            // The names as the import's reader (the csv crate) decodes and trims them: polars
+            // keeps a quoted header's `""` escapes, and `id, amount`'s second name is `amount`
+            // to the import; the import would not find such a column, nor its type.
             let header = csv::ReaderBuilder::new()
                 .delimiter(separator)
                 .from_reader(Cursor::new(&head))
                 .headers()
-                .map(|h| h.iter().map(str::to_owned).collect::<Vec<_>>());
+                .map(|h| {
+                    h.iter()
+                        .map(|name| name.trim().to_owned())
+                        .collect::<Vec<_>>()
+                });
             if let Ok(names) = header {
                 let distinct: std::collections::HashSet<&String> = names.iter().collect();
                 if names.len() == frame.width() && distinct.len() == names.len() {
@@ -190,11 +195,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("inspect-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("quoted.csv");
-        std::fs::write(&path, "\"a \"\"b\"\"\",\"c, d\",e\n1,x,2\n").unwrap();
+        std::fs::write(&path, "\"a \"\"b\"\"\",\"c, d\", e\n1,x,2.5\n").unwrap();
         let (columns, preview) = inspect(&path, Format::Csv, Compression::None).unwrap();
         let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+        // ` e` is `e`, trimmed as the import trims it (its type was not found, nor a mapping).
         assert_eq!(names, ["a \"b\"", "c, d", "e"]);
         assert_eq!(preview[0]["a \"b\""], 1);
+        assert_eq!(columns[2].data_type, "double precision");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
