@@ -170,14 +170,19 @@ struct Authority<'a> {
 }
 
 fn parse_authority<'a>(rest: &'a str, noun: &str) -> Result<Authority<'a>, BadRedisUrl> {
-    let (authority, path) = match rest.split_once('/') {
-        Some((authority, path)) => (authority, path),
-        None => match rest.split_once('?') {
-            Some((authority, _)) => (authority, &rest[authority.len()..]),
-            None => (rest, ""),
-        },
+    // The authority ends at the first `/` or `?` after its userinfo: a password may hold a
+    // `/` (not a `?`, which ends it). Split at the first `/` before, a password `s3cr/et`
+    // became the host `:s3cr`, and the error quoted it.
+    let before_query = rest.split('?').next().unwrap_or_default();
+    let hosts_at = before_query.rfind('@').map_or(0, |at| at + 1);
+    let end = rest[hosts_at..]
+        .find(['/', '?'])
+        .map_or(rest.len(), |i| hosts_at + i);
+    let (authority, tail) = rest.split_at(end);
+    let (path, query) = match tail.strip_prefix('/') {
+        Some(path) => path.split_once('?').unwrap_or((path, "")),
+        None => ("", tail.strip_prefix('?').unwrap_or_default()),
     };
-    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let (userinfo, hosts) = match authority.rsplit_once('@') {
         Some((userinfo, hosts)) => (Some(userinfo), hosts),
         None => (None, authority),
@@ -193,8 +198,14 @@ fn parse_authority<'a>(rest: &'a str, noun: &str) -> Result<Authority<'a>, BadRe
         }
     };
     let mut parsed = Vec::new();
-    for host in hosts.split(',') {
-        parsed.push(parse_host(host, noun)?);
+    for (i, host) in hosts.split(',').enumerate() {
+        // With a password in the URL (an `@` anywhere), a host's text may be a piece of it:
+        // named by position.
+        let shown = match rest.contains('@') {
+            true => format!("the {} {noun}", ordinal(i + 1)),
+            false => format!("{noun} {host:?}"),
+        };
+        parsed.push(parse_host(host, &shown)?);
     }
     Ok(Authority {
         username,
@@ -214,8 +225,12 @@ impl RedisUrl {
             }
             if let Some(key) = authority.query.split('&').find(|p| !p.is_empty()) {
                 let key = key.split('=').next().unwrap_or_default();
+                let key = match rest.contains('@') {
+                    true => "after the hosts".to_owned(),
+                    false => format!("{key:?}"),
+                };
                 return bad(format!(
-                    "unknown parameter {key:?} (a cluster URL takes none)"
+                    "unknown parameter {key} (a cluster URL takes none)"
                 ));
             }
             return Ok(Self::Cluster(ClusterUrl {
@@ -254,9 +269,17 @@ impl RedisUrl {
                     sentinel_password = nonempty(decode(password, "sentinel_password")?);
                 }
                 _ => {
+                    // A password holding `&` leaves its rest as a "parameter": not quoted then.
                     let key = pair.split('=').next().unwrap_or_default();
+                    let key = match rest.contains('@')
+                        || pair.contains("sentinel_password=")
+                        || authority.query.contains("sentinel_password=")
+                    {
+                        true => "after sentinel_password".to_owned(),
+                        false => format!("{key:?}"),
+                    };
                     return bad(format!(
-                        "unknown parameter {key:?} (known: db, sentinel_username, sentinel_password)"
+                        "unknown parameter {key} (known: db, sentinel_username, sentinel_password)"
                     ));
                 }
             }
@@ -273,25 +296,37 @@ impl RedisUrl {
     }
 }
 
+/// `1st`, `2nd`, `3rd`, `4th`...
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (1, 11) | (2, 12) | (3, 13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
 /// `host:port` or `[v6]:port`; the port is required, since a sentinel's is not Redis'.
-fn parse_host(host: &str, noun: &str) -> Result<(String, u16), BadRedisUrl> {
+fn parse_host(host: &str, shown: &str) -> Result<(String, u16), BadRedisUrl> {
     let (name, port) = if let Some(v6) = host.strip_prefix('[') {
         match v6.split_once("]:") {
             Some((name, port)) => (name, port),
-            None => return bad(format!("{noun} {host:?} is not [address]:port")),
+            None => return bad(format!("{shown} is not [address]:port")),
         }
     } else {
         match host.rsplit_once(':') {
             Some((name, port)) if !name.contains(':') => (name, port),
-            _ => return bad(format!("{noun} {host:?} is not host:port")),
+            _ => return bad(format!("{shown} is not host:port")),
         }
     };
     if name.is_empty() {
-        return bad(format!("{noun} {host:?} has no host"));
+        return bad(format!("{shown} has no host"));
     }
     match port.parse::<u16>() {
         Ok(port) if port > 0 => Ok((name.to_owned(), port)),
-        _ => bad(format!("{noun} {host:?} has no valid port")),
+        _ => bad(format!("{shown} has no valid port")),
     }
 }
 
@@ -888,5 +923,20 @@ mod tests {
         // Nor in an error about the rest of the URL.
         let error = RedisUrl::parse("redis+sentinel://app:hunter2@127.0.0.1/m").unwrap_err();
         assert!(!error.to_string().contains("hunter2"), "{error}");
+        // A password with a `/` is a password, not a host to quote; pieces of one cut by an
+        // unencoded `?` or `&` are not quoted either.
+        let url = RedisUrl::parse("redis+cluster://:hun/ter2@127.0.0.1:7000").unwrap();
+        assert!(matches!(url, RedisUrl::Cluster(c) if c.password.as_deref() == Some("hun/ter2")));
+        for raw in [
+            "redis+cluster://:hun?ter2@node:6379",
+            "redis+sentinel://:hun?ter2@127.0.0.1:26379/m",
+            "redis+sentinel://127.0.0.1:26379/m?sentinel_password=hun&ter2",
+        ] {
+            let error = RedisUrl::parse(raw).unwrap_err().to_string();
+            assert!(
+                !error.contains("ter2") && !error.contains("hun"),
+                "{raw}: {error}"
+            );
+        }
     }
 }
