@@ -349,6 +349,80 @@ async fn rows_the_target_refuses_do_not_count_as_imported() {
     assert_eq!(tenant["usage"]["rows_imported_today"], 0, "{tenant}");
 }
 
+/// An attempt that overlaps an earlier one which commits (a worker thought lost, whose job
+/// was rescued) fails on what it writes (the ledger's key, the table it creates); the import
+/// is then done, once, and the job succeeds with the committed result (it failed, its
+/// webhook and pipeline told so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_overlapping_one_that_commits_succeeds_with_its_result() {
+    let mut app = TestApp::spawn().await;
+    let dataset = app.upload_dataset("raced.csv", b"id\n1\n2\n").await;
+    let id = submit_import(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "raced"}}),
+    )
+    .await;
+    // The earlier attempt, committing: its ledger row written, not yet committed.
+    let admin = sqlx::PgPool::connect(&app.target_admin_url())
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "SET ROLE conveyor_platform;
+         CREATE TABLE IF NOT EXISTS conveyor.imports (
+             job_id uuid PRIMARY KEY, result jsonb NOT NULL,
+             finished_at timestamptz NOT NULL DEFAULT now());
+         RESET ROLE",
+    )
+    .execute(&admin)
+    .await
+    .unwrap();
+    let mut earlier = admin.begin().await.unwrap();
+    let result = json!({"table": "raced", "mode": "create", "rows_read": 2, "rows_imported": 2,
+        "rows_rejected": 0, "rows_applied": 2, "bytes": 7, "columns": [], "artifacts": [],
+        "duration_ms": 1, "rows_per_sec": 2, "outputs": {"table": "raced"}});
+    sqlx::query("INSERT INTO conveyor.imports (job_id, result) VALUES ($1, $2)")
+        .bind(id)
+        .bind(&result)
+        .execute(&mut *earlier)
+        .await
+        .unwrap();
+    app.start_worker_for(&[("import", 1)]).await;
+    // This attempt's ledger row waits on the earlier one's.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE 'INSERT INTO conveyor.imports%'",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let waits: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+                "SELECT wait_event_type, query FROM pg_stat_activity WHERE datname = current_database()",
+            )
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+            panic!(
+                "the attempt never reached its ledger: {waits:?} {}",
+                app.job(id).await
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    earlier.commit().await.unwrap();
+    let job = app
+        .wait_status(id, &["succeeded", "failed", "cancelled"], WAIT)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"]["rows_imported"], 2, "{job}");
+}
+
 /// `rejected.csv` keeps the start of a long rejected record, with its length and checksum:
 /// it kept each whole (a thousand 16 MiB records of quotes, doubled by CSV quoting: gigabytes
 /// on the worker's disk from a small compressed upload).

@@ -163,6 +163,16 @@ pub async fn run(
         {
             tracing::warn!(job = %ctx.job_id(), error = %e, "staging table not dropped; the next attempt drops it");
         }
+        // An earlier attempt of the job, rescued from a worker thought lost, may have
+        // committed meanwhile: this one then failed on what it wrote (the table it creates,
+        // the ledger's key), and the import is done, once.
+        if let Ok(Some(result)) = already_done(&target.platform, ctx).await {
+            tracing::info!(job = %ctx.job_id(), "an earlier attempt committed the import");
+            // Counted here, as above: the earlier attempt's own outcome is not recorded.
+            let rows = i64::try_from(result.rows_imported).unwrap_or(Meter::MOST);
+            Meter::add(&ctx.meter().rows_written, rows);
+            return Ok(result);
+        }
     }
     outcome
 }
