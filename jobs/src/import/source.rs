@@ -364,7 +364,16 @@ impl Source {
                             row.nulls.push(true);
                         }
                         Some(text) => {
-                            row.fields.push_field(unquoted(text).as_bytes());
+                            let text = unquoted(text).ok_or_else(|| {
+                                Ok(RowError {
+                                    line: *line,
+                                    reason: "a string that is not Unicode (an unpaired \
+                                             surrogate escape)"
+                                        .into(),
+                                    raw: buffer.clone(),
+                                })
+                            })?;
+                            row.fields.push_field(text.as_bytes());
                             row.nulls.push(false);
                         }
                     }
@@ -545,12 +554,13 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
 }
 
 /// A raw JSON value as a field's text: a string's content (unescaped only when it has escapes),
-/// anything else as written.
-fn unquoted(text: &str) -> Cow<'_, str> {
+/// anything else as written; `None` for a string that is not Unicode (`"\ud800"`: a raw
+/// value takes any escape, a Rust string does not), which was stored as an empty string.
+fn unquoted(text: &str) -> Option<Cow<'_, str>> {
     match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
-        Some(inner) if !inner.as_bytes().contains(&b'\\') => Cow::Borrowed(inner),
-        Some(_) => Cow::Owned(serde_json::from_str(text).unwrap_or_default()),
-        None => Cow::Borrowed(text),
+        Some(inner) if !inner.as_bytes().contains(&b'\\') => Some(Cow::Borrowed(inner)),
+        Some(_) => serde_json::from_str(text).ok().map(Cow::Owned),
+        None => Some(Cow::Borrowed(text)),
     }
 }
 
@@ -622,6 +632,19 @@ mod tests {
                 Ok(vec![None, some("true")]),
             ]
         );
+    }
+
+    /// A string with an unpaired surrogate escape is its row's error: it was stored as an
+    /// empty string, the row not rejected.
+    #[test]
+    fn a_string_that_is_not_unicode_is_its_rows_error() {
+        let text = concat!(r#"{"a": "x\ud800y"}"#, "\n", r#"{"a": "ok \u00e9"}"#, "\n");
+        let rows = read_ndjson(text, &["a"]);
+        assert!(
+            matches!(&rows[0], Err(e) if e.starts_with("line 1: a string that is not Unicode")),
+            "{rows:?}"
+        );
+        assert_eq!(rows[1], Ok(vec![Some("ok é".to_owned())]));
     }
 
     #[test]

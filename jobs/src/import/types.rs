@@ -67,6 +67,11 @@ impl PgType {
 
     /// The value as COPY should receive it, or why it is not of this type.
     pub fn check<'a>(&self, value: &'a str) -> Result<Cow<'a, str>, String> {
+        // What PostgreSQL refuses in any column: checked here, the row is rejected alone; in
+        // the COPY, the whole import failed, `on_error=skip` or not.
+        if value.contains('\0') {
+            return Err(format!("a NUL character, which {} cannot hold", self.sql()));
+        }
         let trimmed = value.trim();
         let ok = match self {
             PgType::Text | PgType::Other(_) => return Ok(Cow::Borrowed(value)),
@@ -78,13 +83,19 @@ impl PgType {
             PgType::SmallInt => trimmed.parse::<i16>().is_ok(),
             PgType::Integer => trimmed.parse::<i32>().is_ok(),
             PgType::BigInt => trimmed.parse::<i64>().is_ok(),
-            PgType::Real | PgType::Double => trimmed.parse::<f64>().is_ok(),
+            // Past the type's range Rust reads infinity; PostgreSQL refuses the value.
+            PgType::Real => finite_or_named(trimmed.parse::<f32>().map(f64::from), trimmed),
+            PgType::Double => finite_or_named(trimmed.parse::<f64>(), trimmed),
             PgType::Numeric => numeric(trimmed),
             PgType::Date => date(trimmed),
             PgType::Timestamp => timestamp(trimmed),
             PgType::Timestamptz => timestamptz(trimmed) || timestamp(trimmed),
             PgType::Uuid => uuid::Uuid::parse_str(trimmed).is_ok(),
-            PgType::Json => serde_json::from_str::<serde::de::IgnoredAny>(value).is_ok(),
+            // jsonb holds no \u0000 in a string.
+            PgType::Json => {
+                serde_json::from_str::<serde::de::IgnoredAny>(value).is_ok()
+                    && !value.contains("\\u0000")
+            }
         };
         if ok {
             Ok(Cow::Borrowed(trimmed))
@@ -232,9 +243,37 @@ pub fn push_copy_text(out: &mut Vec<u8>, value: &str) {
     }
 }
 
+/// A float that is finite, or an infinity or NaN written as such (`1e400` reads as infinity).
+fn finite_or_named(parsed: Result<f64, std::num::ParseFloatError>, text: &str) -> bool {
+    match parsed {
+        Ok(f) if f.is_finite() => true,
+        Ok(_) => {
+            let word = text.trim_start_matches(['+', '-']).to_ascii_lowercase();
+            matches!(word.as_str(), "inf" | "infinity" | "nan")
+        }
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values PostgreSQL refuses are refused here, so that `on_error=skip` rejects their row
+    /// instead of the COPY failing the whole import.
+    #[test]
+    fn values_postgres_refuses_are_refused() {
+        assert!(PgType::Text.check("a\0b").is_err());
+        assert!(PgType::BigInt.check("1\0").is_err());
+        assert!(PgType::Double.check("1e400").is_err());
+        assert!(PgType::Double.check("-Infinity").is_ok());
+        assert!(PgType::Double.check("NaN").is_ok());
+        assert!(PgType::Double.check("1.5e300").is_ok());
+        assert!(PgType::Real.check("1e39").is_err());
+        assert!(PgType::Real.check("3.4e38").is_ok());
+        assert!(PgType::Json.check(r#"{"a": "\u0000"}"#).is_err());
+        assert!(PgType::Json.check(r#"{"a": "b"}"#).is_ok());
+    }
 
     #[test]
     fn checks_values_against_types() {
