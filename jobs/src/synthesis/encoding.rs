@@ -313,7 +313,17 @@ fn mixture(sorted: &[f64]) -> (Vec<f64>, Vec<f64>) {
             weights[m] = mass / points.len() as f64;
         }
     }
-    let kept: Vec<usize> = (0..k).filter(|&m| weights[m] > 0.005).collect();
+    let kept: Vec<usize> = (0..k)
+        .filter(|&m| weights[m] > 0.005 && means[m].is_finite() && stds[m].is_finite())
+        .collect();
+    if kept.is_empty() {
+        // Values too far apart for the fit (one of 1e160 beside ordinary ones overflowed its
+        // variances, and every mode was dropped; encoding then indexed an empty list): one
+        // mode over them all, at their middle, as wide as they spread.
+        let middle = sorted[sorted.len() / 2];
+        let wide = (spread / 4.0).clamp(1e-9, f64::MAX / 8.0);
+        return (vec![middle], vec![wide]);
+    }
     (
         kept.iter().map(|&m| means[m]).collect(),
         kept.iter().map(|&m| stds[m]).collect(),
@@ -372,6 +382,18 @@ fn encode(encoder: &Encoder, values: &Values, data: &mut [f32], width: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mixture_of_values_far_apart_keeps_a_mode() {
+        let mut data: Vec<f64> = (0..40).map(|i| i as f64 * 1.5).collect();
+        data.push(1e160);
+        let (means, stds) = mixture(&data);
+        assert!(!means.is_empty());
+        assert!(
+            means.iter().chain(&stds).all(|v| v.is_finite()),
+            "{means:?} {stds:?}"
+        );
+    }
 
     #[test]
     fn mixture_finds_both_modes() {

@@ -349,11 +349,26 @@ fn fresh_identifiers(original: &Values, rows: usize, private: bool) -> Values {
             // input was rounded when read, by less than the spacing of floats there: count
             // exactly from past that, as text the output casts to the column's type.
             let start = largest as i128 + (largest * f64::EPSILON).ceil() as i128 + 1;
-            Values::Labels(
-                (0..rows)
-                    .map(|i| Some((start + i as i128).to_string()))
-                    .collect(),
-            )
+            if start + rows as i128 <= i128::from(i64::MAX) {
+                return Values::Labels(
+                    (0..rows)
+                        .map(|i| Some((start + i as i128).to_string()))
+                        .collect(),
+                );
+            }
+            // Past the largest 64-bit integer (an input of i64::MAX): no column holds those,
+            // and the cast failed every attempt after the whole fit. Count from 1 instead,
+            // skipping the inputs (exact there).
+            let taken: HashSet<u64> = values.iter().flatten().map(|v| v.to_bits()).collect();
+            let mut next = 0.0f64;
+            let mut fresh = Vec::with_capacity(rows);
+            while fresh.len() < rows {
+                next += 1.0;
+                if !taken.contains(&next.to_bits()) {
+                    fresh.push(Some(next));
+                }
+            }
+            Values::Numbers(fresh)
         }
         Values::Labels(values) => {
             let taken: HashSet<&str> = match private {
@@ -802,6 +817,18 @@ mod tests {
             synthetic,
             Values::Numbers(vec![Some(3.0), Some(9.0), None, Some(2.0), Some(4.0)])
         );
+    }
+
+    #[test]
+    fn fresh_identifiers_stay_within_64_bit_integers() {
+        let mut inputs: Vec<Option<f64>> = (1..=10).map(|i| Some(i as f64)).collect();
+        inputs.push(Some(i64::MAX as f64));
+        let fresh = fresh_identifiers(&Values::Numbers(inputs), 5, false);
+        let Values::Numbers(fresh) = fresh else {
+            panic!("{fresh:?}")
+        };
+        let fresh: Vec<f64> = fresh.into_iter().flatten().collect();
+        assert_eq!(fresh, [11.0, 12.0, 13.0, 14.0, 15.0]);
     }
 
     #[test]
