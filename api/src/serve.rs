@@ -1,21 +1,22 @@
-//! Serving the router's connections: HTTP/1.1 through hyper, each connection's request head
-//! read within a deadline, and on shutdown the requests in flight answered before the
-//! connections close. (`axum::serve` sets hyper no timer, so a client sending its headers a
-//! byte a minute held a connection and a task for ever, without credentials.)
+//! Serving the router's connections through hyper (HTTP/1.1, and HTTP/2 with prior knowledge,
+//! as `axum::serve` did): each request's head read within a deadline, and on shutdown the
+//! listener closed first, then the requests in flight answered before the connections close.
+//! (`axum::serve` sets hyper no timer, so a client sending its headers a byte a minute held a
+//! connection and a task for ever, without credentials.)
 
 use axum::Router;
 use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
     service::TowerToHyperService,
 };
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// How long a client has to send a request's head, the first one or the next on a kept-alive
-/// connection (which then closes).
-pub const HEADER_READ: Duration = Duration::from_secs(10);
+/// How long a client has to send a request's head (hyper's header read timeout, which also
+/// closes a kept-alive connection idle this long: longer than balancers keep theirs idle).
+pub const HEADER_READ: Duration = Duration::from_secs(30);
 
 /// How long requests in flight at shutdown have to end before their connections are dropped.
 pub const DRAIN: Duration = Duration::from_secs(10);
@@ -23,10 +24,12 @@ pub const DRAIN: Duration = Duration::from_secs(10);
 /// Serves `app` on `listener` until `stop`, then lets the requests in flight end (up to
 /// [`DRAIN`]).
 pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ);
     let connections = GracefulShutdown::new();
+    let mut served = tokio::task::JoinSet::new();
     loop {
         let tcp = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -47,18 +50,25 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(app.clone());
-        let connection = http.serve_connection(TokioIo::new(tcp), service);
+        let connection = http
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
         let connection = connections.watch(connection);
-        tokio::spawn(async move {
+        served.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::trace!(error = %e, "connection ended");
             }
         });
+        // Ended connections' tasks leave the set: it holds only live ones.
+        while served.try_join_next().is_some() {}
     }
+    // No more handshakes into a backlog nobody accepts from: a balancer tries another replica.
+    drop(listener);
     if tokio::time::timeout(DRAIN, connections.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("requests still in flight after the drain; their connections close");
+        served.abort_all();
     }
 }

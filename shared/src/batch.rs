@@ -40,6 +40,23 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Batcher<I, O> {
         F: Fn(Vec<I>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Vec<O>, String>> + Send,
     {
+        Self::spawn_isolating(max, linger, run, |_| false)
+    }
+
+    /// [`Batcher::spawn_lingering`], where a batch that fails with an error `isolate` names
+    /// one item's fault (a value the statement refuses), not the round trip's (a lost
+    /// connection), is sent again item by item: its neighbours would fail with it for ever.
+    /// `run` must then be safe to run again for items of a batch that failed.
+    pub fn spawn_isolating<F, Fut>(
+        max: usize,
+        linger: Duration,
+        run: F,
+        isolate: fn(&str) -> bool,
+    ) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<O>, String>> + Send,
+    {
         let (tx, mut rx) = mpsc::channel::<(I, Reply<O>)>(max * 4);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(max);
@@ -71,9 +88,7 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Batcher<I, O> {
                             let _ = reply.send(Ok(output));
                         }
                     }
-                    // One item's fault (a value the statement refuses) must not fail its
-                    // neighbours, who would retry with it for ever: each goes again alone.
-                    (Err(_), Some(items)) => {
+                    (Err(e), Some(items)) if isolate(&e) => {
                         let each = items.into_iter().map(|item| run(vec![item]));
                         let answers = futures::future::join_all(each).await;
                         for (reply, answer) in replies.into_iter().zip(answers) {
@@ -83,7 +98,7 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Batcher<I, O> {
                             let _ = reply.send(output);
                         }
                     }
-                    (Err(e), None) => {
+                    (Err(e), _) => {
                         for reply in replies {
                             let _ = reply.send(Err(e.clone()));
                         }
@@ -117,7 +132,7 @@ mod tests {
     /// A batch that fails for one item's sake answers the others: each goes again alone.
     #[tokio::test]
     async fn one_bad_item_fails_only_itself() {
-        let doubler = Batcher::spawn(64, |items: Vec<u32>| async move {
+        let run = |items: Vec<u32>| async move {
             if items.contains(&99) {
                 // Holds the task while the next calls queue up into one batch.
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -126,7 +141,9 @@ mod tests {
                 true => Err("zero refused".to_owned()),
                 false => Ok(items.iter().map(|i| i * 2).collect()),
             }
-        });
+        };
+        let refused = |e: &str| e.ends_with("refused");
+        let doubler = Batcher::spawn_isolating(64, Duration::ZERO, run, refused);
         let first = tokio::spawn({
             let doubler = doubler.clone();
             async move { doubler.call(99).await }

@@ -260,7 +260,8 @@ impl EventLog {
 impl EventLog {
     /// Deletes the streams of these jobs (tenant, job), whose rows are gone, and their events
     /// in their tenants' streams (which carry their results): a deleted job's events were
-    /// replayed to `GET /v1/events` until the stream's length cap dropped them. One script per
+    /// replayed to `GET /v1/events` until the stream's length cap dropped them. The entries
+    /// are found through the job's stream, so only while it lasts (`events_ttl` after the end). One script per
     /// tenant on a Redis Cluster, as for [`Self::append`].
     pub async fn forget_jobs(&self, jobs: &[(Uuid, Uuid)]) -> redis::RedisResult<()> {
         if jobs.is_empty() {

@@ -63,6 +63,9 @@ pub struct Runtime {
     announcements: Batcher<(Uuid, Event), ()>,
 }
 
+/// How a finish batch's error starts when PostgreSQL refused its statement.
+const REFUSED: &str = "refused: ";
+
 /// Most items one batched round trip carries.
 const BATCH: usize = 256;
 
@@ -190,7 +193,7 @@ impl Runtime {
             // The batcher runs one batch at a time: the lock is never waited for.
             let session = Arc::new(tokio::sync::Mutex::new(Session::new(queue_pool.clone())));
             let events = events.clone();
-            Batcher::spawn_lingering(BATCH, LINGER, move |items: Vec<store::Finish>| {
+            let finish = move |items: Vec<store::Finish>| {
                 let (session, events) = (session.clone(), events.clone());
                 async move {
                     let mut session = session.lock().await;
@@ -200,7 +203,10 @@ impl Runtime {
                     };
                     let rows = finished.map_err(|e| {
                         session.discard();
-                        e.to_string()
+                        match e {
+                            sqlx::Error::Database(_) => format!("{REFUSED}{e}"),
+                            _ => e.to_string(),
+                        }
                     })?;
                     drop(session);
                     let outcomes: Vec<(Uuid, Event)> = rows
@@ -214,7 +220,12 @@ impl Runtime {
                     append_announcing(&events, &outcomes).await;
                     Ok(rows)
                 }
-            })
+            };
+            // A statement PostgreSQL refused for one outcome's sake is sent again outcome by
+            // outcome (a finish is one statement, fenced by attempt: safe to send again); a
+            // lost connection is answered to all at once, as before.
+            let refused = |e: &str| e.starts_with(REFUSED);
+            Batcher::spawn_isolating(BATCH, LINGER, finish, refused)
         };
         let announcements = {
             let events = events.clone();

@@ -449,6 +449,8 @@ pub async fn retry(
             if let Err(refused) = state.limits.admit(tenant.0, writer.0.key.id, 1).await {
                 return Ok(refused);
             }
+            // Counted where it writes, as a job that fails meanwhile is retried too.
+            requeue = Some(0);
         }
         if matches!(job.status(), JobStatus::Failed | JobStatus::Cancelled) {
             // A step's job: the steps its pipeline's resume sets waiting again count as

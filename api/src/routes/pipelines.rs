@@ -415,6 +415,8 @@ pub async fn retry_step(
         if let Err(refused) = state.limits.admit(tenant.0, writer.0.key.id, 1).await {
             return Ok(refused);
         }
+        // Counted where it writes, as a step that fails meanwhile is retried too.
+        requeue = Some(0);
         if step.is_retryable() {
             // With the steps the pipeline's resume sets waiting again, as submitted ones.
             let reopened = pipelines::reopened(&state.pool, tenant.0, &[id]).await?;

@@ -591,11 +591,11 @@ async fn a_request_head_that_never_ends_is_cut_off() {
     let started = std::time::Instant::now();
     let mut answer = Vec::new();
     let read = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
+        std::time::Duration::from_secs(45),
         tcp.read_to_end(&mut answer),
     )
     .await;
-    assert!(read.is_ok(), "still open after 20 s");
+    assert!(read.is_ok(), "still open after 45 s");
     assert!(started.elapsed() >= std::time::Duration::from_secs(5));
 }
 

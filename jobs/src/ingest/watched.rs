@@ -113,11 +113,20 @@ pub fn list(
 impl WatchedFile {
     /// The file, opened only if it is still a regular file in the tenant's directory.
     pub fn open(path: &Path, beneath: &Path) -> io::Result<File> {
+        use std::os::unix::fs::MetadataExt;
         let file = open_beneath(path, beneath, 0)?;
-        if !file.metadata()?.is_file() {
+        let metadata = file.metadata()?;
+        if !metadata.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "it is no longer a regular file",
+            ));
+        }
+        // A hard link is a path of its own to a file that may be another tenant's.
+        if metadata.nlink() > 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "it has other hard links, which may lead outside the tenant's directory",
             ));
         }
         Ok(file)
@@ -215,6 +224,11 @@ mod tests {
         std::fs::remove_dir_all(docs.join("sub")).unwrap();
         std::os::unix::fs::symlink(&other, docs.join("sub")).unwrap();
         assert!(read(&files[1]).is_err(), "{:?}", read(&files[1]));
+        // A hard link in the tenant's directory to another tenant's file.
+        std::fs::hard_link(other.join("b.md"), docs.join("c.md")).unwrap();
+        let (_, files) = list(Some(&root), tenant, "docs", 100).unwrap();
+        let linked = files.iter().find(|f| f.id == "docs/c.md").unwrap();
+        assert!(read(linked).is_err(), "{:?}", read(linked));
         // A directory swapped for a link while the listing goes down to it.
         let tenant_root = root.join(tenant.to_string()).canonicalize().unwrap();
         let sub = tenant_root.join("docs/sub");

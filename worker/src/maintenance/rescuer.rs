@@ -20,8 +20,8 @@ pub(crate) struct Rescuer {
 }
 
 /// What the rescuer knows of PostgreSQL's outages: a gap between its runs longer than two
-/// intervals is one (it could not lead, or its statements failed), and no worker could
-/// heartbeat through it either. Silence then counts from when the rescuer ran again: after a
+/// intervals is one (it could not lead, or its statements failed), as is its first run (a
+/// new leader), and no worker could heartbeat through it either. Silence then counts from when the rescuer ran again: after a
 /// restart longer than `rescue_after`, every live worker's jobs were taken from it (failed on
 /// their last attempt, run twice meanwhile) whenever the rescuer ran before its heartbeat.
 #[derive(Default)]
@@ -50,7 +50,9 @@ impl Rescuer {
         let gap = self.schedule.interval * 2;
         let after_gap = {
             let outage = self.outage.lock().expect("not poisoned");
-            outage.last_ran.is_some_and(|at| at.elapsed() > gap)
+            // A leader new to the duty (the last one's session died with the outage, say)
+            // cannot tell: it waits as after one.
+            outage.last_ran.is_none_or(|at| at.elapsed() > gap)
         };
         if after_gap {
             // The database's clock, which heartbeats are stamped with.
@@ -128,6 +130,8 @@ mod tests {
         test.announced("canary");
         let mut rescuer = Rescuer::new(test.runtime.settings());
         rescuer.schedule.batch = 1;
+        // Leading for a while: no outage to wait after.
+        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now());
         let rescued = rescuer.run(&test.runtime).await.unwrap();
 
         // Two batches of one, then an empty one.
@@ -151,6 +155,7 @@ mod tests {
     async fn after_an_outage_workers_get_time_to_heartbeat_before_their_jobs_are_taken() {
         let test = TestDb::new().await;
         let rescuer = Rescuer::new(test.runtime.settings());
+        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now());
         assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 0);
         // The outage: a minute without a run, or a heartbeat.
         worker(&test, "alive", "1 minute").await;
