@@ -148,6 +148,19 @@ mod tests {
         assert!(test.events(safe).await.is_empty());
     }
 
+    /// A new leader (the last one's session died with PostgreSQL's restart, say) cannot tell
+    /// whether an outage just ended: its first run gives workers time to heartbeat.
+    #[tokio::test]
+    async fn a_new_leaders_first_run_takes_no_job_of_a_silent_worker() {
+        let test = TestDb::new().await;
+        worker(&test, "alive", "1 minute").await;
+        let kept = test.job("canary", "running").await;
+        test.set(kept, "worker = 'alive'").await;
+        let rescuer = Rescuer::new(test.runtime.settings());
+        assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 0);
+        assert_eq!(test.status(kept).await.as_deref(), Some("running"));
+    }
+
     /// After an outage of PostgreSQL longer than `rescue_after`, every worker's heartbeat is
     /// stale: the rescuer running again first gives them `rescue_after` to heartbeat, and
     /// takes the jobs only of those that stay silent.
