@@ -243,9 +243,14 @@ pub fn push_copy_text(out: &mut Vec<u8>, value: &str) {
     }
 }
 
-/// A float that is finite, or an infinity or NaN written as such (`1e400` reads as infinity).
+/// A float that is finite, or an infinity or NaN written as such (`1e400` reads as infinity),
+/// and not a non-zero number read as zero (`1e-400`: PostgreSQL refuses its underflow).
 fn finite_or_named(parsed: Result<f64, std::num::ParseFloatError>, text: &str) -> bool {
     match parsed {
+        Ok(0.0) => {
+            let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
+            !mantissa.chars().any(|c| c.is_ascii_digit() && c != '0')
+        }
         Ok(f) if f.is_finite() => true,
         Ok(_) => {
             let word = text.trim_start_matches(['+', '-']).to_ascii_lowercase();
@@ -271,6 +276,10 @@ mod tests {
         assert!(PgType::Double.check("1.5e300").is_ok());
         assert!(PgType::Real.check("1e39").is_err());
         assert!(PgType::Real.check("3.4e38").is_ok());
+        assert!(PgType::Double.check("1e-400").is_err());
+        assert!(PgType::Real.check("1e-50").is_err());
+        assert!(PgType::Double.check("-0.0e5").is_ok());
+        assert!(PgType::Real.check("0").is_ok());
         assert!(PgType::Json.check(r#"{"a": "\u0000"}"#).is_err());
         assert!(PgType::Json.check(r#"{"a": "b"}"#).is_ok());
     }
