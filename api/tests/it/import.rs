@@ -257,28 +257,45 @@ async fn compressed_tsv_ndjson_and_parquet_round_trip() {
 async fn created_tables_take_types_from_the_whole_file() {
     let mut app = TestApp::spawn().await;
     app.start_worker_for(&[("import", 1)]).await;
-    // The head says bigint and date; rows far past the head need double precision and text.
-    let mut csv = String::from("id,amount,day\n");
+    // The head says bigint, date and bigint; rows far past the head need double precision and
+    // text. The codes' leading zeros are text the table must keep.
+    let mut csv = String::from("id,amount,day,code\n");
     for i in 0..5000 {
-        csv.push_str(&format!("{i},{i},2024-01-01\n"));
+        csv.push_str(&format!("{i},{i},2024-01-01,{i:05}\n"));
     }
-    csv.push_str("5000,2.5,sometime\n");
+    csv.push_str("5000,2.5,sometime,A-1\n");
     let dataset = app.upload_dataset("late.csv", csv.as_bytes()).await;
     let (_, info) = app.get(&format!("/v1/datasets/{dataset}")).await;
     assert_eq!(info["schema"][1]["type"], "bigint", "{info}");
+    assert_eq!(info["schema"][3]["type"], "bigint", "{info}");
     let result = import_ok(
         &app,
         json!({"dataset_id": dataset, "target": {"table": "late"}}),
     )
     .await;
     assert_eq!(result["rows_imported"], 5001);
+    let types = "bigint\ndouble precision\ntext\ntext";
     assert_eq!(
         psql(&app.target_url(), "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'late'::regclass AND attnum > 0 ORDER BY attnum"),
-        "bigint\ndouble precision\ntext"
+        types
     );
+    let reported: Vec<&str> = result["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(reported.join("\n"), types, "{result}");
     assert_eq!(
         psql(&app.target_url(), "SELECT sum(amount) FROM late"),
         "12497502.5"
+    );
+    assert_eq!(
+        psql(
+            &app.target_url(),
+            "SELECT string_agg(code, ' ' ORDER BY id) FROM late WHERE id IN (7, 4999, 5000)"
+        ),
+        "00007 04999 A-1"
     );
 }
 

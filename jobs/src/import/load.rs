@@ -83,15 +83,26 @@ struct Planned {
     widen: bool,
 }
 
-enum Chunk {
-    Rows { data: Vec<u8>, rows: u64 },
-    Widen { column: usize, to: PgType },
+/// COPY text of whole rows, for the COPY side.
+struct Chunk {
+    data: Vec<u8>,
+    rows: u64,
 }
 
 #[derive(Default)]
 struct Summary {
     rows_read: u64,
     rows_rejected: u64,
+    /// A later value did not fit a created column: nothing read since was sent, and these are
+    /// the types (every column's) that the whole file fits, to read it again with.
+    widened: Option<Vec<PgType>>,
+}
+
+/// What a pass of the checked path came to.
+enum Checked {
+    Copied(u64, Summary, Vec<Artifact>),
+    /// The file must be read again into a staging table of these column types.
+    Widen(Vec<PgType>),
 }
 
 /// How the reader thread treats values.
@@ -304,47 +315,45 @@ async fn import(
     };
     let known: Vec<String> = dataset.schema.iter().map(|c| c.name.clone()).collect();
     let (format, compression) = (dataset.format, dataset.compression);
-    let open_path = path.to_path_buf();
     let limits = services.limits;
-    let meter = ctx.meter().clone();
-    let opened = tokio::task::spawn_blocking(move || {
-        meter.timed(|| {
-            source::open(
-                &open_path,
-                format,
-                compression,
-                &csv_settings,
-                &known,
-                &limits,
-            )
-        })
-    })
-    .await
-    .map_err(|e| JobError::Retryable(e.to_string()))?
-    .map_err(JobError::Permanent)?;
+    let open = || {
+        let (path, known, meter) = (path.to_path_buf(), known.clone(), ctx.meter().clone());
+        let settings = csv_settings.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                meter.timed(|| source::open(&path, format, compression, &settings, &known, &limits))
+            })
+            .await
+            .map_err(|e| JobError::Retryable(e.to_string()))?
+            .map_err(JobError::Permanent)
+        }
+    };
+    let mut opened = open().await?;
 
-    let plan = plan_columns(payload, dataset, &opened.header, &existing)?;
+    let mut plan = plan_columns(payload, dataset, &opened.header, &existing)?;
     let column_list = plan
         .iter()
         .map(|p| quote_ident(&p.name))
         .collect::<Vec<_>>()
         .join(", ");
-    let create_staging = if exists {
-        let like = if payload.mode == Mode::Replace {
-            "INCLUDING ALL"
+    let create_staging = |plan: &[Planned]| {
+        if exists {
+            let like = if payload.mode == Mode::Replace {
+                "INCLUDING ALL"
+            } else {
+                "INCLUDING DEFAULTS"
+            };
+            format!("CREATE TABLE {staging} (LIKE {qualified} {like})")
         } else {
-            "INCLUDING DEFAULTS"
-        };
-        format!("CREATE TABLE {staging} (LIKE {qualified} {like})")
-    } else {
-        let columns = plan
-            .iter()
-            .map(|p| format!("{} {}", quote_ident(&p.name), p.ty.sql()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!("CREATE TABLE {staging} ({columns})")
+            let columns = plan
+                .iter()
+                .map(|p| format!("{} {}", quote_ident(&p.name), p.ty.sql()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("CREATE TABLE {staging} ({columns})")
+        }
     };
-    sqlx::query(&create_staging)
+    sqlx::query(&create_staging(&plan))
         .execute(target)
         .await
         .map_err(db_error)?;
@@ -372,15 +381,45 @@ async fn import(
         .await?;
         let summary = Summary {
             rows_read: rows,
-            rows_rejected: 0,
+            ..Summary::default()
         };
         (rows, summary, Vec::new())
     } else {
-        let columns = (staging, column_list.as_str());
-        copy_checked(
-            services, ctx, payload, dataset, target, columns, opened, &plan,
-        )
-        .await?
+        loop {
+            let columns = (staging, column_list.as_str());
+            let checked = copy_checked(
+                services, ctx, payload, dataset, target, columns, opened, &plan,
+            )
+            .await?;
+            let types = match checked {
+                Checked::Copied(imported, summary, artifacts) => {
+                    break (imported, summary, artifacts)
+                }
+                Checked::Widen(types) => types,
+            };
+            // Each pass widens at least one column, to types the whole file fits: the
+            // second pass copies.
+            for (column, ty) in plan.iter_mut().zip(types) {
+                if column.ty != ty {
+                    ctx.log(format!(
+                        "column {} widened to {} by a later value; reading the file again",
+                        column.name,
+                        ty.sql()
+                    ))
+                    .await;
+                    column.ty = ty;
+                }
+            }
+            sqlx::query(&format!("DROP TABLE {staging}"))
+                .execute(target)
+                .await
+                .map_err(db_error)?;
+            sqlx::query(&create_staging(&plan))
+                .execute(target)
+                .await
+                .map_err(db_error)?;
+            opened = open().await?;
+        }
     };
 
     let meter = ctx.meter();
@@ -427,9 +466,10 @@ async fn import(
 }
 
 /// The checked path: the reader thread parses, checks and encodes every row (rejected rows to
-/// a scratch CSV, then the `rejected.csv` artifact); the rows go to `staging` by text `COPY`,
-/// widening a created column when a later value does not fit. Returns the rows imported, the
-/// counts and the artifacts.
+/// a scratch CSV, then the `rejected.csv` artifact); the rows go to `staging` by text `COPY`.
+/// Returns the rows imported, the counts and the artifacts; or, where a later value did not fit
+/// a created column, nothing copied and the types to read the file again with. (Casting the
+/// rows already copied would lose their text: `02134` copied as bigint reads `2134` as text.)
 #[allow(clippy::too_many_arguments)]
 async fn copy_checked(
     services: &Services,
@@ -440,7 +480,7 @@ async fn copy_checked(
     (staging, column_list): (&str, &str),
     opened: Opened,
     plan: &[Planned],
-) -> Result<(u64, Summary, Vec<Artifact>), JobError> {
+) -> Result<Checked, JobError> {
     // The reader thread: parse, check, encode; rejected rows to a scratch CSV.
     // Removed on every way out (a failed COPY included); a rejected.csv kept is moved away.
     let rejected_path = services
@@ -478,72 +518,41 @@ async fn copy_checked(
     let copy_sql = format!("COPY {staging} ({column_list}) FROM STDIN");
     let total_bytes = dataset.size_bytes.max(1) as f32;
     let mut imported = 0u64;
-    let mut copy = Some(target.copy_in_raw(&copy_sql).await.map_err(db_error)?);
+    let mut copy = target.copy_in_raw(&copy_sql).await.map_err(db_error)?;
     let mut cancelled = false;
     while let Some(chunk) = rx.recv().await {
         if ctx.is_cancelled() {
             cancelled = true;
             break;
         }
-        match chunk {
-            Chunk::Rows { data, rows } => {
-                let sink = copy.as_mut().expect("a COPY is open between chunks");
-                sink.send(data).await.map_err(db_error)?;
-                imported += rows;
-                let fraction = bytes_read.load(Ordering::Relaxed) as f32 / total_bytes;
-                ctx.progress(fraction.min(0.99), format!("{imported} rows"))
-                    .await;
-            }
-            Chunk::Widen { column, to } => {
-                copy.take()
-                    .expect("a COPY is open")
-                    .finish()
-                    .await
-                    .map_err(db_error)?;
-                let name = quote_ident(&plan[column].name);
-                ctx.log(format!(
-                    "column {} widened to {} by a later value",
-                    plan[column].name,
-                    to.sql()
-                ))
-                .await;
-                sqlx::query(&format!(
-                    "ALTER TABLE {staging} ALTER COLUMN {name} TYPE {} USING {name}::{}",
-                    to.sql(),
-                    to.sql()
-                ))
-                .execute(target)
-                .await
-                .map_err(db_error)?;
-                copy = Some(target.copy_in_raw(&copy_sql).await.map_err(db_error)?);
-            }
-        }
+        let Chunk { data, rows } = chunk;
+        copy.send(data).await.map_err(db_error)?;
+        imported += rows;
+        let fraction = bytes_read.load(Ordering::Relaxed) as f32 / total_bytes;
+        ctx.progress(fraction.min(0.99), format!("{imported} rows"))
+            .await;
     }
     if cancelled {
         drop(rx);
-        if let Some(copy) = copy {
-            let _ = copy.abort("import cancelled").await;
-        }
+        let _ = copy.abort("import cancelled").await;
         let _ = reader.await;
         return Err(JobError::Cancelled(shared::Cancelled));
     }
     let read = reader
         .await
         .map_err(|e| JobError::Retryable(e.to_string()))?;
-    let summary = match read {
+    let mut summary = match read {
         Ok(summary) => summary,
         Err(reason) => {
-            if let Some(copy) = copy {
-                let _ = copy.abort(&reason).await;
-            }
+            let _ = copy.abort(&reason).await;
             return Err(JobError::Permanent(reason));
         }
     };
-    copy.take()
-        .expect("a COPY is open")
-        .finish()
-        .await
-        .map_err(db_error)?;
+    if let Some(types) = summary.widened.take() {
+        let _ = copy.abort("a created column widens").await;
+        return Ok(Checked::Widen(types));
+    }
+    copy.finish().await.map_err(db_error)?;
     ctx.checkpoint()?;
 
     let mut artifacts = Vec::new();
@@ -555,7 +564,7 @@ async fn copy_checked(
             .map_err(|e| JobError::Retryable(format!("storing rejected.csv: {e}")))?;
         artifacts.push(Artifact::of_job(ctx.job_id(), "rejected.csv", size));
     }
-    Ok((imported, summary, artifacts))
+    Ok(Checked::Copied(imported, summary, artifacts))
 }
 
 /// Which file column feeds each table column, and with which type.
@@ -763,6 +772,7 @@ fn read_rows(
 
     let mut chunk = Vec::with_capacity(CHUNK_BYTES + (64 << 10));
     let mut chunk_rows = 0u64;
+    let mut widened = false;
     let mut line_buffer = Vec::with_capacity(4096);
     let mut row = Row::default();
     let send = |chunk: Chunk| {
@@ -828,25 +838,17 @@ fn read_rows(
             match column.ty.check(&text) {
                 Ok(value) => push_copy_text(&mut line_buffer, &value),
                 Err(_) if column.widen => {
-                    let wider = column.ty.join(&PgType::infer(&text));
-                    if !chunk.is_empty() {
-                        send(Chunk::Rows {
-                            data: std::mem::take(&mut chunk),
-                            rows: chunk_rows,
-                        })?;
-                        chunk_rows = 0;
+                    // Nothing more is sent: the file is read to its end for the types it
+                    // needs, then read again into a staging table of those types.
+                    column.ty = column.ty.join(&PgType::infer(&text));
+                    widened = true;
+                    match column.ty.check(&text) {
+                        Ok(value) => push_copy_text(&mut line_buffer, &value),
+                        Err(reason) => {
+                            bad = Some((column.name.clone(), reason));
+                            break;
+                        }
                     }
-                    send(Chunk::Widen {
-                        column: i,
-                        to: wider.clone(),
-                    })?;
-                    column.ty = wider;
-                    let value = column
-                        .ty
-                        .check(&text)
-                        .unwrap_or(Cow::Borrowed(&text))
-                        .into_owned();
-                    push_copy_text(&mut line_buffer, &value);
                 }
                 Err(reason) => {
                     bad = Some((column.name.clone(), reason));
@@ -863,19 +865,24 @@ fn read_rows(
             reject(&mut summary, error, &column)?;
             continue;
         }
+        if widened {
+            continue;
+        }
         line_buffer.push(b'\n');
         chunk.extend_from_slice(&line_buffer);
         chunk_rows += 1;
         if chunk.len() >= CHUNK_BYTES {
-            send(Chunk::Rows {
+            send(Chunk {
                 data: std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + (64 << 10))),
                 rows: chunk_rows,
             })?;
             chunk_rows = 0;
         }
     }
-    if !chunk.is_empty() {
-        send(Chunk::Rows {
+    if widened {
+        summary.widened = Some(plan.into_iter().map(|column| column.ty).collect());
+    } else if !chunk.is_empty() {
+        send(Chunk {
             data: chunk,
             rows: chunk_rows,
         })?;
