@@ -2,9 +2,9 @@
 //! pipeline, at each firing. The API creates, pauses, resumes and deletes them; the leading worker's maintenance
 //! fires them ([`fire_due`]).
 //!
-//! Each firing makes at most one job however many workers race: the firing runs in one
-//! transaction holding the schedule's row lock (`FOR UPDATE SKIP LOCKED`: a racing leader
-//! skips it), `next_fire_at` moves by an UPDATE guarded on its old value, and unique indexes on
+//! Each firing makes at most one job however many workers race: each schedule's firing runs in
+//! a transaction of its own holding the schedule's row lock (`FOR UPDATE SKIP LOCKED`: a racing
+//! leader skips it), `next_fire_at` moves by an UPDATE guarded on its old value, and unique indexes on
 //! `jobs (schedule_id, schedule_fire_at)` and `pipelines (schedule_id, schedule_fire_at)` refuse
 //! a second job or pipeline for the same firing.
 //!
@@ -492,11 +492,16 @@ const LIVE: &str = "(EXISTS (SELECT 1 FROM jobs j WHERE j.schedule_id = s.id
                      OR EXISTS (SELECT 1 FROM pipelines p WHERE p.schedule_id = s.id
                                 AND p.status = 'running'))";
 
-/// Fires up to `limit` schedules that are due (or whose waiting firing may go), in one
-/// transaction. A firing later than `grace` is a misfire: the schedule's policy says whether it
-/// makes a job; either way the next firing is the next one after now. Within the grace every
-/// firing makes its job (a schedule a few firings behind catches up over the next passes).
-/// A pipeline's steps are checked with `validate` when they start, as a submitted one's.
+/// Fires up to `limit` schedules that are due (or whose waiting firing may go), each in a
+/// transaction of its own: the tenant a firing locks to count `max_queued` stays locked for
+/// that firing only, not for the rest of the pass (its submissions waited on other tenants'
+/// firings and rate draws, and two leaders could deadlock on two tenants). A firing later than
+/// `grace` is a misfire: the schedule's policy says whether it makes a job; either way the next
+/// firing is the next one after now. Within the grace every firing makes its job (a schedule a
+/// few firings behind catches up over the next passes). A pipeline's steps are checked with
+/// `validate` when they start, as a submitted one's. A firing that fails ends the pass: the
+/// firings committed before it are returned (theirs to announce), the error only if there were
+/// none; the next pass meets that schedule first again.
 pub async fn fire_due(
     pool: &PgPool,
     buckets: &Buckets,
@@ -504,9 +509,40 @@ pub async fn fire_due(
     limit: i64,
     validate: &Validate<'_>,
 ) -> anyhow::Result<Fired> {
+    let grace = chrono::Duration::from_std(grace)?;
+    let mut fired = Fired::default();
+    // Each schedule fires at most once a pass.
+    let mut seen = Vec::new();
+    while (seen.len() as i64) < limit {
+        match fire_next(pool, buckets, grace, validate, &mut seen).await {
+            Ok(Some(made)) => {
+                fired.schedules += 1;
+                fired.jobs.extend(made.jobs);
+                fired.pipelines += made.pipelines;
+            }
+            Ok(None) => break,
+            Err(e) if fired.schedules == 0 => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "a schedule did not fire; the next pass tries again");
+                break;
+            }
+        }
+    }
+    Ok(fired)
+}
+
+/// The next due schedule not in `seen` (added to it), fired in a transaction of its own: what
+/// it made. `None` if no other is due (or the due ones are another leader's).
+async fn fire_next(
+    pool: &PgPool,
+    buckets: &Buckets,
+    grace: chrono::Duration,
+    validate: &Validate<'_>,
+    seen: &mut Vec<Uuid>,
+) -> anyhow::Result<Option<Fired>> {
     let mut tx = pool.begin().await?;
     // Due, or holding a waiting firing whose previous job or pipeline has ended.
-    let due: Vec<Due> = sqlx::query_as(&format!(
+    let due: Option<Due> = sqlx::query_as(&format!(
         "SELECT s.*, now() AS now FROM schedules s
          WHERE s.id IN (SELECT id FROM schedules WHERE NOT paused AND next_fire_at <= now()
                         UNION
@@ -515,26 +551,25 @@ pub async fn fire_due(
            AND NOT s.paused
            AND (s.next_fire_at <= now()
                 OR (cardinality(s.pending_fires) > 0 AND NOT {LIVE}))
+           AND s.id <> ALL($1)
          ORDER BY s.next_fire_at
-         LIMIT $1
+         LIMIT 1
          FOR UPDATE SKIP LOCKED"
     ))
-    .bind(limit)
-    .fetch_all(&mut *tx)
+    .bind(&*seen)
+    .fetch_optional(&mut *tx)
     .await?;
-    let mut fired = Fired {
-        schedules: due.len(),
+    let Some(Due { schedule, now }) = due else {
+        return Ok(None);
+    };
+    seen.push(schedule.id);
+    let mut made = Fired {
+        schedules: 1,
         ..Fired::default()
     };
-    let grace = chrono::Duration::from_std(grace)?;
-    for Due { schedule, now } in due {
-        fire(
-            &mut tx, buckets, &schedule, now, grace, validate, &mut fired,
-        )
-        .await?;
-    }
+    fire(&mut tx, buckets, &schedule, now, grace, validate, &mut made).await?;
     tx.commit().await?;
-    Ok(fired)
+    Ok(Some(made))
 }
 
 /// What a firing made.
@@ -665,7 +700,8 @@ async fn make(
     // One token a job, as the submission of the same job or pipeline draws.
     let tokens = kinds.len();
     let rates = buckets.rates(&mut *conn, s.tenant_id, s.key_id).await?;
-    // Briefly: the firing holds its schedules' row locks meanwhile.
+    // Briefly: the firing holds its schedule's row lock meanwhile (and, under `max_queued`,
+    // its tenant's).
     let drawn = tokio::time::timeout(DRAW_TIMEOUT, buckets.draw(s.tenant_id, &rates, tokens));
     match drawn.await {
         Ok(Ok(Some(drawn))) if !drawn.allowed => return Ok(Made::Skipped(drawn.refusal(tokens))),

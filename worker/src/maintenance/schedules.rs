@@ -15,7 +15,8 @@ pub(crate) struct Schedules {
 }
 
 impl Schedules {
-    /// A firing makes its job within a quarter of a second; 100 schedules per transaction.
+    /// A firing makes its job within a quarter of a second; 100 schedules a pass, each firing in
+    /// a transaction of its own.
     pub fn new(settings: &shared::Settings) -> Self {
         Self {
             schedule: Schedule {
@@ -34,7 +35,7 @@ impl Duty for Schedules {
         self.schedule
     }
 
-    /// Returns how many jobs it made. Goes on while a transaction took a full batch.
+    /// Returns how many jobs it made. Goes on while a pass fired a full batch.
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
         let mut made = 0;
         loop {
@@ -554,5 +555,67 @@ mod tests {
         assert_eq!(test.fired(id).await.len(), 0);
         let skips = test.skips(id).await;
         assert!(skips[0].contains("quota max_queued"), "{skips:?}");
+    }
+
+    /// A firing holds its tenant locked for its own firing only: a pass was one transaction,
+    /// so a tenant whose schedule fired first stayed locked while a later schedule of another
+    /// tenant waited (for that tenant's lock here; for its rate draw as well), and the first
+    /// tenant's submissions waited with it.
+    #[tokio::test]
+    async fn a_firing_locks_its_tenant_for_its_own_firing_only() {
+        let test = TestDb::new().await;
+        test.max_queued(10).await;
+        let other = test.other_tenant().await;
+        sqlx::query("INSERT INTO tenant_limits (tenant_id, max_queued) VALUES ($1, 10)")
+            .bind(other)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        let first = test.schedule("0 0 * * *", "allow", "run_once").await;
+        test.set_schedule(first, "next_fire_at = now() - interval '2 seconds'")
+            .await;
+        let second = test.schedule("0 0 * * *", "allow", "run_once").await;
+        test.set_schedule(
+            second,
+            &format!("tenant_id = '{other}', next_fire_at = now() - interval '1 second'"),
+        )
+        .await;
+        // A submission of the other tenant in flight: its lock held.
+        let mut busy = test.pool().begin().await.unwrap();
+        shared::quotas::lock_tenant(&mut busy, other).await.unwrap();
+        let runtime = test.runtime.clone();
+        let firing = tokio::spawn(async move { duty().run(&runtime).await.unwrap() });
+        // The first schedule has fired; the second waits for the other tenant's lock.
+        let waiting = "SELECT count(*) FROM pg_stat_activity
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sqlx::query_scalar::<_, i64>(waiting)
+            .fetch_one(test.pool())
+            .await
+            .unwrap()
+            == 0
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the firing never waited"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A submission of the first tenant takes its lock at once.
+        let mut submission = test.pool().begin().await.unwrap();
+        sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(&mut *submission)
+            .await
+            .unwrap();
+        let locked = shared::quotas::lock_tenant(&mut submission, test.tenant).await;
+        submission.rollback().await.unwrap();
+        busy.commit().await.unwrap();
+        assert_eq!(firing.await.unwrap(), 2);
+        assert!(
+            locked.is_ok(),
+            "the tenant stayed locked behind another tenant's firing: {locked:?}"
+        );
+        assert_eq!(test.fired(first).await.len(), 1);
+        assert_eq!(test.fired(second).await.len(), 1);
     }
 }
