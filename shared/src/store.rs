@@ -904,8 +904,8 @@ macro_rules! past_retention {
 /// Up to `limit` finished jobs (succeeded, failed, cancelled) past their tenant's retention
 /// (`tenant_limits.job_retention_days`, 0 forever), else past `retention` (`None`: forever),
 /// oldest first, locked for the caller's transaction; a `patch` job only once
-/// `snapshot_retention` (its snapshot's) has passed too, since `patch_rollback` reads the
-/// patch's row. Live jobs are never taken, nor the steps' jobs of a pipeline still running
+/// `snapshot_retention` (its snapshot's) has passed too and no rollback of it is live, since
+/// `patch_rollback` reads the patch's row (a rollback keeps its snapshot past that). Live jobs are never taken, nor the steps' jobs of a pipeline still running
 /// (the steps that need them read their outcomes when they start), and a job retried meanwhile
 /// is skipped (its row is locked, or no longer finished), as are those in `skip`.
 pub async fn finished_past_retention(
@@ -922,7 +922,12 @@ pub async fn finished_past_retention(
            AND ",
         past_retention!("j.finished_at"),
         "
-           AND (j.kind <> 'patch' OR j.finished_at < now() - make_interval(secs => $2))
+           AND (j.kind <> 'patch' OR (j.finished_at < now() - make_interval(secs => $2)
+                AND NOT EXISTS (SELECT 1 FROM jobs r
+                                WHERE r.tenant_id = j.tenant_id AND r.kind = 'patch_rollback'
+                                  AND r.payload->>'patch_job_id' = j.id::text AND ",
+        crate::live_jobs!("r"),
+        ")))
            AND NOT EXISTS (SELECT 1 FROM pipelines p
                            WHERE p.id = j.pipeline_id AND p.status = 'running')
            AND j.id <> ALL($4)

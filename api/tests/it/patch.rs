@@ -917,26 +917,33 @@ async fn rollback_refuses_conflicts_and_force_restores_only_the_rest() {
     );
 }
 
-#[tokio::test]
-async fn expired_snapshots_are_swept_and_cannot_be_rolled_back() {
-    let mut app = TestApp::spawn().await;
-    let db = target(&app).await;
+/// A patch of 1,000 rows executed, its snapshot then made to expire at `expires_at` (the
+/// registry is the platform's: the tenant's role cannot touch it). The target as the tenant
+/// and as its admin, and the patch job.
+async fn patched_to_expire(app: &mut TestApp, expires_at: &str) -> (PgPool, PgPool, Uuid) {
+    let db = target(app).await;
     seed(&db, "items", 1000).await;
     app.start_worker_for(&[("patch", 1)]).await;
-    let first = submit_ok(
-        &app,
+    let id = submit_ok(
+        app,
         "patch",
         json!({"sql": "UPDATE items SET val = 0 WHERE grp = 1", "mode": "execute"}),
     )
     .await;
-    app.wait_status(first, &["succeeded"], WAIT).await;
-    // The registry is the platform's: the tenant's role cannot touch it.
+    app.wait_status(id, &["succeeded"], WAIT).await;
     let admin = PgPool::connect(&app.target_admin_url()).await.unwrap();
     exec(
         &admin,
-        "UPDATE conveyor_snapshots.patches SET expires_at = now() - interval '1 hour'",
+        &format!("UPDATE conveyor_snapshots.patches SET expires_at = {expires_at}"),
     )
     .await;
+    (db, admin, id)
+}
+
+#[tokio::test]
+async fn expired_snapshots_are_swept_and_cannot_be_rolled_back() {
+    let mut app = TestApp::spawn().await;
+    let (db, admin, first) = patched_to_expire(&mut app, "now() - interval '1 hour'").await;
     let (status, problem) = submit(&app, "patch_rollback", json!({"patch_job_id": first})).await;
     assert_eq!(status, 422);
     assert!(problem.to_string().contains("expired"), "{problem}");
@@ -949,4 +956,108 @@ async fn expired_snapshots_are_swept_and_cannot_be_rolled_back() {
         .await
         .unwrap();
     assert_eq!(exists, None, "expired snapshot dropped");
+}
+
+/// Whether `table` exists in the target.
+async fn exists(pool: &PgPool, table: &str) -> bool {
+    sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass($1)::text")
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// A rollback keeps its snapshot while it runs: with the retention passing midway, the sweep
+/// dropped the snapshot between two batches and the rollback failed, its rows half restored.
+#[tokio::test]
+async fn a_rollback_keeps_its_snapshot_past_its_expiry_while_it_runs() {
+    let mut app = TestApp::spawn().await;
+    let db = target(&app).await;
+    seed(&db, "items", 100_000).await;
+    let original = checksum(&db, "items").await;
+    app.start_worker_for(&[("patch", 1), ("patch_rollback", 1)])
+        .await;
+    let id = submit_ok(
+        &app,
+        "patch",
+        json!({"sql": "UPDATE items SET val = -val WHERE grp = 1", "mode": "execute"}),
+    )
+    .await;
+    app.wait_status(id, &["succeeded"], WAIT).await;
+    // Its retention ends in a few seconds.
+    let admin = PgPool::connect(&app.target_admin_url()).await.unwrap();
+    exec(
+        &admin,
+        "UPDATE conveyor_snapshots.patches SET expires_at = now() + interval '5 seconds'",
+    )
+    .await;
+    let expiry = Instant::now() + Duration::from_secs(5);
+    // A patched row near the end held by someone else: the rollback restores the rows before
+    // it, then waits for it (its batches retry a lock timeout).
+    let mut holder = db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM items WHERE id = 90001 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let rollback = submit_ok(&app, "patch_rollback", json!({"patch_job_id": id})).await;
+    wait_progress(&app, rollback, 0.05).await;
+    assert!(
+        Instant::now() < expiry,
+        "the rollback began after the expiry"
+    );
+    // Past the expiry, the sweep runs while the rollback is under way.
+    tokio::time::sleep(expiry.saturating_duration_since(Instant::now()) + Duration::from_secs(1))
+        .await;
+    app.registry().sweep().await;
+    let table = format!("conveyor_snapshots.patch_{}", id.simple());
+    let kept = exists(&db, &table).await;
+    holder.rollback().await.unwrap();
+    let job = app
+        .wait_status(rollback, &["succeeded", "failed"], WAIT)
+        .await;
+    assert!(kept, "the snapshot of a rollback under way was dropped");
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"]["rows_restored"], 10_000);
+    assert_eq!(checksum(&db, "items").await, original);
+}
+
+/// The sweep drops a snapshot only if it is still expired once the drop is its own: one listed
+/// as expired, then pinned by a rollback starting meanwhile, was dropped under that rollback.
+#[tokio::test]
+async fn the_sweep_keeps_a_snapshot_pinned_after_it_listed_it() {
+    let mut app = TestApp::spawn().await;
+    let (db, admin, id) = patched_to_expire(&mut app, "now() - interval '1 second'").await;
+    // A rollback's pin, not yet committed: the sweep still lists the snapshot as expired.
+    let mut pin = admin.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE conveyor_snapshots.patches SET expires_at = now() + interval '1 hour'
+         WHERE job_id = $1",
+    )
+    .bind(id)
+    .execute(&mut *pin)
+    .await
+    .unwrap();
+    let platform = PgPool::connect(&app.settings.target_database_url)
+        .await
+        .unwrap();
+    let sweep = tokio::spawn(async move { jobs::patch::snapshot::sweep(&platform).await.unwrap() });
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + WAIT;
+    while count(&admin, waiting).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sweep never waited for the row"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pin.commit().await.unwrap();
+    assert_eq!(
+        sweep.await.unwrap(),
+        Vec::<String>::new(),
+        "a pinned snapshot dropped"
+    );
+    let table = format!("conveyor_snapshots.patch_{}", id.simple());
+    assert!(exists(&db, &table).await, "{table} dropped");
 }

@@ -87,10 +87,12 @@ impl Handler for PatchRollbackHandler {
 /// Restores as the tenant's role (`target.pool`: it may read its patch's snapshot); moves the
 /// checkpoints as the platform (`target.platform`).
 /// Moves the rollback's checkpoint of patch `$1` from `$2` to `$3` (if any row was seen) by
-/// `$5` restored rows, for rollback job `$4`; no row when another attempt moved it.
+/// `$5` restored rows, for rollback job `$4`, and keeps the snapshot `$6` seconds past now
+/// ([`snapshot::PIN`]); no row when another attempt moved it.
 const MARK_SQL: &str = "UPDATE conveyor_snapshots.patches
      SET rollback_key = coalesce($3::text[], $2::text[]), rows_restored = rows_restored + $5,
-         rollback_job_id = $4
+         rollback_job_id = $4,
+         expires_at = greatest(expires_at, now() + make_interval(secs => $6))
      WHERE job_id = $1 AND rollback_key IS NOT DISTINCT FROM $2::text[]";
 
 struct Restore<'a> {
@@ -108,6 +110,14 @@ impl Restore<'_> {
 
     async fn run(mut self) -> Result<RollbackOutput, JobError> {
         let started = Instant::now();
+        // Kept while this rollback runs (each batch keeps it again): with its retention
+        // passing midway, the sweep dropped it between two batches, or refused a retry, and
+        // the rows stayed half restored.
+        let expired = format!("its snapshot expired at {}", self.record.expires_at);
+        self.record = snapshot::pin(&self.target.platform, self.record.job_id)
+            .await
+            .map_err(job_error)?
+            .ok_or(JobError::Permanent(expired))?;
         // A cancelled or failed patch ended before indexing its snapshot.
         snapshot::index(&self.target.platform, &self.record)
             .await
@@ -335,6 +345,7 @@ impl Restore<'_> {
             .bind(&key)
             .bind(self.ctx.job_id())
             .bind(restored)
+            .bind(snapshot::PIN.as_secs_f64())
             .execute(&mut *tx)
             .await?
             .rows_affected()

@@ -66,7 +66,8 @@ pub async fn ensure_schema(pool: &PgPool) -> sqlx::Result<()> {
     tx.commit().await
 }
 
-/// Drops the snapshot tables whose retention has passed; their rows stay, marked dropped.
+/// Drops the snapshot tables whose retention has passed; their rows stay, marked dropped. A
+/// rollback may pin a snapshot ([`pin`]) after it was listed here: its drop is undone.
 pub async fn drop_expired(pool: &PgPool) -> sqlx::Result<Vec<String>> {
     // The table's name comes from the job id, never from the registry's text.
     let expired: Vec<Uuid> = sqlx::query_scalar(
@@ -82,14 +83,45 @@ pub async fn drop_expired(pool: &PgPool) -> sqlx::Result<Vec<String>> {
         sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE conveyor_snapshots.patches SET dropped_at = now() WHERE job_id = $1")
-            .bind(job)
-            .execute(&mut *tx)
-            .await?;
+        // Expired still, checked under the row's lock (taken after the table's, as a
+        // rollback's batches take them): a rollback that pinned it meanwhile keeps it.
+        let still_expired = sqlx::query(
+            "UPDATE conveyor_snapshots.patches SET dropped_at = now()
+             WHERE job_id = $1 AND expires_at <= now() AND dropped_at IS NULL",
+        )
+        .bind(job)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !still_expired {
+            tx.rollback().await?;
+            continue;
+        }
         tx.commit().await?;
         dropped.push(table);
     }
     Ok(dropped)
+}
+
+/// How long past now a rollback keeps its patch's snapshot, renewed by each of its batches:
+/// the sweep leaves it while the rollback runs, and a retry of the rollback still finds it.
+pub const PIN: Duration = Duration::from_secs(3600);
+
+/// Keeps the snapshot of patch `job` at least [`PIN`] past now, unless it has expired or been
+/// dropped (`None`). Under the registry row's lock, which [`drop_expired`] checks again under:
+/// a snapshot is pinned or dropped, never both.
+pub async fn pin(pool: &PgPool, job: Uuid) -> sqlx::Result<Option<Record>> {
+    sqlx::query_as(
+        "UPDATE conveyor_snapshots.patches
+         SET expires_at = greatest(expires_at, now() + make_interval(secs => $2))
+         WHERE job_id = $1 AND dropped_at IS NULL AND expires_at > now()
+         RETURNING *",
+    )
+    .bind(job)
+    .bind(PIN.as_secs_f64())
+    .fetch_optional(pool)
+    .await
 }
 
 /// [`drop_expired`] in a target database where patches ran.

@@ -173,6 +173,14 @@ mod tests {
         // Past the job retention but not its snapshot's: a rollback still needs the row.
         let young_patch = finished(&test, "patch", "succeeded", 15).await;
         let old_patch = finished(&test, "patch", "failed", 25).await;
+        // Past both, but a rollback of it is under way (and may need a retry).
+        let rolling_back = finished(&test, "patch", "succeeded", 25).await;
+        let rollback = test.job("patch_rollback", "running").await;
+        test.set(
+            rollback,
+            &format!("payload = jsonb_build_object('patch_job_id', '{rolling_back}')"),
+        )
+        .await;
         let recent = finished(&test, "canary", "succeeded", 9).await;
         traces(&test, recent).await;
         // Live jobs stay whatever their dates say.
@@ -199,7 +207,7 @@ mod tests {
         }
         assert!(!has_artifact(&test, old_succeeded).await);
         assert!(test.events(old_succeeded).await.is_empty());
-        for id in [young_patch, recent, running, queued, retrying] {
+        for id in [young_patch, rolling_back, recent, running, queued, retrying] {
             assert!(test.status(id).await.is_some(), "{id} deleted");
         }
         assert!(has_artifact(&test, recent).await);
