@@ -943,7 +943,7 @@ async fn patched_to_expire(app: &mut TestApp, expires_at: &str) -> (PgPool, PgPo
 #[tokio::test]
 async fn expired_snapshots_are_swept_and_cannot_be_rolled_back() {
     let mut app = TestApp::spawn().await;
-    let (db, admin, first) = patched_to_expire(&mut app, "now() - interval '1 hour'").await;
+    let (db, _, first) = patched_to_expire(&mut app, "now() - interval '1 hour'").await;
     let (status, problem) = submit(&app, "patch_rollback", json!({"patch_job_id": first})).await;
     assert_eq!(status, 422);
     assert!(problem.to_string().contains("expired"), "{problem}");
