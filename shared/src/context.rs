@@ -105,6 +105,15 @@ impl JobContext {
         self
     }
 
+    /// Counts its open [`Self::committing`] sections in `sections` (the worker's, which a
+    /// stopping worker waits for).
+    pub fn with_commits(mut self, sections: Arc<AtomicUsize>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("a fresh context, not yet shared")
+            .committing = sections;
+        self
+    }
+
     /// What this attempt used so far; handlers add their figures (rows, chunks, ...).
     pub fn meter(&self) -> &Arc<Meter> {
         &self.inner.meter

@@ -82,7 +82,9 @@ const WIND_DOWN: Duration = Duration::from_secs(5);
 
 /// The most a stopping worker takes beyond `CONVEYOR_SHUTDOWN_GRACE_SECS`: a process manager's
 /// stop timeout (`terminationGracePeriodSeconds`, compose's `stop_grace_period`) must exceed
-/// the grace plus this, or jobs are killed instead of handed back.
+/// the grace plus this, or jobs are killed instead of handed back. A job committing its work
+/// may hold the worker up to `COMMIT_GRACE` (5 minutes) more; a stop timeout that cuts it
+/// short leaves the job to the rescuer.
 pub const AFTER_GRACE: Duration = HAND_BACK.saturating_add(WIND_DOWN);
 
 /// A running worker; [`WorkerHandle::shutdown`] drains it.
@@ -109,7 +111,11 @@ impl WorkerHandle {
         if !self.runtime.wait_idle(grace).await {
             tracing::warn!("grace period over; handing running jobs back to the queue");
             self.runtime.interrupt_all();
-            self.runtime.wait_idle(HAND_BACK).await;
+            // Past `STOP_GRACE` only jobs inside their commit still run; heartbeats go on
+            // meanwhile, so none is rescued from under this worker.
+            if !self.runtime.wait_idle(HAND_BACK).await {
+                self.runtime.wait_commits().await;
+            }
         }
         // Before the worker says it stopped: a heartbeat after that would mark it alive again
         // (its jobs left to be rescued late, or while a stubborn one still runs here).

@@ -159,6 +159,8 @@ struct RunningJob {
     ended: CancellationToken,
     /// An earlier attempt of the same job still running here, which this one waits for.
     after: Option<CancellationToken>,
+    /// The attempt's open commit sections (its context's, see `JobContext::committing`).
+    committing: Arc<AtomicUsize>,
 }
 
 impl Runtime {
@@ -419,6 +421,7 @@ impl Runtime {
                     interrupted: Arc::new(AtomicBool::new(false)),
                     ended: CancellationToken::new(),
                     after,
+                    committing: Arc::default(),
                 };
                 running.insert(job.id, entry.clone());
                 claimed.push((job, entry));
@@ -608,6 +611,23 @@ impl Runtime {
         }
     }
 
+    /// Waits, at most [`COMMIT_GRACE`], for attempts still inside their commit (see
+    /// `JobContext::committing`): a stopping worker left them to the rescuer, as if it had
+    /// died, while their commit went on. Each ends on its own, or is dropped at `STOP_GRACE +
+    /// COMMIT_GRACE` after the interrupt and handed back: its outcome is written either way.
+    pub(crate) async fn wait_commits(&self) {
+        let committing = self
+            .running
+            .lock()
+            .expect("running lock")
+            .values()
+            .any(|job| job.committing.load(Ordering::SeqCst) > 0);
+        if committing {
+            tracing::warn!("waiting for jobs committing their work");
+            self.wait_idle(COMMIT_GRACE).await;
+        }
+    }
+
     pub(crate) async fn stopped(&self) {
         if let Err(e) = store::worker_stopped(&self.pool, &self.name).await {
             tracing::warn!(error = %e, "could not mark the worker stopped");
@@ -732,7 +752,8 @@ impl Runtime {
             self.pool.clone(),
             self.events.clone(),
         )
-        .with_meter(meter.clone());
+        .with_meter(meter.clone())
+        .with_commits(running.committing.clone());
         let run = AssertUnwindSafe(handler.run(&ctx, job.payload.clone())).catch_unwind();
         let run = CpuTimed::new(run, meter.clone());
         // Asked to stop by a cancel, a shutdown or the attempt's deadline.

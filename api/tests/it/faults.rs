@@ -69,13 +69,10 @@ async fn sigterm_lets_the_running_job_finish() {
         took < Duration::from_secs(4),
         "the worker took {took:?} to stop"
     );
-    let stopped: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT stopped_at FROM workers WHERE name = $1")
-            .bind(&name)
-            .fetch_one(app.pool())
-            .await
-            .unwrap();
-    assert!(stopped.is_some(), "the worker's row says it is alive");
+    assert!(
+        app.worker_stopped(&name).await,
+        "the worker's row says it is alive"
+    );
 }
 
 /// A long canary job running on a worker process of `spec` whose log goes to a file: the

@@ -92,6 +92,18 @@ impl TestApp {
         &self.server.as_ref().expect("api running").state.pool
     }
 
+    /// Whether worker `name`'s row says it stopped.
+    pub async fn worker_stopped(&self, name: &str) -> bool {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+            "SELECT stopped_at FROM workers WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_one(self.pool())
+        .await
+        .unwrap()
+        .is_some()
+    }
+
     /// Every job kind, with this deployment's services.
     /// Every job kind, with a worker's services (its bounds on target sessions).
     pub fn registry(&self) -> jobs::Registry {

@@ -393,6 +393,38 @@ async fn a_cancel_does_not_drop_a_job_while_it_publishes() {
     assert_eq!(job["result"]["published"], true, "{job}");
 }
 
+/// Past the grace period a stopping worker waits for a job committing its work and writes its
+/// outcome before it says it stopped: it stopped 10 s after the interrupt, leaving the job
+/// `running` under a stopped worker for the rescuer to count as a death (failed on its last
+/// attempt) while its commit went on, then was cut off.
+#[tokio::test]
+async fn a_stopping_worker_waits_for_a_job_committing_its_work() {
+    let mut app = TestApp::spawn_with(|s| s.shutdown_grace = Duration::from_secs(1)).await;
+    // Longer than the grace and the hand-back (1 + 10 s).
+    let publisher = SlowPublisher {
+        publish: Duration::from_secs(16),
+    };
+    let registry = jobs::Registry::new(vec![std::sync::Arc::new(publisher)]);
+    let name = app.start_worker_with(registry, &[("canary", 1)]).await;
+    let id = app.submit_canary(json!({})).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while app.job(id).await["progress"].as_f64() != Some(0.5) {
+        assert!(std::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.workers.pop().expect("the worker").shutdown().await;
+    let job = app.job(id).await;
+    assert_eq!(
+        job["status"], "succeeded",
+        "written before the worker stopped: {job}"
+    );
+    assert_eq!(job["result"]["published"], true, "{job}");
+    assert!(
+        app.worker_stopped(&name).await,
+        "the worker's row says it is alive"
+    );
+}
+
 /// A backlog of 10,000 jobs queued before any worker runs all succeed (when jobs went through
 /// apalis' Redis lists, its push path jammed for good past about 8,000 waiting entries).
 #[tokio::test]
