@@ -37,7 +37,9 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
     state: &S,
 ) -> Result<(T, Bytes), Problem> {
     let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if sent_nothing(&rejection) {
+            body_idle()
+        } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too-large",
@@ -74,6 +76,22 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
             )]))
         }
     }
+}
+
+/// Whether `error`, or what caused it, is a request body that sent nothing for
+/// `CONVEYOR_BODY_IDLE_SECS` (`tower_http`'s body timeout).
+pub fn sent_nothing(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source())
+        .any(|e| e.is::<tower_http::timeout::TimeoutError>())
+}
+
+/// The answer to a request whose body [`sent_nothing`].
+pub fn body_idle() -> Problem {
+    Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body-idle",
+        "the request body sent nothing for too long (CONVEYOR_BODY_IDLE_SECS)",
+    )
 }
 
 /// Whether a JSON text may hold a NUL (PostgreSQL stores none in text or JSON, so a string

@@ -26,12 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 pub fn router(state: AppState) -> Router {
-    let limit = state.settings.body_limit;
+    let (limit, body_idle) = (state.settings.body_limit, state.settings.body_idle);
     let (api, mut document) = routes::router().split_for_parts();
     let (streams, streams_document) = routes::streams().split_for_parts();
     document.merge(streams_document);
     api.route("/openapi.json", openapi::serve(&document))
         .layer(DefaultBodyLimit::max(limit))
+        // A body sending nothing held its connection and handler for ever (the head has
+        // `serve::HEADER_READ`); the extractors answer 408 (`extract::body_idle`).
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_idle))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         // Every response names its request, so a client's report finds the server's log line.
         .layer(PropagateRequestIdLayer::x_request_id())

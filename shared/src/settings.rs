@@ -31,6 +31,9 @@ pub struct Settings {
     pub object_store: Option<BucketConfig>,
     /// `CONVEYOR_BODY_LIMIT`: largest JSON request body in bytes.
     pub body_limit: usize,
+    /// `CONVEYOR_BODY_IDLE_SECS`: how long a request body (an upload's included) may send
+    /// nothing before the request is dropped with 408.
+    pub body_idle: Duration,
     /// `CONVEYOR_PAGE_MAX_BYTES`: a list page ends early, with a cursor, once its rows pass
     /// this many bytes (it always holds one).
     pub page_max_bytes: usize,
@@ -177,6 +180,7 @@ impl fmt::Debug for Settings {
             data_dir,
             object_store,
             body_limit,
+            body_idle,
             page_max_bytes,
             heartbeat,
             rescue_after,
@@ -230,6 +234,7 @@ impl fmt::Debug for Settings {
             .field("data_dir", data_dir)
             .field("object_store", object_store)
             .field("body_limit", body_limit)
+            .field("body_idle", body_idle)
             .field("page_max_bytes", page_max_bytes)
             .field("heartbeat", heartbeat)
             .field("rescue_after", rescue_after)
@@ -324,6 +329,7 @@ impl Settings {
                     .map(|url| BucketConfig { url, options })
             },
             body_limit: vars.parse("BODY_LIMIT", "1048576")?,
+            body_idle: Duration::from_secs(vars.parse("BODY_IDLE_SECS", "60")?),
             page_max_bytes: vars.parse("PAGE_MAX_BYTES", "8388608")?,
             heartbeat: Duration::from_secs(vars.parse("HEARTBEAT_SECS", "2")?),
             rescue_after: Duration::from_secs(vars.parse("RESCUE_AFTER_SECS", "10")?),
@@ -457,6 +463,7 @@ impl Settings {
             redis_prefix,
             listen: "127.0.0.1:0".parse().expect("literal address"),
             body_limit: 64 * 1024,
+            body_idle: Duration::from_secs(60),
             page_max_bytes: 8 << 20,
             heartbeat: Duration::from_millis(500),
             rescue_after: Duration::from_secs(3),

@@ -40,7 +40,7 @@ pub struct UploadParams {
 
 #[utoipa::path(post, path = "/v1/datasets", tag = "datasets", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file, as the raw body"),
-    responses((status = 201, body = Dataset), (status = 408, body = Problem, description = "the upload sent nothing for 60 s"),
+    responses((status = 201, body = Dataset), (status = 408, body = Problem, description = "the upload sent nothing for CONVEYOR_BODY_IDLE_SECS"),
               (status = 413, body = Problem), (status = 422, body = Problem),
               (status = 429, body = Problem, description = "the tenant has 4 uploads in flight on this API process")))]
 pub async fn upload(
@@ -164,10 +164,6 @@ pub async fn upload(
 /// space up to its room and, once received, an inspector process.
 const MAX_UPLOADS_PER_TENANT: usize = 4;
 
-/// How long an upload may send nothing before it is dropped (a client trickling bytes held its
-/// connection and scratch file for ever).
-const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// Streams the body into `path`; returns its size and sha256. Past `limit` bytes: 413.
 async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64, String), Problem> {
     let file = tokio::fs::File::create(path)
@@ -177,21 +173,18 @@ async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64,
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
-    loop {
-        let Ok(next) = tokio::time::timeout(UPLOAD_IDLE, stream.next()).await else {
-            return Err(Problem::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "upload-idle",
-                format!("the upload sent nothing for {} s", UPLOAD_IDLE.as_secs()),
-            ));
-        };
-        let Some(chunk) = next else { break };
+    // A client trickling nothing is cut off by the body timeout (`CONVEYOR_BODY_IDLE_SECS`).
+    while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "bad-body",
-                format!("upload interrupted: {e}"),
-            )
+            if crate::extract::sent_nothing(&e) {
+                crate::extract::body_idle()
+            } else {
+                Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad-body",
+                    format!("upload interrupted: {e}"),
+                )
+            }
         })?;
         size += chunk.len() as u64;
         if size > limit {

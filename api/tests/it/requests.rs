@@ -630,3 +630,43 @@ async fn a_request_in_flight_at_shutdown_is_answered() {
     assert_eq!(answer.status(), StatusCode::ACCEPTED);
     stopped.await.unwrap();
 }
+
+/// A request body that stops sending is answered 408 once it has sent nothing for
+/// `CONVEYOR_BODY_IDLE_SECS`, a JSON body's as an upload's: a client that sent a head and then
+/// nothing held its connection and handler for ever.
+#[tokio::test]
+async fn a_body_that_stops_sending_is_answered_408() {
+    let app = TestApp::spawn_with(|s| s.body_idle = std::time::Duration::from_secs(2)).await;
+    for (path, start) in [
+        ("/v1/jobs", &br#"{"kind": "canary", "#[..]),
+        ("/v1/datasets?name=slow.csv", &b"id,name\n1,a\n"[..]),
+    ] {
+        let (send, body) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+        let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(body));
+        let request = app
+            .client
+            .post(app.url(path))
+            .bearer_auth(&app.key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send();
+        let answer = tokio::spawn(request);
+        send.send(Ok(start.to_vec())).await.unwrap();
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(20), answer)
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer 20 s after its body stopped"))
+            .unwrap()
+            .expect("an answer");
+        assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+        assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT, "{path}");
+        let problem: Value = answer.json().await.unwrap();
+        assert_eq!(
+            problem["type"], "https://conveyor.dev/problems/body-idle",
+            "{path}: {problem}"
+        );
+        drop(send);
+    }
+    let (_, datasets) = app.get("/v1/datasets").await;
+    assert_eq!(datasets["datasets"], json!([]), "{datasets}");
+}
