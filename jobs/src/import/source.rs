@@ -472,7 +472,7 @@ fn parquet_text<'a>(value: &'a AnyValue<'a>) -> Result<Cow<'a, str>, String> {
                 .checked_add(719_163)
                 .and_then(chrono::NaiveDate::from_num_days_from_ce_opt)
                 .ok_or_else(out_of_range)?;
-            date.format("%Y-%m-%d").to_string()
+            era_text(date.and_time(chrono::NaiveTime::MIN), "%Y-%m-%d")?
         }
         AnyValue::Datetime(v, unit, zone) => instant_text(*v, *unit, zone.is_some())?,
         AnyValue::DatetimeOwned(v, unit, zone) => instant_text(*v, *unit, zone.is_some())?,
@@ -489,10 +489,31 @@ fn instant_text(v: i64, unit: TimeUnit, zoned: bool) -> Result<String, String> {
         TimeUnit::Milliseconds => chrono::DateTime::from_timestamp_millis(v),
     }
     .ok_or("a timestamp out of range")?;
-    Ok(match zoned {
-        true => at.format("%Y-%m-%d %H:%M:%S%.f+00:00").to_string(),
-        false => at.naive_utc().format("%Y-%m-%d %H:%M:%S%.f").to_string(),
-    })
+    era_text(
+        at.naive_utc(),
+        match zoned {
+            true => "%Y-%m-%d %H:%M:%S%.f+00:00",
+            false => "%Y-%m-%d %H:%M:%S%.f",
+        },
+    )
+}
+
+/// `at` in `format` as PostgreSQL reads it: a year before 1 as its year BC (PostgreSQL has no
+/// year 0, and reads neither `0000` nor `-0001`), and an error before PostgreSQL's first day
+/// (4714-11-24 BC), which it refuses.
+fn era_text(at: chrono::NaiveDateTime, format: &str) -> Result<String, String> {
+    use chrono::Datelike;
+    let first = chrono::NaiveDate::from_ymd_opt(-4713, 11, 24).expect("a valid date");
+    if at.date() < first {
+        return Err("a date or time before 4714-11-24 BC, PostgreSQL's first day".into());
+    }
+    if at.year() >= 1 {
+        return Ok(at.format(format).to_string());
+    }
+    // The same day and time with the year counted back from 1 BC (astronomical year 0).
+    let bc_year = 1 - at.year();
+    let text = at.format(&format.replacen("%Y", "", 1)).to_string();
+    Ok(format!("{bc_year:04}{text} BC"))
 }
 
 /// One NDJSON line's values in column order (`None`: the key is absent); keys that name no
@@ -567,6 +588,36 @@ fn unquoted(text: &str) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Years before 1 are written as PostgreSQL reads them (it reads no year 0 nor `-0001`);
+    /// a day before its first is the row's error, not the COPY's.
+    #[test]
+    fn times_before_year_one_are_written_bc() {
+        let at = |y, m, d| {
+            chrono::NaiveDate::from_ymd_opt(y, m, d)
+                .unwrap()
+                .and_hms_opt(10, 0, 0)
+                .unwrap()
+        };
+        let naive = "%Y-%m-%d %H:%M:%S%.f";
+        assert_eq!(
+            era_text(at(2024, 2, 29), naive).unwrap(),
+            "2024-02-29 10:00:00"
+        );
+        assert_eq!(
+            era_text(at(0, 12, 31), naive).unwrap(),
+            "0001-12-31 10:00:00 BC"
+        );
+        assert_eq!(
+            era_text(at(-4713, 11, 24), "%Y-%m-%d").unwrap(),
+            "4714-11-24 BC"
+        );
+        assert!(era_text(at(-4713, 11, 23), "%Y-%m-%d").is_err());
+        assert_eq!(
+            era_text(at(-99, 1, 2), "%Y-%m-%d %H:%M:%S%.f+00:00").unwrap(),
+            "0100-01-02 10:00:00+00:00 BC"
+        );
+    }
 
     fn read_ndjson(text: &str, columns: &[&str]) -> Vec<Result<Vec<Option<String>>, String>> {
         let file = tempfile::NamedTempFile::new().unwrap();

@@ -90,11 +90,15 @@ impl PgType {
             PgType::Date => date(trimmed),
             PgType::Timestamp => timestamp(trimmed),
             PgType::Timestamptz => timestamptz(trimmed) || timestamp(trimmed),
-            PgType::Uuid => uuid::Uuid::parse_str(trimmed).is_ok(),
+            // In PostgreSQL's spelling: it reads no `urn:uuid:` form.
+            PgType::Uuid => {
+                return uuid::Uuid::parse_str(trimmed)
+                    .map(|id| Cow::Owned(id.hyphenated().to_string()))
+                    .map_err(|_| self.invalid(value))
+            }
             // jsonb holds no \u0000 in a string.
             PgType::Json => {
-                serde_json::from_str::<serde::de::IgnoredAny>(value).is_ok()
-                    && !value.contains("\\u0000")
+                serde_json::from_str::<serde::de::IgnoredAny>(value).is_ok() && !escapes_nul(value)
             }
         };
         if ok {
@@ -194,8 +198,13 @@ fn numeric(v: &str) -> bool {
     mantissa_ok && exponent_ok
 }
 
+/// PostgreSQL reads no year 0 nor a signed year (it writes years before 1 as BC).
+fn in_common_era(date: chrono::NaiveDate) -> bool {
+    chrono::Datelike::year(&date) >= 1
+}
+
 fn date(v: &str) -> bool {
-    v.len() == 10 && chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").is_ok()
+    v.len() == 10 && chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").is_ok_and(in_common_era)
 }
 
 const NAIVE_FORMATS: &[&str] = &[
@@ -206,20 +215,31 @@ const NAIVE_FORMATS: &[&str] = &[
 ];
 
 fn timestamp(v: &str) -> bool {
-    NAIVE_FORMATS
-        .iter()
-        .any(|f| chrono::NaiveDateTime::parse_from_str(v, f).is_ok())
+    NAIVE_FORMATS.iter().any(|f| {
+        chrono::NaiveDateTime::parse_from_str(v, f).is_ok_and(|at| in_common_era(at.date()))
+    })
 }
 
 fn timestamptz(v: &str) -> bool {
-    if chrono::DateTime::parse_from_rfc3339(v).is_ok() {
-        return true;
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(v) {
+        return in_common_era(at.date_naive());
     }
     // PostgreSQL's own output (`2024-01-02 03:04:05.123+00`) and its variants.
     ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"]
         .iter()
-        .any(|f| chrono::DateTime::parse_from_str(v, f).is_ok())
+        .any(|f| {
+            chrono::DateTime::parse_from_str(v, f).is_ok_and(|at| in_common_era(at.date_naive()))
+        })
         || v.strip_suffix(['Z', 'z']).is_some_and(timestamp)
+}
+
+/// Whether JSON text holds the escape `\u0000` (a `\` before it escapes that backslash
+/// instead: `"\\u0000"` is the text backslash-u0000, which jsonb holds).
+fn escapes_nul(json: &str) -> bool {
+    json.match_indices("\\u0000").any(|(at, _)| {
+        let backslashes = json[..at].bytes().rev().take_while(|&b| b == b'\\').count();
+        backslashes % 2 == 0
+    })
 }
 
 /// Appends `value` to a COPY text-format buffer, escaped.
@@ -282,6 +302,23 @@ mod tests {
         assert!(PgType::Real.check("0").is_ok());
         assert!(PgType::Json.check(r#"{"a": "\u0000"}"#).is_err());
         assert!(PgType::Json.check(r#"{"a": "b"}"#).is_ok());
+        // The text backslash-u0000 is no NUL.
+        assert!(PgType::Json.check(r#"{"a": "\\u0000"}"#).is_ok());
+        assert!(PgType::Json.check(r#"{"a": "\\\u0000"}"#).is_err());
+        assert!(PgType::Date.check("0000-01-01").is_err());
+        assert!(PgType::Timestamp.check("0000-12-31 10:00:00").is_err());
+        assert!(PgType::Timestamptz.check("0000-12-31T10:00:00Z").is_err());
+        assert!(PgType::Timestamptz.check("0000-12-31 10:00:00+02").is_err());
+        assert_eq!(PgType::infer("0000-01-01"), PgType::Text);
+        // PostgreSQL reads no urn form; every spelling goes in its own.
+        let id = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+        for spelling in [
+            format!("urn:uuid:{id}"),
+            format!("{{{id}}}"),
+            id.replace('-', "").to_uppercase(),
+        ] {
+            assert_eq!(PgType::Uuid.check(&spelling).unwrap(), id, "{spelling}");
+        }
     }
 
     #[test]
