@@ -168,6 +168,10 @@ pub fn read(
             return Err(PolarsError::ComputeError("a document, not a table".into()))
         }
         Format::Parquet => {
+            // A dataset's file as any other tenant file: checked before polars reads it.
+            crate::import::parquet_footer::check(path).map_err(|why| {
+                PolarsError::ComputeError(format!("not a readable Parquet file: {why}").into())
+            })?;
             let mut reader = ParquetReader::new(std::fs::File::open(path)?);
             let decoded = crate::import::parquet_footer::decoded_bytes(reader.get_metadata()?);
             if decoded > cap.bytes {
