@@ -476,12 +476,7 @@ impl Compact<'_> {
 
     /// Walks a struct as polars reads it, by `schema`: `seen` is told each integer polars reads,
     /// by its path of field ids, and the struct's end (`None`).
-    fn walk(
-        &mut self,
-        schema: Schema,
-        path: &mut Vec<i64>,
-        seen: &mut Seen,
-    ) -> Result<(), String> {
+    fn walk(&mut self, schema: Schema, path: &mut Vec<i64>, seen: &mut Seen) -> Result<(), String> {
         if path.len() > MAX_DEPTH {
             return Err(format!("nests deeper than {MAX_DEPTH} levels"));
         }
