@@ -114,18 +114,30 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Indexes built `CONCURRENTLY` by migrations (one a migration, `IF NOT EXISTS`): a build
-/// cancelled or failed part way leaves an invalid index and its migration unrecorded, and on
-/// the next run `IF NOT EXISTS` would skip it, leaving an index never used but written at
-/// every insert. Dropped here, so the migration builds it again.
+/// Indexes built `CONCURRENTLY` by migrations (one a migration, `IF NOT EXISTS`), read from
+/// the migrations themselves (a list kept by hand missed one), with their versions.
+fn built_concurrently() -> Vec<(i64, String)> {
+    const BUILDS: &str = "CREATE INDEX CONCURRENTLY IF NOT EXISTS ";
+    MIGRATOR
+        .iter()
+        .filter_map(|m| {
+            let name = m.sql.split_once(BUILDS)?.1.split_whitespace().next()?;
+            Some((m.version, name.to_owned()))
+        })
+        .collect()
+}
+
+/// A build cancelled or failed part way leaves an invalid index and its migration unrecorded,
+/// and on the next run `IF NOT EXISTS` would skip it, leaving an index never used but written
+/// at every insert. Dropped here, so the migration builds it again.
 async fn drop_unfinished_indexes(pool: &PgPool) -> anyhow::Result<()> {
-    const BUILT_CONCURRENTLY: [&str; 3] = ["audit_log_target", "audit_log_key", "audit_log_action"];
+    let names: Vec<String> = built_concurrently().into_iter().map(|(_, n)| n).collect();
     let invalid: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
          WHERE NOT i.indisvalid AND c.relname = ANY($1)
            AND c.relnamespace = current_schema()::regnamespace",
     )
-    .bind(&BUILT_CONCURRENTLY[..])
+    .bind(&names)
     .fetch_all(pool)
     .await?;
     for index in invalid {
@@ -239,33 +251,45 @@ mod tests {
                     "migration {version} changed after it landed: add a new migration instead"
                 ),
                 None => panic!(
-                    "new migration {version}: add `{version} {checksum}` to migrations/checksums-20261217"
+                    "new migration {version}: add `{version} {checksum}` to a new \
+                     migrations/checksums-<date> listed above"
                 ),
             }
         }
         assert_eq!(recorded.len(), actual.len(), "a recorded migration is gone");
     }
 
-    /// An index a `CONCURRENTLY` migration left invalid (its build cancelled part way, the
-    /// migration unrecorded) is built again by the next migrate, not skipped as existing.
+    /// Each index a `CONCURRENTLY` migration builds, left invalid (its build cancelled part
+    /// way, the migration unrecorded), is built again by the next migrate, not skipped as
+    /// existing.
     #[tokio::test]
     async fn an_unfinished_concurrent_index_is_built_again() {
+        let builds = super::built_concurrently();
+        assert!(builds.len() >= 4, "{builds:?}");
         let db = crate::testing::TestDatabase::new().await;
-        for statement in [
-            "UPDATE pg_index SET indisvalid = false
-             WHERE indexrelid = 'audit_log_target'::regclass",
-            "DELETE FROM _sqlx_migrations WHERE version = 20261217000001",
-        ] {
-            sqlx::query(statement).execute(&db.pool).await.unwrap();
+        for (version, index) in &builds {
+            sqlx::query(&format!(
+                "UPDATE pg_index SET indisvalid = false WHERE indexrelid = '{index}'::regclass"
+            ))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+            sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+                .bind(version)
+                .execute(&db.pool)
+                .await
+                .unwrap();
         }
         super::migrate(&db.pool).await.unwrap();
-        let valid: bool = sqlx::query_scalar(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'audit_log_target'::regclass",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        assert!(valid, "the index stayed invalid");
+        for (_, index) in &builds {
+            let valid: bool = sqlx::query_scalar(&format!(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = '{index}'::regclass"
+            ))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            assert!(valid, "{index} stayed invalid");
+        }
     }
 
     #[test]
