@@ -299,6 +299,37 @@ async fn created_tables_take_types_from_the_whole_file() {
     );
 }
 
+/// A value no type holds, in a created column, is its row's error under `on_error=skip`: the
+/// column does not widen, and the file is read no more than twice (asking for a wider type
+/// that was the same, each pass asked for another, for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_no_type_holds_is_rejected_once_in_a_created_column() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let mut csv = String::from("id,amount\n");
+    for i in 0..3000 {
+        csv.push_str(&format!("{i},{i}.5\n"));
+    }
+    csv.push_str("3000,a\u{0}b\n3001,1e400\n");
+    let dataset = app.upload_dataset("huge.csv", csv.as_bytes()).await;
+    let id = submit_import(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "huge"}, "on_error": "skip"}),
+    )
+    .await;
+    let job = app
+        .wait_status(id, &["succeeded", "failed"], Duration::from_secs(60))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    // The NUL widened amount to text, which holds 1e400 as written but no NUL either.
+    assert_eq!(job["result"]["rows_imported"], 3001, "{job}");
+    assert_eq!(job["result"]["rows_rejected"], 1, "{job}");
+    assert_eq!(
+        psql(&app.target_url(), "SELECT amount FROM huge WHERE id = 3001"),
+        "1e400"
+    );
+}
+
 const MALFORMED_CSV: &[u8] = b"id,amount,name\n1,10,ok\n2,12x,bad number\n3,30\n4,40,ok again\n5,50,bad \xff utf8\n6,60,\"last\"\n";
 
 async fn target_with_rows(app: &TestApp) -> String {

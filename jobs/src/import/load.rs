@@ -399,6 +399,11 @@ async fn import(
             };
             // Each pass widens at least one column, to types the whole file fits: the
             // second pass copies.
+            if plan.iter().map(|p| &p.ty).eq(types.iter()) {
+                return Err(JobError::Permanent(
+                    "a pass over the file widened no column".into(),
+                ));
+            }
             for (column, ty) in plan.iter_mut().zip(types) {
                 if column.ty != ty {
                     ctx.log(format!(
@@ -840,8 +845,13 @@ fn read_rows(
                 Err(_) if column.widen => {
                     // Nothing more is sent: the file is read to its end for the types it
                     // needs, then read again into a staging table of those types.
-                    column.ty = column.ty.join(&PgType::infer(&text));
-                    widened = true;
+                    // A value no wider type holds (a NUL, 1e400 in a double) is its row's
+                    // error: read again with the same types, it would ask again for ever.
+                    let wider = column.ty.join(&PgType::infer(&text));
+                    if wider != column.ty {
+                        column.ty = wider;
+                        widened = true;
+                    }
                     match column.ty.check(&text) {
                         Ok(value) => push_copy_text(&mut line_buffer, &value),
                         Err(reason) => {
