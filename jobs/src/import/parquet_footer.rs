@@ -32,6 +32,10 @@ const HEADER_LIMIT: u64 = 1 << 20;
 /// The most pages walked in one file (a TB of 1 MB pages); each costs a read of its header.
 const MAX_PAGES: u64 = 1 << 20;
 
+/// The most values a column chunk may declare: polars reserves a nested column's declared
+/// count before decoding it (2^28 values of 8 bytes: 2 GiB).
+const MAX_CHUNK_VALUES: i64 = 1 << 28;
+
 /// Thrift structs nest a few levels in Parquet metadata; a deeper file is hostile.
 const MAX_DEPTH: usize = 32;
 
@@ -79,6 +83,7 @@ pub fn check(path: &Path) -> Result<(), String> {
         data: 4..size - 8 - declared,
         walked: 0,
         header: Vec::new(),
+        ranges: Vec::new(),
     };
     let mut chunk = Chunk::default();
     let mut each = |path: &[i64], value: Option<i64>| {
@@ -90,7 +95,8 @@ pub fn check(path: &Path) -> Result<(), String> {
         }
         Ok(())
     };
-    walk(&mut each)
+    walk(&mut each)?;
+    pages.disjoint()
 }
 
 /// What the file's data takes once decoded, by its metadata: each row group's declared size,
@@ -110,6 +116,7 @@ pub fn decoded_bytes(metadata: &polars::prelude::FileMetadata) -> u64 {
 /// A column chunk's metadata, as far as its pages go.
 #[derive(Default)]
 struct Chunk {
+    values: Option<i64>,
     uncompressed: Option<i64>,
     compressed: Option<i64>,
     data_page: Option<i64>,
@@ -120,6 +127,7 @@ impl Chunk {
     /// ColumnMetaData's field `id`.
     fn set(&mut self, id: i64, value: i64) {
         let field = match id {
+            5 => &mut self.values,
             6 => &mut self.uncompressed,
             7 => &mut self.compressed,
             9 => &mut self.data_page,
@@ -136,6 +144,10 @@ struct Page {
     header: u64,
     compressed: u64,
     uncompressed: u64,
+    /// A dictionary page's values, which polars reserves room for before reading them.
+    dictionary_values: Option<i64>,
+    /// A v2 data page's level lengths, which polars splits the page at unchecked.
+    levels: [Option<i64>; 2],
 }
 
 /// A walk over column chunks' pages: their headers read, their bodies seeked over.
@@ -145,6 +157,9 @@ struct Pages {
     data: Range<u64>,
     walked: u64,
     header: Vec<u8>,
+    /// The byte ranges of the chunks walked: chunks sharing bytes made polars unpack the same
+    /// page once for each.
+    ranges: Vec<Range<u64>>,
 }
 
 impl Pages {
@@ -156,6 +171,12 @@ impl Pages {
         else {
             return Err("has a column chunk without its sizes".into());
         };
+        if !(0..=MAX_CHUNK_VALUES).contains(&chunk.values.unwrap_or(0)) {
+            return Err(format!(
+                "has a column chunk declaring {} values; at most {MAX_CHUNK_VALUES} are read",
+                chunk.values.unwrap_or(0)
+            ));
+        }
         let start = chunk.dictionary_page.unwrap_or(data_page);
         let (Ok(start), Ok(compressed), Ok(uncompressed)) = (
             u64::try_from(start),
@@ -172,6 +193,7 @@ impl Pages {
             .ok_or_else(|| {
                 format!("its column chunk at byte {start} declares {compressed} bytes outside the file's data")
             })?;
+        self.ranges.push(start..end);
         let (mut at, mut unpacked) = (start, 0u64);
         while at < end {
             self.walked += 1;
@@ -182,6 +204,23 @@ impl Pages {
                 .page(at, end)
                 .map_err(|why| format!("its page header at byte {at} {why}"))?;
             let body = at + page.header;
+            // Values take a byte each at least (booleans are never a dictionary's).
+            if page
+                .dictionary_values
+                .is_some_and(|n| n < 0 || n as u64 > page.uncompressed)
+            {
+                return Err(format!(
+                    "its dictionary page at byte {at} declares more values than its bytes hold"
+                ));
+            }
+            let levels = page.levels.iter().flatten();
+            if levels.clone().any(|&n| n < 0)
+                || levels.map(|&n| n as u64).sum::<u64>() > page.compressed.min(page.uncompressed)
+            {
+                return Err(format!(
+                    "its page at byte {at} declares levels longer than the page"
+                ));
+            }
             if page.uncompressed > PAGE_LIMIT {
                 return Err(format!(
                     "its page at byte {at} declares {} bytes uncompressed; at most {PAGE_LIMIT} \
@@ -208,6 +247,18 @@ impl Pages {
         Ok(())
     }
 
+    /// The chunks walked share no byte.
+    fn disjoint(&mut self) -> Result<(), String> {
+        self.ranges.sort_by_key(|r| r.start);
+        match self.ranges.windows(2).find(|w| w[1].start < w[0].end) {
+            Some(w) => Err(format!(
+                "its column chunks at bytes {} and {} overlap",
+                w[0].start, w[1].start
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The header of the page at `at`, read from at most HEADER_LIMIT bytes and never past the
     /// chunk's `end`: a small read first (real headers are tens of bytes), more while it is cut
     /// short.
@@ -221,6 +272,7 @@ impl Pages {
                 .and_then(|_| self.file.read_exact(&mut self.header))
                 .map_err(|e| e.to_string())?;
             let (mut uncompressed, mut compressed) = (None, None);
+            let (mut dictionary_values, mut levels) = (None, [None, None]);
             let mut header = Compact {
                 bytes: &self.header,
                 pos: 0,
@@ -229,6 +281,11 @@ impl Pages {
                 match (path, value) {
                     ([2], Some(value)) => uncompressed = Some(value),
                     ([3], Some(value)) => compressed = Some(value),
+                    // DictionaryPageHeader.num_values
+                    ([7, 1], Some(value)) => dictionary_values = Some(value),
+                    // DataPageHeaderV2's definition and repetition levels' byte lengths
+                    ([8, 5], Some(value)) => levels[0] = Some(value),
+                    ([8, 6], Some(value)) => levels[1] = Some(value),
                     _ => {}
                 }
                 Ok(())
@@ -244,6 +301,8 @@ impl Pages {
                         header: header.pos as u64,
                         compressed,
                         uncompressed,
+                        dictionary_values,
+                        levels,
                     });
                 }
                 (Ok(()), ..) => return Err("lacks its page's sizes".into()),
@@ -597,7 +656,10 @@ impl Compact<'_> {
                 let (n, element) = self.list()?;
                 for _ in 0..n {
                     match element {
-                        1 | 2 => self.take(1)?, // booleans in a list take a byte each
+                        // polars skips a list's booleans as taking no byte, polars-parquet-format
+                        // as taking one: bytes that one walk reads as elements, the other read
+                        // as fields. No footer or page header holds such a list.
+                        1 | 2 => return Err("lists booleans".into()),
                         _ => self.skip_value(element, depth + 1)?,
                     }
                 }
@@ -683,11 +745,17 @@ mod tests {
         // version (1) declared a string, whose bytes polars reads as field 2: a list of
         // 2^31 - 1 schema elements, reserved before one is read.
         let hidden = [0x18, 0x07, 0x19, 0xfc, 0xff, 0xff, 0xff, 0xff, 0x07, 0x00];
+        // An unknown field 8, a list of 8 booleans: polars skips them as no bytes and reads
+        // the next as field 2, a list of 2^31 - 1 schema elements.
+        let booleans = [
+            0x89, 0x82, 0x09, 0x04, 0xfc, 0xff, 0xff, 0xff, 0xff, 0x07, 0x00,
+        ];
         for (bytes, why) in [
             (parquet(&huge_list, 7), "declares 2147483647 elements"),
             (parquet(&long_string, 6), "declares 2147483647 bytes"),
             (parquet(&deep, 100), "nests deeper"),
             (parquet(&hidden, 10), "has type 8 in field [1]"),
+            (parquet(&booleans, 11), "lists booleans"),
             (parquet(&[0; 4], 0xffff_fff0), "more than the file holds"),
             (b"PAR1nope".to_vec(), "too short"),
         ] {
@@ -723,6 +791,31 @@ mod tests {
         [&bytes[..at], &encoded, &bytes[varint_end(bytes, at)..]].concat()
     }
 
+    /// A file whose first dictionary page declares far more values than its bytes hold:
+    /// polars reserved room for all of them before reading one.
+    fn dictionary_of_more_values() -> Vec<u8> {
+        let mut frame = df!("kind" => ["a", "b", "a", "b"]).unwrap();
+        let mut bytes = Vec::new();
+        ParquetWriter::new(&mut bytes).finish(&mut frame).unwrap();
+        let mut reader = ParquetReader::new(Cursor::new(&bytes));
+        let column = &reader.get_metadata().unwrap().row_groups[0].parquet_columns()[0];
+        let at = column.dictionary_page_offset().expect("a dictionary page") as usize;
+        // 0x15 and the type (DICTIONARY_PAGE, 2), the sizes as in `lying_pages_are_refused`,
+        // then the dictionary header (field 7, a struct: 0x4c) and its num_values (0x15).
+        assert_eq!(
+            (bytes[at], bytes[at + 1], bytes[at + 2]),
+            (0x15, 0x04, 0x15)
+        );
+        let after_sizes = varint_end(&bytes, varint_end(&bytes, at + 3) + 1);
+        let header = bytes[after_sizes..]
+            .iter()
+            .position(|&b| b == 0x4c)
+            .unwrap()
+            + after_sizes;
+        assert_eq!(bytes[header + 1], 0x15);
+        with_varint(&bytes, header + 2, 1 << 30)
+    }
+
     #[test]
     fn lying_pages_are_refused() {
         let bytes = written();
@@ -750,6 +843,10 @@ mod tests {
                 "where its column chunk has",
             ),
             (confused, "has type 8 in field [2]"),
+            (
+                dictionary_of_more_values(),
+                "more values than its bytes hold",
+            ),
         ] {
             let error = check_bytes(&bytes).unwrap_err();
             assert!(error.contains(why), "{error}");
