@@ -499,9 +499,9 @@ const LIVE: &str = "(EXISTS (SELECT 1 FROM jobs j WHERE j.schedule_id = s.id
 /// `grace` is a misfire: the schedule's policy says whether it makes a job; either way the next
 /// firing is the next one after now. Within the grace every firing makes its job (a schedule a
 /// few firings behind catches up over the next passes). A pipeline's steps are checked with
-/// `validate` when they start, as a submitted one's. A firing that fails ends the pass: the
-/// firings committed before it are returned (theirs to announce), the error only if there were
-/// none; the next pass meets that schedule first again.
+/// `validate` when they start, as a submitted one's. A firing that fails is logged and the pass
+/// goes on; one that cannot take a schedule at all ends the pass: the firings committed before
+/// it are returned (theirs to announce), the error only if there were none.
 pub async fn fire_due(
     pool: &PgPool,
     buckets: &Buckets,
@@ -514,6 +514,7 @@ pub async fn fire_due(
     // Each schedule fires at most once a pass.
     let mut seen = Vec::new();
     while (seen.len() as i64) < limit {
+        let taken = seen.len();
         match fire_next(pool, buckets, grace, validate, &mut seen).await {
             Ok(Some(made)) => {
                 fired.schedules += 1;
@@ -521,9 +522,14 @@ pub async fn fire_due(
                 fired.pipelines += made.pipelines;
             }
             Ok(None) => break,
+            // One schedule's failure is its own: the others fire (first in each pass, it stopped
+            // every tenant's schedules).
+            Err(e) if seen.len() > taken => {
+                tracing::warn!(error = %e, schedule = %seen[taken], "a schedule did not fire; the next pass tries again");
+            }
             Err(e) if fired.schedules == 0 => return Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, "a schedule did not fire; the next pass tries again");
+                tracing::warn!(error = %e, "schedules did not fire; the next pass tries again");
                 break;
             }
         }

@@ -989,10 +989,10 @@ async fn a_rollback_keeps_its_snapshot_past_its_expiry_while_it_runs() {
     let admin = PgPool::connect(&app.target_admin_url()).await.unwrap();
     exec(
         &admin,
-        "UPDATE conveyor_snapshots.patches SET expires_at = now() + interval '5 seconds'",
+        "UPDATE conveyor_snapshots.patches SET expires_at = now() + interval '15 seconds'",
     )
     .await;
-    let expiry = Instant::now() + Duration::from_secs(5);
+    let expiry = Instant::now() + Duration::from_secs(15);
     // A patched row near the end held by someone else: the rollback restores the rows before
     // it, then waits for it (its batches retry a lock timeout).
     let mut holder = db.begin().await.unwrap();
@@ -1028,7 +1028,8 @@ async fn a_rollback_keeps_its_snapshot_past_its_expiry_while_it_runs() {
 async fn the_sweep_keeps_a_snapshot_pinned_after_it_listed_it() {
     let mut app = TestApp::spawn().await;
     let (db, admin, id) = patched_to_expire(&mut app, "now() - interval '1 second'").await;
-    // A rollback's pin, not yet committed: the sweep still lists the snapshot as expired.
+    // A rollback's batch renewing it (as `MARK_SQL` does), not yet committed: the sweep still
+    // lists the snapshot as expired.
     let mut pin = admin.begin().await.unwrap();
     sqlx::query(
         "UPDATE conveyor_snapshots.patches SET expires_at = now() + interval '1 hour'

@@ -499,7 +499,8 @@ fn instant_text(v: i64, unit: TimeUnit, zoned: bool) -> Result<String, String> {
 }
 
 /// `at` in `format` as PostgreSQL reads it: a year before 1 as its year BC (PostgreSQL has no
-/// year 0, and reads neither `0000` nor `-0001`), and an error before PostgreSQL's first day
+/// year 0, and reads neither `0000` nor `-0001`), one past 9999 unsigned, and an error before
+/// PostgreSQL's first day
 /// (4714-11-24 BC), which it refuses.
 fn era_text(at: chrono::NaiveDateTime, format: &str) -> Result<String, String> {
     use chrono::Datelike;
@@ -507,13 +508,16 @@ fn era_text(at: chrono::NaiveDateTime, format: &str) -> Result<String, String> {
     if at.date() < first {
         return Err("a date or time before 4714-11-24 BC, PostgreSQL's first day".into());
     }
-    if at.year() >= 1 {
+    if (1..=9999).contains(&at.year()) {
         return Ok(at.format(format).to_string());
     }
+    // chrono writes years past 9999 as `+10000`, which PostgreSQL does not read either.
+    let rest = at.format(&format.replacen("%Y", "", 1)).to_string();
+    if at.year() > 9999 {
+        return Ok(format!("{}{rest}", at.year()));
+    }
     // The same day and time with the year counted back from 1 BC (astronomical year 0).
-    let bc_year = 1 - at.year();
-    let text = at.format(&format.replacen("%Y", "", 1)).to_string();
-    Ok(format!("{bc_year:04}{text} BC"))
+    Ok(format!("{:04}{rest} BC", 1 - at.year()))
 }
 
 /// One NDJSON line's values in column order (`None`: the key is absent); keys that name no
@@ -613,6 +617,10 @@ mod tests {
             "4714-11-24 BC"
         );
         assert!(era_text(at(-4713, 11, 23), "%Y-%m-%d").is_err());
+        assert_eq!(
+            era_text(at(10000, 1, 2), naive).unwrap(),
+            "10000-01-02 10:00:00"
+        );
         assert_eq!(
             era_text(at(-99, 1, 2), "%Y-%m-%d %H:%M:%S%.f+00:00").unwrap(),
             "0100-01-02 10:00:00+00:00 BC"

@@ -110,14 +110,6 @@ impl Restore<'_> {
 
     async fn run(mut self) -> Result<RollbackOutput, JobError> {
         let started = Instant::now();
-        // Kept while this rollback runs (each batch keeps it again): with its retention
-        // passing midway, the sweep dropped it between two batches, or refused a retry, and
-        // the rows stayed half restored.
-        let expired = format!("its snapshot expired at {}", self.record.expires_at);
-        self.record = snapshot::pin(&self.target.platform, self.record.job_id)
-            .await
-            .map_err(job_error)?
-            .ok_or(JobError::Permanent(expired))?;
         // A cancelled or failed patch ended before indexing its snapshot.
         snapshot::index(&self.target.platform, &self.record)
             .await
@@ -139,6 +131,14 @@ impl Restore<'_> {
                 )));
             }
         }
+        // Kept while this rollback restores (each batch keeps it again): with its retention
+        // passing midway, the sweep dropped it between two batches, or refused a retry, and
+        // the rows stayed half restored. Not before: a rollback refused for conflicts kept it.
+        let expired = format!("its snapshot expired at {}", self.record.expires_at);
+        self.record = snapshot::pin(&self.target.platform, self.record.job_id)
+            .await
+            .map_err(job_error)?
+            .ok_or(JobError::Permanent(expired))?;
         let (first, next) = (self.batch_sql(true), self.batch_sql(false));
         let mut size = 1_000;
         let (mut longest, mut retries, mut skipped) = (Duration::ZERO, 0, 0);
