@@ -329,7 +329,11 @@ impl Settings {
                     .map(|url| BucketConfig { url, options })
             },
             body_limit: vars.parse("BODY_LIMIT", "1048576")?,
-            body_idle: Duration::from_secs(vars.parse("BODY_IDLE_SECS", "60")?),
+            // 0 would answer every request with a body 408.
+            body_idle: Duration::from_secs(
+                vars.parse::<std::num::NonZeroU64>("BODY_IDLE_SECS", "60")?
+                    .get(),
+            ),
             page_max_bytes: vars.parse("PAGE_MAX_BYTES", "8388608")?,
             heartbeat: Duration::from_secs(vars.parse("HEARTBEAT_SECS", "2")?),
             rescue_after: Duration::from_secs(vars.parse("RESCUE_AFTER_SECS", "10")?),
@@ -618,6 +622,9 @@ mod tests {
         let refused = Settings::from_vars(&vars(&[("CONVEYOR_SHUTDOWN_GRACE_SECS", "soon")]));
         let error = refused.expect_err("an invalid value").to_string();
         assert!(error.contains("CONVEYOR_SHUTDOWN_GRACE_SECS"), "{error}");
+        let refused = Settings::from_vars(&vars(&[("CONVEYOR_BODY_IDLE_SECS", "0")]));
+        let error = refused.expect_err("no time for a body").to_string();
+        assert!(error.contains("CONVEYOR_BODY_IDLE_SECS"), "{error}");
         // A brace would make the prefix every key's hash tag: one cluster slot for all.
         let refused = Settings::from_vars(&vars(&[("CONVEYOR_REDIS_PREFIX", "app{x}")]));
         let error = refused.expect_err("a prefix with braces").to_string();
