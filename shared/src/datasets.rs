@@ -213,24 +213,44 @@ const USERS_NAMED: usize = 10;
 /// the first ten (a step by its pipeline). The search stops at the eleventh: a tenant's
 /// thousands of such jobs were all read and named, in an answer of megabytes, at every try.
 /// A waiting step was accepted with the dataset checked, and failed later for its loss.
+///
+/// Read where a payload can name one (an import's or a synthesis's `dataset_id`, an ingest's
+/// `documents[].dataset_id`, a sample's `model_id`), from the live jobs of those kinds only,
+/// through the indexes of queued and running jobs by kind and tenant: every live job of the
+/// tenant, of any kind, was read and its payload printed as text to be searched, at each
+/// delete, which found nothing and so read them all.
 pub async fn in_use(
     pool: &PgPool,
     tenant: Uuid,
     id: Uuid,
     what: &str,
 ) -> sqlx::Result<Option<crate::Problem>> {
+    let named = serde_json::Value::String(id.to_string());
+    // The kinds that can name one, and what a payload naming `id` contains (`@>`).
+    let (kinds, shapes): (&[&str], Vec<serde_json::Value>) = match what {
+        "dataset" => (
+            &["import", "ingest", "synthesis"],
+            vec![
+                serde_json::json!({ "dataset_id": named }),
+                serde_json::json!({ "documents": [{ "dataset_id": named }] }),
+            ],
+        ),
+        "model" => (&["sample"], vec![serde_json::json!({ "model_id": named })]),
+        other => unreachable!("no job kind names a {other}"),
+    };
     let users: Vec<Uuid> = sqlx::query_scalar(concat!(
-        "(SELECT id FROM jobs WHERE tenant_id = $1 AND ",
+        "(SELECT id FROM jobs WHERE kind = ANY($2) AND tenant_id = $1 AND ",
         crate::live_jobs!("jobs"),
-        " AND strpos(payload::text, $2) > 0 LIMIT $3)
+        " AND payload @> ANY($3) LIMIT $4)
          UNION ALL
          (SELECT DISTINCT p.id FROM pipelines p JOIN pipeline_steps s ON s.pipeline_id = p.id
           WHERE p.tenant_id = $1 AND p.status = 'running' AND s.state = 'waiting'
-            AND strpos(s.payload::text, $2) > 0 LIMIT $3)
-         LIMIT $3"
+            AND s.kind = ANY($2) AND s.payload @> ANY($3) LIMIT $4)
+         LIMIT $4"
     ))
     .bind(tenant)
-    .bind(id.to_string())
+    .bind(kinds)
+    .bind(&shapes)
     .bind(USERS_NAMED as i64 + 1)
     .fetch_all(pool)
     .await?;
@@ -331,6 +351,132 @@ fn json_name(value: impl Serialize) -> String {
 mod tests {
     use super::*;
     use crate::testing::TestDatabase;
+
+    /// Whether a dataset or a model is in use is read where a payload can name one, from the
+    /// live jobs of the kinds that do: every live job's payload was printed as text and
+    /// searched, here 3,000 queued canary jobs of a kilobyte, for a delete none could stop.
+    #[tokio::test]
+    async fn in_use_reads_only_the_live_jobs_that_can_name_it() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let (dataset, model) = (Uuid::now_v7(), Uuid::now_v7());
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload)
+             SELECT conveyor_uuidv7(), $1, 'canary', 'queued',
+                    jsonb_build_object('pad', repeat('x', 1000))
+             FROM generate_series(1, 3000)",
+        )
+        .bind(tenant)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        sqlx::query("ANALYZE jobs").execute(&db.pool).await.unwrap();
+        let one = crate::db::connect(&db.url, 1).await.unwrap();
+        // Rows of jobs read, by any scan.
+        let rows_read = || db.table_stat(&one, "jobs", "seq_tup_read + coalesce(idx_tup_fetch, 0)");
+        let before = rows_read().await;
+        assert!(in_use(&one, tenant, dataset, "dataset")
+            .await
+            .unwrap()
+            .is_none());
+        let read = rows_read().await - before;
+        assert!(
+            read < 10,
+            "{read} rows of jobs read to find no job using the dataset"
+        );
+
+        // A live job of each kind naming one where its payload does refuses the delete; once
+        // it has ended, it does not.
+        let users = [
+            (
+                "import",
+                "queued",
+                serde_json::json!({"dataset_id": dataset, "target": {"table": "t"}}),
+                dataset,
+                "dataset",
+            ),
+            (
+                "ingest",
+                "running",
+                serde_json::json!({"collection_id": Uuid::nil(),
+                "documents": [{"id": "a", "text": "a"}, {"dataset_id": dataset}]}),
+                dataset,
+                "dataset",
+            ),
+            (
+                "synthesis",
+                "retrying",
+                serde_json::json!({"dataset_id": dataset, "rows": 10}),
+                dataset,
+                "dataset",
+            ),
+            (
+                "sample",
+                "scheduled",
+                serde_json::json!({"model_id": model}),
+                model,
+                "model",
+            ),
+        ];
+        for (kind, status, payload, id, what) in users {
+            let job = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO jobs (id, tenant_id, kind, status, payload) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(job)
+            .bind(tenant)
+            .bind(kind)
+            .bind(status)
+            .bind(&payload)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+            let conflict = in_use(&db.pool, tenant, id, what).await.unwrap();
+            let conflict = conflict.unwrap_or_else(|| panic!("a {status} {kind} job uses it"));
+            assert!(
+                conflict.detail.contains(&job.to_string()),
+                "{kind}: {}",
+                conflict.detail
+            );
+            sqlx::query("UPDATE jobs SET status = 'succeeded' WHERE id = $1")
+                .bind(job)
+                .execute(&db.pool)
+                .await
+                .unwrap();
+            assert!(
+                in_use(&db.pool, tenant, id, what).await.unwrap().is_none(),
+                "{kind} ended"
+            );
+        }
+        // A waiting step of a running pipeline is named by its pipeline.
+        let pipeline = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO pipelines (id, tenant_id, on_failure) VALUES ($1, $2, 'continue')",
+        )
+        .bind(pipeline)
+        .bind(tenant)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO pipeline_steps (pipeline_id, name, position, kind, payload, max_attempts)
+             VALUES ($1, 'load', 0, 'import', $2, 1)",
+        )
+        .bind(pipeline)
+        .bind(serde_json::json!({"dataset_id": dataset, "target": {"table": "t"}}))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let conflict = in_use(&db.pool, tenant, dataset, "dataset")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            conflict.detail.contains(&pipeline.to_string()),
+            "{}",
+            conflict.detail
+        );
+    }
 
     fn output(tenant: Uuid, id: Uuid, size: i64, sha256: &str) -> Dataset {
         Dataset {

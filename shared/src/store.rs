@@ -1596,24 +1596,7 @@ mod tests {
             .await
             .unwrap();
         let queue = crate::db::connect_queue(&db.url, 1).await.unwrap();
-        let fetched = || async {
-            // The queue session's counts reach the shared view at its next transaction's end.
-            sqlx::query("SELECT pg_stat_force_next_flush()")
-                .execute(&queue)
-                .await
-                .unwrap();
-            let mut reader = db.pool.acquire().await.unwrap();
-            sqlx::query("SELECT pg_stat_clear_snapshot()")
-                .execute(&mut *reader)
-                .await
-                .unwrap();
-            sqlx::query_scalar::<_, i64>(
-                "SELECT idx_tup_fetch FROM pg_stat_user_tables WHERE relname = 'jobs'",
-            )
-            .fetch_one(&mut *reader)
-            .await
-            .unwrap()
-        };
+        let fetched = || db.table_stat(&queue, "jobs", "idx_tup_fetch");
         let finish = |range: std::ops::Range<usize>| -> Vec<Finish> {
             jobs[range]
                 .iter()

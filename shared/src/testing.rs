@@ -85,6 +85,28 @@ impl TestDatabase {
         test
     }
 
+    /// `figure` (an expression over `pg_stat_user_tables`' columns) of `table`, once the
+    /// `measured` session's counts reached the shared view (at its next transaction's end,
+    /// forced here). Tuple counts, unlike block counts, are not moved by autovacuum.
+    pub async fn table_stat(&self, measured: &PgPool, table: &str, figure: &str) -> i64 {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(measured)
+            .await
+            .expect("flush the session's counts");
+        let mut reader = self.pool.acquire().await.expect("a connection");
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&mut *reader)
+            .await
+            .expect("a fresh snapshot of the counts");
+        sqlx::query_scalar(&format!(
+            "SELECT ({figure})::bigint FROM pg_stat_user_tables WHERE relname = $1"
+        ))
+        .bind(table)
+        .fetch_one(&mut *reader)
+        .await
+        .expect("the table's counts")
+    }
+
     /// A new tenant.
     pub async fn tenant(&self) -> Uuid {
         let id = Uuid::now_v7();
