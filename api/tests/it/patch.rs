@@ -574,14 +574,21 @@ async fn execute_matches_the_plain_statement_and_rollback_restores_it() {
     );
 }
 
-#[tokio::test]
-async fn a_delete_is_rolled_back_by_inserting_the_rows_again() {
-    let mut app = TestApp::spawn().await;
-    let db = target(&app).await;
-    seed(&db, "items", 20_000).await;
+/// A target with `rows` seeded items, their checksum, and a worker for patches and their
+/// rollbacks.
+async fn items_to_roll_back(app: &mut TestApp, rows: i64) -> (PgPool, String) {
+    let db = target(app).await;
+    seed(&db, "items", rows).await;
     let original = checksum(&db, "items").await;
     app.start_worker_for(&[("patch", 1), ("patch_rollback", 1)])
         .await;
+    (db, original)
+}
+
+#[tokio::test]
+async fn a_delete_is_rolled_back_by_inserting_the_rows_again() {
+    let mut app = TestApp::spawn().await;
+    let (db, original) = items_to_roll_back(&mut app, 20_000).await;
     let id = submit_ok(
         &app,
         "patch",
@@ -973,11 +980,7 @@ async fn exists(pool: &PgPool, table: &str) -> bool {
 #[tokio::test]
 async fn a_rollback_keeps_its_snapshot_past_its_expiry_while_it_runs() {
     let mut app = TestApp::spawn().await;
-    let db = target(&app).await;
-    seed(&db, "items", 100_000).await;
-    let original = checksum(&db, "items").await;
-    app.start_worker_for(&[("patch", 1), ("patch_rollback", 1)])
-        .await;
+    let (db, original) = items_to_roll_back(&mut app, 100_000).await;
     let id = submit_ok(
         &app,
         "patch",

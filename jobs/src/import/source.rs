@@ -603,28 +603,21 @@ mod tests {
                 .and_hms_opt(10, 0, 0)
                 .unwrap()
         };
-        let naive = "%Y-%m-%d %H:%M:%S%.f";
-        assert_eq!(
-            era_text(at(2024, 2, 29), naive).unwrap(),
-            "2024-02-29 10:00:00"
+        let (naive, day, zoned) = (
+            "%Y-%m-%d %H:%M:%S%.f",
+            "%Y-%m-%d",
+            "%Y-%m-%d %H:%M:%S%.f+00:00",
         );
-        assert_eq!(
-            era_text(at(0, 12, 31), naive).unwrap(),
-            "0001-12-31 10:00:00 BC"
-        );
-        assert_eq!(
-            era_text(at(-4713, 11, 24), "%Y-%m-%d").unwrap(),
-            "4714-11-24 BC"
-        );
-        assert!(era_text(at(-4713, 11, 23), "%Y-%m-%d").is_err());
-        assert_eq!(
-            era_text(at(10000, 1, 2), naive).unwrap(),
-            "10000-01-02 10:00:00"
-        );
-        assert_eq!(
-            era_text(at(-99, 1, 2), "%Y-%m-%d %H:%M:%S%.f+00:00").unwrap(),
-            "0100-01-02 10:00:00+00:00 BC"
-        );
+        for (at, format, text) in [
+            (at(2024, 2, 29), naive, "2024-02-29 10:00:00"),
+            (at(0, 12, 31), naive, "0001-12-31 10:00:00 BC"),
+            (at(-4713, 11, 24), day, "4714-11-24 BC"),
+            (at(10000, 1, 2), naive, "10000-01-02 10:00:00"),
+            (at(-99, 1, 2), zoned, "0100-01-02 10:00:00+00:00 BC"),
+        ] {
+            assert_eq!(era_text(at, format).unwrap(), text);
+        }
+        assert!(era_text(at(-4713, 11, 23), day).is_err());
     }
 
     fn read_ndjson(text: &str, columns: &[&str]) -> Vec<Result<Vec<Option<String>>, String>> {
