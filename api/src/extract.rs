@@ -32,11 +32,25 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for HashedJson<T> {
     }
 }
 
+/// How long a JSON body (at most `CONVEYOR_BODY_LIMIT`) may take to arrive whole: the body
+/// timeout bounds only the gaps between its frames, and a client sending a byte a minute
+/// would hold its handler for ever. The router sets it from `CONVEYOR_BODY_IDLE_SECS`.
+#[derive(Clone, Copy)]
+pub struct BodyDeadline(pub std::time::Duration);
+
 async fn read<T: DeserializeOwned, S: Send + Sync>(
     req: Request,
     state: &S,
 ) -> Result<(T, Bytes), Problem> {
-    let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+    let BodyDeadline(deadline) = req
+        .extensions()
+        .get()
+        .copied()
+        .unwrap_or(BodyDeadline(std::time::Duration::from_secs(60)));
+    let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
+        .await
+        .map_err(|_| body_too_slow())?;
+    let bytes = bytes.map_err(|rejection| {
         if sent_nothing(&rejection) {
             body_idle()
         } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -91,6 +105,15 @@ pub fn body_idle() -> Problem {
         StatusCode::REQUEST_TIMEOUT,
         "body-idle",
         "the request body sent nothing for too long (CONVEYOR_BODY_IDLE_SECS)",
+    )
+}
+
+/// The answer to a JSON body that did not arrive whole within its [`BodyDeadline`].
+fn body_too_slow() -> Problem {
+    Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body-too-slow",
+        "the JSON body did not arrive whole within CONVEYOR_BODY_IDLE_SECS",
     )
 }
 

@@ -599,21 +599,34 @@ async fn a_request_head_that_never_ends_is_cut_off() {
     assert!(started.elapsed() >= std::time::Duration::from_secs(5));
 }
 
+type BodyChunks = tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>;
+
+/// A POST whose body is what the test sends on the returned channel, as it sends it.
+fn post_streaming(
+    app: &TestApp,
+    path: &str,
+) -> (
+    BodyChunks,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
+    let (send, body) = tokio::sync::mpsc::channel(2);
+    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(body));
+    let request = app
+        .client
+        .post(app.url(path))
+        .bearer_auth(&app.key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send();
+    (send, tokio::spawn(request))
+}
+
 /// At shutdown a request in flight is answered before its connection closes: it was cut off
 /// (the client could not tell whether its job was accepted).
 #[tokio::test]
 async fn a_request_in_flight_at_shutdown_is_answered() {
     let mut app = TestApp::spawn().await;
-    let (send, body) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
-    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(body));
-    let request = app
-        .client
-        .post(app.url("/v1/jobs"))
-        .bearer_auth(&app.key)
-        .header("content-type", "application/json")
-        .body(body)
-        .send();
-    let answer = tokio::spawn(request);
+    let (send, answer) = post_streaming(&app, "/v1/jobs");
     send.send(Ok(br#"{"kind": "canary", "#.to_vec()))
         .await
         .unwrap();
@@ -641,16 +654,7 @@ async fn a_body_that_stops_sending_is_answered_408() {
         ("/v1/jobs", &br#"{"kind": "canary", "#[..]),
         ("/v1/datasets?name=slow.csv", &b"id,name\n1,a\n"[..]),
     ] {
-        let (send, body) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
-        let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(body));
-        let request = app
-            .client
-            .post(app.url(path))
-            .bearer_auth(&app.key)
-            .header("content-type", "application/json")
-            .body(body)
-            .send();
-        let answer = tokio::spawn(request);
+        let (send, answer) = post_streaming(&app, path);
         send.send(Ok(start.to_vec())).await.unwrap();
         let started = std::time::Instant::now();
         let answer = tokio::time::timeout(std::time::Duration::from_secs(20), answer)
@@ -669,4 +673,35 @@ async fn a_body_that_stops_sending_is_answered_408() {
     }
     let (_, datasets) = app.get("/v1/datasets").await;
     assert_eq!(datasets["datasets"], json!([]), "{datasets}");
+}
+
+#[tokio::test]
+async fn a_json_body_trickling_past_its_deadline_is_answered_408() {
+    let app = TestApp::spawn_with(|s| s.body_idle = std::time::Duration::from_secs(2)).await;
+    let (send, answer) = post_streaming(&app, "/v1/jobs");
+    // Never idle for as long as the idle bound, so only a deadline on the whole body ends it.
+    let trickle = tokio::spawn(async move {
+        send.send(Ok(br#"{"kind": "canary", "payload": {"note": ""#.to_vec()))
+            .await
+            .ok();
+        while send.send(Ok(b"a".to_vec())).await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), answer)
+        .await
+        .expect("no answer 20 s into a trickling body")
+        .unwrap()
+        .expect("an answer");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT);
+    let problem: Value = answer.json().await.unwrap();
+    assert_eq!(
+        problem["type"], "https://conveyor.dev/problems/body-too-slow",
+        "{problem}"
+    );
+    trickle.abort();
+    let (_, jobs) = app.get("/v1/jobs").await;
+    assert_eq!(jobs["jobs"], json!([]), "{jobs}");
 }
