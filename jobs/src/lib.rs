@@ -33,6 +33,13 @@ pub enum JobError {
     Cancelled(#[from] shared::Cancelled),
 }
 
+/// The start of a commit not recorded (`JobContext::committing`): nothing published yet.
+impl From<shared::CommitUnrecorded> for JobError {
+    fn from(e: shared::CommitUnrecorded) -> Self {
+        JobError::Retryable(e.to_string())
+    }
+}
+
 /// A target database's error as the tenant reads it in its job: what is about its own data or
 /// SQL (the classes that name its rows, columns and statements) as PostgreSQL says it; anything
 /// else (the server's files, its resources, the connection) only by its SQLSTATE, the whole

@@ -136,7 +136,7 @@ impl Handler for SampleHandler {
         } else {
             "sample.csv"
         };
-        let _publishing = ctx.committing();
+        let _publishing = ctx.committing().await?;
         let dataset_id = register_dataset(&self.services, ctx, &output, name, parquet).await?;
         let size = objects
             .put_artifact_file(&output, ctx.job_id(), name)

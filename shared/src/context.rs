@@ -36,6 +36,12 @@ impl Drop for Committing {
 #[error("the job was cancelled")]
 pub struct Cancelled;
 
+/// Returned by [`JobContext::committing`] when the job's row did not record that the attempt
+/// enters its commit: nothing is published yet, and the attempt is worth retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("the start of the job's commit was not recorded")]
+pub struct CommitUnrecorded(#[source] sqlx::Error);
+
 #[derive(Clone)]
 pub struct JobContext {
     inner: Arc<Inner>,
@@ -56,6 +62,8 @@ struct Inner {
     meter: Arc<Meter>,
     /// Sections publishing what the attempt made (see [`JobContext::committing`]).
     committing: Arc<AtomicUsize>,
+    /// Set once the job's row records that this attempt entered its commit.
+    commit_recorded: tokio::sync::OnceCell<()>,
 }
 
 #[derive(Default)]
@@ -93,6 +101,7 @@ impl JobContext {
                 written: tokio::sync::Mutex::new(0),
                 meter: Arc::default(),
                 committing: Arc::default(),
+                commit_recorded: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -163,9 +172,21 @@ impl JobContext {
     /// dataset registered with its files): a worker drops a handler that does not stop when
     /// asked, but not in such a section, which ends on its own (within a longer bound), so a
     /// job is never reported cancelled with its work half published.
-    pub fn committing(&self) -> Committing {
-        self.inner.committing.fetch_add(1, Ordering::SeqCst);
-        Committing(self.inner.committing.clone())
+    ///
+    /// The attempt's first section first records in the job's row that the attempt entered
+    /// its commit (`jobs.committing_attempt`): a worker lost from then on may have published
+    /// the work, so the rescuer queues such a job once more even on its last attempt, for the
+    /// kind's ledger (an import's `conveyor.imports`, a dataset's id from the job's) to answer.
+    /// Err, with nothing published, when that could not be recorded.
+    pub async fn committing(&self) -> Result<Committing, CommitUnrecorded> {
+        let inner = &self.inner;
+        inner
+            .commit_recorded
+            .get_or_try_init(|| store::mark_committing(&inner.pool, inner.job_id, inner.attempt))
+            .await
+            .map_err(CommitUnrecorded)?;
+        inner.committing.fetch_add(1, Ordering::SeqCst);
+        Ok(Committing(inner.committing.clone()))
     }
 
     /// Whether a [`Self::committing`] section is open.

@@ -233,6 +233,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261216"),
             include_str!("../../migrations/checksums-20261217"),
             include_str!("../../migrations/checksums-20261218"),
+            include_str!("../../migrations/checksums-20261219"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest

@@ -34,7 +34,7 @@ pub mod testing;
 pub mod usage;
 pub mod webhooks;
 
-pub use context::{Cancelled, Committing, JobContext};
+pub use context::{Cancelled, CommitUnrecorded, Committing, JobContext};
 pub use model::{Job, JobStatus};
 pub use problem::{FieldError, Problem};
 pub use settings::Settings;

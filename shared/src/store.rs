@@ -267,6 +267,20 @@ pub async fn record_progress(
     Ok(())
 }
 
+/// Records that attempt `attempt` of job `id` enters its commit (`JobContext::committing`):
+/// its work may be published from here on, which [`rescue_orphans`] reads.
+pub async fn mark_committing(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET committing_attempt = $2
+         WHERE id = $1 AND attempt = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(attempt)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// How an attempt ended.
 #[derive(Clone, Debug)]
 pub enum Outcome {
@@ -784,8 +798,10 @@ pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Moved>> 
 
 /// Running jobs whose worker stopped heart-beating, at most `limit` of them: re-queued; failed
 /// when out of attempts, or when this was the `max_deaths`-th worker to die running it (a
-/// poison job). A worker's silence counts from its last heartbeat, or from `since` if later:
-/// when PostgreSQL came back from an outage, which no worker could heartbeat through.
+/// poison job). A last attempt lost inside its commit (`committing_attempt`) is re-queued once
+/// more, that attempt not counted, for the kind's ledger to answer. A worker's silence counts
+/// from its last heartbeat, or from `since` if later: when PostgreSQL came back from an
+/// outage, which no worker could heartbeat through.
 pub async fn rescue_orphans(
     pool: &PgPool,
     horizon: std::time::Duration,
@@ -793,23 +809,33 @@ pub async fn rescue_orphans(
     max_deaths: i32,
     limit: i64,
 ) -> sqlx::Result<Vec<Moved>> {
-    // In SET, `worker_deaths` is the count before this death. A job failed or cancelled here
-    // is terminal: its webhook outbox goes in with it.
+    // In SET, `worker_deaths` is the count before this death (every expression reads the old
+    // row). A job failed or cancelled here is terminal: its webhook outbox goes in with it. A
+    // last attempt that entered its commit may have published its work: it is queued once
+    // more, that attempt not counted (as a hand-back), so the kind's ledger answers rather than
+    // the job failing with its data in place. The next attempt has another number: lost
+    // before a commit of its own, it fails; a poison job fails first.
+    const LAST: &str = "(attempt >= max_attempts AND committing_attempt IS DISTINCT FROM attempt)";
+    const ONCE_MORE: &str = "(NOT cancel_requested AND worker_deaths + 1 < $2
+         AND attempt >= max_attempts AND committing_attempt = attempt)";
     let sql = format!(
         "WITH r AS (
          UPDATE jobs SET
              worker_deaths = worker_deaths + 1,
              status = CASE WHEN cancel_requested THEN 'cancelled'
-                           WHEN worker_deaths + 1 >= $2 OR attempt >= max_attempts THEN 'failed'
+                           WHEN worker_deaths + 1 >= $2 OR {LAST} THEN 'failed'
                            ELSE 'queued' END,
              error = CASE WHEN cancel_requested THEN error
                           WHEN worker_deaths + 1 >= $2
                           THEN 'worker died ' || (worker_deaths + 1) || ' times while running it'
-                          WHEN attempt >= max_attempts
+                          WHEN {LAST}
                           THEN 'worker ' || coalesce(worker, '?') || ' was lost during the last attempt'
                           ELSE error END,
              finished_at = CASE WHEN cancel_requested OR worker_deaths + 1 >= $2
-                                     OR attempt >= max_attempts THEN now() END,
+                                     OR {LAST} THEN now() END,
+             attempt_budget = CASE WHEN {ONCE_MORE} THEN coalesce(attempt_budget, max_attempts)
+                                   ELSE attempt_budget END,
+             max_attempts = CASE WHEN {ONCE_MORE} THEN max_attempts + 1 ELSE max_attempts END,
              worker = NULL,
              updated_at = now()
          WHERE id IN (
@@ -819,9 +845,9 @@ pub async fn rescue_orphans(
                      AND greatest(w.heartbeat_at, $4) > now() - make_interval(secs => $1))
              LIMIT $3 FOR UPDATE SKIP LOCKED)
          RETURNING *
-         ), {}
+         ), {outbox}
          SELECT id, tenant_id, kind, attempt, status, error FROM r",
-        crate::webhooks::outbox_cte("r"),
+        outbox = crate::webhooks::outbox_cte("r"),
     );
     sqlx::query_as(&sql)
         .bind(horizon.as_secs_f64())

@@ -357,7 +357,7 @@ impl jobs::Runner for SlowPublisher {
         _: serde_json::Value,
     ) -> Result<serde_json::Value, jobs::JobError> {
         ctx.progress(0.5, "publishing".to_owned()).await;
-        let _publishing = ctx.committing();
+        let _publishing = ctx.committing().await?;
         tokio::time::sleep(self.publish).await;
         Ok(json!({"published": true}))
     }

@@ -724,7 +724,7 @@ async fn apply(
         .map_err(db_error)?;
     // The last chance to stop: after the commit the import is done.
     ctx.checkpoint()?;
-    let _committing = ctx.committing();
+    let _committing = ctx.committing().await?;
     tx.commit().await.map_err(db_error)?;
     Ok(())
 }

@@ -567,7 +567,7 @@ impl Handler for IngestHandler {
             // A cancel that arrived while embedding stores nothing more.
             ctx.checkpoint()?;
             let phase = Instant::now();
-            let committing = ctx.committing();
+            let committing = ctx.committing().await?;
             store::replace_documents(pool, collection.id, ctx.job_id(), &indexed)
                 .await
                 .map_err(retryable)?;

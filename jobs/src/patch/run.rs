@@ -365,6 +365,9 @@ impl Execution<'_> {
             }
             let rows = done - resumed_from;
             let elapsed = started.elapsed();
+            // Every batch is in: lost from here on, the patch is applied and a retry answers
+            // from its record.
+            let _committing = ctx.committing().await?;
             record = snapshot::finish(pool, &record).await.map_err(job_error)?;
             ctx.report(
                 "patch applied",

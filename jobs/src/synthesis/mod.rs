@@ -555,7 +555,7 @@ impl Handler for SynthesisHandler {
         } else {
             "synthetic.csv"
         };
-        let _publishing = ctx.committing();
+        let _publishing = ctx.committing().await?;
         let dataset_id = register_dataset(&self.services, ctx, &output, name, parquet).await?;
         let model_id = match model {
             Some(model) => Some(self.save_model(ctx, &model, model_name, &report).await?),

@@ -148,6 +148,63 @@ mod tests {
         assert!(test.events(safe).await.is_empty());
     }
 
+    /// A last attempt whose worker was lost inside its commit (`JobContext::committing`) may
+    /// have published its work: queued once more, not counted, for the kind's ledger to
+    /// answer, not failed with its data in place. Once: the next attempt, lost before a
+    /// commit of its own, fails.
+    #[tokio::test]
+    async fn a_last_attempt_lost_inside_its_commit_is_queued_once_more() {
+        let test = TestDb::new().await;
+        worker(&test, "lost", "1 minute").await;
+        let job = test.job("canary", "running").await;
+        test.set(job, "worker = 'lost', max_attempts = 1").await;
+        let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_one(test.pool())
+            .await
+            .unwrap();
+        // The attempt enters its commit; its worker dies there.
+        let ctx = shared::JobContext::new(
+            job,
+            test.tenant,
+            "canary",
+            attempt,
+            tokio_util::sync::CancellationToken::new(),
+            test.pool().clone(),
+            test.runtime.events().clone(),
+        );
+        drop(ctx.committing().await.expect("the commit's start recorded"));
+
+        test.announced("canary");
+        let rescuer = Rescuer::new(test.runtime.settings());
+        // Leading for a while: no outage to wait after.
+        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now());
+        assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.status(job).await.as_deref(), Some("queued"));
+        assert!(
+            test.announced("canary"),
+            "the re-queued job was not announced"
+        );
+        assert_eq!(test.events(job).await, ["queued"]);
+        let budget: (i32, Option<i32>) =
+            sqlx::query_as("SELECT max_attempts, attempt_budget FROM jobs WHERE id = $1")
+                .bind(job)
+                .fetch_one(test.pool())
+                .await
+                .unwrap();
+        assert_eq!(budget, (2, Some(1)), "one more attempt, not counted");
+
+        // The next attempt's worker is lost too, before any commit: the job fails.
+        test.set(
+            job,
+            "status = 'running', attempt = attempt + 1, worker = 'lost'",
+        )
+        .await;
+        assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.status(job).await.as_deref(), Some("failed"));
+        assert_eq!(test.events(job).await, ["queued", "failed"]);
+    }
+
     /// A new leader (the last one's session died with PostgreSQL's restart, say) cannot tell
     /// whether an outage just ended: its first run gives workers time to heartbeat.
     #[tokio::test]
