@@ -52,7 +52,7 @@ impl Artifact {
 pub trait Contract: Send + Sync + 'static {
     /// The queue and the `kind` clients submit.
     const KIND: &'static str;
-    type Payload: DeserializeOwned + Send + Sync + 'static;
+    type Payload: DeserializeOwned + Serialize + Send + Sync + 'static;
     /// What a job of the kind reports when it succeeds (the job's `result`).
     type Output: Serialize + Send + 'static;
 
@@ -82,15 +82,29 @@ pub struct Context {
     pub max_in_memory_bytes: u64,
 }
 
-/// A payload that passed its kind's checks, in its type, for the preflight.
+/// A payload that passed its kind's checks, in its type, for the preflight; and as it is
+/// stored.
 pub struct Valid {
     kind: &'static str,
     payload: Box<dyn Any + Send + Sync>,
+    stored: Value,
 }
 
 impl Valid {
     pub fn kind(&self) -> &'static str {
         self.kind
+    }
+
+    /// The payload as a job or a step stores it: its type serialized again, not the JSON sent.
+    /// An id then has one spelling (hyphenated lower case, where `uuid` also reads upper case,
+    /// braces, `urn:uuid:` and no hyphens), the one the SQL reading payloads compares
+    /// (`datasets::in_use`, the rollback guards); defaults are written out.
+    pub fn stored(&self) -> &Value {
+        &self.stored
+    }
+
+    pub fn into_stored(self) -> Value {
+        self.stored
     }
 }
 
@@ -111,9 +125,13 @@ impl<C: Contract> AnyContract for C {
     fn validate(&self, payload: &Value) -> Result<Valid, Vec<FieldError>> {
         let payload: C::Payload = parse_payload(payload)?;
         self.check(&payload)?;
+        // Fails only for maps with keys that are not strings, which no payload has.
+        let stored = serde_json::to_value(&payload)
+            .map_err(|e| vec![FieldError::new("payload", format!("cannot be stored: {e}"))])?;
         Ok(Valid {
             kind: C::KIND,
             payload: Box::new(payload),
+            stored,
         })
     }
 
@@ -304,5 +322,62 @@ mod preflight_tests {
             preflights.run(tenant, quick()).await.is_ok(),
             "room again once they ended"
         );
+    }
+}
+
+#[cfg(test)]
+mod stored_tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A payload is stored as parsed: an id in any spelling `uuid` reads is stored in the one
+    /// SQL compares, and stored again it is the same.
+    #[test]
+    fn a_payload_is_stored_as_parsed_with_its_ids_in_one_spelling() {
+        let registry = Registry::standard();
+        let id = Uuid::now_v7();
+        for spelling in [
+            id.hyphenated().to_string().to_uppercase(),
+            id.braced().to_string(),
+            id.urn().to_string().to_uppercase(),
+            id.simple().to_string(),
+        ] {
+            for (kind, payload, at) in [
+                (
+                    "patch_rollback",
+                    json!({"patch_job_id": spelling}),
+                    "/patch_job_id",
+                ),
+                (
+                    "import",
+                    json!({"dataset_id": spelling, "target": {"table": "t"}}),
+                    "/dataset_id",
+                ),
+                (
+                    "synthesis",
+                    json!({"dataset_id": spelling, "rows": 10}),
+                    "/dataset_id",
+                ),
+                (
+                    "sample",
+                    json!({"model_id": spelling, "rows": 10}),
+                    "/model_id",
+                ),
+            ] {
+                let valid =
+                    (registry.validate(kind, &payload)).unwrap_or_else(|e| panic!("{kind}: {e:?}"));
+                let expected = json!(id.to_string());
+                assert_eq!(
+                    valid.stored().pointer(at),
+                    Some(&expected),
+                    "{kind}: {spelling}"
+                );
+                let again = registry.validate(kind, valid.stored()).unwrap();
+                assert_eq!(again.stored(), valid.stored(), "{kind}");
+            }
+        }
+        let canary = registry.validate("canary", &json!({"steps": 2})).unwrap();
+        let expected = json!({"steps": 2, "step_ms": 0, "fail_first": 0});
+        assert_eq!(canary.stored(), &expected);
     }
 }

@@ -287,6 +287,37 @@ pub fn with_placeholders(payload: &Value) -> Value {
         .unwrap_or_else(|_| payload.clone())
 }
 
+/// `parsed` (a step's payload validated [`with_placeholders`] and serialized again) with each
+/// reference of `sent` put back where it stood; `None` if one has no place there.
+pub fn with_references(sent: &Value, mut parsed: Value) -> Option<Value> {
+    fn holds_reference(value: &Value) -> bool {
+        let mut found = false;
+        walk(value, String::new(), &mut |_, s| {
+            found |= parse_reference(s).is_some()
+        });
+        found
+    }
+    fn put(sent: &Value, into: &mut Value) -> bool {
+        match (sent, into) {
+            (Value::String(s), into) if parse_reference(s).is_some() => {
+                *into = sent.clone();
+                true
+            }
+            (Value::Array(items), Value::Array(out)) if items.len() == out.len() => {
+                items.iter().zip(out.iter_mut()).all(|(s, o)| put(s, o))
+            }
+            (Value::Object(fields), Value::Object(out)) => {
+                fields.iter().all(|(key, s)| match out.get_mut(key) {
+                    Some(o) => put(s, o),
+                    None => !holds_reference(s),
+                })
+            }
+            (sent, _) => !holds_reference(sent),
+        }
+    }
+    put(sent, &mut parsed).then_some(parsed)
+}
+
 /// `payload` with every reference replaced by the named output of the needed step (from its
 /// job's `result.outputs`, `None` when that step has none); the error says which is missing.
 pub fn resolve(payload: &Value, outputs: &HashMap<&str, Option<&Value>>) -> Result<Value, String> {
@@ -621,7 +652,7 @@ pub async fn lock(
 }
 
 /// Checks a step's resolved payload as a submission's is checked; the errors name its fields.
-pub type Validate<'a> = dyn Fn(&str, &Value) -> Result<(), Vec<FieldError>> + Send + Sync + 'a;
+pub type Validate<'a> = dyn Fn(&str, &Value) -> Result<Value, Vec<FieldError>> + Send + Sync + 'a;
 
 /// What [`advance`] did.
 #[derive(Debug, Default)]
@@ -768,16 +799,19 @@ async fn start(
         Ok(payload) => payload,
         Err(why) => return Ok(Change::Fail(why)),
     };
-    if let Err(errors) = validate(&step.kind, &payload) {
-        let why: Vec<String> = errors
-            .iter()
-            .map(|e| format!("{}: {}", e.field, e.message))
-            .collect();
-        return Ok(Change::Fail(format!(
-            "its resolved payload is refused: {}",
-            why.join("; ")
-        )));
-    }
+    let payload = match validate(&step.kind, &payload) {
+        Ok(parsed) => parsed,
+        Err(errors) => {
+            let why: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{}: {}", e.field, e.message))
+                .collect();
+            return Ok(Change::Fail(format!(
+                "its resolved payload is refused: {}",
+                why.join("; ")
+            )));
+        }
+    };
     // The quotas on what its kind consumes are checked again now: imports and ingests that ran
     // since the submit may have used them up. (`max_queued` counted every step at the submit.)
     let quotas = Quotas::of(db, pipeline.tenant_id).await?;
@@ -1211,6 +1245,32 @@ mod tests {
             errors,
             ["steps[0].needs: must name at most 50 steps, not 51"]
         );
+    }
+
+    #[test]
+    fn a_parsed_payload_keeps_the_references_where_they_stood() {
+        let sent = json!({"dataset_id": "${steps.synth.outputs.dataset_id}",
+            "target": {"table": "t", "connection_id": "0B9AB4E2-6A3C-4C36-9A0C-5D3F2F1B6A11"},
+            "documents": [{"metadata": {"k": "${steps.up.outputs.id}"}}]});
+        let parsed = json!({"dataset_id": PLACEHOLDER, "mode": "create",
+            "target": {"table": "t", "connection_id": "0b9ab4e2-6a3c-4c36-9a0c-5d3f2f1b6a11", "schema": null},
+            "documents": [{"metadata": {"k": PLACEHOLDER}, "text": null}]});
+        let kept = with_references(&sent, parsed).unwrap();
+        assert_eq!(kept["dataset_id"], "${steps.synth.outputs.dataset_id}");
+        assert_eq!(
+            kept["documents"][0]["metadata"]["k"],
+            "${steps.up.outputs.id}"
+        );
+        assert_eq!(
+            kept["target"]["connection_id"],
+            "0b9ab4e2-6a3c-4c36-9a0c-5d3f2f1b6a11"
+        );
+        assert_eq!(references(&kept).unwrap().len(), 2);
+        // A reference with no place in what was parsed: none (never lost).
+        let nowhere = json!({"x": {"y": "${steps.a.outputs.b}"}});
+        assert_eq!(with_references(&nowhere, json!({"x": 1})), None);
+        let dropped = json!({"x": ["${steps.a.outputs.b}"]});
+        assert_eq!(with_references(&dropped, json!({})), None);
     }
 
     #[test]

@@ -903,8 +903,8 @@ impl Runtime {
     /// Checks a step's resolved payload as the API checks a submission's.
     pub(crate) fn validator(
         &self,
-    ) -> impl Fn(&str, &Value) -> Result<(), Vec<shared::FieldError>> + Send + Sync + '_ {
-        |kind, payload| self.contracts.validate(kind, payload).map(|_| ())
+    ) -> impl Fn(&str, &Value) -> Result<Value, Vec<shared::FieldError>> + Send + Sync + '_ {
+        |kind, payload| (self.contracts.validate(kind, payload)).map(contracts::Valid::into_stored)
     }
 }
 

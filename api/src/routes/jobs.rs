@@ -85,7 +85,8 @@ pub(crate) fn validate(
     let job = NewJob {
         id: Uuid::now_v7(),
         kind: job.kind,
-        payload,
+        // As parsed, not as sent: see `Valid::stored`.
+        payload: valid.stored().clone(),
         idempotency_key: job.idempotency_key,
         priority: job.priority.unwrap_or(0),
         max_attempts,

@@ -79,8 +79,8 @@ fn not_found() -> Problem {
 /// Checks a step's resolved payload as `POST /v1/jobs` checks one.
 fn validator(
     state: &AppState,
-) -> impl Fn(&str, &Value) -> Result<(), Vec<FieldError>> + Send + Sync + '_ {
-    |kind, payload| state.contracts.validate(kind, payload).map(|_| ())
+) -> impl Fn(&str, &Value) -> Result<Value, Vec<FieldError>> + Send + Sync + '_ {
+    |kind, payload| (state.contracts.validate(kind, payload)).map(contracts::Valid::into_stored)
 }
 
 /// [`pipelines::advance`] with this deployment's payload checks.
@@ -222,9 +222,14 @@ pub(crate) fn check(state: &AppState, body: SubmitPipeline) -> Result<Checked, P
             max_attempts: step.max_attempts,
             run_at: None,
         };
-        match jobs::validate(state, submission, &prefix) {
-            Ok((_, valid)) if references.is_empty() => preflights.push((i, valid)),
-            Ok(_) => {}
+        // The step's payload as parsed (with placeholders), when it passed.
+        let parsed = match jobs::validate(state, submission, &prefix) {
+            Ok((job, valid)) => {
+                if references.is_empty() {
+                    preflights.push((i, valid));
+                }
+                Some(job.payload)
+            }
             // A field holding a reference is checked once resolved, when the step starts.
             Err(refused) => {
                 let paths: Vec<String> = references
@@ -238,16 +243,25 @@ pub(crate) fn check(state: &AppState, body: SubmitPipeline) -> Result<Checked, P
                         })
                     })
                 };
-                errors.extend(refused.into_iter().filter(|e| !under_reference(&e.field)))
+                errors.extend(refused.into_iter().filter(|e| !under_reference(&e.field)));
+                None
             }
-        }
+        };
+        let sent = if step.payload.is_null() {
+            json!({})
+        } else {
+            step.payload
+        };
         steps.push(NewStep {
             name: step.name,
             kind: step.kind,
-            payload: if step.payload.is_null() {
-                json!({})
-            } else {
-                step.payload
+            // As parsed with its references where they stood: what `datasets::in_use` reads of
+            // a waiting step. As sent where a reference stands in place of what is no string
+            // (refused with the placeholder; stored as parsed in its job when it starts).
+            payload: match parsed {
+                Some(parsed) if references.is_empty() => parsed,
+                Some(parsed) => pipelines::with_references(&sent, parsed).unwrap_or(sent),
+                None => sent,
             },
             priority: step.priority.unwrap_or(0),
             max_attempts: step.max_attempts.unwrap_or(model::DEFAULT_MAX_ATTEMPTS),

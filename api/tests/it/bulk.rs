@@ -253,7 +253,7 @@ async fn a_bulk_retry_takes_its_pipelines_lock_before_its_jobs() {
     // resumes the pipeline.
     let (_, running) = app.get(&format!("/v1/pipelines/{id}")).await;
     assert_eq!(running["status"], "running", "{running}");
-    let validate = |_: &str, _: &serde_json::Value| Ok(());
+    let validate = |_: &str, payload: &serde_json::Value| Ok(payload.clone());
     shared::pipelines::cancel(&mut held, app.tenant, id, &validate)
         .await
         .unwrap();

@@ -703,7 +703,9 @@ async fn a_patch_cannot_be_retried_while_its_rollback_is_live() {
     let (status, _) = app.post(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
     assert_eq!(status, 200);
     app.wait_status(id, &["cancelled"], WAIT).await;
-    let rollback = submit_ok(&app, "patch_rollback", json!({"patch_job_id": id})).await;
+    // In upper case (`uuid` reads it): the guard compared the payload's text and missed it.
+    let spelled = id.to_string().to_uppercase();
+    let rollback = submit_ok(&app, "patch_rollback", json!({"patch_job_id": spelled})).await;
 
     let (status, problem) = app.post(&format!("/v1/jobs/{id}/retry"), &json!({})).await;
     assert_eq!(status, 409, "{problem}");

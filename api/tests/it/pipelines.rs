@@ -735,3 +735,71 @@ async fn a_dataset_a_waiting_step_names_is_not_deleted() {
     let status = app.delete(&format!("/v1/datasets/{dataset}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+/// A job or a waiting step naming a dataset in another spelling of its id (upper case, braces,
+/// `urn:uuid:`, no hyphens: `uuid` reads them all) holds it as the usual spelling does: the
+/// payload was stored as sent, `in_use`'s `payload @>` missed it, and the dataset was deleted
+/// under the job.
+#[tokio::test]
+async fn a_dataset_named_in_another_spelling_of_its_id_is_not_deleted() {
+    let app = TestApp::spawn().await;
+    let dataset = app.upload_dataset("spelled.csv", b"id\n1\n").await;
+    let path = format!("/v1/datasets/{dataset}");
+    let spellings = [
+        dataset.hyphenated().to_string().to_uppercase(),
+        dataset.braced().to_string(),
+        dataset.urn().to_string(),
+        dataset.simple().to_string().to_uppercase(),
+    ];
+    for spelling in &spellings {
+        let import = json!({"dataset_id": spelling, "target": {"table": "spelled"}});
+        let (status, job) = app
+            .post("/v1/jobs", &json!({"kind": "import", "payload": import}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let status = app.delete(&path).await;
+        assert_eq!(
+            status,
+            StatusCode::CONFLICT,
+            "deleted under a job naming it {spelling}"
+        );
+        assert_eq!(
+            job["payload"]["dataset_id"],
+            dataset.to_string(),
+            "stored as parsed"
+        );
+        let cancel = format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap());
+        assert_eq!(app.post(&cancel, &json!({})).await.0, StatusCode::OK);
+    }
+    // A waiting step, alone and with a reference beside the id (kept where it stood).
+    for reference in [None, Some("${steps.first.outputs.connection_id}")] {
+        let mut target = json!({"table": "spelled"});
+        if let Some(reference) = reference {
+            target["connection_id"] = json!(reference);
+        }
+        let (id, pipeline) = submit(
+            &app,
+            json!({"steps": [
+                {"name": "first", "kind": "canary", "payload": {"steps": 1}},
+                {"name": "load", "kind": "import", "needs": ["first"],
+                 "payload": {"dataset_id": spellings[0], "target": target}}]}),
+        )
+        .await;
+        let status = app.delete(&path).await;
+        assert_eq!(status, StatusCode::CONFLICT, "deleted under a waiting step");
+        let load = step(&pipeline, "load");
+        assert_eq!(load["payload"]["dataset_id"], dataset.to_string(), "{load}");
+        if let Some(reference) = reference {
+            assert_eq!(
+                load["payload"]["target"]["connection_id"], reference,
+                "{load}"
+            );
+        }
+        let (status, _) = app
+            .post(&format!("/v1/pipelines/{id}/cancel"), &json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        wait_pipeline(&app, &id, &["cancelled"]).await;
+    }
+    assert_eq!(app.delete(&path).await, StatusCode::NO_CONTENT);
+}

@@ -201,13 +201,17 @@ async fn a_batch_answers_the_jobs_its_keys_found_without_their_payloads() {
     let (found, created) = (&answer["jobs"][0], &answer["jobs"][1]);
     assert_eq!(found["id"], first["id"]);
     assert!(found["payload"].is_null(), "{found}");
-    assert_eq!(created["payload"], json!({"steps": 2}));
+    assert_eq!(
+        created["payload"],
+        json!({"steps": 2, "step_ms": 0, "fail_first": 0})
+    );
     assert!(answer.to_string().len() < 5_000);
-    // The job itself still has its payload.
+    // The job itself still has its payload (as parsed: defaults written out).
     let (_, stored) = app
         .get(&format!("/v1/jobs/{}", first["id"].as_str().unwrap()))
         .await;
-    assert_eq!(stored["payload"], bulky);
+    let parsed = contracts::Registry::standard().validate("ingest", &bulky);
+    assert_eq!(&stored["payload"], parsed.unwrap().stored());
 }
 
 #[tokio::test]

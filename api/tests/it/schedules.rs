@@ -116,10 +116,12 @@ async fn wait_for(what: &str, within: Duration, mut done: impl AsyncFnMut() -> b
 }
 
 /// Checks a pipeline step's resolved payload, as a worker's firer does.
-fn validate(kind: &str, payload: &Value) -> Result<(), Vec<shared::FieldError>> {
+fn validate(kind: &str, payload: &Value) -> Result<Value, Vec<shared::FieldError>> {
     static REGISTRY: std::sync::LazyLock<contracts::Registry> =
         std::sync::LazyLock::new(contracts::Registry::standard);
-    REGISTRY.validate(kind, payload).map(|_| ())
+    REGISTRY
+        .validate(kind, payload)
+        .map(contracts::Valid::into_stored)
 }
 
 fn fields(problem: &Value) -> Vec<&str> {

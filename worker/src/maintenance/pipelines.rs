@@ -176,7 +176,11 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(jobs.len(), 1, "one job for the step");
-        assert_eq!(jobs[0].1, json!({"steps": 4}), "the reference resolved");
+        assert_eq!(
+            jobs[0].1,
+            json!({"steps": 4, "step_ms": 0, "fail_first": 0}),
+            "the reference resolved, the payload stored as parsed"
+        );
         let (steps, status) = test.steps(id).await;
         assert_eq!(steps[1].0, "queued");
         assert_eq!(steps[1].2, Some(jobs[0].0));
