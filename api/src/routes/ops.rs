@@ -145,9 +145,16 @@ pub async fn metrics(
             .set(n);
     }
 
+    // From the per-minute rollup (`queue_minutes`, at most 15 s behind while maintenance
+    // runs): counted from `jobs`, each scrape read every job that ended in the hour.
     let finished: Vec<(String, String, i64, f64)> = sqlx::query_as(
-        "SELECT kind, status, count(*), coalesce(sum(extract(epoch FROM finished_at - started_at)), 0)::float8
-         FROM jobs WHERE finished_at > now() - interval '1 hour' GROUP BY 1, 2",
+        "SELECT m.kind, o.status, sum(o.n)::bigint, sum(o.seconds)::float8
+         FROM queue_minutes m,
+              LATERAL (VALUES ('succeeded', m.succeeded, m.succeeded_seconds),
+                              ('failed', m.failed, m.failed_seconds),
+                              ('cancelled', m.cancelled, m.cancelled_seconds)) AS o(status, n, seconds)
+         WHERE m.minute > now() - interval '1 hour' AND o.n > 0
+         GROUP BY 1, 2",
     )
     .fetch_all(&state.pool)
     .await?;

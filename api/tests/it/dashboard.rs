@@ -300,6 +300,50 @@ async fn queues_and_workers_report_backlog_outcomes_and_heartbeats() {
 /// `GET /v1/queues/history` answers from the maintenance rollup (`queue_minutes`), never from
 /// the jobs table: every queue, every minute of the window, oldest first, gaps as zero jobs
 /// and no sample.
+/// `/metrics` reports the last hour's outcomes from the per-minute rollup: counted from `jobs`,
+/// each scrape read every job that ended in the hour (millions at the queue's rate).
+#[tokio::test]
+async fn metrics_read_the_last_hour_from_the_rollup() {
+    let app = TestApp::spawn().await;
+    // A job that ended which the rollup has not seen: it must not show.
+    let id = app.submit_canary(json!({"steps": 1})).await;
+    sqlx::query(
+        "UPDATE jobs SET status = 'failed', started_at = now() - interval '9 seconds',
+                         finished_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO queue_minutes (kind, minute, succeeded, failed, cancelled,
+                                    succeeded_seconds, failed_seconds, cancelled_seconds) VALUES
+             ('canary', date_trunc('minute', now()) - interval '5 minutes', 1234, 0, 3, 99.5, 0, 1.5),
+             ('canary', date_trunc('minute', now()) - interval '2 hours', 999, 999, 999, 9, 9, 9)",
+    )
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let metrics = app.metrics().await;
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("last_hour{") && l.contains("kind=\"canary\""))
+        .collect();
+    let value = |name: &str, status: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(name) && l.contains(&format!("status=\"{status}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+    };
+    let finished = "conveyor_jobs_finished_last_hour";
+    let seconds = "conveyor_job_run_seconds_last_hour";
+    assert_eq!(value(finished, "succeeded"), Some(1234.0), "{lines:?}");
+    assert_eq!(value(seconds, "succeeded"), Some(99.5), "{lines:?}");
+    assert_eq!(value(finished, "cancelled"), Some(3.0), "{lines:?}");
+    assert_eq!(value(seconds, "cancelled"), Some(1.5), "{lines:?}");
+    assert_eq!(value(finished, "failed"), None, "{lines:?}");
+}
+
 #[tokio::test]
 async fn queue_history_reads_the_per_minute_rollup() {
     let app = TestApp::spawn().await;

@@ -1,5 +1,6 @@
 //! The per-minute rollup behind the dashboard's queue charts (`GET /v1/queues/history`): per
-//! queue and minute, the jobs that succeeded and failed, and the most jobs seen waiting.
+//! queue and minute, the jobs that succeeded, failed and were cancelled with their summed run
+//! time (what `/metrics` reports of the last hour), and the most jobs seen waiting.
 //!
 //! Each run recounts the ended jobs from the minute before the last one rolled up (so a job
 //! that ended as a minute turned is counted, and a leader that was away catches up, at most an
@@ -50,15 +51,28 @@ impl Duty for QueueMinutes {
         .fetch_one(&mut *tx)
         .await?;
         let ended = sqlx::query(
-            "INSERT INTO queue_minutes (kind, minute, succeeded, failed)
-             SELECT kind, date_trunc('minute', finished_at),
+            "WITH ended AS (
+                 SELECT kind, date_trunc('minute', finished_at) AS minute, status,
+                        coalesce(extract(epoch FROM finished_at - started_at), 0)::float8 AS ran
+                 FROM jobs
+                 WHERE finished_at >= $1 AND status IN ('succeeded', 'failed', 'cancelled'))
+             INSERT INTO queue_minutes (kind, minute, succeeded, failed, cancelled,
+                                        succeeded_seconds, failed_seconds, cancelled_seconds)
+             SELECT kind, minute,
                     count(*) FILTER (WHERE status = 'succeeded'),
-                    count(*) FILTER (WHERE status = 'failed')
-             FROM jobs
-             WHERE finished_at >= $1 AND status IN ('succeeded', 'failed')
+                    count(*) FILTER (WHERE status = 'failed'),
+                    count(*) FILTER (WHERE status = 'cancelled'),
+                    coalesce(sum(ran) FILTER (WHERE status = 'succeeded'), 0),
+                    coalesce(sum(ran) FILTER (WHERE status = 'failed'), 0),
+                    coalesce(sum(ran) FILTER (WHERE status = 'cancelled'), 0)
+             FROM ended
              GROUP BY 1, 2
              ON CONFLICT (kind, minute) DO UPDATE
-                 SET succeeded = EXCLUDED.succeeded, failed = EXCLUDED.failed",
+                 SET succeeded = EXCLUDED.succeeded, failed = EXCLUDED.failed,
+                     cancelled = EXCLUDED.cancelled,
+                     succeeded_seconds = EXCLUDED.succeeded_seconds,
+                     failed_seconds = EXCLUDED.failed_seconds,
+                     cancelled_seconds = EXCLUDED.cancelled_seconds",
         )
         .bind(since)
         .execute(&mut *tx)
@@ -176,6 +190,39 @@ mod tests {
         duty.run(&test.runtime).await.unwrap();
         let now = rows(&test).await;
         assert_eq!(now[2], ("canary".to_owned(), 0, 2, 2, Some(4)), "{now:?}");
+    }
+
+    /// Cancelled jobs and each outcome's run time (what `/metrics` reports of the last hour).
+    #[tokio::test]
+    async fn minutes_sum_each_outcomes_run_time() {
+        let test = TestDb::new().await;
+        for (status, ran) in [
+            ("succeeded", 2),
+            ("succeeded", 3),
+            ("failed", 7),
+            ("cancelled", 11),
+        ] {
+            let id = ended(&test, "canary", status, "5 minutes").await;
+            test.set(
+                id,
+                &format!("started_at = finished_at - interval '{ran} seconds'"),
+            )
+            .await;
+        }
+        // Cancelled while it waited: counted, never ran.
+        let waited = ended(&test, "canary", "cancelled", "5 minutes").await;
+        test.set(waited, "started_at = NULL").await;
+
+        QueueMinutes::default().run(&test.runtime).await.unwrap();
+        let sums: (i32, i32, i32, f64, f64, f64) = sqlx::query_as(
+            "SELECT succeeded, failed, cancelled, succeeded_seconds, failed_seconds,
+                    cancelled_seconds
+             FROM queue_minutes WHERE kind = 'canary' AND succeeded > 0",
+        )
+        .fetch_one(test.pool())
+        .await
+        .unwrap();
+        assert_eq!(sums, (2, 1, 2, 5.0, 7.0, 11.0));
     }
 
     #[tokio::test]
