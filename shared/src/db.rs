@@ -234,6 +234,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261217"),
             include_str!("../../migrations/checksums-20261218"),
             include_str!("../../migrations/checksums-20261219"),
+            include_str!("../../migrations/checksums-20261220"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest

@@ -86,8 +86,8 @@ impl TenantUsage {
     }
 }
 
-/// Which of a tenant's figures to count: each is a query of its own, and one (its chunks)
-/// reads as many index entries as the tenant has chunks, millions perhaps.
+/// Which of a tenant's figures to count: each is a query of its own. Its chunks are the
+/// counts on its collections' rows (migration 20261220000001), one row a collection.
 #[derive(Clone, Copy, Debug)]
 pub struct Measures {
     /// Live jobs and waiting steps, what `max_queued` counts.
@@ -136,8 +136,7 @@ pub async fn usage_of(
                  (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
              ELSE 0 END AS dataset_bytes,
              CASE WHEN $4 THEN
-                 (SELECT count(*) FROM chunks c JOIN collections k ON k.id = c.collection_id
-                  WHERE k.tenant_id = $1)
+                 (SELECT coalesce(sum(chunks), 0)::bigint FROM collections WHERE tenant_id = $1)
              ELSE 0 END AS chunks,
              CASE WHEN $5 THEN
                  (SELECT coalesce(sum(rows_written), 0)::bigint FROM usage_sums
@@ -384,5 +383,111 @@ mod tests {
         tx.commit().await.unwrap();
         assert_eq!(used.live_jobs, 5);
         assert_eq!(after - before, 0, "jobs read by a sequential scan");
+    }
+
+    async fn new_collection(db: &TestDatabase, tenant: Uuid, name: &str) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO collections (id, tenant_id, name, model, max_tokens, overlap)
+             VALUES ($1, $2, $3, 'all-MiniLM-L6-v2', 200, 32)",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(name)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        id
+    }
+
+    /// 20 documents of `chunks` chunks each in `collection`.
+    async fn fill(db: &TestDatabase, collection: Uuid, chunks: i32) {
+        for sql in [
+            "INSERT INTO documents (collection_id, id, content_hash, chunks, job_id)
+             SELECT $1, 'doc' || d, 'x', $2, $1 FROM generate_series(1, 20) AS d",
+            "INSERT INTO chunks (collection_id, document_id, ordinal, text, embedding)
+             SELECT $1, 'doc' || d, o, 'chunk', array_fill(0.1, ARRAY[384])::real[]::vector
+             FROM generate_series(1, 20) AS d, generate_series(0, $2 - 1) AS o",
+        ] {
+            sqlx::query(sql)
+                .bind(collection)
+                .bind(chunks)
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// `max_chunks` and `GET /v1/tenant` read the tenant's chunks from its collections' rows
+    /// (migration 20261220000001): each counted every chunk of the tenant, millions of index
+    /// entries perhaps, at every ingest submission, schedule firing and pipeline step.
+    #[tokio::test]
+    async fn chunks_are_counted_without_reading_them() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let collection = new_collection(&db, tenant, "notes").await;
+        fill(&db, collection, 100).await;
+        let chunk_blocks = "SELECT sum(pg_stat_get_xact_blocks_fetched(oid))::bigint FROM pg_class
+             WHERE oid = 'chunks'::regclass
+                OR oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'chunks'::regclass)";
+        let mut tx = db.pool.begin().await.unwrap();
+        let before: i64 = sqlx::query_scalar(chunk_blocks)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let at_limit = Quotas {
+            max_chunks: Some(2000),
+            ..Default::default()
+        };
+        let over = check(&mut tx, tenant, &at_limit, &["ingest"], false).await;
+        assert_eq!(over.unwrap().unwrap_err().used, "2000 stored");
+        let under = Quotas {
+            max_chunks: Some(2001),
+            ..Default::default()
+        };
+        let checked = check(&mut tx, tenant, &under, &["ingest"], false).await;
+        assert_eq!(checked.unwrap(), Ok(()));
+        assert_eq!(usage(&mut tx, tenant).await.unwrap().chunks, 2000);
+        let after: i64 = sqlx::query_scalar(chunk_blocks)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let read = after - before;
+        assert_eq!(read, 0, "{read} blocks of chunks read to count them");
+    }
+
+    /// Migration 20261220000001 fills in the counts of the collections that were there before
+    /// it: run here again, its function, triggers and columns gone, over collections written
+    /// without them.
+    #[tokio::test]
+    async fn the_counts_migration_fills_in_existing_collections() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        for sql in [
+            "DROP FUNCTION collections_count_documents() CASCADE",
+            "ALTER TABLE collections DROP COLUMN documents, DROP COLUMN chunks",
+            "DELETE FROM _sqlx_migrations WHERE version = 20261220000001",
+        ] {
+            sqlx::query(sql).execute(&db.pool).await.unwrap();
+        }
+        let notes = new_collection(&db, tenant, "notes").await;
+        new_collection(&db, tenant, "empty").await;
+        fill(&db, notes, 5).await;
+        crate::db::migrate(&db.pool).await.unwrap();
+        let counts: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT name, documents, chunks FROM collections WHERE tenant_id = $1 ORDER BY name",
+        )
+        .bind(tenant)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let expected = [
+            ("empty".to_owned(), 0_i64, 0_i64),
+            ("notes".to_owned(), 20, 100),
+        ];
+        assert_eq!(counts, expected);
+        let mut conn = db.pool.acquire().await.unwrap();
+        assert_eq!(usage(&mut conn, tenant).await.unwrap().chunks, 100);
     }
 }

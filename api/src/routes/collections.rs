@@ -256,8 +256,7 @@ pub async fn search(
             ))
         })?;
     // The one piece of model work the API does: one short query, on a blocking thread, while
-    // the collection is looked up (an index probe, without get_collection's counts, which
-    // cost more than the search itself on a large collection).
+    // the collection is looked up (an index probe).
     let embedding = async {
         if body.mode == SearchMode::Keyword {
             return Ok(None);

@@ -9,6 +9,7 @@ mod buckets;
 mod bulk;
 mod cli;
 mod cluster;
+mod collection_counts;
 mod connection_attacks;
 mod dashboard;
 mod dashboard_screens;

@@ -40,7 +40,7 @@ async fn collection_with(db: &TestDatabase, tenant: Uuid, chunks: usize, seed: u
 }
 
 /// A pseudo-random unit vector (splitmix64), the same for the same seed.
-fn unit_vector(seed: u64) -> Vec<f32> {
+pub(crate) fn unit_vector(seed: u64) -> Vec<f32> {
     let mut state = seed;
     let mut v: Vec<f32> = (0..384)
         .map(|_| {

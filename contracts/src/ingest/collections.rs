@@ -22,17 +22,14 @@ pub struct Collection {
     pub overlap: i32,
     pub created_at: DateTime<Utc>,
     /// Documents indexed so far.
-    #[sqlx(default)]
     pub documents: i64,
     /// Chunks indexed so far.
-    #[sqlx(default)]
     pub chunks: i64,
 }
 
-const COLLECTION_COLUMNS: &str = "c.*,
-    (SELECT count(*) FROM documents d WHERE d.collection_id = c.id) AS documents,
-    (SELECT coalesce(sum(d.chunks), 0)::bigint FROM documents d WHERE d.collection_id = c.id)
-        AS chunks";
+/// The counts are the row's own, kept by triggers on `documents` (migration 20261220000001):
+/// reading a collection reads no document.
+const COLLECTION_COLUMNS: &str = "c.*";
 
 /// A new collection, or `None` when the tenant already has one of that name.
 pub async fn create_collection(
@@ -47,7 +44,7 @@ pub async fn create_collection(
         "INSERT INTO collections (id, tenant_id, name, model, max_tokens, overlap)
          VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (tenant_id, name) DO NOTHING
-         RETURNING *, 0::bigint AS documents, 0::bigint AS chunks",
+         RETURNING *",
     )
     .bind(Uuid::now_v7())
     .bind(tenant)
