@@ -19,9 +19,14 @@ let jobStream = null; // EventSource on /v1/jobs/{id}/events for the job page
 let openJobId = null;
 let renderQueued = false;
 let queuesTimer = null;
-// Pages older than the live first one: `cursors[i]` continues after page i's last job (the
-// API's cursor is that job's id); `older` holds the shown page's ids in the API's order.
-const pager = { index: 0, cursors: [], older: null, hasOlder: false };
+// Pages older than the live first one: `cursors[i]` continues after page i (the API's cursor:
+// a job's id); `older` holds the shown page's ids in the API's order; `next` is the API's
+// cursor after the shown page (where its reading stopped: a filtered page may be short, or
+// empty, and not the last); `load` numbers the first-page loads, so a stale one is dropped.
+const pager = { index: 0, cursors: [], older: null, hasOlder: false, next: null, load: 0 };
+// A filtered page follows the API's cursors for at most this many requests to fill itself:
+// each request reads a bounded stretch of the tenant's jobs.
+const MAX_PAGE_REQUESTS = 10;
 
 class ApiError extends Error {
   constructor(status, problem) {
@@ -175,24 +180,36 @@ function filters() {
   return { kind: $('filter-kind').value, status: $('filter-status').value };
 }
 
-// One page of the list, newest first, after `cursor` (none: the first page).
+// One page of the list, newest first, after `cursor` (none: the first page): up to PAGE_SIZE
+// jobs from as many requests as fill it (MAX_PAGE_REQUESTS at most); `next_cursor` is where
+// the next page starts, null after the last job.
 async function fetchJobs(cursor) {
   const { kind, status } = filters();
-  const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
-  if (kind) query.set('kind', kind);
-  if (status) query.set('status', status);
-  if (cursor) query.set('cursor', cursor);
-  const page = await api('GET', `/v1/jobs?${query}`);
-  page.jobs.forEach(mergeJob);
-  return page;
+  const found = [];
+  let next = cursor;
+  for (let request = 0; request < MAX_PAGE_REQUESTS; request++) {
+    const query = new URLSearchParams({ limit: String(PAGE_SIZE - found.length) });
+    if (kind) query.set('kind', kind);
+    if (status) query.set('status', status);
+    if (next) query.set('cursor', next);
+    const page = await api('GET', `/v1/jobs?${query}`);
+    page.jobs.forEach(mergeJob);
+    found.push(...page.jobs);
+    next = page.next_cursor;
+    if (!next || found.length >= PAGE_SIZE) break;
+  }
+  return { jobs: found, next_cursor: next };
 }
 
 // Back to the live first page (after sign-in, or when a filter changes).
 async function loadJobs() {
-  Object.assign(pager, { index: 0, cursors: [], older: null, hasOlder: false });
+  const load = ++pager.load;
+  Object.assign(pager, { index: 0, cursors: [], older: null, hasOlder: false, next: null });
   try {
     const page = await fetchJobs(null);
+    if (load !== pager.load) return; // a later filter's load owns the pager
     pager.hasOlder = page.next_cursor !== null;
+    pager.next = page.next_cursor;
     scheduleRender();
   } catch (e) {
     console.warn('jobs list', e);
@@ -204,14 +221,10 @@ async function showJobsPage(index) {
   $('jobs-older').disabled = true;
   $('jobs-newer').disabled = true;
   try {
-    if (index === 0) {
-      pager.older = null;
-      pager.hasOlder = (await fetchJobs(null)).next_cursor !== null;
-    } else {
-      const page = await fetchJobs(pager.cursors[index - 1]);
-      pager.older = page.jobs.map((j) => j.id);
-      pager.hasOlder = page.next_cursor !== null;
-    }
+    const page = await fetchJobs(index === 0 ? null : pager.cursors[index - 1]);
+    pager.older = index === 0 ? null : page.jobs.map((j) => j.id);
+    pager.hasOlder = page.next_cursor !== null;
+    pager.next = page.next_cursor;
     pager.index = index;
     pager.cursors.length = index;
     renderTable();
@@ -221,10 +234,13 @@ async function showJobsPage(index) {
   }
 }
 
+// A full page continues after its last row (the live first page may hold jobs that arrived
+// since it was fetched); a short or empty one where the API stopped reading.
 function olderPage() {
   const shown = [...$('jobs').querySelectorAll('tr')];
-  if (!shown.length) return;
-  pager.cursors[pager.index] = shown[shown.length - 1].dataset.jobId;
+  const cursor = shown.length >= PAGE_SIZE ? shown[shown.length - 1].dataset.jobId : pager.next;
+  if (!cursor) return;
+  pager.cursors[pager.index] = cursor;
   showJobsPage(pager.index + 1);
 }
 
@@ -256,6 +272,8 @@ function renderTable() {
     ? pager.older.map((id) => jobs.get(id)).filter(Boolean)
     : [...jobs.values()]
       .filter((j) => (!kind || j.kind === kind) && (!status || j.status === status))
+      // None older than where the API stopped reading: those belong to the next page.
+      .filter((j) => !pager.next || j.id >= pager.next)
       .sort((a, b) => (a.id < b.id ? 1 : -1)) // UUIDv7: newest first
       .slice(0, PAGE_SIZE);
   forgetOldJobs(rows);
@@ -280,6 +298,9 @@ function renderTable() {
       el('td', { class: 'duration', text: span(duration(job)) }));
   }));
   $('jobs-empty').hidden = rows.length > 0;
+  $('jobs-empty').textContent = pager.hasOlder
+    ? 'No matching jobs among those read so far: Older reads further back.'
+    : 'No jobs yet.';
 }
 
 function setConnection(state) {

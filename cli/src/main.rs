@@ -71,7 +71,8 @@ enum Command {
     Cancel { id: String },
     /// Retry a failed or cancelled job.
     Retry { id: String },
-    /// List jobs, newest first.
+    /// List jobs, newest first, up to `--limit` of them (a filtered page may come back short,
+    /// or empty, while older jobs match: the pages are followed).
     Jobs {
         #[arg(long)]
         status: Option<String>,
@@ -79,6 +80,9 @@ enum Command {
         kind: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Continue after this job: the cursor a previous listing printed.
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// Show the tenant and the key in use, with its role (admin, write or read).
     Whoami,
@@ -295,15 +299,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             status,
             kind,
             limit,
+            mut cursor,
         } => {
-            let mut query = vec![("limit", limit.to_string())];
-            query.extend(status.map(|s| ("status", s)));
-            query.extend(kind.map(|k| ("kind", k)));
-            let list = client.send(client.get("/v1/jobs").query(&query)).await?;
+            let mut jobs: Vec<Value> = Vec::new();
+            loop {
+                // 500 at most a request (the API's bound); 0 is refused by the API.
+                let want = (limit as usize).saturating_sub(jobs.len()).min(500);
+                let mut query = vec![("limit", want.to_string())];
+                query.extend(status.clone().map(|s| ("status", s)));
+                query.extend(kind.clone().map(|k| ("kind", k)));
+                query.extend(cursor.clone().map(|c| ("cursor", c)));
+                let mut page = client.send(client.get("/v1/jobs").query(&query)).await?;
+                if let Some(items) = page["jobs"].as_array_mut() {
+                    jobs.append(items);
+                }
+                cursor = page["next_cursor"].as_str().map(str::to_owned);
+                if cursor.is_none() || jobs.len() >= limit as usize {
+                    break;
+                }
+            }
             if client.json {
-                print_json(&list);
+                print_json(&json!({ "jobs": jobs, "next_cursor": cursor }));
             } else {
-                print_job_table(list["jobs"].as_array().map(Vec::as_slice).unwrap_or(&[]));
+                print_job_table(&jobs);
+                if let Some(cursor) = &cursor {
+                    out!("more: --cursor {cursor}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -360,20 +360,12 @@ mod tests {
         let db = TestDatabase::new().await;
         let tenant = db.tenant().await;
         let (dataset, model) = (Uuid::now_v7(), Uuid::now_v7());
-        sqlx::query(
-            "INSERT INTO jobs (id, tenant_id, kind, status, payload)
+        let insert = "INSERT INTO jobs (id, tenant_id, kind, status, payload)
              SELECT conveyor_uuidv7(), $1, 'canary', 'queued',
                     jsonb_build_object('pad', repeat('x', 1000))
-             FROM generate_series(1, 3000)",
-        )
-        .bind(tenant)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-        sqlx::query("ANALYZE jobs").execute(&db.pool).await.unwrap();
-        let one = crate::db::connect(&db.url, 1).await.unwrap();
-        // Rows of jobs read, by any scan.
-        let rows_read = || db.table_stat(&one, "jobs", "seq_tup_read + coalesce(idx_tup_fetch, 0)");
+             FROM generate_series(1, 3000)";
+        let one = db.seeded(tenant, insert).await;
+        let rows_read = || db.rows_read(&one, "jobs");
         let before = rows_read().await;
         assert!(in_use(&one, tenant, dataset, "dataset")
             .await

@@ -210,7 +210,22 @@ pub async fn get_job(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Opti
         .await
 }
 
-/// A tenant's jobs, newest first, after the `cursor` job id.
+/// How many of a tenant's jobs one filtered page reads at most (see [`list_jobs`]).
+pub const LIST_SCAN_ROWS: i64 = 10_000;
+
+/// A page of a tenant's jobs, and the cursor of the next one (`None`: the list ends here).
+#[derive(Debug)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    pub next_cursor: Option<Uuid>,
+}
+
+/// A tenant's jobs, newest first, after the `cursor` job id: `limit` of them, fewer once their
+/// rows pass `bytes`. Filtered by `status` or `kind`, a page also ends once `scan_rows` of the
+/// tenant's jobs were read: no index has those columns (each would cost every queue
+/// transition), and a rare status or kind read the tenant's whole history for one page. Such a
+/// page may hold fewer jobs than `limit`, or none, with a cursor where the reading stopped.
+#[allow(clippy::too_many_arguments)]
 pub async fn list_jobs(
     pool: &PgPool,
     tenant: Uuid,
@@ -218,21 +233,81 @@ pub async fn list_jobs(
     kind: Option<&str>,
     cursor: Option<Uuid>,
     limit: i64,
-    budget: usize,
-) -> sqlx::Result<Page<Job>> {
-    let mut q = QueryBuilder::<Postgres>::new("SELECT * FROM jobs WHERE tenant_id = ");
-    q.push_bind(tenant);
+    bytes: usize,
+    scan_rows: i64,
+) -> sqlx::Result<JobPage> {
+    if status.is_none() && kind.is_none() {
+        // Every row read is one of the page's.
+        let mut q = QueryBuilder::<Postgres>::new("SELECT * FROM jobs WHERE tenant_id = ");
+        q.push_bind(tenant);
+        if let Some(cursor) = cursor {
+            q.push(" AND id < ").push_bind(cursor);
+        }
+        q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+        let page: Page<Job> = pages::within(q.build().fetch(pool), bytes).await?;
+        return Ok(JobPage {
+            next_cursor: page.next_cursor(limit, |j| j.id),
+            jobs: page.items,
+        });
+    }
+    let scan_rows = scan_rows.max(1);
+    // `scan`: the next `scan_rows` of the tenant's jobs, numbered, each with whether it
+    // matches; `s`: the matches and the last row the budget reaches, `limit` of them at most, so
+    // the reading stops at the page's last match; then the matches' whole rows. A LIMIT in SQL,
+    // not a stream dropped early: PostgreSQL would produce, and sqlx drain, the rest.
+    let mut q = QueryBuilder::<Postgres>::new(
+        "SELECT s.id AS scan_id, s.hit AS scan_hit, s.scanned AS scan_rank, j.*
+         FROM (SELECT id, hit, scanned
+               FROM (SELECT id, TRUE",
+    );
     if let Some(status) = status {
         q.push(" AND status = ").push_bind(status.as_str());
     }
     if let Some(kind) = kind {
         q.push(" AND kind = ").push_bind(kind.to_owned());
     }
+    q.push(" AS hit, row_number() OVER (ORDER BY id DESC) AS scanned FROM jobs WHERE tenant_id = ")
+        .push_bind(tenant);
     if let Some(cursor) = cursor {
         q.push(" AND id < ").push_bind(cursor);
     }
-    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
-    pages::within(q.build().fetch(pool), budget).await
+    q.push(" ORDER BY id DESC LIMIT ")
+        .push_bind(scan_rows)
+        .push(") scan WHERE hit OR scanned = ")
+        .push_bind(scan_rows)
+        .push(" ORDER BY id DESC LIMIT ")
+        .push_bind(limit)
+        .push(") s LEFT JOIN jobs j ON j.id = s.id AND s.hit ORDER BY s.id DESC");
+    let page: Page<Scanned> = pages::within(q.build().fetch(pool), bytes).await?;
+    let next_cursor = page
+        .items
+        .last()
+        .filter(|last| page.cut || page.items.len() as i64 == limit || last.rank == scan_rows)
+        .map(|last| last.id);
+    Ok(JobPage {
+        jobs: page.items.into_iter().filter_map(|s| s.job).collect(),
+        next_cursor,
+    })
+}
+
+/// A row a filtered page read: a job that matched, or the last row its read budget reached.
+struct Scanned {
+    id: Uuid,
+    /// Its place among the rows the request read, from 1.
+    rank: i64,
+    job: Option<Job>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Scanned {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> sqlx::Result<Self> {
+        use sqlx::Row;
+        let hit: bool = row.try_get("scan_hit")?;
+        Ok(Self {
+            id: row.try_get("scan_id")?,
+            rank: row.try_get("scan_rank")?,
+            job: hit.then(|| Job::from_row(row)).transpose()?,
+        })
+    }
 }
 
 /// Gives each requested key its row, once: a duplicate request gets `None`.
@@ -1148,15 +1223,24 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        let budget = 1 << 20;
-        let first = list_jobs(&db.pool, tenant, None, None, None, 3, budget)
+        let (budget, scan) = (1 << 20, LIST_SCAN_ROWS);
+        let first = list_jobs(&db.pool, tenant, None, None, None, 3, budget, scan)
             .await
             .unwrap()
-            .items;
-        let rest = list_jobs(&db.pool, tenant, None, None, Some(first[2].id), 3, budget)
-            .await
-            .unwrap()
-            .items;
+            .jobs;
+        let rest = list_jobs(
+            &db.pool,
+            tenant,
+            None,
+            None,
+            Some(first[2].id),
+            3,
+            budget,
+            scan,
+        )
+        .await
+        .unwrap()
+        .jobs;
         let ids: Vec<Uuid> = first.iter().chain(&rest).map(|j| j.id).collect();
         let newest_first: Vec<Uuid> = jobs.iter().rev().map(|j| j.id).collect();
         assert_eq!(ids, newest_first);
@@ -1168,16 +1252,63 @@ mod tests {
             None,
             50,
             budget,
+            scan,
         )
         .await
         .unwrap();
-        assert_eq!((canaries.items.len(), canaries.cut), (3, false));
-        // A budget smaller than a row still returns one, and says the page was cut.
-        let one = list_jobs(&db.pool, tenant, None, None, None, 50, 1)
+        assert_eq!((canaries.jobs.len(), canaries.next_cursor), (3, None));
+        // A budget smaller than a row still returns one, with a cursor after it; filtered too.
+        let one = list_jobs(&db.pool, tenant, None, None, None, 50, 1, scan)
             .await
             .unwrap();
-        assert_eq!((one.items.len(), one.cut), (1, true));
-        assert_eq!(one.next_cursor(50, |j| j.id), Some(newest_first[0]));
+        assert_eq!(one.jobs.len(), 1);
+        assert_eq!(one.next_cursor, Some(newest_first[0]));
+        let canary = Some("canary");
+        let queued = Some(JobStatus::Queued);
+        let one = list_jobs(&db.pool, tenant, queued, canary, None, 50, 1, scan)
+            .await
+            .unwrap();
+        assert_eq!(
+            (one.jobs.len(), one.next_cursor),
+            (1, Some(newest_first[0]))
+        );
+    }
+
+    /// `?status=failed` among 30,000 succeeded jobs read all of them for its first page: no
+    /// index has `status` or `kind`. A filtered page reads `scan_rows` of them at most, and
+    /// following its cursors still finds the match.
+    #[tokio::test]
+    async fn a_filtered_page_reads_at_most_its_scan_budget() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        // uuidv7() is monotonic within a session: the failed job is the oldest.
+        let insert = "INSERT INTO jobs (id, tenant_id, kind, status, payload)
+             SELECT uuidv7(), $1, 'canary',
+                    CASE WHEN i = 1 THEN 'failed' ELSE 'succeeded' END, '{}'
+             FROM generate_series(1, 30001) AS i";
+        let one = db.seeded(tenant, insert).await;
+        let rows_read = || db.rows_read(&one, "jobs");
+        let failed = Some(JobStatus::Failed);
+        let list = |cursor| list_jobs(&one, tenant, failed, None, cursor, 50, 1 << 20, 10_000);
+        let before = rows_read().await;
+        let first = list(None).await.unwrap();
+        let read = rows_read().await - before;
+        assert!(
+            read <= 10_050,
+            "{read} rows of jobs read for one filtered page"
+        );
+        assert!(
+            first.jobs.is_empty() && first.next_cursor.is_some(),
+            "{first:?}"
+        );
+        let mut lengths = vec![first.jobs.len()];
+        let mut cursor = first.next_cursor;
+        while let Some(c) = cursor {
+            let page = list(Some(c)).await.unwrap();
+            lengths.push(page.jobs.len());
+            cursor = page.next_cursor;
+        }
+        assert_eq!(lengths, [0, 0, 0, 1]);
     }
 
     /// A bulk change returns what its events need, not the jobs' rows: up to 10,000 payloads

@@ -85,6 +85,26 @@ impl TestDatabase {
         test
     }
 
+    /// Runs `insert` (its `$1`: `tenant`), analyzes `jobs`, and returns a pool of one
+    /// connection, whose reads [`Self::rows_read`] then counts.
+    pub async fn seeded(&self, tenant: uuid::Uuid, insert: &str) -> PgPool {
+        sqlx::query(insert)
+            .bind(tenant)
+            .execute(&self.pool)
+            .await
+            .expect("seed rows");
+        sqlx::query("ANALYZE jobs")
+            .execute(&self.pool)
+            .await
+            .expect("analyze");
+        crate::db::connect(&self.url, 1).await.expect("connect")
+    }
+
+    /// The rows of `table` the `measured` session read, by any scan (see [`Self::table_stat`]).
+    pub async fn rows_read(&self, measured: &PgPool, table: &str) -> i64 {
+        (self.table_stat(measured, table, "seq_tup_read + coalesce(idx_tup_fetch, 0)")).await
+    }
+
     /// `figure` (an expression over `pg_stat_user_tables`' columns) of `table`, once the
     /// `measured` session's counts reached the shared view (at its next transaction's end,
     /// forced here). Tuple counts, unlike block counts, are not moved by autovacuum.

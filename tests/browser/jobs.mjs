@@ -1,13 +1,14 @@
 // The jobs page with 10,000 jobs: one page of rows at a time through the API's cursor, the
 // first page live; the submit form used from the keyboard alone, its focus visible.
 //
-//   node tests/browser/jobs.mjs BASE_URL API_KEY PAGE1 PAGE2 PAGE3 FOREIGN
+//   node tests/browser/jobs.mjs BASE_URL API_KEY PAGE1 PAGE2 PAGE3 FOREIGN FAILED
 // PAGEn: the ids (comma-separated, newest first) of the tenant's n-th 100 jobs; FOREIGN: another
-// tenant's job, never to be shown.
+// tenant's job, never to be shown; FAILED: the tenant's one failed job, its oldest, past what
+// one filtered request of the API reads.
 import { args, check, run, screenshot, step } from './screens.mjs';
 
 const [first, second, third] = args.slice(0, 3).map((ids) => ids.split(','));
-const foreign = args[3];
+const [foreign, failed] = args.slice(3, 5);
 
 const shownIds = (page) => page.locator('#jobs tr').evaluateAll((rows) => rows.map((r) => r.dataset.jobId));
 
@@ -37,6 +38,12 @@ await run('jobs', async (page) => {
   await expectPage(page, second, 'page 2 again');
   await page.click('#jobs-newer');
   await expectPage(page, first, 'page 1 again');
+
+  step('a filter whose one match is past what a request reads: the page follows the cursors');
+  await page.selectOption('#filter-status', 'failed');
+  await expectPage(page, [failed], 'the failed jobs');
+  await page.selectOption('#filter-status', '');
+  await expectPage(page, first, 'page 1, unfiltered');
 
   step('the submit form from the keyboard: Tab moves through it, focus visible on each control');
   await page.locator('#submit-kind option[value="canary"]').waitFor({ state: 'attached' });

@@ -203,7 +203,9 @@ pub struct SubmitBatch {
 #[derive(Serialize, ToSchema)]
 pub struct JobList {
     pub jobs: Vec<Job>,
-    /// Pass as `cursor` for the next page; absent on the last page.
+    /// Pass as `cursor` for the next page; null on the last page. A page may hold fewer jobs
+    /// than `limit`, or none, and not be the last: a filtered list reads a bounded stretch of
+    /// the tenant's jobs a request.
     pub next_cursor: Option<Uuid>,
 }
 
@@ -350,7 +352,7 @@ pub async fn list(
         }
         status
     });
-    // A kind no job can have would read every job of the tenant's to find none.
+    // A kind no job can have would page through the tenant's whole history to find none.
     if let Some(kind) = params.kind.as_deref() {
         if !state.contracts.kinds().any(|k| k == kind) {
             errors.push(FieldError::new("kind", format!("unknown kind {kind:?}")));
@@ -367,11 +369,12 @@ pub async fn list(
         cursor,
         limit,
         state.settings.page_max_bytes,
+        store::LIST_SCAN_ROWS,
     )
     .await?;
     Ok(Json(JobList {
-        next_cursor: page.next_cursor(limit, |j| j.id),
-        jobs: page.items,
+        next_cursor: page.next_cursor,
+        jobs: page.jobs,
     }))
 }
 

@@ -169,14 +169,7 @@ async fn collection_counts_are_read_without_reading_documents() {
         .await
         .unwrap();
     let one = shared::db::connect(&db.url, 1).await.unwrap();
-    // Rows of documents read, by any scan.
-    let rows_read = || {
-        db.table_stat(
-            &one,
-            "documents",
-            "seq_tup_read + coalesce(idx_tup_fetch, 0)",
-        )
-    };
+    let rows_read = || db.rows_read(&one, "documents");
     let before = rows_read().await;
     let read = store::get_collection(&one, tenant, collection)
         .await

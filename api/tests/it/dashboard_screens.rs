@@ -300,7 +300,16 @@ async fn the_queues_screen_charts_each_queues_last_hour() {
 async fn the_jobs_page_pages_through_ten_thousand_jobs_and_works_from_the_keyboard() {
     let app = TestApp::spawn().await;
     let (other, _) = app.tenant_key("other").await;
-    // uuidv7() is monotonic within a session: ids in insertion order.
+    // uuidv7() is monotonic within a session: ids in insertion order. The oldest job failed,
+    // past what one filtered request reads (10,000 jobs).
+    let failed: Uuid = sqlx::query_scalar(
+        "INSERT INTO jobs (id, tenant_id, kind, status, payload, progress, attempt, started_at, finished_at)
+         VALUES (uuidv7(), $1, 'canary', 'failed', '{}', 1, 1, now(), now()) RETURNING id",
+    )
+    .bind(app.tenant)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
     sqlx::query(
         "INSERT INTO jobs (id, tenant_id, kind, status, payload, progress, attempt, started_at, finished_at)
          SELECT uuidv7(), $1, 'canary', 'succeeded', '{}', 1, 1, now(), now()
@@ -332,8 +341,12 @@ async fn the_jobs_page_pages_through_ten_thousand_jobs_and_works_from_the_keyboa
             .join(",")
     };
     let (first, second, third) = (ids(0..100), ids(100..200), ids(200..300));
-    let foreign = foreign.to_string();
-    let mut script = BrowserScript::start(&app, "jobs.mjs", &[&first, &second, &third, &foreign]);
+    let (foreign, failed) = (foreign.to_string(), failed.to_string());
+    let mut script = BrowserScript::start(
+        &app,
+        "jobs.mjs",
+        &[&first, &second, &third, &foreign, &failed],
+    );
     assert_eq!(
         tokio::time::timeout(LIMIT, script.request()).await.unwrap(),
         None

@@ -304,6 +304,72 @@ async fn a_batch_is_accepted_or_refused_whole() {
     );
 }
 
+/// `?status=failed` among 30,000 succeeded jobs read the tenant's whole history for one page:
+/// no index has `status` or `kind` (none is added: each would cost every queue transition). A
+/// filtered page now reads at most 10,000 of the tenant's jobs: it may come back short, or
+/// empty, with a cursor where the reading stopped, and the cursors still give every match once.
+#[tokio::test]
+async fn a_filtered_list_reads_a_bounded_stretch_of_history_a_page() {
+    let app = TestApp::spawn().await;
+    // 30,001 jobs in id order (uuidv7() is monotonic within a session): the oldest and the
+    // 15,000th failed imports, every other one a succeeded canary.
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, kind, status, payload, progress, attempt, started_at, finished_at)
+         SELECT uuidv7(), $1,
+                CASE WHEN i IN (1, 15000) THEN 'import' ELSE 'canary' END,
+                CASE WHEN i IN (1, 15000) THEN 'failed' ELSE 'succeeded' END,
+                '{}', 1, 1, now(), now()
+         FROM generate_series(1, 30001) AS i",
+    )
+    .bind(app.tenant)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let failed: Vec<String> = sqlx::query_scalar(
+        "SELECT id::text FROM jobs WHERE tenant_id = $1 AND status = 'failed' ORDER BY id DESC",
+    )
+    .bind(app.tenant)
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    // 10,000 jobs read a request, newest first: 30,001..20,002, 20,001..10,002 (the 15,000th),
+    // 10,001..2, then the oldest, after which nothing is left.
+    for query in ["status=failed", "kind=import", "status=failed&kind=import"] {
+        let (lengths, ids) = every_filtered_page(&app, query).await;
+        assert_eq!(lengths, [0, 1, 0, 1], "{query}");
+        assert_eq!(ids, failed, "{query}");
+    }
+    let (lengths, ids) = every_filtered_page(&app, "status=failed&kind=canary").await;
+    assert_eq!((lengths, ids.len()), (vec![0, 0, 0, 0], 0));
+    // A page that fills before its reading runs out ends at its last job, as before.
+    let (status, page) = app.get("/v1/jobs?status=succeeded&limit=3").await;
+    assert_eq!(status, 200, "{page}");
+    let jobs = page["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 3);
+    assert_eq!(page["next_cursor"], jobs[2]["id"]);
+}
+
+/// Every page of `GET /v1/jobs?{query}`: the pages' lengths, and the jobs' ids in order.
+async fn every_filtered_page(app: &TestApp, query: &str) -> (Vec<usize>, Vec<String>) {
+    let (mut lengths, mut ids) = (Vec::new(), Vec::new());
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/jobs?{query}&limit=500&cursor={c}"),
+            None => format!("/v1/jobs?{query}&limit=500"),
+        };
+        let (status, page) = app.get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        let jobs = page["jobs"].as_array().unwrap();
+        lengths.push(jobs.len());
+        ids.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return (lengths, ids),
+        }
+    }
+}
+
 #[tokio::test]
 async fn lists_page_with_a_cursor_and_filter() {
     let mut app = TestApp::spawn().await;
