@@ -220,8 +220,10 @@ async function loadJobs() {
 async function showJobsPage(index) {
   $('jobs-older').disabled = true;
   $('jobs-newer').disabled = true;
+  const load = ++pager.load;
   try {
     const page = await fetchJobs(index === 0 ? null : pager.cursors[index - 1]);
+    if (load !== pager.load) return; // a later load (a filter changed) owns the pager
     pager.older = index === 0 ? null : page.jobs.map((j) => j.id);
     pager.hasOlder = page.next_cursor !== null;
     pager.next = page.next_cursor;

@@ -34,7 +34,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for HashedJson<T> {
 
 /// How long a JSON body (at most `CONVEYOR_BODY_LIMIT`) may take to arrive whole: the body
 /// timeout bounds only the gaps between its frames, and a client sending a byte a minute
-/// would hold its handler for ever. The router sets it from `CONVEYOR_BODY_IDLE_SECS`.
+/// would hold its handler for ever. The router sets it to twice `CONVEYOR_BODY_IDLE_SECS`, so
+/// that a body that stops sending is answered `body-idle` first.
 #[derive(Clone, Copy)]
 pub struct BodyDeadline(pub std::time::Duration);
 
@@ -46,7 +47,7 @@ async fn read<T: DeserializeOwned, S: Send + Sync>(
         .extensions()
         .get()
         .copied()
-        .unwrap_or(BodyDeadline(std::time::Duration::from_secs(60)));
+        .unwrap_or(BodyDeadline(std::time::Duration::from_secs(120)));
     let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
         .await
         .map_err(|_| body_too_slow())?;
@@ -113,7 +114,7 @@ fn body_too_slow() -> Problem {
     Problem::new(
         StatusCode::REQUEST_TIMEOUT,
         "body-too-slow",
-        "the JSON body did not arrive whole within CONVEYOR_BODY_IDLE_SECS",
+        "the JSON body did not arrive whole within twice CONVEYOR_BODY_IDLE_SECS",
     )
 }
 

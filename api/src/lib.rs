@@ -35,7 +35,7 @@ pub fn router(state: AppState) -> Router {
         // A body sending nothing held its connection and handler for ever (the head has
         // `serve::HEADER_READ`); the extractors answer 408 (`extract::body_idle`).
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_idle))
-        .layer(axum::Extension(extract::BodyDeadline(body_idle)))
+        .layer(axum::Extension(extract::BodyDeadline(body_idle * 2)))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         // Every response names its request, so a client's report finds the server's log line.
         .layer(PropagateRequestIdLayer::x_request_id())

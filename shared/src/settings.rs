@@ -32,7 +32,7 @@ pub struct Settings {
     /// `CONVEYOR_BODY_LIMIT`: largest JSON request body in bytes.
     pub body_limit: usize,
     /// `CONVEYOR_BODY_IDLE_SECS`: how long a request body (an upload's included) may send
-    /// nothing before the request is dropped with 408, and how long a JSON body may take in all.
+    /// nothing before the request is dropped with 408; a JSON body may take twice it in all.
     pub body_idle: Duration,
     /// `CONVEYOR_PAGE_MAX_BYTES`: a list page ends early, with a cursor, once its rows pass
     /// this many bytes (it always holds one).

@@ -343,9 +343,10 @@ pub async fn record_progress(
 }
 
 /// Records that attempt `attempt` of job `id` enters its commit (`JobContext::committing`):
-/// its work may be published from here on, which [`rescue_orphans`] reads.
+/// its work may be published from here on, which [`rescue_orphans`] reads. `RowNotFound` when
+/// the attempt no longer runs (rescued from a worker that stalled): it must publish nothing.
 pub async fn mark_committing(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Result<()> {
-    sqlx::query(
+    let marked = sqlx::query(
         "UPDATE jobs SET committing_attempt = $2
          WHERE id = $1 AND attempt = $2 AND status = 'running'",
     )
@@ -353,7 +354,10 @@ pub async fn mark_committing(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Res
     .bind(attempt)
     .execute(pool)
     .await?;
-    Ok(())
+    match marked.rows_affected() {
+        0 => Err(sqlx::Error::RowNotFound),
+        _ => Ok(()),
+    }
 }
 
 /// How an attempt ended.

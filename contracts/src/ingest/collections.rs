@@ -125,6 +125,8 @@ pub async fn delete_gone(
     (field, source): (&str, &str),
     present: &[String],
 ) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    lock_counts(&mut tx, collection).await?;
     let deleted = sqlx::query(
         "DELETE FROM documents WHERE collection_id = $1
            AND metadata ->> $2 = $3 AND NOT (id = ANY($4))",
@@ -133,9 +135,21 @@ pub async fn delete_gone(
     .bind(field)
     .bind(source)
     .bind(present)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(deleted.rows_affected())
+}
+
+/// Locks the collection's row, whose counts the statement triggers on `documents` update,
+/// before any document row: a collection's delete locks in that order (its row, then its
+/// documents by the cascade), so a writer locking documents first could deadlock with it.
+async fn lock_counts(tx: &mut sqlx::PgConnection, collection: Uuid) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1 FROM collections WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(collection)
+        .execute(tx)
+        .await?;
+    Ok(())
 }
 
 /// A document ready to store: its chunks and their vectors.
@@ -163,6 +177,7 @@ pub async fn replace_documents(
         .map(|d| Value::Object(d.metadata.clone()))
         .collect();
     let counts: Vec<i32> = documents.iter().map(|d| d.chunks.len() as i32).collect();
+    lock_counts(&mut tx, collection).await?;
     // Upserting the document rows first locks them: concurrent ingests of one document queue.
     sqlx::query(
         "INSERT INTO documents (collection_id, id, content_hash, metadata, chunks, job_id)

@@ -114,6 +114,19 @@ mod tests {
         .unwrap();
     }
 
+    /// What attempt `attempt` of canary `job` runs with.
+    fn context(test: &TestDb, job: uuid::Uuid, attempt: i32) -> shared::JobContext {
+        shared::JobContext::new(
+            job,
+            test.tenant,
+            "canary",
+            attempt,
+            tokio_util::sync::CancellationToken::new(),
+            test.pool().clone(),
+            test.runtime.events().clone(),
+        )
+    }
+
     #[tokio::test]
     async fn jobs_of_a_lost_worker_are_requeued_or_failed_and_a_live_workers_are_not() {
         let test = TestDb::new().await;
@@ -148,6 +161,28 @@ mod tests {
         assert!(test.events(safe).await.is_empty());
     }
 
+    /// An attempt taken from a worker that only stalled may not enter its commit once the
+    /// rescuer moved the job on: the marker's write matched no row and was taken as recorded,
+    /// so the stalled attempt published beside the next one (or under a failed job).
+    #[tokio::test]
+    async fn an_attempt_rescued_meanwhile_cannot_enter_its_commit() {
+        let test = TestDb::new().await;
+        worker(&test, "stalled", "1 minute").await;
+        let job = test.job("canary", "running").await;
+        test.set(job, "worker = 'stalled'").await;
+        let rescuer = Rescuer::new(test.runtime.settings());
+        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now());
+        assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.status(job).await.as_deref(), Some("queued"));
+        // The stalled worker wakes and reaches its commit.
+        let ctx = context(&test, job, 1);
+        assert!(
+            ctx.committing().await.is_err(),
+            "a rescued attempt entered its commit"
+        );
+        assert!(!ctx.is_committing());
+    }
+
     /// A last attempt whose worker was lost inside its commit (`JobContext::committing`) may
     /// have published its work: queued once more, not counted, for the kind's ledger to
     /// answer, not failed with its data in place. Once: the next attempt, lost before a
@@ -164,15 +199,7 @@ mod tests {
             .await
             .unwrap();
         // The attempt enters its commit; its worker dies there.
-        let ctx = shared::JobContext::new(
-            job,
-            test.tenant,
-            "canary",
-            attempt,
-            tokio_util::sync::CancellationToken::new(),
-            test.pool().clone(),
-            test.runtime.events().clone(),
-        );
+        let ctx = context(&test, job, attempt);
         drop(ctx.committing().await.expect("the commit's start recorded"));
 
         test.announced("canary");
