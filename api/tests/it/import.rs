@@ -152,6 +152,41 @@ async fn csv_round_trip_equals_psql_copy_row_for_row() {
     );
 }
 
+/// A pyarrow file with decimal columns (what pandas and database exports write for money):
+/// polars panicked reading it, so such a file could not be uploaded or imported. Its values
+/// arrive exact, in numeric columns, and its preview shows them as written.
+#[tokio::test]
+async fn parquet_decimals_arrive_exact() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let dataset = app
+        .upload_dataset("money.parquet", include_bytes!("fixtures/decimals.parquet"))
+        .await;
+    let (status, read) = app.get(&format!("/v1/datasets/{dataset}")).await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    let schema = read["schema"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{read}"));
+    let types: Vec<&str> = (schema.iter())
+        .map(|c| c["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["bigint", "numeric", "numeric"], "{read}");
+    assert_eq!(read["preview"][1]["price"], "-2.50", "{read}");
+    let result = import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "money"}}),
+    )
+    .await;
+    assert_eq!(result["rows_imported"], 3, "{result}");
+    assert_eq!(
+        psql(
+            &app.target_url(),
+            "SELECT string_agg(format('%s|%s|%s', id, price, wide), ';' ORDER BY id) FROM money"
+        ),
+        "1|1.25|1234567890123456789012345678.0123456789;2|-2.50|-0.0000000001;3||0.0000000000"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_tsv_ndjson_and_parquet_round_trip() {
     let mut app = TestApp::spawn().await;

@@ -140,7 +140,7 @@ pub fn pg_type(dtype: &DataType) -> &'static str {
         DataType::Int8 | DataType::Int16 | DataType::UInt8 => "smallint",
         DataType::Int32 | DataType::UInt16 => "integer",
         DataType::Int64 | DataType::UInt32 => "bigint",
-        DataType::UInt64 => "numeric",
+        DataType::UInt64 | DataType::Decimal(..) => "numeric",
         DataType::Float32 => "real",
         DataType::Float64 => "double precision",
         DataType::Date => "date",
@@ -182,6 +182,8 @@ fn json(value: AnyValue) -> Value {
             serde_json::Number::from_f64(v as f64).map_or(Value::Null, Value::Number)
         }
         AnyValue::Float64(v) => serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number),
+        // As text: a JSON number would round it to a double.
+        AnyValue::Decimal(v, _, scale) => Value::String(super::source::decimal_text(v, scale)),
         other => Value::String(other.str_value().into_owned()),
     }
 }

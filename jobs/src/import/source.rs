@@ -476,8 +476,22 @@ fn parquet_text<'a>(value: &'a AnyValue<'a>) -> Result<Cow<'a, str>, String> {
         }
         AnyValue::Datetime(v, unit, zone) => instant_text(*v, *unit, zone.is_some())?,
         AnyValue::DatetimeOwned(v, unit, zone) => instant_text(*v, *unit, zone.is_some())?,
+        AnyValue::Decimal(v, _, scale) => decimal_text(*v, *scale),
         other => return Ok(other.str_value()),
     }))
+}
+
+/// A decimal (`v` scaled by 10^`scale`) written out in full, as `numeric` reads it: polars'
+/// display trims zeros and follows its display settings.
+pub(crate) fn decimal_text(v: i128, scale: usize) -> String {
+    let sign = if v < 0 { "-" } else { "" };
+    let digits = v.unsigned_abs().to_string();
+    if scale == 0 {
+        return format!("{sign}{digits}");
+    }
+    let digits = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = digits.split_at(digits.len() - scale);
+    format!("{sign}{whole}.{fraction}")
 }
 
 /// A Parquet timestamp (UTC, in `unit`s since 1970) as text: with its offset when it is zoned
@@ -592,6 +606,20 @@ fn unquoted(text: &str) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_are_written_in_full() {
+        for (v, scale, text) in [
+            (125, 2, "1.25"),
+            (-250, 2, "-2.50"),
+            (-1, 10, "-0.0000000001"),
+            (0, 3, "0.000"),
+            (42, 0, "42"),
+            (i128::MIN, 0, "-170141183460469231731687303715884105728"),
+        ] {
+            assert_eq!(decimal_text(v, scale), text);
+        }
+    }
 
     /// Years before 1 are written as PostgreSQL reads them (it reads no year 0 nor `-0001`);
     /// a day before its first is the row's error, not the COPY's.

@@ -220,7 +220,12 @@ pub fn from_frame(frame: &DataFrame) -> PolarsResult<Table> {
         let series = column.as_materialized_series();
         let name = series.name().as_str();
         let dtype = series.dtype().clone();
-        columns.push(if dtype.is_primitive_numeric() || dtype.is_temporal() {
+        columns.push(if dtype.is_decimal() {
+            // Learnt and written as a double (its physical form is the unscaled integer).
+            let values = series.cast(&DataType::Float64)?;
+            let values = values.f64()?.iter();
+            Column::numbers(name, DataType::Float64, values.collect())
+        } else if dtype.is_primitive_numeric() || dtype.is_temporal() {
             let physical = series.to_physical_repr().cast(&DataType::Float64)?;
             // NaN and ±inf are no amounts to learn: missing, as an empty cell is (a NaN never
             // equals itself, and a model of infinities cannot be saved).
@@ -304,6 +309,22 @@ mod tests {
     use rand::SeedableRng;
 
     const CAP: Cap = Cap::new(1 << 20, "CONVEYOR_MAX_IN_MEMORY_BYTES", "the dataset");
+
+    /// A decimal column (what pandas and database exports write for money) is learnt as the
+    /// amounts it holds: its physical form is the unscaled integer.
+    #[test]
+    fn decimals_are_learnt_as_their_amounts() {
+        let price = Series::new("price".into(), [Some(1.25), Some(-2.5), None])
+            .cast(&DataType::Decimal(10, 2))
+            .unwrap();
+        let table = from_frame(&DataFrame::new(3, vec![price.into()]).unwrap()).unwrap();
+        let column = table.column("price").unwrap();
+        assert_eq!(column.dtype, DataType::Float64);
+        let Values::Numbers(values) = &column.values else {
+            panic!("learnt as labels");
+        };
+        assert_eq!(values, &[Some(1.25), Some(-2.5), None]);
+    }
 
     #[test]
     fn a_file_inflating_past_the_cap_is_refused_at_the_cap() {
