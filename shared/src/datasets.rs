@@ -208,11 +208,13 @@ pub async fn list(
 /// The most live jobs a refusal to delete names.
 const USERS_NAMED: usize = 10;
 
-/// Whether live jobs of the tenant, or waiting steps of its running pipelines, name `id` (a
-/// dataset or a model, `what`) in their payload: the conflict to answer a delete with, naming
-/// the first ten (a step by its pipeline). The search stops at the eleventh: a tenant's
-/// thousands of such jobs were all read and named, in an answer of megabytes, at every try.
-/// A waiting step was accepted with the dataset checked, and failed later for its loss.
+/// Whether live jobs of the tenant, waiting steps of its running pipelines, or its schedules
+/// (a job's or a step's payload; paused ones too, which may be resumed) name `id` (a dataset
+/// or a model, `what`) in their payload: the conflict to answer a delete with, naming the
+/// first ten (a step by its pipeline). The search stops at the eleventh: a tenant's thousands
+/// of such jobs were all read and named, in an answer of megabytes, at every try. A waiting
+/// step was accepted with the dataset checked, and failed later for its loss; a schedule's
+/// every later firing did.
 ///
 /// Read where a payload can name one (an import's or a synthesis's `dataset_id`, an ingest's
 /// `documents[].dataset_id`, a sample's `model_id`), from the live jobs of those kinds only,
@@ -246,6 +248,13 @@ pub async fn in_use(
          (SELECT DISTINCT p.id FROM pipelines p JOIN pipeline_steps s ON s.pipeline_id = p.id
           WHERE p.tenant_id = $1 AND p.status = 'running' AND s.state = 'waiting'
             AND s.kind = ANY($2) AND s.payload @> ANY($3) LIMIT $4)
+         UNION ALL
+         (SELECT s.id FROM schedules s
+          WHERE s.tenant_id = $1
+            AND ((s.job ->> 'kind' = ANY($2) AND s.job -> 'payload' @> ANY($3))
+                 OR EXISTS (SELECT 1 FROM jsonb_array_elements(s.pipeline -> 'steps') AS step
+                            WHERE step ->> 'kind' = ANY($2) AND step -> 'payload' @> ANY($3)))
+          LIMIT $4)
          LIMIT $4"
     ))
     .bind(tenant)
@@ -268,7 +277,7 @@ pub async fn in_use(
         ""
     };
     Ok(Some(crate::Problem::conflict(format!(
-        "live jobs or pipelines use this {what}: {}{more}",
+        "live jobs, pipelines or schedules use this {what}: {}{more}",
         named.join(", ")
     ))))
 }

@@ -409,6 +409,18 @@ impl TestApp {
         response.text().await.unwrap()
     }
 
+    /// A DELETE refused: its status and its problem document.
+    pub async fn delete_refused(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .delete(self.url(path))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.json().await.unwrap())
+    }
+
     pub async fn delete(&self, path: &str) -> StatusCode {
         self.client
             .delete(self.url(path))

@@ -957,15 +957,8 @@ async fn datasets_stream_in_and_out_with_their_schema() {
         .post("/v1/jobs/batch", &json!({"jobs": vec![import; 12]}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let response = app
-        .client
-        .delete(app.url(&format!("/v1/datasets/{id}")))
-        .bearer_auth(&app.key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CONFLICT);
-    let problem: Value = response.json().await.unwrap();
+    let (status, problem) = app.delete_refused(&format!("/v1/datasets/{id}")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
     let detail = problem["detail"].as_str().unwrap();
     let named = detail
         .split([' ', ','])

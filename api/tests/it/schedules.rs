@@ -694,3 +694,35 @@ async fn a_pipeline_schedule_skips_while_its_pipeline_runs() {
         made.len() - 1
     );
 }
+
+/// A schedule naming a dataset, in its job or in a step of its pipeline, paused or not, holds
+/// it as a live job does: the dataset was deleted under it, and every later firing failed.
+#[tokio::test]
+async fn a_dataset_a_schedule_names_is_not_deleted() {
+    let app = TestApp::spawn().await;
+    let dataset = app.upload_dataset("nightly.csv", b"id\n1\n").await;
+    let path = format!("/v1/datasets/{dataset}");
+    let import = json!({"dataset_id": dataset, "target": {"table": "nightly"}});
+    let bodies = [
+        json!({"name": "job", "cron": "@daily", "job": {"kind": "import", "payload": import}}),
+        json!({"name": "flow", "cron": "@daily", "pipeline": {"steps": [
+            {"name": "first", "kind": "canary", "payload": {"steps": 1}},
+            {"name": "load", "kind": "import", "needs": ["first"], "payload": import}]}}),
+    ];
+    for body in bodies {
+        let id = create(&app, body).await["id"].as_str().unwrap().to_owned();
+        let (status, _) = app
+            .post(&format!("/v1/schedules/{id}/pause"), &json!({}))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, problem) = app.delete_refused(&path).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains(&id), "the schedule is named: {detail}");
+        assert_eq!(
+            app.delete(&format!("/v1/schedules/{id}")).await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    assert_eq!(app.delete(&path).await, StatusCode::NO_CONTENT);
+}
