@@ -957,7 +957,7 @@ async fn datasets_stream_in_and_out_with_their_schema() {
         .post("/v1/jobs/batch", &json!({"jobs": vec![import; 12]}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    let (status, problem) = app.delete_refused(&format!("/v1/datasets/{id}")).await;
+    let (status, problem) = app.delete_answered(&format!("/v1/datasets/{id}")).await;
     assert_eq!(status, StatusCode::CONFLICT);
     let detail = problem["detail"].as_str().unwrap();
     let named = detail

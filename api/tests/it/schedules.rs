@@ -715,7 +715,7 @@ async fn a_dataset_a_schedule_names_is_not_deleted() {
             .post(&format!("/v1/schedules/{id}/pause"), &json!({}))
             .await;
         assert_eq!(status, StatusCode::OK);
-        let (status, problem) = app.delete_refused(&path).await;
+        let (status, problem) = app.delete_answered(&path).await;
         assert_eq!(status, StatusCode::CONFLICT);
         let detail = problem["detail"].as_str().unwrap();
         assert!(detail.contains(&id), "the schedule is named: {detail}");

@@ -114,6 +114,13 @@ mod tests {
         .unwrap();
     }
 
+    /// A rescuer that has led for a while: no outage to wait after.
+    fn leading(test: &TestDb) -> Rescuer {
+        let rescuer = Rescuer::new(test.runtime.settings());
+        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now());
+        rescuer
+    }
+
     /// What attempt `attempt` of canary `job` runs with.
     fn context(test: &TestDb, job: uuid::Uuid, attempt: i32) -> shared::JobContext {
         shared::JobContext::new(
@@ -141,10 +148,8 @@ mod tests {
         test.set(safe, "worker = 'alive'").await;
 
         test.announced("canary");
-        let mut rescuer = Rescuer::new(test.runtime.settings());
+        let mut rescuer = leading(&test);
         rescuer.schedule.batch = 1;
-        // Leading for a while: no outage to wait after.
-        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now());
         let rescued = rescuer.run(&test.runtime).await.unwrap();
 
         // Two batches of one, then an empty one.
@@ -170,8 +175,7 @@ mod tests {
         worker(&test, "stalled", "1 minute").await;
         let job = test.job("canary", "running").await;
         test.set(job, "worker = 'stalled'").await;
-        let rescuer = Rescuer::new(test.runtime.settings());
-        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now());
+        let rescuer = leading(&test);
         assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 1);
         assert_eq!(test.status(job).await.as_deref(), Some("queued"));
         // The stalled worker wakes and reaches its commit.
@@ -203,9 +207,7 @@ mod tests {
         drop(ctx.committing().await.expect("the commit's start recorded"));
 
         test.announced("canary");
-        let rescuer = Rescuer::new(test.runtime.settings());
-        // Leading for a while: no outage to wait after.
-        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now());
+        let rescuer = leading(&test);
         assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 1);
         assert_eq!(test.status(job).await.as_deref(), Some("queued"));
         assert!(
@@ -251,8 +253,7 @@ mod tests {
     #[tokio::test]
     async fn after_an_outage_workers_get_time_to_heartbeat_before_their_jobs_are_taken() {
         let test = TestDb::new().await;
-        let rescuer = Rescuer::new(test.runtime.settings());
-        rescuer.outage.lock().unwrap().last_ran = Some(Instant::now());
+        let rescuer = leading(&test);
         assert_eq!(rescuer.run(&test.runtime).await.unwrap(), 0);
         // The outage: a minute without a run, or a heartbeat.
         worker(&test, "alive", "1 minute").await;
