@@ -210,9 +210,6 @@ pub async fn get_job(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Opti
         .await
 }
 
-/// How many of a tenant's jobs one filtered page reads at most (see [`list_jobs`]).
-pub const LIST_SCAN_ROWS: i64 = 10_000;
-
 /// A page of a tenant's jobs, and the cursor of the next one (`None`: the list ends here).
 #[derive(Debug)]
 pub struct JobPage {
@@ -250,64 +247,34 @@ pub async fn list_jobs(
             jobs: page.items,
         });
     }
-    let scan_rows = scan_rows.max(1);
-    // `scan`: the next `scan_rows` of the tenant's jobs, numbered, each with whether it
-    // matches; `s`: the matches and the last row the budget reaches, `limit` of them at most, so
-    // the reading stops at the page's last match; then the matches' whole rows. A LIMIT in SQL,
-    // not a stream dropped early: PostgreSQL would produce, and sqlx drain, the rest.
-    let mut q = QueryBuilder::<Postgres>::new(
-        "SELECT s.id AS scan_id, s.hit AS scan_hit, s.scanned AS scan_rank, j.*
-         FROM (SELECT id, hit, scanned
-               FROM (SELECT id, TRUE",
+    let scan = pages::Scan {
+        table: "jobs",
+        columns: "t.*",
+        scan_rows,
+        limit,
+    };
+    let mut q = QueryBuilder::<Postgres>::new("");
+    scan.push(
+        &mut q,
+        |q| {
+            q.push("TRUE");
+            if let Some(status) = status {
+                q.push(" AND status = ").push_bind(status.as_str());
+            }
+            if let Some(kind) = kind {
+                q.push(" AND kind = ").push_bind(kind.to_owned());
+            }
+        },
+        |q| {
+            q.push("tenant_id = ").push_bind(tenant);
+            if let Some(cursor) = cursor {
+                q.push(" AND id < ").push_bind(cursor);
+            }
+        },
     );
-    if let Some(status) = status {
-        q.push(" AND status = ").push_bind(status.as_str());
-    }
-    if let Some(kind) = kind {
-        q.push(" AND kind = ").push_bind(kind.to_owned());
-    }
-    q.push(" AS hit, row_number() OVER (ORDER BY id DESC) AS scanned FROM jobs WHERE tenant_id = ")
-        .push_bind(tenant);
-    if let Some(cursor) = cursor {
-        q.push(" AND id < ").push_bind(cursor);
-    }
-    q.push(" ORDER BY id DESC LIMIT ")
-        .push_bind(scan_rows)
-        .push(") scan WHERE hit OR scanned = ")
-        .push_bind(scan_rows)
-        .push(" ORDER BY id DESC LIMIT ")
-        .push_bind(limit)
-        .push(") s LEFT JOIN jobs j ON j.id = s.id AND s.hit ORDER BY s.id DESC");
-    let page: Page<Scanned> = pages::within(q.build().fetch(pool), bytes).await?;
-    let next_cursor = page
-        .items
-        .last()
-        .filter(|last| page.cut || page.items.len() as i64 == limit || last.rank == scan_rows)
-        .map(|last| last.id);
-    Ok(JobPage {
-        jobs: page.items.into_iter().filter_map(|s| s.job).collect(),
-        next_cursor,
-    })
-}
-
-/// A row a filtered page read: a job that matched, or the last row its read budget reached.
-struct Scanned {
-    id: Uuid,
-    /// Its place among the rows the request read, from 1.
-    rank: i64,
-    job: Option<Job>,
-}
-
-impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Scanned {
-    fn from_row(row: &'r sqlx::postgres::PgRow) -> sqlx::Result<Self> {
-        use sqlx::Row;
-        let hit: bool = row.try_get("scan_hit")?;
-        Ok(Self {
-            id: row.try_get("scan_id")?,
-            rank: row.try_get("scan_rank")?,
-            job: hit.then(|| Job::from_row(row)).transpose()?,
-        })
-    }
+    let page = pages::within(q.build().fetch(pool), bytes).await?;
+    let (jobs, next_cursor) = scan.page::<Uuid, Job>(page);
+    Ok(JobPage { jobs, next_cursor })
 }
 
 /// Gives each requested key its row, once: a duplicate request gets `None`.
@@ -1227,7 +1194,7 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        let (budget, scan) = (1 << 20, LIST_SCAN_ROWS);
+        let (budget, scan) = (1 << 20, pages::SCAN_ROWS);
         let first = list_jobs(&db.pool, tenant, None, None, None, 3, budget, scan)
             .await
             .unwrap()

@@ -37,7 +37,8 @@ pub struct AuditParams {
 pub struct AuditPage {
     /// Newest first.
     pub entries: Vec<AuditEntry>,
-    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    /// Pass as `cursor` for the next (older) page; absent on the last page. With combined
+    /// filters a page may be short, or empty, and not the last.
     pub next_cursor: Option<String>,
 }
 
@@ -125,9 +126,10 @@ pub async fn list(
         cursor,
     };
     let budget = state.settings.page_max_bytes;
-    let page = audit::list(&state.pool, caller.key.tenant, &filter, limit, budget).await?;
+    let scan = shared::pages::SCAN_ROWS;
+    let page = audit::list(&state.pool, caller.key.tenant, &filter, limit, budget, scan).await?;
     Ok(Json(AuditPage {
-        next_cursor: page.next_cursor(limit, |e| e.id.to_string()),
-        entries: page.items,
+        next_cursor: page.next_cursor.map(|id| id.to_string()),
+        entries: page.entries,
     }))
 }

@@ -369,7 +369,7 @@ pub async fn list(
         cursor,
         limit,
         state.settings.page_max_bytes,
-        store::LIST_SCAN_ROWS,
+        shared::pages::SCAN_ROWS,
     )
     .await?;
     Ok(Json(JobList {
