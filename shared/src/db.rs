@@ -235,6 +235,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261218"),
             include_str!("../../migrations/checksums-20261219"),
             include_str!("../../migrations/checksums-20261220"),
+            include_str!("../../migrations/checksums-20261221"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest

@@ -726,3 +726,95 @@ async fn a_dataset_a_schedule_names_is_not_deleted() {
     }
     assert_eq!(app.delete(&path).await, StatusCode::NO_CONTENT);
 }
+
+/// A schedule stored before payloads were stored as parsed keeps its id in the spelling it was
+/// sent in: `in_use` compares text, so the dataset it imports nightly could be deleted under
+/// it. Migration 20261221000001 writes such ids as they parse, and nothing else.
+#[tokio::test]
+async fn a_schedule_stored_in_another_spelling_holds_its_dataset_once_migrated() {
+    let app = TestApp::spawn().await;
+    let dataset = app
+        .upload_dataset("nightly.csv", b"id\n1\n")
+        .await
+        .to_string();
+    let import = json!({"dataset_id": dataset, "target": {"table": "nightly"}});
+    let job =
+        json!({"name": "job", "cron": "@daily", "job": {"kind": "import", "payload": import}});
+    let (status, collection) = app
+        .post("/v1/collections", &json!({"name": "nightly"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{collection}");
+    let flow = json!({"name": "flow", "cron": "@daily", "pipeline": {"steps": [
+        {"name": "synth", "kind": "synthesis", "payload": {"dataset_id": dataset, "rows": 10}},
+        {"name": "index", "kind": "ingest", "needs": ["synth"], "payload": {
+            "collection_id": collection["id"],
+            "documents": [
+                {"dataset_id": dataset, "metadata": {"customer_id": "X"}},
+                {"dataset_id": "${steps.synth.outputs.dataset_id}"}]}}]}});
+    let mut schedules = Vec::new();
+    for body in [job, flow] {
+        schedules.push(create(&app, body).await["id"].as_str().unwrap().to_owned());
+    }
+    // As rows stored before 2426c7b: upper case, braces, urn; a tenant's own field too.
+    let upper = dataset.to_uppercase();
+    let braced = format!("{{{dataset}}}");
+    let urn = format!("urn:uuid:{dataset}");
+    let own = "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11";
+    sqlx::query(
+        "UPDATE schedules SET
+           job = jsonb_set(job, '{payload,dataset_id}', to_jsonb($2::text)),
+           pipeline = jsonb_set(jsonb_set(jsonb_set(pipeline,
+               '{steps,0,payload,dataset_id}', to_jsonb($3::text)),
+               '{steps,1,payload,documents,0,dataset_id}', to_jsonb($4::text)),
+               '{steps,1,payload,documents,0,metadata,customer_id}', to_jsonb($5::text))
+         WHERE tenant_id = $1",
+    )
+    .bind(app.tenant)
+    .bind(&upper)
+    .bind(&braced)
+    .bind(&urn)
+    .bind(own)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let path = format!("/v1/datasets/{dataset}");
+
+    let migration = include_str!("../../../migrations/20261221000001_canonical_payload_ids.sql");
+    sqlx::raw_sql(migration).execute(app.pool()).await.unwrap();
+
+    let stored: Vec<(Option<Value>, Option<Value>)> = sqlx::query_as(
+        "SELECT job, pipeline FROM schedules WHERE tenant_id = $1 ORDER BY name DESC",
+    )
+    .bind(app.tenant)
+    .fetch_all(app.pool())
+    .await
+    .unwrap();
+    let (job, pipeline) = (stored[0].0.as_ref().unwrap(), stored[1].1.as_ref().unwrap());
+    assert_eq!(job["payload"]["dataset_id"], dataset);
+    let steps = &pipeline["steps"];
+    assert_eq!(steps[0]["payload"]["dataset_id"], dataset);
+    let document = &steps[1]["payload"]["documents"][0];
+    assert_eq!(document["dataset_id"], dataset);
+    assert_eq!(
+        document["metadata"]["customer_id"], own,
+        "a tenant's field is its own"
+    );
+    assert_eq!(
+        steps[1]["payload"]["documents"][1]["dataset_id"], "${steps.synth.outputs.dataset_id}",
+        "a reference stays"
+    );
+    for id in &schedules {
+        let (status, problem) = app.delete_answered(&path).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(id.as_str()),
+            "the schedule is named: {detail}"
+        );
+        assert_eq!(
+            app.delete(&format!("/v1/schedules/{id}")).await,
+            StatusCode::NO_CONTENT
+        );
+    }
+    assert_eq!(app.delete(&path).await, StatusCode::NO_CONTENT);
+}
