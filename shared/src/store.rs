@@ -1282,6 +1282,34 @@ mod tests {
         assert_eq!(lengths, [0, 0, 0, 1]);
     }
 
+    /// A bulk retry among 30,000 succeeded jobs read all of them, also to find nothing: no
+    /// index had failed or cancelled jobs. It reads those alone.
+    #[tokio::test]
+    async fn a_bulk_retry_reads_only_the_failed_and_cancelled_jobs() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let insert = "INSERT INTO jobs (id, tenant_id, kind, status, payload)
+             SELECT uuidv7(), $1, 'canary',
+                    CASE WHEN i = 1 THEN 'failed' ELSE 'succeeded' END, '{}'
+             FROM generate_series(1, 30001) AS i";
+        let one = db.seeded(tenant, insert).await;
+        for (kind, found) in [("patch", 0), ("canary", 1)] {
+            let filter = JobFilter {
+                statuses: vec![JobStatus::Failed, JobStatus::Cancelled],
+                kind: Some(kind.into()),
+                pipeline_id: None,
+            };
+            let before = db.rows_read(&one, "jobs").await;
+            let matching = count_matching(&one, tenant, &filter, BulkChange::Retry, 1000)
+                .await
+                .unwrap();
+            let read = db.rows_read(&one, "jobs").await - before;
+            let ids: usize = matching.iter().map(|m| m.ids.len()).sum();
+            assert_eq!(ids, found, "{kind}");
+            assert!(read < 10, "a retry of {kind} jobs read {read} rows");
+        }
+    }
+
     /// A bulk change returns what its events need, not the jobs' rows: up to 10,000 payloads
     /// of a megabyte each were read into the API's memory at once. Counted as the blocks of
     /// the jobs' TOAST table (where large payloads live) the change's transaction read.
