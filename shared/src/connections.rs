@@ -14,6 +14,7 @@ use aes_gcm::{
     Aes256Gcm, KeyInit,
 };
 use chrono::{DateTime, Utc};
+use hashlink::LruCache;
 use serde::Serialize;
 use sqlx::{postgres::PgConnectOptions, PgPool};
 use std::{
@@ -156,8 +157,9 @@ pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> 
         .await
 }
 
-/// Resolves target databases to pools, one pool per database and role (and, for a tenant's
-/// connection, per checked address) for the life of the process.
+/// Resolves target databases to pools: one per role on the default target, for the life of
+/// the process, and one per tenant's connection and checked address, of the
+/// [`CONNECTION_POOLS`] most recently used connections.
 pub struct Targets {
     control: PgPool,
     default_url: String,
@@ -165,7 +167,14 @@ pub struct Targets {
     guard: Arc<Guard>,
     limits: SessionLimits,
     pools: Mutex<HashMap<String, PgPool>>,
+    connections: Mutex<LruCache<Uuid, (String, PgPool)>>,
 }
+
+/// How many tenants' connections keep their pools. Kept for good, a pool per URL and address
+/// grew without bound: a connection deleted and made again, or a host resolving to a new
+/// address at each use, left one more (with its password and a timer task) at each turn. A
+/// pool dropped from here lives on while a job still holds it.
+pub const CONNECTION_POOLS: usize = 1024;
 
 /// Bounds every session on a target: long enough for a job's COPY, short for a preflight.
 #[derive(Clone, Copy, Debug)]
@@ -280,6 +289,7 @@ impl Targets {
                 .transpose()?,
             limits,
             pools: Mutex::default(),
+            connections: Mutex::new(LruCache::new(CONNECTION_POOLS)),
         })
     }
 
@@ -411,21 +421,31 @@ impl Targets {
             .limits
             .apply(checked.connect_options().map_err(refused)?);
         let key = format!("{raw}@{}", checked.ip());
+        let mut connections = self.connections.lock().expect("connections lock");
+        match connections.get(&id) {
+            Some((made_for, pool)) if *made_for == key => return Ok((key, pool.clone())),
+            // Its address (or URL) changed: a new pool, pinned to the new address.
+            _ => {}
+        }
         let guard = self.guard.clone();
-        let pool = self.pool_for(key.clone(), move || {
-            Ok(pool_options(8)
-                .after_connect(move |conn, _| {
-                    let guard = guard.clone();
-                    Box::pin(async move {
-                        guard
-                            .verify_session(conn)
-                            .await
-                            .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))
-                    })
+        let pool = pool_options(8)
+            .after_connect(move |conn, _| {
+                let guard = guard.clone();
+                Box::pin(async move {
+                    guard
+                        .verify_session(conn)
+                        .await
+                        .map_err(|e| sqlx::Error::Configuration(e.to_string().into()))
                 })
-                .connect_lazy_with(options))
-        })?;
+            })
+            .connect_lazy_with(options);
+        connections.insert(id, (key.clone(), pool.clone()));
         Ok((key, pool))
+    }
+
+    /// How many tenants' connections have a pool here.
+    pub fn connection_pools(&self) -> usize {
+        self.connections.lock().expect("connections lock").len()
     }
 
     fn pool_for(
@@ -506,5 +526,38 @@ mod tests {
         // The example files' key: valid hex, and public.
         assert!(Cipher::from_hex(EXAMPLE_SECRET_KEY).is_err());
         assert!(Cipher::from_hex(&EXAMPLE_SECRET_KEY.to_uppercase()).is_err());
+    }
+
+    /// Pools of tenants' connections were kept for good, one per URL and address: a
+    /// connection deleted and made again, or a host resolving to another address at each use,
+    /// left one more at each turn. The most recently used [`CONNECTION_POOLS`] keep theirs.
+    #[tokio::test]
+    async fn connection_pools_are_bounded() {
+        let db = crate::testing::TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let settings = crate::Settings::for_test(db.url.clone(), "pools".into());
+        let limits = SessionLimits::jobs(&settings);
+        let targets = Targets::new(db.pool.clone(), &settings, limits).unwrap();
+        let cipher = targets.cipher().unwrap();
+        let mut ids = Vec::new();
+        for i in 0..CONNECTION_POOLS + 10 {
+            // Never connected to: pools are lazy.
+            let url = format!("postgres://u{i}:p@127.0.0.1:5999/elsewhere");
+            let display = "127.0.0.1:5999/elsewhere";
+            let made = create(&db.pool, cipher, tenant, &format!("c{i}"), &url, display)
+                .await
+                .unwrap()
+                .unwrap();
+            ids.push(made.id);
+        }
+        // A connection used again keeps the pool it has.
+        for _ in 0..2 {
+            targets.target(tenant, Some(ids[0])).await.unwrap();
+            assert_eq!(targets.connection_pools(), 1);
+        }
+        for id in &ids {
+            targets.target(tenant, Some(*id)).await.unwrap();
+        }
+        assert_eq!(targets.connection_pools(), CONNECTION_POOLS);
     }
 }

@@ -85,7 +85,7 @@ impl TestDatabase {
         test
     }
 
-    /// Runs `insert` (its `$1`: `tenant`), analyzes `jobs`, and returns a pool of one
+    /// Runs `insert` (its `$1`: `tenant`), analyzes the tables, and returns a pool of one
     /// connection, whose reads [`Self::rows_read`] then counts.
     pub async fn seeded(&self, tenant: uuid::Uuid, insert: &str) -> PgPool {
         sqlx::query(insert)
