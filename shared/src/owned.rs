@@ -40,7 +40,7 @@ impl Owned {
     /// Newest first: at most `limit` rows older than `cursor` (from the start without one).
     pub async fn page<T>(
         &self,
-        db: impl PgExecutor<'_>,
+        pool: &sqlx::PgPool,
         tenant: Uuid,
         cursor: Option<Uuid>,
         limit: i64,
@@ -54,12 +54,8 @@ impl Owned {
             "SELECT {columns} FROM {table} WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id < $2)
              ORDER BY id DESC LIMIT $3"
         );
-        let rows = sqlx::query(&sql)
-            .bind(tenant)
-            .bind(cursor)
-            .bind(limit)
-            .fetch(db);
-        crate::pages::within(rows, budget).await
+        let query = sqlx::query(&sql).bind(tenant).bind(cursor).bind(limit);
+        crate::pages::read(pool, query, budget).await
     }
 
     /// Deletes the tenant's row of this id; false when the tenant has none.

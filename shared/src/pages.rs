@@ -29,8 +29,30 @@ pub fn row_bytes(row: &PgRow) -> usize {
         .sum()
 }
 
+/// `query`'s rows as [`within`] reads them, on a connection of `pool` that is closed, not
+/// returned, when the budget ends the page before the rows do: sqlx reads a result to its end
+/// before a connection's next use, so PostgreSQL produced and sent, and this process read, up
+/// to 500 rows of a megabyte each for a page of 8 MiB, holding one of the pool's connections
+/// meanwhile. Closed, it stops at what the socket holds.
+pub async fn read<T>(
+    pool: &sqlx::PgPool,
+    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    budget: usize,
+) -> sqlx::Result<Page<T>>
+where
+    T: for<'r> FromRow<'r, PgRow>,
+{
+    let mut connection = pool.acquire().await?;
+    let page = within(query.fetch(&mut *connection), budget).await?;
+    if page.cut {
+        connection.close_on_drop();
+    }
+    Ok(page)
+}
+
 /// Reads `rows` in order until they pass `budget` bytes, keeping at least one so that a page
-/// always moves on. The rows not read are left on the connection, which skips them.
+/// always moves on. The rows not read are left on the connection, which reads them all before
+/// its next use (see [`read`]).
 pub async fn within<T>(
     rows: impl Stream<Item = sqlx::Result<PgRow>>,
     budget: usize,

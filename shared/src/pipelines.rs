@@ -598,31 +598,37 @@ pub async fn list(
     let query = format!(
         "{STEP_SELECT} WHERE s.pipeline_id = ANY($1) ORDER BY s.pipeline_id DESC, s.position"
     );
-    let mut rows = std::pin::pin!(sqlx::query(&query).bind(&ids).fetch(pool));
+    // As `pages::read`: a page cut before its steps end closes its connection.
+    let mut connection = pool.acquire().await?;
     let mut by_pipeline: HashMap<Uuid, Vec<Step>> = HashMap::new();
-    let (mut kept, mut reading, mut reading_bytes) = (0, None, 0);
     let mut cut = None;
-    loop {
-        let row = rows.try_next().await?;
-        let step = row.as_ref().map(Step::from_row).transpose()?;
-        if let Some(last) = reading.filter(|_| step.as_ref().map(|s| s.pipeline_id) != reading) {
-            // `last`'s steps are all read.
-            if kept > 0 && kept + reading_bytes > budget {
-                by_pipeline.remove(&last);
-                cut = Some(last);
-                break;
+    {
+        let mut rows = std::pin::pin!(sqlx::query(&query).bind(&ids).fetch(&mut *connection));
+        let (mut kept, mut reading, mut reading_bytes) = (0, None, 0);
+        loop {
+            let row = rows.try_next().await?;
+            let step = row.as_ref().map(Step::from_row).transpose()?;
+            if let Some(last) = reading.filter(|_| step.as_ref().map(|s| s.pipeline_id) != reading)
+            {
+                // `last`'s steps are all read.
+                if kept > 0 && kept + reading_bytes > budget {
+                    by_pipeline.remove(&last);
+                    cut = Some(last);
+                    break;
+                }
+                kept += reading_bytes;
+                reading_bytes = 0;
             }
-            kept += reading_bytes;
-            reading_bytes = 0;
+            let (Some(row), Some(step)) = (row, step) else {
+                break;
+            };
+            reading = Some(step.pipeline_id);
+            reading_bytes += pages::row_bytes(&row);
+            by_pipeline.entry(step.pipeline_id).or_default().push(step);
         }
-        let (Some(row), Some(step)) = (row, step) else {
-            break;
-        };
-        reading = Some(step.pipeline_id);
-        reading_bytes += pages::row_bytes(&row);
-        by_pipeline.entry(step.pipeline_id).or_default().push(step);
     }
     if let Some(first_left) = cut {
+        connection.close_on_drop();
         pipelines.retain(|p| p.id > first_left);
     }
     for pipeline in &mut pipelines {

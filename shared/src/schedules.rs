@@ -309,15 +309,14 @@ pub async fn list(
     limit: i64,
     budget: usize,
 ) -> sqlx::Result<Page<Schedule>> {
-    let rows = sqlx::query(
+    let query = sqlx::query(
         "SELECT * FROM schedules WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2)
          ORDER BY id LIMIT $3",
     )
     .bind(tenant)
     .bind(cursor)
-    .bind(limit)
-    .fetch(pool);
-    pages::within(rows, budget).await
+    .bind(limit);
+    pages::read(pool, query, budget).await
 }
 
 pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Option<Schedule>> {
@@ -397,7 +396,7 @@ pub async fn jobs(
     limit: i64,
     budget: usize,
 ) -> sqlx::Result<Page<Job>> {
-    let rows = sqlx::query(
+    let query = sqlx::query(
         "SELECT * FROM jobs WHERE schedule_id = $1 AND tenant_id = $2
                             AND ($3::uuid IS NULL OR id < $3)
          ORDER BY id DESC LIMIT $4",
@@ -405,9 +404,8 @@ pub async fn jobs(
     .bind(id)
     .bind(tenant)
     .bind(cursor)
-    .bind(limit)
-    .fetch(pool);
-    pages::within(rows, budget).await
+    .bind(limit);
+    pages::read(pool, query, budget).await
 }
 
 /// One firing of a schedule, as its history shows it.

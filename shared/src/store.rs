@@ -241,7 +241,7 @@ pub async fn list_jobs(
             q.push(" AND id < ").push_bind(cursor);
         }
         q.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
-        let page: Page<Job> = pages::within(q.build().fetch(pool), bytes).await?;
+        let page: Page<Job> = pages::read(pool, q.build(), bytes).await?;
         return Ok(JobPage {
             next_cursor: page.next_cursor(limit, |j| j.id),
             jobs: page.items,
@@ -272,7 +272,7 @@ pub async fn list_jobs(
             }
         },
     );
-    let page = pages::within(q.build().fetch(pool), bytes).await?;
+    let page = pages::read(pool, q.build(), bytes).await?;
     let (jobs, next_cursor) = scan.page::<Uuid, Job>(page);
     Ok(JobPage { jobs, next_cursor })
 }
@@ -1280,6 +1280,66 @@ mod tests {
             cursor = page.next_cursor;
         }
         assert_eq!(lengths, [0, 0, 0, 1]);
+    }
+
+    /// A page the byte budget ends early still had PostgreSQL read and send every row up to
+    /// its limit, drained by the connection before its next use: 64 payloads of a megabyte for
+    /// a page of two. Counted as the blocks of the jobs' TOAST table read, against a page that
+    /// reads them all.
+    #[tokio::test]
+    async fn a_page_cut_by_its_bytes_stops_the_reading() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        // A megabyte of hex each, which does not compress: stored out of line.
+        let insert = "INSERT INTO jobs (id, tenant_id, kind, status, payload)
+             SELECT uuidv7(), $1, 'canary', 'succeeded', jsonb_build_object('text',
+                    (SELECT string_agg(md5(random()::text || i || j), '')
+                     FROM generate_series(1, 32768) AS j))
+             FROM generate_series(1, 64) AS i";
+        let one = db.seeded(tenant, insert).await;
+        let toast_read = || async {
+            // The counts of a closed session reach the view as it exits: wait for them to settle.
+            let mut last = -1;
+            loop {
+                sqlx::query("SELECT pg_stat_force_next_flush()")
+                    .execute(&one)
+                    .await
+                    .unwrap();
+                let mut reader = db.pool.acquire().await.unwrap();
+                sqlx::query("SELECT pg_stat_clear_snapshot()")
+                    .execute(&mut *reader)
+                    .await
+                    .unwrap();
+                let now: i64 = sqlx::query_scalar(
+                    "SELECT (toast_blks_read + toast_blks_hit)::bigint
+                     FROM pg_statio_user_tables WHERE relname = 'jobs'",
+                )
+                .fetch_one(&mut *reader)
+                .await
+                .unwrap();
+                if now == last {
+                    return now;
+                }
+                last = now;
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        };
+        let mut read = Vec::new();
+        for bytes in [usize::MAX, 3 << 20] {
+            let before = toast_read().await;
+            let page = list_jobs(&one, tenant, None, None, None, 64, bytes, 1)
+                .await
+                .unwrap();
+            read.push((page.jobs.len(), toast_read().await - before));
+        }
+        let [(all, all_read), (cut, cut_read)] = read[..] else {
+            unreachable!()
+        };
+        assert_eq!((all, cut), (64, 2));
+        assert!(
+            cut_read * 3 < all_read,
+            "a page of {cut} read {cut_read} TOAST blocks, all {all} read {all_read}"
+        );
     }
 
     /// A bulk retry among 30,000 succeeded jobs read all of them, also to find nothing: no

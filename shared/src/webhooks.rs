@@ -242,13 +242,12 @@ pub async fn deliveries(
          WHERE tenant_id = $1 AND webhook_id = $2 AND ($3::uuid IS NULL OR id < $3)
          ORDER BY id DESC LIMIT $4"
     );
-    let rows = sqlx::query(&sql)
+    let query = sqlx::query(&sql)
         .bind(tenant)
         .bind(webhook)
         .bind(cursor)
-        .bind(limit)
-        .fetch(pool);
-    crate::pages::within(rows, budget).await
+        .bind(limit);
+    crate::pages::read(pool, query, budget).await
 }
 
 /// What [`replay`] did.
