@@ -100,6 +100,20 @@ async fn import_ok(app: &TestApp, payload: Value) -> Value {
     job["result"].clone()
 }
 
+/// The progress a succeeded job's event stream shows, in order.
+async fn progress_events(app: &TestApp, id: Uuid) -> Vec<f64> {
+    let mut events = app.sse(&format!("/v1/jobs/{id}/events"), None).await;
+    let mut progress = Vec::new();
+    while let Some(event) = events.next(Duration::from_secs(5)).await {
+        match event.event.as_str() {
+            "progress" => progress.push(event.data["progress"].as_f64().unwrap()),
+            "succeeded" => break,
+            _ => {}
+        }
+    }
+    progress
+}
+
 async fn import_failed(app: &TestApp, payload: Value) -> Value {
     let id = submit_import(app, payload).await;
     let job = app
@@ -273,15 +287,7 @@ async fn compressed_tsv_ndjson_and_parquet_round_trip() {
     )
     .await;
     app.wait_status(id, &["succeeded"], WAIT).await;
-    let mut events = app.sse(&format!("/v1/jobs/{id}/events"), None).await;
-    let mut progress = Vec::new();
-    while let Some(event) = events.next(std::time::Duration::from_secs(5)).await {
-        match event.event.as_str() {
-            "progress" => progress.push(event.data["progress"].as_f64().unwrap()),
-            "succeeded" => break,
-            _ => {}
-        }
-    }
+    let progress = progress_events(&app, id).await;
     assert!(
         progress.iter().any(|p| (0.5..1.0).contains(p)),
         "{progress:?}"
@@ -362,6 +368,81 @@ async fn a_value_no_type_holds_is_rejected_once_in_a_created_column() {
     assert_eq!(
         psql(&app.target_url(), "SELECT amount FROM huge WHERE id = 3001"),
         "1e400"
+    );
+}
+
+/// Rows are judged by the types the whole file needs, not those a pass has reached: `1e400`
+/// in a column inferred as double precision (which `n/a` later widens to text), and dates after
+/// a timestamp widened a date column, import under `abort` and under `skip` with
+/// `max_errors: 0` alike (the first pass failed the one and rejected a row in the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_the_final_types_hold_are_not_rejected_by_an_earlier_pass() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let mut csv = String::from("id,amount,day\n");
+    for i in 0..3000 {
+        let (amount, day) = match i {
+            2000 => ("1e400".to_owned(), "2024-01-01"),
+            2001 => (format!("{i}.5"), "2024-01-02 10:00:00"),
+            _ => (format!("{i}.5"), "2024-01-01"),
+        };
+        csv.push_str(&format!("{i},{amount},{day}\n"));
+    }
+    csv.push_str("3000,n/a,2024-01-03\n");
+    let dataset = app.upload_dataset("late_wide.csv", csv.as_bytes()).await;
+    let (_, info) = app.get(&format!("/v1/datasets/{dataset}")).await;
+    assert_eq!(info["schema"][1]["type"], "double precision", "{info}");
+    assert_eq!(info["schema"][2]["type"], "date", "{info}");
+    for payload in [
+        json!({"dataset_id": dataset, "target": {"table": "wide_abort"}}),
+        json!({"dataset_id": dataset, "target": {"table": "wide_skip"},
+               "on_error": "skip", "max_errors": 0}),
+    ] {
+        let table = payload["target"]["table"].as_str().unwrap().to_owned();
+        let result = import_ok(&app, payload).await;
+        assert_eq!(result["rows_imported"], 3001, "{result}");
+        assert_eq!(result["rows_rejected"], 0, "{result}");
+        let url = app.target_url();
+        let types = format!(
+            "SELECT string_agg(format_type(atttypid, atttypmod), ',' ORDER BY attnum)
+             FROM pg_attribute WHERE attrelid = '{table}'::regclass AND attnum > 0"
+        );
+        assert_eq!(
+            psql(&url, &types),
+            "bigint,text,timestamp without time zone"
+        );
+        let amount = format!("SELECT amount FROM {table} WHERE id = 2000");
+        assert_eq!(psql(&url, &amount), "1e400");
+        let day = format!("SELECT day FROM {table} WHERE id = 2002");
+        assert_eq!(psql(&url, &day), "2024-01-01 00:00:00");
+    }
+}
+
+/// A late value widens a column and the file is read again: the progress shown never moves
+/// back (the second pass started again from nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_never_moves_back_across_a_widening_pass() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let mut csv = big_csv(400_000);
+    csv.extend_from_slice(b"400000,n/a,last,2024-01-01 00:00:00+00\n");
+    let dataset = app.upload_dataset("late_text.csv", &csv).await;
+    let payload = json!({"dataset_id": dataset, "target": {"table": "late_text"}});
+    let id = submit_import(&app, payload).await;
+    let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        psql(
+            &app.target_url(),
+            "SELECT amount FROM late_text WHERE id = 400000"
+        ),
+        "n/a"
+    );
+    let progress = progress_events(&app, id).await;
+    assert!(progress.len() >= 3, "{progress:?}");
+    assert!(
+        progress.windows(2).all(|w| w[0] <= w[1]),
+        "progress moved back: {progress:?}"
     );
 }
 

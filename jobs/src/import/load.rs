@@ -83,7 +83,8 @@ struct Planned {
     widen: bool,
 }
 
-/// COPY text of whole rows, for the COPY side.
+/// COPY text of whole rows, for the COPY side. Empty: a column widened, and the reader reads
+/// on for the types the file needs.
 struct Chunk {
     data: Vec<u8>,
     rows: u64,
@@ -385,10 +386,19 @@ async fn import(
         };
         (rows, summary, Vec::new())
     } else {
+        let mut widened_at = None;
         loop {
             let columns = (staging, column_list.as_str());
             let checked = copy_checked(
-                services, ctx, payload, dataset, target, columns, opened, &plan,
+                services,
+                ctx,
+                payload,
+                dataset,
+                target,
+                columns,
+                opened,
+                &plan,
+                &mut widened_at,
             )
             .await?;
             let types = match checked {
@@ -470,6 +480,24 @@ async fn import(
     Ok(result)
 }
 
+/// The job's progress with `read` of the file read in this pass. A pass that finds a column to
+/// widen when `w` of the bar is shown reads the file to its end and then once more: those
+/// 2 - w files of reading share the 1 - w of the bar left, so that it never moves back.
+fn pass_progress(widened_at: Option<f32>, later_pass: bool, read: f32) -> f32 {
+    let shown = match widened_at {
+        None => read,
+        Some(w) => {
+            let since = if later_pass {
+                1.0 - w + read
+            } else {
+                (read - w).max(0.0)
+            };
+            w + (1.0 - w) * since / (2.0 - w)
+        }
+    };
+    shown.min(0.99)
+}
+
 /// The checked path: the reader thread parses, checks and encodes every row (rejected rows to
 /// a scratch CSV, then the `rejected.csv` artifact); the rows go to `staging` by text `COPY`.
 /// Returns the rows imported, the counts and the artifacts; or, where a later value did not fit
@@ -485,6 +513,7 @@ async fn copy_checked(
     (staging, column_list): (&str, &str),
     opened: Opened,
     plan: &[Planned],
+    widened_at: &mut Option<f32>,
 ) -> Result<Checked, JobError> {
     // The reader thread: parse, check, encode; rejected rows to a scratch CSV.
     // Removed on every way out (a failed COPY included); a rejected.csv kept is moved away.
@@ -524,6 +553,7 @@ async fn copy_checked(
     let total_bytes = dataset.size_bytes.max(1) as f32;
     let mut imported = 0u64;
     let mut copy = target.copy_in_raw(&copy_sql).await.map_err(db_error)?;
+    let later_pass = widened_at.is_some();
     let mut cancelled = false;
     while let Some(chunk) = rx.recv().await {
         if ctx.is_cancelled() {
@@ -531,11 +561,21 @@ async fn copy_checked(
             break;
         }
         let Chunk { data, rows } = chunk;
-        copy.send(data).await.map_err(db_error)?;
-        imported += rows;
-        let fraction = bytes_read.load(Ordering::Relaxed) as f32 / total_bytes;
-        ctx.progress(fraction.min(0.99), format!("{imported} rows"))
-            .await;
+        if data.is_empty() {
+            widened_at.get_or_insert(ctx.current_progress());
+        } else {
+            copy.send(data).await.map_err(db_error)?;
+            imported += rows;
+        }
+        let read = (bytes_read.load(Ordering::Relaxed) as f32 / total_bytes).min(1.0);
+        // Never back: the reader may have passed the widening before this chunk is counted.
+        let shown = pass_progress(*widened_at, later_pass, read).max(ctx.current_progress());
+        let note = match (*widened_at, later_pass) {
+            (Some(_), false) => "a column widens: reading on for its type".to_owned(),
+            (_, true) => format!("{imported} rows (read again with widened columns)"),
+            (None, _) => format!("{imported} rows"),
+        };
+        ctx.progress(shown, note).await;
     }
     if cancelled {
         drop(rx);
@@ -554,6 +594,7 @@ async fn copy_checked(
         }
     };
     if let Some(types) = summary.widened.take() {
+        widened_at.get_or_insert(ctx.current_progress());
         let _ = copy.abort("a created column widens").await;
         return Ok(Checked::Widen(types));
     }
@@ -843,11 +884,12 @@ fn read_rows(
             match column.ty.check(&text) {
                 Ok(value) => push_copy_text(&mut line_buffer, &value),
                 Err(_) if column.widen => {
-                    // Nothing more is sent: the file is read to its end for the types it
-                    // needs, then read again into a staging table of those types.
-                    // A value no wider type holds (a NUL, 1e400 in a double) is its row's
-                    // error: read again with the same types, it would ask again for ever.
-                    let wider = column.ty.join(&PgType::infer(&text));
+                    // Nothing more is copied: the file is read to its end for the types it
+                    // needs, then read again into a staging table of those types. The column
+                    // widens to a type that holds the value, so a row is judged here as the
+                    // last pass judges it; only a value no column holds (a NUL) is its row's
+                    // error.
+                    let wider = column.ty.widened_for(&text);
                     if wider != column.ty {
                         column.ty = wider;
                         widened = true;
@@ -876,9 +918,13 @@ fn read_rows(
             continue;
         }
         if widened {
-            // Nothing is sent meanwhile, so a dropped import is seen here.
-            if summary.rows_read % 4096 == 0 && tx.is_closed() {
-                return Err("the import stopped".to_owned());
+            // An empty chunk now and then reports the reading (and sees a dropped import,
+            // whose send fails).
+            if summary.rows_read % 4096 == 0 {
+                send(Chunk {
+                    data: Vec::new(),
+                    rows: 0,
+                })?;
             }
             continue;
         }
@@ -934,4 +980,32 @@ fn raw_record(row: &Row) -> Vec<u8> {
     let mut bytes = writer.into_inner().unwrap_or_default();
     bytes.pop();
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pass_progress;
+
+    /// Through a widening found at 0.6 of the file and the pass after it, the bar only moves
+    /// on, and ends short of done (the job's end says done).
+    #[test]
+    fn progress_never_moves_back_across_passes() {
+        let steps = [
+            (None, false, 0.2),
+            (None, false, 0.6),
+            (Some(0.6), false, 0.6),
+            (Some(0.6), false, 0.8),
+            (Some(0.6), false, 1.0),
+            (Some(0.6), true, 0.0),
+            (Some(0.6), true, 0.5),
+            (Some(0.6), true, 1.0),
+        ];
+        let shown: Vec<f32> = steps
+            .iter()
+            .map(|&(at, later, read)| pass_progress(at, later, read))
+            .collect();
+        assert!(shown.windows(2).all(|w| w[0] <= w[1]), "{shown:?}");
+        assert_eq!(shown.last(), Some(&0.99));
+        assert_eq!(pass_progress(None, false, 0.5), 0.5);
+    }
 }

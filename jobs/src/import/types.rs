@@ -88,8 +88,10 @@ impl PgType {
             PgType::Double => finite_or_named(trimmed.parse::<f64>(), trimmed),
             PgType::Numeric => numeric(trimmed),
             PgType::Date => date(trimmed),
-            PgType::Timestamp => timestamp(trimmed),
-            PgType::Timestamptz => timestamptz(trimmed) || timestamp(trimmed),
+            // PostgreSQL reads a date alone as its midnight: a date column widened to a
+            // timestamp still holds the dates it held.
+            PgType::Timestamp => timestamp(trimmed) || date(trimmed),
+            PgType::Timestamptz => timestamptz(trimmed) || timestamp(trimmed) || date(trimmed),
             // In PostgreSQL's spelling: it reads no `urn:uuid:` form.
             PgType::Uuid => {
                 return uuid::Uuid::parse_str(trimmed)
@@ -168,6 +170,18 @@ impl PgType {
             return [Date, Timestamp, Timestamptz][a.max(b)].clone();
         }
         Text
+    }
+
+    /// The type a created column of this type widens to for a `value` it does not hold: the
+    /// narrowest holding both, else text (`1e400` in a double: no number type holds it as
+    /// written). Only a value no column holds (a NUL) stays its row's error.
+    pub fn widened_for(&self, value: &str) -> PgType {
+        let joined = self.join(&PgType::infer(value));
+        if joined.check(value).is_ok() {
+            joined
+        } else {
+            PgType::Text
+        }
     }
 }
 
@@ -342,6 +356,62 @@ mod tests {
             PgType::BigInt.check("12x").unwrap_err(),
             "invalid bigint \"12x\""
         );
+    }
+
+    /// A created column widens to a type that holds the value, is at least as wide, and
+    /// still holds what the column held: every pass judges a row alike.
+    #[test]
+    fn widening_holds_the_value_and_what_the_column_held() {
+        use PgType::*;
+        let created = [
+            Boolean,
+            SmallInt,
+            Integer,
+            BigInt,
+            Real,
+            Double,
+            Numeric,
+            Date,
+            Timestamp,
+            Timestamptz,
+            Text,
+        ];
+        let values = [
+            "1",
+            "3000000000",
+            "1.5",
+            "1e39",
+            "1e400",
+            "-1e-400",
+            "inf",
+            "NaN",
+            "true",
+            "yes",
+            "2024-01-02",
+            "2024-01-02 10:00:00",
+            "2024-01-02T10:00:00+01:00",
+            "0000-01-01",
+            "02134",
+            "abc",
+        ];
+        for ty in &created {
+            for v in values.iter().filter(|v| ty.check(v).is_err()) {
+                let wider = ty.widened_for(v);
+                assert!(
+                    wider.check(v).is_ok(),
+                    "{ty:?} widened for {v:?} to {wider:?}"
+                );
+                assert_eq!(wider.join(ty), wider, "{ty:?} -> {wider:?} is no widening");
+                for held in values.iter().filter(|h| ty.check(h).is_ok()) {
+                    assert!(
+                        wider.check(held).is_ok(),
+                        "{ty:?} -> {wider:?} drops {held:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(Double.widened_for("1e400"), Text);
+        assert_eq!(Date.widened_for("2024-01-02 10:00:00"), Timestamp);
     }
 
     #[test]
