@@ -171,22 +171,36 @@ pub async fn create_key(pool: &PgPool, tenant: &str) -> anyhow::Result<(Uuid, St
     Ok((tenant_id, created.key))
 }
 
+/// How many live keys a tenant's admin keys may hold (the operator's commands may make more).
+pub const MAX_LIVE_KEYS: i64 = 100;
+
 /// A new key of the actor's tenant, made by the actor (audited in the same transaction;
-/// `payload_sha256`: of the request's body).
+/// `payload_sha256`: of the request's body); `None` if the tenant holds [`MAX_LIVE_KEYS`].
 pub async fn create(
     pool: &PgPool,
     by: &Actor,
     role: Role,
     name: Option<&str>,
     payload_sha256: Option<String>,
-) -> Result<CreatedKey, sqlx::Error> {
+) -> Result<Option<CreatedKey>, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    // Counted with the tenant's row locked: two creations cannot both take the last place.
+    let live: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM api_keys WHERE tenant_id = t.id AND revoked_at IS NULL)
+         FROM tenants t WHERE t.id = $1 FOR UPDATE",
+    )
+    .bind(by.tenant)
+    .fetch_one(&mut *tx)
+    .await?;
+    if live >= MAX_LIVE_KEYS {
+        return Ok(None);
+    }
     let created = insert(&mut tx, by.tenant, role, name, None).await?;
     let mut entry = created_entry(&created);
     entry.payload_sha256 = payload_sha256;
     audit::record(&mut *tx, by, entry).await?;
     tx.commit().await?;
-    Ok(created)
+    Ok(Some(created))
 }
 
 fn created_entry(created: &CreatedKey) -> Entry {
@@ -235,13 +249,22 @@ pub async fn tenant_id(pool: &PgPool, tenant: &str) -> Result<Option<Uuid>, sqlx
 }
 
 /// The tenant's keys, revoked ones too, oldest first.
-pub async fn list(pool: &PgPool, tenant_id: Uuid) -> Result<Vec<ApiKey>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 ORDER BY created_at, id"
-    ))
-    .bind(tenant_id)
-    .fetch_all(pool)
-    .await
+/// The tenant's keys, revoked ones too, in the order they were made (by id, which is made
+/// from the time), after the `cursor` key id: revoked keys are kept, so their number has no
+/// bound.
+pub async fn list(
+    pool: &PgPool,
+    tenant_id: Uuid,
+    cursor: Option<Uuid>,
+    limit: i64,
+    budget: usize,
+) -> Result<shared::pages::Page<ApiKey>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND ($2::uuid IS NULL OR id > $2)
+         ORDER BY id LIMIT $3"
+    );
+    let query = sqlx::query(&sql).bind(tenant_id).bind(cursor).bind(limit);
+    shared::pages::read(pool, query, budget).await
 }
 
 /// Revokes the key and ends the sessions opened with it: by a key (`Some`: only a key of its

@@ -182,17 +182,25 @@ async fn keys_command(
                 "{:<36}  {:<12}  {:<6}  {:<19}  {:<19}  {:<19}  name",
                 "id", "prefix", "role", "created", "last used", "revoked"
             );
-            for key in keys::list(pool, tenant_id).await? {
-                println!(
-                    "{:<36}  {:<12}  {:<6}  {:<19}  {:<19}  {:<19}  {}",
-                    key.id,
-                    key.prefix.as_deref().unwrap_or("-"),
-                    key.role.as_str(),
-                    time(Some(key.created_at)),
-                    time(key.last_used_at),
-                    time(key.revoked_at),
-                    keys::printable(key.name.as_deref().unwrap_or(""))
-                );
+            let mut cursor = None;
+            loop {
+                let page = keys::list(pool, tenant_id, cursor, 500, usize::MAX).await?;
+                for key in &page.items {
+                    println!(
+                        "{:<36}  {:<12}  {:<6}  {:<19}  {:<19}  {:<19}  {}",
+                        key.id,
+                        key.prefix.as_deref().unwrap_or("-"),
+                        key.role.as_str(),
+                        time(Some(key.created_at)),
+                        time(key.last_used_at),
+                        time(key.revoked_at),
+                        keys::printable(key.name.as_deref().unwrap_or(""))
+                    );
+                }
+                cursor = page.next_cursor(500, |k| k.id);
+                if cursor.is_none() {
+                    break;
+                }
             }
         }
         KeysCommand::Revoke { id } => {

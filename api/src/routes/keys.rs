@@ -13,9 +13,10 @@ use utoipa::ToSchema;
 use crate::{
     audit::Actor,
     auth::Admin,
-    extract::HashedJson,
+    extract::{HashedJson, Params},
     keys::{self, ApiKey, CreatedKey, Role},
     revocation::{self, Invalidation},
+    routes::page::Page,
     AppState,
 };
 
@@ -33,22 +34,33 @@ pub struct NewKey {
 pub struct KeyList {
     /// Oldest first, revoked ones too.
     pub keys: Vec<ApiKey>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<uuid::Uuid>,
 }
 
-#[utoipa::path(get, path = "/v1/keys", tag = "keys",
+#[utoipa::path(get, path = "/v1/keys", tag = "keys", params(Page),
     responses((status = 200, body = KeyList), (status = 401, body = Problem),
-              (status = 403, body = Problem, description = "not an admin key")))]
+              (status = 403, body = Problem, description = "not an admin key"),
+              (status = 422, body = Problem)))]
 pub async fn list(
     State(state): State<AppState>,
     Admin(caller): Admin,
+    Params(page): Params<Page>,
 ) -> Result<Json<KeyList>, Problem> {
-    let keys = keys::list(&state.pool, caller.key.tenant).await?;
-    Ok(Json(KeyList { keys }))
+    // 500 unless asked: the list answered whole before it was paged.
+    let (limit, cursor) = page.or_limit(500).checked()?;
+    let budget = state.settings.page_max_bytes;
+    let page = keys::list(&state.pool, caller.key.tenant, cursor, limit, budget).await?;
+    Ok(Json(KeyList {
+        next_cursor: page.next_cursor(limit, |k| k.id),
+        keys: page.items,
+    }))
 }
 
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = NewKey,
     responses((status = 201, body = CreatedKey, description = "the key, shown this once"),
               (status = 401, body = Problem), (status = 403, body = Problem, description = "not an admin key"),
+              (status = 409, body = Problem, description = "the tenant holds its most live keys"),
               (status = 422, body = Problem)))]
 pub async fn create(
     State(state): State<AppState>,
@@ -73,7 +85,18 @@ pub async fn create(
         ));
     }
     let by = Actor::from(&caller);
-    let created = keys::create(&state.pool, &by, role, name.as_deref(), Some(body_sha256)).await?;
+    let created = keys::create(&state.pool, &by, role, name.as_deref(), Some(body_sha256))
+        .await?
+        .ok_or_else(|| {
+            Problem::new(
+                StatusCode::CONFLICT,
+                "too-many-keys",
+                format!(
+                    "a tenant holds at most {} live keys: revoke one first",
+                    keys::MAX_LIVE_KEYS
+                ),
+            )
+        })?;
     tracing::info!(key = %created.info.id, by = %caller.key.id, role = role.as_str(), "API key created");
     Ok((StatusCode::CREATED, Json(created)))
 }

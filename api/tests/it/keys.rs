@@ -588,3 +588,43 @@ async fn a_process_that_lost_its_subscription_does_not_trust_its_cache() {
     refused_within(&app, &second_base, &member, WAIT).await;
     second.shutdown().await;
 }
+
+/// An admin key made keys without end, and `GET /v1/keys` answered every key the tenant ever
+/// had (revoked ones are kept) in one response. A tenant holds at most 100 live keys (a
+/// revoked one frees its place), and the list is paged.
+#[tokio::test]
+async fn a_tenant_holds_at_most_a_hundred_live_keys_and_its_list_is_paged() {
+    let app = TestApp::spawn().await;
+    // The app's admin key is the first.
+    let mut made = Vec::new();
+    for _ in 1..conveyor_api::keys::MAX_LIVE_KEYS {
+        made.push(new_key(&app, json!({"role": "read"})).await.0);
+    }
+    let (status, problem) = post_key(&app, json!({"role": "read"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(problem["type"].as_str().unwrap().ends_with("too-many-keys"));
+    revoke(&app, made[0]).await;
+    made.push(new_key(&app, json!({"role": "read"})).await.0);
+
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = "/v1/keys?limit=30".to_owned();
+        if let Some(cursor) = &cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        let (status, page) = call(&app, &app.base, Method::GET, &path, &app.key, None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let keys = page["keys"].as_array().unwrap();
+        assert!(keys.len() <= 30);
+        listed.extend(keys.iter().map(|k| k["id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    // The admin key, the 99 made (one revoked) and the one made in its place, oldest first.
+    assert_eq!(listed.len(), 101);
+    let made: Vec<String> = made.iter().map(Uuid::to_string).collect();
+    assert_eq!(listed[1..], made[..]);
+}
