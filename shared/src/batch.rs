@@ -9,7 +9,20 @@ use tokio::sync::{mpsc, oneshot};
 /// How many batches back a lingering batch looks for the size to wait for.
 const RECENT: usize = 8;
 
-type Reply<O> = oneshot::Sender<Result<O, String>>;
+type Reply<O> = oneshot::Sender<Result<O, BatchError>>;
+
+/// Why a call got no output.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum BatchError {
+    /// The batch was refused for one item's sake (a value its statement refuses): its items are
+    /// sent again one by one, or their neighbours would fail with it for ever. `run` must then be
+    /// safe to run again for the items of a batch that failed.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The round trip failed (a lost connection, a stopped batcher): every item gets it.
+    #[error("{0}")]
+    Failed(String),
+}
 
 pub struct Batcher<I, O> {
     tx: mpsc::Sender<(I, Reply<O>)>,
@@ -28,7 +41,7 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Batcher<I, O> {
     pub fn spawn<F, Fut>(max: usize, run: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Vec<O>, String>> + Send,
+        Fut: Future<Output = Result<Vec<O>, BatchError>> + Send,
     {
         Self::spawn_lingering(max, Duration::ZERO, run)
     }
@@ -38,24 +51,7 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Batcher<I, O> {
     pub fn spawn_lingering<F, Fut>(max: usize, linger: Duration, run: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Vec<O>, String>> + Send,
-    {
-        Self::spawn_isolating(max, linger, run, |_| false)
-    }
-
-    /// [`Batcher::spawn_lingering`], where a batch that fails with an error `isolate` names
-    /// one item's fault (a value the statement refuses), not the round trip's (a lost
-    /// connection), is sent again item by item: its neighbours would fail with it for ever.
-    /// `run` must then be safe to run again for items of a batch that failed.
-    pub fn spawn_isolating<F, Fut>(
-        max: usize,
-        linger: Duration,
-        run: F,
-        isolate: fn(&str) -> bool,
-    ) -> Self
-    where
-        F: Fn(Vec<I>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Vec<O>, String>> + Send,
+        Fut: Future<Output = Result<Vec<O>, BatchError>> + Send,
     {
         let (tx, mut rx) = mpsc::channel::<(I, Reply<O>)>(max * 4);
         tokio::spawn(async move {
@@ -88,12 +84,14 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Batcher<I, O> {
                             let _ = reply.send(Ok(output));
                         }
                     }
-                    (Err(e), Some(items)) if isolate(&e) => {
+                    (Err(BatchError::Refused(_)), Some(items)) => {
                         let each = items.into_iter().map(|item| run(vec![item]));
                         let answers = futures::future::join_all(each).await;
                         for (reply, answer) in replies.into_iter().zip(answers) {
                             let output = answer.and_then(|mut outputs| {
-                                outputs.pop().ok_or_else(|| "no output".to_owned())
+                                outputs
+                                    .pop()
+                                    .ok_or_else(|| BatchError::Failed("no output".into()))
                             });
                             let _ = reply.send(output);
                         }
@@ -109,15 +107,15 @@ impl<I: Clone + Send + 'static, O: Send + 'static> Batcher<I, O> {
         Self { tx }
     }
 
-    pub async fn call(&self, item: I) -> Result<O, String> {
+    pub async fn call(&self, item: I) -> Result<O, BatchError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((item, reply))
             .await
-            .map_err(|_| "batcher stopped".to_owned())?;
+            .map_err(|_| BatchError::Failed("batcher stopped".into()))?;
         answer
             .await
-            .map_err(|_| "batcher dropped the request".to_owned())?
+            .map_err(|_| BatchError::Failed("batcher dropped the request".into()))?
     }
 }
 
@@ -138,12 +136,11 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             match items.contains(&0) {
-                true => Err("zero refused".to_owned()),
+                true => Err(BatchError::Refused("zero".into())),
                 false => Ok(items.iter().map(|i| i * 2).collect()),
             }
         };
-        let refused = |e: &str| e.ends_with("refused");
-        let doubler = Batcher::spawn_isolating(64, Duration::ZERO, run, refused);
+        let doubler = Batcher::spawn(64, run);
         let first = tokio::spawn({
             let doubler = doubler.clone();
             async move { doubler.call(99).await }
@@ -151,7 +148,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (bad, good) = tokio::join!(doubler.call(0), doubler.call(1));
         assert_eq!(first.await.unwrap(), Ok(198));
-        assert_eq!(bad, Err("zero refused".to_owned()));
+        assert_eq!(bad, Err(BatchError::Refused("zero".into())));
         assert_eq!(good, Ok(2));
     }
 

@@ -4,7 +4,7 @@ use chrono::Utc;
 use futures::FutureExt;
 use serde_json::{json, Value};
 use shared::{
-    batch::Batcher,
+    batch::{BatchError, Batcher},
     claims::{self, Claimed},
     db::Session,
     dispatch::{Dispatcher, Refill, FULL_CLAIM_EVERY},
@@ -62,9 +62,6 @@ pub struct Runtime {
     finishes: Batcher<store::Finish, Option<store::Ended>>,
     announcements: Batcher<(Uuid, Event), ()>,
 }
-
-/// How a finish batch's error starts when PostgreSQL refused its statement.
-const REFUSED: &str = "refused: ";
 
 /// Most items one batched round trip carries.
 const BATCH: usize = 256;
@@ -203,11 +200,14 @@ impl Runtime {
                         Ok(conn) => store::finish_many(conn, &items).await,
                         Err(e) => Err(e),
                     };
+                    // A statement PostgreSQL refused for one outcome's sake is sent again
+                    // outcome by outcome (a finish is one statement, fenced by attempt: safe to
+                    // send again); a lost connection is answered to all at once.
                     let rows = finished.map_err(|e| {
                         session.discard();
                         match e {
-                            sqlx::Error::Database(_) => format!("{REFUSED}{e}"),
-                            _ => e.to_string(),
+                            sqlx::Error::Database(_) => BatchError::Refused(e.to_string()),
+                            _ => BatchError::Failed(e.to_string()),
                         }
                     })?;
                     drop(session);
@@ -223,11 +223,7 @@ impl Runtime {
                     Ok(rows)
                 }
             };
-            // A statement PostgreSQL refused for one outcome's sake is sent again outcome by
-            // outcome (a finish is one statement, fenced by attempt: safe to send again); a
-            // lost connection is answered to all at once, as before.
-            let refused = |e: &str| e.starts_with(REFUSED);
-            Batcher::spawn_isolating(BATCH, LINGER, finish, refused)
+            Batcher::spawn_lingering(BATCH, LINGER, finish)
         };
         let announcements = {
             let events = events.clone();
@@ -235,7 +231,8 @@ impl Runtime {
                 let events = events.clone();
                 async move {
                     let n = items.len();
-                    events.append(&items).await.map_err(|e| e.to_string())?;
+                    let failed = |e: redis::RedisError| BatchError::Failed(e.to_string());
+                    events.append(&items).await.map_err(failed)?;
                     Ok(vec![(); n])
                 }
             })
@@ -661,7 +658,7 @@ impl Runtime {
             kinds.insert(change.event.kind.clone());
             appends.push(self.announcements.call((change.tenant, change.event)));
         }
-        let failed: Vec<String> = futures::future::join_all(appends)
+        let failed: Vec<BatchError> = futures::future::join_all(appends)
             .await
             .into_iter()
             .filter_map(Result::err)
@@ -841,7 +838,7 @@ impl Runtime {
                 None => store::requeue(&self.pool, job.id, job.attempt, &self.name, &usage)
                     .await
                     .map(|row| row.map(store::Ended::from))
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| BatchError::Failed(e.to_string())),
             };
             match written {
                 Ok(Some(row)) => {
