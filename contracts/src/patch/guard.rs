@@ -200,7 +200,16 @@ const MAX_GROWN_LENGTH: u64 = 10_000;
 /// Functions whose result may be many times their arguments: none of them may take another's
 /// result (`repeat(repeat('x', 10000), 9999)` is a GB again), and `format`'s widths are
 /// bounded as the lengths above.
-const MULTIPLYING_FUNCTIONS: [&str; 6] = ["repeat", "lpad", "rpad", "replace", "overlay", "format"];
+const MULTIPLYING_FUNCTIONS: [&str; 8] = [
+    "repeat",
+    "lpad",
+    "rpad",
+    "replace",
+    "regexp_replace",
+    "overlay",
+    "format",
+    "array_to_string",
+];
 
 /// The text of a string literal argument.
 fn literal_text(arg: Option<&FunctionArg>) -> Option<&str> {
@@ -242,10 +251,41 @@ fn multiplies_past_bound(name: &str, args: &[FunctionArg], count: Option<u64>) -
                 )),
             }
         }
+        // A match may be empty (`''` matches at every character): what each adds is bounded,
+        // and it copies none of what it matched (`\&`, `\1`).
+        "regexp_replace" => {
+            let to = literal_text(args.get(2));
+            match to {
+                Some(to) if to.chars().count() <= MAX_REPLACEMENT_GROWTH && !to.contains('\\') => {
+                    None
+                }
+                _ => Some(format!(
+                    "regexp_replace() needs a literal replacement of at most \
+                     {MAX_REPLACEMENT_GROWTH} characters and no back-references: a pattern \
+                     may match at every character"
+                )),
+            }
+        }
+        // The separator goes between every two elements (`string_to_array(note, NULL)` has
+        // one a character), as the text for NULL elements goes in each.
+        "array_to_string" => {
+            let short = |arg: Option<&FunctionArg>| {
+                literal_text(arg).is_some_and(|t| t.chars().count() <= MAX_REPLACEMENT_GROWTH)
+            };
+            (!short(args.get(1)) || (args.len() > 2 && !short(args.get(2)))).then(|| {
+                format!(
+                    "array_to_string() needs literal texts of at most {MAX_REPLACEMENT_GROWTH} \
+                     characters: each goes between or in every element"
+                )
+            })
+        }
         _ => None,
     }
 }
 const MAX_REPLACEMENT_GROWTH: usize = 100;
+/// Most conversions a `format` string may have: each copies an argument whole
+/// (`%1$s%1$s...` 13,000 times over a column is a GB).
+const MAX_FORMAT_CONVERSIONS: usize = 32;
 
 /// Whether `format`'s first argument is a literal whose widths (`%10s`) are at most
 /// [`MAX_GROWN_LENGTH`], none taken from an argument (`%*s`).
@@ -256,19 +296,23 @@ fn format_widths_bounded(first: Option<&FunctionArg>) -> bool {
     let Value::SingleQuotedString(text) = &v.value else {
         return false;
     };
-    // Each `%[position$][-][width]type`: the width is the digits after the flag.
-    text.split('%').skip(1).all(|spec| {
-        let spec = match spec.find('$') {
-            Some(at) if spec[..at].bytes().all(|b| b.is_ascii_digit()) => &spec[at + 1..],
-            _ => spec,
-        };
-        let spec = spec.trim_start_matches('-');
-        if spec.starts_with('*') {
-            return false;
-        }
-        let width: String = spec.chars().take_while(char::is_ascii_digit).collect();
-        width.is_empty() || width.parse::<u64>().is_ok_and(|n| n <= MAX_GROWN_LENGTH)
-    })
+    // Each `%[position$][-][width]type`: the width is the digits after the flag. `%%` is a
+    // percent sign, no conversion.
+    let text = text.replace("%%", "");
+    let specs: Vec<&str> = text.split('%').skip(1).collect();
+    specs.len() <= MAX_FORMAT_CONVERSIONS
+        && specs.into_iter().all(|spec| {
+            let spec = match spec.find('$') {
+                Some(at) if spec[..at].bytes().all(|b| b.is_ascii_digit()) => &spec[at + 1..],
+                _ => spec,
+            };
+            let spec = spec.trim_start_matches('-');
+            if spec.starts_with('*') {
+                return false;
+            }
+            let width: String = spec.chars().take_while(char::is_ascii_digit).collect();
+            width.is_empty() || width.parse::<u64>().is_ok_and(|n| n <= MAX_GROWN_LENGTH)
+        })
 }
 
 /// Types a patch may not cast to or write literals of: catalog references and row and
@@ -962,15 +1006,17 @@ impl Scope {
                     });
                     if nested {
                         return Err(format!(
-                            "{}() takes the result of repeat, lpad, rpad, replace, overlay or \
-                             format: such results multiply",
+                            "{}() takes the result of repeat, lpad, rpad, replace, \
+                             regexp_replace, overlay, format or array_to_string: such results \
+                             multiply",
                             function.name
                         ));
                     }
                 }
                 if name == "format" && !format_widths_bounded(list.args.first()) {
                     return Err(format!(
-                        "{}() needs a literal format with widths of at most {MAX_GROWN_LENGTH}",
+                        "{}() needs a literal format with widths of at most {MAX_GROWN_LENGTH} \
+                         and at most {MAX_FORMAT_CONVERSIONS} conversions",
                         function.name
                     ));
                 }
@@ -1002,7 +1048,7 @@ impl Scope {
                         return Err(why);
                     }
                 }
-                if name == "replace" {
+                if matches!(name, "replace" | "regexp_replace" | "array_to_string") {
                     if let Some(why) = multiplies_past_bound(name, &list.args, None) {
                         return Err(why);
                     }
@@ -1191,6 +1237,39 @@ mod tests {
         check("UPDATE t SET s = replace(email, '@old.example', '@new.example.org') WHERE id = 1")
             .unwrap();
         check("UPDATE t SET bar = repeat('ab', 5000) WHERE id = 1").unwrap();
+    }
+
+    /// `replace`'s bound held for `replace` alone: `regexp_replace` (whose pattern may match
+    /// at every character), a `format` of thousands of conversions and `array_to_string`'s
+    /// separator between every character each grew a value to a GB of the server's memory,
+    /// on the default target all tenants share (constant arguments even while planning).
+    #[test]
+    fn regexp_replace_format_and_array_to_string_are_bounded_too() {
+        let long = "y".repeat(60_000);
+        let conversions = "%1$s".repeat(13_000);
+        for sql in [
+            "UPDATE t SET note = regexp_replace(repeat('x', 10000), 'x', repeat('y', 10000), 'g') \
+             WHERE id = 1"
+                .to_owned(),
+            format!("UPDATE t SET note = regexp_replace(note, '', '{long}', 'g') WHERE id = 1"),
+            "UPDATE t SET note = regexp_replace(note, '(.)', '\\1\\1', 'g') WHERE id = 1"
+                .to_owned(),
+            "UPDATE t SET note = regexp_replace(note, 'a', code, 'g') WHERE id = 1".to_owned(),
+            format!("UPDATE t SET note = format('{conversions}', note) WHERE id = 1"),
+            format!(
+                "UPDATE t SET note = array_to_string(string_to_array(note, NULL), '{long}') \
+                 WHERE id = 1"
+            ),
+            "UPDATE t SET note = array_to_string(tags, code) WHERE id = 1".to_owned(),
+        ] {
+            assert!(check(&sql).is_err(), "{}", &sql[..sql.len().min(120)]);
+        }
+        check(
+            "UPDATE t SET email = regexp_replace(email, '@.*$', '@new.example.org') WHERE id = 1",
+        )
+        .unwrap();
+        check("UPDATE t SET note = array_to_string(tags, ', ', '-') WHERE id = 1").unwrap();
+        check("UPDATE t SET note = format('%s: %s (100%%)', code, note) WHERE id = 1").unwrap();
     }
 
     /// The growth bound held for the count alone: a 5,000-character literal repeated 10,000
