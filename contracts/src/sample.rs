@@ -323,7 +323,7 @@ impl Contract for Sample {
         }
         if let Some(why) = crate::synthesis::output_too_large(
             payload.total_rows().max(0) as u64,
-            model.schema.len(),
+            crate::synthesis::row_bytes(model.schema.len(), []),
             context.max_in_memory_bytes,
         ) {
             errors.push(FieldError::new("payload.rows", why));

@@ -64,7 +64,7 @@ impl Contract for Synthesis {
         }
         if let Some(why) = output_too_large(
             payload.rows.max(0) as u64,
-            dataset.schema.len(),
+            row_bytes(dataset.schema.len(), []),
             context.max_in_memory_bytes,
         ) {
             errors.push(FieldError::new("payload.rows", why));
@@ -77,18 +77,31 @@ impl Contract for Synthesis {
 /// frame's copy of it.
 pub const OUTPUT_CELL_BYTES: u64 = 24;
 
-/// Why a synthetic table of `rows` × `columns` does not fit `cap` bytes in memory as it is
-/// drawn and written, if it does not. The API refuses such a job at submit (with the
-/// deployment's cap), and a worker again before it draws a row (with its own): a larger one
-/// would take the worker, and every job in it, down.
-pub fn output_too_large(rows: u64, columns: usize, cap: u64) -> Option<String> {
-    let bytes = rows
-        .saturating_mul(columns as u64)
-        .saturating_mul(OUTPUT_CELL_BYTES);
+/// What one synthetic row of `columns` takes in memory as it is drawn and written: a cell
+/// each, and in each column that draws labels, the longest of them, which is copied whole into
+/// every row that draws it (and into the frame's copy): three learned labels of 256 KiB drawn
+/// for a million rows were 256 GiB.
+pub fn row_bytes(columns: usize, longest_labels: impl IntoIterator<Item = u64>) -> u64 {
+    let labels = longest_labels
+        .into_iter()
+        .fold(0u64, u64::saturating_add)
+        .saturating_mul(2);
+    (columns as u64)
+        .saturating_mul(OUTPUT_CELL_BYTES)
+        .saturating_add(labels)
+}
+
+/// Why a synthetic table of `rows` of `row_bytes` each (see [`row_bytes`]) does not fit `cap`
+/// bytes in memory as it is drawn and written, if it does not. The API refuses such a job at
+/// submit (with the deployment's cap, not knowing the labels), and a worker again before it
+/// draws a row (with its own, and the labels it would draw): a larger one would take the
+/// worker, and every job in it, down.
+pub fn output_too_large(rows: u64, row_bytes: u64, cap: u64) -> Option<String> {
+    let bytes = rows.saturating_mul(row_bytes);
     (bytes > cap).then(|| {
         format!(
-            "{rows} rows of {columns} columns take about {} MiB in memory, more than the \
-             {} MiB cap (CONVEYOR_MAX_IN_MEMORY_BYTES); ask for fewer rows",
+            "{rows} rows of about {row_bytes} bytes each take about {} MiB in memory, more \
+             than the {} MiB cap (CONVEYOR_MAX_IN_MEMORY_BYTES); ask for fewer rows",
             bytes >> 20,
             cap >> 20
         )

@@ -49,10 +49,11 @@ impl Limits {
         Cap::new(self.record, "CONVEYOR_MAX_RECORD_BYTES", "one record")
     }
 
-    /// Whether a synthetic table of `rows` × `columns` fits the in-memory cap as it is drawn
-    /// and written; refused before any is drawn (see [`contracts::synthesis::output_too_large`]).
-    pub fn output(&self, rows: u64, columns: usize) -> Result<(), JobError> {
-        match contracts::synthesis::output_too_large(rows, columns, self.in_memory) {
+    /// Whether a synthetic table of `rows` of `row_bytes` each fits the in-memory cap as it
+    /// is drawn and written; refused before any is drawn (see
+    /// [`contracts::synthesis::output_too_large`]).
+    pub fn output(&self, rows: u64, row_bytes: u64) -> Result<(), JobError> {
+        match contracts::synthesis::output_too_large(rows, row_bytes, self.in_memory) {
             None => Ok(()),
             Some(why) => Err(JobError::Permanent(why)),
         }
@@ -284,12 +285,18 @@ mod tests {
             record: 0,
             document: 0,
         };
-        assert!(limits.output(100_000, 20).is_ok());
-        let JobError::Permanent(why) = limits.output(10_000_000, 500).unwrap_err() else {
+        let row = |columns| contracts::synthesis::row_bytes(columns, []);
+        assert!(limits.output(100_000, row(20)).is_ok());
+        let JobError::Permanent(why) = limits.output(10_000_000, row(500)).unwrap_err() else {
             panic!("not permanent")
         };
         assert!(why.contains("more than the 64 MiB cap"), "{why}");
-        assert!(limits.output(u64::MAX, usize::MAX).is_err());
+        assert!(limits.output(u64::MAX, row(usize::MAX)).is_err());
+        // A 64 KiB label drawn into 1,000 rows is 128 MiB with its frame's copy.
+        assert!(limits.output(1_000, row(2)).is_ok());
+        assert!(limits
+            .output(1_000, contracts::synthesis::row_bytes(2, [64 << 10]))
+            .is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::{
 };
 use contracts::{
     sample::{ModelRef, SampleOutput, SampleOutputs, SamplePayload, SampleTimings, SampledGroup},
-    synthesis::OutputFormat,
+    synthesis::{row_bytes, OutputFormat},
     Artifact,
 };
 
@@ -68,7 +68,8 @@ impl Handler for SampleHandler {
             meter.timed(|| -> Result<Sampled, JobError> {
                 let model = ModelFile::from_bytes(&bytes)
                     .map_err(|e| JobError::Permanent(format!("reading the model: {e}")))?;
-                limits.output(total as u64, model.columns.len())?;
+                let row_bytes = row_bytes(model.columns.len(), model.longest_labels());
+                limits.output(total as u64, row_bytes)?;
                 let mut sampler = Sampler::new(&model, seed);
                 let mut table: Option<Table> = None;
                 let started = Instant::now();

@@ -843,7 +843,8 @@ mod tests {
         }
         fit.join().unwrap();
         let frame = polars::prelude::df!("x" => [1.0, f64::NAN, f64::INFINITY, 2.0]).unwrap();
-        let table = crate::synthesis::table::from_frame(&frame).unwrap();
+        let cap = crate::limits::Cap::new(1 << 20, "a test's", "the table");
+        let table = crate::synthesis::table::from_frame(&frame, cap).unwrap();
         let Values::Numbers(x) = &table.columns[0].values else {
             panic!()
         };

@@ -309,6 +309,20 @@ pub fn synthesize(
     })
 }
 
+/// What a synthetic row of `input`'s columns takes in memory: in each column of labels the
+/// longest it may draw, learned or declared in `payload`.
+fn output_row_bytes(input: &Table, payload: &SynthesisPayload) -> u64 {
+    let longest = input.columns.iter().map(|column| {
+        let declared = payload
+            .columns
+            .get(&column.name)
+            .and_then(|c| c.values.as_ref());
+        let declared = declared.into_iter().flatten().map(|v| v.len() as u64).max();
+        column.values.longest_label().max(declared.unwrap_or(0))
+    });
+    contracts::synthesis::row_bytes(input.columns.len(), longest)
+}
+
 fn column_report(p: &ColumnProfile) -> Value {
     serde_json::to_value(p).unwrap_or(Value::Null)
 }
@@ -523,7 +537,7 @@ impl Handler for SynthesisHandler {
                 let input = table::read(&path, dataset.format, dataset.compression, cap)
                     .map_err(|e| JobError::Permanent(format!("reading the dataset: {e}")))?;
                 Meter::add(&meter.rows_read, input.rows() as i64);
-                limits.output(payload.rows as u64, input.columns.len())?;
+                limits.output(payload.rows as u64, output_row_bytes(&input, &payload))?;
                 let synthesis = synthesize(&input, &payload, seed, &monitor)?;
                 monitor.stage(0.95, "writing");
                 table::write(&synthesis.table, &scratch, parquet).map_err(|e| {
@@ -714,6 +728,41 @@ pub(crate) async fn register_dataset(
 mod tests {
     use super::*;
     use polars::prelude::DataType;
+
+    /// Three rows of one 64 KiB label, 100,000 asked for: the check counted 24 bytes a cell
+    /// (4.8 MB) while drawing copies the label into every row (6.4 GB, twice with the frame).
+    /// The worker's check counts the longest label a column draws, learned or declared.
+    #[test]
+    fn the_output_check_counts_the_labels_a_row_copies() {
+        let limits = crate::limits::Limits {
+            decompressed: 0,
+            in_memory: 64 << 20,
+            record: 0,
+            document: 0,
+        };
+        let long = "c".repeat(64 << 10);
+        let input = Table {
+            columns: vec![
+                Column::labels("c", vec![Some(long); 3]),
+                Column::numbers("n", DataType::Float64, vec![Some(1.0); 3]),
+            ],
+        };
+        let payload = |columns: Value| -> SynthesisPayload {
+            serde_json::from_value(json!({
+                "dataset_id": uuid::Uuid::nil(), "rows": 100_000, "columns": columns
+            }))
+            .unwrap()
+        };
+        let learned = output_row_bytes(&input, &payload(json!({})));
+        assert_eq!(learned, 2 * 24 + 2 * (64 << 10));
+        assert!(limits.output(100_000, learned).is_err());
+        // Declared labels are counted where they are longer.
+        let short = Table {
+            columns: vec![Column::labels("c", vec![Some("a".into()); 3])],
+        };
+        let declared = payload(json!({"c": {"values": ["a", "b".repeat(200)]}}));
+        assert_eq!(output_row_bytes(&short, &declared), 24 + 2 * 200);
+    }
 
     /// The privacy audit: an attacker who knows the data, the payload, the seed and the code,
     /// but not the noise, tries to tell which of two neighbouring tables a private job's

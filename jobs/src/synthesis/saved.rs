@@ -338,6 +338,14 @@ impl ModelFile {
             .collect()
     }
 
+    /// The longest level of each discrete learned column: what a sampled row copies.
+    pub fn longest_labels(&self) -> Vec<u64> {
+        (0..self.learned.len())
+            .filter_map(|at| self.levels_at(at))
+            .map(Values::longest_label)
+            .collect()
+    }
+
     /// The learned column of that name when it is discrete (categorical or few-valued): its
     /// index and the levels it generates.
     fn levels(&self, name: &str) -> Option<(usize, &Values)> {

@@ -32,6 +32,19 @@ impl Values {
         self.len() == 0
     }
 
+    /// Bytes of the longest label (none for numbers): what a row that draws it copies.
+    pub fn longest_label(&self) -> u64 {
+        match self {
+            Values::Numbers(_) => 0,
+            Values::Labels(v) => v
+                .iter()
+                .flatten()
+                .map(|l| l.len() as u64)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
     pub fn missing(&self) -> usize {
         match self {
             Values::Numbers(v) => v.iter().filter(|x| x.is_none()).count(),
@@ -189,7 +202,7 @@ pub fn read(
             read_text(Cursor::new(bytes), format)?
         }
     };
-    from_frame(&frame)
+    from_frame(&frame, cap)
 }
 
 fn read_text<R: MmapBytesReader>(reader: R, format: Format) -> PolarsResult<DataFrame> {
@@ -213,19 +226,39 @@ fn read_text<R: MmapBytesReader>(reader: R, format: Format) -> PolarsResult<Data
     }
 }
 
-/// Every column as numbers or labels; types polars has no number for are read as text.
-pub fn from_frame(frame: &DataFrame) -> PolarsResult<Table> {
+/// What a table holds for a number (an `Option<f64>`), and for a label beside its text (an
+/// `Option<String>`).
+const NUMBER_BYTES: u64 = 16;
+const LABEL_BYTES: u64 = 24;
+
+/// Every column as numbers or labels; types polars has no number for are read as text. What the
+/// table holds is counted against `cap` before each column is copied: polars shares one text
+/// among the rows of a dictionary-encoded Parquet column, and a label is a copy a row (a 512 KiB
+/// value in a million rows of a file of a few KB was 512 GiB), as a short cell of text is 24
+/// bytes more than its text.
+pub fn from_frame(frame: &DataFrame, cap: Cap) -> PolarsResult<Table> {
     let mut columns = Vec::with_capacity(frame.width());
+    let mut held = 0u64;
+    let mut hold = |bytes: u64| {
+        held = held.saturating_add(bytes);
+        match held > cap.bytes {
+            true => Err(PolarsError::ComputeError(cap.exceeded().to_string().into())),
+            false => Ok(()),
+        }
+    };
     for column in frame.columns() {
         let series = column.as_materialized_series();
         let name = series.name().as_str();
         let dtype = series.dtype().clone();
+        let rows = series.len() as u64;
         columns.push(if dtype.is_decimal() {
+            hold(rows * NUMBER_BYTES)?;
             // Learnt and written as a double (its physical form is the unscaled integer).
             let values = series.cast(&DataType::Float64)?;
             let values = values.f64()?.iter();
             Column::numbers(name, DataType::Float64, values.collect())
         } else if dtype.is_primitive_numeric() || dtype.is_temporal() {
+            hold(rows * NUMBER_BYTES)?;
             let physical = series.to_physical_repr().cast(&DataType::Float64)?;
             // NaN and ±inf are no amounts to learn: missing, as an empty cell is (a NaN never
             // equals itself, and a model of infinities cannot be saved).
@@ -236,6 +269,7 @@ pub fn from_frame(frame: &DataFrame) -> PolarsResult<Table> {
                 values.map(|v| v.filter(|v| v.is_finite())).collect(),
             )
         } else if dtype == DataType::Boolean {
+            hold(rows * (LABEL_BYTES + 5))?;
             let values = series.bool()?.iter();
             Column {
                 dtype,
@@ -243,6 +277,8 @@ pub fn from_frame(frame: &DataFrame) -> PolarsResult<Table> {
             }
         } else {
             let text = series.cast(&DataType::String)?;
+            let texts = text.str()?.iter().map(|v| v.map_or(0, |v| v.len() as u64));
+            hold(rows * LABEL_BYTES + texts.sum::<u64>())?;
             let values = text.str()?.iter();
             Column::labels(name, values.map(|v| v.map(str::to_owned)).collect())
         });
@@ -317,7 +353,8 @@ mod tests {
         let price = Series::new("price".into(), [Some(1.25), Some(-2.5), None])
             .cast(&DataType::Decimal(10, 2))
             .unwrap();
-        let table = from_frame(&DataFrame::new(3, vec![price.into()]).unwrap()).unwrap();
+        let frame = DataFrame::new(3, vec![price.into()]).unwrap();
+        let table = from_frame(&frame, CAP).unwrap();
         let column = table.column("price").unwrap();
         assert_eq!(column.dtype, DataType::Float64);
         let Values::Numbers(values) = &column.values else {
@@ -348,6 +385,38 @@ mod tests {
             ),
             "{error}"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A Parquet column of one 1 KiB text in 4,096 rows, dictionary-encoded: its metadata
+    /// declares a few KiB, polars holds the text once, and the table held it once a row
+    /// (4 MiB past a 1 MiB cap; a 512 KiB value in a million rows was 512 GiB).
+    #[test]
+    fn a_text_repeated_through_a_dictionary_is_counted_once_a_row() {
+        let dir = std::env::temp_dir().join(format!("dictionary-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("repeated.parquet");
+        let text = "t".repeat(1 << 10);
+        let label = Column::labels("label", vec![Some(text); 4096]);
+        write(
+            &Table {
+                columns: vec![label],
+            },
+            &path,
+            true,
+        )
+        .unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() < 64 << 10);
+        let Err(error) = read(&path, Format::Parquet, Compression::None, CAP) else {
+            panic!("4 MiB of labels read under a 1 MiB cap");
+        };
+        assert!(
+            error.to_string().contains("larger than the 1 MiB cap"),
+            "{error}"
+        );
+        let roomy = CAP.with_bytes(8 << 20);
+        let table = read(&path, Format::Parquet, Compression::None, roomy).unwrap();
+        assert_eq!(table.rows(), 4096);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
