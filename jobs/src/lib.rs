@@ -255,6 +255,8 @@ impl Registry {
 }
 
 #[cfg(test)]
+mod allocated;
+#[cfg(test)]
 mod fuzz;
 
 #[cfg(test)]

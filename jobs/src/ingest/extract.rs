@@ -3,13 +3,10 @@
 
 use contracts::ingest::{MAX_ID_LEN, MAX_METADATA_BYTES};
 use serde::{
-    de::{
-        self, value::MapAccessDeserializer, DeserializeSeed, Deserializer, MapAccess, SeqAccess,
-        Visitor,
-    },
+    de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor},
     Deserialize,
 };
-use serde_json::{Map, Value};
+use serde_json::{value::RawValue, Map, Value};
 use std::{borrow::Cow, fmt};
 
 pub use contracts::ingest::DocFormat;
@@ -66,15 +63,18 @@ pub fn extract(
         }
         DocFormat::Json => {
             let mut json = serde_json::Deserializer::from_slice(bytes);
-            let records = Records { max: max_records }
-                .deserialize(&mut json)
-                .and_then(|records| json.end().map(|()| records))
-                .map_err(
-                    |e| match e.is_data() && e.to_string().starts_with(TOO_MANY) {
-                        true => too_many(),
-                        false => format!("invalid JSON: {e}"),
-                    },
-                )?;
+            let records = Records {
+                max: max_records,
+                fields,
+            }
+            .deserialize(&mut json)
+            .and_then(|records| json.end().map(|()| records))
+            .map_err(
+                |e| match e.is_data() && e.to_string().starts_with(TOO_MANY) {
+                    true => too_many(),
+                    false => format!("invalid JSON: {e}"),
+                },
+            )?;
             records
                 .into_iter()
                 .enumerate()
@@ -88,7 +88,10 @@ pub fn extract(
             .enumerate()
             .map(|(n, (i, line))| {
                 counted(n + 1)?;
-                let record = serde_json::from_str(line)
+                let mut json = serde_json::Deserializer::from_str(line);
+                let record = RecordSeed(fields)
+                    .deserialize(&mut json)
+                    .and_then(|record| json.end().map(|()| record))
                     .map_err(|e| format!("line {}: invalid JSON: {e}", i + 1))?;
                 from_record(record, i + 1, fields)
             })
@@ -112,7 +115,7 @@ pub fn extract(
                     .zip(row.iter())
                     .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
                     .collect();
-                out.push(from_record(Value::Object(record), i + 1, fields)?);
+                out.push(from_record(Record::of(record), i + 1, fields)?);
             }
             out
         }
@@ -124,20 +127,21 @@ const TOO_MANY: &str = "too many records";
 
 /// A JSON file's records: one object, or an array of at most `max` objects, counted as each
 /// is parsed.
-struct Records {
+struct Records<'a> {
     max: usize,
+    fields: &'a RecordFields<'a>,
 }
 
-impl<'de> DeserializeSeed<'de> for Records {
-    type Value = Vec<Value>;
+impl<'de> DeserializeSeed<'de> for Records<'_> {
+    type Value = Vec<Record>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Records {
-    type Value = Vec<Value>;
+impl<'de> Visitor<'de> for Records<'_> {
+    type Value = Vec<Record>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an object or an array of objects")
@@ -145,7 +149,7 @@ impl<'de> Visitor<'de> for Records {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut records = Vec::new();
-        while let Some(record) = seq.next_element::<Value>()? {
+        while let Some(record) = seq.next_element_seed(RecordSeed(self.fields))? {
             if records.len() == self.max {
                 return Err(de::Error::custom(TOO_MANY));
             }
@@ -155,7 +159,144 @@ impl<'de> Visitor<'de> for Records {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        Ok(vec![Value::deserialize(MapAccessDeserializer::new(map))?])
+        Ok(vec![RecordSeed(self.fields).visit_map(map)?])
+    }
+}
+
+/// A record as ingest keeps it: its text and id as written, and its other fields that are
+/// neither null nor nested; the rest is skipped as it is read (a record of a 1 GiB array of
+/// zeros took 32 GiB as a `Value`), and fields past a document's metadata bound are counted,
+/// not kept.
+struct Record {
+    fields: Map<String, Value>,
+    /// The other fields' bytes as JSON, when they were counted as read.
+    metadata_bytes: Option<usize>,
+}
+
+impl Record {
+    fn of(fields: Map<String, Value>) -> Self {
+        Self {
+            fields,
+            metadata_bytes: None,
+        }
+    }
+}
+
+/// Reads one object as a [`Record`].
+struct RecordSeed<'a>(&'a RecordFields<'a>);
+
+impl<'de> DeserializeSeed<'de> for RecordSeed<'_> {
+    type Value = Record;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RecordSeed<'_> {
+    type Value = Record;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = Map::new();
+        // As `{}` and a comma between two fields.
+        let mut metadata_bytes = 2;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == self.0.text || Some(key.as_str()) == self.0.id {
+                // As written: a string's text, or any other value's JSON.
+                let raw: &RawValue = map.next_value()?;
+                let value = match raw.get() {
+                    "null" => Value::Null,
+                    text if text.starts_with('"') => {
+                        Value::String(serde_json::from_str(text).map_err(de::Error::custom)?)
+                    }
+                    text => Value::String(text.to_owned()),
+                };
+                fields.insert(key, value);
+                continue;
+            }
+            let Some(value) = map.next_value::<Scalar>()?.0 else {
+                continue;
+            };
+            let json = |v: &Value| serde_json::to_string(v).map_or(0, |j| j.len());
+            let comma = usize::from(metadata_bytes > 2);
+            metadata_bytes += comma + json(&Value::String(key.clone())) + 1 + json(&value);
+            if metadata_bytes <= MAX_METADATA_BYTES {
+                fields.insert(key, value);
+            }
+        }
+        Ok(Record {
+            fields,
+            metadata_bytes: Some(metadata_bytes),
+        })
+    }
+}
+
+/// A field's value when it is a string, a number or a boolean; `None` for a null or a nested
+/// value, which is skipped without being built.
+struct Scalar(Option<Value>);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> Visitor<'de> for ScalarVisitor {
+    type Value = Scalar;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+        Ok(Scalar(Some(Value::Bool(v))))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+        Ok(Scalar(Some(v.into())))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+        Ok(Scalar(Some(v.into())))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+        Ok(Scalar(serde_json::Number::from_f64(v).map(Value::Number)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+        Ok(Scalar(Some(Value::String(v.to_owned()))))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar, E> {
+        Ok(Scalar(Some(Value::String(v))))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+        Ok(Scalar(None))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Scalar, E> {
+        Ok(Scalar(None))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Scalar, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(Scalar(None))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scalar, A::Error> {
+        while map
+            .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Scalar(None))
     }
 }
 
@@ -174,13 +315,14 @@ pub fn document_text(bytes: &[u8], format: DocFormat) -> Result<String, String> 
 }
 
 fn from_record(
-    record: Value,
+    record: Record,
     number: usize,
     names: &RecordFields<'_>,
 ) -> Result<Extracted, String> {
-    let Value::Object(mut record) = record else {
-        return Err(format!("record {number} is not an object"));
-    };
+    let Record {
+        fields: mut record,
+        metadata_bytes,
+    } = record;
     let text = match record.remove(names.text) {
         Some(Value::String(text)) => text,
         Some(Value::Null) | None => {
@@ -216,7 +358,8 @@ fn from_record(
     record.retain(|_, v| !(v.is_object() || v.is_array() || v.is_null()));
     // The record's other fields are its document's metadata, copied into each of its chunks:
     // held to what a source's metadata may be.
-    let metadata = serde_json::to_string(&record).map_or(0, |json| json.len());
+    let metadata = metadata_bytes
+        .unwrap_or_else(|| serde_json::to_string(&record).map_or(0, |json| json.len()));
     if metadata > MAX_METADATA_BYTES {
         return Err(format!(
             "record {number}'s other fields take {metadata} bytes as JSON, more than the \
@@ -421,6 +564,37 @@ mod tests {
     /// A JSON array is read whole (no framing holds its records to the record cap): a record
     /// of a gigabyte of text passed; so did an id too long for the index and fields copied
     /// into each of the record's chunks without bound.
+    /// A record's nested values were built whole before being dropped: 8 MiB of `0,` in one
+    /// array took 32 bytes a zero as `Value`s (a 1 GiB file, 32 GiB). Skipped as they are read,
+    /// a record holds what it keeps; NDJSON's lines alike.
+    #[test]
+    fn nested_values_are_skipped_as_they_are_read() {
+        let zeros = vec!["0"; 4 << 20].join(",");
+        let json =
+            format!(r#"[{{"text": "kept", "n": 7, "x": [{zeros}], "o": {{"y": [{zeros}]}}}}]"#);
+        let fields = RecordFields {
+            text: "text",
+            id: None,
+            max_text: 1000,
+        };
+        for (bytes, format) in [
+            (json.as_bytes(), DocFormat::Json),
+            (&json.as_bytes()[1..json.len() - 1], DocFormat::Ndjson),
+        ] {
+            let (found, held) =
+                crate::allocated::peak(|| extract(bytes, format, &fields, 10).unwrap());
+            assert_eq!(found[0].text, "kept");
+            assert_eq!(
+                found[0].fields,
+                json!({"n": 7}).as_object().unwrap().clone()
+            );
+            assert!(
+                held < 1 << 20,
+                "{format:?} held {held} bytes for 16 MiB of JSON"
+            );
+        }
+    }
+
     #[test]
     fn each_record_is_held_to_the_record_cap_an_id_length_and_a_metadata_size() {
         let fields = RecordFields {
