@@ -30,6 +30,21 @@ enum Boundary {
 
 /// `tokenizer` must not truncate; special tokens are not counted (the model adds its two).
 pub fn split(tokenizer: &Tokenizer, text: &str, chunking: Chunking) -> anyhow::Result<Vec<Chunk>> {
+    split_in(tokenizer, text, chunking, SEGMENT_BYTES)
+}
+
+/// How much text is tokenized at once. The tokenizer holds about 35 bytes for each byte it
+/// reads (its tokens, their offsets, the normalized text's alignments): a 64 MiB document read
+/// whole took over 2 GiB. Read a segment at a time, ending at white space, which no token
+/// crosses, the tokens are the same.
+const SEGMENT_BYTES: usize = 64 << 10;
+
+fn split_in(
+    tokenizer: &Tokenizer,
+    text: &str,
+    chunking: Chunking,
+    segment: usize,
+) -> anyhow::Result<Vec<Chunk>> {
     let Chunking {
         max_tokens,
         overlap,
@@ -39,19 +54,17 @@ pub fn split(tokenizer: &Tokenizer, text: &str, chunking: Chunking) -> anyhow::R
         overlap <= max_tokens / 2,
         "overlap must be at most max_tokens / 2"
     );
-    let encoding = tokenizer
-        .encode(text, false)
-        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-    let offsets = encoding.get_offsets();
-    let tokens = encoding.get_tokens();
-    let n = offsets.len();
+    let tokens = tokenize(tokenizer, text, segment)?;
+    let n = tokens.len();
     let boundary = |i: usize| -> Boundary {
-        let gap = text.get(offsets[i - 1].1..offsets[i].0).unwrap_or("");
+        let gap = text
+            .get(tokens[i - 1].end as usize..tokens[i].start as usize)
+            .unwrap_or("");
         if gap.matches('\n').count() >= 2 {
             Boundary::Paragraph
-        } else if gap.contains('\n') || ends_sentence(tokens, i, gap) {
+        } else if gap.contains('\n') || ends_sentence(&tokens, i, gap) {
             Boundary::Sentence
-        } else if tokens[i].starts_with("##") {
+        } else if tokens[i].class == Class::WordPiece {
             Boundary::InsideWord
         } else {
             Boundary::Word
@@ -72,7 +85,7 @@ pub fn split(tokenizer: &Tokenizer, text: &str, chunking: Chunking) -> anyhow::R
         };
         push_capped(
             &mut chunks,
-            &text[offsets[start].0..offsets[end - 1].1],
+            &text[tokens[start].start as usize..tokens[end - 1].end as usize],
             start..end,
             max_tokens,
         );
@@ -88,6 +101,84 @@ pub fn split(tokenizer: &Tokenizer, text: &str, chunking: Chunking) -> anyhow::R
             .unwrap_or(earliest);
     }
     Ok(chunks)
+}
+
+/// What splitting reads of a token: where it lies in the text, and what it is.
+struct Token {
+    start: u32,
+    end: u32,
+    class: Class,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// A piece that continues a word (`##ing`).
+    WordPiece,
+    /// `.`, `!` or `?`.
+    Stop,
+    /// A closing quote or bracket.
+    Closer,
+    /// CJK sentence punctuation.
+    WideStop,
+    Other,
+}
+
+impl Class {
+    fn of(token: &str) -> Self {
+        match token {
+            "." | "!" | "?" => Class::Stop,
+            "\"" | "'" | ")" | "]" | "”" | "’" => Class::Closer,
+            "。" | "！" | "？" => Class::WideStop,
+            t if t.starts_with("##") => Class::WordPiece,
+            _ => Class::Other,
+        }
+    }
+}
+
+/// The text's tokens, `segment` bytes of it (to white space) at a time.
+fn tokenize(tokenizer: &Tokenizer, text: &str, segment: usize) -> anyhow::Result<Vec<Token>> {
+    anyhow::ensure!(
+        u32::try_from(text.len()).is_ok(),
+        "a document of more than 4 GiB"
+    );
+    let mut tokens = Vec::new();
+    let mut from = 0;
+    while from < text.len() {
+        let to = segment_end(text, from, segment);
+        let encoding = tokenizer
+            .encode(&text[from..to], false)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        let pieces = encoding.get_tokens().iter().zip(encoding.get_offsets());
+        tokens.extend(pieces.map(|(token, &(start, end))| Token {
+            start: (from + start) as u32,
+            end: (from + end) as u32,
+            class: Class::of(token),
+        }));
+        from = to;
+    }
+    Ok(tokens)
+}
+
+/// Where the segment from `from` ends: after the last white space within `segment` bytes, else
+/// at a character boundary there (a word that long is cut), else the text's end.
+fn segment_end(text: &str, from: usize, segment: usize) -> usize {
+    let limit = from.saturating_add(segment);
+    if limit >= text.len() {
+        return text.len();
+    }
+    let mut cut = limit;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    match text[from..cut].rfind(char::is_whitespace) {
+        Some(at) if at > 0 => {
+            let space = text[from + at..].chars().next().map_or(1, char::len_utf8);
+            from + at + space
+        }
+        _ if cut > from => cut,
+        // A segment narrower than one character.
+        _ => from + text[from..].chars().next().map_or(1, char::len_utf8),
+    }
 }
 
 /// Most bytes of one chunk of `max_tokens` tokens. A token is a piece of a word, but a word the
@@ -122,12 +213,11 @@ fn push_capped(chunks: &mut Vec<Chunk>, mut text: &str, tokens: Range<usize>, ma
 
 /// Whether token `i` follows the end of a sentence: `.`, `!` or `?` (maybe then a quote or a
 /// bracket) and a space, or CJK sentence punctuation.
-fn ends_sentence(tokens: &[String], i: usize, gap: &str) -> bool {
-    let is_stop = |t: &str| matches!(t, "." | "!" | "?");
-    let is_closer = |t: &str| matches!(t, "\"" | "'" | ")" | "]" | "”" | "’");
-    let western =
-        is_stop(&tokens[i - 1]) || (i >= 2 && is_closer(&tokens[i - 1]) && is_stop(&tokens[i - 2]));
-    (western && !gap.is_empty()) || matches!(tokens[i - 1].as_str(), "。" | "！" | "？")
+fn ends_sentence(tokens: &[Token], i: usize, gap: &str) -> bool {
+    let class = |at: usize| tokens[at].class;
+    let western = class(i - 1) == Class::Stop
+        || (i >= 2 && class(i - 1) == Class::Closer && class(i - 2) == Class::Stop);
+    (western && !gap.is_empty()) || class(i - 1) == Class::WideStop
 }
 
 #[cfg(test)]
@@ -175,6 +265,48 @@ mod tests {
             text.push_str("\n\n");
         }
         text
+    }
+
+    /// Tokenized a segment at a time (cut at white space), a document splits as it does
+    /// read whole.
+    #[test]
+    fn segments_split_as_the_whole_text_does() {
+        let tokenizer = installed_model().counter().clone();
+        let text = format!(
+            "{}“Quoted.” Then 東京。 More\r\n{}",
+            prose(),
+            prose().repeat(3)
+        );
+        for (max_tokens, overlap) in [(40, 8), (64, 0), (254, 32)] {
+            let chunking = Chunking {
+                max_tokens,
+                overlap,
+            };
+            let whole = split_in(&tokenizer, &text, chunking, usize::MAX).unwrap();
+            // Wider than any word: a longer word is read in pieces.
+            for segment in [64, 200, 4096] {
+                let segmented = split_in(&tokenizer, &text, chunking, segment).unwrap();
+                assert_eq!(segmented, whole, "segments of {segment} bytes");
+            }
+        }
+    }
+
+    /// The tokenizer holds about 35 bytes for each byte it reads: a 64 MiB document read
+    /// whole took over 2 GiB. Split a segment at a time, a 4 MiB document holds a few times
+    /// itself (its chunks, which overlap, and a compact record a token).
+    #[test]
+    fn a_long_document_is_tokenized_a_segment_at_a_time() {
+        let tokenizer = installed_model().counter().clone();
+        let paragraph = prose();
+        let text = paragraph.repeat((4 << 20) / paragraph.len());
+        let chunking = Chunking {
+            max_tokens: 254,
+            overlap: 32,
+        };
+        let (chunks, held) = crate::allocated::peak(|| split(&tokenizer, &text, chunking).unwrap());
+        assert!(chunks.len() > 1000);
+        let ratio = held as f64 / text.len() as f64;
+        assert!(ratio < 6.0, "held {held} bytes, {ratio:.1}× the text");
     }
 
     #[test]
@@ -275,11 +407,12 @@ mod tests {
             chunks.len()
         );
         assert!(chunks.len() > 1024, "{}", chunks.len());
-        // Every byte kept, in order; the tokens counted once.
+        // Every byte kept, in order; the tokens counted once (a word longer than a segment is
+        // read in pieces, each one unknown token, as the whole word was).
         let joined: String = chunks.iter().map(|c| c.text.as_str()).collect();
         assert_eq!(joined.replace(' ', ""), text.replace(' ', ""));
         let counted: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        assert_eq!(counted, count(&tokenizer, &text));
+        assert_eq!(counted, chunks.last().unwrap().tokens.end);
     }
 
     #[test]
