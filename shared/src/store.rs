@@ -977,9 +977,11 @@ macro_rules! past_retention {
 /// (`tenant_limits.job_retention_days`, 0 forever), else past `retention` (`None`: forever),
 /// oldest first, locked for the caller's transaction; a `patch` job only once
 /// `snapshot_retention` (its snapshot's) has passed too and no rollback of it is live, since
-/// `patch_rollback` reads the patch's row (a rollback keeps its snapshot past that). Live jobs are never taken, nor the steps' jobs of a pipeline still running
-/// (the steps that need them read their outcomes when they start), and a job retried meanwhile
-/// is skipped (its row is locked, or no longer finished), as are those in `skip`.
+/// `patch_rollback` reads the patch's row (a rollback keeps its snapshot past that). Live jobs
+/// are never taken, nor a step's job while its pipeline lasts (the steps that need it read its
+/// outcome when they start, and an ended pipeline may be resumed: a deleted step read as
+/// failed); a pipeline goes at its own retention, its jobs at the next run. A job retried
+/// meanwhile is skipped (its row is locked, or no longer finished), as are those in `skip`.
 pub async fn finished_past_retention(
     executor: impl sqlx::PgExecutor<'_>,
     retention: Option<std::time::Duration>,
@@ -1000,8 +1002,7 @@ pub async fn finished_past_retention(
                                   AND r.payload->>'patch_job_id' = j.id::text AND ",
         crate::live_jobs!("r"),
         ")))
-           AND NOT EXISTS (SELECT 1 FROM pipelines p
-                           WHERE p.id = j.pipeline_id AND p.status = 'running')
+           AND NOT EXISTS (SELECT 1 FROM pipelines p WHERE p.id = j.pipeline_id)
            AND j.id <> ALL($4)
          ORDER BY j.finished_at LIMIT $3 FOR UPDATE OF j SKIP LOCKED",
     ))

@@ -263,8 +263,20 @@ mod tests {
             test.status(step).await.is_some(),
             "a running pipeline's step"
         );
-        // Once the pipeline has ended, its steps' jobs go too.
-        sqlx::query("UPDATE pipelines SET status = 'succeeded' WHERE id = $1")
+        // An ended pipeline may be resumed (a failed step retried) while its row lasts: a
+        // succeeded step's job deleted meanwhile was read as failed, and the steps that needed it
+        // were cancelled again at once. Its steps' jobs go once the pipeline has (see `history`).
+        sqlx::query("UPDATE pipelines SET status = 'failed', finished_at = now() WHERE id = $1")
+            .bind(pipeline)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        assert_eq!(retention.run(&test.runtime).await.unwrap(), 0);
+        assert!(
+            test.status(step).await.is_some(),
+            "an ended pipeline's step, while the pipeline lasts"
+        );
+        sqlx::query("DELETE FROM pipelines WHERE id = $1")
             .bind(pipeline)
             .execute(test.pool())
             .await
