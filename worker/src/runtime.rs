@@ -63,6 +63,11 @@ pub struct Runtime {
     announcements: Batcher<(Uuid, Event), ()>,
 }
 
+/// How long the stray hand-back waits for the claims on their way to end (see
+/// `Runtime::hand_back_strays`): a busy worker always had one, and its strays were never
+/// handed back.
+const CLAIMS_OUT_OF_THE_WAY: Duration = Duration::from_secs(1);
+
 /// Most items one batched round trip carries.
 const BATCH: usize = 256;
 
@@ -480,23 +485,27 @@ impl Runtime {
         }
     }
 
-    /// A claim that committed but whose answer never arrived (the connection dropped), or
-    /// whose hand-back failed, leaves rows `running` under this worker that no task runs; the
-    /// lease this process keeps alive would hold them there for ever. Those rows go back to
-    /// the queue, without using up an attempt. Only while no claim is on its way (else next
-    /// time: waiting for one could take as long as a stalled claim), and none starts
-    /// meanwhile, so that every job running here is in `running`.
+    /// Stops the jobs whose lease this worker lost ([`Self::stop_lost`]), which needs no
+    /// claim to be out of the way. Then, a claim that committed but whose answer never arrived
+    /// (the connection dropped), or whose hand-back failed, leaves rows `running` under this
+    /// worker that no task runs; the lease this process keeps alive would hold them there for
+    /// ever. Those rows go back to the queue, without using up an attempt. Only while no claim
+    /// is on its way, and none starts meanwhile, so that every job running here is in
+    /// `running`: waited for briefly (new claims wait behind the wait), else next time, as a
+    /// stalled claim could take long.
     async fn hand_back_strays(&self) -> anyhow::Result<()> {
+        let known = || -> Vec<Uuid> {
+            let running = self.running.lock().expect("running lock");
+            running.keys().copied().collect()
+        };
+        self.stop_lost(&known()).await?;
         let strays = {
-            let Ok(_no_claims) = self.registering.try_write() else {
+            let claims_done = self.registering.write();
+            let Ok(_no_claims) = tokio::time::timeout(CLAIMS_OUT_OF_THE_WAY, claims_done).await
+            else {
                 return Ok(());
             };
-            let known: Vec<Uuid> = {
-                let running = self.running.lock().expect("running lock");
-                running.keys().copied().collect()
-            };
-            self.stop_lost(&known).await?;
-            claims::hand_back_unknown(&self.pool, &self.name, &known).await?
+            claims::hand_back_unknown(&self.pool, &self.name, &known()).await?
         };
         if !strays.is_empty() {
             tracing::warn!(
@@ -1090,6 +1099,30 @@ mod tests {
         assert_eq!(bounded["rows"], 20);
         assert_eq!(bounded["dropped_fields"], serde_json::json!(["quality"]));
         assert!(bounded["result_bytes"].as_u64().unwrap() > MAX_RESULT_BYTES as u64);
+    }
+
+    /// A worker stopped an attempt whose lease it lost only when no claim was on its way: a
+    /// busy worker (or one whose claims wait on a slow Redis) ran it on beside the attempt
+    /// that took its place.
+    #[tokio::test]
+    async fn a_lost_attempt_is_stopped_while_a_claim_is_on_its_way() {
+        let test = crate::maintenance::test_support::TestDb::new().await;
+        let id = test.job("canary", "running").await;
+        // As a rescue and another worker's claim leave the row.
+        test.set(id, "worker = 'elsewhere', attempt = 2").await;
+        let runtime = &test.runtime;
+        let token = CancellationToken::new();
+        let attempt = RunningJob {
+            token: token.clone(),
+            interrupted: Arc::default(),
+            ended: CancellationToken::new(),
+            after: None,
+            committing: Arc::default(),
+        };
+        runtime.running.lock().unwrap().insert(id, attempt);
+        let _claim_on_its_way = runtime.registering.read().await;
+        runtime.hand_back_strays().await.unwrap();
+        assert!(token.is_cancelled());
     }
 
     #[test]
