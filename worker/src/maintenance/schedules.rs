@@ -398,6 +398,50 @@ mod tests {
         assert_eq!(test.fired(skip).await.len(), 1);
     }
 
+    /// A pass fires one schedule after another, and lateness was counted to each firing's
+    /// own start: a firing that waited (here for its tenant's row, held by a submission; or
+    /// for a rate draw while Redis did not answer) made the next ones late, and a `skip`
+    /// schedule due a second before the pass lost its firing as "missed while maintenance was
+    /// not running". Lateness is counted to the pass's start.
+    #[tokio::test]
+    async fn a_firing_that_waits_does_not_make_the_next_ones_late() {
+        let test = TestDb::new().await;
+        // The first schedule's tenant counts its queue with its row locked.
+        test.max_queued(1000).await;
+        let waits = test.schedule("* * * * *", "allow", "skip").await;
+        let other = Uuid::now_v7();
+        sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, 'other')")
+            .bind(other)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        let next = test.schedule("* * * * *", "allow", "skip").await;
+        test.set_schedule(next, &format!("tenant_id = '{other}'"))
+            .await;
+        test.set_schedule(waits, "next_fire_at = now() - interval '1010 milliseconds'")
+            .await;
+        test.set_schedule(next, "next_fire_at = now() - interval '1 second'")
+            .await;
+        let mut holder = test.pool().begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE")
+            .bind(test.tenant)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let duty = Schedules {
+            grace: Duration::from_secs(2),
+            ..duty()
+        };
+        let runtime = test.runtime.clone();
+        let pass = tokio::spawn(async move { duty.run(&runtime).await.unwrap() });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        holder.rollback().await.unwrap();
+        assert_eq!(pass.await.unwrap(), 2);
+        for id in [waits, next] {
+            assert_eq!(test.fired(id).await.len(), 1, "{:?}", test.skips(id).await);
+        }
+    }
+
     /// A paused schedule does not fire.
     #[tokio::test]
     async fn paused_schedules_do_not_fire() {
