@@ -23,7 +23,7 @@ mod scheduler;
 mod schedules;
 mod sweeps;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 mod webhooks;
 mod workers;
 
@@ -127,6 +127,9 @@ async fn keep(
 
 /// The advisory lock that makes one process the maintenance leader, held on a connection kept
 /// out of the pool for as long as it leads.
+/// How long the lock's connection has to answer before this process stops leading.
+const LOCK_ANSWER: Duration = Duration::from_secs(5);
+
 struct Leader {
     pool: PgPool,
     worker: String,
@@ -149,14 +152,20 @@ impl Leader {
         let mut held = self.held.lock().await;
         match held.as_mut() {
             Some(conn) => {
-                if sqlx::query("SELECT 1").execute(&mut **conn).await.is_ok() {
+                let answered =
+                    tokio::time::timeout(LOCK_ANSWER, sqlx::query("SELECT 1").execute(&mut **conn));
+                if matches!(answered.await, Ok(Ok(_))) {
                     return true;
                 }
                 tracing::warn!(
                     worker = self.worker,
                     "lost the maintenance lock's connection"
                 );
-                *held = None;
+                // Closed, not returned to the pool: a connection that does not answer may
+                // never (a server behind a lost network).
+                if let Some(conn) = held.take() {
+                    drop(conn.detach());
+                }
                 false
             }
             None => {
@@ -169,9 +178,18 @@ impl Leader {
     async fn try_lead(&self) -> Option<PoolConnection<Postgres>> {
         let mut conn = self.pool.acquire().await.ok()?;
         // The connection names its worker while it holds the lock (`shared::leader`).
+        // The server lets the lock go when this process is gone: at once after a `kill -9`
+        // (the socket closes), but behind a lost network or a host that died only once its
+        // keepalives give up, two hours by default, while no process leads (the rescuer
+        // included). This session's keepalives give up within about half a minute.
         let locked: bool = sqlx::query_scalar(
             "SELECT CASE WHEN pg_try_advisory_lock($1)
-                    THEN set_config('application_name', $2, false) IS NOT NULL ELSE false END",
+                    THEN set_config('application_name', $2, false) IS NOT NULL
+                         AND set_config('tcp_keepalives_idle', '10', false) IS NOT NULL
+                         AND set_config('tcp_keepalives_interval', '5', false) IS NOT NULL
+                         AND set_config('tcp_keepalives_count', '3', false) IS NOT NULL
+                         AND set_config('tcp_user_timeout', '20000', false) IS NOT NULL
+                    ELSE false END",
         )
         .bind(LOCK_KEY)
         .bind(shared::leader::application_name(&self.worker))
@@ -253,6 +271,32 @@ mod tests {
             anyhow::ensure!(run.is_multiple_of(2), "run {run} fails");
             Ok(run)
         }
+    }
+
+    /// A leader whose host died or lost the network keeps its lock until the server's
+    /// keepalives give up on its session: two hours by default, while no process leads. The
+    /// lock's session gives up within about half a minute. (Only the settings are read here:
+    /// a network that drops packets is not made in this test.)
+    #[tokio::test]
+    async fn the_lock_gives_up_on_a_lost_leader_within_a_minute() {
+        let test = TestDb::new().await;
+        let leader = Leader::new(test.pool().clone(), "keepalives");
+        assert!(leader.check().await);
+        let mut held = leader.held.lock().await;
+        let conn = held.as_mut().unwrap();
+        let settings: (String, String, String, String) = sqlx::query_as(
+            "SELECT current_setting('tcp_keepalives_idle'),
+                    current_setting('tcp_keepalives_interval'),
+                    current_setting('tcp_keepalives_count'),
+                    current_setting('tcp_user_timeout')",
+        )
+        .fetch_one(&mut **conn)
+        .await
+        .unwrap();
+        assert_eq!(
+            settings,
+            ("10".into(), "5".into(), "3".into(), "20000".into())
+        );
     }
 
     /// Each duty on its own interval: a slow one neither overlaps itself nor holds up a fast
