@@ -184,10 +184,11 @@ pub async fn create(
     payload_sha256: Option<String>,
 ) -> Result<Option<CreatedKey>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // Counted with the tenant's row locked: two creations cannot both take the last place.
+    // Counted with the tenant's row locked: two creations cannot both take the last place
+    // (`NO KEY`: the tenant's submissions, whose rows reference it, do not wait).
     let live: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM api_keys WHERE tenant_id = t.id AND revoked_at IS NULL)
-         FROM tenants t WHERE t.id = $1 FOR UPDATE",
+         FROM tenants t WHERE t.id = $1 FOR NO KEY UPDATE",
     )
     .bind(by.tenant)
     .fetch_one(&mut *tx)
