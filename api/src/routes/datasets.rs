@@ -129,28 +129,12 @@ pub async fn upload(
         preview: sqlx::types::Json(datasets::bounded_preview(preview)),
         created_at: chrono::Utc::now(),
     };
-    objects
-        .put_dataset(&scratch, tenant.0, dataset.id)
-        .await
-        .map_err(Problem::internal)?;
-    let recorded = async {
-        let mut tx = state.pool.begin().await?;
-        state
-            .limits
-            .hold_dataset_room(&mut tx, tenant.0, size)
-            .await?;
-        datasets::insert(&mut *tx, &dataset).await?;
-        let entry = Entry::new(Action::DatasetUpload)
-            .target(dataset.id)
-            .payload_sha256(&dataset.sha256)
-            .detail(serde_json::json!({"name": dataset.name, "size_bytes": dataset.size_bytes}));
-        writer.audit(&mut *tx, entry).await?;
-        Ok::<_, Problem>(tx.commit().await?)
-    };
-    if let Err(problem) = recorded.await {
-        let _ = objects.delete_dataset(tenant.0, dataset.id).await;
-        return Err(problem);
-    }
+    // In a task of its own, which runs to its end whatever the client does: a client that
+    // hung up once its body was read dropped this handler between the object and its row,
+    // leaving an object no row counts (a tenant's quota reads the rows), or a bucket's
+    // multipart upload half sent, at each try.
+    let stored = tokio::spawn(store(state.clone(), writer, scratch, dataset.clone(), size));
+    stored.await.map_err(Problem::internal)??;
     let location = format!("/v1/datasets/{}", dataset.id);
     Ok((
         StatusCode::CREATED,
@@ -165,6 +149,41 @@ pub async fn upload(
 const MAX_UPLOADS_PER_TENANT: usize = 4;
 
 /// Streams the body into `path`; returns its size and sha256. Past `limit` bytes: 413.
+/// Stores the upload as the dataset's object and records it in its tenant's quota and audit
+/// log, or removes the object again.
+async fn store(
+    state: AppState,
+    writer: Writer,
+    scratch: shared::objects::ScratchFile,
+    dataset: Dataset,
+    size: u64,
+) -> Result<(), Problem> {
+    let (objects, tenant) = (&state.objects, dataset.tenant_id);
+    objects
+        .put_dataset(&scratch, tenant, dataset.id)
+        .await
+        .map_err(Problem::internal)?;
+    let recorded = async {
+        let mut tx = state.pool.begin().await?;
+        state
+            .limits
+            .hold_dataset_room(&mut tx, tenant, size)
+            .await?;
+        datasets::insert(&mut *tx, &dataset).await?;
+        let entry = Entry::new(Action::DatasetUpload)
+            .target(dataset.id)
+            .payload_sha256(&dataset.sha256)
+            .detail(serde_json::json!({"name": dataset.name, "size_bytes": dataset.size_bytes}));
+        writer.audit(&mut *tx, entry).await?;
+        Ok::<_, Problem>(tx.commit().await?)
+    };
+    if let Err(problem) = recorded.await {
+        let _ = objects.delete_dataset(tenant, dataset.id).await;
+        return Err(problem);
+    }
+    Ok(())
+}
+
 async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64, String), Problem> {
     let file = tokio::fs::File::create(path)
         .await
@@ -288,7 +307,10 @@ pub async fn delete(
         writer.audit(&mut *tx, entry).await?;
     }
     tx.commit().await?;
-    if let Err(e) = state.objects.delete_dataset(tenant.0, dataset.id).await {
+    // To its end whatever the client does (see `upload`): the row is gone, so is the quota.
+    let objects = state.objects.clone();
+    let removed = tokio::spawn(async move { objects.delete_dataset(tenant.0, dataset.id).await });
+    if let Ok(Err(e)) = removed.await {
         tracing::warn!(dataset = %dataset.id, error = %e, "dataset object not removed");
     }
     Ok(StatusCode::NO_CONTENT)

@@ -85,7 +85,10 @@ pub async fn delete(
         writer.audit(&mut *tx, entry).await?;
     }
     tx.commit().await?;
-    if let Err(e) = state.objects.delete_model(tenant.0, model.id).await {
+    // To its end whatever the client does (see `datasets::upload`).
+    let objects = state.objects.clone();
+    let removed = tokio::spawn(async move { objects.delete_model(tenant.0, model.id).await });
+    if let Ok(Err(e)) = removed.await {
         tracing::warn!(model = %model.id, error = %e, "model object not removed");
     }
     Ok(StatusCode::NO_CONTENT)

@@ -67,6 +67,71 @@ async fn an_upload_abandoned_midway_leaves_no_scratch_file() {
     }
 }
 
+/// A client that hung up once its upload's body was read dropped the handler between the
+/// stored object and its row: the object stayed, and no row (which the tenant's quota reads)
+/// counted it, at each try. Held here where the record waits for the tenant's row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_client_hangs_up_is_stored_and_recorded_or_neither() {
+    let app = TestApp::spawn().await;
+    // With a quota, the record counts the tenant's datasets with its row locked.
+    sqlx::query(
+        "INSERT INTO tenant_limits (tenant_id, max_dataset_bytes) VALUES ($1, 1000000000)
+         ON CONFLICT (tenant_id) DO UPDATE SET max_dataset_bytes = excluded.max_dataset_bytes",
+    )
+    .bind(app.tenant)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let mut holder = app.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE")
+        .bind(app.tenant)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let stored = app
+        .settings
+        .data_dir
+        .join(format!("tenants/{}/datasets", app.tenant));
+    let objects = || std::fs::read_dir(&stored).map_or(0, |entries| entries.count());
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = "id,name\n1,ann\n";
+    let request = format!(
+        "POST /v1/datasets?name=a.csv HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+        app.key,
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while objects() == 0 {
+        assert!(Instant::now() < deadline, "the upload was never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The object is stored and its record waits: the client hangs up.
+    drop(socket);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.rollback().await.unwrap();
+    let recorded = || async {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM datasets WHERE tenant_id = $1")
+            .bind(app.tenant)
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+        rows as usize
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while recorded().await != objects() {
+        assert!(
+            Instant::now() < deadline,
+            "{} objects stored, {} recorded",
+            objects(),
+            recorded().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A Parquet file around `metadata`, with `declared` as the footer's length field.
 fn parquet(metadata: &[u8], declared: u32) -> Vec<u8> {
     let mut file = b"PAR1".to_vec();
