@@ -184,11 +184,16 @@ pub async fn create(
     payload_sha256: Option<String>,
 ) -> Result<Option<CreatedKey>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // Counted with the tenant's row locked: two creations cannot both take the last place
-    // (`NO KEY`: the tenant's submissions, whose rows reference it, do not wait).
+    // Counted once the tenant's row is locked, in a statement of its own (one counting in the
+    // locking statement reads from before the lock was granted, a key made meanwhile
+    // unseen): two creations cannot both take the last place. `NO KEY`: the tenant's
+    // submissions, whose rows reference it, do not wait.
+    sqlx::query("SELECT 1 FROM tenants WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(by.tenant)
+        .execute(&mut *tx)
+        .await?;
     let live: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM api_keys WHERE tenant_id = t.id AND revoked_at IS NULL)
-         FROM tenants t WHERE t.id = $1 FOR NO KEY UPDATE",
+        "SELECT count(*) FROM api_keys WHERE tenant_id = $1 AND revoked_at IS NULL",
     )
     .bind(by.tenant)
     .fetch_one(&mut *tx)
