@@ -81,7 +81,7 @@ pub async fn upload(
         })?,
     };
 
-    let _uploading = state
+    let uploading = state
         .counters
         .uploads_by_tenant
         .take(tenant.0, MAX_UPLOADS_PER_TENANT)
@@ -133,8 +133,12 @@ pub async fn upload(
     // hung up once its body was read dropped this handler between the object and its row,
     // leaving an object no row counts (a tenant's quota reads the rows), or a bucket's
     // multipart upload half sent, at each try.
-    let stored = tokio::spawn(store(state.clone(), writer, scratch, dataset.clone(), size));
-    stored.await.map_err(Problem::internal)??;
+    // The upload's slot goes with it: a client that hangs up does not free it early.
+    let stored = tokio::spawn(async move {
+        let _uploading = uploading;
+        store(state, writer, scratch, dataset, size).await
+    });
+    let dataset = stored.await.map_err(Problem::internal)??;
     let location = format!("/v1/datasets/{}", dataset.id);
     Ok((
         StatusCode::CREATED,
@@ -157,7 +161,7 @@ async fn store(
     scratch: shared::objects::ScratchFile,
     dataset: Dataset,
     size: u64,
-) -> Result<(), Problem> {
+) -> Result<Dataset, Problem> {
     let (objects, tenant) = (&state.objects, dataset.tenant_id);
     objects
         .put_dataset(&scratch, tenant, dataset.id)
@@ -181,7 +185,7 @@ async fn store(
         let _ = objects.delete_dataset(tenant, dataset.id).await;
         return Err(problem);
     }
-    Ok(())
+    Ok(dataset)
 }
 
 async fn receive(body: Body, path: &std::path::Path, limit: u64) -> Result<(u64, String), Problem> {
