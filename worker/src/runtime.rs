@@ -494,11 +494,16 @@ impl Runtime {
     /// `running`: waited for briefly (new claims wait behind the wait), else next time, as a
     /// stalled claim could take long.
     async fn hand_back_strays(&self) -> anyhow::Result<()> {
+        let attempts: Vec<(Uuid, CancellationToken)> = {
+            let running = self.running.lock().expect("running lock");
+            let attempts = running.iter().map(|(id, job)| (*id, job.token.clone()));
+            attempts.collect()
+        };
+        self.stop_lost(&attempts).await?;
         let known = || -> Vec<Uuid> {
             let running = self.running.lock().expect("running lock");
             running.keys().copied().collect()
         };
-        self.stop_lost(&known()).await?;
         let strays = {
             let claims_done = self.registering.write();
             let Ok(_no_claims) = tokio::time::timeout(CLAIMS_OUT_OF_THE_WAY, claims_done).await
@@ -518,23 +523,27 @@ impl Runtime {
         Ok(())
     }
 
-    /// Stops the jobs of `known` (those running here) whose rows no longer name this worker:
-    /// the rescuer took them while its heartbeats did not arrive (a partition, a failover), so
-    /// another worker may run them now. Their outcome would not be recorded anyway.
-    async fn stop_lost(&self, known: &[Uuid]) -> anyhow::Result<()> {
-        if known.is_empty() {
+    /// Stops the `attempts` running here whose rows no longer name this worker: the rescuer
+    /// took them while its heartbeats did not arrive (a partition, a failover), so another
+    /// worker may run them now. Their outcome would not be recorded anyway. By the tokens they
+    /// had when they were listed: an attempt of the same job claimed here since is not one of
+    /// them.
+    async fn stop_lost(&self, attempts: &[(Uuid, CancellationToken)]) -> anyhow::Result<()> {
+        if attempts.is_empty() {
             return Ok(());
         }
-        let held: HashSet<Uuid> = claims::held_by(&self.pool, &self.name, known)
+        let ids: Vec<Uuid> = attempts.iter().map(|(id, _)| *id).collect();
+        let held: HashSet<Uuid> = claims::held_by(&self.pool, &self.name, &ids)
             .await?
             .into_iter()
             .collect();
         let running = self.running.lock().expect("running lock");
-        for id in known.iter().filter(|id| !held.contains(id)) {
-            if let Some(job) = running.get(id) {
+        // One that ended meanwhile is no longer held either: its token stops nothing.
+        for (id, token) in attempts.iter().filter(|(id, _)| !held.contains(id)) {
+            if running.contains_key(id) && !token.is_cancelled() {
                 tracing::warn!(job = %id, "its lease was lost (rescued elsewhere): stopped here");
-                job.token.cancel();
             }
+            token.cancel();
         }
         Ok(())
     }
