@@ -206,14 +206,17 @@ impl<'de> Visitor<'de> for RecordSeed<'_> {
         let mut metadata_bytes = 2;
         while let Some(key) = map.next_key::<String>()? {
             if key == self.0.text || Some(key.as_str()) == self.0.id {
-                // As written: a string's text, or any other value's JSON.
+                // A string's text; a number's or a boolean's as serde_json writes it (an id
+                // read again must be the same: `1.50` is `1.5`); an array's or an object's JSON
+                // as written, not built.
                 let raw: &RawValue = map.next_value()?;
                 let value = match raw.get() {
                     "null" => Value::Null,
-                    text if text.starts_with('"') => {
-                        Value::String(serde_json::from_str(text).map_err(de::Error::custom)?)
-                    }
-                    text => Value::String(text.to_owned()),
+                    text if text.starts_with(['[', '{']) => Value::String(text.to_owned()),
+                    text => match serde_json::from_str(text).map_err(de::Error::custom)? {
+                        Value::String(text) => Value::String(text),
+                        scalar => Value::String(scalar.to_string()),
+                    },
                 };
                 fields.insert(key, value);
                 continue;
@@ -593,6 +596,30 @@ mod tests {
                 "{format:?} held {held} bytes for 16 MiB of JSON"
             );
         }
+    }
+
+    /// An id that is not a string reads as serde_json writes its value, as it did when
+    /// records were built whole: a file ingested again keeps its documents' ids.
+    #[test]
+    fn ids_that_are_not_strings_read_as_before() {
+        let fields = RecordFields {
+            text: "text",
+            id: Some("id"),
+            max_text: 1000,
+        };
+        let bytes =
+            br#"[{"id": 1.50, "text": "a"}, {"id": 1E3, "text": 7}, {"id": true, "text": "c"}]"#;
+        let ids: Vec<(Option<String>, String)> = extract(bytes, DocFormat::Json, &fields, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.text))
+            .collect();
+        let expected = [("1.5", "a"), ("1000.0", "7"), ("true", "c")];
+        let expected: Vec<(Option<String>, String)> = expected
+            .iter()
+            .map(|(id, text)| (Some(id.to_string()), text.to_string()))
+            .collect();
+        assert_eq!(ids, expected);
     }
 
     #[test]
