@@ -230,10 +230,11 @@ impl ObjectStore {
         Ok(size)
     }
 
-    /// Writes one artifact of `job` atomically; returns its size.
+    /// Writes one artifact of `job` atomically; returns its size. Its scratch file goes on
+    /// every way out (one whose store failed stayed in `tmp` for good).
     pub async fn put_artifact(&self, job: Uuid, name: &str, bytes: &[u8]) -> anyhow::Result<u64> {
-        let scratch = self.scratch_path().await?;
-        tokio::fs::write(&scratch, bytes).await?;
+        let scratch = self.scratch_file().await?;
+        tokio::fs::write(&*scratch, bytes).await?;
         self.put_artifact_file(&scratch, job, name).await
     }
 
@@ -350,8 +351,9 @@ impl ObjectStore {
         model: Uuid,
         bytes: &[u8],
     ) -> anyhow::Result<String> {
-        let scratch = self.scratch_path().await?;
-        tokio::fs::write(&scratch, bytes).await?;
+        // Gone on every way out, as `put_artifact`'s.
+        let scratch = self.scratch_file().await?;
+        tokio::fs::write(&*scratch, bytes).await?;
         let key = model_key(tenant, model);
         self.put_file(&scratch, &key).await?;
         Ok(key)
@@ -591,6 +593,28 @@ mod tests {
         let file = std::fs::File::options().append(true).open(&path).unwrap();
         file.set_modified(SystemTime::now() - used_ago).unwrap();
         path
+    }
+
+    /// An artifact or a model whose store failed left its scratch file in `tmp` for good.
+    #[tokio::test]
+    async fn a_failed_store_leaves_no_scratch_file() {
+        let root = std::env::temp_dir().join(format!("conveyor-objects-{}", Uuid::new_v4()));
+        let store = ObjectStore::new(&root);
+        let (job, tenant, model) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        // Where each would go is a file: storing fails (root or not).
+        for blocked in [
+            format!("artifacts/{job}"),
+            format!("tenants/{tenant}/models"),
+        ] {
+            let path = root.join(blocked);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"not a directory").unwrap();
+        }
+        assert!(store.put_artifact(job, "report.json", b"{}").await.is_err());
+        assert!(store.put_model(tenant, model, b"model").await.is_err());
+        let left: Vec<_> = std::fs::read_dir(root.join("tmp")).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     /// An AWS_* variable the store does not know is ignored, not a failure to start.
