@@ -108,7 +108,7 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    repair_edited_sessions_migration(pool).await?;
+    repair_edited_migrations(pool).await?;
     drop_unfinished_indexes(pool).await?;
     MIGRATOR.run(pool).await?;
     Ok(())
@@ -149,27 +149,43 @@ async fn drop_unfinished_indexes(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `20261123000007_sessions.sql` was edited after it landed (an index was appended; it now
-/// lives in `20261202000004`). Databases that ran the edited file hold its checksum, which
-/// sqlx would refuse: record the landed file's checksum instead. Their index already exists,
-/// and the new migration creates it only if missing.
-async fn repair_edited_sessions_migration(pool: &PgPool) -> anyhow::Result<()> {
-    const VERSION: i64 = 20261123000007;
-    const EDITED: &str = "0c8bc33142223eb3feec1f5b524b10a304d076539d9923887cca39159e463697\
-                          d4c9f3805b002ae5e3ce4a9c14107019";
-    let Some(landed) = MIGRATOR.iter().find(|m| m.version == VERSION) else {
-        return Ok(());
-    };
+/// Migrations edited after they landed, with the checksum of the edited file. Databases that
+/// ran an edited file hold its checksum, which sqlx would refuse: the landed file's is recorded
+/// instead.
+/// - `20261123000007_sessions.sql`: an index was appended; it now lives in `20261202000004`,
+///   which creates it only if missing.
+/// - `20261220000001_collection_counts.sql`: a lock of `collections` was added before its
+///   one-time fill-in; the schema it leaves is the same.
+const EDITED_MIGRATIONS: [(i64, &str); 2] = [
+    (
+        20261123000007,
+        "0c8bc33142223eb3feec1f5b524b10a304d076539d9923887cca39159e463697\
+         d4c9f3805b002ae5e3ce4a9c14107019",
+    ),
+    (
+        20261220000001,
+        "bac0958cd1b1460469397547f01533024248a37e078a3ea3d810bf3e12ad029f\
+         a3f14c4afe7e8935f2070bd61e74d501",
+    ),
+];
+
+async fn repair_edited_migrations(pool: &PgPool) -> anyhow::Result<()> {
     let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
         .fetch_one(pool)
         .await?;
-    if table.is_some() {
+    if table.is_none() {
+        return Ok(());
+    }
+    for (version, edited) in EDITED_MIGRATIONS {
+        let Some(landed) = MIGRATOR.iter().find(|m| m.version == version) else {
+            continue;
+        };
         sqlx::query(
             "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND checksum = $3",
         )
         .bind(&*landed.checksum)
-        .bind(VERSION)
-        .bind(hex::decode(EDITED)?)
+        .bind(version)
+        .bind(hex::decode(edited)?)
         .execute(pool)
         .await?;
     }

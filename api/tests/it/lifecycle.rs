@@ -512,3 +512,31 @@ async fn a_job_due_long_ago_waits_from_its_submission() {
     let age = canary["oldest_waiting_seconds"].as_f64().unwrap();
     assert!(age < 60.0, "{canary}");
 }
+
+/// `20261220000001_collection_counts.sql` was edited after it landed (a lock before its
+/// fill-in), and restored: a database that ran the edited file holds its checksum, which sqlx
+/// refuses ("previously applied but has been modified"); it still migrates.
+#[tokio::test]
+async fn a_database_that_ran_the_edited_collection_counts_migration_still_migrates() {
+    let app = TestApp::spawn().await;
+    let edited = "bac0958cd1b1460469397547f01533024248a37e078a3ea3d810bf3e12ad029f\
+                  a3f14c4afe7e8935f2070bd61e74d501";
+    sqlx::query(
+        "UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = 20261220000001",
+    )
+    .bind(edited)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    shared::db::migrate(app.pool()).await.unwrap();
+    let checksum: Vec<u8> =
+        sqlx::query_scalar("SELECT checksum FROM _sqlx_migrations WHERE version = 20261220000001")
+            .fetch_one(app.pool())
+            .await
+            .unwrap();
+    let landed = shared::db::MIGRATOR
+        .iter()
+        .find(|m| m.version == 20261220000001)
+        .unwrap();
+    assert_eq!(checksum, landed.checksum.to_vec());
+}
