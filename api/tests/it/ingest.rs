@@ -676,7 +676,14 @@ async fn bad_requests_name_their_fault() {
     let many: serde_json::Map<String, Value> =
         (0..3000).map(|i| (format!("k{i}"), json!(0))).collect();
     let values: Vec<i32> = (0..3000).collect();
-    for filter in [json!(many), json!({"k": {"in": values}})] {
+    // An equality with an array is a containment, as dear a value as an `in` is.
+    let nested = json!({"k": [[values.clone()]]});
+    for filter in [
+        json!(many),
+        json!({"k": {"in": values}}),
+        json!({"k": values}),
+        nested,
+    ] {
         let (status, problem) = app
             .post(
                 &path,

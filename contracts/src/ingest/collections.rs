@@ -463,14 +463,16 @@ pub fn check_filter(filter: &Filter) -> Result<(), String> {
         ));
     }
     for (key, condition) in filter {
+        // An array is matched by containment, each of its values against each of the
+        // chunk's: as dear as an `in` of as many.
+        let values = json_values(condition);
+        if values > MAX_IN_VALUES {
+            return Err(format!(
+                "{key}: at most {MAX_IN_VALUES} values in a condition, not {values}"
+            ));
+        }
         if let Value::Object(operator) = condition {
             match operator.get("in") {
-                Some(Value::Array(values)) if values.len() > MAX_IN_VALUES => {
-                    return Err(format!(
-                        "{key}: at most {MAX_IN_VALUES} values in \"in\", not {}",
-                        values.len()
-                    ))
-                }
                 Some(Value::Array(values)) if operator.len() == 1 && !values.is_empty() => {}
                 _ => {
                     return Err(format!(
@@ -481,4 +483,14 @@ pub fn check_filter(filter: &Filter) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The values a condition holds, nested ones included: a scalar or an empty container is one.
+fn json_values(value: &Value) -> usize {
+    let held = match value {
+        Value::Array(items) => items.iter().map(json_values).sum(),
+        Value::Object(fields) => fields.values().map(json_values).sum(),
+        _ => 1,
+    };
+    held.max(1)
 }
