@@ -210,6 +210,22 @@ pub async fn get_job(pool: &PgPool, tenant: Uuid, id: Uuid) -> sqlx::Result<Opti
         .await
 }
 
+/// A job's status and when its row last changed, without its payload or result: what an open
+/// event stream checks while it waits.
+pub async fn job_state(
+    pool: &PgPool,
+    tenant: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<(JobStatus, DateTime<Utc>)>> {
+    let row: Option<(String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT status, updated_at FROM jobs WHERE id = $1 AND tenant_id = $2")
+            .bind(id)
+            .bind(tenant)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.and_then(|(status, updated_at)| Some((JobStatus::parse(&status)?, updated_at))))
+}
+
 /// A page of a tenant's jobs, and the cursor of the next one (`None`: the list ends here).
 #[derive(Debug)]
 pub struct JobPage {

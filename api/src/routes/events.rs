@@ -365,12 +365,16 @@ pub async fn job_events(
                 Next::End => return,
                 Next::Quiet => {
                     // If the row is final but its terminal event never came (the event store
-                    // was down), end with the row's state.
-                    if let Ok(Some(job)) = store::get_job(&pool, tenant, id).await {
-                        let settled = chrono::Utc::now() - job.updated_at
+                    // was down), end with the row's state. The check reads the status alone:
+                    // the row holds a payload of up to a megabyte, and a tenant may hold a
+                    // thousand streams open on a job that waits.
+                    if let Ok(Some((status, updated_at))) = store::job_state(&pool, tenant, id).await {
+                        let settled = chrono::Utc::now() - updated_at
                             > chrono::Duration::from_std(QUIET).unwrap_or_default();
-                        if job.status().is_terminal() && settled {
-                            yield snapshot(&job);
+                        if status.is_terminal() && settled {
+                            if let Ok(Some(job)) = store::get_job(&pool, tenant, id).await {
+                                yield snapshot(&job);
+                            }
                             return;
                         }
                     }
