@@ -243,7 +243,10 @@ impl EventLog {
     /// One script for all of `events`.
     async fn append_in_one(&self, events: &[(Uuid, Event)]) -> redis::RedisResult<()> {
         let mut invocation = APPEND_SCRIPT.prepare_invoke();
-        invocation.arg(self.tenant_maxlen).arg(self.ttl.as_secs());
+        invocation
+            .arg(self.tenant_maxlen)
+            .arg(JOB_STREAM_MAXLEN)
+            .arg(self.ttl.as_secs());
         for (tenant, event) in events {
             invocation
                 .key(self.keys.tenant(*tenant))
@@ -323,6 +326,11 @@ end
     )
 });
 
+/// The entries a job's stream keeps, about: a job runs as long as it likes, writing progress
+/// ten times a second, and its stream lasts until it ends. A reader resuming from before the
+/// oldest kept entry reads on from it; the job's row holds where it stands.
+pub const JOB_STREAM_MAXLEN: usize = 10_000;
+
 /// Appends each event to its tenant's stream, then to its job's stream under the entry id the
 /// tenant's stream gave it. A job's stream is thus the subsequence of its tenant's stream that
 /// belongs to the job, with the same ids, so the API follows every job of a tenant from the
@@ -332,12 +340,12 @@ end
 /// A job's stream keeps each entry's order (`o`, see [`Event::order`]); a `queued` event whose
 /// attempt has already started there is stale and goes to neither stream.
 ///
-/// KEYS: tenant stream, job stream, per event. ARGV: tenant MAXLEN, job TTL (s), then JSON,
-/// terminal flag (1/0) and order per event.
+/// KEYS: tenant stream, job stream, per event. ARGV: tenant MAXLEN, job MAXLEN, job TTL (s),
+/// then JSON, terminal flag (1/0) and order per event.
 static APPEND_SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-local arg = 3
+local arg = 4
 for i = 1, #KEYS, 2 do
   local json, terminal, order = ARGV[arg], ARGV[arg + 1], tonumber(ARGV[arg + 2])
   arg = arg + 3
@@ -355,11 +363,11 @@ for i = 1, #KEYS, 2 do
   end
   if not stale then
     local id = redis.call('xadd', KEYS[i], 'maxlen', '~', ARGV[1], '*', 'e', json)
-    if not pcall(redis.call, 'xadd', KEYS[i + 1], id, 'e', json, 'o', order) then
-      redis.call('xadd', KEYS[i + 1], '*', 'e', json, 'o', order)
+    if not pcall(redis.call, 'xadd', KEYS[i + 1], 'maxlen', '~', ARGV[2], id, 'e', json, 'o', order) then
+      redis.call('xadd', KEYS[i + 1], 'maxlen', '~', ARGV[2], '*', 'e', json, 'o', order)
     end
     if terminal == '1' then
-      redis.call('expire', KEYS[i + 1], ARGV[2])
+      redis.call('expire', KEYS[i + 1], ARGV[3])
     end
   end
 end
@@ -525,6 +533,40 @@ mod tests {
         log.append(&[(tenant, queued(2))]).await.unwrap();
         assert_eq!(read(job_stream).await, ["started", "failed", "queued"]);
         assert_eq!(read(tenant_stream).await, ["started", "failed", "queued"]);
+        crate::testing::clear_redis_prefix(&url, &prefix);
+    }
+
+    /// A job's stream is capped as its tenant's is: a job that runs for hours writing progress
+    /// ten times a second grew it without bound in the Redis every tenant shares.
+    #[tokio::test]
+    async fn a_job_stream_keeps_about_its_cap() {
+        let url = std::env::var("CONVEYOR_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+        let conn = crate::redis_conn::Redis::open(&url)
+            .unwrap()
+            .manager()
+            .await
+            .expect("Redis on 127.0.0.1:6379");
+        let prefix = format!("test:{}", Uuid::new_v4().simple());
+        let log = EventLog::new(conn.clone(), &prefix, 1000, Duration::from_secs(60));
+        let (tenant, job) = (Uuid::now_v7(), Uuid::now_v7());
+        let progress: Vec<_> = (0..1000)
+            .map(|_| {
+                let event = Event::new(job, "canary", EventType::Progress, JobStatus::Running, 0.5);
+                (tenant, event.attempt(1))
+            })
+            .collect();
+        for _ in 0..(JOB_STREAM_MAXLEN * 3 / 1000) {
+            log.append(&progress).await.unwrap();
+        }
+        let length: usize = redis::cmd("XLEN")
+            .arg(log.keys().job(tenant, job))
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        assert!(
+            (JOB_STREAM_MAXLEN..JOB_STREAM_MAXLEN * 11 / 10).contains(&length),
+            "the job's stream holds {length} entries"
+        );
         crate::testing::clear_redis_prefix(&url, &prefix);
     }
 }
