@@ -25,6 +25,10 @@ pub const MAX_SQL_LEN: usize = 64 * 1024;
 /// tree thousands deep overflows a thread's stack (the API's: the whole process aborted).
 pub const MAX_OPERATORS: usize = 256;
 
+/// Deepest nesting of parentheses (calls, groups, lists): the parser recurses once or more a
+/// level, and 25 levels of `encode(...::bytea, 'hex')` overflowed a 2 MiB stack.
+pub const MAX_NESTING: usize = 16;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Operation {
@@ -212,7 +216,7 @@ const MULTIPLYING_FUNCTIONS: [&str; 8] = [
 ];
 
 /// The text of a string literal argument.
-fn literal_text(arg: Option<&FunctionArg>) -> Option<&str> {
+pub(super) fn literal_text(arg: Option<&FunctionArg>) -> Option<&str> {
     let Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))) = arg else {
         return None;
     };
@@ -401,6 +405,23 @@ pub fn check(sql: &str) -> Result<Checked, String> {
                 .into(),
         );
     }
+    let depth = tokens
+        .iter()
+        .scan(0i64, |depth, t| {
+            *depth += match t {
+                Token::LParen | Token::LBracket => 1,
+                Token::RParen | Token::RBracket => -1,
+                _ => 0,
+            };
+            Some(*depth)
+        })
+        .max()
+        .unwrap_or(0);
+    if depth > MAX_NESTING as i64 {
+        return Err(format!(
+            "nests parentheses {depth} deep; at most {MAX_NESTING}"
+        ));
+    }
     let operators = tokens.iter().filter(|t| is_operator(t)).count();
     if operators > MAX_OPERATORS {
         return Err(format!(
@@ -534,6 +555,7 @@ fn check_update(update: &Update) -> Result<Checked, String> {
             }
         }
         scope.check(value, &mut found)?;
+        super::growth::bound(value)?;
         set.push(format!("{target} = {value}"));
     }
     if assigned.is_empty() {
@@ -609,6 +631,7 @@ fn finish(
     if let Some(condition) = selection {
         let before = found.columns;
         scope.check(condition, &mut found)?;
+        super::growth::bound(condition)?;
         filter_is_constant = found.columns == before || has_constant_branch(scope, condition);
     }
     let parts: Vec<String> = name
@@ -1169,6 +1192,22 @@ mod tests {
         let error = checked.0.unwrap_err();
         assert!(error.contains("32002 operators; at most 256"), "{error}");
         assert_eq!(checked.1, Ok(()));
+        // Calls nested past the parser's stack, the same.
+        let mut nested = "note".to_owned();
+        for _ in 0..40 {
+            nested = format!("lower({nested}::text)");
+        }
+        let nested = format!("UPDATE t SET note = {nested} WHERE id = 1");
+        let refused = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || check(&nested).map(drop))
+            .unwrap()
+            .join()
+            .expect("the check returns");
+        assert_eq!(
+            refused,
+            Err("nests parentheses 40 deep; at most 16".to_owned())
+        );
         let ands = (0..100).map(|i| format!("a <> {i}")).collect::<Vec<_>>();
         assert!(check(&format!("DELETE FROM t WHERE {}", ands.join(" AND "))).is_ok());
     }

@@ -2,6 +2,7 @@
 //! restores what an executed patch changed. The contracts: payloads, the static guard, the
 //! table's key from the catalog, the plan and its risk, and the registry of executed patches.
 
+pub mod growth;
 pub mod guard;
 pub mod record;
 pub mod table;

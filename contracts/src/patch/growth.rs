@@ -1,0 +1,418 @@
+//! How large a patch's expressions can grow, bounded from the syntax tree: PostgreSQL computes
+//! each one per row on the target every tenant shares, and folds one of constants while it
+//! plans, so the preflight's `EXPLAIN` alone computes `encode(encode(...'aaaa'::bytea...))`.
+//! Every expression's size is bounded by `values` times the longest value a row holds plus
+//! `constant` bytes, from what each operator and function can make of its arguments' sizes;
+//! a statement in which any bound passes [`MAX_VALUES`] or [`MAX_CONSTANT`] is refused. The
+//! bounds are generous: they stop what multiplies, not what a patch writes.
+
+use super::guard::{fold, literal_text};
+use sqlparser::ast::{
+    BinaryOperator, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArguments, InTarget,
+    Value,
+};
+
+/// Most times a row's longest value one expression may hold (`a || b || c` is three).
+pub const MAX_VALUES: u64 = 256;
+/// Most bytes an expression of literals alone may make (the planner computes it).
+pub const MAX_CONSTANT: u64 = 1 << 20;
+
+/// A bound on an expression's size: `values` times a row's longest value, plus `constant`
+/// bytes. `u64::MAX` values: a product of two row values, unbounded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Size {
+    pub values: u64,
+    pub constant: u64,
+}
+
+impl Size {
+    const SMALL: Size = Size {
+        values: 0,
+        constant: 64,
+    };
+
+    fn constant(bytes: usize) -> Size {
+        Size {
+            values: 0,
+            constant: bytes as u64,
+        }
+    }
+
+    fn plus(self, other: Size) -> Size {
+        Size {
+            values: self.values.saturating_add(other.values),
+            constant: self.constant.saturating_add(other.constant),
+        }
+    }
+
+    fn times(self, factor: u64) -> Size {
+        Size {
+            values: self.values.saturating_mul(factor),
+            constant: self.constant.saturating_mul(factor),
+        }
+    }
+
+    fn max(self, other: Size) -> Size {
+        Size {
+            values: self.values.max(other.values),
+            constant: self.constant.max(other.constant),
+        }
+    }
+
+    /// Each byte of `self` may become `each` plus itself (a replacement, a separator).
+    fn each_becoming(self, each: Size) -> Size {
+        if self.values > 0 && each.values > 0 {
+            return Size {
+                values: u64::MAX,
+                constant: 0,
+            };
+        }
+        let factor = each.constant.saturating_add(1);
+        Size {
+            values: self
+                .values
+                .saturating_mul(factor)
+                .saturating_add(self.constant.saturating_mul(each.values)),
+            constant: self.constant.saturating_mul(factor),
+        }
+    }
+}
+
+/// The bound of `expr`'s size, or why it is refused: some part of it may grow past the
+/// bounds. `expr` has passed the guard's allow-list.
+pub fn bound(expr: &Expr) -> Result<Size, String> {
+    let size = size_of(expr)?;
+    if size.values > MAX_VALUES {
+        let times = if size.values == u64::MAX {
+            "a row's value times another's".to_owned()
+        } else {
+            format!("{} times a row's longest value", size.values)
+        };
+        return Err(format!(
+            "may make a value of {times} ({expr}); at most {MAX_VALUES} times: such values \
+             take the database server's memory"
+        ));
+    }
+    if size.constant > MAX_CONSTANT {
+        return Err(format!(
+            "may make a value of {} bytes from literals ({expr}); at most {MAX_CONSTANT}: the \
+             database computes it while it plans",
+            size.constant
+        ));
+    }
+    Ok(size)
+}
+
+fn all<'e>(exprs: impl IntoIterator<Item = &'e Expr>) -> Result<Vec<Size>, String> {
+    exprs.into_iter().map(bound).collect()
+}
+
+fn sum(sizes: &[Size]) -> Size {
+    sizes.iter().fold(Size::default(), |a, b| a.plus(*b))
+}
+
+/// Children bounded, a result of a few bytes (a boolean, a number, a date).
+fn small<'e>(exprs: impl IntoIterator<Item = &'e Expr>) -> Result<Size, String> {
+    all(exprs)?;
+    Ok(Size::SMALL)
+}
+
+fn size_of(expr: &Expr) -> Result<Size, String> {
+    Ok(match expr {
+        Expr::Identifier(_) | Expr::CompoundIdentifier(_) => Size {
+            values: 1,
+            constant: 0,
+        },
+        Expr::Value(value) => Size::constant(value.to_string().len()),
+        Expr::TypedString(typed) => Size::constant(typed.to_string().len()),
+        Expr::Nested(e) | Expr::Collate { expr: e, .. } | Expr::UnaryOp { expr: e, .. } => {
+            bound(e)?
+        }
+        // Of a number: as long as it. Of anything as text: `bytea` prints two characters a
+        // byte (and `encode(x, 'hex')::bytea` reads each back as one).
+        Expr::Ceil { expr: e, .. } | Expr::Floor { expr: e, .. } => bound(e)?,
+        Expr::Cast { expr: e, .. } => bound(e)?.times(2).plus(Size::constant(2)),
+        Expr::IsFalse(e)
+        | Expr::IsNotFalse(e)
+        | Expr::IsTrue(e)
+        | Expr::IsNotTrue(e)
+        | Expr::IsNull(e)
+        | Expr::IsNotNull(e)
+        | Expr::IsUnknown(e)
+        | Expr::IsNotUnknown(e)
+        | Expr::Extract { expr: e, .. } => small([&**e])?,
+        Expr::IsDistinctFrom(a, b)
+        | Expr::IsNotDistinctFrom(a, b)
+        | Expr::AtTimeZone {
+            timestamp: a,
+            time_zone: b,
+        }
+        | Expr::Position { expr: a, r#in: b }
+        | Expr::AnyOp {
+            left: a, right: b, ..
+        }
+        | Expr::AllOp {
+            left: a, right: b, ..
+        } => small([&**a, &**b])?,
+        Expr::In {
+            expr,
+            target: InTarget::List(list),
+            ..
+        } => small(std::iter::once(&**expr).chain(list))?,
+        Expr::Between {
+            expr, low, high, ..
+        } => small([&**expr, &**low, &**high])?,
+        Expr::Like {
+            expr,
+            pattern,
+            escape_char,
+            ..
+        }
+        | Expr::ILike {
+            expr,
+            pattern,
+            escape_char,
+            ..
+        }
+        | Expr::SimilarTo {
+            expr,
+            pattern,
+            escape_char,
+            ..
+        } => small(
+            [&**expr, &**pattern]
+                .into_iter()
+                .chain(escape_char.as_deref()),
+        )?,
+        Expr::BinaryOp { left, op, right } => {
+            let sides = all([&**left, &**right])?;
+            if produces_its_operands(op) {
+                sum(&sides)
+            } else {
+                Size::SMALL
+            }
+        }
+        // At most as long as what they cut from.
+        Expr::Substring {
+            expr,
+            substring_from,
+            substring_for,
+            ..
+        } => {
+            all(substring_from
+                .iter()
+                .chain(substring_for.iter())
+                .map(|e| &**e))?;
+            bound(expr)?
+        }
+        Expr::Trim {
+            expr,
+            trim_what,
+            trim_characters,
+            ..
+        } => {
+            all(trim_what.iter().map(|e| &**e))?;
+            all(trim_characters.iter().flatten())?;
+            bound(expr)?
+        }
+        Expr::Overlay {
+            expr,
+            overlay_what,
+            overlay_from,
+            overlay_for,
+        } => {
+            all(std::iter::once(&**overlay_from).chain(overlay_for.as_deref()))?;
+            bound(expr)?.plus(bound(overlay_what)?)
+        }
+        // One branch is the value.
+        Expr::Case {
+            operand,
+            conditions,
+            else_result,
+            ..
+        } => {
+            all(operand.as_deref())?;
+            all(conditions.iter().map(|c| &c.condition))?;
+            let results = all(conditions
+                .iter()
+                .map(|c| &c.result)
+                .chain(else_result.as_deref()))?;
+            results.iter().fold(Size::default(), |a, b| a.max(*b))
+        }
+        Expr::Tuple(items) => sum(&all(items)?),
+        Expr::Array(array) => sum(&all(&array.elem)?).plus(Size::constant(8 * array.elem.len())),
+        Expr::Interval(interval) => small([&*interval.value])?,
+        Expr::Function(function) => function_size(function)?,
+        other => return Err(format!("expression {other} is not supported")),
+    })
+}
+
+/// Whether an operator's result may hold its operands (`||`, arithmetic, JSON paths), rather
+/// than a truth value.
+fn produces_its_operands(op: &BinaryOperator) -> bool {
+    use BinaryOperator::*;
+    !matches!(
+        op,
+        Gt | Lt
+            | GtEq
+            | LtEq
+            | Eq
+            | NotEq
+            | And
+            | Or
+            | PGOverlap
+            | PGRegexMatch
+            | PGRegexIMatch
+            | PGRegexNotMatch
+            | PGRegexNotIMatch
+            | PGLikeMatch
+            | PGILikeMatch
+            | PGNotLikeMatch
+            | PGNotILikeMatch
+            | PGStartsWith
+            | AtArrow
+            | ArrowAt
+            | Question
+            | QuestionAnd
+            | QuestionPipe
+    )
+}
+
+fn function_size(function: &Function) -> Result<Size, String> {
+    let name = match function.name.0.last().and_then(|part| part.as_ident()) {
+        Some(ident) => fold(ident),
+        None => return Err(format!("{} is not supported", function.name)),
+    };
+    let args: &[FunctionArg] = match &function.args {
+        FunctionArguments::List(list) => &list.args,
+        FunctionArguments::None => &[],
+        FunctionArguments::Subquery(_) => {
+            return Err(format!(
+                "{}() over a subquery is not allowed",
+                function.name
+            ))
+        }
+    };
+    let exprs = args
+        .iter()
+        .map(|arg| match arg {
+            FunctionArg::Named { arg, .. }
+            | FunctionArg::ExprNamed { arg, .. }
+            | FunctionArg::Unnamed(arg) => match arg {
+                FunctionArgExpr::Expr(e) => Ok(e),
+                _ => Err(format!("{}() of {arg} is not supported", function.name)),
+            },
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let sizes = all(exprs.iter().copied())?;
+    let arg = |i: usize| sizes.get(i).copied().unwrap_or_default();
+    let count = |i: usize| match exprs.get(i) {
+        Some(Expr::Value(v)) => match &v.value {
+            Value::Number(n, _) => n.parse::<u64>().ok(),
+            _ => None,
+        },
+        _ => None,
+    };
+    let unbounded = Size {
+        values: u64::MAX,
+        constant: u64::MAX,
+    };
+    Ok(match name.as_str() {
+        // As long as a literal count says (characters of up to four bytes).
+        "repeat" => arg(0).times(count(1).unwrap_or(u64::MAX)),
+        "lpad" | "rpad" => count(1).map_or(unbounded, |n| Size::constant(4 * n as usize)),
+        // Each character may become the replacement (an empty match is at every one).
+        "replace" | "regexp_replace" => arg(0).each_becoming(arg(2)),
+        // The separator between every two elements, the text for NULL in each.
+        "array_to_string" => arg(0).each_becoming(arg(1).plus(arg(2))),
+        // An element a character, each of some bytes of its own.
+        "string_to_array" => arg(0).times(10).plus(arg(1)),
+        "array_replace" => arg(0).each_becoming(arg(2)),
+        // Each capture of the pattern's groups may be the whole text.
+        "regexp_match" => match literal_text(args.get(1)) {
+            Some(pattern) => arg(0).times(pattern.matches('(').count() as u64 + 1),
+            None => arg(0).each_becoming(arg(1)),
+        },
+        // Each conversion copies an argument, quoted (quotes doubled) for `%L` and `%I`.
+        "format" => sum(&sizes[1.min(sizes.len())..])
+            .times(2 * 32)
+            .plus(arg(0).times(2)),
+        // The separator between every two arguments.
+        "concat_ws" => sum(&sizes[1.min(sizes.len())..]).plus(arg(0).times(sizes.len() as u64)),
+        // `escape` writes a byte as four characters; `hex` two, `base64` under two.
+        "encode" => arg(0).times(4).plus(arg(1)),
+        // JSON escapes a control character as six (`\u0001`).
+        "to_json" | "to_jsonb" | "json_build_array" | "json_build_object" | "jsonb_build_array"
+        | "jsonb_build_object" => sum(&sizes).times(6).plus(Size::constant(8 * sizes.len())),
+        // A character's case or replacement may take more bytes than it did.
+        "upper" | "lower" | "initcap" => arg(0).times(3),
+        "translate" => arg(0).times(4).plus(arg(1)).plus(arg(2)),
+        // Each pattern of the format may write several characters ('Month', 'TH').
+        "to_char" => arg(0).plus(arg(1).times(10)),
+        "md5" | "sha256" | "chr" | "length" | "char_length" | "character_length"
+        | "octet_length" | "array_length" | "cardinality" | "array_position" | "strpos"
+        | "position" | "starts_with" | "sign" | "width_bucket" | "date_part" | "make_date"
+        | "make_interval" | "make_timestamp" | "to_date" | "to_timestamp" | "now"
+        | "current_timestamp" | "current_date" => Size::SMALL,
+        // The others make at most what they are given (a trim, a substring, a concatenation,
+        // a number's digits, one of their arguments).
+        _ => sum(&sizes).plus(Size::SMALL),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::guard::check;
+
+    fn refused(sql: &str) -> String {
+        check(sql).expect_err(sql)
+    }
+
+    /// Functions that double or multiply, nested, make gigabytes from a few hundred bytes of
+    /// SQL, and PostgreSQL folds constants while it plans: a preflight's `EXPLAIN` was enough.
+    #[test]
+    fn what_multiplies_is_refused_however_it_is_spelled() {
+        let mut doubling = "'aaaaaaaa'::bytea".to_owned();
+        for _ in 0..12 {
+            doubling = format!("encode({doubling}, 'hex')::bytea");
+        }
+        let a = "a".repeat(101);
+        let quoted = format!(
+            "replace(\"replace\"(\"replace\"(\"replace\"('aaaaaaaaa','a','{a}'),'a','{a}'),'a','{a}'),'a','{a}')"
+        );
+        let columns = format!("concat({})", vec!["note"; 100].join(", "));
+        let concatenated = format!("concat({})", vec![columns.as_str(); 100].join(", "));
+        for value in [
+            format!("encode({doubling}, 'hex')"),
+            quoted,
+            "pg_catalog.\"replace\"(pg_catalog.\"replace\"(note, 'a', 'bbbbbbbbbbbbbbbbbbbb'), 'b', 'cccccccccccccccccccc')".to_owned(),
+            concatenated,
+            "to_json(to_json(to_json(to_json(note))))::text".to_owned(),
+            "array_replace(string_to_array(note, NULL), 'a', note)::text".to_owned(),
+            "upper(upper(upper(upper(upper(upper(note))))))".to_owned(),
+        ] {
+            let sql = format!("UPDATE items SET note = {value} WHERE id = 1");
+            let why = refused(&sql);
+            assert!(why.contains("may make a value of"), "{sql}: {why}");
+        }
+        // In a WHERE clause too: the planner folds it there as well.
+        let sql = format!("DELETE FROM items WHERE note = encode({doubling}, 'hex')");
+        assert!(refused(&sql).contains("may make a value of"));
+    }
+
+    /// What patches write stays well within the bounds.
+    #[test]
+    fn ordinary_patches_pass() {
+        for sql in [
+            "UPDATE items SET note = lower(trim(note)) || ' (' || upper(code) || ')' WHERE id = 1",
+            "UPDATE items SET note = replace(note, 'colour', 'color'), price = round(price * 1.1, 2)",
+            "UPDATE items SET note = format('%s-%s', code, id), meta = jsonb_set(meta, '{a}', to_jsonb(note))",
+            "UPDATE items SET note = concat_ws(', ', a, b, c, d), day = to_char(created_at, 'YYYY-MM-DD')",
+            "UPDATE items SET note = CASE WHEN note IS NULL THEN repeat('-', 10) ELSE lpad(note, 20, '0') END",
+            "UPDATE items SET note = array_to_string(string_to_array(note, ','), ';')",
+            "DELETE FROM items WHERE encode(sha256(note::bytea), 'hex') = 'abc' AND id IN (1, 2, 3)",
+        ] {
+            check(sql).unwrap_or_else(|why| panic!("{sql}: {why}"));
+        }
+    }
+}
