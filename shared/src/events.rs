@@ -382,6 +382,18 @@ pub async fn read_after<C: redis::aio::ConnectionLike + Send>(
     cursor: &str,
     count: usize,
 ) -> redis::RedisResult<Vec<StreamEntry>> {
+    read_between(conn, key, cursor, "+", count).await
+}
+
+/// Entries of `key` strictly after `cursor` (`"0"` for all) up to `until` (an entry id, `+`
+/// for the last), at most `count`.
+pub async fn read_between<C: redis::aio::ConnectionLike + Send>(
+    conn: &mut C,
+    key: &str,
+    cursor: &str,
+    until: &str,
+    count: usize,
+) -> redis::RedisResult<Vec<StreamEntry>> {
     let start = if cursor == "0" || cursor.is_empty() {
         "-".to_owned()
     } else {
@@ -390,7 +402,7 @@ pub async fn read_after<C: redis::aio::ConnectionLike + Send>(
     let reply: StreamRangeReply = redis::cmd("XRANGE")
         .arg(key)
         .arg(start)
-        .arg("+")
+        .arg(until)
         .arg("COUNT")
         .arg(count)
         .query_async(conn)

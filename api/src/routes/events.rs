@@ -424,62 +424,136 @@ const PIPELINE_CHECK: Duration = Duration::from_secs(1);
 /// How long an ended pipeline's stream waits for its steps' last events before it ends.
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// Follows a pipeline's steps in its tenant's stream: the events of its jobs, a job known by
-/// the pipeline's row or by its `queued` event (which names the pipeline).
+/// Follows a pipeline's steps: their past events from their own streams ([`Replay`]), then
+/// live in their tenant's stream, where a job is known by the pipeline's row or by its
+/// `queued` event (which names the pipeline).
 struct PipelineFollower {
     state: AppState,
     pipeline: Uuid,
     key: String,
+    /// The tenant stream's cursor, once the replay is done.
     cursor: String,
+    replay: Option<Replay>,
     jobs: std::collections::HashSet<Uuid>,
     /// The jobs whose terminal event this stream has sent (until they are retried).
     ended: std::collections::HashSet<Uuid>,
 }
 
+/// A pipeline's past events, read from its steps' job streams (each holds its job's events
+/// under the tenant stream's ids) in the ids' order, up to where the live read begins. The
+/// tenant stream holds every other job's events too: a replay from it read up to its whole
+/// length for a pipeline's few.
+struct Replay {
+    sources: Vec<ReplaySource>,
+    until: String,
+}
+
+struct ReplaySource {
+    key: String,
+    cursor: String,
+    read: std::collections::VecDeque<events::StreamEntry>,
+    done: bool,
+}
+
+impl Replay {
+    /// The next entries in order, at most [`BATCH`]; fewer: the replay is done.
+    async fn next(
+        &mut self,
+        conn: &mut shared::redis_conn::RedisConn,
+    ) -> redis::RedisResult<Vec<events::StreamEntry>> {
+        let mut batch = Vec::new();
+        while batch.len() < BATCH {
+            for source in &mut self.sources {
+                if source.read.is_empty() && !source.done {
+                    let entries =
+                        events::read_between(conn, &source.key, &source.cursor, &self.until, BATCH)
+                            .await?;
+                    source.done = entries.len() < BATCH;
+                    if let Some(last) = entries.last() {
+                        source.cursor = last.id.clone();
+                    }
+                    source.read.extend(entries);
+                }
+            }
+            let first = self
+                .sources
+                .iter_mut()
+                .filter_map(|s| Some((EntryId::parse(&s.read.front()?.id).unwrap_or_default(), s)))
+                .min_by_key(|(id, _)| *id);
+            let Some((_, source)) = first else { break };
+            batch.extend(source.read.pop_front());
+        }
+        Ok(batch)
+    }
+}
+
 impl PipelineFollower {
-    /// SSE frames of the pipeline's events after the cursor (none: nothing new), and whether
-    /// one of them ended a job.
-    async fn read(&mut self) -> (Option<Bytes>, bool) {
+    /// SSE frames of the pipeline's events after the cursor (none: nothing new), whether one
+    /// of them ended a job, and whether more may be read at once. One batch a call, so that
+    /// a client that does not read holds the stream back.
+    async fn read(&mut self) -> (Option<Bytes>, bool, bool) {
         let mut conn = self.state.redis.clone();
-        let mut mine = Vec::new();
-        let mut terminal = false;
-        loop {
-            let entries = match events::read_after(&mut conn, &self.key, &self.cursor, BATCH).await
-            {
-                Ok(entries) => entries,
+        let (entries, more) = match &mut self.replay {
+            Some(replay) => match replay.next(&mut conn).await {
+                Ok(entries) => {
+                    // Live from the later of where the replay ended and where it was to end
+                    // (an empty tenant stream, lost with Redis: it ends at the last entry).
+                    if let Some(last) = entries.last().and_then(|e| EntryId::parse(&e.id)) {
+                        if EntryId::parse(&self.cursor).is_none_or(|live| last > live) {
+                            self.cursor = last.to_string();
+                        }
+                    }
+                    if entries.len() < BATCH {
+                        self.replay = None;
+                    }
+                    (entries, true)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pipeline event replay failed; retrying");
+                    return (None, false, false);
+                }
+            },
+            None => match events::read_after(&mut conn, &self.key, &self.cursor, BATCH).await {
+                Ok(entries) => {
+                    if let Some(last) = entries.last() {
+                        self.cursor = last.id.clone();
+                    }
+                    let more = entries.len() == BATCH;
+                    (entries, more)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "pipeline event read failed; retrying");
-                    break;
+                    return (None, false, false);
                 }
-            };
-            let Some(last) = entries.last() else { break };
-            self.cursor = last.id.clone();
-            for entry in entries {
-                let event = &entry.event;
-                let names_us = event.event_type == EventType::Queued
-                    && event
-                        .data
-                        .as_ref()
-                        .and_then(|d| d.get("pipeline_id"))
-                        .and_then(|p| p.as_str())
-                        == Some(self.pipeline.to_string().as_str());
-                if names_us {
-                    self.jobs.insert(event.job_id);
-                }
-                if !self.jobs.contains(&event.job_id) {
-                    continue;
-                }
-                if event.event_type.is_terminal() {
-                    self.ended.insert(event.job_id);
-                    terminal = true;
-                } else if event.event_type == EventType::Queued {
-                    self.ended.remove(&event.job_id);
-                }
-                mine.push(entry);
+            },
+        };
+        let mut mine = Vec::new();
+        let mut terminal = false;
+        for entry in entries {
+            let event = &entry.event;
+            let names_us = event.event_type == EventType::Queued
+                && event
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("pipeline_id"))
+                    .and_then(|p| p.as_str())
+                    == Some(self.pipeline.to_string().as_str());
+            if names_us {
+                self.jobs.insert(event.job_id);
             }
+            if !self.jobs.contains(&event.job_id) {
+                continue;
+            }
+            if event.event_type.is_terminal() {
+                self.ended.insert(event.job_id);
+                terminal = true;
+            } else if event.event_type == EventType::Queued {
+                self.ended.remove(&event.job_id);
+            }
+            mine.push(entry);
         }
         let frames = (!mine.is_empty()).then(|| Batch::render(&mine).bytes);
-        (frames, terminal)
+        (frames, terminal, more)
     }
 }
 
@@ -503,16 +577,41 @@ pub async fn pipeline_events(
 ) -> Result<Response, Problem> {
     let id = parse_id(&id, "pipeline")?;
     let tenant = caller.key.tenant;
+    let key = state.events.keys().tenant(tenant);
+    // Where the live read begins, before the steps are read: a step's job made after this
+    // read announces itself there with its `queued` event.
+    let live_from = last_id(&mut state.redis.clone(), &key)
+        .await
+        .map_err(|e| Problem::unavailable_after("event store unreachable", e))?;
     let mut conn = state.pool.acquire().await?;
     let pipeline = shared::pipelines::get(&mut conn, tenant, id)
         .await?
         .ok_or_else(|| Problem::not_found("pipeline"))?;
     drop(conn);
     let after = cursor(&headers, &query)?;
-    let key = state.events.keys().tenant(tenant);
-    // The tenant stream's entry ids are times: without a cursor, from the pipeline's start.
-    let start =
-        after.unwrap_or_else(|| format!("{}-0", pipeline.created_at.timestamp_millis() - 1));
+    let jobs: std::collections::HashSet<Uuid> =
+        pipeline.steps.iter().filter_map(|s| s.job_id).collect();
+    let replay = Replay {
+        sources: jobs
+            .iter()
+            .map(|job| ReplaySource {
+                key: state.events.keys().job(tenant, *job),
+                cursor: after.clone().unwrap_or_else(|| "0".to_owned()),
+                read: Default::default(),
+                done: false,
+            })
+            .collect(),
+        until: match live_from.as_str() {
+            "0-0" => "+".to_owned(),
+            last => last.to_owned(),
+        },
+    };
+    let live_from = match after.as_deref().and_then(EntryId::parse) {
+        Some(after) if EntryId::parse(&live_from).is_some_and(|from| after > from) => {
+            after.to_string()
+        }
+        _ => live_from,
+    };
     let mut subscription = state.hub.subscribe(&key, None);
     tokio::time::timeout(QUIET * 2, subscription.ready())
         .await
@@ -522,8 +621,9 @@ pub async fn pipeline_events(
         state: state.clone(),
         pipeline: id,
         key,
-        cursor: start,
-        jobs: pipeline.steps.iter().filter_map(|s| s.job_id).collect(),
+        cursor: live_from,
+        replay: Some(replay),
+        jobs,
         ended: Default::default(),
     };
     let mut credential_check = CredentialCheck::new(&state, caller);
@@ -534,13 +634,14 @@ pub async fn pipeline_events(
         let mut ended_at: Option<Instant> = None;
         let mut look = true;
         loop {
-            let (frames, terminal) = follower.read().await;
+            let (frames, terminal, more) = follower.read().await;
             if let Some(bytes) = frames {
                 sent_at = Instant::now();
                 yield bytes;
             }
-            // The row decides the end; a step's last events may trail it for a moment.
-            if look || terminal || ended_at.is_some() {
+            // The row decides the end, once what there was to read is read; a step's last
+            // events may trail it for a moment.
+            if !more && (look || terminal || ended_at.is_some()) {
                 let Ok(mut conn) = pool.acquire().await else { return };
                 match shared::pipelines::progress(&mut conn, tenant, id).await {
                     Ok(Some((true, jobs))) => {
@@ -559,7 +660,9 @@ pub async fn pipeline_events(
                     _ => {}
                 }
             }
-            let next = tokio::select! {
+            let next = if more {
+                Next::Frames { bytes: Bytes::new(), terminal: false }
+            } else { tokio::select! {
                 biased;
                 received = subscription.batches.recv() => match received {
                     Ok(batch) => match &batch.invalidation {
@@ -570,7 +673,7 @@ pub async fn pipeline_events(
                     Err(RecvError::Closed) => Next::End,
                 },
                 () = tokio::time::sleep(PIPELINE_CHECK) => Next::Quiet,
-            };
+            }};
             if !credential_check.still_valid(&next).await {
                 return;
             }

@@ -803,3 +803,94 @@ async fn a_dataset_named_in_another_spelling_of_its_id_is_not_deleted() {
     }
     assert_eq!(app.delete(&path).await, StatusCode::NO_CONTENT);
 }
+
+/// A pipeline's past events are replayed from its steps' own streams, in order: a replay from
+/// the tenant stream read every job's events (up to its 100,000) for a pipeline's few, all in
+/// one chunk before anything was sent, and lost what the tenant stream's length cap dropped.
+#[tokio::test]
+async fn a_pipeline_stream_replays_from_its_steps_streams() {
+    use shared::{
+        events::{Event, EventType},
+        model::JobStatus,
+    };
+    let app = TestApp::spawn().await;
+    let (id, _) = submit(
+        &app,
+        json!({"steps": [{"name": "a", "kind": "canary", "payload": {"steps": 1}},
+                         {"name": "b", "kind": "canary", "payload": {"steps": 1}}]}),
+    )
+    .await;
+    let (_, pipeline) = app.get(&format!("/v1/pipelines/{id}")).await;
+    let jobs: Vec<Uuid> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            step(&pipeline, name)["job_id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    // 1,200 progress events of the two steps, between events of another job.
+    let other = Uuid::now_v7();
+    let progress = |job: Uuid, at: f32| {
+        let event = Event::new(job, "canary", EventType::Progress, JobStatus::Running, at);
+        (app.tenant, event.attempt(1))
+    };
+    let appended: Vec<_> = (0..1200)
+        .flat_map(|i| {
+            [
+                progress(jobs[i % 2], i as f32 / 1200.0),
+                progress(other, 0.5),
+            ]
+        })
+        .collect();
+    let log = &app.server.as_ref().unwrap().state.events;
+    log.append(&appended).await.unwrap();
+    // The tenant stream's cap drops them there (a busy tenant's, in an hour): all but the
+    // last, another job's.
+    let mut redis = redis::Client::open(app.settings.redis_url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("XTRIM")
+        .arg(log.keys().tenant(app.tenant))
+        .arg("MAXLEN")
+        .arg(1)
+        .query(&mut redis)
+        .unwrap();
+
+    let mut stream = app.sse(&format!("/v1/pipelines/{id}/events"), None).await;
+    let mut seen = Vec::new();
+    while let Some(message) = stream.next(Duration::from_secs(5)).await {
+        seen.push(message);
+        if seen.iter().filter(|m| m.event == "progress").count() == 1200 {
+            break;
+        }
+    }
+    let progress: Vec<_> = seen.iter().filter(|m| m.event == "progress").collect();
+    assert_eq!(
+        progress.len(),
+        1200,
+        "replayed {} progress events",
+        progress.len()
+    );
+    assert!(progress
+        .iter()
+        .all(|m| m.data["job_id"] != other.to_string()));
+    let ids: Vec<_> = seen
+        .iter()
+        .map(|m| {
+            let (ms, seq) = m.id.as_deref().unwrap().split_once('-').unwrap();
+            (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+        })
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "replayed out of order");
+    // Resumed after the 600th, it replays the rest.
+    let resume = progress[599].id.clone().unwrap();
+    let mut stream = app
+        .sse(&format!("/v1/pipelines/{id}/events"), Some(&resume))
+        .await;
+    let rest = stream.collect(Duration::from_secs(3)).await;
+    assert_eq!(rest.iter().filter(|m| m.event == "progress").count(), 600);
+}
