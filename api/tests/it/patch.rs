@@ -1067,3 +1067,66 @@ async fn the_sweep_keeps_a_snapshot_pinned_after_it_listed_it() {
     let table = format!("conveyor_snapshots.patch_{}", id.simple());
     assert!(exists(&db, &table).await, "{table} dropped");
 }
+
+/// A snapshot someone holds as it expires (a tenant's rollback reading it) held up every
+/// patch of every tenant: each execute dropped all expired snapshots first, waited for it
+/// and failed; the sweep waited too and dropped none of the others. Executes leave the drop
+/// to the sweep, and the sweep skips what it cannot have within a second.
+#[tokio::test]
+async fn a_held_expired_snapshot_holds_up_no_patch_and_no_other_drop() {
+    let mut app = TestApp::spawn().await;
+    let (db, admin, first) = patched_to_expire(&mut app, "now() + interval '1 hour'").await;
+    let second = submit_ok(
+        &app,
+        "patch",
+        json!({"sql": "UPDATE items SET val = 1 WHERE grp = 2", "mode": "execute"}),
+    )
+    .await;
+    app.wait_status(second, &["succeeded"], WAIT).await;
+    exec(
+        &admin,
+        "UPDATE conveyor_snapshots.patches SET expires_at = now() - interval '1 second'",
+    )
+    .await;
+    let held = format!("conveyor_snapshots.patch_{}", first.simple());
+    let mut holder = admin.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {held} IN ACCESS SHARE MODE"))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let third = submit_ok(
+        &app,
+        "patch",
+        json!({"sql": "UPDATE items SET val = 2 WHERE grp = 3", "mode": "execute"}),
+    )
+    .await;
+    let job = app
+        .wait_status(
+            third,
+            &["succeeded", "failed", "retrying"],
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let platform = PgPool::connect(&app.settings.target_database_url)
+        .await
+        .unwrap();
+    let swept = tokio::time::timeout(
+        Duration::from_secs(10),
+        jobs::patch::snapshot::sweep(&platform),
+    )
+    .await
+    .expect("the sweep returns")
+    .unwrap();
+    let other = format!("conveyor_snapshots.patch_{}", second.simple());
+    assert_eq!(
+        swept,
+        [format!(
+            "\"conveyor_snapshots\".\"patch_{}\"",
+            second.simple()
+        )]
+    );
+    assert!(exists(&db, &held).await && !exists(&db, &other).await);
+    holder.rollback().await.unwrap();
+}

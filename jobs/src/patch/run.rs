@@ -231,9 +231,6 @@ impl Execution<'_> {
         let (ctx, pool, plan) = (self.ctx, &self.target.platform, self.plan);
         let job = ctx.job_id();
         snapshot::ensure_schema(pool).await.map_err(job_error)?;
-        for table in snapshot::drop_expired(pool).await.map_err(job_error)? {
-            ctx.log(format!("dropped expired snapshot {table}")).await;
-        }
         let mut record = self.record(retention).await?;
         let resumed_from = record.rows_done;
         if record.finished_at.is_none() {

@@ -67,7 +67,9 @@ pub async fn ensure_schema(pool: &PgPool) -> sqlx::Result<()> {
 }
 
 /// Drops the snapshot tables whose retention has passed; their rows stay, marked dropped. A
-/// rollback may pin a snapshot ([`pin`]) after it was listed here: its drop is undone.
+/// rollback may pin a snapshot ([`pin`]) after it was listed here: its drop is undone. A
+/// table someone holds (a tenant reading its snapshot through a rollback as its expiry
+/// passes) is left for the next sweep after [`DROP_LOCK_WAIT`]: the others go meanwhile.
 pub async fn drop_expired(pool: &PgPool) -> sqlx::Result<Vec<String>> {
     // The table's name comes from the job id, never from the registry's text.
     let expired: Vec<Uuid> = sqlx::query_scalar(
@@ -79,29 +81,47 @@ pub async fn drop_expired(pool: &PgPool) -> sqlx::Result<Vec<String>> {
     let mut dropped = Vec::new();
     for job in expired {
         let table = snapshot_table(job);
-        let mut tx = pool.begin().await?;
-        sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
-            .execute(&mut *tx)
-            .await?;
-        // Expired still, checked under the row's lock (taken after the table's, as a
-        // rollback's batches take them): a rollback that pinned it meanwhile keeps it.
-        let still_expired = sqlx::query(
-            "UPDATE conveyor_snapshots.patches SET dropped_at = now()
-             WHERE job_id = $1 AND expires_at <= now() AND dropped_at IS NULL",
-        )
-        .bind(job)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !still_expired {
-            tx.rollback().await?;
-            continue;
+        match drop_one(pool, job, &table).await {
+            Ok(true) => dropped.push(table),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(%table, error = %e, "expired snapshot not dropped; next sweep")
+            }
         }
-        tx.commit().await?;
-        dropped.push(table);
     }
     Ok(dropped)
+}
+
+/// How long a sweep waits for a snapshot table someone holds.
+const DROP_LOCK_WAIT: &str = "1s";
+
+/// Drops one expired snapshot table; false: pinned meanwhile, kept.
+async fn drop_one(pool: &PgPool, job: Uuid, table: &str) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(DROP_LOCK_WAIT)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+        .execute(&mut *tx)
+        .await?;
+    // Expired still, checked under the row's lock (taken after the table's, as a
+    // rollback's batches take them): a rollback that pinned it meanwhile keeps it.
+    let still_expired = sqlx::query(
+        "UPDATE conveyor_snapshots.patches SET dropped_at = now()
+         WHERE job_id = $1 AND expires_at <= now() AND dropped_at IS NULL",
+    )
+    .bind(job)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !still_expired {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// How long past now a rollback keeps its patch's snapshot, renewed by each of its batches:
