@@ -454,6 +454,26 @@ impl Body for Bounded {
     }
 }
 
+/// What a tenant is told of a failed request to its bucket: the address rules' refusal, or
+/// the failure's kind; never what the service answered (up to a MiB of whatever the endpoint
+/// reaches, an operator's private network where it is allowed). The log has it all.
+fn told(e: object_store::Error) -> anyhow::Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(error) = source {
+        if let Some(refused) = error.downcast_ref::<address::AddressRefused>() {
+            return anyhow::anyhow!("{refused}");
+        }
+        source = error.source();
+    }
+    tracing::warn!(error = %e, "a bucket's request failed");
+    anyhow::anyhow!(match e {
+        object_store::Error::NotFound { .. } => "the bucket or object was not found",
+        object_store::Error::PermissionDenied { .. } => "the credentials may not read it",
+        object_store::Error::Unauthenticated { .. } => "the credentials were not accepted",
+        _ => "the bucket's service failed or did not answer",
+    })
+}
+
 impl Opened {
     /// The objects under `prefix` (all when empty), in key order; an error past `max`.
     pub async fn list(&self, prefix: &str, max: usize) -> anyhow::Result<Vec<ObjectMeta>> {
@@ -471,7 +491,7 @@ impl Opened {
         let mut listed = self.store.list(key.as_ref());
         let mut objects = Vec::new();
         let listing = async {
-            while let Some(object) = listed.try_next().await? {
+            while let Some(object) = listed.try_next().await.map_err(told)? {
                 objects.push(object);
                 if objects.len() > max {
                     anyhow::bail!("the prefix holds more than {max} objects");
@@ -494,9 +514,9 @@ impl Opened {
         cap: u64,
     ) -> anyhow::Result<u64> {
         let mut out = tokio::fs::File::create(file).await?;
-        let mut stream = self.store.get(key).await?.into_stream();
+        let mut stream = self.store.get(key).await.map_err(told)?.into_stream();
         let mut written = 0u64;
-        while let Some(chunk) = stream.try_next().await? {
+        while let Some(chunk) = stream.try_next().await.map_err(told)? {
             written += chunk.len() as u64;
             anyhow::ensure!(written <= cap, "larger than the {cap} bytes a job may read");
             tokio::io::AsyncWriteExt::write_all(&mut out, &chunk).await?;
@@ -638,6 +658,35 @@ mod tests {
             .into_bytes(),
         )
         .await
+    }
+
+    /// What a service answers goes to the log, not to the tenant: a bucket at an address an
+    /// operator allowed (its private network, for databases) read its services' error pages
+    /// into the ingest job's error, up to a MiB.
+    #[tokio::test]
+    async fn a_services_answer_is_not_told() {
+        let body = "INTERNAL-SECRET";
+        let (url, _) = answering(
+            format!(
+                "HTTP/1.1 403 Forbidden\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+        .await;
+        let opened = opened_unchecked(&url, &"127.0.0.1".parse().unwrap());
+        let listed = format!("{:#}", opened.list("", 10).await.unwrap_err());
+        let scratch = std::env::temp_dir().join(format!("conveyor-test-{}", Uuid::new_v4()));
+        let key = Key::from("a.txt");
+        let downloaded = format!(
+            "{:#}",
+            opened.download(&key, &scratch, 10).await.unwrap_err()
+        );
+        let _ = std::fs::remove_file(&scratch);
+        for error in [listed, downloaded] {
+            assert!(!error.contains(body), "{error}");
+            assert!(error.starts_with("the "), "{error}");
+        }
     }
 
     /// A service that answers every listing with an empty page and a token for the next

@@ -172,6 +172,19 @@ pub async fn check_http_url(
     Ok(addrs)
 }
 
+/// The address rules' refusal of where a request was to go, as [`CheckedResolver`] answers
+/// it: ours to tell a tenant, unlike what the service behind an address says.
+#[derive(Debug)]
+pub struct AddressRefused(pub String);
+
+impl std::fmt::Display for AddressRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AddressRefused {}
+
 /// Resolves hosts for an outbound HTTP client and refuses the connection when any address is
 /// one the rules forbid: the check applies to the very addresses connected to, so a DNS answer
 /// that changes after [`check_http_url`] cannot move a request onto a refused address.
@@ -198,7 +211,7 @@ impl reqwest::dns::Resolve for CheckedResolver {
                 .collect();
             for addr in &addrs {
                 if let Some(why) = refusal(&allow, &host, addr.ip(), what) {
-                    return Err(why.into());
+                    return Err(AddressRefused(why).into());
                 }
             }
             Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
