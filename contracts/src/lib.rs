@@ -229,6 +229,16 @@ impl Preflights {
         tenant: Uuid,
         preflight: impl Future<Output = Result<T, Refusal>>,
     ) -> Result<T, Refusal> {
+        let _slot = self.slot(tenant)?;
+        tokio::time::timeout(self.timeout, preflight)
+            .await
+            .map_err(|_| Refusal::TimedOut(self.timeout.as_millis()))?
+    }
+
+    /// One of the tenant's slots, held until dropped, for a check of its own bounds that
+    /// reaches out on the tenant's behalf (a new connection's, bucket's or webhook's):
+    /// [`Refusal::Busy`] when the tenant has `concurrency` in flight.
+    pub fn slot(&self, tenant: Uuid) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
         let semaphore = self
             .per_tenant
             .lock()
@@ -236,12 +246,9 @@ impl Preflights {
             .entry(tenant)
             .or_insert_with(|| Arc::new(Semaphore::new(self.concurrency)))
             .clone();
-        let _permit = semaphore
+        semaphore
             .try_acquire_owned()
-            .map_err(|_| Refusal::Busy(self.concurrency))?;
-        tokio::time::timeout(self.timeout, preflight)
-            .await
-            .map_err(|_| Refusal::TimedOut(self.timeout.as_millis()))?
+            .map_err(|_| Refusal::Busy(self.concurrency))
     }
 }
 

@@ -83,6 +83,12 @@ pub async fn create(
     let mut conn = state.pool.acquire().await?;
     shared::quotas::seen_room_for_one(&mut conn, tenant.0, "buckets", most).await?;
     drop(conn);
+    // The check reaches out on the tenant's behalf: as many at once as its preflights.
+    let _probing = state
+        .context
+        .preflights
+        .slot(tenant.0)
+        .map_err(crate::refusals::problem)?;
     // Checked by listing once: the address rules, then the bucket and credentials.
     let allow = &state.settings.connection_allow;
     let store = buckets::store(&endpoint, &body.bucket, &region, credentials.clone(), allow)

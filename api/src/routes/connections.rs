@@ -59,6 +59,13 @@ pub async fn create(
     let mut conn = state.pool.acquire().await?;
     shared::quotas::seen_room_for_one(&mut conn, tenant.0, "connections", most).await?;
     drop(conn);
+    // The check reaches out on the tenant's behalf (a lookup, a connection): as many at once
+    // as its preflights.
+    let _probing = state
+        .context
+        .preflights
+        .slot(tenant.0)
+        .map_err(crate::refusals::problem)?;
     match targets.guard().probe(&url).await {
         Ok(()) => {}
         Err(Refusal::Invalid(why)) => return Err(invalid("url", why)),

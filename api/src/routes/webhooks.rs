@@ -79,9 +79,16 @@ pub async fn create(
     let (Some(url), Some(events), true) = (url, events, errors.is_empty()) else {
         return Err(Problem::validation(errors));
     };
+    // The check resolves the host on the tenant's behalf: as many at once as its preflights.
+    let probing = state
+        .context
+        .preflights
+        .slot(tenant.0)
+        .map_err(crate::refusals::problem)?;
     webhooks::check_url(&url, &state.settings.connection_allow)
         .await
         .map_err(|why| invalid("url", why))?;
+    drop(probing);
     let cipher = state.context.targets.cipher().ok_or_else(|| {
         Problem::unavailable("webhooks need CONVEYOR_SECRET_KEY to encrypt their secrets")
     })?;

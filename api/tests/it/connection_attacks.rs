@@ -518,3 +518,28 @@ async fn a_tenant_holds_at_most_twenty_connections() {
     );
     assert_eq!(connection_count(&app).await, 20);
 }
+
+/// A new connection's check reaches out on the tenant's behalf, as a preflight does, and is
+/// held to as many at once: a tenant sending hundreds of creations at servers that stall
+/// (or names whose lookups hang) held as many API tasks and blocking lookups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_connection_checks_are_held_to_its_preflights() {
+    let app = TestApp::spawn().await;
+    let warehouse = app.warehouse().await;
+    let mut url = Url::parse(&warehouse.url).unwrap();
+    let proxy = stalling_proxy(url.port().unwrap(), b"pg_postmaster_start_time").await;
+    url.set_port(Some(proxy)).unwrap();
+    let most = app.settings.preflight_concurrency;
+    let app = &app;
+    let creations = (0..most + 2).map(|i| {
+        let body = json!({"name": format!("hangs{i}"), "url": url.as_str()});
+        async move { app.post("/v1/connections", &body).await }
+    });
+    let answers = futures::future::join_all(creations).await;
+    let busy = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(busy, 2, "{answers:?}");
+    assert_eq!(connection_count(&app).await, 0);
+}
