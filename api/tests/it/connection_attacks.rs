@@ -541,5 +541,5 @@ async fn a_tenants_connection_checks_are_held_to_its_preflights() {
         .filter(|(status, _)| *status == StatusCode::TOO_MANY_REQUESTS)
         .count();
     assert_eq!(busy, 2, "{answers:?}");
-    assert_eq!(connection_count(&app).await, 0);
+    assert_eq!(connection_count(app).await, 0);
 }
