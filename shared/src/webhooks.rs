@@ -342,7 +342,10 @@ pub struct Claimed {
 /// (so that, should this worker die mid-attempt, another tries it after the lease) and its
 /// attempt counted. Rows another claimer holds are skipped. A tenant holds at most
 /// `per_tenant` of the claimer's deliveries, counting the `in_flight` ones (tenants and
-/// counts, in step): one tenant's receivers that hang cannot take every slot from the others.
+/// counts, in step), and one that holds any takes more only while all of them together hold
+/// fewer than `per_tenant`: the slots past it are for tenants holding none, one each. Slots
+/// go round the tenants, those holding fewest first. Receivers that hang, one tenant's or
+/// two's, cannot take every slot from the others.
 pub async fn claim_due(
     pool: &PgPool,
     lease: Duration,
@@ -351,7 +354,8 @@ pub async fn claim_due(
     in_flight: (&[Uuid], &[i64]),
 ) -> sqlx::Result<Vec<Claimed>> {
     sqlx::query_as(
-        "UPDATE webhook_deliveries d SET
+        "WITH total AS (SELECT coalesce(sum(held), 0) AS held FROM unnest($5::int8[]) held)
+         UPDATE webhook_deliveries d SET
              next_attempt_at = now() + make_interval(secs => $1),
              attempts = d.attempts + 1,
              last_attempt_at = now()
@@ -361,13 +365,21 @@ pub async fn claim_due(
              FROM (SELECT DISTINCT tenant_id FROM webhooks) t
              LEFT JOIN unnest($4::uuid[], $5::int8[]) AS f(tenant_id, held)
                  ON f.tenant_id = t.tenant_id
+             CROSS JOIN total
              CROSS JOIN LATERAL (
                  SELECT id, next_attempt_at FROM webhook_deliveries
                  WHERE tenant_id = t.tenant_id AND status = 'pending'
                    AND next_attempt_at <= now()
-                 ORDER BY next_attempt_at LIMIT greatest($3 - coalesce(f.held, 0), 0)
+                 ORDER BY next_attempt_at
+                 LIMIT CASE WHEN coalesce(f.held, 0) = 0
+                            THEN greatest(least($3, $3 - total.held), 1)
+                            ELSE greatest(least($3 - f.held, $3 - total.held), 0) END
                  FOR UPDATE SKIP LOCKED) due
-             ORDER BY due.next_attempt_at LIMIT $2)
+             ORDER BY coalesce(f.held, 0)
+                          + row_number() OVER (PARTITION BY t.tenant_id
+                                               ORDER BY due.next_attempt_at),
+                      due.next_attempt_at
+             LIMIT $2)
          RETURNING d.id, d.webhook_id, d.tenant_id, d.event, d.payload, d.attempts,
                    d.retry_started_at, w.url, w.secret_encrypted",
     )

@@ -669,6 +669,71 @@ mod tests {
         );
     }
 
+    /// Two tenants whose receivers hang took every slot between them (three quarters, then
+    /// the rest), and a third tenant's delivery, the newest, waited for their timeouts. Slots
+    /// go round the tenants, and those past the share are for tenants that hold none.
+    #[tokio::test]
+    async fn two_hanging_tenants_leave_slots_to_a_third() {
+        let test = TestDb::new().await;
+        let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hanging_url = format!("http://{}/hook", hanging.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = hanging.accept().await {
+                held.push(socket);
+            }
+        });
+        let test = &test;
+        let finished_of = |tenant: Uuid| async move {
+            let job = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt)
+                 VALUES ($1, $2, 'canary', 'running', '{}', 1)",
+            )
+            .bind(job)
+            .bind(tenant)
+            .execute(test.pool())
+            .await
+            .unwrap();
+            shared::store::finish_many(
+                test.pool(),
+                &[shared::store::Finish {
+                    id: job,
+                    attempt: 1,
+                    outcome: shared::store::Outcome::Succeeded(serde_json::json!({})).into(),
+                    usage: Default::default(),
+                }],
+            )
+            .await
+            .unwrap();
+        };
+        let (first, second) = (test.tenant, test.other_tenant().await);
+        for tenant in [first, second] {
+            test.webhook_of(tenant, &hanging_url, &["job.succeeded"])
+                .await;
+            for _ in 0..10 {
+                finished_of(tenant).await;
+            }
+        }
+        let (receiver, url) = Receiver::start(&[]).await;
+        let third = test.other_tenant().await;
+        let third_hook = test.webhook_of(third, &url, &["job.succeeded"]).await;
+        finished_of(third).await;
+
+        let duty = Webhooks::new(test.runtime.settings());
+        let started = Instant::now();
+        run_until(test, &duty, third_hook, "not delivered", |d| {
+            d.len() == 1 && d[0].0 == "delivered"
+        })
+        .await;
+        let waited = started.elapsed();
+        assert!(
+            waited < test.runtime.settings().webhook_timeout,
+            "waited {waited:?}"
+        );
+        assert_eq!(receiver.count(), 1);
+    }
+
     /// Every statement that ends a job writes the outbox rows of its outcome with it: the
     /// worker's finish, the API's cancels of waiting jobs, the rescuer's failures; nothing for
     /// a retry or a cancel only requested.
