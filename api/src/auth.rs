@@ -84,8 +84,13 @@ impl Caller {
     /// Whether `invalidation` ends this caller's access, without asking the database.
     pub fn ended_by(&self, invalidation: &Invalidation) -> bool {
         match (invalidation, &self.credential) {
-            (Invalidation::Key(id), _) => *id == self.key.id,
-            (Invalidation::Session(ended), Credential::Session(token_hash)) => ended == token_hash,
+            (Invalidation::Key { id, .. }, _) => *id == self.key.id,
+            (
+                Invalidation::Session {
+                    token_hash: ended, ..
+                },
+                Credential::Session(token_hash),
+            ) => ended == token_hash,
             _ => false,
         }
     }

@@ -212,16 +212,20 @@ impl Hub {
         }
     }
 
-    /// Hands word of a revocation to every subscriber in this process, so that a stream opened
-    /// with a revoked key ends without a check on each of its polls.
-    pub fn invalidate(&self, invalidation: &Invalidation) {
+    /// Hands word of a revocation to every subscriber of `feed` (every feed: `None`) in this
+    /// process, so that a stream opened with a revoked key ends without a check on each of
+    /// its polls.
+    pub fn invalidate(&self, invalidation: &Invalidation, feed: Option<&str>) {
         let batch = Arc::new(Batch {
             frames: Vec::new(),
             bytes: Bytes::new(),
             invalidation: Some(invalidation.clone()),
         });
         let feeds = self.feeds.lock().expect("hub lock");
-        for feed in feeds.values() {
+        let told = feeds
+            .iter()
+            .filter(|(key, _)| feed.is_none_or(|feed| feed == key.as_str()));
+        for (_, feed) in told {
             for tx in std::iter::once(&feed.all).chain(feed.jobs.values()) {
                 let _ = tx.send(batch.clone());
             }

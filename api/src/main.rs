@@ -359,7 +359,12 @@ async fn announce_revoked(settings: &shared::Settings, id: Uuid) {
     let published = async {
         let redis = shared::redis_conn::Redis::open(&settings.redis_url)?;
         let mut conn = redis.connect(Default::default()).await?;
-        revocation::publish(&mut conn, &settings.redis_prefix, &Invalidation::Key(id)).await?;
+        revocation::publish(
+            &mut conn,
+            &settings.redis_prefix,
+            &Invalidation::Key { id, tenant: None },
+        )
+        .await?;
         anyhow::Ok(())
     };
     if let Err(e) = published.await {

@@ -10,6 +10,7 @@
 
 use futures::StreamExt;
 use redis::aio::ConnectionLike;
+use shared::events::StreamKeys;
 use std::{sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -24,31 +25,56 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY: Duration = Duration::from_millis(500);
 const PUBLISH_ATTEMPTS: u32 = 3;
 
-/// What stopped being valid.
+/// What stopped being valid, and whose event streams it concerns: a tenant's (`None`: every
+/// tenant's, as for an operator's revocation or word from an older process).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Invalidation {
     /// This key was revoked (so are the sessions opened with it).
-    Key(Uuid),
+    Key { id: Uuid, tenant: Option<Uuid> },
     /// The session with this token hash ended (signed out).
-    Session(String),
+    Session {
+        token_hash: String,
+        tenant: Option<Uuid>,
+    },
     /// Anything may have changed: check everything again.
     All,
 }
 
 impl Invalidation {
-    fn encode(&self) -> String {
+    /// The tenant whose streams are told; `None`: every tenant's.
+    pub fn tenant(&self) -> Option<Uuid> {
         match self {
-            Self::Key(id) => format!("key:{id}"),
-            Self::Session(token_hash) => format!("session:{token_hash}"),
+            Self::Key { tenant, .. } | Self::Session { tenant, .. } => *tenant,
+            Self::All => None,
+        }
+    }
+
+    /// `key:<id>[:<tenant>]`, `session:<hash>[:<tenant>]`, `all`: a process that reads only
+    /// the first two parts (an older one) reads the tenant's word as everything.
+    fn encode(&self) -> String {
+        let tenant = self.tenant().map(|t| format!(":{t}")).unwrap_or_default();
+        match self {
+            Self::Key { id, .. } => format!("key:{id}{tenant}"),
+            Self::Session { token_hash, .. } => format!("session:{token_hash}{tenant}"),
             Self::All => "all".to_owned(),
         }
     }
 
     /// An unreadable message stands for everything: it cannot make a process trust more.
     fn decode(message: &str) -> Self {
-        match message.split_once(':') {
-            Some(("key", id)) => id.parse().map_or(Self::All, Self::Key),
-            Some(("session", token_hash)) => Self::Session(token_hash.to_owned()),
+        let mut parts = message.splitn(3, ':');
+        let (kind, what) = (parts.next(), parts.next());
+        let tenant = match parts.next().map(str::parse) {
+            None => None,
+            Some(Ok(tenant)) => Some(tenant),
+            Some(Err(_)) => return Self::All,
+        };
+        match (kind, what) {
+            (Some("key"), Some(id)) => id.parse().map_or(Self::All, |id| Self::Key { id, tenant }),
+            (Some("session"), Some(token_hash)) => Self::Session {
+                token_hash: token_hash.to_owned(),
+                tenant,
+            },
             _ => Self::All,
         }
     }
@@ -75,7 +101,12 @@ pub async fn publish<C: ConnectionLike + Send>(
 /// reached, the others stop trusting the key when their cache entry expires (or at once if
 /// they lost Redis too).
 pub async fn invalidate(state: &AppState, invalidation: Invalidation) {
-    apply(&state.key_cache, &state.hub, &invalidation);
+    apply(
+        &state.key_cache,
+        &state.hub,
+        state.events.keys(),
+        &invalidation,
+    );
     let mut redis = state.redis.clone();
     // After a Redis restart the first command on the shared connection fails, and the
     // connection manager reconnects: try again before giving up.
@@ -90,13 +121,16 @@ pub async fn invalidate(state: &AppState, invalidation: Invalidation) {
     }
 }
 
-fn apply(cache: &KeyCache, hub: &Hub, invalidation: &Invalidation) {
+fn apply(cache: &KeyCache, hub: &Hub, keys: &StreamKeys, invalidation: &Invalidation) {
     match invalidation {
-        Invalidation::Key(id) => cache.forget(*id),
-        Invalidation::Session(_) => {}
+        Invalidation::Key { id, .. } => cache.forget(*id),
+        Invalidation::Session { .. } => {}
         Invalidation::All => cache.clear(),
     }
-    hub.invalidate(invalidation);
+    // Only the tenant's own streams wake: a tenant signing in and out in a loop woke every
+    // stream of every tenant, each reading Redis again.
+    let feed = invalidation.tenant().map(|tenant| keys.tenant(tenant));
+    hub.invalidate(invalidation, feed.as_deref());
 }
 
 /// Keeps this process subscribed until `stopping`.
@@ -108,9 +142,10 @@ pub async fn listen(
     stopping: CancellationToken,
 ) {
     let channel = channel(&redis_prefix);
+    let keys = StreamKeys::new(&redis_prefix);
     loop {
         let ended = tokio::select! {
-            ended = subscribe(&client, &channel, &cache, &hub) => ended,
+            ended = subscribe(&client, &channel, &cache, &hub, &keys) => ended,
             () = stopping.cancelled() => return,
         };
         if cache.set_trusted(false) {
@@ -131,6 +166,7 @@ async fn subscribe(
     channel: &str,
     cache: &KeyCache,
     hub: &Hub,
+    keys: &StreamKeys,
 ) -> anyhow::Error {
     let connect = async {
         let pubsub = tokio::time::timeout(PING_TIMEOUT, async {
@@ -147,7 +183,7 @@ async fn subscribe(
     };
     // Whatever was published while unsubscribed is unknown: start afresh.
     cache.set_trusted(true);
-    hub.invalidate(&Invalidation::All);
+    hub.invalidate(&Invalidation::All, None);
     let mut ping = tokio::time::interval(PING_EVERY);
     loop {
         tokio::select! {
@@ -156,7 +192,7 @@ async fn subscribe(
                     return anyhow::anyhow!("the connection closed");
                 };
                 let payload: String = message.get_payload().unwrap_or_default();
-                apply(cache, hub, &Invalidation::decode(&payload));
+                apply(cache, hub, keys, &Invalidation::decode(&payload));
             }
             _ = ping.tick() => {
                 match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
@@ -175,15 +211,70 @@ mod tests {
 
     #[test]
     fn messages_round_trip_and_unreadable_ones_mean_everything() {
-        let id = Uuid::now_v7();
+        let (id, tenant) = (Uuid::now_v7(), Some(Uuid::now_v7()));
         for invalidation in [
-            Invalidation::Key(id),
-            Invalidation::Session("ab12".into()),
+            Invalidation::Key { id, tenant },
+            Invalidation::Key { id, tenant: None },
+            Invalidation::Session {
+                token_hash: "ab12".into(),
+                tenant,
+            },
             Invalidation::All,
         ] {
             assert_eq!(Invalidation::decode(&invalidation.encode()), invalidation);
         }
         assert_eq!(Invalidation::decode("key:not-a-uuid"), Invalidation::All);
+        assert_eq!(
+            Invalidation::decode(&format!("key:{id}:x")),
+            Invalidation::All
+        );
         assert_eq!(Invalidation::decode("something new"), Invalidation::All);
+    }
+
+    /// A session's end wakes its tenant's streams only: any read key could sign in and out
+    /// in a loop and wake every stream of every tenant, each reading Redis again.
+    #[tokio::test]
+    async fn word_of_a_tenants_revocation_reaches_only_its_streams() {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let url = std::env::var("CONVEYOR_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
+        let client = shared::redis_conn::Redis::open(&url).unwrap();
+        let stopping = CancellationToken::new();
+        let hub = Arc::new(Hub::new(client, stopping.clone()));
+        let keys = StreamKeys::new(&format!("test:{}", Uuid::new_v4().simple()));
+        let (ours, theirs) = (Uuid::now_v7(), Uuid::now_v7());
+        let (job, other_job) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut our_streams = [
+            hub.subscribe(&keys.tenant(ours), None),
+            hub.subscribe(&keys.tenant(ours), Some(job)),
+        ];
+        let mut their_streams = [
+            hub.subscribe(&keys.tenant(theirs), None),
+            hub.subscribe(&keys.tenant(theirs), Some(other_job)),
+        ];
+        let cache = KeyCache::new(KeyCache::TTL);
+        let signed_out = Invalidation::Session {
+            token_hash: "ab12".into(),
+            tenant: Some(ours),
+        };
+        apply(&cache, &hub, &keys, &signed_out);
+        for stream in &mut our_streams {
+            let told = stream
+                .batches
+                .try_recv()
+                .expect("word of the session's end");
+            assert_eq!(told.invalidation.as_ref(), Some(&signed_out));
+        }
+        for stream in &mut their_streams {
+            assert!(matches!(
+                stream.batches.try_recv(),
+                Err(TryRecvError::Empty)
+            ));
+        }
+        // Word of unknown origin (an operator's, an older process's) reaches everyone.
+        apply(&cache, &hub, &keys, &Invalidation::All);
+        for stream in our_streams.iter_mut().chain(&mut their_streams) {
+            assert!(stream.batches.try_recv().is_ok());
+        }
+        stopping.cancel();
     }
 }

@@ -116,6 +116,7 @@ pub async fn revoke(
         return Err(Problem::not_found("key"));
     }
     tracing::info!(key = %id, by = %caller.key.id, "API key revoked");
-    revocation::invalidate(&state, Invalidation::Key(id)).await;
+    let tenant = Some(caller.key.tenant);
+    revocation::invalidate(&state, Invalidation::Key { id, tenant }).await;
     Ok(StatusCode::NO_CONTENT)
 }

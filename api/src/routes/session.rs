@@ -210,8 +210,9 @@ pub async fn sign_out(
         tx.commit().await?;
         // The session's open event streams end, in every API process. A cookie of no session
         // tells nobody: the word wakes every stream.
-        if ended.is_some() {
-            revocation::invalidate(&state, Invalidation::Session(token_hash)).await;
+        if let Some((tenant, ..)) = ended {
+            let tenant = Some(tenant);
+            revocation::invalidate(&state, Invalidation::Session { token_hash, tenant }).await;
         }
     }
     // Cleared whether or not the request carried it (`CookieJar::remove` only answers a cookie
