@@ -340,6 +340,33 @@ async fn created_tables_take_types_from_the_whole_file() {
     );
 }
 
+/// The inspector that infers a file's types is a process of its own, as a hostile file may
+/// take it over: a type it says that is not one of ours was written into `CREATE TABLE`
+/// whole (`text, injected integer`). It is text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inferred_type_that_is_not_ours_is_text() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let dataset = app.upload_dataset("said.csv", b"a\n1\n").await;
+    sqlx::query(
+        "UPDATE datasets SET schema = jsonb_set(schema, '{0,type}', '\"text, injected integer\"')
+         WHERE id = $1",
+    )
+    .bind(dataset)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "said"}}),
+    )
+    .await;
+    assert_eq!(
+        psql(&app.target_url(), "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod), ', ') FROM pg_attribute WHERE attrelid = 'said'::regclass AND attnum > 0"),
+        "a text"
+    );
+}
+
 /// A value no type holds, in a created column, is its row's error under `on_error=skip`: the
 /// column does not widen, and the file is read no more than twice (asking for a wider type
 /// that was the same, each pass asked for another, for ever).

@@ -659,7 +659,7 @@ fn plan_columns(
                 None => Planned {
                     source: index,
                     name,
-                    ty: PgType::from_sql(inferred.unwrap_or("text")),
+                    ty: PgType::inferred(inferred.unwrap_or("text")),
                     widen: true,
                 },
             }

@@ -45,6 +45,16 @@ impl PgType {
         }
     }
 
+    /// A type the file's inspection inferred: one of ours, else text. The inspector is a
+    /// process of its own because a hostile file may take it over, and what it says goes
+    /// into a `CREATE TABLE` (`text, x int DEFAULT ...`).
+    pub fn inferred(name: &str) -> PgType {
+        match PgType::from_sql(name) {
+            PgType::Other(_) => PgType::Text,
+            known => known,
+        }
+    }
+
     /// The name used in `CREATE TABLE`.
     pub fn sql(&self) -> &str {
         match self {
