@@ -799,6 +799,39 @@ async fn cancel_mid_import_leaves_the_target_untouched() {
     );
 }
 
+/// A sweep reads a bounded number of staging tables from a target (a tenant's own database
+/// may hold millions), and the next one reads on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_reads_at_most_a_thousand_staging_tables() {
+    let app = TestApp::spawn().await;
+    let jobs: Vec<Uuid> = (0..1005).map(|_| Uuid::now_v7()).collect();
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt)
+         SELECT id, $2, 'import', 'failed', '{}', 1 FROM unnest($1::uuid[]) id",
+    )
+    .bind(&jobs)
+    .bind(app.tenant)
+    .execute(app.pool())
+    .await
+    .unwrap();
+    let create: String = jobs
+        .iter()
+        .map(|job| format!("CREATE TABLE conveyor_import_{} (a int);", job.simple()))
+        .collect();
+    psql(&app.target_url(), &create);
+    let left = || {
+        psql(
+            &app.target_url(),
+            "SELECT count(*) FROM pg_tables \
+             WHERE schemaname = current_schema() AND tablename LIKE 'conveyor\\_import\\_%'",
+        )
+    };
+    app.registry().sweep().await;
+    assert_eq!(left(), "5");
+    app.registry().sweep().await;
+    assert_eq!(left(), "0");
+}
+
 /// A job whose last attempt died with its worker leaves its staging table behind: the
 /// maintenance sweep drops it once the job has ended, and only then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,6 +199,11 @@ pub fn staging_table(schema: &str, job: Uuid) -> String {
     )
 }
 
+/// Staging tables one sweep of a target reads, at most, drawn at random so that those it
+/// leaves (of jobs not ended, or not this deployment's) hold up no others for good: a tenant's
+/// own database could hold, or a server pretending to be one answer, millions.
+const SWEEP_TABLES: i64 = 1000;
+
 /// Drops the staging tables in `target` of jobs that ended (in the control plane `control`)
 /// without dropping their own: a job whose last attempt died with its worker. Tables of jobs
 /// this control plane does not know are left alone: another deployment may share the target.
@@ -209,8 +214,10 @@ pub async fn sweep_staging(target: &PgPool, control: &PgPool) -> sqlx::Result<Ve
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE c.relkind = 'r'
            AND (c.relname ~ '^conveyor_import_[0-9a-f]{32}$'
-                OR (n.nspname = 'conveyor' AND c.relname ~ '^import_[0-9a-f]{32}$'))",
+                OR (n.nspname = 'conveyor' AND c.relname ~ '^import_[0-9a-f]{32}$'))
+         ORDER BY random() LIMIT $1",
     )
+    .bind(SWEEP_TABLES)
     .fetch_all(target)
     .await?;
     let jobs: Vec<Uuid> = tables
