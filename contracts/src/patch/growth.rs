@@ -124,14 +124,21 @@ fn size_of(expr: &Expr) -> Result<Size, String> {
             constant: 0,
         },
         Expr::Value(value) => Size::constant(value.to_string().len()),
-        Expr::TypedString(typed) => Size::constant(typed.to_string().len()),
+        Expr::TypedString(typed) => {
+            Size::constant(typed.to_string().len() + type_length(&typed.data_type.to_string()))
+        }
         Expr::Nested(e) | Expr::Collate { expr: e, .. } | Expr::UnaryOp { expr: e, .. } => {
             bound(e)?
         }
         // Of a number: as long as it. Of anything as text: `bytea` prints two characters a
         // byte (and `encode(x, 'hex')::bytea` reads each back as one).
         Expr::Ceil { expr: e, .. } | Expr::Floor { expr: e, .. } => bound(e)?,
-        Expr::Cast { expr: e, .. } => bound(e)?.times(2).plus(Size::constant(2)),
+        // A type's length pads to it (`0::bit(80000000)` is 80 MB of text).
+        Expr::Cast {
+            expr: e, data_type, ..
+        } => bound(e)?
+            .times(2)
+            .plus(Size::constant(2 + type_length(&data_type.to_string()))),
         Expr::IsFalse(e)
         | Expr::IsNotFalse(e)
         | Expr::IsTrue(e)
@@ -186,10 +193,10 @@ fn size_of(expr: &Expr) -> Result<Size, String> {
         )?,
         Expr::BinaryOp { left, op, right } => {
             let sides = all([&**left, &**right])?;
-            if produces_its_operands(op) {
-                sum(&sides)
-            } else {
-                Size::SMALL
+            match op {
+                BinaryOperator::PGExp => sum(&sides).plus(Size::constant(NUMERIC_TEXT)),
+                op if produces_its_operands(op) => sum(&sides),
+                _ => Size::SMALL,
             }
         }
         // At most as long as what they cut from.
@@ -245,6 +252,38 @@ fn size_of(expr: &Expr) -> Result<Size, String> {
         Expr::Function(function) => function_size(function)?,
         other => return Err(format!("expression {other} is not supported")),
     })
+}
+
+/// The most characters a `numeric` prints.
+const NUMERIC_TEXT: usize = 131_072 + 16_384;
+
+/// The characters a type's declared lengths may pad a value to (`char(n)`, `bit(n)`: each
+/// number in its parentheses, four bytes a character).
+fn type_length(data_type: &str) -> usize {
+    data_type
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|digits| digits.parse::<usize>().ok())
+        .fold(0usize, |a, n| a.saturating_add(n.saturating_mul(4)))
+}
+
+/// A literal format's conversions and the sum of their widths (`%%` is no conversion).
+fn format_conversions(text: &str) -> (u64, u64) {
+    let text = text.replace("%%", "");
+    let mut widths = 0u64;
+    let specs: Vec<&str> = text.split('%').skip(1).collect();
+    for spec in &specs {
+        let spec = match spec.find('$') {
+            Some(at) if spec[..at].bytes().all(|b| b.is_ascii_digit()) => &spec[at + 1..],
+            _ => spec,
+        };
+        let width: String = spec
+            .trim_start_matches('-')
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        widths = widths.saturating_add(width.parse().unwrap_or(0));
+    }
+    (specs.len() as u64, widths)
 }
 
 /// Whether an operator's result may hold its operands (`||`, arithmetic, JSON paths), rather
@@ -333,10 +372,22 @@ fn function_size(function: &Function) -> Result<Size, String> {
             Some(pattern) => arg(0).times(pattern.matches('(').count() as u64 + 1),
             None => arg(0).each_becoming(arg(1)),
         },
-        // Each conversion copies an argument, quoted (quotes doubled) for `%L` and `%I`.
-        "format" => sum(&sizes[1.min(sizes.len())..])
-            .times(2 * 32)
-            .plus(arg(0).times(2)),
+        // Each conversion copies an argument, quoted (quotes doubled) for `%L` and `%I`, and
+        // pads it to its width. (The guard takes only a literal format.)
+        "format" => {
+            let (conversions, widths) =
+                literal_text(args.first()).map_or((32, 32 * 10_000), format_conversions);
+            sizes[1.min(sizes.len())..]
+                .iter()
+                .fold(Size::default(), |a, b| a.max(*b))
+                .times(2 * conversions)
+                .plus(arg(0))
+                .plus(Size::constant(4 * widths as usize))
+        }
+        // A number's digits: up to 131,072 before the point and 16,383 after.
+        "power" | "exp" | "round" | "trunc" | "div" | "mod" | "ln" | "log" | "sqrt" | "cbrt" => {
+            sum(&sizes).plus(Size::constant(NUMERIC_TEXT))
+        }
         // The separator between every two arguments.
         "concat_ws" => sum(&sizes[1.min(sizes.len())..]).plus(arg(0).times(sizes.len() as u64)),
         // `escape` writes a byte as four characters; `hex` two, `base64` under two.
@@ -390,6 +441,10 @@ mod tests {
             "to_json(to_json(to_json(to_json(note))))::text".to_owned(),
             "array_replace(string_to_array(note, NULL), 'a', note)::text".to_owned(),
             "upper(upper(upper(upper(upper(upper(note))))))".to_owned(),
+            "replace(0::bit(83886080)::text, '0', 'aaaaaaaaaaa')".to_owned(),
+            "replace(CAST(note AS char(900000)), ' ', 'aa')".to_owned(),
+            "replace(\"format\"('%9999s%9999s%9999s', note, note, note), ' ', 'aaaaaaaaaaaaaaaaaaaaaaaa')".to_owned(),
+            "replace((10::numeric ^ 131000)::text, '0', 'aaaaaaaaaaa')".to_owned(),
         ] {
             let sql = format!("UPDATE items SET note = {value} WHERE id = 1");
             let why = refused(&sql);
@@ -407,6 +462,8 @@ mod tests {
             "UPDATE items SET note = lower(trim(note)) || ' (' || upper(code) || ')' WHERE id = 1",
             "UPDATE items SET note = replace(note, 'colour', 'color'), price = round(price * 1.1, 2)",
             "UPDATE items SET note = format('%s-%s', code, id), meta = jsonb_set(meta, '{a}', to_jsonb(note))",
+            "UPDATE items SET note = upper(format('%s %s %s %s %s', a, b, c, d, e)), code = left(code, 8)::varchar(8)",
+            "UPDATE items SET price = round(price * 1.1, 2), total = power(qty, 2) * 0.5",
             "UPDATE items SET note = concat_ws(', ', a, b, c, d), day = to_char(created_at, 'YYYY-MM-DD')",
             "UPDATE items SET note = CASE WHEN note IS NULL THEN repeat('-', 10) ELSE lpad(note, 20, '0') END",
             "UPDATE items SET note = array_to_string(string_to_array(note, ','), ';')",
