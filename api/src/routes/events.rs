@@ -456,19 +456,30 @@ struct ReplaySource {
 }
 
 impl Replay {
-    /// The next entries in order, at most [`BATCH`]; fewer: the replay is done.
+    /// The next entries in order, at most [`BATCH`]; fewer: the replay is done. The steps'
+    /// streams are read ahead a share of a batch each, so that a stream holds about a batch
+    /// however many steps its pipeline has.
     async fn next(
         &mut self,
         conn: &mut shared::redis_conn::RedisConn,
     ) -> redis::RedisResult<Vec<events::StreamEntry>> {
+        let ahead = (BATCH / self.sources.len().max(1)).max(16);
         let mut batch = Vec::new();
         while batch.len() < BATCH {
             for source in &mut self.sources {
                 if source.read.is_empty() && !source.done {
-                    let entries =
-                        events::read_between(conn, &source.key, &source.cursor, &self.until, BATCH)
-                            .await?;
-                    source.done = entries.len() < BATCH;
+                    let read =
+                        events::read_between(conn, &source.key, &source.cursor, &self.until, ahead)
+                            .await;
+                    // What was taken goes out; the error comes again at the next call.
+                    let entries = match read {
+                        Ok(entries) => entries,
+                        Err(_) if !batch.is_empty() => return Ok(batch),
+                        Err(e) => return Err(e),
+                    };
+                    // Done once a read finds nothing: a page short of what was asked may be
+                    // one whose entries did not all decode.
+                    source.done = entries.is_empty();
                     if let Some(last) = entries.last() {
                         source.cursor = last.id.clone();
                     }
@@ -632,6 +643,7 @@ pub async fn pipeline_events(
         let _guard = guard;
         let mut sent_at = Instant::now();
         let mut ended_at: Option<Instant> = None;
+        // Whether to read the row: at first, after a terminal event, after a quiet second.
         let mut look = true;
         loop {
             let (frames, terminal, more) = follower.read().await;
@@ -639,9 +651,11 @@ pub async fn pipeline_events(
                 sent_at = Instant::now();
                 yield bytes;
             }
+            look |= terminal;
             // The row decides the end, once what there was to read is read; a step's last
             // events may trail it for a moment.
-            if !more && (look || terminal || ended_at.is_some()) {
+            if !more && (look || ended_at.is_some()) {
+                look = false;
                 let Ok(mut conn) = pool.acquire().await else { return };
                 match shared::pipelines::progress(&mut conn, tenant, id).await {
                     Ok(Some((true, jobs))) => {
@@ -677,14 +691,15 @@ pub async fn pipeline_events(
             if !credential_check.still_valid(&next).await {
                 return;
             }
-            look = matches!(next, Next::Quiet);
             match next {
                 Next::End => return,
-                Next::Quiet if sent_at.elapsed() >= QUIET => {
-                    sent_at = Instant::now();
-                    yield Bytes::from_static(KEEP_ALIVE);
-                }
+                Next::Quiet => look = true,
                 _ => {}
+            }
+            // Other jobs' events wake the stream too, and send nothing of the pipeline's.
+            if sent_at.elapsed() >= QUIET {
+                sent_at = Instant::now();
+                yield Bytes::from_static(KEEP_ALIVE);
             }
         }
     };

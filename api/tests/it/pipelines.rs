@@ -894,3 +894,43 @@ async fn a_pipeline_stream_replays_from_its_steps_streams() {
     let rest = stream.collect(Duration::from_secs(3)).await;
     assert_eq!(rest.iter().filter(|m| m.event == "progress").count(), 600);
 }
+
+/// A finished pipeline's stream ends with `pipeline.finished` though the tenant's other jobs
+/// keep writing: the replay cleared the stream's first look at the row, and its next came
+/// only after a quiet second, which a busy tenant never has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_pipelines_stream_ends_while_other_jobs_write() {
+    use shared::{
+        events::{Event, EventType},
+        model::JobStatus,
+    };
+    let mut app = TestApp::spawn().await;
+    app.start_worker(1).await;
+    let (id, _) = submit(
+        &app,
+        json!({"steps": [{"name": "a", "kind": "canary", "payload": {"steps": 1}}]}),
+    )
+    .await;
+    wait_pipeline(&app, &id, &["succeeded"]).await;
+    let log = app.server.as_ref().unwrap().state.events.clone();
+    let tenant = app.tenant;
+    let busy = tokio::spawn(async move {
+        let other = Uuid::now_v7();
+        loop {
+            let event = Event::new(
+                other,
+                "canary",
+                EventType::Progress,
+                JobStatus::Running,
+                0.5,
+            );
+            let _ = log.append(&[(tenant, event.attempt(1))]).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut stream = app.sse(&format!("/v1/pipelines/{id}/events"), None).await;
+    let events = stream.collect(Duration::from_secs(10)).await;
+    busy.abort();
+    let last = events.last().expect("events");
+    assert_eq!(last.event, "pipeline.finished", "{events:?}");
+}
