@@ -361,24 +361,36 @@ pub async fn claim_due(
              last_attempt_at = now()
          FROM webhooks w
          WHERE w.id = d.webhook_id AND d.id IN (
-             SELECT due.id
-             FROM (SELECT DISTINCT tenant_id FROM webhooks) t
-             LEFT JOIN unnest($4::uuid[], $5::int8[]) AS f(tenant_id, held)
-                 ON f.tenant_id = t.tenant_id
+             -- In turn: a slot while all hold under the share, past it only a tenant's
+             -- first, if it holds none.
+             SELECT placed.id
+             FROM (
+                 SELECT ranked.*,
+                        row_number() OVER (ORDER BY ranked.held + ranked.n, ranked.due_at)
+                            AS place
+                 FROM (
+                     SELECT due.id, due.next_attempt_at AS due_at,
+                            coalesce(f.held, 0) AS held,
+                            row_number() OVER (PARTITION BY t.tenant_id
+                                               ORDER BY due.next_attempt_at) AS n
+                     FROM (SELECT DISTINCT tenant_id FROM webhooks) t
+                     LEFT JOIN unnest($4::uuid[], $5::int8[]) AS f(tenant_id, held)
+                         ON f.tenant_id = t.tenant_id
+                     CROSS JOIN total
+                     CROSS JOIN LATERAL (
+                         SELECT id, next_attempt_at FROM webhook_deliveries
+                         WHERE tenant_id = t.tenant_id AND status = 'pending'
+                           AND next_attempt_at <= now()
+                         ORDER BY next_attempt_at
+                         LIMIT CASE WHEN coalesce(f.held, 0) = 0
+                                    THEN greatest(least($3, $3 - total.held), 1)
+                                    ELSE greatest(least($3 - f.held, $3 - total.held), 0) END
+                         FOR UPDATE SKIP LOCKED) due
+                 ) ranked
+             ) placed
              CROSS JOIN total
-             CROSS JOIN LATERAL (
-                 SELECT id, next_attempt_at FROM webhook_deliveries
-                 WHERE tenant_id = t.tenant_id AND status = 'pending'
-                   AND next_attempt_at <= now()
-                 ORDER BY next_attempt_at
-                 LIMIT CASE WHEN coalesce(f.held, 0) = 0
-                            THEN greatest(least($3, $3 - total.held), 1)
-                            ELSE greatest(least($3 - f.held, $3 - total.held), 0) END
-                 FOR UPDATE SKIP LOCKED) due
-             ORDER BY coalesce(f.held, 0)
-                          + row_number() OVER (PARTITION BY t.tenant_id
-                                               ORDER BY due.next_attempt_at),
-                      due.next_attempt_at
+             WHERE total.held + placed.place <= $3 OR (placed.held = 0 AND placed.n = 1)
+             ORDER BY placed.place
              LIMIT $2)
          RETURNING d.id, d.webhook_id, d.tenant_id, d.event, d.payload, d.attempts,
                    d.retry_started_at, w.url, w.secret_encrypted",
