@@ -372,10 +372,16 @@ pub async fn job_events(
                         let settled = chrono::Utc::now() - updated_at
                             > chrono::Duration::from_std(QUIET).unwrap_or_default();
                         if status.is_terminal() && settled {
-                            if let Ok(Some(job)) = store::get_job(&pool, tenant, id).await {
-                                yield snapshot(&job);
+                            // Ended with the row's state; a read that fails is tried again
+                            // at the next quiet spell.
+                            match store::get_job(&pool, tenant, id).await {
+                                Ok(Some(job)) => {
+                                    yield snapshot(&job);
+                                    return;
+                                }
+                                Ok(None) => return,
+                                Err(_) => {}
                             }
-                            return;
                         }
                     }
                     yield Bytes::from_static(KEEP_ALIVE);
