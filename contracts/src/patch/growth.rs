@@ -111,10 +111,28 @@ fn sum(sizes: &[Size]) -> Size {
     sizes.iter().fold(Size::default(), |a, b| a.plus(*b))
 }
 
-/// Children bounded, a result of a few bytes (a boolean, a number, a date).
+/// Children bounded, a result of a few bytes (a boolean, a number, a date); the literal
+/// bytes the children hold are the statement's still (see [`statement_constant`]).
 fn small<'e>(exprs: impl IntoIterator<Item = &'e Expr>) -> Result<Size, String> {
-    all(exprs)?;
-    Ok(Size::SMALL)
+    let held = sum(&all(exprs)?).constant;
+    Ok(Size {
+        values: 0,
+        constant: Size::SMALL.constant.saturating_add(held),
+    })
+}
+
+/// Checks the literal bytes of a whole statement, its assignments' and its condition's
+/// bounds together, against [`MAX_CONSTANT`]: each is bounded alone, and a statement may
+/// hold thousands (an `IN` list of long typed literals, a column each).
+pub fn statement_constant(bounds: &[Size]) -> Result<(), String> {
+    let total = sum(bounds).constant;
+    if total > MAX_CONSTANT {
+        return Err(format!(
+            "may make {total} bytes from literals in all; at most {MAX_CONSTANT}: the \
+             database computes them while it plans"
+        ));
+    }
+    Ok(())
 }
 
 fn size_of(expr: &Expr) -> Result<Size, String> {
@@ -123,9 +141,20 @@ fn size_of(expr: &Expr) -> Result<Size, String> {
             values: 1,
             constant: 0,
         },
-        Expr::Value(value) => Size::constant(value.to_string().len()),
+        // A number is as long as it prints: `1e131000` is 131,001 digits.
+        Expr::Value(value) => {
+            let text = value.to_string();
+            Size::constant(text.len() + exponents(&text) * NUMERIC_TEXT)
+        }
         Expr::TypedString(typed) => {
-            Size::constant(typed.to_string().len() + type_length(&typed.data_type.to_string()))
+            let text = typed.to_string();
+            let declared = type_length(&typed.data_type.to_string())?;
+            let written = Size::constant(text.len() + exponents(&text) * NUMERIC_TEXT);
+            if typed.data_type.to_string().contains('[') {
+                written.each_becoming(Size::constant(declared))
+            } else {
+                written.plus(Size::constant(declared))
+            }
         }
         Expr::Nested(e) | Expr::Collate { expr: e, .. } | Expr::UnaryOp { expr: e, .. } => {
             bound(e)?
@@ -134,11 +163,31 @@ fn size_of(expr: &Expr) -> Result<Size, String> {
         // byte (and `encode(x, 'hex')::bytea` reads each back as one).
         Expr::Ceil { expr: e, .. } | Expr::Floor { expr: e, .. } => bound(e)?,
         // A type's length pads to it (`0::bit(80000000)` is 80 MB of text).
+        // Each element of an array may be padded so; text read as numbers may hold
+        // exponents (`'[1e131000, ...]'::jsonb`), which a row's value may too.
         Expr::Cast {
             expr: e, data_type, ..
-        } => bound(e)?
-            .times(2)
-            .plus(Size::constant(2 + type_length(&data_type.to_string()))),
+        } => {
+            let input = bound(e)?;
+            let target = data_type.to_string().to_ascii_lowercase();
+            let declared = type_length(&target)?;
+            let array = target.contains('[') || target.starts_with("array");
+            let numeric = ["numeric", "decimal"].iter().any(|t| target.contains(t));
+            let many_numbers = target.contains("json") || (numeric && array);
+            if many_numbers && input.values > 0 {
+                return Err(format!(
+                    "casts a column's value to {target}, whose numbers' exponents may each \
+                     print as 131,072 digits: cast a literal, or keep the value's type"
+                ));
+            }
+            let printed = input.times(2).plus(Size::constant(2));
+            match (array, numeric) {
+                (true, _) => printed.each_becoming(Size::constant(declared)),
+                // One number, as long as its declared precision, else a numeric's longest.
+                (false, true) if declared == 0 => printed.plus(Size::constant(NUMERIC_TEXT)),
+                _ => printed.plus(Size::constant(declared)),
+            }
+        }
         Expr::IsFalse(e)
         | Expr::IsNotFalse(e)
         | Expr::IsTrue(e)
@@ -196,7 +245,10 @@ fn size_of(expr: &Expr) -> Result<Size, String> {
             match op {
                 BinaryOperator::PGExp => sum(&sides).plus(Size::constant(NUMERIC_TEXT)),
                 op if produces_its_operands(op) => sum(&sides),
-                _ => Size::SMALL,
+                _ => Size {
+                    values: 0,
+                    constant: Size::SMALL.constant.saturating_add(sum(&sides).constant),
+                },
             }
         }
         // At most as long as what they cut from.
@@ -238,13 +290,18 @@ fn size_of(expr: &Expr) -> Result<Size, String> {
             else_result,
             ..
         } => {
-            all(operand.as_deref())?;
-            all(conditions.iter().map(|c| &c.condition))?;
+            let tested = sum(&all(operand.as_deref())?)
+                .plus(sum(&all(conditions.iter().map(|c| &c.condition))?));
             let results = all(conditions
                 .iter()
                 .map(|c| &c.result)
                 .chain(else_result.as_deref()))?;
-            results.iter().fold(Size::default(), |a, b| a.max(*b))
+            // One branch is the value; every branch's literals are planned.
+            let value = results.iter().fold(Size::default(), |a, b| a.max(*b));
+            Size {
+                values: value.values,
+                constant: sum(&results).constant.saturating_add(tested.constant),
+            }
         }
         Expr::Tuple(items) => sum(&all(items)?),
         Expr::Array(array) => sum(&all(&array.elem)?).plus(Size::constant(8 * array.elem.len())),
@@ -257,13 +314,35 @@ fn size_of(expr: &Expr) -> Result<Size, String> {
 /// The most characters a `numeric` prints.
 const NUMERIC_TEXT: usize = 131_072 + 16_384;
 
-/// The characters a type's declared lengths may pad a value to (`char(n)`, `bit(n)`: each
-/// number in its parentheses, four bytes a character).
-fn type_length(data_type: &str) -> usize {
-    data_type
+/// The bytes a type's declared lengths may pad a value to (`char(n)`, `bit(n)`: each number
+/// in its parentheses, four bytes a character), each at most [`MAX_DECLARED_LENGTH`].
+fn type_length(data_type: &str) -> Result<usize, String> {
+    let lengths: Vec<usize> = data_type
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|digits| digits.parse::<usize>().ok())
-        .fold(0usize, |a, n| a.saturating_add(n.saturating_mul(4)))
+        .collect();
+    if lengths.iter().any(|n| *n > MAX_DECLARED_LENGTH) {
+        return Err(format!(
+            "declares {data_type}; a type's length is at most {MAX_DECLARED_LENGTH} (char and \
+             bit pad to it)"
+        ));
+    }
+    Ok(lengths.iter().sum::<usize>() * 4)
+}
+
+/// Longest length a cast's type may declare.
+const MAX_DECLARED_LENGTH: usize = 10_000;
+
+/// Numbers written with an exponent in `text` (a digit, `e` or `E`, a digit or sign).
+fn exponents(text: &str) -> usize {
+    text.as_bytes()
+        .windows(3)
+        .filter(|w| {
+            w[0].is_ascii_digit()
+                && (w[1] == b'e' || w[1] == b'E')
+                && (w[2].is_ascii_digit() || w[2] == b'+' || w[2] == b'-')
+        })
+        .count()
 }
 
 /// A literal format's conversions and the sum of their widths (`%%` is no conversion).
@@ -384,9 +463,12 @@ fn function_size(function: &Function) -> Result<Size, String> {
                 .plus(arg(0))
                 .plus(Size::constant(4 * widths as usize))
         }
-        // A number's digits: up to 131,072 before the point and 16,383 after.
-        "power" | "exp" | "round" | "trunc" | "div" | "mod" | "ln" | "log" | "sqrt" | "cbrt" => {
-            sum(&sizes).plus(Size::constant(NUMERIC_TEXT))
+        // A power's digits: up to 131,072 before the point and 16,383 after.
+        "power" | "exp" => sum(&sizes).plus(Size::constant(NUMERIC_TEXT)),
+        // As many digits after the point as the scale asks.
+        "round" | "trunc" => {
+            let scale = count(1).map_or(if sizes.len() > 1 { 16_384 } else { 0 }, |n| n as usize);
+            arg(0).plus(Size::constant(scale))
         }
         // The separator between every two arguments.
         "concat_ws" => sum(&sizes[1.min(sizes.len())..]).plus(arg(0).times(sizes.len() as u64)),
@@ -445,11 +527,26 @@ mod tests {
             "replace(CAST(note AS char(900000)), ' ', 'aa')".to_owned(),
             "replace(\"format\"('%9999s%9999s%9999s', note, note, note), ' ', 'aaaaaaaaaaaaaaaaaaaaaaaa')".to_owned(),
             "replace((10::numeric ^ 131000)::text, '0', 'aaaaaaaaaaa')".to_owned(),
+            format!("'[{}]'::jsonb::text", vec!["1e131000"; 7000].join(",")),
+            format!("'{{{}}}'::char(200)[]::text", vec!["a"; 4000].join(",")),
+            "note::jsonb::text".to_owned(),
+            "repeat('a', 10)::char(200000)".to_owned(),
         ] {
             let sql = format!("UPDATE items SET note = {value} WHERE id = 1");
             let why = refused(&sql);
-            assert!(why.contains("may make a value of"), "{sql}: {why}");
+            let growth = ["may make", "casts a column's value", "a type's length is at most"];
+            assert!(growth.iter().any(|g| why.contains(g)), "{sql}: {why}");
         }
+        // Long literals, each within bounds, thousands of them in one statement.
+        let listed = vec!["char(10000) ''"; 500].join(", ");
+        let sql = format!("DELETE FROM items WHERE note IN ({listed})");
+        assert!(refused(&sql).contains("from literals"));
+        // Each SET column within bounds, the statement not.
+        let columns: Vec<String> = (0..30)
+            .map(|i| format!("c{i} = repeat('a', 10000)::char(10000)"))
+            .collect();
+        let sql = format!("UPDATE items SET {} WHERE id = 1", columns.join(", "));
+        assert!(refused(&sql).contains("in all"));
         // In a WHERE clause too: the planner folds it there as well.
         let sql = format!("DELETE FROM items WHERE note = encode({doubling}, 'hex')");
         assert!(refused(&sql).contains("may make a value of"));
@@ -464,6 +561,9 @@ mod tests {
             "UPDATE items SET note = format('%s-%s', code, id), meta = jsonb_set(meta, '{a}', to_jsonb(note))",
             "UPDATE items SET note = upper(format('%s %s %s %s %s', a, b, c, d, e)), code = left(code, 8)::varchar(8)",
             "UPDATE items SET price = round(price * 1.1, 2), total = power(qty, 2) * 0.5",
+            "UPDATE items SET note = replace(round(price, 2)::text, '.', ','), code = code::varchar(255)",
+            "UPDATE items SET meta = jsonb_build_object('a', round(a, 2), 'b', round(b, 2)), total = total::numeric(12,2)",
+            "UPDATE items SET note = format('%s %s %s %s', a, b, c, round(d, 2)), meta = '{\"n\": 1.5e3}'::jsonb",
             "UPDATE items SET note = concat_ws(', ', a, b, c, d), day = to_char(created_at, 'YYYY-MM-DD')",
             "UPDATE items SET note = CASE WHEN note IS NULL THEN repeat('-', 10) ELSE lpad(note, 20, '0') END",
             "UPDATE items SET note = array_to_string(string_to_array(note, ','), ';')",

@@ -555,7 +555,7 @@ fn check_update(update: &Update) -> Result<Checked, String> {
             }
         }
         scope.check(value, &mut found)?;
-        super::growth::bound(value)?;
+        found.sizes.push(super::growth::bound(value)?);
         set.push(format!("{target} = {value}"));
     }
     if assigned.is_empty() {
@@ -631,9 +631,10 @@ fn finish(
     if let Some(condition) = selection {
         let before = found.columns;
         scope.check(condition, &mut found)?;
-        super::growth::bound(condition)?;
+        found.sizes.push(super::growth::bound(condition)?);
         filter_is_constant = found.columns == before || has_constant_branch(scope, condition);
     }
+    super::growth::statement_constant(&found.sizes)?;
     let parts: Vec<String> = name
         .0
         .iter()
@@ -752,6 +753,8 @@ struct Found {
     /// References to the table's columns.
     columns: usize,
     unstable: Vec<String>,
+    /// The bounds of the assignments' values and the condition.
+    sizes: Vec<super::growth::Size>,
 }
 
 /// The names an expression may use to qualify a column: the alias, or else the table's name.
