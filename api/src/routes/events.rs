@@ -462,9 +462,9 @@ struct ReplaySource {
 }
 
 impl Replay {
-    /// The next entries in order, at most [`BATCH`]; fewer: the replay is done. The steps'
-    /// streams are read ahead a share of a batch each, so that a stream holds about a batch
-    /// however many steps its pipeline has.
+    /// The next entries in order, at most [`BATCH`]. The steps' streams are read ahead a
+    /// share of a batch each, so that a stream holds about a batch however many steps its
+    /// pipeline has.
     async fn next(
         &mut self,
         conn: &mut shared::redis_conn::RedisConn,
@@ -502,6 +502,11 @@ impl Replay {
         }
         Ok(batch)
     }
+
+    /// Every step's stream read to its end and sent.
+    fn done(&self) -> bool {
+        self.sources.iter().all(|s| s.done && s.read.is_empty())
+    }
 }
 
 impl PipelineFollower {
@@ -520,7 +525,7 @@ impl PipelineFollower {
                             self.cursor = last.to_string();
                         }
                     }
-                    if entries.len() < BATCH {
+                    if replay.done() {
                         self.replay = None;
                     }
                     (entries, true)
@@ -649,19 +654,23 @@ pub async fn pipeline_events(
         let _guard = guard;
         let mut sent_at = Instant::now();
         let mut ended_at: Option<Instant> = None;
-        // Whether to read the row: at first, after a terminal event, after a quiet second.
+        // Whether to read the row: at first, after a terminal event, after a quiet second,
+        // and a second after the last read (a step's event may come before its pipeline's
+        // row ends, and a busy tenant's stream is never quiet).
         let mut look = true;
+        let mut looked_at = Instant::now();
         loop {
             let (frames, terminal, more) = follower.read().await;
             if let Some(bytes) = frames {
                 sent_at = Instant::now();
                 yield bytes;
             }
-            look |= terminal;
+            look |= terminal || looked_at.elapsed() >= PIPELINE_CHECK;
             // The row decides the end, once what there was to read is read; a step's last
             // events may trail it for a moment.
             if !more && (look || ended_at.is_some()) {
                 look = false;
+                looked_at = Instant::now();
                 let Ok(mut conn) = pool.acquire().await else { return };
                 match shared::pipelines::progress(&mut conn, tenant, id).await {
                     Ok(Some((true, jobs))) => {
