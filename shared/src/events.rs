@@ -503,11 +503,8 @@ mod tests {
         }
     }
 
-    /// A worker may claim a job before whoever queued it appended its `queued` event: that
-    /// event, arriving after the attempt's `started` (or its outcome), is dropped from both
-    /// streams, while the next attempt's `queued` (a retry) goes in after them.
-    #[tokio::test]
-    async fn a_queued_event_after_its_attempt_started_is_dropped() {
+    /// An event log on the local Redis under a fresh prefix: its URL, prefix, connection.
+    async fn test_log() -> (String, String, RedisConn, EventLog) {
         let url = std::env::var("CONVEYOR_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
         let conn = crate::redis_conn::Redis::open(&url)
             .unwrap()
@@ -516,6 +513,15 @@ mod tests {
             .expect("Redis on 127.0.0.1:6379");
         let prefix = format!("test:{}", Uuid::new_v4().simple());
         let log = EventLog::new(conn.clone(), &prefix, 1000, Duration::from_secs(60));
+        (url, prefix, conn, log)
+    }
+
+    /// A worker may claim a job before whoever queued it appended its `queued` event: that
+    /// event, arriving after the attempt's `started` (or its outcome), is dropped from both
+    /// streams, while the next attempt's `queued` (a retry) goes in after them.
+    #[tokio::test]
+    async fn a_queued_event_after_its_attempt_started_is_dropped() {
+        let (url, prefix, conn, log) = test_log().await;
         let (tenant, job) = (Uuid::now_v7(), Uuid::now_v7());
         let event = |event_type, status| Event::new(job, "canary", event_type, status, 0.0);
         let queued = |attempt| event(EventType::Queued, JobStatus::Queued).attempt(attempt);
@@ -552,14 +558,7 @@ mod tests {
     /// ten times a second grew it without bound in the Redis every tenant shares.
     #[tokio::test]
     async fn a_job_stream_keeps_about_its_cap() {
-        let url = std::env::var("CONVEYOR_REDIS_URL").unwrap_or("redis://127.0.0.1:6379".into());
-        let conn = crate::redis_conn::Redis::open(&url)
-            .unwrap()
-            .manager()
-            .await
-            .expect("Redis on 127.0.0.1:6379");
-        let prefix = format!("test:{}", Uuid::new_v4().simple());
-        let log = EventLog::new(conn.clone(), &prefix, 1000, Duration::from_secs(60));
+        let (url, prefix, conn, log) = test_log().await;
         let (tenant, job) = (Uuid::now_v7(), Uuid::now_v7());
         let progress: Vec<_> = (0..1000)
             .map(|_| {

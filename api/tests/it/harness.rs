@@ -471,6 +471,19 @@ impl TestApp {
         }
     }
 
+    /// TOAST blocks of `table` read so far (hits and reads), as the server's statistics have
+    /// them: where payloads of a few KB and more live.
+    pub async fn toast_blocks(&self, table: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT coalesce(toast_blks_hit, 0) + coalesce(toast_blks_read, 0)
+             FROM pg_statio_user_tables WHERE relname = $1",
+        )
+        .bind(table)
+        .fetch_one(self.pool())
+        .await
+        .unwrap()
+    }
+
     pub async fn sse(&self, path: &str, last_event_id: Option<&str>) -> SseReader {
         let mut request = self.client.get(self.url(path)).bearer_auth(&self.key);
         if let Some(id) = last_event_id {
@@ -704,4 +717,18 @@ async fn bootstrap_target(admin: &mut sqlx::PgConnection, admin_url: &str, targe
         .execute(&mut *admin)
         .await
         .unwrap();
+}
+
+/// `words` words of text that does not compress (so that PostgreSQL stores it out of line),
+/// the same for the same `seed`.
+pub fn incompressible_text(words: usize, mut seed: u64) -> String {
+    (0..words)
+        .map(|_| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            format!("{:x}", seed >> 40)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }

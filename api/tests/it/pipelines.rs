@@ -645,18 +645,6 @@ async fn the_cli_submits_a_yaml_pipeline_and_waits_for_its_outcome() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// TOAST blocks of `pipeline_steps` read so far (where large step payloads live), as the
-/// server's statistics have them.
-async fn step_payload_blocks(app: &TestApp) -> i64 {
-    sqlx::query_scalar(
-        "SELECT coalesce(toast_blks_hit, 0) + coalesce(toast_blks_read, 0)
-         FROM pg_statio_user_tables WHERE relname = 'pipeline_steps'",
-    )
-    .fetch_one(app.pool())
-    .await
-    .unwrap()
-}
-
 /// An open pipeline stream checks once a second whether its pipeline ended: it read the whole
 /// pipeline for that, every step's payload (up to a megabyte each), for each of up to a
 /// thousand streams a tenant. It reads the status and the steps' jobs alone.
@@ -664,23 +652,12 @@ async fn step_payload_blocks(app: &TestApp) -> i64 {
 async fn an_open_pipeline_stream_reads_no_step_payloads_while_it_waits() {
     let app = TestApp::spawn_with(|s| s.body_limit = 1 << 20).await;
     let collection = crate::ingest::create_collection(&app, json!({"name": "notes"})).await;
-    // Text that does not compress, so that each payload is stored out of line.
-    let mut seed = 7u64;
-    let mut words = || {
-        (0..1200)
-            .map(|_| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                format!("{:x}", seed >> 40)
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     let mut steps = vec![json!({"name": "root", "kind": "canary", "payload": {"steps": 1}})];
     // Six steps of 8 KB each.
     for i in 0..6 {
-        let document = json!({"id": format!("doc{i}"), "text": words()});
+        // Text that does not compress, so that each payload is stored out of line.
+        let text = crate::harness::incompressible_text(1200, 7 + i);
+        let document = json!({"id": format!("doc{i}"), "text": text});
         steps.push(
             json!({"name": format!("ingest{i}"), "kind": "ingest", "needs": ["root"],
             "payload": {"collection_id": collection, "documents": [document]}}),
@@ -691,7 +668,7 @@ async fn an_open_pipeline_stream_reads_no_step_payloads_while_it_waits() {
     // The stream's first read of the pipeline, and the submission's, reach the statistics
     // once their sessions have been idle a while (PostgreSQL flushes them within 10 s).
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let before = step_payload_blocks(&app).await;
+    let before = app.toast_blocks("pipeline_steps").await;
     // Four seconds of checks (and of the root's events, if any come); then their statistics
     // are flushed too.
     let window = Instant::now() + Duration::from_secs(4);
@@ -699,7 +676,7 @@ async fn an_open_pipeline_stream_reads_no_step_payloads_while_it_waits() {
         stream.next(window - Instant::now()).await;
     }
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let read = step_payload_blocks(&app).await - before;
+    let read = app.toast_blocks("pipeline_steps").await - before;
     assert_eq!(
         read, 0,
         "the stream's checks read {read} blocks of step payloads"

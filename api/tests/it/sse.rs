@@ -283,17 +283,6 @@ async fn a_tenant_past_its_open_streams_gets_429_and_others_do_not() {
     }
 }
 
-/// TOAST blocks of `jobs` read so far (hits and reads), as the server's statistics have them.
-async fn job_payload_blocks(app: &TestApp) -> i64 {
-    sqlx::query_scalar(
-        "SELECT coalesce(toast_blks_hit, 0) + coalesce(toast_blks_read, 0)
-         FROM pg_statio_user_tables WHERE relname = 'jobs'",
-    )
-    .fetch_one(app.pool())
-    .await
-    .unwrap()
-}
-
 /// An open job stream checks at each quiet spell whether its job ended without an event: it
 /// read the whole row for that, a payload of up to a megabyte, for each of up to a thousand
 /// streams a tenant holds on a job that waits. It reads the status alone.
@@ -302,16 +291,7 @@ async fn an_open_job_stream_reads_no_payload_while_it_waits() {
     let app = TestApp::spawn_with(|s| s.body_limit = 1 << 20).await;
     let collection = crate::ingest::create_collection(&app, json!({"name": "notes"})).await;
     // Text that does not compress, so that the payload is stored out of line.
-    let mut seed = 11u64;
-    let text = (0..6000)
-        .map(|_| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            format!("{:x}", seed >> 40)
-        })
-        .collect::<Vec<_>>()
-        .join(" ");
+    let text = crate::harness::incompressible_text(6000, 11);
     let run_at = chrono::Utc::now() + chrono::Duration::hours(1);
     let (status, job) = app
         .post(
@@ -330,14 +310,14 @@ async fn an_open_job_stream_reads_no_payload_while_it_waits() {
     // The stream's first read of the job, and the submission's, reach the statistics once
     // their sessions have been idle a while (PostgreSQL flushes them within 10 s).
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let before = job_payload_blocks(&app).await;
+    let before = app.toast_blocks("jobs").await;
     // Six seconds: at least one quiet check (every five); then its statistics are flushed.
     let window = std::time::Instant::now() + Duration::from_secs(6);
     while std::time::Instant::now() < window {
         stream.next(window - std::time::Instant::now()).await;
     }
     tokio::time::sleep(Duration::from_secs(11)).await;
-    let read = job_payload_blocks(&app).await - before;
+    let read = app.toast_blocks("jobs").await - before;
     assert_eq!(
         read, 0,
         "the stream's checks read {read} blocks of the payload"

@@ -6,7 +6,7 @@
 //! a statement in which any bound passes [`MAX_VALUES`] or [`MAX_CONSTANT`] is refused. The
 //! bounds are generous: they stop what multiplies, not what a patch writes.
 
-use super::guard::{fold, literal_text};
+use super::guard::{fold, format_specs, format_width, literal_text};
 use sqlparser::ast::{
     BinaryOperator, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArguments, InTarget,
     Value,
@@ -345,23 +345,13 @@ fn exponents(text: &str) -> usize {
         .count()
 }
 
-/// A literal format's conversions and the sum of their widths (`%%` is no conversion).
+/// A literal format's conversions and the sum of their widths.
 fn format_conversions(text: &str) -> (u64, u64) {
-    let text = text.replace("%%", "");
-    let mut widths = 0u64;
-    let specs: Vec<&str> = text.split('%').skip(1).collect();
-    for spec in &specs {
-        let spec = match spec.find('$') {
-            Some(at) if spec[..at].bytes().all(|b| b.is_ascii_digit()) => &spec[at + 1..],
-            _ => spec,
-        };
-        let width: String = spec
-            .trim_start_matches('-')
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        widths = widths.saturating_add(width.parse().unwrap_or(0));
-    }
+    let specs = format_specs(text);
+    let widths = specs
+        .iter()
+        .filter_map(|spec| format_width(spec))
+        .fold(0u64, u64::saturating_add);
     (specs.len() as u64, widths)
 }
 

@@ -300,23 +300,36 @@ fn format_widths_bounded(first: Option<&FunctionArg>) -> bool {
     let Value::SingleQuotedString(text) = &v.value else {
         return false;
     };
-    // Each `%[position$][-][width]type`: the width is the digits after the flag. `%%` is a
-    // percent sign, no conversion.
-    let text = text.replace("%%", "");
-    let specs: Vec<&str> = text.split('%').skip(1).collect();
+    let specs = format_specs(text);
     specs.len() <= MAX_FORMAT_CONVERSIONS
-        && specs.into_iter().all(|spec| {
+        && specs.iter().all(|spec| {
+            if spec.starts_with('*') {
+                return false;
+            }
+            format_width(spec).is_none_or(|n| n <= MAX_GROWN_LENGTH)
+        })
+}
+
+/// Each conversion of a `format` string, `%[position$][-][width]type`, from its width on.
+/// `%%` is a percent sign, no conversion.
+pub(super) fn format_specs(text: &str) -> Vec<String> {
+    text.replace("%%", "")
+        .split('%')
+        .skip(1)
+        .map(|spec| {
             let spec = match spec.find('$') {
                 Some(at) if spec[..at].bytes().all(|b| b.is_ascii_digit()) => &spec[at + 1..],
                 _ => spec,
             };
-            let spec = spec.trim_start_matches('-');
-            if spec.starts_with('*') {
-                return false;
-            }
-            let width: String = spec.chars().take_while(char::is_ascii_digit).collect();
-            width.is_empty() || width.parse::<u64>().is_ok_and(|n| n <= MAX_GROWN_LENGTH)
+            spec.trim_start_matches('-').to_owned()
         })
+        .collect()
+}
+
+/// The width a conversion's spec begins with, if any (`u64::MAX`: too long to read).
+pub(super) fn format_width(spec: &str) -> Option<u64> {
+    let width: String = spec.chars().take_while(char::is_ascii_digit).collect();
+    (!width.is_empty()).then(|| width.parse().unwrap_or(u64::MAX))
 }
 
 /// Types a patch may not cast to or write literals of: catalog references and row and

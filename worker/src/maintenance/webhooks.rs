@@ -452,6 +452,31 @@ mod tests {
             id
         }
 
+        /// A running job of `tenant` succeeded, the way a worker records it.
+        async fn succeeded_of(&self, tenant: Uuid) {
+            let job = Uuid::now_v7();
+            sqlx::query(
+                "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt)
+                 VALUES ($1, $2, 'canary', 'running', '{}', 1)",
+            )
+            .bind(job)
+            .bind(tenant)
+            .execute(self.pool())
+            .await
+            .unwrap();
+            shared::store::finish_many(
+                self.pool(),
+                &[shared::store::Finish {
+                    id: job,
+                    attempt: 1,
+                    outcome: shared::store::Outcome::Succeeded(serde_json::json!({})).into(),
+                    usage: Default::default(),
+                }],
+            )
+            .await
+            .unwrap();
+        }
+
         /// (status, attempts, last_status_code, last_error) of each of the webhook's
         /// deliveries.
         async fn deliveries(
@@ -623,27 +648,7 @@ mod tests {
         let (receiver, url) = Receiver::start(&[]).await;
         let other = test.other_tenant().await;
         let other_hook = test.webhook_of(other, &url, &["job.succeeded"]).await;
-        let job = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt)
-             VALUES ($1, $2, 'canary', 'running', '{}', 1)",
-        )
-        .bind(job)
-        .bind(other)
-        .execute(test.pool())
-        .await
-        .unwrap();
-        shared::store::finish_many(
-            test.pool(),
-            &[shared::store::Finish {
-                id: job,
-                attempt: 1,
-                outcome: shared::store::Outcome::Succeeded(serde_json::json!({})).into(),
-                usage: Default::default(),
-            }],
-        )
-        .await
-        .unwrap();
+        test.succeeded_of(other).await;
 
         let duty = Webhooks::new(test.runtime.settings());
         let started = Instant::now();
@@ -689,36 +694,12 @@ mod tests {
                 held.push(socket);
             }
         });
-        let test = &test;
-        let finished_of = |tenant: Uuid| async move {
-            let job = Uuid::now_v7();
-            sqlx::query(
-                "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt)
-                 VALUES ($1, $2, 'canary', 'running', '{}', 1)",
-            )
-            .bind(job)
-            .bind(tenant)
-            .execute(test.pool())
-            .await
-            .unwrap();
-            shared::store::finish_many(
-                test.pool(),
-                &[shared::store::Finish {
-                    id: job,
-                    attempt: 1,
-                    outcome: shared::store::Outcome::Succeeded(serde_json::json!({})).into(),
-                    usage: Default::default(),
-                }],
-            )
-            .await
-            .unwrap();
-        };
         let (first, second) = (test.tenant, test.other_tenant().await);
         for tenant in [first, second] {
             test.webhook_of(tenant, &hanging_url, &["job.succeeded"])
                 .await;
             for _ in 0..10 {
-                finished_of(tenant).await;
+                test.succeeded_of(tenant).await;
             }
         }
         let duty = Webhooks::new(test.runtime.settings());
@@ -727,10 +708,10 @@ mod tests {
         let (receiver, url) = Receiver::start(&[]).await;
         let third = test.other_tenant().await;
         let third_hook = test.webhook_of(third, &url, &["job.succeeded"]).await;
-        finished_of(third).await;
+        test.succeeded_of(third).await;
 
         let started = Instant::now();
-        run_until(test, &duty, third_hook, "not delivered", |d| {
+        run_until(&test, &duty, third_hook, "not delivered", |d| {
             d.len() == 1 && d[0].0 == "delivered"
         })
         .await;
