@@ -17,6 +17,8 @@ use std::sync::{
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
+    /// Collection searches' sessions: each statement within `CONVEYOR_SEARCH_TIMEOUT_MS`.
+    pub search_pool: PgPool,
     pub redis: RedisConn,
     /// For SSE: a blocking XREAD needs a connection of its own.
     pub redis_client: Redis,
@@ -109,6 +111,8 @@ impl AppState {
     pub async fn connect(settings: Settings) -> anyhow::Result<Self> {
         let pool = shared::db::connect(&settings.database_url, 16).await?;
         shared::db::migrate(&pool).await?;
+        let search_pool =
+            shared::db::connect_bounded(&settings.database_url, 8, settings.search_timeout).await?;
         let redis_client = Redis::open(&settings.redis_url)?;
         let redis = redis_client.manager().await?;
         let settings = Arc::new(settings);
@@ -169,6 +173,7 @@ impl AppState {
             isolated: shared::isolated::Isolated::new(&settings)?.waiting_no_longer_than_a_run(),
             settings,
             pool,
+            search_pool,
             redis,
             redis_client,
             counters: Arc::default(),

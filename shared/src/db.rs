@@ -29,6 +29,17 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
     connect_with(url, max_connections, &[]).await
 }
 
+/// A pool whose every statement ends after `statement_timeout` (a session default, so no
+/// round trip sets it): for statements shaped by a client's request, such as searches.
+pub async fn connect_bounded(
+    url: &str,
+    max_connections: u32,
+    statement_timeout: Duration,
+) -> anyhow::Result<PgPool> {
+    let millis = statement_timeout.as_millis().max(1).to_string();
+    connect_with(url, max_connections, &[("statement_timeout", &millis)]).await
+}
+
 /// A pool for the queue's own statements (claims, finishes): a few statements
 /// run thousands of times a second with arrays of ids, which PostgreSQL planned afresh at each
 /// execution (a third of a claim's time went to planning it). Here each is planned once per

@@ -132,7 +132,19 @@ impl From<sqlx::Error> for Problem {
             // A restart or a failover: nothing was accepted, and the client may try again.
             return Problem::unavailable_after("PostgreSQL is unreachable; try again", e);
         }
-        let refused = match e.as_database_error().and_then(|db| db.code()).as_deref() {
+        let code = e
+            .as_database_error()
+            .and_then(|db| db.code())
+            .map(|code| code.into_owned());
+        if code.as_deref() == Some("57014") {
+            // A session's statement_timeout (searches' sessions have one): the request asked
+            // more than the server gives one statement.
+            return Problem::unavailable_after(
+                "the request's query ran past the server's time limit; narrow it or try again",
+                e,
+            );
+        }
+        let refused = match code.as_deref() {
             // A NUL the extractors did not see (a path segment, say): PostgreSQL stores none.
             Some("22021") => format!("a text of the request {NUL_REFUSED}"),
             // A time past PostgreSQL's range that a check did not see (a query's bound, say).

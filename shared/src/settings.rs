@@ -75,6 +75,9 @@ pub struct Settings {
     /// `CONVEYOR_PREFLIGHT_CONCURRENCY`: preflights one tenant may have in flight at once (in
     /// all of its requests together); a batch submit runs its own one at a time.
     pub preflight_concurrency: usize,
+    /// `CONVEYOR_SEARCH_TIMEOUT_MS`: the `statement_timeout` of a collection search's statement
+    /// (the API's search sessions), so a costly filter or a held lock ends in a 503.
+    pub search_timeout: Duration,
     /// `CONVEYOR_SECRET_KEY`: 64 hex digits (32 bytes) that encrypt connection credentials at
     /// rest. Without it, connections cannot be registered.
     pub secret_key: Option<String>,
@@ -197,6 +200,7 @@ impl fmt::Debug for Settings {
             target_sweep_timeout,
             preflight_timeout,
             preflight_concurrency,
+            search_timeout,
             secret_key,
             connection_allow,
             metrics_token,
@@ -254,6 +258,7 @@ impl fmt::Debug for Settings {
             .field("target_sweep_timeout", target_sweep_timeout)
             .field("preflight_timeout", preflight_timeout)
             .field("preflight_concurrency", preflight_concurrency)
+            .field("search_timeout", search_timeout)
             .field("secret_key", &secret_key.as_ref().map(|_| "***"))
             .field("connection_allow", connection_allow)
             .field("metrics_token", &metrics_token.as_ref().map(|_| "***"))
@@ -359,6 +364,7 @@ impl Settings {
             ),
             preflight_timeout: Duration::from_millis(vars.parse("PREFLIGHT_TIMEOUT_MS", "5000")?),
             preflight_concurrency: vars.parse("PREFLIGHT_CONCURRENCY", "4")?,
+            search_timeout: Duration::from_millis(vars.parse("SEARCH_TIMEOUT_MS", "10000")?),
             secret_key: vars.get("SECRET_KEY"),
             connection_allow: vars
                 .var("CONNECTION_ALLOW", "")
@@ -440,6 +446,7 @@ impl Settings {
             target_sweep_timeout: Duration::from_secs(120),
             preflight_timeout: Duration::from_secs(5),
             preflight_concurrency: 4,
+            search_timeout: Duration::from_secs(10),
             data_dir: std::env::temp_dir()
                 .join(format!("conveyor-test-{}", redis_prefix.replace(':', "-"))),
             object_store: None,

@@ -285,7 +285,7 @@ pub async fn search(
     }
     let vector = vector?;
     let results = store::search(
-        &state.pool,
+        &state.search_pool,
         store::Search {
             tenant: tenant.0,
             collection,

@@ -924,3 +924,36 @@ async fn a_tenants_searches_in_flight_are_bounded_and_others_still_search() {
     let (status, body) = app.post(&path, &query).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 }
+
+/// A search's statement ends at `CONVEYOR_SEARCH_TIMEOUT_MS`: here it waits on a lock another
+/// session holds on the chunks, and without a bound it waited as long as the lock was held,
+/// holding one of the API's connections all the while.
+#[tokio::test]
+async fn a_search_past_its_time_limit_is_a_503_and_the_next_one_answers() {
+    let app = TestApp::spawn_with(|s| s.search_timeout = Duration::from_millis(300)).await;
+    let collection = create_collection(&app, json!({"name": "notes"})).await;
+    let path = format!("/v1/collections/{collection}/search");
+    let query = json!({"query": "rover", "mode": "keyword"});
+    let (status, body) = app.post(&path, &query).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let mut holder = app.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE chunks IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (status, problem) = tokio::time::timeout(Duration::from_secs(10), app.post(&path, &query))
+        .await
+        .expect("the search ends at its time limit, not when the lock is released");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("time limit"), "{detail}");
+    assert!(
+        !detail.contains("canceling"),
+        "no raw database text: {detail}"
+    );
+    holder.rollback().await.unwrap();
+
+    let (status, body) = app.post(&path, &query).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
