@@ -190,14 +190,24 @@ pub async fn deliveries(
     params(("id" = Uuid, Path), ("delivery_id" = Uuid, Path)),
     responses((status = 202, body = Delivery, description = "queued: sent again (same `webhook-id` and body, a new signature), with a fresh retry window"),
               (status = 404, body = Problem),
-              (status = 409, body = Problem, description = "the delivery is still pending")))]
+              (status = 409, body = Problem, description = "the delivery is still pending"),
+              (status = 429, body = Problem, description = "the tenant's or the key's rate is spent")))]
 pub async fn replay(
     State(state): State<AppState>,
     writer: Writer,
     Path((id, delivery_id)): Path<(String, String)>,
-) -> Result<(StatusCode, Json<Delivery>), Problem> {
+) -> Result<Response, Problem> {
     let id = parse_id(&id, "webhook")?;
     let delivery_id = parse_id(&delivery_id, "delivery")?;
+    // A replay sends a request on the tenant's behalf as a job does: it draws on the same rate.
+    let rate = match state
+        .limits
+        .admit(writer.tenant().0, writer.0.key.id, 1)
+        .await
+    {
+        Ok(rate) => rate,
+        Err(refused) => return Ok(refused),
+    };
     let mut tx = state.pool.begin().await?;
     let delivery = match webhooks::replay(&mut tx, writer.tenant().0, id, delivery_id).await? {
         Replay::Queued(delivery) => delivery,
@@ -213,5 +223,5 @@ pub async fn replay(
         .detail(serde_json::json!({"webhook_id": id, "event": delivery.event}));
     writer.audit(&mut *tx, entry).await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(*delivery)))
+    Ok((StatusCode::ACCEPTED, rate, Json(*delivery)).into_response())
 }

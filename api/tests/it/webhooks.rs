@@ -515,3 +515,45 @@ async fn another_tenants_webhook_is_not_found_and_a_read_key_cannot_create_one()
     assert_eq!(status, StatusCode::OK, "{list}");
     assert_eq!(list["webhooks"].as_array().unwrap().len(), 1);
 }
+
+/// A replay sends a request on the tenant's behalf as a job does, so it takes a token from the
+/// same rate: a replay loop went out at whatever speed the API answered.
+#[tokio::test]
+async fn a_replay_takes_a_rate_token_and_past_the_rate_sends_nothing() {
+    let mut app = TestApp::spawn().await;
+    let (ok, _, stderr) = app
+        .conveyor_api(&[
+            "tenants",
+            "set-limits",
+            "acme",
+            "--rate",
+            "1/h",
+            "--burst",
+            "2",
+        ])
+        .await;
+    assert!(ok, "{stderr}");
+    let (receiver, url) = Receiver::start(&[]).await;
+    let (webhook, _) = create(&app, &url, &["job.succeeded"]).await;
+    app.start_worker(1).await;
+    let job = app.submit_canary(json!({"steps": 1})).await; // the first token
+    app.wait_status(job, &["succeeded"], Duration::from_secs(30))
+        .await;
+    let delivery = wait_delivery(&app, &webhook, "delivered").await;
+    let replay = format!(
+        "/v1/webhooks/{webhook}/deliveries/{}/replay",
+        delivery["id"].as_str().unwrap()
+    );
+    let (status, body) = app.post(&replay, &json!({})).await; // the second
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    receiver.wait_for(2, Duration::from_secs(30)).await;
+    let delivered = wait_delivery(&app, &webhook, "delivered").await;
+    assert_eq!(delivered["attempts"], 2, "{delivered}");
+
+    let (status, problem) = app.post(&replay, &json!({})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{problem}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(receiver.got().len(), 2, "sent past the rate");
+    let after = wait_delivery(&app, &webhook, "delivered").await;
+    assert_eq!(after["attempts"], 2, "{after}");
+}
