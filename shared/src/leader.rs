@@ -3,7 +3,16 @@
 //! plane (the API's `GET /v1/workers`, `/metrics`, an operator in `psql`) can see which worker
 //! it is.
 
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+
+/// How tenants see a worker: its name holds the host and process id, which are the operators'
+/// to read (logs, `psql`), not the tenants'. The same worker has the same public name, and the
+/// worker logs both at start.
+pub fn public_name(worker: &str) -> String {
+    let digest = Sha256::digest(worker.as_bytes());
+    format!("worker-{}", hex::encode(&digest[..6]))
+}
 
 /// Advisory lock key of maintenance ("conveyor" in ASCII, shortened).
 pub const LOCK_KEY: i64 = 0x636f6e7665796f;

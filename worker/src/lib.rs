@@ -164,7 +164,11 @@ pub async fn start(
                 .serve_queue(kind, concurrency, stop_taking.clone()),
         );
     }
-    tracing::info!(worker = runtime.name(), "started");
+    tracing::info!(
+        worker = runtime.name(),
+        public_name = shared::leader::public_name(runtime.name()),
+        "started"
+    );
     Ok(WorkerHandle {
         runtime,
         stop_taking,

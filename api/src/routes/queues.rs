@@ -40,7 +40,8 @@ pub struct QueueList {
 
 #[derive(Serialize, ToSchema, sqlx::FromRow)]
 pub struct WorkerInfo {
-    /// Unique per process (host, pid, random suffix).
+    /// Unique per process; tenants see a digest of it (`worker-` and 12 hex digits), not the
+    /// host and process id it holds (the worker logs both at start).
     pub name: String,
     /// Queue kind → concurrency, e.g. `{"canary": 4}`.
     #[schema(value_type = Object)]
@@ -79,7 +80,7 @@ async fn live_workers(state: &AppState) -> Result<Vec<WorkerInfo>, Problem> {
     let leader = shared::leader::current(&state.pool).await?;
     // The running jobs counted once, by worker: counted for each worker, every running job was
     // read again per worker (the running jobs' index has no worker).
-    Ok(sqlx::query_as(
+    let mut workers: Vec<WorkerInfo> = sqlx::query_as(
         "SELECT w.name, w.queues, w.started_at, w.heartbeat_at,
                 coalesce(r.running, 0) AS running,
                 w.name IS NOT DISTINCT FROM $2 AS leads_maintenance
@@ -92,7 +93,11 @@ async fn live_workers(state: &AppState) -> Result<Vec<WorkerInfo>, Problem> {
     .bind(state.settings.rescue_after.as_secs_f64())
     .bind(leader)
     .fetch_all(&state.pool)
-    .await?)
+    .await?;
+    for worker in &mut workers {
+        worker.name = shared::leader::public_name(&worker.name);
+    }
+    Ok(workers)
 }
 
 #[utoipa::path(get, path = "/v1/queues", tag = "queues",

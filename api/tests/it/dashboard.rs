@@ -273,7 +273,14 @@ async fn queues_and_workers_report_backlog_outcomes_and_heartbeats() {
     assert_eq!(status, StatusCode::OK);
     let workers = workers["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 1, "{workers:?}");
-    assert_eq!(workers[0]["name"], name.as_str());
+    // Tenants see a digest of the name, not the host and process id it holds.
+    assert_eq!(
+        workers[0]["name"],
+        shared::leader::public_name(&name).as_str()
+    );
+    let shown = workers[0]["name"].as_str().unwrap();
+    assert!(!shown.contains(&std::process::id().to_string()), "{shown}");
+    assert!(shown.starts_with("worker-") && shown != name, "{shown}");
     assert_eq!(workers[0]["queues"], json!({"canary": 3}));
     assert_eq!(workers[0]["running"], 1);
     assert!(workers[0]["heartbeat_at"].is_string());
