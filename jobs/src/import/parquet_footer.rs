@@ -100,17 +100,28 @@ pub fn check(path: &Path) -> Result<(), String> {
 }
 
 /// What the file's data takes once decoded, by its metadata: each row group's declared size,
-/// and at least 8 bytes a value, since a column of repeats or nulls encodes to nothing.
+/// and at least 8 bytes a value, since a column of repeats or nulls encodes to nothing. A
+/// value is a row's cell, or each element of a list: polars decodes every element of a nested
+/// column with its two levels (2 bytes each), however few rows hold them.
 pub fn decoded_bytes(metadata: &polars::prelude::FileMetadata) -> u64 {
+    row_group_bytes(metadata).fold(0, u64::saturating_add)
+}
+
+/// What each row group takes once decoded, as [`decoded_bytes`] counts it: a slice of rows
+/// decodes the whole of each page it touches, so one row may cost its row group.
+pub fn row_group_bytes(metadata: &polars::prelude::FileMetadata) -> impl Iterator<Item = u64> + '_ {
     let columns = metadata.schema().columns().len() as u64;
-    metadata
-        .row_groups
-        .iter()
-        .map(|g| {
-            let values = (g.num_rows() as u64).saturating_mul(columns);
-            (g.total_byte_size() as u64).max(values.saturating_mul(8))
-        })
-        .fold(0, u64::saturating_add)
+    metadata.row_groups.iter().map(move |g| {
+        let cells = (g.num_rows() as u64).saturating_mul(columns);
+        let elements = g
+            .parquet_columns()
+            .iter()
+            .map(|c| c.num_values().max(0) as u64)
+            .fold(0, u64::saturating_add);
+        (g.total_byte_size() as u64)
+            .max(cells.saturating_mul(8))
+            .max(elements.saturating_mul(12))
+    })
 }
 
 /// A column chunk's metadata, as far as its pages go.
@@ -148,6 +159,9 @@ struct Page {
     dictionary_values: Option<i64>,
     /// A v2 data page's level lengths, which polars splits the page at unchecked.
     levels: [Option<i64>; 2],
+    /// A data page's values (elements and nulls), for which polars reserves and fills levels
+    /// whatever bytes back them: a few bytes of run-length levels may declare billions.
+    values: Option<i64>,
 }
 
 /// A walk over column chunks' pages: their headers read, their bodies seeked over.
@@ -194,7 +208,7 @@ impl Pages {
                 format!("its column chunk at byte {start} declares {compressed} bytes outside the file's data")
             })?;
         self.ranges.push(start..end);
-        let (mut at, mut unpacked) = (start, 0u64);
+        let (mut at, mut unpacked, mut values) = (start, 0u64, 0i64);
         while at < end {
             self.walked += 1;
             if self.walked > MAX_PAGES {
@@ -226,6 +240,14 @@ impl Pages {
                     "its page at byte {at} declares {} bytes uncompressed; at most {PAGE_LIMIT} \
                      are unpacked",
                     page.uncompressed
+                ));
+            }
+            values = values.saturating_add(page.values.unwrap_or(0));
+            if page.values.is_some_and(|n| n < 0) || values > chunk.values.unwrap_or(0) {
+                return Err(format!(
+                    "the pages of its column chunk at byte {start} declare more values than \
+                     the chunk's {}",
+                    chunk.values.unwrap_or(0)
                 ));
             }
             unpacked += page.uncompressed;
@@ -272,7 +294,7 @@ impl Pages {
                 .and_then(|_| self.file.read_exact(&mut self.header))
                 .map_err(|e| e.to_string())?;
             let (mut uncompressed, mut compressed) = (None, None);
-            let (mut dictionary_values, mut levels) = (None, [None, None]);
+            let (mut dictionary_values, mut levels, mut values) = (None, [None, None], None);
             let mut header = Compact {
                 bytes: &self.header,
                 pos: 0,
@@ -286,6 +308,8 @@ impl Pages {
                     // DataPageHeaderV2's definition and repetition levels' byte lengths
                     ([8, 5], Some(value)) => levels[0] = Some(value),
                     ([8, 6], Some(value)) => levels[1] = Some(value),
+                    // DataPageHeader.num_values, DataPageHeaderV2.num_values
+                    ([5, 1] | [8, 1], Some(value)) => values = Some(value),
                     _ => {}
                 }
                 Ok(())
@@ -303,6 +327,7 @@ impl Pages {
                         uncompressed,
                         dictionary_values,
                         levels,
+                        values,
                     });
                 }
                 (Ok(()), ..) => return Err("lacks its page's sizes".into()),
@@ -814,6 +839,49 @@ mod tests {
             + after_sizes;
         assert_eq!(bytes[header + 1], 0x15);
         with_varint(&bytes, header + 2, 1 << 30)
+    }
+
+    /// A file of one row whose one cell is a list of `elements` zeros.
+    fn one_list(elements: usize) -> Vec<u8> {
+        let list = Series::new("".into(), vec![0i64; elements]);
+        let mut frame = df!("x" => [list]).unwrap();
+        let mut bytes = Vec::new();
+        ParquetWriter::new(&mut bytes).finish(&mut frame).unwrap();
+        bytes
+    }
+
+    /// A list column's page declaring 2^20 values in a few bytes: polars reserved and filled
+    /// levels for every one before reading a row (billions, from a file of kilobytes).
+    #[test]
+    fn a_page_of_more_values_than_its_chunk_is_refused() {
+        let bytes = one_list(1);
+        assert_eq!(check_bytes(&bytes), Ok(()));
+        let mut reader = ParquetReader::new(Cursor::new(&bytes));
+        let column = &reader.get_metadata().unwrap().row_groups[0].parquet_columns()[0];
+        let at = column.data_page_offset() as usize;
+        // The type and two sizes (as in `lying_pages_are_refused`), then the data page
+        // header (field 5 or 8, a struct) and its num_values (field 1, 0x15).
+        assert_eq!((bytes[at], bytes[at + 2]), (0x15, 0x15));
+        let after_sizes = varint_end(&bytes, varint_end(&bytes, at + 3) + 1);
+        let header = bytes[after_sizes..]
+            .iter()
+            .position(|&b| b == 0x2c || b == 0x5c)
+            .unwrap()
+            + after_sizes;
+        assert_eq!(bytes[header + 1], 0x15);
+        let error = check_bytes(&with_varint(&bytes, header + 2, 1 << 20)).unwrap_err();
+        assert!(error.contains("more values than the chunk's 1"), "{error}");
+    }
+
+    /// One row holding a million list elements decodes to 12 MB at least, whatever the few
+    /// bytes its run-length pages take.
+    #[test]
+    fn a_lists_elements_count_toward_what_it_decodes_to() {
+        let bytes = one_list(1_000_000);
+        let mut reader = ParquetReader::new(Cursor::new(&bytes));
+        let decoded = decoded_bytes(reader.get_metadata().unwrap());
+        assert!(decoded >= 12_000_000, "{decoded}");
+        assert!(bytes.len() < 1_000_000, "{}", bytes.len());
     }
 
     #[test]

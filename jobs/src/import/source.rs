@@ -262,12 +262,22 @@ pub fn open(
             let file = File::open(path).map_err(io)?;
             let mut reader = ParquetReader::new(file);
             let total = reader.num_rows().map_err(|e| e.to_string())?;
-            let decoded = super::parquet_footer::decoded_bytes(
-                reader.get_metadata().map_err(|e| e.to_string())?,
-            );
+            let metadata = reader.get_metadata().map_err(|e| e.to_string())?;
+            let decoded = super::parquet_footer::decoded_bytes(metadata);
             let dataset = limits.streamed();
             if decoded > dataset.bytes {
                 return Err(dataset.exceeded().to_string());
+            }
+            // Read a slice at a time, but a slice decodes each row group it touches whole.
+            let held = limits.held();
+            let largest = super::parquet_footer::row_group_bytes(metadata).max();
+            if largest.is_some_and(|bytes| bytes > held.bytes) {
+                return Err(Cap {
+                    what: "one row group, decoded,",
+                    ..held
+                }
+                .exceeded()
+                .to_string());
             }
             let per_row = decoded / total.max(1) as u64;
             let slice = (PARQUET_SLICE_BYTES / per_row.max(1)).clamp(1, PARQUET_SLICE as u64);
@@ -688,6 +698,39 @@ mod tests {
             }
         }
         rows
+    }
+
+    /// A slice of rows decodes every page it touches whole: a row group of one row holding a
+    /// million list elements is 12 MB however small its slice, past an in-memory cap of 1 MiB.
+    #[test]
+    fn a_parquet_row_group_past_the_in_memory_cap_is_refused() {
+        let list = Series::new("".into(), vec![0i64; 1_000_000]);
+        let mut frame = df!("x" => [list]).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        ParquetWriter::new(std::fs::File::create(file.path()).unwrap())
+            .finish(&mut frame)
+            .unwrap();
+        let limits = Limits {
+            decompressed: 1 << 30,
+            in_memory: 1 << 20,
+            record: 1 << 10,
+            document: 1 << 20,
+        };
+        let csv = CsvSettings {
+            delimiter: b',',
+            quote: b'"',
+            header: true,
+        };
+        let opened = open(
+            file.path(),
+            Format::Parquet,
+            Compression::None,
+            &csv,
+            &[],
+            &limits,
+        );
+        let error = opened.err().expect("refused");
+        assert!(error.contains("one row group"), "{error}");
     }
 
     #[test]
