@@ -7,7 +7,7 @@ use sqlx::{types::Json, PgPool, Postgres, QueryBuilder};
 use std::{borrow::Cow, sync::Arc};
 use uuid::Uuid;
 
-use crate::model::{Job, JobStatus, StatusColumn};
+use crate::model::{Job, JobStatus, StatusColumn, MAX_ATTEMPTS_LIMIT};
 use crate::pages::{self, Page};
 
 /// A validated job about to be written.
@@ -344,7 +344,7 @@ pub async fn mark_committing(pool: &PgPool, id: Uuid, attempt: i32) -> sqlx::Res
 }
 
 /// How an attempt ended.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Succeeded(Value),
     Cancelled,
@@ -356,7 +356,24 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// The longest error an outcome keeps: a tenant's own database may answer a statement with an
+/// error of hundreds of MB, which PostgreSQL then refused to store (a jsonb string is at most
+/// 256 MB), so the job's finish was refused for ever.
+pub const MAX_ERROR_BYTES: usize = 16 << 10;
+
 impl Outcome {
+    /// The outcome with its error within [`MAX_ERROR_BYTES`]: the start kept, the length told.
+    pub fn bounded(self) -> Self {
+        match self {
+            Self::Retrying { error, retry_at } => Self::Retrying {
+                error: bounded_error(error),
+                retry_at,
+            },
+            Self::Failed(error) => Self::Failed(bounded_error(error)),
+            other => other,
+        }
+    }
+
     pub fn status(&self) -> JobStatus {
         match self {
             Self::Succeeded(_) => JobStatus::Succeeded,
@@ -365,6 +382,17 @@ impl Outcome {
             Self::Failed(_) => JobStatus::Failed,
         }
     }
+}
+
+fn bounded_error(error: String) -> String {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error;
+    }
+    let mut cut = MAX_ERROR_BYTES;
+    while !error.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}... ({} bytes in all)", &error[..cut], error.len())
 }
 
 /// The end of one attempt, to be recorded.
@@ -516,8 +544,12 @@ pub async fn finish_many(
                            ELSE f.status END,
              result = f.result,
              error = f.error,
+             -- The last {MAX_ATTEMPTS_LIMIT} attempts' errors: retries by hand start new
+             -- attempts without end.
              attempt_errors = CASE WHEN f.error IS NULL THEN jobs.attempt_errors
-                 ELSE jobs.attempt_errors || jsonb_build_object('attempt', jobs.attempt, 'error', f.error, 'at', now()) END,
+                 ELSE (CASE WHEN jsonb_array_length(jobs.attempt_errors) >= {MAX_ATTEMPTS_LIMIT}
+                            THEN jobs.attempt_errors - 0 ELSE jobs.attempt_errors END)
+                      || jsonb_build_object('attempt', jobs.attempt, 'error', f.error, 'at', now()) END,
              progress = CASE WHEN f.status = 'succeeded' THEN 1 ELSE jobs.progress END,
              run_at = COALESCE(f.retry_at, jobs.run_at),
              worker = NULL,

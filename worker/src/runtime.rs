@@ -210,9 +210,12 @@ impl Runtime {
                     // send again); a lost connection is answered to all at once.
                     let rows = finished.map_err(|e| {
                         session.discard();
-                        match e {
-                            sqlx::Error::Database(_) => BatchError::Refused(e.to_string()),
-                            _ => BatchError::Failed(e.to_string()),
+                        match refused_value(&e) {
+                            Some(code) => {
+                                tracing::warn!(error = %e, "a finish batch was refused");
+                                BatchError::Refused(format!("SQLSTATE {code}"))
+                            }
+                            None => BatchError::Failed(e.to_string()),
                         }
                     })?;
                     drop(session);
@@ -834,12 +837,13 @@ impl Runtime {
     }
 
     /// Writes the outcome, retrying while PostgreSQL is unreachable: the row must not stay
-    /// `running` behind a live worker's lease.
-    async fn record(&self, job: &Claimed, attempt: Attempt, usage: Usage) {
+    /// `running` behind a live worker's lease. An outcome PostgreSQL refuses for a value it
+    /// holds is refused again however often it is sent: the attempt fails with that said.
+    async fn record(&self, job: &Claimed, attempt: Attempt, mut usage: Usage) {
         let mut delay = Duration::from_millis(100);
         // One outcome shared by every try, not a copy of its result each.
-        let outcome = match attempt {
-            Attempt::Done(outcome) => Some(Arc::new(outcome)),
+        let mut outcome = match attempt {
+            Attempt::Done(outcome) => Some(Arc::new(outcome.bounded())),
             Attempt::HandBack => None,
         };
         loop {
@@ -871,6 +875,20 @@ impl Runtime {
                 }
                 // Another owner took over (rescued after a lost lease): nothing of ours to write.
                 Ok(None) => return,
+                Err(BatchError::Refused(why)) if outcome.is_some() => {
+                    tracing::error!(job = %job.id, why, "outcome refused; failing the attempt");
+                    let failed = format!(
+                        "the attempt's outcome could not be stored: PostgreSQL refused a value \
+                         of it ({why})"
+                    );
+                    let failed = Some(Arc::new(Outcome::Failed(failed)));
+                    if outcome == failed {
+                        // The plain failure refused too: its usage is what is refused.
+                        usage = Usage::default();
+                    }
+                    outcome = failed;
+                    tokio::time::sleep(delay).await;
+                }
                 Err(e) => {
                     tracing::warn!(job = %job.id, error = %e, "outcome not recorded yet; retrying");
                     tokio::time::sleep(delay).await;
@@ -1040,6 +1058,14 @@ const MAX_RESULT_BYTES: usize = 1 << 20;
 /// `value` if it fits [`MAX_RESULT_BYTES`]; else its top-level fields that fit, the largest
 /// dropped first and named in `dropped_fields` (a result's ids, counts and outputs are small;
 /// the large parts are in its artifacts too).
+/// The SQLSTATE of an error PostgreSQL raised for a value the statement carries (a data
+/// exception, or past one of its limits, as a jsonb string's): sending the same again is refused
+/// again. Others (a lost connection, a deadlock, a failover) may pass on the next try.
+fn refused_value(e: &sqlx::Error) -> Option<String> {
+    let code = e.as_database_error()?.code()?;
+    (code.starts_with("22") || code.starts_with("54")).then(|| code.into_owned())
+}
+
 fn bounded_result(value: Value) -> Value {
     let size = |v: &Value| {
         let mut counter = ByteCounter(0);
@@ -1132,6 +1158,90 @@ mod tests {
         let _claim_on_its_way = runtime.registering.read().await;
         runtime.hand_back_strays().await.unwrap();
         assert!(token.is_cancelled());
+    }
+
+    fn claimed(test: &crate::maintenance::test_support::TestDb, id: Uuid) -> Claimed {
+        Claimed {
+            id,
+            tenant_id: test.tenant,
+            kind: "canary".into(),
+            payload: Value::Null,
+            attempt: 1,
+            max_attempts: 1,
+        }
+    }
+
+    /// An outcome PostgreSQL refused for a value it holds was sent again for ever: the job
+    /// stayed `running` behind its live worker, and its slot with it. The attempt fails,
+    /// saying so.
+    #[tokio::test]
+    async fn an_outcome_postgresql_refuses_fails_the_attempt() {
+        let test = crate::maintenance::test_support::TestDb::new().await;
+        let id = test.job("canary", "running").await;
+        for statement in [
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+                 IF NEW.error = 'poison' THEN
+                     RAISE EXCEPTION 'refused' USING ERRCODE = '22023';
+                 END IF;
+                 RETURN NEW;
+             END $$",
+            "CREATE TRIGGER refuse BEFORE UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION refuse()",
+        ] {
+            sqlx::query(statement).execute(test.pool()).await.unwrap();
+        }
+        let poison = Attempt::Done(Outcome::Failed("poison".into()));
+        let job = claimed(&test, id);
+        let recorded = test.runtime.record(&job, poison, Usage::default());
+        tokio::time::timeout(Duration::from_secs(20), recorded)
+            .await
+            .expect("the outcome is recorded, not retried for ever");
+        let (status, error): (String, String) =
+            sqlx::query_as("SELECT status, error FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(test.pool())
+                .await
+                .unwrap();
+        assert_eq!(status, "failed");
+        assert!(error.contains("could not be stored"), "{error}");
+        assert!(error.contains("22023"), "{error}");
+    }
+
+    /// A tenant's database may answer with an error of hundreds of MB, and retries by hand
+    /// start new attempts without end: what a job keeps of its errors is bounded.
+    #[tokio::test]
+    async fn a_jobs_errors_are_kept_within_their_bounds() {
+        let test = crate::maintenance::test_support::TestDb::new().await;
+        let id = test.job("canary", "running").await;
+        test.set(
+            id,
+            "attempt_errors = (SELECT jsonb_agg(jsonb_build_object('attempt', 0, 'error', 'old'))
+                               FROM generate_series(1, 25))",
+        )
+        .await;
+        let long = Attempt::Done(Outcome::Failed("é".repeat(1 << 20)));
+        test.runtime
+            .record(&claimed(&test, id), long, Usage::default())
+            .await;
+        let (error, kept, last): (String, i32, Value) = sqlx::query_as(
+            "SELECT error, jsonb_array_length(attempt_errors), attempt_errors -> -1
+             FROM jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(test.pool())
+        .await
+        .unwrap();
+        assert!(
+            error.len() <= store::MAX_ERROR_BYTES + 64,
+            "{}",
+            error.len()
+        );
+        assert!(
+            error.ends_with("(2097152 bytes in all)"),
+            "{}",
+            &error[16000..]
+        );
+        assert_eq!(kept, 25);
+        assert_eq!(last["attempt"], 1, "the newest kept, the oldest dropped");
     }
 
     #[test]
