@@ -268,6 +268,14 @@ async fn invalid_schedules_are_refused_naming_their_fields() {
     )
     .await;
     assert_eq!(fields(&problem), ["timezone"]);
+    // Bounded: every firing parses the expression again on the one leader.
+    let long = format!("0{} * * * *", ",0".repeat(200));
+    let problem = refused(json!({"name": "a", "cron": long, "job": canary})).await;
+    assert_eq!(fields(&problem), ["cron"]);
+    let zone = format!("Europe/{}", "x".repeat(100));
+    let problem =
+        refused(json!({"name": "a", "cron": "* * * * *", "timezone": zone, "job": canary})).await;
+    assert_eq!(fields(&problem), ["timezone"]);
     // The job is validated as a submission is.
     let problem = refused(json!({"name": "a", "cron": "* * * * *",
         "job": {"kind": "canary", "payload": {"steps": 1_000_000}, "max_attempts": 99}}))
