@@ -40,6 +40,7 @@ const BATCH: usize = 500;
 const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
 #[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct Cursor {
     /// Resume after this event id (the same as the `Last-Event-ID` header).
     after: Option<String>,
@@ -49,15 +50,17 @@ fn cursor(headers: &HeaderMap, query: &Cursor) -> Result<Option<String>, Problem
     let raw = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| query.after.clone())
-        .filter(|c| !c.is_empty());
+        .map(|c| ("Last-Event-ID", c.to_owned()))
+        .or_else(|| query.after.clone().map(|c| ("after", c)))
+        .filter(|(_, c)| !c.is_empty());
     match raw {
-        Some(c) if !events::valid_cursor(&c) => Err(Problem::validation(vec![FieldError::new(
-            "Last-Event-ID",
-            "not an event id from this stream",
-        )])),
-        other => Ok(other),
+        Some((field, c)) if !events::valid_cursor(&c) => {
+            Err(Problem::validation(vec![FieldError::new(
+                field,
+                "not an event id from this stream",
+            )]))
+        }
+        other => Ok(other.map(|(_, c)| c)),
     }
 }
 

@@ -15,6 +15,7 @@ const MAX_SPAN_DAYS: i64 = 366;
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct UsageParams {
     /// Start of the period, RFC 3339 (default: 30 days before `to`; at most 366 days before).
     from: Option<String>,

@@ -2,6 +2,7 @@
 //! tenant stream.
 
 use crate::harness::TestApp;
+use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
 
@@ -121,6 +122,19 @@ async fn the_tenant_stream_carries_every_job_and_resumes() {
     for expected in &received[3..] {
         let got = resumed.next(WAIT).await.expect("replayed event");
         assert_eq!(got.id, expected.id);
+    }
+
+    // A cursor that is not one is named where it came from; a misspelt parameter is named
+    // too (it started the stream live, with no replay).
+    for (query, field, says) in [
+        ("after=nope", "after", "not an event id"),
+        ("last_event_id=0", "last_event_id", "unknown field"),
+    ] {
+        let (status, problem) = app.get(&format!("/v1/events?{query}")).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+        assert_eq!(problem["errors"][0]["field"], field, "{problem}");
+        let message = problem["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{problem}");
     }
 
     // Another tenant sees none of it.

@@ -127,6 +127,9 @@ async fn usage_sums_equal_the_jobs_own_figures_and_quotas_on_output_refuse() {
         ("group_by=tenant", "group_by"),
         ("from=yesterday", "from"),
         ("from=2000-01-01T00:00:00Z", "from"),
+        // A misspelt parameter is named, not ignored (the report of another period).
+        ("group=kind", "group"),
+        ("form=2026-01-01T00:00:00Z", "form"),
     ];
     for (query, field) in bad {
         let (status, problem) = app.get(&format!("/v1/usage?{query}")).await;
