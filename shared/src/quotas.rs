@@ -182,6 +182,23 @@ impl std::fmt::Display for OverQuota {
     }
 }
 
+/// The quotas on what a job of `kind` produces, checked again as its attempt starts: the
+/// submission's check counted only what ended jobs had used, so a batch of a thousand imports
+/// submitted at once all passed it. The jobs running meanwhile may still go past a quota,
+/// each by what it adds. No query for kinds without such a quota.
+pub async fn check_output(
+    pool: &sqlx::PgPool,
+    tenant: Uuid,
+    kind: &str,
+) -> sqlx::Result<Result<(), OverQuota>> {
+    if !["import", "ingest", "synthesis", "sample"].contains(&kind) {
+        return Ok(Ok(()));
+    }
+    let mut conn = pool.acquire().await?;
+    let quotas = Quotas::of(&mut conn, tenant).await?;
+    check(&mut conn, tenant, &quotas, &[kind], false).await
+}
+
 /// Whether jobs of these kinds would take the tenant past a quota: for ingest jobs,
 /// `max_chunks` already stored; for imports, `max_rows_per_day` already imported today; and,
 /// when `count_queued`, `max_queued` jobs waiting or running with these added. A job that

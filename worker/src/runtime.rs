@@ -761,6 +761,14 @@ impl Runtime {
                 job.kind
             )));
         };
+        match shared::quotas::check_output(&self.pool, job.tenant_id, &job.kind).await {
+            Ok(Err(over)) => {
+                return Attempt::Done(Outcome::Failed(format!("it could not start: {over}")))
+            }
+            Ok(Ok(())) => {}
+            // The handler reads the same database: it fails or goes on as it will.
+            Err(e) => tracing::warn!(job = %job.id, error = %e, "quotas not read"),
+        }
         let ctx = JobContext::new(
             job.id,
             job.tenant_id,

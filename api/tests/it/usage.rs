@@ -284,3 +284,42 @@ async fn a_tenant_named_other_keeps_its_own_usage_series() {
         "{metrics}"
     );
 }
+
+/// The quotas on output count what ended attempts used, and a submission is checked against
+/// them once: a batch of imports submitted together all passed, and all ran (a thousand of them
+/// past a day's quota a thousand times over). Each attempt checks again as it starts.
+#[tokio::test]
+async fn imports_queued_together_stop_at_the_daily_row_quota() {
+    let mut app = TestApp::spawn().await;
+    let (ok, _, stderr) = app
+        .conveyor_api(&["tenants", "set-limits", "acme", "--max-rows-per-day", "250"])
+        .await;
+    assert!(ok, "{stderr}");
+    let csv = "id\n".to_owned() + &(0..200).map(|i| format!("{i}\n")).collect::<String>();
+    let dataset = app.upload_dataset("ids.csv", csv.as_bytes()).await;
+    let jobs: Vec<Value> = (0..3)
+        .map(|i| {
+            json!({"kind": "import",
+                   "payload": {"dataset_id": dataset, "target": {"table": format!("ids{i}")}}})
+        })
+        .collect();
+    let (status, body) = app.post("/v1/jobs/batch", &json!({ "jobs": jobs })).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let ids: Vec<Uuid> = body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    app.start_worker_for(&[("import", 1)]).await;
+    let mut ended = Vec::new();
+    for id in ids {
+        ended.push(app.wait_status(id, &["succeeded", "failed"], WAIT).await);
+    }
+    let failed: Vec<&Value> = ended.iter().filter(|j| j["status"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "{ended:?}");
+    let error = failed[0]["error"].as_str().unwrap();
+    assert!(error.contains("max_rows_per_day"), "{error}");
+    let (_, tenant) = app.get("/v1/tenant").await;
+    assert_eq!(tenant["usage"]["rows_imported_today"], 400, "{tenant}");
+}
