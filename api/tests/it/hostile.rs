@@ -492,3 +492,39 @@ async fn a_job_whose_worker_dies_three_times_fails() {
     );
     assert_eq!(job["attempt"], 3, "{job}");
 }
+
+/// A CSV under the in-memory cap whose cells are empty: polars made a 16-byte view of each
+/// (60 MiB of text, 1 GB of frame) before the table's own count refused it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csv_of_empty_cells_under_the_cap_is_refused_before_it_is_parsed() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.settings.max_in_memory_bytes, 64 << 20);
+    let mut blank = GzEncoder::new(Vec::new(), Compression::best());
+    blank.write_all(b"a,b\n").unwrap();
+    for _ in 0..30 {
+        blank.write_all(&b",\n".repeat(1 << 20)).unwrap();
+    }
+    let dataset = app
+        .upload_dataset("blank.csv.gz", &blank.finish().unwrap())
+        .await;
+    let mut worker = app.spawn_worker_process("synthesis=1");
+    let id = submit_as(
+        &app,
+        &app.key,
+        "synthesis",
+        json!({"dataset_id": dataset, "rows": 10}),
+    )
+    .await;
+    assert_fails_with(
+        &app,
+        id,
+        "the dataset is larger than the 64 MiB cap (CONVEYOR_MAX_IN_MEMORY_BYTES)",
+    )
+    .await;
+    let peak = peak_rss_mb(worker.id());
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the worker is still up"
+    );
+    assert!(peak < 500, "worker peak RSS {peak} MB");
+}

@@ -199,10 +199,44 @@ pub fn read(
                     Some(cap) => PolarsError::ComputeError(cap.to_string().into()),
                     None => e.into(),
                 })?;
+            if cells(&bytes, format)?.saturating_mul(NUMBER_BYTES) > cap.bytes {
+                return Err(PolarsError::ComputeError(cap.exceeded().to_string().into()));
+            }
             read_text(Cursor::new(bytes), format)?
         }
     };
     from_frame(&frame, cap)
+}
+
+/// How many cells polars makes of the text, at most: each takes it 16 bytes or so whatever its
+/// text (an empty cell is a null's view), so a MB of `,` lines was GBs of frame before
+/// [`from_frame`] counted it. Rows by their line ends; columns by the header's separators
+/// (quoted ones counted too), or an NDJSON schema's leaf fields as polars infers it from the
+/// first 100 lines (every row gets each of them).
+fn cells(text: &[u8], format: Format) -> PolarsResult<u64> {
+    let rows = text.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+    let columns = match format {
+        Format::Ndjson => {
+            fn leaves(dtype: &DataType) -> u64 {
+                match dtype {
+                    DataType::Struct(fields) => {
+                        fields.iter().map(|f| leaves(f.dtype())).sum::<u64>().max(1)
+                    }
+                    _ => 1,
+                }
+            }
+            let mut cursor = Cursor::new(text);
+            let schema =
+                polars::io::ndjson::infer_schema(&mut cursor, std::num::NonZeroUsize::new(100))?;
+            schema.iter_values().map(leaves).sum::<u64>()
+        }
+        _ => {
+            let separator = if format == Format::Tsv { b'\t' } else { b',' };
+            let header = text.split(|&b| b == b'\n').next().unwrap_or_default();
+            header.iter().filter(|&&b| b == separator).count() as u64 + 1
+        }
+    };
+    Ok(rows.saturating_mul(columns.max(1)))
 }
 
 fn read_text<R: MmapBytesReader>(reader: R, format: Format) -> PolarsResult<DataFrame> {
@@ -342,6 +376,16 @@ pub fn write(table: &Table, path: &Path, parquet: bool) -> PolarsResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cells counted before polars parses: rows by line ends, columns by the header or by the
+    /// leaf fields polars infers for NDJSON (a nested object's fields each a cell of every row).
+    #[test]
+    fn cells_are_counted_from_the_text() {
+        assert_eq!(cells(b"a,b\n,\n,\n", Format::Csv).unwrap(), 8);
+        assert_eq!(cells(b"a\tb\tc\n1\t2\t3", Format::Tsv).unwrap(), 6);
+        let ndjson = b"{\"a\": {\"x\": 1, \"y\": 2}, \"b\": 1}\n{}\n";
+        assert_eq!(cells(ndjson, Format::Ndjson).unwrap(), 9);
+    }
     use rand::SeedableRng;
 
     const CAP: Cap = Cap::new(1 << 20, "CONVEYOR_MAX_IN_MEMORY_BYTES", "the dataset");
