@@ -53,8 +53,9 @@ impl Handler for SampleHandler {
             .map_err(|e| retryable("reading the model", e.to_string()))?
             .ok_or_else(|| JobError::Permanent("the model no longer exists".into()))?;
         let seed = payload.seed.unwrap_or_else(|| ctx.job_id().as_u64_pair().1);
+        // Removed when dropped, whichever way the attempt ends (moved away when published).
         let output = objects
-            .scratch_path()
+            .scratch_file()
             .await
             .map_err(|e| retryable("scratch space", e.to_string()))?;
         let parquet = payload.format == OutputFormat::Parquet;
@@ -62,7 +63,7 @@ impl Handler for SampleHandler {
         let total = payload.total_rows();
         let (monitor, mut inbox) = JobMonitor::new(ctx);
         let meter = ctx.meter().clone();
-        let scratch = output.clone();
+        let scratch = output.to_path_buf();
         let limits = self.services.limits;
         let work = tokio::task::spawn_blocking(move || {
             meter.timed(|| -> Result<Sampled, JobError> {
@@ -123,7 +124,6 @@ impl Handler for SampleHandler {
         let sampled = match work.await {
             Ok(Ok(sampled)) => sampled,
             failed => {
-                let _ = tokio::fs::remove_file(&output).await;
                 return match failed {
                     Ok(Err(e)) => Err(e),
                     _ => Err(JobError::Permanent("the sampler crashed".into())),

@@ -262,6 +262,12 @@ async fn synthetic_outputs_are_held_to_the_dataset_bytes_quota() {
     );
     let (_, list) = app.get("/v1/datasets").await;
     assert_eq!(list["datasets"].as_array().unwrap().len(), 1, "{list}");
+    // Nor is the output it drew left on the worker's disk (it was, every such attempt).
+    let tmp = app.settings.data_dir.join("tmp");
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|dir| dir.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "scratch files left: {left:?}");
 
     // At the quota, a synthesis is refused at submit (once the API's copy of the limits, at
     // most 5 s old, has the new one).

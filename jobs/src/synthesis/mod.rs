@@ -515,15 +515,16 @@ impl Handler for SynthesisHandler {
             .await
             .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
         let seed = payload.seed.unwrap_or_else(|| ctx.job_id().as_u64_pair().1);
+        // Removed when dropped, whichever way the attempt ends (moved away when published).
         let output = objects
-            .scratch_path()
+            .scratch_file()
             .await
             .map_err(|e| JobError::Retryable(format!("scratch space: {e}")))?;
         ctx.progress(0.0, "reading the dataset".to_owned()).await;
 
         let (monitor, mut inbox) = JobMonitor::new(ctx);
         let parquet = payload.output_format == OutputFormat::Parquet;
-        let scratch = output.clone();
+        let scratch = output.to_path_buf();
         let model_name = payload
             .model_name
             .clone()
@@ -554,11 +555,9 @@ impl Handler for SynthesisHandler {
         let (report, model) = match work.await {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
-                let _ = tokio::fs::remove_file(&output).await;
                 return Err(e);
             }
             Err(e) => {
-                let _ = tokio::fs::remove_file(&output).await;
                 return Err(JobError::Permanent(format!("the synthesizer crashed: {e}")));
             }
         };
@@ -663,10 +662,10 @@ pub(crate) async fn register_dataset(
     let objects = &services.objects;
     let failed = |e: String| JobError::Retryable(format!("registering the output dataset: {e}"));
     let copy = objects
-        .scratch_path()
+        .scratch_file()
         .await
         .map_err(|e| failed(e.to_string()))?;
-    tokio::fs::copy(output, &copy)
+    tokio::fs::copy(output, &*copy)
         .await
         .map_err(|e| failed(e.to_string()))?;
     let format = if parquet {
@@ -674,7 +673,7 @@ pub(crate) async fn register_dataset(
     } else {
         datasets::Format::Csv
     };
-    let path = copy.clone();
+    let path = copy.to_path_buf();
     let inspected = ctx
         .blocking(move || -> Result<_, String> {
             let (schema, preview) =
@@ -689,13 +688,7 @@ pub(crate) async fn register_dataset(
         })
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let (schema, preview, size, sha256) = match inspected {
-        Ok(inspected) => inspected,
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&copy).await;
-            return Err(failed(e));
-        }
-    };
+    let (schema, preview, size, sha256) = inspected.map_err(failed)?;
     let id = uuid::Uuid::new_v5(&ctx.job_id(), b"synthetic dataset");
     let dataset = datasets::Dataset {
         id,
