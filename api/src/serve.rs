@@ -1,13 +1,16 @@
-//! Serving the router's connections through hyper (HTTP/1.1, and HTTP/2 with prior knowledge,
-//! as `axum::serve` did): each request's head read within a deadline, and on shutdown the
-//! listener closed first, then the requests in flight answered before the connections close.
-//! (`axum::serve` sets hyper no timer, so a client sending its headers a byte a minute held a
-//! connection and a task for ever, without credentials.)
+//! Serving the router's connections through hyper (HTTP/1.1): each request's head read within
+//! a deadline, and on shutdown the listener closed first, then the requests in flight answered
+//! before the connections close. (`axum::serve` sets hyper no timer, so a client sending its
+//! headers a byte a minute held a connection and a task for ever, without credentials; and
+//! its detection of HTTP/2 with prior knowledge reads a connection's first bytes with no
+//! deadline at all, and an HTTP/2 connection had none after: a connection that sent nothing,
+//! or half a preface, was held for ever. HTTP/2 is the balancer's or the TLS terminator's.)
 
 use axum::Router;
+use hyper::server::conn::http1;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
     service::TowerToHyperService,
 };
 use std::time::Duration;
@@ -24,9 +27,8 @@ pub const DRAIN: Duration = Duration::from_secs(10);
 /// Serves `app` on `listener` until `stop`, then lets the requests in flight end (up to
 /// [`DRAIN`]).
 pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ);
     let connections = GracefulShutdown::new();
     let mut served = tokio::task::JoinSet::new();
@@ -50,10 +52,7 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(app.clone());
-        let connection = http
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let connection = connections.watch(connection);
+        let connection = connections.watch(http.serve_connection(TokioIo::new(tcp), service));
         served.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::trace!(error = %e, "connection ended");

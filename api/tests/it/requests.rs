@@ -669,6 +669,33 @@ async fn a_request_head_that_never_ends_is_cut_off() {
     assert!(started.elapsed() >= std::time::Duration::from_secs(5));
 }
 
+/// A connection that sends nothing, half an HTTP/2 preface, or the preface and then nothing,
+/// is cut off as a head that never ends is: the detection of HTTP/2 read a connection's first
+/// bytes with no deadline, and an HTTP/2 connection had none after (each held a descriptor
+/// and a task for ever, without credentials).
+#[tokio::test]
+async fn a_connection_that_never_starts_a_request_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    let addr = app.server.as_ref().unwrap().addr;
+    let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let openings: [&[u8]; 3] = [b"", b"PRI * HTTP", preface];
+    let cut = openings.map(|opening| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(opening).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(45),
+            tcp.read_to_end(&mut answer),
+        )
+        .await;
+        (opening, read.is_ok())
+    });
+    for (opening, closed) in futures::future::join_all(cut).await {
+        assert!(closed, "{opening:?}: still open after 45 s");
+    }
+}
+
 type BodyChunks = tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>;
 
 /// A POST whose body is what the test sends on the returned channel, as it sends it.
