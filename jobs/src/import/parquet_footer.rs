@@ -100,27 +100,34 @@ pub fn check(path: &Path) -> Result<(), String> {
 }
 
 /// What the file's data takes once decoded, by its metadata: each row group's declared size,
-/// and at least 8 bytes a value, since a column of repeats or nulls encodes to nothing. A
-/// value is a row's cell, or each element of a list: polars decodes every element of a nested
-/// column with its two levels (2 bytes each), however few rows hold them.
+/// and at least 8 bytes a value, since a column of repeats or nulls encodes to nothing; and
+/// for list columns, 12 bytes an element (polars decodes every element of a nested column with
+/// its two levels, 2 bytes each, however few rows hold them).
 pub fn decoded_bytes(metadata: &polars::prelude::FileMetadata) -> u64 {
-    row_group_bytes(metadata).fold(0, u64::saturating_add)
+    let columns = metadata.schema().columns().len() as u64;
+    metadata
+        .row_groups
+        .iter()
+        .zip(list_bytes(metadata))
+        .map(|(g, lists)| {
+            let cells = (g.num_rows() as u64).saturating_mul(columns);
+            (g.total_byte_size() as u64)
+                .max(cells.saturating_mul(8))
+                .max(lists)
+        })
+        .fold(0, u64::saturating_add)
 }
 
-/// What each row group takes once decoded, as [`decoded_bytes`] counts it: a slice of rows
-/// decodes the whole of each page it touches, so one row may cost its row group.
-pub fn row_group_bytes(metadata: &polars::prelude::FileMetadata) -> impl Iterator<Item = u64> + '_ {
-    let columns = metadata.schema().columns().len() as u64;
-    metadata.row_groups.iter().map(move |g| {
-        let cells = (g.num_rows() as u64).saturating_mul(columns);
-        let elements = g
-            .parquet_columns()
+/// What each row group's list columns take once decoded, 12 bytes an element: a slice of rows
+/// reads a flat column's pages only as far as its rows, but decodes each page of a list column
+/// it touches whole, so one row holding millions of elements costs all of them.
+pub fn list_bytes(metadata: &polars::prelude::FileMetadata) -> impl Iterator<Item = u64> + '_ {
+    metadata.row_groups.iter().map(|g| {
+        g.parquet_columns()
             .iter()
-            .map(|c| c.num_values().max(0) as u64)
-            .fold(0, u64::saturating_add);
-        (g.total_byte_size() as u64)
-            .max(cells.saturating_mul(8))
-            .max(elements.saturating_mul(12))
+            .filter(|c| c.descriptor().descriptor.max_rep_level > 0)
+            .map(|c| (c.num_values().max(0) as u64).saturating_mul(12))
+            .fold(0, u64::saturating_add)
     })
 }
 

@@ -268,16 +268,15 @@ pub fn open(
             if decoded > dataset.bytes {
                 return Err(dataset.exceeded().to_string());
             }
-            // Read a slice at a time, but a slice decodes each row group it touches whole.
+            // Read a slice at a time, but a slice decodes a list column's pages whole.
             let held = limits.held();
-            let largest = super::parquet_footer::row_group_bytes(metadata).max();
-            if largest.is_some_and(|bytes| bytes > held.bytes) {
-                return Err(Cap {
-                    what: "one row group, decoded,",
+            let lists = super::parquet_footer::list_bytes(metadata);
+            if lists.max().is_some_and(|bytes| bytes > held.bytes) {
+                let cap = Cap {
+                    what: "one row group's list columns, decoded,",
                     ..held
-                }
-                .exceeded()
-                .to_string());
+                };
+                return Err(cap.exceeded().to_string());
             }
             let per_row = decoded / total.max(1) as u64;
             let slice = (PARQUET_SLICE_BYTES / per_row.max(1)).clamp(1, PARQUET_SLICE as u64);
@@ -731,6 +730,22 @@ mod tests {
         );
         let error = opened.err().expect("refused");
         assert!(error.contains("one row group"), "{error}");
+
+        // A flat column's slice reads its pages only as far as its rows: a row group of 200,000
+        // numbers (1.6 MB decoded) streams under the same cap.
+        let mut flat = df!("x" => (0..200_000i64).collect::<Vec<_>>()).unwrap();
+        ParquetWriter::new(std::fs::File::create(file.path()).unwrap())
+            .finish(&mut flat)
+            .unwrap();
+        let opened = open(
+            file.path(),
+            Format::Parquet,
+            Compression::None,
+            &csv,
+            &[],
+            &limits,
+        );
+        assert!(opened.is_ok(), "{:?}", opened.err());
     }
 
     #[test]
