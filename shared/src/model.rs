@@ -77,6 +77,13 @@ impl std::fmt::Display for JobStatus {
     }
 }
 
+fn public_worker<S: serde::Serializer>(worker: &Option<String>, to: S) -> Result<S::Ok, S::Error> {
+    worker
+        .as_deref()
+        .map(crate::leader::public_name)
+        .serialize(to)
+}
+
 /// A job as stored in PostgreSQL (the source of truth) and returned by the API.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct Job {
@@ -100,6 +107,9 @@ pub struct Job {
     pub message: Option<String>,
     pub run_at: DateTime<Utc>,
     pub cancel_requested: bool,
+    /// The worker running it, as tenants see a worker (`worker-` and 12 hex digits): its own
+    /// name holds its host and process id.
+    #[serde(serialize_with = "public_worker")]
     pub worker: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -923,7 +923,8 @@ pub async fn rescue_orphans(
                           WHEN worker_deaths + 1 >= $2
                           THEN 'worker died ' || (worker_deaths + 1) || ' times while running it'
                           WHEN {LAST}
-                          THEN 'worker ' || coalesce(worker, '?') || ' was lost during the last attempt'
+                          THEN 'worker ' || coalesce('worker-' || left(encode(sha256(convert_to(worker, 'UTF8')), 'hex'), 12), '?')
+                               || ' was lost during the last attempt'
                           ELSE error END,
              finished_at = CASE WHEN cancel_requested OR worker_deaths + 1 >= $2
                                      OR {LAST} THEN now() END,

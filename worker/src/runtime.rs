@@ -37,6 +37,8 @@ use jobs::{JobError, Registry};
 pub struct Runtime {
     settings: Settings,
     name: String,
+    /// How tenants see this worker (`shared::leader::public_name`), in its jobs' events.
+    public_name: String,
     pool: PgPool,
     events: EventLog,
     queues: Queues,
@@ -257,6 +259,7 @@ impl Runtime {
             refill,
             objects: ObjectStore::from_settings(&settings)?,
             settings,
+            public_name: shared::leader::public_name(&name),
             name,
             pool,
             events,
@@ -459,7 +462,7 @@ impl Runtime {
         });
         let started: Vec<(Uuid, Event)> = claimed
             .iter()
-            .map(|(job, _)| (job.tenant_id, started(job, &self.name)))
+            .map(|(job, _)| (job.tenant_id, started(job, &self.public_name)))
             .collect();
         append_announcing(&self.events, &started).await;
         Ok(claimed)
@@ -949,7 +952,7 @@ impl Runtime {
     }
 }
 
-/// The event of an attempt that `worker` has just claimed.
+/// The event of an attempt that `worker` (its public name) has just claimed.
 fn started(job: &Claimed, worker: &str) -> Event {
     Event::new(
         job.id,

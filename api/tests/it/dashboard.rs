@@ -252,7 +252,13 @@ async fn queues_and_workers_report_backlog_outcomes_and_heartbeats() {
         // Running through the rollup's next pass (every 15 s).
         .submit_canary(json!({"steps": 600, "step_ms": 100}))
         .await;
-    app.wait_status(running, &["running"], WAIT).await;
+    let job = app.wait_status(running, &["running"], WAIT).await;
+    // A job shows its worker as the workers list does, never its host and process id.
+    assert_eq!(
+        job["worker"],
+        shared::leader::public_name(&name).as_str(),
+        "{job}"
+    );
 
     // The hour's outcomes come from the per-minute rollup, at most 15 s behind.
     let deadline = std::time::Instant::now() + WAIT;

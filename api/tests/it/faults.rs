@@ -28,7 +28,10 @@ async fn a_killed_workers_job_is_finished_by_another_within_30s() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         running = app.job(id).await;
     }
-    let victim_pid = pid_of(running["worker"].as_str().unwrap());
+    let victim_pid = pid_of(
+        &app.own_worker_name(running["worker"].as_str().unwrap())
+            .await,
+    );
     let victim = workers
         .iter_mut()
         .find(|w| w.id() == victim_pid)
@@ -55,7 +58,9 @@ async fn sigterm_lets_the_running_job_finish() {
     let running = app
         .wait_status(id, &["running"], Duration::from_secs(30))
         .await;
-    let name = running["worker"].as_str().unwrap().to_owned();
+    let name = app
+        .own_worker_name(running["worker"].as_str().unwrap())
+        .await;
     let took = terminate_while_running(&app, id, worker).await;
     let job = app.job(id).await;
     assert_eq!(

@@ -93,6 +93,18 @@ impl TestApp {
     }
 
     /// Whether worker `name`'s row says it stopped.
+    /// A worker's own name (host, pid, suffix), from the digest tenants see of it.
+    pub async fn own_worker_name(&self, shown: &str) -> String {
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM workers")
+            .fetch_all(self.pool())
+            .await
+            .unwrap();
+        names
+            .into_iter()
+            .find(|name| shared::leader::public_name(name) == shown)
+            .unwrap_or_else(|| panic!("no worker is shown as {shown}"))
+    }
+
     pub async fn worker_stopped(&self, name: &str) -> bool {
         sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
             "SELECT stopped_at FROM workers WHERE name = $1",

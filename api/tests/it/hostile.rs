@@ -474,8 +474,10 @@ async fn a_job_whose_worker_dies_three_times_fails() {
         let mut worker = app.spawn_worker_process("canary=1");
         loop {
             let job = app.wait_status(id, &["running"], WAIT).await;
-            if job["worker"].as_str().map(pid_of) == Some(worker.id()) {
-                break;
+            if let Some(shown) = job["worker"].as_str() {
+                if pid_of(&app.own_worker_name(shown).await) == worker.id() {
+                    break;
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

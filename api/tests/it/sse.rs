@@ -115,6 +115,13 @@ async fn the_tenant_stream_carries_every_job_and_resumes() {
         received.push(event);
     }
     assert!(done.contains(&a.to_string()) && done.contains(&b.to_string()));
+    // A start names its worker as tenants see workers, not by its host and process id.
+    let started = received.iter().find(|e| e.event == "started").unwrap();
+    let worker = started.data["data"]["worker"].as_str().unwrap();
+    assert!(
+        worker.starts_with("worker-") && !worker.contains(&std::process::id().to_string()),
+        "{worker}"
+    );
 
     // Resuming from the third event replays the rest exactly.
     let cursor = received[2].id.clone().unwrap();

@@ -162,6 +162,17 @@ mod tests {
         assert_eq!(test.events(orphan).await, ["queued"]);
         assert_eq!(test.status(last_attempt).await.as_deref(), Some("failed"));
         assert_eq!(test.events(last_attempt).await, ["failed"]);
+        // Its error names the worker as tenants see workers, not by its own name.
+        let error: String = sqlx::query_scalar("SELECT error FROM jobs WHERE id = $1")
+            .bind(last_attempt)
+            .fetch_one(test.pool())
+            .await
+            .unwrap();
+        let shown = shared::leader::public_name("lost");
+        assert_eq!(
+            error,
+            format!("worker {shown} was lost during the last attempt")
+        );
         assert_eq!(test.status(safe).await.as_deref(), Some("running"));
         assert!(test.events(safe).await.is_empty());
     }
