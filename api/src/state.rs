@@ -112,7 +112,8 @@ impl AppState {
         let pool = shared::db::connect(&settings.database_url, 16).await?;
         shared::db::migrate(&pool).await?;
         let search_pool =
-            shared::db::connect_bounded(&settings.database_url, 8, settings.search_timeout).await?;
+            shared::db::connect_bounded(&settings.database_url, 16, settings.search_timeout)
+                .await?;
         let redis_client = Redis::open(&settings.redis_url)?;
         let redis = redis_client.manager().await?;
         let settings = Arc::new(settings);

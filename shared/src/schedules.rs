@@ -61,11 +61,11 @@ pub const MAX_CRON_CHARS: usize = 256;
 pub const MAX_TIMEZONE_CHARS: usize = 64;
 
 impl Timing {
-    /// Parses a 5-field (minute granularity) or 6-field (seconds first) expression, or an
-    /// alias (`@hourly`, ...), and an IANA time zone; errors name `cron` and `timezone`.
-    pub fn parse(cron: &str, timezone: &str) -> Result<Self, Vec<FieldError>> {
-        // Each firing parses the expression again, on the one leader that fires every
-        // tenant's schedules: a MB of `0,0,0,...` still fires every second.
+    /// A new schedule's timing, its cron and time zone of bounded length: each firing parses
+    /// the expression again, on the one leader that fires every tenant's schedules (a MB of
+    /// `0,0,0,...` still fires every second). Schedules stored before the bound are read with
+    /// [`Timing::parse`], and go on firing.
+    pub fn parse_new(cron: &str, timezone: &str) -> Result<Self, Vec<FieldError>> {
         let mut errors = Vec::new();
         if cron.len() > MAX_CRON_CHARS {
             errors.push(FieldError::new(
@@ -82,6 +82,13 @@ impl Timing {
         if !errors.is_empty() {
             return Err(errors);
         }
+        Self::parse(cron, timezone)
+    }
+
+    /// Parses a 5-field (minute granularity) or 6-field (seconds first) expression, or an
+    /// alias (`@hourly`, ...), and an IANA time zone; errors name `cron` and `timezone`.
+    pub fn parse(cron: &str, timezone: &str) -> Result<Self, Vec<FieldError>> {
+        let mut errors = Vec::new();
         let fields = cron.split_whitespace().count();
         let parsed = if !cron.trim_start().starts_with('@') && !(5..=6).contains(&fields) {
             errors.push(FieldError::new(

@@ -382,11 +382,9 @@ pub async fn claim_due(
                          WHERE tenant_id = t.tenant_id AND status = 'pending'
                            AND next_attempt_at <= now()
                          ORDER BY next_attempt_at
-                         -- Never more than the free slots: a row locked here and not
-                         -- claimed is skipped by every other claim meanwhile.
                          LIMIT CASE WHEN coalesce(f.held, 0) = 0
-                                    THEN greatest(least($3, $3 - total.held, $2), 1)
-                                    ELSE greatest(least($3 - f.held, $3 - total.held, $2), 0) END
+                                    THEN greatest(least($3, $3 - total.held), 1)
+                                    ELSE greatest(least($3 - f.held, $3 - total.held), 0) END
                          FOR UPDATE SKIP LOCKED) due
                  ) ranked
              ) placed

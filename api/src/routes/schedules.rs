@@ -105,7 +105,7 @@ pub async fn create(
         errors.push(FieldError::new("name", "must be 1-100 characters"));
     }
     let timezone = body.timezone.unwrap_or_else(|| "UTC".into());
-    let timing = Timing::parse(&body.cron, &timezone)
+    let timing = Timing::parse_new(&body.cron, &timezone)
         .map_err(|e| errors.extend(e))
         .ok();
     let target = match (body.job, body.pipeline) {
