@@ -210,32 +210,52 @@ pub fn read(
 
 /// How many cells polars makes of the text, at most: each takes it 16 bytes or so whatever its
 /// text (an empty cell is a null's view), so a MB of `,` lines was GBs of frame before
-/// [`from_frame`] counted it. Rows by their line ends; columns by the header's separators
-/// (quoted ones counted too), or an NDJSON schema's leaf fields as polars infers it from the
-/// first 100 lines (every row gets each of them).
+/// [`from_frame`] counted it. CSV and TSV: its records, as wide as its header, read as polars
+/// reads them (quoted separators and line ends inside a cell). NDJSON: its lines, each with
+/// every leaf field polars infers from the first 100 (a nested object's fields each a cell);
+/// a list column is refused, since each element is a value of its own and synthesis learns
+/// none of them.
 fn cells(text: &[u8], format: Format) -> PolarsResult<u64> {
-    let rows = text.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
-    let columns = match format {
-        Format::Ndjson => {
-            fn leaves(dtype: &DataType) -> u64 {
-                match dtype {
-                    DataType::Struct(fields) => {
-                        fields.iter().map(|f| leaves(f.dtype())).sum::<u64>().max(1)
-                    }
-                    _ => 1,
-                }
+    if format == Format::Ndjson {
+        fn leaves(name: &str, dtype: &DataType) -> PolarsResult<u64> {
+            match dtype {
+                DataType::Struct(fields) => fields
+                    .iter()
+                    .map(|f| leaves(f.name(), f.dtype()))
+                    .sum::<PolarsResult<u64>>()
+                    .map(|n| n.max(1)),
+                DataType::List(_) => Err(PolarsError::ComputeError(
+                    format!("the field {name:?} holds lists; synthesis learns numbers and labels")
+                        .into(),
+                )),
+                _ => Ok(1),
             }
-            let mut cursor = Cursor::new(text);
-            let schema =
-                polars::io::ndjson::infer_schema(&mut cursor, std::num::NonZeroUsize::new(100))?;
-            schema.iter_values().map(leaves).sum::<u64>()
         }
-        _ => {
-            let separator = if format == Format::Tsv { b'\t' } else { b',' };
-            let header = text.split(|&b| b == b'\n').next().unwrap_or_default();
-            header.iter().filter(|&&b| b == separator).count() as u64 + 1
+        let rows = text.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+        let mut cursor = Cursor::new(text);
+        let schema =
+            polars::io::ndjson::infer_schema(&mut cursor, std::num::NonZeroUsize::new(100))?;
+        let columns = schema
+            .iter()
+            .map(|(name, dtype)| leaves(name, dtype))
+            .sum::<PolarsResult<u64>>()?;
+        return Ok(rows.saturating_mul(columns.max(1)));
+    }
+    let separator = if format == Format::Tsv { b'\t' } else { b',' };
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .delimiter(separator)
+        .from_reader(text);
+    let mut record = csv::ByteRecord::new();
+    let (mut rows, mut columns) = (0u64, 0u64);
+    // A record the csv crate cannot read polars refuses too: counted as far as it goes.
+    while let Ok(true) = reader.read_byte_record(&mut record) {
+        if rows == 0 {
+            columns = record.len() as u64;
         }
-    };
+        rows += 1;
+    }
     Ok(rows.saturating_mul(columns.max(1)))
 }
 
@@ -381,10 +401,18 @@ mod tests {
     /// leaf fields polars infers for NDJSON (a nested object's fields each a cell of every row).
     #[test]
     fn cells_are_counted_from_the_text() {
-        assert_eq!(cells(b"a,b\n,\n,\n", Format::Csv).unwrap(), 8);
+        assert_eq!(cells(b"a,b\n,\n,\n", Format::Csv).unwrap(), 6);
         assert_eq!(cells(b"a\tb\tc\n1\t2\t3", Format::Tsv).unwrap(), 6);
+        // Quoted separators and line ends are a cell's, as polars reads them.
+        let quoted = b"\"Amount, EUR\",note\n1,\"two\nlines\"\n2,\"a, b\"\n";
+        assert_eq!(cells(quoted, Format::Csv).unwrap(), 6);
         let ndjson = b"{\"a\": {\"x\": 1, \"y\": 2}, \"b\": 1}\n{}\n";
         assert_eq!(cells(ndjson, Format::Ndjson).unwrap(), 9);
+        let lists = cells(b"{\"tags\": [0, 0, 0]}\n", Format::Ndjson).unwrap_err();
+        assert!(
+            lists.to_string().contains("\"tags\" holds lists"),
+            "{lists}"
+        );
     }
     use rand::SeedableRng;
 
