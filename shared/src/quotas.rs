@@ -182,6 +182,11 @@ impl std::fmt::Display for OverQuota {
     }
 }
 
+/// Whether jobs of `kind` add to a quota on output (rows imported, chunks, dataset bytes).
+pub fn counts_output(kind: &str) -> bool {
+    ["import", "ingest", "synthesis", "sample"].contains(&kind)
+}
+
 /// The quotas on what a job of `kind` produces, checked again as its attempt starts: the
 /// submission's check counted only what ended jobs had used, so a batch of a thousand imports
 /// submitted at once all passed it. The jobs running meanwhile may still go past a quota,
@@ -191,7 +196,7 @@ pub async fn check_output(
     tenant: Uuid,
     kind: &str,
 ) -> sqlx::Result<Result<(), OverQuota>> {
-    if !["import", "ingest", "synthesis", "sample"].contains(&kind) {
+    if !counts_output(kind) {
         return Ok(Ok(()));
     }
     let mut conn = pool.acquire().await?;

@@ -712,12 +712,15 @@ impl Runtime {
             }
             self.run_attempt(&job, &running).await
         };
+        // A job adding to a quota on output keeps its slot until its usage is written: the
+        // next attempt's check of the quota reads it.
+        let overlap = !shared::quotas::counts_output(&job.kind);
         let _held = match writing.clone().try_acquire_owned() {
-            Ok(permit) => {
+            Ok(permit) if overlap => {
                 drop(slot);
                 permit
             }
-            Err(_) => slot,
+            _ => slot,
         };
         self.record(&job, outcome, usage).await;
         self.unregister(job.id, &running);
@@ -758,20 +761,24 @@ impl Runtime {
 
     /// Runs a claimed job's handler (its `started` event went out with the claim).
     async fn attempt(&self, job: &Claimed, running: &RunningJob, meter: &Arc<Meter>) -> Attempt {
+        // A first attempt only: a later one may find its earlier attempt's work committed (its
+        // worker lost before the finish), which it reports as done rather than refused.
+        if job.attempt == 1 {
+            match shared::quotas::check_output(&self.pool, job.tenant_id, &job.kind).await {
+                Ok(Err(over)) => {
+                    return Attempt::Done(Outcome::Failed(format!("it could not start: {over}")))
+                }
+                Ok(Ok(())) => {}
+                // The handler reads the same database: it fails or goes on as it will.
+                Err(e) => tracing::warn!(job = %job.id, error = %e, "quotas not read"),
+            }
+        }
         let Some(handler) = self.registry.get(&job.kind).cloned() else {
             return Attempt::Done(Outcome::Failed(format!(
                 "this worker has no handler for {:?}",
                 job.kind
             )));
         };
-        match shared::quotas::check_output(&self.pool, job.tenant_id, &job.kind).await {
-            Ok(Err(over)) => {
-                return Attempt::Done(Outcome::Failed(format!("it could not start: {over}")))
-            }
-            Ok(Ok(())) => {}
-            // The handler reads the same database: it fails or goes on as it will.
-            Err(e) => tracing::warn!(job = %job.id, error = %e, "quotas not read"),
-        }
         let ctx = JobContext::new(
             job.id,
             job.tenant_id,
@@ -1253,6 +1260,48 @@ mod tests {
         );
         assert_eq!(kept, 25);
         assert_eq!(last["attempt"], 1, "the newest kept, the oldest dropped");
+    }
+
+    /// Past a quota on output, a first attempt does not start; a later one does, since its
+    /// earlier attempt may have committed its work before its worker was lost.
+    #[tokio::test]
+    async fn only_a_first_attempt_is_refused_past_a_quota_on_output() {
+        let test = crate::maintenance::test_support::TestDb::new().await;
+        sqlx::query("INSERT INTO tenant_limits (tenant_id, max_rows_per_day) VALUES ($1, 0)")
+            .bind(test.tenant)
+            .execute(test.pool())
+            .await
+            .unwrap();
+        let id = test.job("import", "running").await;
+        let test = &test;
+        let error_of = |attempt| async move {
+            let job = Claimed {
+                kind: "import".into(),
+                attempt,
+                ..claimed(test, id)
+            };
+            let running = RunningJob {
+                token: CancellationToken::new(),
+                interrupted: Arc::default(),
+                ended: CancellationToken::new(),
+                after: None,
+                committing: Arc::default(),
+            };
+            let meter = Arc::new(Meter::default());
+            match test.runtime.attempt(&job, &running, &meter).await {
+                Attempt::Done(Outcome::Failed(error)) => error,
+                Attempt::Done(Outcome::Retrying { error, .. }) => error,
+                _ => String::new(),
+            }
+        };
+        let first = error_of(1).await;
+        assert!(
+            first.contains("could not start") && first.contains("max_rows_per_day"),
+            "{first}"
+        );
+        // Past the check, to the handler (this test's worker has none for imports).
+        let later = error_of(2).await;
+        assert!(later.contains("no handler"), "{later}");
     }
 
     #[test]
