@@ -156,8 +156,13 @@ pub struct Copula {
 
 impl Copula {
     /// Fits the copula on `columns` (the learned ones), privately when `epsilon` is given.
-    /// Fails only when a private fit cannot place a column without declared bounds.
-    pub fn fit(columns: &[(&Column, ColumnSpec)], epsilon: Option<f64>) -> Result<Copula, String> {
+    /// Fails when a private fit cannot place a column without declared bounds, or when `stop`
+    /// says so (asked between its column pairs' scores, the long part of a private fit).
+    pub fn fit(
+        columns: &[(&Column, ColumnSpec)],
+        epsilon: Option<f64>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Copula, String> {
         let d = columns.len();
         let names = columns.iter().map(|(c, _)| c.name.clone()).collect();
         let (marginals, correlation, budget) = match epsilon {
@@ -169,7 +174,7 @@ impl Copula {
             }
             Some(epsilon) => {
                 let epsilon = Epsilon::at_most(epsilon).expect("ε is validated to be ≥ 0.01");
-                let (marginals, correlation, budget) = fit_private(columns, epsilon)?;
+                let (marginals, correlation, budget) = fit_private(columns, epsilon, stop)?;
                 (marginals, correlation, Some(budget))
             }
         };
@@ -487,6 +492,7 @@ fn latent_correlation(scores: &[&[Option<f64>]]) -> Vec<f64> {
 fn fit_private(
     columns: &[(&Column, ColumnSpec)],
     epsilon: Epsilon,
+    stop: &dyn Fn() -> bool,
 ) -> Result<(Vec<Marginal>, Vec<f64>, PrivacyBudget), String> {
     let d = columns.len().max(1);
     let n = columns.first().map_or(0, |(c, _)| c.values.len()).max(2);
@@ -643,10 +649,15 @@ fn fit_private(
         .flat_map(|i| (i + 1..d).map(move |j| (i, j)))
         .collect();
     if !pairs.is_empty() {
-        let scores: Vec<i64> = pairs
-            .iter()
-            .map(|&(i, j)| kendall_score(&rank_keys[i], &rank_keys[j]))
-            .collect();
+        // d²/2 scores of n log n each (an hour of a core at 500 columns): a cancel is heard
+        // between them, not only once they are all done.
+        let mut scores = Vec::with_capacity(pairs.len());
+        for (k, &(i, j)) in pairs.iter().enumerate() {
+            if k % 64 == 0 && stop() {
+                return Err("the fit was stopped".into());
+            }
+            scores.push(kendall_score(&rank_keys[i], &rank_keys[j]));
+        }
         // One row changes n − 1 of each score's pairs, each by at most 2.
         let sensitivity = pairs.len() as u64 * 2 * (n as u64 - 1);
         let what = format!(
@@ -794,7 +805,7 @@ mod tests {
     fn learns_the_correlation_and_the_marginals() {
         let data = table(4000, 1);
         let mut rng = StdRng::seed_from_u64(2);
-        let copula = Copula::fit(&plain_specs(&data.columns), None).unwrap();
+        let copula = Copula::fit(&plain_specs(&data.columns), None, &|| false).unwrap();
         assert!(
             (copula.correlation[1] - 0.8).abs() < 0.05,
             "{:?}",
@@ -856,7 +867,7 @@ mod tests {
         let data = table(500, 3);
         let fit = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            Copula::fit(&plain_specs(&data.columns), None)
+            Copula::fit(&plain_specs(&data.columns), None, &|| false)
                 .unwrap()
                 .sample(200, &mut rng)
         };
@@ -875,7 +886,7 @@ mod tests {
                 Column::numbers("c", DataType::Float64, cents),
             ],
         };
-        let copula = Copula::fit(&plain_specs(&data.columns), None).unwrap();
+        let copula = Copula::fit(&plain_specs(&data.columns), None, &|| false).unwrap();
         let sample = copula.sample(500, &mut rng);
         let Values::Numbers(n) = &sample[0] else {
             panic!()
@@ -893,6 +904,25 @@ mod tests {
             .all(|v| ((v * 100.0).round() - v * 100.0).abs() < 1e-6));
     }
 
+    /// A private fit scores every pair of columns (d²/2 scores of n log n each, an hour of a
+    /// core at 500 columns): it hears a stop between them, not only once all are done.
+    #[test]
+    fn a_private_fit_stops_between_its_pair_scores() {
+        let data = table(3000, 5);
+        let mut specs = plain_specs(&data.columns);
+        specs[0].1.bounds = (Some(0.0), Some(100.0));
+        specs[1].1.bounds = (Some(-4.0), Some(4.0));
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let stop = || {
+            asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            true
+        };
+        let stopped = Copula::fit(&specs, Some(2.0), &stop);
+        assert!(stopped.is_err());
+        assert_eq!(asked.into_inner(), 1);
+        assert!(Copula::fit(&specs, Some(2.0), &|| false).is_ok());
+    }
+
     #[test]
     fn private_fit_spends_the_budget_exactly_and_noise_grows_as_epsilon_shrinks() {
         let data = table(3000, 5);
@@ -901,11 +931,13 @@ mod tests {
         specs[1].1.bounds = (Some(-4.0), Some(4.0));
         // Measured against the same private estimator with next to no noise: what the data's
         // ties and missing values do to Kendall's tau-a (about 0.05 here) is not the noise.
-        let exact = Copula::fit(&specs, Some(4000.0)).unwrap().correlation[1];
+        let exact = Copula::fit(&specs, Some(4000.0), &|| false)
+            .unwrap()
+            .correlation[1];
         let error = |epsilon: f64| {
             let mut total = 0.0;
             for _ in 0..8 {
-                let copula = Copula::fit(&specs, Some(epsilon)).unwrap();
+                let copula = Copula::fit(&specs, Some(epsilon), &|| false).unwrap();
                 total += (copula.correlation[1] - exact).abs();
                 let budget = copula.budget.unwrap();
                 let spent: f64 = budget.spent.iter().map(|s| s.epsilon).sum();
@@ -951,7 +983,7 @@ mod tests {
                 Column::labels("label", label),
             ],
         };
-        let copula = Copula::fit(&plain_specs(&data.columns), Some(2.0)).unwrap();
+        let copula = Copula::fit(&plain_specs(&data.columns), Some(2.0), &|| false).unwrap();
         assert_eq!(copula.budget.as_ref().unwrap().spent[0].what, "x: bounds");
         let Marginal::Continuous { knots, .. } = &copula.marginals[0] else {
             panic!("{:?}", copula.marginals[0])
@@ -970,7 +1002,7 @@ mod tests {
         let mut specs = plain_specs(&data.columns);
         specs[1].1.levels = Some(vec!["a".into(), "c".into()]);
         specs[0].1.bounds = (Some(0.0), Some(50.0));
-        let copula = Copula::fit(&specs, Some(2.0)).unwrap();
+        let copula = Copula::fit(&specs, Some(2.0), &|| false).unwrap();
         let Marginal::Discrete { levels, .. } = &copula.marginals[1] else {
             panic!()
         };

@@ -166,7 +166,12 @@ pub fn synthesize(
     let names: Vec<String> = learned.iter().map(|(c, _)| c.name.clone()).collect();
     let model = match payload.synthesizer {
         Synthesizer::GaussianCopula => {
-            Model::Copula(Copula::fit(&learned, payload.epsilon).map_err(JobError::Permanent)?)
+            let stop = || monitor.checkpoint().is_err();
+            let fitted = Copula::fit(&learned, payload.epsilon, &stop);
+            Model::Copula(fitted.map_err(|why| match monitor.checkpoint() {
+                Err(cancelled) => cancelled.into(),
+                Ok(()) => JobError::Permanent(why),
+            })?)
         }
         Synthesizer::Tvae => {
             let epochs = payload.epochs.unwrap_or(DEFAULT_EPOCHS) as usize;
