@@ -338,8 +338,14 @@ impl Targets {
                 .await?;
         let mut keys = HashSet::new();
         let mut pools = vec![self.default_pool(None)?];
-        for (tenant, id) in registered {
-            match self.connection_pool(tenant, id).await {
+        // Eight lookups at a time: in turn, a tenant whose DNS stops answering held every
+        // other target's sweep for its lookups' timeouts.
+        use futures::StreamExt;
+        let mut looked_up = futures::stream::iter(registered)
+            .map(|(tenant, id)| async move { (id, self.connection_pool(tenant, id).await) })
+            .buffered(8);
+        while let Some((id, looked_up)) = looked_up.next().await {
+            match looked_up {
                 Ok((key, pool)) => {
                     if keys.insert(key) {
                         pools.push(pool);
