@@ -569,6 +569,9 @@ pub async fn fire_due(
     Ok(fired)
 }
 
+/// The longest a firing waits for a lock (its tenant's row, a pipeline's).
+pub const FIRING_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The next due schedule not in `seen` (added to it), fired in a transaction of its own: what
 /// it made. `None` if no other is due (or the due ones are another leader's).
 async fn fire_next(
@@ -579,6 +582,13 @@ async fn fire_next(
     seen: &mut Vec<Uuid>,
 ) -> anyhow::Result<Option<Fired>> {
     let mut tx = pool.begin().await?;
+    // A firing waits on its tenant's row (as its submissions take it) only so long: a tenant
+    // whose row another transaction holds (a long bulk retry, say) held up every other
+    // tenant's firings. The schedule fires at a later pass.
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", FIRING_LOCK_WAIT.as_millis()))
+        .execute(&mut *tx)
+        .await?;
     // Due, or holding a waiting firing whose previous job or pipeline has ended.
     let due: Option<Due> = sqlx::query_as(&format!(
         "SELECT s.*, now() AS now FROM schedules s

@@ -662,4 +662,37 @@ mod tests {
         assert_eq!(test.fired(first).await.len(), 1);
         assert_eq!(test.fired(second).await.len(), 1);
     }
+
+    /// A tenant whose row another transaction holds for long (a bulk retry, say) held up every
+    /// other tenant's firings for as long: a firing waits `FIRING_LOCK_WAIT` for it, and the
+    /// pass goes on to the next schedule.
+    #[tokio::test]
+    async fn a_tenant_held_for_long_holds_up_no_other_tenants_firing() {
+        let test = TestDb::new().await;
+        test.max_queued(10).await;
+        let other = test.other_tenant().await;
+        let held = test.schedule("0 0 * * *", "allow", "run_once").await;
+        test.set_schedule(held, "next_fire_at = now() - interval '2 seconds'")
+            .await;
+        let theirs = test.schedule("0 0 * * *", "allow", "run_once").await;
+        test.set_schedule(
+            theirs,
+            &format!("tenant_id = '{other}', next_fire_at = now() - interval '1 second'"),
+        )
+        .await;
+        let mut busy = test.pool().begin().await.unwrap();
+        shared::quotas::lock_tenant(&mut busy, test.tenant)
+            .await
+            .unwrap();
+        let pass = tokio::time::timeout(Duration::from_secs(20), duty().run(&test.runtime)).await;
+        assert_eq!(
+            pass.expect("the pass ends while the row is held").unwrap(),
+            1
+        );
+        assert_eq!(test.fired(theirs).await.len(), 1);
+        assert_eq!(test.fired(held).await.len(), 0);
+        busy.commit().await.unwrap();
+        assert_eq!(duty().run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.fired(held).await.len(), 1);
+    }
 }
