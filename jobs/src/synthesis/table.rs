@@ -187,7 +187,9 @@ pub fn read(
             })?;
             let mut reader = ParquetReader::new(std::fs::File::open(path)?);
             let decoded = crate::import::parquet_footer::decoded_bytes(reader.get_metadata()?);
-            if decoded > cap.bytes {
+            // The whole frame at once, 16 bytes a cell at least (a text's view).
+            let cells = (reader.num_rows()? as u64).saturating_mul(reader.schema()?.len() as u64);
+            if decoded.max(cells.saturating_mul(NUMBER_BYTES)) > cap.bytes {
                 return Err(PolarsError::ComputeError(cap.exceeded().to_string().into()));
             }
             reader.finish()?
@@ -210,11 +212,12 @@ pub fn read(
 
 /// How many cells polars makes of the text, at most: each takes it 16 bytes or so whatever its
 /// text (an empty cell is a null's view), so a MB of `,` lines was GBs of frame before
-/// [`from_frame`] counted it. CSV and TSV: its records, as wide as its header, read as polars
-/// reads them (quoted separators and line ends inside a cell). NDJSON: its lines, each with
-/// every leaf field polars infers from the first 100 (a nested object's fields each a cell);
-/// a list column is refused, since each element is a value of its own and synthesis learns
-/// none of them.
+/// [`from_frame`] counted it. An upper bound, not polars' own reading (a quote the csv crate
+/// and polars read apart, or a blank line, which polars makes a row of nulls, would undercount
+/// it): CSV and TSV rows are line ends, quoted or not, and columns the larger of the first
+/// line's separators and the first record's fields. NDJSON: its lines, each with every leaf
+/// field polars infers from the first 100 (a nested object's fields each a cell); a list field
+/// is refused, since each element is a value of its own and synthesis learns none of them.
 fn cells(text: &[u8], format: Format) -> PolarsResult<u64> {
     if format == Format::Ndjson {
         fn leaves(name: &str, dtype: &DataType) -> PolarsResult<u64> {
@@ -242,21 +245,21 @@ fn cells(text: &[u8], format: Format) -> PolarsResult<u64> {
         return Ok(rows.saturating_mul(columns.max(1)));
     }
     let separator = if format == Format::Tsv { b'\t' } else { b',' };
+    let rows = text.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+    let first_line = text.split(|&b| b == b'\n').next().unwrap_or_default();
+    let in_first_line = first_line.iter().filter(|&&b| b == separator).count() as u64 + 1;
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         .delimiter(separator)
-        .from_reader(text);
-    let mut record = csv::ByteRecord::new();
-    let (mut rows, mut columns) = (0u64, 0u64);
-    // A record the csv crate cannot read polars refuses too: counted as far as it goes.
-    while let Ok(true) = reader.read_byte_record(&mut record) {
-        if rows == 0 {
-            columns = record.len() as u64;
-        }
-        rows += 1;
-    }
-    Ok(rows.saturating_mul(columns.max(1)))
+        // A header is read from its first MiB: an unterminated quote is the rest of the file.
+        .from_reader(&text[..text.len().min(1 << 20)]);
+    let mut header = csv::ByteRecord::new();
+    let in_first_record = match reader.read_byte_record(&mut header) {
+        Ok(true) => header.len() as u64,
+        _ => 0,
+    };
+    Ok(rows.saturating_mul(in_first_line.max(in_first_record)))
 }
 
 fn read_text<R: MmapBytesReader>(reader: R, format: Format) -> PolarsResult<DataFrame> {
@@ -401,11 +404,14 @@ mod tests {
     /// leaf fields polars infers for NDJSON (a nested object's fields each a cell of every row).
     #[test]
     fn cells_are_counted_from_the_text() {
-        assert_eq!(cells(b"a,b\n,\n,\n", Format::Csv).unwrap(), 6);
+        // Every line end a row: polars makes a blank line a row of nulls.
+        assert_eq!(cells(b"a,b\n,\n,\n", Format::Csv).unwrap(), 8);
+        assert_eq!(cells(b"a,b,c\n\n\n\n", Format::Csv).unwrap(), 15);
         assert_eq!(cells(b"a\tb\tc\n1\t2\t3", Format::Tsv).unwrap(), 6);
-        // Quoted separators and line ends are a cell's, as polars reads them.
-        let quoted = b"\"Amount, EUR\",note\n1,\"two\nlines\"\n2,\"a, b\"\n";
-        assert_eq!(cells(quoted, Format::Csv).unwrap(), 6);
+        // A quoted line end in the header hides fields from its first line: the record's
+        // fields count.
+        let header = b"\"x\n\",a,b,c\n1,2,3,4";
+        assert_eq!(cells(header, Format::Csv).unwrap(), 12);
         let ndjson = b"{\"a\": {\"x\": 1, \"y\": 2}, \"b\": 1}\n{}\n";
         assert_eq!(cells(ndjson, Format::Ndjson).unwrap(), 9);
         let lists = cells(b"{\"tags\": [0, 0, 0]}\n", Format::Ndjson).unwrap_err();
