@@ -187,19 +187,30 @@ pub fn counts_output(kind: &str) -> bool {
     ["import", "ingest", "synthesis", "sample"].contains(&kind)
 }
 
-/// The quotas on what a job of `kind` produces, checked again as its attempt starts: the
+/// The quotas on what `job` (of `kind`) produces, checked again as each attempt starts: the
 /// submission's check counted only what ended jobs had used, so a batch of a thousand imports
 /// submitted at once all passed it. The jobs running meanwhile may still go past a quota,
-/// each by what it adds. No query for kinds without such a quota.
+/// each by what it adds. Not checked once an earlier attempt entered its commit: its work may
+/// be published, which the attempt reports rather than refuses. No query for kinds without
+/// such a quota.
 pub async fn check_output(
     pool: &sqlx::PgPool,
     tenant: Uuid,
+    job: Uuid,
     kind: &str,
 ) -> sqlx::Result<Result<(), OverQuota>> {
     if !counts_output(kind) {
         return Ok(Ok(()));
     }
     let mut conn = pool.acquire().await?;
+    let committed: Option<bool> =
+        sqlx::query_scalar("SELECT committing_attempt IS NOT NULL FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if committed == Some(true) {
+        return Ok(Ok(()));
+    }
     let quotas = Quotas::of(&mut conn, tenant).await?;
     check(&mut conn, tenant, &quotas, &[kind], false).await
 }

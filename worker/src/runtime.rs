@@ -694,8 +694,9 @@ impl Runtime {
     }
 
     /// Runs a claimed job's attempt in `slot` and records its outcome. The slot frees as soon
-    /// as the handler returns, so that the next claim overlaps this outcome's write; a permit
-    /// of `writing` ([`WRITING_PER_SLOT`] per slot) takes its place. Without one the slot is
+    /// as the handler returns (unless the job adds to a quota on output, whose next attempt's
+    /// check reads this one's usage), so that the next claim overlaps this outcome's write; a
+    /// permit of `writing` ([`WRITING_PER_SLOT`] per slot) takes its place. Without one the slot is
     /// kept: outcomes that cannot be written hold at most that many slots' worth and the slots,
     /// and then the queue stops claiming.
     async fn execute(
@@ -761,17 +762,14 @@ impl Runtime {
 
     /// Runs a claimed job's handler (its `started` event went out with the claim).
     async fn attempt(&self, job: &Claimed, running: &RunningJob, meter: &Arc<Meter>) -> Attempt {
-        // A first attempt only: a later one may find its earlier attempt's work committed (its
-        // worker lost before the finish), which it reports as done rather than refused.
-        if job.attempt == 1 {
-            match shared::quotas::check_output(&self.pool, job.tenant_id, &job.kind).await {
-                Ok(Err(over)) => {
-                    return Attempt::Done(Outcome::Failed(format!("it could not start: {over}")))
-                }
-                Ok(Ok(())) => {}
-                // The handler reads the same database: it fails or goes on as it will.
-                Err(e) => tracing::warn!(job = %job.id, error = %e, "quotas not read"),
+        let quotas = shared::quotas::check_output(&self.pool, job.tenant_id, job.id, &job.kind);
+        match quotas.await {
+            Ok(Err(over)) => {
+                return Attempt::Done(Outcome::Failed(format!("it could not start: {over}")))
             }
+            Ok(Ok(())) => {}
+            // The handler reads the same database: it fails or goes on as it will.
+            Err(e) => tracing::warn!(job = %job.id, error = %e, "quotas not read"),
         }
         let Some(handler) = self.registry.get(&job.kind).cloned() else {
             return Attempt::Done(Outcome::Failed(format!(
@@ -1262,10 +1260,11 @@ mod tests {
         assert_eq!(last["attempt"], 1, "the newest kept, the oldest dropped");
     }
 
-    /// Past a quota on output, a first attempt does not start; a later one does, since its
-    /// earlier attempt may have committed its work before its worker was lost.
+    /// Past a quota on output an attempt does not start, a retry's as a first's (a tenant
+    /// could fail its first attempts on purpose); one whose earlier attempt entered its commit
+    /// does, since that attempt's work may be published.
     #[tokio::test]
-    async fn only_a_first_attempt_is_refused_past_a_quota_on_output() {
+    async fn an_attempt_past_a_quota_on_output_starts_only_after_an_earlier_commit() {
         let test = crate::maintenance::test_support::TestDb::new().await;
         sqlx::query("INSERT INTO tenant_limits (tenant_id, max_rows_per_day) VALUES ($1, 0)")
             .bind(test.tenant)
@@ -1294,14 +1293,17 @@ mod tests {
                 _ => String::new(),
             }
         };
-        let first = error_of(1).await;
-        assert!(
-            first.contains("could not start") && first.contains("max_rows_per_day"),
-            "{first}"
-        );
+        for attempt in [1, 2] {
+            let error = error_of(attempt).await;
+            assert!(
+                error.contains("could not start") && error.contains("max_rows_per_day"),
+                "{attempt}: {error}"
+            );
+        }
+        test.set(id, "committing_attempt = 1").await;
         // Past the check, to the handler (this test's worker has none for imports).
-        let later = error_of(2).await;
-        assert!(later.contains("no handler"), "{later}");
+        let after_a_commit = error_of(2).await;
+        assert!(after_a_commit.contains("no handler"), "{after_a_commit}");
     }
 
     #[test]
