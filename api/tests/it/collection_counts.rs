@@ -186,3 +186,32 @@ async fn collection_counts_are_read_without_reading_documents() {
         "{scanned} rows of documents read for the counts"
     );
 }
+
+/// Migration 20261222000001 counts every collection again, the collection locked before its
+/// documents: counts off by whatever (here set by hand) are the documents' own after it, and
+/// an empty collection's are zero.
+#[tokio::test]
+async fn the_recount_migration_sets_every_collections_counts_to_its_documents() {
+    let db = TestDatabase::new().await;
+    let tenant = db.tenant().await;
+    let notes = new_collection(&db, tenant, "notes").await;
+    let empty = new_collection(&db, tenant, "empty").await;
+    let documents = [document("a", 4, json!({})), document("b", 2, json!({}))];
+    store::replace_documents(&db.pool, notes, Uuid::now_v7(), &documents)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE collections SET documents = 99, chunks = -7")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::raw_sql(include_str!(
+        "../../../migrations/20261222000001_collection_counts_recounted.sql"
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_counts(&db.pool, tenant, notes, (2, 6)).await;
+    assert_counts(&db.pool, tenant, empty, (0, 0)).await;
+}
