@@ -720,15 +720,17 @@ mod tests {
             quote: b'"',
             header: true,
         };
-        let opened = open(
-            file.path(),
-            Format::Parquet,
-            Compression::None,
-            &csv,
-            &[],
-            &limits,
-        );
-        let error = opened.err().expect("refused");
+        let open_file = || {
+            open(
+                file.path(),
+                Format::Parquet,
+                Compression::None,
+                &csv,
+                &[],
+                &limits,
+            )
+        };
+        let error = open_file().err().expect("refused");
         assert!(error.contains("one row group"), "{error}");
 
         // A flat column's slice reads its pages only as far as its rows: a row group of 200,000
@@ -737,14 +739,7 @@ mod tests {
         ParquetWriter::new(std::fs::File::create(file.path()).unwrap())
             .finish(&mut flat)
             .unwrap();
-        let opened = open(
-            file.path(),
-            Format::Parquet,
-            Compression::None,
-            &csv,
-            &[],
-            &limits,
-        );
+        let opened = open_file();
         assert!(opened.is_ok(), "{:?}", opened.err());
     }
 

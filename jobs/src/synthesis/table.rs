@@ -219,6 +219,7 @@ pub fn read(
 /// field polars infers from the first 100 (a nested object's fields each a cell); a list field
 /// is refused, since each element is a value of its own and synthesis learns none of them.
 fn cells(text: &[u8], format: Format) -> PolarsResult<u64> {
+    let rows = text.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
     if format == Format::Ndjson {
         fn leaves(name: &str, dtype: &DataType) -> PolarsResult<u64> {
             match dtype {
@@ -234,7 +235,6 @@ fn cells(text: &[u8], format: Format) -> PolarsResult<u64> {
                 _ => Ok(1),
             }
         }
-        let rows = text.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
         let mut cursor = Cursor::new(text);
         let schema =
             polars::io::ndjson::infer_schema(&mut cursor, std::num::NonZeroUsize::new(100))?;
@@ -245,7 +245,6 @@ fn cells(text: &[u8], format: Format) -> PolarsResult<u64> {
         return Ok(rows.saturating_mul(columns.max(1)));
     }
     let separator = if format == Format::Tsv { b'\t' } else { b',' };
-    let rows = text.iter().filter(|&&b| b == b'\n').count() as u64 + 1;
     let first_line = text.split(|&b| b == b'\n').next().unwrap_or_default();
     let in_first_line = first_line.iter().filter(|&&b| b == separator).count() as u64 + 1;
     let mut reader = csv::ReaderBuilder::new()
