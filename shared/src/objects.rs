@@ -72,6 +72,8 @@ pub struct ObjectStore {
     bucket: Option<Bucket>,
     /// Most bytes of downloaded datasets kept in `root/cache`, as [`evict_cache`] keeps them.
     cache_limit: u64,
+    /// How long deleting a job's artifacts may take: its row is locked meanwhile.
+    delete_timeout: std::time::Duration,
     /// Cached files jobs hold now (see [`DatasetFile`]), with how many hold each.
     pins: Pins,
 }
@@ -147,6 +149,7 @@ impl ObjectStore {
             root: root.into(),
             bucket: None,
             cache_limit: u64::MAX,
+            delete_timeout: std::time::Duration::from_secs(30),
             pins: Pins::default(),
         }
     }
@@ -156,6 +159,7 @@ impl ObjectStore {
     pub fn from_settings(settings: &crate::Settings) -> anyhow::Result<Self> {
         let mut store = Self::with_bucket(&settings.data_dir, settings.object_store.as_ref())?;
         store.cache_limit = settings.cache_max_bytes;
+        store.delete_timeout = settings.object_delete_timeout;
         Ok(store)
     }
 
@@ -383,8 +387,21 @@ impl ObjectStore {
         Ok(remove_if_present(&self.root.join(&key)).await?)
     }
 
-    /// Deletes every artifact of `job`; none is no error.
+    /// Deletes every artifact of `job`; none is no error. Callers hold the job's row locked
+    /// until it ends, so a store that does not answer fails it past the store's timeout (the
+    /// client's own retries alone would take minutes).
     pub async fn delete_artifacts(&self, job: Uuid) -> anyhow::Result<()> {
+        tokio::time::timeout(self.delete_timeout, self.delete_artifacts_now(job))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the object store did not delete the artifacts within {:?}",
+                    self.delete_timeout
+                )
+            })?
+    }
+
+    async fn delete_artifacts_now(&self, job: Uuid) -> anyhow::Result<()> {
         let dir = artifact_key(job, "");
         let Some(bucket) = &self.bucket else {
             return match tokio::fs::remove_dir_all(self.root.join(&dir)).await {

@@ -93,6 +93,9 @@ pub struct Settings {
     /// `CONVEYOR_CACHE_MAX_BYTES`: most bytes of bucket datasets a worker keeps downloaded; the
     /// least recently used that no running job holds go first.
     pub cache_max_bytes: u64,
+    /// `CONVEYOR_OBJECT_DELETE_TIMEOUT_SECS`: how long deleting a job's artifacts may take
+    /// (the job's row stays locked meanwhile); past it the deletion fails and is tried later.
+    pub object_delete_timeout: Duration,
     /// `CONVEYOR_SNAPSHOT_RETENTION_HOURS`: how long a patch's before-images are kept for
     /// `patch_rollback`; the workers' maintenance sweep drops expired snapshots.
     pub snapshot_retention: Duration,
@@ -206,6 +209,7 @@ impl fmt::Debug for Settings {
             metrics_token,
             dataset_limit,
             cache_max_bytes,
+            object_delete_timeout,
             snapshot_retention,
             job_retention,
             worker_retention,
@@ -264,6 +268,7 @@ impl fmt::Debug for Settings {
             .field("metrics_token", &metrics_token.as_ref().map(|_| "***"))
             .field("dataset_limit", dataset_limit)
             .field("cache_max_bytes", cache_max_bytes)
+            .field("object_delete_timeout", object_delete_timeout)
             .field("snapshot_retention", snapshot_retention)
             .field("job_retention", job_retention)
             .field("worker_retention", worker_retention)
@@ -373,6 +378,9 @@ impl Settings {
             metrics_token: vars.get("METRICS_TOKEN").filter(|t| !t.is_empty()),
             dataset_limit: vars.parse("DATASET_LIMIT", "10737418240")?,
             cache_max_bytes: vars.parse("CACHE_MAX_BYTES", "21474836480")?,
+            object_delete_timeout: Duration::from_secs(
+                vars.parse("OBJECT_DELETE_TIMEOUT_SECS", "30")?,
+            ),
             snapshot_retention: Duration::from_secs(
                 vars.parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,
             ),
@@ -458,6 +466,7 @@ impl Settings {
             metrics_token: Some("test-metrics-token".into()),
             dataset_limit: 4 << 30,
             cache_max_bytes: 20 << 30,
+            object_delete_timeout: Duration::from_secs(30),
             snapshot_retention: Duration::from_secs(168 * 3600),
             job_retention: Some(Duration::from_secs(30 * 86400)),
             worker_retention: Some(Duration::from_secs(24 * 3600)),

@@ -536,11 +536,12 @@ pub async fn delete(
     let entry = Entry::new(Action::JobDelete).target(job.id);
     writer.audit(&mut *tx, entry).await?;
     // The row goes only once its artifacts are gone: never objects without an owner.
-    state
-        .objects
-        .delete_artifacts(job.id)
-        .await
-        .map_err(Problem::internal)?;
+    state.objects.delete_artifacts(job.id).await.map_err(|e| {
+        Problem::unavailable_after(
+            "the job's artifacts could not be deleted now; nothing was deleted, try again",
+            e,
+        )
+    })?;
     tx.commit().await?;
     if let Err(e) = state.events.forget_jobs(&[(tenant.0, job.id)]).await {
         tracing::debug!(error = %e, "the deleted job's event stream is left to expire");

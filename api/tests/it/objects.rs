@@ -85,17 +85,7 @@ impl S3Server {
     }
 
     fn config(&self) -> BucketConfig {
-        let option = |k: &str, v: &str| (k.to_owned(), v.to_owned());
-        BucketConfig {
-            url: format!("s3://{BUCKET}/deployment"),
-            options: vec![
-                option("aws_endpoint", &format!("http://127.0.0.1:{}", self.port)),
-                option("aws_allow_http", "true"),
-                option("aws_region", "us-east-1"),
-                option("aws_access_key_id", "S3RVER"),
-                option("aws_secret_access_key", "S3RVER"),
-            ],
-        }
+        bucket_at(self.port)
     }
 
     /// Files s3rver keeps for objects whose key contains `part`.
@@ -104,6 +94,21 @@ impl S3Server {
             .into_iter()
             .filter(|p| p.to_string_lossy().contains(part))
             .collect()
+    }
+}
+
+/// The deployment's bucket on an S3 server at `port` on loopback.
+fn bucket_at(port: u16) -> BucketConfig {
+    let option = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+    BucketConfig {
+        url: format!("s3://{BUCKET}/deployment"),
+        options: vec![
+            option("aws_endpoint", &format!("http://127.0.0.1:{port}")),
+            option("aws_allow_http", "true"),
+            option("aws_region", "us-east-1"),
+            option("aws_access_key_id", "S3RVER"),
+            option("aws_secret_access_key", "S3RVER"),
+        ],
     }
 }
 
@@ -302,6 +307,44 @@ async fn a_replaced_dataset_is_not_read_from_the_cached_copy() {
         job["result"]["rows_imported"], 3,
         "the first bytes were read from the cache: {job}"
     );
+}
+
+/// A bucket that takes connections and never answers: a job's delete answers 503 within the
+/// deletion timeout and keeps the job (its row was locked while the store was waited on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_against_a_store_that_never_answers_is_a_503_and_keeps_the_job() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let app = TestApp::spawn_with(|s| {
+        s.object_store = Some(bucket_at(port));
+        s.object_delete_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let job = app.submit_canary(json!({})).await;
+    sqlx::query("UPDATE jobs SET status = 'succeeded', finished_at = now() WHERE id = $1")
+        .bind(job)
+        .execute(app.pool())
+        .await
+        .unwrap();
+
+    let (status, problem) = tokio::time::timeout(
+        Duration::from_secs(20),
+        app.delete_answered(&format!("/v1/jobs/{job}")),
+    )
+    .await
+    .expect("the delete answers within the store's timeout");
+    assert_eq!(status, 503, "{problem}");
+    assert!(
+        !problem.to_string().contains("127.0.0.1"),
+        "the store's address is not the client's to read: {problem}"
+    );
+    assert_eq!(app.job(job).await["status"], "succeeded");
 }
 
 /// Imports `dataset` into a new table `table`; the job once it ended.

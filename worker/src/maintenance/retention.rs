@@ -25,17 +25,16 @@ pub(crate) struct Retention {
     pub snapshot_retention: Duration,
 }
 
-/// Artifact deletions in flight at once.
-const DELETIONS: usize = 16;
-
 impl Retention {
-    /// Every minute.
+    /// Every minute, 16 jobs a transaction: a batch's rows stay locked while their artifacts
+    /// are deleted, all at once, within `CONVEYOR_OBJECT_DELETE_TIMEOUT_SECS` (a thousand rows
+    /// locked across a slow store's deletions held up whatever else wanted them, for minutes).
     pub fn new(settings: &Settings) -> Self {
         Self {
             schedule: Schedule {
                 name: "job retention",
                 interval: Duration::from_secs(60),
-                batch: 1000,
+                batch: 16,
             },
             retention: settings.job_retention,
             snapshot_retention: settings.snapshot_retention,
@@ -44,9 +43,9 @@ impl Retention {
 
     /// One batch: the rows are deleted in a transaction that commits only once their artifacts
     /// are gone, so a failure leaves rows (deleted again next time), never unowned objects. A
-    /// job whose artifacts cannot be deleted (a bucket's object under a lock) is kept, logged
-    /// and added to `kept`, which later batches of the run pass over: the others go on without
-    /// it. Returns how many jobs were due and how many went.
+    /// job whose artifacts cannot be deleted (a bucket's object under a lock, a store that does
+    /// not answer) is kept, logged and added to `kept`, which later batches of the run pass
+    /// over: the others go on without it. Returns how many jobs were due and how many went.
     async fn delete_batch(
         &self,
         runtime: &Runtime,
@@ -62,21 +61,18 @@ impl Retention {
         )
         .await?;
         let objects = runtime.objects();
+        let results =
+            futures::future::join_all(due.iter().map(|job| objects.delete_artifacts(job.id))).await;
         let mut deleted = Vec::with_capacity(due.len());
-        for jobs in due.chunks(DELETIONS) {
-            let results =
-                futures::future::join_all(jobs.iter().map(|job| objects.delete_artifacts(job.id)))
-                    .await;
-            for (job, result) in jobs.iter().zip(results) {
-                match result {
-                    Ok(()) => deleted.push(job),
-                    Err(e) => {
-                        tracing::warn!(
-                            job = %job.id, error = %e,
-                            "a finished job's artifacts could not be deleted; the job is kept"
-                        );
-                        kept.push(job.id);
-                    }
+        for (job, result) in due.iter().zip(results) {
+            match result {
+                Ok(()) => deleted.push(job),
+                Err(e) => {
+                    tracing::warn!(
+                        job = %job.id, error = %e,
+                        "a finished job's artifacts could not be deleted; the job is kept"
+                    );
+                    kept.push(job.id);
                 }
             }
         }
@@ -358,6 +354,69 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(deleted, 1);
+    }
+
+    /// An object store that takes connections and never answers holds a batch's rows, no
+    /// more, and for no longer than the deletion timeout; the jobs are kept for the next run.
+    #[tokio::test]
+    async fn a_store_that_never_answers_holds_one_batchs_rows_for_its_timeout_only() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let test = TestDb::with(jobs::Registry::default(), |settings| {
+            settings.job_retention = Some(Duration::from_secs(10 * DAY));
+            settings.object_delete_timeout = Duration::from_secs(2);
+            settings.object_store = Some(shared::objects::BucketConfig {
+                url: "s3://artifacts".into(),
+                options: [
+                    ("aws_endpoint", endpoint.as_str()),
+                    ("aws_allow_http", "true"),
+                    ("aws_region", "us-east-1"),
+                    ("aws_access_key_id", "test"),
+                    ("aws_secret_access_key", "test"),
+                ]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .into(),
+            });
+        })
+        .await;
+        let due: Vec<Uuid> =
+            futures::future::join_all((0..40).map(|_| finished(&test, "canary", "failed", 40)))
+                .await;
+
+        let runtime = test.runtime.clone();
+        let run = tokio::spawn(async move {
+            let retention = Retention::new(runtime.settings());
+            retention.run(&runtime).await
+        });
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // The rows no other transaction can lock now: the batch being deleted.
+        let free: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT id FROM jobs WHERE id = ANY($1)
+                                   FOR UPDATE SKIP LOCKED) free",
+        )
+        .bind(&due)
+        .fetch_one(test.pool())
+        .await
+        .unwrap();
+        assert!(free >= 40 - 16, "only {free} of 40 free");
+        let deleted = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the run ends past each batch's timeout")
+            .unwrap()
+            .unwrap();
+        assert_eq!(deleted, 0);
+        for id in due {
+            assert!(
+                test.status(id).await.is_some(),
+                "{id} deleted without its artifacts"
+            );
+        }
     }
 
     #[tokio::test]
