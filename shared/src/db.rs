@@ -265,6 +265,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261220"),
             include_str!("../../migrations/checksums-20261221"),
             include_str!("../../migrations/checksums-20261222"),
+            include_str!("../../migrations/checksums-20261223"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest

@@ -877,17 +877,51 @@ pub struct Moved {
     pub error: Option<String>,
 }
 
-/// Scheduled and retrying jobs whose time has come become queued.
-pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<Moved>> {
-    sqlx::query_as(
-        "UPDATE jobs SET status = 'queued', updated_at = now()
-         WHERE id IN (SELECT id FROM jobs WHERE status IN ('scheduled', 'retrying') AND run_at <= now()
-                      ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-         RETURNING id, tenant_id, kind, attempt, status, error",
-    )
+/// Scheduled and retrying jobs whose time has come become queued, about `limit` of them: each
+/// tenant with due jobs its share, oldest first (in `run_at` order alone, one tenant's million
+/// jobs due at once went before every other tenant's due job). The tenants are walked one
+/// index probe each (`jobs_waiting_by_tenant`), only when some job is due. Returns the jobs
+/// moved and whether more may be due (a tenant took its whole share).
+pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<(Vec<Moved>, bool)> {
+    #[derive(sqlx::FromRow)]
+    struct Promoted {
+        #[sqlx(flatten)]
+        moved: Moved,
+        filled: bool,
+    }
+    const WAITING: &str = "status IN ('scheduled', 'retrying')";
+    let promoted: Vec<Promoted> = sqlx::query_as(&format!(
+        "WITH RECURSIVE waiting (tenant_id, run_at) AS (
+             (SELECT tenant_id, run_at FROM jobs
+              WHERE {WAITING} AND EXISTS (SELECT 1 FROM jobs WHERE {WAITING} AND run_at <= now())
+              ORDER BY tenant_id, run_at LIMIT 1)
+             UNION ALL
+             SELECT next.tenant_id, next.run_at FROM waiting w, LATERAL (
+                 SELECT j.tenant_id, j.run_at FROM jobs j
+                 WHERE j.{WAITING} AND j.tenant_id > w.tenant_id
+                 ORDER BY j.tenant_id, j.run_at LIMIT 1) next
+         ), due AS (
+             SELECT tenant_id FROM waiting WHERE run_at <= now()
+         ), share AS (
+             SELECT ceil($1::float8 / greatest(count(*), 1))::int8 AS n FROM due
+         ), picked AS (
+             SELECT p.id FROM due, share, LATERAL (
+                 SELECT j.id FROM jobs j
+                 WHERE j.tenant_id = due.tenant_id AND j.{WAITING} AND j.run_at <= now()
+                 ORDER BY j.run_at LIMIT share.n FOR UPDATE SKIP LOCKED) p
+         ), promoted AS (
+             UPDATE jobs SET status = 'queued', updated_at = now()
+             FROM picked WHERE jobs.id = picked.id
+             RETURNING jobs.id, jobs.tenant_id, jobs.kind, jobs.attempt, jobs.status, jobs.error
+         )
+         SELECT promoted.*, count(*) OVER (PARTITION BY promoted.tenant_id) >= share.n AS filled
+         FROM promoted, share"
+    ))
     .bind(limit)
     .fetch_all(pool)
-    .await
+    .await?;
+    let more = promoted.iter().any(|p| p.filled);
+    Ok((promoted.into_iter().map(|p| p.moved).collect(), more))
 }
 
 /// Running jobs whose worker stopped heart-beating, at most `limit` of them: re-queued; failed
@@ -1775,7 +1809,7 @@ mod tests {
             assert_eq!(row.status(), JobStatus::Cancelled, "{row:?}");
             assert!(row.finished_at.is_some());
         }
-        assert!(promote_due(&db.pool, 10).await.unwrap().is_empty());
+        assert!(promote_due(&db.pool, 10).await.unwrap().0.is_empty());
         let next = claim_jobs(&db.pool, "canary", "w1", 1, None, false)
             .await
             .unwrap();

@@ -31,16 +31,21 @@ impl Duty for Scheduler {
 
     /// Batch after batch until the due jobs are all queued: one batch a tick let a tenant's
     /// million jobs due at once hold every other tenant's retries and scheduled jobs back by
-    /// minutes (4,000 a second, in `run_at` order). Once queued, claims share them fairly.
+    /// minutes (4,000 a second). Each batch gives every tenant with due jobs its share, so
+    /// another tenant's due job waits one batch, not the backlog. Once queued, claims share
+    /// them fairly.
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
-        super::drain(self.schedule.batch, || async {
-            let due = store::promote_due(runtime.pool(), self.schedule.batch).await?;
+        let mut promoted = 0;
+        loop {
+            let (due, more) = store::promote_due(runtime.pool(), self.schedule.batch).await?;
+            promoted += due.len();
             runtime
                 .dispatch_now(due.iter().filter_map(Change::moved).collect())
                 .await;
-            Ok(due.len())
-        })
-        .await
+            if !more {
+                return Ok(promoted);
+            }
+        }
     }
 }
 
@@ -75,6 +80,60 @@ mod tests {
         assert_eq!(test.status(running).await.as_deref(), Some("running"));
     }
 
+    /// A scheduled job of another tenant, due a second ago.
+    async fn another_tenants_due_job(test: &TestDb) -> uuid::Uuid {
+        let other = test.other_tenant().await;
+        let theirs = test.job("canary", "scheduled").await;
+        test.set(
+            theirs,
+            &format!("tenant_id = '{other}', run_at = now() - interval '1 second'"),
+        )
+        .await;
+        theirs
+    }
+
+    /// Each batch gives every tenant with due jobs its share: another tenant's job, due after
+    /// all of one tenant's backlog, goes in the first batch.
+    #[tokio::test]
+    async fn a_batch_promotes_each_tenants_share_of_the_due_jobs() {
+        let test = TestDb::new().await;
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload, run_at)
+             SELECT gen_random_uuid(), $1, 'canary', 'scheduled', '{}',
+                    now() - interval '1 hour' + i * interval '1 ms'
+             FROM generate_series(1, 3000) i",
+        )
+        .bind(test.tenant)
+        .execute(test.pool())
+        .await
+        .unwrap();
+        let theirs = another_tenants_due_job(&test).await;
+
+        let (first, more) = store::promote_due(test.pool(), 1000).await.unwrap();
+
+        assert!(more, "the backlog is not all queued yet");
+        assert!(
+            first.iter().any(|job| job.id == theirs),
+            "the other tenant's due job waited behind the backlog"
+        );
+        assert!(first.len() <= 1001, "{} in a batch of 1,000", first.len());
+        // The backlog's share is its oldest jobs.
+        let oldest_left: bool = sqlx::query_scalar(
+            "SELECT max(run_at) FILTER (WHERE status = 'queued')
+                    < min(run_at) FILTER (WHERE status = 'scheduled')
+             FROM jobs WHERE tenant_id = $1",
+        )
+        .bind(test.tenant)
+        .fetch_one(test.pool())
+        .await
+        .unwrap();
+        assert!(oldest_left);
+        assert_eq!(
+            Scheduler::default().run(&test.runtime).await.unwrap(),
+            3001 - first.len()
+        );
+    }
+
     /// A run promotes batch after batch until nothing is due: another tenant's job due just
     /// after one tenant's backlog waited a tick per batch of it.
     #[tokio::test]
@@ -84,13 +143,7 @@ mod tests {
             let id = test.job("canary", "scheduled").await;
             test.set(id, "run_at = now() - interval '2 seconds'").await;
         }
-        let other = test.other_tenant().await;
-        let theirs = test.job("canary", "scheduled").await;
-        test.set(
-            theirs,
-            &format!("tenant_id = '{other}', run_at = now() - interval '1 second'"),
-        )
-        .await;
+        let theirs = another_tenants_due_job(&test).await;
         let mut scheduler = Scheduler::default();
         scheduler.schedule.batch = 2;
         assert_eq!(scheduler.run(&test.runtime).await.unwrap(), 6);
