@@ -13,7 +13,7 @@ mod reference;
 mod refusals;
 pub mod revocation;
 mod routes;
-mod serve;
+pub mod serve;
 mod state;
 
 pub use state::AppState;

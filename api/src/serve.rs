@@ -1,5 +1,5 @@
 //! Serving the router's connections through hyper (HTTP/1.1): each request's head read within
-//! a deadline, and on shutdown the listener closed first, then the requests in flight answered
+//! a deadline, each write taken by the client within one, and on shutdown the listener closed first, then the requests in flight answered
 //! before the connections close. (`axum::serve` sets hyper no timer, so a client sending its
 //! headers a byte a minute held a connection and a task for ever, without credentials; and
 //! its detection of HTTP/2 with prior knowledge reads a connection's first bytes with no
@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 /// How long a client has to send a request's head (hyper's header read timeout, which also
 /// closes a kept-alive connection idle this long: longer than balancers keep theirs idle).
 pub const HEADER_READ: Duration = Duration::from_secs(30);
+
+/// How long a write to a client may wait for it to read: a client that pipelines requests and
+/// never reads the answers (or an event stream's that stopped reading) is cut off past it.
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
 
 /// How long requests in flight at shutdown have to end before their connections are dropped.
 pub const DRAIN: Duration = Duration::from_secs(10);
@@ -51,8 +55,11 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
+        let mut tcp = tokio_io_timeout::TimeoutStream::new(tcp);
+        tcp.set_write_timeout(Some(WRITE_STALL));
         let service = TowerToHyperService::new(app.clone());
-        let connection = connections.watch(http.serve_connection(TokioIo::new(tcp), service));
+        let connection =
+            connections.watch(http.serve_connection(TokioIo::new(Box::pin(tcp)), service));
         served.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::trace!(error = %e, "connection ended");

@@ -696,6 +696,55 @@ async fn a_connection_that_never_starts_a_request_is_cut_off() {
     }
 }
 
+/// A client that pipelines requests and never reads the answers is cut off once a write has
+/// waited `WRITE_STALL` for it: hyper has no write timeout, and the connection and its task
+/// were held for ever.
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    let addr = app.server.as_ref().unwrap().addr;
+    let answer = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let spec = answer.bytes().await.unwrap().len();
+    // Far more answers than the sockets' buffers hold (loopback's grow to a few MB).
+    let requests = (64 << 20) / spec + 1;
+    let (mut read, mut write) = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap()
+        .into_split();
+    let pipelined = tokio::spawn(async move {
+        for _ in 0..requests {
+            let request = b"GET /openapi.json HTTP/1.1\r\nhost: conveyor\r\n\r\n";
+            if write.write_all(request).await.is_err() {
+                break;
+            }
+        }
+        write
+    });
+    tokio::time::sleep(conveyor_api::serve::WRITE_STALL + std::time::Duration::from_secs(5)).await;
+
+    let mut received = 0;
+    let mut buffer = vec![0; 1 << 20];
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Ok(n @ 1..) = read.read(&mut buffer).await {
+            received += n;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "still open after the write stalled");
+    assert!(
+        received < requests * spec,
+        "all {requests} answers were sent ({received} bytes)"
+    );
+    pipelined.abort();
+}
+
 type BodyChunks = tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>;
 
 /// A POST whose body is what the test sends on the returned channel, as it sends it.
