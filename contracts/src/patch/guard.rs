@@ -377,6 +377,8 @@ fn cast_allowed(data_type: &DataType) -> Result<(), String> {
         Some((schema, name)) => (Some(schema.trim()), name.trim()),
         None => (None, base.trim()),
     };
+    // `_regclass` is `regclass[]` by its catalog name: its elements print as names too.
+    let name = name.trim_start_matches('_');
     if CATALOG_TYPES.contains(&name) || name.starts_with("pg_") {
         Err(format!(
             "casts to {text}, a catalog type: it names objects the tenant's role cannot read"
@@ -1238,6 +1240,10 @@ mod tests {
             "UPDATE items SET note = regclass 'orders' WHERE id = 1",
             "UPDATE items SET note = 'x'::pg_catalog.regrole WHERE id = 1",
             "UPDATE items SET note = 'x'::\"regclass\"[] WHERE id = 1",
+            "UPDATE items SET note = ('{1259}'::_regclass)::text WHERE id = 1",
+            "UPDATE items SET note = ('{2200}'::pg_catalog._regnamespace)::text WHERE id = 1",
+            "UPDATE items SET note = ('{10}'::\"_regrole\")::text WHERE id = 1",
+            "UPDATE items SET note = CAST('{1}' AS _pg_lsn)::text WHERE id = 1",
             "DELETE FROM items WHERE id::tid IS NULL",
             "DELETE FROM items WHERE note::pg_lsn IS NULL",
         ] {
