@@ -318,22 +318,36 @@ pub fn with_references(sent: &Value, mut parsed: Value) -> Option<Value> {
     put(sent, &mut parsed).then_some(parsed)
 }
 
+/// The most JSON one output may be to stand in for a reference. Outputs are ids and names, but
+/// some are read back from rows a tenant's own database keeps (a patch's registry, an import's
+/// ledger): a 450 KB "table name" referenced 100 times in each of 49 steps made one advance
+/// build GBs of payloads.
+pub const MAX_REFERENCED_BYTES: usize = 4 << 10;
+
 /// `payload` with every reference replaced by the named output of the needed step (from its
-/// job's `result.outputs`, `None` when that step has none); the error says which is missing.
+/// job's `result.outputs`, `None` when that step has none); the error says which is missing or
+/// past [`MAX_REFERENCED_BYTES`].
 pub fn resolve(payload: &Value, outputs: &HashMap<&str, Option<&Value>>) -> Result<Value, String> {
     substitute(payload, &mut |step, output| {
-        outputs
+        let value = outputs
             .get(step)
             .copied()
             .flatten()
             .and_then(|o| o.get(output))
             .filter(|v| !v.is_null())
-            .cloned()
             .ok_or_else(|| {
                 format!(
                     "${{steps.{step}.outputs.{output}}}: step {step:?} has no output {output:?}"
                 )
-            })
+            })?;
+        let bytes = serde_json::to_vec(value).map_or(usize::MAX, |json| json.len());
+        if bytes > MAX_REFERENCED_BYTES {
+            return Err(format!(
+                "${{steps.{step}.outputs.{output}}}: that output is {bytes} bytes of JSON; \
+                 a reference stands for at most {MAX_REFERENCED_BYTES}"
+            ));
+        }
+        Ok(value.clone())
     })
 }
 
@@ -751,7 +765,8 @@ pub async fn advance(
                 }
                 Change::Fail(reason) => {
                     step.stored = "failed".into();
-                    step.reason = Some(reason);
+                    // Validators quote what they refuse: kept within a job error's bound.
+                    step.reason = Some(crate::store::bounded_error(reason));
                 }
             }
             sqlx::query(
@@ -1315,5 +1330,22 @@ mod tests {
         let missing = HashMap::from([("synth", Some(&up)), ("up", None)]);
         let why = resolve(&payload, &missing).unwrap_err();
         assert!(why.contains("has no output \"dataset_id\""), "{why}");
+    }
+
+    /// An output past a reference's bound fails the step before any copy is made of it: one a
+    /// tenant's database wrote, referenced 100 times, made a payload of 45 MB per step.
+    #[test]
+    fn a_reference_stands_for_a_bounded_output_only() {
+        let documents: Vec<Value> = (0..100)
+            .map(|i| json!({"id": format!("d{i}"), "text": "${steps.p.outputs.table}"}))
+            .collect();
+        let payload = json!({"collection_id": PLACEHOLDER, "documents": documents});
+        let huge = json!({"table": "x".repeat(450_000)});
+        let why = resolve(&payload, &HashMap::from([("p", Some(&huge))])).unwrap_err();
+        assert!(why.contains("a reference stands for at most 4096"), "{why}");
+        assert!(why.len() < 200, "{why}");
+        let named = json!({"table": "x".repeat(MAX_REFERENCED_BYTES - 2)});
+        let resolved = resolve(&payload, &HashMap::from([("p", Some(&named))])).unwrap();
+        assert_eq!(resolved["documents"][99]["text"], named["table"]);
     }
 }

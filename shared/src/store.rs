@@ -384,7 +384,8 @@ impl Outcome {
     }
 }
 
-fn bounded_error(error: String) -> String {
+/// `error` within [`MAX_ERROR_BYTES`]: its start kept, its length told.
+pub fn bounded_error(error: String) -> String {
     if error.len() <= MAX_ERROR_BYTES {
         return error;
     }
