@@ -70,6 +70,27 @@ async fn the_platforms_databases_are_refused_under_every_name() {
     }
 }
 
+/// Where loopback is not allowed (production's default), the platform's own databases there
+/// are refused as any loopback address is: naming them told a tenant probing addresses, ports
+/// and database names where the control plane and the default target are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_address_does_not_say_it_is_the_platforms() {
+    let app = TestApp::spawn_with(|s| s.connection_allow = AllowList::default()).await;
+    for host in ["127.0.0.1", "localhost", "[::1]"] {
+        for platform in [
+            &app.settings.database_url,
+            &app.settings.target_database_url,
+        ] {
+            let url = with_host(platform, host, "ann");
+            let why = refused(&app, &url).await;
+            let port = Url::parse(&url).unwrap().port().unwrap();
+            let unrelated = refused(&app, &format!("postgres://ann@{host}:{port}/not_ours")).await;
+            assert_eq!(why, unrelated, "{url}");
+            assert!(!why.contains("platform"), "{why}");
+        }
+    }
+}
+
 /// Forwards loopback connections on a port of its own to `to`: the same server under an
 /// address the address check cannot tell from another.
 async fn tcp_proxy(to: u16) -> u16 {

@@ -223,6 +223,20 @@ impl Guard {
     /// Resolves the URL's host and checks every address it has, before anything connects.
     pub async fn check(&self, url: &TargetUrl) -> Result<CheckedTarget, Refusal> {
         let ips = url.resolve().await?;
+        // The address rules first: an address they refuse is refused in their words, whoever
+        // listens there (the platform's own servers named would tell a tenant where they are).
+        for ip in &ips {
+            if self.allow.allows(&url.host, *ip) {
+                continue;
+            }
+            if let Some(why) = internal_reason(*ip) {
+                return Err(Refusal::Invalid(super::address::refused_address(
+                    &url.host,
+                    why,
+                    "connections",
+                )));
+            }
+        }
         for platform in &self.platform {
             let platform_ips = TargetUrl::resolve_host(&platform.host, platform.port).await?;
             let same_server = url.port == platform.port
@@ -239,18 +253,6 @@ impl Guard {
                 return Err(Refusal::Invalid(format!(
                     "is the platform's {} server",
                     platform.what
-                )));
-            }
-        }
-        for ip in &ips {
-            if self.allow.allows(&url.host, *ip) {
-                continue;
-            }
-            if let Some(why) = internal_reason(*ip) {
-                return Err(Refusal::Invalid(super::address::refused_address(
-                    &url.host,
-                    why,
-                    "connections",
                 )));
             }
         }
