@@ -123,7 +123,7 @@ pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> anyhow::Resu
 }
 
 /// An endpoint as the API shows it: never its secret.
-#[derive(Clone, Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Clone, Serialize, ToSchema, sqlx::FromRow)]
 pub struct Webhook {
     pub id: Uuid,
     pub url: String,
@@ -136,12 +136,36 @@ pub struct Webhook {
 }
 
 /// `POST /v1/webhooks`' answer: the endpoint and, this once, its signing secret.
-#[derive(Clone, Debug, Serialize, ToSchema)]
+#[derive(Clone, Serialize, ToSchema)]
 pub struct CreatedWebhook {
     #[serde(flatten)]
     pub webhook: Webhook,
     /// `whsec_<base64>`: verify each delivery's `webhook-signature` with it. Shown once.
     pub secret: String,
+}
+
+/// What a log may show of an endpoint's URL: not its query, which may carry a token.
+fn shown_url(url: &str) -> String {
+    url::Url::parse(url).map_or_else(|_| "(not a URL)".into(), |url| without_query(&url))
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("id", &self.id)
+            .field("url", &shown_url(&self.url))
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for CreatedWebhook {
+    /// Never the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedWebhook")
+            .field("webhook", &self.webhook)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One event for one endpoint, as the API shows it.
@@ -324,7 +348,7 @@ pub(crate) fn outbox_cte(source: &str) -> String {
 }
 
 /// A delivery claimed for one attempt, with what sending it needs.
-#[derive(Clone, Debug, sqlx::FromRow)]
+#[derive(Clone, sqlx::FromRow)]
 pub struct Claimed {
     pub id: Uuid,
     pub webhook_id: Uuid,
@@ -336,6 +360,20 @@ pub struct Claimed {
     pub retry_started_at: DateTime<Utc>,
     pub url: String,
     pub secret_encrypted: Vec<u8>,
+}
+
+impl std::fmt::Debug for Claimed {
+    /// Neither the URL's query nor the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claimed")
+            .field("id", &self.id)
+            .field("webhook_id", &self.webhook_id)
+            .field("tenant_id", &self.tenant_id)
+            .field("event", &self.event)
+            .field("attempts", &self.attempts)
+            .field("url", &shown_url(&self.url))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Claims up to `limit` due deliveries for one attempt each: each is pushed `lease` ahead
@@ -483,6 +521,43 @@ pub async fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A log line formatting an endpoint shows neither its secret nor its URL's query.
+    #[test]
+    fn debug_shows_no_secret_and_no_query() {
+        let webhook = Webhook {
+            id: Uuid::now_v7(),
+            url: "https://hooks.example/in?token=s3cr3t-token".into(),
+            events: vec!["job.failed".into()],
+            failing_since: None,
+            created_at: Utc::now(),
+        };
+        let secret = new_secret();
+        let created = CreatedWebhook {
+            webhook: webhook.clone(),
+            secret: secret.clone(),
+        };
+        let claimed = Claimed {
+            id: Uuid::now_v7(),
+            webhook_id: webhook.id,
+            tenant_id: Uuid::now_v7(),
+            event: "job.failed".into(),
+            payload: Value::Null,
+            attempts: 1,
+            retry_started_at: Utc::now(),
+            url: webhook.url.clone(),
+            secret_encrypted: secret.clone().into_bytes(),
+        };
+        for shown in [
+            format!("{webhook:?}"),
+            format!("{created:?}"),
+            format!("{claimed:?}"),
+        ] {
+            assert!(shown.contains("hooks.example/in"), "{shown}");
+            assert!(!shown.contains("s3cr3t-token"), "{shown}");
+            assert!(!shown.contains(&secret["whsec_".len()..]), "{shown}");
+        }
+    }
 
     /// The example of the Standard Webhooks spec (and its reference libraries' tests).
     #[test]
