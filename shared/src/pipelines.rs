@@ -1066,10 +1066,14 @@ pub async fn retry_step(
 }
 
 /// Running pipelines with something to do, at most `limit`, skipping those another advancer
-/// holds: a waiting step whose needs have all ended (or, under `cancel_dependents`, one of
-/// which failed or was cancelled), or no step left to wait for.
-pub async fn stalled(db: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Uuid>> {
-    sqlx::query_scalar(STALLED).bind(limit).fetch_all(db).await
+/// holds and those in `skip`: a waiting step whose needs have all ended (or, under
+/// `cancel_dependents`, one of which failed or was cancelled), or no step left to wait for.
+pub async fn stalled(db: &mut PgConnection, limit: i64, skip: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(STALLED)
+        .bind(limit)
+        .bind(skip)
+        .fetch_all(db)
+        .await
 }
 
 /// [`stalled`]'s statement. Its steps are read per pipeline through the primary key: as a
@@ -1085,7 +1089,7 @@ const STALLED: &str = "WITH step AS NOT MATERIALIZED (
              FROM pipeline_steps s LEFT JOIN jobs j ON j.id = s.job_id
          )
          SELECT p.id FROM pipelines p
-         WHERE p.status = 'running'
+         WHERE p.status = 'running' AND p.id <> ALL ($2)
            AND (NOT EXISTS (SELECT 1 FROM step WHERE step.pipeline_id = p.id AND step.ended IS NULL)
                 OR EXISTS (
                     SELECT 1 FROM step w
@@ -1102,14 +1106,18 @@ const STALLED: &str = "WITH step AS NOT MATERIALIZED (
          FOR UPDATE OF p SKIP LOCKED";
 
 /// Ended pipelines (`failed` or `cancelled`) with a step whose job is live again, at most
-/// `limit`, skipping those another advancer holds. Retries resume their pipelines in their
+/// `limit`, skipping those another advancer holds and those in `skip`. Retries resume their pipelines in their
 /// own transaction; a bulk retry of an earlier version committed its jobs, then resumed their
 /// pipelines in a transaction of their own, and a process dying between the two left this.
 /// Kept for those, and as a net: an ended pipeline has no other way to a live step.
-pub async fn retried_but_ended(db: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Uuid>> {
+pub async fn retried_but_ended(
+    db: &mut PgConnection,
+    limit: i64,
+    skip: &[Uuid],
+) -> sqlx::Result<Vec<Uuid>> {
     sqlx::query_scalar(concat!(
         "SELECT p.id FROM pipelines p
-         WHERE p.status IN ('failed', 'cancelled')
+         WHERE p.status IN ('failed', 'cancelled') AND p.id <> ALL ($2)
            AND p.id IN (SELECT s.pipeline_id FROM jobs j
                         JOIN pipeline_steps s ON s.job_id = j.id AND s.state = 'started'
                         WHERE j.pipeline_id IS NOT NULL AND ",
@@ -1119,6 +1127,7 @@ pub async fn retried_but_ended(db: &mut PgConnection, limit: i64) -> sqlx::Resul
          FOR UPDATE OF p SKIP LOCKED"
     ))
     .bind(limit)
+    .bind(skip)
     .fetch_all(db)
     .await
 }
@@ -1174,10 +1183,11 @@ mod tests {
             .await
             .unwrap();
         let mut conn = db.pool.acquire().await.unwrap();
-        assert!(stalled(&mut conn, 100).await.unwrap().is_empty());
+        assert!(stalled(&mut conn, 100, &[]).await.unwrap().is_empty());
         let plan: serde_json::Value =
             sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {STALLED}"))
                 .bind(100i64)
+                .bind(Vec::<Uuid>::new())
                 .fetch_one(&mut *conn)
                 .await
                 .unwrap();

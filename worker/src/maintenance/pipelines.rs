@@ -34,25 +34,38 @@ impl Duty for Pipelines {
         self.schedule
     }
 
-    /// Returns how many pipelines moved. Goes on while a transaction took a full batch.
+    /// Returns how many pipelines moved. Goes on while a transaction took a full batch. Each
+    /// pipeline moves under a savepoint of its own: one whose advance fails (logged, and tried
+    /// again next run) rolled back the whole batch, every run, and with it every other
+    /// tenant's pipelines left behind.
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
-        let mut moved = 0;
+        let (mut moved, mut failing) = (0, Vec::new());
         loop {
             let mut tx = runtime.pool().begin().await?;
             // Locked (skipping those an advancer holds) until this transaction ends.
-            let stalled = pipelines::stalled(&mut tx, self.schedule.batch).await?;
-            let retried = pipelines::retried_but_ended(&mut tx, self.schedule.batch).await?;
-            // Running again, their steps cancelled for want of the retried ones waiting again.
-            for pipeline in &retried {
-                pipelines::reopen(&mut tx, *pipeline).await?;
-            }
-            moved += retried.len();
+            let stalled = pipelines::stalled(&mut tx, self.schedule.batch, &failing).await?;
+            let retried =
+                pipelines::retried_but_ended(&mut tx, self.schedule.batch, &failing).await?;
             let mut jobs = Vec::new();
             for pipeline in stalled.iter().chain(&retried) {
-                let advanced = pipelines::advance(&mut tx, *pipeline, &runtime.validator()).await?;
-                // One an advancer moved meanwhile has nothing left to do.
-                moved += usize::from(advanced.moved() && !retried.contains(pipeline));
-                jobs.extend(advanced.jobs);
+                let was_retried = retried.contains(pipeline);
+                let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
+                match move_on(&mut savepoint, *pipeline, was_retried, runtime).await {
+                    Ok(advanced) => {
+                        savepoint.commit().await?;
+                        // One an advancer moved meanwhile has nothing left to do.
+                        moved += usize::from(advanced.moved() || was_retried);
+                        jobs.extend(advanced.jobs);
+                    }
+                    Err(e) => {
+                        savepoint.rollback().await?;
+                        tracing::warn!(
+                            %pipeline, error = %e,
+                            "a pipeline could not move on; it is tried again next run"
+                        );
+                        failing.push(*pipeline);
+                    }
+                }
             }
             tx.commit().await?;
             runtime
@@ -64,6 +77,20 @@ impl Duty for Pipelines {
             }
         }
     }
+}
+
+/// Advances `pipeline`; one `retried` is running again first, its steps cancelled for want of
+/// the retried ones waiting again.
+async fn move_on(
+    db: &mut sqlx::PgConnection,
+    pipeline: uuid::Uuid,
+    retried: bool,
+    runtime: &Runtime,
+) -> sqlx::Result<pipelines::Advanced> {
+    if retried {
+        pipelines::reopen(db, pipeline).await?;
+    }
+    pipelines::advance(db, pipeline, &runtime.validator()).await
 }
 
 #[cfg(test)]
@@ -195,6 +222,46 @@ mod tests {
         test.end_job(jobs[0].0, "succeeded", json!({})).await;
         assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 1);
         assert_eq!(test.steps(id).await.1, "succeeded");
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 0);
+    }
+
+    /// A pipeline that cannot move on (here a trigger refuses its steps' changes) holds up no
+    /// other: the whole batch was rolled back with it, every run.
+    #[tokio::test]
+    async fn a_pipeline_that_cannot_move_on_holds_up_no_other() {
+        let test = TestDb::new().await;
+        let two = || [step("a", &[], json!({})), step("b", &["a"], json!({}))];
+        let (poison, fine) = (
+            test.pipeline(OnFailure::CancelDependents, &two()).await,
+            test.pipeline(OnFailure::CancelDependents, &two()).await,
+        );
+        for id in [poison, fine] {
+            let (steps, _) = test.steps(id).await;
+            test.end_job(steps[0].2.unwrap(), "succeeded", json!({}))
+                .await;
+        }
+        sqlx::query(&format!(
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.pipeline_id = '{poison}' THEN RAISE EXCEPTION 'refused'; END IF;
+                 RETURN NEW;
+             END $$"
+        ))
+        .execute(test.pool())
+        .await
+        .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER refuse_poison BEFORE UPDATE ON pipeline_steps
+             FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+        )
+        .execute(test.pool())
+        .await
+        .unwrap();
+
+        assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 1);
+        assert_eq!(test.steps(fine).await.0[1].0, "queued");
+        assert_eq!(test.steps(poison).await.0[1].0, "waiting");
+        // Tried again each run, still alone.
         assert_eq!(Pipelines::default().run(&test.runtime).await.unwrap(), 0);
     }
 
