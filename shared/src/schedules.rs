@@ -542,13 +542,18 @@ pub async fn fire_due(
     // ones late, skipped as "missed while maintenance was not running".
     let pass_started: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     let mut fired = Fired::default();
-    // Each schedule fires at most once a pass.
-    let mut seen = Vec::new();
-    while (seen.len() as i64) < limit {
+    // Each schedule fires at most once a pass; a tenant whose row stayed locked past
+    // `FIRING_LOCK_WAIT` is passed over for the rest of it. Those waits do not count toward
+    // `limit`: a tenant's 100 schedules failing on its held row filled every pass, and no other
+    // tenant's schedule fired while it was held.
+    let (mut seen, mut held) = (Vec::new(), Vec::new());
+    let mut tried = 0;
+    while tried < limit {
         let taken = seen.len();
         let lateness = (pass_started, grace);
-        match fire_next(pool, buckets, lateness, validate, &mut seen).await {
+        match fire_next(pool, buckets, lateness, validate, &mut seen, &held).await {
             Ok(Some(made)) => {
+                tried += 1;
                 fired.schedules += 1;
                 fired.jobs.extend(made.jobs);
                 fired.pipelines += made.pipelines;
@@ -557,7 +562,13 @@ pub async fn fire_due(
             // One schedule's failure is its own: the others fire (first in each pass, it stopped
             // every tenant's schedules).
             Err(e) if seen.len() > taken => {
-                tracing::warn!(error = %e, schedule = %seen[taken], "a schedule did not fire; the next pass tries again");
+                let (schedule, tenant) = seen[taken];
+                if lock_not_available(&e) {
+                    held.push(tenant);
+                } else {
+                    tried += 1;
+                }
+                tracing::warn!(error = %e, %schedule, "a schedule did not fire; the next pass tries again");
             }
             Err(e) if fired.schedules == 0 => return Err(e),
             Err(e) => {
@@ -569,17 +580,27 @@ pub async fn fire_due(
     Ok(fired)
 }
 
+/// Whether `e` is a lock wait that ran past its `lock_timeout` (SQLSTATE 55P03).
+fn lock_not_available(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<sqlx::Error>()
+        .and_then(|e| e.as_database_error())
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "55P03")
+}
+
 /// The longest a firing waits for a lock (its tenant's row, a pipeline's).
 pub const FIRING_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The next due schedule not in `seen` (added to it), fired in a transaction of its own: what
-/// it made. `None` if no other is due (or the due ones are another leader's).
+/// The next due schedule not in `seen` (added to it, with its tenant) of a tenant not in
+/// `held`, fired in a transaction of its own: what it made. `None` if no other is due (or the
+/// due ones are another leader's).
 async fn fire_next(
     pool: &PgPool,
     buckets: &Buckets,
     lateness: (DateTime<Utc>, chrono::Duration),
     validate: &Validate<'_>,
-    seen: &mut Vec<Uuid>,
+    seen: &mut Vec<(Uuid, Uuid)>,
+    held: &[Uuid],
 ) -> anyhow::Result<Option<Fired>> {
     let mut tx = pool.begin().await?;
     // A firing waits on its tenant's row (as its submissions take it) only so long: a tenant
@@ -599,18 +620,19 @@ async fn fire_next(
            AND NOT s.paused
            AND (s.next_fire_at <= now()
                 OR (cardinality(s.pending_fires) > 0 AND NOT {LIVE}))
-           AND s.id <> ALL($1)
+           AND s.id <> ALL($1) AND s.tenant_id <> ALL($2)
          ORDER BY s.next_fire_at
          LIMIT 1
          FOR UPDATE SKIP LOCKED"
     ))
-    .bind(&*seen)
+    .bind(seen.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(held)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(Due { schedule, now }) = due else {
         return Ok(None);
     };
-    seen.push(schedule.id);
+    seen.push((schedule.id, schedule.tenant_id));
     let mut made = Fired {
         schedules: 1,
         ..Fired::default()
