@@ -85,6 +85,10 @@ pub struct Settings {
     /// `10.1.0.0/16`) that tenants' connections may reach although they are internal
     /// (loopback, private, link-local). Empty: public addresses only.
     pub connection_allow: AllowList,
+    /// `CONVEYOR_WEBHOOK_ALLOW`: the same for webhook endpoints, a list of its own: a network
+    /// allowed for tenants' databases is not one whose every service a tenant may POST to.
+    /// Empty: public addresses only.
+    pub webhook_allow: AllowList,
     /// `CONVEYOR_METRICS_TOKEN`: the bearer token `/metrics` asks for (its counts are
     /// platform-wide). Without it, `/metrics` is off.
     pub metrics_token: Option<String>,
@@ -206,6 +210,7 @@ impl fmt::Debug for Settings {
             search_timeout,
             secret_key,
             connection_allow,
+            webhook_allow,
             metrics_token,
             dataset_limit,
             cache_max_bytes,
@@ -265,6 +270,7 @@ impl fmt::Debug for Settings {
             .field("search_timeout", search_timeout)
             .field("secret_key", &secret_key.as_ref().map(|_| "***"))
             .field("connection_allow", connection_allow)
+            .field("webhook_allow", webhook_allow)
             .field("metrics_token", &metrics_token.as_ref().map(|_| "***"))
             .field("dataset_limit", dataset_limit)
             .field("cache_max_bytes", cache_max_bytes)
@@ -375,6 +381,10 @@ impl Settings {
                 .var("CONNECTION_ALLOW", "")
                 .parse()
                 .map_err(|e| anyhow::anyhow!("CONVEYOR_CONNECTION_ALLOW is invalid: {e}"))?,
+            webhook_allow: vars
+                .var("WEBHOOK_ALLOW", "")
+                .parse()
+                .map_err(|e| anyhow::anyhow!("CONVEYOR_WEBHOOK_ALLOW is invalid: {e}"))?,
             metrics_token: vars.get("METRICS_TOKEN").filter(|t| !t.is_empty()),
             dataset_limit: vars.parse("DATASET_LIMIT", "10737418240")?,
             cache_max_bytes: vars.parse("CACHE_MAX_BYTES", "21474836480")?,
@@ -463,6 +473,7 @@ impl Settings {
             ),
             // The tests' databases are all on loopback.
             connection_allow: "127.0.0.0/8, ::1".parse().expect("literal allow list"),
+            webhook_allow: "127.0.0.0/8, ::1".parse().expect("literal allow list"),
             metrics_token: Some("test-metrics-token".into()),
             dataset_limit: 4 << 30,
             cache_max_bytes: 20 << 30,

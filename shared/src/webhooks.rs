@@ -7,8 +7,8 @@
 //! deliveries. The leading worker sends them (`worker/src/maintenance/webhooks.rs`).
 //!
 //! Target URLs obey the connections' address rules ([`crate::connections::address`]): no
-//! loopback, private, link-local or metadata address unless `CONVEYOR_CONNECTION_ALLOW`
-//! names it; checked when the endpoint is created and again at every delivery.
+//! loopback, private, link-local or metadata address unless `CONVEYOR_WEBHOOK_ALLOW` names
+//! it; checked when the endpoint is created and again at every delivery.
 
 use base64::{engine::general_purpose::STANDARD, Engine};
 use chrono::{DateTime, Utc};
@@ -626,7 +626,7 @@ mod tests {
         assert_eq!(
             error,
             "localhost does not resolve to a public address: webhooks may not reach others \
-             (an operator can allow them with CONVEYOR_CONNECTION_ALLOW)"
+             (an operator can allow them with CONVEYOR_WEBHOOK_ALLOW)"
         );
         let loopback: AllowList = "127.0.0.0/8".parse().unwrap();
         assert!(check_url(&url("http://127.0.0.1:9/hook"), &loopback)

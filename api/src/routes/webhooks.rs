@@ -31,7 +31,7 @@ use crate::{
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
     /// `https://` (or `http://`) URL to POST each event to: a public address, or one
-    /// `CONVEYOR_CONNECTION_ALLOW` names (checked now and at every delivery). No credentials,
+    /// `CONVEYOR_WEBHOOK_ALLOW` names (checked now and at every delivery). No credentials,
     /// no fragment; redirects are not followed.
     pub url: String,
     /// Any of `job.succeeded`, `job.failed`, `job.cancelled`, `pipeline.finished`.
@@ -85,7 +85,7 @@ pub async fn create(
         .preflights
         .slot(tenant.0)
         .map_err(crate::refusals::problem)?;
-    webhooks::check_url(&url, &state.settings.connection_allow)
+    webhooks::check_url(&url, &state.settings.webhook_allow)
         .await
         .map_err(|why| invalid("url", why))?;
     drop(probing);

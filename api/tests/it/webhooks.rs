@@ -330,7 +330,7 @@ async fn a_delivery_whose_worker_is_killed_mid_request_is_sent_by_another_after_
     let (receiver, url) = Receiver::start(&[Reply::Hang]).await;
     let (webhook, secret) = create(&app, &url, &["job.succeeded"]).await;
     let env = [
-        ("CONVEYOR_CONNECTION_ALLOW", "127.0.0.0/8"),
+        ("CONVEYOR_WEBHOOK_ALLOW", "127.0.0.0/8"),
         ("CONVEYOR_WEBHOOK_TIMEOUT_SECS", "3"),
         ("CONVEYOR_WEBHOOK_LEASE_SECS", "4"),
         ("CONVEYOR_WEBHOOK_RETRY_BASE_MS", "200"),
@@ -472,6 +472,39 @@ async fn urls_to_refused_addresses_and_unknown_events_are_422_and_create_nothing
             "{schema}"
         );
     }
+}
+
+/// The connections' allow list opens nothing to webhooks: a network allowed for tenants'
+/// databases is not one whose every service a tenant may POST to.
+#[tokio::test]
+async fn the_connections_allow_list_does_not_open_webhooks() {
+    let app = TestApp::spawn_with(|s| {
+        s.connection_allow = "127.0.0.0/8, ::1".parse().unwrap();
+        s.webhook_allow = Default::default();
+    })
+    .await;
+    let (status, problem) = app
+        .post(
+            "/v1/webhooks",
+            &json!({"url": "http://127.0.0.1:9/hook", "events": ["job.succeeded"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("loopback"),
+        "{problem}"
+    );
+    let warehouse = app.warehouse().await;
+    let (status, connection) = app
+        .post(
+            "/v1/connections",
+            &json!({"name": "warehouse", "url": warehouse.url}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{connection}");
 }
 
 #[tokio::test]

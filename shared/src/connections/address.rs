@@ -119,9 +119,12 @@ pub fn refusal(allow: &AllowList, host: &str, ip: IpAddr, what: &str) -> Option<
 /// resolved to nor what kind of address that is, and as a name that does not resolve is: the
 /// answers would otherwise map the platform's internal names to their addresses.
 pub fn refused_address(host: &str, why: &str, what: &str) -> String {
-    let allow = "(an operator can allow it with CONVEYOR_CONNECTION_ALLOW)";
     if host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() {
-        format!("{host} is a {why} address, which {what} may not reach {allow}")
+        let allow = allow_setting(what);
+        format!(
+            "{host} is a {why} address, which {what} may not reach \
+             (an operator can allow it with {allow})"
+        )
     } else {
         unresolved(host, what)
     }
@@ -129,10 +132,20 @@ pub fn refused_address(host: &str, why: &str, what: &str) -> String {
 
 /// The refusal of a name that does not resolve, or resolves only to refused addresses.
 fn unresolved(host: &str, what: &str) -> String {
+    let allow = allow_setting(what);
     format!(
         "{host} does not resolve to a public address: {what} may not reach others \
-         (an operator can allow them with CONVEYOR_CONNECTION_ALLOW)"
+         (an operator can allow them with {allow})"
     )
+}
+
+/// The setting whose list lets `what` reach internal addresses.
+fn allow_setting(what: &str) -> &'static str {
+    if what == "webhooks" {
+        "CONVEYOR_WEBHOOK_ALLOW"
+    } else {
+        "CONVEYOR_CONNECTION_ALLOW"
+    }
 }
 
 /// How long resolving an outbound HTTP host may take.

@@ -110,7 +110,7 @@ impl Webhooks {
 
 impl Sender {
     fn new(settings: &Settings) -> Self {
-        let allow = settings.connection_allow.clone();
+        let allow = settings.webhook_allow.clone();
         let client = reqwest::Client::builder()
             .timeout(settings.webhook_timeout)
             .connect_timeout(settings.webhook_timeout.min(Duration::from_secs(5)))
@@ -585,8 +585,9 @@ mod tests {
         test.finish(shared::store::Outcome::Failed("boom".into()))
             .await;
 
+        // The connections' list allowing loopback does not open it to webhooks.
         let mut settings = test.runtime.settings().clone();
-        settings.connection_allow = AllowList::default();
+        settings.webhook_allow = AllowList::default();
         let strict = Webhooks::new(&settings);
         run_until(&test, &strict, webhook, "not failed", |d| {
             d.len() == 1 && d[0].0 == "failed"
