@@ -44,6 +44,11 @@ impl fmt::Debug for BucketConfig {
     }
 }
 
+/// A deletion the store did not finish within its timeout (some objects may be gone).
+#[derive(Debug, thiserror::Error)]
+#[error("the object store did not delete the artifacts within {0:?}")]
+pub struct DeleteTimedOut(pub std::time::Duration);
+
 /// A scratch file's path; the file goes when the value does (if it was not moved away).
 pub struct ScratchFile(PathBuf);
 
@@ -393,12 +398,7 @@ impl ObjectStore {
     pub async fn delete_artifacts(&self, job: Uuid) -> anyhow::Result<()> {
         tokio::time::timeout(self.delete_timeout, self.delete_artifacts_now(job))
             .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "the object store did not delete the artifacts within {:?}",
-                    self.delete_timeout
-                )
-            })?
+            .map_err(|_| DeleteTimedOut(self.delete_timeout))?
     }
 
     async fn delete_artifacts_now(&self, job: Uuid) -> anyhow::Result<()> {

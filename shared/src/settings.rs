@@ -389,7 +389,8 @@ impl Settings {
             dataset_limit: vars.parse("DATASET_LIMIT", "10737418240")?,
             cache_max_bytes: vars.parse("CACHE_MAX_BYTES", "21474836480")?,
             object_delete_timeout: Duration::from_secs(
-                vars.parse("OBJECT_DELETE_TIMEOUT_SECS", "30")?,
+                vars.parse::<u64>("OBJECT_DELETE_TIMEOUT_SECS", "30")?
+                    .max(1),
             ),
             snapshot_retention: Duration::from_secs(
                 vars.parse::<u64>("SNAPSHOT_RETENTION_HOURS", "168")? * 3600,

@@ -1030,11 +1030,12 @@ pub async fn prune_workers(
 }
 
 /// A finished job past its retention: [`finished_past_retention`] finds it,
-/// [`delete_jobs`] deletes it.
+/// [`lock_past_retention`] takes it and [`delete_jobs`] deletes it.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Deleted {
     pub id: Uuid,
     pub tenant_id: Uuid,
+    pub finished_at: DateTime<Utc>,
 }
 
 /// Whether a record of a tenant that ended at `$ended` is past the tenant's retention
@@ -1057,48 +1058,75 @@ macro_rules! past_retention {
     };
 }
 
-/// Up to `limit` finished jobs (succeeded, failed, cancelled) past their tenant's retention
-/// (`tenant_limits.job_retention_days`, 0 forever), else past `retention` (`None`: forever),
-/// oldest first, locked for the caller's transaction; a `patch` job only once
-/// `snapshot_retention` (its snapshot's) has passed too and no rollback of it is live, since
-/// `patch_rollback` reads the patch's row (a rollback keeps its snapshot past that). Live jobs
-/// are never taken, nor a step's job while its pipeline lasts (the steps that need it read its
-/// outcome when they start, and an ended pipeline may be resumed: a deleted step read as
-/// failed); a pipeline goes at its own retention, its jobs at the next run. A job retried
-/// meanwhile is skipped (its row is locked, or no longer finished), as are those in `skip`.
+/// Which finished jobs a retention run may delete (`$1` the deployment's retention in seconds,
+/// `$2` a patch's snapshot retention): past their tenant's retention, a patch no rollback still
+/// needs, no pipeline of theirs left. Queries join `tenant_limits l` on `j`'s tenant.
+const PAST_RETENTION: &str = concat!(
+    "j.finished_at IS NOT NULL
+     AND j.status IN ('succeeded', 'failed', 'cancelled')
+     AND ",
+    past_retention!("j.finished_at"),
+    "
+     AND (j.kind <> 'patch' OR (j.finished_at < now() - make_interval(secs => $2)
+          AND NOT EXISTS (SELECT 1 FROM jobs r
+                          WHERE r.tenant_id = j.tenant_id AND r.kind = 'patch_rollback'
+                            AND r.payload->>'patch_job_id' = j.id::text AND ",
+    crate::live_jobs!("r"),
+    ")))
+     AND NOT EXISTS (SELECT 1 FROM pipelines p WHERE p.id = j.pipeline_id)"
+);
+
+/// Where a retention run starts: before any job's end.
+pub const RETENTION_START: (DateTime<Utc>, Uuid) = (DateTime::UNIX_EPOCH, Uuid::nil());
+
+/// Up to `limit` finished jobs past their retention, oldest first from after `after` (the
+/// last one a run saw, else [`RETENTION_START`]: each row a run keeps is read once in it),
+/// unlocked: see [`lock_past_retention`].
 pub async fn finished_past_retention(
     executor: impl sqlx::PgExecutor<'_>,
     retention: Option<std::time::Duration>,
     snapshot_retention: std::time::Duration,
     limit: i64,
-    skip: &[Uuid],
+    (after_at, after_id): (DateTime<Utc>, Uuid),
 ) -> sqlx::Result<Vec<Deleted>> {
-    sqlx::query_as(concat!(
-        "SELECT j.id, j.tenant_id FROM jobs j LEFT JOIN tenant_limits l ON l.tenant_id = j.tenant_id
-         WHERE j.finished_at IS NOT NULL
-           AND j.status IN ('succeeded', 'failed', 'cancelled')
-           AND ",
-        past_retention!("j.finished_at"),
-        "
-           AND (j.kind <> 'patch' OR (j.finished_at < now() - make_interval(secs => $2)
-                AND NOT EXISTS (SELECT 1 FROM jobs r
-                                WHERE r.tenant_id = j.tenant_id AND r.kind = 'patch_rollback'
-                                  AND r.payload->>'patch_job_id' = j.id::text AND ",
-        crate::live_jobs!("r"),
-        ")))
-           AND NOT EXISTS (SELECT 1 FROM pipelines p WHERE p.id = j.pipeline_id)
-           AND j.id <> ALL($4)
-         ORDER BY j.finished_at LIMIT $3 FOR UPDATE OF j SKIP LOCKED",
+    sqlx::query_as(&format!(
+        "SELECT j.id, j.tenant_id, j.finished_at
+         FROM jobs j LEFT JOIN tenant_limits l ON l.tenant_id = j.tenant_id
+         WHERE {PAST_RETENTION}
+           AND j.finished_at >= $4 AND (j.finished_at > $4 OR j.id > $5)
+         ORDER BY j.finished_at, j.id LIMIT $3"
     ))
     .bind(retention.map(|r| r.as_secs_f64()))
     .bind(snapshot_retention.as_secs_f64())
     .bind(limit)
-    .bind(skip)
+    .bind(after_at)
+    .bind(after_id)
     .fetch_all(executor)
     .await
 }
 
-/// Deletes the jobs `ids` (found by [`finished_past_retention`] in the same transaction).
+/// Those of `ids` still past their retention, locked for the transaction (those another holds
+/// are skipped): a job retried since it was found is not deleted.
+pub async fn lock_past_retention(
+    executor: impl sqlx::PgExecutor<'_>,
+    retention: Option<std::time::Duration>,
+    snapshot_retention: std::time::Duration,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<Deleted>> {
+    sqlx::query_as(&format!(
+        "SELECT j.id, j.tenant_id, j.finished_at
+         FROM jobs j LEFT JOIN tenant_limits l ON l.tenant_id = j.tenant_id
+         WHERE j.id = ANY($3) AND {PAST_RETENTION}
+         ORDER BY j.id FOR UPDATE OF j SKIP LOCKED"
+    ))
+    .bind(retention.map(|r| r.as_secs_f64()))
+    .bind(snapshot_retention.as_secs_f64())
+    .bind(ids)
+    .fetch_all(executor)
+    .await
+}
+
+/// Deletes the jobs `ids` (locked by [`lock_past_retention`] in the same transaction).
 pub async fn delete_jobs(executor: impl sqlx::PgExecutor<'_>, ids: &[Uuid]) -> sqlx::Result<u64> {
     let deleted = sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")
         .bind(ids)

@@ -514,7 +514,9 @@ pub(crate) async fn announce_retry(state: &AppState, tenant: Uuid, job: &Job) {
 
 #[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 204, description = "deleted with its artifacts and events"),
-              (status = 404, body = Problem), (status = 409, body = Problem)))]
+              (status = 404, body = Problem), (status = 409, body = Problem),
+              (status = 503, body = Problem,
+               description = "the object store did not delete the artifacts in time; kept")))]
 pub async fn delete(
     State(state): State<AppState>,
     writer: Writer,
@@ -537,10 +539,15 @@ pub async fn delete(
     writer.audit(&mut *tx, entry).await?;
     // The row goes only once its artifacts are gone: never objects without an owner.
     state.objects.delete_artifacts(job.id).await.map_err(|e| {
-        Problem::unavailable_after(
-            "the job's artifacts could not be deleted now; nothing was deleted, try again",
-            e,
-        )
+        if e.is::<shared::objects::DeleteTimedOut>() {
+            Problem::unavailable_after(
+                "the object store did not answer in time; the job is kept (some of its \
+                 artifacts may be gone), try again",
+                e,
+            )
+        } else {
+            Problem::internal(e)
+        }
     })?;
     tx.commit().await?;
     if let Err(e) = state.events.forget_jobs(&[(tenant.0, job.id)]).await {

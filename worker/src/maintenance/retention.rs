@@ -10,7 +10,7 @@
 //! staging table is dropped by the sweeps only while its job's row says it ended; they run every
 //! 5 minutes, so only a target unreachable for the whole retention keeps one.)
 
-use shared::{store, Settings};
+use shared::{objects::DeleteTimedOut, store, store::Deleted, Settings};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -24,6 +24,10 @@ pub(crate) struct Retention {
     /// How long a patch's snapshot lives: its job is kept at least this long.
     pub snapshot_retention: Duration,
 }
+
+/// How many due jobs a run reads at a time (unlocked): it locks and deletes them a batch at a
+/// time.
+const PAGE: i64 = 1000;
 
 impl Retention {
     /// Every minute, 16 jobs a transaction: a batch's rows stay locked while their artifacts
@@ -41,38 +45,35 @@ impl Retention {
         }
     }
 
-    /// One batch: the rows are deleted in a transaction that commits only once their artifacts
-    /// are gone, so a failure leaves rows (deleted again next time), never unowned objects. A
-    /// job whose artifacts cannot be deleted (a bucket's object under a lock, a store that does
-    /// not answer) is kept, logged and added to `kept`, which later batches of the run pass
-    /// over: the others go on without it. Returns how many jobs were due and how many went.
+    /// One batch: the jobs still due among `due` are locked, and deleted in a transaction that
+    /// commits only once their artifacts are gone, so a failure leaves rows (deleted again
+    /// next run), never unowned objects. A job whose artifacts cannot be deleted (a bucket's
+    /// object under a lock, a store that does not answer) is kept and logged; the others go on
+    /// without it. Returns how many jobs went, and whether every deletion timed out.
     async fn delete_batch(
         &self,
         runtime: &Runtime,
-        kept: &mut Vec<Uuid>,
-    ) -> anyhow::Result<(usize, usize)> {
+        due: &[Deleted],
+    ) -> anyhow::Result<(usize, bool)> {
         let mut tx = runtime.pool().begin().await?;
-        let due = store::finished_past_retention(
-            &mut *tx,
-            self.retention,
-            self.snapshot_retention,
-            self.schedule.batch,
-            kept,
-        )
-        .await?;
+        let ids: Vec<Uuid> = due.iter().map(|job| job.id).collect();
+        let locked =
+            store::lock_past_retention(&mut *tx, self.retention, self.snapshot_retention, &ids)
+                .await?;
         let objects = runtime.objects();
         let results =
-            futures::future::join_all(due.iter().map(|job| objects.delete_artifacts(job.id))).await;
-        let mut deleted = Vec::with_capacity(due.len());
-        for (job, result) in due.iter().zip(results) {
+            futures::future::join_all(locked.iter().map(|job| objects.delete_artifacts(job.id)))
+                .await;
+        let (mut deleted, mut timed_out) = (Vec::with_capacity(locked.len()), 0);
+        for (job, result) in locked.iter().zip(results) {
             match result {
                 Ok(()) => deleted.push(job),
                 Err(e) => {
+                    timed_out += usize::from(e.is::<DeleteTimedOut>());
                     tracing::warn!(
                         job = %job.id, error = %e,
                         "a finished job's artifacts could not be deleted; the job is kept"
                     );
-                    kept.push(job.id);
                 }
             }
         }
@@ -84,7 +85,7 @@ impl Retention {
             // They expire by themselves.
             tracing::debug!(error = %e, "event streams of deleted jobs left to expire");
         }
-        Ok((due.len(), deleted.len()))
+        Ok((deleted.len(), timed_out > 0 && timed_out == locked.len()))
     }
 }
 
@@ -94,13 +95,36 @@ impl Duty for Retention {
         self.schedule
     }
 
-    /// Batch after batch while they come full; the jobs kept are tried again next run.
+    /// The due jobs from the oldest on, a page at a time past the last one seen (the rows a
+    /// run keeps, a tenant's kept for ever, are read once), deleted a batch at a time. A batch
+    /// whose every deletion timed out ends the run (the store is not answering: the next run
+    /// tries again, rather than this one waiting out each batch of the backlog).
     async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
-        let (mut kept, mut deleted) = (Vec::new(), 0);
+        let (mut after, mut deleted) = (store::RETENTION_START, 0);
         loop {
-            let (due, gone) = self.delete_batch(runtime, &mut kept).await?;
-            deleted += gone;
-            if (due as i64) < self.schedule.batch {
+            let page = store::finished_past_retention(
+                runtime.pool(),
+                self.retention,
+                self.snapshot_retention,
+                PAGE,
+                after,
+            )
+            .await?;
+            let Some(last) = page.last() else {
+                return Ok(deleted);
+            };
+            after = (last.finished_at, last.id);
+            for batch in page.chunks(self.schedule.batch as usize) {
+                let (gone, store_down) = self.delete_batch(runtime, batch).await?;
+                deleted += gone;
+                if store_down {
+                    tracing::warn!(
+                        "the object store is not answering; job retention waits for its next run"
+                    );
+                    return Ok(deleted);
+                }
+            }
+            if (page.len() as i64) < PAGE {
                 return Ok(deleted);
             }
         }
@@ -357,7 +381,8 @@ mod tests {
     }
 
     /// An object store that takes connections and never answers holds a batch's rows, no
-    /// more, and for no longer than the deletion timeout; the jobs are kept for the next run.
+    /// more, and for no longer than the deletion timeout; the run ends there (it waited out
+    /// each batch of the backlog) and the jobs are kept for the next run.
     #[tokio::test]
     async fn a_store_that_never_answers_holds_one_batchs_rows_for_its_timeout_only() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -386,7 +411,7 @@ mod tests {
         })
         .await;
         let due: Vec<Uuid> =
-            futures::future::join_all((0..40).map(|_| finished(&test, "canary", "failed", 40)))
+            futures::future::join_all((0..100).map(|_| finished(&test, "canary", "failed", 40)))
                 .await;
 
         let runtime = test.runtime.clone();
@@ -404,10 +429,11 @@ mod tests {
         .fetch_one(test.pool())
         .await
         .unwrap();
-        assert!(free >= 40 - 16, "only {free} of 40 free");
-        let deleted = tokio::time::timeout(Duration::from_secs(30), run)
+        assert!(free >= 100 - 16, "only {free} of 100 free");
+        assert!(free < 100, "no batch was being deleted");
+        let deleted = tokio::time::timeout(Duration::from_secs(6), run)
             .await
-            .expect("the run ends past each batch's timeout")
+            .expect("the run ends after its first batch's timeout")
             .unwrap()
             .unwrap();
         assert_eq!(deleted, 0);
