@@ -13,7 +13,7 @@ mod reference;
 mod refusals;
 pub mod revocation;
 mod routes;
-pub mod serve;
+mod serve;
 mod state;
 
 pub use state::AppState;
@@ -71,7 +71,8 @@ impl Server {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
         let app = router(state.clone());
-        let task = tokio::spawn(serve::serve(listener, app, stop.clone()));
+        let write_stall = state.settings.write_stall;
+        let task = tokio::spawn(serve::serve(listener, app, write_stall, stop.clone()));
         tracing::info!(%addr, "listening");
         Ok(Self {
             addr,

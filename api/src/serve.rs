@@ -21,16 +21,18 @@ use tokio_util::sync::CancellationToken;
 /// closes a kept-alive connection idle this long: longer than balancers keep theirs idle).
 pub const HEADER_READ: Duration = Duration::from_secs(30);
 
-/// How long a write to a client may wait for it to read: a client that pipelines requests and
-/// never reads the answers (or an event stream's that stopped reading) is cut off past it.
-pub const WRITE_STALL: Duration = Duration::from_secs(30);
-
 /// How long requests in flight at shutdown have to end before their connections are dropped.
 pub const DRAIN: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `stop`, then lets the requests in flight end (up to
-/// [`DRAIN`]).
-pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
+/// [`DRAIN`]). A write that waits `write_stall` for the client to read cuts its connection: a
+/// client that pipelined requests and never read the answers held it for ever.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    write_stall: Duration,
+    stop: CancellationToken,
+) {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ);
@@ -56,7 +58,7 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) 
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let mut tcp = tokio_io_timeout::TimeoutStream::new(tcp);
-        tcp.set_write_timeout(Some(WRITE_STALL));
+        tcp.set_write_timeout(Some(write_stall));
         let service = TowerToHyperService::new(app.clone());
         let connection =
             connections.watch(http.serve_connection(TokioIo::new(Box::pin(tcp)), service));

@@ -34,6 +34,9 @@ pub struct Settings {
     /// `CONVEYOR_BODY_IDLE_SECS`: how long a request body (an upload's included) may send
     /// nothing before the request is dropped with 408; a JSON body may take twice it in all.
     pub body_idle: Duration,
+    /// `CONVEYOR_WRITE_STALL_SECS`: how long a write to a client may wait for it to read; past
+    /// it the connection is cut (a client pipelining requests it never reads the answers of).
+    pub write_stall: Duration,
     /// `CONVEYOR_PAGE_MAX_BYTES`: a list page ends early, with a cursor, once its rows pass
     /// this many bytes (it always holds one).
     pub page_max_bytes: usize,
@@ -191,6 +194,7 @@ impl fmt::Debug for Settings {
             object_store,
             body_limit,
             body_idle,
+            write_stall,
             page_max_bytes,
             heartbeat,
             rescue_after,
@@ -248,6 +252,7 @@ impl fmt::Debug for Settings {
             .field("object_store", object_store)
             .field("body_limit", body_limit)
             .field("body_idle", body_idle)
+            .field("write_stall", write_stall)
             .field("page_max_bytes", page_max_bytes)
             .field("heartbeat", heartbeat)
             .field("rescue_after", rescue_after)
@@ -348,6 +353,12 @@ impl Settings {
             // 0 would answer every request with a body 408.
             body_idle: Duration::from_secs(
                 vars.parse::<std::num::NonZeroU64>("BODY_IDLE_SECS", "60")?
+                    .get(),
+            ),
+            // The socket reads writable again only once a share of its buffer (up to MBs) has
+            // drained: a bound a slow but reading client (a few KB/s) passes.
+            write_stall: Duration::from_secs(
+                vars.parse::<std::num::NonZeroU64>("WRITE_STALL_SECS", "120")?
                     .get(),
             ),
             page_max_bytes: vars.parse("PAGE_MAX_BYTES", "8388608")?,
@@ -496,6 +507,7 @@ impl Settings {
             listen: "127.0.0.1:0".parse().expect("literal address"),
             body_limit: 64 * 1024,
             body_idle: Duration::from_secs(60),
+            write_stall: Duration::from_secs(120),
             page_max_bytes: 8 << 20,
             heartbeat: Duration::from_millis(500),
             rescue_after: Duration::from_secs(3),

@@ -697,12 +697,13 @@ async fn a_connection_that_never_starts_a_request_is_cut_off() {
 }
 
 /// A client that pipelines requests and never reads the answers is cut off once a write has
-/// waited `WRITE_STALL` for it: hyper has no write timeout, and the connection and its task
-/// were held for ever.
+/// waited `CONVEYOR_WRITE_STALL_SECS` for it: hyper has no write timeout, and the connection
+/// and its task were held for ever.
 #[tokio::test]
 async fn a_client_that_never_reads_its_answers_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = TestApp::spawn().await;
+    let stall = std::time::Duration::from_secs(5);
+    let app = TestApp::spawn_with(|s| s.write_stall = stall).await;
     let addr = app.server.as_ref().unwrap().addr;
     let answer = app
         .client
@@ -727,7 +728,7 @@ async fn a_client_that_never_reads_its_answers_is_cut_off() {
         }
         write
     });
-    tokio::time::sleep(conveyor_api::serve::WRITE_STALL + std::time::Duration::from_secs(5)).await;
+    tokio::time::sleep(stall + std::time::Duration::from_secs(5)).await;
 
     let mut received = 0;
     let mut buffer = vec![0; 1 << 20];
