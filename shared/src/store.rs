@@ -902,7 +902,8 @@ pub async fn promote_due(pool: &PgPool, limit: i64) -> sqlx::Result<(Vec<Moved>,
                  WHERE j.{WAITING} AND j.tenant_id > w.tenant_id
                  ORDER BY j.tenant_id, j.run_at LIMIT 1) next
          ), due AS (
-             SELECT tenant_id FROM waiting WHERE run_at <= now()
+             -- At most a batch of tenants, the longest due first: each takes one job at least.
+             SELECT tenant_id FROM waiting WHERE run_at <= now() ORDER BY run_at LIMIT $1
          ), share AS (
              SELECT ceil($1::float8 / greatest(count(*), 1))::int8 AS n FROM due
          ), picked AS (

@@ -134,6 +134,32 @@ mod tests {
         );
     }
 
+    /// More tenants due than a batch's size: the batch takes one job each of the longest due
+    /// (every due tenant took one, so a batch of 1,000 could promote 50,000 jobs).
+    #[tokio::test]
+    async fn a_batch_takes_no_more_tenants_than_its_size() {
+        let test = TestDb::new().await;
+        let mut due = Vec::new();
+        for seconds in [3, 2, 1] {
+            let tenant = test.other_tenant().await;
+            let id = test.job("canary", "scheduled").await;
+            test.set(
+                id,
+                &format!("tenant_id = '{tenant}', run_at = now() - interval '{seconds} seconds'"),
+            )
+            .await;
+            due.push(id);
+        }
+        let (first, more) = store::promote_due(test.pool(), 2).await.unwrap();
+        let mut promoted: Vec<_> = first.iter().map(|job| job.id).collect();
+        promoted.sort();
+        assert_eq!(promoted, due[..2]);
+        assert!(more);
+        let (second, _) = store::promote_due(test.pool(), 2).await.unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].id, due[2]);
+    }
+
     /// A run promotes batch after batch until nothing is due: another tenant's job due just
     /// after one tenant's backlog waited a tick per batch of it.
     #[tokio::test]
