@@ -16,13 +16,15 @@ pub(crate) struct Pipelines {
 }
 
 impl Default for Pipelines {
-    /// Every second; 100 pipelines per transaction.
+    /// Every second; up to 30 stalled and 30 retried pipelines a transaction, each under a
+    /// savepoint: past 64 subtransactions that write, every snapshot taken on the server
+    /// (standbys' too) reads the overflowed subtransactions while the transaction lasts.
     fn default() -> Self {
         Self {
             schedule: Schedule {
                 name: "pipelines",
                 interval: Duration::from_secs(1),
-                batch: 100,
+                batch: 30,
             },
         }
     }
