@@ -17,6 +17,9 @@ use bert::{Bert, Config};
 pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
 /// Length of its vectors.
 pub const DIMENSIONS: usize = 384;
+
+/// Texts tokenized and embedded together.
+const ENCODE_BATCH: usize = 256;
 /// The model's `max_seq_length` (sentence_bert_config.json), special tokens included. The
 /// shipped tokenizer.json truncates at 128 and pads to 128: both are overridden.
 pub const MAX_SEQUENCE: usize = 256;
@@ -107,17 +110,18 @@ impl Embedder {
 
     /// One unit vector per text, in order.
     pub fn embed(&self, texts: &[&str]) -> anyhow::Result<Vec<Vec<f32>>> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-        let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
-        Ok(self
-            .model
-            .mean_pooled(&ids)
-            .into_iter()
-            .map(normalized)
-            .collect())
+        // A slice's encodings at a time (about 100 bytes a token): a large document's
+        // chunks, encoded at once, held GBs.
+        let mut vectors = Vec::with_capacity(texts.len());
+        for slice in texts.chunks(ENCODE_BATCH) {
+            let encodings = self
+                .tokenizer
+                .encode_batch(slice.to_vec(), true)
+                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+            let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
+            vectors.extend(self.model.mean_pooled(&ids).into_iter().map(normalized));
+        }
+        Ok(vectors)
     }
 }
 

@@ -483,6 +483,21 @@ impl TestApp {
         }
     }
 
+    /// Submits a job of `kind` (asserting 202) and waits up to two minutes for it to succeed
+    /// or fail; returns it.
+    pub async fn run_job(&self, kind: &str, payload: Value) -> Value {
+        let (status, job) = self
+            .post(
+                "/v1/jobs",
+                &serde_json::json!({"kind": kind, "payload": payload}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let id = job["id"].as_str().unwrap().parse().unwrap();
+        self.wait_status(id, &["succeeded", "failed"], Duration::from_secs(120))
+            .await
+    }
+
     /// TOAST blocks of `table` read so far (hits and reads), as the server's statistics have
     /// them: where payloads of a few KB and more live.
     pub async fn toast_blocks(&self, table: &str) -> i64 {

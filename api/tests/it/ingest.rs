@@ -76,14 +76,7 @@ pub(crate) async fn create_collection(app: &TestApp, body: Value) -> Uuid {
 
 /// Ingests `payload`, waits for the job; asserts it succeeded.
 pub(crate) async fn ingest(app: &TestApp, payload: Value) -> Value {
-    let (status, job) = app
-        .post("/v1/jobs", &json!({"kind": "ingest", "payload": payload}))
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let id = job["id"].as_str().unwrap().parse().unwrap();
-    let job = app
-        .wait_status(id, &["succeeded", "failed"], Duration::from_secs(120))
-        .await;
+    let job = app.run_job("ingest", payload).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     job
 }
@@ -314,6 +307,42 @@ async fn documents_with_nul_characters_are_indexed() {
     )
     .await;
     assert_eq!(document_ids(&found), ["records:1"]);
+}
+
+/// A document whose chunks, with their vectors and copies of its metadata, would pass what a
+/// document may hold fails before it is embedded, naming it: one large document went whole
+/// into one embedding and one insert (64 MiB at 16 tokens a chunk: GBs in the worker).
+#[tokio::test]
+async fn a_document_of_too_many_chunks_fails_before_it_is_embedded() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let collection = create_collection(
+        &app,
+        json!({"name": "tiny", "chunking": {"max_tokens": 16, "overlap": 0}}),
+    )
+    .await;
+    let metadata = json!({"pad": "x".repeat(4000)});
+    let huge = app
+        .upload_dataset("huge.txt", "a ".repeat(200_000).as_bytes())
+        .await;
+    let job = app
+        .run_job(
+            "ingest",
+            json!({"collection_id": collection, "documents": [
+                {"id": "small", "text": "tyre pressure", "metadata": metadata},
+                {"id": "huge", "dataset_id": huge, "metadata": metadata}]}),
+        )
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("document \"huge\" makes"), "{error}");
+    assert!(error.contains("max_tokens"), "{error}");
+    assert_eq!(job["result"]["timings"]["embed_seconds"], Value::Null);
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(chunks, 0, "nothing of the job is stored");
 }
 
 #[tokio::test]

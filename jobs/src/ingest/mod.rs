@@ -33,6 +33,23 @@ use crate::{
 /// Chunks embedded and stored together, in one transaction (a larger document goes alone).
 const GROUP_CHUNKS: usize = 256;
 
+/// What a document's chunks hold in memory and in their insert, as an upper bound: each
+/// chunk's vector and its copy of the document's metadata, and the chunks' texts. A document
+/// goes alone into one embedding and one insert: 64 MiB of text at 16 tokens a chunk made two
+/// million chunks, GBs in the worker and an insert past PostgreSQL's 1 GB message.
+fn stored_bytes(chunks: &[String], metadata: &Map<String, Value>) -> u64 {
+    let metadata = serde_json::to_vec(metadata).map_or(0, |json| json.len());
+    let vector = embed::DIMENSIONS * std::mem::size_of::<f32>();
+    let texts: usize = chunks.iter().map(String::len).sum();
+    (chunks.len() * (vector + metadata) + texts) as u64
+}
+
+/// The most a document's chunks may hold: a share of the in-memory bound, and well within
+/// PostgreSQL's 1 GB message for their insert.
+fn stored_bytes_limit(in_memory: u64) -> u64 {
+    in_memory.min(256 << 20)
+}
+
 /// One document to index.
 struct Document {
     id: String,
@@ -503,6 +520,7 @@ impl Handler for IngestHandler {
             overlap: collection.overlap as usize,
         };
         let splitter = embedder.clone();
+        let limit = stored_bytes_limit(self.services.limits.in_memory);
         let documents = ctx
             .blocking(move || {
                 documents
@@ -510,12 +528,18 @@ impl Handler for IngestHandler {
                     .map(|(doc, hash)| {
                         let chunks = chunk::split(splitter.counter(), &doc.text, chunking)?;
                         let tokens: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-                        Ok((
-                            doc,
-                            hash,
-                            chunks.into_iter().map(|c| c.text).collect::<Vec<_>>(),
-                            tokens,
-                        ))
+                        let chunks: Vec<String> = chunks.into_iter().map(|c| c.text).collect();
+                        let bytes = stored_bytes(&chunks, &doc.metadata);
+                        if bytes > limit {
+                            anyhow::bail!(
+                                "document {:?} makes {} chunks holding {bytes} bytes with their \
+                                 vectors and metadata, past the {limit} a document may: split \
+                                 it, or raise the collection's max_tokens",
+                                doc.id,
+                                chunks.len()
+                            );
+                        }
+                        Ok((doc, hash, chunks, tokens))
                     })
                     .collect::<anyhow::Result<Vec<_>>>()
             })
