@@ -144,6 +144,12 @@ impl From<sqlx::Error> for Problem {
                 e,
             );
         }
+        if code.as_deref() == Some("55P03") {
+            // A lock_timeout (deletes have one): another operation holds what it changes.
+            return Problem::conflict(
+                "another operation holds it (a job writing to it, say); try again later",
+            );
+        }
         let refused = match code.as_deref() {
             // A NUL the extractors did not see (a path segment, say): PostgreSQL stores none.
             Some("22021") => format!("a text of the request {NUL_REFUSED}"),

@@ -167,7 +167,8 @@ pub async fn get_one(
 }
 
 #[utoipa::path(delete, path = "/v1/collections/{id}", tag = "collections", params(("id" = Uuid, Path)),
-    responses((status = 204, description = "deleted with its documents and chunks"), (status = 404, body = Problem)))]
+    responses((status = 204, description = "deleted with its documents and chunks"), (status = 404, body = Problem),
+              (status = 409, body = Problem, description = "an ingest holds it; try again later")))]
 pub async fn delete(
     State(state): State<AppState>,
     writer: Writer,

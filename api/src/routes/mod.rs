@@ -17,8 +17,13 @@ use axum::http::StatusCode;
 use futures::future::BoxFuture;
 use sqlx::PgConnection;
 
+/// How long a delete waits for the rows it removes: a collection an ingest is writing to is
+/// locked for as long, and deletes waiting on it held the API's pool for every tenant.
+const DELETE_LOCK_WAIT: &str = "5s";
+
 /// Deletes one of the caller's tenant's resources and records it in the audit log, in one
-/// transaction: 204, or 404 when the tenant has no such `what`.
+/// transaction: 204, 404 when the tenant has no such `what`, 409 when another operation holds
+/// it past [`DELETE_LOCK_WAIT`].
 pub(crate) async fn delete_audited(
     state: &AppState,
     writer: &Writer,
@@ -29,6 +34,10 @@ pub(crate) async fn delete_audited(
 ) -> Result<StatusCode, Problem> {
     let id = parse_id(id, what)?;
     let mut tx = state.pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(DELETE_LOCK_WAIT)
+        .execute(&mut *tx)
+        .await?;
     if !delete(&mut tx, writer.tenant().0, id).await? {
         return Err(Problem::not_found(what));
     }

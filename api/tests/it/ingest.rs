@@ -345,6 +345,59 @@ async fn a_document_of_too_many_chunks_fails_before_it_is_embedded() {
     assert_eq!(chunks, 0, "nothing of the job is stored");
 }
 
+/// A delete of a collection another transaction holds (an ingest writing to it) answers 409
+/// after a few seconds: deletes waited for ever, each holding one of the API's connections.
+#[tokio::test]
+async fn a_held_collection_is_not_waited_on_for_ever_by_its_delete() {
+    let app = TestApp::spawn().await;
+    let collection = create_collection(&app, json!({"name": "held"})).await;
+    let mut holder = app.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM collections WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(collection)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let (status, problem) = tokio::time::timeout(
+        Duration::from_secs(20),
+        app.delete_answered(&format!("/v1/collections/{collection}")),
+    )
+    .await
+    .expect("the delete answers while the collection is held");
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    holder.rollback().await.unwrap();
+    assert_eq!(
+        app.delete(&format!("/v1/collections/{collection}")).await,
+        StatusCode::NO_CONTENT
+    );
+}
+
+/// Documents with no text are stored in bounded groups too: weighing no chunks, any number of
+/// them (each with its metadata) went into one insert, one transaction.
+#[tokio::test]
+async fn documents_without_text_are_stored_in_bounded_groups() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let records: String = (0..600)
+        .map(|i| format!("{{\"id\": \"{i}\", \"text\": \"\"}}\n"))
+        .collect();
+    let empty = app.upload_dataset("empty.ndjson", records.as_bytes()).await;
+    let collection = create_collection(&app, json!({"name": "empty"})).await;
+    let job = ingest(
+        &app,
+        json!({"collection_id": collection, "documents": [{"dataset_id": empty, "id": "e"}]}),
+    )
+    .await;
+    // Each group's transaction stamps its documents with its own `now()`.
+    let groups: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT ingested_at) FROM documents WHERE collection_id = $1",
+    )
+    .bind(collection)
+    .fetch_one(app.pool())
+    .await
+    .unwrap();
+    assert!(groups >= 3, "600 documents in {groups} groups: {job}");
+}
+
 #[tokio::test]
 async fn uploaded_markdown_and_pdf_documents_are_searchable() {
     let mut app = TestApp::spawn().await;

@@ -30,7 +30,8 @@ use crate::{
     Handler, JobError, Services,
 };
 
-/// Chunks embedded and stored together, in one transaction (a larger document goes alone).
+/// Chunks embedded and stored together, in one transaction (a larger document goes alone; a
+/// document of no chunks counts as one).
 const GROUP_CHUNKS: usize = 256;
 
 /// What a document's chunks hold in memory and in their insert, as an upper bound: each
@@ -556,12 +557,16 @@ impl Handler for IngestHandler {
         while rest.peek().is_some() {
             ctx.checkpoint()?;
             let mut group = Vec::new();
-            let mut size = 0;
+            let (mut size, mut weight) = (0, 0);
             while let Some((_, _, chunks, _)) = rest.peek() {
-                if !group.is_empty() && size + chunks.len() > GROUP_CHUNKS {
+                // A document of no chunks still writes its row and metadata: it weighs one
+                // (weighing none, any number of them went into one insert).
+                let weighs = chunks.len().max(1);
+                if !group.is_empty() && weight + weighs > GROUP_CHUNKS {
                     break;
                 }
                 size += chunks.len();
+                weight += weighs;
                 group.push(rest.next().expect("peeked"));
             }
             let model = embedder.clone();
