@@ -106,6 +106,10 @@ impl Measures {
     };
     pub const QUEUED: Self = Self {
         queued: true,
+        ..Self::NONE
+    };
+    pub const NONE: Self = Self {
+        queued: false,
         dataset_bytes: false,
         chunks: false,
         rows_imported_today: false,
@@ -180,6 +184,46 @@ impl std::fmt::Display for OverQuota {
             self.quota, self.limit, self.used
         )
     }
+}
+
+/// Whether an ingest into `collection` that stores `adding` chunks, replacing the documents
+/// `replacing` (their chunks go), takes the tenant past `max_chunks`. Checked once the job's
+/// chunks are counted, before any is embedded: the check at an attempt's start saw only what
+/// was stored, and one job could pass the quota by millions of chunks.
+pub async fn check_chunks(
+    pool: &sqlx::PgPool,
+    tenant: Uuid,
+    collection: Uuid,
+    replacing: &[String],
+    adding: usize,
+) -> sqlx::Result<Result<(), OverQuota>> {
+    let mut conn = pool.acquire().await?;
+    let Some(limit) = Quotas::of(&mut conn, tenant).await?.max_chunks else {
+        return Ok(Ok(()));
+    };
+    let measures = Measures {
+        chunks: true,
+        ..Measures::NONE
+    };
+    let stored = usage_of(&mut conn, tenant, measures).await?.chunks;
+    let replaced: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(chunks), 0)::int8 FROM documents
+         WHERE collection_id = $1 AND id = ANY($2)",
+    )
+    .bind(collection)
+    .bind(replacing)
+    .fetch_one(&mut *conn)
+    .await?;
+    let after = stored - replaced + adding as i64;
+    Ok(if after > limit {
+        Err(OverQuota {
+            quota: "max_chunks",
+            limit: format!("{limit} chunks in all collections"),
+            used: format!("{stored} stored, and this job's documents make {adding}"),
+        })
+    } else {
+        Ok(())
+    })
 }
 
 /// Whether jobs of `kind` add to a quota on output (rows imported, chunks, dataset bytes).

@@ -371,6 +371,48 @@ async fn a_held_collection_is_not_waited_on_for_ever_by_its_delete() {
     );
 }
 
+/// An ingest whose documents would take the tenant past `max_chunks` fails once they are
+/// counted, before any is embedded or stored: the quota was checked only when the attempt
+/// started, against what was stored, and one job passed it by all it made.
+#[tokio::test]
+async fn an_ingest_past_max_chunks_fails_before_it_stores_any() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let tenant = app.tenant_id("acme").await;
+    sqlx::query("INSERT INTO tenant_limits (tenant_id, max_chunks) VALUES ($1, 20)")
+        .bind(tenant)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let collection = create_collection(
+        &app,
+        json!({"name": "quota", "chunking": {"max_tokens": 16, "overlap": 0}}),
+    )
+    .await;
+    let job = app
+        .run_job(
+            "ingest",
+            json!({"collection_id": collection,
+                   "documents": [{"id": "long", "text": "a ".repeat(800)}]}),
+        )
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(error.contains("max_chunks"), "{error}");
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks")
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(chunks, 0);
+    // Within the quota, it goes.
+    ingest(
+        &app,
+        json!({"collection_id": collection,
+               "documents": [{"id": "short", "text": "a ".repeat(100)}]}),
+    )
+    .await;
+}
+
 /// Documents with no text are stored in bounded groups too: weighing no chunks, any number of
 /// them (each with its metadata) went into one insert, one transaction.
 #[tokio::test]

@@ -549,6 +549,12 @@ impl Handler for IngestHandler {
             .map_err(|e| JobError::Permanent(e.to_string()))?;
         let total_chunks: usize = documents.iter().map(|(_, _, chunks, _)| chunks.len()).sum();
         timings.chunk_seconds = phase.elapsed().as_secs_f64();
+        let replacing: Vec<String> = documents.iter().map(|(doc, ..)| doc.id.clone()).collect();
+        let tenant = ctx.tenant_id();
+        shared::quotas::check_chunks(pool, tenant, collection.id, &replacing, total_chunks)
+            .await
+            .map_err(retryable)?
+            .map_err(|over| JobError::Permanent(format!("it could not go on: {over}")))?;
         ctx.progress(0.0, format!("0/{total_chunks} chunks embedded"))
             .await;
 
