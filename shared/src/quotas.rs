@@ -186,32 +186,65 @@ impl std::fmt::Display for OverQuota {
     }
 }
 
-/// Whether an ingest into `collection` that stores `adding` chunks, replacing the documents
-/// `replacing` (their chunks go), takes the tenant past `max_chunks`. Checked once the job's
+/// What an ingest into `collection` changes, for [`check_chunks`]: the documents it replaces
+/// (their chunks go), its watched sources (`(field, source)`: their documents not in `present`
+/// go too), and the chunks it adds.
+pub struct IngestChange<'a> {
+    pub collection: Uuid,
+    pub replacing: &'a [String],
+    pub watched: &'a [(&'a str, &'a str)],
+    pub present: &'a [String],
+    pub adding: usize,
+}
+
+/// Whether `change` (by `job`) takes the tenant past `max_chunks`. Checked once the job's
 /// chunks are counted, before any is embedded: the check at an attempt's start saw only what
-/// was stored, and one job could pass the quota by millions of chunks.
+/// was stored, and one job could pass the quota by millions of chunks. Not checked once an
+/// earlier attempt entered its commit (part of its work is stored), as [`check_output`].
 pub async fn check_chunks(
     pool: &sqlx::PgPool,
     tenant: Uuid,
-    collection: Uuid,
-    replacing: &[String],
-    adding: usize,
+    job: Uuid,
+    change: IngestChange<'_>,
 ) -> sqlx::Result<Result<(), OverQuota>> {
+    let IngestChange {
+        collection,
+        replacing,
+        watched,
+        present,
+        adding,
+    } = change;
     let mut conn = pool.acquire().await?;
     let Some(limit) = Quotas::of(&mut conn, tenant).await?.max_chunks else {
         return Ok(Ok(()));
     };
+    let committed: Option<bool> =
+        sqlx::query_scalar("SELECT committing_attempt IS NOT NULL FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if committed == Some(true) {
+        return Ok(Ok(()));
+    }
     let measures = Measures {
         chunks: true,
         ..Measures::NONE
     };
     let stored = usage_of(&mut conn, tenant, measures).await?.chunks;
+    let (fields, sources): (Vec<&str>, Vec<&str>) = watched.iter().copied().unzip();
     let replaced: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(chunks), 0)::int8 FROM documents
-         WHERE collection_id = $1 AND id = ANY($2)",
+        "SELECT coalesce(sum(chunks), 0)::int8 FROM documents d
+         WHERE d.collection_id = $1
+           AND (d.id = ANY($2)
+                OR (NOT d.id = ANY($5)
+                    AND EXISTS (SELECT 1 FROM unnest($3::text[], $4::text[]) w (field, source)
+                                WHERE d.metadata ->> w.field = w.source)))",
     )
     .bind(collection)
     .bind(replacing)
+    .bind(fields)
+    .bind(sources)
+    .bind(present)
     .fetch_one(&mut *conn)
     .await?;
     let after = stored - replaced + adding as i64;

@@ -404,13 +404,22 @@ async fn an_ingest_past_max_chunks_fails_before_it_stores_any() {
         .await
         .unwrap();
     assert_eq!(chunks, 0);
-    // Within the quota, it goes.
-    ingest(
+    // Within the quota, it goes; and a document replaced gives back its chunks (counted with
+    // the ones replacing them, they pass the quota).
+    let first = ingest(
         &app,
         json!({"collection_id": collection,
                "documents": [{"id": "short", "text": "a ".repeat(100)}]}),
     )
     .await;
+    let second = ingest(
+        &app,
+        json!({"collection_id": collection,
+               "documents": [{"id": "short", "text": "b ".repeat(210)}]}),
+    )
+    .await;
+    let chunks = |job: &Value| job["result"]["chunks"].as_i64().unwrap();
+    assert!(chunks(&first) + chunks(&second) > 20, "{first} {second}");
 }
 
 /// Documents with no text are stored in bounded groups too: weighing no chunks, any number of

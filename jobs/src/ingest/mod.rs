@@ -45,10 +45,11 @@ fn stored_bytes(chunks: &[String], metadata: &Map<String, Value>) -> u64 {
     (chunks.len() * (vector + metadata) + texts) as u64
 }
 
-/// The most a document's chunks may hold: a share of the in-memory bound, and well within
-/// PostgreSQL's 1 GB message for their insert.
+/// The most a document's chunks may hold: the in-memory bound, and within PostgreSQL's 1 GB
+/// message for their insert. At the defaults every document within the 64 MiB document cap
+/// passes at the default chunking (3.5 to 8 times its text), with 4 KiB of metadata too.
 fn stored_bytes_limit(in_memory: u64) -> u64 {
-    in_memory.min(256 << 20)
+    in_memory.min(768 << 20)
 }
 
 /// One document to index.
@@ -550,8 +551,22 @@ impl Handler for IngestHandler {
         let total_chunks: usize = documents.iter().map(|(_, _, chunks, _)| chunks.len()).sum();
         timings.chunk_seconds = phase.elapsed().as_secs_f64();
         let replacing: Vec<String> = documents.iter().map(|(doc, ..)| doc.id.clone()).collect();
-        let tenant = ctx.tenant_id();
-        shared::quotas::check_chunks(pool, tenant, collection.id, &replacing, total_chunks)
+        let watched: Vec<(&str, &str)> = watched_now
+            .iter()
+            .map(|((field, source), _)| (*field, source.as_str()))
+            .collect();
+        let present: Vec<String> = watched_now
+            .iter()
+            .flat_map(|(_, ids)| ids.iter().cloned())
+            .collect();
+        let change = shared::quotas::IngestChange {
+            collection: collection.id,
+            replacing: &replacing,
+            watched: &watched,
+            present: &present,
+            adding: total_chunks,
+        };
+        shared::quotas::check_chunks(pool, ctx.tenant_id(), ctx.job_id(), change)
             .await
             .map_err(retryable)?
             .map_err(|over| JobError::Permanent(format!("it could not go on: {over}")))?;
