@@ -218,12 +218,7 @@ pub async fn check_chunks(
     let Some(limit) = Quotas::of(&mut conn, tenant).await?.max_chunks else {
         return Ok(Ok(()));
     };
-    let committed: Option<bool> =
-        sqlx::query_scalar("SELECT committing_attempt IS NOT NULL FROM jobs WHERE id = $1")
-            .bind(job)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if committed == Some(true) {
+    if entered_commit(&mut conn, job).await? {
         return Ok(Ok(()));
     }
     let measures = Measures {
@@ -280,16 +275,21 @@ pub async fn check_output(
         return Ok(Ok(()));
     }
     let mut conn = pool.acquire().await?;
-    let committed: Option<bool> =
-        sqlx::query_scalar("SELECT committing_attempt IS NOT NULL FROM jobs WHERE id = $1")
-            .bind(job)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if committed == Some(true) {
+    if entered_commit(&mut conn, job).await? {
         return Ok(Ok(()));
     }
     let quotas = Quotas::of(&mut conn, tenant).await?;
     check(&mut conn, tenant, &quotas, &[kind], false).await
+}
+
+/// Whether an attempt of `job` entered its commit (its work may be stored already).
+async fn entered_commit(conn: &mut PgConnection, job: Uuid) -> sqlx::Result<bool> {
+    let committed: Option<bool> =
+        sqlx::query_scalar("SELECT committing_attempt IS NOT NULL FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_optional(conn)
+            .await?;
+    Ok(committed == Some(true))
 }
 
 /// Whether jobs of these kinds would take the tenant past a quota: for ingest jobs,
