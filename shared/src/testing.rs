@@ -147,3 +147,30 @@ impl Drop for TestDatabase {
         psql(&self.admin_url, &statement);
     }
 }
+
+/// A bucket whose S3 endpoint, on loopback, takes connections and never answers: a store
+/// that hangs.
+pub async fn silent_bucket() -> crate::objects::BucketConfig {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let endpoint = format!("http://{}", listener.local_addr().expect("its address"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    crate::objects::BucketConfig {
+        url: "s3://artifacts".into(),
+        options: [
+            ("aws_endpoint", endpoint.as_str()),
+            ("aws_allow_http", "true"),
+            ("aws_region", "us-east-1"),
+            ("aws_access_key_id", "test"),
+            ("aws_secret_access_key", "test"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into(),
+    }
+}

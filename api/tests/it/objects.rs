@@ -85,7 +85,17 @@ impl S3Server {
     }
 
     fn config(&self) -> BucketConfig {
-        bucket_at(self.port)
+        let option = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        BucketConfig {
+            url: format!("s3://{BUCKET}/deployment"),
+            options: vec![
+                option("aws_endpoint", &format!("http://127.0.0.1:{}", self.port)),
+                option("aws_allow_http", "true"),
+                option("aws_region", "us-east-1"),
+                option("aws_access_key_id", "S3RVER"),
+                option("aws_secret_access_key", "S3RVER"),
+            ],
+        }
     }
 
     /// Files s3rver keeps for objects whose key contains `part`.
@@ -94,21 +104,6 @@ impl S3Server {
             .into_iter()
             .filter(|p| p.to_string_lossy().contains(part))
             .collect()
-    }
-}
-
-/// The deployment's bucket on an S3 server at `port` on loopback.
-fn bucket_at(port: u16) -> BucketConfig {
-    let option = |k: &str, v: &str| (k.to_owned(), v.to_owned());
-    BucketConfig {
-        url: format!("s3://{BUCKET}/deployment"),
-        options: vec![
-            option("aws_endpoint", &format!("http://127.0.0.1:{port}")),
-            option("aws_allow_http", "true"),
-            option("aws_region", "us-east-1"),
-            option("aws_access_key_id", "S3RVER"),
-            option("aws_secret_access_key", "S3RVER"),
-        ],
     }
 }
 
@@ -313,16 +308,9 @@ async fn a_replaced_dataset_is_not_read_from_the_cached_copy() {
 /// deletion timeout and keeps the job (its row was locked while the store was waited on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_against_a_store_that_never_answers_is_a_503_and_keeps_the_job() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let bucket = shared::testing::silent_bucket().await;
     let app = TestApp::spawn_with(|s| {
-        s.object_store = Some(bucket_at(port));
+        s.object_store = Some(bucket);
         s.object_delete_timeout = Duration::from_secs(1);
     })
     .await;

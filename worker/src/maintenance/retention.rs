@@ -385,29 +385,11 @@ mod tests {
     /// each batch of the backlog) and the jobs are kept for the next run.
     #[tokio::test]
     async fn a_store_that_never_answers_holds_one_batchs_rows_for_its_timeout_only() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
-            }
-        });
+        let bucket = shared::testing::silent_bucket().await;
         let test = TestDb::with(jobs::Registry::default(), |settings| {
             settings.job_retention = Some(Duration::from_secs(10 * DAY));
             settings.object_delete_timeout = Duration::from_secs(2);
-            settings.object_store = Some(shared::objects::BucketConfig {
-                url: "s3://artifacts".into(),
-                options: [
-                    ("aws_endpoint", endpoint.as_str()),
-                    ("aws_allow_http", "true"),
-                    ("aws_region", "us-east-1"),
-                    ("aws_access_key_id", "test"),
-                    ("aws_secret_access_key", "test"),
-                ]
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .into(),
-            });
+            settings.object_store = Some(bucket);
         })
         .await;
         let due: Vec<Uuid> =
