@@ -247,6 +247,22 @@ async fn loopback_without_the_allow_list_is_refused_before_anything_connects() {
     );
 }
 
+/// A name that does not exist and a name of an internal address are refused in the same
+/// words: "could not connect" for the one told a tenant which of its guesses are the
+/// platform's internal names. (A label of 64 letters fails in the resolver library before any
+/// query is sent, so nothing leaves the machine.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_does_not_resolve_is_refused_as_an_internal_one_is() {
+    let app = TestApp::spawn_with(|s| s.connection_allow = AllowList::default()).await;
+    let missing = format!("{}.example", "a".repeat(64));
+    let why_missing = refused(&app, &format!("postgres://ann:secret@{missing}:5432/sales")).await;
+    let why_internal = refused(&app, "postgres://ann:secret@localhost:5432/sales").await;
+    assert_eq!(
+        why_missing.replace(&missing, "NAME"),
+        why_internal.replace("localhost", "NAME"),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_to_connect_says_nothing_about_why() {
     let app = TestApp::spawn().await;

@@ -131,7 +131,7 @@ pub fn refused_address(host: &str, why: &str, what: &str) -> String {
 }
 
 /// The refusal of a name that does not resolve, or resolves only to refused addresses.
-fn unresolved(host: &str, what: &str) -> String {
+pub(crate) fn unresolved(host: &str, what: &str) -> String {
     let allow = allow_setting(what);
     format!(
         "{host} does not resolve to a public address: {what} may not reach others \
@@ -218,9 +218,12 @@ impl reqwest::dns::Resolve for CheckedResolver {
         Box::pin(async move {
             let host = name.as_str().to_owned();
             let lookup = tokio::net::lookup_host((host.as_str(), 0));
+            // A lookup's own error (`Name or service not known`) is not passed on: it would tell
+            // a name that does not exist from one the rules refuse.
             let addrs: Vec<SocketAddr> = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
                 .await
-                .map_err(|_| format!("resolving {host} timed out"))??
+                .map_err(|_| format!("resolving {host} timed out"))?
+                .map_err(|_| AddressRefused(unresolved(&host, what)))?
                 .collect();
             for addr in &addrs {
                 if let Some(why) = refusal(&allow, &host, addr.ip(), what) {
@@ -328,5 +331,26 @@ mod tests {
         assert!(same_host(ip("::ffff:127.0.0.1"), ip("0.0.0.0")));
         assert!(same_host(ip("10.0.0.1"), ip("::ffff:10.0.0.1")));
         assert!(!same_host(ip("127.0.0.1"), ip("10.0.0.1")));
+    }
+
+    /// The resolver an outbound client connects through refuses a name that does not resolve
+    /// in the words it refuses an internal one with, not with the lookup's own error. (A label
+    /// of 64 letters fails in the resolver library before any query is sent.)
+    #[tokio::test]
+    async fn the_resolver_refuses_a_missing_name_as_an_internal_one() {
+        use reqwest::dns::Resolve;
+        let resolver = CheckedResolver::new(AllowList::default(), "webhooks");
+        let refusal = |name: String| {
+            let resolving = resolver.resolve(name.parse().unwrap());
+            async move {
+                let Err(error) = resolving.await else {
+                    panic!("{name} resolved")
+                };
+                error.to_string().replace(&name, "NAME")
+            }
+        };
+        let missing = refusal(format!("{}.example", "a".repeat(64))).await;
+        let internal = refusal("localhost".to_owned()).await;
+        assert_eq!(missing, internal);
     }
 }

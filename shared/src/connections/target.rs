@@ -222,7 +222,15 @@ impl Guard {
 
     /// Resolves the URL's host and checks every address it has, before anything connects.
     pub async fn check(&self, url: &TargetUrl) -> Result<CheckedTarget, Refusal> {
-        let ips = url.resolve().await?;
+        // A name that does not resolve is refused as one resolving only to internal addresses
+        // is: "could not connect" for the one and a refusal for the other would tell a tenant
+        // which of its guesses are the platform's internal names.
+        let ips = url.resolve().await.map_err(|refusal| match refusal {
+            Refusal::Unreachable(_) if url.host.parse::<IpAddr>().is_err() => {
+                Refusal::Invalid(super::address::unresolved(&url.host, "connections"))
+            }
+            other => other,
+        })?;
         // The address rules first: an address they refuse is refused in their words, whoever
         // listens there (the platform's own servers named would tell a tenant where they are).
         for ip in &ips {
