@@ -20,8 +20,9 @@ use uuid::Uuid;
 
 use crate::{
     audit::{Action, Entry},
-    auth::{Tenant, Writer},
+    auth::{Caller, Tenant, Writer},
     extract::HashedJson,
+    keys::Role,
     routes::page::Page,
     AppState,
 };
@@ -124,23 +125,35 @@ pub async fn create(
     responses((status = 200, body = WebhookList, description = "the tenant's endpoints, oldest first (never their secrets)")))]
 pub async fn list(
     State(state): State<AppState>,
-    tenant: Tenant,
+    caller: Caller,
 ) -> Result<Json<WebhookList>, Problem> {
-    let webhooks = webhooks::list(&state.pool, tenant.0).await?;
+    let webhooks = webhooks::list(&state.pool, caller.key.tenant).await?;
+    let webhooks = webhooks.into_iter().map(|w| shown_to(&caller, w)).collect();
     Ok(Json(WebhookList { webhooks }))
+}
+
+/// An endpoint as `caller` may see it: a read key is not shown the URL's query, where
+/// receivers keep their tokens (the audit log leaves it out too).
+fn shown_to(caller: &Caller, mut webhook: Webhook) -> Webhook {
+    if caller.key.role < Role::Write {
+        if let Ok(url) = webhooks::parse_url(&webhook.url) {
+            webhook.url = webhooks::without_query(&url);
+        }
+    }
+    webhook
 }
 
 #[utoipa::path(get, path = "/v1/webhooks/{id}", tag = "webhooks", params(("id" = Uuid, Path)),
     responses((status = 200, body = Webhook), (status = 404, body = Problem)))]
 pub async fn get_one(
     State(state): State<AppState>,
-    tenant: Tenant,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Webhook>, Problem> {
     let id = parse_id(&id, "webhook")?;
-    webhooks::get(&state.pool, tenant.0, id)
+    webhooks::get(&state.pool, caller.key.tenant, id)
         .await?
-        .map(Json)
+        .map(|webhook| Json(shown_to(&caller, webhook)))
         .ok_or_else(not_found)
 }
 

@@ -549,6 +549,41 @@ async fn another_tenants_webhook_is_not_found_and_a_read_key_cannot_create_one()
     assert_eq!(list["webhooks"].as_array().unwrap().len(), 1);
 }
 
+/// Receivers keep their tokens in the URL's query: a read key is not shown it (the writers
+/// who made the endpoint are), in the list or alone.
+#[tokio::test]
+async fn a_read_key_is_not_shown_a_webhook_urls_query() {
+    let app = TestApp::spawn().await;
+    let (_, url) = Receiver::start(&[]).await;
+    let with_token = format!("{url}?token=hunter2");
+    let (webhook, _) = create(&app, &with_token, &["job.succeeded"]).await;
+    let (status, read) = app.post("/v1/keys", &json!({"role": "read"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{read}");
+    let read = read["key"].as_str().unwrap();
+    let (_, list) = call(&app, read, Method::GET, "/v1/webhooks", None).await;
+    let (_, one) = call(
+        &app,
+        read,
+        Method::GET,
+        &format!("/v1/webhooks/{webhook}"),
+        None,
+    )
+    .await;
+    for shown in [&list["webhooks"][0], &one] {
+        let shown = shown["url"].as_str().unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            with_token.starts_with(shown.trim_end_matches('/')),
+            "{shown}"
+        );
+    }
+    let (_, one) = app.get(&format!("/v1/webhooks/{webhook}")).await;
+    assert!(
+        one["url"].as_str().unwrap().contains("token=hunter2"),
+        "{one}"
+    );
+}
+
 /// A replay sends a request on the tenant's behalf as a job does, so it takes a token from the
 /// same rate: a replay loop went out at whatever speed the API answered.
 #[tokio::test]
