@@ -905,6 +905,50 @@ async fn a_worker_without_the_model_refuses_to_start() {
     );
 }
 
+/// A watched file's path is its document's id: one nested past what PostgreSQL's index takes
+/// (about 2.7 kB; random names, which do not compress) failed every attempt, retried, at the
+/// insert. It fails the job at once, naming the id's start, with nothing stored.
+#[tokio::test]
+async fn a_watched_file_whose_path_is_too_long_an_id_fails_the_job_storing_nothing() {
+    let root = std::env::temp_dir().join(format!("conveyor-watch-{}", Uuid::now_v7()));
+    let mut app = TestApp::spawn_with(|s| s.watch_root = Some(root.clone())).await;
+    app.start_worker_for(&[("ingest", 1)]).await;
+    let tenant = app.tenant_id("acme").await;
+    let mut deep = root.join(tenant.to_string()).join("deep");
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("short.md"), CORPUS[0].2).unwrap();
+    for _ in 0..15 {
+        let name: String = (0..7)
+            .map(|_| Uuid::new_v4().simple().to_string())
+            .collect();
+        deep = deep.join(&name[..200]);
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("long.md"), CORPUS[1].2).unwrap();
+    let collection = create_collection(&app, json!({"name": "deep"})).await;
+
+    let job = app
+        .run_job(
+            "ingest",
+            json!({"collection_id": collection, "documents": [{"directory": "deep"}]}),
+        )
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempt"], 1, "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("the document id deep/") && error.contains("bytes; at most 2048"),
+        "{error}"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM documents WHERE collection_id = $1")
+        .bind(collection)
+        .fetch_one(app.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 /// A collection following a watched directory on a schedule: each firing is an ingest job of
 /// the directory; between two syncs a file is added, one changed and one deleted: the second
 /// sync indexes the new and changed ones, skips the unchanged one and removes the deleted

@@ -120,6 +120,10 @@ pub const MAX_SOURCES: usize = 10_000;
 /// with every chunk.
 pub const MAX_METADATA_BYTES: usize = 4096;
 pub const MAX_ID_LEN: usize = 256;
+/// The longest id a stored document may have: a watched file's path or a bucket object's
+/// `s3://` name, with a record's `:id` after it. Far past it, PostgreSQL's index on the id
+/// refuses the row (about 2.7 kB), which no retry changes.
+pub const MAX_DOCUMENT_ID_BYTES: usize = 2048;
 
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,7 @@ pub mod watched;
 
 pub use contracts::ingest::{
     collections as store, DocumentSource, Ingest, IngestOutput, IngestPayload, IngestTimings,
-    MAX_ID_LEN, MAX_SOURCES,
+    MAX_DOCUMENT_ID_BYTES, MAX_ID_LEN, MAX_SOURCES,
 };
 
 use async_trait::async_trait;
@@ -305,6 +305,8 @@ impl IngestHandler {
             id,
             prefix,
         } = file;
+        // Checked before the file is read: an id too long fails every attempt.
+        checked_id(&id)?;
         let limits = self.services.limits;
         // A single document stops at the document cap, records each at the record cap; all of
         // the job's datasets together at the in-memory cap.
@@ -390,7 +392,7 @@ impl IngestHandler {
             .map_err(failed)?
         };
         *budget = budget.saturating_sub(extracted.len() as u64 * per_record);
-        Ok(extracted
+        extracted
             .into_iter()
             .map(|doc| {
                 let id = match (doc.id, &prefix) {
@@ -398,12 +400,30 @@ impl IngestHandler {
                     (Some(record), Some(prefix)) => format!("{prefix}:{record}"),
                     (Some(record), None) => record,
                 };
+                checked_id(&id)?;
                 let mut metadata_of_doc = doc.fields;
                 metadata_of_doc.extend(metadata.clone());
-                Document::new(id, doc.text, metadata_of_doc)
+                Ok(Document::new(id, doc.text, metadata_of_doc))
             })
-            .collect())
+            .collect()
     }
+}
+
+/// Refuses a document id past [`MAX_DOCUMENT_ID_BYTES`] (a deep watched path, a long object
+/// key), naming its start: the file's path or the object's name.
+fn checked_id(id: &str) -> Result<(), JobError> {
+    if id.len() <= MAX_DOCUMENT_ID_BYTES {
+        return Ok(());
+    }
+    let shown = (0..=64)
+        .rev()
+        .find(|&end| id.is_char_boundary(end))
+        .unwrap_or(0);
+    Err(JobError::Permanent(format!(
+        "the document id {}... is {} bytes; at most {MAX_DOCUMENT_ID_BYTES}",
+        &id[..shown],
+        id.len()
+    )))
 }
 
 /// What one record holds in memory besides its bytes (its map, its document, its id), charged
