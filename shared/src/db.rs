@@ -267,6 +267,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261221"),
             include_str!("../../migrations/checksums-20261222"),
             include_str!("../../migrations/checksums-20261223"),
+            include_str!("../../migrations/checksums-20261224"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest

@@ -917,4 +917,66 @@ mod tests {
         assert_eq!(fields("nope", "nowhere"), ["cron", "timezone"]);
         assert!(Timing::parse("@hourly", "UTC").is_ok());
     }
+
+    /// Whether a schedule's previous job or pipeline is live is read from the live ones only:
+    /// through the schedule's whole history, a schedule of many ended jobs read every one of
+    /// them whenever none was live, at each pass.
+    #[tokio::test]
+    async fn the_live_check_reads_no_ended_job() {
+        let db = crate::testing::TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let schedule = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO schedules (id, tenant_id, name, cron, job)
+             VALUES ($1, $2, 'nightly', '@daily', '{}')",
+        )
+        .bind(schedule)
+        .bind(tenant)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        for table in ["jobs", "pipelines"] {
+            let columns = match table {
+                "jobs" => "tenant_id, kind, status, payload, attempt",
+                _ => "tenant_id, status, on_failure",
+            };
+            let values = match table {
+                "jobs" => "$1, 'canary', 'succeeded', '{}', 1",
+                _ => "$1, 'succeeded', 'continue'",
+            };
+            sqlx::query(&format!(
+                "INSERT INTO {table} (id, {columns}, finished_at, schedule_id, schedule_fire_at)
+                 SELECT conveyor_uuidv7(), {values}, now(), $2, now() - n * interval '1 day'
+                 FROM generate_series(1, 3000) AS n"
+            ))
+            .bind(tenant)
+            .bind(schedule)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query("ANALYZE jobs, pipelines")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let blocks = "SELECT sum(pg_stat_get_xact_blocks_fetched(oid))::bigint FROM pg_class
+                      WHERE relname IN ('jobs', 'pipelines')";
+        let mut tx = db.pool.begin().await.unwrap();
+        let before: i64 = sqlx::query_scalar(blocks)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let live: bool =
+            sqlx::query_scalar(&format!("SELECT {LIVE} FROM schedules s WHERE s.id = $1"))
+                .bind(schedule)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        let after: i64 = sqlx::query_scalar(blocks)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert!(!live);
+        assert_eq!(after - before, 0, "ended jobs and pipelines were read");
+    }
 }
