@@ -187,9 +187,16 @@ fn refusal_of_levels(
     value: &Value,
     same: impl Fn(&Value) -> bool,
 ) -> Option<String> {
-    if let Some(levels) = &column.levels {
+    // A partial list (or one of a model saved before lists were bounded, which could hold
+    // millions, each scanned per condition) leaves the check to the job.
+    let levels = column.levels.as_ref().filter(|levels| {
+        !column.more_levels && levels.len() <= shared::saved_models::MAX_SHOWN_LEVELS
+    });
+    if let Some(levels) = levels {
         if !levels.iter().any(same) {
-            let shown: Vec<String> = levels.iter().take(20).map(Value::to_string).collect();
+            // Each level shortened: a model's levels may be megabytes long, and this text is
+            // built for every group of every job of a request.
+            let shown: Vec<String> = levels.iter().take(20).map(shortened).collect();
             let more = if levels.len() > 20 { ", …" } else { "" };
             return Some(format!(
                 "the model never generates {value} in {:?}: its values are {}{more}",
@@ -199,6 +206,15 @@ fn refusal_of_levels(
         }
     }
     None
+}
+
+/// A level as a refusal shows it: its JSON, cut after 64 characters.
+fn shortened(level: &Value) -> String {
+    let text = level.to_string();
+    match text.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
 }
 
 /// None for a type that is not a date or datetime; Some(None) for a date; the units per second
@@ -311,6 +327,9 @@ impl Contract for Sample {
             .ok_or_else(|| Refusal::Unknown("model".into()))?;
         let mut errors = Vec::new();
         for (field, conditions, _) in payload.groups() {
+            if errors.len() >= shared::problem::MAX_FIELD_ERRORS {
+                break;
+            }
             for (name, value) in &conditions {
                 let problem = match model.schema.iter().find(|c| c.name == *name) {
                     None => Some(format!("the model has no column {name:?}")),
@@ -439,6 +458,7 @@ mod tests {
             data_type: "str".into(),
             role: role.into(),
             levels,
+            more_levels: false,
         };
         let city = column(
             "categorical",
@@ -449,6 +469,17 @@ mod tests {
         assert!(refusal(&city, &json!("Z"))
             .unwrap()
             .contains("never generates \"Z\""));
+        // A refusal's text is bounded whatever the levels are: 20 of a megabyte each made
+        // 20 MB a group, 2 GB for one job's 100 groups.
+        let long = column("categorical", Some(vec![json!("x".repeat(1 << 20)); 20]));
+        let refused = refusal(&long, &json!(0)).unwrap();
+        assert!(refused.len() < 2048, "{} bytes", refused.len());
+        // A partial list leaves an unlisted value to the job, which knows every level.
+        let partial = ModelColumn {
+            more_levels: true,
+            ..column("categorical", Some(vec![json!("X")]))
+        };
+        assert_eq!(refusal(&partial, &json!("Z")), None);
         let flag = column("categorical", Some(vec![json!("true"), json!("false")]));
         assert_eq!(refusal(&flag, &json!(true)), None);
         let small = column("numerical", Some(vec![json!(1.0), json!(2.0)]));
@@ -506,6 +537,7 @@ mod tests {
             data_type: data_type.into(),
             role: "datetime".into(),
             levels: None,
+            more_levels: false,
         };
         assert_eq!(refusal(&column("date"), &json!("2024-03-05")), None);
         assert!(refusal(&column("date"), &json!("05/03/2024")).is_some());

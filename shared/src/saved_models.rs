@@ -26,6 +26,34 @@ pub struct ModelColumn {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Vec<Object>>)]
     pub levels: Option<Vec<serde_json::Value>>,
+    /// The column can generate values `levels` does not list: it lists at most
+    /// [`MAX_SHOWN_LEVELS`], each at most [`MAX_SHOWN_LEVEL_BYTES`] as JSON (the model's row is
+    /// read whole by every list, read and sample submission). A condition on a value not
+    /// listed is checked when the job runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more_levels: bool,
+}
+
+/// The most levels a column of a model's schema lists.
+pub const MAX_SHOWN_LEVELS: usize = 1000;
+/// The longest level, as JSON, a column of a model's schema lists.
+pub const MAX_SHOWN_LEVEL_BYTES: usize = 256;
+
+impl ModelColumn {
+    /// The column with `levels`: as many as the schema may list, and whether it left some out.
+    pub fn with_levels(mut self, levels: impl IntoIterator<Item = serde_json::Value>) -> Self {
+        let mut shown = Vec::new();
+        for level in levels {
+            let fits = level.to_string().len() <= MAX_SHOWN_LEVEL_BYTES;
+            if fits && shown.len() < MAX_SHOWN_LEVELS {
+                shown.push(level);
+            } else {
+                self.more_levels = true;
+            }
+        }
+        self.levels = Some(shown);
+        self
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
@@ -123,6 +151,33 @@ pub async fn delete(pool: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> 
 mod tests {
     use super::*;
     use crate::testing::TestDatabase;
+    use serde_json::json;
+
+    /// A schema lists at most 1,000 short levels a column: every level of a categorical of
+    /// millions of values, or of megabyte labels, went into the row every list and sample
+    /// submission reads whole.
+    #[test]
+    fn a_column_lists_a_bounded_share_of_its_levels() {
+        let column = || ModelColumn {
+            name: "c".into(),
+            data_type: "str".into(),
+            role: "categorical".into(),
+            levels: None,
+            more_levels: false,
+        };
+        let few = column().with_levels([json!("a"), json!("b")]);
+        assert_eq!(few.levels.as_deref(), Some(&[json!("a"), json!("b")][..]));
+        assert!(!few.more_levels);
+        let many = column().with_levels((0..5000).map(|n| json!(n)));
+        assert_eq!(many.levels.as_ref().map(Vec::len), Some(MAX_SHOWN_LEVELS));
+        assert!(many.more_levels);
+        let long = column().with_levels([json!("x".repeat(300)), json!("short")]);
+        assert_eq!(long.levels.as_deref(), Some(&[json!("short")][..]));
+        assert!(long.more_levels);
+        // Listed as before when whole; the flag only when set.
+        let shown = serde_json::to_value(&few).unwrap();
+        assert!(shown.get("more_levels").is_none(), "{shown}");
+    }
 
     /// A retried fit replaced the model's file, but its record kept describing the first
     /// attempt's (its privacy report, size, schema): it describes the file now, and keeps its

@@ -14,6 +14,7 @@ use serde_json::json;
 use shared::{
     events::{Event, EventType},
     model::{self, SubmitJob},
+    problem::MAX_FIELD_ERRORS,
     store::{self, NewJob},
     FieldError, Job, JobStatus, Problem,
 };
@@ -292,9 +293,12 @@ pub(crate) async fn preflight_batch(
             .await
         {
             Ok(()) => {}
+            // Past what a 422 shows, more are not kept (each job's may be a hundred); the rest
+            // are still preflighted for a refusal that wins.
             Err(Refusal::Invalid(refused)) => errors.extend(
                 refused
                     .into_iter()
+                    .take(MAX_FIELD_ERRORS.saturating_sub(errors.len()))
                     .map(|e| FieldError::new(format!("{list}[{i}].{}", e.field), e.message)),
             ),
             Err(fatal) => {

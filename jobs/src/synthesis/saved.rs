@@ -320,19 +320,21 @@ impl ModelFile {
                         .and_then(|n| contracts::sample::temporal_text(&c.dtype, n));
                     text.map_or(value, Value::String)
                 };
-                let levels = self.levels(&c.name).map(|(_, levels)| {
-                    (0..levels.len())
-                        .map(|k| shown(level_value(levels, k)))
-                        .collect()
-                });
-                ModelColumn {
+                let column = ModelColumn {
                     name: c.name.clone(),
                     data_type: c.dtype.clone(),
                     role: serde_json::to_value(c.role)
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_default(),
-                    levels,
+                    levels: None,
+                    more_levels: false,
+                };
+                match self.levels(&c.name) {
+                    Some((_, levels)) => {
+                        column.with_levels((0..levels.len()).map(|k| shown(level_value(levels, k))))
+                    }
+                    None => column,
                 }
             })
             .collect()
