@@ -259,7 +259,7 @@ pub(crate) async fn table_dataset(
     tenant: Uuid,
     id: Uuid,
 ) -> Result<shared::datasets::Dataset, Refusal> {
-    let dataset = shared::datasets::get(pool, tenant, id)
+    let dataset = shared::datasets::get_unpreviewed(pool, tenant, id)
         .await?
         .ok_or_else(|| Refusal::Unknown("dataset".into()))?;
     if !dataset.format.is_table() {

@@ -219,6 +219,15 @@ pub async fn delete(db: impl sqlx::PgExecutor<'_>, tenant: Uuid, id: Uuid) -> sq
     BUCKETS.delete(db, tenant, id).await
 }
 
+/// Which of `ids` are the tenant's buckets, each looked up once however often it is named.
+pub async fn existing(pool: &PgPool, tenant: Uuid, ids: &[Uuid]) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar("SELECT id FROM buckets WHERE tenant_id = $1 AND id = ANY($2)")
+        .bind(tenant)
+        .bind(ids)
+        .fetch_all(pool)
+        .await
+}
+
 /// What a client may see of a bucket: never its credentials.
 const BUCKETS: crate::owned::Owned =
     crate::owned::Owned::new("buckets", "id, name, endpoint, bucket, region, created_at");
