@@ -68,14 +68,21 @@ pub async fn hold_dataset_room(
     }))
 }
 
-/// Bytes of the tenant's datasets, what `max_dataset_bytes` counts.
+/// The bytes `max_dataset_bytes` counts of tenant `$1`: its datasets' files and its saved
+/// models' (a model is a file of its own, and can outweigh its training data).
+macro_rules! stored_bytes {
+    () => {
+        "(SELECT coalesce(sum(size_bytes), 0) FROM datasets WHERE tenant_id = $1)::bigint
+         + (SELECT coalesce(sum(size_bytes), 0) FROM models WHERE tenant_id = $1)::bigint"
+    };
+}
+
+/// Bytes of the tenant's datasets and saved models, what `max_dataset_bytes` counts.
 pub async fn dataset_bytes<'c>(db: impl sqlx::PgExecutor<'c>, tenant: Uuid) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1",
-    )
-    .bind(tenant)
-    .fetch_one(db)
-    .await
+    sqlx::query_scalar(concat!("SELECT ", stored_bytes!()))
+        .bind(tenant)
+        .fetch_one(db)
+        .await
 }
 
 impl TenantUsage {
@@ -136,9 +143,9 @@ pub async fn usage_of(
                  (SELECT count(*) FROM pipeline_steps s JOIN pipelines p ON p.id = s.pipeline_id
                   WHERE p.tenant_id = $1 AND p.status = 'running' AND s.state = 'waiting')
              ELSE 0 END AS waiting_steps,
-             CASE WHEN $3 THEN
-                 (SELECT coalesce(sum(size_bytes), 0)::bigint FROM datasets WHERE tenant_id = $1)
-             ELSE 0 END AS dataset_bytes,
+             CASE WHEN $3 THEN ",
+        stored_bytes!(),
+        " ELSE 0 END AS dataset_bytes,
              CASE WHEN $4 THEN
                  (SELECT coalesce(sum(chunks), 0)::bigint FROM collections WHERE tenant_id = $1)
              ELSE 0 END AS chunks,

@@ -88,10 +88,42 @@ pub struct SavedModel {
     pub created_at: DateTime<Utc>,
 }
 
-/// Records the model, numbering it after the tenant's models of the same name. A second call
-/// with the same id (a retried job, whose attempt replaced the file) describes the new file,
-/// keeping the name and version.
-pub async fn insert(pool: &PgPool, model: &SavedModel) -> sqlx::Result<SavedModel> {
+/// Records the model, numbering it after the tenant's models of the same name, if its file
+/// fits the tenant's `max_dataset_bytes` (which counts models with datasets); the refusal if
+/// not. A second call with the same id (a retried job, whose attempt replaced the file)
+/// describes the new file, keeping the name and version.
+pub async fn record(
+    pool: &PgPool,
+    model: &SavedModel,
+) -> sqlx::Result<Result<SavedModel, crate::quotas::OverQuota>> {
+    let tenant = model.tenant_id;
+    let mut tx = pool.begin().await?;
+    // Models of one name are numbered one at a time: two saved together both read the same
+    // highest version, and the second failed on the unique (tenant, name, version).
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2, 0))")
+        .bind(tenant)
+        .bind(&model.name)
+        .execute(&mut *tx)
+        .await?;
+    let limit = crate::quotas::Quotas::of(&mut tx, tenant)
+        .await?
+        .max_dataset_bytes;
+    let replaced: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(size_bytes), 0)::int8 FROM models WHERE id = $1")
+            .bind(model.id)
+            .fetch_one(&mut *tx)
+            .await?;
+    let adds = (model.size_bytes - replaced).max(0) as u64;
+    if let Err(over) = crate::quotas::hold_dataset_room(&mut tx, tenant, limit, adds).await? {
+        return Ok(Err(over));
+    }
+    insert(&mut tx, model).await?;
+    let recorded = MODELS.get(&mut *tx, tenant, model.id).await?;
+    tx.commit().await?;
+    recorded.map(Ok).ok_or(sqlx::Error::RowNotFound)
+}
+
+async fn insert(conn: &mut sqlx::PgConnection, model: &SavedModel) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO models (id, tenant_id, name, version, synthesizer, schema, training_rows,
                              quality, privacy, epsilon_spent, description, job_id, object_key,
@@ -119,11 +151,9 @@ pub async fn insert(pool: &PgPool, model: &SavedModel) -> sqlx::Result<SavedMode
     .bind(model.job_id)
     .bind(&model.object_key)
     .bind(model.size_bytes)
-    .execute(pool)
+    .execute(conn)
     .await?;
-    get(pool, model.tenant_id, model.id)
-        .await?
-        .ok_or(sqlx::Error::RowNotFound)
+    Ok(())
 }
 
 /// The tenant's model; another tenant's id reads as missing.
@@ -203,14 +233,15 @@ mod tests {
             size_bytes: 10,
             created_at: Utc::now(),
         };
-        assert_eq!(insert(&db.pool, &first).await.unwrap().version, 1);
+        let record = async |model: &SavedModel| record(&db.pool, model).await.unwrap().unwrap();
+        assert_eq!(record(&first).await.version, 1);
         let retried = SavedModel {
             privacy: sqlx::types::Json(serde_json::json!({"epsilon_spent": 1.0, "dcr": 2})),
             description: "second".into(),
             size_bytes: 20,
             ..first.clone()
         };
-        let recorded = insert(&db.pool, &retried).await.unwrap();
+        let recorded = record(&retried).await;
         assert_eq!(
             (
                 recorded.version,
@@ -220,5 +251,81 @@ mod tests {
             (1, 20, "second")
         );
         assert_eq!(recorded.privacy.0["dcr"], 2);
+    }
+
+    fn model(tenant: Uuid, name: &str, size_bytes: i64) -> SavedModel {
+        SavedModel {
+            id: Uuid::new_v4(),
+            tenant_id: tenant,
+            name: name.into(),
+            version: 0,
+            synthesizer: "copula".into(),
+            schema: sqlx::types::Json(Vec::new()),
+            training_rows: 1,
+            quality: sqlx::types::Json(serde_json::json!({})),
+            privacy: sqlx::types::Json(serde_json::json!({})),
+            epsilon_spent: None,
+            description: String::new(),
+            job_id: Uuid::new_v4(),
+            object_key: "models/x".into(),
+            size_bytes,
+            created_at: Utc::now(),
+        }
+    }
+
+    /// Models saved together under one name are numbered one after another: the second of
+    /// two that read the same highest version failed on the unique version, and the tenant
+    /// read PostgreSQL's text.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn models_saved_together_under_one_name_each_get_a_version() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let saves: Vec<_> = (0..32)
+            .map(|_| {
+                let (pool, model) = (db.pool.clone(), model(tenant, "people", 1));
+                tokio::spawn(async move { record(&pool, &model).await })
+            })
+            .collect();
+        let mut versions: Vec<i32> = Vec::new();
+        for save in saves {
+            versions.push(save.await.unwrap().unwrap().unwrap().version);
+        }
+        versions.sort_unstable();
+        assert_eq!(versions, (1..=32).collect::<Vec<_>>());
+    }
+
+    /// A model counts toward `max_dataset_bytes` as a dataset does: saving one past it is
+    /// refused, recording nothing; a model's file had no bound at all.
+    #[tokio::test]
+    async fn a_model_past_the_dataset_bytes_quota_is_refused() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        sqlx::query("INSERT INTO tenant_limits (tenant_id, max_dataset_bytes) VALUES ($1, 100)")
+            .bind(tenant)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let first = model(tenant, "people", 60);
+        record(&db.pool, &first).await.unwrap().unwrap();
+        let used = crate::quotas::dataset_bytes(&db.pool, tenant)
+            .await
+            .unwrap();
+        assert_eq!(used, 60);
+        // Its own retry replaces it, and is not counted twice.
+        let retried = SavedModel {
+            size_bytes: 70,
+            ..first.clone()
+        };
+        record(&db.pool, &retried).await.unwrap().unwrap();
+        let over = record(&db.pool, &model(tenant, "people", 40))
+            .await
+            .unwrap();
+        assert_eq!(over.unwrap_err().quota, "max_dataset_bytes");
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM models WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(count, 1);
     }
 }

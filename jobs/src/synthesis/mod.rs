@@ -646,9 +646,25 @@ impl SynthesisHandler {
             size_bytes: bytes.len() as i64,
             created_at: chrono::Utc::now(),
         };
-        shared::saved_models::insert(&self.services.pool, &record)
+        let pool = &self.services.pool;
+        let recorded = shared::saved_models::record(pool, &record)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| {
+                tracing::warn!(job = %ctx.job_id(), error = %e, "the model was not recorded");
+                failed("it could not be recorded".into())
+            })?;
+        if let Err(over) = recorded {
+            // The job fails: its file (and a record an earlier attempt made) go with it, or
+            // they would hold storage no route shows and no quota counts.
+            let tenant = ctx.tenant_id();
+            shared::saved_models::delete(pool, tenant, id)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            if let Err(e) = self.services.objects.delete_model(tenant, id).await {
+                tracing::warn!(model = %id, error = %e, "a refused model's file was not removed");
+            }
+            return Err(JobError::Permanent(format!("it could not go on: {over}")));
+        }
         Ok(id)
     }
 }
