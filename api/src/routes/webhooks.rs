@@ -132,13 +132,15 @@ pub async fn list(
     Ok(Json(WebhookList { webhooks }))
 }
 
-/// An endpoint as `caller` may see it: a read key is not shown the URL's query, where
-/// receivers keep their tokens (the audit log leaves it out too).
+/// An endpoint as `caller` may see it: a read key is shown where it points (scheme, host and
+/// port), not its path or query, where receivers keep their tokens (`/services/T…/B…/<token>`,
+/// `?token=`).
 fn shown_to(caller: &Caller, mut webhook: Webhook) -> Webhook {
     if caller.key.role < Role::Write {
-        if let Ok(url) = webhooks::parse_url(&webhook.url) {
-            webhook.url = webhooks::without_query(&url);
-        }
+        webhook.url = match webhooks::parse_url(&webhook.url) {
+            Ok(url) => format!("{}/…", url.origin().ascii_serialization()),
+            Err(_) => "(hidden)".into(),
+        };
     }
     webhook
 }

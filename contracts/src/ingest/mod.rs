@@ -375,7 +375,7 @@ mod tests {
                      jsonb_build_array(jsonb_build_object('pad', repeat('x', 60000))))"
         );
         let one = db.seeded(tenant, &seed).await;
-        let settings = shared::Settings::from_env().unwrap();
+        let settings = shared::Settings::for_test("postgres://127.0.0.1/x".into(), "t".into());
         let context = Context {
             targets: Targets::new(one.clone(), &settings, SessionLimits::preflight(&settings))
                 .unwrap(),

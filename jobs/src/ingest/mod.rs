@@ -251,6 +251,8 @@ impl IngestHandler {
                 continue;
             };
             let id = format!("s3://{name}/{key}");
+            // Before the download: an id too long fails the job whatever the object holds.
+            checked_id(&id)?;
             if object.size > *budget {
                 return Err(JobError::Permanent(format!(
                     "{id} is {} bytes, more than the {} this job may still read",

@@ -222,15 +222,7 @@ impl Guard {
 
     /// Resolves the URL's host and checks every address it has, before anything connects.
     pub async fn check(&self, url: &TargetUrl) -> Result<CheckedTarget, Refusal> {
-        // A name that does not resolve is refused as one resolving only to internal addresses
-        // is: "could not connect" for the one and a refusal for the other would tell a tenant
-        // which of its guesses are the platform's internal names.
-        let ips = url.resolve().await.map_err(|refusal| match refusal {
-            Refusal::Unreachable(_) if url.host.parse::<IpAddr>().is_err() => {
-                Refusal::Invalid(super::address::unresolved(&url.host, "connections"))
-            }
-            other => other,
-        })?;
+        let ips = url.resolve().await?;
         // The address rules first: an address they refuse is refused in their words, whoever
         // listens there (the platform's own servers named would tell a tenant where they are).
         for ip in &ips {
@@ -315,6 +307,20 @@ impl Guard {
     /// [`CONNECT_TIMEOUT`]: the server is the tenant's, and one that answers the handshake and
     /// then nothing would hold the request for as long as the client waits.
     pub async fn probe(&self, url: &TargetUrl) -> Result<(), Refusal> {
+        // A name that does not resolve is refused as one resolving only to internal addresses
+        // is: "could not connect" for the one and a refusal for the other told a tenant which
+        // of its guesses are the platform's internal names. (Here only: a job's connection
+        // whose lookup fails for a moment is retried, as any unreachable server is.)
+        if url.host.parse::<IpAddr>().is_err() {
+            let lookup = tokio::net::lookup_host((url.host.as_str(), url.port));
+            if let Ok(Err(e)) = tokio::time::timeout(CONNECT_TIMEOUT, lookup).await {
+                tracing::debug!(error = %e, "a connection's host did not resolve");
+                return Err(Refusal::Invalid(super::address::unresolved(
+                    &url.host,
+                    "connections",
+                )));
+            }
+        }
         let checked = self.check(url).await?;
         let options = checked.connect_options()?;
         let timed_out = || Refusal::Unreachable(format!("{} did not answer in time", checked.ip));
