@@ -165,6 +165,9 @@ pub async fn record_output(
     let room = crate::quotas::hold_dataset_room(&mut tx, tenant, limit, size).await?;
     if room.is_ok() {
         insert(&mut *tx, dataset).await?;
+        // A retried job's output, stored again under the id an earlier refusal marked.
+        crate::object_deletes::unmark(&mut tx, crate::object_deletes::Owner::Dataset, dataset.id)
+            .await?;
     }
     tx.commit().await?;
     Ok(room)

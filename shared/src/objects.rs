@@ -46,7 +46,7 @@ impl fmt::Debug for BucketConfig {
 
 /// A deletion the store did not finish within its timeout (some objects may be gone).
 #[derive(Debug, thiserror::Error)]
-#[error("the object store did not delete the artifacts within {0:?}")]
+#[error("the object store did not finish a deletion within {0:?}")]
 pub struct DeleteTimedOut(pub std::time::Duration);
 
 /// A scratch file's path; the file goes when the value does (if it was not moved away).
@@ -344,11 +344,12 @@ impl ObjectStore {
     pub async fn delete_dataset(&self, tenant: Uuid, dataset: Uuid) -> anyhow::Result<()> {
         let key = dataset_key(tenant, dataset);
         if let Some(bucket) = &self.bucket {
-            remove_cached(&self.root.join("cache"), tenant, dataset).await?;
-            return match bucket.store.delete(&bucket.key(&key)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(e.into()),
-            };
+            // The bucket's object first: a local cache that cannot be read left it for ever.
+            match bucket.store.delete(&bucket.key(&key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            return Ok(remove_cached(&self.root.join("cache"), tenant, dataset).await?);
         }
         Ok(remove_if_present(&self.root.join(&key)).await?)
     }
@@ -379,6 +380,11 @@ impl ObjectStore {
             bytes.extend_from_slice(&chunk);
         }
         Ok(Some(bytes))
+    }
+
+    /// How long one deletion may take (`CONVEYOR_OBJECT_DELETE_TIMEOUT_SECS`).
+    pub fn delete_timeout(&self) -> std::time::Duration {
+        self.delete_timeout
     }
 
     pub async fn delete_model(&self, tenant: Uuid, model: Uuid) -> anyhow::Result<()> {

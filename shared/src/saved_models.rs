@@ -99,13 +99,51 @@ pub async fn record(
     let tenant = model.tenant_id;
     let mut tx = pool.begin().await?;
     // Models of one name are numbered one at a time: two saved together both read the same
-    // highest version, and the second failed on the unique (tenant, name, version).
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2, 0))")
+    // highest version, and the second failed on the unique (tenant, name, version). The lock
+    // is in a class of its own (a tenant's name cannot hash onto another lock's key), and
+    // waited on at most as long as a tenant's row is.
+    sqlx::query("SELECT set_config('lock_timeout', '5s', true)")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::text || '/' || $3))")
+        .bind(NUMBERING_LOCK_CLASS)
         .bind(tenant)
         .bind(&model.name)
         .execute(&mut *tx)
         .await?;
-    let limit = crate::quotas::Quotas::of(&mut tx, tenant)
+    if let Err(over) = room_in(&mut tx, model).await? {
+        return Ok(Err(over));
+    }
+    insert(&mut tx, model).await?;
+    // A retried job's model, stored again under the id an earlier refusal marked.
+    crate::object_deletes::unmark(&mut tx, crate::object_deletes::Owner::Model, model.id).await?;
+    let recorded = MODELS.get(&mut *tx, tenant, model.id).await?;
+    tx.commit().await?;
+    recorded.map(Ok).ok_or(sqlx::Error::RowNotFound)
+}
+
+/// The advisory lock class (`'mdls'`) under which a name's models are numbered.
+const NUMBERING_LOCK_CLASS: i32 = 0x6d64_6c73;
+
+/// Whether `model` fits its tenant's `max_dataset_bytes`, without recording it: a fit checks
+/// before it stores the file (a retried attempt's refusal then leaves the earlier attempt's
+/// file and record as they were). [`record`] checks again.
+pub async fn fits(
+    pool: &PgPool,
+    model: &SavedModel,
+) -> sqlx::Result<Result<(), crate::quotas::OverQuota>> {
+    let mut tx = pool.begin().await?;
+    room_in(&mut tx, model).await
+}
+
+/// The room check of `model` in `tx` (its tenant's row held to the end of `tx`): only what it
+/// adds counts, its own earlier record (a retried attempt's) replaced; a model that adds
+/// nothing always fits, so an attempt after one that recorded its model is not refused.
+async fn room_in(
+    tx: &mut sqlx::PgConnection,
+    model: &SavedModel,
+) -> sqlx::Result<Result<(), crate::quotas::OverQuota>> {
+    let limit = crate::quotas::Quotas::of(&mut *tx, model.tenant_id)
         .await?
         .max_dataset_bytes;
     let replaced: i64 =
@@ -114,13 +152,10 @@ pub async fn record(
             .fetch_one(&mut *tx)
             .await?;
     let adds = (model.size_bytes - replaced).max(0) as u64;
-    if let Err(over) = crate::quotas::hold_dataset_room(&mut tx, tenant, limit, adds).await? {
-        return Ok(Err(over));
+    if adds == 0 {
+        return Ok(Ok(()));
     }
-    insert(&mut tx, model).await?;
-    let recorded = MODELS.get(&mut *tx, tenant, model.id).await?;
-    tx.commit().await?;
-    recorded.map(Ok).ok_or(sqlx::Error::RowNotFound)
+    crate::quotas::hold_dataset_room(tx, model.tenant_id, limit, adds).await
 }
 
 async fn insert(conn: &mut sqlx::PgConnection, model: &SavedModel) -> sqlx::Result<()> {
@@ -327,5 +362,19 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(count, 1);
+        // A limit lowered below what the tenant holds refuses no attempt that adds nothing:
+        // a retry after one that recorded its model (and published it) goes through.
+        sqlx::query("UPDATE tenant_limits SET max_dataset_bytes = 10 WHERE tenant_id = $1")
+            .bind(tenant)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        assert!(fits(&db.pool, &retried).await.unwrap().is_ok());
+        record(&db.pool, &retried).await.unwrap().unwrap();
+        let bigger = SavedModel {
+            size_bytes: 80,
+            ..retried.clone()
+        };
+        assert!(fits(&db.pool, &bigger).await.unwrap().is_err());
     }
 }

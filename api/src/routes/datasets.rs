@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shared::{
     datasets::{self, Compression, Dataset, Format, Inspected, Uninspected},
+    object_deletes::{self, Owner},
     FieldError, Problem,
 };
 use tokio::io::AsyncWriteExt;
@@ -182,7 +183,7 @@ async fn store(
         Ok::<_, Problem>(tx.commit().await?)
     };
     if let Err(problem) = recorded.await {
-        let _ = objects.delete_dataset(tenant, dataset.id).await;
+        object_deletes::discard(&state.pool, objects, tenant, Owner::Dataset, dataset.id).await;
         return Err(problem);
     }
     Ok(dataset)
@@ -305,6 +306,7 @@ pub async fn delete(
     }
     let mut tx = state.pool.begin().await?;
     if datasets::delete(&mut *tx, tenant.0, dataset.id).await? {
+        object_deletes::mark(&mut tx, tenant.0, Owner::Dataset, dataset.id).await?;
         let entry = Entry::new(Action::DatasetDelete)
             .target(dataset.id)
             .detail(serde_json::json!({"name": dataset.name}));
@@ -312,10 +314,10 @@ pub async fn delete(
     }
     tx.commit().await?;
     // To its end whatever the client does (see `upload`): the row is gone, so is the quota.
-    let objects = state.objects.clone();
-    let removed = tokio::spawn(async move { objects.delete_dataset(tenant.0, dataset.id).await });
-    if let Ok(Err(e)) = removed.await {
-        tracing::warn!(dataset = %dataset.id, error = %e, "dataset object not removed");
-    }
+    let (pool, objects) = (state.pool.clone(), state.objects.clone());
+    let _ = tokio::spawn(async move {
+        object_deletes::delete_marked(&pool, &objects, tenant.0, Owner::Dataset, dataset.id).await
+    })
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -9,6 +9,7 @@ use axum::{
 use serde::Serialize;
 use shared::{
     datasets,
+    object_deletes::{self, Owner},
     saved_models::{self, SavedModel},
     Problem,
 };
@@ -79,6 +80,7 @@ pub async fn delete(
     }
     let mut tx = state.pool.begin().await?;
     if saved_models::delete(&mut *tx, tenant.0, model.id).await? {
+        object_deletes::mark(&mut tx, tenant.0, Owner::Model, model.id).await?;
         let entry = Entry::new(Action::ModelDelete)
             .target(model.id)
             .detail(serde_json::json!({"name": model.name, "version": model.version}));
@@ -86,10 +88,10 @@ pub async fn delete(
     }
     tx.commit().await?;
     // To its end whatever the client does (see `datasets::upload`).
-    let objects = state.objects.clone();
-    let removed = tokio::spawn(async move { objects.delete_model(tenant.0, model.id).await });
-    if let Ok(Err(e)) = removed.await {
-        tracing::warn!(model = %model.id, error = %e, "model object not removed");
-    }
+    let (pool, objects) = (state.pool.clone(), state.objects.clone());
+    let _ = tokio::spawn(async move {
+        object_deletes::delete_marked(&pool, &objects, tenant.0, Owner::Model, model.id).await
+    })
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }

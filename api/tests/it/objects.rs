@@ -335,6 +335,45 @@ async fn a_delete_against_a_store_that_never_answers_is_a_503_and_keeps_the_job(
     assert_eq!(app.job(job).await["status"], "succeeded");
 }
 
+/// A dataset deleted while its store does not answer: the row goes (204, within the store's
+/// timeout) and its file is marked for the worker's object-deletes duty. Before, one try was
+/// made and its failure logged: a file no route showed and no quota counted, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_deleted_while_its_store_fails_leaves_its_file_marked() {
+    let bucket = shared::testing::silent_bucket().await;
+    let app = TestApp::spawn_with(|s| {
+        s.object_store = Some(bucket);
+        s.object_delete_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let tenant = app.tenant_id("acme").await;
+    let dataset = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO datasets (id, tenant_id, name, format, size_bytes, sha256)
+         VALUES ($1, $2, 'people.csv', 'csv', 10, 'x')",
+    )
+    .bind(dataset)
+    .bind(tenant)
+    .execute(app.pool())
+    .await
+    .unwrap();
+
+    let (status, problem) = tokio::time::timeout(
+        Duration::from_secs(20),
+        app.delete_answered(&format!("/v1/datasets/{dataset}")),
+    )
+    .await
+    .expect("the delete answers within the store's timeout");
+    assert_eq!(status, 204, "{problem}");
+    let marked: Vec<(String, Uuid)> =
+        sqlx::query_as("SELECT kind, tenant_id FROM object_deletes WHERE id = $1")
+            .bind(dataset)
+            .fetch_all(app.pool())
+            .await
+            .unwrap();
+    assert_eq!(marked, [("dataset".to_owned(), tenant)]);
+}
+
 /// Imports `dataset` into a new table `table`; the job once it ended.
 async fn import(app: &TestApp, dataset: Uuid, table: &str) -> serde_json::Value {
     let (status, job) = app

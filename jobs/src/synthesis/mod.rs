@@ -29,6 +29,7 @@ mod weights;
 use async_trait::async_trait;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::{json, Value};
+use shared::object_deletes::Owner;
 use shared::{datasets, usage::Meter, Cancelled, JobContext};
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
@@ -623,13 +624,12 @@ impl SynthesisHandler {
         let failed = |e: String| JobError::Retryable(format!("saving the model: {e}"));
         let id = uuid::Uuid::new_v5(&ctx.job_id(), b"saved model");
         let bytes = model.to_bytes();
-        let object_key = self
-            .services
-            .objects
-            .put_model(ctx.tenant_id(), id, &bytes)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let record = shared::saved_models::SavedModel {
+        let (pool, tenant) = (&self.services.pool, ctx.tenant_id());
+        let unrecorded = |e: sqlx::Error| {
+            tracing::warn!(job = %ctx.job_id(), error = %e, "the model was not recorded");
+            failed("it could not be recorded".into())
+        };
+        let mut record = shared::saved_models::SavedModel {
             id,
             tenant_id: ctx.tenant_id(),
             name,
@@ -642,28 +642,36 @@ impl SynthesisHandler {
             epsilon_spent: model.epsilon,
             description: model.description(),
             job_id: ctx.job_id(),
-            object_key,
+            object_key: String::new(),
             size_bytes: bytes.len() as i64,
             created_at: chrono::Utc::now(),
         };
-        let pool = &self.services.pool;
-        let recorded = shared::saved_models::record(pool, &record)
+        // Refused before the file is stored: a retried attempt's refusal leaves the earlier
+        // attempt's model as it was.
+        let over = |over| JobError::Permanent(format!("it could not go on: {over}"));
+        shared::saved_models::fits(pool, &record)
             .await
-            .map_err(|e| {
-                tracing::warn!(job = %ctx.job_id(), error = %e, "the model was not recorded");
-                failed("it could not be recorded".into())
-            })?;
-        if let Err(over) = recorded {
-            // The job fails: its file (and a record an earlier attempt made) go with it, or
-            // they would hold storage no route shows and no quota counts.
-            let tenant = ctx.tenant_id();
-            shared::saved_models::delete(pool, tenant, id)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            if let Err(e) = self.services.objects.delete_model(tenant, id).await {
-                tracing::warn!(model = %id, error = %e, "a refused model's file was not removed");
+            .map_err(unrecorded)?
+            .map_err(over)?;
+        let earlier = shared::saved_models::get(pool, tenant, id)
+            .await
+            .map_err(unrecorded)?
+            .is_some();
+        let objects = &self.services.objects;
+        record.object_key = objects
+            .put_model(tenant, id, &bytes)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        if let Err(refused) = shared::saved_models::record(pool, &record)
+            .await
+            .map_err(unrecorded)?
+        {
+            // Another of the tenant's outputs took the room meanwhile. A file no record shows
+            // would hold storage no quota counts; an earlier attempt's record keeps its file.
+            if !earlier {
+                shared::object_deletes::discard(pool, objects, tenant, Owner::Model, id).await;
             }
-            return Err(JobError::Permanent(format!("it could not go on: {over}")));
+            return Err(over(refused));
         }
         Ok(id)
     }
@@ -731,7 +739,8 @@ pub(crate) async fn register_dataset(
     match datasets::record_output(&services.pool, &dataset).await {
         Ok(Ok(())) => Ok(id),
         Ok(Err(over)) => {
-            let _ = objects.delete_dataset(ctx.tenant_id(), id).await;
+            let (pool, tenant) = (&services.pool, ctx.tenant_id());
+            shared::object_deletes::discard(pool, objects, tenant, Owner::Dataset, id).await;
             Err(JobError::Permanent(format!("the output dataset is {over}")))
         }
         Err(e) => Err(failed(e.to_string())),

@@ -15,6 +15,7 @@ use crate::Runtime;
 use shared::leader::LOCK_KEY;
 
 mod history;
+mod object_deletes;
 mod pipelines;
 mod queue_minutes;
 mod rescuer;
@@ -75,6 +76,7 @@ fn duties(runtime: &Runtime) -> Vec<Arc<dyn Duty>> {
         Arc::new(workers::Workers::new(settings)),
         Arc::new(retention::Retention::new(settings)),
         Arc::new(history::History::new(settings)),
+        Arc::new(object_deletes::ObjectDeletes::default()),
         Arc::new(webhooks::Webhooks::new(settings)),
         Arc::new(queue_minutes::QueueMinutes::default()),
     ]

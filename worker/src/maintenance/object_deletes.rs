@@ -1,0 +1,95 @@
+//! Stored files whose rows are gone and whose removal failed where it was made (the store
+//! down, the process stopped): removed here, each tried again later while the store fails
+//! (see [`shared::object_deletes`]).
+
+use std::time::Duration;
+
+use super::{Duty, Schedule};
+use crate::Runtime;
+
+pub(crate) struct ObjectDeletes {
+    pub schedule: Schedule,
+}
+
+impl Default for ObjectDeletes {
+    /// Every minute, 100 files at a time.
+    fn default() -> Self {
+        Self {
+            schedule: Schedule {
+                name: "object deletes",
+                interval: Duration::from_secs(60),
+                batch: 100,
+            },
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Duty for ObjectDeletes {
+    fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    /// One batch a run: marks are few (most files go where they are deleted), and a store
+    /// that fails should not be asked for every mark at once.
+    async fn run(&self, runtime: &Runtime) -> anyhow::Result<usize> {
+        let (pool, objects) = (runtime.pool(), runtime.objects());
+        Ok(shared::object_deletes::delete_due(pool, objects, self.schedule.batch).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maintenance::test_support::TestDb;
+    use shared::object_deletes::{mark, Owner};
+    use uuid::Uuid;
+
+    /// A marked file is removed with its mark; a mark put off (its last try failed a moment
+    /// ago) waits for its time, its file kept until then.
+    #[tokio::test]
+    async fn marked_files_are_removed_when_due() {
+        let test = TestDb::new().await;
+        let objects = test.runtime.objects();
+        let (due, later) = (Uuid::now_v7(), Uuid::now_v7());
+        for model in [due, later] {
+            objects
+                .put_model(test.tenant, model, b"weights")
+                .await
+                .unwrap();
+            mark(
+                &mut test.pool().acquire().await.unwrap(),
+                test.tenant,
+                Owner::Model,
+                model,
+            )
+            .await
+            .unwrap();
+        }
+        sqlx::query("UPDATE object_deletes SET due_at = now() + interval '1 minute' WHERE id = $1")
+            .bind(later)
+            .execute(test.pool())
+            .await
+            .unwrap();
+
+        assert_eq!(
+            ObjectDeletes::default().run(&test.runtime).await.unwrap(),
+            1
+        );
+        assert!(objects
+            .read_model(test.tenant, due)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(objects
+            .read_model(test.tenant, later)
+            .await
+            .unwrap()
+            .is_some());
+        let marks: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM object_deletes")
+            .fetch_all(test.pool())
+            .await
+            .unwrap();
+        assert_eq!(marks, [later]);
+    }
+}
