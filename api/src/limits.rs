@@ -293,7 +293,7 @@ impl Limits {
             StatusCode::PAYLOAD_TOO_LARGE,
             OverQuota {
                 quota: "max_dataset_bytes",
-                limit: format!("{limit} bytes of datasets"),
+                limit: format!("{limit} bytes of datasets and models"),
                 used: format!("{used} in use, {room} left"),
             },
         );

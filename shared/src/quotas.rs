@@ -44,7 +44,7 @@ pub struct TenantUsage {
     pub rows_imported_today: i64,
 }
 
-/// Checks, in `tx`, that `size` more bytes of datasets fit the tenant's `max_dataset_bytes`,
+/// Checks, in `tx`, that `size` more bytes of datasets (or models) fit the tenant's `max_dataset_bytes`,
 /// the tenant's row locked until `tx` ends so that its datasets are recorded one at a time
 /// (uploads and jobs' outputs alike); the refusal if they do not.
 pub async fn hold_dataset_room(
@@ -63,7 +63,7 @@ pub async fn hold_dataset_room(
     }
     Ok(Err(OverQuota {
         quota: "max_dataset_bytes",
-        limit: format!("{limit} bytes of datasets"),
+        limit: format!("{limit} bytes of datasets and models"),
         used: format!("{used} in use, and this adds {size}"),
     }))
 }
@@ -346,7 +346,7 @@ pub async fn check(
     if let Some(limit) = max_bytes.filter(|&l| usage.dataset_bytes >= l) {
         return Ok(Err(OverQuota {
             quota: "max_dataset_bytes",
-            limit: format!("{limit} bytes of datasets"),
+            limit: format!("{limit} bytes of datasets and models"),
             used: format!("{} in use", usage.dataset_bytes),
         }));
     }
