@@ -44,6 +44,21 @@ impl fmt::Debug for BucketConfig {
     }
 }
 
+/// The platform's object store failed: logged whole, told in a few words. Its text names the
+/// store's address, the keys' layout and up to kilobytes of the service's answer (a signature
+/// mismatch echoes the request it signed), and jobs copy their errors into what a tenant reads.
+fn platform_failed(e: object_store::Error) -> anyhow::Error {
+    tracing::warn!(error = %e, "the object store failed");
+    anyhow::anyhow!(match e {
+        object_store::Error::NotFound { .. } => "the object store has no such object",
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => {
+            "the object store refused the platform's credentials"
+        }
+        _ => "the object store failed or did not answer",
+    })
+}
+
 /// A deletion the store did not finish within its timeout (some objects may be gone).
 #[derive(Debug, thiserror::Error)]
 #[error("the object store did not finish a deletion within {0:?}")]
@@ -268,8 +283,9 @@ impl ObjectStore {
         let scratch = self.scratch_path().await?;
         let downloaded = async {
             let mut file = tokio::fs::File::create(&scratch).await?;
-            let mut stream = bucket.store.get(&bucket.key(&key)).await?.into_stream();
-            while let Some(chunk) = stream.try_next().await? {
+            let object = bucket.store.get(&bucket.key(&key)).await;
+            let mut stream = object.map_err(platform_failed)?.into_stream();
+            while let Some(chunk) = stream.try_next().await.map_err(platform_failed)? {
                 tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await?;
             }
             tokio::io::AsyncWriteExt::flush(&mut file).await?;
@@ -347,7 +363,7 @@ impl ObjectStore {
             // The bucket's object first: a local cache that cannot be read left it for ever.
             match bucket.store.delete(&bucket.key(&key)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(platform_failed(e)),
             }
             return Ok(remove_cached(&self.root.join("cache"), tenant, dataset).await?);
         }
@@ -392,7 +408,7 @@ impl ObjectStore {
         if let Some(bucket) = &self.bucket {
             return match bucket.store.delete(&bucket.key(&key)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(e.into()),
+                Err(e) => Err(platform_failed(e)),
             };
         }
         Ok(remove_if_present(&self.root.join(&key)).await?)
@@ -424,7 +440,7 @@ impl ObjectStore {
         while let Some(result) = deleted.next().await {
             match result {
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(platform_failed(e)),
             }
         }
         Ok(())
@@ -448,7 +464,7 @@ impl ObjectStore {
                     Ok(Some((size, stream)))
                 }
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e.into()),
+                Err(e) => Err(platform_failed(e)),
             };
         }
         let file = match tokio::fs::File::open(self.root.join(key)).await {
@@ -476,7 +492,8 @@ impl Bucket {
     /// Streams the file up as one multipart upload: the object appears only when it completes,
     /// and memory stays at a few parts whatever the file's size.
     async fn upload(&self, file: &Path, key: &str) -> anyhow::Result<()> {
-        let upload = self.store.put_multipart(&self.key(key)).await?;
+        let upload = self.store.put_multipart(&self.key(key)).await;
+        let upload = upload.map_err(platform_failed)?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
         let sent = async {
             let mut file = tokio::fs::File::open(file).await?;
@@ -486,14 +503,15 @@ impl Bucket {
                 if n == 0 {
                     break;
                 }
-                writer.wait_for_capacity(PARTS_IN_FLIGHT).await?;
+                let room = writer.wait_for_capacity(PARTS_IN_FLIGHT).await;
+                room.map_err(platform_failed)?;
                 writer.write(&buffer[..n]);
             }
             anyhow::Ok(())
         }
         .await;
         match sent {
-            Ok(()) => writer.finish().await.map(drop).map_err(Into::into),
+            Ok(()) => writer.finish().await.map(drop).map_err(platform_failed),
             Err(e) => {
                 let _ = writer.abort().await;
                 Err(e)

@@ -374,6 +374,36 @@ async fn a_dataset_deleted_while_its_store_fails_leaves_its_file_marked() {
     assert_eq!(marked, [("dataset".to_owned(), tenant)]);
 }
 
+/// A job whose dataset's object is missing from the platform's bucket fails saying so in a
+/// few words: the store's error named its address, the keys' layout and whatever the service
+/// answered, into the job's error a tenant reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_reaches_the_tenant_without_the_stores_detail() {
+    let s3 = S3Server::start();
+    let mut app = TestApp::spawn_with(|s| s.object_store = Some(s3.config())).await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let dataset = app.upload_dataset("gone.csv", b"id\n1\n").await;
+    for object in s3.objects_named(&dataset.to_string()) {
+        let _ = std::fs::remove_file(&object);
+        let _ = std::fs::remove_dir_all(&object);
+    }
+    let job = app
+        .run_job(
+            "import",
+            json!({"dataset_id": dataset, "target": {"table": "gone"}, "mode": "create"}),
+        )
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("the object store has no such object"),
+        "{error}"
+    );
+    for detail in ["127.0.0.1", "tenants/", "deployment/"] {
+        assert!(!job.to_string().contains(detail), "{detail} in {job}");
+    }
+}
+
 /// Imports `dataset` into a new table `table`; the job once it ended.
 async fn import(app: &TestApp, dataset: Uuid, table: &str) -> serde_json::Value {
     let (status, job) = app
