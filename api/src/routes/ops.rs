@@ -45,6 +45,11 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, Proble
     ))
 }
 
+/// The shortest metrics token served.
+const MIN_METRICS_TOKEN: usize = 16;
+/// The metrics tokens the deployment examples ship with.
+const PLACEHOLDER_TOKENS: [&str; 3] = ["change-me", "change-me-metrics", "example-only"];
+
 /// Only for the holder of `CONVEYOR_METRICS_TOKEN`: the counts are platform-wide, every
 /// tenant's together. Without the setting, metrics are off.
 fn metrics_allowed(settings: &Settings, headers: &HeaderMap) -> Result<(), Problem> {
@@ -55,6 +60,15 @@ fn metrics_allowed(settings: &Settings, headers: &HeaderMap) -> Result<(), Probl
             "metrics are off: set CONVEYOR_METRICS_TOKEN to serve them",
         ));
     };
+    // A token copied from the deployment examples is known to whoever read them.
+    if expected.len() < MIN_METRICS_TOKEN || PLACEHOLDER_TOKENS.contains(&expected.as_str()) {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "metrics are off: CONVEYOR_METRICS_TOKEN is an example's placeholder or shorter \
+             than 16 characters",
+        ));
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

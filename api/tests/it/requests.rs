@@ -518,6 +518,20 @@ async fn metrics_need_their_token_and_readiness_keeps_its_reasons() {
         .unwrap()
         .status();
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The deployment examples' placeholders (and any short token) serve nothing: a copied
+    // example opened every tenant's counts to whoever read the example.
+    for placeholder in ["change-me", "change-me-metrics", "example-only", "short"] {
+        let copied = TestApp::spawn_with(|s| s.metrics_token = Some(placeholder.to_owned())).await;
+        let status = copied
+            .client
+            .get(copied.url("/metrics"))
+            .bearer_auth(placeholder)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, StatusCode::NOT_FOUND, "{placeholder}");
+    }
 
     app.pool().close().await;
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
