@@ -51,10 +51,12 @@ pub fn target_error_text(e: &sqlx::Error) -> String {
         if TENANTS_OWN.iter().any(|class| code.starts_with(class)) {
             return db.message().to_owned();
         }
-        tracing::warn!(error = %e, "the target database failed");
+        let error = shared::telemetry::Untrusted(e);
+        tracing::warn!(%error, "the target database failed");
         return format!("the target database failed (SQLSTATE {code})");
     }
-    tracing::warn!(error = %e, "the target database's answer was not read");
+    let error = shared::telemetry::Untrusted(e);
+    tracing::warn!(%error, "the target database's answer was not read");
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)

@@ -474,7 +474,7 @@ fn told(e: object_store::Error) -> anyhow::Error {
         }
         source = error.source();
     }
-    tracing::warn!(error = %e, "a bucket's request failed");
+    tracing::warn!(error = %crate::telemetry::Untrusted(&e), "a bucket's request failed");
     anyhow::anyhow!(match e {
         object_store::Error::NotFound { .. } => "the bucket or object was not found",
         object_store::Error::PermissionDenied { .. } => "the credentials may not read it",

@@ -28,3 +28,55 @@ pub async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
+
+/// Text another party wrote (a tenant's server's error, its service's answer), as a log field:
+/// control characters escaped (in the text format a raw newline forges a log line, an escape
+/// sequence reaches the operator's terminal) and at most [`Untrusted::MAX`] bytes (a hostile
+/// endpoint answers a megabyte a request).
+pub struct Untrusted<T>(pub T);
+
+use std::fmt::Write as _;
+
+impl<T> Untrusted<T> {
+    pub const MAX: usize = 1024;
+}
+
+impl<T: std::fmt::Display> std::fmt::Display for Untrusted<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = self.0.to_string();
+        let mut end = text.len().min(Self::MAX);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        for c in text[..end].chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        if end < text.len() {
+            write!(f, "... ({} bytes in all)", text.len())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod untrusted_tests {
+    use super::Untrusted;
+
+    #[test]
+    fn another_partys_text_is_escaped_and_bounded() {
+        let forged = "denied\n2026-12-07T00:00:00Z ERROR forged line\x1b]52;c;aGk=\x07";
+        let shown = Untrusted(forged).to_string();
+        assert!(!shown.contains('\n') && !shown.contains('\x1b'), "{shown}");
+        assert!(shown.starts_with("denied\\n2026"), "{shown}");
+        let long = Untrusted("é".repeat(1 << 20)).to_string();
+        assert!(
+            long.len() < 1100 && long.ends_with("(2097152 bytes in all)"),
+            "{}",
+            long.len()
+        );
+    }
+}

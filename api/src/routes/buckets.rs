@@ -103,7 +103,8 @@ pub async fn create(
         let request_id = request
             .as_ref()
             .and_then(|r| r.header_value().to_str().ok());
-        tracing::warn!(tenant = %tenant.0, request_id, error = %e, "bucket check failed");
+        let error = shared::telemetry::Untrusted(&e);
+        tracing::warn!(tenant = %tenant.0, request_id, %error, "bucket check failed");
         return Err(invalid(
             "could not list the bucket at this endpoint with these credentials".into(),
         ));
