@@ -318,6 +318,23 @@ impl Settings {
     /// The settings from `vars` (the environment, or a deployment file's variables in the
     /// tests that check it).
     pub fn from_vars(vars: &Vars) -> anyhow::Result<Self> {
+        let settings = Self::read_vars(vars)?;
+        // A live worker's jobs were rescued between its beats (run twice, then failed as a
+        // poison job's), and a zero period panicked the heartbeat task while the worker went
+        // on claiming.
+        let (heartbeat, rescue_after) = (settings.heartbeat, settings.rescue_after);
+        if heartbeat.is_zero() || rescue_after < heartbeat * 2 {
+            anyhow::bail!(
+                "CONVEYOR_HEARTBEAT_SECS ({}) must be at least 1 and CONVEYOR_RESCUE_AFTER_SECS \
+                 ({}) at least twice it: a worker silent for RESCUE_AFTER_SECS loses its jobs",
+                heartbeat.as_secs(),
+                rescue_after.as_secs()
+            );
+        }
+        Ok(settings)
+    }
+
+    fn read_vars(vars: &Vars) -> anyhow::Result<Self> {
         Ok(Self {
             database_url: vars.var(
                 "DATABASE_URL",
@@ -669,5 +686,24 @@ mod tests {
         let refused = Settings::from_vars(&vars(&[("CONVEYOR_REDIS_PREFIX", "app{x}")]));
         let error = refused.expect_err("a prefix with braces").to_string();
         assert!(error.contains("CONVEYOR_REDIS_PREFIX"), "{error}");
+        // Beats that a rescue could fall between, or none at all.
+        for beats in [
+            &[("CONVEYOR_HEARTBEAT_SECS", "0")][..],
+            &[("CONVEYOR_HEARTBEAT_SECS", "10")],
+            &[
+                ("CONVEYOR_HEARTBEAT_SECS", "2"),
+                ("CONVEYOR_RESCUE_AFTER_SECS", "3"),
+            ],
+        ] {
+            let error = Settings::from_vars(&vars(beats))
+                .expect_err("refused")
+                .to_string();
+            assert!(error.contains("CONVEYOR_RESCUE_AFTER_SECS"), "{error}");
+        }
+        let harness = [
+            ("CONVEYOR_HEARTBEAT_SECS", "1"),
+            ("CONVEYOR_RESCUE_AFTER_SECS", "3"),
+        ];
+        assert!(Settings::from_vars(&vars(&harness)).is_ok());
     }
 }
