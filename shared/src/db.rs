@@ -65,7 +65,7 @@ async fn connect_with(
     settings: &[(&str, &str)],
 ) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url)
-        .map_err(|e| anyhow::anyhow!("bad PostgreSQL URL {}: {e}", redact(url)))?
+        .map_err(|e| unparsed(url, e))?
         .options(session_settings())
         .options(settings.iter().copied());
     let pool = PgPoolOptions::new()
@@ -115,7 +115,21 @@ pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy(url)
-        .map_err(|e| anyhow::anyhow!("bad PostgreSQL URL {}: {e}", redact(url)))
+        .map_err(|e| unparsed(url, e))
+}
+
+/// A URL sqlx refused, told without sqlx's words for a configuration error: they quote the
+/// value refused, which a mistyped separator (`?sslmode=require?password=...`) makes a
+/// password.
+fn unparsed(url: &str, e: sqlx::Error) -> anyhow::Error {
+    match e {
+        sqlx::Error::Configuration(_) => anyhow::anyhow!(
+            "bad PostgreSQL URL {}: a parameter's value is not valid (parameters are joined by \
+             `&`; percent-encode a password)",
+            redact(url)
+        ),
+        e => anyhow::anyhow!("bad PostgreSQL URL {}: {e}", redact(url)),
+    }
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
@@ -218,7 +232,13 @@ pub fn redact(raw: &str) -> String {
         let pairs: Vec<(String, String)> = url
             .query_pairs()
             .map(|(key, value)| {
-                let secret = key.to_ascii_lowercase().contains("password");
+                // A password's parameter (`pass` in a Redis socket URL), or a value holding
+                // another parameter after a mistyped `?`.
+                let key_lower = key.to_ascii_lowercase();
+                let secret = key_lower.contains("password")
+                    || key_lower == "pass"
+                    || value.contains('?')
+                    || value.contains('=');
                 let value = if secret {
                     "***".into()
                 } else {
@@ -348,8 +368,21 @@ mod tests {
             ),
             ("postgres://ann@db/x", "postgres://ann@db/x"),
             ("not a url s3cret", "(a URL that does not parse)"),
+            // A `?` typed for an `&`, and a Redis socket URL's `pass`.
+            (
+                "postgres://a@h/x?sslmode=require?password=s3cret",
+                "postgres://a@h/x?sslmode=***",
+            ),
+            (
+                "unix:///run/redis.sock?pass=s3cret",
+                "unix:///run/redis.sock?pass=***",
+            ),
         ] {
             assert_eq!(redact(url), redacted);
         }
+        // sqlx's words for a value it refuses quote the value.
+        let refused = super::connect_lazy("postgres://a@h/x?sslmode=require?password=s3cret", 1);
+        let error = refused.expect_err("an invalid sslmode").to_string();
+        assert!(!error.contains("s3cret"), "{error}");
     }
 }

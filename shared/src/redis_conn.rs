@@ -255,10 +255,14 @@ impl RedisUrl {
         }
         let mut db = 0;
         let (mut sentinel_username, mut sentinel_password) = (None, None);
+        // A password holding `&`, or a `?` typed for an `&`, leaves part of it in another
+        // parameter: nothing of the query is quoted then.
+        let secret_near = rest.contains('@') || authority.query.contains("sentinel_password=");
         for pair in authority.query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("db", n)) => match n.parse::<i64>() {
                     Ok(n) if n >= 0 => db = n,
+                    _ if secret_near => return bad("db must be a database number"),
                     _ => return bad(format!("db must be a database number, not {n:?}")),
                 },
                 Some(("sentinel_username", user)) => {
@@ -271,10 +275,7 @@ impl RedisUrl {
                 _ => {
                     // A password holding `&` leaves its rest as a "parameter": not quoted then.
                     let key = pair.split('=').next().unwrap_or_default();
-                    let key = match rest.contains('@')
-                        || pair.contains("sentinel_password=")
-                        || authority.query.contains("sentinel_password=")
-                    {
+                    let key = match secret_near || pair.contains("sentinel_password=") {
                         true => "after sentinel_password".to_owned(),
                         false => format!("{key:?}"),
                     };
@@ -931,6 +932,8 @@ mod tests {
             "redis+cluster://:hun?ter2@node:6379",
             "redis+sentinel://:hun?ter2@127.0.0.1:26379/m",
             "redis+sentinel://127.0.0.1:26379/m?sentinel_password=hun&ter2",
+            // A `?` typed for the `&` before it.
+            "redis+sentinel://127.0.0.1:26379/m?db=0?sentinel_password=hunter3",
         ] {
             let error = RedisUrl::parse(raw).unwrap_err().to_string();
             assert!(
