@@ -159,13 +159,18 @@ async fn keys_command(
             name,
         } => {
             let role = if admin { Some(keys::Role::Admin) } else { role };
-            let (_, created) =
+            // Said on screen: a name that already exists gets a key into that tenant's data
+            // (onboarding a second "acme" must not go unnoticed).
+            let existed = keys::tenant_id(pool, &tenant).await?.is_some();
+            let (tenant_id, created) =
                 keys::create_for_tenant(pool, &tenant, role, name.as_deref()).await?;
             provision(pool, settings).await?;
             eprintln!(
-                "created {} key {}",
+                "created {} key {} for the {} tenant {:?} ({tenant_id})",
                 created.info.role.as_str(),
-                created.info.id
+                created.info.id,
+                if existed { "EXISTING" } else { "new" },
+                tenant.trim(),
             );
             println!("{}", created.key);
         }

@@ -129,6 +129,18 @@ async fn the_cli_creates_lists_rotates_and_revokes_keys() {
     )
     .await;
     assert!(ok, "{stderr}");
+    // A key into a tenant that already exists says so: a second customer of the same name
+    // would otherwise get the first one's data unnoticed.
+    let acme = app.tenant_id("acme").await;
+    assert!(
+        stderr.contains(&format!("for the EXISTING tenant \"acme\" ({acme})")),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = conveyor_api(&app, &["keys", "create", "--tenant", "initech"]).await;
+    assert!(
+        ok && stderr.contains("for the new tenant \"initech\""),
+        "{stderr}"
+    );
     let member = member.trim().to_owned();
     let (ok, listing, _) = conveyor_api(&app, &["keys", "list", "--tenant", "acme"]).await;
     assert!(ok);
