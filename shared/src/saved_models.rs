@@ -377,4 +377,52 @@ mod tests {
         };
         assert!(fits(&db.pool, &bigger).await.unwrap().is_err());
     }
+
+    /// Models saved before lists were bounded are trimmed by the migration the same way
+    /// [`ModelColumn::with_levels`] bounds new ones.
+    #[tokio::test]
+    async fn the_migration_trims_the_levels_of_models_saved_before() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let column = |name: &str, levels: Vec<serde_json::Value>| ModelColumn {
+            name: name.into(),
+            data_type: "str".into(),
+            role: "categorical".into(),
+            levels: Some(levels),
+            more_levels: false,
+        };
+        let many: Vec<_> = (0..1500).map(|n| json!(format!("v{n}"))).collect();
+        let long = vec![json!("x".repeat(300)), json!("short")];
+        let few = vec![json!("a"), json!("b")];
+        let old = SavedModel {
+            schema: sqlx::types::Json(vec![
+                column("many", many.clone()),
+                column("long", long.clone()),
+                column("few", few.clone()),
+            ]),
+            ..model(tenant, "people", 1)
+        };
+        // As it was stored: every level.
+        insert(&mut db.pool.acquire().await.unwrap(), &old)
+            .await
+            .unwrap();
+        sqlx::raw_sql(include_str!(
+            "../../migrations/20261224000004_model_levels_bounded.sql"
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let trimmed = get(&db.pool, tenant, old.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .schema
+            .0;
+        let expected: Vec<ModelColumn> = [("many", many), ("long", long), ("few", few)]
+            .into_iter()
+            .map(|(name, levels)| column(name, Vec::new()).with_levels(levels))
+            .collect();
+        assert_eq!(trimmed, expected);
+        assert!(trimmed[0].more_levels && trimmed[1].more_levels && !trimmed[2].more_levels);
+    }
 }
