@@ -164,6 +164,9 @@ async fn store(
     size: u64,
 ) -> Result<Dataset, Problem> {
     let (objects, tenant) = (&state.objects, dataset.tenant_id);
+    // Marked before it is stored: a process stopped before the record below leaves the file to
+    // the object-deletes duty, not to no one.
+    object_deletes::hold(&state.pool, tenant, Owner::Dataset, dataset.id).await?;
     objects
         .put_dataset(&scratch, tenant, dataset.id)
         .await
@@ -175,6 +178,7 @@ async fn store(
             .hold_dataset_room(&mut tx, tenant, size)
             .await?;
         datasets::insert(&mut *tx, &dataset).await?;
+        object_deletes::unmark(&mut tx, Owner::Dataset, dataset.id).await?;
         let entry = Entry::new(Action::DatasetUpload)
             .target(dataset.id)
             .payload_sha256(&dataset.sha256)
@@ -316,7 +320,7 @@ pub async fn delete(
     // To its end whatever the client does (see `upload`): the row is gone, so is the quota.
     let (pool, objects) = (state.pool.clone(), state.objects.clone());
     let _ = tokio::spawn(async move {
-        object_deletes::delete_marked(&pool, &objects, tenant.0, Owner::Dataset, dataset.id).await
+        object_deletes::delete_marked(&pool, &objects, Owner::Dataset, dataset.id).await
     })
     .await;
     Ok(StatusCode::NO_CONTENT)

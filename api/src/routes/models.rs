@@ -90,7 +90,7 @@ pub async fn delete(
     // To its end whatever the client does (see `datasets::upload`).
     let (pool, objects) = (state.pool.clone(), state.objects.clone());
     let _ = tokio::spawn(async move {
-        object_deletes::delete_marked(&pool, &objects, tenant.0, Owner::Model, model.id).await
+        object_deletes::delete_marked(&pool, &objects, Owner::Model, model.id).await
     })
     .await;
     Ok(StatusCode::NO_CONTENT)

@@ -658,6 +658,10 @@ impl SynthesisHandler {
             .map_err(unrecorded)?
             .is_some();
         let objects = &self.services.objects;
+        // Held first, as an output dataset's file is (see `register_dataset`).
+        shared::object_deletes::hold(pool, tenant, Owner::Model, id)
+            .await
+            .map_err(unrecorded)?;
         record.object_key = objects
             .put_model(tenant, id, &bytes)
             .await
@@ -666,8 +670,9 @@ impl SynthesisHandler {
             .await
             .map_err(unrecorded)?
         {
-            // Another of the tenant's outputs took the room meanwhile. A file no record shows
-            // would hold storage no quota counts; an earlier attempt's record keeps its file.
+            // Another of the tenant's outputs took the room meanwhile (a model replacing its
+            // own earlier record is never refused). A file no record shows would hold storage
+            // no quota counts.
             if !earlier {
                 shared::object_deletes::discard(pool, objects, tenant, Owner::Model, id).await;
             }
@@ -731,7 +736,12 @@ pub(crate) async fn register_dataset(
         preview: sqlx::types::Json(preview),
         created_at: chrono::Utc::now(),
     };
-    // A retried attempt replaces the file, and the record with it.
+    // A retried attempt replaces the file, and the record with it. Held first: a deletion of
+    // an earlier attempt's file under way is waited for, and a stop before the record leaves
+    // the file to the object-deletes duty (`record_output` takes the mark back).
+    shared::object_deletes::hold(&services.pool, ctx.tenant_id(), Owner::Dataset, id)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     objects
         .put_dataset(&copy, ctx.tenant_id(), id)
         .await

@@ -92,4 +92,41 @@ mod tests {
             .unwrap();
         assert_eq!(marks, [later]);
     }
+
+    /// A retried job storing its output again under an id marked for deletion holds the mark
+    /// first: the duty passes it over, and the new file stays. Without the hold, the duty
+    /// deleted the file the retry had just stored (its record then named no file).
+    #[tokio::test]
+    async fn a_file_stored_again_under_a_marked_id_is_kept() {
+        let test = TestDb::new().await;
+        let objects = test.runtime.objects();
+        let model = Uuid::now_v7();
+        let mut conn = test.pool().acquire().await.unwrap();
+        mark(&mut conn, test.tenant, Owner::Model, model)
+            .await
+            .unwrap();
+        shared::object_deletes::hold(test.pool(), test.tenant, Owner::Model, model)
+            .await
+            .unwrap();
+        objects
+            .put_model(test.tenant, model, b"again")
+            .await
+            .unwrap();
+
+        assert_eq!(
+            ObjectDeletes::default().run(&test.runtime).await.unwrap(),
+            0
+        );
+        let kept = objects.read_model(test.tenant, model).await.unwrap();
+        assert_eq!(kept.as_deref(), Some(&b"again"[..]));
+        // Recorded, the mark goes; a writer that stopped before that leaves it due in an hour.
+        let due_in: f64 = sqlx::query_scalar(
+            "SELECT extract(epoch FROM due_at - now())::float8 FROM object_deletes WHERE id = $1",
+        )
+        .bind(model)
+        .fetch_one(test.pool())
+        .await
+        .unwrap();
+        assert!(due_in > 3000.0, "{due_in}");
+    }
 }
