@@ -199,7 +199,7 @@ impl Services {
                 }
                 Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("3D000") => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "sweep of {dropped_what} skipped a target")
+                    tracing::warn!(error = %shared::telemetry::Untrusted(&e), "sweep of {dropped_what} skipped a target")
                 }
                 Err(_) => tracing::warn!(
                     timeout_secs = deadline.as_secs(),

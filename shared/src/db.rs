@@ -229,25 +229,37 @@ pub fn redact(raw: &str) -> String {
         let _ = url.set_password(Some("***"));
     }
     if url.query().is_some() {
+        // Past a password's parameter, a "parameter" with no value is the rest of the password
+        // after an unencoded `&`: masked whole.
+        let mut past_secret = false;
         let pairs: Vec<(String, String)> = url
             .query_pairs()
             .map(|(key, value)| {
+                let fragment = past_secret && value.is_empty();
                 // A password's parameter (`pass` in a Redis socket URL), or a value holding
                 // another parameter after a mistyped `?`.
                 let key_lower = key.to_ascii_lowercase();
-                let secret = key_lower.contains("password")
-                    || key_lower == "pass"
-                    || value.contains('?')
-                    || value.contains('=');
+                let password = key_lower.contains("password") || key_lower == "pass";
+                past_secret |= password;
+                let secret = password || fragment || value.contains('?') || value.contains('=');
+                let key = if fragment {
+                    "***".into()
+                } else {
+                    key.into_owned()
+                };
                 let value = if secret {
                     "***".into()
                 } else {
                     value.into_owned()
                 };
-                (key.into_owned(), value)
+                (key, value)
             })
             .collect();
         url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    // A `#` in an unencoded password starts the fragment.
+    if url.fragment().is_some() {
+        url.set_fragment(Some("***"));
     }
     url.to_string()
 }
@@ -376,6 +388,15 @@ mod tests {
             (
                 "unix:///run/redis.sock?pass=s3cret",
                 "unix:///run/redis.sock?pass=***",
+            ),
+            // An unencoded `&` or `#` in the password.
+            (
+                "postgres://a@h/x?password=hun&ter2",
+                "postgres://a@h/x?password=***&***=***",
+            ),
+            (
+                "postgres://a@h/x?password=hun#ter2",
+                "postgres://a@h/x?password=***#***",
             ),
         ] {
             assert_eq!(redact(url), redacted);

@@ -460,7 +460,9 @@ impl ObjectStore {
             return match bucket.store.get(&bucket.key(key)).await {
                 Ok(object) => {
                     let size = object.meta.size;
-                    let stream = object.into_stream().map_err(std::io::Error::other).boxed();
+                    // A failure part-way is told as one at the start is.
+                    let failed = |e| std::io::Error::other(platform_failed(e));
+                    let stream = object.into_stream().map_err(failed).boxed();
                     Ok(Some((size, stream)))
                 }
                 Err(object_store::Error::NotFound { .. }) => Ok(None),

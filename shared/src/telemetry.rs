@@ -49,7 +49,9 @@ impl<T: std::fmt::Display> std::fmt::Display for Untrusted<T> {
             end -= 1;
         }
         for c in text[..end].chars() {
-            if c.is_control() {
+            // Control characters, and those that reorder or break lines on a terminal.
+            let bidi_or_break = matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi_or_break {
                 write!(f, "{}", c.escape_default())?;
             } else {
                 f.write_char(c)?;
@@ -68,9 +70,10 @@ mod untrusted_tests {
 
     #[test]
     fn another_partys_text_is_escaped_and_bounded() {
-        let forged = "denied\n2026-12-07T00:00:00Z ERROR forged line\x1b]52;c;aGk=\x07";
+        let forged = "denied\n2026-12-07T00:00:00Z ERROR forged line\x1b]52;c;aGk=\x07\u{202e}";
         let shown = Untrusted(forged).to_string();
         assert!(!shown.contains('\n') && !shown.contains('\x1b'), "{shown}");
+        assert!(!shown.contains('\u{202e}'), "{shown}");
         assert!(shown.starts_with("denied\\n2026"), "{shown}");
         let long = Untrusted("é".repeat(1 << 20)).to_string();
         assert!(

@@ -85,7 +85,7 @@ fn metrics_allowed(settings: &Settings, headers: &HeaderMap) -> Result<(), Probl
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain", description = "Prometheus text format"),
-    (status = 401, body = Problem, description = "without the metrics token"), (status = 404, body = Problem, description = "CONVEYOR_METRICS_TOKEN is not set")))]
+    (status = 401, body = Problem, description = "without the metrics token"), (status = 404, body = Problem, description = "CONVEYOR_METRICS_TOKEN is not set, shorter than 16 characters or an example's placeholder")))]
 pub async fn metrics(
     State(state): State<AppState>,
     headers: HeaderMap,

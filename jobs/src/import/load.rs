@@ -173,7 +173,7 @@ pub async fn run(
             .execute(&target.pool)
             .await
         {
-            tracing::warn!(job = %ctx.job_id(), error = %e, "staging table not dropped; the next attempt drops it");
+            tracing::warn!(job = %ctx.job_id(), error = %shared::telemetry::Untrusted(&e), "staging table not dropped; the next attempt drops it");
         }
         // An earlier attempt of the job, rescued from a worker thought lost, may have
         // committed meanwhile: this one then failed on what it wrote (the table it creates,

@@ -85,7 +85,7 @@ pub async fn drop_expired(pool: &PgPool) -> sqlx::Result<Vec<String>> {
             Ok(true) => dropped.push(table),
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(%table, error = %e, "expired snapshot not dropped; next sweep")
+                tracing::warn!(%table, error = %shared::telemetry::Untrusted(&e), "expired snapshot not dropped; next sweep")
             }
         }
     }
