@@ -417,7 +417,8 @@ impl Targets {
         let refused = |e: Refusal| match e {
             Refusal::Invalid(reason) => TargetError::RefusedConnection(id, reason),
             Refusal::Unreachable(detail) => {
-                tracing::warn!(connection = %id, detail, "connection unreachable");
+                let detail = crate::telemetry::Untrusted(detail);
+                tracing::warn!(connection = %id, %detail, "connection unreachable");
                 TargetError::UnreachableConnection(id)
             }
         };

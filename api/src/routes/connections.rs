@@ -74,7 +74,8 @@ pub async fn create(
             let request_id = request
                 .as_ref()
                 .and_then(|r| r.header_value().to_str().ok());
-            tracing::warn!(tenant = %tenant.0, request_id, detail, "connection check failed");
+            let detail = shared::telemetry::Untrusted(detail);
+            tracing::warn!(tenant = %tenant.0, request_id, %detail, "connection check failed");
             return Err(invalid("url", refusal.to_string()));
         }
     }
