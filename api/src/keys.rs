@@ -124,30 +124,66 @@ pub fn printable(name: &str) -> String {
         .collect()
 }
 
-/// Creates the tenant if needed and a new key for it: of `role`, else an admin key if it is
-/// the tenant's first and a write key if not. The key is returned once, never stored. Returns
-/// the tenant's id too. An operator's act: audited with no key.
+/// Which tenant a key created by the operator is for. A name alone never creates a tenant:
+/// onboarding a second customer called "acme" must not hand it the first one's data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantChoice {
+    /// A tenant that exists already.
+    Existing,
+    /// A tenant made now: refused if the name is taken.
+    New,
+}
+
+/// A new key for a tenant, created with it when `choice` is [`TenantChoice::New`]: of `role`,
+/// else an admin key if it is the tenant's first and a write key if not. The key is returned
+/// once, never stored. Returns the tenant's id too. Whether the tenant exists is decided in the
+/// transaction that adds the key, so two creates of one new name cannot both make it. An
+/// operator's act: audited with no key.
 pub async fn create_for_tenant(
     pool: &PgPool,
     tenant: &str,
+    choice: TenantChoice,
     role: Option<Role>,
     name: Option<&str>,
 ) -> anyhow::Result<(Uuid, CreatedKey)> {
-    anyhow::ensure!(
-        !tenant.trim().is_empty() && tenant.len() <= 100,
-        "tenant name must be 1-100 characters"
-    );
+    let tenant = valid_name(Some(tenant))
+        .map_err(|e| anyhow::anyhow!("tenant name {e}"))?
+        .unwrap_or_default();
     let name = valid_name(name).map_err(|e| anyhow::anyhow!("key name {e}"))?;
     let mut tx = pool.begin().await?;
-    // The upsert locks the tenant's row until commit, so two first keys cannot both be first.
-    let tenant_id: Uuid = sqlx::query_scalar(
-        "INSERT INTO tenants (id, name) VALUES ($1, $2)
-         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
-    )
-    .bind(Uuid::now_v7())
-    .bind(tenant.trim())
-    .fetch_one(&mut *tx)
-    .await?;
+    // Either statement locks the tenant's row until commit, so two first keys cannot both be
+    // first, and a tenant is created once.
+    let tenant_id: Uuid = match choice {
+        TenantChoice::Existing => {
+            sqlx::query_scalar("SELECT id FROM tenants WHERE name = $1 FOR UPDATE")
+                .bind(&tenant)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("no tenant named {tenant:?}; add --new-tenant to create it")
+                })?
+        }
+        TenantChoice::New => {
+            let created: Option<Uuid> = sqlx::query_scalar(
+                "INSERT INTO tenants (id, name) VALUES ($1, $2)
+                 ON CONFLICT (name) DO NOTHING RETURNING id",
+            )
+            .bind(Uuid::now_v7())
+            .bind(&tenant)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match created {
+                Some(id) => id,
+                None => {
+                    let existing = tenant_id(pool, &tenant).await?.unwrap_or_default();
+                    anyhow::bail!(
+                        "a tenant named {tenant:?} exists already ({existing}); \
+                         drop --new-tenant to add a key to it"
+                    );
+                }
+            }
+        }
+    };
     let first: bool =
         sqlx::query_scalar("SELECT NOT EXISTS (SELECT FROM api_keys WHERE tenant_id = $1)")
             .bind(tenant_id)
@@ -165,9 +201,14 @@ pub async fn create_for_tenant(
     Ok((tenant_id, created))
 }
 
-/// [`create_for_tenant`] with no name, returning the tenant's id and the key.
+/// A key for `tenant`, creating the tenant if there is none of that name (for tests and
+/// tools that make their own tenants); returns the tenant's id and the key.
 pub async fn create_key(pool: &PgPool, tenant: &str) -> anyhow::Result<(Uuid, String)> {
-    let (tenant_id, created) = create_for_tenant(pool, tenant, None, None).await?;
+    let choice = match tenant_id(pool, tenant).await? {
+        Some(_) => TenantChoice::Existing,
+        None => TenantChoice::New,
+    };
+    let (tenant_id, created) = create_for_tenant(pool, tenant, choice, None, None).await?;
     Ok((tenant_id, created.key))
 }
 
@@ -254,7 +295,6 @@ pub async fn tenant_id(pool: &PgPool, tenant: &str) -> Result<Option<Uuid>, sqlx
         .await
 }
 
-/// The tenant's keys, revoked ones too, oldest first.
 /// The tenant's keys, revoked ones too, in the order they were made (by id, which is made
 /// from the time), after the `cursor` key id: revoked keys are kept, so their number has no
 /// bound.

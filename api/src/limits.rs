@@ -483,7 +483,11 @@ pub async fn set_limits(pool: &PgPool, tenant: Uuid, change: &LimitChange) -> sq
     Ok(())
 }
 
-/// `50/s`, `600/m`, `3600/h` or `50` (per second); `none` for no limit.
+/// The deepest bucket a rate may have.
+pub const MAX_BURST: u32 = 1_000_000;
+
+/// `50/s`, `600/m`, `3600/h` or `50` (per second); `none` for no limit; `burst` is the bucket's
+/// depth (default: one second's worth, or the count given).
 pub fn parse_rate(raw: &str, burst: Option<u32>) -> Result<Option<Rate>, String> {
     if raw == "none" {
         return Ok(None);
@@ -502,10 +506,12 @@ pub fn parse_rate(raw: &str, burst: Option<u32>) -> Result<Option<Rate>, String>
         return Err(format!("{raw:?}: the rate must be above 0"));
     }
     let per_sec = count / seconds;
-    Ok(Some(Rate {
-        per_sec,
-        burst: burst.unwrap_or(count.ceil().max(1.0) as u32),
-    }))
+    // A bucket no submission fits refuses every one; the column is an `integer`.
+    let burst = burst.unwrap_or(count.ceil().clamp(1.0, MAX_BURST as f64) as u32);
+    if !(1..=MAX_BURST).contains(&burst) {
+        return Err(format!("burst {burst}: must be 1-{MAX_BURST}"));
+    }
+    Ok(Some(Rate { per_sec, burst }))
 }
 
 #[cfg(test)]
@@ -523,5 +529,13 @@ mod tests {
         for bad in ["0/s", "-1/s", "x/s", "5/d", "NaN"] {
             assert!(parse_rate(bad, None).is_err(), "{bad}");
         }
+        // An empty bucket would refuse every submission; a deep one would wrap the column.
+        for burst in [0, MAX_BURST + 1, u32::MAX] {
+            assert!(parse_rate("5/s", Some(burst)).is_err(), "{burst}");
+        }
+        assert_eq!(
+            parse_rate("1e12/s", None).unwrap().unwrap().burst,
+            MAX_BURST
+        );
     }
 }

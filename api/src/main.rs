@@ -72,12 +72,16 @@ enum TenantsCommand {
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// Create a key for a tenant (created if new); prints the key alone, once. A tenant's first
-    /// key is an admin key (it can manage the tenant's keys and read its audit log over HTTP);
-    /// later ones are write keys unless `--role` says otherwise.
+    /// Create a key for a tenant; prints the key alone, once. A tenant's first key is an admin
+    /// key (it can manage the tenant's keys and read its audit log over HTTP); later ones are
+    /// write keys unless `--role` says otherwise.
     Create {
         #[arg(long)]
         tenant: String,
+        /// Create the tenant, refused if one of that name exists. Without it the tenant must
+        /// exist: a name alone never onboards a new customer into another's data.
+        #[arg(long)]
+        new_tenant: bool,
         /// `admin`, `write` or `read` (`member` is read as `write`).
         #[arg(long, value_parser = parse_role)]
         role: Option<keys::Role>,
@@ -154,23 +158,25 @@ async fn keys_command(
     match command {
         KeysCommand::Create {
             tenant,
+            new_tenant,
             role,
             admin,
             name,
         } => {
             let role = if admin { Some(keys::Role::Admin) } else { role };
-            // Said on screen: a name that already exists gets a key into that tenant's data
-            // (onboarding a second "acme" must not go unnoticed).
-            let existed = keys::tenant_id(pool, &tenant).await?.is_some();
+            let choice = match new_tenant {
+                true => keys::TenantChoice::New,
+                false => keys::TenantChoice::Existing,
+            };
             let (tenant_id, created) =
-                keys::create_for_tenant(pool, &tenant, role, name.as_deref()).await?;
+                keys::create_for_tenant(pool, &tenant, choice, role, name.as_deref()).await?;
             provision(pool, settings).await?;
             eprintln!(
                 "created {} key {} for the {} tenant {:?} ({tenant_id})",
                 created.info.role.as_str(),
                 created.info.id,
-                if existed { "EXISTING" } else { "new" },
-                tenant.trim(),
+                if new_tenant { "new" } else { "existing" },
+                keys::printable(tenant.trim()),
             );
             println!("{}", created.key);
         }
@@ -265,6 +271,10 @@ async fn tenants_command(
             job_retention_days,
         } => {
             let id = tenant_id(tenant).await?;
+            anyhow::ensure!(
+                burst.is_none() || rate.as_deref().is_some_and(|r| r != "none"),
+                "--burst sets the depth of a --rate: give the rate too"
+            );
             let quota = |flag: &str, raw: Option<String>| -> anyhow::Result<Option<Option<i64>>> {
                 raw.map(|raw| match raw.as_str() {
                     "none" => Ok(None),
@@ -309,6 +319,13 @@ async fn tenants_command(
                         anyhow::anyhow!("--max-running {entry:?}: N is a count, 0 or more")
                     })?),
                 };
+                // A mistyped kind would cap nothing and say nothing.
+                let kinds = contracts::Registry::standard();
+                anyhow::ensure!(
+                    kinds.kinds().any(|known| known == kind),
+                    "--max-running {entry:?}: unknown job kind {kind:?}; expected one of: {}",
+                    kinds.kinds().collect::<Vec<_>>().join(", ")
+                );
                 change.max_running.push((kind.to_owned(), n));
             }
             limits::set_limits(pool, id, &change).await?;

@@ -62,6 +62,6 @@ start_worker() {
 }
 
 "$bin/conveyor-api" migrate 2>/dev/null
-key=$("$bin/conveyor-api" keys create --tenant bench)
+key=$("$bin/conveyor-api" keys create --tenant bench --new-tenant)
 "$bin/conveyor-api" serve & api=$!; pids+=("$api")
 for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done

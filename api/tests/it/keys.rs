@@ -129,16 +129,61 @@ async fn the_cli_creates_lists_rotates_and_revokes_keys() {
     )
     .await;
     assert!(ok, "{stderr}");
-    // A key into a tenant that already exists says so: a second customer of the same name
-    // would otherwise get the first one's data unnoticed.
     let acme = app.tenant_id("acme").await;
     assert!(
-        stderr.contains(&format!("for the EXISTING tenant \"acme\" ({acme})")),
+        stderr.contains(&format!("for the existing tenant \"acme\" ({acme})")),
         "{stderr}"
     );
-    let (ok, _, stderr) = conveyor_api(&app, &["keys", "create", "--tenant", "initech"]).await;
+    // A name alone never makes a tenant: a mistyped or second "acme" must not go unnoticed
+    // into another customer's data. `--new-tenant` makes one, and only a new one.
+    let tenants = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tenants")
+            .fetch_one(app.pool())
+            .await
+            .unwrap()
+    };
+    let before = tenants().await;
+    let (ok, printed, stderr) =
+        conveyor_api(&app, &["keys", "create", "--tenant", "initech"]).await;
     assert!(
-        ok && stderr.contains("for the new tenant \"initech\""),
+        !ok && printed.is_empty()
+            && stderr.contains("no tenant named \"initech\"; add --new-tenant"),
+        "{stderr}"
+    );
+    let (ok, printed, stderr) = conveyor_api(
+        &app,
+        &["keys", "create", "--tenant", "acme", "--new-tenant"],
+    )
+    .await;
+    assert!(
+        !ok && printed.is_empty()
+            && stderr.contains(&format!("a tenant named \"acme\" exists already ({acme})")),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = conveyor_api(
+        &app,
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "bad\u{1b}]52;c;name",
+            "--new-tenant",
+        ],
+    )
+    .await;
+    assert!(
+        !ok && stderr.contains("tenant name must hold no control"),
+        "{stderr}"
+    );
+    assert_eq!(tenants().await, before);
+    let (ok, _, stderr) = conveyor_api(
+        &app,
+        &["keys", "create", "--tenant", "initech", "--new-tenant"],
+    )
+    .await;
+    let initech = app.tenant_id("initech").await;
+    assert!(
+        ok && stderr.contains(&format!("for the new tenant \"initech\" ({initech})")),
         "{stderr}"
     );
     let member = member.trim().to_owned();

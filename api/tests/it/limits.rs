@@ -761,3 +761,49 @@ async fn racing_retries_stay_within_max_queued() {
     let statuses = futures::future::join_all(racing).await;
     assert_eq!(jobs_queued(&app).await, 1, "{statuses:?}");
 }
+
+/// `set-limits` refuses what would cap nothing or refuse everything, saying why and changing
+/// nothing: a mistyped kind, an empty bucket, a bucket deeper than its column, a burst with no
+/// rate to apply it to.
+#[tokio::test]
+async fn set_limits_refuses_settings_that_would_do_nothing_or_refuse_everything() {
+    let app = TestApp::spawn().await;
+    let limits = || async {
+        sqlx::query_scalar::<_, String>("SELECT to_jsonb(t)::text FROM tenant_limits t")
+            .fetch_all(app.pool())
+            .await
+            .unwrap()
+    };
+    let before = limits().await;
+    for (args, reason) in [
+        (
+            &["--max-running", "imports=2"][..],
+            "unknown job kind \"imports\"",
+        ),
+        (
+            &["--rate", "5/s", "--burst", "0"],
+            "burst 0: must be 1-1000000",
+        ),
+        (
+            &["--rate", "5/s", "--burst", "4294967295"],
+            "must be 1-1000000",
+        ),
+        (&["--burst", "10"], "--burst sets the depth of a --rate"),
+        (
+            &["--rate", "none", "--burst", "10"],
+            "--burst sets the depth of a --rate",
+        ),
+    ] {
+        let mut all = vec!["tenants", "set-limits", "acme"];
+        all.extend_from_slice(args);
+        let (ok, _, stderr) = app.conveyor_api(&all).await;
+        assert!(!ok && stderr.contains(reason), "{args:?}: {stderr}");
+    }
+    assert_eq!(limits().await, before);
+    set_limits(
+        &app,
+        &["--max-running", "import=2", "--rate", "5/s", "--burst", "7"],
+    )
+    .await;
+    assert_ne!(limits().await, before);
+}
