@@ -35,6 +35,10 @@ struct Cli {
         global = true
     )]
     url: String,
+    /// Send the key over plain `http://` to a host other than this machine (it is refused
+    /// otherwise: anyone on the path would read the key).
+    #[arg(long, env = "CONVEYOR_ALLOW_HTTP", global = true)]
+    allow_http: bool,
     /// An API key (`conveyor-api keys create --tenant NAME`).
     #[arg(long, env = "CONVEYOR_API_KEY", hide_env_values = true, global = true)]
     api_key: Option<String>,
@@ -227,15 +231,39 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Refuses to send a key in the clear past this machine: `https://`, or `http://` to a
+/// loopback address or `localhost`, unless `allow_http`.
+fn check_transport(base: &str, allow_http: bool) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(base).with_context(|| format!("--url {base:?}"))?;
+    let loopback = url.host_str().is_some_and(|host| {
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback || allow_http => Ok(()),
+        "http" => anyhow::bail!(
+            "--url {base:?} is plain http to another machine: the API key would cross the \
+             network unencrypted; use https, or pass --allow-http if the path is trusted"
+        ),
+        other => anyhow::bail!("--url {base:?}: the scheme is http or https, not {other:?}"),
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let key = cli
         .api_key
         .context("no API key: set CONVEYOR_API_KEY or pass --api-key")?;
+    let base = cli.url.trim_end_matches('/').to_owned();
+    check_transport(&base, cli.allow_http)?;
     let client = Client {
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()?,
-        base: cli.url.trim_end_matches('/').to_owned(),
+        base,
         key,
         json: cli.json,
     };

@@ -321,6 +321,35 @@ async fn whoami_shows_the_tenant_and_the_keys_role() {
     assert_eq!(json["tenant_id"], app.tenant.to_string());
 }
 
+/// The key crosses the network only encrypted: plain `http://` to another machine is refused
+/// before any connection, unless `--allow-http`. The host is a 64-letter label, which the
+/// resolver refuses on this machine: no packet leaves it, with the fix or without.
+#[tokio::test]
+async fn the_key_is_not_sent_over_plain_http_past_this_machine() {
+    let app = TestApp::spawn().await;
+    let remote = format!("http://{}.example:8080", "a".repeat(64));
+    let mut command = conveyor(&app, &["whoami"]);
+    command.env("CONVEYOR_URL", &remote);
+    let refused = output(command.output()).await;
+    assert!(
+        refused.code == 2 && refused.stderr.contains("plain http to another machine"),
+        "{}",
+        refused.stderr
+    );
+    let mut command = conveyor(&app, &["whoami", "--allow-http"]);
+    command.env("CONVEYOR_URL", &remote);
+    let allowed = output(command.output()).await;
+    assert!(
+        allowed.code == 2 && !allowed.stderr.contains("plain http"),
+        "{}",
+        allowed.stderr
+    );
+    let mut command = conveyor(&app, &["whoami"]);
+    command.env("CONVEYOR_URL", app.base.replace("127.0.0.1", "localhost"));
+    let local = output(command.output()).await;
+    assert_eq!(local.code, 0, "{}", local.stderr);
+}
+
 #[tokio::test]
 async fn schedules_are_created_listed_paused_resumed_and_deleted() {
     let app = TestApp::spawn().await;
