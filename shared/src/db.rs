@@ -219,6 +219,28 @@ async fn repair_edited_migrations(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The URL parameters of libpq, sqlx and the Redis client that hold no secret: shown by
+/// [`redact`] wherever they stand.
+const KNOWN_PARAMETERS: &[&str] = &[
+    "application_name",
+    "connect_timeout",
+    "db",
+    "dbname",
+    "host",
+    "hostaddr",
+    "options",
+    "port",
+    "protocol",
+    "sentinel_username",
+    "sslcert",
+    "sslkey",
+    "sslmode",
+    "sslrootcert",
+    "statement-cache-capacity",
+    "target_session_attrs",
+    "user",
+];
+
 /// The URL without its password (in the user part or a `password` parameter), for logs,
 /// error messages and `Debug`.
 pub fn redact(raw: &str) -> String {
@@ -229,17 +251,18 @@ pub fn redact(raw: &str) -> String {
         let _ = url.set_password(Some("***"));
     }
     if url.query().is_some() {
-        // Past a password's parameter, a "parameter" with no value is the rest of the password
-        // after an unencoded `&`: masked whole.
+        // Past a password's parameter, a "parameter" that is not a setting the drivers know is
+        // the rest of the password after an unencoded `&` (`hun&ter2`, `hun&ter=2`): masked whole.
         let mut past_secret = false;
         let pairs: Vec<(String, String)> = url
             .query_pairs()
             .map(|(key, value)| {
-                let fragment = past_secret && value.is_empty();
                 // A password's parameter (`pass` in a Redis socket URL), or a value holding
                 // another parameter after a mistyped `?`.
                 let key_lower = key.to_ascii_lowercase();
                 let password = key_lower.contains("password") || key_lower == "pass";
+                let fragment =
+                    past_secret && !password && !KNOWN_PARAMETERS.contains(&key_lower.as_str());
                 past_secret |= password;
                 let secret = password || fragment || value.contains('?') || value.contains('=');
                 let key = if fragment {
@@ -300,6 +323,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261222"),
             include_str!("../../migrations/checksums-20261223"),
             include_str!("../../migrations/checksums-20261224"),
+            include_str!("../../migrations/checksums-20261225"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest
@@ -393,6 +417,14 @@ mod tests {
             (
                 "postgres://a@h/x?password=hun&ter2",
                 "postgres://a@h/x?password=***&***=***",
+            ),
+            (
+                "postgres://a@h/x?password=hun&ter=2&sslmode=require",
+                "postgres://a@h/x?password=***&***=***&sslmode=require",
+            ),
+            (
+                "postgres://a@h/x?password=s3cret&application_name=etl&connect_timeout=5",
+                "postgres://a@h/x?password=***&application_name=etl&connect_timeout=5",
             ),
             (
                 "postgres://a@h/x?password=hun#ter2",

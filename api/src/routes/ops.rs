@@ -47,6 +47,8 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, Proble
 
 /// The shortest metrics token served.
 const MIN_METRICS_TOKEN: usize = 16;
+/// The fewest different characters a metrics token served holds.
+const MIN_METRICS_TOKEN_CHARS: usize = 8;
 /// The metrics tokens the deployment examples ship with.
 const PLACEHOLDER_TOKENS: [&str; 3] = ["change-me", "change-me-metrics", "example-only"];
 
@@ -60,13 +62,21 @@ fn metrics_allowed(settings: &Settings, headers: &HeaderMap) -> Result<(), Probl
             "metrics are off: set CONVEYOR_METRICS_TOKEN to serve them",
         ));
     };
-    // A token copied from the deployment examples is known to whoever read them.
-    if expected.len() < MIN_METRICS_TOKEN || PLACEHOLDER_TOKENS.contains(&expected.as_str()) {
+    // A token copied from the deployment examples is known to whoever read them; one of a
+    // few characters repeated is guessed as soon.
+    let distinct = expected
+        .chars()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    if expected.len() < MIN_METRICS_TOKEN
+        || distinct < MIN_METRICS_TOKEN_CHARS
+        || PLACEHOLDER_TOKENS.contains(&expected.as_str())
+    {
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
             "not-found",
-            "metrics are off: CONVEYOR_METRICS_TOKEN is an example's placeholder or shorter \
-             than 16 characters",
+            "metrics are off: CONVEYOR_METRICS_TOKEN is an example's placeholder, shorter \
+             than 16 characters or made of fewer than 8 different ones",
         ));
     }
     let given = headers
@@ -85,7 +95,7 @@ fn metrics_allowed(settings: &Settings, headers: &HeaderMap) -> Result<(), Probl
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain", description = "Prometheus text format"),
-    (status = 401, body = Problem, description = "without the metrics token"), (status = 404, body = Problem, description = "CONVEYOR_METRICS_TOKEN is not set, shorter than 16 characters or an example's placeholder")))]
+    (status = 401, body = Problem, description = "without the metrics token"), (status = 404, body = Problem, description = "CONVEYOR_METRICS_TOKEN is not set, shorter than 16 characters, of fewer than 8 different ones, or an example's placeholder")))]
 pub async fn metrics(
     State(state): State<AppState>,
     headers: HeaderMap,

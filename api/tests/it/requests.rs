@@ -520,7 +520,14 @@ async fn metrics_need_their_token_and_readiness_keeps_its_reasons() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     // The deployment examples' placeholders (and any short token) serve nothing: a copied
     // example opened every tenant's counts to whoever read the example.
-    for placeholder in ["change-me", "change-me-metrics", "example-only", "short"] {
+    for placeholder in [
+        "change-me",
+        "change-me-metrics",
+        "example-only",
+        "short",
+        "aaaaaaaaaaaaaaaaaaaaaaaa",
+        "0123012301230123",
+    ] {
         let copied = TestApp::spawn_with(|s| s.metrics_token = Some(placeholder.to_owned())).await;
         let status = copied
             .client
