@@ -208,6 +208,12 @@ pub struct IngestChange<'a> {
 /// chunks are counted, before any is embedded: the check at an attempt's start saw only what
 /// was stored, and one job could pass the quota by millions of chunks. Not checked once an
 /// earlier attempt entered its commit (part of its work is stored), as [`check_output`].
+///
+/// What passes is reserved for the job (`chunk_reservations`) until it ends, and the check
+/// counts the other running ingests' reservations, with the tenant locked: ingests that each
+/// fit alone no longer all pass together. A reservation is what the job adds net of what it
+/// replaces; it counts while the job runs, its stored chunks too (the tenant is held to the
+/// larger figure until the job ends).
 pub async fn check_chunks(
     pool: &sqlx::PgPool,
     tenant: Uuid,
@@ -221,18 +227,36 @@ pub async fn check_chunks(
         present,
         adding,
     } = change;
-    let mut conn = pool.acquire().await?;
-    let Some(limit) = Quotas::of(&mut conn, tenant).await?.max_chunks else {
+    let mut tx = pool.begin().await?;
+    let Some(limit) = Quotas::of(&mut tx, tenant).await?.max_chunks else {
         return Ok(Ok(()));
     };
-    if entered_commit(&mut conn, job).await? {
+    if entered_commit(&mut tx, job).await? {
         return Ok(Ok(()));
     }
+    lock_tenant(&mut tx, tenant).await?;
+    // The reservations of ingests that ended (or went back to the queue) count no more.
+    let reserved: i64 = sqlx::query_scalar(
+        "WITH ended AS (
+             DELETE FROM chunk_reservations r
+             WHERE r.tenant_id = $1
+               AND (r.job_id = $2
+                    OR NOT EXISTS (SELECT 1 FROM jobs j
+                                   WHERE j.id = r.job_id AND j.status = 'running'))
+             RETURNING r.job_id
+         )
+         SELECT coalesce(sum(chunks), 0)::int8 FROM chunk_reservations
+         WHERE tenant_id = $1 AND job_id NOT IN (SELECT job_id FROM ended)",
+    )
+    .bind(tenant)
+    .bind(job)
+    .fetch_one(&mut *tx)
+    .await?;
     let measures = Measures {
         chunks: true,
         ..Measures::NONE
     };
-    let stored = usage_of(&mut conn, tenant, measures).await?.chunks;
+    let stored = usage_of(&mut tx, tenant, measures).await?.chunks;
     let (fields, sources): (Vec<&str>, Vec<&str>) = watched.iter().copied().unzip();
     let replaced: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(chunks), 0)::int8 FROM documents d
@@ -247,18 +271,32 @@ pub async fn check_chunks(
     .bind(fields)
     .bind(sources)
     .bind(present)
-    .fetch_one(&mut *conn)
+    .fetch_one(&mut *tx)
     .await?;
-    let after = stored - replaced + adding as i64;
-    Ok(if after > limit {
-        Err(OverQuota {
+    let grows = (adding as i64 - replaced).max(0);
+    if stored + reserved - replaced + adding as i64 > limit {
+        let others = match reserved {
+            0 => String::new(),
+            n => format!(", {n} more held by the tenant's running ingests"),
+        };
+        return Ok(Err(OverQuota {
             quota: "max_chunks",
             limit: format!("{limit} chunks in all collections"),
-            used: format!("{stored} stored, and this job's documents make {adding}"),
-        })
-    } else {
-        Ok(())
-    })
+            used: format!("{stored} stored{others}, and this job's documents make {adding}"),
+        }));
+    }
+    if grows > 0 {
+        sqlx::query(
+            "INSERT INTO chunk_reservations (job_id, tenant_id, chunks) VALUES ($1, $2, $3)",
+        )
+        .bind(job)
+        .bind(tenant)
+        .bind(grows)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Ok(()))
 }
 
 /// Whether jobs of `kind` add to a quota on output (rows imported, chunks, dataset bytes).
@@ -533,6 +571,71 @@ mod tests {
                 .await
                 .unwrap();
         }
+    }
+
+    async fn running_ingest(db: &TestDatabase, tenant: Uuid) -> Uuid {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, status, payload, attempt)
+             VALUES ($1, $2, 'ingest', 'running', '{}', 1)",
+        )
+        .bind(id)
+        .bind(tenant)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        id
+    }
+
+    /// Two ingests that each fit `max_chunks` alone, checked before either stored anything,
+    /// passed together: the second now counts what the first holds while it runs, and no
+    /// longer once it ended. A retried attempt does not count its own earlier hold.
+    #[tokio::test]
+    async fn running_ingests_count_what_the_others_hold() {
+        let db = TestDatabase::new().await;
+        let tenant = db.tenant().await;
+        let collection = new_collection(&db, tenant, "notes").await;
+        sqlx::query("INSERT INTO tenant_limits (tenant_id, max_chunks) VALUES ($1, 100)")
+            .bind(tenant)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        let (first, second) = (
+            running_ingest(&db, tenant).await,
+            running_ingest(&db, tenant).await,
+        );
+        let adding = |n| IngestChange {
+            collection,
+            replacing: &[],
+            watched: &[],
+            present: &[],
+            adding: n,
+        };
+        let check = |job, n| check_chunks(&db.pool, tenant, job, adding(n));
+        assert_eq!(check(first, 60).await.unwrap(), Ok(()));
+        assert_eq!(check(first, 70).await.unwrap(), Ok(()), "its own hold");
+        let over = check(second, 60).await.unwrap().unwrap_err();
+        assert_eq!(
+            (over.quota, over.used.as_str()),
+            (
+                "max_chunks",
+                "0 stored, 70 more held by the tenant's running ingests, \
+                 and this job's documents make 60"
+            )
+        );
+        assert_eq!(check(second, 30).await.unwrap(), Ok(()));
+        sqlx::query("UPDATE jobs SET status = 'succeeded' WHERE id = $1")
+            .bind(first)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(check(second, 100).await.unwrap(), Ok(()));
+        let held: Vec<(Uuid, i64)> =
+            sqlx::query_as("SELECT job_id, chunks FROM chunk_reservations")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(held, [(second, 100)]);
     }
 
     /// `max_chunks` and `GET /v1/tenant` read the tenant's chunks from its collections' rows
