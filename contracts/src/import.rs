@@ -74,7 +74,7 @@ impl Contract for Import {
                         format!(
                             "the file has no column {:?}; it has: {}",
                             spec.source,
-                            file_columns.join(", ")
+                            listed_names(&file_columns)
                         ),
                     ));
                 }
@@ -238,6 +238,26 @@ pub enum OnError {
 }
 
 pub const DEFAULT_MAX_ERRORS: u64 = 1000;
+
+/// A file's column names as a refusal lists them: the first 50, each cut after 63 bytes (a
+/// file's header may hold 1,600 names of a megabyte).
+fn listed_names(names: &[String]) -> String {
+    let cut = |name: &String| match name.len() > 63 {
+        true => {
+            let mut end = 63;
+            while !name.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}…", &name[..end])
+        }
+        false => name.clone(),
+    };
+    let mut listed: Vec<String> = names.iter().take(50).map(cut).collect();
+    if names.len() > 50 {
+        listed.push(format!("and {} more", names.len() - 50));
+    }
+    listed.join(", ")
+}
 
 /// A PostgreSQL identifier the importer accepts: letters, digits, `_`, `$`, at most 63 bytes.
 pub fn valid_identifier(name: &str) -> bool {

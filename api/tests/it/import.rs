@@ -645,6 +645,51 @@ async fn rejected_csv_keeps_the_start_of_a_long_record() {
     assert!(text.contains("… (100000 bytes, sha256 "), "{:.300}", text);
 }
 
+/// A header's name past PostgreSQL's 63 bytes fails the import naming its start (PostgreSQL
+/// cut it silently, and each rejected row's line in `rejected.csv` quoted it whole: a
+/// megabyte-long name made a small upload gigabytes on the worker's disk: here 2 MB); named in
+/// `columns`, the file imports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_past_63_bytes_must_be_renamed() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    let long = "n".repeat(10_000);
+    let mut csv = format!("id,{long}\n").into_bytes();
+    for i in 0..200 {
+        csv.extend_from_slice(format!("{i},a\0b\n").as_bytes());
+    }
+    let dataset = app.upload_dataset("long-name.csv", &csv).await;
+    let job = import_failed(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "named"}, "on_error": "skip",
+               "max_errors": 1000}),
+    )
+    .await;
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("has a name past the 63 bytes") && error.len() < 1024,
+        "{error:.300}"
+    );
+    assert_eq!(
+        psql(
+            &app.target_url(),
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'named'"
+        ),
+        "0"
+    );
+    let result = import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "named"}, "on_error": "skip",
+               "max_errors": 1000, "columns": [{"source": "id"}, {"source": long, "name": "note"}]}),
+    )
+    .await;
+    assert_eq!(result["rows_rejected"], 200, "{result}");
+    let url = result["artifacts"][0]["url"].as_str().unwrap();
+    let (status, rejected) = app.get_bytes(url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(rejected.len() < 200 * 1024, "{} bytes", rejected.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_csv_under_skip_imports_the_rest_and_reports_each_rejected_row() {
     let mut app = TestApp::spawn().await;

@@ -645,10 +645,21 @@ fn plan_columns(
     };
     let mut plan = Vec::with_capacity(specs.len());
     for (source, name, declared) in specs {
-        let index = header
-            .iter()
-            .position(|h| *h == source)
-            .ok_or_else(|| JobError::Permanent(format!("the file has no column {source:?}")))?;
+        // A header's name becomes the column's: PostgreSQL would cut it (two names alike in
+        // their first 63 bytes became one), and errors and rejected rows quoted it whole.
+        if name.len() > source::MAX_NAME_BYTES {
+            return Err(JobError::Permanent(format!(
+                "the file's column {:?} has a name past the 63 bytes a PostgreSQL column's \
+                 holds: name it in `columns` (`{{\"source\": ..., \"name\": ...}}`)",
+                source::shown_name(&name)
+            )));
+        }
+        let index = header.iter().position(|h| *h == source).ok_or_else(|| {
+            JobError::Permanent(format!(
+                "the file has no column {:?}",
+                source::shown_name(&source)
+            ))
+        })?;
         let planned = if existing.is_empty() {
             // A new table: the declared type, else the type inferred from the file's head.
             let inferred = dataset

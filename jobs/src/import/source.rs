@@ -314,6 +314,22 @@ fn too_wide(columns: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The most bytes of a PostgreSQL identifier (longer ones are cut, silently).
+pub const MAX_NAME_BYTES: usize = 63;
+
+/// A file's column name as an error shows it: cut after [`MAX_NAME_BYTES`] (a header name of
+/// a megabyte was written into every rejected row's line).
+pub fn shown_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.len() <= MAX_NAME_BYTES {
+        return name.into();
+    }
+    let mut end = MAX_NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &name[..end], name.len()).into()
+}
+
 /// What went wrong with one row as a whole (its fields are checked later).
 pub struct RowError {
     pub line: u64,
@@ -435,7 +451,7 @@ impl Source {
                         let text = parquet_text(&value).map_err(|reason| {
                             Ok(RowError {
                                 line: row.line,
-                                reason: format!("column {:?}: {reason}", column.name()),
+                                reason: format!("column {:?}: {reason}", shown_name(column.name())),
                                 raw: Vec::new(),
                             })
                         })?;

@@ -215,11 +215,21 @@ fn numeric(v: &str) -> bool {
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
     let mantissa_ok = !(int.is_empty() && frac.is_empty()) && all_digits(int) && all_digits(frac);
-    let exponent_ok = exponent.is_none_or(|e| {
-        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
-        !e.is_empty() && all_digits(e)
-    });
-    mantissa_ok && exponent_ok
+    let exponent = match exponent {
+        None => 0,
+        Some(e) => {
+            let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+            match e.parse::<i64>() {
+                Ok(e) if !digits.is_empty() && all_digits(digits) => e,
+                _ => return false,
+            }
+        }
+    };
+    // What PostgreSQL's numeric holds: 131,072 digits before the point, 16,383 after
+    // (`1e200000` is refused there, and failed the whole COPY).
+    let before = int.trim_start_matches('0').len() as i64 + exponent;
+    let after = frac.len() as i64 - exponent;
+    mantissa_ok && before <= 131_072 && after <= 16_383
 }
 
 /// PostgreSQL reads no year 0 nor a signed year (it writes years before 1 as BC).
@@ -245,15 +255,17 @@ fn timestamp(v: &str) -> bool {
 }
 
 fn timestamptz(v: &str) -> bool {
+    // PostgreSQL reads offsets up to 15:59:59 either way (chrono's up to 23:59).
+    let storable = |at: chrono::DateTime<chrono::FixedOffset>| {
+        in_common_era(at.date_naive()) && at.offset().local_minus_utc().abs() < 16 * 3600
+    };
     if let Ok(at) = chrono::DateTime::parse_from_rfc3339(v) {
-        return in_common_era(at.date_naive());
+        return storable(at);
     }
     // PostgreSQL's own output (`2024-01-02 03:04:05.123+00`) and its variants.
     ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z"]
         .iter()
-        .any(|f| {
-            chrono::DateTime::parse_from_str(v, f).is_ok_and(|at| in_common_era(at.date_naive()))
-        })
+        .any(|f| chrono::DateTime::parse_from_str(v, f).is_ok_and(storable))
         || v.strip_suffix(['Z', 'z']).is_some_and(timestamp)
 }
 
@@ -334,6 +346,32 @@ mod tests {
         assert!(PgType::Timestamptz.check("0000-12-31T10:00:00Z").is_err());
         assert!(PgType::Timestamptz.check("0000-12-31 10:00:00+02").is_err());
         assert_eq!(PgType::infer("0000-01-01"), PgType::Text);
+        // Numeric's bounds and timestamptz's offsets, as PostgreSQL 18 reads them (checked
+        // with psql): past them the value failed the whole COPY.
+        for (value, storable) in [
+            ("1e131071", true),
+            ("1e131072", false),
+            ("1e200000", false),
+            ("1e-16383", true),
+            ("1e-16384", false),
+            ("0.5e-16383", false),
+            ("1e99999999999999999999", false),
+        ] {
+            assert_eq!(PgType::Numeric.check(value).is_ok(), storable, "{value}");
+        }
+        for (value, storable) in [
+            ("2024-01-01T00:00:00+15:59", true),
+            ("2024-01-01T00:00:00-15:59", true),
+            ("2024-01-01T00:00:00+16:00", false),
+            ("2024-01-01 00:00:00+2000", false),
+        ] {
+            assert_eq!(
+                PgType::Timestamptz.check(value).is_ok(),
+                storable,
+                "{value}"
+            );
+        }
+        assert_eq!(PgType::infer("2024-01-01T00:00:00+20:00"), PgType::Text);
         // PostgreSQL reads no urn form; every spelling goes in its own.
         let id = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
         for spelling in [
