@@ -111,11 +111,33 @@ pub fn decoded_bytes(metadata: &polars::prelude::FileMetadata) -> u64 {
         .zip(list_bytes(metadata))
         .map(|(g, lists)| {
             let cells = (g.num_rows() as u64).saturating_mul(columns);
+            // The row group's own total is the file's word alone; its chunks' sizes are backed
+            // by their pages (see `check`).
+            let chunks = g
+                .parquet_columns()
+                .iter()
+                .map(|c| c.uncompressed_size().max(0) as u64)
+                .fold(0, u64::saturating_add);
             (g.total_byte_size() as u64)
+                .max(chunks)
                 .max(cells.saturating_mul(8))
                 .max(lists)
         })
         .fold(0, u64::saturating_add)
+}
+
+/// The file's rows, refused unless they are its row groups': the reader stops at the file's
+/// count and sizes its slices by it, so a lower count dropped the rest of the rows from an
+/// import that succeeded.
+pub fn rows(metadata: &polars::prelude::FileMetadata) -> Result<usize, String> {
+    let in_groups: usize = metadata.row_groups.iter().map(|g| g.num_rows()).sum();
+    if in_groups != metadata.num_rows {
+        return Err(format!(
+            "it declares {} rows where its row groups hold {in_groups}",
+            metadata.num_rows
+        ));
+    }
+    Ok(in_groups)
 }
 
 /// What each row group's list columns take once decoded, 12 bytes an element: a slice of rows
@@ -742,6 +764,59 @@ mod tests {
         let mut bytes = Vec::new();
         ParquetWriter::new(&mut bytes).finish(&mut frame).unwrap();
         bytes
+    }
+
+    /// A file that declares fewer rows than its row groups hold had the rest dropped from an
+    /// import that succeeded (the reader stops at the file's count).
+    #[test]
+    fn a_file_declaring_other_rows_than_its_row_groups_is_refused() {
+        let mut frame = df!("x" => (0..1000i64).collect::<Vec<_>>()).unwrap();
+        let mut bytes = Vec::new();
+        ParquetWriter::new(&mut bytes).finish(&mut frame).unwrap();
+        let read = |bytes: &[u8]| {
+            let mut reader = ParquetReader::new(Cursor::new(bytes.to_vec()));
+            rows(reader.get_metadata().unwrap())
+        };
+        assert_eq!(read(&bytes), Ok(1000));
+        // FileMetaData.num_rows (field 3, an i64: 0x16) comes before the row groups': 1000 is
+        // the zigzag varint d0 0f; 500 takes as many bytes, so the footer keeps its length.
+        let declared = u32::from_le_bytes(bytes[bytes.len() - 8..][..4].try_into().unwrap());
+        let footer = bytes.len() - 8 - declared as usize;
+        let at = footer
+            + bytes[footer..]
+                .windows(3)
+                .position(|w| w == [0x16, 0xd0, 0x0f])
+                .unwrap();
+        let lying = with_varint(&bytes, at + 1, 500);
+        assert_eq!(check_bytes(&lying), Ok(()));
+        assert_eq!(
+            read(&lying),
+            Err("it declares 500 rows where its row groups hold 1000".into())
+        );
+        // An import refuses the file (it read 500 rows and succeeded).
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &lying).unwrap();
+        let limits = crate::limits::Limits {
+            decompressed: 1 << 30,
+            in_memory: 1 << 30,
+            record: 1 << 20,
+            document: 1 << 20,
+        };
+        let csv = super::super::source::CsvSettings {
+            delimiter: b',',
+            quote: b'"',
+            header: true,
+        };
+        let opened = super::super::source::open(
+            file.path(),
+            shared::datasets::Format::Parquet,
+            shared::datasets::Compression::None,
+            &csv,
+            &[],
+            &limits,
+        );
+        let error = opened.err().expect("refused");
+        assert!(error.contains("declares 500 rows"), "{error}");
     }
 
     #[test]

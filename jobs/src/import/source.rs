@@ -261,8 +261,9 @@ pub fn open(
                 .map_err(|why| format!("not a readable Parquet file: {why}"))?;
             let file = File::open(path).map_err(io)?;
             let mut reader = ParquetReader::new(file);
-            let total = reader.num_rows().map_err(|e| e.to_string())?;
             let metadata = reader.get_metadata().map_err(|e| e.to_string())?;
+            let total = super::parquet_footer::rows(metadata)
+                .map_err(|why| format!("not a readable Parquet file: {why}"))?;
             let decoded = super::parquet_footer::decoded_bytes(metadata);
             let dataset = limits.streamed();
             if decoded > dataset.bytes {

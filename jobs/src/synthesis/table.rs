@@ -188,7 +188,9 @@ pub fn read(
             let mut reader = ParquetReader::new(std::fs::File::open(path)?);
             let decoded = crate::import::parquet_footer::decoded_bytes(reader.get_metadata()?);
             // The whole frame at once, 16 bytes a cell at least (a text's view).
-            let cells = (reader.num_rows()? as u64).saturating_mul(reader.schema()?.len() as u64);
+            let rows = crate::import::parquet_footer::rows(reader.get_metadata()?)
+                .map_err(|why| PolarsError::ComputeError(why.into()))?;
+            let cells = (rows as u64).saturating_mul(reader.schema()?.len() as u64);
             if decoded.max(cells.saturating_mul(NUMBER_BYTES)) > cap.bytes {
                 return Err(PolarsError::ComputeError(cap.exceeded().to_string().into()));
             }
