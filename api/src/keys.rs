@@ -146,9 +146,13 @@ pub async fn create_for_tenant(
     role: Option<Role>,
     name: Option<&str>,
 ) -> anyhow::Result<(Uuid, CreatedKey)> {
-    let tenant = valid_name(Some(tenant))
-        .map_err(|e| anyhow::anyhow!("tenant name {e}"))?
-        .unwrap_or_default();
+    // A new tenant's name is checked as a key's; an existing one is found as it was stored.
+    let tenant = match choice {
+        TenantChoice::New => valid_name(Some(tenant))
+            .map_err(|e| anyhow::anyhow!("tenant name {e}"))?
+            .unwrap_or_default(),
+        TenantChoice::Existing => tenant.trim().to_owned(),
+    };
     let name = valid_name(name).map_err(|e| anyhow::anyhow!("key name {e}"))?;
     let mut tx = pool.begin().await?;
     // Either statement locks the tenant's row until commit, so two first keys cannot both be

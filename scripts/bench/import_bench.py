@@ -8,6 +8,7 @@ each against the best `\\copy`, and the worker's peak RSS."""
 import json, os, random, subprocess, sys, time, urllib.request, uuid
 
 from bench_target import Databases, psql
+from procs import tenant_key
 
 ROWS = int(sys.argv[1])
 ROOT = os.getcwd()
@@ -132,8 +133,7 @@ def main():
     DATABASES.create()
     subprocess.run([f"{BIN}/conveyor-api", "migrate"], env=env(), check=True)
     # Also provisions the tenant's role and schema on the target.
-    key = subprocess.run([f"{BIN}/conveyor-api", "keys", "create", "--tenant", "bench"], env=env(),
-                         check=True, capture_output=True, text=True).stdout.strip()
+    key = tenant_key(f"{BIN}/conveyor-api", "bench", env())
     tenant_url = DATABASES.as_tenant(DATABASES.tenant("bench"))
     api = subprocess.Popen([f"{BIN}/conveyor-api", "serve"], env=env())
     worker = subprocess.Popen([f"{BIN}/conveyor-worker", "--queues", "import=1"], env=env())

@@ -9,6 +9,7 @@ schema and belong to its role, and the plain UPDATE runs as that role, as the jo
 import json, os, subprocess, sys, time, urllib.request, uuid
 
 from bench_target import Databases, psql
+from procs import tenant_key
 
 ROWS = int(sys.argv[1])
 BIN = os.environ["CONVEYOR_BENCH_BIN"]
@@ -47,8 +48,7 @@ def main():
     api_bin = os.path.join(BIN, "conveyor-api")
     subprocess.run([api_bin, "migrate"], env=env(), check=True)
     # Also provisions the tenant's role and schema on the target, where the tables go.
-    key = subprocess.run([api_bin, "keys", "create", "--tenant", "bench"], env=env(), check=True,
-                         capture_output=True, text=True).stdout.strip()
+    key = tenant_key(api_bin, "bench", env())
     tenant_url = DATABASES.as_tenant(DATABASES.tenant("bench"))
     admin = DATABASES.url()
     print(f"seeding {ROWS:,} rows twice ...", flush=True)

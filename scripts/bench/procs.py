@@ -1,5 +1,5 @@
-"""What the benchmarks that run the platform share: waiting for an API process to be ready, and
-the CPU seconds of processes (a server and its children) read from /proc."""
+"""What the benchmarks that run the platform share: waiting for an API process to be ready, a
+tenant's key, and the CPU seconds of processes (a server and its children) read from /proc."""
 
 import os, subprocess, time, urllib.request
 
@@ -35,3 +35,17 @@ def server_pids(port):
         children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
         pids.update(int(c) for c in children)
     return sorted(pids)
+
+
+def tenant_key(api_bin, tenant, env):
+    """A key of `tenant`, made with it if it is new (`--new-tenant`; binaries from before that flag
+    made a tenant from its name alone)."""
+    def create(*extra):
+        return subprocess.run([api_bin, "keys", "create", "--tenant", tenant, *extra], env=env,
+                              capture_output=True, text=True)
+    done = create()
+    if done.returncode != 0 and "add --new-tenant" in done.stderr:
+        done = create("--new-tenant")
+    if done.returncode != 0:
+        raise RuntimeError(f"keys create --tenant {tenant}: {done.stderr.strip()}")
+    return done.stdout.strip()

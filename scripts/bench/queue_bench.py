@@ -8,7 +8,7 @@ start delay while another tenant's backlog drains, and single-submit latency at 
 import json, os, statistics, subprocess, sys, tempfile, time, urllib.request, uuid
 from urllib.parse import urlsplit
 
-from procs import wait_ready
+from procs import tenant_key, wait_ready
 from wire import Relay
 
 N = int(sys.argv[1])
@@ -163,8 +163,7 @@ def stop(proc):
 
 
 def key_for(tenant):
-    return subprocess.run([f"{bin_dir()}/conveyor-api", "keys", "create", "--tenant", tenant], env=env(),
-                          check=True, capture_output=True, text=True).stdout.strip()
+    return tenant_key(f"{bin_dir()}/conveyor-api", tenant, env())
 
 
 def baseline_drains(rows, celery, cost_rows):

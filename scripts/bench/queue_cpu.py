@@ -14,7 +14,7 @@ FILE.<build>.<run> (read with `perf report -i FILE... --sort comm,dso,sym`)."""
 import json, os, subprocess, sys, time, urllib.request, uuid
 from urllib.parse import urlsplit
 
-from procs import cpu_seconds, server_pids, wait_ready
+from procs import cpu_seconds, server_pids, tenant_key, wait_ready
 
 N, W, ROUNDS = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 PG = os.environ["BENCH_PG"]
@@ -87,8 +87,7 @@ def drain(bin_dir, profile=None, floor=False):
     psql(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     psql(f"CREATE DATABASE {DB}")
     subprocess.run([f"{bin_dir}/conveyor-api", "migrate"], env=env(prefix), check=True, capture_output=True)
-    key = subprocess.run([f"{bin_dir}/conveyor-api", "keys", "create", "--tenant", "bench"], env=env(prefix),
-                         check=True, capture_output=True, text=True).stdout.strip()
+    key = tenant_key(f"{bin_dir}/conveyor-api", "bench", env(prefix))
     api = subprocess.Popen([f"{bin_dir}/conveyor-api", "serve"], env=env(prefix))
     try:
         wait_ready(PORT)

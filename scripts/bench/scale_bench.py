@@ -6,7 +6,7 @@ from /proc, divided by the drain's span: the cores each part used. Prints a tabl
 
 import datetime, json, os, statistics, subprocess, sys, threading, time, urllib.parse, urllib.request, uuid
 
-from procs import cpu_seconds, server_pids, wait_ready
+from procs import cpu_seconds, server_pids, tenant_key, wait_ready
 
 N = int(sys.argv[1])
 ROOT = os.getcwd()
@@ -93,8 +93,7 @@ def main():
     psql(f"CREATE DATABASE {DB}")
     rows = []
     try:
-        key = subprocess.run([f"{BIN}/conveyor-api", "keys", "create", "--tenant", "scale"], env=env(),
-                             check=True, capture_output=True, text=True).stdout.strip()
+        key = tenant_key(f"{BIN}/conveyor-api", "scale", env())
         for apis in (1, 2):
             for workers in (1, 2, 4):
                 rows.append((apis, workers) + run(key, apis, workers))

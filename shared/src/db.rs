@@ -223,15 +223,27 @@ async fn repair_edited_migrations(pool: &PgPool) -> anyhow::Result<()> {
 /// [`redact`] wherever they stand.
 const KNOWN_PARAMETERS: &[&str] = &[
     "application_name",
+    "application-name",
+    "channel_binding",
+    "client_encoding",
     "connect_timeout",
     "db",
     "dbname",
+    "gssencmode",
     "host",
     "hostaddr",
+    "keepalives",
+    "keepalives_idle",
+    "load_balance_hosts",
     "options",
     "port",
     "protocol",
     "sentinel_username",
+    "ssl-ca",
+    "ssl-cert",
+    "ssl-key",
+    "ssl-mode",
+    "ssl-root-cert",
     "sslcert",
     "sslkey",
     "sslmode",
@@ -261,8 +273,9 @@ pub fn redact(raw: &str) -> String {
                 // another parameter after a mistyped `?`.
                 let key_lower = key.to_ascii_lowercase();
                 let password = key_lower.contains("password") || key_lower == "pass";
-                let fragment =
-                    past_secret && !password && !KNOWN_PARAMETERS.contains(&key_lower.as_str());
+                let known = KNOWN_PARAMETERS.contains(&key_lower.as_str())
+                    || key_lower.starts_with("options[");
+                let fragment = past_secret && !password && !known;
                 past_secret |= password;
                 let secret = password || fragment || value.contains('?') || value.contains('=');
                 let key = if fragment {
@@ -423,8 +436,8 @@ mod tests {
                 "postgres://a@h/x?password=***&***=***&sslmode=require",
             ),
             (
-                "postgres://a@h/x?password=s3cret&application_name=etl&connect_timeout=5",
-                "postgres://a@h/x?password=***&application_name=etl&connect_timeout=5",
+                "postgres://a@h/x?password=s3cret&application_name=etl&connect_timeout=5&ssl-mode=require&options[search_path]=app",
+                "postgres://a@h/x?password=***&application_name=etl&connect_timeout=5&ssl-mode=require&options%5Bsearch_path%5D=app",
             ),
             (
                 "postgres://a@h/x?password=hun#ter2",

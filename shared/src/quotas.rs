@@ -209,11 +209,10 @@ pub struct IngestChange<'a> {
 /// was stored, and one job could pass the quota by millions of chunks. Not checked once an
 /// earlier attempt entered its commit (part of its work is stored), as [`check_output`].
 ///
-/// What passes is reserved for the job (`chunk_reservations`) until it ends, and the check
+/// What passes is reserved for the job (`chunk_reservations`) while it runs, and the check
 /// counts the other running ingests' reservations, with the tenant locked: ingests that each
 /// fit alone no longer all pass together. A reservation is what the job adds net of what it
-/// replaces; it counts while the job runs, its stored chunks too (the tenant is held to the
-/// larger figure until the job ends).
+/// replaces, less what it has stored ([`reserved_chunks_stored`]).
 pub async fn check_chunks(
     pool: &sqlx::PgPool,
     tenant: Uuid,
@@ -234,6 +233,8 @@ pub async fn check_chunks(
     if entered_commit(&mut tx, job).await? {
         return Ok(Ok(()));
     }
+    let replaced = replaced_chunks(&mut tx, collection, replacing, watched, present).await?;
+    // Locked for the counts alone: the tenant's submissions and firings wait on it.
     lock_tenant(&mut tx, tenant).await?;
     // The reservations of ingests that ended (or went back to the queue) count no more.
     let reserved: i64 = sqlx::query_scalar(
@@ -257,22 +258,6 @@ pub async fn check_chunks(
         ..Measures::NONE
     };
     let stored = usage_of(&mut tx, tenant, measures).await?.chunks;
-    let (fields, sources): (Vec<&str>, Vec<&str>) = watched.iter().copied().unzip();
-    let replaced: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(chunks), 0)::int8 FROM documents d
-         WHERE d.collection_id = $1
-           AND (d.id = ANY($2)
-                OR (NOT d.id = ANY($5)
-                    AND EXISTS (SELECT 1 FROM unnest($3::text[], $4::text[]) w (field, source)
-                                WHERE d.metadata ->> w.field = w.source)))",
-    )
-    .bind(collection)
-    .bind(replacing)
-    .bind(fields)
-    .bind(sources)
-    .bind(present)
-    .fetch_one(&mut *tx)
-    .await?;
     let grows = (adding as i64 - replaced).max(0);
     if stored + reserved - replaced + adding as i64 > limit {
         let others = match reserved {
@@ -297,6 +282,52 @@ pub async fn check_chunks(
     }
     tx.commit().await?;
     Ok(Ok(()))
+}
+
+/// The chunks of the documents an ingest replaces, and of a watched source's documents it
+/// deletes (those not `present`).
+async fn replaced_chunks(
+    conn: &mut PgConnection,
+    collection: Uuid,
+    replacing: &[String],
+    watched: &[(&str, &str)],
+    present: &[String],
+) -> sqlx::Result<i64> {
+    let (fields, sources): (Vec<&str>, Vec<&str>) = watched.iter().copied().unzip();
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(chunks), 0)::int8 FROM documents d
+         WHERE d.collection_id = $1
+           AND (d.id = ANY($2)
+                OR (NOT d.id = ANY($5)
+                    AND EXISTS (SELECT 1 FROM unnest($3::text[], $4::text[]) w (field, source)
+                                WHERE d.metadata ->> w.field = w.source)))",
+    )
+    .bind(collection)
+    .bind(replacing)
+    .bind(fields)
+    .bind(sources)
+    .bind(present)
+    .fetch_one(conn)
+    .await
+}
+
+/// Takes what `job` stored (`grown` chunks more in all) off its reservation, in the
+/// transaction that stores them: counted once, as stored chunks, from then on.
+pub async fn reserved_chunks_stored(
+    tx: &mut PgConnection,
+    job: Uuid,
+    grown: i64,
+) -> sqlx::Result<()> {
+    if grown > 0 {
+        sqlx::query(
+            "UPDATE chunk_reservations SET chunks = greatest(chunks - $2, 0) WHERE job_id = $1",
+        )
+        .bind(job)
+        .bind(grown)
+        .execute(tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Whether jobs of `kind` add to a quota on output (rows imported, chunks, dataset bytes).
@@ -624,18 +655,25 @@ mod tests {
             )
         );
         assert_eq!(check(second, 30).await.unwrap(), Ok(()));
+        // What the first stores comes off its hold: counted once.
+        fill(&db, collection, 2).await;
+        let mut tx = db.pool.begin().await.unwrap();
+        reserved_chunks_stored(&mut tx, first, 40).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(check(second, 30).await.unwrap(), Ok(()), "40 + 30 + 30");
+        assert!(check(second, 31).await.unwrap().is_err());
         sqlx::query("UPDATE jobs SET status = 'succeeded' WHERE id = $1")
             .bind(first)
             .execute(&db.pool)
             .await
             .unwrap();
-        assert_eq!(check(second, 100).await.unwrap(), Ok(()));
+        assert_eq!(check(second, 60).await.unwrap(), Ok(()));
         let held: Vec<(Uuid, i64)> =
             sqlx::query_as("SELECT job_id, chunks FROM chunk_reservations")
                 .fetch_all(&db.pool)
                 .await
                 .unwrap();
-        assert_eq!(held, [(second, 100)]);
+        assert_eq!(held, [(second, 60)]);
     }
 
     /// `max_chunks` and `GET /v1/tenant` read the tenant's chunks from its collections' rows

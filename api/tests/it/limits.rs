@@ -806,4 +806,6 @@ async fn set_limits_refuses_settings_that_would_do_nothing_or_refuse_everything(
     )
     .await;
     assert_ne!(limits().await, before);
+    // A cap stored under a kind no build knows can still be dropped.
+    set_limits(&app, &["--max-running", "imports=default"]).await;
 }

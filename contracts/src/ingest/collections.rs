@@ -194,11 +194,13 @@ pub async fn replace_documents(
     .bind(job)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM chunks WHERE collection_id = $1 AND document_id = ANY($2)")
-        .bind(collection)
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
+    let deleted =
+        sqlx::query("DELETE FROM chunks WHERE collection_id = $1 AND document_id = ANY($2)")
+            .bind(collection)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
     let mut document_ids = Vec::new();
     let mut ordinals = Vec::new();
     let mut texts = Vec::new();
@@ -225,6 +227,8 @@ pub async fn replace_documents(
     .bind(&vectors)
     .execute(&mut *tx)
     .await?;
+    let grown = document_ids.len() as i64 - deleted as i64;
+    shared::quotas::reserved_chunks_stored(&mut tx, job, grown).await?;
     tx.commit().await
 }
 

@@ -226,9 +226,14 @@ fn numeric(v: &str) -> bool {
         }
     };
     // What PostgreSQL's numeric holds: 131,072 digits before the point, 16,383 after
-    // (`1e200000` is refused there, and failed the whole COPY).
-    let before = int.trim_start_matches('0').len() as i64 + exponent;
-    let after = frac.len() as i64 - exponent;
+    // (`1e200000` is refused there, and failed the whole COPY). Digits before the first
+    // significant one count for nothing (`0.001e131074` is 1e131071).
+    let leading = int.len() + frac.len() - format!("{int}{frac}").trim_start_matches('0').len();
+    let before = match leading == int.len() + frac.len() {
+        true => 0,
+        false => (int.len() as i64 - leading as i64).saturating_add(exponent),
+    };
+    let after = (frac.len() as i64).saturating_sub(exponent);
     mantissa_ok && before <= 131_072 && after <= 16_383
 }
 
@@ -356,6 +361,10 @@ mod tests {
             ("1e-16384", false),
             ("0.5e-16383", false),
             ("1e99999999999999999999", false),
+            ("1e9223372036854775807", false),
+            ("1e-9223372036854775808", false),
+            ("0e200000", true),
+            ("0.001e131074", true),
         ] {
             assert_eq!(PgType::Numeric.check(value).is_ok(), storable, "{value}");
         }
