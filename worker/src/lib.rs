@@ -155,6 +155,7 @@ pub async fn start(
         tasks.spawn(runtime.clone().heartbeat_loop()),
         tasks.spawn(runtime.clone().announcement_listener()),
         tasks.spawn(runtime.clone().stray_loop()),
+        tasks.spawn(runtime.clone().lease_watch()),
     ];
     tasks.spawn(maintenance::run(runtime.clone(), stop_taking.clone()));
     for (kind, concurrency) in queues.0 {

@@ -57,6 +57,8 @@ pub struct Runtime {
     /// the rows running here that `running` does not know are handed back.
     registering: tokio::sync::RwLock<()>,
     idle: tokio::sync::Notify,
+    /// When the last heartbeat that arrived was sent: the lease runs from there.
+    leased_at: Mutex<tokio::time::Instant>,
     /// Claims and finishes: a session each that plans its statements once.
     queue_pool: PgPool,
     // Outcomes of concurrent jobs share round trips, each batch with its events; other
@@ -270,6 +272,7 @@ impl Runtime {
             claiming: AtomicUsize::new(0),
             registering: tokio::sync::RwLock::new(()),
             idle: tokio::sync::Notify::new(),
+            leased_at: Mutex::new(tokio::time::Instant::now()),
         })
     }
 
@@ -470,7 +473,9 @@ impl Runtime {
 
     /// Proves this process is alive, and stops jobs whose cancel was requested.
     pub(crate) async fn heartbeat_once(&self) -> anyhow::Result<()> {
+        let sent = tokio::time::Instant::now();
         store::heartbeat(&self.pool, &self.name, &self.queue_spec).await?;
+        *self.leased_at.lock().expect("lease lock") = sent;
         for id in store::cancel_requests(&self.pool, &self.name).await? {
             if let Some(job) = self.running.lock().expect("running lock").get(&id) {
                 job.token.cancel();
@@ -601,6 +606,49 @@ impl Runtime {
             if let Err(e) = self.heartbeat_once().await {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
+        }
+    }
+
+    /// Stops the jobs running here once the lease may have lapsed: no heartbeat has arrived
+    /// for `rescue_after` less one heartbeat interval, so the rescuer may be handing them to
+    /// another worker. A worker cut off from PostgreSQL (or stalled) ran them on beside the
+    /// attempts that took their place: `stop_lost` needs PostgreSQL to see the lease is gone.
+    /// Stopped as at shutdown: handed back, or rescued, with no attempt used.
+    pub(crate) async fn lease_watch(self: Arc<Self>) {
+        let margin = self
+            .settings
+            .rescue_after
+            .saturating_sub(self.settings.heartbeat);
+        let mut tick = tokio::time::interval(self.settings.heartbeat / 4);
+        loop {
+            tick.tick().await;
+            self.stop_if_lease_lapsing(margin);
+        }
+    }
+
+    /// [`Self::lease_watch`]'s check.
+    fn stop_if_lease_lapsing(&self, margin: Duration) {
+        let since = self.leased_at.lock().expect("lease lock").elapsed();
+        if since < margin {
+            return;
+        }
+        let running = self.running.lock().expect("running lock");
+        let live: Vec<&RunningJob> = running
+            .values()
+            .filter(|j| !j.token.is_cancelled())
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            jobs = live.len(),
+            since_heartbeat_ms = since.as_millis() as u64,
+            "no heartbeat arrived for most of the lease: the jobs running here are stopped, as \
+             the rescuer may give them to another worker"
+        );
+        for job in live {
+            job.interrupted.store(true, Ordering::SeqCst);
+            job.token.cancel();
         }
     }
 
@@ -1174,6 +1222,48 @@ mod tests {
         let _claim_on_its_way = runtime.registering.read().await;
         runtime.hand_back_strays().await.unwrap();
         assert!(token.is_cancelled());
+    }
+
+    /// A worker whose heartbeats stop arriving (PostgreSQL out of reach, or the process
+    /// stalled) stops its jobs before the rescuer may hand them to another worker: it ran them
+    /// on beside the attempts that took their place, since seeing the lease gone needs
+    /// PostgreSQL. Heartbeats fail here through a trigger on `workers`.
+    #[tokio::test]
+    async fn jobs_stop_once_heartbeats_stop_arriving_for_most_of_the_lease() {
+        let test = crate::maintenance::test_support::TestDb::new().await;
+        let runtime = test.runtime.clone();
+        runtime.heartbeat_once().await.unwrap();
+        let id = test.job("canary", "running").await;
+        let attempt = RunningJob {
+            token: CancellationToken::new(),
+            interrupted: Arc::default(),
+            ended: CancellationToken::new(),
+            after: None,
+            committing: Arc::default(),
+        };
+        runtime.running.lock().unwrap().insert(id, attempt.clone());
+        for sql in [
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'no heartbeats'; END $$",
+            "CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON workers
+             FOR EACH ROW EXECUTE FUNCTION refuse()",
+        ] {
+            sqlx::query(sql).execute(test.pool()).await.unwrap();
+        }
+        let (heartbeats, watch) = (
+            tokio::spawn(runtime.clone().heartbeat_loop()),
+            tokio::spawn(runtime.clone().lease_watch()),
+        );
+        // Before the rescuer may take the job.
+        let deadline = runtime.settings().rescue_after;
+        let stopped = tokio::time::timeout(deadline, attempt.token.cancelled()).await;
+        heartbeats.abort();
+        watch.abort();
+        assert!(
+            stopped.is_ok(),
+            "still running {deadline:?} after the last heartbeat"
+        );
+        assert!(attempt.interrupted.load(Ordering::SeqCst));
     }
 
     fn claimed(test: &crate::maintenance::test_support::TestDb, id: Uuid) -> Claimed {
