@@ -61,7 +61,7 @@ impl Handler for SampleHandler {
         let parquet = payload.format == OutputFormat::Parquet;
         let groups = payload.groups();
         let total = payload.total_rows();
-        let (monitor, mut inbox) = JobMonitor::new(ctx);
+        let (monitor, mut inbox) = JobMonitor::new(ctx, self.services.limits.in_memory);
         let meter = ctx.meter().clone();
         let scratch = output.to_path_buf();
         let limits = self.services.limits;

@@ -33,7 +33,7 @@ use super::{
     activation::{self, Span},
     adam::{Adam, Settings},
     copula::ColumnSpec,
-    encoding::{decode, encode_columns, laid_out, Encoded, Encoder},
+    encoding::{decode, encode_columns, laid_out, training_fits, Encoded, Encoder},
     matmul::{dense, matmul},
     norm::batch_norm_relu,
     table::{Column, Values},
@@ -56,6 +56,25 @@ const TAU: f64 = 0.2;
 const SLOPE: f64 = 0.2;
 /// The critic's dropout keeps a unit with probability ½ and doubles it (inverted dropout).
 const KEPT: f32 = 2.0;
+
+/// The weights of the generator and critic [`Ctgan::fit`] builds for rows `width` wide with
+/// `conditional` one-hot slots: they grow with the square of the width.
+fn weights(width: usize, conditional: usize) -> u64 {
+    let (width, conditional) = (width as u64, conditional as u64);
+    let hidden = HIDDEN as u64;
+    let mut input = LATENT as u64 + conditional;
+    let mut total = 0u64;
+    for _ in 0..BLOCKS {
+        total = total.saturating_add(input.saturating_mul(hidden) + 3 * hidden);
+        input += hidden;
+    }
+    total = total.saturating_add(input.saturating_mul(width) + width);
+    let packed = PAC as u64 * (width + conditional);
+    total
+        .saturating_add(packed.saturating_mul(hidden) + hidden)
+        .saturating_add(hidden * hidden + hidden)
+        .saturating_add(hidden + 1)
+}
 
 fn fail(e: candle_core::Error) -> JobError {
     JobError::Permanent(format!("ctgan: {e}"))
@@ -379,7 +398,22 @@ impl Ctgan {
             encoders,
             width,
             data,
-        } = encode_columns(columns);
+        } = encode_columns(columns, |encoders, width| {
+            let conditional: usize = encoders
+                .iter()
+                .map(|e| match e {
+                    Encoder::Discrete { slots, .. } => *slots,
+                    Encoder::Continuous { .. } => 0,
+                })
+                .sum();
+            training_fits(
+                "CTGAN",
+                weights(width, conditional),
+                rows,
+                width,
+                monitor.memory_cap(),
+            )
+        })?;
         let mut conditions = Vec::new();
         let mut cond_width = 0;
         for encoder in &encoders {
@@ -901,6 +935,48 @@ mod tests {
             Column::numbers("x", DataType::Float64, x),
             Column::labels("c", c),
         ]
+    }
+
+    /// A network whose size grows with the square of the encoded width is refused before it
+    /// is built: 300 rows of 200 columns of 100 short labels (a few hundred KB of CSV) made a
+    /// CTGAN of about 10^9 weights (gigabytes with its gradients and moments), and no cap
+    /// counted it.
+    #[test]
+    fn a_network_past_the_memory_cap_is_refused_before_it_is_built() {
+        struct Capped(u64);
+        impl Monitor for Capped {
+            fn stage(&self, _: f32, _: &str) {}
+            fn epoch(&self, _: usize, _: usize, _: f64) {}
+            fn checkpoint(&self) -> Result<(), shared::Cancelled> {
+                Ok(())
+            }
+            fn memory_cap(&self) -> u64 {
+                self.0
+            }
+        }
+        let wide: Vec<Column> = (0..200)
+            .map(|c| {
+                let labels = (0..300).map(|r| Some(format!("{}", (r * 7 + c) % 100)));
+                Column::labels(&format!("c{c}"), labels.collect())
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let gib = Capped(1 << 30);
+        let Err(JobError::Permanent(why)) = Ctgan::fit(&plain_specs(&wide), 1, 1, &gib) else {
+            panic!("fitted");
+        };
+        assert!(why.contains("CONVEYOR_MAX_IN_MEMORY_BYTES"), "{why}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        // TVAE grows with the width alone: refused under a smaller cap.
+        let Err(JobError::Permanent(why)) =
+            super::super::tvae::Tvae::fit(&plain_specs(&wide), 1, 1, &Capped(32 << 20))
+        else {
+            panic!("fitted");
+        };
+        assert!(why.contains("a TVAE of this table"), "{why}");
+        // The small table still fits under the cap.
+        let data = columns(500);
+        assert!(Ctgan::fit(&plain_specs(&data), 1, 1, &gib).is_ok());
     }
 
     struct Losses(Mutex<Vec<(f64, f64)>>);

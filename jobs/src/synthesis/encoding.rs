@@ -11,6 +11,8 @@
 
 use rand::{rngs::StdRng, Rng};
 
+use crate::JobError;
+
 use super::{
     copula::{finish_number, ColumnSpec},
     profile::{quantile, Role},
@@ -94,7 +96,12 @@ pub(super) struct Encoded {
     pub data: Vec<f32>,
 }
 
-pub(super) fn encode_columns(columns: &[(&Column, ColumnSpec)]) -> Encoded {
+/// The columns encoded, once `room` has passed their encoders and width (a network sizes its
+/// layers by them: refused before any is built, or the rows encoded).
+pub(super) fn encode_columns(
+    columns: &[(&Column, ColumnSpec)],
+    room: impl FnOnce(&[Encoder], usize) -> Result<(), JobError>,
+) -> Result<Encoded, JobError> {
     let rows = columns.first().map_or(0, |(c, _)| c.values.len());
     let mut encoders = Vec::new();
     let mut width = 0;
@@ -103,15 +110,40 @@ pub(super) fn encode_columns(columns: &[(&Column, ColumnSpec)]) -> Encoded {
         width += encoder.width();
         encoders.push(encoder);
     }
+    room(&encoders, width)?;
     let mut data = vec![0f32; rows * width];
     for (encoder, (column, _)) in encoders.iter().zip(columns) {
         encode(encoder, &column.values, &mut data, width);
     }
-    Encoded {
+    Ok(Encoded {
         encoders,
         width,
         data,
+    })
+}
+
+/// What training holds of a network of `weights` on `rows` encoded `width` wide: each weight
+/// four times (itself, its gradient, Adam's two moments) and the encoded rows, 4 bytes each;
+/// refused past `cap`, naming the network and what makes it large.
+pub(super) fn training_fits(
+    network: &str,
+    weights: u64,
+    rows: usize,
+    width: usize,
+    cap: u64,
+) -> Result<(), JobError> {
+    let bytes = weights
+        .saturating_mul(16)
+        .saturating_add((rows as u64).saturating_mul(width as u64).saturating_mul(4));
+    if bytes <= cap {
+        return Ok(());
     }
+    Err(JobError::Permanent(format!(
+        "a {network} of this table would hold {bytes} bytes while it trains (its columns \
+         encode {width} values wide: each categorical level is one), past \
+         CONVEYOR_MAX_IN_MEMORY_BYTES ({cap}): learn fewer or less varied columns, or use \
+         gaussian_copula"
+    )))
 }
 
 /// The largest logit's index: a continuous value's mode, as TVAE decodes it.

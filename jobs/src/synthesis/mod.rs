@@ -69,6 +69,10 @@ pub trait Monitor: Sync {
     }
     /// Err once the work should stop.
     fn checkpoint(&self) -> Result<(), Cancelled>;
+    /// The bytes a network's training may hold (`CONVEYOR_MAX_IN_MEMORY_BYTES` in a job).
+    fn memory_cap(&self) -> u64 {
+        u64::MAX
+    }
 }
 
 /// A monitor that reports nothing and never stops (benchmarks, tests).
@@ -439,19 +443,34 @@ pub(crate) enum Note {
 pub(crate) struct JobMonitor {
     ctx: JobContext,
     notes: tokio::sync::mpsc::UnboundedSender<Note>,
+    memory_cap: u64,
 }
 
 impl JobMonitor {
     /// A monitor for work on a blocking thread, and the inbox the job's task relays from
     /// (with [`relay`]) until the monitor is dropped.
-    pub(crate) fn new(ctx: &JobContext) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Note>) {
+    pub(crate) fn new(
+        ctx: &JobContext,
+        memory_cap: u64,
+    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Note>) {
         let (notes, inbox) = tokio::sync::mpsc::unbounded_channel();
         let ctx = ctx.clone();
-        (Self { ctx, notes }, inbox)
+        (
+            Self {
+                ctx,
+                notes,
+                memory_cap,
+            },
+            inbox,
+        )
     }
 }
 
 impl Monitor for JobMonitor {
+    fn memory_cap(&self) -> u64 {
+        self.memory_cap
+    }
+
     fn stage(&self, fraction: f32, message: &str) {
         let _ = self.notes.send(Note::Stage(fraction, message.to_owned()));
     }
@@ -528,7 +547,7 @@ impl Handler for SynthesisHandler {
             .map_err(|e| JobError::Retryable(format!("scratch space: {e}")))?;
         ctx.progress(0.0, "reading the dataset".to_owned()).await;
 
-        let (monitor, mut inbox) = JobMonitor::new(ctx);
+        let (monitor, mut inbox) = JobMonitor::new(ctx, self.services.limits.in_memory);
         let parquet = payload.output_format == OutputFormat::Parquet;
         let scratch = output.to_path_buf();
         let model_name = payload

@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::{
     adam::{Adam, Settings},
     copula::ColumnSpec,
-    encoding::{decode, encode_columns, laid_out, Encoded, Encoder},
+    encoding::{decode, encode_columns, laid_out, training_fits, Encoded, Encoder},
     matmul::dense,
     stats::standard_normal,
     table::{Column, Values},
@@ -86,7 +86,17 @@ impl Tvae {
             encoders,
             width,
             data,
-        } = encode_columns(columns);
+        } = encode_columns(columns, |_, width| {
+            // Encoder width → 128 → 128 → 2·64, decoder 64 → 128 → 128 → width.
+            let (w, h, l) = (width as u64, HIDDEN as u64, LATENT as u64);
+            let weights = (w * h + h)
+                + (h * h + h)
+                + (h * 2 * l + 2 * l)
+                + (l * h + h)
+                + (h * h + h)
+                + (h * w + w);
+            training_fits("TVAE", weights, rows, width, monitor.memory_cap())
+        })?;
         let scalars: Vec<usize> = encoders
             .iter()
             .filter_map(|e| match e {
