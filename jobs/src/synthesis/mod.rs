@@ -119,6 +119,29 @@ pub fn synthesize(
     // the data that one row can change.
     let profiles = profile::profile(input, &payload.overrides(), !private);
     let roles: Vec<(String, Role)> = profiles.iter().map(|p| (p.name.clone(), p.role)).collect();
+    use contracts::synthesis::Constraint;
+    // A fixed combination is learned as one label: an identifier in it would have its real
+    // values learned and copied into the output (roles are known only now, from the data).
+    for rule in &payload.constraints {
+        let Constraint::FixedCombinations { columns } = rule else {
+            continue;
+        };
+        if let Some((name, role)) = roles
+            .iter()
+            .find(|(name, role)| columns.contains(name) && !role.is_learned())
+        {
+            let role = if *role == Role::Skip {
+                "skipped"
+            } else {
+                "an identifier"
+            };
+            return Err(JobError::Permanent(format!(
+                "constraints: a fixed combination names {name:?}, which is {role} (its values \
+                 are never learned; in a combination they would be copied into the output): \
+                 leave it out, or give it another type in \"columns\""
+            )));
+        }
+    }
     let (train, holdout) = if payload.holdout_fraction > 0.0 {
         input.split(payload.holdout_fraction, &mut rng)
     } else {
@@ -372,8 +395,16 @@ fn fresh_identifiers(original: &Values, rows: usize, private: bool) -> Values {
             // Past 2^53 floats cannot count by one (every other identifier repeated), and the
             // input was rounded when read, by less than the spacing of floats there: count
             // exactly from past that, as text the output casts to the column's type.
-            let start = largest as i128 + (largest * f64::EPSILON).ceil() as i128 + 1;
-            if start + rows as i128 <= i128::from(i64::MAX) {
+            // Checked: a float past i128 (1e39) saturates the cast, and adding overflowed
+            // (a panic, or wrapped to negative identifiers).
+            let start = (largest as i128)
+                .checked_add((largest * f64::EPSILON).ceil() as i128 + 1)
+                .filter(|start| {
+                    start
+                        .checked_add(rows as i128)
+                        .is_some_and(|end| end <= i128::from(i64::MAX))
+                });
+            if let Some(start) = start {
                 return Values::Labels(
                     (0..rows)
                         .map(|i| Some((start + i as i128).to_string()))
@@ -908,6 +939,38 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
+    /// A fixed combination naming an identifier learned its real values as one label and
+    /// copied them into the output (the model's description said identifiers hold nothing).
+    #[test]
+    fn a_fixed_combination_naming_an_identifier_is_refused() {
+        let rows = 50;
+        let input = Table {
+            columns: vec![
+                Column::labels(
+                    "email",
+                    (0..rows)
+                        .map(|i| Some(format!("person-{i}@x.org")))
+                        .collect(),
+                ),
+                Column::labels(
+                    "country",
+                    (0..rows)
+                        .map(|i| Some(["fr", "de", "it"][i % 3].to_owned()))
+                        .collect(),
+                ),
+            ],
+        };
+        let payload: SynthesisPayload = serde_json::from_value(json!({
+            "dataset_id": uuid::Uuid::nil(), "rows": 50,
+            "constraints": [{"type": "fixed_combinations", "columns": ["email", "country"]}]
+        }))
+        .unwrap();
+        let Err(JobError::Permanent(why)) = synthesize(&input, &payload, 1, &Quiet) else {
+            panic!("the identifier was learned");
+        };
+        assert!(why.contains("\"email\", which is an identifier"), "{why}");
+    }
+
     #[test]
     fn synthetic_numbers_stay_in_the_training_range_without_its_extremes_planted() {
         let real = Values::Numbers(vec![Some(1.0), None, Some(9.0), Some(5.0)]);
@@ -930,6 +993,12 @@ mod tests {
         };
         let fresh: Vec<f64> = fresh.into_iter().flatten().collect();
         assert_eq!(fresh, [11.0, 12.0, 13.0, 14.0, 15.0]);
+        // Past what an i128 holds (its cast saturates): counted from 1 too.
+        let huge = Values::Numbers(vec![Some(1e39), Some(2.0)]);
+        assert_eq!(
+            fresh_identifiers(&huge, 3, false),
+            Values::Numbers(vec![Some(1.0), Some(3.0), Some(4.0)])
+        );
     }
 
     #[test]
