@@ -503,6 +503,9 @@ fn parquet_text<'a>(value: &'a AnyValue<'a>) -> Result<Cow<'a, str>, String> {
         AnyValue::Datetime(v, unit, zone) => instant_text(*v, *unit, zone.is_some())?,
         AnyValue::DatetimeOwned(v, unit, zone) => instant_text(*v, *unit, zone.is_some())?,
         AnyValue::Decimal(v, _, scale) => decimal_text(*v, *scale),
+        // Whole, as `bytea` writes it: polars' display cut them at 60 bytes.
+        AnyValue::Binary(bytes) => format!("\\x{}", hex::encode(bytes)),
+        AnyValue::BinaryOwned(bytes) => format!("\\x{}", hex::encode(bytes)),
         other => return Ok(other.str_value()),
     }))
 }
@@ -632,6 +635,16 @@ fn unquoted(text: &str) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Binary values (a UUID's 16 bytes, an un-annotated byte array) arrive whole, as `bytea`
+    /// text: polars' display wrote `b"..."` cut at 60 bytes, and the import succeeded.
+    #[test]
+    fn binary_values_are_written_whole() {
+        let bytes: Vec<u8> = (0..100).collect();
+        let value = AnyValue::Binary(&bytes);
+        let text = parquet_text(&value).unwrap();
+        assert_eq!(text, format!("\\x{}", hex::encode(&bytes)));
+    }
 
     #[test]
     fn decimals_are_written_in_full() {

@@ -119,10 +119,21 @@ async fn keep(
         if !leader.check().await {
             continue;
         }
-        match duty.run(&runtime).await {
-            Ok(0) => {}
-            Ok(rows) => tracing::debug!(duty = name, rows, batch, "maintenance duty ran"),
-            Err(e) => tracing::warn!(duty = name, error = %e, "maintenance duty failed"),
+        // A panic ends this run, not the duty: its task ended silently while the process
+        // kept leading, so no process ran the duty again.
+        let run = std::panic::AssertUnwindSafe(duty.run(&runtime));
+        match futures::FutureExt::catch_unwind(run).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(rows)) => tracing::debug!(duty = name, rows, batch, "maintenance duty ran"),
+            Ok(Err(e)) => tracing::warn!(duty = name, error = %e, "maintenance duty failed"),
+            Err(panic) => {
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(duty = name, panic = %text, "maintenance duty panicked; it runs again at its next tick");
+            }
         }
     }
 }
@@ -234,6 +245,8 @@ mod tests {
         runs: AtomicUsize,
         active: AtomicUsize,
         most_active: AtomicUsize,
+        /// Runs to panic in before any other.
+        panics: std::sync::atomic::AtomicIsize,
     }
 
     impl Probe {
@@ -248,6 +261,7 @@ mod tests {
                 runs: AtomicUsize::new(0),
                 active: AtomicUsize::new(0),
                 most_active: AtomicUsize::new(0),
+                panics: Default::default(),
             })
         }
 
@@ -263,6 +277,10 @@ mod tests {
         }
 
         async fn run(&self, _: &Runtime) -> anyhow::Result<usize> {
+            if self.panics.fetch_sub(1, Ordering::SeqCst) > 0 {
+                self.runs.fetch_add(1, Ordering::SeqCst);
+                panic!("the probe panics");
+            }
             let active = self.active.fetch_add(1, Ordering::SeqCst) + 1;
             self.most_active.fetch_max(active, Ordering::SeqCst);
             if let Some(gate) = &self.gate {
@@ -273,6 +291,25 @@ mod tests {
             anyhow::ensure!(run.is_multiple_of(2), "run {run} fails");
             Ok(run)
         }
+    }
+
+    /// A duty whose run panics runs again at its next tick: its task ended, while the process
+    /// kept leading (its other duties kept the lock), so the duty stopped for the whole
+    /// deployment, logged nowhere.
+    #[tokio::test]
+    async fn a_duty_that_panics_runs_again() {
+        let test = TestDb::new().await;
+        let probe = Probe::new(None);
+        probe.panics.store(2, Ordering::SeqCst);
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(run_duties(
+            test.runtime.clone(),
+            vec![probe.clone() as Arc<dyn Duty>],
+            stop.clone(),
+        ));
+        until("the duty ran after its panics", || probe.runs() >= 4).await;
+        stop.cancel();
+        running.await.unwrap();
     }
 
     /// A leader whose host died or lost the network keeps its lock until the server's
