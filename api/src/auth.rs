@@ -153,7 +153,9 @@ impl FromRequestParts<AppState> for Caller {
                 require_csrf_header(&parts.headers)?;
             }
             let token_hash = hash_key(token);
-            let key = session_key(&state.pool, &token_hash)
+            let key = state
+                .key_cache
+                .bounded(session_key(&state.pool, &token_hash))
                 .await?
                 .ok_or_else(|| Problem::unauthorized("the session has ended; sign in again"))?;
             return Ok(Self {
@@ -297,6 +299,9 @@ pub struct KeyCache {
     /// clear) may have read it just revoked, so its answer is given but not kept.
     generation: AtomicU64,
     invalidations: std::sync::Mutex<Invalidations>,
+    /// Lookups of keys not cached, at once: each made-up key (no credential is needed to send
+    /// one) is a database round trip on the pool every tenant's requests share.
+    lookups: tokio::sync::Semaphore,
 }
 
 /// The latest invalidations, by generation: what a lookup that began at an earlier one
@@ -349,6 +354,8 @@ impl Default for KeyCache {
 impl KeyCache {
     pub const TTL: Duration = Duration::from_secs(30);
     const MAX: u64 = 10_000;
+    /// Uncached lookups at once: half the API's database pool.
+    const LOOKUPS: usize = 8;
 
     pub fn new(ttl: Duration) -> Self {
         Self {
@@ -360,7 +367,18 @@ impl KeyCache {
             trusted: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             invalidations: Default::default(),
+            lookups: tokio::sync::Semaphore::new(Self::LOOKUPS),
         }
+    }
+
+    /// `lookup`, once one of the [`Self::LOOKUPS`] permits is free (sessions' lookups too).
+    pub(crate) async fn bounded<T>(&self, lookup: impl Future<Output = T>) -> T {
+        let _permit = self
+            .lookups
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        lookup.await
     }
 
     /// The live key with this hash: cached, or from `lookup`, called only on a miss and once
@@ -375,11 +393,11 @@ impl KeyCache {
         F: Future<Output = Result<Option<KeyInfo>, E>>,
     {
         if !self.trusted.load(Ordering::Acquire) {
-            return lookup().await;
+            return self.bounded(lookup()).await;
         }
         let generation = self.generation.load(Ordering::Acquire);
         let load = async {
-            match lookup().await {
+            match self.bounded(lookup()).await {
                 Ok(Some(key)) if !self.missed(generation, key.id) => Ok(key),
                 Ok(Some(key)) => Err(Uncached::Stale(key)),
                 Ok(None) => Err(Uncached::Unknown),
@@ -533,6 +551,36 @@ mod tests {
             assert_eq!(request.await.unwrap(), Ok(Some(known)));
         }
         assert_eq!(lookups.load(Ordering::SeqCst), 1);
+    }
+
+    /// Made-up keys (anyone can send one) are looked up a bounded number at a time: each was
+    /// a database round trip on the pool every tenant shares, as many at once as requests.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn lookups_of_uncached_keys_run_a_bounded_number_at_once() {
+        for cache in [trusted(), Arc::new(KeyCache::default())] {
+            let (active, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let requests: Vec<_> = (0..64)
+                .map(|i| {
+                    let (cache, active, most) = (cache.clone(), active.clone(), most.clone());
+                    tokio::spawn(async move {
+                        cache
+                            .key(&format!("made-up-{i}"), || async move {
+                                let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                                most.fetch_max(now, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                active.fetch_sub(1, Ordering::SeqCst);
+                                Ok::<_, ()>(None)
+                            })
+                            .await
+                    })
+                })
+                .collect();
+            for request in requests {
+                assert_eq!(request.await.unwrap(), Ok(None));
+            }
+            let most = most.load(Ordering::SeqCst);
+            assert!(most <= KeyCache::LOOKUPS, "{most} lookups at once");
+        }
     }
 
     #[tokio::test]
