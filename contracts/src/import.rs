@@ -239,20 +239,30 @@ pub enum OnError {
 
 pub const DEFAULT_MAX_ERRORS: u64 = 1000;
 
-/// A file's column names as a refusal lists them: the first 50, each cut after 63 bytes (a
-/// file's header may hold 1,600 names of a megabyte).
+/// The most bytes of a PostgreSQL identifier (longer ones are cut, silently).
+pub const MAX_NAME_BYTES: usize = 63;
+
+/// A file's column name as an error shows it: cut after [`MAX_NAME_BYTES`] (a header name of
+/// a megabyte was written into every rejected row's line).
+pub fn shown_name(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.len() <= MAX_NAME_BYTES {
+        return name.into();
+    }
+    let mut end = MAX_NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &name[..end], name.len()).into()
+}
+
+/// A file's column names as a refusal lists them: the first 50, each [`shown_name`] (a file's
+/// header may hold 1,600 names of a megabyte).
 fn listed_names(names: &[String]) -> String {
-    let cut = |name: &String| match name.len() > 63 {
-        true => {
-            let mut end = 63;
-            while !name.is_char_boundary(end) {
-                end -= 1;
-            }
-            format!("{}…", &name[..end])
-        }
-        false => name.clone(),
-    };
-    let mut listed: Vec<String> = names.iter().take(50).map(cut).collect();
+    let mut listed: Vec<String> = names
+        .iter()
+        .take(50)
+        .map(|n| shown_name(n).into())
+        .collect();
     if names.len() > 50 {
         listed.push(format!("and {} more", names.len() - 50));
     }
@@ -262,7 +272,7 @@ fn listed_names(names: &[String]) -> String {
 /// A PostgreSQL identifier the importer accepts: letters, digits, `_`, `$`, at most 63 bytes.
 pub fn valid_identifier(name: &str) -> bool {
     let mut chars = name.chars();
-    name.len() <= 63
+    name.len() <= MAX_NAME_BYTES
         && chars
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')

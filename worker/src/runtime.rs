@@ -1105,7 +1105,7 @@ pub fn backoff(base: Duration, attempt: i32) -> Duration {
     capped.mul_f64(0.75 + rand::random::<f64>() * 0.5)
 }
 
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

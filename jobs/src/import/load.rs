@@ -15,7 +15,9 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use contracts::{
-    import::{ImportOutput, ImportedColumn, TableOutputs, STAGING_PREFIX},
+    import::{
+        shown_name, ImportOutput, ImportedColumn, TableOutputs, MAX_NAME_BYTES, STAGING_PREFIX,
+    },
     Artifact,
 };
 
@@ -647,18 +649,15 @@ fn plan_columns(
     for (source, name, declared) in specs {
         // A header's name becomes the column's: PostgreSQL would cut it (two names alike in
         // their first 63 bytes became one), and errors and rejected rows quoted it whole.
-        if name.len() > source::MAX_NAME_BYTES {
+        if name.len() > MAX_NAME_BYTES {
             return Err(JobError::Permanent(format!(
                 "the file's column {:?} has a name past the 63 bytes a PostgreSQL column's \
                  holds: name it in `columns` (`{{\"source\": ..., \"name\": ...}}`)",
-                source::shown_name(&name)
+                shown_name(&name)
             )));
         }
         let index = header.iter().position(|h| *h == source).ok_or_else(|| {
-            JobError::Permanent(format!(
-                "the file has no column {:?}",
-                source::shown_name(&source)
-            ))
+            JobError::Permanent(format!("the file has no column {:?}", shown_name(&source)))
         })?;
         let planned = if existing.is_empty() {
             // A new table: the declared type, else the type inferred from the file's head.

@@ -3,7 +3,7 @@
 //! Text stops at the caps on decompressed bytes and on bytes per record ([`Limits`]).
 
 use crate::limits::{Cap, Capped, Framing, Limits, RecordCapped};
-use contracts::import::MAX_COLUMNS;
+use contracts::import::{shown_name, MAX_COLUMNS};
 use csv::ByteRecord;
 use polars::prelude::*;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -313,22 +313,6 @@ fn too_wide(columns: usize) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// The most bytes of a PostgreSQL identifier (longer ones are cut, silently).
-pub const MAX_NAME_BYTES: usize = 63;
-
-/// A file's column name as an error shows it: cut after [`MAX_NAME_BYTES`] (a header name of
-/// a megabyte was written into every rejected row's line).
-pub fn shown_name(name: &str) -> std::borrow::Cow<'_, str> {
-    if name.len() <= MAX_NAME_BYTES {
-        return name.into();
-    }
-    let mut end = MAX_NAME_BYTES;
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &name[..end], name.len()).into()
 }
 
 /// What went wrong with one row as a whole (its fields are checked later).

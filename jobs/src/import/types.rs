@@ -228,7 +228,11 @@ fn numeric(v: &str) -> bool {
     // What PostgreSQL's numeric holds: 131,072 digits before the point, 16,383 after
     // (`1e200000` is refused there, and failed the whole COPY). Digits before the first
     // significant one count for nothing (`0.001e131074` is 1e131071).
-    let leading = int.len() + frac.len() - format!("{int}{frac}").trim_start_matches('0').len();
+    let leading = int
+        .bytes()
+        .chain(frac.bytes())
+        .take_while(|&b| b == b'0')
+        .count();
     let before = match leading == int.len() + frac.len() {
         true => 0,
         false => (int.len() as i64 - leading as i64).saturating_add(exponent),

@@ -127,12 +127,12 @@ async fn keep(
             Ok(Ok(rows)) => tracing::debug!(duty = name, rows, batch, "maintenance duty ran"),
             Ok(Err(e)) => tracing::warn!(duty = name, error = %e, "maintenance duty failed"),
             Err(panic) => {
-                let text = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(duty = name, panic = %text, "maintenance duty panicked; it runs again at its next tick");
+                let panic = crate::runtime::panic_text(&panic);
+                tracing::error!(
+                    duty = name,
+                    panic,
+                    "maintenance duty panicked; it runs again at its next tick"
+                );
             }
         }
     }
