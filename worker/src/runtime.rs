@@ -61,6 +61,9 @@ pub struct Runtime {
     leased_at: Mutex<tokio::time::Instant>,
     /// Claims and finishes: a session each that plans its statements once.
     queue_pool: PgPool,
+    /// Heartbeats alone: behind handlers and maintenance in `pool`, a heartbeat waited for a
+    /// connection as long as the lease lasts, and the worker stopped its own jobs.
+    lease_pool: PgPool,
     // Outcomes of concurrent jobs share round trips, each batch with its events; other
     // changes' events (hand-backs, queued jobs) share the announcements'.
     finishes: Batcher<store::Finish, Option<store::Ended>>,
@@ -185,6 +188,7 @@ impl Runtime {
         // waits for another's connection.
         let claimers = queues.0.len() as u32 + 1;
         let queue_pool = shared::db::connect_queue(&settings.database_url, claimers).await?;
+        let lease_pool = shared::db::connect(&settings.database_url, 1).await?;
         let redis = shared::redis_conn::Redis::open(&settings.redis_url)?
             .manager()
             .await?;
@@ -254,6 +258,7 @@ impl Runtime {
         let refill = Refill::new(Dispatcher::new(queues.clone()));
         Ok(Self {
             queue_pool,
+            lease_pool,
             finishes,
             announcements,
             queues,
@@ -474,9 +479,9 @@ impl Runtime {
     /// Proves this process is alive, and stops jobs whose cancel was requested.
     pub(crate) async fn heartbeat_once(&self) -> anyhow::Result<()> {
         let sent = tokio::time::Instant::now();
-        store::heartbeat(&self.pool, &self.name, &self.queue_spec).await?;
+        store::heartbeat(&self.lease_pool, &self.name, &self.queue_spec).await?;
         *self.leased_at.lock().expect("lease lock") = sent;
-        for id in store::cancel_requests(&self.pool, &self.name).await? {
+        for id in store::cancel_requests(&self.lease_pool, &self.name).await? {
             if let Some(job) = self.running.lock().expect("running lock").get(&id) {
                 job.token.cancel();
             }
@@ -881,9 +886,7 @@ impl Runtime {
             Ok(Err(_)) if stopped => Outcome::Cancelled,
             Ok(Err(JobError::Permanent(error))) => Outcome::Failed(error),
             Ok(Err(JobError::Retryable(error))) => self.retry_or_fail(job, error),
-            Err(panic) => {
-                self.retry_or_fail(job, format!("handler panicked: {}", panic_text(&panic)))
-            }
+            Err(panic) => self.retry_or_fail(job, panicked(job, &panic)),
         };
         Attempt::Done(outcome)
     }
@@ -1105,6 +1108,21 @@ pub fn backoff(base: Duration, attempt: i32) -> Duration {
     capped.mul_f64(0.75 + rand::random::<f64>() * 0.5)
 }
 
+/// What the tenant reads of a handler's panic: that it happened, and a reference to the log
+/// line that holds its text. The text is the worker's own (a library's assertion, a path, a
+/// value of another job's state), not the tenant's to read.
+fn panicked(job: &Claimed, panic: &Box<dyn std::any::Any + Send>) -> String {
+    let reference = Uuid::new_v4();
+    tracing::error!(
+        job = %job.id,
+        kind = job.kind,
+        %reference,
+        panic = panic_text(panic),
+        "handler panicked"
+    );
+    format!("the worker hit an internal error (reference {reference}); operators can find it in the worker's log")
+}
+
 pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
@@ -1200,6 +1218,60 @@ mod tests {
         assert!(bounded["result_bytes"].as_u64().unwrap() > MAX_RESULT_BYTES as u64);
     }
 
+    /// A handler that panics, with text only the worker should read.
+    struct Panicky;
+
+    #[async_trait::async_trait]
+    impl jobs::Runner for Panicky {
+        fn kind(&self) -> &'static str {
+            "panicky"
+        }
+        async fn prepare(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn run(&self, _: &JobContext, _: Value) -> Result<Value, JobError> {
+            panic!("index out of bounds at /srv/conveyor/secret-path.rs for tenant 1234");
+        }
+        async fn sweep(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A handler's panic is retried (then failed) with a reference to the log, not its text:
+    /// the text is the worker's (paths, assertions on its state), and it went to the tenant in
+    /// the job's error, its event and its webhooks.
+    #[tokio::test]
+    async fn a_panic_reaches_the_tenant_as_a_reference_not_its_text() {
+        let registry = jobs::Registry::new(vec![Arc::new(Panicky)]);
+        let test = crate::maintenance::test_support::TestDb::with(registry, |_| {}).await;
+        let id = test.job("panicky", "running").await;
+        let claimed = Claimed {
+            id,
+            tenant_id: test.tenant,
+            kind: "panicky".into(),
+            payload: Value::Null,
+            attempt: 1,
+            max_attempts: 1,
+        };
+        let running = RunningJob {
+            token: CancellationToken::new(),
+            interrupted: Arc::default(),
+            ended: CancellationToken::new(),
+            after: None,
+            committing: Arc::default(),
+        };
+        let attempt = test
+            .runtime
+            .attempt(&claimed, &running, &Arc::default())
+            .await;
+        let Attempt::Done(Outcome::Failed(error)) = attempt else {
+            panic!("the attempt did not fail");
+        };
+        assert!(!error.contains("secret-path"), "{error}");
+        assert!(!error.contains("out of bounds"), "{error}");
+        assert!(error.contains("internal error (reference "), "{error}");
+    }
+
     /// A worker stopped an attempt whose lease it lost only when no claim was on its way: a
     /// busy worker (or one whose claims wait on a slow Redis) ran it on beside the attempt
     /// that took its place.
@@ -1222,6 +1294,25 @@ mod tests {
         let _claim_on_its_way = runtime.registering.read().await;
         runtime.hand_back_strays().await.unwrap();
         assert!(token.is_cancelled());
+    }
+
+    /// A worker whose handlers hold every connection of its pool still heartbeats: the
+    /// heartbeat waited behind them for a connection (up to the pool's 10 s timeout, the
+    /// default lease) and the lease watch then stopped the jobs the handlers were running.
+    #[tokio::test]
+    async fn heartbeats_go_out_while_handlers_hold_every_connection() {
+        let test = crate::maintenance::test_support::TestDb::new().await;
+        let pool = test.runtime.pool();
+        let mut held = Vec::new();
+        for _ in 0..pool.options().get_max_connections() {
+            held.push(pool.acquire().await.unwrap());
+        }
+        let heartbeat = tokio::time::timeout(Duration::from_secs(3), test.runtime.heartbeat_once());
+        heartbeat
+            .await
+            .expect("the heartbeat waited for a handler's connection")
+            .unwrap();
+        drop(held);
     }
 
     /// A worker whose heartbeats stop arriving (PostgreSQL out of reach, or the process
