@@ -231,6 +231,19 @@ pub fn open(
         }
         Format::Ndjson => {
             too_wide(known_columns.len())?;
+            let mut columns = HashMap::with_capacity(known_columns.len());
+            for (i, name) in known_columns.iter().enumerate() {
+                // Keys that differ only by a NUL and a U+FFFD were told apart when the file was
+                // inspected and stored as one name (PostgreSQL holds no NUL): each row's values
+                // had one slot for two columns.
+                if columns.insert(name.clone(), i).is_some() {
+                    return Err(format!(
+                        "the file has two keys named {:?} (keys that differ only by a NUL \
+                         character read as one name; PostgreSQL holds no NUL)",
+                        shown_name(name)
+                    ));
+                }
+            }
             let reader = open_raw(
                 path,
                 compression,
@@ -243,11 +256,7 @@ pub fn open(
                 header: known_columns.to_vec(),
                 source: Source::Ndjson {
                     lines: BufReader::with_capacity(1 << 20, reader),
-                    columns: known_columns
-                        .iter()
-                        .enumerate()
-                        .map(|(i, name)| (name.clone(), i))
-                        .collect(),
+                    columns,
                     buffer: Vec::new(),
                     line: 0,
                 },
@@ -669,6 +678,38 @@ mod tests {
             assert_eq!(era_text(at, format).unwrap(), text);
         }
         assert!(era_text(at(-4713, 11, 23), day).is_err());
+    }
+
+    /// Two of the dataset's columns with one name (keys told apart by a NUL at inspection,
+    /// one name once stored) fail the import with the name: each row indexed past its slots.
+    #[test]
+    fn ndjson_columns_of_one_name_are_refused() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), r#"{"a\u0000": 1, "a\ufffd": 2}"#).unwrap();
+        let limits = Limits {
+            decompressed: 1 << 20,
+            in_memory: 1 << 20,
+            record: 1 << 10,
+            document: 1 << 20,
+        };
+        let csv = CsvSettings {
+            delimiter: b',',
+            quote: b'"',
+            header: true,
+        };
+        let columns = ["a\u{FFFD}".to_string(), "a\u{FFFD}".to_string()];
+        let opened = open(
+            file.path(),
+            Format::Ndjson,
+            Compression::None,
+            &csv,
+            &columns,
+            &limits,
+        );
+        let Err(error) = opened else {
+            panic!("opened");
+        };
+        assert!(error.contains("two keys named \"a\u{FFFD}\""), "{error}");
     }
 
     fn read_ndjson(text: &str, columns: &[&str]) -> Vec<Result<Vec<Option<String>>, String>> {
