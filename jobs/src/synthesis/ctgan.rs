@@ -33,7 +33,10 @@ use super::{
     activation::{self, Span},
     adam::{Adam, Settings},
     copula::ColumnSpec,
-    encoding::{decode, encode_columns, laid_out, training_fits, Encoded, Encoder},
+    encoding::{
+        append_columns, decode, decoded_rows, encode_columns, laid_out, training_fits, Encoded,
+        Encoder,
+    },
     matmul::{dense, matmul},
     norm::batch_norm_relu,
     table::{Column, Values},
@@ -637,9 +640,35 @@ impl Ctgan {
         asking: Asking,
     ) -> Result<Vec<Values>, JobError> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut fast = Fast::new(&mut rng);
-        let mut decoded: Vec<Vec<f32>> = Vec::with_capacity(rows + self.batch);
         // Whole batches only: batch normalisation takes its statistics from the batch.
+        let chunk = decoded_rows(&self.encoders).div_ceil(self.batch) * self.batch;
+        let mut columns = Vec::with_capacity(self.encoders.len());
+        let mut left = rows;
+        loop {
+            let n = left.min(chunk);
+            let decoded = self.generate(n, asking, &mut rng)?;
+            let part = self
+                .encoders
+                .iter()
+                .map(|encoder| decode(encoder, &decoded, 0.0, true, &mut rng))
+                .collect();
+            append_columns(&mut columns, part);
+            left -= n;
+            if left == 0 {
+                return Ok(columns);
+            }
+        }
+    }
+
+    /// The generator's raw outputs for `rows` rows, in whole batches.
+    fn generate(
+        &self,
+        rows: usize,
+        asking: Asking,
+        rng: &mut StdRng,
+    ) -> Result<Vec<Vec<f32>>, JobError> {
+        let mut fast = Fast::new(rng);
+        let mut decoded: Vec<Vec<f32>> = Vec::with_capacity(rows + self.batch);
         while decoded.len() < rows {
             let asked = ask(
                 &self.conditions,
@@ -667,11 +696,7 @@ impl Ctgan {
             decoded.extend(out);
         }
         decoded.truncate(rows);
-        Ok(self
-            .encoders
-            .iter()
-            .map(|encoder| decode(encoder, &decoded, 0.0, true, &mut rng))
-            .collect())
+        Ok(decoded)
     }
 }
 

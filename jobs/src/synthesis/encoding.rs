@@ -171,6 +171,27 @@ fn draw(logits: &[f32], rng: &mut StdRng) -> usize {
 /// One column of `rows` (the networks' raw outputs) decoded. A continuous value's mode is the
 /// largest logit (TVAE) or, with `draw_mode`, drawn by the softmax of the logits (CTGAN's
 /// Gumbel-softmax output read by its argmax); `sigma` adds Gaussian noise to the offset.
+/// Rows a network's sample decodes at a time, for rows encoded by `encoders`: about 16 MiB of
+/// raw outputs (a float per slot of each encoded row). Decoded all at once, the raw outputs of
+/// a 10M-row sample of one 100-level column held about 4 GB, far past what the output's size
+/// check counts.
+pub(super) fn decoded_rows(encoders: &[Encoder]) -> usize {
+    let width: usize = encoders.iter().map(Encoder::width).sum();
+    let row = width * size_of::<f32>() + size_of::<Vec<f32>>();
+    ((16 << 20) / row).max(1)
+}
+
+/// Appends each of `part`'s columns to its column of `columns` (the first part becomes them).
+pub(super) fn append_columns(columns: &mut Vec<Values>, part: Vec<Values>) {
+    if columns.is_empty() {
+        *columns = part;
+        return;
+    }
+    for (all, more) in columns.iter_mut().zip(part) {
+        all.append(more);
+    }
+}
+
 pub(super) fn decode(
     encoder: &Encoder,
     rows: &[Vec<f32>],

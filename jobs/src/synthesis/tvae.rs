@@ -12,7 +12,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::{
     adam::{Adam, Settings},
     copula::ColumnSpec,
-    encoding::{decode, encode_columns, laid_out, training_fits, Encoded, Encoder},
+    encoding::{
+        append_columns, decode, decoded_rows, encode_columns, laid_out, training_fits, Encoded,
+        Encoder,
+    },
     matmul::dense,
     stats::standard_normal,
     table::{Column, Values},
@@ -220,12 +223,40 @@ impl Tvae {
     /// `rows` synthetic rows, one column per learned column.
     pub fn sample(&self, rows: usize, seed: u64) -> Result<Vec<Values>, JobError> {
         let mut rng = StdRng::seed_from_u64(seed);
+        let mut columns = Vec::with_capacity(self.encoders.len());
+        let chunk = decoded_rows(&self.encoders);
+        let mut left = rows;
+        loop {
+            let n = left.min(chunk);
+            let decoded = self.generate(n, &mut rng)?;
+            let mut sigma = self.sigmas.iter();
+            let part = self
+                .encoders
+                .iter()
+                .map(|encoder| {
+                    let sigma = match encoder {
+                        Encoder::Continuous { .. } => *sigma.next().unwrap_or(&0.0),
+                        Encoder::Discrete { .. } => 0.0,
+                    };
+                    decode(encoder, &decoded, sigma, false, &mut rng)
+                })
+                .collect();
+            append_columns(&mut columns, part);
+            left -= n;
+            if left == 0 {
+                return Ok(columns);
+            }
+        }
+    }
+
+    /// The decoder's raw outputs for `rows` rows.
+    fn generate(&self, rows: usize, rng: &mut StdRng) -> Result<Vec<Vec<f32>>, JobError> {
         let mut decoded: Vec<Vec<f32>> = Vec::with_capacity(rows);
         let mut done = 0;
         while done < rows {
             let n = (rows - done).min(1000);
             let z: Vec<f32> = (0..n * LATENT)
-                .map(|_| standard_normal(&mut rng) as f32)
+                .map(|_| standard_normal(rng) as f32)
                 .collect();
             let out = Tensor::from_vec(z, (n, LATENT), &Device::Cpu)
                 .and_then(|z| mlp(&self.decoder, &z))
@@ -234,18 +265,7 @@ impl Tvae {
             decoded.extend(out);
             done += n;
         }
-        let mut sigma = self.sigmas.iter();
-        Ok(self
-            .encoders
-            .iter()
-            .map(|encoder| {
-                let sigma = match encoder {
-                    Encoder::Continuous { .. } => *sigma.next().unwrap_or(&0.0),
-                    Encoder::Discrete { .. } => 0.0,
-                };
-                decode(encoder, &decoded, sigma, false, &mut rng)
-            })
-            .collect())
+        Ok(decoded)
     }
 
     /// Width of an encoded row.
@@ -386,6 +406,23 @@ mod tests {
             model.sample(50, 6).unwrap()[0],
             model.sample(50, 6).unwrap()[0]
         );
+    }
+
+    /// A sample decodes its rows a part at a time: the raw outputs of every requested row (a
+    /// float per level of a wide column, and a vector per row) were held until all were drawn.
+    #[test]
+    fn a_large_sample_holds_the_raw_outputs_of_a_part_at_a_time() {
+        let labels = (0..2000)
+            .map(|i| Some(format!("level{}", i % 200)))
+            .collect();
+        let data = vec![Column::labels("c", labels)];
+        let model = Tvae::fit(&plain_specs(&data), 1, 5, &Quiet).unwrap();
+        assert!(model.width() >= 100, "{}", model.width());
+        let rows = 150_000;
+        let (sample, held) = crate::allocated::peak(|| model.sample(rows, 1).unwrap());
+        assert_eq!(sample[0].len(), rows);
+        // The sample's own labels take about 5 MB; one part's raw outputs 16 MiB.
+        assert!(held < 32 << 20, "{} MB held", held >> 20);
     }
 
     #[test]
