@@ -1246,20 +1246,10 @@ mod tests {
         let test = crate::maintenance::test_support::TestDb::with(registry, |_| {}).await;
         let id = test.job("panicky", "running").await;
         let claimed = Claimed {
-            id,
-            tenant_id: test.tenant,
             kind: "panicky".into(),
-            payload: Value::Null,
-            attempt: 1,
-            max_attempts: 1,
+            ..claimed(&test, id)
         };
-        let running = RunningJob {
-            token: CancellationToken::new(),
-            interrupted: Arc::default(),
-            ended: CancellationToken::new(),
-            after: None,
-            committing: Arc::default(),
-        };
+        let running = running(CancellationToken::new());
         let attempt = test
             .runtime
             .attempt(&claimed, &running, &Arc::default())
@@ -1283,13 +1273,7 @@ mod tests {
         test.set(id, "worker = 'elsewhere', attempt = 2").await;
         let runtime = &test.runtime;
         let token = CancellationToken::new();
-        let attempt = RunningJob {
-            token: token.clone(),
-            interrupted: Arc::default(),
-            ended: CancellationToken::new(),
-            after: None,
-            committing: Arc::default(),
-        };
+        let attempt = running(token.clone());
         runtime.running.lock().unwrap().insert(id, attempt);
         let _claim_on_its_way = runtime.registering.read().await;
         runtime.hand_back_strays().await.unwrap();
@@ -1325,13 +1309,7 @@ mod tests {
         let runtime = test.runtime.clone();
         runtime.heartbeat_once().await.unwrap();
         let id = test.job("canary", "running").await;
-        let attempt = RunningJob {
-            token: CancellationToken::new(),
-            interrupted: Arc::default(),
-            ended: CancellationToken::new(),
-            after: None,
-            committing: Arc::default(),
-        };
+        let attempt = running(CancellationToken::new());
         runtime.running.lock().unwrap().insert(id, attempt.clone());
         for sql in [
             "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
@@ -1355,6 +1333,17 @@ mod tests {
             "still running {deadline:?} after the last heartbeat"
         );
         assert!(attempt.interrupted.load(Ordering::SeqCst));
+    }
+
+    /// An attempt's entry in `running`, stopped through `token`.
+    fn running(token: CancellationToken) -> RunningJob {
+        RunningJob {
+            token,
+            interrupted: Arc::default(),
+            ended: CancellationToken::new(),
+            after: None,
+            committing: Arc::default(),
+        }
     }
 
     fn claimed(test: &crate::maintenance::test_support::TestDb, id: Uuid) -> Claimed {
@@ -1460,13 +1449,7 @@ mod tests {
                 attempt,
                 ..claimed(test, id)
             };
-            let running = RunningJob {
-                token: CancellationToken::new(),
-                interrupted: Arc::default(),
-                ended: CancellationToken::new(),
-                after: None,
-                committing: Arc::default(),
-            };
+            let running = running(CancellationToken::new());
             let meter = Arc::new(Meter::default());
             match test.runtime.attempt(&job, &running, &meter).await {
                 Attempt::Done(Outcome::Failed(error)) => error,

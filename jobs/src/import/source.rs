@@ -684,35 +684,18 @@ mod tests {
     /// one name once stored) fail the import with the name: each row indexed past its slots.
     #[test]
     fn ndjson_columns_of_one_name_are_refused() {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(file.path(), r#"{"a\u0000": 1, "a\ufffd": 2}"#).unwrap();
-        let limits = Limits {
-            decompressed: 1 << 20,
-            in_memory: 1 << 20,
-            record: 1 << 10,
-            document: 1 << 20,
-        };
-        let csv = CsvSettings {
-            delimiter: b',',
-            quote: b'"',
-            header: true,
-        };
-        let columns = ["a\u{FFFD}".to_string(), "a\u{FFFD}".to_string()];
-        let opened = open(
-            file.path(),
-            Format::Ndjson,
-            Compression::None,
-            &csv,
-            &columns,
-            &limits,
-        );
-        let Err(error) = opened else {
+        let text = r#"{"a\u0000": 1, "a\ufffd": 2}"#;
+        let Err(error) = open_ndjson(text, &["a\u{FFFD}", "a\u{FFFD}"]).1 else {
             panic!("opened");
         };
         assert!(error.contains("two keys named \"a\u{FFFD}\""), "{error}");
     }
 
-    fn read_ndjson(text: &str, columns: &[&str]) -> Vec<Result<Vec<Option<String>>, String>> {
+    /// `text` in a file (kept while the first value lives), opened as NDJSON of `columns`.
+    fn open_ndjson(
+        text: &str,
+        columns: &[&str],
+    ) -> (tempfile::NamedTempFile, Result<Opened, String>) {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), text).unwrap();
         let limits = Limits {
@@ -727,15 +710,20 @@ mod tests {
             quote: b'"',
             header: true,
         };
-        let mut opened = open(
+        let opened = open(
             file.path(),
             Format::Ndjson,
             Compression::None,
             &csv,
             &columns,
             &limits,
-        )
-        .unwrap();
+        );
+        (file, opened)
+    }
+
+    fn read_ndjson(text: &str, columns: &[&str]) -> Vec<Result<Vec<Option<String>>, String>> {
+        let (_file, opened) = open_ndjson(text, columns);
+        let mut opened = opened.unwrap();
         let mut rows = Vec::new();
         let mut row = Row::default();
         loop {
