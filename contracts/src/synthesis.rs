@@ -42,10 +42,9 @@ impl Contract for Synthesis {
             })
             .collect();
         let is_text = |name: &str| {
-            dataset
-                .schema
-                .iter()
-                .any(|c| c.name == name && matches!(c.data_type.as_str(), "text" | "boolean"))
+            dataset.schema.iter().any(|c| {
+                c.name == name && matches!(c.data_type.as_str(), "text" | "boolean" | "jsonb")
+            })
         };
         for (i, constraint) in payload.constraints.iter().enumerate() {
             for name in constraint.columns() {

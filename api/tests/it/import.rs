@@ -201,6 +201,98 @@ async fn parquet_decimals_arrive_exact() {
     );
 }
 
+/// List and struct columns arrive whole, as JSON in jsonb columns, equal to the same values
+/// read from NDJSON: polars' display text (`[1, null, … 7]`, a struct's values without their
+/// names) went into text columns, and the import succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_lists_and_structs_arrive_as_json() {
+    let mut app = TestApp::spawn().await;
+    app.start_worker_for(&[("import", 1)]).await;
+    use polars::prelude::*;
+    let numbers = (1..=7i64)
+        .map(|i| (i != 2).then_some(i))
+        .collect::<Vec<_>>();
+    let tags = Series::new(
+        "tags".into(),
+        [
+            Some(Series::new("".into(), numbers)),
+            Some(Series::new_empty("".into(), &DataType::Int64)),
+            None,
+        ],
+    );
+    let zoned = DataType::Datetime(TimeUnit::Microseconds, Some(TimeZone::UTC));
+    let at = [Some(1_700_000_000_000_000i64), None, Some(-86_400_000_000)];
+    let fields = [
+        Series::new(
+            "name".into(),
+            [Some("a \"quoted\"\nline"), Some("ünï"), None],
+        ),
+        Series::new("day".into(), [Some(19_723i32), None, Some(-1)])
+            .cast(&DataType::Date)
+            .unwrap(),
+        Series::new("at".into(), at).cast(&zoned).unwrap(),
+        Series::new("raw".into(), [Some(&[0u8, 255][..]), None, Some(&[][..])]),
+        Series::new("score".into(), [0.5f64, f64::NAN, -1.25]),
+    ];
+    let meta = StructChunked::from_series("meta".into(), 3, fields.iter())
+        .unwrap()
+        .into_series();
+    let id = Series::new("id".into(), [1i64, 2, 3]);
+    let mut frame = DataFrame::new(3, vec![id.into(), tags.into(), meta.into()]).unwrap();
+    let mut parquet = Vec::new();
+    ParquetWriter::new(&mut parquet).finish(&mut frame).unwrap();
+    let dataset = app.upload_dataset("nested.parquet", &parquet).await;
+    let result = import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "nested"}}),
+    )
+    .await;
+    assert_eq!(result["rows_imported"], 3, "{result}");
+    // Every item, not `[1, null, … 7]`.
+    assert_eq!(
+        psql(
+            &app.target_url(),
+            "SELECT tags::text FROM nested WHERE id = 1"
+        ),
+        "[1, null, 3, 4, 5, 6, 7]"
+    );
+    let types = |result: &Value| -> Vec<String> {
+        (result["columns"].as_array().unwrap().iter())
+            .map(|c| c["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(types(&result), ["bigint", "jsonb", "jsonb"], "{result}");
+    // Names kept; NaN as null; dates and times as PostgreSQL's JSON writes them; bytes as
+    // bytea reads them.
+    assert_eq!(
+        psql(&app.target_url(), "SELECT string_agg(format('%s|%s|%s|%s|%s|%s|%s', id, tags, meta ->> 'name', meta ->> 'day', meta ->> 'at', (meta ->> 'raw')::bytea, meta -> 'score'), ';' ORDER BY id) FROM nested"),
+        "1|[1, null, 3, 4, 5, 6, 7]|a \"quoted\"\nline|2024-01-01|2023-11-14T22:13:20+00:00|\\x00ff|0.5;\
+         2|[]|ünï||||null;\
+         3|||1969-12-31|1969-12-31T00:00:00+00:00|\\x|-1.25"
+    );
+
+    // The same values written as NDJSON: the same column types, equal values.
+    let ndjson = concat!(
+        r#"{"id": 1, "tags": [1, null, 3, 4, 5, 6, 7], "meta": {"name": "a \"quoted\"\nline", "day": "2024-01-01", "at": "2023-11-14T22:13:20+00:00", "raw": "\\x00ff", "score": 0.5}}"#,
+        "\n",
+        r#"{"id": 2, "tags": [], "meta": {"name": "ünï", "day": null, "at": null, "raw": null, "score": null}}"#,
+        "\n",
+        r#"{"id": 3, "tags": null, "meta": {"name": null, "day": "1969-12-31", "at": "1969-12-31T00:00:00+00:00", "raw": "\\x", "score": -1.25}}"#,
+        "\n",
+    );
+    let dataset = app.upload_dataset("nested.ndjson", ndjson.as_bytes()).await;
+    let result = import_ok(
+        &app,
+        json!({"dataset_id": dataset, "target": {"table": "nested_ndjson"}}),
+    )
+    .await;
+    assert_eq!(types(&result), ["bigint", "jsonb", "jsonb"], "{result}");
+    assert_eq!(
+        psql(&app.target_url(), "SELECT count(*) FROM nested p JOIN nested_ndjson n USING (id) WHERE p.tags IS NOT DISTINCT FROM n.tags AND p.meta = n.meta"),
+        "3"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_tsv_ndjson_and_parquet_round_trip() {
     let mut app = TestApp::spawn().await;

@@ -146,6 +146,9 @@ pub fn pg_type(dtype: &DataType) -> &'static str {
         DataType::Date => "date",
         DataType::Datetime(_, None) => "timestamp",
         DataType::Datetime(_, Some(_)) => "timestamptz",
+        // Nested values arrive as JSON: NDJSON's as the file wrote them, Parquet's as
+        // `source::parquet_text` writes them.
+        DataType::List(_) | DataType::Struct(_) => "jsonb",
         _ => "text",
     }
 }

@@ -442,7 +442,10 @@ impl Source {
                         row.nulls.push(true);
                         bytes += 1;
                     } else {
-                        let text = parquet_text(&value).map_err(|reason| {
+                        // Lists and structs are written only as far as the record's cap.
+                        let room = record.bytes.saturating_sub(bytes);
+                        let limit = usize::try_from(room).unwrap_or(usize::MAX);
+                        let text = parquet_text(&value, limit).map_err(|reason| {
                             Ok(RowError {
                                 line: row.line,
                                 reason: format!("column {:?}: {reason}", shown_name(column.name())),
@@ -471,9 +474,12 @@ impl Source {
 
 /// A Parquet value as PostgreSQL reads it. Polars' display text is for people: it rounds
 /// floats to six significant digits (1234567.891 became 1.2346e6), names zones by
-/// abbreviations PostgreSQL reads otherwise (IST is Israel's to it), and panics on a date
-/// past chrono's range. Other types keep their display text.
-fn parquet_text<'a>(value: &'a AnyValue<'a>) -> Result<Cow<'a, str>, String> {
+/// abbreviations PostgreSQL reads otherwise (IST is Israel's to it), panics on a date past
+/// chrono's range, shows a list as its first items and its last (`[1, 2, … 7]`) and a struct's
+/// values without their names. Lists and structs are JSON ([`push_json`]), written only until the
+/// text passes `limit` bytes: the caller fails the import for a record past its cap. Other
+/// types keep their display text.
+fn parquet_text<'a>(value: &'a AnyValue<'a>, limit: usize) -> Result<Cow<'a, str>, String> {
     let float = |v: f64, text: String| match v {
         v if v.is_nan() => "NaN".to_owned(),
         v if v == f64::INFINITY => "Infinity".to_owned(),
@@ -499,8 +505,135 @@ fn parquet_text<'a>(value: &'a AnyValue<'a>) -> Result<Cow<'a, str>, String> {
         // Whole, as `bytea` writes it: polars' display cut them at 60 bytes.
         AnyValue::Binary(bytes) => format!("\\x{}", hex::encode(bytes)),
         AnyValue::BinaryOwned(bytes) => format!("\\x{}", hex::encode(bytes)),
+        AnyValue::List(_) | AnyValue::Struct(..) | AnyValue::StructOwned(_) => {
+            let mut json = Vec::new();
+            push_json(&mut json, value, 0, limit)?;
+            String::from_utf8(json).map_err(|e| e.to_string())?
+        }
         other => return Ok(other.str_value()),
     }))
+}
+
+/// Levels a list or struct value may nest; deeper, it is its row's error (as many as the footer
+/// check allows the file's metadata).
+const MAX_NESTING: usize = 32;
+
+/// A list or struct value, `depth` levels in, appended to `out` as JSON, as `jsonb` reads it:
+/// numbers as numbers (NaN and the infinities, which JSON has not, as null), decimals in full,
+/// nulls as null, a struct as an object by its fields' names; other values as strings of the
+/// text a column of their own holds (bytes as `\x` hex, which `(v ->> 'k')::bytea` reads
+/// back; times with a `T`, as `to_jsonb` writes them). Stops once `out` passes `limit` bytes.
+fn push_json(
+    out: &mut Vec<u8>,
+    value: &AnyValue,
+    depth: usize,
+    limit: usize,
+) -> Result<(), String> {
+    match value {
+        AnyValue::Null => out.extend_from_slice(b"null"),
+        AnyValue::Boolean(v) => put(out, v),
+        AnyValue::Int8(v) => put(out, v),
+        AnyValue::Int16(v) => put(out, v),
+        AnyValue::Int32(v) => put(out, v),
+        AnyValue::Int64(v) => put(out, v),
+        AnyValue::Int128(v) => put(out, v),
+        AnyValue::UInt8(v) => put(out, v),
+        AnyValue::UInt16(v) => put(out, v),
+        AnyValue::UInt32(v) => put(out, v),
+        AnyValue::UInt64(v) => put(out, v),
+        AnyValue::UInt128(v) => put(out, v),
+        // The shortest text that reads back as the same number, or null.
+        AnyValue::Float32(v) => put(out, v),
+        AnyValue::Float64(v) => put(out, v),
+        AnyValue::Decimal(v, _, scale) => {
+            out.extend_from_slice(decimal_text(*v, *scale).as_bytes())
+        }
+        AnyValue::String(text) => put_string(out, text)?,
+        AnyValue::StringOwned(text) => put_string(out, text)?,
+        AnyValue::List(items) => {
+            let depth = deeper(depth)?;
+            out.push(b'[');
+            // `iter` reads the value's chunk; an empty list may have none.
+            if !items.is_empty() {
+                for (i, item) in items.iter().enumerate() {
+                    if out.len() > limit {
+                        return Ok(());
+                    }
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    push_json(out, &item, depth, limit)?;
+                }
+            }
+            out.push(b']');
+        }
+        AnyValue::Struct(_, _, fields) => {
+            let names = fields.iter().map(|f| f.name().as_str());
+            push_object(out, names.zip(value._iter_struct_av()), depth, limit)?
+        }
+        AnyValue::StructOwned(payload) => {
+            let (values, fields) = &**payload;
+            let names = fields.iter().map(|f| f.name().as_str());
+            let values = values.iter().map(AnyValue::as_borrowed);
+            push_object(out, names.zip(values), depth, limit)?
+        }
+        scalar => {
+            let text = parquet_text(scalar, limit)?;
+            match scalar {
+                AnyValue::Datetime(..) | AnyValue::DatetimeOwned(..) => {
+                    put_string(out, &text.replacen(' ', "T", 1))?
+                }
+                _ => put_string(out, &text)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A struct's fields as a JSON object.
+fn push_object<'n, 'v>(
+    out: &mut Vec<u8>,
+    fields: impl Iterator<Item = (&'n str, AnyValue<'v>)>,
+    depth: usize,
+    limit: usize,
+) -> Result<(), String> {
+    let depth = deeper(depth)?;
+    out.push(b'{');
+    for (i, (name, value)) in fields.enumerate() {
+        if out.len() > limit {
+            return Ok(());
+        }
+        if i > 0 {
+            out.push(b',');
+        }
+        put_string(out, name)?;
+        out.push(b':');
+        push_json(out, &value, depth, limit)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+fn deeper(depth: usize) -> Result<usize, String> {
+    match depth < MAX_NESTING {
+        true => Ok(depth + 1),
+        false => Err(format!("a value nested deeper than {MAX_NESTING} levels")),
+    }
+}
+
+/// A JSON number, boolean or string (NaN and the infinities as null, as serde_json writes
+/// them); writing one into memory cannot fail.
+fn put(out: &mut Vec<u8>, value: impl serde::Serialize) {
+    let _ = serde_json::to_writer(out, &value);
+}
+
+/// jsonb holds no `\u0000`: a NUL is the row's error here, and failed the whole COPY there.
+fn put_string(out: &mut Vec<u8>, text: &str) -> Result<(), String> {
+    if text.contains('\0') {
+        return Err("a NUL character, which jsonb cannot hold".into());
+    }
+    put(out, text);
+    Ok(())
 }
 
 /// A decimal (`v` scaled by 10^`scale`) written out in full, as `numeric` reads it: polars'
@@ -635,8 +768,62 @@ mod tests {
     fn binary_values_are_written_whole() {
         let bytes: Vec<u8> = (0..100).collect();
         let value = AnyValue::Binary(&bytes);
-        let text = parquet_text(&value).unwrap();
+        let text = parquet_text(&value, usize::MAX).unwrap();
         assert_eq!(text, format!("\\x{}", hex::encode(&bytes)));
+    }
+
+    /// Lists and structs arrive whole, as JSON: polars' display wrote `[1, null, … 7]` (two
+    /// items, an ellipsis and the last) and a struct's values without their names, and the
+    /// import succeeded.
+    #[test]
+    fn nested_values_are_written_as_json() {
+        let json = |value: AnyValue| parquet_text(&value, usize::MAX).map(Cow::into_owned);
+        let numbers = Series::new(
+            "".into(),
+            (1..=7i64)
+                .map(|i| (i != 2).then_some(i))
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(json(AnyValue::List(numbers)).unwrap(), "[1,null,3,4,5,6,7]");
+        let floats = Series::new("".into(), [0.1f32, f32::NAN, f32::INFINITY]);
+        assert_eq!(json(AnyValue::List(floats)).unwrap(), "[0.1,null,null]");
+        let fields = [
+            Series::new("s".into(), ["tab\t\"q\" é"]),
+            Series::new("b".into(), [&[0u8, 255][..]]),
+            Series::new("d".into(), [19_723i32])
+                .cast(&DataType::Date)
+                .unwrap(),
+            Series::new("t".into(), [1_700_000_000_000_000i64])
+                .cast(&DataType::Datetime(
+                    TimeUnit::Microseconds,
+                    Some(TimeZone::UTC),
+                ))
+                .unwrap(),
+            Series::new("l".into(), [Series::new("".into(), Vec::<i64>::new())]),
+        ];
+        let row = StructChunked::from_series("".into(), 1, fields.iter())
+            .unwrap()
+            .into_series();
+        assert_eq!(
+            json(row.get(0).unwrap()).unwrap(),
+            r#"{"s":"tab\t\"q\" é","b":"\\x00ff","d":"2024-01-01","t":"2023-11-14T22:13:20+00:00","l":[]}"#
+        );
+        // What jsonb refuses is the row's error, not the whole COPY's; so is a value deeper than
+        // the bound.
+        let nul = Series::new("".into(), ["a\0b"]);
+        assert!(json(AnyValue::List(nul)).unwrap_err().contains("NUL"));
+        let mut deep = Series::new("".into(), [1i64]);
+        for _ in 0..MAX_NESTING {
+            deep = Series::new("".into(), [deep]);
+        }
+        assert!(json(AnyValue::List(deep))
+            .unwrap_err()
+            .contains("nested deeper"));
+        // Past `limit` the text stops (the caller fails the import for the record's cap).
+        let long = Series::new("".into(), vec![0i64; 1000]);
+        let long = AnyValue::List(long);
+        let cut = parquet_text(&long, 10).unwrap();
+        assert!((11..20).contains(&cut.len()), "{cut}");
     }
 
     #[test]
