@@ -338,6 +338,7 @@ mod tests {
             include_str!("../../migrations/checksums-20261223"),
             include_str!("../../migrations/checksums-20261224"),
             include_str!("../../migrations/checksums-20261225"),
+            include_str!("../../migrations/checksums-20261226"),
         ]
         .concat();
         let recorded: Vec<(&str, &str)> = manifest

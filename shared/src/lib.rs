@@ -14,6 +14,7 @@ pub mod isolated;
 pub mod leader;
 pub mod memory;
 pub mod model;
+pub mod noise_seeds;
 pub mod object_deletes;
 pub mod objects;
 pub mod owned;

@@ -617,6 +617,70 @@ async fn private_synthesis_copies_no_rare_value_and_no_extreme() {
     assert!(plans.contains("plan: levels"), "{plans}");
 }
 
+/// A private synthesis (`epsilon`) whose attempt published its dataset and model and then
+/// failed (its artifacts could not be stored) releases once: the retry draws the first
+/// attempt's noise and publishes the same table; it fitted with fresh noise, releasing the same
+/// rows a second time (2ε under a report of ε).
+#[tokio::test]
+async fn a_private_synthesis_retried_after_publishing_releases_once() {
+    // A retry waits (a day's backoff) until the test has looked and lets it go.
+    let mut app = TestApp::spawn_with(|s| s.retry_base = Duration::from_secs(86_400)).await;
+    app.start_worker_for(&[("synthesis", 1)]).await;
+    let dataset = app
+        .upload_dataset("customers.csv", mixed_csv(2000, 4).as_bytes())
+        .await;
+    // A file where the artifacts' directory goes: the attempt records its dataset, saves its
+    // model, and fails storing `synthetic.csv` (retryable).
+    let artifacts = app.settings.data_dir.join("artifacts");
+    let _ = std::fs::remove_dir_all(&artifacts);
+    std::fs::write(&artifacts, b"in the way").unwrap();
+    let payload = json!({"dataset_id": dataset, "rows": 500, "epsilon": 1.0, "seed": 1,
+        "output_format": "csv", "save_model": true,
+        "columns": {"id": {"type": "identifier"}, "serial": {"type": "identifier"},
+                    "x": {"min": 0, "max": 100}, "y": {"min": 0, "max": 200},
+                    "visits": {"min": 0, "max": 10}}});
+    let (status, job) = app
+        .post(
+            "/v1/jobs",
+            &json!({"kind": "synthesis", "payload": payload, "max_attempts": 3}),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id: Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let job = app
+        .wait_status(id, &["retrying", "succeeded", "failed"], WAIT)
+        .await;
+    assert_eq!(job["status"], "retrying", "{job}");
+    let output = Uuid::new_v5(&id, b"synthetic dataset");
+    let (status, released) = app.get(&format!("/v1/datasets/{output}")).await;
+    assert_eq!(
+        status, 200,
+        "the first attempt published its dataset: {released}"
+    );
+
+    std::fs::remove_file(&artifacts).unwrap();
+    sqlx::query("UPDATE jobs SET run_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(app.pool())
+        .await
+        .unwrap();
+    let job = app.wait_status(id, &["succeeded", "failed"], WAIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    assert_eq!(job["result"]["outputs"]["dataset_id"], output.to_string());
+    let (_, now) = app.get(&format!("/v1/datasets/{output}")).await;
+    assert_eq!(
+        now["sha256"], released["sha256"],
+        "the retry released another fit of the same private data"
+    );
+    let bytes = std::fs::read(artifact(&app, id, "synthetic.csv")).unwrap();
+    assert_eq!(
+        hex::encode(sha2::Sha256::digest(&bytes)),
+        released["sha256"].as_str().unwrap(),
+        "the artifact is not the released table"
+    );
+}
+
 #[tokio::test]
 async fn synthesis_tvae_trains_in_epochs_and_stops_when_cancelled() {
     let app = app_with_worker().await;

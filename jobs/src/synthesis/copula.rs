@@ -163,18 +163,27 @@ impl Copula {
         epsilon: Option<f64>,
         stop: &dyn Fn() -> bool,
     ) -> Result<Copula, String> {
+        Copula::fit_noised(columns, epsilon.map(|e| (e, Noise::from_os())), stop)
+    }
+
+    /// [`Copula::fit`], a private fit's noise drawn from `privacy`'s source.
+    pub fn fit_noised(
+        columns: &[(&Column, ColumnSpec)],
+        privacy: Option<(f64, Noise)>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Copula, String> {
         let d = columns.len();
         let names = columns.iter().map(|(c, _)| c.name.clone()).collect();
-        let (marginals, correlation, budget) = match epsilon {
+        let (marginals, correlation, budget) = match privacy {
             None => {
                 let fitted = fit_marginals(columns);
                 let scores: Vec<&[Option<f64>]> = fitted.iter().map(|f| &f.1[..]).collect();
                 let correlation = latent_correlation(&scores);
                 (fitted.into_iter().map(|f| f.0).collect(), correlation, None)
             }
-            Some(epsilon) => {
+            Some((epsilon, noise)) => {
                 let epsilon = Epsilon::at_most(epsilon).expect("ε is validated to be ≥ 0.01");
-                let (marginals, correlation, budget) = fit_private(columns, epsilon, stop)?;
+                let (marginals, correlation, budget) = fit_private(columns, epsilon, noise, stop)?;
                 (marginals, correlation, Some(budget))
             }
         };
@@ -492,11 +501,11 @@ fn latent_correlation(scores: &[&[Option<f64>]]) -> Vec<f64> {
 fn fit_private(
     columns: &[(&Column, ColumnSpec)],
     epsilon: Epsilon,
+    mut noise: Noise,
     stop: &dyn Fn() -> bool,
 ) -> Result<(Vec<Marginal>, Vec<f64>, PrivacyBudget), String> {
     let d = columns.len().max(1);
     let n = columns.first().map_or(0, |(c, _)| c.values.len()).max(2);
-    let mut noise = Noise::from_os();
     let (marginals_epsilon, correlation_epsilon) = if d >= 2 {
         (epsilon.share(1, 2), epsilon.share(1, 2))
     } else {

@@ -2,7 +2,10 @@
 //! "On significance of the least significant bits for differential privacy", CCS 2012):
 //!
 //! - noise comes from the operating system's CSPRNG, never from the job's seed: the seed
-//!   fixes everything else (split, sampling), so it can be printed without undoing the noise;
+//!   fixes everything else (split, sampling), so it can be printed without undoing the noise.
+//!   A job's noise is ChaCha20 from a seed its first attempt drew from the operating system
+//!   and the control plane keeps (`shared::noise_seeds`), never shown: a retry releases the
+//!   same values, not the same data once more;
 //! - ε is an exact fraction, split exactly between the parts that spend it;
 //! - every noisy quantity is an integer (a count, or Kendall's concordance score) with
 //!   discrete Laplace noise drawn by Canonne, Kamath & Steinke's sampler ("The Discrete
@@ -16,7 +19,8 @@
 //! Neighbouring tables differ in one row replaced (the row count is public): a histogram
 //! moves by at most 2 in L1, a concordance score by at most 2(n − 1).
 
-use rand::{rngs::OsRng, TryRngCore};
+use rand::{rngs::OsRng, RngCore, SeedableRng, TryRngCore};
+use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 
 /// ε as the exact fraction `num / den`.
@@ -91,10 +95,12 @@ pub struct Spend {
     pub noise_scale: f64,
 }
 
-/// Randomness for noise, read from the operating system in blocks.
+/// Randomness for noise, read in blocks from the operating system or from a kept seed.
 pub struct Noise {
     block: [u64; 64],
     used: usize,
+    /// None: the operating system's.
+    seeded: Option<ChaCha20Rng>,
     spent: Vec<Spend>,
 }
 
@@ -103,8 +109,27 @@ impl Noise {
         Noise {
             block: [0; 64],
             used: 64,
+            seeded: None,
             spent: Vec::new(),
         }
+    }
+
+    /// The same noise for the same seed, which must come from the operating system and stay
+    /// secret as the rows it guards.
+    pub fn from_seed(seed: [u8; 32]) -> Noise {
+        Noise {
+            seeded: Some(ChaCha20Rng::from_seed(seed)),
+            ..Noise::from_os()
+        }
+    }
+
+    /// A seed for [`Noise::from_seed`], from the operating system.
+    pub fn fresh_seed() -> [u8; 32] {
+        let mut seed = [0u8; 32];
+        OsRng
+            .try_fill_bytes(&mut seed)
+            .expect("the operating system's random source is unavailable");
+        seed
     }
 
     /// Every release so far, in order.
@@ -115,9 +140,12 @@ impl Noise {
     fn next_u64(&mut self) -> u64 {
         if self.used == self.block.len() {
             let mut bytes = [0u8; 512];
-            OsRng
-                .try_fill_bytes(&mut bytes)
-                .expect("the operating system's random source is unavailable");
+            match &mut self.seeded {
+                Some(rng) => rng.fill_bytes(&mut bytes),
+                None => OsRng
+                    .try_fill_bytes(&mut bytes)
+                    .expect("the operating system's random source is unavailable"),
+            }
             for (word, chunk) in self.block.iter_mut().zip(bytes.chunks_exact(8)) {
                 *word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
             }

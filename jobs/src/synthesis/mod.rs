@@ -5,8 +5,10 @@
 //! TVAE or CTGAN with candle) → sample → fresh identifiers → evaluate → publish the synthetic
 //! file and `report.json` as artifacts. Everything random comes from one seeded RNG, so a seed
 //! gives the same output; without a seed the job id provides it, so a retry repeats the attempt.
-//! The one exception is differential privacy's noise, drawn from the operating system: a
-//! private fit differs on every run, and its seed, printed in the report, undoes nothing.
+//! The one exception is differential privacy's noise, seeded from the operating system once per
+//! job and kept out of sight (`shared::noise_seeds`): a private job's runs differ, its retries
+//! do not (a retry that fitted with other noise released the rows again), and the seed printed
+//! in the report undoes nothing.
 
 mod activation;
 mod adam;
@@ -30,7 +32,7 @@ use async_trait::async_trait;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::{json, Value};
 use shared::object_deletes::Owner;
-use shared::{datasets, usage::Meter, Cancelled, JobContext};
+use shared::{datasets, noise_seeds, usage::Meter, Cancelled, JobContext};
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
 pub use contracts::synthesis::{
@@ -41,6 +43,7 @@ use contracts::Artifact;
 
 use crate::{Handler, JobError, Services};
 use copula::{ColumnSpec, Copula};
+use dp::Noise;
 use profile::{ColumnProfile, Role};
 use table::{Column, Table, Values};
 
@@ -111,6 +114,17 @@ pub fn synthesize(
     input: &Table,
     payload: &SynthesisPayload,
     seed: u64,
+    monitor: &dyn Monitor,
+) -> Result<Synthesis, JobError> {
+    synthesize_noised(input, payload, seed, Noise::from_os(), monitor)
+}
+
+/// [`synthesize`], a private fit's noise drawn from `noise`.
+pub fn synthesize_noised(
+    input: &Table,
+    payload: &SynthesisPayload,
+    seed: u64,
+    noise: Noise,
     monitor: &dyn Monitor,
 ) -> Result<Synthesis, JobError> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -195,7 +209,8 @@ pub fn synthesize(
     let model = match payload.synthesizer {
         Synthesizer::GaussianCopula => {
             let stop = || monitor.checkpoint().is_err();
-            let fitted = Copula::fit(&learned, payload.epsilon, &stop);
+            let privacy = payload.epsilon.map(|epsilon| (epsilon, noise));
+            let fitted = Copula::fit_noised(&learned, privacy, &stop);
             Model::Copula(fitted.map_err(|why| match monitor.checkpoint() {
                 Err(cancelled) => cancelled.into(),
                 Ok(()) => JobError::Permanent(why),
@@ -571,6 +586,10 @@ impl Handler for SynthesisHandler {
             .await
             .map_err(|e| JobError::Retryable(format!("fetching the dataset: {e}")))?;
         let seed = payload.seed.unwrap_or_else(|| ctx.job_id().as_u64_pair().1);
+        let noise = match payload.epsilon {
+            Some(_) => self.noise(ctx, &dataset.sha256).await?,
+            None => Noise::from_os(),
+        };
         // Removed when dropped, whichever way the attempt ends (moved away when published).
         let output = objects
             .scratch_file()
@@ -595,7 +614,7 @@ impl Handler for SynthesisHandler {
                     .map_err(|e| JobError::Permanent(format!("reading the dataset: {e}")))?;
                 Meter::add(&meter.rows_read, input.rows() as i64);
                 limits.output(payload.rows as u64, output_row_bytes(&input, &payload))?;
-                let synthesis = synthesize(&input, &payload, seed, &monitor)?;
+                let synthesis = synthesize_noised(&input, &payload, seed, noise, &monitor)?;
                 monitor.stage(0.95, "writing");
                 table::write(&synthesis.table, &scratch, parquet).map_err(|e| {
                     JobError::Retryable(format!("writing the synthetic table: {e}"))
@@ -662,6 +681,25 @@ impl Handler for SynthesisHandler {
 }
 
 impl SynthesisHandler {
+    /// The noise of this job's private fit over the rows hashing to `rows_sha256`: the seed
+    /// of the job's first attempt, so that a retry (after publishing, or by hand) releases
+    /// the same values rather than the same rows with other noise.
+    async fn noise(&self, ctx: &JobContext, rows_sha256: &str) -> Result<Noise, JobError> {
+        let fresh = Noise::fresh_seed();
+        let seed = noise_seeds::seed_for(&self.services.pool, ctx.job_id(), rows_sha256, fresh)
+            .await
+            .map_err(|e| JobError::Retryable(format!("reading the noise's seed: {e}")))?;
+        match seed {
+            Ok(seed) => Ok(Noise::from_seed(seed)),
+            Err(noise_seeds::OtherRows) => Err(JobError::Permanent(
+                "the dataset's file changed since an earlier attempt of this private synthesis \
+                 drew its noise: the same noise over other rows would tell them apart; submit a \
+                 new job"
+                    .into(),
+            )),
+        }
+    }
+
     /// Stores the fitted model in the object store and records it (`GET /v1/models`). Its id
     /// derives from the job's, so a retried attempt replaces the file and keeps one model.
     async fn save_model(
