@@ -323,17 +323,18 @@ pub async fn job_events(
 ) -> Result<Response, Problem> {
     let id = parse_id(&id, "job")?;
     let tenant = caller.key.tenant;
+    let key = state.events.keys().job(tenant, id);
+    // Before any read: a stream refused for the tenant's cap costs nothing else.
+    let guard = OpenStream::open(&state, tenant, &key)?;
     let job = store::get_job(&state.pool, tenant, id)
         .await?
         .ok_or_else(|| Problem::not_found("job"))?;
     let after = cursor(&headers, &query)?;
-    let key = state.events.keys().job(tenant, id);
     let exists: bool = redis::cmd("EXISTS")
         .arg(&key)
         .query_async(&mut state.redis.clone())
         .await
         .map_err(|e| Problem::unavailable_after("event store unreachable", e))?;
-    let guard = OpenStream::open(&state, tenant, &key)?;
     if !exists && job.status().is_terminal() {
         let events = stream! {
             let _guard = guard;
@@ -603,6 +604,8 @@ pub async fn pipeline_events(
     let id = parse_id(&id, "pipeline")?;
     let tenant = caller.key.tenant;
     let key = state.events.keys().tenant(tenant);
+    // Before any read: a stream refused for the tenant's cap costs nothing else.
+    let guard = OpenStream::open(&state, tenant, &format!("{key}:pipeline:{id}"))?;
     // Where the live read begins, before the steps are read: a step's job made after this
     // read announces itself there with its `queued` event.
     let live_from = last_id(&mut state.redis.clone(), &key)
@@ -641,7 +644,6 @@ pub async fn pipeline_events(
     tokio::time::timeout(QUIET * 2, subscription.ready())
         .await
         .map_err(|_| Problem::unavailable("event store unreachable"))?;
-    let guard = OpenStream::open(&state, tenant, &format!("{key}:pipeline:{id}"))?;
     let mut follower = PipelineFollower {
         state: state.clone(),
         pipeline: id,

@@ -5,6 +5,7 @@ use crate::harness::TestApp;
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
+use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -251,8 +252,8 @@ async fn job_streams_are_their_jobs_part_of_the_tenant_stream_and_share_its_feed
 }
 
 /// A tenant holds at most `CONVEYOR_MAX_STREAMS_PER_TENANT` streams open on one API process:
-/// one more is a 429 (a job's, the tenant's or a pipeline's), another tenant is not held
-/// back, and a closed stream frees its place.
+/// one more is a 429 (a job's, the tenant's or a pipeline's) before PostgreSQL or Redis is
+/// asked anything, another tenant is not held back, and a closed stream frees its place.
 #[tokio::test]
 async fn a_tenant_past_its_open_streams_gets_429_and_others_do_not() {
     let app = TestApp::spawn_with(|s| s.max_streams_per_tenant = 2).await;
@@ -267,10 +268,15 @@ async fn a_tenant_past_its_open_streams_gets_429_and_others_do_not() {
         .await;
     assert_eq!(status, reqwest::StatusCode::CREATED, "{pipeline}");
     let pipeline = pipeline["id"].as_str().unwrap();
+    // Refused before anything is read: a job or pipeline that does not exist is refused for
+    // the cap too (its stream read the row, and Redis, first).
+    let unknown = Uuid::now_v7();
     for path in [
         "/v1/events".to_owned(),
         format!("/v1/jobs/{job}/events"),
         format!("/v1/pipelines/{pipeline}/events"),
+        format!("/v1/jobs/{unknown}/events"),
+        format!("/v1/pipelines/{unknown}/events"),
     ] {
         let (status, problem) = tokio::time::timeout(Duration::from_secs(10), app.get(&path))
             .await
