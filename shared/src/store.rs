@@ -602,9 +602,18 @@ pub async fn finish_many(
     ))
 }
 
+/// Hand-backs that use no attempt: past them, each uses one, so that a job longer than the gap
+/// between a deployment's rolling restarts ends (it was handed back at every one).
+pub const FREE_HAND_BACKS: i32 = 20;
+
+/// The error of a job whose last attempt was handed back past [`FREE_HAND_BACKS`].
+pub const HAND_BACKS_USED_UP: &str = "handed back by stopping workers more than 20 times (the \
+    first 20 use no attempt), its last attempt too: the job runs longer than the workers stay up";
+
 /// Hands a running attempt back to the queue (the worker is shutting down): the attempt does
-/// not use up the budget; cancelled instead if a cancel was asked for (no worker would see it
-/// once queued). Returns the job, whose `attempt` is the generation to push.
+/// not use up the budget, for the first [`FREE_HAND_BACKS`]; cancelled instead if a cancel was
+/// asked for (no worker would see it once queued), failed if it was the last attempt past
+/// them. Returns the job, whose `attempt` is the generation to push.
 /// What the attempt used is added to the usage table, as a finished attempt's is (the CPU it
 /// spent, the rows an interrupted import or patch already wrote).
 pub async fn requeue(
@@ -616,10 +625,14 @@ pub async fn requeue(
 ) -> sqlx::Result<Option<Job>> {
     sqlx::query_as(&format!(
         "WITH r AS (
-         UPDATE jobs SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
-             finished_at = CASE WHEN cancel_requested THEN now() END,
+         UPDATE jobs SET status = CASE WHEN cancel_requested THEN 'cancelled'
+                                       WHEN {used_up} THEN 'failed' ELSE 'queued' END,
+             error = CASE WHEN NOT cancel_requested AND {used_up} THEN $12 ELSE error END,
+             finished_at = CASE WHEN cancel_requested OR {used_up} THEN now() END,
              attempt_budget = coalesce(attempt_budget, max_attempts),
-             max_attempts = max_attempts + 1, worker = NULL, progress = 0, updated_at = now()
+             max_attempts = max_attempts + CASE WHEN hand_backs < {FREE_HAND_BACKS} THEN 1 ELSE 0 END,
+             hand_backs = hand_backs + 1,
+             worker = NULL, progress = 0, updated_at = now()
          WHERE id = $1 AND attempt = $2 AND status = 'running' AND worker = $3
          RETURNING *
          ), used AS (
@@ -630,6 +643,7 @@ pub async fn requeue(
          ), {}
          SELECT * FROM r",
         crate::webhooks::outbox_cte("r"),
+        used_up = format!("(hand_backs >= {FREE_HAND_BACKS} AND attempt >= max_attempts)"),
     ))
     .bind(id)
     .bind(attempt)
@@ -642,6 +656,7 @@ pub async fn requeue(
     .bind(usage.chunks_embedded)
     .bind(usage.tokens_embedded)
     .bind(usage.synthetic_rows)
+    .bind(HAND_BACKS_USED_UP)
     .fetch_optional(pool)
     .await
 }
@@ -678,7 +693,7 @@ pub async fn request_cancel(
 /// `max_attempts`, see `attempt_budget`), and a clean slate of worker deaths.
 const RETRY: &str = "status = 'queued',
     max_attempts = attempt + coalesce(attempt_budget, max_attempts),
-    attempt_budget = coalesce(attempt_budget, max_attempts), worker_deaths = 0,
+    attempt_budget = coalesce(attempt_budget, max_attempts), worker_deaths = 0, hand_backs = 0,
     cancel_requested = false, result = NULL, error = NULL, progress = 0, message = NULL,
     finished_at = NULL, run_at = now()";
 
@@ -1791,6 +1806,53 @@ mod tests {
         .await
         .unwrap();
         assert_eq!((attempts, wall, rows), (1, 2.5, 7));
+    }
+
+    /// A job handed back at every rolling restart ends: the first [`FREE_HAND_BACKS`]
+    /// hand-backs use no attempt, each later one uses one, and the last attempt's fails the
+    /// job. Before, every hand-back was free, and a job longer than the gap between restarts
+    /// was queued again for ever. A retry by hand starts the count again.
+    #[tokio::test]
+    async fn a_job_handed_back_at_every_restart_ends() {
+        assert!(HAND_BACKS_USED_UP.contains(&format!("more than {FREE_HAND_BACKS} times")));
+        let db = TestDatabase::new().await;
+        let (tenant, job) = a_canary(&db).await;
+        let mut hand_backs = 0;
+        let last = loop {
+            // Claimed again (a new attempt), then handed back by the stopping worker.
+            sqlx::query(
+                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = 'w1'
+                 WHERE id = $1",
+            )
+            .bind(job.id)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+            let attempt = get_job(&db.pool, tenant, job.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .attempt;
+            let back = requeue(&db.pool, job.id, attempt, "w1", &Default::default())
+                .await
+                .unwrap()
+                .unwrap();
+            hand_backs += 1;
+            if back.status() != JobStatus::Queued || hand_backs > 1000 {
+                break back;
+            }
+        };
+        assert_eq!(last.status(), JobStatus::Failed);
+        assert_eq!(last.error.as_deref(), Some(HAND_BACKS_USED_UP));
+        assert!(last.finished_at.is_some());
+        assert_eq!(hand_backs, FREE_HAND_BACKS + job.max_attempts);
+        retry(&db.pool, tenant, job.id).await.unwrap().unwrap();
+        let count: i32 = sqlx::query_scalar("SELECT hand_backs FROM jobs WHERE id = $1")
+            .bind(job.id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(count, 0);
     }
 
     /// A cancel asked for while the job runs, before its worker hears of it, then a retry or a

@@ -1040,6 +1040,10 @@ fn ended(row: &store::Ended, outcome: Option<&Outcome>) -> Event {
         ),
         Some(Outcome::Failed(error)) => event.message(Some(error.clone())),
         Some(Outcome::Cancelled) => event,
+        // A last attempt handed back past the free hand-backs.
+        None if status == JobStatus::Failed => {
+            event.message(Some(store::HAND_BACKS_USED_UP.into()))
+        }
         None => {
             let message = "worker shutting down; back in the queue";
             return event.message(Some(message.into())).attempt(row.attempt + 1);
