@@ -77,7 +77,7 @@ fn main() {
                 .iter()
                 .filter_map(|c| Some((c.name.clone(), *roles.get(&c.name)?)))
                 .collect();
-            let quality = metrics::quality(&real, &read(&args[2]), &roles);
+            let quality = metrics::quality(&real, &read(&args[2]), &roles, &|| false);
             println!("{}", serde_json::to_string(&quality).expect("JSON"));
         }
         Some("sample") if args.len() >= 4 => {

@@ -233,8 +233,15 @@ fn cramers_v(joint: &BTreeMap<(u64, u64), f64>) -> Option<f64> {
     Some((phi2.max(0.0) / (smaller - 1) as f64).sqrt())
 }
 
-/// The Quality Report of `synthetic` against `real`, over the columns with a learned role.
-pub fn quality(real: &Table, synthetic: &Table, roles: &[(String, Role)]) -> Quality {
+/// The Quality Report of `synthetic` against `real`, over the columns with a learned role;
+/// None once `stop` says so (asked between columns: the pairs of 500 columns over a million
+/// rows take minutes, and a cancel waited for them).
+pub fn quality(
+    real: &Table,
+    synthetic: &Table,
+    roles: &[(String, Role)],
+    stop: &dyn Fn() -> bool,
+) -> Option<Quality> {
     struct Prepared<'a> {
         name: &'a str,
         shape: Shape,
@@ -313,6 +320,9 @@ pub fn quality(real: &Table, synthetic: &Table, roles: &[(String, Role)]) -> Qua
 
     let mut pairs = Vec::new();
     for (i, a) in columns.iter().enumerate() {
+        if stop() {
+            return None;
+        }
         for b in &columns[i + 1..] {
             let columns = [a.name.to_owned(), b.name.to_owned()];
             if a.shape == Shape::Continuous && b.shape == Shape::Continuous {
@@ -357,14 +367,14 @@ pub fn quality(real: &Table, synthetic: &Table, roles: &[(String, Role)]) -> Qua
         (Some(a), None) => a,
         _ => 0.0,
     };
-    Quality {
+    Some(Quality {
         overall,
         column_shapes: column_shapes.unwrap_or(0.0),
         column_pair_trends: column_pair_trends.unwrap_or(1.0),
         column_pair_trends_all_pairs: all_pairs.unwrap_or(1.0),
         shapes,
         pairs,
-    }
+    })
 }
 
 fn missing_mask(values: &Values) -> Vec<bool> {
@@ -621,7 +631,7 @@ mod tests {
         let y = nums(&(0..100).map(|i| f64::from(i) * 2.0).collect::<Vec<_>>());
         let c: Vec<&str> = (0..100).map(|i| if i < 50 { "a" } else { "b" }).collect();
         let real = table(x.clone(), y.clone(), c.clone());
-        let same = quality(&real, &real, &roles());
+        let same = quality(&real, &real, &roles(), &|| false).unwrap();
         assert_eq!(same.overall, 1.0);
         assert_eq!((same.shapes.len(), same.pairs.len()), (3, 3));
 
@@ -630,7 +640,7 @@ mod tests {
         y_rev.reverse();
         let mut c_rev = c.clone();
         c_rev.reverse();
-        let flipped = quality(&real, &table(x, y_rev, c_rev), &roles());
+        let flipped = quality(&real, &table(x, y_rev, c_rev), &roles(), &|| false).unwrap();
         assert_eq!(flipped.column_shapes, 1.0);
         let xy = &flipped.pairs[0];
         assert_eq!(xy.metric, "CorrelationSimilarity");
@@ -676,7 +686,7 @@ mod tests {
             .map(|i| if i % 2 == 0 { "a" } else { "b" })
             .collect();
         let real = table(x.clone(), y.clone(), c.clone());
-        let q = quality(&real, &real, &roles());
+        let q = quality(&real, &real, &roles(), &|| false).unwrap();
         assert!(q.pairs.iter().all(|p| !p.meets_threshold), "{:?}", q.pairs);
         assert_eq!(q.overall, q.column_shapes);
     }
