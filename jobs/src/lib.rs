@@ -33,6 +33,25 @@ pub enum JobError {
     Cancelled(#[from] shared::Cancelled),
 }
 
+impl JobError {
+    /// A task of the attempt that panicked: a reference to the log line that holds its text
+    /// (tokio's "task panicked with message ..."), which is the worker's, not the tenant's.
+    pub fn crashed(e: tokio::task::JoinError) -> JobError {
+        JobError::Permanent(internal_error(&e))
+    }
+}
+
+/// What the tenant reads of an internal failure (a panic): that it happened and a reference;
+/// `detail` goes to the worker's log beside the reference.
+pub fn internal_error(detail: &dyn std::fmt::Display) -> String {
+    let reference = uuid::Uuid::new_v4();
+    tracing::error!(%reference, detail = %detail, "internal error in a job");
+    format!(
+        "the worker hit an internal error (reference {reference}); operators can find it in \
+         the worker's log"
+    )
+}
+
 /// The start of a commit not recorded (`JobContext::committing`): nothing published yet.
 impl From<shared::CommitUnrecorded> for JobError {
     fn from(e: shared::CommitUnrecorded) -> Self {
@@ -292,5 +311,18 @@ mod tests {
             handlers.kinds().collect::<Vec<_>>(),
             contracts.kinds().collect::<Vec<_>>()
         );
+    }
+
+    /// A task of an attempt that panics (a reader, an extractor, the synthesizer on the
+    /// blocking pool) fails the job with a reference: tokio's error carried the panic's text
+    /// ("task 7 panicked with message ..."), which went into the job's error as it was.
+    #[tokio::test]
+    async fn a_crashed_task_reaches_the_tenant_as_a_reference() {
+        let task = tokio::task::spawn_blocking(|| -> () { panic!("at /srv/secret-path.rs:12") });
+        let JobError::Permanent(error) = JobError::crashed(task.await.unwrap_err()) else {
+            panic!("not permanent");
+        };
+        assert!(!error.contains("secret-path"), "{error}");
+        assert!(error.contains("internal error (reference "), "{error}");
     }
 }

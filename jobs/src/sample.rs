@@ -123,12 +123,8 @@ impl Handler for SampleHandler {
         }
         let sampled = match work.await {
             Ok(Ok(sampled)) => sampled,
-            failed => {
-                return match failed {
-                    Ok(Err(e)) => Err(e),
-                    _ => Err(JobError::Permanent("the sampler crashed".into())),
-                };
-            }
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(JobError::crashed(e)),
         };
         ctx.progress(0.85, "registering the dataset".to_owned())
             .await;

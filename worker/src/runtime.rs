@@ -1116,15 +1116,11 @@ pub fn backoff(base: Duration, attempt: i32) -> Duration {
 /// line that holds its text. The text is the worker's own (a library's assertion, a path, a
 /// value of another job's state), not the tenant's to read.
 fn panicked(job: &Claimed, panic: &Box<dyn std::any::Any + Send>) -> String {
-    let reference = Uuid::new_v4();
-    tracing::error!(
-        job = %job.id,
-        kind = job.kind,
-        %reference,
-        panic = panic_text(panic),
-        "handler panicked"
-    );
-    format!("the worker hit an internal error (reference {reference}); operators can find it in the worker's log")
+    let text = panic_text(panic);
+    jobs::internal_error(&format_args!(
+        "handler of {} job {} panicked: {text}",
+        job.kind, job.id
+    ))
 }
 
 pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -334,7 +334,7 @@ async fn import(
                 meter.timed(|| source::open(&path, format, compression, &settings, &known, &limits))
             })
             .await
-            .map_err(|e| JobError::Retryable(e.to_string()))?
+            .map_err(JobError::crashed)?
             .map_err(JobError::Permanent)
         }
     };
@@ -592,9 +592,7 @@ async fn copy_checked(
         let _ = reader.await;
         return Err(JobError::Cancelled(shared::Cancelled));
     }
-    let read = reader
-        .await
-        .map_err(|e| JobError::Retryable(e.to_string()))?;
+    let read = reader.await.map_err(JobError::crashed)?;
     let mut summary = match read {
         Ok(summary) => summary,
         Err(reason) => {

@@ -181,7 +181,7 @@ impl IngestHandler {
         let (name, files) = ctx
             .blocking(move || watched::list(root.as_deref(), tenant, &asked, MAX_SOURCES))
             .await
-            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(JobError::crashed)?
             .map_err(JobError::Permanent)?;
         let mut metadata = source.metadata.clone();
         metadata.insert("watched_directory".into(), Value::String(name.clone()));
@@ -343,7 +343,7 @@ impl IngestHandler {
                 }
             })
             .await
-            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(JobError::crashed)?
             .map_err(|e| match CapExceeded::in_io(&e) {
                 Some(cap) => JobError::Permanent(format!("{label}: {cap}")),
                 None => JobError::Permanent(format!("{label}: {e}")),
@@ -390,7 +390,7 @@ impl IngestHandler {
                 extract::extract(&bytes, format, &fields, max_records)
             })
             .await
-            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(JobError::crashed)?
             .map_err(failed)?
         };
         *budget = budget.saturating_sub(extracted.len() as u64 * per_record);
@@ -568,7 +568,7 @@ impl Handler for IngestHandler {
                     .collect::<anyhow::Result<Vec<_>>>()
             })
             .await
-            .map_err(|e| JobError::Permanent(e.to_string()))?
+            .map_err(JobError::crashed)?
             .map_err(|e| JobError::Permanent(e.to_string()))?;
         let total_chunks: usize = documents.iter().map(|(_, _, chunks, _)| chunks.len()).sum();
         timings.chunk_seconds = phase.elapsed().as_secs_f64();
@@ -622,7 +622,7 @@ impl Handler for IngestHandler {
                     model.embed(&texts)
                 })
                 .await
-                .map_err(|e| JobError::Permanent(e.to_string()))?
+                .map_err(JobError::crashed)?
                 .map_err(|e| JobError::Permanent(e.to_string()))?
                 .into_iter();
             timings.embed_seconds += phase.elapsed().as_secs_f64();

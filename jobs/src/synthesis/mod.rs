@@ -638,7 +638,7 @@ impl Handler for SynthesisHandler {
                 return Err(e);
             }
             Err(e) => {
-                return Err(JobError::Permanent(format!("the synthesizer crashed: {e}")));
+                return Err(JobError::crashed(e));
             }
         };
 
