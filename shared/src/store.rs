@@ -630,7 +630,8 @@ pub async fn requeue(
              error = CASE WHEN NOT cancel_requested AND {used_up} THEN $12 ELSE error END,
              finished_at = CASE WHEN cancel_requested OR {used_up} THEN now() END,
              attempt_budget = coalesce(attempt_budget, max_attempts),
-             max_attempts = max_attempts + CASE WHEN hand_backs < {FREE_HAND_BACKS} THEN 1 ELSE 0 END,
+             max_attempts = max_attempts + CASE WHEN hand_backs < {FREE_HAND_BACKS}
+                 OR committing_attempt = attempt THEN 1 ELSE 0 END,
              hand_backs = hand_backs + 1,
              worker = NULL, progress = 0, updated_at = now()
          WHERE id = $1 AND attempt = $2 AND status = 'running' AND worker = $3
@@ -643,7 +644,12 @@ pub async fn requeue(
          ), {}
          SELECT * FROM r",
         crate::webhooks::outbox_cte("r"),
-        used_up = format!("(hand_backs >= {FREE_HAND_BACKS} AND attempt >= max_attempts)"),
+        // An attempt handed back after entering its commit may have published: queued once
+        // more for the kind's ledger to answer, as the rescuer does.
+        used_up = format!(
+            "(hand_backs >= {FREE_HAND_BACKS} AND attempt >= max_attempts
+              AND committing_attempt IS DISTINCT FROM attempt)"
+        ),
     ))
     .bind(id)
     .bind(attempt)
@@ -1853,6 +1859,27 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(count, 0);
+        // Past the free hand-backs, a last attempt that entered its commit is queued once
+        // more, for its ledger to answer (its work may be published).
+        sqlx::query(
+            "UPDATE jobs SET status = 'running', hand_backs = 30, attempt = attempt + 1,
+                 max_attempts = attempt + 1, worker = 'w1', committing_attempt = attempt + 1
+             WHERE id = $1",
+        )
+        .bind(job.id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let attempt = get_job(&db.pool, tenant, job.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .attempt;
+        let back = requeue(&db.pool, job.id, attempt, "w1", &Default::default())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.status(), JobStatus::Queued);
     }
 
     /// A cancel asked for while the job runs, before its worker hears of it, then a retry or a

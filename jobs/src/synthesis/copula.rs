@@ -686,7 +686,8 @@ fn fit_private(
         epsilon: epsilon.value(),
         delta: if thresholded > 0 { DELTA } else { 0.0 },
         mechanism: "discrete Laplace (Canonne, Kamath & Steinke 2020) on integer counts and \
-                    concordance scores, sampled exactly from the operating system's CSPRNG",
+                    concordance scores, sampled exactly from ChaCha20 keyed by the job's seed of \
+                    the operating system's CSPRNG, kept unseen",
         neighbours: "tables differing in one replaced row",
         public: "the row count, column names and types, and the settings given in `columns` \
                  (roles, min/max, values)",

@@ -168,9 +168,6 @@ fn draw(logits: &[f32], rng: &mut StdRng) -> usize {
     logits.len() - 1
 }
 
-/// One column of `rows` (the networks' raw outputs) decoded. A continuous value's mode is the
-/// largest logit (TVAE) or, with `draw_mode`, drawn by the softmax of the logits (CTGAN's
-/// Gumbel-softmax output read by its argmax); `sigma` adds Gaussian noise to the offset.
 /// Rows a network's sample decodes at a time, for rows encoded by `encoders`: about 16 MiB of
 /// raw outputs (a float per slot of each encoded row). Decoded all at once, the raw outputs of
 /// a 10M-row sample of one 100-level column held about 4 GB, far past what the output's size
@@ -192,6 +189,9 @@ pub(super) fn append_columns(columns: &mut Vec<Values>, part: Vec<Values>) {
     }
 }
 
+/// One column of `rows` (the networks' raw outputs) decoded. A continuous value's mode is the
+/// largest logit (TVAE) or, with `draw_mode`, drawn by the softmax of the logits (CTGAN's
+/// Gumbel-softmax output read by its argmax); `sigma` adds Gaussian noise to the offset.
 pub(super) fn decode(
     encoder: &Encoder,
     rows: &[Vec<f32>],
