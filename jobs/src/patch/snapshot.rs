@@ -299,6 +299,14 @@ pub fn change_sql(plan: &Plan, snapshot: &str) -> String {
             "NULL::xid8",
         ),
     };
+    // By name: a table replaced between batches with its columns in another order (an
+    // import's `replace`) had its before-images copied by position, into the wrong columns,
+    // and a rollback restored them swapped.
+    let columns: Vec<String> = plan.table.columns.iter().map(|c| quote(&c.name)).collect();
+    let before: Vec<String> = columns
+        .iter()
+        .map(|c| format!("(c.conveyor_before).{c}"))
+        .collect();
     format!(
         "WITH batch AS (
              SELECT {q} AS conveyor_before, {q}.ctid AS conveyor_ctid
@@ -307,12 +315,14 @@ pub fn change_sql(plan: &Plan, snapshot: &str) -> String {
              {change} WHERE {q}.ctid = conveyor_batch.conveyor_ctid
              RETURNING conveyor_batch.conveyor_before
          ), saved AS (
-             INSERT INTO {snapshot}
-             SELECT (c.conveyor_before).*, {after} FROM changed c
+             INSERT INTO {snapshot} ({columns}, {AFTER_XID})
+             SELECT {before}, {after} FROM changed c
              RETURNING 1
          )
          SELECT count(*) FROM saved",
         target = plan.target,
+        columns = columns.join(", "),
+        before = before.join(", "),
     )
 }
 
