@@ -222,6 +222,16 @@ impl Plan {
     /// Checks the statement against the table: the key must not change.
     pub fn new(checked: Checked, table: Table) -> Result<Self, String> {
         let key = table.key_names();
+        // An update may change what a generated key is computed from, moving rows ahead of
+        // the checkpoint: the walk met them again, patching them once more, without end.
+        let generated = table.key.iter().find(|c| c.generated);
+        if let (Some(column), Operation::Update) = (generated, checked.operation) {
+            return Err(format!(
+                "the table's key column {} is generated from other columns; a patch walks \
+                 the key in batches, and an update could move rows ahead of where it stands",
+                column.name
+            ));
+        }
         if let Some(column) = checked.assigned.iter().find(|c| key.contains(c)) {
             return Err(format!(
                 "assigns key column {column}; a patch walks the key ({}) in batches, so it \

@@ -381,5 +381,13 @@ mod tests {
         let checked = guard::check("UPDATE t SET id = id + 1 WHERE a = 1").unwrap();
         let err = Plan::new(checked, plan.table.clone()).unwrap_err();
         assert!(err.contains("key column id"), "{err}");
+        // A generated key may move under an update (`id` computed from `a`); a delete is fine.
+        let mut generated = plan.table.clone();
+        generated.key[0].generated = true;
+        let checked = guard::check("UPDATE t SET a = a + 1").unwrap();
+        let err = Plan::new(checked, generated.clone()).unwrap_err();
+        assert!(err.contains("generated"), "{err}");
+        let checked = guard::check("DELETE FROM t WHERE a = 1").unwrap();
+        assert!(Plan::new(checked, generated).is_ok());
     }
 }
