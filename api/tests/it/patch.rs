@@ -108,7 +108,12 @@ async fn guard_rails_refuse_with_the_reason_and_enqueue_nothing() {
          CREATE TABLE parted_low PARTITION OF parted FOR VALUES FROM (0) TO (100);
          CREATE TABLE parent (id int PRIMARY KEY, val int);
          CREATE TABLE child (id int PRIMARY KEY) INHERITS (parent);
-         CREATE SEQUENCE s;",
+         CREATE SEQUENCE s;
+         CREATE TABLE owners (id int PRIMARY KEY, code text UNIQUE, val int);
+         CREATE TABLE pets (id int PRIMARY KEY, owner int REFERENCES owners ON DELETE CASCADE,
+                            code text REFERENCES owners (code) ON UPDATE SET NULL);
+         INSERT INTO owners VALUES (1, 'a', 1);
+         INSERT INTO pets VALUES (1, 1, 'a');",
     )
     .await;
     let before = checksum(&db, "items").await;
@@ -212,12 +217,27 @@ async fn guard_rails_refuse_with_the_reason_and_enqueue_nothing() {
             "UPDATE items SET note = ((id + 16383)::oid)::regclass::text WHERE id = 1",
             "a catalog type",
         ),
+        // A foreign key's action changes rows of another table, which no snapshot keeps: the
+        // rollback restored the owners and not their pets.
+        ("DELETE FROM owners WHERE id = 1", "ON DELETE CASCADE"),
+        (
+            "UPDATE owners SET code = 'b' WHERE id = 1",
+            "ON UPDATE SET NULL",
+        ),
         // Unqualified, a system table is found on the search path: still refused.
         (
             "UPDATE pg_class SET relname = 'x' WHERE oid = 1",
             "not an ordinary table",
         ),
     ];
+    // Columns no such key references can change.
+    let (status, problem) = app
+        .post(
+            "/v1/patches/preflight",
+            &json!({"sql": "UPDATE owners SET val = 2 WHERE id = 1", "mode": "execute"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{problem}");
     for (sql, reason) in cases {
         let payload = json!({"sql": sql, "mode": "execute"});
         let (status, problem) = submit(&app, "patch", payload.clone()).await;

@@ -222,6 +222,29 @@ impl Plan {
     /// Checks the statement against the table: the key must not change.
     pub fn new(checked: Checked, table: Table) -> Result<Self, String> {
         let key = table.key_names();
+        // A foreign key's action changes rows of another table in the same statement, rows no
+        // snapshot keeps: a rollback restored this table's rows and not theirs.
+        let acting = table.referenced_by.iter().find_map(|r| {
+            let action = match checked.operation {
+                Operation::Delete => r.on_delete,
+                Operation::Update => r
+                    .on_update
+                    .filter(|_| r.columns.iter().any(|c| checked.assigned.contains(c))),
+            };
+            action.map(|action| (r, action))
+        });
+        if let Some((reference, action)) = acting {
+            return Err(format!(
+                "{} references this table with ON {} {action}: the change would change its \
+                 rows too, which no snapshot keeps (a rollback could not restore them); change \
+                 those rows first, or patch without that action",
+                reference.child,
+                match checked.operation {
+                    Operation::Delete => "DELETE",
+                    Operation::Update => "UPDATE",
+                },
+            ));
+        }
         // An update may change what a generated key is computed from, moving rows ahead of
         // the checkpoint: the walk met them again, patching them once more, without end.
         let generated = table.key.iter().find(|c| c.generated);

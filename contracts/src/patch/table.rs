@@ -28,6 +28,32 @@ pub struct Table {
     pub columns: Vec<Column>,
     /// The planner's row count (`pg_class.reltuples`; -1 when never analysed).
     pub estimated_rows: f64,
+    /// Foreign keys of other tables that act on this one's deletes or updates (`CASCADE`,
+    /// `SET NULL`, `SET DEFAULT`): what they change is in no snapshot.
+    pub referenced_by: Vec<Reference>,
+}
+
+/// A foreign key of another table onto this one, with the actions it takes.
+#[derive(Clone, Debug)]
+pub struct Reference {
+    /// The referencing table, as PostgreSQL names it.
+    pub child: String,
+    /// This table's columns it references.
+    pub columns: Vec<String>,
+    /// What a delete or update here does there: `CASCADE`, `SET NULL`, `SET DEFAULT`, or
+    /// None for no action (a restricting key refuses the change itself).
+    pub on_delete: Option<&'static str>,
+    pub on_update: Option<&'static str>,
+}
+
+/// A foreign key's action code (`pg_constraint.confdeltype`) that changes other rows.
+fn acting(code: &str) -> Option<&'static str> {
+    match code {
+        "c" => Some("CASCADE"),
+        "n" => Some("SET NULL"),
+        "d" => Some("SET DEFAULT"),
+        _ => None,
+    }
 }
 
 /// Why a table cannot be patched.
@@ -146,6 +172,29 @@ pub async fn describe(pool: &PgPool, written: &str) -> Result<Table, Refusal> {
     } else {
         format!("unique index {}", chosen.get::<String, _>("index_name"))
     };
+    let referenced_by = sqlx::query(
+        "SELECT con.conrelid::regclass::text AS child, con.confdeltype::text AS on_delete,
+                con.confupdtype::text AS on_update,
+                array_agg(a.attname::text ORDER BY k.ord) AS columns
+         FROM pg_constraint con
+         CROSS JOIN LATERAL unnest(con.confkey) WITH ORDINALITY AS k(attnum, ord)
+         JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum
+         WHERE con.contype = 'f' AND con.confrelid = $1::oid
+         GROUP BY con.oid, con.conrelid, con.confdeltype, con.confupdtype
+         ORDER BY con.oid",
+    )
+    .bind(oid)
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(|r| Reference {
+        child: r.get("child"),
+        columns: r.get("columns"),
+        on_delete: acting(r.get("on_delete")),
+        on_update: acting(r.get("on_update")),
+    })
+    .filter(|r| r.on_delete.is_some() || r.on_update.is_some())
+    .collect();
     Ok(Table {
         schema,
         name,
@@ -154,6 +203,7 @@ pub async fn describe(pool: &PgPool, written: &str) -> Result<Table, Refusal> {
         key_source,
         columns,
         estimated_rows: row.get("reltuples"),
+        referenced_by,
     })
 }
 
@@ -248,6 +298,7 @@ mod tests {
             key_source: "primary key".into(),
             columns: vec![column("tenant", "uuid"), column("id", "bigint")],
             estimated_rows: 0.0,
+            referenced_by: Vec::new(),
         }
     }
 

@@ -353,6 +353,7 @@ mod tests {
             key_source: "primary key".into(),
             columns: vec![column("id"), column("a"), column("b")],
             estimated_rows: 10.0,
+            referenced_by: Vec::new(),
         };
         let plan = Plan::new(checked, table).unwrap();
         let next = words(&scan_sql(&plan, false));
