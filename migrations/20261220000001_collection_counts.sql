@@ -10,8 +10,6 @@
 -- and writes these tables); the tables have no row security.
 --
 -- Writers of documents wait until this migration commits: none is missed or counted twice.
--- Collections first, as a collection's delete locks them (its row, then its documents).
-LOCK TABLE collections IN ACCESS EXCLUSIVE MODE;
 LOCK TABLE documents IN SHARE ROW EXCLUSIVE MODE;
 
 ALTER TABLE collections

@@ -179,11 +179,10 @@ async fn drop_unfinished_indexes(pool: &PgPool) -> anyhow::Result<()> {
 /// instead.
 /// - `20261123000007_sessions.sql`: an index was appended; it now lives in `20261202000004`,
 ///   which creates it only if missing.
-/// - `20261220000001_collection_counts.sql`: it has run in two versions, with and without a
-///   lock of `collections` before its one-time fill-in; the file stands as it landed, with
-///   the lock. The schema either leaves is the same: databases that ran the version without it
-///   are recorded as having run this one. (The recount, for databases that ran either, is
-///   `20261222000001`'s.)
+/// - `20261220000001_collection_counts.sql`: a later version also locked `collections` before
+///   its one-time fill-in; the file stands as it landed, without that lock. The schema either
+///   leaves is the same: databases that ran the later version are recorded as having run this
+///   one. (The recount, for databases that ran either, is `20261222000001`'s.)
 const EDITED_MIGRATIONS: [(i64, &str); 2] = [
     (
         20261123000007,
@@ -192,8 +191,8 @@ const EDITED_MIGRATIONS: [(i64, &str); 2] = [
     ),
     (
         20261220000001,
-        "2fbd044ed82d20afd767206c7ca15d5f2974099ad2a1f302d8b676d752166be2\
-         496d733af614fd05055b45cebcce3630",
+        "bac0958cd1b1460469397547f01533024248a37e078a3ea3d810bf3e12ad029f\
+         a3f14c4afe7e8935f2070bd61e74d501",
     ),
 ];
 
