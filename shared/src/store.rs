@@ -1823,13 +1823,12 @@ mod tests {
         assert!(HAND_BACKS_USED_UP.contains(&format!("more than {FREE_HAND_BACKS} times")));
         let db = TestDatabase::new().await;
         let (tenant, job) = a_canary(&db).await;
-        let mut hand_backs = 0;
-        let last = loop {
-            // Claimed again (a new attempt), then handed back by the stopping worker.
-            sqlx::query(
-                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = 'w1'
-                 WHERE id = $1",
-            )
+        // Claimed again (a new attempt, `set` besides), then handed back by the stopping worker.
+        let claim_and_hand_back = async |set: &str| {
+            sqlx::query(&format!(
+                "UPDATE jobs SET status = 'running', attempt = attempt + 1, worker = 'w1'{set}
+                 WHERE id = $1"
+            ))
             .bind(job.id)
             .execute(&db.pool)
             .await
@@ -1839,10 +1838,14 @@ mod tests {
                 .unwrap()
                 .unwrap()
                 .attempt;
-            let back = requeue(&db.pool, job.id, attempt, "w1", &Default::default())
+            requeue(&db.pool, job.id, attempt, "w1", &Default::default())
                 .await
                 .unwrap()
-                .unwrap();
+                .unwrap()
+        };
+        let mut hand_backs = 0;
+        let last = loop {
+            let back = claim_and_hand_back("").await;
             hand_backs += 1;
             if back.status() != JobStatus::Queued || hand_backs > 1000 {
                 break back;
@@ -1861,24 +1864,10 @@ mod tests {
         assert_eq!(count, 0);
         // Past the free hand-backs, a last attempt that entered its commit is queued once
         // more, for its ledger to answer (its work may be published).
-        sqlx::query(
-            "UPDATE jobs SET status = 'running', hand_backs = 30, attempt = attempt + 1,
-                 max_attempts = attempt + 1, worker = 'w1', committing_attempt = attempt + 1
-             WHERE id = $1",
+        let back = claim_and_hand_back(
+            ", hand_backs = 30, max_attempts = attempt + 1, committing_attempt = attempt + 1",
         )
-        .bind(job.id)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-        let attempt = get_job(&db.pool, tenant, job.id)
-            .await
-            .unwrap()
-            .unwrap()
-            .attempt;
-        let back = requeue(&db.pool, job.id, attempt, "w1", &Default::default())
-            .await
-            .unwrap()
-            .unwrap();
+        .await;
         assert_eq!(back.status(), JobStatus::Queued);
     }
 
